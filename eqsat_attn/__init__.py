@@ -1,0 +1,1 @@
+"""eqsat-attn: equality-saturation optimizer for JAX programs."""

@@ -1,0 +1,303 @@
+"""The Program IR: an SSA DAG of tensor nodes shared by every stage of the optimizer.
+
+A `Program` is a tuple of `Node`s in topological order. Each node names an op, the ids of
+its input nodes, static parameters (hashable values only) and its output `TensorType`.
+Programs compare and hash structurally, so two captures of the same function are equal.
+
+Op vocabulary (params in brackets; output shape and dtype always come from `Node.type`):
+
+- ``input[index]``: the index-th flat argument. ``literal[value]``: a scalar constant.
+  ``constant[value: ConstValue]``: a closed-over array.
+- elementwise: every name in `UNARY_OPS` and `BINARY_OPS` (operands all of the output's
+  shape: capture makes implicit broadcasts explicit), ``integer_pow[y]``,
+  ``convert_element_type[new_dtype]``, ``select_n`` (predicate first, then the cases).
+- ``transpose[perm]``, ``reshape`` (to ``type.shape``), ``broadcast_in_dim[broadcast_dimensions]``,
+  ``reduce_sum|reduce_max|reduce_min[axes]``, ``iota[dimension]``,
+  ``dot_general[lhs_contract, rhs_contract, lhs_batch, rhs_batch, preferred_element_type]``.
+- ``attention[q_layout, k_layout, v_layout, o_layout, scale, causal, mask_kind]``: inputs
+  (q, k, v) or (q, k, v, mask); layouts are strings over "BHSD" naming the axis order of each
+  operand ("BHDS" for V is the transposed-V form). GQA grouping follows from the head counts.
+- ``opaque[call: OpaqueCall]``: anything else, re-bound unchanged by lowering; its outputs
+  are read by ``opaque_output[index]`` nodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+UNARY_OPS: frozenset[str] = frozenset(
+    {
+        "neg", "exp", "exp2", "log", "log1p", "expm1", "tanh", "logistic", "sqrt", "rsqrt",
+        "cbrt", "erf", "erf_inv", "abs", "sign", "floor", "ceil", "round", "sin", "cos", "tan",
+        "not", "is_finite", "stop_gradient", "square", "real", "imag",
+    }
+)
+BINARY_OPS: frozenset[str] = frozenset(
+    {
+        "add", "sub", "mul", "div", "max", "min", "pow", "rem", "atan2", "nextafter",
+        "and", "or", "xor", "eq", "ne", "lt", "le", "gt", "ge",
+    }
+)
+REDUCE_OPS: frozenset[str] = frozenset({"reduce_sum", "reduce_max", "reduce_min"})
+ELEMENTWISE_OPS: frozenset[str] = UNARY_OPS | BINARY_OPS | {
+    "integer_pow", "convert_element_type", "select_n",
+}
+LEAF_OPS: frozenset[str] = frozenset({"input", "literal", "constant", "iota"})
+
+
+@dataclass(frozen=True)
+class TensorType:
+    """Shape and dtype (a NumPy dtype name such as "float32" or "bfloat16") of one value."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def itemsize(self) -> int:
+        return dtype_itemsize(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.itemsize
+
+    def __str__(self) -> str:
+        return f"{short_dtype(self.dtype)}[{','.join(map(str, self.shape))}]"
+
+
+class Params(Mapping[str, Hashable]):
+    """An immutable, hashable mapping of a node's static parameters."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, Hashable] | Iterable[tuple[str, Hashable]] = ()) -> None:
+        pairs = items.items() if isinstance(items, Mapping) else items
+        self._items: tuple[tuple[str, Hashable], ...] = tuple(sorted(pairs, key=lambda kv: kv[0]))
+
+    def __getitem__(self, key: str) -> Hashable:
+        for k, v in self._items:
+            if k == key:
+                return v
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k, _ in self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(self._items)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Params) and self._items == other._items
+
+    def __repr__(self) -> str:
+        return f"Params({dict(self._items)!r})"
+
+
+@dataclass(frozen=True, eq=False)
+class ConstValue:
+    """A closed-over array, compared and hashed by dtype, shape and contents."""
+
+    array: np.ndarray
+    _key: tuple = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        arr = np.asarray(self.array)
+        object.__setattr__(self, "array", arr)
+        object.__setattr__(self, "_key", (str(arr.dtype), arr.shape, hash(arr.tobytes())))
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, ConstValue)
+            and self._key == other._key
+            and np.array_equal(self.array, other.array)
+        )
+
+    def __repr__(self) -> str:
+        return f"ConstValue({short_dtype(str(self.array.dtype))}{list(self.array.shape)})"
+
+
+@dataclass(frozen=True, eq=False)
+class OpaqueCall:
+    """A JAX primitive the rules do not model, with its parameters, re-bound as is.
+
+    Compared by identity: two opaque calls are the same only if they are the same object.
+    """
+
+    primitive: Any
+    params: Mapping[str, Any]
+    out_types: tuple[TensorType, ...]
+
+    @property
+    def name(self) -> str:
+        return str(getattr(self.primitive, "name", self.primitive))
+
+    def __repr__(self) -> str:
+        return f"OpaqueCall({self.name})"
+
+
+@dataclass(frozen=True)
+class Node:
+    """One SSA value: ``op(*inputs)[params] -> type``. Opaque nodes have ``type=None``."""
+
+    op: str
+    inputs: tuple[int, ...] = ()
+    params: Params = Params()
+    type: TensorType | None = None
+
+    def __getitem__(self, key: str) -> Hashable:
+        return self.params[key]
+
+
+@dataclass(frozen=True)
+class Program:
+    """An SSA DAG: nodes in topological order, flat input node ids and output node ids."""
+
+    nodes: tuple[Node, ...]
+    inputs: tuple[int, ...]
+    outputs: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        for i, node in enumerate(self.nodes):
+            for j in node.inputs:
+                if not 0 <= j < i:
+                    raise ValueError(f"node %{i} ({node.op}) uses %{j}, which is not an earlier node")
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def type_of(self, node_id: int) -> TensorType:
+        t = self.nodes[node_id].type
+        if t is None:
+            raise ValueError(f"node %{node_id} ({self.nodes[node_id].op}) has no single type")
+        return t
+
+    @property
+    def input_types(self) -> tuple[TensorType, ...]:
+        return tuple(self.type_of(i) for i in self.inputs)
+
+    @property
+    def output_types(self) -> tuple[TensorType, ...]:
+        return tuple(self.type_of(i) for i in self.outputs)
+
+    def count(self, op: str) -> int:
+        """Number of nodes with this op that are reachable from the outputs."""
+        return sum(1 for i in self.live_nodes() if self.nodes[i].op == op)
+
+    def live_nodes(self) -> list[int]:
+        """Ids of the nodes the outputs depend on, in topological order."""
+        live = set(self.outputs)
+        for i in range(len(self.nodes) - 1, -1, -1):
+            if i in live:
+                live.update(self.nodes[i].inputs)
+        return sorted(live)
+
+    def users(self) -> dict[int, list[int]]:
+        """Map from node id to the ids of the live nodes that read it."""
+        out: dict[int, list[int]] = {}
+        for i in self.live_nodes():
+            for j in self.nodes[i].inputs:
+                out.setdefault(j, []).append(i)
+        return out
+
+    def __str__(self) -> str:
+        return pretty(self)
+
+
+class ProgramBuilder:
+    """Builds a Program node by node, sharing structurally equal nodes (hash-consing)."""
+
+    def __init__(self) -> None:
+        self.nodes: list[Node] = []
+        self.inputs: list[int] = []
+        self._memo: dict[Node, int] = {}
+
+    def add(self, op: str, inputs: Sequence[int] = (), type: TensorType | None = None, **params: Hashable) -> int:
+        node = Node(op, tuple(inputs), Params(params), type)
+        if op in ("input", "opaque"):
+            self.nodes.append(node)
+            node_id = len(self.nodes) - 1
+            if op == "input":
+                self.inputs.append(node_id)
+            return node_id
+        found = self._memo.get(node)
+        if found is not None:
+            return found
+        self.nodes.append(node)
+        self._memo[node] = len(self.nodes) - 1
+        return len(self.nodes) - 1
+
+    def input(self, type: TensorType) -> int:
+        return self.add("input", (), type, index=len(self.inputs))
+
+    def type_of(self, node_id: int) -> TensorType:
+        t = self.nodes[node_id].type
+        assert t is not None, f"node %{node_id} has no single type"
+        return t
+
+    def build(self, outputs: Sequence[int]) -> Program:
+        return Program(tuple(self.nodes), tuple(self.inputs), tuple(outputs))
+
+
+_SHORT_DTYPES = {
+    "float64": "f64", "float32": "f32", "float16": "f16", "bfloat16": "bf16",
+    "float8_e4m3fn": "f8e4m3", "float8_e5m2": "f8e5m2", "int64": "i64", "int32": "i32",
+    "int16": "i16", "int8": "i8", "uint32": "u32", "uint8": "u8", "bool": "bool",
+}
+
+
+def short_dtype(dtype: str) -> str:
+    return _SHORT_DTYPES.get(dtype, dtype)
+
+
+def dtype_itemsize(dtype: str) -> int:
+    import jax.numpy as jnp
+
+    return jnp.dtype(dtype).itemsize
+
+
+def _format_param(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, tuple) and all(isinstance(v, int) for v in value):
+        return "(" + ",".join(map(str, value)) + ")"
+    return str(value)
+
+
+def format_node(node_id: int, node: Node) -> str:
+    """One line of the pretty-printer: ``%3: f32[2,4] = tanh %2``."""
+    params = ", ".join(f"{k}={_format_param(v)}" for k, v in node.params.items() if v is not None)
+    head = node.op + (f"[{params}]" if params else "")
+    args = " ".join(f"%{i}" for i in node.inputs)
+    lhs = f"%{node_id}: {node.type}" if node.type is not None else f"%{node_id}"
+    return f"{lhs} = {head} {args}".rstrip()
+
+
+def pretty(program: Program) -> str:
+    """Readable listing of the live nodes of a program."""
+    args = ", ".join(f"%{i}: {program.nodes[i].type}" for i in program.inputs)
+    lines = [f"program({args}) {{"]
+    for i in program.live_nodes():
+        node = program.nodes[i]
+        if node.op == "input":
+            continue
+        lines.append("  " + format_node(i, node))
+    lines.append("  return " + ", ".join(f"%{i}" for i in program.outputs))
+    lines.append("}")
+    return "\n".join(lines)
