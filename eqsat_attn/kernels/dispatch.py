@@ -1,0 +1,47 @@
+"""Kernel choice for the Attention op: Pallas flash attention on GPU, plain JAX elsewhere."""
+
+from __future__ import annotations
+
+import jax
+
+from .flash_attention import flash_attention
+from .reference import attention_reference
+
+KERNELS = ("auto", "pallas", "reference")
+
+
+def pallas_available() -> bool:
+    """True when the default backend is a GPU, where the Pallas Triton kernel compiles."""
+    return jax.default_backend() == "gpu"
+
+
+def chosen_kernel(kernel: str) -> str:
+    """Resolve "auto" / "pallas" / "reference" to the kernel actually run: "pallas" or "reference"."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "auto":
+        return "pallas" if pallas_available() else "reference"
+    return kernel
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    scale: float,
+    causal: bool,
+    v_layout: str = "BHSD",
+    bias: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    kernel: str = "auto",
+) -> jax.Array:
+    """The Attention op (semantics: `attention_reference`) on the chosen kernel.
+
+    "pallas" runs in interpret mode off-GPU. A boolean `mask` is not a kernel input: calls with
+    one always run the reference (an additive bias is handled by the kernel).
+    """
+    if chosen_kernel(kernel) == "pallas" and mask is None:
+        return flash_attention(q, k, v, scale=scale, causal=causal, v_layout=v_layout, bias=bias)
+    return attention_reference(q, k, v, scale=scale, causal=causal, v_layout=v_layout,
+                               bias=bias, mask=mask)
