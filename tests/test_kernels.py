@@ -1,0 +1,278 @@
+"""Attention kernels: reference semantics, Pallas flash attention (interpret mode), dispatcher,
+and the benchmark's CPU smoke path. Expected values come from an independent float64 numpy
+implementation (forward and analytic backward) written here."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eqsat_attn.kernels import (
+    attention,
+    attention_reference,
+    chosen_kernel,
+    flash_attention,
+    pallas_available,
+)
+from eqsat_attn.kernels.flash_attention import BLOCK_TABLE, block_sizes
+
+NEG = -0.7 * float(np.finfo(np.float32).max)
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+on_gpu = jax.default_backend() == "gpu"
+
+
+def np_attention(q, k, v, do, *, scale, causal, v_layout="BHSD", bias=None, mask=None):
+    """float64 forward o and gradients of sum(o * do) w.r.t. q, k, v, bias."""
+    q, k, v, do = (np.asarray(x, np.float64) for x in (q, k, v, do))
+    h, hkv = q.shape[1], k.shape[1]
+    g = h // hkv
+    kr = np.repeat(k, g, axis=1)
+    vv = v if v_layout == "BHSD" else np.swapaxes(v, 2, 3)
+    vr = np.repeat(vv, g, axis=1)
+    s = q @ np.swapaxes(kr, 2, 3) * scale
+    if bias is not None:
+        s = s + np.asarray(bias, np.float64)
+    keep = np.ones(s.shape, bool)
+    if mask is not None:
+        keep &= np.broadcast_to(np.asarray(mask, bool), s.shape)
+    if causal:
+        sq, sk = s.shape[-2:]
+        keep &= np.arange(sq)[:, None] >= np.arange(sk)[None, :]
+    s = np.where(keep, s, NEG)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    o = p @ vr
+    dp = do @ np.swapaxes(vr, 2, 3)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+    ds = np.where(keep, ds, 0.0)
+    dq = ds @ kr * scale
+    b, _, sq, sk = s.shape
+    dk = (np.swapaxes(ds, 2, 3) @ q * scale).reshape(b, hkv, g, sk, -1).sum(2)
+    dv = (np.swapaxes(p, 2, 3) @ do).reshape(b, hkv, g, sk, -1).sum(2)
+    if v_layout == "BHDS":
+        dv = np.swapaxes(dv, 2, 3)
+    return o, dq, dk, dv, ds
+
+
+def rand(rng, shape, dtype=jnp.float32):
+    return jnp.asarray(rng.normal(size=shape), dtype)
+
+
+def make_inputs(seed, b, h, hkv, sq, sk, d, dv, v_layout, dtype):
+    rng = np.random.default_rng(seed)
+    q = rand(rng, (b, h, sq, d), dtype)
+    k = rand(rng, (b, hkv, sk, d), dtype)
+    vshape = (b, hkv, sk, dv) if v_layout == "BHSD" else (b, hkv, dv, sk)
+    v = rand(rng, vshape, dtype)
+    do = rand(rng, (b, h, sq, dv), dtype)
+    return rng, q, k, v, do
+
+
+def assert_close(got, want, tol, what):
+    got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
+    want = np.asarray(want, np.float64)
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    err = np.abs(got - want).max()
+    bound = tol * (1.0 + np.abs(want).max())
+    assert err <= bound, f"{what}: max abs error {err:.3g} > {bound:.3g}"
+
+
+# --- reference semantics -------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "h,hkv,sq,sk,causal,v_layout,extra",
+    [
+        (4, 2, 7, 11, True, "BHSD", "bias"),  # causal with Sq < Sk, GQA, bias
+        (4, 1, 9, 5, True, "BHDS", "mask"),  # causal with Sq > Sk, MQA, transposed V, mask
+        (2, 2, 6, 6, False, "BHSD", "both"),
+        (6, 3, 5, 8, False, "BHDS", "none"),
+    ],
+)
+def test_reference_matches_numpy(h, hkv, sq, sk, causal, v_layout, extra):
+    rng, q, k, v, do = make_inputs(1, 2, h, hkv, sq, sk, 8, 12, v_layout, jnp.float32)
+    bias = rand(rng, (1, h, sq, sk)) if extra in ("bias", "both") else None
+    mask = jnp.asarray(rng.random((2, 1, sq, sk)) > 0.3) if extra in ("mask", "both") else None
+    if mask is not None:  # one fully masked row: must be a uniform average, not NaN
+        mask = mask.at[0, 0, 0, :].set(False)
+    scale = 0.37
+    fn = lambda q, k, v: attention_reference(q, k, v, scale=scale, causal=causal,
+                                             v_layout=v_layout, bias=bias, mask=mask)
+    o, vjp = jax.vjp(fn, q, k, v)
+    want = np_attention(q, k, v, do, scale=scale, causal=causal, v_layout=v_layout,
+                        bias=bias, mask=mask)
+    assert_close(o, want[0], 1e-5, "o")
+    for name, got, w in zip("qkv", vjp(do), want[1:4]):
+        assert_close(got, w, 1e-4, f"d{name}")
+    assert o.dtype == q.dtype and o.shape == (2, h, sq, 12)
+
+
+def test_reference_rejects_bad_shapes():
+    q = jnp.ones((1, 3, 4, 8))
+    k = jnp.ones((1, 2, 4, 8))
+    with pytest.raises(ValueError, match="multiple"):
+        attention_reference(q, k, k, scale=1.0, causal=False)
+    with pytest.raises(ValueError, match="v_layout"):
+        attention_reference(q, q, q, scale=1.0, causal=False, v_layout="BSHD")
+
+
+def test_reference_bf16_returns_q_dtype():
+    _, q, k, v, do = make_inputs(2, 1, 2, 2, 8, 8, 16, 16, "BHSD", jnp.bfloat16)
+    o = attention_reference(q, k, v, scale=0.25, causal=True)
+    want = np_attention(q, k, v, do, scale=0.25, causal=True)[0]
+    assert o.dtype == jnp.bfloat16
+    assert_close(o, want, 2e-2, "o")
+
+
+# --- Pallas flash attention, interpret mode ------------------------------------------------
+
+FLASH_CASES = [
+    # v_layout, causal, h, hkv, sq, sk, d, dtype, blocks
+    ("BHSD", False, 4, 2, 40, 40, 16, jnp.float32, (16, 16)),  # ragged tail, GQA
+    ("BHSD", True, 4, 2, 40, 56, 32, jnp.float32, (16, 16)),  # causal, Sq < Sk
+    ("BHDS", False, 4, 2, 24, 40, 32, jnp.float32, (16, 16)),
+    ("BHDS", True, 4, 2, 40, 40, 16, jnp.float32, (16, 32)),  # block_q != block_k
+    ("BHDS", True, 2, 1, 56, 40, 16, jnp.float32, (32, 16)),  # causal, Sq > Sk
+    ("BHDS", True, 2, 2, 64, 64, 64, jnp.float32, (None, None)),  # D=64, table blocks
+    ("BHSD", True, 4, 2, 40, 40, 32, jnp.bfloat16, (16, 16)),
+    ("BHDS", False, 4, 2, 40, 24, 32, jnp.bfloat16, (16, 16)),
+]
+
+
+@pytest.mark.parametrize("v_layout,causal,h,hkv,sq,sk,d,dtype,blocks", FLASH_CASES)
+def test_flash_forward_and_grad(v_layout, causal, h, hkv, sq, sk, d, dtype, blocks):
+    _, q, k, v, do = make_inputs(3, 1, h, hkv, sq, sk, d, d, v_layout, dtype)
+    scale = 1.0 / np.sqrt(d)
+    fn = lambda q, k, v: flash_attention(q, k, v, scale=scale, causal=causal, v_layout=v_layout,
+                                         block_q=blocks[0], block_k=blocks[1], interpret=True)
+    o, vjp = jax.vjp(fn, q, k, v)
+    grads = vjp(do)
+    want = np_attention(q, k, v, do, scale=scale, causal=causal, v_layout=v_layout)
+    ftol, gtol = (2e-5, 1e-4) if dtype == jnp.float32 else (2e-2, 3e-2)
+    assert o.dtype == dtype
+    assert_close(o, want[0], ftol, "o")
+    for name, got, w, x in zip("qkv", grads, want[1:4], (q, k, v)):
+        assert got.dtype == x.dtype
+        assert_close(got, w, gtol, f"d{name}")
+
+
+def test_flash_bias_and_grad():
+    _, q, k, v, do = make_inputs(4, 2, 4, 2, 24, 40, 16, 16, "BHDS", jnp.float32)
+    bias = rand(np.random.default_rng(5), (4, 24, 1))  # broadcasts over B and keys
+    fn = lambda q, k, v, bias: flash_attention(q, k, v, scale=0.3, causal=True, v_layout="BHDS",
+                                               bias=bias, block_q=16, block_k=16)
+    o, vjp = jax.vjp(fn, q, k, v, bias)
+    dq, dk, dv, dbias = vjp(do)
+    want = np_attention(q, k, v, do, scale=0.3, causal=True, v_layout="BHDS", bias=bias)
+    assert_close(o, want[0], 2e-5, "o")
+    for name, got, w in zip("qkv", (dq, dk, dv), want[1:4]):
+        assert_close(got, w, 1e-4, f"d{name}")
+    assert dbias.shape == bias.shape
+    assert_close(dbias, want[4].sum(axis=(0, 3))[..., None], 1e-4, "dbias")
+
+
+def test_flash_transposed_v_never_transposes(layout="BHDS"):
+    """BHDS: no transpose of V outside the kernel, and P·V contracts the key axis of V^T."""
+    _, q, k, v, _ = make_inputs(6, 1, 2, 2, 32, 32, 16, 16, layout, jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda q, k, v: flash_attention(
+        q, k, v, scale=0.5, causal=False, v_layout=layout, interpret=True))(q, k, v)
+
+    def eqns(jp, into_kernels: bool):
+        for e in jp.eqns:
+            yield e
+            if e.primitive.name == "pallas_call" and not into_kernels:
+                continue
+            for p in e.params.values():
+                for x in p if isinstance(p, (tuple, list)) else (p,):
+                    inner = getattr(x, "jaxpr", x)
+                    if hasattr(inner, "eqns"):
+                        yield from eqns(inner, into_kernels)
+
+    outside = list(eqns(jaxpr.jaxpr, into_kernels=False))
+    assert "transpose" not in [e.primitive.name for e in outside]
+    (call,) = [e for e in outside if e.primitive.name == "pallas_call"]
+    kernel = call.params["jaxpr"]
+    kernel = getattr(kernel, "jaxpr", kernel)
+    found = [tuple(map(tuple, e.params["dimension_numbers"][0]))
+             for e in eqns(kernel, into_kernels=True) if e.primitive.name == "dot_general"]
+    assert "transpose" not in [e.primitive.name for e in eqns(kernel, into_kernels=True)]
+    assert len(found) == 4 and all(c == ((1,), (1,)) for c in found), found  # QK^T, PV x 2 loops
+
+
+def test_flash_rejects_bad_block():
+    _, q, k, v, _ = make_inputs(7, 1, 1, 1, 16, 16, 16, 16, "BHSD", jnp.float32)
+    with pytest.raises(ValueError, match="power of two"):
+        flash_attention(q, k, v, scale=1.0, causal=False, block_q=24)
+
+
+def test_block_table():
+    assert block_sizes(4096, 4096, 128)[:2] == BLOCK_TABLE[128][:2]
+    assert block_sizes(4096, 4096, 64) == BLOCK_TABLE[64]
+    assert block_sizes(40, 24, 32)[:2] == (64, 32)  # clamped to short sequences
+    assert block_sizes(8, 8, 8)[:2] == (16, 16)
+
+
+# --- dispatcher ------------------------------------------------------------------------------
+
+def test_dispatcher_kernels_agree():
+    _, q, k, v, do = make_inputs(8, 1, 4, 2, 24, 24, 16, 16, "BHSD", jnp.float32)
+    kw = dict(scale=0.25, causal=True)
+    ref = attention(q, k, v, kernel="reference", **kw)
+    pal = attention(q, k, v, kernel="pallas", **kw)
+    assert_close(pal, ref, 2e-5, "pallas vs reference")
+    assert_close(ref, np_attention(q, k, v, do, **kw)[0], 2e-5, "reference")
+    with pytest.raises(ValueError):
+        chosen_kernel("triton")
+
+
+def test_dispatcher_mask_goes_to_reference():
+    _, q, k, v, do = make_inputs(9, 1, 2, 2, 8, 8, 16, 16, "BHSD", jnp.float32)
+    mask = jnp.asarray(np.random.default_rng(9).random((8, 8)) > 0.5)
+    got = attention(q, k, v, scale=0.5, causal=False, mask=mask, kernel="pallas")
+    assert_close(got, np_attention(q, k, v, do, scale=0.5, causal=False, mask=mask)[0], 2e-5, "o")
+
+
+@pytest.mark.skipif(on_gpu, reason="CPU behaviour")
+def test_auto_is_reference_on_cpu():
+    assert not pallas_available()
+    assert chosen_kernel("auto") == "reference"
+    assert chosen_kernel("pallas") == "pallas"
+
+
+# --- GPU only: compiled Triton kernels ----------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not on_gpu, reason="needs a GPU backend")
+@pytest.mark.parametrize("v_layout", ["BHSD", "BHDS"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_compiled_matches_reference(v_layout, causal, d):
+    _, q, k, v, do = make_inputs(10, 2, 8, 2, 1000, 1000, d, d, v_layout, jnp.bfloat16)
+    scale = d ** -0.5
+    assert chosen_kernel("auto") == "pallas"
+    fn = lambda q, k, v: flash_attention(q, k, v, scale=scale, causal=causal, v_layout=v_layout)
+    o, vjp = jax.vjp(jax.jit(fn), q, k, v)
+    want = np_attention(q, k, v, do, scale=scale, causal=causal, v_layout=v_layout)
+    assert_close(o, want[0], 2e-2, "o")
+    for name, got, w in zip("qkv", vjp(do), want[1:4]):
+        assert_close(got, w, 3e-2, f"d{name}")
+
+
+# --- benchmark smoke ---------------------------------------------------------------------------
+
+def test_bench_cpu_smoke(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_attention", ROOT / "bench" / "attention.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if not on_gpu:
+        with pytest.raises(SystemExit, match="GPU"):
+            mod.main(["--out", str(tmp_path / "x.md")])
+    out = tmp_path / "smoke.md"
+    mod.main(["--cpu-smoke", "--out", str(out)])
+    text = out.read_text()
+    assert "transposed-V" in text and "| ok" in text
+    assert "FAIL" not in text
