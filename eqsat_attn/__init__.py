@@ -1,1 +1,22 @@
 """eqsat-attn: equality-saturation optimizer for JAX programs."""
+
+from . import ir
+from .capture import Captured, capture, jaxpr_to_program
+from .lower import lower
+from .optimize import OptimizedFunction, optimize
+from .pipeline import Limits, OptimizeOptions
+from .report import AttentionInfo, Report
+
+__all__ = [
+    "AttentionInfo",
+    "Captured",
+    "Limits",
+    "OptimizeOptions",
+    "OptimizedFunction",
+    "Report",
+    "capture",
+    "ir",
+    "jaxpr_to_program",
+    "lower",
+    "optimize",
+]

@@ -1,0 +1,304 @@
+"""Capture: a JAX function -> jaxpr -> `ir.Program`.
+
+Call-like equations (``jit``/``pjit``, ``closed_call``, ``core_call``, and the primal of
+``custom_jvp_call`` / ``custom_vjp_call``) are inlined. The ops named in `ir` become
+first-class nodes, with implicit broadcasts (rank-0 operands, size-1 dimensions) made
+explicit as ``broadcast_in_dim``. Everything else becomes one ``opaque`` node, re-bound
+unchanged by lowering, with one ``opaque_output`` node per result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.extend.core as jcore
+import numpy as np
+
+from . import ir
+from .ir import ConstValue, OpaqueCall, ProgramBuilder, TensorType
+
+#: Equations whose body is inlined, with the parameter names that may hold the body.
+_CALL_PRIMITIVES: dict[str, tuple[str, ...]] = {
+    "jit": ("jaxpr",),
+    "pjit": ("jaxpr",),
+    "closed_call": ("call_jaxpr", "jaxpr"),
+    "core_call": ("call_jaxpr", "jaxpr"),
+    "custom_jvp_call": ("call_jaxpr", "fun_jaxpr"),
+    "custom_vjp_call": ("call_jaxpr", "fun_jaxpr"),
+    "custom_vjp_call_jaxpr": ("fun_jaxpr", "call_jaxpr"),
+}
+_REDUCE_PARAMS_OK = ("axes",)
+_ALIAS_PRIMITIVES = frozenset({"copy"})
+
+
+@dataclass(frozen=True)
+class Captured:
+    """A traced function: its program and how to map pytrees to and from its flat values.
+
+    ``program`` takes the flat dynamic leaves of ``(args, kwargs)`` (``in_tree``) followed by
+    ``hoisted_consts`` (values the function closed over that are tracers of an outer
+    transformation), and returns the flat leaves of the result (``out_tree``).
+    """
+
+    program: ir.Program
+    in_tree: Any
+    out_tree: Any
+    in_avals: tuple[jax.ShapeDtypeStruct, ...]
+    static_argnums: tuple[int, ...] = ()
+    hoisted_consts: tuple[Any, ...] = ()
+
+    def flat_args(self, *args: Any, **kwargs: Any) -> list[Any]:
+        """The flat inputs of ``program`` for a call with these (full) arguments."""
+        dynamic = tuple(a for i, a in enumerate(args) if i not in self.static_argnums)
+        leaves, tree = jax.tree_util.tree_flatten((dynamic, kwargs))
+        if tree != self.in_tree:
+            raise ValueError(f"argument structure {tree} differs from the captured {self.in_tree}")
+        return [*leaves, *self.hoisted_consts]
+
+    def unflatten(self, flat_outputs: Sequence[Any]) -> Any:
+        return jax.tree_util.tree_unflatten(self.out_tree, list(flat_outputs))
+
+
+def normalize_static_argnums(static_argnums: int | Sequence[int], nargs: int) -> tuple[int, ...]:
+    """Static argument positions as sorted non-negative ints; out of range ones are errors."""
+    nums = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
+    out = set()
+    for n in nums:
+        pos = n + nargs if n < 0 else n
+        if not 0 <= pos < nargs:
+            raise ValueError(f"static_argnums contains {n}, but the function was called with {nargs} positional arguments")
+        out.add(pos)
+    return tuple(sorted(out))
+
+
+def abstract_leaf(leaf: Any, where: str, static_hint: str) -> jax.ShapeDtypeStruct:
+    """The abstract value of one argument leaf; a clear TypeError for non-arrays."""
+    try:
+        aval = jax.typeof(leaf)
+        shape, dtype = aval.shape, aval.dtype
+    except (TypeError, AttributeError):
+        raise TypeError(
+            f"{where} is a {type(leaf).__name__} ({leaf!r:.60}), which is not an array: "
+            f"{static_hint}or pass an array instead"
+        ) from None
+    return jax.ShapeDtypeStruct(shape, dtype, weak_type=bool(getattr(aval, "weak_type", False)))
+
+
+def split_args(
+    args: Sequence[Any], kwargs: dict[str, Any], static_argnums: Sequence[int]
+) -> tuple[tuple[Any, ...], list[Any], Any, tuple[jax.ShapeDtypeStruct, ...]]:
+    """Static argument values, flat dynamic leaves, their tree and their abstract values."""
+    statics = tuple(args[i] for i in static_argnums)
+    dynamic = tuple(a for i, a in enumerate(args) if i not in static_argnums)
+    positions = [i for i in range(len(args)) if i not in static_argnums]
+    with_path, tree = jax.tree_util.tree_flatten_with_path((dynamic, kwargs))
+    avals = []
+    for path, leaf in with_path:
+        (top, *rest) = path
+        sub = jax.tree_util.keystr(tuple(rest))
+        if top.idx == 0:
+            pos = positions[rest[0].idx]
+            sub = jax.tree_util.keystr(tuple(rest[1:]))
+            where = f"positional argument {pos}" + (f" at {sub}" if sub else "")
+            hint = f"mark argument {pos} static with static_argnums=({pos},) "
+        else:
+            where = f"keyword argument {sub}"
+            hint = "pass it positionally and mark it static with static_argnums "
+        avals.append(abstract_leaf(leaf, where, hint))
+    return statics, [leaf for _, leaf in with_path], tree, tuple(avals)
+
+
+def capture(fn: Callable[..., Any], *args: Any, static_argnums: int | Sequence[int] = (), **kwargs: Any) -> Captured:
+    """Trace ``fn(*args, **kwargs)`` on abstract values and convert its jaxpr to a Program.
+
+    Arguments may be arrays, tracers, Python scalars (weak-typed) or ``jax.ShapeDtypeStruct``;
+    positions in ``static_argnums`` are passed through as Python values.
+    """
+    static_nums = normalize_static_argnums(static_argnums, len(args))
+    _, _, in_tree, avals = split_args(args, kwargs, static_nums)
+    out_tree_box: list[Any] = []
+
+    def flat_fn(*leaves: Any) -> list[Any]:
+        dynamic, kw = jax.tree_util.tree_unflatten(in_tree, list(leaves))
+        it = iter(dynamic)
+        full = [args[i] if i in static_nums else next(it) for i in range(len(args))]
+        flat_out, out_tree = jax.tree_util.tree_flatten(fn(*full, **kw))
+        out_tree_box.append(out_tree)
+        return flat_out
+
+    closed = jax.make_jaxpr(flat_fn)(*avals)
+    program = jaxpr_to_program(closed)
+    hoisted = tuple(c for c in closed.consts if _is_tracer(c))
+    return Captured(program, in_tree, out_tree_box[-1], avals, static_nums, hoisted)
+
+
+def _is_tracer(value: Any) -> bool:
+    return isinstance(value, jax.core.Tracer)
+
+
+def jaxpr_to_program(closed_jaxpr: Any) -> ir.Program:
+    """Convert a ClosedJaxpr to a Program with one input per jaxpr invar.
+
+    Closed-over constants become ``constant`` nodes (scalars become ``literal`` nodes);
+    constants that are tracers of an outer transformation cannot be embedded and become
+    extra inputs after the jaxpr's own, in the order they appear in ``consts``.
+    """
+    builder = ProgramBuilder()
+    jaxpr, consts = closed_jaxpr.jaxpr, list(closed_jaxpr.consts)
+    env: dict[Any, int] = {}
+    for var in jaxpr.invars:
+        env[var] = builder.input(_type_of(var.aval))
+    for var, value in zip(jaxpr.constvars, consts):
+        if _is_tracer(value):
+            env[var] = builder.input(_type_of(var.aval))
+        else:
+            env[var] = _const_node(builder, value, var.aval)
+    _Converter(builder).run(jaxpr, env)
+    outputs = [_read(builder, env, v) for v in jaxpr.outvars]
+    return builder.build(outputs)
+
+
+def _type_of(aval: Any) -> TensorType:
+    return TensorType(tuple(int(d) for d in aval.shape), str(np.dtype(aval.dtype)))
+
+
+def _const_node(builder: ProgramBuilder, value: Any, aval: Any) -> int:
+    array = np.asarray(value)
+    if array.dtype != np.dtype(aval.dtype):
+        array = array.astype(aval.dtype)
+    t = _type_of(aval)
+    if array.ndim == 0:
+        return builder.add("literal", (), t, value=array.item())
+    return builder.add("constant", (), t, value=ConstValue(array))
+
+
+def _read(builder: ProgramBuilder, env: dict[Any, int], atom: Any) -> int:
+    if isinstance(atom, jcore.Literal):
+        return _const_node(builder, atom.val, atom.aval)
+    return env[atom]
+
+
+def _inner_jaxpr(eqn: Any) -> tuple[Any, list[Any]] | None:
+    """(jaxpr, consts) of an inlinable call equation, or None if it cannot be inlined."""
+    for name in _CALL_PRIMITIVES.get(eqn.primitive.name, ()):
+        inner = eqn.params.get(name)
+        if inner is None:
+            continue
+        if hasattr(inner, "consts"):  # ClosedJaxpr
+            inner_jaxpr, consts = inner.jaxpr, list(inner.consts)
+        else:
+            inner_jaxpr, consts = inner, []
+        if len(inner_jaxpr.invars) != len(eqn.invars) or len(inner_jaxpr.constvars) != len(consts):
+            return None
+        if len(inner_jaxpr.outvars) != len(eqn.outvars):
+            return None
+        return inner_jaxpr, consts
+    return None
+
+
+def _all_none(params: dict[str, Any], allowed: Sequence[str] = ()) -> bool:
+    return all(v is None for k, v in params.items() if k not in allowed)
+
+
+class _Converter:
+    """Walks jaxpr equations, adding nodes to a builder."""
+
+    def __init__(self, builder: ProgramBuilder) -> None:
+        self.b = builder
+
+    def run(self, jaxpr: Any, env: dict[Any, int]) -> None:
+        for eqn in jaxpr.eqns:
+            ins = [_read(self.b, env, v) for v in eqn.invars]
+            outs = self.equation(eqn, ins)
+            for var, node_id in zip(eqn.outvars, outs):
+                if not isinstance(var, jcore.DropVar):
+                    env[var] = node_id
+
+    def equation(self, eqn: Any, ins: list[int]) -> list[int]:
+        name = eqn.primitive.name
+        if not eqn.effects:
+            inner = _inner_jaxpr(eqn)
+            if inner is not None:
+                inner_jaxpr, consts = inner
+                env = dict(zip(inner_jaxpr.invars, ins))
+                for var, value in zip(inner_jaxpr.constvars, consts):
+                    env[var] = _const_node(self.b, value, var.aval)
+                self.run(inner_jaxpr, env)
+                return [_read(self.b, env, v) for v in inner_jaxpr.outvars]
+            if name in _ALIAS_PRIMITIVES and len(ins) == 1:
+                return ins
+            out_types = [_type_of(v.aval) for v in eqn.outvars]
+            if len(out_types) == 1:
+                node_id = self.first_class(name, dict(eqn.params), ins, out_types[0], eqn)
+                if node_id is not None:
+                    return [node_id]
+        return self.opaque(eqn, ins)
+
+    def opaque(self, eqn: Any, ins: list[int]) -> list[int]:
+        out_types = tuple(_type_of(v.aval) for v in eqn.outvars)
+        call = OpaqueCall(eqn.primitive, dict(eqn.params), out_types)
+        node_id = self.b.add("opaque", ins, None, call=call)
+        return [self.b.add("opaque_output", (node_id,), t, index=i) for i, t in enumerate(out_types)]
+
+    def broadcast_to(self, node_id: int, shape: tuple[int, ...]) -> int:
+        """Make an elementwise operand exactly ``shape`` (rank-0 or size-1 broadcasting)."""
+        t = self.b.type_of(node_id)
+        if t.shape == shape:
+            return node_id
+        offset = len(shape) - t.rank
+        if offset < 0 or any(d not in (1, shape[offset + i]) for i, d in enumerate(t.shape)):
+            raise ValueError(f"cannot broadcast {t} to {shape}")
+        dims = tuple(range(offset, len(shape)))
+        return self.b.add("broadcast_in_dim", (node_id,), TensorType(shape, t.dtype), broadcast_dimensions=dims)
+
+    def elementwise(self, op: str, ins: list[int], out: TensorType, **params: Hashable) -> int:
+        operands = [self.broadcast_to(i, out.shape) for i in ins]
+        return self.b.add(op, operands, out, **params)
+
+    def first_class(self, name: str, p: dict[str, Any], ins: list[int], out: TensorType, eqn: Any) -> int | None:
+        """The node for a modelled op, or None if this equation must stay opaque."""
+        b = self.b
+        if name in ir.UNARY_OPS or name in ir.BINARY_OPS:
+            arity = 1 if name in ir.UNARY_OPS else 2
+            if len(ins) != arity or not _all_none(p):
+                return None
+            return self.elementwise(name, ins, out)
+        if name == "integer_pow" and len(ins) == 1:
+            return self.elementwise(name, ins, out, y=int(p["y"]))
+        if name == "select_n" and len(ins) >= 2:
+            return self.elementwise(name, ins, out)
+        if name == "convert_element_type" and len(ins) == 1 and p.get("sharding") is None:
+            return b.add(name, ins, out, new_dtype=str(np.dtype(p["new_dtype"])))
+        if name == "transpose" and len(ins) == 1:
+            return b.add(name, ins, out, perm=tuple(int(i) for i in p["permutation"]))
+        if name in ("reshape", "squeeze", "expand_dims") and len(ins) == 1:
+            if p.get("dimensions") is not None and name == "reshape":
+                return None
+            if p.get("sharding") is not None:
+                return None
+            return b.add("reshape", ins, out)
+        if name == "broadcast_in_dim" and len(ins) == 1 and p.get("sharding") is None:
+            dims = tuple(int(d) for d in p["broadcast_dimensions"])
+            return b.add(name, ins, out, broadcast_dimensions=dims)
+        if name in ir.REDUCE_OPS and len(ins) == 1 and _all_none(p, _REDUCE_PARAMS_OK):
+            return b.add(name, ins, out, axes=tuple(int(a) for a in p["axes"]))
+        if name == "iota" and not ins and _all_none(p, ("dtype", "shape", "dimension")):
+            return b.add(name, (), out, dimension=int(p["dimension"]))
+        if name == "dot_general" and len(ins) == 2:
+            return self.dot_general(p, ins, out)
+        return None
+
+    def dot_general(self, p: dict[str, Any], ins: list[int], out: TensorType) -> int | None:
+        if p.get("precision") is not None or p.get("out_sharding") is not None:
+            return None
+        (lc, rc), (lb, rb) = p["dimension_numbers"]
+        pet = p.get("preferred_element_type")
+        return self.b.add(
+            "dot_general", ins, out,
+            lhs_contract=tuple(map(int, lc)), rhs_contract=tuple(map(int, rc)),
+            lhs_batch=tuple(map(int, lb)), rhs_batch=tuple(map(int, rb)),
+            preferred_element_type=None if pet is None else str(np.dtype(pet)),
+        )

@@ -1,0 +1,166 @@
+"""Lowering: `ir.Program` -> a JAX callable built from public `lax` functions.
+
+The callable takes the program's flat inputs and returns the list of its outputs, with
+exactly the shapes and dtypes of ``program.output_types``. Opaque nodes re-bind their
+original primitive; attention nodes call `eqsat_attn.kernels.attention`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from . import ir
+from .ir import Node, Program
+
+UNARY_LOWERINGS: dict[str, Callable[[Any], Any]] = {
+    "neg": lax.neg, "exp": lax.exp, "exp2": lax.exp2, "log": lax.log, "log1p": lax.log1p,
+    "expm1": lax.expm1, "tanh": lax.tanh, "logistic": lax.logistic, "sqrt": lax.sqrt,
+    "rsqrt": lax.rsqrt, "cbrt": lax.cbrt, "erf": lax.erf, "erf_inv": lax.erf_inv, "abs": lax.abs,
+    "sign": lax.sign, "floor": lax.floor, "ceil": lax.ceil, "round": lax.round, "sin": lax.sin,
+    "cos": lax.cos, "tan": lax.tan, "not": lax.bitwise_not, "is_finite": lax.is_finite,
+    "stop_gradient": lax.stop_gradient, "square": lax.square, "real": lax.real, "imag": lax.imag,
+}
+BINARY_LOWERINGS: dict[str, Callable[[Any, Any], Any]] = {
+    "add": lax.add, "sub": lax.sub, "mul": lax.mul, "div": lax.div, "max": lax.max,
+    "min": lax.min, "pow": lax.pow, "rem": lax.rem, "atan2": lax.atan2,
+    "nextafter": lax.nextafter, "and": lax.bitwise_and, "or": lax.bitwise_or,
+    "xor": lax.bitwise_xor, "eq": lax.eq, "ne": lax.ne, "lt": lax.lt, "le": lax.le,
+    "gt": lax.gt, "ge": lax.ge,
+}
+REDUCE_LOWERINGS: dict[str, Callable[..., Any]] = {
+    "reduce_sum": lax.reduce_sum, "reduce_max": lax.reduce_max, "reduce_min": lax.reduce_min,
+}
+ATTENTION_CANONICAL = "BHSD"
+
+
+def lower(program: Program, *, attention_kernel: str = "auto") -> Callable[..., list[Any]]:
+    """A function of the program's flat inputs returning the list of its outputs."""
+    order = _nodes_to_evaluate(program)
+    n_inputs = len(program.inputs)
+
+    def run(*flat_inputs: Any) -> list[Any]:
+        if len(flat_inputs) != n_inputs:
+            raise TypeError(f"program takes {n_inputs} inputs, got {len(flat_inputs)}")
+        values: dict[int, Any] = {}
+        for position, node_id in enumerate(program.inputs):
+            values[node_id] = flat_inputs[position]
+        for node_id in order:
+            node = program.nodes[node_id]
+            if node.op == "input":
+                continue
+            args = [values[i] for i in node.inputs]
+            values[node_id] = lower_node(node, args, attention_kernel)
+        return [values[i] for i in program.outputs]
+
+    return run
+
+
+def _nodes_to_evaluate(program: Program) -> list[int]:
+    """Live nodes plus every opaque node (which may have effects) and what it reads."""
+    needed = set(program.live_nodes())
+    needed.update(i for i, n in enumerate(program.nodes) if n.op == "opaque")
+    for i in range(len(program.nodes) - 1, -1, -1):
+        if i in needed:
+            needed.update(program.nodes[i].inputs)
+    return sorted(needed)
+
+
+def lower_node(node: Node, args: list[Any], attention_kernel: str = "auto") -> Any:
+    """The JAX value of one node given the values of its inputs."""
+    op, p, t = node.op, node.params, node.type
+    if op in UNARY_LOWERINGS:
+        return UNARY_LOWERINGS[op](args[0])
+    if op in BINARY_LOWERINGS:
+        return BINARY_LOWERINGS[op](args[0], args[1])
+    if op in REDUCE_LOWERINGS:
+        return REDUCE_LOWERINGS[op](args[0], axes=tuple(p["axes"]))
+    if op == "literal":
+        return np.array(p["value"], dtype=jnp.dtype(t.dtype))
+    if op == "constant":
+        return p["value"].array
+    if op == "integer_pow":
+        return lax.integer_pow(args[0], p["y"])
+    if op == "convert_element_type":
+        return lax.convert_element_type(args[0], jnp.dtype(p["new_dtype"]))
+    if op == "select_n":
+        return lax.select_n(*args)
+    if op == "transpose":
+        return lax.transpose(args[0], tuple(p["perm"]))
+    if op == "reshape":
+        return lax.reshape(args[0], t.shape)
+    if op == "broadcast_in_dim":
+        return lax.broadcast_in_dim(args[0], t.shape, tuple(p["broadcast_dimensions"]))
+    if op == "iota":
+        return lax.broadcasted_iota(jnp.dtype(t.dtype), t.shape, p["dimension"])
+    if op == "dot_general":
+        return _dot_general(p, args)
+    if op == "opaque":
+        call = p["call"]
+        out = call.primitive.bind(*args, **call.params)
+        return tuple(out) if call.primitive.multiple_results else (out,)
+    if op == "opaque_output":
+        return args[0][p["index"]]
+    if op == "attention":
+        return lower_attention(node, args, attention_kernel)
+    raise NotImplementedError(f"lowering has no rule for op {op!r}")
+
+
+def _dot_general(p: ir.Params, args: list[Any]) -> Any:
+    dims = ((tuple(p["lhs_contract"]), tuple(p["rhs_contract"])), (tuple(p["lhs_batch"]), tuple(p["rhs_batch"])))
+    pet = p.get("preferred_element_type")
+    return lax.dot_general(
+        args[0], args[1], dims, preferred_element_type=None if pet is None else jnp.dtype(pet)
+    )
+
+
+def layout_perm(source: str, target: str) -> tuple[int, ...]:
+    """The permutation taking an array in axis order ``source`` to axis order ``target``."""
+    if sorted(source) != sorted(target):
+        raise ValueError(f"layouts {source!r} and {target!r} name different axes")
+    return tuple(source.index(axis) for axis in target)
+
+
+def _to_layout(x: Any, source: str, target: str) -> Any:
+    perm = layout_perm(source, target)
+    return x if perm == tuple(range(len(perm))) else lax.transpose(x, perm)
+
+
+def resolve_attention_kernel(attention_kernel: str) -> str:
+    """The kernel "auto" stands for on the default JAX backend: "pallas" on GPU, else "reference"."""
+    if attention_kernel == "auto":
+        return "pallas" if jax.default_backend() == "gpu" else "reference"
+    return attention_kernel
+
+
+def lower_attention(node: Node, args: Sequence[Any], attention_kernel: str = "auto") -> Any:
+    """Call the attention kernel with q, k (and v unless "BHDS") moved to BHSD order."""
+    from .kernels import attention
+
+    p = node.params
+    q = _to_layout(args[0], str(p["q_layout"]), ATTENTION_CANONICAL)
+    k = _to_layout(args[1], str(p["k_layout"]), ATTENTION_CANONICAL)
+    v_layout = str(p["v_layout"])
+    if v_layout != "BHDS":
+        args_v = _to_layout(args[2], v_layout, ATTENTION_CANONICAL)
+        v_layout = ATTENTION_CANONICAL
+    else:
+        args_v = args[2]
+    mask_kind = str(p.get("mask_kind", "none"))
+    extra: dict[str, Any] = {}
+    if mask_kind == "bias":
+        extra["bias"] = args[3]
+    elif mask_kind == "bool":
+        extra["mask"] = args[3]
+    elif mask_kind != "none":
+        raise ValueError(f"unknown attention mask_kind {mask_kind!r}")
+    out = attention(
+        q, k, args_v, scale=float(p["scale"]), causal=bool(p["causal"]), v_layout=v_layout,
+        kernel=attention_kernel, **extra,
+    )
+    return _to_layout(out, ATTENTION_CANONICAL, str(p["o_layout"]))

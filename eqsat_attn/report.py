@@ -1,0 +1,113 @@
+"""`Report`: what the optimizer did to one function, for people and for tests."""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+
+from .ir import Program
+
+
+@dataclass(frozen=True)
+class AttentionInfo:
+    """One attention op of the chosen program: its layouts, masking, grouping and kernel."""
+
+    v_layout: str
+    causal: bool
+    kernel: str
+    q_layout: str = "BHSD"
+    k_layout: str = "BHSD"
+    o_layout: str = "BHSD"
+    mask_kind: str = "none"
+    groups: int = 1
+
+    def __str__(self) -> str:
+        mask = "causal" if self.causal else "full"
+        if self.mask_kind != "none":
+            mask += f"+{self.mask_kind}"
+        gqa = f", GQA groups={self.groups}" if self.groups > 1 else ""
+        return (
+            f"attention q={self.q_layout} k={self.k_layout} v={self.v_layout} o={self.o_layout}, "
+            f"{mask}{gqa}, kernel={self.kernel}"
+        )
+
+
+def attention_infos(program: Program, kernel: str) -> list[AttentionInfo]:
+    """One `AttentionInfo` per live attention node of ``program``, in program order."""
+    infos = []
+    for node_id in program.live_nodes():
+        node = program.nodes[node_id]
+        if node.op != "attention":
+            continue
+        p = node.params
+        q_layout, k_layout = str(p["q_layout"]), str(p["k_layout"])
+        heads = program.type_of(node.inputs[0]).shape[q_layout.index("H")]
+        kv_heads = program.type_of(node.inputs[1]).shape[k_layout.index("H")]
+        infos.append(
+            AttentionInfo(
+                v_layout=str(p["v_layout"]),
+                causal=bool(p["causal"]),
+                kernel=kernel,
+                q_layout=q_layout,
+                k_layout=k_layout,
+                o_layout=str(p["o_layout"]),
+                mask_kind=str(p.get("mask_kind", "none")),
+                groups=max(1, heads // max(1, kv_heads)),
+            )
+        )
+    return infos
+
+
+def _format_seconds(seconds: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if abs(seconds) >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds * 1e9:.3g} ns"
+
+
+@dataclass(frozen=True)
+class Report:
+    """The programs before and after optimization, predicted costs and how the search went."""
+
+    before: Program
+    after: Program
+    attention: list[AttentionInfo] = field(default_factory=list)
+    cost_before: float = 0.0
+    cost_after: float = 0.0
+    rules_fired: dict[str, int] = field(default_factory=dict)
+    egraph_nodes: int = 0
+    saturated: bool = True
+    warnings: tuple[str, ...] = ()
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def speedup(self) -> float:
+        """Predicted cost ratio before/after (1.0 when the cost model priced nothing)."""
+        return self.cost_before / self.cost_after if self.cost_after > 0 else 1.0
+
+    def summary(self) -> str:
+        lines = [
+            f"cost: {_format_seconds(self.cost_before)} -> {_format_seconds(self.cost_after)}"
+            f" (predicted x{self.speedup:.3g})",
+            f"nodes: {len(self.before.live_nodes())} -> {len(self.after.live_nodes())}; "
+            f"e-graph: {self.egraph_nodes} e-nodes, "
+            + ("saturated" if self.saturated else "stopped at a limit"),
+        ]
+        if self.rules_fired:
+            fired = sorted(self.rules_fired.items(), key=lambda kv: (-kv[1], kv[0]))
+            lines.append("rules fired: " + ", ".join(f"{name} x{count}" for name, count in fired))
+        lines.extend(f"  {info}" for info in self.attention)
+        if self.timings:
+            lines.append("time: " + ", ".join(f"{k} {_format_seconds(v)}" for k, v in self.timings.items()))
+        lines.extend(f"warning: {w}" for w in self.warnings)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return f"{self.summary()}\n\nbefore:\n{self.before}\n\nafter:\n{self.after}"
+
+    def _repr_html_(self) -> str:
+        return (
+            f"<pre>{html.escape(self.summary())}</pre>"
+            f"<details><summary>before</summary><pre>{html.escape(str(self.before))}</pre></details>"
+            f"<details open><summary>after</summary><pre>{html.escape(str(self.after))}</pre></details>"
+        )
