@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -267,6 +268,7 @@ def test_gpu_compiled_matches_reference(v_layout, causal, d):
 def test_bench_cpu_smoke(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_attention", ROOT / "bench" / "attention.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses resolve their module through sys.modules
     spec.loader.exec_module(mod)
     if not on_gpu:
         with pytest.raises(SystemExit, match="GPU"):
