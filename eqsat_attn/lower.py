@@ -133,9 +133,11 @@ def _to_layout(x: Any, source: str, target: str) -> Any:
 
 def resolve_attention_kernel(attention_kernel: str) -> str:
     """The kernel "auto" stands for on the default JAX backend: "pallas" on GPU, else "reference"."""
-    if attention_kernel == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "reference"
-    return attention_kernel
+    try:
+        from .kernels import chosen_kernel
+    except ImportError:
+        return attention_kernel if attention_kernel != "auto" else "reference"
+    return chosen_kernel(attention_kernel)
 
 
 def lower_attention(node: Node, args: Sequence[Any], attention_kernel: str = "auto") -> Any:

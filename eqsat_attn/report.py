@@ -47,7 +47,7 @@ def attention_infos(program: Program, kernel: str) -> list[AttentionInfo]:
             AttentionInfo(
                 v_layout=str(p["v_layout"]),
                 causal=bool(p["causal"]),
-                kernel=kernel,
+                kernel="reference" if p.get("mask_kind") == "bool" else kernel,  # no boolean-mask kernel
                 q_layout=q_layout,
                 k_layout=k_layout,
                 o_layout=str(p["o_layout"]),

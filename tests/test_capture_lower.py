@@ -1,0 +1,327 @@
+"""Capture -> lower round trips: ``optimize(f)(args) == f(args)`` on real models, plus the
+decorator's cache, transformations, static arguments and errors."""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import eqsat_attn as ea
+from eqsat_attn.ir import ProgramBuilder, TensorType
+
+
+def _normal(seed: int, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+    return jax.random.normal(jax.random.key(seed), shape, dtype)
+
+
+def assert_same_outputs(got, want, rtol: float = 2e-6, atol: float = 2e-6) -> None:
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert jnp.shape(g) == jnp.shape(w)
+        assert jnp.result_type(g) == jnp.result_type(w)
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=rtol, atol=atol)
+
+
+def round_trip(fn, *args, **tol):
+    """Check optimize(fn) against fn; return the captured program."""
+    optimized = ea.optimize(fn)
+    assert_same_outputs(optimized(*args), fn(*args), **tol)
+    return optimized.explain(*args).before
+
+
+# ---------------------------------------------------------------- corpus
+
+
+def test_mlp() -> None:
+    def mlp(params, x):
+        for w, b in params[:-1]:
+            x = jax.nn.relu(x @ w + b)
+        w, b = params[-1]
+        return x @ w + b
+
+    sizes = [6, 16, 16, 3]
+    params = [(_normal(i, (m, n)), _normal(10 + i, (n,))) for i, (m, n) in enumerate(zip(sizes, sizes[1:]))]
+    program = round_trip(mlp, params, _normal(99, (5, 6)), rtol=1e-5, atol=1e-5)
+    assert program.count("dot_general") == 3 and program.count("opaque") == 0
+
+
+def test_layer_norm() -> None:
+    def layer_norm(x, scale, bias):
+        mean = x.mean(-1, keepdims=True)
+        var = ((x - mean) ** 2).mean(-1, keepdims=True)
+        return (x - mean) * lax.rsqrt(var + 1e-5) * scale + bias
+
+    program = round_trip(layer_norm, _normal(0, (4, 8)), _normal(1, (8,)), _normal(2, (8,)), rtol=1e-5, atol=1e-5)
+    assert program.count("rsqrt") == 1 and program.count("opaque") == 0
+
+
+def test_rope() -> None:
+    def rope(x):  # x [B, S, H, D]
+        _, s, _, d = x.shape
+        inv_freq = 1.0 / (10000.0 ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+        angles = jnp.arange(s, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+        sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]
+        x1, x2 = x[..., ::2], x[..., 1::2]
+        rotated = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+        return rotated.reshape(x.shape)
+
+    round_trip(rope, _normal(0, (2, 6, 2, 8)), rtol=1e-5, atol=1e-5)
+
+
+def test_flax_linen_multi_head_attention() -> None:
+    import flax.linen as nn
+
+    module = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)
+    x = _normal(0, (2, 5, 8))
+    params = module.init(jax.random.key(1), x, x)
+    program = round_trip(lambda p, x: module.apply(p, x, x), params, x, rtol=1e-5, atol=1e-5)
+    assert program.count("dot_general") >= 6  # q, k, v, scores, p@v, output projection
+
+
+def test_equinox_multihead_attention_under_vmap() -> None:
+    import equinox as eqx
+
+    mha = eqx.nn.MultiheadAttention(num_heads=2, query_size=8, key=jax.random.key(0))
+    xs = _normal(1, (3, 5, 8))
+    optimized = ea.optimize(lambda x: mha(x, x, x))
+    got = jax.vmap(optimized)(xs)
+    want = jax.vmap(lambda x: mha(x, x, x))(xs)
+    assert_same_outputs(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_jax_nn_dot_product_attention_causal(kv_heads: int) -> None:
+    q = _normal(0, (2, 6, 4, 8))
+    k, v = _normal(1, (2, 6, kv_heads, 8)), _normal(2, (2, 6, kv_heads, 8))
+    fn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    program = round_trip(fn, q, k, v, rtol=1e-5, atol=1e-5)
+    assert program.count("opaque") == 0 and program.count("exp") == 1
+
+
+def test_scan_and_cond_become_opaque_nodes() -> None:
+    def fn(x):
+        total, partials = lax.scan(lambda c, row: (c + row.sum(), c * row), 0.0, x)
+        flipped = lax.cond(total > 0, lambda y: y, lambda y: -y, x)
+        return partials + flipped
+
+    program = round_trip(fn, _normal(0, (3, 4)), rtol=1e-6, atol=1e-6)
+    names = sorted(program.nodes[i]["call"].name for i in program.live_nodes() if program.nodes[i].op == "opaque")
+    assert names == ["cond", "scan"]
+    assert program.count("opaque_output") == 3
+
+
+def test_dict_of_outputs_with_duplicates_inputs_and_literals() -> None:
+    fn = lambda x, y: {"sum": x + y, "x": x, "again": (x, x + y), "two": jnp.float32(2.0)}
+    program = round_trip(fn, _normal(0, (3,)), _normal(1, (3,)))
+    again_x, again_sum, total, two, same_x = program.outputs  # leaves in sorted key order
+    assert again_x == same_x == program.inputs[0]  # outputs that are inputs, duplicated
+    assert again_sum == total and program.nodes[total].op == "add"
+    assert program.nodes[two].op == "literal" and program.nodes[two]["value"] == 2.0
+
+
+def test_bf16_dtype_is_preserved() -> None:
+    fn = lambda x, w: jnp.tanh(x @ w) * 2.0
+    x, w = _normal(0, (4, 8), jnp.bfloat16), _normal(1, (8, 4), jnp.bfloat16)
+    program = round_trip(fn, x, w, rtol=1e-2, atol=1e-2)
+    assert ea.optimize(fn)(x, w).dtype == jnp.bfloat16
+    assert all(program.type_of(i).dtype == "bfloat16" for i in program.outputs)
+
+
+@pytest.mark.parametrize("fn", [jax.nn.softmax, jax.nn.gelu, jax.nn.relu], ids=["softmax", "gelu", "relu"])
+def test_custom_jvp_activations_are_inlined(fn) -> None:
+    program = round_trip(fn, _normal(0, (3, 5)), rtol=1e-6, atol=1e-6)
+    assert program.count("opaque") == 0
+
+
+def test_custom_vjp_primal_is_inlined() -> None:
+    @jax.custom_vjp
+    def clip_grad_sin(x):
+        return jnp.sin(x)
+
+    clip_grad_sin.defvjp(lambda x: (jnp.sin(x), jnp.cos(x)), lambda cos, g: (jnp.clip(g * cos, -1, 1),))
+    program = round_trip(lambda x: clip_grad_sin(x) * 3.0, _normal(0, (4,)))
+    assert program.count("opaque") == 0 and program.count("sin") == 1
+
+
+def test_nested_jit_is_inlined() -> None:
+    inner = jax.jit(lambda a, b: jnp.exp(a) * b)
+    program = round_trip(lambda x, y: inner(x, y) + inner(y, x), _normal(0, (2, 3)), _normal(1, (2, 3)))
+    assert program.count("opaque") == 0 and program.count("exp") == 2
+
+
+def test_implicit_broadcasts_are_made_explicit() -> None:
+    program = ea.capture(lambda x: x / x.sum(-1, keepdims=True) * 2.0, _normal(0, (2, 4))).program
+    for i in program.live_nodes():
+        node = program.nodes[i]
+        if node.op in ("div", "mul"):
+            assert all(program.type_of(j).shape == (2, 4) for j in node.inputs), str(program)
+
+
+# ---------------------------------------------------------------- attention lowering
+
+
+def _numpy_attention(q, k, v, scale, causal, bias=None):
+    """q [B,H,Sq,D], k/v [B,Hkv,Sk,D] -> [B,H,Sq,D] in float64."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    groups = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, groups, axis=1), np.repeat(v, groups, axis=1)
+    s = np.einsum("bhqd,bhkd->bhqk", q, k) * scale
+    if bias is not None:
+        s = s + np.asarray(bias, np.float64)
+    if causal:
+        s = np.where(np.tril(np.ones(s.shape[-2:], bool)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("bhqk,bhkd->bhqd", p / p.sum(-1, keepdims=True), v)
+
+
+def _attention_program(q_shape, k_shape, v_shape, o_shape, layouts, causal, mask_kind, mask_shape=None):
+    b = ProgramBuilder()
+    ins = [b.input(TensorType(s, "float32")) for s in (q_shape, k_shape, v_shape)]
+    if mask_shape is not None:
+        ins.append(b.input(TensorType(mask_shape, "float32")))
+    q_layout, k_layout, v_layout, o_layout = layouts
+    out = b.add(
+        "attention", ins, TensorType(o_shape, "float32"), q_layout=q_layout, k_layout=k_layout,
+        v_layout=v_layout, o_layout=o_layout, scale=0.25, causal=causal, mask_kind=mask_kind,
+    )
+    return b.build([out])
+
+
+def test_attention_node_lowers_to_softmax_attention() -> None:
+    pytest.importorskip("eqsat_attn.kernels", reason="eqsat_attn.kernels (the attention kernels) is not importable")
+    bsz, h, hkv, s, d = 2, 4, 2, 6, 8
+    q_bhsd, k_bhsd, v_bhsd = _normal(0, (bsz, h, s, d)), _normal(1, (bsz, hkv, s, d)), _normal(2, (bsz, hkv, s, d))
+    want = _numpy_attention(q_bhsd, k_bhsd, v_bhsd, 0.25, causal=True)
+
+    # q, k and o in BSHD, V stored transposed (BHDS): the lowering must move axes both ways
+    q, k, v = q_bhsd.transpose(0, 2, 1, 3), k_bhsd.transpose(0, 2, 1, 3), v_bhsd.transpose(0, 1, 3, 2)
+    program = _attention_program(q.shape, k.shape, v.shape, (bsz, s, h, d), ("BSHD", "BSHD", "BHDS", "BSHD"), True, "none")
+    (got,) = jax.jit(ea.lower(program, attention_kernel="reference"))(q, k, v)
+    np.testing.assert_allclose(np.asarray(got), want.transpose(0, 2, 1, 3), rtol=1e-5, atol=1e-5)
+
+    bias = _normal(3, (bsz, 1, s, s))
+    program = _attention_program(q_bhsd.shape, k_bhsd.shape, v_bhsd.shape, q_bhsd.shape, ("BHSD",) * 4, False, "bias", bias.shape)
+    (got,) = ea.lower(program, attention_kernel="reference")(q_bhsd, k_bhsd, v_bhsd, bias)
+    want = _numpy_attention(q_bhsd, k_bhsd, v_bhsd, 0.25, causal=False, bias=bias)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_report_lists_attention_nodes() -> None:
+    program = _attention_program((1, 4, 3, 8), (1, 2, 3, 8), (1, 2, 8, 3), (1, 3, 4, 8), ("BHSD", "BHSD", "BHDS", "BSHD"), True, "none")
+    (info,) = ea.report.attention_infos(program, "reference")
+    assert (info.v_layout, info.causal, info.groups, info.o_layout, info.kernel) == ("BHDS", True, 2, "BSHD", "reference")
+    report = ea.Report(before=program, after=program, attention=[info])
+    assert "v=BHDS" in str(report) and "GQA groups=2" in str(report)
+
+
+# ---------------------------------------------------------------- the decorator
+
+
+def test_cache_hits_on_same_shapes_and_misses_on_new_shapes() -> None:
+    @ea.optimize
+    def fn(x):
+        return jnp.tanh(x) * x
+
+    fn(_normal(0, (2, 3)))
+    fn(_normal(1, (2, 3)))
+    assert fn.cache_info() == (1, 1, 1)
+    fn(_normal(2, (4, 3)))
+    fn(_normal(3, (2, 3), jnp.bfloat16))
+    assert fn.cache_info() == (1, 3, 3)
+
+
+def test_grad_through_optimized_function_matches() -> None:
+    fn = lambda w, x: jnp.sum(jax.nn.softmax(jnp.tanh(x @ w)) ** 2)
+    w, x = _normal(0, (4, 5)), _normal(1, (3, 4))
+    got = jax.grad(ea.optimize(fn))(w, x)
+    np.testing.assert_allclose(got, jax.grad(fn)(w, x), rtol=1e-5, atol=1e-6)
+
+
+def test_vmap_over_optimized_function() -> None:
+    fn = lambda x, w: jax.nn.gelu(x @ w)
+    xs, w = _normal(0, (5, 3, 4)), _normal(1, (4, 2))
+    got = jax.vmap(ea.optimize(fn), in_axes=(0, None))(xs, w)
+    assert_same_outputs(got, jax.vmap(fn, in_axes=(0, None))(xs, w), rtol=1e-5, atol=1e-6)
+
+
+def test_call_inside_jit_and_closure_over_tracer() -> None:
+    optimized = ea.optimize(lambda x, y: jnp.exp(x) - y)
+    x, y = _normal(0, (3,)), _normal(1, (3,))
+
+    @jax.jit
+    def outer(x, y):
+        scaled = ea.optimize(lambda a: a * y)(x)  # closes over a tracer of the outer jit
+        return optimized(x, y) + scaled
+
+    assert_same_outputs(outer(x, y), jnp.exp(x) - y + x * y)
+
+
+def test_static_argnums() -> None:
+    def fn(x, mode, power):
+        return jnp.sin(x) ** power if mode == "sin" else jnp.cos(x) ** power
+
+    optimized = ea.optimize(fn, static_argnums=(1, -1))
+    x = _normal(0, (4,))
+    assert_same_outputs(optimized(x, "sin", 2), fn(x, "sin", 2))
+    assert_same_outputs(optimized(x, "cos", 3), fn(x, "cos", 3))
+    optimized(x, "cos", 3)
+    assert optimized.cache_info() == (1, 2, 2)
+
+
+def test_python_scalars_are_weak_arrays() -> None:
+    optimized = ea.optimize(lambda x, s: x * s)
+    x = _normal(0, (3,), jnp.bfloat16)
+    out = optimized(x, 1.5)
+    assert out.dtype == jnp.bfloat16
+    assert_same_outputs(out, x * 1.5)
+
+
+def test_string_argument_raises_type_error_naming_it() -> None:
+    optimized = ea.optimize(lambda x, name: x)
+    with pytest.raises(TypeError, match=r"positional argument 1 is a str.*static_argnums=\(1,\)"):
+        optimized(_normal(0, (2,)), "relu")
+    with pytest.raises(TypeError, match=r"positional argument 0 at \['cfg'\] is a object"):
+        optimized({"cfg": object()}, _normal(0, (2,)))
+
+
+def test_unhashable_static_argument_is_a_clear_error() -> None:
+    optimized = ea.optimize(lambda x, axes: x.sum(axes), static_argnums=1)
+    with pytest.raises(TypeError, match="not hashable"):
+        optimized(_normal(0, (2, 3)), [0])
+
+
+def test_optimizer_failure_warns_and_keeps_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(program, options):
+        raise RuntimeError("e-graph exploded")
+
+    monkeypatch.setattr(importlib.import_module("eqsat_attn.optimize"), "optimize_program", broken)
+    fn = lambda x: jnp.tanh(x) + 1.0
+    optimized = ea.optimize(fn)
+    x = _normal(0, (3,))
+    with pytest.warns(RuntimeWarning, match="e-graph exploded"):
+        out = optimized(x)
+    assert_same_outputs(out, fn(x))
+    report = optimized.explain(x)
+    assert any("e-graph exploded" in w for w in report.warnings)
+    assert report.after == report.before
+
+
+def test_explain_report_and_output_types() -> None:
+    optimized = ea.optimize(lambda x, w: (x @ w).astype(jnp.bfloat16))
+    x, w = _normal(0, (2, 3)), _normal(1, (3, 5))
+    out = optimized(x, w)
+    assert out.shape == (2, 5) and out.dtype == jnp.bfloat16
+    report = optimized.explain(x, w)
+    assert isinstance(report, ea.Report)
+    assert report.after.output_types == (TensorType((2, 5), "bfloat16"),)
+    assert set(report.timings) == {"trace", "optimize", "lower"}
+    assert "dot_general" in str(report) and report.attention == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimized(x, w)
