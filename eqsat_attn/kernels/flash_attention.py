@@ -1,4 +1,4 @@
-"""Pallas flash attention (forward kernel; backward by blockwise recomputation).
+"""Pallas flash attention: forward and backward kernels.
 
 One kernel covers both V layouts of the Attention op:
 
@@ -15,8 +15,12 @@ are never repeated. Lengths that are not block multiples are zero-padded interna
 padded keys are masked with -inf (exactly zero weight). Head dims that are not a power of two
 (or below 16) are zero-padded, which changes no score.
 
-The backward pass (jax.custom_vjp) recomputes softmax probabilities from the saved log-sum-exp
-in plain JAX, one query chunk at a time, so memory stays O(chunk * Sk) rather than O(Sq * Sk).
+The backward pass (jax.custom_vjp, residuals q, k, v, o and the log-sum-exp) has two Pallas
+kernels, FlashAttention-2 style without atomics: one per key tile accumulating dK and dV over the
+query tiles of every head in the kv head's group (dV comes out directly in V's layout; for BHDS
+that is dV^T = dO^T·P), one per query tile accumulating dQ. With a bias, or backward="jax", a
+plain-JAX recomputation runs instead, one query chunk at a time (memory O(chunk * Sk)), which
+also gives the bias gradient.
 """
 
 from __future__ import annotations
@@ -46,8 +50,21 @@ BLOCK_TABLE: dict[int, tuple[int, int, int, int]] = {
     128: (128, 128, 8, 2),
     256: (64, 64, 8, 2),
 }
+# Backward tiles, keyed by padded head dim:
+# head_dim -> (block_q_dkv, block_k_dkv, block_q_dq, block_k_dq, num_warps, num_stages).
+# The dK/dV kernel keeps two [block_k, D] float32 accumulators live and streams query tiles; the
+# dQ kernel keeps one [block_q, D] accumulator and streams key tiles (shapes of the Triton
+# FlashAttention-2 tutorial, smaller for large D). Not yet tuned on a GPU.
+BWD_BLOCK_TABLE: dict[int, tuple[int, int, int, int, int, int]] = {
+    16: (64, 64, 64, 64, 4, 2),
+    32: (64, 64, 64, 64, 4, 2),
+    64: (64, 64, 64, 64, 4, 2),
+    128: (32, 64, 64, 32, 8, 2),
+    256: (32, 32, 32, 32, 8, 1),
+}
 MIN_BLOCK = 16  # smallest tile Triton's dot accepts
-BWD_Q_CHUNK = 256  # query rows per step of the recomputation backward
+BWD_Q_CHUNK = 256  # query rows per step of the plain-JAX recomputation backward
+BACKWARDS = ("pallas", "jax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +77,10 @@ class _Config:
     num_warps: int
     num_stages: int
     interpret: bool
+    backward: str = "pallas"
+    bwd_blocks: tuple[int, int, int, int] = (64, 64, 64, 64)  # q_dkv, k_dkv, q_dq, k_dq
+    bwd_warps: int = 4
+    bwd_stages: int = 2
 
 
 def _next_pow2(n: int) -> int:
@@ -77,6 +98,14 @@ def block_sizes(sq: int, sk: int, head_dim: int) -> tuple[int, int, int, int]:
     bq = min(bq, max(MIN_BLOCK, _next_pow2(sq)))
     bk = min(bk, max(MIN_BLOCK, _next_pow2(sk)))
     return bq, bk, warps, stages
+
+
+def bwd_block_sizes(sq: int, sk: int, head_dim: int) -> tuple[int, int, int, int, int, int]:
+    """Backward (block_q_dkv, block_k_dkv, block_q_dq, block_k_dq, num_warps, num_stages)."""
+    dpad = max(MIN_BLOCK, _next_pow2(max(head_dim, 1)))
+    bq1, bk1, bq2, bk2, warps, stages = BWD_BLOCK_TABLE.get(dpad, (16, 16, 16, 16, 8, 1))
+    cq, ck = max(MIN_BLOCK, _next_pow2(sq)), max(MIN_BLOCK, _next_pow2(sk))
+    return min(bq1, cq), min(bk1, ck), min(bq2, cq), min(bk2, ck), warps, stages
 
 
 def _pad_axis(x: jax.Array, axis: int, size: int, value: float = 0.0) -> jax.Array:
@@ -199,12 +228,6 @@ def _forward(q, k, v, bias, cfg: _Config) -> tuple[jax.Array, jax.Array]:
     out_shape = [jax.ShapeDtypeStruct((b, h, sq_p, dv_p), q.dtype),
                  jax.ShapeDtypeStruct((b, h, sq_p), jnp.float32)]
     kernel = functools.partial(_fwd_kernel, cfg=cfg, sk=sk, nq=nq, has_bias=bias is not None)
-    params = {}
-    if not cfg.interpret:
-        from jax.experimental.pallas import triton as plgpu
-
-        params["compiler_params"] = plgpu.CompilerParams(
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     o, lse = pl.pallas_call(
         kernel,
         grid=(nq, b, h),
@@ -213,7 +236,7 @@ def _forward(q, k, v, bias, cfg: _Config) -> tuple[jax.Array, jax.Array]:
         out_shape=out_shape,
         interpret=cfg.interpret,
         name=f"flash_attention_{cfg.v_layout.lower()}",
-        **params,
+        **_compiler_params(cfg, cfg.num_warps, cfg.num_stages),
     )(*args)
     return o[:, :, :sq, :dv], lse[:, :, :sq]
 
@@ -270,6 +293,172 @@ def _backward(cfg: _Config, q, k, v, bias, o, lse, do):
     return dq.astype(q.dtype), dk.astype(k.dtype), dvv.astype(v.dtype), dbias
 
 
+def _compiler_params(cfg: _Config, warps: int, stages: int) -> dict:
+    if cfg.interpret:
+        return {}
+    from jax.experimental.pallas import triton as plgpu
+
+    return {"compiler_params": plgpu.CompilerParams(num_warps=warps, num_stages=stages)}
+
+
+def _dot(a, b, ca: int, cb: int, precision):
+    """2-D dot_general contracting axis ca of a with axis cb of b, float32 result."""
+    return lax.dot_general(a, b, (((ca,), (cb,)), ((), ())), precision=precision,
+                           preferred_element_type=jnp.float32)
+
+
+def _bwd_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
+                    cfg: _Config, sk: int, nq: int, groups: int):
+    """dK, dV for one key tile of one kv head: stream query tiles of all heads in its group."""
+    bq, bk = cfg.bwd_blocks[0], cfg.bwd_blocks[1]
+    kj = pl.program_id(0)
+    k = k_ref[...]
+    v = v_ref[...]  # [bk, Dv] (BHSD) or V^T [Dv, bk] (BHDS)
+    precision = lax.Precision.HIGHEST if k.dtype == jnp.float32 else None
+    qk_scale = cfg.scale * LOG2E
+    has_pad = (kj + 1) * bk > sk  # tile holds padded keys: mask every query tile
+    if cfg.causal:
+        i0 = jnp.minimum(lax.div(kj * bk, bq), nq)
+        i_full = jnp.minimum(lax.div((kj + 1) * bk - 1 + bq - 1, bq), nq)
+    else:
+        i0, i_full = 0, 0
+    i_full = jnp.where(has_pad, nq, i_full)
+
+    def body(i, carry, g: int, masked: bool):
+        dk, dv = carry
+        start = pl.multiple_of(i * bq, bq)
+        q = q_ref[g, pl.ds(start, bq), :]
+        do = do_ref[g, pl.ds(start, bq), :]
+        lse = lse_ref[g, pl.ds(start, bq)]  # log2 units
+        delta = delta_ref[g, pl.ds(start, bq)]
+        p = jnp.exp2(_dot(q, k, 1, 1, precision) * qk_scale - lse[:, None])
+        if masked:
+            rows = start + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+            cols = kj * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+            keep = cols < sk
+            if cfg.causal:
+                keep = keep & (rows >= cols)
+            p = jnp.where(keep, p, 0.0)
+        if cfg.v_layout == "BHSD":
+            dp = _dot(do, v, 1, 1, precision)
+            dv = dv + _dot(p.astype(do.dtype), do, 0, 0, precision)  # [bk, Dv]
+        else:
+            dp = _dot(do, v, 1, 0, precision)
+            dv = dv + _dot(do, p.astype(do.dtype), 0, 0, precision)  # dV^T [Dv, bk]
+        ds = p * (dp - delta[:, None])
+        dk = dk + _dot(ds.astype(q.dtype), q, 0, 0, precision)
+        return dk, dv
+
+    carry = (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
+    for g in range(groups):
+        if cfg.causal or sk % bk:
+            carry = lax.fori_loop(i0, i_full, functools.partial(body, g=g, masked=True), carry)
+        carry = lax.fori_loop(i_full, nq, functools.partial(body, g=g, masked=False), carry)
+    dk, dv = carry
+    dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _bwd_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
+                   cfg: _Config, sk: int):
+    """dQ for one query tile of one head: stream its kv head's key tiles."""
+    bq, bk = cfg.bwd_blocks[2], cfg.bwd_blocks[3]
+    qi = pl.program_id(0)
+    q, do = q_ref[...], do_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]
+    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    qk_scale = cfg.scale * LOG2E
+    nk, n_clean = -(-sk // bk), sk // bk
+    if cfg.causal:
+        n_full = jnp.minimum(lax.div(qi * bq + 1, bk), n_clean)
+        n_end = jnp.minimum(lax.div((qi + 1) * bq + bk - 1, bk), nk)
+    else:
+        n_full, n_end = n_clean, nk
+
+    def body(j, dq, masked: bool):
+        start = pl.multiple_of(j * bk, bk)
+        k = k_ref[pl.ds(start, bk), :]
+        p = jnp.exp2(_dot(q, k, 1, 1, precision) * qk_scale - lse[:, None])
+        if masked:
+            cols = start + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+            keep = cols < sk
+            if cfg.causal:
+                keep = keep & (qi * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0) >= cols)
+            p = jnp.where(keep, p, 0.0)
+        if cfg.v_layout == "BHSD":
+            dp = _dot(do, v_ref[pl.ds(start, bk), :], 1, 1, precision)
+        else:
+            dp = _dot(do, v_ref[:, pl.ds(start, bk)], 1, 0, precision)
+        ds = p * (dp - delta[:, None])
+        return dq + _dot(ds.astype(k.dtype), k, 1, 0, precision)
+
+    dq = jnp.zeros(dq_ref.shape, jnp.float32)
+    dq = lax.fori_loop(0, n_full, functools.partial(body, masked=False), dq)
+    dq = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), dq)
+    dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+
+
+def _backward_pallas(cfg: _Config, q, k, v, o, lse, do):
+    """dQ, dK, dV with two Pallas kernels (no atomics): one over key tiles, one over query tiles."""
+    b, h, hkv, sq, sk, d, dv = check_shapes(q, k, v, cfg.v_layout)
+    groups = h // hkv
+    bq1, bk1, bq2, bk2 = cfg.bwd_blocks
+    sq_p, sk_p = _round_up(sq, max(bq1, bq2)), _round_up(sk, max(bk1, bk2))
+    d_p, dv_p = max(MIN_BLOCK, _next_pow2(d)), max(MIN_BLOCK, _next_pow2(dv))
+    v_seq, v_dim = (2, 3) if cfg.v_layout == "BHSD" else (3, 2)
+    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
+    qp = _pad_axis(_pad_axis(q, 2, sq_p), 3, d_p)
+    kp = _pad_axis(_pad_axis(k, 2, sk_p), 3, d_p)
+    vp = _pad_axis(_pad_axis(v, v_seq, sk_p), v_dim, dv_p)
+    dop = _pad_axis(_pad_axis(do.astype(q.dtype), 2, sq_p), 3, dv_p)
+    lse2 = _pad_axis(lse * LOG2E, 2, sq_p)
+    deltap = _pad_axis(delta, 2, sq_p)
+    args = (qp, kp, vp, dop, lse2, deltap)
+    bhsd = cfg.v_layout == "BHSD"
+
+    nk1 = sk_p // bk1
+    v_spec = (pl.BlockSpec((None, None, bk1, dv_p), lambda j, bi, hi: (bi, hi, j, 0)) if bhsd
+              else pl.BlockSpec((None, None, dv_p, bk1), lambda j, bi, hi: (bi, hi, 0, j)))
+    dk, dvv = pl.pallas_call(
+        functools.partial(_bwd_dkv_kernel, cfg=cfg, sk=sk, nq=sq_p // bq1, groups=groups),
+        grid=(nk1, b, hkv),
+        in_specs=[
+            pl.BlockSpec((None, groups, sq_p, d_p), lambda j, bi, hi: (bi, hi, 0, 0)),
+            pl.BlockSpec((None, None, bk1, d_p), lambda j, bi, hi: (bi, hi, j, 0)),
+            v_spec,
+            pl.BlockSpec((None, groups, sq_p, dv_p), lambda j, bi, hi: (bi, hi, 0, 0)),
+            pl.BlockSpec((None, groups, sq_p), lambda j, bi, hi: (bi, hi, 0)),
+            pl.BlockSpec((None, groups, sq_p), lambda j, bi, hi: (bi, hi, 0)),
+        ],
+        out_specs=[pl.BlockSpec((None, None, bk1, d_p), lambda j, bi, hi: (bi, hi, j, 0)), v_spec],
+        out_shape=[jax.ShapeDtypeStruct(kp.shape, k.dtype), jax.ShapeDtypeStruct(vp.shape, v.dtype)],
+        interpret=cfg.interpret,
+        name=f"flash_attention_bwd_dkv_{cfg.v_layout.lower()}",
+        **_compiler_params(cfg, cfg.bwd_warps, cfg.bwd_stages),
+    )(*args)
+
+    v_full = (None, None, sk_p, dv_p) if bhsd else (None, None, dv_p, sk_p)
+    dq = pl.pallas_call(
+        functools.partial(_bwd_dq_kernel, cfg=cfg, sk=sk),
+        grid=(sq_p // bq2, b, h),
+        in_specs=[
+            pl.BlockSpec((None, None, bq2, d_p), lambda i, bi, hi: (bi, hi, i, 0)),
+            pl.BlockSpec((None, None, sk_p, d_p), lambda i, bi, hi: (bi, hi // groups, 0, 0)),
+            pl.BlockSpec(v_full, lambda i, bi, hi: (bi, hi // groups, 0, 0)),
+            pl.BlockSpec((None, None, bq2, dv_p), lambda i, bi, hi: (bi, hi, i, 0)),
+            pl.BlockSpec((None, None, bq2), lambda i, bi, hi: (bi, hi, i)),
+            pl.BlockSpec((None, None, bq2), lambda i, bi, hi: (bi, hi, i)),
+        ],
+        out_specs=pl.BlockSpec((None, None, bq2, d_p), lambda i, bi, hi: (bi, hi, i, 0)),
+        out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
+        interpret=cfg.interpret,
+        name=f"flash_attention_bwd_dq_{cfg.v_layout.lower()}",
+        **_compiler_params(cfg, cfg.bwd_warps, cfg.bwd_stages),
+    )(*args)
+    dvv = dvv[:, :, :sk, :dv] if bhsd else dvv[:, :, :dv, :sk]
+    return dq[:, :, :sq, :d], dk[:, :, :sk, :d], dvv
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _flash(q, k, v, bias, cfg: _Config):
     return _forward(q, k, v, bias, cfg)[0]
@@ -281,6 +470,9 @@ def _flash_fwd(q, k, v, bias, cfg: _Config):
 
 
 def _flash_bwd(cfg: _Config, res, do):
+    q, k, v, bias, o, lse = res
+    if cfg.backward == "pallas" and bias is None:
+        return (*_backward_pallas(cfg, q, k, v, o, lse, do), None)
     return _backward(cfg, *res, do)
 
 
@@ -299,14 +491,19 @@ def flash_attention(
     block_q: int | None = None,
     block_k: int | None = None,
     interpret: bool | None = None,
+    backward: str = "pallas",
 ) -> jax.Array:
     """Pallas flash attention with the semantics of `attention_reference` (no bool mask).
 
     q [B,H,Sq,D]; k [B,Hkv,Sk,D]; v [B,Hkv,Sk,Dv] ("BHSD") or [B,Hkv,Dv,Sk] ("BHDS").
     Returns [B,H,Sq,Dv] in q.dtype. `bias` is additive, broadcastable to [B,H,Sq,Sk], and
-    differentiable. block_q / block_k override the table (powers of two, >= 16).
-    `interpret=None` runs interpret mode unless the default backend is a GPU.
+    differentiable. block_q / block_k override the tables (powers of two, >= 16) for the forward
+    and both backward kernels. `interpret=None` runs interpret mode unless the default backend is
+    a GPU. `backward`: "pallas" (dK/dV and dQ kernels) or "jax" (blockwise recomputation in plain
+    JAX); calls with a bias always use "jax", which also yields the bias gradient.
     """
+    if backward not in BACKWARDS:
+        raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
     b, h, hkv, sq, sk, d, dv = check_shapes(q, k, v, v_layout)
     tq, tk, warps, stages = block_sizes(sq, sk, max(d, dv))
     bq, bk = block_q or tq, block_k or tk
@@ -315,5 +512,8 @@ def flash_attention(
             raise ValueError(f"{name}={blk} must be a power of two >= {MIN_BLOCK}")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    cfg = _Config(float(scale), bool(causal), v_layout, bq, bk, warps, stages, bool(interpret))
+    bq1, bk1, bq2, bk2, bwarps, bstages = bwd_block_sizes(sq, sk, max(d, dv))
+    bwd_blocks = (block_q or bq1, block_k or bk1, block_q or bq2, block_k or bk2)
+    cfg = _Config(float(scale), bool(causal), v_layout, bq, bk, warps, stages, bool(interpret),
+                  backward, bwd_blocks, bwarps, bstages)
     return _flash(q, k, v, bias, cfg)
