@@ -301,3 +301,37 @@ def pretty(program: Program) -> str:
     lines.append("  return " + ", ".join(f"%{i}" for i in program.outputs))
     lines.append("}")
     return "\n".join(lines)
+
+
+COMPARISON_OPS: frozenset[str] = frozenset({"eq", "ne", "lt", "le", "gt", "ge"})
+
+
+def infer_type(op: str, params: Mapping[str, Any], inputs: Sequence[TensorType]) -> TensorType:
+    """Output type of a modelled op from its static parameters and input types."""
+    if op in UNARY_OPS or op in ("integer_pow",):
+        return TensorType(inputs[0].shape, "bool" if op == "is_finite" else inputs[0].dtype)
+    if op in BINARY_OPS:
+        return TensorType(inputs[0].shape, "bool" if op in COMPARISON_OPS else inputs[0].dtype)
+    if op == "convert_element_type":
+        return TensorType(inputs[0].shape, str(params["new_dtype"]))
+    if op == "select_n":
+        return inputs[1]
+    if op == "transpose":
+        t = inputs[0]
+        return TensorType(tuple(t.shape[i] for i in params["perm"]), t.dtype)
+    if op in REDUCE_OPS:
+        t = inputs[0]
+        return TensorType(tuple(s for i, s in enumerate(t.shape) if i not in params["axes"]), t.dtype)
+    if op == "dot_general":
+        a, b = inputs
+        lc, rc, lb, rb = (params[k] for k in ("lhs_contract", "rhs_contract", "lhs_batch", "rhs_batch"))
+        free_a = [a.shape[i] for i in range(a.rank) if i not in lc and i not in lb]
+        free_b = [b.shape[i] for i in range(b.rank) if i not in rc and i not in rb]
+        shape = tuple(a.shape[i] for i in lb) + tuple(free_a) + tuple(free_b)
+        return TensorType(shape, params.get("preferred_element_type") or a.dtype)
+    if op == "attention":
+        q, v = inputs[0], inputs[2]
+        qa = [params["q_layout"].index(c) for c in "BHSD"]
+        logical = {"B": q.shape[qa[0]], "H": q.shape[qa[1]], "S": q.shape[qa[2]], "D": v.shape[params["v_layout"].index("D")]}
+        return TensorType(tuple(logical[c] for c in params["o_layout"]), q.dtype)
+    raise ValueError(f"no type rule for op {op!r}; give the node its type explicitly")

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -43,13 +44,49 @@ class PipelineResult:
     warnings: tuple[str, ...] = ()
 
 
+def default_cost_model(backend: str = "auto"):
+    """The roofline model of the device JAX runs on (bytes-moved model until it lands)."""
+    from .cost import MaterializedBytes
+
+    return MaterializedBytes()
+
+
+def saturate(program: Program, options: OptimizeOptions):
+    """Encode ``program``, run the rule sets; returns (egraph, encoding, run result)."""
+    from egglog import EGraph
+
+    from .egraph import encode, resolve, run_rulesets
+
+    egraph = EGraph()
+    encoding = encode(program, egraph)
+    run = run_rulesets(egraph, resolve(options.rules), options.limits)
+    return egraph, encoding, run
+
+
 def optimize_program(program: Program, options: OptimizeOptions = OptimizeOptions()) -> PipelineResult:
-    """Return the cheapest program equivalent to ``program`` (pass-through until the e-graph lands)."""
-    return PipelineResult(
-        program=program,
-        rules_fired={},
-        egraph_nodes=0,
-        saturated=True,
-        cost_before=0.0,
-        cost_after=0.0,
-    )
+    """Return the cheapest program equivalent to ``program`` under the options' cost model.
+
+    Any internal failure returns the original program with a warning: optimizing never
+    changes what the user computes.
+    """
+    from .cost import program_cost
+    from .egraph import extract_program
+
+    model = options.cost_model or default_cost_model(options.backend)
+    cost_before = program_cost(program, model)
+    try:
+        egraph, encoding, run = saturate(program, options)
+        chosen, _ = extract_program(egraph, encoding, model)
+        if chosen.output_types != program.output_types:
+            raise AssertionError(
+                f"extracted program has output types {chosen.output_types}, expected {program.output_types}"
+            )
+    except Exception as exc:  # noqa: BLE001 - any failure falls back to the original program
+        message = f"eqsat_attn: optimization failed ({type(exc).__name__}: {exc}); running the original program"
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        return PipelineResult(program, {}, 0, False, cost_before, cost_before, (message,))
+    cost_after = program_cost(chosen, model)
+    if cost_after > cost_before:  # extraction is greedy: never return something predicted slower
+        chosen, cost_after = program, cost_before
+    notes = () if run.saturated else (f"saturation stopped at the {run.stop_reason}; best program found so far used",)
+    return PipelineResult(chosen, run.rules_fired, run.egraph_nodes, run.saturated, cost_before, cost_after, notes)

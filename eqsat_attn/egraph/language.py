@@ -1,0 +1,137 @@
+"""The egglog language of tensor terms.
+
+One sort, `Term`, holds every tensor value. Static parameters are egglog primitives:
+permutations, shapes and axes are `Vec[i64]`; op names and dtypes are `String`; scalars are
+`f64`. Attention layouts are `Vec[i64]` *axis positions*: entry a is the physical axis that
+holds logical axis a of (B, H, S, D), so "BHDS" (transposed V) is ``Vec(0, 1, 3, 2)``.
+Storing positions (not orders) lets a rule fold a transpose into a layout with one `map`.
+
+Every tensor e-class gets its shape and dtype from the analysis functions `shape` and
+`dtype`, filled by the `analysis` rule set (leaves are set when a program is encoded).
+
+Index arithmetic that egglog primitives cannot express (inverse permutations, how a
+reshape regroups axes, dot_general dimension numbers) is answered by Python between
+rule rounds: a rule records a question with `ask(kind, a, b, c, d)`, the driver computes it
+(`eqsat_attn.egraph.index_math`) and sets `answer(kind, a, b, c, d, k)` for each output k, and
+the rule's second half fires on the answer.
+"""
+
+from __future__ import annotations
+
+from egglog import Expr, String, StringLike, Unit, Vec, f64, f64Like, function, i64, i64Like, relation
+
+IntVec = Vec[i64]
+
+
+class Term(Expr):
+    """A tensor value (or, for `opaque`, a tuple of them read by `output`)."""
+
+    @classmethod
+    def input(cls, index: i64Like) -> Term: ...
+
+    @classmethod
+    def literal(cls, value: f64Like, dtype: StringLike) -> Term:
+        """A rank-0 constant; integers and booleans are stored exactly as f64."""
+
+    @classmethod
+    def constant(cls, index: i64Like) -> Term:
+        """The index-th closed-over array of the encoded program."""
+
+    @classmethod
+    def iota(cls, dtype: StringLike, shape: IntVec, dimension: i64Like) -> Term: ...
+
+    @classmethod
+    def unary(cls, op: StringLike, x: Term) -> Term: ...
+
+    @classmethod
+    def binary(cls, op: StringLike, a: Term, b: Term) -> Term: ...
+
+    @classmethod
+    def integer_pow(cls, x: Term, y: i64Like) -> Term: ...
+
+    @classmethod
+    def convert(cls, x: Term, dtype: StringLike) -> Term: ...
+
+    @classmethod
+    def select(cls, pred: Term, on_false: Term, on_true: Term) -> Term: ...
+
+    @classmethod
+    def transpose(cls, x: Term, perm: IntVec) -> Term: ...
+
+    @classmethod
+    def reshape(cls, x: Term, shape: IntVec) -> Term: ...
+
+    @classmethod
+    def broadcast(cls, x: Term, shape: IntVec, dims: IntVec) -> Term: ...
+
+    @classmethod
+    def reduce(cls, op: StringLike, x: Term, axes: IntVec) -> Term: ...
+
+    @classmethod
+    def dot(
+        cls, a: Term, b: Term, lhs_contract: IntVec, rhs_contract: IntVec,
+        lhs_batch: IntVec, rhs_batch: IntVec, out_dtype: StringLike,
+    ) -> Term:
+        """dot_general; ``out_dtype`` is the preferred element type ("" for the default)."""
+
+    @classmethod
+    def attention(
+        cls, q: Term, k: Term, v: Term, mask: Term, q_axes: IntVec, k_axes: IntVec,
+        v_axes: IntVec, o_axes: IntVec, scale: f64Like, causal: i64Like, mask_kind: StringLike,
+    ) -> Term:
+        """Scaled dot-product attention; ``*_axes`` are axis positions of (B, H, S, D)."""
+
+    @classmethod
+    def no_mask(cls) -> Term:
+        """The mask operand of an attention without an explicit mask tensor."""
+
+    @classmethod
+    def opaque(cls, index: i64Like, args: TermList) -> Term:
+        """The index-th node the rules do not model, applied to its operands; never rewritten."""
+
+    @classmethod
+    def output(cls, call: Term, index: i64Like) -> Term:
+        """The index-th result of a multi-output opaque node."""
+
+
+class TermList(Expr):
+    """Operands of an opaque node, as a cons list."""
+
+    @classmethod
+    def nil(cls) -> TermList: ...
+
+    @classmethod
+    def cons(cls, head: Term, tail: TermList) -> TermList: ...
+
+
+@function
+def shape(x: Term) -> IntVec:
+    """Shape analysis."""
+
+
+@function
+def dtype(x: Term) -> String:
+    """Dtype analysis (NumPy dtype names)."""
+
+
+ask = relation("ask", String, IntVec, IntVec, IntVec, IntVec)
+
+
+@function
+def answer(kind: StringLike, a: IntVec, b: IntVec, c: IntVec, d: IntVec, k: i64Like) -> IntVec:
+    """Output k of the index-math question ``kind(a, b, c, d)``, set by the driver."""
+
+
+def ivec(values) -> IntVec:
+    """A `Vec[i64]` literal from Python ints."""
+    items = [i64(int(v)) for v in values]
+    return Vec(*items) if items else Vec[i64].empty()
+
+
+def perm_range(rank: int) -> IntVec:
+    return ivec(range(rank))
+
+
+__all__ = [
+    "IntVec", "Term", "TermList", "answer", "ask", "dtype", "f64", "ivec", "perm_range", "shape",
+]

@@ -1,0 +1,187 @@
+"""Named rule sets: how rule files declare rules and how the optimizer loads them.
+
+A rule file (``rules/transpose.py`` and friends, or any file a user passes by path) creates
+`RuleSet` objects and registers *rule families* on them: a function with a one-line
+docstring that yields egglog rules. Helpers here build named rules, so a run report counts
+matches per family, and split a rule that needs index math into its ask and answer halves.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from egglog import Fact, Ruleset, RewriteOrRule, eq, rule, ruleset, union, var
+
+from .language import IntVec, Term, answer, ask
+
+# Phases run in this order in every round (EGGLOG_NOTES: raising before analyses before
+# the layout rules keeps the big attention pattern from being re-matched every iteration).
+PHASES = ("raise", "rewrite")
+
+
+@dataclass
+class RuleFamily:
+    name: str
+    doc: str
+    rules: list[RewriteOrRule]
+
+
+@dataclass
+class RuleSet:
+    """A named egglog ruleset built from documented rule families."""
+
+    name: str
+    doc: str
+    phase: str = "rewrite"
+    families: list[RuleFamily] = field(default_factory=list)
+    _ruleset: Ruleset | None = None
+
+    def __post_init__(self) -> None:
+        if self.phase not in PHASES:
+            raise ValueError(f"rule set {self.name!r}: phase must be one of {PHASES}")
+        REGISTRY.setdefault(self.name, self)
+
+    def family(self, fn: Callable[..., Iterable[RewriteOrRule]]) -> Callable[..., Iterable[RewriteOrRule]]:
+        """Register ``fn`` (a generator of rules; its docstring documents the family)."""
+        doc = inspect.getdoc(fn)
+        if not doc:
+            raise ValueError(f"rule family {fn.__name__} in {self.name!r} needs a docstring")
+        name = f"{self.name}.{fn.__name__}"
+        rules: list[RewriteOrRule] = []
+        for k, r in enumerate(fn()):
+            rules.append(_with_name(r, f"{name}#{k}"))
+        self.families.append(RuleFamily(name, doc.splitlines()[0], rules))
+        self._ruleset = None
+        return fn
+
+    @property
+    def ruleset(self) -> Ruleset:
+        if self._ruleset is None:
+            self._ruleset = ruleset(*[r for f in self.families for r in f.rules], name=self.name)
+        return self._ruleset
+
+    def __iter__(self) -> Iterator[RuleFamily]:
+        return iter(self.families)
+
+
+REGISTRY: dict[str, RuleSet] = {}
+
+
+def _with_name(r: RewriteOrRule, name: str) -> RewriteOrRule:
+    """Egglog rules keep their name in reports; ours carry ``set.family#k``."""
+    if isinstance(r, _NamedRule):
+        return r.build(name)
+    raise TypeError(f"{name}: build rules with eqsat_attn.egraph.rulesets.rw/rl/asking, not {type(r).__name__}")
+
+
+@dataclass
+class _NamedRule:
+    build: Callable[[str], RewriteOrRule]
+
+
+def rw(lhs: Term, rhs: Term, *conditions: Fact) -> _NamedRule:
+    """``lhs == rhs`` when the conditions hold (a rewrite that keeps both sides)."""
+
+    def build(name: str) -> RewriteOrRule:
+        e = var("_e", Term)
+        return rule(eq(e).to(lhs), *conditions, name=name).then(union(e).with_(rhs))
+
+    return _NamedRule(build)
+
+
+def rl(*facts: Fact) -> Callable[..., _NamedRule]:
+    """A general rule: ``rl(facts...)(actions...)``."""
+
+    def then(*actions) -> _NamedRule:
+        return _NamedRule(lambda name: rule(*facts, name=name).then(*actions))
+
+    return then
+
+
+def asking(
+    lhs: Term,
+    conditions: Sequence[Fact],
+    kind: str,
+    args: tuple[IntVec, IntVec, IntVec, IntVec],
+    n_answers: int,
+    rhs: Callable[..., Term],
+) -> list[_NamedRule]:
+    """A rewrite whose right side needs Python index math (see `language`).
+
+    The first rule asks ``kind(*args)`` whenever ``lhs`` matches; the second fires once the
+    driver has answered and unions ``lhs`` with ``rhs(*answers)``.
+    """
+    answers = [var(f"_ans{k}", IntVec) for k in range(n_answers)]
+    known = [eq(answer(kind, *args, k)).to(a) for k, a in enumerate(answers)]
+
+    def ask_rule(name: str) -> RewriteOrRule:
+        e = var("_e", Term)
+        return rule(eq(e).to(lhs), *conditions, name=name + "?").then(ask(kind, *args))
+
+    def use_rule(name: str) -> RewriteOrRule:
+        e = var("_e", Term)
+        return rule(eq(e).to(lhs), *conditions, *known, name=name).then(union(e).with_(rhs(*answers)))
+
+    return [_NamedRule(ask_rule), _NamedRule(use_rule)]
+
+
+def rule_file_path(name: str) -> Path:
+    """The shipped rule file of a rule-set module name (``transpose`` -> .../rules/transpose.py)."""
+    try:
+        import eqsat_attn.rules as shipped  # installed: rules/ is packaged as eqsat_attn.rules
+
+        base = Path(shipped.__file__).parent
+    except ImportError:  # running from a source tree without installing
+        base = Path(__file__).resolve().parents[2] / "rules"
+    return base / f"{name}.py"
+
+
+def load_rule_file(path: str | Path) -> list[RuleSet]:
+    """Execute a rule file and return the rule sets it declares (loaded once per path)."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"rule file {path} does not exist; pass a rule-set name or a path to a .py file")
+    module_name = f"eqsat_attn_rules_{abs(hash(str(path)))}"
+    module = sys.modules.get(module_name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[module_name]
+            raise
+    found = [v for v in vars(module).values() if isinstance(v, RuleSet)]
+    if not found:
+        raise ValueError(f"rule file {path} declares no eqsat_attn RuleSet")
+    return found
+
+
+SHIPPED_FILES = ("canonical", "transpose", "attention")
+DEFAULT_RULESETS = ("canonical", "transpose", "attention_raise", "attention_layout")
+
+
+def resolve(names: Sequence[str] | None) -> list[RuleSet]:
+    """Rule sets for names (shipped rule sets, or paths to rule files); None = the defaults."""
+    for file in SHIPPED_FILES:
+        if rule_file_path(file).is_file():
+            load_rule_file(rule_file_path(file))
+    out: list[RuleSet] = []
+    if names is None:
+        names = [n for n in DEFAULT_RULESETS if n in REGISTRY]
+    for name in names:
+        if name.endswith(".py") or "/" in name:
+            out.extend(load_rule_file(name))
+        elif name in REGISTRY:
+            out.append(REGISTRY[name])
+        else:
+            known = ", ".join(sorted(REGISTRY))
+            raise KeyError(f"unknown rule set {name!r}; known rule sets: {known} (or pass a path to a rule file)")
+    return out

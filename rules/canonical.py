@@ -1,0 +1,49 @@
+"""Canonical forms: every dot_general is related to one canonical batched form (lhs as
+[batch, free, contract], rhs as [batch, contract, free]) and to its commuted form, and
+reshapes compose, so later rules (attention) match one shape of program whatever library
+wrote it."""
+
+from __future__ import annotations
+
+from egglog import String, var
+
+from eqsat_attn.egraph.language import IntVec, Term, shape
+from eqsat_attn.egraph.rulesets import RuleSet, asking, rw
+
+canonical = RuleSet("canonical", __doc__.splitlines()[0])
+
+x, a, b = (var(n, Term) for n in "xab")
+s, s1, lc, rc, lb, rb, sa, sb = (var(n, IntVec) for n in ("s", "s1", "lc", "rc", "lb", "rb", "sa", "sb"))
+dt = var("dt", String)
+NONE = IntVec.empty()
+
+
+def _dims(contract, batch):
+    return IntVec(contract.length()).append(contract).append(batch)
+
+
+@canonical.family
+def dot_canonical():
+    """A dot_general equals the canonical batched dot_general of transposed operands."""
+    yield from asking(
+        Term.dot(a, b, lc, rc, lb, rb, dt), [shape(a) == sa, shape(b) == sb], "dot_canonical",
+        (IntVec(sa.length(), sb.length()), _dims(lc, lb), _dims(rc, rb), NONE), 6,
+        lambda qa, qb, lc2, rc2, lb2, rb2: Term.dot(Term.transpose(a, qa), Term.transpose(b, qb), lc2, rc2, lb2, rb2, dt),
+    )
+
+
+@canonical.family
+def dot_commute():
+    """dot(a, b) is a transpose of dot(b, a)."""
+    yield from asking(
+        Term.dot(a, b, lc, rc, lb, rb, dt), [shape(a) == sa, shape(b) == sb], "dot_commute",
+        (IntVec(lb.length(), sa.length() - lc.length() - lb.length(), sb.length() - rc.length() - rb.length()), NONE, NONE, NONE), 1,
+        lambda p: Term.transpose(Term.dot(b, a, rc, lc, rb, lb, dt), p),
+    )
+
+
+@canonical.family
+def reshape():
+    """Consecutive reshapes are one reshape; a reshape to the operand's own shape is the operand."""
+    yield rw(Term.reshape(Term.reshape(x, s1), s), Term.reshape(x, s))
+    yield rw(Term.reshape(x, s), x, shape(x) == s)

@@ -1,0 +1,142 @@
+"""Transpose propagation: transposes compose, cancel, and move through every op in both
+directions (sunk towards the inputs and bubbled towards the outputs), so the e-graph holds
+every placement of a transpose and the cost model picks where it is cheapest: folded into a
+matmul's operand or output layout, into a reshape, a broadcast, a reduction, or an
+elementwise region."""
+
+from __future__ import annotations
+
+from egglog import String, var
+
+from eqsat_attn.egraph.language import IntVec, Term, perm_range, shape
+from eqsat_attn.egraph.rulesets import RuleSet, asking, rw
+
+transpose = RuleSet("transpose", __doc__.splitlines()[0])
+
+x, a, b, c = (var(n, Term) for n in "xabc")
+p, q, s, s_in, s_out, d, axes = (var(n, IntVec) for n in ("p", "q", "s", "s_in", "s_out", "d", "axes"))
+lc, rc, lb, rb, sa, sb = (var(n, IntVec) for n in ("lc", "rc", "lb", "rb", "sa", "sb"))
+op, dt = var("op", String), var("dt", String)
+y = var("y", __import__("egglog").i64)
+NONE = IntVec.empty()
+MAX_RANK = 8
+
+
+@transpose.family
+def compose():
+    """transpose(transpose(x, p), q) is one transpose by the composed permutation."""
+    yield rw(Term.transpose(Term.transpose(x, p), q), Term.transpose(x, q.map(lambda i: p[i])))
+
+
+@transpose.family
+def identity():
+    """A transpose by the identity permutation (ranks 0 to 8) is its operand."""
+    for r in range(MAX_RANK + 1):
+        yield rw(Term.transpose(x, perm_range(r)), x)
+
+
+@transpose.family
+def unary():
+    """Transposes commute with unary elementwise ops, integer powers and casts."""
+    yield rw(Term.transpose(Term.unary(op, x), p), Term.unary(op, Term.transpose(x, p)))
+    yield rw(Term.unary(op, Term.transpose(x, p)), Term.transpose(Term.unary(op, x), p))
+    yield rw(Term.transpose(Term.integer_pow(x, y), p), Term.integer_pow(Term.transpose(x, p), y))
+    yield rw(Term.integer_pow(Term.transpose(x, p), y), Term.transpose(Term.integer_pow(x, y), p))
+    yield rw(Term.transpose(Term.convert(x, dt), p), Term.convert(Term.transpose(x, p), dt))
+    yield rw(Term.convert(Term.transpose(x, p), dt), Term.transpose(Term.convert(x, dt), p))
+
+
+@transpose.family
+def binary():
+    """A transpose of a binary op is the op of transposed operands, and back."""
+    yield rw(Term.transpose(Term.binary(op, a, b), p), Term.binary(op, Term.transpose(a, p), Term.transpose(b, p)))
+    yield from asking(
+        Term.binary(op, Term.transpose(a, p), b), [], "inverse", (p, NONE, NONE, NONE), 1,
+        lambda inv: Term.transpose(Term.binary(op, a, Term.transpose(b, inv)), p),
+    )
+    yield from asking(
+        Term.binary(op, a, Term.transpose(b, p)), [], "inverse", (p, NONE, NONE, NONE), 1,
+        lambda inv: Term.transpose(Term.binary(op, Term.transpose(a, inv), b), p),
+    )
+
+
+@transpose.family
+def select():
+    """A transpose of a select is the select of transposed operands, and back."""
+    yield rw(
+        Term.transpose(Term.select(c, a, b), p),
+        Term.select(Term.transpose(c, p), Term.transpose(a, p), Term.transpose(b, p)),
+    )
+    yield rw(
+        Term.select(Term.transpose(c, p), Term.transpose(a, p), Term.transpose(b, p)),
+        Term.transpose(Term.select(c, a, b), p),
+    )
+
+
+@transpose.family
+def broadcast():
+    """A transpose of a broadcast is a broadcast of a (smaller) transpose, and back."""
+    yield from asking(
+        Term.transpose(Term.broadcast(x, s, d), p), [], "broadcast_sink", (s, d, p, NONE), 3,
+        lambda q2, s2, d2: Term.broadcast(Term.transpose(x, q2), s2, d2),
+    )
+    yield from asking(
+        Term.broadcast(Term.transpose(x, q), s, d), [], "broadcast_bubble", (s, d, q, NONE), 2,
+        lambda s2, p2: Term.transpose(Term.broadcast(x, s2, d), p2),
+    )
+
+
+@transpose.family
+def reduce():
+    """Transposes move through reductions with the reduced axes remapped."""
+    yield from asking(
+        Term.reduce(op, Term.transpose(x, p), axes), [], "reduce_bubble", (p, axes, NONE, NONE), 2,
+        lambda axes2, q2: Term.transpose(Term.reduce(op, x, axes2), q2),
+    )
+    yield from asking(
+        Term.transpose(Term.reduce(op, x, axes), q), [shape(x) == s], "reduce_sink",
+        (axes, q, IntVec(s.length()), NONE), 1,
+        lambda p2: Term.reduce(op, Term.transpose(x, p2), axes),
+    )
+
+
+@transpose.family
+def reshape():
+    """Transposes move through reshapes that only split or merge axes the permutation keeps together."""
+    yield from asking(
+        Term.transpose(Term.reshape(x, s_out), p), [shape(x) == s_in], "reshape_sink", (s_in, s_out, p, NONE), 2,
+        lambda p2, s2: Term.reshape(Term.transpose(x, p2), s2),
+    )
+    yield from asking(
+        Term.reshape(Term.transpose(x, p), s_out), [shape(x) == s_in], "reshape_bubble", (s_in, p, s_out, NONE), 2,
+        lambda mid, q2: Term.transpose(Term.reshape(x, mid), q2),
+    )
+
+
+def _dims(contract, batch):
+    return IntVec(contract.length()).append(contract).append(batch)
+
+
+@transpose.family
+def dot_output():
+    """A transpose of a matmul's output is the same matmul writing another layout."""
+    yield from asking(
+        Term.transpose(Term.dot(a, b, lc, rc, lb, rb, dt), p), [shape(a) == sa, shape(b) == sb], "dot_out_sink",
+        (IntVec(sa.length(), sb.length()), _dims(lc, lb), _dims(rc, rb), p), 4,
+        lambda qa, qb, lb2, rb2: Term.dot(Term.transpose(a, qa), Term.transpose(b, qb), lc, rc, lb2, rb2, dt),
+    )
+
+
+@transpose.family
+def dot_operand():
+    """A transposed matmul operand folds into the matmul's dimension numbers."""
+    yield from asking(
+        Term.dot(Term.transpose(a, q), b, lc, rc, lb, rb, dt), [shape(b) == sb], "dot_operand_fold",
+        (q, _dims(lc, lb), IntVec(0), IntVec(sb.length() - rc.length() - rb.length())), 1,
+        lambda r: Term.transpose(Term.dot(a, b, lc.map(lambda i: q[i]), rc, lb.map(lambda i: q[i]), rb, dt), r),
+    )
+    yield from asking(
+        Term.dot(a, Term.transpose(b, q), lc, rc, lb, rb, dt), [shape(a) == sa], "dot_operand_fold",
+        (q, _dims(rc, rb), IntVec(1), IntVec(sa.length() - lc.length() - lb.length())), 1,
+        lambda r: Term.transpose(Term.dot(a, b, lc, rc.map(lambda i: q[i]), lb, rb.map(lambda i: q[i]), dt), r),
+    )
