@@ -316,13 +316,15 @@ def _bwd_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_
     v = v_ref[...]  # [bk, Dv] (BHSD) or V^T [Dv, bk] (BHDS)
     precision = lax.Precision.HIGHEST if k.dtype == jnp.float32 else None
     qk_scale = cfg.scale * LOG2E
-    has_pad = (kj + 1) * bk > sk  # tile holds padded keys: mask every query tile
     if cfg.causal:
         i0 = jnp.minimum(lax.div(kj * bk, bq), nq)
         i_full = jnp.minimum(lax.div((kj + 1) * bk - 1 + bq - 1, bq), nq)
     else:
-        i0, i_full = 0, 0
-    i_full = jnp.where(has_pad, nq, i_full)
+        i0, i_full = 0, jnp.int32(0)
+    # A tile holding padded keys (kj >= sk // bk) masks every query tile. Integer arithmetic
+    # rather than a scalar select, which the Triton lowering mistypes.
+    has_pad = jnp.clip(kj - sk // bk + 1, 0, 1)
+    i_full = jnp.minimum(i_full + has_pad * nq, nq)
 
     def body(i, carry, g: int, masked: bool):
         dk, dv = carry
