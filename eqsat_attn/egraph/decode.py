@@ -62,6 +62,8 @@ class _Decoder:
         name = _ctor(term.name)
         if term.name == "vec-of":
             return tuple(int(a) for a in args)
+        if term.name == "vec-empty":
+            return ()
         if name == "TermList_nil":
             return []
         if name == "TermList_cons":

@@ -12,13 +12,16 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from egglog import EGraph, get_callable_args, seq, set_
+from typing import Any
+
+from egglog import EGraph, bindings, seq
+from egglog.runtime import resolve_callable
+from egglog.egraph_state import span
 
 from ..pipeline import Limits
 from . import index_math
 from .analysis import analysis
-from .extract import _py
-from .language import answer, ask, ivec
+from .language import answer, ask
 from .rulesets import RuleSet
 
 
@@ -40,6 +43,31 @@ def egraph_size(egraph: EGraph) -> int:
     return sum(size for _, size in egraph.all_function_sizes())
 
 
+def _literal_tree(termdag: bindings.TermDag, tid: int) -> Any:
+    """A term of literals and vectors as Python values (vec-of -> tuple)."""
+    term = termdag.get(tid)
+    if isinstance(term, bindings.TermLit):
+        return term.value.value
+    if isinstance(term, bindings.TermApp):
+        if term.name == "vec-empty":
+            return ()
+        return tuple(_literal_tree(termdag, a) for a in term.args)
+    raise ValueError(f"unexpected term {term!r} in a table of literals")
+
+
+def table_rows(egraph: EGraph, fn: Any) -> list[tuple]:
+    """Rows of a table over primitives, read straight from egglog's term DAG (fast)."""
+    ref, _ = resolve_callable(fn)
+    egg_name = egraph._state.callable_ref_to_egg(ref)[0]
+    cmd = bindings.PrintFunction(span(1), egg_name, None, None, bindings.DefaultPrintFunctionMode())
+    (output,) = egraph._state.run_program(cmd)
+    return [_literal_tree(output.termdag, call) for call, _ in output.terms]
+
+
+def _vec_text(values: tuple[int, ...]) -> str:
+    return f"(vec-of {' '.join(map(str, values))})" if values else "(vec-empty)"
+
+
 class QuestionAnswerer:
     """Answers the `ask` relation's new questions with `index_math`."""
 
@@ -47,9 +75,9 @@ class QuestionAnswerer:
         self.seen: set[tuple] = set()
 
     def __call__(self, egraph: EGraph) -> int:
-        actions = []
-        for key in egraph.function_values(ask):
-            kind, *vecs = (_py(a) for a in get_callable_args(key))
+        answer_fn = egraph._state.callable_ref_to_egg(resolve_callable(answer)[0])[0]
+        commands = []
+        for kind, *vecs in table_rows(egraph, ask):
             sig = (kind, *vecs)
             if sig in self.seen:
                 continue
@@ -57,11 +85,13 @@ class QuestionAnswerer:
             outs = index_math.solve(kind, *vecs)
             if outs is None:
                 continue
-            args = [ivec(v) for v in vecs]
-            actions.extend(set_(answer(kind, *args, k)).to(ivec(out)) for k, out in enumerate(outs))
-        if actions:
-            egraph.register(*actions)
-        return len(actions)
+            args = " ".join(_vec_text(v) for v in vecs)
+            commands.extend(
+                f'(set ({answer_fn} "{kind}" {args} {k}) {_vec_text(out)})' for k, out in enumerate(outs)
+            )
+        if commands:  # egglog text is far cheaper to submit than Python expressions
+            egraph._state.egraph.parse_and_run_program("\n".join(commands))
+        return len(commands)
 
 
 def family_of(rule_name: str) -> str | None:
