@@ -28,9 +28,13 @@ def assert_same_outputs(got, want, rtol: float = 2e-6, atol: float = 2e-6) -> No
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=rtol, atol=atol)
 
 
+#: Small saturation limits: these tests check capture and lowering, not how far the search goes.
+FAST = ea.Limits(iterations=3, nodes=20_000, seconds=2.0)
+
+
 def round_trip(fn, *args, **tol):
     """Check optimize(fn) against fn; return the captured program."""
-    optimized = ea.optimize(fn)
+    optimized = ea.optimize(fn, limits=FAST)
     assert_same_outputs(optimized(*args), fn(*args), **tol)
     return optimized.explain(*args).before
 
@@ -89,7 +93,7 @@ def test_equinox_multihead_attention_under_vmap() -> None:
 
     mha = eqx.nn.MultiheadAttention(num_heads=2, query_size=8, key=jax.random.key(0))
     xs = _normal(1, (3, 5, 8))
-    optimized = ea.optimize(lambda x: mha(x, x, x))
+    optimized = ea.optimize(lambda x: mha(x, x, x), limits=FAST)
     got = jax.vmap(optimized)(xs)
     want = jax.vmap(lambda x: mha(x, x, x))(xs)
     assert_same_outputs(got, want, rtol=1e-5, atol=1e-5)
@@ -129,7 +133,7 @@ def test_bf16_dtype_is_preserved() -> None:
     fn = lambda x, w: jnp.tanh(x @ w) * 2.0
     x, w = _normal(0, (4, 8), jnp.bfloat16), _normal(1, (8, 4), jnp.bfloat16)
     program = round_trip(fn, x, w, rtol=1e-2, atol=1e-2)
-    assert ea.optimize(fn)(x, w).dtype == jnp.bfloat16
+    assert ea.optimize(fn, limits=FAST)(x, w).dtype == jnp.bfloat16
     assert all(program.type_of(i).dtype == "bfloat16" for i in program.outputs)
 
 
@@ -239,24 +243,24 @@ def test_cache_hits_on_same_shapes_and_misses_on_new_shapes() -> None:
 def test_grad_through_optimized_function_matches() -> None:
     fn = lambda w, x: jnp.sum(jax.nn.softmax(jnp.tanh(x @ w)) ** 2)
     w, x = _normal(0, (4, 5)), _normal(1, (3, 4))
-    got = jax.grad(ea.optimize(fn))(w, x)
+    got = jax.grad(ea.optimize(fn, limits=FAST))(w, x)
     np.testing.assert_allclose(got, jax.grad(fn)(w, x), rtol=1e-5, atol=1e-6)
 
 
 def test_vmap_over_optimized_function() -> None:
     fn = lambda x, w: jax.nn.gelu(x @ w)
     xs, w = _normal(0, (5, 3, 4)), _normal(1, (4, 2))
-    got = jax.vmap(ea.optimize(fn), in_axes=(0, None))(xs, w)
+    got = jax.vmap(ea.optimize(fn, limits=FAST), in_axes=(0, None))(xs, w)
     assert_same_outputs(got, jax.vmap(fn, in_axes=(0, None))(xs, w), rtol=1e-5, atol=1e-6)
 
 
 def test_call_inside_jit_and_closure_over_tracer() -> None:
-    optimized = ea.optimize(lambda x, y: jnp.exp(x) - y)
+    optimized = ea.optimize(lambda x, y: jnp.exp(x) - y, limits=FAST)
     x, y = _normal(0, (3,)), _normal(1, (3,))
 
     @jax.jit
     def outer(x, y):
-        scaled = ea.optimize(lambda a: a * y)(x)  # closes over a tracer of the outer jit
+        scaled = ea.optimize(lambda a: a * y, limits=FAST)(x)  # closes over a tracer of the outer jit
         return optimized(x, y) + scaled
 
     assert_same_outputs(outer(x, y), jnp.exp(x) - y + x * y)
@@ -266,7 +270,7 @@ def test_static_argnums() -> None:
     def fn(x, mode, power):
         return jnp.sin(x) ** power if mode == "sin" else jnp.cos(x) ** power
 
-    optimized = ea.optimize(fn, static_argnums=(1, -1))
+    optimized = ea.optimize(fn, static_argnums=(1, -1), limits=FAST)
     x = _normal(0, (4,))
     assert_same_outputs(optimized(x, "sin", 2), fn(x, "sin", 2))
     assert_same_outputs(optimized(x, "cos", 3), fn(x, "cos", 3))
@@ -275,7 +279,7 @@ def test_static_argnums() -> None:
 
 
 def test_python_scalars_are_weak_arrays() -> None:
-    optimized = ea.optimize(lambda x, s: x * s)
+    optimized = ea.optimize(lambda x, s: x * s, limits=FAST)
     x = _normal(0, (3,), jnp.bfloat16)
     out = optimized(x, 1.5)
     assert out.dtype == jnp.bfloat16
@@ -283,7 +287,7 @@ def test_python_scalars_are_weak_arrays() -> None:
 
 
 def test_string_argument_raises_type_error_naming_it() -> None:
-    optimized = ea.optimize(lambda x, name: x)
+    optimized = ea.optimize(lambda x, name: x, limits=FAST)
     with pytest.raises(TypeError, match=r"positional argument 1 is a str.*static_argnums=\(1,\)"):
         optimized(_normal(0, (2,)), "relu")
     with pytest.raises(TypeError, match=r"positional argument 0 at \['cfg'\] is a object"):
@@ -291,7 +295,7 @@ def test_string_argument_raises_type_error_naming_it() -> None:
 
 
 def test_unhashable_static_argument_is_a_clear_error() -> None:
-    optimized = ea.optimize(lambda x, axes: x.sum(axes), static_argnums=1)
+    optimized = ea.optimize(lambda x, axes: x.sum(axes), static_argnums=1, limits=FAST)
     with pytest.raises(TypeError, match="not hashable"):
         optimized(_normal(0, (2, 3)), [0])
 
@@ -302,7 +306,7 @@ def test_optimizer_failure_warns_and_keeps_values(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(importlib.import_module("eqsat_attn.optimize"), "optimize_program", broken)
     fn = lambda x: jnp.tanh(x) + 1.0
-    optimized = ea.optimize(fn)
+    optimized = ea.optimize(fn, limits=FAST)
     x = _normal(0, (3,))
     with pytest.warns(RuntimeWarning, match="e-graph exploded"):
         out = optimized(x)
@@ -313,7 +317,7 @@ def test_optimizer_failure_warns_and_keeps_values(monkeypatch: pytest.MonkeyPatc
 
 
 def test_explain_report_and_output_types() -> None:
-    optimized = ea.optimize(lambda x, w: (x @ w).astype(jnp.bfloat16))
+    optimized = ea.optimize(lambda x, w: (x @ w).astype(jnp.bfloat16), limits=FAST)
     x, w = _normal(0, (2, 3)), _normal(1, (3, 5))
     out = optimized(x, w)
     assert out.shape == (2, 5) and out.dtype == jnp.bfloat16
