@@ -10,7 +10,7 @@ from egglog import String, var
 from eqsat_attn.egraph.language import IntVec, Term, shape
 from eqsat_attn.egraph.rulesets import RuleSet, asking, rw
 
-canonical = RuleSet("canonical", __doc__.splitlines()[0])
+canonical = RuleSet("canonical", " ".join(__doc__.split("\n\n")[0].split()))
 
 x, a, b = (var(n, Term) for n in "xab")
 s, s1, lc, rc, lb, rb, sa, sb = (var(n, IntVec) for n in ("s", "s1", "lc", "rc", "lb", "rb", "sa", "sb"))

@@ -11,7 +11,7 @@ from egglog import String, var
 from eqsat_attn.egraph.language import IntVec, Term, perm_range, shape
 from eqsat_attn.egraph.rulesets import RuleSet, asking, rw
 
-transpose = RuleSet("transpose", __doc__.splitlines()[0])
+transpose = RuleSet("transpose", " ".join(__doc__.split("\n\n")[0].split()))
 
 x, a, b, c = (var(n, Term) for n in "xabc")
 p, q, s, s_in, s_out, d, axes = (var(n, IntVec) for n in ("p", "q", "s", "s_in", "s_out", "d", "axes"))
