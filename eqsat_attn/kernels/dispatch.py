@@ -15,10 +15,15 @@ def pallas_available() -> bool:
     return jax.default_backend() == "gpu"
 
 
-def chosen_kernel(kernel: str) -> str:
-    """Resolve "auto" / "pallas" / "reference" to the kernel actually run: "pallas" or "reference"."""
+def chosen_kernel(kernel: str, *, has_mask: bool = False) -> str:
+    """Resolve "auto" / "pallas" / "reference" to the kernel actually run: "pallas" or "reference".
+
+    `has_mask`: the call carries a boolean mask, which only the reference takes.
+    """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if has_mask:
+        return "reference"
     if kernel == "auto":
         return "pallas" if pallas_available() else "reference"
     return kernel
@@ -41,7 +46,7 @@ def attention(
     "pallas" runs in interpret mode off-GPU. A boolean `mask` is not a kernel input: calls with
     one always run the reference (an additive bias is handled by the kernel).
     """
-    if chosen_kernel(kernel) == "pallas" and mask is None:
+    if chosen_kernel(kernel, has_mask=mask is not None) == "pallas":
         return flash_attention(q, k, v, scale=scale, causal=causal, v_layout=v_layout, bias=bias)
     return attention_reference(q, k, v, scale=scale, causal=causal, v_layout=v_layout,
                                bias=bias, mask=mask)
