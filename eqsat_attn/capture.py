@@ -39,8 +39,9 @@ class Captured:
     """A traced function: its program and how to map pytrees to and from its flat values.
 
     ``program`` takes the flat dynamic leaves of ``(args, kwargs)`` (``in_tree``) followed by
-    ``hoisted_consts`` (values the function closed over that are tracers of an outer
-    transformation), and returns the flat leaves of the result (``out_tree``).
+    ``hoisted_consts`` (closed-over values that cannot be embedded as constants: tracers of
+    an outer transformation, PRNG key arrays), and returns the flat leaves of the result
+    (``out_tree``).
     """
 
     program: ir.Program
@@ -131,20 +132,24 @@ def capture(fn: Callable[..., Any], *args: Any, static_argnums: int | Sequence[i
 
     closed = jax.make_jaxpr(flat_fn)(*avals)
     program = jaxpr_to_program(closed)
-    hoisted = tuple(c for c in closed.consts if _is_tracer(c))
+    hoisted = tuple(c for c in closed.consts if must_hoist(c))
     return Captured(program, in_tree, out_tree_box[-1], avals, static_nums, hoisted)
 
 
-def _is_tracer(value: Any) -> bool:
-    return isinstance(value, jax.core.Tracer)
+def must_hoist(value: Any) -> bool:
+    """Whether a closed-over value must be passed as an input rather than embedded."""
+    if isinstance(value, jax.core.Tracer):
+        return True
+    dtype = getattr(value, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.extended)
 
 
 def jaxpr_to_program(closed_jaxpr: Any) -> ir.Program:
     """Convert a ClosedJaxpr to a Program with one input per jaxpr invar.
 
     Closed-over constants become ``constant`` nodes (scalars become ``literal`` nodes);
-    constants that are tracers of an outer transformation cannot be embedded and become
-    extra inputs after the jaxpr's own, in the order they appear in ``consts``.
+    constants that cannot be embedded (`must_hoist`: tracers of an outer transformation,
+    PRNG keys) become extra inputs after the jaxpr's own, in the order of ``consts``.
     """
     builder = ProgramBuilder()
     jaxpr, consts = closed_jaxpr.jaxpr, list(closed_jaxpr.consts)
@@ -152,7 +157,7 @@ def jaxpr_to_program(closed_jaxpr: Any) -> ir.Program:
     for var in jaxpr.invars:
         env[var] = builder.input(_type_of(var.aval))
     for var, value in zip(jaxpr.constvars, consts):
-        if _is_tracer(value):
+        if must_hoist(value):
             env[var] = builder.input(_type_of(var.aval))
         else:
             env[var] = _const_node(builder, value, var.aval)
@@ -162,7 +167,7 @@ def jaxpr_to_program(closed_jaxpr: Any) -> ir.Program:
 
 
 def _type_of(aval: Any) -> TensorType:
-    return TensorType(tuple(int(d) for d in aval.shape), str(np.dtype(aval.dtype)))
+    return TensorType(tuple(int(d) for d in aval.shape), str(aval.dtype))
 
 
 def _const_node(builder: ProgramBuilder, value: Any, aval: Any) -> int:

@@ -78,7 +78,8 @@ class OptimizedFunction:
             return entry
         self._misses += 1
         entry = self._compile(args, kwargs, static_nums)
-        if not entry.captured.hoisted_consts:  # closures over outer tracers change per call
+        if not any(isinstance(c, jax.core.Tracer) for c in entry.captured.hoisted_consts):
+            # a closure over an outer transformation's tracers is only valid for this call
             self._cache[key] = entry
         return entry
 
@@ -120,7 +121,7 @@ class OptimizedFunction:
         except Exception as exc:  # the optimizer must never change what the user computes
             fallback = PipelineResult(original, {}, 0, False, 0.0, 0.0)
             return fallback, [f"optimizer failed ({type(exc).__name__}: {exc}); running the original program"]
-        if len(result.program.inputs) != len(original.inputs) or result.program.output_types != original.output_types:
+        if result.program.input_types != original.input_types or result.program.output_types != original.output_types:
             return (
                 PipelineResult(original, result.rules_fired, result.egraph_nodes, result.saturated, result.cost_before, result.cost_before),
                 ["optimizer returned a program with a different signature; running the original program"],

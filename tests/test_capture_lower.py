@@ -159,6 +159,14 @@ def test_nested_jit_is_inlined() -> None:
     assert program.count("opaque") == 0 and program.count("exp") == 2
 
 
+def test_prng_keys_as_argument_and_closed_over() -> None:
+    key, x = jax.random.key(3), _normal(0, (2, 3))
+    program = round_trip(lambda x, k: x + jax.random.normal(k, x.shape), x, key)
+    assert program.input_types[1].dtype.startswith("key")
+    program = round_trip(lambda x: x * jax.random.uniform(key, x.shape), x)
+    assert len(program.inputs) == 2  # the closed-over key is passed in, not embedded
+
+
 def test_implicit_broadcasts_are_made_explicit() -> None:
     program = ea.capture(lambda x: x / x.sum(-1, keepdims=True) * 2.0, _normal(0, (2, 4))).program
     for i in program.live_nodes():
