@@ -97,11 +97,15 @@ class Params(Mapping[str, Hashable]):
     def __len__(self) -> int:
         return len(self._items)
 
+    def _key(self) -> tuple:
+        # floats by their bits: -0.0 and 0.0 are different literals, and NaN equals itself
+        return tuple((k, ("float", v.hex()) if isinstance(v, float) else v) for k, v in self._items)
+
     def __hash__(self) -> int:
-        return hash(self._items)
+        return hash(self._key())
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Params) and self._items == other._items
+        return isinstance(other, Params) and self._key() == other._key()
 
     def __repr__(self) -> str:
         return f"Params({dict(self._items)!r})"

@@ -82,3 +82,14 @@ def test_live_nodes_and_count_ignore_dead_code() -> None:
     program = b.build([out])
     assert dead not in program.live_nodes()
     assert program.count("exp") == 0 and program.count("tanh") == 1
+
+
+def test_signed_zero_literals_stay_distinct():
+    from eqsat_attn.ir import ProgramBuilder, TensorType
+
+    b = ProgramBuilder()
+    t = TensorType((), "float32")
+    pos = b.add("literal", (), t, value=0.0)
+    neg = b.add("literal", (), t, value=-0.0)
+    assert pos != neg
+    assert b.add("literal", (), t, value=float("nan")) == b.add("literal", (), t, value=float("nan"))
