@@ -14,6 +14,7 @@ Op vocabulary (params in brackets; output shape and dtype always come from `Node
 - ``transpose[perm]``, ``reshape`` (to ``type.shape``), ``broadcast_in_dim[broadcast_dimensions]``,
   ``reduce_sum|reduce_max|reduce_min[axes]``, ``iota[dimension]``,
   ``dot_general[lhs_contract, rhs_contract, lhs_batch, rhs_batch, preferred_element_type]``.
+- ``softmax``: the numerically stable softmax over the last axis (raised by the rules).
 - ``attention[q_layout, k_layout, v_layout, o_layout, scale, causal, mask_kind]``: inputs
   (q, k, v) or (q, k, v, mask); layouts are strings over "BHSD" naming the axis order of each
   operand ("BHDS" for V is the transposed-V form). GQA grouping follows from the head counts.
@@ -312,7 +313,7 @@ COMPARISON_OPS: frozenset[str] = frozenset({"eq", "ne", "lt", "le", "gt", "ge"})
 
 def infer_type(op: str, params: Mapping[str, Any], inputs: Sequence[TensorType]) -> TensorType:
     """Output type of a modelled op from its static parameters and input types."""
-    if op in UNARY_OPS or op in ("integer_pow",):
+    if op in UNARY_OPS or op in ("integer_pow", "softmax"):
         return TensorType(inputs[0].shape, "bool" if op == "is_finite" else inputs[0].dtype)
     if op in BINARY_OPS:
         return TensorType(inputs[0].shape, "bool" if op in COMPARISON_OPS else inputs[0].dtype)

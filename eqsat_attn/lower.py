@@ -108,6 +108,8 @@ def lower_node(node: Node, args: list[Any], attention_kernel: str = "auto") -> A
         return args[0][p["index"]]
     if op == "attention":
         return lower_attention(node, args, attention_kernel)
+    if op == "softmax":
+        return jax.nn.softmax(args[0], axis=-1)
     raise NotImplementedError(f"lowering has no rule for op {op!r}")
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from egglog import String, var
 
-from eqsat_attn.egraph.language import IntVec, Term, shape
+from eqsat_attn.egraph.language import IntVec, Term, dtype, shape
 from eqsat_attn.egraph.rulesets import RuleSet, asking, rw
 
 canonical = RuleSet("canonical", " ".join(__doc__.split("\n\n")[0].split()))
@@ -40,6 +40,12 @@ def dot_commute():
         (IntVec(lb.length(), sa.length() - lc.length() - lb.length(), sb.length() - rc.length() - rb.length()), NONE, NONE, NONE), 1,
         lambda p: Term.transpose(Term.dot(b, a, rc, lc, rb, lb, dt), p),
     )
+
+
+@canonical.family
+def convert():
+    """A cast to the operand's own dtype is the operand."""
+    yield rw(Term.convert(x, dt), x, dtype(x) == dt)
 
 
 @canonical.family

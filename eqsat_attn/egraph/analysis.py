@@ -45,6 +45,9 @@ def _rules():
         eq(e).to(Term.binary(op, a, b)), dtype(a) == dt,
         *[op != String(cmp) for cmp in COMPARISONS], name="analysis.binary_dtype",
     ).then(set_(dtype(e)).to(dt))
+    yield rule(eq(e).to(Term.softmax(x)), shape(x) == s, dtype(x) == dt, name="analysis.softmax").then(
+        set_(shape(e)).to(s), set_(dtype(e)).to(dt)
+    )
     yield rule(eq(e).to(Term.integer_pow(x, y)), shape(x) == s, dtype(x) == dt, name="analysis.integer_pow").then(
         set_(shape(e)).to(s), set_(dtype(e)).to(dt)
     )

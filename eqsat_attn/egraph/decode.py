@@ -104,6 +104,8 @@ class _Decoder:
             t = b.type_of(x)
             dtype = "bool" if op in ("eq", "ne", "lt", "le", "gt", "ge") else t.dtype
             return b.add(op, (x, y), ir.TensorType(t.shape, dtype))
+        if ctor == "softmax":
+            return b.add("softmax", (a[0],), b.type_of(a[0]))
         if ctor == "integer_pow":
             x, y = a
             return b.add("integer_pow", (x,), b.type_of(x), y=y)

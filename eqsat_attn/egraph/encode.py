@@ -60,6 +60,8 @@ def _term(node: ir.Node, args: list[Term], enc: Encoding) -> Term:
         return Term.unary(op, args[0])
     if op in ir.BINARY_OPS:
         return Term.binary(op, args[0], args[1])
+    if op == "softmax":
+        return Term.softmax(args[0])
     if op == "integer_pow":
         return Term.integer_pow(args[0], p["y"])
     if op == "convert_element_type":
@@ -100,7 +102,7 @@ def _term(node: ir.Node, args: list[Term], enc: Encoding) -> Term:
 def _is_leaf_typed(node: ir.Node) -> bool:
     """Nodes whose shape and dtype the analysis cannot derive."""
     return node.type is not None and node.op not in (
-        "literal", "iota", "transpose", "reshape", "broadcast_in_dim", "integer_pow",
+        "literal", "iota", "softmax", "transpose", "reshape", "broadcast_in_dim", "integer_pow",
         "convert_element_type", "dot_general", "attention", *ir.UNARY_OPS, *ir.BINARY_OPS, *ir.REDUCE_OPS,
     ) or node.op == "select_n" and len(node.inputs) != 3
 

@@ -40,7 +40,7 @@ def _type(egraph: EGraph, term: Any) -> ir.TensorType | None:
 _CTORS = {
     getattr(Term, name): name
     for name in (
-        "input", "literal", "constant", "iota", "unary", "binary", "integer_pow", "convert", "select",
+        "input", "literal", "constant", "iota", "unary", "binary", "integer_pow", "convert", "select", "softmax",
         "transpose", "reshape", "broadcast", "reduce", "dot", "attention", "no_mask", "opaque", "output",
     )
 }
@@ -60,7 +60,7 @@ def enode_view(egraph: EGraph, expr: Any, enc: Encoding) -> OpView | None | floa
         return None
     args = get_callable_args(expr)
     tensor_args = [a for a in args if isinstance(a, Term)]
-    if ctor == "attention" and get_callable_fn(tensor_args[3]) == Term.no_mask:
+    if ctor == "attention" and _py(args[-1]) == "none":  # the mask operand is Term.no_mask()
         tensor_args = tensor_args[:3]
     inputs = []
     for a in tensor_args:

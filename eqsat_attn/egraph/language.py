@@ -56,6 +56,10 @@ class Term(Expr):
     def select(cls, pred: Term, on_false: Term, on_true: Term) -> Term: ...
 
     @classmethod
+    def softmax(cls, x: Term) -> Term:
+        """The numerically stable softmax over the last axis."""
+
+    @classmethod
     def transpose(cls, x: Term, perm: IntVec) -> Term: ...
 
     @classmethod

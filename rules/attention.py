@@ -1,0 +1,197 @@
+"""Attention: raise softmax(scale * Q Kᵀ [masked]) V to one Attention op, and relate its
+operand layouts through transposes so the cost model can choose between folding a
+transpose into attention and bubbling it into the operand's producer (IREE PR 19250).
+
+`attention_raise` normalises what libraries emit (broadcast chains, the max(-inf, ·) and
+stop_gradient of a stable softmax, where-masks built from iota comparisons), raises the
+stable softmax over the last axis to `softmax`, and matches attention in the canonical
+batched matmul form the `canonical` rule set provides. `attention_layout` folds operand
+transposes into the layouts and exposes the standard and transposed-V forms."""
+
+from __future__ import annotations
+
+from egglog import String, eq, f64, i64, relation, union, var
+
+from eqsat_attn.egraph.language import IntVec, Term, ivec, perm_range, shape
+from eqsat_attn.egraph.rulesets import RuleSet, asking, rl, rw
+
+attention_raise = RuleSet(
+    "attention_raise",
+    "Raise stable softmax and softmax(scale * Q Kᵀ [masked]) V to Attention.",
+    phase="raise",
+)
+attention_layout = RuleSet(
+    "attention_layout",
+    "Fold operand transposes into Attention layouts and expose the standard and transposed-V forms.",
+)
+
+causal_mask = relation("causal_mask", Term)
+
+x, y, z, m, q, k, v, e, s_ = (var(n, Term) for n in ("x", "y", "z", "m", "q", "k", "v", "e", "s_"))
+p, d1, d2, s1, s2, qa, ka, va, oa = (var(n, IntVec) for n in ("p", "d1", "d2", "s1", "s2", "qa", "ka", "va", "oa"))
+dt, dt2, dt3, mk = (var(n, String) for n in ("dt", "dt2", "dt3", "mk"))
+c, scale, neg = var("c", f64), var("scale", f64), var("neg", f64)
+lb, rb = var("lb", IntVec), var("rb", IntVec)
+causal = var("causal", i64)
+NONE = IntVec.empty()
+BHSD = ivec([0, 1, 2, 3])
+BHDS = ivec([0, 1, 3, 2])
+K_TRANSPOSED = ivec([0, 1, 3, 2])  # Kᵀ stored [B, H, D, S]: the canonical matmul's rhs
+INT_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint32")
+MASK_THRESHOLD = -1e4  # exp(t - max) underflows to 0 in every float type for t at or below this
+
+
+def scalar(value, dtype, shape_) -> Term:
+    return Term.broadcast(Term.literal(value, dtype), shape_, NONE)
+
+
+@attention_raise.family
+def broadcast_compose():
+    """A broadcast of a broadcast is one broadcast."""
+    yield rw(Term.broadcast(Term.broadcast(x, s1, d1), s2, d2), Term.broadcast(x, s2, d1.map(lambda i: d2[i])))
+
+
+@attention_raise.family
+def stop_gradient_broadcast():
+    """stop_gradient commutes with broadcast (it is the identity on values)."""
+    yield rw(
+        Term.unary("stop_gradient", Term.broadcast(x, s1, d1)),
+        Term.broadcast(Term.unary("stop_gradient", x), s1, d1),
+    )
+
+
+@attention_raise.family
+def max_neg_inf():
+    """max(-inf, y) is y (the guard jax.nn.softmax puts on the row maximum)."""
+    yield rw(Term.binary("max", scalar(float("-inf"), dt, s1), y), y)
+    yield rw(Term.binary("max", y, scalar(float("-inf"), dt, s1)), y)
+
+
+@attention_raise.family
+def boolean_identities():
+    """where(c, True, False) is c, True & m is m, and an integer x + 0 is x."""
+    yield rw(Term.select(x, scalar(0.0, "bool", s1), scalar(1.0, "bool", s2)), x)
+    yield rw(Term.binary("and", scalar(1.0, "bool", s1), y), y)
+    yield rw(Term.binary("and", y, scalar(1.0, "bool", s1)), y)
+    for int_dtype in INT_DTYPES:
+        yield rw(Term.binary("add", y, scalar(0.0, int_dtype, s1)), y)
+
+
+@attention_raise.family
+def causal_masks():
+    """row >= col over iotas is a causal mask, and so is its broadcast over leading axes."""
+    row = Term.iota(dt, s1, 0)
+    col = Term.iota(dt, s1, 1)
+    yield rl(eq(e).to(Term.binary("ge", row, col)))(causal_mask(e))
+    yield rl(eq(e).to(Term.binary("le", col, row)))(causal_mask(e))
+    yield rl(
+        eq(e).to(Term.broadcast(m, s2, d2)), causal_mask(m),
+        d2.length() >= i64(2),
+        d2[d2.length() - 1] == s2.length() - 1,
+        d2[d2.length() - 2] == s2.length() - 2,
+    )(causal_mask(e))
+
+
+def _stable_softmax_forms(xx: Term, rank: int):
+    """The stable softmax over the last axis of a rank-`rank` x, as libraries write it."""
+    last = ivec([rank - 1])
+    keep = perm_range(rank - 1)
+    for row_max in (Term.reduce("reduce_max", xx, last), Term.unary("stop_gradient", Term.reduce("reduce_max", xx, last))):
+        ex = Term.unary("exp", Term.binary("sub", xx, Term.broadcast(row_max, s1, keep)))
+        yield ex, Term.binary("div", ex, Term.broadcast(Term.reduce("reduce_sum", ex, last), s2, keep))
+
+
+@attention_raise.family
+def softmax():
+    """exp(x - max(x)) / sum(exp(x - max(x))) over the last axis is softmax(x)."""
+    for rank in range(1, 9):
+        for _, form in _stable_softmax_forms(x, rank):
+            yield rw(form, Term.softmax(x), shape(x).length() == i64(rank))
+
+
+def _scores_forms(scores: Term):
+    """Scaled scores: (form, scale) pairs for the scale on the scores; the scale on Q or K is
+    moved onto the scores by `scalar_out_of_matmul`."""
+    yield scores, f64(1.0)
+    yield Term.binary("mul", scores, scalar(c, dt2, s2)), c
+    yield Term.binary("mul", scalar(c, dt2, s2), scores), c
+    yield Term.binary("div", scores, scalar(c, dt2, s2)), f64(1.0) / c
+
+
+@attention_raise.family
+def scalar_out_of_matmul():
+    """A matmul of an operand scaled by a scalar is the scaled matmul."""
+    for side in (0, 1):
+        scaled = Term.binary("mul", x, scalar(c, dt2, s1))
+        a, b = (scaled, y) if side == 0 else (y, scaled)
+        dot = Term.dot(a, b, d1, d2, lb, rb, dt)
+        plain = Term.dot(x, y, d1, d2, lb, rb, dt) if side == 0 else Term.dot(y, x, d1, d2, lb, rb, dt)
+        yield rl(eq(e).to(dot), shape(e) == s2)(union(e).with_(Term.binary("mul", plain, scalar(c, dt, s2))))
+
+
+@attention_raise.family
+def attention():
+    """softmax(scale * Q Kᵀ [causal where-mask | additive bias]) V is Attention."""
+    four = [shape(t).length() == i64(4) for t in (q, k, v)]
+    scores = Term.dot(q, k, ivec([3]), ivec([2]), ivec([0, 1]), ivec([0, 1]), dt)
+
+    def out(probs: Term) -> Term:
+        return Term.dot(probs, v, ivec([3]), ivec([2]), ivec([0, 1]), ivec([0, 1]), dt3)
+
+    def attn(sc, causal_flag: int, mask: Term, kind: str) -> Term:
+        return Term.attention(q, k, v, mask, BHSD, K_TRANSPOSED, BHSD, BHSD, sc, causal_flag, kind)
+
+    for zz, sc in _scores_forms(scores):
+        yield rw(out(Term.softmax(zz)), attn(sc, 0, Term.no_mask(), "none"), *four)
+        masked = Term.select(m, scalar(neg, dt2, s1), zz)
+        yield rl(eq(e).to(out(Term.softmax(masked))), causal_mask(m), neg <= f64(MASK_THRESHOLD), *four)(
+            union(e).with_(attn(sc, 1, Term.no_mask(), "none"))
+        )
+        yield rw(out(Term.softmax(Term.binary("add", zz, z))), attn(sc, 0, z, "bias"), *four)
+
+
+@attention_layout.family
+def fold_operand_transpose():
+    """A transposed Q, K or V operand is the same operand read in another layout."""
+    args = dict(q=q, k=k, v=v)
+    for name in ("q", "k", "v"):
+        moved = {n: (Term.transpose(t, p) if n == name else t) for n, t in args.items()}
+        axes = {"q": qa, "k": ka, "v": va}
+        new_axes = {n: (a.map(lambda i: p[i]) if n == name else a) for n, a in axes.items()}
+        yield rw(
+            Term.attention(moved["q"], moved["k"], moved["v"], m, qa, ka, va, oa, scale, causal, mk),
+            Term.attention(q, k, v, m, new_axes["q"], new_axes["k"], new_axes["v"], oa, scale, causal, mk),
+        )
+
+
+@attention_layout.family
+def fold_output_transpose():
+    """A transpose of attention's output is attention writing another layout."""
+    yield from asking(
+        Term.transpose(Term.attention(q, k, v, m, qa, ka, va, oa, scale, causal, mk), p), [],
+        "attention_out_fold", (oa, p, NONE, NONE), 1,
+        lambda oa2: Term.attention(q, k, v, m, qa, ka, va, oa2, scale, causal, mk),
+    )
+
+
+@attention_layout.family
+def expose_layouts():
+    """Attention in any layout is standard-layout attention of transposed operands, and V may
+    equally be read transposed ([B, H, D, S]); the transposes can then fold back or bubble up."""
+    yield rw(
+        Term.attention(q, k, v, m, qa, ka, va, oa, scale, causal, mk),
+        Term.attention(Term.transpose(q, qa), k, v, m, BHSD, ka, va, oa, scale, causal, mk),
+    )
+    yield rw(
+        Term.attention(q, k, v, m, qa, ka, va, oa, scale, causal, mk),
+        Term.attention(q, Term.transpose(k, ka), v, m, qa, BHSD, va, oa, scale, causal, mk),
+    )
+    for target, order in ((BHSD, ivec([0, 1, 2, 3])), (BHDS, ivec([0, 1, 3, 2]))):
+        yield rw(
+            Term.attention(q, k, v, m, qa, ka, va, oa, scale, causal, mk),
+            Term.attention(q, k, Term.transpose(v, order.map(lambda a: va[a])), m, qa, ka, target, oa, scale, causal, mk),
+        )
+    yield from asking(
+        Term.attention(q, k, v, m, qa, ka, va, oa, scale, causal, mk), [], "inverse", (oa, NONE, NONE, NONE), 1,
+        lambda inv: Term.transpose(Term.attention(q, k, v, m, qa, ka, va, BHSD, scale, causal, mk), inv),
+    )
