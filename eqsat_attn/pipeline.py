@@ -29,6 +29,7 @@ class OptimizeOptions:
     cost_model: object | None = None  # an eqsat_attn.cost model; None = default for the backend
     backend: str = "auto"  # "auto" | "pallas" | "reference": how Attention is lowered
     limits: Limits = field(default_factory=Limits)
+    extractor: str = "greedy-dag"  # "greedy-dag" | "tree" (egglog's) | "ilp" (exact, small graphs)
 
 
 @dataclass(frozen=True)
@@ -45,10 +46,10 @@ class PipelineResult:
 
 
 def default_cost_model(backend: str = "auto"):
-    """The roofline model of the device JAX runs on (bytes-moved model until it lands)."""
-    from .cost import MaterializedBytes
+    """The roofline model of the device JAX runs on ("reference" prices attention as plain XLA)."""
+    from .cost import current_device_model
 
-    return MaterializedBytes()
+    return current_device_model("reference" if backend == "reference" else "pallas")
 
 
 def saturate(program: Program, options: OptimizeOptions):
@@ -76,7 +77,12 @@ def optimize_program(program: Program, options: OptimizeOptions = OptimizeOption
     cost_before = program_cost(program, model)
     try:
         egraph, encoding, run = saturate(program, options)
-        chosen, _ = extract_program(egraph, encoding, model)
+        if options.extractor == "ilp":
+            from .egraph.ilp import extract_program_ilp
+
+            chosen, _ = extract_program_ilp(egraph, encoding, model)
+        else:
+            chosen, _ = extract_program(egraph, encoding, model, extractor=options.extractor)
         if chosen.output_types != program.output_types:
             raise AssertionError(
                 f"extracted program has output types {chosen.output_types}, expected {program.output_types}"

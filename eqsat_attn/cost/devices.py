@@ -1,0 +1,296 @@
+"""Device table for the roofline cost model: peaks, bandwidth, launch overhead, kernel efficiencies.
+
+Every number carries its source. Three kinds of source appear:
+
+- **spec**: the vendor's data sheet (dense, i.e. without 2:4 sparsity).
+  H100 SXM5: NVIDIA H100 Tensor Core GPU data sheet (2023): FP64 34 TFLOP/s, FP64 Tensor Core and
+  FP32 67 TFLOP/s, TF32 Tensor Core 494.7 TFLOP/s, BF16/FP16 Tensor Core 989.4 TFLOP/s, FP8 Tensor
+  Core 1978.9 TFLOP/s, HBM3 3.35 TB/s. H200 SXM: NVIDIA H200 Tensor Core GPU data sheet (2024):
+  the same compute figures, HBM3e 4.8 TB/s.
+- **measured**: `/work/shared/gpu/README.md` (H100 of the device tool, 2026-11-24, jax 0.11.2,
+  B4 H32, forward TFLOP/s, causal counted with half the FLOPs).
+- **assumption**: no measurement yet; each names what should replace it (`bench/attention.py`
+  on a GPU, then a calibration file, see `DeviceSpec.to_json` and `calibration_path`).
+
+Attention efficiency is the fraction of the dtype's dense peak the attention kernel reaches,
+keyed by (dtype, variant, causal). Variants: "standard" (V stored with D minor), "transposed"
+(V stored [B,H,D,S], S minor), "reference" (plain JAX/XLA attention: boolean masks, or
+``backend="reference"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TERA = 1e12
+
+VARIANTS = ("standard", "transposed", "reference")
+
+# dtype name -> the dtype whose table entry applies (others: "default")
+_DTYPE_FAMILY = {
+    "bfloat16": "bfloat16",
+    "float16": "float16",
+    "float32": "float32",
+    "float64": "float64",
+    "float8_e4m3fn": "float8_e4m3fn",
+    "float8_e5m2": "float8_e4m3fn",  # same Hopper FP8 tensor-core rate as e4m3 (spec)
+    "float8_e4m3fnuz": "float8_e4m3fn",
+    "float8_e5m2fnuz": "float8_e4m3fn",
+    "int8": "int8",
+}
+
+
+def dtype_family(dtype: str) -> str:
+    return _DTYPE_FAMILY.get(str(dtype), "default")
+
+
+def _eff_key(dtype: str, variant: str, causal: bool) -> str:
+    return f"{dtype}/{variant}/{'causal' if causal else 'full'}"
+
+
+def _frozen(mapping: Mapping[str, float] | tuple) -> tuple[tuple[str, float], ...]:
+    items = mapping.items() if isinstance(mapping, Mapping) else mapping
+    return tuple(sorted((str(k), float(v)) for k, v in items))
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One device's roofline parameters (hashable; dict-valued fields are stored as sorted pairs).
+
+    ``peak_flops``: dtype -> FLOP/s (a "default" entry covers dtypes not listed).
+    ``bandwidth``: main-memory bytes/s. ``launch_overhead``: seconds per kernel that does not
+    fuse into a neighbour. ``matmul_efficiency``: fraction of peak a large dot_general reaches.
+    ``transpose_bandwidth_fraction``: fraction of ``bandwidth`` a materialised transpose that
+    moves the minor axis reaches (one that keeps it runs as a copy, at full bandwidth).
+    ``attention_efficiency``: "dtype/variant/causal|full" -> fraction of ``peak_flops[dtype]``.
+    """
+
+    name: str
+    peak_flops: Any
+    bandwidth: float
+    launch_overhead: float
+    attention_efficiency: Any
+    matmul_efficiency: float = 1.0
+    transpose_bandwidth_fraction: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "peak_flops", _frozen(self.peak_flops))
+        object.__setattr__(self, "attention_efficiency", _frozen(self.attention_efficiency))
+
+    # ------------------------------------------------------------------ lookups
+    def peak(self, dtype: str) -> float:
+        table = dict(self.peak_flops)
+        return table.get(dtype_family(dtype), table.get(str(dtype), table["default"]))
+
+    def attention_eff(self, dtype: str, variant: str, causal: bool) -> float:
+        table = dict(self.attention_efficiency)
+        fam = dtype_family(dtype)
+        for d in (fam, "default"):
+            for c in (bool(causal), False):
+                key = _eff_key(d, variant, c)
+                if key in table:
+                    return table[key]
+        if variant == "transposed":
+            return self.attention_eff(dtype, "standard", causal)
+        raise KeyError(f"{self.name}: no attention efficiency for {dtype} {variant} causal={causal}")
+
+    # ------------------------------------------------------------------ edits
+    def with_attention_efficiency(self, dtype: str, variant: str, causal: bool, value: float) -> DeviceSpec:
+        """A copy with one attention efficiency replaced (tests flip the V-layout decision with it)."""
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        table = dict(self.attention_efficiency)
+        table[_eff_key(dtype_family(dtype) if dtype_family(dtype) != "default" else dtype, variant, causal)] = float(value)
+        return dataclasses.replace(self, attention_efficiency=table)
+
+    def replace(self, **changes: Any) -> DeviceSpec:
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ calibration files
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["peak_flops"] = dict(self.peak_flops)
+        out["attention_efficiency"] = dict(self.attention_efficiency)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], base: DeviceSpec | None = None) -> DeviceSpec:
+        """A spec from a dict; with ``base``, missing fields (and missing table keys) come from it."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known - {"comment", "source", "fitted"}
+        if unknown:
+            raise ValueError(f"unknown DeviceSpec fields {sorted(unknown)}")
+        fields = {k: v for k, v in data.items() if k in known}
+        if base is None:
+            return cls(**fields)
+        for table in ("peak_flops", "attention_efficiency"):
+            if table in fields:
+                fields[table] = {**dict(getattr(base, table)), **dict(fields[table])}
+        return dataclasses.replace(base, **fields)
+
+    def to_json(self, path: str | os.PathLike[str]) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str], base: DeviceSpec | None = None) -> DeviceSpec:
+        return cls.from_dict(json.loads(Path(path).read_text()), base)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention efficiencies on Hopper (H100 measured; H200 has the same SMs and clocks, so the same
+# compute-bound fractions are assumed until measured there).
+#
+# Our GPU kernel is a Pallas flash attention lowered through Triton, so its prior is the stock
+# Pallas Triton kernel (jax.experimental.pallas.ops.gpu.attention), measured:
+_PALLAS_BF16 = 396 / 989.4  # measured: S4096 D128 bf16, 396 TFLOP/s -> 0.400
+_PALLAS_F16 = 396 / 989.4  # measured: S4096 D128 f16, 396 TFLOP/s -> 0.400
+_PALLAS_F16_CAUSAL = 310 / 989.4  # measured: S4096 D128 f16 causal, 310 TFLOP/s -> 0.313
+_PALLAS_BF16_CAUSAL = _PALLAS_F16_CAUSAL  # assumption: bf16 causal not measured; bf16 = f16 when both were
+_XLA_BF16 = 110 / 989.4  # measured: plain XLA attention, bf16 S4096 D128 -> 0.111
+_XLA_BF16_CAUSAL = 40 / 989.4  # measured: plain XLA, bf16 causal -> 0.040
+# (cuDNN reaches 591/989.4 = 0.597 bf16 and 443/989.4 = 0.448 f16 causal: the ceiling a tuned
+#  kernel could reach, not what our kernel runs.)
+#
+# Transposed V in bf16/f16: Hopper's wgmma takes the B operand of P.V in either major-ness, so
+# the gain is unknown. ASSUMPTION: a 3% edge, to be replaced by bench/attention.py's measurement
+# of our two kernels (standard vs transposed V). With it the optimizer prefers transposed V only
+# when the transpose it needs is free (folded into V's producer).
+_TV_EDGE_16BIT = 1.03
+# fp8 (e4m3): PyTorch FlexAttention fp8 ran at 120% of its bf16 time with V row-major and 76% with
+# V column-major in memory (pytorch/pytorch PR 153357): time ratio 1.20 / 0.76 = 1.58. Taking the
+# bf16 Pallas time as the reference (prior, to be measured):
+#   fp8 standard   time = 1.20 x bf16 time -> efficiency vs the fp8 peak = 0.400 * 989.4 / (1.20 * 1978.9)
+#   fp8 transposed time = 0.76 x bf16 time -> 0.400 * 989.4 / (0.76 * 1978.9)
+_FP8_STANDARD = _PALLAS_BF16 * 989.4 / (1.20 * 1978.9)  # 0.167
+_FP8_TRANSPOSED = _PALLAS_BF16 * 989.4 / (0.76 * 1978.9)  # 0.263
+_FP8_CAUSAL_SCALE = _PALLAS_F16_CAUSAL / _PALLAS_F16  # assumption: causal costs fp8 what it costs f16
+# f32: ASSUMPTION, not measured: the kernel's dots run on TF32 tensor cores (peak 494.7) at the
+# bf16 fraction.
+
+
+def _hopper_attention() -> dict[str, float]:
+    table: dict[str, float] = {}
+    for dtype, full, causal in (
+        ("bfloat16", _PALLAS_BF16, _PALLAS_BF16_CAUSAL),
+        ("float16", _PALLAS_F16, _PALLAS_F16_CAUSAL),
+        ("float32", _PALLAS_BF16, _PALLAS_BF16_CAUSAL),
+    ):
+        table[_eff_key(dtype, "standard", False)] = full
+        table[_eff_key(dtype, "standard", True)] = causal
+        table[_eff_key(dtype, "transposed", False)] = full * _TV_EDGE_16BIT
+        table[_eff_key(dtype, "transposed", True)] = causal * _TV_EDGE_16BIT
+    table[_eff_key("float8_e4m3fn", "standard", False)] = _FP8_STANDARD
+    table[_eff_key("float8_e4m3fn", "standard", True)] = _FP8_STANDARD * _FP8_CAUSAL_SCALE
+    table[_eff_key("float8_e4m3fn", "transposed", False)] = _FP8_TRANSPOSED
+    table[_eff_key("float8_e4m3fn", "transposed", True)] = _FP8_TRANSPOSED * _FP8_CAUSAL_SCALE
+    # reference (XLA) attention: layout-blind; measured bf16 numbers used for every dtype
+    table[_eff_key("default", "reference", False)] = _XLA_BF16
+    table[_eff_key("default", "reference", True)] = _XLA_BF16_CAUSAL
+    table[_eff_key("default", "standard", False)] = _PALLAS_BF16  # other dtypes: assumption
+    table[_eff_key("default", "standard", True)] = _PALLAS_BF16_CAUSAL
+    return table
+
+
+_HOPPER_PEAKS = {
+    "bfloat16": 989.4 * TERA,  # spec: BF16 Tensor Core, dense
+    "float16": 989.4 * TERA,  # spec: FP16 Tensor Core, dense
+    "float8_e4m3fn": 1978.9 * TERA,  # spec: FP8 Tensor Core, dense
+    "int8": 1978.9 * TERA,  # spec: INT8 Tensor Core 1979 TOPS, dense
+    # JAX's default matmul precision on Hopper runs f32 dots on TF32 tensor cores (spec: 494.7)
+    "float32": 494.7 * TERA,
+    "float64": 67.0 * TERA,  # spec: FP64 Tensor Core
+    "default": 67.0 * TERA,  # spec: FP32 (non-tensor) for anything else
+}
+
+# Shared Hopper numbers that are not spec-sheet figures:
+_HOPPER_LAUNCH = 3e-6  # ASSUMPTION: ~3 us per non-fused kernel (CUDA launch + inter-kernel gap
+#                        commonly quoted as 2-5 us); calibrate from bench timings of small kernels.
+_HOPPER_MATMUL_EFF = 0.7  # ASSUMPTION: large cuBLAS bf16 GEMMs reach ~70% of dense peak on H100;
+#                           replace by a bench measurement.
+# measured: materialising V^T (bf16 B4 H32 S4096 D128, 134 MB read + 134 MB written) took
+# 0.26 ms -> 1.03 TB/s = 0.31 of 3.35 TB/s.
+_H100_TRANSPOSE_FRACTION = (2 * 4 * 32 * 4096 * 128 * 2 / 0.26e-3) / 3.35e12
+
+H100 = DeviceSpec(
+    name="h100",
+    peak_flops=_HOPPER_PEAKS,
+    bandwidth=3.35 * TERA,  # spec: H100 SXM5 HBM3 3.35 TB/s
+    launch_overhead=_HOPPER_LAUNCH,
+    attention_efficiency=_hopper_attention(),
+    matmul_efficiency=_HOPPER_MATMUL_EFF,
+    transpose_bandwidth_fraction=_H100_TRANSPOSE_FRACTION,
+)
+
+H200 = DeviceSpec(
+    name="h200",
+    peak_flops=_HOPPER_PEAKS,  # spec: H200 SXM has H100 SXM's compute figures
+    bandwidth=4.8 * TERA,  # spec: H200 SXM HBM3e 4.8 TB/s
+    launch_overhead=_HOPPER_LAUNCH,
+    attention_efficiency=_hopper_attention(),  # assumption: as on H100 (same SMs, compute bound)
+    matmul_efficiency=_HOPPER_MATMUL_EFF,
+    transpose_bandwidth_fraction=_H100_TRANSPOSE_FRACTION,  # assumption: as measured on H100
+)
+
+# CPU (the CI/dev machine: 2 cores). ASSUMPTION, simple and documented: 2 cores x AVX2 with two
+# 256-bit FMA units at ~3 GHz = 2 x (2 x 8 lanes x 2 FLOP) x 3e9 = 192 GFLOP/s f32; XLA:CPU runs
+# bf16/f16 dots by converting to f32 (same peak); f64 has half the lanes. ~20 GB/s of memory
+# bandwidth (a 2-vCPU share of DDR4). Fused XLA:CPU loops have no launch cost worth pricing;
+# 1 us per non-fused op (a thunk boundary). Attention runs as plain JAX (no layout preference):
+# one efficiency for every dtype and variant.
+_CPU_F32 = 2 * (2 * 8 * 2) * 3e9
+CPU = DeviceSpec(
+    name="cpu",
+    peak_flops={"float32": _CPU_F32, "bfloat16": _CPU_F32, "float16": _CPU_F32, "float64": _CPU_F32 / 2,
+                "default": _CPU_F32},
+    bandwidth=20e9,
+    launch_overhead=1e-6,
+    attention_efficiency={
+        _eff_key("default", "standard", False): 0.25,  # assumption: XLA:CPU einsum + softmax
+        _eff_key("default", "standard", True): 0.25,
+        _eff_key("default", "transposed", False): 0.25,
+        _eff_key("default", "transposed", True): 0.25,
+        _eff_key("default", "reference", False): 0.25,
+        _eff_key("default", "reference", True): 0.25,
+    },
+    matmul_efficiency=0.5,  # assumption: XLA:CPU (Eigen/oneDNN) dots at half of peak
+    transpose_bandwidth_fraction=0.5,  # assumption: strided loops reach half of streaming bandwidth
+)
+
+DEVICES: dict[str, DeviceSpec] = {"h100": H100, "h200": H200, "cpu": CPU}
+
+# Calibration files: <dir>/<device>.json, optional, written by a calibration command and read (over
+# the table above: only the fields/keys they contain change) whenever a model is built.
+CALIBRATION_DIR = Path(os.environ.get("EQSAT_ATTN_CALIBRATION_DIR", Path(__file__).parent / "calibration"))
+
+
+def calibration_path(name: str) -> Path:
+    return CALIBRATION_DIR / f"{name}.json"
+
+
+def device_spec(name: str, calibrated: bool = True) -> DeviceSpec:
+    """The table's spec for "h100" | "h200" | "cpu", with its calibration file applied if present."""
+    key = name.lower()
+    if key not in DEVICES:
+        raise ValueError(f"unknown device {name!r}; known: {sorted(DEVICES)}")
+    spec = DEVICES[key]
+    path = calibration_path(key)
+    if calibrated and path.is_file():
+        spec = DeviceSpec.from_json(path, base=spec)
+    return spec
+
+
+def device_name_of_kind(device_kind: str) -> str:
+    """Map ``jax.devices()[0].device_kind`` ("NVIDIA H100 80GB HBM3", ...) to a table name."""
+    kind = device_kind.upper()
+    if "H200" in kind:
+        return "h200"
+    if "H100" in kind:
+        return "h100"
+    return "cpu"

@@ -1,0 +1,198 @@
+"""Roofline cost model: predicted seconds per node on one device (`devices.DeviceSpec`).
+
+time = max(flops / (peak[dtype] x efficiency), bytes / bandwidth) + launch overhead, with:
+
+- free (views, leaves, values produced elsewhere): input, literal, constant, iota, reshape,
+  stop_gradient, opaque, opaque_output, identity transposes. (Opaque nodes are never rewritten,
+  so they cost the same in every candidate program.)
+- elementwise ops, converts, selects and broadcasts: XLA fuses them into their consumers and
+  producers, so each is priced as writing its output once (output bytes / bandwidth) and no
+  launch: the reads of its inputs are assumed to be fused with whatever produced them.
+- a materialised transpose: reading and writing its output (2 x bytes) at the device's
+  transpose bandwidth (a fraction of peak when the minor axis moves, measured on H100; full
+  bandwidth when the minor axis stays) plus one launch.
+- reductions: reading the input and writing the output, plus one launch.
+- dot_general: 2 x batch x M x N x K FLOPs at ``matmul_efficiency`` of the operands' peak;
+  bytes = both inputs + output; plus one launch.
+- attention: 4 x B x H x Sq x Sk x D FLOPs (2 for Q.K^T with D, 2 for P.V with Dv; halved
+  when causal) at the efficiency of its variant (dtype, "standard" V with D minor or
+  "transposed" V with S minor, causal); bytes = q + k + v (+ mask) + o, each read or written
+  once (GQA reads K/V at their own, smaller, head count: no repeat); plus one launch. The
+  kernel needs D minor in q, k and o, and D or S minor in v: any operand laid out otherwise is
+  first materialised in a layout the kernel takes, charged as an extra transpose of it.
+  Boolean masks run the reference (XLA) attention, as do all attentions of a model built with
+  ``attention_kernel="reference"``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .. import ir
+from .devices import DeviceSpec, device_name_of_kind, device_spec
+from .model import OpView
+
+FREE = frozenset({
+    "input", "literal", "constant", "iota", "reshape", "stop_gradient", "opaque", "opaque_output",
+})
+FUSED_ELEMENTWISE = ir.ELEMENTWISE_OPS | {"broadcast_in_dim"}
+
+
+def _prod(values) -> int:
+    return int(math.prod(int(v) for v in values))
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """The parts of one node's predicted time (seconds), for reports and tests."""
+
+    flops: float
+    bytes: float
+    compute_s: float
+    memory_s: float
+    launch_s: float
+    extra_s: float = 0.0  # layout changes the node needs first (attention operands)
+    variant: str = ""
+
+    @property
+    def seconds(self) -> float:
+        return max(self.compute_s, self.memory_s) + self.launch_s + self.extra_s
+
+
+_ZERO = Breakdown(0.0, 0.0, 0.0, 0.0, 0.0)
+
+
+class RooflineModel:
+    """Predicted seconds of a node on ``device``; ``attention_kernel``: "pallas" or "reference"."""
+
+    def __init__(self, device: DeviceSpec, attention_kernel: str = "pallas") -> None:
+        if attention_kernel not in ("pallas", "reference"):
+            raise ValueError(f"attention_kernel must be 'pallas' or 'reference', got {attention_kernel!r}")
+        self.device = device
+        self.attention_kernel = attention_kernel
+        self.name = f"roofline-{device.name}" + ("" if attention_kernel == "pallas" else "-reference")
+
+    def __repr__(self) -> str:
+        return f"RooflineModel({self.device.name!r}, attention_kernel={self.attention_kernel!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, RooflineModel) and self.device == other.device
+                and self.attention_kernel == other.attention_kernel)
+
+    def __hash__(self) -> int:
+        return hash((self.device, self.attention_kernel))
+
+    def with_attention_efficiency(self, dtype: str, variant: str, causal: bool, value: float) -> RooflineModel:
+        """A copy whose device has one attention efficiency replaced."""
+        return RooflineModel(self.device.with_attention_efficiency(dtype, variant, causal, value), self.attention_kernel)
+
+    # ------------------------------------------------------------------ pricing
+    def node_cost(self, node: OpView) -> float:
+        return self.breakdown(node).seconds
+
+    def breakdown(self, node: OpView) -> Breakdown:
+        d = self.device
+        op, out = node.op, node.output
+        if op in FREE:
+            return _ZERO
+        if op == "transpose":
+            perm = tuple(node.params["perm"])
+            if perm == tuple(range(len(perm))):
+                return _ZERO
+            return Breakdown(0.0, 2.0 * out.nbytes, 0.0, self._transpose_seconds(out.nbytes, perm), d.launch_overhead)
+        if op in FUSED_ELEMENTWISE:
+            nbytes = float(out.nbytes)
+            return Breakdown(float(out.size), nbytes, 0.0, nbytes / d.bandwidth, 0.0)
+        if op in ir.REDUCE_OPS:
+            nbytes = float(sum(t.nbytes for t in node.inputs) + out.nbytes)
+            return Breakdown(float(node.inputs[0].size), nbytes, 0.0, nbytes / d.bandwidth, d.launch_overhead)
+        if op == "dot_general":
+            return self._dot(node)
+        if op == "attention":
+            return self._attention(node)
+        # anything else the model does not know: a kernel that reads its inputs and writes its output
+        nbytes = float(sum(t.nbytes for t in node.inputs) + out.nbytes)
+        return Breakdown(0.0, nbytes, 0.0, nbytes / d.bandwidth, d.launch_overhead)
+
+    def _transpose_seconds(self, nbytes: float, perm: tuple[int, ...] | None = None) -> float:
+        d = self.device
+        keeps_minor = perm is not None and len(perm) > 0 and perm[-1] == len(perm) - 1
+        fraction = 1.0 if keeps_minor else d.transpose_bandwidth_fraction
+        return 2.0 * nbytes / (d.bandwidth * fraction)
+
+    def _dot(self, node: OpView) -> Breakdown:
+        d = self.device
+        a, b = node.inputs[:2]
+        p = node.params
+        lc, rc, lb, rb = (tuple(p[k]) for k in ("lhs_contract", "rhs_contract", "lhs_batch", "rhs_batch"))
+        batch = _prod(a.shape[i] for i in lb)
+        k = _prod(a.shape[i] for i in lc)
+        m = _prod(a.shape[i] for i in range(a.rank) if i not in lc and i not in lb)
+        n = _prod(b.shape[i] for i in range(b.rank) if i not in rc and i not in rb)
+        flops = 2.0 * batch * m * n * k
+        peak = min(d.peak(a.dtype), d.peak(b.dtype)) * d.matmul_efficiency
+        nbytes = float(a.nbytes + b.nbytes + node.output.nbytes)
+        return Breakdown(flops, nbytes, flops / peak, nbytes / d.bandwidth, d.launch_overhead)
+
+    def attention_variant(self, node: OpView) -> str:
+        """"standard" | "transposed" | "reference": which kernel runs this attention node."""
+        if self.attention_kernel == "reference" or node.params.get("mask_kind") == "bool":
+            return "reference"
+        minor = str(node.params["v_layout"])[-1]
+        if minor == "D":
+            return "standard"
+        if minor == "S":
+            return "transposed"
+        # V must be relaid first; it is made whichever of the two the kernel runs faster
+        dtype, causal = node.inputs[0].dtype, bool(node.params.get("causal"))
+        std = self.device.attention_eff(dtype, "standard", causal)
+        tv = self.device.attention_eff(dtype, "transposed", causal)
+        return "transposed" if tv > std else "standard"
+
+    def _attention(self, node: OpView) -> Breakdown:
+        d = self.device
+        p = node.params
+        q, k, v = node.inputs[:3]
+        out = node.output
+        ql, kl, vl, ol = (str(p[n]) for n in ("q_layout", "k_layout", "v_layout", "o_layout"))
+        batch, heads, sq, dk = (q.shape[ql.index(c)] for c in "BHSD")
+        sk = k.shape[kl.index("S")]
+        dv = v.shape[vl.index("D")]
+        causal = bool(p.get("causal"))
+        flops = 2.0 * batch * heads * sq * sk * (dk + dv)
+        if causal:
+            flops *= 0.5
+        nbytes = float(sum(t.nbytes for t in node.inputs) + out.nbytes)
+        variant = self.attention_variant(node)
+        eff = d.attention_eff(q.dtype, variant, causal)
+        peak = d.peak(q.dtype) * eff
+        # operands whose layout the kernel does not take are materialised first (out: after)
+        extra = 0.0
+        for layout, t, wanted in ((ql, q, "D"), (kl, k, "D"), (ol, out, "D")):
+            if layout[-1] != wanted:
+                extra += self._transpose_seconds(t.nbytes) + d.launch_overhead
+        if vl[-1] not in ("D", "S"):
+            extra += self._transpose_seconds(v.nbytes) + d.launch_overhead
+        return Breakdown(flops, nbytes, flops / peak, nbytes / d.bandwidth, d.launch_overhead, extra, variant)
+
+
+def for_device(name: str, attention_kernel: str = "pallas") -> RooflineModel:
+    """The roofline model of "h100", "h200" or "cpu" (calibration file applied if present)."""
+    return RooflineModel(device_spec(name), attention_kernel)
+
+
+def current_device_name() -> str:
+    """Table name of the device JAX runs on: "h100" / "h200" by ``device_kind``, else "cpu"."""
+    try:
+        import jax
+
+        kind = str(jax.devices()[0].device_kind)
+    except Exception:  # noqa: BLE001 - no backend at all: price as CPU
+        return "cpu"
+    return device_name_of_kind(kind)
+
+
+def current_device_model(attention_kernel: str = "pallas") -> RooflineModel:
+    """The roofline model of ``jax.devices()[0]``."""
+    return for_device(current_device_name(), attention_kernel)

@@ -1,0 +1,412 @@
+"""Exact DAG extraction by integer linear programming (HiGHS), for e-graphs up to a few thousand e-nodes.
+
+The e-graph is read through egglog's serializer (`EGraph.serialize`, JSON: every e-node with
+its op, children e-nodes and e-class; shape/dtype analysis values appear as `shape`/`dtype`
+function nodes). Each Term e-node is priced by the same `CostModel` as greedy extraction (the
+`OpView` is built as `extract.enode_view` builds it); TermList nodes (the outputs list, opaque
+operands) are free structure and primitives are parameters, not choices.
+
+The ILP is the standard one for e-graph extraction:
+
+- a binary ``x_n`` per candidate e-node; exactly one node of the root class; at most one per class;
+- a chosen node needs one chosen node in each of its child classes: ``x_n <= sum_{m in c} x_m``;
+- acyclicity: an order variable ``t_c`` per e-class that lies on a cycle of the class graph
+  (classes in the same strongly connected component; edges between components cannot close a
+  cycle) with ``t_c >= t_c' + 1 - M (1 - x_n)`` for each node n of c and child class c' in its
+  component; nodes that are their own child are never chosen;
+- minimise ``sum cost_n x_n``: every chosen e-node is paid once (shared subterms once), which
+  is the cost `program_cost` gives the decoded program.
+
+The chosen nodes are decoded into an `ir.Program` with the same node construction as
+`decode.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from egglog import EGraph
+
+from .. import ir
+from ..cost.model import CostModel, OpView
+from .decode import _Decoder
+from .encode import Encoding
+from .extract import _params
+
+MAX_ENODES = 5000  # candidate Term/TermList e-nodes reachable from the root
+_INFEASIBLE = 1e29  # a node priced at or above this (untyped) is never chosen
+
+
+class ILPExtractionError(RuntimeError):
+    """The ILP extractor could not run (graph too large, infeasible, solver failure)."""
+
+
+def _ctor(op: str) -> tuple[str, str] | None:
+    """("Term" | "TermList", constructor) of a serialized op name, None for other functions."""
+    for sort in ("TermList_", "Term_"):
+        k = op.rfind(sort)
+        if k >= 0 and (k == 0 or op[k - 1] in "_."):
+            return sort[:-1], op[k + len(sort):]
+    return None
+
+
+@dataclass
+class _Graph:
+    """The serialized e-graph, indexed."""
+
+    nodes: dict[str, dict[str, Any]]
+    class_type: dict[str, str]
+    class_nodes: dict[str, list[str]] = field(default_factory=dict)
+    root: str | None = None
+
+    @classmethod
+    def read(cls, egraph: EGraph) -> _Graph:
+        serialized = egraph._egraph.serialize([])
+        if serialized.truncated_functions or serialized.discarded_functions:
+            raise ILPExtractionError(
+                f"the e-graph serialization was cut short (truncated {serialized.truncated_functions}, "
+                f"discarded {serialized.discarded_functions})"
+            )
+        data = json.loads(serialized.to_json())
+        g = cls(data["nodes"], {c: d.get("type", "") for c, d in data.get("class_data", {}).items()})
+        for nid, node in g.nodes.items():
+            g.class_nodes.setdefault(node["eclass"], []).append(nid)
+            g.class_type.setdefault(node["eclass"], "")
+        roots = [c for c, d in data.get("class_data", {}).items() if d.get("let") == "$root"]
+        if len(roots) != 1:
+            raise ILPExtractionError(f"cannot find the root e-class (let $root) in the serialized e-graph: {roots}")
+        g.root = roots[0]
+        return g
+
+    def sort(self, eclass: str) -> str:
+        t = self.class_type.get(eclass, "")
+        if t.endswith(".TermList") or t == "TermList":
+            return "TermList"
+        if t.endswith(".Term") or t == "Term":
+            return "Term"
+        return t
+
+    def primitive(self, nid: str) -> Any:
+        """The Python value of a primitive child (i64, f64, String, Vec[i64])."""
+        node = self.nodes[nid]
+        if not nid.startswith("primitive-"):  # a function node whose value is a primitive class
+            prims = [m for m in self.class_nodes[node["eclass"]] if m.startswith("primitive-")]
+            if not prims:
+                raise ILPExtractionError(f"no primitive value in e-class {node['eclass']}")
+            return self.primitive(prims[0])
+        sort = self.class_type.get(node["eclass"], "")
+        op = node["op"]
+        if sort.startswith("Vec"):
+            return tuple(int(self.primitive(c)) for c in node["children"])
+        if sort == "i64":
+            return int(op)
+        if sort == "f64":
+            return float(op)
+        if sort == "String":
+            try:
+                return json.loads(op)
+            except json.JSONDecodeError:
+                return op.strip('"')
+        if sort == "Unit":
+            return None
+        raise ILPExtractionError(f"unsupported primitive sort {sort!r} ({op!r})")
+
+
+def _class_types(g: _Graph) -> dict[str, ir.TensorType]:
+    """Term e-class -> (shape, dtype) from the analysis function nodes."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, str] = {}
+    for nid, node in g.nodes.items():
+        op = node["op"]
+        if not node["children"] or _ctor(op) is not None:
+            continue
+        if op.endswith("_shape") or op == "shape":
+            target = g.nodes[node["children"][0]]["eclass"]
+            shapes[target] = tuple(g.primitive(nid))
+        elif op.endswith("_dtype") or op == "dtype":
+            target = g.nodes[node["children"][0]]["eclass"]
+            dtypes[target] = str(g.primitive(nid))
+    return {c: ir.TensorType(s, dtypes[c]) for c, s in shapes.items() if c in dtypes}
+
+
+_FREE_CTORS = frozenset({"no_mask", "opaque", "output", "input", "literal", "constant", "iota"})
+
+
+def _view(g: _Graph, nid: str, types: dict[str, ir.TensorType]) -> OpView | None | float:
+    """The OpView of a Term e-node (as `extract.enode_view`); None if free; inf if untyped."""
+    sort, ctor = _ctor(g.nodes[nid]["op"])
+    if sort != "Term" or ctor in _FREE_CTORS:
+        return None
+    children = g.nodes[nid]["children"]
+    tensor_classes = [g.nodes[c]["eclass"] for c in children if g.sort(g.nodes[c]["eclass"]) == "Term"]
+    if ctor == "attention":
+        mask_class = tensor_classes[3]
+        if any(_ctor(g.nodes[m]["op"]) == ("Term", "no_mask") for m in g.class_nodes[mask_class]):
+            tensor_classes = tensor_classes[:3]
+    inputs = []
+    for c in tensor_classes:
+        if c not in types:
+            return math.inf
+        inputs.append(types[c])
+    statics = [g.primitive(c) for c in children if g.sort(g.nodes[c]["eclass"]) not in ("Term", "TermList")]
+    if ctor == "reshape":
+        return OpView("reshape", {}, tuple(inputs), ir.TensorType(tuple(statics[0]), inputs[0].dtype))
+    if ctor == "broadcast":
+        return OpView("broadcast_in_dim", {"broadcast_dimensions": statics[1]}, tuple(inputs),
+                      ir.TensorType(tuple(statics[0]), inputs[0].dtype))
+    op, params = _params(ctor, statics)
+    try:
+        out = ir.infer_type(op, params, inputs)
+    except Exception:  # noqa: BLE001 - a node whose type cannot be inferred is never chosen
+        return math.inf
+    return OpView(op, params, tuple(inputs), out)
+
+
+def _sccs(succ: dict[str, set[str]]) -> dict[str, int]:
+    """Strongly connected components (iterative Tarjan): class -> component id."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    comp: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    counter = 0
+    ncomp = 0
+    for start in succ:
+        if start in index:
+            continue
+        work = [(start, iter(sorted(succ[start])))]
+        index[start] = low[start] = counter
+        counter += 1
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            v, it = work[-1]
+            advanced = False
+            for w in it:
+                if w not in index:
+                    index[w] = low[w] = counter
+                    counter += 1
+                    stack.append(w)
+                    on_stack.add(w)
+                    work.append((w, iter(sorted(succ.get(w, ())))))
+                    advanced = True
+                    break
+                if w in on_stack:
+                    low[v] = min(low[v], index[w])
+            if advanced:
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[v])
+            if low[v] == index[v]:
+                while True:
+                    w = stack.pop()
+                    on_stack.discard(w)
+                    comp[w] = ncomp
+                    if w == v:
+                        break
+                ncomp += 1
+    return comp
+
+
+def extract_program_ilp(
+    egraph: EGraph,
+    enc: Encoding,
+    model: CostModel,
+    time_limit: float = 30.0,
+    max_enodes: int = MAX_ENODES,
+) -> tuple[ir.Program, float]:
+    """The cheapest program in the root's e-class under ``model`` (DAG cost), solved exactly.
+
+    Returns the program and its cost under ``model`` (the ILP objective). Past ``time_limit``
+    seconds the best solution HiGHS found is used (it may then not be optimal). Raises
+    `ILPExtractionError` if more than ``max_enodes`` candidate e-nodes are reachable.
+    """
+    import highspy
+    import numpy as np
+
+    g = _Graph.read(egraph)
+    types = _class_types(g)
+
+    # candidate nodes: Term/TermList nodes of the classes reachable from the root
+    def child_classes(nid: str) -> list[str]:
+        seen: list[str] = []
+        for c in g.nodes[nid]["children"]:
+            cls = g.nodes[c]["eclass"]
+            if g.sort(cls) in ("Term", "TermList") and cls not in seen:
+                seen.append(cls)
+        return seen
+
+    reach: list[str] = [g.root]
+    seen_classes = {g.root}
+    cand: dict[str, list[str]] = {}
+    for cls in reach:
+        members = [n for n in g.class_nodes.get(cls, []) if _ctor(g.nodes[n]["op"]) is not None]
+        cand[cls] = members
+        if sum(len(v) for v in cand.values()) > max_enodes:
+            raise ILPExtractionError(
+                f"ILP extraction is for e-graphs up to {max_enodes} e-nodes reachable from the root; "
+                "this one has more: use the greedy-dag extractor"
+            )
+        for n in members:
+            for c in child_classes(n):
+                if c not in seen_classes:
+                    seen_classes.add(c)
+                    reach.append(c)
+
+    # price, and drop nodes that can never be chosen (untyped, self-referencing, dead children)
+    cost: dict[str, float] = {}
+    children: dict[str, list[str]] = {}
+    for cls, members in cand.items():
+        for n in members:
+            ch = child_classes(n)
+            if cls in ch:
+                continue
+            view = _view(g, n, types)
+            c = 0.0 if view is None else view if isinstance(view, float) else float(model.node_cost(view))
+            if not c < _INFEASIBLE:
+                continue
+            cost[n] = c
+            children[n] = ch
+    alive = {cls: [n for n in members if n in cost] for cls, members in cand.items()}
+    changed = True
+    while changed:
+        changed = False
+        for cls, members in alive.items():
+            keep = [n for n in members if all(alive[c] for c in children[n])]
+            if len(keep) != len(members):
+                alive[cls] = keep
+                changed = True
+    if not alive[g.root]:
+        raise ILPExtractionError("no extractable term for the root (every candidate is untyped or cyclic)")
+
+    nodes = [n for members in alive.values() for n in members]
+    col = {n: i for i, n in enumerate(nodes)}
+    classes = [c for c in alive if alive[c]]
+
+    # acyclicity only inside strongly connected components of the class graph
+    succ = {c: {cc for n in alive[c] for cc in children[n]} for c in classes}
+    comp = _sccs(succ)
+    comp_size: dict[int, int] = {}
+    for c in classes:
+        comp_size[comp[c]] = comp_size.get(comp[c], 0) + 1
+    cyclic = [c for c in classes if comp_size[comp[c]] > 1]
+    tcol = {c: len(nodes) + i for i, c in enumerate(cyclic)}
+
+    scale_ref = max((abs(v) for v in cost.values()), default=0.0)
+    scale = 1e4 / scale_ref if scale_ref > 0 else 1.0
+
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    h.setOptionValue("time_limit", float(time_limit))
+    h.setOptionValue("mip_rel_gap", 1e-9)
+    h.setOptionValue("mip_abs_gap", 1e-9)
+    h.setOptionValue("threads", 1)
+    inf = highspy.kHighsInf
+    ncols = len(nodes) + len(cyclic)
+    lower = np.zeros(ncols)
+    upper = np.concatenate([np.ones(len(nodes)), np.array([comp_size[comp[c]] - 1.0 for c in cyclic])])
+    costs = np.concatenate([np.array([cost[n] * scale for n in nodes]), np.zeros(len(cyclic))])
+    h.addCols(ncols, costs, lower, upper, 0, np.array([], dtype=np.int32), np.array([], dtype=np.int32), np.array([]))
+    h.changeColsIntegrality(len(nodes), np.arange(len(nodes), dtype=np.int32),
+                            np.array([highspy.HighsVarType.kInteger] * len(nodes)))
+
+    rows_lo: list[float] = []
+    rows_hi: list[float] = []
+    starts: list[int] = []
+    index: list[int] = []
+    values: list[float] = []
+
+    def row(lo: float, hi: float, entries: Iterable[tuple[int, float]]) -> None:
+        rows_lo.append(lo)
+        rows_hi.append(hi)
+        starts.append(len(index))
+        for j, v in entries:
+            index.append(j)
+            values.append(v)
+
+    row(1.0, 1.0, ((col[n], 1.0) for n in alive[g.root]))
+    for c in classes:
+        if c != g.root and len(alive[c]) > 1:
+            row(-inf, 1.0, ((col[n], 1.0) for n in alive[c]))
+    for n in nodes:
+        cls = g.nodes[n]["eclass"]
+        for cc in children[n]:
+            row(0.0, inf, [(col[n], -1.0)] + [(col[m], 1.0) for m in alive[cc]])
+            if cls in tcol and comp[cc] == comp[cls]:
+                big = float(comp_size[comp[cls]])
+                # t_cls - t_cc - M x_n >= 1 - M
+                row(1.0 - big, inf, ((tcol[cls], 1.0), (tcol[cc], -1.0), (col[n], -big)))
+    h.addRows(len(rows_lo), np.array(rows_lo), np.array(rows_hi), len(index),
+              np.array(starts, dtype=np.int32), np.array(index, dtype=np.int32), np.array(values))
+
+    h.run()
+    status = h.getModelStatus()
+    info = h.getInfo()
+    if info.primal_solution_status != 2:  # kSolutionStatusFeasible
+        raise ILPExtractionError(f"HiGHS found no solution: {h.modelStatusToString(status)}")
+    x = h.getSolution().col_value
+    chosen: dict[str, str] = {}
+    for c in classes:
+        best = max(alive[c], key=lambda n: x[col[n]])
+        if x[col[best]] > 0.5:
+            chosen[c] = best
+
+    program = _decode(g, chosen, enc)
+    total = sum(cost[n] for n in _used(g, chosen, children))
+    return program, float(total)
+
+
+def _used(g: _Graph, chosen: dict[str, str], children: dict[str, list[str]]) -> list[str]:
+    """The chosen nodes reachable from the root (the ILP may pick free extras)."""
+    out, seen, stack = [], {g.root}, [g.root]
+    while stack:
+        n = chosen[stack.pop()]
+        out.append(n)
+        for c in children[n]:
+            if c not in seen:
+                seen.add(c)
+                stack.append(c)
+    return out
+
+
+def _decode(g: _Graph, chosen: dict[str, str], enc: Encoding) -> ir.Program:
+    """Build the program of the chosen nodes, children first (iteratively)."""
+    dec = _Decoder(None, enc)  # type: ignore[arg-type] - only its node construction is used
+    values: dict[str, Any] = {}
+    stack = [g.root]
+    budget = 4 * len(chosen) + 16  # each class is pushed at most once per child edge: a cycle runs out
+    while stack:
+        budget -= 1
+        if budget < -4 * sum(len(g.nodes[n]["children"]) for n in chosen.values()):
+            raise ILPExtractionError("the chosen e-nodes form a cycle")
+        cls = stack[-1]
+        if cls in values:
+            stack.pop()
+            continue
+        nid = chosen.get(cls)
+        if nid is None:
+            raise ILPExtractionError(f"the ILP chose no node for e-class {cls}")
+        node = g.nodes[nid]
+        pending = []
+        for c in node["children"]:
+            cc = g.nodes[c]["eclass"]
+            if g.sort(cc) in ("Term", "TermList") and cc not in values and cc not in pending:
+                pending.append(cc)
+        if pending:
+            stack.extend(pending)
+            continue
+        stack.pop()
+        args = [values[g.nodes[c]["eclass"]] if g.sort(g.nodes[c]["eclass"]) in ("Term", "TermList") else g.primitive(c)
+                for c in node["children"]]
+        sort, ctor = _ctor(node["op"])
+        if sort == "TermList":
+            values[cls] = [] if ctor == "nil" else [args[0], *args[1]]
+        else:
+            values[cls] = dec._node(ctor, args)
+    outputs = values[g.root]
+    return dec.builder.build(outputs)
