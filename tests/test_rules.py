@@ -141,6 +141,11 @@ def p_reshape_reshape():
     return b.build(b.op("exp", b.reshape(b.reshape(x, 6, 4), 2, 3, 4)), b.reshape(b.reshape(x, 24), 4, 6))
 
 
+def p_convert():
+    b = B(); x = b.input(2, 3)
+    return b.build(b.op("exp", b.op("convert_element_type", x, new_dtype=F32)))
+
+
 FAMILY_PROGRAMS = {
     "transpose.compose": p_compose,
     "transpose.identity": p_identity,
@@ -155,6 +160,7 @@ FAMILY_PROGRAMS = {
     "canonical.dot_canonical": p_batched_dot,
     "canonical.dot_commute": p_batched_dot,
     "canonical.reshape": p_reshape_reshape,
+    "canonical.convert": p_convert,
 }
 
 
