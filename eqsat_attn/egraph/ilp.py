@@ -379,10 +379,11 @@ def _decode(g: _Graph, chosen: dict[str, str], enc: Encoding) -> ir.Program:
     dec = _Decoder(None, enc)  # type: ignore[arg-type] - only its node construction is used
     values: dict[str, Any] = {}
     stack = [g.root]
-    budget = 4 * len(chosen) + 16  # each class is pushed at most once per child edge: a cycle runs out
+    # in a DAG each class is pushed at most once per parent edge: a cycle exhausts this budget
+    budget = 2 * (2 + sum(len(g.nodes[n]["children"]) for n in chosen.values()))
     while stack:
         budget -= 1
-        if budget < -4 * sum(len(g.nodes[n]["children"]) for n in chosen.values()):
+        if budget < 0:
             raise ILPExtractionError("the chosen e-nodes form a cycle")
         cls = stack[-1]
         if cls in values:
