@@ -2,6 +2,7 @@
 
 from . import ir
 from .capture import Captured, capture, jaxpr_to_program
+from .explore import Exploration, explore
 from .lower import lower
 from .optimize import OptimizedFunction, optimize
 from .pipeline import Limits, OptimizeOptions
@@ -10,11 +11,13 @@ from .report import AttentionInfo, Report
 __all__ = [
     "AttentionInfo",
     "Captured",
+    "Exploration",
     "Limits",
     "OptimizeOptions",
     "OptimizedFunction",
     "Report",
     "capture",
+    "explore",
     "ir",
     "jaxpr_to_program",
     "lower",

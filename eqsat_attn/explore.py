@@ -1,0 +1,728 @@
+"""Interactive exploration of one function's e-graph: ``ex = ea.explore(fn, *args)``.
+
+    ex = ea.explore(block, params, x)
+    ex.run("attention_raise")                 # one round of one rule set; returns a Step
+    ex.run("canonical", "transpose", iterations=3)
+    ex.run(limits=ea.Limits(iterations=30))   # the default rule sets to saturation
+    ex.history                                # every Step: e-graph size, rules fired, time
+    best = ex.extract()                       # Extraction: program, predicted cost, attention
+    ex.compare({"h100": "roofline-h100", "cpu": "roofline-cpu", "bytes": "bytes"})
+    ex.why("attention")                       # every alternative e-node of attention's e-classes, priced
+    ex.svg("egraph.svg")                      # drawing (small graphs) or summary (large ones)
+
+In a notebook, the explorer, its steps, extractions, comparisons and explanations display
+as HTML. Everything here reads the same egglog `EGraph` the optimizer uses
+(`eqsat_attn.pipeline.saturate`'s building blocks), so what you see is what `ea.optimize` does.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import shutil
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from egglog import EGraph, bindings, get_callable_args, get_callable_fn
+from egglog.egraph import _DagCostModel, to_runtime_expr
+
+from . import ir
+from .capture import Captured, capture
+from .cost import MaterializedBytes, program_cost
+from .cost.model import CostModel
+from .pipeline import Limits, default_cost_model
+from .report import AttentionInfo, _format_seconds, attention_infos
+
+__all__ = [
+    "Comparison", "Explanation", "Exploration", "Extraction", "Step", "cost_model_from_name", "explore",
+    "program_summary",
+]
+
+# A drawing is readable up to about this many tensor e-nodes; beyond it `svg` draws a summary.
+DRAW_LIMIT = 400
+
+
+# ----------------------------------------------------------------------------------- cost models
+COST_MODEL_NAMES = ("bytes", "roofline-h100", "roofline-h200", "roofline-cpu", "roofline-h100-reference",
+                    "roofline-h200-reference", "roofline-cpu-reference", "default")
+
+
+def cost_model_from_name(name: str | CostModel | None) -> CostModel:
+    """A cost model from a name: "bytes", "roofline-<h100|h200|cpu>[-reference]", "default".
+
+    A model object is returned as is; None and "default" give the current device's roofline.
+    """
+    if name is None or name == "default":
+        return default_cost_model()
+    if not isinstance(name, str):
+        return name
+    if name == "bytes":
+        return MaterializedBytes()
+    if name.startswith("roofline-"):
+        from .cost import for_device
+
+        rest = name.removeprefix("roofline-")
+        kernel = "pallas"
+        if rest.endswith("-reference"):
+            rest, kernel = rest.removesuffix("-reference"), "reference"
+        return for_device(rest, kernel)
+    raise ValueError(f"unknown cost model {name!r}; known: {', '.join(COST_MODEL_NAMES)}")
+
+
+def _model_name(model: Any) -> str:
+    return str(getattr(model, "name", type(model).__name__))
+
+
+def _fmt_cost(value: float, model: Any) -> str:
+    """Seconds for roofline models, plain numbers (bytes) otherwise."""
+    if value >= 1e29:
+        return "unpriced"
+    if _model_name(model).startswith("roofline"):
+        return _format_seconds(value)
+    return f"{value:.4g}"
+
+
+# ----------------------------------------------------------------------------------- records
+@dataclass(frozen=True)
+class Step:
+    """One `Exploration.run` call: what ran, how the e-graph grew and which rules fired."""
+
+    index: int
+    rulesets: tuple[str, ...]
+    iterations: int
+    nodes_before: int
+    nodes_after: int
+    rules_fired: dict[str, int]
+    seconds: float
+    saturated: bool
+    stop_reason: str
+    per_iteration: tuple[dict, ...] = ()
+
+    def __str__(self) -> str:
+        fired = ", ".join(f"{k} x{v}" for k, v in sorted(self.rules_fired.items(), key=lambda kv: (-kv[1], kv[0])))
+        return (
+            f"step {self.index}: {'+'.join(self.rulesets)} x{self.iterations} iteration(s) in "
+            f"{self.seconds:.3f} s: {self.nodes_before} -> {self.nodes_after} e-nodes"
+            f" ({'saturated' if self.saturated else self.stop_reason}); fired: {fired or 'nothing'}"
+        )
+
+    def _repr_html_(self) -> str:
+        return f"<pre>{html.escape(str(self))}</pre>"
+
+
+def program_summary(program: ir.Program) -> dict[str, Any]:
+    """Node count, attention ops and their V layouts, and materialized transposes of a program."""
+    live = program.live_nodes()
+    ops = Counter(program.nodes[i].op for i in live)
+    v_layouts = [str(program.nodes[i].params["v_layout"]) for i in live if program.nodes[i].op == "attention"]
+    transposes = sum(
+        1 for i in live
+        if program.nodes[i].op == "transpose" and tuple(program.nodes[i].params["perm"]) != tuple(range(len(program.nodes[i].params["perm"])))
+    )
+    return {"nodes": len(live), "attention": ops.get("attention", 0), "v_layouts": v_layouts, "transposes": transposes,
+            "dots": ops.get("dot_general", 0)}
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """The program extraction chose under one cost model, with its predicted cost."""
+
+    program: ir.Program
+    cost: float  # program_cost of the chosen program under `model`
+    original_cost: float  # program_cost of the captured program under `model`
+    model: Any
+    attention: tuple[AttentionInfo, ...]
+    extracted_cost: float  # what egglog's extractor reported (DAG cost over e-nodes)
+    seconds: float
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return program_summary(self.program)
+
+    def __str__(self) -> str:
+        s = self.summary
+        lines = [
+            f"cost model {_model_name(self.model)}: {_fmt_cost(self.original_cost, self.model)} -> "
+            f"{_fmt_cost(self.cost, self.model)} (extracted in {self.seconds:.3f} s)",
+            f"{s['nodes']} nodes, {s['attention']} attention (V layouts {', '.join(s['v_layouts']) or '-'}), "
+            f"{s['transposes']} transposes",
+            *(f"  {a}" for a in self.attention),
+            "",
+            str(self.program),
+        ]
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        head, _, prog = str(self).partition("\n\n")
+        return f"<pre>{html.escape(head)}</pre><details><summary>program</summary><pre>{html.escape(prog)}</pre></details>"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Each cost model's chosen program, priced under every model."""
+
+    models: dict[str, Any]
+    rows: list[dict[str, Any]]  # one per model: name, summary fields, costs {model name: cost}
+
+    def _cells(self) -> tuple[list[str], list[list[str]]]:
+        headers = ["chosen by", "nodes", "attention", "V layouts", "transposes",
+                   *(f"cost under {n}" for n in self.models)]
+        body = []
+        for row in self.rows:
+            body.append([
+                row["model"], str(row["nodes"]), str(row["attention"]), ", ".join(row["v_layouts"]) or "-",
+                str(row["transposes"]),
+                *(_fmt_cost(row["costs"][n], m) + (" *" if n == row["model"] else "") for n, m in self.models.items()),
+            ])
+        return headers, body
+
+    def table(self):
+        """A rich Table (``*`` marks each model's cost of its own choice)."""
+        from rich.table import Table
+
+        headers, body = self._cells()
+        t = Table(title="extraction under each cost model (* = the model's own choice)")
+        for i, h in enumerate(headers):
+            t.add_column(h, justify="left" if i in (0, 3) else "right")
+        for r in body:
+            t.add_row(*r)
+        return t
+
+    def __rich__(self):
+        return self.table()
+
+    def __str__(self) -> str:
+        headers, body = self._cells()
+        widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(headers)]
+        line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+        return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in body)])
+
+    def _repr_html_(self) -> str:
+        headers, body = self._cells()
+        th = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+        rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
+        return f"<table><caption>extraction under each cost model (* = own choice)</caption><tr>{th}</tr>{rows}</table>"
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """One e-node of an e-class, priced: its own cost plus the cheapest way to compute its operands."""
+
+    description: str
+    own_cost: float
+    operands_cost: float
+    layouts: dict[str, str] = field(default_factory=dict)
+    operand_transposes: int = 0  # materialized transposes in the operands' cheapest programs
+
+    @property
+    def total(self) -> float:
+        return self.own_cost + self.operands_cost
+
+
+@dataclass(frozen=True)
+class EClassAlternatives:
+    """The alternatives of one e-class holding the op asked about."""
+
+    label: str  # the original program node(s) this e-class contains, e.g. "%20 dot_general"
+    alternatives: list[Alternative]
+
+    @property
+    def best(self) -> Alternative:
+        return min(self.alternatives, key=lambda a: a.total)
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """`Exploration.why`: for each e-class holding ``op``, every member e-node priced."""
+
+    op: str
+    model: Any
+    classes: list[EClassAlternatives]
+
+    def __str__(self) -> str:
+        if not self.classes:
+            return f"no e-class holds a {self.op} e-node (run the rule sets that raise it first)"
+        out = [f"why: alternatives of each e-class holding {self.op!r}, under {_model_name(self.model)}"
+               " (total = own + cheapest operands; shared operands counted once per alternative)"]
+        for cls in self.classes:
+            out.append(f"\ne-class of {cls.label}: {len(cls.alternatives)} alternatives")
+            best = cls.best
+            for alt in sorted(cls.alternatives, key=lambda a: a.total):
+                mark = "->" if alt is best else "  "
+                out.append(
+                    f" {mark} {_fmt_cost(alt.total, self.model):>10}  (own {_fmt_cost(alt.own_cost, self.model)},"
+                    f" operands {_fmt_cost(alt.operands_cost, self.model)}, {alt.operand_transposes} transposes)"
+                    f"  {alt.description}"
+                )
+        return "\n".join(out)
+
+    def _repr_html_(self) -> str:
+        return f"<pre>{html.escape(str(self))}</pre>"
+
+
+# ----------------------------------------------------------------------------------- explorer
+class Exploration:
+    """A captured program and one e-graph you step rule sets on, extract from and inspect."""
+
+    def __init__(self, captured: Captured, *, fn: Callable[..., Any] | None = None) -> None:
+        from .egraph import encode
+
+        self.captured = captured
+        self.program = captured.program
+        self.fn = fn
+        self.egraph = EGraph()
+        start = time.perf_counter()
+        self.encoding = encode(self.program, self.egraph)
+        self.encode_seconds = time.perf_counter() - start
+        self.history: list[Step] = []
+        self._serialized: tuple[int, dict] | None = None
+
+    # ------------------------------------------------------------------ rewriting
+    @property
+    def size(self) -> int:
+        from .egraph.driver import egraph_size
+
+        return egraph_size(self.egraph)
+
+    def run(self, *rulesets: str, iterations: int = 1, limits: Limits | None = None) -> Step:
+        """Run rule sets (names or rule-file paths; none = the default list) and record a `Step`.
+
+        ``iterations`` rounds (each: analyses, raising sets, rewriting sets, index-math answers),
+        or ``limits`` for full control (e.g. ``Limits(iterations=30)`` to saturate).
+        """
+        from .egraph import resolve, run_rulesets
+
+        sets = resolve(list(rulesets) if rulesets else None)
+        lim = limits or Limits(iterations=iterations)
+        before = self.size
+        result = run_rulesets(self.egraph, sets, lim)
+        self._serialized = None
+        step = Step(
+            index=len(self.history) + 1,
+            rulesets=tuple(r.name for r in sets),
+            iterations=result.iterations,
+            nodes_before=before,
+            nodes_after=result.egraph_nodes,
+            rules_fired=dict(result.rules_fired),
+            seconds=result.seconds,
+            saturated=result.saturated,
+            stop_reason=result.stop_reason,
+            per_iteration=tuple(result.steps),
+        )
+        self.history.append(step)
+        return step
+
+    def saturate(self, *rulesets: str, limits: Limits = Limits()) -> Step:
+        """Run rule sets (default list) until nothing changes or a limit is reached."""
+        return self.run(*rulesets, limits=limits)
+
+    @property
+    def rules_fired(self) -> dict[str, int]:
+        total: Counter[str] = Counter()
+        for s in self.history:
+            total.update(s.rules_fired)
+        return dict(total)
+
+    # ------------------------------------------------------------------ extraction
+    def extract(self, cost_model: str | CostModel | None = None, extractor: str = "greedy-dag") -> Extraction:
+        """The cheapest program in the e-graph under ``cost_model`` (default: this device's roofline)."""
+        from .egraph import extract_program
+
+        model = cost_model_from_name(cost_model)
+        start = time.perf_counter()
+        if extractor == "ilp":
+            from .egraph.ilp import extract_program_ilp
+
+            chosen, extracted = extract_program_ilp(self.egraph, self.encoding, model)
+        else:
+            chosen, extracted = extract_program(self.egraph, self.encoding, model, extractor=extractor)
+        seconds = time.perf_counter() - start
+        kernel = getattr(model, "attention_kernel", "reference")
+        return Extraction(
+            program=chosen,
+            cost=program_cost(chosen, model),
+            original_cost=program_cost(self.program, model),
+            model=model,
+            attention=tuple(attention_infos(chosen, kernel)),
+            extracted_cost=float(extracted),
+            seconds=seconds,
+        )
+
+    def compare(self, models: Mapping[str, str | CostModel] | Sequence[str]) -> Comparison:
+        """Extract under each model; price every chosen program under every model."""
+        if not isinstance(models, Mapping):
+            models = {str(m): m for m in models}
+        resolved = {name: cost_model_from_name(m) for name, m in models.items()}
+        rows = []
+        for name, model in resolved.items():
+            ext = self.extract(model)
+            costs = {other: program_cost(ext.program, m) for other, m in resolved.items()}
+            rows.append({"model": name, **ext.summary, "costs": costs, "program": ext.program})
+        rows.append({"model": "(original)", **program_summary(self.program),
+                     "costs": {other: program_cost(self.program, m) for other, m in resolved.items()},
+                     "program": self.program})
+        return Comparison(resolved, rows)
+
+    # ------------------------------------------------------------------ explanation
+    def serialized(self) -> dict:
+        """egglog's serialized e-graph as JSON (nodes, classes with their let-bound names)."""
+        size = self.size
+        if self._serialized is None or self._serialized[0] != size:
+            ser = self.egraph._serialize(split_primitive_outputs=False)
+            self._serialized = (size, json.loads(ser.to_json()))
+        return self._serialized[1]
+
+    def _classes_with(self, op: str) -> list[tuple[str, list[int]]]:
+        """E-classes holding a ``Term.<op>`` e-node that contain let-bound program nodes."""
+        data = self.serialized()
+        ctor = f"Term.{_CTOR_OF_OP.get(op, op)}"
+        wanted = {n["eclass"] for n in data["nodes"].values() if n["op"] == ctor}
+        by_class: dict[str, list[int]] = {}
+        for cls, info in data["class_data"].items():
+            let = str(info.get("let") or "").lstrip("$")
+            if cls in wanted and let.startswith("n") and let[1:].isdigit():
+                by_class.setdefault(cls, []).append(int(let[1:]))
+        return sorted(((c, sorted(ids)) for c, ids in by_class.items()), key=lambda kv: kv[1][0])
+
+    def why(self, op: str = "attention", cost_model: str | CostModel | None = None, max_alternatives: int = 64) -> Explanation:
+        """For each e-class holding an ``op`` e-node: every alternative e-node, with its own cost and
+        the cost of the cheapest operands it needs (e.g. standard attention beside transposed-V
+        attention plus the transpose of V that it needs).
+
+        Operands are extracted under the same model (greedy DAG, in one extractor call for all
+        alternatives); an alternative's operand cost is the DAG cost of the union of its operands'
+        programs, so a subterm its operands share is paid once.
+        """
+        from .egraph.extract import UNKNOWN_TYPE_COST, enode_view
+
+        model = cost_model_from_name(cost_model)
+        enc = self.encoding
+        pending = []  # (label, [(member, own, operand exprs)])
+        all_operands: list[Any] = []
+        for _cls, node_ids in self._classes_with(op):
+            members = self.egraph.extract_multiple(enc.terms[node_ids[0]], max_alternatives)
+            entries = []
+            for member in members:
+                view = enode_view(self.egraph, member, enc)
+                own = 0.0 if view is None else view if isinstance(view, float) else float(model.node_cost(view))
+                operands = [a for a in get_callable_args(member) if _is_term(a)]
+                if str(get_callable_fn(member)) == "Term.attention" and _mask_none(member):
+                    operands = operands[:3]
+                entries.append((member, min(own, UNKNOWN_TYPE_COST), operands))
+                all_operands.extend(operands)
+            label = ", ".join(f"%{i} {self.program.nodes[i].op}" for i in node_ids)
+            pending.append((label, entries))
+        if not pending:
+            return Explanation(op, model, [])
+        termdag, terms = self._extract_many(all_operands, model)
+        classes, k = [], 0
+        for label, entries in pending:
+            alts = []
+            for member, own, operands in entries:
+                ids = terms[k:k + len(operands)]
+                k += len(operands)
+                if any(t is None for t in ids):
+                    cost, transposes = math.inf, 0
+                else:
+                    prog = _decode_terms(termdag, ids, enc)
+                    cost, transposes = program_cost(prog, model), program_summary(prog)["transposes"]
+                alts.append(Alternative(_describe(member), own, cost, _layouts(member), transposes))
+            classes.append(EClassAlternatives(label, alts))
+        return Explanation(op, model, classes)
+
+    def _extract_many(self, exprs: list[Any], model: CostModel) -> tuple[Any, list[int | None]]:
+        """Greedy-DAG extraction of several terms already in the e-graph, in one call."""
+        from .egraph.extract import egglog_cost_model
+
+        if not exprs:
+            return None, []
+        state = self.egraph._state
+        roots = []
+        for e in exprs:
+            runtime = to_runtime_expr(e)
+            self.egraph._add_decls(runtime)
+            sort = state.type_ref_to_egg(runtime.__egg_typed_expr__.tp)
+            egg_expr = state.typed_expr_to_egg(runtime.__egg_typed_expr__, expr_to_let=True)
+            roots.append((sort, state.egraph.eval_expr(egg_expr)[1]))
+        adapter = _DagCostModel(egglog_cost_model(model, self.encoding), self.egraph).to_bindings_cost_model()
+        termdag, results = bindings.extract_best_with_dag_cost_model(state.egraph, roots, adapter, extractor="greedy-dag")
+        return termdag, [None if r is None else r[1] for r in results]
+
+    # ------------------------------------------------------------------ drawing
+    def summary(self) -> dict[str, Any]:
+        """Counts of e-classes and e-nodes per tensor op (plus analysis/table rows)."""
+        data = self.serialized()
+        per_op: Counter[str] = Counter()
+        classes = set()
+        for n in data["nodes"].values():
+            if n["op"].startswith(("Term.", "TermList.")):
+                per_op[n["op"].split(".", 1)[1]] += 1
+                classes.add(n["eclass"])
+        return {"e-nodes": sum(per_op.values()), "e-classes": len(classes), "per op": dict(per_op.most_common()),
+                "all rows (incl. analyses)": self.size}
+
+    def dot(self, max_nodes: int = DRAW_LIMIT) -> str:
+        """Graphviz DOT text of the tensor part of the e-graph (one cluster per e-class)."""
+        return _to_dot(self.serialized(), self.encoding, max_nodes)
+
+    def svg(self, path: str | Path | None = None, max_nodes: int = DRAW_LIMIT) -> str:
+        """Draw the e-graph as SVG (written to ``path`` if given) and return the SVG text.
+
+        Graphs with more than ``max_nodes`` tensor e-nodes are drawn as a summary table instead.
+        Uses Graphviz's ``dot`` when installed, else a built-in layered layout.
+        """
+        data = self.serialized()
+        n_tensor = sum(1 for n in data["nodes"].values() if n["op"].startswith(("Term.", "TermList.")))
+        if n_tensor > max_nodes:
+            svg = _summary_svg(self.summary(), max_nodes)
+        elif shutil.which("dot"):
+            svg = subprocess.run(["dot", "-Tsvg"], input=self.dot(max_nodes), capture_output=True, text=True,
+                                 check=True).stdout
+        else:
+            svg = _layered_svg(data, self.encoding)
+        if path is not None:
+            Path(path).write_text(svg)
+        return svg
+
+    def __str__(self) -> str:
+        s = self.summary()
+        top = ", ".join(f"{k} {v}" for k, v in list(s["per op"].items())[:8])
+        steps = "\n".join(f"  {st}" for st in self.history) or "  (no rule sets run yet: call .run())"
+        return (f"Exploration of a {len(self.program.live_nodes())}-node program: e-graph {s['e-nodes']} tensor e-nodes"
+                f" in {s['e-classes']} e-classes ({top})\n{steps}")
+
+    def _repr_html_(self) -> str:
+        text = f"<pre>{html.escape(str(self))}</pre>"
+        try:
+            return text + f"<div style='max-height:600px;overflow:auto'>{self.svg()}</div>"
+        except Exception as exc:  # noqa: BLE001 - a drawing failure must not hide the text
+            return text + f"<p>(no drawing: {html.escape(str(exc))})</p>"
+
+
+def explore(fn: Callable[..., Any], *args: Any, static_argnums: int | Sequence[int] = (), **kwargs: Any) -> Exploration:
+    """Trace ``fn(*args, **kwargs)`` and encode it in a fresh e-graph (no rules run yet)."""
+    return Exploration(capture(fn, *args, static_argnums=static_argnums, **kwargs), fn=fn)
+
+
+# ----------------------------------------------------------------------------------- helpers
+_CTOR_OF_OP = {"dot_general": "dot", "broadcast_in_dim": "broadcast", "select_n": "select",
+               "convert_element_type": "convert"}
+
+
+def _is_term(a: Any) -> bool:
+    from .egraph.language import Term
+
+    return isinstance(a, Term)
+
+
+def _prim(a: Any) -> Any:
+    v = getattr(a, "value", a)
+    if isinstance(v, tuple):
+        return tuple(_prim(x) for x in v)
+    return v
+
+
+def _mask_none(member: Any) -> bool:
+    return _prim(get_callable_args(member)[-1]) == "none"
+
+
+def _layouts(member: Any) -> dict[str, str]:
+    from .egraph.encode import axes_to_layout
+
+    if str(get_callable_fn(member)) != "Term.attention":
+        return {}
+    args = get_callable_args(member)
+    return {n: axes_to_layout(tuple(int(x) for x in _prim(args[4 + i]))) for i, n in enumerate("qkvo")}
+
+
+def _short(a: Any, depth: int = 0) -> str:
+    """A one-line description of an operand term: its head constructor and static parameters."""
+    if not _is_term(a):
+        return repr(_prim(a))
+    fn = str(get_callable_fn(a)).removeprefix("Term.")
+    args = get_callable_args(a)
+    if fn == "input":
+        return f"input{_prim(args[0])}"
+    statics = [_prim(x) for x in args if not _is_term(x)]
+    terms = [x for x in args if _is_term(x)]
+    if depth >= 1 or not terms:
+        return f"{fn}{statics if statics else ''}"
+    inner = ", ".join(_short(t, depth + 1) for t in terms[:2]) + (", ..." if len(terms) > 2 else "")
+    return f"{fn}{statics if statics else ''}({inner})"
+
+
+def _describe(member: Any) -> str:
+    fn = str(get_callable_fn(member)).removeprefix("Term.")
+    args = get_callable_args(member)
+    if fn == "attention":
+        lay = _layouts(member)
+        v = args[2]
+        return (f"attention q={lay['q']} k={lay['k']} v={lay['v']} o={lay['o']}"
+                f" causal={bool(_prim(args[9]))} mask={_prim(args[10])}; v = {_short(v)}")
+    return _short(member)
+
+
+def _label_of(node: dict, nodes: Mapping[str, dict]) -> str:
+    """E-node label: constructor and its primitive arguments."""
+    op = node["op"].split(".", 1)[-1]
+    prims = []
+    for c in node["children"]:
+        child = nodes.get(c)
+        if child is not None and not child["op"].startswith(("Term.", "TermList.")):
+            prims.append(_prim_text(child, nodes))
+    return f"{op} {' '.join(prims)}".strip()
+
+
+def _prim_text(node: dict, nodes: Mapping[str, dict]) -> str:
+    if node["op"] == "Vec":
+        return "(" + ",".join(_prim_text(nodes[c], nodes) for c in node["children"] if c in nodes) + ")"
+    return node["op"]
+
+
+def _tensor_part(data: dict) -> tuple[dict[str, dict], dict[str, list[str]]]:
+    nodes = data["nodes"]
+    tensor = {k: n for k, n in nodes.items() if n["op"].startswith(("Term.", "TermList."))}
+    classes: dict[str, list[str]] = {}
+    for k, n in tensor.items():
+        classes.setdefault(n["eclass"], []).append(k)
+    return tensor, classes
+
+
+def _class_names(data: dict, enc: Any) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for cls, info in data["class_data"].items():
+        let = str(info.get("let") or "").lstrip("$")
+        if let.startswith("n") and let[1:].isdigit():
+            i = int(let[1:])
+            out[cls] = (out[cls] + "," if cls in out else "") + f"%{i}"
+        elif let == "root":
+            out[cls] = "root"
+    return out
+
+
+def _to_dot(data: dict, enc: Any, max_nodes: int) -> str:
+    tensor, classes = _tensor_part(data)
+    names = _class_names(data, enc)
+    nodes = data["nodes"]
+    lines = ["digraph egraph {", "  compound=true; rankdir=BT; node [shape=box, fontsize=10, style=rounded];"]
+    ids = {k: f"n{i}" for i, k in enumerate(tensor)}
+    cids = {c: f"c{i}" for i, c in enumerate(classes)}
+    for c, members in classes.items():
+        title = html.escape(names.get(c, ""))
+        lines.append(f'  subgraph cluster_{cids[c]} {{ label="{title}"; style=dashed; color=gray;')
+        for k in members:
+            label = _label_of(tensor[k], nodes).replace('"', '\\"')
+            lines.append(f'    {ids[k]} [label="{label}"];')
+        lines.append("  }")
+    for k, n in tensor.items():
+        for c in n["children"]:
+            child = nodes.get(c)
+            if child is not None and c in tensor:
+                target = ids[classes[child["eclass"]][0]]
+                lines.append(f"  {ids[k]} -> {target} [lhead=cluster_{cids[child['eclass']]}];")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def _layered_svg(data: dict, enc: Any) -> str:
+    """A dependency-free drawing: e-classes as dashed boxes in layers (leaves at the bottom),
+    their e-nodes inside, an edge from each e-node to each operand e-class."""
+    tensor, classes = _tensor_part(data)
+    names = _class_names(data, enc)
+    nodes = data["nodes"]
+    child_classes = {
+        c: {nodes[ch]["eclass"] for k in members for ch in tensor[k]["children"] if ch in tensor} - {c}
+        for c, members in classes.items()
+    }
+    level: dict[str, int] = {}
+    for _ in range(len(classes) + 1):  # longest path from the leaves (cycles are capped)
+        changed = False
+        for c in classes:
+            lv = 1 + max((level.get(ch, 0) for ch in child_classes[c]), default=-1)
+            lv = min(lv, len(classes))
+            if level.get(c) != lv:
+                level[c], changed = lv, True
+        if not changed:
+            break
+    rows: dict[int, list[str]] = {}
+    for c in classes:
+        rows.setdefault(level[c], []).append(c)
+    char_w, line_h, pad, gap_x, gap_y = 6.2, 14, 6, 18, 46
+    labels = {k: _label_of(n, nodes) for k, n in tensor.items()}
+    box: dict[str, tuple[float, float, float, float]] = {}
+    node_pos: dict[str, tuple[float, float, float]] = {}
+    y = 20.0
+    width = 0.0
+    order = sorted(rows, reverse=True)  # roots on top
+    for lv in order:
+        x = 10.0
+        row_h = 0.0
+        for c in rows[lv]:
+            members = classes[c]
+            w = max([len(labels[k]) for k in members] + [len(names.get(c, ""))]) * char_w + 2 * pad
+            h = (len(members) + 1) * line_h + 2 * pad
+            box[c] = (x, y, w, h)
+            for i, k in enumerate(members):
+                node_pos[k] = (x + pad, y + pad + (i + 2) * line_h - 3, w)
+            x += w + gap_x
+            row_h = max(row_h, h)
+        width = max(width, x)
+        y += row_h + gap_y
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{y:.0f}" '
+           'font-family="monospace" font-size="10">']
+    for k, n in tensor.items():
+        x0, y0, _w = node_pos[k]
+        for ch in n["children"]:
+            if ch in tensor:
+                bx, by, bw, bh = box[nodes[ch]["eclass"]]
+                out.append(f'<line x1="{x0 + 20:.0f}" y1="{y0 + 3:.0f}" x2="{bx + bw / 2:.0f}" y2="{by:.0f}" '
+                           'stroke="#8888cc" stroke-width="0.8"/>')
+    for c, (x0, y0, w, h) in box.items():
+        out.append(f'<rect x="{x0:.0f}" y="{y0:.0f}" width="{w:.0f}" height="{h:.0f}" rx="4" fill="#f8f8ff" '
+                   'stroke="#888" stroke-dasharray="4 2"/>')
+        out.append(f'<text x="{x0 + pad:.0f}" y="{y0 + pad + line_h - 3:.0f}" fill="#666">'
+                   f'{html.escape(names.get(c, "e-class"))}</text>')
+        for k in classes[c]:
+            nx, ny, _w = node_pos[k]
+            out.append(f'<text x="{nx:.0f}" y="{ny:.0f}">{html.escape(labels[k])}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _summary_svg(summary: dict[str, Any], limit: int) -> str:
+    lines = [f"e-graph too large to draw ({summary['e-nodes']} tensor e-nodes > {limit}):",
+             f"{summary['e-classes']} e-classes, {summary['all rows (incl. analyses)']} rows in all tables", ""]
+    lines += [f"{op:<14} {n:>7}" for op, n in summary["per op"].items()]
+    h = 16 * len(lines) + 20
+    texts = "".join(f'<text x="10" y="{20 + 16 * i}">{html.escape(t)}</text>' for i, t in enumerate(lines))
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="520" height="{h}" font-family="monospace" '
+            f'font-size="12">{texts}</svg>')
+
+
+def _decode_terms(termdag: Any, roots: Sequence[int], enc: Any) -> ir.Program:
+    """A program whose outputs are the extracted terms ``roots`` (one shared decoder: DAG kept)."""
+    from .egraph.decode import _Decoder
+
+    dec = _Decoder(termdag, enc)
+    outputs = []
+    for root in roots:
+        stack = [root]
+        while stack:
+            tid = stack[-1]
+            if tid in dec.values:
+                stack.pop()
+                continue
+            pending = [a for a in getattr(termdag.get(tid), "args", ()) if a not in dec.values]
+            if pending:
+                stack.extend(pending)
+                continue
+            stack.pop()
+            dec.values[tid] = dec._build(termdag.get(tid))
+        outputs.append(dec.values[root])
+    return dec.builder.build(outputs)
