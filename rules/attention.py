@@ -10,9 +10,9 @@ transposes into the layouts and exposes the standard and transposed-V forms."""
 
 from __future__ import annotations
 
-from egglog import String, eq, f64, i64, relation, union, var
+from egglog import String, eq, f64, i64, union, var
 
-from eqsat_attn.egraph.language import IntVec, Term, ivec, perm_range, shape
+from eqsat_attn.egraph.language import IntVec, Term, causal_mask, ivec, perm_range, shape
 from eqsat_attn.egraph.rulesets import RuleSet, asking, rl, rw
 
 attention_raise = RuleSet(
@@ -24,8 +24,6 @@ attention_layout = RuleSet(
     "attention_layout",
     "Fold operand transposes into Attention layouts and expose the standard and transposed-V forms.",
 )
-
-causal_mask = relation("causal_mask", Term)
 
 x, y, z, m, q, k, v, e, s_ = (var(n, Term) for n in ("x", "y", "z", "m", "q", "k", "v", "e", "s_"))
 p, d1, d2, s1, s2, qa, ka, va, oa = (var(n, IntVec) for n in ("p", "d1", "d2", "s1", "s2", "qa", "ka", "va", "oa"))
@@ -78,18 +76,36 @@ def boolean_identities():
 
 
 @attention_raise.family
+def iota_broadcast():
+    """A 1-D iota broadcast along axis d is the iota of the full shape along d."""
+    yield rw(
+        Term.broadcast(Term.iota(dt, s2, 0), s1, d2),
+        Term.iota(dt, s1, d2[0]),
+        s2.length() == i64(1), d2.length() == i64(1), s1[d2[0]] == s2[0],
+    )
+
+
+@attention_raise.family
 def causal_masks():
-    """row >= col over iotas is a causal mask, and so is its broadcast over leading axes."""
-    row = Term.iota(dt, s1, 0)
-    col = Term.iota(dt, s1, 1)
-    yield rl(eq(e).to(Term.binary("ge", row, col)))(causal_mask(e))
-    yield rl(eq(e).to(Term.binary("le", col, row)))(causal_mask(e))
+    """row >= col over the last two axes' iotas is a causal mask, and so are its broadcasts,
+    casts and `!= 0` tests (closed-over constant masks are recognised when encoded)."""
+    row = Term.iota(dt, s1, var("i", i64))
+    col = Term.iota(dt, s1, var("j", i64))
+    last_two = (var("i", i64) == s1.length() - 2, var("j", i64) == s1.length() - 1)
+    yield rl(eq(e).to(Term.binary("ge", row, col)), *last_two)(causal_mask(e))
+    yield rl(eq(e).to(Term.binary("le", col, row)), *last_two)(causal_mask(e))
     yield rl(
         eq(e).to(Term.broadcast(m, s2, d2)), causal_mask(m),
         d2.length() >= i64(2),
         d2[d2.length() - 1] == s2.length() - 1,
         d2[d2.length() - 2] == s2.length() - 2,
     )(causal_mask(e))
+    yield rl(eq(e).to(Term.convert(m, dt)), causal_mask(m))(causal_mask(e))
+    yield rl(
+        eq(e).to(Term.transpose(m, p)), causal_mask(m),
+        p[p.length() - 1] == p.length() - 1, p[p.length() - 2] == p.length() - 2,
+    )(causal_mask(e))
+    yield rl(eq(e).to(Term.binary("ne", m, scalar(0.0, dt, s1))), causal_mask(m))(causal_mask(e))
 
 
 def _stable_softmax_forms(xx: Term, rank: int):
@@ -109,6 +125,14 @@ def softmax():
             yield rw(form, Term.softmax(x), shape(x).length() == i64(rank))
 
 
+@attention_raise.family
+def softmax_transpose():
+    """Transposes that keep the last axis in place commute with softmax."""
+    last_fixed = (p[p.length() - 1] == p.length() - 1,)
+    yield rw(Term.transpose(Term.softmax(x), p), Term.softmax(Term.transpose(x, p)), *last_fixed)
+    yield rw(Term.softmax(Term.transpose(x, p)), Term.transpose(Term.softmax(x), p), *last_fixed)
+
+
 def _scores_forms(scores: Term):
     """Scaled scores: (form, scale) pairs for the scale on the scores; the scale on Q or K is
     moved onto the scores by `scalar_out_of_matmul`."""
@@ -120,13 +144,14 @@ def _scores_forms(scores: Term):
 
 @attention_raise.family
 def scalar_out_of_matmul():
-    """A matmul of an operand scaled by a scalar is the scaled matmul."""
+    """A matmul of an operand scaled (multiplied or divided) by a scalar is the scaled matmul."""
     for side in (0, 1):
-        scaled = Term.binary("mul", x, scalar(c, dt2, s1))
-        a, b = (scaled, y) if side == 0 else (y, scaled)
-        dot = Term.dot(a, b, d1, d2, lb, rb, dt)
-        plain = Term.dot(x, y, d1, d2, lb, rb, dt) if side == 0 else Term.dot(y, x, d1, d2, lb, rb, dt)
-        yield rl(eq(e).to(dot), shape(e) == s2)(union(e).with_(Term.binary("mul", plain, scalar(c, dt, s2))))
+        for op in ("mul", "div"):
+            scaled = Term.binary(op, x, scalar(c, dt2, s1))
+            a, b = (scaled, y) if side == 0 else (y, scaled)
+            dot = Term.dot(a, b, d1, d2, lb, rb, dt)
+            plain = Term.dot(x, y, d1, d2, lb, rb, dt) if side == 0 else Term.dot(y, x, d1, d2, lb, rb, dt)
+            yield rl(eq(e).to(dot), shape(e) == s2)(union(e).with_(Term.binary(op, plain, scalar(c, dt, s2))))
 
 
 @attention_raise.family
@@ -148,6 +173,31 @@ def attention():
             union(e).with_(attn(sc, 1, Term.no_mask(), "none"))
         )
         yield rw(out(Term.softmax(Term.binary("add", zz, z))), attn(sc, 0, z, "bias"), *four)
+
+
+@attention_raise.family
+def grouped_attention():
+    """The grouped (GQA) form with Q as [B, Hkv, G, Sq, D] (jax.nn.dot_product_attention's
+    5-D einsum, in the layout where the query axis meets the key axis, as a causal mask needs)
+    is Attention over Q's heads merged (h = hkv * G + g), reshaped back."""
+    sq, sv = var("sq", IntVec), var("sv", IntVec)
+    five, four = shape(q) == sq, [shape(v) == sv, sq.length() == i64(5), shape(k).length() == i64(4), sv.length() == i64(4)]
+    scores = Term.dot(q, k, ivec([4]), ivec([2]), ivec([0, 1]), ivec([0, 1]), dt)
+    merged = IntVec(sq[0], sq[1] * sq[2], sq[3], sq[4])  # [B, H, Sq, D]
+
+    def out(probs: Term) -> Term:
+        return Term.dot(probs, v, ivec([4]), ivec([2]), ivec([0, 1]), ivec([0, 1]), dt3)
+
+    def attn(sc, causal_flag: int, mask: Term, kind: str) -> Term:
+        o4 = Term.attention(Term.reshape(q, merged), k, v, mask, BHSD, K_TRANSPOSED, BHSD, BHSD, sc, causal_flag, kind)
+        return Term.reshape(o4, IntVec(sq[0], sq[1], sq[2], sq[3], sv[3]))
+
+    for zz, sc in _scores_forms(scores):
+        yield rl(eq(e).to(out(Term.softmax(zz))), five, *four)(union(e).with_(attn(sc, 0, Term.no_mask(), "none")))
+        masked = Term.select(m, scalar(neg, dt2, s1), zz)
+        yield rl(eq(e).to(out(Term.softmax(masked))), five, causal_mask(m), neg <= f64(MASK_THRESHOLD), *four)(
+            union(e).with_(attn(sc, 1, Term.no_mask(), "none"))
+        )
 
 
 @attention_layout.family

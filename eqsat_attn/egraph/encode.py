@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from egglog import Action, EGraph, String, set_
 
 from .. import ir
-from .language import Term, TermList, dtype, ivec, shape
+from .language import Term, TermList, causal_mask, dtype, ivec, shape
 
 AXES = "BHSD"
 
@@ -99,6 +101,14 @@ def _term(node: ir.Node, args: list[Term], enc: Encoding) -> Term:
     return Term.opaque(len(enc.uninterpreted) - 1, operands)
 
 
+def is_causal_constant(array: np.ndarray) -> bool:
+    """A closed-over mask equal to tril(ones) over its last two axes (bool or 0/1 values)."""
+    if array.ndim < 2 or array.dtype.kind not in "biuf":
+        return False
+    tril = np.tril(np.ones(array.shape[-2:], dtype=bool))
+    return bool(np.all(np.where(tril, array == 1, array == 0)))
+
+
 def _is_leaf_typed(node: ir.Node) -> bool:
     """Nodes whose shape and dtype the analysis cannot derive."""
     return node.type is not None and node.op not in (
@@ -116,6 +126,8 @@ def encode(program: ir.Program, egraph: EGraph) -> Encoding:
         # one let per node keeps every registered expression shallow (no deep nesting)
         ref = egraph.let(f"n{i}", _term(node, [enc.terms[j] for j in node.inputs], enc))
         enc.terms[i] = ref
+        if node.op == "constant" and is_causal_constant(node["value"].array):
+            actions.append(causal_mask(ref))
         if _is_leaf_typed(node):
             actions.append(set_(shape(ref)).to(_vec(node.type.shape)))
             actions.append(set_(dtype(ref)).to(String(node.type.dtype)))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -219,13 +220,22 @@ def extract_program_ilp(
     model: CostModel,
     time_limit: float = 30.0,
     max_enodes: int = MAX_ENODES,
+    acyclicity: str = "lazy",
+    max_rounds: int = 200,
 ) -> tuple[ir.Program, float]:
     """The cheapest program in the root's e-class under ``model`` (DAG cost), solved exactly.
 
     Returns the program and its cost under ``model`` (the ILP objective). Past ``time_limit``
     seconds the best solution HiGHS found is used (it may then not be optimal). Raises
     `ILPExtractionError` if more than ``max_enodes`` candidate e-nodes are reachable.
+
+    ``acyclicity``: "lazy" (solve without order constraints, forbid each cycle found in the
+    solution and solve again, up to ``max_rounds``) or "order" (big-M order variables on the
+    classes of each strongly connected component, one solve). HiGHS starts from a greedy DAG
+    extraction computed here, so the result is never costlier than that start.
     """
+    if acyclicity not in ("lazy", "order"):
+        raise ValueError(f"acyclicity must be 'lazy' or 'order', got {acyclicity!r}")
     import highspy
     import numpy as np
 
@@ -288,13 +298,13 @@ def extract_program_ilp(
     col = {n: i for i, n in enumerate(nodes)}
     classes = [c for c in alive if alive[c]]
 
-    # acyclicity only inside strongly connected components of the class graph
+    # acyclicity only matters inside strongly connected components of the class graph
     succ = {c: {cc for n in alive[c] for cc in children[n]} for c in classes}
     comp = _sccs(succ)
     comp_size: dict[int, int] = {}
     for c in classes:
         comp_size[comp[c]] = comp_size.get(comp[c], 0) + 1
-    cyclic = [c for c in classes if comp_size[comp[c]] > 1]
+    cyclic = [c for c in classes if comp_size[comp[c]] > 1] if acyclicity == "order" else []
     tcol = {c: len(nodes) + i for i, c in enumerate(cyclic)}
 
     scale_ref = max((abs(v) for v in cost.values()), default=0.0)
@@ -302,7 +312,6 @@ def extract_program_ilp(
 
     h = highspy.Highs()
     h.setOptionValue("output_flag", False)
-    h.setOptionValue("time_limit", float(time_limit))
     h.setOptionValue("mip_rel_gap", 1e-9)
     h.setOptionValue("mip_abs_gap", 1e-9)
     h.setOptionValue("threads", 1)
@@ -329,6 +338,13 @@ def extract_program_ilp(
             index.append(j)
             values.append(v)
 
+    def flush() -> None:
+        if rows_lo:
+            h.addRows(len(rows_lo), np.array(rows_lo), np.array(rows_hi), len(index),
+                      np.array(starts, dtype=np.int32), np.array(index, dtype=np.int32), np.array(values))
+        for buf in (rows_lo, rows_hi, starts, index, values):
+            buf.clear()
+
     row(1.0, 1.0, ((col[n], 1.0) for n in alive[g.root]))
     for c in classes:
         if c != g.root and len(alive[c]) > 1:
@@ -341,37 +357,158 @@ def extract_program_ilp(
                 big = float(comp_size[comp[cls]])
                 # t_cls - t_cc - M x_n >= 1 - M
                 row(1.0 - big, inf, ((tcol[cls], 1.0), (tcol[cc], -1.0), (col[n], -big)))
-    h.addRows(len(rows_lo), np.array(rows_lo), np.array(rows_hi), len(index),
-              np.array(starts, dtype=np.int32), np.array(index, dtype=np.int32), np.array(values))
+    flush()
 
-    h.run()
-    status = h.getModelStatus()
-    info = h.getInfo()
-    if info.primal_solution_status != 2:  # kSolutionStatusFeasible
-        raise ILPExtractionError(f"HiGHS found no solution: {h.modelStatusToString(status)}")
-    x = h.getSolution().col_value
-    chosen: dict[str, str] = {}
-    for c in classes:
-        best = max(alive[c], key=lambda n: x[col[n]])
-        if x[col[best]] > 0.5:
-            chosen[c] = best
+    # warm start: the better of a greedy DAG and a tree extraction computed here (always acyclic)
+    warm = _warm_start(g.root, classes, alive, children, cost)
+    deadline = time.monotonic() + time_limit
+    chosen: dict[str, str] | None = None
+    for _ in range(max_rounds):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        h.setOptionValue("time_limit", float(left))
+        if warm is not None:
+            x0 = np.zeros(ncols)
+            for n in warm.values():
+                x0[col[n]] = 1.0
+            for c, level in _levels(g.root, warm, children).items():
+                if c in tcol:
+                    x0[tcol[c]] = float(level)
+            sol = highspy.HighsSolution()
+            sol.col_value = list(x0)
+            sol.value_valid = True
+            h.setSolution(sol)
+        h.run()
+        if h.getInfo().primal_solution_status != 2:  # kSolutionStatusFeasible
+            break
+        x = h.getSolution().col_value
+        pick: dict[str, str] = {}
+        for c in classes:
+            best = max(alive[c], key=lambda n: x[col[n]])
+            if x[col[best]] > 0.5:
+                pick[c] = best
+        cycle = _find_cycle(g.root, pick, children)
+        if cycle is None:
+            chosen = pick
+            break
+        # lazy acyclicity: forbid this cycle of chosen nodes, solve again
+        row(-inf, len(cycle) - 1.0, ((col[n], 1.0) for n in cycle))
+        flush()
+    if chosen is None or (warm is not None and _dag_cost(g.root, warm, children, cost) < _dag_cost(g.root, chosen, children, cost)):
+        chosen = warm  # out of time (or rounds): the warm start is a valid extraction
+    if chosen is None:
+        raise ILPExtractionError(f"HiGHS found no acyclic solution: {h.modelStatusToString(h.getModelStatus())}")
 
     program = _decode(g, chosen, enc)
-    total = sum(cost[n] for n in _used(g, chosen, children))
-    return program, float(total)
+    return program, float(_dag_cost(g.root, chosen, children, cost))
 
 
-def _used(g: _Graph, chosen: dict[str, str], children: dict[str, list[str]]) -> list[str]:
-    """The chosen nodes reachable from the root (the ILP may pick free extras)."""
-    out, seen, stack = [], {g.root}, [g.root]
+def _reachable(root: str, chosen: dict[str, str], children: dict[str, list[str]]) -> list[str] | None:
+    """Classes reachable from the root through the chosen nodes (None if one has no choice)."""
+    out, seen, stack = [], {root}, [root]
     while stack:
-        n = chosen[stack.pop()]
-        out.append(n)
-        for c in children[n]:
-            if c not in seen:
-                seen.add(c)
-                stack.append(c)
+        c = stack.pop()
+        if c not in chosen:
+            return None
+        out.append(c)
+        for cc in children[chosen[c]]:
+            if cc not in seen:
+                seen.add(cc)
+                stack.append(cc)
     return out
+
+
+def _dag_cost(root: str, chosen: dict[str, str], children: dict[str, list[str]], cost: dict[str, float]) -> float:
+    used = _reachable(root, chosen, children)
+    return math.inf if used is None else sum(cost[chosen[c]] for c in used)
+
+
+def _find_cycle(root: str, chosen: dict[str, str], children: dict[str, list[str]]) -> list[str] | None:
+    """The chosen nodes of one cycle reachable from the root, or None if they form a DAG."""
+    state: dict[str, int] = {}  # 1 on the DFS path, 2 done
+    path: list[str] = []
+    stack: list[tuple[str, int]] = [(root, 0)]
+    while stack:
+        c, i = stack.pop()
+        if i == 0:
+            state[c] = 1
+            path.append(c)
+        kids = children[chosen[c]] if c in chosen else []
+        if i < len(kids):
+            stack.append((c, i + 1))
+            cc = kids[i]
+            if state.get(cc) == 1:
+                loop = path[path.index(cc):]
+                return [chosen[x] for x in loop]
+            if cc not in state:
+                stack.append((cc, 0))
+        else:
+            state[c] = 2
+            path.pop()
+    return None
+
+
+def _levels(root: str, chosen: dict[str, str], children: dict[str, list[str]]) -> dict[str, int]:
+    """Height of each reachable class in the chosen DAG (leaves 0): a valid order for warm starts."""
+    order = _reachable(root, chosen, children) or []
+    level: dict[str, int] = {}
+    pending = list(reversed(order))
+    while pending:
+        rest = []
+        for c in pending:
+            kids = children[chosen[c]]
+            if all(k in level for k in kids):
+                level[c] = 1 + max((level[k] for k in kids), default=-1)
+            else:
+                rest.append(c)
+        if len(rest) == len(pending):
+            break
+        pending = rest
+    return level
+
+
+def _warm_start(
+    root: str, classes: list[str], alive: dict[str, list[str]], children: dict[str, list[str]],
+    cost: dict[str, float],
+) -> dict[str, str] | None:
+    """A valid (acyclic) extraction: the cheaper of a greedy-DAG and a tree-cost fixpoint."""
+    candidates = []
+    # tree cost: class cost = min over nodes of own cost + children's class costs
+    tree: dict[str, float] = {}
+    tree_pick: dict[str, str] = {}
+    # greedy DAG: class cost = cost of the union of the chosen subterms (keyed by class)
+    dag: dict[str, dict[str, float]] = {}
+    dag_pick: dict[str, str] = {}
+    for _ in range(len(classes) + 1):
+        changed = False
+        for c in classes:
+            for n in alive[c]:
+                kids = children[n]
+                if all(k in tree for k in kids):
+                    t = cost[n] + sum(tree[k] for k in kids)
+                    if t < tree.get(c, math.inf) - 1e-15 * max(1.0, abs(t)):
+                        tree[c], tree_pick[c] = t, n
+                        changed = True
+                if all(k in dag for k in kids):
+                    merged: dict[str, float] = {}
+                    for k in kids:
+                        merged.update(dag[k])
+                    if c in merged:
+                        continue
+                    merged[c] = cost[n]
+                    total = sum(merged.values())
+                    if c not in dag or total < sum(dag[c].values()) - 1e-15 * max(1.0, abs(total)):
+                        dag[c], dag_pick[c] = merged, n
+                        changed = True
+        if not changed:
+            break
+    for pick in (dag_pick, tree_pick):
+        if root in pick and _reachable(root, pick, children) is not None and _find_cycle(root, pick, children) is None:
+            candidates.append((_dag_cost(root, pick, children, cost), dict(pick)))
+    if not candidates:
+        return None
+    return min(candidates, key=lambda t: t[0])[1]
 
 
 def _decode(g: _Graph, chosen: dict[str, str], enc: Encoding) -> ir.Program:

@@ -118,6 +118,10 @@ def dtype(x: Term) -> String:
     """Dtype analysis (NumPy dtype names)."""
 
 
+causal_mask = relation("causal_mask", Term)
+"""Mask analysis: the term is a causal mask over its last two axes (query i keeps keys j <= i),
+as booleans or as a 0/1 indicator, broadcast over any leading axes."""
+
 ask = relation("ask", String, IntVec, IntVec, IntVec, IntVec)
 
 
@@ -137,5 +141,5 @@ def perm_range(rank: int) -> IntVec:
 
 
 __all__ = [
-    "IntVec", "Term", "TermList", "answer", "ask", "dtype", "f64", "ivec", "perm_range", "shape",
+    "IntVec", "Term", "TermList", "answer", "ask", "causal_mask", "dtype", "f64", "ivec", "perm_range", "shape",
 ]
