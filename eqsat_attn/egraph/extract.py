@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from egglog import DagCostModel, EGraph, bindings, get_callable_args, get_callable_fn
-from egglog.egraph import _DagCostModel, to_runtime_expr
+from egglog.egraph import to_runtime_expr
+from egglog.runtime import resolve_callable
 
 from .. import ir
 from ..cost.model import CostModel, OpView
@@ -29,12 +30,27 @@ def _py(expr: Any) -> Any:
     return value
 
 
-def _type(egraph: EGraph, term: Any) -> ir.TensorType | None:
+def _type(egraph: EGraph, term: Any, cache: dict | None = None) -> ir.TensorType | None:
+    if cache is not None:  # e-classes are shared by many e-nodes: look each one up once
+        key = ("type", term.__egg_typed_expr__)
+        if key not in cache:
+            cache[key] = _type(egraph, term)
+        return cache[key]
     s = egraph.lookup_function_value(shape(term))
     d = egraph.lookup_function_value(dtype(term))
     if s is None or d is None:
         return None
     return ir.TensorType(tuple(int(v) for v in _py(s)), str(_py(d)))
+
+
+def _py_cached(expr: Any, cache: dict | None) -> Any:
+    """`_py`, remembered per literal (the same Vec/String literals recur in most e-nodes)."""
+    if cache is None:
+        return _py(expr)
+    key = ("py", expr.__egg_typed_expr__)
+    if key not in cache:
+        cache[key] = _py(expr)
+    return cache[key]
 
 
 _CTORS = {
@@ -46,11 +62,12 @@ _CTORS = {
 }
 
 
-def enode_view(egraph: EGraph, expr: Any, enc: Encoding) -> OpView | None | float:
+def enode_view(egraph: EGraph, expr: Any, enc: Encoding, cache: dict | None = None) -> OpView | None | float:
     """OpView of a Term e-node; None for free and non-tensor nodes; UNKNOWN_TYPE_COST if untyped.
 
     egglog lets a cost callback read the analysis of the node's children only, so the node's
-    own type is inferred from theirs (`ir.infer_type`).
+    own type is inferred from theirs (`ir.infer_type`). ``cache`` (a dict kept for one
+    extraction, while the e-graph cannot change) remembers child types and literal values.
     """
     fn = get_callable_fn(expr)
     ctor = _CTORS.get(fn) if fn is not None else None
@@ -60,15 +77,15 @@ def enode_view(egraph: EGraph, expr: Any, enc: Encoding) -> OpView | None | floa
         return None
     args = get_callable_args(expr)
     tensor_args = [a for a in args if isinstance(a, Term)]
-    if ctor == "attention" and _py(args[-1]) == "none":  # the mask operand is Term.no_mask()
+    if ctor == "attention" and _py_cached(args[-1], cache) == "none":  # the mask operand is Term.no_mask()
         tensor_args = tensor_args[:3]
     inputs = []
     for a in tensor_args:
-        t = _type(egraph, a)
+        t = _type(egraph, a, cache)
         if t is None:
             return UNKNOWN_TYPE_COST
         inputs.append(t)
-    statics = [_py(a) for a in args if not isinstance(a, Term)]
+    statics = [_py_cached(a, cache) for a in args if not isinstance(a, Term)]
     if ctor == "reshape":
         return OpView("reshape", {}, tuple(inputs), ir.TensorType(tuple(statics[0]), inputs[0].dtype))
     if ctor == "broadcast":
@@ -108,8 +125,10 @@ def _params(ctor: str, vals: list[Any]) -> tuple[str, dict[str, Any]]:
 def egglog_cost_model(model: CostModel, enc: Encoding) -> DagCostModel[float]:
     """A DagCostModel pricing each Term e-node with ``model`` (everything else is free)."""
 
+    cache: dict = {}
+
     def marginal(egraph: EGraph, expr: Any) -> float:
-        view = enode_view(egraph, expr, enc)
+        view = enode_view(egraph, expr, enc, cache)
         if view is None:
             return 0.0
         if isinstance(view, float):
@@ -129,7 +148,7 @@ def extract_program(
     sort = state.type_ref_to_egg(runtime.__egg_typed_expr__.tp)
     egg_expr = state.typed_expr_to_egg(runtime.__egg_typed_expr__, expr_to_let=True)
     value = state.egraph.eval_expr(egg_expr)[1]
-    adapter = _DagCostModel(egglog_cost_model(model, enc), egraph).to_bindings_cost_model()
+    adapter = RawCostModel(egraph, model).bindings_model()
     termdag, results = bindings.extract_best_with_dag_cost_model(
         state.egraph, [(sort, value)], adapter, extractor=extractor
     )
@@ -137,3 +156,93 @@ def extract_program(
         raise ValueError("the program's root has no extractable term")
     cost, term = results[0]
     return decode(termdag, term, enc), float(cost)
+
+
+# --- fast path: price e-nodes from egglog's raw values -------------------------------------
+
+_ARG_KINDS: dict[str, tuple[str, ...]] = {
+    "input": ("i64",), "literal": ("f64", "str"), "constant": ("i64",), "iota": ("str", "vec", "i64"),
+    "unary": ("str", "T"), "binary": ("str", "T", "T"), "integer_pow": ("T", "i64"), "convert": ("T", "str"),
+    "select": ("T", "T", "T"), "softmax": ("T",), "transpose": ("T", "vec"), "reshape": ("T", "vec"),
+    "broadcast": ("T", "vec", "vec"), "reduce": ("str", "T", "vec"),
+    "dot": ("T", "T", "vec", "vec", "vec", "vec", "str"),
+    "attention": ("T", "T", "T", "T", "vec", "vec", "vec", "vec", "f64", "i64", "str"),
+    "no_mask": (), "opaque": ("i64", "L"), "output": ("T", "i64"),
+}
+_FREE_CTORS = frozenset({"no_mask", "opaque", "output", "input", "literal", "constant", "iota"})
+
+
+class RawCostModel:
+    """Prices Term e-nodes straight from egglog's raw values during extraction.
+
+    Equivalent to `egglog_cost_model` but without rebuilding a Python expression per e-node:
+    child types are read with one table lookup per e-class and cached.
+    """
+
+    def __init__(self, egraph: EGraph, model: CostModel) -> None:
+        state = egraph._state
+        self.egg = state.egraph
+        self.model = model
+        self.shape_fn = state.callable_ref_to_egg(resolve_callable(shape)[0])[0]
+        self.dtype_fn = state.callable_ref_to_egg(resolve_callable(dtype)[0])[0]
+        self.types: dict[Any, ir.TensorType | None] = {}
+        self.costs: dict[tuple[str, tuple], float] = {}
+        self.ctors: dict[str, str | None] = {}
+
+    def _ctor(self, name: str) -> str | None:
+        if name not in self.ctors:
+            k = name.rfind("Term_")
+            self.ctors[name] = name[k + 5:] if k >= 0 and name[k + 5:] in _ARG_KINDS else None
+        return self.ctors[name]
+
+    def _type(self, value: Any) -> ir.TensorType | None:
+        if value not in self.types:
+            s = self.egg.lookup_function(self.shape_fn, [value])
+            d = self.egg.lookup_function(self.dtype_fn, [value])
+            self.types[value] = None if s is None or d is None else ir.TensorType(
+                tuple(self.egg.value_to_i64(v) for v in self.egg.value_to_vec(s)), self.egg.value_to_string(d)
+            )
+        return self.types[value]
+
+    def _static(self, kind: str, value: Any) -> Any:
+        if kind == "i64":
+            return self.egg.value_to_i64(value)
+        if kind == "f64":
+            return self.egg.value_to_f64(value)
+        if kind == "str":
+            return self.egg.value_to_string(value)
+        return tuple(self.egg.value_to_i64(v) for v in self.egg.value_to_vec(value))
+
+    def enode_cost(self, name: str, args: list[Any]) -> float:
+        ctor = self._ctor(name)
+        if ctor is None:
+            # let-bound names are Terms too: never extract one; lists and vectors are free
+            return UNKNOWN_TYPE_COST if "thunk" in name else 0.0
+        if ctor in _FREE_CTORS:
+            return 0.0
+        key = (name, tuple(args))
+        if key in self.costs:
+            return self.costs[key]
+        kinds = _ARG_KINDS[ctor]
+        statics = [self._static(k, a) for k, a in zip(kinds, args) if k not in ("T", "L")]
+        children = [a for k, a in zip(kinds, args) if k == "T"]
+        if ctor == "attention" and statics[-1] == "none":
+            children = children[:3]
+        inputs = [self._type(c) for c in children]
+        if any(t is None for t in inputs):
+            cost = UNKNOWN_TYPE_COST
+        else:
+            if ctor == "reshape":
+                view = OpView("reshape", {}, tuple(inputs), ir.TensorType(statics[0], inputs[0].dtype))
+            elif ctor == "broadcast":
+                view = OpView("broadcast_in_dim", {"broadcast_dimensions": statics[1]}, tuple(inputs),
+                              ir.TensorType(statics[0], inputs[0].dtype))
+            else:
+                op, params = _params(ctor, statics)
+                view = OpView(op, params, tuple(inputs), ir.infer_type(op, params, inputs))
+            cost = float(self.model.node_cost(view))
+        self.costs[key] = cost
+        return cost
+
+    def bindings_model(self) -> bindings.DagCostModel:
+        return bindings.DagCostModel(0.0, self.enode_cost, lambda *_: 0.0, lambda *_: 0.0)
