@@ -71,3 +71,60 @@ def block_example(shape: BlockShape = BlockShape(), seed: int = 0) -> tuple[Call
 EXAMPLES: dict[str, Callable[[], tuple[Callable[..., Any], tuple[Any, ...]]]] = {
     "block": block_example,
 }
+
+
+def stacked_blocks(params_list: list[dict[str, jax.Array]], x: jax.Array, heads: int = 4) -> jax.Array:
+    """``len(params_list)`` transformer blocks applied one after another (same shapes, own weights)."""
+    for params in params_list:
+        x = transformer_block(params, x, heads)
+    return x
+
+
+def stacked_example(
+    layers: int, shape: BlockShape = BlockShape(), seed: int = 0, dtype: Any = jnp.float32
+) -> tuple[Callable[..., jax.Array], tuple[Any, ...]]:
+    """A ``layers``-deep stack of transformer blocks: (fn, (params_list, x)) (the scaling benchmark's)."""
+    x = jax.random.normal(jax.random.PRNGKey(seed + 1), (shape.batch, shape.seq, shape.embed)).astype(dtype)
+    params = [block_params(shape, seed + 1000 * i, dtype) for i in range(layers)]
+    return (lambda params, x: stacked_blocks(params, x, shape.heads)), (params, x)
+
+
+def attention_example(
+    batch: int = 2, heads: int = 4, seq: int = 16, head_dim: int = 8, seed: int = 0, dtype: Any = jnp.float32
+) -> tuple[Callable[..., jax.Array], tuple[Any, ...]]:
+    """Hand-written einsum attention (the rules raise it to one attention op): (fn, (q, k, v))."""
+
+    def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        s = jnp.einsum("bhqd,bhkd->bhqk", q, k) / np.sqrt(q.shape[-1]).astype(np.float32)
+        return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, axis=-1), v)
+
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+    q, k, v = (jax.random.normal(kk, (batch, heads, seq, head_dim)).astype(dtype) for kk in keys)
+    return attention, (q, k, v)
+
+
+def attention_vt_example(
+    batch: int = 2, heads: int = 4, seq: int = 16, head_dim: int = 8, seed: int = 0, dtype: Any = jnp.float32
+) -> tuple[Callable[..., jax.Array], tuple[Any, ...]]:
+    """Attention whose V is produced by a projection (V = x @ wv, split into heads): the case where
+    the transpose to V^T can be folded into V's producer. (fn, (x, wq, wk, wv))."""
+    embed = heads * head_dim
+
+    def block(x: jax.Array, wq: jax.Array, wk: jax.Array, wv: jax.Array) -> jax.Array:
+        b, s, _ = x.shape
+        split = lambda t: t.reshape(b, s, heads, head_dim).transpose(0, 2, 1, 3)  # noqa: E731
+        q, k, v = split(x @ wq), split(x @ wk), split(x @ wv)
+        sc = jnp.einsum("bhqd,bhkd->bhqk", q, k) / np.sqrt(head_dim).astype(np.float32)
+        return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(sc, axis=-1), v)
+
+    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+    x = jax.random.normal(keys[0], (batch, seq, embed)).astype(dtype)
+    ws = [(jax.random.normal(kk, (embed, embed)) / np.sqrt(embed)).astype(dtype) for kk in keys[1:]]
+    return block, (x, *ws)
+
+
+EXAMPLES.update({
+    "attention": attention_example,
+    "attention_vt": attention_vt_example,
+    "stack2": lambda: stacked_example(2),
+})
