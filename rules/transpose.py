@@ -48,15 +48,18 @@ def unary():
 
 @transpose.family
 def binary():
-    """A transpose of a binary op is the op of transposed operands, and back."""
+    """A transpose of a binary op is the op of transposed operands, and back: from operands
+    transposed alike, or from one transposed operand and a broadcast (a bias or scalar)."""
     yield rw(Term.transpose(Term.binary(op, a, b), p), Term.binary(op, Term.transpose(a, p), Term.transpose(b, p)))
+    yield rw(Term.binary(op, Term.transpose(a, p), Term.transpose(b, p)), Term.transpose(Term.binary(op, a, b), p))
+    bcast = Term.broadcast(x, s, d)
     yield from asking(
-        Term.binary(op, Term.transpose(a, p), b), [], "inverse", (p, NONE, NONE, NONE), 1,
-        lambda inv: Term.transpose(Term.binary(op, a, Term.transpose(b, inv)), p),
+        Term.binary(op, Term.transpose(a, p), bcast), [], "inverse", (p, NONE, NONE, NONE), 1,
+        lambda inv: Term.transpose(Term.binary(op, a, Term.transpose(bcast, inv)), p),
     )
     yield from asking(
-        Term.binary(op, a, Term.transpose(b, p)), [], "inverse", (p, NONE, NONE, NONE), 1,
-        lambda inv: Term.transpose(Term.binary(op, Term.transpose(a, inv), b), p),
+        Term.binary(op, bcast, Term.transpose(b, p)), [], "inverse", (p, NONE, NONE, NONE), 1,
+        lambda inv: Term.transpose(Term.binary(op, Term.transpose(bcast, inv), b), p),
     )
 
 

@@ -97,8 +97,9 @@ def p_unary():
 
 
 def p_binary():
-    b = B(); x = b.input(3, 4, 2); y = b.input(2, 3, 4)
-    return b.build(b.op("sub", b.t(x, 2, 0, 1), y))
+    b = B(); x = b.input(3, 4, 2); y = b.input(2, 3, 4); z = b.input(4)
+    bias = b.broadcast(z, (2, 3, 4), (2,))
+    return b.build(b.op("sub", b.t(x, 2, 0, 1), bias), b.t(b.op("mul", y, y), 1, 2, 0))
 
 
 def p_select():
