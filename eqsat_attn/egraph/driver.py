@@ -43,16 +43,19 @@ def egraph_size(egraph: EGraph) -> int:
     return sum(size for _, size in egraph.all_function_sizes())
 
 
-def _literal_tree(termdag: bindings.TermDag, tid: int) -> Any:
-    """A term of literals and vectors as Python values (vec-of -> tuple)."""
+def _literal_tree(termdag: bindings.TermDag, tid: int, memo: dict[int, Any]) -> Any:
+    """A term of literals and vectors as Python values (vec-of -> tuple), memoised per term."""
+    if tid in memo:
+        return memo[tid]
     term = termdag.get(tid)
     if isinstance(term, bindings.TermLit):
-        return term.value.value
-    if isinstance(term, bindings.TermApp):
-        if term.name == "vec-empty":
-            return ()
-        return tuple(_literal_tree(termdag, a) for a in term.args)
-    raise ValueError(f"unexpected term {term!r} in a table of literals")
+        out = term.value.value
+    elif isinstance(term, bindings.TermApp):
+        out = () if term.name == "vec-empty" else tuple(_literal_tree(termdag, a, memo) for a in term.args)
+    else:
+        raise ValueError(f"unexpected term {term!r} in a table of literals")
+    memo[tid] = out
+    return out
 
 
 def table_rows(egraph: EGraph, fn: Any) -> list[tuple]:
@@ -61,7 +64,9 @@ def table_rows(egraph: EGraph, fn: Any) -> list[tuple]:
     egg_name = egraph._state.callable_ref_to_egg(ref)[0]
     cmd = bindings.PrintFunction(span(1), egg_name, None, None, bindings.DefaultPrintFunctionMode())
     (output,) = egraph._state.run_program(cmd)
-    return [_literal_tree(output.termdag, call) for call, _ in output.terms]
+    termdag = output.termdag  # each attribute access copies the DAG: read it once
+    memo: dict[int, Any] = {}
+    return [_literal_tree(termdag, call, memo) for call, _ in output.terms]
 
 
 def _vec_text(values: tuple[int, ...]) -> str:
@@ -101,11 +106,17 @@ def family_of(rule_name: str) -> str | None:
     return rule_name.split("#", 1)[0]
 
 
-def run_rulesets(egraph: EGraph, rulesets: list[RuleSet], limits: Limits) -> RunResult:
-    """Saturate ``egraph`` with ``rulesets`` under ``limits``."""
+def run_rulesets(
+    egraph: EGraph, rulesets: list[RuleSet], limits: Limits, answerer: QuestionAnswerer | None = None
+) -> RunResult:
+    """Saturate ``egraph`` with ``rulesets`` under ``limits``.
+
+    ``answerer``: pass the same `QuestionAnswerer` to successive runs on one e-graph (the
+    explorer's steps) so questions answered before are not answered and submitted again.
+    """
     start = time.perf_counter()
     result = RunResult()
-    answerer = QuestionAnswerer()
+    answerer = answerer if answerer is not None else QuestionAnswerer()
     ordered = [r.ruleset for r in rulesets if r.phase == "raise"] + [r.ruleset for r in rulesets if r.phase == "rewrite"]
     fired: Counter[str] = Counter()
     for iteration in range(limits.iterations):
