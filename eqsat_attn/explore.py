@@ -168,13 +168,14 @@ class Comparison:
     """Each cost model's chosen program, priced under every model."""
 
     models: dict[str, Any]
-    rows: list[dict[str, Any]]  # one per model: name, summary fields, costs {model name: cost}
+    rows: list[dict[str, Any]]  # one per model: name, summary fields, costs {model name: cost}, program
+    original: dict[str, Any] | None = None  # the captured program, same fields
 
     def _cells(self) -> tuple[list[str], list[list[str]]]:
         headers = ["chosen by", "nodes", "attention", "V layouts", "transposes",
                    *(f"cost under {n}" for n in self.models)]
         body = []
-        for row in self.rows:
+        for row in self.rows + ([self.original] if self.original else []):
             body.append([
                 row["model"], str(row["nodes"]), str(row["attention"]), ", ".join(row["v_layouts"]) or "-",
                 str(row["transposes"]),
@@ -246,6 +247,10 @@ class Explanation:
     classes: list[EClassAlternatives]
 
     def __str__(self) -> str:
+        return self.format()
+
+    def format(self, limit: int | None = None) -> str:
+        """The explanation as text; ``limit``: show only the cheapest alternatives of each e-class."""
         if not self.classes:
             return f"no e-class holds a {self.op} e-node (run the rule sets that raise it first)"
         out = [f"why: alternatives of each e-class holding {self.op!r}, under {_model_name(self.model)}"
@@ -253,13 +258,16 @@ class Explanation:
         for cls in self.classes:
             out.append(f"\ne-class of {cls.label}: {len(cls.alternatives)} alternatives")
             best = cls.best
-            for alt in sorted(cls.alternatives, key=lambda a: a.total):
+            ranked = sorted(cls.alternatives, key=lambda a: a.total)
+            for alt in ranked[:limit]:
                 mark = "->" if alt is best else "  "
                 out.append(
                     f" {mark} {_fmt_cost(alt.total, self.model):>10}  (own {_fmt_cost(alt.own_cost, self.model)},"
                     f" operands {_fmt_cost(alt.operands_cost, self.model)}, {alt.operand_transposes} transposes)"
                     f"  {alt.description}"
                 )
+            if limit is not None and len(ranked) > limit:
+                out.append(f"    ... {len(ranked) - limit} more (Exploration.why shows all)")
         return "\n".join(out)
 
     def _repr_html_(self) -> str:
@@ -281,6 +289,9 @@ class Exploration:
         self.encoding = encode(self.program, self.egraph)
         self.encode_seconds = time.perf_counter() - start
         self.history: list[Step] = []
+        from .egraph.driver import QuestionAnswerer
+
+        self._answerer = QuestionAnswerer()  # shared by every step: old questions are not re-answered
         self._serialized: tuple[int, dict] | None = None
 
     # ------------------------------------------------------------------ rewriting
@@ -301,7 +312,7 @@ class Exploration:
         sets = resolve(list(rulesets) if rulesets else None)
         lim = limits or Limits(iterations=iterations)
         before = self.size
-        result = run_rulesets(self.egraph, sets, lim)
+        result = run_rulesets(self.egraph, sets, lim, answerer=self._answerer)
         self._serialized = None
         step = Step(
             index=len(self.history) + 1,
@@ -364,10 +375,10 @@ class Exploration:
             ext = self.extract(model)
             costs = {other: program_cost(ext.program, m) for other, m in resolved.items()}
             rows.append({"model": name, **ext.summary, "costs": costs, "program": ext.program})
-        rows.append({"model": "(original)", **program_summary(self.program),
-                     "costs": {other: program_cost(self.program, m) for other, m in resolved.items()},
-                     "program": self.program})
-        return Comparison(resolved, rows)
+        original = {"model": "(original)", **program_summary(self.program),
+                    "costs": {other: program_cost(self.program, m) for other, m in resolved.items()},
+                    "program": self.program}
+        return Comparison(resolved, rows, original)
 
     # ------------------------------------------------------------------ explanation
     def serialized(self) -> dict:
