@@ -449,8 +449,6 @@ class Exploration:
 
     def _extract_many(self, exprs: list[Any], model: CostModel) -> tuple[Any, list[int | None]]:
         """Greedy-DAG extraction of several terms already in the e-graph, in one call."""
-        from .egraph.extract import egglog_cost_model
-
         if not exprs:
             return None, []
         state = self.egraph._state
@@ -461,7 +459,7 @@ class Exploration:
             sort = state.type_ref_to_egg(runtime.__egg_typed_expr__.tp)
             egg_expr = state.typed_expr_to_egg(runtime.__egg_typed_expr__, expr_to_let=True)
             roots.append((sort, state.egraph.eval_expr(egg_expr)[1]))
-        adapter = _DagCostModel(egglog_cost_model(model, self.encoding), self.egraph).to_bindings_cost_model()
+        adapter = _bindings_cost_model(self.egraph, self.encoding, model)
         termdag, results = bindings.extract_best_with_dag_cost_model(state.egraph, roots, adapter, extractor="greedy-dag")
         return termdag, [None if r is None else r[1] for r in results]
 
@@ -714,6 +712,15 @@ def _summary_svg(summary: dict[str, Any], limit: int) -> str:
     texts = "".join(f'<text x="10" y="{20 + 16 * i}">{html.escape(t)}</text>' for i, t in enumerate(lines))
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="520" height="{h}" font-family="monospace" '
             f'font-size="12">{texts}</svg>')
+
+
+def _bindings_cost_model(egraph: EGraph, enc: Any, model: CostModel) -> Any:
+    """The extractor's cost model as extraction uses it (raw-value pricing where available)."""
+    from .egraph import extract
+
+    if hasattr(extract, "RawCostModel"):
+        return extract.RawCostModel(egraph, model).bindings_model()
+    return _DagCostModel(extract.egglog_cost_model(model, enc), egraph).to_bindings_cost_model()
 
 
 def _decode_terms(termdag: Any, roots: Sequence[int], enc: Any) -> ir.Program:
