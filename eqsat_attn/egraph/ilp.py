@@ -10,10 +10,13 @@ The ILP is the standard one for e-graph extraction:
 
 - a binary ``x_n`` per candidate e-node; exactly one node of the root class; at most one per class;
 - a chosen node needs one chosen node in each of its child classes: ``x_n <= sum_{m in c} x_m``;
-- acyclicity: an order variable ``t_c`` per e-class that lies on a cycle of the class graph
-  (classes in the same strongly connected component; edges between components cannot close a
-  cycle) with ``t_c >= t_c' + 1 - M (1 - x_n)`` for each node n of c and child class c' in its
-  component; nodes that are their own child are never chosen;
+- acyclicity, only inside strongly connected components of the class graph (edges between
+  components cannot close a cycle): for two classes that use each other (x and transpose(x)),
+  one clique row ``sum x <= 1`` over the nodes of either that use the other; for components of
+  three or more classes, an order variable ``t_c`` with ``t_c >= t_c' + 1 - M (1 - x_n)`` for
+  each node n of c and child class c' in its component. Nodes that are their own child are
+  never chosen. (``acyclicity="lazy"`` instead forbids cycles as solutions show them.)
+- HiGHS starts from a greedy-DAG extraction computed here, so the result is never worse;
 - minimise ``sum cost_n x_n``: every chosen e-node is paid once (shared subterms once), which
   is the cost `program_cost` gives the decoded program.
 
@@ -39,6 +42,7 @@ from .encode import Encoding
 from .extract import _params
 
 MAX_ENODES = 5000  # candidate Term/TermList e-nodes reachable from the root
+_HIGHS_LOG = False  # set True to see the solver log
 _INFEASIBLE = 1e29  # a node priced at or above this (untyped) is never chosen
 
 
@@ -167,6 +171,27 @@ def _view(g: _Graph, nid: str, types: dict[str, ir.TensorType]) -> OpView | None
     return OpView(op, params, tuple(inputs), out)
 
 
+def _undominated(members: list[str], cost: dict[str, float], children: dict[str, list[str]]) -> list[str]:
+    """Drop a node when another of its class costs no more and uses a subset of its child classes.
+
+    Swapping it for the other keeps every solution valid (fewer edges cannot close a cycle) and
+    no costlier, so the optimum is unchanged; ties keep the first node.
+    """
+    keep: list[str] = []
+    for i, n in enumerate(members):
+        kids = set(children[n])
+        dominated = False
+        for j, m in enumerate(members):
+            if j == i or not set(children[m]) <= kids:
+                continue
+            if cost[m] < cost[n] or (cost[m] == cost[n] and (set(children[m]) < kids or j < i)):
+                dominated = True
+                break
+        if not dominated:
+            keep.append(n)
+    return keep
+
+
 def _sccs(succ: dict[str, set[str]]) -> dict[str, int]:
     """Strongly connected components (iterative Tarjan): class -> component id."""
     index: dict[str, int] = {}
@@ -220,7 +245,7 @@ def extract_program_ilp(
     model: CostModel,
     time_limit: float = 30.0,
     max_enodes: int = MAX_ENODES,
-    acyclicity: str = "lazy",
+    acyclicity: str = "order",
     max_rounds: int = 200,
 ) -> tuple[ir.Program, float]:
     """The cheapest program in the root's e-class under ``model`` (DAG cost), solved exactly.
@@ -229,9 +254,10 @@ def extract_program_ilp(
     seconds the best solution HiGHS found is used (it may then not be optimal). Raises
     `ILPExtractionError` if more than ``max_enodes`` candidate e-nodes are reachable.
 
-    ``acyclicity``: "lazy" (solve without order constraints, forbid each cycle found in the
-    solution and solve again, up to ``max_rounds``) or "order" (big-M order variables on the
-    classes of each strongly connected component, one solve). HiGHS starts from a greedy DAG
+    ``acyclicity``: "order" (one solve: a clique row per pair of classes that use each other,
+    big-M order variables for the classes of larger strongly connected components) or "lazy"
+    (solve without them, forbid each cycle found in the solution, solve again, up to
+    ``max_rounds``; weak when free cycles abound). HiGHS starts from a greedy DAG
     extraction computed here, so the result is never costlier than that start.
     """
     if acyclicity not in ("lazy", "order"):
@@ -282,7 +308,7 @@ def extract_program_ilp(
                 continue
             cost[n] = c
             children[n] = ch
-    alive = {cls: [n for n in members if n in cost] for cls, members in cand.items()}
+    alive = {cls: _undominated([n for n in members if n in cost], cost, children) for cls, members in cand.items()}
     changed = True
     while changed:
         changed = False
@@ -304,14 +330,17 @@ def extract_program_ilp(
     comp_size: dict[int, int] = {}
     for c in classes:
         comp_size[comp[c]] = comp_size.get(comp[c], 0) + 1
-    cyclic = [c for c in classes if comp_size[comp[c]] > 1] if acyclicity == "order" else []
+    # 2-cycles (c -> c' -> c, as x and transpose(x) make) are forbidden by one clique row per
+    # pair: at most one of the nodes of c that use c' and of c' that use c. Order variables are
+    # only needed for components of three or more classes.
+    cyclic = [c for c in classes if comp_size[comp[c]] > 2] if acyclicity == "order" else []
     tcol = {c: len(nodes) + i for i, c in enumerate(cyclic)}
 
     scale_ref = max((abs(v) for v in cost.values()), default=0.0)
     scale = 1e4 / scale_ref if scale_ref > 0 else 1.0
 
     h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
+    h.setOptionValue("output_flag", _HIGHS_LOG)
     h.setOptionValue("mip_rel_gap", 1e-9)
     h.setOptionValue("mip_abs_gap", 1e-9)
     h.setOptionValue("threads", 1)
@@ -357,6 +386,16 @@ def extract_program_ilp(
                 big = float(comp_size[comp[cls]])
                 # t_cls - t_cc - M x_n >= 1 - M
                 row(1.0 - big, inf, ((tcol[cls], 1.0), (tcol[cc], -1.0), (col[n], -big)))
+    if acyclicity == "order":
+        uses: dict[tuple[str, str], list[str]] = {}
+        for n in nodes:
+            cls = g.nodes[n]["eclass"]
+            for cc in children[n]:
+                if comp[cc] == comp[cls]:
+                    uses.setdefault((cls, cc), []).append(n)
+        for (a, b), forward in uses.items():
+            if a < b and (b, a) in uses:
+                row(-inf, 1.0, ((col[n], 1.0) for n in forward + uses[(b, a)]))
     flush()
 
     # warm start: the better of a greedy DAG and a tree extraction computed here (always acyclic)
@@ -370,8 +409,8 @@ def extract_program_ilp(
         h.setOptionValue("time_limit", float(left))
         if warm is not None:
             x0 = np.zeros(ncols)
-            for n in warm.values():
-                x0[col[n]] = 1.0
+            for c in _reachable(g.root, warm, children) or []:
+                x0[col[warm[c]]] = 1.0
             for c, level in _levels(g.root, warm, children).items():
                 if c in tcol:
                     x0[tcol[c]] = float(level)
