@@ -1,0 +1,234 @@
+"""Attention raising and layout choice: library forms become exactly one Attention op with the
+original values; near-misses are left alone; the V layout follows the cost model."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import equinox as eqx
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eqsat_attn as ea
+from eqsat_attn import ir
+from eqsat_attn.cost import MaterializedBytes, OpView
+from eqsat_attn.lower import lower
+from eqsat_attn.pipeline import Limits, OptimizeOptions, optimize_program
+
+B, S, H, D = 2, 8, 4, 16
+E = H * D
+KEYS = jax.random.split(jax.random.PRNGKey(7), 8)
+Q4, K4, V4 = (jax.random.normal(KEYS[i], (B, S, H, D)) for i in range(3))  # [B, S, H, D]
+X = jax.random.normal(KEYS[3], (B, S, E))
+
+
+def einsum_bhsd(q, k, v):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) / np.sqrt(D).astype(np.float32)
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, axis=-1), v)
+
+
+def einsum_bshd_scale_on_q(q, k, v):
+    s = jnp.einsum("bqhd,bkhd->bhqk", q * (D**-0.5), k)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
+
+
+def scale_on_k_tril_mask(q, k, v):
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k * 0.25)
+    s = jnp.where(jnp.tril(jnp.ones((S, S), bool)), s, -1e9)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
+
+
+def iota_mask_neg_inf(q, k, v):
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (D**-0.5)
+    s = jnp.where(jnp.arange(S)[:, None] >= jnp.arange(S)[None, :], s, -jnp.inf)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
+
+
+def hand_written_softmax(q, k, v):
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(D)
+    s = s - jax.lax.stop_gradient(s.max(-1, keepdims=True))
+    p = jnp.exp(s)
+    p = p / p.sum(-1, keepdims=True)
+    return jnp.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def additive_bias(q, k, v, bias):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25 + bias
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, axis=-1), v)
+
+
+def dpa(causal: bool):
+    return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
+
+
+MHA = nn.MultiHeadDotProductAttention(num_heads=H, qkv_features=E)
+MHA_PARAMS = MHA.init(KEYS[4], X)
+EQX_MHA = eqx.nn.MultiheadAttention(num_heads=H, query_size=E, key=KEYS[5])
+BHSD_ARGS = tuple(t.transpose(0, 2, 1, 3) for t in (Q4, K4, V4))
+
+# name: (function, args, expect causal, expect GQA groups)
+FORMS = {
+    "einsum_bhsd": (einsum_bhsd, BHSD_ARGS, False, 1),
+    "einsum_bshd_scale_on_q": (einsum_bshd_scale_on_q, (Q4, K4, V4), False, 1),
+    "scale_on_k_tril_mask": (scale_on_k_tril_mask, (Q4, K4, V4), True, 1),
+    "iota_mask_neg_inf": (iota_mask_neg_inf, (Q4, K4, V4), True, 1),
+    "hand_written_softmax": (hand_written_softmax, (Q4, K4, V4), False, 1),
+    "additive_bias": (additive_bias, BHSD_ARGS + (jax.random.normal(KEYS[6], (B, H, S, S)),), False, 1),
+    "dot_product_attention": (dpa(False), (Q4, K4, V4), False, 1),
+    "dot_product_attention_causal": (dpa(True), (Q4, K4, V4), True, 1),
+    "dot_product_attention_gqa": (dpa(True), (Q4, K4[:, :, :2], V4[:, :, :2]), True, 2),
+    "flax_linen_mha": (lambda p, x: MHA.apply(p, x), (MHA_PARAMS, X), False, 1),
+    "flax_linen_mha_causal": (
+        lambda p, x: MHA.apply(p, x, mask=nn.make_causal_mask(x[..., 0])), (MHA_PARAMS, X), True, 1,
+    ),
+    "equinox_mha_vmap": (lambda x: jax.vmap(lambda t: EQX_MHA(t, t, t))(x), (X,), False, 1),
+}
+
+
+def _close(a, b) -> None:
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", sorted(FORMS))
+def test_library_form_is_raised_to_one_attention(name):
+    fn, args, causal, groups = FORMS[name]
+    optimized = ea.optimize(fn, limits=Limits(iterations=30, seconds=30))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a silent fallback would hide a failure
+        report = optimized.explain(*args)
+    assert len(report.attention) == 1, report.after
+    (info,) = report.attention
+    assert info.causal is causal
+    assert info.groups == groups
+    assert info.mask_kind == ("bias" if name == "additive_bias" else "none")
+    assert report.after.count("softmax") == 0 and report.after.count("exp") == 0
+    _close(optimized(*args), fn(*args))
+
+
+def softmax_wrong_axis(q, k, v):
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-2), v)
+
+
+def mask_not_causal(q, k, v):
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+    s = jnp.where(jnp.arange(S)[:, None] <= jnp.arange(S)[None, :], s, -1e9)  # anti-causal
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
+
+
+def op_between_matmuls(q, k, v):
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+    return jnp.einsum("bhqk,bkhd->bqhd", jnp.tanh(jax.nn.softmax(s, axis=-1)), v)
+
+
+def mask_small_negative(q, k, v):
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+    s = jnp.where(jnp.arange(S)[:, None] >= jnp.arange(S)[None, :], s, -3.0)  # does not mask
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
+
+
+@pytest.mark.parametrize("fn", [softmax_wrong_axis, mask_not_causal, op_between_matmuls, mask_small_negative])
+def test_near_misses_are_left_alone(fn):
+    optimized = ea.optimize(fn, limits=Limits(iterations=20, seconds=20))
+    report = optimized.explain(Q4, K4, V4)
+    assert report.attention == []
+    _close(optimized(Q4, K4, V4), fn(Q4, K4, V4))
+
+
+@dataclasses.dataclass
+class VariantModel:
+    """Bytes moved, with attention priced per V layout: ``transposed`` scales the cost of
+    attention reading V with its sequence axis minor, ``standard`` with head_dim minor."""
+
+    standard: float = 1.0
+    transposed: float = 1.0
+    name: str = "variant-test"
+
+    def node_cost(self, node: OpView) -> float:
+        base = MaterializedBytes().node_cost(node)
+        if node.op == "transpose":
+            return 0.1 * base  # cheap enough that the variant factors decide
+        if node.op != "attention":
+            return base
+        v_layout = str(node.params["v_layout"])
+        if v_layout.endswith("S"):
+            return base * self.transposed
+        if v_layout.endswith("D"):
+            return base * self.standard
+        return 1e12  # neither minor axis the kernel can read
+
+
+def _attention_program(fn, *args) -> ir.Program:
+    return ea.capture(fn, *args).program
+
+
+def _optimized(program: ir.Program, model) -> ir.Program:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        result = optimize_program(program, OptimizeOptions(cost_model=model, limits=Limits(iterations=30, seconds=30)))
+    return result.program
+
+
+def _v_layout(program: ir.Program) -> str:
+    (node,) = [program.nodes[i] for i in program.live_nodes() if program.nodes[i].op == "attention"]
+    return str(node["v_layout"])
+
+
+def _values_equal(a: ir.Program, b: ir.Program) -> None:
+    rng = np.random.default_rng(3)
+    inputs = [rng.standard_normal(t.shape).astype(t.dtype) for t in a.input_types]
+    _close(lower(a)(*inputs), lower(b)(*inputs))
+
+
+def projected_block(x, wq, wk, wv):
+    def split(t):
+        return t.reshape(B, S, H, D).transpose(0, 2, 1, 3)
+
+    q, k, v = split(x @ wq), split(x @ wk), split(x @ wv)
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, axis=-1), v)
+
+
+W = tuple(jax.random.normal(KEYS[i], (E, E)) / 8 for i in (4, 5, 6))
+
+
+def test_v_from_a_projection_is_written_transposed_by_the_projection():
+    program = _attention_program(projected_block, X, *W)
+    chosen = _optimized(program, VariantModel(standard=1.0, transposed=0.5))
+    assert _v_layout(chosen).endswith("DS") or _v_layout(chosen)[-1] == "S"
+    att = next(chosen.nodes[i] for i in chosen.live_nodes() if chosen.nodes[i].op == "attention")
+    v_producer = chosen.nodes[att.inputs[2]]
+    while v_producer.op == "reshape":  # the head split is a view
+        v_producer = chosen.nodes[v_producer.inputs[0]]
+    assert v_producer.op == "dot_general", "V should come straight from its projection"
+    assert chosen.count("transpose") == 0, chosen
+    _values_equal(program, chosen)
+
+
+def test_v_arriving_transposed_is_consumed_directly():
+    def fn(q, k, vt):  # vt is [B, H, D, S]
+        s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25
+        return jnp.einsum("bhqk,bhdk->bhqd", jax.nn.softmax(s, axis=-1), vt)
+
+    args = (BHSD_ARGS[0], BHSD_ARGS[1], BHSD_ARGS[2].transpose(0, 1, 3, 2))
+    program = _attention_program(fn, *args)
+    chosen = _optimized(program, VariantModel(standard=1.0, transposed=0.5))
+    assert _v_layout(chosen) == "BHDS"
+    assert chosen.count("transpose") == 0
+    _values_equal(program, chosen)
+
+
+@pytest.mark.parametrize(("standard", "transposed", "expect"), [(1.0, 1.5, "BHSD"), (1.0, 0.2, "BHDS")])
+def test_layout_decision_follows_the_variant_efficiencies(standard, transposed, expect):
+    """V arrives as a plain [B, H, S, D] input: nothing can absorb a transpose, so the
+    transposed-V form costs a materialised transpose; the model's efficiencies decide."""
+    program = _attention_program(einsum_bhsd, *BHSD_ARGS)
+    chosen = _optimized(program, VariantModel(standard=standard, transposed=transposed))
+    assert _v_layout(chosen) == expect
+    assert chosen.count("transpose") == (1 if expect == "BHDS" else 0)
+    _values_equal(program, chosen)
