@@ -170,15 +170,19 @@ def optimize(
     rules: Sequence[str] | None = None,
     backend: str = "auto",
     limits: Limits | None = None,
+    extractor: str = "greedy-dag",
     static_argnums: int | Sequence[int] = (),
 ) -> Any:
     """Optimize a JAX function by equality saturation; use bare (``@optimize``) or with options.
 
     ``backend`` picks how attention runs: "pallas", "reference" or "auto" (Pallas on GPU).
-    ``limits`` bounds saturation; past it the best program found so far is used. If the
+    ``limits`` bounds saturation; past it the best program found so far is used.
+    ``extractor`` is "greedy-dag" (default), "tree" or "ilp" (exact, small graphs). If the
     optimizer fails, a warning is emitted and the original program runs: values never change.
     """
-    options = OptimizeOptions(rules=rules, cost_model=cost_model, backend=backend, limits=limits or Limits())
+    options = OptimizeOptions(
+        rules=rules, cost_model=cost_model, backend=backend, limits=limits or Limits(), extractor=extractor
+    )
 
     def wrap(f: Callable[..., Any]) -> OptimizedFunction:
         return OptimizedFunction(f, options, static_argnums)
