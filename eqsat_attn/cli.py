@@ -206,6 +206,7 @@ def bench_command(console: Console, name: str, rest: Sequence[str]) -> int:
     spec = importlib.util.spec_from_file_location(f"eqsat_attn_bench_{BENCHMARKS[name]}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses (Flax modules) look their module up there
     spec.loader.exec_module(module)
     return int(module.main(list(rest)) or 0)
 
