@@ -59,6 +59,12 @@ def stop_gradient_broadcast():
 
 
 @attention_raise.family
+def convert_broadcast():
+    """A cast of a broadcast is the broadcast of the cast."""
+    yield rw(Term.convert(Term.broadcast(x, s1, d1), dt), Term.broadcast(Term.convert(x, dt), s1, d1))
+
+
+@attention_raise.family
 def max_neg_inf():
     """max(-inf, y) is y (the guard jax.nn.softmax puts on the row maximum)."""
     yield rw(Term.binary("max", scalar(float("-inf"), dt, s1), y), y)
@@ -115,11 +121,15 @@ def _stable_softmax_forms(xx: Term, rank: int):
     for row_max in (Term.reduce("reduce_max", xx, last), Term.unary("stop_gradient", Term.reduce("reduce_max", xx, last))):
         ex = Term.unary("exp", Term.binary("sub", xx, Term.broadcast(row_max, s1, keep)))
         yield ex, Term.binary("div", ex, Term.broadcast(Term.reduce("reduce_sum", ex, last), s2, keep))
+        # half precision: the row sum is accumulated in float32 and cast back
+        wide_sum = Term.convert(Term.reduce("reduce_sum", Term.convert(ex, String("float32")), last), dt)
+        yield ex, Term.binary("div", ex, Term.broadcast(wide_sum, s2, keep))
 
 
 @attention_raise.family
 def softmax():
-    """exp(x - max(x)) / sum(exp(x - max(x))) over the last axis is softmax(x)."""
+    """exp(x - max(x)) / sum(exp(x - max(x))) over the last axis is softmax(x) (the sum may be
+    accumulated in float32 and cast back, as jax.nn.softmax does for half precision)."""
     for rank in range(1, 9):
         for _, form in _stable_softmax_forms(x, rank):
             yield rw(form, Term.softmax(x), shape(x).length() == i64(rank))

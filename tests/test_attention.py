@@ -232,3 +232,37 @@ def test_layout_decision_follows_the_variant_efficiencies(standard, transposed, 
     assert _v_layout(chosen) == expect
     assert chosen.count("transpose") == (1 if expect == "BHDS" else 0)
     _values_equal(program, chosen)
+
+
+def test_default_h100_model_writes_v_transposed_from_its_projection_and_keeps_an_input_v():
+    """bf16 on H100 under the shipped roofline table: a projection can write Vᵀ for free, so the
+    transposed-V form wins; a V that arrives as an input would need a materialised transpose,
+    which costs more than the table's transposed-V edge, so attention folds it back."""
+    from eqsat_attn.cost import for_device
+
+    b, s, h, d = 2, 256, 4, 64
+    e = h * d
+    x = jax.random.normal(KEYS[0], (b, s, e), jnp.bfloat16)
+    ws = [(jax.random.normal(KEYS[i], (e, e)) / 16).astype(jnp.bfloat16) for i in (1, 2, 3)]
+
+    def block(x, wq, wk, wv):
+        def split(t):
+            return t.reshape(b, s, h, d).transpose(0, 2, 1, 3)
+
+        q, k, v = split(x @ wq), split(x @ wk), split(x @ wv)
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.125
+        return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(scores, axis=-1), v)
+
+    model = for_device("h100")
+    projected = _optimized(_attention_program(block, x, *ws), model)
+    assert _v_layout(projected).endswith("S"), projected
+    assert projected.count("transpose") == 0
+
+    def plain(q, k, v):
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.125
+        return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(scores, axis=-1), v)
+
+    qkv = [jax.random.normal(KEYS[i], (b, h, s, d), jnp.bfloat16) for i in (4, 5, 6)]
+    kept = _optimized(_attention_program(plain, *qkv), model)
+    assert _v_layout(kept) == "BHSD"
+    assert kept.count("transpose") == 0
