@@ -142,19 +142,29 @@ def resolve_attention_kernel(attention_kernel: str) -> str:
     return chosen_kernel(attention_kernel)
 
 
+def _relaid_v_layout(dtype: Any, causal: bool) -> str:
+    """Where a V the kernel cannot read in place (neither D nor S minor) is copied to: the faster
+    of "BHSD" / "BHDS" on this device, as `RooflineModel.attention_variant` prices it."""
+    try:
+        from .cost.roofline import current_device_model
+
+        return current_device_model().relaid_v_layout(str(jnp.dtype(dtype)), causal)
+    except Exception:  # noqa: BLE001 - no cost model / backend: the standard layout
+        return ATTENTION_CANONICAL
+
+
 def lower_attention(node: Node, args: Sequence[Any], attention_kernel: str = "auto") -> Any:
-    """Call the attention kernel with q, k (and v unless "BHDS") moved to BHSD order."""
-    from .kernels import attention
+    """Call the attention kernel on q, k, v in their own layouts, writing o in its layout.
+
+    The Pallas kernels read every layout `kernel_supports_layouts` accepts in place (D minor in
+    q, k, o; D or S minor in v), and the reference takes any layout, so in general no operand is
+    copied. Only an operand the Pallas kernel cannot read is transposed first: q, k to BHSD, v to
+    BHSD or BHDS (the faster kernel on this device), and o is then written in BHSD and
+    transposed to its layout. The roofline cost model charges exactly those transposes.
+    """
+    from .kernels import attention, chosen_kernel, kernel_supports_layouts
 
     p = node.params
-    q = _to_layout(args[0], str(p["q_layout"]), ATTENTION_CANONICAL)
-    k = _to_layout(args[1], str(p["k_layout"]), ATTENTION_CANONICAL)
-    v_layout = str(p["v_layout"])
-    if v_layout != "BHDS":
-        args_v = _to_layout(args[2], v_layout, ATTENTION_CANONICAL)
-        v_layout = ATTENTION_CANONICAL
-    else:
-        args_v = args[2]
     mask_kind = str(p.get("mask_kind", "none"))
     extra: dict[str, Any] = {}
     if mask_kind == "bias":
@@ -163,8 +173,22 @@ def lower_attention(node: Node, args: Sequence[Any], attention_kernel: str = "au
         extra["mask"] = args[3]
     elif mask_kind != "none":
         raise ValueError(f"unknown attention mask_kind {mask_kind!r}")
+    q, k, v = args[0], args[1], args[2]
+    q_layout, k_layout, v_layout, o_layout = (str(p[n]) for n in ("q_layout", "k_layout", "v_layout", "o_layout"))
+    kernel = chosen_kernel(attention_kernel, has_mask=mask_kind == "bool")
+    out_layout = o_layout
+    if kernel == "pallas" and not kernel_supports_layouts(q_layout, k_layout, v_layout, o_layout):
+        if q_layout[-1] != "D":
+            q, q_layout = _to_layout(q, q_layout, ATTENTION_CANONICAL), ATTENTION_CANONICAL
+        if k_layout[-1] != "D":
+            k, k_layout = _to_layout(k, k_layout, ATTENTION_CANONICAL), ATTENTION_CANONICAL
+        if v_layout[-1] not in "DS":
+            target = _relaid_v_layout(q.dtype, bool(p["causal"]))
+            v, v_layout = _to_layout(v, v_layout, target), target
+        if o_layout[-1] != "D":
+            out_layout = ATTENTION_CANONICAL
     out = attention(
-        q, k, args_v, scale=float(p["scale"]), causal=bool(p["causal"]), v_layout=v_layout,
-        kernel=attention_kernel, **extra,
+        q, k, v, scale=float(p["scale"]), causal=bool(p["causal"]), kernel=kernel,
+        q_layout=q_layout, k_layout=k_layout, v_layout=v_layout, o_layout=out_layout, **extra,
     )
-    return _to_layout(out, ATTENTION_CANONICAL, str(p["o_layout"]))
+    return _to_layout(out, out_layout, o_layout)

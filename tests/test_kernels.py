@@ -118,6 +118,8 @@ def test_reference_rejects_bad_shapes():
     with pytest.raises(ValueError, match="multiple"):
         attention_reference(q, k, k, scale=1.0, causal=False)
     with pytest.raises(ValueError, match="v_layout"):
+        attention_reference(q, q, q, scale=1.0, causal=False, v_layout="BSHX")
+    with pytest.raises(ValueError, match="inconsistent"):  # BSHD is a layout; these shapes disagree
         attention_reference(q, q, q, scale=1.0, causal=False, v_layout="BSHD")
 
 

@@ -18,8 +18,11 @@ time = max(flops / (peak[dtype] x efficiency), bytes / bandwidth) + launch overh
   when causal) at the efficiency of its variant (dtype, "standard" V with D minor or
   "transposed" V with S minor, causal); bytes = q + k + v (+ mask) + o, each read or written
   once (GQA reads K/V at their own, smaller, head count: no repeat); plus one launch. The
-  kernel needs D minor in q, k and o, and D or S minor in v: any operand laid out otherwise is
-  first materialised in a layout the kernel takes, charged as an extra transpose of it.
+  Pallas kernel reads and writes any layout with D minor in q, k and o, and D or S minor in v
+  (B and H anywhere: its index maps address them), so those cost nothing extra. Exactly the
+  operands lowering transposes (`lower.lower_attention`) are charged an extra transpose: q, k, o
+  without D minor, and v with neither D nor S minor (relaid to the faster of the two V layouts,
+  `relaid_v_layout`). The reference path is charged the same way (XLA relays such operands).
   Boolean masks run the reference (XLA) attention, as do all attentions of a model built with
   ``attention_kernel="reference"``.
 """
@@ -145,10 +148,15 @@ class RooflineModel:
         if minor == "S":
             return "transposed"
         # V must be relaid first; it is made whichever of the two the kernel runs faster
-        dtype, causal = node.inputs[0].dtype, bool(node.params.get("causal"))
+        relaid = self.relaid_v_layout(node.inputs[0].dtype, bool(node.params.get("causal")))
+        return "transposed" if relaid == "BHDS" else "standard"
+
+    def relaid_v_layout(self, dtype: str, causal: bool) -> str:
+        """"BHDS" or "BHSD": where a V the kernel cannot read in place is copied to (lowering
+        asks the current device's model the same question)."""
         std = self.device.attention_eff(dtype, "standard", causal)
         tv = self.device.attention_eff(dtype, "transposed", causal)
-        return "transposed" if tv > std else "standard"
+        return "BHDS" if tv > std else "BHSD"
 
     def _attention(self, node: OpView) -> Breakdown:
         d = self.device
@@ -167,13 +175,12 @@ class RooflineModel:
         variant = self.attention_variant(node)
         eff = d.attention_eff(q.dtype, variant, causal)
         peak = d.peak(q.dtype) * eff
-        # operands whose layout the kernel does not take are materialised first (out: after)
+        # operands the kernel cannot read in place are transposed first (o: after), exactly as
+        # lower_attention does; B and H may sit anywhere in every layout
         extra = 0.0
-        for layout, t, wanted in ((ql, q, "D"), (kl, k, "D"), (ol, out, "D")):
-            if layout[-1] != wanted:
+        for layout, t, minors in ((ql, q, "D"), (kl, k, "D"), (vl, v, "DS"), (ol, out, "D")):
+            if layout[-1] not in minors:
                 extra += self._transpose_seconds(t.nbytes) + d.launch_overhead
-        if vl[-1] not in ("D", "S"):
-            extra += self._transpose_seconds(v.nbytes) + d.launch_overhead
         return Breakdown(flops, nbytes, flops / peak, nbytes / d.bandwidth, d.launch_overhead, extra, variant)
 
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import jax
 
-from .flash_attention import flash_attention
+from .flash_attention import flash_attention, kernel_layout_error, kernel_supports_layouts
 from .reference import attention_reference
+
+__all__ = ["KERNELS", "attention", "chosen_kernel", "kernel_layout_error", "kernel_supports_layouts",
+           "pallas_available"]
 
 KERNELS = ("auto", "pallas", "reference")
 
@@ -40,13 +43,19 @@ def attention(
     bias: jax.Array | None = None,
     mask: jax.Array | None = None,
     kernel: str = "auto",
+    q_layout: str = "BHSD",
+    k_layout: str = "BHSD",
+    o_layout: str = "BHSD",
 ) -> jax.Array:
     """The Attention op (semantics: `attention_reference`) on the chosen kernel.
 
-    "pallas" runs in interpret mode off-GPU. A boolean `mask` is not a kernel input: calls with
-    one always run the reference (an additive bias is handled by the kernel).
+    Each operand is in its own layout (a permutation of "BHSD"); the result is in ``o_layout``.
+    "pallas" runs in interpret mode off-GPU and reads the layouts in place when
+    `kernel_supports_layouts` says so (else it raises ValueError: transpose first); the reference
+    takes any layouts. A boolean `mask` is not a kernel input: calls with one always run the
+    reference (an additive bias is handled by the kernel).
     """
+    layouts = dict(q_layout=q_layout, k_layout=k_layout, v_layout=v_layout, o_layout=o_layout)
     if chosen_kernel(kernel, has_mask=mask is not None) == "pallas":
-        return flash_attention(q, k, v, scale=scale, causal=causal, v_layout=v_layout, bias=bias)
-    return attention_reference(q, k, v, scale=scale, causal=causal, v_layout=v_layout,
-                               bias=bias, mask=mask)
+        return flash_attention(q, k, v, scale=scale, causal=causal, bias=bias, **layouts)
+    return attention_reference(q, k, v, scale=scale, causal=causal, bias=bias, mask=mask, **layouts)

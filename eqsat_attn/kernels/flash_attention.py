@@ -7,6 +7,14 @@ One kernel covers both V layouts of the Attention op:
   straight from that array and computes P·V as a dot_general contracting the sequence axis of
   both operands. V is never transposed in memory.
 
+More generally every operand has its own layout (a permutation of "BHSD", the physical axis
+order), and the BlockSpecs are built from the layout strings (`_spec`: B and H squeezed and
+addressed by the index maps, S tiled, D whole): q, k and o (and dq, dk, dO) need D minor; V needs
+D minor (standard) or S minor (transposed V), e.g. V as [H, Dv, B, Sk] ("HDBS") is read in
+place. So an attention whose operands are laid out as [B, S, H, D] needs no copies at all; tiles
+are then strided loads and stores. Gradients come back in their operands' layouts; the
+log-sum-exp residual is [B, H, Sq] whatever the layouts.
+
 Online softmax over key tiles (FlashAttention-2), float32 statistics and accumulator, exp2 with
 log2(e) folded into the scale. Causal attention (top-left aligned) visits only key tiles that
 intersect the causal triangle, and applies the element mask only on tiles crossing the diagonal
@@ -34,7 +42,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .reference import MASK_VALUE, check_shapes
+from .reference import CANONICAL, MASK_VALUE, check_layout, check_shapes, layout_shape
 
 LOG2E: float = math.log2(math.e)
 
@@ -81,6 +89,91 @@ class _Config:
     bwd_blocks: tuple[int, int, int, int] = (64, 64, 64, 64)  # q_dkv, k_dkv, q_dq, k_dq
     bwd_warps: int = 4
     bwd_stages: int = 2
+    q_layout: str = CANONICAL
+    k_layout: str = CANONICAL
+    o_layout: str = CANONICAL
+
+    @property
+    def v_transposed(self) -> bool:
+        """V tiles are V^T [Dv, block_k] (sequence axis minor)."""
+        return self.v_layout[-1] == "S"
+
+    @property
+    def canonical(self) -> bool:
+        return (self.q_layout, self.k_layout, self.o_layout) == (CANONICAL,) * 3 and \
+            self.v_layout in ("BHSD", "BHDS")
+
+    def name(self, prefix: str) -> str:
+        tail = "" if (self.q_layout, self.k_layout, self.o_layout) == (CANONICAL,) * 3 else \
+            f"_q{self.q_layout}_k{self.k_layout}_o{self.o_layout}".lower()
+        return f"{prefix}_{self.v_layout.lower()}{tail}"
+
+
+def kernel_layout_error(q_layout: str = CANONICAL, k_layout: str = CANONICAL,
+                        v_layout: str = CANONICAL, o_layout: str = CANONICAL) -> str | None:
+    """Why the Pallas kernels cannot read these operand layouts in place, or None if they can.
+
+    Each layout must be a permutation of "BHSD"; q, k and o need D as their minor (last) axis;
+    v needs D (standard) or S (transposed V) minor. B and H may sit anywhere.
+    """
+    for name, layout, minors in (("q_layout", q_layout, "D"), ("k_layout", k_layout, "D"),
+                                 ("v_layout", v_layout, "DS"), ("o_layout", o_layout, "D")):
+        try:
+            check_layout(name, layout)
+        except ValueError as err:
+            return str(err)
+        if layout[-1] not in minors:
+            wanted = "D" if minors == "D" else "D (standard) or S (transposed V)"
+            return (f"the Pallas kernel reads {name}={layout!r} only with {wanted} as its minor "
+                    f"(last) axis; transpose the operand first")
+    return None
+
+
+def kernel_supports_layouts(q_layout: str = CANONICAL, k_layout: str = CANONICAL,
+                            v_layout: str = CANONICAL, o_layout: str = CANONICAL) -> bool:
+    """True when the Pallas kernels read and write these layouts in place (no transposes)."""
+    return kernel_layout_error(q_layout, k_layout, v_layout, o_layout) is None
+
+
+def _spec(layout: str, tiles: dict, index: dict) -> pl.BlockSpec:
+    """BlockSpec of an array stored in ``layout`` (e.g. "BSHD", or "BHS" for lse).
+
+    ``tiles[axis]``: block size along that axis; axes left out are squeezed (block dim None).
+    ``index[axis]``: the block index along that axis as a function of the grid ids; axes left
+    out get block 0.
+    """
+    shape = tuple(tiles.get(a) for a in layout)
+    fns = tuple(index.get(a) for a in layout)
+
+    def index_map(*ids):
+        return tuple(0 if f is None else f(*ids) for f in fns)
+
+    return pl.BlockSpec(shape, index_map)
+
+
+def _pad_to(x: jax.Array, layout: str, sizes: dict[str, int]) -> jax.Array:
+    """Zero-pad the axes of ``x`` (stored in ``layout``) named in ``sizes`` up to those sizes."""
+    for axis, size in sizes.items():
+        x = _pad_axis(x, layout.index(axis), size)
+    return x
+
+
+def _crop(x: jax.Array, layout: str, sizes: dict[str, int]) -> jax.Array:
+    """The leading ``sizes[axis]`` entries of the named axes (a no-op when nothing was padded)."""
+    if all(x.shape[layout.index(a)] == n for a, n in sizes.items()):
+        return x
+    return x[tuple(slice(0, sizes.get(a, n)) for a, n in zip(layout, x.shape))]
+
+
+def _relayout(x: jax.Array, source: str, target: str) -> jax.Array:
+    perm = tuple(source.index(a) for a in target)
+    return x if perm == tuple(range(x.ndim)) else jnp.transpose(x, perm)
+
+
+def _group_rows(ref, g: int, rows, h_first: bool):
+    """ref[g, rows, ...] or ref[rows, g, ...]: one head of a [groups, S, ...] / [S, groups, ...] block."""
+    idx = (g, rows) if h_first else (rows, g)
+    return ref[idx + (slice(None),) * (len(ref.shape) - 2)]
 
 
 def _next_pow2(n: int) -> int:
@@ -175,7 +268,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config, sk: int, nq: int, has_
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
         l = alpha * l + p.sum(axis=1)
-        if cfg.v_layout == "BHSD":
+        if not cfg.v_transposed:
             vt = v_ref[pl.ds(start, bk), :]
             dims = (((1,), (0,)), ((), ()))
         else:  # V^T tile [Dv, bk]: contract the key axis of both operands.
@@ -195,23 +288,25 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config, sk: int, nq: int, has_
 
 
 def _forward(q, k, v, bias, cfg: _Config) -> tuple[jax.Array, jax.Array]:
-    """Run the kernel; returns (o [B,H,Sq,Dv] in q.dtype, lse [B,H,Sq] float32)."""
-    b, h, hkv, sq, sk, d, dv = check_shapes(q, k, v, cfg.v_layout)
+    """Run the kernel; returns (o in cfg.o_layout and q.dtype, lse [B,H,Sq] float32)."""
+    ql, kl, vl, ol = cfg.q_layout, cfg.k_layout, cfg.v_layout, cfg.o_layout
+    b, h, hkv, sq, sk, d, dv = check_shapes(q, k, v, vl, q_layout=ql, k_layout=kl)
     groups = h // hkv
     bq, bk = cfg.block_q, cfg.block_k
     sq_p, sk_p = _round_up(sq, bq), _round_up(sk, bk)
     d_p, dv_p = max(MIN_BLOCK, _next_pow2(d)), max(MIN_BLOCK, _next_pow2(dv))
-    v_seq, v_dim = (2, 3) if cfg.v_layout == "BHSD" else (3, 2)
-    qp = _pad_axis(_pad_axis(q, 2, sq_p), 3, d_p)
-    kp = _pad_axis(_pad_axis(k, 2, sk_p), 3, d_p)
-    vp = _pad_axis(_pad_axis(v, v_seq, sk_p), v_dim, dv_p)
+    qp = _pad_to(q, ql, {"S": sq_p, "D": d_p})
+    kp = _pad_to(k, kl, {"S": sk_p, "D": d_p})
+    vp = _pad_to(v, vl, {"S": sk_p, "D": dv_p})
     nq = sq_p // bq
     qblk = (lambda i: nq - 1 - i) if cfg.causal else (lambda i: i)
-    v_block = (None, None, sk_p, dv_p) if cfg.v_layout == "BHSD" else (None, None, dv_p, sk_p)
+    # grid (query block i, batch bi, head hi)
+    q_idx = {"B": lambda i, bi, hi: bi, "H": lambda i, bi, hi: hi, "S": lambda i, bi, hi: qblk(i)}
+    kv_idx = {"B": lambda i, bi, hi: bi, "H": lambda i, bi, hi: hi // groups}
     in_specs = [
-        pl.BlockSpec((None, None, bq, d_p), lambda i, bi, hi: (bi, hi, qblk(i), 0)),
-        pl.BlockSpec((None, None, sk_p, d_p), lambda i, bi, hi: (bi, hi // groups, 0, 0)),
-        pl.BlockSpec(v_block, lambda i, bi, hi: (bi, hi // groups, 0, 0)),
+        _spec(ql, {"S": bq, "D": d_p}, q_idx),
+        _spec(kl, {"S": sk_p, "D": d_p}, kv_idx),
+        _spec(vl, {"S": sk_p, "D": dv_p}, kv_idx),
     ]
     args = [qp, kp, vp]
     if bias is not None:
@@ -221,11 +316,8 @@ def _forward(q, k, v, bias, cfg: _Config) -> tuple[jax.Array, jax.Array]:
             (None, None, bq, sk_p),
             lambda i, bi, hi: (bi if full_b else 0, hi if full_h else 0, qblk(i), 0)))
         args.append(bias4)
-    out_specs = [
-        pl.BlockSpec((None, None, bq, dv_p), lambda i, bi, hi: (bi, hi, qblk(i), 0)),
-        pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, qblk(i))),
-    ]
-    out_shape = [jax.ShapeDtypeStruct((b, h, sq_p, dv_p), q.dtype),
+    out_specs = [_spec(ol, {"S": bq, "D": dv_p}, q_idx), _spec("BHS", {"S": bq}, q_idx)]
+    out_shape = [jax.ShapeDtypeStruct(layout_shape(ol, {"B": b, "H": h, "S": sq_p, "D": dv_p}), q.dtype),
                  jax.ShapeDtypeStruct((b, h, sq_p), jnp.float32)]
     kernel = functools.partial(_fwd_kernel, cfg=cfg, sk=sk, nq=nq, has_bias=bias is not None)
     o, lse = pl.pallas_call(
@@ -235,13 +327,28 @@ def _forward(q, k, v, bias, cfg: _Config) -> tuple[jax.Array, jax.Array]:
         out_specs=out_specs,
         out_shape=out_shape,
         interpret=cfg.interpret,
-        name=f"flash_attention_{cfg.v_layout.lower()}",
+        name=cfg.name("flash_attention"),
         **_compiler_params(cfg, cfg.num_warps, cfg.num_stages),
     )(*args)
-    return o[:, :, :sq, :dv], lse[:, :, :sq]
+    return _crop(o, ol, {"S": sq, "D": dv}), lse[:, :, :sq]
 
 
 def _backward(cfg: _Config, q, k, v, bias, o, lse, do):
+    """Plain-JAX recomputation backward for any layouts: runs in BHSD / BHDS order (this
+    fallback, used with a bias or backward="jax", may transpose; the Pallas backward does not)."""
+    if cfg.canonical:
+        return _backward_canonical(cfg, q, k, v, bias, o, lse, do)
+    vc = "BHDS" if cfg.v_transposed else "BHSD"
+    ccfg = dataclasses.replace(cfg, q_layout=CANONICAL, k_layout=CANONICAL, o_layout=CANONICAL, v_layout=vc)
+    dq, dk, dv, dbias = _backward_canonical(
+        ccfg, _relayout(q, cfg.q_layout, CANONICAL), _relayout(k, cfg.k_layout, CANONICAL),
+        _relayout(v, cfg.v_layout, vc), bias, _relayout(o, cfg.o_layout, CANONICAL), lse,
+        _relayout(do, cfg.o_layout, CANONICAL))
+    return (_relayout(dq, CANONICAL, cfg.q_layout), _relayout(dk, CANONICAL, cfg.k_layout),
+            _relayout(dv, vc, cfg.v_layout), dbias)
+
+
+def _backward_canonical(cfg: _Config, q, k, v, bias, o, lse, do):
     """Gradients by recomputing P from lse, one chunk of query rows at a time (plain JAX)."""
     b, h, hkv, sq, sk, d, dv = check_shapes(q, k, v, cfg.v_layout)
     g = h // hkv
@@ -313,7 +420,10 @@ def _bwd_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_
     bq, bk = cfg.bwd_blocks[0], cfg.bwd_blocks[1]
     kj = pl.program_id(0)
     k = k_ref[...]
-    v = v_ref[...]  # [bk, Dv] (BHSD) or V^T [Dv, bk] (BHDS)
+    v = v_ref[...]  # [bk, Dv] (D minor) or V^T [Dv, bk] (S minor)
+    # q / dO / delta blocks hold the group's heads: [groups, Sq, ...] or [Sq, groups, ...]
+    q_h_first = cfg.q_layout.index("H") < cfg.q_layout.index("S")
+    o_h_first = cfg.o_layout.index("H") < cfg.o_layout.index("S")
     precision = lax.Precision.HIGHEST if k.dtype == jnp.float32 else None
     qk_scale = cfg.scale * LOG2E
     if cfg.causal:
@@ -329,10 +439,11 @@ def _bwd_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_
     def body(i, carry, g: int, masked: bool):
         dk, dv = carry
         start = pl.multiple_of(i * bq, bq)
-        q = q_ref[g, pl.ds(start, bq), :]
-        do = do_ref[g, pl.ds(start, bq), :]
-        lse = lse_ref[g, pl.ds(start, bq)]  # log2 units
-        delta = delta_ref[g, pl.ds(start, bq)]
+        rows = pl.ds(start, bq)
+        q = _group_rows(q_ref, g, rows, q_h_first)
+        do = _group_rows(do_ref, g, rows, o_h_first)
+        lse = lse_ref[g, rows]  # log2 units
+        delta = _group_rows(delta_ref, g, rows, o_h_first)
         p = jnp.exp2(_dot(q, k, 1, 1, precision) * qk_scale - lse[:, None])
         if masked:
             rows = start + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
@@ -341,7 +452,7 @@ def _bwd_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_
             if cfg.causal:
                 keep = keep & (rows >= cols)
             p = jnp.where(keep, p, 0.0)
-        if cfg.v_layout == "BHSD":
+        if not cfg.v_transposed:
             dp = _dot(do, v, 1, 1, precision)
             dv = dv + _dot(p.astype(do.dtype), do, 0, 0, precision)  # [bk, Dv]
         else:
@@ -387,7 +498,7 @@ def _bwd_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
             if cfg.causal:
                 keep = keep & (qi * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0) >= cols)
             p = jnp.where(keep, p, 0.0)
-        if cfg.v_layout == "BHSD":
+        if not cfg.v_transposed:
             dp = _dot(do, v_ref[pl.ds(start, bk), :], 1, 1, precision)
         else:
             dp = _dot(do, v_ref[:, pl.ds(start, bk)], 1, 0, precision)
@@ -401,64 +512,71 @@ def _bwd_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
 
 
 def _backward_pallas(cfg: _Config, q, k, v, o, lse, do):
-    """dQ, dK, dV with two Pallas kernels (no atomics): one over key tiles, one over query tiles."""
-    b, h, hkv, sq, sk, d, dv = check_shapes(q, k, v, cfg.v_layout)
+    """dQ, dK, dV with two Pallas kernels (no atomics): one over key tiles, one over query tiles.
+    Every operand and gradient stays in its own layout."""
+    ql, kl, vl, ol = cfg.q_layout, cfg.k_layout, cfg.v_layout, cfg.o_layout
+    b, h, hkv, sq, sk, d, dv = check_shapes(q, k, v, vl, q_layout=ql, k_layout=kl)
     groups = h // hkv
     bq1, bk1, bq2, bk2 = cfg.bwd_blocks
     sq_p, sk_p = _round_up(sq, max(bq1, bq2)), _round_up(sk, max(bk1, bk2))
     d_p, dv_p = max(MIN_BLOCK, _next_pow2(d)), max(MIN_BLOCK, _next_pow2(dv))
-    v_seq, v_dim = (2, 3) if cfg.v_layout == "BHSD" else (3, 2)
-    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
-    qp = _pad_axis(_pad_axis(q, 2, sq_p), 3, d_p)
-    kp = _pad_axis(_pad_axis(k, 2, sk_p), 3, d_p)
-    vp = _pad_axis(_pad_axis(v, v_seq, sk_p), v_dim, dv_p)
-    dop = _pad_axis(_pad_axis(do.astype(q.dtype), 2, sq_p), 3, dv_p)
+    dl = ol.replace("D", "")  # delta = rowsum(o * dO) keeps o's order of B, H, S
+    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=ol.index("D"))
+    qp = _pad_to(q, ql, {"S": sq_p, "D": d_p})
+    kp = _pad_to(k, kl, {"S": sk_p, "D": d_p})
+    vp = _pad_to(v, vl, {"S": sk_p, "D": dv_p})
+    dop = _pad_to(do.astype(q.dtype), ol, {"S": sq_p, "D": dv_p})
     lse2 = _pad_axis(lse * LOG2E, 2, sq_p)
-    deltap = _pad_axis(delta, 2, sq_p)
+    deltap = _pad_to(delta, dl, {"S": sq_p})
     args = (qp, kp, vp, dop, lse2, deltap)
-    bhsd = cfg.v_layout == "BHSD"
 
+    # dK / dV: grid (key block j, batch bi, kv head hi); query-side blocks hold the whole group
     nk1 = sk_p // bk1
-    v_spec = (pl.BlockSpec((None, None, bk1, dv_p), lambda j, bi, hi: (bi, hi, j, 0)) if bhsd
-              else pl.BlockSpec((None, None, dv_p, bk1), lambda j, bi, hi: (bi, hi, 0, j)))
+    grp = {"B": lambda j, bi, hi: bi, "H": lambda j, bi, hi: hi}
+    key = {**grp, "S": lambda j, bi, hi: j}
+    k_spec = _spec(kl, {"S": bk1, "D": d_p}, key)
+    v_spec = _spec(vl, {"S": bk1, "D": dv_p}, key)
     dk, dvv = pl.pallas_call(
         functools.partial(_bwd_dkv_kernel, cfg=cfg, sk=sk, nq=sq_p // bq1, groups=groups),
         grid=(nk1, b, hkv),
         in_specs=[
-            pl.BlockSpec((None, groups, sq_p, d_p), lambda j, bi, hi: (bi, hi, 0, 0)),
-            pl.BlockSpec((None, None, bk1, d_p), lambda j, bi, hi: (bi, hi, j, 0)),
+            _spec(ql, {"H": groups, "S": sq_p, "D": d_p}, grp),
+            k_spec,
             v_spec,
-            pl.BlockSpec((None, groups, sq_p, dv_p), lambda j, bi, hi: (bi, hi, 0, 0)),
-            pl.BlockSpec((None, groups, sq_p), lambda j, bi, hi: (bi, hi, 0)),
-            pl.BlockSpec((None, groups, sq_p), lambda j, bi, hi: (bi, hi, 0)),
+            _spec(ol, {"H": groups, "S": sq_p, "D": dv_p}, grp),
+            _spec("BHS", {"H": groups, "S": sq_p}, grp),
+            _spec(dl, {"H": groups, "S": sq_p}, grp),
         ],
-        out_specs=[pl.BlockSpec((None, None, bk1, d_p), lambda j, bi, hi: (bi, hi, j, 0)), v_spec],
+        out_specs=[k_spec, v_spec],
         out_shape=[jax.ShapeDtypeStruct(kp.shape, k.dtype), jax.ShapeDtypeStruct(vp.shape, v.dtype)],
         interpret=cfg.interpret,
-        name=f"flash_attention_bwd_dkv_{cfg.v_layout.lower()}",
+        name=cfg.name("flash_attention_bwd_dkv"),
         **_compiler_params(cfg, cfg.bwd_warps, cfg.bwd_stages),
     )(*args)
 
-    v_full = (None, None, sk_p, dv_p) if bhsd else (None, None, dv_p, sk_p)
+    # dQ: grid (query block i, batch bi, head hi)
+    qrow = {"B": lambda i, bi, hi: bi, "H": lambda i, bi, hi: hi, "S": lambda i, bi, hi: i}
+    kvh = {"B": lambda i, bi, hi: bi, "H": lambda i, bi, hi: hi // groups}
+    q_spec = _spec(ql, {"S": bq2, "D": d_p}, qrow)
     dq = pl.pallas_call(
         functools.partial(_bwd_dq_kernel, cfg=cfg, sk=sk),
         grid=(sq_p // bq2, b, h),
         in_specs=[
-            pl.BlockSpec((None, None, bq2, d_p), lambda i, bi, hi: (bi, hi, i, 0)),
-            pl.BlockSpec((None, None, sk_p, d_p), lambda i, bi, hi: (bi, hi // groups, 0, 0)),
-            pl.BlockSpec(v_full, lambda i, bi, hi: (bi, hi // groups, 0, 0)),
-            pl.BlockSpec((None, None, bq2, dv_p), lambda i, bi, hi: (bi, hi, i, 0)),
-            pl.BlockSpec((None, None, bq2), lambda i, bi, hi: (bi, hi, i)),
-            pl.BlockSpec((None, None, bq2), lambda i, bi, hi: (bi, hi, i)),
+            q_spec,
+            _spec(kl, {"S": sk_p, "D": d_p}, kvh),
+            _spec(vl, {"S": sk_p, "D": dv_p}, kvh),
+            _spec(ol, {"S": bq2, "D": dv_p}, qrow),
+            _spec("BHS", {"S": bq2}, qrow),
+            _spec(dl, {"S": bq2}, qrow),
         ],
-        out_specs=pl.BlockSpec((None, None, bq2, d_p), lambda i, bi, hi: (bi, hi, i, 0)),
+        out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
         interpret=cfg.interpret,
-        name=f"flash_attention_bwd_dq_{cfg.v_layout.lower()}",
+        name=cfg.name("flash_attention_bwd_dq"),
         **_compiler_params(cfg, cfg.bwd_warps, cfg.bwd_stages),
     )(*args)
-    dvv = dvv[:, :, :sk, :dv] if bhsd else dvv[:, :, :dv, :sk]
-    return dq[:, :, :sq, :d], dk[:, :, :sk, :d], dvv
+    return (_crop(dq, ql, {"S": sq, "D": d}), _crop(dk, kl, {"S": sk, "D": d}),
+            _crop(dvv, vl, {"S": sk, "D": dv}))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -494,19 +612,29 @@ def flash_attention(
     block_k: int | None = None,
     interpret: bool | None = None,
     backward: str = "pallas",
+    q_layout: str = "BHSD",
+    k_layout: str = "BHSD",
+    o_layout: str = "BHSD",
 ) -> jax.Array:
     """Pallas flash attention with the semantics of `attention_reference` (no bool mask).
 
     q [B,H,Sq,D]; k [B,Hkv,Sk,D]; v [B,Hkv,Sk,Dv] ("BHSD") or [B,Hkv,Dv,Sk] ("BHDS").
-    Returns [B,H,Sq,Dv] in q.dtype. `bias` is additive, broadcastable to [B,H,Sq,Sk], and
-    differentiable. block_q / block_k override the tables (powers of two, >= 16) for the forward
-    and both backward kernels. `interpret=None` runs interpret mode unless the default backend is
-    a GPU. `backward`: "pallas" (dK/dV and dQ kernels) or "jax" (blockwise recomputation in plain
-    JAX); calls with a bias always use "jax", which also yields the bias gradient.
+    Returns [B,H,Sq,Dv] in q.dtype. Other physical layouts are read and written in place:
+    ``q_layout``, ``k_layout``, ``o_layout`` any permutation of "BHSD" with D last (e.g. "BSHD"),
+    ``v_layout`` any with D last or S last (transposed V, e.g. "HDBS"); gradients come back in
+    the operands' layouts (see `kernel_supports_layouts`). `bias` is additive, broadcastable to
+    [B,H,Sq,Sk] (logical order), and differentiable. block_q / block_k override the tables
+    (powers of two, >= 16) for the forward and both backward kernels. `interpret=None` runs
+    interpret mode unless the default backend is a GPU. `backward`: "pallas" (dK/dV and dQ
+    kernels) or "jax" (blockwise recomputation in plain JAX); calls with a bias always use
+    "jax", which also yields the bias gradient.
     """
     if backward not in BACKWARDS:
         raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
-    b, h, hkv, sq, sk, d, dv = check_shapes(q, k, v, v_layout)
+    error = kernel_layout_error(q_layout, k_layout, v_layout, o_layout)
+    if error is not None:
+        raise ValueError(error)
+    b, h, hkv, sq, sk, d, dv = check_shapes(q, k, v, v_layout, q_layout=q_layout, k_layout=k_layout)
     tq, tk, warps, stages = block_sizes(sq, sk, max(d, dv))
     bq, bk = block_q or tq, block_k or tk
     for name, blk in (("block_q", bq), ("block_k", bk)):
@@ -517,5 +645,6 @@ def flash_attention(
     bq1, bk1, bq2, bk2, bwarps, bstages = bwd_block_sizes(sq, sk, max(d, dv))
     bwd_blocks = (block_q or bq1, block_k or bk1, block_q or bq2, block_k or bk2)
     cfg = _Config(float(scale), bool(causal), v_layout, bq, bk, warps, stages, bool(interpret),
-                  backward, bwd_blocks, bwarps, bstages)
+                  backward, bwd_blocks, bwarps, bstages, q_layout=q_layout, k_layout=k_layout,
+                  o_layout=o_layout)
     return _flash(q, k, v, bias, cfg)

@@ -13,31 +13,48 @@ import numpy as np
 #: becomes a uniform average instead of NaN (as in jax.nn.dot_product_attention).
 MASK_VALUE: float = -0.7 * float(np.finfo(np.float32).max)
 
-V_LAYOUTS = ("BHSD", "BHDS")
+V_LAYOUTS = ("BHSD", "BHDS")  # the canonical pair; any permutation of "BHSD" is accepted
+CANONICAL = "BHSD"
 
 
-def check_shapes(q: jax.Array, k: jax.Array, v: jax.Array, v_layout: str) -> tuple[int, int, int, int, int, int, int]:
-    """Validate operand shapes; return (B, H, Hkv, Sq, Sk, D, Dv)."""
-    if v_layout not in V_LAYOUTS:
-        raise ValueError(f"v_layout must be one of {V_LAYOUTS}, got {v_layout!r}")
+def check_layout(name: str, layout: object) -> str:
+    """`layout` if it is a permutation of "BHSD" (the physical axis order of an operand)."""
+    if not isinstance(layout, str) or sorted(layout) != sorted(CANONICAL):
+        raise ValueError(f"{name} must be a permutation of 'BHSD' (physical axis order), got {layout!r}")
+    return layout
+
+
+def check_shapes(q: jax.Array, k: jax.Array, v: jax.Array, v_layout: str = "BHSD", *,
+                 q_layout: str = "BHSD", k_layout: str = "BHSD",
+                 ) -> tuple[int, int, int, int, int, int, int]:
+    """Validate operand shapes in their layouts; return (B, H, Hkv, Sq, Sk, D, Dv)."""
+    for name, layout in (("q_layout", q_layout), ("k_layout", k_layout), ("v_layout", v_layout)):
+        check_layout(name, layout)
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"q, k, v must be rank 4, got {q.shape}, {k.shape}, {v.shape}")
-    b, h, sq, d = q.shape
-    bk, hkv, sk, dk = k.shape
-    if v_layout == "BHSD":
-        bv, hv, sv, dv = v.shape
-    else:
-        bv, hv, dv, sv = v.shape
+    b, h, sq, d = (q.shape[q_layout.index(a)] for a in "BHSD")
+    bk, hkv, sk, dk = (k.shape[k_layout.index(a)] for a in "BHSD")
+    bv, hv, sv, dv = (v.shape[v_layout.index(a)] for a in "BHSD")
     if bk != b or bv != b or dk != d or hv != hkv or sv != sk:
-        raise ValueError(f"inconsistent shapes q={q.shape} k={k.shape} v={v.shape} ({v_layout})")
+        raise ValueError(f"inconsistent shapes q={q.shape} ({q_layout}) k={k.shape} ({k_layout}) "
+                         f"v={v.shape} ({v_layout})")
     if hkv == 0 or h % hkv:
         raise ValueError(f"query heads {h} must be a multiple of kv heads {hkv}")
     return b, h, hkv, sq, sk, d, dv
 
 
+def layout_shape(layout: str, sizes: dict[str, int]) -> tuple[int, ...]:
+    """The physical shape of an array in `layout` with the given per-axis sizes."""
+    return tuple(sizes[a] for a in layout)
+
+
 def causal_mask(sq: int, sk: int) -> jax.Array:
     """[Sq, Sk] bool, True where query i may attend key j (j <= i, top-left aligned)."""
     return jnp.arange(sq)[:, None] >= jnp.arange(sk)[None, :]
+
+
+def _subscripts(layout: str, letters: dict[str, str]) -> str:
+    return "".join(letters[a] for a in layout)
 
 
 def attention_reference(
@@ -50,17 +67,27 @@ def attention_reference(
     v_layout: str = "BHSD",
     bias: jax.Array | None = None,
     mask: jax.Array | None = None,
+    q_layout: str = "BHSD",
+    k_layout: str = "BHSD",
+    o_layout: str = "BHSD",
 ) -> jax.Array:
-    """softmax((q @ k^T) * scale + bias, masked) @ v, returned as [B, H, Sq, Dv] in q.dtype.
+    """softmax((q @ k^T) * scale + bias, masked) @ v, returned in ``o_layout`` in q.dtype.
 
-    q [B,H,Sq,D]; k [B,Hkv,Sk,D]; v [B,Hkv,Sk,Dv] ("BHSD") or [B,Hkv,Dv,Sk] ("BHDS").
+    Each operand is stored in its own layout, a permutation of "BHSD" giving its physical axis
+    order: q [B,H,Sq,D] and k [B,Hkv,Sk,D] by default; v [B,Hkv,Sk,Dv] ("BHSD") or [B,Hkv,Dv,Sk]
+    ("BHDS", transposed V) or any other order; the result [B,H,Sq,Dv] by default.
     Query head h reads kv head h // (H // Hkv). Scores and softmax are float32; `bias` is
-    additive and `mask` boolean (True = keep), both broadcastable to [B,H,Sq,Sk].
+    additive and `mask` boolean (True = keep), both broadcastable to [B,H,Sq,Sk] (logical order,
+    whatever the operand layouts). Plain JAX: layouts are einsum subscripts, no explicit copies.
     """
-    b, h, hkv, sq, sk, d, dv = check_shapes(q, k, v, v_layout)
+    check_layout("o_layout", o_layout)
+    b, h, hkv, sq, sk, d, dv = check_shapes(q, k, v, v_layout, q_layout=q_layout, k_layout=k_layout)
     g = h // hkv
-    qg = q.reshape(b, hkv, g, sq, d)
-    s = jnp.einsum("bkgqd,bksd->bkgqs", qg, k, preferred_element_type=jnp.float32)
+    hq = q_layout.index("H")  # split query heads into (kv head, group) in place
+    qg = q.reshape(q.shape[:hq] + (hkv, g) + q.shape[hq + 1:])
+    q_sub = _subscripts(q_layout, {"B": "b", "H": "kg", "S": "q", "D": "d"})
+    k_sub = _subscripts(k_layout, {"B": "b", "H": "k", "S": "s", "D": "d"})
+    s = jnp.einsum(f"{q_sub},{k_sub}->bkgqs", qg, k, preferred_element_type=jnp.float32)
     s = s.reshape(b, h, sq, sk) * jnp.float32(scale)
     if bias is not None:
         s = s + bias.astype(jnp.float32)
@@ -73,6 +100,7 @@ def attention_reference(
     if keep is not None:
         s = jnp.where(keep, s, jnp.float32(MASK_VALUE))
     p = jax.nn.softmax(s, axis=-1).reshape(b, hkv, g, sq, sk)
-    eq = "bkgqs,bksd->bkgqd" if v_layout == "BHSD" else "bkgqs,bkds->bkgqd"
-    o = jnp.einsum(eq, p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return o.reshape(b, h, sq, dv).astype(q.dtype)
+    v_sub = _subscripts(v_layout, {"B": "b", "H": "k", "S": "s", "D": "e"})
+    o_sub = _subscripts(o_layout, {"B": "b", "H": "kg", "S": "q", "D": "e"})
+    o = jnp.einsum(f"bkgqs,{v_sub}->{o_sub}", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return o.reshape(layout_shape(o_layout, {"B": b, "H": h, "S": sq, "D": dv})).astype(q.dtype)
