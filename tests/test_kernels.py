@@ -21,6 +21,7 @@ from eqsat_attn.kernels import (
     pallas_available,
 )
 from eqsat_attn.kernels.flash_attention import BLOCK_TABLE, block_sizes
+from eqsat_attn.kernels.reference import layout_shape
 
 NEG = -0.7 * float(np.finfo(np.float32).max)
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -260,18 +261,20 @@ def _pretend_hopper(monkeypatch):
 
 
 @pytest.mark.skipif(on_gpu, reason="the GPU tests compile the real kernels")
-@pytest.mark.parametrize("v_layout,causal,d,dtype", [
-    ("BHSD", False, 128, jnp.bfloat16), ("BHSD", True, 64, jnp.float16),
-    ("BHDS", False, 64, jnp.float32), ("BHDS", True, 256, jnp.bfloat16),
+@pytest.mark.parametrize("v_layout,causal,d,dtype,qko", [
+    ("BHSD", False, 128, jnp.bfloat16, "BHSD"), ("BHSD", True, 64, jnp.float16, "BHSD"),
+    ("BHDS", False, 64, jnp.float32, "BHSD"), ("BHDS", True, 256, jnp.bfloat16, "BHSD"),
+    ("HDBS", True, 64, jnp.bfloat16, "BSHD"),  # strided tiles: q, k, o [B,S,H,D], V^T [H,D,B,S]
 ])
-def test_kernels_lower_to_triton(monkeypatch, v_layout, causal, d, dtype):
+def test_kernels_lower_to_triton(monkeypatch, v_layout, causal, d, dtype, qko):
     """Forward and both backward kernels lower to Triton IR (ragged length, GQA)."""
     _pretend_hopper(monkeypatch)
-    q = jax.ShapeDtypeStruct((1, 4, 1000, d), dtype)
-    k = jax.ShapeDtypeStruct((1, 2, 1000, d), dtype)
-    v = k if v_layout == "BHSD" else jax.ShapeDtypeStruct((1, 2, d, 1000), dtype)
+    sizes = lambda hh: {"B": 1, "H": hh, "S": 1000, "D": d}
+    q = jax.ShapeDtypeStruct(layout_shape(qko, sizes(4)), dtype)
+    k = jax.ShapeDtypeStruct(layout_shape(qko, sizes(2)), dtype)
+    v = jax.ShapeDtypeStruct(layout_shape(v_layout, sizes(2)), dtype)
     fn = lambda q, k, v: flash_attention(q, k, v, scale=0.1, causal=causal, v_layout=v_layout,
-                                         interpret=False)
+                                         q_layout=qko, k_layout=qko, o_layout=qko, interpret=False)
     loss = lambda q, k, v: fn(q, k, v).astype(jnp.float32).sum()
     text = jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, k, v).lower(
         lowering_platforms=("cuda",)).as_text()
@@ -328,3 +331,141 @@ def test_flash_pallas_backward_uneven_tiles_and_jax_backward_agree():
     for name, got, other, w in zip("qkv", vjp(do), vjp_jax(do), want[1:4]):
         assert_close(got, w, 1e-4, f"d{name} pallas")
         assert_close(other, w, 1e-4, f"d{name} jax")
+
+
+# --- operand layouts read and written in place ------------------------------------------------
+
+def _relayout(x, source, target):
+    return np.transpose(np.asarray(x), [source.index(a) for a in target])
+
+
+def _walk(jp, into_kernels: bool):
+    """Equations of a jaxpr and its sub-jaxprs (pallas_call bodies only if into_kernels)."""
+    for e in jp.eqns:
+        yield e
+        if e.primitive.name == "pallas_call" and not into_kernels:
+            continue
+        for p in e.params.values():
+            for x in p if isinstance(p, (tuple, list)) else (p,):
+                inner = getattr(x, "jaxpr", x)
+                if hasattr(inner, "eqns"):
+                    yield from _walk(inner, into_kernels)
+
+
+def _layout_inputs(seed, layouts, b, h, hkv, sq, sk, d):
+    """q, k, v, dO in their layouts, plus the float64 expectation (o, dq, dk, dv) in them too."""
+    ql, kl, vl, ol = layouts
+    _, q, k, v, do = make_inputs(seed, b, h, hkv, sq, sk, d, d, "BHSD", jnp.float32)
+    return tuple(jnp.asarray(_relayout(x, "BHSD", l)) for x, l in ((q, ql), (k, kl), (v, vl), (do, ol)))
+
+
+def _expected(q, k, v, do, layouts, **kw):
+    ql, kl, vl, ol = layouts
+    canon = [_relayout(x, l, "BHSD") for x, l in ((q, ql), (k, kl), (v, vl), (do, ol))]
+    o, dq, dk, dv, _ = np_attention(*canon, **kw)
+    return [_relayout(x, "BHSD", l) for x, l in ((o, ol), (dq, ql), (dk, kl), (dv, vl))]
+
+
+LAYOUT_CASES = [
+    # (q, k, v, o) layouts, causal, b, h, hkv, sq, sk, d
+    (("BSHD", "BSHD", "BSHD", "BSHD"), True, 2, 4, 2, 40, 24, 16),  # all [B,S,H,D], GQA, ragged
+    (("BSHD", "BSHD", "HDBS", "BSHD"), True, 2, 4, 2, 24, 40, 16),  # V^T as [H,D,B,S]
+    (("HBSD", "SBHD", "DBHS", "BHSD"), False, 2, 2, 1, 24, 24, 32),  # mixed, MQA
+]
+
+
+@pytest.mark.parametrize("layouts,causal,b,h,hkv,sq,sk,d", LAYOUT_CASES)
+def test_flash_layouts_forward_and_grad(layouts, causal, b, h, hkv, sq, sk, d):
+    """Pallas and reference in non-canonical layouts vs float64; gradients in operand layouts."""
+    q, k, v, do = _layout_inputs(12, layouts, b, h, hkv, sq, sk, d)
+    kw = dict(zip(("q_layout", "k_layout", "v_layout", "o_layout"), layouts))
+    scale = d ** -0.5
+    want = _expected(q, k, v, do, layouts, scale=scale, causal=causal)
+    flash = lambda q, k, v: flash_attention(q, k, v, scale=scale, causal=causal, block_q=16,
+                                            block_k=16, interpret=True, **kw)
+    o, vjp = jax.vjp(flash, q, k, v)
+    assert_close(o, want[0], 2e-5, "o")
+    for name, got, w in zip("qkv", vjp(do), want[1:]):
+        assert_close(got, w, 1e-4, f"d{name}")
+    ref = attention(q, k, v, scale=scale, causal=causal, kernel="reference", **kw)
+    assert_close(ref, want[0], 2e-5, "reference o")
+
+
+@pytest.mark.parametrize("layouts", [("BSHD",) * 4, ("BSHD", "BSHD", "HDBS", "BSHD")])
+def test_flash_layouts_never_transpose(layouts):
+    """Forward and backward read and write the layouts in place: no transpose anywhere."""
+    q, k, v, do = _layout_inputs(13, layouts, 1, 4, 2, 32, 32, 16)
+    kw = dict(zip(("q_layout", "k_layout", "v_layout", "o_layout"), layouts))
+    fn = lambda q, k, v: flash_attention(q, k, v, scale=0.5, causal=True, interpret=True, **kw)
+    jaxpr = jax.make_jaxpr(lambda q, k, v: jax.vjp(fn, q, k, v)[1](do))(q, k, v)
+    outside = [e.primitive.name for e in _walk(jaxpr.jaxpr, into_kernels=False)]
+    assert outside.count("pallas_call") == 3 and "transpose" not in outside
+    inside = [e.primitive.name for e in _walk(jaxpr.jaxpr, into_kernels=True)]
+    assert "transpose" not in inside
+
+
+def test_flash_rejects_layouts_it_cannot_read():
+    from eqsat_attn.kernels import kernel_supports_layouts
+
+    assert kernel_supports_layouts("BSHD", "SBHD", "HDBS", "HBSD")
+    assert not kernel_supports_layouts(v_layout="BSDH") and not kernel_supports_layouts(o_layout="BHDS")
+    q = jnp.ones((1, 2, 16, 16))
+    with pytest.raises(ValueError, match="q_layout='BHDS'.*minor"):
+        flash_attention(q, q, q, scale=1.0, causal=False, q_layout="BHDS")
+    with pytest.raises(ValueError, match="permutation"):
+        flash_attention(q, q, q, scale=1.0, causal=False, v_layout="BHS")
+
+
+def _attention_node_program(shapes, layouts, causal=True):
+    from eqsat_attn.ir import ProgramBuilder, TensorType
+
+    b = ProgramBuilder()
+    ins = [b.input(TensorType(s, "float32")) for s in shapes[:3]]
+    q_layout, k_layout, v_layout, o_layout = layouts
+    out = b.add("attention", ins, TensorType(shapes[3], "float32"), q_layout=q_layout,
+                k_layout=k_layout, v_layout=v_layout, o_layout=o_layout, scale=0.25, causal=causal,
+                mask_kind="none")
+    return b.build([out])
+
+
+@pytest.mark.parametrize("layouts,n_transposes", [
+    (("BSHD", "BSHD", "HDBS", "BSHD"), 0),  # read in place
+    (("BHDS", "BSHD", "BSDH", "BSHD"), 2),  # q without D minor, v with H minor: copied first
+])
+def test_lowered_attention_node_calls_kernel_in_place(layouts, n_transposes):
+    """lower() of an IR attention node passes the layouts to the Pallas kernel: the only
+    transposes are those of operands it cannot read, which is what the roofline model charges."""
+    import eqsat_attn as ea
+    from eqsat_attn.cost import H100, RooflineModel, view_of
+
+    q, k, v, do = _layout_inputs(14, ("BSHD", "BSHD", "HDBS", "BSHD"), 1, 4, 2, 24, 24, 16)
+    q, v = (jnp.asarray(_relayout(x, s, t)) for x, s, t in ((q, "BSHD", layouts[0]), (v, "HDBS", layouts[2])))
+    o_shape = layout_shape(layouts[3], {"B": 1, "H": 4, "S": 24, "D": 16})
+    program = _attention_node_program((q.shape, k.shape, v.shape, o_shape), layouts)
+    fn = ea.lower(program, attention_kernel="pallas")
+    jaxpr = jax.make_jaxpr(fn)(q, k, v)
+    outside = [e.primitive.name for e in _walk(jaxpr.jaxpr, into_kernels=False)]
+    assert outside.count("pallas_call") == 1 and outside.count("transpose") == n_transposes
+    (got,) = fn(q, k, v)
+    want = _expected(q, k, v, do, layouts, scale=0.25, causal=True)[0]
+    assert_close(got, want, 2e-5, "o")
+    (node_id,) = [i for i, n in enumerate(program.nodes) if n.op == "attention"]
+    bd = RooflineModel(H100).breakdown(view_of(program, node_id))
+    per_copy = RooflineModel(H100)._transpose_seconds
+    charged = [x.nbytes for x in (q, v)] if n_transposes else []
+    assert bd.extra_s == pytest.approx(sum(per_copy(n) + H100.launch_overhead for n in charged))
+
+
+def test_flash_layouts_with_bias_use_the_jax_backward():
+    """With a bias the plain-JAX recomputation backward runs; gradients still in operand layouts."""
+    layouts = ("BSHD", "BSHD", "HDBS", "BSHD")
+    q, k, v, do = _layout_inputs(15, layouts, 1, 2, 1, 16, 24, 16)
+    bias = rand(np.random.default_rng(16), (2, 16, 24))
+    kw = dict(zip(("q_layout", "k_layout", "v_layout", "o_layout"), layouts))
+    fn = lambda q, k, v: flash_attention(q, k, v, scale=0.3, causal=False, bias=bias,
+                                         interpret=True, **kw)
+    o, vjp = jax.vjp(fn, q, k, v)
+    want = _expected(q, k, v, do, layouts, scale=0.3, causal=False, bias=bias)
+    assert_close(o, want[0], 2e-5, "o")
+    for name, got, w in zip("qkv", vjp(do), want[1:]):
+        assert_close(got, w, 1e-4, f"d{name}")
