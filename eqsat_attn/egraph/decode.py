@@ -10,7 +10,8 @@ from typing import Any
 from egglog import bindings
 
 from .. import ir
-from .encode import Encoding, axes_to_layout
+from .ctors import ARG_KINDS, op_params, split_args
+from .encode import Encoding
 
 _PREFIXES = ("Term_", "TermList_")
 
@@ -72,7 +73,6 @@ class _Decoder:
 
     def _node(self, ctor: str, a: list[Any]) -> int:
         b = self.builder
-        prog = self.enc.program
         if ctor == "input":
             return b.inputs[a[0]]
         if ctor == "literal":
@@ -95,68 +95,18 @@ class _Decoder:
         if ctor == "iota":
             dtype, shape, dimension = a
             return b.add("iota", (), ir.TensorType(shape, dtype), dimension=dimension)
-        if ctor == "unary":
-            op, x = a
-            t = b.type_of(x)
-            return b.add(op, (x,), ir.TensorType(t.shape, "bool" if op == "is_finite" else t.dtype))
-        if ctor == "binary":
-            op, x, y = a
-            t = b.type_of(x)
-            dtype = "bool" if op in ("eq", "ne", "lt", "le", "gt", "ge") else t.dtype
-            return b.add(op, (x, y), ir.TensorType(t.shape, dtype))
-        if ctor == "softmax":
-            return b.add("softmax", (a[0],), b.type_of(a[0]))
-        if ctor == "integer_pow":
-            x, y = a
-            return b.add("integer_pow", (x,), b.type_of(x), y=y)
-        if ctor == "convert":
-            x, dtype = a
-            return b.add("convert_element_type", (x,), ir.TensorType(b.type_of(x).shape, dtype), new_dtype=dtype)
-        if ctor == "select":
-            pred, f, t = a
-            return b.add("select_n", (pred, f, t), b.type_of(t))
-        if ctor == "transpose":
-            x, perm = a
-            t = b.type_of(x)
-            return b.add("transpose", (x,), ir.TensorType(tuple(t.shape[i] for i in perm), t.dtype), perm=perm)
-        if ctor == "reshape":
-            x, shape = a
-            return b.add("reshape", (x,), ir.TensorType(shape, b.type_of(x).dtype))
-        if ctor == "broadcast":
-            x, shape, dims = a
-            return b.add("broadcast_in_dim", (x,), ir.TensorType(shape, b.type_of(x).dtype), broadcast_dimensions=dims)
-        if ctor == "reduce":
-            op, x, axes = a
-            t = b.type_of(x)
-            shape = tuple(s for i, s in enumerate(t.shape) if i not in axes)
-            return b.add(op, (x,), ir.TensorType(shape, t.dtype), axes=axes)
-        if ctor == "dot":
-            x, y, lc, rc, lb, rb, out_dtype = a
-            tx, ty = b.type_of(x), b.type_of(y)
-            free_x = [tx.shape[i] for i in range(tx.rank) if i not in lc and i not in lb]
-            free_y = [ty.shape[i] for i in range(ty.rank) if i not in rc and i not in rb]
-            shape = tuple(tx.shape[i] for i in lb) + tuple(free_x) + tuple(free_y)
-            return b.add(
-                "dot_general", (x, y), ir.TensorType(shape, out_dtype or tx.dtype),
-                lhs_contract=lc, rhs_contract=rc, lhs_batch=lb, rhs_batch=rb,
-                preferred_element_type=out_dtype or None,
-            )
-        if ctor == "attention":
-            q, k, v, mask, qa, ka, va, oa, scale, causal, mask_kind = a
-            tq, tv = b.type_of(q), b.type_of(v)
-            logical = (tq.shape[qa[0]], tq.shape[qa[1]], tq.shape[qa[2]], tv.shape[va[3]])
-            shape = [0] * 4
-            for axis, pos in enumerate(oa):
-                shape[pos] = logical[axis]
-            inputs = (q, k, v) if mask is None else (q, k, v, mask)
-            return b.add(
-                "attention", inputs, ir.TensorType(tuple(shape), tq.dtype),
-                q_layout=axes_to_layout(qa), k_layout=axes_to_layout(ka), v_layout=axes_to_layout(va),
-                o_layout=axes_to_layout(oa), scale=float(scale), causal=bool(causal), mask_kind=mask_kind,
-            )
         if ctor == "no_mask":
             return None
-        raise ValueError(f"cannot decode term constructor {ctor!r}")
+        if ctor not in ARG_KINDS:
+            raise ValueError(f"cannot decode term constructor {ctor!r}")
+        tensors, statics = split_args(ctor, a)
+        op, params = op_params(ctor, statics)
+        types = [b.type_of(t) for t in tensors]
+        if ctor in ("reshape", "broadcast"):  # the output shape is the first static
+            out = ir.TensorType(tuple(statics[0]), types[0].dtype)
+        else:
+            out = ir.infer_type(op, params, types)
+        return b.add(op, tensors, out, **params)
 
 
 def decode(termdag: bindings.TermDag, root: int, enc: Encoding) -> ir.Program:

@@ -16,6 +16,7 @@ from egglog.runtime import resolve_callable
 
 from .. import ir
 from ..cost.model import CostModel, OpView
+from .ctors import ARG_KINDS, FREE_CTORS, op_params, split_args
 from .decode import decode
 from .encode import Encoding, axes_to_layout
 from .language import Term, dtype, shape
@@ -73,7 +74,7 @@ def enode_view(egraph: EGraph, expr: Any, enc: Encoding, cache: dict | None = No
     ctor = _CTORS.get(fn) if fn is not None else None
     if ctor is None:  # let-bound names are Terms too: never extract a name
         return UNKNOWN_TYPE_COST if isinstance(expr, Term) else None
-    if ctor in ("no_mask", "opaque", "output", "input", "literal", "constant", "iota"):
+    if ctor in FREE_CTORS:
         return None
     args = get_callable_args(expr)
     tensor_args = [a for a in args if isinstance(a, Term)]
@@ -85,41 +86,15 @@ def enode_view(egraph: EGraph, expr: Any, enc: Encoding, cache: dict | None = No
         if t is None:
             return UNKNOWN_TYPE_COST
         inputs.append(t)
-    statics = [_py_cached(a, cache) for a in args if not isinstance(a, Term)]
-    if ctor == "reshape":
-        return OpView("reshape", {}, tuple(inputs), ir.TensorType(tuple(statics[0]), inputs[0].dtype))
-    if ctor == "broadcast":
-        return OpView("broadcast_in_dim", {"broadcast_dimensions": statics[1]}, tuple(inputs),
-                      ir.TensorType(tuple(statics[0]), inputs[0].dtype))
-    op, params = _params(ctor, statics)
+    return op_view(ctor, [_py_cached(a, cache) for a in args if not isinstance(a, Term)], inputs)
+
+
+def op_view(ctor: str, statics: list[Any], inputs: list[ir.TensorType]) -> OpView:
+    """What the cost model sees of a modelled constructor applied to typed operands."""
+    op, params = op_params(ctor, statics)
+    if ctor in ("reshape", "broadcast"):  # the output shape is the first static
+        return OpView(op, params, tuple(inputs), ir.TensorType(tuple(statics[0]), inputs[0].dtype))
     return OpView(op, params, tuple(inputs), ir.infer_type(op, params, inputs))
-
-
-def _params(ctor: str, vals: list[Any]) -> tuple[str, dict[str, Any]]:
-    if ctor in ("unary", "binary"):
-        return vals[0], {}
-    if ctor == "reduce":
-        return vals[0], {"axes": vals[1]}
-    if ctor == "transpose":
-        return "transpose", {"perm": vals[0]}
-    if ctor == "dot":
-        lc, rc, lb, rb, out_dtype = vals
-        return "dot_general", {"lhs_contract": lc, "rhs_contract": rc, "lhs_batch": lb, "rhs_batch": rb,
-                "preferred_element_type": out_dtype or None}
-    if ctor == "attention":
-        qa, ka, va, oa, scale, causal, mask_kind = vals
-        return "attention", {"q_layout": axes_to_layout(qa), "k_layout": axes_to_layout(ka), "v_layout": axes_to_layout(va),
-                "o_layout": axes_to_layout(oa), "scale": scale, "causal": bool(causal), "mask_kind": mask_kind}
-    if ctor == "broadcast":
-        return "broadcast_in_dim", {"broadcast_dimensions": vals[1]}
-    if ctor == "convert":
-        return "convert_element_type", {"new_dtype": vals[0]}
-    if ctor == "select":
-        return "select_n", {}
-    if ctor == "output":
-        return "opaque_output", {"index": vals[0]}
-    names = {"integer_pow": ("y",), "iota": ("dtype", "shape", "dimension")}
-    return ctor, dict(zip(names.get(ctor, ()), vals))
 
 
 def egglog_cost_model(model: CostModel, enc: Encoding) -> DagCostModel[float]:
@@ -160,18 +135,6 @@ def extract_program(
 
 # --- fast path: price e-nodes from egglog's raw values -------------------------------------
 
-_ARG_KINDS: dict[str, tuple[str, ...]] = {
-    "input": ("i64",), "literal": ("f64", "str"), "constant": ("i64",), "iota": ("str", "vec", "i64"),
-    "unary": ("str", "T"), "binary": ("str", "T", "T"), "integer_pow": ("T", "i64"), "convert": ("T", "str"),
-    "select": ("T", "T", "T"), "softmax": ("T",), "transpose": ("T", "vec"), "reshape": ("T", "vec"),
-    "broadcast": ("T", "vec", "vec"), "reduce": ("str", "T", "vec"),
-    "dot": ("T", "T", "vec", "vec", "vec", "vec", "str"),
-    "attention": ("T", "T", "T", "T", "vec", "vec", "vec", "vec", "f64", "i64", "str"),
-    "no_mask": (), "opaque": ("i64", "L"), "output": ("T", "i64"),
-}
-_FREE_CTORS = frozenset({"no_mask", "opaque", "output", "input", "literal", "constant", "iota"})
-
-
 class RawCostModel:
     """Prices Term e-nodes straight from egglog's raw values during extraction.
 
@@ -192,7 +155,7 @@ class RawCostModel:
     def _ctor(self, name: str) -> str | None:
         if name not in self.ctors:
             k = name.rfind("Term_")
-            self.ctors[name] = name[k + 5:] if k >= 0 and name[k + 5:] in _ARG_KINDS else None
+            self.ctors[name] = name[k + 5:] if k >= 0 and name[k + 5:] in ARG_KINDS else None
         return self.ctors[name]
 
     def _type(self, value: Any) -> ir.TensorType | None:
@@ -218,29 +181,18 @@ class RawCostModel:
         if ctor is None:
             # let-bound names are Terms too: never extract one; lists and vectors are free
             return UNKNOWN_TYPE_COST if "thunk" in name else 0.0
-        if ctor in _FREE_CTORS:
+        if ctor in FREE_CTORS:
             return 0.0
         key = (name, tuple(args))
         if key in self.costs:
             return self.costs[key]
-        kinds = _ARG_KINDS[ctor]
-        statics = [self._static(k, a) for k, a in zip(kinds, args) if k not in ("T", "L")]
-        children = [a for k, a in zip(kinds, args) if k == "T"]
-        if ctor == "attention" and statics[-1] == "none":
-            children = children[:3]
+        values = [a if kind in ("T", "L") else self._static(kind, a) for kind, a in zip(ARG_KINDS[ctor], args)]
+        children, statics = split_args(ctor, values)
         inputs = [self._type(c) for c in children]
         if any(t is None for t in inputs):
             cost = UNKNOWN_TYPE_COST
         else:
-            if ctor == "reshape":
-                view = OpView("reshape", {}, tuple(inputs), ir.TensorType(statics[0], inputs[0].dtype))
-            elif ctor == "broadcast":
-                view = OpView("broadcast_in_dim", {"broadcast_dimensions": statics[1]}, tuple(inputs),
-                              ir.TensorType(statics[0], inputs[0].dtype))
-            else:
-                op, params = _params(ctor, statics)
-                view = OpView(op, params, tuple(inputs), ir.infer_type(op, params, inputs))
-            cost = float(self.model.node_cost(view))
+            cost = float(self.model.node_cost(op_view(ctor, statics, inputs)))
         self.costs[key] = cost
         return cost
 

@@ -39,7 +39,8 @@ from .. import ir
 from ..cost.model import CostModel, OpView
 from .decode import _Decoder
 from .encode import Encoding
-from .extract import _params
+from .ctors import FREE_CTORS
+from .extract import op_view
 
 MAX_ENODES = 5000  # candidate Term/TermList e-nodes reachable from the root
 _HIGHS_LOG = False  # set True to see the solver log
@@ -138,13 +139,10 @@ def _class_types(g: _Graph) -> dict[str, ir.TensorType]:
     return {c: ir.TensorType(s, dtypes[c]) for c, s in shapes.items() if c in dtypes}
 
 
-_FREE_CTORS = frozenset({"no_mask", "opaque", "output", "input", "literal", "constant", "iota"})
-
-
 def _view(g: _Graph, nid: str, types: dict[str, ir.TensorType]) -> OpView | None | float:
     """The OpView of a Term e-node (as `extract.enode_view`); None if free; inf if untyped."""
     sort, ctor = _ctor(g.nodes[nid]["op"])
-    if sort != "Term" or ctor in _FREE_CTORS:
+    if sort != "Term" or ctor in FREE_CTORS:
         return None
     children = g.nodes[nid]["children"]
     tensor_classes = [g.nodes[c]["eclass"] for c in children if g.sort(g.nodes[c]["eclass"]) == "Term"]
@@ -158,17 +156,10 @@ def _view(g: _Graph, nid: str, types: dict[str, ir.TensorType]) -> OpView | None
             return math.inf
         inputs.append(types[c])
     statics = [g.primitive(c) for c in children if g.sort(g.nodes[c]["eclass"]) not in ("Term", "TermList")]
-    if ctor == "reshape":
-        return OpView("reshape", {}, tuple(inputs), ir.TensorType(tuple(statics[0]), inputs[0].dtype))
-    if ctor == "broadcast":
-        return OpView("broadcast_in_dim", {"broadcast_dimensions": statics[1]}, tuple(inputs),
-                      ir.TensorType(tuple(statics[0]), inputs[0].dtype))
-    op, params = _params(ctor, statics)
     try:
-        out = ir.infer_type(op, params, inputs)
+        return op_view(ctor, statics, inputs)
     except Exception:  # noqa: BLE001 - a node whose type cannot be inferred is never chosen
         return math.inf
-    return OpView(op, params, tuple(inputs), out)
 
 
 def _undominated(members: list[str], cost: dict[str, float], children: dict[str, list[str]]) -> list[str]:

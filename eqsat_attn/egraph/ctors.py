@@ -1,0 +1,78 @@
+"""How each `Term` constructor maps to an IR op: its argument kinds and static parameters.
+
+Shared by decoding, the extraction cost adapters and the ILP extractor, so a constructor's
+meaning is written down once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .encode import axes_to_layout
+
+# Argument kinds per constructor: "T" a tensor (Term), "L" an operand list, else a primitive.
+ARG_KINDS: dict[str, tuple[str, ...]] = {
+    "input": ("i64",), "literal": ("f64", "str"), "constant": ("i64",), "iota": ("str", "vec", "i64"),
+    "unary": ("str", "T"), "binary": ("str", "T", "T"), "integer_pow": ("T", "i64"), "convert": ("T", "str"),
+    "select": ("T", "T", "T"), "softmax": ("T",), "transpose": ("T", "vec"), "reshape": ("T", "vec"),
+    "broadcast": ("T", "vec", "vec"), "reduce": ("str", "T", "vec"),
+    "dot": ("T", "T", "vec", "vec", "vec", "vec", "str"),
+    "attention": ("T", "T", "T", "T", "vec", "vec", "vec", "vec", "f64", "i64", "str"),
+    "no_mask": (), "opaque": ("i64", "L"), "output": ("T", "i64"),
+}
+
+# Constructors that cost nothing to extract: leaves, and nodes that only name other values.
+FREE_CTORS = frozenset({"no_mask", "opaque", "output", "input", "literal", "constant", "iota"})
+
+
+def split_args(ctor: str, args: list[Any]) -> tuple[list[Any], list[Any]]:
+    """(tensor operands, static parameters) of a constructor's arguments, in order.
+
+    An attention without a mask tensor (mask kind "none") has three operands.
+    """
+    kinds = ARG_KINDS[ctor]
+    tensors = [a for k, a in zip(kinds, args, strict=True) if k == "T"]
+    statics = [a for k, a in zip(kinds, args, strict=True) if k not in ("T", "L")]
+    if ctor == "attention" and statics[-1] == "none":
+        tensors = tensors[:3]
+    return tensors, statics
+
+
+def op_params(ctor: str, statics: list[Any]) -> tuple[str, dict[str, Any]]:
+    """The IR op and its params for a modelled (non-leaf) constructor's static arguments.
+
+    ``reshape`` and ``broadcast`` carry their output shape as their first static; callers
+    read it from there (it is not an IR parameter).
+    """
+    if ctor in ("unary", "binary"):
+        return statics[0], {}
+    if ctor == "reduce":
+        return statics[0], {"axes": tuple(statics[1])}
+    if ctor == "transpose":
+        return "transpose", {"perm": tuple(statics[0])}
+    if ctor == "reshape":
+        return "reshape", {}
+    if ctor == "broadcast":
+        return "broadcast_in_dim", {"broadcast_dimensions": tuple(statics[1])}
+    if ctor == "dot":
+        lc, rc, lb, rb, out_dtype = statics
+        return "dot_general", {
+            "lhs_contract": tuple(lc), "rhs_contract": tuple(rc), "lhs_batch": tuple(lb), "rhs_batch": tuple(rb),
+            "preferred_element_type": out_dtype or None,
+        }
+    if ctor == "attention":
+        qa, ka, va, oa, scale, causal, mask_kind = statics
+        return "attention", {
+            "q_layout": axes_to_layout(tuple(qa)), "k_layout": axes_to_layout(tuple(ka)),
+            "v_layout": axes_to_layout(tuple(va)), "o_layout": axes_to_layout(tuple(oa)),
+            "scale": float(scale), "causal": bool(causal), "mask_kind": mask_kind,
+        }
+    if ctor == "convert":
+        return "convert_element_type", {"new_dtype": statics[0]}
+    if ctor == "select":
+        return "select_n", {}
+    if ctor == "integer_pow":
+        return "integer_pow", {"y": statics[0]}
+    if ctor == "softmax":
+        return "softmax", {}
+    raise ValueError(f"constructor {ctor!r} has no IR op of its own")
