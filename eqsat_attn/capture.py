@@ -1,7 +1,7 @@
 """Capture: a JAX function -> jaxpr -> `ir.Program`.
 
 Call-like equations (``jit``/``pjit``, ``closed_call``, ``core_call``, and the primal of
-``custom_jvp_call`` / ``custom_vjp_call``) are inlined. The ops named in `ir` become
+``custom_jvp_call``) are inlined; ``custom_vjp_call`` stays opaque. The ops named in `ir` become
 first-class nodes, with implicit broadcasts (rank-0 operands, size-1 dimensions) made
 explicit as ``broadcast_in_dim``. Everything else becomes one ``opaque`` node, re-bound
 unchanged by lowering, with one ``opaque_output`` node per result.
@@ -27,9 +27,11 @@ _CALL_PRIMITIVES: dict[str, tuple[str, ...]] = {
     "closed_call": ("call_jaxpr", "jaxpr"),
     "core_call": ("call_jaxpr", "jaxpr"),
     "custom_jvp_call": ("call_jaxpr", "fun_jaxpr"),
-    "custom_vjp_call": ("call_jaxpr", "fun_jaxpr"),
-    "custom_vjp_call_jaxpr": ("fun_jaxpr", "call_jaxpr"),
 }
+# custom_vjp calls stay opaque: their backward is user code (clipping, straight-through
+# estimators) that inlining the primal would silently drop. custom_jvp calls are inlined so
+# the rules see their primal (jax.nn.relu, user activations); the decorator then takes
+# derivatives from the original function (`Captured.custom_jvp_inlined`).
 _REDUCE_PARAMS_OK = ("axes",)
 _ALIAS_PRIMITIVES = frozenset({"copy"})
 
@@ -50,6 +52,8 @@ class Captured:
     in_avals: tuple[jax.ShapeDtypeStruct, ...]
     static_argnums: tuple[int, ...] = ()
     hoisted_consts: tuple[Any, ...] = ()
+    closed_jaxpr: Any = None  # the traced function itself (its custom derivative rules intact)
+    custom_jvp_inlined: bool = False
 
     def flat_args(self, *args: Any, **kwargs: Any) -> list[Any]:
         """The flat inputs of ``program`` for a call with these (full) arguments."""
@@ -133,7 +137,22 @@ def capture(fn: Callable[..., Any], *args: Any, static_argnums: int | Sequence[i
     closed = jax.make_jaxpr(flat_fn)(*avals)
     program = jaxpr_to_program(closed)
     hoisted = tuple(c for c in closed.consts if must_hoist(c))
-    return Captured(program, in_tree, out_tree_box[-1], avals, static_nums, hoisted)
+    return Captured(
+        program, in_tree, out_tree_box[-1], avals, static_nums, hoisted, closed, _uses_custom_jvp(closed.jaxpr)
+    )
+
+
+def _uses_custom_jvp(jaxpr: Any) -> bool:
+    """Whether a custom_jvp call is inlined anywhere in ``jaxpr`` (nested calls included)."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "custom_jvp_call":
+            return True
+        if eqn.primitive.name in _CALL_PRIMITIVES:
+            for name in _CALL_PRIMITIVES[eqn.primitive.name]:
+                inner = eqn.params.get(name)
+                if inner is not None and _uses_custom_jvp(getattr(inner, "jaxpr", inner)):
+                    return True
+    return False
 
 
 def must_hoist(value: Any) -> bool:

@@ -102,7 +102,14 @@ def lower_node(node: Node, args: list[Any], attention_kernel: str = "auto") -> A
         return _dot_general(p, args)
     if op == "opaque":
         call = p["call"]
-        out = call.primitive.bind(*args, **call.params)
+        # as jax's own eval_jaxpr does: call-like primitives (custom_vjp_call, remat) get their
+        # function parameters back from get_bind_params (jax 0.11 returns (subfuns, params))
+        bind_params = call.primitive.get_bind_params(dict(call.params))
+        if isinstance(bind_params, tuple):
+            subfuns, bind_params = bind_params
+            out = call.primitive.bind(*subfuns, *args, **bind_params)
+        else:
+            out = call.primitive.bind(*args, **bind_params)
         return tuple(out) if call.primitive.multiple_results else (out,)
     if op == "opaque_output":
         return args[0][p["index"]]

@@ -96,6 +96,8 @@ class OptimizedFunction:
         start = time.perf_counter()
         kernel = resolve_attention_kernel(self.options.backend)
         program, call = self._lower_checked(captured, result.program, kernel, problems)
+        if captured.custom_jvp_inlined and program is not captured.program:
+            call = with_original_derivatives(call, captured)
         timings["lower"] = time.perf_counter() - start
 
         for problem in problems:
@@ -142,6 +144,31 @@ class OptimizedFunction:
             problems.append(f"lowering the optimized program failed ({type(exc).__name__}: {exc}); running the original program")
             return captured.program, jax.jit(lower(captured.program, attention_kernel=kernel))
         return program, call
+
+
+def with_original_derivatives(call: Callable[..., list[Any]], captured: Captured) -> Callable[..., list[Any]]:
+    """``call``'s values with the original function's derivatives (forward and reverse mode).
+
+    Capture inlines custom_jvp calls so rules see their primal; their derivative rules then
+    live only in the original function, so the optimized program's derivatives are taken from
+    it. Values still come from the optimized program.
+    """
+    from jax.extend.core import jaxpr_as_fun
+
+    original = jaxpr_as_fun(captured.closed_jaxpr)
+    n_leaves = len(captured.in_avals)
+
+    @jax.custom_jvp
+    def optimized(*flat: Any) -> list[Any]:
+        return list(call(*flat))
+
+    @optimized.defjvp
+    def _jvp(primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> tuple[list[Any], list[Any]]:
+        # hoisted constants (closed-over tracers) are jaxpr constants of the original
+        _, out_tangents = jax.jvp(lambda *xs: list(original(*xs)), primals[:n_leaves], tangents[:n_leaves])
+        return optimized(*primals), out_tangents
+
+    return optimized
 
 
 def _name(fn: Callable[..., Any]) -> str:

@@ -143,14 +143,14 @@ def test_custom_jvp_activations_are_inlined(fn) -> None:
     assert program.count("opaque") == 0
 
 
-def test_custom_vjp_primal_is_inlined() -> None:
+def test_custom_vjp_stays_opaque() -> None:
     @jax.custom_vjp
     def clip_grad_sin(x):
         return jnp.sin(x)
 
     clip_grad_sin.defvjp(lambda x: (jnp.sin(x), jnp.cos(x)), lambda cos, g: (jnp.clip(g * cos, -1, 1),))
     program = round_trip(lambda x: clip_grad_sin(x) * 3.0, _normal(0, (4,)))
-    assert program.count("opaque") == 0 and program.count("sin") == 1
+    assert program.count("opaque") == 1 and program.count("sin") == 0  # its backward is user code
 
 
 def test_nested_jit_is_inlined() -> None:
@@ -337,3 +337,43 @@ def test_explain_report_and_output_types() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         optimized(x, w)
+
+
+def test_custom_vjp_backward_is_kept():
+    """A custom_vjp's backward is user code (here gradient clipping): it stays opaque and runs."""
+
+    @jax.custom_vjp
+    def clip_gradient(x):
+        return x
+
+    clip_gradient.defvjp(lambda x: (x, None), lambda _, g: (jnp.clip(g, -0.1, 0.1),))
+
+    def f(x):
+        return (clip_gradient(x * 3.0) ** 2).sum() + jnp.tanh(x).sum()
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(5), jnp.float32)
+    optimized = ea.optimize(f)
+    np.testing.assert_allclose(jax.grad(optimized)(x), jax.grad(f)(x), rtol=1e-6)
+    assert any(optimized.explain(x).before.nodes[i].op == "opaque" for i in range(len(optimized.explain(x).before)))
+
+
+def test_custom_jvp_rules_still_give_the_derivatives():
+    """A custom_jvp is inlined for the rules; its derivative rule (a straight-through
+    estimator here) still decides jax.grad and jax.jvp of the optimized function."""
+
+    @jax.custom_jvp
+    def straight_through_round(x):
+        return jnp.round(x)
+
+    straight_through_round.defjvp(lambda primals, tangents: (straight_through_round(primals[0]), tangents[0]))
+
+    def f(x):
+        y = jnp.transpose(jnp.transpose(x) * 2.0)
+        return (straight_through_round(y) * jnp.sin(x)).sum()
+
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((3, 4)), jnp.float32)
+    optimized = ea.optimize(f)
+    np.testing.assert_allclose(optimized(x), f(x), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(optimized)(x), jax.grad(f)(x), rtol=1e-5)
+    t = jnp.ones_like(x) * 0.5
+    np.testing.assert_allclose(jax.jvp(optimized, (x,), (t,))[1], jax.jvp(f, (x,), (t,))[1], rtol=1e-5)
