@@ -12,7 +12,7 @@ from .ir import Program
 class AttentionInfo:
     """One attention op of the chosen program: its layouts, masking, grouping and kernel."""
 
-    v_layout: str
+    v_layout: str  # "BHDS" when V is read with its sequence axis minor (transposed-V), else "BHSD"
     causal: bool
     kernel: str
     q_layout: str = "BHSD"
@@ -20,14 +20,16 @@ class AttentionInfo:
     o_layout: str = "BHSD"
     mask_kind: str = "none"
     groups: int = 1
+    v_storage: str = ""  # V's physical axis order, e.g. "HDBS" when its projection writes [H,D,B,S]
 
     def __str__(self) -> str:
         mask = "causal" if self.causal else "full"
         if self.mask_kind != "none":
             mask += f"+{self.mask_kind}"
         gqa = f", GQA groups={self.groups}" if self.groups > 1 else ""
+        stored = f" (stored {self.v_storage})" if self.v_storage and self.v_storage != self.v_layout else ""
         return (
-            f"attention q={self.q_layout} k={self.k_layout} v={self.v_layout} o={self.o_layout}, "
+            f"attention q={self.q_layout} k={self.k_layout} v={self.v_layout}{stored} o={self.o_layout}, "
             f"{mask}{gqa}, kernel={self.kernel}"
         )
 
@@ -45,7 +47,8 @@ def attention_infos(program: Program, kernel: str) -> list[AttentionInfo]:
         kv_heads = program.type_of(node.inputs[1]).shape[k_layout.index("H")]
         infos.append(
             AttentionInfo(
-                v_layout=str(p["v_layout"]),
+                v_layout="BHDS" if str(p["v_layout"]).endswith("S") else "BHSD",
+                v_storage=str(p["v_layout"]),
                 causal=bool(p["causal"]),
                 kernel="reference" if p.get("mask_kind") == "bool" else kernel,  # no boolean-mask kernel
                 q_layout=q_layout,
