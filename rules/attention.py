@@ -164,25 +164,36 @@ def scalar_out_of_matmul():
             yield rl(eq(e).to(dot), shape(e) == s2)(union(e).with_(Term.binary(op, plain, scalar(c, dt, s2))))
 
 
+def _raise(rank: int, conditions: list, attn, with_bias: bool):
+    """Rules for softmax(scores [masked]) · V with Q of the given rank (batch axes 0 and 1,
+    contraction last) over Kᵀ and V in the canonical matmul form; ``attn(scale, causal, mask,
+    mask_kind)`` builds the replacement."""
+    batch = ivec([0, 1])
+    scores = Term.dot(q, k, ivec([rank - 1]), ivec([2]), batch, batch, dt)
+
+    def out(probs: Term) -> Term:
+        return Term.dot(probs, v, ivec([rank - 1]), ivec([2]), batch, batch, dt3)
+
+    for zz, sc in _scores_forms(scores):
+        yield rl(eq(e).to(out(Term.softmax(zz))), *conditions)(union(e).with_(attn(sc, 0, Term.no_mask(), "none")))
+        masked = Term.select(m, scalar(neg, dt2, s1), zz)
+        yield rl(eq(e).to(out(Term.softmax(masked))), causal_mask(m), neg <= f64(MASK_THRESHOLD), *conditions)(
+            union(e).with_(attn(sc, 1, Term.no_mask(), "none"))
+        )
+        if with_bias:
+            yield rl(eq(e).to(out(Term.softmax(Term.binary("add", zz, z)))), *conditions)(
+                union(e).with_(attn(sc, 0, z, "bias"))
+            )
+
+
 @attention_raise.family
 def attention():
     """softmax(scale * Q Kᵀ [causal where-mask | additive bias]) V is Attention."""
-    four = [shape(t).length() == i64(4) for t in (q, k, v)]
-    scores = Term.dot(q, k, ivec([3]), ivec([2]), ivec([0, 1]), ivec([0, 1]), dt)
-
-    def out(probs: Term) -> Term:
-        return Term.dot(probs, v, ivec([3]), ivec([2]), ivec([0, 1]), ivec([0, 1]), dt3)
 
     def attn(sc, causal_flag: int, mask: Term, kind: str) -> Term:
         return Term.attention(q, k, v, mask, BHSD, K_TRANSPOSED, BHSD, BHSD, sc, causal_flag, kind)
 
-    for zz, sc in _scores_forms(scores):
-        yield rw(out(Term.softmax(zz)), attn(sc, 0, Term.no_mask(), "none"), *four)
-        masked = Term.select(m, scalar(neg, dt2, s1), zz)
-        yield rl(eq(e).to(out(Term.softmax(masked))), causal_mask(m), neg <= f64(MASK_THRESHOLD), *four)(
-            union(e).with_(attn(sc, 1, Term.no_mask(), "none"))
-        )
-        yield rw(out(Term.softmax(Term.binary("add", zz, z))), attn(sc, 0, z, "bias"), *four)
+    yield from _raise(4, [shape(t).length() == i64(4) for t in (q, k, v)], attn, with_bias=True)
 
 
 @attention_raise.family
@@ -191,23 +202,14 @@ def grouped_attention():
     5-D einsum, in the layout where the query axis meets the key axis, as a causal mask needs)
     is Attention over Q's heads merged (h = hkv * G + g), reshaped back."""
     sq, sv = var("sq", IntVec), var("sv", IntVec)
-    five, four = shape(q) == sq, [shape(v) == sv, sq.length() == i64(5), shape(k).length() == i64(4), sv.length() == i64(4)]
-    scores = Term.dot(q, k, ivec([4]), ivec([2]), ivec([0, 1]), ivec([0, 1]), dt)
+    conditions = [shape(q) == sq, shape(v) == sv, sq.length() == i64(5), shape(k).length() == i64(4), sv.length() == i64(4)]
     merged = IntVec(sq[0], sq[1] * sq[2], sq[3], sq[4])  # [B, H, Sq, D]
-
-    def out(probs: Term) -> Term:
-        return Term.dot(probs, v, ivec([4]), ivec([2]), ivec([0, 1]), ivec([0, 1]), dt3)
 
     def attn(sc, causal_flag: int, mask: Term, kind: str) -> Term:
         o4 = Term.attention(Term.reshape(q, merged), k, v, mask, BHSD, K_TRANSPOSED, BHSD, BHSD, sc, causal_flag, kind)
         return Term.reshape(o4, IntVec(sq[0], sq[1], sq[2], sq[3], sv[3]))
 
-    for zz, sc in _scores_forms(scores):
-        yield rl(eq(e).to(out(Term.softmax(zz))), five, *four)(union(e).with_(attn(sc, 0, Term.no_mask(), "none")))
-        masked = Term.select(m, scalar(neg, dt2, s1), zz)
-        yield rl(eq(e).to(out(Term.softmax(masked))), five, causal_mask(m), neg <= f64(MASK_THRESHOLD), *four)(
-            union(e).with_(attn(sc, 1, Term.no_mask(), "none"))
-        )
+    yield from _raise(5, conditions, attn, with_bias=False)
 
 
 @attention_layout.family

@@ -6,7 +6,7 @@ elementwise region."""
 
 from __future__ import annotations
 
-from egglog import String, var
+from egglog import String, i64, var
 
 from eqsat_attn.egraph.language import IntVec, Term, perm_range, shape
 from eqsat_attn.egraph.rulesets import RuleSet, asking, rw
@@ -17,7 +17,7 @@ x, a, b, c = (var(n, Term) for n in "xabc")
 p, q, s, s_in, s_out, d, axes = (var(n, IntVec) for n in ("p", "q", "s", "s_in", "s_out", "d", "axes"))
 lc, rc, lb, rb, sa, sb = (var(n, IntVec) for n in ("lc", "rc", "lb", "rb", "sa", "sb"))
 op, dt = var("op", String), var("dt", String)
-y = var("y", __import__("egglog").i64)
+y = var("y", i64)
 NONE = IntVec.empty()
 MAX_RANK = 8
 
