@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import textwrap
 import warnings
-import zlib
 
 import numpy as np
 import pytest
 from egglog import EGraph
 
+from cost_models import ArbitraryCost, PenaliseTransposes, PreferTransposes
 from eqsat_attn import ir
 from eqsat_attn.cost import MaterializedBytes
-from eqsat_attn.cost.model import OpView
 from eqsat_attn.egraph import encode, extract_program, resolve, run_rulesets
 from eqsat_attn.lower import lower
 from eqsat_attn.pipeline import Limits, OptimizeOptions, optimize_program
@@ -217,36 +216,7 @@ def test_captured_function_optimizes_to_same_values():
 # ----------------------------------------------------------------------------- extraction under several models
 
 
-class PreferTransposes:
-    """Transposes are free, matmuls very dear: extraction moves work into transposes."""
 
-    name = "prefer-transposes"
-
-    def node_cost(self, node: OpView) -> float:
-        if node.op == "transpose":
-            return 0.0
-        if node.op == "dot_general":
-            return 1e6 * node.output.nbytes
-        return float(node.output.nbytes)
-
-
-class PenaliseTransposes:
-    name = "penalise-transposes"
-
-    def node_cost(self, node: OpView) -> float:
-        return (1e6 if node.op == "transpose" else 1.0) * max(node.output.nbytes, 1)
-
-
-class ArbitraryCost:
-    """A fixed pseudo-random price per (op, params, types): picks an arbitrary member."""
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-        self.name = f"arbitrary-{seed}"
-
-    def node_cost(self, node: OpView) -> float:
-        key = repr((self.seed, node.op, sorted(node.params.items()), node.inputs, node.output))
-        return 1.0 + zlib.crc32(key.encode()) % 1000
 
 
 COST_MODELS = [MaterializedBytes(), PreferTransposes(), PenaliseTransposes(), ArbitraryCost(1), ArbitraryCost(2)]

@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import time
 import warnings
-import zlib
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
+from cost_models import ArbitraryCost, PenaliseTransposes, PreferTransposes
 from eqsat_attn import ir
 from eqsat_attn.cost import MaterializedBytes
-from eqsat_attn.cost.model import OpView
 from eqsat_attn.egraph import extract_program
 from eqsat_attn.lower import lower
 from eqsat_attn.pipeline import Limits, OptimizeOptions, optimize_program, saturate
@@ -35,36 +34,6 @@ SWEEP_LIMITS = Limits(iterations=8, nodes=20_000, seconds=5)
 # ----------------------------------------------------------------------------- cost models
 
 
-class PreferTransposes:
-    """Transposes free, matmuls dear: pushes extraction towards transposed forms."""
-
-    name = "prefer-transposes"
-
-    def node_cost(self, node: OpView) -> float:
-        if node.op == "transpose":
-            return 0.0
-        if node.op == "dot_general":
-            return 1e6 * node.output.nbytes
-        return float(node.output.nbytes)
-
-
-class PenaliseTransposes:
-    name = "penalise-transposes"
-
-    def node_cost(self, node: OpView) -> float:
-        return (1e6 if node.op == "transpose" else 1.0) * max(node.output.nbytes, 1)
-
-
-class ArbitraryCost:
-    """A fixed pseudo-random price per (op, params, types): picks an arbitrary member."""
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-        self.name = f"arbitrary-{seed}"
-
-    def node_cost(self, node: OpView) -> float:
-        key = repr((self.seed, node.op, sorted(node.params.items()), node.inputs, node.output))
-        return 1.0 + zlib.crc32(key.encode()) % 1000
 
 
 EXTRA_MODELS = [PreferTransposes(), PenaliseTransposes(), ArbitraryCost(7)]
