@@ -29,7 +29,6 @@ for p in (ROOT, ROOT / "bench"):
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from common import RESULTS, device_tag, header, median_seconds, require_gpu  # noqa: E402
 

@@ -103,21 +103,9 @@ class _Patched:
         answer_call = driver.QuestionAnswerer.__call__
         self.patch(driver.QuestionAnswerer, "__call__", _timed(p, "answer", answer_call))
         self.patch(extract, "decode", _timed(p, "decode", extract.decode))
-        # the extractor's Python callback: RawCostModel.enode_cost (once per e-node), or the
-        # DagCostModel adapter on older trees
-        if hasattr(extract, "RawCostModel"):
-            self.patch(extract.RawCostModel, "enode_cost", _timed(p, "callback", extract.RawCostModel.enode_cost))
-            self.patch(extract.RawCostModel, "_type", _timed(p, "view", extract.RawCostModel._type))
-        else:
-            original_model = extract.egglog_cost_model
-
-            def timed_model(model: Any, enc: Any) -> Any:
-                from egglog import DagCostModel
-
-                inner = original_model(model, enc)
-                return DagCostModel(marginal_cost=_timed(p, "callback", inner.marginal_cost), identity=0.0)
-
-            self.patch(extract, "egglog_cost_model", timed_model)
+        # the extractor's Python callback: RawCostModel.enode_cost, once per e-node
+        self.patch(extract.RawCostModel, "enode_cost", _timed(p, "callback", extract.RawCostModel.enode_cost))
+        self.patch(extract.RawCostModel, "_type", _timed(p, "view", extract.RawCostModel._type))
         return self
 
     def __exit__(self, *exc: Any) -> None:

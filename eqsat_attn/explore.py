@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from egglog import EGraph, bindings, get_callable_args, get_callable_fn
-from egglog.egraph import _DagCostModel, to_runtime_expr
+from egglog.egraph import to_runtime_expr
 
 from . import ir
 from .capture import Captured, capture
@@ -718,9 +718,7 @@ def _bindings_cost_model(egraph: EGraph, enc: Any, model: CostModel) -> Any:
     """The extractor's cost model as extraction uses it (raw-value pricing where available)."""
     from .egraph import extract
 
-    if hasattr(extract, "RawCostModel"):
-        return extract.RawCostModel(egraph, model).bindings_model()
-    return _DagCostModel(extract.egglog_cost_model(model, enc), egraph).to_bindings_cost_model()
+    return extract.RawCostModel(egraph, model).bindings_model()
 
 
 def _decode_terms(termdag: Any, roots: Sequence[int], enc: Any) -> ir.Program:

@@ -11,7 +11,7 @@ import string
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from eqsat_attn.egraph import index_math

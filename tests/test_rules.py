@@ -5,7 +5,6 @@ models picks different, equally valued programs; user rule files load by path.""
 from __future__ import annotations
 
 import textwrap
-import warnings
 
 import numpy as np
 import pytest

@@ -21,7 +21,6 @@ from hypothesis import strategies as st
 
 from cost_models import ArbitraryCost, PenaliseTransposes, PreferTransposes
 from eqsat_attn import ir
-from eqsat_attn.cost import MaterializedBytes
 from eqsat_attn.egraph import extract_program
 from eqsat_attn.lower import lower
 from eqsat_attn.pipeline import Limits, OptimizeOptions, optimize_program, saturate

@@ -1,8 +1,9 @@
 """Extraction with egglog's extractors under an eqsat_attn cost model.
 
-`egglog_cost_model` adapts a `CostModel` (which prices an `OpView`) to egglog's
-`DagCostModel`: each e-node is priced once, with the shapes and dtypes of its children
-read from the analysis. `extract_program` runs egglog's greedy-DAG (or tree) extractor
+`RawCostModel` adapts a `CostModel` (which prices an `OpView`) to egglog's DAG cost model:
+each e-node is priced once from egglog's raw values, with its children's shapes and dtypes
+read from the analysis; `enode_view` gives the same view of an e-node expression (for tools
+that enumerate e-class members). `extract_program` runs egglog's greedy-DAG (or tree) extractor
 on the root of an encoding and decodes the result.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from egglog import DagCostModel, EGraph, bindings, get_callable_args, get_callable_fn
+from egglog import EGraph, bindings, get_callable_args, get_callable_fn
 from egglog.egraph import to_runtime_expr
 from egglog.runtime import resolve_callable
 
@@ -18,7 +19,7 @@ from .. import ir
 from ..cost.model import CostModel, OpView
 from .ctors import ARG_KINDS, FREE_CTORS, op_params, split_args
 from .decode import decode
-from .encode import Encoding, axes_to_layout
+from .encode import Encoding
 from .language import Term, dtype, shape
 
 UNKNOWN_TYPE_COST = 1e30  # an e-node whose types the analysis never reached is never chosen
@@ -97,22 +98,6 @@ def op_view(ctor: str, statics: list[Any], inputs: list[ir.TensorType]) -> OpVie
     return OpView(op, params, tuple(inputs), ir.infer_type(op, params, inputs))
 
 
-def egglog_cost_model(model: CostModel, enc: Encoding) -> DagCostModel[float]:
-    """A DagCostModel pricing each Term e-node with ``model`` (everything else is free)."""
-
-    cache: dict = {}
-
-    def marginal(egraph: EGraph, expr: Any) -> float:
-        view = enode_view(egraph, expr, enc, cache)
-        if view is None:
-            return 0.0
-        if isinstance(view, float):
-            return view
-        return float(model.node_cost(view))
-
-    return DagCostModel(marginal_cost=marginal, identity=0.0)
-
-
 def extract_program(
     egraph: EGraph, enc: Encoding, model: CostModel, extractor: str = "greedy-dag"
 ) -> tuple[ir.Program, float]:
@@ -138,8 +123,8 @@ def extract_program(
 class RawCostModel:
     """Prices Term e-nodes straight from egglog's raw values during extraction.
 
-    Equivalent to `egglog_cost_model` but without rebuilding a Python expression per e-node:
-    child types are read with one table lookup per e-class and cached.
+    No Python expression is rebuilt per e-node: child types are read with one table lookup per
+    e-class and cached.
     """
 
     def __init__(self, egraph: EGraph, model: CostModel) -> None:

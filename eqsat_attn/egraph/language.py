@@ -18,7 +18,7 @@ the rule's second half fires on the answer.
 
 from __future__ import annotations
 
-from egglog import Expr, String, StringLike, Unit, Vec, f64, f64Like, function, i64, i64Like, relation
+from egglog import Expr, String, StringLike, Vec, f64, f64Like, function, i64, i64Like, relation
 
 IntVec = Vec[i64]
 
