@@ -164,7 +164,7 @@ def scalar_out_of_matmul():
             yield rl(eq(e).to(dot), shape(e) == s2)(union(e).with_(Term.binary(op, plain, scalar(c, dt, s2))))
 
 
-def _raise(rank: int, conditions: list, attn, with_bias: bool):
+def _raise(rank: int, conditions: list, attn, with_bias: bool, with_causal: bool = True):
     """Rules for softmax(scores [masked]) · V with Q of the given rank (batch axes 0 and 1,
     contraction last) over Kᵀ and V in the canonical matmul form; ``attn(scale, causal, mask,
     mask_kind)`` builds the replacement."""
@@ -176,10 +176,11 @@ def _raise(rank: int, conditions: list, attn, with_bias: bool):
 
     for zz, sc in _scores_forms(scores):
         yield rl(eq(e).to(out(Term.softmax(zz))), *conditions)(union(e).with_(attn(sc, 0, Term.no_mask(), "none")))
-        masked = Term.select(m, scalar(neg, dt2, s1), zz)
-        yield rl(eq(e).to(out(Term.softmax(masked))), causal_mask(m), neg <= f64(MASK_THRESHOLD), *conditions)(
-            union(e).with_(attn(sc, 1, Term.no_mask(), "none"))
-        )
+        if with_causal:
+            masked = Term.select(m, scalar(neg, dt2, s1), zz)
+            yield rl(eq(e).to(out(Term.softmax(masked))), causal_mask(m), neg <= f64(MASK_THRESHOLD), *conditions)(
+                union(e).with_(attn(sc, 1, Term.no_mask(), "none"))
+            )
         if with_bias:
             yield rl(eq(e).to(out(Term.softmax(Term.binary("add", zz, z)))), *conditions)(
                 union(e).with_(attn(sc, 0, z, "bias"))
@@ -198,9 +199,10 @@ def attention():
 
 @attention_raise.family
 def grouped_attention():
-    """The grouped (GQA) form with Q as [B, Hkv, G, Sq, D] (jax.nn.dot_product_attention's
-    5-D einsum, in the layout where the query axis meets the key axis, as a causal mask needs)
-    is Attention over Q's heads merged (h = hkv * G + g), reshaped back."""
+    """The grouped (GQA) form of jax.nn.dot_product_attention's 5-D einsum is Attention over
+    Q's heads merged (h = hkv * G + g), reshaped back: with Q as [B, Hkv, G, Sq, D] (the layout
+    where the query axis meets the key axis, as a causal mask needs) and, unmasked, with Q as
+    [B, Hkv, Sq, G, D] (the einsum's own order)."""
     sq, sv = var("sq", IntVec), var("sv", IntVec)
     conditions = [shape(q) == sq, shape(v) == sv, sq.length() == i64(5), shape(k).length() == i64(4), sv.length() == i64(4)]
     merged = IntVec(sq[0], sq[1] * sq[2], sq[3], sq[4])  # [B, H, Sq, D]
@@ -211,26 +213,41 @@ def grouped_attention():
 
     yield from _raise(5, conditions, attn, with_bias=False)
 
+    swap = ivec([0, 1, 3, 2, 4])
+    merged_swapped = IntVec(sq[0], sq[1] * sq[3], sq[2], sq[4])  # [B, H, Sq, D] from [B, Hkv, Sq, G, D]
+
+    def attn_swapped(sc, causal_flag: int, mask: Term, kind: str) -> Term:
+        q4 = Term.reshape(Term.transpose(q, swap), merged_swapped)
+        o4 = Term.attention(q4, k, v, mask, BHSD, K_TRANSPOSED, BHSD, BHSD, sc, causal_flag, kind)
+        return Term.transpose(Term.reshape(o4, IntVec(sq[0], sq[1], sq[3], sq[2], sv[3])), swap)
+
+    yield from _raise(5, conditions, attn_swapped, with_bias=False, with_causal=False)
+
 
 @attention_layout.family
 def fold_operand_transpose():
-    """A transposed Q, K or V operand is the same operand read in another layout."""
+    """A transposed Q, K or V operand is the same operand read in another layout, when the
+    kernel can read that layout (D minor for Q and K; D or S minor for V); other layouts
+    would need the transpose anyway."""
     args = dict(q=q, k=k, v=v)
+    axes = {"q": qa, "k": ka, "v": va}
     for name in ("q", "k", "v"):
         moved = {n: (Term.transpose(t, p) if n == name else t) for n, t in args.items()}
-        axes = {"q": qa, "k": ka, "v": va}
         new_axes = {n: (a.map(lambda i: p[i]) if n == name else a) for n, a in axes.items()}
-        yield rw(
-            Term.attention(moved["q"], moved["k"], moved["v"], m, qa, ka, va, oa, scale, causal, mk),
-            Term.attention(q, k, v, m, new_axes["q"], new_axes["k"], new_axes["v"], oa, scale, causal, mk),
-        )
+        minor_axes = (3, 2) if name == "v" else (3,)  # logical D (and S for V) may be minor
+        for minor in minor_axes:
+            yield rw(
+                Term.attention(moved["q"], moved["k"], moved["v"], m, qa, ka, va, oa, scale, causal, mk),
+                Term.attention(q, k, v, m, new_axes["q"], new_axes["k"], new_axes["v"], oa, scale, causal, mk),
+                p[axes[name][minor]] == i64(3),
+            )
 
 
 @attention_layout.family
 def fold_output_transpose():
-    """A transpose of attention's output is attention writing another layout."""
+    """A transpose of attention's output is attention writing another layout (D minor)."""
     yield from asking(
-        Term.transpose(Term.attention(q, k, v, m, qa, ka, va, oa, scale, causal, mk), p), [],
+        Term.transpose(Term.attention(q, k, v, m, qa, ka, va, oa, scale, causal, mk), p), [oa[3] == p[3]],
         "attention_out_fold", (oa, p, NONE, NONE), 1,
         lambda oa2: Term.attention(q, k, v, m, qa, ka, va, oa2, scale, causal, mk),
     )

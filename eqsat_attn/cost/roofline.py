@@ -15,7 +15,8 @@ time = max(flops / (peak[dtype] x efficiency), bytes / bandwidth) + launch overh
 - dot_general: 2 x batch x M x N x K FLOPs at ``matmul_efficiency`` of the operands' peak;
   bytes = both inputs + output; plus one launch.
 - attention: 4 x B x H x Sq x Sk x D FLOPs (2 for Q.K^T with D, 2 for P.V with Dv; halved
-  when causal) at the efficiency of its variant (dtype, "standard" V with D minor or
+  when causal; Sq and Sk rounded up to the kernel's tile (`ATTENTION_TILE`: 16 to 64 rows), since
+  a flash kernel computes whole tiles: a 1-row query block costs a full tile) at the efficiency of its variant (dtype, "standard" V with D minor or
   "transposed" V with S minor, causal); bytes = q + k + v (+ mask) + o, each read or written
   once (GQA reads K/V at their own, smaller, head count: no repeat); plus one launch. The
   Pallas kernel reads and writes any layout with D minor in q, k and o, and D or S minor in v
@@ -44,6 +45,16 @@ FUSED_ELEMENTWISE = ir.ELEMENTWISE_OPS | {"broadcast_in_dim"}
 
 def _prod(values) -> int:
     return int(math.prod(int(v) for v in values))
+
+
+ATTENTION_TILE = (16, 64)  # the kernels' tiles: at least 16 rows, 64 once the sequence is that long
+
+
+def _tiled(length: int) -> int:
+    """A sequence length rounded up to the attention kernel's tile for it."""
+    low, high = ATTENTION_TILE
+    tile = min(high, max(low, 1 << max(0, length - 1).bit_length()))
+    return -(-length // tile) * tile
 
 
 @dataclass(frozen=True)
@@ -168,7 +179,9 @@ class RooflineModel:
         sk = k.shape[kl.index("S")]
         dv = v.shape[vl.index("D")]
         causal = bool(p.get("causal"))
-        flops = 2.0 * batch * heads * sq * sk * (dk + dv)
+        # the kernel computes whole tiles: sequence lengths count rounded up to its tile
+        sq_t, sk_t = _tiled(sq), _tiled(sk)
+        flops = 2.0 * batch * heads * sq_t * sk_t * (dk + dv)
         if causal:
             flops *= 0.5
         nbytes = float(sum(t.nbytes for t in node.inputs) + out.nbytes)
