@@ -88,3 +88,12 @@ def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
     num = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
     den = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
     return num / den if den else float("nan")
+
+
+def write_results(text: str, out: pathlib.Path | None, default_name: str | None, console: Any) -> None:
+    """Write a results page to ``out`` (or ``bench/results/<default_name>``; None: don't write)."""
+    path = out or (RESULTS / default_name if default_name else None)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        console.print(f"wrote {path}")

@@ -46,7 +46,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import RESULTS, device_tag, header, median_seconds, require_gpu, spearman  # noqa: E402
+from common import device_tag, header, median_seconds, require_gpu, spearman, write_results  # noqa: E402
 
 import eqsat_attn as ea  # noqa: E402
 from eqsat_attn import examples, ir  # noqa: E402
@@ -220,11 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines += ["", f"Calibration written to `{path}`:", "", "```json", json.dumps(fitted, indent=2, sort_keys=True), "```"]
     text = "\n".join(lines) + "\n"
     print(text)
-    out = ns.out or (None if ns.cpu_smoke else RESULTS / f"cost-model-{device_tag()}-{time.strftime('%Y-%m-%d')}.md")
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        console.print(f"wrote {out}")
+    default = None if ns.cpu_smoke else f"cost-model-{device_tag()}-{time.strftime('%Y-%m-%d')}.md"
+    write_results(text, ns.out, default, console)
     return 0
 
 

@@ -30,7 +30,7 @@ for p in (ROOT, ROOT / "bench"):
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from common import RESULTS, device_tag, header, median_seconds, require_gpu  # noqa: E402
+from common import device_tag, header, median_seconds, require_gpu, write_results  # noqa: E402
 
 import eqsat_attn as ea  # noqa: E402
 from eqsat_attn import examples  # noqa: E402
@@ -136,11 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = run(shape, dtype, reps, smoke)
     text = render(rows, shape, dtype, command.strip())
     print(text)
-    out = ns.out or (None if ns.cpu_smoke else RESULTS / f"end-to-end-{device_tag()}-{time.strftime('%Y-%m-%d')}.md")
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        console.print(f"wrote {out}")
+    default = None if ns.cpu_smoke else f"end-to-end-{device_tag()}-{time.strftime('%Y-%m-%d')}.md"
+    write_results(text, ns.out, default, console)
     return 0
 
 
