@@ -256,6 +256,8 @@ def test_default_h100_model_writes_v_transposed_from_its_projection_and_keeps_an
     projected = _optimized(_attention_program(block, x, *ws), model)
     assert _v_layout(projected).endswith("S"), projected
     assert projected.count("transpose") == 0
+    (info,) = ea.optimize(block, cost_model=model).explain(x, *ws).attention
+    assert info.v_layout == "BHDS" and info.v_storage == _v_layout(projected)
 
     def plain(q, k, v):
         scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.125
