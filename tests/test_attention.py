@@ -186,13 +186,21 @@ def _values_equal(a: ir.Program, b: ir.Program) -> None:
     _close(lower(a)(*inputs), lower(b)(*inputs))
 
 
-def projected_block(x, wq, wk, wv):
-    def split(t):
-        return t.reshape(B, S, H, D).transpose(0, 2, 1, 3)
+def make_projected_block(b: int, s: int, h: int, d: int, scale: float):
+    """Attention whose Q, K and V come from projections of x, heads split by reshape+transpose."""
 
-    q, k, v = split(x @ wq), split(x @ wk), split(x @ wv)
-    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25
-    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, axis=-1), v)
+    def block(x, wq, wk, wv):
+        def split(t):
+            return t.reshape(b, s, h, d).transpose(0, 2, 1, 3)
+
+        q, k, v = split(x @ wq), split(x @ wk), split(x @ wv)
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) * scale
+        return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(scores, axis=-1), v)
+
+    return block
+
+
+projected_block = make_projected_block(B, S, H, D, 0.25)
 
 
 W = tuple(jax.random.normal(KEYS[i], (E, E)) / 8 for i in (4, 5, 6))
@@ -244,13 +252,7 @@ def test_default_h100_model_writes_v_transposed_from_its_projection_and_keeps_an
     x = jax.random.normal(KEYS[0], (b, s, e), jnp.bfloat16)
     ws = [(jax.random.normal(KEYS[i], (e, e)) / 16).astype(jnp.bfloat16) for i in (1, 2, 3)]
 
-    def block(x, wq, wk, wv):
-        def split(t):
-            return t.reshape(b, s, h, d).transpose(0, 2, 1, 3)
-
-        q, k, v = split(x @ wq), split(x @ wk), split(x @ wv)
-        scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.125
-        return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(scores, axis=-1), v)
+    block = make_projected_block(b, s, h, d, 0.125)
 
     model = for_device("h100")
     projected = _optimized(_attention_program(block, x, *ws), model)

@@ -183,25 +183,14 @@ def test_flash_transposed_v_never_transposes(layout="BHDS"):
     jaxpr = jax.make_jaxpr(lambda q, k, v: flash_attention(
         q, k, v, scale=0.5, causal=False, v_layout=layout, interpret=True))(q, k, v)
 
-    def eqns(jp, into_kernels: bool):
-        for e in jp.eqns:
-            yield e
-            if e.primitive.name == "pallas_call" and not into_kernels:
-                continue
-            for p in e.params.values():
-                for x in p if isinstance(p, (tuple, list)) else (p,):
-                    inner = getattr(x, "jaxpr", x)
-                    if hasattr(inner, "eqns"):
-                        yield from eqns(inner, into_kernels)
-
-    outside = list(eqns(jaxpr.jaxpr, into_kernels=False))
+    outside = list(_walk(jaxpr.jaxpr, into_kernels=False))
     assert "transpose" not in [e.primitive.name for e in outside]
     (call,) = [e for e in outside if e.primitive.name == "pallas_call"]
     kernel = call.params["jaxpr"]
     kernel = getattr(kernel, "jaxpr", kernel)
     found = [tuple(map(tuple, e.params["dimension_numbers"][0]))
-             for e in eqns(kernel, into_kernels=True) if e.primitive.name == "dot_general"]
-    assert "transpose" not in [e.primitive.name for e in eqns(kernel, into_kernels=True)]
+             for e in _walk(kernel, into_kernels=True) if e.primitive.name == "dot_general"]
+    assert "transpose" not in [e.primitive.name for e in _walk(kernel, into_kernels=True)]
     assert len(found) == 4 and all(c == ((1,), (1,)) for c in found), found  # QK^T, PV x 2 loops
 
 
