@@ -610,6 +610,8 @@ def flash_attention(
     bias: jax.Array | None = None,
     block_q: int | None = None,
     block_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     interpret: bool | None = None,
     backward: str = "pallas",
     q_layout: str = "BHSD",
@@ -624,7 +626,8 @@ def flash_attention(
     ``v_layout`` any with D last or S last (transposed V, e.g. "HDBS"); gradients come back in
     the operands' layouts (see `kernel_supports_layouts`). `bias` is additive, broadcastable to
     [B,H,Sq,Sk] (logical order), and differentiable. block_q / block_k override the tables
-    (powers of two, >= 16) for the forward and both backward kernels. `interpret=None` runs
+    (powers of two, >= 16) for the forward and both backward kernels; num_warps / num_stages
+    override the forward kernel's Triton settings (bench/tune_attention.py sweeps all four). `interpret=None` runs
     interpret mode unless the default backend is a GPU. `backward`: "pallas" (dK/dV and dQ
     kernels) or "jax" (blockwise recomputation in plain JAX); calls with a bias always use
     "jax", which also yields the bias gradient.
@@ -644,6 +647,7 @@ def flash_attention(
         interpret = jax.default_backend() != "gpu"
     bq1, bk1, bq2, bk2, bwarps, bstages = bwd_block_sizes(sq, sk, max(d, dv))
     bwd_blocks = (block_q or bq1, block_k or bk1, block_q or bq2, block_k or bk2)
+    warps, stages = num_warps or warps, num_stages or stages
     cfg = _Config(float(scale), bool(causal), v_layout, bq, bk, warps, stages, bool(interpret),
                   backward, bwd_blocks, bwarps, bstages, q_layout=q_layout, k_layout=k_layout,
                   o_layout=o_layout)

@@ -1,0 +1,134 @@
+"""Tile sweep for the Pallas flash-attention forward kernel (issue 5): block_q, block_k, num_warps
+and num_stages per head dim, causal flag and V layout, on the GPU.
+
+    python bench/tune_attention.py [--seq 4096] [--out bench/results/tune-attention-<device>-<date>.md]
+
+Every configuration is compiled ahead of time on a thread pool (compilation dominates a sweep),
+checked against the float32 reference on batch 0 heads 0-1, then timed serially: median of
+--reps calls after warm-up. The page lists the best configurations per case and the table entry
+they imply for `BLOCK_TABLE` in eqsat_attn/kernels/flash_attention.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import concurrent.futures
+import functools
+import itertools
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "bench"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from attention import ERR_TOL, Shape, make_inputs, reference_subset, time_fn  # noqa: E402
+from common import RESULTS, device_tag, header, require_gpu, write_results  # noqa: E402
+
+from eqsat_attn.kernels import flash_attention  # noqa: E402
+
+BLOCKS_Q = (64, 128)
+BLOCKS_K = (32, 64, 128)
+WARPS = (4, 8)
+STAGES = (2, 3, 4)
+
+
+def configs(quick: bool) -> list[tuple[int, int, int, int]]:
+    ks = (64, 128) if quick else BLOCKS_K
+    return list(itertools.product(BLOCKS_Q, ks, WARPS, STAGES))
+
+
+def sweep_case(shape: Shape, v_layout: str, cfgs, reps: int) -> list[dict]:
+    """Compile every config in parallel, then check and time each one."""
+    a = make_inputs(shape)
+    ref = reference_subset(shape, a)
+    v = a["v"] if v_layout == "BHSD" else a["vt"]
+    args = (a["q"], a["k"], v)
+
+    def build(cfg):
+        bq, bk, warps, stages = cfg
+        fn = functools.partial(flash_attention, scale=shape.d ** -0.5, causal=shape.causal,
+                               v_layout=v_layout, block_q=bq, block_k=bk, num_warps=warps,
+                               num_stages=stages)
+        return jax.jit(fn).lower(*args).compile()
+
+    rows = []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=12) as pool:
+        futures = {cfg: pool.submit(build, cfg) for cfg in cfgs}
+    for cfg, fut in futures.items():
+        row = {"cfg": cfg}
+        try:
+            compiled = fut.result()
+            out = jax.block_until_ready(compiled(*args))
+            err = float(jnp.abs(out[:1, :2].astype(jnp.float32) - ref).max())
+            if not err <= ERR_TOL * (1.0 + float(jnp.abs(ref).max())):
+                row.update(tflops=None, note=f"wrong (err {err:.2e})")
+            else:
+                secs = time_fn(lambda _: compiled(*args), None, 2, reps)
+                row.update(tflops=shape.flops / secs / 1e12, ms=secs * 1e3, note="ok")
+        except Exception as e:  # noqa: BLE001 - a config that does not compile is a result
+            row.update(tflops=None, note=f"{type(e).__name__}: {str(e)[:60]}".replace("|", "/"))
+        rows.append(row)
+    return rows
+
+
+def render(cases: dict, top: int) -> list[str]:
+    lines = ["| case | block_q | block_k | warps | stages | ms | TFLOP/s |", "|---|---:|---:|---:|---:|---:|---:|"]
+    best = {}
+    for label, rows in cases.items():
+        ok = sorted((r for r in rows if r["tflops"]), key=lambda r: -r["tflops"])
+        best[label] = ok[0] if ok else None
+        for r in ok[:top]:
+            bq, bk, w, s = r["cfg"]
+            lines.append(f"| {label} | {bq} | {bk} | {w} | {s} | {r['ms']:.3f} | {r['tflops']:.1f} |")
+        failed = [r for r in rows if not r["tflops"]]
+        if failed:
+            lines.append(f"| {label} | {len(failed)} configs failed: "
+                         f"{'; '.join(sorted({r['note'] for r in failed}))[:150]} | | | | | |")
+    lines += ["", "Best per case:", ""]
+    for label, r in best.items():
+        lines.append(f"- {label}: {r['cfg'] if r else 'none'}"
+                     + (f" at {r['tflops']:.1f} TFLOP/s" if r else ""))
+    return lines
+
+
+def main(argv: list[str] | None = None) -> pathlib.Path:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--top", type=int, default=4)
+    p.add_argument("--quick", action="store_true", help="block_k 64 and 128 only")
+    p.add_argument("--out", type=pathlib.Path, default=None)
+    args = p.parse_args(argv)
+    require_gpu("bench/tune_attention.py", cpu_smoke=False)
+    cases = {}
+    for d, causal, v_layout in itertools.product((128, 64), (False, True), ("BHSD", "BHDS")):
+        shape = Shape(4, 32, args.seq, d, causal)
+        label = f"D{d} {'causal' if causal else 'full'} V {v_layout}"
+        cases[label] = sweep_case(shape, v_layout, configs(args.quick), args.reps)
+        best = max((r["tflops"] or 0 for r in cases[label]), default=0)
+        print(f"{label}: best {best:.1f} TFLOP/s", flush=True)
+    lines = header("Flash-attention forward tile sweep (issue 5)",
+                   "python bench/tune_attention.py " + " ".join(argv))
+    lines += [f"- shapes: bf16 B4 H32 S{args.seq}; median of {args.reps} calls after 2 warm-up", ""]
+    lines += render(cases, args.top)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    default = f"tune-attention-{device_tag()}-{dt.date.today().isoformat()}.md"
+    write_results(text, args.out, default, console=_Console())
+    return args.out or RESULTS / default
+
+
+class _Console:
+    def print(self, msg: str) -> None:
+        print(msg)
+
+
+if __name__ == "__main__":
+    main()
