@@ -3,7 +3,7 @@
 # run the named stages, each under its own time limit, logs and result pages under $OUT.
 #
 #   bench/gpu_session.sh check attention-quick      # kernel tests compiled on the GPU + quick bench
-#   stages: check | attention | attention-quick | e2e | cost-model | tune
+#   stages: check | attention | attention-quick | e2e | cost-model | tune | tune-backward
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -16,11 +16,12 @@ for stage in "$@"; do
   echo "=== $stage $(date -u +%H:%M:%S)"
   case $stage in
     check) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tee "$OUT/check.log" | tail -25 ;;
-    attention) timeout 480 python3 bench/attention.py --out "$OUT/attention.md" 2>&1 | tail -60 ;;
+    attention) timeout 290 python3 bench/attention.py --out "$OUT/attention.md" 2>&1 | tail -60 ;;
     attention-quick) timeout 300 python3 bench/attention.py --quick --out "$OUT/attention.md" 2>&1 | tail -40 ;;
     e2e) timeout 400 python3 bench/end_to_end.py --out "$OUT/end-to-end.md" 2>&1 | tail -30 ;;
     cost-model) timeout 400 python3 bench/cost_model_experiment.py --calibrate --out "$OUT/cost-model.md" \
         --calibration-out "$OUT/calibration.json" 2>&1 | tail -40 ;;
+    tune-backward) timeout 300 python3 bench/tune_backward.py --head-dims 128 --out "$OUT/tune-backward.md" 2>&1 | tail -40 ;;
     tune) timeout 330 python3 bench/tune_attention.py --quick --out "$OUT/tune.md" 2>&1 | tail -40 ;;
     *) echo "unknown stage $stage" ;;
   esac

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +42,7 @@ def transformer_block(params: dict[str, jax.Array], x: jax.Array, heads: int = 4
         return t.reshape(b, s, heads, d).transpose(0, 2, 1, 3)
 
     q, k, v = (split(h @ params[n]) for n in ("wq", "wk", "wv"))
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / np.sqrt(d).astype(np.float32)
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(d)  # a Python float keeps bf16 bf16
     causal = jnp.tril(jnp.ones((s, s), dtype=bool))
     scores = jnp.where(causal, scores, -1e9)
     probs = jax.nn.softmax(scores, axis=-1)

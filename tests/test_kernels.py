@@ -20,7 +20,7 @@ from eqsat_attn.kernels import (
     flash_attention,
     pallas_available,
 )
-from eqsat_attn.kernels.flash_attention import BLOCK_TABLE, block_sizes
+from eqsat_attn.kernels.flash_attention import BLOCK_TABLE, TUNED_BLOCKS, block_sizes
 from eqsat_attn.kernels.reference import layout_shape
 
 NEG = -0.7 * float(np.finfo(np.float32).max)
@@ -203,6 +203,7 @@ def test_flash_rejects_bad_block():
 def test_block_table():
     assert block_sizes(4096, 4096, 128)[:2] == BLOCK_TABLE[128][:2]
     assert block_sizes(4096, 4096, 64) == BLOCK_TABLE[64]
+    assert block_sizes(4096, 4096, 64, causal=True, v_transposed=True) == TUNED_BLOCKS[(64, True, True)]
     assert block_sizes(40, 24, 32)[:2] == (64, 32)  # clamped to short sequences
     assert block_sizes(8, 8, 8)[:2] == (16, 16)
 

@@ -47,16 +47,22 @@ from .reference import CANONICAL, MASK_VALUE, check_layout, check_shapes, layout
 LOG2E: float = math.log2(math.e)
 
 # Forward tile table for the Pallas Triton backend, keyed by padded head dim:
-# head_dim -> (block_q, block_k, num_warps, num_stages). 64 and 128 follow the settings of the
-# stock jax Pallas Triton kernel (measured at 279-430 TFLOP/s on H100, /work/shared/gpu/README.md);
-# 256 halves the tiles so K, V tiles and the accumulator fit in shared memory / registers.
-# Blocks are clamped to the (power-of-two rounded) sequence lengths for short sequences.
+# head_dim -> (block_q, block_k, num_warps, num_stages). Measured on an H100 (jax 0.11.2, bf16
+# B4 H32 S4096; bench/results/tune-attention-h100-2026-11-25.md): with 2-3 pipeline stages the
+# 64/128 rows reach 433-443 TFLOP/s (D128) and 333 (D64), against 364 for the stock kernel's
+# settings (128, 128, 8, 2). TUNED_BLOCKS refines a row per causal flag and V layout where the
+# sweep found a better tile. 256 halves the tiles so K, V tiles and the accumulator fit in shared
+# memory. Blocks are clamped to the (power-of-two rounded) sequence lengths for short sequences.
 BLOCK_TABLE: dict[int, tuple[int, int, int, int]] = {
     16: (128, 128, 4, 2),
     32: (128, 128, 4, 2),
-    64: (128, 128, 4, 2),
-    128: (128, 128, 8, 2),
+    64: (64, 128, 4, 2),
+    128: (128, 64, 4, 2),
     256: (64, 64, 8, 2),
+}
+# (head_dim, causal, transposed V) -> tiles, where the sweep's best differs from BLOCK_TABLE.
+TUNED_BLOCKS: dict[tuple[int, bool, bool], tuple[int, int, int, int]] = {
+    (64, True, True): (64, 64, 4, 3),  # 282 TFLOP/s; (64, 128, 4, 2) is under 257 here
 }
 # Backward tiles, keyed by padded head dim:
 # head_dim -> (block_q_dkv, block_k_dkv, block_q_dq, block_k_dq, num_warps, num_stages).
@@ -184,10 +190,12 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def block_sizes(sq: int, sk: int, head_dim: int) -> tuple[int, int, int, int]:
-    """(block_q, block_k, num_warps, num_stages) for a shape, from BLOCK_TABLE."""
+def block_sizes(sq: int, sk: int, head_dim: int, causal: bool = False,
+                v_transposed: bool = False) -> tuple[int, int, int, int]:
+    """(block_q, block_k, num_warps, num_stages) for a shape, from TUNED_BLOCKS or BLOCK_TABLE."""
     dpad = max(MIN_BLOCK, _next_pow2(max(head_dim, 1)))
-    bq, bk, warps, stages = BLOCK_TABLE.get(dpad, (32, 32, 8, 1))
+    row = TUNED_BLOCKS.get((dpad, causal, v_transposed)) or BLOCK_TABLE.get(dpad, (32, 32, 8, 1))
+    bq, bk, warps, stages = row
     bq = min(bq, max(MIN_BLOCK, _next_pow2(sq)))
     bk = min(bk, max(MIN_BLOCK, _next_pow2(sk)))
     return bq, bk, warps, stages
@@ -638,7 +646,7 @@ def flash_attention(
     if error is not None:
         raise ValueError(error)
     b, h, hkv, sq, sk, d, dv = check_shapes(q, k, v, v_layout, q_layout=q_layout, k_layout=k_layout)
-    tq, tk, warps, stages = block_sizes(sq, sk, max(d, dv))
+    tq, tk, warps, stages = block_sizes(sq, sk, max(d, dv), bool(causal), v_layout[-1] == "S")
     bq, bk = block_q or tq, block_k or tk
     for name, blk in (("block_q", bq), ("block_k", bk)):
         if blk < MIN_BLOCK or blk & (blk - 1):
