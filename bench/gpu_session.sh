@@ -18,8 +18,8 @@ for stage in "$@"; do
     check) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tee "$OUT/check.log" | tail -25 ;;
     attention) timeout 290 python3 bench/attention.py --out "$OUT/attention.md" 2>&1 | tail -60 ;;
     attention-quick) timeout 300 python3 bench/attention.py --quick --out "$OUT/attention.md" 2>&1 | tail -40 ;;
-    e2e) timeout 400 python3 bench/end_to_end.py --out "$OUT/end-to-end.md" 2>&1 | tail -30 ;;
-    cost-model) timeout 400 python3 bench/cost_model_experiment.py --calibrate --out "$OUT/cost-model.md" \
+    e2e) timeout 230 python3 bench/end_to_end.py --out "$OUT/end-to-end.md" 2>&1 | tail -30 ;;
+    cost-model) timeout 250 python3 bench/cost_model_experiment.py --calibrate --variants 20 --out "$OUT/cost-model.md" \
         --calibration-out "$OUT/calibration.json" 2>&1 | tail -40 ;;
     tune-backward) timeout 300 python3 bench/tune_backward.py --head-dims 128 --out "$OUT/tune-backward.md" 2>&1 | tail -40 ;;
     tune) timeout 330 python3 bench/tune_attention.py --quick --out "$OUT/tune.md" 2>&1 | tail -40 ;;

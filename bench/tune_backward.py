@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     lines += ["| D | causal | V | bwd tiles (q_dkv, k_dkv, q_dq, k_dq, warps, stages) | rel err dq / dk / dv | "
               "ms (B4 H32 S4096) | TFLOP/s |", "|---:|---|---|---|---|---:|---:|"]
     saved = dict(fa.BWD_BLOCK_TABLE)
+    default = f"tune-backward-{device_tag()}-{dt.date.today().isoformat()}.md"  # rewritten after every row
     for d, causal, v_layout in itertools.product(args.head_dims, (False, True), ("BHSD", "BHDS")):
         for cand in CANDIDATES:
             fa.BWD_BLOCK_TABLE[d] = cand
@@ -111,16 +112,15 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
                 msg = f"{type(e).__name__}: {str(e)[:80]}".replace("|", "/").replace("\n", " ")
                 lines.append(f"{cells} {msg} | – | – |")
             print(lines[-1], flush=True)
+            write_results("\n".join(lines) + "\n", args.out, default, console=_Quiet())
         fa.BWD_BLOCK_TABLE.update(saved)
-    text = "\n".join(lines) + "\n"
-    default = f"tune-backward-{device_tag()}-{dt.date.today().isoformat()}.md"
-    write_results(text, args.out, default, console=_Console())
+    print(f"wrote {args.out or RESULTS / default}")
     return args.out or RESULTS / default
 
 
-class _Console:
+class _Quiet:
     def print(self, msg: str) -> None:
-        print(msg)
+        pass
 
 
 if __name__ == "__main__":

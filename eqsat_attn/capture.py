@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import jax.extend.core as jcore
 import numpy as np
 
@@ -295,6 +296,11 @@ class _Converter:
         if name == "select_n" and len(ins) >= 2:
             return self.elementwise(name, ins, out)
         if name == "convert_element_type" and len(ins) == 1 and p.get("sharding") is None:
+            source = b.nodes[ins[0]]
+            if source.op == "literal" and jnp.issubdtype(out.dtype, jnp.floating):
+                # fold a float cast of a literal (e.g. -1e9 as a bf16 mask value), rounded as XLA rounds
+                value = np.asarray(source.params["value"], source.type.dtype).astype(out.dtype)
+                return b.add("literal", (), out, value=value.item())
             return b.add(name, ins, out, new_dtype=str(np.dtype(p["new_dtype"])))
         if name == "transpose" and len(ins) == 1:
             return b.add(name, ins, out, perm=tuple(int(i) for i in p["permutation"]))

@@ -97,7 +97,7 @@ def attention_example(
     """Hand-written einsum attention (the rules raise it to one attention op): (fn, (q, k, v))."""
 
     def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        s = jnp.einsum("bhqd,bhkd->bhqk", q, k) / np.sqrt(q.shape[-1]).astype(np.float32)
+        s = jnp.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(q.shape[-1])
         return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, axis=-1), v)
 
     keys = jax.random.split(jax.random.PRNGKey(seed), 3)
@@ -116,7 +116,7 @@ def attention_vt_example(
         b, s, _ = x.shape
         split = lambda t: t.reshape(b, s, heads, head_dim).transpose(0, 2, 1, 3)  # noqa: E731
         q, k, v = split(x @ wq), split(x @ wk), split(x @ wv)
-        sc = jnp.einsum("bhqd,bhkd->bhqk", q, k) / np.sqrt(head_dim).astype(np.float32)
+        sc = jnp.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(head_dim)
         return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(sc, axis=-1), v)
 
     keys = jax.random.split(jax.random.PRNGKey(seed), 4)

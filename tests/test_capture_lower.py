@@ -377,3 +377,20 @@ def test_custom_jvp_rules_still_give_the_derivatives():
     np.testing.assert_allclose(jax.grad(optimized)(x), jax.grad(f)(x), rtol=1e-5)
     t = jnp.ones_like(x) * 0.5
     np.testing.assert_allclose(jax.jvp(optimized, (x,), (t,))[1], jax.jvp(f, (x,), (t,))[1], rtol=1e-5)
+
+
+def test_float_cast_of_a_literal_is_folded_with_the_rounded_value() -> None:
+    """A bf16 mask value written as an f32 literal (-1e9) becomes one bf16 literal holding the
+    value XLA's cast produces, so the attention rules see a literal mask value."""
+
+    def masked(s):
+        keep = jnp.tril(jnp.ones(s.shape[-2:], bool))
+        return jnp.where(keep, s, -1e9) * 3  # jnp.where casts the f32 literal inside its jaxpr
+
+    s = _normal(5, (4, 6, 6)).astype(jnp.bfloat16)
+    program = round_trip(masked, s, rtol=0, atol=0)
+    literals = [n for n in program.nodes if n.op == "literal" and n.type.dtype == "bfloat16"]
+    want = float(np.asarray(-1e9, np.float32).astype(jnp.bfloat16))
+    assert want != -1e9 and any(n.params["value"] == want for n in literals)
+    assert not any(n.op == "convert_element_type" and program.nodes[n.inputs[0]].op == "literal"
+                   for n in program.nodes)

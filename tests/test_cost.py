@@ -49,8 +49,9 @@ def test_table_has_spec_numbers():
     assert H100.bandwidth == pytest.approx(3.35e12)
     assert H200.bandwidth == pytest.approx(4.8e12)
     assert H200.peak("bfloat16") == H100.peak("bfloat16")
-    # measured Pallas Triton attention: 396 of 989.4 TFLOP/s
-    assert H100.attention_eff("bfloat16", "standard", False) == pytest.approx(396 / 989.4)
+    # measured: our Pallas attention ran bf16 at 399.3 of 989.4 TFLOP/s, stock Pallas f16 at 396
+    assert H100.attention_eff("bfloat16", "standard", False) == pytest.approx(399.3 / 989.4)
+    assert H100.attention_eff("float16", "standard", False) == pytest.approx(396 / 989.4)
     assert 0 < H100.transpose_bandwidth_fraction < 1
     for name in ("h100", "h200", "cpu"):
         assert for_device(name).name == f"roofline-{name}"
@@ -132,8 +133,8 @@ def test_attention_flops_and_standard_variant():
     assert bd.variant == "standard"
     assert bd.flops == 4 * 4 * 32 * 4096 * 4096 * 128
     assert bd.bytes == 4 * q.nbytes
-    # compute bound at the measured efficiency: the model reproduces the 396 TFLOP/s it was fitted to
-    assert bd.flops / (bd.seconds - H100.launch_overhead) == pytest.approx(396e12)
+    # compute bound at the measured efficiency: the model reproduces the 399 TFLOP/s our kernel ran at
+    assert bd.flops / (bd.seconds - H100.launch_overhead) == pytest.approx(399.3e12)
     causal = H100_MODEL.breakdown(attn(q, q, q, causal=True))
     assert causal.flops == bd.flops / 2
 
@@ -145,7 +146,7 @@ def test_transposed_v_cheaper_by_the_table_edge_on_h100_bf16():
     assert tv.variant == "transposed"
     assert tv.seconds < std.seconds
     edge = H100.attention_eff("bfloat16", "transposed", False) / H100.attention_eff("bfloat16", "standard", False)
-    assert edge == pytest.approx(1.03)
+    assert edge == pytest.approx(devices._TV_EDGE_16BIT) and edge > 1.0
     assert std.compute_s / tv.compute_s == pytest.approx(edge)
 
 

@@ -147,22 +147,24 @@ class DeviceSpec:
 # Attention efficiencies on Hopper (H100 measured; H200 has the same SMs and clocks, so the same
 # compute-bound fractions are assumed until measured there).
 #
-# Our GPU kernel is a Pallas flash attention lowered through Triton, so its prior is the stock
-# Pallas Triton kernel (jax.experimental.pallas.ops.gpu.attention), measured:
-_PALLAS_BF16 = 396 / 989.4  # measured: S4096 D128 bf16, 396 TFLOP/s -> 0.400
+# Our GPU kernel is a Pallas flash attention lowered through Triton. bf16 rows: our own kernel,
+# measured (bench/results/attention-h100-2026-11-25.md, standard V, median of 20, jax 0.11.2);
+# f16 rows: the stock Pallas Triton kernel (/work/shared/gpu/README.md), not yet re-measured.
+_PALLAS_BF16 = 399.3 / 989.4  # measured: ours, S4096 D128 bf16, 399 TFLOP/s -> 0.404
+_PALLAS_BF16_CAUSAL = 335.8 / 989.4  # measured: ours, S4096 D128 bf16 causal, 336 TFLOP/s -> 0.339
 _PALLAS_F16 = 396 / 989.4  # measured: S4096 D128 f16, 396 TFLOP/s -> 0.400
 _PALLAS_F16_CAUSAL = 310 / 989.4  # measured: S4096 D128 f16 causal, 310 TFLOP/s -> 0.313
-_PALLAS_BF16_CAUSAL = _PALLAS_F16_CAUSAL  # assumption: bf16 causal not measured; bf16 = f16 when both were
 _XLA_BF16 = 110 / 989.4  # measured: plain XLA attention, bf16 S4096 D128 -> 0.111
 _XLA_BF16_CAUSAL = 40 / 989.4  # measured: plain XLA, bf16 causal -> 0.040
 # (cuDNN reaches 591/989.4 = 0.597 bf16 and 443/989.4 = 0.448 f16 causal: the ceiling a tuned
 #  kernel could reach, not what our kernel runs.)
 #
-# Transposed V in bf16/f16: Hopper's wgmma takes the B operand of P.V in either major-ness, so
-# the gain is unknown. ASSUMPTION: a 3% edge, to be replaced by bench/attention.py's measurement
-# of our two kernels (standard vs transposed V). With it the optimizer prefers transposed V only
-# when the transpose it needs is free (folded into V's producer).
-_TV_EDGE_16BIT = 1.03
+# Transposed V in bf16/f16: Hopper's wgmma takes the B operand of P.V in either major-ness.
+# MEASURED (same file, our two kernels side by side): transposed/standard TFLOP/s at D128 was
+# 1.031 (S4096), 1.046 (S4096 causal), 0.985 (S8192), 1.018 (S8192 causal): geometric mean 1.02;
+# at D64 1.015 and 0.927 (causal). A 2% edge, near run-to-run noise: the optimizer prefers
+# transposed V only where the transpose it needs is free (folded into V's producer).
+_TV_EDGE_16BIT = 1.02
 # fp8 (e4m3): PyTorch FlexAttention fp8 ran at 120% of its bf16 time with V row-major and 76% with
 # V column-major in memory (pytorch/pytorch PR 153357): time ratio 1.20 / 0.76 = 1.58. Taking the
 # bf16 Pallas time as the reference (prior, to be measured):

@@ -67,13 +67,15 @@ TUNED_BLOCKS: dict[tuple[int, bool, bool], tuple[int, int, int, int]] = {
 # Backward tiles, keyed by padded head dim:
 # head_dim -> (block_q_dkv, block_k_dkv, block_q_dq, block_k_dq, num_warps, num_stages).
 # The dK/dV kernel keeps two [block_k, D] float32 accumulators live and streams query tiles; the
-# dQ kernel keeps one [block_q, D] accumulator and streams key tiles (shapes of the Triton
-# FlashAttention-2 tutorial, smaller for large D). Not yet tuned on a GPU.
+# dQ kernel keeps one [block_q, D] accumulator and streams key tiles. D128 measured on an H100
+# (bench/results/tune-backward-h100-2026-11-25.md): (64, 64, 64, 64, 4, 2) runs at 370 TFLOP/s
+# (345 with transposed V); the earlier 8-warp (32, 64, 64, 32) row ran at 132 and gave a wrong
+# dK with transposed V. D64 passes the GPU tests; other rows untuned.
 BWD_BLOCK_TABLE: dict[int, tuple[int, int, int, int, int, int]] = {
     16: (64, 64, 64, 64, 4, 2),
     32: (64, 64, 64, 64, 4, 2),
     64: (64, 64, 64, 64, 4, 2),
-    128: (32, 64, 64, 32, 8, 2),
+    128: (64, 64, 64, 64, 4, 2),
     256: (32, 32, 32, 32, 8, 1),
 }
 MIN_BLOCK = 16  # smallest tile Triton's dot accepts
