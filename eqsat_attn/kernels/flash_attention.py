@@ -71,9 +71,11 @@ BWD_BLOCK_TABLE: dict[int, tuple[int, int, int, int, int, int]] = {
     256: (32, 32, 32, 32, 8, 1),
 }
 MIN_BLOCK = 16  # smallest tile Triton's dot accepts
-#: fp8 forward: P (in [0, 1]) is multiplied by this power of two before its cast to fp8, so small
-#: probabilities keep e4m3's normal range (max 448); the output descale divides it out exactly.
+#: fp8 forward: P (in [0, 1]) is computed as P_FP8_SCALE·P (exp2 with the exponent shifted by
+#: log2 of it, no extra multiply) before its cast to fp8, so small probabilities keep e4m3's normal
+#: range (max 448); the row sum carries the same factor, so it cancels exactly in acc / l.
 P_FP8_SCALE = 256.0
+_P_FP8_SHIFT = math.log2(P_FP8_SCALE)
 BWD_Q_CHUNK = 256  # query rows per step of the plain-JAX recomputation backward
 BACKWARDS = ("pallas", "jax")
 
@@ -242,8 +244,11 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config, sk: int, nq: int, has_
     refs = list(refs)
     bias_ref = refs.pop(0) if has_bias else None
     # fp8: two [1, 1] float32 operands, the score descale (scale * log2 e * q_scale * k_scale)
-    # and the output descale (v_scale / P_FP8_SCALE)
+    # and the output descale (v_scale); both loaded once, outside the key loop
     qk_ref, ov_ref = (refs.pop(0), refs.pop(0)) if cfg.descaled else (None, None)
+    qk_scale = qk_ref[...] if cfg.descaled else cfg.scale * LOG2E
+    # fp8: P is computed as P_FP8_SCALE·P (shifted exponent), and so is the row sum l
+    shift = _P_FP8_SHIFT if cfg.descaled else 0.0
     o_ref, lse_ref = refs
     bq, bk = cfg.block_q, cfg.block_k
     # Causal: walk query blocks heaviest-first so the long rows start early.
@@ -265,7 +270,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config, sk: int, nq: int, has_
         kt = k_ref[pl.ds(start, bk), :]
         s = lax.dot_general(q, kt, (((1,), (1,)), ((), ())), precision=precision,
                             preferred_element_type=jnp.float32)
-        s = s * (qk_ref[...] if cfg.descaled else cfg.scale * LOG2E)
+        s = s * qk_scale
         if bias_ref is not None:
             s = s + bias_ref[:, pl.ds(start, bk)].astype(jnp.float32) * LOG2E
         if masked:
@@ -277,7 +282,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config, sk: int, nq: int, has_
                 s = jnp.where(cols < sk, s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=1))
         alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - m_new[:, None])
+        p = jnp.exp2(s - (m_new[:, None] - shift) if cfg.descaled else s - m_new[:, None])
         l = alpha * l + p.sum(axis=1)
         if not cfg.v_transposed:
             vt = v_ref[pl.ds(start, bk), :]
@@ -285,9 +290,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config, sk: int, nq: int, has_
         else:  # V^T tile [Dv, bk]: contract the key axis of both operands.
             vt = v_ref[:, pl.ds(start, bk)]
             dims = (((1,), (1,)), ((), ()))
-        # fp8: P in [0, 1] scaled by a power of two (exact) into e4m3's range before the cast
-        pq = (p * P_FP8_SCALE if cfg.descaled else p).astype(vt.dtype)
-        pv = lax.dot_general(pq, vt, dims, precision=precision, preferred_element_type=jnp.float32)
+        pv = lax.dot_general(p.astype(vt.dtype), vt, dims, precision=precision, preferred_element_type=jnp.float32)
         return acc * alpha[:, None] + pv, m_new, l
 
     carry = (jnp.zeros((bq, dv), jnp.float32),
@@ -298,7 +301,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config, sk: int, nq: int, has_
     if cfg.descaled:
         acc = acc * ov_ref[...]
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = (m + jnp.log2(l)) / LOG2E
+    lse_ref[...] = (m + jnp.log2(l) - shift) / LOG2E
 
 
 def _forward(q, k, v, bias, cfg: _Config, descales: tuple[jax.Array, jax.Array] | None = None,

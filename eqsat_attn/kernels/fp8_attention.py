@@ -8,9 +8,9 @@ The fp8 Attention op means attention over the dequantized operands (`attention_r
 softmax(scale · (q8·sq)(k8·sk)^T) (v8·sv), output in bf16. The Pallas kernel
 (`flash_attention_fp8`, the forward kernel of flash_attention.py with ``descaled=True``) runs both
 matmuls on fp8 operands with float32 accumulation: q8·k8^T is exact in float32 and multiplied by
-``scale·sq·sk``; the probabilities P are multiplied by ``P_FP8_SCALE`` (256, exact) and cast to
-V's fp8 dtype for P·V; the output is multiplied by ``sv / 256``, divided by the softmax row sum
-(float32, from unquantized P) and written in bf16. Against the float64 reference on the
+``scale·sq·sk``; the probabilities come out of exp2 as 256·P (``P_FP8_SCALE``, exact) and are cast
+to V's fp8 dtype for P·V; the output is multiplied by ``sv``, divided by the float32 row sum
+(of the unquantized 256·P, so the factor cancels) and written in bf16. Against the float64 reference on the
 dequantized operands the only extra error is P's rounding to e4m3 (relative 2^-4 per entry, in
 random directions; its effect weighs V's entries) plus the bf16 output: tests allow
 ``FP8_ATOL``·max|v| + ``FP8_RTOL``·|ref| elementwise (measured: about half of that).
@@ -34,7 +34,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from .flash_attention import (LOG2E, P_FP8_SCALE, _backward, _Config, _crop, _forward, _next_pow2,
+from .flash_attention import (LOG2E, _backward, _Config, _crop, _forward, _next_pow2,
                               _pad_to, block_sizes, kernel_layout_error)
 from .reference import attention_reference, check_shapes
 
@@ -46,6 +46,11 @@ FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
 FP8_ATOL = 2e-2
 FP8_RTOL = 3e-2
 FP8_MIN_BLOCK = 32  # Hopper's fp8 wgmma reduces over 32 elements; keep tiles and D at least that
+#: fp8 forward tiles by padded head dim: (block_q, block_k, num_warps, num_stages). D128 measured on
+#: H100 (bench/results/fp8-kernel-h100-2026-11-25.md, transposed V, non-causal S4096): 128/128/8/3
+#: 270 TFLOP/s, 128/128/8/2 256, 64/128/4/3 240, 128/64/4/3 225, 128/128/4/3 121; other head
+#: dims use the bf16 table (BLOCK_TABLE), not tuned for fp8.
+FP8_BLOCK_TABLE: dict[int, tuple[int, int, int, int]] = {128: (128, 128, 8, 3)}
 OUT_DTYPE = "bfloat16"
 
 
@@ -97,7 +102,7 @@ def _flash_fp8(q, k, v, q_scale, k_scale, v_scale, cfg: _Config):
 
 
 def _descales(q_scale, k_scale, v_scale, cfg: _Config) -> tuple[jax.Array, jax.Array]:
-    return (cfg.scale * LOG2E * q_scale * k_scale, v_scale / P_FP8_SCALE)
+    return (cfg.scale * LOG2E * q_scale * k_scale, v_scale)
 
 
 def _flash_fp8_fwd(q, k, v, q_scale, k_scale, v_scale, cfg: _Config):
@@ -158,6 +163,10 @@ def flash_attention_fp8(
         raise ValueError(error)
     b, h, hkv, sq, sk, d, dv = check_shapes(q, k, v, v_layout, q_layout=q_layout, k_layout=k_layout)
     tq, tk, warps, stages = block_sizes(sq, sk, max(d, dv))
+    dpad = _next_pow2(max(d, dv, 1))
+    if dpad in FP8_BLOCK_TABLE:
+        tq, tk, warps, stages = FP8_BLOCK_TABLE[dpad]
+        tq, tk = (min(t, max(FP8_MIN_BLOCK, _next_pow2(n))) for t, n in ((tq, sq), (tk, sk)))
     bq = block_q or max(tq, FP8_MIN_BLOCK)
     bk = block_k or max(tk, FP8_MIN_BLOCK)
     for name, blk in (("block_q", bq), ("block_k", bk)):
