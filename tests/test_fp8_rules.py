@@ -83,3 +83,34 @@ def test_non_fp8_value_stays_plain_attention():
     rep = ea.optimize(fn).explain(args[0], args[1], v32, args[3], args[4])
     assert not fp8_nodes(rep.after)
     assert len([n for n in rep.after.nodes if n.op == "attention"]) == 1
+
+
+def test_h100_projection_writes_quantized_v_transposed():
+    """V = quantize(x @ Wv) feeding fp8 attention: under the H100 table (fp8 transposed-V
+    measured faster) the transpose moves through the quantize into the projection, which
+    writes Vᵀ; no transpose is materialised and values are unchanged."""
+    from eqsat_attn.cost.roofline import for_device
+
+    rng = np.random.default_rng(7)
+    b, s, e, h, d = 1, 2048, 64, 4, 64  # large enough for attention to be compute-bound
+    x = jnp.asarray(rng.normal(size=(b, s, e)), jnp.float32)
+    ws = [jnp.asarray(rng.normal(size=(e, h, d)) * 0.3, jnp.float32) for _ in range(3)]
+    scales = [jnp.float32(0.02), jnp.float32(0.03), jnp.float32(0.05)]
+
+    def block(x, wq, wk, wv, qs, ks, vs):
+        outs = []
+        for w, sc in ((wq, qs), (wk, ks), (wv, vs)):
+            y = jnp.einsum("bse,ehd->bhsd", x, w)
+            y8 = jnp.clip(y / sc, -448.0, 448.0).astype(E4M3)
+            outs.append(y8.astype(jnp.float32) * sc)
+        q, k, v = outs
+        p = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k) * d ** -0.5, axis=-1)
+        return jnp.einsum("bhqk,bhkd->bhqd", p, v)
+
+    opt = ea.optimize(block, cost_model=for_device("h100"))
+    rep = opt.explain(x, *ws, *scales)
+    (node,) = fp8_nodes(rep.after)
+    assert rep.attention[0].v_layout == "BHDS"
+    assert not [n for n in rep.after.nodes if n.op == "transpose" and rep.after.type_of(n.inputs[0]).rank == 4]
+    np.testing.assert_allclose(np.asarray(opt(x, *ws, *scales)), np.asarray(jax.jit(block)(x, *ws, *scales)),
+                               rtol=2e-5, atol=2e-5)
