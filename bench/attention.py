@@ -3,10 +3,14 @@ the stock Pallas Triton kernel, cuDNN and XLA, side by side on one GPU.
 
     python bench/attention.py [--quick] [--out bench/results/attention-<device>-<date>.md]
     python bench/attention.py --cpu-smoke --out /tmp/smoke.md   # tiny interpret-mode run on CPU
+    python bench/attention.py --fp8 [--quick]   # issue 10: fp8 kernels (V [B,H,S,D] and [B,H,D,S]),
+                                                # our bf16 kernel, cuDNN bf16 and fp8
 
 TFLOP/s counts 4*B*H*Sq*Sk*D flops (halved when causal); time is the median of --reps timed
 calls after warm-up. Each row's output is checked against the plain-JAX reference on batch 0,
-heads 0-1 (the "max err" column).
+heads 0-1 (the "max err" column). fp8 rows read q, k, v quantized per tensor to float8_e4m3fn
+(descale = max|x| / 448) and are checked against the reference on the dequantized operands with
+the fp8 tolerance of eqsat_attn.kernels.fp8_attention (FP8_ATOL·max|v| + FP8_RTOL·max|ref|).
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from eqsat_attn.kernels import attention_reference, flash_attention  # noqa: E402
+from eqsat_attn.kernels.fp8_attention import (FP8_ATOL, FP8_RTOL, compute_scale,  # noqa: E402
+                                              dequantize, flash_attention_fp8, quantize)
 
 ERR_TOL = 2e-2  # bf16 outputs: max abs error allowed, relative to 1 + max |reference|
 
@@ -64,6 +70,12 @@ def gpu_shapes(quick: bool) -> list[Shape]:
 
 
 SMOKE_SHAPES = [Shape(1, 2, 64, 32, True)]
+
+
+def fp8_shapes(quick: bool) -> list[Shape]:
+    """Issue 10's shapes: B4 H32 D128, S4096 and 8192, causal and not."""
+    return [Shape(4, 32, s, 128, causal) for s in ((4096,) if quick else (4096, 8192))
+            for causal in (False, True)]
 
 
 def _stock_mha() -> Callable | None:
@@ -108,6 +120,77 @@ def implementations(shape: Shape, interpret: bool, blocks: tuple[int | None, int
     return impls
 
 
+def _cudnn_fp8() -> Callable | None:
+    """cuDNN's fp8 attention as this jax exposes it (private module), or None."""
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as fa
+    except Exception:  # noqa: BLE001 - module absent in some jax builds
+        return None
+    if not hasattr(fa, "fp8_params_keys") or not hasattr(fa, "MaskType"):
+        return None
+
+    def run(q8, k8, v8, scales, *, scale: float, causal: bool) -> jax.Array:
+        one = jnp.ones((1, 1, 1, 1), jnp.float32)
+        params = {key: one for key in fa.fp8_params_keys}
+        for name, s in zip(("descale_q", "descale_k", "descale_v"), scales):
+            params[name] = jnp.reshape(s, (1, 1, 1, 1)).astype(jnp.float32)
+        out = fa.dot_product_attention(
+            q8, k8, v8, fp8_params=params, scale=scale, qkv_layout="BNTH", use_fp8=True,
+            mask_type=fa.MaskType.CAUSAL if causal else fa.MaskType.NO_MASK)[0]
+        return out.astype(jnp.bfloat16)  # fp8 output, scale_o = 1
+
+    return run
+
+
+def fp8_implementations(shape: Shape, interpret: bool, blocks: tuple[int | None, int | None]):
+    """name -> (fn over the input dict, output layout, kind "fp8" or "bf16") for the --fp8 run."""
+    scale = shape.d ** -0.5
+    kw = dict(scale=scale, causal=shape.causal, block_q=blocks[0], block_k=blocks[1],
+              interpret=interpret)
+    bf16 = functools.partial(flash_attention, **kw)
+    fp8 = functools.partial(flash_attention_fp8, **kw)
+    impls = {
+        "ours bf16 standard (V [B,H,S,D])":
+            (lambda a: bf16(a["q"], a["k"], a["v"], v_layout="BHSD"), "BHSD", "bf16"),
+        "ours bf16 transposed-V (V [B,H,D,S])":
+            (lambda a: bf16(a["q"], a["k"], a["vt"], v_layout="BHDS"), "BHSD", "bf16"),
+        "ours fp8 standard (V [B,H,S,D])":
+            (lambda a: fp8(a["q8"], a["k8"], a["v8"], *a["scales"], v_layout="BHSD"), "BHSD", "fp8"),
+        "ours fp8 transposed-V (V [B,H,D,S])":
+            (lambda a: fp8(a["q8"], a["k8"], a["vt8"], *a["scales"], v_layout="BHDS"), "BHSD", "fp8"),
+        "materialise V^T + ours fp8 transposed-V":
+            (lambda a: fp8(a["q8"], a["k8"], jnp.swapaxes(a["v8"], 2, 3), *a["scales"],
+                           v_layout="BHDS"), "BHSD", "fp8"),
+        "jax.nn.dot_product_attention cudnn (bf16)":
+            (lambda a: jax.nn.dot_product_attention(a["q_bshd"], a["k_bshd"], a["v_bshd"], scale=scale,
+                                                    is_causal=shape.causal, implementation="cudnn"),
+             "BSHD", "bf16"),
+    }
+    cudnn = _cudnn_fp8()
+    name = "cuDNN fp8 (jax._src.cudnn.fused_attention_stablehlo, fp8 out)"
+    if cudnn is None:
+        impls[name] = (None, "BHSD", "fp8")  # reported as not exposed by this jax
+    else:
+        impls[name] = (lambda a: cudnn(a["q8"], a["k8"], a["v8"], a["scales"], scale=scale,
+                                       causal=shape.causal), "BHSD", "fp8")
+    return impls
+
+
+def add_fp8_inputs(a: dict[str, jax.Array]) -> dict:
+    """Per-tensor e4m3 quantization of q, k, v (and V^T) with their float32 descales."""
+    scales = tuple(compute_scale(a[n]) for n in ("q", "k", "v"))
+    q8, k8, v8 = (quantize(a[n], s) for n, s in zip(("q", "k", "v"), scales))
+    out = dict(a, q8=q8, k8=k8, v8=v8, vt8=jnp.swapaxes(v8, 2, 3), scales=scales)
+    return jax.block_until_ready(out)
+
+
+def fp8_reference_subset(shape: Shape, a: dict) -> tuple[jax.Array, float]:
+    """Reference on the dequantized fp8 operands (batch 0, heads 0-1) and max|v| dequantized."""
+    sub = [dequantize(a[n][:1, :2], s) for n, s in zip(("q8", "k8", "v8"), a["scales"])]
+    ref = attention_reference(*sub, scale=shape.d ** -0.5, causal=shape.causal)
+    return ref, float(jnp.abs(sub[2]).max())
+
+
 def make_inputs(shape: Shape, seed: int = 0) -> dict[str, jax.Array]:
     kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
     dims = (shape.b, shape.h, shape.s, shape.d)
@@ -138,16 +221,23 @@ def reference_subset(shape: Shape, a: dict[str, jax.Array]) -> jax.Array:
                                causal=shape.causal)
 
 
-def run_row(name: str, fn: Callable, layout: str, shape: Shape, a, ref, warmup: int,
-            reps: int) -> dict:
+def run_row(name: str, fn: Callable | None, layout: str, shape: Shape, a, ref, warmup: int,
+            reps: int, bound: float | None = None) -> dict:
+    """Time ``fn`` and check its output on batch 0, heads 0-1 against ``ref``: max abs error
+    <= ``bound`` (default ERR_TOL·(1 + max|ref|)). ``fn=None``: not available in this jax."""
     row = {"shape": shape.label(), "causal": shape.causal, "kernel": name}
+    if fn is None:
+        row.update(ms=None, tflops=None, err=None, check="n/a (not exposed by this jax)")
+        return row
     try:
         jfn = jax.jit(fn)
         out = jax.block_until_ready(jfn(a))
         if layout == "BSHD":
             out = jnp.swapaxes(out, 1, 2)
         err = float(jnp.abs(out[:1, :2].astype(jnp.float32) - ref).max())
-        ok = err <= ERR_TOL * (1.0 + float(jnp.abs(ref).max()))
+        if bound is None:
+            bound = ERR_TOL * (1.0 + float(jnp.abs(ref).max()))
+        ok = err <= bound
         secs = time_fn(jfn, a, warmup, reps)
         row.update(ms=secs * 1e3, tflops=shape.flops / secs / 1e12, err=err,
                    check="ok" if ok else "FAIL")
@@ -184,6 +274,26 @@ def render(rows: list[dict], header: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_fp8_ratios(rows: list[dict]) -> str:
+    """Issue 10's targets per shape: fp8 transposed-V vs fp8 standard, our bf16 and cuDNN fp8."""
+    def tf(key, prefix):
+        hit = [r for r in rows if (r["shape"], r["causal"]) == key and r["kernel"].startswith(prefix)]
+        return hit[0]["tflops"] if hit and hit[0]["tflops"] else None
+
+    lines = ["", "fp8 transposed-V speed-ups (targets: ≥ 1.5x fp8 standard, ≥ 1.3x our bf16; "
+             "aim > 1x cuDNN fp8):", "",
+             "| shape | causal | vs ours fp8 standard | vs ours bf16 (best layout) | vs cuDNN fp8 |",
+             "|---|---|---:|---:|---:|"]
+    for key in dict.fromkeys((r["shape"], r["causal"]) for r in rows):
+        tv = tf(key, "ours fp8 transposed-V")
+        bf = max([x for x in (tf(key, "ours bf16 standard"), tf(key, "ours bf16 transposed-V")) if x],
+                 default=None)
+        others = (tf(key, "ours fp8 standard"), bf, tf(key, "cuDNN fp8"))
+        cells = [f"{tv / o:.2f}x" if tv and o else "–" for o in others]
+        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="S4096 shapes only, 5 repetitions")
@@ -195,6 +305,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--block-q", type=int, default=None, help="override our kernel's block_q")
     p.add_argument("--block-k", type=int, default=None, help="override our kernel's block_k")
+    p.add_argument("--fp8", action="store_true",
+                   help="issue 10: fp8 kernels vs our bf16 kernel and cuDNN (B4 H32 D128 S4096/8192)")
     return p.parse_args(argv)
 
 
@@ -207,28 +319,39 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
             f"bench/attention.py needs a GPU (jax default backend is {jax.default_backend()!r}); "
             "pass --cpu-smoke for a tiny interpret-mode run that only tests the script.")
     smoke = args.cpu_smoke and not on_gpu
-    shapes = SMOKE_SHAPES if args.cpu_smoke else gpu_shapes(args.quick)
+    shapes = SMOKE_SHAPES if args.cpu_smoke else fp8_shapes(args.quick) if args.fp8 else \
+        gpu_shapes(args.quick)
     reps = args.reps or (2 if args.cpu_smoke else 5 if args.quick else 20)
     warmup = 1 if args.cpu_smoke else args.warmup
     kind = jax.devices()[0].device_kind
     today = dt.date.today().isoformat()
-    out = args.out or ROOT / "bench" / "results" / f"attention-{device_slug(kind)}-{today}.md"
+    stem = "attention-fp8" if args.fp8 else "attention"
+    out = args.out or ROOT / "bench" / "results" / f"{stem}-{device_slug(kind)}-{today}.md"
 
     rows = []
+    blocks = (args.block_q, args.block_k)
     for shape in shapes:
         a = make_inputs(shape)
         ref = reference_subset(shape, a)
-        impls = implementations(shape, interpret=smoke, blocks=(args.block_q, args.block_k))
-        for name, (fn, layout) in impls.items():
-            row = run_row(name, fn, layout, shape, a, ref, warmup, reps)
+        if args.fp8:
+            a = add_fp8_inputs(a)
+            ref8, vmax = fp8_reference_subset(shape, a)
+            bound8 = FP8_ATOL * vmax + FP8_RTOL * float(jnp.abs(ref8).max())
+            todo = [(n, fn, lay, ref8 if kind_ == "fp8" else ref, bound8 if kind_ == "fp8" else None)
+                    for n, (fn, lay, kind_) in fp8_implementations(shape, smoke, blocks).items()]
+        else:
+            todo = [(n, fn, lay, ref, None) for n, (fn, lay) in implementations(shape, smoke, blocks).items()]
+        for name, fn, layout, want, bound in todo:
+            row = run_row(name, fn, layout, shape, a, want, warmup, reps, bound)
             rows.append(row)
             print(f"{row['shape']} causal={shape.causal} {name}: "
                   f"{row['tflops'] and round(row['tflops'], 1)} TFLOP/s {row['check']}", flush=True)
         del a
 
+    title = "# fp8 attention forward benchmark (issue 10)" if args.fp8 else \
+        "# Attention forward benchmark (issue 5)"
     header = [
-        "# Attention forward benchmark (issue 5)" + (" — CPU smoke run, not a measurement"
-                                                     if smoke else ""),
+        title + (" — CPU smoke run, not a measurement" if smoke else ""),
         "",
         f"- device: {kind} ({jax.default_backend()}, {jax.device_count()} device(s))",
         f"- date: {today}",
@@ -238,8 +361,15 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
         " TFLOP/s = 4·B·H·S²·D (÷2 causal) / time",
         f"- max err: vs attention_reference in float32 on batch 0, heads 0-1; ok if ≤ {ERR_TOL}·(1+max|ref|)",
     ]
+    if args.fp8:
+        header.append("- fp8 rows: q, k, v float8_e4m3fn with per-tensor descales, f32 accumulation, "
+                      f"bf16 output; ok if max err ≤ {FP8_ATOL}·max|v| + {FP8_RTOL}·max|ref| "
+                      "(reference on the dequantized operands)")
+    text = render(rows, header)
+    if args.fp8:
+        text += render_fp8_ratios(rows)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(rows, header))
+    out.write_text(text)
     print(f"wrote {out}")
     return out
 

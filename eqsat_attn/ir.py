@@ -18,6 +18,9 @@ Op vocabulary (params in brackets; output shape and dtype always come from `Node
 - ``attention[q_layout, k_layout, v_layout, o_layout, scale, causal, mask_kind]``: inputs
   (q, k, v) or (q, k, v, mask); layouts are strings over "BHSD" naming the axis order of each
   operand ("BHDS" for V is the transposed-V form). GQA grouping follows from the head counts.
+- ``attention_fp8[q_layout, k_layout, v_layout, o_layout, scale, causal, out_dtype]``: inputs
+  (q8, k8, v8, q_scale, k_scale, v_scale): attention over the fp8 operands dequantized by their
+  rank-0 float scales (x8 · s), result in ``out_dtype`` (eqsat_attn.kernels.fp8_attention).
 - ``opaque[call: OpaqueCall]``: anything else, re-bound unchanged by lowering; its outputs
   are read by ``opaque_output[index]`` nodes.
 """
@@ -339,4 +342,7 @@ def infer_type(op: str, params: Mapping[str, Any], inputs: Sequence[TensorType])
         qa = [params["q_layout"].index(c) for c in "BHSD"]
         logical = {"B": q.shape[qa[0]], "H": q.shape[qa[1]], "S": q.shape[qa[2]], "D": v.shape[params["v_layout"].index("D")]}
         return TensorType(tuple(logical[c] for c in params["o_layout"]), q.dtype)
+    if op == "attention_fp8":
+        out = infer_type("attention", params, inputs[:3])
+        return TensorType(out.shape, str(params["out_dtype"]))
     raise ValueError(f"no type rule for op {op!r}; give the node its type explicitly")

@@ -115,6 +115,8 @@ def lower_node(node: Node, args: list[Any], attention_kernel: str = "auto") -> A
         return args[0][p["index"]]
     if op == "attention":
         return lower_attention(node, args, attention_kernel)
+    if op == "attention_fp8":
+        return lower_attention_fp8(node, args, attention_kernel)
     if op == "softmax":
         return jax.nn.softmax(args[0], axis=-1)
     raise NotImplementedError(f"lowering has no rule for op {op!r}")
@@ -199,3 +201,18 @@ def lower_attention(node: Node, args: Sequence[Any], attention_kernel: str = "au
         q_layout=q_layout, k_layout=k_layout, v_layout=v_layout, o_layout=out_layout, **extra,
     )
     return _to_layout(out, out_layout, o_layout)
+
+
+def lower_attention_fp8(node: Node, args: Sequence[Any], attention_kernel: str = "auto") -> Any:
+    """fp8 attention: the Pallas fp8 kernel where it runs and reads the layouts in place,
+    else the reference (dequantize, attention) in any layouts."""
+    from .kernels import chosen_kernel, kernel_supports_layouts
+    from .kernels.fp8_attention import attention_reference_fp8, flash_attention_fp8
+
+    p = node.params
+    layouts = {f"{n}_layout": str(p[f"{n}_layout"]) for n in "qkvo"}
+    kw = dict(scale=float(p["scale"]), causal=bool(p["causal"]), out_dtype=str(p["out_dtype"]), **layouts)
+    if chosen_kernel(attention_kernel) == "pallas" and kernel_supports_layouts(*layouts.values()) \
+            and str(jnp.dtype(args[0].dtype)) == "float8_e4m3fn":
+        return flash_attention_fp8(*args[:6], **kw)
+    return attention_reference_fp8(*args[:6], **kw)

@@ -39,7 +39,7 @@ def attention_infos(program: Program, kernel: str) -> list[AttentionInfo]:
     infos = []
     for node_id in program.live_nodes():
         node = program.nodes[node_id]
-        if node.op != "attention":
+        if node.op not in ("attention", "attention_fp8"):
             continue
         p = node.params
         q_layout, k_layout = str(p["q_layout"]), str(p["k_layout"])

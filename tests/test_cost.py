@@ -150,11 +150,12 @@ def test_transposed_v_cheaper_by_the_table_edge_on_h100_bf16():
     assert std.compute_s / tv.compute_s == pytest.approx(edge)
 
 
-def test_fp8_transposed_v_prior_from_pytorch_pr_153357():
+def test_fp8_transposed_v_measured_on_h100():
+    """bench/results/fp8-kernel-h100-2026-11-25.md: 270 vs 202 TFLOP/s (S4096 D128, non-causal)."""
     q = bhsd(4, 32, 4096, 128, "float8_e4m3fn")
     std = H100_MODEL.breakdown(attn(q, q, q))
     tv = H100_MODEL.breakdown(attn(q, q, bhds(4, 32, 4096, 128, "float8_e4m3fn"), v_layout="BHDS"))
-    assert std.compute_s / tv.compute_s == pytest.approx(1.20 / 0.76)
+    assert std.compute_s / tv.compute_s == pytest.approx(270 / 202)
     # and the materialised transpose of V is cheaper than what fp8 transposed V saves
     assert H100_MODEL._transpose_seconds(q.nbytes) + H100.launch_overhead < std.seconds - tv.seconds
 

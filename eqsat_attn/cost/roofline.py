@@ -123,7 +123,7 @@ class RooflineModel:
             return Breakdown(float(node.inputs[0].size), nbytes, 0.0, nbytes / d.bandwidth, d.launch_overhead)
         if op == "dot_general":
             return self._dot(node)
-        if op == "attention":
+        if op in ("attention", "attention_fp8"):  # fp8: q.dtype picks the fp8 efficiencies
             return self._attention(node)
         # anything else the model does not know: a kernel that reads its inputs and writes its output
         nbytes = float(sum(t.nbytes for t in node.inputs) + out.nbytes)

@@ -99,6 +99,15 @@ def _rules():
         ),
         set_(dtype(e)).to(dt),
     )
+    # fp8 attention: the same shape, dtype from its out_dtype
+    qs, ks, vs = (var(n, Term) for n in ("qs", "ks", "vs"))
+    att8 = Term.attention_fp8(a, b, c, qs, ks, vs, qa, ka, va, oa, scale, causal, mk)
+    yield rule(eq(e).to(att8), shape(a) == s, shape(c) == p, name="analysis.attention_fp8").then(
+        set_(shape(e)).to(
+            ivec([0, 0, 0, 0]).set(oa[0], s[qa[0]]).set(oa[1], s[qa[1]]).set(oa[2], s[qa[2]]).set(oa[3], p[va[3]])
+        ),
+        set_(dtype(e)).to(mk),
+    )
 
 
 analysis = ruleset(*_rules(), name="analysis")

@@ -19,6 +19,7 @@ ARG_KINDS: dict[str, tuple[str, ...]] = {
     "dot": ("T", "T", "vec", "vec", "vec", "vec", "str"),
     "attention": ("T", "T", "T", "T", "vec", "vec", "vec", "vec", "f64", "i64", "str"),
     "no_mask": (), "opaque": ("i64", "L"), "output": ("T", "i64"),
+    "attention_fp8": ("T", "T", "T", "T", "T", "T", "vec", "vec", "vec", "vec", "f64", "i64", "str"),
 }
 
 # Constructors that cost nothing to extract: leaves, and nodes that only name other values.
@@ -66,6 +67,13 @@ def op_params(ctor: str, statics: list[Any]) -> tuple[str, dict[str, Any]]:
             "q_layout": axes_to_layout(tuple(qa)), "k_layout": axes_to_layout(tuple(ka)),
             "v_layout": axes_to_layout(tuple(va)), "o_layout": axes_to_layout(tuple(oa)),
             "scale": float(scale), "causal": bool(causal), "mask_kind": mask_kind,
+        }
+    if ctor == "attention_fp8":
+        qa, ka, va, oa, scale, causal, out_dtype = statics
+        return "attention_fp8", {
+            "q_layout": axes_to_layout(tuple(qa)), "k_layout": axes_to_layout(tuple(ka)),
+            "v_layout": axes_to_layout(tuple(va)), "o_layout": axes_to_layout(tuple(oa)),
+            "scale": float(scale), "causal": bool(causal), "out_dtype": out_dtype,
         }
     if ctor == "convert":
         return "convert_element_type", {"new_dtype": statics[0]}

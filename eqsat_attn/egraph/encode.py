@@ -91,6 +91,10 @@ def _term(node: ir.Node, args: list[Term], enc: Encoding) -> Term:
             _vec(layout_to_axes(p["v_layout"])), _vec(layout_to_axes(p["o_layout"])),
             float(p["scale"]), int(bool(p["causal"])), String(p["mask_kind"]),
         )
+    if op == "attention_fp8":
+        axes = [_vec(layout_to_axes(p[f"{n}_layout"])) for n in "qkvo"]
+        return Term.attention_fp8(*args[:6], *axes, float(p["scale"]), int(bool(p["causal"])),
+                                  String(str(p["out_dtype"])))
     if op == "opaque_output":
         return Term.output(args[0], p["index"])
     # opaque, and anything the language does not model: kept as is
@@ -113,7 +117,7 @@ def _is_leaf_typed(node: ir.Node) -> bool:
     """Nodes whose shape and dtype the analysis cannot derive."""
     return node.type is not None and node.op not in (
         "literal", "iota", "softmax", "transpose", "reshape", "broadcast_in_dim", "integer_pow",
-        "convert_element_type", "dot_general", "attention", *ir.UNARY_OPS, *ir.BINARY_OPS, *ir.REDUCE_OPS,
+        "convert_element_type", "dot_general", "attention", "attention_fp8", *ir.UNARY_OPS, *ir.BINARY_OPS, *ir.REDUCE_OPS,
     ) or node.op == "select_n" and len(node.inputs) != 3
 
 

@@ -60,6 +60,7 @@ _CTORS = {
     for name in (
         "input", "literal", "constant", "iota", "unary", "binary", "integer_pow", "convert", "select", "softmax",
         "transpose", "reshape", "broadcast", "reduce", "dot", "attention", "no_mask", "opaque", "output",
+        "attention_fp8",
     )
 }
 

@@ -86,6 +86,13 @@ class Term(Expr):
         """Scaled dot-product attention; ``*_axes`` are axis positions of (B, H, S, D)."""
 
     @classmethod
+    def attention_fp8(
+        cls, q: Term, k: Term, v: Term, q_scale: Term, k_scale: Term, v_scale: Term, q_axes: IntVec,
+        k_axes: IntVec, v_axes: IntVec, o_axes: IntVec, scale: f64Like, causal: i64Like, out_dtype: StringLike,
+    ) -> Term:
+        """Attention over fp8 q, k, v dequantized by their rank-0 scales (x8 · s), in ``out_dtype``."""
+
+    @classmethod
     def no_mask(cls) -> Term:
         """The mask operand of an attention without an explicit mask tensor."""
 

@@ -79,6 +79,11 @@ BWD_BLOCK_TABLE: dict[int, tuple[int, int, int, int, int, int]] = {
     256: (32, 32, 32, 32, 8, 1),
 }
 MIN_BLOCK = 16  # smallest tile Triton's dot accepts
+#: fp8 forward: P (in [0, 1]) is computed as P_FP8_SCALE·P (exp2 with the exponent shifted by
+#: log2 of it, no extra multiply) before its cast to fp8, so small probabilities keep e4m3's normal
+#: range (max 448); the row sum carries the same factor, so it cancels exactly in acc / l.
+P_FP8_SCALE = 256.0
+_P_FP8_SHIFT = math.log2(P_FP8_SCALE)
 BWD_Q_CHUNK = 256  # query rows per step of the plain-JAX recomputation backward
 BACKWARDS = ("pallas", "jax")
 
@@ -100,6 +105,11 @@ class _Config:
     q_layout: str = CANONICAL
     k_layout: str = CANONICAL
     o_layout: str = CANONICAL
+    # fp8 forward: q·k^T is multiplied by a runtime descale operand (not `scale`), P is scaled by
+    # P_FP8_SCALE and cast to V's dtype for P·V, and the output is multiplied by a second runtime
+    # descale and written in out_dtype. None: the kernel's dtypes as given, output in q.dtype.
+    descaled: bool = False
+    out_dtype: str | None = None
 
     @property
     def v_transposed(self) -> bool:
@@ -114,7 +124,8 @@ class _Config:
     def name(self, prefix: str) -> str:
         tail = "" if (self.q_layout, self.k_layout, self.o_layout) == (CANONICAL,) * 3 else \
             f"_q{self.q_layout}_k{self.k_layout}_o{self.o_layout}".lower()
-        return f"{prefix}_{self.v_layout.lower()}{tail}"
+        fp8 = "_fp8" if self.descaled else ""
+        return f"{prefix}{fp8}_{self.v_layout.lower()}{tail}"
 
 
 def kernel_layout_error(q_layout: str = CANONICAL, k_layout: str = CANONICAL,
@@ -240,10 +251,15 @@ def _unbroadcast(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config, sk: int, nq: int, has_bias: bool):
-    if has_bias:
-        bias_ref, o_ref, lse_ref = refs
-    else:
-        bias_ref, (o_ref, lse_ref) = None, refs
+    refs = list(refs)
+    bias_ref = refs.pop(0) if has_bias else None
+    # fp8: two [1, 1] float32 operands, the score descale (scale * log2 e * q_scale * k_scale)
+    # and the output descale (v_scale); both loaded once, outside the key loop
+    qk_ref, ov_ref = (refs.pop(0), refs.pop(0)) if cfg.descaled else (None, None)
+    qk_scale = qk_ref[...] if cfg.descaled else cfg.scale * LOG2E
+    # fp8: P is computed as P_FP8_SCALE·P (shifted exponent), and so is the row sum l
+    shift = _P_FP8_SHIFT if cfg.descaled else 0.0
+    o_ref, lse_ref = refs
     bq, bk = cfg.block_q, cfg.block_k
     # Causal: walk query blocks heaviest-first so the long rows start early.
     qi = nq - 1 - pl.program_id(0) if cfg.causal else pl.program_id(0)
@@ -264,7 +280,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config, sk: int, nq: int, has_
         kt = k_ref[pl.ds(start, bk), :]
         s = lax.dot_general(q, kt, (((1,), (1,)), ((), ())), precision=precision,
                             preferred_element_type=jnp.float32)
-        s = s * (cfg.scale * LOG2E)
+        s = s * qk_scale
         if bias_ref is not None:
             s = s + bias_ref[:, pl.ds(start, bk)].astype(jnp.float32) * LOG2E
         if masked:
@@ -276,7 +292,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config, sk: int, nq: int, has_
                 s = jnp.where(cols < sk, s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=1))
         alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - m_new[:, None])
+        p = jnp.exp2(s - (m_new[:, None] - shift) if cfg.descaled else s - m_new[:, None])
         l = alpha * l + p.sum(axis=1)
         if not cfg.v_transposed:
             vt = v_ref[pl.ds(start, bk), :]
@@ -284,8 +300,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config, sk: int, nq: int, has_
         else:  # V^T tile [Dv, bk]: contract the key axis of both operands.
             vt = v_ref[:, pl.ds(start, bk)]
             dims = (((1,), (1,)), ((), ()))
-        pv = lax.dot_general(p.astype(vt.dtype), vt, dims, precision=precision,
-                             preferred_element_type=jnp.float32)
+        pv = lax.dot_general(p.astype(vt.dtype), vt, dims, precision=precision, preferred_element_type=jnp.float32)
         return acc * alpha[:, None] + pv, m_new, l
 
     carry = (jnp.zeros((bq, dv), jnp.float32),
@@ -293,12 +308,18 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config, sk: int, nq: int, has_
              jnp.zeros((bq,), jnp.float32))
     carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
     acc, m, l = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), carry)
+    if cfg.descaled:
+        acc = acc * ov_ref[...]
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = (m + jnp.log2(l)) / LOG2E
+    lse_ref[...] = (m + jnp.log2(l) - shift) / LOG2E
 
 
-def _forward(q, k, v, bias, cfg: _Config) -> tuple[jax.Array, jax.Array]:
-    """Run the kernel; returns (o in cfg.o_layout and q.dtype, lse [B,H,Sq] float32)."""
+def _forward(q, k, v, bias, cfg: _Config, descales: tuple[jax.Array, jax.Array] | None = None,
+             ) -> tuple[jax.Array, jax.Array]:
+    """Run the kernel; returns (o in cfg.o_layout and cfg.out_dtype or q.dtype, lse [B,H,Sq] float32).
+
+    ``descales`` (with cfg.descaled): float32 scalars (score descale in log2 units, output descale).
+    """
     ql, kl, vl, ol = cfg.q_layout, cfg.k_layout, cfg.v_layout, cfg.o_layout
     b, h, hkv, sq, sk, d, dv = check_shapes(q, k, v, vl, q_layout=ql, k_layout=kl)
     groups = h // hkv
@@ -326,8 +347,13 @@ def _forward(q, k, v, bias, cfg: _Config) -> tuple[jax.Array, jax.Array]:
             (None, None, bq, sk_p),
             lambda i, bi, hi: (bi if full_b else 0, hi if full_h else 0, qblk(i), 0)))
         args.append(bias4)
+    if cfg.descaled:
+        for x in descales:
+            in_specs.append(pl.BlockSpec((1, 1), lambda i, bi, hi: (0, 0)))
+            args.append(jnp.asarray(x, jnp.float32).reshape(1, 1))
+    out_dtype = cfg.out_dtype or q.dtype
     out_specs = [_spec(ol, {"S": bq, "D": dv_p}, q_idx), _spec("BHS", {"S": bq}, q_idx)]
-    out_shape = [jax.ShapeDtypeStruct(layout_shape(ol, {"B": b, "H": h, "S": sq_p, "D": dv_p}), q.dtype),
+    out_shape = [jax.ShapeDtypeStruct(layout_shape(ol, {"B": b, "H": h, "S": sq_p, "D": dv_p}), out_dtype),
                  jax.ShapeDtypeStruct((b, h, sq_p), jnp.float32)]
     kernel = functools.partial(_fwd_kernel, cfg=cfg, sk=sk, nq=nq, has_bias=bias is not None)
     o, lse = pl.pallas_call(

@@ -1,0 +1,116 @@
+"""fp8 attention in the e-graph: dequantized fp8 Q, K, V (``x8.astype(dt) * s``) around a
+textbook attention are raised to one fp8 Attention with the scales as operands; values equal the
+unoptimized program on random inputs; V's transpose folds into the fp8 Attention's layout."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eqsat_attn as ea
+from eqsat_attn.kernels.fp8_attention import compute_scale, quantize
+
+E4M3 = jnp.float8_e4m3fn
+
+
+def fp8_args(seed, b=1, h=2, s=16, d=8, v_transposed=False):
+    rng = np.random.default_rng(seed)
+    xs = [jnp.asarray(rng.normal(size=(b, h, s, d)) * a, jnp.float32) for a in (2.0, 1.0, 3.0)]
+    if v_transposed:
+        xs[2] = jnp.swapaxes(xs[2], 2, 3)
+    scales = [compute_scale(x) for x in xs]
+    return [quantize(x, sc) for x, sc in zip(xs, scales)] + scales
+
+
+def attention_qdq(q8, k8, v8, qs, ks, vs, *, causal=False, v_transposed=False):
+    q, k, v = (x.astype(jnp.float32) * s for x, s in ((q8, qs), (k8, ks), (v8, vs)))
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * (q.shape[-1] ** -0.5)
+    if causal:
+        n = s.shape[-1]
+        s = jnp.where(jnp.tril(jnp.ones((n, n), bool)), s, -1e9)
+    p = jax.nn.softmax(s, axis=-1)
+    return jnp.einsum("bhqk,bhdk->bhqd" if v_transposed else "bhqk,bhkd->bhqd", p, v)
+
+
+def fp8_nodes(program):
+    return [n for n in program.nodes if n.op == "attention_fp8"]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dequantized_attention_raises_to_fp8_attention(causal):
+    args = fp8_args(0)
+    fn = lambda *a: attention_qdq(*a, causal=causal)
+    opt = ea.optimize(fn)
+    rep = opt.explain(*args)
+    nodes = fp8_nodes(rep.after)
+    assert len(nodes) == 1 and not [n for n in rep.after.nodes if n.op == "attention"]
+    node = nodes[0]
+    assert bool(node.params["causal"]) == causal
+    assert [rep.after.type_of(i).dtype for i in node.inputs] == ["float8_e4m3fn"] * 3 + ["float32"] * 3
+    assert any(name.startswith("fp8_attention.raise_dequantized") and n > 0 for name, n in rep.rules_fired.items())
+    for seed in (1, 2):  # random fp8 inputs and scales: same values as the program itself
+        a = fp8_args(seed)
+        np.testing.assert_allclose(np.asarray(opt(*a)), np.asarray(jax.jit(fn)(*a)), rtol=2e-5, atol=2e-5)
+    assert len(rep.attention) == 1
+
+
+def test_transposed_v_is_read_in_place():
+    """V stored [B, H, D, S] (a transposed einsum operand) folds into the fp8 Attention's layout."""
+    args = fp8_args(3, v_transposed=True)
+    fn = lambda *a: attention_qdq(*a, v_transposed=True)
+    opt = ea.optimize(fn)
+    rep = opt.explain(*args)
+    (node,) = fp8_nodes(rep.after)
+    assert str(node.params["v_layout"]).endswith("S")
+    assert not [n for n in rep.after.nodes if n.op == "transpose"]
+    assert rep.attention[0].v_layout == "BHDS"
+    a = fp8_args(4, v_transposed=True)
+    np.testing.assert_allclose(np.asarray(opt(*a)), np.asarray(jax.jit(fn)(*a)), rtol=2e-5, atol=2e-5)
+
+
+def test_non_fp8_value_stays_plain_attention():
+    """V in float32 (not dequantized from fp8) keeps the plain Attention: nothing is quantized."""
+    args = fp8_args(5)
+    v32 = args[2].astype(jnp.float32) * args[5]
+
+    def fn(q8, k8, v, qs, ks):
+        q, k = q8.astype(jnp.float32) * qs, k8.astype(jnp.float32) * ks
+        p = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.5, axis=-1)
+        return jnp.einsum("bhqk,bhkd->bhqd", p, v)
+
+    rep = ea.optimize(fn).explain(args[0], args[1], v32, args[3], args[4])
+    assert not fp8_nodes(rep.after)
+    assert len([n for n in rep.after.nodes if n.op == "attention"]) == 1
+
+
+def test_h100_projection_writes_quantized_v_transposed():
+    """V = quantize(x @ Wv) feeding fp8 attention: under the H100 table (fp8 transposed-V
+    measured faster) the transpose moves through the quantize into the projection, which
+    writes Vᵀ; no transpose is materialised and values are unchanged."""
+    from eqsat_attn.cost.roofline import for_device
+
+    rng = np.random.default_rng(7)
+    b, s, e, h, d = 1, 2048, 64, 4, 64  # large enough for attention to be compute-bound
+    x = jnp.asarray(rng.normal(size=(b, s, e)), jnp.float32)
+    ws = [jnp.asarray(rng.normal(size=(e, h, d)) * 0.3, jnp.float32) for _ in range(3)]
+    scales = [jnp.float32(0.02), jnp.float32(0.03), jnp.float32(0.05)]
+
+    def block(x, wq, wk, wv, qs, ks, vs):
+        outs = []
+        for w, sc in ((wq, qs), (wk, ks), (wv, vs)):
+            y = jnp.einsum("bse,ehd->bhsd", x, w)
+            y8 = jnp.clip(y / sc, -448.0, 448.0).astype(E4M3)
+            outs.append(y8.astype(jnp.float32) * sc)
+        q, k, v = outs
+        p = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k) * d ** -0.5, axis=-1)
+        return jnp.einsum("bhqk,bhkd->bhqd", p, v)
+
+    opt = ea.optimize(block, cost_model=for_device("h100"))
+    rep = opt.explain(x, *ws, *scales)
+    (node,) = fp8_nodes(rep.after)
+    assert rep.attention[0].v_layout == "BHDS"
+    assert not [n for n in rep.after.nodes if n.op == "transpose" and rep.after.type_of(n.inputs[0]).rank == 4]
+    np.testing.assert_allclose(np.asarray(opt(x, *ws, *scales)), np.asarray(jax.jit(block)(x, *ws, *scales)),
+                               rtol=2e-5, atol=2e-5)
