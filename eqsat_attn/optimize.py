@@ -199,16 +199,21 @@ def optimize(
     limits: Limits | None = None,
     extractor: str = "greedy-dag",
     static_argnums: int | Sequence[int] = (),
+    precision: str = "exact",
 ) -> Any:
     """Optimize a JAX function by equality saturation; use bare (``@optimize``) or with options.
 
     ``backend`` picks how attention runs: "pallas", "reference" or "auto" (Pallas on GPU).
     ``limits`` bounds saturation; past it the best program found so far is used.
-    ``extractor`` is "greedy-dag" (default), "tree" or "ilp" (exact, small graphs). If the
+    ``extractor`` is "greedy-dag" (default), "tree" or "ilp" (exact, small graphs).
+    ``precision="fp8"`` lets the optimizer run bf16/f16 attention in fp8 where the cost model
+    says it pays (values then change; README, "Precision policy"); the default "exact" never
+    introduces a lower precision. If the
     optimizer fails, a warning is emitted and the original program runs: values never change.
     """
     options = OptimizeOptions(
-        rules=rules, cost_model=cost_model, backend=backend, limits=limits or Limits(), extractor=extractor
+        rules=rules, cost_model=cost_model, backend=backend, limits=limits or Limits(), extractor=extractor,
+        precision=precision,
     )
 
     def wrap(f: Callable[..., Any]) -> OptimizedFunction:

@@ -30,6 +30,25 @@ class OptimizeOptions:
     backend: str = "auto"  # "auto" | "pallas" | "reference": how Attention is lowered
     limits: Limits = field(default_factory=Limits)
     extractor: str = "greedy-dag"  # "greedy-dag" | "tree" (egglog's) | "ilp" (exact, small graphs)
+    precision: str = "exact"  # "exact" | "fp8": may the optimizer introduce fp8 attention?
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+    def rule_names(self) -> list[str] | None:
+        """The rule sets to run: the chosen ones, plus the fp8 policy when precision="fp8"."""
+        if self.precision == "exact":
+            return None if self.rules is None else list(self.rules)
+        from .egraph.rulesets import DEFAULT_RULESETS
+
+        names = list(DEFAULT_RULESETS if self.rules is None else self.rules)
+        return names if "fp8_policy" in names else [*names, "fp8_policy"]
+
+
+#: "exact": values change only by float reassociation; "fp8": attention may run in fp8 (README,
+#: "Precision policy").
+PRECISIONS = ("exact", "fp8")
 
 
 @dataclass(frozen=True)
@@ -60,7 +79,7 @@ def saturate(program: Program, options: OptimizeOptions):
 
     egraph = EGraph()
     encoding = encode(program, egraph)
-    run = run_rulesets(egraph, resolve(options.rules), options.limits)
+    run = run_rulesets(egraph, resolve(options.rule_names()), options.limits)
     return egraph, encoding, run
 
 

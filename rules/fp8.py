@@ -82,3 +82,43 @@ def expose_v_layouts():
             Term.attention_fp8(q, k, Term.transpose(v, order.map(lambda a: va[a])), qs, ks, vs, qa, ka, target,
                                oa, scale, causal, odt),
         )
+
+
+# --- opt-in precision policy: fp8 attention where the program computes in bf16 / f16 -----------
+
+fp8_policy = RuleSet(
+    "fp8_policy",
+    "Opt-in (ea.optimize(precision='fp8')): bf16/f16 Attention without a mask tensor equals fp8 "
+    "Attention over Q, K and V quantized to float8_e4m3fn with per-tensor scales amax/448 "
+    "computed at run time. Changes values (see README, 'Precision policy'); never on by default.",
+)
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn
+MIN_SCALE = 2.0 ** -100  # keeps an all-zero tensor's scale positive (its quantized values stay 0)
+ALL_AXES = ivec([0, 1, 2, 3])  # Attention operands are rank 4 in every layout
+
+
+def quantized(x: Term, x_shape: IntVec) -> tuple[Term, Term]:
+    """(x8, s): x as float8_e4m3fn scaled into range, and its float32 dequantize scale, so that
+    x ≈ x8 · s. The scale is amax(|x|) / 448 under stop_gradient (as fp8 training recipes do);
+    the division runs in float32, so no element rounds past 448."""
+    xf = Term.convert(x, String("float32"))
+    amax = Term.reduce(String("reduce_max"), Term.unary(String("abs"), xf), ALL_AXES)
+    s = Term.binary(String("max"), Term.binary(String("div"), amax, Term.literal(E4M3_MAX, String("float32"))),
+                    Term.literal(MIN_SCALE, String("float32")))
+    s = Term.unary(String("stop_gradient"), s)
+    x8 = Term.convert(Term.binary(String("div"), xf, Term.broadcast(s, x_shape, NONE)), String("float8_e4m3fn"))
+    return x8, s
+
+
+@fp8_policy.family
+def introduce_fp8():
+    """bf16/f16 Attention (no mask tensor; Q, K, V of one dtype) equals fp8 Attention over the
+    quantized operands with its result in the original dtype."""
+    for half in ("bfloat16", "float16"):
+        (q8, qsc), (k8, ksc), (v8, vsc) = quantized(q, s1), quantized(k, s2), quantized(v, s3)
+        yield rw(
+            Term.attention(q, k, v, Term.no_mask(), qa, ka, va, oa, scale, causal, String("none")),
+            Term.attention_fp8(q8, k8, v8, qsc, ksc, vsc, qa, ka, va, oa, scale, causal, String(half)),
+            dtype(q) == String(half), dtype(k) == String(half), dtype(v) == String(half),
+            shape(q) == s1, shape(k) == s2, shape(v) == s3,
+        )
