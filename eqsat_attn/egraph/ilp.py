@@ -146,6 +146,10 @@ def _view(g: _Graph, nid: str, types: dict[str, ir.TensorType]) -> OpView | None
         return None
     children = g.nodes[nid]["children"]
     tensor_classes = [g.nodes[c]["eclass"] for c in children if g.sort(g.nodes[c]["eclass"]) == "Term"]
+    if ctor == "packed_attention":
+        mask_class = tensor_classes[1]
+        if any(_ctor(g.nodes[m]["op"]) == ("Term", "no_mask") for m in g.class_nodes[mask_class]):
+            tensor_classes = tensor_classes[:1]
     if ctor == "attention":
         mask_class = tensor_classes[3]
         if any(_ctor(g.nodes[m]["op"]) == ("Term", "no_mask") for m in g.class_nodes[mask_class]):
