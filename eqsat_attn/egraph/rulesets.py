@@ -164,8 +164,8 @@ def load_rule_file(path: str | Path) -> list[RuleSet]:
     return found
 
 
-SHIPPED_FILES = ("canonical", "transpose", "attention")
-DEFAULT_RULESETS = ("canonical", "transpose", "attention_raise", "attention_layout")
+SHIPPED_FILES = ("canonical", "transpose", "attention", "qkv")
+DEFAULT_RULESETS = ("canonical", "transpose", "attention_raise", "attention_layout", "projections", "packed_qkv")
 
 
 def resolve(names: Sequence[str] | None) -> list[RuleSet]:
