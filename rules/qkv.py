@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from egglog import String, eq, f64, i64, union, var
 
-from eqsat_attn.egraph import qkv_math  # noqa: F401 - registers the index-math questions
+from eqsat_attn.egraph import qkv_math  # registers the index-math questions this file asks
 from eqsat_attn.egraph.language import IntVec, Term, TermList, dtype, ivec, program_order, shape
 from eqsat_attn.egraph.rulesets import RuleSet, asking, rl, rw
 
@@ -24,7 +24,7 @@ packed_qkv = RuleSet(
     "Attention over the Q, K, V thirds of one fused projection is packed-QKV attention (read in place).",
 )
 
-MAX_GROUP = 3  # Q, K, V; gate and up are pairs
+MAX_GROUP = qkv_math.PACK  # Q, K, V; gate and up are pairs
 RANKS = range(2, 6)  # rank of the projected input ([tokens, E] to [B, S, ..., E])
 x, y, w, e, m, pk = (var(n, Term) for n in ("x", "y", "w", "e", "m", "pk"))
 lc, rc, sx, sw, st, li, s1, l1, s2, l2, p, s4, sp = (
