@@ -12,7 +12,6 @@ import pytest
 
 from eqsat_attn.capture import capture
 from eqsat_attn.cost import for_device, program_cost
-from eqsat_attn.egraph import extract_program
 from eqsat_attn.egraph.ilp import extract_program_ilp
 from eqsat_attn.lower import lower
 from eqsat_attn.pipeline import Limits, OptimizeOptions, optimize_program, saturate
@@ -278,3 +277,23 @@ def test_h100_choices_bf16_vs_fp8():
     fp8, _, _ = variant_costs(abstract_block("llama", dtype=jnp.float8_e4m3fn, **SHAPE), model)
     assert min(bf16, key=bf16.get) == "a"
     assert min(fp8, key=fp8.get) in ("b", "c")
+
+
+def test_bench_qkv_layouts_cpu_smoke(tmp_path):
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "qkv_layouts.py"
+    spec = importlib.util.spec_from_file_location("bench_qkv_layouts", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    if jax.default_backend() != "gpu":
+        with pytest.raises(SystemExit, match="2"):
+            mod.main(["--out", str(tmp_path / "x.md")])
+    out = tmp_path / "smoke.md"
+    assert mod.main(["--cpu-smoke", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| (a) | a |" in text and "| (b) | b |" in text and "values agree across programs: ok" in text
+    assert "FAIL" not in text
