@@ -256,6 +256,8 @@ class _Converter:
             if name in _ALIAS_PRIMITIVES and len(ins) == 1:
                 return ins
             out_types = [_type_of(v.aval) for v in eqn.outvars]
+            if name == "split" and len(ins) == 1 and set(eqn.params) == {"sizes", "axis"}:
+                return self.split(int(eqn.params["axis"]), ins[0], out_types)
             if len(out_types) == 1:
                 node_id = self.first_class(name, dict(eqn.params), ins, out_types[0], eqn)
                 if node_id is not None:
@@ -319,7 +321,23 @@ class _Converter:
             return b.add(name, (), out, dimension=int(p["dimension"]))
         if name == "dot_general" and len(ins) == 2:
             return self.dot_general(p, ins, out)
+        if name == "slice" and len(ins) == 1 and p.get("strides") in (None, (1,) * out.rank):
+            return b.add(name, ins, out, start_indices=tuple(map(int, p["start_indices"])),
+                         limit_indices=tuple(map(int, p["limit_indices"])))
+        if name == "concatenate" and ins and set(p) == {"dimension"}:
+            return b.add(name, ins, out, dimension=int(p["dimension"]))
         return None
+
+    def split(self, axis: int, x: int, out_types: list[TensorType]) -> list[int]:
+        """``split`` (what `jnp.split` emits) as one static slice per piece."""
+        shape = self.b.type_of(x).shape
+        outs, offset = [], 0
+        for t in out_types:
+            start = tuple(offset if i == axis else 0 for i in range(len(shape)))
+            limit = tuple(offset + t.shape[axis] if i == axis else n for i, n in enumerate(shape))
+            outs.append(self.b.add("slice", (x,), t, start_indices=start, limit_indices=limit))
+            offset += t.shape[axis]
+        return outs
 
     def dot_general(self, p: dict[str, Any], ins: list[int], out: TensorType) -> int | None:
         if p.get("precision") is not None or p.get("out_sharding") is not None:

@@ -14,6 +14,12 @@ Op vocabulary (params in brackets; output shape and dtype always come from `Node
 - ``transpose[perm]``, ``reshape`` (to ``type.shape``), ``broadcast_in_dim[broadcast_dimensions]``,
   ``reduce_sum|reduce_max|reduce_min[axes]``, ``iota[dimension]``,
   ``dot_general[lhs_contract, rhs_contract, lhs_batch, rhs_batch, preferred_element_type]``.
+- ``slice[start_indices, limit_indices]`` (stride 1) and ``concatenate[dimension]`` (any
+  number of operands of one dtype, equal except along ``dimension``).
+- ``packed_attention[packed_layout, o_layout, scale, causal, mask_kind]``: attention whose Q, K
+  and V are the three entries of one packed array (input 0, e.g. a fused QKV projection's output
+  as [B,S,3,H,D]); ``packed_layout`` is a permutation of "BHSD3" naming its axis order, "3" the
+  packed axis (Q, K, V at index 0, 1, 2). Optional input 1 is the bias.
 - ``softmax``: the numerically stable softmax over the last axis (raised by the rules).
 - ``attention[q_layout, k_layout, v_layout, o_layout, scale, causal, mask_kind]``: inputs
   (q, k, v) or (q, k, v, mask); layouts are strings over "BHSD" naming the axis order of each
@@ -337,6 +343,18 @@ def infer_type(op: str, params: Mapping[str, Any], inputs: Sequence[TensorType])
         free_b = [b.shape[i] for i in range(b.rank) if i not in rc and i not in rb]
         shape = tuple(a.shape[i] for i in lb) + tuple(free_a) + tuple(free_b)
         return TensorType(shape, params.get("preferred_element_type") or a.dtype)
+    if op == "slice":
+        start, limit = params["start_indices"], params["limit_indices"]
+        return TensorType(tuple(hi - lo for lo, hi in zip(start, limit)), inputs[0].dtype)
+    if op == "concatenate":
+        axis = params["dimension"]
+        shape = list(inputs[0].shape)
+        shape[axis] = sum(t.shape[axis] for t in inputs)
+        return TensorType(tuple(shape), inputs[0].dtype)
+    if op == "packed_attention":
+        packed, layout = inputs[0], str(params["packed_layout"])
+        logical = {c: packed.shape[layout.index(c)] for c in "BHSD"}
+        return TensorType(tuple(logical[c] for c in params["o_layout"]), packed.dtype)
     if op == "attention":
         q, v = inputs[0], inputs[2]
         qa = [params["q_layout"].index(c) for c in "BHSD"]

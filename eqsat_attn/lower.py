@@ -113,10 +113,18 @@ def lower_node(node: Node, args: list[Any], attention_kernel: str = "auto") -> A
         return tuple(out) if call.primitive.multiple_results else (out,)
     if op == "opaque_output":
         return args[0][p["index"]]
+    if op == "slice":
+        return lax.slice(args[0], tuple(p["start_indices"]), tuple(p["limit_indices"]))
+    if op == "concatenate":
+        return lax.concatenate(args, p["dimension"])
     if op == "attention":
         return lower_attention(node, args, attention_kernel)
     if op == "attention_fp8":
         return lower_attention_fp8(node, args, attention_kernel)
+    if op == "packed_attention":
+        from .kernels.packed import lower_packed_attention
+
+        return lower_packed_attention(node, args, attention_kernel)
     if op == "softmax":
         return jax.nn.softmax(args[0], axis=-1)
     raise NotImplementedError(f"lowering has no rule for op {op!r}")

@@ -39,6 +39,13 @@ def attention_infos(program: Program, kernel: str) -> list[AttentionInfo]:
     infos = []
     for node_id in program.live_nodes():
         node = program.nodes[node_id]
+        if node.op == "packed_attention":  # Q, K, V read in place from one packed array
+            own = str(node["packed_layout"]).replace("3", "")
+            infos.append(AttentionInfo(
+                v_layout="BHSD", v_storage=str(node["packed_layout"]), causal=bool(node["causal"]), kernel=kernel,
+                q_layout=own, k_layout=own, o_layout=str(node["o_layout"]), mask_kind=str(node["mask_kind"]),
+            ))
+            continue
         if node.op not in ("attention", "attention_fp8"):
             continue
         p = node.params

@@ -74,7 +74,10 @@ def test_dot_general_flops_and_roofline():
     bd = H100_MODEL.breakdown(node)
     assert bd.flops == 2 * 2 * 64 * 16 * 32
     assert bd.bytes == a.nbytes + b.nbytes + out.nbytes
-    expected = max(bd.flops / (H100.peak("float32") * H100.matmul_efficiency), bd.bytes / H100.bandwidth)
+    utilisation = H100_MODEL.tile_utilisation(2, 64, 16, 32)  # 2 tiles of 128x128, mostly padding
+    assert utilisation == pytest.approx((64 * 16) / (128 * 128) * 2 / H100.multiprocessors)
+    compute = bd.flops / (H100.peak("float32") * H100.matmul_efficiency) / utilisation
+    expected = max(compute, bd.bytes / H100.bandwidth)
     assert H100_MODEL.node_cost(node) == pytest.approx(expected + H100.launch_overhead)
 
 
@@ -84,7 +87,10 @@ def test_large_bf16_matmul_is_compute_bound():
                 lhs_batch=(), rhs_batch=(), preferred_element_type=None)
     bd = H100_MODEL.breakdown(node)
     assert bd.compute_s > bd.memory_s
-    assert bd.seconds == pytest.approx(2 * 8192**3 / (989.4e12 * H100.matmul_efficiency) + H100.launch_overhead)
+    utilisation = H100_MODEL.tile_utilisation(1, 8192, 8192, 8192)  # 4096 tiles in 32 waves of 132 SMs
+    assert utilisation == pytest.approx(4096 / (32 * 132))
+    assert bd.seconds == pytest.approx(2 * 8192**3 / (989.4e12 * H100.matmul_efficiency) / utilisation
+                                       + H100.launch_overhead)
 
 
 def test_transpose_reads_and_writes_its_output():

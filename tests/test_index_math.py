@@ -67,6 +67,10 @@ def test_every_question_is_tested():
         "broadcast_bubble", "dot_shape", "dot_commute", "dot_out_sink", "dot_operand_fold", "dot_canonical",
         "attention_out_fold",
     }
+    from eqsat_attn.egraph import qkv_math  # tested in tests/test_qkv.py::test_packed_index_math
+
+    tested |= {"packed_split", "packed_attention"}
+    assert qkv_math.QUESTIONS is QUESTIONS
     assert set(QUESTIONS) == tested
 
 

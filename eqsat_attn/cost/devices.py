@@ -78,6 +78,11 @@ class DeviceSpec:
     attention_efficiency: Any
     matmul_efficiency: float = 1.0
     transpose_bandwidth_fraction: float = 1.0
+    # GEMM tile quantisation (0 = not modelled): a dot_general runs as tiles of
+    # matmul_tile_m x matmul_tile_n output elements spread over `multiprocessors` in waves
+    multiprocessors: int = 0
+    matmul_tile_m: int = 0
+    matmul_tile_n: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "peak_flops", _frozen(self.peak_flops))
@@ -221,6 +226,11 @@ _HOPPER_MATMUL_EFF = 0.7  # ASSUMPTION: large cuBLAS bf16 GEMMs reach ~70% of de
 # 0.26 ms -> 1.03 TB/s = 0.31 of 3.35 TB/s.
 _H100_TRANSPOSE_FRACTION = (2 * 4 * 32 * 4096 * 128 * 2 / 0.26e-3) / 3.35e12
 
+_HOPPER_SMS = 132  # spec: H100 SXM5 and H200 SXM have 132 SMs
+_HOPPER_GEMM_TILE = (128, 128)  # ASSUMPTION: cuBLAS/CUTLASS Hopper bf16 GEMMs use 128x128 (up to
+#   128x256) output tiles per SM; a GEMM with few tiles leaves SMs idle in its last wave (split-K
+#   only when the tiles cannot fill one wave). Replace by bench/qkv_layouts.py projection timings.
+
 H100 = DeviceSpec(
     name="h100",
     peak_flops=_HOPPER_PEAKS,
@@ -229,6 +239,9 @@ H100 = DeviceSpec(
     attention_efficiency=_hopper_attention(),
     matmul_efficiency=_HOPPER_MATMUL_EFF,
     transpose_bandwidth_fraction=_H100_TRANSPOSE_FRACTION,
+    multiprocessors=_HOPPER_SMS,
+    matmul_tile_m=_HOPPER_GEMM_TILE[0],
+    matmul_tile_n=_HOPPER_GEMM_TILE[1],
 )
 
 H200 = DeviceSpec(
@@ -239,6 +252,9 @@ H200 = DeviceSpec(
     attention_efficiency=_hopper_attention(),  # assumption: as on H100 (same SMs, compute bound)
     matmul_efficiency=_HOPPER_MATMUL_EFF,
     transpose_bandwidth_fraction=_H100_TRANSPOSE_FRACTION,  # assumption: as measured on H100
+    multiprocessors=_HOPPER_SMS,
+    matmul_tile_m=_HOPPER_GEMM_TILE[0],
+    matmul_tile_n=_HOPPER_GEMM_TILE[1],
 )
 
 # CPU (the CI/dev machine: 2 cores). ASSUMPTION, simple and documented: 2 cores x AVX2 with two

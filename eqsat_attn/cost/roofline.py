@@ -14,6 +14,18 @@ time = max(flops / (peak[dtype] x efficiency), bytes / bandwidth) + launch overh
 - reductions: reading the input and writing the output, plus one launch.
 - dot_general: 2 x batch x M x N x K FLOPs at ``matmul_efficiency`` of the operands' peak;
   bytes = both inputs + output; plus one launch.
+- slice: a view its consumer reads when that consumer is an XLA fusion; before a kernel (a
+  matmul, attention) XLA materialises it: priced as writing its output once, no launch, like an
+  elementwise op. Packed attention reads its Q, K, V slices in place, so it has no slice nodes.
+- concatenate: a real copy (read and write its output) plus one launch; concatenating weights
+  that are function arguments is paid on every call.
+- dot_general tile utilisation (devices with ``multiprocessors``): the output is cut into
+  ``matmul_tile_m x matmul_tile_n`` tiles (M and N rounded up to them) run in waves over the
+  SMs; a last, partial wave leaves SMs idle, and a GEMM with less than one wave of tiles splits
+  K to fill it (at most K / 512 ways). Merging sibling projections into one matmul changes
+  exactly this utilisation (and saves launches and re-reading the shared input).
+- packed_attention: priced as attention with Q, K, V read from the packed array in place
+  (standard V: V shares Q's layout, D minor).
 - attention: 4 x B x H x Sq x Sk x D FLOPs (2 for Q.K^T with D, 2 for P.V with Dv; halved
   when causal; Sq and Sk rounded up to the kernel's tile (`ATTENTION_TILE`: 16 to 64 rows), since
   a flash kernel computes whole tiles: a 1-row query block costs a full tile) at the efficiency of its variant (dtype, "standard" V with D minor or
@@ -125,6 +137,14 @@ class RooflineModel:
             return self._dot(node)
         if op in ("attention", "attention_fp8"):  # fp8: q.dtype picks the fp8 efficiencies
             return self._attention(node)
+        if op == "packed_attention":
+            return self._packed_attention(node)
+        if op == "slice":
+            nbytes = float(out.nbytes)
+            return Breakdown(0.0, nbytes, 0.0, nbytes / d.bandwidth, 0.0)
+        if op == "concatenate":
+            nbytes = 2.0 * out.nbytes
+            return Breakdown(0.0, nbytes, 0.0, nbytes / d.bandwidth, d.launch_overhead)
         # anything else the model does not know: a kernel that reads its inputs and writes its output
         nbytes = float(sum(t.nbytes for t in node.inputs) + out.nbytes)
         return Breakdown(0.0, nbytes, 0.0, nbytes / d.bandwidth, d.launch_overhead)
@@ -147,7 +167,35 @@ class RooflineModel:
         flops = 2.0 * batch * m * n * k
         peak = min(d.peak(a.dtype), d.peak(b.dtype)) * d.matmul_efficiency
         nbytes = float(a.nbytes + b.nbytes + node.output.nbytes)
-        return Breakdown(flops, nbytes, flops / peak, nbytes / d.bandwidth, d.launch_overhead)
+        compute = flops / peak / self.tile_utilisation(batch, m, n, k) if d.multiprocessors else flops / peak
+        return Breakdown(flops, nbytes, compute, nbytes / d.bandwidth, d.launch_overhead)
+
+    def tile_utilisation(self, batch: int, m: int, n: int, k: int) -> float:
+        """Useful fraction of the tensor-core work a GEMM of this shape issues: M, N rounded up
+        to the tile, and the last wave of tiles over the SMs (split-K when under one wave)."""
+        d = self.device
+        tm, tn, sms = d.matmul_tile_m, d.matmul_tile_n, d.multiprocessors
+        tiles = batch * -(-m // tm) * -(-n // tn)
+        split = max(1, min(sms // tiles, k // 512)) if tiles < sms else 1
+        work = tiles * split
+        waves = -(-work // sms)
+        padding = (m * n) / (-(-m // tm) * tm * -(-n // tn) * tn)
+        return padding * work / (waves * sms)
+
+    def _packed_attention(self, node: OpView) -> Breakdown:
+        """Attention over the three entries of a packed Q/K/V array, each read in place."""
+        from ..egraph.encode import AXES
+
+        packed, out = node.inputs[0], node.output
+        layout = str(node.params["packed_layout"])
+        one = ir.TensorType(tuple(n for c, n in zip(layout, packed.shape) if c != "3"), packed.dtype)
+        own = layout.replace("3", "")
+        params = {
+            "q_layout": own, "k_layout": own, "v_layout": own, "o_layout": node.params["o_layout"],
+            "scale": node.params["scale"], "causal": node.params["causal"], "mask_kind": node.params["mask_kind"],
+        }
+        assert sorted(own) == sorted(AXES)
+        return self._attention(OpView("attention", params, (one, one, one, *node.inputs[1:]), out))
 
     def attention_variant(self, node: OpView) -> str:
         """"standard" | "transposed" | "reference": which kernel runs this attention node."""

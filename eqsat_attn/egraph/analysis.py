@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from egglog import String, eq, f64, i64, rule, ruleset, set_, var
 
-from .language import IntVec, Term, TermList, answer, ask, dtype, ivec, shape
+from .language import IntVec, Term, TermList, answer, ask, concat_extent, concat_need, concat_shape, dtype, list_dtype, ivec, shape
 
 COMPARISONS = ("eq", "ne", "lt", "le", "gt", "ge")
 MAX_RANK = 8
@@ -90,6 +90,41 @@ def _rules():
     yield rule(eq(e).to(dot), dt != String(""), name="analysis.dot_dtype").then(set_(dtype(e)).to(dt))
     yield rule(eq(e).to(Term.dot(a, b, lc, rc, lb, rb, String(""))), dtype(a) == dt2, name="analysis.dot_dtype_default").then(
         set_(dtype(e)).to(dt2)
+    )
+    # slices and concatenations
+    for r in range(1, MAX_RANK + 1):  # slice: limit - start, one rule per rank
+        yield rule(
+            eq(e).to(Term.slice(x, s, p)), s.length() == i64(r), dtype(x) == dt, name=f"analysis.slice{r}",
+        ).then(set_(shape(e)).to(IntVec(*[p[i] - s[i] for i in range(r)])), set_(dtype(e)).to(dt))
+    lst, tail = var("lst", TermList), var("tail", TermList)
+    n = var("n", i64)
+    yield rule(eq(e).to(Term.concat(lst, dim)), name="analysis.concat_need").then(concat_need(lst, dim))
+    yield rule(concat_need(lst, dim), eq(lst).to(TermList.cons(x, tail)), name="analysis.concat_need_tail").then(
+        concat_need(tail, dim)
+    )
+    yield rule(concat_need(lst, dim), eq(lst).to(TermList.nil()), name="analysis.concat_extent_nil").then(
+        set_(concat_extent(lst, dim)).to(i64(0))
+    )
+    yield rule(
+        concat_need(lst, dim), eq(lst).to(TermList.cons(x, tail)), shape(x) == s, eq(concat_extent(tail, dim)).to(n),
+        name="analysis.concat_extent",
+    ).then(set_(concat_extent(lst, dim)).to(s[dim] + n))
+    yield rule(
+        eq(e).to(Term.concat(lst, dim)), eq(lst).to(TermList.cons(x, tail)), shape(x) == s, dtype(x) == dt,
+        eq(concat_extent(lst, dim)).to(n), name="analysis.concat",
+    ).then(
+        set_(shape(e)).to(s.set(dim, n)), set_(dtype(e)).to(dt),
+        set_(concat_shape(lst, dim)).to(s.set(dim, n)), set_(list_dtype(lst)).to(dt),
+    )
+    # packed attention: [B, H, Sq, D] placed by the output layout
+    yield rule(
+        eq(e).to(Term.packed_attention(a, m, qa, oa, scale, causal, mk)), shape(a) == s, dtype(a) == dt,
+        name="analysis.packed_attention",
+    ).then(
+        set_(shape(e)).to(
+            ivec([0, 0, 0, 0]).set(oa[0], s[qa[0]]).set(oa[1], s[qa[1]]).set(oa[2], s[qa[2]]).set(oa[3], s[qa[3]])
+        ),
+        set_(dtype(e)).to(dt),
     )
     # attention: [B, H, Sq, Dv] placed by the output layout
     att = Term.attention(a, b, c, m, qa, ka, va, oa, scale, causal, mk)

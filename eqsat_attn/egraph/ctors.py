@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .encode import axes_to_layout
+from .encode import axes_to_layout, axes_to_packed_layout
 
 # Argument kinds per constructor: "T" a tensor (Term), "L" an operand list, else a primitive.
 ARG_KINDS: dict[str, tuple[str, ...]] = {
@@ -20,6 +20,8 @@ ARG_KINDS: dict[str, tuple[str, ...]] = {
     "attention": ("T", "T", "T", "T", "vec", "vec", "vec", "vec", "f64", "i64", "str"),
     "no_mask": (), "opaque": ("i64", "L"), "output": ("T", "i64"),
     "attention_fp8": ("T", "T", "T", "T", "T", "T", "vec", "vec", "vec", "vec", "f64", "i64", "str"),
+    "slice": ("T", "vec", "vec"), "concat": ("L", "i64"),
+    "packed_attention": ("T", "T", "vec", "vec", "f64", "i64", "str"),
 }
 
 # Constructors that cost nothing to extract: leaves, and nodes that only name other values.
@@ -36,6 +38,8 @@ def split_args(ctor: str, args: list[Any]) -> tuple[list[Any], list[Any]]:
     statics = [a for k, a in zip(kinds, args, strict=True) if k not in ("T", "L")]
     if ctor == "attention" and statics[-1] == "none":
         tensors = tensors[:3]
+    if ctor == "packed_attention" and statics[-1] == "none":
+        tensors = tensors[:1]
     return tensors, statics
 
 
@@ -74,6 +78,16 @@ def op_params(ctor: str, statics: list[Any]) -> tuple[str, dict[str, Any]]:
             "q_layout": axes_to_layout(tuple(qa)), "k_layout": axes_to_layout(tuple(ka)),
             "v_layout": axes_to_layout(tuple(va)), "o_layout": axes_to_layout(tuple(oa)),
             "scale": float(scale), "causal": bool(causal), "out_dtype": out_dtype,
+        }
+    if ctor == "slice":
+        return "slice", {"start_indices": tuple(statics[0]), "limit_indices": tuple(statics[1])}
+    if ctor == "concat":
+        return "concatenate", {"dimension": int(statics[0])}
+    if ctor == "packed_attention":
+        pa, oa, scale, causal, mask_kind = statics
+        return "packed_attention", {
+            "packed_layout": axes_to_packed_layout(tuple(pa)), "o_layout": axes_to_layout(tuple(oa)),
+            "scale": float(scale), "causal": bool(causal), "mask_kind": mask_kind,
         }
     if ctor == "convert":
         return "convert_element_type", {"new_dtype": statics[0]}

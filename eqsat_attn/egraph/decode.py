@@ -97,6 +97,10 @@ class _Decoder:
             return b.add("iota", (), ir.TensorType(shape, dtype), dimension=dimension)
         if ctor == "no_mask":
             return None
+        if ctor == "concat":
+            parts, axis = a
+            types = [b.type_of(t) for t in parts]
+            return b.add("concatenate", parts, ir.infer_type("concatenate", {"dimension": axis}, types), dimension=axis)
         if ctor not in ARG_KINDS:
             raise ValueError(f"cannot decode term constructor {ctor!r}")
         tensors, statics = split_args(ctor, a)

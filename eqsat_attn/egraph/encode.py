@@ -14,7 +14,7 @@ import numpy as np
 from egglog import Action, EGraph, String, set_
 
 from .. import ir
-from .language import Term, TermList, causal_mask, dtype, ivec, shape
+from .language import Term, TermList, causal_mask, dtype, ivec, program_order, shape
 
 AXES = "BHSD"
 
@@ -30,6 +30,23 @@ def axes_to_layout(axes: tuple[int, ...]) -> str:
     out = [""] * 4
     for logical, pos in enumerate(axes):
         out[pos] = AXES[logical]
+    return "".join(out)
+
+
+PACKED_AXES = "BHSD3"  # logical axes of a packed Q/K/V array; "3" indexes Q, K, V
+
+
+def packed_layout_to_axes(layout: str) -> tuple[int, ...]:
+    """"BS3HD" -> (0, 3, 1, 4, 2): the physical position of each of B, H, S, D and the packed axis."""
+    if sorted(layout) != sorted(PACKED_AXES):
+        raise ValueError(f"packed layout {layout!r} must be a permutation of {PACKED_AXES!r}")
+    return tuple(layout.index(a) for a in PACKED_AXES)
+
+
+def axes_to_packed_layout(axes: tuple[int, ...]) -> str:
+    out = [""] * 5
+    for logical, pos in enumerate(axes):
+        out[pos] = PACKED_AXES[logical]
     return "".join(out)
 
 
@@ -95,6 +112,19 @@ def _term(node: ir.Node, args: list[Term], enc: Encoding) -> Term:
         axes = [_vec(layout_to_axes(p[f"{n}_layout"])) for n in "qkvo"]
         return Term.attention_fp8(*args[:6], *axes, float(p["scale"]), int(bool(p["causal"])),
                                   String(str(p["out_dtype"])))
+    if op == "slice":
+        return Term.slice(args[0], _vec(p["start_indices"]), _vec(p["limit_indices"]))
+    if op == "concatenate":
+        parts = TermList.nil()
+        for a in reversed(args):
+            parts = TermList.cons(a, parts)
+        return Term.concat(parts, p["dimension"])
+    if op == "packed_attention":
+        mask = args[1] if len(args) > 1 else Term.no_mask()
+        return Term.packed_attention(
+            args[0], mask, _vec(packed_layout_to_axes(p["packed_layout"])), _vec(layout_to_axes(p["o_layout"])),
+            float(p["scale"]), int(bool(p["causal"])), String(p["mask_kind"]),
+        )
     if op == "opaque_output":
         return Term.output(args[0], p["index"])
     # opaque, and anything the language does not model: kept as is
@@ -117,7 +147,8 @@ def _is_leaf_typed(node: ir.Node) -> bool:
     """Nodes whose shape and dtype the analysis cannot derive."""
     return node.type is not None and node.op not in (
         "literal", "iota", "softmax", "transpose", "reshape", "broadcast_in_dim", "integer_pow",
-        "convert_element_type", "dot_general", "attention", "attention_fp8", *ir.UNARY_OPS, *ir.BINARY_OPS, *ir.REDUCE_OPS,
+        "convert_element_type", "dot_general", "attention", "attention_fp8", "slice", "concatenate", "packed_attention",
+        *ir.UNARY_OPS, *ir.BINARY_OPS, *ir.REDUCE_OPS,
     ) or node.op == "select_n" and len(node.inputs) != 3
 
 
@@ -130,6 +161,7 @@ def encode(program: ir.Program, egraph: EGraph) -> Encoding:
         # one let per node keeps every registered expression shallow (no deep nesting)
         ref = egraph.let(f"n{i}", _term(node, [enc.terms[j] for j in node.inputs], enc))
         enc.terms[i] = ref
+        actions.append(set_(program_order(ref)).to(i))
         if node.op == "constant" and is_causal_constant(node["value"].array):
             actions.append(causal_mask(ref))
         if _is_leaf_typed(node):

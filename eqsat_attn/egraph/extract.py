@@ -20,7 +20,7 @@ from ..cost.model import CostModel, OpView
 from .ctors import ARG_KINDS, FREE_CTORS, op_params, split_args
 from .decode import decode
 from .encode import Encoding
-from .language import Term, dtype, shape
+from .language import Term, concat_shape, dtype, list_dtype, shape
 
 UNKNOWN_TYPE_COST = 1e30  # an e-node whose types the analysis never reached is never chosen
 
@@ -61,6 +61,7 @@ _CTORS = {
         "input", "literal", "constant", "iota", "unary", "binary", "integer_pow", "convert", "select", "softmax",
         "transpose", "reshape", "broadcast", "reduce", "dot", "attention", "no_mask", "opaque", "output",
         "attention_fp8",
+        "slice", "concat", "packed_attention",
     )
 }
 
@@ -82,6 +83,11 @@ def enode_view(egraph: EGraph, expr: Any, enc: Encoding, cache: dict | None = No
     tensor_args = [a for a in args if isinstance(a, Term)]
     if ctor == "attention" and _py_cached(args[-1], cache) == "none":  # the mask operand is Term.no_mask()
         tensor_args = tensor_args[:3]
+    if ctor == "packed_attention" and _py_cached(args[-1], cache) == "none":
+        tensor_args = tensor_args[:1]
+    if ctor == "concat":
+        t = _type(egraph, expr, cache)
+        return UNKNOWN_TYPE_COST if t is None else concat_view(int(_py_cached(args[1], cache)), t)
     inputs = []
     for a in tensor_args:
         t = _type(egraph, a, cache)
@@ -89,6 +95,12 @@ def enode_view(egraph: EGraph, expr: Any, enc: Encoding, cache: dict | None = No
             return UNKNOWN_TYPE_COST
         inputs.append(t)
     return op_view(ctor, [_py_cached(a, cache) for a in args if not isinstance(a, Term)], inputs)
+
+
+def concat_view(axis: int, out: ir.TensorType) -> OpView:
+    """What the cost model sees of a concatenation: its output (its operands, together, are the
+    same bytes; their individual types are not needed to price a copy)."""
+    return OpView("concatenate", {"dimension": axis}, (out,), out)
 
 
 def op_view(ctor: str, statics: list[Any], inputs: list[ir.TensorType]) -> OpView:
@@ -134,6 +146,8 @@ class RawCostModel:
         self.model = model
         self.shape_fn = state.callable_ref_to_egg(resolve_callable(shape)[0])[0]
         self.dtype_fn = state.callable_ref_to_egg(resolve_callable(dtype)[0])[0]
+        self.concat_shape_fn = state.callable_ref_to_egg(resolve_callable(concat_shape)[0])[0]
+        self.list_dtype_fn = state.callable_ref_to_egg(resolve_callable(list_dtype)[0])[0]
         self.types: dict[Any, ir.TensorType | None] = {}
         self.costs: dict[tuple[str, tuple], float] = {}
         self.ctors: dict[str, str | None] = {}
@@ -173,6 +187,10 @@ class RawCostModel:
         if key in self.costs:
             return self.costs[key]
         values = [a if kind in ("T", "L") else self._static(kind, a) for kind, a in zip(ARG_KINDS[ctor], args)]
+        if ctor == "concat":
+            cost = self._concat_cost(args[0], args[1], values[1])
+            self.costs[key] = cost
+            return cost
         children, statics = split_args(ctor, values)
         inputs = [self._type(c) for c in children]
         if any(t is None for t in inputs):
@@ -181,6 +199,15 @@ class RawCostModel:
             cost = float(self.model.node_cost(op_view(ctor, statics, inputs)))
         self.costs[key] = cost
         return cost
+
+    def _concat_cost(self, parts: Any, axis_value: Any, axis: int) -> float:
+        """A concatenation is priced from its operand list's analysis (`concat_shape`)."""
+        s = self.egg.lookup_function(self.concat_shape_fn, [parts, axis_value])
+        d = self.egg.lookup_function(self.list_dtype_fn, [parts])
+        if s is None or d is None:
+            return UNKNOWN_TYPE_COST
+        out = ir.TensorType(tuple(self.egg.value_to_i64(v) for v in self.egg.value_to_vec(s)), self.egg.value_to_string(d))
+        return float(self.model.node_cost(concat_view(axis, out)))
 
     def bindings_model(self) -> bindings.DagCostModel:
         return bindings.DagCostModel(0.0, self.enode_cost, lambda *_: 0.0, lambda *_: 0.0)

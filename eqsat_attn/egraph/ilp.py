@@ -40,7 +40,7 @@ from ..cost.model import CostModel, OpView
 from .decode import _Decoder
 from .encode import Encoding
 from .ctors import FREE_CTORS
-from .extract import op_view
+from .extract import concat_view, op_view
 
 MAX_ENODES = 5000  # candidate Term/TermList e-nodes reachable from the root
 _HIGHS_LOG = False  # set True to see the solver log
@@ -145,7 +145,14 @@ def _view(g: _Graph, nid: str, types: dict[str, ir.TensorType]) -> OpView | None
     if sort != "Term" or ctor in FREE_CTORS:
         return None
     children = g.nodes[nid]["children"]
+    if ctor == "concat":  # its operands are a list: priced from its own e-class's type
+        own = types.get(g.nodes[nid]["eclass"])
+        return math.inf if own is None else concat_view(int(g.primitive(children[-1])), own)
     tensor_classes = [g.nodes[c]["eclass"] for c in children if g.sort(g.nodes[c]["eclass"]) == "Term"]
+    if ctor == "packed_attention":
+        mask_class = tensor_classes[1]
+        if any(_ctor(g.nodes[m]["op"]) == ("Term", "no_mask") for m in g.class_nodes[mask_class]):
+            tensor_classes = tensor_classes[:1]
     if ctor == "attention":
         mask_class = tensor_classes[3]
         if any(_ctor(g.nodes[m]["op"]) == ("Term", "no_mask") for m in g.class_nodes[mask_class]):

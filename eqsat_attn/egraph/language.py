@@ -93,6 +93,22 @@ class Term(Expr):
         """Attention over fp8 q, k, v dequantized by their rank-0 scales (x8 · s), in ``out_dtype``."""
 
     @classmethod
+    def slice(cls, x: Term, start: IntVec, limit: IntVec) -> Term:
+        """Static slice ``x[start:limit]`` (stride 1)."""
+
+    @classmethod
+    def concat(cls, parts: TermList, axis: i64Like) -> Term:
+        """Concatenation of the operands along ``axis``."""
+
+    @classmethod
+    def packed_attention(
+        cls, qkv: Term, mask: Term, packed_axes: IntVec, o_axes: IntVec, scale: f64Like, causal: i64Like,
+        mask_kind: StringLike,
+    ) -> Term:
+        """Attention whose Q, K, V are entries 0, 1, 2 of one packed array; ``packed_axes`` are
+        the positions of (B, H, S, D, packed) in it."""
+
+    @classmethod
     def no_mask(cls) -> Term:
         """The mask operand of an attention without an explicit mask tensor."""
 
@@ -125,6 +141,30 @@ def dtype(x: Term) -> String:
     """Dtype analysis (NumPy dtype names)."""
 
 
+@function(merge=lambda old, new: old.min(new))
+def program_order(x: Term) -> i64:
+    """Position of the earliest encoded program node in the e-class (set at encode time): a total
+    order on a program's values, so rules over sibling groups match each group once."""
+
+
+@function
+def concat_extent(parts: TermList, axis: i64Like) -> i64:
+    """Summed size along ``axis`` of the operands of a concatenation."""
+
+
+@function
+def concat_shape(parts: TermList, axis: i64Like) -> IntVec:
+    """Shape of the concatenation of the operands along ``axis`` (read by cost models)."""
+
+
+@function
+def list_dtype(parts: TermList) -> String:
+    """Dtype of a concatenation's operands."""
+
+
+concat_need = relation("concat_need", TermList, i64)
+"""A concatenation asks for its operand list's `concat_extent` along an axis."""
+
 causal_mask = relation("causal_mask", Term)
 """Mask analysis: the term is a causal mask over its last two axes (query i keeps keys j <= i),
 as booleans or as a 0/1 indicator, broadcast over any leading axes."""
@@ -148,5 +188,5 @@ def perm_range(rank: int) -> IntVec:
 
 
 __all__ = [
-    "IntVec", "Term", "TermList", "answer", "ask", "causal_mask", "dtype", "f64", "ivec", "perm_range", "shape",
+    "IntVec", "Term", "TermList", "answer", "ask", "causal_mask", "concat_extent", "concat_need", "concat_shape", "list_dtype", "program_order", "dtype", "f64", "ivec", "perm_range", "shape",
 ]

@@ -164,8 +164,10 @@ def load_rule_file(path: str | Path) -> list[RuleSet]:
     return found
 
 
-SHIPPED_FILES = ("canonical", "transpose", "attention", "fp8")
-DEFAULT_RULESETS = ("canonical", "transpose", "attention_raise", "attention_layout", "fp8_attention")
+SHIPPED_FILES = ("canonical", "transpose", "attention", "fp8", "qkv")
+DEFAULT_RULESETS = (
+    "canonical", "transpose", "attention_raise", "attention_layout", "fp8_attention", "projections", "packed_qkv",
+)
 
 
 def resolve(names: Sequence[str] | None) -> list[RuleSet]:
