@@ -255,13 +255,20 @@ def test_default_choice_follows_the_cost_table(device, dtype, kind):
     best = min(costs, key=costs.get)
     label = classify(chosen)
     assert program_cost(chosen, model) <= costs[best] * (1 + 1e-9), (costs, str(chosen))
+    attention_ops = [i for i in chosen.live_nodes() if chosen.nodes[i].op in ("attention", "packed_attention")]
+    if dtype == jnp.float8_e4m3fn and not attention_ops:
+        # the measured fp8 kernel (202-270 TFLOP/s, a tenth of the fp8 peak) prices above the
+        # unfused matmul + softmax form, whose fp8 scores are only one byte per element
+        fused = program_cost(chosen, model)
+        assert fused < min(costs.values()), (costs, str(chosen))
+        return
     if label in VARIANTS:
         assert label == best, (costs, str(chosen))
     else:  # three separate projections, V's writing Vᵀ: cheaper still where merging needs a
         # weight concatenation (weights are arguments) or Q/K slices that cost more than it saves
         assert label == "split", (costs, str(chosen))
     # the V layout follows the table: standard only with the merged QKV matmul (packed attention
-    # reads it in place); fp8's transposed-V edge (58%) always wins
+    # reads it in place); fp8's transposed-V edge (34%) always wins
     (attn,) = [chosen.nodes[i] for i in chosen.live_nodes() if chosen.nodes[i].op in ("attention", "packed_attention")]
     transposed = attn.op == "attention" and attn["v_layout"].endswith("S")
     assert transposed == (label != "a")
@@ -274,8 +281,9 @@ def test_default_choice_follows_the_cost_table(device, dtype, kind):
 
 
 def test_h100_choices_bf16_vs_fp8():
-    """What the table implies at B4 S4096 E4096 H32: bf16 keeps V standard (transposed V's 3% edge
-    does not pay for a separate V projection); fp8 (transposed V 58% faster) takes transposed V."""
+    """What the table implies at B4 S4096 E4096 H32: bf16 keeps V standard (transposed V's 2% edge
+    does not pay for a separate V projection); fp8 (our transposed-V kernel measured 34% faster,
+    270 vs 202 TFLOP/s) takes transposed V."""
     model = for_device("h100")
     bf16, _, _ = variant_costs(abstract_block("llama", dtype=jnp.bfloat16, **SHAPE), model)
     fp8, _, _ = variant_costs(abstract_block("llama", dtype=jnp.float8_e4m3fn, **SHAPE), model)

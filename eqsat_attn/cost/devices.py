@@ -201,6 +201,11 @@ def _hopper_attention() -> dict[str, float]:
     # reference (XLA) attention: layout-blind; measured bf16 numbers used for every dtype
     table[_eff_key("default", "reference", False)] = _XLA_BF16
     table[_eff_key("default", "reference", True)] = _XLA_BF16_CAUSAL
+    # XLA attention on fp8 operands upcasts them (assumption: no faster than bf16), so its rate
+    # is the bf16 one, expressed against the fp8 peak.
+    for fp8 in ("float8_e4m3fn", "float8_e5m2"):
+        table[_eff_key(fp8, "reference", False)] = _XLA_BF16 * 989.4 / 1978.9
+        table[_eff_key(fp8, "reference", True)] = _XLA_BF16_CAUSAL * 989.4 / 1978.9
     table[_eff_key("default", "standard", False)] = _PALLAS_BF16  # other dtypes: assumption
     table[_eff_key("default", "standard", True)] = _PALLAS_BF16_CAUSAL
     return table
