@@ -18,6 +18,8 @@ Op vocabulary (params in brackets; output shape and dtype always come from `Node
 - ``attention[q_layout, k_layout, v_layout, o_layout, scale, causal, mask_kind]``: inputs
   (q, k, v) or (q, k, v, mask); layouts are strings over "BHSD" naming the axis order of each
   operand ("BHDS" for V is the transposed-V form). GQA grouping follows from the head counts.
+- ``fused[body]``: one kernel computing the region body text (`eqsat_attn.region`) from its
+  inputs: elementwise ops, broadcasts, converts, transposes and at most a matmul (epilogue).
 - ``opaque[call: OpaqueCall]``: anything else, re-bound unchanged by lowering; its outputs
   are read by ``opaque_output[index]`` nodes.
 """
@@ -339,4 +341,8 @@ def infer_type(op: str, params: Mapping[str, Any], inputs: Sequence[TensorType])
         qa = [params["q_layout"].index(c) for c in "BHSD"]
         logical = {"B": q.shape[qa[0]], "H": q.shape[qa[1]], "S": q.shape[qa[2]], "D": v.shape[params["v_layout"].index("D")]}
         return TensorType(tuple(logical[c] for c in params["o_layout"]), q.dtype)
+    if op == "fused":  # a fused region (eqsat_attn.region): typed through its body
+        from .region import region_type
+
+        return region_type(str(params["body"]), inputs)
     raise ValueError(f"no type rule for op {op!r}; give the node its type explicitly")

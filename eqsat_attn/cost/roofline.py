@@ -14,6 +14,10 @@ time = max(flops / (peak[dtype] x efficiency), bytes / bandwidth) + launch overh
 - reductions: reading the input and writing the output, plus one launch.
 - dot_general: 2 x batch x M x N x K FLOPs at ``matmul_efficiency`` of the operands' peak;
   bytes = both inputs + output; plus one launch.
+- a fused region (``fused``, rules/fusion.py): its inputs read and its output written once, one
+  launch; transposes inside cost nothing extra (ASSUMPTION: XLA's fusion emitter writes or reads
+  the other layout at streaming bandwidth, as a matmul writes any output layout; to be measured);
+  a matmul inside (the region is its epilogue) adds its FLOPs at ``matmul_efficiency``.
 - attention: 4 x B x H x Sq x Sk x D FLOPs (2 for Q.K^T with D, 2 for P.V with Dv; halved
   when causal; Sq and Sk rounded up to the kernel's tile (`ATTENTION_TILE`: 16 to 64 rows), since
   a flash kernel computes whole tiles: a 1-row query block costs a full tile) at the efficiency of its variant (dtype, "standard" V with D minor or
@@ -125,6 +129,8 @@ class RooflineModel:
             return self._dot(node)
         if op == "attention":
             return self._attention(node)
+        if op == "fused":
+            return self._fused(node)
         # anything else the model does not know: a kernel that reads its inputs and writes its output
         nbytes = float(sum(t.nbytes for t in node.inputs) + out.nbytes)
         return Breakdown(0.0, nbytes, 0.0, nbytes / d.bandwidth, d.launch_overhead)
@@ -148,6 +154,26 @@ class RooflineModel:
         peak = min(d.peak(a.dtype), d.peak(b.dtype)) * d.matmul_efficiency
         nbytes = float(a.nbytes + b.nbytes + node.output.nbytes)
         return Breakdown(flops, nbytes, flops / peak, nbytes / d.bandwidth, d.launch_overhead)
+
+    def _fused(self, node: OpView) -> Breakdown:
+        """A fused region (issue 7): one kernel reading its inputs and writing its output once;
+        transposes inside are free (the region reads or writes the other layout, as a matmul
+        does). A matmul inside adds its FLOPs (the region is its epilogue) and its own launch
+        when a region holds several."""
+        from ..region import dot_flops, dot_operand_types, stats
+
+        d = self.device
+        body = str(node.params["body"])
+        info = stats(body)
+        nbytes = float(sum(t.nbytes for t in node.inputs) + node.output.nbytes)
+        flops = float(node.output.size * sum(1 for op in info.ops if op not in ("T", "B", "D")))
+        compute = 0.0
+        for op, a, b in dot_operand_types(body, node.inputs) if info.dots else ():
+            f = dot_flops(op, a, b)
+            flops += f
+            compute += f / (min(d.peak(a.dtype), d.peak(b.dtype)) * d.matmul_efficiency)
+        launches = max(1, len(info.dots))
+        return Breakdown(flops, nbytes, compute, nbytes / d.bandwidth, d.launch_overhead * launches)
 
     def attention_variant(self, node: OpView) -> str:
         """"standard" | "transposed" | "reference": which kernel runs this attention node."""

@@ -20,6 +20,8 @@ ARG_KINDS: dict[str, tuple[str, ...]] = {
     "attention": ("T", "T", "T", "T", "vec", "vec", "vec", "vec", "f64", "i64", "str"),
     "no_mask": (), "opaque": ("i64", "L"), "output": ("T", "i64"),
 }
+# fused regions (issue 7): a body text, then the region's inputs
+ARG_KINDS.update({f"fused{n}": ("str",) + ("T",) * n for n in range(7)})
 
 # Constructors that cost nothing to extract: leaves, and nodes that only name other values.
 FREE_CTORS = frozenset({"no_mask", "opaque", "output", "input", "literal", "constant", "iota"})
@@ -75,4 +77,6 @@ def op_params(ctor: str, statics: list[Any]) -> tuple[str, dict[str, Any]]:
         return "integer_pow", {"y": statics[0]}
     if ctor == "softmax":
         return "softmax", {}
+    if ctor.startswith("fused"):
+        return "fused", {"body": statics[0]}
     raise ValueError(f"constructor {ctor!r} has no IR op of its own")

@@ -62,6 +62,7 @@ _CTORS = {
         "transpose", "reshape", "broadcast", "reduce", "dot", "attention", "no_mask", "opaque", "output",
     )
 }
+_CTORS.update({getattr(Term, f"fused{n}"): f"fused{n}" for n in range(7)})  # fused regions (issue 7)
 
 
 def enode_view(egraph: EGraph, expr: Any, enc: Encoding, cache: dict | None = None) -> OpView | None | float:
