@@ -6,13 +6,14 @@ expression text, built by the `fusion` rule set with egglog string operations an
 - ``$i``: the i-th input of the region (``$0`` .. ``$9``)
 - ``exp($0)``, ``add($0,$1)``: every unary and binary elementwise op of `ir`
 - ``convert[float32](x)``, ``ipow[3](x)``, ``select(c,a,b)``
-- ``T[0,2,1](x)``: a transpose inside the region (it reads or writes the other layout)
+- ``T[0,2,1]($i)``: the region reads input i in another layout; ``W[0,2,1](x)``: the region
+  writes its output in another layout (the same transpose, spelled W at a region's root)
 - ``B[2,3,4;0,2](x)``: broadcast_in_dim to shape (2,3,4) with dimensions (0,2)
 - ``L[0.5;float32]``: a rank-0 literal
 - ``D[lc;rc;lb;rb;dtype](a,b)``: a dot_general whose elementwise consumers are its epilogue
 
-Bodies are parsed once (cached); typing and evaluation reuse `ir.infer_type` and
-`lower.lower_node` per body op, so a region computes exactly what its unfused ops compute.
+Bodies are compiled once (cached) to a list of steps; typing and evaluation reuse
+`ir.infer_type` and `lower.lower_node` per step, so a region computes exactly what its unfused ops compute.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def _ir_op(op: BodyOp) -> tuple[str, dict[str, Any], ir.TensorType | None]:
         return "integer_pow", {"y": int(p[0])}, None
     if n == "select":
         return "select_n", {}, None
-    if n == "T":
+    if n in ("T", "W"):
         return "transpose", {"perm": _ints(p[0])}, None
     if n == "B":
         return "broadcast_in_dim", {"broadcast_dimensions": _ints(p[1])}, None  # type: shape from p[0]
@@ -115,91 +116,123 @@ def _literal(op: BodyOp) -> tuple[Any, str]:
     return py, dtype
 
 
-def _walk(body: str, inputs: Sequence[Any], leaf, apply):
-    """Evaluate a body bottom-up (iteratively: bodies can be deep): ``leaf`` for $i and
-    literals, ``apply(op, args)`` for every other op."""
-    root = parse(body)
-    values: dict[int, Any] = {}
-    stack: list[tuple[BodyOp, bool]] = [(root, False)]
+@dataclass(frozen=True)
+class Step:
+    """One op of a compiled body: ``kind`` "arg" (input ``index``), "literal", or "op" (an IR op
+    with ``params`` over earlier steps ``args``; ``shape`` is a broadcast's output shape)."""
+
+    kind: str
+    op: BodyOp
+    ir_op: str = ""
+    params: tuple[tuple[str, Any], ...] = ()
+    args: tuple[int, ...] = ()
+    index: int = -1
+    shape: tuple[int, ...] | None = None
+
+
+@functools.lru_cache(maxsize=65536)
+def compile_body(body: str) -> tuple[Step, ...]:
+    """The body's ops in evaluation order (operands first), shared subtrees once."""
+    steps: list[Step] = []
+    done: dict[int, int] = {}
+    stack: list[tuple[BodyOp, bool]] = [(parse(body), False)]
     while stack:
         op, ready = stack.pop()
-        if id(op) in values:
+        if id(op) in done:
             continue
-        if op.name.startswith(ARG) or op.name == "L":
-            values[id(op)] = leaf(op)
-            continue
-        if not ready:
+        if op.name.startswith(ARG):
+            step = Step("arg", op, index=int(op.name[1:]))
+        elif op.name == "L":
+            step = Step("literal", op)
+        elif not ready:
             stack.append((op, True))
-            stack.extend((a, False) for a in op.args if id(a) not in values)
+            stack.extend((a, False) for a in op.args if id(a) not in done)
             continue
-        values[id(op)] = apply(op, [values[id(a)] for a in op.args])
-    return values[id(root)]
+        else:
+            name, params, _ = _ir_op(op)
+            shape = _ints(op.params[0]) if op.name == "B" else None
+            step = Step("op", op, name, tuple(params.items()), tuple(done[id(a)] for a in op.args), shape=shape)
+        done[id(op)] = len(steps)
+        steps.append(step)
+    return tuple(steps)
 
 
-def _op_type(op: BodyOp, types: list[ir.TensorType]) -> ir.TensorType:
-    name, params, _ = _ir_op(op)
-    if op.name == "B":
-        return ir.TensorType(_ints(op.params[0]), types[0].dtype)
-    return ir.infer_type(name, params, types)
+def _step_type(step: Step, types: list[ir.TensorType]) -> ir.TensorType:
+    if step.shape is not None:
+        return ir.TensorType(step.shape, types[0].dtype)
+    return ir.infer_type(step.ir_op, dict(step.params), types)
+
+
+@functools.lru_cache(maxsize=65536)
+def analyse(body: str, inputs: tuple[ir.TensorType, ...]) -> tuple[ir.TensorType, tuple[tuple[BodyOp, ir.TensorType, ir.TensorType], ...]]:
+    """(output type, each dot_general with its operand types) of a body over typed inputs."""
+    types: list[ir.TensorType] = []
+    dots = []
+    for step in compile_body(body):
+        if step.kind == "arg":
+            if step.index >= len(inputs):
+                raise RegionSyntaxError(f"region body {body!r} reads ${step.index} of {len(inputs)} inputs")
+            types.append(inputs[step.index])
+        elif step.kind == "literal":
+            types.append(ir.TensorType((), step.op.params[1]))
+        else:
+            operand_types = [types[i] for i in step.args]
+            if step.op.name == "D":
+                dots.append((step.op, *operand_types))
+            types.append(_step_type(step, operand_types))
+    return types[-1], tuple(dots)
 
 
 def region_type(body: str, inputs: Sequence[ir.TensorType]) -> ir.TensorType:
     """The output type of a region body over inputs of these types."""
+    return analyse(body, tuple(inputs))[0]
 
-    def leaf(op: BodyOp) -> ir.TensorType:
-        if op.name == "L":
-            return ir.TensorType((), op.params[1])
-        return inputs[int(op.name[1:])]
 
-    return _walk(body, inputs, leaf, _op_type)
+def dot_operand_types(body: str, inputs: Sequence[ir.TensorType]) -> tuple[tuple[BodyOp, ir.TensorType, ir.TensorType], ...]:
+    """Each body dot_general with the types of its two operands."""
+    return analyse(body, tuple(inputs))[1]
 
 
 def evaluate(body: str, inputs: Sequence[Any]) -> Any:
     """The region's value: its body's ops applied as `lower.lower_node` applies the unfused ops."""
-    import numpy as np
     import jax.numpy as jnp
+    import numpy as np
 
     from .lower import lower_node
 
-    def leaf(op: BodyOp) -> Any:
-        if op.name == "L":
-            value, dtype = _literal(op)
-            return np.array(value, dtype=jnp.dtype(dtype))
-        return inputs[int(op.name[1:])]
-
-    def apply(op: BodyOp, args: list[Any]) -> Any:
-        name, params, _ = _ir_op(op)
-        types = [ir.TensorType(tuple(np.shape(a)), str(jnp.result_type(a))) for a in args]
-        node = ir.Node(name, (), ir.Params(params), _op_type(op, types))
-        return lower_node(node, args)
-
-    return _walk(body, inputs, leaf, apply)
+    values: list[Any] = []
+    for step in compile_body(body):
+        if step.kind == "arg":
+            values.append(inputs[step.index])
+        elif step.kind == "literal":
+            value, dtype = _literal(step.op)
+            values.append(np.array(value, dtype=jnp.dtype(dtype)))
+        else:
+            args = [values[i] for i in step.args]
+            types = [ir.TensorType(tuple(np.shape(a)), str(jnp.result_type(a))) for a in args]
+            node = ir.Node(step.ir_op, (), ir.Params(step.params), _step_type(step, types))
+            values.append(lower_node(node, args))
+    return values[-1]
 
 
 @dataclass(frozen=True)
 class RegionStats:
     """What a cost model or a report needs to know of a body."""
 
-    ops: tuple[str, ...]  # body op names, bottom-up (no args, no literals)
-    transposes: tuple[tuple[int, ...], ...]  # the permutations of transposes inside
-    dots: tuple[BodyOp, ...]  # dot_generals inside (a matmul with its epilogue)
+    ops: tuple[str, ...]  # body op names in evaluation order (no inputs, no literals)
+    transposes: tuple[tuple[int, ...], ...]  # permutations of the transposes inside
+    dots: int  # dot_generals inside (the region is their epilogue)
+    writes_transposed: bool  # the region's root is a transpose (W): it writes another layout
 
 
 @functools.lru_cache(maxsize=65536)
 def stats(body: str) -> RegionStats:
-    ops: list[str] = []
-    perms: list[tuple[int, ...]] = []
-    dots: list[BodyOp] = []
-
-    def apply(op: BodyOp, _args: list[Any]) -> None:
-        ops.append(op.name)
-        if op.name == "T":
-            perms.append(_ints(op.params[0]))
-        if op.name == "D":
-            dots.append(op)
-
-    _walk(body, (), lambda _op: None, apply)
-    return RegionStats(tuple(ops), tuple(perms), tuple(dots))
+    steps = [st for st in compile_body(body) if st.kind == "op"]
+    perms = tuple(_ints(st.op.params[0]) for st in steps if st.op.name in ("T", "W"))
+    return RegionStats(
+        tuple(st.op.name for st in steps), perms, sum(1 for st in steps if st.op.name == "D"),
+        parse(body).name == "W",
+    )
 
 
 def dot_flops(op: BodyOp, a: ir.TensorType, b: ir.TensorType) -> float:
@@ -212,19 +245,3 @@ def dot_flops(op: BodyOp, a: ir.TensorType, b: ir.TensorType) -> float:
     m = math.prod(a.shape[i] for i in range(a.rank) if i not in lc and i not in lb)
     n = math.prod(b.shape[i] for i in range(b.rank) if i not in rc and i not in rb)
     return 2.0 * batch * m * n * k
-
-
-def dot_operand_types(body: str, inputs: Sequence[ir.TensorType]) -> list[tuple[BodyOp, ir.TensorType, ir.TensorType]]:
-    """Each body dot_general with the types of its two operands."""
-    out: list[tuple[BodyOp, ir.TensorType, ir.TensorType]] = []
-
-    def leaf(op: BodyOp) -> ir.TensorType:
-        return ir.TensorType((), op.params[1]) if op.name == "L" else inputs[int(op.name[1:])]
-
-    def apply(op: BodyOp, types: list[ir.TensorType]) -> ir.TensorType:
-        if op.name == "D":
-            out.append((op, types[0], types[1]))
-        return _op_type(op, types)
-
-    _walk(body, inputs, leaf, apply)
-    return out

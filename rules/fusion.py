@@ -15,7 +15,7 @@ input is read once). Region bodies are texts built with egglog string operations
 
 from __future__ import annotations
 
-from egglog import String, eq, f64, function, i64, relation, set_, union, var
+from egglog import String, eq, f64, function, i64, ne, relation, set_, union, var
 
 from eqsat_attn.egraph.language import MAX_REGION_INPUTS, IntVec, Term, fused, shape
 from eqsat_attn.egraph.rulesets import RuleSet, rl, rw
@@ -104,46 +104,61 @@ def leaves():
 
 
 def _wrappers():
-    """(pattern over an operand x, body text around an operand body, conditions) of one-operand ops."""
+    """(pattern over an operand, body text around the operand's body, conditions) of one-operand ops."""
     yield lambda t: Term.unary(op, t), lambda body: _text(op, "(", body, ")"), []
     yield lambda t: Term.convert(t, dt), lambda body: _text("convert[", dt, "](", body, ")"), []
     yield lambda t: Term.integer_pow(t, n_pow), lambda body: _text("ipow[", n_pow.to_string(), "](", body, ")"), []
-    yield lambda t: Term.transpose(t, p), lambda body: _text("T[", pt, "](", body, ")"), [eq(vec_text(p)).to(pt)]
     yield (
         lambda t: Term.broadcast(t, s, d), lambda body: _text("B[", st, ";", dtx, "](", body, ")"),
         [eq(vec_text(s)).to(st), eq(vec_text(d)).to(dtx)],
     )
+    # the region writes the other layout: it ends there (W: a transpose no op consumes in-region)
+    yield lambda t: Term.transpose(t, p), lambda body: _text("W[", pt, "](", body, ")"), [eq(vec_text(p)).to(pt)]
+
+
+def _lacks(body: String, marker: str):
+    return body.replace(String(marker), String("")) == body
 
 
 def _operand_forms(t: Term, prefix: str, body_var):
-    """Ways an operand class ``t`` enters a region: (is an input, inputs, facts, body, inputs)."""
+    """Ways an operand class ``t`` enters a region: (is an input, #inputs, facts, body, inputs).
+
+    By its own region only if that region is open (does not write a transposed layout) and
+    reads distinct inputs (`shared_inputs` makes such a region first)."""
     yield True, 1, [region_input(t)], String("$0"), [t]
     for n in range(MAX_REGION_INPUTS + 1):
         xs = _inputs(prefix, n)
-        yield False, n, [eq(t).to(fused(body_var, *xs))], body_var, xs
+        distinct = [ne(xs[i]).to(xs[j]) for i in range(n) for j in range(i + 1, n)]
+        yield False, n, [eq(t).to(fused(body_var, *xs)), _lacks(body_var, "W["), *distinct], body_var, xs
 
 
 @fusion.family
 def unary():
-    """An elementwise op, cast, integer power, transpose or broadcast of a region (or of a region
-    input, for the elementwise ones) is a region: the op joins its body."""
+    """An elementwise op, cast, integer power or broadcast of a region (or of a region input, for
+    the elementwise ones) is a region with the op in its body; a transpose of a region is the
+    region writing the other layout. (An op equal to its own operand, such as a cast to the
+    operand's dtype, adds nothing: growing through it would never end.)"""
     for k, (pattern, wrap, conditions) in enumerate(_wrappers()):
         for is_input, _, facts, body, xs in _operand_forms(x, "x", ba):
             if is_input and k >= 3:
                 continue  # transposes and broadcasts of inputs are `leaves`
-            yield rl(eq(e).to(pattern(x)), *facts, *conditions)(union(e).with_(fused(wrap(body), *xs)))
+            yield rl(eq(e).to(pattern(x)), ne(e).to(x), *facts, *conditions)(union(e).with_(fused(wrap(body), *xs)))
 
 
 @fusion.family
 def binary():
     """A binary elementwise op of two regions (or region inputs) is one region over both
-    regions' inputs, when they are at most `MAX_REGION_INPUTS`."""
-    for _, na, facts_a, body_a, xs in _operand_forms(a, "x", ba):
-        for _, nb, facts_b, body_b, ys in _operand_forms(b, "y", bb):
+    regions' inputs, when they are at most `MAX_REGION_INPUTS` and hold at most one matmul."""
+    for in_a, na, facts_a, body_a, xs in _operand_forms(a, "x", ba):
+        for in_b, nb, facts_b, body_b, ys in _operand_forms(b, "y", bb):
             if na + nb > MAX_REGION_INPUTS:
                 continue
             body = _text(op, "(", body_a, ",", _shift(body_b, na, nb), ")")
-            yield rl(eq(e).to(Term.binary(op, a, b)), *facts_a, *facts_b)(union(e).with_(fused(body, *xs, *ys)))
+            one_matmul = [[]] if in_a or in_b else [[_lacks(ba, "D[")], [_lacks(bb, "D[")]]
+            for extra in one_matmul:
+                yield rl(eq(e).to(Term.binary(op, a, b)), ne(e).to(a), ne(e).to(b), *facts_a, *facts_b, *extra)(
+                    union(e).with_(fused(body, *xs, *ys))
+                )
 
 
 @fusion.family

@@ -166,13 +166,13 @@ class RooflineModel:
         body = str(node.params["body"])
         info = stats(body)
         nbytes = float(sum(t.nbytes for t in node.inputs) + node.output.nbytes)
-        flops = float(node.output.size * sum(1 for op in info.ops if op not in ("T", "B", "D")))
+        flops = float(node.output.size * sum(1 for op in info.ops if op not in ("T", "W", "B", "D")))
         compute = 0.0
         for op, a, b in dot_operand_types(body, node.inputs) if info.dots else ():
             f = dot_flops(op, a, b)
             flops += f
             compute += f / (min(d.peak(a.dtype), d.peak(b.dtype)) * d.matmul_efficiency)
-        launches = max(1, len(info.dots))
+        launches = max(1, info.dots)
         return Breakdown(flops, nbytes, compute, nbytes / d.bandwidth, d.launch_overhead * launches)
 
     def attention_variant(self, node: OpView) -> str:
