@@ -164,10 +164,12 @@ def _step_type(step: Step, types: list[ir.TensorType]) -> ir.TensorType:
 
 
 @functools.lru_cache(maxsize=65536)
-def analyse(body: str, inputs: tuple[ir.TensorType, ...]) -> tuple[ir.TensorType, tuple[tuple[BodyOp, ir.TensorType, ir.TensorType], ...]]:
-    """(output type, each dot_general with its operand types) of a body over typed inputs."""
+def analyse(body: str, inputs: tuple[ir.TensorType, ...]) -> tuple[ir.TensorType, tuple[tuple[BodyOp, ir.TensorType, ir.TensorType], ...], float]:
+    """(output type, each dot_general with its operand types, bytes transposed with the minor
+    axis moving) of a body over typed inputs."""
     types: list[ir.TensorType] = []
     dots = []
+    transposed = 0.0
     for step in compile_body(body):
         if step.kind == "arg":
             if step.index >= len(inputs):
@@ -179,8 +181,12 @@ def analyse(body: str, inputs: tuple[ir.TensorType, ...]) -> tuple[ir.TensorType
             operand_types = [types[i] for i in step.args]
             if step.op.name == "D":
                 dots.append((step.op, *operand_types))
+            if step.op.name in ("T", "W"):
+                perm = _ints(step.op.params[0])
+                if perm and perm[-1] != len(perm) - 1:
+                    transposed += operand_types[0].nbytes
             types.append(_step_type(step, operand_types))
-    return types[-1], tuple(dots)
+    return types[-1], tuple(dots), transposed
 
 
 def region_type(body: str, inputs: Sequence[ir.TensorType]) -> ir.TensorType:
@@ -233,6 +239,19 @@ def stats(body: str) -> RegionStats:
         tuple(st.op.name for st in steps), perms, sum(1 for st in steps if st.op.name == "D"),
         parse(body).name == "W",
     )
+
+
+def lone_matmul(body: str) -> dict[str, Any] | None:
+    """dot_general params if the body is one matmul of $0 and $1 and nothing else, else None."""
+    root = parse(body)
+    if root.name != "D" or [a.name for a in root.args] != ["$0", "$1"]:
+        return None
+    return _ir_op(root)[1]
+
+
+def transposed_bytes(body: str, inputs: Sequence[ir.TensorType]) -> float:
+    """Bytes of the tensors transposed inside a region by permutations that move the minor axis."""
+    return analyse(body, tuple(inputs))[2]
 
 
 def dot_flops(op: BodyOp, a: ir.TensorType, b: ir.TensorType) -> float:

@@ -152,12 +152,17 @@ def test_attention_scale_prologue(scale_on):
 def test_roofline_prices_a_region_as_one_kernel():
     model = for_device("h100")
     t = ir.TensorType((64, 1024), "float32")
-    view = ea.cost.OpView("fused", ir.Params({"body": "W[1,0](tanh(add($0,$1)))"}), (t, t), ir.TensorType((1024, 64), "float32"))
+    view = ea.cost.OpView("fused", ir.Params({"body": "W[1,0](exp(mul(tanh(add($0,$1)),$0)))"}), (t, t), ir.TensorType((1024, 64), "float32"))
     br = model.breakdown(view)
     assert br.bytes == 3 * t.nbytes and br.launch_s == model.device.launch_overhead
+    assert br.extra_s == pytest.approx(model._transpose_seconds(t.nbytes))  # the minor axis moves
+    lone = ea.cost.OpView("fused", ir.Params({"body": "T[1,0]($0)"}), (t,), ir.TensorType((1024, 64), "float32"))
+    materialised = ea.cost.OpView("transpose", ir.Params({"perm": (1, 0)}), (t,), ir.TensorType((1024, 64), "float32"))
+    assert model.node_cost(lone) >= model.node_cost(materialised)  # a region never makes a transpose cheaper
     unfused = sum(
         model.node_cost(ea.cost.OpView(op, ir.Params(p), ins, out)) for op, p, ins, out in (
-            ("add", {}, (t, t), t), ("tanh", {}, (t,), t), ("transpose", {"perm": (1, 0)}, (t,), ir.TensorType((1024, 64), "float32")),
+            ("add", {}, (t, t), t), ("tanh", {}, (t,), t), ("mul", {}, (t, t), t), ("exp", {}, (t,), t),
+            ("transpose", {"perm": (1, 0)}, (t,), ir.TensorType((1024, 64), "float32")),
         )
     )
     assert br.seconds < unfused

@@ -15,9 +15,9 @@ time = max(flops / (peak[dtype] x efficiency), bytes / bandwidth) + launch overh
 - dot_general: 2 x batch x M x N x K FLOPs at ``matmul_efficiency`` of the operands' peak;
   bytes = both inputs + output; plus one launch.
 - a fused region (``fused``, rules/fusion.py): its inputs read and its output written once, one
-  launch; transposes inside cost nothing extra (ASSUMPTION: XLA's fusion emitter writes or reads
-  the other layout at streaming bandwidth, as a matmul writes any output layout; to be measured);
-  a matmul inside (the region is its epilogue) adds its FLOPs at ``matmul_efficiency``.
+  launch; a transpose inside that moves the minor axis adds what that transpose costs
+  materialised (without its launch), one that keeps it is free; a matmul inside (the region is
+  its epilogue) adds its FLOPs at ``matmul_efficiency``.
 - attention: 4 x B x H x Sq x Sk x D FLOPs (2 for Q.K^T with D, 2 for P.V with Dv; halved
   when causal; Sq and Sk rounded up to the kernel's tile (`ATTENTION_TILE`: 16 to 64 rows), since
   a flash kernel computes whole tiles: a 1-row query block costs a full tile) at the efficiency of its variant (dtype, "standard" V with D minor or
@@ -156,11 +156,12 @@ class RooflineModel:
         return Breakdown(flops, nbytes, flops / peak, nbytes / d.bandwidth, d.launch_overhead)
 
     def _fused(self, node: OpView) -> Breakdown:
-        """A fused region (issue 7): one kernel reading its inputs and writing its output once;
-        transposes inside are free (the region reads or writes the other layout, as a matmul
-        does). A matmul inside adds its FLOPs (the region is its epilogue) and its own launch
-        when a region holds several."""
-        from ..region import dot_flops, dot_operand_types, stats
+        """A fused region (issue 7): one kernel reading its inputs and writing its output once.
+        A transpose inside that moves the minor axis costs what it costs materialised (less its
+        launch), so a region never makes a transpose cheaper, only saves the launches and
+        intermediate writes around it. A matmul inside adds its FLOPs (the region is its
+        epilogue) and its own launch when a region holds several."""
+        from ..region import dot_flops, dot_operand_types, stats, transposed_bytes
 
         d = self.device
         body = str(node.params["body"])
@@ -173,7 +174,8 @@ class RooflineModel:
             flops += f
             compute += f / (min(d.peak(a.dtype), d.peak(b.dtype)) * d.matmul_efficiency)
         launches = max(1, info.dots)
-        return Breakdown(flops, nbytes, compute, nbytes / d.bandwidth, d.launch_overhead * launches)
+        extra = self._transpose_seconds(transposed_bytes(body, node.inputs)) if info.transposes else 0.0
+        return Breakdown(flops, nbytes, compute, nbytes / d.bandwidth, d.launch_overhead * launches, extra)
 
     def attention_variant(self, node: OpView) -> str:
         """"standard" | "transposed" | "reference": which kernel runs this attention node."""

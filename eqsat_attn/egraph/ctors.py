@@ -78,5 +78,8 @@ def op_params(ctor: str, statics: list[Any]) -> tuple[str, dict[str, Any]]:
     if ctor == "softmax":
         return "softmax", {}
     if ctor.startswith("fused"):
-        return "fused", {"body": statics[0]}
+        from ..region import lone_matmul
+
+        dot = lone_matmul(statics[0])  # a region of a matmul alone is that matmul
+        return ("dot_general", dot) if dot is not None else ("fused", {"body": statics[0]})
     raise ValueError(f"constructor {ctor!r} has no IR op of its own")
