@@ -6,10 +6,11 @@ from .explore import Exploration, explore
 from .lower import lower
 from .optimize import OptimizedFunction, optimize
 from .pipeline import Limits, OptimizeOptions
-from .report import AttentionInfo, Report
+from .report import AttentionInfo, RegionInfo, Report
 
 __all__ = [
     "AttentionInfo",
+    "RegionInfo",
     "Captured",
     "Exploration",
     "Limits",

@@ -27,6 +27,8 @@ Op vocabulary (params in brackets; output shape and dtype always come from `Node
 - ``attention_fp8[q_layout, k_layout, v_layout, o_layout, scale, causal, out_dtype]``: inputs
   (q8, k8, v8, q_scale, k_scale, v_scale): attention over the fp8 operands dequantized by their
   rank-0 float scales (x8 · s), result in ``out_dtype`` (eqsat_attn.kernels.fp8_attention).
+- ``fused[body]``: one kernel computing the region body text (`eqsat_attn.region`) from its
+  inputs: elementwise ops, broadcasts, converts, transposes and at most a matmul (epilogue).
 - ``opaque[call: OpaqueCall]``: anything else, re-bound unchanged by lowering; its outputs
   are read by ``opaque_output[index]`` nodes.
 """
@@ -363,4 +365,8 @@ def infer_type(op: str, params: Mapping[str, Any], inputs: Sequence[TensorType])
     if op == "attention_fp8":
         out = infer_type("attention", params, inputs[:3])
         return TensorType(out.shape, str(params["out_dtype"]))
+    if op == "fused":  # a fused region (eqsat_attn.region): typed through its body
+        from .region import region_type
+
+        return region_type(str(params["body"]), inputs)
     raise ValueError(f"no type rule for op {op!r}; give the node its type explicitly")

@@ -15,7 +15,7 @@ from .capture import Captured, capture, normalize_static_argnums, split_args
 from .ir import Program
 from .lower import lower, resolve_attention_kernel
 from .pipeline import Limits, OptimizeOptions, PipelineResult, optimize_program
-from .report import Report, attention_infos
+from .report import Report, attention_infos, region_infos
 
 
 class CacheInfo(NamedTuple):
@@ -113,6 +113,7 @@ class OptimizedFunction:
             saturated=result.saturated,
             warnings=tuple(result.warnings) + tuple(problems),
             timings=timings,
+            fused_regions=region_infos(program),
         )
         return _Compiled(captured, call, report)
 

@@ -68,6 +68,39 @@ def attention_infos(program: Program, kernel: str) -> list[AttentionInfo]:
     return infos
 
 
+@dataclass(frozen=True)
+class RegionInfo:
+    """One fused region of the chosen program (rules/fusion.py): what it computes and reads."""
+
+    ops: tuple[str, ...]  # body ops in evaluation order: elementwise names, T/W (transposes), B, D
+    inputs: tuple[str, ...]  # input types, e.g. ("f32[2,16,4,8]", "f32[8]")
+    output: str  # output type
+    output_layout: str  # "as computed", or the permutation it writes the result in ("W[0,2,3,1]")
+    body: str = ""
+
+    def __str__(self) -> str:
+        ops = " ".join(self.ops)
+        return f"fused region [{ops}] ({', '.join(self.inputs)}) -> {self.output}, layout {self.output_layout}"
+
+
+def region_infos(program: Program) -> list[RegionInfo]:
+    """One `RegionInfo` per live fused node of ``program``, in program order."""
+    from .region import parse, stats
+
+    out = []
+    for node_id in program.live_nodes():
+        node = program.nodes[node_id]
+        if node.op != "fused":
+            continue
+        body = str(node.params["body"])
+        root = parse(body)
+        layout = f"W[{root.params[0]}]" if root.name == "W" else "as computed"
+        out.append(RegionInfo(
+            stats(body).ops, tuple(str(program.type_of(i)) for i in node.inputs), str(node.type), layout, body,
+        ))
+    return out
+
+
 def _format_seconds(seconds: float) -> str:
     for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
         if abs(seconds) >= scale:
@@ -89,6 +122,7 @@ class Report:
     saturated: bool = True
     warnings: tuple[str, ...] = ()
     timings: dict[str, float] = field(default_factory=dict)
+    fused_regions: list[RegionInfo] = field(default_factory=list)  # rules/fusion.py regions chosen
 
     @property
     def speedup(self) -> float:
@@ -107,6 +141,7 @@ class Report:
             fired = sorted(self.rules_fired.items(), key=lambda kv: (-kv[1], kv[0]))
             lines.append("rules fired: " + ", ".join(f"{name} x{count}" for name, count in fired))
         lines.extend(f"  {info}" for info in self.attention)
+        lines.extend(f"  {info}" for info in self.fused_regions)
         if self.timings:
             lines.append("time: " + ", ".join(f"{k} {_format_seconds(v)}" for k, v in self.timings.items()))
         lines.extend(f"warning: {w}" for w in self.warnings)

@@ -161,7 +161,9 @@ def scalar_out_of_matmul():
             a, b = (scaled, y) if side == 0 else (y, scaled)
             dot = Term.dot(a, b, d1, d2, lb, rb, dt)
             plain = Term.dot(x, y, d1, d2, lb, rb, dt) if side == 0 else Term.dot(y, x, d1, d2, lb, rb, dt)
-            yield rl(eq(e).to(dot), shape(e) == s2)(union(e).with_(Term.binary(op, plain, scalar(c, dt, s2))))
+            # the scalar takes the product's dtype: the dot's preferred type, or the operands' ("")
+            yield rl(eq(e).to(dot), shape(e) == s2, dt != String(""))(union(e).with_(Term.binary(op, plain, scalar(c, dt, s2))))
+            yield rl(eq(e).to(dot), shape(e) == s2, dt == String(""))(union(e).with_(Term.binary(op, plain, scalar(c, dt2, s2))))
 
 
 def _raise(rank: int, conditions: list, attn, with_bias: bool, with_causal: bool = True):

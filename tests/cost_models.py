@@ -37,3 +37,29 @@ class ArbitraryCost:
     def node_cost(self, node: OpView) -> float:
         key = repr((self.seed, node.op, sorted(node.params.items()), node.inputs, node.output))
         return 1.0 + zlib.crc32(key.encode()) % 1000
+
+
+class PreferFused:
+    """Fused regions (rules/fusion.py) cost a tenth of their output; everything else its output:
+    extraction picks regions wherever the e-graph has them."""
+
+    name = "prefer-fused"
+
+    def node_cost(self, node: OpView) -> float:
+        scale = 0.1 if node.op == "fused" else 1.0
+        return scale * max(node.output.nbytes, 1) if node.op not in ("reshape", "literal") else 0.0
+
+
+class PreferTransposedV:
+    """A base model plus a large penalty on attention that reads V with D minor (standard layout),
+    so extraction takes the transposed-V form whenever the e-graph has it."""
+
+    def __init__(self, base) -> None:
+        self.base = base
+        self.name = f"{base.name}+prefer-transposed-v"
+
+    def node_cost(self, node: OpView) -> float:
+        cost = self.base.node_cost(node)
+        if node.op == "attention" and str(node.params["v_layout"]).endswith("D"):
+            cost += 1.0
+        return cost

@@ -271,3 +271,22 @@ def test_default_h100_model_writes_v_transposed_from_its_projection_and_keeps_an
     kept = _optimized(_attention_program(plain, *qkv), model)
     assert _v_layout(kept) == "BHSD"
     assert kept.count("transpose") == 0
+
+
+def test_scalar_moved_out_of_a_plain_matmul_keeps_its_dtype():
+    """scalar_out_of_matmul on a dot with the default output type gives the scalar the operands'
+    dtype (found by the soundness sweep: it used the dot's empty preferred type)."""
+    b = ir.ProgramBuilder()
+    x = b.input(ir.TensorType((3,), "float32"))
+    y = b.input(ir.TensorType((3,), "float32"))
+    lit = b.add("literal", (), ir.TensorType((), "float32"), value=0.5)
+    c = b.add("broadcast_in_dim", (lit,), ir.TensorType((3,), "float32"), broadcast_dimensions=())
+    m = b.add("mul", (x, c), ir.TensorType((3,), "float32"))
+    out = b.add("dot_general", (m, y), ir.TensorType((3,), "float32"), lhs_contract=(), rhs_contract=(),
+                lhs_batch=(0,), rhs_batch=(0,), preferred_element_type=None)
+    program = b.build([out])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        result = optimize_program(program, OptimizeOptions(limits=Limits(iterations=8)))
+    assert result.rules_fired.get("attention_raise.scalar_out_of_matmul", 0) > 0
+    _values_equal(program, result.program)

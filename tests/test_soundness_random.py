@@ -1,10 +1,11 @@
 """Soundness sweep: random well-shaped programs keep their values through the optimizer.
 
 Each example is a random `ir.Program` over transposes, reshapes (split/merge), broadcasts,
-unary and binary elementwise ops, reductions and dot_general (with batch dimensions), ranks
-1-5 and dimensions 1-4. It is optimized with the default rule sets, and the same saturated
-e-graph is extracted under several cost models that pick different members; every program
-extracted must equal the original in value on random normal inputs.
+unary and binary elementwise ops, scalar constants, integer powers, casts, reductions and
+dot_general (with batch dimensions), ranks 1-5 and dimensions 1-4. It is optimized with the
+default rule sets; then an e-graph saturated with the default rule sets and `fusion` is
+extracted under several cost models that pick different members (fused regions among them);
+every program extracted must equal the original in value on random normal inputs.
 
 The number of examples is ``--soundness-examples`` (default 300; ``./dev soundness N``).
 """
@@ -19,9 +20,10 @@ import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from cost_models import ArbitraryCost, PenaliseTransposes, PreferTransposes
+from cost_models import ArbitraryCost, PenaliseTransposes, PreferFused, PreferTransposes
 from eqsat_attn import ir
 from eqsat_attn.egraph import extract_program
+from eqsat_attn.egraph.rulesets import DEFAULT_RULESETS
 from eqsat_attn.lower import lower
 from eqsat_attn.pipeline import Limits, OptimizeOptions, optimize_program, saturate
 
@@ -35,7 +37,10 @@ SWEEP_LIMITS = Limits(iterations=8, nodes=20_000, seconds=5)
 
 
 
-EXTRA_MODELS = [PreferTransposes(), PenaliseTransposes(), ArbitraryCost(7)]
+EXTRA_MODELS = [PreferTransposes(), PenaliseTransposes(), ArbitraryCost(7), PreferFused()]
+# the sweep's e-graph also runs the fusion rule set, so extraction under PreferFused (and the
+# arbitrary model) picks fused regions: every region formed must compute what its ops compute
+SWEEP_RULES = [*DEFAULT_RULESETS, "fusion"]
 
 
 # ----------------------------------------------------------------------------- program strategy
@@ -130,6 +135,21 @@ class _Gen:
         a, b = (x, other) if self.draw(st.booleans()) else (other, x)
         return self.add(op, [a, b])
 
+    def scalar(self, x):
+        """x times or plus a broadcast literal (a constant inside a fused region)."""
+        lit = self.b.add("literal", (), ir.TensorType((), F32), value=self.draw(st.sampled_from([0.5, -1.5, 2.0])))
+        c = self.add("broadcast_in_dim", [lit], shape=self.shape(x), broadcast_dimensions=())
+        op = self.draw(st.sampled_from(["mul", "add"]))
+        return self.add(op, [x, c] if self.draw(st.booleans()) else [c, x])
+
+    def power(self, x):
+        return self.add("integer_pow", [self.maybe_transposed(x)], y=self.draw(st.sampled_from([2, 3])))
+
+    def cast(self, x):
+        """A round trip through float16 (a cast pair inside a fused region)."""
+        half = self.b.add("convert_element_type", (x,), ir.TensorType(self.shape(x), "float16"), new_dtype="float16")
+        return self.add("convert_element_type", [half], new_dtype=F32)
+
     def maybe_transposed(self, x):
         """x, or (half the time) a transpose of it, so the rules that move transposes apply."""
         if len(self.shape(x)) >= 2 and self.draw(st.booleans()):
@@ -210,7 +230,7 @@ def _perms_matching(src_shape, dst_shape):
     return out
 
 
-OPS = ["transpose", "reshape", "broadcast", "unary", "binary", "binary", "reduce", "reduce", "dot"]
+OPS = ["transpose", "reshape", "broadcast", "unary", "binary", "binary", "reduce", "reduce", "dot", "scalar", "power", "cast"]
 
 
 @st.composite
@@ -267,7 +287,7 @@ def check_program(program: ir.Program, fired: set[str] | None = None) -> None:
         warnings.simplefilter("error", RuntimeWarning)  # a fallback to the original is a failure here
         result = optimize_program(program, options)
     check_same_values(program, result.program, "optimize_program (default rules, default cost model)")
-    egraph, enc, run = saturate(program, options)
+    egraph, enc, run = saturate(program, OptimizeOptions(rules=SWEEP_RULES, limits=SWEEP_LIMITS))
     if fired is not None:
         fired.update(name for name, n in run.rules_fired.items() if n)
     for model in EXTRA_MODELS:
@@ -295,7 +315,9 @@ def test_random_programs_keep_their_values(soundness_examples):
         expected = {
             f"transpose.{n}" for n in
             ("compose", "identity", "unary", "binary", "broadcast", "reduce", "reshape", "dot_output", "dot_operand")
-        } | {"canonical.dot_canonical", "canonical.dot_commute", "canonical.reshape"}
+        } | {"canonical.dot_canonical", "canonical.dot_commute", "canonical.reshape"} | {
+            f"fusion.{n}" for n in ("region_inputs", "leaves", "unary", "binary", "shared_inputs", "epilogue")
+        }
         assert expected <= fired, f"never fired: {sorted(expected - fired)}"
 
 

@@ -26,6 +26,10 @@ time = max(flops / (peak[dtype] x efficiency), bytes / bandwidth) + launch overh
   exactly this utilisation (and saves launches and re-reading the shared input).
 - packed_attention: priced as attention with Q, K, V read from the packed array in place
   (standard V: V shares Q's layout, D minor).
+- a fused region (``fused``, rules/fusion.py): its inputs read and its output written once, one
+  launch; a transpose inside that moves the minor axis adds what that transpose costs
+  materialised (without its launch), one that keeps it is free; a matmul inside (the region is
+  its epilogue) adds its FLOPs at ``matmul_efficiency``.
 - attention: 4 x B x H x Sq x Sk x D FLOPs (2 for Q.K^T with D, 2 for P.V with Dv; halved
   when causal; Sq and Sk rounded up to the kernel's tile (`ATTENTION_TILE`: 16 to 64 rows), since
   a flash kernel computes whole tiles: a 1-row query block costs a full tile) at the efficiency of its variant (dtype, "standard" V with D minor or
@@ -145,6 +149,8 @@ class RooflineModel:
         if op == "concatenate":
             nbytes = 2.0 * out.nbytes
             return Breakdown(0.0, nbytes, 0.0, nbytes / d.bandwidth, d.launch_overhead)
+        if op == "fused":
+            return self._fused(node)
         # anything else the model does not know: a kernel that reads its inputs and writes its output
         nbytes = float(sum(t.nbytes for t in node.inputs) + out.nbytes)
         return Breakdown(0.0, nbytes, 0.0, nbytes / d.bandwidth, d.launch_overhead)
@@ -196,6 +202,28 @@ class RooflineModel:
         }
         assert sorted(own) == sorted(AXES)
         return self._attention(OpView("attention", params, (one, one, one, *node.inputs[1:]), out))
+
+    def _fused(self, node: OpView) -> Breakdown:
+        """A fused region (issue 7): one kernel reading its inputs and writing its output once.
+        A transpose inside that moves the minor axis costs what it costs materialised (less its
+        launch), so a region never makes a transpose cheaper, only saves the launches and
+        intermediate writes around it. A matmul inside adds its FLOPs (the region is its
+        epilogue) and its own launch when a region holds several."""
+        from ..region import dot_flops, dot_operand_types, stats, transposed_bytes
+
+        d = self.device
+        body = str(node.params["body"])
+        info = stats(body)
+        nbytes = float(sum(t.nbytes for t in node.inputs) + node.output.nbytes)
+        flops = float(node.output.size * sum(1 for op in info.ops if op not in ("T", "W", "B", "D")))
+        compute = 0.0
+        for op, a, b in dot_operand_types(body, node.inputs) if info.dots else ():
+            f = dot_flops(op, a, b)
+            flops += f
+            compute += f / (min(d.peak(a.dtype), d.peak(b.dtype)) * d.matmul_efficiency)
+        launches = max(1, info.dots)
+        extra = self._transpose_seconds(transposed_bytes(body, node.inputs)) if info.transposes else 0.0
+        return Breakdown(flops, nbytes, compute, nbytes / d.bandwidth, d.launch_overhead * launches, extra)
 
     def attention_variant(self, node: OpView) -> str:
         """"standard" | "transposed" | "reference": which kernel runs this attention node."""

@@ -23,6 +23,8 @@ ARG_KINDS: dict[str, tuple[str, ...]] = {
     "slice": ("T", "vec", "vec"), "concat": ("L", "i64"),
     "packed_attention": ("T", "T", "vec", "vec", "f64", "i64", "str"),
 }
+# fused regions (issue 7): a body text, then the region's inputs
+ARG_KINDS.update({f"fused{n}": ("str",) + ("T",) * n for n in range(7)})
 
 # Constructors that cost nothing to extract: leaves, and nodes that only name other values.
 FREE_CTORS = frozenset({"no_mask", "opaque", "output", "input", "literal", "constant", "iota"})
@@ -97,4 +99,9 @@ def op_params(ctor: str, statics: list[Any]) -> tuple[str, dict[str, Any]]:
         return "integer_pow", {"y": statics[0]}
     if ctor == "softmax":
         return "softmax", {}
+    if ctor.startswith("fused"):
+        from ..region import lone_matmul
+
+        dot = lone_matmul(statics[0])  # a region of a matmul alone is that matmul
+        return ("dot_general", dot) if dot is not None else ("fused", {"body": statics[0]})
     raise ValueError(f"constructor {ctor!r} has no IR op of its own")

@@ -14,7 +14,7 @@ import numpy as np
 from egglog import Action, EGraph, String, set_
 
 from .. import ir
-from .language import Term, TermList, causal_mask, dtype, ivec, program_order, shape
+from .language import MAX_REGION_INPUTS, Term, TermList, causal_mask, dtype, fused, ivec, program_order, shape
 
 AXES = "BHSD"
 
@@ -127,6 +127,8 @@ def _term(node: ir.Node, args: list[Term], enc: Encoding) -> Term:
         )
     if op == "opaque_output":
         return Term.output(args[0], p["index"])
+    if op == "fused" and len(args) <= MAX_REGION_INPUTS:
+        return fused(String(str(p["body"])), *args)
     # opaque, and anything the language does not model: kept as is
     enc.uninterpreted.append(node)
     operands = TermList.nil()

@@ -64,6 +64,7 @@ _CTORS = {
         "slice", "concat", "packed_attention",
     )
 }
+_CTORS.update({getattr(Term, f"fused{n}"): f"fused{n}" for n in range(7)})  # fused regions (issue 7)
 
 
 def enode_view(egraph: EGraph, expr: Any, enc: Encoding, cache: dict | None = None) -> OpView | None | float:

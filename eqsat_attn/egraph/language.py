@@ -120,6 +120,31 @@ class Term(Expr):
     def output(cls, call: Term, index: i64Like) -> Term:
         """The index-th result of a multi-output opaque node."""
 
+    # --- fused regions (issue 7, rules/fusion.py): ``body`` is a region body text over $0..$n-1
+    # (eqsat_attn.region); the operands are the region's real inputs. One constructor per arity.
+    @classmethod
+    def fused0(cls, body: StringLike) -> Term:
+        """A region of constants only (a broadcast literal)."""
+
+    @classmethod
+    def fused1(cls, body: StringLike, a: Term) -> Term:
+        """One fused kernel computing ``body`` from one input."""
+
+    @classmethod
+    def fused2(cls, body: StringLike, a: Term, b: Term) -> Term: ...
+
+    @classmethod
+    def fused3(cls, body: StringLike, a: Term, b: Term, c: Term) -> Term: ...
+
+    @classmethod
+    def fused4(cls, body: StringLike, a: Term, b: Term, c: Term, d: Term) -> Term: ...
+
+    @classmethod
+    def fused5(cls, body: StringLike, a: Term, b: Term, c: Term, d: Term, e: Term) -> Term: ...
+
+    @classmethod
+    def fused6(cls, body: StringLike, a: Term, b: Term, c: Term, d: Term, e: Term, f: Term) -> Term: ...
+
 
 class TermList(Expr):
     """Operands of an opaque node, as a cons list."""
@@ -187,6 +212,17 @@ def perm_range(rank: int) -> IntVec:
     return ivec(range(rank))
 
 
+MAX_REGION_INPUTS = 6  # Term.fused0 .. Term.fused6
+
+
+def fused(body, *inputs) -> Term:
+    """``Term.fused<n>(body, *inputs)`` for n = len(inputs)."""
+    if len(inputs) > MAX_REGION_INPUTS:
+        raise ValueError(f"a fused region has at most {MAX_REGION_INPUTS} inputs, got {len(inputs)}")
+    return getattr(Term, f"fused{len(inputs)}")(body, *inputs)
+
+
 __all__ = [
-    "IntVec", "Term", "TermList", "answer", "ask", "causal_mask", "concat_extent", "concat_need", "concat_shape", "list_dtype", "program_order", "dtype", "f64", "ivec", "perm_range", "shape",
+    "IntVec", "MAX_REGION_INPUTS", "Term", "TermList", "answer", "ask", "causal_mask", "concat_extent", "concat_need",
+    "concat_shape", "dtype", "f64", "fused", "ivec", "list_dtype", "perm_range", "program_order", "shape",
 ]

@@ -164,7 +164,7 @@ def load_rule_file(path: str | Path) -> list[RuleSet]:
     return found
 
 
-SHIPPED_FILES = ("canonical", "transpose", "attention", "fp8", "qkv")
+SHIPPED_FILES = ("canonical", "transpose", "attention", "fp8", "qkv", "fusion")
 DEFAULT_RULESETS = (
     "canonical", "transpose", "attention_raise", "attention_layout", "fp8_attention", "projections", "packed_qkv",
 )

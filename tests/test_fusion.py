@@ -1,0 +1,222 @@
+"""The `fusion` rule set (issue 7): every family fires on a program made for it and keeps values on
+random inputs; a V that passes through a bias add and a rotary embedding is written transposed by
+its elementwise region for transposed-V attention; regions show in the Report."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eqsat_attn as ea
+from cost_models import PreferFused, PreferTransposedV
+from eqsat_attn import ir, region
+from eqsat_attn.cost import for_device
+from eqsat_attn.egraph.rulesets import DEFAULT_RULESETS, resolve
+from eqsat_attn.pipeline import Limits, OptimizeOptions, optimize_program
+from test_rules import B, assert_same_values
+
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")  # no silent fallback to the original
+
+LIMITS = Limits(iterations=12, nodes=60_000, seconds=30)
+WITH_FUSION = [*DEFAULT_RULESETS, "fusion"]
+
+
+# ----------------------------------------------------------------------------- one program per family
+
+
+def p_chain():
+    """tanh(x * 0.5 + bias) -> transposed: leaves, unary, binary, vector_text, region_inputs."""
+    b = B(); x = b.input(4, 6); bias = b.input(6)
+    h = b.op("mul", x, b.broadcast(b.literal(0.5), (4, 6), ()))
+    h = b.op("add", h, b.broadcast(bias, (4, 6), (1,)))
+    return b.build(b.t(b.op("tanh", h), 1, 0))
+
+
+def p_shared():
+    """x * logistic(x) (silu) and x + x ** 3: one input read through two operands."""
+    b = B(); x = b.input(3, 5)
+    silu = b.op("mul", x, b.op("logistic", x))
+    cube = b.op("add", x, b.op("integer_pow", x, y=3))
+    return b.build(silu, cube)
+
+
+def p_epilogue():
+    """An activation after a matmul with a bias."""
+    b = B(); x = b.input(4, 8); w = b.input(8, 6); bias = b.input(6)
+    h = b.op("add", b.dot(x, w, lc=(1,), rc=(0,)), b.broadcast(bias, (4, 6), (1,)))
+    return b.build(b.op("tanh", h))
+
+
+def p_transposed_read():
+    """A region reading a transposed input and a cast."""
+    b = B(); x = b.input(3, 4, 5); y = b.input(5, 3, 4)
+    cast = b.op("convert_element_type", b.t(y, 1, 2, 0), new_dtype="float32")
+    return b.build(b.op("exp", b.op("sub", x, cast)))
+
+
+def _attention_program(scale_on: str):
+    Bt, S, H, D = 2, 8, 2, 4
+
+    def fn(q, k, v):
+        if scale_on == "q":
+            q = q * 0.5
+        elif scale_on == "k":
+            k = k / 4.0
+        else:
+            v = v * 3.0
+        s = jnp.einsum("bhqd,bhkd->bhqk", q, k)
+        return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, axis=-1), v)
+
+    from eqsat_attn.capture import capture
+
+    args = [np.zeros((Bt, H, S, D), np.float32)] * 3
+    return capture(fn, *args).program
+
+
+FAMILIES = {
+    "fusion.region_inputs": (p_chain, ["fusion"], PreferFused()),
+    "fusion.vector_text": (p_chain, ["fusion"], PreferFused()),
+    "fusion.leaves": (p_chain, ["fusion"], PreferFused()),
+    "fusion.unary": (p_chain, ["fusion"], PreferFused()),
+    "fusion.binary": (p_chain, ["fusion"], PreferFused()),
+    "fusion.shared_inputs": (p_shared, ["fusion"], PreferFused()),
+    "fusion.epilogue": (p_epilogue, ["fusion"], PreferFused()),
+    "fusion.attention_prologue": (lambda: _attention_program("q"), WITH_FUSION, for_device("h100")),
+}
+
+
+def test_every_fusion_family_has_a_program():
+    (rs,) = resolve(["fusion"])
+    assert {f.name for f in rs.families} == set(FAMILIES)
+    assert rs.doc and all(f.doc and f.rules for f in rs.families)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_fires_and_keeps_values(family):
+    make, rules, model = FAMILIES[family]
+    program = make()
+    result = optimize_program(program, OptimizeOptions(rules=rules, cost_model=model, limits=LIMITS))
+    assert result.rules_fired.get(family, 0) > 0, result.rules_fired
+    assert result.program.output_types == program.output_types
+    assert_same_values(program, result.program, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [p_chain, p_shared, p_epilogue, p_transposed_read])
+def test_regions_are_chosen_and_compute_the_same(make):
+    program = make()
+    result = optimize_program(program, OptimizeOptions(rules=["fusion"], cost_model=PreferFused(), limits=LIMITS))
+    assert result.program.count("fused") >= 1
+    assert_same_values(program, result.program, rtol=1e-5, atol=1e-5)
+
+
+def test_chain_becomes_one_region_writing_the_transposed_layout():
+    result = optimize_program(p_chain(), OptimizeOptions(rules=["fusion"], cost_model=PreferFused(), limits=LIMITS))
+    (node,) = [result.program.nodes[i] for i in result.program.live_nodes() if result.program.nodes[i].op == "fused"]
+    stats = region.stats(str(node["body"]))
+    assert stats.writes_transposed and {"mul", "add", "tanh", "B"} <= set(stats.ops)
+    assert len(node.inputs) == 2  # x and the bias; the 0.5 is a literal inside
+
+
+def test_shared_input_is_read_once():
+    result = optimize_program(p_shared(), OptimizeOptions(rules=["fusion"], cost_model=PreferFused(), limits=LIMITS))
+    fused = [result.program.nodes[i] for i in result.program.live_nodes() if result.program.nodes[i].op == "fused"]
+    assert len(fused) == 2 and all(len(n.inputs) == 1 for n in fused)
+
+
+def test_epilogue_region_holds_the_matmul():
+    result = optimize_program(p_epilogue(), OptimizeOptions(rules=["fusion"], cost_model=PreferFused(), limits=LIMITS))
+    (node,) = [result.program.nodes[i] for i in result.program.live_nodes() if result.program.nodes[i].op == "fused"]
+    assert region.stats(str(node["body"])).dots == 1
+    assert result.program.count("dot_general") == 0
+
+
+@pytest.mark.parametrize("scale_on", ["q", "k", "v"])
+def test_attention_scale_prologue(scale_on):
+    program = _attention_program(scale_on)
+    result = optimize_program(program, OptimizeOptions(rules=WITH_FUSION, cost_model=for_device("h100"), limits=LIMITS))
+    assert result.rules_fired.get("fusion.attention_prologue", 0) > 0
+    (att,) = [result.program.nodes[i] for i in result.program.live_nodes() if result.program.nodes[i].op == "attention"]
+    if scale_on != "v":
+        assert att["scale"] == pytest.approx(0.5 if scale_on == "q" else 0.25)
+        assert result.program.count("mul") + result.program.count("div") == 0
+    assert_same_values(program, result.program, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- cost model
+
+
+def test_roofline_prices_a_region_as_one_kernel():
+    model = for_device("h100")
+    t = ir.TensorType((64, 1024), "float32")
+    view = ea.cost.OpView("fused", ir.Params({"body": "W[1,0](exp(mul(tanh(add($0,$1)),$0)))"}), (t, t), ir.TensorType((1024, 64), "float32"))
+    br = model.breakdown(view)
+    assert br.bytes == 3 * t.nbytes and br.launch_s == model.device.launch_overhead
+    assert br.extra_s == pytest.approx(model._transpose_seconds(t.nbytes))  # the minor axis moves
+    lone = ea.cost.OpView("fused", ir.Params({"body": "T[1,0]($0)"}), (t,), ir.TensorType((1024, 64), "float32"))
+    materialised = ea.cost.OpView("transpose", ir.Params({"perm": (1, 0)}), (t,), ir.TensorType((1024, 64), "float32"))
+    assert model.node_cost(lone) >= model.node_cost(materialised)  # a region never makes a transpose cheaper
+    unfused = sum(
+        model.node_cost(ea.cost.OpView(op, ir.Params(p), ins, out)) for op, p, ins, out in (
+            ("add", {}, (t, t), t), ("tanh", {}, (t,), t), ("mul", {}, (t, t), t), ("exp", {}, (t,), t),
+            ("transpose", {"perm": (1, 0)}, (t,), ir.TensorType((1024, 64), "float32")),
+        )
+    )
+    assert br.seconds < unfused
+
+
+def test_bad_region_body_is_a_clear_error():
+    with pytest.raises(region.RegionSyntaxError, match="unknown op"):
+        region.region_type("frobnicate($0)", [ir.TensorType((2,), "float32")])
+    with pytest.raises(region.RegionSyntaxError, match="reads \\$1"):
+        region.region_type("add($0,$1)", [ir.TensorType((2,), "float32")])
+
+
+# ----------------------------------------------------------------------------- V through bias + rotary
+
+
+BT, S, H, D = 2, 16, 2, 8
+E = H * D
+
+
+def rotary_block(x, wq, wk, wv, bv, cos, sin):
+    def split(t):  # [B, S, E] -> [B, S, H, D]
+        return t.reshape(BT, S, H, D)
+
+    q, k = split(x @ wq), split(x @ wk)
+    v = split(x @ wv) + bv  # bias add
+    rotated = jnp.concatenate([-v[..., D // 2:], v[..., :D // 2]], axis=-1)
+    v = v * cos[:, None, :] + rotated * sin[:, None, :]  # rotary embedding (cos/sin tables [S, D])
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (D ** -0.5)
+    return jnp.einsum("bhqk,bkhd->bhqd", jax.nn.softmax(s, axis=-1), v)
+
+
+def _rotary_args():
+    keys = jax.random.split(jax.random.PRNGKey(3), 7)
+    shapes = [(BT, S, E), (E, E), (E, E), (E, E), (H, D), (S, D), (S, D)]
+    return [jax.random.normal(k_, s_) for k_, s_ in zip(keys, shapes)]
+
+
+def test_v_transpose_goes_into_its_bias_and_rotary_region():
+    args = _rotary_args()
+    model = PreferTransposedV(for_device("h100"))
+    optimized = ea.optimize(rotary_block, rules=WITH_FUSION, cost_model=model, limits=Limits(iterations=30, seconds=60))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        rep = optimized.explain(*args)
+        np.testing.assert_allclose(np.asarray(optimized(*args)), np.asarray(rotary_block(*args)), rtol=1e-4, atol=1e-4)
+    (info,) = rep.attention
+    assert info.v_layout == "BHDS"
+    after = rep.after
+    (att,) = [after.nodes[i] for i in after.live_nodes() if after.nodes[i].op == "attention"]
+    v_node = after.nodes[att.inputs[2]]
+    assert v_node.op == "fused", f"V comes from {v_node.op}\n{after}"
+    stats = region.stats(str(v_node["body"]))
+    assert stats.transposes, "the transpose of V is inside V's region"
+    assert stats.ops.count("mul") >= 2 and "add" in stats.ops  # the rotary embedding and the bias add
+    assert after.count("transpose") == 0
+    assert any(r.body == v_node["body"] for r in rep.fused_regions)
+    assert "fused region" in rep.summary()
