@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from egglog import String, eq, f64, function, i64, ne, relation, set_, union, var
 
-from eqsat_attn.egraph.language import MAX_REGION_INPUTS, IntVec, Term, fused, shape
+from eqsat_attn.egraph.language import MAX_REGION_INPUTS, IntVec, Term, TermList, fused, shape
 from eqsat_attn.egraph.rulesets import RuleSet, rl, rw
 
 fusion = RuleSet("fusion", " ".join(__doc__.split("\n\n")[0].split()))
@@ -65,13 +65,19 @@ def _inputs(prefix: str, n: int) -> list[Term]:
 
 @fusion.family
 def region_inputs():
-    """Program inputs, constants, matmuls, reductions, reshapes, softmax, attention, selects and
-    opaque results are values a region reads (its inputs), never computes."""
+    """Program inputs, constants, matmuls, reductions, reshapes, slices, concatenations, softmax,
+    attention (every form), selects and opaque results are values a region reads (its inputs),
+    never computes."""
     i = var("i", i64)
+    parts = var("parts", TermList)
+    q8s = [var(f"q8_{j}", Term) for j in range(3)]
     forms = [
         Term.input(i), Term.constant(i), Term.iota(dt, s, i), Term.dot(a, b, lc, rc, lb, rb, dt),
         Term.reduce(op, x, s), Term.reshape(x, s), Term.softmax(x), Term.select(a, b, c),
         Term.attention(a, b, c, m, qa, ka, va, oa, scale, causal, mk), Term.output(x, i),
+        Term.slice(x, s, s2), Term.concat(parts, i),
+        Term.packed_attention(x, m, qa, oa, scale, causal, mk),
+        Term.attention_fp8(a, b, c, *q8s, qa, ka, va, oa, scale, causal, dt),
     ]
     for form in forms:
         yield rl(eq(e).to(form))(region_input(e))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import jax
+import pytest
+
 
 def pytest_addoption(parser):
     parser.addoption(
@@ -11,3 +14,16 @@ def pytest_addoption(parser):
         default=300,
         help="number of random programs the soundness sweep (tests/test_soundness_random.py) checks",
     )
+
+
+@pytest.fixture
+def full_f32_matmuls_on_gpu():
+    """For kernel tests that compare against float64 references: on a GPU, run float32 matmuls at
+    full precision (XLA's default there is TF32, ~1e-3 relative error). A no-op on CPU, where the
+    default is already full float32 and a precision context would change captured jaxprs.
+    Use with ``pytestmark = pytest.mark.usefixtures("full_f32_matmuls_on_gpu")``."""
+    if jax.default_backend() != "gpu":
+        yield
+        return
+    with jax.default_matmul_precision("float32"):
+        yield

@@ -19,6 +19,8 @@ from eqsat_attn.kernels.fp8_attention import (FP8_ATOL, FP8_RTOL, attention_refe
                                               quantize)
 from test_kernels import _pretend_hopper, np_attention
 
+pytestmark = pytest.mark.usefixtures("full_f32_matmuls_on_gpu")
+
 on_gpu = jax.default_backend() == "gpu"
 E4M3 = jnp.float8_e4m3fn
 

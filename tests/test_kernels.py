@@ -23,6 +23,8 @@ from eqsat_attn.kernels import (
 from eqsat_attn.kernels.flash_attention import BLOCK_TABLE, TUNED_BLOCKS, block_sizes
 from eqsat_attn.kernels.reference import layout_shape
 
+pytestmark = pytest.mark.usefixtures("full_f32_matmuls_on_gpu")
+
 NEG = -0.7 * float(np.finfo(np.float32).max)
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 on_gpu = jax.default_backend() == "gpu"
@@ -459,15 +461,3 @@ def test_flash_layouts_with_bias_use_the_jax_backward():
     assert_close(o, want[0], 2e-5, "o")
     for name, got, w in zip("qkv", vjp(do), want[1:]):
         assert_close(got, w, 1e-4, f"d{name}")
-
-
-@pytest.fixture(autouse=True)
-def _full_float32_matmuls_on_gpu():
-    """These tests compare against float64 references: on a GPU, run float32 matmuls at full
-    precision (XLA's default there is TF32, ~1e-3 relative error). A no-op on CPU, where the
-    default is already full float32 (and where a precision context would change captured jaxprs)."""
-    if not on_gpu:
-        yield
-        return
-    with jax.default_matmul_precision("float32"):
-        yield

@@ -14,6 +14,8 @@ from eqsat_attn.kernels.packed import packed_attention_reference, packed_flash_a
 from eqsat_attn.lower import lower
 from test_kernels import _relayout, _walk, assert_close, np_attention
 
+pytestmark = pytest.mark.usefixtures("full_f32_matmuls_on_gpu")
+
 CASES = [("BS3HD", True, 2, 2, 40, 16), ("BSH3D", False, 1, 4, 32, 32), ("3BHSD", True, 2, 1, 24, 16)]
 
 
