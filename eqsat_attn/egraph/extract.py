@@ -135,7 +135,7 @@ class RawCostModel:
         self.shape_fn = state.callable_ref_to_egg(resolve_callable(shape)[0])[0]
         self.dtype_fn = state.callable_ref_to_egg(resolve_callable(dtype)[0])[0]
         self.types: dict[Any, ir.TensorType | None] = {}
-        self.costs: dict[tuple[str, tuple], float] = {}
+        self.costs: dict[tuple[str, tuple], float] = {}  # per signature: see enode_cost
         self.ctors: dict[str, str | None] = {}
 
     def _ctor(self, name: str) -> str | None:
@@ -169,18 +169,23 @@ class RawCostModel:
             return UNKNOWN_TYPE_COST if "thunk" in name else 0.0
         if ctor in FREE_CTORS:
             return 0.0
-        key = (name, tuple(args))
-        if key in self.costs:
-            return self.costs[key]
-        values = [a if kind in ("T", "L") else self._static(kind, a) for kind, a in zip(ARG_KINDS[ctor], args)]
+        # An e-node's cost depends only on its constructor, static values and operand types, so
+        # nodes that differ only in which e-classes they read (every layer of a model) share one
+        # entry: the cost model runs once per distinct signature.
+        kinds = ARG_KINDS[ctor]
+        key = (name, tuple(self._type(a) if kind == "T" else a for kind, a in zip(kinds, args)))
+        cost = self.costs.get(key)
+        if cost is None:
+            cost = self.costs[key] = self._price(ctor, kinds, args)
+        return cost
+
+    def _price(self, ctor: str, kinds: tuple[str, ...], args: list[Any]) -> float:
+        values = [a if kind in ("T", "L") else self._static(kind, a) for kind, a in zip(kinds, args)]
         children, statics = split_args(ctor, values)
         inputs = [self._type(c) for c in children]
         if any(t is None for t in inputs):
-            cost = UNKNOWN_TYPE_COST
-        else:
-            cost = float(self.model.node_cost(op_view(ctor, statics, inputs)))
-        self.costs[key] = cost
-        return cost
+            return UNKNOWN_TYPE_COST
+        return float(self.model.node_cost(op_view(ctor, statics, inputs)))
 
     def bindings_model(self) -> bindings.DagCostModel:
         return bindings.DagCostModel(0.0, self.enode_cost, lambda *_: 0.0, lambda *_: 0.0)
