@@ -124,6 +124,22 @@ def family_of(rule_name: str) -> str | None:
     return rule_name.split("#", 1)[0]
 
 
+def _round_schedule(rulesets: list[RuleSet]) -> Schedule:
+    ordered = [r.ruleset for r in rulesets if r.phase == "raise"] + [r.ruleset for r in rulesets if r.phase == "rewrite"]
+    return seq(analysis.saturate(), *ordered)
+
+
+def prepare_rulesets(egraph: EGraph, rulesets: list[RuleSet]) -> None:
+    """Register ``rulesets`` (and the analysis) in an e-graph before a program is encoded.
+
+    egglog adds a rule to a filled e-graph several times more slowly than to an empty one
+    (48 layers: 0.9 s against 0.13 s for the default rule sets); `run_rulesets` then finds
+    them registered.
+    """
+    schedule_command(egraph, _round_schedule(rulesets))
+    schedule_command(egraph, analysis.saturate())
+
+
 def run_rulesets(
     egraph: EGraph, rulesets: list[RuleSet], limits: Limits, answerer: QuestionAnswerer | None = None
 ) -> RunResult:
@@ -135,9 +151,8 @@ def run_rulesets(
     start = time.perf_counter()
     result = RunResult()
     answerer = answerer if answerer is not None else QuestionAnswerer()
-    ordered = [r.ruleset for r in rulesets if r.phase == "raise"] + [r.ruleset for r in rulesets if r.phase == "rewrite"]
     fired: Counter[str] = Counter()
-    round_command = schedule_command(egraph, seq(analysis.saturate(), *ordered))
+    round_command = schedule_command(egraph, _round_schedule(rulesets))
     for iteration in range(limits.iterations):
         report = run_schedule(egraph, round_command)
         step: Counter[str] = Counter()
