@@ -78,9 +78,16 @@ class QuestionAnswerer:
 
     def __init__(self) -> None:
         self.seen: set[tuple] = set()
+        self.rows_read = -1  # size of the `ask` table when it was last read
 
     def __call__(self, egraph: EGraph) -> int:
-        answer_fn = egraph._state.callable_ref_to_egg(resolve_callable(answer)[0])[0]
+        state = egraph._state
+        answer_fn = state.callable_ref_to_egg(resolve_callable(answer)[0])[0]
+        ask_fn = state.callable_ref_to_egg(resolve_callable(ask)[0])[0]
+        (size,) = state.run_program(bindings.PrintSize(span(1), ask_fn))
+        if size.size == self.rows_read:  # questions are only ever added: nothing new to answer
+            return 0
+        self.rows_read = size.size
         commands = []
         for kind, *vecs in table_rows(egraph, ask):
             sig = (kind, *vecs)
@@ -178,8 +185,8 @@ def run_rulesets(
     else:
         result.stop_reason = f"iteration limit ({limits.iterations})"
     analysis_command = schedule_command(egraph, analysis.saturate())
-    while True:  # every term extraction may choose gets its shape and dtype
-        run_schedule(egraph, analysis_command)
+    while not result.saturated:  # every term extraction may choose gets its shape and dtype
+        run_schedule(egraph, analysis_command)  # (a saturated run ended with the analysis complete)
         if answerer(egraph) == 0:
             break
     result.rules_fired = dict(fired)
