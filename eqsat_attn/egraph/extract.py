@@ -110,9 +110,16 @@ def extract_program(
     egg_expr = state.typed_expr_to_egg(runtime.__egg_typed_expr__, expr_to_let=True)
     value = state.egraph.eval_expr(egg_expr)[1]
     adapter = RawCostModel(egraph, model).bindings_model()
-    termdag, results = bindings.extract_best_with_dag_cost_model(
-        state.egraph, [(sort, value)], adapter, extractor=extractor
-    )
+    try:
+        termdag, results = bindings.extract_best_with_dag_cost_model(
+            state.egraph, [(sort, value)], adapter, extractor=extractor
+        )
+    except BaseException as exc:  # a Rust panic reaches Python as a BaseException (pyo3)
+        if type(exc).__name__ != "PanicException":
+            raise
+        # seen with the tree extractor from ~12 transformer layers on: tree costs double with
+        # every reuse of the residual stream, and egglog fails to rebuild the term
+        raise RuntimeError(f"egglog's {extractor} extractor failed: {exc}") from None
     if results[0] is None:
         raise ValueError("the program's root has no extractable term")
     cost, term = results[0]
