@@ -76,10 +76,13 @@ def saturate(program: Program, options: OptimizeOptions):
     from egglog import EGraph
 
     from .egraph import encode, resolve, run_rulesets
+    from .egraph.driver import prepare_rulesets
 
     egraph = EGraph()
+    rulesets = resolve(options.rule_names())
+    prepare_rulesets(egraph, rulesets)  # rules first: egglog registers them faster in an empty e-graph
     encoding = encode(program, egraph)
-    run = run_rulesets(egraph, resolve(options.rule_names()), options.limits)
+    run = run_rulesets(egraph, rulesets, options.limits)
     return egraph, encoding, run
 
 

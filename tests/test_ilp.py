@@ -151,3 +151,23 @@ def test_too_large_graph_is_refused(saturated):
     _, _, _, egraph, enc = saturated["matmul_chain"]
     with pytest.raises(ILPExtractionError, match="greedy-dag"):
         extract_program_ilp(egraph, enc, MaterializedBytes(), max_enodes=3)
+
+
+
+def test_an_extractor_panic_falls_back_to_the_original_program():
+    """egglog's tree extractor panics on a deep DAG (a 12-layer residual stream doubles tree
+    costs at every layer); optimizing must still return a program with the same values."""
+    import warnings
+
+    from eqsat_attn import examples
+
+    fn, args = examples.stacked_example(12)
+    prog = capture(fn, *args).program
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = optimize_program(prog, OptimizeOptions(extractor="tree"))
+    assert all("extractor failed" in str(w.message) for w in caught if w.category is RuntimeWarning)
+    expected = jax.tree_util.tree_leaves(fn(*args))
+    got = lower(res.program)(*jax.tree_util.tree_leaves(args))
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=2e-5, atol=2e-5)

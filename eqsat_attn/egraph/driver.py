@@ -1,9 +1,10 @@
 """Run named rule sets on an e-graph under limits, answering index-math questions between rounds.
 
 Each iteration runs the shape/dtype analysis to saturation, then every "raise" rule set
-once, then every "rewrite" rule set once (EGGLOG_NOTES: raising before analyses before
-layout rules). After it, questions the rules asked (`ask`) are answered in Python. The run
-stops when nothing changed and no question is open (saturated), or at a limit.
+once, then every "rewrite" rule set twice (EGGLOG_NOTES: raising before analyses before
+layout rules; see `_round_schedule`). After it, questions the rules asked (`ask`) are
+answered in Python. The run stops when nothing changed and no question is open
+(saturated), or at a limit.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 
 from typing import Any
 
-from egglog import EGraph, bindings, seq
+from egglog import EGraph, Schedule, bindings, seq
 from egglog.runtime import resolve_callable
 from egglog.egraph_state import span
 
@@ -78,9 +79,16 @@ class QuestionAnswerer:
 
     def __init__(self) -> None:
         self.seen: set[tuple] = set()
+        self.rows_read = -1  # size of the `ask` table when it was last read
 
     def __call__(self, egraph: EGraph) -> int:
-        answer_fn = egraph._state.callable_ref_to_egg(resolve_callable(answer)[0])[0]
+        state = egraph._state
+        answer_fn = state.callable_ref_to_egg(resolve_callable(answer)[0])[0]
+        ask_fn = state.callable_ref_to_egg(resolve_callable(ask)[0])[0]
+        (size,) = state.run_program(bindings.PrintSize(span(1), ask_fn))
+        if size.size == self.rows_read:  # questions are only ever added: nothing new to answer
+            return 0
+        self.rows_read = size.size
         commands = []
         for kind, *vecs in table_rows(egraph, ask):
             sig = (kind, *vecs)
@@ -99,11 +107,50 @@ class QuestionAnswerer:
         return len(commands)
 
 
+def schedule_command(egraph: EGraph, schedule: Schedule) -> bindings._Command:
+    """``schedule`` as one egglog command, converted (and its rule sets registered) once.
+
+    ``egraph.run`` converts its schedule and every rule in it again on each call, then
+    translates the report back to Python declarations: together more than egglog's own run
+    time on small graphs. The driver converts once and reads egglog's report directly.
+    """
+    egraph._add_decls(schedule)
+    return egraph._state.run_schedule_to_egg(schedule.schedule)
+
+
+def run_schedule(egraph: EGraph, command: bindings._Command) -> bindings.RunReport:
+    """Run a command made by `schedule_command`; egglog's report (rule names as egglog keys)."""
+    (output,) = egraph._state.run_program(command)
+    assert isinstance(output, bindings.RunScheduleOutput)
+    return output.report
+
+
 def family_of(rule_name: str) -> str | None:
     """``transpose.compose#3`` -> ``transpose.compose``; ask halves and analysis rules -> None."""
     if rule_name.endswith("?") or rule_name.startswith("analysis."):
         return None
     return rule_name.split("#", 1)[0]
+
+
+def _round_schedule(rulesets: list[RuleSet]) -> Schedule:
+    """One round: the analysis to saturation, every raise rule set, then the rewrite rule sets
+    twice. The second rewrite pass carries on what the first created (transpose chains, and
+    questions answered in earlier rounds: repeated layers ask the same ones), so fewer rounds
+    reach the same saturated e-graph (12 layers: 14 rounds -> 9, ~15% less saturation time)."""
+    raise_ = [r.ruleset for r in rulesets if r.phase == "raise"]
+    rewrite = [r.ruleset for r in rulesets if r.phase == "rewrite"]
+    return seq(analysis.saturate(), *raise_, *rewrite, *rewrite)
+
+
+def prepare_rulesets(egraph: EGraph, rulesets: list[RuleSet]) -> None:
+    """Register ``rulesets`` (and the analysis) in an e-graph before a program is encoded.
+
+    egglog adds a rule to a filled e-graph several times more slowly than to an empty one
+    (48 layers: 0.9 s against 0.13 s for the default rule sets); `run_rulesets` then finds
+    them registered.
+    """
+    schedule_command(egraph, _round_schedule(rulesets))
+    schedule_command(egraph, analysis.saturate())
 
 
 def run_rulesets(
@@ -117,13 +164,13 @@ def run_rulesets(
     start = time.perf_counter()
     result = RunResult()
     answerer = answerer if answerer is not None else QuestionAnswerer()
-    ordered = [r.ruleset for r in rulesets if r.phase == "raise"] + [r.ruleset for r in rulesets if r.phase == "rewrite"]
     fired: Counter[str] = Counter()
+    round_command = schedule_command(egraph, _round_schedule(rulesets))
     for iteration in range(limits.iterations):
-        report = egraph.run(seq(analysis.saturate(), *ordered))
+        report = run_schedule(egraph, round_command)
         step: Counter[str] = Counter()
         for key, n in report.num_matches_per_rule.items():
-            family = family_of(str(getattr(key, "name", None) or key))
+            family = family_of(key)
             if family is not None and n:
                 step[family] += n
         fired.update(step)
@@ -143,8 +190,9 @@ def run_rulesets(
             break
     else:
         result.stop_reason = f"iteration limit ({limits.iterations})"
-    while True:  # every term extraction may choose gets its shape and dtype
-        egraph.run(analysis.saturate())
+    analysis_command = schedule_command(egraph, analysis.saturate())
+    while not result.saturated:  # every term extraction may choose gets its shape and dtype
+        run_schedule(egraph, analysis_command)  # (a saturated run ended with the analysis complete)
         if answerer(egraph) == 0:
             break
     result.rules_fired = dict(fired)

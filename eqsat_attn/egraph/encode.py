@@ -11,10 +11,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from egglog import Action, EGraph, String, set_
+from typing import Any
+
+from egglog import EGraph, bindings
+from egglog.declarations import LetRefDecl, TypedExprDecl
+from egglog.egraph import to_runtime_expr
+from egglog.egraph_state import span
+from egglog.runtime import RuntimeExpr
 
 from .. import ir
-from .language import MAX_REGION_INPUTS, Term, TermList, causal_mask, dtype, fused, ivec, program_order, shape
+from .language import MAX_REGION_INPUTS, Term, TermList, causal_mask, dtype, program_order, shape
 
 AXES = "BHSD"
 
@@ -60,81 +66,142 @@ class Encoding:
     root: TermList | None = None
 
 
-def _vec(values) -> object:
-    return ivec(values)
+class _Egg:
+    """egglog-level (bindings) builders for the language's terms, actions and let-bound names.
+
+    Registering each node through ``egraph.let`` costs ~1 ms of Python per node (declaration
+    merging and expression conversion in egglog's high-level API); building the same commands
+    here and submitting them in one ``run_program`` costs a few microseconds per node.
+    """
+
+    CTORS = (
+        "input", "literal", "constant", "iota", "unary", "binary", "integer_pow", "convert", "select", "softmax",
+        "transpose", "reshape", "broadcast", "reduce", "dot", "attention", "attention_fp8", "no_mask", "opaque",
+        "output", "slice", "concat", "packed_attention", *(f"fused{n}" for n in range(MAX_REGION_INPUTS + 1)),
+    )
+
+    def __init__(self, egraph: EGraph) -> None:
+        self.egraph = egraph
+        self.span = span()
+        self.fn = {name: egraph._callable_to_egg(getattr(Term, name))[1] for name in self.CTORS}
+        self.nil = egraph._callable_to_egg(TermList.nil)[1]
+        self.cons = egraph._callable_to_egg(TermList.cons)[1]
+        self.shape = egraph._callable_to_egg(shape)[1]
+        self.dtype = egraph._callable_to_egg(dtype)[1]
+        self.causal = egraph._callable_to_egg(causal_mask)[1]
+        self.order = egraph._callable_to_egg(program_order)[1]
+        self.term_type = to_runtime_expr(Term.input(0)).__egg_typed_expr__.tp
+        self.list_type = to_runtime_expr(TermList.nil()).__egg_typed_expr__.tp
+        self.vecs: dict[tuple[int, ...], bindings.Call] = {}
+
+    def call(self, fn: str, *args: Any) -> bindings.Call:
+        return bindings.Call(self.span, fn, list(args))
+
+    def ctor(self, name: str, *args: Any) -> bindings.Call:
+        return bindings.Call(self.span, self.fn[name], list(args))
+
+    def i64(self, value: int) -> bindings.Lit:
+        return bindings.Lit(self.span, bindings.Int(int(value)))
+
+    def f64(self, value: float) -> bindings.Lit:
+        return bindings.Lit(self.span, bindings.Float(float(value)))
+
+    def string(self, value: str) -> bindings.Lit:
+        return bindings.Lit(self.span, bindings.String(str(value)))
+
+    def vec(self, values) -> bindings.Call:
+        key = tuple(int(v) for v in values)
+        if key not in self.vecs:
+            self.vecs[key] = self.call("vec-of", *map(self.i64, key)) if key else self.call("vec-empty")
+        return self.vecs[key]
+
+    def var(self, name: str) -> bindings.Var:
+        return bindings.Var(self.span, f"${name}")
+
+    def let(self, name: str, expr: bindings.Call) -> bindings.ActionCommand:
+        return bindings.ActionCommand(bindings.Let(self.span, f"${name}", expr))
+
+    def set(self, fn: str, arg: bindings.Var, value: Any) -> bindings.ActionCommand:
+        return bindings.ActionCommand(bindings.Set(self.span, fn, [arg], value))
+
+    def ref(self, name: str, tp: Any) -> Any:
+        """The Python handle of a let-bound name (what ``egraph.let`` returns)."""
+        return RuntimeExpr.__from_values__(self.egraph.__egg_decls__, TypedExprDecl(tp, LetRefDecl(name)))
 
 
-def _term(node: ir.Node, args: list[Term], enc: Encoding) -> Term:
-    op, p = node.op, node.params
+def _term(node: ir.Node, args: list[bindings.Var], enc: Encoding, egg: _Egg) -> bindings.Call:
+    """The egglog term of ``node`` over its operands' let-bound names."""
+    op, p, c, vec = node.op, node.params, egg.ctor, egg.vec
     if op == "input":
-        return Term.input(p["index"])
+        return c("input", egg.i64(p["index"]))
     if op == "literal":
-        return Term.literal(float(p["value"]), String(node.type.dtype))
+        return c("literal", egg.f64(float(p["value"])), egg.string(node.type.dtype))
     if op == "constant":
         enc.uninterpreted.append(node)
-        return Term.constant(len(enc.uninterpreted) - 1)
+        return c("constant", egg.i64(len(enc.uninterpreted) - 1))
     if op == "iota":
-        return Term.iota(String(node.type.dtype), _vec(node.type.shape), p["dimension"])
+        return c("iota", egg.string(node.type.dtype), vec(node.type.shape), egg.i64(p["dimension"]))
     if op in ir.UNARY_OPS:
-        return Term.unary(op, args[0])
+        return c("unary", egg.string(op), args[0])
     if op in ir.BINARY_OPS:
-        return Term.binary(op, args[0], args[1])
+        return c("binary", egg.string(op), args[0], args[1])
     if op == "softmax":
-        return Term.softmax(args[0])
+        return c("softmax", args[0])
     if op == "integer_pow":
-        return Term.integer_pow(args[0], p["y"])
+        return c("integer_pow", args[0], egg.i64(p["y"]))
     if op == "convert_element_type":
-        return Term.convert(args[0], String(str(p["new_dtype"])))
+        return c("convert", args[0], egg.string(str(p["new_dtype"])))
     if op == "select_n" and len(args) == 3:
-        return Term.select(args[0], args[1], args[2])
+        return c("select", args[0], args[1], args[2])
     if op == "transpose":
-        return Term.transpose(args[0], _vec(p["perm"]))
+        return c("transpose", args[0], vec(p["perm"]))
     if op == "reshape":
-        return Term.reshape(args[0], _vec(node.type.shape))
+        return c("reshape", args[0], vec(node.type.shape))
     if op == "broadcast_in_dim":
-        return Term.broadcast(args[0], _vec(node.type.shape), _vec(p["broadcast_dimensions"]))
+        return c("broadcast", args[0], vec(node.type.shape), vec(p["broadcast_dimensions"]))
     if op in ir.REDUCE_OPS:
-        return Term.reduce(op, args[0], _vec(sorted(p["axes"])))
+        return c("reduce", egg.string(op), args[0], vec(sorted(p["axes"])))
     if op == "dot_general":
-        return Term.dot(
-            args[0], args[1], _vec(p["lhs_contract"]), _vec(p["rhs_contract"]),
-            _vec(p["lhs_batch"]), _vec(p["rhs_batch"]), String(p.get("preferred_element_type") or ""),
+        return c(
+            "dot", args[0], args[1], vec(p["lhs_contract"]), vec(p["rhs_contract"]),
+            vec(p["lhs_batch"]), vec(p["rhs_batch"]), egg.string(p.get("preferred_element_type") or ""),
         )
     if op == "attention":
-        mask = args[3] if len(args) > 3 else Term.no_mask()
-        return Term.attention(
-            args[0], args[1], args[2], mask,
-            _vec(layout_to_axes(p["q_layout"])), _vec(layout_to_axes(p["k_layout"])),
-            _vec(layout_to_axes(p["v_layout"])), _vec(layout_to_axes(p["o_layout"])),
-            float(p["scale"]), int(bool(p["causal"])), String(p["mask_kind"]),
+        mask = args[3] if len(args) > 3 else c("no_mask")
+        return c(
+            "attention", args[0], args[1], args[2], mask,
+            *(vec(layout_to_axes(p[f"{n}_layout"])) for n in "qkvo"),
+            egg.f64(float(p["scale"])), egg.i64(int(bool(p["causal"]))), egg.string(p["mask_kind"]),
         )
     if op == "attention_fp8":
-        axes = [_vec(layout_to_axes(p[f"{n}_layout"])) for n in "qkvo"]
-        return Term.attention_fp8(*args[:6], *axes, float(p["scale"]), int(bool(p["causal"])),
-                                  String(str(p["out_dtype"])))
+        return c(
+            "attention_fp8", *args[:6], *(vec(layout_to_axes(p[f"{n}_layout"])) for n in "qkvo"),
+            egg.f64(float(p["scale"])), egg.i64(int(bool(p["causal"]))), egg.string(str(p["out_dtype"])),
+        )
     if op == "slice":
-        return Term.slice(args[0], _vec(p["start_indices"]), _vec(p["limit_indices"]))
+        return c("slice", args[0], vec(p["start_indices"]), vec(p["limit_indices"]))
     if op == "concatenate":
-        parts = TermList.nil()
+        parts = egg.call(egg.nil)
         for a in reversed(args):
-            parts = TermList.cons(a, parts)
-        return Term.concat(parts, p["dimension"])
+            parts = egg.call(egg.cons, a, parts)
+        return c("concat", parts, egg.i64(p["dimension"]))
     if op == "packed_attention":
-        mask = args[1] if len(args) > 1 else Term.no_mask()
-        return Term.packed_attention(
-            args[0], mask, _vec(packed_layout_to_axes(p["packed_layout"])), _vec(layout_to_axes(p["o_layout"])),
-            float(p["scale"]), int(bool(p["causal"])), String(p["mask_kind"]),
+        mask = args[1] if len(args) > 1 else c("no_mask")
+        return c(
+            "packed_attention", args[0], mask, vec(packed_layout_to_axes(p["packed_layout"])),
+            vec(layout_to_axes(p["o_layout"])), egg.f64(float(p["scale"])), egg.i64(int(bool(p["causal"]))),
+            egg.string(p["mask_kind"]),
         )
     if op == "opaque_output":
-        return Term.output(args[0], p["index"])
+        return c("output", args[0], egg.i64(p["index"]))
     if op == "fused" and len(args) <= MAX_REGION_INPUTS:
-        return fused(String(str(p["body"])), *args)
+        return c(f"fused{len(args)}", egg.string(str(p["body"])), *args)
     # opaque, and anything the language does not model: kept as is
     enc.uninterpreted.append(node)
-    operands = TermList.nil()
+    operands = egg.call(egg.nil)
     for a in reversed(args):
-        operands = TermList.cons(a, operands)
-    return Term.opaque(len(enc.uninterpreted) - 1, operands)
+        operands = egg.call(egg.cons, a, operands)
+    return c("opaque", egg.i64(len(enc.uninterpreted) - 1), operands)
 
 
 def is_causal_constant(array: np.ndarray) -> bool:
@@ -155,23 +222,29 @@ def _is_leaf_typed(node: ir.Node) -> bool:
 
 
 def encode(program: ir.Program, egraph: EGraph) -> Encoding:
-    """Register ``program`` in ``egraph``; returns the encoding with a root over its outputs."""
+    """Register ``program`` in ``egraph``; returns the encoding with a root over its outputs.
+
+    Node i is the let-bound global ``$n{i}`` (one let per node keeps every expression shallow),
+    the outputs the ``$root`` list; all of it goes to egglog in one ``run_program`` call.
+    """
     enc = Encoding(program)
-    actions: list[Action] = []
+    egg = _Egg(egraph)
+    commands: list[Any] = []
     for i in program.live_nodes():
         node = program.nodes[i]
-        # one let per node keeps every registered expression shallow (no deep nesting)
-        ref = egraph.let(f"n{i}", _term(node, [enc.terms[j] for j in node.inputs], enc))
-        enc.terms[i] = ref
-        actions.append(set_(program_order(ref)).to(i))
+        commands.append(egg.let(f"n{i}", _term(node, [egg.var(f"n{j}") for j in node.inputs], enc, egg)))
+        ref = egg.var(f"n{i}")
+        commands.append(egg.set(egg.order, ref, egg.i64(i)))
         if node.op == "constant" and is_causal_constant(node["value"].array):
-            actions.append(causal_mask(ref))
+            commands.append(bindings.ActionCommand(bindings.Expr_(egg.span, egg.call(egg.causal, ref))))
         if _is_leaf_typed(node):
-            actions.append(set_(shape(ref)).to(_vec(node.type.shape)))
-            actions.append(set_(dtype(ref)).to(String(node.type.dtype)))
-    root = TermList.nil()
+            commands.append(egg.set(egg.shape, ref, egg.vec(node.type.shape)))
+            commands.append(egg.set(egg.dtype, ref, egg.string(node.type.dtype)))
+    root = egg.call(egg.nil)
     for out in reversed(program.outputs):
-        root = TermList.cons(enc.terms[out], root)
-    egraph.register(*actions)
-    enc.root = egraph.let("root", root)
+        root = egg.call(egg.cons, egg.var(f"n{out}"), root)
+    commands.append(egg.let("root", root))
+    egraph._state.run_program(*commands)
+    enc.terms = {i: egg.ref(f"n{i}", egg.term_type) for i in program.live_nodes()}
+    enc.root = egg.ref("root", egg.list_type)
     return enc

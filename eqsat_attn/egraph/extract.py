@@ -123,9 +123,16 @@ def extract_program(
     egg_expr = state.typed_expr_to_egg(runtime.__egg_typed_expr__, expr_to_let=True)
     value = state.egraph.eval_expr(egg_expr)[1]
     adapter = RawCostModel(egraph, model).bindings_model()
-    termdag, results = bindings.extract_best_with_dag_cost_model(
-        state.egraph, [(sort, value)], adapter, extractor=extractor
-    )
+    try:
+        termdag, results = bindings.extract_best_with_dag_cost_model(
+            state.egraph, [(sort, value)], adapter, extractor=extractor
+        )
+    except BaseException as exc:  # a Rust panic reaches Python as a BaseException (pyo3)
+        if type(exc).__name__ != "PanicException":
+            raise
+        # seen with the tree extractor from ~12 transformer layers on: tree costs double with
+        # every reuse of the residual stream, and egglog fails to rebuild the term
+        raise RuntimeError(f"egglog's {extractor} extractor failed: {exc}") from None
     if results[0] is None:
         raise ValueError("the program's root has no extractable term")
     cost, term = results[0]
@@ -150,7 +157,7 @@ class RawCostModel:
         self.concat_shape_fn = state.callable_ref_to_egg(resolve_callable(concat_shape)[0])[0]
         self.list_dtype_fn = state.callable_ref_to_egg(resolve_callable(list_dtype)[0])[0]
         self.types: dict[Any, ir.TensorType | None] = {}
-        self.costs: dict[tuple[str, tuple], float] = {}
+        self.costs: dict[tuple[str, tuple], float] = {}  # per signature: see enode_cost
         self.ctors: dict[str, str | None] = {}
 
     def _ctor(self, name: str) -> str | None:
@@ -184,22 +191,25 @@ class RawCostModel:
             return UNKNOWN_TYPE_COST if "thunk" in name else 0.0
         if ctor in FREE_CTORS:
             return 0.0
-        key = (name, tuple(args))
-        if key in self.costs:
-            return self.costs[key]
-        values = [a if kind in ("T", "L") else self._static(kind, a) for kind, a in zip(ARG_KINDS[ctor], args)]
-        if ctor == "concat":
-            cost = self._concat_cost(args[0], args[1], values[1])
-            self.costs[key] = cost
-            return cost
+        # An e-node's cost depends only on its constructor, static values and operand types, so
+        # nodes that differ only in which e-classes they read (every layer of a model) share one
+        # entry: the cost model runs once per distinct signature.
+        kinds = ARG_KINDS[ctor]
+        key = (name, tuple(self._type(a) if kind == "T" else a for kind, a in zip(kinds, args)))
+        cost = self.costs.get(key)
+        if cost is None:
+            cost = self.costs[key] = self._price(ctor, kinds, args)
+        return cost
+
+    def _price(self, ctor: str, kinds: tuple[str, ...], args: list[Any]) -> float:
+        values = [a if kind in ("T", "L") else self._static(kind, a) for kind, a in zip(kinds, args)]
+        if ctor == "concat":  # keyed by its operand list's e-class (kind "L"), priced from its analysis
+            return self._concat_cost(args[0], args[1], values[1])
         children, statics = split_args(ctor, values)
         inputs = [self._type(c) for c in children]
         if any(t is None for t in inputs):
-            cost = UNKNOWN_TYPE_COST
-        else:
-            cost = float(self.model.node_cost(op_view(ctor, statics, inputs)))
-        self.costs[key] = cost
-        return cost
+            return UNKNOWN_TYPE_COST
+        return float(self.model.node_cost(op_view(ctor, statics, inputs)))
 
     def _concat_cost(self, parts: Any, axis_value: Any, axis: int) -> float:
         """A concatenation is priced from its operand list's analysis (`concat_shape`)."""
