@@ -15,6 +15,7 @@ from .capture import Captured, capture, normalize_static_argnums, split_args
 from .ir import Program
 from .lower import lower, resolve_attention_kernel
 from .pipeline import Limits, OptimizeOptions, PipelineResult, optimize_program
+from .qkv_layouts import projections
 from .report import Report, attention_infos, region_infos
 
 
@@ -114,6 +115,7 @@ class OptimizedFunction:
             warnings=tuple(result.warnings) + tuple(problems),
             timings=timings,
             fused_regions=region_infos(program),
+            projections=projections(program),
         )
         return _Compiled(captured, call, report)
 

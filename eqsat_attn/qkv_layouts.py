@@ -80,11 +80,14 @@ def projections(program: Program) -> list[str]:
         node = program.nodes[i]
         if node.op != "dot_general":
             continue
-        w = program.nodes[node.inputs[1]]
-        if w.op == "concatenate":
-            lines.append(f"%{i}: merged projection of %{node.inputs[0]} by [{' | '.join(_input_names(program, node.inputs[1]))}]")
-        elif w.op == "slice":
-            lines.append(f"%{i}: split projection of %{node.inputs[0]} by {_input_names(program, node.inputs[1])[0]}")
+        for x_id, w_id in (node.inputs, node.inputs[::-1]):  # the weight may be either operand
+            w = program.nodes[w_id]
+            if w.op == "concatenate":
+                lines.append(f"%{i}: merged projection of %{x_id} by [{' | '.join(_input_names(program, w_id))}]")
+                break
+            if w.op == "slice":
+                lines.append(f"%{i}: split projection of %{x_id} by {_input_names(program, w_id)[0]}")
+                break
     return lines
 
 

@@ -123,6 +123,9 @@ class Report:
     warnings: tuple[str, ...] = ()
     timings: dict[str, float] = field(default_factory=dict)
     fused_regions: list[RegionInfo] = field(default_factory=list)  # rules/fusion.py regions chosen
+    #: merged or split projections in the chosen program (rules/qkv.py), one line each; why the V
+    #: layout was chosen over the alternatives: `eqsat_attn.qkv_layouts.layout_decision`
+    projections: list[str] = field(default_factory=list)
 
     @property
     def speedup(self) -> float:
@@ -142,6 +145,7 @@ class Report:
             lines.append("rules fired: " + ", ".join(f"{name} x{count}" for name, count in fired))
         lines.extend(f"  {info}" for info in self.attention)
         lines.extend(f"  {info}" for info in self.fused_regions)
+        lines.extend(f"  projection {line}" for line in self.projections)
         if self.timings:
             lines.append("time: " + ", ".join(f"{k} {_format_seconds(v)}" for k, v in self.timings.items()))
         lines.extend(f"warning: {w}" for w in self.warnings)

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import eqsat_attn as ea
+
 from eqsat_attn.capture import capture
 from eqsat_attn.cost import for_device, program_cost
 from eqsat_attn.egraph.ilp import extract_program_ilp
@@ -331,3 +333,15 @@ def test_bench_qkv_layouts_cpu_smoke(tmp_path):
     text = out.read_text()
     assert "| (a) | a |" in text and "| (b) | b |" in text and "values agree across programs: ok" in text
     assert "FAIL" not in text
+
+
+def test_report_lists_split_projections():
+    """Steered to variant (c) by `VariantModel`, the report names the fused projection's
+    split-off parts, and values are unchanged."""
+    fn, args = block_args("gpt2", seed=4)
+    steered = ea.optimize(fn, cost_model=VariantModel(for_device("h100"), "c"), limits=LIMITS)
+    report = steered.explain(*args)
+    assert classify(report.after) == "c"
+    assert any("split projection" in line for line in report.projections), report.projections
+    assert "projection" in report.summary()
+    np.testing.assert_allclose(np.asarray(steered(*args)), np.asarray(fn(*args)), rtol=1e-5, atol=1e-5)
