@@ -90,10 +90,20 @@ def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
     return num / den if den else float("nan")
 
 
-def write_results(text: str, out: pathlib.Path | None, default_name: str | None, console: Any) -> None:
-    """Write a results page to ``out`` (or ``bench/results/<default_name>``; None: don't write)."""
+def write_results(text: str, out: pathlib.Path | None, default_name: str | None, console: Any = None) -> None:
+    """Write a results page to ``out`` (or ``bench/results/<default_name>``; None: don't write),
+    saying so on ``console`` (a rich Console; None: stdout)."""
     path = out or (RESULTS / default_name if default_name else None)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-        console.print(f"wrote {path}")
+        (console or _STDOUT).print(f"wrote {path}")
+
+
+class _Stdout:
+    @staticmethod
+    def print(message: str) -> None:
+        print(message)
+
+
+_STDOUT = _Stdout()

@@ -120,14 +120,9 @@ def main(argv=None):
         ok &= run_config(name, spec, dtype, reps, lines)
     text = "\n".join(lines) + "\n"
 
-    class _Console:
-        @staticmethod
-        def print(msg):
-            print(msg)
-
     print(text)
     default = None if opts.cpu_smoke else f"qkv-layouts-{device_tag()}-{dt.date.today():%Y-%m-%d}.md"
-    write_results(text, opts.out, default, _Console)
+    write_results(text, opts.out, default)
     return 0 if ok else 1
 
 

@@ -121,13 +121,8 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     text = "\n".join(lines) + "\n"
     print(text)
     default = f"tune-attention-{device_tag()}-{dt.date.today().isoformat()}.md"
-    write_results(text, args.out, default, console=_Console())
+    write_results(text, args.out, default)
     return args.out or RESULTS / default
-
-
-class _Console:
-    def print(self, msg: str) -> None:
-        print(msg)
 
 
 if __name__ == "__main__":

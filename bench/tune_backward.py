@@ -112,15 +112,9 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
                 msg = f"{type(e).__name__}: {str(e)[:80]}".replace("|", "/").replace("\n", " ")
                 lines.append(f"{cells} {msg} | – | – |")
             print(lines[-1], flush=True)
-            write_results("\n".join(lines) + "\n", args.out, default, console=_Quiet())
+            write_results("\n".join(lines) + "\n", args.out, default)  # a page even if cut short
         fa.BWD_BLOCK_TABLE.update(saved)
-    print(f"wrote {args.out or RESULTS / default}")
     return args.out or RESULTS / default
-
-
-class _Quiet:
-    def print(self, msg: str) -> None:
-        pass
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import pytest
 from eqsat_attn.kernels.fp8_attention import (FP8_ATOL, FP8_RTOL, attention_reference_fp8,
                                               compute_scale, dequantize, flash_attention_fp8,
                                               quantize)
+from bench_scripts import load_bench
 from test_kernels import _pretend_hopper, np_attention
 
 pytestmark = pytest.mark.usefixtures("full_f32_matmuls_on_gpu")
@@ -156,15 +157,7 @@ def test_fp8_gpu_compiled_matches_float64(v_layout, causal):
 
 def test_bench_fp8_cpu_smoke(tmp_path):
     """bench/attention.py --fp8 runs end to end (interpret mode); every row of ours checks ok."""
-    import importlib.util
-    import pathlib
-    import sys
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "attention.py"
-    spec = importlib.util.spec_from_file_location("bench_attention_fp8", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
+    mod = load_bench("attention", "bench_attention_fp8")
     out = tmp_path / "fp8.md"
     mod.main(["--cpu-smoke", "--fp8", "--out", str(out)])
     text = out.read_text()

@@ -4,9 +4,7 @@ implementation (forward and analytic backward) written here."""
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +20,7 @@ from eqsat_attn.kernels import (
 )
 from eqsat_attn.kernels.flash_attention import BLOCK_TABLE, TUNED_BLOCKS, block_sizes
 from eqsat_attn.kernels.reference import layout_shape
+from bench_scripts import load_bench
 
 pytestmark = pytest.mark.usefixtures("full_f32_matmuls_on_gpu")
 
@@ -295,10 +294,7 @@ def test_gpu_compiled_matches_reference(v_layout, causal, d):
 # --- benchmark smoke ---------------------------------------------------------------------------
 
 def test_bench_cpu_smoke(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_attention", ROOT / "bench" / "attention.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(mod)
+    mod = load_bench("attention", "bench_attention")
     if not on_gpu:
         with pytest.raises(SystemExit, match="GPU"):
             mod.main(["--out", str(tmp_path / "x.md")])

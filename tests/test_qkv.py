@@ -18,6 +18,7 @@ from eqsat_attn.egraph.ilp import extract_program_ilp
 from eqsat_attn.lower import lower
 from eqsat_attn.pipeline import Limits, OptimizeOptions, optimize_program, saturate
 from eqsat_attn.qkv_layouts import VARIANTS, VariantModel, classify, extract_variant, layout_decision, projections
+from bench_scripts import load_bench
 from test_rules import B, assert_same_values
 
 LIMITS = Limits(iterations=20, nodes=100_000, seconds=60)
@@ -316,15 +317,7 @@ def test_tile_utilisation():
 
 
 def test_bench_qkv_layouts_cpu_smoke(tmp_path):
-    import importlib.util
-    import pathlib
-    import sys
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "qkv_layouts.py"
-    spec = importlib.util.spec_from_file_location("bench_qkv_layouts", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
+    mod = load_bench("qkv_layouts", "bench_qkv_layouts")
     if jax.default_backend() != "gpu":
         with pytest.raises(SystemExit, match="2"):
             mod.main(["--out", str(tmp_path / "x.md")])

@@ -45,6 +45,15 @@ def split_args(ctor: str, args: list[Any]) -> tuple[list[Any], list[Any]]:
     return tensors, statics
 
 
+def _attention_params(qa, ka, va, oa, scale, causal) -> dict[str, Any]:
+    """The IR parameters both attention constructors share: layouts, scale, causality."""
+    return {
+        "q_layout": axes_to_layout(tuple(qa)), "k_layout": axes_to_layout(tuple(ka)),
+        "v_layout": axes_to_layout(tuple(va)), "o_layout": axes_to_layout(tuple(oa)),
+        "scale": float(scale), "causal": bool(causal),
+    }
+
+
 def op_params(ctor: str, statics: list[Any]) -> tuple[str, dict[str, Any]]:
     """The IR op and its params for a modelled (non-leaf) constructor's static arguments.
 
@@ -68,19 +77,9 @@ def op_params(ctor: str, statics: list[Any]) -> tuple[str, dict[str, Any]]:
             "preferred_element_type": out_dtype or None,
         }
     if ctor == "attention":
-        qa, ka, va, oa, scale, causal, mask_kind = statics
-        return "attention", {
-            "q_layout": axes_to_layout(tuple(qa)), "k_layout": axes_to_layout(tuple(ka)),
-            "v_layout": axes_to_layout(tuple(va)), "o_layout": axes_to_layout(tuple(oa)),
-            "scale": float(scale), "causal": bool(causal), "mask_kind": mask_kind,
-        }
+        return "attention", {**_attention_params(*statics[:6]), "mask_kind": statics[6]}
     if ctor == "attention_fp8":
-        qa, ka, va, oa, scale, causal, out_dtype = statics
-        return "attention_fp8", {
-            "q_layout": axes_to_layout(tuple(qa)), "k_layout": axes_to_layout(tuple(ka)),
-            "v_layout": axes_to_layout(tuple(va)), "o_layout": axes_to_layout(tuple(oa)),
-            "scale": float(scale), "causal": bool(causal), "out_dtype": out_dtype,
-        }
+        return "attention_fp8", {**_attention_params(*statics[:6]), "out_dtype": statics[6]}
     if ctor == "slice":
         return "slice", {"start_indices": tuple(statics[0]), "limit_indices": tuple(statics[1])}
     if ctor == "concat":

@@ -22,38 +22,39 @@ from egglog.runtime import RuntimeExpr
 from .. import ir
 from .language import MAX_REGION_INPUTS, Term, TermList, causal_mask, dtype, program_order, shape
 
-AXES = "BHSD"
+AXES = "BHSD"  # logical axes of an attention operand
+PACKED_AXES = "BHSD3"  # logical axes of a packed Q/K/V array; "3" indexes Q, K, V
+
+
+def _positions(layout: str, names: str, what: str) -> tuple[int, ...]:
+    if sorted(layout) != sorted(names):
+        raise ValueError(f"{what} layout {layout!r} must be a permutation of {names!r}")
+    return tuple(layout.index(a) for a in names)
+
+
+def _layout(axes: tuple[int, ...], names: str) -> str:
+    out = [""] * len(names)
+    for logical, pos in enumerate(axes):
+        out[pos] = names[logical]
+    return "".join(out)
 
 
 def layout_to_axes(layout: str) -> tuple[int, ...]:
     """"BHDS" -> (0, 1, 3, 2): the physical position of each logical axis B, H, S, D."""
-    if sorted(layout) != sorted(AXES):
-        raise ValueError(f"attention layout {layout!r} must be a permutation of {AXES!r}")
-    return tuple(layout.index(a) for a in AXES)
+    return _positions(layout, AXES, "attention")
 
 
 def axes_to_layout(axes: tuple[int, ...]) -> str:
-    out = [""] * 4
-    for logical, pos in enumerate(axes):
-        out[pos] = AXES[logical]
-    return "".join(out)
-
-
-PACKED_AXES = "BHSD3"  # logical axes of a packed Q/K/V array; "3" indexes Q, K, V
+    return _layout(axes, AXES)
 
 
 def packed_layout_to_axes(layout: str) -> tuple[int, ...]:
     """"BS3HD" -> (0, 3, 1, 4, 2): the physical position of each of B, H, S, D and the packed axis."""
-    if sorted(layout) != sorted(PACKED_AXES):
-        raise ValueError(f"packed layout {layout!r} must be a permutation of {PACKED_AXES!r}")
-    return tuple(layout.index(a) for a in PACKED_AXES)
+    return _positions(layout, PACKED_AXES, "packed")
 
 
 def axes_to_packed_layout(axes: tuple[int, ...]) -> str:
-    out = [""] * 5
-    for logical, pos in enumerate(axes):
-        out[pos] = PACKED_AXES[logical]
-    return "".join(out)
+    return _layout(axes, PACKED_AXES)
 
 
 @dataclass
