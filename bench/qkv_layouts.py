@@ -22,7 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "bench"):  # runnable as `python bench/qkv_layouts.py` from a checkout
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
 from common import device_tag, header, median_seconds, require_gpu, write_results  # noqa: E402
 
 from eqsat_attn.capture import capture  # noqa: E402
