@@ -538,7 +538,7 @@ def _prim(a: Any) -> Any:
 
 
 def _mask_none(member: Any) -> bool:
-    return _prim(get_callable_args(member)[-1]) == "none"
+    return _prim(get_callable_args(member)[10]) == "none"
 
 
 def _layouts(member: Any) -> dict[str, str]:
@@ -573,7 +573,8 @@ def _describe(member: Any) -> str:
         lay = _layouts(member)
         v = args[2]
         return (f"attention q={lay['q']} k={lay['k']} v={lay['v']} o={lay['o']}"
-                f" causal={bool(_prim(args[9]))} mask={_prim(args[10])}; v = {_short(v)}")
+                f" causal={bool(_prim(args[9]))} mask={_prim(args[10])}"
+                + (f" compute={_prim(args[11])}" if _prim(args[11]) else "") + f"; v = {_short(v)}")
     return _short(member)
 
 

@@ -21,9 +21,11 @@ Op vocabulary (params in brackets; output shape and dtype always come from `Node
   as [B,S,3,H,D]); ``packed_layout`` is a permutation of "BHSD3" naming its axis order, "3" the
   packed axis (Q, K, V at index 0, 1, 2). Optional input 1 is the bias.
 - ``softmax``: the numerically stable softmax over the last axis (raised by the rules).
-- ``attention[q_layout, k_layout, v_layout, o_layout, scale, causal, mask_kind]``: inputs
-  (q, k, v) or (q, k, v, mask); layouts are strings over "BHSD" naming the axis order of each
-  operand ("BHDS" for V is the transposed-V form). GQA grouping follows from the head counts.
+- ``attention[q_layout, k_layout, v_layout, o_layout, scale, causal, mask_kind, compute_dtype?]``:
+  inputs (q, k, v) or (q, k, v, mask); layouts are strings over "BHSD" naming the axis order of
+  each operand ("BHDS" for V is the transposed-V form). GQA grouping follows from the head counts.
+  ``compute_dtype`` (absent by default): q, k and v are cast to it inside the kernel before the
+  matmuls (a folded cast prologue, rules/fusion.py), and the result has that dtype.
 - ``attention_fp8[q_layout, k_layout, v_layout, o_layout, scale, causal, out_dtype]``: inputs
   (q8, k8, v8, q_scale, k_scale, v_scale): attention over the fp8 operands dequantized by their
   rank-0 float scales (x8 · s), result in ``out_dtype`` (eqsat_attn.kernels.fp8_attention).
@@ -361,7 +363,7 @@ def infer_type(op: str, params: Mapping[str, Any], inputs: Sequence[TensorType])
         q, v = inputs[0], inputs[2]
         qa = [params["q_layout"].index(c) for c in "BHSD"]
         logical = {"B": q.shape[qa[0]], "H": q.shape[qa[1]], "S": q.shape[qa[2]], "D": v.shape[params["v_layout"].index("D")]}
-        return TensorType(tuple(logical[c] for c in params["o_layout"]), q.dtype)
+        return TensorType(tuple(logical[c] for c in params["o_layout"]), params.get("compute_dtype") or q.dtype)
     if op == "attention_fp8":
         out = infer_type("attention", params, inputs[:3])
         return TensorType(out.shape, str(params["out_dtype"]))

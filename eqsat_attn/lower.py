@@ -197,6 +197,7 @@ def lower_attention(node: Node, args: Sequence[Any], attention_kernel: str = "au
     q, k, v = args[0], args[1], args[2]
     q_layout, k_layout, v_layout, o_layout = (str(p[n]) for n in ("q_layout", "k_layout", "v_layout", "o_layout"))
     kernel = chosen_kernel(attention_kernel, has_mask=mask_kind == "bool")
+    compute_dtype = p.get("compute_dtype") or None  # a folded cast: the kernel casts q, k, v to it
     out_layout = o_layout
     if kernel == "pallas" and not kernel_supports_layouts(q_layout, k_layout, v_layout, o_layout):
         if q_layout[-1] != "D":
@@ -204,13 +205,14 @@ def lower_attention(node: Node, args: Sequence[Any], attention_kernel: str = "au
         if k_layout[-1] != "D":
             k, k_layout = _to_layout(k, k_layout, ATTENTION_CANONICAL), ATTENTION_CANONICAL
         if v_layout[-1] not in "DS":
-            target = _relaid_v_layout(q.dtype, bool(p["causal"]))
+            target = _relaid_v_layout(compute_dtype or q.dtype, bool(p["causal"]))
             v, v_layout = _to_layout(v, v_layout, target), target
         if o_layout[-1] != "D":
             out_layout = ATTENTION_CANONICAL
     out = attention(
         q, k, v, scale=float(p["scale"]), causal=bool(p["causal"]), kernel=kernel,
-        q_layout=q_layout, k_layout=k_layout, v_layout=v_layout, o_layout=out_layout, **extra,
+        q_layout=q_layout, k_layout=k_layout, v_layout=v_layout, o_layout=out_layout,
+        compute_dtype=compute_dtype, **extra,
     )
     return _to_layout(out, out_layout, o_layout)
 

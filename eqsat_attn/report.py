@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass, field
 
-from .ir import Program
+from .ir import Program, short_dtype
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,10 @@ class AttentionInfo:
     mask_kind: str = "none"
     groups: int = 1
     v_storage: str = ""  # V's physical axis order, e.g. "HDBS" when its projection writes [H,D,B,S]
+    #: a cast prologue folded in (rules/fusion.py): the dtype the kernel casts q, k, v to ("" if none)
+    compute_dtype: str = ""
+    #: the operands it reads in another dtype and casts in-kernel, e.g. ("q:f32", "k:f32")
+    cast_operands: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         mask = "causal" if self.causal else "full"
@@ -28,9 +32,13 @@ class AttentionInfo:
             mask += f"+{self.mask_kind}"
         gqa = f", GQA groups={self.groups}" if self.groups > 1 else ""
         stored = f" (stored {self.v_storage})" if self.v_storage and self.v_storage != self.v_layout else ""
+        cast = ""
+        if self.compute_dtype:
+            read = " ".join(self.cast_operands) or "nothing"
+            cast = f", casts {read} to {short_dtype(self.compute_dtype)} in-kernel (cast prologue folded)"
         return (
             f"attention q={self.q_layout} k={self.k_layout} v={self.v_layout}{stored} o={self.o_layout}, "
-            f"{mask}{gqa}, kernel={self.kernel}"
+            f"{mask}{gqa}, kernel={self.kernel}{cast}"
         )
 
 
@@ -52,6 +60,11 @@ def attention_infos(program: Program, kernel: str) -> list[AttentionInfo]:
         q_layout, k_layout = str(p["q_layout"]), str(p["k_layout"])
         heads = program.type_of(node.inputs[0]).shape[q_layout.index("H")]
         kv_heads = program.type_of(node.inputs[1]).shape[k_layout.index("H")]
+        compute = str(p.get("compute_dtype") or "") if node.op == "attention" else ""
+        cast = tuple(
+            f"{n}:{short_dtype(program.type_of(i).dtype)}" for n, i in zip("qkv", node.inputs[:3])
+            if compute and program.type_of(i).dtype != compute
+        )
         infos.append(
             AttentionInfo(
                 v_layout="BHDS" if str(p["v_layout"]).endswith("S") else "BHSD",
@@ -63,6 +76,8 @@ def attention_infos(program: Program, kernel: str) -> list[AttentionInfo]:
                 o_layout=str(p["o_layout"]),
                 mask_kind=str(p.get("mask_kind", "none")),
                 groups=max(1, heads // max(1, kv_heads)),
+                compute_dtype=compute,
+                cast_operands=cast,
             )
         )
     return infos

@@ -27,7 +27,7 @@ attention_layout = RuleSet(
 
 x, y, z, m, q, k, v, e, s_ = (var(n, Term) for n in ("x", "y", "z", "m", "q", "k", "v", "e", "s_"))
 p, d1, d2, s1, s2, qa, ka, va, oa = (var(n, IntVec) for n in ("p", "d1", "d2", "s1", "s2", "qa", "ka", "va", "oa"))
-dt, dt2, dt3, mk = (var(n, String) for n in ("dt", "dt2", "dt3", "mk"))
+dt, dt2, dt3, mk, cd = (var(n, String) for n in ("dt", "dt2", "dt3", "mk", "cd"))
 c, scale, neg = var("c", f64), var("scale", f64), var("neg", f64)
 lb, rb = var("lb", IntVec), var("rb", IntVec)
 causal = var("causal", i64)
@@ -194,7 +194,7 @@ def attention():
     """softmax(scale * Q Kᵀ [causal where-mask | additive bias]) V is Attention."""
 
     def attn(sc, causal_flag: int, mask: Term, kind: str) -> Term:
-        return Term.attention(q, k, v, mask, BHSD, K_TRANSPOSED, BHSD, BHSD, sc, causal_flag, kind)
+        return Term.attention(q, k, v, mask, BHSD, K_TRANSPOSED, BHSD, BHSD, sc, causal_flag, kind, String(""))
 
     yield from _raise(4, [shape(t).length() == i64(4) for t in (q, k, v)], attn, with_bias=True)
 
@@ -210,7 +210,7 @@ def grouped_attention():
     merged = IntVec(sq[0], sq[1] * sq[2], sq[3], sq[4])  # [B, H, Sq, D]
 
     def attn(sc, causal_flag: int, mask: Term, kind: str) -> Term:
-        o4 = Term.attention(Term.reshape(q, merged), k, v, mask, BHSD, K_TRANSPOSED, BHSD, BHSD, sc, causal_flag, kind)
+        o4 = Term.attention(Term.reshape(q, merged), k, v, mask, BHSD, K_TRANSPOSED, BHSD, BHSD, sc, causal_flag, kind, String(""))
         return Term.reshape(o4, IntVec(sq[0], sq[1], sq[2], sq[3], sv[3]))
 
     yield from _raise(5, conditions, attn, with_bias=False)
@@ -220,7 +220,7 @@ def grouped_attention():
 
     def attn_swapped(sc, causal_flag: int, mask: Term, kind: str) -> Term:
         q4 = Term.reshape(Term.transpose(q, swap), merged_swapped)
-        o4 = Term.attention(q4, k, v, mask, BHSD, K_TRANSPOSED, BHSD, BHSD, sc, causal_flag, kind)
+        o4 = Term.attention(q4, k, v, mask, BHSD, K_TRANSPOSED, BHSD, BHSD, sc, causal_flag, kind, String(""))
         return Term.transpose(Term.reshape(o4, IntVec(sq[0], sq[1], sq[3], sq[2], sv[3])), swap)
 
     yield from _raise(5, conditions, attn_swapped, with_bias=False, with_causal=False)
@@ -239,8 +239,8 @@ def fold_operand_transpose():
         minor_axes = (3, 2) if name == "v" else (3,)  # logical D (and S for V) may be minor
         for minor in minor_axes:
             yield rw(
-                Term.attention(moved["q"], moved["k"], moved["v"], m, qa, ka, va, oa, scale, causal, mk),
-                Term.attention(q, k, v, m, new_axes["q"], new_axes["k"], new_axes["v"], oa, scale, causal, mk),
+                Term.attention(moved["q"], moved["k"], moved["v"], m, qa, ka, va, oa, scale, causal, mk, cd),
+                Term.attention(q, k, v, m, new_axes["q"], new_axes["k"], new_axes["v"], oa, scale, causal, mk, cd),
                 p[axes[name][minor]] == i64(3),
             )
 
@@ -249,9 +249,9 @@ def fold_operand_transpose():
 def fold_output_transpose():
     """A transpose of attention's output is attention writing another layout (D minor)."""
     yield from asking(
-        Term.transpose(Term.attention(q, k, v, m, qa, ka, va, oa, scale, causal, mk), p), [oa[3] == p[3]],
+        Term.transpose(Term.attention(q, k, v, m, qa, ka, va, oa, scale, causal, mk, cd), p), [oa[3] == p[3]],
         "attention_out_fold", (oa, p, NONE, NONE), 1,
-        lambda oa2: Term.attention(q, k, v, m, qa, ka, va, oa2, scale, causal, mk),
+        lambda oa2: Term.attention(q, k, v, m, qa, ka, va, oa2, scale, causal, mk, cd),
     )
 
 
@@ -264,10 +264,10 @@ def expose_layouts():
     exposing them too would multiply the layout combinations of every attention node.)"""
     for target, order in ((BHSD, ivec([0, 1, 2, 3])), (BHDS, ivec([0, 1, 3, 2]))):
         yield rw(
-            Term.attention(q, k, v, m, qa, ka, va, oa, scale, causal, mk),
-            Term.attention(q, k, Term.transpose(v, order.map(lambda a: va[a])), m, qa, ka, target, oa, scale, causal, mk),
+            Term.attention(q, k, v, m, qa, ka, va, oa, scale, causal, mk, cd),
+            Term.attention(q, k, Term.transpose(v, order.map(lambda a: va[a])), m, qa, ka, target, oa, scale, causal, mk, cd),
         )
     yield from asking(
-        Term.attention(q, k, v, m, qa, ka, va, oa, scale, causal, mk), [], "inverse", (oa, NONE, NONE, NONE), 1,
-        lambda inv: Term.transpose(Term.attention(q, k, v, m, qa, ka, va, BHSD, scale, causal, mk), inv),
+        Term.attention(q, k, v, m, qa, ka, va, oa, scale, causal, mk, cd), [], "inverse", (oa, NONE, NONE, NONE), 1,
+        lambda inv: Term.transpose(Term.attention(q, k, v, m, qa, ka, va, BHSD, scale, causal, mk, cd), inv),
     )

@@ -43,7 +43,7 @@ def raise_dequantized():
                 lhs = Term.attention(
                     _dequantized(q, qs, s1, commuted), _dequantized(k, ks, s2, commuted),
                     _dequantized(v, vs, s3, commuted), Term.no_mask(), qa, ka, va, oa, scale, causal,
-                    String("none"))
+                    String("none"), String(""))
                 yield rw(
                     lhs,
                     Term.attention_fp8(q, k, v, qs, ks, vs, qa, ka, va, oa, scale, causal, dt),
@@ -117,7 +117,7 @@ def introduce_fp8():
     for half in ("bfloat16", "float16"):
         (q8, qsc), (k8, ksc), (v8, vsc) = quantized(q, s1), quantized(k, s2), quantized(v, s3)
         yield rw(
-            Term.attention(q, k, v, Term.no_mask(), qa, ka, va, oa, scale, causal, String("none")),
+            Term.attention(q, k, v, Term.no_mask(), qa, ka, va, oa, scale, causal, String("none"), String("")),
             Term.attention_fp8(q8, k8, v8, qsc, ksc, vsc, qa, ka, va, oa, scale, causal, String(half)),
             dtype(q) == String(half), dtype(k) == String(half), dtype(v) == String(half),
             shape(q) == s1, shape(k) == s2, shape(v) == s3,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from egglog import String, eq, f64, function, i64, ne, relation, set_, union, var
 
-from eqsat_attn.egraph.language import MAX_REGION_INPUTS, IntVec, Term, TermList, fused, shape
+from eqsat_attn.egraph.language import MAX_REGION_INPUTS, IntVec, Term, TermList, dtype, fused, shape
 from eqsat_attn.egraph.rulesets import RuleSet, rl, rw
 
 fusion = RuleSet("fusion", " ".join(__doc__.split("\n\n")[0].split()))
@@ -36,7 +36,7 @@ def vec_text(v: IntVec) -> String:
 e, x, y, a, b, c, k, v, m = (var(n, Term) for n in ("e", "x", "y", "a", "b", "c", "k", "v", "m"))
 p, s, d, lc, rc, lb, rb = (var(n, IntVec) for n in ("p", "s", "d", "lc", "rc", "lb", "rb"))
 qa, ka, va, oa, s2 = (var(n, IntVec) for n in ("qa", "ka", "va", "oa", "s2"))
-op, dt, dt2, mk, pt, st, dtx = (var(n, String) for n in ("op", "dt", "dt2", "mk", "pt", "st", "dtx"))
+op, dt, dt2, mk, pt, st, dtx, cd = (var(n, String) for n in ("op", "dt", "dt2", "mk", "pt", "st", "dtx", "cd"))
 ba, bb = var("ba", String), var("bb", String)
 n_pow, causal = var("n_pow", i64), var("causal", i64)
 val, scale, cval = var("val", f64), var("scale", f64), var("cval", f64)
@@ -74,7 +74,7 @@ def region_inputs():
     forms = [
         Term.input(i), Term.constant(i), Term.iota(dt, s, i), Term.dot(a, b, lc, rc, lb, rb, dt),
         Term.reduce(op, x, s), Term.reshape(x, s), Term.softmax(x), Term.select(a, b, c),
-        Term.attention(a, b, c, m, qa, ka, va, oa, scale, causal, mk), Term.output(x, i),
+        Term.attention(a, b, c, m, qa, ka, va, oa, scale, causal, mk, cd), Term.output(x, i),
         Term.slice(x, s, s2), Term.concat(parts, i),
         Term.packed_attention(x, m, qa, oa, scale, causal, mk),
         Term.attention_fp8(a, b, c, *q8s, qa, ka, va, oa, scale, causal, dt),
@@ -201,7 +201,9 @@ def _scalar(value, dtype, shape_) -> Term:
 def attention_prologue():
     """Attention of Q or K multiplied or divided by a scalar is attention with that factor in its
     scale; attention of V multiplied by a scalar is the scaled attention output."""
-    attn = lambda q_, k_, v_, sc: Term.attention(q_, k_, v_, m, qa, ka, va, oa, sc, causal, mk)  # noqa: E731
+    def attn(q_, k_, v_, sc, compute=cd):
+        return Term.attention(q_, k_, v_, m, qa, ka, va, oa, sc, causal, mk, compute)
+
     q = var("q", Term)
     for side in ("q", "k"):
         for form, factor in (
@@ -212,7 +214,40 @@ def attention_prologue():
             lhs = attn(form, k, v, scale) if side == "q" else attn(q, form, v, scale)
             rhs = attn(x, k, v, scale * factor) if side == "q" else attn(q, x, v, scale * factor)
             yield rw(lhs, rhs)
+    # (V's scale moves out only without a cast prologue: the output must stay in V's dtype)
     for form in (Term.binary("mul", x, _scalar(cval, dt2, s)), Term.binary("mul", _scalar(cval, dt2, s), x)):
-        yield rl(eq(e).to(attn(q, k, form, scale)), shape(e) == s2)(
-            union(e).with_(Term.binary("mul", attn(q, k, x, scale), _scalar(cval, dt2, s2)))
+        yield rl(eq(e).to(attn(q, k, form, scale, String(""))), shape(e) == s2)(
+            union(e).with_(Term.binary("mul", attn(q, k, x, scale, String("")), _scalar(cval, dt2, s2)))
         )
+
+
+CAST_DTYPES = ("float32", "bfloat16", "float16")
+"""Float types a folded cast may read and compute in (the kernels cast tiles between them)."""
+
+
+@fusion.family
+def attention_cast_prologue():
+    """Attention of Q, K or V cast to a float type is attention over the un-cast operand that
+    casts it to that type inside the kernel (its compute dtype), before the matmuls, so the values
+    are the same and the convert kernel and its intermediate write disappear; every operand of an
+    attention with a compute dtype is cast to it, so the first fold needs the other two already in
+    that dtype."""
+    q = var("q", Term)
+    operands = {"q": q, "k": k, "v": v}
+
+    def attn(args, compute):
+        return Term.attention(args["q"], args["k"], args["v"], m, qa, ka, va, oa, scale, causal, mk, compute)
+
+    for src in CAST_DTYPES:
+        for dst in CAST_DTYPES:
+            if src == dst:
+                continue
+            target = String(dst)
+            for name in operands:
+                cast = {n: (Term.convert(x, target) if n == name else t) for n, t in operands.items()}
+                folded = {n: (x if n == name else t) for n, t in operands.items()}
+                others = [dtype(t) == target for n, t in operands.items() if n != name]
+                # the first fold (no compute dtype yet: the other operands are already in dst) ...
+                yield rw(attn(cast, String("")), attn(folded, target), dtype(x) == String(src), *others)
+                # ... and the next ones (the compute dtype already casts every operand to dst)
+                yield rw(attn(cast, target), attn(folded, target), dtype(x) == String(src))

@@ -140,7 +140,7 @@ def packed_attention():
     q, k, v = (Term.reshape(Term.slice(pk, sts[i], lis[i]), s4) for i in range(3))
     bounds = sts[0].append(lis[0]).append(sts[1]).append(lis[1]).append(sts[2]).append(lis[2])
     yield from asking(
-        Term.attention(q, k, v, Term.no_mask(), qa, qa, qa, oa, scale, causal, String("none")),
+        Term.attention(q, k, v, Term.no_mask(), qa, qa, qa, oa, scale, causal, String("none"), String("")),
         [shape(pk) == sp, sp.length() == i64(5)], "packed_attention", (sp, bounds, qa, s4), 1,
         lambda pa: Term.packed_attention(pk, Term.no_mask(), pa, oa, scale, causal, String("none")),
     )

@@ -41,7 +41,10 @@ time = max(flops / (peak[dtype] x efficiency), bytes / bandwidth) + launch overh
   without D minor, and v with neither D nor S minor (relaid to the faster of the two V layouts,
   `relaid_v_layout`). The reference path is charged the same way (XLA relays such operands).
   Boolean masks run the reference (XLA) attention, as do all attentions of a model built with
-  ``attention_kernel="reference"``.
+  ``attention_kernel="reference"``. An attention with a ``compute_dtype`` (a cast of Q, K or V
+  folded in, rules/fusion.py) reads its operands in their own (wider) dtypes, once, and computes
+  at the compute dtype's rate: the converts it replaces (each writing its output) are gone. The
+  in-kernel tile casts are assumed free (ALU work hidden under the matmuls; not measured).
 """
 
 from __future__ import annotations
@@ -235,7 +238,7 @@ class RooflineModel:
         if minor == "S":
             return "transposed"
         # V must be relaid first; it is made whichever of the two the kernel runs faster
-        relaid = self.relaid_v_layout(node.inputs[0].dtype, bool(node.params.get("causal")))
+        relaid = self.relaid_v_layout(compute_dtype(node), bool(node.params.get("causal")))
         return "transposed" if relaid == "BHDS" else "standard"
 
     def relaid_v_layout(self, dtype: str, causal: bool) -> str:
@@ -262,8 +265,11 @@ class RooflineModel:
             flops *= 0.5
         nbytes = float(sum(t.nbytes for t in node.inputs) + out.nbytes)
         variant = self.attention_variant(node)
-        eff = d.attention_eff(q.dtype, variant, causal)
-        peak = d.peak(q.dtype) * eff
+        # a folded cast prologue: the kernel reads q, k, v in their own dtypes (the bytes above)
+        # and runs its matmuls in the compute dtype (the efficiency and peak of that dtype)
+        cdt = compute_dtype(node)
+        eff = d.attention_eff(cdt, variant, causal)
+        peak = d.peak(cdt) * eff
         # operands the kernel cannot read in place are transposed first (o: after), exactly as
         # lower_attention does; B and H may sit anywhere in every layout
         extra = 0.0
@@ -271,6 +277,11 @@ class RooflineModel:
             if layout[-1] not in minors:
                 extra += self._transpose_seconds(t.nbytes) + d.launch_overhead
         return Breakdown(flops, nbytes, flops / peak, nbytes / d.bandwidth, d.launch_overhead, extra, variant)
+
+
+def compute_dtype(node: OpView) -> str:
+    """The dtype an attention node's matmuls run in: its compute dtype (a folded cast), else q's."""
+    return str(node.params.get("compute_dtype") or node.inputs[0].dtype)
 
 
 def for_device(name: str, attention_kernel: str = "pallas") -> RooflineModel:

@@ -19,7 +19,7 @@ def _rules():
     x, a, b, c, e, m = (var(n, Term) for n in ("x", "a", "b", "c", "e", "m"))
     s, p, axes, lc, rc, lb, rb = (var(n, IntVec) for n in ("s", "p", "axes", "lc", "rc", "lb", "rb"))
     qa, ka, va, oa, out = (var(n, IntVec) for n in ("qa", "ka", "va", "oa", "out"))
-    op, dt, dt2, mk = (var(n, String) for n in ("op", "dt", "dt2", "mk"))
+    op, dt, dt2, mk, cd = (var(n, String) for n in ("op", "dt", "dt2", "mk", "cd"))
     y, dim, causal = (var(n, i64) for n in ("y", "dim", "causal"))
     val, scale = var("val", f64), var("scale", f64)
 
@@ -126,14 +126,16 @@ def _rules():
         ),
         set_(dtype(e)).to(dt),
     )
-    # attention: [B, H, Sq, Dv] placed by the output layout
-    att = Term.attention(a, b, c, m, qa, ka, va, oa, scale, causal, mk)
-    yield rule(eq(e).to(att), shape(a) == s, shape(c) == p, dtype(a) == dt, name="analysis.attention").then(
+    # attention: [B, H, Sq, Dv] placed by the output layout; dtype: q's, or the compute dtype
+    att = Term.attention(a, b, c, m, qa, ka, va, oa, scale, causal, mk, cd)
+    yield rule(eq(e).to(att), shape(a) == s, shape(c) == p, name="analysis.attention").then(
         set_(shape(e)).to(
             ivec([0, 0, 0, 0]).set(oa[0], s[qa[0]]).set(oa[1], s[qa[1]]).set(oa[2], s[qa[2]]).set(oa[3], p[va[3]])
         ),
-        set_(dtype(e)).to(dt),
     )
+    plain = Term.attention(a, b, c, m, qa, ka, va, oa, scale, causal, mk, String(""))
+    yield rule(eq(e).to(plain), dtype(a) == dt, name="analysis.attention_dtype").then(set_(dtype(e)).to(dt))
+    yield rule(eq(e).to(att), cd != String(""), name="analysis.attention_compute_dtype").then(set_(dtype(e)).to(cd))
     # fp8 attention: the same shape, dtype from its out_dtype
     qs, ks, vs = (var(n, Term) for n in ("qs", "ks", "vs"))
     att8 = Term.attention_fp8(a, b, c, qs, ks, vs, qa, ka, va, oa, scale, causal, mk)

@@ -17,7 +17,7 @@ ARG_KINDS: dict[str, tuple[str, ...]] = {
     "select": ("T", "T", "T"), "softmax": ("T",), "transpose": ("T", "vec"), "reshape": ("T", "vec"),
     "broadcast": ("T", "vec", "vec"), "reduce": ("str", "T", "vec"),
     "dot": ("T", "T", "vec", "vec", "vec", "vec", "str"),
-    "attention": ("T", "T", "T", "T", "vec", "vec", "vec", "vec", "f64", "i64", "str"),
+    "attention": ("T", "T", "T", "T", "vec", "vec", "vec", "vec", "f64", "i64", "str", "str"),
     "no_mask": (), "opaque": ("i64", "L"), "output": ("T", "i64"),
     "attention_fp8": ("T", "T", "T", "T", "T", "T", "vec", "vec", "vec", "vec", "f64", "i64", "str"),
     "slice": ("T", "vec", "vec"), "concat": ("L", "i64"),
@@ -25,6 +25,9 @@ ARG_KINDS: dict[str, tuple[str, ...]] = {
 }
 # fused regions (issue 7): a body text, then the region's inputs
 ARG_KINDS.update({f"fused{n}": ("str",) + ("T",) * n for n in range(7)})
+
+# Position of the mask kind among `Term.attention`'s statics (the compute dtype follows it).
+ATTENTION_MASK_KIND = 6
 
 # Constructors that cost nothing to extract: leaves, and nodes that only name other values.
 FREE_CTORS = frozenset({"no_mask", "opaque", "output", "input", "literal", "constant", "iota"})
@@ -38,7 +41,7 @@ def split_args(ctor: str, args: list[Any]) -> tuple[list[Any], list[Any]]:
     kinds = ARG_KINDS[ctor]
     tensors = [a for k, a in zip(kinds, args, strict=True) if k == "T"]
     statics = [a for k, a in zip(kinds, args, strict=True) if k not in ("T", "L")]
-    if ctor == "attention" and statics[-1] == "none":
+    if ctor == "attention" and statics[ATTENTION_MASK_KIND] == "none":
         tensors = tensors[:3]
     if ctor == "packed_attention" and statics[-1] == "none":
         tensors = tensors[:1]
@@ -77,7 +80,10 @@ def op_params(ctor: str, statics: list[Any]) -> tuple[str, dict[str, Any]]:
             "preferred_element_type": out_dtype or None,
         }
     if ctor == "attention":
-        return "attention", {**_attention_params(*statics[:6]), "mask_kind": statics[6]}
+        params = {**_attention_params(*statics[:6]), "mask_kind": statics[6]}
+        if statics[7]:  # a cast prologue folded in; absent by default, so plain attention is unchanged
+            params["compute_dtype"] = statics[7]
+        return "attention", params
     if ctor == "attention_fp8":
         return "attention_fp8", {**_attention_params(*statics[:6]), "out_dtype": statics[6]}
     if ctor == "slice":

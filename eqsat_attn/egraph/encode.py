@@ -173,6 +173,7 @@ def _term(node: ir.Node, args: list[bindings.Var], enc: Encoding, egg: _Egg) -> 
             "attention", args[0], args[1], args[2], mask,
             *(vec(layout_to_axes(p[f"{n}_layout"])) for n in "qkvo"),
             egg.f64(float(p["scale"])), egg.i64(int(bool(p["causal"]))), egg.string(p["mask_kind"]),
+            egg.string(str(p.get("compute_dtype") or "")),
         )
     if op == "attention_fp8":
         return c(

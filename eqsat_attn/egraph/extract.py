@@ -82,7 +82,7 @@ def enode_view(egraph: EGraph, expr: Any, enc: Encoding, cache: dict | None = No
         return None
     args = get_callable_args(expr)
     tensor_args = [a for a in args if isinstance(a, Term)]
-    if ctor == "attention" and _py_cached(args[-1], cache) == "none":  # the mask operand is Term.no_mask()
+    if ctor == "attention" and _py_cached(args[-2], cache) == "none":  # the mask operand is Term.no_mask()
         tensor_args = tensor_args[:3]
     if ctor == "packed_attention" and _py_cached(args[-1], cache) == "none":
         tensor_args = tensor_args[:1]

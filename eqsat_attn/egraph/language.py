@@ -82,8 +82,12 @@ class Term(Expr):
     def attention(
         cls, q: Term, k: Term, v: Term, mask: Term, q_axes: IntVec, k_axes: IntVec,
         v_axes: IntVec, o_axes: IntVec, scale: f64Like, causal: i64Like, mask_kind: StringLike,
+        compute_dtype: StringLike,
     ) -> Term:
-        """Scaled dot-product attention; ``*_axes`` are axis positions of (B, H, S, D)."""
+        """Scaled dot-product attention; ``*_axes`` are axis positions of (B, H, S, D).
+
+        ``compute_dtype`` "" computes in the operands' dtype; a dtype name casts q, k and v to it
+        inside the kernel (a cast prologue folded in, rules/fusion.py), which is the result's dtype."""
 
     @classmethod
     def attention_fp8(

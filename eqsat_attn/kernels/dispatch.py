@@ -46,6 +46,7 @@ def attention(
     q_layout: str = "BHSD",
     k_layout: str = "BHSD",
     o_layout: str = "BHSD",
+    compute_dtype: str | None = None,
 ) -> jax.Array:
     """The Attention op (semantics: `attention_reference`) on the chosen kernel.
 
@@ -53,9 +54,11 @@ def attention(
     "pallas" runs in interpret mode off-GPU and reads the layouts in place when
     `kernel_supports_layouts` says so (else it raises ValueError: transpose first); the reference
     takes any layouts. A boolean `mask` is not a kernel input: calls with one always run the
-    reference (an additive bias is handled by the kernel).
+    reference (an additive bias is handled by the kernel). ``compute_dtype``: q, k and v are cast
+    to it inside the kernel (the Pallas kernel casts each loaded tile), result in that dtype.
     """
-    layouts = dict(q_layout=q_layout, k_layout=k_layout, v_layout=v_layout, o_layout=o_layout)
+    layouts = dict(q_layout=q_layout, k_layout=k_layout, v_layout=v_layout, o_layout=o_layout,
+                   compute_dtype=compute_dtype)
     if chosen_kernel(kernel, has_mask=mask is not None) == "pallas":
         return flash_attention(q, k, v, scale=scale, causal=causal, bias=bias, **layouts)
     return attention_reference(q, k, v, scale=scale, causal=causal, bias=bias, mask=mask, **layouts)

@@ -110,6 +110,13 @@ class _Config:
     # descale and written in out_dtype. None: the kernel's dtypes as given, output in q.dtype.
     descaled: bool = False
     out_dtype: str | None = None
+    # a folded cast prologue: q, k, v (and dO) tiles are cast to this dtype right after each load,
+    # before any matmul; the output is written in it (gradients in their operands' dtypes)
+    compute_dtype: str | None = None
+
+    def cast(self, x):
+        """A loaded tile in the compute dtype (unchanged without a cast prologue)."""
+        return x if self.compute_dtype is None else x.astype(self.compute_dtype)
 
     @property
     def v_transposed(self) -> bool:
@@ -263,7 +270,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config, sk: int, nq: int, has_
     bq, bk = cfg.block_q, cfg.block_k
     # Causal: walk query blocks heaviest-first so the long rows start early.
     qi = nq - 1 - pl.program_id(0) if cfg.causal else pl.program_id(0)
-    q = q_ref[...]
+    q = cfg.cast(q_ref[...])
     dv = o_ref.shape[-1]
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     nk = -(-sk // bk)  # key tiles holding at least one real key
@@ -277,7 +284,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config, sk: int, nq: int, has_
     def body(j, carry, masked: bool):
         acc, m, l = carry
         start = pl.multiple_of(j * bk, bk)
-        kt = k_ref[pl.ds(start, bk), :]
+        kt = cfg.cast(k_ref[pl.ds(start, bk), :])
         s = lax.dot_general(q, kt, (((1,), (1,)), ((), ())), precision=precision,
                             preferred_element_type=jnp.float32)
         s = s * qk_scale
@@ -295,10 +302,10 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config, sk: int, nq: int, has_
         p = jnp.exp2(s - (m_new[:, None] - shift) if cfg.descaled else s - m_new[:, None])
         l = alpha * l + p.sum(axis=1)
         if not cfg.v_transposed:
-            vt = v_ref[pl.ds(start, bk), :]
+            vt = cfg.cast(v_ref[pl.ds(start, bk), :])
             dims = (((1,), (0,)), ((), ()))
         else:  # V^T tile [Dv, bk]: contract the key axis of both operands.
-            vt = v_ref[:, pl.ds(start, bk)]
+            vt = cfg.cast(v_ref[:, pl.ds(start, bk)])
             dims = (((1,), (1,)), ((), ()))
         pv = lax.dot_general(p.astype(vt.dtype), vt, dims, precision=precision, preferred_element_type=jnp.float32)
         return acc * alpha[:, None] + pv, m_new, l
@@ -351,7 +358,7 @@ def _forward(q, k, v, bias, cfg: _Config, descales: tuple[jax.Array, jax.Array] 
         for x in descales:
             in_specs.append(pl.BlockSpec((1, 1), lambda i, bi, hi: (0, 0)))
             args.append(jnp.asarray(x, jnp.float32).reshape(1, 1))
-    out_dtype = cfg.out_dtype or q.dtype
+    out_dtype = cfg.out_dtype or cfg.compute_dtype or q.dtype
     out_specs = [_spec(ol, {"S": bq, "D": dv_p}, q_idx), _spec("BHS", {"S": bq}, q_idx)]
     out_shape = [jax.ShapeDtypeStruct(layout_shape(ol, {"B": b, "H": h, "S": sq_p, "D": dv_p}), out_dtype),
                  jax.ShapeDtypeStruct((b, h, sq_p), jnp.float32)]
@@ -455,8 +462,8 @@ def _bwd_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_
     """dK, dV for one key tile of one kv head: stream query tiles of all heads in its group."""
     bq, bk = cfg.bwd_blocks[0], cfg.bwd_blocks[1]
     kj = pl.program_id(0)
-    k = k_ref[...]
-    v = v_ref[...]  # [bk, Dv] (D minor) or V^T [Dv, bk] (S minor)
+    k = cfg.cast(k_ref[...])
+    v = cfg.cast(v_ref[...])  # [bk, Dv] (D minor) or V^T [Dv, bk] (S minor)
     # q / dO / delta blocks hold the group's heads: [groups, Sq, ...] or [Sq, groups, ...]
     q_h_first = cfg.q_layout.index("H") < cfg.q_layout.index("S")
     o_h_first = cfg.o_layout.index("H") < cfg.o_layout.index("S")
@@ -476,7 +483,7 @@ def _bwd_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_
         dk, dv = carry
         start = pl.multiple_of(i * bq, bq)
         rows = pl.ds(start, bq)
-        q = _group_rows(q_ref, g, rows, q_h_first)
+        q = cfg.cast(_group_rows(q_ref, g, rows, q_h_first))
         do = _group_rows(do_ref, g, rows, o_h_first)
         lse = lse_ref[g, rows]  # log2 units
         delta = _group_rows(delta_ref, g, rows, o_h_first)
@@ -513,7 +520,7 @@ def _bwd_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
     """dQ for one query tile of one head: stream its kv head's key tiles."""
     bq, bk = cfg.bwd_blocks[2], cfg.bwd_blocks[3]
     qi = pl.program_id(0)
-    q, do = q_ref[...], do_ref[...]
+    q, do = cfg.cast(q_ref[...]), do_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     qk_scale = cfg.scale * LOG2E
@@ -526,7 +533,7 @@ def _bwd_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
 
     def body(j, dq, masked: bool):
         start = pl.multiple_of(j * bk, bk)
-        k = k_ref[pl.ds(start, bk), :]
+        k = cfg.cast(k_ref[pl.ds(start, bk), :])
         p = jnp.exp2(_dot(q, k, 1, 1, precision) * qk_scale - lse[:, None])
         if masked:
             cols = start + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
@@ -535,9 +542,9 @@ def _bwd_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
                 keep = keep & (qi * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0) >= cols)
             p = jnp.where(keep, p, 0.0)
         if not cfg.v_transposed:
-            dp = _dot(do, v_ref[pl.ds(start, bk), :], 1, 1, precision)
+            dp = _dot(do, cfg.cast(v_ref[pl.ds(start, bk), :]), 1, 1, precision)
         else:
-            dp = _dot(do, v_ref[:, pl.ds(start, bk)], 1, 0, precision)
+            dp = _dot(do, cfg.cast(v_ref[:, pl.ds(start, bk)]), 1, 0, precision)
         ds = p * (dp - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k, 1, 0, precision)
 
@@ -561,7 +568,7 @@ def _backward_pallas(cfg: _Config, q, k, v, o, lse, do):
     qp = _pad_to(q, ql, {"S": sq_p, "D": d_p})
     kp = _pad_to(k, kl, {"S": sk_p, "D": d_p})
     vp = _pad_to(v, vl, {"S": sk_p, "D": dv_p})
-    dop = _pad_to(do.astype(q.dtype), ol, {"S": sq_p, "D": dv_p})
+    dop = _pad_to(do.astype(cfg.compute_dtype or q.dtype), ol, {"S": sq_p, "D": dv_p})
     lse2 = _pad_axis(lse * LOG2E, 2, sq_p)
     deltap = _pad_to(delta, dl, {"S": sq_p})
     args = (qp, kp, vp, dop, lse2, deltap)
@@ -629,7 +636,11 @@ def _flash_bwd(cfg: _Config, res, do):
     q, k, v, bias, o, lse = res
     if cfg.backward == "pallas" and bias is None:
         return (*_backward_pallas(cfg, q, k, v, o, lse, do), None)
-    return _backward(cfg, *res, do)
+    if cfg.compute_dtype is None:
+        return _backward(cfg, *res, do)
+    # plain-JAX recomputation: on the cast operands, gradients cast back (as the unfused cast's vjp)
+    dq, dk, dv, dbias = _backward(cfg, *(cfg.cast(x) for x in (q, k, v)), bias, o, lse, do)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -653,6 +664,7 @@ def flash_attention(
     q_layout: str = "BHSD",
     k_layout: str = "BHSD",
     o_layout: str = "BHSD",
+    compute_dtype: str | None = None,
 ) -> jax.Array:
     """Pallas flash attention with the semantics of `attention_reference` (no bool mask).
 
@@ -666,7 +678,10 @@ def flash_attention(
     override the forward kernel's Triton settings (bench/tune_attention.py sweeps all four). `interpret=None` runs
     interpret mode unless the default backend is a GPU. `backward`: "pallas" (dK/dV and dQ
     kernels) or "jax" (blockwise recomputation in plain JAX); calls with a bias always use
-    "jax", which also yields the bias gradient.
+    "jax", which also yields the bias gradient. ``compute_dtype`` (a folded cast prologue): the
+    kernels read q, k, v in their own dtypes and cast every loaded tile to it before the matmuls
+    (the values of ``flash_attention(q.astype(dt), ...)``, without the converted copies); the
+    output is in it, the gradients in q's, k's and v's own dtypes.
     """
     if backward not in BACKWARDS:
         raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
@@ -686,5 +701,6 @@ def flash_attention(
     warps, stages = num_warps or warps, num_stages or stages
     cfg = _Config(float(scale), bool(causal), v_layout, bq, bk, warps, stages, bool(interpret),
                   backward, bwd_blocks, bwarps, bstages, q_layout=q_layout, k_layout=k_layout,
-                  o_layout=o_layout)
+                  o_layout=o_layout,
+                  compute_dtype=None if compute_dtype is None else jnp.dtype(compute_dtype).name)
     return _flash(q, k, v, bias, cfg)

@@ -70,8 +70,12 @@ def attention_reference(
     q_layout: str = "BHSD",
     k_layout: str = "BHSD",
     o_layout: str = "BHSD",
+    compute_dtype: str | None = None,
 ) -> jax.Array:
     """softmax((q @ k^T) * scale + bias, masked) @ v, returned in ``o_layout`` in q.dtype.
+
+    ``compute_dtype`` (a folded cast prologue): q, k and v are first cast to it, exactly as
+    ``attention_reference(q.astype(dt), k.astype(dt), v.astype(dt))``; the result has that dtype.
 
     Each operand is stored in its own layout, a permutation of "BHSD" giving its physical axis
     order: q [B,H,Sq,D] and k [B,Hkv,Sk,D] by default; v [B,Hkv,Sk,Dv] ("BHSD") or [B,Hkv,Dv,Sk]
@@ -81,6 +85,8 @@ def attention_reference(
     whatever the operand layouts). Plain JAX: layouts are einsum subscripts, no explicit copies.
     """
     check_layout("o_layout", o_layout)
+    if compute_dtype is not None:
+        q, k, v = (x.astype(compute_dtype) for x in (q, k, v))
     b, h, hkv, sq, sk, d, dv = check_shapes(q, k, v, v_layout, q_layout=q_layout, k_layout=k_layout)
     g = h // hkv
     hq = q_layout.index("H")  # split query heads into (kv head, group) in place
