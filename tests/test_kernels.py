@@ -457,3 +457,88 @@ def test_flash_layouts_with_bias_use_the_jax_backward():
     assert_close(o, want[0], 2e-5, "o")
     for name, got, w in zip("qkv", vjp(do), want[1:]):
         assert_close(got, w, 1e-4, f"d{name}")
+
+
+# --- compute dtype: a cast prologue folded into the kernel -----------------------------------
+
+CAST_CASES = [
+    # v_layout, causal, h, hkv, sq, sk, d, cast operands (the others are given in bf16)
+    ("BHSD", False, 4, 2, 40, 40, 16, "qkv"),  # ragged tail, GQA
+    ("BHDS", True, 2, 1, 56, 40, 16, "qkv"),  # transposed V, causal, Sq > Sk
+    ("BHDS", False, 2, 2, 32, 48, 32, "v"),  # only V read in f32
+    ("BHSD", True, 2, 2, 48, 32, 16, "qk"),
+]
+
+
+def _cast_inputs(seed, v_layout, h, hkv, sq, sk, d, wide):
+    """q, k, v with the operands named in ``wide`` in float32 (the others bfloat16), dO in bf16."""
+    _, q, k, v, do = make_inputs(seed, 1, h, hkv, sq, sk, d, d, v_layout, jnp.float32)
+    q, k, v = (x if n in wide else x.astype(jnp.bfloat16) for n, x in zip("qkv", (q, k, v)))
+    return q, k, v, do.astype(jnp.bfloat16)
+
+
+@pytest.mark.parametrize("v_layout,causal,h,hkv,sq,sk,d,wide", CAST_CASES)
+def test_flash_compute_dtype_casts_tiles_in_kernel(v_layout, causal, h, hkv, sq, sk, d, wide):
+    """flash_attention(q, k, v, compute_dtype=bf16) on f32 operands computes exactly what the
+    kernel computes on the operands cast first (forward bit for bit); its gradients match the
+    cast-first program's and the float64 expectation on the bf16-rounded operands, in the
+    operands' own dtypes."""
+    q, k, v, do = _cast_inputs(11, v_layout, h, hkv, sq, sk, d, wide)
+    kw = dict(scale=d ** -0.5, causal=causal, v_layout=v_layout, block_q=16, block_k=16, interpret=True)
+    bf = lambda x: x.astype(jnp.bfloat16)  # noqa: E731
+    fused = lambda q, k, v: flash_attention(q, k, v, compute_dtype="bfloat16", **kw)  # noqa: E731
+    cast_first = lambda q, k, v: flash_attention(bf(q), bf(k), bf(v), **kw)  # noqa: E731
+    o, vjp = jax.vjp(fused, q, k, v)
+    o_ref, vjp_ref = jax.vjp(cast_first, q, k, v)
+    assert o.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(o, np.float32), np.asarray(o_ref, np.float32))
+    ref = attention_reference(q, k, v, scale=kw["scale"], causal=causal, v_layout=v_layout, compute_dtype="bfloat16")
+    assert ref.dtype == jnp.bfloat16
+    assert_close(o, np.asarray(ref, np.float32), 2e-2, "o vs reference")
+    want = np_attention(*(np.asarray(bf(x), np.float32) for x in (q, k, v, do)), scale=kw["scale"], causal=causal,
+                        v_layout=v_layout)
+    for name, got, same, w, x in zip("qkv", vjp(do), vjp_ref(do), want[1:4], (q, k, v)):
+        assert got.dtype == x.dtype, name
+        assert_close(got, np.asarray(jnp.asarray(same, jnp.float32)), 3e-2, f"d{name} vs cast first")
+        assert_close(got, w, 3e-2, f"d{name}")
+
+
+def test_flash_compute_dtype_reads_operands_without_converting_them():
+    """The f32 operands go into the kernel as they are: no convert outside it."""
+    q, k, v, _ = _cast_inputs(12, "BHDS", 2, 2, 32, 32, 16, "qkv")
+    jaxpr = jax.make_jaxpr(lambda q, k, v: flash_attention(
+        q, k, v, scale=0.5, causal=False, v_layout="BHDS", compute_dtype="bfloat16", interpret=True))(q, k, v)
+    outside = [e.primitive.name for e in _walk(jaxpr.jaxpr, into_kernels=False)]
+    assert "convert_element_type" not in outside and outside.count("pallas_call") == 1
+    (call,) = [e for e in _walk(jaxpr.jaxpr, into_kernels=False) if e.primitive.name == "pallas_call"]
+    assert [str(x.aval.dtype) for x in call.invars] == ["float32"] * 3
+
+
+def test_flash_compute_dtype_with_bias_uses_the_jax_backward():
+    q, k, v, do = _cast_inputs(13, "BHSD", 2, 1, 24, 40, 16, "qkv")
+    bias = rand(np.random.default_rng(14), (2, 24, 1))
+    kw = dict(scale=0.3, causal=True, bias=bias, block_q=16, block_k=16, interpret=True)
+    bf = lambda x: x.astype(jnp.bfloat16)  # noqa: E731
+    o, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, compute_dtype="bfloat16", **kw), q, k, v)
+    o_ref, vjp_ref = jax.vjp(lambda q, k, v: flash_attention(bf(q), bf(k), bf(v), **kw), q, k, v)
+    np.testing.assert_array_equal(np.asarray(o, np.float32), np.asarray(o_ref, np.float32))
+    for name, got, want, x in zip("qkv", vjp(do), vjp_ref(do), (q, k, v)):
+        assert got.dtype == x.dtype
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=f"d{name}")
+
+
+@pytest.mark.skipif(on_gpu, reason="the GPU tests compile the real kernels")
+@pytest.mark.parametrize("v_layout", ["BHSD", "BHDS"])
+def test_compute_dtype_kernels_lower_to_triton(monkeypatch, v_layout):
+    """The forward and both backward kernels with f32 operands cast to bf16 in-kernel lower to
+    Triton IR (tiles are loaded as f32 and cast before the matmuls)."""
+    _pretend_hopper(monkeypatch)
+    sizes = lambda hh: {"B": 1, "H": hh, "S": 1000, "D": 64}  # noqa: E731
+    q = jax.ShapeDtypeStruct(layout_shape("BHSD", sizes(4)), jnp.float32)
+    k = jax.ShapeDtypeStruct(layout_shape("BHSD", sizes(2)), jnp.float32)
+    v = jax.ShapeDtypeStruct(layout_shape(v_layout, sizes(2)), jnp.float32)
+    fn = lambda q, k, v: flash_attention(q, k, v, scale=0.1, causal=True, v_layout=v_layout,  # noqa: E731
+                                         compute_dtype="bfloat16", interpret=False)
+    loss = lambda q, k, v: fn(q, k, v).astype(jnp.float32).sum()  # noqa: E731
+    text = jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 3  # forward, dK/dV, dQ
