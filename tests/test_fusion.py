@@ -77,6 +77,22 @@ def _attention_program(scale_on: str):
     return capture(fn, *args).program
 
 
+def p_attention_cast(cast: str = "qkv", to: str = "bfloat16"):
+    """Attention (already raised) over Q, K, V given in f32 and cast to ``to``: the operands named
+    in ``cast`` are converts of f32 inputs, the others values computed in ``to`` (tanh). Long
+    enough (S=512, D=64) for the H100 roofline to find the attention compute-bound: there the
+    folded form is strictly cheaper (memory-bound, its wider reads cost what the converts wrote)."""
+    b = B()
+    shape = (1, 2, 512, 64)
+    ops = []
+    for name in "qkv":
+        x = b.op("convert_element_type", b.input(*shape), new_dtype=to)
+        ops.append(x if name in cast else b.op("tanh", x))
+    params = dict(q_layout="BHSD", k_layout="BHSD", v_layout="BHSD", o_layout="BHSD", scale=0.35, causal=True,
+                  mask_kind="none")
+    return b.build(b.op("attention", *ops, **params))
+
+
 FAMILIES = {
     "fusion.region_inputs": (p_chain, ["fusion"], PreferFused()),
     "fusion.vector_text": (p_chain, ["fusion"], PreferFused()),
@@ -86,6 +102,7 @@ FAMILIES = {
     "fusion.shared_inputs": (p_shared, ["fusion"], PreferFused()),
     "fusion.epilogue": (p_epilogue, ["fusion"], PreferFused()),
     "fusion.attention_prologue": (lambda: _attention_program("q"), WITH_FUSION, for_device("h100")),
+    "fusion.attention_cast_prologue": (p_attention_cast, WITH_FUSION, for_device("h100")),
 }
 
 
@@ -220,3 +237,116 @@ def test_v_transpose_goes_into_its_bias_and_rotary_region():
     assert after.count("transpose") == 0
     assert any(r.body == v_node["body"] for r in rep.fused_regions)
     assert "fused region" in rep.summary()
+
+
+# ----------------------------------------------------------------------------- cast prologue
+
+
+def _attention_nodes(program: ir.Program) -> list[ir.Node]:
+    return [program.nodes[i] for i in program.live_nodes() if program.nodes[i].op == "attention"]
+
+
+@pytest.mark.parametrize("cast,to", [("qkv", "bfloat16"), ("q", "bfloat16"), ("kv", "float16"), ("v", "bfloat16")])
+def test_cast_prologue_folds_into_attention_with_the_same_values(cast, to):
+    """The casts are folded (the chosen attention reads the f32 inputs and computes in ``to``),
+    and the result equals the original bit for bit on random inputs (the kernel casts first)."""
+    program = p_attention_cast(cast, to)
+    result = optimize_program(program, OptimizeOptions(rules=WITH_FUSION, cost_model=for_device("h100"), limits=LIMITS))
+    assert result.rules_fired.get("fusion.attention_cast_prologue", 0) > 0
+    (att,) = _attention_nodes(result.program)
+    assert att["compute_dtype"] == to and att.type.dtype == to
+    assert result.program.count("convert_element_type") == 3 - len(cast)  # only those under the tanh stay
+    assert [result.program.type_of(i).dtype for i in att.inputs] == ["float32" if n in cast else to for n in "qkv"]
+    assert result.program.output_types == program.output_types
+    assert_same_values(program, result.program, rtol=0, atol=0)
+
+
+def test_cast_to_the_operands_own_dtype_or_from_an_integer_is_not_folded():
+    """Only float-to-float casts fold: an integer operand cast to bf16 keeps its convert."""
+    b = B()
+    q = b.op("convert_element_type", b.input(2, 2, 16, 8, dtype="int32"), new_dtype="bfloat16")
+    k, v = (b.op("convert_element_type", b.input(2, 2, 16, 8), new_dtype="bfloat16") for _ in range(2))
+    program = b.build(b.op("attention", q, k, v, q_layout="BHSD", k_layout="BHSD", v_layout="BHSD", o_layout="BHSD",
+                           scale=0.5, causal=False, mask_kind="none"))
+    result = optimize_program(program, OptimizeOptions(rules=WITH_FUSION, cost_model=for_device("h100"), limits=LIMITS))
+    (att,) = _attention_nodes(result.program)
+    assert result.program.type_of(att.inputs[0]).dtype == "bfloat16"  # q's int32 -> bf16 convert stays
+    assert result.program.nodes[att.inputs[0]].op == "convert_element_type"
+    assert_same_values(program, result.program, rtol=0, atol=0)
+
+
+def test_roofline_prices_the_folded_cast_below_convert_then_attention():
+    """Folded: the attention reads the f32 operands once and computes at the bf16 rate; unfused:
+    three converts write bf16 copies, then attention reads them."""
+    model = for_device("h100")
+    f32, bf16 = (ir.TensorType((4, 32, 2048, 128), dt) for dt in ("float32", "bfloat16"))
+    params = dict(q_layout="BHSD", k_layout="BHSD", v_layout="BHSD", o_layout="BHSD", scale=0.1, causal=True,
+                  mask_kind="none")
+    plain = ea.cost.OpView("attention", ir.Params(params), (bf16,) * 3, bf16)
+    folded = ea.cost.OpView("attention", ir.Params({**params, "compute_dtype": "bfloat16"}), (f32,) * 3, bf16)
+    convert = ea.cost.OpView("convert_element_type", ir.Params({"new_dtype": "bfloat16"}), (f32,), bf16)
+    br = model.breakdown(folded)
+    assert br.bytes == 3 * f32.nbytes + bf16.nbytes  # the wider inputs, read once
+    assert br.compute_s == pytest.approx(model.breakdown(plain).compute_s)  # the bf16 rate, not f32's
+    assert model.node_cost(folded) < model.node_cost(plain) + 3 * model.node_cost(convert)
+
+
+BT2, S2, H2, D2 = 1, 512, 2, 64  # compute-bound attention under the H100 roofline
+
+
+def cast_block(x, wq, wk, wv):
+    """f32 projections cast to bf16 right before attention (V as [B, S, H, D])."""
+    def split(t):
+        return t.reshape(BT2, S2, H2, D2).astype(jnp.bfloat16)
+
+    q, k, v = split(x @ wq), split(x @ wk), split(x @ wv)
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (D2 ** -0.5)
+    return jnp.einsum("bhqk,bkhd->bhqd", jax.nn.softmax(s, axis=-1), v)
+
+
+def _cast_block_args():
+    keys = jax.random.split(jax.random.PRNGKey(5), 4)
+    shapes = [(BT2, S2, H2 * D2)] + [(H2 * D2, H2 * D2)] * 3
+    x, *ws = [jax.random.normal(k_, s_) for k_, s_ in zip(keys, shapes)]
+    return [x, *(w * (H2 * D2) ** -0.5 for w in ws)]  # unit-scale q, k, v: bf16 scores stay accurate
+
+
+def test_jax_casts_fold_and_the_report_says_so():
+    """attention(q.astype(bf16), k.astype(bf16), v.astype(bf16)) from JAX code: the chosen program
+    has no converts, its attention computes in bf16 over the f32 projections, the Report shows the
+    folded cast, and the values equal those of the program with the casts left unfused."""
+    args = _cast_block_args()
+    limits = Limits(iterations=30, seconds=60)
+    folded = ea.optimize(cast_block, rules=WITH_FUSION, cost_model=for_device("h100"), limits=limits)
+    unfolded = ea.optimize(cast_block, cost_model=for_device("h100"), limits=limits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        rep = folded.explain(*args)
+        got, plain = np.asarray(folded(*args)), np.asarray(unfolded(*args))
+    (info,) = rep.attention
+    assert info.compute_dtype == "bfloat16" and set(info.cast_operands) == {"q:f32", "k:f32", "v:f32"}
+    assert "cast prologue folded" in rep.summary()
+    assert rep.after.count("convert_element_type") == 0
+    assert rep.rules_fired.get("fusion.attention_cast_prologue", 0) > 0
+    assert got.dtype == plain.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(got.astype(np.float32), plain.astype(np.float32))
+    want = np.asarray(cast_block(*args), np.float32)  # XLA's bf16 matmuls and softmax: bf16 tolerance
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=3e-2, atol=3e-2)
+
+
+def test_transposed_v_is_reachable_through_the_folded_cast():
+    """With the cast folded, V's transpose still bubbles into its f32 projection: the attention
+    reads f32 V in the transposed-V layout and casts it in-kernel."""
+    args = _cast_block_args()
+    model = PreferTransposedV(for_device("h100"))
+    optimized = ea.optimize(cast_block, rules=WITH_FUSION, cost_model=model, limits=Limits(iterations=30, seconds=60))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        rep = optimized.explain(*args)
+        got = np.asarray(optimized(*args), np.float32)
+    (info,) = rep.attention
+    assert info.v_layout == "BHDS" and info.compute_dtype == "bfloat16"
+    (att,) = _attention_nodes(rep.after)
+    assert rep.after.type_of(att.inputs[2]).dtype == "float32"
+    assert rep.after.count("transpose") == 0 and rep.after.count("convert_element_type") == 0
+    np.testing.assert_allclose(got, np.asarray(cast_block(*args), np.float32), rtol=3e-2, atol=3e-2)
