@@ -4,7 +4,8 @@ priced as one kernel that reads its inputs and writes its output once; a transpo
 is the region writing the other layout, so the transpose of V bubbles into an elementwise
 producer (bias add, rotary embedding, scale, cast) as it does into a projection matmul. The
 unfused ops stay in the e-graph; extraction chooses. A scale on attention's Q or K folds into
-the attention scale, and a scale on V moves to its output.
+the attention scale, a scale on V moves to its output, and a cast of Q, K or V to a float type
+folds into the attention's compute dtype (the kernel casts its tiles).
 
 Regions grow from their inputs towards their consumers: a region's inputs are values no
 region computes (program inputs, constants, matmuls, reductions, reshapes, softmax,

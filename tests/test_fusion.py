@@ -261,7 +261,16 @@ def test_cast_prologue_folds_into_attention_with_the_same_values(cast, to):
     assert_same_values(program, result.program, rtol=0, atol=0)
 
 
-def test_cast_to_the_operands_own_dtype_or_from_an_integer_is_not_folded():
+def test_cast_prologue_is_chosen_by_the_ilp_extractor_too():
+    program = p_attention_cast("qkv")
+    options = OptimizeOptions(rules=WITH_FUSION, cost_model=for_device("h100"), limits=LIMITS, extractor="ilp")
+    result = optimize_program(program, options)
+    (att,) = _attention_nodes(result.program)
+    assert att["compute_dtype"] == "bfloat16" and result.program.count("convert_element_type") == 0
+    assert_same_values(program, result.program, rtol=0, atol=0)
+
+
+def test_a_cast_from_an_integer_is_not_folded():
     """Only float-to-float casts fold: an integer operand cast to bf16 keeps its convert."""
     b = B()
     q = b.op("convert_element_type", b.input(2, 2, 16, 8, dtype="int32"), new_dtype="bfloat16")
