@@ -1,8 +1,9 @@
 """Soundness sweep: random well-shaped programs keep their values through the optimizer.
 
 Each example is a random `ir.Program` over transposes, reshapes (split/merge), broadcasts,
-unary and binary elementwise ops, scalar constants, integer powers, casts, reductions and
-dot_general (with batch dimensions), ranks 1-5 and dimensions 1-4. It is optimized with the
+unary and binary elementwise ops, scalar constants, integer powers, casts, reductions,
+dot_general (with batch dimensions) and attention over Q, K, V cast to bf16 or f16 (a cast
+prologue to fold), ranks 1-5 and dimensions 1-4. It is optimized with the
 default rule sets; then an e-graph saturated with the default rule sets and `fusion` is
 extracted under several cost models that pick different members (fused regions among them);
 every program extracted must equal the original in value on random normal inputs.
@@ -150,6 +151,27 @@ class _Gen:
         half = self.b.add("convert_element_type", (x,), ir.TensorType(self.shape(x), "float16"), new_dtype="float16")
         return self.add("convert_element_type", [half], new_dtype=F32)
 
+    def attention(self, x):
+        """Attention over Q, K, V cast from f32 to bf16 or f16 (some of them computed in that dtype
+        instead), read back as f32: the cast prologue folds into the attention's compute dtype.
+        Q is x when x is [B, H, S, D], else a new input."""
+        draw = self.draw
+        q = x if len(self.shape(x)) == 4 else self.input([draw(st.integers(1, 2)), draw(st.integers(1, 2)),
+                                                          draw(st.integers(1, 4)), draw(st.integers(1, 4))])
+        b, h, _, d = self.shape(q)
+        sk, dv = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+        half = draw(st.sampled_from(["bfloat16", "float16"]))
+        cast = draw(st.sets(st.sampled_from("qkv"), min_size=1))
+        operands = []
+        for name, t in zip("qkv", (q, self.input([b, h, sk, d]), self.input([b, h, sk, dv]))):
+            t = self.b.add("convert_element_type", (t,), ir.TensorType(self.shape(t), half), new_dtype=half)
+            operands.append(t if name in cast else self.b.add("tanh", (t,), self.type(t)))
+        params = dict(q_layout="BHSD", k_layout="BHSD", v_layout="BHSD", o_layout="BHSD",
+                      scale=draw(st.sampled_from([0.5, 1.0])), causal=draw(st.booleans()), mask_kind="none")
+        out = self.b.add("attention", operands, ir.infer_type("attention", params, [self.type(t) for t in operands]),
+                         **params)
+        return self.add("convert_element_type", [out], new_dtype=F32)
+
     def maybe_transposed(self, x):
         """x, or (half the time) a transpose of it, so the rules that move transposes apply."""
         if len(self.shape(x)) >= 2 and self.draw(st.booleans()):
@@ -230,7 +252,10 @@ def _perms_matching(src_shape, dst_shape):
     return out
 
 
-OPS = ["transpose", "reshape", "broadcast", "unary", "binary", "binary", "reduce", "reduce", "dot", "scalar", "power", "cast"]
+OPS = [
+    "transpose", "reshape", "broadcast", "unary", "binary", "binary", "reduce", "reduce", "dot", "scalar", "power", "cast",
+    "attention",
+]
 
 
 @st.composite
@@ -316,7 +341,9 @@ def test_random_programs_keep_their_values(soundness_examples):
             f"transpose.{n}" for n in
             ("compose", "identity", "unary", "binary", "broadcast", "reduce", "reshape", "dot_output", "dot_operand")
         } | {"canonical.dot_canonical", "canonical.dot_commute", "canonical.reshape"} | {
-            f"fusion.{n}" for n in ("region_inputs", "leaves", "unary", "binary", "shared_inputs", "epilogue")
+            f"fusion.{n}" for n in (
+                "region_inputs", "leaves", "unary", "binary", "shared_inputs", "epilogue", "attention_cast_prologue",
+            )
         }
         assert expected <= fired, f"never fired: {sorted(expected - fired)}"
 
