@@ -341,6 +341,15 @@ def test_jax_casts_fold_and_the_report_says_so():
     np.testing.assert_array_equal(got.astype(np.float32), plain.astype(np.float32))
     want = np.asarray(cast_block(*args), np.float32)  # XLA's bf16 matmuls and softmax: bf16 tolerance
     np.testing.assert_allclose(got.astype(np.float32), want, rtol=3e-2, atol=3e-2)
+    # gradients flow through the in-kernel cast to the f32 projections as through the converts
+    loss = lambda fn: lambda *a: fn(*a).astype(jnp.float32).sum()  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        g_folded = jax.grad(loss(folded), argnums=(1, 2, 3))(*args)
+        g_plain = jax.grad(loss(unfolded), argnums=(1, 2, 3))(*args)
+    for a, b in zip(g_folded, g_plain):
+        assert a.dtype == b.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
 def test_transposed_v_is_reachable_through_the_folded_cast():
