@@ -210,7 +210,9 @@ def grouped_attention():
     merged = IntVec(sq[0], sq[1] * sq[2], sq[3], sq[4])  # [B, H, Sq, D]
 
     def attn(sc, causal_flag: int, mask: Term, kind: str) -> Term:
-        o4 = Term.attention(Term.reshape(q, merged), k, v, mask, BHSD, K_TRANSPOSED, BHSD, BHSD, sc, causal_flag, kind, String(""))
+        o4 = Term.attention(
+            Term.reshape(q, merged), k, v, mask, BHSD, K_TRANSPOSED, BHSD, BHSD, sc, causal_flag, kind, String("")
+        )
         return Term.reshape(o4, IntVec(sq[0], sq[1], sq[2], sq[3], sv[3]))
 
     yield from _raise(5, conditions, attn, with_bias=False)
@@ -265,7 +267,9 @@ def expose_layouts():
     for target, order in ((BHSD, ivec([0, 1, 2, 3])), (BHDS, ivec([0, 1, 3, 2]))):
         yield rw(
             Term.attention(q, k, v, m, qa, ka, va, oa, scale, causal, mk, cd),
-            Term.attention(q, k, Term.transpose(v, order.map(lambda a: va[a])), m, qa, ka, target, oa, scale, causal, mk, cd),
+            Term.attention(
+                q, k, Term.transpose(v, order.map(lambda a: va[a])), m, qa, ka, target, oa, scale, causal, mk, cd
+            ),
         )
     yield from asking(
         Term.attention(q, k, v, m, qa, ka, va, oa, scale, causal, mk, cd), [], "inverse", (oa, NONE, NONE, NONE), 1,
