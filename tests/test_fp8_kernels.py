@@ -225,3 +225,23 @@ def test_bench_fp8_cpu_smoke(tmp_path):
         assert name in text
     assert "FAIL" not in text and text.count("| ok |") >= 5
     assert "vs ours fp8 standard" in text
+
+
+def test_bench_end_to_end_fp8_cpu_smoke(tmp_path):
+    """bench/end_to_end.py --fp8 at a tiny shape: the Flax (flax's fp8_ops.qdq) and hand-written
+    fp8 blocks are raised to fp8 attention, run on the Pallas fp8 kernel (interpret mode) and
+    agree with jax.jit of the same block; the page says device, date and command."""
+    mod = load_bench("end_to_end", "bench_end_to_end_fp8")
+    out = tmp_path / "e2e-fp8.md"
+    assert mod.main(["--cpu-smoke", "--fp8", "--reps", "1", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "- device: " in text and "- date: " in text and "- command: `python bench/end_to_end.py --cpu-smoke --fp8" in text
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("| ") and "fp8 |" in line]
+    assert len(rows) == 8 and "FAIL" not in text
+    for group in ("flax fp8", "hand-written fp8"):
+        steered = [r for r in rows if r[0] == group and r[1] == mod.STEERED]
+        assert len(steered) == 1
+        _, _, _, _, _, err, rel, check, fp8_ops, _, _ = steered[0]
+        assert check == "ok" and fp8_ops == "1"
+        assert 0 < float(rel) <= mod.FP8_BLOCK_RTOL  # the kernel's P rounding shows; within tolerance
