@@ -3,7 +3,7 @@
 # run the named stages, each under its own time limit, logs and result pages under $OUT.
 #
 #   bench/gpu_session.sh check attention-quick      # kernel tests compiled on the GPU + quick bench
-#   stages: check | final-check | attention | attention-quick | e2e | e2e-fp8 | cost-model | tune | tune-backward | qkv
+#   stages: check | final-check | attention | attention-quick | e2e | e2e-fp8 | cost-model | tune | tune-fp8 | tune-backward | qkv
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -26,6 +26,7 @@ for stage in "$@"; do
         tests/test_fp8_kernels.py tests/test_packed_attention.py 2>&1 | tee "$OUT/final-check.log" | tail -15 ;;
     qkv) timeout 150 python3 bench/qkv_layouts.py --reps 10 --out "$OUT/qkv-layouts.md" 2>&1 | tail -30 ;;
     tune-backward) timeout 300 python3 bench/tune_backward.py --head-dims 128 --out "$OUT/tune-backward.md" 2>&1 | tail -40 ;;
+    tune-fp8) timeout 330 python3 bench/tune_attention.py --fp8 --quick --out "$OUT/tune-fp8.md" 2>&1 | tail -40 ;;
     tune) timeout 330 python3 bench/tune_attention.py --quick --out "$OUT/tune.md" 2>&1 | tail -40 ;;
     *) echo "unknown stage $stage" ;;
   esac

@@ -61,6 +61,7 @@ def check(got, want, what, atol=FP8_ATOL, rtol=FP8_RTOL):
 @pytest.mark.parametrize("h,hkv,sq,sk,d,blocks", [
     (2, 2, 128, 128, 64, (32, 32)),  # several key tiles, fully masked causal tiles skipped
     (4, 2, 100, 77, 40, (None, None)),  # ragged lengths, GQA, head dim padded to 64
+    (2, 2, 300, 300, 64, (64, 256)),  # 256-key tiles (bench/tune_attention.py --fp8 sweeps them)
 ])
 def test_fp8_forward_matches_float64(v_layout, causal, h, hkv, sq, sk, d, blocks):
     x8, scales, do = fp8_inputs(3, 1, h, hkv, sq, sk, d, v_layout)
@@ -182,10 +183,12 @@ def test_fp8_kernel_lowers_to_triton(monkeypatch, v_layout, causal):
     v = jax.ShapeDtypeStruct((1, 2, 128, 1000) if v_layout == "BHDS" else (1, 2, 1000, 128), E4M3)
     k = jax.ShapeDtypeStruct((1, 2, 1000, 128), E4M3)
     sc = jax.ShapeDtypeStruct((), jnp.float32)
-    fn = lambda q, k, v, a, b, c: flash_attention_fp8(q, k, v, a, b, c, scale=0.1, causal=causal,
-                                                      v_layout=v_layout, interpret=False)
-    text = jax.jit(fn).trace(q, k, v, sc, sc, sc).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 1
+    for blocks in ((None, None), (128, 256)):
+        fn = lambda q, k, v, a, b, c: flash_attention_fp8(  # noqa: E731
+            q, k, v, a, b, c, scale=0.1, causal=causal, v_layout=v_layout, interpret=False,
+            block_q=blocks[0], block_k=blocks[1], num_warps=8, num_stages=2)
+        text = jax.jit(fn).trace(q, k, v, sc, sc, sc).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("__gpu$xla.gpu.triton") == 1
 
 
 @pytest.mark.skipif(on_gpu, reason="the GPU test compiles the real kernel")

@@ -33,6 +33,12 @@ plain-JAX recomputation (chunked over queries) on the float32-dequantized operan
 Extra error of the Pallas backward vs the float64 gradients on the dequantized operands: the
 forward's o (P rounded to e4m3, through delta = rowsum(o·dO)) and the bf16 roundings of the
 operands, which shift the recomputed scores by about |s|·2^-8 against the forward's lse.
+
+Speed (H100, bench/results/fp8-kernel-h100-2026-11-25.md: 202-270 TFLOP/s, below our bf16
+kernel): the Triton IR has fp8 operands in both dots, the transposed-V P·V reads K-major Vᵀ
+tiles (what fp8 wgmma needs, no shuffle) and P is cast to e4m3 before P·V; the standard layout's
+N-major V tiles are not fp8-wgmma operands. What is owed on a GPU (tile sweep with 256-key tiles,
+PTX check of P's layout conversion) is listed in bench/results/README.md, "Owed (GPU)".
 """
 
 from __future__ import annotations
@@ -160,6 +166,8 @@ def flash_attention_fp8(
     v_layout: str = "BHSD",
     block_q: int | None = None,
     block_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     interpret: bool | None = None,
     q_layout: str = "BHSD",
     k_layout: str = "BHSD",
@@ -175,11 +183,14 @@ def flash_attention_fp8(
     [B,H,Sq,Dv] in ``out_dtype`` (bf16). Float32 accumulation in both matmuls; P is cast to V's
     fp8 dtype with a fixed power-of-two scale. Differentiable: ``backward="pallas"`` runs the
     bf16 Pallas backward kernels on bf16-dequantized operands, ``"jax"`` a float32 plain-JAX
-    recomputation (module docstring). block_q / block_k also set the backward's tiles.
+    recomputation (module docstring). block_q / block_k (powers of two >= 32) also set the
+    backward's tiles; num_warps / num_stages override the forward's Triton settings
+    (bench/tune_attention.py --fp8 sweeps all four).
     """
     q, k, v, scales, cfg, (_, dv) = _prepare(
         q, k, v, q_scale, k_scale, v_scale, scale=scale, causal=causal, v_layout=v_layout,
-        block_q=block_q, block_k=block_k, interpret=interpret, q_layout=q_layout,
+        block_q=block_q, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
+        interpret=interpret, q_layout=q_layout,
         k_layout=k_layout, o_layout=o_layout, out_dtype=out_dtype, backward=backward)
     o = _flash_fp8(q, k, v, *scales, cfg)
     return _crop(o, o_layout, {"D": dv})
@@ -211,6 +222,8 @@ def _prepare(
     v_layout: str = "BHSD",
     block_q: int | None = None,
     block_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     interpret: bool | None = None,
     q_layout: str = "BHSD",
     k_layout: str = "BHSD",
@@ -249,6 +262,7 @@ def _prepare(
     v = _pad_to(v, v_layout, {"D": dv_min})
     bq1, bk1, bq2, bk2, bwarps, bstages = bwd_block_sizes(sq, sk, max(d_min, dv_min))
     bwd_blocks = (block_q or bq1, block_k or bk1, block_q or bq2, block_k or bk2)
+    warps, stages = num_warps or warps, num_stages or stages
     cfg = _Config(float(scale), bool(causal), v_layout, bq, bk, warps, stages, bool(interpret),
                   backward, bwd_blocks, bwarps, bstages, q_layout=q_layout, k_layout=k_layout,
                   o_layout=o_layout, descaled=True, out_dtype=jnp.dtype(out_dtype).name)
