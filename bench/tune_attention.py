@@ -2,11 +2,15 @@
 and num_stages per head dim, causal flag and V layout, on the GPU.
 
     python bench/tune_attention.py [--seq 4096] [--out bench/results/tune-attention-<device>-<date>.md]
+    python bench/tune_attention.py --fp8 [--quick]   # issue 10: the fp8 kernel, D128, block_k up to 256
 
 Every configuration is compiled ahead of time on a thread pool (compilation dominates a sweep),
 checked against the float32 reference on batch 0 heads 0-1, then timed serially: median of
 --reps calls after warm-up. The page lists the best configurations per case and the table entry
-they imply for `BLOCK_TABLE` in eqsat_attn/kernels/flash_attention.py.
+they imply for `BLOCK_TABLE` in eqsat_attn/kernels/flash_attention.py. ``--fp8`` sweeps the fp8
+kernel (q, k, v quantized per tensor to e4m3, both V layouts, D128 causal and not, block_k up to
+256: an fp8 tile takes half the shared memory of a bf16 one, so larger key tiles fit), checked against the reference on the dequantized operands with the fp8
+tolerance; it feeds `FP8_BLOCK_TABLE` in eqsat_attn/kernels/fp8_attention.py.
 """
 
 from __future__ import annotations
@@ -27,15 +31,23 @@ for p in (ROOT, ROOT / "bench"):
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from attention import ERR_TOL, Shape, make_inputs, reference_subset, time_fn  # noqa: E402
+from attention import (ERR_TOL, Shape, add_fp8_inputs, fp8_reference_subset, make_inputs,  # noqa: E402
+                       reference_subset, time_fn)
 from common import RESULTS, device_tag, header, require_gpu, write_results  # noqa: E402
 
 from eqsat_attn.kernels import flash_attention  # noqa: E402
+from eqsat_attn.kernels.fp8_attention import FP8_ATOL, FP8_RTOL, flash_attention_fp8  # noqa: E402
 
 BLOCKS_Q = (64, 128)
 BLOCKS_K = (32, 64, 128)
 WARPS = (4, 8)
 STAGES = (2, 3, 4)
+FP8_BLOCKS_K = (64, 128, 256)  # fp8 blocks are >= 32; 256-key tiles fit in fp8's shared memory
+
+
+def fp8_configs(quick: bool) -> list[tuple[int, int, int, int]]:
+    stages = (2, 3) if quick else STAGES
+    return list(itertools.product(BLOCKS_Q, FP8_BLOCKS_K, WARPS, stages))
 
 
 def configs(quick: bool) -> list[tuple[int, int, int, int]]:
@@ -43,19 +55,33 @@ def configs(quick: bool) -> list[tuple[int, int, int, int]]:
     return list(itertools.product(BLOCKS_Q, ks, WARPS, STAGES))
 
 
-def sweep_case(shape: Shape, v_layout: str, cfgs, reps: int) -> list[dict]:
+def sweep_case(shape: Shape, v_layout: str, cfgs, reps: int, fp8: bool = False) -> list[dict]:
     """Compile every config in parallel, then check and time each one."""
     a = make_inputs(shape)
-    ref = reference_subset(shape, a)
-    v = a["v"] if v_layout == "BHSD" else a["vt"]
-    args = (a["q"], a["k"], v)
+    if fp8:
+        a = add_fp8_inputs(a)
+        ref, vmax = fp8_reference_subset(shape, a)
+        args = (a["q8"], a["k8"], a["v8"] if v_layout == "BHSD" else a["vt8"], *a["scales"])
+        kernel = flash_attention_fp8
+    else:
+        ref = reference_subset(shape, a)
+        args = (a["q"], a["k"], a["v"] if v_layout == "BHSD" else a["vt"])
+        kernel = flash_attention
 
     def build(cfg):
         bq, bk, warps, stages = cfg
-        fn = functools.partial(flash_attention, scale=shape.d ** -0.5, causal=shape.causal,
+        fn = functools.partial(kernel, scale=shape.d ** -0.5, causal=shape.causal,
                                v_layout=v_layout, block_q=bq, block_k=bk, num_warps=warps,
                                num_stages=stages)
         return jax.jit(fn).lower(*args).compile()
+
+    def correct(out) -> tuple[bool, float]:
+        diff = jnp.abs(out[:1, :2].astype(jnp.float32) - ref)
+        if fp8:
+            tol = FP8_ATOL * vmax + FP8_RTOL * float(jnp.abs(ref).max())  # as bench/attention.py --fp8
+            return float(diff.max()) <= tol, float(diff.max())
+        err = float(diff.max())
+        return err <= ERR_TOL * (1.0 + float(jnp.abs(ref).max())), err
 
     rows = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=12) as pool:
@@ -65,8 +91,8 @@ def sweep_case(shape: Shape, v_layout: str, cfgs, reps: int) -> list[dict]:
         try:
             compiled = fut.result()
             out = jax.block_until_ready(compiled(*args))
-            err = float(jnp.abs(out[:1, :2].astype(jnp.float32) - ref).max())
-            if not err <= ERR_TOL * (1.0 + float(jnp.abs(ref).max())):
+            ok, err = correct(out)
+            if not ok:
                 row.update(tflops=None, note=f"wrong (err {err:.2e})")
             else:
                 secs = time_fn(lambda _: compiled(*args), None, 2, reps)
@@ -103,24 +129,30 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--top", type=int, default=4)
-    p.add_argument("--quick", action="store_true", help="block_k 64 and 128 only")
+    p.add_argument("--quick", action="store_true", help="block_k 64 and 128 only (--fp8: stages 2 and 3)")
+    p.add_argument("--fp8", action="store_true", help="sweep the fp8 kernel (D128) instead of the bf16 one")
     p.add_argument("--out", type=pathlib.Path, default=None)
     args = p.parse_args(argv)
     require_gpu("bench/tune_attention.py", cpu_smoke=False)
     cases = {}
-    for d, causal, v_layout in itertools.product((128, 64), (False, True), ("BHSD", "BHDS")):
+    head_dims = (128,) if args.fp8 else (128, 64)
+    for d, causal, v_layout in itertools.product(head_dims, (False, True), ("BHSD", "BHDS")):
         shape = Shape(4, 32, args.seq, d, causal)
-        label = f"D{d} {'causal' if causal else 'full'} V {v_layout}"
-        cases[label] = sweep_case(shape, v_layout, configs(args.quick), args.reps)
+        label = f"{'fp8 ' if args.fp8 else ''}D{d} {'causal' if causal else 'full'} V {v_layout}"
+        cfgs = fp8_configs(args.quick) if args.fp8 else configs(args.quick)
+        cases[label] = sweep_case(shape, v_layout, cfgs, args.reps, fp8=args.fp8)
         best = max((r["tflops"] or 0 for r in cases[label]), default=0)
         print(f"{label}: best {best:.1f} TFLOP/s", flush=True)
-    lines = header("Flash-attention forward tile sweep (issue 5)",
-                   "python bench/tune_attention.py " + " ".join(argv))
-    lines += [f"- shapes: bf16 B4 H32 S{args.seq}; median of {args.reps} calls after 2 warm-up", ""]
+    title = "fp8 flash-attention forward tile sweep (issue 10)" if args.fp8 else \
+        "Flash-attention forward tile sweep (issue 5)"
+    lines = header(title, "python bench/tune_attention.py " + " ".join(argv))
+    operands = "q, k, v float8_e4m3fn (per-tensor scales), bf16 out" if args.fp8 else "bf16"
+    lines += [f"- shapes: {operands}, B4 H32 S{args.seq}; median of {args.reps} calls after 2 warm-up", ""]
     lines += render(cases, args.top)
     text = "\n".join(lines) + "\n"
     print(text)
-    default = f"tune-attention-{device_tag()}-{dt.date.today().isoformat()}.md"
+    kind = "tune-attention-fp8" if args.fp8 else "tune-attention"
+    default = f"{kind}-{device_tag()}-{dt.date.today().isoformat()}.md"
     write_results(text, args.out, default)
     return args.out or RESULTS / default
 

@@ -1,7 +1,8 @@
 """Capture: a JAX function -> jaxpr -> `ir.Program`.
 
 Call-like equations (``jit``/``pjit``, ``closed_call``, ``core_call``, and the primal of
-``custom_jvp_call``) are inlined; ``custom_vjp_call`` stays opaque. The ops named in `ir` become
+``custom_jvp_call``) are inlined; ``custom_vjp_call`` stays opaque unless its primal casts to
+float8 (an fp8 quantize-dequantize, e.g. flax's ``fp8_ops.in_qdq``). The ops named in `ir` become
 first-class nodes, with implicit broadcasts (rank-0 operands, size-1 dimensions) made
 explicit as ``broadcast_in_dim``. Everything else becomes one ``opaque`` node, re-bound
 unchanged by lowering, with one ``opaque_output`` node per result.
@@ -32,7 +33,15 @@ _CALL_PRIMITIVES: dict[str, tuple[str, ...]] = {
 # custom_vjp calls stay opaque: their backward is user code (clipping, straight-through
 # estimators) that inlining the primal would silently drop. custom_jvp calls are inlined so
 # the rules see their primal (jax.nn.relu, user activations); the decorator then takes
-# derivatives from the original function (`Captured.custom_jvp_inlined`).
+# derivatives from the original function (`Captured.custom_jvp_inlined`). The one exception
+# is a custom_vjp whose primal casts to float8: fp8 libraries (flax's fp8_ops) wrap their
+# quantize-dequantize in one (straight-through backward, scale updates), and the fp8 rules
+# must see it; its derivatives then come from the original function in the same way.
+_CUSTOM_VJP_PRIMITIVES: dict[str, tuple[str, ...]] = {
+    "custom_vjp_call": ("call_jaxpr", "fun_jaxpr"),
+    "custom_vjp_call_jaxpr": ("fun_jaxpr", "call_jaxpr"),
+}
+_FP8_DTYPES = frozenset({"float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"})
 _REDUCE_PARAMS_OK = ("axes",)
 _ALIAS_PRIMITIVES = frozenset({"copy"})
 
@@ -54,7 +63,7 @@ class Captured:
     static_argnums: tuple[int, ...] = ()
     hoisted_consts: tuple[Any, ...] = ()
     closed_jaxpr: Any = None  # the traced function itself (its custom derivative rules intact)
-    custom_jvp_inlined: bool = False
+    custom_jvp_inlined: bool = False  # a custom_jvp (or an fp8 custom_vjp) was inlined
 
     def flat_args(self, *args: Any, **kwargs: Any) -> list[Any]:
         """The flat inputs of ``program`` for a call with these (full) arguments."""
@@ -144,9 +153,10 @@ def capture(fn: Callable[..., Any], *args: Any, static_argnums: int | Sequence[i
 
 
 def _uses_custom_jvp(jaxpr: Any) -> bool:
-    """Whether a custom_jvp call is inlined anywhere in ``jaxpr`` (nested calls included)."""
+    """Whether a custom_jvp call (or an fp8 custom_vjp) is inlined anywhere in ``jaxpr``
+    (nested calls included)."""
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "custom_jvp_call":
+        if eqn.primitive.name == "custom_jvp_call" or _fp8_custom_vjp_body(eqn) is not None:
             return True
         if eqn.primitive.name in _CALL_PRIMITIVES:
             for name in _CALL_PRIMITIVES[eqn.primitive.name]:
@@ -206,9 +216,35 @@ def _read(builder: ProgramBuilder, env: dict[Any, int], atom: Any) -> int:
     return env[atom]
 
 
+def _fp8_custom_vjp_body(eqn: Any) -> tuple[Any, list[Any]] | None:
+    """(jaxpr, consts) of a custom_vjp call whose primal casts to float8, else None."""
+    names = _CUSTOM_VJP_PRIMITIVES.get(eqn.primitive.name)
+    if names is None:
+        return None
+    body = _call_body(eqn, names)
+    return body if body is not None and _casts_to_fp8(body[0]) else None
+
+
+def _casts_to_fp8(jaxpr: Any) -> bool:
+    """Whether ``jaxpr`` (or a call inside it) converts a value to a float8 dtype."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "convert_element_type" and str(eqn.params.get("new_dtype")) in _FP8_DTYPES:
+            return True
+        body = _call_body(eqn, _CALL_PRIMITIVES.get(eqn.primitive.name, ()))
+        if body is not None and _casts_to_fp8(body[0]):
+            return True
+    return False
+
+
 def _inner_jaxpr(eqn: Any) -> tuple[Any, list[Any]] | None:
     """(jaxpr, consts) of an inlinable call equation, or None if it cannot be inlined."""
-    for name in _CALL_PRIMITIVES.get(eqn.primitive.name, ()):
+    return _call_body(eqn, _CALL_PRIMITIVES.get(eqn.primitive.name, ())) or _fp8_custom_vjp_body(eqn)
+
+
+def _call_body(eqn: Any, names: Sequence[str]) -> tuple[Any, list[Any]] | None:
+    """(jaxpr, consts) held by the first of ``names`` in ``eqn``'s parameters, when it matches
+    the equation's inputs and outputs."""
+    for name in names:
         inner = eqn.params.get(name)
         if inner is None:
             continue

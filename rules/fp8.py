@@ -1,6 +1,6 @@
 """fp8 attention: raise attention whose Q, K and V are dequantized fp8 tensors
-(``x8.astype(dt) * s`` with a rank-0 scale s, the dequantize of flax's fp8 ops and of explicit
-convert_element_type code) to one fp8 Attention that takes the fp8 tensors and their scales as
+(``x8.astype(dt) * s`` with a one-element scale s, rank 0 or flax's ``(1,)``: the dequantize of
+flax's fp8 ops and of explicit convert_element_type code) to one fp8 Attention that takes the fp8 tensors and their scales as
 operands, and relate its layouts through transposes like `attention_layout`, so the cost model
 can read V transposed ([B, H, D, S], what Hopper's fp8 matrix instructions want) from a producer
 that writes it: the transpose then moves through the quantize (a cast and scalar ops, which the
@@ -15,7 +15,7 @@ from eqsat_attn.egraph.rulesets import RuleSet, rw
 
 fp8_attention = RuleSet("fp8_attention", " ".join(__doc__.split("\n\n")[0].split()))
 
-q, k, v, m = (var(n, Term) for n in ("q", "k", "v", "m"))
+q, k, v, m, x = (var(n, Term) for n in ("q", "k", "v", "m", "x"))
 qs, ks, vs = (var(n, Term) for n in ("qs", "ks", "vs"))
 qa, ka, va, oa, p = (var(n, IntVec) for n in ("qa", "ka", "va", "oa", "p"))
 s1, s2, s3 = (var(n, IntVec) for n in ("s1", "s2", "s3"))
@@ -31,6 +31,36 @@ def _dequantized(x8: Term, s: Term, out_shape: IntVec, commuted: bool) -> Term:
     scale_b = Term.broadcast(s, out_shape, NONE)
     conv = Term.convert(x8, dt)
     return Term.binary("mul", scale_b, conv) if commuted else Term.binary("mul", conv, scale_b)
+
+
+@fp8_attention.family
+def single_element_scale():
+    """A broadcast of a one-element array (a ``(1,)`` scale, as flax's fp8 ops keep them) is the
+    broadcast of that element as a scalar, so a dequantize by it is a dequantize by a scalar."""
+    for rank in range(1, 5):
+        yield rw(
+            Term.broadcast(x, s1, p),
+            Term.broadcast(Term.reshape(x, NONE), s1, NONE),
+            shape(x) == ivec([1] * rank),
+        )
+
+
+@fp8_attention.family
+def scalar_into_scale():
+    """A dequantized fp8 tensor multiplied or divided by a rank-0 value c (flax's attention
+    divides Q by sqrt(depth)) is the dequantize with its scale multiplied or divided by c."""
+    c = var("c", Term)
+    for fp8 in FP8:
+        for commuted in (False, True):
+            deq = _dequantized(x, qs, s1, commuted)
+            c_b = Term.broadcast(c, s1, NONE)
+            for op, lhs in (("mul", Term.binary("mul", deq, c_b)), ("mul", Term.binary("mul", c_b, deq)),
+                            ("div", Term.binary("div", deq, c_b))):
+                yield rw(
+                    lhs,
+                    Term.binary("mul", Term.convert(x, dt), Term.broadcast(Term.binary(op, qs, c), s1, NONE)),
+                    dtype(x) == String(fp8), shape(qs) == NONE, shape(c) == NONE, dtype(c) == dt,
+                )
 
 
 @fp8_attention.family

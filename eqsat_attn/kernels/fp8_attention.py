@@ -19,11 +19,26 @@ V may be [B,H,S,D] ("BHSD") or, the layout fp8 wants on Hopper, [B,H,D,S] ("BHDS
 matrix instructions take both operands K-major, and for P·V the reduction runs over keys, so a
 Vᵀ tile [D, block_k] read from a [B,H,D,S] array is K-major with no shuffle.
 
-Backward: Pallas has no fp8 backward kernel here. `flash_attention_fp8` is a custom_vjp whose
-backward dequantizes q, k, v to float32 and runs the kernel module's plain-JAX recomputation
-(float32, chunked over queries) from the forward's log-sum-exp. Cotangents of the fp8 operands
-come back in their fp8 dtype (JAX's rule: a cotangent has its primal's dtype), those of the
-descales in float32.
+Backward (``backward="pallas"``, the default): FlashAttention-3's recipe, an fp8 forward with a
+bf16 backward. The custom_vjp's backward dequantizes q, k and v to bfloat16 (``x8 · s`` in float32,
+rounded once to bf16) and runs the bf16 Pallas backward kernels of flash_attention.py (one over
+key tiles for dK and dV, one over query tiles for dQ; both V layouts, causal, GQA) on them, with
+the forward's bf16 output and float32 log-sum-exp as residuals and dO in bf16. Inside the kernels
+the matmuls take bf16 operands with float32 accumulation, P and dS are recomputed in float32
+and cast to bf16 for their matmuls, and dQ, dK, dV (gradients w.r.t. the dequantized operands)
+are written in bf16. Cotangents of the fp8 operands are then ``g · s`` in their fp8 dtype (JAX's
+rule: a cotangent has its primal's dtype, so they carry e4m3's 3-bit mantissa and underflow
+below 2^-9), those of the descales ``sum(g · x8)`` in float32. ``backward="jax"``: the float32
+plain-JAX recomputation (chunked over queries) on the float32-dequantized operands instead.
+Extra error of the Pallas backward vs the float64 gradients on the dequantized operands: the
+forward's o (P rounded to e4m3, through delta = rowsum(o·dO)) and the bf16 roundings of the
+operands, which shift the recomputed scores by about |s|·2^-8 against the forward's lse.
+
+Speed (H100, bench/results/fp8-kernel-h100-2026-11-25.md: 202-270 TFLOP/s, below our bf16
+kernel): the Triton IR has fp8 operands in both dots, the transposed-V P·V reads K-major Vᵀ
+tiles (what fp8 wgmma needs, no shuffle) and P is cast to e4m3 before P·V; the standard layout's
+N-major V tiles are not fp8-wgmma operands. What is owed on a GPU (tile sweep with 256-key tiles,
+PTX check of P's layout conversion) is listed in bench/results/README.md, "Owed (GPU)".
 """
 
 from __future__ import annotations
@@ -34,8 +49,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from .flash_attention import (LOG2E, _backward, _Config, _crop, _forward, _next_pow2,
-                              _pad_to, block_sizes, kernel_layout_error)
+from .flash_attention import (BACKWARDS, LOG2E, _backward, _backward_pallas, _Config, _crop,
+                              _forward, _next_pow2, _pad_to, block_sizes, bwd_block_sizes,
+                              kernel_layout_error)
 from .reference import attention_reference, check_shapes
 
 #: fp8 dtypes of the op; e4m3 for the forward operands, e5m2 where a backward wants range.
@@ -112,16 +128,26 @@ def _flash_fp8_fwd(q, k, v, q_scale, k_scale, v_scale, cfg: _Config):
 
 def _flash_fp8_bwd(cfg: _Config, res, do):
     q, k, v, q_scale, k_scale, v_scale, o, lse = res
+    grads = dequantized_grads(cfg, q, k, v, q_scale, k_scale, v_scale, o, lse, do)
     f32 = jnp.float32
-    deq = [dequantize(x, s) for x, s in ((q, q_scale), (k, k_scale), (v, v_scale))]
-    plain = dataclasses.replace(cfg, descaled=False, out_dtype=None)
-    grads = _backward(plain, *deq, None, o.astype(f32), lse, do.astype(f32))[:3]
     out = []
     for x8, s, g in zip((q, k, v), (q_scale, k_scale, v_scale), grads):
-        out.append((g * s).astype(x8.dtype))
+        out.append((g.astype(f32) * s).astype(x8.dtype))
     for x8, s, g in zip((q, k, v), (q_scale, k_scale, v_scale), grads):
-        out.append(jnp.sum(g * x8.astype(f32)).reshape(jnp.shape(s)).astype(f32))
+        out.append(jnp.sum(g.astype(f32) * x8.astype(f32)).reshape(jnp.shape(s)).astype(f32))
     return tuple(out)
+
+
+def dequantized_grads(cfg: _Config, q, k, v, q_scale, k_scale, v_scale, o, lse, do):
+    """dQ, dK, dV w.r.t. the dequantized operands (q8·sq, k8·sk, v8·sv), in their layouts: the
+    bf16 Pallas backward kernels on bf16-dequantized operands, or (cfg.backward == "jax") the
+    float32 plain-JAX recomputation."""
+    plain = dataclasses.replace(cfg, descaled=False, out_dtype=None)
+    if cfg.backward == "jax":
+        deq = [dequantize(x, s) for x, s in ((q, q_scale), (k, k_scale), (v, v_scale))]
+        return _backward(plain, *deq, None, o.astype(jnp.float32), lse, do.astype(jnp.float32))[:3]
+    deq = [dequantize(x, s, jnp.bfloat16) for x, s in ((q, q_scale), (k, k_scale), (v, v_scale))]
+    return _backward_pallas(plain, *deq, o.astype(jnp.bfloat16), lse, do.astype(jnp.bfloat16))
 
 
 _flash_fp8.defvjp(_flash_fp8_fwd, _flash_fp8_bwd)
@@ -140,11 +166,14 @@ def flash_attention_fp8(
     v_layout: str = "BHSD",
     block_q: int | None = None,
     block_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     interpret: bool | None = None,
     q_layout: str = "BHSD",
     k_layout: str = "BHSD",
     o_layout: str = "BHSD",
     out_dtype=OUT_DTYPE,
+    backward: str = "pallas",
 ) -> jax.Array:
     """Pallas fp8 flash attention; semantics of `attention_reference_fp8`.
 
@@ -152,8 +181,59 @@ def flash_attention_fp8(
     `flash_attention` (v "BHSD" or transposed "BHDS", or any layout with D or S minor);
     ``*_scale`` their per-tensor float32 descales (scalars, traced values allowed). Output
     [B,H,Sq,Dv] in ``out_dtype`` (bf16). Float32 accumulation in both matmuls; P is cast to V's
-    fp8 dtype with a fixed power-of-two scale. Differentiable (plain-JAX float32 backward).
+    fp8 dtype with a fixed power-of-two scale. Differentiable: ``backward="pallas"`` runs the
+    bf16 Pallas backward kernels on bf16-dequantized operands, ``"jax"`` a float32 plain-JAX
+    recomputation (module docstring). block_q / block_k (powers of two >= 32) also set the
+    backward's tiles; num_warps / num_stages override the forward's Triton settings
+    (bench/tune_attention.py --fp8 sweeps all four).
     """
+    q, k, v, scales, cfg, (_, dv) = _prepare(
+        q, k, v, q_scale, k_scale, v_scale, scale=scale, causal=causal, v_layout=v_layout,
+        block_q=block_q, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
+        interpret=interpret, q_layout=q_layout,
+        k_layout=k_layout, o_layout=o_layout, out_dtype=out_dtype, backward=backward)
+    o = _flash_fp8(q, k, v, *scales, cfg)
+    return _crop(o, o_layout, {"D": dv})
+
+
+def flash_attention_fp8_vjp(q, k, v, q_scale, k_scale, v_scale, do, **kwargs):
+    """(o, (dq, dk, dv)): `flash_attention_fp8`'s output and its backward's gradients of
+    ``sum(o · do)`` w.r.t. the *dequantized* operands (q8·sq, k8·sk, v8·sv), in their layouts,
+    before the custom_vjp turns them into fp8 cotangents (bf16 with the Pallas backward,
+    float32 with ``backward="jax"``). Keyword arguments as in `flash_attention_fp8`."""
+    q, k, v, scales, cfg, (d, dv) = _prepare(q, k, v, q_scale, k_scale, v_scale, **kwargs)
+    o, res = _flash_fp8_fwd(q, k, v, *scales, cfg)
+    do = _pad_to(jnp.asarray(do, o.dtype), cfg.o_layout, {"D": o.shape[cfg.o_layout.index("D")]})
+    dq, dk, dvv = dequantized_grads(cfg, *res, do)
+    return _crop(o, cfg.o_layout, {"D": dv}), (
+        _crop(dq, cfg.q_layout, {"D": d}), _crop(dk, cfg.k_layout, {"D": d}), _crop(dvv, cfg.v_layout, {"D": dv}))
+
+
+def _prepare(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_scale=1.0,
+    k_scale=1.0,
+    v_scale=1.0,
+    *,
+    scale: float,
+    causal: bool,
+    v_layout: str = "BHSD",
+    block_q: int | None = None,
+    block_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    interpret: bool | None = None,
+    q_layout: str = "BHSD",
+    k_layout: str = "BHSD",
+    o_layout: str = "BHSD",
+    out_dtype=OUT_DTYPE,
+    backward: str = "pallas",
+):
+    """Checked, padded operands, float32 scales, the kernel config and the unpadded (D, Dv)."""
+    if backward not in BACKWARDS:
+        raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_fp8_dtype(f"{name}.dtype", x.dtype)
     if q.dtype != k.dtype:
@@ -180,12 +260,14 @@ def flash_attention_fp8(
     q = _pad_to(q, q_layout, {"D": d_min})
     k = _pad_to(k, k_layout, {"D": d_min})
     v = _pad_to(v, v_layout, {"D": dv_min})
+    bq1, bk1, bq2, bk2, bwarps, bstages = bwd_block_sizes(sq, sk, max(d_min, dv_min))
+    bwd_blocks = (block_q or bq1, block_k or bk1, block_q or bq2, block_k or bk2)
+    warps, stages = num_warps or warps, num_stages or stages
     cfg = _Config(float(scale), bool(causal), v_layout, bq, bk, warps, stages, bool(interpret),
-                  "jax", q_layout=q_layout, k_layout=k_layout, o_layout=o_layout, descaled=True,
-                  out_dtype=jnp.dtype(out_dtype).name)
+                  backward, bwd_blocks, bwarps, bstages, q_layout=q_layout, k_layout=k_layout,
+                  o_layout=o_layout, descaled=True, out_dtype=jnp.dtype(out_dtype).name)
     scales = [jnp.asarray(s, jnp.float32) for s in (q_scale, k_scale, v_scale)]
     for name, s in zip(("q_scale", "k_scale", "v_scale"), scales):
         if s.size != 1:
             raise ValueError(f"{name} must be a per-tensor scalar, got shape {s.shape}")
-    o = _flash_fp8(q, k, v, *scales, cfg)
-    return _crop(o, o_layout, {"D": dv})
+    return q, k, v, scales, cfg, (d, dv)
