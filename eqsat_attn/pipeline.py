@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .ir import Program
@@ -62,6 +62,9 @@ class PipelineResult:
     cost_before: float
     cost_after: float
     warnings: tuple[str, ...] = ()
+    #: why the chosen program's V layout and projections won, when it is one Q/K/V attention
+    #: block: a `qkv_layouts.LazyLayoutDecision` (exact extractions run on its first call)
+    layout_decision: Callable[[], object] | None = None
 
 
 def default_cost_model(backend: str = "auto"):
@@ -117,4 +120,13 @@ def optimize_program(program: Program, options: OptimizeOptions = OptimizeOption
     if cost_after > cost_before:  # extraction is greedy: never return something predicted slower
         chosen, cost_after = program, cost_before
     notes = () if run.saturated else (f"saturation stopped at the {run.stop_reason}; best program found so far used",)
-    return PipelineResult(chosen, run.rules_fired, run.egraph_nodes, run.saturated, cost_before, cost_after, notes)
+    return PipelineResult(chosen, run.rules_fired, run.egraph_nodes, run.saturated, cost_before, cost_after, notes,
+                          _layout_decision(egraph, encoding, model, chosen))
+
+
+def _layout_decision(egraph, encoding, model, chosen: Program):
+    """A lazy explanation of the chosen projection/V layout for a one-attention Q/K/V block
+    (whose e-graph is small enough to keep until a report asks); None for anything else."""
+    from .qkv_layouts import LazyLayoutDecision, is_qkv_block
+
+    return LazyLayoutDecision(egraph, encoding, model, chosen) if is_qkv_block(chosen) else None

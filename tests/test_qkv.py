@@ -337,4 +337,54 @@ def test_report_lists_split_projections():
     assert classify(report.after) == "c"
     assert any("split projection" in line for line in report.projections), report.projections
     assert "projection" in report.summary()
+    decision = report.layout_decision  # priced under the base model: the steering is no cost
+    assert decision.chosen == "c" and decision.chosen_cost == pytest.approx(program_cost(report.after, for_device("h100")))
+    assert "rejected a (" in str(report) and "rejected b (" in str(report)
     np.testing.assert_allclose(np.asarray(steered(*args)), np.asarray(fn(*args)), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the report explains the choice
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_report_explains_the_v_layout(kind):
+    """`explain` on a Q/K/V block says which projections the chosen program merges and why its V
+    layout won: the predicted cost of each rejected variant, in the text and the HTML. The
+    exact extractions behind it run when the report is first read, not when optimizing."""
+    fn, args = block_args(kind, seed=5)
+    model = for_device("h100")
+    block = ea.optimize(fn, cost_model=model, limits=LIMITS)
+    report = block.explain(*args)
+    assert not report.layout_explainer.computed  # optimizing did not pay for the explanation
+    decision = report.layout_decision
+    assert report.layout_explainer.computed and report.layout_decision is decision  # computed once
+    assert decision.chosen == classify(report.after) != "other"
+    assert decision.chosen_cost == pytest.approx(report.cost_after)
+    assert set(decision.alternatives) == set(VARIANTS) and not decision.unreachable
+    text, page = str(report), report._repr_html_()
+    assert f"V layout: chose {decision.chosen}" in text and f"V layout: chose {decision.chosen}" in page
+    for variant, cost in decision.alternatives.items():
+        if variant != decision.chosen:
+            assert f"rejected {variant} (" in text and f"{cost * 1e6:.4g} us" in text
+    for line in report.projections:  # merged projections listed once, in the report's own lines
+        assert f"  projection {line}" in text
+    if not report.projections:
+        assert "projections: as written" in text
+    np.testing.assert_allclose(np.asarray(block(*args)), np.asarray(fn(*args)), rtol=1e-5, atol=1e-5)
+
+
+def test_exact_report_choice_is_the_cheapest_variant():
+    """With the exact extractor the chosen program is never predicted slower than a rejected
+    variant, and the report says so (no "cheaper" note)."""
+    fn, args = block_args("llama", seed=6)
+    report = ea.optimize(fn, cost_model=for_device("h100"), limits=LIMITS, extractor="ilp").explain(*args)
+    decision = report.layout_decision
+    assert all(decision.chosen_cost <= cost * (1 + 1e-9) for cost in decision.alternatives.values()), decision
+    assert "cheaper" not in str(report)
+
+
+def test_report_has_no_layout_decision_without_attention():
+    report = ea.optimize(lambda x, w: jnp.tanh(x @ w), limits=LIMITS).explain(
+        *[np.random.default_rng(7).standard_normal(s).astype(np.float32) for s in ((4, 8), (8, 8))])
+    assert report.layout_explainer is None and report.layout_decision is None
+    assert "V layout" not in str(report)
