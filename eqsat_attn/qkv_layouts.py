@@ -51,6 +51,8 @@ class VariantModel:
         cost = float(self.base.node_cost(node))
         if node.op == "dot_general":
             cost += MATMUL_PENALTY
+            if node.params.get("lhs_batch"):  # every variant computes attention as one op: no
+                cost += FORBIDDEN  # batched matmul (Q Kᵀ, P V) of the unfused form
         if self.variant == "a" and _transposed_v(node):
             cost += FORBIDDEN
         if self.variant in ("b", "c") and (node.op == "packed_attention" or node.op == "attention" and not _transposed_v(node)):

@@ -283,6 +283,33 @@ def test_default_choice_follows_the_cost_table(device, dtype, kind):
     assert "rejected" in text and f"chose {label}" in text
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_default_cpu_choice_follows_the_cost_table(kind):
+    """CPU, float32 (XLA:CPU computes bf16 dots in f32 at the same peak, so f32 is the dtype a
+    CPU user runs), B4 S4096 E4096 H32. What the CPU rows of the table imply:
+    - no attention op at all: attention as plain JAX is priced at 25% of peak and dots at 50%, so
+      the unfused Q Kᵀ / softmax / P V form (its scores written at 20 GB/s) is cheaper than any of
+      (a), (b), (c);
+    - no merged projection: a compute-bound CPU gains only 1-us launches from a merged matmul,
+      while a weight concatenation is a copy on every call (Llama keeps three projections) and
+      slicing the fused output copies three times more bytes than slicing the weight (GPT-2's
+      fused projection is split by weight slices);
+    - among the variants, (a): every CPU attention row is 0.25 (no V-layout preference), so
+      transposed V only adds a transpose (b) or a matmul (c)."""
+    program = abstract_block(kind, dtype=jnp.float32, **SHAPE)
+    model = for_device("cpu")
+    costs, chosen, _ = variant_costs(program, model)
+    assert min(costs, key=costs.get) == "a", costs
+    assert not [i for i in chosen.live_nodes() if chosen.nodes[i].op in ("attention", "packed_attention")], str(chosen)
+    assert program_cost(chosen, model) < min(costs.values()), (costs, str(chosen))
+    assert chosen.count("concatenate") == 0 and classify(chosen) == "other"
+    lines = projections(chosen)
+    if kind == "gpt2":
+        assert len(lines) == 3 and all("split projection" in line for line in lines), lines
+    else:
+        assert lines == [] and chosen.count("dot_general") == 5  # three projections, Q Kᵀ, P V
+
+
 def test_h100_choices_bf16_vs_fp8():
     """What the table implies at B4 S4096 E4096 H32: bf16 keeps V standard (transposed V's 2% edge
     does not pay for a separate V projection); fp8 (our transposed-V kernel measured 34% faster,
