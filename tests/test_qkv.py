@@ -351,7 +351,12 @@ def test_bench_qkv_layouts_cpu_smoke(tmp_path):
     out = tmp_path / "smoke.md"
     assert mod.main(["--cpu-smoke", "--out", str(out)]) == 0
     text = out.read_text()
-    assert "| (a) | a |" in text and "| (b) | b |" in text and "values agree across programs: ok" in text
+    prefill, decode = text.split("## decode")  # both configurations, side by side in one run
+    assert "## prefill" in prefill
+    for section in (prefill, decode):
+        assert "| (a) | a |" in section and "| (b) | b |" in section and "| pick |" in section
+        assert "values agree across programs: ok" in section and "pick was the fastest program: " in section
+    assert "| (c) | c |" in prefill
     assert "FAIL" not in text
 
 
