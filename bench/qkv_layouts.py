@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
 import pathlib
 import sys
 
@@ -121,11 +122,9 @@ def main(argv=None):
     parser.add_argument("--out", type=pathlib.Path, default=None)
     opts = parser.parse_args(argv)
     require_gpu("bench/qkv_layouts.py", opts.cpu_smoke)
-    try:
-        import highspy  # noqa: F401 - (b) and (c) are extracted exactly (qkv_layouts.extract_variant)
-    except ImportError:
+    if importlib.util.find_spec("highspy") is None:  # (b), (c) are extracted exactly (extract_variant)
         raise SystemExit("bench/qkv_layouts.py needs highspy (the ILP extractor): install it, or on the device "
-                         "machine carry its wheel in .whl/ (bench/results/README.md, 'Owed')") from None
+                         "machine carry its wheel in .whl/ (bench/results/README.md, 'Owed')")
     configs, dtype = (SMOKE, jnp.float32) if opts.cpu_smoke else (CONFIGS, jnp.bfloat16)
     reps = 2 if opts.cpu_smoke else opts.reps
     command = "python bench/qkv_layouts.py" + (" --cpu-smoke" if opts.cpu_smoke else "")
