@@ -187,9 +187,18 @@ class LayoutDecision:
 def extract_variant(egraph, encoding, model: CostModel) -> Program:
     """The cheapest program under ``model``, exactly (ILP) where the e-graph is small enough.
 
-    Greedy extraction prices each sibling projection's e-class on its own, so it finds a matmul
-    shared by Q, K and V only when one node reads all three from it (packed attention); the
-    exact extractor also finds (b) and (c). Larger graphs fall back to greedy extraction.
+    Why not the default greedy-DAG extractor: it fixes one e-node per e-class bottom-up, pricing
+    each class by the DAG of its own best subterms, so a subterm is shared only below one class.
+    Q, K and V are three sibling classes: for each alone, its own projection (one matmul on E
+    columns) is cheaper than a slice of the fused matmul (a matmul on 3E columns plus the weight
+    concatenation), and no VariantModel penalty changes that (the fused matmul costs at least as
+    many penalties as each projection). The saving of a shared matmul only appears in a class
+    whose one e-node reads all three parts, which is packed attention: so greedy reaches (a)
+    through packed attention but not (b) or (c), which read Q, K and Vᵀ as separate operands.
+    Measured on the GPT-2 and Llama test blocks (tests/test_qkv.py): greedy with
+    ``VariantModel(h100 or cpu, v)`` gives (a) for v="a"; for "b" and "c" it gives three
+    projections ("split"), except GPT-2 on H100 where it gives (c) for both. The exact extractor
+    finds all three. Graphs too large for it fall back to greedy extraction.
     """
     from .egraph import extract_program
     from .egraph.ilp import ILPExtractionError, extract_program_ilp
