@@ -456,11 +456,11 @@ PROJECTION_FAMILIES = {"projections.horizontal", "projections.split_projection",
 def test_random_projection_programs_keep_their_values(soundness_examples):
     """Horizontal fusion and its reverse on random projection programs saturated with the
     default rule sets: extraction under the default cost model and exact extractions that merge
-    and split keep values (10 programs at the default 300, about 5 s)."""
+    and split keep values (8 programs and a fixed GPT-2-style one at the default 300: ~5 s)."""
     from eqsat_attn.egraph.ilp import extract_program_ilp
 
     @settings(
-        max_examples=max(10, soundness_examples // 30), deadline=None, derandomize=True, database=None,
+        max_examples=max(8, soundness_examples // 40), deadline=None, derandomize=True, database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
     )
     @given(projection_programs())
@@ -472,7 +472,7 @@ def test_random_projection_programs_keep_their_values(soundness_examples):
         chosen, _ = extract_program(egraph, enc, default_cost_model())
         check_same_values(program, chosen, "extraction under the default cost model")
         for model in (_MergeMatmuls(), _SplitMatmuls()):
-            chosen, _ = extract_program_ilp(egraph, enc, model)
+            chosen, _ = extract_program_ilp(egraph, enc, model, time_limit=1.0)  # past it: HiGHS's best
             check_same_values(program, chosen, f"exact extraction under {model.name}")
             merged[model.name] += chosen.count("dot_general") < program.count("dot_general")
 
