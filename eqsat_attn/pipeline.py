@@ -121,12 +121,19 @@ def optimize_program(program: Program, options: OptimizeOptions = OptimizeOption
         chosen, cost_after = program, cost_before
     notes = () if run.saturated else (f"saturation stopped at the {run.stop_reason}; best program found so far used",)
     return PipelineResult(chosen, run.rules_fired, run.egraph_nodes, run.saturated, cost_before, cost_after, notes,
-                          _layout_decision(egraph, encoding, model, chosen))
+                          _layout_decision(egraph, encoding, model, chosen, run.egraph_nodes))
 
 
-def _layout_decision(egraph, encoding, model, chosen: Program):
-    """A lazy explanation of the chosen projection/V layout for a one-attention Q/K/V block
-    (whose e-graph is small enough to keep until a report asks); None for anything else."""
-    from .qkv_layouts import LazyLayoutDecision, is_qkv_block
+def _layout_decision(egraph, encoding, model, chosen: Program, egraph_nodes: int):
+    """A lazy explanation of the chosen projection/V layout for a program with one attention
+    whose Q/K/V are projections of one input (its e-graph is kept until a report asks, or not
+    at all past the exact extractor's reach); None for anything else."""
+    from .qkv_layouts import EXPLAIN_MAX_ENODES, LazyLayoutDecision, is_qkv_block
 
-    return LazyLayoutDecision(egraph, encoding, model, chosen) if is_qkv_block(chosen) else None
+    if not is_qkv_block(chosen):
+        return None
+    if egraph_nodes > EXPLAIN_MAX_ENODES:
+        return LazyLayoutDecision.unavailable(
+            f"the e-graph has {egraph_nodes} e-nodes; the exact extractions behind this explanation run up to "
+            f"{EXPLAIN_MAX_ENODES} (eqsat_attn.qkv_layouts.layout_decision on an explorer's e-graph tries anyway)")
+    return LazyLayoutDecision(egraph, encoding, model, chosen)

@@ -15,6 +15,7 @@ calling) a function never pays for them.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from .cost.model import CostModel, OpView, program_cost
@@ -162,6 +163,7 @@ class LayoutDecision:
     alternatives: dict[str, float]  # variant -> predicted seconds of its best program
     merged: tuple[str, ...] = ()
     unreachable: tuple[str, ...] = ()  # variants extraction could not steer to (left out above)
+    time_limited: tuple[str, ...] = ()  # variants whose exact extraction stopped at its time limit
 
     def lines(self, projections: bool = True) -> list[str]:
         """Readable lines: the merged projections (unless ``projections`` is false), the chosen
@@ -175,6 +177,8 @@ class LayoutDecision:
                 continue
             delta = cost - self.chosen_cost
             missed = "; cheaper: the extractor did not find it" if delta < 0 else ""
+            if variant in self.time_limited:
+                missed += "; best found before the time limit, the best program may cost less"
             out.append(f"  rejected {variant} ({VARIANT_TEXT[variant]}): {cost * 1e6:.4g} us ({delta * 1e6:+.4g} us{missed})")
         out += [f"  not found {variant} ({VARIANT_TEXT[variant]}): not in the e-graph, or extraction could not "
                 "reach it" for variant in self.unreachable]
@@ -184,7 +188,7 @@ class LayoutDecision:
         return "\n".join(self.lines())
 
 
-def extract_variant(egraph, encoding, model: CostModel) -> Program:
+def extract_variant(egraph, encoding, model: CostModel, time_limit: float = 30.0) -> Program:
     """The cheapest program under ``model``, exactly (ILP) where the e-graph is small enough.
 
     Why not the default greedy-DAG extractor: it fixes one e-node per e-class bottom-up, pricing
@@ -198,44 +202,64 @@ def extract_variant(egraph, encoding, model: CostModel) -> Program:
     Measured on the GPT-2 and Llama test blocks (tests/test_qkv.py): greedy with
     ``VariantModel(h100 or cpu, v)`` gives (a) for v="a"; for "b" and "c" it gives three
     projections ("split"), except GPT-2 on H100 where it gives (c) for both. The exact extractor
-    finds all three. Graphs too large for it fall back to greedy extraction.
+    finds all three. Graphs too large for it fall back to greedy extraction. Past
+    ``time_limit`` seconds the ILP's best solution so far is used.
     """
     from .egraph import extract_program
     from .egraph.ilp import ILPExtractionError, extract_program_ilp
 
     try:
-        return extract_program_ilp(egraph, encoding, model)[0]
+        return extract_program_ilp(egraph, encoding, model, time_limit=time_limit)[0]
     except ILPExtractionError:
         return extract_program(egraph, encoding, model)[0]
 
 
-def layout_decision(egraph, encoding, model: CostModel, chosen: Program) -> LayoutDecision:
+def layout_decision(egraph, encoding, model: CostModel, chosen: Program, time_limit: float = 30.0) -> LayoutDecision:
     """Explain ``chosen`` (extracted from this e-graph under ``model``) by the best program of
     each variant, priced under ``model`` (under its base model when ``model`` is itself a
-    `VariantModel`: the penalties steer, they are not costs)."""
+    `VariantModel`: the penalties steer, they are not costs). ``time_limit``: seconds per
+    variant's exact extraction."""
     pricing = model.base if isinstance(model, VariantModel) else model
-    alternatives, unreachable = {}, []
+    alternatives, unreachable, limited = {}, [], []
     for variant in VARIANTS:
-        program = extract_variant(egraph, encoding, VariantModel(pricing, variant))
+        start = time.perf_counter()
+        program = extract_variant(egraph, encoding, VariantModel(pricing, variant), time_limit)
+        if time.perf_counter() - start >= time_limit:
+            limited.append(variant)
         if classify(program) == variant:
             alternatives[variant] = program_cost(program, pricing)
         else:
             unreachable.append(variant)
     return LayoutDecision(classify(chosen), program_cost(chosen, pricing), alternatives, tuple(projections(chosen)),
-                          tuple(unreachable))
+                          tuple(unreachable), tuple(limited))
+
+
+#: a report explains the layout of programs whose e-graph has at most this many e-nodes (the
+#: exact extractor's reach), spending at most this many seconds on each variant's extraction
+EXPLAIN_MAX_ENODES = 5000
+EXPLAIN_SECONDS = 5.0
 
 
 class LazyLayoutDecision:
     """`layout_decision` for one extraction, computed on the first call and then kept.
 
-    Holds the e-graph (one attention block's: small) until then and releases it after. A
-    failure becomes ``None`` with the reason in ``error``: explaining never breaks a report.
+    Holds the e-graph (one attention block's, at most `EXPLAIN_MAX_ENODES`) until then and
+    releases it after; each variant's exact extraction gets `EXPLAIN_SECONDS` (its best program
+    found by then is used). A failure becomes ``None`` with the reason in ``error``:
+    explaining never breaks a report.
     """
 
     def __init__(self, egraph, encoding, model: CostModel, chosen: Program) -> None:
-        self._pending: tuple | None = (egraph, encoding, model, chosen)
+        self._pending: tuple | None = (egraph, encoding, model, chosen, EXPLAIN_SECONDS)
         self._value: LayoutDecision | None = None
         self.error: str | None = None
+
+    @classmethod
+    def unavailable(cls, reason: str) -> LazyLayoutDecision:
+        """An explanation that was not computed, saying why."""
+        out = cls(None, None, None, None)  # type: ignore[arg-type]
+        out._pending, out.error = None, reason
+        return out
 
     @property
     def computed(self) -> bool:

@@ -360,7 +360,7 @@ def test_bench_qkv_layouts_cpu_smoke(tmp_path):
     assert "FAIL" not in text
 
 
-def test_report_lists_split_projections():
+def test_report_lists_split_projections(exact_explanations):
     """Steered to variant (c) by `VariantModel`, the report names the fused projection's
     split-off parts, and values are unchanged."""
     fn, args = block_args("gpt2", seed=4)
@@ -378,8 +378,16 @@ def test_report_lists_split_projections():
 # ----------------------------------------------------------------------------- the report explains the choice
 
 
+@pytest.fixture
+def exact_explanations(monkeypatch):
+    """No time limit on the report's extractions (a loaded CI machine must not change them)."""
+    import eqsat_attn.qkv_layouts as qkv_layouts
+
+    monkeypatch.setattr(qkv_layouts, "EXPLAIN_SECONDS", 600.0)
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_report_explains_the_v_layout(kind):
+def test_report_explains_the_v_layout(kind, exact_explanations):
     """`explain` on a Q/K/V block says which projections the chosen program merges and why its V
     layout won: the predicted cost of each rejected variant, in the text and the HTML. The
     exact extractions behind it run when the report is first read, not when optimizing."""
@@ -405,14 +413,14 @@ def test_report_explains_the_v_layout(kind):
     np.testing.assert_allclose(np.asarray(block(*args)), np.asarray(fn(*args)), rtol=1e-5, atol=1e-5)
 
 
-def test_exact_report_choice_is_the_cheapest_variant():
+def test_exact_report_choice_is_the_cheapest_variant(exact_explanations):
     """With the exact extractor the chosen program is never predicted slower than a rejected
     variant, and the report says so (no "cheaper" note)."""
     fn, args = block_args("llama", seed=6)
     report = ea.optimize(fn, cost_model=for_device("h100"), limits=LIMITS, extractor="ilp").explain(*args)
     decision = report.layout_decision
     assert all(decision.chosen_cost <= cost * (1 + 1e-9) for cost in decision.alternatives.values()), decision
-    assert "cheaper" not in str(report)
+    assert "cheaper" not in str(report) and not decision.time_limited
 
 
 def test_report_has_no_layout_decision_without_attention():
@@ -420,3 +428,14 @@ def test_report_has_no_layout_decision_without_attention():
         *[np.random.default_rng(7).standard_normal(s).astype(np.float32) for s in ((4, 8), (8, 8))])
     assert report.layout_explainer is None and report.layout_decision is None
     assert "V layout" not in str(report)
+
+
+def test_report_says_why_a_layout_decision_is_missing():
+    """Past the exact extractor's reach (or on a failure) the report says so instead of costs."""
+    from eqsat_attn.qkv_layouts import LazyLayoutDecision
+
+    program = p_horizontal()
+    report = ea.Report(before=program, after=program,
+                       layout_explainer=LazyLayoutDecision.unavailable("the e-graph has 9999 e-nodes"))
+    assert report.layout_decision is None
+    assert "V layout decision unavailable (the e-graph has 9999 e-nodes)" in report.summary()
