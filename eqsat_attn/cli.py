@@ -41,6 +41,8 @@ def demo(console: Console) -> int:
     optimized = optimize(fn)
     with console.status("tracing, saturating and extracting the built-in transformer block..."):
         report = optimized.explain(*args)
+    with console.status("explaining the projection / V layout choice (exact extractions)..."):
+        report.layout_decision  # computed on first access, printed below
     console.print(str(report), highlight=False, markup=False)
     expected = jax.jit(fn)(*args)
     got = optimized(*args)

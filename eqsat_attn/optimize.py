@@ -116,6 +116,7 @@ class OptimizedFunction:
             timings=timings,
             fused_regions=region_infos(program),
             projections=projections(program),
+            layout_explainer=result.layout_decision if program is result.program else None,
         )
         return _Compiled(captured, call, report)
 

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .ir import Program
@@ -62,6 +62,9 @@ class PipelineResult:
     cost_before: float
     cost_after: float
     warnings: tuple[str, ...] = ()
+    #: why the chosen program's V layout and projections won, when it is one Q/K/V attention
+    #: block: a `qkv_layouts.LazyLayoutDecision` (exact extractions run on its first call)
+    layout_decision: Callable[[], object] | None = None
 
 
 def default_cost_model(backend: str = "auto"):
@@ -117,4 +120,20 @@ def optimize_program(program: Program, options: OptimizeOptions = OptimizeOption
     if cost_after > cost_before:  # extraction is greedy: never return something predicted slower
         chosen, cost_after = program, cost_before
     notes = () if run.saturated else (f"saturation stopped at the {run.stop_reason}; best program found so far used",)
-    return PipelineResult(chosen, run.rules_fired, run.egraph_nodes, run.saturated, cost_before, cost_after, notes)
+    return PipelineResult(chosen, run.rules_fired, run.egraph_nodes, run.saturated, cost_before, cost_after, notes,
+                          _layout_decision(egraph, encoding, model, chosen, run.egraph_nodes))
+
+
+def _layout_decision(egraph, encoding, model, chosen: Program, egraph_nodes: int):
+    """A lazy explanation of the chosen projection/V layout for a program with one attention
+    whose Q/K/V are projections of one input (its e-graph is kept until a report asks, or not
+    at all past the exact extractor's reach); None for anything else."""
+    from .qkv_layouts import EXPLAIN_MAX_ENODES, LazyLayoutDecision, is_qkv_block
+
+    if not is_qkv_block(chosen):
+        return None
+    if egraph_nodes > EXPLAIN_MAX_ENODES:
+        return LazyLayoutDecision.unavailable(
+            f"the e-graph has {egraph_nodes} e-nodes; the exact extractions behind this explanation run up to "
+            f"{EXPLAIN_MAX_ENODES} (eqsat_attn.qkv_layouts.layout_decision on an explorer's e-graph tries anyway)")
+    return LazyLayoutDecision(egraph, encoding, model, chosen)

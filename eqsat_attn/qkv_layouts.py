@@ -7,11 +7,15 @@ layout its attention reads, and the three programs the trade-off is between (iss
 
 `VariantModel` steers extraction to one of them on top of any cost model (tests, the benchmark
 and the report use it); `layout_decision` explains a chosen program by the predicted costs of
-the variants it beat.
+the variants it beat. `ea.Report` shows that explanation through `LazyLayoutDecision`: the
+pipeline keeps the e-graph of a one-attention Q/K/V block and the three exact extractions run
+only when the report is first printed or its ``layout_decision`` read, so optimizing (and
+calling) a function never pays for them.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from .cost.model import CostModel, OpView, program_cost
@@ -23,6 +27,7 @@ VARIANT_TEXT = {
     "b": "fused QKV matmul -> materialised Vᵀ -> transposed-V attention",
     "c": "fused QK matmul + V projection writing Vᵀ -> transposed-V attention",
     "split": "three projections, V projection writing Vᵀ -> transposed-V attention",
+    "unmerged": "three projections -> standard attention",
 }
 MATMUL_PENALTY = 1.0  # seconds per matmul: fewer projection matmuls win within a variant
 FORBIDDEN = 1e3  # seconds: a construct the variant excludes
@@ -47,6 +52,8 @@ class VariantModel:
         cost = float(self.base.node_cost(node))
         if node.op == "dot_general":
             cost += MATMUL_PENALTY
+            if node.params.get("lhs_batch"):  # every variant computes attention as one op: no
+                cost += FORBIDDEN  # batched matmul (Q Kᵀ, P V) of the unfused form
         if self.variant == "a" and _transposed_v(node):
             cost += FORBIDDEN
         if self.variant in ("b", "c") and (node.op == "packed_attention" or node.op == "attention" and not _transposed_v(node)):
@@ -91,23 +98,60 @@ def projections(program: Program) -> list[str]:
     return lines
 
 
-def classify(program: Program) -> str:
-    """"a", "b" or "c" for a one-attention block whose Q, K, V are projections of one input
-    (see the module docstring); "other" for anything else."""
-    attn = [program.nodes[i] for i in program.live_nodes() if program.nodes[i].op in ("attention", "packed_attention")]
+def _producers(program: Program, node_id: int) -> tuple[set[int], int]:
+    """The matmuls an attention operand is computed from (walking back through other ops, not
+    past a matmul) and the number of transposes on the way."""
+    dots, transposes, stack, seen = set(), 0, [node_id], set()
+    while stack:
+        i = stack.pop()
+        if i in seen:
+            continue
+        seen.add(i)
+        node = program.nodes[i]
+        if node.op == "dot_general":
+            dots.add(i)
+            continue
+        transposes += node.op == "transpose"
+        stack.extend(node.inputs)
+    return dots, transposes
+
+
+def _attention_projections(program: Program) -> tuple[str, set[int]]:
+    """`classify`'s label and the projection matmuls Q, K and V are computed from."""
+    attn = [i for i in program.live_nodes() if program.nodes[i].op in ("attention", "packed_attention")]
     if len(attn) != 1:
-        return "other"
-    node = attn[0]
-    matmuls = program.count("dot_general")
-    if node.op == "packed_attention" or str(node["v_layout"])[-1] == "D":
-        return "a" if matmuls == 1 else "other"
-    if matmuls == 1 and program.count("transpose") >= 1:
-        return "b"
-    if matmuls == 2 and program.count("transpose") == 0:
-        return "c"
-    if matmuls == 3 and program.count("transpose") == 0:
-        return "split"
-    return "other"
+        return "other", set()
+    node = program.nodes[attn[0]]
+    if node.op == "packed_attention":
+        dots, _ = _producers(program, node.inputs[0])
+        return ("a" if len(dots) == 1 else "other"), dots
+    (q_dots, _), (k_dots, _), (v_dots, v_transposes) = (_producers(program, i) for i in node.inputs[:3])
+    dots = q_dots | k_dots | v_dots
+    if str(node["v_layout"])[-1] == "D":  # standard V
+        return {1: "a", 3: "unmerged"}.get(len(dots), "other"), dots
+    if len(dots) == 1 and v_transposes >= 1:
+        return "b", dots
+    if len(dots) == 2 and v_transposes == 0:
+        return "c", dots
+    if len(dots) == 3 and v_transposes == 0:
+        return "split", dots
+    return "other", dots
+
+
+def classify(program: Program) -> str:
+    """"a", "b" or "c" for a program with one attention whose Q, K, V are projections (see the
+    module docstring); "split" (three projections, transposed V), "unmerged" (three
+    projections, standard V) or "other" for anything else. Only the matmuls Q, K and V are
+    computed from and the transposes between V's projection and the attention count."""
+    return _attention_projections(program)[0]
+
+
+def is_qkv_block(program: Program) -> bool:
+    """Whether ``program`` has one attention whose Q, K, V are projections of one input (the
+    programs `layout_decision` explains): `classify` knows its form, and its projection
+    matmuls all read one operand."""
+    label, dots = _attention_projections(program)
+    return label != "other" and bool(set.intersection(*(set(program.nodes[i].inputs) for i in dots)))
 
 
 @dataclass(frozen=True)
@@ -118,43 +162,114 @@ class LayoutDecision:
     chosen_cost: float
     alternatives: dict[str, float]  # variant -> predicted seconds of its best program
     merged: tuple[str, ...] = ()
+    unreachable: tuple[str, ...] = ()  # variants extraction could not steer to (left out above)
+    time_limited: tuple[str, ...] = ()  # variants whose exact extraction stopped at its time limit
 
-    def lines(self) -> list[str]:
-        out = [f"projections: {m}" for m in self.merged] or ["projections: none merged"]
+    def lines(self, projections: bool = True) -> list[str]:
+        """Readable lines: the merged projections (unless ``projections`` is false), the chosen
+        variant and its predicted cost, each rejected variant's predicted cost and difference."""
+        out = [f"projections: {m}" for m in self.merged] or ["projections: as written (none merged or split)"]
+        out = out if projections else []
         what = VARIANT_TEXT.get(self.chosen, "another layout")
         out.append(f"V layout: chose {self.chosen} ({what}), predicted {self.chosen_cost * 1e6:.4g} us")
         for variant, cost in sorted(self.alternatives.items()):
             if variant == self.chosen:
                 continue
             delta = cost - self.chosen_cost
-            out.append(f"  rejected {variant} ({VARIANT_TEXT[variant]}): {cost * 1e6:.4g} us ({delta * 1e6:+.4g} us)")
+            missed = "; cheaper: the extractor did not find it" if delta < 0 else ""
+            if variant in self.time_limited:
+                missed += "; best found before the time limit, the best program may cost less"
+            out.append(f"  rejected {variant} ({VARIANT_TEXT[variant]}): {cost * 1e6:.4g} us ({delta * 1e6:+.4g} us{missed})")
+        out += [f"  not found {variant} ({VARIANT_TEXT[variant]}): not in the e-graph, or extraction could not "
+                "reach it" for variant in self.unreachable]
         return out
 
     def __str__(self) -> str:
         return "\n".join(self.lines())
 
 
-def extract_variant(egraph, encoding, model: CostModel) -> Program:
+def extract_variant(egraph, encoding, model: CostModel, time_limit: float = 30.0) -> Program:
     """The cheapest program under ``model``, exactly (ILP) where the e-graph is small enough.
 
-    Greedy extraction prices each sibling projection's e-class on its own, so it finds a matmul
-    shared by Q, K and V only when one node reads all three from it (packed attention); the
-    exact extractor also finds (b) and (c). Larger graphs fall back to greedy extraction.
+    Why not the default greedy-DAG extractor: it fixes one e-node per e-class bottom-up, pricing
+    each class by the DAG of its own best subterms, so a subterm is shared only below one class.
+    Q, K and V are three sibling classes: for each alone, its own projection (one matmul on E
+    columns) is cheaper than a slice of the fused matmul (a matmul on 3E columns plus the weight
+    concatenation), and no VariantModel penalty changes that (the fused matmul costs at least as
+    many penalties as each projection). The saving of a shared matmul only appears in a class
+    whose one e-node reads all three parts, which is packed attention: so greedy reaches (a)
+    through packed attention but not (b) or (c), which read Q, K and Vᵀ as separate operands.
+    Measured on the GPT-2 and Llama test blocks (tests/test_qkv.py): greedy with
+    ``VariantModel(h100 or cpu, v)`` gives (a) for v="a"; for "b" and "c" it gives three
+    projections ("split"), except GPT-2 on H100 where it gives (c) for both. The exact extractor
+    finds all three. Graphs too large for it fall back to greedy extraction. Past
+    ``time_limit`` seconds the ILP's best solution so far is used.
     """
     from .egraph import extract_program
     from .egraph.ilp import ILPExtractionError, extract_program_ilp
 
     try:
-        return extract_program_ilp(egraph, encoding, model)[0]
+        return extract_program_ilp(egraph, encoding, model, time_limit=time_limit)[0]
     except ILPExtractionError:
         return extract_program(egraph, encoding, model)[0]
 
 
-def layout_decision(egraph, encoding, model: CostModel, chosen: Program) -> LayoutDecision:
+def layout_decision(egraph, encoding, model: CostModel, chosen: Program, time_limit: float = 30.0) -> LayoutDecision:
     """Explain ``chosen`` (extracted from this e-graph under ``model``) by the best program of
-    each variant, priced under ``model``."""
-    alternatives = {}
+    each variant, priced under ``model`` (under its base model when ``model`` is itself a
+    `VariantModel`: the penalties steer, they are not costs). ``time_limit``: seconds per
+    variant's exact extraction."""
+    pricing = model.base if isinstance(model, VariantModel) else model
+    alternatives, unreachable, limited = {}, [], []
     for variant in VARIANTS:
-        program = extract_variant(egraph, encoding, VariantModel(model, variant))
-        alternatives[variant] = program_cost(program, model)
-    return LayoutDecision(classify(chosen), program_cost(chosen, model), alternatives, tuple(projections(chosen)))
+        start = time.perf_counter()
+        program = extract_variant(egraph, encoding, VariantModel(pricing, variant), time_limit)
+        if time.perf_counter() - start >= time_limit:
+            limited.append(variant)
+        if classify(program) == variant:
+            alternatives[variant] = program_cost(program, pricing)
+        else:
+            unreachable.append(variant)
+    return LayoutDecision(classify(chosen), program_cost(chosen, pricing), alternatives, tuple(projections(chosen)),
+                          tuple(unreachable), tuple(limited))
+
+
+#: a report explains the layout of programs whose e-graph has at most this many e-nodes (the
+#: exact extractor's reach), spending at most this many seconds on each variant's extraction
+EXPLAIN_MAX_ENODES = 5000
+EXPLAIN_SECONDS = 5.0
+
+
+class LazyLayoutDecision:
+    """`layout_decision` for one extraction, computed on the first call and then kept.
+
+    Holds the e-graph (one attention block's, at most `EXPLAIN_MAX_ENODES`) until then and
+    releases it after; each variant's exact extraction gets `EXPLAIN_SECONDS` (its best program
+    found by then is used). A failure becomes ``None`` with the reason in ``error``:
+    explaining never breaks a report.
+    """
+
+    def __init__(self, egraph, encoding, model: CostModel, chosen: Program) -> None:
+        self._pending: tuple | None = (egraph, encoding, model, chosen, EXPLAIN_SECONDS)
+        self._value: LayoutDecision | None = None
+        self.error: str | None = None
+
+    @classmethod
+    def unavailable(cls, reason: str) -> LazyLayoutDecision:
+        """An explanation that was not computed, saying why."""
+        out = cls(None, None, None, None)  # type: ignore[arg-type]
+        out._pending, out.error = None, reason
+        return out
+
+    @property
+    def computed(self) -> bool:
+        return self._pending is None
+
+    def __call__(self) -> LayoutDecision | None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            try:
+                self._value = layout_decision(*pending)
+            except Exception as exc:  # noqa: BLE001 - the report says why instead
+                self.error = f"{type(exc).__name__}: {exc}"
+        return self._value

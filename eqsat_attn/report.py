@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import html
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .ir import Program, short_dtype
 
@@ -141,6 +143,26 @@ class Report:
     #: merged or split projections in the chosen program (rules/qkv.py), one line each; why the V
     #: layout was chosen over the alternatives: `eqsat_attn.qkv_layouts.layout_decision`
     projections: list[str] = field(default_factory=list)
+    #: for one attention block whose Q/K/V are projections of one input: a callable returning its
+    #: `qkv_layouts.LayoutDecision` (the predicted costs of the rejected layouts), computed on the
+    #: first access (`layout_decision`, str, HTML) so optimizing never pays for it
+    layout_explainer: Callable[[], Any] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def layout_decision(self):
+        """Why the V layout was chosen (`qkv_layouts.LayoutDecision`: which projections were
+        merged, the predicted cost of the chosen program and of each rejected alternative), or
+        None when the program is not one Q/K/V attention block."""
+        return None if self.layout_explainer is None else self.layout_explainer()
+
+    def _layout_lines(self) -> list[str]:
+        if self.layout_explainer is None:
+            return []
+        decision = self.layout_decision
+        if decision is None:
+            reason = getattr(self.layout_explainer, "error", None) or "unknown reason"
+            return [f"V layout decision unavailable ({reason})"]
+        return decision.lines(projections=not self.projections)  # else listed above
 
     @property
     def speedup(self) -> float:
@@ -161,6 +183,7 @@ class Report:
         lines.extend(f"  {info}" for info in self.attention)
         lines.extend(f"  {info}" for info in self.fused_regions)
         lines.extend(f"  projection {line}" for line in self.projections)
+        lines.extend(self._layout_lines())
         if self.timings:
             lines.append("time: " + ", ".join(f"{k} {_format_seconds(v)}" for k, v in self.timings.items()))
         lines.extend(f"warning: {w}" for w in self.warnings)

@@ -283,6 +283,33 @@ def test_default_choice_follows_the_cost_table(device, dtype, kind):
     assert "rejected" in text and f"chose {label}" in text
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_default_cpu_choice_follows_the_cost_table(kind):
+    """CPU, float32 (XLA:CPU computes bf16 dots in f32 at the same peak, so f32 is the dtype a
+    CPU user runs), B4 S4096 E4096 H32. What the CPU rows of the table imply:
+    - no attention op at all: attention as plain JAX is priced at 25% of peak and dots at 50%, so
+      the unfused Q Kᵀ / softmax / P V form (its scores written at 20 GB/s) is cheaper than any of
+      (a), (b), (c);
+    - no merged projection: a compute-bound CPU gains only 1-us launches from a merged matmul,
+      while a weight concatenation is a copy on every call (Llama keeps three projections) and
+      slicing the fused output copies three times more bytes than slicing the weight (GPT-2's
+      fused projection is split by weight slices);
+    - among the variants, (a): every CPU attention row is 0.25 (no V-layout preference), so
+      transposed V only adds a transpose (b) or a matmul (c)."""
+    program = abstract_block(kind, dtype=jnp.float32, **SHAPE)
+    model = for_device("cpu")
+    costs, chosen, _ = variant_costs(program, model)
+    assert min(costs, key=costs.get) == "a", costs
+    assert not [i for i in chosen.live_nodes() if chosen.nodes[i].op in ("attention", "packed_attention")], str(chosen)
+    assert program_cost(chosen, model) < min(costs.values()), (costs, str(chosen))
+    assert chosen.count("concatenate") == 0 and classify(chosen) == "other"
+    lines = projections(chosen)
+    if kind == "gpt2":
+        assert len(lines) == 3 and all("split projection" in line for line in lines), lines
+    else:
+        assert lines == [] and chosen.count("dot_general") == 5  # three projections, Q Kᵀ, P V
+
+
 def test_h100_choices_bf16_vs_fp8():
     """What the table implies at B4 S4096 E4096 H32: bf16 keeps V standard (transposed V's 2% edge
     does not pay for a separate V projection); fp8 (our transposed-V kernel measured 34% faster,
@@ -324,11 +351,16 @@ def test_bench_qkv_layouts_cpu_smoke(tmp_path):
     out = tmp_path / "smoke.md"
     assert mod.main(["--cpu-smoke", "--out", str(out)]) == 0
     text = out.read_text()
-    assert "| (a) | a |" in text and "| (b) | b |" in text and "values agree across programs: ok" in text
+    prefill, decode = text.split("## decode")  # both configurations, side by side in one run
+    assert "## prefill" in prefill
+    for section in (prefill, decode):
+        assert "| (a) | a |" in section and "| (b) | b |" in section and "| pick |" in section
+        assert "values agree across programs: ok" in section and "pick was the fastest program: " in section
+    assert "| (c) | c |" in prefill
     assert "FAIL" not in text
 
 
-def test_report_lists_split_projections():
+def test_report_lists_split_projections(exact_explanations):
     """Steered to variant (c) by `VariantModel`, the report names the fused projection's
     split-off parts, and values are unchanged."""
     fn, args = block_args("gpt2", seed=4)
@@ -337,4 +369,73 @@ def test_report_lists_split_projections():
     assert classify(report.after) == "c"
     assert any("split projection" in line for line in report.projections), report.projections
     assert "projection" in report.summary()
+    decision = report.layout_decision  # priced under the base model: the steering is no cost
+    assert decision.chosen == "c" and decision.chosen_cost == pytest.approx(program_cost(report.after, for_device("h100")))
+    assert "rejected a (" in str(report) and "rejected b (" in str(report)
     np.testing.assert_allclose(np.asarray(steered(*args)), np.asarray(fn(*args)), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the report explains the choice
+
+
+@pytest.fixture
+def exact_explanations(monkeypatch):
+    """No time limit on the report's extractions (a loaded CI machine must not change them)."""
+    import eqsat_attn.qkv_layouts as qkv_layouts
+
+    monkeypatch.setattr(qkv_layouts, "EXPLAIN_SECONDS", 600.0)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_report_explains_the_v_layout(kind, exact_explanations):
+    """`explain` on a Q/K/V block says which projections the chosen program merges and why its V
+    layout won: the predicted cost of each rejected variant, in the text and the HTML. The
+    exact extractions behind it run when the report is first read, not when optimizing."""
+    fn, args = block_args(kind, seed=5)
+    model = for_device("h100")
+    block = ea.optimize(fn, cost_model=model, limits=LIMITS)
+    report = block.explain(*args)
+    assert not report.layout_explainer.computed  # optimizing did not pay for the explanation
+    decision = report.layout_decision
+    assert report.layout_explainer.computed and report.layout_decision is decision  # computed once
+    assert decision.chosen == classify(report.after) != "other"
+    assert decision.chosen_cost == pytest.approx(report.cost_after)
+    assert set(decision.alternatives) == set(VARIANTS) and not decision.unreachable
+    text, page = str(report), report._repr_html_()
+    assert f"V layout: chose {decision.chosen}" in text and f"V layout: chose {decision.chosen}" in page
+    for variant, cost in decision.alternatives.items():
+        if variant != decision.chosen:
+            assert f"rejected {variant} (" in text and f"{cost * 1e6:.4g} us" in text
+    for line in report.projections:  # merged projections listed once, in the report's own lines
+        assert f"  projection {line}" in text
+    if not report.projections:
+        assert "projections: as written" in text
+    np.testing.assert_allclose(np.asarray(block(*args)), np.asarray(fn(*args)), rtol=1e-5, atol=1e-5)
+
+
+def test_exact_report_choice_is_the_cheapest_variant(exact_explanations):
+    """With the exact extractor the chosen program is never predicted slower than a rejected
+    variant, and the report says so (no "cheaper" note)."""
+    fn, args = block_args("llama", seed=6)
+    report = ea.optimize(fn, cost_model=for_device("h100"), limits=LIMITS, extractor="ilp").explain(*args)
+    decision = report.layout_decision
+    assert all(decision.chosen_cost <= cost * (1 + 1e-9) for cost in decision.alternatives.values()), decision
+    assert "cheaper" not in str(report) and not decision.time_limited
+
+
+def test_report_has_no_layout_decision_without_attention():
+    report = ea.optimize(lambda x, w: jnp.tanh(x @ w), limits=LIMITS).explain(
+        *[np.random.default_rng(7).standard_normal(s).astype(np.float32) for s in ((4, 8), (8, 8))])
+    assert report.layout_explainer is None and report.layout_decision is None
+    assert "V layout" not in str(report)
+
+
+def test_report_says_why_a_layout_decision_is_missing():
+    """Past the exact extractor's reach (or on a failure) the report says so instead of costs."""
+    from eqsat_attn.qkv_layouts import LazyLayoutDecision
+
+    program = p_horizontal()
+    report = ea.Report(before=program, after=program,
+                       layout_explainer=LazyLayoutDecision.unavailable("the e-graph has 9999 e-nodes"))
+    assert report.layout_decision is None
+    assert "V layout decision unavailable (the e-graph has 9999 e-nodes)" in report.summary()
