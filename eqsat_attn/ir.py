@@ -245,7 +245,11 @@ class ProgramBuilder:
         self._memo: dict[Node, int] = {}
 
     def add(self, op: str, inputs: Sequence[int] = (), type: TensorType | None = None, **params: Hashable) -> int:
-        node = Node(op, tuple(inputs), Params(params), type)
+        return self.add_node(Node(op, tuple(inputs), Params(params), type))
+
+    def add_node(self, node: Node) -> int:
+        """Add ``node`` (its inputs already ids of this builder); an equal earlier node is reused."""
+        op = node.op
         if op in ("input", "opaque"):
             self.nodes.append(node)
             node_id = len(self.nodes) - 1

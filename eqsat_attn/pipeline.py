@@ -31,6 +31,7 @@ class OptimizeOptions:
     limits: Limits = field(default_factory=Limits)
     extractor: str = "greedy-dag"  # "greedy-dag" | "tree" (egglog's) | "ilp" (exact, small graphs)
     precision: str = "exact"  # "exact" | "fp8": may the optimizer introduce fp8 attention?
+    reuse_blocks: bool = True  # optimize identical repeated parts (a model's layers) once: eqsat_attn.blocks
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -62,6 +63,7 @@ class PipelineResult:
     cost_before: float
     cost_after: float
     warnings: tuple[str, ...] = ()
+    repeated_blocks: int = 0  # identical parts optimized once and reused (0: the whole program at once)
 
 
 def default_cost_model(backend: str = "auto"):
@@ -86,25 +88,56 @@ def saturate(program: Program, options: OptimizeOptions):
     return egraph, encoding, run
 
 
-def optimize_program(program: Program, options: OptimizeOptions = OptimizeOptions()) -> PipelineResult:
-    """Return the cheapest program equivalent to ``program`` under the options' cost model.
+def optimize_part(program: Program, options: OptimizeOptions, model) -> tuple[Program, object]:
+    """Saturate and extract one program; returns (chosen program, the driver's RunResult).
 
-    Any internal failure returns the original program with a warning: optimizing never
-    changes what the user computes.
+    Never returns something the model predicts slower than ``program`` (extraction is greedy).
     """
     from .cost import program_cost
     from .egraph import extract_program
 
+    egraph, encoding, run = saturate(program, options)
+    if options.extractor == "ilp":
+        from .egraph.ilp import extract_program_ilp
+
+        chosen, _ = extract_program_ilp(egraph, encoding, model)
+    else:
+        chosen, _ = extract_program(egraph, encoding, model, extractor=options.extractor)
+    if chosen.output_types != program.output_types:
+        raise AssertionError(
+            f"extracted program has output types {chosen.output_types}, expected {program.output_types}"
+        )
+    if program_cost(chosen, model) > program_cost(program, model):
+        chosen = program
+    return chosen, run
+
+
+def optimize_program(program: Program, options: OptimizeOptions = OptimizeOptions()) -> PipelineResult:
+    """Return the cheapest program equivalent to ``program`` under the options' cost model.
+
+    With ``options.reuse_blocks``, a program made of repeated identical parts (a stack of
+    layers; `eqsat_attn.blocks`) has each distinct part optimized once and spliced back.
+    Any internal failure returns the original program with a warning: optimizing never
+    changes what the user computes.
+    """
+    from collections import Counter
+
+    from .blocks import splice, split_repeated
+    from .cost import program_cost
+
     model = options.cost_model or default_cost_model(options.backend)
     cost_before = program_cost(program, model)
     try:
-        egraph, encoding, run = saturate(program, options)
-        if options.extractor == "ilp":
-            from .egraph.ilp import extract_program_ilp
-
-            chosen, _ = extract_program_ilp(egraph, encoding, model)
+        split = split_repeated(program) if options.reuse_blocks else None
+        if split is None:
+            chosen, run = optimize_part(program, options, model)
+            runs = [run]
         else:
-            chosen, _ = extract_program(egraph, encoding, model, extractor=options.extractor)
+            optimized, runs = {}, []
+            for part in split.distinct:
+                optimized[part], run = optimize_part(part, options, model)
+                runs.append(run)
+            chosen = splice(program, split, optimized)
         if chosen.output_types != program.output_types:
             raise AssertionError(
                 f"extracted program has output types {chosen.output_types}, expected {program.output_types}"
@@ -116,5 +149,14 @@ def optimize_program(program: Program, options: OptimizeOptions = OptimizeOption
     cost_after = program_cost(chosen, model)
     if cost_after > cost_before:  # extraction is greedy: never return something predicted slower
         chosen, cost_after = program, cost_before
-    notes = () if run.saturated else (f"saturation stopped at the {run.stop_reason}; best program found so far used",)
-    return PipelineResult(chosen, run.rules_fired, run.egraph_nodes, run.saturated, cost_before, cost_after, notes)
+    fired: Counter[str] = Counter()
+    for run in runs:
+        fired.update(run.rules_fired)
+    saturated = all(run.saturated for run in runs)
+    notes = tuple(
+        f"saturation stopped at the {run.stop_reason}; best program found so far used" for run in runs if not run.saturated
+    )[:1]
+    return PipelineResult(
+        chosen, dict(fired), sum(run.egraph_nodes for run in runs), saturated, cost_before, cost_after, notes,
+        split.repeats if split is not None else 0,
+    )
