@@ -91,11 +91,12 @@ class TensorType:
 class Params(Mapping[str, Hashable]):
     """An immutable, hashable mapping of a node's static parameters."""
 
-    __slots__ = ("_items",)
+    __slots__ = ("_items", "_hash")
 
     def __init__(self, items: Mapping[str, Hashable] | Iterable[tuple[str, Hashable]] = ()) -> None:
         pairs = items.items() if isinstance(items, Mapping) else items
         self._items: tuple[tuple[str, Hashable], ...] = tuple(sorted(pairs, key=lambda kv: kv[0]))
+        self._hash: int | None = None  # computed once: nodes are hashed on every builder lookup
 
     def __getitem__(self, key: str) -> Hashable:
         for k, v in self._items:
@@ -114,10 +115,12 @@ class Params(Mapping[str, Hashable]):
         return tuple((k, ("float", v.hex()) if isinstance(v, float) else v) for k, v in self._items)
 
     def __hash__(self) -> int:
-        return hash(self._key())
+        if self._hash is None:
+            self._hash = hash(self._key())
+        return self._hash
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Params) and self._key() == other._key()
+        return isinstance(other, Params) and (self is other or self._key() == other._key())
 
     def __repr__(self) -> str:
         return f"Params({dict(self._items)!r})"

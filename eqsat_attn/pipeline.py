@@ -94,15 +94,19 @@ def optimize_part(program: Program, options: OptimizeOptions, model) -> tuple[Pr
     Never returns something the model predicts slower than ``program`` (extraction is greedy).
     """
     from .cost import program_cost
-    from .egraph import extract_program
+    from .egraph import encode, extract_program, resolve, run_rulesets
+    from .egraph.driver import prepared_egraph
 
-    egraph, encoding, run = saturate(program, options)
-    if options.extractor == "ilp":
-        from .egraph.ilp import extract_program_ilp
+    rulesets = resolve(options.rule_names())
+    with prepared_egraph(rulesets) as egraph:  # as `saturate`, with the rules registered once per process
+        encoding = encode(program, egraph)
+        run = run_rulesets(egraph, rulesets, options.limits)
+        if options.extractor == "ilp":
+            from .egraph.ilp import extract_program_ilp
 
-        chosen, _ = extract_program_ilp(egraph, encoding, model)
-    else:
-        chosen, _ = extract_program(egraph, encoding, model, extractor=options.extractor)
+            chosen, _ = extract_program_ilp(egraph, encoding, model)
+        else:
+            chosen, _ = extract_program(egraph, encoding, model, extractor=options.extractor)
     if chosen.output_types != program.output_types:
         raise AssertionError(
             f"extracted program has output types {chosen.output_types}, expected {program.output_types}"
