@@ -175,3 +175,28 @@ def test_random_stacks_split_and_splice_keep_values(stack) -> None:
     spliced = splice(program, split, {p: p for p in split.distinct})
     assert canonical(spliced) == canonical(program)
     assert_same_values(program, spliced)
+
+
+def test_prepared_egraphs_are_reverted_between_runs() -> None:
+    """Optimizations share a prepared e-graph (rules registered once per process, egglog
+    push/pop): a run, even one that fails half-way, leaves nothing behind for the next."""
+    from eqsat_attn.egraph import encode, resolve
+    from eqsat_attn.egraph.driver import egraph_size, prepared_egraph
+
+    fn, args = examples.attention_vt_example()
+    program = capture(fn, *args).program
+    first = optimize_program(program)
+    rulesets = resolve(None)
+    with prepared_egraph(rulesets) as egraph:
+        empty = egraph_size(egraph)
+    with pytest.raises(RuntimeError, match="half-way"):
+        with prepared_egraph(rulesets) as egraph:
+            encode(program, egraph)
+            assert egraph_size(egraph) > empty
+            raise RuntimeError("failed half-way")
+    with prepared_egraph(rulesets) as egraph:
+        assert egraph_size(egraph) == empty
+    again = optimize_program(program)
+    assert canonical(again.program) == canonical(first.program)
+    assert again.egraph_nodes == first.egraph_nodes and again.rules_fired == first.rules_fired
+    assert again.program.count("attention") == 1

@@ -156,7 +156,7 @@ def prepare_rulesets(egraph: EGraph, rulesets: list[RuleSet]) -> None:
     schedule_command(egraph, analysis.saturate())
 
 
-_PREPARED: dict[tuple[int, ...], tuple[list[RuleSet], list[EGraph]]] = {}
+_PREPARED: dict[tuple[int, ...], tuple[list[Any], list[EGraph]]] = {}
 _PREPARED_LOCK = threading.Lock()
 
 
@@ -168,9 +168,10 @@ def prepared_egraph(rulesets: list[RuleSet]) -> Iterator[EGraph]:
     e-graphs (one per combination of rule sets, per concurrent user) and hands one out between
     egglog's ``push`` and ``pop`` (~0.03 s), so only its first optimization pays.
     """
-    key = tuple(id(r.ruleset) for r in rulesets)
-    with _PREPARED_LOCK:
-        kept, idle = _PREPARED.setdefault(key, (list(rulesets), []))  # kept: ids stay valid
+    egglog_rulesets = [r.ruleset for r in rulesets]
+    key = tuple(map(id, egglog_rulesets))
+    with _PREPARED_LOCK:  # the entry keeps the rulesets alive, so their ids are not reused
+        _, idle = _PREPARED.setdefault(key, (egglog_rulesets, []))
         egraph = idle.pop() if idle else None
     if egraph is None:
         egraph = EGraph()
