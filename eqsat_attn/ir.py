@@ -91,12 +91,13 @@ class TensorType:
 class Params(Mapping[str, Hashable]):
     """An immutable, hashable mapping of a node's static parameters."""
 
-    __slots__ = ("_items", "_hash")
+    __slots__ = ("_items", "_hash", "_cached_key")
 
     def __init__(self, items: Mapping[str, Hashable] | Iterable[tuple[str, Hashable]] = ()) -> None:
         pairs = items.items() if isinstance(items, Mapping) else items
         self._items: tuple[tuple[str, Hashable], ...] = tuple(sorted(pairs, key=lambda kv: kv[0]))
         self._hash: int | None = None  # computed once: nodes are hashed on every builder lookup
+        self._cached_key: tuple | None = None
 
     def __getitem__(self, key: str) -> Hashable:
         for k, v in self._items:
@@ -112,7 +113,9 @@ class Params(Mapping[str, Hashable]):
 
     def _key(self) -> tuple:
         # floats by their bits: -0.0 and 0.0 are different literals, and NaN equals itself
-        return tuple((k, ("float", v.hex()) if isinstance(v, float) else v) for k, v in self._items)
+        if self._cached_key is None:
+            self._cached_key = tuple((k, ("float", v.hex()) if isinstance(v, float) else v) for k, v in self._items)
+        return self._cached_key
 
     def __hash__(self) -> int:
         if self._hash is None:
