@@ -228,7 +228,12 @@ def _s(x: float) -> str:
     return f"{x:.3f}"
 
 
-def render(rows: list[dict[str, Any]], command: str, reuse: bool = True) -> str:
+def _spread(row: dict[str, Any]) -> str:
+    lo, hi = row.get("spread", (row["total"], row["total"]))
+    return "" if lo == hi else f" ({lo:.2f}-{hi:.2f})"
+
+
+def render(rows: list[dict[str, Any]], command: str, reuse: bool = True, repeat: int = 1) -> str:
     """The results file (markdown)."""
     import egglog
 
@@ -244,8 +249,10 @@ def render(rows: list[dict[str, Any]], command: str, reuse: bool = True) -> str:
         "- workload: `examples.stacked_example(layers)`: B2 S64 E128 H4 f32 pre-norm transformer blocks,"
         " own weights per layer; default rule sets, `Limits()`, current-device roofline, greedy-DAG extraction.",
         f"- repeated blocks: {'reused (default: identical layers optimized once, eqsat_attn.blocks)' if reuse else 'off (--whole: the whole program in one e-graph)'}.",
-        "- times: wall seconds, one run each (expect +-30% noise on this machine; more when other processes"
-        " run); `cpu` = process time of trace + optimizer (this process only, less sensitive to other load).",
+        f"- times: wall seconds, {'one run each' if repeat == 1 else f'median of {repeat} runs (min-max in the total column)'}"
+        " (expect +-30% noise on this machine; more when other processes run; load average at the end:"
+        f" {', '.join(f'{x:.1f}' for x in os.getloadavg())}); `cpu` = process time of trace + optimizer"
+        " (this process only, less sensitive to other load).",
         "",
         "## Totals",
         "",
@@ -258,7 +265,7 @@ def render(rows: list[dict[str, Any]], command: str, reuse: bool = True) -> str:
         lines.append(
             f"| {r['layers']} | {r['program_nodes']} | {r['repeats']} | {r['nodes']} | {r['iterations']} | "
             f"{'yes' if r['saturated'] else 'no: ' + r['stop']} | {_s(t['trace'])} | {_s(t['split'])} | "
-            f"{_s(t['encode'])} | {_s(t['saturate'])} | {_s(t['extract'])} | **{_s(r['total'])}** | "
+            f"{_s(t['encode'])} | {_s(t['saturate'])} | {_s(t['extract'])} | **{_s(r['total'])}**{_spread(r)} | "
             f"{_s(r['cpu'])} | {_s(r['xla'])} | {r['total'] / r['xla']:.1f}x |"
         )
     by = {r["layers"]: r for r in rows}
@@ -350,6 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, nargs="+", default=list(DEFAULT_LAYERS))
     parser.add_argument("--out", type=pathlib.Path, default=None, help="markdown results file")
     parser.add_argument("--cpu-smoke", action="store_true", help="layers 1 and 2 only (tests)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per layer count; the median run (by optimizer total) is reported, with min and max")
     parser.add_argument("--whole", action="store_true",
                         help="optimize the whole program in one e-graph (no reuse of repeated blocks)")
     ns = parser.parse_args(argv)
@@ -366,12 +375,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         task = progress.add_task("scaling", total=len(layers))
         for n in layers:
             progress.update(task, description=f"{n} layer(s): trace, saturate, extract, XLA compile")
-            rows.append(measure(n, reuse_blocks=not ns.whole))
-            r = rows[-1]
+            runs = sorted((measure(n, reuse_blocks=not ns.whole) for _ in range(ns.repeat)), key=lambda r: r["total"])
+            r = runs[len(runs) // 2]  # the median run by optimizer total (its profile is reported)
+            r["spread"] = (runs[0]["total"], runs[-1]["total"])
+            rows.append(r)
             console.print(f"{n:>3} layers: optimizer {r['total']:.2f} s ({r['nodes']} e-nodes, "
                           f"{'saturated' if r['saturated'] else r['stop']}), XLA compile {r['xla']:.2f} s")
             progress.advance(task)
-    text = render(rows, command.strip(), reuse=not ns.whole)
+    text = render(rows, command.strip(), reuse=not ns.whole, repeat=ns.repeat)
     note = plot(rows, out.with_suffix(".png")) if not ns.cpu_smoke else "no plot (smoke run)"
     text += f"\n{note}\n"
     out.parent.mkdir(parents=True, exist_ok=True)
