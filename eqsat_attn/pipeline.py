@@ -9,12 +9,20 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
 from .ir import Program
+
+if TYPE_CHECKING:
+    from .egraph.driver import RunResult
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds on equality saturation; past any of them the best program found so far is used."""
+    """Bounds on equality saturation; past any of them the best program found so far is used.
+
+    They bound each e-graph run: one for the whole program, or one per distinct repeated block
+    (`eqsat_attn.blocks`)."""
 
     iterations: int = 30
     nodes: int = 200_000
@@ -88,8 +96,10 @@ def saturate(program: Program, options: OptimizeOptions):
     return egraph, encoding, run
 
 
-def optimize_part(program: Program, options: OptimizeOptions, model) -> tuple[Program, object]:
+def optimize_part(program: Program, options: OptimizeOptions, model) -> tuple[Program, RunResult]:
     """Saturate and extract one program; returns (chosen program, the driver's RunResult).
+
+    ``options.limits`` bound this one e-graph run (with repeated blocks: each distinct block's).
 
     Never returns something the model predicts slower than ``program`` (extraction is greedy).
     """
