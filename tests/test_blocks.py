@@ -200,3 +200,36 @@ def test_prepared_egraphs_are_reverted_between_runs() -> None:
     assert canonical(again.program) == canonical(first.program)
     assert again.egraph_nodes == first.egraph_nodes and again.rules_fired == first.rules_fired
     assert again.program.count("attention") == 1
+
+
+def test_flax_layers_are_reused_with_the_whole_program_choice() -> None:
+    """Flax linen blocks (LayerNorm, MultiHeadDotProductAttention with a causal mask, MLP)."""
+    nn = pytest.importorskip("flax.linen")
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.LayerNorm()(x)
+            mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
+            x = x + nn.MultiHeadDotProductAttention(num_heads=4)(h, h, mask=mask)
+            h = nn.LayerNorm()(x)
+            return x + nn.Dense(x.shape[-1])(nn.gelu(nn.Dense(4 * x.shape[-1])(h)))
+
+    class Stack(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for _ in range(3):
+                x = Block()(x)
+            return x
+
+    model = Stack()
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 64))
+    params = model.init(jax.random.PRNGKey(1), x)
+    program = capture(lambda params, x: model.apply(params, x), params, x).program
+    split = split_repeated(program)
+    assert split is not None and split.repeats == 3 and len(split.distinct) == 1
+    whole = optimize_program(program, OptimizeOptions(reuse_blocks=False))
+    reused = optimize_program(program)
+    assert reused.repeated_blocks == 3 and reused.program.count("attention") == 3
+    assert canonical(reused.program) == canonical(whole.program)
+    assert_same_values(program, reused.program)
