@@ -27,6 +27,7 @@ Targets (issue 6): 12 layers < 1.0 s, 48 layers < 4.4 x the 12-layer time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import functools
 import os
@@ -113,23 +114,57 @@ class _Patched:
             setattr(module, name, old)
 
 
-def optimize_profiled(program: Any, profile: Profile) -> dict[str, Any]:
-    """`pipeline.optimize_program`'s stages (same calls), timed."""
-    from egglog import EGraph
-
+def optimize_profiled(program: Any, profile: Profile, reuse_blocks: bool = True) -> dict[str, Any]:
+    """`pipeline.optimize_program`'s stages (same calls), timed: split into repeated blocks
+    (`eqsat_attn.blocks`), then encode, saturate and extract each distinct part, then splice."""
+    from eqsat_attn.blocks import splice, split_repeated
     from eqsat_attn.cost import program_cost
-    from eqsat_attn.egraph import encode, extract_program, resolve, run_rulesets
-    from eqsat_attn.pipeline import Limits, default_cost_model
-
-    from eqsat_attn.egraph import driver
+    from eqsat_attn.pipeline import default_cost_model
 
     model = default_cost_model()
-    with _Patched(profile) as patched:
-        egraph = EGraph()
+    start = time.perf_counter()
+    split = split_repeated(program) if reuse_blocks else None
+    profile.add("split", time.perf_counter() - start)
+    parts = [program] if split is None else split.distinct
+    results = [_optimize_part_profiled(part, profile, model) for part in parts]
+    start = time.perf_counter()
+    if split is None:
+        chosen = results[0]["chosen"]
+    else:
+        chosen = splice(program, split, {part: r["chosen"] for part, r in zip(parts, results)})
+    profile.add("split", time.perf_counter() - start)
+    if program_cost(chosen, model) > program_cost(program, model):
+        chosen = program
+    return {
+        "nodes": sum(r["nodes"] for r in results),
+        "iterations": max(r["iterations"] for r in results),
+        "saturated": all(r["saturated"] for r in results),
+        "stop": "; ".join(r["stop"] for r in results if not r["saturated"]),
+        "repeats": split.repeats if split is not None else 0,
+        "parts": len(parts),
+        "cost_before": program_cost(program, model),
+        "cost_after": program_cost(chosen, model),
+        "attention": sum(1 for i in chosen.live_nodes() if chosen.nodes[i].op == "attention"),
+        "v_layouts": Counter(str(chosen.nodes[i].params["v_layout"]) for i in chosen.live_nodes()
+                             if chosen.nodes[i].op == "attention"),
+        "transposes": sum(1 for i in chosen.live_nodes() if chosen.nodes[i].op == "transpose"),
+        "chosen": chosen,
+    }
+
+
+def _optimize_part_profiled(program: Any, profile: Profile, model: Any) -> dict[str, Any]:
+    """`pipeline.optimize_part`'s stages for one (part) program, timed."""
+    from eqsat_attn.cost import program_cost
+    from eqsat_attn.egraph import driver, encode, extract_program, resolve, run_rulesets
+    from eqsat_attn.pipeline import Limits
+
+    with _Patched(profile) as patched, contextlib.ExitStack() as stack:
         rulesets = resolve(None)
         start = time.perf_counter()
-        driver.prepare_rulesets(egraph, rulesets)  # counted in "saturate"
+        # counted in "saturate": registering the rules (a process's first run) or reverting to them
+        egraph = stack.enter_context(driver.prepared_egraph(rulesets))
         prepare_seconds = time.perf_counter() - start
+        profile.add("prepare", prepare_seconds)
         start = time.perf_counter()
         enc = encode(program, egraph)
         profile.add("encode", time.perf_counter() - start)
@@ -151,22 +186,14 @@ def optimize_profiled(program: Any, profile: Profile) -> dict[str, Any]:
             profile.add("rules" if i < n_loop else "final_rules", seconds)
             for rule, t in report.search_and_apply_time_per_rule.items():
                 profile.rule_time[_family(rule)] += t.total_seconds() if hasattr(t, "total_seconds") else float(t)
-        profile.per_iteration = [{"seconds": s, **st} for (s, _), st in zip(runs, result.steps)]
+        profile.per_iteration += [{"seconds": s, **st} for (s, _), st in zip(runs, result.steps)]
         start = time.perf_counter()
         chosen, _ = extract_program(egraph, enc, model)
         profile.add("extract", time.perf_counter() - start)
-    return {
-        "nodes": result.egraph_nodes,
-        "iterations": result.iterations,
-        "saturated": result.saturated,
-        "stop": result.stop_reason,
-        "cost_before": program_cost(program, model),
-        "cost_after": program_cost(chosen, model),
-        "attention": sum(1 for i in chosen.live_nodes() if chosen.nodes[i].op == "attention"),
-        "v_layouts": Counter(str(chosen.nodes[i].params["v_layout"]) for i in chosen.live_nodes()
-                             if chosen.nodes[i].op == "attention"),
-        "transposes": sum(1 for i in chosen.live_nodes() if chosen.nodes[i].op == "transpose"),
-    }
+    if program_cost(chosen, model) > program_cost(program, model):  # as pipeline.optimize_part
+        chosen = program
+    return {"chosen": chosen, "nodes": result.egraph_nodes, "iterations": result.iterations,
+            "saturated": result.saturated, "stop": result.stop_reason}
 
 
 def xla_compile_seconds(fn: Callable[..., Any], args: Sequence[Any]) -> float:
@@ -176,18 +203,21 @@ def xla_compile_seconds(fn: Callable[..., Any], args: Sequence[Any]) -> float:
     return time.perf_counter() - start
 
 
-def measure(layers: int) -> dict[str, Any]:
+def measure(layers: int, reuse_blocks: bool = True) -> dict[str, Any]:
     fn, args = examples.stacked_example(layers)
     profile = Profile()
+    cpu_start = time.process_time()
     start = time.perf_counter()
     captured = capture(fn, *args)
     profile.add("trace", time.perf_counter() - start)
-    out = optimize_profiled(captured.program, profile)
+    out = optimize_profiled(captured.program, profile, reuse_blocks)
+    cpu = time.process_time() - cpu_start
     t = profile.times
     out.update(
         layers=layers,
         program_nodes=len(captured.program.live_nodes()),
-        total=t["trace"] + t["encode"] + t["saturate"] + t["extract"],
+        total=t["trace"] + t["split"] + t["encode"] + t["saturate"] + t["extract"],
+        cpu=cpu,
         xla=xla_compile_seconds(fn, args),
         profile=profile,
     )
@@ -198,7 +228,12 @@ def _s(x: float) -> str:
     return f"{x:.3f}"
 
 
-def render(rows: list[dict[str, Any]], command: str) -> str:
+def _spread(row: dict[str, Any]) -> str:
+    lo, hi = row.get("spread", (row["total"], row["total"]))
+    return "" if lo == hi else f" ({lo:.2f}-{hi:.2f})"
+
+
+def render(rows: list[dict[str, Any]], command: str, reuse: bool = True, repeat: int = 1) -> str:
     """The results file (markdown)."""
     import egglog
 
@@ -213,21 +248,25 @@ def render(rows: list[dict[str, Any]], command: str) -> str:
         f"- command: `{command}`",
         "- workload: `examples.stacked_example(layers)`: B2 S64 E128 H4 f32 pre-norm transformer blocks,"
         " own weights per layer; default rule sets, `Limits()`, current-device roofline, greedy-DAG extraction.",
-        "- times: seconds, one run each (expect +-30% noise on this machine).",
+        f"- repeated blocks: {'reused (default: identical layers optimized once, eqsat_attn.blocks)' if reuse else 'off (--whole: the whole program in one e-graph)'}.",
+        f"- times: wall seconds, {'one run each' if repeat == 1 else f'median of {repeat} runs (min-max in the total column)'}"
+        " (expect +-30% noise on this machine; more when other processes run; load average at the end:"
+        f" {', '.join(f'{x:.1f}' for x in os.getloadavg())}); `cpu` = process time of trace + optimizer"
+        " (this process only, less sensitive to other load).",
         "",
         "## Totals",
         "",
-        "| layers | program nodes | e-nodes | iterations | saturated | trace | encode | saturate | extract | "
-        "**optimizer total** | XLA compile | total / XLA |",
-        "|---:|---:|---:|---:|:---|---:|---:|---:|---:|---:|---:|---:|",
+        "| layers | program nodes | repeats | e-nodes | iterations | saturated | trace | split+splice | encode | "
+        "saturate | extract | **optimizer total** | cpu | XLA compile | total / XLA |",
+        "|---:|---:|---:|---:|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         t = r["profile"].times
         lines.append(
-            f"| {r['layers']} | {r['program_nodes']} | {r['nodes']} | {r['iterations']} | "
-            f"{'yes' if r['saturated'] else 'no: ' + r['stop']} | {_s(t['trace'])} | {_s(t['encode'])} | "
-            f"{_s(t['saturate'])} | {_s(t['extract'])} | **{_s(r['total'])}** | {_s(r['xla'])} | "
-            f"{r['total'] / r['xla']:.1f}x |"
+            f"| {r['layers']} | {r['program_nodes']} | {r['repeats']} | {r['nodes']} | {r['iterations']} | "
+            f"{'yes' if r['saturated'] else 'no: ' + r['stop']} | {_s(t['trace'])} | {_s(t['split'])} | "
+            f"{_s(t['encode'])} | {_s(t['saturate'])} | {_s(t['extract'])} | **{_s(r['total'])}**{_spread(r)} | "
+            f"{_s(r['cpu'])} | {_s(r['xla'])} | {r['total'] / r['xla']:.1f}x |"
         )
     by = {r["layers"]: r for r in rows}
     lines += ["", "## Targets", ""]
@@ -244,14 +283,16 @@ def render(rows: list[dict[str, Any]], command: str) -> str:
         "",
         "## Where the time goes",
         "",
-        "Stage seconds (share of the optimizer total). `rules` = egglog `run` of the saturation loop;",
+        "Stage seconds (share of the optimizer total). `split` = finding repeated blocks and splicing the"
+        " optimized ones back; `prepare` = registering the rule sets in an e-graph (a process's first"
+        " optimization) or reverting a prepared one (egglog push/pop); `rules` = egglog `run` of the saturation loop;",
         "`answer` = Python index-math questions; `size` = e-node counting per iteration; `final` = the",
         "closing analysis/answer loop; `callback` = Python cost function inside extraction"
         " (`view` = child-type table lookups inside it), calls = e-nodes priced.",
         "",
-        "| layers | trace | encode | rules | answer | size | final | extract | of which callback (calls) | "
-        "view | decode |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| layers | trace | split | prepare | encode | rules | answer | size | final | extract |"
+        " of which callback (calls) | view | decode |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         p = r["profile"]
@@ -259,7 +300,7 @@ def render(rows: list[dict[str, Any]], command: str) -> str:
         tot = r["total"]
         pct = lambda k: f"{t[k]:.3f} ({100 * t[k] / tot:.0f}%)"  # noqa: E731
         lines.append(
-            f"| {r['layers']} | {pct('trace')} | {pct('encode')} | {pct('rules')} | {pct('answer')} | {pct('size')} | "
+            f"| {r['layers']} | {pct('trace')} | {pct('split')} | {pct('prepare')} | {pct('encode')} | {pct('rules')} | {pct('answer')} | {pct('size')} | "
             f"{t['final_rules']:.3f} | {pct('extract')} | {t['callback']:.3f} ({p.counts['callback']}) | "
             f"{t['view']:.3f} | {t['decode']:.3f} |"
         )
@@ -316,6 +357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, nargs="+", default=list(DEFAULT_LAYERS))
     parser.add_argument("--out", type=pathlib.Path, default=None, help="markdown results file")
     parser.add_argument("--cpu-smoke", action="store_true", help="layers 1 and 2 only (tests)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per layer count; the median run (by optimizer total) is reported, with min and max")
+    parser.add_argument("--whole", action="store_true",
+                        help="optimize the whole program in one e-graph (no reuse of repeated blocks)")
     ns = parser.parse_args(argv)
     layers = [1, 2] if ns.cpu_smoke else ns.layers
     out = ns.out or ROOT / "bench" / "results" / f"scaling-{dt.date.today():%Y-%m-%d}.md"
@@ -330,12 +375,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         task = progress.add_task("scaling", total=len(layers))
         for n in layers:
             progress.update(task, description=f"{n} layer(s): trace, saturate, extract, XLA compile")
-            rows.append(measure(n))
-            r = rows[-1]
+            runs = sorted((measure(n, reuse_blocks=not ns.whole) for _ in range(ns.repeat)), key=lambda r: r["total"])
+            r = runs[len(runs) // 2]  # the median run by optimizer total (its profile is reported)
+            r["spread"] = (runs[0]["total"], runs[-1]["total"])
+            rows.append(r)
             console.print(f"{n:>3} layers: optimizer {r['total']:.2f} s ({r['nodes']} e-nodes, "
                           f"{'saturated' if r['saturated'] else r['stop']}), XLA compile {r['xla']:.2f} s")
             progress.advance(task)
-    text = render(rows, command.strip())
+    text = render(rows, command.strip(), reuse=not ns.whole, repeat=ns.repeat)
     note = plot(rows, out.with_suffix(".png")) if not ns.cpu_smoke else "no plot (smoke run)"
     text += f"\n{note}\n"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -93,11 +93,13 @@ class TensorType:
 class Params(Mapping[str, Hashable]):
     """An immutable, hashable mapping of a node's static parameters."""
 
-    __slots__ = ("_items",)
+    __slots__ = ("_items", "_hash", "_cached_key")
 
     def __init__(self, items: Mapping[str, Hashable] | Iterable[tuple[str, Hashable]] = ()) -> None:
         pairs = items.items() if isinstance(items, Mapping) else items
         self._items: tuple[tuple[str, Hashable], ...] = tuple(sorted(pairs, key=lambda kv: kv[0]))
+        self._hash: int | None = None  # computed once: nodes are hashed on every builder lookup
+        self._cached_key: tuple | None = None
 
     def __getitem__(self, key: str) -> Hashable:
         for k, v in self._items:
@@ -113,13 +115,17 @@ class Params(Mapping[str, Hashable]):
 
     def _key(self) -> tuple:
         # floats by their bits: -0.0 and 0.0 are different literals, and NaN equals itself
-        return tuple((k, ("float", v.hex()) if isinstance(v, float) else v) for k, v in self._items)
+        if self._cached_key is None:
+            self._cached_key = tuple((k, ("float", v.hex()) if isinstance(v, float) else v) for k, v in self._items)
+        return self._cached_key
 
     def __hash__(self) -> int:
-        return hash(self._key())
+        if self._hash is None:
+            self._hash = hash(self._key())
+        return self._hash
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Params) and self._key() == other._key()
+        return isinstance(other, Params) and (self is other or self._key() == other._key())
 
     def __repr__(self) -> str:
         return f"Params({dict(self._items)!r})"
@@ -247,7 +253,11 @@ class ProgramBuilder:
         self._memo: dict[Node, int] = {}
 
     def add(self, op: str, inputs: Sequence[int] = (), type: TensorType | None = None, **params: Hashable) -> int:
-        node = Node(op, tuple(inputs), Params(params), type)
+        return self.add_node(Node(op, tuple(inputs), Params(params), type))
+
+    def add_node(self, node: Node) -> int:
+        """Add ``node`` (its inputs already ids of this builder); an equal earlier node is reused."""
+        op = node.op
         if op in ("input", "opaque"):
             self.nodes.append(node)
             node_id = len(self.nodes) - 1

@@ -117,6 +117,7 @@ class OptimizedFunction:
             fused_regions=region_infos(program),
             projections=projections(program),
             layout_explainer=result.layout_decision if program is result.program else None,
+            repeated_blocks=result.repeated_blocks,
         )
         return _Compiled(captured, call, report)
 
@@ -204,6 +205,7 @@ def optimize(
     extractor: str = "greedy-dag",
     static_argnums: int | Sequence[int] = (),
     precision: str = "exact",
+    reuse_blocks: bool = True,
 ) -> Any:
     """Optimize a JAX function by equality saturation; use bare (``@optimize``) or with options.
 
@@ -212,12 +214,13 @@ def optimize(
     ``extractor`` is "greedy-dag" (default), "tree" or "ilp" (exact, small graphs).
     ``precision="fp8"`` lets the optimizer run bf16/f16 attention in fp8 where the cost model
     says it pays (values then change; README, "Precision policy"); the default "exact" never
-    introduces a lower precision. If the
+    introduces a lower precision. ``reuse_blocks`` (default) optimizes identical repeated blocks
+    (a model's layers, cut at the residual stream; `eqsat_attn.blocks`) once. If the
     optimizer fails, a warning is emitted and the original program runs: values never change.
     """
     options = OptimizeOptions(
         rules=rules, cost_model=cost_model, backend=backend, limits=limits or Limits(), extractor=extractor,
-        precision=precision,
+        precision=precision, reuse_blocks=reuse_blocks,
     )
 
     def wrap(f: Callable[..., Any]) -> OptimizedFunction:

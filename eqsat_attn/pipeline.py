@@ -9,12 +9,20 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
 from .ir import Program
+
+if TYPE_CHECKING:
+    from .egraph.driver import RunResult
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds on equality saturation; past any of them the best program found so far is used."""
+    """Bounds on equality saturation; past any of them the best program found so far is used.
+
+    They bound each e-graph run: one for the whole program, or one per distinct repeated block
+    (`eqsat_attn.blocks`)."""
 
     iterations: int = 30
     nodes: int = 200_000
@@ -31,6 +39,7 @@ class OptimizeOptions:
     limits: Limits = field(default_factory=Limits)
     extractor: str = "greedy-dag"  # "greedy-dag" | "tree" (egglog's) | "ilp" (exact, small graphs)
     precision: str = "exact"  # "exact" | "fp8": may the optimizer introduce fp8 attention?
+    reuse_blocks: bool = True  # optimize identical repeated parts (a model's layers) once: eqsat_attn.blocks
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -62,6 +71,7 @@ class PipelineResult:
     cost_before: float
     cost_after: float
     warnings: tuple[str, ...] = ()
+    repeated_blocks: int = 0  # identical parts optimized once and reused (0: the whole program at once)
     #: why the chosen program's V layout and projections won, when it is one Q/K/V attention
     #: block: a `qkv_layouts.LazyLayoutDecision` (exact extractions run on its first call)
     layout_decision: Callable[[], object] | None = None
@@ -89,25 +99,62 @@ def saturate(program: Program, options: OptimizeOptions):
     return egraph, encoding, run
 
 
-def optimize_program(program: Program, options: OptimizeOptions = OptimizeOptions()) -> PipelineResult:
-    """Return the cheapest program equivalent to ``program`` under the options' cost model.
+def optimize_part(program: Program, options: OptimizeOptions, model) -> tuple[Program, RunResult]:
+    """Saturate and extract one program; returns (chosen program, the driver's RunResult).
 
-    Any internal failure returns the original program with a warning: optimizing never
-    changes what the user computes.
+    ``options.limits`` bound this one e-graph run (with repeated blocks: each distinct block's).
+
+    Never returns something the model predicts slower than ``program`` (extraction is greedy).
     """
     from .cost import program_cost
-    from .egraph import extract_program
+    from .egraph import encode, extract_program, resolve, run_rulesets
+    from .egraph.driver import prepared_egraph
 
-    model = options.cost_model or default_cost_model(options.backend)
-    cost_before = program_cost(program, model)
-    try:
-        egraph, encoding, run = saturate(program, options)
+    rulesets = resolve(options.rule_names())
+    with prepared_egraph(rulesets) as egraph:  # as `saturate`, with the rules registered once per process
+        encoding = encode(program, egraph)
+        run = run_rulesets(egraph, rulesets, options.limits)
         if options.extractor == "ilp":
             from .egraph.ilp import extract_program_ilp
 
             chosen, _ = extract_program_ilp(egraph, encoding, model)
         else:
             chosen, _ = extract_program(egraph, encoding, model, extractor=options.extractor)
+    if chosen.output_types != program.output_types:
+        raise AssertionError(
+            f"extracted program has output types {chosen.output_types}, expected {program.output_types}"
+        )
+    if program_cost(chosen, model) > program_cost(program, model):
+        chosen = program
+    return chosen, run
+
+
+def optimize_program(program: Program, options: OptimizeOptions = OptimizeOptions()) -> PipelineResult:
+    """Return the cheapest program equivalent to ``program`` under the options' cost model.
+
+    With ``options.reuse_blocks``, a program made of repeated identical parts (a stack of
+    layers; `eqsat_attn.blocks`) has each distinct part optimized once and spliced back.
+    Any internal failure returns the original program with a warning: optimizing never
+    changes what the user computes.
+    """
+    from collections import Counter
+
+    from .blocks import splice, split_repeated
+    from .cost import program_cost
+
+    model = options.cost_model or default_cost_model(options.backend)
+    cost_before = program_cost(program, model)
+    try:
+        split = split_repeated(program) if options.reuse_blocks else None
+        if split is None:
+            chosen, run = optimize_part(program, options, model)
+            runs = [run]
+        else:
+            optimized, runs = {}, []
+            for part in split.distinct:
+                optimized[part], run = optimize_part(part, options, model)
+                runs.append(run)
+            chosen = splice(program, split, optimized)
         if chosen.output_types != program.output_types:
             raise AssertionError(
                 f"extracted program has output types {chosen.output_types}, expected {program.output_types}"
@@ -119,21 +166,32 @@ def optimize_program(program: Program, options: OptimizeOptions = OptimizeOption
     cost_after = program_cost(chosen, model)
     if cost_after > cost_before:  # extraction is greedy: never return something predicted slower
         chosen, cost_after = program, cost_before
-    notes = () if run.saturated else (f"saturation stopped at the {run.stop_reason}; best program found so far used",)
-    return PipelineResult(chosen, run.rules_fired, run.egraph_nodes, run.saturated, cost_before, cost_after, notes,
-                          _layout_decision(egraph, encoding, model, chosen, run.egraph_nodes))
+    fired: Counter[str] = Counter()
+    for run in runs:
+        fired.update(run.rules_fired)
+    saturated = all(run.saturated for run in runs)
+    notes = tuple(
+        f"saturation stopped at the {run.stop_reason}; best program found so far used" for run in runs if not run.saturated
+    )[:1]
+    return PipelineResult(
+        chosen, dict(fired), sum(run.egraph_nodes for run in runs), saturated, cost_before, cost_after, notes,
+        split.repeats if split is not None else 0,
+        _layout_decision(program, options, model, chosen, runs) if split is None else None,
+    )
 
 
-def _layout_decision(egraph, encoding, model, chosen: Program, egraph_nodes: int):
+def _layout_decision(program: Program, options: OptimizeOptions, model, chosen: Program, runs: list[RunResult]):
     """A lazy explanation of the chosen projection/V layout for a program with one attention
-    whose Q/K/V are projections of one input (its e-graph is kept until a report asks, or not
-    at all past the exact extractor's reach); None for anything else."""
+    whose Q/K/V are projections of one input (on its first call the program is saturated again,
+    since the pooled e-graph it was optimized in has been reverted; not at all past the exact
+    extractor's reach); None for anything else."""
     from .qkv_layouts import EXPLAIN_MAX_ENODES, LazyLayoutDecision, is_qkv_block
 
     if not is_qkv_block(chosen):
         return None
+    egraph_nodes = sum(run.egraph_nodes for run in runs)
     if egraph_nodes > EXPLAIN_MAX_ENODES:
         return LazyLayoutDecision.unavailable(
             f"the e-graph has {egraph_nodes} e-nodes; the exact extractions behind this explanation run up to "
             f"{EXPLAIN_MAX_ENODES} (eqsat_attn.qkv_layouts.layout_decision on an explorer's e-graph tries anyway)")
-    return LazyLayoutDecision(egraph, encoding, model, chosen)
+    return LazyLayoutDecision(lambda: saturate(program, options)[:2], model, chosen)

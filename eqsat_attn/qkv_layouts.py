@@ -8,14 +8,16 @@ layout its attention reads, and the three programs the trade-off is between (iss
 `VariantModel` steers extraction to one of them on top of any cost model (tests, the benchmark
 and the report use it); `layout_decision` explains a chosen program by the predicted costs of
 the variants it beat. `ea.Report` shows that explanation through `LazyLayoutDecision`: the
-pipeline keeps the e-graph of a one-attention Q/K/V block and the three exact extractions run
-only when the report is first printed or its ``layout_decision`` read, so optimizing (and
-calling) a function never pays for them.
+pipeline keeps what it needs to saturate a one-attention Q/K/V block again, and that saturation
+and the three exact extractions run only when the report is first printed or its
+``layout_decision`` read, so optimizing (and calling) a function never pays for them.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 
 from .cost.model import CostModel, OpView, program_cost
@@ -243,21 +245,22 @@ EXPLAIN_SECONDS = 5.0
 class LazyLayoutDecision:
     """`layout_decision` for one extraction, computed on the first call and then kept.
 
-    Holds the e-graph (one attention block's, at most `EXPLAIN_MAX_ENODES`) until then and
-    releases it after; each variant's exact extraction gets `EXPLAIN_SECONDS` (its best program
-    found by then is used). A failure becomes ``None`` with the reason in ``error``:
-    explaining never breaks a report.
+    ``graph`` builds the saturated e-graph and its encoding (one attention block's, at most
+    `EXPLAIN_MAX_ENODES`) when the explanation is first asked for; each variant's exact
+    extraction gets `EXPLAIN_SECONDS` (its best program found by then is used). A failure
+    becomes ``None`` with the reason in ``error``: explaining never breaks a report.
     """
 
-    def __init__(self, egraph, encoding, model: CostModel, chosen: Program) -> None:
-        self._pending: tuple | None = (egraph, encoding, model, chosen, EXPLAIN_SECONDS)
+    def __init__(self, graph: Callable[[], tuple[Any, Any]] | None, model: CostModel | None,
+                 chosen: Program | None) -> None:
+        self._pending: tuple | None = (graph, model, chosen)
         self._value: LayoutDecision | None = None
         self.error: str | None = None
 
     @classmethod
     def unavailable(cls, reason: str) -> LazyLayoutDecision:
         """An explanation that was not computed, saying why."""
-        out = cls(None, None, None, None)  # type: ignore[arg-type]
+        out = cls(None, None, None)
         out._pending, out.error = None, reason
         return out
 
@@ -269,7 +272,9 @@ class LazyLayoutDecision:
         if self._pending is not None:
             pending, self._pending = self._pending, None
             try:
-                self._value = layout_decision(*pending)
+                graph, model, chosen = pending
+                egraph, encoding = graph()
+                self._value = layout_decision(egraph, encoding, model, chosen, EXPLAIN_SECONDS)
             except Exception as exc:  # noqa: BLE001 - the report says why instead
                 self.error = f"{type(exc).__name__}: {exc}"
         return self._value

@@ -143,6 +143,9 @@ class Report:
     #: merged or split projections in the chosen program (rules/qkv.py), one line each; why the V
     #: layout was chosen over the alternatives: `eqsat_attn.qkv_layouts.layout_decision`
     projections: list[str] = field(default_factory=list)
+    #: identical repeated blocks (a model's layers) optimized once and reused (eqsat_attn.blocks)
+    repeated_blocks: int = 0
+
     #: for one attention block whose Q/K/V are projections of one input: a callable returning its
     #: `qkv_layouts.LayoutDecision` (the predicted costs of the rejected layouts), computed on the
     #: first access (`layout_decision`, str, HTML) so optimizing never pays for it
@@ -175,7 +178,8 @@ class Report:
             f" (predicted x{self.speedup:.3g})",
             f"nodes: {len(self.before.live_nodes())} -> {len(self.after.live_nodes())}; "
             f"e-graph: {self.egraph_nodes} e-nodes, "
-            + ("saturated" if self.saturated else "stopped at a limit"),
+            + ("saturated" if self.saturated else "stopped at a limit")
+            + (f" ({self.repeated_blocks} identical blocks optimized once)" if self.repeated_blocks else ""),
         ]
         if self.rules_fired:
             fired = sorted(self.rules_fired.items(), key=lambda kv: (-kv[1], kv[0]))

@@ -1,0 +1,200 @@
+"""Repeated blocks: optimize a model's identical layers once and reuse the result.
+
+A stack of transformer layers captures to one long program whose layers differ only in which
+weights they read. `split_repeated` cuts a program where a single value, read by at least two
+ops, is live between one part and the rest (the residual stream between layers, read by the
+next layer and its skip connection; program inputs count as live from their first use to
+their last), finds the longest run of consecutive parts that are the same sub-program up to
+their interface values (`Part.program`: its inputs are the values it reads from outside, in
+order of first use; constants and values computed from constants only are copied in), and
+returns the parts: what comes before the run, each repetition, what comes after. The optimizer optimizes each distinct part program once and
+`splice` substitutes the optimized parts back.
+
+Sound by construction: two parts are reused only if their sub-programs are equal
+(`ir.Program` equality: same ops, parameters, types, constants and wiring; opaque calls
+compare by identity, so a part holding one is never shared), and each optimized part computes
+the same values as its sub-program. What it gives up: rewrites across a cut (a transpose of the
+residual stream moved from one layer into the next). The cut value keeps the layout the program
+gave it. A plain chain (transpose, tanh, transpose, tanh...) has no such cut and units of fewer
+than `MIN_UNIT_NODES` ops are not split off: those programs are optimized whole, and so is a
+model whose layers all read one tied weight (it stays live across every cut).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .ir import Node, Program, ProgramBuilder
+
+MIN_UNIT_NODES = 24  # a repeated unit must hold at least this many ops to be optimized on its own
+NEVER_FREE = frozenset({"input", "opaque", "opaque_output"})
+
+
+@dataclass(frozen=True)
+class Part:
+    """A contiguous run of a program's ops as a sub-program of its interface values."""
+
+    program: Program  # inputs: ``interface`` values; outputs: ``outputs`` values
+    interface: tuple[int, ...]  # ids (in the whole program) of the values it reads from outside
+    outputs: tuple[int, ...]  # ids (in the whole program) of its values read later or returned
+
+
+@dataclass(frozen=True)
+class Split:
+    """A program cut into parts (in program order); ``repeats`` parts share one sub-program."""
+
+    parts: tuple[Part, ...]
+    repeats: int
+    unit_nodes: int
+
+    @property
+    def distinct(self) -> list[Program]:
+        """The part programs to optimize, each once, in order of first appearance."""
+        return list(dict.fromkeys(p.program for p in self.parts))
+
+
+def constant_nodes(program: Program) -> set[int]:
+    """Ids of literals, constants, iotas and values computed from them only (copied into parts)."""
+    free: set[int] = set()
+    for i, node in enumerate(program.nodes):
+        if node.op in NEVER_FREE:
+            continue
+        if all(j in free for j in node.inputs):  # leaves have no inputs
+            free.add(i)
+    return free
+
+
+def _part(program: Program, free: set[int], body: Sequence[int], outputs: Sequence[int]) -> Part:
+    """The sub-program computing ``outputs`` from ``body`` ops and the values they read."""
+    b = ProgramBuilder()
+    local: dict[int, int] = {}
+    interface: list[int] = []
+
+    def ref(j: int) -> int:
+        if j not in local:
+            if j in free:
+                n = program.nodes[j]
+                local[j] = b.add_node(Node(n.op, tuple(ref(k) for k in n.inputs), n.params, n.type))
+            else:
+                local[j] = b.input(program.type_of(j))
+                interface.append(j)
+        return local[j]
+
+    for i in body:
+        n = program.nodes[i]
+        local[i] = b.add_node(Node(n.op, tuple(ref(k) for k in n.inputs), n.params, n.type))
+    return Part(b.build([local[o] for o in outputs]), tuple(interface), tuple(outputs))
+
+
+def _best_run(keys: Sequence[int], sizes: Sequence[int]) -> tuple[int, int, int] | None:
+    """(start, period, repeats) of the run of equal consecutive groups covering the most ops."""
+    m = len(keys)
+    best: tuple[int, int, int, int] | None = None  # (covered ops, -period, start, repeats)
+    for period in range(1, m // 2 + 1):
+        for start in range(m - 2 * period + 1):
+            unit = keys[start:start + period]
+            n = 1
+            while keys[start + n * period:start + (n + 1) * period] == unit:
+                n += 1
+            unit_nodes = sum(sizes[start:start + period])
+            if n < 2 or unit_nodes < MIN_UNIT_NODES:
+                continue
+            cand = (n * unit_nodes, -period, -start, n)
+            if best is None or cand > best:
+                best = cand
+    if best is None:
+        return None
+    return -best[2], -best[1], best[3]
+
+
+def split_repeated(program: Program) -> Split | None:
+    """Cut ``program`` around its longest run of identical parts; None if it has none."""
+    free = constant_nodes(program)
+    order = [i for i in program.live_nodes() if i not in free and program.nodes[i].op != "input"]
+    if len(order) < 2 * MIN_UNIT_NODES:
+        return None
+    pos = {i: k for k, i in enumerate(order)}
+    end = len(order)  # a program output is read "after the end"
+    # a program input counts as live from its first use to its last, like a computed value, so
+    # the first layer (reading the model's input) cuts where the others (reading the residual) do
+    inputs = set(program.inputs)
+    first_use: dict[int, int] = {i: k for k, i in enumerate(order)}
+    last_use = dict.fromkeys(order, -1)
+    for k, i in enumerate(order):
+        for j in program.nodes[i].inputs:
+            if j in pos or j in inputs:
+                first_use.setdefault(j, k)
+                last_use[j] = max(last_use.get(j, -1), k)
+    for o in program.outputs:
+        if o in last_use:
+            last_use[o] = end
+    opening = [0] * (end + 1)
+    closing = [0] * (end + 1)
+    for i, k in last_use.items():
+        if k > first_use[i]:
+            opening[first_use[i]] += 1
+            closing[k] += 1
+    readers: dict[int, set[int]] = {}
+    for i in order:
+        for j in program.nodes[i].inputs:
+            readers.setdefault(j, set()).add(i)
+    # cut after position k when order[k] is the only value still read and at least two ops read
+    # it (a residual stream: the next block and its skip connection), never inside a plain chain
+    cuts: list[int] = []
+    live = 0
+    for k, i in enumerate(order):
+        live += opening[k] - closing[k]
+        if (live == 1 and last_use[i] > k and len(readers.get(i, ())) >= 2
+                and program.nodes[i].type is not None and k < end - 1):
+            cuts.append(k)
+    bounds = [-1, *cuts, end - 1]
+    segments = [order[lo + 1:hi + 1] for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+    if len(segments) < 2:
+        return None
+
+    def outputs_of(body: Sequence[int]) -> list[int]:
+        last = pos[body[-1]]
+        return [i for i in body if last_use[i] > last]
+
+    ids: dict[Program, int] = {}
+    keys = [ids.setdefault(_part(program, free, s, outputs_of(s)).program, len(ids)) for s in segments]
+    run = _best_run(keys, [len(s) for s in segments])
+    if run is None:
+        return None
+    start, period, repeats = run
+    groups = [segments[:start]]
+    groups += [segments[start + r * period:start + (r + 1) * period] for r in range(repeats)]
+    groups.append(segments[start + repeats * period:])
+    parts = []
+    for group in groups:
+        body = [i for s in group for i in s]
+        if body:
+            parts.append(_part(program, free, body, outputs_of(body)))
+    return Split(tuple(parts), repeats, sum(len(s) for s in groups[1]))
+
+
+def splice(program: Program, split: Split, optimized: dict[Program, Program]) -> Program:
+    """``program`` with every part replaced by ``optimized[part.program]`` (same values)."""
+    free = constant_nodes(program)
+    b = ProgramBuilder()
+    new: dict[int, int] = {i: b.add_node(program.nodes[i]) for i in program.inputs}
+
+    def ref(j: int) -> int:
+        if j not in new:
+            if j not in free:
+                raise AssertionError(f"value %{j} is used before the part computing it")
+            n = program.nodes[j]
+            new[j] = b.add_node(Node(n.op, tuple(ref(k) for k in n.inputs), n.params, n.type))
+        return new[j]
+
+    for part in split.parts:
+        sub = optimized[part.program]
+        local = dict(zip(sub.inputs, (ref(j) for j in part.interface)))
+        for i in sub.live_nodes():
+            if i not in local:
+                n = sub.nodes[i]
+                local[i] = b.add_node(Node(n.op, tuple(local[k] for k in n.inputs), n.params, n.type))
+        for old, o in zip(part.outputs, sub.outputs):
+            new[old] = local[o]
+    return b.build([ref(o) for o in program.outputs])

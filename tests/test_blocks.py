@@ -1,0 +1,235 @@
+"""Repeated blocks (eqsat_attn.blocks): identical layers are cut at the residual stream,
+optimized once and spliced back; values never change and the chosen program is the one the
+whole-program optimization chooses."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from eqsat_attn import examples, ir
+from eqsat_attn.blocks import MIN_UNIT_NODES, splice, split_repeated
+from eqsat_attn.capture import capture
+from eqsat_attn.lower import lower
+from eqsat_attn.pipeline import OptimizeOptions, optimize_program
+
+
+def random_inputs(program: ir.Program, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(t.shape).astype(t.dtype) for t in program.input_types]
+
+
+def assert_same_values(original: ir.Program, candidate: ir.Program) -> None:
+    assert candidate.inputs and len(candidate.inputs) == len(original.inputs)
+    assert candidate.output_types == original.output_types
+    args = random_inputs(original)
+    for want, got in zip(lower(original)(*args), lower(candidate)(*args)):
+        want, got = np.asarray(want), np.asarray(got)
+        scale = max(1.0, float(np.max(np.abs(want))))  # random unscaled weights: large values
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * scale)
+
+
+def canonical(program: ir.Program) -> tuple:
+    """The live DAG of a program independent of node numbering (inputs by position)."""
+    ids: dict[int, int] = {}
+    table: dict[tuple, int] = {}
+    for i in program.live_nodes():
+        n = program.nodes[i]
+        key = (("input", program.inputs.index(i), n.type) if n.op == "input"
+               else (n.op, n.params, n.type, tuple(ids[j] for j in n.inputs)))
+        ids[i] = table.setdefault(key, len(table))
+    return tuple(ids[o] for o in program.outputs), len(table)
+
+
+def stacked_program(layers: int) -> ir.Program:
+    fn, args = examples.stacked_example(layers)
+    return capture(fn, *args).program
+
+
+def test_stacked_layers_are_one_unit_each() -> None:
+    program = stacked_program(3)
+    split = split_repeated(program)
+    assert split is not None and split.repeats == 3 and len(split.parts) == 3
+    assert len(split.distinct) == 1
+    # each layer reads the residual stream and its own eight weights
+    assert [len(p.interface) for p in split.parts] == [9, 9, 9]
+    assert split.parts[0].interface[0] == program.inputs[-1]  # x, the model's input
+    assert split.parts[1].interface[0] == split.parts[0].outputs[0]  # the residual stream
+    same = splice(program, split, {p: p for p in split.distinct})
+    assert canonical(same) == canonical(program)
+    assert_same_values(program, same)
+
+
+def test_reuse_chooses_what_the_whole_program_chooses() -> None:
+    program = stacked_program(2)
+    whole = optimize_program(program, OptimizeOptions(reuse_blocks=False))
+    reused = optimize_program(program, OptimizeOptions())
+    assert whole.repeated_blocks == 0 and reused.repeated_blocks == 2
+    assert not whole.warnings and not reused.warnings
+    assert canonical(reused.program) == canonical(whole.program)
+    assert reused.cost_after == pytest.approx(whole.cost_after, rel=1e-12) and reused.cost_after < reused.cost_before
+    assert reused.program.count("attention") == 2
+    assert_same_values(program, reused.program)
+
+
+def test_tied_weights_keep_the_program_whole() -> None:
+    """Weights read by every layer stay live across the residual stream: no cut, no reuse
+    (a known limit: such a model is optimized as one program)."""
+    shape = examples.BlockShape()
+    params = examples.block_params(shape)
+    x = jax.random.normal(jax.random.PRNGKey(3), (shape.batch, shape.seq, shape.embed))
+    program = capture(lambda p, x: examples.stacked_blocks([p, p, p], x), params, x).program
+    assert split_repeated(program) is None
+
+
+def test_layers_of_different_shapes_are_not_shared() -> None:
+    shape = examples.BlockShape()
+    x = jax.random.normal(jax.random.PRNGKey(3), (shape.batch, shape.seq, shape.embed))
+    p1, p2 = examples.block_params(shape, 1), examples.block_params(shape, 2)
+
+    def two_kinds(p1, p2, x):  # four heads, then two heads: same weights' shapes, other ops
+        x = examples.transformer_block(p1, x, heads=4)
+        return examples.transformer_block(p2, x, heads=2)
+
+    assert split_repeated(capture(two_kinds, p1, p2, x).program) is None
+
+
+def test_short_repeated_chains_are_optimized_whole() -> None:
+    def chain(x):
+        for _ in range(3 * MIN_UNIT_NODES):
+            x = jnp.tanh(jnp.transpose(x, (1, 0)))
+        return x
+
+    program = capture(chain, jnp.ones((4, 6))).program
+    assert split_repeated(program) is None
+
+
+def test_parts_holding_opaque_calls_are_never_shared() -> None:
+    def block(w, x):
+        h = jnp.tanh(x @ w) * 0.5 + x
+        h = jax.lax.cumsum(h, axis=1)  # not modelled: an opaque node per layer
+        for _ in range(MIN_UNIT_NODES):
+            h = jnp.sin(h) + x
+        return h
+
+    def model(ws, x):
+        for w in ws:
+            x = block(w, x)
+        return x
+
+    rng = np.random.default_rng(0)
+    ws = [jnp.asarray(rng.standard_normal((8, 8)), jnp.float32) for _ in range(3)]
+    program = capture(model, ws, jnp.ones((4, 8))).program
+    assert program.count("opaque") == 3
+    split = split_repeated(program)
+    if split is not None:
+        shared = [p for p in split.distinct if any(n.op == "opaque" for n in p.nodes)]
+        assert all(sum(q.program == p for q in split.parts) == 1 for p in shared)
+
+
+ELEMENTWISE = (jnp.tanh, jnp.sin, lambda h: h * 0.5, lambda h: h - 1.0, jnp.exp, jax.nn.relu)
+
+
+@st.composite
+def residual_stacks(draw):
+    """(fn, args): a prefix op, n identical random residual blocks with own weights, a suffix op."""
+    ops = draw(st.lists(st.integers(0, len(ELEMENTWISE) - 1), min_size=MIN_UNIT_NODES // 2, max_size=MIN_UNIT_NODES))
+    transposed = draw(st.booleans())
+    layers = draw(st.integers(1, 4))
+
+    def block(w, x):
+        h = x @ w
+        if transposed:
+            h = jnp.transpose(h, (1, 0))
+        for k in ops:
+            h = ELEMENTWISE[k](h) * 0.25
+        if transposed:
+            h = jnp.transpose(h, (1, 0))
+        return x + h
+
+    def model(ws, x):
+        x = jnp.tanh(x)
+        for w in ws:
+            x = block(w, x)
+        return x * jnp.tanh(x)  # reads the last block's output twice: a cut before it
+
+    rng = np.random.default_rng(draw(st.integers(0, 100)))
+    ws = [jnp.asarray(rng.standard_normal((6, 6)) / 3, jnp.float32) for _ in range(layers)]
+    return model, (ws, jnp.asarray(rng.standard_normal((5, 6)), jnp.float32)), layers
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(residual_stacks())
+def test_random_stacks_split_and_splice_keep_values(stack) -> None:
+    fn, args, layers = stack
+    program = capture(fn, *args).program
+    split = split_repeated(program)
+    assert (split is None) == (layers == 1)  # a block has no cut inside: x is read at its end
+    if split is None:
+        return
+    assert split.repeats == layers and len(split.parts) == layers + 2 and len(split.distinct) == 3
+    spliced = splice(program, split, {p: p for p in split.distinct})
+    assert canonical(spliced) == canonical(program)
+    assert_same_values(program, spliced)
+
+
+def test_prepared_egraphs_are_reverted_between_runs() -> None:
+    """Optimizations share a prepared e-graph (rules registered once per process, egglog
+    push/pop): a run, even one that fails half-way, leaves nothing behind for the next."""
+    from eqsat_attn.egraph import encode, resolve
+    from eqsat_attn.egraph.driver import egraph_size, prepared_egraph
+
+    fn, args = examples.attention_vt_example()
+    program = capture(fn, *args).program
+    first = optimize_program(program)
+    rulesets = resolve(None)
+    with prepared_egraph(rulesets) as egraph:
+        empty = egraph_size(egraph)
+    with pytest.raises(RuntimeError, match="half-way"):
+        with prepared_egraph(rulesets) as egraph:
+            encode(program, egraph)
+            assert egraph_size(egraph) > empty
+            raise RuntimeError("failed half-way")
+    with prepared_egraph(rulesets) as egraph:
+        assert egraph_size(egraph) == empty
+    again = optimize_program(program)
+    assert canonical(again.program) == canonical(first.program)
+    assert again.egraph_nodes == first.egraph_nodes and again.rules_fired == first.rules_fired
+    assert again.program.count("attention") == 1
+
+
+def test_flax_layers_are_reused_with_the_whole_program_choice() -> None:
+    """Flax linen blocks (LayerNorm, MultiHeadDotProductAttention with a causal mask, MLP)."""
+    nn = pytest.importorskip("flax.linen")
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.LayerNorm()(x)
+            mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
+            x = x + nn.MultiHeadDotProductAttention(num_heads=4)(h, h, mask=mask)
+            h = nn.LayerNorm()(x)
+            return x + nn.Dense(x.shape[-1])(nn.gelu(nn.Dense(4 * x.shape[-1])(h)))
+
+    class Stack(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for _ in range(3):
+                x = Block()(x)
+            return x
+
+    model = Stack()
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 64))
+    params = model.init(jax.random.PRNGKey(1), x)
+    program = capture(lambda params, x: model.apply(params, x), params, x).program
+    split = split_repeated(program)
+    assert split is not None and split.repeats == 3 and len(split.distinct) == 1
+    whole = optimize_program(program, OptimizeOptions(reuse_blocks=False))
+    reused = optimize_program(program)
+    assert reused.repeated_blocks == 3 and reused.program.count("attention") == 3
+    assert canonical(reused.program) == canonical(whole.program)
+    assert_same_values(program, reused.program)
