@@ -116,16 +116,22 @@ class Step:
         return f"<pre>{html.escape(str(self))}</pre>"
 
 
+#: ops that run attention (bf16/f32, packed QKV, fp8)
+ATTENTION_OPS = ("attention", "packed_attention", "attention_fp8")
+
+
 def program_summary(program: ir.Program) -> dict[str, Any]:
     """Node count, attention ops and their V layouts, and materialized transposes of a program."""
     live = program.live_nodes()
     ops = Counter(program.nodes[i].op for i in live)
-    v_layouts = [str(program.nodes[i].params["v_layout"]) for i in live if program.nodes[i].op == "attention"]
+    attention = [program.nodes[i] for i in live if program.nodes[i].op in ATTENTION_OPS]
+    v_layouts = [str(n.params["v_layout"]) if "v_layout" in n.params else f"packed {n.params['packed_layout']}"
+                 for n in attention]
     transposes = sum(
         1 for i in live
         if program.nodes[i].op == "transpose" and tuple(program.nodes[i].params["perm"]) != tuple(range(len(program.nodes[i].params["perm"])))
     )
-    return {"nodes": len(live), "attention": ops.get("attention", 0), "v_layouts": v_layouts, "transposes": transposes,
+    return {"nodes": len(live), "attention": len(attention), "v_layouts": v_layouts, "transposes": transposes,
             "dots": ops.get("dot_general", 0)}
 
 
@@ -422,9 +428,7 @@ class Exploration:
             for member in members:
                 view = enode_view(self.egraph, member, enc)
                 own = 0.0 if view is None else view if isinstance(view, float) else float(model.node_cost(view))
-                operands = [a for a in get_callable_args(member) if _is_term(a)]
-                if str(get_callable_fn(member)) == "Term.attention" and _mask_none(member):
-                    operands = operands[:3]
+                operands = _operands(member)
                 entries.append((member, min(own, UNKNOWN_TYPE_COST), operands))
                 all_operands.extend(operands)
             label = ", ".join(f"%{i} {self.program.nodes[i].op}" for i in node_ids)
@@ -537,8 +541,16 @@ def _prim(a: Any) -> Any:
     return v
 
 
-def _mask_none(member: Any) -> bool:
-    return _prim(get_callable_args(member)[10]) == "none"
+def _operands(member: Any) -> list[Any]:
+    """The tensor operands of an e-node (an attention without a mask tensor has three)."""
+    from .egraph.ctors import ARG_KINDS, split_args
+
+    ctor, args = str(get_callable_fn(member)).removeprefix("Term."), list(get_callable_args(member))
+    if ctor not in ARG_KINDS:
+        return [a for a in args if _is_term(a)]
+    kinds = ARG_KINDS[ctor]
+    tensors, _ = split_args(ctor, [a if k == "T" else _prim(a) for k, a in zip(kinds, args, strict=True)])
+    return tensors
 
 
 def _layouts(member: Any) -> dict[str, str]:

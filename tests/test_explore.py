@@ -88,6 +88,20 @@ def test_why_prices_alternatives_of_attention(saturated):
     assert "attention" in str(why) and "->" in why.format(limit=2)
 
 
+def test_why_prices_packed_attention_members():
+    """An e-class of attention also holds packed attention (over one packed projection) and the
+    unfused matmuls: every member is priced, none breaks the explanation."""
+    fn, args = examples.attention_vt_example()
+    ex = ea.explore(fn, *args)
+    ex.saturate()
+    why = ex.why("attention", "roofline-h100")
+    described = [a.description for c in why.classes for a in c.alternatives]
+    assert any(d.startswith("packed_attention") for d in described), described
+    assert all(np.isfinite(a.total) for c in why.classes for a in c.alternatives)
+    best = ex.extract("roofline-h100")
+    assert best.program.count("packed_attention") == 1 and "1 attention" in str(best)
+
+
 def test_why_without_attention_says_so():
     fn, args = examples.attention_example(batch=1, heads=2, seq=8, head_dim=4)
     ex = ea.explore(fn, *args)
