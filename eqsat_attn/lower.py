@@ -43,6 +43,7 @@ def lower(program: Program, *, attention_kernel: str = "auto") -> Callable[..., 
     """A function of the program's flat inputs returning the list of its outputs."""
     order = _nodes_to_evaluate(program)
     n_inputs = len(program.inputs)
+    unrounded = _fp8_attention_sources(program)
 
     def run(*flat_inputs: Any) -> list[Any]:
         if len(flat_inputs) != n_inputs:
@@ -55,7 +56,11 @@ def lower(program: Program, *, attention_kernel: str = "auto") -> Callable[..., 
             if node.op == "input":
                 continue
             args = [values[i] for i in node.inputs]
-            values[node_id] = lower_node(node, args, attention_kernel)
+            if node.op == "attention_fp8" and node_id in unrounded:
+                values[node_id] = lower_attention_fp8(node, args, attention_kernel,
+                                                      unrounded=[values[i] for i in unrounded[node_id]])
+            else:
+                values[node_id] = lower_node(node, args, attention_kernel)
         return [values[i] for i in program.outputs]
 
     return run
@@ -69,6 +74,29 @@ def _nodes_to_evaluate(program: Program) -> list[int]:
         if i in needed:
             needed.update(program.nodes[i].inputs)
     return sorted(needed)
+
+
+def _fp8_attention_sources(program: Program) -> dict[int, tuple[int, int, int]]:
+    """For each fp8 attention whose Q, K and V are each a float value rounded to fp8 in this
+    program: the ids of those unrounded values (lowered as one op, so gradients reach them
+    unrounded: `kernels.fp8_straight_through`)."""
+    from .kernels.fp8_attention import FP8_DTYPES
+
+    def source(i: int) -> int | None:
+        node = program.nodes[i]
+        if node.op != "convert_element_type" or str(node.params["new_dtype"]) not in FP8_DTYPES:
+            return None
+        (j,) = node.inputs
+        src = str(program.type_of(j).dtype)
+        return j if src in ("float32", "bfloat16", "float16") else None
+
+    out = {}
+    for i, node in enumerate(program.nodes):
+        if node.op == "attention_fp8":
+            sources = [source(j) for j in node.inputs[:3]]
+            if all(j is not None for j in sources):
+                out[i] = tuple(sources)
+    return out
 
 
 def lower_node(node: Node, args: list[Any], attention_kernel: str = "auto") -> Any:
@@ -217,16 +245,21 @@ def lower_attention(node: Node, args: Sequence[Any], attention_kernel: str = "au
     return _to_layout(out, out_layout, o_layout)
 
 
-def lower_attention_fp8(node: Node, args: Sequence[Any], attention_kernel: str = "auto") -> Any:
+def lower_attention_fp8(node: Node, args: Sequence[Any], attention_kernel: str = "auto",
+                        unrounded: Sequence[Any] | None = None) -> Any:
     """fp8 attention: the Pallas fp8 kernel where it runs and reads the layouts in place,
-    else the reference (dequantize, attention) in any layouts."""
+    else the reference (dequantize, attention) in any layouts. ``unrounded``: the float values
+    ``args[:3]`` were rounded from, to differentiate straight through that rounding (same values)."""
     from .kernels import chosen_kernel, kernel_supports_layouts
     from .kernels.fp8_attention import attention_reference_fp8, flash_attention_fp8
+    from .kernels.fp8_straight_through import attention_fp8_straight_through
 
     p = node.params
     layouts = {f"{n}_layout": str(p[f"{n}_layout"]) for n in "qkvo"}
     kw = dict(scale=float(p["scale"]), causal=bool(p["causal"]), out_dtype=str(p["out_dtype"]), **layouts)
-    if chosen_kernel(attention_kernel) == "pallas" and kernel_supports_layouts(*layouts.values()) \
-            and str(jnp.dtype(args[0].dtype)) == "float8_e4m3fn":
-        return flash_attention_fp8(*args[:6], **kw)
-    return attention_reference_fp8(*args[:6], **kw)
+    pallas = chosen_kernel(attention_kernel) == "pallas" and kernel_supports_layouts(*layouts.values()) \
+        and str(jnp.dtype(args[0].dtype)) == "float8_e4m3fn"
+    if unrounded is not None:
+        return attention_fp8_straight_through(unrounded, args[3:6], [str(jnp.dtype(a.dtype)) for a in args[:3]],
+                                              pallas=pallas, **kw)
+    return (flash_attention_fp8 if pallas else attention_reference_fp8)(*args[:6], **kw)

@@ -248,3 +248,29 @@ def test_bench_end_to_end_fp8_cpu_smoke(tmp_path):
         _, _, _, _, _, err, rel, check, fp8_ops, _, _ = steered[0]
         assert check == "ok" and fp8_ops == "1"
         assert 0 < float(rel) <= mod.FP8_BLOCK_RTOL  # the kernel's P rounding shows; within tolerance
+
+
+@pytest.mark.parametrize("pallas", [False, True])
+def test_straight_through_gradients_reach_the_unrounded_operands(pallas):
+    """`attention_fp8_straight_through` (fp8 attention over values rounded in the same program):
+    the same output as rounding first, and gradients ``g·s`` of the unrounded float32 values
+    (not rounded to fp8), against float64; the Pallas kernel in interpret mode."""
+    from eqsat_attn.kernels.fp8_straight_through import attention_fp8_straight_through
+
+    rng = np.random.default_rng(11)
+    xs = [jnp.asarray(rng.normal(size=(1, 2, 48, 32)) * a, jnp.float32) for a in (3.0, 0.7, 2.0)]
+    scales = [compute_scale(x) for x in xs]
+    ys = [x / s for x, s in zip(xs, scales)]
+    x8 = [y.astype(jnp.float8_e4m3fn) for y in ys]
+    do = jnp.asarray(rng.normal(size=(1, 2, 48, 32)) * 1e-4, jnp.float32)  # small: g·s < 2^-9
+    kw = dict(scale=32 ** -0.5, causal=True, v_layout="BHSD")
+    run = lambda *y: attention_fp8_straight_through(y, scales, ["float8_e4m3fn"] * 3, pallas=pallas, **kw)  # noqa: E731
+    direct = (flash_attention_fp8 if pallas else attention_reference_fp8)(*x8, *scales, **kw)
+    np.testing.assert_array_equal(np.asarray(run(*ys), np.float32), np.asarray(direct, np.float32))
+
+    got = jax.grad(lambda *y: jnp.sum(run(*y).astype(jnp.float32) * do), argnums=(0, 1, 2))(*ys)
+    _, dq, dk, dv, _ = expected(x8, scales, do, **kw)
+    want = [w * float(s) for w, s in zip((dq, dk, dv), scales)]
+    assert all(np.abs(w).max() < 2.0 ** -9 for w in want)  # all of them would round to zero in e4m3
+    assert all(g.dtype == jnp.float32 for g in got)
+    check_grads(got, want)

@@ -106,6 +106,26 @@ def test_fp8_policy_gradients_are_finite_and_close():
         assert np.linalg.norm(g - w) <= 0.25 * np.linalg.norm(w)
 
 
+@pytest.mark.parametrize("loss_scale", [1.0, 1e-3])
+def test_fp8_policy_gradients_do_not_underflow(loss_scale):
+    """The cotangent of a quantized operand x8 is g·s (s = amax/448): with a mean loss every
+    entry is below e4m3's smallest value (2^-9), so rounded to fp8, as JAX's dtype rule for fp8
+    values has it, all of them were zero. The gradients pass straight through the rounding
+    (`kernels.fp8_straight_through`) and keep the forward's accuracy."""
+    args = bf16_args(4)
+    opt = ea.optimize(attention, precision="fp8", cost_model=PreferFp8(), limits=FAST)
+    assert "attention_fp8" in ops(opt.explain(*args).after)
+    loss = lambda f: (lambda *a: loss_scale * jnp.mean(f(*a).astype(jnp.float32) ** 2))  # noqa: E731
+    got = jax.grad(loss(opt), argnums=(0, 1, 2))(*args)
+    want = jax.grad(loss(attention), argnums=(0, 1, 2))(*args)
+    for x, g, w in zip(args, got, want):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        descale = np.abs(np.asarray(x, np.float32)).max() / 448
+        assert np.abs(w).max() * descale < 2.0 ** -9
+        assert np.count_nonzero(g) > 0.9 * g.size
+        assert np.linalg.norm(g - w) <= 0.15 * np.linalg.norm(w)
+
+
 def test_unknown_precision_is_rejected_with_the_choices():
     with pytest.raises(ValueError, match="precision must be one of"):
         OptimizeOptions(precision="int4")
