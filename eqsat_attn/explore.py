@@ -587,6 +587,13 @@ def _describe(member: Any) -> str:
         return (f"attention q={lay['q']} k={lay['k']} v={lay['v']} o={lay['o']}"
                 f" causal={bool(_prim(args[9]))} mask={_prim(args[10])}"
                 + (f" compute={_prim(args[11])}" if _prim(args[11]) else "") + f"; v = {_short(v)}")
+    if fn == "packed_attention":  # (packed, mask, packed axes, o axes, scale, causal, mask kind)
+        from .egraph.encode import axes_to_layout, axes_to_packed_layout
+
+        packed = axes_to_packed_layout(tuple(int(x) for x in _prim(args[2])))
+        o = axes_to_layout(tuple(int(x) for x in _prim(args[3])))
+        return (f"packed_attention packed={packed} o={o} causal={bool(_prim(args[5]))} mask={_prim(args[6])}"
+                f"; packed = {_short(args[0])}")
     return _short(member)
 
 
