@@ -90,7 +90,7 @@ def run_config(name, spec, dtype, reps, console_lines):
     model = current_device_model()
     egraph, enc, _ = saturate(program, OptimizeOptions(limits=Limits(iterations=30, nodes=200_000, seconds=60)))
     picked = extract_variant(egraph, enc, model)
-    candidates = {f"({v})": extract_variant(egraph, enc, VariantModel(model, v)) for v in VARIANTS}
+    candidates = {f"({v})": extract_variant(egraph, enc, VariantModel.for_program(model, v, program)) for v in VARIANTS}
     candidates["pick"] = picked
     rows, outs, times = [], {}, {}
     for label, prog in candidates.items():
