@@ -55,13 +55,16 @@ def _batch_before_d(node: OpView) -> bool:
 class VariantModel:
     """``base``, plus penalties that make extraction pick variant "a", "b" or "c".
 
-    Variant "c" forbids transposes, except of a tensor typed like one of ``caches``: a decode
-    step's V cache, a [B, H, S, D] argument that the program concatenates the new token's V onto,
-    is transposed as a whole for transposed-V attention (priced by ``base``: a real cost), while
-    the new token's Vᵀ comes from its projection. It also forbids a matmul with an output axis of
-    ``fused_width`` (the Q, K and V projections' widths summed): with one new token, the fused
-    QKV matmul's V part already is its own Vᵀ, so without it (b) would cost no transpose either.
-    `for_program` finds both; `classify` judges the extracted program."""
+    Variant "c" forbids transposes that move data (moving only size-1 axes is free), except of a
+    tensor typed like one of ``caches``: a decode step's V cache, a [B, H, S, D] argument the
+    program concatenates the new token's V onto, is transposed as a whole for transposed-V
+    attention (priced by ``base``: a real cost), while the new token's Vᵀ comes from its own
+    projection. With one new token, any matmul's V part is its own Vᵀ, so two more rules keep
+    "c" to its definition: no matmul with an output axis of ``fused_width`` (the Q, K and V
+    projections' widths summed: the fused QKV matmul of (b)), and, where there are caches, V
+    read with its batch axis after D ([H, D, B, S], as a projection by the weight on the left
+    writes it): a fused K|V matmul, whose type equals a fused Q|K one, cannot give that without
+    moving data. `for_program` finds caches and width; `classify` judges the extracted program."""
 
     base: CostModel
     variant: str
@@ -99,7 +102,7 @@ class VariantModel:
         if (self.variant == "c" and node.op == "transpose" and node.inputs[0] not in self.caches
                 and moves_data(node.params["perm"], node.inputs[0].shape)):
             cost += FORBIDDEN
-        if self.variant == "c" and node.op == "dot_general" and self.fused_width in node.output.shape:
+        if self.variant == "c" and node.op == "dot_general" and 0 < self.fused_width in node.output.shape:
             cost += FORBIDDEN
         if self.variant == "c" and self.caches and _transposed_v(node) and _batch_before_d(node):
             cost += FORBIDDEN
