@@ -8,8 +8,10 @@ the fastest. Configurations: prefill bf16 B4 S4096 E4096 H32, and decode-like B3
 over a cache of 4096 (K and V are the cache concatenated with the new token's projections).
 The pick is timed as a program of its own (it may be none of the three, e.g. three separate
 projections). Decode caches are stored [B, H, S, D]: transposed-V attention then transposes the
-whole V cache every step, and (c) is not reachable (no rule moves a transpose through the
-cache concatenation to the V projection), so its row shows the form extraction fell back to.
+whole V cache every step, in (b) and in (c) alike (`transpose.concatenate` moves the transpose
+through the cache concatenation; in (c) the V projection writes the new token's Vᵀ as
+[H, D, B, 1] and the cache is transposed to [H, D, B, S] to match). A variant extraction cannot
+reach is shown as the form it fell back to, marked "variant not reached".
 
     python bench/qkv_layouts.py                 # GPU: writes bench/results/qkv-layouts-<device>-<date>.md
     python bench/qkv_layouts.py --cpu-smoke     # tiny CPU run: values of every variant agree
@@ -90,7 +92,7 @@ def run_config(name, spec, dtype, reps, console_lines):
     model = current_device_model()
     egraph, enc, _ = saturate(program, OptimizeOptions(limits=Limits(iterations=30, nodes=200_000, seconds=60)))
     picked = extract_variant(egraph, enc, model)
-    candidates = {f"({v})": extract_variant(egraph, enc, VariantModel(model, v)) for v in VARIANTS}
+    candidates = {f"({v})": extract_variant(egraph, enc, VariantModel.for_program(model, v, program)) for v in VARIANTS}
     candidates["pick"] = picked
     rows, outs, times = [], {}, {}
     for label, prog in candidates.items():

@@ -21,7 +21,7 @@ from typing import Any
 from dataclasses import dataclass
 
 from .cost.model import CostModel, OpView, program_cost
-from .ir import Program
+from .ir import Program, TensorType
 
 VARIANTS = ("a", "b", "c")
 VARIANT_TEXT = {
@@ -35,20 +35,59 @@ MATMUL_PENALTY = 1.0  # seconds per matmul: fewer projection matmuls win within 
 FORBIDDEN = 1e3  # seconds: a construct the variant excludes
 
 
+def moves_data(perm, shape) -> bool:
+    """Whether a transpose by ``perm`` of an array of ``shape`` moves data: one that moves only
+    size-1 axes (a decode step's [B, 1, H, D] -> [B, H, 1, D]) keeps every element in place."""
+    kept = [a for a in perm if shape[a] != 1]
+    return kept != sorted(kept)
+
+
 def _transposed_v(node: OpView) -> bool:
     return node.op == "attention" and str(node.params["v_layout"])[-1] == "S"
 
 
+def _batch_before_d(node: OpView) -> bool:
+    layout = str(node.params["v_layout"])
+    return layout.index("B") < layout.index("D")
+
+
 @dataclass(frozen=True)
 class VariantModel:
-    """``base``, plus penalties that make extraction pick variant "a", "b" or "c"."""
+    """``base``, plus penalties that make extraction pick variant "a", "b" or "c".
+
+    Variant "c" forbids transposes that move data (moving only size-1 axes is free), except of a
+    tensor typed like one of ``caches``: a decode step's V cache, a [B, H, S, D] argument the
+    program concatenates the new token's V onto, is transposed as a whole for transposed-V
+    attention (priced by ``base``: a real cost), while the new token's Vᵀ comes from its own
+    projection. With one new token, any matmul's V part is its own Vᵀ, so two more rules keep
+    "c" to its definition: no matmul with an output axis of ``fused_width`` (the Q, K and V
+    projections' widths summed: the fused QKV matmul of (b)), and, where there are caches, V
+    read with its batch axis after D ([H, D, B, S], as a projection by the weight on the left
+    writes it): a fused K|V matmul, whose type equals a fused Q|K one, cannot give that without
+    moving data. `for_program` finds caches and width; `classify` judges the extracted program."""
 
     base: CostModel
     variant: str
+    caches: frozenset[TensorType] = frozenset()
+    fused_width: int = 0
 
-    @property
-    def name(self) -> str:
-        return f"{getattr(self.base, 'name', 'model')}+variant-{self.variant}"
+    @classmethod
+    def for_program(cls, base: CostModel, variant: str, program: Program) -> VariantModel:
+        """The model steering extraction from ``program``'s e-graph to ``variant``: its caches are
+        the types of the arguments ``program`` concatenates something onto, its fused width the
+        output widths of ``program``'s projections (matmuls by a rank-2 argument) summed."""
+        args = set(program.inputs)
+        caches, width = set(), 0
+        for i in program.live_nodes():
+            node = program.nodes[i]
+            if node.op == "concatenate":
+                caches |= {program.type_of(j) for j in node.inputs if j in args}
+            if node.op == "dot_general":
+                for w, contract in zip(node.inputs, (node["lhs_contract"], node["rhs_contract"])):
+                    shape = program.type_of(w).shape
+                    if w in args and len(shape) == 2 and len(contract) == 1:
+                        width += shape[1 - contract[0]]
+        return cls(base, variant, frozenset(caches), width)
 
     def node_cost(self, node: OpView) -> float:
         cost = float(self.base.node_cost(node))
@@ -60,7 +99,12 @@ class VariantModel:
             cost += FORBIDDEN
         if self.variant in ("b", "c") and (node.op == "packed_attention" or node.op == "attention" and not _transposed_v(node)):
             cost += FORBIDDEN
-        if self.variant == "c" and node.op == "transpose":
+        if (self.variant == "c" and node.op == "transpose" and node.inputs[0] not in self.caches
+                and moves_data(node.params["perm"], node.inputs[0].shape)):
+            cost += FORBIDDEN
+        if self.variant == "c" and node.op == "dot_general" and 0 < self.fused_width in node.output.shape:
+            cost += FORBIDDEN
+        if self.variant == "c" and self.caches and _transposed_v(node) and _batch_before_d(node):
             cost += FORBIDDEN
         return cost
 
@@ -100,22 +144,29 @@ def projections(program: Program) -> list[str]:
     return lines
 
 
-def _producers(program: Program, node_id: int) -> tuple[set[int], int]:
+def _producers(program: Program, node_id: int) -> tuple[set[int], int, int]:
     """The matmuls an attention operand is computed from (walking back through other ops, not
-    past a matmul) and the number of transposes on the way."""
-    dots, transposes, stack, seen = set(), 0, [node_id], set()
-    while stack:
-        i = stack.pop()
-        if i in seen:
-            continue
-        seen.add(i)
-        node = program.nodes[i]
-        if node.op == "dot_general":
-            dots.add(i)
-            continue
-        transposes += node.op == "transpose"
-        stack.extend(node.inputs)
-    return dots, transposes
+    past a matmul), the number of transposes between them and the operand, and the number of
+    all transposes on the way (also those of something no matmul computes, such as a decode
+    step's cache argument)."""
+    memo: dict[int, tuple[frozenset[int], frozenset[int], frozenset[int]]] = {}
+
+    def walk(i: int) -> tuple[frozenset[int], frozenset[int], frozenset[int]]:
+        if i not in memo:
+            node = program.nodes[i]
+            if node.op == "dot_general":
+                memo[i] = frozenset({i}), frozenset(), frozenset()
+            else:
+                found = [walk(j) for j in node.inputs]
+                dots = frozenset().union(*(f[0] for f in found))
+                moving = node.op == "transpose" and moves_data(node["perm"], program.type_of(node.inputs[0]).shape)
+                mine = frozenset({i}) if moving else frozenset()
+                after_dots = frozenset().union(*(f[1] for f in found)) | (mine if dots else frozenset())
+                memo[i] = dots, after_dots, frozenset().union(*(f[2] for f in found)) | mine
+        return memo[i]
+
+    dots, after_dots, transposes = walk(node_id)
+    return set(dots), len(after_dots), len(transposes)
 
 
 def _attention_projections(program: Program) -> tuple[str, set[int]]:
@@ -125,15 +176,16 @@ def _attention_projections(program: Program) -> tuple[str, set[int]]:
         return "other", set()
     node = program.nodes[attn[0]]
     if node.op == "packed_attention":
-        dots, _ = _producers(program, node.inputs[0])
+        dots, *_ = _producers(program, node.inputs[0])
         return ("a" if len(dots) == 1 else "other"), dots
-    (q_dots, _), (k_dots, _), (v_dots, v_transposes) = (_producers(program, i) for i in node.inputs[:3])
+    (q_dots, *_), (k_dots, *_), (v_dots, v_transposes, v_all_transposes) = (
+        _producers(program, i) for i in node.inputs[:3])
     dots = q_dots | k_dots | v_dots
     if str(node["v_layout"])[-1] == "D":  # standard V
         return {1: "a", 3: "unmerged"}.get(len(dots), "other"), dots
-    if len(dots) == 1 and v_transposes >= 1:
+    if len(dots) == 1 and v_all_transposes >= 1:
         return "b", dots
-    if len(dots) == 2 and v_transposes == 0:
+    if len(dots) == 2 and v_transposes == 0 and q_dots == k_dots and not v_dots & q_dots:
         return "c", dots
     if len(dots) == 3 and v_transposes == 0:
         return "split", dots
@@ -144,7 +196,10 @@ def classify(program: Program) -> str:
     """"a", "b" or "c" for a program with one attention whose Q, K, V are projections (see the
     module docstring); "split" (three projections, transposed V), "unmerged" (three
     projections, standard V) or "other" for anything else. Only the matmuls Q, K and V are
-    computed from and the transposes between V's projection and the attention count."""
+    computed from and the transposes on V's way count: (b) materialises Vᵀ (a transpose of V,
+    or in a decode step of its cache: the new token's V of shape [B, H, 1, D] is its own Vᵀ);
+    in (c) and "split" no transpose lies between V's projection and the attention (a decode
+    step's cache argument may be transposed)."""
     return _attention_projections(program)[0]
 
 
@@ -225,7 +280,8 @@ def layout_decision(egraph, encoding, model: CostModel, chosen: Program, time_li
     alternatives, unreachable, limited = {}, [], []
     for variant in VARIANTS:
         start = time.perf_counter()
-        program = extract_variant(egraph, encoding, VariantModel(pricing, variant), time_limit)
+        program = extract_variant(egraph, encoding, VariantModel.for_program(pricing, variant, encoding.program),
+                                  time_limit)
         if time.perf_counter() - start >= time_limit:
             limited.append(variant)
         if classify(program) == variant:

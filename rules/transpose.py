@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from egglog import String, i64, var
 
-from eqsat_attn.egraph.language import IntVec, Term, perm_range, shape
+from eqsat_attn.egraph.language import IntVec, Term, TermList, perm_range, shape
 from eqsat_attn.egraph.rulesets import RuleSet, asking, rw
 
 transpose = RuleSet("transpose", " ".join(__doc__.split("\n\n")[0].split()))
@@ -17,9 +17,10 @@ x, a, b, c = (var(n, Term) for n in "xabc")
 p, q, s, s_in, s_out, d, axes = (var(n, IntVec) for n in ("p", "q", "s", "s_in", "s_out", "d", "axes"))
 lc, rc, lb, rb, sa, sb = (var(n, IntVec) for n in ("lc", "rc", "lb", "rb", "sa", "sb"))
 op, dt = var("op", String), var("dt", String)
-y = var("y", i64)
+y, dim = var("y", i64), var("dim", i64)
 NONE = IntVec.empty()
 MAX_RANK = 8
+MAX_CONCAT = 4  # concatenations of 2 to 4 operands (a cache and a new entry; Q/K/V weights)
 
 
 @transpose.family
@@ -143,3 +144,34 @@ def dot_operand():
         (q, _dims(rc, rb), IntVec(1), IntVec(sa.length() - lc.length() - lb.length())), 1,
         lambda r: Term.transpose(Term.dot(a, b, lc, rc.map(lambda i: q[i]), lb, rb.map(lambda i: q[i]), dt), r),
     )
+
+
+def _parts(terms) -> TermList:
+    out = TermList.nil()
+    for t in reversed(terms):
+        out = TermList.cons(t, out)
+    return out
+
+
+@transpose.family
+def concatenate():
+    """A transpose of a concatenation (2 to 4 operands) is the concatenation of the transposed
+    operands along the axis the permutation moves the concatenated axis to, and back, also from
+    two operands of which one is transposed (the other is transposed back): so a transpose of a
+    decode step's [cache; new entry] reaches the new entry's producer, and a projection writing
+    the new entry in another layout can be concatenated to the cache in that layout."""
+    for n in range(2, MAX_CONCAT + 1):
+        parts = [var(f"c{i}", Term) for i in range(n)]
+        yield from asking(
+            Term.transpose(Term.concat(_parts(parts), dim), p), [], "inverse", (p, NONE, NONE, NONE), 1,
+            lambda inv, parts=parts: Term.concat(_parts([Term.transpose(t, p) for t in parts]), inv[dim]),
+        )
+        yield rw(Term.concat(_parts([Term.transpose(t, p) for t in parts]), dim),
+                 Term.transpose(Term.concat(_parts(parts), p[dim]), p))
+    for transposed_first in (True, False):
+        lhs = [Term.transpose(a, p), b] if transposed_first else [a, Term.transpose(b, p)]
+        yield from asking(
+            Term.concat(_parts(lhs), dim), [], "inverse", (p, NONE, NONE, NONE), 1,
+            lambda inv, first=transposed_first: Term.transpose(
+                Term.concat(_parts([a, Term.transpose(b, inv)] if first else [Term.transpose(a, inv), b]), p[dim]), p),
+        )

@@ -231,6 +231,68 @@ def test_block_reaches_each_variant(kind):
         assert att["v_layout"].endswith("S"), ir_program
 
 
+def decode_block(x, wq, wk, wv, k_cache, v_cache, h=4):
+    """One decode step: the new token's K and V concatenated onto [B, H, S, D] caches."""
+    b, s, _ = x.shape
+    k = jnp.concatenate([k_cache, heads(x @ wk, b, s, h)], axis=2)
+    v = jnp.concatenate([v_cache, heads(x @ wv, b, s, h)], axis=2)
+    return attend(heads(x @ wq, b, s, h), k, v)
+
+
+def decode_args(b=2, cache=16, e=32, h=4, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((b, 1, e)).astype(np.float32)
+    ws = [(rng.standard_normal((e, e)) / np.sqrt(e)).astype(np.float32) for _ in range(3)]
+    caches = [rng.standard_normal((b, h, cache, e // h)).astype(np.float32) for _ in range(2)]
+    return (x, *ws, *caches)
+
+
+def test_variant_model_finds_decode_caches():
+    """`VariantModel.for_program` reads the caches (arguments a concatenation reads) and the
+    projections' summed width from the program; a prefill block has no caches."""
+    args = decode_args()
+    model = VariantModel.for_program(for_device("h100"), "c", capture(decode_block, *args).program)
+    assert {t.shape for t in model.caches} == {(2, 4, 16, 8)} and model.fused_width == 3 * 32
+    fn, prefill = block_args("llama")
+    assert VariantModel.for_program(for_device("h100"), "c", capture(fn, *prefill).program).caches == frozenset()
+
+
+def test_transpose_moves_through_the_cache_concatenation():
+    """Optimizing a decode step fires `transpose.concatenate` (the transposed-V form's transpose
+    of [V cache; new V] moves onto both parts) and keeps values on random inputs."""
+    args = decode_args(seed=1)
+    program = capture(decode_block, *args).program
+    result = optimize_program(program, OptimizeOptions(limits=LIMITS))
+    assert result.rules_fired.get("transpose.concatenate", 0) > 0, result.rules_fired
+    assert_same_values(program, result.program, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["h100", "cpu"])
+def test_decode_block_reaches_each_variant(device):
+    """A decode step (caches [B, H, S, D], one new token) reaches (a), (b) and (c): three
+    different programs, the same values. (c)'s V projection writes the new token's Vᵀ itself
+    ([H, D, B, 1]) and the V cache is transposed to match (a real cost, priced); no transpose
+    lies between V's projection and the attention."""
+    args = decode_args(seed=2)
+    program = capture(decode_block, *args).program
+    egraph, enc, _ = saturate(program, OptimizeOptions(limits=LIMITS))
+    base = for_device(device)
+    chosen = {}
+    for variant in VARIANTS:
+        extracted = extract_variant(egraph, enc, VariantModel.for_program(base, variant, program))
+        assert classify(extracted) == variant, f"{variant}:\n{extracted}"
+        assert_same_values(program, extracted, rtol=1e-4, atol=1e-5)
+        chosen[variant] = extracted
+    assert len({str(p) for p in chosen.values()}) == 3
+    c = chosen["c"]
+    (att,) = [c.nodes[i] for i in c.live_nodes() if c.nodes[i].op == "attention"]
+    assert att["v_layout"].endswith("S")
+    cache_transposes = [i for i in c.live_nodes() if c.nodes[i].op == "transpose"
+                        and c.nodes[c.nodes[i].inputs[0]].op == "input"]
+    assert cache_transposes, c  # the V cache, stored [B, H, S, D], is transposed: (c) pays for it
+    assert program_cost(c, base) > program_cost(chosen["a"], base)
+
+
 # ----------------------------------------------------------------------------- default choices
 
 
@@ -356,7 +418,7 @@ def test_bench_qkv_layouts_cpu_smoke(tmp_path):
     for section in (prefill, decode):
         assert "| (a) | a |" in section and "| (b) | b |" in section and "| pick |" in section
         assert "values agree across programs: ok" in section and "pick was the fastest program: " in section
-    assert "| (c) | c |" in prefill
+    assert "| (c) | c |" in prefill and "| (c) | c |" in decode  # decode: the V cache transposed
     assert "FAIL" not in text
 
 

@@ -130,6 +130,14 @@ def p_dot_operand():
     return b.build(b.dot(b.t(a, 1, 0), b.t(w, 1, 0), lc=(1,), rc=(0,)))
 
 
+def p_concatenate():
+    """A transposed concatenation (sinks) and a concatenation of transposes (bubbles)."""
+    b = B(); a = b.input(2, 3, 4); c = b.input(2, 5, 4); d = b.input(2, 2, 4)
+    sunk = b.t(b.op("concatenate", a, c, dimension=1), 2, 0, 1)
+    bubbled = b.op("concatenate", b.t(a, 2, 0, 1), b.t(c, 2, 0, 1), b.t(d, 2, 0, 1), dimension=2)
+    return b.build(b.op("exp", sunk), bubbled)
+
+
 def p_batched_dot():
     b = B(); q = b.input(2, 3, 4); k = b.input(2, 5, 4)
     return b.build(b.dot(q, k, lc=(2,), rc=(2,), lb=(0,), rb=(0,)))
@@ -156,6 +164,7 @@ FAMILY_PROGRAMS = {
     "transpose.reshape": p_reshape,
     "transpose.dot_output": p_dot_output,
     "transpose.dot_operand": p_dot_operand,
+    "transpose.concatenate": p_concatenate,
     "canonical.dot_canonical": p_batched_dot,
     "canonical.dot_commute": p_batched_dot,
     "canonical.reshape": p_reshape_reshape,

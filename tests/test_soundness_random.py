@@ -430,7 +430,8 @@ def test_random_programs_keep_their_values(soundness_examples):
     if soundness_examples >= 300:  # the sweep exercises every family its ops can trigger
         expected = {
             f"transpose.{n}" for n in
-            ("compose", "identity", "unary", "binary", "broadcast", "reduce", "reshape", "dot_output", "dot_operand")
+            ("compose", "identity", "unary", "binary", "broadcast", "reduce", "reshape", "dot_output", "dot_operand",
+             "concatenate")
         } | {"canonical.dot_canonical", "canonical.dot_commute", "canonical.reshape"} | {
             f"fusion.{n}" for n in (
                 "region_inputs", "leaves", "unary", "binary", "shared_inputs", "epilogue", "attention_cast_prologue",
