@@ -359,6 +359,10 @@ class Exploration:
             chosen, extracted = extract_program_ilp(self.egraph, self.encoding, model)
         else:
             chosen, extracted = extract_program(self.egraph, self.encoding, model, extractor=extractor)
+            if extractor == "greedy-dag":  # as optimize does: the exact extractor where greedy misses fp8 Vᵀ
+                from .fp8_layout import prefer_transposed_v
+
+                chosen = prefer_transposed_v(self.egraph, self.encoding, model, chosen)
         seconds = time.perf_counter() - start
         kernel = getattr(model, "attention_kernel", "reference")
         return Extraction(

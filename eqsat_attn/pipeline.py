@@ -109,6 +109,7 @@ def optimize_part(program: Program, options: OptimizeOptions, model) -> tuple[Pr
     from .cost import program_cost
     from .egraph import encode, extract_program, resolve, run_rulesets
     from .egraph.driver import prepared_egraph
+    from .fp8_layout import prefer_transposed_v
 
     rulesets = resolve(options.rule_names())
     with prepared_egraph(rulesets) as egraph:  # as `saturate`, with the rules registered once per process
@@ -120,6 +121,7 @@ def optimize_part(program: Program, options: OptimizeOptions, model) -> tuple[Pr
             chosen, _ = extract_program_ilp(egraph, encoding, model)
         else:
             chosen, _ = extract_program(egraph, encoding, model, extractor=options.extractor)
+            chosen = prefer_transposed_v(egraph, encoding, model, chosen)  # greedy misses it (fp8_layout)
     if chosen.output_types != program.output_types:
         raise AssertionError(
             f"extracted program has output types {chosen.output_types}, expected {program.output_types}"

@@ -8,6 +8,10 @@ time = max(flops / (peak[dtype] x efficiency), bytes / bandwidth) + launch overh
 - elementwise ops, converts, selects and broadcasts: XLA fuses them into their consumers and
   producers, so each is priced as writing its output once (output bytes / bandwidth) and no
   launch: the reads of its inputs are assumed to be fused with whatever produced them.
+  Except a broadcast of a one-element value (a scalar splat: a clip bound, a per-tensor scale):
+  free, since each consumer's fusion recomputes it per element and never writes it. (Priced as
+  a write, one splat shared by the Q, K and V quantizes of one layout outweighed fp8
+  transposed-V attention, whose V quantize needs its own splats in V's transposed layout.)
 - a materialised transpose: reading and writing its output (2 x bytes) at the device's
   transpose bandwidth (a fraction of peak when the minor axis moves, measured on H100; full
   bandwidth when the minor axis stays) plus one launch.
@@ -134,6 +138,8 @@ class RooflineModel:
             if perm == tuple(range(len(perm))):
                 return _ZERO
             return Breakdown(0.0, 2.0 * out.nbytes, 0.0, self._transpose_seconds(out.nbytes, perm), d.launch_overhead)
+        if op == "broadcast_in_dim" and node.inputs and node.inputs[0].size == 1:
+            return _ZERO  # a scalar splat: recomputed inside each consumer, never written
         if op in FUSED_ELEMENTWISE:
             nbytes = float(out.nbytes)
             return Breakdown(float(out.size), nbytes, 0.0, nbytes / d.bandwidth, 0.0)
