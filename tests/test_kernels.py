@@ -291,6 +291,27 @@ def test_gpu_compiled_matches_reference(v_layout, causal, d):
         assert_close(got, w, 3e-2, f"d{name}")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not on_gpu, reason="needs a GPU backend")
+@pytest.mark.parametrize("v_layout", ["BHSD", "BHDS"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_compiled_cast_prologue_matches_reference(v_layout, d):
+    """The cast prologue compiled: f32 operands cast to bf16 tile by tile inside the kernels
+    (the f32 tiles at D128 must fit in shared memory), forward and gradients."""
+    _, q, k, v, do = make_inputs(12, 2, 8, 2, 1000, 1000, d, d, v_layout, jnp.float32)
+    scale = d ** -0.5
+    fn = lambda q, k, v: flash_attention(q, k, v, scale=scale, causal=True, v_layout=v_layout,  # noqa: E731
+                                         compute_dtype="bfloat16")
+    o, vjp = jax.vjp(jax.jit(fn), q, k, v)
+    assert o.dtype == jnp.bfloat16
+    bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v, do)]  # what the kernel computes on
+    want = np_attention(*bf16, scale=scale, causal=True, v_layout=v_layout)
+    assert_close(o, want[0], 2e-2, "o")
+    for name, got, w in zip("qkv", vjp(do.astype(jnp.bfloat16)), want[1:4]):
+        assert got.dtype == jnp.float32
+        assert_close(got, w, 3e-2, f"d{name}")
+
+
 # --- benchmark smoke ---------------------------------------------------------------------------
 
 def test_bench_cpu_smoke(tmp_path):
