@@ -171,3 +171,20 @@ def test_an_extractor_panic_falls_back_to_the_original_program():
     got = lower(res.program)(*jax.tree_util.tree_leaves(args))
     for g, e in zip(got, expected, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=2e-5, atol=2e-5)
+
+
+def test_ilp_extraction_prints_nothing():
+    """HiGHS prints a banner from C++ on a process's first solver; a user's output stays clean
+    (checked in a fresh process, since this one may have made its first solver already)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import jax.numpy as jnp, numpy as np\n"
+            "import eqsat_attn as ea\n"
+            "f = ea.optimize(lambda x: jnp.tanh(x.T).T, extractor='ilp')\n"
+            "f(np.arange(6.0, dtype=np.float32).reshape(2, 3))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "HiGHS" not in out.stdout and out.stdout == "", out.stdout

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -44,7 +46,30 @@ from .extract import concat_view, op_view
 
 MAX_ENODES = 5000  # candidate Term/TermList e-nodes reachable from the root
 _HIGHS_LOG = False  # set True to see the solver log
+_BANNER_DONE = False  # HiGHS printed (or swallowed) its once-per-process banner
 _INFEASIBLE = 1e29  # a node priced at or above this (untyped) is never chosen
+
+
+def _new_highs(highspy: Any) -> Any:
+    """A HiGHS instance that logs only with ``_HIGHS_LOG``. HiGHS prints its banner from C++ on a
+    process's first instance, before any option can be set, so that one is made with the
+    process's standard output pointed at the null device."""
+    global _BANNER_DONE
+    if _HIGHS_LOG or _BANNER_DONE:
+        h = highspy.Highs()
+    else:
+        sys.stdout.flush()
+        saved = os.dup(1)
+        try:
+            with open(os.devnull, "w") as null:
+                os.dup2(null.fileno(), 1)
+                h = highspy.Highs()
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+        _BANNER_DONE = True
+    h.setOptionValue("output_flag", _HIGHS_LOG)
+    return h
 
 
 class ILPExtractionError(RuntimeError):
@@ -337,8 +362,7 @@ def extract_program_ilp(
     scale_ref = max((abs(v) for v in cost.values()), default=0.0)
     scale = 1e4 / scale_ref if scale_ref > 0 else 1.0
 
-    h = highspy.Highs()
-    h.setOptionValue("output_flag", _HIGHS_LOG)
+    h = _new_highs(highspy)
     h.setOptionValue("mip_rel_gap", 1e-9)
     h.setOptionValue("mip_abs_gap", 1e-9)
     h.setOptionValue("threads", 1)
