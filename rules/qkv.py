@@ -15,7 +15,7 @@ from __future__ import annotations
 from egglog import String, eq, f64, i64, union, var
 
 from eqsat_attn.egraph import qkv_math  # registers the index-math questions this file asks
-from eqsat_attn.egraph.language import IntVec, Term, TermList, dtype, ivec, program_order, shape
+from eqsat_attn.egraph.language import IntVec, Term, dtype, ivec, program_order, shape, term_list
 from eqsat_attn.egraph.rulesets import RuleSet, asking, rl, rw
 
 projections = RuleSet("projections", " ".join(__doc__.split("\n\n")[0].split()))
@@ -44,12 +44,6 @@ def _projection_facts(dot_var, weight, sw_var, rank: int) -> list:
     ]
 
 
-def _terms(items) -> TermList:
-    out = TermList.nil()
-    for t in reversed(items):
-        out = TermList.cons(t, out)
-    return out
-
 
 @projections.family
 def horizontal():
@@ -68,7 +62,7 @@ def horizontal():
                 facts += [eq(program_order(ws[i])).to(order[i]), dtype(ws[i]) == wdt]
             facts += [order[i] < order[i + 1] for i in range(n - 1)]
             free = i64(1) - rc[0]  # the weight's output axis
-            fused = Term.dot(x, Term.concat(_terms(ws), free), lc, rc, NONE, NONE, dt)
+            fused = Term.dot(x, Term.concat(term_list(ws), free), lc, rc, NONE, NONE, dt)
             actions, offset = [], i64(0)
             for i in range(n):
                 size = sws[i][free]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from egglog import String, i64, var
 
-from eqsat_attn.egraph.language import IntVec, Term, TermList, perm_range, shape
+from eqsat_attn.egraph.language import IntVec, Term, perm_range, shape, term_list
 from eqsat_attn.egraph.rulesets import RuleSet, asking, rw
 
 transpose = RuleSet("transpose", " ".join(__doc__.split("\n\n")[0].split()))
@@ -146,12 +146,6 @@ def dot_operand():
     )
 
 
-def _parts(terms) -> TermList:
-    out = TermList.nil()
-    for t in reversed(terms):
-        out = TermList.cons(t, out)
-    return out
-
 
 @transpose.family
 def concatenate():
@@ -163,15 +157,15 @@ def concatenate():
     for n in range(2, MAX_CONCAT + 1):
         parts = [var(f"c{i}", Term) for i in range(n)]
         yield from asking(
-            Term.transpose(Term.concat(_parts(parts), dim), p), [], "inverse", (p, NONE, NONE, NONE), 1,
-            lambda inv, parts=parts: Term.concat(_parts([Term.transpose(t, p) for t in parts]), inv[dim]),
+            Term.transpose(Term.concat(term_list(parts), dim), p), [], "inverse", (p, NONE, NONE, NONE), 1,
+            lambda inv, parts=parts: Term.concat(term_list([Term.transpose(t, p) for t in parts]), inv[dim]),
         )
-        yield rw(Term.concat(_parts([Term.transpose(t, p) for t in parts]), dim),
-                 Term.transpose(Term.concat(_parts(parts), p[dim]), p))
+        yield rw(Term.concat(term_list([Term.transpose(t, p) for t in parts]), dim),
+                 Term.transpose(Term.concat(term_list(parts), p[dim]), p))
     for transposed_first in (True, False):
         lhs = [Term.transpose(a, p), b] if transposed_first else [a, Term.transpose(b, p)]
         yield from asking(
-            Term.concat(_parts(lhs), dim), [], "inverse", (p, NONE, NONE, NONE), 1,
+            Term.concat(term_list(lhs), dim), [], "inverse", (p, NONE, NONE, NONE), 1,
             lambda inv, first=transposed_first: Term.transpose(
-                Term.concat(_parts([a, Term.transpose(b, inv)] if first else [Term.transpose(a, inv), b]), p[dim]), p),
+                Term.concat(term_list([a, Term.transpose(b, inv)] if first else [Term.transpose(a, inv), b]), p[dim]), p),
         )

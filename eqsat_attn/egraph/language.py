@@ -151,13 +151,21 @@ class Term(Expr):
 
 
 class TermList(Expr):
-    """Operands of an opaque node, as a cons list."""
+    """Operands of an opaque node or a concatenation, as a cons list (`term_list`)."""
 
     @classmethod
     def nil(cls) -> TermList: ...
 
     @classmethod
     def cons(cls, head: Term, tail: TermList) -> TermList: ...
+
+
+def term_list(items) -> TermList:
+    """The cons list of ``items`` (Term expressions), in order: a concatenation's operands."""
+    out = TermList.nil()
+    for t in reversed(list(items)):
+        out = TermList.cons(t, out)
+    return out
 
 
 @function
