@@ -1,0 +1,382 @@
+"""Pallas Mosaic GPU flash attention for Hopper (sm_90): the fast forward path.
+
+FlashAttention-3's structure written with Pallas's Mosaic GPU backend. A CTA owns ``2 * block_q``
+query rows of one (batch, head): two compute warpgroups take ``block_q`` rows each and a third,
+producer warpgroup streams K and V tiles into shared memory with TMA, ``stages`` slots deep, each
+slot signalled on a barrier when it lands and released by both consumers when they are done with
+it. The consumers run Q·Kᵀ and P·V on the tensor cores with wgmma (accumulators in registers, P
+fed from registers) and the online softmax in between (exp2 with ``scale * log2(e)`` folded in);
+a scheduling barrier staggers the two warpgroups so that one's softmax overlaps the other's
+matmuls.
+
+Both V layouts of the Attention op are read in place:
+
+* ``"BHSD"``: V is [B, Hkv, Sk, D]; a [block_kv, D] tile is wgmma's B operand as stored
+  (sequence-major, which the tensor core reads with a transposing load for 16-bit types).
+* ``"BHDS"`` (transposed V): V is [B, Hkv, D, Sk]; the producer loads a [D, block_kv] box of that
+  array (TMA over its last two axes) and wgmma reads it transposed, i.e. K-major, the operand order
+  the tensor core takes natively, the same as K's in Q·Kᵀ. Nothing is transposed in memory.
+
+Contract (`mosaic_unsupported` says which part a call misses; callers then use the Triton
+kernel): q [B,H,Sq,D], k [B,Hkv,Sk,D] and v all bf16 or all f16, D = Dv in `BLOCK_TABLE` (64, 128),
+Sq a multiple of ``2 * block_q``, Sk of ``block_kv``, no bias, no cast prologue, positive scale.
+Causal masking is top-left aligned (query i sees keys j <= i) and visits only the key tiles that
+intersect the triangle. GQA reads the kv head ``h // (H / Hkv)``; K and V are never repeated.
+Returns o [B,H,Sq,D] in q's dtype and the natural-log log-sum-exp [B,H,Sq] float32: the residuals
+of the Triton forward, so jax.grad runs the shared backward kernels.
+
+Interpret mode (``interpret=True``, any backend): jax's Mosaic GPU interpreter simulates the
+warpgroups, TMA copies and barriers, but (jax 0.11/0.12) takes wgmma's A operand only from shared
+memory and does not run ``pl.run_state``. There P is staged through a shared-memory tile and each
+P·V lands in a fresh accumulator that is then added: `_accumulate_pv` is the one place where the
+interpreted and the compiled kernels differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from .reference import check_shapes
+
+try:  # the Mosaic GPU backend ships with jax >= 0.4.3x; absent from some minimal builds
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+except ImportError:  # pragma: no cover - exercised only on such builds
+    plgpu = None
+
+__all__ = ["BLOCK_TABLE", "MosaicBlocks", "hopper_gpu", "mosaic_attention", "mosaic_unsupported"]
+
+LOG2E: float = math.log2(math.e)
+LN2: float = math.log(2.0)
+COMPUTE_WARPGROUPS = 2
+DTYPES = ("bfloat16", "float16")
+# Two warpgroups of softmax math want more registers than the producer, which only issues TMAs.
+_CONSUMER_REGISTERS, _PRODUCER_REGISTERS = 232, 40
+# cuda runtimes whose ptxas miscompiles the causal kernel (as jax's attention_mgpu notes)
+_BAD_CAUSAL_CUDA = range(12080, 12091)
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicBlocks:
+    """Tiles of the Mosaic GPU kernel.
+
+    block_q: query rows per compute warpgroup (a CTA covers ``2 * block_q``); block_kv: keys per
+    step; stages: K/V shared-memory slots in flight. Both blocks are multiples of 64 (the 128-byte
+    swizzled tile of a 16-bit row).
+    """
+
+    block_q: int = 64
+    block_kv: int = 128
+    stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_q", "block_kv"):
+            if getattr(self, name) <= 0 or getattr(self, name) % 64:
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive multiple of 64")
+        if self.stages < 1:
+            raise ValueError(f"stages={self.stages} must be at least 1")
+
+
+# head_dim -> tiles. The configurations jax's own attention_mgpu reaches 558 (D128) and 384 (D64)
+# TFLOP/s with in f16 on an H100 (../shared/gpu/README.md): the largest key tile that fits shared
+# memory (D128: 2 x [128, 128] K and V slots + the Q/O tiles; D64: 2 x [256, 64]).
+BLOCK_TABLE: dict[int, MosaicBlocks] = {
+    64: MosaicBlocks(block_q=64, block_kv=256, stages=2),
+    128: MosaicBlocks(block_q=64, block_kv=128, stages=2),
+}
+
+
+def hopper_gpu() -> bool:
+    """True when the default device is an NVIDIA Hopper GPU (compute capability 9.x)."""
+    if jax.default_backend() != "gpu":
+        return False
+    capability = getattr(jax.devices()[0], "compute_capability", "")
+    return str(capability).startswith("9")
+
+
+def _cuda_runtime_version() -> int | None:
+    try:
+        from jax._src.lib import cuda_versions
+    except ImportError:  # pragma: no cover - jaxlib layout differs
+        return None
+    return None if cuda_versions is None else cuda_versions.cuda_runtime_get_version()
+
+
+def mosaic_unsupported(
+    q, k, v, *, v_layout: str = "BHSD", causal: bool = False, scale: float = 1.0,
+    bias=None, compute_dtype: str | None = None, q_layout: str = "BHSD", k_layout: str = "BHSD",
+    o_layout: str = "BHSD", blocks: MosaicBlocks | None = None, interpret: bool = False,
+) -> str | None:
+    """Why the Mosaic GPU kernel cannot run this call (arrays or ShapeDtypeStructs), or None."""
+    if plgpu is None:
+        return "this jax has no Pallas Mosaic GPU backend"
+    if (q_layout, k_layout, o_layout) != ("BHSD",) * 3 or v_layout not in ("BHSD", "BHDS"):
+        return ("it reads q, k and o as [B,H,S,D] and V as [B,H,S,D] or [B,H,D,S]; got "
+                f"q {q_layout}, k {k_layout}, v {v_layout}, o {o_layout}")
+    if bias is not None:
+        return "it takes no additive bias"
+    dtypes = {jnp.dtype(x.dtype).name for x in (q, k, v)}
+    if compute_dtype is not None and {jnp.dtype(compute_dtype).name} != dtypes:
+        return "it has no cast prologue (compute_dtype differs from the operands' dtype)"
+    if len(dtypes) != 1 or not dtypes <= set(DTYPES):
+        return f"q, k and v must share one dtype of {DTYPES}; got {sorted(dtypes)}"
+    _, _, _, sq, sk, d, dv = check_shapes(q, k, v, v_layout)
+    if d != dv or d not in BLOCK_TABLE:
+        return f"head dims must be equal and one of {sorted(BLOCK_TABLE)}; got D={d}, Dv={dv}"
+    blk = blocks or BLOCK_TABLE[d]
+    if sq % (COMPUTE_WARPGROUPS * blk.block_q):
+        return f"Sq={sq} must be a multiple of {COMPUTE_WARPGROUPS * blk.block_q} (2 * block_q)"
+    if sk % blk.block_kv:
+        return f"Sk={sk} must be a multiple of block_kv={blk.block_kv}"
+    if not scale > 0:
+        return f"scale={scale} must be positive"
+    if causal and not interpret and _cuda_runtime_version() in _BAD_CAUSAL_CUDA:
+        return "causal masking is miscompiled by the ptxas of CUDA 12.8.0-12.9.0"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Static facts of one kernel instance."""
+
+    batch: int
+    heads: int
+    groups: int  # query heads per kv head
+    sq: int
+    sk: int
+    head_dim: int
+    dtype: jnp.dtype
+    scale: float
+    causal: bool
+    v_transposed: bool
+    blocks: MosaicBlocks
+    interpret: bool
+
+    @property
+    def kv_steps(self) -> int:
+        return self.sk // self.blocks.block_kv
+
+    @property
+    def stages(self) -> int:
+        return min(self.blocks.stages, self.kv_steps)
+
+    @property
+    def cta_rows(self) -> int:
+        return COMPUTE_WARPGROUPS * self.blocks.block_q
+
+    def cta_kv_steps(self, q_tile):
+        """Key tiles the CTA's rows need: all, or (causal) up to its last row's diagonal."""
+        if not self.causal:
+            return self.kv_steps
+        return jnp.minimum(pl.cdiv((q_tile + 1) * self.cta_rows, self.blocks.block_kv),
+                           self.kv_steps)
+
+
+def _accumulate_pv(plan: _Plan, acc, p, v_operand, p_smem, after):
+    """acc + P·V on the tensor cores; ``after()`` runs while the wgmma is in flight."""
+    if not plan.interpret:
+        def update(acc_ref):
+            plgpu.wgmma(acc_ref, p, v_operand)
+            after()
+        return pl.run_state(update)(plgpu.ACC.init(acc))
+
+    def product(acc_ref):
+        plgpu.wgmma(acc_ref, p_smem, v_operand)
+        after()
+        return acc_ref[...]
+    p_smem[...] = p
+    plgpu.commit_smem()
+    return acc + pl.run_scoped(product, plgpu.ACC((plan.blocks.block_q, plan.head_dim), jnp.float32))
+
+
+def _consumer(plan: _Plan, refs, scratch, barriers, wg):
+    """One compute warpgroup: its block_q query rows against the streamed key tiles."""
+    q_ref, _, _, o_ref, lse_ref = refs
+    qo_smem2, k_smem, v_smem, lse_smem2, p_smem2 = scratch
+    k_ready, v_ready, q_ready, k_free, v_free, schedule = barriers
+    bq, bkv, d = plan.blocks.block_q, plan.blocks.block_kv, plan.head_dim
+    batch, head, q_tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_tiles")
+    qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
+    p_smem = None if p_smem2 is None else p_smem2.at[wg]
+    q_base = q_tile * plan.cta_rows + wg * bq
+    cta_steps = plan.cta_kv_steps(q_tile)
+    steps = (jnp.minimum(pl.cdiv(q_base + bq, bkv), plan.kv_steps) if plan.causal
+             else plan.kv_steps)
+    log2_scale = plan.scale * LOG2E  # scores are kept in log2 units: exp2 is one instruction
+
+    def take_turn():
+        plgpu.barrier_arrive(schedule)
+        plgpu.barrier_wait(schedule)
+
+    plgpu.set_max_registers(_CONSUMER_REGISTERS, action="increase")
+    plgpu.copy_gmem_to_smem(q_ref.at[batch, head, pl.ds(q_base, bq)], qo_smem, q_ready.at[wg])
+    plgpu.barrier_wait(q_ready.at[wg])
+    row_stat = plgpu.Layout.WGMMA.reduce(1)
+    m = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), row_stat)
+    l = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), row_stat)
+    acc = plgpu.layout_cast(jnp.full((bq, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+    plgpu.barrier_wait(k_ready.at[0])
+    pl.when(wg == 1)(take_turn)  # stagger: warpgroup 1 starts one turn behind
+
+    def v_operand(slot):
+        tile = v_smem.at[slot]
+        return tile.transpose((1, 0)) if plan.v_transposed else tile
+
+    def step(kv_step, carry, masked: bool):
+        acc, m, l = carry
+        slot = lax.rem(kv_step, plan.stages)
+
+        def scores(s_ref):
+            plgpu.wgmma(s_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
+            take_turn()
+            return s_ref[...]
+        s = pl.run_scoped(scores, plgpu.ACC((bq, bkv), jnp.float32))
+        plgpu.barrier_arrive(k_free.at[slot])
+        if masked:
+            rows = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 0, layout=plgpu.Layout.WGMMA)
+            cols = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
+            s = jnp.where(rows + q_base >= cols + kv_step * bkv, s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(axis=1) * log2_scale)
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s * log2_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        l = l * alpha + p.sum(axis=1)
+        p_lo = p.astype(plan.dtype)
+        if d <= 128:  # ordering that measured fastest in jax's attention_mgpu
+            acc, l, m_new, p_lo = lax.optimization_barrier((acc, l, m_new, p_lo))
+        plgpu.barrier_arrive(schedule)  # softmax done
+        plgpu.barrier_wait(v_ready.at[slot])
+        plgpu.barrier_wait(schedule)  # the tensor cores are ours again
+
+        def prefetch_wait():
+            @pl.when(kv_step + 1 < steps)
+            def _():
+                plgpu.barrier_wait(k_ready.at[lax.rem(kv_step + 1, plan.stages)])
+        acc = _accumulate_pv(plan, acc, p_lo, v_operand(slot), p_smem, prefetch_wait)
+        plgpu.barrier_arrive(v_free.at[slot])
+        return acc, m_new, l
+
+    carry = (acc, m, l)
+    if plan.causal:
+        unmasked = jnp.minimum(lax.div(q_base, bkv), steps)  # tiles wholly below the diagonal
+        carry = lax.fori_loop(0, unmasked, functools.partial(step, masked=False), carry)
+        carry = lax.fori_loop(unmasked, steps, functools.partial(step, masked=True), carry)
+
+        def release(kv_step, _):
+            # tiles only the other warpgroup needs: keep the slot and turn accounting balanced
+            slot = lax.rem(kv_step, plan.stages)
+            plgpu.barrier_arrive(k_free.at[slot])
+            plgpu.barrier_arrive(v_free.at[slot])
+            take_turn()
+            take_turn()
+        lax.fori_loop(steps, cta_steps, release, None)
+    else:
+        carry = lax.fori_loop(0, plan.kv_steps, functools.partial(step, masked=False), carry)
+    acc, m, l = carry
+    pl.when(wg == 0)(take_turn)
+
+    acc = acc / lax.broadcast_in_dim(l, (bq, d), [0])
+    qo_smem[...] = acc.astype(plan.dtype)
+    lse_smem[...] = m * LN2 + jnp.log(l)  # natural log: m is in log2 units
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[batch, head, pl.ds(q_base, bq)])
+    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, pl.ds(q_base, bq)])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _producer(plan: _Plan, refs, scratch, barriers):
+    """The TMA warpgroup: K and V tiles into the ring of shared-memory slots."""
+    _, k_ref, v_ref, _, _ = refs
+    _, k_smem, v_smem, _, _ = scratch
+    k_ready, v_ready, _, k_free, v_free, _ = barriers
+    bkv = plan.blocks.block_kv
+    batch, head, q_tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_tiles")
+    kv_head = lax.div(head, plan.groups)
+    cta_steps = plan.cta_kv_steps(q_tile)
+
+    def load(kv_step, slot):
+        keys = pl.ds(kv_step * bkv, bkv)
+        plgpu.copy_gmem_to_smem(k_ref.at[batch, kv_head, keys], k_smem.at[slot], k_ready.at[slot])
+        v_tile = v_ref.at[batch, kv_head, :, keys] if plan.v_transposed else \
+            v_ref.at[batch, kv_head, keys]
+        plgpu.copy_gmem_to_smem(v_tile, v_smem.at[slot], v_ready.at[slot])
+
+    plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
+    for i in range(plan.stages):
+        pl.when(i < cta_steps)(functools.partial(load, i, i))
+
+    @pl.loop(plan.stages, cta_steps)
+    def _(kv_step):
+        slot = lax.rem(kv_step, plan.stages)
+        plgpu.barrier_wait(k_free.at[slot])  # both consumers are done with this slot
+        plgpu.barrier_wait(v_free.at[slot])
+        load(kv_step, slot)
+
+
+def _kernel(plan: _Plan, *refs):
+    bq, bkv, d = plan.blocks.block_q, plan.blocks.block_kv, plan.head_dim
+    swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    v_tile = (d, bkv) if plan.v_transposed else (bkv, d)
+    scratch = [
+        plgpu.SMEM((COMPUTE_WARPGROUPS, bq, d), plan.dtype, transforms=swizzled),  # Q in, O out
+        plgpu.SMEM((plan.stages, bkv, d), plan.dtype, transforms=swizzled),
+        plgpu.SMEM((plan.stages, *v_tile), plan.dtype, transforms=swizzled),
+        plgpu.SMEM((COMPUTE_WARPGROUPS, bq), jnp.float32),
+        # P staged in shared memory: only the interpreter needs it (see the module docstring)
+        plgpu.SMEM((COMPUTE_WARPGROUPS, bq, bkv), plan.dtype, transforms=swizzled)
+        if plan.interpret else None,
+    ]
+    barriers = (
+        plgpu.Barrier(num_barriers=plan.stages),  # k_ready
+        plgpu.Barrier(num_barriers=plan.stages),  # v_ready
+        plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS),  # q_ready
+        plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=plan.stages),  # k_free
+        plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=plan.stages),  # v_free
+        plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS),  # schedule
+    )
+
+    def body(scratch_refs, *barrier_refs):
+        wg = lax.axis_index("wg")
+        pl.when(wg < COMPUTE_WARPGROUPS)(
+            lambda: _consumer(plan, refs, scratch_refs, barrier_refs, wg))
+        pl.when(wg == COMPUTE_WARPGROUPS)(lambda: _producer(plan, refs, scratch_refs, barrier_refs))
+
+    pl.run_scoped(body, scratch, *barriers, collective_axes="wg")
+
+
+def mosaic_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, causal: bool,
+    v_layout: str = "BHSD", blocks: MosaicBlocks | None = None, interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Forward attention on Hopper: (o [B,H,Sq,D] in q's dtype, lse [B,H,Sq] float32).
+
+    Semantics of `attention_reference` within the contract above (ValueError naming what is
+    outside it). ``interpret``: run jax's Mosaic GPU interpreter instead of compiling (CPU tests).
+    """
+    reason = mosaic_unsupported(q, k, v, v_layout=v_layout, causal=causal, scale=scale,
+                                blocks=blocks, interpret=interpret)
+    if reason is not None:
+        raise ValueError(f"the Mosaic GPU attention kernel cannot run this call: {reason}; "
+                         "use the Triton kernel (flash_attention(..., backend='triton')).")
+    b, h, hkv, sq, sk, d, _ = check_shapes(q, k, v, v_layout)
+    plan = _Plan(b, h, h // hkv, sq, sk, d, jnp.dtype(q.dtype), float(scale), bool(causal),
+                 v_layout == "BHDS", blocks or BLOCK_TABLE[d], bool(interpret))
+    out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, sq), jnp.float32))
+    extra = {"interpret": plgpu.InterpretGPUParams()} if interpret else {}
+    o, lse = plgpu.kernel(
+        functools.partial(_kernel, plan),
+        out_type=out_type,
+        grid=(h, sq // plan.cta_rows, b),
+        grid_names=("heads", "q_tiles", "batch"),
+        num_threads=COMPUTE_WARPGROUPS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        **extra,
+    )(q, k, v)
+    return o, lse
