@@ -27,6 +27,8 @@ class AttentionInfo:
     compute_dtype: str = ""
     #: the operands it reads in another dtype and casts in-kernel, e.g. ("q:f32", "k:f32")
     cast_operands: tuple[str, ...] = ()
+    #: with kernel "pallas": the backend of its forward, "mosaic_gpu" (Hopper) or "triton"
+    backend: str = ""
 
     def __str__(self) -> str:
         mask = "causal" if self.causal else "full"
@@ -40,7 +42,7 @@ class AttentionInfo:
             cast = f", casts {read} to {short_dtype(self.compute_dtype)} in-kernel (cast prologue folded)"
         return (
             f"attention q={self.q_layout} k={self.k_layout} v={self.v_layout}{stored} o={self.o_layout}, "
-            f"{mask}{gqa}, kernel={self.kernel}{cast}"
+            f"{mask}{gqa}, kernel={self.kernel}{f' ({self.backend})' if self.backend else ''}{cast}"
         )
 
 
@@ -67,12 +69,13 @@ def attention_infos(program: Program, kernel: str) -> list[AttentionInfo]:
             f"{n}:{short_dtype(program.type_of(i).dtype)}" for n, i in zip("qkv", node.inputs[:3])
             if compute and program.type_of(i).dtype != compute
         )
+        node_kernel = "reference" if p.get("mask_kind") == "bool" else kernel  # no boolean-mask kernel
         infos.append(
             AttentionInfo(
                 v_layout="BHDS" if str(p["v_layout"]).endswith("S") else "BHSD",
                 v_storage=str(p["v_layout"]),
                 causal=bool(p["causal"]),
-                kernel="reference" if p.get("mask_kind") == "bool" else kernel,  # no boolean-mask kernel
+                kernel=node_kernel,
                 q_layout=q_layout,
                 k_layout=k_layout,
                 o_layout=str(p["o_layout"]),
@@ -80,9 +83,26 @@ def attention_infos(program: Program, kernel: str) -> list[AttentionInfo]:
                 groups=max(1, heads // max(1, kv_heads)),
                 compute_dtype=compute,
                 cast_operands=cast,
+                backend=_pallas_backend(program, node) if node.op == "attention" and node_kernel == "pallas"
+                else "",
             )
         )
     return infos
+
+
+def _pallas_backend(program: Program, node) -> str:
+    """The Pallas backend `flash_attention` picks for this attention node's operands."""
+    import jax
+
+    from .kernels.flash_attention import pallas_backend
+
+    p = node.params
+    q, k, v = (jax.ShapeDtypeStruct(program.type_of(i).shape, program.type_of(i).dtype)
+               for i in node.inputs[:3])
+    return pallas_backend(
+        q, k, v, v_layout=str(p["v_layout"]), causal=bool(p["causal"]), scale=float(p["scale"]),
+        bias=True if p.get("mask_kind") == "bias" else None, compute_dtype=p.get("compute_dtype") or None,
+        q_layout=str(p["q_layout"]), k_layout=str(p["k_layout"]), o_layout=str(p["o_layout"]))
 
 
 @dataclass(frozen=True)

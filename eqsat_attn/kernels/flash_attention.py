@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from .mosaic_attention import MosaicBlocks, hopper_gpu, mosaic_attention, mosaic_unsupported
 from .reference import CANONICAL, MASK_VALUE, check_layout, check_shapes, layout_shape
 
 LOG2E: float = math.log2(math.e)
@@ -86,6 +87,9 @@ P_FP8_SCALE = 256.0
 _P_FP8_SHIFT = math.log2(P_FP8_SCALE)
 BWD_Q_CHUNK = 256  # query rows per step of the plain-JAX recomputation backward
 BACKWARDS = ("pallas", "jax")
+#: Pallas backends of the forward kernel: Triton (any GPU, interpret mode anywhere) and Mosaic GPU
+#: (Hopper: wgmma, TMA, warp specialisation; kernels/mosaic_attention.py). Both share the backward.
+BACKENDS = ("auto", "triton", "mosaic_gpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +117,9 @@ class _Config:
     # a folded cast prologue: q, k, v (and dO) tiles are cast to this dtype right after each load,
     # before any matmul; the output is written in it (gradients in their operands' dtypes)
     compute_dtype: str | None = None
+    # which Pallas backend runs the forward ("triton" or "mosaic_gpu"); the backward is Triton's
+    backend: str = "triton"
+    mosaic_blocks: MosaicBlocks | None = None
 
     def cast(self, x):
         """A loaded tile in the compute dtype (unchanged without a cast prologue)."""
@@ -159,6 +166,31 @@ def kernel_supports_layouts(q_layout: str = CANONICAL, k_layout: str = CANONICAL
                             v_layout: str = CANONICAL, o_layout: str = CANONICAL) -> bool:
     """True when the Pallas kernels read and write these layouts in place (no transposes)."""
     return kernel_layout_error(q_layout, k_layout, v_layout, o_layout) is None
+
+
+def pallas_backend(q, k, v, *, backend: str = "auto", interpret: bool | None = None,
+                   tiles_given: bool = False, **call) -> str:
+    """The Pallas backend that runs this forward: "mosaic_gpu" or "triton".
+
+    q, k, v: arrays or ShapeDtypeStructs; ``call``: the other `mosaic_unsupported` arguments
+    (layouts, causal, scale, bias, compute_dtype, blocks). "auto" takes Mosaic GPU when compiling
+    for a Hopper GPU and the call is inside its contract (and no Triton tiles were given), else
+    Triton. Forcing "mosaic_gpu" on a call outside its contract raises ValueError saying why.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    if backend == "triton":
+        return "triton"
+    reason = mosaic_unsupported(q, k, v, interpret=interpret, **call)
+    if backend == "mosaic_gpu":
+        if reason is not None:
+            raise ValueError(f"backend='mosaic_gpu' cannot run this call: {reason}; "
+                             "use backend='triton' or 'auto'.")
+        return "mosaic_gpu"
+    auto = reason is None and not interpret and not tiles_given and hopper_gpu()
+    return "mosaic_gpu" if auto else "triton"
 
 
 def _spec(layout: str, tiles: dict, index: dict) -> pl.BlockSpec:
@@ -327,6 +359,9 @@ def _forward(q, k, v, bias, cfg: _Config, descales: tuple[jax.Array, jax.Array] 
 
     ``descales`` (with cfg.descaled): float32 scalars (score descale in log2 units, output descale).
     """
+    if cfg.backend == "mosaic_gpu":
+        return mosaic_attention(q, k, v, scale=cfg.scale, causal=cfg.causal, v_layout=cfg.v_layout,
+                                blocks=cfg.mosaic_blocks, interpret=cfg.interpret)
     ql, kl, vl, ol = cfg.q_layout, cfg.k_layout, cfg.v_layout, cfg.o_layout
     b, h, hkv, sq, sk, d, dv = check_shapes(q, k, v, vl, q_layout=ql, k_layout=kl)
     groups = h // hkv
@@ -665,6 +700,8 @@ def flash_attention(
     k_layout: str = "BHSD",
     o_layout: str = "BHSD",
     compute_dtype: str | None = None,
+    backend: str = "auto",
+    mosaic_blocks: MosaicBlocks | None = None,
 ) -> jax.Array:
     """Pallas flash attention with the semantics of `attention_reference` (no bool mask).
 
@@ -681,7 +718,10 @@ def flash_attention(
     "jax", which also yields the bias gradient. ``compute_dtype`` (a folded cast prologue): the
     kernels read q, k, v in their own dtypes and cast every loaded tile to it before the matmuls
     (the values of ``flash_attention(q.astype(dt), ...)``, without the converted copies); the
-    output is in it, the gradients in q's, k's and v's own dtypes.
+    output is in it, the gradients in q's, k's and v's own dtypes. ``backend`` (`pallas_backend`):
+    the forward on "triton", on "mosaic_gpu" (Hopper; ``mosaic_blocks`` overrides its
+    `mosaic_attention.BLOCK_TABLE` tiles) or "auto" (Mosaic GPU on a Hopper GPU when the call is
+    in its contract, else Triton); the backward kernels are Triton's either way.
     """
     if backward not in BACKWARDS:
         raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
@@ -699,8 +739,15 @@ def flash_attention(
     bq1, bk1, bq2, bk2, bwarps, bstages = bwd_block_sizes(sq, sk, max(d, dv))
     bwd_blocks = (block_q or bq1, block_k or bk1, block_q or bq2, block_k or bk2)
     warps, stages = num_warps or warps, num_stages or stages
+    chosen = pallas_backend(
+        q, k, v, backend=backend, interpret=bool(interpret),
+        tiles_given=any(x is not None for x in (block_q, block_k, num_warps, num_stages)),
+        v_layout=v_layout, causal=bool(causal), scale=float(scale), bias=bias,
+        compute_dtype=compute_dtype, q_layout=q_layout, k_layout=k_layout, o_layout=o_layout,
+        blocks=mosaic_blocks)
     cfg = _Config(float(scale), bool(causal), v_layout, bq, bk, warps, stages, bool(interpret),
                   backward, bwd_blocks, bwarps, bstages, q_layout=q_layout, k_layout=k_layout,
                   o_layout=o_layout,
-                  compute_dtype=None if compute_dtype is None else jnp.dtype(compute_dtype).name)
+                  compute_dtype=None if compute_dtype is None else jnp.dtype(compute_dtype).name,
+                  backend=chosen, mosaic_blocks=mosaic_blocks)
     return _flash(q, k, v, bias, cfg)

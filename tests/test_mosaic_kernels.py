@@ -1,0 +1,176 @@
+"""The Mosaic GPU (Hopper) attention kernel: values in jax's Mosaic GPU interpreter against float64,
+gradients through the shared backward, the compiled kernel's lowering (wgmma, TMA, shared-memory
+budget) checked on CPU, backend choice and its errors, and the compiled kernel on a Hopper GPU."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eqsat_attn.kernels import flash_attention
+from eqsat_attn.kernels.flash_attention import pallas_backend
+from eqsat_attn.kernels.mosaic_attention import (BLOCK_TABLE, MosaicBlocks, hopper_gpu,
+                                                 mosaic_attention, mosaic_unsupported)
+from test_kernels import assert_close, make_inputs, np_attention
+
+pytestmark = pytest.mark.usefixtures("full_f32_matmuls_on_gpu")
+on_gpu = jax.default_backend() == "gpu"
+SMALL = MosaicBlocks(block_q=64, block_kv=64, stages=2)
+
+
+def np_lse(q, k, *, scale, causal):
+    """float64 natural-log log-sum-exp of the scores, [B,H,Sq]."""
+    q, k = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, k))
+    kr = np.repeat(k, q.shape[1] // k.shape[1], axis=1)
+    s = q @ np.swapaxes(kr, 2, 3) * scale
+    if causal:
+        sq, sk = s.shape[-2:]
+        s = np.where(np.arange(sq)[:, None] >= np.arange(sk)[None, :], s, -np.inf)
+    top = s.max(-1, keepdims=True)
+    return (np.log(np.exp(s - top).sum(-1, keepdims=True)) + top)[..., 0]
+
+
+@pytest.mark.parametrize("v_layout,causal,d,dtype,h,hkv,sq,sk,blocks", [
+    ("BHSD", False, 64, jnp.bfloat16, 2, 2, 128, 192, SMALL),    # 3 key steps, 2 slots
+    ("BHDS", False, 64, jnp.bfloat16, 2, 2, 128, 192, SMALL),    # transposed V, same values
+    ("BHDS", True, 64, jnp.bfloat16, 4, 2, 256, 256, SMALL),     # causal, GQA, masked tiles
+    ("BHSD", True, 128, jnp.float16, 2, 1, 256, 256, SMALL),     # D128, f16, MQA
+    ("BHDS", True, 64, jnp.float16, 2, 2, 128, 256, MosaicBlocks(64, 64, 3)),  # Sq < Sk, 3 slots
+    ("BHDS", False, 64, jnp.bfloat16, 2, 2, 128, 128, MosaicBlocks(64, 128, 1)),  # one slot
+    ("BHSD", True, 64, jnp.bfloat16, 2, 2, 256, 128, MosaicBlocks(64, 64, 2)),  # Sq > Sk
+])
+def test_interpreted_forward_matches_float64(v_layout, causal, d, dtype, h, hkv, sq, sk, blocks):
+    _, q, k, v, do = make_inputs(3, 1, h, hkv, sq, sk, d, d, v_layout, dtype)
+    scale = d ** -0.5
+    o, lse = mosaic_attention(q, k, v, scale=scale, causal=causal, v_layout=v_layout,
+                              blocks=blocks, interpret=True)
+    assert o.dtype == dtype and lse.dtype == jnp.float32
+    want = np_attention(q, k, v, do, scale=scale, causal=causal, v_layout=v_layout)
+    assert_close(o, want[0], 2e-2, "o")
+    np.testing.assert_allclose(np.asarray(lse), np_lse(q, k, scale=scale, causal=causal),
+                               rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("v_layout,causal", [("BHDS", True), ("BHSD", False)])
+def test_gradients_through_mosaic_forward(v_layout, causal):
+    """jax.grad: Mosaic GPU forward (interpreted), the Triton backward kernels on its residuals."""
+    _, q, k, v, do = make_inputs(4, 1, 4, 2, 128, 128, 64, 64, v_layout, jnp.bfloat16)
+    fn = lambda q, k, v: flash_attention(q, k, v, scale=0.125, causal=causal, v_layout=v_layout,
+                                         backend="mosaic_gpu", mosaic_blocks=SMALL, interpret=True)
+    o, vjp = jax.vjp(fn, q, k, v)
+    want = np_attention(q, k, v, do, scale=0.125, causal=causal, v_layout=v_layout)
+    assert_close(o, want[0], 2e-2, "o")
+    for name, got, w in zip("qkv", vjp(do), want[1:4]):
+        assert got.dtype == jnp.bfloat16
+        assert_close(got, w, 3e-2, f"d{name}")
+
+
+@pytest.mark.parametrize("d", sorted(BLOCK_TABLE))
+@pytest.mark.parametrize("v_layout", ["BHSD", "BHDS"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_compiled_kernel_lowers_for_hopper(d, v_layout, causal):
+    """The compiled path (P from registers, pl.run_state accumulators, V^T read K-major) lowers
+    to one Mosaic GPU custom call with every tuned tile inside Hopper's shared memory."""
+    q = jax.ShapeDtypeStruct((1, 4, 512, d), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 2, 512, d), jnp.bfloat16)
+    v = jax.ShapeDtypeStruct((1, 2, 512, d) if v_layout == "BHSD" else (1, 2, d, 512), jnp.bfloat16)
+    fn = lambda q, k, v: mosaic_attention(q, k, v, scale=0.1, causal=causal, v_layout=v_layout)
+    text = jax.jit(fn).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 1
+
+
+def test_oversized_tiles_fail_lowering_with_the_shared_memory_reason():
+    q = jax.ShapeDtypeStruct((1, 1, 512, 128), jnp.bfloat16)
+    fn = lambda q, k, v: mosaic_attention(q, k, v, scale=0.1, causal=False,
+                                          blocks=MosaicBlocks(64, 256, 2))
+    with pytest.raises(ValueError, match="shared memory"):
+        jax.jit(fn).trace(q, q, q).lower(lowering_platforms=("cuda",))
+
+
+@pytest.mark.parametrize("change,reason", [
+    (dict(dtype=jnp.float32), "share one dtype"),
+    (dict(d=32), "head dims"),
+    (dict(sq=200), "multiple of 128"),
+    (dict(sk=200), "multiple of block_kv"),
+    (dict(bias=True), "bias"),
+    (dict(q_layout="BSHD"), "reads q, k and o"),
+    (dict(compute_dtype="float32"), "cast prologue"),
+])
+def test_unsupported_calls_say_why(change, reason):
+    shape = dict(dtype=jnp.bfloat16, d=128, sq=256, sk=256)
+    shape.update({n: change.pop(n) for n in list(change) if n in shape})
+    q = jax.ShapeDtypeStruct((1, 2, shape["sq"], shape["d"]), shape["dtype"])
+    k = jax.ShapeDtypeStruct((1, 2, shape["sk"], shape["d"]), shape["dtype"])
+    if change.get("bias"):
+        change["bias"] = jnp.zeros((1, 1, shape["sq"], shape["sk"]))
+    assert reason in (mosaic_unsupported(q, k, k, scale=0.1, **change) or "")
+
+
+def test_a_call_inside_the_contract_is_supported():
+    q = jax.ShapeDtypeStruct((2, 8, 1024, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 2, 1024, 128), jnp.bfloat16)
+    vt = jax.ShapeDtypeStruct((2, 2, 128, 1024), jnp.bfloat16)
+    assert mosaic_unsupported(q, kv, kv, scale=0.1, causal=True) is None
+    assert mosaic_unsupported(q, kv, vt, v_layout="BHDS", scale=0.1) is None
+
+
+def test_forcing_mosaic_outside_its_contract_raises():
+    _, q, k, v, _ = make_inputs(5, 1, 2, 2, 100, 100, 64, 64, "BHSD", jnp.bfloat16)
+    with pytest.raises(ValueError, match="backend='mosaic_gpu' cannot run this call: Sq=100"):
+        flash_attention(q, k, v, scale=0.1, causal=False, backend="mosaic_gpu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        flash_attention(q, k, v, scale=0.1, causal=False, backend="cuda")
+
+
+def test_auto_backend_off_hopper_is_triton():
+    q = jax.ShapeDtypeStruct((1, 2, 256, 128), jnp.bfloat16)
+    expected = "mosaic_gpu" if hopper_gpu() else "triton"
+    assert pallas_backend(q, q, q, scale=0.1) == expected
+    assert pallas_backend(q, q, q, scale=0.1, backend="triton") == "triton"
+    assert pallas_backend(q, q, q, scale=0.1, tiles_given=True) == "triton"  # Triton tiles asked for
+    assert pallas_backend(q, q, q, scale=0.1, backend="mosaic_gpu", interpret=True) == "mosaic_gpu"
+
+
+# --- GPU only: the compiled kernel on Hopper ----------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not hopper_gpu(), reason="needs a Hopper GPU (sm_90)")
+@pytest.mark.parametrize("v_layout", ["BHSD", "BHDS"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d,dtype", [(64, jnp.bfloat16), (128, jnp.bfloat16), (128, jnp.float16)])
+def test_gpu_compiled_mosaic_matches_reference(v_layout, causal, d, dtype):
+    _, q, k, v, do = make_inputs(11, 2, 8, 2, 1024, 1024, d, d, v_layout, dtype)
+    scale = d ** -0.5
+    fn = lambda q, k, v: flash_attention(q, k, v, scale=scale, causal=causal, v_layout=v_layout)
+    assert pallas_backend(q, k, v, scale=scale, causal=causal, v_layout=v_layout) == "mosaic_gpu"
+    o, lse = jax.jit(lambda q, k, v: mosaic_attention(q, k, v, scale=scale, causal=causal,
+                                                       v_layout=v_layout))(q, k, v)
+    want = np_attention(q, k, v, do, scale=scale, causal=causal, v_layout=v_layout)
+    assert_close(o, want[0], 2e-2, "o")
+    np.testing.assert_allclose(np.asarray(lse), np_lse(q, k, scale=scale, causal=causal),
+                               rtol=1e-3, atol=1e-2)
+    o2, vjp = jax.vjp(jax.jit(fn), q, k, v)
+    assert_close(o2, want[0], 2e-2, "o via flash_attention")
+    for name, got, w in zip("qkv", vjp(do), want[1:4]):
+        assert_close(got, w, 3e-2, f"d{name}")
+
+
+def _bhsd_attention(q, k, v):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.125
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, axis=-1), v)
+
+
+def test_report_names_the_pallas_backend_of_each_attention():
+    import eqsat_attn as ea
+    from eqsat_attn.cost import for_device
+
+    _, q, k, v, _ = make_inputs(6, 1, 2, 2, 128, 128, 64, 64, "BHSD", jnp.bfloat16)
+    optimized = ea.optimize(_bhsd_attention, backend="pallas", cost_model=for_device("h100"))
+    (info,) = optimized.explain(q, k, v).attention
+    assert info.kernel == "pallas"
+    # D64 tiles take 256 keys: Sk=128 is outside the Mosaic GPU contract, so Triton even on Hopper
+    assert info.backend == "triton"
+    assert f"kernel=pallas ({info.backend})" in str(info)
+    assert_close(optimized(q, k, v), np.asarray(_bhsd_attention(q, k, v), np.float32), 2e-2, "o")
