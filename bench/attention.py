@@ -60,16 +60,19 @@ class Shape:
 
 
 def gpu_shapes(quick: bool) -> list[Shape]:
+    """Issue 5's rows: bf16 B4 H32 at S4096/8192 D128 and S4096 D64, causal and not; then the
+    f16 S4096 D128 rows, where jax's own Mosaic GPU kernel (f16 only) runs beside ours."""
     out = []
     for s, d in [(4096, 128), (8192, 128), (4096, 64)]:
         if quick and s != 4096:
             continue
         for causal in (False, True):
             out.append(Shape(4, 32, s, d, causal))
+    out += [Shape(4, 32, 4096, 128, causal, "float16") for causal in (False, True)]
     return out
 
 
-SMOKE_SHAPES = [Shape(1, 2, 64, 32, True)]
+SMOKE_SHAPES = [Shape(1, 2, 64, 32, True), Shape(1, 2, 256, 64, True)]  # the second runs Mosaic GPU rows
 
 
 def fp8_shapes(quick: bool) -> list[Shape]:
@@ -88,16 +91,35 @@ def _stock_mha() -> Callable | None:
         return None
 
 
+def _stock_mgpu() -> Callable | None:
+    """jax's Pallas Mosaic GPU attention (FlashAttention-3 style, f16 only), or None."""
+    try:
+        from jax.experimental.pallas.ops.gpu import attention_mgpu
+        return attention_mgpu
+    except Exception:  # noqa: BLE001 - needs a CUDA jaxlib
+        return None
+
+
 def implementations(shape: Shape, interpret: bool, blocks: tuple[int | None, int | None]):
-    """name -> (fn over (q, k, v_bhsd, v_bhds, q_bshd, k_bshd, v_bshd), how to read its output)."""
+    """name -> (fn over (q, k, v_bhsd, v_bhds, q_bshd, k_bshd, v_bshd), how to read its output).
+
+    Our kernels appear once per Pallas backend: Triton (any GPU) and Mosaic GPU (Hopper; rows
+    outside its contract read n/a with the reason). The "materialise" rows use the backend
+    flash_attention picks by itself ("auto").
+    """
     scale = shape.d ** -0.5
-    ours = functools.partial(flash_attention, scale=scale, causal=shape.causal,
-                             block_q=blocks[0], block_k=blocks[1], interpret=interpret)
+    ours = functools.partial(flash_attention, scale=scale, causal=shape.causal, interpret=interpret)
+    triton = functools.partial(ours, block_q=blocks[0], block_k=blocks[1], backend="triton")
+    mosaic = functools.partial(ours, backend="mosaic_gpu")
     impls: dict[str, tuple[Callable, str]] = {
-        "ours standard (V [B,H,S,D])":
-            (lambda a: ours(a["q"], a["k"], a["v"], v_layout="BHSD"), "BHSD"),
-        "ours transposed-V (V [B,H,D,S])":
-            (lambda a: ours(a["q"], a["k"], a["vt"], v_layout="BHDS"), "BHSD"),
+        "ours Triton standard (V [B,H,S,D])":
+            (lambda a: triton(a["q"], a["k"], a["v"], v_layout="BHSD"), "BHSD"),
+        "ours Triton transposed-V (V [B,H,D,S])":
+            (lambda a: triton(a["q"], a["k"], a["vt"], v_layout="BHDS"), "BHSD"),
+        "ours Mosaic GPU standard (V [B,H,S,D])":
+            (lambda a: mosaic(a["q"], a["k"], a["v"], v_layout="BHSD"), "BHSD"),
+        "ours Mosaic GPU transposed-V (V [B,H,D,S])":
+            (lambda a: mosaic(a["q"], a["k"], a["vt"], v_layout="BHDS"), "BHSD"),
         "materialise V^T + ours transposed-V":
             (lambda a: ours(a["q"], a["k"], jnp.swapaxes(a["v"], 2, 3), v_layout="BHDS"), "BHSD"),
         "materialise V from V^T + ours standard":
@@ -110,6 +132,12 @@ def implementations(shape: Shape, interpret: bool, blocks: tuple[int | None, int
             lambda a: stock.mha(a["q_bshd"], a["k_bshd"], a["v_bshd"], None, sm_scale=scale,
                                 causal=shape.causal, block_sizes=bs, interpret=interpret),
             "BSHD")
+    mgpu = None if interpret else _stock_mgpu()
+    if mgpu is not None:  # it applies no softmax scale: q is pre-scaled (outside the timing)
+        config = mgpu.TuningConfig(block_q=64, block_kv=128 if shape.d > 64 else 256,
+                                   max_concurrent_steps=2, causal=shape.causal)
+        impls["stock Pallas Mosaic GPU attention_mgpu"] = (
+            lambda a: mgpu.attention(a["q_bshd_scaled"], a["k_bshd"], a["v_bshd"], config), "BSHD")
     for impl in ("cudnn", "xla"):
         impls[f"jax.nn.dot_product_attention {impl}"] = (
             functools.partial(
@@ -199,6 +227,7 @@ def make_inputs(shape: Shape, seed: int = 0) -> dict[str, jax.Array]:
     a = {"q": q, "k": k, "v": v, "vt": jnp.swapaxes(v, 2, 3)}
     for name in ("q", "k", "v"):
         a[f"{name}_bshd"] = jnp.swapaxes(a[name], 1, 2)
+    a["q_bshd_scaled"] = (a["q_bshd"] * shape.d ** -0.5).astype(dtype)
     return jax.block_until_ready(a)
 
 

@@ -3,7 +3,8 @@
 # run the named stages, each under its own time limit, logs and result pages under $OUT.
 #
 #   bench/gpu_session.sh check attention-quick      # kernel tests compiled on the GPU + quick bench
-#   stages: check | final-check | attention | attention-quick | e2e | e2e-fp8 | cost-model | tune | tune-fp8 | tune-backward | qkv
+#   stages: check | final-check | mosaic | attention | attention-quick | e2e | e2e-fp8 | cost-model | tune |
+#           tune-mosaic | tune-fp8 | tune-backward | qkv
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -16,6 +17,8 @@ for stage in "$@"; do
   echo "=== $stage $(date -u +%H:%M:%S)"
   case $stage in
     check) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tee "$OUT/check.log" | tail -25 ;;
+    mosaic) timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_mosaic_kernels.py 2>&1 | tee "$OUT/mosaic.log" | tail -25 ;;
+    tune-mosaic) timeout 300 python3 bench/tune_attention.py --mosaic --quick --out "$OUT/tune-mosaic.md" 2>&1 | tail -40 ;;
     attention) timeout 290 python3 bench/attention.py --out "$OUT/attention.md" 2>&1 | tail -60 ;;
     attention-quick) timeout 300 python3 bench/attention.py --quick --out "$OUT/attention.md" 2>&1 | tail -40 ;;
     e2e) timeout 230 python3 bench/end_to_end.py --out "$OUT/end-to-end.md" 2>&1 | tail -30 ;;
@@ -24,7 +27,7 @@ for stage in "$@"; do
         --calibration-out "$OUT/calibration.json" 2>&1 | tail -40 ;;
     final-check) timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py::test_gpu_compiled_matches_reference \
         tests/test_kernels.py::test_gpu_compiled_cast_prologue_matches_reference \
-        tests/test_fp8_kernels.py tests/test_packed_attention.py 2>&1 | tee "$OUT/final-check.log" | tail -15 ;;
+        tests/test_fp8_kernels.py tests/test_packed_attention.py tests/test_mosaic_kernels.py 2>&1 | tee "$OUT/final-check.log" | tail -15 ;;
     qkv) timeout 240 python3 bench/qkv_layouts.py --reps 10 --out "$OUT/qkv-layouts.md" 2>&1 | tail -30 ;;
     tune-backward) timeout 300 python3 bench/tune_backward.py --head-dims 128 --out "$OUT/tune-backward.md" 2>&1 | tail -40 ;;
     tune-fp8) timeout 330 python3 bench/tune_attention.py --fp8 --quick --out "$OUT/tune-fp8.md" 2>&1 | tail -40 ;;

@@ -10,7 +10,13 @@ checked against the float32 reference on batch 0 heads 0-1, then timed serially:
 they imply for `BLOCK_TABLE` in eqsat_attn/kernels/flash_attention.py. ``--fp8`` sweeps the fp8
 kernel (q, k, v quantized per tensor to e4m3, both V layouts, D128 causal and not, block_k up to
 256: an fp8 tile takes half the shared memory of a bf16 one, so larger key tiles fit), checked against the reference on the dequantized operands with the fp8
-tolerance; it feeds `FP8_BLOCK_TABLE` in eqsat_attn/kernels/fp8_attention.py.
+tolerance; it feeds `FP8_BLOCK_TABLE` in eqsat_attn/kernels/fp8_attention.py. ``--mosaic``
+sweeps the Mosaic GPU (Hopper) kernel's key tile and pipeline depth (block_q is 64 rows per
+compute warpgroup; the "warps" column reads "3 wg": two compute warpgroups and a TMA producer);
+it feeds `BLOCK_TABLE` in eqsat_attn/kernels/mosaic_attention.py. Tiles over Hopper's shared
+memory fail at compile time and are listed as failed.
+
+    python bench/tune_attention.py --mosaic [--quick]
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from common import RESULTS, device_tag, header, require_gpu, write_results  # no
 
 from eqsat_attn.kernels import flash_attention  # noqa: E402
 from eqsat_attn.kernels.fp8_attention import FP8_ATOL, FP8_RTOL, flash_attention_fp8  # noqa: E402
+from eqsat_attn.kernels.mosaic_attention import MosaicBlocks  # noqa: E402
 
 BLOCKS_Q = (64, 128)
 BLOCKS_K = (32, 64, 128)
@@ -50,12 +57,22 @@ def fp8_configs(quick: bool) -> list[tuple[int, int, int, int]]:
     return list(itertools.product(BLOCKS_Q, FP8_BLOCKS_K, WARPS, stages))
 
 
+MOSAIC_BLOCKS_KV = (64, 128, 256)
+MOSAIC_STAGES = (2, 3, 4)
+
+
+def mosaic_configs(quick: bool) -> list[tuple[int, int, str, int]]:
+    stages = (2, 3) if quick else MOSAIC_STAGES
+    return [(64, bk, "3 wg", st) for bk, st in itertools.product(MOSAIC_BLOCKS_KV, stages)]
+
+
 def configs(quick: bool) -> list[tuple[int, int, int, int]]:
     ks = (64, 128) if quick else BLOCKS_K
     return list(itertools.product(BLOCKS_Q, ks, WARPS, STAGES))
 
 
-def sweep_case(shape: Shape, v_layout: str, cfgs, reps: int, fp8: bool = False) -> list[dict]:
+def sweep_case(shape: Shape, v_layout: str, cfgs, reps: int, fp8: bool = False,
+               mosaic: bool = False) -> list[dict]:
     """Compile every config in parallel, then check and time each one."""
     a = make_inputs(shape)
     if fp8:
@@ -70,6 +87,11 @@ def sweep_case(shape: Shape, v_layout: str, cfgs, reps: int, fp8: bool = False) 
 
     def build(cfg):
         bq, bk, warps, stages = cfg
+        if mosaic:
+            fn = functools.partial(flash_attention, scale=shape.d ** -0.5, causal=shape.causal,
+                                   v_layout=v_layout, backend="mosaic_gpu",
+                                   mosaic_blocks=MosaicBlocks(bq, bk, stages))
+            return jax.jit(fn).lower(*args).compile()
         fn = functools.partial(kernel, scale=shape.d ** -0.5, causal=shape.causal,
                                v_layout=v_layout, block_q=bq, block_k=bk, num_warps=warps,
                                num_stages=stages)
@@ -131,19 +153,26 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     p.add_argument("--top", type=int, default=4)
     p.add_argument("--quick", action="store_true", help="block_k 64 and 128 only (--fp8: stages 2 and 3)")
     p.add_argument("--fp8", action="store_true", help="sweep the fp8 kernel (D128) instead of the bf16 one")
+    p.add_argument("--mosaic", action="store_true",
+                   help="sweep the Mosaic GPU (Hopper) kernel's block_kv and stages instead")
     p.add_argument("--out", type=pathlib.Path, default=None)
     args = p.parse_args(argv)
+    if args.fp8 and args.mosaic:
+        p.error("--fp8 and --mosaic are separate sweeps")
     require_gpu("bench/tune_attention.py", cpu_smoke=False)
     cases = {}
     head_dims = (128,) if args.fp8 else (128, 64)
     for d, causal, v_layout in itertools.product(head_dims, (False, True), ("BHSD", "BHDS")):
         shape = Shape(4, 32, args.seq, d, causal)
-        label = f"{'fp8 ' if args.fp8 else ''}D{d} {'causal' if causal else 'full'} V {v_layout}"
-        cfgs = fp8_configs(args.quick) if args.fp8 else configs(args.quick)
-        cases[label] = sweep_case(shape, v_layout, cfgs, args.reps, fp8=args.fp8)
+        prefix = "fp8 " if args.fp8 else "Mosaic GPU " if args.mosaic else ""
+        label = f"{prefix}D{d} {'causal' if causal else 'full'} V {v_layout}"
+        cfgs = fp8_configs(args.quick) if args.fp8 else mosaic_configs(args.quick) if args.mosaic \
+            else configs(args.quick)
+        cases[label] = sweep_case(shape, v_layout, cfgs, args.reps, fp8=args.fp8, mosaic=args.mosaic)
         best = max((r["tflops"] or 0 for r in cases[label]), default=0)
         print(f"{label}: best {best:.1f} TFLOP/s", flush=True)
     title = "fp8 flash-attention forward tile sweep (issue 10)" if args.fp8 else \
+        "Mosaic GPU flash-attention forward tile sweep (issue 5)" if args.mosaic else \
         "Flash-attention forward tile sweep (issue 5)"
     lines = header(title, "python bench/tune_attention.py " + " ".join(argv))
     operands = "q, k, v float8_e4m3fn (per-tensor scales), bf16 out" if args.fp8 else "bf16"
@@ -151,7 +180,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     lines += render(cases, args.top)
     text = "\n".join(lines) + "\n"
     print(text)
-    kind = "tune-attention-fp8" if args.fp8 else "tune-attention"
+    kind = "tune-attention-fp8" if args.fp8 else "tune-attention-mosaic" if args.mosaic else "tune-attention"
     default = f"{kind}-{device_tag()}-{dt.date.today().isoformat()}.md"
     write_results(text, args.out, default)
     return args.out or RESULTS / default
