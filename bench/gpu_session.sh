@@ -4,7 +4,7 @@
 #
 #   bench/gpu_session.sh check attention-quick      # kernel tests compiled on the GPU + quick bench
 #   stages: check | final-check | mosaic | attention | attention-quick | e2e | e2e-fp8 | cost-model | tune |
-#           tune-mosaic | tune-fp8 | tune-backward | qkv
+#           tune-mosaic | tune-mosaic-fp8 | tune-fp8 | tune-backward | qkv
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -19,6 +19,7 @@ for stage in "$@"; do
     check) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tee "$OUT/check.log" | tail -25 ;;
     mosaic) timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_mosaic_kernels.py 2>&1 | tee "$OUT/mosaic.log" | tail -25 ;;
     tune-mosaic) timeout 300 python3 bench/tune_attention.py --mosaic --quick --out "$OUT/tune-mosaic.md" 2>&1 | tail -40 ;;
+    tune-mosaic-fp8) timeout 200 python3 bench/tune_attention.py --mosaic --fp8 --out "$OUT/tune-mosaic-fp8.md" 2>&1 | tail -30 ;;
     attention) timeout 290 python3 bench/attention.py --out "$OUT/attention.md" 2>&1 | tail -60 ;;
     attention-quick) timeout 300 python3 bench/attention.py --quick --out "$OUT/attention.md" 2>&1 | tail -40 ;;
     e2e) timeout 230 python3 bench/end_to_end.py --out "$OUT/end-to-end.md" 2>&1 | tail -30 ;;

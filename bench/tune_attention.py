@@ -16,7 +16,7 @@ compute warpgroup; the "warps" column reads "3 wg": two compute warpgroups and a
 it feeds `BLOCK_TABLE` in eqsat_attn/kernels/mosaic_attention.py. Tiles over Hopper's shared
 memory fail at compile time and are listed as failed.
 
-    python bench/tune_attention.py --mosaic [--quick]
+    python bench/tune_attention.py --mosaic [--fp8] [--quick]
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def sweep_case(shape: Shape, v_layout: str, cfgs, reps: int, fp8: bool = False,
     def build(cfg):
         bq, bk, warps, stages = cfg
         if mosaic:
-            fn = functools.partial(flash_attention, scale=shape.d ** -0.5, causal=shape.causal,
+            fn = functools.partial(kernel, scale=shape.d ** -0.5, causal=shape.causal,
                                    v_layout=v_layout, backend="mosaic_gpu",
                                    mosaic_blocks=MosaicBlocks(bq, bk, stages))
             return jax.jit(fn).lower(*args).compile()
@@ -157,30 +157,30 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
                    help="sweep the Mosaic GPU (Hopper) kernel's block_kv and stages instead")
     p.add_argument("--out", type=pathlib.Path, default=None)
     args = p.parse_args(argv)
-    if args.fp8 and args.mosaic:
-        p.error("--fp8 and --mosaic are separate sweeps")
+
     require_gpu("bench/tune_attention.py", cpu_smoke=False)
     cases = {}
     head_dims = (128,) if args.fp8 else (128, 64)
-    for d, causal, v_layout in itertools.product(head_dims, (False, True), ("BHSD", "BHDS")):
+    layouts = ("BHDS",) if args.fp8 and args.mosaic else ("BHSD", "BHDS")  # fp8 Mosaic: V^T only
+    for d, causal, v_layout in itertools.product(head_dims, (False, True), layouts):
         shape = Shape(4, 32, args.seq, d, causal)
-        prefix = "fp8 " if args.fp8 else "Mosaic GPU " if args.mosaic else ""
+        prefix = ("Mosaic GPU " if args.mosaic else "") + ("fp8 " if args.fp8 else "")
         label = f"{prefix}D{d} {'causal' if causal else 'full'} V {v_layout}"
-        cfgs = fp8_configs(args.quick) if args.fp8 else mosaic_configs(args.quick) if args.mosaic \
+        cfgs = mosaic_configs(args.quick) if args.mosaic else fp8_configs(args.quick) if args.fp8 \
             else configs(args.quick)
         cases[label] = sweep_case(shape, v_layout, cfgs, args.reps, fp8=args.fp8, mosaic=args.mosaic)
         best = max((r["tflops"] or 0 for r in cases[label]), default=0)
         print(f"{label}: best {best:.1f} TFLOP/s", flush=True)
-    title = "fp8 flash-attention forward tile sweep (issue 10)" if args.fp8 else \
-        "Mosaic GPU flash-attention forward tile sweep (issue 5)" if args.mosaic else \
-        "Flash-attention forward tile sweep (issue 5)"
+    title = ("Mosaic GPU " if args.mosaic else "") + (
+        "fp8 flash-attention forward tile sweep (issue 10)" if args.fp8 else
+        "flash-attention forward tile sweep (issue 5)")
     lines = header(title, "python bench/tune_attention.py " + " ".join(argv))
     operands = "q, k, v float8_e4m3fn (per-tensor scales), bf16 out" if args.fp8 else "bf16"
     lines += [f"- shapes: {operands}, B4 H32 S{args.seq}; median of {args.reps} calls after 2 warm-up", ""]
     lines += render(cases, args.top)
     text = "\n".join(lines) + "\n"
     print(text)
-    kind = "tune-attention-fp8" if args.fp8 else "tune-attention-mosaic" if args.mosaic else "tune-attention"
+    kind = "tune-attention" + ("-mosaic" if args.mosaic else "") + ("-fp8" if args.fp8 else "")
     default = f"{kind}-{device_tag()}-{dt.date.today().isoformat()}.md"
     write_results(text, args.out, default)
     return args.out or RESULTS / default

@@ -174,3 +174,75 @@ def test_report_names_the_pallas_backend_of_each_attention():
     assert info.backend == "triton"
     assert f"kernel=pallas ({info.backend})" in str(info)
     assert_close(optimized(q, k, v), np.asarray(_bhsd_attention(q, k, v), np.float32), 2e-2, "o")
+
+
+# --- fp8 (issue 10): transposed V only ---------------------------------------------------------
+
+@pytest.mark.parametrize("causal,h,hkv,sq,sk", [(False, 2, 2, 128, 256), (True, 4, 2, 256, 256)])
+def test_interpreted_fp8_forward_and_gradients(causal, h, hkv, sq, sk):
+    """fp8 q, k, V^T with per-tensor descales: the Mosaic GPU forward (P staged as e4m3 in shared
+    memory) within the fp8 tolerance of float64 on the dequantized operands; gradients through the
+    shared bf16 backward kernels."""
+    from test_fp8_kernels import check, check_grads, expected, fp8_inputs, vmax
+
+    from eqsat_attn.kernels.fp8_attention import FP8_ATOL, flash_attention_fp8_vjp
+
+    x8, scales, do = fp8_inputs(7, 1, h, hkv, sq, sk, 128, "BHDS")
+    kw = dict(scale=128 ** -0.5, causal=causal, v_layout="BHDS")
+    o, grads = flash_attention_fp8_vjp(*x8, *scales, do, backend="mosaic_gpu",
+                                       mosaic_blocks=MosaicBlocks(64, 128, 2), **kw)
+    assert o.dtype == jnp.bfloat16
+    o_want, dq, dk, dv, _ = expected(x8, scales, do, **kw)
+    check(o, o_want, "o", atol=FP8_ATOL * vmax(x8, scales))
+    check_grads(grads, (dq, dk, dv))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_compiled_fp8_kernel_lowers_with_transposed_v(causal):
+    q = jax.ShapeDtypeStruct((1, 4, 512, 128), jnp.float8_e4m3fn)
+    vt = jax.ShapeDtypeStruct((1, 4, 128, 512), jnp.float8_e4m3fn)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32)
+    fn = lambda q, k, v, a, b: mosaic_attention(q, k, v, scale=0.1, causal=causal, v_layout="BHDS",
+                                                descales=(a, b))
+    text = jax.jit(fn).trace(q, q, vt, scalar, scalar).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 1
+
+
+def test_fp8_with_sequence_major_v_is_refused_by_wgmma_itself(monkeypatch):
+    """The contract's fp8 rule is Hopper's: with the check bypassed, Mosaic GPU's lowering of the
+    standard-layout fp8 P·V fails (wgmma transposes only 16-bit operands)."""
+    import eqsat_attn.kernels.mosaic_attention as mosaic
+
+    q = jax.ShapeDtypeStruct((1, 2, 256, 128), jnp.float8_e4m3fn)
+    assert "transposed V" in mosaic_unsupported(q, q, q, scale=0.1)
+    monkeypatch.setattr(mosaic, "mosaic_unsupported", lambda *a, **k: None)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32)
+    fn = lambda q, k, v, a, b: mosaic.mosaic_attention(q, k, v, scale=0.1, causal=False,
+                                                       v_layout="BHSD", descales=(a, b))
+    with pytest.raises(ValueError, match="transpose"):
+        jax.jit(fn).trace(q, q, q, scalar, scalar).lower(lowering_platforms=("cuda",))
+
+
+def test_fp8_auto_backend_stays_triton_until_measured():
+    import importlib
+
+    fa = importlib.import_module("eqsat_attn.kernels.flash_attention")  # the module, not the function
+    vt = jax.ShapeDtypeStruct((1, 2, 128, 256), jnp.float8_e4m3fn)
+    q = jax.ShapeDtypeStruct((1, 2, 256, 128), jnp.float8_e4m3fn)
+    assert not fa.AUTO_MOSAIC_FP8
+    assert pallas_backend(q, q, vt, scale=0.1, v_layout="BHDS", interpret=False) == "triton"
+    assert pallas_backend(q, q, vt, scale=0.1, v_layout="BHDS", backend="mosaic_gpu") == "mosaic_gpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not hopper_gpu(), reason="needs a Hopper GPU (sm_90)")
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_compiled_mosaic_fp8_matches_reference(causal):
+    from test_fp8_kernels import check, expected, fp8_inputs, vmax
+
+    from eqsat_attn.kernels.fp8_attention import FP8_ATOL, flash_attention_fp8
+
+    x8, scales, do = fp8_inputs(12, 2, 8, 2, 1024, 1024, 128, "BHDS")
+    kw = dict(scale=128 ** -0.5, causal=causal, v_layout="BHDS")
+    o = jax.jit(lambda *a: flash_attention_fp8(*a, backend="mosaic_gpu", **kw))(*x8, *scales)
+    check(o, expected(x8, scales, do, **kw)[0], "o", atol=FP8_ATOL * vmax(x8, scales))

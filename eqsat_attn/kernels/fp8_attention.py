@@ -51,7 +51,8 @@ import jax.numpy as jnp
 
 from .flash_attention import (BACKWARDS, LOG2E, _backward, _backward_pallas, _Config, _crop,
                               _forward, _next_pow2, _pad_to, block_sizes, bwd_block_sizes,
-                              kernel_layout_error)
+                              kernel_layout_error, pallas_backend)
+from .mosaic_attention import MosaicBlocks
 from .reference import attention_reference, check_shapes
 
 #: fp8 dtypes of the op; e4m3 for the forward operands, e5m2 where a backward wants range.
@@ -174,6 +175,8 @@ def flash_attention_fp8(
     o_layout: str = "BHSD",
     out_dtype=OUT_DTYPE,
     backward: str = "pallas",
+    backend: str = "auto",
+    mosaic_blocks: MosaicBlocks | None = None,
 ) -> jax.Array:
     """Pallas fp8 flash attention; semantics of `attention_reference_fp8`.
 
@@ -185,13 +188,16 @@ def flash_attention_fp8(
     bf16 Pallas backward kernels on bf16-dequantized operands, ``"jax"`` a float32 plain-JAX
     recomputation (module docstring). block_q / block_k (powers of two >= 32) also set the
     backward's tiles; num_warps / num_stages override the forward's Triton settings
-    (bench/tune_attention.py --fp8 sweeps all four).
+    (bench/tune_attention.py --fp8 sweeps all four). ``backend``: the forward on "triton",
+    "mosaic_gpu" (Hopper; transposed V only, see `mosaic_attention.mosaic_unsupported`) or
+    "auto" (Mosaic GPU on a Hopper GPU when the call is in its contract), as in `flash_attention`.
     """
     q, k, v, scales, cfg, (_, dv) = _prepare(
         q, k, v, q_scale, k_scale, v_scale, scale=scale, causal=causal, v_layout=v_layout,
         block_q=block_q, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
         interpret=interpret, q_layout=q_layout,
-        k_layout=k_layout, o_layout=o_layout, out_dtype=out_dtype, backward=backward)
+        k_layout=k_layout, o_layout=o_layout, out_dtype=out_dtype, backward=backward,
+        backend=backend, mosaic_blocks=mosaic_blocks)
     o = _flash_fp8(q, k, v, *scales, cfg)
     return _crop(o, o_layout, {"D": dv})
 
@@ -230,6 +236,8 @@ def _prepare(
     o_layout: str = "BHSD",
     out_dtype=OUT_DTYPE,
     backward: str = "pallas",
+    backend: str = "auto",
+    mosaic_blocks: MosaicBlocks | None = None,
 ):
     """Checked, padded operands, float32 scales, the kernel config and the unpadded (D, Dv)."""
     if backward not in BACKWARDS:
@@ -263,9 +271,15 @@ def _prepare(
     bq1, bk1, bq2, bk2, bwarps, bstages = bwd_block_sizes(sq, sk, max(d_min, dv_min))
     bwd_blocks = (block_q or bq1, block_k or bk1, block_q or bq2, block_k or bk2)
     warps, stages = num_warps or warps, num_stages or stages
+    chosen = pallas_backend(
+        q, k, v, backend=backend, interpret=bool(interpret),
+        tiles_given=any(x is not None for x in (block_q, block_k, num_warps, num_stages)),
+        v_layout=v_layout, causal=bool(causal), scale=float(scale), q_layout=q_layout,
+        k_layout=k_layout, o_layout=o_layout, blocks=mosaic_blocks)
     cfg = _Config(float(scale), bool(causal), v_layout, bq, bk, warps, stages, bool(interpret),
                   backward, bwd_blocks, bwarps, bstages, q_layout=q_layout, k_layout=k_layout,
-                  o_layout=o_layout, descaled=True, out_dtype=jnp.dtype(out_dtype).name)
+                  o_layout=o_layout, descaled=True, out_dtype=jnp.dtype(out_dtype).name,
+                  backend=chosen, mosaic_blocks=mosaic_blocks)
     scales = [jnp.asarray(s, jnp.float32) for s in (q_scale, k_scale, v_scale)]
     for name, s in zip(("q_scale", "k_scale", "v_scale"), scales):
         if s.size != 1:

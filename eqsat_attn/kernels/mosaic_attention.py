@@ -56,6 +56,11 @@ LOG2E: float = math.log2(math.e)
 LN2: float = math.log(2.0)
 COMPUTE_WARPGROUPS = 2
 DTYPES = ("bfloat16", "float16")
+FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
+#: fp8 probabilities are computed as P_FP8_SCALE·P before their cast (exp2 with a shifted
+#: exponent, no multiply), keeping small weights in e4m3's normal range; the row sum carries the
+#: same factor, so it cancels in acc / l (as in the Triton fp8 kernel).
+P_FP8_SCALE = 256.0
 # Two warpgroups of softmax math want more registers than the producer, which only issues TMAs.
 _CONSUMER_REGISTERS, _PRODUCER_REGISTERS = 232, 40
 # cuda runtimes whose ptxas miscompiles the causal kernel (as jax's attention_mgpu notes)
@@ -90,6 +95,11 @@ BLOCK_TABLE: dict[int, MosaicBlocks] = {
     64: MosaicBlocks(block_q=64, block_kv=256, stages=2),
     128: MosaicBlocks(block_q=64, block_kv=128, stages=2),
 }
+# fp8 (transposed V only), by head dim: an fp8 tile takes half a bf16 tile's shared memory.
+# Untuned (bench/tune_attention.py --mosaic --fp8 sweeps it on a GPU).
+FP8_BLOCK_TABLE: dict[int, MosaicBlocks] = {
+    128: MosaicBlocks(block_q=64, block_kv=128, stages=2),
+}
 
 
 def hopper_gpu() -> bool:
@@ -113,7 +123,11 @@ def mosaic_unsupported(
     bias=None, compute_dtype: str | None = None, q_layout: str = "BHSD", k_layout: str = "BHSD",
     o_layout: str = "BHSD", blocks: MosaicBlocks | None = None, interpret: bool = False,
 ) -> str | None:
-    """Why the Mosaic GPU kernel cannot run this call (arrays or ShapeDtypeStructs), or None."""
+    """Why the Mosaic GPU kernel cannot run this call (arrays or ShapeDtypeStructs), or None.
+
+    fp8 operands (all of one fp8 dtype, descales passed to `mosaic_attention`) need transposed V:
+    Hopper's fp8 wgmma reads both operands K-major, and P·V reduces over keys.
+    """
     if plgpu is None:
         return "this jax has no Pallas Mosaic GPU backend"
     if (q_layout, k_layout, o_layout) != ("BHSD",) * 3 or v_layout not in ("BHSD", "BHDS"):
@@ -124,12 +138,17 @@ def mosaic_unsupported(
     dtypes = {jnp.dtype(x.dtype).name for x in (q, k, v)}
     if compute_dtype is not None and {jnp.dtype(compute_dtype).name} != dtypes:
         return "it has no cast prologue (compute_dtype differs from the operands' dtype)"
-    if len(dtypes) != 1 or not dtypes <= set(DTYPES):
-        return f"q, k and v must share one dtype of {DTYPES}; got {sorted(dtypes)}"
+    if len(dtypes) != 1 or not dtypes <= set(DTYPES + FP8_DTYPES):
+        return f"q, k and v must share one dtype of {DTYPES + FP8_DTYPES}; got {sorted(dtypes)}"
+    fp8 = dtypes <= set(FP8_DTYPES)
+    if fp8 and v_layout != "BHDS":
+        return ("fp8 P·V needs V K-major, i.e. transposed V [B,H,D,S]: Hopper's fp8 wgmma takes "
+                "no sequence-major V tile")
+    table = FP8_BLOCK_TABLE if fp8 else BLOCK_TABLE
     _, _, _, sq, sk, d, dv = check_shapes(q, k, v, v_layout)
-    if d != dv or d not in BLOCK_TABLE:
-        return f"head dims must be equal and one of {sorted(BLOCK_TABLE)}; got D={d}, Dv={dv}"
-    blk = blocks or BLOCK_TABLE[d]
+    if d != dv or d not in table:
+        return f"head dims must be equal and one of {sorted(table)}; got D={d}, Dv={dv}"
+    blk = blocks or table[d]
     if sq % (COMPUTE_WARPGROUPS * blk.block_q):
         return f"Sq={sq} must be a multiple of {COMPUTE_WARPGROUPS * blk.block_q} (2 * block_q)"
     if sk % blk.block_kv:
@@ -157,6 +176,19 @@ class _Plan:
     v_transposed: bool
     blocks: MosaicBlocks
     interpret: bool
+    out_dtype: jnp.dtype  # q's dtype, or bf16 for fp8 operands
+
+    @property
+    def stage_p(self) -> bool:
+        """P goes to wgmma through shared memory, else from registers. fp8 stages it: Mosaic GPU
+        cannot relayout the f32 accumulator's fragments into wgmma's 8-bit A-operand layout
+        (FlashAttention-3 permutes bytes in registers there)."""
+        return self.interpret or self.fp8
+
+    @property
+    def fp8(self) -> bool:
+        """fp8 operands: runtime descales, P scaled by P_FP8_SCALE, output in out_dtype."""
+        return self.dtype.name in FP8_DTYPES
 
     @property
     def kv_steps(self) -> int:
@@ -180,7 +212,7 @@ class _Plan:
 
 def _accumulate_pv(plan: _Plan, acc, p, v_operand, p_smem, after):
     """acc + P·V on the tensor cores; ``after()`` runs while the wgmma is in flight."""
-    if not plan.interpret:
+    if not plan.stage_p:
         def update(acc_ref):
             plgpu.wgmma(acc_ref, p, v_operand)
             after()
@@ -197,25 +229,28 @@ def _accumulate_pv(plan: _Plan, acc, p, v_operand, p_smem, after):
 
 def _consumer(plan: _Plan, refs, scratch, barriers, wg):
     """One compute warpgroup: its block_q query rows against the streamed key tiles."""
-    q_ref, _, _, o_ref, lse_ref = refs
-    qo_smem2, k_smem, v_smem, lse_smem2, p_smem2 = scratch
+    q_ref, _, _, descale_ref, o_ref, lse_ref = refs
+    q_smem2, o_smem2, k_smem, v_smem, lse_smem2, p_smem2 = scratch
     k_ready, v_ready, q_ready, k_free, v_free, schedule = barriers
     bq, bkv, d = plan.blocks.block_q, plan.blocks.block_kv, plan.head_dim
     batch, head, q_tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_tiles")
-    qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
+    q_smem, o_smem, lse_smem = q_smem2.at[wg], o_smem2.at[wg], lse_smem2.at[wg]
     p_smem = None if p_smem2 is None else p_smem2.at[wg]
     q_base = q_tile * plan.cta_rows + wg * bq
     cta_steps = plan.cta_kv_steps(q_tile)
     steps = (jnp.minimum(pl.cdiv(q_base + bq, bkv), plan.kv_steps) if plan.causal
              else plan.kv_steps)
-    log2_scale = plan.scale * LOG2E  # scores are kept in log2 units: exp2 is one instruction
+    # scores are kept in log2 units (exp2 is one instruction): s · scale · log2(e), where fp8
+    # operands also carry their descales (computed outside: scale·log2(e)·q_descale·k_descale)
+    log2_scale = descale_ref[0] if plan.fp8 else plan.scale * LOG2E
+    p_shift = math.log2(P_FP8_SCALE) if plan.fp8 else 0.0  # P comes out of exp2 as 2^shift · P
 
     def take_turn():
         plgpu.barrier_arrive(schedule)
         plgpu.barrier_wait(schedule)
 
     plgpu.set_max_registers(_CONSUMER_REGISTERS, action="increase")
-    plgpu.copy_gmem_to_smem(q_ref.at[batch, head, pl.ds(q_base, bq)], qo_smem, q_ready.at[wg])
+    plgpu.copy_gmem_to_smem(q_ref.at[batch, head, pl.ds(q_base, bq)], q_smem, q_ready.at[wg])
     plgpu.barrier_wait(q_ready.at[wg])
     row_stat = plgpu.Layout.WGMMA.reduce(1)
     m = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), row_stat)
@@ -233,7 +268,7 @@ def _consumer(plan: _Plan, refs, scratch, barriers, wg):
         slot = lax.rem(kv_step, plan.stages)
 
         def scores(s_ref):
-            plgpu.wgmma(s_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
+            plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
             take_turn()
             return s_ref[...]
         s = pl.run_scoped(scores, plgpu.ACC((bq, bkv), jnp.float32))
@@ -244,12 +279,14 @@ def _consumer(plan: _Plan, refs, scratch, barriers, wg):
             s = jnp.where(rows + q_base >= cols + kv_step * bkv, s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=1) * log2_scale)
         alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s * log2_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+        p = jnp.exp2(s * log2_scale - lax.broadcast_in_dim(m_new - p_shift, s.shape, [0]))
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         l = l * alpha + p.sum(axis=1)
         p_lo = p.astype(plan.dtype)
-        if d <= 128:  # ordering that measured fastest in jax's attention_mgpu
+        if d <= 128 and not plan.fp8:  # ordering that measured fastest in jax's attention_mgpu
             acc, l, m_new, p_lo = lax.optimization_barrier((acc, l, m_new, p_lo))
+        elif d <= 128:  # (Mosaic GPU's optimization barrier takes no 8-bit fragments)
+            acc, l, m_new = lax.optimization_barrier((acc, l, m_new))
         plgpu.barrier_arrive(schedule)  # softmax done
         plgpu.barrier_wait(v_ready.at[slot])
         plgpu.barrier_wait(schedule)  # the tensor cores are ours again
@@ -282,18 +319,20 @@ def _consumer(plan: _Plan, refs, scratch, barriers, wg):
     pl.when(wg == 0)(take_turn)
 
     acc = acc / lax.broadcast_in_dim(l, (bq, d), [0])
-    qo_smem[...] = acc.astype(plan.dtype)
-    lse_smem[...] = m * LN2 + jnp.log(l)  # natural log: m is in log2 units
+    if plan.fp8:
+        acc = acc * descale_ref[1]  # V's descale
+    o_smem[...] = acc.astype(plan.out_dtype)
+    lse_smem[...] = (m - p_shift) * LN2 + jnp.log(l)  # natural log: m is in log2 units
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[batch, head, pl.ds(q_base, bq)])
+    plgpu.copy_smem_to_gmem(o_smem, o_ref.at[batch, head, pl.ds(q_base, bq)])
     plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, pl.ds(q_base, bq)])
     plgpu.wait_smem_to_gmem(0)
 
 
 def _producer(plan: _Plan, refs, scratch, barriers):
     """The TMA warpgroup: K and V tiles into the ring of shared-memory slots."""
-    _, k_ref, v_ref, _, _ = refs
-    _, k_smem, v_smem, _, _ = scratch
+    _, k_ref, v_ref, _, _, _ = refs
+    _, _, k_smem, v_smem, _, _ = scratch
     k_ready, v_ready, _, k_free, v_free, _ = barriers
     bkv = plan.blocks.block_kv
     batch, head, q_tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_tiles")
@@ -319,18 +358,26 @@ def _producer(plan: _Plan, refs, scratch, barriers):
         load(kv_step, slot)
 
 
+def _swizzled(dtype) -> tuple:
+    """Shared-memory transforms of a wgmma operand tile: rows of 128 bytes, 128-byte swizzle."""
+    return (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128))
+
+
 def _kernel(plan: _Plan, *refs):
+    if not plan.fp8:  # no descale operand
+        refs = (*refs[:3], None, *refs[3:])
     bq, bkv, d = plan.blocks.block_q, plan.blocks.block_kv, plan.head_dim
-    swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     v_tile = (d, bkv) if plan.v_transposed else (bkv, d)
+    tile = functools.partial(plgpu.SMEM, dtype=plan.dtype, transforms=_swizzled(plan.dtype))
     scratch = [
-        plgpu.SMEM((COMPUTE_WARPGROUPS, bq, d), plan.dtype, transforms=swizzled),  # Q in, O out
-        plgpu.SMEM((plan.stages, bkv, d), plan.dtype, transforms=swizzled),
-        plgpu.SMEM((plan.stages, *v_tile), plan.dtype, transforms=swizzled),
+        tile((COMPUTE_WARPGROUPS, bq, d)),  # Q in (and O out when they share a dtype)
+        plgpu.SMEM((COMPUTE_WARPGROUPS, bq, d), plan.out_dtype, transforms=_swizzled(plan.out_dtype))
+        if plan.out_dtype != plan.dtype else None,
+        tile((plan.stages, bkv, d)),
+        tile((plan.stages, *v_tile)),
         plgpu.SMEM((COMPUTE_WARPGROUPS, bq), jnp.float32),
         # P staged in shared memory: only the interpreter needs it (see the module docstring)
-        plgpu.SMEM((COMPUTE_WARPGROUPS, bq, bkv), plan.dtype, transforms=swizzled)
-        if plan.interpret else None,
+        tile((COMPUTE_WARPGROUPS, bq, bkv)) if plan.stage_p else None,
     ]
     barriers = (
         plgpu.Barrier(num_barriers=plan.stages),  # k_ready
@@ -342,6 +389,8 @@ def _kernel(plan: _Plan, *refs):
     )
 
     def body(scratch_refs, *barrier_refs):
+        if scratch_refs[1] is None:  # O written through Q's tile
+            scratch_refs = (scratch_refs[0], scratch_refs[0], *scratch_refs[2:])
         wg = lax.axis_index("wg")
         pl.when(wg < COMPUTE_WARPGROUPS)(
             lambda: _consumer(plan, refs, scratch_refs, barrier_refs, wg))
@@ -353,11 +402,15 @@ def _kernel(plan: _Plan, *refs):
 def mosaic_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, causal: bool,
     v_layout: str = "BHSD", blocks: MosaicBlocks | None = None, interpret: bool = False,
+    descales: tuple[jax.Array, jax.Array] | None = None, out_dtype=jnp.bfloat16,
 ) -> tuple[jax.Array, jax.Array]:
-    """Forward attention on Hopper: (o [B,H,Sq,D] in q's dtype, lse [B,H,Sq] float32).
+    """Forward attention on Hopper: (o [B,H,Sq,D], lse [B,H,Sq] float32).
 
     Semantics of `attention_reference` within the contract above (ValueError naming what is
-    outside it). ``interpret``: run jax's Mosaic GPU interpreter instead of compiling (CPU tests).
+    outside it); o in q's dtype. fp8 operands (transposed V) take ``descales`` = (score
+    multiplier ``scale·log2(e)·q_descale·k_descale``, V's descale), float32 scalars that may be
+    traced, as the Triton fp8 kernel's; ``scale`` is then only checked, and o is in ``out_dtype``.
+    ``interpret``: run jax's Mosaic GPU interpreter instead of compiling (CPU tests).
     """
     reason = mosaic_unsupported(q, k, v, v_layout=v_layout, causal=causal, scale=scale,
                                 blocks=blocks, interpret=interpret)
@@ -365,9 +418,17 @@ def mosaic_attention(
         raise ValueError(f"the Mosaic GPU attention kernel cannot run this call: {reason}; "
                          "use the Triton kernel (flash_attention(..., backend='triton')).")
     b, h, hkv, sq, sk, d, _ = check_shapes(q, k, v, v_layout)
+    fp8 = jnp.dtype(q.dtype).name in FP8_DTYPES
+    if fp8 != (descales is not None):
+        raise ValueError("descales go with fp8 operands (and only with them)")
+    out = jnp.dtype(out_dtype) if fp8 else jnp.dtype(q.dtype)
     plan = _Plan(b, h, h // hkv, sq, sk, d, jnp.dtype(q.dtype), float(scale), bool(causal),
-                 v_layout == "BHDS", blocks or BLOCK_TABLE[d], bool(interpret))
-    out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, sq), jnp.float32))
+                 v_layout == "BHDS", blocks or (FP8_BLOCK_TABLE if fp8 else BLOCK_TABLE)[d],
+                 bool(interpret), out)
+    operands = [q, k, v]
+    if fp8:
+        operands.append(jnp.stack([jnp.asarray(x, jnp.float32).reshape(()) for x in descales]))
+    out_type = (jax.ShapeDtypeStruct(q.shape, out), jax.ShapeDtypeStruct((b, h, sq), jnp.float32))
     extra = {"interpret": plgpu.InterpretGPUParams()} if interpret else {}
     o, lse = plgpu.kernel(
         functools.partial(_kernel, plan),
@@ -378,5 +439,5 @@ def mosaic_attention(
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         **extra,
-    )(q, k, v)
+    )(*operands)
     return o, lse
