@@ -83,8 +83,7 @@ def attention_infos(program: Program, kernel: str) -> list[AttentionInfo]:
                 groups=max(1, heads // max(1, kv_heads)),
                 compute_dtype=compute,
                 cast_operands=cast,
-                backend=_pallas_backend(program, node) if node.op == "attention" and node_kernel == "pallas"
-                else "",
+                backend=_pallas_backend(program, node) if node_kernel == "pallas" else "",
             )
         )
     return infos
@@ -93,12 +92,15 @@ def attention_infos(program: Program, kernel: str) -> list[AttentionInfo]:
 def _pallas_backend(program: Program, node) -> str:
     """The Pallas backend `flash_attention` picks for this attention node's operands."""
     import jax
+    import jax.numpy as jnp
 
     from .kernels.flash_attention import pallas_backend
 
     p = node.params
     q, k, v = (jax.ShapeDtypeStruct(program.type_of(i).shape, program.type_of(i).dtype)
                for i in node.inputs[:3])
+    if node.op == "attention_fp8" and jnp.dtype(q.dtype).name != "float8_e4m3fn":
+        return ""  # lower.lower_attention_fp8 runs the reference on these operands
     return pallas_backend(
         q, k, v, v_layout=str(p["v_layout"]), causal=bool(p["causal"]), scale=float(p["scale"]),
         bias=True if p.get("mask_kind") == "bias" else None, compute_dtype=p.get("compute_dtype") or None,
