@@ -306,8 +306,11 @@ def _consumer(plan: _Plan, refs, scratch, barriers, wg):
         carry = lax.fori_loop(unmasked, steps, functools.partial(step, masked=True), carry)
 
         def release(kv_step, _):
-            # tiles only the other warpgroup needs: keep the slot and turn accounting balanced
+            # tiles only the other warpgroup needs: observe their arrival and release them, so
+            # that every barrier phase is seen by every warpgroup, and balance the turns
             slot = lax.rem(kv_step, plan.stages)
+            plgpu.barrier_wait(k_ready.at[slot])
+            plgpu.barrier_wait(v_ready.at[slot])
             plgpu.barrier_arrive(k_free.at[slot])
             plgpu.barrier_arrive(v_free.at[slot])
             take_turn()
@@ -350,12 +353,19 @@ def _producer(plan: _Plan, refs, scratch, barriers):
     for i in range(plan.stages):
         pl.when(i < cta_steps)(functools.partial(load, i, i))
 
+    def wait_free(kv_step):
+        slot = lax.rem(kv_step, plan.stages)
+        plgpu.barrier_wait(k_free.at[slot])  # both consumers are done with this step's slot
+        plgpu.barrier_wait(v_free.at[slot])
+
     @pl.loop(plan.stages, cta_steps)
     def _(kv_step):
-        slot = lax.rem(kv_step, plan.stages)
-        plgpu.barrier_wait(k_free.at[slot])  # both consumers are done with this slot
-        plgpu.barrier_wait(v_free.at[slot])
-        load(kv_step, slot)
+        wait_free(kv_step - plan.stages)
+        load(kv_step, lax.rem(kv_step, plan.stages))
+
+    # observe the last releases too: no barrier phase completes unseen (jax 0.11's interpreter
+    # checks this when the barriers are deallocated)
+    pl.loop(jnp.maximum(cta_steps - plan.stages, 0), cta_steps)(wait_free)
 
 
 def _swizzled(dtype) -> tuple:
