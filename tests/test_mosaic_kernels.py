@@ -40,6 +40,7 @@ def np_lse(q, k, *, scale, causal):
     ("BHDS", True, 64, jnp.float16, 2, 2, 128, 256, MosaicBlocks(64, 64, 3)),  # Sq < Sk, 3 slots
     ("BHDS", False, 64, jnp.bfloat16, 2, 2, 128, 128, MosaicBlocks(64, 128, 1)),  # one slot
     ("BHSD", True, 64, jnp.bfloat16, 2, 2, 256, 128, MosaicBlocks(64, 64, 2)),  # Sq > Sk
+    ("BHDS", True, 256, jnp.bfloat16, 2, 2, 128, 128, None),  # D256 with its table tiles
 ])
 def test_interpreted_forward_matches_float64(v_layout, causal, d, dtype, h, hkv, sq, sk, blocks):
     _, q, k, v, do = make_inputs(3, 1, h, hkv, sq, sk, d, d, v_layout, dtype)
@@ -139,7 +140,7 @@ def test_auto_backend_off_hopper_is_triton():
 @pytest.mark.skipif(not hopper_gpu(), reason="needs a Hopper GPU (sm_90)")
 @pytest.mark.parametrize("v_layout", ["BHSD", "BHDS"])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("d,dtype", [(64, jnp.bfloat16), (128, jnp.bfloat16), (128, jnp.float16)])
+@pytest.mark.parametrize("d,dtype", [(64, jnp.bfloat16), (128, jnp.bfloat16), (128, jnp.float16), (256, jnp.bfloat16)])
 def test_gpu_compiled_mosaic_matches_reference(v_layout, causal, d, dtype):
     _, q, k, v, do = make_inputs(11, 2, 8, 2, 1024, 1024, d, d, v_layout, dtype)
     scale = d ** -0.5

@@ -18,7 +18,7 @@ Both V layouts of the Attention op are read in place:
   the tensor core takes natively, the same as K's in Q·Kᵀ. Nothing is transposed in memory.
 
 Contract (`mosaic_unsupported` says which part a call misses; callers then use the Triton
-kernel): q [B,H,Sq,D], k [B,Hkv,Sk,D] and v all bf16 or all f16, D = Dv in `BLOCK_TABLE` (64, 128),
+kernel): q [B,H,Sq,D], k [B,Hkv,Sk,D] and v all bf16 or all f16, D = Dv in `BLOCK_TABLE` (64, 128, 256),
 Sq a multiple of ``2 * block_q``, Sk of ``block_kv``, no bias, no cast prologue, positive scale.
 Causal masking is top-left aligned (query i sees keys j <= i) and visits only the key tiles that
 intersect the triangle. GQA reads the kv head ``h // (H / Hkv)``; K and V are never repeated.
@@ -94,6 +94,8 @@ class MosaicBlocks:
 BLOCK_TABLE: dict[int, MosaicBlocks] = {
     64: MosaicBlocks(block_q=64, block_kv=256, stages=2),
     128: MosaicBlocks(block_q=64, block_kv=128, stages=2),
+    # the largest key tile whose two K and V slots fit beside the Q/O tiles (192 KiB of 227)
+    256: MosaicBlocks(block_q=64, block_kv=64, stages=2),
 }
 # fp8 (transposed V only), by head dim: an fp8 tile takes half a bf16 tile's shared memory.
 # Untuned (bench/tune_attention.py --mosaic --fp8 sweeps it on a GPU).
