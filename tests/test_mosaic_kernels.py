@@ -11,8 +11,8 @@ import pytest
 
 from eqsat_attn.kernels import flash_attention
 from eqsat_attn.kernels.flash_attention import pallas_backend
-from eqsat_attn.kernels.mosaic_attention import (BLOCK_TABLE, MosaicBlocks, hopper_gpu,
-                                                 mosaic_attention, mosaic_unsupported)
+from eqsat_attn.kernels.mosaic_attention import (BLOCK_TABLE, MosaicBlocks, default_blocks,
+                                                 hopper_gpu, mosaic_attention, mosaic_unsupported)
 from test_kernels import assert_close, make_inputs, np_attention
 
 pytestmark = pytest.mark.usefixtures("full_f32_matmuls_on_gpu")
@@ -41,6 +41,7 @@ def np_lse(q, k, *, scale, causal):
     ("BHDS", False, 64, jnp.bfloat16, 2, 2, 128, 128, MosaicBlocks(64, 128, 1)),  # one slot
     ("BHSD", True, 64, jnp.bfloat16, 2, 2, 256, 128, MosaicBlocks(64, 64, 2)),  # Sq > Sk
     ("BHDS", True, 256, jnp.bfloat16, 2, 2, 128, 128, None),  # D256 with its table tiles
+    ("BHDS", False, 128, jnp.bfloat16, 2, 2, 128, 320, None),  # key tile fitted to Sk: 64
 ])
 def test_interpreted_forward_matches_float64(v_layout, causal, d, dtype, h, hkv, sq, sk, blocks):
     _, q, k, v, do = make_inputs(3, 1, h, hkv, sq, sk, d, d, v_layout, dtype)
@@ -109,6 +110,14 @@ def test_unsupported_calls_say_why(change, reason):
     assert reason in (mosaic_unsupported(q, k, k, scale=0.1, **change) or "")
 
 
+@pytest.mark.parametrize("dtype,d,sk,block_kv", [
+    (jnp.bfloat16, 64, 4096, 256), (jnp.bfloat16, 64, 128, 128), (jnp.bfloat16, 128, 320, 64),
+    (jnp.float8_e4m3fn, 128, 384, 128), (jnp.float8_e4m3fn, 128, 320, 128),  # no fit: stays
+])
+def test_default_key_tile_is_fitted_to_the_key_length(dtype, d, sk, block_kv):
+    assert default_blocks(dtype, d, sk).block_kv == block_kv
+
+
 def test_a_call_inside_the_contract_is_supported():
     q = jax.ShapeDtypeStruct((2, 8, 1024, 128), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((2, 2, 1024, 128), jnp.bfloat16)
@@ -171,8 +180,8 @@ def test_report_names_the_pallas_backend_of_each_attention():
     optimized = ea.optimize(_bhsd_attention, backend="pallas", cost_model=for_device("h100"))
     (info,) = optimized.explain(q, k, v).attention
     assert info.kernel == "pallas"
-    # D64 tiles take 256 keys: Sk=128 is outside the Mosaic GPU contract, so Triton even on Hopper
-    assert info.backend == "triton"
+    if not hopper_gpu():  # interpret mode off Hopper: "auto" keeps Triton
+        assert info.backend == "triton"
     assert f"kernel=pallas ({info.backend})" in str(info)
     assert_close(optimized(q, k, v), np.asarray(_bhsd_attention(q, k, v), np.float32), 2e-2, "o")
 

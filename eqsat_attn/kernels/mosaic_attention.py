@@ -19,7 +19,8 @@ Both V layouts of the Attention op are read in place:
 
 Contract (`mosaic_unsupported` says which part a call misses; callers then use the Triton
 kernel): q [B,H,Sq,D], k [B,Hkv,Sk,D] and v all bf16 or all f16, D = Dv in `BLOCK_TABLE` (64, 128, 256),
-Sq a multiple of ``2 * block_q``, Sk of ``block_kv``, no bias, no cast prologue, positive scale.
+Sq a multiple of ``2 * block_q`` (128), Sk of 64 (`default_blocks` fits the key tile to it; fp8:
+of 128), no bias, no cast prologue, positive scale.
 Causal masking is top-left aligned (query i sees keys j <= i) and visits only the key tiles that
 intersect the triangle. GQA reads the kv head ``h // (H / Hkv)``; K and V are never repeated.
 Returns o [B,H,Sq,D] in q's dtype and the natural-log log-sum-exp [B,H,Sq] float32: the residuals
@@ -104,6 +105,17 @@ FP8_BLOCK_TABLE: dict[int, MosaicBlocks] = {
 }
 
 
+def default_blocks(dtype, head_dim: int, sk: int) -> MosaicBlocks:
+    """The table's tiles for this dtype and head dim, the key tile shrunk (in steps of one
+    128-byte swizzle row: 64 16-bit or 128 fp8 elements) to the largest that divides ``sk``, so
+    short or odd key lengths still run (KeyError: no table row)."""
+    fp8 = jnp.dtype(dtype).name in FP8_DTYPES
+    blk = (FP8_BLOCK_TABLE if fp8 else BLOCK_TABLE)[head_dim]
+    step = 128 // jnp.dtype(dtype).itemsize
+    fits = [n for n in range(blk.block_kv, 0, -step) if n % 64 == 0 and sk % n == 0]
+    return dataclasses.replace(blk, block_kv=fits[0]) if fits else blk
+
+
 def hopper_gpu() -> bool:
     """True when the default device is an NVIDIA Hopper GPU (compute capability 9.x)."""
     if jax.default_backend() != "gpu":
@@ -150,7 +162,7 @@ def mosaic_unsupported(
     _, _, _, sq, sk, d, dv = check_shapes(q, k, v, v_layout)
     if d != dv or d not in table:
         return f"head dims must be equal and one of {sorted(table)}; got D={d}, Dv={dv}"
-    blk = blocks or table[d]
+    blk = blocks or default_blocks(q.dtype, d, sk)
     if sq % (COMPUTE_WARPGROUPS * blk.block_q):
         return f"Sq={sq} must be a multiple of {COMPUTE_WARPGROUPS * blk.block_q} (2 * block_q)"
     if sk % blk.block_kv:
@@ -435,7 +447,7 @@ def mosaic_attention(
         raise ValueError("descales go with fp8 operands (and only with them)")
     out = jnp.dtype(out_dtype) if fp8 else jnp.dtype(q.dtype)
     plan = _Plan(b, h, h // hkv, sq, sk, d, jnp.dtype(q.dtype), float(scale), bool(causal),
-                 v_layout == "BHDS", blocks or (FP8_BLOCK_TABLE if fp8 else BLOCK_TABLE)[d],
+                 v_layout == "BHDS", blocks or default_blocks(q.dtype, d, sk),
                  bool(interpret), out)
     operands = [q, k, v]
     if fp8:
