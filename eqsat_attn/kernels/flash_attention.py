@@ -1,6 +1,11 @@
 """Pallas flash attention: forward and backward kernels.
 
-One kernel covers both V layouts of the Attention op:
+Two Pallas backends run the forward (`flash_attention(..., backend=...)`, `pallas_backend`): this
+module's Triton kernel, for any GPU and every layout below, and on Hopper the Mosaic GPU kernel of
+mosaic_attention.py (wgmma, TMA, warp specialisation) for the calls inside its contract. Both
+return the same residuals, so the backward kernels here serve both.
+
+One Triton kernel covers both V layouts of the Attention op:
 
 * ``"BHSD"``: V is [B, Hkv, Sk, Dv]; a key tile of V is [block_k, Dv] and P·V is a plain matmul.
 * ``"BHDS"`` (transposed V): V is [B, Hkv, Dv, Sk]; the kernel loads V^T tiles [Dv, block_k]
