@@ -55,18 +55,51 @@ def test_interpreted_forward_matches_float64(v_layout, causal, d, dtype, h, hkv,
                                rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("v_layout,causal", [("BHDS", True), ("BHSD", False)])
-def test_gradients_through_mosaic_forward(v_layout, causal):
-    """jax.grad: Mosaic GPU forward (interpreted), the Triton backward kernels on its residuals."""
-    _, q, k, v, do = make_inputs(4, 1, 4, 2, 128, 128, 64, 64, v_layout, jnp.bfloat16)
+@pytest.mark.parametrize("qko,v_layout,causal", [
+    ("BSHD", "BSHD", True),  # Flax's layout everywhere: strided TMA boxes, no copies
+    ("BSHD", "HDBS", False),  # V^T as [H, D, B, S]
+    ("SBHD", "BHDS", True),
+])
+def test_interpreted_forward_reads_any_layout_in_place(qko, v_layout, causal):
+    from eqsat_attn.kernels.reference import layout_shape
+
+    _, q, k, v, do = make_inputs(8, 1, 4, 2, 128, 192, 64, 64, "BHSD", jnp.bfloat16)
+    kw = dict(scale=0.125, causal=causal, q_layout=qko, k_layout=qko, o_layout=qko,
+              v_layout=v_layout, blocks=SMALL, interpret=True)
+    o, lse = mosaic_attention(_physical(q, qko), _physical(k, qko), _physical(v, v_layout), **kw)
+    assert o.shape == layout_shape(qko, {"B": 1, "H": 4, "S": 128, "D": 64})
+    want = np_attention(q, k, v, do, scale=0.125, causal=causal)
+    assert_close(_logical(o, qko), want[0], 2e-2, "o")
+    np.testing.assert_allclose(np.asarray(lse), np_lse(q, k, scale=0.125, causal=causal),
+                               rtol=1e-5, atol=1e-4)
+
+
+def _physical(x, layout):
+    """A logical [B,H,S,D] array stored in ``layout`` (V^T: a layout with S minor)."""
+    return jnp.transpose(x, ["BHSD".index(a) for a in layout])
+
+
+def _logical(x, layout):
+    return jnp.transpose(x, [layout.index(a) for a in "BHSD"])
+
+
+@pytest.mark.parametrize("qko,v_layout,causal", [
+    ("BHSD", "BHDS", True), ("BHSD", "BHSD", False), ("BSHD", "HDBS", True),
+])
+def test_gradients_through_mosaic_forward(qko, v_layout, causal):
+    """jax.grad: Mosaic GPU forward (interpreted), the Triton backward kernels on its residuals,
+    gradients in the operands' own layouts."""
+    _, q, k, v, do = make_inputs(4, 1, 4, 2, 128, 128, 64, 64, "BHSD", jnp.bfloat16)
     fn = lambda q, k, v: flash_attention(q, k, v, scale=0.125, causal=causal, v_layout=v_layout,
+                                         q_layout=qko, k_layout=qko, o_layout=qko,
                                          backend="mosaic_gpu", mosaic_blocks=SMALL, interpret=True)
-    o, vjp = jax.vjp(fn, q, k, v)
-    want = np_attention(q, k, v, do, scale=0.125, causal=causal, v_layout=v_layout)
-    assert_close(o, want[0], 2e-2, "o")
-    for name, got, w in zip("qkv", vjp(do), want[1:4]):
+    o, vjp = jax.vjp(fn, _physical(q, qko), _physical(k, qko), _physical(v, v_layout))
+    want = np_attention(q, k, v, do, scale=0.125, causal=causal)
+    assert_close(_logical(o, qko), want[0], 2e-2, "o")
+    grads = vjp(_physical(do, qko))
+    for name, got, w, layout in zip("qkv", grads, want[1:4], (qko, qko, v_layout)):
         assert got.dtype == jnp.bfloat16
-        assert_close(got, w, 3e-2, f"d{name}")
+        assert_close(_logical(got, layout), w, 3e-2, f"d{name}")
 
 
 @pytest.mark.parametrize("d", sorted(BLOCK_TABLE))
@@ -83,6 +116,17 @@ def test_compiled_kernel_lowers_for_hopper(d, v_layout, causal):
     assert text.count("custom_call @mosaic_gpu") == 1
 
 
+def test_compiled_kernel_lowers_with_strided_layouts():
+    """[B,S,H,D] q, k, o and V^T [H,D,B,S]: strided TMA boxes, one custom call, no transposes."""
+    q = jax.ShapeDtypeStruct((1, 512, 4, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
+    vt = jax.ShapeDtypeStruct((2, 128, 1, 512), jnp.bfloat16)
+    fn = lambda q, k, v: mosaic_attention(q, k, v, scale=0.1, causal=True, v_layout="HDBS",
+                                          q_layout="BSHD", k_layout="BSHD", o_layout="BSHD")
+    text = jax.jit(fn).trace(q, k, vt).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 1 and "stablehlo.transpose" not in text
+
+
 def test_oversized_tiles_fail_lowering_with_the_shared_memory_reason():
     q = jax.ShapeDtypeStruct((1, 1, 512, 128), jnp.bfloat16)
     fn = lambda q, k, v: mosaic_attention(q, k, v, scale=0.1, causal=False,
@@ -97,7 +141,7 @@ def test_oversized_tiles_fail_lowering_with_the_shared_memory_reason():
     (dict(sq=200), "multiple of 128"),
     (dict(sk=200), "multiple of block_kv"),
     (dict(bias=True), "bias"),
-    (dict(q_layout="BSHD"), "reads q, k and o"),
+    (dict(q_layout="BHDS"), "D minor in q, k and o"),
     (dict(compute_dtype="float32"), "cast prologue"),
 ])
 def test_unsupported_calls_say_why(change, reason):

@@ -375,7 +375,8 @@ def _forward(q, k, v, bias, cfg: _Config, descales: tuple[jax.Array, jax.Array] 
         return mosaic_attention(q, k, v, scale=cfg.scale, causal=cfg.causal, v_layout=cfg.v_layout,
                                 blocks=cfg.mosaic_blocks, interpret=cfg.interpret,
                                 descales=descales if cfg.descaled else None,
-                                out_dtype=cfg.out_dtype or "bfloat16")
+                                out_dtype=cfg.out_dtype or "bfloat16", q_layout=cfg.q_layout,
+                                k_layout=cfg.k_layout, o_layout=cfg.o_layout)
     ql, kl, vl, ol = cfg.q_layout, cfg.k_layout, cfg.v_layout, cfg.o_layout
     b, h, hkv, sq, sk, d, dv = check_shapes(q, k, v, vl, q_layout=ql, k_layout=kl)
     groups = h // hkv

@@ -17,14 +17,22 @@ Both V layouts of the Attention op are read in place:
   array (TMA over its last two axes) and wgmma reads it transposed, i.e. K-major, the operand order
   the tensor core takes natively, the same as K's in Q·Kᵀ. Nothing is transposed in memory.
 
+More generally every operand has its own layout (a permutation of "BHSD"), read and written in
+place as strided TMA boxes (`_Plan.window`): D minor for q, k and o, D or S minor for v; so
+[B,S,H,D] operands (Flax, `jax.nn.dot_product_attention`) need no copies either.
+
 Contract (`mosaic_unsupported` says which part a call misses; callers then use the Triton
-kernel): q [B,H,Sq,D], k [B,Hkv,Sk,D] and v all bf16 or all f16, D = Dv in `BLOCK_TABLE` (64, 128, 256),
-Sq a multiple of ``2 * block_q`` (128), Sk of 64 (`default_blocks` fits the key tile to it; fp8:
-of 128), no bias, no cast prologue, positive scale.
+kernel): q, k, v all bf16 or all f16 (or fp8 with transposed V, below), D = Dv in `BLOCK_TABLE`
+(64, 128, 256), Sq a multiple of ``2 * block_q`` (128), Sk of 64 (`default_blocks` fits the key
+tile to it; fp8: of 128), no bias, no cast prologue, positive scale.
 Causal masking is top-left aligned (query i sees keys j <= i) and visits only the key tiles that
 intersect the triangle. GQA reads the kv head ``h // (H / Hkv)``; K and V are never repeated.
-Returns o [B,H,Sq,D] in q's dtype and the natural-log log-sum-exp [B,H,Sq] float32: the residuals
-of the Triton forward, so jax.grad runs the shared backward kernels.
+Returns o [B,H,Sq,D] (in ``o_layout``) in q's dtype and the natural-log log-sum-exp [B,H,Sq]
+float32: the residuals of the Triton forward, so jax.grad runs the shared backward kernels.
+
+fp8 (e4m3/e5m2 operands with runtime descales, output bf16) needs transposed V: Hopper's fp8
+wgmma reads both operands K-major only (Mosaic GPU refuses a sequence-major V tile). P is
+computed as 256·P and staged through shared memory as fp8 for P·V.
 
 Interpret mode (``interpret=True``, any backend): jax's Mosaic GPU interpreter simulates the
 warpgroups, TMA copies and barriers, but (jax 0.11/0.12) takes wgmma's A operand only from shared
@@ -44,7 +52,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .reference import check_shapes
+from .reference import check_layout, check_shapes, layout_shape
 
 try:  # the Mosaic GPU backend ships with jax >= 0.4.3x; absent from some minimal builds
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -144,9 +152,12 @@ def mosaic_unsupported(
     """
     if plgpu is None:
         return "this jax has no Pallas Mosaic GPU backend"
-    if (q_layout, k_layout, o_layout) != ("BHSD",) * 3 or v_layout not in ("BHSD", "BHDS"):
-        return ("it reads q, k and o as [B,H,S,D] and V as [B,H,S,D] or [B,H,D,S]; got "
-                f"q {q_layout}, k {k_layout}, v {v_layout}, o {o_layout}")
+    for name, layout, minors in (("q", q_layout, "D"), ("k", k_layout, "D"), ("v", v_layout, "DS"),
+                                 ("o", o_layout, "D")):
+        check_layout(f"{name}_layout", layout)
+        if layout[-1] not in minors:
+            return (f"its TMA tiles need D minor in q, k and o and D or S minor in v; got "
+                    f"{name}_layout={layout!r}")
     if bias is not None:
         return "it takes no additive bias"
     dtypes = {jnp.dtype(x.dtype).name for x in (q, k, v)}
@@ -159,7 +170,7 @@ def mosaic_unsupported(
         return ("fp8 P·V needs V K-major, i.e. transposed V [B,H,D,S]: Hopper's fp8 wgmma takes "
                 "no sequence-major V tile")
     table = FP8_BLOCK_TABLE if fp8 else BLOCK_TABLE
-    _, _, _, sq, sk, d, dv = check_shapes(q, k, v, v_layout)
+    _, _, _, sq, sk, d, dv = check_shapes(q, k, v, v_layout, q_layout=q_layout, k_layout=k_layout)
     if d != dv or d not in table:
         return f"head dims must be equal and one of {sorted(table)}; got D={d}, Dv={dv}"
     blk = blocks or default_blocks(q.dtype, d, sk)
@@ -187,7 +198,7 @@ class _Plan:
     dtype: jnp.dtype
     scale: float
     causal: bool
-    v_transposed: bool
+    layouts: tuple[str, str, str, str]  # q, k, v, o: physical axis orders (permutations of BHSD)
     blocks: MosaicBlocks
     interpret: bool
     out_dtype: jnp.dtype  # q's dtype, or bf16 for fp8 operands
@@ -203,6 +214,17 @@ class _Plan:
     def fp8(self) -> bool:
         """fp8 operands: runtime descales, P scaled by P_FP8_SCALE, output in out_dtype."""
         return self.dtype.name in FP8_DTYPES
+
+    @property
+    def v_transposed(self) -> bool:
+        """V tiles are [D, block_kv] (sequence axis minor), read K-major by wgmma."""
+        return self.layouts[2][-1] == "S"
+
+    def window(self, operand: str, ref, batch, head, rows):
+        """The TMA box of ``operand`` ("q", "k", "v", "o") for one (batch, head) and a row range:
+        [rows, D], or [D, rows] for transposed V, whatever the array's axis order."""
+        layout = self.layouts["qkvo".index(operand)]
+        return ref.at[tuple({"B": batch, "H": head, "S": rows}.get(a, slice(None)) for a in layout)]
 
     @property
     def kv_steps(self) -> int:
@@ -264,7 +286,8 @@ def _consumer(plan: _Plan, refs, scratch, barriers, wg):
         plgpu.barrier_wait(schedule)
 
     plgpu.set_max_registers(_CONSUMER_REGISTERS, action="increase")
-    plgpu.copy_gmem_to_smem(q_ref.at[batch, head, pl.ds(q_base, bq)], q_smem, q_ready.at[wg])
+    plgpu.copy_gmem_to_smem(plan.window("q", q_ref, batch, head, pl.ds(q_base, bq)), q_smem,
+                            q_ready.at[wg])
     plgpu.barrier_wait(q_ready.at[wg])
     row_stat = plgpu.Layout.WGMMA.reduce(1)
     m = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), row_stat)
@@ -341,7 +364,7 @@ def _consumer(plan: _Plan, refs, scratch, barriers, wg):
     o_smem[...] = acc.astype(plan.out_dtype)
     lse_smem[...] = (m - p_shift) * LN2 + jnp.log(l)  # natural log: m is in log2 units
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, o_ref.at[batch, head, pl.ds(q_base, bq)])
+    plgpu.copy_smem_to_gmem(o_smem, plan.window("o", o_ref, batch, head, pl.ds(q_base, bq)))
     plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, pl.ds(q_base, bq)])
     plgpu.wait_smem_to_gmem(0)
 
@@ -358,10 +381,10 @@ def _producer(plan: _Plan, refs, scratch, barriers):
 
     def load(kv_step, slot):
         keys = pl.ds(kv_step * bkv, bkv)
-        plgpu.copy_gmem_to_smem(k_ref.at[batch, kv_head, keys], k_smem.at[slot], k_ready.at[slot])
-        v_tile = v_ref.at[batch, kv_head, :, keys] if plan.v_transposed else \
-            v_ref.at[batch, kv_head, keys]
-        plgpu.copy_gmem_to_smem(v_tile, v_smem.at[slot], v_ready.at[slot])
+        plgpu.copy_gmem_to_smem(plan.window("k", k_ref, batch, kv_head, keys), k_smem.at[slot],
+                                k_ready.at[slot])
+        plgpu.copy_gmem_to_smem(plan.window("v", v_ref, batch, kv_head, keys), v_smem.at[slot],
+                                v_ready.at[slot])
 
     plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
     for i in range(plan.stages):
@@ -427,8 +450,12 @@ def mosaic_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, causal: bool,
     v_layout: str = "BHSD", blocks: MosaicBlocks | None = None, interpret: bool = False,
     descales: tuple[jax.Array, jax.Array] | None = None, out_dtype=jnp.bfloat16,
+    q_layout: str = "BHSD", k_layout: str = "BHSD", o_layout: str = "BHSD",
 ) -> tuple[jax.Array, jax.Array]:
-    """Forward attention on Hopper: (o [B,H,Sq,D], lse [B,H,Sq] float32).
+    """Forward attention on Hopper: (o [B,H,Sq,D] in ``o_layout``, lse [B,H,Sq] float32).
+
+    Each operand is read in place in its own layout (a permutation of "BHSD": D minor for q, k,
+    o; D or S minor, i.e. transposed, for v), as TMA boxes of the strided array.
 
     Semantics of `attention_reference` within the contract above (ValueError naming what is
     outside it); o in q's dtype. fp8 operands (transposed V) take ``descales`` = (score
@@ -436,23 +463,25 @@ def mosaic_attention(
     traced, as the Triton fp8 kernel's; ``scale`` is then only checked, and o is in ``out_dtype``.
     ``interpret``: run jax's Mosaic GPU interpreter instead of compiling (CPU tests).
     """
+    layouts = dict(q_layout=q_layout, k_layout=k_layout, o_layout=o_layout)
     reason = mosaic_unsupported(q, k, v, v_layout=v_layout, causal=causal, scale=scale,
-                                blocks=blocks, interpret=interpret)
+                                blocks=blocks, interpret=interpret, **layouts)
     if reason is not None:
         raise ValueError(f"the Mosaic GPU attention kernel cannot run this call: {reason}; "
                          "use the Triton kernel (flash_attention(..., backend='triton')).")
-    b, h, hkv, sq, sk, d, _ = check_shapes(q, k, v, v_layout)
+    b, h, hkv, sq, sk, d, _ = check_shapes(q, k, v, v_layout, q_layout=q_layout, k_layout=k_layout)
     fp8 = jnp.dtype(q.dtype).name in FP8_DTYPES
     if fp8 != (descales is not None):
         raise ValueError("descales go with fp8 operands (and only with them)")
     out = jnp.dtype(out_dtype) if fp8 else jnp.dtype(q.dtype)
     plan = _Plan(b, h, h // hkv, sq, sk, d, jnp.dtype(q.dtype), float(scale), bool(causal),
-                 v_layout == "BHDS", blocks or default_blocks(q.dtype, d, sk),
+                 (q_layout, k_layout, v_layout, o_layout), blocks or default_blocks(q.dtype, d, sk),
                  bool(interpret), out)
     operands = [q, k, v]
     if fp8:
         operands.append(jnp.stack([jnp.asarray(x, jnp.float32).reshape(()) for x in descales]))
-    out_type = (jax.ShapeDtypeStruct(q.shape, out), jax.ShapeDtypeStruct((b, h, sq), jnp.float32))
+    o_shape = layout_shape(o_layout, {"B": b, "H": h, "S": sq, "D": d})
+    out_type = (jax.ShapeDtypeStruct(o_shape, out), jax.ShapeDtypeStruct((b, h, sq), jnp.float32))
     extra = {"interpret": plgpu.InterpretGPUParams()} if interpret else {}
     o, lse = plgpu.kernel(
         functools.partial(_kernel, plan),
