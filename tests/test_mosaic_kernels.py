@@ -300,3 +300,34 @@ def test_gpu_compiled_mosaic_fp8_matches_reference(causal):
     kw = dict(scale=128 ** -0.5, causal=causal, v_layout="BHDS")
     o = jax.jit(lambda *a: flash_attention_fp8(*a, backend="mosaic_gpu", **kw))(*x8, *scales)
     check(o, expected(x8, scales, do, **kw)[0], "o", atol=FP8_ATOL * vmax(x8, scales))
+
+
+@pytest.mark.parametrize("packed_layout,o_layout,causal", [("BS3HD", "BSHD", True), ("BSH3D", "BHSD", False)])
+def test_packed_qkv_read_in_place_and_gradients(packed_layout, o_layout, causal):
+    """One fused QKV array passed three times, each tile read at its entry of the packed axis:
+    interpreted forward and gradients (the shared backward) against float64."""
+    from eqsat_attn.kernels.packed import packed_flash_attention
+
+    _, q, k, v, do = make_inputs(9, 1, 2, 2, 128, 128, 64, 64, "BHSD", jnp.bfloat16)
+    own = packed_layout.replace("3", "")
+    qkv = jnp.stack([_physical(x, own) for x in (q, k, v)], axis=packed_layout.index("3"))
+    fn = lambda qkv: packed_flash_attention(qkv, packed_layout=packed_layout, scale=0.125,
+                                            causal=causal, o_layout=o_layout, interpret=True,
+                                            backend="mosaic_gpu")
+    o, vjp = jax.vjp(fn, qkv)
+    want = np_attention(q, k, v, do, scale=0.125, causal=causal)
+    assert_close(_logical(o, o_layout), want[0], 2e-2, "o")
+    (dqkv,) = vjp(_physical(do, o_layout))
+    for i, (name, w) in enumerate(zip("qkv", want[1:4])):
+        got = jnp.take(dqkv, i, axis=packed_layout.index("3"))
+        assert_close(_logical(got, own), w, 3e-2, f"d{name}")
+
+
+def test_packed_compiled_kernel_lowers():
+    qkv = jax.ShapeDtypeStruct((1, 512, 3, 4, 128), jnp.bfloat16)
+    from eqsat_attn.kernels.mosaic_attention import mosaic_packed_attention
+
+    fn = lambda qkv: mosaic_packed_attention(qkv, packed_layout="BS3HD", scale=0.1, causal=True,
+                                             o_layout="BSHD")
+    text = jax.jit(fn).trace(qkv).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 1 and "stablehlo.slice" not in text

@@ -59,7 +59,8 @@ try:  # the Mosaic GPU backend ships with jax >= 0.4.3x; absent from some minima
 except ImportError:  # pragma: no cover - exercised only on such builds
     plgpu = None
 
-__all__ = ["BLOCK_TABLE", "MosaicBlocks", "hopper_gpu", "mosaic_attention", "mosaic_unsupported"]
+__all__ = ["BLOCK_TABLE", "FP8_BLOCK_TABLE", "MosaicBlocks", "default_blocks", "hopper_gpu",
+           "mosaic_attention", "mosaic_packed_attention", "mosaic_unsupported"]
 
 LOG2E: float = math.log2(math.e)
 LN2: float = math.log(2.0)
@@ -222,9 +223,11 @@ class _Plan:
 
     def window(self, operand: str, ref, batch, head, rows):
         """The TMA box of ``operand`` ("q", "k", "v", "o") for one (batch, head) and a row range:
-        [rows, D], or [D, rows] for transposed V, whatever the array's axis order."""
-        layout = self.layouts["qkvo".index(operand)]
-        return ref.at[tuple({"B": batch, "H": head, "S": rows}.get(a, slice(None)) for a in layout)]
+        [rows, D], or [D, rows] for transposed V, whatever the array's axis order. A packed
+        Q/K/V array (a layout with the axis "3") is indexed at the operand's entry, 0, 1 or 2."""
+        index = "qkvo".index(operand)
+        at = {"B": batch, "H": head, "S": rows, "3": index}
+        return ref.at[tuple(at.get(a, slice(None)) for a in self.layouts[index])]
 
     @property
     def kv_steps(self) -> int:
@@ -480,13 +483,42 @@ def mosaic_attention(
     operands = [q, k, v]
     if fp8:
         operands.append(jnp.stack([jnp.asarray(x, jnp.float32).reshape(()) for x in descales]))
-    o_shape = layout_shape(o_layout, {"B": b, "H": h, "S": sq, "D": d})
-    out_type = (jax.ShapeDtypeStruct(o_shape, out), jax.ShapeDtypeStruct((b, h, sq), jnp.float32))
-    extra = {"interpret": plgpu.InterpretGPUParams()} if interpret else {}
+    return _launch(plan, operands, layout_shape(o_layout, {"B": b, "H": h, "S": sq, "D": d}))
+
+
+def mosaic_packed_attention(
+    qkv: jax.Array, *, packed_layout: str, scale: float, causal: bool, o_layout: str = "BHSD",
+    blocks: MosaicBlocks | None = None, interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Forward attention over one packed Q/K/V array (e.g. [B,S,3,H,D], "BS3HD"), every tile read
+    in place at its entry of the packed axis: (o in ``o_layout``, lse [B,H,S] float32)."""
+    own = packed_layout.replace("3", "")
+    sizes = {a: qkv.shape[packed_layout.index(a)] for a in "BHSD"}
+    view = jax.ShapeDtypeStruct(layout_shape(own, sizes), qkv.dtype)
+    reason = mosaic_unsupported(view, view, view, v_layout=own, causal=causal, scale=scale,
+                                blocks=blocks, interpret=interpret, q_layout=own, k_layout=own,
+                                o_layout=o_layout)
+    if reason is None and jnp.dtype(qkv.dtype).name in FP8_DTYPES:
+        reason = "packed fp8 attention is not a kernel input"
+    if reason is not None:
+        raise ValueError(f"the Mosaic GPU attention kernel cannot run this call: {reason}; "
+                         "use the Triton kernel (packed_flash_attention(..., backend='triton')).")
+    b, h, s, d = (sizes[a] for a in "BHSD")
+    plan = _Plan(b, h, 1, s, s, d, jnp.dtype(qkv.dtype), float(scale), bool(causal),
+                 (packed_layout,) * 3 + (o_layout,), blocks or default_blocks(qkv.dtype, d, s),
+                 bool(interpret), jnp.dtype(qkv.dtype))
+    return _launch(plan, [qkv, qkv, qkv], layout_shape(o_layout, sizes))
+
+
+def _launch(plan: _Plan, operands: list, o_shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """Run the kernel over the grid (heads, query tiles, batch); (o, lse)."""
+    out_type = (jax.ShapeDtypeStruct(o_shape, plan.out_dtype),
+                jax.ShapeDtypeStruct((plan.batch, plan.heads, plan.sq), jnp.float32))
+    extra = {"interpret": plgpu.InterpretGPUParams()} if plan.interpret else {}
     o, lse = plgpu.kernel(
         functools.partial(_kernel, plan),
         out_type=out_type,
-        grid=(h, sq // plan.cta_rows, b),
+        grid=(plan.heads, plan.sq // plan.cta_rows, plan.batch),
         grid_names=("heads", "q_tiles", "batch"),
         num_threads=COMPUTE_WARPGROUPS + 1,
         thread_name="wg",

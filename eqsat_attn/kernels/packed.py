@@ -6,12 +6,15 @@ A fused QKV projection writes one array, e.g. [B, S, 3, H, D] ("BS3HD") or [B, S
 that fix the packed axis to 0, 1 and 2, so every Q, K and V tile is read straight from it: no
 split copy. It reuses the flash-attention kernel body and BlockSpec builder
 (`flash_attention._fwd_kernel`, `_spec`). The backward pass runs the flash-attention backward
-kernels on the three entries and stacks dQ, dK, dV back into the packed layout. Elsewhere (CPU,
-or a bias) the reference attention runs on the three entries.
+kernels on the three entries and stacks dQ, dK, dV back into the packed layout. On Hopper the
+forward is the Mosaic GPU kernel (`mosaic_attention.mosaic_packed_attention`, TMA boxes at the
+three entries) when the call is inside its contract. Elsewhere (CPU, or a bias) the reference
+attention runs on the three entries.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -22,8 +25,9 @@ from jax.experimental import pallas as pl
 
 from .flash_attention import (
     MIN_BLOCK, _backward_pallas, _compiler_params, _Config, _crop, _fwd_kernel, _next_pow2, _pad_to, _round_up,
-    _spec, block_sizes, bwd_block_sizes,
+    _spec, block_sizes, bwd_block_sizes, pallas_backend,
 )
+from .mosaic_attention import mosaic_packed_attention
 from .reference import attention_reference, layout_shape
 
 PACKED = "3"
@@ -66,6 +70,10 @@ def _config(qkv_shape: Sequence[int], packed_layout: str, o_layout: str, scale: 
 
 def _forward(qkv: jax.Array, packed_layout: str, cfg: _Config) -> tuple[jax.Array, jax.Array]:
     """One pallas_call reading Q, K, V tiles from ``qkv`` (passed three times); (o, lse)."""
+    if cfg.backend == "mosaic_gpu":
+        return mosaic_packed_attention(qkv, packed_layout=packed_layout, scale=cfg.scale,
+                                       causal=cfg.causal, o_layout=cfg.o_layout,
+                                       interpret=cfg.interpret)
     sizes = dict(zip(packed_layout, qkv.shape))
     b, h, s, d = (sizes[c] for c in "BHSD")
     bq, bk = cfg.block_q, cfg.block_k
@@ -119,11 +127,14 @@ _packed.defvjp(_packed_fwd, _packed_bwd)
 
 
 def packed_flash_attention(qkv: jax.Array, *, packed_layout: str, scale: float, causal: bool,
-                           o_layout: str = "BHSD", interpret: bool | None = None) -> jax.Array:
+                           o_layout: str = "BHSD", interpret: bool | None = None,
+                           backend: str = "auto") -> jax.Array:
     """Pallas flash attention over a packed Q/K/V array, read in place (D must be its minor axis).
 
     ``qkv``: one array in ``packed_layout`` (e.g. "BS3HD": [B, S, 3, H, D]); returns [B,H,S,D]
     placed by ``o_layout`` (D minor), in qkv's dtype. Differentiable (flash backward kernels).
+    ``backend``: the forward on "triton", "mosaic_gpu" (Hopper: `mosaic_packed_attention`) or
+    "auto", as in `flash_attention`.
     """
     own = check_packed_layout(packed_layout)
     if own[-1] != "D" or o_layout[-1] != "D":
@@ -135,7 +146,11 @@ def packed_flash_attention(qkv: jax.Array, *, packed_layout: str, scale: float, 
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     cfg = _config(qkv.shape, packed_layout, o_layout, scale, causal, interpret)
-    return _packed(qkv, packed_layout, cfg)
+    view = jax.ShapeDtypeStruct(layout_shape(own, dict(zip(packed_layout, qkv.shape))), qkv.dtype)
+    chosen = pallas_backend(view, view, view, backend=backend, interpret=interpret, v_layout=own,
+                            q_layout=own, k_layout=own, o_layout=o_layout, causal=bool(causal),
+                            scale=float(scale))
+    return _packed(qkv, packed_layout, dataclasses.replace(cfg, backend=chosen))
 
 
 def lower_packed_attention(node: Any, args: Sequence[Any], attention_kernel: str = "auto") -> Any:
