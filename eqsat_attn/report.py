@@ -56,6 +56,7 @@ def attention_infos(program: Program, kernel: str) -> list[AttentionInfo]:
             infos.append(AttentionInfo(
                 v_layout="BHSD", v_storage=str(node["packed_layout"]), causal=bool(node["causal"]), kernel=kernel,
                 q_layout=own, k_layout=own, o_layout=str(node["o_layout"]), mask_kind=str(node["mask_kind"]),
+                backend=_packed_backend(program, node) if kernel == "pallas" else "",
             ))
             continue
         if node.op not in ("attention", "attention_fp8"):
@@ -87,6 +88,22 @@ def attention_infos(program: Program, kernel: str) -> list[AttentionInfo]:
             )
         )
     return infos
+
+
+def _packed_backend(program: Program, node) -> str:
+    """The Pallas backend `packed_flash_attention` picks for this packed attention node."""
+    import jax
+
+    from .kernels.flash_attention import pallas_backend
+
+    layout, o_layout = str(node["packed_layout"]), str(node["o_layout"])
+    own = layout.replace("3", "")
+    if str(node["mask_kind"]) != "none" or own[-1] != "D" or o_layout[-1] != "D":
+        return ""  # lower_packed_attention runs the reference
+    t = program.type_of(node.inputs[0])
+    view = jax.ShapeDtypeStruct(tuple(t.shape[layout.index(a)] for a in own), t.dtype)
+    return pallas_backend(view, view, view, v_layout=own, q_layout=own, k_layout=own,
+                          o_layout=o_layout, causal=bool(node["causal"]), scale=float(node["scale"]))
 
 
 def _pallas_backend(program: Program, node) -> str:
