@@ -167,9 +167,9 @@ def mosaic_unsupported(
     if len(dtypes) != 1 or not dtypes <= set(DTYPES + FP8_DTYPES):
         return f"q, k and v must share one dtype of {DTYPES + FP8_DTYPES}; got {sorted(dtypes)}"
     fp8 = dtypes <= set(FP8_DTYPES)
-    if fp8 and v_layout != "BHDS":
-        return ("fp8 P·V needs V K-major, i.e. transposed V [B,H,D,S]: Hopper's fp8 wgmma takes "
-                "no sequence-major V tile")
+    if fp8 and v_layout[-1] != "S":
+        return ("fp8 P·V needs V K-major, i.e. transposed V (S minor, e.g. [B,H,D,S]): Hopper's "
+                "fp8 wgmma takes no sequence-major V tile")
     table = FP8_BLOCK_TABLE if fp8 else BLOCK_TABLE
     _, _, _, sq, sk, d, dv = check_shapes(q, k, v, v_layout, q_layout=q_layout, k_layout=k_layout)
     if d != dv or d not in table:
@@ -251,19 +251,22 @@ class _Plan:
 
 def _accumulate_pv(plan: _Plan, acc, p, v_operand, p_smem, after):
     """acc + P·V on the tensor cores; ``after()`` runs while the wgmma is in flight."""
-    if not plan.stage_p:
-        def update(acc_ref):
-            plgpu.wgmma(acc_ref, p, v_operand)
+    a_operand = p
+    if plan.stage_p:  # P through shared memory (the previous step's wgmma on it has completed)
+        p_smem[...] = p
+        plgpu.commit_smem()
+        a_operand = p_smem
+    if plan.interpret:  # the interpreter runs no pl.run_state: a fresh accumulator, then add
+        def product(acc_ref):
+            plgpu.wgmma(acc_ref, a_operand, v_operand)
             after()
-        return pl.run_state(update)(plgpu.ACC.init(acc))
+            return acc_ref[...]
+        return acc + pl.run_scoped(product, plgpu.ACC((plan.blocks.block_q, plan.head_dim), jnp.float32))
 
-    def product(acc_ref):
-        plgpu.wgmma(acc_ref, p_smem, v_operand)
+    def update(acc_ref):
+        plgpu.wgmma(acc_ref, a_operand, v_operand)
         after()
-        return acc_ref[...]
-    p_smem[...] = p
-    plgpu.commit_smem()
-    return acc + pl.run_scoped(product, plgpu.ACC((plan.blocks.block_q, plan.head_dim), jnp.float32))
+    return pl.run_state(update)(plgpu.ACC.init(acc))  # awaits the wgmma before returning
 
 
 def _consumer(plan: _Plan, refs, scratch, barriers, wg):
