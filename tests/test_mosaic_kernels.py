@@ -4,10 +4,14 @@ budget) checked on CPU, backend choice and its errors, and the compiled kernel o
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from eqsat_attn.kernels import flash_attention
 from eqsat_attn.kernels.flash_attention import pallas_backend
@@ -39,6 +43,7 @@ def np_lse(q, k, *, scale, causal):
     ("BHSD", True, 128, jnp.float16, 2, 1, 256, 256, SMALL),     # D128, f16, MQA
     ("BHDS", True, 64, jnp.float16, 2, 2, 128, 256, MosaicBlocks(64, 64, 3)),  # Sq < Sk, 3 slots
     ("BHDS", False, 64, jnp.bfloat16, 2, 2, 128, 128, MosaicBlocks(64, 128, 1)),  # one slot
+    ("BHSD", False, 128, jnp.bfloat16, 1, 1, 128, 192, MosaicBlocks(64, 64, 1)),  # one slot, 3 steps
     ("BHSD", True, 64, jnp.bfloat16, 2, 2, 256, 128, MosaicBlocks(64, 64, 2)),  # Sq > Sk
     ("BHDS", True, 256, jnp.bfloat16, 2, 2, 128, 128, None),  # D256 with its table tiles
     ("BHDS", False, 128, jnp.bfloat16, 2, 2, 128, 320, None),  # key tile fitted to Sk: 64
@@ -331,3 +336,47 @@ def test_packed_compiled_kernel_lowers():
                                              o_layout="BSHD")
     text = jax.jit(fn).trace(qkv).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == 1 and "stablehlo.slice" not in text
+
+
+# --- random calls inside the contract (hypothesis) -----------------------------------------------
+
+_LAYOUTS_D_MINOR = ("BHSD", "BSHD", "SBHD", "HBSD")
+_LAYOUTS_S_MINOR = ("BHDS", "HDBS", "DBHS")
+
+
+@st.composite
+def _calls(draw):
+    hkv = draw(st.sampled_from([1, 2]))
+    return dict(
+        h=hkv * draw(st.sampled_from([1, 2])),
+        hkv=hkv,
+        sq=128 * draw(st.integers(1, 2)),
+        sk=64 * draw(st.integers(1, 4)),
+        d=draw(st.sampled_from([64, 128])),
+        dtype=draw(st.sampled_from([jnp.bfloat16, jnp.float16])),
+        causal=draw(st.booleans()),
+        qko=draw(st.sampled_from(_LAYOUTS_D_MINOR)),
+        v_layout=draw(st.sampled_from(_LAYOUTS_D_MINOR + _LAYOUTS_S_MINOR)),
+        stages=draw(st.integers(1, 3)),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(call=_calls())
+def test_random_calls_inside_the_contract_match_float64(call):
+    """Random shapes, GQA groups, head dims, dtypes, layouts, causal flags and pipeline depths,
+    interpreted, against float64 (o and lse) on random inputs."""
+    _, q, k, v, do = make_inputs(call["seed"], 1, call["h"], call["hkv"], call["sq"], call["sk"],
+                                 call["d"], call["d"], "BHSD", call["dtype"])
+    qko, vl = call["qko"], call["v_layout"]
+    blocks = dataclasses.replace(default_blocks(call["dtype"], call["d"], call["sk"]),
+                                 stages=call["stages"])
+    o, lse = mosaic_attention(_physical(q, qko), _physical(k, qko), _physical(v, vl),
+                              scale=call["d"] ** -0.5, causal=call["causal"], v_layout=vl,
+                              q_layout=qko, k_layout=qko, o_layout=qko, blocks=blocks,
+                              interpret=True)
+    want = np_attention(q, k, v, do, scale=call["d"] ** -0.5, causal=call["causal"])
+    assert_close(_logical(o, qko), want[0], 2e-2, "o")
+    np.testing.assert_allclose(np.asarray(lse), np_lse(q, k, scale=call["d"] ** -0.5,
+                                                       causal=call["causal"]), rtol=1e-5, atol=1e-4)

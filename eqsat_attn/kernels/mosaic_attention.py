@@ -385,30 +385,35 @@ def _producer(plan: _Plan, refs, scratch, barriers):
     kv_head = lax.div(head, plan.groups)
     cta_steps = plan.cta_kv_steps(q_tile)
 
-    def load(kv_step, slot):
-        keys = pl.ds(kv_step * bkv, bkv)
-        plgpu.copy_gmem_to_smem(plan.window("k", k_ref, batch, kv_head, keys), k_smem.at[slot],
-                                k_ready.at[slot])
-        plgpu.copy_gmem_to_smem(plan.window("v", v_ref, batch, kv_head, keys), v_smem.at[slot],
-                                v_ready.at[slot])
+    def load(operand: str, kv_step, slot):
+        ref, smem, ready = (k_ref, k_smem, k_ready) if operand == "k" else (v_ref, v_smem, v_ready)
+        tile = plan.window(operand, ref, batch, kv_head, pl.ds(kv_step * bkv, bkv))
+        plgpu.copy_gmem_to_smem(tile, smem.at[slot], ready.at[slot])
 
     plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
     for i in range(plan.stages):
-        pl.when(i < cta_steps)(functools.partial(load, i, i))
-
-    def wait_free(kv_step):
-        slot = lax.rem(kv_step, plan.stages)
-        plgpu.barrier_wait(k_free.at[slot])  # both consumers are done with this step's slot
-        plgpu.barrier_wait(v_free.at[slot])
+        @pl.when(i < cta_steps)
+        def _():
+            load("k", i, i)
+            load("v", i, i)
 
     @pl.loop(plan.stages, cta_steps)
     def _(kv_step):
-        wait_free(kv_step - plan.stages)
-        load(kv_step, lax.rem(kv_step, plan.stages))
+        # K and V slots are refilled separately: a consumer waits for the next K while it still
+        # holds this step's V, so one combined wait would deadlock a single-slot ring
+        slot = lax.rem(kv_step, plan.stages)
+        plgpu.barrier_wait(k_free.at[slot])  # both consumers are done with the K in this slot
+        load("k", kv_step, slot)
+        plgpu.barrier_wait(v_free.at[slot])
+        load("v", kv_step, slot)
 
     # observe the last releases too: no barrier phase completes unseen (jax 0.11's interpreter
     # checks this when the barriers are deallocated)
-    pl.loop(jnp.maximum(cta_steps - plan.stages, 0), cta_steps)(wait_free)
+    @pl.loop(jnp.maximum(cta_steps - plan.stages, 0), cta_steps)
+    def _(kv_step):
+        slot = lax.rem(kv_step, plan.stages)
+        plgpu.barrier_wait(k_free.at[slot])
+        plgpu.barrier_wait(v_free.at[slot])
 
 
 def _swizzled(dtype) -> tuple:
