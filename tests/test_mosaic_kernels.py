@@ -362,7 +362,9 @@ def _calls(draw):
     )
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomized: the same eight calls every run (CI must not meet a new shape by chance); widen
+# locally with a larger max_examples and derandomize=False
+@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(call=_calls())
 def test_random_calls_inside_the_contract_match_float64(call):
     """Random shapes, GQA groups, head dims, dtypes, layouts, causal flags and pipeline depths,
