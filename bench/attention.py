@@ -121,6 +121,9 @@ def implementations(shape: Shape, interpret: bool, blocks: tuple[int | None, int
             (lambda a: mosaic(a["q"], a["k"], a["v"], v_layout="BHSD"), "BHSD"),
         "ours Mosaic GPU transposed-V (V [B,H,D,S])":
             (lambda a: mosaic(a["q"], a["k"], a["vt"], v_layout="BHDS"), "BHSD"),
+        "ours Mosaic GPU, q/k/o/V [B,S,H,D] read in place":
+            (lambda a: mosaic(a["q_bshd"], a["k_bshd"], a["v_bshd"], v_layout="BSHD",
+                              q_layout="BSHD", k_layout="BSHD", o_layout="BSHD"), "BSHD"),
         "materialise V^T + ours transposed-V":
             (lambda a: ours(a["q"], a["k"], jnp.swapaxes(a["v"], 2, 3), v_layout="BHDS"), "BHSD"),
         "materialise V from V^T + ours standard":
