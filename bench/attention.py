@@ -37,6 +37,7 @@ if str(ROOT) not in sys.path:
 from eqsat_attn.kernels import attention_reference, flash_attention  # noqa: E402
 from eqsat_attn.kernels.fp8_attention import (FP8_ATOL, FP8_RTOL, compute_scale,  # noqa: E402
                                               dequantize, flash_attention_fp8, quantize)
+from eqsat_attn.kernels.mosaic_attention import MosaicBlocks, default_blocks  # noqa: E402
 
 ERR_TOL = 2e-2  # bf16 outputs: max abs error allowed, relative to 1 + max |reference|
 
@@ -101,6 +102,15 @@ def _stock_mgpu() -> Callable | None:
         return None
 
 
+def _overlapped(dtype, shape: Shape) -> MosaicBlocks | None:
+    """The Mosaic GPU kernel's default tiles with FlashAttention-3's intra-warpgroup overlap, or
+    None where the table has no row (the row then reads n/a with the contract's reason)."""
+    try:
+        return dataclasses.replace(default_blocks(dtype, shape.d, shape.s), overlap=True)
+    except KeyError:
+        return None
+
+
 def implementations(shape: Shape, interpret: bool, blocks: tuple[int | None, int | None]):
     """name -> (fn over (q, k, v_bhsd, v_bhds, q_bshd, k_bshd, v_bshd), how to read its output).
 
@@ -121,6 +131,12 @@ def implementations(shape: Shape, interpret: bool, blocks: tuple[int | None, int
             (lambda a: mosaic(a["q"], a["k"], a["v"], v_layout="BHSD"), "BHSD"),
         "ours Mosaic GPU transposed-V (V [B,H,D,S])":
             (lambda a: mosaic(a["q"], a["k"], a["vt"], v_layout="BHDS"), "BHSD"),
+        "ours Mosaic GPU standard, overlapped schedule":
+            (lambda a: mosaic(a["q"], a["k"], a["v"], v_layout="BHSD",
+                              mosaic_blocks=_overlapped(a["q"].dtype, shape)), "BHSD"),
+        "ours Mosaic GPU transposed-V, overlapped schedule":
+            (lambda a: mosaic(a["q"], a["k"], a["vt"], v_layout="BHDS",
+                              mosaic_blocks=_overlapped(a["q"].dtype, shape)), "BHSD"),
         "ours Mosaic GPU, q/k/o/V [B,S,H,D] read in place":
             (lambda a: mosaic(a["q_bshd"], a["k_bshd"], a["v_bshd"], v_layout="BSHD",
                               q_layout="BSHD", k_layout="BSHD", o_layout="BSHD"), "BSHD"),
@@ -190,6 +206,9 @@ def fp8_implementations(shape: Shape, interpret: bool, blocks: tuple[int | None,
             (lambda a: bf16(a["q"], a["k"], a["vt"], v_layout="BHDS"), "BHSD", "bf16"),
         "ours bf16 Mosaic GPU transposed-V (V [B,H,D,S])":
             (lambda a: bf16_mosaic(a["q"], a["k"], a["vt"], v_layout="BHDS"), "BHSD", "bf16"),
+        "ours bf16 Mosaic GPU transposed-V, overlapped schedule":
+            (lambda a: bf16_mosaic(a["q"], a["k"], a["vt"], v_layout="BHDS",
+                                   mosaic_blocks=_overlapped(a["q"].dtype, shape)), "BHSD", "bf16"),
         "ours fp8 Triton standard (V [B,H,S,D])":
             (lambda a: fp8(a["q8"], a["k8"], a["v8"], *a["scales"], v_layout="BHSD"), "BHSD", "fp8"),
         "ours fp8 Triton transposed-V (V [B,H,D,S])":
@@ -197,6 +216,9 @@ def fp8_implementations(shape: Shape, interpret: bool, blocks: tuple[int | None,
         "ours fp8 Mosaic GPU transposed-V (V [B,H,D,S])":
             (lambda a: fp8_mosaic(a["q8"], a["k8"], a["vt8"], *a["scales"], v_layout="BHDS"),
              "BHSD", "fp8"),
+        "ours fp8 Mosaic GPU transposed-V, overlapped schedule":
+            (lambda a: fp8_mosaic(a["q8"], a["k8"], a["vt8"], *a["scales"], v_layout="BHDS",
+                                  mosaic_blocks=_overlapped(a["q8"].dtype, shape)), "BHSD", "fp8"),
         "materialise V^T + ours fp8 transposed-V":
             (lambda a: fp8(a["q8"], a["k8"], jnp.swapaxes(a["v8"], 2, 3), *a["scales"],
                            v_layout="BHDS"), "BHSD", "fp8"),

@@ -11,8 +11,9 @@ they imply for `BLOCK_TABLE` in eqsat_attn/kernels/flash_attention.py. ``--fp8``
 kernel (q, k, v quantized per tensor to e4m3, both V layouts, D128 causal and not, block_k up to
 256: an fp8 tile takes half the shared memory of a bf16 one, so larger key tiles fit), checked against the reference on the dequantized operands with the fp8
 tolerance; it feeds `FP8_BLOCK_TABLE` in eqsat_attn/kernels/fp8_attention.py. ``--mosaic``
-sweeps the Mosaic GPU (Hopper) kernel's key tile and pipeline depth (block_q is 64 rows per
-compute warpgroup; the "warps" column reads "3 wg": two compute warpgroups and a TMA producer);
+sweeps the Mosaic GPU (Hopper) kernel's key tile, pipeline depth and schedule (block_q is 64 rows
+per compute warpgroup; the "warps" column reads "3 wg": two compute warpgroups and a TMA producer,
+"3 wg overlap" with FlashAttention-3's intra-warpgroup overlap, `MosaicBlocks.overlap`);
 it feeds `BLOCK_TABLE` in eqsat_attn/kernels/mosaic_attention.py. Tiles over Hopper's shared
 memory fail at compile time and are listed as failed.
 
@@ -61,9 +62,15 @@ MOSAIC_BLOCKS_KV = (64, 128, 256)
 MOSAIC_STAGES = (2, 3, 4)
 
 
+#: the Mosaic kernel's schedules, in the "warps" column: attention_mgpu's, and FlashAttention-3's
+#: intra-warpgroup overlap (`MosaicBlocks.overlap`)
+MOSAIC_SCHEDULES = ("3 wg", "3 wg overlap")
+
+
 def mosaic_configs(quick: bool) -> list[tuple[int, int, str, int]]:
     stages = (2, 3) if quick else MOSAIC_STAGES
-    return [(64, bk, "3 wg", st) for bk, st in itertools.product(MOSAIC_BLOCKS_KV, stages)]
+    return [(64, bk, schedule, st)
+            for bk, schedule, st in itertools.product(MOSAIC_BLOCKS_KV, MOSAIC_SCHEDULES, stages)]
 
 
 def configs(quick: bool) -> list[tuple[int, int, int, int]]:
@@ -90,7 +97,8 @@ def sweep_case(shape: Shape, v_layout: str, cfgs, reps: int, fp8: bool = False,
         if mosaic:
             fn = functools.partial(kernel, scale=shape.d ** -0.5, causal=shape.causal,
                                    v_layout=v_layout, backend="mosaic_gpu",
-                                   mosaic_blocks=MosaicBlocks(bq, bk, stages))
+                                   mosaic_blocks=MosaicBlocks(bq, bk, stages,
+                                                              overlap=warps.endswith("overlap")))
             return jax.jit(fn).lower(*args).compile()
         fn = functools.partial(kernel, scale=shape.d ** -0.5, causal=shape.causal,
                                v_layout=v_layout, block_q=bq, block_k=bk, num_warps=warps,

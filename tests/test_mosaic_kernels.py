@@ -60,6 +60,21 @@ def test_interpreted_forward_matches_float64(v_layout, causal, d, dtype, h, hkv,
                                rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("v_layout,causal,d,dtype,h,hkv,sq,sk,blocks", [
+    ("BHDS", True, 64, jnp.bfloat16, 4, 2, 256, 256, MosaicBlocks(64, 64, 2, overlap=True)),
+    ("BHSD", False, 128, jnp.float16, 1, 1, 128, 192, MosaicBlocks(64, 64, 1, overlap=True)),
+    ("BHDS", True, 64, jnp.bfloat16, 2, 2, 128, 256, MosaicBlocks(64, 64, 3, overlap=True)),
+    ("BHSD", True, 64, jnp.bfloat16, 2, 2, 256, 128, MosaicBlocks(64, 64, 2, overlap=True)),
+    ("BHDS", False, 64, jnp.bfloat16, 2, 2, 128, 64, MosaicBlocks(64, 64, 2, overlap=True)),
+])
+def test_interpreted_overlapped_schedule_matches_float64(v_layout, causal, d, dtype, h, hkv, sq,
+                                                         sk, blocks):
+    """FlashAttention-3's intra-warpgroup overlap (Q·Kᵀ of tile j issued with P·V of tile j-1,
+    strict turns between the warpgroups): causal with GQA and a warpgroup that releases tiles it
+    does not need, one slot, three slots, Sq > Sk, a single key tile."""
+    test_interpreted_forward_matches_float64(v_layout, causal, d, dtype, h, hkv, sq, sk, blocks)
+
+
 @pytest.mark.parametrize("qko,v_layout,causal", [
     ("BSHD", "BSHD", True),  # Flax's layout everywhere: strided TMA boxes, no copies
     ("BSHD", "HDBS", False),  # V^T as [H, D, B, S]
@@ -132,6 +147,21 @@ def test_compiled_kernel_lowers_with_strided_layouts():
     assert text.count("custom_call @mosaic_gpu") == 1 and "stablehlo.transpose" not in text
 
 
+@pytest.mark.parametrize("d,v_layout,causal", [(64, "BHDS", True), (128, "BHSD", False),
+                                                (128, "BHDS", True), (256, "BHDS", False)])
+def test_overlapped_kernel_lowers_for_hopper(d, v_layout, causal):
+    """The overlapped schedule's compiled form (two wgmma groups in flight, the scores awaited
+    alone with wgmma_wait 1, softmax state carried through pl.run_state) lowers for Hopper."""
+    q = jax.ShapeDtypeStruct((1, 4, 512, d), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 2, 512, d), jnp.bfloat16)
+    v = jax.ShapeDtypeStruct((1, 2, 512, d) if v_layout == "BHSD" else (1, 2, d, 512), jnp.bfloat16)
+    blocks = dataclasses.replace(default_blocks(jnp.bfloat16, d, 512), overlap=True)
+    fn = lambda q, k, v: mosaic_attention(q, k, v, scale=0.1, causal=causal, v_layout=v_layout,
+                                          blocks=blocks)
+    text = jax.jit(fn).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 1
+
+
 def test_oversized_tiles_fail_lowering_with_the_shared_memory_reason():
     q = jax.ShapeDtypeStruct((1, 1, 512, 128), jnp.bfloat16)
     fn = lambda q, k, v: mosaic_attention(q, k, v, scale=0.1, causal=False,
@@ -146,7 +176,7 @@ def test_oversized_tiles_fail_lowering_with_the_shared_memory_reason():
     (dict(sq=200), "multiple of 128"),
     (dict(sk=200), "multiple of block_kv"),
     (dict(bias=True), "bias"),
-    (dict(q_layout="BHDS"), "D minor in q, k and o"),
+    (dict(q_layout="BHDS"), "only with D as its minor"),
     (dict(compute_dtype="float32"), "cast prologue"),
 ])
 def test_unsupported_calls_say_why(change, reason):
@@ -200,6 +230,7 @@ def test_auto_backend_off_hopper_is_triton():
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("d,dtype", [(64, jnp.bfloat16), (128, jnp.bfloat16), (128, jnp.float16), (256, jnp.bfloat16)])
 def test_gpu_compiled_mosaic_matches_reference(v_layout, causal, d, dtype):
+    """The default schedule: o, lse and gradients through `flash_attention` on Hopper."""
     _, q, k, v, do = make_inputs(11, 2, 8, 2, 1024, 1024, d, d, v_layout, dtype)
     scale = d ** -0.5
     fn = lambda q, k, v: flash_attention(q, k, v, scale=scale, causal=causal, v_layout=v_layout)
@@ -214,6 +245,23 @@ def test_gpu_compiled_mosaic_matches_reference(v_layout, causal, d, dtype):
     assert_close(o2, want[0], 2e-2, "o via flash_attention")
     for name, got, w in zip("qkv", vjp(do), want[1:4]):
         assert_close(got, w, 3e-2, f"d{name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not hopper_gpu(), reason="needs a Hopper GPU (sm_90)")
+@pytest.mark.parametrize("v_layout", ["BHSD", "BHDS"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d,dtype", [(64, jnp.bfloat16), (128, jnp.float16), (256, jnp.bfloat16)])
+def test_gpu_compiled_overlapped_schedule_matches_reference(v_layout, causal, d, dtype):
+    _, q, k, v, do = make_inputs(13, 2, 8, 2, 1024, 1024, d, d, v_layout, dtype)
+    scale = d ** -0.5
+    blocks = dataclasses.replace(default_blocks(dtype, d, 1024), overlap=True)
+    o, lse = jax.jit(lambda q, k, v: mosaic_attention(q, k, v, scale=scale, causal=causal,
+                                                       v_layout=v_layout, blocks=blocks))(q, k, v)
+    want = np_attention(q, k, v, do, scale=scale, causal=causal, v_layout=v_layout)
+    assert_close(o, want[0], 2e-2, "o")
+    np.testing.assert_allclose(np.asarray(lse), np_lse(q, k, scale=scale, causal=causal),
+                               rtol=1e-3, atol=1e-2)
 
 
 def _bhsd_attention(q, k, v):
@@ -237,8 +285,9 @@ def test_report_names_the_pallas_backend_of_each_attention():
 
 # --- fp8 (issue 10): transposed V only ---------------------------------------------------------
 
-@pytest.mark.parametrize("causal,h,hkv,sq,sk", [(False, 2, 2, 128, 256), (True, 4, 2, 256, 256)])
-def test_interpreted_fp8_forward_and_gradients(causal, h, hkv, sq, sk):
+@pytest.mark.parametrize("causal,h,hkv,sq,sk,overlap", [
+    (False, 2, 2, 128, 256, False), (True, 4, 2, 256, 256, False), (True, 2, 2, 256, 256, True)])
+def test_interpreted_fp8_forward_and_gradients(causal, h, hkv, sq, sk, overlap):
     """fp8 q, k, V^T with per-tensor descales: the Mosaic GPU forward (P staged as e4m3 in shared
     memory) within the fp8 tolerance of float64 on the dequantized operands; gradients through the
     shared bf16 backward kernels."""
@@ -249,20 +298,22 @@ def test_interpreted_fp8_forward_and_gradients(causal, h, hkv, sq, sk):
     x8, scales, do = fp8_inputs(7, 1, h, hkv, sq, sk, 128, "BHDS")
     kw = dict(scale=128 ** -0.5, causal=causal, v_layout="BHDS")
     o, grads = flash_attention_fp8_vjp(*x8, *scales, do, backend="mosaic_gpu",
-                                       mosaic_blocks=MosaicBlocks(64, 128, 2), **kw)
+                                       mosaic_blocks=MosaicBlocks(64, 128, 2, overlap=overlap),
+                                       **kw)
     assert o.dtype == jnp.bfloat16
     o_want, dq, dk, dv, _ = expected(x8, scales, do, **kw)
     check(o, o_want, "o", atol=FP8_ATOL * vmax(x8, scales))
     check_grads(grads, (dq, dk, dv))
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_compiled_fp8_kernel_lowers_with_transposed_v(causal):
+@pytest.mark.parametrize("causal,overlap", [(False, False), (True, False), (True, True)])
+def test_compiled_fp8_kernel_lowers_with_transposed_v(causal, overlap):
     q = jax.ShapeDtypeStruct((1, 4, 512, 128), jnp.float8_e4m3fn)
     vt = jax.ShapeDtypeStruct((1, 4, 128, 512), jnp.float8_e4m3fn)
     scalar = jax.ShapeDtypeStruct((), jnp.float32)
     fn = lambda q, k, v, a, b: mosaic_attention(q, k, v, scale=0.1, causal=causal, v_layout="BHDS",
-                                                descales=(a, b))
+                                                descales=(a, b),
+                                                blocks=MosaicBlocks(64, 128, 2, overlap=overlap))
     text = jax.jit(fn).trace(q, q, vt, scalar, scalar).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == 1
 
@@ -296,14 +347,17 @@ def test_fp8_auto_backend_stays_triton_until_measured():
 @pytest.mark.gpu
 @pytest.mark.skipif(not hopper_gpu(), reason="needs a Hopper GPU (sm_90)")
 @pytest.mark.parametrize("causal", [False, True])
-def test_gpu_compiled_mosaic_fp8_matches_reference(causal):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_gpu_compiled_mosaic_fp8_matches_reference(causal, overlap):
     from test_fp8_kernels import check, expected, fp8_inputs, vmax
 
     from eqsat_attn.kernels.fp8_attention import FP8_ATOL, flash_attention_fp8
 
     x8, scales, do = fp8_inputs(12, 2, 8, 2, 1024, 1024, 128, "BHDS")
     kw = dict(scale=128 ** -0.5, causal=causal, v_layout="BHDS")
-    o = jax.jit(lambda *a: flash_attention_fp8(*a, backend="mosaic_gpu", **kw))(*x8, *scales)
+    blocks = MosaicBlocks(64, 128, 2, overlap=overlap)
+    o = jax.jit(lambda *a: flash_attention_fp8(*a, backend="mosaic_gpu", mosaic_blocks=blocks,
+                                               **kw))(*x8, *scales)
     check(o, expected(x8, scales, do, **kw)[0], "o", atol=FP8_ATOL * vmax(x8, scales))
 
 
@@ -358,6 +412,7 @@ def _calls(draw):
         qko=draw(st.sampled_from(_LAYOUTS_D_MINOR)),
         v_layout=draw(st.sampled_from(_LAYOUTS_D_MINOR + _LAYOUTS_S_MINOR)),
         stages=draw(st.integers(1, 3)),
+        overlap=draw(st.booleans()),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -367,13 +422,13 @@ def _calls(draw):
 @settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(call=_calls())
 def test_random_calls_inside_the_contract_match_float64(call):
-    """Random shapes, GQA groups, head dims, dtypes, layouts, causal flags and pipeline depths,
-    interpreted, against float64 (o and lse) on random inputs."""
+    """Random shapes, GQA groups, head dims, dtypes, layouts, causal flags, pipeline depths and
+    schedules, interpreted, against float64 (o and lse) on random inputs."""
     _, q, k, v, do = make_inputs(call["seed"], 1, call["h"], call["hkv"], call["sq"], call["sk"],
                                  call["d"], call["d"], "BHSD", call["dtype"])
     qko, vl = call["qko"], call["v_layout"]
     blocks = dataclasses.replace(default_blocks(call["dtype"], call["d"], call["sk"]),
-                                 stages=call["stages"])
+                                 stages=call["stages"], overlap=call["overlap"])
     o, lse = mosaic_attention(_physical(q, qko), _physical(k, qko), _physical(v, vl),
                               scale=call["d"] ** -0.5, causal=call["causal"], v_layout=vl,
                               q_layout=qko, k_layout=qko, o_layout=qko, blocks=blocks,

@@ -13,7 +13,7 @@ projection sliced into parts, the parts transposed, split into heads, multiplied
 concatenated) so the `projections` and `packed_qkv` rules (horizontal fusion and its reverse)
 fire; it also extracts exactly (ILP) under models that prefer merged and split matmuls.
 
-The number of examples is ``--soundness-examples`` (default 200, the CI budget; ``./dev soundness N``).
+The number of examples is ``--soundness-examples`` (default 300, the CI budget; ``./dev soundness N``).
 """
 
 from __future__ import annotations
@@ -416,6 +416,7 @@ def soundness_examples(request) -> int:
     return int(request.config.getoption("--soundness-examples"))
 
 
+@pytest.mark.slow
 def test_random_programs_keep_their_values(soundness_examples):
     @settings(
         max_examples=soundness_examples, deadline=None, derandomize=True, database=None,

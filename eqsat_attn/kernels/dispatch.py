@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import jax
 
-from .flash_attention import flash_attention, kernel_layout_error, kernel_supports_layouts
-from .reference import attention_reference
+from .flash_attention import flash_attention
+from .reference import attention_reference, kernel_layout_error, kernel_supports_layouts
 
 __all__ = ["KERNELS", "attention", "chosen_kernel", "kernel_layout_error", "kernel_supports_layouts",
            "pallas_available"]

@@ -49,7 +49,7 @@ from jax.experimental import pallas as pl
 
 from .mosaic_attention import (FP8_DTYPES, MosaicBlocks, hopper_gpu, mosaic_attention,
                                mosaic_unsupported)
-from .reference import CANONICAL, MASK_VALUE, check_layout, check_shapes, layout_shape
+from .reference import CANONICAL, MASK_VALUE, check_shapes, kernel_layout_error, layout_shape
 
 LOG2E: float = math.log2(math.e)
 
@@ -150,32 +150,6 @@ class _Config:
             f"_q{self.q_layout}_k{self.k_layout}_o{self.o_layout}".lower()
         fp8 = "_fp8" if self.descaled else ""
         return f"{prefix}{fp8}_{self.v_layout.lower()}{tail}"
-
-
-def kernel_layout_error(q_layout: str = CANONICAL, k_layout: str = CANONICAL,
-                        v_layout: str = CANONICAL, o_layout: str = CANONICAL) -> str | None:
-    """Why the Pallas kernels cannot read these operand layouts in place, or None if they can.
-
-    Each layout must be a permutation of "BHSD"; q, k and o need D as their minor (last) axis;
-    v needs D (standard) or S (transposed V) minor. B and H may sit anywhere.
-    """
-    for name, layout, minors in (("q_layout", q_layout, "D"), ("k_layout", k_layout, "D"),
-                                 ("v_layout", v_layout, "DS"), ("o_layout", o_layout, "D")):
-        try:
-            check_layout(name, layout)
-        except ValueError as err:
-            return str(err)
-        if layout[-1] not in minors:
-            wanted = "D" if minors == "D" else "D (standard) or S (transposed V)"
-            return (f"the Pallas kernel reads {name}={layout!r} only with {wanted} as its minor "
-                    f"(last) axis; transpose the operand first")
-    return None
-
-
-def kernel_supports_layouts(q_layout: str = CANONICAL, k_layout: str = CANONICAL,
-                            v_layout: str = CANONICAL, o_layout: str = CANONICAL) -> bool:
-    """True when the Pallas kernels read and write these layouts in place (no transposes)."""
-    return kernel_layout_error(q_layout, k_layout, v_layout, o_layout) is None
 
 
 def pallas_backend(q, k, v, *, backend: str = "auto", interpret: bool | None = None,

@@ -51,9 +51,9 @@ import jax.numpy as jnp
 
 from .flash_attention import (BACKWARDS, LOG2E, _backward, _backward_pallas, _Config, _crop,
                               _forward, _next_pow2, _pad_to, block_sizes, bwd_block_sizes,
-                              kernel_layout_error, pallas_backend)
+                              pallas_backend)
 from .mosaic_attention import MosaicBlocks
-from .reference import attention_reference, check_shapes
+from .reference import attention_reference, check_shapes, kernel_layout_error
 
 #: fp8 dtypes of the op; e4m3 for the forward operands, e5m2 where a backward wants range.
 FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")

@@ -43,6 +43,32 @@ def check_shapes(q: jax.Array, k: jax.Array, v: jax.Array, v_layout: str = "BHSD
     return b, h, hkv, sq, sk, d, dv
 
 
+def kernel_layout_error(q_layout: str = CANONICAL, k_layout: str = CANONICAL,
+                        v_layout: str = CANONICAL, o_layout: str = CANONICAL) -> str | None:
+    """Why the Pallas kernels cannot read these operand layouts in place, or None if they can.
+
+    Each layout must be a permutation of "BHSD"; q, k and o need D as their minor (last) axis;
+    v needs D (standard) or S (transposed V) minor. B and H may sit anywhere.
+    """
+    for name, layout, minors in (("q_layout", q_layout, "D"), ("k_layout", k_layout, "D"),
+                                 ("v_layout", v_layout, "DS"), ("o_layout", o_layout, "D")):
+        try:
+            check_layout(name, layout)
+        except ValueError as err:
+            return str(err)
+        if layout[-1] not in minors:
+            wanted = "D" if minors == "D" else "D (standard) or S (transposed V)"
+            return (f"the Pallas kernels read {name}={layout!r} only with {wanted} as its minor "
+                    f"(last) axis; transpose the operand first")
+    return None
+
+
+def kernel_supports_layouts(q_layout: str = CANONICAL, k_layout: str = CANONICAL,
+                            v_layout: str = CANONICAL, o_layout: str = CANONICAL) -> bool:
+    """True when the Pallas kernels read and write these layouts in place (no transposes)."""
+    return kernel_layout_error(q_layout, k_layout, v_layout, o_layout) is None
+
+
 def layout_shape(layout: str, sizes: dict[str, int]) -> tuple[int, ...]:
     """The physical shape of an array in `layout` with the given per-axis sizes."""
     return tuple(sizes[a] for a in layout)
