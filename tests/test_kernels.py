@@ -325,7 +325,8 @@ def test_bench_cpu_smoke(tmp_path):
     assert "transposed-V" in text and "| ok" in text
     assert "FAIL" not in text
     mosaic_ok = [line for line in text.splitlines() if "ours Mosaic GPU" in line and line.endswith("| ok |")]
-    assert len(mosaic_ok) == 3  # standard, transposed-V, [B,S,H,D] in place: D64 smoke shape (interpreted)
+    # standard and transposed-V in both schedules, [B,S,H,D] in place: D64 smoke shape (interpreted)
+    assert len(mosaic_ok) == 5 and sum("overlapped schedule" in line for line in mosaic_ok) == 2
 
 
 def test_flash_pallas_backward_uneven_tiles_and_jax_backward_agree():

@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -96,10 +97,19 @@ BACKWARDS = ("pallas", "jax")
 #: Pallas backends of the forward kernel: Triton (any GPU, interpret mode anywhere) and Mosaic GPU
 #: (Hopper: wgmma, TMA, warp specialisation; kernels/mosaic_attention.py). Both share the backward.
 BACKENDS = ("auto", "triton", "mosaic_gpu")
-#: "auto" picks the Mosaic GPU kernel for fp8 operands too. Off until its compiled form has run on
-#: a GPU: the 16-bit kernel follows jax's attention_mgpu, measured at 558 TFLOP/s on an H100;
-#: the fp8 one (P staged through shared memory) has only been interpreted and lowered.
+#: "auto" picks the Mosaic GPU kernel on a Hopper GPU, for 16-bit and for fp8 operands. Both off
+#: until the compiled kernel has run on a GPU (`bash bench/gpu_session.sh mosaic`): it has only
+#: been interpreted and lowered, and "auto" must not hand users a kernel no GPU has executed.
+#: Opt in before that with the environment variable EQSAT_ATTN_AUTO_MOSAIC=1, or force it per call
+#: with backend="mosaic_gpu".
+AUTO_MOSAIC = False
 AUTO_MOSAIC_FP8 = False
+AUTO_MOSAIC_ENV = "EQSAT_ATTN_AUTO_MOSAIC"
+
+
+def auto_takes_mosaic(fp8: bool) -> bool:
+    """Whether "auto" may pick the Mosaic GPU kernel (for a Hopper call inside its contract)."""
+    return os.environ.get(AUTO_MOSAIC_ENV) == "1" or (AUTO_MOSAIC_FP8 if fp8 else AUTO_MOSAIC)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,9 +167,10 @@ def pallas_backend(q, k, v, *, backend: str = "auto", interpret: bool | None = N
     """The Pallas backend that runs this forward: "mosaic_gpu" or "triton".
 
     q, k, v: arrays or ShapeDtypeStructs; ``call``: the other `mosaic_unsupported` arguments
-    (layouts, causal, scale, bias, compute_dtype, blocks). "auto" takes Mosaic GPU when compiling
-    for a Hopper GPU and the call is inside its contract (and no Triton tiles were given; fp8
-    operands only with AUTO_MOSAIC_FP8), else Triton. Forcing "mosaic_gpu" on a call outside its contract raises ValueError saying why.
+    (layouts, causal, scale, bias, compute_dtype, blocks). "auto" takes Mosaic GPU when
+    `auto_takes_mosaic`, compiling for a Hopper GPU, the call is inside its contract and no Triton
+    tiles were given; else Triton. Forcing "mosaic_gpu" on a call outside its contract raises
+    ValueError saying why.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -175,7 +186,7 @@ def pallas_backend(q, k, v, *, backend: str = "auto", interpret: bool | None = N
         return "mosaic_gpu"
     fp8 = jnp.dtype(q.dtype).name in FP8_DTYPES
     auto = reason is None and not interpret and not tiles_given and hopper_gpu() and \
-        (AUTO_MOSAIC_FP8 or not fp8)
+        auto_takes_mosaic(fp8)
     return "mosaic_gpu" if auto else "triton"
 
 
@@ -710,7 +721,8 @@ def flash_attention(
     output is in it, the gradients in q's, k's and v's own dtypes. ``backend`` (`pallas_backend`):
     the forward on "triton", on "mosaic_gpu" (Hopper; ``mosaic_blocks`` overrides its
     `mosaic_attention.BLOCK_TABLE` tiles) or "auto" (Mosaic GPU on a Hopper GPU when the call is
-    in its contract, else Triton); the backward kernels are Triton's either way.
+    in its contract and `auto_takes_mosaic`, else Triton); the backward kernels are Triton's
+    either way.
     """
     if backward not in BACKWARDS:
         raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")

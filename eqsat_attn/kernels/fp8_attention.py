@@ -190,7 +190,8 @@ def flash_attention_fp8(
     backward's tiles; num_warps / num_stages override the forward's Triton settings
     (bench/tune_attention.py --fp8 sweeps all four). ``backend``: the forward on "triton",
     "mosaic_gpu" (Hopper; transposed V only, see `mosaic_attention.mosaic_unsupported`) or
-    "auto" (Mosaic GPU on a Hopper GPU when the call is in its contract), as in `flash_attention`.
+    "auto" (Mosaic GPU on a Hopper GPU when the call is in its contract and
+    `flash_attention.auto_takes_mosaic`), as in `flash_attention`.
     """
     q, k, v, scales, cfg, (_, dv) = _prepare(
         q, k, v, q_scale, k_scale, v_scale, scale=scale, causal=causal, v_layout=v_layout,
