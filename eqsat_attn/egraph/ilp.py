@@ -9,7 +9,11 @@ operands) are free structure and primitives are parameters, not choices.
 The ILP is the standard one for e-graph extraction:
 
 - a binary ``x_n`` per candidate e-node; exactly one node of the root class; at most one per class;
-- a chosen node needs one chosen node in each of its child classes: ``x_n <= sum_{m in c} x_m``;
+- a chosen node needs one chosen node in each of its child classes: ``x_n <= sum_{m in c} x_m``,
+  summed only over the nodes of ``c`` that do not use n's class back (two classes cannot support
+  each other: x = transpose(transpose(x)) is no way to compute x). Valid for every acyclic
+  choice, and it lifts the LP relaxation, which otherwise prices a block's matmuls at almost
+  nothing by letting x and transpose(x) hold each other up fractionally;
 - acyclicity, only inside strongly connected components of the class graph (edges between
   components cannot close a cycle): for two classes that use each other (x and transpose(x)),
   one clique row ``sum x <= 1`` over the nodes of either that use the other; for components of
@@ -403,7 +407,10 @@ def extract_program_ilp(
     for n in nodes:
         cls = g.nodes[n]["eclass"]
         for cc in children[n]:
-            row(0.0, inf, [(col[n], -1.0)] + [(col[m], 1.0) for m in alive[cc]])
+            # a chosen node needs a chosen node in each child class, and (2-cycles) one that does
+            # not use this node's class back: x and transpose(x) cannot support each other
+            support = [m for m in alive[cc] if cls not in children[m]]
+            row(0.0, inf, [(col[n], -1.0)] + [(col[m], 1.0) for m in support])
             if cls in tcol and comp[cc] == comp[cls]:
                 big = float(comp_size[comp[cls]])
                 # t_cls - t_cc - M x_n >= 1 - M
