@@ -106,7 +106,7 @@ def _overlapped(dtype, shape: Shape) -> MosaicBlocks | None:
     """The Mosaic GPU kernel's default tiles with FlashAttention-3's intra-warpgroup overlap, or
     None where the table has no row (the row then reads n/a with the contract's reason)."""
     try:
-        return dataclasses.replace(default_blocks(dtype, shape.d, shape.s), overlap=True)
+        return default_blocks(dtype, shape.d, shape.s, overlap=True)
     except KeyError:
         return None
 

@@ -155,7 +155,7 @@ def test_overlapped_kernel_lowers_for_hopper(d, v_layout, causal):
     q = jax.ShapeDtypeStruct((1, 4, 512, d), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((1, 2, 512, d), jnp.bfloat16)
     v = jax.ShapeDtypeStruct((1, 2, 512, d) if v_layout == "BHSD" else (1, 2, d, 512), jnp.bfloat16)
-    blocks = dataclasses.replace(default_blocks(jnp.bfloat16, d, 512), overlap=True)
+    blocks = default_blocks(jnp.bfloat16, d, 512, overlap=True)
     fn = lambda q, k, v: mosaic_attention(q, k, v, scale=0.1, causal=causal, v_layout=v_layout,
                                           blocks=blocks)
     text = jax.jit(fn).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
@@ -195,6 +195,14 @@ def test_unsupported_calls_say_why(change, reason):
 ])
 def test_default_key_tile_is_fitted_to_the_key_length(dtype, d, sk, block_kv):
     assert default_blocks(dtype, d, sk).block_kv == block_kv
+
+
+@pytest.mark.parametrize("d,sk,block_kv", [(64, 4096, 128), (128, 4096, 128), (256, 4096, 64),
+                                           (64, 320, 64)])
+def test_overlapped_default_tiles_cap_the_key_tile(d, sk, block_kv):
+    """Two score tiles live at once in the overlapped schedule: D64's 256-key tile is halved."""
+    blocks = default_blocks(jnp.bfloat16, d, sk, overlap=True)
+    assert blocks.overlap and blocks.block_kv == block_kv
 
 
 def test_a_call_inside_the_contract_is_supported():
@@ -256,7 +264,7 @@ def test_gpu_compiled_mosaic_matches_reference(v_layout, causal, d, dtype):
 def test_gpu_compiled_overlapped_schedule_matches_reference(v_layout, causal, d, dtype):
     _, q, k, v, do = make_inputs(13, 2, 8, 2, 1024, 1024, d, d, v_layout, dtype)
     scale = d ** -0.5
-    blocks = dataclasses.replace(default_blocks(dtype, d, 1024), overlap=True)
+    blocks = default_blocks(dtype, d, 1024, overlap=True)
     o, lse = jax.jit(lambda q, k, v: mosaic_attention(q, k, v, scale=scale, causal=causal,
                                                        v_layout=v_layout, blocks=blocks))(q, k, v)
     want = np_attention(q, k, v, do, scale=scale, causal=causal, v_layout=v_layout)

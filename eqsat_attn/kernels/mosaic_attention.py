@@ -125,12 +125,21 @@ FP8_BLOCK_TABLE: dict[int, MosaicBlocks] = {
 }
 
 
-def default_blocks(dtype, head_dim: int, sk: int) -> MosaicBlocks:
+#: the overlapped schedule holds two score tiles' worth of registers at once (S_j and the P_{j-1}
+#: being multiplied, beside the accumulator): its key tile is capped so that a warpgroup's
+#: [block_q, block_kv] f32 scores take 64 registers a thread, as in FlashAttention-3
+OVERLAP_MAX_BLOCK_KV = 128
+
+
+def default_blocks(dtype, head_dim: int, sk: int, overlap: bool = False) -> MosaicBlocks:
     """The table's tiles for this dtype and head dim, the key tile shrunk (in steps of one
     128-byte swizzle row: 64 16-bit or 128 fp8 elements) to the largest that divides ``sk``, so
-    short or odd key lengths still run (KeyError: no table row)."""
+    short or odd key lengths still run (KeyError: no table row). ``overlap``: tiles for the
+    overlapped schedule (key tile at most `OVERLAP_MAX_BLOCK_KV`)."""
     fp8 = jnp.dtype(dtype).name in FP8_DTYPES
     blk = (FP8_BLOCK_TABLE if fp8 else BLOCK_TABLE)[head_dim]
+    if overlap:
+        blk = dataclasses.replace(blk, block_kv=min(blk.block_kv, OVERLAP_MAX_BLOCK_KV), overlap=True)
     step = 128 // jnp.dtype(dtype).itemsize
     fits = [n for n in range(blk.block_kv, 0, -step) if n % 64 == 0 and sk % n == 0]
     return dataclasses.replace(blk, block_kv=fits[0]) if fits else blk
