@@ -18,7 +18,7 @@ for stage in "$@"; do
   case $stage in
     check) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tee "$OUT/check.log" | tail -25 ;;
     # the compiled Mosaic GPU kernel only (its interpreted tests run in CI), both schedules
-    mosaic) timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_mosaic_kernels.py 2>&1 | tee "$OUT/mosaic.log" | tail -25 ;;
+    mosaic) timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_mosaic_kernels.py 2>&1 | tee "$OUT/mosaic.log" | tail -25 ;;
     tune-mosaic) timeout 420 python3 bench/tune_attention.py --mosaic --quick --out "$OUT/tune-mosaic.md" 2>&1 | tail -40 ;;
     tune-mosaic-fp8) timeout 200 python3 bench/tune_attention.py --mosaic --fp8 --out "$OUT/tune-mosaic-fp8.md" 2>&1 | tail -30 ;;
     attention) timeout 290 python3 bench/attention.py --out "$OUT/attention.md" 2>&1 | tail -60 ;;

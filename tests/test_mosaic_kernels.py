@@ -233,44 +233,40 @@ def test_auto_backend_off_hopper_is_triton(monkeypatch):
 
 # --- GPU only: the compiled kernel on Hopper ----------------------------------------------------
 
+# Forward only here, one compile each (a device call's minutes are few); gradients once below.
 @pytest.mark.gpu
 @pytest.mark.skipif(not hopper_gpu(), reason="needs a Hopper GPU (sm_90)")
+@pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("v_layout", ["BHSD", "BHDS"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("d,dtype", [(64, jnp.bfloat16), (128, jnp.bfloat16), (128, jnp.float16), (256, jnp.bfloat16)])
-def test_gpu_compiled_mosaic_matches_reference(v_layout, causal, d, dtype):
-    """The default schedule: o, lse and gradients through `flash_attention` on Hopper."""
+def test_gpu_compiled_mosaic_matches_reference(overlap, v_layout, causal, d, dtype):
+    """Both schedules compiled on Hopper with their default tiles: o and lse against float64."""
     _, q, k, v, do = make_inputs(11, 2, 8, 2, 1024, 1024, d, d, v_layout, dtype)
     scale = d ** -0.5
-    fn = lambda q, k, v: flash_attention(q, k, v, scale=scale, causal=causal, v_layout=v_layout,
-                                         backend="mosaic_gpu")
-    o, lse = jax.jit(lambda q, k, v: mosaic_attention(q, k, v, scale=scale, causal=causal,
-                                                       v_layout=v_layout))(q, k, v)
-    want = np_attention(q, k, v, do, scale=scale, causal=causal, v_layout=v_layout)
-    assert_close(o, want[0], 2e-2, "o")
-    np.testing.assert_allclose(np.asarray(lse), np_lse(q, k, scale=scale, causal=causal),
-                               rtol=1e-3, atol=1e-2)
-    o2, vjp = jax.vjp(jax.jit(fn), q, k, v)
-    assert_close(o2, want[0], 2e-2, "o via flash_attention")
-    for name, got, w in zip("qkv", vjp(do), want[1:4]):
-        assert_close(got, w, 3e-2, f"d{name}")
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not hopper_gpu(), reason="needs a Hopper GPU (sm_90)")
-@pytest.mark.parametrize("v_layout", ["BHSD", "BHDS"])
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("d,dtype", [(64, jnp.bfloat16), (128, jnp.float16), (256, jnp.bfloat16)])
-def test_gpu_compiled_overlapped_schedule_matches_reference(v_layout, causal, d, dtype):
-    _, q, k, v, do = make_inputs(13, 2, 8, 2, 1024, 1024, d, d, v_layout, dtype)
-    scale = d ** -0.5
-    blocks = default_blocks(dtype, d, 1024, overlap=True)
+    blocks = default_blocks(dtype, d, 1024, overlap=overlap)
     o, lse = jax.jit(lambda q, k, v: mosaic_attention(q, k, v, scale=scale, causal=causal,
                                                        v_layout=v_layout, blocks=blocks))(q, k, v)
     want = np_attention(q, k, v, do, scale=scale, causal=causal, v_layout=v_layout)
     assert_close(o, want[0], 2e-2, "o")
     np.testing.assert_allclose(np.asarray(lse), np_lse(q, k, scale=scale, causal=causal),
                                rtol=1e-3, atol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not hopper_gpu(), reason="needs a Hopper GPU (sm_90)")
+@pytest.mark.parametrize("v_layout", ["BHSD", "BHDS"])
+def test_gpu_gradients_through_compiled_mosaic_forward(v_layout):
+    """jax.grad through `flash_attention(backend="mosaic_gpu")`: the compiled forward's residuals
+    feed the Triton backward kernels (causal, GQA)."""
+    _, q, k, v, do = make_inputs(12, 2, 8, 2, 1024, 1024, 128, 128, v_layout, jnp.bfloat16)
+    fn = lambda q, k, v: flash_attention(q, k, v, scale=128 ** -0.5, causal=True, v_layout=v_layout,
+                                         backend="mosaic_gpu")
+    want = np_attention(q, k, v, do, scale=128 ** -0.5, causal=True, v_layout=v_layout)
+    o, vjp = jax.vjp(jax.jit(fn), q, k, v)
+    assert_close(o, want[0], 2e-2, "o")
+    for name, got, w in zip("qkv", vjp(do), want[1:4]):
+        assert_close(got, w, 3e-2, f"d{name}")
 
 
 def _bhsd_attention(q, k, v):
