@@ -22,7 +22,7 @@ for stage in "$@"; do
     tune-mosaic) timeout 420 python3 bench/tune_attention.py --mosaic --quick --out "$OUT/tune-mosaic.md" 2>&1 | tail -40 ;;
     tune-mosaic-fp8) timeout 200 python3 bench/tune_attention.py --mosaic --fp8 --out "$OUT/tune-mosaic-fp8.md" 2>&1 | tail -30 ;;
     attention) timeout 290 python3 bench/attention.py --out "$OUT/attention.md" 2>&1 | tail -60 ;;
-    attention-quick) timeout 300 python3 bench/attention.py --quick --out "$OUT/attention.md" 2>&1 | tail -40 ;;
+    attention-quick) timeout 400 python3 bench/attention.py --quick --out "$OUT/attention.md" 2>&1 | tail -40 ;;
     e2e) timeout 230 python3 bench/end_to_end.py --out "$OUT/end-to-end.md" 2>&1 | tail -30 ;;
     e2e-fp8) timeout 300 python3 bench/end_to_end.py --fp8 --out "$OUT/end-to-end-fp8.md" 2>&1 | tail -30 ;;
     cost-model) timeout 250 python3 bench/cost_model_experiment.py --calibrate --variants 20 --out "$OUT/cost-model.md" \
