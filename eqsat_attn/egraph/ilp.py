@@ -34,10 +34,11 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from egglog import EGraph
 
@@ -51,6 +52,7 @@ from .extract import concat_view, op_view
 MAX_ENODES = 5000  # candidate Term/TermList e-nodes reachable from the root
 _HIGHS_LOG = False  # set True to see the solver log
 _BANNER_DONE = False  # HiGHS printed (or swallowed) its once-per-process banner
+_BANNER_LOCK = threading.Lock()  # extractions may run on threads (HiGHS releases the GIL)
 _INFEASIBLE = 1e29  # a node priced at or above this (untyped) is never chosen
 
 
@@ -59,19 +61,20 @@ def _new_highs(highspy: Any) -> Any:
     process's first instance, before any option can be set, so that one is made with the
     process's standard output pointed at the null device."""
     global _BANNER_DONE
-    if _HIGHS_LOG or _BANNER_DONE:
-        h = highspy.Highs()
-    else:
-        sys.stdout.flush()
-        saved = os.dup(1)
-        try:
-            with open(os.devnull, "w") as null:
-                os.dup2(null.fileno(), 1)
-                h = highspy.Highs()
-        finally:
-            os.dup2(saved, 1)
-            os.close(saved)
-        _BANNER_DONE = True
+    with _BANNER_LOCK:
+        if _HIGHS_LOG or _BANNER_DONE:
+            h = highspy.Highs()
+        else:
+            sys.stdout.flush()
+            saved = os.dup(1)
+            try:
+                with open(os.devnull, "w") as null:
+                    os.dup2(null.fileno(), 1)
+                    h = highspy.Highs()
+            finally:
+                os.dup2(saved, 1)
+                os.close(saved)
+            _BANNER_DONE = True
     h.setOptionValue("output_flag", _HIGHS_LOG)
     return h
 
@@ -100,6 +103,7 @@ class _Graph:
 
     @classmethod
     def read(cls, egraph: EGraph) -> _Graph:
+        """The e-graph as it is now (a snapshot: later rewrites do not change it)."""
         serialized = egraph._egraph.serialize([])
         if serialized.truncated_functions or serialized.discarded_functions:
             raise ILPExtractionError(
@@ -149,6 +153,11 @@ class _Graph:
         if sort == "Unit":
             return None
         raise ILPExtractionError(f"unsupported primitive sort {sort!r} ({op!r})")
+
+
+def read_graph(egraph: EGraph) -> _Graph:
+    """A snapshot of ``egraph`` for `extract_program_ilp` (``graph=``)."""
+    return _Graph.read(egraph)
 
 
 def _class_types(g: _Graph) -> dict[str, ir.TensorType]:
@@ -266,7 +275,23 @@ def _sccs(succ: dict[str, set[str]]) -> dict[str, int]:
     return comp
 
 
-def extract_program_ilp(
+class ILPExtraction(NamedTuple):
+    """What `extract_ilp` found: the program, its cost under the model (the ILP objective), and
+    whether HiGHS proved it optimal (False: stopped at the time limit with its best so far)."""
+
+    program: ir.Program
+    cost: float
+    optimal: bool
+
+
+def extract_program_ilp(egraph: EGraph, enc: Encoding, model: CostModel, time_limit: float = 30.0,
+                        **options: Any) -> tuple[ir.Program, float]:
+    """(program, cost) of `extract_ilp`: the cheapest program under ``model``, solved exactly."""
+    found = extract_ilp(egraph, enc, model, time_limit, **options)
+    return found.program, found.cost
+
+
+def extract_ilp(
     egraph: EGraph,
     enc: Encoding,
     model: CostModel,
@@ -274,11 +299,12 @@ def extract_program_ilp(
     max_enodes: int = MAX_ENODES,
     acyclicity: str = "order",
     max_rounds: int = 200,
-) -> tuple[ir.Program, float]:
+    graph: _Graph | None = None,
+) -> ILPExtraction:
     """The cheapest program in the root's e-class under ``model`` (DAG cost), solved exactly.
 
-    Returns the program and its cost under ``model`` (the ILP objective). Past ``time_limit``
-    seconds the best solution HiGHS found is used (it may then not be optimal). Raises
+    Returns the program, its cost under ``model`` (the ILP objective) and whether that was
+    proved optimal: past ``time_limit`` seconds the best solution HiGHS found is used. Raises
     `ILPExtractionError` if more than ``max_enodes`` candidate e-nodes are reachable.
 
     ``acyclicity``: "order" (one solve: a clique row per pair of classes that use each other,
@@ -286,13 +312,16 @@ def extract_program_ilp(
     (solve without them, forbid each cycle found in the solution, solve again, up to
     ``max_rounds``; weak when free cycles abound). HiGHS starts from a greedy DAG
     extraction computed here, so the result is never costlier than that start.
+
+    ``graph``: the e-graph as `read_graph` returned it, read once for several extractions (which
+    may then run on threads: the e-graph itself is not touched, HiGHS releases the GIL).
     """
     if acyclicity not in ("lazy", "order"):
         raise ValueError(f"acyclicity must be 'lazy' or 'order', got {acyclicity!r}")
     import highspy
     import numpy as np
 
-    g = _Graph.read(egraph)
+    g = graph if graph is not None else _Graph.read(egraph)
     types = _class_types(g)
 
     # candidate nodes: Term/TermList nodes of the classes reachable from the root
@@ -431,6 +460,7 @@ def extract_program_ilp(
     warm = _warm_start(g.root, classes, alive, children, cost)
     deadline = time.monotonic() + time_limit
     chosen: dict[str, str] | None = None
+    optimal = False
     for _ in range(max_rounds):
         left = deadline - time.monotonic()
         if left <= 0:
@@ -459,17 +489,17 @@ def extract_program_ilp(
         cycle = _find_cycle(g.root, pick, children)
         if cycle is None:
             chosen = pick
+            optimal = h.getModelStatus() == highspy.HighsModelStatus.kOptimal
             break
         # lazy acyclicity: forbid this cycle of chosen nodes, solve again
         row(-inf, len(cycle) - 1.0, ((col[n], 1.0) for n in cycle))
         flush()
     if chosen is None or (warm is not None and _dag_cost(g.root, warm, children, cost) < _dag_cost(g.root, chosen, children, cost)):
-        chosen = warm  # out of time (or rounds): the warm start is a valid extraction
+        chosen, optimal = warm, False  # out of time (or rounds): the warm start is a valid extraction
     if chosen is None:
         raise ILPExtractionError(f"HiGHS found no acyclic solution: {h.modelStatusToString(h.getModelStatus())}")
 
-    program = _decode(g, chosen, enc)
-    return program, float(_dag_cost(g.root, chosen, children, cost))
+    return ILPExtraction(_decode(g, chosen, enc), float(_dag_cost(g.root, chosen, children, cost)), optimal)
 
 
 def _reachable(root: str, chosen: dict[str, str], children: dict[str, list[str]]) -> list[str] | None:
