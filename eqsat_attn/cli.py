@@ -4,7 +4,7 @@
     eqsat-attn rules                                  # rule sets and their families
     eqsat-attn explore block --shapes 2x16x32         # a built-in example (block, attention, ...)
     eqsat-attn explore mymod:fn --shapes 2x8x64,64x64 --dtype bf16 --cost-model roofline-h100 --svg g.svg
-    eqsat-attn bench scaling|end-to-end|cost-model [options of the benchmark]
+    eqsat-attn bench scaling|end-to-end|cost-model|rule-ablation [options of the benchmark]
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ def list_rules(console: Console) -> int:
 
 
 DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "f64": "float64", "fp8": "float8_e4m3fn"}
-BENCHMARKS = {"scaling": "scaling", "end-to-end": "end_to_end", "cost-model": "cost_model_experiment"}
+BENCHMARKS = {"scaling": "scaling", "end-to-end": "end_to_end", "cost-model": "cost_model_experiment",
+              "rule-ablation": "rule_ablation"}
 
 
 def parse_shapes(text: str) -> list[tuple[int, ...]]:
@@ -234,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ex.add_argument("--svg", help="draw the e-graph to this SVG file (a summary when it is large)")
     ex.add_argument("--show-before", action=argparse.BooleanOptionalAction, default=True,
                     help="print the captured program (default on)")
-    bench = sub.add_parser("bench", help="run a benchmark: scaling, end-to-end or cost-model")
+    bench = sub.add_parser("bench", help="run a benchmark: scaling, end-to-end, cost-model or rule-ablation")
     bench.add_argument("benchmark", choices=sorted(BENCHMARKS))
     bench.add_argument("args", nargs=argparse.REMAINDER, help="options passed to the benchmark (see its --help)")
     ns = parser.parse_args(argv)

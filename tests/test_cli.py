@@ -86,6 +86,18 @@ def test_bench_end_to_end_cpu_smoke(tmp_path):
     assert "jax.jit(ea.optimize)" in text and "flax" in text and "dot_product_attention" in text
 
 
+def test_bench_rule_ablation_runs_on_cpu(tmp_path):
+    """The ablation runs where it is asked (CPU here), checks every variant's values and puts
+    the cost model's prediction beside each measurement."""
+    out = tmp_path / "ablation.md"
+    assert main(["bench", "rule-ablation", "--reps", "2", "--drop", "canonical", "--out", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "variant" not in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["as written", "all rule sets", "without canonical"]
+    assert all(float(r.split("|")[-2]) < 1e-4 for r in rows)  # max err against the original
+    with pytest.raises(SystemExit, match="unknown rule sets"):
+        main(["bench", "rule-ablation", "--drop", "no_such_rules"])
+
+
 def test_bench_scaling_cpu_smoke(tmp_path):
     out = tmp_path / "scaling.md"
     assert main(["bench", "scaling", "--layers", "1", "--out", str(out)]) == 0

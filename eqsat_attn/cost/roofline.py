@@ -17,7 +17,12 @@ time = max(flops / (peak[dtype] x efficiency), bytes / bandwidth) + launch overh
   bandwidth when the minor axis stays) plus one launch.
 - reductions: reading the input and writing the output, plus one launch.
 - dot_general: 2 x batch x M x N x K FLOPs at ``matmul_efficiency`` of the operands' peak;
-  bytes = both inputs + output; plus one launch.
+  bytes = both inputs + output; plus one launch. Operand orientation is not priced (BLAS and
+  cuBLAS take transposed operands by flag), but it breaks ties: ``ORIENTATION_TIE_BREAK`` (1 ns)
+  per operand not in the row-major form [batch, M, K] x [batch, K, N]. Without it, equal-cost
+  programs were chosen by e-node order, and the built-in block's MLP came out weight-first
+  ([512, B, S] hidden): 0.88x of the block as written on a 2-core CPU (bench/results/
+  rule-ablation-cpu-2026-11-26-before.md), where XLA's CPU GEMMs are slower on transposed operands.
 - slice: a view its consumer reads when that consumer is an XLA fusion; before a kernel (a
   matmul, attention) XLA materialises it: priced as writing its output once, no launch, like an
   elementwise op. Packed attention reads its Q, K, V slices in place, so it has no slice nodes.
@@ -64,6 +69,8 @@ FREE = frozenset({
     "input", "literal", "constant", "iota", "reshape", "stop_gradient", "opaque", "opaque_output",
 })
 FUSED_ELEMENTWISE = ir.ELEMENTWISE_OPS | {"broadcast_in_dim"}
+#: seconds per dot_general operand not in row-major GEMM form: a tie-break, not a cost
+ORIENTATION_TIE_BREAK = 1e-9
 
 
 def _prod(values) -> int:
@@ -183,7 +190,10 @@ class RooflineModel:
         peak = min(d.peak(a.dtype), d.peak(b.dtype)) * d.matmul_efficiency
         nbytes = float(a.nbytes + b.nbytes + node.output.nbytes)
         compute = flops / peak / self.tile_utilisation(batch, m, n, k) if d.multiprocessors else flops / peak
-        return Breakdown(flops, nbytes, compute, nbytes / d.bandwidth, d.launch_overhead)
+        row_major = (tuple(lb) == tuple(range(len(lb))) and tuple(lc) == tuple(range(a.rank - len(lc), a.rank)),
+                     tuple(rb) == tuple(range(len(rb))) and tuple(rc) == tuple(range(len(rb), len(rb) + len(rc))))
+        tie_break = ORIENTATION_TIE_BREAK * row_major.count(False)
+        return Breakdown(flops, nbytes, compute, nbytes / d.bandwidth, d.launch_overhead, tie_break)
 
     def tile_utilisation(self, batch: int, m: int, n: int, k: int) -> float:
         """Useful fraction of the tensor-core work a GEMM of this shape issues: M, N rounded up
