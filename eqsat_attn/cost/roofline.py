@@ -96,7 +96,7 @@ class Breakdown:
     compute_s: float
     memory_s: float
     launch_s: float
-    extra_s: float = 0.0  # layout changes the node needs first (attention operands)
+    extra_s: float = 0.0  # layout changes the node needs first (attention operands); dots: the orientation tie-break
     variant: str = ""
 
     @property
