@@ -22,6 +22,7 @@ from typing import Any
 from dataclasses import dataclass
 
 from .cost.model import CostModel, OpView, program_cost
+from .egraph.extract import UNKNOWN_TYPE_COST
 from .ir import Program, TensorType
 
 VARIANTS = ("a", "b", "c")
@@ -33,10 +34,11 @@ VARIANT_TEXT = {
     "unmerged": "three projections -> standard attention",
 }
 MATMUL_PENALTY = 1.0  # seconds per matmul: fewer projection matmuls win within a variant
-#: a construct the variant excludes: never chosen (as an untyped e-node). The exact extractor
-#: leaves such e-nodes out of its model rather than pricing them, which keeps its objective on
-#: the scale of real costs (a finite 1e3 s made microsecond costs vanish under HiGHS's tolerances)
-FORBIDDEN = 1e30
+#: a construct the variant excludes: never chosen, priced as an untyped e-node. The exact
+#: extractor leaves such e-nodes out of its model rather than pricing them, which keeps its
+#: objective on the scale of real costs (a finite 1e3 s made microsecond costs vanish under
+#: HiGHS's tolerances)
+FORBIDDEN = UNKNOWN_TYPE_COST
 
 
 def moves_data(perm, shape) -> bool:
@@ -249,7 +251,7 @@ class LayoutDecision:
         return "\n".join(self.lines())
 
 
-def extract_variant(egraph, encoding, model: CostModel, time_limit: float = 30.0, graph=None) -> Program:
+def extract_variant(egraph, encoding, model: CostModel, time_limit: float = 30.0) -> Program:
     """The cheapest program under ``model``, exactly (ILP) where the e-graph is small enough.
 
     Why not the default greedy-DAG extractor: it fixes one e-node per e-class bottom-up, pricing
@@ -264,14 +266,13 @@ def extract_variant(egraph, encoding, model: CostModel, time_limit: float = 30.0
     ``VariantModel(h100 or cpu, v)`` gives (a) for v="a"; for "b" and "c" it gives three
     projections ("split"), except GPT-2 on H100 where it gives (c) for both. The exact extractor
     finds all three. Graphs too large for it fall back to greedy extraction. Past
-    ``time_limit`` seconds the ILP's best solution so far is used. ``graph``: the e-graph read
-    once (`ilp.read_graph`).
+    ``time_limit`` seconds the ILP's best solution so far is used.
     """
     from .egraph import extract_program
     from .egraph.ilp import ILPExtractionError, extract_program_ilp
 
     try:
-        return extract_program_ilp(egraph, encoding, model, time_limit=time_limit, graph=graph)[0]
+        return extract_program_ilp(egraph, encoding, model, time_limit=time_limit)[0]
     except ILPExtractionError:
         return extract_program(egraph, encoding, model)[0]
 

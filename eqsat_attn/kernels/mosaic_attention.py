@@ -246,6 +246,14 @@ class _Plan:
         at = {"B": batch, "H": head, "S": rows, "3": index}
         return ref.at[tuple(at.get(a, slice(None)) for a in self.layouts[index])]
 
+    def scores_acc(self):
+        """A warpgroup's wgmma accumulator for one tile's scores, [block_q, block_kv] f32."""
+        return plgpu.ACC((self.blocks.block_q, self.blocks.block_kv), jnp.float32)
+
+    def output_acc(self):
+        """A warpgroup's wgmma accumulator for P·V, [block_q, D] f32."""
+        return plgpu.ACC((self.blocks.block_q, self.head_dim), jnp.float32)
+
     @property
     def kv_steps(self) -> int:
         return self.sk // self.blocks.block_kv
@@ -284,7 +292,7 @@ def _accumulate_pv(plan: _Plan, acc, p, v_operand, p_smem, after):
             plgpu.wgmma(acc_ref, a_operand, v_operand)
             after()
             return acc_ref[...]
-        return acc + pl.run_scoped(product, plgpu.ACC((plan.blocks.block_q, plan.head_dim), jnp.float32))
+        return acc + pl.run_scoped(product, plan.output_acc())
 
     def update(acc_ref):
         plgpu.wgmma(acc_ref, a_operand, v_operand)
@@ -297,7 +305,6 @@ def _scores_and_pv(plan: _Plan, acc, carry, q_smem, k_operand, v_operand, p_smem
     """Q·Kᵀ of one key tile and acc + P·V of the previous one (P is ``carry[-1]``), issued back to
     back; ``after_issue()`` runs once both are issued, ``on_scores(s, carry) -> carry`` as soon as
     the scores land, while P·V is still on the tensor cores. Returns (acc + P·V, the new carry)."""
-    scores_acc = plgpu.ACC((plan.blocks.block_q, plan.blocks.block_kv), jnp.float32)
     if plan.interpret:  # no pl.run_state: P·V into a fresh accumulator, then added
         def products(s_ref, pv_ref):
             a_operand = _p_operand(plan, carry[-1], p_smem)
@@ -305,8 +312,7 @@ def _scores_and_pv(plan: _Plan, acc, carry, q_smem, k_operand, v_operand, p_smem
             plgpu.wgmma(pv_ref, a_operand, v_operand)
             after_issue()
             return s_ref[...], pv_ref[...]
-        s, pv = pl.run_scoped(products, scores_acc, plgpu.ACC((plan.blocks.block_q, plan.head_dim),
-                                                              jnp.float32))
+        s, pv = pl.run_scoped(products, plan.scores_acc(), plan.output_acc())
         return acc + pv, on_scores(s, carry)
 
     def products(refs):
@@ -318,7 +324,7 @@ def _scores_and_pv(plan: _Plan, acc, carry, q_smem, k_operand, v_operand, p_smem
             plgpu.wgmma(acc_ref, a_operand, v_operand)
             after_issue()
             return plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # P·V may stay in flight
-        new = on_scores(pl.run_scoped(scores, scores_acc), tuple(ref[...] for ref in carry_refs))
+        new = on_scores(pl.run_scoped(scores, plan.scores_acc()), tuple(ref[...] for ref in carry_refs))
         for ref, value in zip(carry_refs, new, strict=True):
             ref[...] = value
     acc, *carry = pl.run_state(products)((plgpu.ACC.init(acc), *carry))  # awaits P·V
@@ -423,8 +429,7 @@ class _Warpgroup:
                 plgpu.wgmma(s_ref, self.q_smem, self.k_operand(slot))
                 self.take_turn()
                 return s_ref[...]
-            s = pl.run_scoped(scores, plgpu.ACC((plan.blocks.block_q, plan.blocks.block_kv),
-                                                jnp.float32))
+            s = pl.run_scoped(scores, plan.scores_acc())
             plgpu.barrier_arrive(self.k_free.at[slot])
             m_new, alpha, p = self.softmax(s, m, kv_step, masked)
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
@@ -474,8 +479,7 @@ class _Warpgroup:
             plgpu.wgmma(s_ref, self.q_smem, self.k_operand(0))
             self.pass_turn()
             return s_ref[...]
-        s = pl.run_scoped(first_scores, plgpu.ACC((plan.blocks.block_q, plan.blocks.block_kv),
-                                                  jnp.float32))
+        s = pl.run_scoped(first_scores, plan.scores_acc())
         plgpu.barrier_arrive(self.k_free.at[0])
         m, _, p = self.softmax(s, m, 0, masked=plan.causal)  # the sums start at zero
         l = p.sum(axis=1)
