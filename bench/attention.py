@@ -24,6 +24,7 @@ import re
 import statistics
 import sys
 import time
+import traceback
 import warnings
 from collections.abc import Callable
 
@@ -304,6 +305,8 @@ def run_row(name: str, fn: Callable | None, layout: str, shape: Shape, a, ref, w
         row.update(ms=secs * 1e3, tflops=shape.flops / secs / 1e12, err=err,
                    check="ok" if ok else "FAIL")
     except Exception as e:  # noqa: BLE001 - a failing baseline is a result, not a crash
+        print(f"--- {name} on {shape.label()} causal={shape.causal} failed:", file=sys.stderr)
+        traceback.print_exc(limit=8, file=sys.stderr)
         msg = re.sub(r"\s+", " ", f"{type(e).__name__}: {e}")[:120].replace("|", "/")
         row.update(ms=None, tflops=None, err=None, check=f"n/a ({msg})")
     return row
@@ -367,6 +370,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--block-q", type=int, default=None, help="override our kernel's block_q")
     p.add_argument("--block-k", type=int, default=None, help="override our kernel's block_k")
+    p.add_argument("--head-dims", type=int, nargs="+", default=None,
+                   help="only these head dims (default: all of the run's shapes)")
+    p.add_argument("--dtypes", nargs="+", default=None, help="only these dtypes, e.g. float16")
+    p.add_argument("--match", default=None,
+                   help="only kernels whose row name matches this regular expression")
     p.add_argument("--fp8", action="store_true",
                    help="issue 10: fp8 kernels vs our bf16 kernel and cuDNN (B4 H32 D128 S4096/8192)")
     return p.parse_args(argv)
@@ -384,6 +392,8 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     smoke_shapes = FP8_SMOKE_SHAPES if args.fp8 else SMOKE_SHAPES
     shapes = smoke_shapes if args.cpu_smoke else fp8_shapes(args.quick) if args.fp8 else \
         gpu_shapes(args.quick)
+    shapes = [sh for sh in shapes if (args.head_dims is None or sh.d in args.head_dims)
+              and (args.dtypes is None or sh.dtype in args.dtypes)]
     reps = args.reps or (2 if args.cpu_smoke else 5 if args.quick else 20)
     warmup = 1 if args.cpu_smoke else args.warmup
     kind = jax.devices()[0].device_kind
@@ -404,13 +414,21 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
                     for n, (fn, lay, kind_) in fp8_implementations(shape, smoke, blocks).items()]
         else:
             todo = [(n, fn, lay, ref, None) for n, (fn, lay) in implementations(shape, smoke, blocks).items()]
+        if args.match:
+            todo = [t for t in todo if re.search(args.match, t[0])]
         for name, fn, layout, want, bound in todo:
             row = run_row(name, fn, layout, shape, a, want, warmup, reps, bound)
             rows.append(row)
             print(f"{row['shape']} causal={shape.causal} {name}: "
                   f"{row['tflops'] and round(row['tflops'], 1)} TFLOP/s {row['check']}", flush=True)
         del a
+        write_page(out, rows, args, argv, kind, today, reps, warmup, smoke)  # partial pages survive a timeout
+    print(f"wrote {out}")
+    return out
 
+
+def write_page(out: pathlib.Path, rows: list[dict], args: argparse.Namespace, argv: list[str],
+               kind: str, today: str, reps: int, warmup: int, smoke: bool) -> None:
     title = "# fp8 attention forward benchmark (issue 10)" if args.fp8 else \
         "# Attention forward benchmark (issue 5)"
     header = [
@@ -433,8 +451,6 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
         text += render_fp8_ratios(rows)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    print(f"wrote {out}")
-    return out
 
 
 if __name__ == "__main__":

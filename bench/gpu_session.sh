@@ -3,7 +3,8 @@
 # run the named stages, each under its own time limit, logs and result pages under $OUT.
 #
 #   bench/gpu_session.sh check attention-quick      # kernel tests compiled on the GPU + quick bench
-#   stages: check | final-check | mosaic | attention | attention-quick | e2e | e2e-fp8 | cost-model | tune |
+#   bench/gpu_session.sh probe probe-fp8              # first call of a short lease: D128 rows only
+#   stages: probe | probe-fp8 | check | final-check | mosaic | attention | attention-quick | e2e | e2e-fp8 | cost-model | tune |
 #           tune-mosaic | tune-mosaic-fp8 | tune-fp8 | tune-backward | qkv
 set -u
 OUT=${OUT:-/tmp/gpu-out}
@@ -17,6 +18,16 @@ for stage in "$@"; do
   echo "=== $stage $(date -u +%H:%M:%S)"
   case $stage in
     check) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tee "$OUT/check.log" | tail -25 ;;
+    # a short lease's first look: every Mosaic GPU row (both schedules) at D128, beside Triton, cuDNN
+    # and attention_mgpu; each row is checked against the reference, failures logged in full
+    probe) timeout 210 python3 bench/attention.py --quick --head-dims 128 \
+        --match 'Mosaic|Triton (standard|transposed)|cudnn' --out "$OUT/probe.md" 2>&1 \
+        | tee "$OUT/probe.log" | grep -v '^  ' | tail -60 ;;
+    probe-fp8) timeout 110 python3 bench/attention.py --fp8 --quick --match 'Mosaic|fp8 Triton|cuDNN|cudnn' \
+        --out "$OUT/probe-fp8.md" 2>&1 | tee "$OUT/probe-fp8.log" | grep -v '^  ' | tail -40 ;;
+    d64) timeout 150 python3 bench/attention.py --quick --head-dims 64 \
+        --match 'Mosaic|Triton (standard|transposed)|cudnn' --out "$OUT/d64.md" 2>&1 \
+        | tee "$OUT/d64.log" | grep -v '^  ' | tail -30 ;;
     # the compiled Mosaic GPU kernel only (its interpreted tests run in CI), both schedules
     mosaic) timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_mosaic_kernels.py 2>&1 | tee "$OUT/mosaic.log" | tail -25 ;;
     tune-mosaic) timeout 420 python3 bench/tune_attention.py --mosaic --quick --out "$OUT/tune-mosaic.md" 2>&1 | tail -40 ;;
