@@ -191,7 +191,7 @@ def test_unsupported_calls_say_why(change, reason):
 
 @pytest.mark.parametrize("dtype,d,sk,block_kv", [
     (jnp.bfloat16, 64, 4096, 256), (jnp.bfloat16, 64, 128, 128), (jnp.bfloat16, 128, 320, 64),
-    (jnp.float8_e4m3fn, 128, 384, 128), (jnp.float8_e4m3fn, 128, 320, 128),  # no fit: stays
+    (jnp.float8_e4m3fn, 128, 384, 128), (jnp.float8_e4m3fn, 128, 320, 256),  # no fit: stays
 ])
 def test_default_key_tile_is_fitted_to_the_key_length(dtype, d, sk, block_kv):
     assert default_blocks(dtype, d, sk).block_kv == block_kv
@@ -340,24 +340,39 @@ def test_fp8_with_sequence_major_v_is_refused_by_wgmma_itself(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float8_e4m3fn])
-def test_auto_backend_stays_triton_until_measured(dtype, monkeypatch):
-    """No GPU has run the compiled Mosaic GPU kernel yet: "auto" keeps Triton unless the user opts
-    in (EQSAT_ATTN_AUTO_MOSAIC=1) or forces backend="mosaic_gpu". Flip AUTO_MOSAIC(_FP8) and this
-    test together, after `bench/gpu_session.sh mosaic` passes."""
+def test_auto_backend_takes_mosaic_on_hopper_unless_opted_out(dtype, monkeypatch):
+    """The compiled Mosaic GPU kernel passed its GPU tests and outran Triton (H200, 2026-11-26):
+    "auto" takes it for a Hopper call inside its contract, 16-bit and fp8 alike;
+    EQSAT_ATTN_AUTO_MOSAIC=0 keeps Triton, backend="triton" forces it per call."""
     import importlib
 
     fa = importlib.import_module("eqsat_attn.kernels.flash_attention")  # the module, not the function
     monkeypatch.delenv("EQSAT_ATTN_AUTO_MOSAIC", raising=False)
     fp8 = jnp.dtype(dtype).name.startswith("float8")
-    assert not fa.auto_takes_mosaic(fp8) and not (fa.AUTO_MOSAIC_FP8 if fp8 else fa.AUTO_MOSAIC)
     monkeypatch.setattr(fa, "hopper_gpu", lambda: True)  # as if compiling on an H100
     vt = jax.ShapeDtypeStruct((1, 2, 128, 256), dtype)
     q = jax.ShapeDtypeStruct((1, 2, 256, 128), dtype)
     call = dict(scale=0.1, v_layout="BHDS", interpret=False)
-    assert pallas_backend(q, q, vt, **call) == "triton"
-    assert pallas_backend(q, q, vt, backend="mosaic_gpu", **call) == "mosaic_gpu"
-    monkeypatch.setenv("EQSAT_ATTN_AUTO_MOSAIC", "1")
     assert fa.auto_takes_mosaic(fp8) and pallas_backend(q, q, vt, **call) == "mosaic_gpu"
+    assert pallas_backend(q, q, vt, backend="triton", **call) == "triton"
+    monkeypatch.setenv("EQSAT_ATTN_AUTO_MOSAIC", "0")
+    assert not fa.auto_takes_mosaic(fp8) and pallas_backend(q, q, vt, **call) == "triton"
+    monkeypatch.setattr(fa, "hopper_gpu", lambda: False)  # no Hopper: Triton even when opted in
+    monkeypatch.setenv("EQSAT_ATTN_AUTO_MOSAIC", "1")
+    assert pallas_backend(q, q, vt, **call) == "triton"
+
+
+def test_tuned_tiles_follow_the_measured_schedule():
+    """`TUNED_BLOCKS` (H200 sweep): the overlapped schedule only at D128 without a causal mask,
+    256-key fp8 tiles only without one; an explicit ``overlap`` still picks either schedule."""
+    assert default_blocks(jnp.bfloat16, 128, 4096).overlap
+    assert not default_blocks(jnp.bfloat16, 128, 4096, causal=True).overlap
+    assert not default_blocks(jnp.float16, 64, 4096).overlap
+    assert not default_blocks(jnp.bfloat16, 128, 4096, overlap=False).overlap
+    assert default_blocks(jnp.bfloat16, 128, 4096, causal=True, overlap=True).overlap
+    assert default_blocks(jnp.float8_e4m3fn, 128, 4096).block_kv == 256
+    assert default_blocks(jnp.float8_e4m3fn, 128, 4096, causal=True).block_kv == 128
+    assert default_blocks(jnp.float8_e4m3fn, 128, 384).block_kv == 128  # 256 does not divide 384
 
 
 @pytest.mark.gpu

@@ -8,7 +8,8 @@ Every number carries its source. Three kinds of source appear:
   Core 1978.9 TFLOP/s, HBM3 3.35 TB/s. H200 SXM: NVIDIA H200 Tensor Core GPU data sheet (2024):
   the same compute figures, HBM3e 4.8 TB/s.
 - **measured**: `/work/shared/gpu/README.md` (H100 of the device tool, 2026-11-24, jax 0.11.2,
-  B4 H32, forward TFLOP/s, causal counted with half the FLOPs).
+  B4 H32, forward TFLOP/s, causal counted with half the FLOPs) and `bench/results/` (our kernels
+  on an H100, 2026-11-25, and an H200, 2026-11-26).
 - **assumption**: no measurement yet; each names what should replace it (`bench/attention.py`
   on a GPU, then a calibration file, see `DeviceSpec.to_json` and `calibration_path`).
 
@@ -149,55 +150,56 @@ class DeviceSpec:
 
 
 # ---------------------------------------------------------------------------------------------
-# Attention efficiencies on Hopper (H100 measured; H200 has the same SMs and clocks, so the same
-# compute-bound fractions are assumed until measured there).
-#
-# Our GPU kernel is a Pallas flash attention lowered through Triton. bf16 rows: our own kernel,
-# measured (bench/results/attention-h100-2026-11-25.md, standard V, median of 20, jax 0.11.2);
-# f16 rows: the stock Pallas Triton kernel (/work/shared/gpu/README.md), not yet re-measured.
-_PALLAS_BF16 = 399.3 / 989.4  # measured: ours, S4096 D128 bf16, 399 TFLOP/s -> 0.404
-_PALLAS_BF16_CAUSAL = 335.8 / 989.4  # measured: ours, S4096 D128 bf16 causal, 336 TFLOP/s -> 0.339
-_PALLAS_F16 = 396 / 989.4  # measured: S4096 D128 f16, 396 TFLOP/s -> 0.400
-_PALLAS_F16_CAUSAL = 310 / 989.4  # measured: S4096 D128 f16 causal, 310 TFLOP/s -> 0.313
-_XLA_BF16 = 110 / 989.4  # measured: plain XLA attention, bf16 S4096 D128 -> 0.111
+# Attention efficiencies on Hopper: the kernel "auto" runs there, our Pallas Mosaic GPU kernel
+# (kernels/mosaic_attention.py), MEASURED on an H200 (2026-11-26, jax 0.11.2, B4 H32 S4096 D128,
+# forward, default tiles; bench/results/attention-nvidia-h200-2026-11-26.md, attention-d128-quick-,
+# attention-fp8-, attention-fp8-quick- and tune-mosaic(-fp8)-nvidia-h200-2026-11-26.md). The H100
+# has the same SMs and clocks and this is compute bound, so the same fractions are assumed there
+# (jax's attention_mgpu: 558 f16 TFLOP/s on the H100, 519 on the H200 in our run).
+# Each rate is the median over every run of the session, both V layouts pooled: in 16 bits the
+# layouts do not differ beyond run-to-run spread (same-run transposed/standard ratios 0.66-1.45,
+# geometric mean 1.006 over 16 pairs; the same kernel's rate varied up to 30% between runs,
+# causal rows most), since wgmma reads a 16-bit B operand of either major-ness from shared memory.
+_MOSAIC_BF16 = 564.5 / 989.4  # measured: median of 8 runs (485-595) -> 0.571
+_MOSAIC_BF16_CAUSAL = 418.7 / 989.4  # measured: median of 8 runs (319-464) -> 0.423
+_MOSAIC_F16 = 521.4 / 989.4  # measured: median of 4 runs (474-569) -> 0.527
+_MOSAIC_F16_CAUSAL = 430.5 / 989.4  # measured: median of 4 runs (319-486) -> 0.435
+_TV_EDGE_16BIT = 1.0  # measured: no edge for transposed V in 16 bits (above)
+# f32 calls run the Pallas Triton kernel (Mosaic GPU takes 16-bit and fp8 operands): its bf16
+# rate measured on an H100 (bench/results/attention-h100-2026-11-25.md, 399 and 336 TFLOP/s),
+# applied to the TF32 peak (ASSUMPTION: f32 not measured).
+_TRITON_BF16 = 399.3 / 989.4  # measured -> 0.404
+_TRITON_BF16_CAUSAL = 335.8 / 989.4  # measured -> 0.339
+_XLA_BF16 = 110 / 989.4  # measured (H100, /work/shared/gpu/README.md): plain XLA attention -> 0.111
 _XLA_BF16_CAUSAL = 40 / 989.4  # measured: plain XLA, bf16 causal -> 0.040
-# (cuDNN reaches 591/989.4 = 0.597 bf16 and 443/989.4 = 0.448 f16 causal: the ceiling a tuned
-#  kernel could reach, not what our kernel runs.)
+# (cuDNN in the same H200 runs: 497-600 bf16, 356-429 causal; its fp8 attention 725-840, 507-649.)
 #
-# Transposed V in bf16/f16: Hopper's wgmma takes the B operand of P.V in either major-ness.
-# MEASURED (same file, our two kernels side by side): transposed/standard TFLOP/s at D128 was
-# 1.031 (S4096), 1.046 (S4096 causal), 0.985 (S8192), 1.018 (S8192 causal): geometric mean 1.02;
-# at D64 1.015 and 0.927 (causal). A 2% edge, near run-to-run noise: the optimizer prefers
-# transposed V only where the transpose it needs is free (folded into V's producer).
-_TV_EDGE_16BIT = 1.02
-# fp8 (e4m3), MEASURED on H100 with our Pallas fp8 kernel (bench/results/fp8-kernel-h100-2026-11-25.md,
-# B4 H32 D128 S4096 non-causal, best tiles 128/128/8/3): V [B,H,S,D] 202 TFLOP/s, V [B,H,D,S]
-# 270 TFLOP/s, as fractions of the fp8 dense peak 1978.9. Causal: 0.86 x the non-causal rate
-# (same run, bf16-table tiles: (175 + 179) / (203 + 208)). (PyTorch's FlexAttention fp8 showed the
-# same direction, 1.58x for column-major V, pytorch/pytorch PR 153357.) Our fp8 kernel is slower
-# than our bf16 kernel on this Triton path; it is chosen only where the program is already fp8.
-_FP8_STANDARD = 202 / 1978.9  # measured -> 0.102
-_FP8_TRANSPOSED = 270 / 1978.9  # measured -> 0.136
-_FP8_CAUSAL_SCALE = (175 + 179) / (203 + 208)  # measured -> 0.861
-# f32: ASSUMPTION, not measured: the kernel's dots run on TF32 tensor cores (peak 494.7) at the
-# bf16 fraction.
+# fp8 (e4m3) needs transposed V on Hopper: its wgmma reads both operands K-major, and P·V reduces
+# over keys. Transposed V runs the Mosaic GPU kernel (median 682 TFLOP/s at the table's tiles, 256
+# keys, in the tile sweep; 583-624 in the benchmark runs at 128 keys, which the sweep put at 634;
+# causal: 497, median of 3, 494-515); standard V runs the Triton fp8 kernel, which transposes V
+# tiles through shared memory (Mosaic GPU refuses them): 205 (201-208), causal 175 (173-178).
+_FP8_STANDARD = 204.8 / 1978.9  # measured -> 0.103
+_FP8_STANDARD_CAUSAL = 175.2 / 1978.9  # measured -> 0.089
+_FP8_TRANSPOSED = 682.1 / 1978.9  # measured -> 0.345
+_FP8_TRANSPOSED_CAUSAL = 497.2 / 1978.9  # measured -> 0.251
 
 
 def _hopper_attention() -> dict[str, float]:
     table: dict[str, float] = {}
     for dtype, full, causal in (
-        ("bfloat16", _PALLAS_BF16, _PALLAS_BF16_CAUSAL),
-        ("float16", _PALLAS_F16, _PALLAS_F16_CAUSAL),
-        ("float32", _PALLAS_BF16, _PALLAS_BF16_CAUSAL),
+        ("bfloat16", _MOSAIC_BF16, _MOSAIC_BF16_CAUSAL),
+        ("float16", _MOSAIC_F16, _MOSAIC_F16_CAUSAL),
+        ("float32", _TRITON_BF16, _TRITON_BF16_CAUSAL),
     ):
         table[_eff_key(dtype, "standard", False)] = full
         table[_eff_key(dtype, "standard", True)] = causal
         table[_eff_key(dtype, "transposed", False)] = full * _TV_EDGE_16BIT
         table[_eff_key(dtype, "transposed", True)] = causal * _TV_EDGE_16BIT
     table[_eff_key("float8_e4m3fn", "standard", False)] = _FP8_STANDARD
-    table[_eff_key("float8_e4m3fn", "standard", True)] = _FP8_STANDARD * _FP8_CAUSAL_SCALE
+    table[_eff_key("float8_e4m3fn", "standard", True)] = _FP8_STANDARD_CAUSAL
     table[_eff_key("float8_e4m3fn", "transposed", False)] = _FP8_TRANSPOSED
-    table[_eff_key("float8_e4m3fn", "transposed", True)] = _FP8_TRANSPOSED * _FP8_CAUSAL_SCALE
+    table[_eff_key("float8_e4m3fn", "transposed", True)] = _FP8_TRANSPOSED_CAUSAL
     # reference (XLA) attention: layout-blind; measured bf16 numbers used for every dtype
     table[_eff_key("default", "reference", False)] = _XLA_BF16
     table[_eff_key("default", "reference", True)] = _XLA_BF16_CAUSAL
@@ -206,8 +208,8 @@ def _hopper_attention() -> dict[str, float]:
     for fp8 in ("float8_e4m3fn", "float8_e5m2"):
         table[_eff_key(fp8, "reference", False)] = _XLA_BF16 * 989.4 / 1978.9
         table[_eff_key(fp8, "reference", True)] = _XLA_BF16_CAUSAL * 989.4 / 1978.9
-    table[_eff_key("default", "standard", False)] = _PALLAS_BF16  # other dtypes: assumption
-    table[_eff_key("default", "standard", True)] = _PALLAS_BF16_CAUSAL
+    table[_eff_key("default", "standard", False)] = _TRITON_BF16  # other dtypes: assumption
+    table[_eff_key("default", "standard", True)] = _TRITON_BF16_CAUSAL
     return table
 
 
@@ -241,7 +243,7 @@ H100 = DeviceSpec(
     peak_flops=_HOPPER_PEAKS,
     bandwidth=3.35 * TERA,  # spec: H100 SXM5 HBM3 3.35 TB/s
     launch_overhead=_HOPPER_LAUNCH,
-    attention_efficiency=_hopper_attention(),
+    attention_efficiency=_hopper_attention(),  # assumption: as on H200 (same SMs, compute bound)
     matmul_efficiency=_HOPPER_MATMUL_EFF,
     transpose_bandwidth_fraction=_H100_TRANSPOSE_FRACTION,
     multiprocessors=_HOPPER_SMS,
@@ -254,7 +256,7 @@ H200 = DeviceSpec(
     peak_flops=_HOPPER_PEAKS,  # spec: H200 SXM has H100 SXM's compute figures
     bandwidth=4.8 * TERA,  # spec: H200 SXM HBM3e 4.8 TB/s
     launch_overhead=_HOPPER_LAUNCH,
-    attention_efficiency=_hopper_attention(),  # assumption: as on H100 (same SMs, compute bound)
+    attention_efficiency=_hopper_attention(),  # measured on an H200 (above)
     matmul_efficiency=_HOPPER_MATMUL_EFF,
     transpose_bandwidth_fraction=_H100_TRANSPOSE_FRACTION,  # assumption: as measured on H100
     multiprocessors=_HOPPER_SMS,

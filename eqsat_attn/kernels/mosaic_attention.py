@@ -66,8 +66,8 @@ try:  # the Mosaic GPU backend ships with jax >= 0.4.3x; absent from some minima
 except ImportError:  # pragma: no cover - exercised only on such builds
     plgpu = None
 
-__all__ = ["BLOCK_TABLE", "FP8_BLOCK_TABLE", "MosaicBlocks", "default_blocks", "hopper_gpu",
-           "mosaic_attention", "mosaic_packed_attention", "mosaic_unsupported"]
+__all__ = ["BLOCK_TABLE", "FP8_BLOCK_TABLE", "MosaicBlocks", "TUNED_BLOCKS", "default_blocks",
+           "hopper_gpu", "mosaic_attention", "mosaic_packed_attention", "mosaic_unsupported"]
 
 LOG2E: float = math.log2(math.e)
 LN2: float = math.log(2.0)
@@ -109,9 +109,11 @@ class MosaicBlocks:
             raise ValueError(f"stages={self.stages} must be at least 1")
 
 
-# head_dim -> tiles. The configurations jax's own attention_mgpu reaches 558 (D128) and 384 (D64)
-# TFLOP/s with in f16 on an H100 (../shared/gpu/README.md): the largest key tile that fits shared
-# memory (D128: 2 x [128, 128] K and V slots + the Q/O tiles; D64: 2 x [256, 64]).
+# head_dim -> tiles, attention_mgpu's schedule: the configurations jax's own attention_mgpu reaches
+# 558 (D128) and 384 (D64) TFLOP/s with in f16 on an H100 (../shared/gpu/README.md), the largest
+# key tile that fits shared memory (D128: 2 x [128, 128] K and V slots + the Q/O tiles; D64:
+# 2 x [256, 64]). Measured on an H200 (bench/results/tune-mosaic-nvidia-h200-2026-11-26.md): the
+# best of the sweep for every causal row and for D64; `TUNED_BLOCKS` has the rows where it is not.
 BLOCK_TABLE: dict[int, MosaicBlocks] = {
     64: MosaicBlocks(block_q=64, block_kv=256, stages=2),
     128: MosaicBlocks(block_q=64, block_kv=128, stages=2),
@@ -119,9 +121,18 @@ BLOCK_TABLE: dict[int, MosaicBlocks] = {
     256: MosaicBlocks(block_q=64, block_kv=64, stages=2),
 }
 # fp8 (transposed V only), by head dim: an fp8 tile takes half a bf16 tile's shared memory.
-# Untuned (bench/tune_attention.py --mosaic --fp8 sweeps it on a GPU).
 FP8_BLOCK_TABLE: dict[int, MosaicBlocks] = {
     128: MosaicBlocks(block_q=64, block_kv=128, stages=2),
+}
+# (fp8, head_dim, causal) -> tiles where an H200 sweep's best (B4 H32 S4096, median of 10) beat the
+# table by more than its run-to-run spread (bench/results/tune-mosaic-nvidia-h200-2026-11-26.md,
+# tune-mosaic-fp8-nvidia-h200-2026-11-26.md). The overlapped schedule wins without a causal mask
+# at D128 (577 vs 546 TFLOP/s, V [B,H,S,D]; 549 vs 522, V [B,H,D,S]) and loses with one (295 vs
+# 418; 316 vs 464) and at D64 (bench/results/attention-nvidia-h200-2026-11-26.md); fp8 without a
+# causal mask runs fastest with 256-key tiles (682 vs 634).
+TUNED_BLOCKS: dict[tuple[bool, int, bool], MosaicBlocks] = {
+    (False, 128, False): MosaicBlocks(block_q=64, block_kv=128, stages=2, overlap=True),
+    (True, 128, False): MosaicBlocks(block_q=64, block_kv=256, stages=2),
 }
 
 
@@ -131,14 +142,19 @@ FP8_BLOCK_TABLE: dict[int, MosaicBlocks] = {
 OVERLAP_MAX_BLOCK_KV = 128
 
 
-def default_blocks(dtype, head_dim: int, sk: int, overlap: bool = False) -> MosaicBlocks:
-    """The table's tiles for this dtype and head dim, the key tile shrunk (in steps of one
-    128-byte swizzle row: 64 16-bit or 128 fp8 elements) to the largest that divides ``sk``, so
-    short or odd key lengths still run (KeyError: no table row). ``overlap``: tiles for the
-    overlapped schedule (key tile at most `OVERLAP_MAX_BLOCK_KV`)."""
+def default_blocks(dtype, head_dim: int, sk: int, overlap: bool | None = None,
+                   causal: bool = False) -> MosaicBlocks:
+    """The tiles for this dtype, head dim and mask: `TUNED_BLOCKS` where it has the row, else the
+    table's, the key tile shrunk (in steps of one 128-byte swizzle row: 64 16-bit or 128 fp8
+    elements) to the largest that divides ``sk``, so short or odd key lengths still run
+    (KeyError: no table row). ``overlap``: None takes the measured schedule; True or False ask for
+    the overlapped one (key tile at most `OVERLAP_MAX_BLOCK_KV`) or attention_mgpu's."""
     fp8 = jnp.dtype(dtype).name in FP8_DTYPES
     blk = (FP8_BLOCK_TABLE if fp8 else BLOCK_TABLE)[head_dim]
-    if overlap:
+    tuned = TUNED_BLOCKS.get((fp8, head_dim, bool(causal)))
+    if tuned is not None and overlap in (None, tuned.overlap):
+        blk = tuned
+    if overlap and not blk.overlap:
         blk = dataclasses.replace(blk, block_kv=min(blk.block_kv, OVERLAP_MAX_BLOCK_KV), overlap=True)
     step = 128 // jnp.dtype(dtype).itemsize
     fits = [n for n in range(blk.block_kv, 0, -step) if n % 64 == 0 and sk % n == 0]
@@ -191,7 +207,7 @@ def mosaic_unsupported(
     _, _, _, sq, sk, d, dv = check_shapes(q, k, v, v_layout, q_layout=q_layout, k_layout=k_layout)
     if d != dv or d not in table:
         return f"head dims must be equal and one of {sorted(table)}; got D={d}, Dv={dv}"
-    blk = blocks or default_blocks(q.dtype, d, sk)
+    blk = blocks or default_blocks(q.dtype, d, sk, causal=causal)
     if sq % (COMPUTE_WARPGROUPS * blk.block_q):
         return f"Sq={sq} must be a multiple of {COMPUTE_WARPGROUPS * blk.block_q} (2 * block_q)"
     if sk % blk.block_kv:
@@ -642,9 +658,9 @@ def mosaic_attention(
     if fp8 != (descales is not None):
         raise ValueError("descales go with fp8 operands (and only with them)")
     out = jnp.dtype(out_dtype) if fp8 else jnp.dtype(q.dtype)
+    blocks = blocks or default_blocks(q.dtype, d, sk, causal=causal)
     plan = _Plan(b, h, h // hkv, sq, sk, d, jnp.dtype(q.dtype), float(scale), bool(causal),
-                 (q_layout, k_layout, v_layout, o_layout), blocks or default_blocks(q.dtype, d, sk),
-                 bool(interpret), out)
+                 (q_layout, k_layout, v_layout, o_layout), blocks, bool(interpret), out)
     operands = [q, k, v]
     if fp8:
         operands.append(jnp.stack([jnp.asarray(x, jnp.float32).reshape(()) for x in descales]))
@@ -669,9 +685,9 @@ def mosaic_packed_attention(
         raise ValueError(f"the Mosaic GPU attention kernel cannot run this call: {reason}; "
                          "use the Triton kernel (packed_flash_attention(..., backend='triton')).")
     b, h, s, d = (sizes[a] for a in "BHSD")
+    blocks = blocks or default_blocks(qkv.dtype, d, s, causal=causal)
     plan = _Plan(b, h, 1, s, s, d, jnp.dtype(qkv.dtype), float(scale), bool(causal),
-                 (packed_layout,) * 3 + (o_layout,), blocks or default_blocks(qkv.dtype, d, s),
-                 bool(interpret), jnp.dtype(qkv.dtype))
+                 (packed_layout,) * 3 + (o_layout,), blocks, bool(interpret), jnp.dtype(qkv.dtype))
     return _launch(plan, [qkv, qkv, qkv], layout_shape(o_layout, sizes))
 
 
