@@ -103,11 +103,13 @@ def _stock_mgpu() -> Callable | None:
         return None
 
 
-def _overlapped(dtype, shape: Shape) -> MosaicBlocks | None:
-    """The Mosaic GPU kernel's default tiles with FlashAttention-3's intra-warpgroup overlap, or
-    None where the table has no row (the row then reads n/a with the contract's reason)."""
+def _schedule(dtype, shape: Shape, overlap: bool) -> MosaicBlocks | None:
+    """The Mosaic GPU kernel's default tiles in one schedule: FlashAttention-3's intra-warpgroup
+    overlap (``overlap=True``) or attention_mgpu's alternation; None where the table has no row
+    (the row then reads n/a with the contract's reason). Without a schedule named, the kernel
+    takes the one measured faster for the shape (`TUNED_BLOCKS`)."""
     try:
-        return default_blocks(dtype, shape.d, shape.s, overlap=True)
+        return default_blocks(dtype, shape.d, shape.s, overlap=overlap, causal=shape.causal)
     except KeyError:
         return None
 
@@ -116,8 +118,10 @@ def implementations(shape: Shape, interpret: bool, blocks: tuple[int | None, int
     """name -> (fn over (q, k, v_bhsd, v_bhds, q_bshd, k_bshd, v_bshd), how to read its output).
 
     Our kernels appear once per Pallas backend: Triton (any GPU) and Mosaic GPU (Hopper; rows
-    outside its contract read n/a with the reason). The "materialise" rows use the backend
-    flash_attention picks by itself ("auto").
+    outside its contract read n/a with the reason), the Mosaic GPU ones in each schedule
+    (attention_mgpu's, and FlashAttention-3's overlap: "overlapped schedule"). The "read in
+    place" and "materialise" rows take what flash_attention picks by itself ("auto", the
+    measured tiles).
     """
     scale = shape.d ** -0.5
     ours = functools.partial(flash_attention, scale=scale, causal=shape.causal, interpret=interpret)
@@ -129,15 +133,17 @@ def implementations(shape: Shape, interpret: bool, blocks: tuple[int | None, int
         "ours Triton transposed-V (V [B,H,D,S])":
             (lambda a: triton(a["q"], a["k"], a["vt"], v_layout="BHDS"), "BHSD"),
         "ours Mosaic GPU standard (V [B,H,S,D])":
-            (lambda a: mosaic(a["q"], a["k"], a["v"], v_layout="BHSD"), "BHSD"),
+            (lambda a: mosaic(a["q"], a["k"], a["v"], v_layout="BHSD",
+                              mosaic_blocks=_schedule(a["q"].dtype, shape, False)), "BHSD"),
         "ours Mosaic GPU transposed-V (V [B,H,D,S])":
-            (lambda a: mosaic(a["q"], a["k"], a["vt"], v_layout="BHDS"), "BHSD"),
+            (lambda a: mosaic(a["q"], a["k"], a["vt"], v_layout="BHDS",
+                              mosaic_blocks=_schedule(a["q"].dtype, shape, False)), "BHSD"),
         "ours Mosaic GPU standard, overlapped schedule":
             (lambda a: mosaic(a["q"], a["k"], a["v"], v_layout="BHSD",
-                              mosaic_blocks=_overlapped(a["q"].dtype, shape)), "BHSD"),
+                              mosaic_blocks=_schedule(a["q"].dtype, shape, True)), "BHSD"),
         "ours Mosaic GPU transposed-V, overlapped schedule":
             (lambda a: mosaic(a["q"], a["k"], a["vt"], v_layout="BHDS",
-                              mosaic_blocks=_overlapped(a["q"].dtype, shape)), "BHSD"),
+                              mosaic_blocks=_schedule(a["q"].dtype, shape, True)), "BHSD"),
         "ours Mosaic GPU, q/k/o/V [B,S,H,D] read in place":
             (lambda a: mosaic(a["q_bshd"], a["k_bshd"], a["v_bshd"], v_layout="BSHD",
                               q_layout="BSHD", k_layout="BSHD", o_layout="BSHD"), "BSHD"),
@@ -206,10 +212,11 @@ def fp8_implementations(shape: Shape, interpret: bool, blocks: tuple[int | None,
         "ours bf16 Triton transposed-V (V [B,H,D,S])":
             (lambda a: bf16(a["q"], a["k"], a["vt"], v_layout="BHDS"), "BHSD", "bf16"),
         "ours bf16 Mosaic GPU transposed-V (V [B,H,D,S])":
-            (lambda a: bf16_mosaic(a["q"], a["k"], a["vt"], v_layout="BHDS"), "BHSD", "bf16"),
+            (lambda a: bf16_mosaic(a["q"], a["k"], a["vt"], v_layout="BHDS",
+                                   mosaic_blocks=_schedule(a["q"].dtype, shape, False)), "BHSD", "bf16"),
         "ours bf16 Mosaic GPU transposed-V, overlapped schedule":
             (lambda a: bf16_mosaic(a["q"], a["k"], a["vt"], v_layout="BHDS",
-                                   mosaic_blocks=_overlapped(a["q"].dtype, shape)), "BHSD", "bf16"),
+                                   mosaic_blocks=_schedule(a["q"].dtype, shape, True)), "BHSD", "bf16"),
         "ours fp8 Triton standard (V [B,H,S,D])":
             (lambda a: fp8(a["q8"], a["k8"], a["v8"], *a["scales"], v_layout="BHSD"), "BHSD", "fp8"),
         "ours fp8 Triton transposed-V (V [B,H,D,S])":
@@ -219,7 +226,7 @@ def fp8_implementations(shape: Shape, interpret: bool, blocks: tuple[int | None,
              "BHSD", "fp8"),
         "ours fp8 Mosaic GPU transposed-V, overlapped schedule":
             (lambda a: fp8_mosaic(a["q8"], a["k8"], a["vt8"], *a["scales"], v_layout="BHDS",
-                                  mosaic_blocks=_overlapped(a["q8"].dtype, shape)), "BHSD", "fp8"),
+                                  mosaic_blocks=_schedule(a["q8"].dtype, shape, True)), "BHSD", "fp8"),
         "materialise V^T + ours fp8 transposed-V":
             (lambda a: fp8(a["q8"], a["k8"], jnp.swapaxes(a["v8"], 2, 3), *a["scales"],
                            v_layout="BHDS"), "BHSD", "fp8"),

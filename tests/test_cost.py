@@ -146,14 +146,16 @@ def test_attention_flops_and_standard_variant():
     assert causal.flops == bd.flops / 2
 
 
-def test_16bit_v_layouts_cost_the_same_on_hopper():
-    """Measured on an H200: in 16 bits the Mosaic GPU kernel runs both V layouts at the same rate
-    (no edge beyond run-to-run spread), so neither is priced faster."""
+def test_transposed_v_cheaper_by_the_measured_edge_on_hopper_bf16():
+    """Measured on an H200: in 16 bits transposed V ran at 1.006x standard V (geometric mean of
+    same-run pairs), an edge inside the noise that only breaks ties."""
     q = bhsd(4, 32, 4096, 128)
     std = H100_MODEL.breakdown(attn(q, q, q))
     tv = H100_MODEL.breakdown(attn(q, q, bhds(4, 32, 4096, 128), v_layout="BHDS"))
     assert (tv.variant, std.variant) == ("transposed", "standard")
-    assert devices._TV_EDGE_16BIT == 1.0 and tv.seconds == pytest.approx(std.seconds)
+    edge = H100.attention_eff("bfloat16", "transposed", False) / H100.attention_eff("bfloat16", "standard", False)
+    assert edge == pytest.approx(devices._TV_EDGE_16BIT) and 1.0 < edge < 1.01
+    assert std.compute_s / tv.compute_s == pytest.approx(edge)
 
 
 def test_fp8_transposed_v_measured_on_hopper():
@@ -173,7 +175,7 @@ def test_materialised_v_transpose_is_never_worth_it_in_bf16():
     std = H100_MODEL.node_cost(attn(q, q, q))
     tv = H100_MODEL.node_cost(attn(q, q, bhds(4, 32, 4096, 128), v_layout="BHDS"))
     transpose = H100_MODEL.node_cost(view("transpose", (q,), bhds(4, 32, 4096, 128), perm=(0, 1, 3, 2)))
-    assert tv == pytest.approx(std) and std < tv + transpose
+    assert tv < std < tv + transpose
 
 
 @pytest.mark.parametrize("operand", ["q", "k", "o"])
@@ -190,14 +192,13 @@ def test_non_minor_d_layout_costs_an_extra_transpose(operand):
     assert bd.seconds == pytest.approx(base.seconds + bd.extra_s)
 
 
-@pytest.mark.parametrize("dtype,variant", [("bfloat16", "standard"), ("float8_e4m3fn", "transposed")])
-def test_v_with_neither_d_nor_s_minor_is_relaid(dtype, variant):
-    """Relaid into the faster of the two kernel layouts: fp8 wants V transposed; in bf16 they tie
-    and V is relaid to the standard layout."""
+@pytest.mark.parametrize("dtype", ["bfloat16", "float8_e4m3fn"])
+def test_v_with_neither_d_nor_s_minor_is_relaid(dtype):
+    """Relaid into the faster of the two kernel layouts: transposed V (by far in fp8)."""
     q = bhsd(2, 8, 1024, 64, dtype)
     v = T((2, 1024, 64, 8), dtype)  # "BSDH": heads minor
     bd = H100_MODEL.breakdown(attn(q, q, v, v_layout="BSDH"))
-    assert bd.variant == variant
+    assert bd.variant == "transposed"
     assert bd.extra_s == pytest.approx(H100_MODEL._transpose_seconds(v.nbytes) + H100.launch_overhead)
 
 

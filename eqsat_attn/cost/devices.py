@@ -157,14 +157,17 @@ class DeviceSpec:
 # has the same SMs and clocks and this is compute bound, so the same fractions are assumed there
 # (jax's attention_mgpu: 558 f16 TFLOP/s on the H100, 519 on the H200 in our run).
 # Each rate is the median over every run of the session, both V layouts pooled: in 16 bits the
-# layouts do not differ beyond run-to-run spread (same-run transposed/standard ratios 0.66-1.45,
-# geometric mean 1.006 over 16 pairs; the same kernel's rate varied up to 30% between runs,
-# causal rows most), since wgmma reads a 16-bit B operand of either major-ness from shared memory.
+# layouts do not differ beyond run-to-run spread (same-run transposed/standard ratios 0.66-1.45;
+# the same kernel's rate varied up to 30% between runs, causal rows most), since wgmma reads a
+# 16-bit B operand of either major-ness from shared memory. Transposed V gets the geometric mean
+# of those ratios, 1.006 over 16 pairs (attention_mgpu's schedule, every shape): an edge far
+# inside the noise, so it decides only where V's layout is otherwise free (a projection writes
+# either), never against a transpose that would have to be materialised.
 _MOSAIC_BF16 = 564.5 / 989.4  # measured: median of 8 runs (485-595) -> 0.571
 _MOSAIC_BF16_CAUSAL = 418.7 / 989.4  # measured: median of 8 runs (319-464) -> 0.423
 _MOSAIC_F16 = 521.4 / 989.4  # measured: median of 4 runs (474-569) -> 0.527
 _MOSAIC_F16_CAUSAL = 430.5 / 989.4  # measured: median of 4 runs (319-486) -> 0.435
-_TV_EDGE_16BIT = 1.0  # measured: no edge for transposed V in 16 bits (above)
+_TV_EDGE_16BIT = 1.006  # measured: geometric mean of 16 same-run pairs (above)
 # f32 calls run the Pallas Triton kernel (Mosaic GPU takes 16-bit and fp8 operands): its bf16
 # rate measured on an H100 (bench/results/attention-h100-2026-11-25.md, 399 and 336 TFLOP/s),
 # applied to the TF32 peak (ASSUMPTION: f32 not measured).
