@@ -190,8 +190,8 @@ def fp8_steered_model() -> Any:
     """This device's roofline model with our fp8 kernel's rates scaled up (the transposed-V row
     to 90% of the fp8 peak, the others by the same factor, so the measured transposed/standard
     ratio stays), so that extraction picks the fp8 attention op wherever the program allows it
-    (the measured H100 table prices it below our bf16 kernel, so the default choice may be bf16
-    attention on the dequantized operands)."""
+    (with the measured Hopper table the default choice is already fp8 attention for both blocks;
+    a table that prices fp8 below bf16 would choose bf16 attention on the dequantized operands)."""
     from eqsat_attn.cost.devices import device_name_of_kind, device_spec
     from eqsat_attn.cost.roofline import RooflineModel
 

@@ -11,8 +11,9 @@ the one over V, so the transposed-V program is priced with both projections and 
 `prefer_transposed_v` asks the exact (ILP) extractor, under the same model with
 standard-layout fp8 attention and materialised transposes as large as V made prohibitively
 expensive, for the best program whose V producer writes Vᵀ, and keeps it only when the real
-model prices it below the greedy choice. It runs only where that question arises (an fp8 attention reading V with D minor, on a model whose
-fp8 transposed-V kernel is the faster one), within a time limit; any failure keeps the greedy
+model prices it below the greedy choice. It runs only where that question arises (an fp8
+attention reading V with D minor, or a transpose of V materialised for it, on a model whose fp8
+transposed-V kernel is the faster one), within a time limit; any failure keeps the greedy
 choice."""
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ class _TransposedVSteering:
         return getattr(self.model, name)
 
 
-def _standard_v_sizes(program: ir.Program, model: Any) -> list[int]:
-    """Element counts of the V operands of the fp8 attentions that ``model`` runs in the standard
-    variant while it prices their transposed-V variant faster."""
+def _v_sizes_to_steer(program: ir.Program, model: Any) -> list[int]:
+    """Element counts of the V operands of the fp8 attentions whose transposed-V variant ``model``
+    prices faster but which do not get it from V's producer: run in the standard variant, or
+    reading a transpose of V materialised for them."""
     if not (hasattr(model, "attention_variant") and hasattr(model, "relaid_v_layout")):
         return []
     sizes = []
@@ -67,22 +69,26 @@ def _standard_v_sizes(program: ir.Program, model: Any) -> list[int]:
         view = view_of(program, i)
         causal = bool(node.params.get("causal"))
         dtype = program.type_of(node.inputs[0]).dtype
-        if view is not None and model.attention_variant(view) == "standard" \
-                and model.relaid_v_layout(dtype, causal) == "BHDS":
+        if view is None or model.relaid_v_layout(dtype, causal) != "BHDS":
+            continue
+        producer = program.nodes[node.inputs[2]]
+        copied = producer.op == "transpose" and \
+            tuple(producer.params["perm"]) != tuple(range(len(producer.params["perm"])))
+        if model.attention_variant(view) == "standard" or copied:
             sizes.append(program.type_of(node.inputs[2]).size)
     return sizes
 
 
 def wants_transposed_v(program: ir.Program, model: Any) -> bool:
-    """Whether ``program`` has an fp8 attention that ``model`` runs in the standard variant while
-    it prices that attention's transposed-V variant faster."""
-    return bool(_standard_v_sizes(program, model))
+    """Whether ``program`` has an fp8 attention whose faster transposed-V variant ``model`` would
+    have V's producer write (see `_v_sizes_to_steer`)."""
+    return bool(_v_sizes_to_steer(program, model))
 
 
 def prefer_transposed_v(egraph: Any, encoding: Any, model: CostModel, chosen: ir.Program) -> ir.Program:
     """``chosen``, or the cheapest program (under ``model``) whose fp8 attention reads V
-    transposed where that is cheaper; see the module docstring."""
-    sizes = _standard_v_sizes(chosen, model)
+    transposed from V's producer where that is cheaper; see the module docstring."""
+    sizes = _v_sizes_to_steer(chosen, model)
     if not sizes:
         return chosen
     try:

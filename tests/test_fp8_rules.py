@@ -217,6 +217,27 @@ def test_exact_extraction_finds_v_transposed_where_greedy_ties():
     assert not wants_transposed_v(greedy, for_device("cpu"))  # CPU table: fp8 standard V not slower
 
 
+def test_default_hopper_table_writes_fp8_v_transposed_at_the_benchmark_shape():
+    """Under the measured Hopper table (fp8 transposed V 682 TFLOP/s, bf16 565), no steering: the
+    fp8 block at bench/end_to_end.py's shape (B4 S4096 E4096 H32 bf16, traced only) runs fp8
+    attention reading V transposed, and V's projection writes it so. Greedy extraction alone
+    materialised a transpose of the quantized V; `prefer_transposed_v` also asks the exact
+    extractor in that case."""
+    from eqsat_attn.cost.roofline import for_device
+
+    e, heads = 4096, 32
+    params = {n: jax.ShapeDtypeStruct((e, e), jnp.bfloat16) for n in ("wq", "wk", "wv", "wo")}
+    params["ln"] = jax.ShapeDtypeStruct((e,), jnp.bfloat16)
+    x = jax.ShapeDtypeStruct((4, 4096, e), jnp.bfloat16)
+    rep = ea.optimize(lambda p, x: fp8_ln_block(p, x, heads), cost_model=for_device("h100")).explain(params, x)
+    (node,) = fp8_nodes(rep.after)
+    assert rep.attention[0].v_layout == "BHDS"
+    assert not [n for n in rep.after.nodes if n.op == "transpose" and rep.after.type_of(n.inputs[0]).size >= 4096 * e]
+    chain = v_producer_chain(rep.after, node)
+    assert chain[-1] == "dot_general" and "transpose" not in chain
+    assert rep.cost_after < rep.cost_before
+
+
 def test_one_element_broadcast_is_free():
     """A scalar splat (clip bound, per-tensor scale) is recomputed in each consumer's fusion: free;
     a broadcast of a real tensor still costs its output bytes."""

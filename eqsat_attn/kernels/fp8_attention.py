@@ -34,11 +34,12 @@ Extra error of the Pallas backward vs the float64 gradients on the dequantized o
 forward's o (P rounded to e4m3, through delta = rowsum(o·dO)) and the bf16 roundings of the
 operands, which shift the recomputed scores by about |s|·2^-8 against the forward's lse.
 
-Speed (H100, bench/results/fp8-kernel-h100-2026-11-25.md: 202-270 TFLOP/s, below our bf16
-kernel): the Triton IR has fp8 operands in both dots, the transposed-V P·V reads K-major Vᵀ
-tiles (what fp8 wgmma needs, no shuffle) and P is cast to e4m3 before P·V; the standard layout's
-N-major V tiles are not fp8-wgmma operands. What is owed on a GPU (tile sweep with 256-key tiles,
-PTX check of P's layout conversion) is listed in bench/results/README.md, "Owed (GPU)".
+Speed: on a Hopper GPU "auto" runs transposed-V fp8 calls on the Mosaic GPU kernel
+(kernels/mosaic_attention.py: 583-743 TFLOP/s on an H200, bench/results/attention-fp8-nvidia-
+h200-2026-11-26.md); this Triton kernel serves the standard layout, which Hopper's fp8 wgmma
+cannot read (201-219 TFLOP/s there; 261-289 with transposed V), and other GPUs. Its Triton IR
+has fp8 operands in both dots, the transposed-V P·V reads K-major Vᵀ tiles and P is cast to
+e4m3 before P·V; the standard layout's N-major V tiles are not fp8-wgmma operands.
 """
 
 from __future__ import annotations
