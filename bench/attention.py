@@ -272,16 +272,14 @@ def make_inputs(shape: Shape, seed: int = 0) -> dict[str, jax.Array]:
     return jax.block_until_ready(a)
 
 
-def time_fn(fn: Callable, args, warmup: int, reps: int) -> float:
-    """Median seconds per call of a jitted fn."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(args))
+def time_calls(fn: Callable, args, calls: int) -> list[float]:
+    """Seconds of each of ``calls`` calls of a jitted fn (jax.block_until_ready after each)."""
     times = []
-    for _ in range(reps):
+    for _ in range(calls):
         t0 = time.perf_counter()
         jax.block_until_ready(fn(args))
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
 
 
 def reference_subset(shape: Shape, a: dict[str, jax.Array]) -> jax.Array:
@@ -291,14 +289,22 @@ def reference_subset(shape: Shape, a: dict[str, jax.Array]) -> jax.Array:
                                causal=shape.causal)
 
 
-def run_row(name: str, fn: Callable | None, layout: str, shape: Shape, a, ref, warmup: int,
-            reps: int, bound: float | None = None) -> dict:
-    """Time ``fn`` and check its output on batch 0, heads 0-1 against ``ref``: max abs error
-    <= ``bound`` (default ERR_TOL·(1 + max|ref|)). ``fn=None``: not available in this jax."""
-    row = {"shape": shape.label(), "causal": shape.causal, "kernel": name}
+def time_fn(fn: Callable, args, warmup: int, reps: int) -> float:
+    """Median seconds per call of a jitted fn, after ``warmup`` calls."""
+    time_calls(fn, args, warmup)
+    return statistics.median(time_calls(fn, args, reps))
+
+
+def prepare_row(name: str, fn: Callable | None, layout: str, shape: Shape, a, ref, warmup: int,
+                bound: float | None = None) -> tuple[dict, Callable | None]:
+    """Compile ``fn``, check its output on batch 0, heads 0-1 against ``ref`` (max abs error <=
+    ``bound``, default ERR_TOL·(1 + max|ref|)) and warm it up: (row, jitted fn, or None when it
+    is not available in this jax or failed, the row then saying why)."""
+    row = {"shape": shape.label(), "causal": shape.causal, "kernel": name, "ms": None,
+           "tflops": None, "err": None}
     if fn is None:
-        row.update(ms=None, tflops=None, err=None, check="n/a (not exposed by this jax)")
-        return row
+        row["check"] = "n/a (not exposed by this jax)"
+        return row, None
     try:
         jfn = jax.jit(fn)
         out = jax.block_until_ready(jfn(a))
@@ -307,16 +313,31 @@ def run_row(name: str, fn: Callable | None, layout: str, shape: Shape, a, ref, w
         err = float(jnp.abs(out[:1, :2].astype(jnp.float32) - ref).max())
         if bound is None:
             bound = ERR_TOL * (1.0 + float(jnp.abs(ref).max()))
-        ok = err <= bound
-        secs = time_fn(jfn, a, warmup, reps)
-        row.update(ms=secs * 1e3, tflops=shape.flops / secs / 1e12, err=err,
-                   check="ok" if ok else "FAIL")
+        row.update(err=err, check="ok" if err <= bound else "FAIL")
+        time_calls(jfn, a, warmup)
+        return row, jfn
     except Exception as e:  # noqa: BLE001 - a failing baseline is a result, not a crash
         print(f"--- {name} on {shape.label()} causal={shape.causal} failed:", file=sys.stderr)
         traceback.print_exc(limit=8, file=sys.stderr)
         msg = re.sub(r"\s+", " ", f"{type(e).__name__}: {e}")[:120].replace("|", "/")
-        row.update(ms=None, tflops=None, err=None, check=f"n/a ({msg})")
-    return row
+        row["check"] = f"n/a ({msg})"
+        return row, None
+
+
+def time_rows(prepared: list[tuple[dict, Callable | None]], shape: Shape, a, reps: int,
+              rounds: int) -> None:
+    """Time the prepared rows side by side: ``rounds`` rounds, each calling every row in turn
+    (``reps`` calls in all per row, split over the rounds), so that a drift of the GPU's clocks
+    during the run reaches every row alike; each row gets the median of its calls."""
+    rounds = max(1, min(rounds, reps))
+    times: dict[int, list[float]] = {i: [] for i, (_, jfn) in enumerate(prepared) if jfn is not None}
+    for r in range(rounds):
+        calls = reps // rounds + (1 if r < reps % rounds else 0)
+        for i in times:
+            times[i] += time_calls(prepared[i][1], a, calls)
+    for i, calls in times.items():
+        secs = statistics.median(calls)
+        prepared[i][0].update(ms=secs * 1e3, tflops=shape.flops / secs / 1e12)
 
 
 def device_slug(kind: str) -> str:
@@ -375,6 +396,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="tiny shapes in Pallas interpret mode (tests the script on CPU)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20)")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5,
+                   help="interleaved timing rounds per shape: every row is called in turn each round")
     p.add_argument("--block-q", type=int, default=None, help="override our kernel's block_q")
     p.add_argument("--block-k", type=int, default=None, help="override our kernel's block_k")
     p.add_argument("--head-dims", type=int, nargs="+", default=None,
@@ -423,12 +446,14 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
             todo = [(n, fn, lay, ref, None) for n, (fn, lay) in implementations(shape, smoke, blocks).items()]
         if args.match:
             todo = [t for t in todo if re.search(args.match, t[0])]
-        for name, fn, layout, want, bound in todo:
-            row = run_row(name, fn, layout, shape, a, want, warmup, reps, bound)
+        prepared = [prepare_row(name, fn, layout, shape, a, want, warmup, bound)
+                    for name, fn, layout, want, bound in todo]
+        time_rows(prepared, shape, a, reps, args.rounds)
+        for row, _ in prepared:
             rows.append(row)
-            print(f"{row['shape']} causal={shape.causal} {name}: "
+            print(f"{row['shape']} causal={shape.causal} {row['kernel']}: "
                   f"{row['tflops'] and round(row['tflops'], 1)} TFLOP/s {row['check']}", flush=True)
-        del a
+        del a, prepared
         write_page(out, rows, args, argv, kind, today, reps, warmup, smoke)  # partial pages survive a timeout
     print(f"wrote {out}")
     return out
@@ -445,7 +470,8 @@ def write_page(out: pathlib.Path, rows: list[dict], args: argparse.Namespace, ar
         f"- date: {today}",
         f"- jax {jax.__version__}",
         f"- command: `python bench/attention.py {' '.join(argv)}`".replace("  ", " "),
-        f"- timing: median of {reps} calls after {warmup} warm-up, jax.block_until_ready;"
+        f"- timing: median of {reps} calls after {warmup} warm-up, jax.block_until_ready; the rows of"
+        f" a shape timed side by side in {max(1, min(args.rounds, reps))} interleaved rounds;"
         " TFLOP/s = 4·B·H·S²·D (÷2 causal) / time",
         f"- max err: vs attention_reference in float32 on batch 0, heads 0-1; ok if ≤ {ERR_TOL}·(1+max|ref|)",
     ]

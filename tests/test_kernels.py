@@ -329,6 +329,18 @@ def test_bench_cpu_smoke(tmp_path):
     assert len(mosaic_ok) == 5 and sum("overlapped schedule" in line for line in mosaic_ok) == 2
 
 
+def test_bench_times_the_rows_of_a_shape_in_interleaved_rounds():
+    """Each round calls every row in turn, so a clock drift during the run reaches all rows alike;
+    rows that failed to compile are skipped; each row gets reps calls in all."""
+    mod = load_bench("attention", "bench_attention_rounds")
+    calls = []
+    make = lambda name: (lambda args: calls.append(name))  # noqa: E731
+    prepared = [({"kernel": "a"}, make("a")), ({"kernel": "failed"}, None), ({"kernel": "b"}, make("b"))]
+    mod.time_rows(prepared, mod.Shape(1, 1, 64, 64, False), None, reps=5, rounds=3)
+    assert calls == ["a", "a", "b", "b", "a", "a", "b", "b", "a", "b"]
+    assert prepared[0][0]["ms"] > 0 and prepared[2][0]["tflops"] > 0 and "ms" not in prepared[1][0]
+
+
 def test_flash_pallas_backward_uneven_tiles_and_jax_backward_agree():
     """Default backward tables at D=128 give different dK/dV and dQ tiles (32x64 vs 64x32);
     the Pallas backward must match numpy and the plain-JAX recomputation backward."""
