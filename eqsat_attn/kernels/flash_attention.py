@@ -99,8 +99,8 @@ BACKWARDS = ("pallas", "jax")
 BACKENDS = ("auto", "triton", "mosaic_gpu")
 #: "auto" picks the Mosaic GPU kernel on a Hopper GPU, for 16-bit and for fp8 operands: on an H200
 #: (2026-11-26, jax 0.11.2) its 38 compiled GPU tests passed and it outran our Triton kernel on
-#: every benchmark row, 16-bit by 1.04-1.42x, fp8 (transposed V) by 2.2-2.6x
-#: (bench/results/attention-nvidia-h200-2026-11-26.md, attention-fp8-nvidia-h200-2026-11-26.md).
+#: every benchmark row, 16-bit by 1.02-1.58x (same V layout, the measured schedule), fp8 (transposed
+#: V) by 2.2-2.6x (bench/results/attention-nvidia-h200-2026-11-26.md, attention-fp8-nvidia-h200-*).
 #: The environment variable EQSAT_ATTN_AUTO_MOSAIC overrides both: "0" keeps "auto" on Triton,
 #: "1" takes Mosaic GPU; backend="mosaic_gpu" or "triton" forces one per call.
 AUTO_MOSAIC = True
