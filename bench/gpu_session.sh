@@ -38,7 +38,7 @@ for stage in "$@"; do
     e2e-fp8) timeout 300 python3 bench/end_to_end.py --fp8 --out "$OUT/end-to-end-fp8.md" 2>&1 | tail -30 ;;
     cost-model) timeout 250 python3 bench/cost_model_experiment.py --calibrate --variants 20 --out "$OUT/cost-model.md" \
         --calibration-out "$OUT/calibration.json" 2>&1 | tail -40 ;;
-    final-check) timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py::test_gpu_compiled_matches_reference \
+    final-check) timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py::test_gpu_compiled_matches_reference \
         tests/test_kernels.py::test_gpu_compiled_cast_prologue_matches_reference \
         tests/test_fp8_kernels.py tests/test_packed_attention.py tests/test_mosaic_kernels.py 2>&1 | tee "$OUT/final-check.log" | tail -15 ;;
     qkv) timeout 240 python3 bench/qkv_layouts.py --reps 10 --out "$OUT/qkv-layouts.md" 2>&1 | tail -30 ;;
