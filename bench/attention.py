@@ -114,6 +114,12 @@ def _schedule(dtype, shape: Shape, overlap: bool) -> MosaicBlocks | None:
         return None
 
 
+def _p_in_registers(dtype, shape: Shape) -> MosaicBlocks | None:
+    """The fp8 kernel's default tiles with P kept in registers for P·V (`fp8_p_registers`)."""
+    blocks = _schedule(dtype, shape, False)
+    return None if blocks is None else dataclasses.replace(blocks, fp8_p_registers=True)
+
+
 def implementations(shape: Shape, interpret: bool, blocks: tuple[int | None, int | None]):
     """name -> (fn over (q, k, v_bhsd, v_bhds, q_bshd, k_bshd, v_bshd), how to read its output).
 
@@ -227,6 +233,9 @@ def fp8_implementations(shape: Shape, interpret: bool, blocks: tuple[int | None,
         "ours fp8 Mosaic GPU transposed-V, overlapped schedule":
             (lambda a: fp8_mosaic(a["q8"], a["k8"], a["vt8"], *a["scales"], v_layout="BHDS",
                                   mosaic_blocks=_schedule(a["q8"].dtype, shape, True)), "BHSD", "fp8"),
+        "ours fp8 Mosaic GPU transposed-V, P in registers":
+            (lambda a: fp8_mosaic(a["q8"], a["k8"], a["vt8"], *a["scales"], v_layout="BHDS",
+                                  mosaic_blocks=_p_in_registers(a["q8"].dtype, shape)), "BHSD", "fp8"),
         "materialise V^T + ours fp8 transposed-V":
             (lambda a: fp8(a["q8"], a["k8"], jnp.swapaxes(a["v8"], 2, 3), *a["scales"],
                            v_layout="BHDS"), "BHSD", "fp8"),

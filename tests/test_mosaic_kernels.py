@@ -324,6 +324,54 @@ def test_compiled_fp8_kernel_lowers_with_transposed_v(causal, overlap):
     assert text.count("custom_call @mosaic_gpu") == 1
 
 
+def test_quad_exchange_plan_turns_the_accumulator_layout_into_wgmmas_8bit_operand():
+    """`_quad_exchange_to_8bit`'s plan, replayed on all 128 lanes of a warpgroup for a [64, 32]
+    tile: each lane packs its WGMMA-layout pairs (columns 8j + 2t, +1; rows 16w + r and +8) into a
+    word per 16-column block, reads the words of lanes lane ^ d0 and lane ^ d1 (shfl.bfly) and
+    byte-permutes them (prmt: bytes 0-3 from the first word, 4-7 from the second). Every lane must
+    end with wgmma's 8-bit A fragment: columns 16k + 4t .. 4t+3 of its rows."""
+    from eqsat_attn.kernels.mosaic_attention import QUAD_EXCHANGE_DISTANCES, QUAD_EXCHANGE_HALVES
+
+    tile = np.arange(64 * 32).reshape(64, 32)  # distinct values stand for the fp8 bytes
+    words = {}
+    for lane in range(128):
+        w, r, t = lane // 32, lane % 32 // 4, lane % 4
+        for k in range(2):
+            for h in range(2):
+                row = tile[16 * w + 8 * h + r]
+                words[lane, k, h] = [row[16 * k + 2 * t], row[16 * k + 2 * t + 1],
+                                     row[16 * k + 8 + 2 * t], row[16 * k + 8 + 2 * t + 1]]
+    for lane in range(128):
+        w, r, t = lane // 32, lane % 32 // 4, lane % 4
+        d0, d1 = QUAD_EXCHANGE_DISTANCES[t]
+        selector = QUAD_EXCHANGE_HALVES[t]
+        for k in range(2):
+            for h in range(2):
+                source = words[lane ^ d0, k, h] + words[lane ^ d1, k, h]
+                got = [source[(selector >> 4 * i) & 0xF] for i in range(4)]
+                row = tile[16 * w + 8 * h + r]
+                assert got == list(row[16 * k + 4 * t:16 * k + 4 * t + 4]), (lane, k, h)
+
+
+@pytest.mark.parametrize("causal,overlap", [(False, False), (True, True), (False, True)])
+def test_fp8_p_in_registers_lowers_for_hopper(causal, overlap):
+    """``fp8_p_registers``: P goes to the P·V wgmma in registers through the quad exchange (its
+    byte permutes appear), no shared-memory P tile; compiled only (the interpreter takes wgmma's A
+    operand from shared memory alone), checked on a GPU by test_gpu_compiled_mosaic_fp8_matches_reference."""
+    q = jax.ShapeDtypeStruct((1, 4, 512, 128), jnp.float8_e4m3fn)
+    vt = jax.ShapeDtypeStruct((1, 4, 128, 512), jnp.float8_e4m3fn)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32)
+
+    def lowered(p_registers):
+        blocks = MosaicBlocks(64, 128, 2, overlap=overlap, fp8_p_registers=p_registers)
+        fn = lambda q, k, v, a, b: mosaic_attention(q, k, v, scale=0.1, causal=causal, v_layout="BHDS",
+                                                    descales=(a, b), blocks=blocks)
+        return jax.jit(fn).trace(q, q, vt, scalar, scalar).lower(lowering_platforms=("cuda",)).as_text()
+    registers, staged = lowered(True), lowered(False)
+    assert registers.count("custom_call @mosaic_gpu") == 1
+    assert "prmt.b32" in registers and "prmt.b32" not in staged
+
+
 def test_fp8_with_sequence_major_v_is_refused_by_wgmma_itself(monkeypatch):
     """The contract's fp8 rule is Hopper's: with the check bypassed, Mosaic GPU's lowering of the
     standard-layout fp8 P·V fails (wgmma transposes only 16-bit operands)."""
@@ -378,15 +426,17 @@ def test_tuned_tiles_follow_the_measured_schedule():
 @pytest.mark.gpu
 @pytest.mark.skipif(not hopper_gpu(), reason="needs a Hopper GPU (sm_90)")
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("overlap", [False, True])
-def test_gpu_compiled_mosaic_fp8_matches_reference(causal, overlap):
+@pytest.mark.parametrize("overlap,p_registers,block_kv", [(False, False, 128), (True, False, 128),
+                                                          (False, True, 128), (True, True, 128),
+                                                          (False, True, 256)])
+def test_gpu_compiled_mosaic_fp8_matches_reference(causal, overlap, p_registers, block_kv):
     from test_fp8_kernels import check, expected, fp8_inputs, vmax
 
     from eqsat_attn.kernels.fp8_attention import FP8_ATOL, flash_attention_fp8
 
     x8, scales, do = fp8_inputs(12, 2, 8, 2, 1024, 1024, 128, "BHDS")
     kw = dict(scale=128 ** -0.5, causal=causal, v_layout="BHDS")
-    blocks = MosaicBlocks(64, 128, 2, overlap=overlap)
+    blocks = MosaicBlocks(64, block_kv, 2, overlap=overlap, fp8_p_registers=p_registers)
     o = jax.jit(lambda *a: flash_attention_fp8(*a, backend="mosaic_gpu", mosaic_blocks=blocks,
                                                **kw))(*x8, *scales)
     check(o, expected(x8, scales, do, **kw)[0], "o", atol=FP8_ATOL * vmax(x8, scales))

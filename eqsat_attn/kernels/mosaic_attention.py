@@ -39,7 +39,10 @@ float32: the residuals of the Triton forward, so jax.grad runs the shared backwa
 
 fp8 (e4m3/e5m2 operands with runtime descales, output bf16) needs transposed V: Hopper's fp8
 wgmma reads both operands K-major only (Mosaic GPU refuses a sequence-major V tile). P is
-computed as 256·P and staged through shared memory as fp8 for P·V.
+computed as 256·P and staged through shared memory as fp8 for P·V, or, with
+``MosaicBlocks(fp8_p_registers=True)``, kept in registers and relaid into wgmma's 8-bit operand
+layout by quad shuffles and byte permutes (`_quad_exchange_to_8bit`; compiled, not yet run on a
+GPU: off by default).
 
 Interpret mode (``interpret=True``, any backend): jax's Mosaic GPU interpreter simulates the
 warpgroups, TMA copies and barriers, but (jax 0.11/0.12) takes wgmma's A operand only from shared
@@ -56,12 +59,17 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
 from .reference import check_shapes, kernel_layout_error, layout_shape
 
 try:  # the Mosaic GPU backend ships with jax >= 0.4.3x; absent from some minimal builds
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith
+    from jax.experimental.mosaic.gpu import fragmented_array as mgpu_fa
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
     from jax.experimental.pallas import mosaic_gpu as plgpu
 except ImportError:  # pragma: no cover - exercised only on such builds
     plgpu = None
@@ -93,13 +101,17 @@ class MosaicBlocks:
     swizzled tile of a 16-bit row). overlap: FlashAttention-3's intra-warpgroup pipelining (each
     warpgroup issues Q·Kᵀ of tile j and P·V of tile j-1 together and runs tile j's softmax while
     the P·V is on the tensor cores; the two warpgroups strictly alternate issuing), else
-    attention_mgpu's schedule (softmax, then P·V of the same tile).
+    attention_mgpu's schedule (softmax, then P·V of the same tile). fp8_p_registers: fp8 only,
+    P reaches the P·V wgmma in registers, relaid into its 8-bit operand layout by quad shuffles
+    and byte permutes (`_fp8_p_operand`, FlashAttention-3's way), instead of through a
+    shared-memory tile (a store and a fence per key tile); compiled only, not measured yet.
     """
 
     block_q: int = 64
     block_kv: int = 128
     stages: int = 2
     overlap: bool = False
+    fp8_p_registers: bool = False
 
     def __post_init__(self):
         for name in ("block_q", "block_kv"):
@@ -239,10 +251,11 @@ class _Plan:
 
     @property
     def stage_p(self) -> bool:
-        """P goes to wgmma through shared memory, else from registers. fp8 stages it: Mosaic GPU
-        cannot relayout the f32 accumulator's fragments into wgmma's 8-bit A-operand layout
-        (FlashAttention-3 permutes bytes in registers there)."""
-        return self.interpret or self.fp8
+        """P goes to wgmma through shared memory, else from registers. The interpreter takes A
+        only from shared memory; fp8 stages it unless ``blocks.fp8_p_registers`` (Mosaic GPU has
+        no relayout of the f32 accumulator's fragments into wgmma's 8-bit A-operand layout:
+        `_fp8_p_operand` does it by hand)."""
+        return self.interpret or (self.fp8 and not self.blocks.fp8_p_registers)
 
     @property
     def fp8(self) -> bool:
@@ -290,11 +303,62 @@ class _Plan:
                            self.kv_steps)
 
 
+#: `_quad_exchange_to_8bit`'s plan for quad lane t = 0..3: the xor distances of the two lanes
+#: whose words it reads, and the byte permute that keeps their first (0x5410) or second (0x7632)
+#: 2-column pair (tests/test_mosaic_kernels.py replays it on every lane of a warpgroup)
+QUAD_EXCHANGE_DISTANCES = ((0, 1), (3, 2), (2, 3), (1, 0))
+QUAD_EXCHANGE_HALVES = (0x5410, 0x5410, 0x7632, 0x7632)
+
+
+def _quad_exchange_to_8bit(p):
+    """An 8-bit [64, n] fragmented array from the WGMMA layout (two consecutive columns a
+    register) into WGMMA_8BIT (four; wgmma's 8-bit A operand), within each quad of lanes (the
+    four lanes that hold a row pair). In a 16-column block, quad lane t holds columns 2t, 2t+1
+    and 8+2t, 8+2t+1, and must end with 4t..4t+3: the pairs of quad lanes 2(t%2) and 2(t%2)+1,
+    from the block's first half (t < 2) or its second (t >= 2). Each lane packs its two pairs
+    into one 32-bit word, reads the two words it needs with butterfly shuffles (a xor distance of
+    its own) and keeps their low or high halves with one byte permute."""
+    i32 = ir.IntegerType.get_signless(32)
+    c = lambda v: arith.constant(i32, v)  # noqa: E731
+    t = arith.remui(mgpu_utils.thread_idx(), c(4))
+
+    def per_lane(table):  # table[t] as an i32 value
+        value = c(table[0])
+        for lane in (1, 2, 3):
+            value = arith.select(arith.cmpi(arith.CmpIPredicate.eq, t, c(lane)), c(table[lane]), value)
+        return value
+    dist0 = per_lane([d[0] for d in QUAD_EXCHANGE_DISTANCES])
+    dist1 = per_lane([d[1] for d in QUAD_EXCHANGE_DISTANCES])
+    halves = per_lane(QUAD_EXCHANGE_HALVES)
+    regs = p.registers  # [1, n/8, 1, 1, 2 (row halves), 1, 1, 1, 1] of vector<2 x 8-bit>
+    registers = np.empty(mgpu_fa.WGMMA_LAYOUT_8BIT.registers_shape(p.shape), dtype=object)
+    vec4 = ir.VectorType.get((4,), p.mlir_dtype)
+    for k in range(registers.shape[1]):  # 16-column blocks
+        for h in range(2):
+            pairs = [regs[0, 2 * k, 0, 0, h, 0, 0, 0, 0], regs[0, 2 * k + 1, 0, 0, h, 0, 0, 0, 0]]
+            word = mgpu_utils.bitcast(mgpu_utils.vector_concat(pairs), i32)
+            mine = mgpu_utils.prmt(mgpu_utils.shfl_bfly(word, dist0),
+                                   mgpu_utils.shfl_bfly(word, dist1), halves)
+            registers[0, k, 0, 0, h, 0, 0, 0, 0] = mgpu_utils.bitcast(mine, vec4)
+    return mgpu_fa.FragmentedArray(_registers=registers, _layout=mgpu_fa.WGMMA_LAYOUT_8BIT,
+                                   _is_signed=None)
+
+
+def _fp8_p_operand(p8):
+    """fp8 P, [block_q, block_kv] in the accumulator's WGMMA layout, as wgmma's 8-bit A operand in
+    registers (`_quad_exchange_to_8bit`)."""
+    relayout = plgpu.inline_mgpu(
+        arg_types=(plgpu.Layout.WGMMA,),
+        return_type=plgpu.ShapeDtypeStruct(p8.shape, p8.dtype, layout=plgpu.Layout.WGMMA_8BIT),
+    )(lambda _ctx, p: _quad_exchange_to_8bit(p))
+    return relayout(p8)
+
+
 def _p_operand(plan: _Plan, p, p_smem):
     """wgmma's A operand for P: the registers, or a shared-memory copy (`_Plan.stage_p`; the last
     wgmma that read that tile has completed)."""
     if not plan.stage_p:
-        return p
+        return _fp8_p_operand(p) if plan.fp8 else p
     p_smem[...] = p
     plgpu.commit_smem()
     return p_smem
