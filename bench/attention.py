@@ -6,14 +6,15 @@ the stock Pallas Triton kernel, cuDNN and XLA, side by side on one GPU.
     python bench/attention.py --fp8 [--quick]   # issue 10: fp8 kernels (V [B,H,S,D] and [B,H,D,S]),
                                                 # our bf16 kernel, cuDNN bf16 and fp8
 
-TFLOP/s counts 4*B*H*Sq*Sk*D flops (halved when causal); time is the median of --reps timed
-calls after warm-up, the rows of a shape called in turn over --rounds interleaved rounds (one
-kernel's rate moved up to 30% between runs on an H200, so rows are not timed one after another).
-The plain "ours Mosaic GPU" rows run attention_mgpu's schedule, the "overlapped schedule" ones
-FlashAttention-3's; "auto" takes the faster per shape (`TUNED_BLOCKS`). Each row's output is
-checked against the plain-JAX reference on batch 0, heads 0-1 (the "max err" column). fp8 rows read q, k, v quantized per tensor to float8_e4m3fn
-(descale = max|x| / 448) and are checked against the reference on the dequantized operands with
-the fp8 tolerance of eqsat_attn.kernels.fp8_attention (FP8_ATOL·max|v| + FP8_RTOL·max|ref|).
+TFLOP/s counts 4*B*H*Sq*Sk*D flops (halved when causal); time is the median of --reps timed calls
+after warm-up, the rows of a shape called in turn over --rounds interleaved rounds (one kernel's
+rate moved up to 30% between runs on an H200, so rows are not timed one after another). The plain
+"ours Mosaic GPU" rows run attention_mgpu's schedule, the "overlapped schedule" ones
+FlashAttention-3's; "auto" takes the faster per shape (`TUNED_BLOCKS`). Each row's output is checked
+against the plain-JAX reference on batch 0, heads 0-1 (the "max err" column). fp8 rows read q, k, v
+quantized per tensor to float8_e4m3fn (descale = max|x| / 448) and are checked against the reference
+on the dequantized operands with the fp8 tolerance of eqsat_attn.kernels.fp8_attention
+(FP8_ATOL·max|v| + FP8_RTOL·max|ref|).
 """
 
 from __future__ import annotations
