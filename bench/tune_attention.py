@@ -69,9 +69,13 @@ MOSAIC_SCHEDULES = ("3 wg", "3 wg overlap")
 MOSAIC_FP8_SCHEDULES = MOSAIC_SCHEDULES + ("3 wg, P regs", "3 wg overlap, P regs")
 
 
-def mosaic_configs(quick: bool, fp8: bool = False) -> list[tuple[int, int, str, int]]:
+def mosaic_configs(quick: bool, fp8: bool = False, causal: bool = False) -> list[tuple[int, int, str, int]]:
+    """Tiles x schedules x stages; with a causal mask each schedule also with the query tiles in
+    reverse ("heavy first", `MosaicBlocks.heavy_first`)."""
     stages = (2, 3) if quick else MOSAIC_STAGES
     schedules = MOSAIC_FP8_SCHEDULES if fp8 else MOSAIC_SCHEDULES
+    if causal:
+        schedules += tuple(f"{name}, heavy first" for name in schedules)
     return [(64, bk, schedule, st)
             for bk, schedule, st in itertools.product(MOSAIC_BLOCKS_KV, schedules, stages)]
 
@@ -102,7 +106,8 @@ def sweep_case(shape: Shape, v_layout: str, cfgs, reps: int, fp8: bool = False,
                                    v_layout=v_layout, backend="mosaic_gpu",
                                    mosaic_blocks=MosaicBlocks(bq, bk, stages,
                                                               overlap="overlap" in warps,
-                                                              fp8_p_registers="P regs" in warps))
+                                                              fp8_p_registers="P regs" in warps,
+                                                              heavy_first="heavy first" in warps))
             return jax.jit(fn).lower(*args).compile()
         fn = functools.partial(kernel, scale=shape.d ** -0.5, causal=shape.causal,
                                v_layout=v_layout, block_q=bq, block_k=bk, num_warps=warps,
@@ -178,7 +183,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
         shape = Shape(4, 32, args.seq, d, causal)
         prefix = ("Mosaic GPU " if args.mosaic else "") + ("fp8 " if args.fp8 else "")
         label = f"{prefix}D{d} {'causal' if causal else 'full'} V {v_layout}"
-        cfgs = mosaic_configs(args.quick, args.fp8) if args.mosaic else fp8_configs(args.quick) if args.fp8 \
+        cfgs = mosaic_configs(args.quick, args.fp8, causal) if args.mosaic else fp8_configs(args.quick) if args.fp8 \
             else configs(args.quick)
         cases[label] = sweep_case(shape, v_layout, cfgs, args.reps, fp8=args.fp8, mosaic=args.mosaic)
         best = max((r["tflops"] or 0 for r in cases[label]), default=0)

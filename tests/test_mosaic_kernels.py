@@ -75,6 +75,17 @@ def test_interpreted_overlapped_schedule_matches_float64(v_layout, causal, d, dt
     test_interpreted_forward_matches_float64(v_layout, causal, d, dtype, h, hkv, sq, sk, blocks)
 
 
+@pytest.mark.parametrize("v_layout,d,h,hkv,sq,sk,blocks", [
+    ("BHDS", 64, 4, 2, 384, 384, MosaicBlocks(64, 64, 2, heavy_first=True)),  # 3 query tiles, GQA
+    ("BHSD", 64, 2, 2, 256, 128, MosaicBlocks(64, 64, 2, heavy_first=True)),  # Sq > Sk
+    ("BHDS", 128, 2, 1, 384, 256, MosaicBlocks(64, 64, 2, overlap=True, heavy_first=True)),
+])
+def test_interpreted_heavy_first_order_matches_float64(v_layout, d, h, hkv, sq, sk, blocks):
+    """Causal with the query tiles run in reverse (the CTAs with the most key tiles first): the
+    producer and both consumers agree on each CTA's tile; values against float64."""
+    test_interpreted_forward_matches_float64(v_layout, True, d, jnp.bfloat16, h, hkv, sq, sk, blocks)
+
+
 @pytest.mark.parametrize("qko,v_layout,causal", [
     ("BSHD", "BSHD", True),  # Flax's layout everywhere: strided TMA boxes, no copies
     ("BSHD", "HDBS", False),  # V^T as [H, D, B, S]
@@ -134,6 +145,16 @@ def test_compiled_kernel_lowers_for_hopper(d, v_layout, causal):
     fn = lambda q, k, v: mosaic_attention(q, k, v, scale=0.1, causal=causal, v_layout=v_layout)
     text = jax.jit(fn).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == 1
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_heavy_first_order_lowers_for_hopper(overlap):
+    q = jax.ShapeDtypeStruct((1, 4, 512, 128), jnp.bfloat16)
+    vt = jax.ShapeDtypeStruct((1, 4, 128, 512), jnp.bfloat16)
+    blocks = MosaicBlocks(64, 128, 2, overlap=overlap, heavy_first=True)
+    fn = lambda q, k, v: mosaic_attention(q, k, v, scale=0.1, causal=True, v_layout="BHDS", blocks=blocks)
+    assert jax.jit(fn).trace(q, q, vt).lower(lowering_platforms=("cuda",)).as_text().count(
+        "custom_call @mosaic_gpu") == 1
 
 
 def test_compiled_kernel_lowers_with_strided_layouts():
@@ -250,6 +271,21 @@ def test_gpu_compiled_mosaic_matches_reference(overlap, v_layout, causal, d, dty
     want = np_attention(q, k, v, do, scale=scale, causal=causal, v_layout=v_layout)
     assert_close(o, want[0], 2e-2, "o")
     np.testing.assert_allclose(np.asarray(lse), np_lse(q, k, scale=scale, causal=causal),
+                               rtol=1e-3, atol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not hopper_gpu(), reason="needs a Hopper GPU (sm_90)")
+@pytest.mark.parametrize("overlap", [False, True])
+def test_gpu_compiled_heavy_first_order_matches_reference(overlap):
+    """Causal with the query tiles in reverse (`MosaicBlocks.heavy_first`), compiled."""
+    _, q, k, v, do = make_inputs(13, 2, 8, 2, 1024, 1024, 128, 128, "BHDS", jnp.bfloat16)
+    blocks = MosaicBlocks(64, 128, 2, overlap=overlap, heavy_first=True)
+    o, lse = jax.jit(lambda q, k, v: mosaic_attention(q, k, v, scale=128 ** -0.5, causal=True,
+                                                       v_layout="BHDS", blocks=blocks))(q, k, v)
+    want = np_attention(q, k, v, do, scale=128 ** -0.5, causal=True, v_layout="BHDS")
+    assert_close(o, want[0], 2e-2, "o")
+    np.testing.assert_allclose(np.asarray(lse), np_lse(q, k, scale=128 ** -0.5, causal=True),
                                rtol=1e-3, atol=1e-2)
 
 

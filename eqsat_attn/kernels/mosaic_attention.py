@@ -105,6 +105,9 @@ class MosaicBlocks:
     P reaches the P·V wgmma in registers, relaid into its 8-bit operand layout by quad shuffles
     and byte permutes (`_fp8_p_operand`, FlashAttention-3's way), instead of through a
     shared-memory tile (a store and a fence per key tile); compiled only, not measured yet.
+    heavy_first: causal only, the query tiles run in reverse, so the CTAs with the most key tiles
+    start first and the last wave holds the shortest (FlashAttention-3's order against the tail
+    of a causal grid); not measured yet.
     """
 
     block_q: int = 64
@@ -112,6 +115,7 @@ class MosaicBlocks:
     stages: int = 2
     overlap: bool = False
     fp8_p_registers: bool = False
+    heavy_first: bool = False
 
     def __post_init__(self):
         for name in ("block_q", "block_kv"):
@@ -295,6 +299,14 @@ class _Plan:
     def cta_rows(self) -> int:
         return COMPUTE_WARPGROUPS * self.blocks.block_q
 
+    def q_tile(self):
+        """This CTA's query tile: its grid index, or (causal, ``blocks.heavy_first``) counted from
+        the last tile, the one with the most key tiles."""
+        index = lax.axis_index("q_tiles")
+        if self.causal and self.blocks.heavy_first:
+            return self.sq // self.cta_rows - 1 - index
+        return index
+
     def cta_kv_steps(self, q_tile):
         """Key tiles the CTA's rows need: all, or (causal) up to its last row's diagonal."""
         if not self.causal:
@@ -422,7 +434,7 @@ class _Warpgroup:
          self.schedule) = barriers
         bq, bkv = plan.blocks.block_q, plan.blocks.block_kv
         self.batch, self.head = lax.axis_index("batch"), lax.axis_index("heads")
-        q_tile = lax.axis_index("q_tiles")
+        q_tile = plan.q_tile()
         self.q_smem, self.o_smem, self.lse_smem = q_smem2.at[wg], o_smem2.at[wg], lse_smem2.at[wg]
         self.p_smem = None if p_smem2 is None else p_smem2.at[wg]
         self.q_base = q_tile * plan.cta_rows + wg * bq
@@ -616,7 +628,7 @@ def _producer(plan: _Plan, refs, scratch, barriers):
     _, _, k_smem, v_smem, _, _ = scratch
     k_ready, v_ready, _, k_free, v_free, _ = barriers
     bkv = plan.blocks.block_kv
-    batch, head, q_tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_tiles")
+    batch, head, q_tile = lax.axis_index("batch"), lax.axis_index("heads"), plan.q_tile()
     kv_head = lax.div(head, plan.groups)
     cta_steps = plan.cta_kv_steps(q_tile)
 
