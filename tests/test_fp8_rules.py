@@ -238,6 +238,21 @@ def test_default_hopper_table_writes_fp8_v_transposed_at_the_benchmark_shape():
     assert rep.cost_after < rep.cost_before
 
 
+def test_default_hopper_table_fp8_block_values_equal_the_program():
+    """The same path run: the layer-norm fp8 block under the measured Hopper table (no steering),
+    V written transposed by its projection, values equal to the program's on random inputs."""
+    from eqsat_attn.cost.roofline import for_device
+
+    opt = ea.optimize(fp8_ln_block, cost_model=for_device("h100"))
+    rep = opt.explain(*ln_block_args(0))
+    (node,) = fp8_nodes(rep.after)
+    chain = v_producer_chain(rep.after, node)
+    assert str(node.params["v_layout"]).endswith("S") and chain[-1] == "dot_general" and "transpose" not in chain
+    for seed in (1, 2):
+        p, xs = ln_block_args(seed)
+        np.testing.assert_allclose(np.asarray(opt(p, xs)), np.asarray(jax.jit(fp8_ln_block)(p, xs)), rtol=2e-5, atol=2e-5)
+
+
 def test_one_element_broadcast_is_free():
     """A scalar splat (clip bound, per-tensor scale) is recomputed in each consumer's fusion: free;
     a broadcast of a real tensor still costs its output bytes."""
