@@ -33,6 +33,14 @@ TRANSPOSE_PENALTY = 0.5
 TIME_LIMIT_S = 20.0
 
 
+def _moves_data(node: Any) -> bool:
+    """A transpose whose permutation is not the identity (an OpView or an ir node)."""
+    if node.op != "transpose":
+        return False
+    perm = tuple(node.params["perm"])
+    return perm != tuple(range(len(perm)))
+
+
 class _TransposedVSteering:
     """``model`` with every fp8 attention whose kernel would run the standard variant, and every
     materialised transpose of at least ``large`` elements, penalised."""
@@ -46,8 +54,7 @@ class _TransposedVSteering:
         cost = self.model.node_cost(node)
         if node.op == "attention_fp8" and self.model.attention_variant(node) == "standard":
             cost += STANDARD_V_PENALTY
-        perm = tuple(node.params["perm"]) if node.op == "transpose" else ()
-        if perm != tuple(range(len(perm))) and node.output.size >= self.large:
+        if _moves_data(node) and node.output.size >= self.large:
             cost += TRANSPOSE_PENALTY
         return cost
 
@@ -71,9 +78,7 @@ def _v_sizes_to_steer(program: ir.Program, model: Any) -> list[int]:
         dtype = program.type_of(node.inputs[0]).dtype
         if view is None or model.relaid_v_layout(dtype, causal) != "BHDS":
             continue
-        producer = program.nodes[node.inputs[2]]
-        copied = producer.op == "transpose" and \
-            tuple(producer.params["perm"]) != tuple(range(len(producer.params["perm"])))
+        copied = _moves_data(program.nodes[node.inputs[2]])
         if model.attention_variant(view) == "standard" or copied:
             sizes.append(program.type_of(node.inputs[2]).size)
     return sizes

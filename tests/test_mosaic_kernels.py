@@ -392,8 +392,8 @@ def test_quad_exchange_plan_turns_the_accumulator_layout_into_wgmmas_8bit_operan
 @pytest.mark.parametrize("causal,overlap", [(False, False), (True, True), (False, True)])
 def test_fp8_p_in_registers_lowers_for_hopper(causal, overlap):
     """``fp8_p_registers``: P goes to the P·V wgmma in registers through the quad exchange (its
-    byte permutes appear), no shared-memory P tile; compiled only (the interpreter takes wgmma's A
-    operand from shared memory alone), checked on a GPU by test_gpu_compiled_mosaic_fp8_matches_reference."""
+    byte permutes appear only then); compiled only (the interpreter takes wgmma's A operand from
+    shared memory alone), checked on a GPU by test_gpu_compiled_mosaic_fp8_matches_reference."""
     q = jax.ShapeDtypeStruct((1, 4, 512, 128), jnp.float8_e4m3fn)
     vt = jax.ShapeDtypeStruct((1, 4, 128, 512), jnp.float8_e4m3fn)
     scalar = jax.ShapeDtypeStruct((), jnp.float32)
