@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import eqsat_attn as ea
 from eqsat_attn.kernels.fp8_attention import (FP8_ATOL, FP8_RTOL, attention_reference_fp8,
                                               compute_scale, dequantize, flash_attention_fp8,
                                               flash_attention_fp8_vjp, quantize)
@@ -253,6 +254,31 @@ def test_bench_end_to_end_fp8_cpu_smoke(tmp_path):
         _, _, _, _, _, err, rel, check, fp8_ops, _, _ = steered[0]
         assert check == "ok" and fp8_ops == "1"
         assert 0 < float(rel) <= mod.FP8_BLOCK_RTOL  # the kernel's P rounding shows; within tolerance
+
+
+@pytest.mark.parametrize("device", ["cpu", "h100", "h200"])
+def test_bench_fp8_steering_takes_fp8_attention_under_every_table(device):
+    """The steered row's model (bench/end_to_end.py's `Fp8AttentionSteering`) gives fp8 attention
+    in the hand-written fp8 block at the smoke shape under every device table, so the smoke run
+    means the same on a GPU host (on the H200 table, scaling the fp8 rates up kept attention on
+    the dequantized operands there); values stay within the block's fp8 tolerance."""
+    from eqsat_attn import examples
+    from eqsat_attn.cost.roofline import for_device
+
+    mod = load_bench("end_to_end", "bench_end_to_end_fp8_steering")
+    shape = mod.SMOKE_SHAPE
+    params = examples.block_params(shape, 3, jnp.float32)
+    x = jax.random.normal(jax.random.PRNGKey(4), (shape.batch, shape.seq, shape.embed), jnp.float32)
+    block = lambda params, x: mod.fp8_block(params, x, shape.heads)  # noqa: E731
+    plain = ea.optimize(block, cost_model=for_device(device))
+    steered = ea.optimize(block, cost_model=mod.Fp8AttentionSteering(for_device(device)))
+    fp8_ops = sum(n.op == "attention_fp8" for n in steered.explain(params, x).after.nodes)
+    assert fp8_ops == 1
+    ref = np.asarray(jax.jit(block)(params, x))
+    got = np.asarray(steered(params, x))
+    assert np.abs(got - ref).max() <= mod.FP8_BLOCK_RTOL * np.abs(ref).max()
+    if device == "h200":  # the case that failed: the table alone keeps attention unquantized here
+        assert not any(n.op == "attention_fp8" for n in plain.explain(params, x).after.nodes)
 
 
 @pytest.mark.parametrize("pallas", [False, True])
