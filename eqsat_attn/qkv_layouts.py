@@ -177,7 +177,7 @@ def _producers(program: Program, node_id: int) -> tuple[set[int], int, int]:
 
 def _attention_projections(program: Program) -> tuple[str, set[int]]:
     """`classify`'s label and the projection matmuls Q, K and V are computed from."""
-    attn = [i for i in program.live_nodes() if program.nodes[i].op in ("attention", "packed_attention")]
+    attn = [i for i in program.live_nodes() if program.nodes[i].op in ("attention", "attention_fp8", "packed_attention")]
     if len(attn) != 1:
         return "other", set()
     node = program.nodes[attn[0]]
@@ -313,8 +313,11 @@ def layout_decision(egraph, encoding, model: CostModel, chosen: Program, time_li
             alternatives[variant] = program_cost(program, pricing)
         else:
             unreachable.append(variant)
-    return LayoutDecision(classify(chosen), program_cost(chosen, pricing), alternatives, tuple(projections(chosen)),
-                          tuple(unreachable), tuple(limited))
+    label, cost = classify(chosen), program_cost(chosen, pricing)
+    if label in unreachable:  # the chosen program is itself one of its variant's programs
+        unreachable.remove(label)
+        alternatives[label] = cost
+    return LayoutDecision(label, cost, alternatives, tuple(projections(chosen)), tuple(unreachable), tuple(limited))
 
 
 #: a report explains the layout of programs whose e-graph has at most this many e-nodes (the

@@ -281,6 +281,29 @@ def test_bench_fp8_steering_takes_fp8_attention_under_every_table(device):
         assert not any(n.op == "attention_fp8" for n in plain.explain(params, x).after.nodes)
 
 
+def test_layout_decision_names_fp8_programs_and_counts_the_chosen_one():
+    """`layout_decision` on the fp8 smoke block under the H200 table: a program with fp8
+    attention gets its variant (not "other"), and the chosen program's variant is never listed
+    as "not found" (its own steered extraction may miss it: the chosen program is one of it)."""
+    from eqsat_attn import examples
+    from eqsat_attn.cost.roofline import for_device
+    from eqsat_attn.qkv_layouts import VARIANTS
+
+    mod = load_bench("end_to_end", "bench_end_to_end_fp8_decision")
+    shape = mod.SMOKE_SHAPE
+    params = examples.block_params(shape, 0, jnp.float32)
+    x = jax.random.normal(jax.random.PRNGKey(1), (shape.batch, shape.seq, shape.embed), jnp.float32)
+    block = lambda params, x: mod.fp8_block(params, x, shape.heads)  # noqa: E731
+    for model in (for_device("h200"), mod.Fp8AttentionSteering(for_device("h200"))):
+        report = ea.optimize(block, cost_model=model).explain(params, x)
+        decision = report.layout_decision
+        assert decision.chosen in VARIANTS + ("unmerged", "split")
+        assert decision.chosen not in decision.unreachable
+        if decision.chosen in VARIANTS:
+            assert decision.alternatives[decision.chosen] <= decision.chosen_cost * (1 + 1e-9)
+        assert f"not found {decision.chosen} (" not in str(report)
+
+
 @pytest.mark.parametrize("pallas", [False, True])
 def test_straight_through_gradients_reach_the_unrounded_operands(pallas):
     """`attention_fp8_straight_through` (fp8 attention over values rounded in the same program):
