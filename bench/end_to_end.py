@@ -21,7 +21,8 @@ jax.jit runs them as written (XLA: quantize-dequantize, then bf16 attention); ja
 raises each to one fp8 attention op, which extraction weighs against bf16 attention on the
 dequantized operands under this device's cost model; a second optimized row steers extraction
 to the fp8 op (`fp8_steered_model`: this device's model with every non-fp8 attention penalised)
-so the Pallas fp8 kernel is timed in the block either way (backend="pallas": interpret mode in --cpu-smoke, so the kernel's values are checked there too). The "rel err" column is max err /
+so the Pallas fp8 kernel is timed in the block either way (backend="pallas": interpret mode in
+--cpu-smoke, so the kernel's values are checked there too). The "rel err" column is max err /
 max|jax.jit row|; "check" passes at <= FP8_BLOCK_RTOL (P's e4m3 rounding in the kernel).
 """
 

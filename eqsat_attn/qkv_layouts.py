@@ -175,9 +175,12 @@ def _producers(program: Program, node_id: int) -> tuple[set[int], int, int]:
     return set(dots), len(after_dots), len(transposes)
 
 
+_ATTENTION_OPS = ("attention", "attention_fp8", "packed_attention")
+
+
 def _attention_projections(program: Program) -> tuple[str, set[int]]:
     """`classify`'s label and the projection matmuls Q, K and V are computed from."""
-    attn = [i for i in program.live_nodes() if program.nodes[i].op in ("attention", "attention_fp8", "packed_attention")]
+    attn = [i for i in program.live_nodes() if program.nodes[i].op in _ATTENTION_OPS]
     if len(attn) != 1:
         return "other", set()
     node = program.nodes[attn[0]]
@@ -199,9 +202,9 @@ def _attention_projections(program: Program) -> tuple[str, set[int]]:
 
 
 def classify(program: Program) -> str:
-    """"a", "b" or "c" for a program with one attention whose Q, K, V are projections (see the
-    module docstring); "split" (three projections, transposed V), "unmerged" (three
-    projections, standard V) or "other" for anything else. Only the matmuls Q, K and V are
+    """"a", "b" or "c" for a program with one attention (16-bit, fp8 or packed) whose Q, K, V
+    are projections (see the module docstring); "split" (three projections, transposed V),
+    "unmerged" (three projections, standard V) or "other" for anything else. Only the matmuls Q, K and V are
     computed from and the transposes on V's way count: (b) materialises Vᵀ (a transpose of V,
     or in a decode step of its cache: the new token's V of shape [B, H, 1, D] is its own Vᵀ);
     in (c) and "split" no transpose lies between V's projection and the attention (a decode
