@@ -183,8 +183,9 @@ _XLA_BF16_CAUSAL = 40 / 989.4  # measured: plain XLA, bf16 causal -> 0.040
 # causal: 497, median of 3, 494-515); standard V runs the Triton fp8 kernel, which transposes V
 # tiles through shared memory (Mosaic GPU refuses them): 205 (201-208), causal 175 (173-178).
 # A second H200 lease the same day (attention-fp8-nvidia-h200-2026-11-26-run2.md, 256-key fp8 tiles)
-# fell inside these ranges and left the rates as they are: bf16 566.3 (overlapped schedule), causal
-# 359.4; fp8 transposed 661.0, causal 506.7; fp8 standard 201.8, causal 159.1.
+# fell inside these ranges but one, and the rates stay as they are: bf16 566.3 (overlapped
+# schedule), causal 359.4; fp8 transposed 661.0, causal 506.7; fp8 standard 201.8, causal 159.1
+# (below 173-178: standard fp8 only gets slower, its choice does not change).
 _FP8_STANDARD = 204.8 / 1978.9  # measured -> 0.103
 _FP8_STANDARD_CAUSAL = 175.2 / 1978.9  # measured -> 0.089
 _FP8_TRANSPOSED = 682.1 / 1978.9  # measured -> 0.345
