@@ -41,8 +41,8 @@ fp8 (e4m3/e5m2 operands with runtime descales, output bf16) needs transposed V: 
 wgmma reads both operands K-major only (Mosaic GPU refuses a sequence-major V tile). P is
 computed as 256·P and staged through shared memory as fp8 for P·V, or, with
 ``MosaicBlocks(fp8_p_registers=True)``, kept in registers and relaid into wgmma's 8-bit operand
-layout by quad shuffles and byte permutes (`_quad_exchange_to_8bit`; compiled, not yet run on a
-GPU: off by default).
+layout by quad shuffles and byte permutes (`_quad_exchange_to_8bit`; its compiled GPU tests pass
+on an H200; off by default: its speed against the shared-memory path was -13% to +3% across rows).
 
 Interpret mode (``interpret=True``, any backend): jax's Mosaic GPU interpreter simulates the
 warpgroups, TMA copies and barriers, but (jax 0.11/0.12) takes wgmma's A operand only from shared
@@ -104,10 +104,13 @@ class MosaicBlocks:
     attention_mgpu's schedule (softmax, then P·V of the same tile). fp8_p_registers: fp8 only,
     P reaches the P·V wgmma in registers, relaid into its 8-bit operand layout by quad shuffles
     and byte permutes (`_fp8_p_operand`, FlashAttention-3's way), instead of through a
-    shared-memory tile (a store and a fence per key tile); compiled only, not measured yet.
+    shared-memory tile (a store and a fence per key tile). Right on an H200, not faster there:
+    +2.3-2.8% at S8192 and S4096 without a mask, -12.8% at S4096 causal, in one interleaved run
+    (bench/results/attention-fp8-nvidia-h200-2026-11-26-run2.md), so off by default.
     heavy_first: causal only, the query tiles run in reverse, so the CTAs with the most key tiles
     start first and the last wave holds the shortest (FlashAttention-3's order against the tail
-    of a causal grid); not measured yet.
+    of a causal grid). Right on an H200, not faster there: -4% to +4% at D128, up to -9% at D64
+    (tune-mosaic-nvidia-h200-2026-11-26-run2.md), so off by default.
     """
 
     block_q: int = 64
