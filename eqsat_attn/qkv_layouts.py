@@ -204,11 +204,11 @@ def _attention_projections(program: Program) -> tuple[str, set[int]]:
 def classify(program: Program) -> str:
     """"a", "b" or "c" for a program with one attention (16-bit, fp8 or packed) whose Q, K, V
     are projections (see the module docstring); "split" (three projections, transposed V),
-    "unmerged" (three projections, standard V) or "other" for anything else. Only the matmuls Q, K and V are
-    computed from and the transposes on V's way count: (b) materialises Vᵀ (a transpose of V,
-    or in a decode step of its cache: the new token's V of shape [B, H, 1, D] is its own Vᵀ);
-    in (c) and "split" no transpose lies between V's projection and the attention (a decode
-    step's cache argument may be transposed)."""
+    "unmerged" (three projections, standard V) or "other" for anything else. Only the matmuls
+    Q, K and V are computed from and the transposes on V's way count: (b) materialises Vᵀ (a
+    transpose of V, or in a decode step of its cache: the new token's V of shape [B, H, 1, D] is
+    its own Vᵀ); in (c) and "split" no transpose lies between V's projection and the attention
+    (a decode step's cache argument may be transposed)."""
     return _attention_projections(program)[0]
 
 

@@ -105,7 +105,7 @@ class MosaicBlocks:
     P reaches the P·V wgmma in registers, relaid into its 8-bit operand layout by quad shuffles
     and byte permutes (`_fp8_p_operand`, FlashAttention-3's way), instead of through a
     shared-memory tile (a store and a fence per key tile). Right on an H200, not faster there:
-    +2.3-2.8% at S8192 and S4096 without a mask, -12.8% at S4096 causal, in one interleaved run
+    +2.3-2.8% at S4096, S8192 and S8192 causal, -12.8% at S4096 causal, in one interleaved run
     (bench/results/attention-fp8-nvidia-h200-2026-11-26-run2.md), so off by default.
     heavy_first: causal only, the query tiles run in reverse, so the CTAs with the most key tiles
     start first and the last wave holds the shortest (FlashAttention-3's order against the tail
