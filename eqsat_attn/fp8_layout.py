@@ -22,6 +22,7 @@ from typing import Any
 
 from . import ir
 from .cost.model import CostModel, OpView, program_cost, view_of
+from .qkv_layouts import moves_data
 
 #: added in the steering model (seconds, far above any block's cost) to each standard-layout
 #: fp8 attention and to each materialised transpose as large as V: the search is for V written
@@ -31,14 +32,6 @@ STANDARD_V_PENALTY = 1.0
 TRANSPOSE_PENALTY = 0.5
 #: seconds the exact extractor may take
 TIME_LIMIT_S = 20.0
-
-
-def _moves_data(node: Any) -> bool:
-    """A transpose whose permutation is not the identity (an OpView or an ir node)."""
-    if node.op != "transpose":
-        return False
-    perm = tuple(node.params["perm"])
-    return perm != tuple(range(len(perm)))
 
 
 class _TransposedVSteering:
@@ -54,7 +47,8 @@ class _TransposedVSteering:
         cost = self.model.node_cost(node)
         if node.op == "attention_fp8" and self.model.attention_variant(node) == "standard":
             cost += STANDARD_V_PENALTY
-        if _moves_data(node) and node.output.size >= self.large:
+        if node.op == "transpose" and moves_data(node.params["perm"], node.inputs[0].shape) \
+                and node.output.size >= self.large:
             cost += TRANSPOSE_PENALTY
         return cost
 
@@ -78,7 +72,8 @@ def _v_sizes_to_steer(program: ir.Program, model: Any) -> list[int]:
         dtype = program.type_of(node.inputs[0]).dtype
         if view is None or model.relaid_v_layout(dtype, causal) != "BHDS":
             continue
-        copied = _moves_data(program.nodes[node.inputs[2]])
+        v = program.nodes[node.inputs[2]]
+        copied = v.op == "transpose" and moves_data(v.params["perm"], program.type_of(v.inputs[0]).shape)
         if model.attention_variant(view) == "standard" or copied:
             sizes.append(program.type_of(node.inputs[2]).size)
     return sizes

@@ -148,7 +148,8 @@ FP8_BLOCK_TABLE: dict[int, MosaicBlocks] = {
 # tune-mosaic-fp8-nvidia-h200-2026-11-26.md). The overlapped schedule wins without a causal mask
 # at D128 (577 vs 546 TFLOP/s, V [B,H,S,D]; 549 vs 522, V [B,H,D,S]) and loses with one (295 vs
 # 418; 316 vs 464) and at D64 (bench/results/attention-nvidia-h200-2026-11-26.md); fp8 without a
-# causal mask runs fastest with 256-key tiles (682 vs 634).
+# causal mask ran fastest with 256-key tiles (682 vs 634); a second sweep the same day put them
+# level with 128 keys and 4 stages (686.8 vs 692.6, tune-mosaic-fp8-nvidia-h200-2026-11-26-run2.md).
 TUNED_BLOCKS: dict[tuple[bool, int, bool], MosaicBlocks] = {
     (False, 128, False): MosaicBlocks(block_q=64, block_kv=128, stages=2, overlap=True),
     (True, 128, False): MosaicBlocks(block_q=64, block_kv=256, stages=2),
