@@ -211,7 +211,8 @@ def lower_attention(node: Node, args: Sequence[Any], attention_kernel: str = "au
     BHSD or BHDS (the faster kernel on this device), and o is then written in BHSD and
     transposed to its layout. The roofline cost model charges exactly those transposes.
     """
-    from .kernels import attention, chosen_kernel, kernel_supports_layouts
+    from .kernels import attention, chosen_kernel, kernel_supports_layouts, pallas_takes_scores
+    from .kernels.reference import MASK_VALUE
 
     p = node.params
     mask_kind = str(p.get("mask_kind", "none"))
@@ -224,7 +225,9 @@ def lower_attention(node: Node, args: Sequence[Any], attention_kernel: str = "au
         raise ValueError(f"unknown attention mask_kind {mask_kind!r}")
     q, k, v = args[0], args[1], args[2]
     q_layout, k_layout, v_layout, o_layout = (str(p[n]) for n in ("q_layout", "k_layout", "v_layout", "o_layout"))
-    kernel = chosen_kernel(attention_kernel, has_mask=mask_kind == "bool")
+    mods = {"mask_fill": float(p.get("mask_fill", MASK_VALUE)), "softcap": float(p.get("softcap", 0.0))}
+    exact = pallas_takes_scores(has_mask=mask_kind == "bool", causal=bool(p["causal"]), **mods)
+    kernel = chosen_kernel(attention_kernel, has_mask=mask_kind == "bool", exact_on_pallas=exact)
     compute_dtype = p.get("compute_dtype") or None  # a folded cast: the kernel casts q, k, v to it
     out_layout = o_layout
     if kernel == "pallas" and not kernel_supports_layouts(q_layout, k_layout, v_layout, o_layout):
@@ -240,7 +243,7 @@ def lower_attention(node: Node, args: Sequence[Any], attention_kernel: str = "au
     out = attention(
         q, k, v, scale=float(p["scale"]), causal=bool(p["causal"]), kernel=kernel,
         q_layout=q_layout, k_layout=k_layout, v_layout=v_layout, o_layout=out_layout,
-        compute_dtype=compute_dtype, **extra,
+        compute_dtype=compute_dtype, **mods, **extra,
     )
     return _to_layout(out, out_layout, o_layout)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .ir import Program, short_dtype
+from .kernels.reference import node_takes_pallas
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def attention_infos(program: Program, kernel: str) -> list[AttentionInfo]:
             f"{n}:{short_dtype(program.type_of(i).dtype)}" for n, i in zip("qkv", node.inputs[:3])
             if compute and program.type_of(i).dtype != compute
         )
-        node_kernel = "reference" if p.get("mask_kind") == "bool" else kernel  # no boolean-mask kernel
+        node_kernel = kernel if node.op != "attention" or node_takes_pallas(p) else "reference"
         infos.append(
             AttentionInfo(
                 v_layout="BHDS" if str(p["v_layout"]).endswith("S") else "BHSD",

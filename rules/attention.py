@@ -10,9 +10,9 @@ transposes into the layouts and exposes the standard and transposed-V forms."""
 
 from __future__ import annotations
 
-from egglog import String, eq, f64, i64, union, var
+from egglog import String, eq, f64, i64, ne, union, var
 
-from eqsat_attn.egraph.language import IntVec, Term, causal_mask, ivec, perm_range, shape
+from eqsat_attn.egraph.language import KERNEL_FILL, IntVec, Term, attn_scores, causal_mask, dtype, ivec, perm_range, shape
 from eqsat_attn.egraph.rulesets import RuleSet, asking, rl, rw
 
 attention_raise = RuleSet(
@@ -143,89 +143,221 @@ def softmax_transpose():
     yield rw(Term.softmax(Term.transpose(x, p)), Term.transpose(Term.softmax(x), p), *last_fixed)
 
 
-def _scores_forms(scores: Term):
-    """Scaled scores: (form, scale) pairs for the scale on the scores; the scale on Q or K is
-    moved onto the scores by `scalar_out_of_matmul`."""
-    yield scores, f64(1.0)
-    yield Term.binary("mul", scores, scalar(c, dt2, s2)), c
-    yield Term.binary("mul", scalar(c, dt2, s2), scores), c
-    yield Term.binary("div", scores, scalar(c, dt2, s2)), f64(1.0) / c
+# --- attention's scores: every spelling of scale, soft-cap, bias and mask becomes one `attn_scores`
+# fact (language.attn_scores), so the raising rule below matches one form whatever composed it.
+
+NO_MASK = Term.no_mask()
+cap, fl, fl2, sc0 = var("cap", f64), var("fl", f64), var("fl2", f64), var("sc0", f64)
+nb, causal2 = var("nb", i64), var("causal2", i64)
+dtq, dtp, dte = var("dtq", String), var("dtp", String), var("dte", String)
+ss, sk_, sv = var("ss", IntVec), var("sk", IntVec), var("sv", IntVec)
+RANK_CASES = [(n_batch, n_free) for n_batch in (0, 1, 2) for n_free in (1, 2)]
+"""(batch axes, Q's free axes) of the canonical Q·Kᵀ forms raised: [S,D]; [H,S,D] or [B·H,S,D];
+[B,H,S,D]; and with a second free axis, heads sharing K/V (multi-query: K, V without a head axis;
+grouped: [B, Hkv, G, Sq, D])."""
+
+
+def _scores(e_: Term, q_, k_, scale_, cap_, mask_, kind_, fill_, causal_, nb_):
+    return attn_scores(e_, q_, k_, scale_, cap_, mask_, kind_, fill_, causal_, nb_)
+
+
+def _canonical_qk(a: Term, b: Term, n_batch: int, rank: int) -> Term:
+    batch = perm_range(n_batch)
+    return Term.dot(a, b, ivec([rank - 1]), ivec([n_batch]), batch, batch, dt)
+
+
+def _scaled(t: Term):
+    """(form, factor) for ``t`` multiplied or divided by a broadcast scalar."""
+    yield Term.binary("mul", t, scalar(c, dt2, s1)), c
+    yield Term.binary("mul", scalar(c, dt2, s1), t), c
+    yield Term.binary("div", t, scalar(c, dt2, s1)), f64(1.0) / c
 
 
 @attention_raise.family
-def scalar_out_of_matmul():
-    """A matmul of an operand scaled (multiplied or divided) by a scalar is the scaled matmul."""
-    for side in (0, 1):
-        for op in ("mul", "div"):
-            scaled = Term.binary(op, x, scalar(c, dt2, s1))
-            a, b = (scaled, y) if side == 0 else (y, scaled)
-            dot = Term.dot(a, b, d1, d2, lb, rb, dt)
-            plain = Term.dot(x, y, d1, d2, lb, rb, dt) if side == 0 else Term.dot(y, x, d1, d2, lb, rb, dt)
-            # the scalar takes the product's dtype: the dot's preferred type, or the operands' ("")
-            yield rl(eq(e).to(dot), shape(e) == s2, dt != String(""))(union(e).with_(Term.binary(op, plain, scalar(c, dt, s2))))
-            yield rl(eq(e).to(dot), shape(e) == s2, dt == String(""))(union(e).with_(Term.binary(op, plain, scalar(c, dt2, s2))))
-
-
-def _raise(rank: int, conditions: list, attn, with_bias: bool, with_causal: bool = True):
-    """Rules for softmax(scores [masked]) · V with Q of the given rank (batch axes 0 and 1,
-    contraction last) over Kᵀ and V in the canonical matmul form; ``attn(scale, causal, mask,
-    mask_kind)`` builds the replacement."""
-    batch = ivec([0, 1])
-    scores = Term.dot(q, k, ivec([rank - 1]), ivec([2]), batch, batch, dt)
-
-    def out(probs: Term) -> Term:
-        return Term.dot(probs, v, ivec([rank - 1]), ivec([2]), batch, batch, dt3)
-
-    for zz, sc in _scores_forms(scores):
-        yield rl(eq(e).to(out(Term.softmax(zz))), *conditions)(union(e).with_(attn(sc, 0, Term.no_mask(), "none")))
-        if with_causal:
-            masked = Term.select(m, scalar(neg, dt2, s1), zz)
-            yield rl(eq(e).to(out(Term.softmax(masked))), causal_mask(m), neg <= f64(MASK_THRESHOLD), *conditions)(
-                union(e).with_(attn(sc, 1, Term.no_mask(), "none"))
+def scores_of_matmul():
+    """Q·Kᵀ in the canonical batched form (batch axes, then Q's free axes; Kᵀ as [batch.., D, Sk])
+    is attention's scores, also when Q or K is multiplied or divided by a scalar: the factor becomes
+    the scale, applied to the float32 scores inside the op (no standalone matmul is rewritten)."""
+    for n_batch, n_free in RANK_CASES:
+        rank = n_batch + n_free + 1
+        k_rank = shape(k).length() == i64(n_batch + 2)
+        plain = (1.0, 0.0, NO_MASK, String("none"), f64(KERNEL_FILL), i64(0), i64(n_batch))
+        yield rl(eq(e).to(_canonical_qk(q, k, n_batch, rank)), shape(q).length() == i64(rank), k_rank)(
+            _scores(e, q, k, f64(1.0), *plain[1:])
+        )
+        for form, factor in _scaled(x):
+            yield rl(eq(e).to(_canonical_qk(form, k, n_batch, rank)), shape(x).length() == i64(rank), k_rank)(
+                _scores(e, x, k, factor, *plain[1:])
             )
-        if with_bias:
-            yield rl(eq(e).to(out(Term.softmax(Term.binary("add", zz, z)))), *conditions)(
-                union(e).with_(attn(sc, 0, z, "bias"))
-            )
+            yield rl(
+                eq(e).to(_canonical_qk(q, form, n_batch, rank)), shape(q).length() == i64(rank),
+                shape(x).length() == i64(n_batch + 2),
+            )(_scores(e, q, x, factor, *plain[1:]))
+
+
+@attention_raise.family
+def scores_scale():
+    """A scalar multiple or quotient of scores multiplies the scale (and the fill of scores already
+    masked: ``where(m, s, f) * c`` is ``where(m, s * c, f * c)``); widening scores to float32 keeps
+    them scores (the op computes them in float32)."""
+    for form, factor in _scaled(x):
+        yield rl(eq(e).to(form), _scores(x, q, k, sc0, f64(0.0), NO_MASK, String("none"), fl, i64(0), nb))(
+            _scores(e, q, k, sc0 * factor, f64(0.0), NO_MASK, String("none"), fl, i64(0), nb)
+        )
+        yield rl(eq(e).to(form), _scores(x, q, k, sc0, f64(0.0), m, String("bool"), fl, causal, nb))(
+            _scores(e, q, k, sc0 * factor, f64(0.0), m, String("bool"), fl * factor, causal, nb)
+        )
+        yield rl(eq(e).to(form), _scores(x, q, k, sc0, f64(0.0), NO_MASK, String("none"), fl, i64(1), nb))(
+            _scores(e, q, k, sc0 * factor, f64(0.0), NO_MASK, String("none"), fl * factor, i64(1), nb)
+        )
+    yield rl(eq(e).to(Term.convert(x, String("float32"))), _scores(x, q, k, sc0, cap, m, mk, fl, causal, nb))(
+        _scores(e, q, k, sc0, cap, m, mk, fl, causal, nb)
+    )
+
+
+@attention_raise.family
+def scores_softcap():
+    """``c * tanh(s / c)`` of unmasked scores is logit soft-capping (Gemma) with cap c."""
+    inner = Term.unary("tanh", Term.binary("div", x, scalar(c, dt2, s1)))
+    for form in (Term.binary("mul", scalar(c, dt3, s2), inner), Term.binary("mul", inner, scalar(c, dt3, s2))):
+        yield rl(eq(e).to(form), _scores(x, q, k, sc0, f64(0.0), NO_MASK, String("none"), fl, i64(0), nb), c > f64(0.0))(
+            _scores(e, q, k, sc0, c, NO_MASK, String("none"), fl, i64(0), nb)
+        )
+
+
+@attention_raise.family
+def scores_bias():
+    """Unmasked scores plus (or minus) a tensor are scores with an additive bias; plus ``where(m, 0, -inf)`` they
+    are scores masked by m with fill -inf (``s + 0`` is s, ``s + -inf`` is -inf, for finite s), and a
+    causal m becomes the causal flag (so the kernel can skip tiles)."""
+    unmasked = _scores(x, q, k, sc0, cap, NO_MASK, String("none"), fl, i64(0), nb)
+    neg_inf_bias = Term.select(m, scalar(float("-inf"), dt2, s1), scalar(0.0, dt3, s2))
+    for form in (Term.binary("add", x, z), Term.binary("add", z, x)):
+        yield rl(eq(e).to(form), unmasked, ne(z).to(x))(_scores(e, q, k, sc0, cap, z, String("bias"), fl, i64(0), nb))
+    yield rl(eq(e).to(Term.binary("sub", x, z)), unmasked, ne(z).to(x))(  # s - z is s + (-z) exactly
+        _scores(e, q, k, sc0, cap, Term.unary("neg", z), String("bias"), fl, i64(0), nb)
+    )
+    for form in (Term.binary("add", x, neg_inf_bias), Term.binary("add", neg_inf_bias, x)):
+        yield rl(eq(e).to(form), unmasked, causal_mask(m))(
+            _scores(e, q, k, sc0, cap, NO_MASK, String("none"), f64(float("-inf")), i64(1), nb)
+        )
+        yield rl(eq(e).to(form), unmasked, dtype(m) == String("bool"))(
+            _scores(e, q, k, sc0, cap, m, String("bool"), f64(float("-inf")), i64(0), nb)
+        )
+
+
+@attention_raise.family
+def scores_mask():
+    """``where(m, s, fill)`` of scores is masked scores: a causal m sets the causal flag (beside an
+    additive bias), any other boolean m is the op's boolean mask; a second where with the same fill
+    keeps both (``and``; a causal part of an ``and`` becomes the flag)."""
+    where = Term.select(m, scalar(fl, dt2, s1), x)
+    # a causal mask, on scores with or without a bias
+    for kind in (String("none"), String("bias")):
+        yield rl(eq(e).to(where), causal_mask(m), _scores(x, q, k, sc0, cap, z, kind, fl2, i64(0), nb))(
+            _scores(e, q, k, sc0, cap, z, kind, fl, i64(1), nb)
+        )
+    # a causal mask on scores masked already with the same fill
+    yield rl(eq(e).to(where), causal_mask(m), _scores(x, q, k, sc0, cap, z, String("bool"), fl, i64(0), nb))(
+        _scores(e, q, k, sc0, cap, z, String("bool"), fl, i64(1), nb)
+    )
+    # a boolean mask on unmasked scores, or beside the causal flag with the same fill
+    yield rl(eq(e).to(where), dtype(m) == String("bool"), _scores(x, q, k, sc0, cap, NO_MASK, String("none"), fl2, i64(0), nb))(
+        _scores(e, q, k, sc0, cap, m, String("bool"), fl, i64(0), nb)
+    )
+    yield rl(eq(e).to(where), dtype(m) == String("bool"), _scores(x, q, k, sc0, cap, NO_MASK, String("none"), fl, i64(1), nb))(
+        _scores(e, q, k, sc0, cap, m, String("bool"), fl, i64(1), nb)
+    )
+    # two boolean masks with one fill: their conjunction
+    yield rl(eq(e).to(where), dtype(m) == String("bool"), _scores(x, q, k, sc0, cap, z, String("bool"), fl, causal, nb), ne(z).to(m))(
+        _scores(e, q, k, sc0, cap, Term.binary("and", z, m), String("bool"), fl, causal, nb)
+    )
+    # a conjunction with a causal part: the flag and the rest
+    for both in (Term.binary("and", y, m), Term.binary("and", m, y)):
+        yield rl(
+            eq(e).to(Term.select(both, scalar(fl, dt2, s1), x)), causal_mask(y),
+            _scores(x, q, k, sc0, cap, NO_MASK, String("none"), fl2, i64(0), nb),
+        )(_scores(e, q, k, sc0, cap, m, String("bool"), fl, i64(1), nb))
+
+
+@attention_raise.family
+def mask_normal_forms():
+    """Boolean spellings of one mask: ``where(m, fill, s)`` is ``where(not m, s, fill)``;
+    ``where(m, True, False)`` is m's negation and ``not not m`` is m; a negated integer comparison
+    is the opposite comparison; ``min`` and ``mul`` of booleans are ``and``."""
+    yield rw(Term.select(m, x, scalar(c, dt2, s1)), Term.select(Term.unary("not", m), scalar(c, dt2, s1), x),
+             dtype(m) == String("bool"))
+    yield rw(Term.select(x, scalar(1.0, "bool", s1), scalar(0.0, "bool", s2)), Term.unary("not", x))
+    yield rw(Term.unary("not", Term.unary("not", x)), x)
+    opposite = {"lt": "ge", "ge": "lt", "gt": "le", "le": "gt", "eq": "ne", "ne": "eq"}
+    for int_dtype in INT_DTYPES:
+        for op, neg_op in opposite.items():
+            yield rw(Term.unary("not", Term.binary(op, x, y)), Term.binary(neg_op, x, y), dtype(x) == String(int_dtype))
+    for op in ("min", "mul"):
+        yield rw(Term.binary(op, x, y), Term.binary("and", x, y), dtype(x) == String("bool"))
+
+
+def _attention_4d(n_batch: int, n_free: int):
+    """(q4, k4, v4, mask4, out) builders: the canonical operands of a rank case viewed as the
+    op's [B, H, Sq, D], Kᵀ [B, Hkv, D, Sk], V [B, Hkv, Sk, Dv] and mask [B, H, Sq, Sk] by reshapes
+    (a second free axis of Q is its group of heads sharing one K/V head), and the op's output
+    reshaped back to the product's shape."""
+    sq = ss  # q's shape
+    if n_batch == 2 and n_free == 1:
+        b, hkv, g, s_q, d = sq[0], sq[1], None, sq[2], sq[3]
+    elif n_batch == 2:
+        b, hkv, g, s_q, d = sq[0], sq[1], sq[2], sq[3], sq[4]
+    elif n_batch == 1 and n_free == 1:
+        b, hkv, g, s_q, d = i64(1), sq[0], None, sq[1], sq[2]
+    elif n_batch == 1:
+        b, hkv, g, s_q, d = sq[0], i64(1), sq[1], sq[2], sq[3]
+    elif n_free == 1:
+        b, hkv, g, s_q, d = i64(1), i64(1), None, sq[0], sq[1]
+    else:
+        b, hkv, g, s_q, d = i64(1), i64(1), sq[0], sq[1], sq[2]
+    heads = hkv if g is None else hkv * g
+    s_k = sk_[n_batch + 1]
+    d_v = sv[n_batch + 1]
+    out_shape = IntVec(*[sq[i] for i in range(n_batch + n_free)], d_v)
+    return (
+        lambda t: Term.reshape(t, IntVec(b, heads, s_q, d)),
+        lambda t: Term.reshape(t, IntVec(b, hkv, d, s_k)),
+        lambda t: Term.reshape(t, IntVec(b, hkv, s_k, d_v)),
+        lambda t: Term.reshape(t, IntVec(b, heads, s_q, s_k)),
+        lambda t: Term.reshape(t, out_shape),
+    )
+
+
+def _probabilities(scores_: Term):
+    """P as programs write it: softmax of the scores, or computed in float32 and cast back to V's dtype."""
+    yield Term.softmax(scores_), ()
+    yield Term.convert(Term.softmax(scores_), dtp), (dtype(v) == dtp,)
 
 
 @attention_raise.family
 def attention():
-    """softmax(scale * Q Kᵀ [causal where-mask | additive bias]) V is Attention."""
-
-    def attn(sc, causal_flag: int, mask: Term, kind: str) -> Term:
-        return Term.attention(q, k, v, mask, BHSD, K_TRANSPOSED, BHSD, BHSD, sc, causal_flag, kind, String(""))
-
-    yield from _raise(4, [shape(t).length() == i64(4) for t in (q, k, v)], attn, with_bias=True)
-
-
-@attention_raise.family
-def grouped_attention():
-    """The grouped (GQA) form of jax.nn.dot_product_attention's 5-D einsum is Attention over
-    Q's heads merged (h = hkv * G + g), reshaped back: with Q as [B, Hkv, G, Sq, D] (the layout
-    where the query axis meets the key axis, as a causal mask needs) and, unmasked, with Q as
-    [B, Hkv, Sq, G, D] (the einsum's own order)."""
-    sq, sv = var("sq", IntVec), var("sv", IntVec)
-    conditions = [shape(q) == sq, shape(v) == sv, sq.length() == i64(5), shape(k).length() == i64(4), sv.length() == i64(4)]
-    merged = IntVec(sq[0], sq[1] * sq[2], sq[3], sq[4])  # [B, H, Sq, D]
-
-    def attn(sc, causal_flag: int, mask: Term, kind: str) -> Term:
-        o4 = Term.attention(
-            Term.reshape(q, merged), k, v, mask, BHSD, K_TRANSPOSED, BHSD, BHSD, sc, causal_flag, kind, String("")
-        )
-        return Term.reshape(o4, IntVec(sq[0], sq[1], sq[2], sq[3], sv[3]))
-
-    yield from _raise(5, conditions, attn, with_bias=False)
-
-    swap = ivec([0, 1, 3, 2, 4])
-    merged_swapped = IntVec(sq[0], sq[1] * sq[3], sq[2], sq[4])  # [B, H, Sq, D] from [B, Hkv, Sq, G, D]
-
-    def attn_swapped(sc, causal_flag: int, mask: Term, kind: str) -> Term:
-        q4 = Term.reshape(Term.transpose(q, swap), merged_swapped)
-        o4 = Term.attention(q4, k, v, mask, BHSD, K_TRANSPOSED, BHSD, BHSD, sc, causal_flag, kind, String(""))
-        return Term.transpose(Term.reshape(o4, IntVec(sq[0], sq[1], sq[3], sq[2], sv[3])), swap)
-
-    yield from _raise(5, conditions, attn_swapped, with_bias=False, with_causal=False)
+    """softmax(scores) · V is Attention, for scores in any spelling (`attn_scores`) and every rank
+    case (`RANK_CASES`); its result has the product's dtype (computed in that dtype when it is
+    wider than Q's, e.g. a float32 product of bfloat16 operands)."""
+    for n_batch, n_free in RANK_CASES:
+        rank = n_batch + n_free + 1
+        batch = perm_range(n_batch)
+        q4, k4, v4, mask4, back = _attention_4d(n_batch, n_free)
+        shapes = (shape(q) == ss, ss.length() == i64(rank), shape(k) == sk_, shape(v) == sv,
+                  sv.length() == i64(n_batch + 2), dtype(e) == dte, dtype(q) == dtq)
+        for probs, p_conds in _probabilities(x):
+            out = Term.dot(probs, v, ivec([rank - 1]), ivec([n_batch]), batch, batch, dt3)
+            for kind in ("none", "bias", "bool"):
+                facts = _scores(x, q, k, sc0, cap, m, String(kind), fl, causal, i64(n_batch))
+                mask_term = NO_MASK if kind == "none" else mask4(m)
+                for same_dtype in (True, False):
+                    compute = String("") if same_dtype else dte
+                    dtype_cond = (dte == dtq,) if same_dtype else (dte != dtq,)
+                    att = Term.attention(
+                        q4(q), k4(k), v4(v), mask_term, BHSD, K_TRANSPOSED, BHSD, BHSD, sc0, causal, String(kind),
+                        compute, fl, cap,
+                    )
+                    yield rl(eq(e).to(out), facts, *shapes, *p_conds, *dtype_cond)(union(e).with_(back(att)))
 
 
 @attention_layout.family
@@ -241,8 +373,8 @@ def fold_operand_transpose():
         minor_axes = (3, 2) if name == "v" else (3,)  # logical D (and S for V) may be minor
         for minor in minor_axes:
             yield rw(
-                Term.attention(moved["q"], moved["k"], moved["v"], m, qa, ka, va, oa, scale, causal, mk, cd),
-                Term.attention(q, k, v, m, new_axes["q"], new_axes["k"], new_axes["v"], oa, scale, causal, mk, cd),
+                Term.attention(moved["q"], moved["k"], moved["v"], m, qa, ka, va, oa, scale, causal, mk, cd, fl, cap),
+                Term.attention(q, k, v, m, new_axes["q"], new_axes["k"], new_axes["v"], oa, scale, causal, mk, cd, fl, cap),
                 p[axes[name][minor]] == i64(3),
             )
 
@@ -251,9 +383,9 @@ def fold_operand_transpose():
 def fold_output_transpose():
     """A transpose of attention's output is attention writing another layout (D minor)."""
     yield from asking(
-        Term.transpose(Term.attention(q, k, v, m, qa, ka, va, oa, scale, causal, mk, cd), p), [oa[3] == p[3]],
+        Term.transpose(Term.attention(q, k, v, m, qa, ka, va, oa, scale, causal, mk, cd, fl, cap), p), [oa[3] == p[3]],
         "attention_out_fold", (oa, p, NONE, NONE), 1,
-        lambda oa2: Term.attention(q, k, v, m, qa, ka, va, oa2, scale, causal, mk, cd),
+        lambda oa2: Term.attention(q, k, v, m, qa, ka, va, oa2, scale, causal, mk, cd, fl, cap),
     )
 
 
@@ -266,12 +398,12 @@ def expose_layouts():
     exposing them too would multiply the layout combinations of every attention node.)"""
     for target, order in ((BHSD, ivec([0, 1, 2, 3])), (BHDS, ivec([0, 1, 3, 2]))):
         yield rw(
-            Term.attention(q, k, v, m, qa, ka, va, oa, scale, causal, mk, cd),
+            Term.attention(q, k, v, m, qa, ka, va, oa, scale, causal, mk, cd, fl, cap),
             Term.attention(
-                q, k, Term.transpose(v, order.map(lambda a: va[a])), m, qa, ka, target, oa, scale, causal, mk, cd
+                q, k, Term.transpose(v, order.map(lambda a: va[a])), m, qa, ka, target, oa, scale, causal, mk, cd, fl, cap
             ),
         )
     yield from asking(
-        Term.attention(q, k, v, m, qa, ka, va, oa, scale, causal, mk, cd), [], "inverse", (oa, NONE, NONE, NONE), 1,
-        lambda inv: Term.transpose(Term.attention(q, k, v, m, qa, ka, va, BHSD, scale, causal, mk, cd), inv),
+        Term.attention(q, k, v, m, qa, ka, va, oa, scale, causal, mk, cd, fl, cap), [], "inverse", (oa, NONE, NONE, NONE), 1,
+        lambda inv: Term.transpose(Term.attention(q, k, v, m, qa, ka, va, BHSD, scale, causal, mk, cd, fl, cap), inv),
     )

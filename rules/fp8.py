@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from egglog import String, f64, i64, var
 
-from eqsat_attn.egraph.language import IntVec, Term, dtype, ivec, shape
+from eqsat_attn.egraph.language import KERNEL_FILL, IntVec, Term, dtype, ivec, shape
 from eqsat_attn.egraph.rulesets import RuleSet, rw
 
 fp8_attention = RuleSet("fp8_attention", " ".join(__doc__.split("\n\n")[0].split()))
@@ -19,6 +19,7 @@ q, k, v, m, x = (var(n, Term) for n in ("q", "k", "v", "m", "x"))
 qs, ks, vs = (var(n, Term) for n in ("qs", "ks", "vs"))
 qa, ka, va, oa, p = (var(n, IntVec) for n in ("qa", "ka", "va", "oa", "p"))
 s1, s2, s3 = (var(n, IntVec) for n in ("s1", "s2", "s3"))
+fl = var("fl", f64)  # the mask fill (matters only with a causal mask)
 dt, odt = var("dt", String), var("odt", String)
 scale, causal = var("scale", f64), var("causal", i64)
 NONE = IntVec.empty()
@@ -73,11 +74,12 @@ def raise_dequantized():
                 lhs = Term.attention(
                     _dequantized(q, qs, s1, commuted), _dequantized(k, ks, s2, commuted),
                     _dequantized(v, vs, s3, commuted), Term.no_mask(), qa, ka, va, oa, scale, causal,
-                    String("none"), String(""))
+                    String("none"), String(""), fl, f64(0.0))
                 yield rw(
                     lhs,
                     Term.attention_fp8(q, k, v, qs, ks, vs, qa, ka, va, oa, scale, causal, dt),
                     dtype(q) == String(qk_dtype), dtype(k) == String(qk_dtype), dtype(v) == String(v_dtype),
+                    fl <= f64(KERNEL_FILL),
                     shape(qs) == NONE, shape(ks) == NONE, shape(vs) == NONE,
                     dtype(qs) == dt, dtype(ks) == dt, dtype(vs) == dt,
                 )
@@ -147,8 +149,8 @@ def introduce_fp8():
     for half in ("bfloat16", "float16"):
         (q8, qsc), (k8, ksc), (v8, vsc) = quantized(q, s1), quantized(k, s2), quantized(v, s3)
         yield rw(
-            Term.attention(q, k, v, Term.no_mask(), qa, ka, va, oa, scale, causal, String("none"), String("")),
+            Term.attention(q, k, v, Term.no_mask(), qa, ka, va, oa, scale, causal, String("none"), String(""), fl, f64(0.0)),
             Term.attention_fp8(q8, k8, v8, qsc, ksc, vsc, qa, ka, va, oa, scale, causal, String(half)),
             dtype(q) == String(half), dtype(k) == String(half), dtype(v) == String(half),
-            shape(q) == s1, shape(k) == s2, shape(v) == s3,
+            shape(q) == s1, shape(k) == s2, shape(v) == s3, fl <= f64(KERNEL_FILL),
         )

@@ -41,6 +41,7 @@ op, dt, dt2, mk, pt, st, dtx, cd = (var(n, String) for n in ("op", "dt", "dt2", 
 ba, bb = var("ba", String), var("bb", String)
 n_pow, causal = var("n_pow", i64), var("causal", i64)
 val, scale, cval = var("val", f64), var("scale", f64), var("cval", f64)
+fl, cap = var("fl", f64), var("cap", f64)  # attention's mask fill and soft-cap, carried through
 NONE = IntVec.empty()
 MAX_RANK = 8
 
@@ -75,7 +76,7 @@ def region_inputs():
     forms = [
         Term.input(i), Term.constant(i), Term.iota(dt, s, i), Term.dot(a, b, lc, rc, lb, rb, dt),
         Term.reduce(op, x, s), Term.reshape(x, s), Term.softmax(x), Term.select(a, b, c),
-        Term.attention(a, b, c, m, qa, ka, va, oa, scale, causal, mk, cd), Term.output(x, i),
+        Term.attention(a, b, c, m, qa, ka, va, oa, scale, causal, mk, cd, fl, cap), Term.output(x, i),
         Term.slice(x, s, s2), Term.concat(parts, i),
         Term.packed_attention(x, m, qa, oa, scale, causal, mk),
         Term.attention_fp8(a, b, c, *q8s, qa, ka, va, oa, scale, causal, dt),
@@ -203,7 +204,7 @@ def attention_prologue():
     """Attention of Q or K multiplied or divided by a scalar is attention with that factor in its
     scale; attention of V multiplied by a scalar is the scaled attention output."""
     def attn(q_, k_, v_, sc, compute=cd):
-        return Term.attention(q_, k_, v_, m, qa, ka, va, oa, sc, causal, mk, compute)
+        return Term.attention(q_, k_, v_, m, qa, ka, va, oa, sc, causal, mk, compute, fl, cap)
 
     q = var("q", Term)
     for side in ("q", "k"):
@@ -237,7 +238,7 @@ def attention_cast_prologue():
     operands = {"q": q, "k": k, "v": v}
 
     def attn(args, compute):
-        return Term.attention(args["q"], args["k"], args["v"], m, qa, ka, va, oa, scale, causal, mk, compute)
+        return Term.attention(args["q"], args["k"], args["v"], m, qa, ka, va, oa, scale, causal, mk, compute, fl, cap)
 
     for src in CAST_DTYPES:
         for dst in CAST_DTYPES:

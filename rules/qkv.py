@@ -15,7 +15,7 @@ from __future__ import annotations
 from egglog import String, eq, f64, i64, union, var
 
 from eqsat_attn.egraph import qkv_math  # registers the index-math questions this file asks
-from eqsat_attn.egraph.language import IntVec, Term, dtype, ivec, program_order, shape, term_list
+from eqsat_attn.egraph.language import KERNEL_FILL, IntVec, Term, dtype, ivec, program_order, shape, term_list
 from eqsat_attn.egraph.rulesets import RuleSet, asking, rl, rw
 
 projections = RuleSet("projections", " ".join(__doc__.split("\n\n")[0].split()))
@@ -27,6 +27,7 @@ packed_qkv = RuleSet(
 MAX_GROUP = qkv_math.PACK  # Q, K, V; gate and up are pairs
 RANKS = range(2, 6)  # rank of the projected input ([tokens, E] to [B, S, ..., E])
 x, y, w, e, m, pk = (var(n, Term) for n in ("x", "y", "w", "e", "m", "pk"))
+fl = var("fl", f64)  # the mask fill, carried by packed attention
 lc, rc, sx, sw, st, li, s1, l1, s2, l2, p, s4, sp = (
     var(n, IntVec) for n in ("lc", "rc", "sx", "sw", "st", "li", "s1", "l1", "s2", "l2", "p", "s4", "sp")
 )
@@ -134,7 +135,7 @@ def packed_attention():
     q, k, v = (Term.reshape(Term.slice(pk, sts[i], lis[i]), s4) for i in range(3))
     bounds = sts[0].append(lis[0]).append(sts[1]).append(lis[1]).append(sts[2]).append(lis[2])
     yield from asking(
-        Term.attention(q, k, v, Term.no_mask(), qa, qa, qa, oa, scale, causal, String("none"), String("")),
-        [shape(pk) == sp, sp.length() == i64(5)], "packed_attention", (sp, bounds, qa, s4), 1,
+        Term.attention(q, k, v, Term.no_mask(), qa, qa, qa, oa, scale, causal, String("none"), String(""), fl, f64(0.0)),
+        [shape(pk) == sp, sp.length() == i64(5), fl <= f64(KERNEL_FILL)], "packed_attention", (sp, bounds, qa, s4), 1,
         lambda pa: Term.packed_attention(pk, Term.no_mask(), pa, oa, scale, causal, String("none")),
     )

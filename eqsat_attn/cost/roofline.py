@@ -63,6 +63,7 @@ from dataclasses import dataclass
 
 from .. import ir
 from .devices import DeviceSpec, device_name_of_kind, device_spec
+from ..kernels.reference import node_takes_pallas
 from .model import OpView
 
 FREE = frozenset({
@@ -246,7 +247,7 @@ class RooflineModel:
 
     def attention_variant(self, node: OpView) -> str:
         """"standard" | "transposed" | "reference": which kernel runs this attention node."""
-        if self.attention_kernel == "reference" or node.params.get("mask_kind") == "bool":
+        if self.attention_kernel == "reference" or not node_takes_pallas(node.params):
             return "reference"
         minor = str(node.params["v_layout"])[-1]
         if minor == "D":

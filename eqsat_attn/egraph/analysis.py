@@ -22,6 +22,7 @@ def _rules():
     op, dt, dt2, mk, cd = (var(n, String) for n in ("op", "dt", "dt2", "mk", "cd"))
     y, dim, causal = (var(n, i64) for n in ("y", "dim", "causal"))
     val, scale = var("val", f64), var("scale", f64)
+    fl, cap = var("fl", f64), var("cap", f64)
 
     # leaves with static shapes
     yield rule(eq(e).to(Term.literal(val, dt)), name="analysis.literal").then(
@@ -127,13 +128,13 @@ def _rules():
         set_(dtype(e)).to(dt),
     )
     # attention: [B, H, Sq, Dv] placed by the output layout; dtype: q's, or the compute dtype
-    att = Term.attention(a, b, c, m, qa, ka, va, oa, scale, causal, mk, cd)
+    att = Term.attention(a, b, c, m, qa, ka, va, oa, scale, causal, mk, cd, fl, cap)
     yield rule(eq(e).to(att), shape(a) == s, shape(c) == p, name="analysis.attention").then(
         set_(shape(e)).to(
             ivec([0, 0, 0, 0]).set(oa[0], s[qa[0]]).set(oa[1], s[qa[1]]).set(oa[2], s[qa[2]]).set(oa[3], p[va[3]])
         ),
     )
-    plain = Term.attention(a, b, c, m, qa, ka, va, oa, scale, causal, mk, String(""))
+    plain = Term.attention(a, b, c, m, qa, ka, va, oa, scale, causal, mk, String(""), fl, cap)
     yield rule(eq(e).to(plain), dtype(a) == dt, name="analysis.attention_dtype").then(set_(dtype(e)).to(dt))
     yield rule(eq(e).to(att), cd != String(""), name="analysis.attention_compute_dtype").then(set_(dtype(e)).to(cd))
     # fp8 attention: the same shape, dtype from its out_dtype

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .encode import axes_to_layout, axes_to_packed_layout
+from .language import KERNEL_FILL
 
 # Argument kinds per constructor: "T" a tensor (Term), "L" an operand list, else a primitive.
 ARG_KINDS: dict[str, tuple[str, ...]] = {
@@ -17,7 +18,7 @@ ARG_KINDS: dict[str, tuple[str, ...]] = {
     "select": ("T", "T", "T"), "softmax": ("T",), "transpose": ("T", "vec"), "reshape": ("T", "vec"),
     "broadcast": ("T", "vec", "vec"), "reduce": ("str", "T", "vec"),
     "dot": ("T", "T", "vec", "vec", "vec", "vec", "str"),
-    "attention": ("T", "T", "T", "T", "vec", "vec", "vec", "vec", "f64", "i64", "str", "str"),
+    "attention": ("T", "T", "T", "T", "vec", "vec", "vec", "vec", "f64", "i64", "str", "str", "f64", "f64"),
     "no_mask": (), "opaque": ("i64", "L"), "output": ("T", "i64"),
     "attention_fp8": ("T", "T", "T", "T", "T", "T", "vec", "vec", "vec", "vec", "f64", "i64", "str"),
     "slice": ("T", "vec", "vec"), "concat": ("L", "i64"),
@@ -46,6 +47,17 @@ def split_args(ctor: str, args: list[Any]) -> tuple[list[Any], list[Any]]:
     if ctor == "packed_attention" and statics[-1] == "none":
         tensors = tensors[:1]
     return tensors, statics
+
+
+def score_mod_params(fill: float, softcap: float) -> dict[str, Any]:
+    """IR params of attention's fill and soft-cap, each absent at its default (the kernels' fill,
+    no soft-cap) so attention without them reads as before."""
+    out: dict[str, Any] = {}
+    if float(fill) != KERNEL_FILL:
+        out["mask_fill"] = float(fill)
+    if float(softcap) != 0.0:
+        out["softcap"] = float(softcap)
+    return out
 
 
 def _attention_params(qa, ka, va, oa, scale, causal) -> dict[str, Any]:
@@ -83,6 +95,7 @@ def op_params(ctor: str, statics: list[Any]) -> tuple[str, dict[str, Any]]:
         params = {**_attention_params(*statics[:6]), "mask_kind": statics[6]}
         if statics[7]:  # a cast prologue folded in; absent by default, so plain attention is unchanged
             params["compute_dtype"] = statics[7]
+        params.update(score_mod_params(*statics[8:10]))
         return "attention", params
     if ctor == "attention_fp8":
         return "attention_fp8", {**_attention_params(*statics[:6]), "out_dtype": statics[6]}

@@ -20,7 +20,7 @@ from egglog.egraph_state import span
 from egglog.runtime import RuntimeExpr
 
 from .. import ir
-from .language import MAX_REGION_INPUTS, Term, TermList, causal_mask, dtype, program_order, shape
+from .language import KERNEL_FILL, MAX_REGION_INPUTS, Term, TermList, causal_mask, dtype, program_order, shape
 
 AXES = "BHSD"  # logical axes of an attention operand
 PACKED_AXES = "BHSD3"  # logical axes of a packed Q/K/V array; "3" indexes Q, K, V
@@ -174,6 +174,7 @@ def _term(node: ir.Node, args: list[bindings.Var], enc: Encoding, egg: _Egg) -> 
             *(vec(layout_to_axes(p[f"{n}_layout"])) for n in "qkvo"),
             egg.f64(float(p["scale"])), egg.i64(int(bool(p["causal"]))), egg.string(p["mask_kind"]),
             egg.string(str(p.get("compute_dtype") or "")),
+            egg.f64(float(p.get("mask_fill", KERNEL_FILL))), egg.f64(float(p.get("softcap", 0.0))),
         )
     if op == "attention_fp8":
         return c(

@@ -18,9 +18,14 @@ the rule's second half fires on the answer.
 
 from __future__ import annotations
 
+import numpy as np
 from egglog import Expr, String, StringLike, Vec, f64, f64Like, function, i64, i64Like, relation
 
 IntVec = Vec[i64]
+
+KERNEL_FILL = -0.7 * float(np.finfo(np.float32).max)
+"""The score the Pallas kernels give a masked position (kernels.reference.MASK_VALUE): an attention
+whose ``fill`` is at or below it runs on them with the same values (exp underflows to 0 either way)."""
 
 
 class Term(Expr):
@@ -82,10 +87,14 @@ class Term(Expr):
     def attention(
         cls, q: Term, k: Term, v: Term, mask: Term, q_axes: IntVec, k_axes: IntVec,
         v_axes: IntVec, o_axes: IntVec, scale: f64Like, causal: i64Like, mask_kind: StringLike,
-        compute_dtype: StringLike,
+        compute_dtype: StringLike, fill: f64Like, softcap: f64Like,
     ) -> Term:
         """Scaled dot-product attention; ``*_axes`` are axis positions of (B, H, S, D).
 
+        Scores, in float32: ``s = scale * q kᵀ``; ``s = softcap * tanh(s / softcap)`` when
+        ``softcap`` > 0; ``s = s + mask`` for ``mask_kind`` "bias"; then every position a boolean
+        ``mask`` ("bool": True keeps) or the causal flag hides is set to ``fill`` exactly (as the
+        program's ``where(keep, s, fill)`` does); softmax over the keys; P (cast to V's dtype) · V.
         ``compute_dtype`` "" computes in the operands' dtype; a dtype name casts q, k and v to it
         inside the kernel (a cast prologue folded in, rules/fusion.py), which is the result's dtype."""
 
@@ -202,6 +211,13 @@ def list_dtype(parts: TermList) -> String:
 concat_need = relation("concat_need", TermList, i64)
 """A concatenation asks for its operand list's `concat_extent` along an axis."""
 
+attn_scores = relation("attn_scores", Term, Term, Term, f64, f64, Term, String, f64, i64, i64)
+"""Score analysis: ``attn_scores(e, q, k, scale, softcap, mask, mask_kind, fill, causal, nb)`` says
+e is attention's pre-softmax scores over the canonical matmul operands q ([batch.., free.., D]) and
+kᵀ ([batch.., D, Sk]) with nb batch axes, with the Attention op's score semantics (scale,
+soft-cap, additive or boolean mask, fill, causal flag). Rules in rules/attention.py derive it from
+every spelling libraries use; the raising rule reads it, so spellings and forms compose."""
+
 causal_mask = relation("causal_mask", Term)
 """Mask analysis: the term is a causal mask over its last two axes (query i keeps keys j <= i),
 as booleans or as a 0/1 indicator, broadcast over any leading axes."""
@@ -235,6 +251,6 @@ def fused(body, *inputs) -> Term:
 
 
 __all__ = [
-    "IntVec", "MAX_REGION_INPUTS", "Term", "TermList", "answer", "ask", "causal_mask", "concat_extent", "concat_need",
+    "IntVec", "KERNEL_FILL", "MAX_REGION_INPUTS", "Term", "TermList", "answer", "ask", "attn_scores", "causal_mask", "concat_extent", "concat_need",
     "concat_shape", "dtype", "f64", "fused", "ivec", "list_dtype", "perm_range", "program_order", "shape",
 ]

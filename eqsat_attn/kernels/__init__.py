@@ -1,8 +1,8 @@
 """Attention kernels: the plain-JAX reference semantics and Pallas flash attention."""
 
-from .dispatch import attention, chosen_kernel, kernel_supports_layouts, pallas_available
+from .dispatch import attention, chosen_kernel, kernel_supports_layouts, pallas_available, pallas_takes_scores
 from .flash_attention import flash_attention
 from .reference import attention_reference
 
 __all__ = ["attention", "attention_reference", "chosen_kernel", "flash_attention", "kernel_supports_layouts",
-           "pallas_available"]
+           "pallas_available", "pallas_takes_scores"]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import jax
 
 from .flash_attention import flash_attention
-from .reference import attention_reference, kernel_layout_error, kernel_supports_layouts
+from .reference import MASK_VALUE, attention_reference, kernel_layout_error, kernel_supports_layouts, pallas_takes_scores
 
 __all__ = ["KERNELS", "attention", "chosen_kernel", "kernel_layout_error", "kernel_supports_layouts",
-           "pallas_available"]
+           "pallas_available", "pallas_takes_scores"]
 
 KERNELS = ("auto", "pallas", "reference")
 
@@ -18,14 +18,15 @@ def pallas_available() -> bool:
     return jax.default_backend() == "gpu"
 
 
-def chosen_kernel(kernel: str, *, has_mask: bool = False) -> str:
+def chosen_kernel(kernel: str, *, has_mask: bool = False, exact_on_pallas: bool = True) -> str:
     """Resolve "auto" / "pallas" / "reference" to the kernel actually run: "pallas" or "reference".
 
-    `has_mask`: the call carries a boolean mask, which only the reference takes.
+    `has_mask`: the call carries a boolean mask, which only the reference takes;
+    `exact_on_pallas`: `pallas_takes_scores` of the call (else the reference runs it).
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if has_mask:
+    if has_mask or not exact_on_pallas:
         return "reference"
     if kernel == "auto":
         return "pallas" if pallas_available() else "reference"
@@ -47,6 +48,8 @@ def attention(
     k_layout: str = "BHSD",
     o_layout: str = "BHSD",
     compute_dtype: str | None = None,
+    mask_fill: float = MASK_VALUE,
+    softcap: float = 0.0,
 ) -> jax.Array:
     """The Attention op (semantics: `attention_reference`) on the chosen kernel.
 
@@ -59,6 +62,8 @@ def attention(
     """
     layouts = dict(q_layout=q_layout, k_layout=k_layout, v_layout=v_layout, o_layout=o_layout,
                    compute_dtype=compute_dtype)
-    if chosen_kernel(kernel, has_mask=mask is not None) == "pallas":
+    exact = pallas_takes_scores(has_mask=mask is not None, causal=causal, mask_fill=mask_fill, softcap=softcap)
+    if chosen_kernel(kernel, has_mask=mask is not None, exact_on_pallas=exact) == "pallas":
         return flash_attention(q, k, v, scale=scale, causal=causal, bias=bias, **layouts)
-    return attention_reference(q, k, v, scale=scale, causal=causal, bias=bias, mask=mask, **layouts)
+    return attention_reference(q, k, v, scale=scale, causal=causal, bias=bias, mask=mask, mask_fill=mask_fill,
+                               softcap=softcap, **layouts)

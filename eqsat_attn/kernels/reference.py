@@ -74,6 +74,22 @@ def layout_shape(layout: str, sizes: dict[str, int]) -> tuple[int, ...]:
     return tuple(sizes[a] for a in layout)
 
 
+def pallas_takes_scores(*, has_mask: bool = False, causal: bool = False, mask_fill: float = MASK_VALUE,
+                        softcap: float = 0.0) -> bool:
+    """Whether the Pallas kernels compute these score modifications with the op's exact values:
+    no boolean mask and no soft-cap (neither is a kernel input yet), and a causal fill at or below
+    the kernels' own (masked scores underflow to exactly 0 either way; a higher finite fill such
+    as -1e4 differs where a row's scores are themselves that low)."""
+    return not has_mask and not softcap and (not causal or mask_fill <= MASK_VALUE)
+
+
+def node_takes_pallas(params) -> bool:
+    """`pallas_takes_scores` of an IR attention node's params."""
+    return pallas_takes_scores(has_mask=params.get("mask_kind") == "bool", causal=bool(params.get("causal")),
+                               mask_fill=float(params.get("mask_fill", MASK_VALUE)),
+                               softcap=float(params.get("softcap", 0.0)))
+
+
 def causal_mask(sq: int, sk: int) -> jax.Array:
     """[Sq, Sk] bool, True where query i may attend key j (j <= i, top-left aligned)."""
     return jnp.arange(sq)[:, None] >= jnp.arange(sk)[None, :]
@@ -97,8 +113,15 @@ def attention_reference(
     k_layout: str = "BHSD",
     o_layout: str = "BHSD",
     compute_dtype: str | None = None,
+    mask_fill: float = MASK_VALUE,
+    softcap: float = 0.0,
 ) -> jax.Array:
-    """softmax((q @ k^T) * scale + bias, masked) @ v, returned in ``o_layout`` in q.dtype.
+    """softmax(softcap((q @ k^T) * scale) + bias, masked) @ v, returned in ``o_layout`` in q.dtype.
+
+    ``softcap`` > 0 caps the scaled scores as ``softcap * tanh(s / softcap)`` (before the bias);
+    every position the boolean ``mask`` or the causal flag hides gets exactly ``mask_fill`` (the
+    program's ``where(keep, s, fill)``): with a finite fill a row whose keys are all hidden averages
+    V uniformly, with -inf it is NaN, as in the program the op was raised from.
 
     ``compute_dtype`` (a folded cast prologue): q, k and v are first cast to it, exactly as
     ``attention_reference(q.astype(dt), k.astype(dt), v.astype(dt))``; the result has that dtype.
@@ -121,6 +144,8 @@ def attention_reference(
     k_sub = _subscripts(k_layout, {"B": "b", "H": "k", "S": "s", "D": "d"})
     s = jnp.einsum(f"{q_sub},{k_sub}->bkgqs", qg, k, preferred_element_type=jnp.float32)
     s = s.reshape(b, h, sq, sk) * jnp.float32(scale)
+    if softcap:
+        s = jnp.float32(softcap) * jnp.tanh(s / jnp.float32(softcap))
     if bias is not None:
         s = s + bias.astype(jnp.float32)
     keep = None
@@ -130,7 +155,7 @@ def attention_reference(
         cm = causal_mask(sq, sk)
         keep = cm if keep is None else keep & cm
     if keep is not None:
-        s = jnp.where(keep, s, jnp.float32(MASK_VALUE))
+        s = jnp.where(keep, s, jnp.float32(mask_fill))
     p = jax.nn.softmax(s, axis=-1).reshape(b, hkv, g, sq, sk)
     v_sub = _subscripts(v_layout, {"B": "b", "H": "k", "S": "s", "D": "e"})
     o_sub = _subscripts(o_layout, {"B": "b", "H": "kg", "S": "q", "D": "e"})
