@@ -21,6 +21,7 @@ import numpy as np
 
 from . import ir
 from .ir import ConstValue, OpaqueCall, ProgramBuilder, TensorType
+from .fold import folded_scalar
 
 #: Equations whose body is inlined, with the parameter names that may hold the body.
 _CALL_PRIMITIVES: dict[str, tuple[str, ...]] = {
@@ -324,6 +325,11 @@ class _Converter:
     def first_class(self, name: str, p: dict[str, Any], ins: list[int], out: TensorType, eqn: Any) -> int | None:
         """The node for a modelled op, or None if this equation must stay opaque."""
         b = self.b
+        sources = [b.nodes[i] for i in ins]
+        if all(s.op == "literal" for s in sources):
+            value = folded_scalar(eqn, sources, out)  # e.g. 1 / sqrt(64): one literal, as XLA folds it
+            if value is not None:
+                return b.add("literal", (), out, value=value.item())
         if name in ir.UNARY_OPS or name in ir.BINARY_OPS:
             arity = 1 if name in ir.UNARY_OPS else 2
             if len(ins) != arity or not _all_none(p):

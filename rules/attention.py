@@ -26,7 +26,9 @@ attention_layout = RuleSet(
 )
 
 x, y, z, m, q, k, v, e, s_ = (var(n, Term) for n in ("x", "y", "z", "m", "q", "k", "v", "e", "s_"))
-p, d1, d2, s1, s2, qa, ka, va, oa = (var(n, IntVec) for n in ("p", "d1", "d2", "s1", "s2", "qa", "ka", "va", "oa"))
+p, d1, d2, s1, s2, s3, qa, ka, va, oa = (
+    var(n, IntVec) for n in ("p", "d1", "d2", "s1", "s2", "s3", "qa", "ka", "va", "oa")
+)
 dt, dt2, dt3, mk, cd = (var(n, String) for n in ("dt", "dt2", "dt3", "mk", "cd"))
 c, scale, neg = var("c", f64), var("scale", f64), var("neg", f64)
 lb, rb = var("lb", IntVec), var("rb", IntVec)
@@ -114,25 +116,65 @@ def causal_masks():
     yield rl(eq(e).to(Term.binary("ne", m, scalar(0.0, dt, s1))), causal_mask(m))(causal_mask(e))
 
 
-def _stable_softmax_forms(xx: Term, rank: int):
-    """The stable softmax over the last axis of a rank-`rank` x, as libraries write it."""
+def _shifted_exps(xx: Term, rank: int):
+    """(exp(x - max(x)), its row sum) as libraries write them (the max under stop_gradient or not;
+    the sum in x's dtype, or accumulated in float32 and cast back as jax.nn.softmax does for half
+    precision)."""
     last = ivec([rank - 1])
     keep = perm_range(rank - 1)
     for row_max in (Term.reduce("reduce_max", xx, last), Term.unary("stop_gradient", Term.reduce("reduce_max", xx, last))):
-        ex = Term.unary("exp", Term.binary("sub", xx, Term.broadcast(row_max, s1, keep)))
-        yield ex, Term.binary("div", ex, Term.broadcast(Term.reduce("reduce_sum", ex, last), s2, keep))
-        # half precision: the row sum is accumulated in float32 and cast back
-        wide_sum = Term.convert(Term.reduce("reduce_sum", Term.convert(ex, String("float32")), last), dt)
-        yield ex, Term.binary("div", ex, Term.broadcast(wide_sum, s2, keep))
+        shifted = Term.binary("sub", xx, Term.broadcast(row_max, s1, keep))
+        ex = Term.unary("exp", shifted)
+        yield shifted, ex, Term.reduce("reduce_sum", ex, last)
+        yield shifted, ex, Term.convert(Term.reduce("reduce_sum", Term.convert(ex, String("float32")), last), dt)
+
+
+def _stable_softmax_forms(xx: Term, rank: int):
+    """The stable softmax over the last axis of a rank-`rank` x, as libraries write it: divided by
+    the row sum, multiplied by its reciprocal, or as exp(log_softmax(x))."""
+    keep = perm_range(rank - 1)
+    for shifted, ex, total in _shifted_exps(xx, rank):
+        yield ex, Term.binary("div", ex, Term.broadcast(total, s2, keep))
+        reciprocal = Term.broadcast(Term.binary("div", scalar(1.0, dt2, s3), total), s2, keep)
+        yield ex, Term.binary("mul", ex, reciprocal)
+        yield ex, Term.binary("mul", reciprocal, ex)
+        log_total = Term.broadcast(Term.unary("log", total), s2, keep)
+        yield ex, Term.unary("exp", Term.binary("sub", shifted, log_total))
+
+
+@attention_raise.family
+def scalar_broadcast_commute():
+    """A scalar divided by a broadcast, and the log of a broadcast, are broadcasts of the
+    elementwise result (so a keepdims reciprocal or log of a row sum reads as one broadcast)."""
+    yield rl(eq(e).to(Term.binary("div", scalar(c, dt2, s1), Term.broadcast(y, s2, d2))), shape(y) == s3)(
+        union(e).with_(Term.broadcast(Term.binary("div", scalar(c, dt2, s3), y), s2, d2))
+    )
+    yield rw(Term.unary("log", Term.broadcast(y, s2, d2)), Term.broadcast(Term.unary("log", y), s2, d2))
 
 
 @attention_raise.family
 def softmax():
-    """exp(x - max(x)) / sum(exp(x - max(x))) over the last axis is softmax(x) (the sum may be
-    accumulated in float32 and cast back, as jax.nn.softmax does for half precision)."""
+    """exp(x - max(x)) / sum(exp(x - max(x))) over the last axis is softmax(x), also written with
+    the reciprocal of the sum or as exp(log_softmax(x)) (the sum may be accumulated in float32 and
+    cast back, as jax.nn.softmax does for half precision)."""
     for rank in range(1, 9):
         for _, form in _stable_softmax_forms(x, rank):
             yield rw(form, Term.softmax(x), shape(x).length() == i64(rank))
+
+
+@attention_raise.family
+def deferred_normalisation():
+    """(exp(x - max) · V) / sum(exp(x - max)) is softmax(x) · V: normalising after the product
+    (as flash attention does) reassociates the same sums."""
+    for rank in range(2, 7):
+        keep = perm_range(rank - 1)
+        for _, ex, total in _shifted_exps(x, rank):
+            product = Term.dot(ex, v, ivec([rank - 1]), d1, lb, rb, dt3)
+            yield rw(
+                Term.binary("div", product, Term.broadcast(total, s2, keep)),
+                Term.dot(Term.softmax(x), v, ivec([rank - 1]), d1, lb, rb, dt3),
+                shape(x).length() == i64(rank), s2.length() == i64(rank),
+            )
 
 
 @attention_raise.family

@@ -29,7 +29,7 @@ def attention_qdq(q8, k8, v8, qs, ks, vs, *, causal=False, v_transposed=False):
     s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * (q.shape[-1] ** -0.5)
     if causal:
         n = s.shape[-1]
-        s = jnp.where(jnp.tril(jnp.ones((n, n), bool)), s, -1e9)
+        s = jnp.where(jnp.tril(jnp.ones((n, n), bool)), s, -jnp.inf)  # -inf: the fp8 kernel masks exactly (a finite fill is kept exact on bf16 attention)
     p = jax.nn.softmax(s, axis=-1)
     return jnp.einsum("bhqk,bhdk->bhqd" if v_transposed else "bhqk,bhkd->bhqd", p, v)
 
@@ -134,7 +134,7 @@ def fp8_ln_block(params, x, heads=2):
     h = _layer_norm(x, params["ln"])
     q, k, v = (e4m3_qdq((h @ params[n]).reshape(b, s, heads, d).transpose(0, 2, 1, 3)) for n in ("wq", "wk", "wv"))
     scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / d ** 0.5
-    scores = jnp.where(jnp.tril(jnp.ones((s, s), dtype=bool)), scores, -1e9)
+    scores = jnp.where(jnp.tril(jnp.ones((s, s), dtype=bool)), scores, -jnp.inf)
     out = jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(scores, axis=-1), v).transpose(0, 2, 1, 3).reshape(b, s, e)
     return x + out @ params["wo"]
 
