@@ -118,6 +118,7 @@ class OptimizedFunction:
             projections=projections(program),
             layout_explainer=result.layout_decision if program is result.program else None,
             repeated_blocks=result.repeated_blocks,
+            unchosen_attention=result.attention_notes if program is result.program else (),
         )
         return _Compiled(captured, call, report)
 

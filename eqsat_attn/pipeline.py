@@ -75,6 +75,8 @@ class PipelineResult:
     #: why the chosen program's V layout and projections won, when it is one Q/K/V attention
     #: block: a `qkv_layouts.LazyLayoutDecision` (exact extractions run on its first call)
     layout_decision: Callable[[], object] | None = None
+    #: attention found in the e-graph but not chosen, with both predicted costs (attention_misses)
+    attention_notes: tuple[str, ...] = ()
 
 
 def default_cost_model(backend: str = "auto"):
@@ -99,8 +101,11 @@ def saturate(program: Program, options: OptimizeOptions):
     return egraph, encoding, run
 
 
-def optimize_part(program: Program, options: OptimizeOptions, model) -> tuple[Program, RunResult]:
+def optimize_part(program: Program, options: OptimizeOptions, model,
+                  notes: list[str] | None = None) -> tuple[Program, RunResult]:
     """Saturate and extract one program; returns (chosen program, the driver's RunResult).
+
+    ``notes``: receives a line when the e-graph holds attention the chosen program does not use.
 
     ``options.limits`` bound this one e-graph run (with repeated blocks: each distinct block's).
 
@@ -109,6 +114,7 @@ def optimize_part(program: Program, options: OptimizeOptions, model) -> tuple[Pr
     from .cost import program_cost
     from .egraph import encode, extract_program, resolve, run_rulesets
     from .egraph.driver import prepared_egraph
+    from .attention_misses import PreferAttention, has_attention, unchosen_attention_note
     from .fp8_layout import prefer_transposed_v
 
     rulesets = resolve(options.rule_names())
@@ -122,6 +128,11 @@ def optimize_part(program: Program, options: OptimizeOptions, model) -> tuple[Pr
         else:
             chosen, _ = extract_program(egraph, encoding, model, extractor=options.extractor)
             chosen = prefer_transposed_v(egraph, encoding, model, chosen)  # greedy misses it (fp8_layout)
+        if notes is not None and run.rules_fired.get("attention_raise.attention") and not has_attention(chosen):
+            steered, _ = extract_program(egraph, encoding, PreferAttention(model), extractor="greedy")
+            note = unchosen_attention_note(chosen, steered, model)
+            if note:
+                notes.append(note)
     if chosen.output_types != program.output_types:
         raise AssertionError(
             f"extracted program has output types {chosen.output_types}, expected {program.output_types}"
@@ -148,13 +159,14 @@ def optimize_program(program: Program, options: OptimizeOptions = OptimizeOption
     cost_before = program_cost(program, model)
     try:
         split = split_repeated(program) if options.reuse_blocks else None
+        attention_notes: list[str] = []
         if split is None:
-            chosen, run = optimize_part(program, options, model)
+            chosen, run = optimize_part(program, options, model, attention_notes)
             runs = [run]
         else:
             optimized, runs = {}, []
             for part in split.distinct:
-                optimized[part], run = optimize_part(part, options, model)
+                optimized[part], run = optimize_part(part, options, model, attention_notes)
                 runs.append(run)
             chosen = splice(program, split, optimized)
         if chosen.output_types != program.output_types:
@@ -179,6 +191,7 @@ def optimize_program(program: Program, options: OptimizeOptions = OptimizeOption
         chosen, dict(fired), sum(run.egraph_nodes for run in runs), saturated, cost_before, cost_after, notes,
         split.repeats if split is not None else 0,
         _layout_decision(program, options, model, chosen, runs) if split is None else None,
+        tuple(dict.fromkeys(attention_notes)) if chosen is not program else (),
     )
 
 

@@ -185,6 +185,8 @@ class Report:
     projections: list[str] = field(default_factory=list)
     #: identical repeated blocks (a model's layers) optimized once and reused (eqsat_attn.blocks)
     repeated_blocks: int = 0
+    #: attention the e-graph found but the cost model did not choose, with both predicted costs
+    unchosen_attention: tuple[str, ...] = ()
 
     #: for one attention block whose Q/K/V are projections of one input: a callable returning its
     #: `qkv_layouts.LayoutDecision` (the predicted costs of the rejected layouts), computed on the
@@ -208,6 +210,14 @@ class Report:
         return decision.lines(projections=not self.projections)  # else listed above
 
     @property
+    def not_attention(self) -> list[str]:
+        """Why each softmax left in the chosen program is not attention: the nearest form it
+        missed, or the price of the attention found for it but not chosen on this device."""
+        from .attention_misses import softmax_misses
+
+        return [str(miss) for miss in softmax_misses(self.after)] + list(self.unchosen_attention)
+
+    @property
     def speedup(self) -> float:
         """Predicted cost ratio before/after (1.0 when the cost model priced nothing)."""
         return self.cost_before / self.cost_after if self.cost_after > 0 else 1.0
@@ -225,6 +235,7 @@ class Report:
             fired = sorted(self.rules_fired.items(), key=lambda kv: (-kv[1], kv[0]))
             lines.append("rules fired: " + ", ".join(f"{name} x{count}" for name, count in fired))
         lines.extend(f"  {info}" for info in self.attention)
+        lines.extend(f"  not attention: {why}" for why in self.not_attention)
         lines.extend(f"  {info}" for info in self.fused_regions)
         lines.extend(f"  projection {line}" for line in self.projections)
         lines.extend(self._layout_lines())

@@ -286,6 +286,16 @@ def scores_bias():
         yield rl(eq(e).to(form), unmasked, dtype(m) == String("bool"))(
             _scores(e, q, k, sc0, cap, m, String("bool"), f64(float("-inf")), i64(0), nb)
         )
+    # the same bias built at [Sq, Sk] and broadcast over batch and heads
+    spread = Term.broadcast(neg_inf_bias, s3, d2)
+    last_two = (d2.length() >= i64(2), d2[d2.length() - 1] == s3.length() - 1, d2[d2.length() - 2] == s3.length() - 2)
+    for form in (Term.binary("add", x, spread), Term.binary("add", spread, x)):
+        yield rl(eq(e).to(form), unmasked, causal_mask(m), *last_two)(
+            _scores(e, q, k, sc0, cap, NO_MASK, String("none"), f64(float("-inf")), i64(1), nb)
+        )
+        yield rl(eq(e).to(form), unmasked, dtype(m) == String("bool"))(
+            _scores(e, q, k, sc0, cap, Term.broadcast(m, s3, d2), String("bool"), f64(float("-inf")), i64(0), nb)
+        )
 
 
 @attention_raise.family
@@ -339,11 +349,29 @@ def mask_normal_forms():
         yield rw(Term.binary(op, x, y), Term.binary("and", x, y), dtype(x) == String("bool"))
 
 
-def _attention_4d(n_batch: int, n_free: int):
+def _attention_4d(n_batch: int, n_free: int, swapped: bool = False):
     """(q4, k4, v4, mask4, out) builders: the canonical operands of a rank case viewed as the
     op's [B, H, Sq, D], Kᵀ [B, Hkv, D, Sk], V [B, Hkv, Sk, Dv] and mask [B, H, Sq, Sk] by reshapes
     (a second free axis of Q is its group of heads sharing one K/V head), and the op's output
-    reshaped back to the product's shape."""
+    reshaped back to the product's shape. ``swapped``: Q's free axes are (Sq, G), as in the 5-D
+    einsum of jax.nn.dot_product_attention; Q, the mask and the output are transposed to and from
+    (G, Sq)."""
+    if swapped:
+        perm = list(range(n_batch + 3))
+        perm[n_batch], perm[n_batch + 1] = perm[n_batch + 1], perm[n_batch]
+        swap = ivec(perm)
+        _, k4, v4, _, _ = _attention_4d(n_batch, n_free)
+        sq = ss
+        grouped = IntVec(*[sq[i] for i in range(n_batch)], sq[n_batch + 1], sq[n_batch], sv[n_batch + 1])
+        b = i64(1) if n_batch == 0 else sq[0]
+        hkv = i64(1) if n_batch < 2 else sq[1]
+        heads, s_q, d = hkv * sq[n_batch + 1], sq[n_batch], sq[n_batch + 2]
+        return (
+            lambda t: Term.reshape(Term.transpose(t, swap), IntVec(b, heads, s_q, d)),
+            k4, v4,
+            lambda t: Term.reshape(Term.transpose(t, swap), IntVec(b, heads, s_q, sk_[n_batch + 1])),
+            lambda t: Term.transpose(Term.reshape(t, grouped), swap),
+        )
     sq = ss  # q's shape
     if n_batch == 2 and n_free == 1:
         b, hkv, g, s_q, d = sq[0], sq[1], None, sq[2], sq[3]
@@ -381,22 +409,26 @@ def attention():
     """softmax(scores) · V is Attention, for scores in any spelling (`attn_scores`) and every rank
     case (`RANK_CASES`); its result has the product's dtype (computed in that dtype when it is
     wider than Q's, e.g. a float32 product of bfloat16 operands)."""
-    for n_batch, n_free in RANK_CASES:
+    cases = [(n_batch, n_free, False) for n_batch, n_free in RANK_CASES]
+    cases += [(n_batch, n_free, True) for n_batch, n_free in RANK_CASES if n_free == 2]
+    for n_batch, n_free, swapped in cases:
         rank = n_batch + n_free + 1
         batch = perm_range(n_batch)
-        q4, k4, v4, mask4, back = _attention_4d(n_batch, n_free)
+        q4, k4, v4, mask4, back = _attention_4d(n_batch, n_free, swapped)
         shapes = (shape(q) == ss, ss.length() == i64(rank), shape(k) == sk_, shape(v) == sv,
                   sv.length() == i64(n_batch + 2), dtype(e) == dte, dtype(q) == dtq)
         for probs, p_conds in _probabilities(x):
             out = Term.dot(probs, v, ivec([rank - 1]), ivec([n_batch]), batch, batch, dt3)
             for kind in ("none", "bias", "bool"):
-                facts = _scores(x, q, k, sc0, cap, m, String(kind), fl, causal, i64(n_batch))
+                # swapped: the causal flag is over Q's last free axis (G there), so it is not the op's
+                flag = i64(0) if swapped else causal
+                facts = _scores(x, q, k, sc0, cap, m, String(kind), fl, flag, i64(n_batch))
                 mask_term = NO_MASK if kind == "none" else mask4(m)
                 for same_dtype in (True, False):
                     compute = String("") if same_dtype else dte
                     dtype_cond = (dte == dtq,) if same_dtype else (dte != dtq,)
                     att = Term.attention(
-                        q4(q), k4(k), v4(v), mask_term, BHSD, K_TRANSPOSED, BHSD, BHSD, sc0, causal, String(kind),
+                        q4(q), k4(k), v4(v), mask_term, BHSD, K_TRANSPOSED, BHSD, BHSD, sc0, flag, String(kind),
                         compute, fl, cap,
                     )
                     yield rl(eq(e).to(out), facts, *shapes, *p_conds, *dtype_cond)(union(e).with_(back(att)))

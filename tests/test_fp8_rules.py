@@ -29,7 +29,7 @@ def attention_qdq(q8, k8, v8, qs, ks, vs, *, causal=False, v_transposed=False):
     s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * (q.shape[-1] ** -0.5)
     if causal:
         n = s.shape[-1]
-        s = jnp.where(jnp.tril(jnp.ones((n, n), bool)), s, -jnp.inf)  # -inf: the fp8 kernel masks exactly (a finite fill is kept exact on bf16 attention)
+        s = jnp.where(jnp.tril(jnp.ones((n, n), bool)), s, -jnp.inf)  # the fp8 kernel's exact fill
     p = jax.nn.softmax(s, axis=-1)
     return jnp.einsum("bhqk,bhdk->bhqd" if v_transposed else "bhqk,bhkd->bhqd", p, v)
 
