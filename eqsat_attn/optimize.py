@@ -136,45 +136,6 @@ class OptimizedFunction:
         )
 
 
-class BoundOptimizedFunction:
-    """An optimized method bound to an instance: ``obj.method(...)``, ``obj.method.explain(...)``.
-
-    ``self`` is argument 0 of the function, as in ``static_argnums``. It is static (keyed by
-    its hash and equality, as ``jax.jit``'s static arguments) unless it is a pytree of arrays
-    (an Equinox or Flax module), which is traced like any argument. The cache and its counts
-    are the function's, shared by all instances.
-    """
-
-    def __init__(self, function: OptimizedFunction, instance: Any) -> None:
-        self.__func__ = function
-        self.__self__ = instance
-        functools.update_wrapper(self, function.fn)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.__func__._run((self.__self__, *args), kwargs, self._static_argnums(len(args) + 1))
-
-    def explain(self, *args: Any, **kwargs: Any) -> Report:
-        """The report for these arguments (``self`` included), as `OptimizedFunction.explain`."""
-        return self.__func__._entry((self.__self__, *args), kwargs, self._static_argnums(len(args) + 1)).report
-
-    def cache_info(self) -> CacheInfo:
-        return self.__func__.cache_info()
-
-    def cache_clear(self) -> None:
-        self.__func__.cache_clear()
-
-    def _static_argnums(self, nargs: int) -> tuple[int, ...]:
-        nums = normalize_static_argnums(self.__func__.static_argnums, nargs)
-        if 0 in nums or _is_array_pytree(self.__self__):
-            return nums
-        return (0, *nums)
-
-
-def _is_array_pytree(value: Any) -> bool:
-    leaves = jax.tree_util.tree_leaves(value)
-    return bool(leaves) and all(isinstance(leaf, (jax.Array, np.ndarray, np.generic)) for leaf in leaves)
-
-
     def _compile(self, args: tuple[Any, ...], kwargs: dict[str, Any], static_nums: tuple[int, ...]) -> _Compiled:
         timings: dict[str, float] = {}
         start = time.perf_counter()
@@ -242,6 +203,45 @@ def _is_array_pytree(value: Any) -> bool:
             problems.append(f"lowering the optimized program failed ({type(exc).__name__}: {exc}); running the original program")
             return captured.program, jax.jit(lower(captured.program, attention_kernel=kernel))
         return program, call
+
+
+class BoundOptimizedFunction:
+    """An optimized method bound to an instance: ``obj.method(...)``, ``obj.method.explain(...)``.
+
+    ``self`` is argument 0 of the function, as in ``static_argnums``. It is static (keyed by
+    its hash and equality, as ``jax.jit``'s static arguments) unless it is a pytree of arrays
+    (an Equinox or Flax module), which is traced like any argument. The cache and its counts
+    are the function's, shared by all instances.
+    """
+
+    def __init__(self, function: OptimizedFunction, instance: Any) -> None:
+        self.__func__ = function
+        self.__self__ = instance
+        functools.update_wrapper(self, function.fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__func__._run((self.__self__, *args), kwargs, self._static_argnums(len(args) + 1))
+
+    def explain(self, *args: Any, **kwargs: Any) -> Report:
+        """The report for these arguments (``self`` included), as `OptimizedFunction.explain`."""
+        return self.__func__._entry((self.__self__, *args), kwargs, self._static_argnums(len(args) + 1)).report
+
+    def cache_info(self) -> CacheInfo:
+        return self.__func__.cache_info()
+
+    def cache_clear(self) -> None:
+        self.__func__.cache_clear()
+
+    def _static_argnums(self, nargs: int) -> tuple[int, ...]:
+        nums = normalize_static_argnums(self.__func__.static_argnums, nargs)
+        if 0 in nums or _is_array_pytree(self.__self__):
+            return nums
+        return (0, *nums)
+
+
+def _is_array_pytree(value: Any) -> bool:
+    leaves = jax.tree_util.tree_leaves(value)
+    return bool(leaves) and all(isinstance(leaf, (jax.Array, np.ndarray, np.generic)) for leaf in leaves)
 
 
 def with_original_derivatives(call: Callable[..., list[Any]], captured: Captured) -> Callable[..., list[Any]]:
