@@ -309,7 +309,7 @@ def test_unhashable_static_argument_is_a_clear_error() -> None:
 
 
 def test_optimizer_failure_warns_and_keeps_values(monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(program, options):
+    def broken(program, options, **kwargs):
         raise RuntimeError("e-graph exploded")
 
     monkeypatch.setattr(importlib.import_module("eqsat_attn.optimize"), "optimize_program", broken)
