@@ -16,9 +16,9 @@ import jax
 import numpy as np
 
 from .capture import Captured, capture, normalize_static_argnums, split_args
+from .choices import check_rules
 from .ir import Program
 from .lower import lower, resolve_attention_kernel
-from .choices import check_rules
 from .pipeline import Limits, OptimizeOptions, PipelineResult, optimize_program
 from .qkv_layouts import projections
 from .report import Report, attention_infos, region_infos
@@ -134,7 +134,6 @@ class OptimizedFunction:
         warnings.warn(
             f"eqsat_attn.optimize({_name(self.fn)}): {problem}", RuntimeWarning, skip_file_prefixes=_INTERNAL_DIRS
         )
-
 
     def _compile(self, args: tuple[Any, ...], kwargs: dict[str, Any], static_nums: tuple[int, ...]) -> _Compiled:
         timings: dict[str, float] = {}
