@@ -231,6 +231,13 @@ class BoundOptimizedFunction:
     def cache_clear(self) -> None:
         self.__func__.cache_clear()
 
+    def __eq__(self, other: object) -> bool:  # as bound methods: the same function on the same instance
+        return (isinstance(other, BoundOptimizedFunction) and other.__func__ is self.__func__
+                and other.__self__ is self.__self__)
+
+    def __hash__(self) -> int:
+        return hash((id(self.__func__), id(self.__self__)))
+
     def _static_argnums(self, nargs: int) -> tuple[int, ...]:
         nums = normalize_static_argnums(self.__func__.static_argnums, nargs)
         if 0 in nums or _is_array_pytree(self.__self__):

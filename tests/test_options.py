@@ -308,6 +308,8 @@ def test_decorated_method_calls_explains_and_caches_per_instance():
     assert (info.hits, info.misses, info.size) == (2, 2, 2)  # one cache for the function, shared
     assert Scaler.apply.cache_info() == info
     assert half.apply.__doc__ == "Scale a transposed tanh." and half.apply.__name__ == "apply"
+    assert half.apply == half.apply and half.apply != triple.apply  # as bound methods compare
+    assert_same(jax.jit(triple.apply)(x), swap_tanh(x) * 3.0)
     half.apply.cache_clear()
     assert Scaler.apply.cache_info().size == 0
 
