@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import threading
@@ -179,8 +180,8 @@ class OptimizedFunction:
         except Exception as exc:  # the optimizer must never change what the user computes
             fallback = PipelineResult(original, {}, 0, False, 0.0, 0.0)
             return fallback, [f"optimizer failed ({type(exc).__name__}: {exc}); running the original program"]
-        if result.fallback is not None:
-            return result, [result.fallback]
+        if result.fallback is not None:  # reported once, as the decorator's problem
+            return dataclasses.replace(result, warnings=()), [result.fallback]
         if result.program.input_types != original.input_types or result.program.output_types != original.output_types:
             return (
                 PipelineResult(original, result.rules_fired, result.egraph_nodes, result.saturated, result.cost_before, result.cost_before),

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 
 from typing import TYPE_CHECKING
 
-from .choices import BACKENDS, EXTRACTORS, check_choice, check_cost_model, check_limits, cost_model_from_name, rule_names
+from .choices import (
+    BACKENDS, EXTRACTORS, check_choice, check_cost_model, check_limits, cost_model_from_name, rule_names,
+)
 from .ir import Program
 
 if TYPE_CHECKING:
@@ -34,7 +36,7 @@ class Limits:
 class OptimizeOptions:
     """What the user chose in ``ea.optimize(...)``."""
 
-    rules: Sequence[str] | None = None  # rule-set names or paths; None = the default list
+    rules: Sequence[str] | None = None  # rule-set names or paths (one name: a list of one); None = defaults
     cost_model: object | None = None  # an eqsat_attn.cost model or its name (choices.COST_MODEL_NAMES); None = default
     backend: str = "auto"  # "auto" | "pallas" | "reference": how Attention is lowered
     limits: Limits = field(default_factory=Limits)

@@ -271,6 +271,9 @@ def test_one_fallback_warning_per_function_and_cause(monkeypatch):
     assert "test_one_fallback_warning_per_function_and_cause.<locals>.second" in messages[1]
     assert all("the e-graph broke" in m and "running the original program" in m for m in messages)
     assert all(w.filename == __file__ for w in caught)  # points at the user's call
+    report = optimized[1].explain(x)
+    assert [w for w in report.warnings if "the e-graph broke" in w] == [messages[1].split(": ", 1)[1]]
+    assert report.after == report.before
 
 
 # ---------------------------------------------------------------- methods
