@@ -13,7 +13,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import numpy as np
@@ -79,6 +79,10 @@ BENCHMARKS = {"scaling": "scaling", "end-to-end": "end_to_end", "cost-model": "c
               "rule-ablation": "rule_ablation"}
 
 
+class UsageError(ValueError):
+    """A mistake in the command line: `main` prints its message on one line and returns 2."""
+
+
 def parse_shapes(text: str) -> list[tuple[int, ...]]:
     """"2x8x64,64x64" -> [(2, 8, 64), (64, 64)] ("" or "scalar" is a rank-0 shape)."""
     shapes = []
@@ -88,29 +92,66 @@ def parse_shapes(text: str) -> list[tuple[int, ...]]:
             shapes.append(())
             continue
         try:
-            shapes.append(tuple(int(d) for d in part.split("x")))
+            dims = tuple(int(d) for d in part.split("x"))
         except ValueError:
-            raise SystemExit(f"eqsat-attn: bad shape {part!r} in --shapes; write dimensions like 2x8x64") from None
+            raise UsageError(f"bad shape {part!r} in --shapes; write dimensions like 2x8x64") from None
+        if any(d < 0 for d in dims):
+            raise UsageError(f"bad shape {part!r} in --shapes: dimensions cannot be negative")
+        shapes.append(dims)
     return shapes
+
+
+def parse_dtype(name: str) -> Any:
+    """The NumPy dtype of a --dtype value (f32, bf16, ... or a NumPy name)."""
+    import jax.numpy as jnp
+
+    try:
+        return jnp.dtype(DTYPES.get(name, name))
+    except TypeError:
+        raise UsageError(f"unknown --dtype {name!r}; use one of {', '.join(DTYPES)} or a NumPy dtype name") from None
+
+
+def import_target(target: str) -> Callable[..., Any]:
+    """The function of ``module:function``. The working directory is searched after installed
+    packages (appended to sys.path, never put first), so files there cannot shadow them."""
+    import importlib
+    import os
+
+    module_name, _, fn_name = target.partition(":")
+    if not module_name or not fn_name:
+        raise UsageError(f"bad target {target!r}; write MODULE:FUNCTION, e.g. mymodel:forward")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any failure to import the user's module is theirs to fix
+        raise UsageError(f"cannot import module {module_name!r} of {target!r}: {type(exc).__name__}: {exc}") from None
+    fn = module
+    for attr in fn_name.split("."):
+        fn = getattr(fn, attr, None)
+        if fn is None:
+            raise UsageError(f"module {module_name!r} has no {fn_name!r} (from {target!r})")
+    if not callable(fn):
+        raise UsageError(f"{target!r} is a {type(fn).__name__}, not a function")
+    return fn
 
 
 def resolve_target(target: str, shapes: str | None, dtype: str, heads: int) -> tuple[Callable[..., Any], tuple[Any, ...], str]:
     """(fn, args, description) for a built-in example name or ``module:function``."""
-    import importlib
-    import os
+    import inspect
 
-    import jax.numpy as jnp
-
-    np_dtype = jnp.dtype(DTYPES.get(dtype, dtype))
+    np_dtype = parse_dtype(dtype)
     if ":" not in target:
         if target not in examples.EXAMPLES:
-            raise SystemExit(f"eqsat-attn: unknown example {target!r}; built-in: {', '.join(examples.EXAMPLES)}"
+            raise UsageError(f"unknown example {target!r}; built-in: {', '.join(examples.EXAMPLES)}"
                              " (or pass MODULE:FUNCTION with --shapes)")
         dims = parse_shapes(shapes)[0] if shapes else None
         if target in ("block", "stack2"):
-            bs = examples.BlockShape(*dims, heads=heads) if dims else examples.BlockShape()
-            if len(dims or (0, 0, 0)) != 3:
-                raise SystemExit("eqsat-attn: --shapes for block is BxSxE, e.g. 2x16x32")
+            if dims is not None and len(dims) != 3:
+                raise UsageError(f"--shapes for {target} is BxSxE, e.g. 2x16x32")
+            bs = examples.BlockShape(*dims, heads=heads) if dims else examples.BlockShape(heads=heads)
+            if heads < 1 or bs.embed % heads:
+                raise UsageError(f"--heads {heads} must divide the embedding size E={bs.embed}")
             if target == "block":
                 fn, args = examples.stacked_example(1, bs, dtype=np_dtype)
                 fn1 = lambda params, x: examples.transformer_block(params, x, bs.heads)  # noqa: E731
@@ -118,39 +159,75 @@ def resolve_target(target: str, shapes: str | None, dtype: str, heads: int) -> t
             fn, args = examples.stacked_example(2, bs, dtype=np_dtype)
             return fn, args, f"2 transformer blocks B{bs.batch} S{bs.seq} E{bs.embed} H{bs.heads}"
         if dims is not None and len(dims) != 4:
-            raise SystemExit(f"eqsat-attn: --shapes for {target} is BxHxSxD, e.g. 2x4x16x8")
+            raise UsageError(f"--shapes for {target} is BxHxSxD, e.g. 2x4x16x8")
         kw = dict(zip(("batch", "heads", "seq", "head_dim"), dims)) if dims else {}
         fn, args = examples.EXAMPLES[target](**kw, dtype=np_dtype)
         return fn, args, f"{target} {'x'.join(map(str, args[0].shape))}"
-    module_name, _, fn_name = target.partition(":")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        fn = getattr(importlib.import_module(module_name), fn_name)
-    except (ImportError, AttributeError) as exc:
-        raise SystemExit(f"eqsat-attn: cannot load {target!r}: {exc}") from None
+    fn = import_target(target)
     if not shapes:
-        raise SystemExit("eqsat-attn: MODULE:FUNCTION needs --shapes, one per argument, e.g. --shapes 2x8x64,64x64")
-    keys = jax.random.split(jax.random.PRNGKey(0), len(parse_shapes(shapes)))
+        raise UsageError("MODULE:FUNCTION needs --shapes, one per argument, e.g. --shapes 2x8x64,64x64")
+    parsed = parse_shapes(shapes)
+    try:
+        inspect.signature(fn).bind(*parsed)
+    except TypeError as exc:
+        raise UsageError(f"{target} does not take {len(parsed)} arguments (one per --shapes entry): {exc}") from None
+    except ValueError:  # no signature (a builtin): let the call say
+        pass
+    keys = jax.random.split(jax.random.PRNGKey(0), len(parsed))
     args = tuple(
         (jax.random.normal(k, s) / np.sqrt(max(1, s[-1] if s else 1))).astype(np_dtype)
-        for k, s in zip(keys, parse_shapes(shapes))
+        for k, s in zip(keys, parsed)
     )
     return fn, args, f"{target}({', '.join(str(a.dtype) + str(list(a.shape)) for a in args)})"
 
 
+def check_explore_args(ns: argparse.Namespace) -> tuple[list[str] | None, list[str]]:
+    """Check the options of `explore` before any work; returns (rule names, compared models)."""
+    from pathlib import Path
+
+    from .choices import COST_MODEL_NAMES, check_choice, check_rules
+
+    for option, value, least in (("--iterations", ns.iterations, 1), ("--heads", ns.heads, 1),
+                                 ("--alternatives", ns.alternatives, 0)):
+        if value < least:
+            raise UsageError(f"{option} must be at least {least}, got {value}")
+    if not ns.seconds > 0:
+        raise UsageError(f"--seconds must be positive, got {ns.seconds}")
+    compare = [m for m in (ns.compare or "").split(",") if m]
+    for option, name in [("--cost-model", ns.cost_model), *(("--compare", m) for m in compare)]:
+        try:
+            check_choice("cost model", name, COST_MODEL_NAMES)
+        except ValueError as exc:
+            raise UsageError(f"{option}: {exc}") from None
+    try:
+        rules = check_rules([r for r in (ns.rules or "").split(",") if r] or None)
+    except (ValueError, TypeError, OSError) as exc:
+        raise UsageError(f"--rules: {exc}") from None
+    if ns.svg:
+        svg = Path(ns.svg)
+        if svg.is_dir() or not svg.absolute().parent.is_dir():
+            raise UsageError(f"--svg {ns.svg}: {'is a folder' if svg.is_dir() else 'its folder does not exist'};"
+                             " give a file path in an existing folder")
+    return rules, compare
+
+
 def explore_command(console: Console, ns: argparse.Namespace) -> int:
     """Trace a function, run rule sets step by step, extract, explain the attention choice."""
-    from .explore import Exploration, cost_model_from_name
+    from .choices import cost_model_from_name
+    from .explore import Exploration
     from .pipeline import Limits
 
+    rules, compare = check_explore_args(ns)
     fn, args, what = resolve_target(ns.target, ns.shapes, ns.dtype, ns.heads)
-    rules = [r for r in (ns.rules or "").split(",") if r] or None
     model = cost_model_from_name(ns.cost_model)
     with console.status(f"tracing and encoding {what}..."):
         from .capture import capture
 
-        ex = Exploration(capture(fn, *args), fn=fn)
+        try:
+            captured = capture(fn, *args)
+        except Exception as exc:  # noqa: BLE001 - the user's function rejected the arguments they described
+            raise UsageError(f"tracing {what} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        ex = Exploration(captured, fn=fn)
     console.print(f"[bold]{what}[/]: {len(ex.program.live_nodes())} nodes, e-graph {ex.size} e-nodes after encoding"
                   f" ({ex.encode_seconds:.2f} s)")
     if ns.show_before:
@@ -183,9 +260,9 @@ def explore_command(console: Console, ns: argparse.Namespace) -> int:
         console.print(f"  {info}", highlight=False, markup=False)
     if not best.attention:
         console.print("  no attention op in the chosen program")
-    if ns.compare:
+    if compare:
         with console.status("extracting under every cost model..."):
-            console.print(ex.compare([m for m in ns.compare.split(",") if m]).table())
+            console.print(ex.compare(compare).table())
     if best.attention:
         with console.status("pricing the alternatives of each attention e-class..."):
             why = ex.why("attention", model)
@@ -214,8 +291,24 @@ def bench_command(console: Console, name: str, rest: Sequence[str]) -> int:
     return int(module.main(list(rest)) or 0)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a mistake as a `UsageError` (one line, exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="eqsat-attn", description=__doc__.split("\n\n")[0])
+    """Run the command line; a usage mistake prints one line to stderr and returns 2."""
+    try:
+        return _main(argv)
+    except UsageError as exc:
+        print(f"eqsat-attn: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    parser = _Parser(prog="eqsat-attn", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="optimize the built-in transformer block and check its values")
     sub.add_parser("rules", help="list the rule sets and their rule families")

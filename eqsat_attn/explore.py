@@ -34,9 +34,10 @@ from egglog.egraph import to_runtime_expr
 
 from . import ir
 from .capture import Captured, capture
-from .cost import MaterializedBytes, program_cost
+from .cost import program_cost
 from .cost.model import CostModel
-from .pipeline import Limits, default_cost_model
+from .choices import EXTRACTORS, check_choice, check_limits, cost_model_from_name, rule_names
+from .pipeline import Limits
 from .report import AttentionInfo, _format_seconds, attention_infos
 
 __all__ = [
@@ -49,30 +50,7 @@ DRAW_LIMIT = 400
 
 
 # ----------------------------------------------------------------------------------- cost models
-COST_MODEL_NAMES = ("bytes", "roofline-h100", "roofline-h200", "roofline-cpu", "roofline-h100-reference",
-                    "roofline-h200-reference", "roofline-cpu-reference", "default")
-
-
-def cost_model_from_name(name: str | CostModel | None) -> CostModel:
-    """A cost model from a name: "bytes", "roofline-<h100|h200|cpu>[-reference]", "default".
-
-    A model object is returned as is; None and "default" give the current device's roofline.
-    """
-    if name is None or name == "default":
-        return default_cost_model()
-    if not isinstance(name, str):
-        return name
-    if name == "bytes":
-        return MaterializedBytes()
-    if name.startswith("roofline-"):
-        from .cost import for_device
-
-        rest = name.removeprefix("roofline-")
-        kernel = "pallas"
-        if rest.endswith("-reference"):
-            rest, kernel = rest.removesuffix("-reference"), "reference"
-        return for_device(rest, kernel)
-    raise ValueError(f"unknown cost model {name!r}; known: {', '.join(COST_MODEL_NAMES)}")
+# (by name: `eqsat_attn.choices`, shared with ea.optimize and the command line)
 
 
 def _model_name(model: Any) -> str:
@@ -307,7 +285,7 @@ class Exploration:
 
         return egraph_size(self.egraph)
 
-    def run(self, *rulesets: str, iterations: int = 1, limits: Limits | None = None) -> Step:
+    def run(self, *rulesets: str | Sequence[str], iterations: int = 1, limits: Limits | None = None) -> Step:
         """Run rule sets (names or rule-file paths; none = the default list) and record a `Step`.
 
         ``iterations`` rounds (each: analyses, raising sets, rewriting sets, index-math answers),
@@ -315,8 +293,11 @@ class Exploration:
         """
         from .egraph import resolve, run_rulesets
 
-        sets = resolve(list(rulesets) if rulesets else None)
-        lim = limits or Limits(iterations=iterations)
+        if limits is None and (isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1):
+            raise ValueError(f"iterations must be a positive int, got {iterations!r}")
+        lim = check_limits(limits) if limits is not None else Limits(iterations=iterations)
+        names = [name for names in rulesets for name in rule_names(names)]  # run("a", "b") or run(["a", "b"])
+        sets = resolve(names or None)
         before = self.size
         result = run_rulesets(self.egraph, sets, lim, answerer=self._answerer)
         self._serialized = None
@@ -351,6 +332,7 @@ class Exploration:
         """The cheapest program in the e-graph under ``cost_model`` (default: this device's roofline)."""
         from .egraph import extract_program
 
+        check_choice("extractor", extractor, EXTRACTORS)
         model = cost_model_from_name(cost_model)
         start = time.perf_counter()
         if extractor == "ilp":

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 
 from typing import TYPE_CHECKING
 
+from .choices import (
+    BACKENDS, EXTRACTORS, check_choice, check_cost_model, check_limits, cost_model_from_name, rule_names,
+)
 from .ir import Program
 
 if TYPE_CHECKING:
@@ -33,8 +36,8 @@ class Limits:
 class OptimizeOptions:
     """What the user chose in ``ea.optimize(...)``."""
 
-    rules: Sequence[str] | None = None  # rule-set names or paths; None = the default list
-    cost_model: object | None = None  # an eqsat_attn.cost model; None = default for the backend
+    rules: Sequence[str] | None = None  # rule-set names or paths (one name: a list of one); None = defaults
+    cost_model: object | None = None  # an eqsat_attn.cost model or its name (choices.COST_MODEL_NAMES); None = default
     backend: str = "auto"  # "auto" | "pallas" | "reference": how Attention is lowered
     limits: Limits = field(default_factory=Limits)
     extractor: str = "greedy-dag"  # "greedy-dag" | "tree" (egglog's) | "ilp" (exact, small graphs)
@@ -44,6 +47,16 @@ class OptimizeOptions:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        check_choice("backend", self.backend, BACKENDS)
+        check_choice("extractor", self.extractor, EXTRACTORS)
+        check_limits(self.limits)
+        if self.rules is not None:
+            object.__setattr__(self, "rules", tuple(rule_names(self.rules)))  # "transpose" is ("transpose",)
+        if isinstance(self.cost_model, str):  # by name, as the explorer and the CLI take it
+            model = None if self.cost_model == "default" else cost_model_from_name(self.cost_model, self.backend)
+            object.__setattr__(self, "cost_model", model)
+        elif self.cost_model is not None:
+            check_cost_model(self.cost_model)
 
     def rule_names(self) -> list[str] | None:
         """The rule sets to run: the chosen ones, plus the fp8 policy when precision="fp8"."""
@@ -77,6 +90,7 @@ class PipelineResult:
     layout_decision: Callable[[], object] | None = None
     #: attention found in the e-graph but not chosen, with both predicted costs (attention_misses)
     attention_notes: tuple[str, ...] = ()
+    fallback: str | None = None  # why the original program is returned, when optimization failed
 
 
 def default_cost_model(backend: str = "auto"):
@@ -142,13 +156,14 @@ def optimize_part(program: Program, options: OptimizeOptions, model,
     return chosen, run
 
 
-def optimize_program(program: Program, options: OptimizeOptions = OptimizeOptions()) -> PipelineResult:
+def optimize_program(program: Program, options: OptimizeOptions = OptimizeOptions(), *, warn: bool = True) -> PipelineResult:
     """Return the cheapest program equivalent to ``program`` under the options' cost model.
 
     With ``options.reuse_blocks``, a program made of repeated identical parts (a stack of
     layers; `eqsat_attn.blocks`) has each distinct part optimized once and spliced back.
-    Any internal failure returns the original program with a warning: optimizing never
-    changes what the user computes.
+    Any internal failure returns the original program, its reason in ``fallback``, and a
+    RuntimeWarning unless ``warn=False`` (the decorator warns itself, naming the function):
+    optimizing never changes what the user computes.
     """
     from collections import Counter
 
@@ -174,9 +189,10 @@ def optimize_program(program: Program, options: OptimizeOptions = OptimizeOption
                 f"extracted program has output types {chosen.output_types}, expected {program.output_types}"
             )
     except Exception as exc:  # noqa: BLE001 - any failure falls back to the original program
-        message = f"eqsat_attn: optimization failed ({type(exc).__name__}: {exc}); running the original program"
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-        return PipelineResult(program, {}, 0, False, cost_before, cost_before, (message,))
+        message = f"optimization failed ({type(exc).__name__}: {exc}); running the original program"
+        if warn:
+            warnings.warn(f"eqsat_attn: {message}", RuntimeWarning, stacklevel=2)
+        return PipelineResult(program, {}, 0, False, cost_before, cost_before, (message,), fallback=message)
     cost_after = program_cost(chosen, model)
     if cost_after > cost_before:  # extraction is greedy: never return something predicted slower
         chosen, cost_after = program, cost_before

@@ -242,10 +242,10 @@ def test_cache_hits_on_same_shapes_and_misses_on_new_shapes() -> None:
 
     fn(_normal(0, (2, 3)))
     fn(_normal(1, (2, 3)))
-    assert fn.cache_info() == (1, 1, 1)
+    assert fn.cache_info()[:3] == (1, 1, 1)  # hits, misses, size
     fn(_normal(2, (4, 3)))
     fn(_normal(3, (2, 3), jnp.bfloat16))
-    assert fn.cache_info() == (1, 3, 3)
+    assert fn.cache_info()[:3] == (1, 3, 3)
 
 
 def test_grad_through_optimized_function_matches() -> None:
@@ -283,7 +283,7 @@ def test_static_argnums() -> None:
     assert_same_outputs(optimized(x, "sin", 2), fn(x, "sin", 2))
     assert_same_outputs(optimized(x, "cos", 3), fn(x, "cos", 3))
     optimized(x, "cos", 3)
-    assert optimized.cache_info() == (1, 2, 2)
+    assert optimized.cache_info()[:3] == (1, 2, 2)
 
 
 def test_python_scalars_are_weak_arrays() -> None:
@@ -309,7 +309,7 @@ def test_unhashable_static_argument_is_a_clear_error() -> None:
 
 
 def test_optimizer_failure_warns_and_keeps_values(monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(program, options):
+    def broken(program, options, **kwargs):
         raise RuntimeError("e-graph exploded")
 
     monkeypatch.setattr(importlib.import_module("eqsat_attn.optimize"), "optimize_program", broken)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from eqsat_attn.cli import main, parse_shapes
+from eqsat_attn.cli import UsageError, import_target, main, parse_shapes
 
 
 def test_rules(capsys):
@@ -18,8 +18,10 @@ def test_rules(capsys):
 def test_parse_shapes():
     assert parse_shapes("2x8x64,64x64") == [(2, 8, 64), (64, 64)]
     assert parse_shapes("scalar") == [()]
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="bad shape '2xq'"):
         parse_shapes("2xq")
+    with pytest.raises(UsageError, match="cannot be negative"):
+        parse_shapes("2x-3")
 
 
 def test_explore_block_tiny(capsys, tmp_path):
@@ -46,11 +48,85 @@ def test_explore_module_function(capsys, tmp_path, monkeypatch):
     assert "no attention op" in out and "cost under bytes" in out
 
 
-def test_explore_needs_shapes_for_module_function():
-    with pytest.raises(SystemExit, match="needs --shapes"):
-        main(["explore", "eqsat_attn.examples:transformer_block"])
-    with pytest.raises(SystemExit, match="unknown example"):
-        main(["explore", "nope"])
+def one_error_line(capsys) -> str:
+    """The only stderr line of a usage mistake (nothing on stdout, no traceback)."""
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("eqsat-attn: error: "), captured.err
+    assert "Traceback" not in captured.err and captured.out == ""
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["explore", "eqsat_attn.examples:transformer_block"], "needs --shapes"),
+        (["explore", "nope"], "unknown example 'nope'; built-in: block"),
+        (["explore", "no_such_module_xyz:f", "--shapes", "2"], "cannot import module 'no_such_module_xyz'"),
+        (["explore", "eqsat_attn.examples:no_such_fn", "--shapes", "2"], "has no 'no_such_fn'"),
+        (["explore", "eqsat_attn.examples:EXAMPLES", "--shapes", "2"], "is a dict, not a function"),
+        (["explore", "block", "--shapes", "2xq"], "bad shape '2xq' in --shapes"),
+        (["explore", "block", "--shapes", "2x16"], "--shapes for block is BxSxE"),
+        (["explore", "attention", "--shapes", "2x16"], "--shapes for attention is BxHxSxD"),
+        (["explore", "block", "--dtype", "f7"], "unknown --dtype 'f7'; use one of f32"),
+        (["explore", "block", "--cost-model", "roofline-a100"], "--cost-model: unknown cost model 'roofline-a100'"),
+        (["explore", "block", "--compare", "bytes,nope"], "--compare: unknown cost model 'nope'"),
+        (["explore", "block", "--rules", "canonical,nope"], "--rules: unknown rule set 'nope'"),
+        (["explore", "block", "--rules", "missing_rules.py"], "--rules: rule file"),
+        (["explore", "block", "--iterations", "0"], "--iterations must be at least 1, got 0"),
+        (["explore", "block", "--iterations", "-2"], "--iterations must be at least 1, got -2"),
+        (["explore", "block", "--iterations", "two"], "invalid int value: 'two'"),
+        (["explore", "block", "--seconds", "0"], "--seconds must be positive"),
+        (["explore", "block", "--shapes", "1x8x16", "--heads", "3"], "--heads 3 must divide the embedding size E=16"),
+        (["explore", "block", "--heads", "0"], "--heads must be at least 1"),
+        (["explore", "block", "--svg", "no_such_folder/g.svg"], "its folder does not exist"),
+        (["explore"], "required: target"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_usage_mistakes_print_one_line_and_exit_2(argv, says, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths above are in an empty folder
+    assert main(argv) == 2
+    assert says in one_error_line(capsys)
+
+
+def test_module_that_fails_to_import_or_to_trace_is_a_usage_mistake(capsys, tmp_path, monkeypatch):
+    (tmp_path / "raising_mod.py").write_text("raise RuntimeError('half-written model')\n")
+    (tmp_path / "matmul_mod.py").write_text("def f(x, w):\n    return x @ w\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["explore", "raising_mod:f", "--shapes", "2"]) == 2
+    assert "RuntimeError: half-written model" in one_error_line(capsys)
+    assert main(["explore", "matmul_mod:f", "--shapes", "2x3"]) == 2
+    assert "does not take 1 arguments" in one_error_line(capsys)
+    assert main(["explore", "matmul_mod:f", "--shapes", "2x3,4x5"]) == 2
+    assert "tracing matmul_mod:f" in one_error_line(capsys)
+
+
+def test_files_in_the_working_directory_do_not_shadow_installed_modules(tmp_path, monkeypatch):
+    import colorsys
+    import os
+    import sys
+
+    (tmp_path / "colorsys.py").write_text("raise RuntimeError('shadowed the standard library')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "colorsys")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    fn = import_target("colorsys:rgb_to_hsv")
+    assert fn.__module__ == "colorsys" and not fn.__code__.co_filename.startswith(str(tmp_path))
+    assert sys.path[0] != os.getcwd() and sys.path[-1] == os.getcwd()
+
+
+def test_no_traceback_from_the_installed_command(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "eqsat_attn.cli", "explore", "block", "--cost-model", "nope"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and "Traceback" not in done.stderr
+    assert "unknown cost model 'nope'" in done.stderr
 
 
 @pytest.mark.parametrize("name", ["end-to-end", "cost-model"])

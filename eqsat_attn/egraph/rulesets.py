@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import os
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from egglog import Fact, Ruleset, RewriteOrRule, eq, rule, ruleset, union, var
 
+from ..choices import rule_names
 from .language import IntVec, Term, answer, ask
 
 # Phases run in this order in every round (EGGLOG_NOTES: raising before analyses before
@@ -141,26 +144,60 @@ def rule_file_path(name: str) -> Path:
     return base / f"{name}.py"
 
 
+class RuleFileError(ValueError):
+    """A rule file that cannot be used: it raised while loading, or declares no `RuleSet`."""
+
+
+class UnknownRuleSet(ValueError, KeyError):
+    """A rule-set name that is neither registered nor a path (a KeyError too, for old callers)."""
+
+    __str__ = ValueError.__str__  # KeyError's would quote the message
+
+
+# Loaded rule files by resolved path. A module is entered here only once it has fully run, and
+# loading holds the lock, so threads making their first optimized call at once never see a
+# half-executed rule file (which declares no RuleSet yet).
+_LOADED: dict[Path, list[RuleSet]] = {}
+_LOAD_LOCK = threading.RLock()
+
+
 def load_rule_file(path: str | Path) -> list[RuleSet]:
-    """Execute a rule file and return the rule sets it declares (loaded once per path)."""
+    """Execute a rule file and return the rule sets it declares (loaded once per path; thread-safe)."""
     path = Path(path).resolve()
+    found = _LOADED.get(path)
+    if found is not None:
+        return found
+    with _LOAD_LOCK:
+        found = _LOADED.get(path)
+        if found is None:
+            found = _execute_rule_file(path)
+            _LOADED[path] = found
+    return found
+
+
+def _execute_rule_file(path: Path) -> list[RuleSet]:
     if not path.is_file():
         raise FileNotFoundError(f"rule file {path} does not exist; pass a rule-set name or a path to a .py file")
     module_name = f"eqsat_attn_rules_{abs(hash(str(path)))}"
-    module = sys.modules.get(module_name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[module_name]
-            raise
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise RuleFileError(f"rule file {path} cannot be imported as Python; pass a path to a .py file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # while it runs (dataclasses look their module up there); under the lock
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[module_name]
+        raise RuleFileError(f"rule file {path} raised while loading: {type(exc).__name__}: {exc}") from exc
+    except BaseException:
+        del sys.modules[module_name]
+        raise
     found = [v for v in vars(module).values() if isinstance(v, RuleSet)]
     if not found:
-        raise ValueError(f"rule file {path} declares no eqsat_attn RuleSet")
+        del sys.modules[module_name]
+        raise RuleFileError(
+            f"rule file {path} declares no eqsat_attn RuleSet; create one at module level, e.g. "
+            "`mine = RuleSet(\"mine\", \"what it does\")` (eqsat_attn.egraph.rulesets)")
     return found
 
 
@@ -170,20 +207,24 @@ DEFAULT_RULESETS = (
 )
 
 
-def resolve(names: Sequence[str] | None) -> list[RuleSet]:
-    """Rule sets for names (shipped rule sets, or paths to rule files); None = the defaults."""
+def resolve(names: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[RuleSet]:
+    """Rule sets for names (shipped rule sets, or paths to rule files); None = the defaults.
+
+    A single name or path counts as a list of one (``"transpose"`` is ``["transpose"]``).
+    """
     for file in SHIPPED_FILES:
         if rule_file_path(file).is_file():
             load_rule_file(rule_file_path(file))
     out: list[RuleSet] = []
     if names is None:
         names = [n for n in DEFAULT_RULESETS if n in REGISTRY]
-    for name in names:
-        if name.endswith(".py") or "/" in name:
+    for name in rule_names(names):
+        if name.endswith(".py") or "/" in name or os.sep in name:
             out.extend(load_rule_file(name))
         elif name in REGISTRY:
             out.append(REGISTRY[name])
         else:
             known = ", ".join(sorted(REGISTRY))
-            raise KeyError(f"unknown rule set {name!r}; known rule sets: {known} (or pass a path to a rule file)")
+            raise UnknownRuleSet(f"unknown rule set {name!r}; known rule sets: {known} (or pass a path to a rule file)")
     return out
+
