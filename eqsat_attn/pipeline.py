@@ -134,11 +134,23 @@ def optimize_part(program: Program, options: OptimizeOptions, model) -> tuple[Pr
 def optimize_program(program: Program, options: OptimizeOptions = OptimizeOptions()) -> PipelineResult:
     """Return the cheapest program equivalent to ``program`` under the options' cost model.
 
+    The bodies of its scan and checkpoint nodes are optimized first, as programs of their own
+    with the same options (`eqsat_attn.nested`); the result counts their rules and e-nodes.
     With ``options.reuse_blocks``, a program made of repeated identical parts (a stack of
     layers; `eqsat_attn.blocks`) has each distinct part optimized once and spliced back.
     Any internal failure returns the original program with a warning: optimizing never
     changes what the user computes.
     """
+    from .lower import resolve_attention_kernel
+    from .nested import merge, optimize_bodies
+
+    kernel = resolve_attention_kernel(options.backend)
+    program, bodies = optimize_bodies(program, lambda body: optimize_program(body, options), kernel)
+    return merge(_optimize_flat(program, options), bodies)
+
+
+def _optimize_flat(program: Program, options: OptimizeOptions) -> PipelineResult:
+    """`optimize_program` for ``program`` itself, its opaque nodes (and their bodies) as they are."""
     from collections import Counter
 
     from .blocks import splice, split_repeated
@@ -163,7 +175,7 @@ def optimize_program(program: Program, options: OptimizeOptions = OptimizeOption
             )
     except Exception as exc:  # noqa: BLE001 - any failure falls back to the original program
         message = f"eqsat_attn: optimization failed ({type(exc).__name__}: {exc}); running the original program"
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
         return PipelineResult(program, {}, 0, False, cost_before, cost_before, (message,))
     cost_after = program_cost(chosen, model)
     if cost_after > cost_before:  # extraction is greedy: never return something predicted slower
