@@ -7,8 +7,8 @@ recursion), lowers the chosen body back to a jaxpr and puts that jaxpr in place 
 parameter. Nothing else about the call changes: same primitive, every other parameter as it was
 (length, reverse, unroll, carry and const counts, linearity, checkpoint policy and prevent_cse),
 and a body with exactly the original input and output avals (shapes, dtypes, weak types) and
-effects. A body the optimizer leaves unchanged keeps its original jaxpr; one whose optimization
-fails keeps it too, with a warning: values never change.
+effects. A body the cost model does not predict faster keeps its original jaxpr; one whose
+optimization fails keeps it too, with a warning: values never change.
 """
 
 from __future__ import annotations
@@ -107,8 +107,8 @@ def optimize_body(
     call: OpaqueCall, optimize: Callable[[Program], PipelineResult], attention_kernel: str
 ) -> tuple[NestedCall | None, tuple[str, ...]]:
     """The call with its body optimized, or None when there is nothing to change (a body with
-    effects or with constants that cannot be embedded, or one the optimizer left as it was),
-    with the warnings of a run that changed nothing. Raises when the optimized body cannot
+    effects or with constants that cannot be embedded, or one the cost model predicts no faster
+    optimized), with the warnings of a run that changed nothing. Raises when the optimized body cannot
     replace the original exactly."""
     param = BODY_PARAMS[call.name][0]
     original = call.params[param]
@@ -121,7 +121,7 @@ def optimize_body(
     if captured.hoisted_consts:
         return None, ()
     result = optimize(captured.program)
-    if result.program == captured.program:
+    if not result.cost_after < result.cost_before:  # nothing predicted faster: keep the original jaxpr
         return None, tuple(result.warnings)
     body_fn = lower(result.program, attention_kernel=attention_kernel)
     if captured.custom_jvp_inlined:  # the primal of a custom_jvp (softmax) was inlined
