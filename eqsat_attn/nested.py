@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import jax
+from jax import lax
 from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
 
 from .capture import capture
@@ -107,13 +108,13 @@ def optimize_body(
     call: OpaqueCall, optimize: Callable[[Program], PipelineResult], attention_kernel: str
 ) -> tuple[NestedCall | None, tuple[str, ...]]:
     """The call with its body optimized, or None when there is nothing to change (a body with
-    effects or with constants that cannot be embedded, or one the cost model predicts no faster
-    optimized), with the warnings of a run that changed nothing. Raises when the optimized body cannot
-    replace the original exactly."""
+    effects or closing over tracers, or one the cost model predicts no faster optimized), with
+    the warnings of a run that changed nothing. Raises when the optimized body cannot replace
+    the original exactly."""
     param = BODY_PARAMS[call.name][0]
     original = call.params[param]
     closed = original if hasattr(original, "consts") else ClosedJaxpr(original, [])  # remat: an open jaxpr
-    if closed.jaxpr.effects or closed.consts:
+    if closed.jaxpr.effects:
         return None, ()
     in_avals = [v.aval for v in closed.jaxpr.invars]
     structs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=bool(getattr(a, "weak_type", False))) for a in in_avals]
@@ -126,18 +127,30 @@ def optimize_body(
     body_fn = lower(result.program, attention_kernel=attention_kernel)
     if captured.custom_jvp_inlined:  # the primal of a custom_jvp (softmax) was inlined
         body_fn = _with_original_derivatives(body_fn, closed)
-    new = jax.make_jaxpr(lambda *xs: list(body_fn(*xs)))(*structs)
+    out_avals = [v.aval for v in closed.jaxpr.outvars]
+    new = jax.make_jaxpr(lambda *xs: _weak_as(body_fn(*xs), out_avals))(*structs)
     _check_same_signature(closed, new)
     replacement = new if isinstance(original, type(new)) else new.jaxpr
     params = {**call.params, param: replacement}
     return NestedCall(call.primitive, params, call.out_types, result.program, result), ()
 
 
+def _weak_as(outputs: Sequence[Any], avals: Sequence[Any]) -> list[Any]:
+    """``outputs``, each weak-typed where the matching aval is (lowering writes literals as
+    strongly typed arrays, so ``c * 2.0`` of a weak ``c`` comes back strong)."""
+    out = []
+    for x, aval in zip(outputs, avals):
+        if getattr(aval, "weak_type", False) and not jax.typeof(x).weak_type and x.dtype == aval.dtype:
+            x = lax.convert_element_type_p.bind(x, new_dtype=x.dtype, weak_type=True, sharding=None)
+        out.append(x)
+    return out
+
+
 def _check_same_signature(original: Any, new: Any) -> None:
-    """Raise unless ``new`` is a drop-in body for ``original``: no constants, same effects, same
-    input and output avals (weak types included)."""
-    if new.consts:
-        raise ValueError(f"the optimized body closes over {len(new.consts)} constants; the original has none")
+    """Raise unless ``new`` is a drop-in body for ``original``: no constants unless the original
+    closes over some too, same effects, same input and output avals (weak types included)."""
+    if new.consts and not original.consts:
+        raise ValueError(f"the optimized body closes over {len(new.consts)} constants; the original over none")
     if new.jaxpr.effects != original.jaxpr.effects:
         raise ValueError(f"the optimized body has effects {new.jaxpr.effects}, the original {original.jaxpr.effects}")
     for side in ("invars", "outvars"):
