@@ -24,7 +24,7 @@ from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
 
 from .capture import capture
 from .ir import Node, OpaqueCall, Params, Program
-from .lower import lower
+from .lower import lower, resolve_attention_kernel
 
 if TYPE_CHECKING:
     from .pipeline import PipelineResult
@@ -73,10 +73,10 @@ class BodyOutcome:
 
 
 def optimize_bodies(
-    program: Program, optimize: Callable[[Program], PipelineResult], attention_kernel: str
+    program: Program, optimize: Callable[[Program], PipelineResult], backend: str
 ) -> tuple[Program, BodyOutcome]:
     """``program`` with the body of each scan and checkpoint node optimized by ``optimize``
-    and lowered with ``attention_kernel`` ("reference", "pallas", "auto").
+    and lowered for ``backend`` ("auto", "pallas", "reference": `OptimizeOptions.backend`).
 
     Node ids are unchanged: each such opaque node's call is replaced by a `NestedCall`.
     """
@@ -88,7 +88,7 @@ def optimize_bodies(
         if call is None or call.name not in BODY_PARAMS or isinstance(call, NestedCall):
             continue
         try:
-            optimized, notes = optimize_body(call, optimize, attention_kernel)
+            optimized, notes = optimize_body(call, optimize, resolve_attention_kernel(backend))
         except Exception as exc:  # noqa: BLE001 - any failure keeps the original body
             message = (f"eqsat_attn: optimizing a {BODY_PARAMS[call.name][1]} body failed "
                        f"({type(exc).__name__}: {exc}); running its original body")

@@ -141,11 +141,9 @@ def optimize_program(program: Program, options: OptimizeOptions = OptimizeOption
     Any internal failure returns the original program with a warning: optimizing never
     changes what the user computes.
     """
-    from .lower import resolve_attention_kernel
     from .nested import merge, optimize_bodies
 
-    kernel = resolve_attention_kernel(options.backend)
-    program, bodies = optimize_bodies(program, lambda body: optimize_program(body, options), kernel)
+    program, bodies = optimize_bodies(program, lambda body: optimize_program(body, options), options.backend)
     return merge(_optimize_flat(program, options), bodies)
 
 
