@@ -53,14 +53,13 @@ class NestedCall(OpaqueCall):
         """Where the body sits, for people: "scan body", "checkpoint body"."""
         return f"{BODY_PARAMS[self.name][1]} body"
 
-    def __repr__(self) -> str:
-        return f"OpaqueCall({self.name}, optimized body)"
-
-
     @property
     def runs(self) -> int:
         """How many times the body runs per call: a scan's length, else once."""
         return int(self.params.get("length", 1)) if self.name == "scan" else 1
+
+    def __repr__(self) -> str:
+        return f"OpaqueCall({self.name}, optimized body)"
 
 
 @dataclass(frozen=True)

@@ -135,7 +135,7 @@ def optimize_program(program: Program, options: OptimizeOptions = OptimizeOption
     """Return the cheapest program equivalent to ``program`` under the options' cost model.
 
     The bodies of its scan and checkpoint nodes are optimized first, as programs of their own
-    with the same options (`eqsat_attn.nested`); the result counts their rules and e-nodes.
+    with the same options (`eqsat_attn.nested`); the result counts their rules, e-nodes and costs.
     With ``options.reuse_blocks``, a program made of repeated identical parts (a stack of
     layers; `eqsat_attn.blocks`) has each distinct part optimized once and spliced back.
     Any internal failure returns the original program with a warning: optimizing never

@@ -51,6 +51,19 @@ class AttentionInfo:
         )
 
 
+def optimized_bodies(program: Program, outer: str = "") -> list[tuple[str, Program]]:
+    """(where, optimized body) for each scan and checkpoint body of ``program`` that was
+    optimized, nested ones after their parent: ("scan body > checkpoint body", program)."""
+    out = []
+    for node_id in program.live_nodes():
+        call = program.nodes[node_id].params.get("call")
+        if isinstance(call, NestedCall):
+            where = " > ".join(filter(None, (outer, call.where)))
+            out.append((where, call.body))
+            out.extend(optimized_bodies(call.body, where))
+    return out
+
+
 def attention_infos(program: Program, kernel: str) -> list[AttentionInfo]:
     """One `AttentionInfo` per live attention node of ``program``, in program order, including
     those in the optimized bodies of its scan and checkpoint nodes (`AttentionInfo.inside`)."""
@@ -246,7 +259,8 @@ class Report:
         return "\n".join(lines)
 
     def __str__(self) -> str:
-        return f"{self.summary()}\n\nbefore:\n{self.before}\n\nafter:\n{self.after}"
+        bodies = "".join(f"\n\nafter, {where}:\n{body}" for where, body in optimized_bodies(self.after))
+        return f"{self.summary()}\n\nbefore:\n{self.before}\n\nafter:\n{self.after}{bodies}"
 
     def _repr_html_(self) -> str:
         return (

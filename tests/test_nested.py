@@ -102,6 +102,8 @@ def test_attention_inside_a_scan_over_layers_is_raised() -> None:
     (info,) = report.attention
     assert info.inside == "scan body" and str(info).startswith("in scan body: attention ")
     assert "in scan body: attention" in report.summary()
+    assert "\n\nafter, scan body:\nprogram(" in str(report)
+    assert report.cost_before > report.cost_after > 0  # the body's costs, times its length
     assert report.rules_fired.get("attention_raise.attention", 0) >= 1
     (before,), (after,) = body_calls(report.before), body_calls(report.after)
     assert_same_call_but_body(before, after, "scan")
@@ -156,6 +158,8 @@ def test_scan_inside_checkpoint_inside_scan() -> None:
     report = fn.explain(ws, x)
     (info,) = report.attention
     assert info.inside == "scan body > checkpoint body > scan body"
+    assert [where for where, _ in ea.report.optimized_bodies(report.after)] == [
+        "scan body", "scan body > checkpoint body", "scan body > checkpoint body > scan body"]
     (outer,) = body_calls(report.after)
     (remat,) = body_calls(outer.body)
     (inner,) = body_calls(remat.body)
