@@ -159,12 +159,22 @@ def optimize_part(program: Program, options: OptimizeOptions, model,
 def optimize_program(program: Program, options: OptimizeOptions = OptimizeOptions(), *, warn: bool = True) -> PipelineResult:
     """Return the cheapest program equivalent to ``program`` under the options' cost model.
 
+    The bodies of its scan and checkpoint nodes are optimized first, as programs of their own
+    with the same options (`eqsat_attn.nested`); the result counts their rules, e-nodes and costs.
     With ``options.reuse_blocks``, a program made of repeated identical parts (a stack of
     layers; `eqsat_attn.blocks`) has each distinct part optimized once and spliced back.
     Any internal failure returns the original program, its reason in ``fallback``, and a
     RuntimeWarning unless ``warn=False`` (the decorator warns itself, naming the function):
     optimizing never changes what the user computes.
     """
+    from .nested import merge, optimize_bodies
+
+    program, bodies = optimize_bodies(program, lambda body: optimize_program(body, options, warn=warn), options.backend)
+    return merge(_optimize_flat(program, options, warn), bodies)
+
+
+def _optimize_flat(program: Program, options: OptimizeOptions, warn: bool) -> PipelineResult:
+    """`optimize_program` for ``program`` itself, its opaque nodes (and their bodies) as they are."""
     from collections import Counter
 
     from .blocks import splice, split_repeated
@@ -191,7 +201,7 @@ def optimize_program(program: Program, options: OptimizeOptions = OptimizeOption
     except Exception as exc:  # noqa: BLE001 - any failure falls back to the original program
         message = f"optimization failed ({type(exc).__name__}: {exc}); running the original program"
         if warn:
-            warnings.warn(f"eqsat_attn: {message}", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"eqsat_attn: {message}", RuntimeWarning, stacklevel=4)
         return PipelineResult(program, {}, 0, False, cost_before, cost_before, (message,), fallback=message)
     cost_after = program_cost(chosen, model)
     if cost_after > cost_before:  # extraction is greedy: never return something predicted slower

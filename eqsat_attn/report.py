@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import html
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .ir import Program, short_dtype
 from .kernels.reference import node_takes_pallas
+from .nested import NestedCall
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,9 @@ class AttentionInfo:
     cast_operands: tuple[str, ...] = ()
     #: with kernel "pallas": the backend of its forward, "mosaic_gpu" (Hopper) or "triton"
     backend: str = ""
+    #: where it runs when not at the top level: the body it sits in, outermost first
+    #: ("scan body", "scan body > checkpoint body"; `eqsat_attn.nested`)
+    inside: str = ""
 
     def __str__(self) -> str:
         mask = "causal" if self.causal else "full"
@@ -41,17 +45,39 @@ class AttentionInfo:
         if self.compute_dtype:
             read = " ".join(self.cast_operands) or "nothing"
             cast = f", casts {read} to {short_dtype(self.compute_dtype)} in-kernel (cast prologue folded)"
+        where = f"in {self.inside}: " if self.inside else ""
         return (
-            f"attention q={self.q_layout} k={self.k_layout} v={self.v_layout}{stored} o={self.o_layout}, "
+            f"{where}attention q={self.q_layout} k={self.k_layout} v={self.v_layout}{stored} o={self.o_layout}, "
             f"{mask}{gqa}, kernel={self.kernel}{f' ({self.backend})' if self.backend else ''}{cast}"
         )
 
 
+def optimized_bodies(program: Program, outer: str = "") -> list[tuple[str, Program]]:
+    """(where, optimized body) for each scan and checkpoint body of ``program`` that was
+    optimized, nested ones after their parent: ("scan body > checkpoint body", program)."""
+    out = []
+    for node_id in program.live_nodes():
+        call = program.nodes[node_id].params.get("call")
+        if isinstance(call, NestedCall):
+            where = " > ".join(filter(None, (outer, call.where)))
+            out.append((where, call.body))
+            out.extend(optimized_bodies(call.body, where))
+    return out
+
+
 def attention_infos(program: Program, kernel: str) -> list[AttentionInfo]:
-    """One `AttentionInfo` per live attention node of ``program``, in program order."""
+    """One `AttentionInfo` per live attention node of ``program``, in program order, including
+    those in the optimized bodies of its scan and checkpoint nodes (`AttentionInfo.inside`)."""
     infos = []
     for node_id in program.live_nodes():
         node = program.nodes[node_id]
+        if node.op == "opaque" and isinstance(node["call"], NestedCall):
+            call = node["call"]
+            infos.extend(
+                replace(info, inside=" > ".join(filter(None, (call.where, info.inside))))
+                for info in attention_infos(call.body, kernel)
+            )
+            continue
         if node.op == "packed_attention":  # Q, K, V read in place from one packed array
             own = str(node["packed_layout"]).replace("3", "")
             infos.append(AttentionInfo(
@@ -245,7 +271,8 @@ class Report:
         return "\n".join(lines)
 
     def __str__(self) -> str:
-        return f"{self.summary()}\n\nbefore:\n{self.before}\n\nafter:\n{self.after}"
+        bodies = "".join(f"\n\nafter, {where}:\n{body}" for where, body in optimized_bodies(self.after))
+        return f"{self.summary()}\n\nbefore:\n{self.before}\n\nafter:\n{self.after}{bodies}"
 
     def _repr_html_(self) -> str:
         return (
