@@ -13,8 +13,8 @@ standard-layout fp8 attention and materialised transposes as large as V made pro
 expensive, for the best program whose V producer writes Vᵀ, and keeps it only when the real
 model prices it below the greedy choice. It runs only where that question arises (an fp8
 attention reading V with D minor, or a transpose of V materialised for it, on a model whose fp8
-transposed-V kernel is the faster one), within a time limit; any failure keeps the greedy
-choice."""
+transposed-V kernel is the faster one), within the exact extractor's work limit (its time limit
+is a safety net that warns); any failure keeps the greedy choice."""
 
 from __future__ import annotations
 
@@ -30,8 +30,6 @@ from .qkv_layouts import moves_data
 #: small transposes, of a bias or weight, stay priced as they are)
 STANDARD_V_PENALTY = 1.0
 TRANSPOSE_PENALTY = 0.5
-#: seconds the exact extractor may take
-TIME_LIMIT_S = 20.0
 
 
 class _TransposedVSteering:
@@ -95,7 +93,7 @@ def prefer_transposed_v(egraph: Any, encoding: Any, model: CostModel, chosen: ir
         from .egraph.ilp import extract_program_ilp
 
         steering = _TransposedVSteering(model, large=min(sizes))
-        steered, _ = extract_program_ilp(egraph, encoding, steering, time_limit=TIME_LIMIT_S)
+        steered, _ = extract_program_ilp(egraph, encoding, steering)  # its work limit decides (ilp.MAX_MIP_NODES)
     except Exception:  # noqa: BLE001 - no solver, too large a graph, a solver failure: keep greedy's choice
         return chosen
     if steered.output_types == chosen.output_types and program_cost(steered, model) < program_cost(chosen, model):

@@ -229,7 +229,9 @@ class LayoutDecision:
     alternatives: dict[str, float]  # variant -> predicted seconds of its best program
     merged: tuple[str, ...] = ()
     unreachable: tuple[str, ...] = ()  # variants extraction could not steer to (left out above)
-    time_limited: tuple[str, ...] = ()  # variants whose exact extraction stopped at its time limit
+    #: variants whose exact extraction stopped short of a proof of optimality (at its work limit,
+    #: or at its time limit, a safety net that warns)
+    time_limited: tuple[str, ...] = ()
 
     def lines(self, projections: bool = True) -> list[str]:
         """Readable lines: the merged projections (unless ``projections`` is false), the chosen
@@ -244,7 +246,7 @@ class LayoutDecision:
             delta = cost - self.chosen_cost
             missed = "; cheaper: the extractor did not find it" if delta < 0 else ""
             if variant in self.time_limited:
-                missed += "; best found before the time limit, the best program may cost less"
+                missed += "; best found within the exact extractor's limits, the best program may cost less"
             out.append(f"  rejected {variant} ({VARIANT_TEXT[variant]}): {cost * 1e6:.4g} us ({delta * 1e6:+.4g} us{missed})")
         out += [f"  not found {variant} ({VARIANT_TEXT[variant]}): not in the e-graph, or extraction could not "
                 "reach it" for variant in self.unreachable]
@@ -254,7 +256,7 @@ class LayoutDecision:
         return "\n".join(self.lines())
 
 
-def extract_variant(egraph, encoding, model: CostModel, time_limit: float = 30.0) -> Program:
+def extract_variant(egraph, encoding, model: CostModel, time_limit: float | None = None) -> Program:
     """The cheapest program under ``model``, exactly (ILP) where the e-graph is small enough.
 
     Why not the default greedy-DAG extractor: it fixes one e-node per e-class bottom-up, pricing
@@ -268,8 +270,9 @@ def extract_variant(egraph, encoding, model: CostModel, time_limit: float = 30.0
     Measured on the GPT-2 and Llama test blocks (tests/test_qkv.py): greedy with
     ``VariantModel(h100 or cpu, v)`` gives (a) for v="a"; for "b" and "c" it gives three
     projections ("split"), except GPT-2 on H100 where it gives (c) for both. The exact extractor
-    finds all three. Graphs too large for it fall back to greedy extraction. Past
-    ``time_limit`` seconds the ILP's best solution so far is used.
+    finds all three. Graphs too large for it fall back to greedy extraction. Past the ILP's work
+    limit (`ilp.MAX_MIP_NODES`) its best solution so far is used; ``time_limit`` (seconds, default
+    `ilp.TIME_LIMIT_S`) is a safety net that warns.
     """
     from .egraph import extract_program
     from .egraph.ilp import ILPExtractionError, extract_program_ilp
@@ -280,11 +283,13 @@ def extract_variant(egraph, encoding, model: CostModel, time_limit: float = 30.0
         return extract_program(egraph, encoding, model)[0]
 
 
-def layout_decision(egraph, encoding, model: CostModel, chosen: Program, time_limit: float = 30.0) -> LayoutDecision:
+def layout_decision(egraph, encoding, model: CostModel, chosen: Program,
+                    time_limit: float | None = None) -> LayoutDecision:
     """Explain ``chosen`` (extracted from this e-graph under ``model``) by the best program of
     each variant, priced under ``model`` (under its base model when ``model`` is itself a
-    `VariantModel`: the penalties steer, they are not costs). ``time_limit``: seconds per
-    variant's exact extraction."""
+    `VariantModel`: the penalties steer, they are not costs). Each variant's exact extraction
+    stops at the ILP's work limit (deterministic); ``time_limit`` (seconds per variant, default
+    `ilp.TIME_LIMIT_S`) is a safety net that warns."""
     from .egraph import extract_program
     from .egraph.ilp import ILPExtraction, ILPExtractionError, extract_ilp, read_graph
 
@@ -324,11 +329,12 @@ def layout_decision(egraph, encoding, model: CostModel, chosen: Program, time_li
 
 
 #: a report explains the layout of programs whose e-graph has at most this many e-nodes (the
-#: exact extractor's reach), spending at most this many seconds on each variant's extraction
-#: (the three run side by side, a core each: the demo block's slowest proof takes 10-12 s on a
-#: 2-core machine, the rest under 5 s)
+#: exact extractor's reach). Each variant's extraction stops at the ILP's work limit
+#: (`ilp.MAX_MIP_NODES`: the same explanation on any machine); this many seconds is its safety
+#: net, which warns when hit (the three run side by side, a core each: the demo block's slowest
+#: proof takes 10-12 s on a 2-core machine, the rest under 5 s)
 EXPLAIN_MAX_ENODES = 5000
-EXPLAIN_SECONDS = 15.0
+EXPLAIN_SECONDS = 300.0
 
 
 class LazyLayoutDecision:
@@ -336,7 +342,7 @@ class LazyLayoutDecision:
 
     ``graph`` builds the saturated e-graph and its encoding (one attention block's, at most
     `EXPLAIN_MAX_ENODES`) when the explanation is first asked for; each variant's exact
-    extraction gets `EXPLAIN_SECONDS` (its best program found by then is used). A failure
+    extraction stops at the ILP's work limit (with `EXPLAIN_SECONDS` as a safety net). A failure
     becomes ``None`` with the reason in ``error``: explaining never breaks a report.
     """
 

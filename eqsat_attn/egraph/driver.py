@@ -2,15 +2,15 @@
 
 Each iteration runs the shape/dtype analysis to saturation, then every "raise" rule set
 once, then every "rewrite" rule set twice (EGGLOG_NOTES: raising before analyses before
-layout rules; see `_round_schedule`). After it, questions the rules asked (`ask`) are
-answered in Python. The run stops when nothing changed and no question is open
-(saturated), or at a limit.
-"""
+layout rules; see `_round_schedule`), one rule set at a time, with the e-node and time limits
+checked after each. After it, questions the rules asked (`ask`) are answered in Python. The run
+stops when nothing changed and no question is open (saturated), or at a limit."""
 
 from __future__ import annotations
 
 import threading
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,7 +39,9 @@ class RunResult:
     iterations: int = 0
     seconds: float = 0.0
     stop_reason: str = ""
-    steps: list[dict] = field(default_factory=list)  # per iteration: nodes, rules fired
+    #: per iteration: e-nodes, rules fired, steps run (the analysis and each rule set's run: fewer
+    #: than a round's where a limit stopped the run within the iteration)
+    steps: list[dict] = field(default_factory=list)
 
 
 def egraph_size(egraph: EGraph) -> int:
@@ -135,14 +137,20 @@ def family_of(rule_name: str) -> str | None:
     return rule_name.split("#", 1)[0]
 
 
+def _round_steps(rulesets: list[RuleSet]) -> list[tuple[str, Schedule]]:
+    """One round after the analysis: every raise rule set once, then the rewrite rule sets twice,
+    each a step of its own (the driver checks its limits between steps). The second rewrite pass
+    carries on what the first created (transpose chains, and questions answered in earlier
+    rounds: repeated layers ask the same ones), so fewer rounds reach the same saturated e-graph
+    (12 layers: 14 rounds -> 9, ~15% less saturation time)."""
+    raise_ = [(r.name, r.ruleset) for r in rulesets if r.phase == "raise"]
+    rewrite = [(r.name, r.ruleset) for r in rulesets if r.phase == "rewrite"]
+    return [*raise_, *rewrite, *rewrite]
+
+
 def _round_schedule(rulesets: list[RuleSet]) -> Schedule:
-    """One round: the analysis to saturation, every raise rule set, then the rewrite rule sets
-    twice. The second rewrite pass carries on what the first created (transpose chains, and
-    questions answered in earlier rounds: repeated layers ask the same ones), so fewer rounds
-    reach the same saturated e-graph (12 layers: 14 rounds -> 9, ~15% less saturation time)."""
-    raise_ = [r.ruleset for r in rulesets if r.phase == "raise"]
-    rewrite = [r.ruleset for r in rulesets if r.phase == "rewrite"]
-    return seq(analysis.saturate(), *raise_, *rewrite, *rewrite)
+    """One round as one schedule: the analysis to saturation, then `_round_steps` in order."""
+    return seq(analysis.saturate(), *(step for _, step in _round_steps(rulesets)))
 
 
 def prepare_rulesets(egraph: EGraph, rulesets: list[RuleSet]) -> None:
@@ -158,6 +166,18 @@ def prepare_rulesets(egraph: EGraph, rulesets: list[RuleSet]) -> None:
 
 _PREPARED: dict[tuple[int, ...], tuple[list[Any], list[EGraph]]] = {}
 _PREPARED_LOCK = threading.Lock()
+#: a pooled e-graph that grew past this many e-nodes in one use is dropped, not pooled again:
+#: egglog's ``pop`` restores the e-nodes but not the capacity a run grew, and later runs in that
+#: e-graph are slower (one-layer block, 2,855 e-nodes: 20% slower after a 9,270-e-node run in
+#: the same e-graph, 5-10x after 200,000), while preparing a fresh one costs ~0.3 s
+POOL_MAX_ENODES = 10_000
+
+
+def pooled_egraphs(rulesets: list[RuleSet]) -> list[EGraph]:
+    """The idle prepared e-graphs the pool holds for ``rulesets`` (a copy of the list)."""
+    with _PREPARED_LOCK:
+        entry = _PREPARED.get(tuple(id(r.ruleset) for r in rulesets))
+        return list(entry[1]) if entry else []
 
 
 @contextmanager
@@ -166,7 +186,8 @@ def prepared_egraph(rulesets: list[RuleSet]) -> Iterator[EGraph]:
 
     Registering the default rule sets costs ~0.3 s per e-graph; a process keeps prepared
     e-graphs (one per combination of rule sets, per concurrent user) and hands one out between
-    egglog's ``push`` and ``pop`` (~0.03 s), so only its first optimization pays.
+    egglog's ``push`` and ``pop`` (~0.03 s), so only its first optimization pays. One that grew
+    past `POOL_MAX_ENODES` is dropped instead: a later run gets a freshly prepared one.
     """
     egglog_rulesets = [r.ruleset for r in rulesets]
     key = tuple(map(id, egglog_rulesets))
@@ -180,9 +201,24 @@ def prepared_egraph(rulesets: list[RuleSet]) -> Iterator[EGraph]:
     try:
         yield egraph
     finally:
+        grown = egraph_size(egraph)
         egraph.pop()  # raises if egglog cannot revert: the e-graph is then not reused
-        with _PREPARED_LOCK:
-            idle.append(egraph)
+        if grown <= POOL_MAX_ENODES:
+            with _PREPARED_LOCK:
+                idle.append(egraph)
+
+
+_clock = time.perf_counter  # the safety net's clock (tests replace it)
+
+
+def _limit_reached(egraph: EGraph, limits: Limits, start: float) -> str | None:
+    """Which limit a run has passed, checked between steps: e-nodes first (deterministic), then
+    the clock (a safety net); None while within both."""
+    if egraph_size(egraph) > limits.nodes:
+        return f"e-node limit ({limits.nodes})"
+    if _clock() - start > limits.seconds:
+        return f"time limit ({limits.seconds:g} s)"
+    return None
 
 
 def run_rulesets(
@@ -190,44 +226,65 @@ def run_rulesets(
 ) -> RunResult:
     """Saturate ``egraph`` with ``rulesets`` under ``limits``.
 
+    Each round runs as steps (the analysis to saturation, then each rule set of `_round_steps`),
+    the same schedule as `_round_schedule`, with the e-node and time limits checked after each
+    step: a run stops within one rule set's run of either. Iterations and e-nodes count work, so
+    where they stop a run its result is the same on any machine; ``limits.seconds`` is a safety
+    net, and a run it stops warns (RuntimeWarning) that its result may differ elsewhere.
+
     ``answerer``: pass the same `QuestionAnswerer` to successive runs on one e-graph (the
     explorer's steps) so questions answered before are not answered and submitted again.
     """
-    start = time.perf_counter()
+    start = _clock()
     result = RunResult()
     answerer = answerer if answerer is not None else QuestionAnswerer()
     fired: Counter[str] = Counter()
-    round_command = schedule_command(egraph, _round_schedule(rulesets))
+    analysis_command = schedule_command(egraph, analysis.saturate())
+    steps = [("analysis", analysis_command)]
+    steps += [(name, schedule_command(egraph, ruleset)) for name, ruleset in _round_steps(rulesets)]
     for iteration in range(limits.iterations):
-        report = run_schedule(egraph, round_command)
         step: Counter[str] = Counter()
-        for key, n in report.num_matches_per_rule.items():
-            family = family_of(key)
-            if family is not None and n:
-                step[family] += n
+        updated = False
+        stopped = None
+        steps_run = 0
+        for _, command in steps:
+            report = run_schedule(egraph, command)
+            steps_run += 1
+            updated = updated or report.updated
+            for key, n in report.num_matches_per_rule.items():
+                family = family_of(key)
+                if family is not None and n:
+                    step[family] += n
+            stopped = _limit_reached(egraph, limits, start)
+            if stopped:
+                break
         fired.update(step)
-        answered = answerer(egraph)
+        answered = 0 if stopped else answerer(egraph)
         result.iterations = iteration + 1
         size = egraph_size(egraph)
-        result.steps.append({"iteration": iteration + 1, "egraph_nodes": size, "rules_fired": dict(step)})
-        if not report.updated and answered == 0:
+        result.steps.append({"iteration": iteration + 1, "egraph_nodes": size, "rules_fired": dict(step),
+                             "steps_run": steps_run})
+        if not stopped and not updated and answered == 0:
             result.saturated = True
             result.stop_reason = "saturated"
             break
-        if size > limits.nodes:
-            result.stop_reason = f"e-node limit ({limits.nodes})"
-            break
-        if time.perf_counter() - start > limits.seconds:
-            result.stop_reason = f"time limit ({limits.seconds} s)"
+        stopped = stopped or _limit_reached(egraph, limits, start)
+        if stopped:
+            result.stop_reason = stopped
             break
     else:
         result.stop_reason = f"iteration limit ({limits.iterations})"
-    analysis_command = schedule_command(egraph, analysis.saturate())
     while not result.saturated:  # every term extraction may choose gets its shape and dtype
         run_schedule(egraph, analysis_command)  # (a saturated run ended with the analysis complete)
         if answerer(egraph) == 0:
             break
     result.rules_fired = dict(fired)
     result.egraph_nodes = egraph_size(egraph)
-    result.seconds = time.perf_counter() - start
+    result.seconds = _clock() - start
+    if result.stop_reason.startswith("time limit"):
+        warnings.warn(
+            f"eqsat_attn: saturation stopped at its {result.stop_reason}, a safety net, after "
+            f"{result.iterations} iteration(s) and {result.egraph_nodes} e-nodes: the result depends on this "
+            "machine's speed. Limits.iterations and Limits.nodes count work and give the same result anywhere: "
+            "lower them (or raise Limits.seconds)", RuntimeWarning, stacklevel=2)
     return result

@@ -36,6 +36,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -50,6 +51,18 @@ from .ctors import FREE_CTORS
 from .extract import concat_view, op_view
 
 MAX_ENODES = 5000  # candidate Term/TermList e-nodes reachable from the root
+#: branch-and-bound nodes one HiGHS solve may explore: this work count, not the clock, decides
+#: where an exact extraction stops short of a proof, so a loaded machine returns the same
+#: program as a fast one (HiGHS runs single-threaded with a fixed seed: deterministic). The
+#: tests' ILPs (measured over tests/test_ilp.py, test_qkv.py and the fp8 layout decision) prove
+#: optimality within 4,969 nodes (bench qkv_layouts' CPU smoke block, 466 candidate e-nodes,
+#: 12.6 s on a loaded 2-core machine; the fp8 smoke block's steered variants need up to 1,609,
+#: at ~4 ms a node); this allows 4x the most.
+MAX_MIP_NODES = 20_000
+#: seconds one exact extraction may take: a safety net, above what `MAX_MIP_NODES` nodes take
+#: (50-90 s at the rates above); an extraction it stops warns (RuntimeWarning), as its result
+#: then depends on the machine's speed and load
+TIME_LIMIT_S = 300.0
 _HIGHS_LOG = False  # set True to see the solver log
 _BANNER_DONE = False  # HiGHS printed (or swallowed) its once-per-process banner
 _BANNER_LOCK = threading.Lock()  # extractions may run on threads (HiGHS releases the GIL)
@@ -276,15 +289,18 @@ def _sccs(succ: dict[str, set[str]]) -> dict[str, int]:
 
 
 class ILPExtraction(NamedTuple):
-    """What `extract_ilp` found: the program, its cost under the model (the ILP objective), and
-    whether HiGHS proved it optimal (False: stopped at the time limit with its best so far)."""
+    """What `extract_ilp` found: the program, its cost under the model (the ILP objective),
+    whether HiGHS proved it optimal, and if not, which limit stopped it with its best so far
+    ("node limit (N)", "round limit (N)", "time limit (S s)"; "" when optimal or when HiGHS
+    could not improve on the warm start for another reason)."""
 
     program: ir.Program
     cost: float
     optimal: bool
+    limit: str = ""
 
 
-def extract_program_ilp(egraph: EGraph, enc: Encoding, model: CostModel, time_limit: float = 30.0,
+def extract_program_ilp(egraph: EGraph, enc: Encoding, model: CostModel, time_limit: float | None = None,
                         **options: Any) -> tuple[ir.Program, float]:
     """(program, cost) of `extract_ilp`: the cheapest program under ``model``, solved exactly."""
     found = extract_ilp(egraph, enc, model, time_limit, **options)
@@ -295,17 +311,20 @@ def extract_ilp(
     egraph: EGraph,
     enc: Encoding,
     model: CostModel,
-    time_limit: float = 30.0,
+    time_limit: float | None = None,
     max_enodes: int = MAX_ENODES,
     acyclicity: str = "order",
     max_rounds: int = 200,
     graph: _Graph | None = None,
+    max_nodes: int = MAX_MIP_NODES,
 ) -> ILPExtraction:
     """The cheapest program in the root's e-class under ``model`` (DAG cost), solved exactly.
 
     Returns the program, its cost under ``model`` (the ILP objective) and whether that was
-    proved optimal: past ``time_limit`` seconds the best solution HiGHS found is used. Raises
-    `ILPExtractionError` if more than ``max_enodes`` candidate e-nodes are reachable.
+    proved optimal: past ``max_nodes`` branch-and-bound nodes per solve (deterministic work) the
+    best solution HiGHS found is used. ``time_limit`` (seconds, default `TIME_LIMIT_S`) is a
+    safety net: an extraction it stops warns (RuntimeWarning). Raises `ILPExtractionError` if
+    more than ``max_enodes`` candidate e-nodes are reachable.
 
     ``acyclicity``: "order" (one solve: a clique row per pair of classes that use each other,
     big-M order variables for the classes of larger strongly connected components) or "lazy"
@@ -398,7 +417,9 @@ def extract_ilp(
     h = _new_highs(highspy)
     h.setOptionValue("mip_rel_gap", 1e-9)
     h.setOptionValue("mip_abs_gap", 1e-9)
-    h.setOptionValue("threads", 1)
+    h.setOptionValue("threads", 1)  # one thread and a fixed seed: the same search on every machine
+    h.setOptionValue("random_seed", 0)
+    h.setOptionValue("mip_max_nodes", int(max_nodes))
     inf = highspy.kHighsInf
     ncols = len(nodes) + len(cyclic)
     lower = np.zeros(ncols)
@@ -458,12 +479,15 @@ def extract_ilp(
 
     # warm start: the better of a greedy DAG and a tree extraction computed here (always acyclic)
     warm = _warm_start(g.root, classes, alive, children, cost)
+    time_limit = TIME_LIMIT_S if time_limit is None else time_limit
     deadline = time.monotonic() + time_limit
     chosen: dict[str, str] | None = None
     optimal = False
+    limit = ""
     for _ in range(max_rounds):
         left = deadline - time.monotonic()
         if left <= 0:
+            limit = f"time limit ({time_limit:g} s)"
             break
         h.setOptionValue("time_limit", float(left))
         if warm is not None:
@@ -478,6 +502,9 @@ def extract_ilp(
             sol.value_valid = True
             h.setSolution(sol)
         h.run()
+        status = h.getModelStatus()
+        limit = {highspy.HighsModelStatus.kTimeLimit: f"time limit ({time_limit:g} s)",
+                 highspy.HighsModelStatus.kSolutionLimit: f"node limit ({max_nodes})"}.get(status, "")
         if h.getInfo().primal_solution_status != 2:  # kSolutionStatusFeasible
             break
         x = h.getSolution().col_value
@@ -489,17 +516,25 @@ def extract_ilp(
         cycle = _find_cycle(g.root, pick, children)
         if cycle is None:
             chosen = pick
-            optimal = h.getModelStatus() == highspy.HighsModelStatus.kOptimal
+            optimal = status == highspy.HighsModelStatus.kOptimal
             break
         # lazy acyclicity: forbid this cycle of chosen nodes, solve again
         row(-inf, len(cycle) - 1.0, ((col[n], 1.0) for n in cycle))
         flush()
+    else:
+        limit = f"round limit ({max_rounds})"
     if chosen is None or (warm is not None and _dag_cost(g.root, warm, children, cost) < _dag_cost(g.root, chosen, children, cost)):
         chosen, optimal = warm, False  # out of time (or rounds): the warm start is a valid extraction
     if chosen is None:
         raise ILPExtractionError(f"HiGHS found no acyclic solution: {h.modelStatusToString(h.getModelStatus())}")
-
-    return ILPExtraction(_decode(g, chosen, enc), float(_dag_cost(g.root, chosen, children, cost)), optimal)
+    limit = "" if optimal else limit
+    if limit.startswith("time limit"):
+        warnings.warn(
+            f"eqsat_attn: exact (ILP) extraction stopped at its {limit}, a safety net: the program it returns "
+            f"depends on this machine's speed and load (its work limit, max_nodes={max_nodes} branch-and-bound "
+            "nodes, gives the same result anywhere); pass a larger time_limit, or a smaller max_nodes",
+            RuntimeWarning, stacklevel=2)
+    return ILPExtraction(_decode(g, chosen, enc), float(_dag_cost(g.root, chosen, children, cost)), optimal, limit)
 
 
 def _reachable(root: str, chosen: dict[str, str], children: dict[str, list[str]]) -> list[str] | None:

@@ -1,0 +1,170 @@
+"""Results do not depend on wall-clock time or machine load (issue 20): `Limits` checks its
+fields; iterations and e-nodes (work) decide where saturation stops, checked after every rule
+set's run; the seconds limit is a safety net that stops within an iteration and warns; the exact
+(ILP) extractor stops at a node count, not a clock; the e-graph pool does not keep what a large
+run grew. Clocks are faked where a time limit must be hit: no assertion depends on timing."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+from eqsat_attn.cost import for_device
+from eqsat_attn.egraph import driver, encode, extract_program, resolve, run_rulesets
+from eqsat_attn.egraph.ilp import extract_ilp
+from eqsat_attn.pipeline import Limits, OptimizeOptions, saturate
+from test_qkv import SPLIT, p_packed
+from test_rules import B
+
+
+def chain_program(links: int = 6):
+    """``x = (x @ w).T`` repeated (square x and w): transposes and matmuls the rules rewrite."""
+    b = B()
+    x, w = b.input(8, 8), b.input(8, 8)
+    for _ in range(links):
+        x = b.t(b.dot(x, w, lc=(1,), rc=(0,)), 1, 0)
+    return b.build(x)
+
+
+# ----------------------------------------------------------------------------- Limits
+
+
+@pytest.mark.parametrize("field, value", [
+    ("iterations", 0), ("iterations", -3), ("iterations", 2.5), ("iterations", "30"), ("iterations", True),
+    ("nodes", 0), ("nodes", -1), ("nodes", None), ("nodes", 1e5),
+    ("seconds", 0), ("seconds", -1.0), ("seconds", math.nan), ("seconds", "2"), ("seconds", None), ("seconds", False),
+])
+def test_limits_reject_non_positive_and_non_numeric_fields(field, value):
+    with pytest.raises(ValueError, match=rf"Limits\.{field} must be .*got {value!r}"):
+        Limits(**{field: value})
+
+
+def test_limits_accept_positive_numbers_and_no_time_limit():
+    limits = Limits(iterations=np.int64(3), nodes=1, seconds=math.inf)
+    assert (limits.iterations, limits.nodes, limits.seconds) == (3, 1, math.inf)
+    assert Limits(seconds=1).seconds == 1 and Limits(seconds=0.5).seconds == 0.5
+
+
+# ----------------------------------------------------------------------------- saturation
+
+
+def _round_length(rulesets) -> int:
+    return 1 + len(driver._round_steps(rulesets))  # the analysis, then each rule set's run
+
+
+def test_stepped_rounds_give_the_one_schedule_result_when_no_limit_is_hit():
+    """The driver's steps are `_round_schedule` cut into pieces: the same e-graph after every
+    iteration, the same rules fired and the same extracted program as running it whole."""
+    program = chain_program()
+    rulesets = resolve(None)
+    limits = Limits(iterations=30, seconds=math.inf)
+    model = for_device("h100")
+    with driver.prepared_egraph(rulesets) as egraph:
+        encoding = encode(program, egraph)
+        stepped = run_rulesets(egraph, rulesets, limits)
+        stepped_program, stepped_cost = extract_program(egraph, encoding, model)
+    assert stepped.saturated and stepped.iterations > 2
+    with driver.prepared_egraph(rulesets) as egraph:  # the same loop, one schedule per round
+        encoding = encode(program, egraph)
+        command = driver.schedule_command(egraph, driver._round_schedule(rulesets))
+        answerer = driver.QuestionAnswerer()
+        sizes = []
+        for _ in range(limits.iterations):
+            report = driver.run_schedule(egraph, command)
+            answered = answerer(egraph)
+            sizes.append(driver.egraph_size(egraph))
+            if not report.updated and answered == 0:
+                break
+        whole_program, whole_cost = extract_program(egraph, encoding, model)
+    assert [s["egraph_nodes"] for s in stepped.steps] == sizes
+    assert stepped_cost == whole_cost and str(stepped_program) == str(whole_program)
+
+
+def test_seconds_limit_stops_within_an_iteration_and_warns(monkeypatch):
+    """A clock that advances 1 s per reading: the 2.5 s safety net stops the first iteration
+    after its third step (not at its end) and warns, naming the time limit."""
+    ticks = itertools.count()
+    monkeypatch.setattr(driver, "_clock", lambda: float(next(ticks)))
+    rulesets = resolve(None)
+    with driver.prepared_egraph(rulesets) as egraph:
+        encode(chain_program(), egraph)
+        with pytest.warns(RuntimeWarning, match=r"time limit \(2\.5 s\), a safety net"):
+            result = run_rulesets(egraph, rulesets, Limits(iterations=30, seconds=2.5))
+    assert result.stop_reason == "time limit (2.5 s)" and not result.saturated
+    assert result.iterations == 1 and result.steps[0]["steps_run"] == 3 < _round_length(rulesets)
+
+
+def test_node_limit_stops_between_rule_sets_without_a_warning():
+    """The e-node limit is checked after every step: a run stops in the step that passed it
+    (here the analysis, the round's first), and work limits do not warn."""
+    rulesets = resolve(None)
+    with driver.prepared_egraph(rulesets) as egraph:
+        encode(chain_program(20), egraph)
+        before = driver.egraph_size(egraph)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            result = run_rulesets(egraph, rulesets, Limits(iterations=30, nodes=before + 1, seconds=math.inf))
+    assert result.stop_reason == f"e-node limit ({before + 1})" and result.iterations == 1
+    assert result.steps[0]["steps_run"] == 1 and not result.steps[0]["rules_fired"]
+
+
+# ----------------------------------------------------------------------------- the pool
+
+
+def test_pool_drops_an_egraph_that_grew_past_its_limit(monkeypatch):
+    """A run that grows the pooled e-graph past `POOL_MAX_ENODES` does not return it: the next
+    run starts from a freshly prepared e-graph of the pristine size. A small run's e-graph is
+    reused."""
+    rulesets = resolve(["transpose", "canonical"])
+    with driver.prepared_egraph(rulesets) as egraph:
+        pristine = driver.egraph_size(egraph)
+    small, big = chain_program(1), chain_program(12)
+    with driver.prepared_egraph(rulesets) as egraph:
+        encode(small, egraph)
+        run_rulesets(egraph, rulesets, Limits(iterations=30))
+        small_size = driver.egraph_size(egraph)
+    assert any(e is egraph for e in driver.pooled_egraphs(rulesets))  # small: pooled again
+    monkeypatch.setattr(driver, "POOL_MAX_ENODES", small_size + 1)
+    with driver.prepared_egraph(rulesets) as grown:
+        encode(big, grown)
+        run_rulesets(grown, rulesets, Limits(iterations=30))
+        assert driver.egraph_size(grown) > small_size + 1
+    assert not any(e is grown for e in driver.pooled_egraphs(rulesets))
+    with driver.prepared_egraph(rulesets) as egraph:
+        assert egraph is not grown and driver.egraph_size(egraph) == pristine
+
+
+# ----------------------------------------------------------------------------- exact extraction
+
+
+@pytest.fixture(scope="module")
+def packed_graph():
+    """The packed-QKV e-graph whose SPLIT extraction needs ~1,300 branch-and-bound nodes."""
+    program = p_packed()
+    egraph, encoding, _ = saturate(program, OptimizeOptions(limits=Limits(iterations=20, nodes=100_000)))
+    return egraph, encoding
+
+
+def test_ilp_stops_at_its_node_limit_with_one_answer(packed_graph):
+    """A node limit below what the proof needs: not optimal, the limit named, no warning, and
+    the same program and cost on every solve (HiGHS single-threaded, fixed seed)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runs = [extract_ilp(*packed_graph, SPLIT, max_nodes=40) for _ in range(2)]
+    assert all(not r.optimal and r.limit == "node limit (40)" for r in runs)
+    assert runs[0].cost == runs[1].cost and str(runs[0].program) == str(runs[1].program)
+    proved = extract_ilp(*packed_graph, SPLIT)
+    assert proved.optimal and proved.limit == "" and proved.cost <= runs[0].cost
+
+
+def test_ilp_time_limit_is_a_safety_net_that_warns(packed_graph):
+    """A time limit of 0 s stops before the first solve: the warm start comes back (a valid
+    extraction) with a RuntimeWarning naming the time limit."""
+    with pytest.warns(RuntimeWarning, match=r"time limit \(0 s\), a safety net"):
+        found = extract_ilp(*packed_graph, SPLIT, time_limit=0.0)
+    assert not found.optimal and found.limit == "time limit (0 s)"
+    assert found.program.output_types == packed_graph[1].program.output_types
