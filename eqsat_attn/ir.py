@@ -40,6 +40,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+import struct
 
 import numpy as np
 
@@ -90,6 +91,11 @@ class TensorType:
         return f"{short_dtype(self.dtype)}[{','.join(map(str, self.shape))}]"
 
 
+def _float_bits(value: float) -> tuple[str, int]:
+    """A float's identity by its IEEE bits: -0.0 differs from 0.0, a NaN equals only itself."""
+    return ("float", struct.unpack("<q", struct.pack("<d", value))[0])
+
+
 class Params(Mapping[str, Hashable]):
     """An immutable, hashable mapping of a node's static parameters."""
 
@@ -116,7 +122,7 @@ class Params(Mapping[str, Hashable]):
     def _key(self) -> tuple:
         # floats by their bits: -0.0 and 0.0 are different literals, and NaN equals itself
         if self._cached_key is None:
-            self._cached_key = tuple((k, ("float", v.hex()) if isinstance(v, float) else v) for k, v in self._items)
+            self._cached_key = tuple((k, _float_bits(v) if isinstance(v, float) else v) for k, v in self._items)
         return self._cached_key
 
     def __hash__(self) -> int:
