@@ -213,9 +213,10 @@ def jaxpr_to_program(closed_jaxpr: Any) -> ir.Program:
             env[var] = builder.input(_type_of(var.aval))
         else:
             env[var] = _const_node(builder, value, var.aval)
-    _Converter(builder).run(jaxpr, env)
+    converter = _Converter(builder)
+    converter.run(jaxpr, env)
     outputs = [_read(builder, env, v) for v in jaxpr.outvars]
-    return builder.build(outputs)
+    return builder.build(outputs, converter.effects)
 
 
 def _type_of(aval: Any) -> TensorType:
@@ -291,6 +292,7 @@ class _Converter:
 
     def __init__(self, builder: ProgramBuilder) -> None:
         self.b = builder
+        self.effects: list[int] = []  # opaque nodes of effectful equations, in program order
 
     def run(self, jaxpr: Any, env: dict[Any, int]) -> None:
         for eqn in jaxpr.eqns:
@@ -326,6 +328,8 @@ class _Converter:
         out_types = tuple(_type_of(v.aval) for v in eqn.outvars)
         call = OpaqueCall(eqn.primitive, dict(eqn.params), out_types)
         node_id = self.b.add("opaque", ins, None, call=call)
+        if eqn.effects:  # a print or callback: kept and run in order even if nothing reads it
+            self.effects.append(node_id)
         return [self.b.add("opaque_output", (node_id,), t, index=i) for i, t in enumerate(out_types)]
 
     def broadcast_to(self, node_id: int, shape: tuple[int, ...]) -> int:

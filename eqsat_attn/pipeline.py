@@ -161,6 +161,8 @@ def optimize_program(program: Program, options: OptimizeOptions = OptimizeOption
             raise AssertionError(
                 f"extracted program has output types {chosen.output_types}, expected {program.output_types}"
             )
+        if [chosen.nodes[i].params["call"] for i in chosen.effects] != [program.nodes[i].params["call"] for i in program.effects]:
+            raise AssertionError("extracted program does not run the original effects in their order")
     except Exception as exc:  # noqa: BLE001 - any failure falls back to the original program
         message = f"eqsat_attn: optimization failed ({type(exc).__name__}: {exc}); running the original program"
         warnings.warn(message, RuntimeWarning, stacklevel=3)

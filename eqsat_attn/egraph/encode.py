@@ -243,7 +243,8 @@ def _is_leaf_typed(node: ir.Node) -> bool:
 
 
 def encode(program: ir.Program, egraph: EGraph) -> Encoding:
-    """Register ``program`` in ``egraph``; returns the encoding with a root over its outputs.
+    """Register ``program`` in ``egraph``; returns the encoding with a root over its outputs
+    and then its effects (decoding a root list puts its opaque nodes back among the effects).
 
     Node i is the let-bound global ``$n{i}`` (one let per node keeps every expression shallow),
     the outputs the ``$root`` list; all of it goes to egglog in one ``run_program`` call.
@@ -262,7 +263,7 @@ def encode(program: ir.Program, egraph: EGraph) -> Encoding:
             commands.append(egg.set(egg.shape, ref, egg.vec(node.type.shape)))
             commands.append(egg.set(egg.dtype, ref, egg.string(node.type.dtype)))
     root = egg.call(egg.nil)
-    for out in reversed(program.outputs):
+    for out in reversed(program.roots):
         root = egg.call(egg.cons, egg.var(f"n{out}"), root)
     commands.append(egg.let("root", root))
     egraph._state.run_program(*commands)
