@@ -213,3 +213,28 @@ def test_effects_survive_exact_extraction():
         ea.optimize(fn, extractor="ilp")(x)
     jax.effects_barrier()
     assert [k for k, _ in log] == ["first", "io", "second", "io2"]
+
+
+def test_a_stack_with_effects_is_optimized_whole():
+    """Repeated layers are not cut apart when the program has effects (parts would drop them)."""
+    from eqsat_attn import examples
+    from eqsat_attn.blocks import split_repeated
+
+    fn, args = examples.stacked_example(2)
+    assert split_repeated(capture(fn, *args).program) is not None
+    log: list = []
+
+    def with_print(*a):
+        y = fn(*a)
+        # (of y.sum(), jax.jit(with_print) itself trips an XLA RET_CHECK on CPU, jax 0.12.1)
+        jax.debug.callback(lambda v: log.append(float(v)), y[0, 0, 0])
+        return y
+
+    program = capture(with_print, *args).program
+    assert split_repeated(program) is None and len(program.effects) == 1
+    want = jax.jit(with_print)(*args)
+    got = optimized_quietly(with_print, *args)
+    jax.effects_barrier()
+    assert len(log) == 2
+    np.testing.assert_allclose(log[1], log[0], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
