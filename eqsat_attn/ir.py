@@ -38,10 +38,10 @@ Op vocabulary (params in brackets; output shape and dtype always come from `Node
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-import struct
 
 import numpy as np
 

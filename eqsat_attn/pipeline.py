@@ -161,7 +161,7 @@ def optimize_program(program: Program, options: OptimizeOptions = OptimizeOption
             raise AssertionError(
                 f"extracted program has output types {chosen.output_types}, expected {program.output_types}"
             )
-        if [chosen.nodes[i].params["call"] for i in chosen.effects] != [program.nodes[i].params["call"] for i in program.effects]:
+        if _effect_calls(chosen) != _effect_calls(program):
             raise AssertionError("extracted program does not run the original effects in their order")
     except Exception as exc:  # noqa: BLE001 - any failure falls back to the original program
         message = f"eqsat_attn: optimization failed ({type(exc).__name__}: {exc}); running the original program"
@@ -182,6 +182,11 @@ def optimize_program(program: Program, options: OptimizeOptions = OptimizeOption
         split.repeats if split is not None else 0,
         _layout_decision(program, options, model, chosen, runs) if split is None else None,
     )
+
+
+def _effect_calls(program: Program) -> list:
+    """The opaque calls ``program`` runs for their effects, in order (compared by identity)."""
+    return [program.nodes[i].params["call"] for i in program.effects]
 
 
 def _layout_decision(program: Program, options: OptimizeOptions, model, chosen: Program, runs: list[RunResult]):

@@ -200,7 +200,8 @@ def test_effects_are_program_roots():
     assert names == ["debug_callback", "io_callback", "debug_callback", "io_callback", "debug_print"]
     assert set(program.effects) <= set(program.live_nodes())
     assert "effects %" in str(after)
-    assert [after.nodes[i].params["call"] for i in after.effects] == [program.nodes[i].params["call"] for i in program.effects]
+    calls = [program.nodes[i].params["call"] for i in program.effects]
+    assert [after.nodes[i].params["call"] for i in after.effects] == calls
     assert after.count("transpose") == 0  # the rules still ran around the effects
 
 
