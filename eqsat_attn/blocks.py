@@ -109,7 +109,11 @@ def _best_run(keys: Sequence[int], sizes: Sequence[int]) -> tuple[int, int, int]
 
 
 def split_repeated(program: Program) -> Split | None:
-    """Cut ``program`` around its longest run of identical parts; None if it has none."""
+    """Cut ``program`` around its longest run of identical parts; None if it has none.
+
+    A program with effects (prints, callbacks) is not cut: its parts would not keep them."""
+    if program.effects:
+        return None
     free = constant_nodes(program)
     order = [i for i in program.live_nodes() if i not in free and program.nodes[i].op != "input"]
     if len(order) < 2 * MIN_UNIT_NODES:

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import jax.extend.core as jcore
 import numpy as np
+from jax._src.lax import lax as lax_internal
 
 from . import ir
 from .ir import ConstValue, OpaqueCall, ProgramBuilder, TensorType
@@ -65,6 +66,7 @@ class Captured:
     hoisted_consts: tuple[Any, ...] = ()
     closed_jaxpr: Any = None  # the traced function itself (its custom derivative rules intact)
     custom_jvp_inlined: bool = False  # a custom_jvp (or an fp8 custom_vjp) was inlined
+    out_weak_types: tuple[bool, ...] = ()  # which flat results the traced function gives weakly typed
 
     def flat_args(self, *args: Any, **kwargs: Any) -> list[Any]:
         """The flat inputs of ``program`` for a call with these (full) arguments."""
@@ -75,7 +77,25 @@ class Captured:
         return [*leaves, *self.hoisted_consts]
 
     def unflatten(self, flat_outputs: Sequence[Any]) -> Any:
-        return jax.tree_util.tree_unflatten(self.out_tree, list(flat_outputs))
+        """The result pytree, each leaf as weakly typed as the traced function's own.
+
+        The program's types are concrete dtypes (lowering builds literals as arrays), so a
+        result computed from Python scalars would come back strongly typed and change how it
+        promotes later (a weak f32 plus bf16 is bf16; a strong one makes f32).
+        """
+        flat = list(flat_outputs)
+        if self.out_weak_types:
+            flat = [with_weak_type(v, weak) for v, weak in zip(flat, self.out_weak_types)]
+        return jax.tree_util.tree_unflatten(self.out_tree, flat)
+
+
+def with_weak_type(value: Any, weak: bool) -> Any:
+    """``value`` with JAX's weak-type flag set to ``weak`` (same dtype and bits)."""
+    aval = jax.typeof(value)
+    if bool(getattr(aval, "weak_type", False)) == weak or jax.dtypes.issubdtype(aval.dtype, jax.dtypes.extended):
+        return value
+    # the private convert is the one way to set the flag; it re-tags a value, converting nothing
+    return lax_internal._convert_element_type(value, np.dtype(aval.dtype), weak_type=weak)
 
 
 def normalize_static_argnums(static_argnums: int | Sequence[int], nargs: int) -> tuple[int, ...]:
@@ -148,8 +168,10 @@ def capture(fn: Callable[..., Any], *args: Any, static_argnums: int | Sequence[i
     closed = jax.make_jaxpr(flat_fn)(*avals)
     program = jaxpr_to_program(closed)
     hoisted = tuple(c for c in closed.consts if must_hoist(c))
+    out_weak = tuple(bool(getattr(a, "weak_type", False)) for a in closed.out_avals)
     return Captured(
-        program, in_tree, out_tree_box[-1], avals, static_nums, hoisted, closed, _uses_custom_jvp(closed.jaxpr)
+        program, in_tree, out_tree_box[-1], avals, static_nums, hoisted, closed, _uses_custom_jvp(closed.jaxpr),
+        out_weak,
     )
 
 
@@ -192,9 +214,10 @@ def jaxpr_to_program(closed_jaxpr: Any) -> ir.Program:
             env[var] = builder.input(_type_of(var.aval))
         else:
             env[var] = _const_node(builder, value, var.aval)
-    _Converter(builder).run(jaxpr, env)
+    converter = _Converter(builder)
+    converter.run(jaxpr, env)
     outputs = [_read(builder, env, v) for v in jaxpr.outvars]
-    return builder.build(outputs)
+    return builder.build(outputs, converter.effects)
 
 
 def _type_of(aval: Any) -> TensorType:
@@ -270,6 +293,7 @@ class _Converter:
 
     def __init__(self, builder: ProgramBuilder) -> None:
         self.b = builder
+        self.effects: list[int] = []  # opaque nodes of effectful equations, in program order
 
     def run(self, jaxpr: Any, env: dict[Any, int]) -> None:
         for eqn in jaxpr.eqns:
@@ -305,6 +329,8 @@ class _Converter:
         out_types = tuple(_type_of(v.aval) for v in eqn.outvars)
         call = OpaqueCall(eqn.primitive, dict(eqn.params), out_types)
         node_id = self.b.add("opaque", ins, None, call=call)
+        if eqn.effects:  # a print or callback: kept and run in order even if nothing reads it
+            self.effects.append(node_id)
         return [self.b.add("opaque_output", (node_id,), t, index=i) for i, t in enumerate(out_types)]
 
     def broadcast_to(self, node_id: int, shape: tuple[int, ...]) -> int:

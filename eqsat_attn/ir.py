@@ -32,11 +32,13 @@ Op vocabulary (params in brackets; output shape and dtype always come from `Node
 - ``fused[body]``: one kernel computing the region body text (`eqsat_attn.region`) from its
   inputs: elementwise ops, broadcasts, converts, transposes and at most a matmul (epilogue).
 - ``opaque[call: OpaqueCall]``: anything else, re-bound unchanged by lowering; its outputs
-  are read by ``opaque_output[index]`` nodes.
+  are read by ``opaque_output[index]`` nodes. Opaque nodes with effects (prints, callbacks)
+  are the program's ``effects``: live even when nothing reads them, run in their listed order.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,6 +92,11 @@ class TensorType:
         return f"{short_dtype(self.dtype)}[{','.join(map(str, self.shape))}]"
 
 
+def _float_bits(value: float) -> tuple[str, int]:
+    """A float's identity by its IEEE bits: -0.0 differs from 0.0, a NaN equals only itself."""
+    return ("float", struct.unpack("<q", struct.pack("<d", value))[0])
+
+
 class Params(Mapping[str, Hashable]):
     """An immutable, hashable mapping of a node's static parameters."""
 
@@ -116,7 +123,7 @@ class Params(Mapping[str, Hashable]):
     def _key(self) -> tuple:
         # floats by their bits: -0.0 and 0.0 are different literals, and NaN equals itself
         if self._cached_key is None:
-            self._cached_key = tuple((k, ("float", v.hex()) if isinstance(v, float) else v) for k, v in self._items)
+            self._cached_key = tuple((k, _float_bits(v) if isinstance(v, float) else v) for k, v in self._items)
         return self._cached_key
 
     def __hash__(self) -> int:
@@ -191,17 +198,30 @@ class Node:
 
 @dataclass(frozen=True)
 class Program:
-    """An SSA DAG: nodes in topological order, flat input node ids and output node ids."""
+    """An SSA DAG: nodes in topological order, flat input node ids and output node ids.
+
+    ``effects`` are the opaque nodes with side effects (`jax.debug.print`, callbacks), in the
+    order the original program ran them: roots like the outputs, kept even when unread.
+    """
 
     nodes: tuple[Node, ...]
     inputs: tuple[int, ...]
     outputs: tuple[int, ...]
+    effects: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for i, node in enumerate(self.nodes):
             for j in node.inputs:
                 if not 0 <= j < i:
                     raise ValueError(f"node %{i} ({node.op}) uses %{j}, which is not an earlier node")
+        for i in self.effects:
+            if self.nodes[i].op != "opaque":
+                raise ValueError(f"effect %{i} is a {self.nodes[i].op} node; only opaque nodes have effects")
+
+    @property
+    def roots(self) -> tuple[int, ...]:
+        """The outputs, then the effects: what every live node is needed for."""
+        return self.outputs + self.effects
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -221,12 +241,12 @@ class Program:
         return tuple(self.type_of(i) for i in self.outputs)
 
     def count(self, op: str) -> int:
-        """Number of nodes with this op that are reachable from the outputs."""
+        """Number of nodes with this op that are reachable from the outputs and effects."""
         return sum(1 for i in self.live_nodes() if self.nodes[i].op == op)
 
     def live_nodes(self) -> list[int]:
-        """Ids of the nodes the outputs depend on, in topological order."""
-        live = set(self.outputs)
+        """Ids of the nodes the outputs and effects depend on, in topological order."""
+        live = set(self.roots)
         for i in range(len(self.nodes) - 1, -1, -1):
             if i in live:
                 live.update(self.nodes[i].inputs)
@@ -279,8 +299,16 @@ class ProgramBuilder:
         assert t is not None, f"node %{node_id} has no single type"
         return t
 
-    def build(self, outputs: Sequence[int]) -> Program:
-        return Program(tuple(self.nodes), tuple(self.inputs), tuple(outputs))
+    def build(self, outputs: Sequence[int], effects: Sequence[int] = ()) -> Program:
+        """The program returning ``outputs`` and running ``effects``.
+
+        An opaque node among ``outputs`` is no value but an effect (decoders get an encoding's
+        root list, outputs then effects, and pass it whole): it moves, in order, to the effects.
+        """
+        is_effect = [self.nodes[i].op == "opaque" for i in outputs]
+        values = tuple(i for i, e in zip(outputs, is_effect) if not e)
+        kept = tuple(effects) + tuple(i for i, e in zip(outputs, is_effect) if e)
+        return Program(tuple(self.nodes), tuple(self.inputs), values, kept)
 
 
 _SHORT_DTYPES = {
@@ -326,6 +354,8 @@ def pretty(program: Program) -> str:
         if node.op == "input":
             continue
         lines.append("  " + format_node(i, node))
+    if program.effects:
+        lines.append("  effects " + ", ".join(f"%{i}" for i in program.effects))
     lines.append("  return " + ", ".join(f"%{i}" for i in program.outputs))
     lines.append("}")
     return "\n".join(lines)

@@ -67,13 +67,26 @@ def lower(program: Program, *, attention_kernel: str = "auto") -> Callable[..., 
 
 
 def _nodes_to_evaluate(program: Program) -> list[int]:
-    """Live nodes plus every opaque node (which may have effects) and what it reads."""
-    needed = set(program.live_nodes())
-    needed.update(i for i, n in enumerate(program.nodes) if n.op == "opaque")
-    for i in range(len(program.nodes) - 1, -1, -1):
-        if i in needed:
-            needed.update(program.nodes[i].inputs)
-    return sorted(needed)
+    """The live nodes in an order that runs the effects in the program's order: each effect
+    right after what it reads, then what the outputs still need (a decoded program numbers
+    its nodes in extraction order, which need not be the order its effects ran in)."""
+    order: list[int] = []
+    seen: set[int] = set()
+    for root in program.effects + program.outputs:
+        stack = [root]
+        while stack:  # iterative post-order: a node after all of its inputs
+            i = stack[-1]
+            if i in seen:
+                stack.pop()
+                continue
+            pending = [j for j in program.nodes[i].inputs if j not in seen]
+            if pending:
+                stack.extend(reversed(pending))
+                continue
+            stack.pop()
+            seen.add(i)
+            order.append(i)
+    return order
 
 
 def _fp8_attention_sources(program: Program) -> dict[int, tuple[int, int, int]]:

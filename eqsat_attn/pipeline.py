@@ -212,6 +212,8 @@ def _optimize_flat(program: Program, options: OptimizeOptions, warn: bool) -> Pi
             raise AssertionError(
                 f"extracted program has output types {chosen.output_types}, expected {program.output_types}"
             )
+        if _effect_calls(chosen) != _effect_calls(program):
+            raise AssertionError("extracted program does not run the original effects in their order")
     except Exception as exc:  # noqa: BLE001 - any failure falls back to the original program
         message = f"optimization failed ({type(exc).__name__}: {exc}); running the original program"
         if warn:
@@ -233,6 +235,11 @@ def _optimize_flat(program: Program, options: OptimizeOptions, warn: bool) -> Pi
         _layout_decision(program, options, model, chosen, runs) if split is None else None,
         tuple(dict.fromkeys(attention_notes)) if chosen is not program else (),
     )
+
+
+def _effect_calls(program: Program) -> list:
+    """The opaque calls ``program`` runs for their effects, in order (compared by identity)."""
+    return [program.nodes[i].params["call"] for i in program.effects]
 
 
 def _layout_decision(program: Program, options: OptimizeOptions, model, chosen: Program, runs: list[RunResult]):

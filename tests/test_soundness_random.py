@@ -6,12 +6,22 @@ dot_general (with batch dimensions), slices and concatenations, and attention ov
 to bf16 or f16 (a cast prologue to fold), ranks 1-5 and dimensions 1-4. It is optimized with the
 default rule sets; then an e-graph saturated with the default rule sets and `fusion` is
 extracted under several cost models that pick different members (fused regions among them);
-every program extracted must equal the original in value on random normal inputs.
+every program extracted must equal the original in value on random inputs with extreme values
+mixed in (both zeros, denormals, infinities, NaN; near the float32 maximum where the program
+does not sum). Scalar literals include the same extremes. Programs without sums (no
+reduce_sum, dot_general or attention, whose summation order the rules may change) must give
+the original's results bit for bit (zero signs and NaN positions included); the others equal
+NaN positions and infinities and close finite values.
 
 A second, smaller sweep builds projection programs (sibling matmuls of one input, a fused
 projection sliced into parts, the parts transposed, split into heads, multiplied or
 concatenated) so the `projections` and `packed_qkv` rules (horizontal fusion and its reverse)
 fire; it also extracts exactly (ILP) under models that prefer merged and split matmuls.
+
+Two sweeps go through the decorator (`ea.optimize` against ``jax.jit`` of the original):
+random functions of an f32 or bf16 array with extreme values and a weakly typed Python float
+(extremes among them), with debug callbacks, must give the same bits, weak types and callback
+log; int64 and uint64 functions with literals past 2**53 under x64, the same bits.
 
 The number of examples is ``--soundness-examples`` (default 300, the CI budget; ``./dev soundness N``).
 """
@@ -21,11 +31,14 @@ from __future__ import annotations
 import time
 import warnings
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, note, settings
 from hypothesis import strategies as st
 
+import eqsat_attn as ea
 from cost_models import ArbitraryCost, PenaliseTransposes, PreferFused, PreferTransposes
 from eqsat_attn import ir
 from eqsat_attn.egraph import extract_program
@@ -52,9 +65,14 @@ SWEEP_RULES = [*DEFAULT_RULESETS, "fusion"]
 # ----------------------------------------------------------------------------- program strategy
 
 
+LITERALS = [0.5, -1.5, 2.0, 0.0, -0.0, 1e-40, -1e-40, 3.0e38, -3.0e38, np.inf, -np.inf, np.nan]
+"""Scalar literals the sweep draws: ordinary ones, both zeros, denormals, near-max, inf, NaN."""
+
+
 class _Gen:
-    def __init__(self, draw) -> None:
+    def __init__(self, draw, sums: bool = True) -> None:
         self.draw = draw
+        self.sums = sums  # whether ops that sum (matmuls, reduce_sum, attention) may be drawn
         self.b = ir.ProgramBuilder()
         self.pool: list[int] = []
 
@@ -142,8 +160,10 @@ class _Gen:
         return self.add(op, [a, b])
 
     def scalar(self, x):
-        """x times or plus a broadcast literal (a constant inside a fused region)."""
-        lit = self.b.add("literal", (), ir.TensorType((), F32), value=self.draw(st.sampled_from([0.5, -1.5, 2.0])))
+        """x times or plus a broadcast literal (a constant inside a fused region), extreme values
+        among them (near-overflow ones only in programs without sums)."""
+        values = LITERALS if self.sums else [v for v in LITERALS if abs(v) < 1e30 or not np.isfinite(v)]
+        lit = self.b.add("literal", (), ir.TensorType((), F32), value=float(self.draw(st.sampled_from(values))))
         c = self.add("broadcast_in_dim", [lit], shape=self.shape(x), broadcast_dimensions=())
         op = self.draw(st.sampled_from(["mul", "add"]))
         return self.add(op, [x, c] if self.draw(st.booleans()) else [c, x])
@@ -226,7 +246,8 @@ class _Gen:
         if r == 0:
             return None
         axes = tuple(sorted(self.draw(st.sets(st.integers(0, r - 1), min_size=1, max_size=r))))
-        return self.add(self.draw(st.sampled_from(["reduce_sum", "reduce_max"])), [x], axes=axes)
+        kinds = ["reduce_sum", "reduce_max"] if self.sums else ["reduce_max", "reduce_min"]
+        return self.add(self.draw(st.sampled_from(kinds)), [x], axes=axes)
 
     def dot(self, x):
         s = self.shape(x)
@@ -300,9 +321,12 @@ OPS = [
 ]
 
 
+SUMMING_OPS = frozenset({"dot", "attention"})
+
+
 @st.composite
 def programs(draw, max_steps=6):
-    g = _Gen(draw)
+    g = _Gen(draw, sums=draw(st.booleans()))
     rank = draw(st.integers(1, 4))
     x = g.input([draw(st.integers(1, 4)) for _ in range(rank)])
     g.pool.append(x)
@@ -310,7 +334,7 @@ def programs(draw, max_steps=6):
     made = []
     for _ in range(steps):
         v = draw(st.sampled_from(g.pool[-3:]))
-        kind = draw(st.sampled_from(OPS))
+        kind = draw(st.sampled_from(OPS if g.sums else [k for k in OPS if k not in SUMMING_OPS]))
         if kind == "reduce" and len(g.shape(v)) <= 1 and draw(st.booleans()):
             kind = "transpose"
         out = getattr(g, kind)(v)
@@ -378,22 +402,65 @@ def projection_programs(draw):
 # ----------------------------------------------------------------------------- checks
 
 
-def random_inputs(program: ir.Program, seed: int = 0) -> list[np.ndarray]:
+SUMMING_IR_OPS = frozenset({"reduce_sum", "dot_general", "attention", "attention_fp8", "packed_attention"})
+"""Ops whose results depend on summation order, which the rules may change (a transposed
+reduction, a commuted matmul): programs with them are compared up to rounding."""
+
+EXTREME_INPUTS = np.array([0.0, -0.0, 1e-40, -1e-40, np.inf, -np.inf, np.nan], np.float32)
+NEAR_MAX_INPUTS = np.array([3.0e38, -3.0e38, 1.7e38], np.float32)
+
+
+def sums(program: ir.Program) -> bool:
+    return any(program.nodes[i].op in SUMMING_IR_OPS for i in program.live_nodes())
+
+
+def random_inputs(program: ir.Program, seed: int = 0, extremes: bool = True) -> list[np.ndarray]:
+    """Standard normal values with (``extremes``) a fifth of the elements replaced by extreme ones:
+    both zeros, denormals, infinities, NaN, and near-max values in programs without sums."""
     rng = np.random.default_rng(seed)
-    return [rng.standard_normal(t.shape).astype(t.dtype) for t in program.input_types]
+    pool = EXTREME_INPUTS if sums(program) else np.concatenate([EXTREME_INPUTS, NEAR_MAX_INPUTS])
+    out = []
+    for t in program.input_types:
+        x = rng.standard_normal(t.shape).astype(t.dtype)
+        if extremes:
+            x = np.where(rng.random(t.shape) < 0.2, rng.choice(pool, t.shape), x).astype(t.dtype)
+        out.append(x)
+    return out
+
+
+def assert_same_values(want: np.ndarray, got: np.ndarray, exact: bool, err_msg: str, rtol=1e-4, atol=1e-5) -> None:
+    """``exact``: equal bits, except that any NaN matches any NaN. Otherwise: NaN where the
+    original has NaN, the same infinities, finite values close (relative to the largest)."""
+    assert got.dtype == want.dtype and got.shape == want.shape, err_msg
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(np.isnan(got), nan, err_msg=f"NaN positions: {err_msg}")
+    if exact:
+        uint = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[want.dtype.itemsize]
+        np.testing.assert_array_equal(np.where(nan, 0, got).view(uint), np.where(nan, 0, want).view(uint),
+                                      err_msg=f"bits (zero signs included): {err_msg}")
+        return
+    inf = np.isinf(want)
+    np.testing.assert_array_equal(np.where(inf, got, 0), np.where(inf, want, 0), err_msg=f"infinities: {err_msg}")
+    finite = np.isfinite(want)
+    scale = max(1.0, float(np.max(np.abs(want[finite]), initial=0.0)))
+    np.testing.assert_allclose(np.where(finite, got, 0), np.where(finite, want, 0), rtol=rtol, atol=atol * scale,
+                               err_msg=err_msg)
 
 
 def check_same_values(original: ir.Program, candidate: ir.Program, what: str, rtol=1e-4, atol=1e-5) -> None:
     assert candidate.output_types == original.output_types, what
-    args = random_inputs(original)
-    want = [np.asarray(v) for v in lower(original)(*args)]
-    got = [np.asarray(v) for v in lower(candidate)(*args)]
-    for k, (w, g) in enumerate(zip(want, got)):
-        scale = max(1.0, float(np.max(np.abs(w[np.isfinite(w)]), initial=0.0)))
-        np.testing.assert_allclose(
-            g, w, rtol=rtol, atol=atol * scale,
-            err_msg=f"{what}: output {k} differs\noriginal:\n{original}\nextracted:\n{candidate}",
-        )
+    exact = not sums(original)
+    for seed, extremes in ((0, False), (1, True)):
+        args = random_inputs(original, seed, extremes)
+        with warnings.catch_warnings():  # a cast of a near-max value to float16 overflows, as it should
+            warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning)
+            want = [np.asarray(v) for v in lower(original)(*args)]
+            got = [np.asarray(v) for v in lower(candidate)(*args)]
+        for k, (w, g) in enumerate(zip(want, got)):
+            assert_same_values(
+                w, g, exact, rtol=rtol, atol=atol,
+                err_msg=f"{what}: output {k} differs (inputs {args})\noriginal:\n{original}\nextracted:\n{candidate}",
+            )
 
 
 def check_program(program: ir.Program, fired: set[str] | None = None) -> None:
@@ -411,6 +478,23 @@ def check_program(program: ir.Program, fired: set[str] | None = None) -> None:
         check_same_values(program, chosen, f"extraction under {model.name}")
 
 
+def _extreme_literals() -> ir.Program:
+    """x times -0.0 and 0.0, plus NaN and -inf, a denormal and a near-max scale, transposed
+    (egglog's f64 alone would merge the zeros and lose the sign)."""
+    b = ir.ProgramBuilder()
+    t = ir.TensorType((2, 3), F32)
+    x = b.input(t)
+    outs = []
+    for value, op in ((-0.0, "mul"), (0.0, "mul"), (float("nan"), "add"), (-np.inf, "max"), (1e-40, "add"),
+                      (3.0e38, "mul")):
+        lit = b.add("literal", (), ir.TensorType((), F32), value=value)
+        c = b.add("broadcast_in_dim", (lit,), t, broadcast_dimensions=())
+        y = b.add(op, (b.add("transpose", (b.add("transpose", (x,), ir.TensorType((3, 2), F32), perm=(1, 0)),),
+                             t, perm=(1, 0)), c), t)
+        outs.append(b.add("neg", (y,), t))
+    return b.build(outs)
+
+
 @pytest.fixture
 def soundness_examples(request) -> int:
     return int(request.config.getoption("--soundness-examples"))
@@ -423,6 +507,7 @@ def test_random_programs_keep_their_values(soundness_examples):
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
     )
     @given(programs())
+    @example(_extreme_literals())
     def sweep(program):
         check_program(program, fired)
 
@@ -553,3 +638,118 @@ def test_long_transpose_chain_stays_within_limits():
         assert result.warnings and "saturation stopped" in result.warnings[0]
     assert result.egraph_nodes > 0
     check_same_values(program, result.program, "long chain")
+
+
+# ----------------------------------------------------------------------------- through the decorator
+
+
+SCALARS = [0.5, -1.5, 0.0, -0.0, 1e-40, 3.0e38, float("inf"), float("-inf"), float("nan")]
+
+
+@st.composite
+def scalar_functions(draw):
+    """A random function of an array ``x`` (f32 or bf16, extreme values) and a Python float ``s``
+    (weakly typed): a few steps of transposes, elementwise ops with ``s`` or a literal (both
+    zeros, NaN, infinities among them), selects, and debug callbacks logging a value; it
+    returns the last value and, sometimes, a result of ``s`` alone (weakly typed)."""
+    steps = draw(st.lists(st.sampled_from(["mul_s", "add_lit", "transpose", "tanh", "where", "callback", "neg"]),
+                          min_size=1, max_size=5))
+    literals = [draw(st.sampled_from(SCALARS)) for _ in steps]
+    weak_out = draw(st.booleans())
+
+    def fn(x, s, log):
+        v = x
+        for k, (step, lit) in enumerate(zip(steps, literals)):
+            if step == "mul_s":
+                v = v * s
+            elif step == "add_lit":
+                v = v + lit
+            elif step == "transpose":
+                v = v.T
+            elif step == "tanh":
+                v = jnp.tanh(v)
+            elif step == "where":
+                v = jnp.where(v > 0, v, lit)
+            elif step == "neg":
+                v = -v
+            else:
+                jax.debug.callback(lambda a, k=k: log.append((k, np.asarray(a).tobytes())), v)
+        return (v, s * 2 + literals[0]) if weak_out else v
+
+    return steps, literals, fn
+
+
+def _where_zero(x, s, log):
+    """The fixed example: -0.0 where x <= 0, logged, plus NaN, times -0.0; and a weak 2s - 0.0."""
+    v = jnp.where(x > 0, x, -0.0)
+    jax.debug.callback(lambda a: log.append((1, np.asarray(a).tobytes())), v)
+    return (v + float("nan")) * s, s * 2 + -0.0
+
+
+def test_random_functions_keep_bits_weak_types_and_effects(soundness_examples):
+    """Random functions of an array and a Python scalar through `ea.optimize`: the same bits
+    (any NaN matching any NaN) and weak types as ``jax.jit`` of the original, and the same
+    debug callbacks with the same values, in program order."""
+    @settings(
+        max_examples=max(6, soundness_examples // 10), deadline=None, derandomize=True, database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @given(scalar_functions(), st.sampled_from(["float32", "bfloat16"]), st.sampled_from(SCALARS))
+    @example((["where", "callback", "add_lit", "mul_s"], [-0.0, 0.5, float("nan"), 0.0], _where_zero), "float32", -0.0)
+    def sweep(drawn, dtype, s):
+        steps, literals, fn = drawn
+        note(f"steps {steps}, literals {literals}, dtype {dtype}, s {s}")
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((2, 3)).astype(np.float32)
+        x = np.where(rng.random((2, 3)) < 0.4, rng.choice(EXTREME_INPUTS, (2, 3)), x)
+        x = jnp.asarray(x, dtype)
+        want_log, got_log = [], []
+        want = jax.jit(lambda x, s: fn(x, s, want_log))(x, s)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            got = ea.optimize(lambda x, s: fn(x, s, got_log))(x, s)
+        jax.effects_barrier()
+        assert got_log == want_log
+        for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+            assert jax.typeof(g) == jax.typeof(w)  # dtype, shape and weak type
+            assert_same_values(np.asarray(w), np.asarray(g), exact=True, err_msg=f"{steps} {literals} s={s}")
+
+    sweep()
+
+
+def test_random_int64_programs_keep_their_bits_under_x64():
+    """int64 and uint64 functions with literals past 2**53 through `ea.optimize` under x64:
+    the same bits as ``jax.jit`` of the original."""
+    big = [2**53 + 1, -(2**62) - 3, 2**63 - 1, -(2**63), 12345]
+    step = st.tuples(st.sampled_from(["add", "mul", "max", "xor"]), st.sampled_from(big))
+
+    @settings(max_examples=6, deadline=None, derandomize=True, database=None)
+    @given(st.lists(step, min_size=1, max_size=4), st.booleans())
+    def sweep(steps, unsigned):
+        def fn(x):
+            v = x.astype(jnp.uint64) if unsigned else x
+            for op, c in steps:
+                c = np.uint64(c % 2**64) if unsigned else c
+                v = {"add": lambda: v + c, "mul": lambda: v * c, "max": lambda: jnp.maximum(v, c),
+                     "xor": lambda: v ^ c}[op]()
+            return v
+
+        x = jnp.array([0, 1, -7, 2**40 + 3, -(2**62)], jnp.int64)
+        want = jax.jit(fn)(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            got = ea.optimize(fn)(x)
+        assert jax.typeof(got) == jax.typeof(want)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=str(steps))
+
+    enable = getattr(jax, "enable_x64", None)
+    if enable is not None:
+        with enable(True):
+            sweep()
+    else:
+        before = jax.config.jax_enable_x64
+        jax.config.update("jax_enable_x64", True)
+        try:
+            sweep()
+        finally:
+            jax.config.update("jax_enable_x64", before)

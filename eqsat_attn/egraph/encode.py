@@ -7,6 +7,7 @@ over their operands, so decoding restores them unchanged.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -135,9 +136,9 @@ def _term(node: ir.Node, args: list[bindings.Var], enc: Encoding, egg: _Egg) -> 
     op, p, c, vec = node.op, node.params, egg.ctor, egg.vec
     if op == "input":
         return c("input", egg.i64(p["index"]))
-    if op == "literal":
+    if op == "literal" and f64_holds_exactly(p["value"]):
         return c("literal", egg.f64(float(p["value"])), egg.string(node.type.dtype))
-    if op == "constant":
+    if op in ("constant", "literal"):  # a literal f64 cannot hold exactly stays uninterpreted
         enc.uninterpreted.append(node)
         return c("constant", egg.i64(len(enc.uninterpreted) - 1))
     if op == "iota":
@@ -207,6 +208,22 @@ def _term(node: ir.Node, args: list[bindings.Var], enc: Encoding, egg: _Egg) -> 
     return c("opaque", egg.i64(len(enc.uninterpreted) - 1), operands)
 
 
+def f64_holds_exactly(value: Any) -> bool:
+    """Whether egglog's f64 keeps this literal value exactly and apart from every other value.
+
+    egglog compares f64 values as ordered floats, so -0.0 equals 0.0 and every NaN equals every
+    other; integers beyond 2**53 (int64 and uint64 under x64) lose their low bits. Such literals
+    are encoded as uninterpreted constants, which rules leave alone and decoding restores bit
+    for bit.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return True
+    if isinstance(value, (int, np.integer)):
+        return abs(int(value)) <= 2**53
+    v = float(value)
+    return not math.isnan(v) and not (v == 0.0 and math.copysign(1.0, v) < 0)
+
+
 def is_causal_constant(array: np.ndarray) -> bool:
     """A closed-over mask equal to tril(ones) over its last two axes (bool or 0/1 values)."""
     if array.ndim < 2 or array.dtype.kind not in "biuf":
@@ -217,6 +234,8 @@ def is_causal_constant(array: np.ndarray) -> bool:
 
 def _is_leaf_typed(node: ir.Node) -> bool:
     """Nodes whose shape and dtype the analysis cannot derive."""
+    if node.op == "literal":
+        return not f64_holds_exactly(node.params["value"])
     return node.type is not None and node.op not in (
         "literal", "iota", "softmax", "transpose", "reshape", "broadcast_in_dim", "integer_pow",
         "convert_element_type", "dot_general", "attention", "attention_fp8", "slice", "concatenate", "packed_attention",
@@ -225,7 +244,8 @@ def _is_leaf_typed(node: ir.Node) -> bool:
 
 
 def encode(program: ir.Program, egraph: EGraph) -> Encoding:
-    """Register ``program`` in ``egraph``; returns the encoding with a root over its outputs.
+    """Register ``program`` in ``egraph``; returns the encoding with a root over its outputs
+    and then its effects (decoding a root list puts its opaque nodes back among the effects).
 
     Node i is the let-bound global ``$n{i}`` (one let per node keeps every expression shallow),
     the outputs the ``$root`` list; all of it goes to egglog in one ``run_program`` call.
@@ -244,7 +264,7 @@ def encode(program: ir.Program, egraph: EGraph) -> Encoding:
             commands.append(egg.set(egg.shape, ref, egg.vec(node.type.shape)))
             commands.append(egg.set(egg.dtype, ref, egg.string(node.type.dtype)))
     root = egg.call(egg.nil)
-    for out in reversed(program.outputs):
+    for out in reversed(program.roots):
         root = egg.call(egg.cons, egg.var(f"n{out}"), root)
     commands.append(egg.let("root", root))
     egraph._state.run_program(*commands)
