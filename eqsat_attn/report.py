@@ -9,6 +9,7 @@ from typing import Any
 
 from .ir import Program, short_dtype
 from .kernels.reference import node_takes_pallas
+from .mask_kinds import mask_kind
 from .nested import NestedCall
 
 
@@ -31,6 +32,12 @@ class AttentionInfo:
     cast_operands: tuple[str, ...] = ()
     #: with kernel "pallas": the backend of its forward, "mosaic_gpu" (Hopper) or "triton"
     backend: str = ""
+    #: what its mask is (`mask_kinds.mask_kind`): "causal", "sliding window W", "key padding",
+    #: "arbitrary", "bias"; "" without a mask tensor
+    mask_pattern: str = ""
+    #: the score a hidden position gets (None: the kernels' own, at or below -0.7 * float32 max)
+    mask_fill: float | None = None
+    softcap: float = 0.0  # logit soft-cap (scores become softcap * tanh(s / softcap)); 0: none
     #: where it runs when not at the top level: the body it sits in, outermost first
     #: ("scan body", "scan body > checkpoint body"; `eqsat_attn.nested`)
     inside: str = ""
@@ -38,7 +45,11 @@ class AttentionInfo:
     def __str__(self) -> str:
         mask = "causal" if self.causal else "full"
         if self.mask_kind != "none":
-            mask += f"+{self.mask_kind}"
+            mask += f"+{self.mask_kind}" + (f" ({self.mask_pattern})" if self.mask_pattern else "")
+        if self.mask_fill is not None and (self.causal or self.mask_kind == "bool"):
+            mask += f", fill {self.mask_fill:g}"
+        if self.softcap:
+            mask += f", soft-cap {self.softcap:g}"
         gqa = f", GQA groups={self.groups}" if self.groups > 1 else ""
         stored = f" (stored {self.v_storage})" if self.v_storage and self.v_storage != self.v_layout else ""
         cast = ""
@@ -112,9 +123,20 @@ def attention_infos(program: Program, kernel: str) -> list[AttentionInfo]:
                 compute_dtype=compute,
                 cast_operands=cast,
                 backend=_pallas_backend(program, node) if node_kernel == "pallas" else "",
+                mask_pattern=_mask_pattern(program, node),
+                mask_fill=float(p["mask_fill"]) if "mask_fill" in p.keys() else None,
+                softcap=float(p.get("softcap", 0.0)),
             )
         )
     return infos
+
+
+def _mask_pattern(program: Program, node) -> str:
+    """`mask_kinds.mask_kind` of an attention node's mask operand ("" without one)."""
+    kind = node.params.get("mask_kind", "none")
+    if node.op != "attention" or kind == "none" or len(node.inputs) < 4:
+        return ""
+    return mask_kind(program, node.inputs[3], additive=kind == "bias")
 
 
 def _packed_backend(program: Program, node) -> str:
