@@ -885,12 +885,81 @@ def neg_sigmoid(q, k, v):
 
 # ---------------------------------------------------------------------------------------------
 
-#: positives the current rules do not raise (measured against the tree this corpus was written on)
-KNOWN_UNRAISED: frozenset[str] = frozenset()
+#: positives the rules do not raise yet (measured at d399cff, priced for an H100); prune as they pass
+KNOWN_UNRAISED: frozenset[str] = frozenset({
+    "bf16_preferred_element_type_f32",
+    "bf16_scores_f32_softmax_cast_back",
+    "bf16_scores_f32_softmax_grad",
+    "flax_linen_dot_product_attention_bias_mask",
+    "flax_linen_mha_causal_and_padding",
+    "flax_linen_mha_padding",
+    "jax_dpa_bf16_causal",
+    "jax_dpa_bias",
+    "jax_dpa_bool_mask",
+    "jax_dpa_causal_grad",
+    "jax_dpa_causal_local_window",
+    "jax_dpa_gqa_grad",
+    "jax_dpa_local_window",
+    "jax_dpa_seq_lengths",
+    "logit_soft_cap_tanh",
+    "mask_anti_causal_iota",
+    "mask_causal_and_padding",
+    "mask_causal_where_plus_bias",
+    "mask_decode_step_kv_cache",
+    "mask_float_tril_ne_zero",
+    "mask_gpt2_w_times_b_minus_1e10",
+    "mask_key_padding_all_padded_row",
+    "mask_key_padding_bool",
+    "mask_key_padding_grad",
+    "mask_mul_of_float_masks",
+    "mask_sliding_window",
+    "mask_triu_k1_where_neg_inf",
+    "mqa_kv_without_head_axis",
+    "p_times_per_head_mask",
+    "precision_highest",
+    "rank2_sd",
+    "rank3_bh_flat_from_bshd_reshape",
+    "rank3_bh_flat_scaled",
+    "rank3_hsd",
+    "rank5_grouped_with_bias",
+    "scale_div_jnp_sqrt_of_d",
+    "scale_mul_lax_rsqrt",
+    "scale_mul_reciprocal_sqrt",
+    "scale_runtime_scalar_arg",
+    "sfdp08_permuted_bf16_f32_softmax",
+    "sfdp10_permuted_prescaled_q_bf16",
+    "sfdp13_bmm_unscaled",
+    "sfdp15_distilbert_masked_fill",
+    "sfdp19_causal_where_plus_mask",
+    "softmax_deferred_normalisation",
+    "softmax_exp_log_softmax",
+    "softmax_exp_s_minus_logsumexp",
+    "softmax_exp_s_minus_logsumexp_grad",
+    "softmax_no_max_subtraction",
+    "softmax_post_where_after_pre_mask",
+    "softmax_reciprocal_multiply",
+    "xla_training_bmm1_softmax_bmm2_grad",
+    "xla_training_scale_bias_grad",
+})
+
+#: negatives the rules raise today with equal values: their output O is attention, but the weights P
+#: are needed anyway, so the raised program computes QKᵀ and softmax twice (a cost-model question)
+KNOWN_RAISED_NEGATIVES: frozenset[str] = frozenset({
+    "neg_weights_also_returned",
+    "neg_weights_head_averaged_used",
+})
+
+#: cases whose e-graph stops at a limit (30 s or 200k e-nodes) on the 2-core CI machine
+SLOW: frozenset[str] = frozenset({
+    "flax_nnx_mha_causal_mask",  # 205k e-nodes, e-node limit after ~30 s; raised all the same
+    "jax_dpa_seq_lengths",  # time limit (30 s) at ~97k e-nodes; not raised
+})
 
 BY_NAME: dict[str, Case] = {c.name: c for c in CASES}
 assert len(BY_NAME) == len(CASES), "case names must be unique"
 assert KNOWN_UNRAISED <= {c.name for c in CASES if c.positive}, KNOWN_UNRAISED - BY_NAME.keys()
+assert KNOWN_RAISED_NEGATIVES <= {c.name for c in CASES if not c.positive}
+assert SLOW <= BY_NAME.keys()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -912,9 +981,11 @@ class Outcome:
     raised: int  # attention ops in the chosen program
     max_error: float  # max |optimized - original| - tol * |original|, <= 0 when within tolerance
     seconds: float  # wall time of optimizing (explain: trace, e-graph, extraction, lowering)
+    cpu_seconds: float  # this process's CPU time over the same span (less sensitive to machine load)
     egraph_nodes: int
     saturated: bool
-    warnings: tuple[str, ...]
+    fallbacks: tuple[str, ...]  # RuntimeWarnings: optimization failed and the original program ran
+    notes: tuple[str, ...]  # the report's warnings (e.g. saturation stopped at a limit)
     after: str
 
     @property
@@ -943,18 +1014,19 @@ def evaluate(case: Case, limits: ea.Limits | None = None) -> Outcome:
                             limits=limits or ea.Limits(iterations=30, seconds=30))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         report = optimized.explain(*args)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         got = optimized(*args)
     want = case.fn(*args)
     return Outcome(
         raised=len(report.attention),
         max_error=_excess_error(got, want, tolerance(args, want)),
         seconds=seconds,
+        cpu_seconds=cpu_seconds,
         egraph_nodes=report.egraph_nodes,
         saturated=report.saturated,
-        warnings=tuple(str(w.message) for w in caught if issubclass(w.category, RuntimeWarning))
-        + report.warnings,
+        fallbacks=tuple(str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)),
+        notes=tuple(report.warnings),
         after=str(report.after),
     )
