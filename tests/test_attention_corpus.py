@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import pytest
 
-from attention_corpus import CASES, KNOWN_RAISED_NEGATIVES, KNOWN_UNRAISED, SLOW, Case, evaluate
+import numpy as np
+
+from attention_corpus import CASES, KNOWN_RAISED_NEGATIVES, KNOWN_UNRAISED, SLOW, Case, excess_error, evaluate
 
 
-def _params():
-    for case in CASES:
-        marks = [pytest.mark.slow] if case.name in SLOW else []
-        yield pytest.param(case, id=case.name, marks=marks)
+PARAMS = [pytest.param(c, id=c.name, marks=[pytest.mark.slow] if c.name in SLOW else []) for c in CASES]
 
 
-@pytest.mark.parametrize("case", _params())
+@pytest.mark.parametrize("case", PARAMS)
 def test_attention_corpus(case: Case):
     outcome = evaluate(case)
     assert not outcome.fallbacks, f"{case.name}: optimization fell back to the original: {outcome.fallbacks}"
@@ -34,3 +33,13 @@ def test_attention_corpus(case: Case):
                 pytest.fail(f"{case.name} is left alone now: remove it from KNOWN_RAISED_NEGATIVES")
             pytest.xfail(f"{case.name}: raised with equal values, though P is computed anyway ({case.source})")
         assert outcome.raised == 0, f"{case.name} is not attention but was raised:\n{outcome.after}"
+
+
+def test_value_comparison_rejects_nan_inf_and_shape_mismatches():
+    want = np.array([1.0, np.nan, np.inf, -2.0], np.float32)
+    assert excess_error(want + np.float32(1e-6), want, 2e-5) <= 0
+    assert excess_error(want + np.float32(1e-3), want, 2e-5) > 0
+    assert excess_error(np.array([1.0, 0.0, np.inf, -2.0]), want, 2e-5) == np.inf  # NaN lost
+    assert excess_error(np.array([1.0, np.nan, -np.inf, -2.0]), want, 2e-5) == np.inf  # Inf sign
+    assert excess_error(np.array([1.0, np.nan, 3.0, -2.0]), want, 2e-5) == np.inf  # Inf lost
+    assert excess_error(want[:3], want[:3].reshape(3, 1), 2e-5) == np.inf
