@@ -1,0 +1,1046 @@
+"""A corpus of attention forms written the way peers and libraries write them, for the raising rules.
+
+Each `Case` is a JAX function, a deterministic argument builder and the verdict: ``positive`` cases
+compute softmax attention (``softmax(scale * Q·Kᵀ + bias, masked) · V``, possibly followed by
+value-preserving reshapes or scalings) and should be raised to an attention op with equal values;
+negative cases are near-misses whose values an attention op would change.
+
+Sources, transcribed as JAX (no code copied): PyTorch Inductor's SFDP patterns
+(``torch/_inductor/fx_passes/fuse_attention.py``), XLA's cuDNN fused-MHA rewriter tests
+(``xla/service/gpu/transforms/cudnn_fused_mha_rewriter_test.cc``), onnxscript's SDPA rules
+(``onnxscript/rewriter/ort_fusions/sdpa.py``), Flax linen and nnx, Equinox and
+``jax.nn.dot_product_attention``; the rest are hand-written forms seen in model code.
+
+``KNOWN_UNRAISED`` lists the positives the current rules do not raise (the test file xfails them
+strictly, so a case that starts passing must be removed from it).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import equinox as eqx
+import flax.linen as linen
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import eqsat_attn as ea
+from eqsat_attn.cost import for_device
+
+B, H, S, D = 2, 2, 8, 16
+E = H * D
+F32, BF16 = jnp.float32, jnp.bfloat16
+
+
+@dataclass(frozen=True)
+class Case:
+    """One form: ``fn(*make_args(rng))`` with ``rng`` seeded from the name, and whether it is attention."""
+
+    name: str
+    fn: Callable
+    make_args: Callable[[np.random.Generator], tuple]
+    positive: bool
+    family: str
+    source: str
+
+    def args(self) -> tuple:
+        """The case's arguments, the same on every call (the generator is seeded from the name)."""
+        return self.make_args(np.random.default_rng(zlib.crc32(self.name.encode())))
+
+
+# ---------------------------------------------------------------------------------------------
+# argument builders
+
+
+def _normal(rng: np.random.Generator, shape, dtype=F32) -> jax.Array:
+    return jnp.asarray(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
+
+
+def _extreme(x: jax.Array, rng: np.random.Generator) -> jax.Array:
+    """``x`` with a few extreme entries: ±0, denormals (in f32) and large magnitudes."""
+    flat = np.asarray(x.astype(F32)).reshape(-1).copy()
+    idx = rng.permutation(flat.size)[:6]
+    tiny = 1e-40 if x.dtype == F32 else 1e-30
+    flat[idx] = [0.0, -0.0, tiny, -tiny, 40.0, -40.0]
+    return jnp.asarray(flat.reshape(x.shape)).astype(x.dtype)
+
+
+def qkv(layout: str = "bhsd", dtype=F32, *, extreme: bool = False, kv_heads: int | None = None,
+        heads: int = H, s_q: int = S):
+    """A builder of (q, k, v) in ``layout`` ("bhsd", "bshd", "sd", "hsd", "(bh)sd")."""
+
+    def shape(seq: int, n: int) -> tuple[int, ...]:
+        return {
+            "bhsd": (B, n, seq, D), "bshd": (B, seq, n, D), "sd": (seq, D), "hsd": (n, seq, D),
+            "(bh)sd": (B * n, seq, D), "tnh": (seq, n, D),
+        }[layout]
+
+    def make(rng: np.random.Generator) -> tuple:
+        q = _normal(rng, shape(s_q, heads), dtype)
+        k = _normal(rng, shape(S, kv_heads or heads), dtype)
+        v = _normal(rng, shape(S, kv_heads or heads), dtype)
+        if extreme:
+            q, k, v = (_extreme(t, rng) for t in (q, k, v))
+        return q, k, v
+
+    return make
+
+
+def with_extra(base: Callable, *extra: Callable[[np.random.Generator], object]) -> Callable:
+    """``base``'s arguments followed by one more from each of ``extra``."""
+    return lambda rng: base(rng) + tuple(make(rng) for make in extra)
+
+
+def normal(shape, dtype=F32) -> Callable:
+    return lambda rng: _normal(rng, shape, dtype)
+
+
+def padding_keep(rng: np.random.Generator) -> jax.Array:
+    """[B, S] bool, True for real tokens; batch 0 keeps 5 keys, batch 1 keeps all."""
+    return jnp.asarray(np.arange(S)[None, :] < np.array([5, S])[:, None])
+
+
+def softmax_last(s):
+    return jax.nn.softmax(s, axis=-1)
+
+
+def sdpa_bhsd(q, k, v, scale=D**-0.5):
+    """The reference attention in [B, H, S, D]."""
+    return jnp.einsum("bhqk,bhkd->bhqd", softmax_last(jnp.einsum("bhqd,bhkd->bhqk", q, k) * scale), v)
+
+
+def causal(sq: int = S, sk: int = S) -> jax.Array:
+    """[sq, sk] bool lower triangle from iota (query i sees keys ≤ i)."""
+    return jnp.arange(sq)[:, None] >= jnp.arange(sk)[None, :]
+
+
+def bmm(a, b):
+    """``a @ b`` over the last two axes, as ``torch.matmul``."""
+    return jnp.matmul(a, b)
+
+
+def kt(k):
+    return jnp.swapaxes(k, -1, -2)
+
+
+CASES: list[Case] = []
+
+
+def case(name: str, make_args: Callable, *, positive: bool, family: str, source: str):
+    """Register the decorated function as a case."""
+
+    def register(fn: Callable) -> Callable:
+        CASES.append(Case(name, fn, make_args, positive, family, source))
+        return fn
+
+    return register
+
+
+def grad_case(name: str, fn: Callable, make_args: Callable, *, family: str, source: str, argnums=(0, 1, 2)):
+    """``jax.grad`` of ``sum(fn(...) * cotangent)`` with respect to ``argnums`` (a positive case)."""
+
+    def loss(*args):
+        *inputs, cot = args
+        return jnp.sum(fn(*inputs).astype(F32) * cot)
+
+    def make(rng):
+        args = make_args(rng)
+        out = jax.eval_shape(fn, *args)
+        return args + (_normal(rng, out.shape),)
+
+    CASES.append(Case(name, jax.grad(loss, argnums=argnums), make, True, family, source + " (jax.grad)"))
+
+
+INDUCTOR = "pytorch torch/_inductor/fx_passes/fuse_attention.py"
+XLA = "openxla xla cudnn_fused_mha_rewriter_test.cc"
+ONNX = "microsoft onnxscript rewriter/ort_fusions/sdpa.py"
+HAND = "hand-written"
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch Inductor SFDP patterns (dropout patterns taken with dropout off: p = 0 is the identity)
+
+
+@case("sfdp01_div_inv_scale", qkv(), positive=True, family="inductor", source=INDUCTOR + " pattern 1")
+def sfdp01(q, k, v):
+    return bmm(softmax_last(bmm(q, kt(k)) / 4.0), v)
+
+
+@case("sfdp01_extreme", qkv(extreme=True), positive=True, family="inductor", source=INDUCTOR + " pattern 1")
+def sfdp01_extreme(q, k, v):
+    return bmm(softmax_last(bmm(q, kt(k)) / 4.0), v)
+
+
+def _nan_in_query(rng: np.random.Generator) -> tuple:
+    q, k, v = qkv()(rng)
+    return q.at[1, 0, 3, 5].set(jnp.nan), k, v.at[0, 1, 2, 0].set(jnp.inf)
+
+
+@case("sfdp01_nan_query_inf_value", _nan_in_query, positive=True, family="inductor",
+      source=INDUCTOR + " pattern 1, a NaN in one query row and an Inf in V")
+def sfdp01_nan(q, k, v):
+    return bmm(softmax_last(bmm(q, kt(k)) / 4.0), v)
+
+
+@case("sfdp02_mul_scale", qkv(), positive=True, family="inductor", source=INDUCTOR + " pattern 2")
+def sfdp02(q, k, v):
+    return bmm(softmax_last(bmm(q, kt(k)) * 0.3), v)
+
+
+@case("sfdp05_additive_mask", with_extra(qkv(), normal((B, 1, S, S))), positive=True, family="inductor",
+      source=INDUCTOR + " pattern 5")
+def sfdp05(q, k, v, mask):
+    return bmm(softmax_last(bmm(q, kt(k)) / np.sqrt(q.shape[-1]) + mask), v)
+
+
+@case("sfdp08_permuted_bf16_f32_softmax", qkv("bshd", BF16), positive=True, family="inductor",
+      source=INDUCTOR + " pattern 8")
+def sfdp08(q, k, v):
+    q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+    s = (bmm(q, kt(k)) / np.sqrt(q.shape[-1])).astype(F32)
+    return bmm(softmax_last(s).astype(BF16), v)
+
+
+@case("sfdp10_permuted_prescaled_q_bf16", qkv("bshd", BF16), positive=True, family="inductor",
+      source=INDUCTOR + " pattern 10")
+def sfdp10(q, k, v):
+    q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+    q = q / np.sqrt(q.shape[-1])
+    return bmm(softmax_last(bmm(q, kt(k)).astype(F32)).astype(BF16), v)
+
+
+@case("sfdp11_permuted_div", qkv("bshd"), positive=True, family="inductor", source=INDUCTOR + " pattern 11")
+def sfdp11(q, k, v):
+    q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+    return bmm(softmax_last(bmm(q, kt(k)) / 4.0), v)
+
+
+@case("sfdp13_bmm_unscaled", qkv("(bh)sd"), positive=True, family="inductor", source=INDUCTOR + " pattern 13")
+def sfdp13(q, k, v):
+    return jnp.matmul(softmax_last(jnp.matmul(q, jnp.swapaxes(k, 1, 2))), v)
+
+
+@case("sfdp14_bert_permuted_div_mask", with_extra(qkv("bshd"), normal((B, 1, 1, S))), positive=True,
+      family="inductor", source=INDUCTOR + " pattern 14")
+def sfdp14(q, k, v, mask):
+    q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+    return bmm(softmax_last(bmm(q, kt(k)) / 4.0 + mask), v)
+
+
+@case("sfdp15_distilbert_masked_fill", with_extra(qkv("bshd"), lambda rng: padding_keep(rng).astype(jnp.int32)),
+      positive=True, family="inductor", source=INDUCTOR + " pattern 15")
+def sfdp15(q, k, v, attn_mask):
+    q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+    s = bmm(q, kt(k)) / 4.0
+    pad = jnp.broadcast_to((attn_mask == 0).reshape(B, 1, 1, S), s.shape)
+    return bmm(softmax_last(jnp.where(pad, -jnp.inf, s)), v)
+
+
+@case("sfdp18_gpt2_where_finfo_min", qkv("bshd"), positive=True, family="inductor", source=INDUCTOR + " pattern 18")
+def sfdp18(q, k, v):
+    q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+    s = bmm(q, k.transpose(0, 1, 3, 2)) / jnp.full((), v.shape[-1] ** 0.5, F32)
+    s = jnp.where(causal()[None, None], s, jnp.finfo(F32).min)
+    return bmm(softmax_last(s), v), k, v  # also returns the permuted key and value
+
+
+@case("sfdp19_causal_where_plus_mask", with_extra(qkv(), normal((B, 1, 1, S))), positive=True,
+      family="inductor", source=INDUCTOR + " pattern 19 (GPT-Neo)")
+def sfdp19(q, k, v, attn_mask):
+    s = jnp.where(causal()[None, None], bmm(q, kt(k)) * 0.25, jnp.finfo(F32).min) + attn_mask
+    return bmm(softmax_last(s), v)
+
+
+# ---------------------------------------------------------------------------------------------
+# XLA cuDNN fused-MHA rewriter forms (dot_general layouts, bias, masks, training graphs)
+
+
+@case("xla_bmm1_softmax_bmm2_k_transposed_input", lambda rng: (
+        _normal(rng, (B, H, S, D)), _normal(rng, (B, H, D, S)), _normal(rng, (B, H, S, D))),
+      positive=True, family="xla-cudnn", source=XLA + " BMM1 with K given as [B,H,D,S]")
+def xla_kt(q, kT, v):
+    s = jax.lax.dot_general(q, kT, (((3,), (2,)), ((0, 1), (0, 1))))
+    return jax.lax.dot_general(softmax_last(s), v, (((3,), (2,)), ((0, 1), (0, 1))))
+
+
+@case("xla_bmm2_v_transposed_output_bhds", qkv(), positive=True, family="xla-cudnn",
+      source=XLA + " BMM2 with the output transposed [B,H,D,S]")
+def xla_out_t(q, k, v):
+    s = jax.lax.dot_general(q, k, (((3,), (3,)), ((0, 1), (0, 1)))) * 0.25
+    return jax.lax.dot_general(v, softmax_last(s), (((2,), (3,)), ((0, 1), (0, 1))))  # [B,H,D,Sq]
+
+
+@case("xla_scale_bias_softmax", with_extra(qkv(), normal((1, H, S, S))), positive=True, family="xla-cudnn",
+      source=XLA + " BMM1-Scale-Bias-Softmax-BMM2 (bias broadcast over batch)")
+def xla_bias(q, k, v, bias):
+    return sdpa_bhsd_bias(q, k, v, bias)
+
+
+def sdpa_bhsd_bias(q, k, v, bias):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25 + bias
+    return jnp.einsum("bhqk,bhkd->bhqd", softmax_last(s), v)
+
+
+@case("xla_scale_mask_select_bf16", qkv("bhsd", BF16), positive=True, family="xla-cudnn",
+      source=XLA + " BMM1-Scale-Mask(select)-Softmax-BMM2 bf16")
+def xla_mask_bf16(q, k, v):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * jnp.asarray(0.25, BF16)
+    s = jnp.where(causal()[None, None], s, jnp.asarray(-jnp.inf, BF16))
+    return jnp.einsum("bhqk,bhkd->bhqd", softmax_last(s), v)
+
+
+grad_case("xla_training_bmm1_softmax_bmm2_grad", sdpa_bhsd, qkv(), family="xla-cudnn",
+          source=XLA + " training graph")
+grad_case("xla_training_scale_bias_grad", sdpa_bhsd_bias, with_extra(qkv(), normal((1, H, S, S))),
+          family="xla-cudnn", source=XLA + " training graph with bias")
+
+
+# ---------------------------------------------------------------------------------------------
+# onnxscript SDPA rewrite rules
+
+
+@case("onnx_prescale_q_and_k", qkv(), positive=True, family="onnxscript", source=ONNX + " pre-scaled Q and K")
+def onnx_prescale_both(q, k, v):
+    r = D**-0.25
+    return jnp.matmul(softmax_last(jnp.matmul(q * r, kt(k * r))), v)
+
+
+@case("onnx_div_q_and_k_by_sqrt_sqrt_d", qkv(), positive=True, family="onnxscript",
+      source=ONNX + " Q and K divided by sqrt(sqrt(D))")
+def onnx_div_both(q, k, v):
+    r = jnp.sqrt(jnp.sqrt(jnp.float32(q.shape[-1])))
+    return jnp.matmul(softmax_last(jnp.matmul(q / r, jnp.transpose(k, (0, 1, 3, 2)) / r)), v)
+
+
+@case("onnx_post_div_additive_mask", with_extra(qkv(), normal((B, H, S, S))), positive=True,
+      family="onnxscript", source=ONNX + " post-div with an additive mask")
+def onnx_post_div_mask(q, k, v, mask):
+    return jnp.matmul(softmax_last(jnp.matmul(q, kt(k)) / np.float32(4.0) + mask), v)
+
+
+@case("onnx_kt_transpose_then_matmul_mul_scale", qkv("bshd"), positive=True, family="onnxscript",
+      source=ONNX + " Q·Kᵀ with K transposed by one perm=(0,2,3,1)")
+def onnx_kt_perm(q, k, v):
+    qh = q.transpose(0, 2, 1, 3)
+    kh_t = k.transpose(0, 2, 3, 1)
+    vh = v.transpose(0, 2, 1, 3)
+    return jnp.matmul(softmax_last(jnp.matmul(qh, kh_t) * 0.25), vh).transpose(0, 2, 1, 3).reshape(B, S, E)
+
+
+# ---------------------------------------------------------------------------------------------
+# Libraries: Flax linen, flax.nnx, Equinox, jax.nn.dot_product_attention
+
+LINEN_MHA = linen.MultiHeadDotProductAttention(num_heads=H, qkv_features=E)
+LINEN_MHA_QK_NORM = linen.MultiHeadDotProductAttention(num_heads=H, qkv_features=E, normalize_qk=True)
+LINEN_MHA_BF16 = linen.MultiHeadDotProductAttention(num_heads=H, qkv_features=E, dtype=BF16)
+
+
+def linen_args(module, *extra):
+    def make(rng):
+        x = _normal(rng, (B, S, E))
+        params = module.init(jax.random.PRNGKey(int(rng.integers(1 << 30))), x)
+        return (params, x) + tuple(make_extra(rng) for make_extra in extra)
+
+    return make
+
+
+@case("flax_linen_mha", linen_args(LINEN_MHA), positive=True, family="flax", source="flax.linen MHA")
+def flax_linen(params, x):
+    return LINEN_MHA.apply(params, x)
+
+
+@case("flax_linen_mha_causal", linen_args(LINEN_MHA), positive=True, family="flax",
+      source="flax.linen MHA with make_causal_mask")
+def flax_linen_causal(params, x):
+    return LINEN_MHA.apply(params, x, mask=linen.make_causal_mask(x[..., 0]))
+
+
+@case("flax_linen_mha_padding", linen_args(LINEN_MHA, padding_keep), positive=True, family="flax",
+      source="flax.linen MHA with make_attention_mask(pad, pad)")
+def flax_linen_padding(params, x, keep):
+    return LINEN_MHA.apply(params, x, mask=linen.make_attention_mask(keep, keep))
+
+
+@case("flax_linen_mha_causal_and_padding", linen_args(LINEN_MHA, padding_keep), positive=True, family="flax",
+      source="flax.linen MHA with combine_masks(causal, padding)")
+def flax_linen_combined(params, x, keep):
+    mask = linen.combine_masks(linen.make_causal_mask(x[..., 0]), linen.make_attention_mask(keep, keep))
+    return LINEN_MHA.apply(params, x, mask=mask)
+
+
+@case("flax_linen_mha_normalize_qk", linen_args(LINEN_MHA_QK_NORM), positive=True, family="flax",
+      source="flax.linen MHA normalize_qk=True")
+def flax_linen_qk_norm(params, x):
+    return LINEN_MHA_QK_NORM.apply(params, x)
+
+
+@case("flax_linen_mha_bf16", linen_args(LINEN_MHA_BF16), positive=True, family="flax",
+      source="flax.linen MHA dtype=bfloat16")
+def flax_linen_bf16(params, x):
+    return LINEN_MHA_BF16.apply(params, x)
+
+
+@case("flax_linen_dot_product_attention_bias_mask",
+      with_extra(qkv("bshd"), normal((B, H, S, S)), lambda rng: causal()[None, None]),
+      positive=True, family="flax", source="flax.linen.dot_product_attention(bias, mask)")
+def flax_linen_fn(q, k, v, bias, mask):
+    return linen.dot_product_attention(q, k, v, bias=bias, mask=mask, deterministic=True)
+
+
+grad_case("flax_linen_mha_causal_grad", flax_linen_causal, linen_args(LINEN_MHA), family="flax",
+          source="flax.linen MHA causal", argnums=(0, 1))
+
+
+def _nnx_split(**kwargs):
+    module = nnx.MultiHeadAttention(num_heads=H, in_features=E, decode=False, rngs=nnx.Rngs(0), **kwargs)
+    return nnx.split(module)
+
+
+NNX_MHA = _nnx_split()
+NNX_GQA = _nnx_split(num_kv_heads=1) if "num_kv_heads" in nnx.MultiHeadAttention.__init__.__code__.co_varnames \
+    else None
+
+
+def nnx_args(split):
+    return lambda rng: (split[1], _normal(rng, (B, S, E)))
+
+
+@case("flax_nnx_mha", nnx_args(NNX_MHA), positive=True, family="flax", source="flax.nnx MultiHeadAttention")
+def flax_nnx(state, x):
+    return nnx.merge(NNX_MHA[0], state)(x)
+
+
+@case("flax_nnx_mha_causal_mask", nnx_args(NNX_MHA), positive=True, family="flax",
+      source="flax.nnx MultiHeadAttention with nnx.make_causal_mask")
+def flax_nnx_causal(state, x):
+    return nnx.merge(NNX_MHA[0], state)(x, mask=nnx.make_causal_mask(x[..., 0]))
+
+
+if NNX_GQA is not None:
+    @case("flax_nnx_mha_gqa", nnx_args(NNX_GQA), positive=True, family="flax",
+          source="flax.nnx MultiHeadAttention num_kv_heads=1")
+    def flax_nnx_gqa(state, x):
+        return nnx.merge(NNX_GQA[0], state)(x)
+
+
+EQX_PARAMS, EQX_STATIC = eqx.partition(
+    eqx.nn.MultiheadAttention(num_heads=H, query_size=E, key=jax.random.PRNGKey(0)), eqx.is_array)
+
+
+@case("equinox_mha_vmap", lambda rng: (EQX_PARAMS, _normal(rng, (B, S, E))), positive=True, family="equinox",
+      source="equinox.nn.MultiheadAttention under vmap")
+def equinox_mha(params, x):
+    mha = eqx.combine(params, EQX_STATIC)
+    return jax.vmap(lambda t: mha(t, t, t))(x)
+
+
+@case("equinox_mha_causal_mask", lambda rng: (EQX_PARAMS, _normal(rng, (B, S, E))), positive=True,
+      family="equinox", source="equinox.nn.MultiheadAttention with a [S,S] causal mask")
+def equinox_mha_causal(params, x):
+    mha = eqx.combine(params, EQX_STATIC)
+    return jax.vmap(lambda t: mha(t, t, t, mask=causal()))(x)
+
+
+@case("equinox_mha_cross_shorter_query", lambda rng: (EQX_PARAMS, _normal(rng, (B, 4, E)), _normal(rng, (B, S, E))),
+      positive=True, family="equinox", source="equinox.nn.MultiheadAttention cross-attention, Sq=4 Sk=8")
+def equinox_mha_cross(params, xq, xkv):
+    mha = eqx.combine(params, EQX_STATIC)
+    return jax.vmap(lambda a, b: mha(a, b, b))(xq, xkv)
+
+
+def dpa(**kwargs):
+    return lambda q, k, v, *rest: jax.nn.dot_product_attention(q, k, v, *rest, implementation="xla", **kwargs)
+
+
+JAX_DPA = "jax.nn.dot_product_attention"
+CASES += [
+    Case("jax_dpa", dpa(), qkv("bshd"), True, "jax.nn", JAX_DPA),
+    Case("jax_dpa_causal", dpa(is_causal=True), qkv("bshd"), True, "jax.nn", JAX_DPA + " is_causal"),
+    Case("jax_dpa_extreme", dpa(is_causal=True), qkv("bshd", extreme=True), True, "jax.nn",
+         JAX_DPA + " is_causal, ±0/denormal/±40 inputs"),
+    Case("jax_dpa_bias", dpa(), with_extra(qkv("bshd"), normal((B, H, S, S))), True, "jax.nn", JAX_DPA + " bias"),
+    Case("jax_dpa_bool_mask", lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m, implementation="xla"),
+         with_extra(qkv("bshd"), lambda rng: jnp.asarray(rng.random((B, 1, S, S)) < 0.7) | jnp.eye(S, dtype=bool)),
+         True, "jax.nn", JAX_DPA + " mask= (random, diagonal kept)"),
+    Case("jax_dpa_scale", dpa(scale=0.1), qkv("bshd"), True, "jax.nn", JAX_DPA + " scale=0.1"),
+    Case("jax_dpa_seq_lengths",
+         lambda q, k, v, ql, kl: jax.nn.dot_product_attention(
+             q, k, v, query_seq_lengths=ql, key_value_seq_lengths=kl, implementation="xla"),
+         with_extra(qkv("bshd"), lambda rng: jnp.array([S, 6], jnp.int32), lambda rng: jnp.array([5, S], jnp.int32)),
+         True, "jax.nn", JAX_DPA + " query_seq_lengths/key_value_seq_lengths (padded query rows fully masked)"),
+    Case("jax_dpa_local_window", dpa(local_window_size=(2, 1)), qkv("bshd"), True, "jax.nn",
+         JAX_DPA + " local_window_size=(2, 1)"),
+    Case("jax_dpa_causal_local_window", dpa(is_causal=True, local_window_size=3), qkv("bshd"), True, "jax.nn",
+         JAX_DPA + " is_causal, local_window_size=3"),
+    Case("jax_dpa_gqa", dpa(is_causal=True), qkv("bshd", heads=4, kv_heads=2), True, "jax.nn",
+         JAX_DPA + " GQA 4 query heads over 2 KV heads"),
+    Case("jax_dpa_mqa", dpa(), qkv("bshd", heads=4, kv_heads=1), True, "jax.nn", JAX_DPA + " MQA (1 KV head)"),
+    Case("jax_dpa_unbatched_tnh", dpa(), qkv("tnh"), True, "jax.nn", JAX_DPA + " 3-D [T,N,H] inputs"),
+    Case("jax_dpa_bf16_causal", dpa(is_causal=True), qkv("bshd", BF16), True, "jax.nn", JAX_DPA + " bf16 causal"),
+]
+grad_case("jax_dpa_causal_grad", dpa(is_causal=True), qkv("bshd"), family="jax.nn", source=JAX_DPA + " is_causal")
+grad_case("jax_dpa_gqa_grad", dpa(), qkv("bshd", heads=4, kv_heads=2), family="jax.nn", source=JAX_DPA + " GQA")
+
+
+# ---------------------------------------------------------------------------------------------
+# Hand-written: scales
+
+
+@case("scale_div_jnp_sqrt_of_d", qkv(), positive=True, family="scale", source=HAND + " s / jnp.sqrt(D)")
+def scale_sqrt(q, k, v):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(q.shape[-1])
+    return jnp.einsum("bhqk,bhkd->bhqd", softmax_last(s), v)
+
+
+@case("scale_mul_lax_rsqrt", qkv(), positive=True, family="scale", source=HAND + " s * lax.rsqrt(float(D))")
+def scale_rsqrt(q, k, v):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * jax.lax.rsqrt(float(q.shape[-1]))
+    return jnp.einsum("bhqk,bhkd->bhqd", softmax_last(s), v)
+
+
+@case("scale_mul_reciprocal_sqrt", qkv(), positive=True, family="scale", source=HAND + " s * (1.0 / jnp.sqrt(D))")
+def scale_recip(q, k, v):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * (1.0 / jnp.sqrt(q.shape[-1]))
+    return jnp.einsum("bhqk,bhkd->bhqd", softmax_last(s), v)
+
+
+@case("scale_on_k_before_dot", qkv(), positive=True, family="scale", source=HAND + " K scaled before Q·Kᵀ")
+def scale_on_k(q, k, v):
+    return jnp.einsum("bhqk,bhkd->bhqd", softmax_last(jnp.einsum("bhqd,bhkd->bhqk", q, k * D**-0.5)), v)
+
+
+@case("scale_runtime_scalar_arg", with_extra(qkv(), lambda rng: jnp.float32(0.3)), positive=True,
+      family="scale", source=HAND + " scale passed as a traced scalar argument")
+def scale_runtime(q, k, v, scale):
+    return jnp.einsum("bhqk,bhkd->bhqd", softmax_last(jnp.einsum("bhqd,bhkd->bhqk", q, k) * scale), v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hand-written: ranks and head layouts
+
+
+@case("rank2_sd", qkv("sd"), positive=True, family="rank", source=HAND + " [S,D] single head")
+def rank2(q, k, v):
+    return softmax_last(q @ k.T / 4.0) @ v
+
+
+@case("rank3_hsd", qkv("hsd"), positive=True, family="rank", source=HAND + " [H,S,D]")
+def rank3(q, k, v):
+    return jnp.einsum("hqk,hkd->hqd", softmax_last(jnp.einsum("hqd,hkd->hqk", q, k) * 0.25), v)
+
+
+@case("rank3_bh_flat_scaled", qkv("(bh)sd"), positive=True, family="rank", source=HAND + " [B*H,S,D] scaled")
+def rank3_flat(q, k, v):
+    return jnp.matmul(softmax_last(jnp.matmul(q, jnp.swapaxes(k, 1, 2)) * 0.25), v)
+
+
+@case("rank3_bh_flat_from_bshd_reshape", qkv("bshd"), positive=True, family="rank",
+      source=HAND + " heads folded into batch by transpose+reshape, unfolded after")
+def rank3_folded(q, k, v):
+    fold = lambda t: t.transpose(0, 2, 1, 3).reshape(B * H, S, D)  # noqa: E731
+    o = jnp.matmul(softmax_last(jnp.matmul(fold(q), jnp.swapaxes(fold(k), 1, 2)) * 0.25), fold(v))
+    return o.reshape(B, H, S, D).transpose(0, 2, 1, 3)
+
+
+@case("rank5_grouped_with_bias", lambda rng: (
+        _normal(rng, (B, 2, 2, S, D)), _normal(rng, (B, 2, S, D)), _normal(rng, (B, 2, S, D)),
+        _normal(rng, (1, 2, 2, S, S))),
+      positive=True, family="rank", source=HAND + " 5-D grouped [B,Hkv,G,S,D] with bias")
+def rank5(q, k, v, bias):
+    s = jnp.einsum("bhgqd,bhkd->bhgqk", q, k) * 0.25 + bias
+    return jnp.einsum("bhgqk,bhkd->bhgqd", softmax_last(s), v)
+
+
+@case("mqa_kv_without_head_axis", lambda rng: (
+        _normal(rng, (B, H, S, D)), _normal(rng, (B, S, D)), _normal(rng, (B, S, D))),
+      positive=True, family="rank", source=HAND + " MQA, K/V [B,S,D]")
+def mqa(q, k, v):
+    return jnp.einsum("bhqk,bkd->bhqd", softmax_last(jnp.einsum("bhqd,bkd->bhqk", q, k) * 0.25), v)
+
+
+@case("gqa_repeat_kv", qkv(heads=4, kv_heads=2), positive=True, family="rank",
+      source=HAND + " GQA by jnp.repeat of K/V heads (Llama repeat_kv)")
+def gqa_repeat(q, k, v):
+    k, v = jnp.repeat(k, 2, axis=1), jnp.repeat(v, 2, axis=1)
+    return sdpa_bhsd(q, k, v)
+
+
+@case("cross_attention_sq4_sk8", qkv(s_q=4), positive=True, family="rank", source=HAND + " Sq != Sk")
+def cross(q, k, v):
+    return sdpa_bhsd(q, k, v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hand-written: mixed precision
+
+
+@case("bf16_scores_f32_softmax_cast_back", qkv("bhsd", BF16), positive=True, family="precision",
+      source=HAND + " bf16 scores cast to f32 for softmax, P cast back")
+def bf16_f32_softmax(q, k, v):
+    s = (jnp.einsum("bhqd,bhkd->bhqk", q, k) * jnp.asarray(0.25, BF16)).astype(F32)
+    return jnp.einsum("bhqk,bhkd->bhqd", softmax_last(s).astype(BF16), v)
+
+
+@case("bf16_preferred_element_type_f32", qkv("bhsd", BF16), positive=True, family="precision",
+      source=HAND + " bf16 operands, preferred_element_type=f32")
+def bf16_pet(q, k, v):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=F32) * 0.25
+    return jnp.einsum("bhqk,bhkd->bhqd", softmax_last(s).astype(BF16), v, preferred_element_type=F32)
+
+
+@case("precision_highest", qkv(), positive=True, family="precision", source=HAND + " precision=HIGHEST")
+def precision_highest(q, k, v):
+    hi = jax.lax.Precision.HIGHEST
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k, precision=hi) * 0.25
+    return jnp.einsum("bhqk,bhkd->bhqd", softmax_last(s), v, precision=hi)
+
+
+@case("p_f32_v_bf16", lambda rng: (_normal(rng, (B, H, S, D)), _normal(rng, (B, H, S, D)),
+                                   _normal(rng, (B, H, S, D), BF16)),
+      positive=True, family="precision", source=HAND + " f32 P times bf16 V (promoted to f32)")
+def p_f32_v_bf16(q, k, v):
+    return jnp.einsum("bhqk,bhkd->bhqd", softmax_last(jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25), v)
+
+
+grad_case("bf16_scores_f32_softmax_grad", bf16_f32_softmax, qkv("bhsd", BF16), family="precision",
+          source=HAND + " bf16 scores, f32 softmax")
+
+
+# ---------------------------------------------------------------------------------------------
+# Hand-written: masks
+
+
+def _masked(q, k, v, keep, fill=-jnp.inf):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25
+    return jnp.einsum("bhqk,bhkd->bhqd", softmax_last(jnp.where(keep, s, fill)), v)
+
+
+@case("mask_key_padding_bool", with_extra(qkv(), padding_keep), positive=True, family="mask",
+      source=HAND + " boolean key padding from [B,Sk]")
+def mask_key_padding(q, k, v, keep):
+    return _masked(q, k, v, keep[:, None, None, :], -1e9)
+
+
+@case("mask_key_padding_all_padded_row", with_extra(qkv(), lambda rng: jnp.asarray(np.array([[False] * S, [True] * S]))),
+      positive=True, family="mask", source=HAND + " key padding with one sequence fully padded (uniform rows)")
+def mask_all_padded(q, k, v, keep):
+    return _masked(q, k, v, keep[:, None, None, :], -1e9)
+
+
+@case("mask_causal_and_padding", with_extra(qkv(), padding_keep), positive=True, family="mask",
+      source=HAND + " causal & padding")
+def mask_and(q, k, v, keep):
+    return _masked(q, k, v, causal()[None, None] & keep[:, None, None, :], -1e9)
+
+
+@case("mask_min_of_additive_masks", with_extra(qkv(), padding_keep), positive=True, family="mask",
+      source=HAND + " jnp.minimum of two additive masks")
+def mask_minimum(q, k, v, keep):
+    neg = jnp.finfo(F32).min
+    causal_bias = jnp.where(causal(), 0.0, neg)[None, None]
+    pad_bias = jnp.where(keep, 0.0, neg)[:, None, None, :]
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25 + jnp.minimum(causal_bias, pad_bias)
+    return jnp.einsum("bhqk,bhkd->bhqd", softmax_last(s), v)
+
+
+@case("mask_mul_of_float_masks", with_extra(qkv(), padding_keep), positive=True, family="mask",
+      source=HAND + " float masks multiplied, then where(m > 0)")
+def mask_mul(q, k, v, keep):
+    m = causal().astype(F32)[None, None] * keep.astype(F32)[:, None, None, :]
+    return _masked(q, k, v, m > 0, -1e9)
+
+
+@case("mask_sliding_window", qkv(), positive=True, family="mask", source=HAND + " causal sliding window of 3")
+def mask_window(q, k, v):
+    i, j = jnp.arange(S)[:, None], jnp.arange(S)[None, :]
+    return _masked(q, k, v, ((i - j) < 3) & (j <= i))
+
+
+@case("mask_decode_step_kv_cache", lambda rng: (
+        _normal(rng, (B, H, 1, D)), _normal(rng, (B, H, S, D)), _normal(rng, (B, H, S, D)), jnp.int32(5)),
+      positive=True, family="mask", source=HAND + " one decode step against a KV cache, keys ≤ pos")
+def mask_decode(q, k_cache, v_cache, pos):
+    return _masked(q, k_cache, v_cache, (jnp.arange(S) <= pos)[None, None, None, :], -1e9)
+
+
+@case("mask_triu_k1_where_neg_inf", qkv(), positive=True, family="mask",
+      source=HAND + " where(triu(ones, k=1), -inf, s)")
+def mask_triu(q, k, v):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25
+    s = jnp.where(jnp.triu(jnp.ones((S, S), bool), k=1), -jnp.inf, s)
+    return jnp.einsum("bhqk,bhkd->bhqd", softmax_last(s), v)
+
+
+@case("mask_float_tril_ne_zero", qkv(), positive=True, family="mask", source=HAND + " float tril tested != 0")
+def mask_tril_ne(q, k, v):
+    return _masked(q, k, v, jnp.tril(jnp.ones((S, S))) != 0)
+
+
+@case("mask_gpt2_w_times_b_minus_1e10", qkv(), positive=True, family="mask",
+      source="openai gpt-2 model.py mask_attn_weights: w*b - 1e10*(1-b)")
+def mask_gpt2(q, k, v):
+    w = jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25
+    b = jnp.tril(jnp.ones((S, S), F32))[None, None]
+    return jnp.einsum("bhqk,bhkd->bhqd", softmax_last(w * b - 1e10 * (1 - b)), v)
+
+
+@case("mask_causal_where_plus_bias", with_extra(qkv(), normal((1, H, S, S))), positive=True, family="mask",
+      source=HAND + " causal where-mask and an additive (ALiBi-like) bias")
+def mask_causal_bias(q, k, v, bias):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25 + bias
+    return jnp.einsum("bhqk,bhkd->bhqd", softmax_last(jnp.where(causal(), s, -jnp.inf)), v)
+
+
+@case("mask_causal_as_additive_bias", qkv(), positive=True, family="mask",
+      source=HAND + " causal matrix built as an additive 0/-inf bias")
+def mask_causal_additive(q, k, v):
+    bias = jnp.where(causal(), 0.0, -jnp.inf)
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25 + bias
+    return jnp.einsum("bhqk,bhkd->bhqd", softmax_last(s), v)
+
+
+@case("mask_anti_causal_iota", qkv(), positive=True, family="mask",
+      source=HAND + " iota_q <= iota_k: a (non-causal) boolean mask, every row keeps ≥1 key")
+def mask_anti_causal(q, k, v):
+    return _masked(q, k, v, jnp.arange(S)[:, None] <= jnp.arange(S)[None, :], -1e9)
+
+
+@case("mask_bool_added_as_01_bias", with_extra(qkv(), padding_keep), positive=True, family="mask",
+      source=HAND + " a boolean mask added as 0/1: an additive bias, still attention")
+def mask_01_bias(q, k, v, keep):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25 + keep.astype(F32)[:, None, None, :]
+    return jnp.einsum("bhqk,bhkd->bhqd", softmax_last(s), v)
+
+
+grad_case("mask_key_padding_grad", mask_key_padding, with_extra(qkv(), padding_keep), family="mask",
+          source=HAND + " key padding")
+
+
+# ---------------------------------------------------------------------------------------------
+# Hand-written: softmax spellings
+
+
+def _scores(q, k):
+    return jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25
+
+
+def _pv(p, v):
+    return jnp.einsum("bhqk,bhkd->bhqd", p, v)
+
+
+@case("softmax_no_max_subtraction", qkv(), positive=True, family="softmax",
+      source=HAND + " exp(s) / sum(exp(s)) (equal while exp does not overflow)")
+def softmax_no_max(q, k, v):
+    e = jnp.exp(_scores(q, k))
+    return _pv(e / e.sum(-1, keepdims=True), v)
+
+
+@case("softmax_max_sub_stop_gradient", qkv(extreme=True), positive=True, family="softmax",
+      source=HAND + " max subtracted under stop_gradient (flax/t5x style)")
+def softmax_stop_grad(q, k, v):
+    s = _scores(q, k)
+    e = jnp.exp(s - jax.lax.stop_gradient(s.max(-1, keepdims=True)))
+    return _pv(e / e.sum(-1, keepdims=True), v)
+
+
+@case("softmax_reciprocal_multiply", qkv(), positive=True, family="softmax",
+      source=HAND + " e * (1 / sum(e))")
+def softmax_recip(q, k, v):
+    s = _scores(q, k)
+    e = jnp.exp(s - s.max(-1, keepdims=True))
+    return _pv(e * jnp.reciprocal(e.sum(-1, keepdims=True)), v)
+
+
+@case("softmax_exp_log_softmax", qkv(), positive=True, family="softmax", source=HAND + " exp(log_softmax(s))")
+def softmax_exp_log(q, k, v):
+    return _pv(jnp.exp(jax.nn.log_softmax(_scores(q, k), axis=-1)), v)
+
+
+@case("softmax_exp_s_minus_logsumexp", qkv(), positive=True, family="softmax",
+      source=HAND + " exp(s - logsumexp(s))")
+def softmax_lse(q, k, v):
+    s = _scores(q, k)
+    return _pv(jnp.exp(s - jax.nn.logsumexp(s, axis=-1, keepdims=True)), v)
+
+
+@case("softmax_deferred_normalisation", qkv(), positive=True, family="softmax",
+      source=HAND + " (exp(s - m) · V) / sum(exp(s - m)) (flash-style)")
+def softmax_deferred(q, k, v):
+    s = _scores(q, k)
+    e = jnp.exp(s - s.max(-1, keepdims=True))
+    return _pv(e, v) / e.sum(-1)[..., None]
+
+
+@case("softmax_post_where_after_pre_mask", qkv(), positive=True, family="softmax",
+      source=HAND + " where(mask, softmax(where(mask, s, -inf)), 0): post-mask changes nothing")
+def softmax_post_where(q, k, v):
+    m = causal()
+    p = softmax_last(jnp.where(m, _scores(q, k), -jnp.inf))
+    return _pv(jnp.where(m, p, 0.0), v)
+
+
+@case("p_times_per_head_mask", with_extra(qkv(), lambda rng: jnp.array([1.0, 0.0], F32)), positive=True,
+      family="softmax", source="huggingface head_mask: P * m[h] = m[h] * attention")
+def p_head_mask(q, k, v, head_mask):
+    return _pv(softmax_last(_scores(q, k)) * head_mask[None, :, None, None], v)
+
+
+@case("logit_soft_cap_tanh", qkv(extreme=True), positive=True, family="softmax",
+      source="gemma-2 attention logit soft-capping c * tanh(s / c)")
+def soft_cap(q, k, v):
+    c = 50.0
+    return _pv(softmax_last(c * jnp.tanh(_scores(q, k) / c)), v)
+
+
+grad_case("softmax_exp_s_minus_logsumexp_grad", softmax_lse, qkv(), family="softmax",
+          source=HAND + " exp(s - logsumexp(s))")
+
+
+# ---------------------------------------------------------------------------------------------
+# Negatives: near-misses whose values an attention op would change
+
+
+@case("neg_weights_also_returned", qkv(), positive=False, family="negative",
+      source=HAND + " (o, p): weights are a second output")
+def neg_weights_returned(q, k, v):
+    p = softmax_last(_scores(q, k))
+    return _pv(p, v), p
+
+
+@case("neg_weights_head_averaged_used", qkv(), positive=False, family="negative",
+      source="torch MHA need_weights: head-averaged weights used downstream")
+def neg_weights_used(q, k, v):
+    p = softmax_last(_scores(q, k))
+    return _pv(p, v) + p.mean(axis=1)[:, None, :, :D // 2].sum(-1, keepdims=True)
+
+
+@case("neg_softmax_over_query_axis", qkv(), positive=False, family="negative", source=HAND + " softmax over axis -2")
+def neg_softmax_axis(q, k, v):
+    return _pv(jax.nn.softmax(_scores(q, k), axis=-2), v)
+
+
+@case("neg_where_fill_minus_3", qkv(), positive=False, family="negative",
+      source=HAND + " where(causal, s, -3): -3 is a real score, not a mask")
+def neg_small_fill(q, k, v):
+    return _masked(q, k, v, causal(), -3.0)
+
+
+@case("neg_tanh_between_softmax_and_pv", qkv(), positive=False, family="negative",
+      source=HAND + " tanh(P) · V")
+def neg_op_between(q, k, v):
+    return _pv(jnp.tanh(softmax_last(_scores(q, k))), v)
+
+
+@case("neg_p_plus_constant", qkv(), positive=False, family="negative", source=HAND + " (P + 0.1) · V")
+def neg_p_plus(q, k, v):
+    return _pv(softmax_last(_scores(q, k)) + 0.1, v)
+
+
+@case("neg_dropout_like_random_multiply", with_extra(qkv(), lambda rng: jnp.asarray(
+        (rng.random((B, H, S, S)) < 0.9).astype(np.float32) / 0.9)), positive=False, family="negative",
+      source=HAND + " P * keep / (1 - rate) with a random keep mask (dropout)")
+def neg_dropout(q, k, v, keep_scaled):
+    return _pv(softmax_last(_scores(q, k)) * keep_scaled, v)
+
+
+@case("neg_dropout_bernoulli_key", with_extra(qkv(), lambda rng: jax.random.PRNGKey(int(rng.integers(1 << 30)))),
+      positive=False, family="negative", source="flax dropout: jax.random.bernoulli on P")
+def neg_dropout_key(q, k, v, key):
+    p = softmax_last(_scores(q, k))
+    keep = jax.random.bernoulli(key, 0.9, p.shape)
+    return _pv(jnp.where(keep, p / 0.9, 0.0), v)
+
+
+@case("neg_post_softmax_mask_only", qkv(), positive=False, family="negative",
+      source=HAND + " where(causal, softmax(s), 0) without a pre-softmax mask: rows not renormalised")
+def neg_post_mask(q, k, v):
+    return _pv(jnp.where(causal(), softmax_last(_scores(q, k)), 0.0), v)
+
+
+@case("neg_max_over_wrong_axis", qkv(), positive=False, family="negative",
+      source=HAND + " exp(s - max over queries) normalised over keys: not shift-invariant per row")
+def neg_max_axis(q, k, v):
+    s = _scores(q, k)
+    e = jnp.exp(s - s.max(-2, keepdims=True))
+    return _pv(e / e.sum(-1, keepdims=True), v)
+
+
+@case("neg_sum_over_wrong_axis", qkv(), positive=False, family="negative",
+      source=HAND + " exp normalised by the sum over queries")
+def neg_sum_axis(q, k, v):
+    s = _scores(q, k)
+    e = jnp.exp(s - s.max(-1, keepdims=True))
+    return _pv(e / e.sum(-2, keepdims=True), v)
+
+
+@case("neg_pv_contracts_query_axis", qkv(), positive=False, family="negative",
+      source=HAND + " P contracted with V over the query axis")
+def neg_pv_wrong_axis(q, k, v):
+    return jnp.einsum("bhqk,bhqd->bhkd", softmax_last(_scores(q, k)), v)
+
+
+@case("neg_scores_squared", qkv(), positive=False, family="negative", source=HAND + " softmax(s²) · V")
+def neg_scores_squared(q, k, v):
+    return _pv(softmax_last(_scores(q, k) ** 2), v)
+
+
+@case("neg_sigmoid_attention", qkv(), positive=False, family="negative", source=HAND + " sigmoid(s) · V")
+def neg_sigmoid(q, k, v):
+    return _pv(jax.nn.sigmoid(_scores(q, k)), v)
+
+
+# ---------------------------------------------------------------------------------------------
+
+#: positives the rules do not raise yet (measured at d399cff, priced for an H100); prune as they pass
+KNOWN_UNRAISED: frozenset[str] = frozenset({
+    "bf16_preferred_element_type_f32",
+    "bf16_scores_f32_softmax_cast_back",
+    "bf16_scores_f32_softmax_grad",
+    "flax_linen_dot_product_attention_bias_mask",
+    "flax_linen_mha_causal_and_padding",
+    "flax_linen_mha_padding",
+    "jax_dpa_bf16_causal",
+    "jax_dpa_bias",
+    "jax_dpa_bool_mask",
+    "jax_dpa_causal_grad",
+    "jax_dpa_causal_local_window",
+    "jax_dpa_gqa_grad",
+    "jax_dpa_local_window",
+    "jax_dpa_seq_lengths",
+    "logit_soft_cap_tanh",
+    "mask_anti_causal_iota",
+    "mask_causal_and_padding",
+    "mask_causal_where_plus_bias",
+    "mask_decode_step_kv_cache",
+    "mask_float_tril_ne_zero",
+    "mask_gpt2_w_times_b_minus_1e10",
+    "mask_key_padding_all_padded_row",
+    "mask_key_padding_bool",
+    "mask_key_padding_grad",
+    "mask_mul_of_float_masks",
+    "mask_sliding_window",
+    "mask_triu_k1_where_neg_inf",
+    "mqa_kv_without_head_axis",
+    "p_times_per_head_mask",
+    "precision_highest",
+    "rank2_sd",
+    "rank3_bh_flat_from_bshd_reshape",
+    "rank3_bh_flat_scaled",
+    "rank3_hsd",
+    "rank5_grouped_with_bias",
+    "scale_div_jnp_sqrt_of_d",
+    "scale_mul_lax_rsqrt",
+    "scale_mul_reciprocal_sqrt",
+    "scale_runtime_scalar_arg",
+    "sfdp08_permuted_bf16_f32_softmax",
+    "sfdp10_permuted_prescaled_q_bf16",
+    "sfdp13_bmm_unscaled",
+    "sfdp15_distilbert_masked_fill",
+    "sfdp19_causal_where_plus_mask",
+    "softmax_deferred_normalisation",
+    "softmax_exp_log_softmax",
+    "softmax_exp_s_minus_logsumexp",
+    "softmax_exp_s_minus_logsumexp_grad",
+    "softmax_no_max_subtraction",
+    "softmax_post_where_after_pre_mask",
+    "softmax_reciprocal_multiply",
+    "xla_training_bmm1_softmax_bmm2_grad",
+    "xla_training_scale_bias_grad",
+})
+
+#: negatives the rules raise today with equal values: their output O is attention, but the weights P
+#: are needed anyway, so the raised program computes QKᵀ and softmax twice (a cost-model question)
+KNOWN_RAISED_NEGATIVES: frozenset[str] = frozenset({
+    "neg_weights_also_returned",
+    "neg_weights_head_averaged_used",
+})
+
+#: cases whose e-graph stops at a limit (30 s or 200k e-nodes) on the 2-core CI machine
+SLOW: frozenset[str] = frozenset({
+    "flax_nnx_mha_causal_mask",  # 205k e-nodes, e-node limit after ~30 s; raised all the same
+    "jax_dpa_seq_lengths",  # time limit (30 s) at ~97k e-nodes; not raised
+})
+
+BY_NAME: dict[str, Case] = {c.name: c for c in CASES}
+assert len(BY_NAME) == len(CASES), "case names must be unique"
+assert KNOWN_UNRAISED <= {c.name for c in CASES if c.positive}, KNOWN_UNRAISED - BY_NAME.keys()
+assert KNOWN_RAISED_NEGATIVES <= {c.name for c in CASES if not c.positive}
+assert SLOW <= BY_NAME.keys()
+
+
+# ---------------------------------------------------------------------------------------------
+# running a case (shared by tests/test_attention_corpus.py and bench/attention_coverage.py)
+
+TOLERANCE = {"float32": 2e-5, "bfloat16": 2e-2, "float16": 2e-3}
+
+
+def tolerance(*trees) -> float:
+    """rtol = atol for the least precise floating dtype among the leaves of ``trees``."""
+    dtypes = [jnp.dtype(x.dtype).name for x in jax.tree.leaves(trees) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return max((TOLERANCE.get(d, 2e-5) for d in dtypes), default=2e-5)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What optimizing one case did: raised or not, the largest value error, and how long it took."""
+
+    raised: int  # attention ops in the chosen program
+    max_error: float  # max |optimized - original| - tol * |original|, <= 0 when within tolerance
+    seconds: float  # wall time of optimizing (explain: trace, e-graph, extraction, lowering)
+    cpu_seconds: float  # this process's CPU time over the same span (less sensitive to machine load)
+    egraph_nodes: int
+    saturated: bool
+    fallbacks: tuple[str, ...]  # RuntimeWarnings: optimization failed and the original program ran
+    notes: tuple[str, ...]  # the report's warnings (e.g. saturation stopped at a limit)
+    after: str
+
+    @property
+    def values_equal(self) -> bool:
+        return self.max_error <= 0.0
+
+
+def excess_error(got, want, tol: float) -> float:
+    """The largest ``|got - want| - tol - tol*|want|`` over all leaves; inf when shapes, NaN
+    positions or infinities differ."""
+    worst = -np.inf
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        if g.shape != w.shape or not np.array_equal(np.isnan(g), np.isnan(w)):
+            return np.inf
+        infinite = np.isinf(g) | np.isinf(w)
+        if np.any(g[infinite] != w[infinite]):
+            return np.inf
+        finite = np.isfinite(w)
+        diff = np.abs(g[finite] - w[finite]) - tol - tol * np.abs(w[finite])
+        worst = max(worst, float(diff.max(initial=-np.inf)))
+    return worst
+
+
+def evaluate(case: Case, limits: ea.Limits | None = None) -> Outcome:
+    """Optimize ``case`` priced for an H100 and compare the optimized values with the original's."""
+    args = case.args()
+    optimized = ea.optimize(case.fn, cost_model=for_device("h100"),
+                            limits=limits or ea.Limits(iterations=30, seconds=30))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        start, cpu_start = time.perf_counter(), time.process_time()
+        report = optimized.explain(*args)
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+        got = optimized(*args)
+    want = case.fn(*args)
+    return Outcome(
+        raised=len(report.attention),
+        max_error=excess_error(got, want, tolerance(args, want)),
+        seconds=seconds,
+        cpu_seconds=cpu_seconds,
+        egraph_nodes=report.egraph_nodes,
+        saturated=report.saturated,
+        fallbacks=tuple(str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)),
+        notes=tuple(report.warnings),
+        after=str(report.after),
+    )
