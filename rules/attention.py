@@ -25,7 +25,7 @@ attention_layout = RuleSet(
     "Fold operand transposes into Attention layouts and expose the standard and transposed-V forms.",
 )
 
-x, y, z, m, q, k, v, e, s_ = (var(n, Term) for n in ("x", "y", "z", "m", "q", "k", "v", "e", "s_"))
+x, y, z, m, q, k, v, e, s_, t_ = (var(n, Term) for n in ("x", "y", "z", "m", "q", "k", "v", "e", "s_", "t_"))
 p, d1, d2, s1, s2, s3, qa, ka, va, oa = (
     var(n, IntVec) for n in ("p", "d1", "d2", "s1", "s2", "s3", "qa", "ka", "va", "oa")
 )
@@ -269,33 +269,29 @@ def scores_softcap():
 
 @attention_raise.family
 def scores_bias():
-    """Unmasked scores plus (or minus) a tensor are scores with an additive bias; plus ``where(m, 0, -inf)`` they
-    are scores masked by m with fill -inf (``s + 0`` is s, ``s + -inf`` is -inf, for finite s), and a
-    causal m becomes the causal flag (so the kernel can skip tiles)."""
+    """Unmasked scores plus (or minus) a tensor are scores with an additive bias. (An additive
+    0/-inf mask stays a bias, not a where-mask: ``s + -inf`` is NaN where s is +inf, so only
+    its pattern is reported, by eqsat_attn.mask_kinds.)"""
     unmasked = _scores(x, q, k, sc0, cap, NO_MASK, String("none"), fl, i64(0), nb)
-    neg_inf_bias = Term.select(m, scalar(float("-inf"), dt2, s1), scalar(0.0, dt3, s2))
     for form in (Term.binary("add", x, z), Term.binary("add", z, x)):
         yield rl(eq(e).to(form), unmasked, ne(z).to(x))(_scores(e, q, k, sc0, cap, z, String("bias"), fl, i64(0), nb))
     yield rl(eq(e).to(Term.binary("sub", x, z)), unmasked, ne(z).to(x))(  # s - z is s + (-z) exactly
         _scores(e, q, k, sc0, cap, Term.unary("neg", z), String("bias"), fl, i64(0), nb)
     )
-    for form in (Term.binary("add", x, neg_inf_bias), Term.binary("add", neg_inf_bias, x)):
-        yield rl(eq(e).to(form), unmasked, causal_mask(m))(
-            _scores(e, q, k, sc0, cap, NO_MASK, String("none"), f64(float("-inf")), i64(1), nb)
-        )
-        yield rl(eq(e).to(form), unmasked, dtype(m) == String("bool"))(
-            _scores(e, q, k, sc0, cap, m, String("bool"), f64(float("-inf")), i64(0), nb)
-        )
-    # the same bias built at [Sq, Sk] and broadcast over batch and heads
-    spread = Term.broadcast(neg_inf_bias, s3, d2)
-    last_two = (d2.length() >= i64(2), d2[d2.length() - 1] == s3.length() - 1, d2[d2.length() - 2] == s3.length() - 2)
-    for form in (Term.binary("add", x, spread), Term.binary("add", spread, x)):
-        yield rl(eq(e).to(form), unmasked, causal_mask(m), *last_two)(
-            _scores(e, q, k, sc0, cap, NO_MASK, String("none"), f64(float("-inf")), i64(1), nb)
-        )
-        yield rl(eq(e).to(form), unmasked, dtype(m) == String("bool"))(
-            _scores(e, q, k, sc0, cap, Term.broadcast(m, s3, d2), String("bool"), f64(float("-inf")), i64(0), nb)
-        )
+
+
+@attention_raise.family
+def scores_traced_scale():
+    """Unmodified scores times a traced scalar (a scale passed as an argument) are the scores of Q
+    times that scalar: the op's scale is a constant, so the traced factor moves onto Q inside the
+    fused op (the product is rounded once more there: a reassociation)."""
+    traced = Term.broadcast(t_, s1, NONE)
+    for form in (Term.binary("mul", x, traced), Term.binary("mul", traced, x)):
+        yield rl(
+            eq(e).to(form), _scores(x, q, k, sc0, f64(0.0), NO_MASK, String("none"), fl, i64(0), nb),
+            shape(q) == s2, dtype(t_) == dtq, dtype(q) == dtq, shape(t_) == NONE,
+        )(_scores(e, Term.binary("mul", q, Term.broadcast(t_, s2, NONE)), k, sc0, f64(0.0), NO_MASK, String("none"),
+                  fl, i64(0), nb))
 
 
 @attention_raise.family
