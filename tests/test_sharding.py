@@ -79,7 +79,8 @@ def test_optimized_attention_under_a_mesh_needs_no_all_gather():
 
 def test_pallas_wrapper_keeps_grad_vmap_and_gqa():
     """The partitioned Pallas kernel: gradients, vmap (its axis sharded too) and grouped KV heads
-    split with the query heads, each with no all-gather and the reference's values."""
+    split with the query heads, and the packed-QKV kernel, each with no all-gather and the
+    reference's values."""
     out = run_on_8_devices("""
         import functools
         from eqsat_attn.kernels import attention
@@ -110,5 +111,17 @@ def test_pallas_wrapper_keeps_grad_vmap_and_gqa():
         assert gathered == []
         close(exe(qs, ks, vs), jax.vmap(ref)(qs, ks, vs))
         print("vmap ok")
+
+        from eqsat_attn.kernels.packed import packed_attention_reference, packed_flash_attention
+        from eqsat_attn.kernels.partitioned import shard_packed_attention
+
+        packed = dict(packed_layout="BS3HD", scale=0.25, causal=False, o_layout="BSHD")
+        g = lambda qkv: shard_packed_attention(lambda x: packed_flash_attention(x, **packed), qkv,
+                                               packed_layout="BS3HD", o_layout="BSHD")
+        qkv = sharded(extreme((8, 16, 3, 4, 16), 3), P("data", None, None, "model"))
+        exe, gathered = compiled(g, qkv)
+        assert gathered == []
+        close(exe(qkv), packed_attention_reference(qkv, **packed))
+        print("packed ok")
     """)
-    assert out.split() == ["grad", "ok", "vmap", "ok"]
+    assert out.split() == ["grad", "ok", "vmap", "ok", "packed", "ok"]

@@ -184,6 +184,16 @@ def shard_attention(kernel: Callable[[Any, Any, Any], Any], q: Any, k: Any, v: A
     return _with_partitioned_vjp(kernel, operands, out)(q, k, v)
 
 
+def shard_packed_attention(kernel: Callable[[Any], Any], qkv: Any, *, packed_layout: str, o_layout: str) -> Any:
+    """``kernel(qkv)`` for packed Q/K/V (``packed_layout`` over "BHSD3", "3" the Q/K/V axis),
+    split over batch and heads under a device mesh, as `shard_attention`."""
+    if jax.device_count() == 1:
+        return kernel(qkv)
+    names = {"B": BATCH, "H": HEADS, "S": "s", "D": "d", "3": "qkv"}
+    operand, out = tuple(names[a] for a in packed_layout), tuple(names[a] for a in o_layout)
+    return _with_partitioned_vjp(kernel, (operand,), out)(qkv)
+
+
 def _with_partitioned_vjp(kernel: Callable[..., Any], operands: tuple[Factors, ...], out: Factors) -> Callable:
     """``kernel`` as a custom_vjp whose forward and backward both run through `partitioned_call`
     (the backward recomputes the forward per shard and takes the kernel's own vjp there)."""
