@@ -25,7 +25,7 @@ from typing import Any
 
 import jax
 from jax.experimental.custom_partitioning import SdyShardingRule, custom_partitioning
-from jax.extend.core import Primitive
+from jax.extend.core import Primitive, jaxpr_as_fun
 from jax.interpreters import batching, mlir
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -47,21 +47,24 @@ def _shardable(factor: str) -> bool:
 
 def partitioned_call(fn: Callable[..., Sequence[Any]], args: Sequence[Any], operand_factors: Sequence[Factors],
                      result_factors: Sequence[Factors]) -> list[Any]:
-    """``fn(*args)`` (a tuple of arrays), run per shard of its shardable factors under a mesh."""
-    return partitioned_call_p.bind(*args, fn=fn, operand_factors=tuple(map(tuple, operand_factors)),
+    """``fn(*args)`` (a tuple of arrays), run per shard of its shardable factors under a mesh.
+
+    The primitive holds ``fn``'s jaxpr at these shapes (what runs unpartitioned; tools that walk
+    jaxprs see the kernel in it) and ``fn`` itself, traced again at each shard's shapes."""
+    jaxpr = jax.make_jaxpr(lambda *xs: tuple(fn(*xs)))(*(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in args))
+    return partitioned_call_p.bind(*args, jaxpr=jaxpr, fn=fn, operand_factors=tuple(map(tuple, operand_factors)),
                                    result_factors=tuple(map(tuple, result_factors)))
 
 
-def _impl(*args, fn, operand_factors, result_factors):
-    return list(fn(*args))
+def _impl(*args, jaxpr, fn, operand_factors, result_factors):
+    return list(jaxpr_as_fun(jaxpr)(*args))
 
 
-def _abstract_eval(*avals, fn, operand_factors, result_factors):
-    outs = jax.eval_shape(lambda *xs: tuple(fn(*xs)), *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals))
-    return [jax.core.ShapedArray(o.shape, o.dtype) for o in outs]
+def _abstract_eval(*avals, jaxpr, fn, operand_factors, result_factors):
+    return list(jaxpr.out_avals)
 
 
-def _batch(args, dims, *, fn, operand_factors, result_factors):
+def _batch(args, dims, *, jaxpr, fn, operand_factors, result_factors):
     """vmap: the mapped axis (moved to the front) is a new shardable factor of every operand."""
     level = 1 + max((int(f[1:]) for fs in (*operand_factors, *result_factors) for f in fs
                      if f[0] == "v" and f[1:].isdigit()), default=-1)
@@ -74,8 +77,9 @@ def _batch(args, dims, *, fn, operand_factors, result_factors):
     return outs, [0] * len(outs)
 
 
-def _lowering(ctx, *args, fn, operand_factors, result_factors):
-    return mlir.lower_fun(_custom_partitioned(fn, operand_factors, result_factors), multiple_results=True)(ctx, *args)
+def _lowering(ctx, *args, jaxpr, fn, operand_factors, result_factors):
+    return mlir.lower_fun(_custom_partitioned(fn, operand_factors, result_factors),
+                          multiple_results=True)(ctx, *args)
 
 
 partitioned_call_p.def_impl(_impl)
