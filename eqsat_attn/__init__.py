@@ -1,6 +1,7 @@
 """eqsat-attn: equality-saturation optimizer for JAX programs."""
 
 from . import ir
+from .disk_cache import set_cache_dir
 from .capture import Captured, capture, jaxpr_to_program
 from .explore import Exploration, explore
 from .lower import lower
@@ -23,4 +24,5 @@ __all__ = [
     "jaxpr_to_program",
     "lower",
     "optimize",
+    "set_cache_dir",
 ]

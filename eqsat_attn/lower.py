@@ -253,11 +253,18 @@ def lower_attention(node: Node, args: Sequence[Any], attention_kernel: str = "au
             v, v_layout = _to_layout(v, v_layout, target), target
         if o_layout[-1] != "D":
             out_layout = ATTENTION_CANONICAL
-    out = attention(
-        q, k, v, scale=float(p["scale"]), causal=bool(p["causal"]), kernel=kernel,
-        q_layout=q_layout, k_layout=k_layout, v_layout=v_layout, o_layout=out_layout,
-        compute_dtype=compute_dtype, **mods, **extra,
-    )
+    layouts = dict(q_layout=q_layout, k_layout=k_layout, v_layout=v_layout, o_layout=out_layout)
+
+    def kernel_call(q: Any, k: Any, v: Any) -> Any:
+        return attention(q, k, v, scale=float(p["scale"]), causal=bool(p["causal"]), kernel=kernel,
+                         compute_dtype=compute_dtype, **layouts, **mods, **extra)
+
+    if kernel == "pallas" and not extra:  # split over batch and heads under a device mesh
+        from .kernels.partitioned import shard_attention
+
+        out = shard_attention(kernel_call, q, k, v, **layouts)
+    else:
+        out = kernel_call(q, k, v)
     return _to_layout(out, out_layout, o_layout)
 
 

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from . import disk_cache
 from .capture import Captured, capture, normalize_static_argnums, split_args
 from .choices import check_rules
 from .ir import Program
@@ -66,9 +67,11 @@ class OptimizedFunction:
         options: OptimizeOptions,
         static_argnums: int | Sequence[int] = (),
         cache_size: int | None = DEFAULT_CACHE_SIZE,
+        cache_dir: Any = None,
     ) -> None:
         self.fn = fn
         self.options = options
+        self.cache_dir = _checked_cache_dir(cache_dir)  # None: the process-wide setting (disk_cache)
         self.static_argnums = _checked_static_argnums(static_argnums)
         self.cache_size = _checked_cache_size(cache_size)
         self._cache: OrderedDict[Hashable, _Compiled] = OrderedDict()
@@ -143,8 +146,8 @@ class OptimizedFunction:
         timings["trace"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        result, problems = self._optimize(captured)
-        timings["optimize"] = time.perf_counter() - start
+        result, problems, from_disk = self._optimize_cached(captured)
+        timings["disk_cache" if from_disk else "optimize"] = time.perf_counter() - start  # disk: a stored program
 
         start = time.perf_counter()
         kernel = resolve_attention_kernel(self.options.backend)
@@ -173,6 +176,26 @@ class OptimizedFunction:
             unchosen_attention=result.attention_notes if program is result.program else (),
         )
         return _Compiled(captured, call, report)
+
+    def _optimize_cached(self, captured: Captured) -> tuple[PipelineResult, list[str], bool]:
+        """`_optimize` through the disk cache when one is on (`eqsat_attn.disk_cache`); the flag
+        says the program was loaded from disk."""
+        directory = disk_cache.resolve_cache_dir(self.cache_dir)
+        key = disk_cache.entry_key(captured.program, self.options) if directory is not None else None
+        if key is not None:
+            stored = disk_cache.load(directory, key, captured.program)
+            if stored is not None:
+                return stored, [], True
+        result, problems = self._optimize(captured)
+        if key is not None and not problems:
+            try:
+                disk_cache.store(directory, key, result)
+            except disk_cache.Unserializable:
+                pass  # an optimized scan/checkpoint body is an opaque node: kept in memory only
+            except OSError as exc:
+                problems.append(f"could not write the disk cache {directory} ({exc}); optimized programs "
+                                "are kept in memory only")
+        return result, problems, False
 
     def _optimize(self, captured: Captured) -> tuple[PipelineResult, list[str]]:
         original = captured.program
@@ -302,6 +325,11 @@ def _checked_cache_size(cache_size: Any) -> int | None:
     return cache_size
 
 
+def _checked_cache_dir(cache_dir: Any) -> Any:
+    """None (the process-wide setting), False (off) or a directory path (as a Path)."""
+    return cache_dir if cache_dir is None or cache_dir is False else disk_cache.checked_cache_dir(cache_dir)
+
+
 def _cache_key(
     statics: tuple[Any, ...], static_nums: tuple[int, ...], in_tree: Any, avals: Sequence[jax.ShapeDtypeStruct]
 ) -> Hashable:
@@ -329,6 +357,7 @@ def optimize(
     precision: str = "exact",
     reuse_blocks: bool = True,
     cache_size: int | None = DEFAULT_CACHE_SIZE,
+    cache_dir: str | os.PathLike[str] | bool | None = None,
 ) -> Any:
     """Optimize a JAX function by equality saturation; use bare (``@optimize``) or with options.
 
@@ -343,6 +372,9 @@ def optimize(
     introduces a lower precision. ``reuse_blocks`` (default) optimizes identical repeated blocks
     (a model's layers, cut at the residual stream; `eqsat_attn.blocks`) once. ``cache_size``
     optimized programs are kept per function (`DEFAULT_CACHE_SIZE`; None: unbounded).
+    ``cache_dir`` keeps optimized programs on disk for other processes (`eqsat_attn.disk_cache`):
+    a directory, False (off for this function) or None (default: `eqsat_attn.set_cache_dir`'s
+    directory, else ``$EQSAT_ATTN_CACHE_DIR``, else off).
 
     Every option is checked here: a bad one raises ValueError or TypeError now (an unknown
     rule set or a broken rule file too: the rule files are loaded now), not at the first call.
@@ -356,10 +388,11 @@ def optimize(
     check_rules(options.rules)
     static_argnums = _checked_static_argnums(static_argnums)
     cache_size = _checked_cache_size(cache_size)
+    cache_dir = _checked_cache_dir(cache_dir)
 
     def wrap(f: Callable[..., Any]) -> OptimizedFunction:
         if not callable(f):
             raise TypeError(f"ea.optimize decorates a function, got {f!r} (options are keywords: rules=..., ...)")
-        return OptimizedFunction(f, options, static_argnums, cache_size)
+        return OptimizedFunction(f, options, static_argnums, cache_size, cache_dir)
 
     return wrap if fn is None else wrap(fn)

@@ -164,7 +164,11 @@ def lower_packed_attention(node: Any, args: Sequence[Any], attention_kernel: str
     kernel = chosen_kernel(attention_kernel)
     readable = layout[-1] == "D" and o_layout[-1] == "D"
     if kernel == "pallas" and bias is None and readable:
-        return packed_flash_attention(args[0], packed_layout=layout, scale=float(p["scale"]),
-                                      causal=bool(p["causal"]), o_layout=o_layout)
+        from .partitioned import shard_packed_attention  # split over batch and heads under a device mesh
+
+        return shard_packed_attention(
+            lambda qkv: packed_flash_attention(qkv, packed_layout=layout, scale=float(p["scale"]),
+                                               causal=bool(p["causal"]), o_layout=o_layout),
+            args[0], packed_layout=layout, o_layout=o_layout)
     return packed_attention_reference(args[0], packed_layout=layout, scale=float(p["scale"]),
                                       causal=bool(p["causal"]), o_layout=o_layout, bias=bias)
