@@ -220,6 +220,24 @@ def jaxpr_to_program(closed_jaxpr: Any) -> ir.Program:
     return builder.build(outputs, converter.effects)
 
 
+_HALF_ALGORITHMS = {"BF16_BF16_F32": "bfloat16", "F16_F16_F32": "float16"}
+
+
+def _default_precision(precision: Any, operand_dtypes: set[str]) -> bool:
+    """Whether a dot_general's ``precision`` computes what the default does: none given, DEFAULT,
+    or the algorithm preset that is the default for its operands (``BF16_BF16_F32`` over bfloat16:
+    half-precision products accumulated in float32, as jax.nn.dot_product_attention asks).
+    Anything else (HIGHEST, TF32 presets, ...) stays an opaque dot with its precision."""
+    if precision is None:
+        return True
+    name = getattr(precision, "name", None)
+    if name is not None:  # a DotAlgorithmPreset
+        return name == "DEFAULT" or operand_dtypes == {_HALF_ALGORITHMS.get(name)}
+    if isinstance(precision, tuple):
+        return all(getattr(x, "name", x) in (None, "DEFAULT") for x in precision)
+    return False
+
+
 def _type_of(aval: Any) -> TensorType:
     return TensorType(tuple(int(d) for d in aval.shape), str(aval.dtype))
 
@@ -408,7 +426,8 @@ class _Converter:
         return outs
 
     def dot_general(self, p: dict[str, Any], ins: list[int], out: TensorType) -> int | None:
-        if p.get("precision") is not None or p.get("out_sharding") is not None:
+        operand_dtypes = {self.b.nodes[i].type.dtype for i in ins}
+        if not _default_precision(p.get("precision"), operand_dtypes) or p.get("out_sharding") is not None:
             return None
         (lc, rc), (lb, rb) = p["dimension_numbers"]
         pet = p.get("preferred_element_type")

@@ -135,21 +135,23 @@ def _stable_softmax_forms(xx: Term, rank: int):
     keep = perm_range(rank - 1)
     for shifted, ex, total in _shifted_exps(xx, rank):
         yield ex, Term.binary("div", ex, Term.broadcast(total, s2, keep))
-        reciprocal = Term.broadcast(Term.binary("div", scalar(1.0, dt2, s3), total), s2, keep)
-        yield ex, Term.binary("mul", ex, reciprocal)
-        yield ex, Term.binary("mul", reciprocal, ex)
+        for inverse in (Term.binary("div", scalar(1.0, dt2, s3), total), Term.integer_pow(total, -1)):
+            reciprocal = Term.broadcast(inverse, s2, keep)
+            yield ex, Term.binary("mul", ex, reciprocal)
+            yield ex, Term.binary("mul", reciprocal, ex)
         log_total = Term.broadcast(Term.unary("log", total), s2, keep)
         yield ex, Term.unary("exp", Term.binary("sub", shifted, log_total))
 
 
 @attention_raise.family
 def scalar_broadcast_commute():
-    """A scalar divided by a broadcast, and the log of a broadcast, are broadcasts of the
-    elementwise result (so a keepdims reciprocal or log of a row sum reads as one broadcast)."""
+    """A scalar divided by a broadcast, the reciprocal and the log of a broadcast, are broadcasts of
+    the elementwise result (so a keepdims reciprocal or log of a row sum reads as one broadcast)."""
     yield rl(eq(e).to(Term.binary("div", scalar(c, dt2, s1), Term.broadcast(y, s2, d2))), shape(y) == s3)(
         union(e).with_(Term.broadcast(Term.binary("div", scalar(c, dt2, s3), y), s2, d2))
     )
     yield rw(Term.unary("log", Term.broadcast(y, s2, d2)), Term.broadcast(Term.unary("log", y), s2, d2))
+    yield rw(Term.integer_pow(Term.broadcast(y, s2, d2), -1), Term.broadcast(Term.integer_pow(y, -1), s2, d2))
 
 
 @attention_raise.family

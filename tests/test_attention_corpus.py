@@ -25,7 +25,7 @@ def test_attention_corpus(case: Case):
         if case.name in KNOWN_UNRAISED:
             if outcome.raised:
                 pytest.fail(f"{case.name} is raised now: remove it from KNOWN_UNRAISED in tests/attention_corpus.py")
-            pytest.xfail(f"{case.name}: not raised by the current rules ({case.source})")
+            pytest.xfail(f"{case.name}: not raised: {KNOWN_UNRAISED[case.name]}")
         assert outcome.raised >= 1, f"{case.name} ({case.source}) was not raised to attention:\n{outcome.after}"
     else:
         if case.name in KNOWN_RAISED_NEGATIVES:
