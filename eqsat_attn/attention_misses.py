@@ -15,7 +15,7 @@ from typing import Any
 from .ir import Node, Program
 
 ATTENTION_OPS = ("attention", "attention_fp8", "packed_attention")
-STEER_PENALTY_S = 1.0  # seconds added to every softmax: far above any real program's cost
+STEER_FACTOR = 1e6  # how much dearer every other op is when steering extraction to attention
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,8 @@ def softmax_misses(program: Program) -> list[SoftmaxMiss]:
 
 
 class PreferAttention:
-    """``base`` with every softmax penalised, so extraction takes attention wherever the e-graph
-    has it (to price what the chosen program gave up)."""
+    """``base`` with every op but attention made ``STEER_FACTOR`` times dearer, so extraction takes
+    attention wherever the e-graph has it (to price what the chosen program gave up)."""
 
     def __init__(self, base: Any) -> None:
         self.base = base
@@ -106,7 +106,7 @@ class PreferAttention:
 
     def node_cost(self, node: Any) -> float:
         cost = float(self.base.node_cost(node))
-        return cost + STEER_PENALTY_S if node.op == "softmax" else cost
+        return cost if node.op in ATTENTION_OPS else cost * STEER_FACTOR
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.base, name)

@@ -157,7 +157,8 @@ def optimize_part(program: Program, options: OptimizeOptions, model,
             chosen, _ = extract_program(egraph, encoding, model, extractor=options.extractor)
             chosen = prefer_transposed_v(egraph, encoding, model, chosen)  # greedy misses it (fp8_layout)
         if notes is not None and run.rules_fired.get("attention_raise.attention") and not has_attention(chosen):
-            steered, _ = extract_program(egraph, encoding, PreferAttention(model), extractor="greedy")
+            extractor = "greedy-dag" if options.extractor == "ilp" else options.extractor
+            steered, _ = extract_program(egraph, encoding, PreferAttention(model), extractor=extractor)
             note = unchosen_attention_note(chosen, steered, model)
             if note:
                 notes.append(note)

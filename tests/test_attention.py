@@ -162,6 +162,32 @@ def test_where_masks_keep_their_exact_fill(fn, causal):
 
 
 @dataclasses.dataclass
+class AttentionPricedOut:
+    """Bytes moved, with every attention op a million times dearer."""
+
+    name: str = "attention-priced-out"
+
+    def node_cost(self, node: OpView) -> float:
+        base = MaterializedBytes().node_cost(node)
+        return base * 1e6 if node.op == "attention" else base
+
+
+def test_the_report_says_why_a_softmax_is_not_attention():
+    """A softmax left in the chosen program is explained: the nearest form it missed, or the
+    predicted cost of the attention found for it but not chosen."""
+    args = BHSD_ARGS
+    missed = ea.optimize(op_between_matmuls).explain(*args).not_attention
+    assert len(missed) == 1 and "tanh" in missed[0], missed
+    priced_out = ea.optimize(einsum_bhsd, cost_model=AttentionPricedOut()).explain(*args)
+    assert priced_out.attention == []
+    notes = [n for n in priced_out.not_attention if "found but not chosen" in n]
+    assert len(notes) == 1 and "attention-priced-out" in notes[0], priced_out.not_attention
+    assert "not attention:" in priced_out.summary()
+    chosen = ea.optimize(einsum_bhsd, cost_model=for_device("h100")).explain(*args)
+    assert len(chosen.attention) == 1 and chosen.not_attention == []
+
+
+@dataclasses.dataclass
 class VariantModel:
     """Bytes moved, with attention priced per V layout: ``transposed`` scales the cost of
     attention reading V with its sequence axis minor, ``standard`` with head_dim minor."""
