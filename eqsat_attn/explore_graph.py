@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,19 +111,26 @@ class EGraphView:
         ctors = set(ATTENTION_CTORS) if text == "attention" else {_IR_TO_CTOR.get(text, text)}
         return {n.eclass for n in self.nodes.values() if n.ctor in ctors}
 
-    def neighbourhood(self, focus: set[str], depth: int) -> dict[str, int]:
-        """E-classes within ``depth`` hops of ``focus`` (down to operands, up to users): hops each."""
-        hops = {c: 0 for c in focus}
-        frontier = set(focus)
+    def neighbourhood(self, focus: set[str], depth: int, through: Callable[[str], list[str]]) -> dict[str, int]:
+        """E-classes within ``depth`` hops of ``focus``, walking from each e-class along the e-nodes
+        ``through`` gives (down to their operands, up to e-classes whose such e-nodes use it).
+
+        Returns e-class -> level: 0 for the focus, -d for d hops down, +d for d hops up.
+        """
+        users: dict[str, list[str]] = {}
+        for key, node in self.nodes.items():
+            for c in set(node.children):
+                users.setdefault(c, []).append(key)
+        level = {c: 0 for c in focus}
+        down, up = set(focus), set(focus)
         for d in range(1, depth + 1):
-            nxt = set()
-            for c in frontier:
-                below = {ch for k in self.classes[c] for ch in self.nodes[k].children}
-                nxt |= (below | self.parents.get(c, set())) - hops.keys()
-            for c in nxt:
-                hops[c] = d
-            frontier = nxt
-        return hops
+            below = {ch for c in down for k in through(c) for ch in self.nodes[k].children} - level.keys()
+            level.update({c: -d for c in below})
+            above = {self.nodes[u].eclass for c in up for u in users.get(c, ())
+                     if u in through(self.nodes[u].eclass)} - level.keys()
+            level.update({c: d for c in above})
+            down, up = below, above
+        return level
 
     def is_structural(self, key: str) -> bool:
         """Whether an e-node only restates an e-class: an identity transpose, a reshape to its
@@ -193,12 +200,21 @@ def price(view: EGraphView, model: CostModel) -> Pricing:
     return Pricing(model, own, total, best, cost, frozenset(chosen))
 
 
+def shown_nodes(view: EGraphView, pricing: Pricing, eclass: str, fold: bool, limit: int | None) -> list[str]:
+    """The e-nodes of an e-class a picture draws: the chosen one first, then by total cost, at most
+    ``limit``; structural ones left out when folding (one kept if nothing else is left)."""
+    members = view.classes[eclass]
+    shown = [k for k in members if not (fold and view.is_structural(k))] or members[:1]
+    shown.sort(key=lambda k: (k not in pricing.chosen, pricing.total.get(k, math.inf), k))
+    return shown if limit is None else shown[:max(1, limit)]
+
+
 def label(view: EGraphView, node: ENode, width: int = 56) -> str:
     """A short readable label of an e-node: attention by its layouts, others by their statics."""
     s = node.statics
     if node.ctor in ("attention", "attention_fp8") and len(s) >= 6:
         q, k, v, o = (axes_to_layout(tuple(a)) for a in s[:4])
-        flags = " causal" if s[5] else ""
+        flags = (" causal" if s[5] else "") + (f" mask={s[6]}" if len(s) > 6 and s[6] not in ("none", "") else "")
         text = f"{node.ctor} q={q} k={k} v={v} o={o}{flags}"
     elif node.ctor == "packed_attention" and len(s) >= 4:
         text = (f"packed_attention {axes_to_packed_layout(tuple(s[0]))} o={axes_to_layout(tuple(s[1]))}"
