@@ -35,6 +35,7 @@ from .capture import Captured, capture
 from .cost import program_cost
 from .cost.model import CostModel
 from .choices import EXTRACTORS, check_choice, check_limits, cost_model_from_name, rule_names
+from .explore_charts import comparison_html, why_svg
 from .explore_draw import ENGINES, MAX_WIDTH, Picture, build_picture, render_svg, summary_svg, to_dot
 from .explore_graph import ATTENTION_CTORS, EGraphView, Pricing, price, shown_nodes
 from .pipeline import Limits
@@ -192,9 +193,8 @@ class Comparison:
 
     def _repr_html_(self) -> str:
         headers, body = self._cells()
-        th = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-        rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
-        return f"<table><caption>extraction under each cost model (* = own choice)</caption><tr>{th}</tr>{rows}</table>"
+        costs = [[row["costs"][n] for n in self.models] for row in self.rows + ([self.original] if self.original else [])]
+        return comparison_html(headers, body, costs, first_cost_column=len(headers) - len(self.models))
 
 
 @dataclass(frozen=True)
@@ -256,8 +256,19 @@ class Explanation:
                 out.append(f"    ... {len(ranked) - limit} more (Exploration.why shows all)")
         return "\n".join(out)
 
+    def svg(self, path: str | Path | None = None, limit: int | None = 10) -> str:
+        """The alternatives of each e-class as ranked bars (own cost + cheapest operands), cheapest
+        ``limit`` of each; written to ``path`` if given."""
+        fmt = lambda v: _fmt_cost(v, self.model)  # noqa: E731
+        heading = (f"why: alternatives of each e-class holding {self.op!r} under {_model_name(self.model)}"
+                   if self.classes else self.format())
+        svg = why_svg([(f"e-class of {c.label}", c.alternatives) for c in self.classes], fmt, heading, limit)
+        if path is not None:
+            Path(path).write_text(svg)
+        return svg
+
     def _repr_html_(self) -> str:
-        return f"<pre>{html.escape(str(self))}</pre>"
+        return (f"{self.svg()}<details><summary>as text</summary><pre>{html.escape(str(self))}</pre></details>")
 
 
 # ----------------------------------------------------------------------------------- explorer

@@ -133,51 +133,53 @@ def svg_width_px(svg: str) -> float:
 
 # ----------------------------------------------------------------------------------- Graphviz
 def to_dot(picture: Picture, max_width: int = MAX_WIDTH) -> str:
-    """DOT text: one cluster per e-class, chosen e-nodes and edges in bold red; ``size`` caps the width."""
+    """DOT text: one node per e-class (a table, one row per e-node), the chosen program in bold red.
+
+    Users sit above their operands (left of them when that is narrower); ``size`` caps the width.
+    """
     levels = _levels(picture)
     widths = {c: _box_width(pc) for c, pc in picture.classes.items()}
     per_level: dict[int, list[str]] = {}
     for c, lv in levels.items():
         per_level.setdefault(lv, []).append(c)
-    tall = max((sum(widths[c] for c in cs) for cs in per_level.values()), default=0)
-    wide = sum(max(widths[c] for c in cs) for cs in per_level.values())
-    rankdir = "BT" if tall <= max_width or tall <= wide else "RL"  # operands below, or to the right
+    across = max((sum(widths[c] for c in cs) for cs in per_level.values()), default=0)
+    along = sum(max(widths[c] for c in cs) for cs in per_level.values())
+    rankdir = "TB" if across <= max_width or across <= along else "LR"
     inches = max_width * 0.75 / 72  # CSS px -> pt -> in
-    title = "\\l".join(_dot_text(t) for t in picture.title) + "\\l"
+    title = "".join(f'<tr><td align="left">{"<b>" if i == 0 else ""}{html.escape(t)}{"</b>" if i == 0 else ""}'
+                    "</td></tr>" for i, t in enumerate(picture.title))
     lines = [
         "digraph egraph {",
-        f'  graph [compound=true, rankdir={rankdir}, size="{inches:.2f},1000", nodesep=0.15, ranksep=0.35,'
-        f' fontname="monospace", fontsize=11, labelloc=t, labeljust=l, label="{title}"];',
-        '  node [shape=box, style="rounded", fontname="monospace", fontsize=10, height=0.2, margin="0.06,0.02"];',
-        '  edge [color="#9999bb", arrowsize=0.5];',
+        f'  graph [rankdir={rankdir}, size="{inches:.2f},1000", nodesep=0.25, ranksep=0.5, fontname="monospace",'
+        f' labelloc=t, labeljust=l, label=<<table border="0" cellpadding="0" cellspacing="0">{title}</table>>];',
+        '  node [shape=plain, fontname="monospace", fontsize=10];',
+        '  edge [color="#9999bb", arrowsize=0.5, penwidth=0.7];',
     ]
-    ids = {}
-    for i, (c, pc) in enumerate(picture.classes.items()):
-        color = _FOCUS if pc.focus else ("#555555" if pc.chosen else "#999999")
-        style = "solid" if pc.focus or pc.chosen else "dashed"
-        lines.append(f'  subgraph cluster_{i} {{ label="{_dot_text(pc.title)}"; style={style}; color="{color}";'
-                     f' penwidth={2 if pc.focus else 1}; fontsize=10;')
-        for n in pc.nodes:
-            ids[n.key] = f"n{len(ids)}"
-            attrs = f'label="{_dot_text(n.text)}\\n{_dot_text(n.costs)}"'
+    ids = {c: f"c{i}" for i, c in enumerate(picture.classes)}
+    ports = {}
+    for c, pc in picture.classes.items():
+        color = _FOCUS if pc.focus else ("#555555" if pc.chosen else "#aaaaaa")
+        rows = [f'<tr><td align="left"><font color="#444444">{"<b>" if pc.focus else ""}{html.escape(pc.title)}'
+                f'{"</b>" if pc.focus else ""}</font></td></tr>']
+        for i, n in enumerate(pc.nodes):
+            ports[n.key] = f"{ids[c]}:p{i}"
+            text = html.escape(f"{n.text}  {n.costs}")
             if n.chosen:
-                attrs += f', style="rounded,filled,bold", fillcolor="{_CHOSEN_FILL}", color="{_CHOSEN}", penwidth=2.5'
-            lines.append(f"    {ids[n.key]} [{attrs}];")
+                rows.append(f'<tr><td port="p{i}" align="left" bgcolor="{_CHOSEN_FILL}"><b>{text}</b></td></tr>')
+            else:
+                rows.append(f'<tr><td port="p{i}" align="left">{text}</td></tr>')
         if pc.more or pc.folded:
-            ids[f"more:{c}"] = f"m{i}"
-            lines.append(f'    m{i} [shape=plaintext, fontcolor="#777777", label="{_dot_text(_more_text(pc))}"];')
-        lines.append("  }")
-    cluster_of = {c: i for i, c in enumerate(picture.classes)}
+            rows.append(f'<tr><td align="left"><font color="#777777"><i>{html.escape(_more_text(pc))}</i></font></td></tr>')
+        lines.append(f'  {ids[c]} [label=<<table border="{2 if pc.focus else 1}" cellborder="0" cellspacing="0"'
+                     f' cellpadding="2" color="{color}" bgcolor="#f8f8ff" style="rounded">{"".join(rows)}</table>>];')
+    if picture.levels is not None:
+        for lv, cs in sorted(per_level.items()):
+            lines.append("  { rank=same; " + " ".join(ids[c] for c in cs) + " }")
     for key, child, chosen in picture.edges:
-        target = ids[picture.classes[child].nodes[0].key]
-        style = f', color="{_CHOSEN}", penwidth=2.5' if chosen else ""
-        lines.append(f"  {ids[key]} -> {target} [lhead=cluster_{cluster_of[child]}{style}];")
+        style = f' [color="{_CHOSEN}", penwidth=2.5]' if chosen else ""
+        lines.append(f"  {ports[key]} -> {ids[child]}{style};")
     lines.append("}")
     return "\n".join(lines)
-
-
-def _dot_text(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
 # ----------------------------------------------------------------------------------- built-in layout
