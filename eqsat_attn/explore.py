@@ -37,7 +37,7 @@ from .cost.model import CostModel
 from .choices import EXTRACTORS, check_choice, check_limits, cost_model_from_name, rule_names
 from .explore_charts import comparison_html, why_svg
 from .explore_draw import ENGINES, MAX_WIDTH, Picture, build_picture, render_svg, summary_svg, to_dot
-from .explore_graph import ATTENTION_CTORS, EGraphView, Pricing, price, shown_nodes
+from .explore_graph import ATTENTION_CTORS, EGraphView, Pricing, match_terms, price, shown_nodes
 from .pipeline import Limits
 from .report import AttentionInfo, _format_seconds, attention_infos
 
@@ -491,9 +491,14 @@ class Exploration:
         """Every e-node and e-class priced under a model (default: the last `extract`'s, else this
         device's roofline), with the cheapest program's e-nodes (greedy DAG, as `extract`)."""
         model = self._model if cost_model is None and self._model is not None else cost_model_from_name(cost_model)
-        key = (id(self.view()), _model_name(model), id(model))
+        view = self.view()
+        key = (id(view), _model_name(model), id(model))
         if key not in self._pricings:
-            self._pricings = {key: price(self.view(), model)}
+            chosen = None
+            if self.encoding.root is not None:  # mark what extraction picks (greedy DAG), ties included
+                termdag, terms = self._extract_many([self.encoding.root], model)
+                chosen = None if terms[0] is None else match_terms(view, termdag, terms[0])
+            self._pricings = {key: price(view, model, chosen)}
         return self._pricings[key]
 
     def picture(self, focus: str | int | None = None, depth: int = 2, fold: bool = False,

@@ -95,7 +95,7 @@ def build_picture(
         for n in pc.nodes:
             for child in dict.fromkeys(view.nodes[n.key].children):
                 if child in out and child != pc.key:
-                    edges.append((n.key, child, n.chosen and pricing.best.get(child) in pricing.chosen))
+                    edges.append((n.key, child, n.chosen))
     chosen_attention = sorted({label(view, view.nodes[k]) for k in pricing.chosen
                                if view.nodes[k].ctor in ATTENTION_CTORS})
     total_nodes = sum(len(v) for v in view.classes.values())

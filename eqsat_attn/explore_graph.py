@@ -163,8 +163,51 @@ class Pricing:
     chosen: frozenset[str]  # e-nodes of the cheapest program from the root(s)
 
 
-def price(view: EGraphView, model: CostModel) -> Pricing:
-    """Price every e-node (as extraction does) and run greedy-DAG extraction to a fixed point."""
+def match_terms(view: EGraphView, termdag: Any, root: int) -> frozenset[str] | None:
+    """The e-nodes an extracted term (egglog's `TermDag` and root term id) is made of, or None
+    where a term matches no e-node (the e-graph changed since)."""
+    index: dict[tuple, str] = {}
+    for key, node in view.nodes.items():
+        index.setdefault((node.ctor, node.children, _norm(node.statics)), key)
+    values: dict[int, Any] = {}  # term id -> primitive value, or ("class", e-class) for a tensor term
+    used: set[str] = set()
+    stack = [root]
+    while stack:
+        tid = stack[-1]
+        if tid in values:
+            stack.pop()
+            continue
+        term = termdag.get(tid)
+        pending = [a for a in getattr(term, "args", ()) if a not in values]
+        if pending:
+            stack.extend(pending)
+            continue
+        stack.pop()
+        if not hasattr(term, "args"):  # a literal
+            lit = getattr(term, "value", None)
+            values[tid] = getattr(lit, "value", lit)
+            continue
+        args = [values[a] for a in term.args]
+        if term.name in ("vec-of", "vec-empty"):
+            values[tid] = tuple(args)
+            continue
+        ctor = _ctor_of_term(term.name)
+        children = tuple(a[1] for a in args if isinstance(a, tuple) and a[:1] == ("class",))
+        statics = tuple(a for a in args if not (isinstance(a, tuple) and a[:1] == ("class",)))
+        key = index.get((ctor, children, _norm(statics)))
+        if key is None:
+            return None
+        used.add(key)
+        values[tid] = ("class", view.nodes[key].eclass)
+    return frozenset(used)
+
+
+def price(view: EGraphView, model: CostModel, chosen: frozenset[str] | None = None) -> Pricing:
+    """Price every e-node (as extraction does) and run greedy-DAG extraction to a fixed point.
+
+    ``chosen``: the e-nodes of the program extraction chose (`match_terms`); default: the
+    cheapest found here (the same algorithm; ties may fall the other way).
+    """
     own: dict[str, float] = {}
     cache: dict[tuple, float] = {}
     for key, node in view.nodes.items():
@@ -194,10 +237,9 @@ def price(view: EGraphView, model: CostModel) -> Pricing:
                 if user not in queued:
                     queued.add(user)
                     pending.append(user)
-    chosen: set[str] = set()
-    for root in view.roots():
-        chosen |= picked.get(root, frozenset())
-    return Pricing(model, own, total, best, cost, frozenset(chosen))
+    if chosen is None:
+        chosen = frozenset().union(*(picked.get(root, frozenset()) for root in view.roots()))
+    return Pricing(model, own, total, best, cost, chosen)
 
 
 def shown_nodes(view: EGraphView, pricing: Pricing, eclass: str, fold: bool, limit: int | None) -> list[str]:
@@ -245,6 +287,21 @@ def type_text(t: ir.TensorType | None) -> str:
 # ----------------------------------------------------------------------------------- helpers
 def _vec(v: Any) -> str:
     return "(" + ",".join(map(str, v)) + ")" if isinstance(v, tuple) else str(v)
+
+
+def _norm(statics: Iterable[Any]) -> tuple:
+    """Static arguments compared across JSON and extracted terms (ints and floats as floats)."""
+    return tuple(_norm(v) if isinstance(v, tuple) else float(v) if isinstance(v, (int, float)) else v
+                 for v in statics)
+
+
+def _ctor_of_term(name: str) -> str:
+    """"eqsat_attn_egraph_language_Term_transpose" (or "Term.transpose") -> "transpose"."""
+    for prefix in ("TermList_", "Term_", "TermList.", "Term."):
+        k = name.rfind(prefix)
+        if k >= 0:
+            return name[k + len(prefix):]
+    return name
 
 
 def _interleave(ctor: str, children: Iterable[str], statics: Iterable[Any]) -> list[Any]:
