@@ -8,6 +8,8 @@
     best = ex.extract()                       # Extraction: program, predicted cost, attention
     ex.compare({"h100": "roofline-h100", "cpu": "roofline-cpu", "bytes": "bytes"})
     ex.why("attention")                       # every alternative e-node of attention's e-classes, priced
+    ex.why("attention").svg("why.svg")        # the same as ranked bar charts
+    ex.svg("a.svg", focus="attention", fold=True)  # the e-classes around attention, priced, choice in red
     ex.svg("egraph.svg")                      # drawing (small graphs) or summary (large ones)
 
 In a notebook, the explorer, its steps, extractions, comparisons and explanations display
