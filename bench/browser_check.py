@@ -24,6 +24,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import xml.etree.ElementTree as ET
 import zlib
 from collections.abc import Sequence
@@ -227,7 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default="block", help="built-in example (block, attention, attention_vt)")
     parser.add_argument("--cost-model", default="roofline-h100")
-    parser.add_argument("--out", default="bench/results/browser_check", help="folder for the pictures and page.png")
+    parser.add_argument("--out", default=str(pathlib.Path(tempfile.gettempdir()) / "eqsat_attn_browser_check"),
+                        help="folder for the pictures and page.png (default: in the temporary folder)")
     parser.add_argument("--max-width", type=int, default=2000, help="widest picture allowed, CSS pixels")
     parser.add_argument("--engine", default="auto", choices=("auto", "builtin", "dot"))
     parser.add_argument("--chromium", help="Chromium executable (default: the first of chromium, chrome on PATH)")

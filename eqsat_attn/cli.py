@@ -211,7 +211,8 @@ def check_explore_args(ns: argparse.Namespace) -> tuple[list[str] | None, list[s
                 raise UsageError(f"{option} {value}: {'is a folder' if path.is_dir() else 'its folder does not exist'};"
                                  " give a file path in an existing folder")
     if not ns.svg:
-        for option, given in (("--focus", ns.focus is not None), ("--depth", ns.depth is not None), ("--fold", ns.fold)):
+        drawing_options = (("--focus", ns.focus is not None), ("--depth", ns.depth is not None), ("--fold", ns.fold))
+        for option, given in drawing_options:
             if given:
                 raise UsageError(f"{option} shapes the e-graph drawing: give --svg FILE too")
     if ns.depth is not None and ns.depth < 0:

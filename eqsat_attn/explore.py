@@ -195,7 +195,8 @@ class Comparison:
 
     def _repr_html_(self) -> str:
         headers, body = self._cells()
-        costs = [[row["costs"][n] for n in self.models] for row in self.rows + ([self.original] if self.original else [])]
+        everyone = self.rows + ([self.original] if self.original else [])
+        costs = [[row["costs"][n] for n in self.models] for row in everyone]
         return comparison_html(headers, body, costs, first_cost_column=len(headers) - len(self.models))
 
 

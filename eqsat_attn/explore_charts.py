@@ -53,7 +53,8 @@ def why_svg(sections: Sequence[tuple[str, Sequence[Any]]], fmt: Callable[[float]
                 ops_w = _BAR_W * min(alt.operands_cost, top) / top
                 out.append(f'<rect x="40" y="{y - 11}" width="{own_w:.1f}" height="12" fill="{_OWN}">'
                            f"<title>own {html.escape(fmt(alt.own_cost))}</title></rect>")
-                out.append(f'<rect x="{40 + own_w:.1f}" y="{y - 11}" width="{ops_w:.1f}" height="12" fill="{_OPERANDS}">'
+                out.append(f'<rect x="{40 + own_w:.1f}" y="{y - 11}" width="{ops_w:.1f}" height="12"'
+                           f' fill="{_OPERANDS}">'
                            f"<title>operands {html.escape(fmt(alt.operands_cost))}</title></rect>")
             text = (f"{fmt(alt.total):>9} (own {fmt(alt.own_cost)} + operands {fmt(alt.operands_cost)},"
                     f" {alt.operand_transposes} transposes)  {alt.description}")

@@ -169,7 +169,8 @@ def to_dot(picture: Picture, max_width: int = MAX_WIDTH) -> str:
             else:
                 rows.append(f'<tr><td port="p{i}" align="left">{text}</td></tr>')
         if pc.more or pc.folded:
-            rows.append(f'<tr><td align="left"><font color="#777777"><i>{html.escape(_more_text(pc))}</i></font></td></tr>')
+            more = html.escape(_more_text(pc))
+            rows.append(f'<tr><td align="left"><font color="#777777"><i>{more}</i></font></td></tr>')
         lines.append(f'  {ids[c]} [label=<<table border="{2 if pc.focus else 1}" cellborder="0" cellspacing="0"'
                      f' cellpadding="2" color="{color}" bgcolor="#f8f8ff" style="rounded">{"".join(rows)}</table>>];')
     if picture.levels is not None:
