@@ -294,7 +294,7 @@ class Exploration:
         self._answerer = QuestionAnswerer()  # shared by every step: old questions are not re-answered
         self._serialized: tuple[int, dict] | None = None
         self._view: tuple[dict, EGraphView] | None = None
-        self._pricings: dict[tuple, Pricing] = {}
+        self._pricing: tuple[EGraphView, Pricing] | None = None
         self._model: Any = None  # the last extraction's cost model: pictures price under it
 
     # ------------------------------------------------------------------ rewriting
@@ -495,14 +495,16 @@ class Exploration:
         device's roofline), with the cheapest program's e-nodes (greedy DAG, as `extract`)."""
         model = self._model if cost_model is None and self._model is not None else cost_model_from_name(cost_model)
         view = self.view()
-        key = (id(view), _model_name(model), id(model))
-        if key not in self._pricings:
-            chosen = None
-            if self.encoding.root is not None:  # mark what extraction picks (greedy DAG), ties included
-                termdag, terms = self._extract_many([self.encoding.root], model)
-                chosen = None if terms[0] is None else match_terms(view, termdag, terms[0])
-            self._pricings = {key: price(view, model, chosen)}
-        return self._pricings[key]
+        cached = self._pricing
+        if cached is not None and cached[0] is view and cached[1].model is model:
+            return cached[1]
+        chosen = None
+        if self.encoding.root is not None:  # mark what extraction picks (greedy DAG), ties included
+            termdag, terms = self._extract_many([self.encoding.root], model)
+            chosen = None if terms[0] is None else match_terms(view, termdag, terms[0])
+        pricing = price(view, model, chosen)
+        self._pricing = (view, pricing)  # the view itself is kept: a new one is a changed e-graph
+        return pricing
 
     def picture(self, focus: str | int | None = None, depth: int = 2, fold: bool = False,
                 cost_model: str | CostModel | None = None, max_alternatives: int | None = None) -> Picture:
