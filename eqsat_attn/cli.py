@@ -4,6 +4,7 @@
     eqsat-attn rules                                  # rule sets and their families
     eqsat-attn explore block --shapes 2x16x32         # a built-in example (block, attention, ...)
     eqsat-attn explore mymod:fn --shapes 2x8x64,64x64 --dtype bf16 --cost-model roofline-h100 --svg g.svg
+    eqsat-attn explore block --svg attention.svg --focus attention --depth 2 --fold --why-svg why.svg
     eqsat-attn bench scaling|end-to-end|cost-model|rule-ablation [options of the benchmark]
 """
 
@@ -203,11 +204,19 @@ def check_explore_args(ns: argparse.Namespace) -> tuple[list[str] | None, list[s
         rules = check_rules([r for r in (ns.rules or "").split(",") if r] or None)
     except (ValueError, TypeError, OSError) as exc:
         raise UsageError(f"--rules: {exc}") from None
-    if ns.svg:
-        svg = Path(ns.svg)
-        if svg.is_dir() or not svg.absolute().parent.is_dir():
-            raise UsageError(f"--svg {ns.svg}: {'is a folder' if svg.is_dir() else 'its folder does not exist'};"
-                             " give a file path in an existing folder")
+    for option, value in (("--svg", ns.svg), ("--why-svg", ns.why_svg)):
+        if value:
+            path = Path(value)
+            if path.is_dir() or not path.absolute().parent.is_dir():
+                raise UsageError(f"{option} {value}: {'is a folder' if path.is_dir() else 'its folder does not exist'};"
+                                 " give a file path in an existing folder")
+    if not ns.svg:
+        drawing_options = (("--focus", ns.focus is not None), ("--depth", ns.depth is not None), ("--fold", ns.fold))
+        for option, given in drawing_options:
+            if given:
+                raise UsageError(f"{option} shapes the e-graph drawing: give --svg FILE too")
+    if ns.depth is not None and ns.depth < 0:
+        raise UsageError(f"--depth must be at least 0, got {ns.depth}")
     return rules, compare
 
 
@@ -267,10 +276,17 @@ def explore_command(console: Console, ns: argparse.Namespace) -> int:
         with console.status("pricing the alternatives of each attention e-class..."):
             why = ex.why("attention", model)
         console.print(why.format(limit=ns.alternatives), highlight=False, markup=False, soft_wrap=True)
+    if ns.why_svg:
+        with console.status(f"charting the alternatives of each attention e-class to {ns.why_svg}..."):
+            (why if best.attention else ex.why("attention", model)).svg(ns.why_svg, limit=ns.alternatives or None)
+        console.print(f"wrote {ns.why_svg}")
     if ns.svg:
         with console.status(f"drawing the e-graph to {ns.svg}..."):
-            ex.svg(ns.svg)
-        console.print(f"wrote {ns.svg}")
+            try:
+                ex.svg(ns.svg, focus=ns.focus, depth=2 if ns.depth is None else ns.depth, fold=ns.fold)
+            except ValueError as exc:  # a focus that names nothing in this e-graph
+                raise UsageError(f"--focus {ns.focus}: {exc}") from None
+        console.print(f"wrote {ns.svg}" + (f" (around {ns.focus})" if ns.focus is not None else ""))
     return 0
 
 
@@ -325,7 +341,13 @@ def _main(argv: Sequence[str] | None) -> int:
     ex.add_argument("--iterations", type=int, default=30, help="most rule-set iterations (default 30)")
     ex.add_argument("--seconds", type=float, default=20.0, help="time limit per iteration (default 20)")
     ex.add_argument("--alternatives", type=int, default=8, help="cheapest alternatives shown per e-class (default 8)")
-    ex.add_argument("--svg", help="draw the e-graph to this SVG file (a summary when it is large)")
+    ex.add_argument("--svg", help="draw the e-graph to this SVG file (a summary when it is large: use --focus)")
+    ex.add_argument("--focus", help="draw only around this: attention, an op name (dot_general, transpose...),"
+                                    " an e-class id (c57) or a program node (%%30)")
+    ex.add_argument("--depth", type=int, help="e-class hops around --focus, up and down (default 2)")
+    ex.add_argument("--fold", action="store_true",
+                    help="hide structural e-nodes (identity transposes, same-shape reshapes) in the drawing")
+    ex.add_argument("--why-svg", help="chart the priced alternatives of each attention e-class to this SVG file")
     ex.add_argument("--show-before", action=argparse.BooleanOptionalAction, default=True,
                     help="print the captured program (default on)")
     bench = sub.add_parser("bench", help="run a benchmark: scaling, end-to-end, cost-model or rule-ablation")

@@ -8,6 +8,8 @@
     best = ex.extract()                       # Extraction: program, predicted cost, attention
     ex.compare({"h100": "roofline-h100", "cpu": "roofline-cpu", "bytes": "bytes"})
     ex.why("attention")                       # every alternative e-node of attention's e-classes, priced
+    ex.why("attention").svg("why.svg")        # the same as ranked bar charts
+    ex.svg("a.svg", focus="attention", fold=True)  # the e-classes around attention, priced, choice in red
     ex.svg("egraph.svg")                      # drawing (small graphs) or summary (large ones)
 
 In a notebook, the explorer, its steps, extractions, comparisons and explanations display
@@ -20,8 +22,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import shutil
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -37,6 +37,9 @@ from .capture import Captured, capture
 from .cost import program_cost
 from .cost.model import CostModel
 from .choices import EXTRACTORS, check_choice, check_limits, cost_model_from_name, rule_names
+from .explore_charts import comparison_html, why_svg
+from .explore_draw import ENGINES, MAX_WIDTH, Picture, build_picture, render_svg, summary_svg, to_dot
+from .explore_graph import ATTENTION_CTORS, EGraphView, Pricing, match_terms, price, shown_nodes
 from .pipeline import Limits
 from .report import AttentionInfo, _format_seconds, attention_infos
 
@@ -47,6 +50,8 @@ __all__ = [
 
 # A drawing is readable up to about this many tensor e-nodes; beyond it `svg` draws a summary.
 DRAW_LIMIT = 400
+# Alternatives drawn per e-class in a focused view (the cheapest; the chosen one always).
+FOCUS_ALTERNATIVES = 4
 
 
 # ----------------------------------------------------------------------------------- cost models
@@ -190,9 +195,9 @@ class Comparison:
 
     def _repr_html_(self) -> str:
         headers, body = self._cells()
-        th = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-        rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
-        return f"<table><caption>extraction under each cost model (* = own choice)</caption><tr>{th}</tr>{rows}</table>"
+        everyone = self.rows + ([self.original] if self.original else [])
+        costs = [[row["costs"][n] for n in self.models] for row in everyone]
+        return comparison_html(headers, body, costs, first_cost_column=len(headers) - len(self.models))
 
 
 @dataclass(frozen=True)
@@ -254,8 +259,19 @@ class Explanation:
                 out.append(f"    ... {len(ranked) - limit} more (Exploration.why shows all)")
         return "\n".join(out)
 
+    def svg(self, path: str | Path | None = None, limit: int | None = 10) -> str:
+        """The alternatives of each e-class as ranked bars (own cost + cheapest operands), cheapest
+        ``limit`` of each; written to ``path`` if given."""
+        fmt = lambda v: _fmt_cost(v, self.model)  # noqa: E731
+        heading = (f"why: alternatives of each e-class holding {self.op!r} under {_model_name(self.model)}"
+                   if self.classes else self.format())
+        svg = why_svg([(f"e-class of {c.label}", c.alternatives) for c in self.classes], fmt, heading, limit)
+        if path is not None:
+            Path(path).write_text(svg)
+        return svg
+
     def _repr_html_(self) -> str:
-        return f"<pre>{html.escape(str(self))}</pre>"
+        return (f"{self.svg()}<details><summary>as text</summary><pre>{html.escape(str(self))}</pre></details>")
 
 
 # ----------------------------------------------------------------------------------- explorer
@@ -277,6 +293,9 @@ class Exploration:
 
         self._answerer = QuestionAnswerer()  # shared by every step: old questions are not re-answered
         self._serialized: tuple[int, dict] | None = None
+        self._view: tuple[dict, EGraphView] | None = None
+        self._pricing: tuple[EGraphView, Pricing] | None = None
+        self._model: Any = None  # the last extraction's cost model: pictures price under it
 
     # ------------------------------------------------------------------ rewriting
     @property
@@ -334,6 +353,7 @@ class Exploration:
 
         check_choice("extractor", extractor, EXTRACTORS)
         model = cost_model_from_name(cost_model)
+        self._model = model
         start = time.perf_counter()
         if extractor == "ilp":
             from .egraph.ilp import extract_program_ilp
@@ -363,8 +383,10 @@ class Exploration:
             models = {str(m): m for m in models}
         resolved = {name: cost_model_from_name(m) for name, m in models.items()}
         rows = []
+        current = self._model  # comparing does not change the model pictures price under
         for name, model in resolved.items():
             ext = self.extract(model)
+            self._model = current
             costs = {other: program_cost(ext.program, m) for other, m in resolved.items()}
             rows.append({"model": name, **ext.summary, "costs": costs, "program": ext.program})
         original = {"model": "(original)", **program_summary(self.program),
@@ -456,35 +478,102 @@ class Exploration:
     # ------------------------------------------------------------------ drawing
     def summary(self) -> dict[str, Any]:
         """Counts of e-classes and e-nodes per tensor op (plus analysis/table rows)."""
-        data = self.serialized()
-        per_op: Counter[str] = Counter()
-        classes = set()
-        for n in data["nodes"].values():
-            if n["op"].startswith(("Term.", "TermList.")):
-                per_op[n["op"].split(".", 1)[1]] += 1
-                classes.add(n["eclass"])
-        return {"e-nodes": sum(per_op.values()), "e-classes": len(classes), "per op": dict(per_op.most_common()),
+        view = self.view()
+        per_op = Counter(n.ctor for n in view.nodes.values())
+        return {"e-nodes": len(view.nodes), "e-classes": len(view.classes), "per op": dict(per_op.most_common()),
                 "all rows (incl. analyses)": self.size}
 
-    def dot(self, max_nodes: int = DRAW_LIMIT) -> str:
-        """Graphviz DOT text of the tensor part of the e-graph (one cluster per e-class)."""
-        return _to_dot(self.serialized(), self.encoding, max_nodes)
+    def view(self) -> EGraphView:
+        """The tensor part of the e-graph as it is now (`eqsat_attn.explore_graph.EGraphView`)."""
+        data = self.serialized()
+        if self._view is None or self._view[0] is not data:
+            self._view = (data, EGraphView.parse(data))
+        return self._view[1]
 
-    def svg(self, path: str | Path | None = None, max_nodes: int = DRAW_LIMIT) -> str:
+    def pricing(self, cost_model: str | CostModel | None = None) -> Pricing:
+        """Every e-node and e-class priced under a model (default: the last `extract`'s, else this
+        device's roofline), with the cheapest program's e-nodes (greedy DAG, as `extract`)."""
+        model = self._model if cost_model is None and self._model is not None else cost_model_from_name(cost_model)
+        view = self.view()
+        cached = self._pricing
+        if cached is not None and cached[0] is view and cached[1].model is model:
+            return cached[1]
+        chosen = None
+        if self.encoding.root is not None:  # mark what extraction picks (greedy DAG), ties included
+            termdag, terms = self._extract_many([self.encoding.root], model)
+            chosen = None if terms[0] is None else match_terms(view, termdag, terms[0])
+        pricing = price(view, model, chosen)
+        self._pricing = (view, pricing)  # the view itself is kept: a new one is a changed e-graph
+        return pricing
+
+    def picture(self, focus: str | int | None = None, depth: int = 2, fold: bool = False,
+                cost_model: str | CostModel | None = None, max_alternatives: int | None = None) -> Picture:
+        """What `svg` draws: the e-classes around ``focus`` (all without one), priced and marked."""
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+            raise ValueError(f"depth must be an int >= 0, got {depth!r}")
+        if max_alternatives is not None and (isinstance(max_alternatives, bool) or not isinstance(max_alternatives, int)
+                                             or max_alternatives < 1):
+            raise ValueError(f"max_alternatives must be a positive int or None, got {max_alternatives!r}")
+        view = self.view()
+        pricing = self.pricing(cost_model)
+        fmt = lambda v: _fmt_cost(v, pricing.model)  # noqa: E731
+        if focus is None:
+            return build_picture(view, pricing, fmt, fold=fold, max_alternatives=max_alternatives)
+        targets = view.resolve_focus(focus)
+        if not targets:
+            raise ValueError(
+                f"focus {focus!r} names nothing in the e-graph: give 'attention', an op or constructor name"
+                f" ({', '.join(sorted(self.summary()['per op']))}), an e-class id such as"
+                f" {view.short_id(next(iter(view.classes)))!r} or a program node such as '%3'"
+                + (" (run the rule sets that raise attention first)" if focus == "attention" else ""))
+        limit = FOCUS_ALTERNATIVES if max_alternatives is None else max_alternatives
+
+        def through(c: str) -> list[str]:  # the focus: every drawn alternative; beyond it, the cheapest
+            if c in targets:
+                return shown_nodes(view, pricing, c, fold, limit)
+            return [k for k in view.classes[c] if k == pricing.best.get(c) or k in pricing.chosen]
+
+        levels = view.neighbourhood(targets, depth, through)
+        return build_picture(view, pricing, fmt, classes=sorted(levels, key=lambda c: (-levels[c], c)),
+                             focus=targets, fold=fold, max_alternatives=limit, levels=levels,
+                             heading=f"e-graph around {focus} (depth {depth})")
+
+    def dot(self, focus: str | int | None = None, depth: int = 2, fold: bool = False,
+            cost_model: str | CostModel | None = None, max_width: int = MAX_WIDTH) -> str:
+        """Graphviz DOT text of `picture` (one cluster per e-class, the chosen program in red)."""
+        return to_dot(self.picture(focus, depth, fold, cost_model), max_width)
+
+    def svg(self, path: str | Path | None = None, focus: str | int | None = None, depth: int = 2,
+            fold: bool = False, cost_model: str | CostModel | None = None, max_nodes: int = DRAW_LIMIT,
+            max_alternatives: int | None = None, engine: str = "auto", max_width: int = MAX_WIDTH) -> str:
         """Draw the e-graph as SVG (written to ``path`` if given) and return the SVG text.
 
-        Graphs with more than ``max_nodes`` tensor e-nodes are drawn as a summary table instead.
-        Uses Graphviz's ``dot`` when installed, else a built-in layered layout.
+        ``focus`` ("attention", an op name, an e-class id like ``c57`` or a program node like
+        ``%30``) draws only the e-classes within ``depth`` hops of it (operands and users), each
+        with its cheapest ``max_alternatives`` e-nodes (default 4); without it the whole e-graph,
+        or a summary when it has more than ``max_nodes`` tensor e-nodes. ``fold`` hides identity
+        transposes, same-shape reshapes and e-nodes reading only their own e-class. Costs are
+        under ``cost_model`` (default: the last `extract`'s); the chosen program is in bold red.
+        ``engine``: "dot" (Graphviz), "builtin" or "auto" (dot when installed); the drawing is at
+        most ``max_width`` CSS pixels wide.
         """
-        data = self.serialized()
-        n_tensor = sum(1 for n in data["nodes"].values() if n["op"].startswith(("Term.", "TermList.")))
-        if n_tensor > max_nodes:
-            svg = _summary_svg(self.summary(), max_nodes)
-        elif shutil.which("dot"):
-            svg = subprocess.run(["dot", "-Tsvg"], input=self.dot(max_nodes), capture_output=True, text=True,
-                                 check=True).stdout
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        if focus is None and len(self.view().nodes) > max_nodes:
+            s = self.summary()
+            lines = [f"e-graph too large to draw ({s['e-nodes']} tensor e-nodes > {max_nodes}):",
+                     f"{s['e-classes']} e-classes, {s['all rows (incl. analyses)']} rows in all tables",
+                     "draw a part of it: svg(focus='attention', fold=True) or --focus attention --fold", ""]
+            lines += [f"{op:<16} {n:>7}" for op, n in s["per op"].items()]
+            svg = summary_svg(lines)
         else:
-            svg = _layered_svg(data, self.encoding)
+            picture = self.picture(focus, depth, fold, cost_model, max_alternatives)
+            if picture.node_count > max_nodes:
+                svg = summary_svg([f"{picture.node_count} e-nodes within {depth} hops of {focus!r} > {max_nodes}:",
+                                   "draw fewer: a smaller depth, fold=True or max_alternatives", "",
+                                   *picture.title])
+            else:
+                svg = render_svg(picture, engine, max_width)
         if path is not None:
             Path(path).write_text(svg)
         return svg
@@ -499,7 +588,12 @@ class Exploration:
     def _repr_html_(self) -> str:
         text = f"<pre>{html.escape(str(self))}</pre>"
         try:
-            return text + f"<div style='max-height:600px;overflow:auto'>{self.svg()}</div>"
+            view = self.view()
+            focus = None
+            if len(view.nodes) > DRAW_LIMIT and any(n.ctor in ATTENTION_CTORS for n in view.nodes.values()):
+                focus = "attention"  # too large to draw whole: where attention sits
+            svg = self.svg(focus=focus, fold=focus is not None)
+            return text + f"<div style='max-height:800px;overflow:auto'>{svg}</div>"
         except Exception as exc:  # noqa: BLE001 - a drawing failure must not hide the text
             return text + f"<p>(no drawing: {html.escape(str(exc))})</p>"
 
@@ -581,143 +675,6 @@ def _describe(member: Any) -> str:
         return (f"packed_attention packed={packed} o={o} causal={bool(_prim(args[5]))} mask={_prim(args[6])}"
                 f"; packed = {_short(args[0])}")
     return _short(member)
-
-
-def _label_of(node: dict, nodes: Mapping[str, dict]) -> str:
-    """E-node label: constructor and its primitive arguments."""
-    op = node["op"].split(".", 1)[-1]
-    prims = []
-    for c in node["children"]:
-        child = nodes.get(c)
-        if child is not None and not child["op"].startswith(("Term.", "TermList.")):
-            prims.append(_prim_text(child, nodes))
-    return f"{op} {' '.join(prims)}".strip()
-
-
-def _prim_text(node: dict, nodes: Mapping[str, dict]) -> str:
-    if node["op"] == "Vec":
-        return "(" + ",".join(_prim_text(nodes[c], nodes) for c in node["children"] if c in nodes) + ")"
-    return node["op"]
-
-
-def _tensor_part(data: dict) -> tuple[dict[str, dict], dict[str, list[str]]]:
-    nodes = data["nodes"]
-    tensor = {k: n for k, n in nodes.items() if n["op"].startswith(("Term.", "TermList."))}
-    classes: dict[str, list[str]] = {}
-    for k, n in tensor.items():
-        classes.setdefault(n["eclass"], []).append(k)
-    return tensor, classes
-
-
-def _class_names(data: dict, enc: Any) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for cls, info in data["class_data"].items():
-        let = str(info.get("let") or "").lstrip("$")
-        if let.startswith("n") and let[1:].isdigit():
-            i = int(let[1:])
-            out[cls] = (out[cls] + "," if cls in out else "") + f"%{i}"
-        elif let == "root":
-            out[cls] = "root"
-    return out
-
-
-def _to_dot(data: dict, enc: Any, max_nodes: int) -> str:
-    tensor, classes = _tensor_part(data)
-    names = _class_names(data, enc)
-    nodes = data["nodes"]
-    lines = ["digraph egraph {", "  compound=true; rankdir=BT; node [shape=box, fontsize=10, style=rounded];"]
-    ids = {k: f"n{i}" for i, k in enumerate(tensor)}
-    cids = {c: f"c{i}" for i, c in enumerate(classes)}
-    for c, members in classes.items():
-        title = html.escape(names.get(c, ""))
-        lines.append(f'  subgraph cluster_{cids[c]} {{ label="{title}"; style=dashed; color=gray;')
-        for k in members:
-            label = _label_of(tensor[k], nodes).replace('"', '\\"')
-            lines.append(f'    {ids[k]} [label="{label}"];')
-        lines.append("  }")
-    for k, n in tensor.items():
-        for c in n["children"]:
-            child = nodes.get(c)
-            if child is not None and c in tensor:
-                target = ids[classes[child["eclass"]][0]]
-                lines.append(f"  {ids[k]} -> {target} [lhead=cluster_{cids[child['eclass']]}];")
-    lines.append("}")
-    return "\n".join(lines)
-
-
-def _layered_svg(data: dict, enc: Any) -> str:
-    """A dependency-free drawing: e-classes as dashed boxes in layers (leaves at the bottom),
-    their e-nodes inside, an edge from each e-node to each operand e-class."""
-    tensor, classes = _tensor_part(data)
-    names = _class_names(data, enc)
-    nodes = data["nodes"]
-    child_classes = {
-        c: {nodes[ch]["eclass"] for k in members for ch in tensor[k]["children"] if ch in tensor} - {c}
-        for c, members in classes.items()
-    }
-    level: dict[str, int] = {}
-    for _ in range(len(classes) + 1):  # longest path from the leaves (cycles are capped)
-        changed = False
-        for c in classes:
-            lv = 1 + max((level.get(ch, 0) for ch in child_classes[c]), default=-1)
-            lv = min(lv, len(classes))
-            if level.get(c) != lv:
-                level[c], changed = lv, True
-        if not changed:
-            break
-    rows: dict[int, list[str]] = {}
-    for c in classes:
-        rows.setdefault(level[c], []).append(c)
-    char_w, line_h, pad, gap_x, gap_y = 6.2, 14, 6, 18, 46
-    labels = {k: _label_of(n, nodes) for k, n in tensor.items()}
-    box: dict[str, tuple[float, float, float, float]] = {}
-    node_pos: dict[str, tuple[float, float, float]] = {}
-    y = 20.0
-    width = 0.0
-    order = sorted(rows, reverse=True)  # roots on top
-    for lv in order:
-        x = 10.0
-        row_h = 0.0
-        for c in rows[lv]:
-            members = classes[c]
-            w = max([len(labels[k]) for k in members] + [len(names.get(c, ""))]) * char_w + 2 * pad
-            h = (len(members) + 1) * line_h + 2 * pad
-            box[c] = (x, y, w, h)
-            for i, k in enumerate(members):
-                node_pos[k] = (x + pad, y + pad + (i + 2) * line_h - 3, w)
-            x += w + gap_x
-            row_h = max(row_h, h)
-        width = max(width, x)
-        y += row_h + gap_y
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{y:.0f}" '
-           'font-family="monospace" font-size="10">']
-    for k, n in tensor.items():
-        x0, y0, _w = node_pos[k]
-        for ch in n["children"]:
-            if ch in tensor:
-                bx, by, bw, bh = box[nodes[ch]["eclass"]]
-                out.append(f'<line x1="{x0 + 20:.0f}" y1="{y0 + 3:.0f}" x2="{bx + bw / 2:.0f}" y2="{by:.0f}" '
-                           'stroke="#8888cc" stroke-width="0.8"/>')
-    for c, (x0, y0, w, h) in box.items():
-        out.append(f'<rect x="{x0:.0f}" y="{y0:.0f}" width="{w:.0f}" height="{h:.0f}" rx="4" fill="#f8f8ff" '
-                   'stroke="#888" stroke-dasharray="4 2"/>')
-        out.append(f'<text x="{x0 + pad:.0f}" y="{y0 + pad + line_h - 3:.0f}" fill="#666">'
-                   f'{html.escape(names.get(c, "e-class"))}</text>')
-        for k in classes[c]:
-            nx, ny, _w = node_pos[k]
-            out.append(f'<text x="{nx:.0f}" y="{ny:.0f}">{html.escape(labels[k])}</text>')
-    out.append("</svg>")
-    return "\n".join(out)
-
-
-def _summary_svg(summary: dict[str, Any], limit: int) -> str:
-    lines = [f"e-graph too large to draw ({summary['e-nodes']} tensor e-nodes > {limit}):",
-             f"{summary['e-classes']} e-classes, {summary['all rows (incl. analyses)']} rows in all tables", ""]
-    lines += [f"{op:<14} {n:>7}" for op, n in summary["per op"].items()]
-    h = 16 * len(lines) + 20
-    texts = "".join(f'<text x="10" y="{20 + 16 * i}">{html.escape(t)}</text>' for i, t in enumerate(lines))
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="520" height="{h}" font-family="monospace" '
-            f'font-size="12">{texts}</svg>')
 
 
 def _bindings_cost_model(egraph: EGraph, enc: Any, model: CostModel) -> Any:

@@ -67,7 +67,7 @@ def test_compare_one_row_per_model(saturated):
         assert row["costs"][row["model"]] <= cmp.original["costs"][row["model"]]
     text = str(cmp)
     assert "cost under h100" in text and "(original)" in text
-    assert "<table>" in cmp._repr_html_()
+    assert "<table" in cmp._repr_html_() and "★" in cmp._repr_html_()
     from rich.table import Table
 
     assert isinstance(cmp.table(), Table) and cmp.table().row_count == len(models) + 1
