@@ -933,7 +933,7 @@ SLOW: frozenset[str] = frozenset({
 
 BY_NAME: dict[str, Case] = {c.name: c for c in CASES}
 assert len(BY_NAME) == len(CASES), "case names must be unique"
-assert KNOWN_UNRAISED <= {c.name for c in CASES if c.positive}, KNOWN_UNRAISED - BY_NAME.keys()
+assert KNOWN_UNRAISED.keys() <= {c.name for c in CASES if c.positive}, KNOWN_UNRAISED.keys() - BY_NAME.keys()
 assert KNOWN_RAISED_NEGATIVES <= {c.name for c in CASES if not c.positive}
 assert SLOW <= BY_NAME.keys()
 
