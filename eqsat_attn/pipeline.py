@@ -129,16 +129,50 @@ def saturate(program: Program, options: OptimizeOptions):
     return egraph, encoding, run
 
 
+RESTART_ENODES = 6_000
+"""A run still growing at this many e-nodes is restarted from its best program (`optimize_part`)."""
+
+
 def optimize_part(program: Program, options: OptimizeOptions, model,
                   notes: list[str] | None = None) -> tuple[Program, RunResult]:
     """Saturate and extract one program; returns (chosen program, the driver's RunResult).
 
+    A run that has not saturated at `RESTART_ENODES` e-nodes (and may grow further under
+    ``options.limits``) is restarted once from the program extracted there: attention raised by
+    then is one op in the new e-graph, so the layout rules no longer permute the scores, masks and
+    softmax it replaced (5-D einsums with masks grew past 100,000 e-nodes that way). Both stages
+    count work, so the program chosen is the same on any machine; the cheaper of the two is kept.
+
     ``notes``: receives a line when the e-graph holds attention the chosen program does not use.
 
-    ``options.limits`` bound this one e-graph run (with repeated blocks: each distinct block's).
+    ``options.limits`` bound each e-graph run (with repeated blocks: each distinct block's).
 
     Never returns something the model predicts slower than ``program`` (extraction is greedy).
     """
+    from dataclasses import replace
+
+    from .cost import program_cost
+
+    first = replace(options.limits, nodes=min(options.limits.nodes, RESTART_ENODES))
+    chosen, run = _saturate_and_extract(program, options, first, model, notes)
+    if run.saturated or options.limits.nodes <= RESTART_ENODES or not run.stop_reason.startswith("e-node"):
+        return chosen, run
+    second, rerun = _saturate_and_extract(chosen, options, options.limits, model, notes)
+    if program_cost(second, model) <= program_cost(chosen, model):
+        chosen = second
+    fired = dict(run.rules_fired)
+    for name, count in rerun.rules_fired.items():
+        fired[name] = fired.get(name, 0) + count
+    return chosen, replace(
+        rerun, rules_fired=fired, iterations=run.iterations + rerun.iterations, seconds=run.seconds + rerun.seconds,
+        egraph_nodes=max(run.egraph_nodes, rerun.egraph_nodes),  # the larger e-graph of the two
+        steps=run.steps + rerun.steps, stop_reason=f"{rerun.stop_reason}, after a restart at {RESTART_ENODES} e-nodes",
+    )
+
+
+def _saturate_and_extract(program: Program, options: OptimizeOptions, limits: Limits, model,
+                          notes: list[str] | None) -> tuple[Program, RunResult]:
+    """One e-graph run of ``program`` under ``limits`` and the extraction of its best program."""
     from .cost import program_cost
     from .egraph import encode, extract_program, resolve, run_rulesets
     from .egraph.driver import prepared_egraph
@@ -148,7 +182,7 @@ def optimize_part(program: Program, options: OptimizeOptions, model,
     rulesets = resolve(options.rule_names())
     with prepared_egraph(rulesets) as egraph:  # as `saturate`, with the rules registered once per process
         encoding = encode(program, egraph)
-        run = run_rulesets(egraph, rulesets, options.limits)
+        run = run_rulesets(egraph, rulesets, limits)
         if options.extractor == "ilp":
             from .egraph.ilp import extract_program_ilp
 
