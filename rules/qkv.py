@@ -12,7 +12,7 @@ once (in program order)."""
 
 from __future__ import annotations
 
-from egglog import String, eq, f64, i64, union, var
+from egglog import String, eq, f64, i64, relation, union, var
 
 from eqsat_attn.egraph import qkv_math  # registers the index-math questions this file asks
 from eqsat_attn.egraph.language import KERNEL_FILL, IntVec, Term, dtype, ivec, program_order, shape, term_list
@@ -37,12 +37,23 @@ scale, causal = var("scale", f64), var("causal", i64)
 NONE = IntVec.empty()
 
 
-def _projection_facts(dot_var, weight, sw_var, rank: int) -> list:
-    """``dot_var`` is x @ weight contracting x's last axis with one axis of a rank-2 weight."""
-    return [
-        eq(dot_var).to(Term.dot(x, weight, lc, rc, NONE, NONE, dt)),
-        shape(weight) == sw_var, sw_var.length() == i64(2),
-    ]
+projection = relation("projection", Term, Term, Term, IntVec, IntVec, String, i64)
+"""``projection(x, d, w, lc, rc, dt, order)``: d is x @ w, a program value x (contracting its last
+axis) by a program weight w of rank 2 at position ``order`` in the program. Sibling groups are
+joined over these facts, not over the dot terms: the join over every dot variant the other rules
+create took seconds per round on long matmul chains, for no match."""
+
+
+@projections.family
+def projection_facts():
+    """Record each projection of a program value by a program weight (`projection`)."""
+    d, o = var("d", Term), var("o", i64)
+    for rank in RANKS:
+        yield rl(
+            eq(d).to(Term.dot(x, w, lc, rc, NONE, NONE, dt)), lc == ivec([rank - 1]), rc.length() == i64(1),
+            shape(x) == sx, sx.length() == i64(rank), program_order(x) >= i64(0),
+            eq(program_order(w)).to(o), shape(w) == sw, sw.length() == i64(2),
+        )(projection(x, d, w, lc, rc, dt, o))
 
 
 
@@ -56,12 +67,12 @@ def horizontal():
             ws = [var(f"w{i}", Term) for i in range(n)]
             sws = [var(f"sw{i}", IntVec) for i in range(n)]
             order = [var(f"o{i}", i64) for i in range(n)]
-            facts = [shape(x) == sx, sx.length() == i64(rank), lc == ivec([rank - 1]), rc.length() == i64(1),
-                     program_order(x) >= i64(0)]
+            facts = [projection(x, ds[0], ws[0], lc, rc, dt, order[0])]
+            for i in range(1, n):
+                facts += [projection(x, ds[i], ws[i], lc, rc, dt, order[i]), order[i - 1] < order[i]]
+            facts += [shape(x) == sx, sx.length() == i64(rank)]
             for i in range(n):
-                facts += _projection_facts(ds[i], ws[i], sws[i], rank)
-                facts += [eq(program_order(ws[i])).to(order[i]), dtype(ws[i]) == wdt]
-            facts += [order[i] < order[i + 1] for i in range(n - 1)]
+                facts += [shape(ws[i]) == sws[i], dtype(ws[i]) == wdt]
             free = i64(1) - rc[0]  # the weight's output axis
             fused = Term.dot(x, Term.concat(term_list(ws), free), lc, rc, NONE, NONE, dt)
             actions, offset = [], i64(0)

@@ -127,6 +127,7 @@ def p_packed():
 
 FAMILY_PROGRAMS = {
     "projections.horizontal": (p_horizontal, ["projections"]),
+    "projections.projection_facts": (p_horizontal, ["projections"]),
     "projections.split_projection": (p_split_projection, ["projections"]),
     "projections.adjacent_slices": (p_split_projection, ["projections"]),
     "projections.slice_transpose": (p_slice_transpose, ["projections"]),
