@@ -19,7 +19,6 @@ from pathlib import Path
 
 from egglog import Fact, Ruleset, RewriteOrRule, eq, rule, ruleset, union, var
 
-from ..choices import rule_names
 from .language import IntVec, Term, answer, ask
 
 # Phases run in this order in every round (EGGLOG_NOTES: raising before analyses before
@@ -205,6 +204,17 @@ SHIPPED_FILES = ("canonical", "transpose", "attention", "fp8", "qkv", "fusion")
 DEFAULT_RULESETS = (
     "canonical", "transpose", "attention_raise", "attention_layout", "fp8_attention", "projections", "packed_qkv",
 )
+
+
+def rule_names(names: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """``names`` as a list of strings: one name or path, or a sequence of them; TypeError otherwise."""
+    if isinstance(names, (str, os.PathLike)):
+        return [os.fspath(names)]
+    if not isinstance(names, Sequence) or not all(isinstance(n, (str, os.PathLike)) for n in names):
+        raise TypeError(
+            f"rules must be a rule-set name, a path to a rule file, or a list of them (e.g. [\"transpose\"]), "
+            f"got {names!r}")
+    return [os.fspath(n) for n in names]
 
 
 def resolve(names: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[RuleSet]:
