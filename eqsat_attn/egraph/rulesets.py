@@ -8,6 +8,7 @@ matches per family, and split a rule that needs index math into its ask and answ
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import os
@@ -134,13 +135,18 @@ def asking(
 
 def rule_file_path(name: str) -> Path:
     """The shipped rule file of a rule-set module name (``transpose`` -> .../rules/transpose.py)."""
-    try:
-        import eqsat_attn.rules as shipped  # installed: rules/ is packaged as eqsat_attn.rules
+    return _shipped_rules_dir() / f"{name}.py"
 
-        base = Path(shipped.__file__).parent
-    except ImportError:  # running from a source tree without installing
-        base = Path(__file__).resolve().parents[2] / "rules"
-    return base / f"{name}.py"
+
+@functools.cache
+def _shipped_rules_dir() -> Path:
+    """Where the shipped rule files are, found without importing them (rule files are loaded by
+    path, and they import this module): the installed ``eqsat_attn.rules`` package's folder, or
+    ``rules/`` of a source tree that is not installed."""
+    spec = importlib.util.find_spec("eqsat_attn.rules")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(__file__).resolve().parents[2] / "rules"
 
 
 class RuleFileError(ValueError):
