@@ -3,6 +3,8 @@
 A `Program` is a tuple of `Node`s in topological order. Each node names an op, the ids of
 its input nodes, static parameters (hashable values only) and its output `TensorType`.
 Programs compare and hash structurally, so two captures of the same function are equal.
+The op names, `TensorType` and the per-op type rules live in `eqsat_attn.op_types` (under
+`eqsat_attn.region`, which a ``fused`` node's type needs) and are re-exported here.
 
 Op vocabulary (params in brackets; output shape and dtype always come from `Node.type`):
 
@@ -45,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from .op_types import (
+from .op_types import (  # the op vocabulary and TensorType, re-exported: they are the IR's names too
     ATTENTION_AXES, BINARY_OPS, COMPARISON_OPS, ELEMENTWISE_OPS, LEAF_OPS, PACKED_AXES, REDUCE_OPS, UNARY_OPS,
     TensorType, dtype_itemsize, short_dtype,
 )
