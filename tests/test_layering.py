@@ -219,3 +219,33 @@ def test_function_local_imports_of_package_modules_are_allowlisted():
         "definition belongs lower down), or add it to LOCAL_IMPORTS_ALLOWED with why it must be deferred")
     stale = sorted(set(LOCAL_IMPORTS_ALLOWED) - found)
     assert not stale, f"LOCAL_IMPORTS_ALLOWED lists imports no module makes any more: {stale}"
+
+
+def test_moved_names_are_still_importable_where_they_were():
+    import importlib
+
+    import numpy as np
+
+    import eqsat_attn as ea
+    from jax import lax
+
+    from eqsat_attn import choices, ir, op_types, pipeline, region
+    from eqsat_attn.egraph import rulesets
+    from eqsat_attn.limits import Limits
+
+    # the packages' `encode` and `lower` attributes are the functions of those names
+    encode, lower = (importlib.import_module(f"eqsat_attn.{m}") for m in ("egraph.encode", "lower"))
+
+    assert ea.Limits is pipeline.Limits is Limits
+    assert choices.rule_names is rulesets.rule_names
+    assert ir.TensorType is op_types.TensorType and ir.UNARY_OPS is op_types.UNARY_OPS
+    assert (encode.AXES, encode.PACKED_AXES) == (ir.ATTENTION_AXES, ir.PACKED_AXES) == ("BHSD", "BHSD3")
+    t = ir.TensorType((2, 3), "float32")
+    body = "add(exp($0),$1)"
+    assert ir.infer_type("fused", {"body": body}, [t, t]) == region.region_type(body, [t, t]) == t
+    with pytest.raises(ValueError, match="ir.infer_type"):
+        op_types.infer_type("fused", {"body": body}, [t, t])
+    x = np.array([[0.0, -0.0, 1e-45], [88.7, -1e30, np.nan]], np.float32)  # ±0, denormal, near overflow
+    y = np.array([[np.inf, -np.inf, np.nan], [3.4e38, -3.4e38, 1.0]], np.float32)
+    unfused = np.asarray(lax.add(lax.exp(x), y))
+    np.testing.assert_array_equal(np.asarray(lower.evaluate_region(body, [x, y])), unfused)
