@@ -34,9 +34,9 @@ from egglog.egraph import to_runtime_expr
 
 from . import ir
 from .capture import Captured, capture
-from .choices import EXTRACTORS, check_choice, check_limits, cost_model_from_name, rule_names
 from .cost import program_cost
 from .cost.model import CostModel
+from .choices import EXTRACTORS, check_choice, check_limits, cost_model_from_name, rule_names
 from .egraph import encode, extract_program, resolve, run_rulesets
 from .egraph.ctors import ARG_KINDS, split_args
 from .egraph.decode import _Decoder
