@@ -4,9 +4,10 @@ from . import ir
 from .disk_cache import set_cache_dir
 from .capture import Captured, capture, jaxpr_to_program
 from .explore import Exploration, explore
+from .limits import Limits
 from .lower import lower
 from .optimize import OptimizedFunction, optimize
-from .pipeline import Limits, OptimizeOptions
+from .pipeline import OptimizeOptions
 from .report import AttentionInfo, RegionInfo, Report
 
 __all__ = [

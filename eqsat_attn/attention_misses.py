@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .cost import program_cost
 from .ir import Node, Program
 
 ATTENTION_OPS = ("attention", "attention_fp8", "packed_attention")
@@ -118,8 +119,6 @@ def has_attention(program: Program) -> bool:
 
 def unchosen_attention_note(chosen: Program, steered: Program, model: Any) -> str | None:
     """The report line for attention found but not chosen: both programs' predicted costs."""
-    from .cost import program_cost
-
     if not has_attention(steered) or has_attention(chosen):
         return None
     with_attention, without = program_cost(steered, model), program_cost(chosen, model)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .cost.model import CostModel
+from .cost import MaterializedBytes, current_device_model, for_device
+from .cost.model import CostModel
+from .egraph.rulesets import resolve, rule_names
+from .limits import Limits
 
 EXTRACTORS = ("greedy-dag", "tree", "ilp")  # greedy over the DAG; egglog's tree costs; exact (small graphs)
 BACKENDS = ("auto", "pallas", "reference")  # how the Attention op is lowered (kernels.dispatch.KERNELS)
@@ -28,8 +30,6 @@ def cost_model_from_name(name: str | CostModel | None, backend: str = "auto") ->
     A model object is returned as is; None and "default" give the current device's roofline
     (pricing attention as plain XLA when ``backend`` is "reference").
     """
-    from .cost import MaterializedBytes, current_device_model, for_device
-
     if name is None or name == "default":
         return current_device_model("reference" if backend == "reference" else "pallas")
     if not isinstance(name, str):
@@ -63,8 +63,6 @@ def check_choice(option: str, value: Any, accepted: Sequence[str]) -> str:
 
 def check_limits(limits: Any) -> Any:
     """``limits`` if it is an `eqsat_attn.Limits` (None: the defaults); TypeError otherwise."""
-    from .pipeline import Limits
-
     if limits is None:
         return Limits()
     if not isinstance(limits, Limits):
@@ -79,19 +77,6 @@ def check_rules(rules: str | os.PathLike | Sequence[str | os.PathLike] | None) -
     first call. None (the default list) loads nothing."""
     if rules is None:
         return None
-    from .egraph.rulesets import resolve
-
     names = rule_names(rules)
     resolve(names)
     return names
-
-
-def rule_names(names: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """``names`` as a list of strings: one name or path, or a sequence of them; TypeError otherwise."""
-    if isinstance(names, (str, os.PathLike)):
-        return [os.fspath(names)]
-    if not isinstance(names, Sequence) or not all(isinstance(n, (str, os.PathLike)) for n in names):
-        raise TypeError(
-            f"rules must be a rule-set name, a path to a rule file, or a list of them (e.g. [\"transpose\"]), "
-            f"got {names!r}")
-    return [os.fspath(n) for n in names]

@@ -22,7 +22,11 @@ from rich.console import Console
 from rich.table import Table
 
 from . import examples
+from .capture import capture
+from .choices import COST_MODEL_NAMES, check_choice, check_rules, cost_model_from_name
 from .egraph import resolve
+from .explore import Exploration, _fmt_cost
+from .limits import Limits
 from .optimize import optimize
 
 
@@ -186,8 +190,6 @@ def check_explore_args(ns: argparse.Namespace) -> tuple[list[str] | None, list[s
     """Check the options of `explore` before any work; returns (rule names, compared models)."""
     from pathlib import Path
 
-    from .choices import COST_MODEL_NAMES, check_choice, check_rules
-
     for option, value, least in (("--iterations", ns.iterations, 1), ("--heads", ns.heads, 1),
                                  ("--alternatives", ns.alternatives, 0)):
         if value < least:
@@ -222,16 +224,10 @@ def check_explore_args(ns: argparse.Namespace) -> tuple[list[str] | None, list[s
 
 def explore_command(console: Console, ns: argparse.Namespace) -> int:
     """Trace a function, run rule sets step by step, extract, explain the attention choice."""
-    from .choices import cost_model_from_name
-    from .explore import Exploration
-    from .pipeline import Limits
-
     rules, compare = check_explore_args(ns)
     fn, args, what = resolve_target(ns.target, ns.shapes, ns.dtype, ns.heads)
     model = cost_model_from_name(ns.cost_model)
     with console.status(f"tracing and encoding {what}..."):
-        from .capture import capture
-
         try:
             captured = capture(fn, *args)
         except Exception as exc:  # noqa: BLE001 - the user's function rejected the arguments they described
@@ -261,8 +257,6 @@ def explore_command(console: Console, ns: argparse.Namespace) -> int:
         best = ex.extract(model)
     console.rule("after")
     console.print(str(best.program), highlight=False, markup=False)
-    from .explore import _fmt_cost
-
     console.print(f"predicted cost under {best.model.name}: {_fmt_cost(best.original_cost, model)} -> "
                   f"{_fmt_cost(best.cost, model)}", highlight=False)
     for info in best.attention:

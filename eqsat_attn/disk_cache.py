@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from .egraph import rulesets
 from .ir import ConstValue, Node, Params, Program, TensorType
 from .pipeline import OptimizeOptions, PipelineResult, default_cost_model
 
@@ -171,8 +172,6 @@ def package_source_digest() -> str:
 def rules_digest(options: OptimizeOptions) -> str | None:
     """sha256 over the names and source text of the rule files the options' rule sets come from;
     None when a rule set was not declared in a rule file (its version is unknown)."""
-    from .egraph import rulesets
-
     chosen = rulesets.resolve(options.rule_names())
     files = {id(rs): path for path, declared in list(rulesets._LOADED.items()) for rs in declared}
     h = hashlib.sha256()

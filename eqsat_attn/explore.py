@@ -37,9 +37,18 @@ from .capture import Captured, capture
 from .cost import program_cost
 from .cost.model import CostModel
 from .choices import EXTRACTORS, check_choice, check_limits, cost_model_from_name, rule_names
+from .egraph import encode, extract_program, resolve, run_rulesets
+from .egraph.ctors import ARG_KINDS, split_args
+from .egraph.decode import _Decoder
+from .egraph.driver import QuestionAnswerer, egraph_size
+from .egraph.encode import axes_to_layout, axes_to_packed_layout
+from .egraph.extract import UNKNOWN_TYPE_COST, RawCostModel, enode_view
+from .egraph.ilp import extract_program_ilp
+from .egraph.language import Term
 from .explore_charts import comparison_html, why_svg
 from .explore_draw import ENGINES, MAX_WIDTH, Picture, build_picture, render_svg, summary_svg, to_dot
 from .explore_graph import ATTENTION_CTORS, EGraphView, Pricing, match_terms, price, shown_nodes
+from .fp8_layout import prefer_transposed_v
 from .pipeline import Limits
 from .report import AttentionInfo, _format_seconds, attention_infos
 
@@ -279,8 +288,6 @@ class Exploration:
     """A captured program and one e-graph you step rule sets on, extract from and inspect."""
 
     def __init__(self, captured: Captured, *, fn: Callable[..., Any] | None = None) -> None:
-        from .egraph import encode
-
         self.captured = captured
         self.program = captured.program
         self.fn = fn
@@ -289,8 +296,6 @@ class Exploration:
         self.encoding = encode(self.program, self.egraph)
         self.encode_seconds = time.perf_counter() - start
         self.history: list[Step] = []
-        from .egraph.driver import QuestionAnswerer
-
         self._answerer = QuestionAnswerer()  # shared by every step: old questions are not re-answered
         self._serialized: tuple[int, dict] | None = None
         self._view: tuple[dict, EGraphView] | None = None
@@ -300,8 +305,6 @@ class Exploration:
     # ------------------------------------------------------------------ rewriting
     @property
     def size(self) -> int:
-        from .egraph.driver import egraph_size
-
         return egraph_size(self.egraph)
 
     def run(self, *rulesets: str | Sequence[str], iterations: int = 1, limits: Limits | None = None) -> Step:
@@ -310,8 +313,6 @@ class Exploration:
         ``iterations`` rounds (each: analyses, raising sets, rewriting sets, index-math answers),
         or ``limits`` for full control (e.g. ``Limits(iterations=30)`` to saturate).
         """
-        from .egraph import resolve, run_rulesets
-
         if limits is None and (isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1):
             raise ValueError(f"iterations must be a positive int, got {iterations!r}")
         lim = check_limits(limits) if limits is not None else Limits(iterations=iterations)
@@ -349,21 +350,15 @@ class Exploration:
     # ------------------------------------------------------------------ extraction
     def extract(self, cost_model: str | CostModel | None = None, extractor: str = "greedy-dag") -> Extraction:
         """The cheapest program in the e-graph under ``cost_model`` (default: this device's roofline)."""
-        from .egraph import extract_program
-
         check_choice("extractor", extractor, EXTRACTORS)
         model = cost_model_from_name(cost_model)
         self._model = model
         start = time.perf_counter()
         if extractor == "ilp":
-            from .egraph.ilp import extract_program_ilp
-
             chosen, extracted = extract_program_ilp(self.egraph, self.encoding, model)
         else:
             chosen, extracted = extract_program(self.egraph, self.encoding, model, extractor=extractor)
             if extractor == "greedy-dag":  # as optimize does: the exact extractor where greedy misses fp8 Vᵀ
-                from .fp8_layout import prefer_transposed_v
-
                 chosen = prefer_transposed_v(self.egraph, self.encoding, model, chosen)
         seconds = time.perf_counter() - start
         kernel = getattr(model, "attention_kernel", "reference")
@@ -424,8 +419,6 @@ class Exploration:
         alternatives); an alternative's operand cost is the DAG cost of the union of its operands'
         programs, so a subterm its operands share is paid once.
         """
-        from .egraph.extract import UNKNOWN_TYPE_COST, enode_view
-
         model = cost_model_from_name(cost_model)
         enc = self.encoding
         pending = []  # (label, [(member, own, operand exprs)])
@@ -609,8 +602,6 @@ _CTOR_OF_OP = {"dot_general": "dot", "broadcast_in_dim": "broadcast", "select_n"
 
 
 def _is_term(a: Any) -> bool:
-    from .egraph.language import Term
-
     return isinstance(a, Term)
 
 
@@ -623,8 +614,6 @@ def _prim(a: Any) -> Any:
 
 def _operands(member: Any) -> list[Any]:
     """The tensor operands of an e-node (an attention without a mask tensor has three)."""
-    from .egraph.ctors import ARG_KINDS, split_args
-
     ctor, args = str(get_callable_fn(member)).removeprefix("Term."), list(get_callable_args(member))
     if ctor not in ARG_KINDS:
         return [a for a in args if _is_term(a)]
@@ -634,8 +623,6 @@ def _operands(member: Any) -> list[Any]:
 
 
 def _layouts(member: Any) -> dict[str, str]:
-    from .egraph.encode import axes_to_layout
-
     if str(get_callable_fn(member)) != "Term.attention":
         return {}
     args = get_callable_args(member)
@@ -668,8 +655,6 @@ def _describe(member: Any) -> str:
                 f" causal={bool(_prim(args[9]))} mask={_prim(args[10])}"
                 + (f" compute={_prim(args[11])}" if _prim(args[11]) else "") + f"; v = {_short(v)}")
     if fn == "packed_attention":  # (packed, mask, packed axes, o axes, scale, causal, mask kind)
-        from .egraph.encode import axes_to_layout, axes_to_packed_layout
-
         packed = axes_to_packed_layout(tuple(int(x) for x in _prim(args[2])))
         o = axes_to_layout(tuple(int(x) for x in _prim(args[3])))
         return (f"packed_attention packed={packed} o={o} causal={bool(_prim(args[5]))} mask={_prim(args[6])}"
@@ -679,15 +664,11 @@ def _describe(member: Any) -> str:
 
 def _bindings_cost_model(egraph: EGraph, enc: Any, model: CostModel) -> Any:
     """The extractor's cost model as extraction uses it (raw-value pricing where available)."""
-    from .egraph import extract
-
-    return extract.RawCostModel(egraph, model).bindings_model()
+    return RawCostModel(egraph, model).bindings_model()
 
 
 def _decode_terms(termdag: Any, roots: Sequence[int], enc: Any) -> ir.Program:
     """A program whose outputs are the extracted terms ``roots`` (one shared decoder: DAG kept)."""
-    from .egraph.decode import _Decoder
-
     dec = _Decoder(termdag, enc)
     outputs = []
     for root in roots:

@@ -22,6 +22,7 @@ from typing import Any
 
 from . import ir
 from .cost.model import CostModel, OpView, program_cost, view_of
+from .egraph.ilp import extract_program_ilp
 from .qkv_layouts import moves_data
 
 #: added in the steering model (seconds, far above any block's cost) to each standard-layout
@@ -90,8 +91,6 @@ def prefer_transposed_v(egraph: Any, encoding: Any, model: CostModel, chosen: ir
     if not sizes:
         return chosen
     try:
-        from .egraph.ilp import extract_program_ilp
-
         steering = _TransposedVSteering(model, large=min(sizes))
         steered, _ = extract_program_ilp(egraph, encoding, steering)  # its work limit decides (ilp.MAX_MIP_NODES)
     except Exception:  # noqa: BLE001 - no solver, too large a graph, a solver failure: keep greedy's choice

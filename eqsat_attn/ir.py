@@ -3,6 +3,8 @@
 A `Program` is a tuple of `Node`s in topological order. Each node names an op, the ids of
 its input nodes, static parameters (hashable values only) and its output `TensorType`.
 Programs compare and hash structurally, so two captures of the same function are equal.
+The op names, `TensorType` and the per-op type rules live in `eqsat_attn.op_types` (under
+`eqsat_attn.region`, which a ``fused`` node's type needs) and are re-exported here.
 
 Op vocabulary (params in brackets; output shape and dtype always come from `Node.type`):
 
@@ -45,51 +47,12 @@ from typing import Any
 
 import numpy as np
 
-UNARY_OPS: frozenset[str] = frozenset(
-    {
-        "neg", "exp", "exp2", "log", "log1p", "expm1", "tanh", "logistic", "sqrt", "rsqrt",
-        "cbrt", "erf", "erf_inv", "abs", "sign", "floor", "ceil", "round", "sin", "cos", "tan",
-        "not", "is_finite", "stop_gradient", "square", "real", "imag",
-    }
+from .op_types import (  # the op vocabulary and TensorType, re-exported: they are the IR's names too
+    ATTENTION_AXES, BINARY_OPS, COMPARISON_OPS, ELEMENTWISE_OPS, LEAF_OPS, PACKED_AXES, REDUCE_OPS, UNARY_OPS,
+    TensorType, dtype_itemsize, short_dtype,
 )
-BINARY_OPS: frozenset[str] = frozenset(
-    {
-        "add", "sub", "mul", "div", "max", "min", "pow", "rem", "atan2", "nextafter",
-        "and", "or", "xor", "eq", "ne", "lt", "le", "gt", "ge",
-    }
-)
-REDUCE_OPS: frozenset[str] = frozenset({"reduce_sum", "reduce_max", "reduce_min"})
-ELEMENTWISE_OPS: frozenset[str] = UNARY_OPS | BINARY_OPS | {
-    "integer_pow", "convert_element_type", "select_n",
-}
-LEAF_OPS: frozenset[str] = frozenset({"input", "literal", "constant", "iota"})
-
-
-@dataclass(frozen=True)
-class TensorType:
-    """Shape and dtype (a NumPy dtype name such as "float32" or "bfloat16") of one value."""
-
-    shape: tuple[int, ...]
-    dtype: str
-
-    @property
-    def rank(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
-
-    @property
-    def itemsize(self) -> int:
-        return dtype_itemsize(self.dtype)
-
-    @property
-    def nbytes(self) -> int:
-        return self.size * self.itemsize
-
-    def __str__(self) -> str:
-        return f"{short_dtype(self.dtype)}[{','.join(map(str, self.shape))}]"
+from .op_types import infer_type as infer_op_type
+from .region import region_type
 
 
 def _float_bits(value: float) -> tuple[str, int]:
@@ -311,23 +274,6 @@ class ProgramBuilder:
         return Program(tuple(self.nodes), tuple(self.inputs), values, kept)
 
 
-_SHORT_DTYPES = {
-    "float64": "f64", "float32": "f32", "float16": "f16", "bfloat16": "bf16",
-    "float8_e4m3fn": "f8e4m3", "float8_e5m2": "f8e5m2", "int64": "i64", "int32": "i32",
-    "int16": "i16", "int8": "i8", "uint32": "u32", "uint8": "u8", "bool": "bool",
-}
-
-
-def short_dtype(dtype: str) -> str:
-    return _SHORT_DTYPES.get(dtype, dtype)
-
-
-def dtype_itemsize(dtype: str) -> int:
-    import jax.numpy as jnp
-
-    return jnp.dtype(dtype).itemsize
-
-
 def _format_param(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
@@ -361,54 +307,9 @@ def pretty(program: Program) -> str:
     return "\n".join(lines)
 
 
-COMPARISON_OPS: frozenset[str] = frozenset({"eq", "ne", "lt", "le", "gt", "ge"})
-
-
 def infer_type(op: str, params: Mapping[str, Any], inputs: Sequence[TensorType]) -> TensorType:
-    """Output type of a modelled op from its static parameters and input types."""
-    if op in UNARY_OPS or op in ("integer_pow", "softmax"):
-        return TensorType(inputs[0].shape, "bool" if op == "is_finite" else inputs[0].dtype)
-    if op in BINARY_OPS:
-        return TensorType(inputs[0].shape, "bool" if op in COMPARISON_OPS else inputs[0].dtype)
-    if op == "convert_element_type":
-        return TensorType(inputs[0].shape, str(params["new_dtype"]))
-    if op == "select_n":
-        return inputs[1]
-    if op == "transpose":
-        t = inputs[0]
-        return TensorType(tuple(t.shape[i] for i in params["perm"]), t.dtype)
-    if op in REDUCE_OPS:
-        t = inputs[0]
-        return TensorType(tuple(s for i, s in enumerate(t.shape) if i not in params["axes"]), t.dtype)
-    if op == "dot_general":
-        a, b = inputs
-        lc, rc, lb, rb = (params[k] for k in ("lhs_contract", "rhs_contract", "lhs_batch", "rhs_batch"))
-        free_a = [a.shape[i] for i in range(a.rank) if i not in lc and i not in lb]
-        free_b = [b.shape[i] for i in range(b.rank) if i not in rc and i not in rb]
-        shape = tuple(a.shape[i] for i in lb) + tuple(free_a) + tuple(free_b)
-        return TensorType(shape, params.get("preferred_element_type") or a.dtype)
-    if op == "slice":
-        start, limit = params["start_indices"], params["limit_indices"]
-        return TensorType(tuple(hi - lo for lo, hi in zip(start, limit)), inputs[0].dtype)
-    if op == "concatenate":
-        axis = params["dimension"]
-        shape = list(inputs[0].shape)
-        shape[axis] = sum(t.shape[axis] for t in inputs)
-        return TensorType(tuple(shape), inputs[0].dtype)
-    if op == "packed_attention":
-        packed, layout = inputs[0], str(params["packed_layout"])
-        logical = {c: packed.shape[layout.index(c)] for c in "BHSD"}
-        return TensorType(tuple(logical[c] for c in params["o_layout"]), packed.dtype)
-    if op == "attention":
-        q, v = inputs[0], inputs[2]
-        qa = [params["q_layout"].index(c) for c in "BHSD"]
-        logical = {"B": q.shape[qa[0]], "H": q.shape[qa[1]], "S": q.shape[qa[2]], "D": v.shape[params["v_layout"].index("D")]}
-        return TensorType(tuple(logical[c] for c in params["o_layout"]), params.get("compute_dtype") or q.dtype)
-    if op == "attention_fp8":
-        out = infer_type("attention", params, inputs[:3])
-        return TensorType(out.shape, str(params["out_dtype"]))
-    if op == "fused":  # a fused region (eqsat_attn.region): typed through its body
-        from .region import region_type
-
+    """Output type of a modelled op from its static parameters and input types (a ``fused``
+    node's through its region body, `eqsat_attn.region`)."""
+    if op == "fused":
         return region_type(str(params["body"]), inputs)
-    raise ValueError(f"no type rule for op {op!r}; give the node its type explicitly")
+    return infer_op_type(op, params, inputs)

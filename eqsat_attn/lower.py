@@ -15,8 +15,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import ir
+from . import ir, region
+from .cost.roofline import current_device_model
 from .ir import Node, Program
+from .kernels import attention, chosen_kernel, kernel_supports_layouts, pallas_takes_scores
+from .kernels.fp8_attention import FP8_DTYPES, attention_reference_fp8, flash_attention_fp8
+from .kernels.fp8_straight_through import attention_fp8_straight_through
+from .kernels.packed import lower_packed_attention
+from .kernels.partitioned import shard_attention
+from .kernels.reference import MASK_VALUE
 
 UNARY_LOWERINGS: dict[str, Callable[[Any], Any]] = {
     "neg": lax.neg, "exp": lax.exp, "exp2": lax.exp2, "log": lax.log, "log1p": lax.log1p,
@@ -93,8 +100,6 @@ def _fp8_attention_sources(program: Program) -> dict[int, tuple[int, int, int]]:
     """For each fp8 attention whose Q, K and V are each a float value rounded to fp8 in this
     program: the ids of those unrounded values (lowered as one op, so gradients reach them
     unrounded: `kernels.fp8_straight_through`)."""
-    from .kernels.fp8_attention import FP8_DTYPES
-
     def source(i: int) -> int | None:
         node = program.nodes[i]
         if node.op != "convert_element_type" or str(node.params["new_dtype"]) not in FP8_DTYPES:
@@ -163,16 +168,30 @@ def lower_node(node: Node, args: list[Any], attention_kernel: str = "auto") -> A
     if op == "attention_fp8":
         return lower_attention_fp8(node, args, attention_kernel)
     if op == "packed_attention":
-        from .kernels.packed import lower_packed_attention
-
         return lower_packed_attention(node, args, attention_kernel)
     if op == "softmax":
         return jax.nn.softmax(args[0], axis=-1)
     if op == "fused":  # one function body of the region's ops; XLA fuses it as it fuses them
-        from .region import evaluate
-
-        return evaluate(str(p["body"]), args)
+        return evaluate_region(str(p["body"]), args)
     raise NotImplementedError(f"lowering has no rule for op {op!r}")
+
+
+def evaluate_region(body: str, inputs: Sequence[Any]) -> Any:
+    """A fused region's value: its body's ops (`eqsat_attn.region`) applied as `lower_node`
+    applies the unfused ops, in one function that XLA fuses as it fuses them."""
+    values: list[Any] = []
+    for step in region.compile_body(body):
+        if step.kind == "arg":
+            values.append(inputs[step.index])
+        elif step.kind == "literal":
+            value, dtype = region.literal_value(step.op)
+            values.append(np.array(value, dtype=jnp.dtype(dtype)))
+        else:
+            args = [values[i] for i in step.args]
+            types = [ir.TensorType(tuple(np.shape(a)), str(jnp.result_type(a))) for a in args]
+            node = Node(step.ir_op, (), ir.Params(step.params), region.step_type(step, types))
+            values.append(lower_node(node, args))
+    return values[-1]
 
 
 def _dot_general(p: ir.Params, args: list[Any]) -> Any:
@@ -197,10 +216,6 @@ def _to_layout(x: Any, source: str, target: str) -> Any:
 
 def resolve_attention_kernel(attention_kernel: str) -> str:
     """The kernel "auto" stands for on the default JAX backend: "pallas" on GPU, else "reference"."""
-    try:
-        from .kernels import chosen_kernel
-    except ImportError:
-        return attention_kernel if attention_kernel != "auto" else "reference"
     return chosen_kernel(attention_kernel)
 
 
@@ -208,8 +223,6 @@ def _relaid_v_layout(dtype: Any, causal: bool) -> str:
     """Where a V the kernel cannot read in place (neither D nor S minor) is copied to: the faster
     of "BHSD" / "BHDS" on this device, as `RooflineModel.attention_variant` prices it."""
     try:
-        from .cost.roofline import current_device_model
-
         return current_device_model().relaid_v_layout(str(jnp.dtype(dtype)), causal)
     except Exception:  # noqa: BLE001 - no cost model / backend: the standard layout
         return ATTENTION_CANONICAL
@@ -224,9 +237,6 @@ def lower_attention(node: Node, args: Sequence[Any], attention_kernel: str = "au
     BHSD or BHDS (the faster kernel on this device), and o is then written in BHSD and
     transposed to its layout. The roofline cost model charges exactly those transposes.
     """
-    from .kernels import attention, chosen_kernel, kernel_supports_layouts, pallas_takes_scores
-    from .kernels.reference import MASK_VALUE
-
     p = node.params
     mask_kind = str(p.get("mask_kind", "none"))
     extra: dict[str, Any] = {}
@@ -260,8 +270,6 @@ def lower_attention(node: Node, args: Sequence[Any], attention_kernel: str = "au
                          compute_dtype=compute_dtype, **layouts, **mods, **extra)
 
     if kernel == "pallas" and not extra:  # split over batch and heads under a device mesh
-        from .kernels.partitioned import shard_attention
-
         out = shard_attention(kernel_call, q, k, v, **layouts)
     else:
         out = kernel_call(q, k, v)
@@ -273,10 +281,6 @@ def lower_attention_fp8(node: Node, args: Sequence[Any], attention_kernel: str =
     """fp8 attention: the Pallas fp8 kernel where it runs and reads the layouts in place,
     else the reference (dequantize, attention) in any layouts. ``unrounded``: the float values
     ``args[:3]`` were rounded from, to differentiate straight through that rounding (same values)."""
-    from .kernels import chosen_kernel, kernel_supports_layouts
-    from .kernels.fp8_attention import attention_reference_fp8, flash_attention_fp8
-    from .kernels.fp8_straight_through import attention_fp8_straight_through
-
     p = node.params
     layouts = {f"{n}_layout": str(p[f"{n}_layout"]) for n in "qkvo"}
     kw = dict(scale=float(p["scale"]), causal=bool(p["causal"]), out_dtype=str(p["out_dtype"]), **layouts)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .ir import Program
+from .lower import lower_node
 
 STATIC_OPS_LIMIT = 64  # a static mask sub-program larger than this is not evaluated
 
@@ -32,8 +33,6 @@ def _static_value(program: Program, node_id: int) -> np.ndarray | None:
     if len(nodes) > STATIC_OPS_LIMIT or any(program.nodes[i].op in ("input", "opaque", "opaque_output")
                                             for i in nodes):
         return None
-    from .lower import lower_node  # evaluation only; lowering sits above this module's callers
-
     values: dict[int, object] = {}
     try:
         for i in nodes:

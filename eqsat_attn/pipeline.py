@@ -5,45 +5,28 @@
 
 from __future__ import annotations
 
-import numbers
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from typing import TYPE_CHECKING
+from egglog import EGraph
 
+from .attention_misses import PreferAttention, has_attention, unchosen_attention_note
+from .blocks import splice, split_repeated
 from .choices import (
     BACKENDS, EXTRACTORS, check_choice, check_cost_model, check_limits, cost_model_from_name, rule_names,
 )
+from .cost import current_device_model, program_cost
+from .egraph import encode, extract_program, resolve, run_rulesets
+from .egraph.driver import RunResult, prepare_rulesets, prepared_egraph
+from .egraph.ilp import extract_program_ilp
+from .egraph.rulesets import DEFAULT_RULESETS
+from .fp8_layout import prefer_transposed_v
 from .ir import Program
-
-if TYPE_CHECKING:
-    from .egraph.driver import RunResult
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Bounds on equality saturation; past any of them the best program found so far is used.
-
-    They bound each e-graph run: one for the whole program, or one per distinct repeated block
-    (`eqsat_attn.blocks`). ``iterations`` (rounds of the rule sets) and ``nodes`` (e-nodes, checked
-    after each rule set's run) count work, so the program chosen is the same on any machine;
-    ``seconds`` is a safety net checked between the same steps, and a run it stops warns
-    (RuntimeWarning), since where it stops depends on the machine's speed and load."""
-
-    iterations: int = 30
-    nodes: int = 200_000
-    seconds: float = 20.0
-
-    def __post_init__(self) -> None:
-        for name in ("iterations", "nodes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(f"Limits.{name} must be a whole number >= 1, got {value!r}")
-        seconds = self.seconds
-        if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real) or not seconds > 0:
-            raise ValueError(f"Limits.seconds must be a number of seconds > 0 (math.inf for no time limit), "
-                             f"got {seconds!r}")
+from .limits import Limits
+from .nested import merge, optimize_bodies
+from .qkv_layouts import EXPLAIN_MAX_ENODES, LazyLayoutDecision, is_qkv_block
 
 
 @dataclass(frozen=True)
@@ -76,8 +59,6 @@ class OptimizeOptions:
         """The rule sets to run: the chosen ones, plus the fp8 policy when precision="fp8"."""
         if self.precision == "exact":
             return None if self.rules is None else list(self.rules)
-        from .egraph.rulesets import DEFAULT_RULESETS
-
         names = list(DEFAULT_RULESETS if self.rules is None else self.rules)
         return names if "fp8_policy" in names else [*names, "fp8_policy"]
 
@@ -109,18 +90,11 @@ class PipelineResult:
 
 def default_cost_model(backend: str = "auto"):
     """The roofline model of the device JAX runs on ("reference" prices attention as plain XLA)."""
-    from .cost import current_device_model
-
     return current_device_model("reference" if backend == "reference" else "pallas")
 
 
 def saturate(program: Program, options: OptimizeOptions):
     """Encode ``program``, run the rule sets; returns (egraph, encoding, run result)."""
-    from egglog import EGraph
-
-    from .egraph import encode, resolve, run_rulesets
-    from .egraph.driver import prepare_rulesets
-
     egraph = EGraph()
     rulesets = resolve(options.rule_names())
     prepare_rulesets(egraph, rulesets)  # rules first: egglog registers them faster in an empty e-graph
@@ -149,10 +123,6 @@ def optimize_part(program: Program, options: OptimizeOptions, model,
 
     Never returns something the model predicts slower than ``program`` (extraction is greedy).
     """
-    from dataclasses import replace
-
-    from .cost import program_cost
-
     first = replace(options.limits, nodes=min(options.limits.nodes, RESTART_ENODES))
     chosen, run = _saturate_and_extract(program, options, first, model, notes)
     if run.saturated or options.limits.nodes <= RESTART_ENODES or not run.stop_reason.startswith("e-node"):
@@ -173,19 +143,11 @@ def optimize_part(program: Program, options: OptimizeOptions, model,
 def _saturate_and_extract(program: Program, options: OptimizeOptions, limits: Limits, model,
                           notes: list[str] | None) -> tuple[Program, RunResult]:
     """One e-graph run of ``program`` under ``limits`` and the extraction of its best program."""
-    from .cost import program_cost
-    from .egraph import encode, extract_program, resolve, run_rulesets
-    from .egraph.driver import prepared_egraph
-    from .attention_misses import PreferAttention, has_attention, unchosen_attention_note
-    from .fp8_layout import prefer_transposed_v
-
     rulesets = resolve(options.rule_names())
     with prepared_egraph(rulesets) as egraph:  # as `saturate`, with the rules registered once per process
         encoding = encode(program, egraph)
         run = run_rulesets(egraph, rulesets, limits)
         if options.extractor == "ilp":
-            from .egraph.ilp import extract_program_ilp
-
             chosen, _ = extract_program_ilp(egraph, encoding, model)
         else:
             chosen, _ = extract_program(egraph, encoding, model, extractor=options.extractor)
@@ -216,19 +178,12 @@ def optimize_program(program: Program, options: OptimizeOptions = OptimizeOption
     RuntimeWarning unless ``warn=False`` (the decorator warns itself, naming the function):
     optimizing never changes what the user computes.
     """
-    from .nested import merge, optimize_bodies
-
     program, bodies = optimize_bodies(program, lambda body: optimize_program(body, options, warn=warn), options.backend)
     return merge(_optimize_flat(program, options, warn), bodies)
 
 
 def _optimize_flat(program: Program, options: OptimizeOptions, warn: bool) -> PipelineResult:
     """`optimize_program` for ``program`` itself, its opaque nodes (and their bodies) as they are."""
-    from collections import Counter
-
-    from .blocks import splice, split_repeated
-    from .cost import program_cost
-
     model = options.cost_model or default_cost_model(options.backend)
     cost_before = program_cost(program, model)
     try:
@@ -282,8 +237,6 @@ def _layout_decision(program: Program, options: OptimizeOptions, model, chosen: 
     whose Q/K/V are projections of one input (on its first call the program is saturated again,
     since the pooled e-graph it was optimized in has been reverted; not at all past the exact
     extractor's reach); None for anything else."""
-    from .qkv_layouts import EXPLAIN_MAX_ENODES, LazyLayoutDecision, is_qkv_block
-
     if not is_qkv_block(chosen):
         return None
     egraph_nodes = sum(run.egraph_nodes for run in runs)

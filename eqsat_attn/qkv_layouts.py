@@ -22,7 +22,8 @@ from typing import Any
 from dataclasses import dataclass
 
 from .cost.model import CostModel, OpView, program_cost
-from .egraph.extract import UNKNOWN_TYPE_COST
+from .egraph.extract import UNKNOWN_TYPE_COST, extract_program
+from .egraph.ilp import ILPExtraction, ILPExtractionError, extract_ilp, extract_program_ilp, read_graph
 from .ir import Program, TensorType
 
 VARIANTS = ("a", "b", "c")
@@ -274,9 +275,6 @@ def extract_variant(egraph, encoding, model: CostModel, time_limit: float | None
     limit (`ilp.MAX_MIP_NODES`) its best solution so far is used; ``time_limit`` (seconds, default
     `ilp.TIME_LIMIT_S`) is a safety net that warns.
     """
-    from .egraph import extract_program
-    from .egraph.ilp import ILPExtractionError, extract_program_ilp
-
     try:
         return extract_program_ilp(egraph, encoding, model, time_limit=time_limit)[0]
     except ILPExtractionError:
@@ -290,9 +288,6 @@ def layout_decision(egraph, encoding, model: CostModel, chosen: Program,
     `VariantModel`: the penalties steer, they are not costs). Each variant's exact extraction
     stops at the ILP's work limit (deterministic); ``time_limit`` (seconds per variant, default
     `ilp.TIME_LIMIT_S`) is a safety net that warns."""
-    from .egraph import extract_program
-    from .egraph.ilp import ILPExtraction, ILPExtractionError, extract_ilp, read_graph
-
     pricing = model.base if isinstance(model, VariantModel) else model
     steering = {v: VariantModel.for_program(pricing, v, encoding.program) for v in VARIANTS}
 

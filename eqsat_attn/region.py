@@ -13,7 +13,8 @@ expression text, built by the `fusion` rule set with egglog string operations an
 - ``D[lc;rc;lb;rb;dtype](a,b)``: a dot_general whose elementwise consumers are its epilogue
 
 Bodies are compiled once (cached) to a list of steps; typing and evaluation reuse
-`ir.infer_type` and `lower.lower_node` per step, so a region computes exactly what its unfused ops compute.
+`op_types.infer_type` and `lower.lower_node` per step (`lower.evaluate_region`), so a region computes
+exactly what its unfused ops compute.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import ir
+from .op_types import BINARY_OPS, UNARY_OPS, TensorType, infer_type
 
 ARG = "$"
 
@@ -87,10 +88,10 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(",") if v != "")
 
 
-def _ir_op(op: BodyOp) -> tuple[str, dict[str, Any], ir.TensorType | None]:
+def _ir_op(op: BodyOp) -> tuple[str, dict[str, Any], TensorType | None]:
     """(IR op, params, output type when it is not inferred) of one body op."""
     n, p = op.name, op.params
-    if n in ir.UNARY_OPS or n in ir.BINARY_OPS:
+    if n in UNARY_OPS or n in BINARY_OPS:
         return n, {}, None
     if n == "convert":
         return "convert_element_type", {"new_dtype": p[0]}, None
@@ -110,7 +111,7 @@ def _ir_op(op: BodyOp) -> tuple[str, dict[str, Any], ir.TensorType | None]:
     raise RegionSyntaxError(f"unknown op {n!r} in a region body")
 
 
-def _literal(op: BodyOp) -> tuple[Any, str]:
+def literal_value(op: BodyOp) -> tuple[Any, str]:
     value, dtype = float(op.params[0]), op.params[1]
     py = bool(value) if dtype == "bool" else int(value) if "int" in dtype else value
     return py, dtype
@@ -157,17 +158,17 @@ def compile_body(body: str) -> tuple[Step, ...]:
     return tuple(steps)
 
 
-def _step_type(step: Step, types: list[ir.TensorType]) -> ir.TensorType:
+def step_type(step: Step, types: list[TensorType]) -> TensorType:
     if step.shape is not None:
-        return ir.TensorType(step.shape, types[0].dtype)
-    return ir.infer_type(step.ir_op, dict(step.params), types)
+        return TensorType(step.shape, types[0].dtype)
+    return infer_type(step.ir_op, dict(step.params), types)
 
 
 @functools.lru_cache(maxsize=65536)
-def analyse(body: str, inputs: tuple[ir.TensorType, ...]) -> tuple[ir.TensorType, tuple[tuple[BodyOp, ir.TensorType, ir.TensorType], ...], float]:
+def analyse(body: str, inputs: tuple[TensorType, ...]) -> tuple[TensorType, tuple[tuple[BodyOp, TensorType, TensorType], ...], float]:
     """(output type, each dot_general with its operand types, bytes transposed with the minor
     axis moving) of a body over typed inputs."""
-    types: list[ir.TensorType] = []
+    types: list[TensorType] = []
     dots = []
     transposed = 0.0
     for step in compile_body(body):
@@ -176,7 +177,7 @@ def analyse(body: str, inputs: tuple[ir.TensorType, ...]) -> tuple[ir.TensorType
                 raise RegionSyntaxError(f"region body {body!r} reads ${step.index} of {len(inputs)} inputs")
             types.append(inputs[step.index])
         elif step.kind == "literal":
-            types.append(ir.TensorType((), step.op.params[1]))
+            types.append(TensorType((), step.op.params[1]))
         else:
             operand_types = [types[i] for i in step.args]
             if step.op.name == "D":
@@ -185,40 +186,18 @@ def analyse(body: str, inputs: tuple[ir.TensorType, ...]) -> tuple[ir.TensorType
                 perm = _ints(step.op.params[0])
                 if perm and perm[-1] != len(perm) - 1:
                     transposed += operand_types[0].nbytes
-            types.append(_step_type(step, operand_types))
+            types.append(step_type(step, operand_types))
     return types[-1], tuple(dots), transposed
 
 
-def region_type(body: str, inputs: Sequence[ir.TensorType]) -> ir.TensorType:
+def region_type(body: str, inputs: Sequence[TensorType]) -> TensorType:
     """The output type of a region body over inputs of these types."""
     return analyse(body, tuple(inputs))[0]
 
 
-def dot_operand_types(body: str, inputs: Sequence[ir.TensorType]) -> tuple[tuple[BodyOp, ir.TensorType, ir.TensorType], ...]:
+def dot_operand_types(body: str, inputs: Sequence[TensorType]) -> tuple[tuple[BodyOp, TensorType, TensorType], ...]:
     """Each body dot_general with the types of its two operands."""
     return analyse(body, tuple(inputs))[1]
-
-
-def evaluate(body: str, inputs: Sequence[Any]) -> Any:
-    """The region's value: its body's ops applied as `lower.lower_node` applies the unfused ops."""
-    import jax.numpy as jnp
-    import numpy as np
-
-    from .lower import lower_node
-
-    values: list[Any] = []
-    for step in compile_body(body):
-        if step.kind == "arg":
-            values.append(inputs[step.index])
-        elif step.kind == "literal":
-            value, dtype = _literal(step.op)
-            values.append(np.array(value, dtype=jnp.dtype(dtype)))
-        else:
-            args = [values[i] for i in step.args]
-            types = [ir.TensorType(tuple(np.shape(a)), str(jnp.result_type(a))) for a in args]
-            node = ir.Node(step.ir_op, (), ir.Params(step.params), _step_type(step, types))
-            values.append(lower_node(node, args))
-    return values[-1]
 
 
 @dataclass(frozen=True)
@@ -249,12 +228,12 @@ def lone_matmul(body: str) -> dict[str, Any] | None:
     return _ir_op(root)[1]
 
 
-def transposed_bytes(body: str, inputs: Sequence[ir.TensorType]) -> float:
+def transposed_bytes(body: str, inputs: Sequence[TensorType]) -> float:
     """Bytes of the tensors transposed inside a region by permutations that move the minor axis."""
     return analyse(body, tuple(inputs))[2]
 
 
-def dot_flops(op: BodyOp, a: ir.TensorType, b: ir.TensorType) -> float:
+def dot_flops(op: BodyOp, a: TensorType, b: TensorType) -> float:
     """2 x batch x M x N x K of a body dot_general on operands of these types."""
     import math
 

@@ -7,10 +7,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .attention_misses import softmax_misses
 from .ir import Program, short_dtype
+from .kernels.flash_attention import pallas_backend
 from .kernels.reference import node_takes_pallas
 from .mask_kinds import mask_kind
 from .nested import NestedCall
+from .region import parse, stats
 
 
 @dataclass(frozen=True)
@@ -143,8 +146,6 @@ def _packed_backend(program: Program, node) -> str:
     """The Pallas backend `packed_flash_attention` picks for this packed attention node."""
     import jax
 
-    from .kernels.flash_attention import pallas_backend
-
     layout, o_layout = str(node["packed_layout"]), str(node["o_layout"])
     own = layout.replace("3", "")
     if str(node["mask_kind"]) != "none" or own[-1] != "D" or o_layout[-1] != "D":
@@ -159,8 +160,6 @@ def _pallas_backend(program: Program, node) -> str:
     """The Pallas backend `flash_attention` picks for this attention node's operands."""
     import jax
     import jax.numpy as jnp
-
-    from .kernels.flash_attention import pallas_backend
 
     p = node.params
     q, k, v = (jax.ShapeDtypeStruct(program.type_of(i).shape, program.type_of(i).dtype)
@@ -190,8 +189,6 @@ class RegionInfo:
 
 def region_infos(program: Program) -> list[RegionInfo]:
     """One `RegionInfo` per live fused node of ``program``, in program order."""
-    from .region import parse, stats
-
     out = []
     for node_id in program.live_nodes():
         node = program.nodes[node_id]
@@ -261,8 +258,6 @@ class Report:
     def not_attention(self) -> list[str]:
         """Why each softmax left in the chosen program is not attention: the nearest form it
         missed, or the price of the attention found for it but not chosen on this device."""
-        from .attention_misses import softmax_misses
-
         return [str(miss) for miss in softmax_misses(self.after)] + list(self.unchosen_attention)
 
     @property

@@ -62,6 +62,7 @@ import math
 from dataclasses import dataclass
 
 from .. import ir
+from ..region import dot_flops, dot_operand_types, stats, transposed_bytes
 from .devices import DeviceSpec, device_name_of_kind, device_spec
 from ..kernels.reference import node_takes_pallas
 from .model import OpView
@@ -210,8 +211,6 @@ class RooflineModel:
 
     def _packed_attention(self, node: OpView) -> Breakdown:
         """Attention over the three entries of a packed Q/K/V array, each read in place."""
-        from ..egraph.encode import AXES
-
         packed, out = node.inputs[0], node.output
         layout = str(node.params["packed_layout"])
         one = ir.TensorType(tuple(n for c, n in zip(layout, packed.shape) if c != "3"), packed.dtype)
@@ -220,7 +219,7 @@ class RooflineModel:
             "q_layout": own, "k_layout": own, "v_layout": own, "o_layout": node.params["o_layout"],
             "scale": node.params["scale"], "causal": node.params["causal"], "mask_kind": node.params["mask_kind"],
         }
-        assert sorted(own) == sorted(AXES)
+        assert sorted(own) == sorted(ir.ATTENTION_AXES)
         return self._attention(OpView("attention", params, (one, one, one, *node.inputs[1:]), out))
 
     def _fused(self, node: OpView) -> Breakdown:
@@ -229,8 +228,6 @@ class RooflineModel:
         launch), so a region never makes a transpose cheaper, only saves the launches and
         intermediate writes around it. A matmul inside adds its FLOPs (the region is its
         epilogue) and its own launch when a region holds several."""
-        from ..region import dot_flops, dot_operand_types, stats, transposed_bytes
-
         d = self.device
         body = str(node.params["body"])
         info = stats(body)

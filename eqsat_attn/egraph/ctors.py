@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..region import lone_matmul
 from .encode import axes_to_layout, axes_to_packed_layout
 from .language import KERNEL_FILL
 
@@ -118,8 +119,6 @@ def op_params(ctor: str, statics: list[Any]) -> tuple[str, dict[str, Any]]:
     if ctor == "softmax":
         return "softmax", {}
     if ctor.startswith("fused"):
-        from ..region import lone_matmul
-
         dot = lone_matmul(statics[0])  # a region of a matmul alone is that matmul
         return ("dot_general", dot) if dot is not None else ("fused", {"body": statics[0]})
     raise ValueError(f"constructor {ctor!r} has no IR op of its own")

@@ -22,7 +22,7 @@ from egglog import EGraph, Schedule, bindings, seq
 from egglog.runtime import resolve_callable
 from egglog.egraph_state import span
 
-from ..pipeline import Limits
+from ..limits import Limits
 from . import index_math
 from .analysis import analysis
 from .language import answer, ask

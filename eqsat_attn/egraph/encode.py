@@ -23,8 +23,8 @@ from egglog.runtime import RuntimeExpr
 from .. import ir
 from .language import KERNEL_FILL, MAX_REGION_INPUTS, Term, TermList, causal_mask, dtype, program_order, shape
 
-AXES = "BHSD"  # logical axes of an attention operand
-PACKED_AXES = "BHSD3"  # logical axes of a packed Q/K/V array; "3" indexes Q, K, V
+AXES = ir.ATTENTION_AXES  # logical axes of an attention operand
+PACKED_AXES = ir.PACKED_AXES  # logical axes of a packed Q/K/V array; "3" indexes Q, K, V
 
 
 def _positions(layout: str, names: str, what: str) -> tuple[int, ...]:

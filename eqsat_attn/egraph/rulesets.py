@@ -8,6 +8,7 @@ matches per family, and split a rule that needs index math into its ask and answ
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import os
@@ -19,7 +20,6 @@ from pathlib import Path
 
 from egglog import Fact, Ruleset, RewriteOrRule, eq, rule, ruleset, union, var
 
-from ..choices import rule_names
 from .language import IntVec, Term, answer, ask
 
 # Phases run in this order in every round (EGGLOG_NOTES: raising before analyses before
@@ -135,13 +135,18 @@ def asking(
 
 def rule_file_path(name: str) -> Path:
     """The shipped rule file of a rule-set module name (``transpose`` -> .../rules/transpose.py)."""
-    try:
-        import eqsat_attn.rules as shipped  # installed: rules/ is packaged as eqsat_attn.rules
+    return _shipped_rules_dir() / f"{name}.py"
 
-        base = Path(shipped.__file__).parent
-    except ImportError:  # running from a source tree without installing
-        base = Path(__file__).resolve().parents[2] / "rules"
-    return base / f"{name}.py"
+
+@functools.cache
+def _shipped_rules_dir() -> Path:
+    """Where the shipped rule files are, found without importing them (rule files are loaded by
+    path, and they import this module): the installed ``eqsat_attn.rules`` package's folder, or
+    ``rules/`` of a source tree that is not installed."""
+    spec = importlib.util.find_spec("eqsat_attn.rules")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(__file__).resolve().parents[2] / "rules"
 
 
 class RuleFileError(ValueError):
@@ -205,6 +210,17 @@ SHIPPED_FILES = ("canonical", "transpose", "attention", "fp8", "qkv", "fusion")
 DEFAULT_RULESETS = (
     "canonical", "transpose", "attention_raise", "attention_layout", "fp8_attention", "projections", "packed_qkv",
 )
+
+
+def rule_names(names: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """``names`` as a list of strings: one name or path, or a sequence of them; TypeError otherwise."""
+    if isinstance(names, (str, os.PathLike)):
+        return [os.fspath(names)]
+    if not isinstance(names, Sequence) or not all(isinstance(n, (str, os.PathLike)) for n in names):
+        raise TypeError(
+            f"rules must be a rule-set name, a path to a rule file, or a list of them (e.g. [\"transpose\"]), "
+            f"got {names!r}")
+    return [os.fspath(n) for n in names]
 
 
 def resolve(names: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[RuleSet]:

@@ -23,11 +23,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from .dispatch import chosen_kernel
 from .flash_attention import (
     MIN_BLOCK, _backward_pallas, _compiler_params, _Config, _crop, _fwd_kernel, _next_pow2, _pad_to, _round_up,
     _spec, block_sizes, bwd_block_sizes, pallas_backend,
 )
 from .mosaic_attention import mosaic_packed_attention
+from .partitioned import shard_packed_attention
 from .reference import attention_reference, layout_shape
 
 PACKED = "3"
@@ -156,17 +158,13 @@ def packed_flash_attention(qkv: jax.Array, *, packed_layout: str, scale: float, 
 def lower_packed_attention(node: Any, args: Sequence[Any], attention_kernel: str = "auto") -> Any:
     """Lower an IR ``packed_attention`` node: the packed Pallas kernel where it can read the layout
     in place (GPU, no bias), else the reference on the three entries."""
-    from .dispatch import chosen_kernel
-
     p = node.params
     layout, o_layout = str(p["packed_layout"]), str(p["o_layout"])
     bias = args[1] if str(p.get("mask_kind", "none")) == "bias" else None
     kernel = chosen_kernel(attention_kernel)
     readable = layout[-1] == "D" and o_layout[-1] == "D"
     if kernel == "pallas" and bias is None and readable:
-        from .partitioned import shard_packed_attention  # split over batch and heads under a device mesh
-
-        return shard_packed_attention(
+        return shard_packed_attention(  # split over batch and heads under a device mesh
             lambda qkv: packed_flash_attention(qkv, packed_layout=layout, scale=float(p["scale"]),
                                                causal=bool(p["causal"]), o_layout=o_layout),
             args[0], packed_layout=layout, o_layout=o_layout)
