@@ -50,7 +50,8 @@ from jax.experimental import pallas as pl
 
 from .mosaic_attention import (FP8_DTYPES, MosaicBlocks, hopper_gpu, mosaic_attention,
                                mosaic_unsupported)
-from .reference import CANONICAL, MASK_VALUE, check_shapes, kernel_layout_error, layout_shape
+from .masks import kernel_mask, mask_4d, tile_lists, tile_map
+from .reference import CANONICAL, MASK_VALUE, attention_reference, check_shapes, kernel_layout_error, layout_shape
 
 LOG2E: float = math.log2(math.e)
 
@@ -144,6 +145,23 @@ class _Config:
     # which Pallas backend runs the forward ("triton" or "mosaic_gpu"); the backward is Triton's
     backend: str = "triton"
     mosaic_blocks: MosaicBlocks | None = None
+    # score modifications: soft-cap (0 = none), the op's fill for hidden scores, and whether a
+    # boolean mask (tile lists + mask tiles, kernels/masks.py) is a kernel input
+    softcap: float = 0.0
+    mask_fill: float = MASK_VALUE
+    has_mask: bool = False
+
+    @property
+    def guarded(self) -> bool:
+        """The result is checked at run time (`_needs_reference`): a boolean mask, or a causal fill
+        above the kernels' own. The kernels then give hidden scores exactly zero weight (-inf,
+        with a safe running max) and a row with no visible key an lse of -inf."""
+        return self.has_mask or (self.causal and self.mask_fill > MASK_VALUE)
+
+    @property
+    def hidden_score(self) -> float:
+        """What a causally hidden score becomes inside the kernels (log2 units)."""
+        return -jnp.inf if self.guarded else MASK_VALUE
 
     def cast(self, x):
         """A loaded tile in the compute dtype (unchanged without a cast prologue)."""
@@ -171,7 +189,7 @@ def pallas_backend(q, k, v, *, backend: str = "auto", interpret: bool | None = N
     """The Pallas backend that runs this forward: "mosaic_gpu" or "triton".
 
     q, k, v: arrays or ShapeDtypeStructs; ``call``: the other `mosaic_unsupported` arguments
-    (layouts, causal, scale, bias, compute_dtype, blocks). "auto" takes Mosaic GPU when
+    (layouts, causal, scale, bias, compute_dtype, blocks, mask, mask_fill, softcap). "auto" takes Mosaic GPU when
     `auto_takes_mosaic`, compiling for a Hopper GPU, the call is inside its contract and no Triton
     tiles were given; else Triton. Forcing "mosaic_gpu" on a call outside its contract raises
     ValueError saying why.
@@ -290,9 +308,25 @@ def _unbroadcast(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return x.sum(axis=axes, keepdims=True) if axes else x
 
 
+def _scores(raw, cfg: _Config, qk_scale):
+    """Scores in log2 units from q·kᵀ (float32), and tanh of the soft-capped score (None
+    without a soft-cap: its derivative 1 - tanh² scales dS in the backward)."""
+    if cfg.softcap:
+        t = jnp.tanh(raw * (cfg.scale / cfg.softcap))
+        return t * (cfg.softcap * LOG2E), t
+    return raw * qk_scale, None
+
+
+def _at(ref, g: int | None, *idx):
+    """ref[g, *idx] for a block holding a kv group's heads (g given), else ref[*idx]."""
+    return ref[idx if g is None else (g,) + idx]
+
+
 def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config, sk: int, nq: int, has_bias: bool):
     refs = list(refs)
     bias_ref = refs.pop(0) if has_bias else None
+    # a boolean mask: its [bq or 1, Sk] rows, and this query tile's key-tile lists (masks.py)
+    mask_ref, count_ref, index_ref = (refs.pop(0), refs.pop(0), refs.pop(0)) if cfg.has_mask else (None,) * 3
     # fp8: two [1, 1] float32 operands, the score descale (scale * log2 e * q_scale * k_scale)
     # and the output descale (v_scale); both loaded once, outside the key loop
     qk_ref, ov_ref = (refs.pop(0), refs.pop(0)) if cfg.descaled else (None, None)
@@ -318,21 +352,26 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config, sk: int, nq: int, has_
         acc, m, l = carry
         start = pl.multiple_of(j * bk, bk)
         kt = cfg.cast(k_ref[pl.ds(start, bk), :])
-        s = lax.dot_general(q, kt, (((1,), (1,)), ((), ())), precision=precision,
-                            preferred_element_type=jnp.float32)
-        s = s * qk_scale
+        raw = lax.dot_general(q, kt, (((1,), (1,)), ((), ())), precision=precision,
+                              preferred_element_type=jnp.float32)
+        s, _ = _scores(raw, cfg, qk_scale)
         if bias_ref is not None:
             s = s + bias_ref[:, pl.ds(start, bk)].astype(jnp.float32) * LOG2E
         if masked:
             cols = start + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+            keep = mask_ref[:, pl.ds(start, bk)] != 0 if cfg.has_mask else None
             if cfg.causal:
                 rows = qi * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-                s = jnp.where(rows >= cols, s, MASK_VALUE)
-            if sk % bk:
+                keep = rows >= cols if keep is None else keep & (rows >= cols)
+            if keep is not None:
+                s = jnp.where(keep, s, cfg.hidden_score)
+            if sk % bk and not cfg.has_mask:  # the mask hides padded keys itself
                 s = jnp.where(cols < sk, s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - (m_new[:, None] - shift) if cfg.descaled else s - m_new[:, None])
+        # guarded: hidden scores are -inf, so a row may still have no finite score
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if cfg.guarded else m_new
+        alpha = jnp.exp2(m - m_use)
+        p = jnp.exp2(s - (m_use[:, None] - shift) if cfg.descaled else s - m_use[:, None])
         l = alpha * l + p.sum(axis=1)
         if not cfg.v_transposed:
             vt = cfg.cast(v_ref[pl.ds(start, bk), :])
@@ -346,19 +385,33 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config, sk: int, nq: int, has_
     carry = (jnp.zeros((bq, dv), jnp.float32),
              jnp.full((bq,), -jnp.inf, jnp.float32),
              jnp.zeros((bq,), jnp.float32))
-    carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
-    acc, m, l = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), carry)
+    if cfg.has_mask:  # the VISIBLE key tiles unmasked, then the PARTIAL ones; HIDDEN ones never
+        carry = lax.fori_loop(0, count_ref[0], lambda t, c: body(index_ref[0, t], c, masked=False), carry)
+        acc, m, l = lax.fori_loop(0, count_ref[1], lambda t, c: body(index_ref[1, t], c, masked=True), carry)
+    else:
+        carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
+        acc, m, l = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), carry)
     if cfg.descaled:
         acc = acc * ov_ref[...]
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
     lse_ref[...] = (m + jnp.log2(l) - shift) / LOG2E
 
 
+def _mask_operands(mask4: jax.Array, cfg: _Config, sq: int, block_rows: int, block_cols: int,
+                   sq_p: int, sk_p: int, by_key: bool) -> tuple[list, list]:
+    """Arrays and (unfinished) block shapes of a mask: the padded int8 mask, tile-list counts and
+    indices. ``by_key``: lists per key tile over query tiles (the dK/dV kernel), else per query tile."""
+    classes = tile_map(mask4, sq, cfg.causal, block_rows, block_cols, sq_p, sk_p)
+    counts, index = tile_lists(jnp.swapaxes(classes, 2, 3) if by_key else classes)
+    return [kernel_mask(mask4, sq_p, sk_p), counts, index]
+
+
 def _forward(q, k, v, bias, cfg: _Config, descales: tuple[jax.Array, jax.Array] | None = None,
-             ) -> tuple[jax.Array, jax.Array]:
+             mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Run the kernel; returns (o in cfg.o_layout and cfg.out_dtype or q.dtype, lse [B,H,Sq] float32).
 
     ``descales`` (with cfg.descaled): float32 scalars (score descale in log2 units, output descale).
+    ``mask`` (with cfg.has_mask): bool from `masks.mask_4d`.
     """
     if cfg.backend == "mosaic_gpu":
         return mosaic_attention(q, k, v, scale=cfg.scale, causal=cfg.causal, v_layout=cfg.v_layout,
@@ -393,6 +446,18 @@ def _forward(q, k, v, bias, cfg: _Config, descales: tuple[jax.Array, jax.Array] 
             (None, None, bq, sk_p),
             lambda i, bi, hi: (bi if full_b else 0, hi if full_h else 0, qblk(i), 0)))
         args.append(bias4)
+    if cfg.has_mask:
+        full_b, full_h, rows = mask.shape[0] > 1, mask.shape[1] > 1, mask.shape[2] > 1
+        bh = lambda bi, hi: (bi if full_b else 0, hi if full_h else 0)  # noqa: E731
+        operands = _mask_operands(mask, cfg, sq, bq, bk, sq_p, sk_p, by_key=False)
+        in_specs += [
+            pl.BlockSpec((None, None, bq if rows else 1, sk_p),
+                         lambda i, bi, hi: bh(bi, hi) + (qblk(i) if rows else 0, 0)),
+            pl.BlockSpec((None, None, None, 2), lambda i, bi, hi: bh(bi, hi) + (qblk(i), 0)),
+            pl.BlockSpec((None, None, None, 2, operands[2].shape[-1]),
+                         lambda i, bi, hi: bh(bi, hi) + (qblk(i), 0, 0)),
+        ]
+        args += operands
     if cfg.descaled:
         for x in descales:
             in_specs.append(pl.BlockSpec((1, 1), lambda i, bi, hi: (0, 0)))
@@ -415,23 +480,25 @@ def _forward(q, k, v, bias, cfg: _Config, descales: tuple[jax.Array, jax.Array] 
     return _crop(o, ol, {"S": sq, "D": dv}), lse[:, :, :sq]
 
 
-def _backward(cfg: _Config, q, k, v, bias, o, lse, do):
+def _backward(cfg: _Config, q, k, v, bias, o, lse, do, mask=None):
     """Plain-JAX recomputation backward for any layouts: runs in BHSD / BHDS order (this
-    fallback, used with a bias or backward="jax", may transpose; the Pallas backward does not)."""
+    fallback, used with a bias or backward="jax", may transpose; the Pallas backward does not).
+    ``mask``: bool from `masks.mask_4d` (logical order, whatever the layouts)."""
     if cfg.canonical:
-        return _backward_canonical(cfg, q, k, v, bias, o, lse, do)
+        return _backward_canonical(cfg, q, k, v, bias, o, lse, do, mask)
     vc = "BHDS" if cfg.v_transposed else "BHSD"
     ccfg = dataclasses.replace(cfg, q_layout=CANONICAL, k_layout=CANONICAL, o_layout=CANONICAL, v_layout=vc)
     dq, dk, dv, dbias = _backward_canonical(
         ccfg, _relayout(q, cfg.q_layout, CANONICAL), _relayout(k, cfg.k_layout, CANONICAL),
         _relayout(v, cfg.v_layout, vc), bias, _relayout(o, cfg.o_layout, CANONICAL), lse,
-        _relayout(do, cfg.o_layout, CANONICAL))
+        _relayout(do, cfg.o_layout, CANONICAL), mask)
     return (_relayout(dq, CANONICAL, cfg.q_layout), _relayout(dk, CANONICAL, cfg.k_layout),
             _relayout(dv, vc, cfg.v_layout), dbias)
 
 
-def _backward_canonical(cfg: _Config, q, k, v, bias, o, lse, do):
-    """Gradients by recomputing P from lse, one chunk of query rows at a time (plain JAX)."""
+def _backward_canonical(cfg: _Config, q, k, v, bias, o, lse, do, mask=None):
+    """Gradients by recomputing P from lse, one chunk of query rows at a time (plain JAX).
+    Hidden positions (mask, causal) get exactly zero weight, as in the kernels."""
     b, h, hkv, sq, sk, d, dv = check_shapes(q, k, v, cfg.v_layout)
     g = h // hkv
     f32 = jnp.float32
@@ -449,31 +516,39 @@ def _backward_canonical(cfg: _Config, q, k, v, bias, o, lse, do):
     deltac = chunks(delta[..., None], 1)[..., 0]
     kf, vf = k.astype(f32), v.astype(f32)
     v_eq = "bksd" if cfg.v_layout == "BHSD" else "bkds"
-    if bias is not None:
-        biasc = chunks(jnp.broadcast_to(_bias_4d(bias, (b, h, sq, sk)), (b, h, sq, sk)), sk)
-    else:
-        biasc = jnp.zeros((n,), f32)  # unused placeholder leaf for scan
+    placeholder = jnp.zeros((n,), f32)  # unused leaf for scan
+    biasc = placeholder if bias is None else \
+        chunks(jnp.broadcast_to(_bias_4d(bias, (b, h, sq, sk)), (b, h, sq, sk)), sk)
+    maskc = placeholder if mask is None else chunks(jnp.broadcast_to(mask, (b, h, sq, sk)), sk)
     cols = jnp.arange(sk)
+    hp = lax.Precision.HIGHEST
 
     def step(carry, xs):
         dk, dvv = carry
-        i, qi, doi, lsei, deltai, biasi = xs
-        s = jnp.einsum("bkgqd,bksd->bkgqs", qi, kf, precision=lax.Precision.HIGHEST) * cfg.scale
+        i, qi, doi, lsei, deltai, biasi, maski = xs
+        s = jnp.einsum("bkgqd,bksd->bkgqs", qi, kf, precision=hp) * cfg.scale
+        t = None
+        if cfg.softcap:
+            t = jnp.tanh(s / cfg.softcap)
+            s = cfg.softcap * t
         if bias is not None:
             s = s + biasi
+        p = jnp.exp(s - lsei[..., None])
+        if mask is not None:
+            p = jnp.where(maski > 0.5, p, 0.0)
         if cfg.causal:
             rows = i * cq + jnp.arange(cq)
-            s = jnp.where(rows[:, None] >= cols[None, :], s, MASK_VALUE)
-        p = jnp.exp(s - lsei[..., None])
-        dp = jnp.einsum(f"bkgqd,{v_eq}->bkgqs", doi, vf, precision=lax.Precision.HIGHEST)
-        ds = p * (dp - deltai[..., None])
-        dqi = jnp.einsum("bkgqs,bksd->bkgqd", ds, kf, precision=lax.Precision.HIGHEST) * cfg.scale
-        dk = dk + jnp.einsum("bkgqs,bkgqd->bksd", ds, qi, precision=lax.Precision.HIGHEST) * cfg.scale
-        dvv = dvv + jnp.einsum(f"bkgqs,bkgqd->{v_eq}", p, doi, precision=lax.Precision.HIGHEST)
+            p = jnp.where(rows[:, None] >= cols[None, :], p, 0.0)
+        dp = jnp.einsum(f"bkgqd,{v_eq}->bkgqs", doi, vf, precision=hp)
+        ds = p * (dp - deltai[..., None])  # d(loss)/d(capped score + bias): the bias gradient
+        dsr = ds if t is None else ds * (1.0 - t * t)  # d(loss)/d(scaled q·kᵀ)
+        dqi = jnp.einsum("bkgqs,bksd->bkgqd", dsr, kf, precision=hp) * cfg.scale
+        dk = dk + jnp.einsum("bkgqs,bkgqd->bksd", dsr, qi, precision=hp) * cfg.scale
+        dvv = dvv + jnp.einsum(f"bkgqs,bkgqd->{v_eq}", p, doi, precision=hp)
         return (dk, dvv), (dqi, ds if bias is not None else jnp.zeros((), f32))
 
     init = (jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32))
-    (dk, dvv), (dq, ds) = lax.scan(step, init, (jnp.arange(n), qc, doc, lsec, deltac, biasc))
+    (dk, dvv), (dq, ds) = lax.scan(step, init, (jnp.arange(n), qc, doc, lsec, deltac, biasc, maskc))
     dq = jnp.moveaxis(dq, 0, 3).reshape(b, h, sq_p, d)[:, :, :sq]
     dbias = None
     if bias is not None:
@@ -496,9 +571,13 @@ def _dot(a, b, ca: int, cb: int, precision):
                            preferred_element_type=jnp.float32)
 
 
-def _bwd_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
-                    cfg: _Config, sk: int, nq: int, groups: int):
-    """dK, dV for one key tile of one kv head: stream query tiles of all heads in its group."""
+def _bwd_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
+                    cfg: _Config, sk: int, nq: int, groups: int, mask_heads: bool = False):
+    """dK, dV for one key tile of one kv head: stream query tiles of all heads in its group.
+    ``mask_heads``: the mask and tile-list blocks hold the group's heads (else one for all)."""
+    refs = list(refs)
+    mask_ref, count_ref, index_ref = (refs.pop(0), refs.pop(0), refs.pop(0)) if cfg.has_mask else (None,) * 3
+    dk_ref, dv_ref = refs
     bq, bk = cfg.bwd_blocks[0], cfg.bwd_blocks[1]
     kj = pl.program_id(0)
     k = cfg.cast(k_ref[...])
@@ -526,13 +605,18 @@ def _bwd_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_
         do = _group_rows(do_ref, g, rows, o_h_first)
         lse = lse_ref[g, rows]  # log2 units
         delta = _group_rows(delta_ref, g, rows, o_h_first)
-        p = jnp.exp2(_dot(q, k, 1, 1, precision) * qk_scale - lse[:, None])
+        s, t = _scores(_dot(q, k, 1, 1, precision), cfg, qk_scale)
+        p = jnp.exp2(s - lse[:, None])
         if masked:
-            rows = start + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+            rid = start + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
             cols = kj * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-            keep = cols < sk
+            if cfg.has_mask:
+                mrows = rows if mask_ref.shape[-2] > 1 else pl.ds(0, 1)
+                keep = _at(mask_ref, g if mask_heads else None, mrows, slice(None)) != 0
+            else:
+                keep = cols < sk
             if cfg.causal:
-                keep = keep & (rows >= cols)
+                keep = keep & (rid >= cols)
             p = jnp.where(keep, p, 0.0)
         if not cfg.v_transposed:
             dp = _dot(do, v, 1, 1, precision)
@@ -541,11 +625,21 @@ def _bwd_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_
             dp = _dot(do, v, 1, 0, precision)
             dv = dv + _dot(do, p.astype(do.dtype), 0, 0, precision)  # dV^T [Dv, bk]
         ds = p * (dp - delta[:, None])
+        if t is not None:
+            ds = ds * (1.0 - t * t)
         dk = dk + _dot(ds.astype(q.dtype), q, 0, 0, precision)
         return dk, dv
 
     carry = (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
     for g in range(groups):
+        if cfg.has_mask:  # this key tile's VISIBLE query tiles, then its PARTIAL ones
+            mg = g if mask_heads else None
+            for cls, masked in ((0, False), (1, True)):
+                carry = lax.fori_loop(
+                    0, _at(count_ref, mg, cls),
+                    lambda t, c, cls=cls, masked=masked, g=g, mg=mg: body(
+                        _at(index_ref, mg, cls, t), c, g=g, masked=masked), carry)
+            continue
         if cfg.causal or sk % bk:
             carry = lax.fori_loop(i0, i_full, functools.partial(body, g=g, masked=True), carry)
         carry = lax.fori_loop(i_full, nq, functools.partial(body, g=g, masked=False), carry)
@@ -554,9 +648,11 @@ def _bwd_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _bwd_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
-                   cfg: _Config, sk: int):
+def _bwd_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Config, sk: int):
     """dQ for one query tile of one head: stream its kv head's key tiles."""
+    refs = list(refs)
+    mask_ref, count_ref, index_ref = (refs.pop(0), refs.pop(0), refs.pop(0)) if cfg.has_mask else (None,) * 3
+    (dq_ref,) = refs
     bq, bk = cfg.bwd_blocks[2], cfg.bwd_blocks[3]
     qi = pl.program_id(0)
     q, do = cfg.cast(q_ref[...]), do_ref[...]
@@ -573,10 +669,11 @@ def _bwd_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
     def body(j, dq, masked: bool):
         start = pl.multiple_of(j * bk, bk)
         k = cfg.cast(k_ref[pl.ds(start, bk), :])
-        p = jnp.exp2(_dot(q, k, 1, 1, precision) * qk_scale - lse[:, None])
+        s, t = _scores(_dot(q, k, 1, 1, precision), cfg, qk_scale)
+        p = jnp.exp2(s - lse[:, None])
         if masked:
             cols = start + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-            keep = cols < sk
+            keep = mask_ref[:, pl.ds(start, bk)] != 0 if cfg.has_mask else cols < sk
             if cfg.causal:
                 keep = keep & (qi * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0) >= cols)
             p = jnp.where(keep, p, 0.0)
@@ -585,17 +682,23 @@ def _bwd_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
         else:
             dp = _dot(do, cfg.cast(v_ref[:, pl.ds(start, bk)]), 1, 0, precision)
         ds = p * (dp - delta[:, None])
+        if t is not None:
+            ds = ds * (1.0 - t * t)
         return dq + _dot(ds.astype(k.dtype), k, 1, 0, precision)
 
     dq = jnp.zeros(dq_ref.shape, jnp.float32)
-    dq = lax.fori_loop(0, n_full, functools.partial(body, masked=False), dq)
-    dq = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), dq)
+    if cfg.has_mask:
+        dq = lax.fori_loop(0, count_ref[0], lambda t, c: body(index_ref[0, t], c, masked=False), dq)
+        dq = lax.fori_loop(0, count_ref[1], lambda t, c: body(index_ref[1, t], c, masked=True), dq)
+    else:
+        dq = lax.fori_loop(0, n_full, functools.partial(body, masked=False), dq)
+        dq = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), dq)
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
-def _backward_pallas(cfg: _Config, q, k, v, o, lse, do):
+def _backward_pallas(cfg: _Config, q, k, v, o, lse, do, mask=None):
     """dQ, dK, dV with two Pallas kernels (no atomics): one over key tiles, one over query tiles.
-    Every operand and gradient stays in its own layout."""
+    Every operand and gradient stays in its own layout. ``mask``: bool from `masks.mask_4d`."""
     ql, kl, vl, ol = cfg.q_layout, cfg.k_layout, cfg.v_layout, cfg.o_layout
     b, h, hkv, sq, sk, d, dv = check_shapes(q, k, v, vl, q_layout=ql, k_layout=kl)
     groups = h // hkv
@@ -611,6 +714,9 @@ def _backward_pallas(cfg: _Config, q, k, v, o, lse, do):
     lse2 = _pad_axis(lse * LOG2E, 2, sq_p)
     deltap = _pad_to(delta, dl, {"S": sq_p})
     args = (qp, kp, vp, dop, lse2, deltap)
+    full_b = full_h = rows = False
+    if cfg.has_mask:
+        full_b, full_h, rows = mask.shape[0] > 1, mask.shape[1] > 1, mask.shape[2] > 1
 
     # dK / dV: grid (key block j, batch bi, kv head hi); query-side blocks hold the whole group
     nk1 = sk_p // bk1
@@ -618,8 +724,20 @@ def _backward_pallas(cfg: _Config, q, k, v, o, lse, do):
     key = {**grp, "S": lambda j, bi, hi: j}
     k_spec = _spec(kl, {"S": bk1, "D": d_p}, key)
     v_spec = _spec(vl, {"S": bk1, "D": dv_p}, key)
+    mask_specs, mask_args = [], []
+    if cfg.has_mask:
+        mask_args = _mask_operands(mask, cfg, sq, bq1, bk1, sq_p, sk_p, by_key=True)
+        hb = groups if full_h else None  # the group's heads, or the one broadcast head
+        bh = lambda bi, hi: (bi if full_b else 0, hi if full_h else 0)  # noqa: E731
+        mask_specs = [
+            pl.BlockSpec((None, hb, sq_p if rows else 1, bk1), lambda j, bi, hi: bh(bi, hi) + (0, j)),
+            pl.BlockSpec((None, hb, None, 2), lambda j, bi, hi: bh(bi, hi) + (j, 0)),
+            pl.BlockSpec((None, hb, None, 2, mask_args[2].shape[-1]),
+                         lambda j, bi, hi: bh(bi, hi) + (j, 0, 0)),
+        ]
     dk, dvv = pl.pallas_call(
-        functools.partial(_bwd_dkv_kernel, cfg=cfg, sk=sk, nq=sq_p // bq1, groups=groups),
+        functools.partial(_bwd_dkv_kernel, cfg=cfg, sk=sk, nq=sq_p // bq1, groups=groups,
+                          mask_heads=full_h),
         grid=(nk1, b, hkv),
         in_specs=[
             _spec(ql, {"H": groups, "S": sq_p, "D": d_p}, grp),
@@ -628,18 +746,27 @@ def _backward_pallas(cfg: _Config, q, k, v, o, lse, do):
             _spec(ol, {"H": groups, "S": sq_p, "D": dv_p}, grp),
             _spec("BHS", {"H": groups, "S": sq_p}, grp),
             _spec(dl, {"H": groups, "S": sq_p}, grp),
-        ],
+        ] + mask_specs,
         out_specs=[k_spec, v_spec],
         out_shape=[jax.ShapeDtypeStruct(kp.shape, k.dtype), jax.ShapeDtypeStruct(vp.shape, v.dtype)],
         interpret=cfg.interpret,
         name=cfg.name("flash_attention_bwd_dkv"),
         **_compiler_params(cfg, cfg.bwd_warps, cfg.bwd_stages),
-    )(*args)
+    )(*args, *mask_args)
 
     # dQ: grid (query block i, batch bi, head hi)
     qrow = {"B": lambda i, bi, hi: bi, "H": lambda i, bi, hi: hi, "S": lambda i, bi, hi: i}
     kvh = {"B": lambda i, bi, hi: bi, "H": lambda i, bi, hi: hi // groups}
     q_spec = _spec(ql, {"S": bq2, "D": d_p}, qrow)
+    mask_specs, mask_args = [], []
+    if cfg.has_mask:
+        mask_args = _mask_operands(mask, cfg, sq, bq2, bk2, sq_p, sk_p, by_key=False)
+        bh = lambda bi, hi: (bi if full_b else 0, hi if full_h else 0)  # noqa: E731
+        mask_specs = [
+            pl.BlockSpec((None, None, bq2 if rows else 1, sk_p), lambda i, bi, hi: bh(bi, hi) + (i if rows else 0, 0)),
+            pl.BlockSpec((None, None, None, 2), lambda i, bi, hi: bh(bi, hi) + (i, 0)),
+            pl.BlockSpec((None, None, None, 2, mask_args[2].shape[-1]), lambda i, bi, hi: bh(bi, hi) + (i, 0, 0)),
+        ]
     dq = pl.pallas_call(
         functools.partial(_bwd_dq_kernel, cfg=cfg, sk=sk),
         grid=(sq_p // bq2, b, h),
@@ -650,39 +777,93 @@ def _backward_pallas(cfg: _Config, q, k, v, o, lse, do):
             _spec(ol, {"S": bq2, "D": dv_p}, qrow),
             _spec("BHS", {"S": bq2}, qrow),
             _spec(dl, {"S": bq2}, qrow),
-        ],
+        ] + mask_specs,
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
         interpret=cfg.interpret,
         name=cfg.name("flash_attention_bwd_dq"),
         **_compiler_params(cfg, cfg.bwd_warps, cfg.bwd_stages),
-    )(*args)
+    )(*args, *mask_args)
     return (_crop(dq, ql, {"S": sq, "D": d}), _crop(dk, kl, {"S": sk, "D": d}),
             _crop(dvv, vl, {"S": sk, "D": dv}))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q, k, v, bias, cfg: _Config):
-    return _forward(q, k, v, bias, cfg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, bias, mask, cfg: _Config):
+    return _forward(q, k, v, bias, cfg, mask=mask)[0]
 
 
-def _flash_fwd(q, k, v, bias, cfg: _Config):
-    o, lse = _forward(q, k, v, bias, cfg)
-    return o, (q, k, v, bias, o, lse)
+def _flash_fwd(q, k, v, bias, mask, cfg: _Config):
+    o, lse = _forward(q, k, v, bias, cfg, mask=mask)
+    return o, (q, k, v, bias, mask, o, lse)
 
 
-def _flash_bwd(cfg: _Config, res, do):
-    q, k, v, bias, o, lse = res
+def _kernel_grads(cfg: _Config, q, k, v, bias, mask, o, lse, do):
+    """dq, dk, dv, dbias of the kernels (dbias None without a bias)."""
     if cfg.backward == "pallas" and bias is None:
-        return (*_backward_pallas(cfg, q, k, v, o, lse, do), None)
+        return (*_backward_pallas(cfg, q, k, v, o, lse, do, mask=mask), None)
     if cfg.compute_dtype is None:
-        return _backward(cfg, *res, do)
+        return _backward(cfg, q, k, v, bias, o, lse, do, mask)
     # plain-JAX recomputation: on the cast operands, gradients cast back (as the unfused cast's vjp)
-    dq, dk, dv, dbias = _backward(cfg, *(cfg.cast(x) for x in (q, k, v)), bias, o, lse, do)
+    dq, dk, dv, dbias = _backward(cfg, *(cfg.cast(x) for x in (q, k, v)), bias, o, lse, do, mask)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias
 
 
+def _flash_bwd(cfg: _Config, res, do):
+    return (*_kernel_grads(cfg, *res, do), None)
+
+
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+#: The guarded fast path's margin (natural-log units): its result stands when, in every row,
+#: log-sum-exp of the visible scores exceeds the fill by more than this plus log(Sk). Then the
+#: skipped hidden scores, whose total weight is at most Sk·exp(fill - lse) < exp(-110) ≈ 1.7e-48,
+#: are below float32's smallest denormal relative to the row, so giving them exactly zero weight
+#: (as the kernels do) changes no float32 result.
+GUARD_MARGIN = 110.0
+
+
+def _needs_reference(cfg: _Config, o: jax.Array, lse: jax.Array, sk: int) -> jax.Array:
+    """Scalar bool: the kernels' result may differ from the op's (`GUARD_MARGIN`), or a row has
+    no visible key (lse -inf), or the result is not finite (NaN / Inf inputs)."""
+    margin = lse - jnp.float32(math.log(sk)) - jnp.float32(cfg.mask_fill)  # +inf for a -inf fill
+    fast = jnp.all(jnp.isfinite(lse) & (margin > GUARD_MARGIN)) & jnp.all(jnp.isfinite(o))
+    return jnp.logical_not(fast)
+
+
+def _reference(cfg: _Config, mask, q, k, v, bias):
+    return attention_reference(q, k, v, scale=cfg.scale, causal=cfg.causal, v_layout=cfg.v_layout,
+                               bias=bias, mask=mask, q_layout=cfg.q_layout, k_layout=cfg.k_layout,
+                               o_layout=cfg.o_layout, compute_dtype=cfg.compute_dtype,
+                               mask_fill=cfg.mask_fill, softcap=cfg.softcap)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _guarded(q, k, v, bias, mask, cfg: _Config):
+    return _guarded_fwd(q, k, v, bias, mask, cfg)[0]
+
+
+def _guarded_fwd(q, k, v, bias, mask, cfg: _Config):
+    o, lse = _forward(q, k, v, bias, cfg, mask=mask)
+    use_reference = _needs_reference(cfg, o, lse, k.shape[cfg.k_layout.index("S")])
+    o = lax.cond(use_reference, lambda: _reference(cfg, mask, q, k, v, bias), lambda: o)
+    return o, (q, k, v, bias, mask, o, lse, use_reference)
+
+
+def _guarded_bwd(cfg: _Config, res, do):
+    q, k, v, bias, mask, o, lse, use_reference = res
+
+    def reference_grads():
+        if bias is None:
+            return (*jax.vjp(lambda q, k, v: _reference(cfg, mask, q, k, v, None), q, k, v)[1](do), None)
+        return jax.vjp(functools.partial(_reference, cfg, mask), q, k, v, bias)[1](do)
+
+    grads = lax.cond(use_reference, reference_grads,
+                     lambda: _kernel_grads(cfg, q, k, v, bias, mask, o, lse, do))
+    return (*grads, None)
+
+
+_guarded.defvjp(_guarded_fwd, _guarded_bwd)
 
 
 def flash_attention(
@@ -706,8 +887,11 @@ def flash_attention(
     compute_dtype: str | None = None,
     backend: str = "auto",
     mosaic_blocks: MosaicBlocks | None = None,
+    mask: jax.Array | None = None,
+    mask_fill: float = MASK_VALUE,
+    softcap: float = 0.0,
 ) -> jax.Array:
-    """Pallas flash attention with the semantics of `attention_reference` (no bool mask).
+    """Pallas flash attention with the semantics of `attention_reference`.
 
     q [B,H,Sq,D]; k [B,Hkv,Sk,D]; v [B,Hkv,Sk,Dv] ("BHSD") or [B,Hkv,Dv,Sk] ("BHDS").
     Returns [B,H,Sq,Dv] in q.dtype. Other physical layouts are read and written in place:
@@ -727,9 +911,23 @@ def flash_attention(
     `mosaic_attention.BLOCK_TABLE` tiles) or "auto" (Mosaic GPU on a Hopper GPU when the call is
     in its contract and `auto_takes_mosaic`, else Triton); the backward kernels are Triton's
     either way.
+
+    Score modifications (Triton backend): ``softcap`` (> 0: scores become
+    softcap·tanh(s / softcap) before the bias, in every kernel), a boolean ``mask`` (True keeps,
+    broadcastable to [B,H,Sq,Sk]; its per-tile map lets the kernels skip hidden tiles and mask
+    only partial ones, kernels/masks.py) and the fill ``mask_fill`` hidden scores get. With a
+    mask, or causal with a fill above MASK_VALUE, the call is guarded: the kernels give hidden
+    scores zero weight, and where any row's visible log-sum-exp is not `GUARD_MARGIN` (110)
+    above fill + log(Sk), a row has no visible key, or the result is not finite, `lax.cond`
+    runs `attention_reference` on the whole call instead (forward and gradients). So the result
+    is the op's exactly, and the fast path is taken whenever every row has a visible score at
+    least 110 above the fill (always for fill -inf or MASK_VALUE, given a visible key per row).
     """
     if backward not in BACKWARDS:
         raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+    if math.isnan(mask_fill) or mask_fill == math.inf:
+        raise ValueError(f"mask_fill={mask_fill} is not a kernel fill (NaN / +inf hidden scores); "
+                         "run attention_reference (kernel='reference') instead")
     error = kernel_layout_error(q_layout, k_layout, v_layout, o_layout)
     if error is not None:
         raise ValueError(error)
@@ -749,10 +947,12 @@ def flash_attention(
         tiles_given=any(x is not None for x in (block_q, block_k, num_warps, num_stages)),
         v_layout=v_layout, causal=bool(causal), scale=float(scale), bias=bias,
         compute_dtype=compute_dtype, q_layout=q_layout, k_layout=k_layout, o_layout=o_layout,
-        blocks=mosaic_blocks)
+        blocks=mosaic_blocks, mask=mask, mask_fill=float(mask_fill), softcap=float(softcap))
     cfg = _Config(float(scale), bool(causal), v_layout, bq, bk, warps, stages, bool(interpret),
                   backward, bwd_blocks, bwarps, bstages, q_layout=q_layout, k_layout=k_layout,
                   o_layout=o_layout,
                   compute_dtype=None if compute_dtype is None else jnp.dtype(compute_dtype).name,
-                  backend=chosen, mosaic_blocks=mosaic_blocks)
-    return _flash(q, k, v, bias, cfg)
+                  backend=chosen, mosaic_blocks=mosaic_blocks, softcap=float(softcap),
+                  mask_fill=float(mask_fill), has_mask=mask is not None)
+    mask4 = None if mask is None else mask_4d(mask, (b, h, sq, sk))
+    return (_guarded if cfg.guarded else _flash)(q, k, v, bias, mask4, cfg)
