@@ -447,8 +447,8 @@ def _forward(q, k, v, bias, cfg: _Config, descales: tuple[jax.Array, jax.Array] 
             lambda i, bi, hi: (bi if full_b else 0, hi if full_h else 0, qblk(i), 0)))
         args.append(bias4)
     if cfg.has_mask:
-        full_b, full_h, rows = mask.shape[0] > 1, mask.shape[1] > 1, mask.shape[2] > 1
-        bh = lambda bi, hi: (bi if full_b else 0, hi if full_h else 0)  # noqa: E731
+        mask_b, mask_h, rows = mask.shape[0] > 1, mask.shape[1] > 1, mask.shape[2] > 1
+        bh = lambda bi, hi: (bi if mask_b else 0, hi if mask_h else 0)  # noqa: E731
         operands = _mask_operands(mask, cfg, sq, bq, bk, sq_p, sk_p, by_key=False)
         in_specs += [
             pl.BlockSpec((None, None, bq if rows else 1, sk_p),
