@@ -43,6 +43,7 @@ from eqsat_attn.kernels import attention_reference, flash_attention  # noqa: E40
 from eqsat_attn.kernels.fp8_attention import (FP8_ATOL, FP8_RTOL, compute_scale,  # noqa: E402
                                               dequantize, flash_attention_fp8, quantize)
 from eqsat_attn.kernels.mosaic_attention import MosaicBlocks, default_blocks  # noqa: E402
+from eqsat_attn.kernels.reference import causal_mask  # noqa: E402
 
 ERR_TOL = 2e-2  # bf16 outputs: max abs error allowed, relative to 1 + max |reference|
 
@@ -137,6 +138,7 @@ def implementations(shape: Shape, interpret: bool, blocks: tuple[int | None, int
     ours = functools.partial(flash_attention, scale=scale, causal=shape.causal, interpret=interpret)
     triton = functools.partial(ours, block_q=blocks[0], block_k=blocks[1], backend="triton")
     mosaic = functools.partial(ours, backend="mosaic_gpu")
+    bool_mask = causal_mask(shape.s, shape.s) if shape.causal else jnp.ones((shape.s, shape.s), bool)
     impls: dict[str, tuple[Callable, str]] = {
         "ours Triton standard (V [B,H,S,D])":
             (lambda a: triton(a["q"], a["k"], a["v"], v_layout="BHSD"), "BHSD"),
@@ -157,6 +159,13 @@ def implementations(shape: Shape, interpret: bool, blocks: tuple[int | None, int
         "ours Mosaic GPU, q/k/o/V [B,S,H,D] read in place":
             (lambda a: mosaic(a["q_bshd"], a["k_bshd"], a["v_bshd"], v_layout="BSHD",
                               q_layout="BSHD", k_layout="BSHD", o_layout="BSHD"), "BSHD"),
+        # score modifications whose values equal the plain call's, so the same reference checks
+        # them: the causal (or an all-visible) [S, S] mask as a boolean mask (tile map, guard),
+        # and a soft-cap of 1e4, which changes these scores by less than 1e-6
+        "ours Triton boolean mask (causal or all-visible [S,S])":
+            (lambda a: triton(a["q"], a["k"], a["v"], v_layout="BHSD", causal=False, mask=bool_mask), "BHSD"),
+        "ours Triton soft-cap 1e4":
+            (lambda a: triton(a["q"], a["k"], a["v"], v_layout="BHSD", softcap=1e4), "BHSD"),
         "materialise V^T + ours transposed-V":
             (lambda a: ours(a["q"], a["k"], jnp.swapaxes(a["v"], 2, 3), v_layout="BHDS"), "BHSD"),
         "materialise V from V^T + ours standard":

@@ -300,6 +300,29 @@ def test_mosaic_contract_sends_score_mods_to_triton():
         fa.pallas_backend(q, q, q, scale=0.1, mask=True, backend="mosaic_gpu", interpret=True)
 
 
+def test_lowered_masked_node_runs_the_guarded_kernel(no_reference):
+    """An attention node with a boolean mask, a finite fill and a soft-cap, q/k/o in [B,S,H,D]:
+    lower_attention passes them to the Pallas kernel (fast path), the report says so."""
+    import eqsat_attn as ea
+    from eqsat_attn.ir import ProgramBuilder, TensorType
+
+    _, q, k, v, do = inputs(15, 32, 32)
+    mask = random_mask(15, 32, 32, hidden_row=False)[:, :1]  # [B, 1, Sq, Sk]
+    bshd = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+    b = ProgramBuilder()
+    ins = [b.input(TensorType(bshd(x).shape, "float32")) for x in (q, k, v)]
+    ins.append(b.input(TensorType(mask.shape, "bool")))
+    out = b.add("attention", ins, TensorType((B, 32, H, D), "float32"), q_layout="BSHD", k_layout="BSHD",
+                v_layout="BSHD", o_layout="BSHD", scale=0.25, causal=True, mask_kind="bool",
+                mask_fill=-1e4, softcap=8.0)
+    program = b.build([out])
+    (got,) = ea.lower(program, attention_kernel="pallas")(bshd(q), bshd(k), bshd(v), mask)
+    want = np_attention(q, k, v, do, scale=0.25, causal=True, mask=mask, fill=-1e4, softcap=8.0)[0]
+    assert_close(bshd(got), want, 2e-5, "o")
+    (info,) = ea.report.attention_infos(program, "pallas")
+    assert (info.kernel, info.backend) == ("pallas", "triton")
+
+
 # --- Triton lowering without a GPU ------------------------------------------------------------
 
 @pytest.mark.skipif(on_gpu, reason="the GPU tests compile the real kernels")
