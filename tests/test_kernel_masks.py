@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from eqsat_attn.kernels import attention, attention_reference, flash_attention
-from eqsat_attn.kernels.masks import HIDDEN, PARTIAL, VISIBLE, mask_4d, tile_lists, tile_map
+from eqsat_attn.kernels.masks import HIDDEN, PARTIAL, VISIBLE, mask_4d, tile_classes, tile_lists, tile_map
 from eqsat_attn.kernels.mosaic_attention import mosaic_unsupported
 from eqsat_attn.kernels.reference import MASK_VALUE, layout_shape
 
@@ -275,6 +275,88 @@ def test_bf16_masked_softcapped():
         assert_close(got, w, 3e-2, f"d{name}")
 
 
+def np_index_keep(sq, sk, lengths=None, window=None):
+    keep = np.ones((len(lengths) if lengths is not None else 1, 1, sq, sk), bool)
+    i, j = np.arange(sq)[:, None], np.arange(sk)[None, :]
+    if lengths is not None:
+        keep &= (j < np.asarray(lengths)[:, None, None])[:, None]
+    if window is not None:
+        keep &= (j <= i) & (j > i - window)
+    return keep
+
+
+def check_index_mask(seed, sq, sk, *, lengths=None, window=None, mask=None, bias=None, causal=False, **kw):
+    """The kernels given kv_lengths / window match the float64 result for the equivalent mask."""
+    rng, q, k, v, do = inputs(seed, sq, sk)
+    lens = None if lengths is None else jnp.asarray(lengths, jnp.int32)
+    fn = lambda q, k, v, bias: flash_attention(q, k, v, scale=0.25, causal=causal, bias=bias, mask=mask,
+                                               kv_lengths=lens, window=window, block_q=16, block_k=16,
+                                               interpret=True, **kw)
+    o, vjp = jax.vjp(fn, q, k, v, bias)
+    grads = vjp(do)
+    keep = np_index_keep(sq, sk, lengths, window) & (True if mask is None else np.asarray(mask))
+    want = np_attention(q, k, v, do, scale=0.25, causal=causal, bias=bias, mask=keep,
+                        fill=kw.get("mask_fill", MASK_VALUE), softcap=kw.get("softcap", 0.0))
+    assert_close(o, want[0], 2e-5, "o")
+    for name, got, w in zip("qkv", grads, want[1:4]):
+        assert_close(got, w, 1e-4, f"d{name}")
+    if bias is not None:
+        assert_close(grads[3], unbroadcast(want[4], bias.shape), 1e-4, "dbias")
+    return o
+
+
+@pytest.mark.parametrize("window", [9, 25])  # 9: tiles that key length and window each cut, jointly hide
+def test_index_tile_map_matches_brute_force(window):
+    sq, sk, bq, bk = 40, 56, 16, 16
+    lengths = np.array([56, 20, 0])
+    got = np.asarray(tile_classes(sq, sk, bq, bk, 48, 64, causal=False, kv_lengths=jnp.asarray(lengths),
+                                  window=window))
+    keep = np_index_keep(sq, sk, lengths, window)
+    for b in range(3):
+        for i in range(3):
+            for j in range(4):
+                tile = np.zeros((16, 16), bool)
+                real = keep[b, 0, 16 * i:16 * i + 16, 16 * j:16 * j + 16]
+                tile[:real.shape[0], :real.shape[1]] = real
+                tile = tile[:real.shape[0]]
+                want = VISIBLE if tile.all() else PARTIAL if tile.any() else HIDDEN
+                assert got[b, 0, i, j] == want, (b, i, j)
+    assert {HIDDEN, PARTIAL} | ({VISIBLE} if window > bq else set()) <= set(got.ravel().tolist())
+
+
+def test_kv_lengths_fast_path(no_reference):
+    check_index_mask(16, 40, 48, lengths=[48, 13])
+
+
+def test_window_fast_path(no_reference):
+    check_index_mask(17, 48, 48, window=20, softcap=10.0)
+
+
+def test_kv_lengths_window_mask_and_bias(no_reference):
+    """Every condition at once, with a bias (the plain-JAX backward, dbias included)."""
+    bias = jnp.asarray(np.random.default_rng(18).normal(size=(1, H, 48, 64)), jnp.float32)
+    check_index_mask(18, 48, 64, lengths=[64, 40], window=33, mask=random_mask(18, 48, 64, False),
+                     bias=bias, mask_fill=-1e9)
+
+
+def test_zero_kv_length_rows_average_uniformly():
+    """kv_lengths 0: no row of that batch sees a key: the guard runs the reference (uniform)."""
+    o = check_index_mask(19, 32, 48, lengths=[48, 0])
+    _, _, _, v, _ = inputs(19, 32, 48)
+    assert_close(o[1, :, 3], np.broadcast_to(np.asarray(v, np.float64)[1].mean(1)[[0, 0, 1, 1]], (H, D)),
+                 2e-5, "uniform")
+
+
+def test_index_masks_reject_bad_arguments():
+    _, q, k, v, _ = inputs(20, 16, 16)
+    with pytest.raises(ValueError, match="kv_lengths"):
+        flash_attention(q, k, v, scale=1.0, causal=False, kv_lengths=jnp.ones((3,), jnp.int32))
+    with pytest.raises(ValueError, match="kv_lengths"):
+        flash_attention(q, k, v, scale=1.0, causal=False, kv_lengths=jnp.ones((B,), jnp.float32))
+    with pytest.raises(ValueError, match="window"):
+        flash_attention(q, k, v, scale=1.0, causal=False, window=0)
+
+
 # --- dispatch and routing -------------------------------------------------------------------
 
 def test_dispatcher_runs_masked_softcapped_calls_on_pallas(no_reference):
@@ -326,12 +408,12 @@ def test_lowered_masked_node_runs_the_guarded_kernel(no_reference):
 # --- Triton lowering without a GPU ------------------------------------------------------------
 
 @pytest.mark.skipif(on_gpu, reason="the GPU tests compile the real kernels")
-@pytest.mark.parametrize("mask_shape,causal,softcap,qko", [
-    ((2, 1, 1000, 1000), False, 0.0, "BHSD"),
-    ((2, 4, 1, 1000), True, 30.0, "BSHD"),  # per-head key padding, strided tiles
-    ((1000, 1000), True, 0.0, "BHSD"),
+@pytest.mark.parametrize("mask_shape,causal,softcap,qko,index", [
+    ((2, 1, 1000, 1000), False, 0.0, "BHSD", False),
+    ((2, 4, 1, 1000), True, 30.0, "BSHD", False),  # per-head key padding, strided tiles
+    ((1000, 1000), True, 0.0, "BHSD", True),  # with kv_lengths and a window
 ])
-def test_masked_kernels_lower_to_triton(monkeypatch, mask_shape, causal, softcap, qko):
+def test_masked_kernels_lower_to_triton(monkeypatch, mask_shape, causal, softcap, qko, index):
     from test_kernels import _pretend_hopper
 
     _pretend_hopper(monkeypatch)
@@ -341,7 +423,9 @@ def test_masked_kernels_lower_to_triton(monkeypatch, mask_shape, causal, softcap
     m = jax.ShapeDtypeStruct(mask_shape, jnp.bool_)
     fn = lambda q, k, v, m: flash_attention(q, k, v, scale=0.1, causal=causal, q_layout=qko, k_layout=qko,
                                             v_layout=qko, o_layout=qko, interpret=False, mask=m,
-                                            softcap=softcap, mask_fill=-1e4)
+                                            softcap=softcap, mask_fill=-1e4,
+                                            kv_lengths=jnp.array([1000, 300]) if index else None,
+                                            window=128 if index else None)
     loss = lambda q, k, v, m: fn(q, k, v, m).astype(jnp.float32).sum()
     text = jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, k, k, m).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 3  # forward, dK/dV, dQ

@@ -42,6 +42,7 @@ import dataclasses
 import functools
 import math
 import os
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +51,7 @@ from jax.experimental import pallas as pl
 
 from .mosaic_attention import (FP8_DTYPES, MosaicBlocks, hopper_gpu, mosaic_attention,
                                mosaic_unsupported)
-from .masks import kernel_mask, mask_4d, tile_lists, tile_map
+from .masks import index_keep, kernel_mask, mask_4d, tile_classes, tile_lists
 from .reference import CANONICAL, MASK_VALUE, attention_reference, check_shapes, kernel_layout_error, layout_shape
 
 LOG2E: float = math.log2(math.e)
@@ -150,13 +151,23 @@ class _Config:
     softcap: float = 0.0
     mask_fill: float = MASK_VALUE
     has_mask: bool = False
+    # key lengths per batch (an int32 [B] operand) and a sliding window: positions kept by index
+    # arithmetic, in the kernels' tile lists and partial-tile masks like a boolean mask's
+    has_lengths: bool = False
+    window: int | None = None
+
+    @property
+    def tiled(self) -> bool:
+        """The kernels walk per-tile lists (masks.py) instead of ranges of key / query tiles."""
+        return self.has_mask or self.has_lengths or self.window is not None
 
     @property
     def guarded(self) -> bool:
-        """The result is checked at run time (`_needs_reference`): a boolean mask, or a causal fill
-        above the kernels' own. The kernels then give hidden scores exactly zero weight (-inf,
-        with a safe running max) and a row with no visible key an lse of -inf."""
-        return self.has_mask or (self.causal and self.mask_fill > MASK_VALUE)
+        """The result is checked at run time (`_needs_reference`): tile lists (a mask, key lengths,
+        a window), or a causal fill above the kernels' own. The kernels then give hidden scores
+        exactly zero weight (-inf, with a safe running max) and a row with no visible key an lse
+        of -inf."""
+        return self.tiled or (self.causal and self.mask_fill > MASK_VALUE)
 
     @property
     def hidden_score(self) -> float:
@@ -317,6 +328,18 @@ def _scores(raw, cfg: _Config, qk_scale):
     return raw * qk_scale, None
 
 
+def _tile_keep(cfg: _Config, rows, cols, sk: int, mask_tile, kv_len):
+    """bool [bq, bk]: the positions of a PARTIAL tile that are kept (tiled kernels)."""
+    keep = mask_tile != 0 if cfg.has_mask else cols < sk  # the mask hides padded keys itself
+    if cfg.causal:
+        keep = keep & (rows >= cols)
+    if cfg.has_lengths:
+        keep = keep & (cols < kv_len)
+    if cfg.window is not None:
+        keep = keep & (cols <= rows) & (cols > rows - cfg.window)
+    return keep
+
+
 def _at(ref, g: int | None, *idx):
     """ref[g, *idx] for a block holding a kv group's heads (g given), else ref[*idx]."""
     return ref[idx if g is None else (g,) + idx]
@@ -326,7 +349,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config, sk: int, nq: int, has_
     refs = list(refs)
     bias_ref = refs.pop(0) if has_bias else None
     # a boolean mask: its [bq or 1, Sk] rows, and this query tile's key-tile lists (masks.py)
-    mask_ref, count_ref, index_ref = (refs.pop(0), refs.pop(0), refs.pop(0)) if cfg.has_mask else (None,) * 3
+    mask_ref = refs.pop(0) if cfg.has_mask else None
+    count_ref, index_ref = (refs.pop(0), refs.pop(0)) if cfg.tiled else (None, None)
     # fp8: two [1, 1] float32 operands, the score descale (scale * log2 e * q_scale * k_scale)
     # and the output descale (v_scale); both loaded once, outside the key loop
     qk_ref, ov_ref = (refs.pop(0), refs.pop(0)) if cfg.descaled else (None, None)
@@ -357,15 +381,17 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config, sk: int, nq: int, has_
         s, _ = _scores(raw, cfg, qk_scale)
         if bias_ref is not None:
             s = s + bias_ref[:, pl.ds(start, bk)].astype(jnp.float32) * LOG2E
-        if masked:
+        if masked and cfg.tiled:
+            rows = qi * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
             cols = start + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-            keep = mask_ref[:, pl.ds(start, bk)] != 0 if cfg.has_mask else None
+            mask_tile = mask_ref[:, pl.ds(start, bk)] if cfg.has_mask else None
+            s = jnp.where(_tile_keep(cfg, rows, cols, sk, mask_tile, count_ref[2]), s, -jnp.inf)
+        elif masked:
+            cols = start + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
             if cfg.causal:
                 rows = qi * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-                keep = rows >= cols if keep is None else keep & (rows >= cols)
-            if keep is not None:
-                s = jnp.where(keep, s, cfg.hidden_score)
-            if sk % bk and not cfg.has_mask:  # the mask hides padded keys itself
+                s = jnp.where(rows >= cols, s, cfg.hidden_score)
+            if sk % bk:
                 s = jnp.where(cols < sk, s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=1))
         # guarded: hidden scores are -inf, so a row may still have no finite score
@@ -385,7 +411,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config, sk: int, nq: int, has_
     carry = (jnp.zeros((bq, dv), jnp.float32),
              jnp.full((bq,), -jnp.inf, jnp.float32),
              jnp.zeros((bq,), jnp.float32))
-    if cfg.has_mask:  # the VISIBLE key tiles unmasked, then the PARTIAL ones; HIDDEN ones never
+    if cfg.tiled:  # the VISIBLE key tiles unmasked, then the PARTIAL ones; HIDDEN ones never
         carry = lax.fori_loop(0, count_ref[0], lambda t, c: body(index_ref[0, t], c, masked=False), carry)
         acc, m, l = lax.fori_loop(0, count_ref[1], lambda t, c: body(index_ref[1, t], c, masked=True), carry)
     else:
@@ -397,21 +423,33 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config, sk: int, nq: int, has_
     lse_ref[...] = (m + jnp.log2(l) - shift) / LOG2E
 
 
-def _mask_operands(mask4: jax.Array, cfg: _Config, sq: int, block_rows: int, block_cols: int,
-                   sq_p: int, sk_p: int, by_key: bool) -> tuple[list, list]:
-    """Arrays and (unfinished) block shapes of a mask: the padded int8 mask, tile-list counts and
-    indices. ``by_key``: lists per key tile over query tiles (the dK/dV kernel), else per query tile."""
-    classes = tile_map(mask4, sq, cfg.causal, block_rows, block_cols, sq_p, sk_p)
+def _tile_operands(cfg: _Config, mask4, kv_lengths, sq: int, sk: int, block_rows: int, block_cols: int,
+                   sq_p: int, sk_p: int, by_key: bool) -> tuple[jax.Array | None, jax.Array, jax.Array]:
+    """A tiled kernel's operands: the padded int8 mask (None without one), and per program's row
+    of tiles the counts [..., 4] (VISIBLE tiles, PARTIAL tiles, the batch's key length, 0) and the
+    tile indices [..., 2, n]. ``by_key``: rows of tiles per key tile (the dK/dV kernel)."""
+    classes = tile_classes(sq, sk, block_rows, block_cols, sq_p, sk_p, causal=cfg.causal, mask4=mask4,
+                           kv_lengths=kv_lengths, window=cfg.window)
     counts, index = tile_lists(jnp.swapaxes(classes, 2, 3) if by_key else classes)
-    return [kernel_mask(mask4, sq_p, sk_p), counts, index]
+    lead = counts.shape[:-1]
+    kv_len = jnp.full(lead, sk, jnp.int32) if kv_lengths is None else \
+        jnp.broadcast_to(jnp.minimum(kv_lengths.astype(jnp.int32), sk)[:, None, None], lead)
+    counts = jnp.concatenate([counts, kv_len[..., None], jnp.zeros(lead + (1,), jnp.int32)], axis=-1)
+    return (None if mask4 is None else kernel_mask(mask4, sq_p, sk_p)), counts, index
+
+
+def _bh(shape) -> Callable:
+    """(bi, hi) -> block indices of the B and H axes of an array whose B / H may be 1."""
+    full_b, full_h = shape[0] > 1, shape[1] > 1
+    return lambda bi, hi: (bi if full_b else 0, hi if full_h else 0)
 
 
 def _forward(q, k, v, bias, cfg: _Config, descales: tuple[jax.Array, jax.Array] | None = None,
-             mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+             mask: jax.Array | None = None, kv_lengths: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Run the kernel; returns (o in cfg.o_layout and cfg.out_dtype or q.dtype, lse [B,H,Sq] float32).
 
     ``descales`` (with cfg.descaled): float32 scalars (score descale in log2 units, output descale).
-    ``mask`` (with cfg.has_mask): bool from `masks.mask_4d`.
+    ``mask`` (with cfg.has_mask): bool from `masks.mask_4d`; ``kv_lengths`` (cfg.has_lengths): int32 [B].
     """
     if cfg.backend == "mosaic_gpu":
         return mosaic_attention(q, k, v, scale=cfg.scale, causal=cfg.causal, v_layout=cfg.v_layout,
@@ -446,18 +484,18 @@ def _forward(q, k, v, bias, cfg: _Config, descales: tuple[jax.Array, jax.Array] 
             (None, None, bq, sk_p),
             lambda i, bi, hi: (bi if full_b else 0, hi if full_h else 0, qblk(i), 0)))
         args.append(bias4)
-    if cfg.has_mask:
-        mask_b, mask_h, rows = mask.shape[0] > 1, mask.shape[1] > 1, mask.shape[2] > 1
-        bh = lambda bi, hi: (bi if mask_b else 0, hi if mask_h else 0)  # noqa: E731
-        operands = _mask_operands(mask, cfg, sq, bq, bk, sq_p, sk_p, by_key=False)
-        in_specs += [
-            pl.BlockSpec((None, None, bq if rows else 1, sk_p),
-                         lambda i, bi, hi: bh(bi, hi) + (qblk(i) if rows else 0, 0)),
-            pl.BlockSpec((None, None, None, 2), lambda i, bi, hi: bh(bi, hi) + (qblk(i), 0)),
-            pl.BlockSpec((None, None, None, 2, operands[2].shape[-1]),
-                         lambda i, bi, hi: bh(bi, hi) + (qblk(i), 0, 0)),
-        ]
-        args += operands
+    if cfg.tiled:
+        kmask, counts, index = _tile_operands(cfg, mask, kv_lengths, sq, sk, bq, bk, sq_p, sk_p, by_key=False)
+        if kmask is not None:
+            mbh, rows = _bh(kmask.shape), kmask.shape[2] > 1
+            in_specs.append(pl.BlockSpec((None, None, bq if rows else 1, sk_p),
+                                         lambda i, bi, hi: mbh(bi, hi) + (qblk(i) if rows else 0, 0)))
+            args.append(kmask)
+        tbh = _bh(counts.shape)
+        in_specs += [pl.BlockSpec((None, None, None, 4), lambda i, bi, hi: tbh(bi, hi) + (qblk(i), 0)),
+                     pl.BlockSpec((None, None, None, 2, index.shape[-1]),
+                                  lambda i, bi, hi: tbh(bi, hi) + (qblk(i), 0, 0))]
+        args += [counts, index]
     if cfg.descaled:
         for x in descales:
             in_specs.append(pl.BlockSpec((1, 1), lambda i, bi, hi: (0, 0)))
@@ -572,11 +610,14 @@ def _dot(a, b, ca: int, cb: int, precision):
 
 
 def _bwd_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
-                    cfg: _Config, sk: int, nq: int, groups: int, mask_heads: bool = False):
+                    cfg: _Config, sk: int, nq: int, groups: int, mask_heads: bool = False,
+                    list_heads: bool = False):
     """dK, dV for one key tile of one kv head: stream query tiles of all heads in its group.
-    ``mask_heads``: the mask and tile-list blocks hold the group's heads (else one for all)."""
+    ``mask_heads`` / ``list_heads``: the mask / tile-list blocks hold the group's heads (else one
+    for all)."""
     refs = list(refs)
-    mask_ref, count_ref, index_ref = (refs.pop(0), refs.pop(0), refs.pop(0)) if cfg.has_mask else (None,) * 3
+    mask_ref = refs.pop(0) if cfg.has_mask else None
+    count_ref, index_ref = (refs.pop(0), refs.pop(0)) if cfg.tiled else (None, None)
     dk_ref, dv_ref = refs
     bq, bk = cfg.bwd_blocks[0], cfg.bwd_blocks[1]
     kj = pl.program_id(0)
@@ -610,13 +651,17 @@ def _bwd_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
         if masked:
             rid = start + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
             cols = kj * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-            if cfg.has_mask:
-                mrows = rows if mask_ref.shape[-2] > 1 else pl.ds(0, 1)
-                keep = _at(mask_ref, g if mask_heads else None, mrows, slice(None)) != 0
+            if cfg.tiled:
+                mask_tile = None
+                if cfg.has_mask:
+                    mrows = rows if mask_ref.shape[-2] > 1 else pl.ds(0, 1)
+                    mask_tile = _at(mask_ref, g if mask_heads else None, mrows, slice(None))
+                kv_len = _at(count_ref, g if list_heads else None, 2)
+                keep = _tile_keep(cfg, rid, cols, sk, mask_tile, kv_len)
             else:
                 keep = cols < sk
-            if cfg.causal:
-                keep = keep & (rid >= cols)
+                if cfg.causal:
+                    keep = keep & (rid >= cols)
             p = jnp.where(keep, p, 0.0)
         if not cfg.v_transposed:
             dp = _dot(do, v, 1, 1, precision)
@@ -632,8 +677,8 @@ def _bwd_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
 
     carry = (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
     for g in range(groups):
-        if cfg.has_mask:  # this key tile's VISIBLE query tiles, then its PARTIAL ones
-            mg = g if mask_heads else None
+        if cfg.tiled:  # this key tile's VISIBLE query tiles, then its PARTIAL ones
+            mg = g if list_heads else None
             for cls, masked in ((0, False), (1, True)):
                 carry = lax.fori_loop(
                     0, _at(count_ref, mg, cls),
@@ -651,7 +696,8 @@ def _bwd_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
 def _bwd_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Config, sk: int):
     """dQ for one query tile of one head: stream its kv head's key tiles."""
     refs = list(refs)
-    mask_ref, count_ref, index_ref = (refs.pop(0), refs.pop(0), refs.pop(0)) if cfg.has_mask else (None,) * 3
+    mask_ref = refs.pop(0) if cfg.has_mask else None
+    count_ref, index_ref = (refs.pop(0), refs.pop(0)) if cfg.tiled else (None, None)
     (dq_ref,) = refs
     bq, bk = cfg.bwd_blocks[2], cfg.bwd_blocks[3]
     qi = pl.program_id(0)
@@ -672,10 +718,15 @@ def _bwd_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: 
         s, t = _scores(_dot(q, k, 1, 1, precision), cfg, qk_scale)
         p = jnp.exp2(s - lse[:, None])
         if masked:
+            rows = qi * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
             cols = start + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-            keep = mask_ref[:, pl.ds(start, bk)] != 0 if cfg.has_mask else cols < sk
-            if cfg.causal:
-                keep = keep & (qi * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0) >= cols)
+            if cfg.tiled:
+                mask_tile = mask_ref[:, pl.ds(start, bk)] if cfg.has_mask else None
+                keep = _tile_keep(cfg, rows, cols, sk, mask_tile, count_ref[2])
+            else:
+                keep = cols < sk
+                if cfg.causal:
+                    keep = keep & (rows >= cols)
             p = jnp.where(keep, p, 0.0)
         if not cfg.v_transposed:
             dp = _dot(do, cfg.cast(v_ref[pl.ds(start, bk), :]), 1, 1, precision)
@@ -687,7 +738,7 @@ def _bwd_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: 
         return dq + _dot(ds.astype(k.dtype), k, 1, 0, precision)
 
     dq = jnp.zeros(dq_ref.shape, jnp.float32)
-    if cfg.has_mask:
+    if cfg.tiled:
         dq = lax.fori_loop(0, count_ref[0], lambda t, c: body(index_ref[0, t], c, masked=False), dq)
         dq = lax.fori_loop(0, count_ref[1], lambda t, c: body(index_ref[1, t], c, masked=True), dq)
     else:
@@ -696,9 +747,10 @@ def _bwd_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: 
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
-def _backward_pallas(cfg: _Config, q, k, v, o, lse, do, mask=None):
+def _backward_pallas(cfg: _Config, q, k, v, o, lse, do, mask=None, kv_lengths=None):
     """dQ, dK, dV with two Pallas kernels (no atomics): one over key tiles, one over query tiles.
-    Every operand and gradient stays in its own layout. ``mask``: bool from `masks.mask_4d`."""
+    Every operand and gradient stays in its own layout. ``mask``: bool from `masks.mask_4d`;
+    ``kv_lengths``: int32 [B] (with cfg.has_lengths)."""
     ql, kl, vl, ol = cfg.q_layout, cfg.k_layout, cfg.v_layout, cfg.o_layout
     b, h, hkv, sq, sk, d, dv = check_shapes(q, k, v, vl, q_layout=ql, k_layout=kl)
     groups = h // hkv
@@ -714,9 +766,6 @@ def _backward_pallas(cfg: _Config, q, k, v, o, lse, do, mask=None):
     lse2 = _pad_axis(lse * LOG2E, 2, sq_p)
     deltap = _pad_to(delta, dl, {"S": sq_p})
     args = (qp, kp, vp, dop, lse2, deltap)
-    full_b = full_h = rows = False
-    if cfg.has_mask:
-        full_b, full_h, rows = mask.shape[0] > 1, mask.shape[1] > 1, mask.shape[2] > 1
 
     # dK / dV: grid (key block j, batch bi, kv head hi); query-side blocks hold the whole group
     nk1 = sk_p // bk1
@@ -724,20 +773,22 @@ def _backward_pallas(cfg: _Config, q, k, v, o, lse, do, mask=None):
     key = {**grp, "S": lambda j, bi, hi: j}
     k_spec = _spec(kl, {"S": bk1, "D": d_p}, key)
     v_spec = _spec(vl, {"S": bk1, "D": dv_p}, key)
-    mask_specs, mask_args = [], []
-    if cfg.has_mask:
-        mask_args = _mask_operands(mask, cfg, sq, bq1, bk1, sq_p, sk_p, by_key=True)
-        hb = groups if full_h else None  # the group's heads, or the one broadcast head
-        bh = lambda bi, hi: (bi if full_b else 0, hi if full_h else 0)  # noqa: E731
-        mask_specs = [
-            pl.BlockSpec((None, hb, sq_p if rows else 1, bk1), lambda j, bi, hi: bh(bi, hi) + (0, j)),
-            pl.BlockSpec((None, hb, None, 2), lambda j, bi, hi: bh(bi, hi) + (j, 0)),
-            pl.BlockSpec((None, hb, None, 2, mask_args[2].shape[-1]),
-                         lambda j, bi, hi: bh(bi, hi) + (j, 0, 0)),
-        ]
+    mask_specs, mask_args, mask_heads, list_heads = [], [], False, False
+    if cfg.tiled:  # blocks of the group's heads where the mask / lists have H, else the one head
+        kmask, counts, index = _tile_operands(cfg, mask, kv_lengths, sq, sk, bq1, bk1, sq_p, sk_p, by_key=True)
+        if kmask is not None:
+            mbh, mask_heads, rows = _bh(kmask.shape), kmask.shape[1] > 1, kmask.shape[2] > 1
+            mask_specs.append(pl.BlockSpec((None, groups if mask_heads else None, sq_p if rows else 1, bk1),
+                                           lambda j, bi, hi: mbh(bi, hi) + (0, j)))
+            mask_args.append(kmask)
+        tbh, list_heads = _bh(counts.shape), counts.shape[1] > 1
+        hb = groups if list_heads else None
+        mask_specs += [pl.BlockSpec((None, hb, None, 4), lambda j, bi, hi: tbh(bi, hi) + (j, 0)),
+                       pl.BlockSpec((None, hb, None, 2, index.shape[-1]), lambda j, bi, hi: tbh(bi, hi) + (j, 0, 0))]
+        mask_args += [counts, index]
     dk, dvv = pl.pallas_call(
         functools.partial(_bwd_dkv_kernel, cfg=cfg, sk=sk, nq=sq_p // bq1, groups=groups,
-                          mask_heads=full_h),
+                          mask_heads=mask_heads, list_heads=list_heads),
         grid=(nk1, b, hkv),
         in_specs=[
             _spec(ql, {"H": groups, "S": sq_p, "D": d_p}, grp),
@@ -759,14 +810,17 @@ def _backward_pallas(cfg: _Config, q, k, v, o, lse, do, mask=None):
     kvh = {"B": lambda i, bi, hi: bi, "H": lambda i, bi, hi: hi // groups}
     q_spec = _spec(ql, {"S": bq2, "D": d_p}, qrow)
     mask_specs, mask_args = [], []
-    if cfg.has_mask:
-        mask_args = _mask_operands(mask, cfg, sq, bq2, bk2, sq_p, sk_p, by_key=False)
-        bh = lambda bi, hi: (bi if full_b else 0, hi if full_h else 0)  # noqa: E731
-        mask_specs = [
-            pl.BlockSpec((None, None, bq2 if rows else 1, sk_p), lambda i, bi, hi: bh(bi, hi) + (i if rows else 0, 0)),
-            pl.BlockSpec((None, None, None, 2), lambda i, bi, hi: bh(bi, hi) + (i, 0)),
-            pl.BlockSpec((None, None, None, 2, mask_args[2].shape[-1]), lambda i, bi, hi: bh(bi, hi) + (i, 0, 0)),
-        ]
+    if cfg.tiled:
+        kmask, counts, index = _tile_operands(cfg, mask, kv_lengths, sq, sk, bq2, bk2, sq_p, sk_p, by_key=False)
+        if kmask is not None:
+            mbh, rows = _bh(kmask.shape), kmask.shape[2] > 1
+            mask_specs.append(pl.BlockSpec((None, None, bq2 if rows else 1, sk_p),
+                                           lambda i, bi, hi: mbh(bi, hi) + (i if rows else 0, 0)))
+            mask_args.append(kmask)
+        tbh = _bh(counts.shape)
+        mask_specs += [pl.BlockSpec((None, None, None, 4), lambda i, bi, hi: tbh(bi, hi) + (i, 0)),
+                       pl.BlockSpec((None, None, None, 2, index.shape[-1]), lambda i, bi, hi: tbh(bi, hi) + (i, 0, 0))]
+        mask_args += [counts, index]
     dq = pl.pallas_call(
         functools.partial(_bwd_dq_kernel, cfg=cfg, sk=sk),
         grid=(sq_p // bq2, b, h),
@@ -788,29 +842,38 @@ def _backward_pallas(cfg: _Config, q, k, v, o, lse, do, mask=None):
             _crop(dvv, vl, {"S": sk, "D": dv}))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q, k, v, bias, mask, cfg: _Config):
-    return _forward(q, k, v, bias, cfg, mask=mask)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _flash(q, k, v, bias, mask, kv_lengths, cfg: _Config):
+    return _forward(q, k, v, bias, cfg, mask=mask, kv_lengths=kv_lengths)[0]
 
 
-def _flash_fwd(q, k, v, bias, mask, cfg: _Config):
-    o, lse = _forward(q, k, v, bias, cfg, mask=mask)
-    return o, (q, k, v, bias, mask, o, lse)
+def _flash_fwd(q, k, v, bias, mask, kv_lengths, cfg: _Config):
+    o, lse = _forward(q, k, v, bias, cfg, mask=mask, kv_lengths=kv_lengths)
+    return o, (q, k, v, bias, mask, kv_lengths, o, lse)
 
 
-def _kernel_grads(cfg: _Config, q, k, v, bias, mask, o, lse, do):
+def _reference_mask(cfg: _Config, mask, kv_lengths, sq: int, sk: int) -> jax.Array | None:
+    """The boolean mask (causal aside) that gives the reference this call's hidden positions."""
+    keep = index_keep(sq, sk, kv_lengths=kv_lengths, window=cfg.window)
+    if keep is None or mask is None:
+        return mask if keep is None else keep
+    return mask & keep
+
+
+def _kernel_grads(cfg: _Config, q, k, v, bias, mask, kv_lengths, o, lse, do):
     """dq, dk, dv, dbias of the kernels (dbias None without a bias)."""
     if cfg.backward == "pallas" and bias is None:
-        return (*_backward_pallas(cfg, q, k, v, o, lse, do, mask=mask), None)
+        return (*_backward_pallas(cfg, q, k, v, o, lse, do, mask=mask, kv_lengths=kv_lengths), None)
+    keep = _reference_mask(cfg, mask, kv_lengths, lse.shape[2], k.shape[cfg.k_layout.index("S")])
     if cfg.compute_dtype is None:
-        return _backward(cfg, q, k, v, bias, o, lse, do, mask)
+        return _backward(cfg, q, k, v, bias, o, lse, do, keep)
     # plain-JAX recomputation: on the cast operands, gradients cast back (as the unfused cast's vjp)
-    dq, dk, dv, dbias = _backward(cfg, *(cfg.cast(x) for x in (q, k, v)), bias, o, lse, do, mask)
+    dq, dk, dv, dbias = _backward(cfg, *(cfg.cast(x) for x in (q, k, v)), bias, o, lse, do, keep)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias
 
 
 def _flash_bwd(cfg: _Config, res, do):
-    return (*_kernel_grads(cfg, *res, do), None)
+    return (*_kernel_grads(cfg, *res, do), None, None)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -838,29 +901,32 @@ def _reference(cfg: _Config, mask, q, k, v, bias):
                                mask_fill=cfg.mask_fill, softcap=cfg.softcap)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _guarded(q, k, v, bias, mask, cfg: _Config):
-    return _guarded_fwd(q, k, v, bias, mask, cfg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _guarded(q, k, v, bias, mask, kv_lengths, cfg: _Config):
+    return _guarded_fwd(q, k, v, bias, mask, kv_lengths, cfg)[0]
 
 
-def _guarded_fwd(q, k, v, bias, mask, cfg: _Config):
-    o, lse = _forward(q, k, v, bias, cfg, mask=mask)
-    use_reference = _needs_reference(cfg, o, lse, k.shape[cfg.k_layout.index("S")])
-    o = lax.cond(use_reference, lambda: _reference(cfg, mask, q, k, v, bias), lambda: o)
-    return o, (q, k, v, bias, mask, o, lse, use_reference)
+def _guarded_fwd(q, k, v, bias, mask, kv_lengths, cfg: _Config):
+    o, lse = _forward(q, k, v, bias, cfg, mask=mask, kv_lengths=kv_lengths)
+    sk = k.shape[cfg.k_layout.index("S")]
+    use_reference = _needs_reference(cfg, o, lse, sk)
+    keep = lambda: _reference_mask(cfg, mask, kv_lengths, lse.shape[2], sk)  # noqa: E731 - only if taken
+    o = lax.cond(use_reference, lambda: _reference(cfg, keep(), q, k, v, bias), lambda: o)
+    return o, (q, k, v, bias, mask, kv_lengths, o, lse, use_reference)
 
 
 def _guarded_bwd(cfg: _Config, res, do):
-    q, k, v, bias, mask, o, lse, use_reference = res
+    q, k, v, bias, mask, kv_lengths, o, lse, use_reference = res
 
     def reference_grads():
+        keep = _reference_mask(cfg, mask, kv_lengths, lse.shape[2], k.shape[cfg.k_layout.index("S")])
         if bias is None:
-            return (*jax.vjp(lambda q, k, v: _reference(cfg, mask, q, k, v, None), q, k, v)[1](do), None)
-        return jax.vjp(functools.partial(_reference, cfg, mask), q, k, v, bias)[1](do)
+            return (*jax.vjp(lambda q, k, v: _reference(cfg, keep, q, k, v, None), q, k, v)[1](do), None)
+        return jax.vjp(functools.partial(_reference, cfg, keep), q, k, v, bias)[1](do)
 
     grads = lax.cond(use_reference, reference_grads,
-                     lambda: _kernel_grads(cfg, q, k, v, bias, mask, o, lse, do))
-    return (*grads, None)
+                     lambda: _kernel_grads(cfg, q, k, v, bias, mask, kv_lengths, o, lse, do))
+    return (*grads, None, None)
 
 
 _guarded.defvjp(_guarded_fwd, _guarded_bwd)
@@ -890,6 +956,8 @@ def flash_attention(
     mask: jax.Array | None = None,
     mask_fill: float = MASK_VALUE,
     softcap: float = 0.0,
+    kv_lengths: jax.Array | None = None,
+    window: int | None = None,
 ) -> jax.Array:
     """Pallas flash attention with the semantics of `attention_reference`.
 
@@ -922,9 +990,15 @@ def flash_attention(
     runs `attention_reference` on the whole call instead (forward and gradients). So the result
     is the op's exactly, and the fast path is taken whenever every row has a visible score at
     least 110 above the fill (always for fill -inf or MASK_VALUE, given a visible key per row).
+    Two kernel-level forms of a mask, computed from indices in the kernels (no mask array), with
+    the semantics of `attention_reference` given the equivalent boolean mask (`masks.index_keep`):
+    ``kv_lengths`` (int32 [B]: query rows of batch b see keys j < kv_lengths[b]) and ``window``
+    (a sliding window: row i sees keys i - window < j <= i). Both are guarded like a mask.
     """
     if backward not in BACKWARDS:
         raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be a positive int (keys i - window < j <= i), got {window!r}")
     if math.isnan(mask_fill) or mask_fill == math.inf:
         raise ValueError(f"mask_fill={mask_fill} is not a kernel fill (NaN / +inf hidden scores); "
                          "run attention_reference (kernel='reference') instead")
@@ -932,6 +1006,11 @@ def flash_attention(
     if error is not None:
         raise ValueError(error)
     b, h, hkv, sq, sk, d, dv = check_shapes(q, k, v, v_layout, q_layout=q_layout, k_layout=k_layout)
+    if kv_lengths is not None:
+        if jnp.shape(kv_lengths) != (b,) or not jnp.issubdtype(jnp.result_type(kv_lengths), jnp.integer):
+            raise ValueError(f"kv_lengths must be an integer array of shape [B] = ({b},), got "
+                             f"{jnp.shape(kv_lengths)} {jnp.result_type(kv_lengths)}")
+        kv_lengths = jnp.asarray(kv_lengths, jnp.int32)
     tq, tk, warps, stages = block_sizes(sq, sk, max(d, dv), bool(causal), v_layout[-1] == "S")
     bq, bk = block_q or tq, block_k or tk
     for name, blk in (("block_q", bq), ("block_k", bk)):
@@ -947,12 +1026,14 @@ def flash_attention(
         tiles_given=any(x is not None for x in (block_q, block_k, num_warps, num_stages)),
         v_layout=v_layout, causal=bool(causal), scale=float(scale), bias=bias,
         compute_dtype=compute_dtype, q_layout=q_layout, k_layout=k_layout, o_layout=o_layout,
-        blocks=mosaic_blocks, mask=mask, mask_fill=float(mask_fill), softcap=float(softcap))
+        blocks=mosaic_blocks, mask=True if mask is not None or kv_lengths is not None or window else None,
+        mask_fill=float(mask_fill), softcap=float(softcap))
     cfg = _Config(float(scale), bool(causal), v_layout, bq, bk, warps, stages, bool(interpret),
                   backward, bwd_blocks, bwarps, bstages, q_layout=q_layout, k_layout=k_layout,
                   o_layout=o_layout,
                   compute_dtype=None if compute_dtype is None else jnp.dtype(compute_dtype).name,
                   backend=chosen, mosaic_blocks=mosaic_blocks, softcap=float(softcap),
-                  mask_fill=float(mask_fill), has_mask=mask is not None)
+                  mask_fill=float(mask_fill), has_mask=mask is not None, has_lengths=kv_lengths is not None,
+                  window=window)
     mask4 = None if mask is None else mask_4d(mask, (b, h, sq, sk))
-    return (_guarded if cfg.guarded else _flash)(q, k, v, bias, mask4, cfg)
+    return (_guarded if cfg.guarded else _flash)(q, k, v, bias, mask4, kv_lengths, cfg)

@@ -64,7 +64,60 @@ def tile_map(mask4: jax.Array, sq: int, causal: bool, block_q: int, block_k: int
     tiles = (bm, hm, nq, block_q, nk, block_k)
     any_t = any_.reshape(tiles).any(axis=(3, 5))
     all_t = all_.reshape(tiles).all(axis=(3, 5))
-    return jnp.where(all_t, VISIBLE, jnp.where(any_t, PARTIAL, HIDDEN)).astype(jnp.int8)
+    return jnp.where(any_t, jnp.where(all_t, VISIBLE, PARTIAL), HIDDEN).astype(jnp.int8)
+
+
+def index_tile_map(sq: int, sk: int, block_q: int, block_k: int, sq_p: int, sk_p: int, *, causal: bool,
+                   kv_lengths: jax.Array | None = None, window: int | None = None) -> jax.Array:
+    """int8 [B or 1, 1, nq, nk]: the tile classes of the positions kept by index arithmetic alone:
+    real keys (j < Sk, and j < kv_lengths[b] when given), causal (j <= i), a sliding window
+    (i - window < j <= i). Tiles holding no real query row are HIDDEN."""
+    r0 = jnp.arange(sq_p // block_q) * block_q
+    r1 = jnp.minimum(r0 + block_q, sq) - 1  # last real row (below r0 when the tile has none)
+    c0 = jnp.arange(sk_p // block_k) * block_k
+    r0, r1, c0 = r0[:, None], r1[:, None], c0[None, :]
+    c1 = c0 + block_k - 1
+    end = sk if kv_lengths is None else jnp.minimum(jnp.asarray(kv_lengths, jnp.int32), sk)[:, None, None]
+    # the keys some row of the tile keeps form one interval [lo, hi]: exact HIDDEN tiles
+    hi = end - 1
+    visible = c1 < end
+    if causal or window is not None:
+        hi, visible = jnp.minimum(hi, r1), visible & (c1 <= r0)
+    lo = c0
+    if window is not None:
+        lo, visible = r0 - window + 1, visible & (c0 >= r1 - window + 1)
+    hidden = (jnp.maximum(c0, lo) > jnp.minimum(c1, hi)) | (r1 < r0)
+    classes = jnp.where(hidden, HIDDEN, jnp.where(visible, VISIBLE, PARTIAL)).astype(jnp.int8)
+    return classes.reshape((-1, 1) + classes.shape[-2:])
+
+
+def tile_classes(sq: int, sk: int, block_q: int, block_k: int, sq_p: int, sk_p: int, *, causal: bool,
+                 mask4: jax.Array | None = None, kv_lengths: jax.Array | None = None,
+                 window: int | None = None) -> jax.Array:
+    """int8 [B or 1, H or 1, nq, nk]: the class of each tile under every condition at once
+    (HIDDEN if any hides it all, VISIBLE if all keep it all, else PARTIAL)."""
+    classes = index_tile_map(sq, sk, block_q, block_k, sq_p, sk_p, causal=causal, kv_lengths=kv_lengths,
+                             window=window)
+    if mask4 is None:
+        return classes
+    masked = tile_map(mask4, sq, causal, block_q, block_k, sq_p, sk_p)
+    hidden = (classes == HIDDEN) | (masked == HIDDEN)
+    visible = (classes == VISIBLE) & (masked == VISIBLE)
+    return jnp.where(hidden, HIDDEN, jnp.where(visible, VISIBLE, PARTIAL)).astype(jnp.int8)
+
+
+def index_keep(sq: int, sk: int, *, kv_lengths: jax.Array | None = None, window: int | None = None) -> jax.Array | None:
+    """bool [B or 1, 1, Sq, Sk]: the positions `kv_lengths` and `window` keep, as a boolean mask
+    (what the reference is given in their place), or None when both are None."""
+    if kv_lengths is None and window is None:
+        return None
+    i, j = jnp.arange(sq)[:, None], jnp.arange(sk)[None, :]
+    keep = jnp.ones((1, sq, sk), bool)
+    if kv_lengths is not None:
+        keep = keep & (j < jnp.asarray(kv_lengths, jnp.int32)[:, None, None])
+    if window is not None:
+        keep = keep & (j <= i) & (j > i - window)
+    return keep[:, None]
 
 
 def tile_lists(classes: jax.Array) -> tuple[jax.Array, jax.Array]:
