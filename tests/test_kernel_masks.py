@@ -197,19 +197,40 @@ def test_random_mask_fast_path_uses_all_tile_classes(no_reference):
     check(4, 48, 64, mask=mask)
 
 
-@pytest.mark.parametrize("fill", [MASK_VALUE, float(np.finfo(np.float32).min), -1e9])
-def test_fully_hidden_row_is_a_uniform_average(fill):
+@pytest.mark.parametrize("fill,with_bias", [(MASK_VALUE, False), (float(np.finfo(np.float32).min), True),
+                                            (-1e9, False)])
+def test_fully_hidden_row_is_a_uniform_average(no_reference, fill, with_bias):
+    """A row that keeps no key (finite fill): the kernels' fast path sets it to the mean of V
+    (and its V gradient dO / Sk); no fallback to the reference."""
     mask = random_mask(5, 48, 64, hidden_row=True)
-    o, _ = check(5, 48, 64, mask=mask, fill=fill)
+    bias = jnp.asarray(np.random.default_rng(5).normal(size=(H, 48, 64)), jnp.float32) if with_bias else None
+    o, _ = check(5, 48, 64, mask=mask, fill=fill, bias=bias)
     _, _, _, v, _ = inputs(5, 48, 64)
     assert_close(o[0, 1, 5], np.asarray(v, np.float64)[0, 0].mean(0), 2e-5, "uniform row")
 
 
-def test_fully_hidden_row_falls_back(sentinel_reference):
+def test_fully_hidden_row_with_minus_inf_fill_falls_back(sentinel_reference):
     _, q, k, v, _ = inputs(5, 48, 64)
     o = flash_attention(q, k, v, scale=0.25, causal=False, mask=random_mask(5, 48, 64, True), block_q=16,
-                        block_k=16, interpret=True)
+                        block_k=16, interpret=True, mask_fill=-math.inf)
     assert np.all(np.asarray(o) == 7.0)
+
+
+def test_padded_query_rows_in_other_layouts(no_reference):
+    """A query-and-key padding mask [B,1,Sq,Sk] (padded query rows keep no key), q/k/o in
+    [B,S,H,D] and V transposed [B,H,D,S]: the uniform rows land in the right places."""
+    _, q, k, v, do = inputs(21, 40, 40)
+    qvalid, kvalid = np.arange(40) < np.array([[40], [29]]), np.arange(40) < np.array([[40], [17]])
+    mask = jnp.asarray(qvalid[:, None, :, None] & kvalid[:, None, None, :])
+    t = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+    fn = lambda q, k, v: flash_attention(t(q), t(k), jnp.swapaxes(v, 2, 3), scale=0.25, causal=False, mask=mask,
+                                         q_layout="BSHD", k_layout="BSHD", v_layout="BHDS", o_layout="BSHD",
+                                         block_q=16, block_k=16, interpret=True)
+    o, vjp = jax.vjp(fn, q, k, v)
+    want = np_attention(q, k, v, do, scale=0.25, mask=mask)
+    assert_close(t(o), want[0], 2e-5, "o")
+    for name, got, w in zip("qkv", vjp(t(do)), want[1:4]):
+        assert_close(got, w, 1e-4, f"d{name}")
 
 
 def test_minus_inf_fill_hidden_row_is_nan():
@@ -339,8 +360,8 @@ def test_kv_lengths_window_mask_and_bias(no_reference):
                      bias=bias, mask_fill=-1e9)
 
 
-def test_zero_kv_length_rows_average_uniformly():
-    """kv_lengths 0: no row of that batch sees a key: the guard runs the reference (uniform)."""
+def test_zero_kv_length_rows_average_uniformly(no_reference):
+    """kv_lengths 0: no row of that batch keeps a key: uniform averages, on the fast path."""
     o = check_index_mask(19, 32, 48, lengths=[48, 0])
     _, _, _, v, _ = inputs(19, 32, 48)
     assert_close(o[1, :, 3], np.broadcast_to(np.asarray(v, np.float64)[1].mean(1)[[0, 0, 1, 1]], (H, D)),

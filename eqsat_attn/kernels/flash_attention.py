@@ -52,7 +52,8 @@ from jax.experimental import pallas as pl
 from .mosaic_attention import (FP8_DTYPES, MosaicBlocks, hopper_gpu, mosaic_attention,
                                mosaic_unsupported)
 from .masks import index_keep, kernel_mask, mask_4d, tile_classes, tile_lists
-from .reference import CANONICAL, MASK_VALUE, attention_reference, check_shapes, kernel_layout_error, layout_shape
+from .reference import (CANONICAL, MASK_VALUE, attention_reference, causal_mask, check_shapes, kernel_layout_error,
+                        layout_shape)
 
 LOG2E: float = math.log2(math.e)
 
@@ -886,12 +887,47 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 GUARD_MARGIN = 110.0
 
 
-def _needs_reference(cfg: _Config, o: jax.Array, lse: jax.Array, sk: int) -> jax.Array:
-    """Scalar bool: the kernels' result may differ from the op's (`GUARD_MARGIN`), or a row has
-    no visible key (lse -inf), or the result is not finite (NaN / Inf inputs)."""
+def _needs_reference(cfg: _Config, o: jax.Array, lse: jax.Array, sk: int, empty: jax.Array | None) -> jax.Array:
+    """Scalar bool: the kernels' result may differ from the op's (`GUARD_MARGIN`), a row other
+    than the ``empty`` ones (no key kept; their result is set apart) has no visible score (lse
+    -inf), or the result is not finite (NaN / Inf inputs)."""
     margin = lse - jnp.float32(math.log(sk)) - jnp.float32(cfg.mask_fill)  # +inf for a -inf fill
-    fast = jnp.all(jnp.isfinite(lse) & (margin > GUARD_MARGIN)) & jnp.all(jnp.isfinite(o))
-    return jnp.logical_not(fast)
+    ok = jnp.isfinite(lse) & (margin > GUARD_MARGIN)
+    if empty is not None:
+        ok = ok | empty
+    return jnp.logical_not(jnp.all(ok) & jnp.all(jnp.isfinite(o)))
+
+
+def _empty_rows(cfg: _Config, mask, kv_lengths, b: int, h: int, sq: int, sk: int) -> jax.Array | None:
+    """bool [B, H, Sq]: rows in which the mask, key lengths, window and causal flag keep no key,
+    for a finite fill (their output is the uniform average of V); None for a -inf fill (such rows
+    are NaN: the reference runs the call) or when no row can be empty."""
+    if not math.isfinite(cfg.mask_fill) or not (cfg.has_mask or cfg.has_lengths):
+        return None  # causal / window alone keep key 0 / key i of every row i < Sk
+    keep = _reference_mask(cfg, mask, kv_lengths, sq, sk)
+    if cfg.causal:
+        keep = keep & causal_mask(sq, sk)
+    return jnp.broadcast_to(~jnp.any(keep, axis=-1), (b, h, sq))
+
+
+def _uniform_rows(cfg: _Config, o: jax.Array, v: jax.Array, empty: jax.Array) -> jax.Array:
+    """o with its ``empty`` rows replaced by the mean of V over every key (in o's layout)."""
+    b, h, sq = empty.shape
+    vm = jnp.mean(cfg.cast(v).astype(jnp.float32), axis=cfg.v_layout.index("S"), keepdims=True)
+    vm = _relayout(vm, cfg.v_layout, CANONICAL)  # [B, Hkv, 1, Dv]
+    vm = jnp.repeat(vm, h // vm.shape[1], axis=1)
+    fill = _relayout(vm.astype(o.dtype), CANONICAL, cfg.o_layout)
+    return jnp.where(_relayout(empty[..., None], CANONICAL, cfg.o_layout), fill, o)
+
+
+def _uniform_rows_dv(cfg: _Config, do: jax.Array, empty: jax.Array, hkv: int, sk: int) -> jax.Array:
+    """The gradient w.r.t. V (float32, V's layout) of the uniform average in the ``empty`` rows:
+    each key gets dO / Sk of every such row of its query heads."""
+    b, h, _ = empty.shape
+    d = _relayout(do, cfg.o_layout, CANONICAL).astype(jnp.float32)
+    w = jnp.sum(jnp.where(empty[..., None], d, 0.0), axis=2) / sk  # [B, H, Dv]
+    w = w.reshape(b, hkv, h // hkv, -1).sum(axis=2)[:, :, None, :]
+    return _relayout(jnp.broadcast_to(w, (b, hkv, sk, w.shape[-1])), CANONICAL, cfg.v_layout)
 
 
 def _reference(cfg: _Config, mask, q, k, v, bias):
@@ -908,24 +944,35 @@ def _guarded(q, k, v, bias, mask, kv_lengths, cfg: _Config):
 
 def _guarded_fwd(q, k, v, bias, mask, kv_lengths, cfg: _Config):
     o, lse = _forward(q, k, v, bias, cfg, mask=mask, kv_lengths=kv_lengths)
+    b, h, sq = lse.shape
     sk = k.shape[cfg.k_layout.index("S")]
-    use_reference = _needs_reference(cfg, o, lse, sk)
-    keep = lambda: _reference_mask(cfg, mask, kv_lengths, lse.shape[2], sk)  # noqa: E731 - only if taken
+    empty = _empty_rows(cfg, mask, kv_lengths, b, h, sq, sk)
+    if empty is not None:  # rows that keep no key: every score is the fill, a uniform average
+        o, lse = _uniform_rows(cfg, o, v, empty), jnp.where(empty, 0.0, lse)
+    use_reference = _needs_reference(cfg, o, lse, sk, empty)
+    keep = lambda: _reference_mask(cfg, mask, kv_lengths, sq, sk)  # noqa: E731 - only if taken
     o = lax.cond(use_reference, lambda: _reference(cfg, keep(), q, k, v, bias), lambda: o)
-    return o, (q, k, v, bias, mask, kv_lengths, o, lse, use_reference)
+    return o, (q, k, v, bias, mask, kv_lengths, o, lse, use_reference, empty)
 
 
 def _guarded_bwd(cfg: _Config, res, do):
-    q, k, v, bias, mask, kv_lengths, o, lse, use_reference = res
+    q, k, v, bias, mask, kv_lengths, o, lse, use_reference, empty = res
+    sk = k.shape[cfg.k_layout.index("S")]
 
     def reference_grads():
-        keep = _reference_mask(cfg, mask, kv_lengths, lse.shape[2], k.shape[cfg.k_layout.index("S")])
+        keep = _reference_mask(cfg, mask, kv_lengths, lse.shape[2], sk)
         if bias is None:
             return (*jax.vjp(lambda q, k, v: _reference(cfg, keep, q, k, v, None), q, k, v)[1](do), None)
         return jax.vjp(functools.partial(_reference, cfg, keep), q, k, v, bias)[1](do)
 
-    grads = lax.cond(use_reference, reference_grads,
-                     lambda: _kernel_grads(cfg, q, k, v, bias, mask, kv_lengths, o, lse, do))
+    def kernel_grads():  # the empty rows' weights are zero in the kernels (lse 0 there, all masked)
+        dq, dk, dv, dbias = _kernel_grads(cfg, q, k, v, bias, mask, kv_lengths, o, lse, do)
+        if empty is not None:
+            hkv = k.shape[cfg.k_layout.index("H")]
+            dv = (dv.astype(jnp.float32) + _uniform_rows_dv(cfg, do, empty, hkv, sk)).astype(dv.dtype)
+        return dq, dk, dv, dbias
+
+    grads = lax.cond(use_reference, reference_grads, kernel_grads)
     return (*grads, None, None)
 
 
