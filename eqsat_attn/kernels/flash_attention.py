@@ -1032,11 +1032,14 @@ def flash_attention(
     broadcastable to [B,H,Sq,Sk]; its per-tile map lets the kernels skip hidden tiles and mask
     only partial ones, kernels/masks.py) and the fill ``mask_fill`` hidden scores get. With a
     mask, or causal with a fill above MASK_VALUE, the call is guarded: the kernels give hidden
-    scores zero weight, and where any row's visible log-sum-exp is not `GUARD_MARGIN` (110)
-    above fill + log(Sk), a row has no visible key, or the result is not finite, `lax.cond`
-    runs `attention_reference` on the whole call instead (forward and gradients). So the result
-    is the op's exactly, and the fast path is taken whenever every row has a visible score at
-    least 110 above the fill (always for fill -inf or MASK_VALUE, given a visible key per row).
+    scores zero weight; a row that keeps no key at all is, with a finite fill, set to the
+    uniform average of V (its value in the op; dV gets dO / Sk); and where any other row's
+    visible log-sum-exp is not `GUARD_MARGIN` (110) above fill + log(Sk) (or is -inf: e.g.
+    every kept score -inf, or a -inf fill with a row that keeps no key), or the result is not
+    finite, `lax.cond` runs `attention_reference` on the whole call instead (forward and
+    gradients). So the result is the op's, and the fast path is taken whenever every row that
+    keeps a key has a visible score at least 110 above the fill (always for fill -inf or
+    MASK_VALUE and finite inputs).
     Two kernel-level forms of a mask, computed from indices in the kernels (no mask array), with
     the semantics of `attention_reference` given the equivalent boolean mask (`masks.index_keep`):
     ``kv_lengths`` (int32 [B]: query rows of batch b see keys j < kv_lengths[b]) and ``window``
