@@ -456,13 +456,14 @@ def test_masked_kernels_lower_to_triton(monkeypatch, mask_shape, causal, softcap
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not on_gpu, reason="needs a GPU backend")
-@pytest.mark.parametrize("case", ["padding", "random", "causal-softcap", "fill-guard"])
+@pytest.mark.parametrize("case", ["padding", "random", "causal-softcap", "fill-guard", "padded-queries",
+                                  "lengths-window"])
 def test_gpu_compiled_masks_match_reference(case):
     rng = np.random.default_rng(20)
     b, h, hkv, s, d = 2, 8, 2, 1000, 128
     q, k, v, do = (jnp.asarray(rng.normal(size=shape), jnp.bfloat16) for shape in
                    ((b, h, s, d), (b, hkv, s, d), (b, hkv, s, d), (b, h, s, d)))
-    mask, causal, softcap, fill, bias = None, False, 0.0, MASK_VALUE, None
+    mask, causal, softcap, fill, bias, lengths, window = None, False, 0.0, MASK_VALUE, None, None, None
     if case == "padding":
         mask = key_padding([1000, 377], s)
     elif case == "random":
@@ -472,12 +473,19 @@ def test_gpu_compiled_masks_match_reference(case):
         mask = jnp.asarray(m)
     elif case == "causal-softcap":
         mask, causal, softcap = key_padding([1000, 600], s), True, 30.0
-    else:
+    elif case == "fill-guard":
         causal, fill, bias = True, -1e4, jnp.full((s, s), -1e6, jnp.float32)
+    elif case == "padded-queries":  # rows that keep no key: uniform averages on the fast path
+        valid = np.arange(s) < np.array([[1000], [611]])
+        mask = jnp.asarray(valid[:, None, :, None] & valid[:, None, None, :])
+    else:
+        lengths, window = [1000, 377], 256
     fn = lambda q, k, v: flash_attention(q, k, v, scale=d ** -0.5, causal=causal, mask=mask, softcap=softcap,
-                                         mask_fill=fill, bias=bias)
+                                         mask_fill=fill, bias=bias, window=window,
+                                         kv_lengths=None if lengths is None else jnp.asarray(lengths, jnp.int32))
     o, vjp = jax.vjp(jax.jit(fn), q, k, v)
-    want = np_attention(q, k, v, do, scale=d ** -0.5, causal=causal, mask=mask, fill=fill, softcap=softcap,
+    keep = mask if lengths is None else np_index_keep(s, s, lengths, window)
+    want = np_attention(q, k, v, do, scale=d ** -0.5, causal=causal, mask=keep, fill=fill, softcap=softcap,
                         bias=bias)
     assert_close(o, want[0], 2e-2, "o")
     for name, got, w in zip("qkv", vjp(do), want[1:4]):
