@@ -159,18 +159,25 @@ def implementations(shape: Shape, interpret: bool, blocks: tuple[int | None, int
         "ours Mosaic GPU, q/k/o/V [B,S,H,D] read in place":
             (lambda a: mosaic(a["q_bshd"], a["k_bshd"], a["v_bshd"], v_layout="BSHD",
                               q_layout="BSHD", k_layout="BSHD", o_layout="BSHD"), "BSHD"),
-        # score modifications whose values equal the plain call's, so the same reference checks
-        # them: the causal (or an all-visible) [S, S] mask as a boolean mask (tile map, guard),
-        # and a soft-cap of 1e4, which changes these scores by less than 1e-6
-        "ours Triton boolean mask (causal or all-visible [S,S])":
-            (lambda a: triton(a["q"], a["k"], a["v"], v_layout="BHSD", causal=False, mask=bool_mask), "BHSD"),
-        "ours Triton soft-cap 1e4":
-            (lambda a: triton(a["q"], a["k"], a["v"], v_layout="BHSD", softcap=1e4), "BHSD"),
         "materialise V^T + ours transposed-V":
             (lambda a: ours(a["q"], a["k"], jnp.swapaxes(a["v"], 2, 3), v_layout="BHDS"), "BHSD"),
         "materialise V from V^T + ours standard":
             (lambda a: ours(a["q"], a["k"], jnp.swapaxes(a["vt"], 2, 3), v_layout="BHSD"), "BHSD"),
     }
+    # score modifications whose values equal the plain call's, so the same reference checks
+    # them: the causal (or an all-visible) [S, S] mask as a boolean mask (tile map, guard), key
+    # lengths that keep every key, and a soft-cap of 1e4, which changes these scores by < 1e-6.
+    # Interpreted (CPU smoke) on the small shape only, for time.
+    if not interpret or shape.s <= 64:
+        impls.update({
+            "ours Triton boolean mask (causal or all-visible [S,S])":
+                (lambda a: triton(a["q"], a["k"], a["v"], v_layout="BHSD", causal=False, mask=bool_mask), "BHSD"),
+            "ours Triton key lengths (kv_lengths = S)":
+                (lambda a: triton(a["q"], a["k"], a["v"], v_layout="BHSD",
+                                  kv_lengths=jnp.full((shape.b,), shape.s, jnp.int32)), "BHSD"),
+            "ours Triton soft-cap 1e4":
+                (lambda a: triton(a["q"], a["k"], a["v"], v_layout="BHSD", softcap=1e4), "BHSD"),
+        })
     stock = _stock_mha()
     if stock is not None:
         bs = stock.BlockSizes(block_q=min(128, shape.s), block_k=min(128, shape.s))

@@ -52,7 +52,7 @@ for stage in "$@"; do
     masks) timeout 240 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu tests/test_kernel_masks.py 2>&1 \
         | tee "$OUT/masks.log" | tail -25
       timeout 200 python3 bench/attention.py --quick --head-dims 128 --dtypes bfloat16 \
-        --match 'Triton (standard|boolean mask|soft-cap)' --out "$OUT/attention-masks.md" 2>&1 | grep -v '^  ' | tail -20 ;;
+        --match 'Triton (standard|boolean mask|key lengths|soft-cap)' --out "$OUT/attention-masks.md" 2>&1 | grep -v '^  ' | tail -20 ;;
     qkv) timeout 240 python3 bench/qkv_layouts.py --reps 10 --out "$OUT/qkv-layouts.md" 2>&1 | tail -30 ;;
     tune-backward) timeout 300 python3 bench/tune_backward.py --head-dims 128 --out "$OUT/tune-backward.md" 2>&1 | tail -40 ;;
     tune-fp8) timeout 330 python3 bench/tune_attention.py --fp8 --quick --out "$OUT/tune-fp8.md" 2>&1 | tail -40 ;;
