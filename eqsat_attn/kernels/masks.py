@@ -1,10 +1,11 @@
 """Boolean masks for the Pallas kernels: the mask as a kernel operand and its per-tile map.
 
-FlexAttention's block-mask idea: from the mask (and the causal flag) the wrapper computes, for
-every (query tile, key tile) of one kernel's tiling, a class: HIDDEN (every position hidden: the
-tile is skipped), VISIBLE (every position visible: computed without masking) or PARTIAL (the
-kernel loads the mask tile and applies it). The kernels walk two compacted lists per row of tiles
-(`tile_lists`): the VISIBLE tiles, then the PARTIAL ones, so a skipped tile costs nothing.
+FlexAttention's block-mask idea: from the mask, the causal flag, key lengths and a sliding
+window, the wrapper computes for every (query tile, key tile) of one kernel's tiling a class:
+HIDDEN (every position hidden: the tile is skipped), VISIBLE (every position kept: computed
+without masking) or PARTIAL (the kernel applies the mask tile and the index conditions). The
+kernels walk two compacted lists per row of tiles (`tile_lists`): the VISIBLE tiles, then the
+PARTIAL ones, so a skipped tile costs nothing. Rows of tiles that are padding only are HIDDEN.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ def tile_map(mask4: jax.Array, sq: int, causal: bool, block_q: int, block_k: int
     positions ``mask4`` (from `mask_4d`, Sq rows or 1) and the causal flag keep. The padded
     lengths ``sq_p``, ``sk_p`` (multiples of the blocks) default to Sq, Sk rounded up.
 
-    Padded keys (past Sk) count as hidden; padded query rows (past Sq) are ignored: their output
-    is cropped, so they make no tile PARTIAL nor VISIBLE.
+    Padded keys (past Sk) count as hidden; padded query rows (past Sq) are ignored (their output
+    is cropped): they make no tile PARTIAL, and a tile of them only is HIDDEN.
     """
     bm, hm, _, sk = mask4.shape
     keep = jnp.broadcast_to(mask4, (bm, hm, sq, sk))
