@@ -190,6 +190,45 @@ def random_mask(seed, sq, sk, hidden_row: bool):
     return jnp.asarray(mask)
 
 
+def test_hidden_tiles_are_never_read():
+    """V is NaN in a key tile that every row hides: the forward and backward kernels skip it (a
+    visited tile would give 0 · NaN = NaN in P·V), so o and the gradients equal those of V zeroed
+    there. (The reference's P·V does give NaN here: skipping hidden keys drops NaN / Inf values of
+    V at them, as the causal kernels always did above the diagonal.)"""
+    _, q, k, v, do = inputs(22, 48, 64)
+    mask = np.ones((B, 1, 48, 64), bool)
+    mask[:, :, :, 32:48] = False
+    mask = jnp.asarray(mask)
+    poisoned = v.at[:, :, 32:48, :].set(jnp.nan)
+    fn = lambda q, k, v: flash_attention(q, k, v, scale=0.25, causal=False, mask=mask, block_q=16, block_k=16,
+                                         interpret=True)
+    o, vjp = jax.vjp(fn, q, k, poisoned)
+    want = np_attention(q, k, v.at[:, :, 32:48, :].set(0.0), do, scale=0.25, mask=mask)
+    assert_close(o, want[0], 2e-5, "o")
+    for name, got, w in zip("qkv", vjp(do), want[1:4]):
+        assert_close(got, w, 1e-4, f"d{name}")
+
+
+def test_jit_with_traced_mask_and_lengths(no_reference):
+    """Under jit, with the mask and key lengths traced arguments (tile maps computed in the graph)."""
+    _, q, k, v, do = inputs(23, 40, 48)
+    mask, lengths = random_mask(23, 40, 48, hidden_row=True), jnp.asarray([48, 30], jnp.int32)
+
+    @jax.jit
+    def grads(q, k, v, mask, lengths):
+        fn = lambda q, k, v: flash_attention(q, k, v, scale=0.25, causal=True, mask=mask, kv_lengths=lengths,
+                                             mask_fill=-1e9, block_q=16, block_k=16, interpret=True)
+        o, vjp = jax.vjp(fn, q, k, v)
+        return o, vjp(do)
+
+    o, (dq, dk, dv) = grads(q, k, v, mask, lengths)
+    keep = np.asarray(mask) & np_index_keep(40, 48, [48, 30])
+    want = np_attention(q, k, v, do, scale=0.25, causal=True, mask=keep, fill=-1e9)
+    assert_close(o, want[0], 2e-5, "o")
+    for name, got, w in zip("qkv", (dq, dk, dv), want[1:4]):
+        assert_close(got, w, 1e-4, f"d{name}")
+
+
 def test_random_mask_fast_path_uses_all_tile_classes(no_reference):
     mask = random_mask(4, 48, 64, hidden_row=False)
     classes = np.asarray(tile_map(mask_4d(mask, (B, H, 48, 64)), 48, False, 16, 16))
