@@ -392,6 +392,11 @@ def test_window_fast_path(no_reference):
     check_index_mask(17, 48, 48, window=20, softcap=10.0)
 
 
+def test_window_longer_queries_than_keys(no_reference):
+    """Sq > Sk + window: the last rows keep no key (uniform averages, fast path)."""
+    check_index_mask(24, 64, 32, window=16)
+
+
 def test_kv_lengths_window_mask_and_bias(no_reference):
     """Every condition at once, with a bias (the plain-JAX backward, dbias included)."""
     bias = jnp.asarray(np.random.default_rng(18).normal(size=(1, H, 48, 64)), jnp.float32)

@@ -902,8 +902,8 @@ def _empty_rows(cfg: _Config, mask, kv_lengths, b: int, h: int, sq: int, sk: int
     """bool [B, H, Sq]: rows in which the mask, key lengths, window and causal flag keep no key,
     for a finite fill (their output is the uniform average of V); None for a -inf fill (such rows
     are NaN: the reference runs the call) or when no row can be empty."""
-    if not math.isfinite(cfg.mask_fill) or not (cfg.has_mask or cfg.has_lengths):
-        return None  # causal / window alone keep key 0 / key i of every row i < Sk
+    if not math.isfinite(cfg.mask_fill) or not cfg.tiled:
+        return None  # causal alone keeps key 0 in every row
     keep = _reference_mask(cfg, mask, kv_lengths, sq, sk)
     if cfg.causal:
         keep = keep & causal_mask(sq, sk)
