@@ -43,6 +43,7 @@ from eqsat_attn.kernels import attention_reference, flash_attention  # noqa: E40
 from eqsat_attn.kernels.fp8_attention import (FP8_ATOL, FP8_RTOL, compute_scale,  # noqa: E402
                                               dequantize, flash_attention_fp8, quantize)
 from eqsat_attn.kernels.mosaic_attention import MosaicBlocks, default_blocks  # noqa: E402
+from eqsat_attn.kernels.reference import causal_mask  # noqa: E402
 
 ERR_TOL = 2e-2  # bf16 outputs: max abs error allowed, relative to 1 + max |reference|
 
@@ -137,6 +138,7 @@ def implementations(shape: Shape, interpret: bool, blocks: tuple[int | None, int
     ours = functools.partial(flash_attention, scale=scale, causal=shape.causal, interpret=interpret)
     triton = functools.partial(ours, block_q=blocks[0], block_k=blocks[1], backend="triton")
     mosaic = functools.partial(ours, backend="mosaic_gpu")
+    bool_mask = causal_mask(shape.s, shape.s) if shape.causal else jnp.ones((shape.s, shape.s), bool)
     impls: dict[str, tuple[Callable, str]] = {
         "ours Triton standard (V [B,H,S,D])":
             (lambda a: triton(a["q"], a["k"], a["v"], v_layout="BHSD"), "BHSD"),
@@ -162,6 +164,20 @@ def implementations(shape: Shape, interpret: bool, blocks: tuple[int | None, int
         "materialise V from V^T + ours standard":
             (lambda a: ours(a["q"], a["k"], jnp.swapaxes(a["vt"], 2, 3), v_layout="BHSD"), "BHSD"),
     }
+    # score modifications whose values equal the plain call's, so the same reference checks
+    # them: the causal (or an all-visible) [S, S] mask as a boolean mask (tile map, guard), key
+    # lengths that keep every key, and a soft-cap of 1e4, which changes these scores by < 1e-6.
+    # Interpreted (CPU smoke) on the small shape only, for time.
+    if not interpret or shape.s <= 64:
+        impls.update({
+            "ours Triton boolean mask (causal or all-visible [S,S])":
+                (lambda a: triton(a["q"], a["k"], a["v"], v_layout="BHSD", causal=False, mask=bool_mask), "BHSD"),
+            "ours Triton key lengths (kv_lengths = S)":
+                (lambda a: triton(a["q"], a["k"], a["v"], v_layout="BHSD",
+                                  kv_lengths=jnp.full((shape.b,), shape.s, jnp.int32)), "BHSD"),
+            "ours Triton soft-cap 1e4":
+                (lambda a: triton(a["q"], a["k"], a["v"], v_layout="BHSD", softcap=1e4), "BHSD"),
+        })
     stock = _stock_mha()
     if stock is not None:
         bs = stock.BlockSizes(block_q=min(128, shape.s), block_k=min(128, shape.s))

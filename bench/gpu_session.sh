@@ -6,7 +6,7 @@
 #   bench/gpu_session.sh probe probe-fp8              # first call of a short lease: D128 rows only
 #   bash bench/gpu_session.sh mosaic attention-fp8-quick e2e-fp8 tune-mosaic-fp8   # next lease (see bench/results/README.md)
 #   stages: probe | probe-fp8 | attention-fp8 | attention-fp8-quick | check | final-check | mosaic | attention | attention-quick | e2e | e2e-fp8 | cost-model | tune |
-#           tune-mosaic | tune-mosaic-fp8 | tune-fp8 | tune-backward | qkv
+#           tune-mosaic | tune-mosaic-fp8 | tune-fp8 | tune-backward | qkv | masks
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -47,6 +47,12 @@ for stage in "$@"; do
     # 2026-11-26 lease the unselected run spent its 240 s on them and lost its report)
     final-check) timeout 240 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu tests/test_kernels.py \
         tests/test_fp8_kernels.py tests/test_packed_attention.py tests/test_mosaic_kernels.py 2>&1 | tee "$OUT/final-check.log" | tail -25 ;;
+    # issue 21: compiled masked / soft-capped / guarded kernels (tests/test_kernel_masks.py -m gpu),
+    # then the boolean-mask and soft-cap rows beside the plain Triton row at D128
+    masks) timeout 240 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu tests/test_kernel_masks.py 2>&1 \
+        | tee "$OUT/masks.log" | tail -25
+      timeout 200 python3 bench/attention.py --quick --head-dims 128 --dtypes bfloat16 \
+        --match 'Triton (standard|boolean mask|key lengths|soft-cap)' --out "$OUT/attention-masks.md" 2>&1 | grep -v '^  ' | tail -20 ;;
     qkv) timeout 240 python3 bench/qkv_layouts.py --reps 10 --out "$OUT/qkv-layouts.md" 2>&1 | tail -30 ;;
     tune-backward) timeout 300 python3 bench/tune_backward.py --head-dims 128 --out "$OUT/tune-backward.md" 2>&1 | tail -40 ;;
     tune-fp8) timeout 330 python3 bench/tune_attention.py --fp8 --quick --out "$OUT/tune-fp8.md" 2>&1 | tail -40 ;;

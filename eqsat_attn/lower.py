@@ -250,7 +250,7 @@ def lower_attention(node: Node, args: Sequence[Any], attention_kernel: str = "au
     q_layout, k_layout, v_layout, o_layout = (str(p[n]) for n in ("q_layout", "k_layout", "v_layout", "o_layout"))
     mods = {"mask_fill": float(p.get("mask_fill", MASK_VALUE)), "softcap": float(p.get("softcap", 0.0))}
     exact = pallas_takes_scores(has_mask=mask_kind == "bool", causal=bool(p["causal"]), **mods)
-    kernel = chosen_kernel(attention_kernel, has_mask=mask_kind == "bool", exact_on_pallas=exact)
+    kernel = chosen_kernel(attention_kernel, exact_on_pallas=exact)
     compute_dtype = p.get("compute_dtype") or None  # a folded cast: the kernel casts q, k, v to it
     out_layout = o_layout
     if kernel == "pallas" and not kernel_supports_layouts(q_layout, k_layout, v_layout, o_layout):

@@ -10,7 +10,7 @@ from typing import Any
 from .attention_misses import softmax_misses
 from .ir import Program, short_dtype
 from .kernels.flash_attention import pallas_backend
-from .kernels.reference import node_takes_pallas
+from .kernels.reference import MASK_VALUE, node_takes_pallas
 from .mask_kinds import mask_kind
 from .nested import NestedCall
 from .region import parse, stats
@@ -169,7 +169,9 @@ def _pallas_backend(program: Program, node) -> str:
     return pallas_backend(
         q, k, v, v_layout=str(p["v_layout"]), causal=bool(p["causal"]), scale=float(p["scale"]),
         bias=True if p.get("mask_kind") == "bias" else None, compute_dtype=p.get("compute_dtype") or None,
-        q_layout=str(p["q_layout"]), k_layout=str(p["k_layout"]), o_layout=str(p["o_layout"]))
+        q_layout=str(p["q_layout"]), k_layout=str(p["k_layout"]), o_layout=str(p["o_layout"]),
+        mask=True if p.get("mask_kind") == "bool" else None, mask_fill=float(p.get("mask_fill", MASK_VALUE)),
+        softcap=float(p.get("softcap", 0.0)))
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,11 @@ def view(op, inputs, output, **params):
 
 
 def attn(q, k, v, out=None, *, q_layout="BHSD", k_layout="BHSD", v_layout="BHSD", o_layout="BHSD",
-         causal=False, mask=None, mask_kind="none"):
+         causal=False, mask=None, mask_kind="none", **score_mods):
     inputs = (q, k, v) if mask is None else (q, k, v, mask)
     out = out if out is not None else T(tuple(q.shape[q_layout.index(c)] for c in o_layout), q.dtype)
     return view("attention", inputs, out, q_layout=q_layout, k_layout=k_layout, v_layout=v_layout,
-                o_layout=o_layout, scale=0.125, causal=causal, mask_kind=mask_kind)
+                o_layout=o_layout, scale=0.125, causal=causal, mask_kind=mask_kind, **score_mods)
 
 
 def bhsd(b, h, s, d, dtype="bfloat16"):
@@ -210,12 +210,14 @@ def test_gqa_reads_kv_once():
     assert bd.flops == 4 * 2 * 32 * 2048 * 2048 * 128
 
 
-def test_bool_mask_runs_the_reference_and_reads_the_mask():
+def test_bool_mask_runs_the_kernel_and_reads_the_mask():
     q = bhsd(2, 8, 1024, 64)
     mask = T((2, 8, 1024, 1024), "bool")
     bd = H100_MODEL.breakdown(attn(q, q, q, mask=mask, mask_kind="bool"))
-    assert bd.variant == "reference"
+    assert bd.variant == "standard"  # the Triton kernel takes a boolean mask (guarded)
     assert bd.bytes == 4 * q.nbytes + mask.nbytes
+    nan_fill = H100_MODEL.breakdown(attn(q, q, q, mask=mask, mask_kind="bool", mask_fill=float("nan")))
+    assert nan_fill.variant == "reference"  # no kernel fill: the reference runs it
     ref = RooflineModel(H100, attention_kernel="reference")
     assert ref.breakdown(attn(q, q, q)).variant == "reference"
     assert ref.name == "roofline-h100-reference"

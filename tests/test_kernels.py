@@ -17,6 +17,7 @@ from eqsat_attn.kernels import (
     chosen_kernel,
     flash_attention,
     pallas_available,
+    pallas_takes_scores,
 )
 from eqsat_attn.kernels.flash_attention import BLOCK_TABLE, TUNED_BLOCKS, block_sizes
 from eqsat_attn.kernels.reference import layout_shape
@@ -222,10 +223,11 @@ def test_dispatcher_kernels_agree():
         chosen_kernel("triton")
 
 
-def test_dispatcher_mask_goes_to_reference():
+def test_dispatcher_mask_runs_pallas():
     _, q, k, v, do = make_inputs(9, 1, 2, 2, 8, 8, 16, 16, "BHSD", jnp.float32)
     mask = jnp.asarray(np.random.default_rng(9).random((8, 8)) > 0.5)
-    assert chosen_kernel("pallas", has_mask=True) == "reference"
+    assert chosen_kernel("pallas", exact_on_pallas=pallas_takes_scores(has_mask=True)) == "pallas"
+    assert chosen_kernel("pallas", exact_on_pallas=pallas_takes_scores(mask_fill=float("nan"))) == "reference"
     got = attention(q, k, v, scale=0.5, causal=False, mask=mask, kernel="pallas")
     assert_close(got, np_attention(q, k, v, do, scale=0.5, causal=False, mask=mask)[0], 2e-5, "o")
 
@@ -327,6 +329,9 @@ def test_bench_cpu_smoke(tmp_path):
     mosaic_ok = [line for line in text.splitlines() if "ours Mosaic GPU" in line and line.endswith("| ok |")]
     # standard and transposed-V in both schedules, [B,S,H,D] in place: D64 smoke shape (interpreted)
     assert len(mosaic_ok) == 5 and sum("overlapped schedule" in line for line in mosaic_ok) == 2
+    mods_ok = [line for line in text.splitlines() if any(w in line for w in ("boolean mask", "key lengths", "soft-cap"))
+               and line.endswith("| ok |")]
+    assert len(mods_ok) == 3  # the masked, key-length and soft-capped rows check out (S64 only)
 
 
 def test_bench_times_the_rows_of_a_shape_in_interleaved_rounds():

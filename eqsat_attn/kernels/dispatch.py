@@ -18,15 +18,14 @@ def pallas_available() -> bool:
     return jax.default_backend() == "gpu"
 
 
-def chosen_kernel(kernel: str, *, has_mask: bool = False, exact_on_pallas: bool = True) -> str:
+def chosen_kernel(kernel: str, *, exact_on_pallas: bool = True) -> str:
     """Resolve "auto" / "pallas" / "reference" to the kernel actually run: "pallas" or "reference".
 
-    `has_mask`: the call carries a boolean mask, which only the reference takes;
     `exact_on_pallas`: `pallas_takes_scores` of the call (else the reference runs it).
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if has_mask or not exact_on_pallas:
+    if not exact_on_pallas:
         return "reference"
     if kernel == "auto":
         return "pallas" if pallas_available() else "reference"
@@ -56,14 +55,16 @@ def attention(
     Each operand is in its own layout (a permutation of "BHSD"); the result is in ``o_layout``.
     "pallas" runs in interpret mode off-GPU and reads the layouts in place when
     `kernel_supports_layouts` says so (else it raises ValueError: transpose first); the reference
-    takes any layouts. A boolean `mask` is not a kernel input: calls with one always run the
-    reference (an additive bias is handled by the kernel). ``compute_dtype``: q, k and v are cast
-    to it inside the kernel (the Pallas kernel casts each loaded tile), result in that dtype.
+    takes any layouts. A boolean `mask`, an additive bias, ``softcap`` and ``mask_fill`` are kernel
+    inputs (masked calls run guarded: see `flash_attention`); a NaN or +inf fill runs the
+    reference. ``compute_dtype``: q, k and v are cast to it inside the kernel (the Pallas kernel
+    casts each loaded tile), result in that dtype.
     """
     layouts = dict(q_layout=q_layout, k_layout=k_layout, v_layout=v_layout, o_layout=o_layout,
                    compute_dtype=compute_dtype)
     exact = pallas_takes_scores(has_mask=mask is not None, causal=causal, mask_fill=mask_fill, softcap=softcap)
-    if chosen_kernel(kernel, has_mask=mask is not None, exact_on_pallas=exact) == "pallas":
-        return flash_attention(q, k, v, scale=scale, causal=causal, bias=bias, **layouts)
+    if chosen_kernel(kernel, exact_on_pallas=exact) == "pallas":
+        return flash_attention(q, k, v, scale=scale, causal=causal, bias=bias, mask=mask, mask_fill=mask_fill,
+                               softcap=softcap, **layouts)
     return attention_reference(q, k, v, scale=scale, causal=causal, bias=bias, mask=mask, mask_fill=mask_fill,
                                softcap=softcap, **layouts)

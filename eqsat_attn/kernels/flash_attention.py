@@ -42,6 +42,7 @@ import dataclasses
 import functools
 import math
 import os
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +51,9 @@ from jax.experimental import pallas as pl
 
 from .mosaic_attention import (FP8_DTYPES, MosaicBlocks, hopper_gpu, mosaic_attention,
                                mosaic_unsupported)
-from .reference import CANONICAL, MASK_VALUE, check_shapes, kernel_layout_error, layout_shape
+from .masks import index_keep, kernel_mask, mask_4d, tile_classes, tile_lists
+from .reference import (CANONICAL, MASK_VALUE, attention_reference, causal_mask, check_shapes, kernel_layout_error,
+                        layout_shape)
 
 LOG2E: float = math.log2(math.e)
 
@@ -144,6 +147,33 @@ class _Config:
     # which Pallas backend runs the forward ("triton" or "mosaic_gpu"); the backward is Triton's
     backend: str = "triton"
     mosaic_blocks: MosaicBlocks | None = None
+    # score modifications: soft-cap (0 = none), the op's fill for hidden scores, and whether a
+    # boolean mask (tile lists + mask tiles, kernels/masks.py) is a kernel input
+    softcap: float = 0.0
+    mask_fill: float = MASK_VALUE
+    has_mask: bool = False
+    # key lengths per batch (an int32 [B] operand) and a sliding window: positions kept by index
+    # arithmetic, in the kernels' tile lists and partial-tile masks like a boolean mask's
+    has_lengths: bool = False
+    window: int | None = None
+
+    @property
+    def tiled(self) -> bool:
+        """The kernels walk per-tile lists (masks.py) instead of ranges of key / query tiles."""
+        return self.has_mask or self.has_lengths or self.window is not None
+
+    @property
+    def guarded(self) -> bool:
+        """The result is checked at run time (`_needs_reference`): tile lists (a mask, key lengths,
+        a window), or a causal fill above the kernels' own. The kernels then give hidden scores
+        exactly zero weight (-inf, with a safe running max) and a row with no visible key an lse
+        of -inf."""
+        return self.tiled or (self.causal and self.mask_fill > MASK_VALUE)
+
+    @property
+    def hidden_score(self) -> float:
+        """What a causally hidden score becomes inside the kernels (log2 units)."""
+        return -jnp.inf if self.guarded else MASK_VALUE
 
     def cast(self, x):
         """A loaded tile in the compute dtype (unchanged without a cast prologue)."""
@@ -171,7 +201,7 @@ def pallas_backend(q, k, v, *, backend: str = "auto", interpret: bool | None = N
     """The Pallas backend that runs this forward: "mosaic_gpu" or "triton".
 
     q, k, v: arrays or ShapeDtypeStructs; ``call``: the other `mosaic_unsupported` arguments
-    (layouts, causal, scale, bias, compute_dtype, blocks). "auto" takes Mosaic GPU when
+    (layouts, causal, scale, bias, compute_dtype, blocks, mask, mask_fill, softcap). "auto" takes Mosaic GPU when
     `auto_takes_mosaic`, compiling for a Hopper GPU, the call is inside its contract and no Triton
     tiles were given; else Triton. Forcing "mosaic_gpu" on a call outside its contract raises
     ValueError saying why.
@@ -290,9 +320,38 @@ def _unbroadcast(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return x.sum(axis=axes, keepdims=True) if axes else x
 
 
+def _scores(raw, cfg: _Config, qk_scale):
+    """Scores in log2 units from q·kᵀ (float32), and tanh of the soft-capped score (None
+    without a soft-cap: its derivative 1 - tanh² scales dS in the backward)."""
+    if cfg.softcap:
+        t = jnp.tanh(raw * (cfg.scale / cfg.softcap))
+        return t * (cfg.softcap * LOG2E), t
+    return raw * qk_scale, None
+
+
+def _tile_keep(cfg: _Config, rows, cols, sk: int, mask_tile, kv_len):
+    """bool [bq, bk]: the positions of a PARTIAL tile that are kept (tiled kernels)."""
+    keep = mask_tile != 0 if cfg.has_mask else cols < sk  # the mask hides padded keys itself
+    if cfg.causal:
+        keep = keep & (rows >= cols)
+    if cfg.has_lengths:
+        keep = keep & (cols < kv_len)
+    if cfg.window is not None:
+        keep = keep & (cols <= rows) & (cols > rows - cfg.window)
+    return keep
+
+
+def _at(ref, g: int | None, *idx):
+    """ref[g, *idx] for a block holding a kv group's heads (g given), else ref[*idx]."""
+    return ref[idx if g is None else (g,) + idx]
+
+
 def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config, sk: int, nq: int, has_bias: bool):
     refs = list(refs)
     bias_ref = refs.pop(0) if has_bias else None
+    # a boolean mask: its [bq or 1, Sk] rows, and this query tile's key-tile lists (masks.py)
+    mask_ref = refs.pop(0) if cfg.has_mask else None
+    count_ref, index_ref = (refs.pop(0), refs.pop(0)) if cfg.tiled else (None, None)
     # fp8: two [1, 1] float32 operands, the score descale (scale * log2 e * q_scale * k_scale)
     # and the output descale (v_scale); both loaded once, outside the key loop
     qk_ref, ov_ref = (refs.pop(0), refs.pop(0)) if cfg.descaled else (None, None)
@@ -318,21 +377,28 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config, sk: int, nq: int, has_
         acc, m, l = carry
         start = pl.multiple_of(j * bk, bk)
         kt = cfg.cast(k_ref[pl.ds(start, bk), :])
-        s = lax.dot_general(q, kt, (((1,), (1,)), ((), ())), precision=precision,
-                            preferred_element_type=jnp.float32)
-        s = s * qk_scale
+        raw = lax.dot_general(q, kt, (((1,), (1,)), ((), ())), precision=precision,
+                              preferred_element_type=jnp.float32)
+        s, _ = _scores(raw, cfg, qk_scale)
         if bias_ref is not None:
             s = s + bias_ref[:, pl.ds(start, bk)].astype(jnp.float32) * LOG2E
-        if masked:
+        if masked and cfg.tiled:
+            rows = qi * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+            cols = start + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+            mask_tile = mask_ref[:, pl.ds(start, bk)] if cfg.has_mask else None
+            s = jnp.where(_tile_keep(cfg, rows, cols, sk, mask_tile, count_ref[2]), s, -jnp.inf)
+        elif masked:
             cols = start + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
             if cfg.causal:
                 rows = qi * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-                s = jnp.where(rows >= cols, s, MASK_VALUE)
+                s = jnp.where(rows >= cols, s, cfg.hidden_score)
             if sk % bk:
                 s = jnp.where(cols < sk, s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - (m_new[:, None] - shift) if cfg.descaled else s - m_new[:, None])
+        # guarded: hidden scores are -inf, so a row may still have no finite score
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if cfg.guarded else m_new
+        alpha = jnp.exp2(m - m_use)
+        p = jnp.exp2(s - (m_use[:, None] - shift) if cfg.descaled else s - m_use[:, None])
         l = alpha * l + p.sum(axis=1)
         if not cfg.v_transposed:
             vt = cfg.cast(v_ref[pl.ds(start, bk), :])
@@ -346,19 +412,45 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config, sk: int, nq: int, has_
     carry = (jnp.zeros((bq, dv), jnp.float32),
              jnp.full((bq,), -jnp.inf, jnp.float32),
              jnp.zeros((bq,), jnp.float32))
-    carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
-    acc, m, l = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), carry)
+    if cfg.tiled:  # the VISIBLE key tiles unmasked, then the PARTIAL ones; HIDDEN ones never
+        carry = lax.fori_loop(0, count_ref[0], lambda t, c: body(index_ref[0, t], c, masked=False), carry)
+        acc, m, l = lax.fori_loop(0, count_ref[1], lambda t, c: body(index_ref[1, t], c, masked=True), carry)
+    else:
+        carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
+        acc, m, l = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), carry)
     if cfg.descaled:
         acc = acc * ov_ref[...]
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
     lse_ref[...] = (m + jnp.log2(l) - shift) / LOG2E
 
 
+def _tile_operands(cfg: _Config, mask4, kv_lengths, sq: int, sk: int, block_rows: int, block_cols: int,
+                   sq_p: int, sk_p: int, by_key: bool) -> tuple[jax.Array | None, jax.Array, jax.Array]:
+    """A tiled kernel's operands: the padded int8 mask (None without one), and per program's row
+    of tiles the counts [..., 4] (VISIBLE tiles, PARTIAL tiles, the batch's key length, 0) and the
+    tile indices [..., 2, n]. ``by_key``: rows of tiles per key tile (the dK/dV kernel)."""
+    classes = tile_classes(sq, sk, block_rows, block_cols, sq_p, sk_p, causal=cfg.causal, mask4=mask4,
+                           kv_lengths=kv_lengths, window=cfg.window)
+    counts, index = tile_lists(jnp.swapaxes(classes, 2, 3) if by_key else classes)
+    lead = counts.shape[:-1]
+    kv_len = jnp.full(lead, sk, jnp.int32) if kv_lengths is None else \
+        jnp.broadcast_to(jnp.minimum(kv_lengths.astype(jnp.int32), sk)[:, None, None], lead)
+    counts = jnp.concatenate([counts, kv_len[..., None], jnp.zeros(lead + (1,), jnp.int32)], axis=-1)
+    return (None if mask4 is None else kernel_mask(mask4, sq_p, sk_p)), counts, index
+
+
+def _bh(shape) -> Callable:
+    """(bi, hi) -> block indices of the B and H axes of an array whose B / H may be 1."""
+    full_b, full_h = shape[0] > 1, shape[1] > 1
+    return lambda bi, hi: (bi if full_b else 0, hi if full_h else 0)
+
+
 def _forward(q, k, v, bias, cfg: _Config, descales: tuple[jax.Array, jax.Array] | None = None,
-             ) -> tuple[jax.Array, jax.Array]:
+             mask: jax.Array | None = None, kv_lengths: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Run the kernel; returns (o in cfg.o_layout and cfg.out_dtype or q.dtype, lse [B,H,Sq] float32).
 
     ``descales`` (with cfg.descaled): float32 scalars (score descale in log2 units, output descale).
+    ``mask`` (with cfg.has_mask): bool from `masks.mask_4d`; ``kv_lengths`` (cfg.has_lengths): int32 [B].
     """
     if cfg.backend == "mosaic_gpu":
         return mosaic_attention(q, k, v, scale=cfg.scale, causal=cfg.causal, v_layout=cfg.v_layout,
@@ -393,6 +485,18 @@ def _forward(q, k, v, bias, cfg: _Config, descales: tuple[jax.Array, jax.Array] 
             (None, None, bq, sk_p),
             lambda i, bi, hi: (bi if full_b else 0, hi if full_h else 0, qblk(i), 0)))
         args.append(bias4)
+    if cfg.tiled:
+        kmask, counts, index = _tile_operands(cfg, mask, kv_lengths, sq, sk, bq, bk, sq_p, sk_p, by_key=False)
+        if kmask is not None:
+            mbh, rows = _bh(kmask.shape), kmask.shape[2] > 1
+            in_specs.append(pl.BlockSpec((None, None, bq if rows else 1, sk_p),
+                                         lambda i, bi, hi: mbh(bi, hi) + (qblk(i) if rows else 0, 0)))
+            args.append(kmask)
+        tbh = _bh(counts.shape)
+        in_specs += [pl.BlockSpec((None, None, None, 4), lambda i, bi, hi: tbh(bi, hi) + (qblk(i), 0)),
+                     pl.BlockSpec((None, None, None, 2, index.shape[-1]),
+                                  lambda i, bi, hi: tbh(bi, hi) + (qblk(i), 0, 0))]
+        args += [counts, index]
     if cfg.descaled:
         for x in descales:
             in_specs.append(pl.BlockSpec((1, 1), lambda i, bi, hi: (0, 0)))
@@ -415,23 +519,25 @@ def _forward(q, k, v, bias, cfg: _Config, descales: tuple[jax.Array, jax.Array] 
     return _crop(o, ol, {"S": sq, "D": dv}), lse[:, :, :sq]
 
 
-def _backward(cfg: _Config, q, k, v, bias, o, lse, do):
+def _backward(cfg: _Config, q, k, v, bias, o, lse, do, mask=None):
     """Plain-JAX recomputation backward for any layouts: runs in BHSD / BHDS order (this
-    fallback, used with a bias or backward="jax", may transpose; the Pallas backward does not)."""
+    fallback, used with a bias or backward="jax", may transpose; the Pallas backward does not).
+    ``mask``: bool from `masks.mask_4d` (logical order, whatever the layouts)."""
     if cfg.canonical:
-        return _backward_canonical(cfg, q, k, v, bias, o, lse, do)
+        return _backward_canonical(cfg, q, k, v, bias, o, lse, do, mask)
     vc = "BHDS" if cfg.v_transposed else "BHSD"
     ccfg = dataclasses.replace(cfg, q_layout=CANONICAL, k_layout=CANONICAL, o_layout=CANONICAL, v_layout=vc)
     dq, dk, dv, dbias = _backward_canonical(
         ccfg, _relayout(q, cfg.q_layout, CANONICAL), _relayout(k, cfg.k_layout, CANONICAL),
         _relayout(v, cfg.v_layout, vc), bias, _relayout(o, cfg.o_layout, CANONICAL), lse,
-        _relayout(do, cfg.o_layout, CANONICAL))
+        _relayout(do, cfg.o_layout, CANONICAL), mask)
     return (_relayout(dq, CANONICAL, cfg.q_layout), _relayout(dk, CANONICAL, cfg.k_layout),
             _relayout(dv, vc, cfg.v_layout), dbias)
 
 
-def _backward_canonical(cfg: _Config, q, k, v, bias, o, lse, do):
-    """Gradients by recomputing P from lse, one chunk of query rows at a time (plain JAX)."""
+def _backward_canonical(cfg: _Config, q, k, v, bias, o, lse, do, mask=None):
+    """Gradients by recomputing P from lse, one chunk of query rows at a time (plain JAX).
+    Hidden positions (mask, causal) get exactly zero weight, as in the kernels."""
     b, h, hkv, sq, sk, d, dv = check_shapes(q, k, v, cfg.v_layout)
     g = h // hkv
     f32 = jnp.float32
@@ -449,31 +555,39 @@ def _backward_canonical(cfg: _Config, q, k, v, bias, o, lse, do):
     deltac = chunks(delta[..., None], 1)[..., 0]
     kf, vf = k.astype(f32), v.astype(f32)
     v_eq = "bksd" if cfg.v_layout == "BHSD" else "bkds"
-    if bias is not None:
-        biasc = chunks(jnp.broadcast_to(_bias_4d(bias, (b, h, sq, sk)), (b, h, sq, sk)), sk)
-    else:
-        biasc = jnp.zeros((n,), f32)  # unused placeholder leaf for scan
+    placeholder = jnp.zeros((n,), f32)  # unused leaf for scan
+    biasc = placeholder if bias is None else \
+        chunks(jnp.broadcast_to(_bias_4d(bias, (b, h, sq, sk)), (b, h, sq, sk)), sk)
+    maskc = placeholder if mask is None else chunks(jnp.broadcast_to(mask, (b, h, sq, sk)), sk)
     cols = jnp.arange(sk)
+    hp = lax.Precision.HIGHEST
 
     def step(carry, xs):
         dk, dvv = carry
-        i, qi, doi, lsei, deltai, biasi = xs
-        s = jnp.einsum("bkgqd,bksd->bkgqs", qi, kf, precision=lax.Precision.HIGHEST) * cfg.scale
+        i, qi, doi, lsei, deltai, biasi, maski = xs
+        s = jnp.einsum("bkgqd,bksd->bkgqs", qi, kf, precision=hp) * cfg.scale
+        t = None
+        if cfg.softcap:
+            t = jnp.tanh(s / cfg.softcap)
+            s = cfg.softcap * t
         if bias is not None:
             s = s + biasi
+        p = jnp.exp(s - lsei[..., None])
+        if mask is not None:
+            p = jnp.where(maski > 0.5, p, 0.0)
         if cfg.causal:
             rows = i * cq + jnp.arange(cq)
-            s = jnp.where(rows[:, None] >= cols[None, :], s, MASK_VALUE)
-        p = jnp.exp(s - lsei[..., None])
-        dp = jnp.einsum(f"bkgqd,{v_eq}->bkgqs", doi, vf, precision=lax.Precision.HIGHEST)
-        ds = p * (dp - deltai[..., None])
-        dqi = jnp.einsum("bkgqs,bksd->bkgqd", ds, kf, precision=lax.Precision.HIGHEST) * cfg.scale
-        dk = dk + jnp.einsum("bkgqs,bkgqd->bksd", ds, qi, precision=lax.Precision.HIGHEST) * cfg.scale
-        dvv = dvv + jnp.einsum(f"bkgqs,bkgqd->{v_eq}", p, doi, precision=lax.Precision.HIGHEST)
+            p = jnp.where(rows[:, None] >= cols[None, :], p, 0.0)
+        dp = jnp.einsum(f"bkgqd,{v_eq}->bkgqs", doi, vf, precision=hp)
+        ds = p * (dp - deltai[..., None])  # d(loss)/d(capped score + bias): the bias gradient
+        dsr = ds if t is None else ds * (1.0 - t * t)  # d(loss)/d(scaled q·kᵀ)
+        dqi = jnp.einsum("bkgqs,bksd->bkgqd", dsr, kf, precision=hp) * cfg.scale
+        dk = dk + jnp.einsum("bkgqs,bkgqd->bksd", dsr, qi, precision=hp) * cfg.scale
+        dvv = dvv + jnp.einsum(f"bkgqs,bkgqd->{v_eq}", p, doi, precision=hp)
         return (dk, dvv), (dqi, ds if bias is not None else jnp.zeros((), f32))
 
     init = (jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32))
-    (dk, dvv), (dq, ds) = lax.scan(step, init, (jnp.arange(n), qc, doc, lsec, deltac, biasc))
+    (dk, dvv), (dq, ds) = lax.scan(step, init, (jnp.arange(n), qc, doc, lsec, deltac, biasc, maskc))
     dq = jnp.moveaxis(dq, 0, 3).reshape(b, h, sq_p, d)[:, :, :sq]
     dbias = None
     if bias is not None:
@@ -496,9 +610,16 @@ def _dot(a, b, ca: int, cb: int, precision):
                            preferred_element_type=jnp.float32)
 
 
-def _bwd_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
-                    cfg: _Config, sk: int, nq: int, groups: int):
-    """dK, dV for one key tile of one kv head: stream query tiles of all heads in its group."""
+def _bwd_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
+                    cfg: _Config, sk: int, nq: int, groups: int, mask_heads: bool = False,
+                    list_heads: bool = False):
+    """dK, dV for one key tile of one kv head: stream query tiles of all heads in its group.
+    ``mask_heads`` / ``list_heads``: the mask / tile-list blocks hold the group's heads (else one
+    for all)."""
+    refs = list(refs)
+    mask_ref = refs.pop(0) if cfg.has_mask else None
+    count_ref, index_ref = (refs.pop(0), refs.pop(0)) if cfg.tiled else (None, None)
+    dk_ref, dv_ref = refs
     bq, bk = cfg.bwd_blocks[0], cfg.bwd_blocks[1]
     kj = pl.program_id(0)
     k = cfg.cast(k_ref[...])
@@ -526,13 +647,22 @@ def _bwd_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_
         do = _group_rows(do_ref, g, rows, o_h_first)
         lse = lse_ref[g, rows]  # log2 units
         delta = _group_rows(delta_ref, g, rows, o_h_first)
-        p = jnp.exp2(_dot(q, k, 1, 1, precision) * qk_scale - lse[:, None])
+        s, t = _scores(_dot(q, k, 1, 1, precision), cfg, qk_scale)
+        p = jnp.exp2(s - lse[:, None])
         if masked:
-            rows = start + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+            rid = start + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
             cols = kj * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-            keep = cols < sk
-            if cfg.causal:
-                keep = keep & (rows >= cols)
+            if cfg.tiled:
+                mask_tile = None
+                if cfg.has_mask:
+                    mrows = rows if mask_ref.shape[-2] > 1 else pl.ds(0, 1)
+                    mask_tile = _at(mask_ref, g if mask_heads else None, mrows, slice(None))
+                kv_len = _at(count_ref, g if list_heads else None, 2)
+                keep = _tile_keep(cfg, rid, cols, sk, mask_tile, kv_len)
+            else:
+                keep = cols < sk
+                if cfg.causal:
+                    keep = keep & (rid >= cols)
             p = jnp.where(keep, p, 0.0)
         if not cfg.v_transposed:
             dp = _dot(do, v, 1, 1, precision)
@@ -541,11 +671,21 @@ def _bwd_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_
             dp = _dot(do, v, 1, 0, precision)
             dv = dv + _dot(do, p.astype(do.dtype), 0, 0, precision)  # dV^T [Dv, bk]
         ds = p * (dp - delta[:, None])
+        if t is not None:
+            ds = ds * (1.0 - t * t)
         dk = dk + _dot(ds.astype(q.dtype), q, 0, 0, precision)
         return dk, dv
 
     carry = (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
     for g in range(groups):
+        if cfg.tiled:  # this key tile's VISIBLE query tiles, then its PARTIAL ones
+            mg = g if list_heads else None
+            for cls, masked in ((0, False), (1, True)):
+                carry = lax.fori_loop(
+                    0, _at(count_ref, mg, cls),
+                    lambda t, c, cls=cls, masked=masked, g=g, mg=mg: body(
+                        _at(index_ref, mg, cls, t), c, g=g, masked=masked), carry)
+            continue
         if cfg.causal or sk % bk:
             carry = lax.fori_loop(i0, i_full, functools.partial(body, g=g, masked=True), carry)
         carry = lax.fori_loop(i_full, nq, functools.partial(body, g=g, masked=False), carry)
@@ -554,9 +694,12 @@ def _bwd_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _bwd_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
-                   cfg: _Config, sk: int):
+def _bwd_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Config, sk: int):
     """dQ for one query tile of one head: stream its kv head's key tiles."""
+    refs = list(refs)
+    mask_ref = refs.pop(0) if cfg.has_mask else None
+    count_ref, index_ref = (refs.pop(0), refs.pop(0)) if cfg.tiled else (None, None)
+    (dq_ref,) = refs
     bq, bk = cfg.bwd_blocks[2], cfg.bwd_blocks[3]
     qi = pl.program_id(0)
     q, do = cfg.cast(q_ref[...]), do_ref[...]
@@ -573,29 +716,42 @@ def _bwd_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
     def body(j, dq, masked: bool):
         start = pl.multiple_of(j * bk, bk)
         k = cfg.cast(k_ref[pl.ds(start, bk), :])
-        p = jnp.exp2(_dot(q, k, 1, 1, precision) * qk_scale - lse[:, None])
+        s, t = _scores(_dot(q, k, 1, 1, precision), cfg, qk_scale)
+        p = jnp.exp2(s - lse[:, None])
         if masked:
+            rows = qi * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
             cols = start + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-            keep = cols < sk
-            if cfg.causal:
-                keep = keep & (qi * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0) >= cols)
+            if cfg.tiled:
+                mask_tile = mask_ref[:, pl.ds(start, bk)] if cfg.has_mask else None
+                keep = _tile_keep(cfg, rows, cols, sk, mask_tile, count_ref[2])
+            else:
+                keep = cols < sk
+                if cfg.causal:
+                    keep = keep & (rows >= cols)
             p = jnp.where(keep, p, 0.0)
         if not cfg.v_transposed:
             dp = _dot(do, cfg.cast(v_ref[pl.ds(start, bk), :]), 1, 1, precision)
         else:
             dp = _dot(do, cfg.cast(v_ref[:, pl.ds(start, bk)]), 1, 0, precision)
         ds = p * (dp - delta[:, None])
+        if t is not None:
+            ds = ds * (1.0 - t * t)
         return dq + _dot(ds.astype(k.dtype), k, 1, 0, precision)
 
     dq = jnp.zeros(dq_ref.shape, jnp.float32)
-    dq = lax.fori_loop(0, n_full, functools.partial(body, masked=False), dq)
-    dq = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), dq)
+    if cfg.tiled:
+        dq = lax.fori_loop(0, count_ref[0], lambda t, c: body(index_ref[0, t], c, masked=False), dq)
+        dq = lax.fori_loop(0, count_ref[1], lambda t, c: body(index_ref[1, t], c, masked=True), dq)
+    else:
+        dq = lax.fori_loop(0, n_full, functools.partial(body, masked=False), dq)
+        dq = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), dq)
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
-def _backward_pallas(cfg: _Config, q, k, v, o, lse, do):
+def _backward_pallas(cfg: _Config, q, k, v, o, lse, do, mask=None, kv_lengths=None):
     """dQ, dK, dV with two Pallas kernels (no atomics): one over key tiles, one over query tiles.
-    Every operand and gradient stays in its own layout."""
+    Every operand and gradient stays in its own layout. ``mask``: bool from `masks.mask_4d`;
+    ``kv_lengths``: int32 [B] (with cfg.has_lengths)."""
     ql, kl, vl, ol = cfg.q_layout, cfg.k_layout, cfg.v_layout, cfg.o_layout
     b, h, hkv, sq, sk, d, dv = check_shapes(q, k, v, vl, q_layout=ql, k_layout=kl)
     groups = h // hkv
@@ -618,8 +774,22 @@ def _backward_pallas(cfg: _Config, q, k, v, o, lse, do):
     key = {**grp, "S": lambda j, bi, hi: j}
     k_spec = _spec(kl, {"S": bk1, "D": d_p}, key)
     v_spec = _spec(vl, {"S": bk1, "D": dv_p}, key)
+    mask_specs, mask_args, mask_heads, list_heads = [], [], False, False
+    if cfg.tiled:  # blocks of the group's heads where the mask / lists have H, else the one head
+        kmask, counts, index = _tile_operands(cfg, mask, kv_lengths, sq, sk, bq1, bk1, sq_p, sk_p, by_key=True)
+        if kmask is not None:
+            mbh, mask_heads, rows = _bh(kmask.shape), kmask.shape[1] > 1, kmask.shape[2] > 1
+            mask_specs.append(pl.BlockSpec((None, groups if mask_heads else None, sq_p if rows else 1, bk1),
+                                           lambda j, bi, hi: mbh(bi, hi) + (0, j)))
+            mask_args.append(kmask)
+        tbh, list_heads = _bh(counts.shape), counts.shape[1] > 1
+        hb = groups if list_heads else None
+        mask_specs += [pl.BlockSpec((None, hb, None, 4), lambda j, bi, hi: tbh(bi, hi) + (j, 0)),
+                       pl.BlockSpec((None, hb, None, 2, index.shape[-1]), lambda j, bi, hi: tbh(bi, hi) + (j, 0, 0))]
+        mask_args += [counts, index]
     dk, dvv = pl.pallas_call(
-        functools.partial(_bwd_dkv_kernel, cfg=cfg, sk=sk, nq=sq_p // bq1, groups=groups),
+        functools.partial(_bwd_dkv_kernel, cfg=cfg, sk=sk, nq=sq_p // bq1, groups=groups,
+                          mask_heads=mask_heads, list_heads=list_heads),
         grid=(nk1, b, hkv),
         in_specs=[
             _spec(ql, {"H": groups, "S": sq_p, "D": d_p}, grp),
@@ -628,18 +798,30 @@ def _backward_pallas(cfg: _Config, q, k, v, o, lse, do):
             _spec(ol, {"H": groups, "S": sq_p, "D": dv_p}, grp),
             _spec("BHS", {"H": groups, "S": sq_p}, grp),
             _spec(dl, {"H": groups, "S": sq_p}, grp),
-        ],
+        ] + mask_specs,
         out_specs=[k_spec, v_spec],
         out_shape=[jax.ShapeDtypeStruct(kp.shape, k.dtype), jax.ShapeDtypeStruct(vp.shape, v.dtype)],
         interpret=cfg.interpret,
         name=cfg.name("flash_attention_bwd_dkv"),
         **_compiler_params(cfg, cfg.bwd_warps, cfg.bwd_stages),
-    )(*args)
+    )(*args, *mask_args)
 
     # dQ: grid (query block i, batch bi, head hi)
     qrow = {"B": lambda i, bi, hi: bi, "H": lambda i, bi, hi: hi, "S": lambda i, bi, hi: i}
     kvh = {"B": lambda i, bi, hi: bi, "H": lambda i, bi, hi: hi // groups}
     q_spec = _spec(ql, {"S": bq2, "D": d_p}, qrow)
+    mask_specs, mask_args = [], []
+    if cfg.tiled:
+        kmask, counts, index = _tile_operands(cfg, mask, kv_lengths, sq, sk, bq2, bk2, sq_p, sk_p, by_key=False)
+        if kmask is not None:
+            mbh, rows = _bh(kmask.shape), kmask.shape[2] > 1
+            mask_specs.append(pl.BlockSpec((None, None, bq2 if rows else 1, sk_p),
+                                           lambda i, bi, hi: mbh(bi, hi) + (i if rows else 0, 0)))
+            mask_args.append(kmask)
+        tbh = _bh(counts.shape)
+        mask_specs += [pl.BlockSpec((None, None, None, 4), lambda i, bi, hi: tbh(bi, hi) + (i, 0)),
+                       pl.BlockSpec((None, None, None, 2, index.shape[-1]), lambda i, bi, hi: tbh(bi, hi) + (i, 0, 0))]
+        mask_args += [counts, index]
     dq = pl.pallas_call(
         functools.partial(_bwd_dq_kernel, cfg=cfg, sk=sk),
         grid=(sq_p // bq2, b, h),
@@ -650,39 +832,151 @@ def _backward_pallas(cfg: _Config, q, k, v, o, lse, do):
             _spec(ol, {"S": bq2, "D": dv_p}, qrow),
             _spec("BHS", {"S": bq2}, qrow),
             _spec(dl, {"S": bq2}, qrow),
-        ],
+        ] + mask_specs,
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
         interpret=cfg.interpret,
         name=cfg.name("flash_attention_bwd_dq"),
         **_compiler_params(cfg, cfg.bwd_warps, cfg.bwd_stages),
-    )(*args)
+    )(*args, *mask_args)
     return (_crop(dq, ql, {"S": sq, "D": d}), _crop(dk, kl, {"S": sk, "D": d}),
             _crop(dvv, vl, {"S": sk, "D": dv}))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q, k, v, bias, cfg: _Config):
-    return _forward(q, k, v, bias, cfg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _flash(q, k, v, bias, mask, kv_lengths, cfg: _Config):
+    return _forward(q, k, v, bias, cfg, mask=mask, kv_lengths=kv_lengths)[0]
 
 
-def _flash_fwd(q, k, v, bias, cfg: _Config):
-    o, lse = _forward(q, k, v, bias, cfg)
-    return o, (q, k, v, bias, o, lse)
+def _flash_fwd(q, k, v, bias, mask, kv_lengths, cfg: _Config):
+    o, lse = _forward(q, k, v, bias, cfg, mask=mask, kv_lengths=kv_lengths)
+    return o, (q, k, v, bias, mask, kv_lengths, o, lse)
 
 
-def _flash_bwd(cfg: _Config, res, do):
-    q, k, v, bias, o, lse = res
+def _reference_mask(cfg: _Config, mask, kv_lengths, sq: int, sk: int) -> jax.Array | None:
+    """The boolean mask (causal aside) that gives the reference this call's hidden positions."""
+    keep = index_keep(sq, sk, kv_lengths=kv_lengths, window=cfg.window)
+    if keep is None or mask is None:
+        return mask if keep is None else keep
+    return mask & keep
+
+
+def _kernel_grads(cfg: _Config, q, k, v, bias, mask, kv_lengths, o, lse, do):
+    """dq, dk, dv, dbias of the kernels (dbias None without a bias)."""
     if cfg.backward == "pallas" and bias is None:
-        return (*_backward_pallas(cfg, q, k, v, o, lse, do), None)
+        return (*_backward_pallas(cfg, q, k, v, o, lse, do, mask=mask, kv_lengths=kv_lengths), None)
+    keep = _reference_mask(cfg, mask, kv_lengths, lse.shape[2], k.shape[cfg.k_layout.index("S")])
     if cfg.compute_dtype is None:
-        return _backward(cfg, *res, do)
+        return _backward(cfg, q, k, v, bias, o, lse, do, keep)
     # plain-JAX recomputation: on the cast operands, gradients cast back (as the unfused cast's vjp)
-    dq, dk, dv, dbias = _backward(cfg, *(cfg.cast(x) for x in (q, k, v)), bias, o, lse, do)
+    dq, dk, dv, dbias = _backward(cfg, *(cfg.cast(x) for x in (q, k, v)), bias, o, lse, do, keep)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias
 
 
+def _flash_bwd(cfg: _Config, res, do):
+    return (*_kernel_grads(cfg, *res, do), None, None)
+
+
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+#: The guarded fast path's margin (natural-log units): its result stands when, in every row,
+#: log-sum-exp of the visible scores exceeds the fill by more than this plus log(Sk). Then the
+#: skipped hidden scores, whose total weight is at most Sk·exp(fill - lse) < exp(-110) ≈ 1.7e-48,
+#: are below float32's smallest denormal relative to the row, so giving them exactly zero weight
+#: (as the kernels do) changes no float32 result.
+GUARD_MARGIN = 110.0
+
+
+def _needs_reference(cfg: _Config, o: jax.Array, lse: jax.Array, sk: int, empty: jax.Array | None) -> jax.Array:
+    """Scalar bool: the kernels' result may differ from the op's (`GUARD_MARGIN`), a row other
+    than the ``empty`` ones (no key kept; their result is set apart) has no visible score (lse
+    -inf), or the result is not finite (NaN / Inf inputs)."""
+    margin = lse - jnp.float32(math.log(sk)) - jnp.float32(cfg.mask_fill)  # +inf for a -inf fill
+    ok = jnp.isfinite(lse) & (margin > GUARD_MARGIN)
+    if empty is not None:
+        ok = ok | empty
+    return jnp.logical_not(jnp.all(ok) & jnp.all(jnp.isfinite(o)))
+
+
+def _empty_rows(cfg: _Config, mask, kv_lengths, b: int, h: int, sq: int, sk: int) -> jax.Array | None:
+    """bool [B, H, Sq]: rows in which the mask, key lengths, window and causal flag keep no key,
+    for a finite fill (their output is the uniform average of V); None for a -inf fill (such rows
+    are NaN: the reference runs the call) or when no row can be empty."""
+    if not math.isfinite(cfg.mask_fill) or not cfg.tiled:
+        return None  # causal alone keeps key 0 in every row
+    keep = _reference_mask(cfg, mask, kv_lengths, sq, sk)
+    if cfg.causal:
+        keep = keep & causal_mask(sq, sk)
+    return jnp.broadcast_to(~jnp.any(keep, axis=-1), (b, h, sq))
+
+
+def _uniform_rows(cfg: _Config, o: jax.Array, v: jax.Array, empty: jax.Array) -> jax.Array:
+    """o with its ``empty`` rows replaced by the mean of V over every key (in o's layout)."""
+    b, h, sq = empty.shape
+    vm = jnp.mean(cfg.cast(v).astype(jnp.float32), axis=cfg.v_layout.index("S"), keepdims=True)
+    vm = _relayout(vm, cfg.v_layout, CANONICAL)  # [B, Hkv, 1, Dv]
+    vm = jnp.repeat(vm, h // vm.shape[1], axis=1)
+    fill = _relayout(vm.astype(o.dtype), CANONICAL, cfg.o_layout)
+    return jnp.where(_relayout(empty[..., None], CANONICAL, cfg.o_layout), fill, o)
+
+
+def _uniform_rows_dv(cfg: _Config, do: jax.Array, empty: jax.Array, hkv: int, sk: int) -> jax.Array:
+    """The gradient w.r.t. V (float32, V's layout) of the uniform average in the ``empty`` rows:
+    each key gets dO / Sk of every such row of its query heads."""
+    b, h, _ = empty.shape
+    d = _relayout(do, cfg.o_layout, CANONICAL).astype(jnp.float32)
+    w = jnp.sum(jnp.where(empty[..., None], d, 0.0), axis=2) / sk  # [B, H, Dv]
+    w = w.reshape(b, hkv, h // hkv, -1).sum(axis=2)[:, :, None, :]
+    return _relayout(jnp.broadcast_to(w, (b, hkv, sk, w.shape[-1])), CANONICAL, cfg.v_layout)
+
+
+def _reference(cfg: _Config, mask, q, k, v, bias):
+    return attention_reference(q, k, v, scale=cfg.scale, causal=cfg.causal, v_layout=cfg.v_layout,
+                               bias=bias, mask=mask, q_layout=cfg.q_layout, k_layout=cfg.k_layout,
+                               o_layout=cfg.o_layout, compute_dtype=cfg.compute_dtype,
+                               mask_fill=cfg.mask_fill, softcap=cfg.softcap)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _guarded(q, k, v, bias, mask, kv_lengths, cfg: _Config):
+    return _guarded_fwd(q, k, v, bias, mask, kv_lengths, cfg)[0]
+
+
+def _guarded_fwd(q, k, v, bias, mask, kv_lengths, cfg: _Config):
+    o, lse = _forward(q, k, v, bias, cfg, mask=mask, kv_lengths=kv_lengths)
+    b, h, sq = lse.shape
+    sk = k.shape[cfg.k_layout.index("S")]
+    empty = _empty_rows(cfg, mask, kv_lengths, b, h, sq, sk)
+    if empty is not None:  # rows that keep no key: every score is the fill, a uniform average
+        o, lse = _uniform_rows(cfg, o, v, empty), jnp.where(empty, 0.0, lse)
+    use_reference = _needs_reference(cfg, o, lse, sk, empty)
+    keep = lambda: _reference_mask(cfg, mask, kv_lengths, sq, sk)  # noqa: E731 - only if taken
+    o = lax.cond(use_reference, lambda: _reference(cfg, keep(), q, k, v, bias), lambda: o)
+    return o, (q, k, v, bias, mask, kv_lengths, o, lse, use_reference, empty)
+
+
+def _guarded_bwd(cfg: _Config, res, do):
+    q, k, v, bias, mask, kv_lengths, o, lse, use_reference, empty = res
+    sk = k.shape[cfg.k_layout.index("S")]
+
+    def reference_grads():
+        keep = _reference_mask(cfg, mask, kv_lengths, lse.shape[2], sk)
+        if bias is None:
+            return (*jax.vjp(lambda q, k, v: _reference(cfg, keep, q, k, v, None), q, k, v)[1](do), None)
+        return jax.vjp(functools.partial(_reference, cfg, keep), q, k, v, bias)[1](do)
+
+    def kernel_grads():  # the empty rows' weights are zero in the kernels (lse 0 there, all masked)
+        dq, dk, dv, dbias = _kernel_grads(cfg, q, k, v, bias, mask, kv_lengths, o, lse, do)
+        if empty is not None:
+            hkv = k.shape[cfg.k_layout.index("H")]
+            dv = (dv.astype(jnp.float32) + _uniform_rows_dv(cfg, do, empty, hkv, sk)).astype(dv.dtype)
+        return dq, dk, dv, dbias
+
+    grads = lax.cond(use_reference, reference_grads, kernel_grads)
+    return (*grads, None, None)
+
+
+_guarded.defvjp(_guarded_fwd, _guarded_bwd)
 
 
 def flash_attention(
@@ -706,8 +1000,13 @@ def flash_attention(
     compute_dtype: str | None = None,
     backend: str = "auto",
     mosaic_blocks: MosaicBlocks | None = None,
+    mask: jax.Array | None = None,
+    mask_fill: float = MASK_VALUE,
+    softcap: float = 0.0,
+    kv_lengths: jax.Array | None = None,
+    window: int | None = None,
 ) -> jax.Array:
-    """Pallas flash attention with the semantics of `attention_reference` (no bool mask).
+    """Pallas flash attention with the semantics of `attention_reference`.
 
     q [B,H,Sq,D]; k [B,Hkv,Sk,D]; v [B,Hkv,Sk,Dv] ("BHSD") or [B,Hkv,Dv,Sk] ("BHDS").
     Returns [B,H,Sq,Dv] in q.dtype. Other physical layouts are read and written in place:
@@ -727,13 +1026,41 @@ def flash_attention(
     `mosaic_attention.BLOCK_TABLE` tiles) or "auto" (Mosaic GPU on a Hopper GPU when the call is
     in its contract and `auto_takes_mosaic`, else Triton); the backward kernels are Triton's
     either way.
+
+    Score modifications (Triton backend): ``softcap`` (> 0: scores become
+    softcap·tanh(s / softcap) before the bias, in every kernel), a boolean ``mask`` (True keeps,
+    broadcastable to [B,H,Sq,Sk]; its per-tile map lets the kernels skip hidden tiles and mask
+    only partial ones, kernels/masks.py) and the fill ``mask_fill`` hidden scores get. With a
+    mask, or causal with a fill above MASK_VALUE, the call is guarded: the kernels give hidden
+    scores zero weight; a row that keeps no key at all is, with a finite fill, set to the
+    uniform average of V (its value in the op; dV gets dO / Sk); and where any other row's
+    visible log-sum-exp is not `GUARD_MARGIN` (110) above fill + log(Sk) (or is -inf: e.g.
+    every kept score -inf, or a -inf fill with a row that keeps no key), or the result is not
+    finite, `lax.cond` runs `attention_reference` on the whole call instead (forward and
+    gradients). So the result is the op's, and the fast path is taken whenever every row that
+    keeps a key has a visible score at least 110 above the fill (always for fill -inf or
+    MASK_VALUE and finite inputs).
+    Two kernel-level forms of a mask, computed from indices in the kernels (no mask array), with
+    the semantics of `attention_reference` given the equivalent boolean mask (`masks.index_keep`):
+    ``kv_lengths`` (int32 [B]: query rows of batch b see keys j < kv_lengths[b]) and ``window``
+    (a sliding window: row i sees keys i - window < j <= i). Both are guarded like a mask.
     """
     if backward not in BACKWARDS:
         raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be a positive int (keys i - window < j <= i), got {window!r}")
+    if math.isnan(mask_fill) or mask_fill == math.inf:
+        raise ValueError(f"mask_fill={mask_fill} is not a kernel fill (NaN / +inf hidden scores); "
+                         "run attention_reference (kernel='reference') instead")
     error = kernel_layout_error(q_layout, k_layout, v_layout, o_layout)
     if error is not None:
         raise ValueError(error)
     b, h, hkv, sq, sk, d, dv = check_shapes(q, k, v, v_layout, q_layout=q_layout, k_layout=k_layout)
+    if kv_lengths is not None:
+        if jnp.shape(kv_lengths) != (b,) or not jnp.issubdtype(jnp.result_type(kv_lengths), jnp.integer):
+            raise ValueError(f"kv_lengths must be an integer array of shape [B] = ({b},), got "
+                             f"{jnp.shape(kv_lengths)} {jnp.result_type(kv_lengths)}")
+        kv_lengths = jnp.asarray(kv_lengths, jnp.int32)
     tq, tk, warps, stages = block_sizes(sq, sk, max(d, dv), bool(causal), v_layout[-1] == "S")
     bq, bk = block_q or tq, block_k or tk
     for name, blk in (("block_q", bq), ("block_k", bk)):
@@ -749,10 +1076,14 @@ def flash_attention(
         tiles_given=any(x is not None for x in (block_q, block_k, num_warps, num_stages)),
         v_layout=v_layout, causal=bool(causal), scale=float(scale), bias=bias,
         compute_dtype=compute_dtype, q_layout=q_layout, k_layout=k_layout, o_layout=o_layout,
-        blocks=mosaic_blocks)
+        blocks=mosaic_blocks, mask=True if mask is not None or kv_lengths is not None or window else None,
+        mask_fill=float(mask_fill), softcap=float(softcap))
     cfg = _Config(float(scale), bool(causal), v_layout, bq, bk, warps, stages, bool(interpret),
                   backward, bwd_blocks, bwarps, bstages, q_layout=q_layout, k_layout=k_layout,
                   o_layout=o_layout,
                   compute_dtype=None if compute_dtype is None else jnp.dtype(compute_dtype).name,
-                  backend=chosen, mosaic_blocks=mosaic_blocks)
-    return _flash(q, k, v, bias, cfg)
+                  backend=chosen, mosaic_blocks=mosaic_blocks, softcap=float(softcap),
+                  mask_fill=float(mask_fill), has_mask=mask is not None, has_lengths=kv_lengths is not None,
+                  window=window)
+    mask4 = None if mask is None else mask_4d(mask, (b, h, sq, sk))
+    return (_guarded if cfg.guarded else _flash)(q, k, v, bias, mask4, kv_lengths, cfg)

@@ -63,7 +63,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .reference import check_shapes, kernel_layout_error, layout_shape
+from .reference import MASK_VALUE, check_shapes, kernel_layout_error, layout_shape
 
 try:  # the Mosaic GPU backend ships with jax >= 0.4.3x; absent from some minimal builds
     from jax._src.lib.mlir import ir
@@ -201,6 +201,7 @@ def mosaic_unsupported(
     q, k, v, *, v_layout: str = "BHSD", causal: bool = False, scale: float = 1.0,
     bias=None, compute_dtype: str | None = None, q_layout: str = "BHSD", k_layout: str = "BHSD",
     o_layout: str = "BHSD", blocks: MosaicBlocks | None = None, interpret: bool = False,
+    mask=None, mask_fill: float = MASK_VALUE, softcap: float = 0.0,
 ) -> str | None:
     """Why the Mosaic GPU kernel cannot run this call (arrays or ShapeDtypeStructs), or None.
 
@@ -214,6 +215,12 @@ def mosaic_unsupported(
         return layout_error
     if bias is not None:
         return "it takes no additive bias"
+    if mask is not None:
+        return "it takes no boolean mask (the Triton kernels do)"
+    if softcap:
+        return "it has no soft-cap (the Triton kernels do)"
+    if causal and mask_fill > MASK_VALUE:
+        return f"a causal fill above MASK_VALUE ({mask_fill}) needs the Triton kernels' run-time guard"
     dtypes = {jnp.dtype(x.dtype).name for x in (q, k, v)}
     if compute_dtype is not None and {jnp.dtype(compute_dtype).name} != dtypes:
         return "it has no cast prologue (compute_dtype differs from the operands' dtype)"

@@ -5,6 +5,8 @@ Every kernel in this package is tested against `attention_reference`.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,11 +78,12 @@ def layout_shape(layout: str, sizes: dict[str, int]) -> tuple[int, ...]:
 
 def pallas_takes_scores(*, has_mask: bool = False, causal: bool = False, mask_fill: float = MASK_VALUE,
                         softcap: float = 0.0) -> bool:
-    """Whether the Pallas kernels compute these score modifications with the op's exact values:
-    no boolean mask and no soft-cap (neither is a kernel input yet), and a causal fill at or below
-    the kernels' own (masked scores underflow to exactly 0 either way; a higher finite fill such
-    as -1e4 differs where a row's scores are themselves that low)."""
-    return not has_mask and not softcap and (not causal or mask_fill <= MASK_VALUE)
+    """Whether the Pallas (Triton) kernels compute these score modifications with the op's exact
+    values. They take a boolean mask, the soft-cap and any fill but NaN and +inf: a mask, or a
+    causal fill above their own, runs guarded (`flash_attention.GUARD_MARGIN`: where skipping
+    hidden scores might not be exact, the whole call falls back to `attention_reference`)."""
+    del has_mask, causal, softcap  # every mask and soft-cap is a kernel input now
+    return not math.isnan(mask_fill) and mask_fill != math.inf
 
 
 def node_takes_pallas(params) -> bool:
