@@ -78,7 +78,8 @@ def fp8_block(params: dict[str, jax.Array], x: jax.Array, heads: int) -> jax.Arr
     # quantized per head-split tensor (a dequantize before the head-split reshape is not raised)
     q, k, v = (quantize_dequantize(split(h @ params[n])) for n in ("wq", "wk", "wv"))
     scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / d ** 0.5
-    scores = jnp.where(jnp.tril(jnp.ones((s, s), dtype=bool)), scores, -1e9)
+    # finfo.min, as Flax masks: at or below the kernels' own fill, so fp8 attention raises exactly
+    scores = jnp.where(jnp.tril(jnp.ones((s, s), dtype=bool)), scores, jnp.finfo(scores.dtype).min)
     out = jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(scores, axis=-1), v).transpose(0, 2, 1, 3).reshape(b, s, e)
     x = x + out @ params["wo"]
     h = examples._layer_norm(x, params["ln2"])

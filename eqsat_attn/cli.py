@@ -280,7 +280,7 @@ def explore_command(console: Console, ns: argparse.Namespace) -> int:
                 ex.svg(ns.svg, focus=ns.focus, depth=2 if ns.depth is None else ns.depth, fold=ns.fold)
             except ValueError as exc:  # a focus that names nothing in this e-graph
                 raise UsageError(f"--focus {ns.focus}: {exc}") from None
-        console.print(f"wrote {ns.svg}" + (f" (around {ns.focus})" if ns.focus is not None else ""))
+        console.print(f"wrote {ns.svg}" + (f" (around {ns.focus})" if ns.focus is not None else ""), soft_wrap=True)
     return 0
 
 

@@ -44,7 +44,9 @@ def transformer_block(params: dict[str, jax.Array], x: jax.Array, heads: int = 4
     q, k, v = (split(h @ params[n]) for n in ("wq", "wk", "wv"))
     scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(d)  # a Python float keeps bf16 bf16
     causal = jnp.tril(jnp.ones((s, s), dtype=bool))
-    scores = jnp.where(causal, scores, -1e9)
+    # finfo.min, as Flax masks (bf16, f32): the Mosaic GPU kernel's masking gives these values exactly;
+    # a finite fill above -0.7 * float32 max (-1e9) runs the guarded Triton kernel instead
+    scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3).reshape(b, s, e)
     x = x + out @ params["wo"]

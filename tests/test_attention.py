@@ -18,6 +18,7 @@ from eqsat_attn import ir
 from eqsat_attn.cost import MaterializedBytes, OpView, for_device
 from eqsat_attn.lower import lower
 from eqsat_attn.pipeline import Limits, OptimizeOptions, optimize_program
+from work_limits import SAFETY_NET_S
 
 B, S, H, D = 2, 8, 4, 16
 E = H * D
@@ -98,7 +99,7 @@ def _close(a, b) -> None:
 def test_library_form_is_raised_to_one_attention(name):
     fn, args, causal, groups = FORMS[name]
     # priced for a GPU: on the CPU model these tiny shapes are cheaper unfused (tile padding)
-    optimized = ea.optimize(fn, cost_model=for_device("h100"), limits=Limits(iterations=30, seconds=30))
+    optimized = ea.optimize(fn, cost_model=for_device("h100"), limits=Limits(iterations=30, seconds=SAFETY_NET_S))
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a silent fallback would hide a failure
         report = optimized.explain(*args)
@@ -135,7 +136,7 @@ def mask_small_negative(q, k, v):
 
 @pytest.mark.parametrize("fn", [softmax_wrong_axis, op_between_matmuls])
 def test_near_misses_are_left_alone(fn):
-    optimized = ea.optimize(fn, limits=Limits(iterations=20, seconds=20))
+    optimized = ea.optimize(fn, limits=Limits(iterations=20, seconds=SAFETY_NET_S))
     report = optimized.explain(Q4, K4, V4)
     assert report.attention == []
     _close(optimized(Q4, K4, V4), fn(Q4, K4, V4))
@@ -153,7 +154,7 @@ def test_where_masks_keep_their_exact_fill(fn, causal):
     """Any boolean where-mask is the op's mask, with the program's fill kept exactly: an anti-causal
     mask is a boolean mask, and a fill that does not hide (-3, or -1e4 above scores near -1e6) gives
     the program's values, not those of a -inf mask."""
-    optimized = ea.optimize(fn, cost_model=for_device("h100"), limits=Limits(iterations=20, seconds=20))
+    optimized = ea.optimize(fn, cost_model=for_device("h100"), limits=Limits(iterations=20, seconds=SAFETY_NET_S))
     (info,) = optimized.explain(Q4, K4, V4).attention
     assert info.causal is causal
     want = fn(Q4, K4, V4)
@@ -217,7 +218,7 @@ def _attention_program(fn, *args) -> ir.Program:
 def _optimized(program: ir.Program, model, rules=None) -> ir.Program:
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        result = optimize_program(program, OptimizeOptions(cost_model=model, rules=rules, limits=Limits(iterations=30, seconds=30)))
+        result = optimize_program(program, OptimizeOptions(cost_model=model, rules=rules, limits=Limits(iterations=30, seconds=SAFETY_NET_S)))
     return result.program
 
 

@@ -14,6 +14,7 @@ from jax import lax
 
 import eqsat_attn as ea
 from eqsat_attn.ir import ProgramBuilder, TensorType
+from work_limits import SAFETY_NET_S
 
 
 def _normal(seed: int, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
@@ -29,7 +30,7 @@ def assert_same_outputs(got, want, rtol: float = 2e-6, atol: float = 2e-6) -> No
 
 
 #: Small saturation limits: these tests check capture and lowering, not how far the search goes.
-FAST = ea.Limits(iterations=3, nodes=20_000, seconds=2.0)
+FAST = ea.Limits(iterations=3, nodes=20_000, seconds=SAFETY_NET_S)
 
 
 def round_trip(fn, *args, **tol):

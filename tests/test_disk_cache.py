@@ -22,8 +22,9 @@ from eqsat_attn import disk_cache
 optimize_module = sys.modules["eqsat_attn.optimize"]  # the package attribute is the decorator
 from eqsat_attn.ir import ConstValue, ProgramBuilder, TensorType
 from eqsat_attn.pipeline import OptimizeOptions, PipelineResult
+from work_limits import SAFETY_NET_S
 
-FAST = ea.Limits(iterations=4, nodes=20_000, seconds=10.0)
+FAST = ea.Limits(iterations=4, nodes=20_000, seconds=SAFETY_NET_S)
 OPTS = dict(rules=["transpose", "canonical"], limits=FAST)
 
 
@@ -218,7 +219,7 @@ SETUP = textwrap.dedent("""
     def f(x):
         return jnp.tanh(jnp.transpose(x, (1, 0))).T * 2.0
     x = jnp.asarray(np.linspace(-3e38, 3e38, 12, dtype=np.float32).reshape(3, 4))
-    g = ea.optimize(f, rules=["transpose"], limits=ea.Limits(iterations=3, nodes=20000, seconds=10.0),
+    g = ea.optimize(f, rules=["transpose"], limits=ea.Limits(iterations=3, nodes=20000, seconds=SAFETY_NET_S),
                     cost_model="roofline-cpu", backend="reference")  # the same key on any machine
 """)
 SCRIPT = SETUP + textwrap.dedent("""

@@ -11,8 +11,9 @@ import pytest
 import eqsat_attn as ea
 from eqsat_attn.cost import for_device
 from eqsat_attn.pipeline import OptimizeOptions
+from work_limits import SAFETY_NET_S
 
-FAST = ea.Limits(iterations=12, nodes=50_000, seconds=10.0)
+FAST = ea.Limits(iterations=12, nodes=50_000, seconds=SAFETY_NET_S)
 #: Documented tolerance of the policy (README, "Precision policy"): |o - o_bf16| <= 0.1·max|v|.
 POLICY_ATOL = 0.1
 

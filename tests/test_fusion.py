@@ -18,10 +18,11 @@ from eqsat_attn.cost import for_device
 from eqsat_attn.egraph.rulesets import DEFAULT_RULESETS, resolve
 from eqsat_attn.pipeline import Limits, OptimizeOptions, optimize_program
 from test_rules import B, assert_same_values
+from work_limits import SAFETY_NET_S
 
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")  # no silent fallback to the original
 
-LIMITS = Limits(iterations=12, nodes=60_000, seconds=30)
+LIMITS = Limits(iterations=12, nodes=60_000, seconds=SAFETY_NET_S)
 WITH_FUSION = [*DEFAULT_RULESETS, "fusion"]
 
 
@@ -220,7 +221,7 @@ def _rotary_args():
 def test_v_transpose_goes_into_its_bias_and_rotary_region():
     args = _rotary_args()
     model = PreferTransposedV(for_device("h100"))
-    optimized = ea.optimize(rotary_block, rules=WITH_FUSION, cost_model=model, limits=Limits(iterations=30, seconds=60))
+    optimized = ea.optimize(rotary_block, rules=WITH_FUSION, cost_model=model, limits=Limits(iterations=30, seconds=SAFETY_NET_S))
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         rep = optimized.explain(*args)
@@ -325,7 +326,7 @@ def test_jax_casts_fold_and_the_report_says_so():
     has no converts, its attention computes in bf16 over the f32 projections, the Report shows the
     folded cast, and the values equal those of the program with the casts left unfused."""
     args = _cast_block_args()
-    limits = Limits(iterations=30, seconds=60)
+    limits = Limits(iterations=30, seconds=SAFETY_NET_S)
     folded = ea.optimize(cast_block, rules=WITH_FUSION, cost_model=for_device("h100"), limits=limits)
     unfolded = ea.optimize(cast_block, cost_model=for_device("h100"), limits=limits)
     with warnings.catch_warnings():
@@ -357,7 +358,7 @@ def test_transposed_v_is_reachable_through_the_folded_cast():
     reads f32 V in the transposed-V layout and casts it in-kernel."""
     args = _cast_block_args()
     model = PreferTransposedV(for_device("h100"))
-    optimized = ea.optimize(cast_block, rules=WITH_FUSION, cost_model=model, limits=Limits(iterations=30, seconds=60))
+    optimized = ea.optimize(cast_block, rules=WITH_FUSION, cost_model=model, limits=Limits(iterations=30, seconds=SAFETY_NET_S))
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         rep = optimized.explain(*args)

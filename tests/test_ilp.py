@@ -13,8 +13,9 @@ from eqsat_attn.egraph.extract import extract_program
 from eqsat_attn.egraph.ilp import ILPExtractionError, extract_program_ilp
 from eqsat_attn.lower import lower
 from eqsat_attn.pipeline import Limits, OptimizeOptions, optimize_program, saturate
+from work_limits import SAFETY_NET_S
 
-LIMITS = Limits(iterations=12, nodes=20_000, seconds=10.0)
+LIMITS = Limits(iterations=12, nodes=20_000, seconds=SAFETY_NET_S)
 
 
 def _inputs(shapes, seed=0):

@@ -16,12 +16,13 @@ import eqsat_attn as ea
 from eqsat_attn import nested
 from eqsat_attn.cost import for_device
 from eqsat_attn.nested import NestedCall
+from work_limits import SAFETY_NET_S
 
 B, H, S, D = 2, 2, 8, 4
 E = H * D
 LAYERS = 2
 #: enough search to raise attention in one layer's body, small enough to stay fast
-LIMITS = ea.Limits(iterations=10, nodes=50_000, seconds=10.0)
+LIMITS = ea.Limits(iterations=10, nodes=50_000, seconds=SAFETY_NET_S)
 
 
 def attention(q, k, v):

@@ -22,8 +22,9 @@ from eqsat_attn import pipeline
 from eqsat_attn.choices import COST_MODEL_NAMES
 from eqsat_attn.egraph.rulesets import RuleFileError, load_rule_file
 from eqsat_attn.optimize import DEFAULT_CACHE_SIZE
+from work_limits import SAFETY_NET_S
 
-FAST = ea.Limits(iterations=3, nodes=20_000, seconds=2.0)
+FAST = ea.Limits(iterations=3, nodes=20_000, seconds=SAFETY_NET_S)
 
 
 def extreme(shape: tuple[int, ...], seed: int = 0) -> jax.Array:

@@ -20,8 +20,9 @@ from eqsat_attn.pipeline import Limits, OptimizeOptions, optimize_program, satur
 from eqsat_attn.qkv_layouts import VARIANTS, VariantModel, classify, extract_variant, layout_decision, projections
 from bench_scripts import load_bench
 from test_rules import B, assert_same_values
+from work_limits import SAFETY_NET_S
 
-LIMITS = Limits(iterations=20, nodes=100_000, seconds=60)
+LIMITS = Limits(iterations=20, nodes=100_000, seconds=SAFETY_NET_S)
 QKV_RULES = ["projections", "packed_qkv"]
 
 

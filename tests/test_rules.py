@@ -16,11 +16,12 @@ from eqsat_attn.cost import MaterializedBytes
 from eqsat_attn.egraph import encode, extract_program, resolve, run_rulesets
 from eqsat_attn.lower import lower
 from eqsat_attn.pipeline import Limits, OptimizeOptions, optimize_program
+from work_limits import SAFETY_NET_S
 
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")  # no silent fallback to the original
 
 F32 = "float32"
-LIMITS = Limits(iterations=8, nodes=50_000, seconds=10)
+LIMITS = Limits(iterations=8, nodes=50_000, seconds=SAFETY_NET_S)
 
 
 # ----------------------------------------------------------------------------- helpers

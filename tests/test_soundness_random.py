@@ -45,10 +45,11 @@ from eqsat_attn.egraph import extract_program
 from eqsat_attn.egraph.rulesets import DEFAULT_RULESETS
 from eqsat_attn.lower import lower
 from eqsat_attn.pipeline import Limits, OptimizeOptions, default_cost_model, optimize_program, saturate
+from work_limits import SAFETY_NET_S
 
 F32 = "float32"
 MAX_RANK = 5
-SWEEP_LIMITS = Limits(iterations=8, nodes=20_000, seconds=5)
+SWEEP_LIMITS = Limits(iterations=8, nodes=20_000, seconds=SAFETY_NET_S)
 
 
 # ----------------------------------------------------------------------------- cost models
@@ -626,7 +627,7 @@ def test_long_transpose_chain_stays_within_limits():
             v = b.add(op, (v,), b.type_of(v))
     program = b.build([v])
     assert len(program) >= 2000
-    limits = Limits(iterations=30, nodes=15_000, seconds=20)
+    limits = Limits(iterations=30, nodes=15_000, seconds=SAFETY_NET_S)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
