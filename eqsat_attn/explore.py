@@ -419,9 +419,12 @@ class Exploration:
         """
         model = cost_model_from_name(cost_model)
         view = self.view()
+        holding = classes_holding(view, op)
+        if not holding:
+            return Explanation(op, model, [])
         pricing = self.pricing(model)
         classes = []
-        for eclass in classes_holding(view, op):
+        for eclass in holding:
             alts = [Alternative(p.description, p.own, p.operands, p.layouts, p.operand_transposes)
                     for p in priced_members(view, pricing, eclass)[:max_alternatives]]
             classes.append(EClassAlternatives(self._place(view, eclass), alts))

@@ -3,7 +3,9 @@
 time = max(flops / (peak[dtype] x efficiency), bytes / bandwidth) + launch overhead, with:
 
 - free (views, leaves, values produced elsewhere): input, literal, constant, iota, reshape,
-  stop_gradient, opaque, opaque_output, identity transposes. (Opaque nodes are never rewritten,
+  stop_gradient, opaque, opaque_output, identity transposes and transposes that move only
+  length-1 axes (the bytes stay where they are: XLA makes them bitcasts; an attention operand
+  whose D is minor up to length-1 axes is read in place for the same reason). (Opaque nodes are never rewritten,
   so they cost the same in every candidate program.)
 - elementwise ops, converts, selects and broadcasts: XLA fuses them into their consumers and
   producers, so each is priced as writing its output once (output bytes / bandwidth) and no
@@ -81,6 +83,19 @@ def _prod(values) -> int:
 ATTENTION_TILE = (16, 64)  # the kernels' tiles: at least 16 rows, 64 once the sequence is that long
 
 
+def moves_only_unit_axes(shape: tuple[int, ...], perm: tuple[int, ...]) -> bool:
+    """Whether a transpose of ``shape`` by ``perm`` keeps every axis longer than 1 in its order: the
+    bytes do not move (XLA makes it a bitcast), e.g. [B, 64, 4, 1, D] -> [B, 4, 1, 64, D] does not."""
+    moved = [a for a in perm if shape[a] != 1]
+    return moved == sorted(moved)
+
+
+def _layout_is_view(shape: tuple[int, ...], layout: str, minors: str) -> bool:
+    """Whether an operand in ``layout`` is already in a layout with one of ``minors`` minor up to
+    unit axes: the axes after that one are all of length 1 (its relayout is a bitcast)."""
+    return any(all(shape[i] == 1 for i in range(layout.index(m) + 1, len(layout))) for m in minors)
+
+
 def _tiled(length: int) -> int:
     """A sequence length rounded up to the attention kernel's tile for it."""
     low, high = ATTENTION_TILE
@@ -143,8 +158,8 @@ class RooflineModel:
             return _ZERO
         if op == "transpose":
             perm = tuple(node.params["perm"])
-            if perm == tuple(range(len(perm))):
-                return _ZERO
+            if perm == tuple(range(len(perm))) or moves_only_unit_axes(node.inputs[0].shape, perm):
+                return _ZERO  # the identity, or only length-1 axes move: a bitcast
             return Breakdown(0.0, 2.0 * out.nbytes, 0.0, self._transpose_seconds(out.nbytes, perm), d.launch_overhead)
         if op == "broadcast_in_dim" and node.inputs and node.inputs[0].size == 1:
             return _ZERO  # a scalar splat: recomputed inside each consumer, never written
@@ -291,7 +306,7 @@ class RooflineModel:
         # lower_attention does; B and H may sit anywhere in every layout
         extra = 0.0
         for layout, t, minors in ((ql, q, "D"), (kl, k, "D"), (vl, v, "DS"), (ol, out, "D")):
-            if layout[-1] not in minors:
+            if not _layout_is_view(t.shape, layout, minors):
                 extra += self._transpose_seconds(t.nbytes) + d.launch_overhead
         return Breakdown(flops, nbytes, flops / peak, nbytes / d.bandwidth, d.launch_overhead, extra, variant)
 
