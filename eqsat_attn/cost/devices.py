@@ -84,6 +84,12 @@ class DeviceSpec:
     multiprocessors: int = 0
     matmul_tile_m: int = 0
     matmul_tile_n: int = 0
+    # No attention kernel (the CPU): attention runs as the reference's XLA einsums, with no tiles
+    # to pad, and at ``split_heads_attention_efficiency`` of peak where Q's or the output's layout
+    # does not keep H directly before S (the reference splits H into (kv head, group) in place,
+    # and XLA:CPU then loops instead of calling a GEMM).
+    einsum_attention: bool = False
+    split_heads_attention_efficiency: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "peak_flops", _frozen(self.peak_flops))
@@ -271,12 +277,23 @@ H200 = DeviceSpec(
     matmul_tile_n=_HOPPER_GEMM_TILE[1],
 )
 
-# CPU (the CI/dev machine: 2 cores). ASSUMPTION, simple and documented: 2 cores x AVX2 with two
-# 256-bit FMA units at ~3 GHz = 2 x (2 x 8 lanes x 2 FLOP) x 3e9 = 192 GFLOP/s f32; XLA:CPU runs
-# bf16/f16 dots by converting to f32 (same peak); f64 has half the lanes. ~20 GB/s of memory
-# bandwidth (a 2-vCPU share of DDR4). Fused XLA:CPU loops have no launch cost worth pricing;
-# 1 us per non-fused op (a thunk boundary). Attention runs as plain JAX (no layout preference):
-# one efficiency for every dtype and variant.
+# CPU (the CI/dev machine: 2 cores). Peak: 2 cores x AVX2 with two 256-bit FMA units at ~3 GHz =
+# 2 x (2 x 8 lanes x 2 FLOP) x 3e9 = 192 GFLOP/s f32 (spec arithmetic); XLA:CPU runs bf16/f16
+# dots by converting to f32 (same peak); f64 has half the lanes. ~20 GB/s of memory bandwidth (a
+# 2-vCPU share of DDR4; assumption), 1 us per non-fused op (a thunk boundary; assumption).
+# CALIBRATED 2026-12-06 on this machine (Intel Xeon, 2 cores, jax 0.12.1):
+# `python bench/cost_model_experiment.py --cpu` (bench/results/cost-model-cpu-2026-12-06.md) timed 42
+# equivalent programs of the projected attention block (prefill S256 and S512, decode against a
+# 1024-token cache) and the row was fitted to rank them (Spearman), keeping every parameter the
+# ranking does not need as it was:
+# - matmul_efficiency 0.5 -> 0.1: measured GEMMs of the block run at ~20 GFLOP/s, not ~100;
+#   at 0.5 the unfused program (its matmuls cheap) ranked first though it measures among the slowest.
+# - einsum_attention: attention runs as the reference einsums (no kernel): no tile padding (a
+#   1-query decode step was priced as 16 queries) and, measured, a Q laid out [B, S, H, D] makes
+#   the whole prefill block 1.6-2x slower (XLA:CPU loops over the split heads instead of calling a
+#   GEMM): split_heads_attention_efficiency 0.06 against 0.25 (fitted: 0.05-0.07 rank the same).
+# Attention runs as plain JAX (no layout preference otherwise): one efficiency for every dtype
+# and variant (0.25, an assumption the ranking did not need changed).
 _CPU_F32 = 2 * (2 * 8 * 2) * 3e9
 CPU = DeviceSpec(
     name="cpu",
@@ -292,8 +309,10 @@ CPU = DeviceSpec(
         _eff_key("default", "reference", False): 0.25,
         _eff_key("default", "reference", True): 0.25,
     },
-    matmul_efficiency=0.5,  # assumption: XLA:CPU (Eigen/oneDNN) dots at half of peak
+    matmul_efficiency=0.1,  # calibrated (above)
     transpose_bandwidth_fraction=0.5,  # assumption: strided loops reach half of streaming bandwidth
+    einsum_attention=True,  # no attention kernel: XLA runs the reference einsums
+    split_heads_attention_efficiency=0.06,  # calibrated (above)
 )
 
 DEVICES: dict[str, DeviceSpec] = {"h100": H100, "h200": H200, "cpu": CPU}

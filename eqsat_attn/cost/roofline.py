@@ -56,6 +56,9 @@ time = max(flops / (peak[dtype] x efficiency), bytes / bandwidth) + launch overh
   folded in, rules/fusion.py) reads its operands in their own (wider) dtypes, once, and computes
   at the compute dtype's rate: the converts it replaces (each writing its output) are gone. The
   in-kernel tile casts are assumed free (ALU work hidden under the matmuls; not measured).
+  On a device without an attention kernel (``einsum_attention``: the CPU, where XLA runs the
+  reference einsums) sequence lengths are not rounded to tiles, and a Q or output layout without
+  H directly before S runs at ``split_heads_attention_efficiency``: measured on a 2-core CPU (bench/results/cost-model-cpu-2026-12-06.md).
 """
 
 from __future__ import annotations
@@ -94,6 +97,13 @@ def _layout_is_view(shape: tuple[int, ...], layout: str, minors: str) -> bool:
     """Whether an operand in ``layout`` is already in a layout with one of ``minors`` minor up to
     unit axes: the axes after that one are all of length 1 (its relayout is a bitcast)."""
     return any(all(shape[i] == 1 for i in range(layout.index(m) + 1, len(layout))) for m in minors)
+
+
+def _heads_before_seq(layout: str, shape: tuple[int, ...]) -> bool:
+    """Whether H sits directly before S in a layout once length-1 axes are dropped (or either is
+    length 1): the reference attention's split of H into (kv head, group) stays a GEMM batch."""
+    kept = [c for c, n in zip(layout, shape) if n != 1]
+    return "H" not in kept or "S" not in kept or kept.index("S") == kept.index("H") + 1
 
 
 def _tiled(length: int) -> int:
@@ -291,7 +301,7 @@ class RooflineModel:
         dv = v.shape[vl.index("D")]
         causal = bool(p.get("causal"))
         # the kernel computes whole tiles: sequence lengths count rounded up to its tile
-        sq_t, sk_t = _tiled(sq), _tiled(sk)
+        sq_t, sk_t = (sq, sk) if d.einsum_attention else (_tiled(sq), _tiled(sk))
         flops = 2.0 * batch * heads * sq_t * sk_t * (dk + dv)
         if causal:
             flops *= 0.5
@@ -301,6 +311,8 @@ class RooflineModel:
         # and runs its matmuls in the compute dtype (the efficiency and peak of that dtype)
         cdt = compute_dtype(node)
         eff = d.attention_eff(cdt, variant, causal)
+        if d.einsum_attention and not (_heads_before_seq(ql, q.shape) and _heads_before_seq(ol, out.shape)):
+            eff = min(eff, d.split_heads_attention_efficiency)  # XLA einsums that loop (devices.py)
         peak = d.peak(cdt) * eff
         # operands the kernel cannot read in place are transposed first (o: after), exactly as
         # lower_attention does; B and H may sit anywhere in every layout
