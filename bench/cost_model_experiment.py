@@ -213,6 +213,25 @@ def interleaved_seconds(calls: list[tuple[Any, tuple]], rounds: int, inner: int,
     return out
 
 
+def quartiles(times: list[float]) -> tuple[float, float]:
+    """The first and third quartiles of a program's per-round times."""
+    q = statistics.quantiles(times, n=4)
+    return q[0], q[2]
+
+
+def resolved_pairs(rows: list[dict[str, Any]]) -> tuple[float, int]:
+    """Pairs of programs the measurement tells apart (their interquartile ranges do not overlap),
+    and how many of them the prediction orders the same way (a predicted tie counts half)."""
+    right, pairs = 0.0, 0
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            if a["iqr"][1] < b["iqr"][0] or b["iqr"][1] < a["iqr"][0]:
+                pairs += 1
+                same = (a["predicted"] - b["predicted"]) * (a["measured"] - b["measured"])
+                right += 1.0 if same > 0 else 0.5 if a["predicted"] == b["predicted"] else 0.0
+    return right, pairs
+
+
 def spread(times: list[float]) -> float:
     """Interquartile range over rounds relative to the median."""
     q = statistics.quantiles(times, n=4)
@@ -236,7 +255,7 @@ def cpu_main(ns: argparse.Namespace, command: str) -> int:
         for k, (prog, (call, _), t) in enumerate(zip(programs, calls, times)):
             out = np.asarray(call(*flat)[0], dtype=np.float32)
             rows.append({"workload": name, "k": k, "predicted": program_cost(prog, model),
-                         "measured": statistics.median(t), "spread": spread(t),
+                         "measured": statistics.median(t), "spread": spread(t), "iqr": quartiles(t),
                          "err": float(np.max(np.abs(out - reference))), "summary": program_summary(prog),
                          "features": features(prog, model), "original": k == 0, "program": prog})
         sys.stderr.write(f"{name}: {len(programs)} programs measured\n")
@@ -252,13 +271,18 @@ def cpu_main(ns: argparse.Namespace, command: str) -> int:
     lines += [f"model {model.name}; {len(rows)} programs over {len(CPU_WORKLOADS)} workloads (float32, reference "
               f"attention); {ns.rounds} interleaved rounds of {ns.inner} runs each, median over rounds", "",
               f"**Spearman (predicted vs measured), all programs: {rho:.3f}**", "",
-              "| workload | programs | Spearman | measured span (max/min) | median spread (IQR/median) | worst spread |",
-              "|:---|---:|---:|---:|---:|---:|"]
+              "Per workload (equivalent programs); *resolved pairs*: pairs whose interquartile ranges over the rounds "
+              "do not overlap, and the share of them the prediction orders as measured:", "",
+              "| workload | programs | Spearman | resolved pairs ordered right | measured span (max/min) "
+              "| median spread (IQR/median) | worst spread |",
+              "|:---|---:|---:|---:|---:|---:|---:|"]
     for name in CPU_WORKLOADS:
         sub = [r for r in rows if r["workload"] == name]
         r_w = spearman([r["predicted"] for r in sub], [r["measured"] for r in sub])
         ms = [r["measured"] for r in sub]
-        lines.append(f"| {name} | {len(sub)} | {r_w:.3f} | {max(ms) / min(ms):.2f}x | "
+        right, pairs = resolved_pairs(sub)
+        share = f"{right:g} of {pairs} ({right / pairs:.0%})" if pairs else "none resolved"
+        lines.append(f"| {name} | {len(sub)} | {r_w:.3f} | {share} | {max(ms) / min(ms):.2f}x | "
                      f"{statistics.median(r['spread'] for r in sub):.1%} | {max(r['spread'] for r in sub):.1%} |")
     lines += ["", "| workload | # | nodes | dots | attention | transposes | predicted ms | measured ms | spread | max err |",
               "|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
