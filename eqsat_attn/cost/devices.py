@@ -294,8 +294,8 @@ H200 = DeviceSpec(
 # - einsum_attention: no attention kernel, so no tile padding (a 1-query decode step was priced as
 #   16 queries), and a Q laid out [B, S, H, D] made the whole prefill block 1.6-2x slower in every
 #   run (XLA:CPU loops over the split heads instead of calling a GEMM):
-#   split_heads_attention_efficiency 0.08, half the attention rate (fits from 0.04 to 0.1 of
-#   the attention rate's scale rank the same).
+#   split_heads_attention_efficiency 0.08, half the attention rate (a quarter to two thirds of
+#   it ranked the same).
 _CPU_F32 = 2 * (2 * 8 * 2) * 3e9
 CPU = DeviceSpec(
     name="cpu",
