@@ -3,9 +3,10 @@
 time = max(flops / (peak[dtype] x efficiency), bytes / bandwidth) + launch overhead, with:
 
 - free (views, leaves, values produced elsewhere): input, literal, constant, iota, reshape,
-  stop_gradient, opaque, opaque_output, identity transposes and transposes that move only
-  length-1 axes (the bytes stay where they are: XLA makes them bitcasts; an attention operand
-  whose D is minor up to length-1 axes is read in place for the same reason). (Opaque nodes are never rewritten,
+  stop_gradient, opaque, opaque_output, identity transposes; and transposes that move only
+  length-1 axes (the bytes stay where they are: XLA makes them bitcasts) but for a 1 ns
+  tie-break (``BITCAST_TIE_BREAK``) that keeps a reshape saying the same; an attention operand
+  whose D is minor up to length-1 axes is read in place for the same reason. (Opaque nodes are never rewritten,
   so they cost the same in every candidate program.)
 - elementwise ops, converts, selects and broadcasts: XLA fuses them into their consumers and
   producers, so each is priced as writing its output once (output bytes / bandwidth) and no
@@ -77,6 +78,9 @@ FREE = frozenset({
 FUSED_ELEMENTWISE = ir.ELEMENTWISE_OPS | {"broadcast_in_dim"}
 #: seconds per dot_general operand not in row-major GEMM form: a tie-break, not a cost
 ORIENTATION_TIE_BREAK = 1e-9
+#: seconds of a transpose that moves only length-1 axes (a bitcast): a tie-break, so that a reshape
+#: saying the same is kept where the e-graph has both
+BITCAST_TIE_BREAK = 1e-9
 
 
 def _prod(values) -> int:
@@ -168,8 +172,10 @@ class RooflineModel:
             return _ZERO
         if op == "transpose":
             perm = tuple(node.params["perm"])
-            if perm == tuple(range(len(perm))) or moves_only_unit_axes(node.inputs[0].shape, perm):
-                return _ZERO  # the identity, or only length-1 axes move: a bitcast
+            if perm == tuple(range(len(perm))):
+                return _ZERO
+            if moves_only_unit_axes(node.inputs[0].shape, perm):  # a bitcast: only length-1 axes move
+                return Breakdown(0.0, 0.0, 0.0, 0.0, 0.0, BITCAST_TIE_BREAK)
             return Breakdown(0.0, 2.0 * out.nbytes, 0.0, self._transpose_seconds(out.nbytes, perm), d.launch_overhead)
         if op == "broadcast_in_dim" and node.inputs and node.inputs[0].size == 1:
             return _ZERO  # a scalar splat: recomputed inside each consumer, never written
