@@ -185,3 +185,26 @@ def test_interleaved_timing_helpers():
     fn, args = bench.decode_example(batch=1, heads=2, seq=8, head_dim=4)
     assert fn(*args).shape == (1, 2, 1, 4)
     assert {"prefill S256", "prefill S512", "decode S1024"} == set(bench.CPU_WORKLOADS)
+
+
+def test_flax_nnx_attention_at_s64_is_chosen_in_its_normal_form():
+    """The case of issue 23: flax.nnx MultiHeadAttention at S64 was raised as 256 one-query "heads"
+    ([2, 256, 1, 16]); under the H100 model the chosen attention now has its 64 queries per head."""
+    from flax import nnx
+
+    module = nnx.MultiHeadAttention(num_heads=4, in_features=64, decode=False, rngs=nnx.Rngs(0))
+    graph, state = nnx.split(module)
+
+    def f(state, x):
+        return nnx.merge(graph, state)(x)
+
+    x = jnp.asarray(_extreme(np.random.default_rng(64), (2, 64, 64)))
+    ex = ea.explore(f, state, x)
+    ex.run(limits=LIMITS)
+    best = ex.extract("roofline-h100")
+    (node,) = [n for n in best.program.nodes if n.op == "attention"]
+    q_type = best.program.type_of(node.inputs[0])
+    assert q_type.shape[str(node.params["q_layout"]).index("S")] == 64, best.program
+    flat = ex.captured.flat_args(state, x)
+    got = lower(best.program, attention_kernel="reference")(*flat)[0]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(jax.jit(f)(state, x)), rtol=2e-5, atol=2e-5)
