@@ -3,6 +3,7 @@
     python bench/cost_model_experiment.py                    # GPU: >= 20 variants of a bf16 attention block
     python bench/cost_model_experiment.py --calibrate        # ... and fit device parameters, write the calibration JSON
     python bench/cost_model_experiment.py --cpu-smoke [--calibrate --calibration-out F]   # tiny, CPU: checks the script
+    python bench/cost_model_experiment.py --cpu [--rounds N]  # CPU fidelity: prefill and decode blocks, >= 30 programs
     eqsat-attn bench cost-model [...]
 
 Variants: the e-graph of an attention block whose Q/K/V come from projections
@@ -13,6 +14,14 @@ saturated once; equivalent programs are extracted under randomly perturbed cost 
 device's roofline, calibration applied) and measured (jax.jit of its lowering, median of --reps).
 Output: Spearman rank correlation, the table, and the worst mispredictions (largest
 |log(predicted / measured)| after removing the median ratio).
+
+--cpu measures this CPU (XLA:CPU, the reference attention) on three workloads of the same
+block: prefill (S256), long prefill (S512) and decode (one new token's query against a 1024-token
+cache); for each, the variants above plus the captured (unfused) program. Programs are timed in
+interleaved rounds (every round visits every program of a workload in a fresh random order, each
+timed as the mean of --inner calls after warm-up), and a program's time is the median over
+rounds; the spread is the interquartile range over rounds relative to the median. Spearman is
+reported pooled and per workload (equivalent programs are only compared within one workload).
 
 --calibrate fits measured = sum over categories of coefficient x predicted seconds of the nodes
 in that category (matmul, attention per variant, memory-bound ops, transposes, launches),
@@ -29,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import pathlib
 import random
 import statistics
@@ -155,9 +165,157 @@ def calibrate(rows: list[dict[str, Any]], model: RooflineModel, dtype: str, caus
                       f"{time.strftime('%Y-%m-%d')}, {len(rows)} programs"}
 
 
+def decode_example(batch: int = 4, heads: int = 8, seq: int = 1024, head_dim: int = 32, seed: int = 0,
+                   dtype: Any = jnp.float32) -> tuple[Any, tuple]:
+    """One decoding step: the new token's projected query against a ``seq``-token K/V cache kept
+    as [B, S, H, D] (as decoders keep it). (fn, (x_new, k_cache, v_cache, wq))."""
+    embed = heads * head_dim
+
+    def step(x_new: jax.Array, k_cache: jax.Array, v_cache: jax.Array, wq: jax.Array) -> jax.Array:
+        b = x_new.shape[0]
+        q = (x_new @ wq).reshape(b, 1, heads, head_dim).transpose(0, 2, 1, 3)
+        k, v = k_cache.transpose(0, 2, 1, 3), v_cache.transpose(0, 2, 1, 3)
+        sc = jnp.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(head_dim)
+        return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(sc, axis=-1), v)
+
+    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+    x_new = jax.random.normal(keys[0], (batch, 1, embed)).astype(dtype)
+    k_cache, v_cache = (jax.random.normal(kk, (batch, seq, heads, head_dim)).astype(dtype) for kk in keys[1:3])
+    wq = (jax.random.normal(keys[3], (embed, embed)) / np.sqrt(embed)).astype(dtype)
+    return step, (x_new, k_cache, v_cache, wq)
+
+
+#: --cpu workloads: name -> (example, its keyword arguments); float32
+CPU_WORKLOADS = {
+    "prefill S256": (examples.attention_vt_example, dict(batch=2, heads=4, seq=256, head_dim=32)),
+    "prefill S512": (examples.attention_vt_example, dict(batch=1, heads=8, seq=512, head_dim=32)),
+    "decode S1024": (decode_example, dict(batch=4, heads=8, seq=1024, head_dim=32)),
+}
+
+
+def interleaved_seconds(calls: list[tuple[Any, tuple]], rounds: int, inner: int, seed: int = 0) -> list[list[float]]:
+    """Per call, its seconds per run in each round: every round times every call (``inner`` runs,
+    the mean) in a fresh random order, so load on the machine falls on all of them alike."""
+    for fn, args in calls:  # warm-up: compile and run twice
+        for _ in range(2):
+            jax.block_until_ready(fn(*args))
+    rng = random.Random(seed)
+    out: list[list[float]] = [[] for _ in calls]
+    order = list(range(len(calls)))
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for i in order:
+            fn, args = calls[i]
+            start = time.perf_counter()
+            for _ in range(inner):
+                jax.block_until_ready(fn(*args))
+            out[i].append((time.perf_counter() - start) / inner)
+    return out
+
+
+def quartiles(times: list[float]) -> tuple[float, float]:
+    """The first and third quartiles of a program's per-round times."""
+    q = statistics.quantiles(times, n=4)
+    return q[0], q[2]
+
+
+def resolved_pairs(rows: list[dict[str, Any]]) -> tuple[float, int]:
+    """Pairs of programs the measurement tells apart (their interquartile ranges do not overlap),
+    and how many of them the prediction orders the same way (a predicted tie counts half)."""
+    right, pairs = 0.0, 0
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            if a["iqr"][1] < b["iqr"][0] or b["iqr"][1] < a["iqr"][0]:
+                pairs += 1
+                same = (a["predicted"] - b["predicted"]) * (a["measured"] - b["measured"])
+                right += 1.0 if same > 0 else 0.5 if a["predicted"] == b["predicted"] else 0.0
+    return right, pairs
+
+
+def spread(times: list[float]) -> float:
+    """Interquartile range over rounds relative to the median."""
+    q = statistics.quantiles(times, n=4)
+    return (q[2] - q[0]) / statistics.median(times)
+
+
+def cpu_main(ns: argparse.Namespace, command: str) -> int:
+    """--cpu: predicted vs measured on this CPU over the workloads of `CPU_WORKLOADS`."""
+    import platform
+    import subprocess
+
+    model = for_device("cpu")
+    rows: list[dict[str, Any]] = []
+    for name, (example, kw) in CPU_WORKLOADS.items():
+        fn, args = example(**kw)
+        ex, programs = variants(fn, args, model, ns.variants or 14, max_tries=400)
+        flat = ex.captured.flat_args(*args)
+        reference = np.asarray(jax.jit(fn)(*args), dtype=np.float32)
+        calls = [(jax.jit(lower(p, attention_kernel="reference")), flat) for p in programs]
+        times = interleaved_seconds(calls, ns.rounds, ns.inner)
+        for k, (prog, (call, _), t) in enumerate(zip(programs, calls, times)):
+            out = np.asarray(call(*flat)[0], dtype=np.float32)
+            rows.append({"workload": name, "k": k, "predicted": program_cost(prog, model),
+                         "measured": statistics.median(t), "spread": spread(t), "iqr": quartiles(t),
+                         "err": float(np.max(np.abs(out - reference))), "summary": program_summary(prog),
+                         "features": features(prog, model), "original": k == 0, "program": prog})
+        sys.stderr.write(f"{name}: {len(programs)} programs measured\n")
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in subprocess.run(
+            ["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines() if line.startswith("Model name"))
+    except StopIteration:
+        cpu = platform.processor() or "unknown"
+    rho = spearman([r["predicted"] for r in rows], [r["measured"] for r in rows])
+    lines = header("Cost-model experiment (CPU)", command.strip())
+    lines[2] = (f"- device: {cpu}, {os.cpu_count()} cores (`lscpu` model name; jax {jax.devices()[0].platform}), "
+                f"jax {jax.__version__}, Python {platform.python_version()}")
+    lines += [f"model {model.name}; {len(rows)} programs over {len(CPU_WORKLOADS)} workloads (float32, reference "
+              f"attention); {ns.rounds} interleaved rounds of {ns.inner} runs each, median over rounds", "",
+              f"**Spearman (predicted vs measured), all programs: {rho:.3f}**", "",
+              "Per workload (equivalent programs); *resolved pairs*: pairs whose interquartile ranges over the rounds "
+              "do not overlap, and the share of them the prediction orders as measured:", "",
+              "| workload | programs | Spearman | resolved pairs ordered right | measured span (max/min) "
+              "| median spread (IQR/median) | worst spread |",
+              "|:---|---:|---:|---:|---:|---:|---:|"]
+    for name in CPU_WORKLOADS:
+        sub = [r for r in rows if r["workload"] == name]
+        r_w = spearman([r["predicted"] for r in sub], [r["measured"] for r in sub])
+        ms = [r["measured"] for r in sub]
+        right, pairs = resolved_pairs(sub)
+        share = f"{right:g} of {pairs} ({right / pairs:.0%})" if pairs else "none resolved"
+        lines.append(f"| {name} | {len(sub)} | {r_w:.3f} | {share} | {max(ms) / min(ms):.2f}x | "
+                     f"{statistics.median(r['spread'] for r in sub):.1%} | {max(r['spread'] for r in sub):.1%} |")
+    lines += ["", "| workload | # | nodes | dots | attention | transposes | predicted ms | measured ms | spread | max err |",
+              "|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (list(CPU_WORKLOADS).index(r["workload"]), r["measured"])):
+        s = r["summary"]
+        tag = " (captured)" if r["original"] else ""
+        lines.append(f"| {r['workload']} | {r['k']}{tag} | {s['nodes']} | {s['dots']} | {s['attention']} | "
+                     f"{s['transposes']} | {r['predicted'] * 1e3:.4f} | {r['measured'] * 1e3:.4f} | "
+                     f"{r['spread']:.1%} | {r['err']:.2g} |")
+    if ns.calibrate:
+        fitted = calibrate(rows, model, "float32", causal=False)
+        lines += ["", "Fitted (non-negative least squares of measured seconds over the predicted seconds by category; "
+                  "`--calibration-out` writes it):", "", "```json", json.dumps(fitted, indent=2, sort_keys=True), "```"]
+        if ns.calibration_out:
+            ns.calibration_out.parent.mkdir(parents=True, exist_ok=True)
+            ns.calibration_out.write_text(json.dumps(fitted, indent=2, sort_keys=True) + "\n")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    write_results(text, ns.out, None)
+    if ns.dump:  # the programs and their timings, to refit a model without measuring again
+        import pickle
+
+        ns.dump.write_bytes(pickle.dumps(rows))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny f32 shapes on CPU (checks the script only)")
+    parser.add_argument("--cpu", action="store_true", help="CPU fidelity: prefill and decode workloads (module doc)")
+    parser.add_argument("--rounds", type=int, default=31, help="--cpu: interleaved timing rounds")
+    parser.add_argument("--inner", type=int, default=5, help="--cpu: runs per program per round")
+    parser.add_argument("--dump", type=pathlib.Path, default=None, help="--cpu: pickle the programs and timings here")
     parser.add_argument("--variants", type=int, default=None, help="distinct equivalent programs (default 24; smoke 4)")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--calibrate", action="store_true", help="fit device parameters and write the calibration JSON")
@@ -165,6 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="where --calibrate writes (default: eqsat_attn.cost.calibration_path(<device>))")
     parser.add_argument("--out", type=pathlib.Path, default=None)
     ns = parser.parse_args(argv)
+    command = "python bench/cost_model_experiment.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if ns.cpu:
+        return cpu_main(ns, command)
     require_gpu("bench/cost_model_experiment.py", ns.cpu_smoke)
     if ns.cpu_smoke:
         kw, dtype, want, reps = dict(batch=1, heads=2, seq=16, head_dim=8), jnp.float32, ns.variants or 4, ns.reps or 3
@@ -172,7 +333,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         kw, dtype, want, reps = dict(batch=4, heads=32, seq=4096, head_dim=128), jnp.bfloat16, ns.variants or 24, ns.reps or 10
     device = current_device_name()
     model = for_device(device)
-    command = "python bench/cost_model_experiment.py " + " ".join(argv if argv is not None else sys.argv[1:])
     from rich.console import Console
     from rich.progress import Progress
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import html
 import json
-import math
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from egglog import EGraph, bindings, get_callable_args, get_callable_fn
+from egglog import EGraph, bindings
 from egglog.egraph import to_runtime_expr
 
 from . import ir
@@ -38,16 +37,15 @@ from .cost import program_cost
 from .cost.model import CostModel
 from .choices import EXTRACTORS, check_choice, check_limits, cost_model_from_name, rule_names
 from .egraph import encode, extract_program, resolve, run_rulesets
-from .egraph.ctors import ARG_KINDS, split_args
-from .egraph.decode import _Decoder
 from .egraph.driver import QuestionAnswerer, egraph_size
-from .egraph.encode import axes_to_layout, axes_to_packed_layout
-from .egraph.extract import UNKNOWN_TYPE_COST, RawCostModel, enode_view
+from .egraph.extract import RawCostModel
 from .egraph.ilp import extract_program_ilp
-from .egraph.language import Term
 from .explore_charts import comparison_html, why_svg
 from .explore_draw import ENGINES, MAX_WIDTH, Picture, build_picture, render_svg, summary_svg, to_dot
-from .explore_graph import ATTENTION_CTORS, EGraphView, Pricing, match_terms, price, shown_nodes
+from .explore_graph import (
+    ATTENTION_CTORS, EGraphView, Pricing, classes_holding, match_terms, nearest_named, price, priced_members,
+    shown_nodes, type_text,
+)
 from .fp8_layout import prefer_transposed_v
 from .pipeline import Limits
 from .report import AttentionInfo, _format_seconds, attention_infos
@@ -398,59 +396,42 @@ class Exploration:
             self._serialized = (size, json.loads(ser.to_json()))
         return self._serialized[1]
 
-    def _classes_with(self, op: str) -> list[tuple[str, list[int]]]:
-        """E-classes holding a ``Term.<op>`` e-node that contain let-bound program nodes."""
-        data = self.serialized()
-        ctor = f"Term.{_CTOR_OF_OP.get(op, op)}"
-        wanted = {n["eclass"] for n in data["nodes"].values() if n["op"] == ctor}
-        by_class: dict[str, list[int]] = {}
-        for cls, info in data["class_data"].items():
-            let = str(info.get("let") or "").lstrip("$")
-            if cls in wanted and let.startswith("n") and let[1:].isdigit():
-                by_class.setdefault(cls, []).append(int(let[1:]))
-        return sorted(((c, sorted(ids)) for c, ids in by_class.items()), key=lambda kv: kv[1][0])
-
     def why(self, op: str = "attention", cost_model: str | CostModel | None = None, max_alternatives: int = 64) -> Explanation:
-        """For each e-class holding an ``op`` e-node: every alternative e-node, with its own cost and
+        """For each e-class holding an ``op`` e-node ("attention": attention, packed or fp8
+        attention), wherever it sits (a program node's e-class, or one under a reshape or inside a
+        grouped form that no program node names): every alternative e-node, with its own cost and
         the cost of the cheapest operands it needs (e.g. standard attention beside transposed-V
-        attention plus the transpose of V that it needs).
+        attention plus the transpose of V that it needs), cheapest ``max_alternatives`` of each.
 
-        Operands are extracted under the same model (greedy DAG, in one extractor call for all
-        alternatives); an alternative's operand cost is the DAG cost of the union of its operands'
-        programs, so a subterm its operands share is paid once.
+        Priced as `pricing` prices (greedy DAG under the same model, as extraction): an
+        alternative's operand cost is the DAG cost of the union of its operands' cheapest terms,
+        so a subterm its operands share is paid once.
         """
         model = cost_model_from_name(cost_model)
-        enc = self.encoding
-        pending = []  # (label, [(member, own, operand exprs)])
-        all_operands: list[Any] = []
-        for _cls, node_ids in self._classes_with(op):
-            members = self.egraph.extract_multiple(enc.terms[node_ids[0]], max_alternatives)
-            entries = []
-            for member in members:
-                view = enode_view(self.egraph, member, enc)
-                own = 0.0 if view is None else view if isinstance(view, float) else float(model.node_cost(view))
-                operands = _operands(member)
-                entries.append((member, min(own, UNKNOWN_TYPE_COST), operands))
-                all_operands.extend(operands)
-            label = ", ".join(f"%{i} {self.program.nodes[i].op}" for i in node_ids)
-            pending.append((label, entries))
-        if not pending:
+        view = self.view()
+        holding = classes_holding(view, op)
+        if not holding:
             return Explanation(op, model, [])
-        termdag, terms = self._extract_many(all_operands, model)
-        classes, k = [], 0
-        for label, entries in pending:
-            alts = []
-            for member, own, operands in entries:
-                ids = terms[k:k + len(operands)]
-                k += len(operands)
-                if any(t is None for t in ids):
-                    cost, transposes = math.inf, 0
-                else:
-                    prog = _decode_terms(termdag, ids, enc)
-                    cost, transposes = program_cost(prog, model), program_summary(prog)["transposes"]
-                alts.append(Alternative(_describe(member), own, cost, _layouts(member), transposes))
-            classes.append(EClassAlternatives(label, alts))
+        pricing = self.pricing(model)
+        classes = []
+        for eclass in holding:
+            alts = [Alternative(p.description, p.own, p.operands, p.layouts, p.operand_transposes)
+                    for p in priced_members(view, pricing, eclass)[:max_alternatives]]
+            classes.append(EClassAlternatives(self._place(view, eclass), alts))
         return Explanation(op, model, classes)
+
+    def _place(self, view: EGraphView, eclass: str) -> str:
+        """Where an e-class sits: its program nodes ("%20 dot_general"), else its e-class id, type
+        and the program node nearest above it ("c57 f32[2,4,64,16] under %26 reshape")."""
+        def named(c: str) -> str:
+            ids = [int(x[1:]) for x in view.names.get(c, "").split(",") if x[1:].isdigit()]
+            return ", ".join(f"%{i} {self.program.nodes[i].op}" for i in ids) or view.names.get(c, "")
+
+        if eclass in view.names:
+            return named(eclass)
+        above, hops = nearest_named(view, eclass)
+        where = f" under {named(above)}" if above else " (used by no program node)"
+        return f"{view.short_id(eclass)} {type_text(view.types.get(eclass))}{where}"
 
     def _extract_many(self, exprs: list[Any], model: CostModel) -> tuple[Any, list[int | None]]:
         """Greedy-DAG extraction of several terms already in the e-graph, in one call."""
@@ -597,92 +578,8 @@ def explore(fn: Callable[..., Any], *args: Any, static_argnums: int | Sequence[i
 
 
 # ----------------------------------------------------------------------------------- helpers
-_CTOR_OF_OP = {"dot_general": "dot", "broadcast_in_dim": "broadcast", "select_n": "select",
-               "convert_element_type": "convert"}
-
-
-def _is_term(a: Any) -> bool:
-    return isinstance(a, Term)
-
-
-def _prim(a: Any) -> Any:
-    v = getattr(a, "value", a)
-    if isinstance(v, tuple):
-        return tuple(_prim(x) for x in v)
-    return v
-
-
-def _operands(member: Any) -> list[Any]:
-    """The tensor operands of an e-node (an attention without a mask tensor has three)."""
-    ctor, args = str(get_callable_fn(member)).removeprefix("Term."), list(get_callable_args(member))
-    if ctor not in ARG_KINDS:
-        return [a for a in args if _is_term(a)]
-    kinds = ARG_KINDS[ctor]
-    tensors, _ = split_args(ctor, [a if k == "T" else _prim(a) for k, a in zip(kinds, args, strict=True)])
-    return tensors
-
-
-def _layouts(member: Any) -> dict[str, str]:
-    if str(get_callable_fn(member)) != "Term.attention":
-        return {}
-    args = get_callable_args(member)
-    return {n: axes_to_layout(tuple(int(x) for x in _prim(args[4 + i]))) for i, n in enumerate("qkvo")}
-
-
-def _short(a: Any, depth: int = 0) -> str:
-    """A one-line description of an operand term: its head constructor and static parameters."""
-    if not _is_term(a):
-        return repr(_prim(a))
-    fn = str(get_callable_fn(a)).removeprefix("Term.")
-    args = get_callable_args(a)
-    if fn == "input":
-        return f"input{_prim(args[0])}"
-    statics = [_prim(x) for x in args if not _is_term(x)]
-    terms = [x for x in args if _is_term(x)]
-    if depth >= 1 or not terms:
-        return f"{fn}{statics if statics else ''}"
-    inner = ", ".join(_short(t, depth + 1) for t in terms[:2]) + (", ..." if len(terms) > 2 else "")
-    return f"{fn}{statics if statics else ''}({inner})"
-
-
-def _describe(member: Any) -> str:
-    fn = str(get_callable_fn(member)).removeprefix("Term.")
-    args = get_callable_args(member)
-    if fn == "attention":
-        lay = _layouts(member)
-        v = args[2]
-        return (f"attention q={lay['q']} k={lay['k']} v={lay['v']} o={lay['o']}"
-                f" causal={bool(_prim(args[9]))} mask={_prim(args[10])}"
-                + (f" compute={_prim(args[11])}" if _prim(args[11]) else "") + f"; v = {_short(v)}")
-    if fn == "packed_attention":  # (packed, mask, packed axes, o axes, scale, causal, mask kind)
-        packed = axes_to_packed_layout(tuple(int(x) for x in _prim(args[2])))
-        o = axes_to_layout(tuple(int(x) for x in _prim(args[3])))
-        return (f"packed_attention packed={packed} o={o} causal={bool(_prim(args[5]))} mask={_prim(args[6])}"
-                f"; packed = {_short(args[0])}")
-    return _short(member)
-
-
 def _bindings_cost_model(egraph: EGraph, enc: Any, model: CostModel) -> Any:
     """The extractor's cost model as extraction uses it (raw-value pricing where available)."""
     return RawCostModel(egraph, model).bindings_model()
 
 
-def _decode_terms(termdag: Any, roots: Sequence[int], enc: Any) -> ir.Program:
-    """A program whose outputs are the extracted terms ``roots`` (one shared decoder: DAG kept)."""
-    dec = _Decoder(termdag, enc)
-    outputs = []
-    for root in roots:
-        stack = [root]
-        while stack:
-            tid = stack[-1]
-            if tid in dec.values:
-                stack.pop()
-                continue
-            pending = [a for a in getattr(termdag.get(tid), "args", ()) if a not in dec.values]
-            if pending:
-                stack.extend(pending)
-                continue
-            stack.pop()
-            dec.values[tid] = dec._build(termdag.get(tid))
-        outputs.append(dec.values[root])
-    return dec.builder.build(outputs)

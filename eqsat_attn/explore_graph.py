@@ -161,6 +161,7 @@ class Pricing:
     best: dict[str, str]  # e-class -> its cheapest e-node
     class_cost: dict[str, float]  # e-class -> cost of its cheapest e-node
     chosen: frozenset[str]  # e-nodes of the cheapest program from the root(s)
+    members: dict[str, frozenset[str]] = field(default_factory=dict)  # e-class -> e-nodes of its cheapest term
 
 
 def match_terms(view: EGraphView, termdag: Any, root: int) -> frozenset[str] | None:
@@ -239,7 +240,83 @@ def price(view: EGraphView, model: CostModel, chosen: frozenset[str] | None = No
                     pending.append(user)
     if chosen is None:
         chosen = frozenset().union(*(picked.get(root, frozenset()) for root in view.roots()))
-    return Pricing(model, own, total, best, cost, chosen)
+    return Pricing(model, own, total, best, cost, chosen, picked)
+
+
+@dataclass(frozen=True)
+class Priced:
+    """One e-node of an e-class, priced as `price` prices it (`Exploration.why` shows these)."""
+
+    key: str
+    description: str
+    own: float
+    operands: float  # the cheapest operands' DAG cost (a shared subterm once); inf if none is computable
+    layouts: dict[str, str]  # attention: q, k, v, o layouts; {} otherwise
+    operand_transposes: int  # materialized transposes in the cheapest operands
+
+
+def classes_holding(view: EGraphView, op: str) -> list[str]:
+    """E-classes holding an ``op`` e-node ("attention": any attention-like one), wherever they
+    sit: named program nodes first (by node id), then the rest (under a reshape, inside a grouped
+    form) by the program node nearest above them."""
+    ctors = set(ATTENTION_CTORS) if op == "attention" else {_IR_TO_CTOR.get(op, op)}
+    found = {n.eclass for n in view.nodes.values() if n.ctor in ctors}
+
+    def order(c: str) -> tuple:
+        above, hops = nearest_named(view, c)
+        ids = [int(x[1:]) for x in (view.names.get(above, "") if above else "").split(",") if x[1:].isdigit()]
+        return (hops > 0, min(ids, default=1 << 60), hops, int(c.rpartition("-")[2] or 0))
+
+    return sorted(found, key=order)
+
+
+def nearest_named(view: EGraphView, eclass: str) -> tuple[str | None, int]:
+    """The nearest e-class at or above ``eclass`` that holds a program node (or the root), and
+    how many hops up it is; (None, -1) when nothing named uses it."""
+    seen, frontier = {eclass}, [eclass]
+    for hops in range(len(view.classes) + 1):
+        named = sorted(c for c in frontier if c in view.names)
+        if named:
+            return named[0], hops
+        frontier = sorted({p for c in frontier for p in view.parents.get(c, ())} - seen)
+        seen.update(frontier)
+        if not frontier:
+            break
+    return None, -1
+
+
+def priced_members(view: EGraphView, pricing: Pricing, eclass: str) -> list[Priced]:
+    """Every e-node of an e-class with its own cost and its cheapest operands' cost, cheapest first."""
+    out = []
+    for key in view.classes[eclass]:
+        node = view.nodes[key]
+        own = pricing.own.get(key, math.inf)
+        total = pricing.total.get(key, math.inf)
+        below = frozenset().union(*(pricing.members.get(c, frozenset()) for c in node.operands)) - {key}
+        transposes = sum(1 for k in below if _moves_data(view.nodes[k]))
+        layouts = {}
+        if node.ctor in ("attention", "attention_fp8") and len(node.statics) >= 4:
+            layouts = {n: axes_to_layout(tuple(a)) for n, a in zip("qkvo", node.statics[:4])}
+        out.append(Priced(key, describe(view, pricing, node), own, total - own if math.isfinite(total) else math.inf,
+                          layouts, transposes))
+    return sorted(out, key=lambda p: (p.own + p.operands, p.key))
+
+
+def describe(view: EGraphView, pricing: Pricing, node: ENode) -> str:
+    """An e-node's label with its type; attention also names what its V (or packed operand) is."""
+    text = f"{label(view, node, width=160)} -> {type_text(view.types.get(node.eclass))}"
+    if node.ctor in ("attention", "attention_fp8", "packed_attention") and node.operands:
+        which = 0 if node.ctor == "packed_attention" else min(2, len(node.operands) - 1)
+        operand = node.operands[which]
+        best = pricing.best.get(operand)
+        shown = label(view, view.nodes[best], width=60) if best else "?"
+        text += f"; {'packed' if which == 0 else 'v'} = {shown} {type_text(view.types.get(operand))}"
+    return text
+
+
+def _moves_data(node: ENode) -> bool:
+    """A transpose e-node that is not the identity."""
+    return node.ctor == "transpose" and bool(node.statics) and tuple(node.statics[0]) != tuple(range(len(node.statics[0])))
 
 
 def shown_nodes(view: EGraphView, pricing: Pricing, eclass: str, fold: bool, limit: int | None) -> list[str]:

@@ -3,7 +3,10 @@
 time = max(flops / (peak[dtype] x efficiency), bytes / bandwidth) + launch overhead, with:
 
 - free (views, leaves, values produced elsewhere): input, literal, constant, iota, reshape,
-  stop_gradient, opaque, opaque_output, identity transposes. (Opaque nodes are never rewritten,
+  stop_gradient, opaque, opaque_output, identity transposes; and transposes that move only
+  length-1 axes (the bytes stay where they are: XLA makes them bitcasts) but for a 1 ns
+  tie-break (``BITCAST_TIE_BREAK``) that keeps a reshape saying the same; an attention operand
+  whose D is minor up to length-1 axes is read in place for the same reason. (Opaque nodes are never rewritten,
   so they cost the same in every candidate program.)
 - elementwise ops, converts, selects and broadcasts: XLA fuses them into their consumers and
   producers, so each is priced as writing its output once (output bytes / bandwidth) and no
@@ -54,6 +57,9 @@ time = max(flops / (peak[dtype] x efficiency), bytes / bandwidth) + launch overh
   folded in, rules/fusion.py) reads its operands in their own (wider) dtypes, once, and computes
   at the compute dtype's rate: the converts it replaces (each writing its output) are gone. The
   in-kernel tile casts are assumed free (ALU work hidden under the matmuls; not measured).
+  On a device without an attention kernel (``einsum_attention``: the CPU, where XLA runs the
+  reference einsums) sequence lengths are not rounded to tiles, and a Q or output layout without
+  H directly before S runs at ``split_heads_attention_efficiency``: measured on a 2-core CPU (bench/results/cost-model-cpu-2026-12-06.md).
 """
 
 from __future__ import annotations
@@ -73,6 +79,9 @@ FREE = frozenset({
 FUSED_ELEMENTWISE = ir.ELEMENTWISE_OPS | {"broadcast_in_dim"}
 #: seconds per dot_general operand not in row-major GEMM form: a tie-break, not a cost
 ORIENTATION_TIE_BREAK = 1e-9
+#: seconds of a transpose that moves only length-1 axes (a bitcast): a tie-break, so that a reshape
+#: saying the same is kept where the e-graph has both
+BITCAST_TIE_BREAK = 1e-9
 
 
 def _prod(values) -> int:
@@ -80,6 +89,26 @@ def _prod(values) -> int:
 
 
 ATTENTION_TILE = (16, 64)  # the kernels' tiles: at least 16 rows, 64 once the sequence is that long
+
+
+def moves_only_unit_axes(shape: tuple[int, ...], perm: tuple[int, ...]) -> bool:
+    """Whether a transpose of ``shape`` by ``perm`` keeps every axis longer than 1 in its order: the
+    bytes do not move (XLA makes it a bitcast), e.g. [B, 64, 4, 1, D] -> [B, 4, 1, 64, D] does not."""
+    moved = [a for a in perm if shape[a] != 1]
+    return moved == sorted(moved)
+
+
+def _layout_is_view(shape: tuple[int, ...], layout: str, minors: str) -> bool:
+    """Whether an operand in ``layout`` is already in a layout with one of ``minors`` minor up to
+    unit axes: the axes after that one are all of length 1 (its relayout is a bitcast)."""
+    return any(all(shape[i] == 1 for i in range(layout.index(m) + 1, len(layout))) for m in minors)
+
+
+def _heads_before_seq(layout: str, shape: tuple[int, ...]) -> bool:
+    """Whether H sits directly before S in a layout once length-1 axes are dropped (or either is
+    length 1): the reference attention's split of H into (kv head, group) stays a GEMM batch."""
+    kept = [c for c, n in zip(layout, shape) if n != 1]
+    return "H" not in kept or "S" not in kept or kept.index("S") == kept.index("H") + 1
 
 
 def _tiled(length: int) -> int:
@@ -146,6 +175,8 @@ class RooflineModel:
             perm = tuple(node.params["perm"])
             if perm == tuple(range(len(perm))):
                 return _ZERO
+            if moves_only_unit_axes(node.inputs[0].shape, perm):  # a bitcast: only length-1 axes move
+                return Breakdown(0.0, 0.0, 0.0, 0.0, 0.0, BITCAST_TIE_BREAK)
             return Breakdown(0.0, 2.0 * out.nbytes, 0.0, self._transpose_seconds(out.nbytes, perm), d.launch_overhead)
         if op == "broadcast_in_dim" and node.inputs and node.inputs[0].size == 1:
             return _ZERO  # a scalar splat: recomputed inside each consumer, never written
@@ -273,7 +304,7 @@ class RooflineModel:
         dv = v.shape[vl.index("D")]
         causal = bool(p.get("causal"))
         # the kernel computes whole tiles: sequence lengths count rounded up to its tile
-        sq_t, sk_t = _tiled(sq), _tiled(sk)
+        sq_t, sk_t = (sq, sk) if d.einsum_attention else (_tiled(sq), _tiled(sk))
         flops = 2.0 * batch * heads * sq_t * sk_t * (dk + dv)
         if causal:
             flops *= 0.5
@@ -283,12 +314,14 @@ class RooflineModel:
         # and runs its matmuls in the compute dtype (the efficiency and peak of that dtype)
         cdt = compute_dtype(node)
         eff = d.attention_eff(cdt, variant, causal)
+        if d.einsum_attention and not (_heads_before_seq(ql, q.shape) and _heads_before_seq(ol, out.shape)):
+            eff = min(eff, d.split_heads_attention_efficiency)  # XLA einsums that loop (devices.py)
         peak = d.peak(cdt) * eff
         # operands the kernel cannot read in place are transposed first (o: after), exactly as
         # lower_attention does; B and H may sit anywhere in every layout
         extra = 0.0
         for layout, t, minors in ((ql, q, "D"), (kl, k, "D"), (vl, v, "DS"), (ol, out, "D")):
-            if layout[-1] not in minors:
+            if not _layout_is_view(t.shape, layout, minors):
                 extra += self._transpose_seconds(t.nbytes) + d.launch_overhead
         return Breakdown(flops, nbytes, flops / peak, nbytes / d.bandwidth, d.launch_overhead, extra, variant)
 

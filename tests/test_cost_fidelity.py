@@ -1,0 +1,210 @@
+"""Issue 23, the cost model ranks right: `why` finds attention wherever the rules put it, the
+roofline prices under-tile attention and bitcast transposes as they run, the CPU row's measured
+split-heads slowdown, and the CPU fidelity benchmark's timing helpers (CPU, small, no timings)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eqsat_attn as ea
+from eqsat_attn import ir
+from eqsat_attn.cost import for_device
+from eqsat_attn.cost.model import OpView
+from eqsat_attn.cost.roofline import BITCAST_TIE_BREAK, moves_only_unit_axes
+from eqsat_attn.lower import lower
+
+from bench_scripts import load_bench
+
+LIMITS = ea.Limits(iterations=30)
+
+
+def _extreme(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Normal values with large-but-finite, tiny, denormal and signed-zero entries mixed in."""
+    x = rng.standard_normal(shape).astype(np.float32)
+    flat = x.reshape(-1)
+    picks = rng.choice(flat.size, size=min(8, flat.size), replace=False)
+    flat[picks] = np.array([30.0, -30.0, 1e-30, -1e-30, 1e-40, -0.0, 0.0, 3.0], np.float32)[:picks.size]
+    return x
+
+
+def _explained(fn, *args):
+    ex = ea.explore(fn, *args)
+    ex.run(limits=LIMITS)
+    return ex, ex.why("attention", "roofline-h100")
+
+
+def _check_why_finds_every_attention_class(ex, why):
+    view, pricing = ex.view(), ex.pricing("roofline-h100")
+    focus = view.resolve_focus("attention")
+    assert focus, "the rules raised no attention"
+    assert len(why.classes) == len(focus), str(why)
+    assert "no e-class" not in str(why)
+    for cls in why.classes:
+        attention = [a for a in cls.alternatives if a.description.startswith(("attention", "packed_attention"))]
+        assert attention, cls.label
+        assert all(math.isfinite(a.total) and a.own_cost > 0 for a in attention)
+        # the cheapest alternative is what the e-class costs in the e-graph's pricing
+        assert any(cls.best.total == pytest.approx(pricing.class_cost[c], rel=1e-9) for c in focus)
+
+
+def test_why_finds_gqa_attention_of_dot_product_attention_under_reshapes():
+    """jax.nn.dot_product_attention (xla) with 4 query heads over 2 K/V heads: the rules raise
+    attention inside reshapes that no program node names; why lists and prices it."""
+    b, s, d = 2, 8, 4
+    rng = np.random.default_rng(23)
+    q = jnp.asarray(_extreme(rng, (b, s, 4, d)))
+    k, v = (jnp.asarray(_extreme(rng, (b, s, 2, d))) for _ in range(2))
+
+    def f(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+
+    ex, why = _explained(f, q, k, v)
+    _check_why_finds_every_attention_class(ex, why)
+    assert any(" under %" in c.label for c in why.classes), [c.label for c in why.classes]
+    kv_heads = {a.layouts["k"] for c in why.classes for a in c.alternatives if a.layouts}
+    assert kv_heads, str(why)
+
+
+def test_why_finds_rank3_attention():
+    """[B*H, S, D] einsum attention (rank 3): attention is built as a 4-D op under reshapes."""
+    rng = np.random.default_rng(3)
+    q, k, v = (jnp.asarray(_extreme(rng, (6, 8, 4))) for _ in range(3))
+
+    def f(q, k, v):
+        return jnp.einsum("nqk,nkd->nqd", jax.nn.softmax(jnp.einsum("nqd,nkd->nqk", q, k) / 2.0, axis=-1), v)
+
+    ex, why = _explained(f, q, k, v)
+    _check_why_finds_every_attention_class(ex, why)
+    best = ex.extract("roofline-h100")
+    assert best.attention, best.program
+    got = lower(best.program, attention_kernel="reference")(*ex.captured.flat_args(q, k, v))[0]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(jax.jit(f)(q, k, v)), rtol=2e-5, atol=2e-6)
+
+
+# ------------------------------------------------------------------ under-tile attention, bitcasts
+def _attention(q: tuple, kv: tuple, dtype: str, q_layout: str = "BHSD", o_layout: str = "BHSD") -> OpView:
+    t = lambda shape: ir.TensorType(shape, dtype)  # noqa: E731
+    params = dict(q_layout=q_layout, k_layout="BHSD", v_layout="BHSD", o_layout=o_layout, scale=0.25,
+                  causal=False, mask_kind="none")
+    out = q if o_layout == q_layout else tuple(q[q_layout.index(c)] for c in o_layout)
+    return OpView("attention", params, (t(q), t(kv), t(kv)), t(out))
+
+
+@pytest.mark.parametrize("device", ["h100", "h200"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("seq", [64, 1024])
+def test_queries_read_as_heads_cost_their_padded_tiles(device, dtype, seq):
+    """The same math as [B, H, S, D] and as [B, H*S, 1, D] (one query per "head", grouped over the
+    H K/V heads): each (batch, head) program pads its one query up to the kernel's 16-row tile, so
+    the second does 16x the work at S64 and up (and costs more)."""
+    model = for_device(device)
+    b, h, d = 2, 4, 16
+    normal = model.breakdown(_attention((b, h, seq, d), (b, h, seq, d), dtype))
+    as_heads = model.breakdown(_attention((b, h * seq, 1, d), (b, h, seq, d), dtype))
+    assert as_heads.flops == 16 * normal.flops
+    assert normal.bytes == as_heads.bytes
+    assert normal.seconds < as_heads.seconds
+
+
+def test_transposes_that_move_only_unit_axes_cost_only_a_tie_break():
+    model = for_device("h100")
+    x = ir.TensorType((2, 64, 4, 1, 16), "float32")
+    unit = OpView("transpose", {"perm": (0, 2, 3, 1, 4)}, (ir.TensorType((2, 4, 64, 1, 16), "float32"),),
+                  ir.TensorType((2, 1, 4, 64, 16), "float32"))
+    moving = OpView("transpose", {"perm": (0, 2, 1, 3, 4)}, (x,), ir.TensorType((2, 4, 64, 1, 16), "float32"))
+    assert moves_only_unit_axes((2, 4, 64, 1, 16), (0, 3, 1, 2, 4))
+    assert not moves_only_unit_axes((2, 64, 4, 1, 16), (0, 2, 1, 3, 4))
+    bitcast = model.node_cost(OpView("transpose", {"perm": (0, 3, 1, 2, 4)}, unit.inputs,
+                                     ir.TensorType((2, 1, 4, 64, 16), "float32")))
+    assert 0.0 < bitcast == BITCAST_TIE_BREAK < 1e-6 < model.node_cost(moving)  # a tie-break against reshapes
+    # an attention operand whose D is minor up to length-1 axes is read in place: no relayout
+    in_place = model.breakdown(_attention((2, 4, 1, 16), (2, 4, 64, 16), "float32", q_layout="BHSD"))
+    d_then_unit = model.breakdown(_attention((2, 4, 16, 1), (2, 4, 64, 16), "float32", q_layout="BHDS",
+                                             o_layout="BHSD"))
+    assert d_then_unit.extra_s == in_place.extra_s == 0.0
+
+
+@pytest.mark.parametrize("cost_model", ["roofline-h100", "roofline-h200"])
+def test_the_rules_choose_the_normal_form_of_a_grouped_5d_einsum(cost_model):
+    """Q [B, S, H, 1, D] contracted as 'bqhgd,bkhd->bhqgk' (flax.nnx's grouped form): its free axes
+    read as (G=S, Sq=1) give 4*S one-query "heads"; read as (Sq=S, G=1) the normal [B, H, S, D]
+    attention, whose unit-axis transposes are bitcasts. The normal form is chosen."""
+    b, s, h, d = 2, 64, 4, 16
+    rng = np.random.default_rng(5)
+    q, k, v = (jnp.asarray(_extreme(rng, (b, s, h, d))) for _ in range(3))
+
+    def f(q, k, v):
+        qg = q.reshape(b, s, h, 1, d)
+        p = jax.nn.softmax(jnp.einsum("bqhgd,bkhd->bhqgk", qg, k) / 4.0, axis=-1)
+        return jnp.einsum("bhqgk,bkhd->bqhgd", p, v).reshape(b, s, h * d)
+
+    ex = ea.explore(f, q, k, v)
+    ex.run(limits=LIMITS)
+    seqs = {ex.view().types[c].shape[2] for c in ex.view().resolve_focus("attention")
+            if len(ex.view().types[c].shape) == 4}
+    assert {1, s} <= seqs, seqs  # both readings are in the e-graph
+    best = ex.extract(cost_model)
+    nodes = [n for n in best.program.nodes if n.op == "attention"]
+    assert len(nodes) == 1, best.program
+    q_type = best.program.type_of(nodes[0].inputs[0])
+    assert q_type.shape[str(nodes[0].params["q_layout"]).index("S")] == s, best.program
+    got = lower(best.program, attention_kernel="reference")(*ex.captured.flat_args(q, k, v))[0]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(jax.jit(f)(q, k, v)), rtol=2e-5, atol=2e-6)
+
+
+# ------------------------------------------------------------------ the CPU row
+def test_cpu_prices_split_heads_reference_attention_above_the_gemm_layout():
+    """On the CPU (reference einsums) a Q laid out [B, S, H, D] runs the contractions as loops
+    (measured); on the GPU models the kernel reads it in place at the same rate."""
+    shape = (2, 4, 256, 32)
+    bshd = tuple(shape[i] for i in (0, 2, 1, 3))
+    for device, dearer in (("cpu", True), ("h100", False)):
+        model = for_device(device)
+        normal = model.breakdown(_attention(shape, shape, "float32"))
+        split = model.breakdown(_attention(bshd, shape, "float32", q_layout="BSHD", o_layout="BHSD"))
+        assert (split.compute_s > normal.compute_s) is dearer, device
+    # one query: S has length 1, no split to loop over
+    model = for_device("cpu")
+    one = model.breakdown(_attention((2, 1, 4, 32), shape, "float32", q_layout="BSHD", o_layout="BHSD"))
+    same = model.breakdown(_attention((2, 4, 1, 32), shape, "float32"))
+    assert one.compute_s == same.compute_s
+
+
+# ------------------------------------------------------------------ the CPU benchmark's helpers
+def test_interleaved_timing_helpers():
+    bench = load_bench("cost_model_experiment", "cost_model_experiment_for_fidelity")
+    calls = [(jax.jit(lambda x: x + 1), (jnp.ones(4),)), (jax.jit(lambda x: x * 2), (jnp.ones(4),))]
+    times = bench.interleaved_seconds(calls, rounds=4, inner=2)
+    assert [len(t) for t in times] == [4, 4] and all(x > 0 for t in times for x in t)
+    assert bench.spread([1.0, 1.0, 1.0, 1.0]) == 0.0 and bench.spread([1.0, 2.0, 3.0, 4.0]) > 0
+    fn, args = bench.decode_example(batch=1, heads=2, seq=8, head_dim=4)
+    assert fn(*args).shape == (1, 2, 1, 4)
+    assert {"prefill S256", "prefill S512", "decode S1024"} == set(bench.CPU_WORKLOADS)
+
+
+def test_flax_nnx_attention_at_s64_is_chosen_in_its_normal_form():
+    """The case of issue 23: flax.nnx MultiHeadAttention at S64 was raised as 256 one-query "heads"
+    ([2, 256, 1, 16]); under the H100 model the chosen attention now has its 64 queries per head."""
+    from flax import nnx
+
+    module = nnx.MultiHeadAttention(num_heads=4, in_features=64, decode=False, rngs=nnx.Rngs(0))
+    graph, state = nnx.split(module)
+
+    def f(state, x):
+        return nnx.merge(graph, state)(x)
+
+    x = jnp.asarray(_extreme(np.random.default_rng(64), (2, 64, 64)))
+    ex = ea.explore(f, state, x)
+    ex.run(limits=LIMITS)
+    best = ex.extract("roofline-h100")
+    (node,) = [n for n in best.program.nodes if n.op == "attention"]
+    q_type = best.program.type_of(node.inputs[0])
+    assert q_type.shape[str(node.params["q_layout"]).index("S")] == 64, best.program
+    flat = ex.captured.flat_args(state, x)
+    got = lower(best.program, attention_kernel="reference")(*flat)[0]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(jax.jit(f)(state, x)), rtol=2e-5, atol=2e-5)
