@@ -219,7 +219,7 @@ SETUP = textwrap.dedent("""
     def f(x):
         return jnp.tanh(jnp.transpose(x, (1, 0))).T * 2.0
     x = jnp.asarray(np.linspace(-3e38, 3e38, 12, dtype=np.float32).reshape(3, 4))
-    g = ea.optimize(f, rules=["transpose"], limits=ea.Limits(iterations=3, nodes=20000, seconds=SAFETY_NET_S),
+    g = ea.optimize(f, rules=["transpose"], limits=ea.Limits(iterations=3, nodes=20000, seconds=600.0),
                     cost_model="roofline-cpu", backend="reference")  # the same key on any machine
 """)
 SCRIPT = SETUP + textwrap.dedent("""
