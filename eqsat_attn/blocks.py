@@ -15,9 +15,12 @@ Sound by construction: two parts are reused only if their sub-programs are equal
 compare by identity, so a part holding one is never shared), and each optimized part computes
 the same values as its sub-program. What it gives up: rewrites across a cut (a transpose of the
 residual stream moved from one layer into the next). The cut value keeps the layout the program
-gave it. A plain chain (transpose, tanh, transpose, tanh...) has no such cut and units of fewer
-than `MIN_UNIT_NODES` ops are not split off: those programs are optimized whole, and so is a
-model whose layers all read one tied weight (it stays live across every cut).
+gave it. A value live across most of the program (a tied embedding read by the first and last
+ops, a padding mask's bias or a weight read by every layer) would keep every cut from having a
+single live value: when no run is found otherwise, such values are let across the cuts and
+each part reads them as interface values. A plain chain (transpose, tanh, transpose, tanh...)
+has no cut and units of fewer than `MIN_UNIT_NODES` ops are not split off: those programs are
+optimized whole.
 """
 
 from __future__ import annotations
@@ -133,37 +136,48 @@ def split_repeated(program: Program) -> Split | None:
     for o in program.outputs:
         if o in last_use:
             last_use[o] = end
-    opening = [0] * (end + 1)
-    closing = [0] * (end + 1)
-    for i, k in last_use.items():
-        if k > first_use[i]:
-            opening[first_use[i]] += 1
-            closing[k] += 1
     readers: dict[int, set[int]] = {}
     for i in order:
         for j in program.nodes[i].inputs:
             readers.setdefault(j, set()).add(i)
-    # cut after position k when order[k] is the only value still read and at least two ops read
-    # it (a residual stream: the next block and its skip connection), never inside a plain chain
-    cuts: list[int] = []
-    live = 0
-    for k, i in enumerate(order):
-        live += opening[k] - closing[k]
-        if (live == 1 and last_use[i] > k and len(readers.get(i, ())) >= 2
-                and program.nodes[i].type is not None and k < end - 1):
-            cuts.append(k)
-    bounds = [-1, *cuts, end - 1]
-    segments = [order[lo + 1:hi + 1] for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
-    if len(segments) < 2:
-        return None
 
     def outputs_of(body: Sequence[int]) -> list[int]:
         last = pos[body[-1]]
         return [i for i in body if last_use[i] > last]
 
-    ids: dict[Program, int] = {}
-    keys = [ids.setdefault(_part(program, free, s, outputs_of(s)).program, len(ids)) for s in segments]
-    run = _best_run(keys, [len(s) for s in segments])
+    def segments_and_run(ambient: set[int]) -> tuple[list[list[int]], tuple[int, int, int] | None]:
+        """The segments between cuts (``ambient`` values not counted live) and their best run."""
+        opening = [0] * (end + 1)
+        closing = [0] * (end + 1)
+        for i, k in last_use.items():
+            if k > first_use[i] and i not in ambient:
+                opening[first_use[i]] += 1
+                closing[k] += 1
+        # cut after position k when order[k] is the only value still read and at least two ops
+        # read it (a residual stream: the next block and its skip connection), never inside a
+        # plain chain
+        cuts: list[int] = []
+        live = 0
+        for k, i in enumerate(order):
+            live += opening[k] - closing[k]
+            if (live == 1 and last_use[i] > k and len(readers.get(i, ())) >= 2
+                    and program.nodes[i].type is not None and k < end - 1 and i not in ambient):
+                cuts.append(k)
+        bounds = [-1, *cuts, end - 1]
+        segments = [order[lo + 1:hi + 1] for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+        if len(segments) < 2:
+            return segments, None
+        ids: dict[Program, int] = {}
+        keys = [ids.setdefault(_part(program, free, s, outputs_of(s)).program, len(ids)) for s in segments]
+        return segments, _best_run(keys, [len(s) for s in segments])
+
+    segments, run = segments_and_run(set())
+    if run is None:
+        # values live across most of the program (a tied embedding read at both ends, a padding
+        # mask's bias read by every layer) keep every cut from having one live value: let them
+        # cross the cuts, as interface values of each part
+        ambient = {i for i, k in last_use.items() if k - first_use[i] >= len(order) // 2}
+        segments, run = segments_and_run(ambient)
     if run is None:
         return None
     start, period, repeats = run

@@ -76,14 +76,24 @@ def test_reuse_chooses_what_the_whole_program_chooses() -> None:
     assert_same_values(program, reused.program)
 
 
-def test_tied_weights_keep_the_program_whole() -> None:
-    """Weights read by every layer stay live across the residual stream: no cut, no reuse
-    (a known limit: such a model is optimized as one program)."""
+def test_values_read_by_every_layer_cross_the_cuts() -> None:
+    """Weights read by every layer stay live across the residual stream; they are let across the
+    cuts as interface values of each part, so the layers are still reused, values unchanged."""
     shape = examples.BlockShape()
     params = examples.block_params(shape)
     x = jax.random.normal(jax.random.PRNGKey(3), (shape.batch, shape.seq, shape.embed))
     program = capture(lambda p, x: examples.stacked_blocks([p, p, p], x), params, x).program
-    assert split_repeated(program) is None
+    split = split_repeated(program)
+    # capture shares the weights' broadcasts among the layers: the first layer computes them and
+    # the next two read them, so layers 2 and 3 are the repeated unit
+    assert split is not None and split.repeats == 2 and len(split.distinct) == 2
+    assert all(set(program.inputs[:4]) & set(p.interface) for p in split.parts)  # the shared weights
+    assert_same_values(program, splice(program, split, {p: p for p in split.distinct}))
+    whole = optimize_program(program, OptimizeOptions(reuse_blocks=False))
+    reused = optimize_program(program)
+    assert reused.repeated_blocks == 2 and reused.program.count("attention") == 3
+    assert reused.cost_after == pytest.approx(whole.cost_after, rel=1e-9)
+    assert_same_values(program, reused.program)
 
 
 def test_layers_of_different_shapes_are_not_shared() -> None:
