@@ -12,7 +12,9 @@ returns the parts: what comes before the run, each repetition, what comes after.
 
 Sound by construction: two parts are reused only if their sub-programs are equal
 (`ir.Program` equality: same ops, parameters, types, constants and wiring; opaque calls
-compare by identity, so a part holding one is never shared), and each optimized part computes
+compare by identity, except that calls of one primitive with equal plain parameters (numbers,
+strings, dtypes: `erfc` in an exact GELU) are made one object first, so a part holding any
+other opaque call is never shared), and each optimized part computes
 the same values as its sub-program. What it gives up: rewrites across a cut (a transpose of the
 residual stream moved from one layer into the next). The cut value keeps the layout the program
 gave it. A value live across most of the program (a tied embedding read by the first and last
@@ -28,7 +30,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .ir import Node, Program, ProgramBuilder
+import enum
+
+import numpy as np
+
+from .ir import Node, OpaqueCall, Params, Program, ProgramBuilder
 
 MIN_UNIT_NODES = 24  # a repeated unit must hold at least this many ops to be optimized on its own
 NEVER_FREE = frozenset({"input", "opaque", "opaque_output"})
@@ -111,12 +117,52 @@ def _best_run(keys: Sequence[int], sizes: Sequence[int]) -> tuple[int, int, int]
     return -best[2], -best[1], best[3]
 
 
+_PLAIN = (type(None), bool, int, str, np.dtype, enum.Enum)
+
+
+def _plain_key(value: object) -> object | None:
+    """A key equal for equal data (floats by their bits: -0.0 is not 0.0), or None when
+    ``value`` is not data only (a jaxpr, a function, an array): such calls stay apart."""
+    if isinstance(value, tuple):
+        keys = [_plain_key(v) for v in value]
+        return None if any(k is None for k in keys) else ("tuple", *keys)
+    if isinstance(value, float):
+        return ("float", value.hex())
+    if isinstance(value, _PLAIN):
+        return (type(value).__name__, value)
+    return None
+
+
+def share_plain_opaque_calls(program: Program) -> Program:
+    """``program`` with each set of opaque calls of one primitive, equal plain parameters and
+    equal result types made one `OpaqueCall` object (same node ids), so parts holding them can
+    compare equal; calls with any other parameter keep their own object."""
+    shared: dict[tuple, OpaqueCall] = {}
+    nodes = list(program.nodes)
+    for i, node in enumerate(nodes):
+        call = node.params.get("call") if node.op == "opaque" else None
+        if not isinstance(call, OpaqueCall):
+            continue
+        params = tuple((name, _plain_key(v)) for name, v in sorted(call.params.items()))
+        if any(k is None for _, k in params):
+            continue
+        key = (call.primitive, params, call.out_types)
+        try:
+            one = shared.setdefault(key, call)
+        except TypeError:  # an unhashable parameter
+            continue
+        if one is not call:
+            nodes[i] = Node(node.op, node.inputs, Params({**node.params, "call": one}), node.type)
+    return Program(tuple(nodes), program.inputs, program.outputs, program.effects)
+
+
 def split_repeated(program: Program) -> Split | None:
     """Cut ``program`` around its longest run of identical parts; None if it has none.
 
     A program with effects (prints, callbacks) is not cut: its parts would not keep them."""
     if program.effects:
         return None
+    program = share_plain_opaque_calls(program)
     free = constant_nodes(program)
     order = [i for i in program.live_nodes() if i not in free and program.nodes[i].op != "input"]
     if len(order) < 2 * MIN_UNIT_NODES:

@@ -118,10 +118,11 @@ def test_short_repeated_chains_are_optimized_whole() -> None:
     assert split_repeated(program) is None
 
 
-def test_parts_holding_opaque_calls_are_never_shared() -> None:
+def _opaque_stack(unmodelled):
+    """A program of three residual blocks, each with one op the rules do not model."""
     def block(w, x):
         h = jnp.tanh(x @ w) * 0.5 + x
-        h = jax.lax.cumsum(h, axis=1)  # not modelled: an opaque node per layer
+        h = unmodelled(h)  # an opaque node per layer
         for _ in range(MIN_UNIT_NODES):
             h = jnp.sin(h) + x
         return h
@@ -135,10 +136,29 @@ def test_parts_holding_opaque_calls_are_never_shared() -> None:
     ws = [jnp.asarray(rng.standard_normal((8, 8)), jnp.float32) for _ in range(3)]
     program = capture(model, ws, jnp.ones((4, 8))).program
     assert program.count("opaque") == 3
+    return program
+
+
+def test_parts_holding_opaque_calls_with_functions_are_never_shared() -> None:
+    def host_cumsum(h):  # a callback: its parameters hold a Python function
+        return jax.pure_callback(lambda a: np.cumsum(a, axis=1), jax.ShapeDtypeStruct(h.shape, h.dtype), h)
+
+    program = _opaque_stack(host_cumsum)
     split = split_repeated(program)
     if split is not None:
         shared = [p for p in split.distinct if any(n.op == "opaque" for n in p.nodes)]
         assert all(sum(q.program == p for q in split.parts) == 1 for p in shared)
+
+
+def test_opaque_calls_of_one_plain_primitive_are_shared() -> None:
+    """cumsum(axis=1) in every layer (parameters all plain data): the layers are one unit."""
+    program = _opaque_stack(lambda h: jax.lax.cumsum(h, axis=1))
+    split = split_repeated(program)
+    assert split is not None and split.repeats == 3 and len(split.distinct) == 1
+    assert_same_values(program, splice(program, split, {p: p for p in split.distinct}))
+    reused = optimize_program(program)
+    assert reused.repeated_blocks == 3 and reused.program.count("opaque") == 3
+    assert_same_values(program, reused.program)
 
 
 ELEMENTWISE = (jnp.tanh, jnp.sin, lambda h: h * 0.5, lambda h: h - 1.0, jnp.exp, jax.nn.relu)
