@@ -167,6 +167,22 @@ def split_repeated(program: Program) -> Split | None:
     order = [i for i in program.live_nodes() if i not in free and program.nodes[i].op != "input"]
     if len(order) < 2 * MIN_UNIT_NODES:
         return None
+    split = _cut(program, free, order, set())
+    if split is None:
+        # values live across most of the program (a tied embedding read at both ends, a padding
+        # mask's bias read by every layer) keep every cut from having one live value: let them
+        # cross the cuts as interface values of each part, computed (with what they read) first,
+        # so the first layer does not compute what the others read
+        _, first_use, last_use = _liveness(program, order)
+        ambient = {i for i, k in last_use.items() if k - first_use[i] >= len(order) // 2}
+        if ambient:
+            hoisted, front = _hoisted(program, order, ambient)
+            split = _cut(program, free, hoisted, ambient, front - 1)
+    return split
+
+
+def _liveness(program: Program, order: Sequence[int]) -> tuple[dict[int, int], dict[int, int], dict[int, int]]:
+    """(position in ``order``, first use, last use) of the values ``order`` computes and reads."""
     pos = {i: k for k, i in enumerate(order)}
     end = len(order)  # a program output is read "after the end"
     # a program input counts as live from its first use to its last, like a computed value, so
@@ -182,48 +198,60 @@ def split_repeated(program: Program) -> Split | None:
     for o in program.outputs:
         if o in last_use:
             last_use[o] = end
+    return pos, first_use, last_use
+
+
+def _hoisted(program: Program, order: Sequence[int], values: set[int]) -> tuple[list[int], int]:
+    """``order`` with ``values`` and everything of ``order`` they read moved to the front (each
+    group keeping its relative order: still a topological order), and how many were moved."""
+    in_order = set(order)
+    cone: set[int] = set()
+    stack = [v for v in values if v in in_order]
+    while stack:
+        i = stack.pop()
+        if i not in cone:
+            cone.add(i)
+            stack.extend(j for j in program.nodes[i].inputs if j in in_order)
+    return [i for i in order if i in cone] + [i for i in order if i not in cone], len(cone)
+
+
+def _cut(program: Program, free: set[int], order: Sequence[int], ambient: set[int],
+         cut_after: int = -1) -> Split | None:
+    """The split of ``order`` around its longest run of identical parts (``ambient`` values not
+    counted live at the cuts; also cut after position ``cut_after`` when it is >= 0), or None."""
+    pos, first_use, last_use = _liveness(program, order)
+    end = len(order)
     readers: dict[int, set[int]] = {}
     for i in order:
         for j in program.nodes[i].inputs:
             readers.setdefault(j, set()).add(i)
+    opening = [0] * (end + 1)
+    closing = [0] * (end + 1)
+    for i, k in last_use.items():
+        if k > first_use[i] and i not in ambient:
+            opening[first_use[i]] += 1
+            closing[k] += 1
+    # cut after position k when order[k] is the only value still read and at least two ops read
+    # it (a residual stream: the next block and its skip connection), never inside a plain chain
+    cuts: list[int] = [cut_after] if 0 <= cut_after < end - 1 else []
+    live = 0
+    for k, i in enumerate(order):
+        live += opening[k] - closing[k]
+        if k != cut_after and (live == 1 and last_use[i] > k and len(readers.get(i, ())) >= 2
+                and program.nodes[i].type is not None and k < end - 1 and i not in ambient):
+            cuts.append(k)
+    bounds = [-1, *cuts, end - 1]
+    segments = [list(order[lo + 1:hi + 1]) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+    if len(segments) < 2:
+        return None
 
     def outputs_of(body: Sequence[int]) -> list[int]:
         last = pos[body[-1]]
         return [i for i in body if last_use[i] > last]
 
-    def segments_and_run(ambient: set[int]) -> tuple[list[list[int]], tuple[int, int, int] | None]:
-        """The segments between cuts (``ambient`` values not counted live) and their best run."""
-        opening = [0] * (end + 1)
-        closing = [0] * (end + 1)
-        for i, k in last_use.items():
-            if k > first_use[i] and i not in ambient:
-                opening[first_use[i]] += 1
-                closing[k] += 1
-        # cut after position k when order[k] is the only value still read and at least two ops
-        # read it (a residual stream: the next block and its skip connection), never inside a
-        # plain chain
-        cuts: list[int] = []
-        live = 0
-        for k, i in enumerate(order):
-            live += opening[k] - closing[k]
-            if (live == 1 and last_use[i] > k and len(readers.get(i, ())) >= 2
-                    and program.nodes[i].type is not None and k < end - 1 and i not in ambient):
-                cuts.append(k)
-        bounds = [-1, *cuts, end - 1]
-        segments = [order[lo + 1:hi + 1] for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
-        if len(segments) < 2:
-            return segments, None
-        ids: dict[Program, int] = {}
-        keys = [ids.setdefault(_part(program, free, s, outputs_of(s)).program, len(ids)) for s in segments]
-        return segments, _best_run(keys, [len(s) for s in segments])
-
-    segments, run = segments_and_run(set())
-    if run is None:
-        # values live across most of the program (a tied embedding read at both ends, a padding
-        # mask's bias read by every layer) keep every cut from having one live value: let them
-        # cross the cuts, as interface values of each part
-        ambient = {i for i, k in last_use.items() if k - first_use[i] >= len(order) // 2}
-        segments, run = segments_and_run(ambient)
+    ids: dict[Program, int] = {}
+    keys = [ids.setdefault(_part(program, free, s, outputs_of(s)).program, len(ids)) for s in segments]
+    run = _best_run(keys, [len(s) for s in segments])
     if run is None:
         return None
     start, period, repeats = run

@@ -84,14 +84,15 @@ def test_values_read_by_every_layer_cross_the_cuts() -> None:
     x = jax.random.normal(jax.random.PRNGKey(3), (shape.batch, shape.seq, shape.embed))
     program = capture(lambda p, x: examples.stacked_blocks([p, p, p], x), params, x).program
     split = split_repeated(program)
-    # capture shares the weights' broadcasts among the layers: the first layer computes them and
-    # the next two read them, so layers 2 and 3 are the repeated unit
-    assert split is not None and split.repeats == 2 and len(split.distinct) == 2
-    assert all(set(program.inputs[:4]) & set(p.interface) for p in split.parts)  # the shared weights
+    # capture shares the weights' broadcasts among the layers: they are computed before the
+    # first layer, which then reads them as the others do
+    assert split is not None and split.repeats == 3 and len(split.distinct) == 2
+    assert split.parts[0].program.count("dot_general") == 0  # the part before: broadcasts only
+    assert all(set(program.inputs[:4]) & set(p.interface) for p in split.parts[1:])  # the shared weights
     assert_same_values(program, splice(program, split, {p: p for p in split.distinct}))
     whole = optimize_program(program, OptimizeOptions(reuse_blocks=False))
     reused = optimize_program(program)
-    assert reused.repeated_blocks == 2 and reused.program.count("attention") == 3
+    assert reused.repeated_blocks == 3 and reused.program.count("attention") == 3
     assert reused.cost_after == pytest.approx(whole.cost_after, rel=1e-9)
     assert_same_values(program, reused.program)
 
