@@ -244,6 +244,7 @@ class Built:
     params: Any
     inputs: tuple[Any, ...]
     labels: Any
+    dtype: Any = jnp.float32
 
 
 def build(cfg: ModelConfig, dtype: Any = jnp.float32, attention: str = "einsum", abstract: bool = False,
@@ -269,4 +270,12 @@ def build(cfg: ModelConfig, dtype: Any = jnp.float32, attention: str = "einsum",
             inputs = (tokens,)
         params = module.init(k_init, *inputs)
         labels = jnp.roll(tokens, -1, axis=1) if cfg.family != "bert" else tokens
-    return Built(cfg, module.apply, params, inputs, labels)
+    return Built(cfg, module.apply, params, inputs, labels, dtype)
+
+
+def with_attention(built: Built, attention: str) -> Built:
+    """``built`` (same weights and inputs) with its attention computed by ``attention``."""
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {attention!r}")
+    module = FAMILIES[built.cfg.family](built.cfg, built.dtype, attention)
+    return dataclasses.replace(built, apply=module.apply)

@@ -45,6 +45,7 @@ for p in (ROOT, ROOT / "bench"):
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 import model_zoo  # noqa: E402
 from common import device_tag, header, on_gpu, require_gpu, write_results  # noqa: E402
@@ -54,21 +55,28 @@ from common import device_tag, header, on_gpu, require_gpu, write_results  # noq
 MODELS = ("gpt2", "llama", "bert")
 #: max|optimized - jax.jit| / max|jax.jit| allowed, by dtype (reassociated sums)
 TOLERANCE = {"float32": 1e-3, "bfloat16": 3e-2}
+#: XLA compiles and steady-state optimizations per model in the optimize-time probe (median)
+PROBE_REPEATS = 3
 #: the training step's AdamW learning rate
 LEARNING_RATE = 1e-4
 
 
 # --- optimize time (one fresh process per model) ---------------------------------------------
 
-def probe(family: str, cfg: model_zoo.ModelConfig) -> dict[str, Any]:
+def probe(family: str, cfg: model_zoo.ModelConfig, whole: bool = False, repeats: int = PROBE_REPEATS) -> dict[str, Any]:
     """Run in a fresh process: XLA compile time, then eqsat_attn's import, first and steady
-    optimization of the model's forward at ``cfg`` (abstract inputs)."""
+    optimization of the model's forward at ``cfg`` (abstract inputs); ``whole``: also once with
+    ``reuse_blocks=False`` (the whole program in one e-graph). XLA and steady times are medians
+    of ``repeats`` (each XLA compile of a fresh function object, so no jax cache is hit)."""
     built = model_zoo.build(cfg, abstract=True)
     forward = _forward(built)
     args = (built.params, *built.inputs)
-    start = time.perf_counter()
-    jax.jit(forward).lower(*args).compile()
-    xla = time.perf_counter() - start
+    xla = []
+    for _ in range(repeats):
+        fresh = (lambda f: lambda *a: f(*a))(forward)
+        start = time.perf_counter()
+        jax.jit(fresh).lower(*args).compile()
+        xla.append(time.perf_counter() - start)
 
     start = time.perf_counter()
     import eqsat_attn as ea
@@ -77,10 +85,21 @@ def probe(family: str, cfg: model_zoo.ModelConfig) -> dict[str, Any]:
     start = time.perf_counter()
     first = ea.optimize(forward).explain(*args)  # rule files load in ea.optimize(...)
     first_s = time.perf_counter() - start
-    start = time.perf_counter()
-    steady = ea.optimize(forward).explain(*args)
-    steady_s = time.perf_counter() - start
-    return {"family": family, "shape": cfg.label(), "xla_compile_s": xla, "import_s": imported,
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        steady = ea.optimize(forward).explain(*args)
+        runs.append((time.perf_counter() - start, steady))
+    steady_s, steady = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
+    xla = statistics.median(xla)
+    whole_s, whole_report = None, None
+    if whole:
+        start = time.perf_counter()
+        whole_report = ea.optimize(forward, reuse_blocks=False).explain(*args)
+        whole_s = time.perf_counter() - start
+    return {"repeats": repeats, "whole_s": whole_s, "whole_saturated": whole_report.saturated if whole_report else None,
+            "whole_cost": whole_report.cost_after if whole_report else None, "cost": steady.cost_after,
+            "family": family, "shape": cfg.label(), "xla_compile_s": xla, "import_s": imported,
             "first_s": first_s, "first_timings": first.timings, "steady_s": steady_s,
             "steady_timings": steady.timings, "repeated_blocks": steady.repeated_blocks,
             "egraph_nodes": steady.egraph_nodes, "saturated": steady.saturated,
@@ -102,8 +121,6 @@ STAGES: tuple[tuple[str, str, str], ...] = (
     ("  program cost", "eqsat_attn/cost/model.py", "program_cost"),
     ("  splice blocks", "eqsat_attn/blocks.py", "splice"),
     ("lower (build + check)", "eqsat_attn/optimize.py", "_lower_checked"),
-    ("  lowering interpreter", "eqsat_attn/lower.py", "lower"),
-    ("  jax.eval_shape check", "jax/_src/api.py", "eval_shape"),
     ("report: attention", "eqsat_attn/report.py", "attention_infos"),
     ("report: fused regions", "eqsat_attn/report.py", "region_infos"),
     ("report: projections", "eqsat_attn/qkv_layouts.py", "projections"),
@@ -135,10 +152,12 @@ def profile_stages(family: str, cfg: model_zoo.ModelConfig) -> dict[str, Any]:
     return {"family": family, "shape": cfg.label(), "total_s": total, "stages": stages}
 
 
-def run_probe_subprocess(mode: str, family: str, cfg: model_zoo.ModelConfig) -> dict[str, Any]:
+def run_probe_subprocess(mode: str, family: str, cfg: model_zoo.ModelConfig, whole: bool = False,
+                         repeats: int = PROBE_REPEATS) -> dict[str, Any]:
     """``probe`` or ``profile_stages`` in a fresh Python process (first-call costs included)."""
     cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), f"--{mode}-one", family,
-           "--config", json.dumps(dataclasses.asdict(cfg))]
+           "--config", json.dumps(dataclasses.asdict(cfg)), "--probe-repeats", str(repeats),
+           *(["--compare-whole"] if whole else [])]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
@@ -182,12 +201,15 @@ def relative_error(got: Any, want: Any) -> float:
     noise into steps of +-lr) has no meaningful error of its own."""
     err, scale = 0.0, 0.0
     for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
-        g, w = jnp.asarray(g, jnp.float32), jnp.asarray(w, jnp.float32)
-        if not bool(jnp.all(jnp.isfinite(g) == jnp.isfinite(w))):
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        finite = np.isfinite(w)
+        if not np.array_equal(np.isfinite(g), finite) or not np.array_equal(np.isnan(g), np.isnan(w)):
             return float("inf")
-        finite = jnp.isfinite(w)
-        err = max(err, float(jnp.max(jnp.where(finite, jnp.abs(g - w), 0.0), initial=0.0)))
-        scale = max(scale, float(jnp.max(jnp.where(finite, jnp.abs(w), 0.0), initial=0.0)))
+        if finite.any():
+            err = max(err, float(np.max(np.abs(g - w)[finite])))
+            scale = max(scale, float(np.max(np.abs(w)[finite])))
+        if not np.array_equal(g[~finite], w[~finite], equal_nan=True):  # +inf where -inf
+            return float("inf")
     return err / max(scale, 1e-30)
 
 
@@ -225,7 +247,7 @@ def device_rows(family: str, cfg: model_zoo.ModelConfig, dtype: Any, reps: int, 
     import eqsat_attn as ea
 
     built = model_zoo.build(cfg, dtype)
-    substituted = model_zoo.build(cfg, dtype, attention=attention_impl)
+    substituted = model_zoo.with_attention(built, attention_impl)
     forward, sub_forward = _forward(built), _forward(substituted)
     args = (built.params, *built.inputs)
     tol = TOLERANCE[jnp.dtype(dtype).name]
@@ -278,11 +300,13 @@ def render(command: str, optimize_rows: Sequence[dict[str, Any]], profiles: Sequ
     if note:
         lines += [note, ""]
     if optimize_rows:
+        repeats = optimize_rows[0]["repeats"]
         lines += ["## Optimize time vs XLA compile time", "",
                   "Forward pass at the shape given, abstract inputs; one fresh process per model. XLA: "
-                  "`jax.jit(f).lower(*args).compile()` (trace included). First: `ea.optimize(f).explain(...)` "
+                  f"`jax.jit(f).lower(*args).compile()` (trace included; median of {repeats}). "
+                  "First: `ea.optimize(f).explain(...)` "
                   "right after `import eqsat_attn` (rule files loaded and registered); steady: a second "
-                  "`ea.optimize` of the same function. Target: steady / XLA <= 1.0.", "",
+                  f"`ea.optimize` of the same function (median of {repeats}). Target: steady / XLA <= 1.0.", "",
                   "| model | shape | XLA compile s | import eqsat_attn s | first optimize s | steady optimize s "
                   "| steady / XLA | first / XLA | steady: trace / optimize / lower s | repeated blocks | e-nodes "
                   "| attention ops |",
@@ -296,6 +320,17 @@ def render(command: str, optimize_rows: Sequence[dict[str, Any]], profiles: Sequ
                 f"| {r['steady_s']:.2f} | {r['steady_s'] / r['xla_compile_s']:.2f} | {r['first_s'] / r['xla_compile_s']:.2f} "
                 f"| {parts} | {r['repeated_blocks']} | {r['egraph_nodes']}{sat} | {r['attention']} |")
         lines.append("")
+        whole = [r for r in optimize_rows if r.get("whole_s") is not None]
+        if whole:
+            lines += ["Repeated layers optimized once vs the whole program in one e-graph "
+                      "(`reuse_blocks=False`, steady state, same process):", "",
+                      "| model | steady, layers reused s | whole program s | predicted cost, reused | "
+                      "predicted cost, whole |", "|:---|---:|---:|---:|---:|"]
+            for r in whole:
+                sat = "" if r["whole_saturated"] else " (not saturated)"
+                lines.append(f"| {r['family']} | {r['steady_s']:.2f} | {r['whole_s']:.2f}{sat} | {r['cost']:.4g} "
+                             f"| {r['whole_cost']:.4g} |")
+            lines.append("")
     if profiles:
         labels = [label for label, _, _ in STAGES]
         lines += ["## Where the steady-state optimize time goes (cProfile)", "",
@@ -337,6 +372,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--optimize-time", action="store_true",
                         help="only the optimize-time section, at the real shapes (any device)")
     parser.add_argument("--profile", action="store_true", help="with --optimize-time: the cProfile stage breakdown")
+    parser.add_argument("--compare-whole", action="store_true",
+                        help="also time each optimization with reuse_blocks=False (the whole program at once)")
+    parser.add_argument("--probe-repeats", type=int, default=PROBE_REPEATS,
+                        help="XLA compiles and steady-state optimizations timed per model (median)")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {MODELS}")
     parser.add_argument("--layers", type=int, default=None, help="override every model's layer count")
     parser.add_argument("--reps", type=int, default=None)
@@ -348,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     if ns.probe_one or ns.profile_one:  # the fresh process of run_probe_subprocess
         cfg = model_zoo.ModelConfig(**json.loads(ns.config))
-        result = probe(ns.probe_one, cfg) if ns.probe_one else profile_stages(ns.profile_one, cfg)
+        result = probe(ns.probe_one, cfg, ns.compare_whole, ns.probe_repeats) if ns.probe_one else profile_stages(ns.profile_one, cfg)
         print(json.dumps(result))
         return 0
     models = [m.strip() for m in ns.models.split(",") if m.strip()]
@@ -357,6 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--models takes a comma-separated subset of {MODELS}, got {ns.models!r}")
     if ns.layers is not None and ns.layers < 1:
         parser.error(f"--layers must be >= 1, got {ns.layers}")
+    if ns.probe_repeats < 1:
+        parser.error(f"--probe-repeats must be >= 1, got {ns.probe_repeats}")
     if ns.profile and not ns.optimize_time:
         parser.error("--profile goes with --optimize-time")
     if not ns.optimize_time:
@@ -364,7 +405,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     smoke = ns.cpu_smoke and not on_gpu()
     command = ("python bench/models.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     shapes = configs(ns.cpu_smoke, ns.layers)
-    optimize_rows = [run_probe_subprocess("probe", m, shapes[m]) for m in models]
+    # the whole 32-layer Llama in one e-graph would take many minutes: compared for the others only
+    optimize_rows = [run_probe_subprocess("probe", m, shapes[m], ns.compare_whole and m != "llama", ns.probe_repeats)
+                     for m in models]
     profiles = [run_probe_subprocess("profile", m, shapes[m]) for m in models if m != "llama"] if ns.profile else []
     device: list[dict[str, Any]] = []
     if not ns.optimize_time:

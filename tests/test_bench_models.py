@@ -20,7 +20,7 @@ def test_cpu_smoke_writes_the_page_with_checked_values(tmp_path) -> None:
         with pytest.raises(SystemExit):
             models.main(["--models", "gpt2", "--layers", "1", "--out", str(tmp_path / "x.md")])
     out = tmp_path / "smoke.md"
-    code = models.main(["--cpu-smoke", "--models", "llama", "--layers", "1", "--reps", "2", "--rounds", "1",
+    code = models.main(["--cpu-smoke", "--models", "llama", "--layers", "1", "--reps", "2", "--rounds", "1", "--probe-repeats", "1",
                         "--out", str(out)])
     text = out.read_text()
     assert code == 0 and "- device:" in text and "- date:" in text and "--cpu-smoke" in text
@@ -70,3 +70,5 @@ def test_relative_error_sees_nan_and_inf_mismatches() -> None:
     assert models.relative_error({"a": want["a"], "b": jnp.array([2.0, 1.0])}, want) == float("inf")
     assert models.relative_error({"a": jnp.array([1.0, 0.0, jnp.inf]), "b": want["b"]}, want) == 0.0
     assert models.relative_error({"a": jnp.array([1.5, 0.0, jnp.inf]), "b": want["b"]}, want) == pytest.approx(0.25)
+    assert models.relative_error({"a": jnp.array([1.0, 0.0, -jnp.inf]), "b": want["b"]}, want) == float("inf")
+    assert models.relative_error({"a": jnp.array([1.0, 1e-40, jnp.inf]), "b": want["b"]}, want) < 1e-30
