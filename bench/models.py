@@ -206,7 +206,7 @@ def relative_error(got: Any, want: Any) -> float:
         if not np.array_equal(np.isfinite(g), finite) or not np.array_equal(np.isnan(g), np.isnan(w)):
             return float("inf")
         if finite.any():
-            err = max(err, float(np.max(np.abs(g - w)[finite])))
+            err = max(err, float(np.max(np.abs(g[finite] - w[finite]))))
             scale = max(scale, float(np.max(np.abs(w)[finite])))
         if not np.array_equal(g[~finite], w[~finite], equal_nan=True):  # +inf where -inf
             return float("inf")
