@@ -266,6 +266,54 @@ def _cut(program: Program, free: set[int], order: Sequence[int], ambient: set[in
     return Split(tuple(parts), repeats, sum(len(s) for s in groups[1]))
 
 
+def union(programs: Sequence[Program]) -> Program:
+    """One program computing ``programs`` side by side: all their inputs, then all their outputs,
+    in order (the parts around the repeated run are optimized in one e-graph run this way: each
+    run has a fixed cost)."""
+    b = ProgramBuilder()
+    outputs: list[int] = []
+    for program in programs:
+        local = {i: b.input(program.type_of(i)) for i in program.inputs}
+        for i in program.live_nodes():
+            if i not in local:
+                n = program.nodes[i]
+                local[i] = b.add_node(Node(n.op, tuple(local[k] for k in n.inputs), n.params, n.type))
+        outputs += [local[o] for o in program.outputs]
+    return b.build(outputs)
+
+
+def unpack(joined: Program, programs: Sequence[Program]) -> list[Program] | None:
+    """``joined``, a program computing what ``union(programs)`` computes, cut back into one
+    program per part (same inputs and outputs as the part); None if one part's outputs read
+    another part's inputs."""
+    if joined.input_types != tuple(t for p in programs for t in p.input_types) or joined.effects:
+        return None
+    pieces = []
+    n_in = n_out = 0
+    for program in programs:
+        own = joined.inputs[n_in:n_in + len(program.inputs)]
+        outs = joined.outputs[n_out:n_out + len(program.outputs)]
+        n_in, n_out = n_in + len(program.inputs), n_out + len(program.outputs)
+        cone = set(outs)
+        for i in range(len(joined.nodes) - 1, -1, -1):
+            if i in cone:
+                cone.update(joined.nodes[i].inputs)
+        b = ProgramBuilder()
+        local = {i: b.input(joined.type_of(i)) for i in own}
+        for i in sorted(cone):
+            if i in local:
+                continue
+            n = joined.nodes[i]
+            if n.op == "input":  # another part's input
+                return None
+            local[i] = b.add_node(Node(n.op, tuple(local[k] for k in n.inputs), n.params, n.type))
+        piece = b.build([local[o] for o in outs])
+        if piece.output_types != program.output_types:
+            return None
+        pieces.append(piece)
+    return pieces
+
+
 def splice(program: Program, split: Split, optimized: dict[Program, Program]) -> Program:
     """``program`` with every part replaced by ``optimized[part.program]`` (same values)."""
     free = constant_nodes(program)

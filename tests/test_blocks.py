@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from eqsat_attn import examples, ir
-from eqsat_attn.blocks import MIN_UNIT_NODES, splice, split_repeated
+from eqsat_attn.blocks import MIN_UNIT_NODES, splice, split_repeated, union, unpack
 from eqsat_attn.capture import capture
 from eqsat_attn.lower import lower
 from eqsat_attn.pipeline import OptimizeOptions, optimize_program
@@ -264,3 +264,47 @@ def test_flax_layers_are_reused_with_the_whole_program_choice() -> None:
     assert reused.repeated_blocks == 3 and reused.program.count("attention") == 3
     assert canonical(reused.program) == canonical(whole.program)
     assert_same_values(program, reused.program)
+
+
+def test_parts_around_the_run_are_optimized_together_and_cut_back() -> None:
+    """The parts before and after the repeated layers (an embedding-like head, a tied-weight
+    tail) share one e-graph run: `union` then `unpack` gives each part back, same values."""
+    shape = examples.BlockShape()
+    params = [examples.block_params(shape, seed) for seed in range(3)]
+    x = jax.random.normal(jax.random.PRNGKey(3), (shape.batch, shape.seq, shape.embed))
+    w = jax.random.normal(jax.random.PRNGKey(4), (shape.embed, shape.embed))
+
+    def model(params, w, x):
+        h = jnp.tanh(x @ w) * 0.5 - 0.25  # head, reading w
+        h = examples.stacked_blocks(params, h)
+        h = h * jax.nn.sigmoid(h)  # the tail reads the last residual twice (a cut is found there)
+        return jnp.transpose(jax.nn.softmax(h @ w.T), (0, 2, 1))  # tail, reading w again
+
+    program = capture(model, params, w, x).program
+    split = split_repeated(program)
+    assert split is not None and split.repeats == 3
+    once = [p for p in split.distinct if sum(q.program == p for q in split.parts) == 1]
+    assert len(once) == 2
+    joined = union(once)
+    assert len(joined.inputs) == sum(len(p.inputs) for p in once)
+    pieces = unpack(joined, once)
+    assert pieces is not None and [canonical(p) for p in pieces] == [canonical(p) for p in once]
+    whole = optimize_program(program, OptimizeOptions(reuse_blocks=False))
+    reused = optimize_program(program)
+    assert reused.repeated_blocks == 3 and not reused.warnings
+    assert reused.cost_after == pytest.approx(whole.cost_after, rel=1e-9) and reused.cost_after < reused.cost_before
+    assert_same_values(program, reused.program)
+
+
+def test_unpack_refuses_a_part_reading_another_parts_input() -> None:
+    b = ir.ProgramBuilder()
+    t = ir.TensorType((2, 3), "float32")
+    x, y = b.input(t), b.input(t)
+    crossed = b.build([b.add("tanh", (x,), t), b.add("add", (x, y), t)])  # the second part reads x
+
+    def one_input_part() -> ir.Program:
+        p = ir.ProgramBuilder()
+        return p.build([p.add("tanh", (p.input(t),), t)])
+
+    assert unpack(crossed, [one_input_part(), one_input_part()]) is None
+    assert unpack(union([one_input_part(), one_input_part()]), [one_input_part(), one_input_part()]) is not None
