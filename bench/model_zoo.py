@@ -258,7 +258,8 @@ def build(cfg: ModelConfig, dtype: Any = jnp.float32, attention: str = "einsum",
     shape = (cfg.batch, cfg.seq)
     if abstract:
         tokens = jax.ShapeDtypeStruct(shape, jnp.int32)
-        inputs: tuple[Any, ...] = (tokens,) if cfg.family != "bert" else (tokens, jax.ShapeDtypeStruct(shape, jnp.int32))
+        mask = (jax.ShapeDtypeStruct(shape, jnp.int32),) if cfg.family == "bert" else ()
+        inputs: tuple[Any, ...] = (tokens, *mask)
         params = jax.eval_shape(lambda *xs: module.init(k_init, *xs), *inputs)
         labels = jax.ShapeDtypeStruct(shape, jnp.int32)
     else:

@@ -15,13 +15,16 @@ Sections:
   the same function in the same process), against XLA's compile time of the same function
   (``jax.jit(f).lower(*args).compile()``, trace included, timed before eqsat_attn is imported).
   Target (issue 22): steady optimize time / XLA compile time <= 1.0. ``--profile`` runs the
-  steady-state optimization under cProfile and gives the time of each stage.
-- forward: inference (Llama: DEVICE_LLAMA_LAYERS layers), jax.jit(f) vs jax.jit(ea.optimize(f)), plus the model with its attention
-  substituted by ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU; "xla" in
-  --cpu-smoke), timed in interleaved rounds after warm-up (median), each checked against jax.jit.
+  first and a steady-state optimization under cProfile and gives the time of each stage;
+  ``--compare-whole`` also times ``reuse_blocks=False`` (GPT-2 and BERT).
+- forward: inference (Llama: DEVICE_LLAMA_LAYERS layers), jax.jit(f) vs jax.jit(ea.optimize(f)),
+  plus the model with its attention substituted by
+  ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU; "xla" in --cpu-smoke), timed in
+  interleaved rounds after warm-up (median), each checked against jax.jit.
 - train step: forward + backward + an optax AdamW update, jitted; the optimized row takes the
   gradient through ``ea.optimize(loss)`` (as a user writes ``jax.grad(ea.optimize(loss))``, so the
-  attention kernels' own backward runs). Loss and updated parameters are checked against jax.jit.
+  attention kernels' own backward runs). Loss, updated parameters and optimizer state are checked
+  against jax.jit.
 """
 
 from __future__ import annotations
@@ -321,7 +324,8 @@ def render(command: str, optimize_rows: Sequence[dict[str, Any]], profiles: Sequ
             sat = "" if r["saturated"] else " (not saturated)"
             lines.append(
                 f"| {r['family']} | {r['shape']} | {r['xla_compile_s']:.2f} | {r['import_s']:.2f} | {r['first_s']:.2f} "
-                f"| {r['steady_s']:.2f} | {r['steady_s'] / r['xla_compile_s']:.2f} | {r['first_s'] / r['xla_compile_s']:.2f} "
+                f"| {r['steady_s']:.2f} | {r['steady_s'] / r['xla_compile_s']:.2f} "
+                f"| {r['first_s'] / r['xla_compile_s']:.2f} "
                 f"| {parts} | {r['repeated_blocks']} | {r['egraph_nodes']}{sat} | {r['attention']} |")
         lines.append("")
         whole = [r for r in optimize_rows if r.get("whole_s") is not None]
@@ -341,7 +345,8 @@ def render(command: str, optimize_rows: Sequence[dict[str, Any]], profiles: Sequ
                   "fresh process (`import eqsat_attn` included) and in a steady-state one, each under cProfile "
                   "(which slows Python-heavy stages more than egglog's native ones); indented stages are inside "
                   "the one above.", "",
-                  "| stage | " + " | ".join(f"{p['family']} {run} s" for p in profiles for run in ("first", "steady")) + " |",
+                  "| stage | " + " | ".join(f"{p['family']} {run} s" for p in profiles for run in ("first", "steady"))
+                  + " |",
                   "|:---|" + "---:|" * (2 * len(profiles))]
         for label, _, _ in STAGES:
             cells = " | ".join(f"{p[run][label]:.3f}" for p in profiles for run in ("first", "steady"))
@@ -392,7 +397,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     if ns.probe_one or ns.profile_one:  # the fresh process of run_probe_subprocess
         cfg = model_zoo.ModelConfig(**json.loads(ns.config))
-        result = probe(ns.probe_one, cfg, ns.compare_whole, ns.probe_repeats) if ns.probe_one else profile_stages(ns.profile_one, cfg)
+        if ns.probe_one:
+            result = probe(ns.probe_one, cfg, ns.compare_whole, ns.probe_repeats)
+        else:
+            result = profile_stages(ns.profile_one, cfg)
         print(json.dumps(result))
         return 0
     models = [m.strip() for m in ns.models.split(",") if m.strip()]

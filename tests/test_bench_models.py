@@ -20,8 +20,8 @@ def test_cpu_smoke_writes_the_page_with_checked_values(tmp_path) -> None:
         with pytest.raises(SystemExit):
             models.main(["--models", "gpt2", "--layers", "1", "--out", str(tmp_path / "x.md")])
     out = tmp_path / "smoke.md"
-    code = models.main(["--cpu-smoke", "--models", "llama", "--layers", "1", "--reps", "2", "--rounds", "1", "--probe-repeats", "1",
-                        "--out", str(out)])
+    code = models.main(["--cpu-smoke", "--models", "llama", "--layers", "1", "--reps", "2", "--rounds", "1",
+                        "--probe-repeats", "1", "--out", str(out)])
     text = out.read_text()
     assert code == 0 and "- device:" in text and "- date:" in text and "--cpu-smoke" in text
     assert "## Optimize time vs XLA compile time" in text and "| llama | L1 E32 H4 KV2" in text
