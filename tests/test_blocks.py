@@ -308,3 +308,24 @@ def test_unpack_refuses_a_part_reading_another_parts_input() -> None:
 
     assert unpack(crossed, [one_input_part(), one_input_part()]) is None
     assert unpack(union([one_input_part(), one_input_part()]), [one_input_part(), one_input_part()]) is not None
+
+
+def test_plain_opaque_calls_are_one_object_only_when_their_parameters_match() -> None:
+    """Equal plain parameters (a float by its bits: -0.0 is not 0.0) make one call object;
+    node ids and everything else stay as they were."""
+    from eqsat_attn.blocks import share_plain_opaque_calls
+
+    t = ir.TensorType((4,), "float32")
+    b = ir.ProgramBuilder()
+    x = b.input(t)
+    outs = []
+    for scale in (0.0, 0.0, -0.0, float("nan"), float("nan"), jnp.tanh, jnp.tanh):  # a function: never shared
+        call = ir.OpaqueCall(jax.lax.cumsum_p, {"axis": 0, "reverse": False, "scale": scale}, (t,))
+        node = b.add("opaque", (x,), None, call=call)
+        outs.append(b.add("opaque_output", (node,), t, index=0))
+    program = b.build(outs)
+    shared = share_plain_opaque_calls(program)
+    calls = [n.params["call"] for n in shared.nodes if n.op == "opaque"]
+    assert calls[0] is calls[1] and calls[2] is not calls[0] and calls[3] is calls[4] and calls[3] is not calls[0]
+    assert calls[5] is not calls[6] and calls[5:] == [n.params["call"] for n in program.nodes if n.op == "opaque"][5:]
+    assert [n.op for n in shared.nodes] == [n.op for n in program.nodes] and shared.outputs == program.outputs
