@@ -18,6 +18,7 @@ from .choices import (
 from .ir import Program
 
 if TYPE_CHECKING:
+    from .blocks import Split
     from .egraph.driver import RunResult
 
 
@@ -235,7 +236,8 @@ def _optimize_flat(program: Program, options: OptimizeOptions, warn: bool) -> Pi
     )
 
 
-def _optimize_parts(split, options: OptimizeOptions, model, notes: list[str]) -> tuple[dict, list]:
+def _optimize_parts(split: Split, options: OptimizeOptions, model,
+                    notes: list[str]) -> tuple[dict[Program, Program], list[RunResult]]:
     """Each distinct part of a `blocks.Split` optimized: the repeated unit on its own, the parts
     that occur once (before and after the run) together in one e-graph run when their result
     cuts back into parts (`blocks.union`, `blocks.unpack`), else each on its own."""
