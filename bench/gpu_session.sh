@@ -5,7 +5,7 @@
 #   bench/gpu_session.sh check attention-quick      # kernel tests compiled on the GPU + quick bench
 #   bench/gpu_session.sh probe probe-fp8              # first call of a short lease: D128 rows only
 #   bash bench/gpu_session.sh mosaic attention-fp8-quick e2e-fp8 tune-mosaic-fp8   # next lease (see bench/results/README.md)
-#   stages: probe | probe-fp8 | attention-fp8 | attention-fp8-quick | check | final-check | mosaic | attention | attention-quick | e2e | e2e-fp8 | cost-model | tune |
+#   stages: probe | probe-fp8 | attention-fp8 | attention-fp8-quick | check | final-check | mosaic | attention | attention-quick | e2e | e2e-fp8 | models | cost-model | tune |
 #           tune-mosaic | tune-mosaic-fp8 | tune-fp8 | tune-backward | qkv | masks
 set -u
 OUT=${OUT:-/tmp/gpu-out}
@@ -40,6 +40,7 @@ for stage in "$@"; do
     attention-fp8-quick) timeout 150 python3 bench/attention.py --fp8 --quick --out "$OUT/attention-fp8.md" 2>&1 \
         | grep -v '^  ' | tail -30 ;;
     e2e) timeout 230 python3 bench/end_to_end.py --out "$OUT/end-to-end.md" 2>&1 | tail -30 ;;
+    models) timeout 500 python3 bench/models.py --reps 20 --out "$OUT/models.md" 2>&1 | tail -40 ;;
     e2e-fp8) timeout 300 python3 bench/end_to_end.py --fp8 --out "$OUT/end-to-end-fp8.md" 2>&1 | tail -30 ;;
     cost-model) timeout 250 python3 bench/cost_model_experiment.py --calibrate --variants 20 --out "$OUT/cost-model.md" \
         --calibration-out "$OUT/calibration.json" 2>&1 | tail -40 ;;

@@ -110,17 +110,32 @@ def normalize_static_argnums(static_argnums: int | Sequence[int], nargs: int) ->
     return tuple(sorted(out))
 
 
-def abstract_leaf(leaf: Any, where: str, static_hint: str) -> jax.ShapeDtypeStruct:
-    """The abstract value of one argument leaf; a clear TypeError for non-arrays."""
+def abstract_leaf(leaf: Any, where: str | Callable[[], tuple[str, str]], static_hint: str = "") -> jax.ShapeDtypeStruct:
+    """The abstract value of one argument leaf; a clear TypeError for non-arrays. ``where`` may be
+    a function giving (where, hint), called only for that error (paths are slow to format)."""
     try:
         aval = jax.typeof(leaf)
         shape, dtype = aval.shape, aval.dtype
     except (TypeError, AttributeError):
+        if callable(where):
+            where, static_hint = where()
         raise TypeError(
             f"{where} is a {type(leaf).__name__} ({leaf!r:.60}), which is not an array: "
             f"{static_hint}or pass an array instead"
         ) from None
     return jax.ShapeDtypeStruct(shape, dtype, weak_type=bool(getattr(aval, "weak_type", False)))
+
+
+def _leaf_location(path: Sequence[Any], positions: Sequence[int]) -> tuple[str, str]:
+    """Where a leaf of split_args's (dynamic, kwargs) tree is, and how to make it static."""
+    (top, *rest) = path
+    if top.idx == 0:
+        pos = positions[rest[0].idx]
+        sub = jax.tree_util.keystr(tuple(rest[1:]))
+        return (f"positional argument {pos}" + (f" at {sub}" if sub else ""),
+                f"mark argument {pos} static with static_argnums=({pos},) ")
+    return (f"keyword argument {jax.tree_util.keystr(tuple(rest))}",
+            "pass it positionally and mark it static with static_argnums ")
 
 
 def split_args(
@@ -131,20 +146,8 @@ def split_args(
     dynamic = tuple(a for i, a in enumerate(args) if i not in static_argnums)
     positions = [i for i in range(len(args)) if i not in static_argnums]
     with_path, tree = jax.tree_util.tree_flatten_with_path((dynamic, kwargs))
-    avals = []
-    for path, leaf in with_path:
-        (top, *rest) = path
-        sub = jax.tree_util.keystr(tuple(rest))
-        if top.idx == 0:
-            pos = positions[rest[0].idx]
-            sub = jax.tree_util.keystr(tuple(rest[1:]))
-            where = f"positional argument {pos}" + (f" at {sub}" if sub else "")
-            hint = f"mark argument {pos} static with static_argnums=({pos},) "
-        else:
-            where = f"keyword argument {sub}"
-            hint = "pass it positionally and mark it static with static_argnums "
-        avals.append(abstract_leaf(leaf, where, hint))
-    return statics, [leaf for _, leaf in with_path], tree, tuple(avals)
+    avals = tuple(abstract_leaf(leaf, lambda path=path: _leaf_location(path, positions)) for path, leaf in with_path)
+    return statics, [leaf for _, leaf in with_path], tree, avals
 
 
 def capture(fn: Callable[..., Any], *args: Any, static_argnums: int | Sequence[int] = (), **kwargs: Any) -> Captured:

@@ -153,7 +153,8 @@ class OptimizedFunction:
         kernel = resolve_attention_kernel(self.options.backend)
         program, call = self._lower_checked(captured, result.program, kernel, problems)
         if captured.custom_jvp_inlined and program is not captured.program:
-            call = with_original_derivatives(call, captured)
+            # jitted: an eager call then takes jit's fast path, not custom_jvp's Python dispatch
+            call = jax.jit(with_original_derivatives(call, captured))
         timings["lower"] = time.perf_counter() - start
 
         for problem in problems:
@@ -341,7 +342,7 @@ def _cache_key(
                 f"static argument {pos} is a {type(value).__name__}, which is not hashable; "
                 "static arguments must be hashable (use a tuple instead of a list)"
             ) from None
-    signature = tuple((a.shape, str(a.dtype), bool(a.weak_type)) for a in avals)
+    signature = tuple((a.shape, a.dtype, a.weak_type) for a in avals)  # dtypes hash as their names do
     return (static_nums, tuple((type(v), v) for v in statics), in_tree, signature)
 
 

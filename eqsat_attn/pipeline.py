@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from egglog import EGraph
 
 from .attention_misses import PreferAttention, has_attention, unchosen_attention_note
-from .blocks import splice, split_repeated
+from .blocks import Split, splice, split_repeated, union, unpack
 from .choices import (
     BACKENDS, EXTRACTORS, check_choice, check_cost_model, check_limits, cost_model_from_name, rule_names,
 )
@@ -193,10 +193,7 @@ def _optimize_flat(program: Program, options: OptimizeOptions, warn: bool) -> Pi
             chosen, run = optimize_part(program, options, model, attention_notes)
             runs = [run]
         else:
-            optimized, runs = {}, []
-            for part in split.distinct:
-                optimized[part], run = optimize_part(part, options, model, attention_notes)
-                runs.append(run)
+            optimized, runs = _optimize_parts(split, options, model, attention_notes)
             chosen = splice(program, split, optimized)
         if chosen.output_types != program.output_types:
             raise AssertionError(
@@ -225,6 +222,26 @@ def _optimize_flat(program: Program, options: OptimizeOptions, warn: bool) -> Pi
         _layout_decision(program, options, model, chosen, runs) if split is None else None,
         tuple(dict.fromkeys(attention_notes)) if chosen is not program else (),
     )
+
+
+def _optimize_parts(split: Split, options: OptimizeOptions, model,
+                    notes: list[str]) -> tuple[dict[Program, Program], list[RunResult]]:
+    """Each distinct part of a `blocks.Split` optimized: the repeated unit on its own, the parts
+    that occur once (before and after the run) together in one e-graph run when their result
+    cuts back into parts (`blocks.union`, `blocks.unpack`), else each on its own."""
+    once = [p for p in split.distinct if sum(q.program == p for q in split.parts) == 1]
+    optimized, runs = {}, []
+    if len(once) > 1:
+        joined, run = optimize_part(union(once), options, model, notes)
+        pieces = unpack(joined, once)
+        if pieces is not None:
+            optimized.update(zip(once, pieces))
+            runs.append(run)
+    for part in split.distinct:
+        if part not in optimized:
+            optimized[part], run = optimize_part(part, options, model, notes)
+            runs.append(run)
+    return optimized, runs
 
 
 def _effect_calls(program: Program) -> list:

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from eqsat_attn import examples, ir
-from eqsat_attn.blocks import MIN_UNIT_NODES, splice, split_repeated
+from eqsat_attn.blocks import MIN_UNIT_NODES, splice, split_repeated, union, unpack
 from eqsat_attn.capture import capture
 from eqsat_attn.lower import lower
 from eqsat_attn.pipeline import OptimizeOptions, optimize_program
@@ -76,14 +76,25 @@ def test_reuse_chooses_what_the_whole_program_chooses() -> None:
     assert_same_values(program, reused.program)
 
 
-def test_tied_weights_keep_the_program_whole() -> None:
-    """Weights read by every layer stay live across the residual stream: no cut, no reuse
-    (a known limit: such a model is optimized as one program)."""
+def test_values_read_by_every_layer_cross_the_cuts() -> None:
+    """Weights read by every layer stay live across the residual stream; they are let across the
+    cuts as interface values of each part, so the layers are still reused, values unchanged."""
     shape = examples.BlockShape()
     params = examples.block_params(shape)
     x = jax.random.normal(jax.random.PRNGKey(3), (shape.batch, shape.seq, shape.embed))
     program = capture(lambda p, x: examples.stacked_blocks([p, p, p], x), params, x).program
-    assert split_repeated(program) is None
+    split = split_repeated(program)
+    # capture shares the weights' broadcasts among the layers: they are computed before the
+    # first layer, which then reads them as the others do
+    assert split is not None and split.repeats == 3 and len(split.distinct) == 2
+    assert split.parts[0].program.count("dot_general") == 0  # the part before: broadcasts only
+    assert all(set(program.inputs[:4]) & set(p.interface) for p in split.parts[1:])  # the shared weights
+    assert_same_values(program, splice(program, split, {p: p for p in split.distinct}))
+    whole = optimize_program(program, OptimizeOptions(reuse_blocks=False))
+    reused = optimize_program(program)
+    assert reused.repeated_blocks == 3 and reused.program.count("attention") == 3
+    assert reused.cost_after == pytest.approx(whole.cost_after, rel=1e-9)
+    assert_same_values(program, reused.program)
 
 
 def test_layers_of_different_shapes_are_not_shared() -> None:
@@ -108,10 +119,11 @@ def test_short_repeated_chains_are_optimized_whole() -> None:
     assert split_repeated(program) is None
 
 
-def test_parts_holding_opaque_calls_are_never_shared() -> None:
+def _opaque_stack(unmodelled):
+    """A program of three residual blocks, each with one op the rules do not model."""
     def block(w, x):
         h = jnp.tanh(x @ w) * 0.5 + x
-        h = jax.lax.cumsum(h, axis=1)  # not modelled: an opaque node per layer
+        h = unmodelled(h)  # an opaque node per layer
         for _ in range(MIN_UNIT_NODES):
             h = jnp.sin(h) + x
         return h
@@ -125,10 +137,29 @@ def test_parts_holding_opaque_calls_are_never_shared() -> None:
     ws = [jnp.asarray(rng.standard_normal((8, 8)), jnp.float32) for _ in range(3)]
     program = capture(model, ws, jnp.ones((4, 8))).program
     assert program.count("opaque") == 3
+    return program
+
+
+def test_parts_holding_opaque_calls_with_functions_are_never_shared() -> None:
+    def host_cumsum(h):  # a callback: its parameters hold a Python function
+        return jax.pure_callback(lambda a: np.cumsum(a, axis=1), jax.ShapeDtypeStruct(h.shape, h.dtype), h)
+
+    program = _opaque_stack(host_cumsum)
     split = split_repeated(program)
     if split is not None:
         shared = [p for p in split.distinct if any(n.op == "opaque" for n in p.nodes)]
         assert all(sum(q.program == p for q in split.parts) == 1 for p in shared)
+
+
+def test_opaque_calls_of_one_plain_primitive_are_shared() -> None:
+    """cumsum(axis=1) in every layer (parameters all plain data): the layers are one unit."""
+    program = _opaque_stack(lambda h: jax.lax.cumsum(h, axis=1))
+    split = split_repeated(program)
+    assert split is not None and split.repeats == 3 and len(split.distinct) == 1
+    assert_same_values(program, splice(program, split, {p: p for p in split.distinct}))
+    reused = optimize_program(program)
+    assert reused.repeated_blocks == 3 and reused.program.count("opaque") == 3
+    assert_same_values(program, reused.program)
 
 
 ELEMENTWISE = (jnp.tanh, jnp.sin, lambda h: h * 0.5, lambda h: h - 1.0, jnp.exp, jax.nn.relu)
@@ -233,3 +264,68 @@ def test_flax_layers_are_reused_with_the_whole_program_choice() -> None:
     assert reused.repeated_blocks == 3 and reused.program.count("attention") == 3
     assert canonical(reused.program) == canonical(whole.program)
     assert_same_values(program, reused.program)
+
+
+def test_parts_around_the_run_are_optimized_together_and_cut_back() -> None:
+    """The parts before and after the repeated layers (an embedding-like head, a tied-weight
+    tail) share one e-graph run: `union` then `unpack` gives each part back, same values."""
+    shape = examples.BlockShape()
+    params = [examples.block_params(shape, seed) for seed in range(3)]
+    x = jax.random.normal(jax.random.PRNGKey(3), (shape.batch, shape.seq, shape.embed))
+    w = jax.random.normal(jax.random.PRNGKey(4), (shape.embed, shape.embed))
+
+    def model(params, w, x):
+        h = jnp.tanh(x @ w) * 0.5 - 0.25  # head, reading w
+        h = examples.stacked_blocks(params, h)
+        h = h * jax.nn.sigmoid(h)  # the tail reads the last residual twice (a cut is found there)
+        return jnp.transpose(jax.nn.softmax(h @ w.T), (0, 2, 1))  # tail, reading w again
+
+    program = capture(model, params, w, x).program
+    split = split_repeated(program)
+    assert split is not None and split.repeats == 3
+    once = [p for p in split.distinct if sum(q.program == p for q in split.parts) == 1]
+    assert len(once) == 2
+    joined = union(once)
+    assert len(joined.inputs) == sum(len(p.inputs) for p in once)
+    pieces = unpack(joined, once)
+    assert pieces is not None and [canonical(p) for p in pieces] == [canonical(p) for p in once]
+    whole = optimize_program(program, OptimizeOptions(reuse_blocks=False))
+    reused = optimize_program(program)
+    assert reused.repeated_blocks == 3 and not reused.warnings
+    assert reused.cost_after == pytest.approx(whole.cost_after, rel=1e-9) and reused.cost_after < reused.cost_before
+    assert_same_values(program, reused.program)
+
+
+def test_unpack_refuses_a_part_reading_another_parts_input() -> None:
+    b = ir.ProgramBuilder()
+    t = ir.TensorType((2, 3), "float32")
+    x, y = b.input(t), b.input(t)
+    crossed = b.build([b.add("tanh", (x,), t), b.add("add", (x, y), t)])  # the second part reads x
+
+    def one_input_part() -> ir.Program:
+        p = ir.ProgramBuilder()
+        return p.build([p.add("tanh", (p.input(t),), t)])
+
+    assert unpack(crossed, [one_input_part(), one_input_part()]) is None
+    assert unpack(union([one_input_part(), one_input_part()]), [one_input_part(), one_input_part()]) is not None
+
+
+def test_plain_opaque_calls_are_one_object_only_when_their_parameters_match() -> None:
+    """Equal plain parameters (a float by its bits: -0.0 is not 0.0) make one call object;
+    node ids and everything else stay as they were."""
+    from eqsat_attn.blocks import share_plain_opaque_calls
+
+    t = ir.TensorType((4,), "float32")
+    b = ir.ProgramBuilder()
+    x = b.input(t)
+    outs = []
+    for scale in (0.0, 0.0, -0.0, float("nan"), float("nan"), jnp.tanh, jnp.tanh):  # a function: never shared
+        call = ir.OpaqueCall(jax.lax.cumsum_p, {"axis": 0, "reverse": False, "scale": scale}, (t,))
+        node = b.add("opaque", (x,), None, call=call)
+        outs.append(b.add("opaque_output", (node,), t, index=0))
+    program = b.build(outs)
+    shared = share_plain_opaque_calls(program)
+    calls = [n.params["call"] for n in shared.nodes if n.op == "opaque"]
+    assert calls[0] is calls[1] and calls[2] is not calls[0] and calls[3] is calls[4] and calls[3] is not calls[0]
+    assert calls[5] is not calls[6] and calls[5:] == [n.params["call"] for n in program.nodes if n.op == "opaque"][5:]
+    assert [n.op for n in shared.nodes] == [n.op for n in program.nodes] and shared.outputs == program.outputs
