@@ -52,8 +52,9 @@ time = max(flops / (peak[dtype] x efficiency), bytes / bandwidth) + launch overh
   operands lowering transposes (`lower.lower_attention`) are charged an extra transpose: q, k, o
   without D minor, and v with neither D nor S minor (relaid to the faster of the two V layouts,
   `relaid_v_layout`). The reference path is charged the same way (XLA relays such operands).
-  Boolean masks run the reference (XLA) attention, as do all attentions of a model built with
-  ``attention_kernel="reference"``. An attention with a ``compute_dtype`` (a cast of Q, K or V
+  Boolean masks, soft-caps and exact fills run on the kernel too (its mask bytes counted; a
+  fill it cannot honour, NaN or +inf, runs the reference), and all attentions of a model built
+  with ``attention_kernel="reference"`` run the reference (XLA) attention. An attention with a ``compute_dtype`` (a cast of Q, K or V
   folded in, rules/fusion.py) reads its operands in their own (wider) dtypes, once, and computes
   at the compute dtype's rate: the converts it replaces (each writing its output) are gone. The
   in-kernel tile casts are assumed free (ALU work hidden under the matmuls; not measured).
