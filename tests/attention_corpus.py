@@ -915,7 +915,8 @@ KNOWN_UNRAISED: dict[str, str] = {
     "softmax_post_where_after_pre_mask": "zeroing P after the softmax turns a fully hidden row's NaN into 0 (not the op's value)",
     "p_times_per_head_mask": "P * m[h] before P·V is not m[h] * (P·V) in signed zeros and NaN (not exact)",
     "precision_highest": "precision=HIGHEST dots stay opaque: on a GPU the default float32 matmul is TF32",
-    "softmax_exp_s_minus_logsumexp": "logsumexp's is_finite guard makes a row holding +inf [NaN, 0, ...] where softmax is all NaN (not exact)",
+    "softmax_exp_s_minus_logsumexp":
+        "logsumexp's is_finite guard makes a row holding +inf [NaN, 0, ...] where softmax is all NaN (not exact)",
 }
 
 #: negatives raised with equal values: their output O is attention, but the weights P are needed

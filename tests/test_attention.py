@@ -339,3 +339,22 @@ def test_a_scaled_plain_matmul_keeps_its_values_at_the_edge_of_overflow(dtype, b
     for g, w in zip(got, want, strict=True):
         assert np.all(np.isfinite(np.asarray(w, np.float32)))
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def test_a_run_still_growing_restarts_from_its_best_program():
+    """jax.nn.dot_product_attention with a boolean mask (its 5-D einsum) grew past 100,000 e-nodes
+    in one run; at `RESTART_ENODES` it restarts from the program extracted there, where attention is
+    one op, and saturates: the result counts work only, so it is the same on any machine."""
+    from eqsat_attn.pipeline import RESTART_ENODES
+
+    def fn(q, k, v):
+        mask = (jnp.arange(S) < S - 2)[None, None, None, :]
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+
+    program = _attention_program(fn, Q4, K4, V4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        result = optimize_program(program, OptimizeOptions(cost_model=for_device("h100")))
+    assert result.egraph_nodes >= RESTART_ENODES and result.saturated
+    assert result.program.count("attention") == 1
+    _values_equal(program, result.program)
