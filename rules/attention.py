@@ -96,7 +96,8 @@ def iota_broadcast():
 @attention_raise.family
 def causal_masks():
     """row >= col over the last two axes' iotas is a causal mask, and so are its broadcasts,
-    casts and `!= 0` tests (closed-over constant masks are recognised when encoded)."""
+    casts, its 0/1 indicator (`where(m, 1, 0)`, as `jnp.tril` of ones builds it) and that indicator
+    tested `!= 0`, `== 1` or `> 0` (closed-over constant masks are recognised when encoded)."""
     row = Term.iota(dt, s1, var("i", i64))
     col = Term.iota(dt, s1, var("j", i64))
     last_two = (var("i", i64) == s1.length() - 2, var("j", i64) == s1.length() - 1)
@@ -114,6 +115,9 @@ def causal_masks():
         p[p.length() - 1] == p.length() - 1, p[p.length() - 2] == p.length() - 2,
     )(causal_mask(e))
     yield rl(eq(e).to(Term.binary("ne", m, scalar(0.0, dt, s1))), causal_mask(m))(causal_mask(e))
+    yield rl(eq(e).to(Term.binary("eq", m, scalar(1.0, dt, s1))), causal_mask(m))(causal_mask(e))
+    yield rl(eq(e).to(Term.select(m, scalar(0.0, dt, s1), scalar(1.0, dt, s2))), causal_mask(m))(causal_mask(e))
+    yield rl(eq(e).to(Term.binary("gt", m, scalar(0.0, dt, s1))), causal_mask(m))(causal_mask(e))
 
 
 def _shifted_exps(xx: Term, rank: int):
