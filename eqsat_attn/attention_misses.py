@@ -15,7 +15,7 @@ from typing import Any
 from .cost import program_cost
 from .ir import Node, Program
 
-ATTENTION_OPS = ("attention", "attention_fp8", "packed_attention")
+ATTENTION_OPS = ("attention", "attention_fp8", "packed_attention", "attention_vjp")
 STEER_FACTOR = 1e6  # how much dearer every other op is when steering extraction to attention
 
 

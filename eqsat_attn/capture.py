@@ -305,6 +305,16 @@ def _call_body(eqn: Any, names: Sequence[str]) -> tuple[Any, list[Any]] | None:
     return None
 
 
+def _unsharded(sharding: Any) -> bool:
+    """No sharding constraint: none, or a sharding over a mesh without axes (what jax.grad's
+    transposes attach to a cast: ``NamedSharding(AbstractMesh(()), P(None, ...))`` constrains nothing)."""
+    if sharding is None:
+        return True
+    mesh, spec = getattr(sharding, "mesh", None), getattr(sharding, "spec", None)
+    return mesh is not None and spec is not None and not tuple(getattr(mesh, "axis_names", (None,))) and all(
+        part is None for part in spec)
+
+
 def _all_none(params: dict[str, Any], allowed: Sequence[str] = ()) -> bool:
     return all(v is None for k, v in params.items() if k not in allowed)
 
@@ -382,11 +392,13 @@ class _Converter:
             if len(ins) != arity or not _all_none(p):
                 return None
             return self.elementwise(name, ins, out)
+        if name == "add_any" and len(ins) == 2:  # the cotangent sum of a jax.grad program: plain addition
+            return self.elementwise("add", ins, out)
         if name == "integer_pow" and len(ins) == 1:
             return self.elementwise(name, ins, out, y=int(p["y"]))
         if name == "select_n" and len(ins) >= 2:
             return self.elementwise(name, ins, out)
-        if name == "convert_element_type" and len(ins) == 1 and p.get("sharding") is None:
+        if name == "convert_element_type" and len(ins) == 1 and _unsharded(p.get("sharding")):
             source = b.nodes[ins[0]]
             if source.op == "literal" and jnp.issubdtype(out.dtype, jnp.floating):
                 # fold a float cast of a literal (e.g. -1e9 as a bf16 mask value), rounded as XLA rounds
@@ -398,10 +410,10 @@ class _Converter:
         if name in ("reshape", "squeeze", "expand_dims") and len(ins) == 1:
             if p.get("dimensions") is not None and name == "reshape":
                 return None
-            if p.get("sharding") is not None:
+            if not _unsharded(p.get("sharding")):
                 return None
             return b.add("reshape", ins, out)
-        if name == "broadcast_in_dim" and len(ins) == 1 and p.get("sharding") is None:
+        if name == "broadcast_in_dim" and len(ins) == 1 and _unsharded(p.get("sharding")):
             dims = tuple(int(d) for d in p["broadcast_dimensions"])
             return b.add(name, ins, out, broadcast_dimensions=dims)
         if name in ir.REDUCE_OPS and len(ins) == 1 and _all_none(p, _REDUCE_PARAMS_OK):
@@ -430,7 +442,7 @@ class _Converter:
 
     def dot_general(self, p: dict[str, Any], ins: list[int], out: TensorType) -> int | None:
         operand_dtypes = {self.b.nodes[i].type.dtype for i in ins}
-        if not _default_precision(p.get("precision"), operand_dtypes) or p.get("out_sharding") is not None:
+        if not _default_precision(p.get("precision"), operand_dtypes) or not _unsharded(p.get("out_sharding")):
             return None
         (lc, rc), (lb, rb) = p["dimension_numbers"]
         pet = p.get("preferred_element_type")

@@ -107,7 +107,7 @@ class Step:
 
 
 #: ops that run attention (bf16/f32, packed QKV, fp8)
-ATTENTION_OPS = ("attention", "packed_attention", "attention_fp8")
+ATTENTION_OPS = ("attention", "packed_attention", "attention_fp8", "attention_vjp")
 
 
 def program_summary(program: ir.Program) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from .egraph.encode import axes_to_layout, axes_to_packed_layout
 from .egraph.extract import UNKNOWN_TYPE_COST, concat_view, op_view
 
 #: constructors of attention-like e-nodes (``focus="attention"``)
-ATTENTION_CTORS = ("attention", "packed_attention", "attention_fp8")
+ATTENTION_CTORS = ("attention", "packed_attention", "attention_fp8", "attention_vjp")
 _TENSOR_PREFIXES = ("Term.", "TermList.")
 _IR_TO_CTOR = {"dot_general": "dot", "broadcast_in_dim": "broadcast", "select_n": "select",
                "convert_element_type": "convert", "concatenate": "concat"}
@@ -295,7 +295,7 @@ def priced_members(view: EGraphView, pricing: Pricing, eclass: str) -> list[Pric
         below = frozenset().union(*(pricing.members.get(c, frozenset()) for c in node.operands)) - {key}
         transposes = sum(1 for k in below if _moves_data(view.nodes[k]))
         layouts = {}
-        if node.ctor in ("attention", "attention_fp8") and len(node.statics) >= 4:
+        if node.ctor in ("attention", "attention_fp8", "attention_vjp") and len(node.statics) >= 4:
             layouts = {n: axes_to_layout(tuple(a)) for n, a in zip("qkvo", node.statics[:4])}
         out.append(Priced(key, describe(view, pricing, node), own, total - own if math.isfinite(total) else math.inf,
                           layouts, transposes))
@@ -331,7 +331,7 @@ def shown_nodes(view: EGraphView, pricing: Pricing, eclass: str, fold: bool, lim
 def label(view: EGraphView, node: ENode, width: int = 56) -> str:
     """A short readable label of an e-node: attention by its layouts, others by their statics."""
     s = node.statics
-    if node.ctor in ("attention", "attention_fp8") and len(s) >= 6:
+    if node.ctor in ("attention", "attention_fp8", "attention_vjp") and len(s) >= 6:
         q, k, v, o = (axes_to_layout(tuple(a)) for a in s[:4])
         flags = (" causal" if s[5] else "") + (f" mask={s[6]}" if len(s) > 6 and s[6] not in ("none", "") else "")
         text = f"{node.ctor} q={q} k={k} v={v} o={o}{flags}"

@@ -56,6 +56,7 @@ def lower(program: Program, *, attention_kernel: str = "auto") -> Callable[..., 
         if len(flat_inputs) != n_inputs:
             raise TypeError(f"program takes {n_inputs} inputs, got {len(flat_inputs)}")
         values: dict[int, Any] = {}
+        gradients: dict[tuple, tuple[Any, Any, Any]] = {}
         for position, node_id in enumerate(program.inputs):
             values[node_id] = flat_inputs[position]
         for node_id in order:
@@ -63,7 +64,12 @@ def lower(program: Program, *, attention_kernel: str = "auto") -> Callable[..., 
             if node.op == "input":
                 continue
             args = [values[i] for i in node.inputs]
-            if node.op == "attention_fp8" and node_id in unrounded:
+            if node.op == "attention_vjp":  # q's, k's and v's gradients of one attention: one call
+                key = (node.inputs, attention_of_vjp(node).params)
+                if key not in gradients:
+                    gradients[key] = attention_gradients(node, args, attention_kernel)
+                values[node_id] = gradients[key][int(node.params["wrt"])]
+            elif node.op == "attention_fp8" and node_id in unrounded:
                 values[node_id] = lower_attention_fp8(node, args, attention_kernel,
                                                       unrounded=[values[i] for i in unrounded[node_id]])
             else:
@@ -165,6 +171,8 @@ def lower_node(node: Node, args: list[Any], attention_kernel: str = "auto") -> A
         return lax.concatenate(args, p["dimension"])
     if op == "attention":
         return lower_attention(node, args, attention_kernel)
+    if op == "attention_vjp":
+        return attention_gradients(node, args, attention_kernel)[int(p["wrt"])]
     if op == "attention_fp8":
         return lower_attention_fp8(node, args, attention_kernel)
     if op == "packed_attention":
@@ -274,6 +282,22 @@ def lower_attention(node: Node, args: Sequence[Any], attention_kernel: str = "au
     else:
         out = kernel_call(q, k, v)
     return _to_layout(out, out_layout, o_layout)
+
+
+def attention_of_vjp(node: Node) -> Node:
+    """The attention an ``attention_vjp`` node differentiates (its inputs without ``do``)."""
+    params = ir.Params((k, v) for k, v in node.params.items() if k != "wrt")
+    return Node("attention", node.inputs[:3] + node.inputs[4:], params, None)
+
+
+def attention_gradients(node: Node, args: Sequence[Any], attention_kernel: str = "auto") -> tuple[Any, Any, Any]:
+    """(dq, dk, dv) of an ``attention_vjp`` node's attention at its cotangent ``do``: the
+    attention lowered as `lower_attention` lowers it (the Pallas kernels' custom VJP runs the
+    flash backward), differentiated with `jax.vjp`."""
+    q, k, v, do, *mask = args
+    forward = attention_of_vjp(node)
+    out, pullback = jax.vjp(lambda q, k, v: lower_attention(forward, [q, k, v, *mask], attention_kernel), q, k, v)
+    return tuple(pullback(lax.convert_element_type(do, out.dtype)))
 
 
 def lower_attention_fp8(node: Node, args: Sequence[Any], attention_kernel: str = "auto",

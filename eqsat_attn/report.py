@@ -41,6 +41,9 @@ class AttentionInfo:
     #: the score a hidden position gets (None: the kernels' own, at or below -0.7 * float32 max)
     mask_fill: float | None = None
     softcap: float = 0.0  # logit soft-cap (scores become softcap * tanh(s / softcap)); 0: none
+    #: "dq", "dk" or "dv": a gradient of this attention (a jax.grad program's backward raised to
+    #: `attention_vjp`; the three of one attention run as one backward call), "" for the forward
+    gradient: str = ""
     #: where it runs when not at the top level: the body it sits in, outermost first
     #: ("scan body", "scan body > checkpoint body"; `eqsat_attn.nested`)
     inside: str = ""
@@ -60,6 +63,8 @@ class AttentionInfo:
             read = " ".join(self.cast_operands) or "nothing"
             cast = f", casts {read} to {short_dtype(self.compute_dtype)} in-kernel (cast prologue folded)"
         where = f"in {self.inside}: " if self.inside else ""
+        if self.gradient:
+            where += f"{self.gradient} of "
         return (
             f"{where}attention q={self.q_layout} k={self.k_layout} v={self.v_layout}{stored} o={self.o_layout}, "
             f"{mask}{gqa}, kernel={self.kernel}{f' ({self.backend})' if self.backend else ''}{cast}"
@@ -100,18 +105,19 @@ def attention_infos(program: Program, kernel: str) -> list[AttentionInfo]:
                 backend=_packed_backend(program, node) if kernel == "pallas" else "",
             ))
             continue
-        if node.op not in ("attention", "attention_fp8"):
+        if node.op not in ("attention", "attention_fp8", "attention_vjp"):
             continue
         p = node.params
         q_layout, k_layout = str(p["q_layout"]), str(p["k_layout"])
         heads = program.type_of(node.inputs[0]).shape[q_layout.index("H")]
         kv_heads = program.type_of(node.inputs[1]).shape[k_layout.index("H")]
-        compute = str(p.get("compute_dtype") or "") if node.op == "attention" else ""
+        compute = str(p.get("compute_dtype") or "") if node.op != "attention_fp8" else ""
         cast = tuple(
             f"{n}:{short_dtype(program.type_of(i).dtype)}" for n, i in zip("qkv", node.inputs[:3])
             if compute and program.type_of(i).dtype != compute
         )
-        node_kernel = kernel if node.op != "attention" or node_takes_pallas(p) else "reference"
+        node_kernel = kernel if node.op == "attention_fp8" or node_takes_pallas(p) else "reference"
+        gradient = ("dq", "dk", "dv")[int(p["wrt"])] if node.op == "attention_vjp" else ""
         infos.append(
             AttentionInfo(
                 v_layout="BHDS" if str(p["v_layout"]).endswith("S") else "BHSD",
@@ -125,10 +131,11 @@ def attention_infos(program: Program, kernel: str) -> list[AttentionInfo]:
                 groups=max(1, heads // max(1, kv_heads)),
                 compute_dtype=compute,
                 cast_operands=cast,
-                backend=_pallas_backend(program, node) if node_kernel == "pallas" else "",
+                backend=_pallas_backend(program, node) if node_kernel == "pallas" and not gradient else "",
                 mask_pattern=_mask_pattern(program, node),
                 mask_fill=float(p["mask_fill"]) if "mask_fill" in p.keys() else None,
                 softcap=float(p.get("softcap", 0.0)),
+                gradient=gradient,
             )
         )
     return infos
@@ -137,9 +144,10 @@ def attention_infos(program: Program, kernel: str) -> list[AttentionInfo]:
 def _mask_pattern(program: Program, node) -> str:
     """`mask_kinds.mask_kind` of an attention node's mask operand ("" without one)."""
     kind = node.params.get("mask_kind", "none")
-    if node.op != "attention" or kind == "none" or len(node.inputs) < 4:
+    position = {"attention": 3, "attention_vjp": 4}.get(node.op)  # the mask follows q, k, v (and do)
+    if position is None or kind == "none" or len(node.inputs) <= position:
         return ""
-    return mask_kind(program, node.inputs[3], additive=kind == "bias")
+    return mask_kind(program, node.inputs[position], additive=kind == "bias")
 
 
 def _packed_backend(program: Program, node) -> str:

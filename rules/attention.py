@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from egglog import String, eq, f64, i64, ne, union, var
 
-from eqsat_attn.egraph.language import KERNEL_FILL, IntVec, Term, attn_scores, causal_mask, dtype, ivec, perm_range, shape
+from eqsat_attn.egraph.language import (
+    KERNEL_FILL, IntVec, Term, attn_scores, causal_mask, dtype, ivec, perm_range, scores_cot, shape,
+)
 from eqsat_attn.egraph.rulesets import RuleSet, asking, rl, rw
 
 attention_raise = RuleSet(
@@ -351,6 +353,26 @@ def mask_normal_forms():
         yield rw(Term.binary(op, x, y), Term.binary("and", x, y), dtype(x) == String("bool"))
 
 
+def _op_dims(n_batch: int, n_free: int):
+    """(B, Hkv, H, Sq, D, Sk, Dv) of the op over a rank case's canonical operands, read off the
+    shapes ``ss`` (Q), ``sk_`` (Kᵀ) and ``sv`` (V); a second free axis of Q is its group of heads."""
+    sq = ss
+    if n_batch == 2 and n_free == 1:
+        b, hkv, g, s_q, d = sq[0], sq[1], None, sq[2], sq[3]
+    elif n_batch == 2:
+        b, hkv, g, s_q, d = sq[0], sq[1], sq[2], sq[3], sq[4]
+    elif n_batch == 1 and n_free == 1:
+        b, hkv, g, s_q, d = i64(1), sq[0], None, sq[1], sq[2]
+    elif n_batch == 1:
+        b, hkv, g, s_q, d = sq[0], i64(1), sq[1], sq[2], sq[3]
+    elif n_free == 1:
+        b, hkv, g, s_q, d = i64(1), i64(1), None, sq[0], sq[1]
+    else:
+        b, hkv, g, s_q, d = i64(1), i64(1), sq[0], sq[1], sq[2]
+    heads = hkv if g is None else hkv * g
+    return b, hkv, heads, s_q, d, sk_[n_batch + 1], sv[n_batch + 1]
+
+
 def _attention_4d(n_batch: int, n_free: int, swapped: bool = False):
     """(q4, k4, v4, mask4, out) builders: the canonical operands of a rank case viewed as the
     op's [B, H, Sq, D], Kᵀ [B, Hkv, D, Sk], V [B, Hkv, Sk, Dv] and mask [B, H, Sq, Sk] by reshapes
@@ -374,23 +396,8 @@ def _attention_4d(n_batch: int, n_free: int, swapped: bool = False):
             lambda t: Term.reshape(Term.transpose(t, swap), IntVec(b, heads, s_q, sk_[n_batch + 1])),
             lambda t: Term.transpose(Term.reshape(t, grouped), swap),
         )
-    sq = ss  # q's shape
-    if n_batch == 2 and n_free == 1:
-        b, hkv, g, s_q, d = sq[0], sq[1], None, sq[2], sq[3]
-    elif n_batch == 2:
-        b, hkv, g, s_q, d = sq[0], sq[1], sq[2], sq[3], sq[4]
-    elif n_batch == 1 and n_free == 1:
-        b, hkv, g, s_q, d = i64(1), sq[0], None, sq[1], sq[2]
-    elif n_batch == 1:
-        b, hkv, g, s_q, d = sq[0], i64(1), sq[1], sq[2], sq[3]
-    elif n_free == 1:
-        b, hkv, g, s_q, d = i64(1), i64(1), None, sq[0], sq[1]
-    else:
-        b, hkv, g, s_q, d = i64(1), i64(1), sq[0], sq[1], sq[2]
-    heads = hkv if g is None else hkv * g
-    s_k = sk_[n_batch + 1]
-    d_v = sv[n_batch + 1]
-    out_shape = IntVec(*[sq[i] for i in range(n_batch + n_free)], d_v)
+    b, hkv, heads, s_q, d, s_k, d_v = _op_dims(n_batch, n_free)
+    out_shape = IntVec(*[ss[i] for i in range(n_batch + n_free)], d_v)
     return (
         lambda t: Term.reshape(t, IntVec(b, heads, s_q, d)),
         lambda t: Term.reshape(t, IntVec(b, hkv, d, s_k)),
@@ -483,3 +490,106 @@ def expose_layouts():
         Term.attention(q, k, v, m, qa, ka, va, oa, scale, causal, mk, cd, fl, cap), [], "inverse", (oa, NONE, NONE, NONE), 1,
         lambda inv: Term.transpose(Term.attention(q, k, v, m, qa, ka, va, BHSD, scale, causal, mk, cd, fl, cap), inv),
     )
+
+
+# --- gradients: a jax.grad program's written-out attention backward reads P, so the forward alone
+# cannot become the op. `scores_cot` (language.py) follows the cotangent from the softmax's backward
+# back through the score modifications to Q·Kᵀ, where dQ, dK and dV become `Term.attention_vjp`
+# and P is no longer needed. The spellings are those jax.grad emits (jax.nn.softmax's VJP; the
+# transposes of mul, div, convert, add and select_n).
+
+g_, dp_, do_, pp_, xx_, rs_, sf_, kk_ = (var(n, Term) for n in ("g_", "dp_", "do_", "pp_", "xx_", "rs_", "sf_", "kk_"))
+
+
+def _softmax_vjp_forms(probs: Term, d_probs: Term, rank: int):
+    """softmax's VJP at cotangent d_probs, as jax.grad writes jax.nn.softmax's: with y = P * dP,
+    ``y + P * sum(-y)`` (the row sum possibly summed again over a kept unit axis)."""
+    last, keep = ivec([rank - 1]), perm_range(rank - 1)
+    prod = Term.binary("mul", probs, d_probs)
+    row = Term.reduce("reduce_sum", Term.unary("neg", prod), last)
+    for total in (row, Term.reduce("reduce_sum", Term.reshape(row, s3), last)):
+        yield prod, Term.binary("add", prod, Term.binary("mul", probs, Term.broadcast(total, s1, keep)))
+
+
+@attention_raise.family
+def softmax_backward():
+    """jax.grad's backward of softmax(s) · V at output cotangent do: P * dP - P * rowsum(P * dP)
+    with dP = do · Vᵀ (cast to float32 when P was cast to V's dtype) is the cotangent of the
+    scores s (`scores_cot`)."""
+    for n_batch, n_free in RANK_CASES:
+        rank = n_batch + n_free + 1
+        batch = perm_range(n_batch)
+        facts = (_scores(sf_, q, k, sc0, cap, m, mk, fl, causal, i64(n_batch)), shape(v).length() == i64(n_batch + 2))
+        d_out = Term.dot(do_, v, ivec([rank - 1]), ivec([n_batch + 1]), batch, batch, dt)
+        for d_probs in (d_out, Term.convert(d_out, String("float32"))):
+            for prod, form in _softmax_vjp_forms(Term.softmax(sf_), d_probs, rank):
+                yield rl(eq(e).to(form), *facts)(scores_cot(e, sf_, sf_, do_, v))
+
+
+@attention_raise.family
+def scores_backward():
+    """The cotangent of scores carries back through their modifications as jax.grad transposes
+    them: a scalar factor multiplies it again, a float32 widening is undone, an additive bias
+    passes it unchanged, and a where-mask zeroes it where the fill was taken."""
+    staged = (scores_cot(g_, s_, sf_, do_, v), _scores(x, q, k, sc0, cap, m, mk, fl, causal, nb))
+    for (form, _), cot in zip(_scaled(x), (
+        Term.binary("mul", g_, scalar(c, dt2, s1)), Term.binary("mul", scalar(c, dt2, s1), g_),
+        Term.binary("div", g_, scalar(c, dt2, s1)),
+    )):
+        yield rl(eq(s_).to(form), eq(e).to(cot), *staged)(scores_cot(e, x, sf_, do_, v))
+    yield rl(eq(s_).to(Term.convert(x, String("float32"))), eq(e).to(Term.convert(g_, dt)), dtype(x) == dt, *staged)(
+        scores_cot(e, x, sf_, do_, v)
+    )
+    for form in (Term.binary("add", x, z), Term.binary("add", z, x), Term.binary("sub", x, z)):
+        yield rl(eq(s_).to(form), *staged)(scores_cot(g_, x, sf_, do_, v))
+    # where(keep, s, fill) passes the cotangent where it keeps s; where(hide, fill, s) where it hides not
+    yield rl(eq(s_).to(Term.select(y, scalar(fl2, dt2, s1), x)), eq(e).to(Term.select(y, scalar(0.0, dt3, s2), g_)),
+             *staged)(scores_cot(e, x, sf_, do_, v))
+    yield rl(eq(s_).to(Term.select(y, x, scalar(fl2, dt2, s1))), eq(e).to(Term.select(y, g_, scalar(0.0, dt3, s2))),
+             *staged)(scores_cot(e, x, sf_, do_, v))
+
+
+@attention_raise.family
+def attention_gradients():
+    """Where the cotangent reaches Q·Kᵀ itself: g · K is Q's gradient and gᵀ · Q is K's, and
+    Pᵀ · do is V's (`Term.attention_vjp` of the attention the scores s define, with every rank
+    case's operands viewed as the op's, as the forward raising views them)."""
+    for n_batch, n_free in RANK_CASES:
+        rank = n_batch + n_free + 1
+        batch, free = perm_range(n_batch), ivec(range(n_batch, n_batch + n_free))
+        swap_k = ivec([*range(n_batch), n_batch + 1, n_batch])  # Kᵀ [batch.., D, Sk] <-> K [batch.., Sk, D]
+        q4, k4, v4, mask4, _ = _attention_4d(n_batch, n_free)
+        b, _, heads, s_q, _, _, d_v = _op_dims(n_batch, n_free)
+        shapes = (shape(q) == ss, ss.length() == i64(rank), shape(k) == sk_, shape(v) == sv, shape(do_) == s2,
+                  dtype(q) == dtq, dtype(k) == dtq, dtype(v) == dtq, dtype(do_) == dtq, dtype(e) == dtq)
+        for kind in ("none", "bias", "bool"):
+            facts = (_scores(sf_, q, k, sc0, cap, m, String(kind), fl, causal, i64(n_batch)), *shapes)
+            mask_term = NO_MASK if kind == "none" else mask4(m)
+
+            def grad(wrt: int) -> Term:
+                do4 = Term.reshape(do_, IntVec(b, heads, s_q, d_v))
+                return Term.attention_vjp(q4(q), k4(k), v4(v), do4, mask_term, BHSD, K_TRANSPOSED, BHSD, BHSD, sc0,
+                                          causal, String(kind), String(""), fl, cap, i64(wrt))
+
+            at_product = (scores_cot(g_, x, sf_, do_, v), eq(x).to(_canonical_qk(q, k, n_batch, rank)))
+            # Q's gradient: g · K (K as given, or Kᵀ contracted over its last axis)
+            yield rl(eq(e).to(Term.dot(g_, kk_, ivec([rank - 1]), ivec([n_batch]), batch, batch, dt)),
+                     eq(k).to(Term.transpose(kk_, swap_k)), *at_product, *facts)(union(e).with_(Term.reshape(grad(0), ss)))
+            yield rl(eq(e).to(Term.dot(g_, k, ivec([rank - 1]), ivec([n_batch + 1]), batch, batch, dt)),
+                     *at_product, *facts)(union(e).with_(Term.reshape(grad(0), ss)))
+            # K's gradient: gᵀ · Q summed over Q's free axes, in K's layout or in Kᵀ's
+            yield rl(eq(e).to(Term.dot(g_, q, free, free, batch, batch, dt)), *at_product, *facts)(
+                union(e).with_(Term.transpose(Term.reshape(grad(1), sk_), swap_k))
+            )
+            yield rl(eq(e).to(Term.dot(q, g_, free, free, batch, batch, dt)), *at_product, *facts)(
+                union(e).with_(Term.reshape(grad(1), sk_))
+            )
+            # V's gradient: Pᵀ · do (P possibly cast to V's dtype), as [batch.., Sk, Dv] or transposed
+            for probs in (Term.softmax(sf_), Term.convert(Term.softmax(sf_), dtq)):
+                seen = (scores_cot(g_, sf_, sf_, do_, v), *facts)
+                yield rl(eq(e).to(Term.dot(probs, do_, free, free, batch, batch, dt)), *seen)(
+                    union(e).with_(Term.reshape(grad(2), sv))
+                )
+                yield rl(eq(e).to(Term.dot(do_, probs, free, free, batch, batch, dt)), *seen)(
+                    union(e).with_(Term.transpose(Term.reshape(grad(2), sv), swap_k))
+                )

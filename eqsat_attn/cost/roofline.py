@@ -137,6 +137,7 @@ class Breakdown:
 
 
 _ZERO = Breakdown(0.0, 0.0, 0.0, 0.0, 0.0)
+BACKWARD_FLOPS_RATIO = 2.5  # flash attention's backward: five matmuls of the forward's size, against two
 
 
 class RooflineModel:
@@ -191,6 +192,8 @@ class RooflineModel:
             return self._dot(node)
         if op in ("attention", "attention_fp8"):  # fp8: q.dtype picks the fp8 efficiencies
             return self._attention(node)
+        if op == "attention_vjp":
+            return self._attention_vjp(node)
         if op == "packed_attention":
             return self._packed_attention(node)
         if op == "slice":
@@ -240,6 +243,20 @@ class RooflineModel:
         waves = -(-work // sms)
         padding = (m * n) / (-(-m // tm) * tm * -(-n // tn) * tn)
         return padding * work / (waves * sms)
+
+    def _attention_vjp(self, node: OpView) -> Breakdown:
+        """One of the three gradients of an attention. Lowering runs them as one call: the forward
+        (for its output and row statistics) and the flash backward, whose five matmuls are 2.5x
+        the forward's two; each gradient carries a third of that, at the forward kernel's rates
+        (an estimate until the backward is measured per row; bench/tune_backward.py)."""
+        params = {k: v for k, v in node.params.items() if k != "wrt"}
+        q, k, v, do, *mask = node.inputs
+        forward = self._attention(OpView("attention", params, (q, k, v, *mask), do))
+        share = (1.0 + BACKWARD_FLOPS_RATIO) / 3.0
+        return Breakdown(
+            forward.flops * share, (forward.bytes + q.nbytes + k.nbytes + v.nbytes + do.nbytes) / 3.0,
+            forward.compute_s * share, forward.memory_s * share, forward.launch_s, forward.extra_s, forward.variant,
+        )
 
     def _packed_attention(self, node: OpView) -> Breakdown:
         """Attention over the three entries of a packed Q/K/V array, each read in place."""

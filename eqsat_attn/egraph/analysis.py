@@ -137,6 +137,13 @@ def _rules():
     plain = Term.attention(a, b, c, m, qa, ka, va, oa, scale, causal, mk, String(""), fl, cap)
     yield rule(eq(e).to(plain), dtype(a) == dt, name="analysis.attention_dtype").then(set_(dtype(e)).to(dt))
     yield rule(eq(e).to(att), cd != String(""), name="analysis.attention_compute_dtype").then(set_(dtype(e)).to(cd))
+    # attention's gradients: the shape and dtype of the operand they differentiate
+    do_ = var("do", Term)
+    for wrt, operand in enumerate((a, b, c)):
+        vjp = Term.attention_vjp(a, b, c, do_, m, qa, ka, va, oa, scale, causal, mk, cd, fl, cap, i64(wrt))
+        yield rule(eq(e).to(vjp), shape(operand) == s, dtype(operand) == dt, name=f"analysis.attention_vjp{wrt}").then(
+            set_(shape(e)).to(s), set_(dtype(e)).to(dt),
+        )
     # fp8 attention: the same shape, dtype from its out_dtype
     qs, ks, vs = (var(n, Term) for n in ("qs", "ks", "vs"))
     att8 = Term.attention_fp8(a, b, c, qs, ks, vs, qa, ka, va, oa, scale, causal, mk)

@@ -20,6 +20,8 @@ ARG_KINDS: dict[str, tuple[str, ...]] = {
     "broadcast": ("T", "vec", "vec"), "reduce": ("str", "T", "vec"),
     "dot": ("T", "T", "vec", "vec", "vec", "vec", "str"),
     "attention": ("T", "T", "T", "T", "vec", "vec", "vec", "vec", "f64", "i64", "str", "str", "f64", "f64"),
+    "attention_vjp": ("T", "T", "T", "T", "T", "vec", "vec", "vec", "vec", "f64", "i64", "str", "str", "f64", "f64",
+                      "i64"),
     "no_mask": (), "opaque": ("i64", "L"), "output": ("T", "i64"),
     "attention_fp8": ("T", "T", "T", "T", "T", "T", "vec", "vec", "vec", "vec", "f64", "i64", "str"),
     "slice": ("T", "vec", "vec"), "concat": ("L", "i64"),
@@ -45,6 +47,8 @@ def split_args(ctor: str, args: list[Any]) -> tuple[list[Any], list[Any]]:
     statics = [a for k, a in zip(kinds, args, strict=True) if k not in ("T", "L")]
     if ctor == "attention" and statics[ATTENTION_MASK_KIND] == "none":
         tensors = tensors[:3]
+    if ctor == "attention_vjp" and statics[ATTENTION_MASK_KIND] == "none":
+        tensors = tensors[:4]
     if ctor == "packed_attention" and statics[-1] == "none":
         tensors = tensors[:1]
     return tensors, statics
@@ -98,6 +102,9 @@ def op_params(ctor: str, statics: list[Any]) -> tuple[str, dict[str, Any]]:
             params["compute_dtype"] = statics[7]
         params.update(score_mod_params(*statics[8:10]))
         return "attention", params
+    if ctor == "attention_vjp":
+        _, params = op_params("attention", statics[:10])
+        return "attention_vjp", {**params, "wrt": int(statics[10])}
     if ctor == "attention_fp8":
         return "attention_fp8", {**_attention_params(*statics[:6]), "out_dtype": statics[6]}
     if ctor == "slice":

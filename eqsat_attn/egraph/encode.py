@@ -78,7 +78,7 @@ class _Egg:
 
     CTORS = (
         "input", "literal", "constant", "iota", "unary", "binary", "integer_pow", "convert", "select", "softmax",
-        "transpose", "reshape", "broadcast", "reduce", "dot", "attention", "attention_fp8", "no_mask", "opaque",
+        "transpose", "reshape", "broadcast", "reduce", "dot", "attention", "attention_fp8", "attention_vjp", "no_mask", "opaque",
         "output", "slice", "concat", "packed_attention", *(f"fused{n}" for n in range(MAX_REGION_INPUTS + 1)),
     )
 
@@ -177,6 +177,15 @@ def _term(node: ir.Node, args: list[bindings.Var], enc: Encoding, egg: _Egg) -> 
             egg.string(str(p.get("compute_dtype") or "")),
             egg.f64(float(p.get("mask_fill", KERNEL_FILL))), egg.f64(float(p.get("softcap", 0.0))),
         )
+    if op == "attention_vjp":
+        mask = args[4] if len(args) > 4 else c("no_mask")
+        return c(
+            "attention_vjp", *args[:4], mask, *(vec(layout_to_axes(p[f"{n}_layout"])) for n in "qkvo"),
+            egg.f64(float(p["scale"])), egg.i64(int(bool(p["causal"]))), egg.string(p["mask_kind"]),
+            egg.string(str(p.get("compute_dtype") or "")),
+            egg.f64(float(p.get("mask_fill", KERNEL_FILL))), egg.f64(float(p.get("softcap", 0.0))),
+            egg.i64(int(p["wrt"])),
+        )
     if op == "attention_fp8":
         return c(
             "attention_fp8", *args[:6], *(vec(layout_to_axes(p[f"{n}_layout"])) for n in "qkvo"),
@@ -238,7 +247,7 @@ def _is_leaf_typed(node: ir.Node) -> bool:
         return not f64_holds_exactly(node.params["value"])
     return node.type is not None and node.op not in (
         "literal", "iota", "softmax", "transpose", "reshape", "broadcast_in_dim", "integer_pow",
-        "convert_element_type", "dot_general", "attention", "attention_fp8", "slice", "concatenate", "packed_attention",
+        "convert_element_type", "dot_general", "attention", "attention_fp8", "attention_vjp", "slice", "concatenate", "packed_attention",
         *ir.UNARY_OPS, *ir.BINARY_OPS, *ir.REDUCE_OPS,
     ) or node.op == "select_n" and len(node.inputs) != 3
 

@@ -60,7 +60,7 @@ _CTORS = {
     for name in (
         "input", "literal", "constant", "iota", "unary", "binary", "integer_pow", "convert", "select", "softmax",
         "transpose", "reshape", "broadcast", "reduce", "dot", "attention", "no_mask", "opaque", "output",
-        "attention_fp8",
+        "attention_fp8", "attention_vjp",
         "slice", "concat", "packed_attention",
     )
 }
@@ -82,8 +82,10 @@ def enode_view(egraph: EGraph, expr: Any, enc: Encoding, cache: dict | None = No
         return None
     args = get_callable_args(expr)
     tensor_args = [a for a in args if isinstance(a, Term)]
-    if ctor == "attention" and _py_cached(args[-2], cache) == "none":  # the mask operand is Term.no_mask()
-        tensor_args = tensor_args[:3]
+    if ctor in ("attention", "attention_vjp"):  # mask kind "none": the mask operand is Term.no_mask()
+        kind_position = ARG_KINDS[ctor].index("str")
+        if _py_cached(args[kind_position], cache) == "none":
+            tensor_args = tensor_args[:3 if ctor == "attention" else 4]
     if ctor == "packed_attention" and _py_cached(args[-1], cache) == "none":
         tensor_args = tensor_args[:1]
     if ctor == "concat":

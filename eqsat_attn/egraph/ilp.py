@@ -204,10 +204,11 @@ def _view(g: _Graph, nid: str, types: dict[str, ir.TensorType]) -> OpView | None
         mask_class = tensor_classes[1]
         if any(_ctor(g.nodes[m]["op"]) == ("Term", "no_mask") for m in g.class_nodes[mask_class]):
             tensor_classes = tensor_classes[:1]
-    if ctor == "attention":
-        mask_class = tensor_classes[3]
+    if ctor in ("attention", "attention_vjp"):
+        n_tensors = 3 if ctor == "attention" else 4  # q, k, v (and the gradient's do), then the mask
+        mask_class = tensor_classes[n_tensors]
         if any(_ctor(g.nodes[m]["op"]) == ("Term", "no_mask") for m in g.class_nodes[mask_class]):
-            tensor_classes = tensor_classes[:3]
+            tensor_classes = tensor_classes[:n_tensors]
     inputs = []
     for c in tensor_classes:
         if c not in types:

@@ -99,6 +99,17 @@ class Term(Expr):
         inside the kernel (a cast prologue folded in, rules/fusion.py), which is the result's dtype."""
 
     @classmethod
+    def attention_vjp(
+        cls, q: Term, k: Term, v: Term, do: Term, mask: Term, q_axes: IntVec, k_axes: IntVec,
+        v_axes: IntVec, o_axes: IntVec, scale: f64Like, causal: i64Like, mask_kind: StringLike,
+        compute_dtype: StringLike, fill: f64Like, softcap: f64Like, wrt: i64Like,
+    ) -> Term:
+        """The gradient of ``sum(attention(q, k, v, mask, ...) * do)`` with respect to q, k or v
+        (``wrt`` 0, 1, 2): attention's vector-Jacobian product at the cotangent ``do`` (o's layout),
+        in the layout of the operand it differentiates. The attention's arguments are those of
+        `attention`; the three gradients of one attention run as one backward kernel call."""
+
+    @classmethod
     def attention_fp8(
         cls, q: Term, k: Term, v: Term, q_scale: Term, k_scale: Term, v_scale: Term, q_axes: IntVec,
         k_axes: IntVec, v_axes: IntVec, o_axes: IntVec, scale: f64Like, causal: i64Like, out_dtype: StringLike,
@@ -218,6 +229,14 @@ kᵀ ([batch.., D, Sk]) with nb batch axes, with the Attention op's score semant
 soft-cap, additive or boolean mask, fill, causal flag). Rules in rules/attention.py derive it from
 every spelling libraries use; the raising rule reads it, so spellings and forms compose."""
 
+scores_cot = relation("scores_cot", Term, Term, Term, Term, Term)
+"""Gradient analysis: ``scores_cot(g, x, s, do, v)`` says g is the cotangent of x, a stage of the
+scores s (x is s, or what s was computed from: before its scale, bias, where-mask or widening),
+in ``sum((softmax(s) · v) * do)``: g is what a jax.grad program computes for x when the output
+cotangent is do. The gradient rules (rules/attention.py) derive it from the softmax's backward and
+carry it back through the score modifications to Q·Kᵀ, where Q's and K's gradients become
+`Term.attention_vjp`."""
+
 causal_mask = relation("causal_mask", Term)
 """Mask analysis: the term is a causal mask over its last two axes (query i keeps keys j <= i),
 as booleans or as a 0/1 indicator, broadcast over any leading axes."""
@@ -251,6 +270,6 @@ def fused(body, *inputs) -> Term:
 
 
 __all__ = [
-    "IntVec", "KERNEL_FILL", "MAX_REGION_INPUTS", "Term", "TermList", "answer", "ask", "attn_scores", "causal_mask", "concat_extent", "concat_need",
+    "IntVec", "KERNEL_FILL", "MAX_REGION_INPUTS", "Term", "TermList", "answer", "ask", "attn_scores", "causal_mask", "scores_cot", "concat_extent", "concat_need",
     "concat_shape", "dtype", "f64", "fused", "ivec", "list_dtype", "perm_range", "program_order", "shape",
 ]
