@@ -498,17 +498,27 @@ def expose_layouts():
 # and P is no longer needed. The spellings are those jax.grad emits (jax.nn.softmax's VJP; the
 # transposes of mul, div, convert, add and select_n).
 
-g_, dp_, do_, pp_, xx_, rs_, sf_, kk_ = (var(n, Term) for n in ("g_", "dp_", "do_", "pp_", "xx_", "rs_", "sf_", "kk_"))
+g_, do_, sf_, kk_, w_ = (var(n, Term) for n in ("g_", "do_", "sf_", "kk_", "w_"))
+pv_, rc_, rb_ = (var(n, IntVec) for n in ("pv_", "rc_", "rb_"))
 
 
 def _softmax_vjp_forms(probs: Term, d_probs: Term, rank: int):
-    """softmax's VJP at cotangent d_probs, as jax.grad writes jax.nn.softmax's: with y = P * dP,
-    ``y + P * sum(-y)`` (the row sum possibly summed again over a kept unit axis)."""
+    """(form, conditions): softmax's VJP at cotangent d_probs as jax.grad writes jax.nn.softmax's,
+    with y = P * dP, ``y + P * sum(-y)``; the row sum possibly reshaped and summed again over unit
+    axes only (jax.nn.dot_product_attention with one query head per K/V head sums two)."""
     last, keep = ivec([rank - 1]), perm_range(rank - 1)
     prod = Term.binary("mul", probs, d_probs)
     row = Term.reduce("reduce_sum", Term.unary("neg", prod), last)
-    for total in (row, Term.reduce("reduce_sum", Term.reshape(row, s3), last)):
-        yield prod, Term.binary("add", prod, Term.binary("mul", probs, Term.broadcast(total, s1, keep)))
+
+    def corrected(total: Term, dims: IntVec) -> Term:
+        return Term.binary("add", prod, Term.binary("mul", probs, Term.broadcast(total, s1, dims)))
+
+    yield corrected(row, keep), ()
+    yield corrected(Term.reduce("reduce_sum", Term.reshape(row, s3), last), keep), (s3[rank - 1] == i64(1),)
+    if rank >= 3:  # [.., G=1] row -> [.., 1, 1] summed over both: the row without its unit axis
+        twice = Term.reduce("reduce_sum", Term.reshape(row, s3), ivec([rank - 2, rank - 1]))
+        units = (s3.length() == i64(rank), s3[rank - 2] == i64(1), s3[rank - 1] == i64(1))
+        yield corrected(twice, perm_range(rank - 2)), units
 
 
 @attention_raise.family
@@ -522,8 +532,8 @@ def softmax_backward():
         facts = (_scores(sf_, q, k, sc0, cap, m, mk, fl, causal, i64(n_batch)), shape(v).length() == i64(n_batch + 2))
         d_out = Term.dot(do_, v, ivec([rank - 1]), ivec([n_batch + 1]), batch, batch, dt)
         for d_probs in (d_out, Term.convert(d_out, String("float32"))):
-            for prod, form in _softmax_vjp_forms(Term.softmax(sf_), d_probs, rank):
-                yield rl(eq(e).to(form), *facts)(scores_cot(e, sf_, sf_, do_, v))
+            for form, conditions in _softmax_vjp_forms(Term.softmax(sf_), d_probs, rank):
+                yield rl(eq(e).to(form), *conditions, *facts)(scores_cot(e, sf_, sf_, do_, v))
 
 
 @attention_raise.family
@@ -549,47 +559,87 @@ def scores_backward():
              *staged)(scores_cot(e, x, sf_, do_, v))
 
 
+def _gradient_views(n_batch: int, n_free: int, swapped: bool):
+    """(do4, q_back): the output cotangent viewed as the op's [B, H, Sq, Dv], and the op's
+    [B, H, Sq, D] gradient of Q viewed back as canonical Q (``swapped``: Q's free axes are (Sq, G))."""
+    b, _, heads, s_q, _, _, d_v = _op_dims(n_batch, n_free)
+    if not swapped:
+        return (lambda t: Term.reshape(t, IntVec(b, heads, s_q, d_v))), (lambda t: Term.reshape(t, ss))
+    perm = list(range(n_batch + 3))
+    perm[n_batch], perm[n_batch + 1] = perm[n_batch + 1], perm[n_batch]
+    swap = ivec(perm)
+    heads, s_q = (i64(1) if n_batch < 2 else ss[1]) * ss[n_batch + 1], ss[n_batch]
+    grouped = IntVec(*[ss[i] for i in range(n_batch)], ss[n_batch + 1], ss[n_batch], ss[n_batch + 2])
+    return (
+        lambda t: Term.reshape(Term.transpose(t, swap), IntVec(b, heads, s_q, d_v)),
+        lambda t: Term.transpose(Term.reshape(t, grouped), swap),
+    )
+
+
 @attention_raise.family
 def attention_gradients():
-    """Where the cotangent reaches Q·Kᵀ itself: g · K is Q's gradient and gᵀ · Q is K's, and
-    Pᵀ · do is V's (`Term.attention_vjp` of the attention the scores s define, with every rank
-    case's operands viewed as the op's, as the forward raising views them)."""
-    for n_batch, n_free in RANK_CASES:
+    """Where the cotangent reaches Q·Kᵀ itself: g · K is Q's gradient (times the factor when Q was
+    scaled before the product) and gᵀ · Q is K's, and Pᵀ · do is V's (`Term.attention_vjp` of the
+    attention the scores s define, with every rank case's operands viewed as the op's, as the
+    forward raising views them)."""
+    cases = [(n_batch, n_free, False) for n_batch, n_free in RANK_CASES]
+    cases += [(n_batch, n_free, True) for n_batch, n_free in RANK_CASES if n_free == 2]
+    for n_batch, n_free, swapped in cases:
         rank = n_batch + n_free + 1
         batch, free = perm_range(n_batch), ivec(range(n_batch, n_batch + n_free))
         swap_k = ivec([*range(n_batch), n_batch + 1, n_batch])  # Kᵀ [batch.., D, Sk] <-> K [batch.., Sk, D]
-        q4, k4, v4, mask4, _ = _attention_4d(n_batch, n_free)
-        b, _, heads, s_q, _, _, d_v = _op_dims(n_batch, n_free)
+        q4, k4, v4, mask4, _ = _attention_4d(n_batch, n_free, swapped)
+        do4, q_back = _gradient_views(n_batch, n_free, swapped)
         shapes = (shape(q) == ss, ss.length() == i64(rank), shape(k) == sk_, shape(v) == sv, shape(do_) == s2,
                   dtype(q) == dtq, dtype(k) == dtq, dtype(v) == dtq, dtype(do_) == dtq, dtype(e) == dtq)
+        flag = i64(0) if swapped else causal  # as in `attention`: no causal flag over (Sq, G)
         for kind in ("none", "bias", "bool"):
-            facts = (_scores(sf_, q, k, sc0, cap, m, String(kind), fl, causal, i64(n_batch)), *shapes)
+            facts = (_scores(sf_, q, k, sc0, cap, m, String(kind), fl, flag, i64(n_batch)), *shapes)
             mask_term = NO_MASK if kind == "none" else mask4(m)
 
             def grad(wrt: int) -> Term:
-                do4 = Term.reshape(do_, IntVec(b, heads, s_q, d_v))
-                return Term.attention_vjp(q4(q), k4(k), v4(v), do4, mask_term, BHSD, K_TRANSPOSED, BHSD, BHSD, sc0,
-                                          causal, String(kind), String(""), fl, cap, i64(wrt))
+                return Term.attention_vjp(q4(q), k4(k), v4(v), do4(do_), mask_term, BHSD, K_TRANSPOSED, BHSD, BHSD,
+                                          sc0, flag, String(kind), String(""), fl, cap, i64(wrt))
 
-            at_product = (scores_cot(g_, x, sf_, do_, v), eq(x).to(_canonical_qk(q, k, n_batch, rank)))
-            # Q's gradient: g · K (K as given, or Kᵀ contracted over its last axis)
-            yield rl(eq(e).to(Term.dot(g_, kk_, ivec([rank - 1]), ivec([n_batch]), batch, batch, dt)),
-                     eq(k).to(Term.transpose(kk_, swap_k)), *at_product, *facts)(union(e).with_(Term.reshape(grad(0), ss)))
-            yield rl(eq(e).to(Term.dot(g_, k, ivec([rank - 1]), ivec([n_batch + 1]), batch, batch, dt)),
-                     *at_product, *facts)(union(e).with_(Term.reshape(grad(0), ss)))
-            # K's gradient: gᵀ · Q summed over Q's free axes, in K's layout or in Kᵀ's
-            yield rl(eq(e).to(Term.dot(g_, q, free, free, batch, batch, dt)), *at_product, *facts)(
-                union(e).with_(Term.transpose(Term.reshape(grad(1), sk_), swap_k))
-            )
-            yield rl(eq(e).to(Term.dot(q, g_, free, free, batch, batch, dt)), *at_product, *facts)(
-                union(e).with_(Term.reshape(grad(1), sk_))
-            )
-            # V's gradient: Pᵀ · do (P possibly cast to V's dtype), as [batch.., Sk, Dv] or transposed
+            def d_query(form: Term) -> Term:
+                return Term.dot(g_, form, ivec([rank - 1]), ivec([n_batch]), batch, batch, dt)
+
+            # Q as given, or multiplied or divided by a scalar before the product (the scale's factor)
+            q_forms = [(q, lambda t: t)]
+            q_forms += [
+                (Term.binary("mul", q, scalar(c, dt2, s1)), lambda t: Term.binary("mul", t, scalar(c, dt2, s1))),
+                (Term.binary("mul", scalar(c, dt2, s1), q), lambda t: Term.binary("mul", scalar(c, dt2, s1), t)),
+                (Term.binary("div", q, scalar(c, dt2, s1)), lambda t: Term.binary("div", t, scalar(c, dt2, s1))),
+            ]
+            for q_form, chain in q_forms:
+                at_product = (scores_cot(g_, x, sf_, do_, v), eq(x).to(_canonical_qk(q_form, k, n_batch, rank)))
+                # Q's gradient: g · K (K as given, or Kᵀ contracted over its last axis)
+                yield rl(eq(e).to(chain(d_query(kk_))), eq(k).to(Term.transpose(kk_, swap_k)), *at_product, *facts)(
+                    union(e).with_(q_back(grad(0)))
+                )
+                yield rl(eq(e).to(chain(Term.dot(g_, k, ivec([rank - 1]), ivec([n_batch + 1]), batch, batch, dt))),
+                         *at_product, *facts)(union(e).with_(q_back(grad(0))))
+                # K's gradient: gᵀ · Q summed over Q's free axes, in K's layout or in Kᵀ's
+                yield rl(eq(e).to(Term.dot(g_, q_form, free, free, batch, batch, dt)), *at_product, *facts)(
+                    union(e).with_(Term.transpose(Term.reshape(grad(1), sk_), swap_k))
+                )
+                yield rl(eq(e).to(Term.dot(q_form, g_, free, free, batch, batch, dt)), *at_product, *facts)(
+                    union(e).with_(Term.reshape(grad(1), sk_))
+                )
+            # V's gradient: Pᵀ · do (P possibly cast to V's dtype), as [batch.., Sk, Dv] or transposed,
+            # with do as the scores' cotangent read it or in another layout (do = transpose(w, perm))
+            # (the free axes contracted in either order when there are two)
             for probs in (Term.softmax(sf_), Term.convert(Term.softmax(sf_), dtq)):
                 seen = (scores_cot(g_, sf_, sf_, do_, v), *facts)
-                yield rl(eq(e).to(Term.dot(probs, do_, free, free, batch, batch, dt)), *seen)(
-                    union(e).with_(Term.reshape(grad(2), sv))
-                )
-                yield rl(eq(e).to(Term.dot(do_, probs, free, free, batch, batch, dt)), *seen)(
-                    union(e).with_(Term.transpose(Term.reshape(grad(2), sv), swap_k))
-                )
+                d_value, d_value_t = Term.reshape(grad(2), sv), Term.transpose(Term.reshape(grad(2), sv), swap_k)
+                for axes in {tuple(range(n_batch, n_batch + n_free)), tuple(reversed(range(n_batch, n_batch + n_free)))}:
+                    pairs = ivec(axes)
+                    moved = (eq(do_).to(Term.transpose(w_, pv_)), rc_ == pairs.map(lambda i: pv_[i]),
+                             rb_ == batch.map(lambda i: pv_[i]))
+                    yield rl(eq(e).to(Term.dot(probs, do_, pairs, pairs, batch, batch, dt)), *seen)(union(e).with_(d_value))
+                    yield rl(eq(e).to(Term.dot(do_, probs, pairs, pairs, batch, batch, dt)), *seen)(
+                        union(e).with_(d_value_t))
+                    yield rl(eq(e).to(Term.dot(probs, w_, pairs, rc_, batch, rb_, dt)), *moved, *seen)(
+                        union(e).with_(d_value))
+                    yield rl(eq(e).to(Term.dot(w_, probs, rc_, pairs, rb_, batch, dt)), *moved, *seen)(
+                        union(e).with_(d_value_t))

@@ -23,10 +23,10 @@ def test_attention_corpus(case: Case):
         f"{case.name}: values changed (worst excess error {outcome.max_error:.3g})\n{outcome.after}")
     if case.positive:
         if case.name in KNOWN_UNRAISED:
-            if outcome.raised:
+            if outcome.fully_raised:
                 pytest.fail(f"{case.name} is raised now: remove it from KNOWN_UNRAISED in tests/attention_corpus.py")
             pytest.xfail(f"{case.name}: not raised: {KNOWN_UNRAISED[case.name]}")
-        assert outcome.raised >= 1, f"{case.name} ({case.source}) was not raised to attention:\n{outcome.after}"
+        assert outcome.fully_raised, f"{case.name} ({case.source}) was not raised to attention:\n{outcome.after}"
     else:
         if case.name in KNOWN_RAISED_NEGATIVES:
             if not outcome.raised:

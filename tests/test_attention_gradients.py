@@ -1,0 +1,170 @@
+"""jax.grad of written-out attention: the backward becomes `attention_vjp` (dq, dk, dv of one
+attention, run as one call) with the original gradients' values, over random inputs that include
+±0, denormals, large magnitudes, infinities and NaN."""
+
+from __future__ import annotations
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eqsat_attn as ea
+from eqsat_attn.cost import for_device
+
+from attention_corpus import LIMITS, excess_error, tolerance
+
+lower_module = importlib.import_module("eqsat_attn.lower")  # the package exports a function `lower`
+F32, BF16 = jnp.float32, jnp.bfloat16
+B, H, S, D = 2, 2, 8, 16
+
+
+def _inputs(seed: int, shapes, dtype=F32, specials: tuple[float, ...] = ()) -> tuple:
+    """Normal arrays with ±0, denormals and ±40 planted (and ``specials``, e.g. inf or NaN)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for shape in shapes:
+        flat = rng.standard_normal(int(np.prod(shape))).astype(np.float32)
+        planted = [0.0, -0.0, 1e-40, -1e-40, 40.0, -40.0, *specials]
+        flat[rng.permutation(flat.size)[:len(planted)]] = planted
+        out.append(jnp.asarray(flat.reshape(shape)).astype(dtype))
+    return tuple(out)
+
+
+def _softmax(s):
+    return jax.nn.softmax(s, axis=-1)
+
+
+def scaled(q, k, v):
+    return jnp.einsum("bhqk,bhkd->bhqd", _softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25), v)
+
+
+def one_head(q, k, v):
+    return _softmax(q @ k.T / 4.0) @ v
+
+
+def heads_in_batch(q, k, v):
+    return _softmax(jnp.einsum("nqd,nkd->nqk", q, k) * 0.25) @ v
+
+
+def causal_where(q, k, v):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25
+    keep = jnp.arange(S)[:, None] >= jnp.arange(S)[None, :]
+    return jnp.einsum("bhqk,bhkd->bhqd", _softmax(jnp.where(keep, s, jnp.finfo(F32).min)), v)
+
+
+def biased(q, k, v, bias):
+    return jnp.einsum("bhqk,bhkd->bhqd", _softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25 + bias), v)
+
+
+def key_padding(q, k, v, keep):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25
+    return jnp.einsum("bhqk,bhkd->bhqd", _softmax(jnp.where(keep[:, None, None, :], s, -1e9)), v)
+
+
+def bf16_f32_softmax(q, k, v):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * jnp.asarray(0.25, BF16)
+    p = _softmax(s.astype(F32)).astype(BF16)
+    return jnp.einsum("bhqk,bhkd->bhqd", p, v)
+
+
+BHSD = ((B, H, S, D),) * 3
+KEEP = jnp.asarray(np.arange(S)[None, :] < np.array([5, S])[:, None])
+CASES = {
+    "scaled": (scaled, BHSD, (), F32),
+    "one_head": (one_head, ((S, D),) * 3, (), F32),
+    "heads_in_batch": (heads_in_batch, ((B * H, S, D),) * 3, (), F32),
+    "causal_where": (causal_where, BHSD, (), F32),
+    "biased": (biased, BHSD, ((1, H, S, S),), F32),
+    "key_padding": (key_padding, BHSD, ("keep",), F32),
+    "bf16_f32_softmax": (bf16_f32_softmax, BHSD, (), BF16),
+}
+
+
+def _grad_fn(fn):
+    """jax.grad of sum(fn(q, k, v, *extra) * cotangent) with respect to q, k and v."""
+    def loss(q, k, v, *rest):
+        *extra, cot = rest
+        return jnp.sum(fn(q, k, v, *extra).astype(F32) * cot)
+
+    return jax.grad(loss, argnums=(0, 1, 2))
+
+
+def _args(name: str, seed: int, specials: tuple[float, ...] = ()) -> tuple:
+    fn, shapes, extra, dtype = CASES[name]
+    q, k, v = _inputs(seed, shapes, dtype, specials)
+    more = tuple(KEEP if e == "keep" else _inputs(seed + 1, (e,))[0] for e in extra)
+    out = jax.eval_shape(fn, q, k, v, *more)
+    (cot,) = _inputs(seed + 2, (out.shape,))
+    return (q, k, v, *more, cot)
+
+
+def _optimized(name: str):
+    return ea.optimize(_grad_fn(CASES[name][0]), cost_model=for_device("h100"), limits=LIMITS)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_gradients_raised_with_equal_values(name):
+    fn = _grad_fn(CASES[name][0])
+    optimized = _optimized(name)
+    args = _args(name, seed=len(name))
+    report = optimized.explain(*args)
+    assert sorted(info.gradient for info in report.attention) == ["dk", "dq", "dv"], str(report.after)
+    assert "softmax" not in {n.op for n in report.after.nodes}, "the backward still reads P"
+    got, want = optimized(*args), fn(*args)
+    assert excess_error(got, want, tolerance(args, want)) <= 0
+
+
+@pytest.mark.parametrize("special", [np.inf, -np.inf, np.nan])
+def test_gradients_keep_nonfinite_positions(special):
+    """An infinite or NaN entry in Q, K or V makes the same gradient entries NaN or infinite as
+    the written-out backward does."""
+    fn = _grad_fn(scaled)
+    optimized = _optimized("scaled")
+    args = _args("scaled", seed=7, specials=(special,))
+    got, want = optimized(*args), fn(*args)
+    assert any(not np.all(np.isfinite(np.asarray(w))) for w in want)  # the check is not vacuous
+    assert excess_error(got, want, tolerance(args, want)) <= 0
+
+
+def test_three_gradients_run_as_one_call(monkeypatch):
+    calls = []
+    original = lower_module.attention_gradients
+
+    def counting(node, args, kernel="auto"):
+        calls.append(node.inputs)
+        return original(node, args, kernel)
+
+    monkeypatch.setattr(lower_module, "attention_gradients", counting)
+    optimized = _optimized("scaled")
+    optimized(*_args("scaled", seed=3))
+    assert len(calls) == 1
+
+
+def test_gradient_of_a_nonlinear_loss():
+    """do depends on the forward output (sum(o²)): the forward runs as attention as well."""
+    def loss(q, k, v):
+        return jnp.sum(scaled(q, k, v) ** 2)
+
+    fn = jax.grad(loss, argnums=(0, 1, 2))
+    optimized = ea.optimize(fn, cost_model=for_device("h100"), limits=LIMITS)
+    args = _inputs(11, BHSD)
+    report = optimized.explain(*args)
+    assert {info.gradient for info in report.attention} >= {"dq", "dk", "dv"}
+    got, want = optimized(*args), fn(*args)
+    assert excess_error(got, want, tolerance(args, want)) <= 0
+
+
+def test_weights_also_used_keep_their_values():
+    """A loss that reads P itself (an attention-weights penalty) keeps the original values."""
+    def loss(q, k, v):
+        p = _softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25)
+        return jnp.sum(jnp.einsum("bhqk,bhkd->bhqd", p, v)) + jnp.sum(p * p)
+
+    fn = jax.grad(loss, argnums=(0, 1, 2))
+    optimized = ea.optimize(fn, cost_model=for_device("h100"), limits=LIMITS)
+    args = _inputs(13, BHSD)
+    got, want = optimized(*args), fn(*args)
+    assert excess_error(got, want, tolerance(args, want)) <= 0
