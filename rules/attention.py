@@ -463,6 +463,27 @@ def fold_operand_transpose():
 
 
 @attention_layout.family
+def fold_gradient_transpose():
+    """A transposed Q, K, V or output cotangent of an attention's gradient is the same operand
+    read in another layout (as for attention itself); the gradient of a transposed operand is
+    the transpose of the gradient of the operand."""
+    do_ = var("do_", Term)
+    args = dict(q=q, k=k, v=v, do=do_)
+    axes = {"q": qa, "k": ka, "v": va, "do": oa}
+    for name in ("q", "k", "v", "do"):
+        moved = {n: (Term.transpose(t, p) if n == name else t) for n, t in args.items()}
+        new_axes = {n: (a.map(lambda i: p[i]) if n == name else a) for n, a in axes.items()}
+        minor_axes = (3, 2) if name == "v" else (3,)
+        for minor in minor_axes:
+            for wrt, operand in enumerate(("q", "k", "v")):
+                before = Term.attention_vjp(moved["q"], moved["k"], moved["v"], moved["do"], m, qa, ka, va, oa, scale,
+                                            causal, mk, cd, fl, cap, i64(wrt))
+                after = Term.attention_vjp(q, k, v, do_, m, new_axes["q"], new_axes["k"], new_axes["v"], new_axes["do"],
+                                           scale, causal, mk, cd, fl, cap, i64(wrt))
+                yield rw(before, Term.transpose(after, p) if operand == name else after, p[axes[name][minor]] == i64(3))
+
+
+@attention_layout.family
 def fold_output_transpose():
     """A transpose of attention's output is attention writing another layout (D minor)."""
     yield from asking(

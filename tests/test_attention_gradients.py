@@ -168,3 +168,11 @@ def test_weights_also_used_keep_their_values():
     args = _inputs(13, BHSD)
     got, want = optimized(*args), fn(*args)
     assert excess_error(got, want, tolerance(args, want)) <= 0
+
+
+def test_gradients_read_operands_in_place():
+    """K's transpose for Q·Kᵀ folds into the gradient op's layouts: nothing is transposed."""
+    optimized = _optimized("scaled")
+    report = optimized.explain(*_args("scaled", seed=5))
+    assert [n.op for n in report.after.nodes if n.op == "transpose"] == []
+    assert {info.k_layout for info in report.attention} == {"BHSD"}
