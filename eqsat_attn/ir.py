@@ -29,8 +29,8 @@ Op vocabulary (params in brackets; output shape and dtype always come from `Node
   ``compute_dtype`` (absent by default): q, k and v are cast to it inside the kernel before the
   matmuls (a folded cast prologue, rules/fusion.py), and the result has that dtype.
 - ``attention_vjp[<attention's params>, wrt]``: inputs (q, k, v, do) or (q, k, v, do, mask): the
-  gradient of ``sum(attention(q, k, v[, mask]) * do)`` with respect to input ``wrt`` (0, 1, 2), in
-  that input's type (raised from a jax.grad program's written-out attention backward).
+  gradient of ``sum(attention(q, k, v[, mask]) * do)`` with respect to q, k, v or an additive bias
+  (``wrt`` 0, 1, 2, 3), in that input's type (raised from a jax.grad program's written-out attention backward).
 - ``attention_fp8[q_layout, k_layout, v_layout, o_layout, scale, causal, out_dtype]``: inputs
   (q8, k8, v8, q_scale, k_scale, v_scale): attention over the fp8 operands dequantized by their
   rank-0 float scales (x8 · s), result in ``out_dtype`` (eqsat_attn.kernels.fp8_attention).

@@ -290,13 +290,17 @@ def attention_of_vjp(node: Node) -> Node:
     return Node("attention", node.inputs[:3] + node.inputs[4:], params, None)
 
 
-def attention_gradients(node: Node, args: Sequence[Any], attention_kernel: str = "auto") -> tuple[Any, Any, Any]:
-    """(dq, dk, dv) of an ``attention_vjp`` node's attention at its cotangent ``do``: the
+def attention_gradients(node: Node, args: Sequence[Any], attention_kernel: str = "auto") -> tuple[Any, ...]:
+    """(dq, dk, dv[, dbias]) of an ``attention_vjp`` node's attention at its cotangent ``do``: the
     attention lowered as `lower_attention` lowers it (the Pallas kernels' custom VJP runs the
-    flash backward), differentiated with `jax.vjp`."""
+    flash backward, which also gives the bias gradient), differentiated with `jax.vjp`."""
     q, k, v, do, *mask = args
     forward = attention_of_vjp(node)
-    out, pullback = jax.vjp(lambda q, k, v: lower_attention(forward, [q, k, v, *mask], attention_kernel), q, k, v)
+    if node.params.get("mask_kind") == "bias":  # an additive bias is differentiable: wrt 3
+        out, pullback = jax.vjp(lambda q, k, v, b: lower_attention(forward, [q, k, v, b], attention_kernel), q, k, v,
+                                *mask)
+    else:
+        out, pullback = jax.vjp(lambda q, k, v: lower_attention(forward, [q, k, v, *mask], attention_kernel), q, k, v)
     return tuple(pullback(lax.convert_element_type(do, out.dtype)))
 
 

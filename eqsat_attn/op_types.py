@@ -120,8 +120,9 @@ def infer_type(op: str, params: Mapping[str, Any], inputs: Sequence[TensorType])
         qa = [params["q_layout"].index(c) for c in "BHSD"]
         logical = {"B": q.shape[qa[0]], "H": q.shape[qa[1]], "S": q.shape[qa[2]], "D": v.shape[params["v_layout"].index("D")]}
         return TensorType(tuple(logical[c] for c in params["o_layout"]), params.get("compute_dtype") or q.dtype)
-    if op == "attention_vjp":  # the gradient of q, k or v: that operand's type
-        return inputs[int(params["wrt"])]
+    if op == "attention_vjp":  # the gradient of q, k, v or the bias (after do): that operand's type
+        wrt = int(params["wrt"])
+        return inputs[wrt if wrt < 3 else 4]
     if op == "attention_fp8":
         out = infer_type("attention", params, inputs[:3])
         return TensorType(out.shape, str(params["out_dtype"]))

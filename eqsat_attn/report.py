@@ -41,7 +41,7 @@ class AttentionInfo:
     #: the score a hidden position gets (None: the kernels' own, at or below -0.7 * float32 max)
     mask_fill: float | None = None
     softcap: float = 0.0  # logit soft-cap (scores become softcap * tanh(s / softcap)); 0: none
-    #: "dq", "dk" or "dv": a gradient of this attention (a jax.grad program's backward raised to
+    #: "dq", "dk", "dv" or "dbias": a gradient of this attention (a jax.grad program's backward raised to
     #: `attention_vjp`; the three of one attention run as one backward call), "" for the forward
     gradient: str = ""
     #: where it runs when not at the top level: the body it sits in, outermost first
@@ -117,7 +117,7 @@ def attention_infos(program: Program, kernel: str) -> list[AttentionInfo]:
             if compute and program.type_of(i).dtype != compute
         )
         node_kernel = kernel if node.op == "attention_fp8" or node_takes_pallas(p) else "reference"
-        gradient = ("dq", "dk", "dv")[int(p["wrt"])] if node.op == "attention_vjp" else ""
+        gradient = ("dq", "dk", "dv", "dbias")[int(p["wrt"])] if node.op == "attention_vjp" else ""
         infos.append(
             AttentionInfo(
                 v_layout="BHDS" if str(p["v_layout"]).endswith("S") else "BHSD",

@@ -475,7 +475,7 @@ def fold_gradient_transpose():
         new_axes = {n: (a.map(lambda i: p[i]) if n == name else a) for n, a in axes.items()}
         minor_axes = (3, 2) if name == "v" else (3,)
         for minor in minor_axes:
-            for wrt, operand in enumerate(("q", "k", "v")):
+            for wrt, operand in enumerate(("q", "k", "v", "bias")):
                 before = Term.attention_vjp(moved["q"], moved["k"], moved["v"], moved["do"], m, qa, ka, va, oa, scale,
                                             causal, mk, cd, fl, cap, i64(wrt))
                 after = Term.attention_vjp(q, k, v, do_, m, new_axes["q"], new_axes["k"], new_axes["v"], new_axes["do"],
@@ -600,7 +600,8 @@ def _gradient_views(n_batch: int, n_free: int, swapped: bool):
 @attention_raise.family
 def attention_gradients():
     """Where the cotangent reaches Q·Kᵀ itself: g · K is Q's gradient (times the factor when Q was
-    scaled before the product) and gᵀ · Q is K's, and Pᵀ · do is V's (`Term.attention_vjp` of the
+    scaled before the product) and gᵀ · Q is K's, Pᵀ · do is V's, and the cotangent where a bias
+    was added is the bias's (`Term.attention_vjp` of the
     attention the scores s define, with every rank case's operands viewed as the op's, as the
     forward raising views them)."""
     cases = [(n_batch, n_free, False) for n_batch, n_free in RANK_CASES]
@@ -647,6 +648,12 @@ def attention_gradients():
                 yield rl(eq(e).to(Term.dot(q_form, g_, free, free, batch, batch, dt)), *at_product, *facts)(
                     union(e).with_(Term.reshape(grad(1), sk_))
                 )
+            # an additive bias's gradient: the cotangent where the bias was added (full-shaped there)
+            if kind == "bias":
+                for form in (Term.binary("add", x, m), Term.binary("add", m, x)):
+                    yield rl(eq(s_).to(form), scores_cot(g_, s_, sf_, do_, v), shape(m) == s3, dtype(m) == dtq, *facts)(
+                        union(g_).with_(Term.reshape(grad(3), s3))
+                    )
             # V's gradient: Pᵀ · do (P possibly cast to V's dtype), as [batch.., Sk, Dv] or transposed,
             # with do as the scores' cotangent read it or in another layout (do = transpose(w, perm))
             # (the free axes contracted in either order when there are two)

@@ -176,3 +176,21 @@ def test_gradients_read_operands_in_place():
     report = optimized.explain(*_args("scaled", seed=5))
     assert [n.op for n in report.after.nodes if n.op == "transpose"] == []
     assert {info.k_layout for info in report.attention} == {"BHSD"}
+
+
+@pytest.mark.parametrize("bias_shape", [(B, H, S, S), (1, H, S, S)])
+def test_bias_gradient_raised(bias_shape):
+    """The bias's gradient is the op's too (a broadcast bias sums it over the broadcast axes)."""
+    def loss(q, k, v, bias, cot):
+        return jnp.sum(biased(q, k, v, bias) * cot)
+
+    fn = jax.grad(loss, argnums=(0, 1, 2, 3))
+    optimized = ea.optimize(fn, cost_model=for_device("h100"), limits=LIMITS)
+    q, k, v = _inputs(17, BHSD)
+    (bias,) = _inputs(18, (bias_shape,))
+    (cot,) = _inputs(19, (BHSD[0],))
+    report = optimized.explain(q, k, v, bias, cot)
+    assert sorted(info.gradient for info in report.attention) == ["dbias", "dk", "dq", "dv"], str(report.after)
+    assert report.not_attention == []
+    got, want = optimized(q, k, v, bias, cot), fn(q, k, v, bias, cot)
+    assert excess_error(got, want, tolerance((q, k, v, bias), want)) <= 0

@@ -253,9 +253,12 @@ class RooflineModel:
         q, k, v, do, *mask = node.inputs
         forward = self._attention(OpView("attention", params, (q, k, v, *mask), do))
         share = (1.0 + BACKWARD_FLOPS_RATIO) / 3.0
+        nbytes = (forward.bytes + q.nbytes + k.nbytes + v.nbytes + do.nbytes) / 3.0
+        written = node.output.nbytes if int(node.params["wrt"]) == 3 else 0.0  # dbias: the scores' size
         return Breakdown(
-            forward.flops * share, (forward.bytes + q.nbytes + k.nbytes + v.nbytes + do.nbytes) / 3.0,
-            forward.compute_s * share, forward.memory_s * share, forward.launch_s, forward.extra_s, forward.variant,
+            forward.flops * share, nbytes + written, forward.compute_s * share,
+            forward.memory_s * share + written / self.device.bandwidth, forward.launch_s, forward.extra_s,
+            forward.variant,
         )
 
     def _packed_attention(self, node: OpView) -> Breakdown:

@@ -139,7 +139,7 @@ def _rules():
     yield rule(eq(e).to(att), cd != String(""), name="analysis.attention_compute_dtype").then(set_(dtype(e)).to(cd))
     # attention's gradients: the shape and dtype of the operand they differentiate
     do_ = var("do", Term)
-    for wrt, operand in enumerate((a, b, c)):
+    for wrt, operand in enumerate((a, b, c, m)):
         vjp = Term.attention_vjp(a, b, c, do_, m, qa, ka, va, oa, scale, causal, mk, cd, fl, cap, i64(wrt))
         yield rule(eq(e).to(vjp), shape(operand) == s, dtype(operand) == dt, name=f"analysis.attention_vjp{wrt}").then(
             set_(shape(e)).to(s), set_(dtype(e)).to(dt),

@@ -104,8 +104,8 @@ class Term(Expr):
         v_axes: IntVec, o_axes: IntVec, scale: f64Like, causal: i64Like, mask_kind: StringLike,
         compute_dtype: StringLike, fill: f64Like, softcap: f64Like, wrt: i64Like,
     ) -> Term:
-        """The gradient of ``sum(attention(q, k, v, mask, ...) * do)`` with respect to q, k or v
-        (``wrt`` 0, 1, 2): attention's vector-Jacobian product at the cotangent ``do`` (o's layout),
+        """The gradient of ``sum(attention(q, k, v, mask, ...) * do)`` with respect to q, k, v or
+        the mask operand when it is an additive bias (``wrt`` 0, 1, 2, 3): attention's vector-Jacobian product at the cotangent ``do`` (o's layout),
         in the layout of the operand it differentiates. The attention's arguments are those of
         `attention`; the three gradients of one attention run as one backward kernel call."""
 
