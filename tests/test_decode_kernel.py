@@ -150,6 +150,17 @@ def test_causal_softcap_and_masks(no_reference):
         assert_close(got, want, 2e-5, f"o causal={causal}")
 
 
+def test_several_row_blocks(no_reference):
+    """8 query heads per kv head x 16 queries = 128 rows: two row blocks of 64, each with its own
+    rows of a per-head per-query mask and its own query positions for the causal flag."""
+    q, k, v = (x[:1] for x in inputs(20, 16, 8, sk=64))
+    mask = np.random.default_rng(20).random((1, 16, 16, 64)) > 0.4
+    mask[..., 0] = True
+    assert decode_tiles(1, HKV, 8 * 16, 64, D).block_rows == 64
+    got = run(q, k, v, "BHDS", scale=0.3, causal=True, mask=jnp.asarray(mask), splits=2)
+    assert_close(got, np_attention(q, k, v, scale=0.3, causal=True, keep=mask), 2e-5, "o")
+
+
 def test_key_padding_mask_with_empty_row(no_reference):
     """A [B,1,1,Sk] key-padding mask (read once per kv head) hiding every key of one batch."""
     q, k, v = inputs(8, 3, 4)

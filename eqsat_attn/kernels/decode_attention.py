@@ -22,7 +22,7 @@ finite fill); and where some other row's log-sum-exp is not `GUARD_MARGIN` above
 or any result is not finite (NaN / Inf inputs, scores overflowing), `lax.cond` runs
 `attention_reference` on the whole call instead. So the result is the op's up to float
 reassociation. Gradients (decode is inference) are `flash_attention`'s: the backward recomputes
-through it. No Mosaic GPU variant: its lowering could not be checked without a GPU.
+through it. No Mosaic GPU variant yet (not built; the Triton kernel is memory bound).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .flash_attention import GUARD_MARGIN, MIN_BLOCK, _next_pow2, _pad_to, _relayout, _round_up, _spec, flash_attention
+from .flash_attention import GUARD_MARGIN, MIN_BLOCK, flash_attention
 from .masks import index_keep, mask_4d
 from .reference import CANONICAL, MASK_VALUE, attention_reference, check_shapes, kernel_layout_error
 
@@ -52,6 +52,36 @@ DECODE_MIN_KEYS = 1024
 TARGET_PROGRAMS = 512
 MIN_BLOCKS_PER_SPLIT = 4  # a split walks at least this many key tiles (the combine stays small)
 MAX_BLOCK_ROWS = 64  # rows (group heads x queries) per program; more rows make more row blocks
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _relayout(x: jax.Array, source: str, target: str) -> jax.Array:
+    perm = tuple(source.index(a) for a in target)
+    return x if perm == tuple(range(x.ndim)) else jnp.transpose(x, perm)
+
+
+def _pad_to(x: jax.Array, layout: str, sizes: dict[str, int]) -> jax.Array:
+    """Zero-pad the axes of ``x`` (stored in ``layout``) named in ``sizes`` up to those sizes."""
+    widths = [(0, sizes.get(a, n) - n) for a, n in zip(layout, x.shape)]
+    return x if not any(w for _, w in widths) else jnp.pad(x, widths)
+
+
+def _cache_spec(layout: str, sk_p: int, d_p: int) -> pl.BlockSpec:
+    """A program's whole [Sk, D] (or [D, Sk]) slab of K or V, stored in ``layout``: B and H
+    squeezed and addressed by the grid's batch and kv head ids, S and D whole."""
+    shape = tuple({"S": sk_p, "D": d_p}.get(a) for a in layout)
+
+    def index_map(bi, hi, ri, si):
+        return tuple({"B": bi, "H": hi}.get(a, 0) for a in layout)
+
+    return pl.BlockSpec(shape, index_map)
 
 
 def takes_decode(sq: int, sk: int, *, has_bias: bool = False) -> bool:
@@ -202,11 +232,10 @@ def _forward(q, k, v, mask4, kv_lengths, cfg: _Config, layouts: dict) -> tuple[j
     kp = _pad_to(k, kl, {"S": sk_p, "D": d_p})  # copies only for Sk / D off the tiles
     vp = _pad_to(v, vl, {"S": sk_p, "D": dv_p})
     info = jnp.zeros((b, 4), jnp.int32).at[:, 0].set(_key_end(b, sq, sk, cfg.causal, kv_lengths))
-    kv_idx = {"B": lambda bi, hi, ri, si: bi, "H": lambda bi, hi, ri, si: hi}
     in_specs = [
         pl.BlockSpec((None, None, t.block_rows, d_p), lambda bi, hi, ri, si: (bi, hi, ri, 0)),
-        _spec(kl, {"S": sk_p, "D": d_p}, kv_idx),
-        _spec(vl, {"S": sk_p, "D": dv_p}, kv_idx),
+        _cache_spec(kl, sk_p, d_p),
+        _cache_spec(vl, sk_p, dv_p),
         pl.BlockSpec((None, 4), lambda bi, hi, ri, si: (bi, 0)),
     ]
     args = [qr, kp, vp, info]
