@@ -358,6 +358,10 @@ def test_roofline_prices_decode_once_per_kv_head():
     assert h100.breakdown(node(512)).variant == "standard"
     assert for_device("cpu").breakdown(node(32768)).variant != "decode"
     assert for_device("h100", "reference").breakdown(node(32768)).variant == "reference"
+    fp8 = node(32768)
+    fp8 = OpView("attention_fp8", fp8.params, tuple(ir.TensorType(t.shape, "float8_e4m3fn") for t in fp8.inputs),
+                 fp8.output)
+    assert h100.breakdown(fp8).variant == "standard"  # lowered to the flash fp8 kernel, priced as it
 
 
 # --- Triton lowering without a GPU ------------------------------------------------------------

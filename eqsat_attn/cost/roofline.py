@@ -314,7 +314,8 @@ class RooflineModel:
         dv = v.shape[vl.index("D")]
         causal = bool(p.get("causal"))
         variant = self.attention_variant(node)
-        if variant != "reference" and d.decode_bandwidth_fraction > 0 and node_takes_decode(p, sq, sk):
+        if node.op == "attention" and variant != "reference" and d.decode_bandwidth_fraction > 0 \
+                and node_takes_decode(p, sq, sk):  # fp8 attention runs the flash fp8 kernel
             return self._decode_attention(node)
         # the kernel computes whole tiles: sequence lengths count rounded up to its tile
         sq_t, sk_t = (sq, sk) if d.einsum_attention else (_tiled(sq), _tiled(sk))
