@@ -235,6 +235,17 @@ def test_layouts_and_compute_dtype(no_reference):
     assert_close(bshd(got), want, 1e-2, "o")
 
 
+def test_head_dims_off_the_tiles_and_rank_one_mask(no_reference):
+    """D 20 and Dv 12 (zero-padded to 32 and 16 inside), a mask given as one [Sk] row."""
+    rng = np.random.default_rng(21)
+    q, k = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((2, 4, 3, 20), (2, 2, 90, 20)))
+    v = jnp.asarray(rng.normal(size=(2, 2, 90, 12)), jnp.float32)
+    keep = rng.random(90) > 0.5
+    got = run(q, k, v, "BHDS", scale=0.2, causal=False, mask=jnp.asarray(keep), splits=3)
+    assert got.shape == (2, 4, 3, 12)
+    assert_close(got, np_attention(q, k, v, scale=0.2, keep=keep), 2e-5, "o")
+
+
 def test_gradients_are_the_flash_kernels(no_reference):
     """Decode is inference; its vjp recomputes through flash_attention's kernels: float64 grads."""
     q, k, v = (x[:1, :2] for x in inputs(15, 2, 2, sk=48))  # one batch, one kv head: a small grid
