@@ -101,11 +101,14 @@ def sentinel_reference(monkeypatch):
     monkeypatch.setattr(da, "_reference", lambda q, *a: jnp.full(q.shape, 7.0, q.dtype))
 
 
-def run(q, k, v, v_layout="BHSD", **kw):
+def run(q, k, v, v_layout="BHSD", *, kv_lengths=None, mask=None, **kw):
+    """decode_attention in interpret mode, jitted whole (one compilation), V stored in v_layout."""
     if v_layout == "BHDS":
         v = jnp.swapaxes(v, 2, 3)
     kw.setdefault("block_k", 16)
-    return decode_attention(q, k, v, v_layout=v_layout, interpret=True, **kw)
+    fn = lambda q, k, v, kv_lengths, mask: decode_attention(  # noqa: E731
+        q, k, v, v_layout=v_layout, kv_lengths=kv_lengths, mask=mask, interpret=True, **kw)
+    return jax.jit(fn)(q, k, v, kv_lengths, mask)
 
 
 # --- values ---------------------------------------------------------------------------------
@@ -251,8 +254,8 @@ def test_gradients_are_the_flash_kernels(no_reference):
     q, k, v = (x[:1, :2] for x in inputs(15, 2, 2, sk=48))  # one batch, one kv head: a small grid
     do = jnp.asarray(np.random.default_rng(15).normal(size=(1, 2, 2, D)), jnp.float32)
     fn = lambda q, k, v: run(q, k, v, "BHDS", scale=0.25, causal=True)  # noqa: E731
-    o, vjp = jax.vjp(fn, q, k, v)  # run() stores V transposed
-    dq, dk, dv = vjp(do)
+    # one jitted forward and backward (compiles once: half the time of eager vjp calls)
+    o, (dq, dk, dv) = jax.jit(lambda q, k, v, do: (lambda o, vjp: (o, vjp(do)))(*jax.vjp(fn, q, k, v)))(q, k, v, do)
     want = np_attention(q, k, v, do, scale=0.25, causal=True)
     assert_close(o, want[0], 2e-5, "o")
     for name, got, w in (("dq", dq, want[1]), ("dk", dk, want[2]), ("dv", dv, want[3])):
