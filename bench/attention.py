@@ -127,7 +127,7 @@ def decode_shapes(quick: bool) -> list[DecodeShape]:
     return out
 
 
-DECODE_SMOKE_SHAPES = [DecodeShape(1, 4, 2, 1, 1024, 32), DecodeShape(1, 4, 1, 4, 1024, 32)]
+DECODE_SMOKE_SHAPES = [DecodeShape(1, 4, 2, 1, 256, 32), DecodeShape(1, 4, 1, 4, 256, 16)]  # the kernel called directly
 
 
 def decode_implementations(shape: DecodeShape, interpret: bool) -> dict[str, tuple[Callable, str]]:
@@ -157,21 +157,28 @@ def decode_implementations(shape: DecodeShape, interpret: bool) -> dict[str, tup
 
 
 def make_decode_inputs(shape: DecodeShape, seed: int = 0) -> dict[str, jax.Array]:
-    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-    dtype = jnp.dtype(shape.dtype)
-    q = jax.random.normal(kq, (shape.b, shape.h, shape.sq, shape.d), dtype)
-    k, v = (jax.random.normal(key, (shape.b, shape.hkv, shape.sk, shape.d), dtype) for key in (kk, kv))
-    a = {"q": q, "k": k, "v": v, "vt": jnp.swapaxes(v, 2, 3)}
-    for name in ("q", "k", "v"):
-        a[f"{name}_bshd"] = jnp.swapaxes(a[name], 1, 2)
-    return jax.block_until_ready(a)
+    """q [B,H,Sq,D], the caches k, v [B,Hkv,Sk,D], vt (V transposed) and [B,S,H,D] copies: one jit."""
+    @jax.jit
+    def make(key):
+        kq, kk, kv = jax.random.split(key, 3)
+        dtype = jnp.dtype(shape.dtype)
+        q = jax.random.normal(kq, (shape.b, shape.h, shape.sq, shape.d), dtype)
+        k, v = (jax.random.normal(key, (shape.b, shape.hkv, shape.sk, shape.d), dtype) for key in (kk, kv))
+        a = {"q": q, "k": k, "v": v, "vt": jnp.swapaxes(v, 2, 3)}
+        for name in ("q", "k", "v"):
+            a[f"{name}_bshd"] = jnp.swapaxes(a[name], 1, 2)
+        return a
+
+    return jax.block_until_ready(make(jax.random.key(seed)))
 
 
 def decode_reference_subset(shape: DecodeShape, a: dict[str, jax.Array]) -> jax.Array:
     """Reference output for batch 0, query heads 0-1 (and the kv heads they read), float32."""
     kv_heads = 1 if shape.h // shape.hkv >= 2 else 2
-    sub = [a["q"][:1, :2]] + [a[n][:1, :kv_heads] for n in ("k", "v")]
-    return attention_reference(*(x.astype(jnp.float32) for x in sub), scale=shape.d ** -0.5, causal=False)
+    reference = jax.jit(lambda q, k, v: attention_reference(
+        q[:1, :2].astype(jnp.float32), k[:1, :kv_heads].astype(jnp.float32), v[:1, :kv_heads].astype(jnp.float32),
+        scale=shape.d ** -0.5, causal=False))
+    return reference(a["q"], a["k"], a["v"])
 
 
 def _stock_mha() -> Callable | None:
