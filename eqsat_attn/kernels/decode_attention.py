@@ -41,8 +41,8 @@ from .masks import index_keep, mask_4d
 from .reference import CANONICAL, MASK_VALUE, attention_reference, check_shapes, kernel_layout_error
 
 #: Lowering sends an attention to this kernel (on the Pallas backend) when it has at most
-#: DECODE_MAX_QUERIES queries and at least DECODE_MIN_KEYS keys, no additive bias, and a fill the
-#: kernels take. 16 queries: one Triton dot tile of rows (speculative decoding's few tokens); with
+#: DECODE_MAX_QUERIES queries and at least DECODE_MIN_KEYS keys and no additive bias (a fill the
+#: Pallas kernels cannot honour, NaN or +inf, already sent the call to the reference). 16 queries: one Triton dot tile of rows (speculative decoding's few tokens); with
 #: more, the flash kernel's query tiles already fill the GPU. 1024 keys (16 key tiles of 64):
 #: below that a program's walk over the cache is short, and splitting it buys less than the
 #: combine step's launch costs. ESTIMATE until `bench/attention.py --decode` measures it on a GPU.
@@ -125,6 +125,8 @@ def decode_tiles(b: int, hkv: int, rows: int, sk: int, head_dim: int, *, block_k
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
+    """A call's static parameters (hashable: a custom_vjp nondiff argument and the kernel's)."""
+
     scale: float
     causal: bool
     sq: int
