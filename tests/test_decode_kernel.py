@@ -165,11 +165,15 @@ def test_several_row_blocks(no_reference):
 
 
 def test_key_padding_mask_with_empty_row(no_reference):
-    """A [B,1,1,Sk] key-padding mask (read once per kv head) hiding every key of one batch."""
+    """A [B,1,1,Sk] key-padding mask (read once per kv head) hiding every key of one batch; the
+    programs walk only the tiles up to the last kept key (a padded cache given as a mask)."""
     q, k, v = inputs(8, 3, 4)
     keep = lengths_keep([SK, 9, 0])
+    keep[1, ..., 30] = True  # a hole-y mask: keys 0-8 and 30
     got = run(q, k, v, scale=0.5, causal=False, mask=jnp.asarray(keep), splits=2)
     assert_close(got, np_attention(q, k, v, scale=0.5, keep=keep), 2e-5, "o")
+    ends = da._key_end(B, 3, SK, False, jnp.asarray([SK, SK, 5]), jnp.asarray(keep))
+    np.testing.assert_array_equal(np.asarray(ends), [SK, 31, 0])
 
 
 def test_near_overflow_scores_on_the_kernel_path(no_reference):

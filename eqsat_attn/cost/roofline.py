@@ -66,7 +66,8 @@ time = max(flops / (peak[dtype] x efficiency), bytes / bandwidth) + launch overh
   memory bound, it reads the KV cache once per kv head (GQA: not once per query head), so
   bytes = q + k + v (+ mask) + o + the per-split partial outputs and log-sum-exps (written by the
   kernel, read by the combine), at ``decode_bandwidth_fraction`` of the bandwidth; causal reads
-  only the first tile of keys (top-left aligned: query i sees keys j <= i). FLOPs count the
+  only the first tile of keys (top-left aligned: query i sees keys j <= i); cache lengths and
+  masks are run-time values, so the whole cache is counted (an upper bound). FLOPs count the
   kernel's padded rows (group heads x queries, at least 16). Two launches (kernel, combine).
   An ESTIMATE until `bench/attention.py --decode` measures the kernel on a GPU.
 """

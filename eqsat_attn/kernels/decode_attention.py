@@ -8,7 +8,8 @@ whole cache alone, and every head of a GQA group reads its kv head's K and V aga
   kv·G + g, position i), so K and V are read once per kv head, not once per query head;
 * splits the keys into chunks processed in parallel: grid (batch, kv head, row block, split);
   each program writes a partial output (normalised by its own row sums) and its log-sum-exp;
-* combines the splits in plain JAX (a small rescale-and-sum over [splits, rows, Dv]).
+* combines the splits in plain JAX (a small rescale-and-sum over [splits, rows, Dv]);
+* walks only the key tiles below a batch's cache length and its mask's last kept key.
 
 Semantics are `attention_reference`'s: scores in float32 (natural units, ``s = (q·k)·scale``, as
 the reference computes them), the soft-cap, causal top-left aligned (query i sees keys j <= i,
@@ -206,9 +207,16 @@ def combine_splits(o_parts: jax.Array, lse_parts: jax.Array) -> tuple[jax.Array,
     return o, lse
 
 
-def _key_end(b: int, sq: int, sk: int, causal: bool, kv_lengths: jax.Array | None) -> jax.Array:
-    """int32 [B]: the keys below which some row of batch b may keep a key."""
+def _key_end(b: int, sq: int, sk: int, causal: bool, kv_lengths: jax.Array | None,
+             mask4: jax.Array | None) -> jax.Array:
+    """int32 [B]: the keys below which some row of batch b may keep a key (the programs skip the
+    key tiles past it): the cache length, the last key the mask keeps in any row (a cache's
+    padding given as a mask), and under the causal flag Sq."""
     end = jnp.full((b,), sk, jnp.int32) if kv_lengths is None else jnp.clip(kv_lengths, 0, sk)
+    if mask4 is not None:
+        kept = jnp.any(mask4, axis=(1, 2))  # [B or 1, Sk]
+        last = jnp.where(jnp.any(kept, axis=-1), sk - jnp.argmax(kept[:, ::-1], axis=-1), 0)
+        end = jnp.minimum(end, last.astype(jnp.int32))
     return jnp.minimum(end, sq) if causal else end
 
 
@@ -233,7 +241,7 @@ def _forward(q, k, v, mask4, kv_lengths, cfg: _Config, layouts: dict) -> tuple[j
     qr = _rows(_pad_to(_relayout(q, ql, CANONICAL), CANONICAL, {"D": d_p}), hkv, n_rows)  # q is small
     kp = _pad_to(k, kl, {"S": sk_p, "D": d_p})  # copies only for Sk / D off the tiles
     vp = _pad_to(v, vl, {"S": sk_p, "D": dv_p})
-    info = jnp.zeros((b, 4), jnp.int32).at[:, 0].set(_key_end(b, sq, sk, cfg.causal, kv_lengths))
+    info = jnp.zeros((b, 4), jnp.int32).at[:, 0].set(_key_end(b, sq, sk, cfg.causal, kv_lengths, mask4))
     in_specs = [
         pl.BlockSpec((None, None, t.block_rows, d_p), lambda bi, hi, ri, si: (bi, hi, ri, 0)),
         _cache_spec(kl, sk_p, d_p),
