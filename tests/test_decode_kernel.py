@@ -385,18 +385,24 @@ def test_roofline_prices_decode_once_per_kv_head():
 # --- Triton lowering without a GPU ------------------------------------------------------------
 
 @pytest.mark.skipif(on_gpu, reason="the GPU run compiles the real kernel")
-@pytest.mark.parametrize("v_layout,masked", [("BHSD", False), ("BHDS", True)])
-def test_decode_kernel_lowers_to_triton(monkeypatch, v_layout, masked):
+@pytest.mark.parametrize("v_layout,masked,sq,extras", [
+    ("BHSD", False, 1, {}),
+    ("BHDS", True, 1, {}),
+    ("BHDS", False, 16, dict(causal=True, softcap=30.0)),  # 64 rows: G 4 x Sq 16
+])
+def test_decode_kernel_lowers_to_triton(monkeypatch, v_layout, masked, sq, extras):
     from test_kernels import _pretend_hopper
 
     _pretend_hopper(monkeypatch)
     sizes = lambda hh: {"B": 4, "H": hh, "S": 4096, "D": 128}  # noqa: E731
-    q = jax.ShapeDtypeStruct((4, 32, 1, 128), jnp.bfloat16)
+    q = jax.ShapeDtypeStruct((4, 32, sq, 128), jnp.bfloat16)
     k = jax.ShapeDtypeStruct(layout_shape("BHSD", sizes(8)), jnp.bfloat16)
     v = jax.ShapeDtypeStruct(layout_shape(v_layout, sizes(8)), jnp.bfloat16)
     m = jax.ShapeDtypeStruct((4, 1, 1, 4096), jnp.bool_)
-    fn = lambda q, k, v, m: decode_attention(q, k, v, scale=0.1, causal=False, v_layout=v_layout, interpret=False,  # noqa: E731
-                                             mask=m if masked else None, kv_lengths=jnp.array([4096, 7, 0, 100]))
+    kw = {"causal": False, **extras}
+    fn = lambda q, k, v, m: decode_attention(q, k, v, scale=0.1, v_layout=v_layout, interpret=False,  # noqa: E731
+                                             mask=m if masked else None, kv_lengths=jnp.array([4096, 7, 0, 100]),
+                                             **kw)
     text = jax.jit(fn).trace(q, k, v, m).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") >= 1 and "decode_attention" in text
 
