@@ -43,8 +43,9 @@ from .reference import CANONICAL, MASK_VALUE, attention_reference, check_shapes,
 
 #: Lowering sends an attention to this kernel (on the Pallas backend) when it has at most
 #: DECODE_MAX_QUERIES queries and at least DECODE_MIN_KEYS keys and no additive bias (a fill the
-#: Pallas kernels cannot honour, NaN or +inf, already sent the call to the reference). 16 queries: one Triton dot tile of rows (speculative decoding's few tokens); with
-#: more, the flash kernel's query tiles already fill the GPU. 1024 keys (16 key tiles of 64):
+#: Pallas kernels cannot honour, NaN or +inf, already sent the call to the reference). 16
+#: queries: one Triton dot tile of rows (speculative decoding's few tokens); with more, the flash
+#: kernel's query tiles already fill the GPU. 1024 keys (16 key tiles of 64):
 #: below that a program's walk over the cache is short, and splitting it buys less than the
 #: combine step's launch costs. ESTIMATE until `bench/attention.py --decode` measures it on a GPU.
 DECODE_MAX_QUERIES = 16
@@ -349,8 +350,9 @@ def _keep(mask4, kv_lengths, sq: int, sk: int) -> jax.Array | None:
 
 
 def _reference(q, k, v, mask4, kv_lengths, cfg: _Config, kw: dict) -> jax.Array:
-    return attention_reference(q, k, v, scale=cfg.scale, causal=cfg.causal, mask=_keep(mask4, kv_lengths, cfg.sq, cfg.sk),
-                               compute_dtype=cfg.compute_dtype, softcap=cfg.softcap, **kw)
+    return attention_reference(q, k, v, scale=cfg.scale, causal=cfg.causal,
+                               mask=_keep(mask4, kv_lengths, cfg.sq, cfg.sk), compute_dtype=cfg.compute_dtype,
+                               softcap=cfg.softcap, **kw)
 
 
 def _decode_bwd(cfg: _Config, call: tuple, res, do):
