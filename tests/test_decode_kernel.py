@@ -308,6 +308,15 @@ def test_tiles_and_routing_threshold():
     assert not takes_decode(1, 32768, has_bias=True)
 
 
+def test_environment_switch_keeps_decode_calls_on_flash(monkeypatch):
+    monkeypatch.setenv("EQSAT_ATTN_DECODE", "0")
+    assert not takes_decode(1, 32768)
+    q = jax.ShapeDtypeStruct((1, 4, 1, D), jnp.float32)
+    k = jax.ShapeDtypeStruct((1, 2, 2048, D), jnp.float32)
+    text = str(jax.make_jaxpr(lambda q, k: attention(q, k, k, scale=0.1, causal=False, kernel="pallas"))(q, k))
+    assert "decode_attention" not in text and "flash_attention" in text
+
+
 def _decode_program(sq: int, sk: int):
     from eqsat_attn.ir import ProgramBuilder, TensorType
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +55,9 @@ DECODE_MIN_KEYS = 1024
 TARGET_PROGRAMS = 512
 MIN_BLOCKS_PER_SPLIT = 4  # a split walks at least this many key tiles (the combine stays small)
 MAX_BLOCK_ROWS = 64  # rows (group heads x queries) per program; more rows make more row blocks
+#: "0" keeps every call on the flash kernel (lowering and pricing alike): the compiled decode
+#: kernel has not run on a GPU yet, so its first lease can compare it with routing off.
+DECODE_ENV = "EQSAT_ATTN_DECODE"
 
 
 def _next_pow2(n: int) -> int:
@@ -88,7 +92,9 @@ def _cache_spec(layout: str, sk_p: int, d_p: int) -> pl.BlockSpec:
 
 def takes_decode(sq: int, sk: int, *, has_bias: bool = False) -> bool:
     """Whether lowering runs an attention of this shape on the decode kernel (see
-    DECODE_MAX_QUERIES): a static decision from the shapes, so it is deterministic."""
+    DECODE_MAX_QUERIES): a static decision from the shapes (and `DECODE_ENV`), so deterministic."""
+    if os.environ.get(DECODE_ENV) == "0":
+        return False
     return 1 <= sq <= DECODE_MAX_QUERIES and sk >= DECODE_MIN_KEYS and not has_bias
 
 
