@@ -5,6 +5,8 @@ the stock Pallas Triton kernel, cuDNN and XLA, side by side on one GPU.
     python bench/attention.py --cpu-smoke --out /tmp/smoke.md   # tiny interpret-mode run on CPU
     python bench/attention.py --fp8 [--quick]   # issue 10: fp8 kernels (V [B,H,S,D] and [B,H,D,S]),
                                                 # our bf16 kernel, cuDNN bf16 and fp8
+    python bench/attention.py --decode [--quick]  # issue 21: decode steps (Sq 1/16, B32, caches of
+                                                  # 4096 / 32768 keys): our decode kernel vs cuDNN, XLA
 
 TFLOP/s counts 4*B*H*Sq*Sk*D flops (halved when causal); time is the median of --reps timed calls
 after warm-up, the rows of a shape called in turn over --rounds interleaved rounds (one kernel's
@@ -40,6 +42,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from eqsat_attn.kernels import attention_reference, flash_attention  # noqa: E402
+from eqsat_attn.kernels.decode_attention import decode_attention  # noqa: E402
 from eqsat_attn.kernels.fp8_attention import (FP8_ATOL, FP8_RTOL, compute_scale,  # noqa: E402
                                               dequantize, flash_attention_fp8, quantize)
 from eqsat_attn.kernels.mosaic_attention import MosaicBlocks, default_blocks  # noqa: E402
@@ -87,6 +90,95 @@ def fp8_shapes(quick: bool) -> list[Shape]:
     """Issue 10's shapes: B4 H32 D128, S4096 and 8192, causal and not."""
     return [Shape(4, 32, s, 128, causal) for s in ((4096,) if quick else (4096, 8192))
             for causal in (False, True)]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeShape:
+    """A decode step: Sq new queries per head against a cache of Sk keys per kv head (GQA)."""
+
+    b: int
+    h: int
+    hkv: int
+    sq: int
+    sk: int
+    d: int
+    causal: bool = False  # the op's causal is top-left aligned: a decode step is not causal
+    dtype: str = "bfloat16"
+
+    @property
+    def flops(self) -> float:
+        return 4.0 * self.b * self.h * self.sq * self.sk * self.d
+
+    @property
+    def cache_bytes(self) -> float:
+        """K and V read once: the memory traffic a decode kernel cannot avoid."""
+        return 2.0 * self.b * self.hkv * self.sk * self.d * jnp.dtype(self.dtype).itemsize
+
+    def label(self) -> str:
+        return f"{self.dtype} B{self.b} H{self.h} Hkv{self.hkv} Sq{self.sq} cache{self.sk} D{self.d}"
+
+
+def decode_shapes(quick: bool) -> list[DecodeShape]:
+    """Issue 21's decode rows: bf16 B32 H32, caches of 4096 and 32768 keys, D128; one query (GQA
+    groups of 4, and MHA at 4096) and 16 queries (speculative decoding) per head."""
+    out = [DecodeShape(32, 32, 8, 1, sk, 128) for sk in (4096, 32768)]
+    if not quick:
+        out += [DecodeShape(32, 32, 32, 1, 4096, 128), DecodeShape(32, 32, 8, 16, 4096, 128)]
+    return out
+
+
+DECODE_SMOKE_SHAPES = [DecodeShape(1, 4, 2, 1, 256, 32), DecodeShape(1, 4, 1, 4, 256, 16)]  # the kernel called directly
+
+
+def decode_implementations(shape: DecodeShape, interpret: bool) -> dict[str, tuple[Callable, str]]:
+    """name -> (fn over the decode inputs, the layout of its output). Ours: the decode kernel in
+    both V layouts and with per-batch cache lengths (all full, so every row has the same values),
+    the flash kernel on the same call (no split, K/V read per query head); cuDNN and XLA through
+    jax.nn.dot_product_attention ([B,S,H,D], GQA by fewer K/V heads; cuDNN also with key lengths)."""
+    scale = shape.d ** -0.5
+    ours = functools.partial(decode_attention, scale=scale, causal=False, interpret=interpret)
+    full = jnp.full((shape.b,), shape.sk, jnp.int32)
+    impls: dict[str, tuple[Callable, str]] = {
+        "ours decode (V [B,H,S,D])": (lambda a: ours(a["q"], a["k"], a["v"]), "BHSD"),
+        "ours decode transposed-V (V [B,H,D,S])": (lambda a: ours(a["q"], a["k"], a["vt"], v_layout="BHDS"), "BHSD"),
+        "ours decode, cache lengths": (lambda a: ours(a["q"], a["k"], a["v"], kv_lengths=full), "BHSD"),
+        "ours Triton flash (no key split)":
+            (lambda a: flash_attention(a["q"], a["k"], a["v"], scale=scale, causal=False, backend="triton",
+                                       interpret=interpret), "BHSD"),
+    }
+    for impl in ("cudnn", "xla"):
+        impls[f"jax.nn.dot_product_attention {impl}"] = (
+            functools.partial(lambda a, impl: jax.nn.dot_product_attention(
+                a["q_bshd"], a["k_bshd"], a["v_bshd"], scale=scale, implementation=impl), impl=impl), "BSHD")
+    impls["jax.nn.dot_product_attention cudnn, key lengths"] = (
+        lambda a: jax.nn.dot_product_attention(a["q_bshd"], a["k_bshd"], a["v_bshd"], scale=scale,
+                                               key_value_seq_lengths=full, implementation="cudnn"), "BSHD")
+    return impls
+
+
+def make_decode_inputs(shape: DecodeShape, seed: int = 0) -> dict[str, jax.Array]:
+    """q [B,H,Sq,D], the caches k, v [B,Hkv,Sk,D], vt (V transposed) and [B,S,H,D] copies: one jit."""
+    @jax.jit
+    def make(key):
+        kq, kk, kv = jax.random.split(key, 3)
+        dtype = jnp.dtype(shape.dtype)
+        q = jax.random.normal(kq, (shape.b, shape.h, shape.sq, shape.d), dtype)
+        k, v = (jax.random.normal(key, (shape.b, shape.hkv, shape.sk, shape.d), dtype) for key in (kk, kv))
+        a = {"q": q, "k": k, "v": v, "vt": jnp.swapaxes(v, 2, 3)}
+        for name in ("q", "k", "v"):
+            a[f"{name}_bshd"] = jnp.swapaxes(a[name], 1, 2)
+        return a
+
+    return jax.block_until_ready(make(jax.random.key(seed)))
+
+
+def decode_reference_subset(shape: DecodeShape, a: dict[str, jax.Array]) -> jax.Array:
+    """Reference output for batch 0, query heads 0-1 (and the kv heads they read), float32."""
+    kv_heads = 1 if shape.h // shape.hkv >= 2 else 2
+    reference = jax.jit(lambda q, k, v: attention_reference(
+        q[:1, :2].astype(jnp.float32), k[:1, :kv_heads].astype(jnp.float32), v[:1, :kv_heads].astype(jnp.float32),
+        scale=shape.d ** -0.5, causal=False))
+    return reference(a["q"], a["k"], a["v"])
 
 
 def _stock_mha() -> Callable | None:
@@ -396,6 +488,20 @@ def render(rows: list[dict], header: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_decode_bandwidth(rows: list[dict]) -> str:
+    """GB/s of the KV cache read per kernel (columns) and shape (rows): a decode step's measure."""
+    kernels = list(dict.fromkeys(r["kernel"] for r in rows))
+    lines = ["", "KV cache GB/s side by side (issue 21 target: ours decode at or above cuDNN):", "",
+             "| shape | " + " | ".join(kernels) + " |", "|---|" + "---:|" * len(kernels)]
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        cells = []
+        for kname in kernels:
+            hit = [r for r in rows if r["shape"] == shape and r["kernel"] == kname and r.get("gbps")]
+            cells.append(f"{hit[0]['gbps']:.0f}" if hit else "–")
+        lines.append(f"| {shape} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def render_fp8_ratios(rows: list[dict]) -> str:
     """Issue 10's targets per shape: fp8 transposed-V vs fp8 standard, our bf16 and cuDNN fp8."""
     def tf(key, prefix, contains=""):
@@ -436,6 +542,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="only kernels whose row name matches this regular expression")
     p.add_argument("--fp8", action="store_true",
                    help="issue 10: fp8 kernels vs our bf16 kernel and cuDNN (B4 H32 D128 S4096/8192)")
+    p.add_argument("--decode", action="store_true",
+                   help="issue 21: decode steps (B32, caches 4096/32768) vs cuDNN and XLA; GB/s of the cache read")
     return p.parse_args(argv)
 
 
@@ -448,24 +556,28 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
             f"bench/attention.py needs a GPU (jax default backend is {jax.default_backend()!r}); "
             "pass --cpu-smoke for a tiny interpret-mode run that only tests the script.")
     smoke = args.cpu_smoke and not on_gpu
-    smoke_shapes = FP8_SMOKE_SHAPES if args.fp8 else SMOKE_SHAPES
+    if args.fp8 and args.decode:
+        raise SystemExit("--fp8 and --decode are separate runs; pass one")
+    smoke_shapes = FP8_SMOKE_SHAPES if args.fp8 else DECODE_SMOKE_SHAPES if args.decode else SMOKE_SHAPES
     shapes = smoke_shapes if args.cpu_smoke else fp8_shapes(args.quick) if args.fp8 else \
-        gpu_shapes(args.quick)
+        decode_shapes(args.quick) if args.decode else gpu_shapes(args.quick)
     shapes = [sh for sh in shapes if (args.head_dims is None or sh.d in args.head_dims)
               and (args.dtypes is None or sh.dtype in args.dtypes)]
     reps = args.reps or (2 if args.cpu_smoke else 5 if args.quick else 20)
     warmup = 1 if args.cpu_smoke else args.warmup
     kind = jax.devices()[0].device_kind
     today = dt.date.today().isoformat()
-    stem = "attention-fp8" if args.fp8 else "attention"
+    stem = "attention-fp8" if args.fp8 else "attention-decode" if args.decode else "attention"
     out = args.out or ROOT / "bench" / "results" / f"{stem}-{device_slug(kind)}-{today}.md"
 
     rows = []
     blocks = (args.block_q, args.block_k)
     for shape in shapes:
-        a = make_inputs(shape)
-        ref = reference_subset(shape, a)
-        if args.fp8:
+        a = make_decode_inputs(shape) if args.decode else make_inputs(shape)
+        ref = decode_reference_subset(shape, a) if args.decode else reference_subset(shape, a)
+        if args.decode:
+            todo = [(n, fn, lay, ref, None) for n, (fn, lay) in decode_implementations(shape, smoke).items()]
+        elif args.fp8:
             a = add_fp8_inputs(a)
             ref8, vmax = fp8_reference_subset(shape, a)
             bound8 = FP8_ATOL * vmax + FP8_RTOL * float(jnp.abs(ref8).max())
@@ -479,6 +591,8 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
                     for name, fn, layout, want, bound in todo]
         time_rows(prepared, shape, a, reps, args.rounds)
         for row, _ in prepared:
+            if args.decode and row["ms"] is not None:  # memory bound: the cache's bytes per second
+                row["gbps"] = shape.cache_bytes / (row["ms"] * 1e-3) / 1e9
             rows.append(row)
             print(f"{row['shape']} causal={shape.causal} {row['kernel']}: "
                   f"{row['tflops'] and round(row['tflops'], 1)} TFLOP/s {row['check']}", flush=True)
@@ -491,7 +605,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
 def write_page(out: pathlib.Path, rows: list[dict], args: argparse.Namespace, argv: list[str],
                kind: str, today: str, reps: int, warmup: int, smoke: bool) -> None:
     title = "# fp8 attention forward benchmark (issue 10)" if args.fp8 else \
-        "# Attention forward benchmark (issue 5)"
+        "# Decode attention benchmark (issue 21)" if args.decode else "# Attention forward benchmark (issue 5)"
     header = [
         title + (" — CPU smoke run, not a measurement" if smoke else ""),
         "",
@@ -508,7 +622,12 @@ def write_page(out: pathlib.Path, rows: list[dict], args: argparse.Namespace, ar
         header.append("- fp8 rows: q, k, v float8_e4m3fn with per-tensor descales, f32 accumulation, "
                       f"bf16 output; ok if max err ≤ {FP8_ATOL}·max|v| + {FP8_RTOL}·max|ref| "
                       "(reference on the dequantized operands)")
+    if args.decode:
+        header.append("- decode rows: TFLOP/s = 4·B·H·Sq·Sk·D / time; GB/s = K and V bytes (read once) / time, "
+                      "below; the reference checks batch 0, query heads 0-1")
     text = render(rows, header)
+    if args.decode:
+        text += render_decode_bandwidth(rows)
     if args.fp8:
         text += render_fp8_ratios(rows)
     out.parent.mkdir(parents=True, exist_ok=True)

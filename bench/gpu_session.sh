@@ -6,7 +6,7 @@
 #   bench/gpu_session.sh probe probe-fp8              # first call of a short lease: D128 rows only
 #   bash bench/gpu_session.sh mosaic attention-fp8-quick e2e-fp8 tune-mosaic-fp8   # next lease (see bench/results/README.md)
 #   stages: probe | probe-fp8 | attention-fp8 | attention-fp8-quick | check | final-check | mosaic | attention | attention-quick | e2e | e2e-fp8 | models | cost-model | tune |
-#           tune-mosaic | tune-mosaic-fp8 | tune-fp8 | tune-backward | qkv | masks
+#           tune-mosaic | tune-mosaic-fp8 | tune-fp8 | tune-backward | qkv | masks | decode
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -54,6 +54,11 @@ for stage in "$@"; do
         | tee "$OUT/masks.log" | tail -25
       timeout 200 python3 bench/attention.py --quick --head-dims 128 --dtypes bfloat16 \
         --match 'Triton (standard|boolean mask|key lengths|soft-cap)' --out "$OUT/attention-masks.md" 2>&1 | grep -v '^  ' | tail -20 ;;
+    # issue 21: the compiled decode kernel's tests (tests/test_decode_kernel.py -m gpu), then the
+    # decode rows (B32, caches 4096/32768: ours vs cuDNN and XLA through jax.nn.dot_product_attention)
+    decode) timeout 150 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu tests/test_decode_kernel.py 2>&1 \
+        | tee "$OUT/decode.log" | tail -15
+      timeout 240 python3 bench/attention.py --decode --out "$OUT/attention-decode.md" 2>&1 | grep -v '^  ' | tail -40 ;;
     qkv) timeout 240 python3 bench/qkv_layouts.py --reps 10 --out "$OUT/qkv-layouts.md" 2>&1 | tail -30 ;;
     tune-backward) timeout 300 python3 bench/tune_backward.py --head-dims 128 --out "$OUT/tune-backward.md" 2>&1 | tail -40 ;;
     tune-fp8) timeout 330 python3 bench/tune_attention.py --fp8 --quick --out "$OUT/tune-fp8.md" 2>&1 | tail -40 ;;

@@ -243,7 +243,9 @@ def lower_attention(node: Node, args: Sequence[Any], attention_kernel: str = "au
     q, k, o; D or S minor in v), and the reference takes any layout, so in general no operand is
     copied. Only an operand the Pallas kernel cannot read is transposed first: q, k to BHSD, v to
     BHSD or BHDS (the faster kernel on this device), and o is then written in BHSD and
-    transposed to its layout. The roofline cost model charges exactly those transposes.
+    transposed to its layout. The roofline cost model charges exactly those transposes. On the
+    Pallas backend a decode-shaped call (Sq <= 16, Sk >= 1024, no bias: `kernels.decode_attention.
+    takes_decode`, from static shapes) runs the decode kernel (`kernels.attention` picks it).
     """
     p = node.params
     mask_kind = str(p.get("mask_kind", "none"))

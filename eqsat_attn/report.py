@@ -9,6 +9,7 @@ from typing import Any
 
 from .attention_misses import softmax_misses
 from .ir import Program, short_dtype
+from .kernels.decode_attention import node_takes_decode
 from .kernels.flash_attention import pallas_backend
 from .kernels.reference import MASK_VALUE, node_takes_pallas
 from .mask_kinds import mask_kind
@@ -33,7 +34,8 @@ class AttentionInfo:
     compute_dtype: str = ""
     #: the operands it reads in another dtype and casts in-kernel, e.g. ("q:f32", "k:f32")
     cast_operands: tuple[str, ...] = ()
-    #: with kernel "pallas": the backend of its forward, "mosaic_gpu" (Hopper) or "triton"
+    #: with kernel "pallas": the backend of its forward, "mosaic_gpu" (Hopper) or "triton", or
+    #: "triton decode" (the flash-decoding kernel, kernels/decode_attention.py)
     backend: str = ""
     #: what its mask is (`mask_kinds.mask_kind`): "causal", "sliding window W", "key padding",
     #: "arbitrary", "bias"; "" without a mask tensor
@@ -165,7 +167,8 @@ def _packed_backend(program: Program, node) -> str:
 
 
 def _pallas_backend(program: Program, node) -> str:
-    """The Pallas backend `flash_attention` picks for this attention node's operands."""
+    """The Pallas backend `flash_attention` picks for this attention node's operands, or
+    "triton decode" where `kernels.attention` runs the decode kernel."""
     import jax
     import jax.numpy as jnp
 
@@ -174,6 +177,9 @@ def _pallas_backend(program: Program, node) -> str:
                for i in node.inputs[:3])
     if node.op == "attention_fp8" and jnp.dtype(q.dtype).name != "float8_e4m3fn":
         return ""  # lower.lower_attention_fp8 runs the reference on these operands
+    if node.op == "attention" and node_takes_decode(p, q.shape[str(p["q_layout"]).index("S")],
+                                                    k.shape[str(p["k_layout"]).index("S")]):
+        return "triton decode"
     return pallas_backend(
         q, k, v, v_layout=str(p["v_layout"]), causal=bool(p["causal"]), scale=float(p["scale"]),
         bias=True if p.get("mask_kind") == "bias" else None, compute_dtype=p.get("compute_dtype") or None,

@@ -90,6 +90,9 @@ class DeviceSpec:
     # and XLA:CPU then loops instead of calling a GEMM).
     einsum_attention: bool = False
     split_heads_attention_efficiency: float = 1.0
+    # The decode kernel (kernels/decode_attention.py: few queries, a long KV cache): memory bound,
+    # priced at this fraction of ``bandwidth`` (0: no decode kernel on this device, e.g. the CPU).
+    decode_bandwidth_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "peak_flops", _frozen(self.peak_flops))
@@ -247,6 +250,11 @@ _HOPPER_MATMUL_EFF = 0.7  # ASSUMPTION: large cuBLAS bf16 GEMMs reach ~70% of de
 _H100_TRANSPOSE_FRACTION = (2 * 4 * 32 * 4096 * 128 * 2 / 0.26e-3) / 3.35e12
 
 _HOPPER_SMS = 132  # spec: H100 SXM5 and H200 SXM have 132 SMs
+_HOPPER_DECODE_FRACTION = 1.0  # ASSUMPTION (estimate, not measured): the decode kernel streams the
+#   KV cache at the spec bandwidth, as this table prices every memory-bound op (the unfused decode
+#   program it competes with in extraction reads the same cache at full bandwidth too; a lower
+#   fraction here alone would make the extractor prefer XLA's einsums for no measured reason).
+#   Replace by `bench/attention.py --decode` timings (bench/gpu_session.sh decode).
 _HOPPER_GEMM_TILE = (128, 128)  # ASSUMPTION: cuBLAS/CUTLASS Hopper bf16 GEMMs use 128x128 (up to
 #   128x256) output tiles per SM; a GEMM with few tiles leaves SMs idle in its last wave (split-K
 #   only when the tiles cannot fill one wave). Replace by bench/qkv_layouts.py projection timings.
@@ -262,6 +270,7 @@ H100 = DeviceSpec(
     multiprocessors=_HOPPER_SMS,
     matmul_tile_m=_HOPPER_GEMM_TILE[0],
     matmul_tile_n=_HOPPER_GEMM_TILE[1],
+    decode_bandwidth_fraction=_HOPPER_DECODE_FRACTION,
 )
 
 H200 = DeviceSpec(
@@ -275,6 +284,7 @@ H200 = DeviceSpec(
     multiprocessors=_HOPPER_SMS,
     matmul_tile_m=_HOPPER_GEMM_TILE[0],
     matmul_tile_n=_HOPPER_GEMM_TILE[1],
+    decode_bandwidth_fraction=_HOPPER_DECODE_FRACTION,
 )
 
 # CPU (the CI/dev machine: 2 cores). Peak: 2 cores x AVX2 with two 256-bit FMA units at ~3 GHz =

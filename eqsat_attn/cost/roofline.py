@@ -61,6 +61,15 @@ time = max(flops / (peak[dtype] x efficiency), bytes / bandwidth) + launch overh
   On a device without an attention kernel (``einsum_attention``: the CPU, where XLA runs the
   reference einsums) sequence lengths are not rounded to tiles, and a Q or output layout without
   H directly before S runs at ``split_heads_attention_efficiency``: measured on a 2-core CPU (bench/results/cost-model-cpu-2026-12-06.md).
+- decode attention (an attention `kernels.decode_attention.takes_decode` sends to the decode
+  kernel: Sq <= 16, Sk >= 1024, no bias, on a device with ``decode_bandwidth_fraction`` > 0):
+  memory bound, it reads the KV cache once per kv head (GQA: not once per query head), so
+  bytes = q + k + v (+ mask) + o + the per-split partial outputs and log-sum-exps (written by the
+  kernel, read by the combine), at ``decode_bandwidth_fraction`` of the bandwidth; causal reads
+  only the first tile of keys (top-left aligned: query i sees keys j <= i); cache lengths and
+  masks are run-time values, so the whole cache is counted (an upper bound). FLOPs count the
+  kernel's padded rows (group heads x queries, at least 16). Two launches (kernel, combine).
+  An ESTIMATE until `bench/attention.py --decode` measures the kernel on a GPU.
 """
 
 from __future__ import annotations
@@ -71,6 +80,7 @@ from dataclasses import dataclass
 from .. import ir
 from ..region import dot_flops, dot_operand_types, stats, transposed_bytes
 from .devices import DeviceSpec, device_name_of_kind, device_spec
+from ..kernels.decode_attention import decode_tiles, node_takes_decode
 from ..kernels.reference import node_takes_pallas
 from .model import OpView
 
@@ -324,13 +334,16 @@ class RooflineModel:
         sk = k.shape[kl.index("S")]
         dv = v.shape[vl.index("D")]
         causal = bool(p.get("causal"))
+        variant = self.attention_variant(node)
+        if node.op == "attention" and variant != "reference" and d.decode_bandwidth_fraction > 0 \
+                and node_takes_decode(p, sq, sk):  # fp8 attention runs the flash fp8 kernel
+            return self._decode_attention(node)
         # the kernel computes whole tiles: sequence lengths count rounded up to its tile
         sq_t, sk_t = (sq, sk) if d.einsum_attention else (_tiled(sq), _tiled(sk))
         flops = 2.0 * batch * heads * sq_t * sk_t * (dk + dv)
         if causal:
             flops *= 0.5
         nbytes = float(sum(t.nbytes for t in node.inputs) + out.nbytes)
-        variant = self.attention_variant(node)
         # a folded cast prologue: the kernel reads q, k, v in their own dtypes (the bytes above)
         # and runs its matmuls in the compute dtype (the efficiency and peak of that dtype)
         cdt = compute_dtype(node)
@@ -338,13 +351,45 @@ class RooflineModel:
         if d.einsum_attention and not (_heads_before_seq(ql, q.shape) and _heads_before_seq(ol, out.shape)):
             eff = min(eff, d.split_heads_attention_efficiency)  # XLA einsums that loop (devices.py)
         peak = d.peak(cdt) * eff
-        # operands the kernel cannot read in place are transposed first (o: after), exactly as
-        # lower_attention does; B and H may sit anywhere in every layout
+        return Breakdown(flops, nbytes, flops / peak, nbytes / d.bandwidth, d.launch_overhead,
+                         self._attention_relayouts(node), variant)
+
+    def _attention_relayouts(self, node: OpView) -> float:
+        """Seconds of the transposes lowering puts around an attention kernel: operands it cannot
+        read in place (q, k, o without D minor, v with neither D nor S minor), exactly as
+        lower_attention does; B and H may sit anywhere in every layout."""
+        p, (q, k, v), out = node.params, node.inputs[:3], node.output
         extra = 0.0
-        for layout, t, minors in ((ql, q, "D"), (kl, k, "D"), (vl, v, "DS"), (ol, out, "D")):
-            if not _layout_is_view(t.shape, layout, minors):
-                extra += self._transpose_seconds(t.nbytes) + d.launch_overhead
-        return Breakdown(flops, nbytes, flops / peak, nbytes / d.bandwidth, d.launch_overhead, extra, variant)
+        for name, t, minors in (("q", q, "D"), ("k", k, "D"), ("v", v, "DS"), ("o", out, "D")):
+            if not _layout_is_view(t.shape, str(p[f"{name}_layout"]), minors):
+                extra += self._transpose_seconds(t.nbytes) + self.device.launch_overhead
+        return extra
+
+    def _decode_attention(self, node: OpView) -> Breakdown:
+        """The decode kernel (module docstring): memory bound, KV cache read once. An estimate
+        until measured on a GPU (``decode_bandwidth_fraction`` is an assumption)."""
+        d = self.device
+        p = node.params
+        q, k, v = node.inputs[:3]
+        out = node.output
+        ql, kl, vl = (str(p[n]) for n in ("q_layout", "k_layout", "v_layout"))
+        batch, heads, sq, dk = (q.shape[ql.index(c)] for c in "BHSD")
+        kv_heads, sk = k.shape[kl.index("H")], k.shape[kl.index("S")]
+        dv = v.shape[vl.index("D")]
+        rows = heads // max(1, kv_heads) * sq
+        tiles = decode_tiles(batch, kv_heads, rows, sk, max(dk, dv))
+        keys = min(sk, _tiled(sq)) if p.get("causal") else sk  # causal: only keys j < Sq are kept
+        rows_t = -(-rows // tiles.block_rows) * tiles.block_rows
+        keys_t = -(-keys // tiles.block_k) * tiles.block_k
+        flops = 2.0 * batch * kv_heads * rows_t * keys_t * (dk + dv)
+        kv_bytes = (k.nbytes + v.nbytes) * keys / sk
+        partials = 2.0 * batch * kv_heads * tiles.splits * rows_t * (dv + 1) * 4  # written, then read
+        nbytes = float(q.nbytes + kv_bytes + sum(t.nbytes for t in node.inputs[3:]) + out.nbytes + partials)
+        cdt = compute_dtype(node)
+        compute = flops / (d.peak(cdt) * d.attention_eff(cdt, "standard", False))
+        memory = nbytes / (d.bandwidth * d.decode_bandwidth_fraction)
+        return Breakdown(flops, nbytes, compute, memory, 2 * d.launch_overhead, self._attention_relayouts(node),
+                         "decode")
 
 
 def compute_dtype(node: OpView) -> str:

@@ -1,9 +1,11 @@
-"""Kernel choice for the Attention op: Pallas flash attention on GPU, plain JAX elsewhere."""
+"""Kernel choice for the Attention op: Pallas flash attention on GPU (the decode kernel for a few
+queries against a long cache), plain JAX elsewhere."""
 
 from __future__ import annotations
 
 import jax
 
+from .decode_attention import decode_attention, takes_decode
 from .flash_attention import flash_attention
 from .reference import MASK_VALUE, attention_reference, kernel_layout_error, kernel_supports_layouts, pallas_takes_scores
 
@@ -58,12 +60,18 @@ def attention(
     takes any layouts. A boolean `mask`, an additive bias, ``softcap`` and ``mask_fill`` are kernel
     inputs (masked calls run guarded: see `flash_attention`); a NaN or +inf fill runs the
     reference. ``compute_dtype``: q, k and v are cast to it inside the kernel (the Pallas kernel
-    casts each loaded tile), result in that dtype.
+    casts each loaded tile), result in that dtype. On "pallas", a decode-shaped call without a
+    bias (`decode_attention.takes_decode`: Sq <= 16, Sk >= 1024, read off the static shapes) runs
+    the decode kernel, the rest the flash kernel; both compute the op's values.
     """
     layouts = dict(q_layout=q_layout, k_layout=k_layout, v_layout=v_layout, o_layout=o_layout,
                    compute_dtype=compute_dtype)
     exact = pallas_takes_scores(has_mask=mask is not None, causal=causal, mask_fill=mask_fill, softcap=softcap)
     if chosen_kernel(kernel, exact_on_pallas=exact) == "pallas":
+        sq, sk = q.shape[q_layout.index("S")], k.shape[k_layout.index("S")]
+        if takes_decode(sq, sk, has_bias=bias is not None):
+            return decode_attention(q, k, v, scale=scale, causal=causal, mask=mask, mask_fill=mask_fill,
+                                    softcap=softcap, **layouts)
         return flash_attention(q, k, v, scale=scale, causal=causal, bias=bias, mask=mask, mask_fill=mask_fill,
                                softcap=softcap, **layouts)
     return attention_reference(q, k, v, scale=scale, causal=causal, bias=bias, mask=mask, mask_fill=mask_fill,
