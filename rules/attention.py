@@ -521,6 +521,7 @@ def expose_layouts():
 
 g_, do_, sf_, kk_, w_ = (var(n, Term) for n in ("g_", "do_", "sf_", "kk_", "w_"))
 pv_, rc_, rb_ = (var(n, IntVec) for n in ("pv_", "rc_", "rb_"))
+dt4 = var("dt4", String)
 
 
 def _softmax_vjp_forms(probs: Term, d_probs: Term, rank: int):
@@ -536,6 +537,9 @@ def _softmax_vjp_forms(probs: Term, d_probs: Term, rank: int):
 
     yield corrected(row, keep), ()
     yield corrected(Term.reduce("reduce_sum", Term.reshape(row, s3), last), keep), (s3[rank - 1] == i64(1),)
+    # half precision: jax.nn.softmax sums in float32, so its VJP sums the unit axis there and casts back
+    widened = Term.convert(Term.reduce("reduce_sum", Term.convert(Term.reshape(row, s3), String("float32")), last), dt4)
+    yield corrected(widened, keep), (s3[rank - 1] == i64(1), dtype(row) == dt4)
     if rank >= 3:  # [.., G=1] row -> [.., 1, 1] summed over both: the row without its unit axis
         twice = Term.reduce("reduce_sum", Term.reshape(row, s3), ivec([rank - 2, rank - 1]))
         units = (s3.length() == i64(rank), s3[rank - 2] == i64(1), s3[rank - 1] == i64(1))

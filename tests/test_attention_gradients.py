@@ -70,6 +70,13 @@ def bf16_f32_softmax(q, k, v):
     return jnp.einsum("bhqk,bhkd->bhqd", p, v)
 
 
+def bf16_softmax_causal(q, k, v):
+    """Scores, softmax and P·V all in bfloat16 (jax.nn.softmax sums in float32 inside)."""
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * jnp.asarray(0.25, BF16)
+    keep = jnp.arange(S)[:, None] >= jnp.arange(S)[None, :]
+    return jnp.einsum("bhqk,bhkd->bhqd", _softmax(jnp.where(keep, s, jnp.asarray(-jnp.inf, BF16))), v)
+
+
 BHSD = ((B, H, S, D),) * 3
 KEEP = jnp.asarray(np.arange(S)[None, :] < np.array([5, S])[:, None])
 CASES = {
@@ -80,6 +87,7 @@ CASES = {
     "biased": (biased, BHSD, ((1, H, S, S),), F32),
     "key_padding": (key_padding, BHSD, ("keep",), F32),
     "bf16_f32_softmax": (bf16_f32_softmax, BHSD, (), BF16),
+    "bf16_softmax_causal": (bf16_softmax_causal, BHSD, (), BF16),
 }
 
 
