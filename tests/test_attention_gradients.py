@@ -113,6 +113,23 @@ def _optimized(name: str):
     return ea.optimize(_grad_fn(CASES[name][0]), cost_model=for_device("h100"), limits=LIMITS)
 
 
+def _assert_values(fn, args, got, want):
+    """Equal values in float32. In half precision the written-out backward rounds P, dP and the
+    scores' cotangent to bf16 where the fused backward keeps float32, so there the check is that
+    the optimized gradients are no further from the float32 computation than the original's, with
+    the same non-finite positions."""
+    if all(jnp.dtype(a.dtype) == F32 for a in args):
+        assert excess_error(got, want, tolerance(args, want)) <= 0
+        return
+    truth = fn(*[a.astype(F32) for a in args])
+    for g, w, t in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(truth), strict=True):
+        g, w, t = (np.asarray(x, np.float64) for x in (g, w, t))
+        assert np.array_equal(np.isfinite(g), np.isfinite(w))
+        finite = np.isfinite(t)
+        scale = 1.0 + np.abs(t[finite])
+        assert np.max(np.abs(g - t)[finite] / scale) <= np.max(np.abs(w - t)[finite] / scale) + 1e-3
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_gradients_raised_with_equal_values(name):
     fn = _grad_fn(CASES[name][0])
@@ -121,8 +138,7 @@ def test_gradients_raised_with_equal_values(name):
     report = optimized.explain(*args)
     assert sorted(info.gradient for info in report.attention) == ["dk", "dq", "dv"], str(report.after)
     assert "softmax" not in {n.op for n in report.after.nodes}, "the backward still reads P"
-    got, want = optimized(*args), fn(*args)
-    assert excess_error(got, want, tolerance(args, want)) <= 0
+    _assert_values(fn, args, optimized(*args), fn(*args))
 
 
 @pytest.mark.parametrize("special", [np.inf, -np.inf, np.nan])
