@@ -218,3 +218,19 @@ def test_bias_gradient_raised(bias_shape):
     assert report.not_attention == []
     got, want = optimized(q, k, v, bias, cot), fn(q, k, v, bias, cot)
     assert excess_error(got, want, tolerance((q, k, v, bias), want)) <= 0
+
+
+def test_gradients_lower_to_the_flash_backward_for_a_gpu(monkeypatch):
+    """On a GPU the raised gradients are one forward and the Triton flash backward (lowered for
+    CUDA here, without one): no softmax materialised, and the three share one call."""
+    from test_kernels import _pretend_hopper
+
+    _pretend_hopper(monkeypatch)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # compiled kernels, not interpret mode
+    shapes = [jax.ShapeDtypeStruct((2, 4, 256, 64), BF16)] * 4  # q, k, v, the cotangent
+    optimized = ea.optimize(_grad_fn(scaled), cost_model=for_device("h100"), limits=LIMITS)
+    program = optimized.explain(*shapes).after
+    assert sorted(info.gradient for info in optimized.explain(*shapes).attention) == ["dk", "dq", "dv"]
+    run = lower_module.lower(program, attention_kernel="pallas")
+    text = jax.jit(lambda *xs: run(*xs)).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") >= 3, "forward, dq and dk/dv kernels"
