@@ -375,6 +375,17 @@ def scores_bias_and_mask():
         )
 
 
+@attention_raise.family
+def broadcast_conjunction():
+    """A broadcast of ``a & b`` is ``broadcast(a) & broadcast(b)`` (``keep & causal`` formed at
+    [B, 1, S, S] and broadcast over the heads: the causal part then shows as the flag)."""
+    yield rw(
+        Term.broadcast(Term.binary("and", x, y), s1, d1),
+        Term.binary("and", Term.broadcast(x, s1, d1), Term.broadcast(y, s1, d1)),
+        dtype(x) == String("bool"),
+    )
+
+
 def _mask_operand(kind: str, mask4) -> tuple[Term, Term]:
     """(the mask its `attn_scores` fact holds, the attention's mask operand) for a mask kind:
     nothing, one tensor, or the pair of a bias and a boolean mask (each viewed by ``mask4``)."""
