@@ -373,17 +373,13 @@ def scores_bias_and_mask():
         yield rl(eq(e).to(Term.select(both, scalar(fl, dt2, s1), x)), causal_mask(y), biased)(
             _scores(e, q, k, sc0, cap, Term.mask_pair(bias_, m), BIAS_AND_BOOL, fl, i64(1), nb)
         )
-
-
-@attention_raise.family
-def broadcast_conjunction():
-    """A broadcast of ``a & b`` is ``broadcast(a) & broadcast(b)`` (``keep & causal`` formed at
-    [B, 1, S, S] and broadcast over the heads: the causal part then shows as the flag)."""
-    yield rw(
-        Term.broadcast(Term.binary("and", x, y), s1, d1),
-        Term.binary("and", Term.broadcast(x, s1, d1), Term.broadcast(y, s1, d1)),
-        dtype(x) == String("bool"),
-    )
+        # one formed before a broadcast (``keep & causal`` at [B, 1, S, S]) masking biased scores: the
+        # conjunction of the broadcasts, whose causal part the rule above sees (only here: applied to
+        # every such broadcast it grows the e-graphs of masked jax.nn attention by up to 40%)
+        spread = Term.broadcast(both, s2, d2)
+        yield rl(eq(e).to(Term.select(spread, scalar(fl, dt2, s1), x)), causal_mask(y), biased)(
+            union(spread).with_(Term.binary("and", Term.broadcast(y, s2, d2), Term.broadcast(m, s2, d2)))
+        )
 
 
 def _mask_operand(kind: str, mask4) -> tuple[Term, Term]:

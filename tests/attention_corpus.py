@@ -908,7 +908,6 @@ KNOWN_UNRAISED: dict[str, str] = {
     "softmax_exp_s_minus_logsumexp_grad": GRAD_READS_P,
     "xla_training_bmm1_softmax_bmm2_grad": GRAD_READS_P,
     "xla_training_scale_bias_grad": GRAD_READS_P,
-    "flax_linen_dot_product_attention_bias_mask": "a bias and a boolean mask together: the op takes one mask operand",
     "sfdp19_causal_where_plus_mask": "the bias is added after the where-mask, so the fill becomes fill + bias (not one value)",
     "mask_gpt2_w_times_b_minus_1e10": "a multiplicative mask: s * 0 is NaN where s is inf, which a where-mask hides (not exact)",
     "softmax_no_max_subtraction": "exp(s) overflows above 88 where the op's stable softmax does not (not exact)",
