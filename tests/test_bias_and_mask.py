@@ -270,6 +270,7 @@ def no_reference(monkeypatch):
     monkeypatch.setattr(fa, "_reference", lambda *a: real(*a) * jnp.nan)
 
 
+@pytest.mark.usefixtures("full_f32_matmuls_on_gpu")
 @pytest.mark.parametrize("causal_flag,fill", [(False, -1e9), (True, MIN32)])
 def test_kernels_hide_the_bias_where_the_mask_does(no_reference, causal_flag, fill):
     """Forward and gradients (q, k, v, bias) of the interpreted kernels with a bias and a mask:
@@ -299,6 +300,7 @@ def test_kernels_hide_the_bias_where_the_mask_does(no_reference, causal_flag, fi
     assert np.all(np.asarray(grads[3])[hidden] == 0.0)
 
 
+@pytest.mark.usefixtures("full_f32_matmuls_on_gpu")
 def test_kernel_with_a_nan_bias_it_keeps_matches_the_reference():
     """A NaN bias at a kept position makes that row NaN in the op: the guard runs the reference."""
     rng = np.random.default_rng(17)
@@ -310,3 +312,19 @@ def test_kernel_with_a_nan_bias_it_keeps_matches_the_reference():
     got = flash_attention(q, k, v, block_q=16, block_k=16, interpret=True, **kw)
     assert_same(got, attention_reference(q, k, v, **kw))
     assert np.isnan(np.asarray(got)[0, 1, 7]).all() and np.isfinite(np.asarray(got)[0, 0]).all()
+
+
+def test_explorer_prices_and_draws_the_pair(tmp_path):
+    """ea.explore: the "bias+bool" attention e-nodes are priced (finite, both operands) and drawn."""
+    def fn(q, k, v, bias, keep):
+        s = jnp.where(keep, jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25 + bias, -1e9)
+        return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, axis=-1), v)
+    ex = ea.explore(fn, *arguments(18))
+    ex.saturate()
+    why = ex.why("attention", "roofline-h100")
+    paired = [a for c in why.classes for a in c.alternatives if "mask=bias+bool" in a.description]
+    assert paired and all(np.isfinite(a.total) for a in paired), str(why)
+    best = ex.extract("roofline-h100")
+    assert [n["mask_kind"] for n in best.program.nodes if n.op == "attention"] == ["bias+bool"]
+    svg = ex.svg(tmp_path / "pair.svg", focus="attention", fold=True)
+    assert "bias+bool" in svg
