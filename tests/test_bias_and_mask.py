@@ -43,8 +43,12 @@ def extreme(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def make_keep(rng: np.random.Generator, shape=(B, 1, S, S)) -> np.ndarray:
-    """A random boolean mask with one query row hiding every key, one keeping every key."""
+    """A random boolean mask with one query row hiding every key, one keeping every key (a key
+    padding mask, one query row [B, 1, 1, Sk]: batch 0 hides every key)."""
     keep = rng.random(shape) < 0.6
+    if shape[-2] == 1:
+        keep[0] = False
+        return keep
     keep[0, ..., 3, :] = False
     keep[-1, ..., 5, :] = True
     return keep
@@ -131,7 +135,8 @@ def test_hand_written_bhsd_with_exact_fills(fill):
         return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(jnp.where(keep, s, fill), axis=-1), v)
     args = arguments(4)
     low = args[:3] + (args[3] - 1e4, args[4])  # visible scores near the fill: it is not -inf
-    check_raised(where_biased, args, low, arguments(5, kept_nan=True))
+    more = [arguments(seed, kept_nan=seed % 2 == 0) for seed in range(100, 106)]  # one program, many inputs
+    check_raised(where_biased, args, low, arguments(5, kept_nan=True), *more)
 
 
 def causal() -> jax.Array:
@@ -178,11 +183,12 @@ def test_grad_through_the_raised_op():
     def fn(q, k, v, bias, keep):
         s = jnp.where(keep, jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25 + bias, -1e9)
         return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, axis=-1), v)
-    args = arguments(10)
+    args = arguments(10, keep_shape=(B, 1, 1, S))
     keep = args[4]
     w = jnp.asarray(np.random.default_rng(11).normal(size=(B, H, S, D)), jnp.float32)
     optimized = ea.optimize(fn, cost_model=H100)
-    assert raised_kinds(optimized, *args) == ["bias+bool"]
+    (info,) = optimized.explain(*args).attention
+    assert info.mask_kind == "bias+bool" and "full+bias+bool (key padding), fill -1e+09" in str(info)
 
     def grads(f):
         return jax.grad(lambda q, k, v, b: jnp.sum(f(q, k, v, b, keep) * w), argnums=(0, 1, 2, 3))(*args[:4])
