@@ -24,7 +24,8 @@ Op vocabulary (params in brackets; output shape and dtype always come from `Node
   packed axis (Q, K, V at index 0, 1, 2). Optional input 1 is the bias.
 - ``softmax``: the numerically stable softmax over the last axis (raised by the rules).
 - ``attention[q_layout, k_layout, v_layout, o_layout, scale, causal, mask_kind, compute_dtype?]``:
-  inputs (q, k, v) or (q, k, v, mask); layouts are strings over "BHSD" naming the axis order of
+  inputs (q, k, v), (q, k, v, mask) for mask_kind "bias" (additive) or "bool", or (q, k, v, bias,
+  mask) for "bias+bool" (`ATTENTION_MASK_OPERANDS`); layouts are strings over "BHSD" naming the axis order of
   each operand ("BHDS" for V is the transposed-V form). GQA grouping follows from the head counts.
   ``compute_dtype`` (absent by default): q, k and v are cast to it inside the kernel before the
   matmuls (a folded cast prologue, rules/fusion.py), and the result has that dtype.
@@ -51,7 +52,8 @@ from typing import Any
 import numpy as np
 
 from .op_types import (  # the op vocabulary and TensorType, re-exported: they are the IR's names too
-    ATTENTION_AXES, BINARY_OPS, COMPARISON_OPS, ELEMENTWISE_OPS, LEAF_OPS, PACKED_AXES, REDUCE_OPS, UNARY_OPS,
+    ATTENTION_AXES, ATTENTION_MASK_OPERANDS, BINARY_OPS, COMPARISON_OPS, ELEMENTWISE_OPS, LEAF_OPS, PACKED_AXES,
+    REDUCE_OPS, UNARY_OPS,
     TensorType, dtype_itemsize, short_dtype,
 )
 from .op_types import infer_type as infer_op_type

@@ -236,6 +236,18 @@ def _relaid_v_layout(dtype: Any, causal: bool) -> str:
         return ATTENTION_CANONICAL
 
 
+def attention_mask_args(mask_kind: str, args: Sequence[Any]) -> dict[str, Any]:
+    """The ``bias`` / ``mask`` keyword arguments of the attention kernels for an attention node's
+    inputs (q, k, v, then those `ir.ATTENTION_MASK_OPERANDS` names: "bias+bool" has both)."""
+    if mask_kind not in ir.ATTENTION_MASK_OPERANDS:
+        raise ValueError(f"unknown attention mask_kind {mask_kind!r}; known: {sorted(ir.ATTENTION_MASK_OPERANDS)}")
+    names = ir.ATTENTION_MASK_OPERANDS[mask_kind]
+    if len(args) != 3 + len(names):
+        raise ValueError(f"an attention with mask_kind {mask_kind!r} has {3 + len(names)} inputs "
+                         f"(q, k, v{''.join(', ' + n for n in names)}), got {len(args)}")
+    return dict(zip(names, args[3:]))
+
+
 def lower_attention(node: Node, args: Sequence[Any], attention_kernel: str = "auto") -> Any:
     """Call the attention kernel on q, k, v in their own layouts, writing o in its layout.
 
@@ -248,18 +260,11 @@ def lower_attention(node: Node, args: Sequence[Any], attention_kernel: str = "au
     takes_decode`, from static shapes) runs the decode kernel (`kernels.attention` picks it).
     """
     p = node.params
-    mask_kind = str(p.get("mask_kind", "none"))
-    extra: dict[str, Any] = {}
-    if mask_kind == "bias":
-        extra["bias"] = args[3]
-    elif mask_kind == "bool":
-        extra["mask"] = args[3]
-    elif mask_kind != "none":
-        raise ValueError(f"unknown attention mask_kind {mask_kind!r}")
+    extra = attention_mask_args(str(p.get("mask_kind", "none")), args)
     q, k, v = args[0], args[1], args[2]
     q_layout, k_layout, v_layout, o_layout = (str(p[n]) for n in ("q_layout", "k_layout", "v_layout", "o_layout"))
     mods = {"mask_fill": float(p.get("mask_fill", MASK_VALUE)), "softcap": float(p.get("softcap", 0.0))}
-    exact = pallas_takes_scores(has_mask=mask_kind == "bool", causal=bool(p["causal"]), **mods)
+    exact = pallas_takes_scores(has_mask="mask" in extra, causal=bool(p["causal"]), **mods)
     kernel = chosen_kernel(attention_kernel, exact_on_pallas=exact)
     compute_dtype = p.get("compute_dtype") or None  # a folded cast: the kernel casts q, k, v to it
     out_layout = o_layout

@@ -32,6 +32,11 @@ ELEMENTWISE_OPS: frozenset[str] = UNARY_OPS | BINARY_OPS | {
 LEAF_OPS: frozenset[str] = frozenset({"input", "literal", "constant", "iota"})
 ATTENTION_AXES = "BHSD"  # logical axes of an attention operand; its layouts are permutations of them
 PACKED_AXES = "BHSD3"  # logical axes of a packed Q/K/V array; "3" indexes Q, K, V
+#: an attention node's inputs after q, k, v, by its mask kind ("bias+bool": an additive bias and a
+#: boolean mask together, the scores ``where(keep, s + bias, fill)``)
+ATTENTION_MASK_OPERANDS: dict[str, tuple[str, ...]] = {
+    "none": (), "bias": ("bias",), "bool": ("mask",), "bias+bool": ("bias", "mask"),
+}
 COMPARISON_OPS: frozenset[str] = frozenset({"eq", "ne", "lt", "le", "gt", "ge"})
 
 

@@ -38,7 +38,7 @@ class AttentionInfo:
     #: "triton decode" (the flash-decoding kernel, kernels/decode_attention.py)
     backend: str = ""
     #: what its mask is (`mask_kinds.mask_kind`): "causal", "sliding window W", "key padding",
-    #: "arbitrary", "bias"; "" without a mask tensor
+    #: "arbitrary", "bias"; "" without a mask tensor (with "bias+bool": its boolean mask's)
     mask_pattern: str = ""
     #: the score a hidden position gets (None: the kernels' own, at or below -0.7 * float32 max)
     mask_fill: float | None = None
@@ -54,7 +54,7 @@ class AttentionInfo:
         mask = "causal" if self.causal else "full"
         if self.mask_kind != "none":
             mask += f"+{self.mask_kind}" + (f" ({self.mask_pattern})" if self.mask_pattern else "")
-        if self.mask_fill is not None and (self.causal or self.mask_kind == "bool"):
+        if self.mask_fill is not None and (self.causal or self.mask_kind in ("bool", "bias+bool")):
             mask += f", fill {self.mask_fill:g}"
         if self.softcap:
             mask += f", soft-cap {self.softcap:g}"
@@ -144,12 +144,14 @@ def attention_infos(program: Program, kernel: str) -> list[AttentionInfo]:
 
 
 def _mask_pattern(program: Program, node) -> str:
-    """`mask_kinds.mask_kind` of an attention node's mask operand ("" without one)."""
+    """`mask_kinds.mask_kind` of an attention node's mask operand ("" without one); of its
+    boolean mask for "bias+bool" (its last input)."""
     kind = node.params.get("mask_kind", "none")
     position = {"attention": 3, "attention_vjp": 4}.get(node.op)  # the mask follows q, k, v (and do)
     if position is None or kind == "none" or len(node.inputs) <= position:
         return ""
-    return mask_kind(program, node.inputs[position], additive=kind == "bias")
+    operand = node.inputs[-1] if kind == "bias+bool" else node.inputs[position]
+    return mask_kind(program, operand, additive=kind == "bias")
 
 
 def _packed_backend(program: Program, node) -> str:
@@ -182,9 +184,9 @@ def _pallas_backend(program: Program, node) -> str:
         return "triton decode"
     return pallas_backend(
         q, k, v, v_layout=str(p["v_layout"]), causal=bool(p["causal"]), scale=float(p["scale"]),
-        bias=True if p.get("mask_kind") == "bias" else None, compute_dtype=p.get("compute_dtype") or None,
+        bias=True if p.get("mask_kind") in ("bias", "bias+bool") else None, compute_dtype=p.get("compute_dtype") or None,
         q_layout=str(p["q_layout"]), k_layout=str(p["k_layout"]), o_layout=str(p["o_layout"]),
-        mask=True if p.get("mask_kind") == "bool" else None, mask_fill=float(p.get("mask_fill", MASK_VALUE)),
+        mask=True if p.get("mask_kind") in ("bool", "bias+bool") else None, mask_fill=float(p.get("mask_fill", MASK_VALUE)),
         softcap=float(p.get("softcap", 0.0)))
 
 

@@ -907,7 +907,6 @@ KNOWN_UNRAISED: dict[str, str] = {
     "softmax_exp_s_minus_logsumexp_grad": LSE,
     "flax_linen_mha_causal_grad": ("dQ, dK and dV are raised, but the V projection's weight gradient still reads "
                                    "Pᵀ·do in its own layout ([B, H, D, S] from a [B, S, H, D] cotangent), so P stays"),
-    "flax_linen_dot_product_attention_bias_mask": "a bias and a boolean mask together: the op takes one mask operand",
     "sfdp19_causal_where_plus_mask": "the bias is added after the where-mask, so the fill becomes fill + bias (not one value)",
     "mask_gpt2_w_times_b_minus_1e10": "a multiplicative mask: s * 0 is NaN where s is inf, which a where-mask hides (not exact)",
     "softmax_no_max_subtraction": "exp(s) overflows above 88 where the op's stable softmax does not (not exact)",

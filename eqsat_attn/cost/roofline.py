@@ -45,7 +45,7 @@ time = max(flops / (peak[dtype] x efficiency), bytes / bandwidth) + launch overh
 - attention: 4 x B x H x Sq x Sk x D FLOPs (2 for Q.K^T with D, 2 for P.V with Dv; halved
   when causal; Sq and Sk rounded up to the kernel's tile (`ATTENTION_TILE`: 16 to 64 rows), since
   a flash kernel computes whole tiles: a 1-row query block costs a full tile) at the efficiency of its variant (dtype, "standard" V with D minor or
-  "transposed" V with S minor, causal); bytes = q + k + v (+ mask) + o, each read or written
+  "transposed" V with S minor, causal); bytes = q + k + v (+ mask, bias or both) + o, each read or written
   once (GQA reads K/V at their own, smaller, head count: no repeat); plus one launch. The
   Pallas kernel reads and writes any layout with D minor in q, k and o, and D or S minor in v
   (B and H anywhere: its index maps address them), so those cost nothing extra. Exactly the

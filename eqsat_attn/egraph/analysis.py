@@ -127,6 +127,12 @@ def _rules():
         ),
         set_(dtype(e)).to(dt),
     )
+    # an attention's bias and boolean mask (not a tensor): typed as its bias, when the boolean mask
+    # has the bias's shape, so a "bias+bool" attention's view holds both (extract.op_view)
+    yield rule(
+        eq(e).to(Term.mask_pair(a, b)), shape(a) == s, shape(b) == s, dtype(a) == dt, dtype(b) == String("bool"),
+        name="analysis.mask_pair",
+    ).then(set_(shape(e)).to(s), set_(dtype(e)).to(dt))
     # attention: [B, H, Sq, Dv] placed by the output layout; dtype: q's, or the compute dtype
     att = Term.attention(a, b, c, m, qa, ka, va, oa, scale, causal, mk, cd, fl, cap)
     yield rule(eq(e).to(att), shape(a) == s, shape(c) == p, name="analysis.attention").then(

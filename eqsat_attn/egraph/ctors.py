@@ -22,7 +22,7 @@ ARG_KINDS: dict[str, tuple[str, ...]] = {
     "attention": ("T", "T", "T", "T", "vec", "vec", "vec", "vec", "f64", "i64", "str", "str", "f64", "f64"),
     "attention_vjp": ("T", "T", "T", "T", "T", "vec", "vec", "vec", "vec", "f64", "i64", "str", "str", "f64", "f64",
                       "i64"),
-    "no_mask": (), "opaque": ("i64", "L"), "output": ("T", "i64"),
+    "no_mask": (), "mask_pair": ("T", "T"), "opaque": ("i64", "L"), "output": ("T", "i64"),
     "attention_fp8": ("T", "T", "T", "T", "T", "T", "vec", "vec", "vec", "vec", "f64", "i64", "str"),
     "slice": ("T", "vec", "vec"), "concat": ("L", "i64"),
     "packed_attention": ("T", "T", "vec", "vec", "f64", "i64", "str"),
@@ -33,14 +33,16 @@ ARG_KINDS.update({f"fused{n}": ("str",) + ("T",) * n for n in range(7)})
 # Position of the mask kind among `Term.attention`'s statics (the compute dtype follows it).
 ATTENTION_MASK_KIND = 6
 
-# Constructors that cost nothing to extract: leaves, and nodes that only name other values.
-FREE_CTORS = frozenset({"no_mask", "opaque", "output", "input", "literal", "constant", "iota"})
+# Constructors that cost nothing to extract: leaves, and nodes that only name other values
+# (`Term.mask_pair` names an attention's bias and boolean mask, which the attention prices).
+FREE_CTORS = frozenset({"no_mask", "mask_pair", "opaque", "output", "input", "literal", "constant", "iota"})
 
 
 def split_args(ctor: str, args: list[Any]) -> tuple[list[Any], list[Any]]:
     """(tensor operands, static parameters) of a constructor's arguments, in order.
 
-    An attention without a mask tensor (mask kind "none") has three operands.
+    An attention without a mask tensor (mask kind "none") has three operands; one with a bias
+    and a boolean mask ("bias+bool") has four, the fourth their `Term.mask_pair`.
     """
     kinds = ARG_KINDS[ctor]
     tensors = [a for k, a in zip(kinds, args, strict=True) if k == "T"]

@@ -97,6 +97,8 @@ class _Decoder:
             return b.add("iota", (), ir.TensorType(shape, dtype), dimension=dimension)
         if ctor == "no_mask":
             return None
+        if ctor == "mask_pair":  # an attention's bias and boolean mask: two of its inputs
+            return tuple(a)
         if ctor == "concat":
             parts, axis = a
             types = [b.type_of(t) for t in parts]
@@ -104,6 +106,7 @@ class _Decoder:
         if ctor not in ARG_KINDS:
             raise ValueError(f"cannot decode term constructor {ctor!r}")
         tensors, statics = split_args(ctor, a)
+        tensors = [i for t in tensors for i in (t if isinstance(t, tuple) else (t,))]  # a mask pair: both
         op, params = op_params(ctor, statics)
         types = [b.type_of(t) for t in tensors]
         if ctor in ("reshape", "broadcast"):  # the output shape is the first static

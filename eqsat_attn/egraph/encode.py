@@ -78,8 +78,8 @@ class _Egg:
 
     CTORS = (
         "input", "literal", "constant", "iota", "unary", "binary", "integer_pow", "convert", "select", "softmax",
-        "transpose", "reshape", "broadcast", "reduce", "dot", "attention", "attention_fp8", "attention_vjp", "no_mask", "opaque",
-        "output", "slice", "concat", "packed_attention", *(f"fused{n}" for n in range(MAX_REGION_INPUTS + 1)),
+        "transpose", "reshape", "broadcast", "reduce", "dot", "attention", "attention_fp8", "attention_vjp", "no_mask",
+        "mask_pair", "opaque", "output", "slice", "concat", "packed_attention", *(f"fused{n}" for n in range(MAX_REGION_INPUTS + 1)),
     )
 
     def __init__(self, egraph: EGraph) -> None:
@@ -169,9 +169,8 @@ def _term(node: ir.Node, args: list[bindings.Var], enc: Encoding, egg: _Egg) -> 
             vec(p["lhs_batch"]), vec(p["rhs_batch"]), egg.string(p.get("preferred_element_type") or ""),
         )
     if op == "attention":
-        mask = args[3] if len(args) > 3 else c("no_mask")
         return c(
-            "attention", args[0], args[1], args[2], mask,
+            "attention", args[0], args[1], args[2], _attention_mask(node, args, enc, egg),
             *(vec(layout_to_axes(p[f"{n}_layout"])) for n in "qkvo"),
             egg.f64(float(p["scale"])), egg.i64(int(bool(p["causal"]))), egg.string(p["mask_kind"]),
             egg.string(str(p.get("compute_dtype") or "")),
@@ -215,6 +214,29 @@ def _term(node: ir.Node, args: list[bindings.Var], enc: Encoding, egg: _Egg) -> 
     for a in reversed(args):
         operands = egg.call(egg.cons, a, operands)
     return c("opaque", egg.i64(len(enc.uninterpreted) - 1), operands)
+
+
+def _attention_mask(node: ir.Node, args: list[bindings.Var], enc: Encoding, egg: _Egg) -> bindings.Call:
+    """An attention node's mask operand: `Term.no_mask`, its mask tensor, or ("bias+bool", inputs
+    q, k, v, bias, keep) the `Term.mask_pair` of its bias and boolean mask, each broadcast to their
+    common shape where they differ (the op broadcasts both to [B, H, Sq, Sk] anyway)."""
+    kind = str(node.params.get("mask_kind", "none"))
+    operands = ir.ATTENTION_MASK_OPERANDS.get(kind)
+    if operands is None or len(args) != 3 + len(operands):
+        raise ValueError(f"an attention with mask_kind {kind!r} has inputs q, k, v and "
+                         f"{operands if operands is not None else 'no known mask operands'}, got {len(args)} inputs")
+    if kind == "none":
+        return egg.ctor("no_mask")
+    if kind != "bias+bool":
+        return args[3]
+    types = [enc.program.type_of(i) for i in node.inputs[3:5]]
+    common = tuple(np.broadcast_shapes(*(t.shape for t in types)))
+    pair = [
+        arg if t.shape == common else
+        egg.ctor("broadcast", arg, egg.vec(common), egg.vec(range(len(common) - t.rank, len(common))))
+        for arg, t in zip(args[3:5], types)
+    ]
+    return egg.ctor("mask_pair", *pair)
 
 
 def f64_holds_exactly(value: Any) -> bool:

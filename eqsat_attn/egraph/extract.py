@@ -59,8 +59,8 @@ _CTORS = {
     getattr(Term, name): name
     for name in (
         "input", "literal", "constant", "iota", "unary", "binary", "integer_pow", "convert", "select", "softmax",
-        "transpose", "reshape", "broadcast", "reduce", "dot", "attention", "no_mask", "opaque", "output",
-        "attention_fp8", "attention_vjp",
+        "transpose", "reshape", "broadcast", "reduce", "dot", "attention", "no_mask", "mask_pair", "opaque",
+        "output", "attention_fp8", "attention_vjp",
         "slice", "concat", "packed_attention",
     )
 }
@@ -107,8 +107,14 @@ def concat_view(axis: int, out: ir.TensorType) -> OpView:
 
 
 def op_view(ctor: str, statics: list[Any], inputs: list[ir.TensorType]) -> OpView:
-    """What the cost model sees of a modelled constructor applied to typed operands."""
+    """What the cost model sees of a modelled constructor applied to typed operands.
+
+    A "bias+bool" attention's fourth operand is its `Term.mask_pair`, typed as the bias (the
+    analysis types it only when the boolean mask has the bias's shape): the view gets both, as
+    the IR node's inputs q, k, v, bias, keep."""
     op, params = op_params(ctor, statics)
+    if op == "attention" and params["mask_kind"] == "bias+bool" and len(inputs) == 4:
+        inputs = [*inputs, ir.TensorType(inputs[3].shape, "bool")]
     if ctor in ("reshape", "broadcast"):  # the output shape is the first static
         return OpView(op, params, tuple(inputs), ir.TensorType(tuple(statics[0]), inputs[0].dtype))
     return OpView(op, params, tuple(inputs), ir.infer_type(op, params, inputs))

@@ -95,6 +95,9 @@ class Term(Expr):
         ``softcap`` > 0; ``s = s + mask`` for ``mask_kind`` "bias"; then every position a boolean
         ``mask`` ("bool": True keeps) or the causal flag hides is set to ``fill`` exactly (as the
         program's ``where(keep, s, fill)`` does); softmax over the keys; P (cast to V's dtype) · V.
+        ``mask_kind`` "bias+bool": ``mask`` is ``mask_pair(bias, keep)`` and the scores are
+        ``where(keep, s + bias, fill)`` (a bias hidden by keep or the causal flag never shows, even
+        NaN or inf).
         ``compute_dtype`` "" computes in the operands' dtype; a dtype name casts q, k and v to it
         inside the kernel (a cast prologue folded in, rules/fusion.py), which is the result's dtype."""
 
@@ -135,6 +138,12 @@ class Term(Expr):
     @classmethod
     def no_mask(cls) -> Term:
         """The mask operand of an attention without an explicit mask tensor."""
+
+    @classmethod
+    def mask_pair(cls, bias: Term, keep: Term) -> Term:
+        """The mask operand of an attention with ``mask_kind`` "bias+bool": an additive ``bias``
+        and a boolean ``keep`` of one shape. Not a tensor: only an attention reads it (its
+        analysis type is the bias's, so the cost models see both operands' bytes)."""
 
     @classmethod
     def opaque(cls, index: i64Like, args: TermList) -> Term:

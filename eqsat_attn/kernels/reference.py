@@ -88,7 +88,7 @@ def pallas_takes_scores(*, has_mask: bool = False, causal: bool = False, mask_fi
 
 def node_takes_pallas(params) -> bool:
     """`pallas_takes_scores` of an IR attention node's params."""
-    return pallas_takes_scores(has_mask=params.get("mask_kind") == "bool", causal=bool(params.get("causal")),
+    return pallas_takes_scores(has_mask=params.get("mask_kind") in ("bool", "bias+bool"), causal=bool(params.get("causal")),
                                mask_fill=float(params.get("mask_fill", MASK_VALUE)),
                                softcap=float(params.get("softcap", 0.0)))
 
