@@ -303,9 +303,10 @@ def attention_gradients(node: Node, args: Sequence[Any], attention_kernel: str =
     flash backward, which also gives the bias gradient), differentiated with `jax.vjp`."""
     q, k, v, do, *mask = args
     forward = attention_of_vjp(node)
-    if node.params.get("mask_kind") == "bias":  # an additive bias is differentiable: wrt 3
-        out, pullback = jax.vjp(lambda q, k, v, b: lower_attention(forward, [q, k, v, b], attention_kernel), q, k, v,
-                                *mask)
+    if node.params.get("mask_kind") in ("bias", "bias+bool"):  # an additive bias is differentiable: wrt 3
+        bias, *keep = mask
+        out, pullback = jax.vjp(lambda q, k, v, b: lower_attention(forward, [q, k, v, b, *keep], attention_kernel),
+                                q, k, v, bias)
     else:
         out, pullback = jax.vjp(lambda q, k, v: lower_attention(forward, [q, k, v, *mask], attention_kernel), q, k, v)
     return tuple(pullback(lax.convert_element_type(do, out.dtype)))

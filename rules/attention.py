@@ -677,9 +677,9 @@ def attention_gradients():
         shapes = (shape(q) == ss, ss.length() == i64(rank), shape(k) == sk_, shape(v) == sv, shape(do_) == s2,
                   dtype(q) == dtq, dtype(k) == dtq, dtype(v) == dtq, dtype(do_) == dtq, dtype(e) == dtq)
         flag = i64(0) if swapped else causal  # as in `attention`: no causal flag over (Sq, G)
-        for kind in ("none", "bias", "bool"):
-            facts = (_scores(sf_, q, k, sc0, cap, m, String(kind), fl, flag, i64(n_batch)), *shapes)
-            mask_term = NO_MASK if kind == "none" else mask4(m)
+        for kind in ("none", "bias", "bool", "bias+bool"):
+            mask_fact, mask_term = _mask_operand(kind, mask4)
+            facts = (_scores(sf_, q, k, sc0, cap, mask_fact, String(kind), fl, flag, i64(n_batch)), *shapes)
 
             def grad(wrt: int) -> Term:
                 return Term.attention_vjp(q4(q), k4(k), v4(v), do4(do_), mask_term, BHSD, K_TRANSPOSED, BHSD, BHSD,
@@ -711,11 +711,11 @@ def attention_gradients():
                     union(e).with_(Term.reshape(grad(1), sk_))
                 )
             # an additive bias's gradient: the cotangent where the bias was added (full-shaped there)
-            if kind == "bias":
-                for form in (Term.binary("add", x, m), Term.binary("add", m, x)):
-                    yield rl(eq(s_).to(form), scores_cot(g_, s_, sf_, do_, v), shape(m) == s3, dtype(m) == dtq, *facts)(
-                        union(g_).with_(Term.reshape(grad(3), s3))
-                    )
+            if kind in ("bias", "bias+bool"):
+                bias = m if kind == "bias" else bias_
+                for form in (Term.binary("add", x, bias), Term.binary("add", bias, x)):
+                    yield rl(eq(s_).to(form), scores_cot(g_, s_, sf_, do_, v), shape(bias) == s3, dtype(bias) == dtq,
+                             *facts)(union(g_).with_(Term.reshape(grad(3), s3)))
             # V's gradient: Pᵀ · do (P possibly cast to V's dtype), as [batch.., Sk, Dv] or transposed,
             # with do as the scores' cotangent read it or in another layout (do = transpose(w, perm))
             # (the free axes contracted in either order when there are two)

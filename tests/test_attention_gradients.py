@@ -234,3 +234,26 @@ def test_gradients_lower_to_the_flash_backward_for_a_gpu(monkeypatch):
     run = lower_module.lower(program, attention_kernel="pallas")
     text = jax.jit(lambda *xs: run(*xs)).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") >= 3, "forward, dq and dk/dv kernels"
+
+
+def test_bias_and_mask_gradients_raised():
+    """where(keep, s + bias, fill): the gradients of Q, K, V and the bias are the op's (the bias's
+    gradient is zero where the mask hides it, as the program's)."""
+    def attend(q, k, v, bias, keep):
+        s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25 + bias
+        return jnp.einsum("bhqk,bhkd->bhqd", _softmax(jnp.where(keep[:, None, None, :], s, -1e9)), v)
+
+    def loss(q, k, v, bias, keep, cot):
+        return jnp.sum(attend(q, k, v, bias, keep) * cot)
+
+    fn = jax.grad(loss, argnums=(0, 1, 2, 3))
+    optimized = ea.optimize(fn, cost_model=for_device("h100"), limits=LIMITS)
+    q, k, v = _inputs(29, BHSD)
+    (bias,) = _inputs(30, ((B, H, S, S),))
+    (cot,) = _inputs(31, (BHSD[0],))
+    report = optimized.explain(q, k, v, bias, KEEP, cot)
+    assert sorted(info.gradient for info in report.attention) == ["dbias", "dk", "dq", "dv"], str(report.after)
+    assert {info.mask_kind for info in report.attention} == {"bias+bool"}
+    got, want = optimized(q, k, v, bias, KEEP, cot), fn(q, k, v, bias, KEEP, cot)
+    assert excess_error(got, want, tolerance((q, k, v, bias), want)) <= 0
+    assert np.all(np.asarray(got[3])[:, :, :, 5:][0] == 0)  # batch 0 hides keys 5.. : no bias gradient there
