@@ -896,17 +896,11 @@ def neg_sigmoid(q, k, v):
 
 # ---------------------------------------------------------------------------------------------
 
-GRAD_5D = ("jax.nn.dot_product_attention's backward of its 5-D grouped einsum (softmax over [G, B, K, T, S], "
-           "cotangents transposed between every step) is only partly matched: dQ and dK, not dV, so P stays")
 LSE = "logsumexp's is_finite guard makes a row holding +inf [NaN, 0, ...] where softmax is all NaN (not exact)"
 
 #: positives the rules do not raise, with the reason (tests xfail them strictly)
 KNOWN_UNRAISED: dict[str, str] = {
-    "jax_dpa_causal_grad": GRAD_5D,
-    "jax_dpa_gqa_grad": GRAD_5D,
     "softmax_exp_s_minus_logsumexp_grad": LSE,
-    "flax_linen_mha_causal_grad": ("dQ, dK and dV are raised, but the V projection's weight gradient still reads "
-                                   "Pᵀ·do in its own layout ([B, H, D, S] from a [B, S, H, D] cotangent), so P stays"),
     "sfdp19_causal_where_plus_mask": "the bias is added after the where-mask, so the fill becomes fill + bias (not one value)",
     "mask_gpt2_w_times_b_minus_1e10": "a multiplicative mask: s * 0 is NaN where s is inf, which a where-mask hides (not exact)",
     "softmax_no_max_subtraction": "exp(s) overflows above 88 where the op's stable softmax does not (not exact)",
