@@ -17,6 +17,7 @@ from eqsat_attn.kernels import attention, attention_reference
 from eqsat_attn.kernels.decode_attention import (DECODE_MAX_QUERIES, DECODE_MIN_KEYS, combine_splits,
                                                  decode_attention, decode_tiles, takes_decode)
 from eqsat_attn.kernels.reference import MASK_VALUE, layout_shape
+from test_kernel_masks import assert_close  # one NaN-aware comparison for the interpreted kernels
 
 da = importlib.import_module("eqsat_attn.kernels.decode_attention")
 pytestmark = pytest.mark.usefixtures("full_f32_matmuls_on_gpu")
@@ -55,19 +56,6 @@ def np_attention(q, k, v, do=None, *, scale, causal=False, keep=None, fill=MASK_
         dk = (np.swapaxes(dsr, 2, 3) @ q * scale).reshape(b, -1, g, sk, q.shape[-1]).sum(2)
         dv = (np.swapaxes(p, 2, 3) @ do).reshape(b, -1, g, sk, v.shape[-1]).sum(2)
     return o, dq, dk, dv
-
-
-def assert_close(got, want, tol, what):
-    """Equal NaN pattern; elsewhere within tol relative to the largest magnitude of `want`."""
-    got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
-    want = np.asarray(want, np.float64)
-    assert got.shape == want.shape, (what, got.shape, want.shape)
-    assert np.array_equal(np.isnan(got), np.isnan(want)), f"{what}: NaN pattern differs"
-    fin = ~np.isnan(want)
-    if fin.any():
-        err = np.abs(got[fin] - want[fin]).max()
-        bound = tol * (1.0 + np.abs(want[fin]).max())
-        assert err <= bound, f"{what}: max abs error {err:.3g} > {bound:.3g}"
 
 
 def inputs(seed, sq, groups, sk=SK):
