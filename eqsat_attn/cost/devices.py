@@ -79,6 +79,7 @@ class DeviceSpec:
     attention_efficiency: Any
     matmul_efficiency: float = 1.0
     transpose_bandwidth_fraction: float = 1.0
+    copy_bandwidth_fraction: float = 1.0  # ... and one that keeps the minor axis (a strided copy)
     # GEMM tile quantisation (0 = not modelled): a dot_general runs as tiles of
     # matmul_tile_m x matmul_tile_n output elements spread over `multiprocessors` in waves
     multiprocessors: int = 0
@@ -90,6 +91,11 @@ class DeviceSpec:
     # and XLA:CPU then loops instead of calling a GEMM).
     einsum_attention: bool = False
     split_heads_attention_efficiency: float = 1.0
+    # XLA:CPU's dot emitter takes operands as [batch..., free..., contract...] or [batch...,
+    # contract..., free...] only: an operand with its batch axes not major, or its contracting axes
+    # not one block at either end, is copied into that form first (a dot_general's, and K's and
+    # V's in the reference attention's einsums). Priced as a materialised transpose plus a launch.
+    relayouts_dot_operands: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "peak_flops", _frozen(self.peak_flops))

@@ -112,6 +112,25 @@ def _heads_before_seq(layout: str, shape: tuple[int, ...]) -> bool:
     return "H" not in kept or "S" not in kept or kept.index("S") == kept.index("H") + 1
 
 
+def dot_ready(shape: tuple[int, ...], batch: tuple[int, ...], contract: tuple[int, ...]) -> bool:
+    """Whether a dot operand is in the form XLA:CPU's dot emitter takes in place, ignoring length-1
+    axes: its batch axes major (in order), then its contracting axes as one block (in order) first
+    or last, the free axes the other block."""
+    kept = [i for i, n in enumerate(shape) if n != 1]
+    kb = [i for i in batch if shape[i] != 1]
+    kc = [i for i in contract if shape[i] != 1]
+    rest = kept[len(kb):]
+    return kept[:len(kb)] == kb and (rest[:len(kc)] == kc or rest[len(rest) - len(kc):] == kc)
+
+
+def _batch_major(layout: str, shape: tuple[int, ...]) -> bool:
+    """Whether B then H lead a layout once length-1 axes are dropped: the reference attention's
+    einsums read K or V in place as a batched GEMM operand."""
+    kept = [c for c, n in zip(layout, shape) if n != 1]
+    lead = [c for c in "BH" if c in kept]
+    return kept[:len(lead)] == lead
+
+
 def _tiled(length: int) -> int:
     """A sequence length rounded up to the attention kernel's tile for it."""
     low, high = ATTENTION_TILE
@@ -208,7 +227,7 @@ class RooflineModel:
     def _transpose_seconds(self, nbytes: float, perm: tuple[int, ...] | None = None) -> float:
         d = self.device
         keeps_minor = perm is not None and len(perm) > 0 and perm[-1] == len(perm) - 1
-        fraction = 1.0 if keeps_minor else d.transpose_bandwidth_fraction
+        fraction = d.copy_bandwidth_fraction if keeps_minor else d.transpose_bandwidth_fraction
         return 2.0 * nbytes / (d.bandwidth * fraction)
 
     def _dot(self, node: OpView) -> Breakdown:
@@ -226,8 +245,16 @@ class RooflineModel:
         compute = flops / peak / self.tile_utilisation(batch, m, n, k) if d.multiprocessors else flops / peak
         row_major = (tuple(lb) == tuple(range(len(lb))) and tuple(lc) == tuple(range(a.rank - len(lc), a.rank)),
                      tuple(rb) == tuple(range(len(rb))) and tuple(rc) == tuple(range(len(rb), len(rb) + len(rc))))
-        tie_break = ORIENTATION_TIE_BREAK * row_major.count(False)
-        return Breakdown(flops, nbytes, compute, nbytes / d.bandwidth, d.launch_overhead, tie_break)
+        extra = ORIENTATION_TIE_BREAK * row_major.count(False)
+        if d.relayouts_dot_operands:  # XLA:CPU copies an operand it cannot take in place (devices.py)
+            for t, batch, contract in ((a, lb, lc), (b, rb, rc)):
+                if not dot_ready(t.shape, batch, contract):
+                    extra += self._relayout_seconds(t)
+        return Breakdown(flops, nbytes, compute, nbytes / d.bandwidth, d.launch_overhead, extra)
+
+    def _relayout_seconds(self, t: ir.TensorType) -> float:
+        """A copy of ``t`` into another axis order that keeps its minor axis, plus its launch."""
+        return 2.0 * t.nbytes / (self.device.bandwidth * self.device.copy_bandwidth_fraction) + self.device.launch_overhead
 
     def tile_utilisation(self, batch: int, m: int, n: int, k: int) -> float:
         """Useful fraction of the tensor-core work a GEMM of this shape issues: M, N rounded up
@@ -324,6 +351,8 @@ class RooflineModel:
         for layout, t, minors in ((ql, q, "D"), (kl, k, "D"), (vl, v, "DS"), (ol, out, "D")):
             if not _layout_is_view(t.shape, layout, minors):
                 extra += self._transpose_seconds(t.nbytes) + d.launch_overhead
+            elif d.relayouts_dot_operands and t is not q and t is not out and not _batch_major(layout, t.shape):
+                extra += self._relayout_seconds(t)  # the reference's einsum copies K or V first
         return Breakdown(flops, nbytes, flops / peak, nbytes / d.bandwidth, d.launch_overhead, extra, variant)
 
 
