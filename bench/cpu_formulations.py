@@ -5,7 +5,8 @@ them run within a few percent of each other. These functions compute the same bl
 same arguments in ways that really differ in work and data movement, so the experiment's programs
 span well over 2x: heads kept [B, S, H, D] (XLA:CPU copies operands whose batch axes are not
 major), a materialised Kᵀ, projections split per head (eight small GEMMs and a stack instead of
-one, or one attention per head), and the re-associations that trade a small GEMM for a large one
+one, or one attention per head), queries or keys in blocks (a split-key softmax merged as flash
+decoding does), and the re-associations that trade a small GEMM for a large one
 (scores as x · (W_q W_kᵀ) · xᵀ; P·V as (P·x)·W_v). Each is captured as it is written (no
 rewriting) and priced like any other program. (Heads are joined with ``concatenate``, not
 ``jnp.stack``: JAX 0.12 has a ``stack`` primitive, which the IR carries as an opaque, unpriced op.)
@@ -22,6 +23,7 @@ optimizer never produces that form (no rule makes it), so it says nothing about 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -81,7 +83,17 @@ def prefill_formulations(heads: int, head_dim: int) -> dict[str, Block]:
         px = jnp.einsum("bhqk,bke->bhqe", p, x)
         return jnp.einsum("bhqe,ehd->bhqd", px, wv.reshape(e, heads, head_dim))
 
-    return {"heads [B,S,H,D]": heads_bshd, "K^T materialised": k_transposed,
+    def query_blocks(x, wq, wk, wv, blocks=4):  # queries in blocks, one attention each, joined
+        b, s, _ = x.shape
+        q, k, v = (proj_bshd(x, w).transpose(0, 2, 1, 3) for w in (wq, wk, wv))
+        step = s // blocks
+        outs = []
+        for i in range(blocks):
+            p = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q[:, :, i * step:(i + 1) * step], k) * scale, axis=-1)
+            outs.append(jnp.einsum("bhqk,bhkd->bhqd", p, v))
+        return jnp.concatenate(outs, axis=2)
+
+    return {"heads [B,S,H,D]": heads_bshd, "queries in 4 blocks": query_blocks, "K^T materialised": k_transposed,
             "projections split per head": split_projections, "scores x(WqWk^T)x^T": scores_via_weights,
             "values (P x) Wv": values_after_mix, "both re-associated": both_reassociated}
 
@@ -112,6 +124,23 @@ def decode_formulations(heads: int, head_dim: int) -> dict[str, Block]:
             outs.append(jnp.einsum("bqk,bkd->bqd", jax.nn.softmax(sc, axis=-1), v_cache[:, :, h])[:, None])
         return jnp.concatenate(outs, axis=1)
 
+    def keys_chunked(x_new, k_cache, v_cache, wq, chunks=4):  # split-key softmax, merged (flash-decoding)
+        q = query(x_new, wq)
+        step = k_cache.shape[1] // chunks
+        maxes, sums, outs = [], [], []
+        for c in range(chunks):
+            kc, vc = k_cache[:, c * step:(c + 1) * step], v_cache[:, c * step:(c + 1) * step]
+            sc = jnp.einsum("bqhd,bkhd->bhqk", q, kc) * scale
+            m = jnp.max(sc, axis=-1, keepdims=True)
+            e = jnp.exp(sc - m)
+            maxes.append(m)
+            sums.append(jnp.sum(e, axis=-1, keepdims=True))
+            outs.append(jnp.einsum("bhqk,bkhd->bhqd", e, vc))
+        top = functools.reduce(jnp.maximum, maxes)
+        weights = [jnp.exp(m - top) for m in maxes]
+        total = sum(w * z for w, z in zip(weights, sums))
+        return sum(w * o for w, o in zip(weights, outs)) / total
+
     def keys_via_weights(x_new, k_cache, v_cache, wq):  # q·kᵀ = x (W_q,h k_hᵀ): E/D x the score FLOPs
         e = x_new.shape[-1]
         wk = jnp.einsum("ehd,bkhd->bhek", wq.reshape(e, heads, head_dim), k_cache)
@@ -119,5 +148,6 @@ def decode_formulations(heads: int, head_dim: int) -> dict[str, Block]:
         return jnp.einsum("bhqk,bkhd->bhqd", p, v_cache)
 
     return {"cache [B,S,H,D] einsums": cache_bshd, "K^T materialised": k_transposed,
-            "heads split": split_heads,
+            "heads split": split_heads, "keys in 4 chunks": keys_chunked,
+            "keys in 16 chunks": functools.partial(keys_chunked, chunks=16),
             "scores x(Wq k^T)": keys_via_weights}

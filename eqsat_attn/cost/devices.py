@@ -321,6 +321,7 @@ CPU = DeviceSpec(
     transpose_bandwidth_fraction=0.5,  # assumption: strided loops reach half of streaming bandwidth
     einsum_attention=True,  # no attention kernel: XLA runs the reference einsums
     split_heads_attention_efficiency=0.08,  # calibrated (above)
+    relayouts_dot_operands=True,
 )
 
 DEVICES: dict[str, DeviceSpec] = {"h100": H100, "h200": H200, "cpu": CPU}

@@ -123,6 +123,13 @@ def dot_ready(shape: tuple[int, ...], batch: tuple[int, ...], contract: tuple[in
     return kept[:len(kb)] == kb and (rest[:len(kc)] == kc or rest[len(rest) - len(kc):] == kc)
 
 
+def contiguous_slice(shape: tuple[int, ...], out: tuple[int, ...]) -> bool:
+    """Whether a slice of ``shape`` giving ``out`` is one contiguous block of the row-major input:
+    at most one axis cut, every axis before it of length 1 in the output, every axis after it whole."""
+    cut = [i for i, (a, b) in enumerate(zip(shape, out)) if a != b]
+    return not cut or (len(cut) == 1 and all(out[j] == 1 for j in range(cut[0])))
+
+
 def _batch_major(layout: str, shape: tuple[int, ...]) -> bool:
     """Whether B then H lead a layout once length-1 axes are dropped: the reference attention's
     einsums read K or V in place as a batched GEMM operand."""
@@ -214,6 +221,8 @@ class RooflineModel:
             return self._packed_attention(node)
         if op == "slice":
             nbytes = float(out.nbytes)
+            if d.relayouts_dot_operands and not contiguous_slice(node.inputs[0].shape, out.shape):
+                return Breakdown(0.0, 2.0 * nbytes, 0.0, 0.0, 0.0, self._relayout_seconds(out))  # a strided copy
             return Breakdown(0.0, nbytes, 0.0, nbytes / d.bandwidth, 0.0)
         if op == "concatenate":
             nbytes = 2.0 * out.nbytes
@@ -348,11 +357,13 @@ class RooflineModel:
         # operands the kernel cannot read in place are transposed first (o: after), exactly as
         # lower_attention does; B and H may sit anywhere in every layout
         extra = 0.0
-        for layout, t, minors in ((ql, q, "D"), (kl, k, "D"), (vl, v, "DS"), (ol, out, "D")):
-            if not _layout_is_view(t.shape, layout, minors):
+        for name, layout, t, minors in (("q", ql, q, "D"), ("k", kl, k, "D"), ("v", vl, v, "DS"), ("o", ol, out, "D")):
+            if d.relayouts_dot_operands:  # XLA's einsums: any minor axis, B and H major (else copied)
+                split = name in "qo" and d.einsum_attention and not _heads_before_seq(layout, t.shape)
+                if not split and not _batch_major(layout, t.shape):  # (a split is priced by its rate)
+                    extra += self._relayout_seconds(t)
+            elif not _layout_is_view(t.shape, layout, minors):
                 extra += self._transpose_seconds(t.nbytes) + d.launch_overhead
-            elif d.relayouts_dot_operands and t is not q and t is not out and not _batch_major(layout, t.shape):
-                extra += self._relayout_seconds(t)  # the reference's einsum copies K or V first
         return Breakdown(flops, nbytes, flops / peak, nbytes / d.bandwidth, d.launch_overhead, extra, variant)
 
 
