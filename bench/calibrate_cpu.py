@@ -9,8 +9,8 @@ split-heads attention efficiency, and the bandwidth fractions of transposes and 
 so that the model's predicted seconds match the measured ones: minimise the mean squared
 log(predicted / measured) over the programs, each workload weighted alike (so a ranking error on
 a fast workload counts as much as on a slow one). Peak FLOP/s stays the spec arithmetic (the
-efficiencies absorb what is reached). Deterministic coordinate descent in log space (fractions
-capped at 1), from the table's current values. ``--check`` prices other dumps under the fit
+efficiencies absorb what is reached). Deterministic coordinate descent in log space within
+`PARAMETERS`' bounds (fractions at most 1), from the table's current values. ``--check`` prices other dumps under the fit
 (measured on another run: a fit that only explains its own noise would not carry over).
 Prints the fitted constants, the fit's error and Spearman per workload, fitted and checked.
 """
@@ -36,15 +36,17 @@ from common import spearman  # noqa: E402
 from eqsat_attn.cost import RooflineModel, program_cost  # noqa: E402
 from eqsat_attn.cost.devices import DeviceSpec, device_spec  # noqa: E402
 
-#: the fitted constants: name -> (upper bound or None)
+#: the fitted constants: name -> (lower bound, upper bound)
 PARAMETERS = {
-    "bandwidth": None,
-    "launch_overhead": None,
-    "matmul_efficiency": 1.0,
-    "attention": 1.0,  # every attention_efficiency entry (the CPU runs one attention: XLA's einsums)
-    "split_heads_attention_efficiency": 1.0,
-    "transpose_bandwidth_fraction": 1.0,
-    "copy_bandwidth_fraction": 1.0,
+    "bandwidth": (1e9, 1e12),
+    # a thunk dispatch costs at least ~1 us (assumption): under load the fit cannot resolve the
+    # launch cost (anything from 0 to 10 us fitted alike on 2026-12-06) and would drift to 0
+    "launch_overhead": (1e-6, 1e-3),
+    "matmul_efficiency": (1e-3, 1.0),
+    "attention": (1e-3, 1.0),  # every attention_efficiency entry (the CPU runs one attention: XLA's einsums)
+    "split_heads_attention_efficiency": (1e-3, 1.0),
+    "transpose_bandwidth_fraction": (1e-3, 1.0),
+    "copy_bandwidth_fraction": (1e-3, 1.0),
 }
 
 
@@ -87,10 +89,10 @@ def fit(rows: list[dict[str, Any]], base: DeviceSpec, sweeps: int = 12) -> dict[
     step = 2.0
     for _ in range(sweeps * len(PARAMETERS)):
         improved = False
-        for name, cap in PARAMETERS.items():
+        for name, (low, high) in PARAMETERS.items():
             for factor in (step, 1.0 / step):
                 trial = dict(values)
-                trial[name] = values[name] * factor if cap is None else min(cap, values[name] * factor)
+                trial[name] = min(high, max(low, values[name] * factor))
                 value = loss(rows, spec_with(base, trial))
                 if value < best - 1e-12:
                     values, best, improved = trial, value, True
