@@ -3,7 +3,7 @@
     python bench/cost_model_experiment.py                    # GPU: >= 20 variants of a bf16 attention block
     python bench/cost_model_experiment.py --calibrate        # ... and fit device parameters, write the calibration JSON
     python bench/cost_model_experiment.py --cpu-smoke [--calibrate --calibration-out F]   # tiny, CPU: checks the script
-    python bench/cost_model_experiment.py --cpu [--rounds N]  # CPU fidelity: prefill and decode blocks, >= 30 programs
+    python bench/cost_model_experiment.py --cpu [--rounds N] [--dump F | --refit F]  # CPU fidelity, >= 30 programs
     eqsat-attn bench cost-model [...]
 
 Variants: the e-graph of an attention block whose Q/K/V come from projections
@@ -17,7 +17,10 @@ Output: Spearman rank correlation, the table, and the worst mispredictions (larg
 
 --cpu measures this CPU (XLA:CPU, the reference attention) on three workloads of the same
 block: prefill (S256), long prefill (S512) and decode (one new token's query against a 1024-token
-cache); for each, the variants above plus the captured (unfused) program. Programs are timed in
+cache); for each, the variants above, the captured (unfused) program, and the captured programs
+of hand-written equivalents that really differ in work and data movement
+(`cpu_formulations.py`). --dump keeps programs and timings; --refit DUMP prices them again under
+today's model without measuring (bench/calibrate_cpu.py fits the CPU row from such dumps). Programs are timed in
 interleaved rounds (every round visits every program of a workload in a fresh random order, each
 timed as the mean of --inner calls after warm-up), and a program's time is the median over
 rounds; the spread is the interquartile range over rounds relative to the median. Spearman is
@@ -61,6 +64,7 @@ from common import device_tag, header, median_seconds, require_gpu, spearman, wr
 
 import eqsat_attn as ea  # noqa: E402
 from eqsat_attn import examples, ir  # noqa: E402
+from eqsat_attn.capture import capture  # noqa: E402
 from eqsat_attn.cost import RooflineModel, calibration_path, current_device_name, for_device, program_cost  # noqa: E402
 from eqsat_attn.cost.model import OpView, view_of  # noqa: E402
 from eqsat_attn.explore import program_summary  # noqa: E402
@@ -205,10 +209,10 @@ def cpu_programs(name: str, model: RooflineModel, want: int) -> tuple[list[tuple
     named = [("captured" if k == 0 else f"e{k}", p, flat) for k, p in enumerate(programs)]
     seen = {str(p) for _, p, _ in named}
     for label, form in formulations(kw["heads"], kw["head_dim"]).items():
-        fex = ea.explore(form, *args)
-        if str(fex.program) not in seen:
-            seen.add(str(fex.program))
-            named.append((label, fex.program, fex.captured.flat_args(*args)))
+        captured = capture(form, *args)
+        if str(captured.program) not in seen:
+            seen.add(str(captured.program))
+            named.append((label, captured.program, captured.flat_args(*args)))
     return named, np.asarray(jax.jit(fn)(*args), dtype=np.float32)
 
 

@@ -61,6 +61,14 @@ time = max(flops / (peak[dtype] x efficiency), bytes / bandwidth) + launch overh
   On a device without an attention kernel (``einsum_attention``: the CPU, where XLA runs the
   reference einsums) sequence lengths are not rounded to tiles, and a Q or output layout without
   H directly before S runs at ``split_heads_attention_efficiency``: measured on a 2-core CPU (bench/results/cost-model-cpu-2026-12-06.md).
+- XLA:CPU's operand copies (``relayouts_dot_operands``, the CPU): its dot emitter takes an
+  operand only batch-major with its contracting axes one block at either end (`dot_ready`), and
+  copies any other first; so a dot_general pays a copy (2 x bytes at ``copy_bandwidth_fraction``
+  of bandwidth, plus a launch) per such operand, and the reference attention one per operand
+  without B then H major (any minor axis: the kernels' D-minor rule does not apply), a split
+  Q or output excepted (priced by its rate, above). A slice that is not one contiguous block
+  (`contiguous_slice`: a weight's column block, a cache's head) is such a copy too. Fitted with
+  the rest of the CPU row (devices.py; bench/results/cost-model-cpu-2026-12-06-session9.md).
 """
 
 from __future__ import annotations
