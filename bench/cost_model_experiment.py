@@ -118,6 +118,7 @@ def features(program: ir.Program, model: RooflineModel) -> dict[str, float]:
         out["launch"] += b.launch_s
         if view.op == "dot_general":
             out["matmul" if b.compute_s >= b.memory_s else "memory"] += max(b.compute_s, b.memory_s)
+            out["transpose"] += b.extra_s  # operand copies (CPU), else the orientation tie-break
         elif view.op == "attention":
             out[f"attention/{b.variant}" if b.compute_s >= b.memory_s else "memory"] += max(b.compute_s, b.memory_s)
             out["transpose"] += b.extra_s
