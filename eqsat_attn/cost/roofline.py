@@ -271,7 +271,8 @@ class RooflineModel:
 
     def _relayout_seconds(self, t: ir.TensorType) -> float:
         """A copy of ``t`` into another axis order that keeps its minor axis, plus its launch."""
-        return 2.0 * t.nbytes / (self.device.bandwidth * self.device.copy_bandwidth_fraction) + self.device.launch_overhead
+        d = self.device
+        return 2.0 * t.nbytes / (d.bandwidth * d.copy_bandwidth_fraction) + d.launch_overhead
 
     def tile_utilisation(self, batch: int, m: int, n: int, k: int) -> float:
         """Useful fraction of the tensor-core work a GEMM of this shape issues: M, N rounded up
