@@ -3,7 +3,7 @@
     python bench/cost_model_experiment.py                    # GPU: >= 20 variants of a bf16 attention block
     python bench/cost_model_experiment.py --calibrate        # ... and fit device parameters, write the calibration JSON
     python bench/cost_model_experiment.py --cpu-smoke [--calibrate --calibration-out F]   # tiny, CPU: checks the script
-    python bench/cost_model_experiment.py --cpu [--rounds N]  # CPU fidelity: prefill and decode blocks, >= 30 programs
+    python bench/cost_model_experiment.py --cpu [--rounds N] [--dump F | --refit F]  # CPU fidelity, >= 30 programs
     eqsat-attn bench cost-model [...]
 
 Variants: the e-graph of an attention block whose Q/K/V come from projections
@@ -17,7 +17,10 @@ Output: Spearman rank correlation, the table, and the worst mispredictions (larg
 
 --cpu measures this CPU (XLA:CPU, the reference attention) on three workloads of the same
 block: prefill (S256), long prefill (S512) and decode (one new token's query against a 1024-token
-cache); for each, the variants above plus the captured (unfused) program. Programs are timed in
+cache); for each, the variants above, the captured (unfused) program, and the captured programs
+of hand-written equivalents that really differ in work and data movement
+(`cpu_formulations.py`). --dump keeps programs and timings; --refit DUMP prices them again under
+today's model without measuring (bench/calibrate_cpu.py fits the CPU row from such dumps). Programs are timed in
 interleaved rounds (every round visits every program of a workload in a fresh random order, each
 timed as the mean of --inner calls after warm-up), and a program's time is the median over
 rounds; the spread is the interquartile range over rounds relative to the median. Spearman is
@@ -56,10 +59,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from cpu_formulations import decode_formulations, prefill_formulations  # noqa: E402
 from common import device_tag, header, median_seconds, require_gpu, spearman, write_results  # noqa: E402
 
 import eqsat_attn as ea  # noqa: E402
 from eqsat_attn import examples, ir  # noqa: E402
+from eqsat_attn.capture import capture  # noqa: E402
 from eqsat_attn.cost import RooflineModel, calibration_path, current_device_name, for_device, program_cost  # noqa: E402
 from eqsat_attn.cost.model import OpView, view_of  # noqa: E402
 from eqsat_attn.explore import program_summary  # noqa: E402
@@ -113,6 +118,7 @@ def features(program: ir.Program, model: RooflineModel) -> dict[str, float]:
         out["launch"] += b.launch_s
         if view.op == "dot_general":
             out["matmul" if b.compute_s >= b.memory_s else "memory"] += max(b.compute_s, b.memory_s)
+            out["transpose"] += b.extra_s  # operand copies (CPU), else the orientation tie-break
         elif view.op == "attention":
             out[f"attention/{b.variant}" if b.compute_s >= b.memory_s else "memory"] += max(b.compute_s, b.memory_s)
             out["transpose"] += b.extra_s
@@ -185,12 +191,30 @@ def decode_example(batch: int = 4, heads: int = 8, seq: int = 1024, head_dim: in
     return step, (x_new, k_cache, v_cache, wq)
 
 
-#: --cpu workloads: name -> (example, its keyword arguments); float32
+#: --cpu workloads: name -> (example, its keyword arguments, its hand-written equivalents); float32
 CPU_WORKLOADS = {
-    "prefill S256": (examples.attention_vt_example, dict(batch=2, heads=4, seq=256, head_dim=32)),
-    "prefill S512": (examples.attention_vt_example, dict(batch=1, heads=8, seq=512, head_dim=32)),
-    "decode S1024": (decode_example, dict(batch=4, heads=8, seq=1024, head_dim=32)),
+    "prefill S256": (examples.attention_vt_example, dict(batch=2, heads=4, seq=256, head_dim=32), prefill_formulations),
+    "prefill S512": (examples.attention_vt_example, dict(batch=1, heads=8, seq=512, head_dim=32), prefill_formulations),
+    "decode S1024": (decode_example, dict(batch=4, heads=8, seq=1024, head_dim=32), decode_formulations),
 }
+
+
+def cpu_programs(name: str, model: RooflineModel, want: int) -> tuple[list[tuple[str, ir.Program, list]], np.ndarray]:
+    """One workload's equivalent programs as (label, program, flat arguments): the e-graph's
+    variants ("captured", "eN") and the captured programs of its hand-written formulations
+    (`cpu_formulations`); and the block's output (the reference the programs are checked against)."""
+    example, kw, formulations = CPU_WORKLOADS[name]
+    fn, args = example(**kw)
+    ex, programs = variants(fn, args, model, want, max_tries=400)
+    flat = ex.captured.flat_args(*args)
+    named = [("captured" if k == 0 else f"e{k}", p, flat) for k, p in enumerate(programs)]
+    seen = {str(p) for _, p, _ in named}
+    for label, form in formulations(kw["heads"], kw["head_dim"]).items():
+        captured = capture(form, *args)
+        if str(captured.program) not in seen:
+            seen.add(str(captured.program))
+            named.append((label, captured.program, captured.flat_args(*args)))
+    return named, np.asarray(jax.jit(fn)(*args), dtype=np.float32)
 
 
 def interleaved_seconds(calls: list[tuple[Any, tuple]], rounds: int, inner: int, seed: int = 0) -> list[list[float]]:
@@ -238,58 +262,92 @@ def spread(times: list[float]) -> float:
     return (q[2] - q[0]) / statistics.median(times)
 
 
-def cpu_main(ns: argparse.Namespace, command: str) -> int:
-    """--cpu: predicted vs measured on this CPU over the workloads of `CPU_WORKLOADS`."""
+def cpu_measure(ns: argparse.Namespace, model: RooflineModel) -> list[dict[str, Any]]:
+    """--cpu: every workload's programs, measured in interleaved rounds (one row each)."""
+    rows: list[dict[str, Any]] = []
+    for name in CPU_WORKLOADS:
+        named, reference = cpu_programs(name, model, ns.variants or 14)
+        calls = [(jax.jit(lower(p, attention_kernel="reference")), flat) for _, p, flat in named]
+        times = interleaved_seconds(calls, ns.rounds, ns.inner)
+        for (label, prog, flat), (call, _), t in zip(named, calls, times):
+            out = np.asarray(call(*flat)[0], dtype=np.float32)
+            rows.append({"workload": name, "label": label, "measured": statistics.median(t), "times": t,
+                         "spread": spread(t), "iqr": quartiles(t), "err": float(np.max(np.abs(out - reference))),
+                         "program": prog})
+        sys.stderr.write(f"{name}: {len(named)} programs measured\n")
+    return rows
+
+
+def price(rows: list[dict[str, Any]], model: RooflineModel) -> None:
+    """Add (or replace) each row's prediction under ``model``."""
+    for r in rows:
+        r.update(predicted=program_cost(r["program"], model), summary=program_summary(r["program"]),
+                 features=features(r["program"], model))
+
+
+def cpu_name() -> str:
+    """This CPU's model name (`lscpu`), else what `platform` says."""
     import platform
     import subprocess
 
-    model = for_device("cpu")
-    rows: list[dict[str, Any]] = []
-    for name, (example, kw) in CPU_WORKLOADS.items():
-        fn, args = example(**kw)
-        ex, programs = variants(fn, args, model, ns.variants or 14, max_tries=400)
-        flat = ex.captured.flat_args(*args)
-        reference = np.asarray(jax.jit(fn)(*args), dtype=np.float32)
-        calls = [(jax.jit(lower(p, attention_kernel="reference")), flat) for p in programs]
-        times = interleaved_seconds(calls, ns.rounds, ns.inner)
-        for k, (prog, (call, _), t) in enumerate(zip(programs, calls, times)):
-            out = np.asarray(call(*flat)[0], dtype=np.float32)
-            rows.append({"workload": name, "k": k, "predicted": program_cost(prog, model),
-                         "measured": statistics.median(t), "spread": spread(t), "iqr": quartiles(t),
-                         "err": float(np.max(np.abs(out - reference))), "summary": program_summary(prog),
-                         "features": features(prog, model), "original": k == 0, "program": prog})
-        sys.stderr.write(f"{name}: {len(programs)} programs measured\n")
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in subprocess.run(
+        return next(line.split(":", 1)[1].strip() for line in subprocess.run(
             ["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines() if line.startswith("Model name"))
-    except StopIteration:
-        cpu = platform.processor() or "unknown"
+    except (StopIteration, OSError):
+        return platform.processor() or "unknown"
+
+
+def cpu_main(ns: argparse.Namespace, command: str) -> int:
+    """--cpu: predicted vs measured on this CPU over the workloads of `CPU_WORKLOADS`; with
+    --refit DUMP, the measurements of an earlier --dump priced again under today's model."""
+    import pickle
+    import platform
+
+    model = for_device("cpu")
+    if ns.refit:
+        saved = pickle.loads(ns.refit.read_bytes())
+        rows, meta = saved["rows"], saved["meta"]
+    else:
+        rows = cpu_measure(ns, model)
+        meta = {"device": f"{cpu_name()}, {os.cpu_count()} cores (`lscpu` model name; jax {jax.devices()[0].platform}), "
+                          f"jax {jax.__version__}, Python {platform.python_version()}",
+                "date": time.strftime("%Y-%m-%d %H:%M"), "command": command.strip(), "rounds": ns.rounds,
+                "inner": ns.inner, "load": os.getloadavg()}
+        if ns.dump:  # the programs and their timings, to price them again without measuring (--refit)
+            ns.dump.write_bytes(pickle.dumps({"rows": rows, "meta": meta}))
+    price(rows, model)
     rho = spearman([r["predicted"] for r in rows], [r["measured"] for r in rows])
     lines = header("Cost-model experiment (CPU)", command.strip())
-    lines[2] = (f"- device: {cpu}, {os.cpu_count()} cores (`lscpu` model name; jax {jax.devices()[0].platform}), "
-                f"jax {jax.__version__}, Python {platform.python_version()}")
-    lines += [f"model {model.name}; {len(rows)} programs over {len(CPU_WORKLOADS)} workloads (float32, reference "
-              f"attention); {ns.rounds} interleaved rounds of {ns.inner} runs each, median over rounds", "",
+    lines[2] = f"- device: {meta['device']}"
+    if ns.refit:
+        lines[3:4] = [f"- measured: {meta['date']}, `{meta['command']}`", f"- priced: {time.strftime('%Y-%m-%d %H:%M')}"]
+    names = list(dict.fromkeys(r["workload"] for r in rows))
+    lines += [f"model {model.name}; {len(rows)} programs over {len(names)} workloads (float32, reference "
+              f"attention); {meta['rounds']} interleaved rounds of {meta['inner']} runs each, median over rounds "
+              f"(load average when measuring began: {', '.join(f'{x:.2f}' for x in meta['load'])})", "",
               f"**Spearman (predicted vs measured), all programs: {rho:.3f}**", "",
               "Per workload (equivalent programs); *resolved pairs*: pairs whose interquartile ranges over the rounds "
-              "do not overlap, and the share of them the prediction orders as measured:", "",
+              "do not overlap, and the share of them the prediction orders as measured; *predicted/measured*: the "
+              "median ratio:", "",
               "| workload | programs | Spearman | resolved pairs ordered right | measured span (max/min) "
-              "| median spread (IQR/median) | worst spread |",
-              "|:---|---:|---:|---:|---:|---:|---:|"]
-    for name in CPU_WORKLOADS:
+              "| predicted/measured | median spread (IQR/median) | worst spread |",
+              "|:---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in names:
         sub = [r for r in rows if r["workload"] == name]
         r_w = spearman([r["predicted"] for r in sub], [r["measured"] for r in sub])
         ms = [r["measured"] for r in sub]
         right, pairs = resolved_pairs(sub)
         share = f"{right:g} of {pairs} ({right / pairs:.0%})" if pairs else "none resolved"
-        lines.append(f"| {name} | {len(sub)} | {r_w:.3f} | {share} | {max(ms) / min(ms):.2f}x | "
+        ratio = statistics.median(r["predicted"] / r["measured"] for r in sub)
+        lines.append(f"| {name} | {len(sub)} | {r_w:.3f} | {share} | {max(ms) / min(ms):.2f}x | {ratio:.2f} | "
                      f"{statistics.median(r['spread'] for r in sub):.1%} | {max(r['spread'] for r in sub):.1%} |")
-    lines += ["", "| workload | # | nodes | dots | attention | transposes | predicted ms | measured ms | spread | max err |",
-              "|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted(rows, key=lambda r: (list(CPU_WORKLOADS).index(r["workload"]), r["measured"])):
+    lines += ["", "Programs: *captured* is the block as written, *eN* the e-graph's variants (extracted under "
+              "randomly perturbed cost models), the others hand-written equivalents (`bench/cpu_formulations.py`).", "",
+              "| workload | program | nodes | dots | attention | transposes | predicted ms | measured ms | spread | max err |",
+              "|:---|:---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (names.index(r["workload"]), r["measured"])):
         s = r["summary"]
-        tag = " (captured)" if r["original"] else ""
-        lines.append(f"| {r['workload']} | {r['k']}{tag} | {s['nodes']} | {s['dots']} | {s['attention']} | "
+        lines.append(f"| {r['workload']} | {r['label']} | {s['nodes']} | {s['dots']} | {s['attention']} | "
                      f"{s['transposes']} | {r['predicted'] * 1e3:.4f} | {r['measured'] * 1e3:.4f} | "
                      f"{r['spread']:.1%} | {r['err']:.2g} |")
     if ns.calibrate:
@@ -302,10 +360,6 @@ def cpu_main(ns: argparse.Namespace, command: str) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     write_results(text, ns.out, None)
-    if ns.dump:  # the programs and their timings, to refit a model without measuring again
-        import pickle
-
-        ns.dump.write_bytes(pickle.dumps(rows))
     return 0
 
 
@@ -316,6 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=31, help="--cpu: interleaved timing rounds")
     parser.add_argument("--inner", type=int, default=5, help="--cpu: runs per program per round")
     parser.add_argument("--dump", type=pathlib.Path, default=None, help="--cpu: pickle the programs and timings here")
+    parser.add_argument("--refit", type=pathlib.Path, default=None,
+                        help="--cpu: price the programs of an earlier --dump under today's model (no measuring)")
     parser.add_argument("--variants", type=int, default=None, help="distinct equivalent programs (default 24; smoke 4)")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--calibrate", action="store_true", help="fit device parameters and write the calibration JSON")

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 import eqsat_attn as ea
-from eqsat_attn import ir
-from eqsat_attn.cost import for_device
+from eqsat_attn import examples, ir
+from eqsat_attn.capture import capture
+from eqsat_attn.cost import RooflineModel, for_device, program_cost
 from eqsat_attn.cost.model import OpView
-from eqsat_attn.cost.roofline import BITCAST_TIE_BREAK, moves_only_unit_axes
+from eqsat_attn.cost.roofline import BITCAST_TIE_BREAK, dot_ready, moves_only_unit_axes
 from eqsat_attn.lower import lower
 
 from bench_scripts import load_bench
@@ -173,6 +174,88 @@ def test_cpu_prices_split_heads_reference_attention_above_the_gemm_layout():
     one = model.breakdown(_attention((2, 1, 4, 32), shape, "float32", q_layout="BSHD", o_layout="BHSD"))
     same = model.breakdown(_attention((2, 4, 1, 32), shape, "float32"))
     assert one.compute_s == same.compute_s
+
+
+def test_dot_ready_takes_batch_major_operands_with_one_contracting_block_at_either_end():
+    assert dot_ready((2, 4, 256, 32), (0, 1), (3,))  # [B, H, S, D] . D
+    assert dot_ready((2, 4, 256, 32), (0, 1), (2,))  # [B, H, S, D] . S (contracting block first)
+    assert not dot_ready((2, 256, 4, 32), (0, 2), (3,))  # [B, S, H, D]: batch axes not major
+    assert dot_ready((2, 1, 4, 32), (0, 2), (3,))  # ... unless what sits between them has length 1
+    assert not dot_ready((4, 128, 32), (), (1,))  # [H, E, F] . E: free axes H and F split
+    assert dot_ready((128, 4, 32), (), (0,))  # [E, H, F] . E
+    assert not dot_ready((2, 8, 4, 16), (0,), (1, 3))  # contracting axes not one block
+
+
+def test_cpu_prices_the_relayout_of_a_cache_read_as_stored():
+    """A decode step's scores from a K cache stored [B, S, H, D]: XLA:CPU copies the cache into
+    [B, H, S, D] before its GEMM (measured: such programs run with the explicitly transposed ones),
+    so the CPU model charges that copy; the GPU models do not (cuBLAS takes strided batches)."""
+    t = lambda shape: ir.TensorType(shape, "float32")  # noqa: E731
+    dims = dict(lhs_contract=(3,), rhs_contract=(3,), lhs_batch=(0, 1), preferred_element_type=None)
+    q = t((4, 8, 1, 32))
+    stored = OpView("dot_general", {**dims, "rhs_batch": (0, 2)}, (q, t((4, 1024, 8, 32))), t((4, 8, 1, 1024)))
+    moved = OpView("dot_general", {**dims, "rhs_batch": (0, 1)}, (q, t((4, 8, 1024, 32))), t((4, 8, 1, 1024)))
+    cpu = for_device("cpu")
+    copy = 2 * 4 * 1024 * 8 * 32 * 4 / (cpu.device.bandwidth * cpu.device.copy_bandwidth_fraction)
+    assert cpu.breakdown(stored).seconds - cpu.breakdown(moved).seconds == pytest.approx(
+        copy + cpu.device.launch_overhead, rel=1e-6)
+    h100 = for_device("h100")
+    assert h100.breakdown(stored).seconds == pytest.approx(h100.breakdown(moved).seconds, rel=1e-6)
+    # the reference attention reading the same cache as K [B, S, H, D] pays the same copy
+    att = lambda kl: OpView("attention", dict(q_layout="BHSD", k_layout=kl, v_layout="BHSD", o_layout="BHSD",  # noqa: E731
+                                              scale=0.2, causal=False, mask_kind="none"),
+                            (q, t((4, 1024, 8, 32)) if kl == "BSHD" else t((4, 8, 1024, 32)), t((4, 8, 1024, 32))), q)
+    assert cpu.breakdown(att("BSHD")).extra_s - cpu.breakdown(att("BHSD")).extra_s == pytest.approx(
+        copy + cpu.device.launch_overhead, rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["prefill", "decode"])
+def test_cpu_formulations_compute_the_block(kind):
+    """The experiment's hand-written equivalents: each one's captured program, lowered, gives the
+    block's values on inputs with extreme entries."""
+    bench = load_bench("cost_model_experiment", "cost_model_experiment_for_fidelity")
+    forms = load_bench("cpu_formulations", "cpu_formulations_for_fidelity")
+    heads, head_dim = 2, 4
+    if kind == "prefill":
+        fn, args = examples.attention_vt_example(batch=2, heads=heads, seq=8, head_dim=head_dim)
+        table = forms.prefill_formulations(heads, head_dim)
+    else:
+        fn, args = bench.decode_example(batch=2, heads=heads, seq=16, head_dim=head_dim)
+        table = forms.decode_formulations(heads, head_dim)
+    rng = np.random.default_rng(9)
+    args = tuple(jnp.asarray(_extreme(rng, a.shape) * (0.25 if i else 1.0)) for i, a in enumerate(args))
+    want = np.asarray(jax.jit(fn)(*args))
+    assert len(table) >= 4
+    calls = []
+    for name, form in table.items():
+        captured = capture(form, *args)
+        assert all(n.op != "opaque" for n in captured.program.nodes), name  # priced, not carried opaque
+        calls.append((lower(captured.program, attention_kernel="reference"), captured.flat_args(*args)))
+    got = jax.jit(lambda flats: [call(*flat)[0] for (call, _), flat in zip(calls, flats)])([f for _, f in calls])
+    for name, out in zip(table, got):  # one compilation for all
+        np.testing.assert_allclose(np.asarray(out), want, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_calibrate_cpu_recovers_constants_that_produced_the_times():
+    """The fit of bench/calibrate_cpu.py: times made by a known spec, fitted from the table's
+    values, are explained (loss near 0) and rank as they were made."""
+    cal = load_bench("calibrate_cpu", "calibrate_cpu_for_fidelity")
+    forms = load_bench("cpu_formulations", "cpu_formulations_for_fidelity")
+    from eqsat_attn.cost.devices import device_spec
+
+    fn, args = examples.attention_vt_example(batch=1, heads=2, seq=64, head_dim=16)
+    table = forms.prefill_formulations(2, 16)
+    picked = (fn, table["heads [B,S,H,D]"], table["K^T materialised"], table["values (P x) Wv"])
+    programs = [capture(f, *args).program for f in picked]  # GEMMs, copies, transposes, softmax passes
+    base = device_spec("cpu", calibrated=False)
+    truth = cal.spec_with(base, {**cal.current(base), "bandwidth": base.bandwidth / 3, "matmul_efficiency": 0.1,
+                                 "launch_overhead": base.launch_overhead * 4})
+    model = RooflineModel(truth, "reference")
+    rows = [{"workload": "w", "label": str(i), "measured": program_cost(p, model), "program": p, "run": "r"}
+            for i, p in enumerate(programs)]
+    assert cal.loss(rows, base) > 0.01
+    fitted = cal.spec_with(base, cal.fit(rows, base, sweeps=2))
+    assert cal.loss(rows, fitted) < 0.1 * cal.loss(rows, base)
 
 
 # ------------------------------------------------------------------ the CPU benchmark's helpers

@@ -14,6 +14,7 @@ import eqsat_attn as ea
 
 from eqsat_attn.capture import capture
 from eqsat_attn.cost import for_device, program_cost
+from eqsat_attn.cost.roofline import contiguous_slice
 from eqsat_attn.egraph.ilp import extract_program_ilp
 from eqsat_attn.lower import lower
 from eqsat_attn.pipeline import Limits, OptimizeOptions, optimize_program, saturate
@@ -298,12 +299,14 @@ def test_decode_block_reaches_each_variant(device):
 # ----------------------------------------------------------------------------- default choices
 
 
-def variant_costs(program, model):
+def variant_costs(program, model, others=()):
+    """Each variant's cost (steered extraction), the unsteered choice, and the e-graph; the
+    variants in ``others`` must steer to a program outside the taxonomy ("other")."""
     egraph, enc, _ = saturate(program, OptimizeOptions(limits=LIMITS))
     costs = {}
     for variant in VARIANTS:
         extracted = extract_variant(egraph, enc, VariantModel(model, variant))
-        assert classify(extracted) == variant
+        assert classify(extracted) == ("other" if variant in others else variant), f"{variant}:\n{extracted}"
         costs[variant] = program_cost(extracted, model)
     chosen = extract_variant(egraph, enc, model)
     return costs, chosen, (egraph, enc)
@@ -354,22 +357,33 @@ def test_default_cpu_choice_follows_the_cost_table(kind):
     - no attention op at all: attention as plain JAX is priced at 25% of peak and dots at 50%, so
       the unfused Q Kᵀ / softmax / P V form (its scores written at 20 GB/s) is cheaper than any of
       (a), (b), (c);
-    - no merged projection: a compute-bound CPU gains only 1-us launches from a merged matmul,
-      while a weight concatenation is a copy on every call (Llama keeps three projections) and
-      slicing the fused output copies three times more bytes than slicing the weight (GPT-2's
-      fused projection is split by weight slices);
+    - no merged projection for Llama: a compute-bound CPU gains only 1-us launches from a merged
+      matmul, while a weight concatenation is a copy on every call (Llama keeps three projections);
+      GPT-2's fused [E, 3E] projection stays one matmul, weight-first ([3E, B, S]), whose Q, K, V
+      are slices along its major axis (contiguous: no copy), since XLA:CPU copies a column slice
+      of the weight before a GEMM (a strided copy at the fitted copy bandwidth, devices.py); the
+      edge over weight slices is small (0.2% of the block), the table's call. Steered to (b),
+      Llama's extraction reads V as a slice of that weight-first fused matmul ([H, D, B, S]: Vᵀ
+      with no transpose, outside the taxonomy), since the reference attention reads K as
+      [B, H, D, S] in place on the CPU (a GEMM operand with its contracting axis first);
     - among the variants, (a): every CPU attention row is 0.25 (no V-layout preference), so
       transposed V only adds a transpose (b) or a matmul (c)."""
     program = abstract_block(kind, dtype=jnp.float32, **SHAPE)
     model = for_device("cpu")
-    costs, chosen, _ = variant_costs(program, model)
+    costs, chosen, _ = variant_costs(program, model, others=("b",) if kind == "llama" else ())
     assert min(costs, key=costs.get) == "a", costs
     assert not [i for i in chosen.live_nodes() if chosen.nodes[i].op in ("attention", "packed_attention")], str(chosen)
     assert program_cost(chosen, model) < min(costs.values()), (costs, str(chosen))
     assert chosen.count("concatenate") == 0 and classify(chosen) == "other"
     lines = projections(chosen)
     if kind == "gpt2":
-        assert len(lines) == 3 and all("split projection" in line for line in lines), lines
+        assert lines == [] and chosen.count("dot_general") == 3, str(chosen)  # one projection, Q Kᵀ, P V
+        slices = [chosen.nodes[i] for i in chosen.live_nodes() if chosen.nodes[i].op == "slice"]
+        assert len(slices) == 3, str(chosen)
+        for node in slices:
+            source = chosen.nodes[node.inputs[0]]
+            assert source.op in ("dot_general", "reshape") and contiguous_slice(
+                chosen.type_of(node.inputs[0]).shape, node.type.shape), str(chosen)
     else:
         assert lines == [] and chosen.count("dot_general") == 5  # three projections, Q Kᵀ, P V
 
@@ -417,8 +431,13 @@ def test_bench_qkv_layouts_cpu_smoke(tmp_path):
     text = out.read_text()
     prefill, decode = text.split("## decode")  # both configurations, side by side in one run
     assert "## prefill" in prefill
+    # On the CPU model, steering the prefill block to (b) reads Vᵀ from a weight-first fused matmul
+    # in place (outside the taxonomy: see test_default_cpu_choice_follows_the_cost_table), and the
+    # report says so rather than mislabel it
+    b_prefill = "| (b) | other (variant not reached) |" if jax.default_backend() == "cpu" else "| (b) | b |"
+    assert b_prefill in prefill and "| (b) | b |" in decode
     for section in (prefill, decode):
-        assert "| (a) | a |" in section and "| (b) | b |" in section and "| pick |" in section
+        assert "| (a) | a |" in section and "| pick |" in section
         assert "values agree across programs: ok" in section and "pick was the fastest program: " in section
     assert "| (c) | c |" in prefill and "| (c) | c |" in decode  # decode: the V cache transposed
     assert "FAIL" not in text

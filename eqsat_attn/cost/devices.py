@@ -68,7 +68,8 @@ class DeviceSpec:
     ``bandwidth``: main-memory bytes/s. ``launch_overhead``: seconds per kernel that does not
     fuse into a neighbour. ``matmul_efficiency``: fraction of peak a large dot_general reaches.
     ``transpose_bandwidth_fraction``: fraction of ``bandwidth`` a materialised transpose that
-    moves the minor axis reaches (one that keeps it runs as a copy, at full bandwidth).
+    moves the minor axis reaches; ``copy_bandwidth_fraction``: one that keeps it (a strided copy;
+    1.0, full bandwidth, on the GPUs).
     ``attention_efficiency``: "dtype/variant/causal|full" -> fraction of ``peak_flops[dtype]``.
     """
 
@@ -79,6 +80,7 @@ class DeviceSpec:
     attention_efficiency: Any
     matmul_efficiency: float = 1.0
     transpose_bandwidth_fraction: float = 1.0
+    copy_bandwidth_fraction: float = 1.0  # ... and one that keeps the minor axis (a strided copy)
     # GEMM tile quantisation (0 = not modelled): a dot_general runs as tiles of
     # matmul_tile_m x matmul_tile_n output elements spread over `multiprocessors` in waves
     multiprocessors: int = 0
@@ -93,6 +95,11 @@ class DeviceSpec:
     # The decode kernel (kernels/decode_attention.py: few queries, a long KV cache): memory bound,
     # priced at this fraction of ``bandwidth`` (0: no decode kernel on this device, e.g. the CPU).
     decode_bandwidth_fraction: float = 0.0
+    # XLA:CPU's dot emitter takes operands as [batch..., free..., contract...] or [batch...,
+    # contract..., free...] only: an operand with its batch axes not major, or its contracting axes
+    # not one block at either end, is copied into that form first (a dot_general's, and K's and
+    # V's in the reference attention's einsums). Priced as a materialised transpose plus a launch.
+    relayouts_dot_operands: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "peak_flops", _frozen(self.peak_flops))
@@ -289,42 +296,44 @@ H200 = DeviceSpec(
 
 # CPU (the CI/dev machine: 2 cores). Peak: 2 cores x AVX2 with two 256-bit FMA units at ~3 GHz =
 # 2 x (2 x 8 lanes x 2 FLOP) x 3e9 = 192 GFLOP/s f32 (spec arithmetic); XLA:CPU runs bf16/f16
-# dots by converting to f32 (same peak); f64 has half the lanes. ~20 GB/s of memory bandwidth (a
-# 2-vCPU share of DDR4; assumption), 1 us per non-fused op (a thunk boundary; assumption).
-# CALIBRATED 2026-12-06 on this machine (Intel Xeon, 2 cores, jax 0.12.1), from
-# `python bench/cost_model_experiment.py --cpu` (bench/results/cost-model-cpu-2026-12-06.md: 42
-# equivalent programs of the projected attention block, prefill S256 and S512 and a decode step
-# against a 1024-token cache, three runs): the row was refitted to rank them (Spearman), keeping
-# bandwidth, launch and transpose fraction as they were (the ranking did not need them changed):
-# - matmul_efficiency 0.5 -> 0.2: the block's GEMMs measured ~40 GFLOP/s (median predicted/
-#   measured 1.3 with 0.2; 0.5 ranked the unfused program, its matmuls cheap, first).
-# - attention 0.25 -> 0.16 of peak: on the CPU the op is the reference's two einsums plus its
-#   softmax passes, the same work as the unfused program, so 0.8 of the matmul rate (measured:
-#   the fused and unfused programs within noise of each other).
-# - einsum_attention: no attention kernel, so no tile padding (a 1-query decode step was priced as
-#   16 queries), and a Q laid out [B, S, H, D] made the whole prefill block 1.6-2x slower in every
-#   run (XLA:CPU loops over the split heads instead of calling a GEMM):
-#   split_heads_attention_efficiency 0.08, half the attention rate (a quarter to two thirds of
-#   it ranked the same).
+# dots by converting to f32 (same peak; measured: a 512^3 GEMM ran at 118 GFLOP/s in f32 and 115
+# in bf16, unloaded); f64 has half the lanes. Everything else is FITTED, 2026-12-06 on this machine
+# (Intel Xeon, 2 vCPUs, jax 0.12.1, loaded by four other engineers' test runs, load average 6-8),
+# by `python bench/calibrate_cpu.py runA.pkl runB.pkl` over two runs of `python
+# bench/cost_model_experiment.py --cpu --rounds 61 --inner 3 --dump runX.pkl` (121 programs: the
+# projected attention block at prefill S256 and S512 and a decode step against a 1024-token cache,
+# each as the e-graph's variants and as hand-written equivalents that span 4-25x; bench/
+# calibrate_cpu.py says how: least squares of log(predicted / measured), workloads weighted alike),
+# and checked on a third run (bench/results/cost-model-cpu-2026-12-06-session9.md). Because the
+# machine was loaded, the constants are those of a shared CPU (about half the unloaded rates);
+# what the optimizer uses is their ratios, which the rankings test.
+# - bandwidth 13.5 GB/s; matmul_efficiency 0.27 (52 GFLOP/s); attention 0.17 of peak (XLA's two
+#   einsums and softmax passes, 33 GFLOP/s); split heads (Q or O without H directly before S:
+#   XLA:CPU loops over the split heads) 0.07 of peak.
+# - relayouts_dot_operands: XLA:CPU copies a dot operand that is not batch-major (a K/V cache kept
+#   [B, S, H, D]); measured: decode programs reading the cache as stored ran with those that
+#   transpose it explicitly (the copy is there either way). Copies that keep the minor axis reach
+#   0.175 of bandwidth (2.4 GB/s; a transpose that moves it 0.15): strided, short rows (D = 32).
+# - launch_overhead: 1 us, the fit's lower bound (assumption: any value from 0 to 10 us fitted
+#   alike, so the measurements cannot resolve it).
 _CPU_F32 = 2 * (2 * 8 * 2) * 3e9
+_CPU_ATTENTION = 0.1726  # fitted (above)
 CPU = DeviceSpec(
     name="cpu",
     peak_flops={"float32": _CPU_F32, "bfloat16": _CPU_F32, "float16": _CPU_F32, "float64": _CPU_F32 / 2,
                 "default": _CPU_F32},
-    bandwidth=20e9,
-    launch_overhead=1e-6,
+    bandwidth=1.354e10,  # fitted (above)
+    launch_overhead=1e-6,  # the fit's lower bound (above)
     attention_efficiency={
-        _eff_key("default", "standard", False): 0.16,  # calibrated (above): XLA:CPU einsums + softmax
-        _eff_key("default", "standard", True): 0.16,
-        _eff_key("default", "transposed", False): 0.16,
-        _eff_key("default", "transposed", True): 0.16,
-        _eff_key("default", "reference", False): 0.16,
-        _eff_key("default", "reference", True): 0.16,
+        _eff_key("default", variant, causal): _CPU_ATTENTION
+        for variant in VARIANTS for causal in (False, True)
     },
-    matmul_efficiency=0.2,  # calibrated (above)
-    transpose_bandwidth_fraction=0.5,  # assumption: strided loops reach half of streaming bandwidth
+    matmul_efficiency=0.2679,  # fitted (above)
+    transpose_bandwidth_fraction=0.1487,  # fitted (above)
+    copy_bandwidth_fraction=0.1749,  # fitted (above)
     einsum_attention=True,  # no attention kernel: XLA runs the reference einsums
-    split_heads_attention_efficiency=0.08,  # calibrated (above)
+    split_heads_attention_efficiency=0.07025,  # fitted (above)
+    relayouts_dot_operands=True,  # fitted (above)
 )
 
 DEVICES: dict[str, DeviceSpec] = {"h100": H100, "h200": H200, "cpu": CPU}

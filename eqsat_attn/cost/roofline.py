@@ -70,6 +70,14 @@ time = max(flops / (peak[dtype] x efficiency), bytes / bandwidth) + launch overh
   masks are run-time values, so the whole cache is counted (an upper bound). FLOPs count the
   kernel's padded rows (group heads x queries, at least 16). Two launches (kernel, combine).
   An ESTIMATE until `bench/attention.py --decode` measures the kernel on a GPU.
+- XLA:CPU's operand copies (``relayouts_dot_operands``, the CPU): its dot emitter takes an
+  operand only batch-major with its contracting axes one block at either end (`dot_ready`), and
+  copies any other first; so a dot_general pays a copy (2 x bytes at ``copy_bandwidth_fraction``
+  of bandwidth, plus a launch) per such operand, and the reference attention one per operand
+  without B then H major (any minor axis: the kernels' D-minor rule does not apply), a split
+  Q or output excepted (priced by its rate, above). A slice that is not one contiguous block
+  (`contiguous_slice`: a weight's column block, a cache's head) is such a copy too. Fitted with
+  the rest of the CPU row (devices.py; bench/results/cost-model-cpu-2026-12-06-session9.md).
 """
 
 from __future__ import annotations
@@ -120,6 +128,32 @@ def _heads_before_seq(layout: str, shape: tuple[int, ...]) -> bool:
     length 1): the reference attention's split of H into (kv head, group) stays a GEMM batch."""
     kept = [c for c, n in zip(layout, shape) if n != 1]
     return "H" not in kept or "S" not in kept or kept.index("S") == kept.index("H") + 1
+
+
+def dot_ready(shape: tuple[int, ...], batch: tuple[int, ...], contract: tuple[int, ...]) -> bool:
+    """Whether a dot operand is in the form XLA:CPU's dot emitter takes in place, ignoring length-1
+    axes: its batch axes major (in order), then its contracting axes as one block (in order) first
+    or last, the free axes the other block."""
+    kept = [i for i, n in enumerate(shape) if n != 1]
+    kb = [i for i in batch if shape[i] != 1]
+    kc = [i for i in contract if shape[i] != 1]
+    rest = kept[len(kb):]
+    return kept[:len(kb)] == kb and (rest[:len(kc)] == kc or rest[len(rest) - len(kc):] == kc)
+
+
+def contiguous_slice(shape: tuple[int, ...], out: tuple[int, ...]) -> bool:
+    """Whether a slice of ``shape`` giving ``out`` is one contiguous block of the row-major input:
+    at most one axis cut, every axis before it of length 1 in the output, every axis after it whole."""
+    cut = [i for i, (a, b) in enumerate(zip(shape, out)) if a != b]
+    return not cut or (len(cut) == 1 and all(out[j] == 1 for j in range(cut[0])))
+
+
+def _batch_major(layout: str, shape: tuple[int, ...]) -> bool:
+    """Whether B then H lead a layout once length-1 axes are dropped: the reference attention's
+    einsums read K or V in place as a batched GEMM operand."""
+    kept = [c for c, n in zip(layout, shape) if n != 1]
+    lead = [c for c in "BH" if c in kept]
+    return kept[:len(lead)] == lead
 
 
 def _tiled(length: int) -> int:
@@ -208,6 +242,8 @@ class RooflineModel:
             return self._packed_attention(node)
         if op == "slice":
             nbytes = float(out.nbytes)
+            if d.relayouts_dot_operands and not contiguous_slice(node.inputs[0].shape, out.shape):
+                return Breakdown(0.0, 2.0 * nbytes, 0.0, 0.0, 0.0, self._relayout_seconds(out))  # a strided copy
             return Breakdown(0.0, nbytes, 0.0, nbytes / d.bandwidth, 0.0)
         if op == "concatenate":
             nbytes = 2.0 * out.nbytes
@@ -221,7 +257,7 @@ class RooflineModel:
     def _transpose_seconds(self, nbytes: float, perm: tuple[int, ...] | None = None) -> float:
         d = self.device
         keeps_minor = perm is not None and len(perm) > 0 and perm[-1] == len(perm) - 1
-        fraction = 1.0 if keeps_minor else d.transpose_bandwidth_fraction
+        fraction = d.copy_bandwidth_fraction if keeps_minor else d.transpose_bandwidth_fraction
         return 2.0 * nbytes / (d.bandwidth * fraction)
 
     def _dot(self, node: OpView) -> Breakdown:
@@ -239,8 +275,17 @@ class RooflineModel:
         compute = flops / peak / self.tile_utilisation(batch, m, n, k) if d.multiprocessors else flops / peak
         row_major = (tuple(lb) == tuple(range(len(lb))) and tuple(lc) == tuple(range(a.rank - len(lc), a.rank)),
                      tuple(rb) == tuple(range(len(rb))) and tuple(rc) == tuple(range(len(rb), len(rb) + len(rc))))
-        tie_break = ORIENTATION_TIE_BREAK * row_major.count(False)
-        return Breakdown(flops, nbytes, compute, nbytes / d.bandwidth, d.launch_overhead, tie_break)
+        extra = ORIENTATION_TIE_BREAK * row_major.count(False)
+        if d.relayouts_dot_operands:  # XLA:CPU copies an operand it cannot take in place (devices.py)
+            for t, batch, contract in ((a, lb, lc), (b, rb, rc)):
+                if not dot_ready(t.shape, batch, contract):
+                    extra += self._relayout_seconds(t)
+        return Breakdown(flops, nbytes, compute, nbytes / d.bandwidth, d.launch_overhead, extra)
+
+    def _relayout_seconds(self, t: ir.TensorType) -> float:
+        """A copy of ``t`` into another axis order that keeps its minor axis, plus its launch."""
+        d = self.device
+        return 2.0 * t.nbytes / (d.bandwidth * d.copy_bandwidth_fraction) + d.launch_overhead
 
     def tile_utilisation(self, batch: int, m: int, n: int, k: int) -> float:
         """Useful fraction of the tensor-core work a GEMM of this shape issues: M, N rounded up
@@ -357,12 +402,19 @@ class RooflineModel:
     def _attention_relayouts(self, node: OpView) -> float:
         """Seconds of the transposes lowering puts around an attention kernel: operands it cannot
         read in place (q, k, o without D minor, v with neither D nor S minor), exactly as
-        lower_attention does; B and H may sit anywhere in every layout."""
+        lower_attention does; B and H may sit anywhere in every layout. On XLA:CPU
+        (``relayouts_dot_operands``) the reference's einsums copy operands without B, H major."""
         p, (q, k, v), out = node.params, node.inputs[:3], node.output
         extra = 0.0
+        d = self.device
         for name, t, minors in (("q", q, "D"), ("k", k, "D"), ("v", v, "DS"), ("o", out, "D")):
-            if not _layout_is_view(t.shape, str(p[f"{name}_layout"]), minors):
-                extra += self._transpose_seconds(t.nbytes) + self.device.launch_overhead
+            layout = str(p[f"{name}_layout"])
+            if d.relayouts_dot_operands:  # XLA's einsums: any minor axis, B and H major (else copied)
+                split = name in "qo" and d.einsum_attention and not _heads_before_seq(layout, t.shape)
+                if not split and not _batch_major(layout, t.shape):  # (a split is priced by its rate)
+                    extra += self._relayout_seconds(t)
+            elif not _layout_is_view(t.shape, layout, minors):
+                extra += self._transpose_seconds(t.nbytes) + d.launch_overhead
         return extra
 
     def _decode_attention(self, node: OpView) -> Breakdown:
