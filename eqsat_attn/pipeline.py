@@ -19,7 +19,7 @@ from .choices import (
 )
 from .cost import current_device_model, program_cost
 from .egraph import encode, extract_program, resolve, run_rulesets
-from .egraph.driver import RunResult, prepare_rulesets, prepared_egraph
+from .egraph.driver import RunResult, StopWhenFired, prepare_rulesets, prepared_egraph
 from .egraph.ilp import extract_program_ilp
 from .egraph.rulesets import DEFAULT_RULESETS
 from .fp8_layout import prefer_transposed_v
@@ -106,6 +106,13 @@ def saturate(program: Program, options: OptimizeOptions):
 RESTART_ENODES = 30_000
 """A run still growing at this many e-nodes restarts once from its best program (`optimize_part`)."""
 
+RAISED_RESTART_ENODES = 3_000
+"""A run that has raised attention and is still growing past this many e-nodes restarts once
+from its best program (`optimize_part`)."""
+
+RAISED = "attention_raise.attention"
+"""The rule family that raises attention (rules/attention.py)."""
+
 
 def optimize_part(program: Program, options: OptimizeOptions, model,
                   notes: list[str] | None = None) -> tuple[Program, RunResult]:
@@ -124,8 +131,10 @@ def optimize_part(program: Program, options: OptimizeOptions, model,
     Never returns something the model predicts slower than ``program`` (extraction is greedy).
     """
     first = replace(options.limits, nodes=min(options.limits.nodes, RESTART_ENODES))
-    chosen, run = _saturate_and_extract(program, options, first, model, notes)
-    if run.saturated or options.limits.nodes <= RESTART_ENODES or not run.stop_reason.startswith("e-node"):
+    stop_when = StopWhenFired(RAISED, RAISED_RESTART_ENODES)
+    chosen, run = _saturate_and_extract(program, options, first, model, notes, stop_when)
+    early = run.stop_reason.startswith(RAISED)
+    if run.saturated or not (early or (options.limits.nodes > RESTART_ENODES and run.stop_reason.startswith("e-node"))):
         return chosen, run
     second, rerun = _saturate_and_extract(chosen, options, options.limits, model, notes)
     if program_cost(second, model) <= program_cost(chosen, model):
@@ -136,17 +145,18 @@ def optimize_part(program: Program, options: OptimizeOptions, model,
     return chosen, replace(
         rerun, rules_fired=fired, iterations=run.iterations + rerun.iterations, seconds=run.seconds + rerun.seconds,
         egraph_nodes=max(run.egraph_nodes, rerun.egraph_nodes),  # the larger e-graph of the two
-        steps=run.steps + rerun.steps, stop_reason=f"{rerun.stop_reason}, after a restart at {RESTART_ENODES} e-nodes",
+        steps=run.steps + rerun.steps, stop_reason=f"{rerun.stop_reason}, after a restart at {run.egraph_nodes} e-nodes",
     )
 
 
 def _saturate_and_extract(program: Program, options: OptimizeOptions, limits: Limits, model,
-                          notes: list[str] | None) -> tuple[Program, RunResult]:
-    """One e-graph run of ``program`` under ``limits`` and the extraction of its best program."""
+                          notes: list[str] | None, stop_when: StopWhenFired | None = None) -> tuple[Program, RunResult]:
+    """One e-graph run of ``program`` under ``limits`` (and ``stop_when``) and the extraction of
+    its best program."""
     rulesets = resolve(options.rule_names())
     with prepared_egraph(rulesets) as egraph:  # as `saturate`, with the rules registered once per process
         encoding = encode(program, egraph)
-        run = run_rulesets(egraph, rulesets, limits)
+        run = run_rulesets(egraph, rulesets, limits, stop_when=stop_when)
         if options.extractor == "ilp":
             chosen, _ = extract_program_ilp(egraph, encoding, model)
         else:

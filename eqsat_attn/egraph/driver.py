@@ -45,8 +45,15 @@ class RunResult:
 
 
 def egraph_size(egraph: EGraph) -> int:
-    """Number of e-nodes over all functions (terms, analyses and tables)."""
-    return sum(size for _, size in egraph.all_function_sizes())
+    """Number of e-nodes over all functions (terms, analyses and tables).
+
+    The sum of ``egraph.all_function_sizes()`` (the tables of declared functions), read without
+    building a Python callable per table: the driver asks after every rule set's run."""
+    state = egraph._state
+    (output,) = state.run_program(bindings.PrintSize(span(1), None))
+    assert isinstance(output, bindings.PrintAllFunctionsSize)
+    declared = state.egg_fn_to_callable_refs
+    return sum(size for name, size in output.sizes if declared.get(name))
 
 
 def _literal_tree(termdag: bindings.TermDag, tid: int, memo: dict[int, Any]) -> Any:
@@ -211,18 +218,40 @@ def prepared_egraph(rulesets: list[RuleSet]) -> Iterator[EGraph]:
 _clock = time.perf_counter  # the safety net's clock (tests replace it)
 
 
-def _limit_reached(egraph: EGraph, limits: Limits, start: float) -> str | None:
+def _limit_reached(egraph: EGraph, limits: Limits, start: float, stop_when: StopWhenFired | None = None,
+                   fired: Counter[str] | None = None, step: Counter[str] | None = None) -> str | None:
     """Which limit a run has passed, checked between steps: e-nodes first (deterministic), then
-    the clock (a safety net); None while within both."""
-    if egraph_size(egraph) > limits.nodes:
+    ``stop_when`` (deterministic), then the clock (a safety net); None while within all."""
+    size = egraph_size(egraph)
+    if size > limits.nodes:
         return f"e-node limit ({limits.nodes})"
+    if stop_when is not None:
+        reason = stop_when.reached(fired or Counter(), step or Counter(), size)
+        if reason:
+            return reason
     if _clock() - start > limits.seconds:
         return f"time limit ({limits.seconds:g} s)"
     return None
 
 
+@dataclass(frozen=True)
+class StopWhenFired:
+    """Stop a run once rule family ``family`` has fired and the e-graph has more than ``enodes``
+    e-nodes (both count work: a run stops at the same step on any machine). The pipeline uses it
+    to restart from the program extracted there (`pipeline.optimize_part`)."""
+
+    family: str
+    enodes: int
+
+    def reached(self, fired: Counter[str], step: Counter[str], size: int) -> str | None:
+        if (fired[self.family] or step[self.family]) and size > self.enodes:
+            return f"{self.family} fired, at {size} e-nodes (over {self.enodes})"
+        return None
+
+
 def run_rulesets(
-    egraph: EGraph, rulesets: list[RuleSet], limits: Limits, answerer: QuestionAnswerer | None = None
+    egraph: EGraph, rulesets: list[RuleSet], limits: Limits, answerer: QuestionAnswerer | None = None,
+    stop_when: StopWhenFired | None = None,
 ) -> RunResult:
     """Saturate ``egraph`` with ``rulesets`` under ``limits``.
 
@@ -234,6 +263,8 @@ def run_rulesets(
 
     ``answerer``: pass the same `QuestionAnswerer` to successive runs on one e-graph (the
     explorer's steps) so questions answered before are not answered and submitted again.
+    ``stop_when``: also stop after the step where its family has fired and the e-graph is past
+    its size (the run is then not saturated; its stop reason says so).
     """
     start = _clock()
     result = RunResult()
@@ -255,7 +286,7 @@ def run_rulesets(
                 family = family_of(key)
                 if family is not None and n:
                     step[family] += n
-            stopped = _limit_reached(egraph, limits, start)
+            stopped = _limit_reached(egraph, limits, start, stop_when, fired, step)
             if stopped:
                 break
         fired.update(step)
@@ -268,7 +299,7 @@ def run_rulesets(
             result.saturated = True
             result.stop_reason = "saturated"
             break
-        stopped = stopped or _limit_reached(egraph, limits, start)
+        stopped = stopped or _limit_reached(egraph, limits, start, stop_when, fired, step)
         if stopped:
             result.stop_reason = stopped
             break
