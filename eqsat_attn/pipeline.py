@@ -106,9 +106,13 @@ def saturate(program: Program, options: OptimizeOptions):
 RESTART_ENODES = 30_000
 """A run still growing at this many e-nodes restarts once from its best program (`optimize_part`)."""
 
-RAISED_RESTART_ENODES = 3_000
-"""A run that has raised attention and is still growing past this many e-nodes restarts once
-from its best program (`optimize_part`)."""
+RAISED_SETTLED_ENODES = 3_000
+"""A run past this many e-nodes whose raise rule set has raised attention and then raises no
+more in a run of its own restarts once from its best program (`optimize_part`)."""
+
+RAISED_RESTART_ENODES = 10_000
+"""A run that has raised attention and is past this many e-nodes restarts once from its best
+program, raising settled or not (`optimize_part`)."""
 
 RAISED = "attention_raise.attention"
 """The rule family that raises attention (rules/attention.py)."""
@@ -125,19 +129,21 @@ def optimize_part(program: Program, options: OptimizeOptions, model,
     stages count work, so the program chosen is the same on any machine; the cheaper is kept.
     (A restart can miss what one longer run finds, so the threshold sits above the e-graphs of
     ordinary blocks: a 3-layer Flax stack saturates at 6,700 e-nodes.) A run restarts as well
-    once attention has been raised (`RAISED` fired) and the e-graph is past
-    `RAISED_RESTART_ENODES`: what grows after that is mostly transposes of the scores and masks
-    attention replaces (jax.nn.dot_product_attention with a mask: 12,000 e-nodes at the raise,
-    30,000 one rule set later), and the second run relates attention's layouts from one op.
+    once attention has been raised (`RAISED` fired) and then either the raise rule set's next run
+    raises no more past `RAISED_SETTLED_ENODES` e-nodes (the variants found later, a causal flag
+    among them, are in the e-graph by then) or the e-graph is past `RAISED_RESTART_ENODES`: what
+    grows after that is mostly transposes of the scores and masks attention replaces
+    (jax.nn.dot_product_attention with a mask: 12,000 e-nodes at the raise, 30,000 one rule set
+    later), and the second run relates attention's layouts from one op.
 
     ``notes``: receives a line when the e-graph holds attention the chosen program does not use.
     ``options.limits`` bound each e-graph run (with repeated blocks: each distinct block's).
     Never returns something the model predicts slower than ``program`` (extraction is greedy).
     """
     first = replace(options.limits, nodes=min(options.limits.nodes, RESTART_ENODES))
-    stop_when = StopWhenFired(RAISED, RAISED_RESTART_ENODES)
+    stop_when = StopWhenFired(RAISED, RAISED_SETTLED_ENODES, RAISED_RESTART_ENODES)
     chosen, run = _saturate_and_extract(program, options, first, model, notes, stop_when)
-    early = run.stop_reason.startswith(RAISED)
+    early = run.stop_reason.startswith(RAISED)  # settled, or fired past RAISED_RESTART_ENODES
     if run.saturated or not (early or (options.limits.nodes > RESTART_ENODES and run.stop_reason.startswith("e-node"))):
         return chosen, run
     second, rerun = _saturate_and_extract(chosen, options, options.limits, model, notes)

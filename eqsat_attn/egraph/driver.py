@@ -219,14 +219,15 @@ _clock = time.perf_counter  # the safety net's clock (tests replace it)
 
 
 def _limit_reached(egraph: EGraph, limits: Limits, start: float, stop_when: StopWhenFired | None = None,
-                   fired: Counter[str] | None = None, step: Counter[str] | None = None) -> str | None:
+                   fired_before: int = 0, fired_now: int = 0, step_name: str | None = None) -> str | None:
     """Which limit a run has passed, checked between steps: e-nodes first (deterministic), then
-    ``stop_when`` (deterministic), then the clock (a safety net); None while within all."""
+    ``stop_when`` (deterministic; the counts and step name as `StopWhenFired.reached` takes them),
+    then the clock (a safety net); None while within all."""
     size = egraph_size(egraph)
     if size > limits.nodes:
         return f"e-node limit ({limits.nodes})"
     if stop_when is not None:
-        reason = stop_when.reached(fired or Counter(), step or Counter(), size)
+        reason = stop_when.reached(fired_before, fired_now, step_name, size)
         if reason:
             return reason
     if _clock() - start > limits.seconds:
@@ -236,15 +237,25 @@ def _limit_reached(egraph: EGraph, limits: Limits, start: float, stop_when: Stop
 
 @dataclass(frozen=True)
 class StopWhenFired:
-    """Stop a run once rule family ``family`` has fired and the e-graph has more than ``enodes``
-    e-nodes (both count work: a run stops at the same step on any machine). The pipeline uses it
-    to restart from the program extracted there (`pipeline.optimize_part`)."""
+    """Stop a run once rule family ``family`` has fired and either its rule set's run has then
+    fired it no more (the family has settled) past ``settled_enodes`` e-nodes, or the e-graph
+    has passed ``enodes``. Both count work: a run stops at the same step on any machine. The
+    pipeline restarts from the program extracted there (`pipeline.optimize_part`)."""
 
-    family: str
+    family: str  # "rule_set.family"
+    settled_enodes: int
     enodes: int
 
-    def reached(self, fired: Counter[str], step: Counter[str], size: int) -> str | None:
-        if (fired[self.family] or step[self.family]) and size > self.enodes:
+    @property
+    def ruleset(self) -> str:
+        return self.family.split(".", 1)[0]
+
+    def reached(self, fired_before: int, fired_now: int, step_name: str | None, size: int) -> str | None:
+        """``fired_before``: the family's matches before this step; ``fired_now``: in this step
+        (``step_name`` None: checked between iterations, not after a step)."""
+        if fired_before and step_name == self.ruleset and not fired_now and size > self.settled_enodes:
+            return f"{self.family} settled, at {size} e-nodes (over {self.settled_enodes})"
+        if (fired_before or fired_now) and size > self.enodes:
             return f"{self.family} fired, at {size} e-nodes (over {self.enodes})"
         return None
 
@@ -278,7 +289,8 @@ def run_rulesets(
         updated = False
         stopped = None
         steps_run = 0
-        for _, command in steps:
+        for name, command in steps:
+            watched = stop_when and fired[stop_when.family] + step[stop_when.family]
             report = run_schedule(egraph, command)
             steps_run += 1
             updated = updated or report.updated
@@ -286,7 +298,8 @@ def run_rulesets(
                 family = family_of(key)
                 if family is not None and n:
                     step[family] += n
-            stopped = _limit_reached(egraph, limits, start, stop_when, fired, step)
+            now = stop_when and fired[stop_when.family] + step[stop_when.family] - watched
+            stopped = _limit_reached(egraph, limits, start, stop_when, watched or 0, now or 0, name)
             if stopped:
                 break
         fired.update(step)
@@ -299,7 +312,7 @@ def run_rulesets(
             result.saturated = True
             result.stop_reason = "saturated"
             break
-        stopped = stopped or _limit_reached(egraph, limits, start, stop_when, fired, step)
+        stopped = stopped or _limit_reached(egraph, limits, start, stop_when, stop_when and fired[stop_when.family] or 0)
         if stopped:
             result.stop_reason = stopped
             break
