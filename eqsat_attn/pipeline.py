@@ -157,7 +157,7 @@ def optimize_part(program: Program, options: OptimizeOptions, model,
     return chosen, replace(
         rerun, rules_fired=fired, iterations=run.iterations + rerun.iterations, seconds=run.seconds + rerun.seconds,
         egraph_nodes=max(run.egraph_nodes, rerun.egraph_nodes),  # the larger e-graph of the two
-        steps=run.steps + rerun.steps, stop_reason=f"{rerun.stop_reason}, after a restart at {run.egraph_nodes} e-nodes",
+        steps=run.steps + rerun.steps, stop_reason=f"{rerun.stop_reason}, after a restart at {run.egraph_nodes} e-nodes ({run.stop_reason})",
     )
 
 
