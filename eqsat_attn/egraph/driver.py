@@ -274,13 +274,14 @@ def run_rulesets(
 
     ``answerer``: pass the same `QuestionAnswerer` to successive runs on one e-graph (the
     explorer's steps) so questions answered before are not answered and submitted again.
-    ``stop_when``: also stop after the step where its family has fired and the e-graph is past
-    its size (the run is then not saturated; its stop reason says so).
+    ``stop_when``: also stop after the step where it is reached (`StopWhenFired`; the run is
+    then not saturated, and its stop reason says why).
     """
     start = _clock()
     result = RunResult()
     answerer = answerer if answerer is not None else QuestionAnswerer()
     fired: Counter[str] = Counter()
+    watched = stop_when.family if stop_when else ""  # the family stop_when counts ("": none)
     analysis_command = schedule_command(egraph, analysis.saturate())
     steps = [("analysis", analysis_command)]
     steps += [(name, schedule_command(egraph, ruleset)) for name, ruleset in _round_steps(rulesets)]
@@ -290,7 +291,7 @@ def run_rulesets(
         stopped = None
         steps_run = 0
         for name, command in steps:
-            watched = stop_when and fired[stop_when.family] + step[stop_when.family]
+            before = fired[watched] + step[watched]
             report = run_schedule(egraph, command)
             steps_run += 1
             updated = updated or report.updated
@@ -298,8 +299,8 @@ def run_rulesets(
                 family = family_of(key)
                 if family is not None and n:
                     step[family] += n
-            now = stop_when and fired[stop_when.family] + step[stop_when.family] - watched
-            stopped = _limit_reached(egraph, limits, start, stop_when, watched or 0, now or 0, name)
+            now = fired[watched] + step[watched] - before
+            stopped = _limit_reached(egraph, limits, start, stop_when, before, now, name)
             if stopped:
                 break
         fired.update(step)
@@ -312,7 +313,7 @@ def run_rulesets(
             result.saturated = True
             result.stop_reason = "saturated"
             break
-        stopped = stopped or _limit_reached(egraph, limits, start, stop_when, stop_when and fired[stop_when.family] or 0)
+        stopped = stopped or _limit_reached(egraph, limits, start, stop_when, fired[watched])
         if stopped:
             result.stop_reason = stopped
             break
