@@ -19,7 +19,7 @@ from .choices import (
 )
 from .cost import current_device_model, program_cost
 from .egraph import encode, extract_program, resolve, run_rulesets
-from .egraph.driver import RunResult, prepare_rulesets, prepared_egraph
+from .egraph.driver import RunResult, StopWhenFired, prepare_rulesets, prepared_egraph
 from .egraph.ilp import extract_program_ilp
 from .egraph.rulesets import DEFAULT_RULESETS
 from .fp8_layout import prefer_transposed_v
@@ -106,6 +106,19 @@ def saturate(program: Program, options: OptimizeOptions):
 RESTART_ENODES = 30_000
 """A run still growing at this many e-nodes restarts once from its best program (`optimize_part`)."""
 
+RAISED_SETTLED_ENODES = 8_000
+"""A run past this many e-nodes whose raise rule set has raised attention and then raises no
+more in a run of its own restarts once from its best program (`optimize_part`). Below it, the
+e-graph is left to saturate: a Flax nnx block (7,000 e-nodes) finds its cheapest layout only
+then (restarting it at 3,000-7,000 e-nodes chose programs predicted up to 15% slower)."""
+
+RAISED_RESTART_ENODES = 12_000
+"""A run that has raised attention and is past this many e-nodes restarts once from its best
+program, raising settled or not (`optimize_part`)."""
+
+RAISED = "attention_raise.attention"
+"""The rule family that raises attention (rules/attention.py)."""
+
 
 def optimize_part(program: Program, options: OptimizeOptions, model,
                   notes: list[str] | None = None) -> tuple[Program, RunResult]:
@@ -117,15 +130,23 @@ def optimize_part(program: Program, options: OptimizeOptions, model,
     it replaced (5-D einsums with masks grew past 100,000 e-nodes that way, in 35-110 s). Both
     stages count work, so the program chosen is the same on any machine; the cheaper is kept.
     (A restart can miss what one longer run finds, so the threshold sits above the e-graphs of
-    ordinary blocks: a 3-layer Flax stack saturates at 6,700 e-nodes.)
+    ordinary blocks: a 3-layer Flax stack saturates at 6,700 e-nodes.) A run restarts as well
+    once attention has been raised (`RAISED` fired) and then either the raise rule set's next run
+    raises no more past `RAISED_SETTLED_ENODES` e-nodes (the variants found later, a causal flag
+    among them, are in the e-graph by then) or the e-graph is past `RAISED_RESTART_ENODES`: what
+    grows after that is mostly transposes of the scores and masks attention replaces
+    (jax.nn.dot_product_attention with a mask: 12,000 e-nodes at the raise, 30,000 one rule set
+    later), and the second run relates attention's layouts from one op.
 
     ``notes``: receives a line when the e-graph holds attention the chosen program does not use.
     ``options.limits`` bound each e-graph run (with repeated blocks: each distinct block's).
     Never returns something the model predicts slower than ``program`` (extraction is greedy).
     """
     first = replace(options.limits, nodes=min(options.limits.nodes, RESTART_ENODES))
-    chosen, run = _saturate_and_extract(program, options, first, model, notes)
-    if run.saturated or options.limits.nodes <= RESTART_ENODES or not run.stop_reason.startswith("e-node"):
+    stop_when = StopWhenFired(RAISED, RAISED_SETTLED_ENODES, RAISED_RESTART_ENODES)
+    chosen, run = _saturate_and_extract(program, options, first, model, notes, stop_when)
+    early = run.stop_reason.startswith(RAISED)  # settled, or fired past RAISED_RESTART_ENODES
+    if run.saturated or not (early or (options.limits.nodes > RESTART_ENODES and run.stop_reason.startswith("e-node"))):
         return chosen, run
     second, rerun = _saturate_and_extract(chosen, options, options.limits, model, notes)
     if program_cost(second, model) <= program_cost(chosen, model):
@@ -136,17 +157,18 @@ def optimize_part(program: Program, options: OptimizeOptions, model,
     return chosen, replace(
         rerun, rules_fired=fired, iterations=run.iterations + rerun.iterations, seconds=run.seconds + rerun.seconds,
         egraph_nodes=max(run.egraph_nodes, rerun.egraph_nodes),  # the larger e-graph of the two
-        steps=run.steps + rerun.steps, stop_reason=f"{rerun.stop_reason}, after a restart at {RESTART_ENODES} e-nodes",
+        steps=run.steps + rerun.steps, stop_reason=f"{rerun.stop_reason}, after a restart at {run.egraph_nodes} e-nodes ({run.stop_reason})",
     )
 
 
 def _saturate_and_extract(program: Program, options: OptimizeOptions, limits: Limits, model,
-                          notes: list[str] | None) -> tuple[Program, RunResult]:
-    """One e-graph run of ``program`` under ``limits`` and the extraction of its best program."""
+                          notes: list[str] | None, stop_when: StopWhenFired | None = None) -> tuple[Program, RunResult]:
+    """One e-graph run of ``program`` under ``limits`` (and ``stop_when``) and the extraction of
+    its best program."""
     rulesets = resolve(options.rule_names())
     with prepared_egraph(rulesets) as egraph:  # as `saturate`, with the rules registered once per process
         encoding = encode(program, egraph)
-        run = run_rulesets(egraph, rulesets, limits)
+        run = run_rulesets(egraph, rulesets, limits, stop_when=stop_when)
         if options.extractor == "ilp":
             chosen, _ = extract_program_ilp(egraph, encoding, model)
         else:

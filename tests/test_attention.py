@@ -358,3 +358,26 @@ def test_a_run_still_growing_restarts_from_its_best_program():
     assert result.egraph_nodes >= RESTART_ENODES and result.saturated
     assert result.program.count("attention") == 1
     _values_equal(program, result.program)
+
+
+def test_a_run_restarts_once_attention_is_raised_and_settled():
+    """Causal jax.nn.dot_product_attention (its 5-D einsum) grew to 15,000 e-nodes before it
+    saturated; once attention is raised and the raise rule set raises no more past
+    `RAISED_SETTLED_ENODES` e-nodes, the run restarts from the program extracted there: a smaller
+    e-graph, the causal flag kept, equal values."""
+    from eqsat_attn.pipeline import RAISED_RESTART_ENODES, optimize_part
+
+    def fn(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+
+    program = _attention_program(fn, Q4, K4, V4)
+    model = for_device("h100")
+    options = OptimizeOptions(cost_model=model, limits=Limits(iterations=30, seconds=SAFETY_NET_S))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        chosen, run = optimize_part(program, options, model)
+    assert "settled" in run.stop_reason and "after a restart" in run.stop_reason and run.saturated
+    assert run.egraph_nodes <= RAISED_RESTART_ENODES
+    (node,) = [chosen.nodes[i] for i in chosen.live_nodes() if chosen.nodes[i].op == "attention"]
+    assert node["causal"] is True or node["causal"] == 1
+    _values_equal(program, chosen)

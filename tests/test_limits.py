@@ -168,3 +168,17 @@ def test_ilp_time_limit_is_a_safety_net_that_warns(packed_graph):
         found = extract_ilp(*packed_graph, SPLIT, time_limit=0.0)
     assert not found.optimal and found.limit == "time limit (0 s)"
     assert found.program.output_types == packed_graph[1].program.output_types
+
+
+def test_stop_when_fired_stops_once_raising_settles_or_the_egraph_is_large():
+    """`StopWhenFired` counts work only: after its family fired, a run of the family's own rule set
+    that fires it no more stops past ``settled_enodes``; any step stops past ``enodes``."""
+    stop = driver.StopWhenFired("attention_raise.attention", settled_enodes=100, enodes=1000)
+    raise_step = "attention_raise"
+    assert stop.reached(0, 0, raise_step, 5000) is None  # never fired: no stop at any size
+    assert stop.reached(3, 2, raise_step, 500) is None  # still raising, below `enodes`
+    assert stop.reached(3, 0, "transpose", 500) is None  # another rule set fired nothing of it
+    assert stop.reached(3, 0, raise_step, 100) is None  # settled, but not past `settled_enodes`
+    assert "settled" in stop.reached(3, 0, raise_step, 101)
+    assert "fired" in stop.reached(0, 1, raise_step, 1001)
+    assert "fired" in stop.reached(2, 0, None, 1001)  # checked between iterations

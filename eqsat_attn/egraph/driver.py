@@ -45,8 +45,15 @@ class RunResult:
 
 
 def egraph_size(egraph: EGraph) -> int:
-    """Number of e-nodes over all functions (terms, analyses and tables)."""
-    return sum(size for _, size in egraph.all_function_sizes())
+    """Number of e-nodes over all functions (terms, analyses and tables).
+
+    The sum of ``egraph.all_function_sizes()`` (the tables of declared functions), read without
+    building a Python callable per table: the driver asks after every rule set's run."""
+    state = egraph._state
+    (output,) = state.run_program(bindings.PrintSize(span(1), None))
+    assert isinstance(output, bindings.PrintAllFunctionsSize)
+    declared = state.egg_fn_to_callable_refs
+    return sum(size for name, size in output.sizes if declared.get(name))
 
 
 def _literal_tree(termdag: bindings.TermDag, tid: int, memo: dict[int, Any]) -> Any:
@@ -211,18 +218,51 @@ def prepared_egraph(rulesets: list[RuleSet]) -> Iterator[EGraph]:
 _clock = time.perf_counter  # the safety net's clock (tests replace it)
 
 
-def _limit_reached(egraph: EGraph, limits: Limits, start: float) -> str | None:
+def _limit_reached(egraph: EGraph, limits: Limits, start: float, stop_when: StopWhenFired | None = None,
+                   fired_before: int = 0, fired_now: int = 0, step_name: str | None = None) -> str | None:
     """Which limit a run has passed, checked between steps: e-nodes first (deterministic), then
-    the clock (a safety net); None while within both."""
-    if egraph_size(egraph) > limits.nodes:
+    ``stop_when`` (deterministic; the counts and step name as `StopWhenFired.reached` takes them),
+    then the clock (a safety net); None while within all."""
+    size = egraph_size(egraph)
+    if size > limits.nodes:
         return f"e-node limit ({limits.nodes})"
+    if stop_when is not None:
+        reason = stop_when.reached(fired_before, fired_now, step_name, size)
+        if reason:
+            return reason
     if _clock() - start > limits.seconds:
         return f"time limit ({limits.seconds:g} s)"
     return None
 
 
+@dataclass(frozen=True)
+class StopWhenFired:
+    """Stop a run once rule family ``family`` has fired and either its rule set's run has then
+    fired it no more (the family has settled) past ``settled_enodes`` e-nodes, or the e-graph
+    has passed ``enodes``. Both count work: a run stops at the same step on any machine. The
+    pipeline restarts from the program extracted there (`pipeline.optimize_part`)."""
+
+    family: str  # "rule_set.family"
+    settled_enodes: int
+    enodes: int
+
+    @property
+    def ruleset(self) -> str:
+        return self.family.split(".", 1)[0]
+
+    def reached(self, fired_before: int, fired_now: int, step_name: str | None, size: int) -> str | None:
+        """``fired_before``: the family's matches before this step; ``fired_now``: in this step
+        (``step_name`` None: checked between iterations, not after a step)."""
+        if fired_before and step_name == self.ruleset and not fired_now and size > self.settled_enodes:
+            return f"{self.family} settled, at {size} e-nodes (over {self.settled_enodes})"
+        if (fired_before or fired_now) and size > self.enodes:
+            return f"{self.family} fired, at {size} e-nodes (over {self.enodes})"
+        return None
+
+
 def run_rulesets(
-    egraph: EGraph, rulesets: list[RuleSet], limits: Limits, answerer: QuestionAnswerer | None = None
+    egraph: EGraph, rulesets: list[RuleSet], limits: Limits, answerer: QuestionAnswerer | None = None,
+    stop_when: StopWhenFired | None = None,
 ) -> RunResult:
     """Saturate ``egraph`` with ``rulesets`` under ``limits``.
 
@@ -234,11 +274,14 @@ def run_rulesets(
 
     ``answerer``: pass the same `QuestionAnswerer` to successive runs on one e-graph (the
     explorer's steps) so questions answered before are not answered and submitted again.
+    ``stop_when``: also stop after the step where it is reached (`StopWhenFired`; the run is
+    then not saturated, and its stop reason says why).
     """
     start = _clock()
     result = RunResult()
     answerer = answerer if answerer is not None else QuestionAnswerer()
     fired: Counter[str] = Counter()
+    watched = stop_when.family if stop_when else ""  # the family stop_when counts ("": none)
     analysis_command = schedule_command(egraph, analysis.saturate())
     steps = [("analysis", analysis_command)]
     steps += [(name, schedule_command(egraph, ruleset)) for name, ruleset in _round_steps(rulesets)]
@@ -247,7 +290,8 @@ def run_rulesets(
         updated = False
         stopped = None
         steps_run = 0
-        for _, command in steps:
+        for name, command in steps:
+            before = fired[watched] + step[watched]
             report = run_schedule(egraph, command)
             steps_run += 1
             updated = updated or report.updated
@@ -255,7 +299,8 @@ def run_rulesets(
                 family = family_of(key)
                 if family is not None and n:
                     step[family] += n
-            stopped = _limit_reached(egraph, limits, start)
+            now = fired[watched] + step[watched] - before
+            stopped = _limit_reached(egraph, limits, start, stop_when, before, now, name)
             if stopped:
                 break
         fired.update(step)
@@ -268,7 +313,7 @@ def run_rulesets(
             result.saturated = True
             result.stop_reason = "saturated"
             break
-        stopped = stopped or _limit_reached(egraph, limits, start)
+        stopped = stopped or _limit_reached(egraph, limits, start, stop_when, fired[watched])
         if stopped:
             result.stop_reason = stopped
             break
