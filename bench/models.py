@@ -21,10 +21,11 @@ Sections:
   plus the model with its attention substituted by
   ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU; "xla" in --cpu-smoke), timed in
   interleaved rounds after warm-up (median), each checked against jax.jit.
-- train step: forward + backward + an optax AdamW update, jitted; the optimized row takes the
+- train step: forward + backward + an optax AdamW update, jitted; one optimized row takes the
   gradient through ``ea.optimize(loss)`` (as a user writes ``jax.grad(ea.optimize(loss))``, so the
-  attention kernels' own backward runs). Loss, updated parameters and optimizer state are checked
-  against jax.jit.
+  attention kernels' own backward runs), another optimizes ``jax.value_and_grad(loss)`` as a whole
+  (its written-out backward raised to the op's gradients). Loss, updated parameters and optimizer
+  state are checked against jax.jit.
 """
 
 from __future__ import annotations
@@ -189,12 +190,17 @@ def loss_fn(forward: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
     return loss
 
 
-def train_step(loss: Callable[..., jax.Array], tx: Any) -> Callable[..., tuple[Any, Any, jax.Array]]:
-    """params, opt_state, inputs, labels -> new params, new opt_state, loss (one AdamW step)."""
+def train_step(loss: Callable[..., jax.Array], tx: Any,
+               value_and_grad: Callable[..., tuple[jax.Array, Any]] | None = None) -> Callable[..., tuple[Any, Any, jax.Array]]:
+    """params, opt_state, inputs, labels -> new params, new opt_state, loss (one AdamW step);
+    ``value_and_grad``: the loss and its gradient (default ``jax.value_and_grad(loss)``; the
+    benchmark also passes that function optimized as a whole, its written-out backward raised)."""
     import optax
 
+    value_and_grad = value_and_grad or jax.value_and_grad(loss)
+
     def step(params: Any, opt_state: Any, inputs: tuple[Any, ...], labels: jax.Array) -> tuple[Any, Any, jax.Array]:
-        value, grads = jax.value_and_grad(loss)(params, inputs, labels)
+        value, grads = value_and_grad(params, inputs, labels)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, value
 
@@ -278,6 +284,8 @@ def device_rows(family: str, cfg: model_zoo.ModelConfig, dtype: Any, reps: int, 
     steps = [
         {"variant": "jax.jit", "fn": jax.jit(train_step(loss_fn(forward), tx))},
         {"variant": "jax.jit, grad of ea.optimize(loss)", "fn": jax.jit(train_step(ea.optimize(loss_fn(forward)), tx))},
+        {"variant": "jax.jit, ea.optimize(value_and_grad(loss))",
+         "fn": jax.jit(train_step(loss_fn(forward), tx, ea.optimize(jax.value_and_grad(loss_fn(forward)))))},
         {"variant": f"dot_product_attention({attention_impl}), jax.jit",
          "fn": jax.jit(train_step(loss_fn(sub_forward), tx))},
     ]

@@ -27,7 +27,7 @@ def test_cpu_smoke_writes_the_page_with_checked_values(tmp_path) -> None:
     assert "## Optimize time vs XLA compile time" in text and "| llama | L1 E32 H4 KV2" in text
     rows = [line for line in text.splitlines() if line.startswith("| llama | forward") or
             line.startswith("| llama | train step")]
-    assert len(rows) == 6 and all("| ok |" in row for row in rows)
+    assert len(rows) == 7 and all("| ok |" in row for row in rows)  # 3 forward, 4 train-step rows
     assert "FAIL" not in text
 
 
