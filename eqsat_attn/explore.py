@@ -40,13 +40,13 @@ from .egraph import encode, extract_program, resolve, run_rulesets
 from .egraph.driver import QuestionAnswerer, egraph_size
 from .egraph.extract import RawCostModel
 from .egraph.ilp import extract_program_ilp
+from .egraph.refine import extract_best
 from .explore_charts import comparison_html, why_svg
 from .explore_draw import ENGINES, MAX_WIDTH, Picture, build_picture, render_svg, summary_svg, to_dot
 from .explore_graph import (
     ATTENTION_CTORS, EGraphView, Pricing, classes_holding, match_terms, nearest_named, price, priced_members,
     shown_nodes, type_text,
 )
-from .fp8_layout import prefer_transposed_v
 from .pipeline import Limits
 from .report import AttentionInfo, _format_seconds, attention_infos
 
@@ -134,7 +134,7 @@ class Extraction:
     original_cost: float  # program_cost of the captured program under `model`
     model: Any
     attention: tuple[AttentionInfo, ...]
-    extracted_cost: float  # what egglog's extractor reported (DAG cost over e-nodes)
+    extracted_cost: float  # the extraction's cost (DAG cost over e-nodes, each paid once)
     seconds: float
 
     @property
@@ -355,9 +355,8 @@ class Exploration:
         if extractor == "ilp":
             chosen, extracted = extract_program_ilp(self.egraph, self.encoding, model)
         else:
-            chosen, extracted = extract_program(self.egraph, self.encoding, model, extractor=extractor)
-            if extractor == "greedy-dag":  # as optimize does: the exact extractor where greedy misses fp8 Vᵀ
-                chosen = prefer_transposed_v(self.egraph, self.encoding, model, chosen)
+            found = extract_best(self.egraph, self.encoding, model, extractor=extractor)  # as optimize extracts
+            chosen, extracted = found.program, found.cost
         seconds = time.perf_counter() - start
         kernel = getattr(model, "attention_kernel", "reference")
         return Extraction(

@@ -298,6 +298,7 @@ class ILPExtraction(NamedTuple):
     cost: float
     optimal: bool
     limit: str = ""
+    picks: dict[str, str] | None = None  # e-class -> chosen e-node (serialized ids), reachable ones
 
 
 def extract_program_ilp(egraph: EGraph, enc: Encoding, model: CostModel, time_limit: float | None = None,
@@ -401,6 +402,19 @@ class Problem:
         alive = {c: _undominated([n for n in members if n in cost], cost, children) for c, members in cand.items()}
         return cls(g, cost, children, _prune(alive, children, g.root))
 
+    def used(self, picks: dict[str, str]) -> list[str] | None:
+        """The classes an extraction (class -> e-node) computes: those reachable from the root
+        through its picks (None if one of them has no pick)."""
+        return _reachable(self.g.root, picks, self.children)
+
+    def dag_cost(self, picks: dict[str, str]) -> float:
+        """What an extraction costs, each used class paid once (inf if it is incomplete)."""
+        return _dag_cost(self.g.root, picks, self.children, self.cost)
+
+    def decode(self, picks: dict[str, str], enc: Encoding) -> ir.Program:
+        """The program of an (acyclic) extraction."""
+        return _decode(self.g, picks, enc)
+
     def fixed(self, picks: dict[str, str]) -> Problem:
         """This problem with each class of ``picks`` reduced to its picked e-node (when that one
         can be chosen): a smaller problem, solved exactly over the classes left free."""
@@ -425,8 +439,9 @@ def _prune(alive: dict[str, list[str]], children: dict[str, list[str]], root: st
 
 
 def solve(problem: Problem, enc: Encoding, time_limit: float | None = None, acyclicity: str = "order",
-          max_rounds: int = 200, max_nodes: int = MAX_MIP_NODES) -> ILPExtraction:
-    """`extract_ilp` on a built `Problem` (its arguments as there)."""
+          max_rounds: int = 200, max_nodes: int = MAX_MIP_NODES, lp_gate: bool = False) -> ILPExtraction:
+    """`extract_ilp` on a built `Problem` (its arguments as there). ``lp_gate``: first solve the
+    LP relaxation, and where its bound shows the warm start optimal, return that without the MIP."""
     import highspy
     import numpy as np
 
@@ -462,8 +477,6 @@ def solve(problem: Problem, enc: Encoding, time_limit: float | None = None, acyc
     upper = np.concatenate([np.ones(len(nodes)), np.array([comp_size[comp[c]] - 1.0 for c in cyclic])])
     costs = np.concatenate([np.array([cost[n] * scale for n in nodes]), np.zeros(len(cyclic))])
     h.addCols(ncols, costs, lower, upper, 0, np.array([], dtype=np.int32), np.array([], dtype=np.int32), np.array([]))
-    h.changeColsIntegrality(len(nodes), np.arange(len(nodes), dtype=np.int32),
-                            np.array([highspy.HighsVarType.kInteger] * len(nodes)))
 
     rows_lo: list[float] = []
     rows_hi: list[float] = []
@@ -515,6 +528,14 @@ def solve(problem: Problem, enc: Encoding, time_limit: float | None = None, acyc
 
     # warm start: the better of a greedy DAG and a tree extraction computed here (always acyclic)
     warm = _warm_start(g.root, classes, alive, children, cost)
+    if lp_gate and warm is not None:
+        h.run()  # the LP relaxation: a lower bound on every extraction
+        bound = h.getInfo().objective_function_value / scale
+        if h.getModelStatus() == highspy.HighsModelStatus.kOptimal and bound >= _dag_cost(g.root, warm, children, cost) * (1 - 1e-9):
+            return ILPExtraction(_decode(g, warm, enc), float(_dag_cost(g.root, warm, children, cost)), True, "",
+                                 {c: warm[c] for c in _reachable(g.root, warm, children) or []})
+    h.changeColsIntegrality(len(nodes), np.arange(len(nodes), dtype=np.int32),
+                            np.array([highspy.HighsVarType.kInteger] * len(nodes)))
     time_limit = TIME_LIMIT_S if time_limit is None else time_limit
     deadline = time.monotonic() + time_limit
     chosen: dict[str, str] | None = None
@@ -570,7 +591,8 @@ def solve(problem: Problem, enc: Encoding, time_limit: float | None = None, acyc
             f"depends on this machine's speed and load (its work limit, max_nodes={max_nodes} branch-and-bound "
             "nodes, gives the same result anywhere); pass a larger time_limit, or a smaller max_nodes",
             RuntimeWarning, stacklevel=2)
-    return ILPExtraction(_decode(g, chosen, enc), float(_dag_cost(g.root, chosen, children, cost)), optimal, limit)
+    picks = {c: chosen[c] for c in _reachable(g.root, chosen, children) or []}
+    return ILPExtraction(_decode(g, chosen, enc), float(_dag_cost(g.root, chosen, children, cost)), optimal, limit, picks)
 
 
 def _reachable(root: str, chosen: dict[str, str], children: dict[str, list[str]]) -> list[str] | None:
