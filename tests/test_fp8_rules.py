@@ -196,33 +196,34 @@ def test_fp8_block_with_layer_norm_projection_writes_v_transposed():
 
 def test_exact_extraction_finds_v_transposed_where_greedy_ties():
     """Greedy extraction picks one member of V's scale (amax) e-class before V's layout: the
-    members over V and over Vᵀ tie. `prefer_transposed_v` finds the Vᵀ-writing program in the
-    same e-graph, priced cheaper; it leaves models that prefer standard V alone."""
+    members over V and over Vᵀ tie, and greedy keeps fp8 attention reading standard V. The one
+    extraction step (`egraph.refine.extract_best`) re-solves the contested neighbourhood exactly
+    and finds the Vᵀ-writing program in the same e-graph, priced cheaper, with no steering."""
     from eqsat_attn.cost import program_cost
-    from eqsat_attn.cost.roofline import for_device
-    from eqsat_attn.fp8_layout import prefer_transposed_v, wants_transposed_v
-
     from eqsat_attn.egraph import extract_program
+    from eqsat_attn.egraph.refine import extract_best
 
     model = h100_fp8_steered()
     ex = ea.explore(fp8_ln_block, *ln_block_args(3))
     ex.saturate()
     greedy, _ = extract_program(ex.egraph, ex.encoding, model)
-    best = prefer_transposed_v(ex.egraph, ex.encoding, model, greedy)
-    assert program_cost(best, model) <= program_cost(greedy, model)
+    (node,) = fp8_nodes(greedy)
+    assert str(node.params["v_layout"]).endswith("D")  # what greedy alone chooses
+    best = extract_best(ex.egraph, ex.encoding, model)
+    assert best.cost < program_cost(greedy, model) and best.how.startswith("greedy-dag + exact")
     assert ex.extract(model).attention[0].v_layout == "BHDS"  # the explorer extracts as optimize does
-    assert not wants_transposed_v(best, model)
-    (node,) = fp8_nodes(best)
+    (node,) = fp8_nodes(best.program)
     assert str(node.params["v_layout"]).endswith("S")
-    assert not wants_transposed_v(greedy, for_device("cpu"))  # CPU table: fp8 standard V not slower
+    chain = v_producer_chain(best.program, node)
+    assert chain[-1] == "dot_general" and "transpose" not in chain
 
 
 def test_default_hopper_table_writes_fp8_v_transposed_at_the_benchmark_shape():
     """Under the measured Hopper table (fp8 transposed V 682 TFLOP/s, bf16 565), no steering: the
     fp8 block at bench/end_to_end.py's shape (B4 S4096 E4096 H32 bf16, traced only) runs fp8
     attention reading V transposed, and V's projection writes it so. Greedy extraction alone
-    materialised a transpose of the quantized V; `prefer_transposed_v` also asks the exact
-    extractor in that case."""
+    materialised a transpose of the quantized V; the exact re-solve of the contested
+    neighbourhood (`egraph.refine`) finds the projection writing Vᵀ."""
     from eqsat_attn.cost.roofline import for_device
 
     e, heads = 4096, 32

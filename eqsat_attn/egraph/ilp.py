@@ -439,9 +439,8 @@ def _prune(alive: dict[str, list[str]], children: dict[str, list[str]], root: st
 
 
 def solve(problem: Problem, enc: Encoding, time_limit: float | None = None, acyclicity: str = "order",
-          max_rounds: int = 200, max_nodes: int = MAX_MIP_NODES, lp_gate: bool = False) -> ILPExtraction:
-    """`extract_ilp` on a built `Problem` (its arguments as there). ``lp_gate``: first solve the
-    LP relaxation, and where its bound shows the warm start optimal, return that without the MIP."""
+          max_rounds: int = 200, max_nodes: int = MAX_MIP_NODES) -> ILPExtraction:
+    """`extract_ilp` on a built `Problem` (its arguments as there)."""
     import highspy
     import numpy as np
 
@@ -528,12 +527,6 @@ def solve(problem: Problem, enc: Encoding, time_limit: float | None = None, acyc
 
     # warm start: the better of a greedy DAG and a tree extraction computed here (always acyclic)
     warm = _warm_start(g.root, classes, alive, children, cost)
-    if lp_gate and warm is not None:
-        h.run()  # the LP relaxation: a lower bound on every extraction
-        bound = h.getInfo().objective_function_value / scale
-        if h.getModelStatus() == highspy.HighsModelStatus.kOptimal and bound >= _dag_cost(g.root, warm, children, cost) * (1 - 1e-9):
-            return ILPExtraction(_decode(g, warm, enc), float(_dag_cost(g.root, warm, children, cost)), True, "",
-                                 {c: warm[c] for c in _reachable(g.root, warm, children) or []})
     h.changeColsIntegrality(len(nodes), np.arange(len(nodes), dtype=np.int32),
                             np.array([highspy.HighsVarType.kInteger] * len(nodes)))
     time_limit = TIME_LIMIT_S if time_limit is None else time_limit
