@@ -220,8 +220,6 @@ def test_exact_extraction_finds_v_transposed_where_greedy_ties():
     assert str(ex.extract(model).program) == str(best.program)  # the explorer extracts as optimize does
 
 
-@pytest.mark.xfail(strict=True, reason="known regression of egraph.refine (issue 23): at B4 S4096 E4096 H32 the "
-                   "contested neighbourhood misses the program the former transposed-V steering found (1.5% cheaper)")
 def test_default_hopper_table_fp8_block_at_the_benchmark_shape():
     """Under the measured Hopper table (fp8 transposed V 682 TFLOP/s, bf16 565), no steering: the
     fp8 block at bench/end_to_end.py's shape (B4 S4096 E4096 H32 bf16, traced only) runs fp8

@@ -44,6 +44,8 @@ MIN_GAP = 0.01
 #: branch-and-bound nodes for the neighbourhood's exact solve: the improvements the tests pin down
 #: are proved optimal at the root node; past this the best solution found is used
 MAX_MIP_NODES = 50
+#: members of a free class whose DAG costs at most this fraction more than the pick's tie with it
+TIE = 1e-9
 #: e-graphs with more rows than this (terms and analyses together) are not serialized: their
 #: candidate e-nodes would exceed `ilp.MAX_ENODES` anyway
 MAX_SERIALIZED = 4 * MAX_ENODES
@@ -97,16 +99,28 @@ def contested_neighbourhood(problem: Problem, pick: dict[str, str],
                             member: dict[str, tuple[float, frozenset[str]]], min_gap: float = MIN_GAP) -> set[str]:
     """The classes to re-solve exactly: for each class of the greedy program holding a member
     cheaper by itself than the pick (by ``min_gap`` of the program's cost), that class and the
-    classes of its pick's and those members' DAGs. Empty when greedy's choices do not interact."""
-    used = problem.used(pick) or []
+    classes of its pick's and those members' DAGs; the classes so added are examined the same
+    way, and members tied with a free class's pick add their DAGs' classes. Empty when greedy's
+    choices do not interact."""
     gap = min_gap * problem.dag_cost(pick)
     free: set[str] = set()
-    for c in used:
+    pending, seen = list(problem.used(pick) or []), set()
+    while pending:  # the classes of a contested class's DAGs are examined in turn
+        c = pending.pop()
+        if c in seen:
+            continue
+        seen.add(c)
         chosen = pick[c]
         cheaper = [m for m in problem.alive[c] if m in member and problem.cost[m] < problem.cost[chosen] - gap]
         if cheaper:
-            free |= member[chosen][1]
-            for m in cheaper:
+            for n in (chosen, *cheaper):
+                new = member[n][1] - free
+                free |= new
+                pending.extend(sorted(new - seen))
+    for c in sorted(free):  # members tied with a free class's pick: their inputs become free too
+        best = member[pick[c]][0]
+        for m in problem.alive[c]:
+            if m in member and m != pick[c] and member[m][0] <= best * (1 + TIE) and member[m][1] != member[pick[c]][1]:
                 free |= member[m][1]
     return free
 
