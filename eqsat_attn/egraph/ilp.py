@@ -439,8 +439,10 @@ def _prune(alive: dict[str, list[str]], children: dict[str, list[str]], root: st
 
 
 def solve(problem: Problem, enc: Encoding, time_limit: float | None = None, acyclicity: str = "order",
-          max_rounds: int = 200, max_nodes: int = MAX_MIP_NODES) -> ILPExtraction:
-    """`extract_ilp` on a built `Problem` (its arguments as there)."""
+          max_rounds: int = 200, max_nodes: int = MAX_MIP_NODES,
+          highs_options: dict[str, Any] | None = None) -> ILPExtraction:
+    """`extract_ilp` on a built `Problem` (its arguments as there); ``highs_options``: more
+    HiGHS options (name -> value) for this solve."""
     import highspy
     import numpy as np
 
@@ -470,6 +472,9 @@ def solve(problem: Problem, enc: Encoding, time_limit: float | None = None, acyc
     h.setOptionValue("threads", 1)  # one thread and a fixed seed: the same search on every machine
     h.setOptionValue("random_seed", 0)
     h.setOptionValue("mip_max_nodes", int(max_nodes))
+    for name, value in (highs_options or {}).items():
+        if h.setOptionValue(name, value) != highspy.HighsStatus.kOk:
+            raise ValueError(f"HiGHS rejected the option {name}={value!r}")
     inf = highspy.kHighsInf
     ncols = len(nodes) + len(cyclic)
     lower = np.zeros(ncols)
