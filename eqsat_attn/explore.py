@@ -298,6 +298,8 @@ class Exploration:
         self._serialized: tuple[int, dict] | None = None
         self._view: tuple[dict, EGraphView] | None = None
         self._pricing: tuple[EGraphView, Pricing] | None = None
+        #: (e-graph size, model, e-node ids) of the last `extract` whose exact re-solve chose the program
+        self._refined: tuple[int, CostModel, frozenset[str]] | None = None
         self._model: Any = None  # the last extraction's cost model: pictures price under it
 
     # ------------------------------------------------------------------ rewriting
@@ -357,6 +359,8 @@ class Exploration:
         else:
             found = extract_best(self.egraph, self.encoding, model, extractor=extractor)  # as optimize extracts
             chosen, extracted = found.program, found.cost
+            self._refined = None if found.picks is None else (self.size, model, found.picks)
+            self._pricing = None  # pictures mark the e-nodes this extraction chose
         seconds = time.perf_counter() - start
         kernel = getattr(model, "attention_kernel", "reference")
         return Extraction(
@@ -472,7 +476,10 @@ class Exploration:
         if cached is not None and cached[0] is view and cached[1].model is model:
             return cached[1]
         chosen = None
-        if self.encoding.root is not None:  # mark what extraction picks (greedy DAG), ties included
+        refined = self._refined
+        if refined is not None and refined[0] == self.size and refined[1] is model:  # what `extract` chose
+            chosen = frozenset(k for k in refined[2] if k in view.nodes)
+        elif self.encoding.root is not None:  # mark what extraction picks (greedy DAG), ties included
             termdag, terms = self._extract_many([self.encoding.root], model)
             chosen = None if terms[0] is None else match_terms(view, termdag, terms[0])
         pricing = price(view, model, chosen)

@@ -60,12 +60,14 @@ class Extraction:
     """The chosen program, its cost under the model, how it was found ("greedy-dag", "tree",
     "greedy-dag + exact neighbourhood (N e-classes)"), and the serialized e-graph it was read
     from (None when the e-graph was too large to read): later explanations reuse it instead of
-    saturating again."""
+    saturating again. ``picks``: the serialized ids of the chosen e-nodes where the exact
+    re-solve chose the program (None where egglog's extractor did)."""
 
     program: ir.Program
     cost: float
     how: str
     graph: Any = None
+    picks: frozenset[str] | None = None
 
 
 def greedy_dag(problem: Problem) -> tuple[dict[str, str], dict[str, tuple[float, frozenset[str]]]]:
@@ -167,5 +169,6 @@ def extract_best(egraph: EGraph, enc: Encoding, model: CostModel, extractor: str
     found, free = refined
     cost = program_cost(found.program, model)
     if found.program.output_types == greedy.output_types and cost < best.cost:
-        return Extraction(found.program, cost, f"greedy-dag + exact neighbourhood ({free} e-classes)", graph)
+        return Extraction(found.program, cost, f"greedy-dag + exact neighbourhood ({free} e-classes)", graph,
+                          frozenset(found.picks.values()))
     return best
