@@ -14,7 +14,9 @@ prices it (`ilp.Problem`), repeats the greedy extraction with each e-node's DAG 
 finds the *contested* classes: classes of the greedy program whose e-graph holds a member
 cheaper by itself than greedy's pick, by at least `MIN_GAP` of the program's cost. Their
 neighbourhood (each such class, and the classes of the DAGs of its pick and of those cheaper
-members) is solved exactly (`ilp.solve`) with every other class fixed to greedy's pick; the
+members, examined the same way in turn, plus the DAGs of members tied with a free class's
+pick: `contested_neighbourhood`) is solved exactly (`ilp.solve`) with every other class fixed
+to greedy's pick; the
 cheaper program of the two under the model is kept (greedy's on a tie). Without a contested
 class the result is greedy's program, for the cost of reading and pricing the e-graph.
 
@@ -42,11 +44,10 @@ from .ilp import MAX_ENODES, ILPExtractionError, Problem, read_graph, solve
 #: fraction of the greedy program's cost (smaller savings are not worth an exact solve)
 MIN_GAP = 0.01
 #: branch-and-bound nodes for the neighbourhood's exact solve: the improvements the tests pin down
-#: are found (and proved optimal) at the root node; past this the best solution found is used
+#: are found and proved optimal within them; past this the best solution found is used
 MAX_MIP_NODES = 10
 #: HiGHS settings for that solve: where the LP relaxation is weak (the CPU table's blocks: a 47%
-#: gap at the root), a restart after presolve and strong branching spent seconds without
-#: improving on greedy; without them a node costs milliseconds
+#: gap at the root) a restart after presolve cost over a second without improving on greedy
 HIGHS_OPTIONS = {"mip_allow_restart": False}
 #: members of a free class whose DAG costs at most this fraction more than the pick's tie with it
 TIE = 1e-9
