@@ -125,7 +125,7 @@ STAGES: tuple[tuple[str, str, str], ...] = (
     ("  encoding", "eqsat_attn/egraph/encode.py", "encode"),
     ("  saturation", "eqsat_attn/egraph/driver.py", "run_rulesets"),
     ("  extraction (greedy)", "eqsat_attn/egraph/extract.py", "extract_program"),
-    ("  transposed-V check (fp8_layout)", "eqsat_attn/fp8_layout.py", "prefer_transposed_v"),
+    ("  exact neighbourhood (refine)", "eqsat_attn/egraph/refine.py", "refine"),
     ("  program cost", "eqsat_attn/cost/model.py", "program_cost"),
     ("  splice blocks", "eqsat_attn/blocks.py", "splice"),
     ("lower (build + check)", "eqsat_attn/optimize.py", "_lower_checked"),

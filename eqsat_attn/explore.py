@@ -40,13 +40,13 @@ from .egraph import encode, extract_program, resolve, run_rulesets
 from .egraph.driver import QuestionAnswerer, egraph_size
 from .egraph.extract import RawCostModel
 from .egraph.ilp import extract_program_ilp
+from .egraph.refine import extract_best
 from .explore_charts import comparison_html, why_svg
 from .explore_draw import ENGINES, MAX_WIDTH, Picture, build_picture, render_svg, summary_svg, to_dot
 from .explore_graph import (
     ATTENTION_CTORS, EGraphView, Pricing, classes_holding, match_terms, nearest_named, price, priced_members,
     shown_nodes, type_text,
 )
-from .fp8_layout import prefer_transposed_v
 from .pipeline import Limits
 from .report import AttentionInfo, _format_seconds, attention_infos
 
@@ -134,7 +134,7 @@ class Extraction:
     original_cost: float  # program_cost of the captured program under `model`
     model: Any
     attention: tuple[AttentionInfo, ...]
-    extracted_cost: float  # what egglog's extractor reported (DAG cost over e-nodes)
+    extracted_cost: float  # the extraction's cost (DAG cost over e-nodes, each paid once)
     seconds: float
 
     @property
@@ -298,6 +298,8 @@ class Exploration:
         self._serialized: tuple[int, dict] | None = None
         self._view: tuple[dict, EGraphView] | None = None
         self._pricing: tuple[EGraphView, Pricing] | None = None
+        #: (e-graph size, model, e-node ids) of the last `extract` whose exact re-solve chose the program
+        self._refined: tuple[int, CostModel, frozenset[str]] | None = None
         self._model: Any = None  # the last extraction's cost model: pictures price under it
 
     # ------------------------------------------------------------------ rewriting
@@ -355,9 +357,10 @@ class Exploration:
         if extractor == "ilp":
             chosen, extracted = extract_program_ilp(self.egraph, self.encoding, model)
         else:
-            chosen, extracted = extract_program(self.egraph, self.encoding, model, extractor=extractor)
-            if extractor == "greedy-dag":  # as optimize does: the exact extractor where greedy misses fp8 Vᵀ
-                chosen = prefer_transposed_v(self.egraph, self.encoding, model, chosen)
+            found = extract_best(self.egraph, self.encoding, model, extractor=extractor)  # as optimize extracts
+            chosen, extracted = found.program, found.cost
+            self._refined = None if found.picks is None else (self.size, model, found.picks)
+            self._pricing = None  # pictures mark the e-nodes this extraction chose
         seconds = time.perf_counter() - start
         kernel = getattr(model, "attention_kernel", "reference")
         return Extraction(
@@ -473,7 +476,10 @@ class Exploration:
         if cached is not None and cached[0] is view and cached[1].model is model:
             return cached[1]
         chosen = None
-        if self.encoding.root is not None:  # mark what extraction picks (greedy DAG), ties included
+        refined = self._refined
+        if refined is not None and refined[0] == self.size and refined[1] is model:  # what `extract` chose
+            chosen = frozenset(k for k in refined[2] if k in view.nodes)
+        elif self.encoding.root is not None:  # mark what extraction picks (greedy DAG), ties included
             termdag, terms = self._extract_many([self.encoding.root], model)
             chosen = None if terms[0] is None else match_terms(view, termdag, terms[0])
         pricing = price(view, model, chosen)

@@ -9,6 +9,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from egglog import EGraph
 
@@ -20,9 +21,9 @@ from .choices import (
 from .cost import current_device_model, program_cost
 from .egraph import encode, extract_program, resolve, run_rulesets
 from .egraph.driver import RunResult, StopWhenFired, prepare_rulesets, prepared_egraph
-from .egraph.ilp import extract_program_ilp
+from .egraph.ilp import extract_ilp, read_graph
+from .egraph.refine import extract_best
 from .egraph.rulesets import DEFAULT_RULESETS
-from .fp8_layout import prefer_transposed_v
 from .ir import Program
 from .limits import Limits
 from .nested import merge, optimize_bodies
@@ -121,8 +122,9 @@ RAISED = "attention_raise.attention"
 
 
 def optimize_part(program: Program, options: OptimizeOptions, model,
-                  notes: list[str] | None = None) -> tuple[Program, RunResult]:
-    """Saturate and extract one program; returns (chosen program, the driver's RunResult).
+                  notes: list[str] | None = None) -> tuple[Program, RunResult, Any]:
+    """Saturate and extract one program; returns (chosen program, the driver's RunResult, the
+    serialized e-graph it was chosen from, or None: `egraph.refine.Extraction.graph`).
 
     A run that has not saturated at `RESTART_ENODES` e-nodes (and may grow further under
     ``options.limits``) restarts once from the program extracted there: attention raised by then is
@@ -140,17 +142,17 @@ def optimize_part(program: Program, options: OptimizeOptions, model,
 
     ``notes``: receives a line when the e-graph holds attention the chosen program does not use.
     ``options.limits`` bound each e-graph run (with repeated blocks: each distinct block's).
-    Never returns something the model predicts slower than ``program`` (extraction is greedy).
+    Never returns something the model predicts slower than ``program``.
     """
     first = replace(options.limits, nodes=min(options.limits.nodes, RESTART_ENODES))
     stop_when = StopWhenFired(RAISED, RAISED_SETTLED_ENODES, RAISED_RESTART_ENODES)
-    chosen, run = _saturate_and_extract(program, options, first, model, notes, stop_when)
+    chosen, run, graph = _saturate_and_extract(program, options, first, model, notes, stop_when)
     early = run.stop_reason.startswith(RAISED)  # settled, or fired past RAISED_RESTART_ENODES
     if run.saturated or not (early or (options.limits.nodes > RESTART_ENODES and run.stop_reason.startswith("e-node"))):
-        return chosen, run
-    second, rerun = _saturate_and_extract(chosen, options, options.limits, model, notes)
+        return chosen, run, graph
+    second, rerun, second_graph = _saturate_and_extract(chosen, options, options.limits, model, notes)
     if program_cost(second, model) <= program_cost(chosen, model):
-        chosen = second
+        chosen, graph = second, second_graph
     fired = dict(run.rules_fired)
     for name, count in rerun.rules_fired.items():
         fired[name] = fired.get(name, 0) + count
@@ -158,22 +160,26 @@ def optimize_part(program: Program, options: OptimizeOptions, model,
         rerun, rules_fired=fired, iterations=run.iterations + rerun.iterations, seconds=run.seconds + rerun.seconds,
         egraph_nodes=max(run.egraph_nodes, rerun.egraph_nodes),  # the larger e-graph of the two
         steps=run.steps + rerun.steps, stop_reason=f"{rerun.stop_reason}, after a restart at {run.egraph_nodes} e-nodes ({run.stop_reason})",
-    )
+    ), graph
 
 
 def _saturate_and_extract(program: Program, options: OptimizeOptions, limits: Limits, model,
-                          notes: list[str] | None, stop_when: StopWhenFired | None = None) -> tuple[Program, RunResult]:
-    """One e-graph run of ``program`` under ``limits`` (and ``stop_when``) and the extraction of
-    its best program."""
+                          notes: list[str] | None, stop_when: StopWhenFired | None = None) -> tuple[Program, RunResult, Any]:
+    """One e-graph run of ``program`` under ``limits`` (and ``stop_when``), the extraction of its
+    best program (`egraph.refine.extract_best`, or the exact extractor), and the (encoding,
+    serialized e-graph) pair a layout explanation reads, or None."""
     rulesets = resolve(options.rule_names())
+    graph = None
     with prepared_egraph(rulesets) as egraph:  # as `saturate`, with the rules registered once per process
         encoding = encode(program, egraph)
         run = run_rulesets(egraph, rulesets, limits, stop_when=stop_when)
         if options.extractor == "ilp":
-            chosen, _ = extract_program_ilp(egraph, encoding, model)
+            graph = read_graph(egraph)
+            chosen = extract_ilp(egraph, encoding, model, graph=graph).program
         else:
-            chosen, _ = extract_program(egraph, encoding, model, extractor=options.extractor)
-            chosen = prefer_transposed_v(egraph, encoding, model, chosen)  # greedy misses it (fp8_layout)
+            found = extract_best(egraph, encoding, model, extractor=options.extractor,
+                                 keep_graph=run.egraph_nodes <= EXPLAIN_MAX_ENODES)
+            chosen, graph = found.program, found.graph
         if notes is not None and run.rules_fired.get("attention_raise.attention") and not has_attention(chosen):
             extractor = "greedy-dag" if options.extractor == "ilp" else options.extractor
             steered, _ = extract_program(egraph, encoding, PreferAttention(model), extractor=extractor)
@@ -186,7 +192,7 @@ def _saturate_and_extract(program: Program, options: OptimizeOptions, limits: Li
         )
     if program_cost(chosen, model) > program_cost(program, model):
         chosen = program
-    return chosen, run
+    return chosen, run, None if graph is None else (encoding, graph)
 
 
 def optimize_program(program: Program, options: OptimizeOptions = OptimizeOptions(), *, warn: bool = True) -> PipelineResult:
@@ -211,8 +217,9 @@ def _optimize_flat(program: Program, options: OptimizeOptions, warn: bool) -> Pi
     try:
         split = split_repeated(program) if options.reuse_blocks else None
         attention_notes: list[str] = []
+        graph = None
         if split is None:
-            chosen, run = optimize_part(program, options, model, attention_notes)
+            chosen, run, graph = optimize_part(program, options, model, attention_notes)
             runs = [run]
         else:
             optimized, runs = _optimize_parts(split, options, model, attention_notes)
@@ -241,7 +248,7 @@ def _optimize_flat(program: Program, options: OptimizeOptions, warn: bool) -> Pi
     return PipelineResult(
         chosen, dict(fired), sum(run.egraph_nodes for run in runs), saturated, cost_before, cost_after, notes,
         split.repeats if split is not None else 0,
-        _layout_decision(program, options, model, chosen, runs) if split is None else None,
+        _layout_decision(model, chosen, runs, graph) if split is None else None,
         tuple(dict.fromkeys(attention_notes)) if chosen is not program else (),
     )
 
@@ -254,14 +261,14 @@ def _optimize_parts(split: Split, options: OptimizeOptions, model,
     once = [p for p in split.distinct if sum(q.program == p for q in split.parts) == 1]
     optimized, runs = {}, []
     if len(once) > 1:
-        joined, run = optimize_part(union(once), options, model, notes)
+        joined, run, _ = optimize_part(union(once), options, model, notes)
         pieces = unpack(joined, once)
         if pieces is not None:
             optimized.update(zip(once, pieces))
             runs.append(run)
     for part in split.distinct:
         if part not in optimized:
-            optimized[part], run = optimize_part(part, options, model, notes)
+            optimized[part], run, _ = optimize_part(part, options, model, notes)
             runs.append(run)
     return optimized, runs
 
@@ -271,16 +278,16 @@ def _effect_calls(program: Program) -> list:
     return [program.nodes[i].params["call"] for i in program.effects]
 
 
-def _layout_decision(program: Program, options: OptimizeOptions, model, chosen: Program, runs: list[RunResult]):
+def _layout_decision(model, chosen: Program, runs: list[RunResult], graph):
     """A lazy explanation of the chosen projection/V layout for a program with one attention
-    whose Q/K/V are projections of one input (on its first call the program is saturated again,
-    since the pooled e-graph it was optimized in has been reverted; not at all past the exact
-    extractor's reach); None for anything else."""
+    whose Q/K/V are projections of one input, read from ``graph`` (the encoding and serialized
+    e-graph the program was extracted from: nothing is saturated again); None for anything else."""
     if not is_qkv_block(chosen):
         return None
     egraph_nodes = sum(run.egraph_nodes for run in runs)
-    if egraph_nodes > EXPLAIN_MAX_ENODES:
+    if egraph_nodes > EXPLAIN_MAX_ENODES or graph is None:
         return LazyLayoutDecision.unavailable(
             f"the e-graph has {egraph_nodes} e-nodes; the exact extractions behind this explanation run up to "
             f"{EXPLAIN_MAX_ENODES} (eqsat_attn.qkv_layouts.layout_decision on an explorer's e-graph tries anyway)")
-    return LazyLayoutDecision(lambda: saturate(program, options)[:2], model, chosen)
+    encoding, serialized = graph
+    return LazyLayoutDecision(serialized, encoding, model, chosen)

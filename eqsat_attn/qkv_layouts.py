@@ -7,23 +7,24 @@ layout its attention reads, and the three programs the trade-off is between (iss
 
 `VariantModel` steers extraction to one of them on top of any cost model (tests, the benchmark
 and the report use it); `layout_decision` explains a chosen program by the predicted costs of
-the variants it beat. `ea.Report` shows that explanation through `LazyLayoutDecision`: the
-pipeline keeps what it needs to saturate a one-attention Q/K/V block again, and that saturation
-and the three exact extractions run only when the report is first printed or its
-``layout_decision`` read, so optimizing (and calling) a function never pays for them.
+the variants it beat. `ea.Report` shows that explanation through `LazyLayoutDecision`, a view
+over the optimizer's own extraction: the pipeline keeps the serialized e-graph its program was
+extracted from (`egraph.refine.Extraction.graph`; nothing is saturated again), and the three
+exact extractions over it run only when the report is first printed or its ``layout_decision``
+read, so optimizing (and calling) a function never pays for them.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from dataclasses import dataclass
 
 from .cost.model import CostModel, OpView, program_cost
 from .egraph.extract import UNKNOWN_TYPE_COST, extract_program
-from .egraph.ilp import ILPExtraction, ILPExtractionError, extract_ilp, extract_program_ilp, read_graph
+from .egraph.ilp import ILPExtraction, ILPExtractionError, Problem, extract_ilp, extract_program_ilp, read_graph
+from .egraph.refine import greedy_dag
 from .ir import Program, TensorType
 
 VARIANTS = ("a", "b", "c")
@@ -282,12 +283,13 @@ def extract_variant(egraph, encoding, model: CostModel, time_limit: float | None
 
 
 def layout_decision(egraph, encoding, model: CostModel, chosen: Program,
-                    time_limit: float | None = None) -> LayoutDecision:
+                    time_limit: float | None = None, graph: Any = None) -> LayoutDecision:
     """Explain ``chosen`` (extracted from this e-graph under ``model``) by the best program of
     each variant, priced under ``model`` (under its base model when ``model`` is itself a
     `VariantModel`: the penalties steer, they are not costs). Each variant's exact extraction
     stops at the ILP's work limit (deterministic); ``time_limit`` (seconds per variant, default
-    `ilp.TIME_LIMIT_S`) is a safety net that warns."""
+    `ilp.TIME_LIMIT_S`) is a safety net that warns. ``graph``: the e-graph as `ilp.read_graph`
+    serialized it (the optimizer keeps it); then ``egraph`` is not read and may be None."""
     pricing = model.base if isinstance(model, VariantModel) else model
     steering = {v: VariantModel.for_program(pricing, v, encoding.program) for v in VARIANTS}
 
@@ -297,8 +299,18 @@ def layout_decision(egraph, encoding, model: CostModel, chosen: Program,
         except ILPExtractionError:
             return None
 
+    def greedy(variant: str) -> Program | None:
+        """Greedy-DAG extraction, where the exact one gave no answer."""
+        if egraph is not None:  # egglog's (on this thread: it uses egglog)
+            return extract_program(egraph, encoding, steering[variant])[0]
+        try:
+            problem = Problem.build(graph, steering[variant], max_enodes=10 * EXPLAIN_MAX_ENODES)
+            return problem.decode(greedy_dag(problem)[0], encoding)
+        except ILPExtractionError:
+            return None
+
     try:
-        graph = read_graph(egraph)
+        graph = read_graph(egraph) if graph is None else graph
     except ILPExtractionError:
         results: list[ILPExtraction | None] = [None] * len(VARIANTS)
     else:  # the solves run side by side, one a core (HiGHS releases the GIL)
@@ -306,13 +318,13 @@ def layout_decision(egraph, encoding, model: CostModel, chosen: Program,
             results = list(pool.map(exact, VARIANTS))
     alternatives, unreachable, limited = {}, [], []
     for variant, found in zip(VARIANTS, results):
-        if found is None:  # no exact answer: greedy extraction (on this thread: it uses egglog)
-            program = extract_program(egraph, encoding, steering[variant])[0]
+        if found is None:
+            program = greedy(variant)
         else:
             program = found.program
             if not found.optimal:
                 limited.append(variant)
-        if classify(program) == variant:
+        if program is not None and classify(program) == variant:
             alternatives[variant] = program_cost(program, pricing)
         else:
             unreachable.append(variant)
@@ -335,22 +347,22 @@ EXPLAIN_SECONDS = 300.0
 class LazyLayoutDecision:
     """`layout_decision` for one extraction, computed on the first call and then kept.
 
-    ``graph`` builds the saturated e-graph and its encoding (one attention block's, at most
-    `EXPLAIN_MAX_ENODES`) when the explanation is first asked for; each variant's exact
-    extraction stops at the ILP's work limit (with `EXPLAIN_SECONDS` as a safety net). A failure
-    becomes ``None`` with the reason in ``error``: explaining never breaks a report.
+    ``graph`` is the serialized e-graph (at most `EXPLAIN_MAX_ENODES` e-nodes) the optimizer
+    extracted ``chosen`` from and ``encoding`` its encoding: explaining reads them, it does not
+    saturate again. Each variant's exact extraction stops at the ILP's work limit (with
+    `EXPLAIN_SECONDS` as a safety net). A failure becomes ``None`` with the reason in ``error``:
+    explaining never breaks a report.
     """
 
-    def __init__(self, graph: Callable[[], tuple[Any, Any]] | None, model: CostModel | None,
-                 chosen: Program | None) -> None:
-        self._pending: tuple | None = (graph, model, chosen)
+    def __init__(self, graph: Any, encoding: Any, model: CostModel | None, chosen: Program | None) -> None:
+        self._pending: tuple | None = (graph, encoding, model, chosen)
         self._value: LayoutDecision | None = None
         self.error: str | None = None
 
     @classmethod
     def unavailable(cls, reason: str) -> LazyLayoutDecision:
         """An explanation that was not computed, saying why."""
-        out = cls(None, None, None)
+        out = cls(None, None, None, None)
         out._pending, out.error = None, reason
         return out
 
@@ -362,9 +374,8 @@ class LazyLayoutDecision:
         if self._pending is not None:
             pending, self._pending = self._pending, None
             try:
-                graph, model, chosen = pending
-                egraph, encoding = graph()
-                self._value = layout_decision(egraph, encoding, model, chosen, EXPLAIN_SECONDS)
+                graph, encoding, model, chosen = pending
+                self._value = layout_decision(None, encoding, model, chosen, EXPLAIN_SECONDS, graph=graph)
             except Exception as exc:  # noqa: BLE001 - the report says why instead
                 self.error = f"{type(exc).__name__}: {exc}"
         return self._value

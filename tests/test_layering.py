@@ -28,7 +28,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
                  "eqsat_attn.egraph.driver", "eqsat_attn.rules", "eqsat_attn.rules.")),
     ("cost", ("eqsat_attn.cost", "eqsat_attn.cost.")),
     ("extraction", ("eqsat_attn.egraph", "eqsat_attn.egraph.extract", "eqsat_attn.egraph.ilp",
-                    "eqsat_attn.qkv_layouts", "eqsat_attn.fp8_layout", "eqsat_attn.attention_misses")),
+                    "eqsat_attn.egraph.refine", "eqsat_attn.qkv_layouts", "eqsat_attn.attention_misses")),
     ("lowering", ("eqsat_attn.lower", "eqsat_attn.mask_kinds")),
     ("pipeline", ("eqsat_attn.nested", "eqsat_attn.choices", "eqsat_attn.pipeline", "eqsat_attn.disk_cache")),
     ("front", ("eqsat_attn", "eqsat_attn.optimize", "eqsat_attn.report", "eqsat_attn.explore",

@@ -299,6 +299,7 @@ class ILPExtraction(NamedTuple):
     cost: float
     optimal: bool
     limit: str = ""
+    picks: dict[str, str] | None = None  # e-class -> chosen e-node (serialized ids), reachable ones
 
 
 def extract_program_ilp(egraph: EGraph, enc: Encoding, model: CostModel, time_limit: float | None = None,
@@ -338,64 +339,115 @@ def extract_ilp(
     """
     if acyclicity not in ("lazy", "order"):
         raise ValueError(f"acyclicity must be 'lazy' or 'order', got {acyclicity!r}")
-    import highspy
-    import numpy as np
-
     g = graph if graph is not None else _Graph.read(egraph)
-    types = _class_types(g)
+    return solve(Problem.build(g, model, max_enodes), enc, time_limit, acyclicity, max_rounds, max_nodes)
 
-    # candidate nodes: Term/TermList nodes of the classes reachable from the root
-    def child_classes(nid: str) -> list[str]:
-        seen: list[str] = []
-        for c in g.nodes[nid]["children"]:
-            cls = g.nodes[c]["eclass"]
-            if g.sort(cls) in ("Term", "TermList") and cls not in seen:
-                seen.append(cls)
-        return seen
 
-    reach: list[str] = [g.root]
-    seen_classes = {g.root}
-    cand: dict[str, list[str]] = {}
-    for cls in reach:
-        members = [n for n in g.class_nodes.get(cls, []) if _ctor(g.nodes[n]["op"]) is not None]
-        cand[cls] = members
-        if sum(len(v) for v in cand.values()) > max_enodes:
-            raise ILPExtractionError(
-                f"ILP extraction is for e-graphs up to {max_enodes} e-nodes reachable from the root; "
-                "this one has more: use the greedy-dag extractor"
-            )
-        for n in members:
-            for c in child_classes(n):
-                if c not in seen_classes:
-                    seen_classes.add(c)
-                    reach.append(c)
+@dataclass
+class Problem:
+    """An e-graph's extraction problem under one cost model: each candidate e-node's price and
+    child e-classes, and the e-nodes of each class that can be chosen (typed, not their own
+    child, every child class extractable, not dominated by a member of their class)."""
 
-    # price, and drop nodes that can never be chosen (untyped, self-referencing, dead children)
-    cost: dict[str, float] = {}
-    children: dict[str, list[str]] = {}
-    for cls, members in cand.items():
-        for n in members:
-            ch = child_classes(n)
-            if cls in ch:
-                continue
-            view = _view(g, n, types)
-            c = 0.0 if view is None else view if isinstance(view, float) else float(model.node_cost(view))
-            if not c < _INFEASIBLE:
-                continue
-            cost[n] = c
-            children[n] = ch
-    alive = {cls: _undominated([n for n in members if n in cost], cost, children) for cls, members in cand.items()}
+    g: _Graph
+    cost: dict[str, float]
+    children: dict[str, list[str]]
+    alive: dict[str, list[str]]
+
+    @classmethod
+    def build(cls, g: _Graph, model: CostModel, max_enodes: int = MAX_ENODES) -> Problem:
+        """Price the e-nodes reachable from ``g``'s root under ``model``; raises
+        `ILPExtractionError` past ``max_enodes`` candidates or when nothing is extractable."""
+        types = _class_types(g)
+
+        # candidate nodes: Term/TermList nodes of the classes reachable from the root
+        def child_classes(nid: str) -> list[str]:
+            seen: list[str] = []
+            for c in g.nodes[nid]["children"]:
+                eclass = g.nodes[c]["eclass"]
+                if g.sort(eclass) in ("Term", "TermList") and eclass not in seen:
+                    seen.append(eclass)
+            return seen
+
+        reach: list[str] = [g.root]
+        seen_classes = {g.root}
+        cand: dict[str, list[str]] = {}
+        for klass in reach:
+            members = [n for n in g.class_nodes.get(klass, []) if _ctor(g.nodes[n]["op"]) is not None]
+            cand[klass] = members
+            if sum(len(v) for v in cand.values()) > max_enodes:
+                raise ILPExtractionError(
+                    f"ILP extraction is for e-graphs up to {max_enodes} e-nodes reachable from the root; "
+                    "this one has more: use the greedy-dag extractor"
+                )
+            for n in members:
+                for c in child_classes(n):
+                    if c not in seen_classes:
+                        seen_classes.add(c)
+                        reach.append(c)
+
+        # price, and drop nodes that can never be chosen (untyped, self-referencing, dead children)
+        cost: dict[str, float] = {}
+        children: dict[str, list[str]] = {}
+        for klass, members in cand.items():
+            for n in members:
+                ch = child_classes(n)
+                if klass in ch:
+                    continue
+                view = _view(g, n, types)
+                c = 0.0 if view is None else view if isinstance(view, float) else float(model.node_cost(view))
+                if not c < _INFEASIBLE:
+                    continue
+                cost[n] = c
+                children[n] = ch
+        alive = {c: _undominated([n for n in members if n in cost], cost, children) for c, members in cand.items()}
+        return cls(g, cost, children, _prune(alive, children, g.root))
+
+    def used(self, picks: dict[str, str]) -> list[str] | None:
+        """The classes an extraction (class -> e-node) computes: those reachable from the root
+        through its picks (None if one of them has no pick)."""
+        return _reachable(self.g.root, picks, self.children)
+
+    def dag_cost(self, picks: dict[str, str]) -> float:
+        """What an extraction costs, each used class paid once (inf if it is incomplete)."""
+        return _dag_cost(self.g.root, picks, self.children, self.cost)
+
+    def decode(self, picks: dict[str, str], enc: Encoding) -> ir.Program:
+        """The program of an (acyclic) extraction."""
+        return _decode(self.g, picks, enc)
+
+    def fixed(self, picks: dict[str, str]) -> Problem:
+        """This problem with each class of ``picks`` reduced to its picked e-node (when that one
+        can be chosen): a smaller problem, solved exactly over the classes left free."""
+        alive = {c: [picks[c]] if picks.get(c) in members else members for c, members in self.alive.items()}
+        return Problem(self.g, self.cost, self.children, _prune(alive, self.children, self.g.root))
+
+
+def _prune(alive: dict[str, list[str]], children: dict[str, list[str]], root: str) -> dict[str, list[str]]:
+    """``alive`` without e-nodes that have a child class with nothing left to choose."""
+    alive = dict(alive)
     changed = True
     while changed:
         changed = False
-        for cls, members in alive.items():
-            keep = [n for n in members if all(alive[c] for c in children[n])]
+        for c, members in alive.items():
+            keep = [n for n in members if all(alive[k] for k in children[n])]
             if len(keep) != len(members):
-                alive[cls] = keep
+                alive[c] = keep
                 changed = True
-    if not alive[g.root]:
+    if not alive[root]:
         raise ILPExtractionError("no extractable term for the root (every candidate is untyped or cyclic)")
+    return alive
 
+
+def solve(problem: Problem, enc: Encoding, time_limit: float | None = None, acyclicity: str = "order",
+          max_rounds: int = 200, max_nodes: int = MAX_MIP_NODES,
+          highs_options: dict[str, Any] | None = None) -> ILPExtraction:
+    """`extract_ilp` on a built `Problem` (its arguments as there); ``highs_options``: more
+    HiGHS options (name -> value) for this solve."""
+    import highspy
+    import numpy as np
+
+    g, cost, children, alive = problem.g, problem.cost, problem.children, problem.alive
     nodes = [n for members in alive.values() for n in members]
     col = {n: i for i, n in enumerate(nodes)}
     classes = [c for c in alive if alive[c]]
@@ -421,14 +473,15 @@ def extract_ilp(
     h.setOptionValue("threads", 1)  # one thread and a fixed seed: the same search on every machine
     h.setOptionValue("random_seed", 0)
     h.setOptionValue("mip_max_nodes", int(max_nodes))
+    for name, value in (highs_options or {}).items():
+        if h.setOptionValue(name, value) != highspy.HighsStatus.kOk:
+            raise ValueError(f"HiGHS rejected the option {name}={value!r}")
     inf = highspy.kHighsInf
     ncols = len(nodes) + len(cyclic)
     lower = np.zeros(ncols)
     upper = np.concatenate([np.ones(len(nodes)), np.array([comp_size[comp[c]] - 1.0 for c in cyclic])])
     costs = np.concatenate([np.array([cost[n] * scale for n in nodes]), np.zeros(len(cyclic))])
     h.addCols(ncols, costs, lower, upper, 0, np.array([], dtype=np.int32), np.array([], dtype=np.int32), np.array([]))
-    h.changeColsIntegrality(len(nodes), np.arange(len(nodes), dtype=np.int32),
-                            np.array([highspy.HighsVarType.kInteger] * len(nodes)))
 
     rows_lo: list[float] = []
     rows_hi: list[float] = []
@@ -480,6 +533,8 @@ def extract_ilp(
 
     # warm start: the better of a greedy DAG and a tree extraction computed here (always acyclic)
     warm = _warm_start(g.root, classes, alive, children, cost)
+    h.changeColsIntegrality(len(nodes), np.arange(len(nodes), dtype=np.int32),
+                            np.array([highspy.HighsVarType.kInteger] * len(nodes)))
     time_limit = TIME_LIMIT_S if time_limit is None else time_limit
     deadline = time.monotonic() + time_limit
     chosen: dict[str, str] | None = None
@@ -535,7 +590,8 @@ def extract_ilp(
             f"depends on this machine's speed and load (its work limit, max_nodes={max_nodes} branch-and-bound "
             "nodes, gives the same result anywhere); pass a larger time_limit, or a smaller max_nodes",
             RuntimeWarning, stacklevel=2)
-    return ILPExtraction(_decode(g, chosen, enc), float(_dag_cost(g.root, chosen, children, cost)), optimal, limit)
+    picks = {c: chosen[c] for c in _reachable(g.root, chosen, children) or []}
+    return ILPExtraction(_decode(g, chosen, enc), float(_dag_cost(g.root, chosen, children, cost)), optimal, limit, picks)
 
 
 def _reachable(root: str, chosen: dict[str, str], children: dict[str, list[str]]) -> list[str] | None:

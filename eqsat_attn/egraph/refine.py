@@ -1,0 +1,175 @@
+"""One extraction step: greedy-DAG, then an exact re-solve where greedy's choices interact.
+
+egglog's greedy-DAG extractor fixes one e-node per e-class bottom-up, pricing each class by the
+DAG of its own best subterms, so what two classes could share is invisible to it: it rejects an
+e-node that is cheaper itself when its inputs cost more on their own, even where the program
+computes those inputs anyway or could compute them once for several readers. Two cases the
+tests pin down: fp8 attention reading V transposed (its V scale's amax e-class holds a reduction
+over V and one over Vᵀ, tied; greedy keeps the one over V, so the transposed-V attention is
+priced with both projections), and Q/K/V as slices of one merged projection (each slice alone
+costs more than its own projection).
+
+`extract_best` runs egglog's greedy-DAG extractor, then reads the e-graph (`ilp.read_graph`),
+prices it (`ilp.Problem`), repeats the greedy extraction with each e-node's DAG recorded, and
+finds the *contested* classes: classes of the greedy program whose e-graph holds a member
+cheaper by itself than greedy's pick, by at least `MIN_GAP` of the program's cost. Their
+neighbourhood (each such class, and the classes of the DAGs of its pick and of those cheaper
+members, examined the same way in turn, plus the DAGs of members tied with a free class's
+pick: `contested_neighbourhood`) is solved exactly (`ilp.solve`) with every other class fixed
+to greedy's pick; the
+cheaper program of the two under the model is kept (greedy's on a tie). Without a contested
+class the result is greedy's program, for the cost of reading and pricing the e-graph.
+
+Bounded by work, not time: no refinement past `ilp.MAX_ENODES` candidate e-nodes (or an e-graph
+of more than `MAX_SERIALIZED` rows, never serialized), and at most `MAX_MIP_NODES`
+branch-and-bound nodes (HiGHS single-threaded, fixed seed: the same program on any machine); the
+ILP's clock (`ilp.TIME_LIMIT_S`) is only a safety net, which warns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from egglog import EGraph
+
+from .. import ir
+from ..cost.model import CostModel, program_cost
+from .driver import egraph_size
+from .encode import Encoding
+from .extract import extract_program
+from .ilp import MAX_ENODES, ILPExtractionError, Problem, read_graph, solve
+
+#: a member counts as contested when it is cheaper by itself than greedy's pick by at least this
+#: fraction of the greedy program's cost (smaller savings are not worth an exact solve)
+MIN_GAP = 0.01
+#: branch-and-bound nodes for the neighbourhood's exact solve: the improvements the tests pin down
+#: are found and proved optimal within them; past this the best solution found is used
+MAX_MIP_NODES = 10
+#: HiGHS settings for that solve: where the LP relaxation is weak (the CPU table's blocks: a 47%
+#: gap at the root) a restart after presolve cost over a second without improving on greedy
+HIGHS_OPTIONS = {"mip_allow_restart": False}
+#: members of a free class whose DAG costs at most this fraction more than the pick's tie with it
+TIE = 1e-9
+#: e-graphs with more rows than this (terms and analyses together) are not serialized: their
+#: candidate e-nodes would exceed `ilp.MAX_ENODES` anyway
+MAX_SERIALIZED = 4 * MAX_ENODES
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """The chosen program, its cost under the model, how it was found ("greedy-dag", "tree",
+    "greedy-dag + exact neighbourhood (N e-classes)"), and the serialized e-graph it was read
+    from (None when the e-graph was too large to read): later explanations reuse it instead of
+    saturating again. ``picks``: the serialized ids of the chosen e-nodes where the exact
+    re-solve chose the program (None where egglog's extractor did)."""
+
+    program: ir.Program
+    cost: float
+    how: str
+    graph: Any = None
+    picks: frozenset[str] | None = None
+
+
+def greedy_dag(problem: Problem) -> tuple[dict[str, str], dict[str, tuple[float, frozenset[str]]]]:
+    """Greedy-DAG extraction of ``problem`` (egglog's algorithm): each class's pick, and for
+    each e-node that could be priced, the cost of its DAG and the classes in it."""
+    cost, children, alive = problem.cost, problem.children, problem.alive
+    classes = [c for c in alive if alive[c]]
+    dag: dict[str, dict[str, float]] = {}
+    pick: dict[str, str] = {}
+    member: dict[str, tuple[float, frozenset[str]]] = {}
+    for _ in range(len(classes) + 1):
+        changed = False
+        for c in classes:
+            for n in alive[c]:
+                kids = children[n]
+                if not all(k in dag for k in kids):
+                    continue
+                merged: dict[str, float] = {}
+                for k in kids:
+                    merged.update(dag[k])
+                if c in merged:  # the DAG would read its own class: a cycle
+                    continue
+                merged[c] = cost[n]
+                total = sum(merged.values())
+                member[n] = (total, frozenset(merged))
+                if c not in dag or total < sum(dag[c].values()) - 1e-15 * max(1.0, abs(total)):
+                    dag[c], pick[c] = merged, n
+                    changed = True
+        if not changed:
+            break
+    return pick, member
+
+
+def contested_neighbourhood(problem: Problem, pick: dict[str, str],
+                            member: dict[str, tuple[float, frozenset[str]]], min_gap: float = MIN_GAP) -> set[str]:
+    """The classes to re-solve exactly: for each class of the greedy program holding a member
+    cheaper by itself than the pick (by ``min_gap`` of the program's cost), that class and the
+    classes of its pick's and those members' DAGs; the classes so added are examined the same
+    way, and members tied with a free class's pick add their DAGs' classes. Empty when greedy's
+    choices do not interact."""
+    gap = min_gap * problem.dag_cost(pick)
+    free: set[str] = set()
+    pending, seen = list(problem.used(pick) or []), set()
+    while pending:  # the classes of a contested class's DAGs are examined in turn
+        c = pending.pop()
+        if c in seen:
+            continue
+        seen.add(c)
+        chosen = pick[c]
+        cheaper = [m for m in problem.alive[c] if m in member and problem.cost[m] < problem.cost[chosen] - gap]
+        if cheaper:
+            for n in (chosen, *cheaper):
+                new = member[n][1] - free
+                free |= new
+                pending.extend(sorted(new - seen))
+    for c in sorted(free):  # members tied with a free class's pick: their inputs become free too
+        best = member[pick[c]][0]
+        for m in problem.alive[c]:
+            if m in member and m != pick[c] and member[m][0] <= best * (1 + TIE) and member[m][1] != member[pick[c]][1]:
+                free |= member[m][1]
+    return free
+
+
+def refine(graph: Any, enc: Encoding, model: CostModel, max_nodes: int = MAX_MIP_NODES):
+    """The exact re-solve of greedy's contested neighbourhood in ``graph``: an `ilp.ILPExtraction`
+    (with the number of free classes) or None when nothing is contested."""
+    problem = Problem.build(graph, model)
+    pick, member = greedy_dag(problem)
+    free = contested_neighbourhood(problem, pick, member)
+    if not free:
+        return None
+    found = solve(problem.fixed({c: n for c, n in pick.items() if c not in free}), enc, max_nodes=max_nodes,
+                  highs_options=HIGHS_OPTIONS)
+    return found, len(free)
+
+
+def extract_best(egraph: EGraph, enc: Encoding, model: CostModel, extractor: str = "greedy-dag",
+                 keep_graph: bool = False) -> Extraction:
+    """The program to run from ``egraph``: egglog's ``extractor`` ("greedy-dag" or "tree"),
+    improved where greedy-DAG's choices interact (see the module docstring). ``keep_graph``:
+    read the e-graph for the result's ``graph`` even where no refinement runs."""
+    greedy, _ = extract_program(egraph, enc, model, extractor=extractor)
+    best = Extraction(greedy, program_cost(greedy, model), extractor)
+    if egraph_size(egraph) > MAX_SERIALIZED or not (extractor == "greedy-dag" or keep_graph):
+        return best
+    try:
+        graph = read_graph(egraph)
+    except ILPExtractionError:
+        return best
+    best = Extraction(best.program, best.cost, best.how, graph)
+    if extractor != "greedy-dag":
+        return best
+    try:
+        refined = refine(graph, enc, model)
+    except ILPExtractionError:  # too many candidate e-nodes, or nothing the solver could use
+        return best
+    if refined is None:
+        return best
+    found, free = refined
+    cost = program_cost(found.program, model)
+    if found.program.output_types == greedy.output_types and cost < best.cost:
+        return Extraction(found.program, cost, f"greedy-dag + exact neighbourhood ({free} e-classes)", graph,
+                          frozenset(found.picks.values()))
+    return best
