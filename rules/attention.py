@@ -13,7 +13,7 @@ from __future__ import annotations
 from egglog import String, eq, f64, i64, ne, union, var
 
 from eqsat_attn.egraph.language import (
-    KERNEL_FILL, IntVec, Term, attn_scores, causal_mask, dtype, ivec, perm_range, scores_cot, shape,
+    KERNEL_FILL, IntVec, Term, attn_scores, causal_mask, dtype, grad_op, ivec, perm_range, scores_cot, shape,
 )
 from eqsat_attn.egraph.rulesets import RuleSet, asking, rl, rw
 
@@ -660,22 +660,19 @@ def _gradient_views(n_batch: int, n_free: int, swapped: bool):
 
 
 @attention_raise.family
-def attention_gradients():
-    """Where the cotangent reaches Q·Kᵀ itself: g · K is Q's gradient (times the factor when Q was
-    scaled before the product) and gᵀ · Q is K's, Pᵀ · do is V's, and the cotangent where a bias
-    was added is the bias's (`Term.attention_vjp` of the
-    attention the scores s define, with every rank case's operands viewed as the op's, as the
-    forward raising views them)."""
+def gradient_ops():
+    """The cotangent of scores s at output cotangent do (`scores_cot`) names the op's gradients
+    of the attention s defines (`grad_op`: `Term.attention_vjp` for Q, K, V and an additive bias,
+    over every rank case's operands viewed as the op's, as the forward raising views them); and
+    the cotangent where a bias was added is the bias's gradient."""
     cases = [(n_batch, n_free, False) for n_batch, n_free in RANK_CASES]
     cases += [(n_batch, n_free, True) for n_batch, n_free in RANK_CASES if n_free == 2]
     for n_batch, n_free, swapped in cases:
         rank = n_batch + n_free + 1
-        batch, free = perm_range(n_batch), ivec(range(n_batch, n_batch + n_free))
-        swap_k = ivec([*range(n_batch), n_batch + 1, n_batch])  # Kᵀ [batch.., D, Sk] <-> K [batch.., Sk, D]
         q4, k4, v4, mask4, _ = _attention_4d(n_batch, n_free, swapped)
-        do4, q_back = _gradient_views(n_batch, n_free, swapped)
-        shapes = (shape(q) == ss, ss.length() == i64(rank), shape(k) == sk_, shape(v) == sv, shape(do_) == s2,
-                  dtype(q) == dtq, dtype(k) == dtq, dtype(v) == dtq, dtype(do_) == dtq, dtype(e) == dtq)
+        do4, _ = _gradient_views(n_batch, n_free, swapped)
+        shapes = (shape(q) == ss, ss.length() == i64(rank), shape(k) == sk_, shape(v) == sv,
+                  dtype(q) == dtq, dtype(k) == dtq, dtype(v) == dtq, dtype(do_) == dtq)
         flag = i64(0) if swapped else causal  # as in `attention`: no causal flag over (Sq, G)
         for kind in ("none", "bias", "bool", "bias+bool"):
             mask_fact, mask_term = _mask_operand(kind, mask4)
@@ -685,51 +682,70 @@ def attention_gradients():
                 return Term.attention_vjp(q4(q), k4(k), v4(v), do4(do_), mask_term, BHSD, K_TRANSPOSED, BHSD, BHSD,
                                           sc0, flag, String(kind), String(""), fl, cap, i64(wrt))
 
-            def d_query(form: Term) -> Term:
-                return Term.dot(g_, form, ivec([rank - 1]), ivec([n_batch]), batch, batch, dt)
-
-            # Q as given, or multiplied or divided by a scalar before the product (the scale's factor)
-            q_forms = [(q, lambda t: t)]
-            q_forms += [
-                (Term.binary("mul", q, scalar(c, dt2, s1)), lambda t: Term.binary("mul", t, scalar(c, dt2, s1))),
-                (Term.binary("mul", scalar(c, dt2, s1), q), lambda t: Term.binary("mul", scalar(c, dt2, s1), t)),
-                (Term.binary("div", q, scalar(c, dt2, s1)), lambda t: Term.binary("div", t, scalar(c, dt2, s1))),
-            ]
-            for q_form, chain in q_forms:
-                at_product = (scores_cot(g_, x, sf_, do_, v), eq(x).to(_canonical_qk(q_form, k, n_batch, rank)))
-                # Q's gradient: g · K (K as given, or Kᵀ contracted over its last axis)
-                yield rl(eq(e).to(chain(d_query(kk_))), eq(k).to(Term.transpose(kk_, swap_k)), *at_product, *facts)(
-                    union(e).with_(q_back(grad(0)))
-                )
-                yield rl(eq(e).to(chain(Term.dot(g_, k, ivec([rank - 1]), ivec([n_batch + 1]), batch, batch, dt))),
-                         *at_product, *facts)(union(e).with_(q_back(grad(0))))
-                # K's gradient: gᵀ · Q summed over Q's free axes, in K's layout or in Kᵀ's
-                yield rl(eq(e).to(Term.dot(g_, q_form, free, free, batch, batch, dt)), *at_product, *facts)(
-                    union(e).with_(Term.transpose(Term.reshape(grad(1), sk_), swap_k))
-                )
-                yield rl(eq(e).to(Term.dot(q_form, g_, free, free, batch, batch, dt)), *at_product, *facts)(
-                    union(e).with_(Term.reshape(grad(1), sk_))
-                )
-            # an additive bias's gradient: the cotangent where the bias was added (full-shaped there)
-            if kind in ("bias", "bias+bool"):
+            with_bias = kind in ("bias", "bias+bool")
+            yield rl(scores_cot(g_, sf_, sf_, do_, v), *facts)(
+                grad_op(sf_, q, k, v, do_, grad(0), grad(1), grad(2), grad(3) if with_bias else grad(0))
+            )
+            if with_bias:  # the cotangent where the bias was added (full-shaped there) is its gradient
                 bias = m if kind == "bias" else bias_
                 for form in (Term.binary("add", x, bias), Term.binary("add", bias, x)):
                     yield rl(eq(s_).to(form), scores_cot(g_, s_, sf_, do_, v), shape(bias) == s3, dtype(bias) == dtq,
                              *facts)(union(g_).with_(Term.reshape(grad(3), s3)))
-            # V's gradient: Pᵀ · do (P possibly cast to V's dtype), as [batch.., Sk, Dv] or transposed,
-            # with do as the scores' cotangent read it or in another layout (do = transpose(w, perm))
-            # (the free axes contracted in either order when there are two)
-            for probs in (Term.softmax(sf_), Term.convert(Term.softmax(sf_), dtq)):
-                seen = (scores_cot(g_, sf_, sf_, do_, v), *facts)
-                d_value, d_value_t = Term.reshape(grad(2), sv), Term.transpose(Term.reshape(grad(2), sv), swap_k)
-                for axes in {tuple(range(n_batch, n_batch + n_free)), tuple(reversed(range(n_batch, n_batch + n_free)))}:
-                    pairs = ivec(axes)
-                    moved = (eq(do_).to(Term.transpose(w_, pv_)), rc_ == pairs.map(lambda i: pv_[i]),
-                             rb_ == batch.map(lambda i: pv_[i]))
-                    yield rl(eq(e).to(Term.dot(probs, do_, pairs, pairs, batch, batch, dt)), *seen)(union(e).with_(d_value))
-                    yield rl(eq(e).to(Term.dot(do_, probs, pairs, pairs, batch, batch, dt)), *seen)(
-                        union(e).with_(d_value_t))
-                    yield rl(eq(e).to(Term.dot(probs, w_, pairs, rc_, batch, rb_, dt)), *moved, *seen)(
-                        union(e).with_(d_value))
-                    yield rl(eq(e).to(Term.dot(w_, probs, rc_, pairs, rb_, batch, dt)), *moved, *seen)(
-                        union(e).with_(d_value_t))
+
+
+@attention_raise.family
+def attention_gradients():
+    """Where the cotangent reaches Q·Kᵀ itself: g · K is Q's gradient (times the factor when Q was
+    scaled before the product), gᵀ · Q is K's, and Pᵀ · do is V's: the op's (`grad_op`)."""
+    cases = [(n_batch, n_free, False) for n_batch, n_free in RANK_CASES]
+    cases += [(n_batch, n_free, True) for n_batch, n_free in RANK_CASES if n_free == 2]
+    dq_, dk_, dv_, db_ = (var(n, Term) for n in ("dq_", "dk_", "dv_", "db_"))
+    for n_batch, n_free, swapped in cases:
+        rank = n_batch + n_free + 1
+        batch, free = perm_range(n_batch), ivec(range(n_batch, n_batch + n_free))
+        swap_k = ivec([*range(n_batch), n_batch + 1, n_batch])  # Kᵀ [batch.., D, Sk] <-> K [batch.., Sk, D]
+        _, q_back = _gradient_views(n_batch, n_free, swapped)
+        known = (grad_op(sf_, q, k, v, do_, dq_, dk_, dv_, db_), shape(q) == ss, ss.length() == i64(rank),
+                 shape(k) == sk_, shape(v) == sv, dtype(q) == dtq, dtype(e) == dtq)
+
+        def d_query(form: Term) -> Term:
+            return Term.dot(g_, form, ivec([rank - 1]), ivec([n_batch]), batch, batch, dt)
+
+        # Q as given, or multiplied or divided by a scalar before the product (the scale's factor)
+        q_forms = [(q, lambda t: t)]
+        q_forms += [
+            (Term.binary("mul", q, scalar(c, dt2, s1)), lambda t: Term.binary("mul", t, scalar(c, dt2, s1))),
+            (Term.binary("mul", scalar(c, dt2, s1), q), lambda t: Term.binary("mul", scalar(c, dt2, s1), t)),
+            (Term.binary("div", q, scalar(c, dt2, s1)), lambda t: Term.binary("div", t, scalar(c, dt2, s1))),
+        ]
+        for q_form, chain in q_forms:
+            at_product = (scores_cot(g_, x, sf_, do_, v), eq(x).to(_canonical_qk(q_form, k, n_batch, rank)), *known)
+            # Q's gradient: g · K (K as given, or Kᵀ contracted over its last axis)
+            yield rl(eq(e).to(chain(d_query(kk_))), eq(k).to(Term.transpose(kk_, swap_k)), *at_product)(
+                union(e).with_(q_back(dq_))
+            )
+            yield rl(eq(e).to(chain(Term.dot(g_, k, ivec([rank - 1]), ivec([n_batch + 1]), batch, batch, dt))),
+                     *at_product)(union(e).with_(q_back(dq_)))
+            # K's gradient: gᵀ · Q summed over Q's free axes, in K's layout or in Kᵀ's
+            yield rl(eq(e).to(Term.dot(g_, q_form, free, free, batch, batch, dt)), *at_product)(
+                union(e).with_(Term.transpose(Term.reshape(dk_, sk_), swap_k))
+            )
+            yield rl(eq(e).to(Term.dot(q_form, g_, free, free, batch, batch, dt)), *at_product)(
+                union(e).with_(Term.reshape(dk_, sk_))
+            )
+        # V's gradient: Pᵀ · do (P possibly cast to V's dtype), as [batch.., Sk, Dv] or transposed,
+        # with do as the scores' cotangent read it or in another layout (do = transpose(w, perm))
+        # (the free axes contracted in either order when there are two)
+        d_value, d_value_t = Term.reshape(dv_, sv), Term.transpose(Term.reshape(dv_, sv), swap_k)
+        for probs in (Term.softmax(sf_), Term.convert(Term.softmax(sf_), dtq)):
+            for axes in {tuple(range(n_batch, n_batch + n_free)), tuple(reversed(range(n_batch, n_batch + n_free)))}:
+                pairs = ivec(axes)
+                moved = (eq(do_).to(Term.transpose(w_, pv_)), rc_ == pairs.map(lambda i: pv_[i]),
+                         rb_ == batch.map(lambda i: pv_[i]))
+                yield rl(eq(e).to(Term.dot(probs, do_, pairs, pairs, batch, batch, dt)), *known)(union(e).with_(d_value))
+                yield rl(eq(e).to(Term.dot(do_, probs, pairs, pairs, batch, batch, dt)), *known)(
+                    union(e).with_(d_value_t))
+                yield rl(eq(e).to(Term.dot(probs, w_, pairs, rc_, batch, rb_, dt)), *moved, *known)(
+                    union(e).with_(d_value))
+                yield rl(eq(e).to(Term.dot(w_, probs, rc_, pairs, rb_, batch, dt)), *moved, *known)(
+                    union(e).with_(d_value_t))

@@ -375,7 +375,7 @@ def test_a_run_restarts_once_attention_is_raised_and_settled():
     options = OptimizeOptions(cost_model=model, limits=Limits(iterations=30, seconds=SAFETY_NET_S))
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        chosen, run = optimize_part(program, options, model)
+        chosen, run, _ = optimize_part(program, options, model)
     assert "settled" in run.stop_reason and "after a restart" in run.stop_reason and run.saturated
     assert run.egraph_nodes <= RAISED_RESTART_ENODES
     (node,) = [chosen.nodes[i] for i in chosen.live_nodes() if chosen.nodes[i].op == "attention"]

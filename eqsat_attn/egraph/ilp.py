@@ -420,7 +420,21 @@ class Problem:
         """This problem with each class of ``picks`` reduced to its picked e-node (when that one
         can be chosen): a smaller problem, solved exactly over the classes left free."""
         alive = {c: [picks[c]] if picks.get(c) in members else members for c, members in self.alive.items()}
-        return Problem(self.g, self.cost, self.children, _prune(alive, self.children, self.g.root))
+        return Problem(self.g, self.cost, self.children, _below_root(_prune(alive, self.children, self.g.root),
+                                                                     self.children, self.g.root))
+
+
+def _below_root(alive: dict[str, list[str]], children: dict[str, list[str]], root: str) -> dict[str, list[str]]:
+    """``alive`` restricted to the classes some candidate below the root can read: with most
+    classes fixed to one pick, the rest of the e-graph cannot be chosen and need not be modelled."""
+    seen, stack = {root}, [root]
+    while stack:
+        for n in alive[stack.pop()]:
+            for c in children[n]:
+                if c not in seen:
+                    seen.add(c)
+                    stack.append(c)
+    return {c: members for c, members in alive.items() if c in seen}
 
 
 def _prune(alive: dict[str, list[str]], children: dict[str, list[str]], root: str) -> dict[str, list[str]]:

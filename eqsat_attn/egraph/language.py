@@ -246,6 +246,12 @@ cotangent is do. The gradient rules (rules/attention.py) derive it from the soft
 carry it back through the score modifications to Q·Kᵀ, where Q's and K's gradients become
 `Term.attention_vjp`."""
 
+grad_op = relation("grad_op", Term, Term, Term, Term, Term, Term, Term, Term, Term)
+"""``grad_op(s, q, k, v, do, dq, dk, dv, dbias)``: the op's gradients (`Term.attention_vjp`, wrt
+0..3) of the attention the scores s define over canonical q, kᵀ and v, at the output cotangent
+do; dbias is dq's term where there is no bias. The rules that find where a program computes each
+gradient read it, so a form is matched once, whatever mask the scores carry."""
+
 causal_mask = relation("causal_mask", Term)
 """Mask analysis: the term is a causal mask over its last two axes (query i keeps keys j <= i),
 as booleans or as a 0/1 indicator, broadcast over any leading axes."""
@@ -279,6 +285,6 @@ def fused(body, *inputs) -> Term:
 
 
 __all__ = [
-    "IntVec", "KERNEL_FILL", "MAX_REGION_INPUTS", "Term", "TermList", "answer", "ask", "attn_scores", "causal_mask", "scores_cot", "concat_extent", "concat_need",
+    "IntVec", "KERNEL_FILL", "MAX_REGION_INPUTS", "Term", "TermList", "answer", "ask", "attn_scores", "causal_mask", "grad_op", "scores_cot", "concat_extent", "concat_need",
     "concat_shape", "dtype", "f64", "fused", "ivec", "list_dtype", "perm_range", "program_order", "shape",
 ]
