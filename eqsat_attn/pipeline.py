@@ -56,12 +56,30 @@ class OptimizeOptions:
         elif self.cost_model is not None:
             check_cost_model(self.cost_model)
 
-    def rule_names(self) -> list[str] | None:
-        """The rule sets to run: the chosen ones, plus the fp8 policy when precision="fp8"."""
+    def rule_names(self, program: Program | None = None) -> list[str] | None:
+        """The rule sets to run: the chosen ones, plus the fp8 policy when precision="fp8"; with
+        the default sets, `GRADIENT_RULES` too when ``program`` writes out softmax's backward."""
+        extra = [GRADIENT_RULES] if self.rules is None and program is not None and writes_softmax_backward(program) else []
         if self.precision == "exact":
-            return None if self.rules is None else list(self.rules)
-        names = list(DEFAULT_RULESETS if self.rules is None else self.rules)
+            return None if self.rules is None and not extra else [*(self.rules or DEFAULT_RULESETS), *extra]
+        names = [*(DEFAULT_RULESETS if self.rules is None else self.rules), *extra]
         return names if "fp8_policy" in names else [*names, "fp8_policy"]
+
+
+#: the rule set raising a jax.grad program's attention backward (rules/attention.py): its rules
+#: match only where softmax's backward is written out, so the default sets add it only then
+GRADIENT_RULES = "attention_grad"
+
+
+def writes_softmax_backward(program: Program) -> bool:
+    """Whether ``program`` holds ``sum(-(P * dP))`` over an axis, the row sum of softmax's VJP as
+    jax.grad writes it (every jax.grad of attention through jax.nn.softmax has one)."""
+    nodes = program.nodes
+    return any(
+        node.op == "reduce_sum" and nodes[node.inputs[0]].op == "neg"
+        and nodes[nodes[node.inputs[0]].inputs[0]].op == "mul"
+        for node in nodes
+    )
 
 
 #: "exact": values change only by float reassociation; "fp8": attention may run in fp8 (README,
@@ -97,7 +115,7 @@ def default_cost_model(backend: str = "auto"):
 def saturate(program: Program, options: OptimizeOptions):
     """Encode ``program``, run the rule sets; returns (egraph, encoding, run result)."""
     egraph = EGraph()
-    rulesets = resolve(options.rule_names())
+    rulesets = resolve(options.rule_names(program))
     prepare_rulesets(egraph, rulesets)  # rules first: egglog registers them faster in an empty e-graph
     encoding = encode(program, egraph)
     run = run_rulesets(egraph, rulesets, options.limits)
@@ -168,7 +186,7 @@ def _saturate_and_extract(program: Program, options: OptimizeOptions, limits: Li
     """One e-graph run of ``program`` under ``limits`` (and ``stop_when``), the extraction of its
     best program (`egraph.refine.extract_best`, or the exact extractor), and the (encoding,
     serialized e-graph) pair a layout explanation reads, or None."""
-    rulesets = resolve(options.rule_names())
+    rulesets = resolve(options.rule_names(program))
     graph = None
     with prepared_egraph(rulesets) as egraph:  # as `saturate`, with the rules registered once per process
         encoding = encode(program, egraph)

@@ -22,6 +22,11 @@ attention_raise = RuleSet(
     "Raise stable softmax and softmax(scale * Q Kᵀ [masked]) V to Attention.",
     phase="raise",
 )
+attention_grad = RuleSet(
+    "attention_grad",
+    "Raise a jax.grad program's written-out attention backward to the op's gradients (attention_vjp).",
+    phase="raise",
+)
 attention_layout = RuleSet(
     "attention_layout",
     "Fold operand transposes into Attention layouts and expose the standard and transposed-V forms.",
@@ -604,7 +609,7 @@ def _softmax_vjp_forms(probs: Term, d_probs: Term, rank: int):
         yield corrected(twice, perm_range(rank - 2)), units
 
 
-@attention_raise.family
+@attention_grad.family
 def softmax_backward():
     """jax.grad's backward of softmax(s) · V at output cotangent do: P * dP - P * rowsum(P * dP)
     with dP = do · Vᵀ (cast to float32 when P was cast to V's dtype) is the cotangent of the
@@ -619,7 +624,7 @@ def softmax_backward():
                 yield rl(eq(e).to(form), *conditions, *facts)(scores_cot(e, sf_, sf_, do_, v))
 
 
-@attention_raise.family
+@attention_grad.family
 def scores_backward():
     """The cotangent of scores carries back through their modifications as jax.grad transposes
     them: a scalar factor multiplies it again, a float32 widening is undone, an additive bias
@@ -659,7 +664,7 @@ def _gradient_views(n_batch: int, n_free: int, swapped: bool):
     )
 
 
-@attention_raise.family
+@attention_grad.family
 def gradient_ops():
     """The cotangent of scores s at output cotangent do (`scores_cot`) names the op's gradients
     of the attention s defines (`grad_op`: `Term.attention_vjp` for Q, K, V and an additive bias,
@@ -693,7 +698,7 @@ def gradient_ops():
                              *facts)(union(g_).with_(Term.reshape(grad(3), s3)))
 
 
-@attention_raise.family
+@attention_grad.family
 def attention_gradients():
     """Where the cotangent reaches Q·Kᵀ itself: g · K is Q's gradient (times the factor when Q was
     scaled before the product), gᵀ · Q is K's, and Pᵀ · do is V's: the op's (`grad_op`)."""
