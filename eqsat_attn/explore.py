@@ -47,7 +47,7 @@ from .explore_graph import (
     ATTENTION_CTORS, EGraphView, Pricing, classes_holding, match_terms, nearest_named, price, priced_members,
     shown_nodes, type_text,
 )
-from .pipeline import Limits
+from .pipeline import Limits, OptimizeOptions
 from .report import AttentionInfo, _format_seconds, attention_infos
 
 __all__ = [
@@ -308,7 +308,8 @@ class Exploration:
         return egraph_size(self.egraph)
 
     def run(self, *rulesets: str | Sequence[str], iterations: int = 1, limits: Limits | None = None) -> Step:
-        """Run rule sets (names or rule-file paths; none = the default list) and record a `Step`.
+        """Run rule sets (names or rule-file paths; none = the default list `ea.optimize` would run
+        on this program: the gradient rules too where it writes out softmax's backward) and record a `Step`.
 
         ``iterations`` rounds (each: analyses, raising sets, rewriting sets, index-math answers),
         or ``limits`` for full control (e.g. ``Limits(iterations=30)`` to saturate).
@@ -317,7 +318,7 @@ class Exploration:
             raise ValueError(f"iterations must be a positive int, got {iterations!r}")
         lim = check_limits(limits) if limits is not None else Limits(iterations=iterations)
         names = [name for names in rulesets for name in rule_names(names)]  # run("a", "b") or run(["a", "b"])
-        sets = resolve(names or None)
+        sets = resolve(names or OptimizeOptions().rule_names(self.program))  # the defaults ea.optimize runs
         before = self.size
         result = run_rulesets(self.egraph, sets, lim, answerer=self._answerer)
         self._serialized = None
