@@ -22,6 +22,7 @@ from eqsat_attn.kernels import (
 from eqsat_attn.kernels.flash_attention import BLOCK_TABLE, TUNED_BLOCKS, block_sizes
 from eqsat_attn.kernels.reference import layout_shape
 from bench_scripts import load_bench
+from test_kernel_masks import np_attention as masks_reference
 
 pytestmark = pytest.mark.usefixtures("full_f32_matmuls_on_gpu")
 
@@ -31,36 +32,12 @@ on_gpu = jax.default_backend() == "gpu"
 
 
 def np_attention(q, k, v, do, *, scale, causal, v_layout="BHSD", bias=None, mask=None):
-    """float64 forward o and gradients of sum(o * do) w.r.t. q, k, v, bias."""
-    q, k, v, do = (np.asarray(x, np.float64) for x in (q, k, v, do))
-    h, hkv = q.shape[1], k.shape[1]
-    g = h // hkv
-    kr = np.repeat(k, g, axis=1)
-    vv = v if v_layout == "BHSD" else np.swapaxes(v, 2, 3)
-    vr = np.repeat(vv, g, axis=1)
-    s = q @ np.swapaxes(kr, 2, 3) * scale
-    if bias is not None:
-        s = s + np.asarray(bias, np.float64)
-    keep = np.ones(s.shape, bool)
-    if mask is not None:
-        keep &= np.broadcast_to(np.asarray(mask, bool), s.shape)
-    if causal:
-        sq, sk = s.shape[-2:]
-        keep &= np.arange(sq)[:, None] >= np.arange(sk)[None, :]
-    s = np.where(keep, s, NEG)
-    p = np.exp(s - s.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    o = p @ vr
-    dp = do @ np.swapaxes(vr, 2, 3)
-    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
-    ds = np.where(keep, ds, 0.0)
-    dq = ds @ kr * scale
-    b, _, sq, sk = s.shape
-    dk = (np.swapaxes(ds, 2, 3) @ q * scale).reshape(b, hkv, g, sk, -1).sum(2)
-    dv = (np.swapaxes(p, 2, 3) @ do).reshape(b, hkv, g, sk, -1).sum(2)
-    if v_layout == "BHDS":
-        dv = np.swapaxes(dv, 2, 3)
-    return o, dq, dk, dv, ds
+    """float64 forward o and gradients of sum(o * do) w.r.t. q, k, v, bias (`test_kernel_masks`'
+    reference, with V and its gradient in ``v_layout``)."""
+    transposed = v_layout == "BHDS"
+    o, dq, dk, dv, ds = masks_reference(q, k, np.swapaxes(np.asarray(v), 2, 3) if transposed else v, do,
+                                        scale=scale, causal=causal, bias=bias, mask=mask, fill=NEG)
+    return o, dq, dk, np.swapaxes(dv, 2, 3) if transposed else dv, ds
 
 
 def rand(rng, shape, dtype=jnp.float32):
