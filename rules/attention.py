@@ -436,6 +436,23 @@ def _op_dims(n_batch: int, n_free: int):
     return b, hkv, heads, s_q, d, sk_[n_batch + 1], sv[n_batch + 1]
 
 
+def _swapped_views(n_batch: int):
+    """(into, back) for Q's free axes (Sq, G) (the 5-D einsum of jax.nn.dot_product_attention):
+    ``into(last)`` views such an array as the op's [B, H, Sq, last] (transposed to (G, Sq) and
+    reshaped), ``back(last)`` views an op array [B, H, Sq, last] as Q's form again."""
+    perm = list(range(n_batch + 3))
+    perm[n_batch], perm[n_batch + 1] = perm[n_batch + 1], perm[n_batch]
+    swap = ivec(perm)
+    b = i64(1) if n_batch == 0 else ss[0]
+    heads = (i64(1) if n_batch < 2 else ss[1]) * ss[n_batch + 1]
+    s_q = ss[n_batch]
+    return (
+        lambda last: lambda t: Term.reshape(Term.transpose(t, swap), IntVec(b, heads, s_q, last)),
+        lambda last: lambda t: Term.transpose(
+            Term.reshape(t, IntVec(*[ss[i] for i in range(n_batch)], ss[n_batch + 1], ss[n_batch], last)), swap),
+    )
+
+
 def _attention_4d(n_batch: int, n_free: int, swapped: bool = False):
     """(q4, k4, v4, mask4, out) builders: the canonical operands of a rank case viewed as the
     op's [B, H, Sq, D], Kᵀ [B, Hkv, D, Sk], V [B, Hkv, Sk, Dv] and mask [B, H, Sq, Sk] by reshapes
@@ -444,21 +461,9 @@ def _attention_4d(n_batch: int, n_free: int, swapped: bool = False):
     einsum of jax.nn.dot_product_attention; Q, the mask and the output are transposed to and from
     (G, Sq)."""
     if swapped:
-        perm = list(range(n_batch + 3))
-        perm[n_batch], perm[n_batch + 1] = perm[n_batch + 1], perm[n_batch]
-        swap = ivec(perm)
         _, k4, v4, _, _ = _attention_4d(n_batch, n_free)
-        sq = ss
-        grouped = IntVec(*[sq[i] for i in range(n_batch)], sq[n_batch + 1], sq[n_batch], sv[n_batch + 1])
-        b = i64(1) if n_batch == 0 else sq[0]
-        hkv = i64(1) if n_batch < 2 else sq[1]
-        heads, s_q, d = hkv * sq[n_batch + 1], sq[n_batch], sq[n_batch + 2]
-        return (
-            lambda t: Term.reshape(Term.transpose(t, swap), IntVec(b, heads, s_q, d)),
-            k4, v4,
-            lambda t: Term.reshape(Term.transpose(t, swap), IntVec(b, heads, s_q, sk_[n_batch + 1])),
-            lambda t: Term.transpose(Term.reshape(t, grouped), swap),
-        )
+        into, back = _swapped_views(n_batch)
+        return into(ss[n_batch + 2]), k4, v4, into(sk_[n_batch + 1]), back(sv[n_batch + 1])
     b, hkv, heads, s_q, d, s_k, d_v = _op_dims(n_batch, n_free)
     out_shape = IntVec(*[ss[i] for i in range(n_batch + n_free)], d_v)
     return (
@@ -653,15 +658,8 @@ def _gradient_views(n_batch: int, n_free: int, swapped: bool):
     b, _, heads, s_q, _, _, d_v = _op_dims(n_batch, n_free)
     if not swapped:
         return (lambda t: Term.reshape(t, IntVec(b, heads, s_q, d_v))), (lambda t: Term.reshape(t, ss))
-    perm = list(range(n_batch + 3))
-    perm[n_batch], perm[n_batch + 1] = perm[n_batch + 1], perm[n_batch]
-    swap = ivec(perm)
-    heads, s_q = (i64(1) if n_batch < 2 else ss[1]) * ss[n_batch + 1], ss[n_batch]
-    grouped = IntVec(*[ss[i] for i in range(n_batch)], ss[n_batch + 1], ss[n_batch], ss[n_batch + 2])
-    return (
-        lambda t: Term.reshape(Term.transpose(t, swap), IntVec(b, heads, s_q, d_v)),
-        lambda t: Term.transpose(Term.reshape(t, grouped), swap),
-    )
+    into, back = _swapped_views(n_batch)
+    return into(sv[n_batch + 1]), back(ss[n_batch + 2])
 
 
 @attention_grad.family
