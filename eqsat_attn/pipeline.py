@@ -118,7 +118,7 @@ def saturate(program: Program, options: OptimizeOptions):
     rulesets = resolve(options.rule_names(program))
     prepare_rulesets(egraph, rulesets)  # rules first: egglog registers them faster in an empty e-graph
     encoding = encode(program, egraph)
-    run = run_rulesets(egraph, rulesets, options.limits)
+    run = run_rulesets(egraph, rulesets, options.limits, relevant_to=encoding.symbols)
     return egraph, encoding, run
 
 
@@ -190,7 +190,7 @@ def _saturate_and_extract(program: Program, options: OptimizeOptions, limits: Li
     graph = None
     with prepared_egraph(rulesets) as egraph:  # as `saturate`, with the rules registered once per process
         encoding = encode(program, egraph)
-        run = run_rulesets(egraph, rulesets, limits, stop_when=stop_when)
+        run = run_rulesets(egraph, rulesets, limits, stop_when=stop_when, relevant_to=encoding.symbols)
         if options.extractor == "ilp":
             graph = read_graph(egraph)
             chosen = extract_ilp(egraph, encoding, model, graph=graph).program

@@ -24,6 +24,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "eqsat_attn.blocks")),
     ("e-graph", ("eqsat_attn.limits", "eqsat_attn.egraph.language", "eqsat_attn.egraph.analysis",
                  "eqsat_attn.egraph.index_math", "eqsat_attn.egraph.qkv_math", "eqsat_attn.egraph.rulesets",
+                 "eqsat_attn.egraph.relevance",
                  "eqsat_attn.egraph.encode", "eqsat_attn.egraph.ctors", "eqsat_attn.egraph.decode",
                  "eqsat_attn.egraph.driver", "eqsat_attn.rules", "eqsat_attn.rules.")),
     ("cost", ("eqsat_attn.cost", "eqsat_attn.cost.")),

@@ -161,6 +161,7 @@ def _rules():
     )
 
 
-analysis = ruleset(*_rules(), name="analysis")
+ANALYSIS_RULES = list(_rules())
+analysis = ruleset(*ANALYSIS_RULES, name="analysis")
 
 __all__ = ["analysis", "COMPARISONS", "MAX_RANK", "TermList"]

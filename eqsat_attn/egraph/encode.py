@@ -22,6 +22,7 @@ from egglog.runtime import RuntimeExpr
 
 from .. import ir
 from .language import KERNEL_FILL, MAX_REGION_INPUTS, Term, TermList, causal_mask, dtype, program_order, shape
+from .relevance import Symbol, program_symbols
 
 AXES = ir.ATTENTION_AXES  # logical axes of an attention operand
 PACKED_AXES = ir.PACKED_AXES  # logical axes of a packed Q/K/V array; "3" indexes Q, K, V
@@ -66,6 +67,8 @@ class Encoding:
     terms: dict[int, Term] = field(default_factory=dict)  # node id -> let-bound term
     uninterpreted: list[ir.Node] = field(default_factory=list)  # Term.opaque / constant index -> node
     root: TermList | None = None
+    #: what the encoding writes in the e-graph (`relevance.program_symbols`): which rules can match
+    symbols: frozenset[Symbol] = frozenset()
 
 
 class _Egg:
@@ -299,6 +302,7 @@ def encode(program: ir.Program, egraph: EGraph) -> Encoding:
         root = egg.call(egg.cons, egg.var(f"n{out}"), root)
     commands.append(egg.let("root", root))
     egraph._state.run_program(*commands)
+    enc.symbols = frozenset(program_symbols(commands))
     enc.terms = {i: egg.ref(f"n{i}", egg.term_type) for i in program.live_nodes()}
     enc.root = egg.ref("root", egg.list_type)
     return enc

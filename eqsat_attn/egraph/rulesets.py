@@ -9,6 +9,7 @@ matches per family, and split a rule that needs index math into its ask and answ
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import inspect
 import os
@@ -18,7 +19,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from egglog import Fact, Ruleset, RewriteOrRule, eq, rule, ruleset, union, var
+from egglog import Fact, Ruleset, RewriteOrRule, eq, rule, ruleset, union, unstable_combine_rulesets, var
+
+from egglog.egraph import UnstableCombinedRuleset
 
 from .language import IntVec, Term, answer, ask
 
@@ -36,13 +39,18 @@ class RuleFamily:
 
 @dataclass
 class RuleSet:
-    """A named egglog ruleset built from documented rule families."""
+    """A named egglog ruleset built from documented rule families.
+
+    Each rule is an egglog ruleset of its own, and the set's `ruleset` their combination (run
+    together, as one ruleset): a run can then combine just the rules that can match a program
+    (`egraph.relevance`, `subset`) without registering any rule again."""
 
     name: str
     doc: str
     phase: str = "rewrite"
     families: list[RuleFamily] = field(default_factory=list)
-    _ruleset: Ruleset | None = None
+    _ruleset: UnstableCombinedRuleset | None = None
+    _singles: list[Ruleset] | None = None
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
@@ -59,14 +67,38 @@ class RuleSet:
         for k, r in enumerate(fn()):
             rules.append(_with_name(r, f"{name}#{k}"))
         self.families.append(RuleFamily(name, doc.splitlines()[0], rules))
-        self._ruleset = None
+        self._ruleset = self._singles = None
         return fn
 
     @property
-    def ruleset(self) -> Ruleset:
+    def rules(self) -> list[RewriteOrRule]:
+        """Every rule, family by family."""
+        return [r for f in self.families for r in f.rules]
+
+    @property
+    def singles(self) -> list[Ruleset]:
+        """One egglog ruleset per rule, in `rules`' order."""
+        if self._singles is None:
+            self._singles = [ruleset(r, name=f"{self.name}~{k}") for k, r in enumerate(self.rules)]
+        return self._singles
+
+    @property
+    def ruleset(self) -> UnstableCombinedRuleset:
+        """All the set's rules, run together."""
         if self._ruleset is None:
-            self._ruleset = ruleset(*[r for f in self.families for r in f.rules], name=self.name)
+            self._ruleset = unstable_combine_rulesets(*self.singles, name=self.name)
         return self._ruleset
+
+    def subset(self, keep: Sequence[bool]) -> UnstableCombinedRuleset | None:
+        """The rules where ``keep`` (one flag per rule of `rules`) is true, run together; the
+        whole set's `ruleset` when all are, None when none is."""
+        if all(keep):
+            return self.ruleset
+        kept = [single for single, k in zip(self.singles, keep, strict=True) if k]
+        if not kept:
+            return None
+        digest = hashlib.sha1(bytes(int(k) for k in keep)).hexdigest()[:16]
+        return unstable_combine_rulesets(*kept, name=f"{self.name}~{digest}")
 
     def __iter__(self) -> Iterator[RuleFamily]:
         return iter(self.families)
