@@ -26,7 +26,7 @@ from ..limits import Limits
 from . import index_math
 from .analysis import ANALYSIS_RULES, analysis
 from .language import answer, ask
-from .relevance import RuleSymbols, Symbol, SymbolNames, relevant_rules, rule_symbols
+from .relevance import Symbol, SymbolNames, relevant_rules, rule_symbols
 from .rulesets import RuleSet
 
 
@@ -161,15 +161,29 @@ def _round_schedule(rulesets: list[RuleSet]) -> Schedule:
     return seq(analysis.saturate(), *(r.ruleset for r in _round_steps(rulesets)))
 
 
-_RULE_SYMBOLS: dict[int, tuple[Any, list[RuleSymbols]]] = {}  # id(egglog rule) -> (rule, its symbols)
+_RELEVANCE: dict[tuple[int, ...], tuple[list[RuleSet], Any]] = {}  # see `_relevance_entries`
 
 
-def _symbols_of(rule: Any) -> RuleSymbols:
-    """`relevance.rule_symbols` of an egglog rule, once per process."""
-    entry = _RULE_SYMBOLS.get(id(rule))
-    if entry is None:  # the entry holds the rule, so its id is not reused
-        entry = _RULE_SYMBOLS[id(rule)] = (rule, rule_symbols(rule.decl))
-    return entry[1]
+def _relevance_entries(egraph: EGraph, rulesets: list[RuleSet]) -> tuple[list[Any], frozenset[Symbol], dict[str, str]]:
+    """For `relevance.relevant_rules`: each rule's (reads, writes) over table names, what the
+    analysis rules write, and {ask: answer}; once per process for each list of rule sets (the
+    declarations, and so the tables' names, are those of the rule sets' e-graphs)."""
+    key = tuple(id(r.ruleset) for r in rulesets)
+    found = _RELEVANCE.get(key)
+    if found is None:  # the entry holds the rule sets, so their ids are not reused
+        state = egraph._state
+        (output,) = state.run_program(bindings.PrintSize(span(1), None))
+        names = SymbolNames(state, {name for name, _ in output.sizes})
+        analysis_writes = frozenset().union(*(names.symbols(rule_symbols(r.decl).writes) for r in ANALYSIS_RULES))
+        entries = []
+        for r in rulesets:
+            for rule in r.rules:
+                symbols = rule_symbols(rule.decl)
+                entries.append((None if symbols.reads is None else names.symbols(symbols.reads), names.symbols(symbols.writes)))
+        ask_name, answer_name = (names.table(resolve_callable(fn)[0]) for fn in (ask, answer))
+        answered = {ask_name: answer_name} if ask_name and answer_name else {}
+        found = _RELEVANCE[key] = (list(rulesets), (entries, analysis_writes, answered))
+    return found[1]
 
 
 def _relevant_subsets(egraph: EGraph, rulesets: list[RuleSet],
@@ -179,20 +193,8 @@ def _relevant_subsets(egraph: EGraph, rulesets: list[RuleSet],
     ``relevant_to`` None: every whole ruleset."""
     if relevant_to is None:
         return {r.name: r.ruleset for r in rulesets}
-    state = egraph._state
-    (output,) = state.run_program(bindings.PrintSize(span(1), None))
-    names = SymbolNames(state, {name for name, _ in output.sizes})
-    available = set(relevant_to)
-    for rule in ANALYSIS_RULES:  # run to saturation every iteration: what they write is available
-        available |= names.symbols(_symbols_of(rule).writes)
-    entries = []
-    for r in rulesets:
-        for rule in r.rules:
-            symbols = _symbols_of(rule)
-            reads = None if symbols.reads is None else names.symbols(symbols.reads)
-            entries.append((reads, names.symbols(symbols.writes)))
-    ask_name, answer_name = (names.table(resolve_callable(fn)[0]) for fn in (ask, answer))
-    kept = relevant_rules(entries, available, {ask_name: answer_name} if ask_name and answer_name else None)
+    entries, analysis_writes, answered = _relevance_entries(egraph, rulesets)
+    kept = relevant_rules(entries, relevant_to | analysis_writes, answered)
     out, start = {}, 0
     for r in rulesets:
         n = len(r.rules)

@@ -683,18 +683,28 @@ def _warm_start(
     tree_pick: dict[str, str] = {}
     # greedy DAG: class cost = cost of the union of the chosen subterms (keyed by class)
     dag: dict[str, dict[str, float]] = {}
+    dag_total: dict[str, float] = {}  # sum(dag[c].values()), kept with it
+    # an e-node priced before on the same children's values has the same outcome (a class's
+    # value only ever decreases): versions count each class's changes, to skip those
+    tree_version: dict[str, int] = {}
+    dag_version: dict[str, int] = {}
+    tree_seen: dict[str, tuple[int, ...]] = {}
+    dag_seen: dict[str, tuple[int, ...]] = {}
     dag_pick: dict[str, str] = {}
     for _ in range(len(classes) + 1):
         changed = False
         for c in classes:
             for n in alive[c]:
                 kids = children[n]
-                if all(k in tree for k in kids):
+                if all(k in tree for k in kids) and tree_seen.get(n) != (v := tuple(tree_version[k] for k in kids)):
+                    tree_seen[n] = v
                     t = cost[n] + sum(tree[k] for k in kids)
                     if t < tree.get(c, math.inf) - 1e-15 * max(1.0, abs(t)):
                         tree[c], tree_pick[c] = t, n
+                        tree_version[c] = tree_version.get(c, 0) + 1
                         changed = True
-                if all(k in dag for k in kids):
+                if all(k in dag for k in kids) and dag_seen.get(n) != (v := tuple(dag_version[k] for k in kids)):
+                    dag_seen[n] = v
                     merged: dict[str, float] = {}
                     for k in kids:
                         merged.update(dag[k])
@@ -702,8 +712,9 @@ def _warm_start(
                         continue
                     merged[c] = cost[n]
                     total = sum(merged.values())
-                    if c not in dag or total < sum(dag[c].values()) - 1e-15 * max(1.0, abs(total)):
-                        dag[c], dag_pick[c] = merged, n
+                    if c not in dag or total < dag_total[c] - 1e-15 * max(1.0, abs(total)):
+                        dag[c], dag_total[c], dag_pick[c] = merged, total, n
+                        dag_version[c] = dag_version.get(c, 0) + 1
                         changed = True
         if not changed:
             break

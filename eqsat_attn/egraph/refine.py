@@ -77,6 +77,9 @@ def greedy_dag(problem: Problem) -> tuple[dict[str, str], dict[str, tuple[float,
     cost, children, alive = problem.cost, problem.children, problem.alive
     classes = [c for c in alive if alive[c]]
     dag: dict[str, dict[str, float]] = {}
+    dag_total: dict[str, float] = {}  # sum(dag[c].values()), kept with it
+    version: dict[str, int] = {}  # how often dag[c] changed
+    seen: dict[str, tuple[int, ...]] = {}  # e-node -> its classes' versions when last priced
     pick: dict[str, str] = {}
     member: dict[str, tuple[float, frozenset[str]]] = {}
     for _ in range(len(classes) + 1):
@@ -86,6 +89,10 @@ def greedy_dag(problem: Problem) -> tuple[dict[str, str], dict[str, tuple[float,
                 kids = children[n]
                 if not all(k in dag for k in kids):
                     continue
+                versions = tuple(version[k] for k in kids)
+                if seen.get(n) == versions:  # priced on these very DAGs before: the same outcome
+                    continue
+                seen[n] = versions
                 merged: dict[str, float] = {}
                 for k in kids:
                     merged.update(dag[k])
@@ -94,8 +101,9 @@ def greedy_dag(problem: Problem) -> tuple[dict[str, str], dict[str, tuple[float,
                 merged[c] = cost[n]
                 total = sum(merged.values())
                 member[n] = (total, frozenset(merged))
-                if c not in dag or total < sum(dag[c].values()) - 1e-15 * max(1.0, abs(total)):
-                    dag[c], pick[c] = merged, n
+                if c not in dag or total < dag_total[c] - 1e-15 * max(1.0, abs(total)):
+                    dag[c], dag_total[c], pick[c] = merged, total, n
+                    version[c] = version.get(c, 0) + 1
                     changed = True
         if not changed:
             break
