@@ -954,6 +954,7 @@ class Outcome:
     cpu_seconds: float  # this process's CPU time over the same span (less sensitive to machine load)
     egraph_nodes: int
     saturated: bool
+    cost: float  # the chosen program's predicted cost (the H100 model's seconds)
     fallbacks: tuple[str, ...]  # RuntimeWarnings: optimization failed and the original program ran
     notes: tuple[str, ...]  # the report's warnings (e.g. saturation stopped at a limit)
     after: str
@@ -1009,6 +1010,7 @@ def evaluate(case: Case, limits: ea.Limits | None = None) -> Outcome:
         cpu_seconds=cpu_seconds,
         egraph_nodes=report.egraph_nodes,
         saturated=report.saturated,
+        cost=report.cost_after,
         fallbacks=tuple(str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)),
         notes=tuple(report.warnings),
         after=str(report.after),
