@@ -26,7 +26,7 @@ from ..limits import Limits
 from . import index_math
 from .analysis import ANALYSIS_RULES, analysis
 from .language import answer, ask
-from .relevance import Symbol, SymbolNames, relevant_rules, rule_symbols
+from .relevance import RuleSymbols, Symbol, SymbolNames, relevant_rules, rule_symbols
 from .rulesets import RuleSet
 
 
@@ -162,6 +162,16 @@ def _round_schedule(rulesets: list[RuleSet]) -> Schedule:
 
 
 _RELEVANCE: dict[tuple[int, ...], tuple[list[RuleSet], Any]] = {}  # see `_relevance_entries`
+_RULE_SYMBOLS: dict[int, tuple[Any, RuleSymbols]] = {}  # id(rule) -> (rule, `relevance.rule_symbols`)
+
+
+def _symbols_of(rule: Any) -> RuleSymbols:
+    """`relevance.rule_symbols` of an egglog rule, once per process (the entry holds the rule,
+    so its id is not reused)."""
+    found = _RULE_SYMBOLS.get(id(rule))
+    if found is None:
+        found = _RULE_SYMBOLS[id(rule)] = (rule, rule_symbols(rule.decl))
+    return found[1]
 
 
 def _relevance_entries(egraph: EGraph, rulesets: list[RuleSet]) -> tuple[list[Any], frozenset[Symbol], dict[str, str]]:
@@ -174,11 +184,11 @@ def _relevance_entries(egraph: EGraph, rulesets: list[RuleSet]) -> tuple[list[An
         state = egraph._state
         (output,) = state.run_program(bindings.PrintSize(span(1), None))
         names = SymbolNames(state, {name for name, _ in output.sizes})
-        analysis_writes = frozenset().union(*(names.symbols(rule_symbols(r.decl).writes) for r in ANALYSIS_RULES))
+        analysis_writes = frozenset().union(*(names.symbols(_symbols_of(r).writes) for r in ANALYSIS_RULES))
         entries = []
         for r in rulesets:
             for rule in r.rules:
-                symbols = rule_symbols(rule.decl)
+                symbols = _symbols_of(rule)
                 entries.append((None if symbols.reads is None else names.symbols(symbols.reads), names.symbols(symbols.writes)))
         ask_name, answer_name = (names.table(resolve_callable(fn)[0]) for fn in (ask, answer))
         answered = {ask_name: answer_name} if ask_name and answer_name else {}
