@@ -9,17 +9,20 @@ matches per family, and split a rule that needs index math into its ask and answ
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import inspect
 import os
 import sys
 import threading
+import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from egglog import Fact, Ruleset, RewriteOrRule, eq, rule, ruleset, union, var
 
+from . import rule_cache
 from .language import IntVec, Term, answer, ask
 
 # Phases run in this order in every round (EGGLOG_NOTES: raising before analyses before
@@ -183,11 +186,46 @@ def load_rule_file(path: str | Path) -> list[RuleSet]:
 def _execute_rule_file(path: Path) -> list[RuleSet]:
     if not path.is_file():
         raise FileNotFoundError(f"rule file {path} does not exist; pass a rule-set name or a path to a .py file")
-    module_name = f"eqsat_attn_rules_{abs(hash(str(path)))}"
+    if path.parent != _shipped_rules_dir().resolve():  # a user's file may read anything when it runs: not cached
+        return _run_rule_file(path)[0]
+    key = rule_cache.entry_key(path, _shipped_rules_dir())
+    cached = rule_cache.load(path, key)
+    if cached is not None:
+        return [_from_built(built) for built in cached[0]]
+    found, module, imported = _run_rule_file(path)
+    dependencies = rule_cache.dependencies(module, imported)
+    if dependencies is not None:
+        rule_cache.store(path, key, [_to_built(rs) for rs in found], dependencies,
+                         _import_names(module, imported))
+    return found
+
+
+def _to_built(rs: RuleSet) -> rule_cache.Built:
+    return (rs.name, rs.doc, rs.phase, [(f.name, f.doc, list(f.rules)) for f in rs.families])
+
+
+def _from_built(built: rule_cache.Built) -> RuleSet:
+    """A stored rule set, registered as the rule file's declaration registers it."""
+    name, doc, phase, families = built
+    return RuleSet(name, doc, phase, [RuleFamily(f_name, f_doc, rules) for f_name, f_doc, rules in families])
+
+
+def _import_names(module: types.ModuleType, imported: list[str]) -> list[str]:
+    """The importable modules a rule module imported or refers to (imported again on a cache
+    hit, so their import-time registrations happen as they would)."""
+    names = list(imported)
+    names += [v.__name__ for v in vars(module).values() if isinstance(v, types.ModuleType)]
+    return [n for n in dict.fromkeys(names) if n in sys.modules and n not in (module.__name__, "__main__")]
+
+
+def _run_rule_file(path: Path) -> tuple[list[RuleSet], types.ModuleType, list[str]]:
+    """Execute a rule file: the rule sets it declares, its module and the modules it imported."""
+    module_name = f"eqsat_attn_rules_{hashlib.sha256(str(path).encode()).hexdigest()[:16]}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
         raise RuleFileError(f"rule file {path} cannot be imported as Python; pass a path to a .py file")
     module = importlib.util.module_from_spec(spec)
+    before = set(sys.modules)
     sys.modules[module_name] = module  # while it runs (dataclasses look their module up there); under the lock
     try:
         spec.loader.exec_module(module)
@@ -203,7 +241,7 @@ def _execute_rule_file(path: Path) -> list[RuleSet]:
         raise RuleFileError(
             f"rule file {path} declares no eqsat_attn RuleSet; create one at module level, e.g. "
             "`mine = RuleSet(\"mine\", \"what it does\")` (eqsat_attn.egraph.rulesets)")
-    return found
+    return found, module, [name for name in list(sys.modules) if name not in before and name != module_name]
 
 
 SHIPPED_FILES = ("canonical", "transpose", "attention", "fp8", "qkv", "fusion")
