@@ -146,13 +146,21 @@ class _Pickler(pickle.Pickler):
     properties); interned calls rebuilt through their constructor (egglog compares them by
     identity)."""
 
+    def __init__(self, file: io.BytesIO, class_idents: dict[int, Ident]) -> None:
+        super().__init__(file, protocol=5)
+        self.class_idents = class_idents  # id(ClassDecl) -> its Ident
+        self.checked: dict[int, tuple[str, str, str | None]] = {}
+
     def persistent_id(self, obj: Any) -> Any:
-        if type(obj) is ClassDecl:
+        if type(obj) is not ClassDecl:
+            return None
+        pid = self.checked.get(id(obj))
+        if pid is None:
             ident = self.class_idents.get(id(obj))
             if ident is None or _live_class_decl(ident) is not obj:
                 raise pickle.PicklingError("an egglog class declared outside an importable module")
-            return ("class", ident.name, ident.module)
-        return None
+            pid = self.checked[id(obj)] = ("class", ident.name, ident.module)
+        return pid
 
     def reducer_override(self, obj: Any) -> Any:
         if type(obj) is CallDecl:
@@ -174,11 +182,18 @@ class _Unpickler(pickle.Unpickler):
                 return cls
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a rule cache entry")
 
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file)
+        self.classes: dict[tuple[str, str, str | None], ClassDecl] = {}
+
     def persistent_load(self, pid: Any) -> Any:
-        kind, name, module = pid
-        if kind != "class":
-            raise pickle.UnpicklingError(f"unknown reference {pid!r}")
-        return _live_class_decl(Ident(name, module))
+        found = self.classes.get(pid)
+        if found is None:
+            kind, name, module = pid
+            if kind != "class":
+                raise pickle.UnpicklingError(f"unknown reference {pid!r}")
+            found = self.classes[pid] = _live_class_decl(Ident(name, module))
+        return found
 
 
 def dumps(built: list[Built]) -> bytes:
@@ -192,9 +207,7 @@ def dumps(built: list[Built]) -> bytes:
                 for ident, decl in r.__egg_decls__._classes.items():
                     idents[id(decl)] = ident
     buffer = io.BytesIO()
-    pickler = _Pickler(buffer, protocol=5)
-    pickler.class_idents = idents
-    pickler.dump(built)
+    _Pickler(buffer, idents).dump(built)
     return buffer.getvalue()
 
 
