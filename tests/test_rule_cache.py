@@ -26,6 +26,14 @@ from eqsat_attn.pipeline import OptimizeOptions, optimize_program
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def own_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped sets loaded as the optimizer loads them first; the rule sets these tests build
+    register in a copy of the registry, dropped afterwards (other tests see the loaded ones)."""
+    rulesets._load_shipped(rulesets.SHIPPED_SETS)
+    monkeypatch.setattr(rulesets, "REGISTRY", dict(rulesets.REGISTRY))
+
+
 @pytest.fixture
 def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh cache directory for this test (the process setting restored afterwards)."""
