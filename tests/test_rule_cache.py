@@ -115,7 +115,7 @@ def test_an_edited_input_misses(cache_dir: Path, shipped_copy: Path, monkeypatch
     edited = rule_cache.entry_key(path, shipped_copy)
     monkeypatch.setattr(rule_cache, "package_source_digest", lambda: "another eqsat_attn")  # a package source
     assert rule_cache.entry_key(path, shipped_copy) != edited
-    monkeypatch.setattr(rule_cache, "egglog_version", lambda: "0.0.0")  # egglog
+    monkeypatch.setattr(rule_cache, "library_versions", lambda: {"egglog": "0.0.0"})  # egglog
     assert len({rule_cache.entry_key(path, shipped_copy), edited, key}) == 3
     built = rulesets._execute_rule_file(path)  # a miss: executed and stored again
     assert_same_rule_sets(built, fresh_build(path))
@@ -232,7 +232,7 @@ path = rulesets.rule_file_path("canonical")
 key = rule_cache.entry_key(path, rulesets._shipped_rules_dir())
 built = [rulesets._to_built(s) for s in rulesets._run_rule_file(path)[0]]
 for _ in range(30):
-    assert rule_cache.store(path, key, built, {"egglog": rule_cache.egglog_version()}, [])
+    assert rule_cache.store(path, key, built, {"egglog": rule_cache.library_versions()["egglog"]}, [])
 """
 
 
@@ -262,7 +262,7 @@ def test_store_is_atomic_under_threads(cache_dir: Path) -> None:
 
     def write() -> None:
         for _ in range(20):
-            if not rule_cache.store(path, key, built, {"egglog": rule_cache.egglog_version()}, []):
+            if not rule_cache.store(path, key, built, {"egglog": rule_cache.library_versions()["egglog"]}, []):
                 errors.append("store failed")
 
     def read() -> None:

@@ -3,13 +3,14 @@
 Executing the shipped rule files builds ~650 egglog rules through egglog-python's expression API
 (type inference, literal conversion): ~1.5 s on the first optimization of every process. This
 module stores what a rule file built (its rule sets' names, docs, phases and families, each rule
-as egglog's declarations) and hands it back to a later process in ~0.2 s.
+as egglog's declarations) and hands it back to a later process in ~0.15 s.
 
 An entry is found by a sha256 key over everything the rules can depend on: the rule file's path
 and bytes, the source of every .py file of eqsat_attn and of the shipped rule folder, the
-Python and egglog versions and this format. The entry also records the version of every other
-distribution the rule file refers to (checked when read) and the modules it imported (imported
-again on a hit, for their side effects, e.g. ``qkv_math`` registering its index-math questions).
+versions of Python, egglog, jax, jaxlib and numpy, and this format. The entry also records the
+version of every other distribution the rule file refers to (checked when read) and the modules
+it imported (imported again on a hit, for their side effects, e.g. ``qkv_math`` registering its
+index-math questions).
 An entry is used only if its magic, key, payload checksum and versions match and its payload
 unpickles under an allow-list (egglog's declaration classes only: no other code can run);
 anything else is ignored and rebuilt, never an error. Files are written to a temporary file in
@@ -103,13 +104,24 @@ def package_source_digest() -> str:
 def entry_key(rule_file: Path, shipped_dir: Path) -> str:
     """The key of ``rule_file``'s built rule sets (see the module docstring)."""
     material = [FORMAT_VERSION, str(rule_file), hashlib.sha256(rule_file.read_bytes()).hexdigest(),
-                package_source_digest(), _tree_digest(shipped_dir), sys.version, egglog_version()]
+                package_source_digest(), _tree_digest(shipped_dir), sys.version, library_versions()]
     return hashlib.sha256(json.dumps(material).encode()).hexdigest()
 
 
+#: the distributions eqsat_attn's own modules compute with when a rule file runs (egglog builds the
+#: rules; language.py derives constants with numpy; jax is imported by the package)
+LIBRARIES = ("egglog", "jax", "jaxlib", "numpy")
+
+
 @functools.cache
-def egglog_version() -> str:
-    return importlib.metadata.version("egglog")
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for dist in LIBRARIES:
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = "absent"
+    return versions
 
 
 def dependencies(module: types.ModuleType, imported: Iterable[str]) -> dict[str, str] | None:
