@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from eqsat_attn.disk_cache import program_digest
@@ -132,6 +133,29 @@ def test_a_changed_dependency_version_misses(cache_dir: Path) -> None:
     stale["dependencies"]["egglog"] = "0.0.0"
     entry.write_bytes(magic + b"\n" + json.dumps(stale).encode() + b"\n" + payload)
     assert rule_cache.load(path, key) is None
+
+
+def test_other_libraries_are_recorded_by_version(cache_dir: Path, shipped_copy: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rule file using numpy records numpy's version; one importing a module of no known
+    distribution (a local helper) is not cached: its version cannot be checked."""
+    source = rulesets.rule_file_path("canonical").read_text()
+    (shipped_copy / "with_numpy.py").write_text(
+        source.replace('RuleSet("canonical"', 'RuleSet("with_numpy"') + "\nimport numpy as np\n")
+    (tmp_path / "my_rule_helper.py").write_text("SCALE = 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (shipped_copy / "with_helper.py").write_text(
+        source.replace('RuleSet("canonical"', 'RuleSet("with_helper"') + "\nimport my_rule_helper\n")
+    try:
+        (with_numpy,) = rulesets._execute_rule_file(shipped_copy / "with_numpy.py")
+        (with_helper,) = rulesets._execute_rule_file(shipped_copy / "with_helper.py")
+    finally:
+        sys.modules.pop("my_rule_helper", None)
+    assert with_numpy.families and with_helper.families
+    (entry,) = entries(cache_dir)
+    assert entry.name.startswith("with_numpy-")
+    header = json.loads(entry.read_bytes().split(b"\n")[1])
+    assert header["dependencies"]["numpy"] == np.__version__
 
 
 @pytest.mark.parametrize("damage", ["truncated", "flipped byte", "garbage", "empty", "other key"])

@@ -41,7 +41,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import egglog
 from egglog.declarations import CallDecl, ClassDecl, Ident
 from egglog.egraph import RewriteOrRule
 
@@ -139,11 +138,19 @@ def dependencies(module: types.ModuleType, imported: Iterable[str]) -> dict[str,
     tops -= {"", "builtins", "__future__", "eqsat_attn", module.__name__.split(".")[0], *sys.stdlib_module_names}
     versions = {}
     for top in sorted(tops):
-        try:
-            versions[top] = importlib.metadata.version(top)
-        except importlib.metadata.PackageNotFoundError:
+        dists = [top] if _has_distribution(top) else importlib.metadata.packages_distributions().get(top, [])
+        if not dists:
             return None
+        versions.update((dist, importlib.metadata.version(dist)) for dist in dists)
     return versions
+
+
+def _has_distribution(name: str) -> bool:
+    try:
+        importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------- pickling
