@@ -205,6 +205,12 @@ def test_the_location_is_configurable_and_can_be_off(monkeypatch: pytest.MonkeyP
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert rule_cache.rule_cache_dir() == tmp_path / "home" / ".cache" / "eqsat_attn" / "rules"
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "home", no_home)
+        assert rule_cache.rule_cache_dir() is None  # no default location: off, not an error
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert rule_cache.rule_cache_dir() == tmp_path / "xdg" / "eqsat_attn" / "rules"
     monkeypatch.setenv("EQSAT_ATTN_CACHE_DIR", str(tmp_path / "programs"))
@@ -227,7 +233,8 @@ def test_off_writes_and_reads_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path:
     path = rulesets.rule_file_path("canonical")
     built = rulesets._execute_rule_file(path)
     assert [s.name for s in built] == ["canonical"]
-    assert rule_cache.load(path, rule_cache.entry_key(path, rulesets._shipped_rules_dir())) is None
+    assert rule_cache.entry_key(path, rulesets._shipped_rules_dir()) is None
+    assert rule_cache.load(path, "0" * 64) is None
     assert not rule_cache.store(path, "k", [], {}, [])
 
 

@@ -82,7 +82,10 @@ def rule_cache_dir() -> Path | None:
     programs = os.environ.get(PROGRAM_CACHE_ENV_VAR)
     if programs:
         return Path(programs).expanduser() / "rules"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    try:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    except RuntimeError:  # no home directory: no default location, the cache is off
+        return None
     return Path(base).expanduser() / "eqsat_attn" / "rules"
 
 
@@ -100,10 +103,16 @@ def package_source_digest() -> str:
     return _tree_digest(Path(__file__).resolve().parents[1])
 
 
-def entry_key(rule_file: Path, shipped_dir: Path) -> str:
-    """The key of ``rule_file``'s built rule sets (see the module docstring)."""
-    material = [FORMAT_VERSION, str(rule_file), hashlib.sha256(rule_file.read_bytes()).hexdigest(),
-                package_source_digest(), _tree_digest(shipped_dir), sys.version, library_versions()]
+def entry_key(rule_file: Path, shipped_dir: Path) -> str | None:
+    """The key of ``rule_file``'s built rule sets (see the module docstring); None when the cache
+    is off or a source cannot be read (the rules are then built, not cached)."""
+    if rule_cache_dir() is None:
+        return None
+    try:
+        material = [FORMAT_VERSION, str(rule_file), hashlib.sha256(rule_file.read_bytes()).hexdigest(),
+                    package_source_digest(), _tree_digest(shipped_dir), sys.version, library_versions()]
+    except OSError:
+        return None
     return hashlib.sha256(json.dumps(material).encode()).hexdigest()
 
 
@@ -127,6 +136,13 @@ def dependencies(module: types.ModuleType, imported: Iterable[str]) -> dict[str,
     """The distributions a rule module refers to (its globals' modules, and ``imported``) with
     their versions, besides the standard library and eqsat_attn (whose source is in the key);
     None when one has no known version (the file's rules are then not cached)."""
+    try:
+        return _dependencies(module, imported)
+    except Exception:  # noqa: BLE001 - unreadable package metadata: not cached, never an error
+        return None
+
+
+def _dependencies(module: types.ModuleType, imported: Iterable[str]) -> dict[str, str] | None:
     tops = {name.split(".")[0] for name in imported}
     for value in vars(module).values():
         if isinstance(value, types.ModuleType):

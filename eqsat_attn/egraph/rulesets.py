@@ -190,12 +190,12 @@ def _execute_rule_file(path: Path) -> list[RuleSet]:
         raise FileNotFoundError(f"rule file {path} does not exist; pass a rule-set name or a path to a .py file")
     if path.parent != _shipped_rules_dir().resolve():  # a user's file may read anything when it runs: not cached
         return _run_rule_file(path)[0]
-    key = rule_cache.entry_key(path, _shipped_rules_dir())
-    cached = rule_cache.load(path, key)
+    key = rule_cache.entry_key(path, _shipped_rules_dir())  # None: the cache is off
+    cached = None if key is None else rule_cache.load(path, key)
     if cached is not None:
         return [_from_built(built) for built in cached[0]]
     found, module, imported = _run_rule_file(path)
-    dependencies = rule_cache.dependencies(module, imported)
+    dependencies = None if key is None else rule_cache.dependencies(module, imported)
     if dependencies is not None:
         rule_cache.store(path, key, [_to_built(rs) for rs in found], dependencies,
                          _import_names(module, imported))
