@@ -3,7 +3,7 @@
 egglog-python registers a rule set by converting each rule and sending each resulting command to
 egglog in a call of its own (~750 calls for the default rule sets). Sending the same commands, in
 the same order, in one call saves egglog's per-call cost: registering the default rule sets in an
-empty e-graph takes ~0.35 s instead of ~0.47 s.
+empty e-graph of a warm process takes ~0.37 s instead of ~0.49 s (~0.04 s less in a fresh process).
 """
 
 from __future__ import annotations
