@@ -24,7 +24,6 @@ or the ``EQSAT_ATTN_CACHE_DIR`` environment variable turn it on (`resolve_cache_
 from __future__ import annotations
 
 import base64
-import functools
 import hashlib
 import inspect
 import json
@@ -36,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from .egraph import rulesets
+from .egraph.rule_cache import package_source_digest
 from .ir import ConstValue, Node, Params, Program, TensorType
 from .pipeline import OptimizeOptions, PipelineResult, default_cost_model
 
@@ -159,16 +159,6 @@ def program_digest(program: Program) -> str:
 
 
 # ---------------------------------------------------------------------------- the key
-@functools.cache
-def package_source_digest() -> str:
-    """sha256 of every .py file of the eqsat_attn package: any change to the optimizer invalidates."""
-    root = Path(__file__).parent
-    h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()
-
-
 def rules_digest(options: OptimizeOptions) -> str | None:
     """sha256 over the names and source text of the rule files the options' rule sets come from;
     None when a rule set was not declared in a rule file (its version is unknown)."""

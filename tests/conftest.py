@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import jax
 import pytest
+
+# Built rule sets are cached on disk by default (eqsat_attn.egraph.rule_cache); the suite uses a
+# fresh directory of its own, so no test depends on (or fills) a user's warm cache.
+_RULE_CACHE_DIR = tempfile.mkdtemp(prefix="eqsat-attn-test-rules-")
+os.environ["EQSAT_ATTN_RULE_CACHE_DIR"] = _RULE_CACHE_DIR
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_RULE_CACHE_DIR, ignore_errors=True)
 
 
 def pytest_addoption(parser):
