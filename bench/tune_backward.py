@@ -10,7 +10,7 @@ dk, dv) and, when correct, timed on bf16 B4 H32 S4096: median of --reps calls of
 alone (jax.vjp's pullback, jitted). TFLOP/s counts 2.5x the forward's flops (the FlashAttention-2
 convention: five matmuls against the forward's two).
 
-``--mosaic`` (Hopper): per head dim and causal flag, V [B,H,S,D], two rows on the same Mosaic GPU
+``--mosaic`` (Hopper): per head dim, causal flag and V layout, two rows on the same Mosaic GPU
 forward's residuals: the Triton backward (its table tiles) and the Mosaic GPU backward
 (kernels/mosaic_backward.py, ``backward="mosaic_gpu"``; a fallback to Triton is an error here, so
 a row is never mislabelled), checked on B2 H8 Hkv2 S1024 (its contract: multiples of 128), timed
@@ -131,25 +131,25 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
 
 
 def mosaic_rows(args, argv: list[str]) -> pathlib.Path:
-    """The Triton and the Mosaic GPU backward on the Mosaic GPU forward's residuals, V [B,H,S,D]."""
+    """The Triton and the Mosaic GPU backward on the Mosaic GPU forward's residuals."""
     lines = header("Flash-attention backward: Mosaic GPU vs Triton (issue 21)",
                    "python bench/tune_backward.py " + " ".join(argv))
-    lines += ["| D | causal | backward | rel err dq / dk / dv | ms (B4 H32 S4096) | TFLOP/s |",
-              "|---:|---|---|---|---:|---:|"]
+    lines += ["| D | causal | V | backward | rel err dq / dk / dv | ms (B4 H32 S4096) | TFLOP/s |",
+              "|---:|---|---|---|---|---:|---:|"]
     default = f"tune-backward-mosaic-{device_tag()}-{dt.date.today().isoformat()}.md"
-    for d, causal in itertools.product(args.head_dims, (False, True)):
+    for d, causal, v_layout in itertools.product(args.head_dims, (False, True), ("BHSD", "BHDS")):
         for name, call in (("Triton", dict(backend="mosaic_gpu")),
                            ("Mosaic GPU", dict(backend="mosaic_gpu", backward="mosaic_gpu"))):
-            cells = f"| {d} | {causal} | {name} |"
+            cells = f"| {d} | {causal} | {v_layout} | {name} |"
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("error")  # a refused Mosaic GPU backward is a failed row
-                    errs = check(d, causal, "BHSD", s=1024, **call)
+                    errs = check(d, causal, v_layout, s=1024, **call)
                     ok = all(e <= REL_TOL for e in errs.values())
                     err_txt = " / ".join(f"{e:.1e}" for e in errs.values()) + ("" if ok else " WRONG")
                     if ok:
                         shape = Shape(4, 32, 4096, d, causal)
-                        secs = time_backward(shape, "BHSD", args.reps, **call)
+                        secs = time_backward(shape, v_layout, args.reps, **call)
                         lines.append(f"{cells} {err_txt} | {secs * 1e3:.3f} | "
                                      f"{2.5 * shape.flops / secs / 1e12:.1f} |")
                     else:

@@ -6,6 +6,7 @@ CPU, and the compiled kernels on a Hopper GPU."""
 from __future__ import annotations
 
 import importlib
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -69,24 +70,30 @@ def f64_reference(q, k, v, do, *, scale, causal):
         return np.asarray(o), lse, tuple(np.asarray(x) for x in vjp(jnp.asarray(do64)))
 
 
-CASES = [  # causal, b, h, hkv, sq, sk, d, dtype
-    (False, 1, 2, 2, 128, 128, 64, jnp.bfloat16),
-    (True, 1, 4, 2, 256, 256, 64, jnp.bfloat16),     # GQA: dK, dV summed over the group
-    (False, 2, 4, 2, 128, 128, 128, jnp.bfloat16),   # GQA, D128, two batches
-    (True, 1, 2, 2, 128, 256, 128, jnp.float16),     # causal Sq < Sk: keys no row sees get zero
-    (True, 1, 2, 1, 256, 128, 64, jnp.bfloat16),     # MQA, causal Sq > Sk
+CASES = [  # v_layout, causal, b, h, hkv, sq, sk, d, dtype
+    ("BHSD", False, 1, 2, 2, 128, 128, 64, jnp.bfloat16),
+    ("BHSD", True, 1, 4, 2, 256, 256, 64, jnp.bfloat16),     # GQA: dK, dV summed over the group
+    ("BHSD", False, 2, 4, 2, 128, 128, 128, jnp.bfloat16),   # GQA, D128, two batches
+    ("BHSD", True, 1, 2, 2, 128, 256, 128, jnp.float16),     # causal Sq < Sk: keys no row sees get zero
+    ("BHSD", True, 1, 2, 1, 256, 128, 64, jnp.bfloat16),     # MQA, causal Sq > Sk
+    ("BHDS", False, 1, 2, 2, 128, 128, 64, jnp.bfloat16),    # transposed V: dV written as dVᵀ
+    ("BHDS", True, 1, 4, 2, 128, 256, 128, jnp.bfloat16),    # transposed V, causal, GQA, D128
 ]
 
 
-@pytest.mark.parametrize("causal,b,h,hkv,sq,sk,d,dtype", CASES)
-def test_interpreted_backward_matches_float64(causal, b, h, hkv, sq, sk, d, dtype):
+@pytest.mark.parametrize("v_layout,causal,b,h,hkv,sq,sk,d,dtype", CASES)
+def test_interpreted_backward_matches_float64(v_layout, causal, b, h, hkv, sq, sk, d, dtype):
     q, k, v, do = stressed_inputs(sq + d + h, b, h, hkv, sq, sk, d, dtype)
     scale = d ** -0.5
     o, lse, want = f64_reference(q, k, v, do, scale=scale, causal=causal)
     assert np.abs(q.astype(jnp.float32) @ jnp.swapaxes(jnp.repeat(k, h // hkv, 1), 2, 3)
                   .astype(jnp.float32) * scale).max() > 25  # the stressed rows are there
-    grads = mosaic_attention_backward(q, k, v, jnp.asarray(o, dtype), jnp.asarray(lse, jnp.float32),
-                                      do, scale=scale, causal=causal, interpret=True)
+    vt = v_layout == "BHDS"
+    grads = mosaic_attention_backward(q, k, jnp.swapaxes(v, 2, 3) if vt else v, jnp.asarray(o, dtype),
+                                      jnp.asarray(lse, jnp.float32), do, scale=scale, causal=causal,
+                                      v_layout=v_layout, interpret=True)
+    assert grads[2].shape == (v.shape[:2] + v.shape[:1:-1] if vt else v.shape)
+    grads = (*grads[:2], jnp.swapaxes(grads[2], 2, 3) if vt else grads[2])
     for name, got, w, x in zip("qkv", grads, want, (q, k, v)):
         assert got.dtype == dtype and got.shape == x.shape
         assert_close(got, w, TOL, f"d{name}")
@@ -95,22 +102,22 @@ def test_interpreted_backward_matches_float64(causal, b, h, hkv, sq, sk, d, dtyp
         assert not np.any(np.asarray(grads[2][:, :, sq:], np.float32))
 
 
-def test_interpreted_backward_reads_and_writes_any_d_minor_layout_in_place():
-    """q, k, v, o, dO as [B,S,H,D] (Flax's order) and one slot: gradients in the same layouts."""
+def test_interpreted_backward_reads_and_writes_any_layout_in_place():
+    """q, k, o, dO as [B,S,H,D] (Flax's order), V^T as [H,D,B,S], one slot: gradients in the
+    operands' layouts."""
     q, k, v, do = stressed_inputs(5, 1, 4, 2, 128, 128, 64, jnp.bfloat16)
     o, lse, want = f64_reference(q, k, v, do, scale=0.125, causal=True)
-    lay = "BSHD"
+    lay, vlay = "BSHD", "HDBS"
     grads = mosaic_attention_backward(
-        _physical(q, lay), _physical(k, lay), _physical(v, lay),
+        _physical(q, lay), _physical(k, lay), _physical(v, vlay),
         _physical(jnp.asarray(o, jnp.bfloat16), lay), jnp.asarray(lse, jnp.float32), _physical(do, lay),
-        scale=0.125, causal=True, q_layout=lay, k_layout=lay, v_layout=lay, o_layout=lay,
+        scale=0.125, causal=True, q_layout=lay, k_layout=lay, v_layout=vlay, o_layout=lay,
         blocks=MosaicBwdBlocks(stages=1), interpret=True)
-    for name, got, w in zip("qkv", grads, want):
-        assert_close(_logical(got, lay), w, TOL, f"d{name}")
+    for name, got, w, layout in zip("qkv", grads, want, (lay, lay, vlay)):
+        assert_close(_logical(got, layout), w, TOL, f"d{name}")
 
 
 @pytest.mark.parametrize("change,reason", [
-    (dict(v_layout="BHDS"), "transposed V"),
     (dict(dtype=jnp.float32), "share one dtype"),
     (dict(d=256), "head dims"),
     (dict(sq=192), "Sq=192 must be a multiple of 128"),
@@ -190,49 +197,56 @@ def test_jax_grad_of_flash_attention_runs_the_mosaic_backward_when_switched_on(m
 
 
 def test_refused_call_falls_back_to_the_triton_backward_with_the_reason(monkeypatch):
-    """backward="mosaic_gpu" on transposed V (outside its contract): a warning with the reason, the
+    """backward="mosaic_gpu" with Sq = 64 (outside its contract): a warning with the reason, the
     Triton backward's gradients (still right), the Mosaic GPU backward never called."""
     calls = _counting_backward(monkeypatch)
-    q, k, v, do = stressed_inputs(12, 1, 2, 2, 128, 128, 64, jnp.bfloat16)
-    vt = jnp.swapaxes(v, 2, 3)
-    _, _, want = f64_reference(q, k, v, do, scale=0.125, causal=False)
+    q, k, v, do = stressed_inputs(12, 1, 2, 2, 64, 128, 64, jnp.bfloat16)
+    _, _, want = f64_reference(q, k, v, do, scale=0.125, causal=True)
     with pytest.warns(UserWarning, match="Mosaic GPU attention backward cannot run this call: "
-                                         "transposed V .*Triton backward runs instead"):
-        fn = lambda q, k, v: flash_attention(q, k, v, scale=0.125, causal=False, v_layout="BHDS",  # noqa: E731
+                                         "Sq=64 must be a multiple of 128.*Triton backward runs instead"):
+        fn = lambda q, k, v: flash_attention(q, k, v, scale=0.125, causal=True,  # noqa: E731
                                              backward="mosaic_gpu", interpret=True)
-        _, vjp = jax.vjp(fn, q, k, vt)
-    dq, dk, dvt = vjp(do)
+        _, vjp = jax.vjp(fn, q, k, v)
     assert calls == []
-    for name, got, w in (("q", dq, want[0]), ("k", dk, want[1]), ("v", jnp.swapaxes(dvt, 2, 3), want[2])):
+    for name, got, w in zip("qkv", vjp(do), want):
         assert_close(got, w, TOL, f"d{name}")
 
 
-@pytest.mark.parametrize("d,causal", [(64, False), (128, True)])
-def test_compiled_backward_lowers_for_hopper(d, causal):
-    """The compiled form (P and dS from registers, pl.run_state accumulators) lowers to two Mosaic
-    GPU custom calls (dQ; dK and dV) with its tiles inside Hopper's shared memory."""
+@pytest.mark.parametrize("d,causal,v_layout", [(64, False, "BHSD"), (128, True, "BHSD"),
+                                                (64, True, "BHDS"), (128, False, "BHDS")])
+def test_compiled_backward_lowers_for_hopper(d, causal, v_layout):
+    """The compiled form (P and dS from registers, pl.run_state accumulators; transposed V's
+    operands read transposed from shared memory) lowers to two Mosaic GPU custom calls (dQ; dK and
+    dV) with its tiles inside Hopper's shared memory, and no transposes around them."""
     q = jax.ShapeDtypeStruct((1, 4, 512, d), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((1, 2, 512, d), jnp.bfloat16)
+    v = k if v_layout == "BHSD" else jax.ShapeDtypeStruct((1, 2, d, 512), jnp.bfloat16)
     lse = jax.ShapeDtypeStruct((1, 4, 512), jnp.float32)
     fn = lambda q, k, v, o, lse, do: mosaic_attention_backward(q, k, v, o, lse, do, scale=0.1,  # noqa: E731
-                                                               causal=causal)
-    text = jax.jit(fn).trace(q, k, k, q, lse, q).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("custom_call @mosaic_gpu") == 2
+                                                               causal=causal, v_layout=v_layout)
+    text = jax.jit(fn).trace(q, k, v, q, lse, q).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 2 and "stablehlo.transpose" not in text
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not hopper_gpu(), reason="needs a Hopper GPU (sm_90)")
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("d,dtype,hkv", [(64, jnp.bfloat16, 2), (128, jnp.bfloat16, 8), (128, jnp.float16, 2)])
-def test_gpu_compiled_backward_matches_reference(causal, d, dtype, hkv):
+@pytest.mark.parametrize("v_layout,d,dtype,hkv", [("BHSD", 64, jnp.bfloat16, 2), ("BHSD", 128, jnp.bfloat16, 8),
+                                                  ("BHSD", 128, jnp.float16, 2), ("BHDS", 128, jnp.bfloat16, 2),
+                                                  ("BHDS", 64, jnp.bfloat16, 8)])
+def test_gpu_compiled_backward_matches_reference(causal, v_layout, d, dtype, hkv):
     """The compiled kernels (B2 H8 S1024, GQA) through jax.grad of flash_attention with the
-    Mosaic GPU forward and backward, against float64."""
+    Mosaic GPU forward and backward, against float64; no fallback warning."""
     q, k, v, do = stressed_inputs(21, 2, 8, hkv, 1024, 1024, d, dtype)
     scale = d ** -0.5
     _, _, want = f64_reference(q, k, v, do, scale=scale, causal=causal)
+    vt = v_layout == "BHDS"
     fn = lambda q, k, v: flash_attention(q, k, v, scale=scale, causal=causal, backend="mosaic_gpu",  # noqa: E731
-                                         backward="mosaic_gpu")
-    _, vjp = jax.vjp(jax.jit(fn), q, k, v)
-    for name, got, w in zip("qkv", vjp(do), want):
+                                         backward="mosaic_gpu", v_layout=v_layout)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, vjp = jax.vjp(jax.jit(fn), q, k, jnp.swapaxes(v, 2, 3) if vt else v)
+    dq, dk, dv = vjp(do)
+    for name, got, w in zip("qkv", (dq, dk, jnp.swapaxes(dv, 2, 3) if vt else dv), want):
         assert got.dtype == dtype
         assert_close(got, w, TOL, f"d{name}")

@@ -21,10 +21,16 @@ seen by every warpgroup, as the forward kernel does).
 
 Contract (`mosaic_backward_unsupported` says which part a call misses; flash_attention then runs
 the Triton backward): q, k, v all bf16 or all f16 (f32 accumulation), D = Dv in (64, 128), Sq a
-multiple of ``2 * block_q`` and Sk of ``2 * block_kv`` (128 with the default tiles), every operand
-with D minor in any axis order (read and written in place as strided TMA boxes). Not covered:
-transposed V (S minor: dV and dPᵀ would need wgmma's A operand transposed from shared memory),
-bias, masks, soft-cap, cast prologues, fp8 (its straight-through backward stays on Triton).
+multiple of ``2 * block_q`` and Sk of ``2 * block_kv`` (128 with the default tiles), q, k, o (and
+dO) with D minor and V with D or S minor (transposed V), in any axis order: read and written in
+place as strided TMA boxes. Not covered: bias, masks, soft-cap, cast prologues, fp8 (its
+straight-through backward stays on Triton).
+
+Transposed V ([D, block_kv] tiles, dV written in that layout): dP = dO·Vᵀ reads the tile as
+stored; the dK/dV kernel reads it transposed as wgmma's A operand for dPᵀ = V·dOᵀ (16-bit wgmma
+transposes operands from shared memory) and accumulates dVᵀ = dOᵀ·P (dO transposed as A, Pᵀ
+staged in shared memory as B, read transposed), so dVᵀ [D, block_kv] is stored as it lies. The
+cost against [B,H,S,D]: one shared-memory store and fence of Pᵀ per query tile.
 
 Nothing here has been timed on a GPU yet: flash_attention's default backward stays Triton's
 until a GPU benchmark (bench/gpu_session.sh stage ``mosaic-bwd``) shows this one ahead.
@@ -89,9 +95,6 @@ def mosaic_backward_unsupported(q, k, v, *, v_layout: str = "BHSD", q_layout: st
     layout_error = kernel_layout_error(q_layout, k_layout, v_layout, o_layout)
     if layout_error:
         return layout_error
-    if v_layout[-1] != "D":
-        return (f"transposed V (v_layout={v_layout!r}, S minor) is not covered: dV and dP need "
-                "wgmma's A operand transposed from shared memory")
     dtypes = {jnp.dtype(x.dtype).name for x in (q, k, v)}
     if len(dtypes) != 1 or not dtypes <= set(DTYPES):
         return f"q, k and v must share one dtype of {DTYPES}; got {sorted(dtypes)}"
@@ -124,6 +127,11 @@ class _Plan:
     interpret: bool
 
     @property
+    def v_transposed(self) -> bool:
+        """V (and dV) tiles are [D, block_kv] (sequence axis minor)."""
+        return self.layouts[2][-1] == "S"
+
+    @property
     def groups(self) -> int:
         return self.heads // self.kv_heads
 
@@ -132,7 +140,8 @@ class _Plan:
         return self.blocks.stages
 
     def window(self, operand: str, ref, batch, head, rows):
-        """The [rows, D] TMA box of ``operand`` ("q", "k", "v", "o") for one (batch, head)."""
+        """The [rows, D] TMA box of ``operand`` ("q", "k", "v", "o") for one (batch, head); [D, rows]
+        for transposed V."""
         at = {"B": batch, "H": head, "S": rows}
         return ref.at[tuple(at.get(a, slice(None)) for a in self.layouts["qkvo".index(operand)])]
 
@@ -166,10 +175,17 @@ def _accumulate(plan: _Plan, acc, a, b, a_smem):
         a_smem[...] = a
         plgpu.commit_smem()
         return acc + _product(a_smem, b, acc.shape)
+    return _accumulate_smem(plan, acc, a, b)
+
+
+def _accumulate_smem(plan: _Plan, acc, a, b):
+    """acc + a·b, ``a`` and ``b`` wgmma operands (``b`` in shared memory); awaited on return."""
+    if plan.interpret:  # no pl.run_state: a fresh accumulator, then added
+        return acc + _product(a, b, acc.shape)
 
     def update(acc_ref):
         plgpu.wgmma(acc_ref, a, b)
-    return pl.run_state(update)(plgpu.ACC.init(acc))  # awaits the wgmma before returning
+    return pl.run_state(update)(plgpu.ACC.init(acc))
 
 
 def _stream(plan: _Plan, steps, load, free):
@@ -203,10 +219,11 @@ def _wait_all(barriers, slot):
 
 def _dq_kernel(plan: _Plan, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref):
     bq, bkv, d = plan.blocks.block_q, plan.blocks.block_kv, plan.head_dim
+    v_tile = (d, bkv) if plan.v_transposed else (bkv, d)
     wgs = COMPUTE_WARPGROUPS
     scratch = [plan.tile((wgs, bq, d)), plan.tile((wgs, bq, d)),  # Q (then dQ out), dO
                plgpu.SMEM((wgs, bq), jnp.float32), plgpu.SMEM((wgs, bq), jnp.float32),  # lse, delta
-               plan.tile((plan.stages, bkv, d)), plan.tile((plan.stages, bkv, d)),  # K, V ring
+               plan.tile((plan.stages, bkv, d)), plan.tile((plan.stages, *v_tile)),  # K, V ring
                plan.tile((wgs, bq, bkv)) if plan.interpret else None]  # dS staged (interpreter)
     barriers = [plgpu.Barrier(num_barriers=wgs) for _ in range(4)]  # q, dO, lse, delta landed
     barriers += [plgpu.Barrier(num_barriers=plan.stages) for _ in range(2)]  # K, V landed
@@ -243,8 +260,8 @@ def _dq_kernel(plan: _Plan, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_
             slot = lax.rem(j, plan.stages)
             _wait_all((k_ready, v_ready), slot)
             k_tile, v_tile = k_smem.at[slot], v_smem.at[slot]
-            s, dp = _products([(q_smem, k_tile.transpose((1, 0))),
-                               (do_smem, v_tile.transpose((1, 0)))], (bq, bkv))
+            vt = v_tile if plan.v_transposed else v_tile.transpose((1, 0))  # Vᵀ [D, block_kv]
+            s, dp = _products([(q_smem, k_tile.transpose((1, 0))), (do_smem, vt)], (bq, bkv))
             s = s * c
             if masked:
                 s = jnp.where(_iota((bq, bkv), 0) + q_base >= _iota((bq, bkv), 1) + j * bkv, s, -jnp.inf)
@@ -289,10 +306,12 @@ def _dq_kernel(plan: _Plan, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_
 def _dkv_kernel(plan: _Plan, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref):
     bq, bkv, d = plan.blocks.block_q, plan.blocks.block_kv, plan.head_dim
     wgs = COMPUTE_WARPGROUPS
-    scratch = [plan.tile((wgs, bkv, d)), plan.tile((wgs, bkv, d)),  # K, V (then dK, dV out)
+    v_tile = (d, bkv) if plan.v_transposed else (bkv, d)
+    scratch = [plan.tile((wgs, bkv, d)), plan.tile((wgs, *v_tile)),  # K, V (then dK, dV out)
                plan.tile((plan.stages, bq, d)), plan.tile((plan.stages, bq, d)),  # Q, dO ring
                plgpu.SMEM((plan.stages, bq), jnp.float32), plgpu.SMEM((plan.stages, bq), jnp.float32),
-               plan.tile((wgs, bkv, bq)) if plan.interpret else None]  # Pᵀ / dSᵀ staged (interpreter)
+               # Pᵀ / dSᵀ staged: interpreted, or Pᵀ as the B operand of dVᵀ (transposed V)
+               plan.tile((wgs, bkv, bq)) if plan.interpret or plan.v_transposed else None]
     barriers = [plgpu.Barrier(num_barriers=wgs) for _ in range(2)]  # K, V landed
     barriers += [plgpu.Barrier(num_barriers=plan.stages) for _ in range(4)]  # q, dO, lse, delta
     barriers.append(plgpu.Barrier(num_arrivals=wgs, num_barriers=plan.stages))  # slot free
@@ -327,15 +346,21 @@ def _dkv_kernel(plan: _Plan, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk
             slot = lax.rem(g * per_head + i - cta_first, plan.stages)
             _wait_all((q_ready, do_ready, lse_ready, delta_ready), slot)
             q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]
+            v_rows = v_smem.transpose((1, 0)) if plan.v_transposed else v_smem  # V [block_kv, D]
             st, dpt = _products([(k_smem, q_tile.transpose((1, 0))),
-                                 (v_smem, do_tile.transpose((1, 0)))], (bkv, bq))
+                                 (v_rows, do_tile.transpose((1, 0)))], (bkv, bq))
             lse = plgpu.load(lse_smem.at[slot], layout=col_stat)
             delta = plgpu.load(delta_smem.at[slot], layout=col_stat)
             st = st * c
             if masked:
                 st = jnp.where(_iota((bkv, bq), 1) + i * bq >= _iota((bkv, bq), 0) + k_base, st, -jnp.inf)
             pt = jnp.exp2(st - lax.broadcast_in_dim(lse, st.shape, [1]))
-            dv = _accumulate(plan, dv, pt.astype(plan.dtype), do_tile, stage_smem)
+            if plan.v_transposed:  # dVᵀ += dOᵀ·P: Pᵀ through shared memory, read transposed
+                stage_smem[...] = pt.astype(plan.dtype)
+                plgpu.commit_smem()
+                dv = _accumulate_smem(plan, dv, do_tile.transpose((1, 0)), stage_smem.transpose((1, 0)))
+            else:
+                dv = _accumulate(plan, dv, pt.astype(plan.dtype), do_tile, stage_smem)
             dst = pt * (dpt - lax.broadcast_in_dim(delta, st.shape, [1]))
             dk = _accumulate(plan, dk, dst.astype(plan.dtype), q_tile, stage_smem)
             plgpu.barrier_arrive(free.at[slot])
@@ -347,8 +372,8 @@ def _dkv_kernel(plan: _Plan, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk
             plgpu.barrier_arrive(free.at[slot])
             return carry
 
-        zeros = plgpu.layout_cast(jnp.full((bkv, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
-        carry = (zeros, zeros)
+        zeros = lambda shape: plgpu.layout_cast(jnp.full(shape, 0.0, jnp.float32), plgpu.Layout.WGMMA)  # noqa: E731
+        carry = (zeros((bkv, d)), zeros(v_tile))  # dK; dV, or dVᵀ for transposed V
         for g in range(plan.groups):  # the group's heads in a fixed order: a deterministic sum
             carry = lax.fori_loop(cta_first, first, functools.partial(skip, g=g), carry)
             carry = lax.fori_loop(first, full, functools.partial(step, g=g, masked=True), carry)
