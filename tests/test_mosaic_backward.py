@@ -149,7 +149,7 @@ def test_backward_choice_is_opt_in(monkeypatch):
     """The Triton backward stays the default; EQSAT_ATTN_MOSAIC_BWD=1 takes the Mosaic GPU one only
     behind a Mosaic GPU forward; backward="mosaic_gpu" asks for it whatever the forward."""
     x = jax.ShapeDtypeStruct((1, 2, 128, 64), jnp.bfloat16)
-    choose = lambda **kw: fa.backward_kernels(x, x, x, **kw)  # noqa: E731
+    choose = lambda **kw: fa.backward_kernels(x, x, x, interpret=True, **kw)  # noqa: E731
     monkeypatch.delenv(fa.MOSAIC_BWD_ENV, raising=False)
     assert choose(backward="pallas", forward_backend="mosaic_gpu") == ("pallas", None)
     monkeypatch.setenv(fa.MOSAIC_BWD_ENV, "1")
@@ -164,6 +164,9 @@ def test_backward_choice_is_opt_in(monkeypatch):
                           (dict(guarded=True), "fill")):
         got, why = choose(backward="mosaic_gpu", forward_backend="mosaic_gpu", **extra)
         assert got == "pallas" and reason in why
+    monkeypatch.setattr(fa, "hopper_gpu", lambda: False)  # compiled, and no Hopper GPU
+    got, why = fa.backward_kernels(x, x, x, backward="mosaic_gpu", forward_backend="triton")
+    assert got == "pallas" and "Hopper" in why
     with pytest.raises(ValueError, match="backward must be one of"):
         choose(backward="cuda", forward_backend="triton")
 

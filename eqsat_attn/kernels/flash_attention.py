@@ -239,10 +239,11 @@ def pallas_backend(q, k, v, *, backend: str = "auto", interpret: bool | None = N
 def backward_kernels(q, k, v, *, backward: str, forward_backend: str, bias=None, masked: bool = False,
                      softcap: float = 0.0, compute_dtype: str | None = None, guarded: bool = False,
                      v_layout: str = "BHSD", q_layout: str = "BHSD", k_layout: str = "BHSD",
-                     o_layout: str = "BHSD") -> tuple[str, str | None]:
+                     o_layout: str = "BHSD", interpret: bool = False) -> tuple[str, str | None]:
     """The backward that runs this call and, when the Mosaic GPU backward was asked for (by
     ``backward="mosaic_gpu"``, or by EQSAT_ATTN_MOSAIC_BWD=1 with the forward on Mosaic GPU) but
-    cannot run it, the reason: then the Triton backward ("pallas") runs instead."""
+    cannot run it, the reason: then the Triton backward ("pallas") runs instead. Compiled (not
+    ``interpret``), it needs a Hopper GPU."""
     if backward not in FLASH_BACKWARDS:
         raise ValueError(f"backward must be one of {FLASH_BACKWARDS}, got {backward!r}")
     wanted = backward == "mosaic_gpu" or (
@@ -259,6 +260,8 @@ def backward_kernels(q, k, v, *, backward: str, forward_backend: str, bias=None,
         reason = "it has no cast prologue (compute_dtype)"
     elif guarded:
         reason = "a causal fill above MASK_VALUE needs the guarded Triton kernels"
+    elif not interpret and not hopper_gpu():
+        reason = "it is compiled for Hopper GPUs only (wgmma, TMA) and none is the default device"
     else:
         reason = mosaic_backward_unsupported(q, k, v, v_layout=v_layout, q_layout=q_layout,
                                              k_layout=k_layout, o_layout=o_layout)
@@ -1132,7 +1135,7 @@ def flash_attention(
         q, k, v, backward=backward, forward_backend=chosen, bias=bias, masked=masked,
         softcap=float(softcap), compute_dtype=compute_dtype,
         guarded=bool(causal) and float(mask_fill) > MASK_VALUE, v_layout=v_layout,
-        q_layout=q_layout, k_layout=k_layout, o_layout=o_layout)
+        q_layout=q_layout, k_layout=k_layout, o_layout=o_layout, interpret=bool(interpret))
     if refused is not None:
         warnings.warn(f"the Mosaic GPU attention backward cannot run this call: {refused}; the "
                       "Triton backward runs instead", stacklevel=2)

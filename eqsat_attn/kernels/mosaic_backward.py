@@ -206,6 +206,11 @@ def _stream(plan: _Plan, steps, load, free):
         plgpu.barrier_wait(free.at[lax.rem(step, plan.stages)])
 
 
+def _zeros(shape):
+    """A zero f32 wgmma accumulator value."""
+    return plgpu.layout_cast(jnp.full(shape, 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+
 def _iota(shape, axis):
     return plgpu.broadcasted_iota(jnp.int32, shape, axis, layout=plgpu.Layout.WGMMA)
 
@@ -271,7 +276,7 @@ def _dq_kernel(plan: _Plan, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_
             plgpu.barrier_arrive(free.at[slot])
             return dq
 
-        dq = plgpu.layout_cast(jnp.full((bq, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+        dq = _zeros((bq, d))
         below = jnp.minimum(lax.div(q_base, bkv), steps) if plan.causal else steps
         dq = lax.fori_loop(0, below, functools.partial(step, masked=False), dq)
         dq = lax.fori_loop(below, steps, functools.partial(step, masked=True), dq)
@@ -372,8 +377,7 @@ def _dkv_kernel(plan: _Plan, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk
             plgpu.barrier_arrive(free.at[slot])
             return carry
 
-        zeros = lambda shape: plgpu.layout_cast(jnp.full(shape, 0.0, jnp.float32), plgpu.Layout.WGMMA)  # noqa: E731
-        carry = (zeros((bkv, d)), zeros(v_tile))  # dK; dV, or dVᵀ for transposed V
+        carry = (_zeros((bkv, d)), _zeros(v_tile))  # dK; dV, or dVᵀ for transposed V
         for g in range(plan.groups):  # the group's heads in a fixed order: a deterministic sum
             carry = lax.fori_loop(cta_first, first, functools.partial(skip, g=g), carry)
             carry = lax.fori_loop(first, full, functools.partial(step, g=g, masked=True), carry)
