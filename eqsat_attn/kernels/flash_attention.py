@@ -156,7 +156,7 @@ class _Config:
     # a folded cast prologue: q, k, v (and dO) tiles are cast to this dtype right after each load,
     # before any matmul; the output is written in it (gradients in their operands' dtypes)
     compute_dtype: str | None = None
-    # which Pallas backend runs the forward ("triton" or "mosaic_gpu"); the backward is Triton's
+    # which Pallas backend runs the forward ("triton" or "mosaic_gpu"); `backward` picks the backward
     backend: str = "triton"
     mosaic_blocks: MosaicBlocks | None = None
     # score modifications: soft-cap (0 = none), the op's fill for hidden scores, and whether a
