@@ -6,7 +6,7 @@
 #   bench/gpu_session.sh probe probe-fp8              # first call of a short lease: D128 rows only
 #   bash bench/gpu_session.sh mosaic attention-fp8-quick e2e-fp8 tune-mosaic-fp8   # next lease (see bench/results/README.md)
 #   stages: probe | probe-fp8 | attention-fp8 | attention-fp8-quick | check | final-check | mosaic | attention | attention-quick | e2e | e2e-fp8 | models | cost-model | tune |
-#           tune-mosaic | tune-mosaic-fp8 | tune-fp8 | tune-backward | qkv | masks | decode
+#           tune-mosaic | tune-mosaic-fp8 | tune-fp8 | tune-backward | mosaic-bwd | qkv | masks | decode
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -60,6 +60,13 @@ for stage in "$@"; do
         | tee "$OUT/decode.log" | tail -15
       timeout 240 python3 bench/attention.py --decode --out "$OUT/attention-decode.md" 2>&1 | grep -v '^  ' | tail -40 ;;
     qkv) timeout 240 python3 bench/qkv_layouts.py --reps 10 --out "$OUT/qkv-layouts.md" 2>&1 | tail -30 ;;
+    # issue 21: the compiled Mosaic GPU backward's tests (tests/test_mosaic_backward.py -m gpu), then
+    # its rows beside the Triton backward (bench/tune_backward.py --mosaic; D128 then D64, causal and
+    # not, both V layouts; the page is rewritten after each row): the measurement that decides
+    # whether flash_attention's default backward flips
+    mosaic-bwd) timeout 240 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu tests/test_mosaic_backward.py 2>&1 \
+        | tee "$OUT/mosaic-bwd.log" | tail -15
+      timeout 300 python3 bench/tune_backward.py --mosaic --out "$OUT/tune-backward-mosaic.md" 2>&1 | tail -20 ;;
     tune-backward) timeout 300 python3 bench/tune_backward.py --head-dims 128 --out "$OUT/tune-backward.md" 2>&1 | tail -40 ;;
     tune-fp8) timeout 330 python3 bench/tune_attention.py --fp8 --quick --out "$OUT/tune-fp8.md" 2>&1 | tail -40 ;;
     tune) timeout 330 python3 bench/tune_attention.py --quick --out "$OUT/tune.md" 2>&1 | tail -40 ;;

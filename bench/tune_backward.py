@@ -1,6 +1,7 @@
 """Backward flash-attention kernels on the GPU (issue 5): correctness and speed per tile config.
 
     python bench/tune_backward.py [--out bench/results/tune-backward-<device>-<date>.md]
+    python bench/tune_backward.py --mosaic   # the Mosaic GPU backward beside the Triton one
 
 For each head dim and V layout, every candidate row of `BWD_BLOCK_TABLE` (block_q_dkv,
 block_k_dkv, block_q_dq, block_k_dq, num_warps, num_stages) is checked against float32
@@ -8,6 +9,12 @@ autodiff of the reference on a ragged GQA shape (B2 H8 Hkv2 S1000, bf16; relativ
 dk, dv) and, when correct, timed on bf16 B4 H32 S4096: median of --reps calls of the backward
 alone (jax.vjp's pullback, jitted). TFLOP/s counts 2.5x the forward's flops (the FlashAttention-2
 convention: five matmuls against the forward's two).
+
+``--mosaic`` (Hopper): per head dim, causal flag and V layout, two rows on the same Mosaic GPU
+forward's residuals: the Triton backward (its table tiles) and the Mosaic GPU backward
+(kernels/mosaic_backward.py, ``backward="mosaic_gpu"``; a fallback to Triton is an error here, so
+a row is never mislabelled), checked on B2 H8 Hkv2 S1024 (its contract: multiples of 128), timed
+as above. The measurement that decides whether flash_attention's default backward flips.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import datetime as dt
 import itertools
 import pathlib
 import sys
+import warnings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 for p in (ROOT, ROOT / "bench"):
@@ -58,11 +66,12 @@ def grads(fn, q, k, v, do):
     return pull(do)
 
 
-def check(d: int, causal: bool, v_layout: str) -> dict[str, float]:
-    """Relative errors of dq, dk, dv against float32 autodiff of the reference."""
-    q, k, v, do = _inputs((2, 8, 1000, d), (2, 2, 1000, d), v_layout, jnp.bfloat16, seed=d + causal)
+def check(d: int, causal: bool, v_layout: str, s: int = 1000, **call) -> dict[str, float]:
+    """Relative errors of dq, dk, dv against float32 autodiff of the reference (``call``: more
+    flash_attention arguments, e.g. the backend and backward)."""
+    q, k, v, do = _inputs((2, 8, s, d), (2, 2, s, d), v_layout, jnp.bfloat16, seed=d + causal)
     kw = dict(scale=d ** -0.5, causal=causal, v_layout=v_layout)
-    got = jax.jit(lambda *a: grads(lambda q, k, v: flash_attention(q, k, v, **kw), *a))(q, k, v, do)
+    got = jax.jit(lambda *a: grads(lambda q, k, v: flash_attention(q, k, v, **kw, **call), *a))(q, k, v, do)
     with jax.default_matmul_precision("float32"):
         f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
         want = jax.jit(lambda *a: grads(lambda q, k, v: attention_reference(q, k, v, **kw), *a))(*f32)
@@ -70,11 +79,11 @@ def check(d: int, causal: bool, v_layout: str) -> dict[str, float]:
             for name, g, w in zip(("dq", "dk", "dv"), got, want)}
 
 
-def time_backward(shape: Shape, v_layout: str, reps: int) -> float:
+def time_backward(shape: Shape, v_layout: str, reps: int, **call) -> float:
     q, k, v, do = _inputs((shape.b, shape.h, shape.s, shape.d), (shape.b, shape.h, shape.s, shape.d),
                           v_layout, jnp.bfloat16, seed=0)
     fn = lambda q, k, v: flash_attention(q, k, v, scale=shape.d ** -0.5, causal=shape.causal,  # noqa: E731
-                                         v_layout=v_layout)
+                                         v_layout=v_layout, **call)
     _, pull = jax.vjp(fn, q, k, v)
     jpull = jax.jit(pull)
     return time_fn(lambda _: jpull(do), None, 2, reps)
@@ -86,8 +95,12 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--head-dims", type=int, nargs="+", default=[128, 64])
     p.add_argument("--out", type=pathlib.Path, default=None)
+    p.add_argument("--mosaic", action="store_true",
+                   help="the Mosaic GPU backward beside the Triton one (Hopper), not the tile sweep")
     args = p.parse_args(argv)
     require_gpu("bench/tune_backward.py", cpu_smoke=False)
+    if args.mosaic:
+        return mosaic_rows(args, argv)
     lines = header("Flash-attention backward: correctness and tiles (issue 5)",
                    "python bench/tune_backward.py " + " ".join(argv))
     lines += ["| D | causal | V | bwd tiles (q_dkv, k_dkv, q_dq, k_dq, warps, stages) | rel err dq / dk / dv | "
@@ -114,6 +127,38 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
             print(lines[-1], flush=True)
             write_results("\n".join(lines) + "\n", args.out, default)  # a page even if cut short
         fa.BWD_BLOCK_TABLE.update(saved)
+    return args.out or RESULTS / default
+
+
+def mosaic_rows(args, argv: list[str]) -> pathlib.Path:
+    """The Triton and the Mosaic GPU backward on the Mosaic GPU forward's residuals."""
+    lines = header("Flash-attention backward: Mosaic GPU vs Triton (issue 21)",
+                   "python bench/tune_backward.py " + " ".join(argv))
+    lines += ["| D | causal | V | backward | rel err dq / dk / dv | ms (B4 H32 S4096) | TFLOP/s |",
+              "|---:|---|---|---|---|---:|---:|"]
+    default = f"tune-backward-mosaic-{device_tag()}-{dt.date.today().isoformat()}.md"
+    for d, causal, v_layout in itertools.product(args.head_dims, (False, True), ("BHSD", "BHDS")):
+        for name, call in (("Triton", dict(backend="mosaic_gpu")),
+                           ("Mosaic GPU", dict(backend="mosaic_gpu", backward="mosaic_gpu"))):
+            cells = f"| {d} | {causal} | {v_layout} | {name} |"
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")  # a refused Mosaic GPU backward is a failed row
+                    errs = check(d, causal, v_layout, s=1024, **call)
+                    ok = all(e <= REL_TOL for e in errs.values())
+                    err_txt = " / ".join(f"{e:.1e}" for e in errs.values()) + ("" if ok else " WRONG")
+                    if ok:
+                        shape = Shape(4, 32, 4096, d, causal)
+                        secs = time_backward(shape, v_layout, args.reps, **call)
+                        lines.append(f"{cells} {err_txt} | {secs * 1e3:.3f} | "
+                                     f"{2.5 * shape.flops / secs / 1e12:.1f} |")
+                    else:
+                        lines.append(f"{cells} {err_txt} | – | – |")
+            except Exception as e:  # noqa: BLE001 - a failure is a result
+                msg = f"{type(e).__name__}: {str(e)[:120]}".replace("|", "/").replace("\n", " ")
+                lines.append(f"{cells} {msg} | – | – |")
+            print(lines[-1], flush=True)
+            write_results("\n".join(lines) + "\n", args.out, default)
     return args.out or RESULTS / default
 
 

@@ -33,7 +33,9 @@ kernels, FlashAttention-2 style without atomics: one per key tile accumulating d
 query tiles of every head in the kv head's group (dV comes out directly in V's layout; for BHDS
 that is dV^T = dO^T·P), one per query tile accumulating dQ. With a bias, or backward="jax", a
 plain-JAX recomputation runs instead, one query chunk at a time (memory O(chunk * Sk)), which
-also gives the bias gradient.
+also gives the bias gradient. Opt-in, backward="mosaic_gpu" (or EQSAT_ATTN_MOSAIC_BWD=1 with the
+forward on Mosaic GPU) runs the same split as Hopper kernels (kernels/mosaic_backward.py, wgmma
+and TMA); calls outside their contract fall back to the Triton kernels with a warning saying why.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import dataclasses
 import functools
 import math
 import os
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -51,6 +54,7 @@ from jax.experimental import pallas as pl
 
 from .mosaic_attention import (FP8_DTYPES, MosaicBlocks, hopper_gpu, mosaic_attention,
                                mosaic_unsupported)
+from .mosaic_backward import mosaic_attention_backward, mosaic_backward_unsupported
 from .masks import index_keep, kernel_mask, mask_4d, tile_classes, tile_lists
 from .reference import (CANONICAL, MASK_VALUE, attention_reference, causal_mask, check_shapes, kernel_layout_error,
                         layout_shape)
@@ -96,7 +100,15 @@ MIN_BLOCK = 16  # smallest tile Triton's dot accepts
 P_FP8_SCALE = 256.0
 _P_FP8_SHIFT = math.log2(P_FP8_SCALE)
 BWD_Q_CHUNK = 256  # query rows per step of the plain-JAX recomputation backward
-BACKWARDS = ("pallas", "jax")
+BACKWARDS = ("pallas", "jax")  # fp8_attention's too
+#: flash_attention's backwards: BACKWARDS and the Hopper kernels of kernels/mosaic_backward.py.
+#: "mosaic_gpu" is opt-in, and so is the environment switch EQSAT_ATTN_MOSAIC_BWD=1 (it turns the
+#: default "pallas" into "mosaic_gpu" when the forward runs on Mosaic GPU): the Mosaic GPU backward
+#: is checked in interpret mode only and nothing has been measured on a GPU yet, so the Triton
+#: backward stays the default; the default flips only after a GPU benchmark shows it ahead
+#: (bench/gpu_session.sh stage mosaic-bwd).
+FLASH_BACKWARDS = BACKWARDS + ("mosaic_gpu",)
+MOSAIC_BWD_ENV = "EQSAT_ATTN_MOSAIC_BWD"
 #: Pallas backends of the forward kernel: Triton (any GPU, interpret mode anywhere) and Mosaic GPU
 #: (Hopper: wgmma, TMA, warp specialisation; kernels/mosaic_attention.py). Both share the backward.
 BACKENDS = ("auto", "triton", "mosaic_gpu")
@@ -129,7 +141,7 @@ class _Config:
     num_warps: int
     num_stages: int
     interpret: bool
-    backward: str = "pallas"
+    backward: str = "pallas"  # "pallas" (Triton), "mosaic_gpu" or "jax" (`backward_kernels`)
     bwd_blocks: tuple[int, int, int, int] = (64, 64, 64, 64)  # q_dkv, k_dkv, q_dq, k_dq
     bwd_warps: int = 4
     bwd_stages: int = 2
@@ -144,7 +156,7 @@ class _Config:
     # a folded cast prologue: q, k, v (and dO) tiles are cast to this dtype right after each load,
     # before any matmul; the output is written in it (gradients in their operands' dtypes)
     compute_dtype: str | None = None
-    # which Pallas backend runs the forward ("triton" or "mosaic_gpu"); the backward is Triton's
+    # which Pallas backend runs the forward ("triton" or "mosaic_gpu"); `backward` picks the backward
     backend: str = "triton"
     mosaic_blocks: MosaicBlocks | None = None
     # score modifications: soft-cap (0 = none), the op's fill for hidden scores, and whether a
@@ -222,6 +234,38 @@ def pallas_backend(q, k, v, *, backend: str = "auto", interpret: bool | None = N
     auto = reason is None and not interpret and not tiles_given and hopper_gpu() and \
         auto_takes_mosaic(fp8)
     return "mosaic_gpu" if auto else "triton"
+
+
+def backward_kernels(q, k, v, *, backward: str, forward_backend: str, bias=None, masked: bool = False,
+                     softcap: float = 0.0, compute_dtype: str | None = None, guarded: bool = False,
+                     v_layout: str = "BHSD", q_layout: str = "BHSD", k_layout: str = "BHSD",
+                     o_layout: str = "BHSD", interpret: bool = False) -> tuple[str, str | None]:
+    """The backward that runs this call and, when the Mosaic GPU backward was asked for (by
+    ``backward="mosaic_gpu"``, or by EQSAT_ATTN_MOSAIC_BWD=1 with the forward on Mosaic GPU) but
+    cannot run it, the reason: then the Triton backward ("pallas") runs instead. Compiled (not
+    ``interpret``), it needs a Hopper GPU."""
+    if backward not in FLASH_BACKWARDS:
+        raise ValueError(f"backward must be one of {FLASH_BACKWARDS}, got {backward!r}")
+    wanted = backward == "mosaic_gpu" or (
+        backward == "pallas" and forward_backend == "mosaic_gpu" and os.environ.get(MOSAIC_BWD_ENV) == "1")
+    if not wanted:
+        return backward, None
+    if bias is not None:
+        reason = "it takes no additive bias"
+    elif masked:
+        reason = "it takes no mask, key lengths or window"
+    elif softcap:
+        reason = "it has no soft-cap"
+    elif compute_dtype is not None:
+        reason = "it has no cast prologue (compute_dtype)"
+    elif guarded:
+        reason = "a causal fill above MASK_VALUE needs the guarded Triton kernels"
+    elif not interpret and not hopper_gpu():
+        reason = "it is compiled for Hopper GPUs only (wgmma, TMA) and none is the default device"
+    else:
+        reason = mosaic_backward_unsupported(q, k, v, v_layout=v_layout, q_layout=q_layout,
+                                             k_layout=k_layout, o_layout=o_layout)
+    return ("pallas", reason) if reason is not None else ("mosaic_gpu", None)
 
 
 def _spec(layout: str, tiles: dict, index: dict) -> pl.BlockSpec:
@@ -863,6 +907,11 @@ def _reference_mask(cfg: _Config, mask, kv_lengths, sq: int, sk: int) -> jax.Arr
 
 def _kernel_grads(cfg: _Config, q, k, v, bias, mask, kv_lengths, o, lse, do):
     """dq, dk, dv, dbias of the kernels (dbias None without a bias)."""
+    if cfg.backward == "mosaic_gpu":  # `backward_kernels` took it only inside its contract
+        return (*mosaic_attention_backward(
+            q, k, v, o, lse, do, scale=cfg.scale, causal=cfg.causal, v_layout=cfg.v_layout,
+            q_layout=cfg.q_layout, k_layout=cfg.k_layout, o_layout=cfg.o_layout,
+            interpret=cfg.interpret), None)
     if cfg.backward == "pallas" and bias is None:
         return (*_backward_pallas(cfg, q, k, v, o, lse, do, mask=mask, kv_lengths=kv_lengths), None)
     keep = _reference_mask(cfg, mask, kv_lengths, lse.shape[2], k.shape[cfg.k_layout.index("S")])
@@ -1017,8 +1066,11 @@ def flash_attention(
     (powers of two, >= 16) for the forward and both backward kernels; num_warps / num_stages
     override the forward kernel's Triton settings (bench/tune_attention.py sweeps all four). `interpret=None` runs
     interpret mode unless the default backend is a GPU. `backward`: "pallas" (dK/dV and dQ
-    kernels) or "jax" (blockwise recomputation in plain JAX); calls with a bias always use
-    "jax", which also yields the bias gradient. ``compute_dtype`` (a folded cast prologue): the
+    Triton kernels), "mosaic_gpu" (the same split on Hopper, kernels/mosaic_backward.py; opt-in,
+    as is EQSAT_ATTN_MOSAIC_BWD=1 with the forward on Mosaic GPU; a call outside its contract
+    warns with the reason and runs "pallas", see `backward_kernels`) or "jax" (blockwise
+    recomputation in plain JAX); calls with a bias always use "jax", which also yields the bias
+    gradient. ``compute_dtype`` (a folded cast prologue): the
     kernels read q, k, v in their own dtypes and cast every loaded tile to it before the matmuls
     (the values of ``flash_attention(q.astype(dt), ...)``, without the converted copies); the
     output is in it, the gradients in q's, k's and v's own dtypes. ``backend`` (`pallas_backend`):
@@ -1045,8 +1097,8 @@ def flash_attention(
     ``kv_lengths`` (int32 [B]: query rows of batch b see keys j < kv_lengths[b]) and ``window``
     (a sliding window: row i sees keys i - window < j <= i). Both are guarded like a mask.
     """
-    if backward not in BACKWARDS:
-        raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+    if backward not in FLASH_BACKWARDS:
+        raise ValueError(f"backward must be one of {FLASH_BACKWARDS}, got {backward!r}")
     if window is not None and (not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be a positive int (keys i - window < j <= i), got {window!r}")
     if math.isnan(mask_fill) or mask_fill == math.inf:
@@ -1078,6 +1130,15 @@ def flash_attention(
         compute_dtype=compute_dtype, q_layout=q_layout, k_layout=k_layout, o_layout=o_layout,
         blocks=mosaic_blocks, mask=True if mask is not None or kv_lengths is not None or window else None,
         mask_fill=float(mask_fill), softcap=float(softcap))
+    masked = mask is not None or kv_lengths is not None or window is not None
+    backward, refused = backward_kernels(
+        q, k, v, backward=backward, forward_backend=chosen, bias=bias, masked=masked,
+        softcap=float(softcap), compute_dtype=compute_dtype,
+        guarded=bool(causal) and float(mask_fill) > MASK_VALUE, v_layout=v_layout,
+        q_layout=q_layout, k_layout=k_layout, o_layout=o_layout, interpret=bool(interpret))
+    if refused is not None:
+        warnings.warn(f"the Mosaic GPU attention backward cannot run this call: {refused}; the "
+                      "Triton backward runs instead", stacklevel=2)
     cfg = _Config(float(scale), bool(causal), v_layout, bq, bk, warps, stages, bool(interpret),
                   backward, bwd_blocks, bwarps, bstages, q_layout=q_layout, k_layout=k_layout,
                   o_layout=o_layout,
