@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import math
 
 import jax
@@ -65,17 +66,44 @@ from jax.experimental import pallas as pl
 
 from .reference import MASK_VALUE, check_shapes, kernel_layout_error, layout_shape
 
-try:  # the Mosaic GPU backend ships with jax >= 0.4.3x; absent from some minimal builds
+try:  # jaxlib's MLIR bindings (the Mosaic GPU backend needs them; absent from some minimal builds)
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith
-    from jax.experimental.mosaic.gpu import fragmented_array as mgpu_fa
-    from jax.experimental.mosaic.gpu import utils as mgpu_utils
-    from jax.experimental.pallas import mosaic_gpu as plgpu
 except ImportError:  # pragma: no cover - exercised only on such builds
-    plgpu = None
+    ir = arith = None
 
-__all__ = ["BLOCK_TABLE", "FP8_BLOCK_TABLE", "MosaicBlocks", "TUNED_BLOCKS", "default_blocks",
-           "hopper_gpu", "mosaic_attention", "mosaic_packed_attention", "mosaic_unsupported"]
+
+class OnFirstUse:
+    """A module imported on its first attribute access. Pallas's Mosaic GPU backend takes ~0.2 s
+    to import, and only a Hopper GPU or its interpreter runs it: ``import eqsat_attn`` (and a
+    CPU user's first call) does not pay for it."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        return getattr(importlib.import_module(self._name), attr)
+
+
+plgpu = OnFirstUse("jax.experimental.pallas.mosaic_gpu")
+mgpu_fa = OnFirstUse("jax.experimental.mosaic.gpu.fragmented_array")
+mgpu_utils = OnFirstUse("jax.experimental.mosaic.gpu.utils")
+
+
+@functools.cache
+def mosaic_gpu_available() -> bool:
+    """Whether this jax has the Pallas Mosaic GPU backend (jax >= 0.4.3x; absent from some
+    minimal builds). Imports it."""
+    if ir is None:
+        return False
+    try:
+        importlib.import_module("jax.experimental.pallas.mosaic_gpu")
+    except ImportError:  # pragma: no cover - exercised only on such builds
+        return False
+    return True
+
+__all__ = ["BLOCK_TABLE", "FP8_BLOCK_TABLE", "MosaicBlocks", "OnFirstUse", "TUNED_BLOCKS", "default_blocks",
+           "hopper_gpu", "mosaic_attention", "mosaic_gpu_available", "mosaic_packed_attention", "mosaic_unsupported"]
 
 LOG2E: float = math.log2(math.e)
 LN2: float = math.log(2.0)
@@ -208,8 +236,6 @@ def mosaic_unsupported(
     fp8 operands (all of one fp8 dtype, descales passed to `mosaic_attention`) need transposed V:
     Hopper's fp8 wgmma reads both operands K-major, and P·V reduces over keys.
     """
-    if plgpu is None:
-        return "this jax has no Pallas Mosaic GPU backend"
     layout_error = kernel_layout_error(q_layout, k_layout, v_layout, o_layout)
     if layout_error:
         return layout_error
@@ -243,6 +269,8 @@ def mosaic_unsupported(
         return f"scale={scale} must be positive"
     if causal and not interpret and _cuda_runtime_version() in _BAD_CAUSAL_CUDA:
         return "causal masking is miscompiled by the ptxas of CUDA 12.8.0-12.9.0"
+    if not mosaic_gpu_available():  # last: it imports the backend
+        return "this jax has no Pallas Mosaic GPU backend"
     return None
 
 

@@ -51,12 +51,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from .mosaic_attention import mosaic_gpu_available, plgpu
 from .reference import check_shapes, kernel_layout_error
-
-try:  # the Mosaic GPU backend ships with jax >= 0.4.3x; absent from some minimal builds
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-except ImportError:  # pragma: no cover - exercised only on such builds
-    plgpu = None
 
 __all__ = ["HEAD_DIMS", "MosaicBwdBlocks", "mosaic_attention_backward", "mosaic_backward_unsupported"]
 
@@ -90,8 +86,6 @@ def mosaic_backward_unsupported(q, k, v, *, v_layout: str = "BHSD", q_layout: st
                                 k_layout: str = "BHSD", o_layout: str = "BHSD",
                                 blocks: MosaicBwdBlocks | None = None) -> str | None:
     """Why the Mosaic GPU backward cannot run this call (arrays or ShapeDtypeStructs), or None."""
-    if plgpu is None:
-        return "this jax has no Pallas Mosaic GPU backend"
     layout_error = kernel_layout_error(q_layout, k_layout, v_layout, o_layout)
     if layout_error:
         return layout_error
@@ -106,6 +100,8 @@ def mosaic_backward_unsupported(q, k, v, *, v_layout: str = "BHSD", q_layout: st
         return f"Sq={sq} must be a multiple of {COMPUTE_WARPGROUPS * blk.block_q} (2 * block_q)"
     if sk % (COMPUTE_WARPGROUPS * blk.block_kv):
         return f"Sk={sk} must be a multiple of {COMPUTE_WARPGROUPS * blk.block_kv} (2 * block_kv)"
+    if not mosaic_gpu_available():  # last: it imports the backend
+        return "this jax has no Pallas Mosaic GPU backend"
     return None
 
 
