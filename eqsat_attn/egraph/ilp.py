@@ -672,53 +672,80 @@ def _levels(root: str, chosen: dict[str, str], children: dict[str, list[str]]) -
     return level
 
 
+def greedy_dag_picks(classes: list[str], alive: dict[str, list[str]], children: dict[str, list[str]],
+                     cost: dict[str, float]) -> tuple[dict[str, str], dict[str, tuple[float, frozenset[str]]]]:
+    """Greedy-DAG extraction (egglog's algorithm): each class's pick, and for each e-node that
+    could be priced, the cost of its DAG (its own cost and each class below it once) and the
+    classes in it. Passes over the classes repeat until no pick changes; an e-node priced before
+    on the same children's DAGs is skipped (a class's DAG only ever gets cheaper, so its outcome
+    is the same)."""
+    dag: dict[str, dict[str, float]] = {}
+    dag_total: dict[str, float] = {}  # sum(dag[c].values()), kept with it
+    version: dict[str, int] = {}  # how often dag[c] changed
+    seen: dict[str, tuple[int, ...]] = {}  # e-node -> its classes' versions when last priced
+    pick: dict[str, str] = {}
+    member: dict[str, tuple[float, frozenset[str]]] = {}
+    for _ in range(len(classes) + 1):
+        changed = False
+        for c in classes:
+            for n in alive[c]:
+                kids = children[n]
+                if not all(k in dag for k in kids):
+                    continue
+                versions = tuple(version[k] for k in kids)
+                if seen.get(n) == versions:
+                    continue
+                seen[n] = versions
+                merged: dict[str, float] = {}
+                for k in kids:
+                    merged.update(dag[k])
+                if c in merged:  # the DAG would read its own class: a cycle
+                    continue
+                merged[c] = cost[n]
+                total = sum(merged.values())
+                member[n] = (total, frozenset(merged))
+                if c not in dag or total < dag_total[c] - 1e-15 * max(1.0, abs(total)):
+                    dag[c], dag_total[c], pick[c] = merged, total, n
+                    version[c] = version.get(c, 0) + 1
+                    changed = True
+        if not changed:
+            break
+    return pick, member
+
+
+def _tree_picks(classes: list[str], alive: dict[str, list[str]], children: dict[str, list[str]],
+                cost: dict[str, float]) -> dict[str, str]:
+    """Tree-cost extraction: class cost = min over its e-nodes of own cost + children's class
+    costs, to a fixed point (an e-node priced before on the same children's costs is skipped)."""
+    tree: dict[str, float] = {}
+    tree_pick: dict[str, str] = {}
+    version: dict[str, int] = {}
+    seen: dict[str, tuple[int, ...]] = {}
+    for _ in range(len(classes) + 1):
+        changed = False
+        for c in classes:
+            for n in alive[c]:
+                kids = children[n]
+                if not all(k in tree for k in kids) or seen.get(n) == (v := tuple(version[k] for k in kids)):
+                    continue
+                seen[n] = v
+                t = cost[n] + sum(tree[k] for k in kids)
+                if t < tree.get(c, math.inf) - 1e-15 * max(1.0, abs(t)):
+                    tree[c], tree_pick[c] = t, n
+                    version[c] = version.get(c, 0) + 1
+                    changed = True
+        if not changed:
+            break
+    return tree_pick
+
+
 def _warm_start(
     root: str, classes: list[str], alive: dict[str, list[str]], children: dict[str, list[str]],
     cost: dict[str, float],
 ) -> dict[str, str] | None:
     """A valid (acyclic) extraction: the cheaper of a greedy-DAG and a tree-cost fixpoint."""
     candidates = []
-    # tree cost: class cost = min over nodes of own cost + children's class costs
-    tree: dict[str, float] = {}
-    tree_pick: dict[str, str] = {}
-    # greedy DAG: class cost = cost of the union of the chosen subterms (keyed by class)
-    dag: dict[str, dict[str, float]] = {}
-    dag_total: dict[str, float] = {}  # sum(dag[c].values()), kept with it
-    # an e-node priced before on the same children's values has the same outcome (a class's
-    # value only ever decreases): versions count each class's changes, to skip those
-    tree_version: dict[str, int] = {}
-    dag_version: dict[str, int] = {}
-    tree_seen: dict[str, tuple[int, ...]] = {}
-    dag_seen: dict[str, tuple[int, ...]] = {}
-    dag_pick: dict[str, str] = {}
-    for _ in range(len(classes) + 1):
-        changed = False
-        for c in classes:
-            for n in alive[c]:
-                kids = children[n]
-                if all(k in tree for k in kids) and tree_seen.get(n) != (v := tuple(tree_version[k] for k in kids)):
-                    tree_seen[n] = v
-                    t = cost[n] + sum(tree[k] for k in kids)
-                    if t < tree.get(c, math.inf) - 1e-15 * max(1.0, abs(t)):
-                        tree[c], tree_pick[c] = t, n
-                        tree_version[c] = tree_version.get(c, 0) + 1
-                        changed = True
-                if all(k in dag for k in kids) and dag_seen.get(n) != (v := tuple(dag_version[k] for k in kids)):
-                    dag_seen[n] = v
-                    merged: dict[str, float] = {}
-                    for k in kids:
-                        merged.update(dag[k])
-                    if c in merged:
-                        continue
-                    merged[c] = cost[n]
-                    total = sum(merged.values())
-                    if c not in dag or total < dag_total[c] - 1e-15 * max(1.0, abs(total)):
-                        dag[c], dag_total[c], dag_pick[c] = merged, total, n
-                        dag_version[c] = dag_version.get(c, 0) + 1
-                        changed = True
-        if not changed:
-            break
-    for pick in (dag_pick, tree_pick):
+    for pick in (greedy_dag_picks(classes, alive, children, cost)[0], _tree_picks(classes, alive, children, cost)):
         if root in pick and _reachable(root, pick, children) is not None and _find_cycle(root, pick, children) is None:
             candidates.append((_dag_cost(root, pick, children, cost), dict(pick)))
     if not candidates:

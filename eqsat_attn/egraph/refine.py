@@ -38,7 +38,7 @@ from ..cost.model import CostModel, program_cost
 from .driver import egraph_size
 from .encode import Encoding
 from .extract import extract_program
-from .ilp import MAX_ENODES, ILPExtractionError, Problem, read_graph, solve
+from .ilp import MAX_ENODES, ILPExtractionError, Problem, greedy_dag_picks, read_graph, solve
 
 #: a member counts as contested when it is cheaper by itself than greedy's pick by at least this
 #: fraction of the greedy program's cost (smaller savings are not worth an exact solve)
@@ -74,42 +74,10 @@ class Extraction:
 
 
 def greedy_dag(problem: Problem) -> tuple[dict[str, str], dict[str, tuple[float, frozenset[str]]]]:
-    """Greedy-DAG extraction of ``problem`` (egglog's algorithm): each class's pick, and for
+    """Greedy-DAG extraction of ``problem`` (`ilp.greedy_dag_picks`): each class's pick, and for
     each e-node that could be priced, the cost of its DAG and the classes in it."""
-    cost, children, alive = problem.cost, problem.children, problem.alive
-    classes = [c for c in alive if alive[c]]
-    dag: dict[str, dict[str, float]] = {}
-    dag_total: dict[str, float] = {}  # sum(dag[c].values()), kept with it
-    version: dict[str, int] = {}  # how often dag[c] changed
-    seen: dict[str, tuple[int, ...]] = {}  # e-node -> its classes' versions when last priced
-    pick: dict[str, str] = {}
-    member: dict[str, tuple[float, frozenset[str]]] = {}
-    for _ in range(len(classes) + 1):
-        changed = False
-        for c in classes:
-            for n in alive[c]:
-                kids = children[n]
-                if not all(k in dag for k in kids):
-                    continue
-                versions = tuple(version[k] for k in kids)
-                if seen.get(n) == versions:  # priced on these very DAGs before: the same outcome
-                    continue
-                seen[n] = versions
-                merged: dict[str, float] = {}
-                for k in kids:
-                    merged.update(dag[k])
-                if c in merged:  # the DAG would read its own class: a cycle
-                    continue
-                merged[c] = cost[n]
-                total = sum(merged.values())
-                member[n] = (total, frozenset(merged))
-                if c not in dag or total < dag_total[c] - 1e-15 * max(1.0, abs(total)):
-                    dag[c], dag_total[c], pick[c] = merged, total, n
-                    version[c] = version.get(c, 0) + 1
-                    changed = True
-        if not changed:
-            break
-    return pick, member
+    alive = problem.alive
+    return greedy_dag_picks([c for c in alive if alive[c]], alive, problem.children, problem.cost)
 
 
 def contested_neighbourhood(problem: Problem, pick: dict[str, str],
