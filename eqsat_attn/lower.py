@@ -205,8 +205,9 @@ def evaluate_region(body: str, inputs: Sequence[Any]) -> Any:
 def _dot_general(p: ir.Params, args: list[Any]) -> Any:
     dims = ((tuple(p["lhs_contract"]), tuple(p["rhs_contract"])), (tuple(p["lhs_batch"]), tuple(p["rhs_batch"])))
     pet = p.get("preferred_element_type")
+    precision = lax.Precision.HIGHEST if p.get("precision") == "highest" else None
     return lax.dot_general(
-        args[0], args[1], dims, preferred_element_type=None if pet is None else jnp.dtype(pet)
+        args[0], args[1], dims, precision=precision, preferred_element_type=None if pet is None else jnp.dtype(pet)
     )
 
 

@@ -37,6 +37,7 @@ p, d1, d2, s1, s2, s3, qa, ka, va, oa = (
     var(n, IntVec) for n in ("p", "d1", "d2", "s1", "s2", "s3", "qa", "ka", "va", "oa")
 )
 dt, dt2, dt3, mk, cd = (var(n, String) for n in ("dt", "dt2", "dt3", "mk", "cd"))
+pr = var("pr", String)  # a matmul's precision: the op computes at least as precisely (kernels/reference.py)
 c, scale, neg = var("c", f64), var("scale", f64), var("neg", f64)
 lb, rb = var("lb", IntVec), var("rb", IntVec)
 causal = var("causal", i64)
@@ -182,10 +183,10 @@ def deferred_normalisation():
     for rank in range(2, 7):
         keep = perm_range(rank - 1)
         for _, ex, total in _shifted_exps(x, rank):
-            product = Term.dot(ex, v, ivec([rank - 1]), d1, lb, rb, dt3)
+            product = Term.dot(ex, v, ivec([rank - 1]), d1, lb, rb, dt3, pr)
             yield rw(
                 Term.binary("div", product, Term.broadcast(total, s2, keep)),
-                Term.dot(Term.softmax(x), v, ivec([rank - 1]), d1, lb, rb, dt3),
+                Term.dot(Term.softmax(x), v, ivec([rank - 1]), d1, lb, rb, dt3, pr),
                 shape(x).length() == i64(rank), s2.length() == i64(rank),
             )
 
@@ -218,7 +219,7 @@ def _scores(e_: Term, q_, k_, scale_, cap_, mask_, kind_, fill_, causal_, nb_):
 
 def _canonical_qk(a: Term, b: Term, n_batch: int, rank: int) -> Term:
     batch = perm_range(n_batch)
-    return Term.dot(a, b, ivec([rank - 1]), ivec([n_batch]), batch, batch, dt)
+    return Term.dot(a, b, ivec([rank - 1]), ivec([n_batch]), batch, batch, dt, pr)
 
 
 def _scaled(t: Term):
@@ -495,7 +496,7 @@ def attention():
         shapes = (shape(q) == ss, ss.length() == i64(rank), shape(k) == sk_, shape(v) == sv,
                   sv.length() == i64(n_batch + 2), dtype(e) == dte, dtype(q) == dtq)
         for probs, p_conds in _probabilities(x):
-            out = Term.dot(probs, v, ivec([rank - 1]), ivec([n_batch]), batch, batch, dt3)
+            out = Term.dot(probs, v, ivec([rank - 1]), ivec([n_batch]), batch, batch, dt3, pr)
             for kind in ("none", "bias", "bool", "bias+bool"):
                 # swapped: the causal flag is over Q's last free axis (G there), so it is not the op's
                 flag = i64(0) if swapped else causal
@@ -623,7 +624,7 @@ def softmax_backward():
         rank = n_batch + n_free + 1
         batch = perm_range(n_batch)
         facts = (_scores(sf_, q, k, sc0, cap, m, mk, fl, causal, i64(n_batch)), shape(v).length() == i64(n_batch + 2))
-        d_out = Term.dot(do_, v, ivec([rank - 1]), ivec([n_batch + 1]), batch, batch, dt)
+        d_out = Term.dot(do_, v, ivec([rank - 1]), ivec([n_batch + 1]), batch, batch, dt, pr)
         for d_probs in (d_out, Term.convert(d_out, String("float32"))):
             for form, conditions in _softmax_vjp_forms(Term.softmax(sf_), d_probs, rank):
                 yield rl(eq(e).to(form), *conditions, *facts)(scores_cot(e, sf_, sf_, do_, v))
@@ -712,7 +713,7 @@ def attention_gradients():
                  shape(k) == sk_, shape(v) == sv, dtype(q) == dtq, dtype(e) == dtq)
 
         def d_query(form: Term) -> Term:
-            return Term.dot(g_, form, ivec([rank - 1]), ivec([n_batch]), batch, batch, dt)
+            return Term.dot(g_, form, ivec([rank - 1]), ivec([n_batch]), batch, batch, dt, pr)
 
         # Q as given, or multiplied or divided by a scalar before the product (the scale's factor)
         q_forms = [(q, lambda t: t)]
@@ -727,13 +728,13 @@ def attention_gradients():
             yield rl(eq(e).to(chain(d_query(kk_))), eq(k).to(Term.transpose(kk_, swap_k)), *at_product)(
                 union(e).with_(q_back(dq_))
             )
-            yield rl(eq(e).to(chain(Term.dot(g_, k, ivec([rank - 1]), ivec([n_batch + 1]), batch, batch, dt))),
+            yield rl(eq(e).to(chain(Term.dot(g_, k, ivec([rank - 1]), ivec([n_batch + 1]), batch, batch, dt, pr))),
                      *at_product)(union(e).with_(q_back(dq_)))
             # K's gradient: gᵀ · Q summed over Q's free axes, in K's layout or in Kᵀ's
-            yield rl(eq(e).to(Term.dot(g_, q_form, free, free, batch, batch, dt)), *at_product)(
+            yield rl(eq(e).to(Term.dot(g_, q_form, free, free, batch, batch, dt, pr)), *at_product)(
                 union(e).with_(Term.transpose(Term.reshape(dk_, sk_), swap_k))
             )
-            yield rl(eq(e).to(Term.dot(q_form, g_, free, free, batch, batch, dt)), *at_product)(
+            yield rl(eq(e).to(Term.dot(q_form, g_, free, free, batch, batch, dt, pr)), *at_product)(
                 union(e).with_(Term.reshape(dk_, sk_))
             )
         # V's gradient: Pᵀ · do (P possibly cast to V's dtype), as [batch.., Sk, Dv] or transposed,
@@ -745,10 +746,10 @@ def attention_gradients():
                 pairs = ivec(axes)
                 moved = (eq(do_).to(Term.transpose(w_, pv_)), rc_ == pairs.map(lambda i: pv_[i]),
                          rb_ == batch.map(lambda i: pv_[i]))
-                yield rl(eq(e).to(Term.dot(probs, do_, pairs, pairs, batch, batch, dt)), *known)(union(e).with_(d_value))
-                yield rl(eq(e).to(Term.dot(do_, probs, pairs, pairs, batch, batch, dt)), *known)(
+                yield rl(eq(e).to(Term.dot(probs, do_, pairs, pairs, batch, batch, dt, pr)), *known)(union(e).with_(d_value))
+                yield rl(eq(e).to(Term.dot(do_, probs, pairs, pairs, batch, batch, dt, pr)), *known)(
                     union(e).with_(d_value_t))
-                yield rl(eq(e).to(Term.dot(probs, w_, pairs, rc_, batch, rb_, dt)), *moved, *known)(
+                yield rl(eq(e).to(Term.dot(probs, w_, pairs, rc_, batch, rb_, dt, pr)), *moved, *known)(
                     union(e).with_(d_value))
-                yield rl(eq(e).to(Term.dot(w_, probs, rc_, pairs, rb_, batch, dt)), *moved, *known)(
+                yield rl(eq(e).to(Term.dot(w_, probs, rc_, pairs, rb_, batch, dt, pr)), *moved, *known)(
                     union(e).with_(d_value_t))

@@ -610,6 +610,25 @@ def p_f32_v_bf16(q, k, v):
 
 grad_case("bf16_scores_f32_softmax_grad", bf16_f32_softmax, qkv("bhsd", BF16), family="precision",
           source=HAND + " bf16 scores, f32 softmax")
+grad_case("precision_highest_grad", precision_highest, qkv(), family="precision", source=HAND + " precision=HIGHEST")
+
+
+@case("precision_f32_algorithm_preset", qkv("bshd"), positive=True, family="precision",
+      source=HAND + " precision=DotAlgorithmPreset.F32_F32_F32, [B,S,H,D]")
+def precision_f32_preset(q, k, v):
+    full = jax.lax.DotAlgorithmPreset.F32_F32_F32
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=full) / jnp.sqrt(jnp.float32(D))
+    return jnp.einsum("bhqk,bkhd->bqhd", softmax_last(s), v, precision=full)
+
+
+@case("precision_highest_bf16_causal", qkv("bhsd", BF16), positive=True, family="precision",
+      source=HAND + " precision=HIGHEST over bfloat16, causal where-mask")
+def precision_highest_bf16(q, k, v):
+    hi = jax.lax.Precision.HIGHEST
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k, precision=hi, preferred_element_type=F32) * 0.25
+    keep = jnp.tril(jnp.ones((S, S), bool))
+    p_ = jax.nn.softmax(jnp.where(keep, s, -jnp.inf), axis=-1)
+    return jnp.einsum("bhqk,bhkd->bhqd", p_.astype(BF16), v, precision=hi)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -907,7 +926,6 @@ KNOWN_UNRAISED: dict[str, str] = {
     "softmax_no_max_subtraction": "exp(s) overflows above 88 where the op's stable softmax does not (not exact)",
     "softmax_post_where_after_pre_mask": "zeroing P after the softmax turns a fully hidden row's NaN into 0 (not the op's value)",
     "p_times_per_head_mask": "P * m[h] before P·V is not m[h] * (P·V) in signed zeros and NaN (not exact)",
-    "precision_highest": "precision=HIGHEST dots stay opaque: on a GPU the default float32 matmul is TF32",
     "softmax_exp_s_minus_logsumexp": LSE,
 }
 
