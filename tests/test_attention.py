@@ -173,6 +173,21 @@ class AttentionPricedOut:
         return base * 1e6 if node.op == "attention" else base
 
 
+def test_a_where_masked_softmax_miss_names_its_scores_not_the_mask():
+    """The nearest form of a masked softmax is read through the where-mask's value operand (not
+    its predicate): scores that are not a matmul say what they are."""
+
+    def masked_not_matmul(q, k, v):
+        s = jnp.sin(q) * 0.5  # scores that are not Q·Kᵀ
+        keep = jnp.arange(s.shape[-1]) % 2 == 0
+        p = jax.nn.softmax(jnp.where(keep, s, -1e9), axis=-1)
+        return jnp.einsum("bhqk,bhkd->bhqd", p, v)
+
+    q = jnp.ones((1, 2, 8, 8), jnp.float32)
+    (line,) = ea.optimize(masked_not_matmul).explain(q, q, q).not_attention
+    assert "nearest producer: sin" in line, line
+
+
 def test_the_report_says_why_a_softmax_is_not_attention():
     """A softmax left in the chosen program is explained: the nearest form it missed, or the
     predicted cost of the attention found for it but not chosen."""
@@ -181,8 +196,9 @@ def test_the_report_says_why_a_softmax_is_not_attention():
     assert len(missed) == 1 and "tanh" in missed[0], missed
     priced_out = ea.optimize(einsum_bhsd, cost_model=AttentionPricedOut()).explain(*args)
     assert priced_out.attention == []
-    notes = [n for n in priced_out.not_attention if "found but not chosen" in n]
+    notes = [n for n in priced_out.not_attention if "but not chosen" in n]
     assert len(notes) == 1 and "attention-priced-out" in notes[0], priced_out.not_attention
+    assert "found for 1 of the 1 softmax" in notes[0] and priced_out.not_attention[0] == notes[0]
     assert "not attention:" in priced_out.summary()
     chosen = ea.optimize(einsum_bhsd, cost_model=for_device("h100")).explain(*args)
     assert len(chosen.attention) == 1 and chosen.not_attention == []
