@@ -207,10 +207,10 @@ cap, fl, fl2, sc0 = var("cap", f64), var("fl", f64), var("fl2", f64), var("sc0",
 nb, causal2 = var("nb", i64), var("causal2", i64)
 dtq, dtp, dte = var("dtq", String), var("dtp", String), var("dte", String)
 ss, sk_, sv = var("ss", IntVec), var("sk", IntVec), var("sv", IntVec)
-RANK_CASES = [(n_batch, n_free) for n_batch in (0, 1, 2) for n_free in (1, 2)]
+RANK_CASES = [(n_batch, n_free) for n_batch in (0, 1, 2) for n_free in (1, 2)] + [(3, 1)]
 """(batch axes, Q's free axes) of the canonical Q·Kᵀ forms raised: [S,D]; [H,S,D] or [B·H,S,D];
-[B,H,S,D]; and with a second free axis, heads sharing K/V (multi-query: K, V without a head axis;
-grouped: [B, Hkv, G, Sq, D])."""
+[B,H,S,D]; with a second free axis, heads sharing K/V (multi-query: K, V without a head axis;
+grouped: [B, Hkv, G, Sq, D]); and [X,B,H,S,D] (attention under a vmap: X·B is the op's batch)."""
 
 
 def _scores(e_: Term, q_, k_, scale_, cap_, mask_, kind_, fill_, causal_, nb_):
@@ -421,7 +421,9 @@ def _op_dims(n_batch: int, n_free: int):
     """(B, Hkv, H, Sq, D, Sk, Dv) of the op over a rank case's canonical operands, read off the
     shapes ``ss`` (Q), ``sk_`` (Kᵀ) and ``sv`` (V); a second free axis of Q is its group of heads."""
     sq = ss
-    if n_batch == 2 and n_free == 1:
+    if n_batch == 3 and n_free == 1:
+        b, hkv, g, s_q, d = sq[0] * sq[1], sq[2], None, sq[3], sq[4]
+    elif n_batch == 2 and n_free == 1:
         b, hkv, g, s_q, d = sq[0], sq[1], None, sq[2], sq[3]
     elif n_batch == 2:
         b, hkv, g, s_q, d = sq[0], sq[1], sq[2], sq[3], sq[4]

@@ -576,6 +576,26 @@ def cross(q, k, v):
     return sdpa_bhsd(q, k, v)
 
 
+def _ensemble(rng):
+    return tuple(_normal(rng, (2, B, S, H, D)) for _ in range(3))
+
+
+def _causal_bshd(q, k, v):
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.float32(D))
+    s = jnp.where(jnp.tril(jnp.ones((S, S), bool)), s, -jnp.inf)
+    return jnp.einsum("bhqk,bkhd->bqhd", softmax_last(s), v)
+
+
+@case("rank5_vmapped_over_models", _ensemble, positive=True, family="rank",
+      source=HAND + " jax.vmap of causal [B,S,H,D] attention over an ensemble axis ([X,B,H,S,D] dots)")
+def rank5_vmapped(q, k, v):
+    return jax.vmap(_causal_bshd)(q, k, v)
+
+
+grad_case("rank5_vmapped_over_models_grad", rank5_vmapped, _ensemble, family="rank",
+          source=HAND + " jax.vmap over an ensemble axis")
+
+
 # ---------------------------------------------------------------------------------------------
 # Hand-written: mixed precision
 
