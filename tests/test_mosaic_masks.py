@@ -354,3 +354,19 @@ def test_gpu_compiled_masked_mosaic_matches_reference(case, overlap):
                                   scale=d ** -0.5, causal=kw["causal"], mask=keep, mask_fill=kw["mask_fill"],
                                   softcap=kw["softcap"], bias=kw["bias"])
     assert_close(got, np.asarray(want, np.float64), 2e-2, "o")
+
+
+def test_bench_masked_rows_smoke(tmp_path):
+    """bench/attention.py --masks on CPU (interpret mode): our Mosaic GPU key-padding row checks out
+    against its own reference (a padded batch included), and the page reports its rate on the
+    tiles it computes."""
+    from bench_scripts import load_bench
+
+    mod = load_bench("attention", "bench_attention_masks")
+    out = tmp_path / "masks.md"
+    mod.main(["--masks", "--cpu-smoke", "--match", "ours Mosaic GPU key padding$", "--reps", "1", "--out", str(out)])
+    text = out.read_text()
+    assert "(issue 21)" in text and "on computed tiles" in text and "FAIL" not in text
+    lines = text.splitlines()
+    assert sum("| ours Mosaic GPU key padding |" in line and "| ok |" in line for line in lines) == 1
+    assert sum(line.startswith("| bfloat16 B2 H2 S128 D64 | True | ours Mosaic GPU key padding | ") for line in lines) == 2
