@@ -18,7 +18,7 @@ from eqsat_attn.kernels import flash_attention
 from eqsat_attn.kernels.masks import HIDDEN, PARTIAL, VISIBLE, mask_4d, tile_classes
 from eqsat_attn.kernels.mosaic_attention import (MosaicBlocks, default_blocks, hopper_gpu, mosaic_attention,
                                                  mosaic_unsupported)
-from eqsat_attn.kernels.mosaic_scores import ScoreMods, bias_operand, tile_operands
+from eqsat_attn.kernels.mosaic_scores import ScoreMods, bias_operand, kept, log2_scores, safe_max, tile_operands
 from eqsat_attn.kernels.reference import MASK_VALUE
 from test_kernel_masks import assert_close, key_padding, no_reference, np_attention, sentinel_reference  # noqa: F401
 
@@ -251,6 +251,27 @@ def test_tile_operands_list_each_ctas_tiles_and_never_leave_one_empty():
     row = tile_operands(mask_4d(key_padding([256, 7], sk), (2, 4, sq, sk)), None, sq=sq, sk=sk, causal=True,
                         window=None, cta_rows=128, block_kv=64, block_q=64)[0]
     assert row.shape == (2, 1, 64, sk) and (np.asarray(row)[1, 0, :, 7:] == 0).all()
+
+
+def test_tile_math_on_plain_arrays():
+    """The kernel's per-tile score math: kept positions under every condition at once, soft-capped
+    log2 scores at ±inf and far past the cap, and the safe max of an all -inf row."""
+    rng = np.random.default_rng(6)
+    rows, cols = np.meshgrid(np.arange(8) + 8, np.arange(16), indexing="ij")
+    mask = rng.random((8, 16)) > 0.3
+    mods = ScoreMods(window=5, has_lengths=True, lists_bh=(False, False))
+    got = kept(rows, cols, mods, causal=True, mask=mask.astype(np.int8), kv_len=12)
+    assert np.array_equal(got, mask & (rows >= cols) & (cols < 12) & (cols > rows - 5))
+    with pytest.raises(ValueError, match="masked tile"):
+        kept(rows, cols, ScoreMods(), causal=False)
+    s = jnp.asarray([[-jnp.inf, -1e4, 0.0, 3.0, 1e4, jnp.inf]])
+    capped = np.asarray(log2_scores(s, ScoreMods(softcap=30.0), scale=0.5, log2_scale=None))
+    np.testing.assert_allclose(capped, 30 * np.tanh(np.asarray(s) * 0.5 / 30) * np.log2(np.e), rtol=1e-6)
+    bias = jnp.asarray([[1.0, -jnp.inf, 2.0, 0.0, 0.0, 0.0]], jnp.bfloat16)
+    plain = np.asarray(log2_scores(s, ScoreMods(), scale=0.5, log2_scale=0.5 * np.log2(np.e), bias=bias))
+    assert plain[0, 1] == -np.inf and plain[0, 5] == np.inf
+    np.testing.assert_allclose(plain[0, 2:4], (np.array([0.0, 1.5]) + [2.0, 0.0]) * np.log2(np.e), rtol=1e-6)
+    assert np.asarray(safe_max(jnp.asarray([-jnp.inf, -3.0]))).tolist() == [0.0, -3.0]
 
 
 def test_bias_keeps_broadcast_axes_and_rejects_bad_shapes():

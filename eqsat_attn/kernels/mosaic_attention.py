@@ -31,9 +31,13 @@ place as strided TMA boxes (`_Plan.window`): D minor for q, k and o, D or S mino
 Contract (`mosaic_unsupported` says which part a call misses; callers then use the Triton
 kernel): q, k, v all bf16 or all f16 (or fp8 with transposed V, below), D = Dv in `BLOCK_TABLE`
 (64, 128, 256), Sq a multiple of ``2 * block_q`` (128), Sk of 64 (`default_blocks` fits the key
-tile to it; fp8: of 128), no bias, no cast prologue, positive scale.
+tile to it; fp8: of 128), no cast prologue, positive scale.
 Causal masking is top-left aligned (query i sees keys j <= i) and visits only the key tiles that
-intersect the triangle. GQA reads the kv head ``h // (H / Hkv)``; K and V are never repeated.
+intersect the triangle. Score modifications (16-bit operands; kernels/mosaic_scores.py): a
+soft-cap, an additive bias (its [block_q, block_kv] tile read from global memory per key tile),
+and hidden positions (a boolean mask, key lengths, a sliding window) walked as per-CTA tile lists:
+HIDDEN tiles are never loaded, VISIBLE ones run without masking code, PARTIAL ones apply the mask
+tile (`_Warpgroup.tile_extras`, `modified_softmax`). GQA reads the kv head ``h // (H / Hkv)``; K and V are never repeated.
 Returns o [B,H,Sq,D] (in ``o_layout``) in q's dtype and the natural-log log-sum-exp [B,H,Sq]
 float32: the residuals of the Triton forward, so jax.grad runs the shared backward kernels.
 
@@ -65,7 +69,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from .masks import mask_4d
-from .mosaic_scores import NONE, ScoreMods, prepare
+from .mosaic_scores import NONE, ScoreMods, kept, log2_scores, prepare, safe_max
 from .reference import MASK_VALUE, check_shapes, kernel_layout_error, layout_shape
 
 try:  # jaxlib's MLIR bindings (the Mosaic GPU backend needs them; absent from some minimal builds)
@@ -573,52 +577,26 @@ class _Warpgroup:
             mask = plgpu.load(self.refs.mask.at[at], layout=plgpu.Layout.WGMMA, optimized=False)
         return col0, bias, mask
 
-    def keep(self, col0, mask):
-        """bool [block_q, block_kv]: the positions of a PARTIAL (or, without tile lists, causal
-        diagonal) tile that are kept: the mask tile, causal, the key length, the window."""
-        plan, bq, bkv = self.plan, self.plan.blocks.block_q, self.plan.blocks.block_kv
-        rows = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 0, layout=plgpu.Layout.WGMMA) + self.q_base
-        cols = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA) + col0
-        keep = None
-
-        def both(a, b):
-            return b if a is None else a & b
-        if mask is not None:
-            keep = mask != 0
-        if plan.causal:
-            keep = both(keep, rows >= cols)
-        if plan.mods.has_lengths:
-            keep = both(keep, cols < self.counts[2])
-        if plan.mods.window is not None:
-            keep = both(keep, (cols <= rows) & (cols > rows - plan.mods.window))
-        return keep
-
     def modified_softmax(self, s, m, masked: bool, extras):
-        """`softmax` with the score modifications, in log2 units: soft-cap, bias, then hidden
-        positions at -inf. The running max is kept safe (a row with no visible score yet
-        subtracts 0), so hidden scores get exactly zero weight and such a row ends with l = 0."""
-        plan = self.plan
+        """`softmax` with the score modifications (`mosaic_scores.log2_scores`, then hidden
+        positions at -inf on masked tiles) and a safe running max, so hidden scores get exactly
+        zero weight and a row with no visible score ends with l = 0."""
+        plan, bq, bkv = self.plan, self.plan.blocks.block_q, self.plan.blocks.block_kv
         col0, bias, mask = extras
-        if plan.mods.softcap:
-            cap = plan.mods.softcap
-            x = jnp.tanh(s * (plan.scale / cap)) * (cap * LOG2E)
-        else:
-            x = s * self.log2_scale
-        if bias is not None:
-            x = x + bias.astype(jnp.float32) * LOG2E
+        x = log2_scores(s, plan.mods, scale=plan.scale, log2_scale=self.log2_scale, bias=bias)
         if masked:
-            x = jnp.where(self.keep(col0, mask), x, -jnp.inf)
+            rows = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 0, layout=plgpu.Layout.WGMMA) + self.q_base
+            cols = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA) + col0
+            kv_len = self.counts[2] if plan.mods.has_lengths else None
+            x = jnp.where(kept(rows, cols, plan.mods, causal=plan.causal, mask=mask, kv_len=kv_len), x, -jnp.inf)
         m_new = jnp.maximum(m, x.max(axis=1))
         m_use = self.safe_max(m_new)
         p = jnp.exp2(x - lax.broadcast_in_dim(m_use, x.shape, [0]))
         return m_new, jnp.exp2(m - m_use), p
 
     def safe_max(self, m_new):
-        """The max to subtract: 0 for a row whose scores so far are all -inf (score
-        modifications: a hidden or -inf-biased row), so no -inf - -inf NaN arises."""
-        if not self.plan.mods.any:
-            return m_new
-        return jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        """The max to subtract (`mosaic_scores.safe_max` with score modifications)."""
+        return safe_max(m_new) if self.plan.mods.any else m_new
 
     def release_unneeded(self, take_turns):
         """Causal: the tiles only the other warpgroup needs. Observe their arrival and release

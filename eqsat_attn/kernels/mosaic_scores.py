@@ -19,12 +19,14 @@ op's values for any fill (kernels/flash_attention.py, `GUARD_MARGIN`), for eithe
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 
 from .masks import kernel_mask, tile_classes, tile_lists
 
+LOG2E: float = math.log2(math.e)
 #: bias dtypes read as stored (anything else is converted to float32 first, exactly)
 BIAS_DTYPES = ("bfloat16", "float16", "float32")
 
@@ -65,6 +67,44 @@ class ScoreMods:
 
 NONE = ScoreMods()
 
+
+# --- in the kernel: one [block_q, block_kv] tile of scores ---------------------------------
+
+def log2_scores(s, mods: ScoreMods, *, scale: float, log2_scale, bias=None):
+    """q·kᵀ (f32) as the op's scores in log2 units (the kernel's exp2 softmax): soft-capped
+    (softcap·tanh(s·scale / softcap)) when the plan has a cap, then plus the bias tile."""
+    if mods.softcap:
+        x = jnp.tanh(s * (scale / mods.softcap)) * (mods.softcap * LOG2E)
+    else:
+        x = s * log2_scale
+    return x if bias is None else x + bias.astype(jnp.float32) * LOG2E
+
+
+def kept(rows, cols, mods: ScoreMods, *, causal: bool, mask=None, kv_len=None):
+    """bool: the positions of a PARTIAL tile that are kept (``rows``, ``cols``: int32 query and
+    key indices of the tile): the mask tile (nonzero keeps), causal, the key length, the window."""
+    conditions = [] if mask is None else [mask != 0]
+    if causal:
+        conditions.append(rows >= cols)
+    if kv_len is not None:
+        conditions.append(cols < kv_len)
+    if mods.window is not None:
+        conditions.append((cols <= rows) & (cols > rows - mods.window))
+    if not conditions:
+        raise ValueError("a masked tile needs a mask, causal, key lengths or a window")
+    keep = conditions[0]
+    for condition in conditions[1:]:
+        keep = keep & condition
+    return keep
+
+
+def safe_max(m):
+    """The row max to subtract: 0 where every score so far is -inf (a hidden or -inf-biased row),
+    so that no -inf - -inf NaN arises and such scores weigh exactly zero."""
+    return jnp.where(m == -jnp.inf, 0.0, m)
+
+
+# --- outside the kernel: its operands ------------------------------------------------------
 
 def _bh(x: jax.Array) -> tuple[bool, bool]:
     return x.shape[0] > 1, x.shape[1] > 1
