@@ -180,6 +180,21 @@ def test_flash_attention_on_mosaic_gives_the_ops_fills(no_reference, fill):  # n
     assert_close(got, want, 2e-2, "o")
 
 
+def test_masked_call_reads_other_layouts_in_place(no_reference):  # noqa: F811
+    """q, k, o as [B,S,H,D] and V transposed as [B,H,D,S], with a key-padding mask, a causal flag
+    and a bias: the tiles the mask and bias give are logical, whatever the operands' layouts."""
+    rng, q, k, v, do = inputs(8, 128, 256)
+    mask = key_padding([256, 100], 256)
+    bias = jnp.asarray(rng.normal(size=(256,)), jnp.float32)  # one bias per key, broadcast
+    bshd = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+    got = flash_attention(bshd(q), bshd(k), jnp.swapaxes(v, 2, 3), scale=D ** -0.5, causal=True, mask=mask,
+                          bias=bias, q_layout="BSHD", k_layout="BSHD", o_layout="BSHD", v_layout="BHDS",
+                          backend="mosaic_gpu", mosaic_blocks=SMALL, interpret=True)
+    want = np_attention(f64(q), f64(k), f64(v), f64(do), scale=D ** -0.5, causal=True, mask=np.asarray(mask),
+                        bias=f64(bias))[0]
+    assert_close(bshd(got), want, 2e-2, "o")
+
+
 def test_fill_at_the_scores_level_takes_the_reference(sentinel_reference):  # noqa: F811
     """A fill of -20 among ±30 logits: hidden scores are not negligible, so the guard sends the
     whole call to `attention_reference` (here a sentinel of 7s)."""
@@ -199,24 +214,32 @@ def test_fill_at_the_scores_level_is_exact():
     assert_close(got, want, 2e-2, "o")
 
 
-def test_gradients_through_the_masked_mosaic_forward(no_reference):  # noqa: F811
-    """jax.grad with a key-padding mask, causal, soft-cap and a differentiable bias: the Mosaic GPU
-    forward's residuals (o, lse) feed the shared backward; q, k, v and bias gradients against
-    float64."""
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gradients_through_the_masked_mosaic_forward(no_reference, with_bias):  # noqa: F811
+    """jax.grad: the Mosaic GPU forward's residuals (o, lse) feed the shared backward. Without a
+    bias, a random mask with a row that keeps no key (fill -1e9: a uniform average, dV gets
+    dO / Sk) on the Triton masked backward; with one, key padding, causal, soft-cap and a
+    differentiable bias on the plain-JAX recomputation. Gradients against float64."""
     rng, q, k, v, do = inputs(5, 128, 128, logits=8.0)
-    mask = key_padding([128, 96], 128)
-    bias = jnp.asarray(rng.normal(size=(1, H, 128, 128)), jnp.float32)
-    kw = dict(scale=D ** -0.5, causal=True, softcap=10.0)
-    fn = lambda q, k, v, bias: flash_attention(q, k, v, bias=bias, mask=mask, backend="mosaic_gpu",  # noqa: E731
-                                               mosaic_blocks=SMALL, interpret=True, **kw)
+    if with_bias:
+        mask = np.asarray(key_padding([128, 96], 128))
+        bias = jnp.asarray(rng.normal(size=(1, H, 128, 128)), jnp.float32)
+        kw = dict(scale=D ** -0.5, causal=True, softcap=10.0)
+    else:
+        mask = tile_mask(rng, 128, 128)
+        bias, kw = None, dict(scale=D ** -0.5, causal=False, softcap=0.0)
+    fn = lambda q, k, v, bias: flash_attention(q, k, v, bias=bias, mask=jnp.asarray(mask), mask_fill=-1e9,  # noqa: E731
+                                               backend="mosaic_gpu", mosaic_blocks=SMALL, interpret=True, **kw)
     o, vjp = jax.vjp(fn, q, k, v, bias)
     dq, dk, dv, dbias = vjp(do)
-    want = np_attention(f64(q), f64(k), f64(v), f64(do), bias=f64(bias), mask=np.asarray(mask), **kw)
+    want = np_attention(f64(q), f64(k), f64(v), f64(do), bias=None if bias is None else f64(bias), mask=mask,
+                        fill=-1e9, **kw)
     assert_close(o, want[0], 2e-2, "o")
     for name, got, w in zip("qkv", (dq, dk, dv), want[1:4]):
         assert_close(got, w, 3e-2, f"d{name}")
-    assert dbias.shape == bias.shape
-    assert_close(dbias, want[4].sum(axis=0, keepdims=True), 3e-2, "dbias")
+    if with_bias:
+        assert dbias.shape == bias.shape
+        assert_close(dbias, want[4].sum(axis=0, keepdims=True), 3e-2, "dbias")
 
 
 # --- the tile operands ----------------------------------------------------------------------
