@@ -7,6 +7,7 @@ tests behind the gpu marker."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import jax
@@ -287,10 +288,14 @@ def test_tile_math_on_plain_arrays():
     assert np.array_equal(got, mask & (rows >= cols) & (cols < 12) & (cols > rows - 5))
     with pytest.raises(ValueError, match="masked tile"):
         kept(rows, cols, ScoreMods(), causal=False)
-    s = jnp.asarray([[-jnp.inf, -1e4, 0.0, 3.0, 1e4, jnp.inf]])
-    capped = np.asarray(log2_scores(s, ScoreMods(softcap=30.0), scale=0.5, log2_scale=None))
-    np.testing.assert_allclose(capped, 30 * np.tanh(np.asarray(s) * 0.5 / 30) * np.log2(np.e), rtol=1e-6)
+    s = jnp.asarray([[-jnp.inf, -1e4, -60.0, -1e-3, 0.0, 3.0, 59.0, 1e4, jnp.inf, jnp.nan]])
+    cap = functools.partial(log2_scores, mods=ScoreMods(softcap=30.0), scale=0.5, log2_scale=None)
+    capped = np.asarray(cap(s))
+    want = 30 * np.tanh(np.asarray(s, np.float64) * 0.5 / 30) * np.log2(np.e)
+    np.testing.assert_allclose(capped, want, rtol=0, atol=30 * 1e-6)  # NaN where s is NaN
+    assert "tanh" not in str(jax.make_jaxpr(cap)(s))  # Mosaic GPU's approx_math tanh is too coarse
     bias = jnp.asarray([[1.0, -jnp.inf, 2.0, 0.0, 0.0, 0.0]], jnp.bfloat16)
+    s = jnp.asarray([[-jnp.inf, -1e4, 0.0, 3.0, 1e4, jnp.inf]])
     plain = np.asarray(log2_scores(s, ScoreMods(), scale=0.5, log2_scale=0.5 * np.log2(np.e), bias=bias))
     assert plain[0, 1] == -np.inf and plain[0, 5] == np.inf
     np.testing.assert_allclose(plain[0, 2:4], (np.array([0.0, 1.5]) + [2.0, 0.0]) * np.log2(np.e), rtol=1e-6)
