@@ -757,9 +757,10 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
 
 def prepare_masked_rows(shape: Shape, a: dict, ref: jax.Array, args: argparse.Namespace,
                         warmup: int) -> list[tuple[dict, Callable | None]]:
-    """--masks (``a`` from `add_mask_inputs`): the unmodified Mosaic GPU kernel (the baseline), then each variant's rows, each
-    checked against its own reference on batches 0 and B-1 (a padded one), heads 0-1; TFLOP/s on
-    the pairs the variant keeps, our Mosaic GPU rows also on the tiles they compute."""
+    """--masks (``a`` from `add_mask_inputs`): the unmodified Mosaic GPU kernel (the baseline), then
+    each variant's rows, each checked against its own reference on batches 0 and B-1 (a padded
+    one), heads 0-1; TFLOP/s on the pairs the variant keeps, our Mosaic GPU rows also on the tiles
+    they compute."""
     smoke, window = args.cpu_smoke and jax.default_backend() != "gpu", args.window
     base = functools.partial(flash_attention, scale=shape.d ** -0.5, causal=shape.causal, interpret=smoke,
                              backend="mosaic_gpu")

@@ -33,11 +33,12 @@ kernel): q, k, v all bf16 or all f16 (or fp8 with transposed V, below), D = Dv i
 (64, 128, 256), Sq a multiple of ``2 * block_q`` (128), Sk of 64 (`default_blocks` fits the key
 tile to it; fp8: of 128), no cast prologue, positive scale.
 Causal masking is top-left aligned (query i sees keys j <= i) and visits only the key tiles that
-intersect the triangle. Score modifications (16-bit operands; kernels/mosaic_scores.py): a
-soft-cap, an additive bias (its [block_q, block_kv] tile read from global memory per key tile),
-and hidden positions (a boolean mask, key lengths, a sliding window) walked as per-CTA tile lists:
-HIDDEN tiles are never loaded, VISIBLE ones run without masking code, PARTIAL ones apply the mask
-tile (`_Warpgroup.tile_extras`, `modified_softmax`). GQA reads the kv head ``h // (H / Hkv)``; K and V are never repeated.
+intersect the triangle. GQA reads the kv head ``h // (H / Hkv)``; K and V are never repeated.
+Score modifications (16-bit operands; kernels/mosaic_scores.py): a soft-cap, an additive bias (its
+[block_q, block_kv] tile read from global memory per key tile), and hidden positions (a boolean
+mask, key lengths, a sliding window) walked as per-CTA tile lists: HIDDEN tiles are never loaded,
+VISIBLE ones run without masking code, PARTIAL ones apply the mask tile
+(`_Warpgroup.tile_extras`, `_Warpgroup.modified_softmax`).
 Returns o [B,H,Sq,D] (in ``o_layout``) in q's dtype and the natural-log log-sum-exp [B,H,Sq]
 float32: the residuals of the Triton forward, so jax.grad runs the shared backward kernels.
 
@@ -354,6 +355,16 @@ class _Plan:
         at = (batch if full_b else 0, head if full_h else 0, q_tile)
         return refs.counts.at[at], refs.index.at[at]
 
+    def kv_tile(self, kv_step, counts, index):
+        """The key tile of a step: the step itself, or (tiled) its entry in the CTA's lists (the
+        VISIBLE tiles, then the PARTIAL ones), read by the producer and both consumers alike."""
+        if not self.tiled:
+            return kv_step
+        n, visible = index.shape[1], counts[0]
+        first = index[0, jnp.minimum(kv_step, n - 1)]
+        second = index[1, jnp.clip(kv_step - visible, 0, n - 1)]
+        return lax.select(kv_step < visible, first, second)
+
     def q_tile(self):
         """This CTA's query tile: its grid index, or (causal, ``blocks.heavy_first``) counted from
         the last tile, the one with the most key tiles."""
@@ -547,23 +558,13 @@ class _Warpgroup:
 
     # --- score modifications (kernels/mosaic_scores.py) ---------------------------------------
 
-    def kv_tile(self, kv_step):
-        """The key tile of a step: the step itself, or (tiled) its entry in the CTA's lists (the
-        VISIBLE tiles, then the PARTIAL ones)."""
-        if not self.plan.tiled:
-            return kv_step
-        visible = self.counts[0]
-        first = self.index[0, jnp.minimum(kv_step, self.index.shape[1] - 1)]
-        second = self.index[1, jnp.clip(kv_step - visible, 0, self.index.shape[1] - 1)]
-        return lax.select(kv_step < visible, first, second)
-
     def tile_extras(self, kv_step, masked: bool):
         """What a key tile's score modifications read, loaded before its Q·Kᵀ is issued so the
         loads overlap it: (first key index, bias tile or None, mask tile or None). The bias and
         mask tiles come straight from global memory in wgmma's accumulator layout; the mask tile
         only for PARTIAL tiles."""
         plan, bq, bkv = self.plan, self.plan.blocks.block_q, self.plan.blocks.block_kv
-        col0 = self.kv_tile(kv_step) * bkv
+        col0 = plan.kv_tile(kv_step, self.counts, self.index) * bkv
         cols = pl.ds(col0, bkv)
         bias = mask = None
         if plan.mods.bias_bh is not None:
@@ -761,16 +762,9 @@ def _producer(plan: _Plan, refs, scratch, barriers):
     counts, index = plan.list_at(refs, batch, head, q_tile) if plan.tiled else (None, None)
     cta_steps = plan.cta_kv_steps(q_tile, counts)
 
-    def kv_tile(kv_step):  # as `_Warpgroup.kv_tile`
-        if not plan.tiled:
-            return kv_step
-        n = index.shape[1]
-        first, second = index[0, jnp.minimum(kv_step, n - 1)], index[1, jnp.clip(kv_step - counts[0], 0, n - 1)]
-        return lax.select(kv_step < counts[0], first, second)
-
     def load(operand: str, kv_step, slot):
         ref, smem, ready = (refs.k, k_smem, k_ready) if operand == "k" else (refs.v, v_smem, v_ready)
-        tile = plan.window(operand, ref, batch, kv_head, pl.ds(kv_tile(kv_step) * bkv, bkv))
+        tile = plan.window(operand, ref, batch, kv_head, pl.ds(plan.kv_tile(kv_step, counts, index) * bkv, bkv))
         plgpu.copy_gmem_to_smem(tile, smem.at[slot], ready.at[slot])
 
     plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
