@@ -127,8 +127,10 @@ def case_operands(name, rng, sq, sk):
     ("key-padding", 128, 256, SMALL),
     ("causal-padding-softcap-bias", 256, 256, SMALL), ("causal-padding-softcap-bias", 256, 256, OVERLAP),
     ("window", 256, 256, SMALL),
+    ("window", 256, 256, MosaicBlocks(64, 64, 1, heavy_first=True)),  # one slot, last query tile first
     ("lengths-window", 256, 256, SMALL), ("lengths-window", 256, 256, OVERLAP),
-], ids=lambda x: "overlapped" if x is OVERLAP else "alternating" if x is SMALL else None)
+], ids=lambda x: "overlapped" if x is OVERLAP else "alternating" if x is SMALL else
+   "one-slot-heavy-first" if isinstance(x, MosaicBlocks) else None)
 def test_interpreted_score_mods_match_float64(name, sq, sk, blocks):
     """The kernel alone: hidden positions weigh exactly nothing (the op with fill -inf), so a row
     that keeps no score is NaN with lse -inf; ±30 logits; both schedules."""
@@ -196,22 +198,35 @@ def test_masked_call_reads_other_layouts_in_place(no_reference):  # noqa: F811
     assert_close(bshd(got), want, 2e-2, "o")
 
 
-def test_fill_at_the_scores_level_takes_the_reference(sentinel_reference):  # noqa: F811
-    """A fill of -20 among ±30 logits: hidden scores are not negligible, so the guard sends the
-    whole call to `attention_reference` (here a sentinel of 7s)."""
-    rng, q, k, v, _ = inputs(4, 128, 128)
-    mask = key_padding([128, 64], 128)
-    got = flash_attention(q, k, v, scale=D ** -0.5, causal=False, mask=mask, mask_fill=-20.0,
-                          backend="mosaic_gpu", mosaic_blocks=SMALL, interpret=True)
+def fill_level_call(case):
+    """Calls whose hidden scores are not negligible beside a visible row: a fill of -20 among ±30
+    logits, or a row biased down to -1e4 beside a fill of -1e4. (flash_attention's arguments,
+    the float64 result.)"""
+    rng, q, k, v, do = inputs(4, 128, 128)
+    mask = np.asarray(key_padding([128, 64], 128))
+    bias, fill = None, -20.0
+    if case == "row-at-fill":
+        b = np.zeros((128, 128), np.float32)
+        b[17] = -1e4
+        bias, fill = jnp.asarray(b), -1e4
+    args = dict(q=q, k=k, v=v, scale=D ** -0.5, causal=False, mask=jnp.asarray(mask), mask_fill=fill, bias=bias)
+    want = np_attention(f64(q), f64(k), f64(v), f64(do), scale=D ** -0.5, mask=mask, fill=fill,
+                        bias=None if bias is None else f64(bias))[0]
+    return args, want
+
+
+@pytest.mark.parametrize("case", ["fill-among-scores", "row-at-fill"])
+def test_fill_at_the_scores_level_takes_the_reference(sentinel_reference, case):  # noqa: F811
+    """The guard sends such a call to `attention_reference` (here a sentinel of 7s)."""
+    args, _ = fill_level_call(case)
+    got = flash_attention(**args, backend="mosaic_gpu", mosaic_blocks=SMALL, interpret=True)
     assert np.all(np.asarray(got, np.float32) == 7.0)
 
 
-def test_fill_at_the_scores_level_is_exact():
-    rng, q, k, v, do = inputs(4, 128, 128)
-    mask = key_padding([128, 64], 128)
-    got = flash_attention(q, k, v, scale=D ** -0.5, causal=False, mask=mask, mask_fill=-20.0,
-                          backend="mosaic_gpu", mosaic_blocks=SMALL, interpret=True)
-    want = np_attention(f64(q), f64(k), f64(v), f64(do), scale=D ** -0.5, mask=np.asarray(mask), fill=-20.0)[0]
+@pytest.mark.parametrize("case", ["fill-among-scores", "row-at-fill"])
+def test_fill_at_the_scores_level_is_exact(case):
+    args, want = fill_level_call(case)
+    got = flash_attention(**args, backend="mosaic_gpu", mosaic_blocks=SMALL, interpret=True)
     assert_close(got, want, 2e-2, "o")
 
 
