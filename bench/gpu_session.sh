@@ -6,7 +6,7 @@
 #   bench/gpu_session.sh probe probe-fp8              # first call of a short lease: D128 rows only
 #   bash bench/gpu_session.sh mosaic attention-fp8-quick e2e-fp8 tune-mosaic-fp8   # next lease (see bench/results/README.md)
 #   stages: probe | probe-fp8 | attention-fp8 | attention-fp8-quick | check | final-check | mosaic | attention | attention-quick | e2e | e2e-fp8 | models | cost-model | tune |
-#           tune-mosaic | tune-mosaic-fp8 | tune-fp8 | tune-backward | mosaic-bwd | qkv | masks | decode
+#           tune-mosaic | tune-mosaic-fp8 | tune-fp8 | tune-backward | mosaic-bwd | qkv | masks | mosaic-masks | decode
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -54,6 +54,14 @@ for stage in "$@"; do
         | tee "$OUT/masks.log" | tail -25
       timeout 200 python3 bench/attention.py --quick --head-dims 128 --dtypes bfloat16 \
         --match 'Triton (standard|boolean mask|key lengths|soft-cap)' --out "$OUT/attention-masks.md" 2>&1 | grep -v '^  ' | tail -20 ;;
+    # issue 21: the Mosaic GPU forward with masks, bias and soft-cap: its compiled tests
+    # (tests/test_mosaic_masks.py -m gpu, both schedules), then the masked rows at D128 (key padding
+    # in half the batch, sliding window 1024, bias, soft-cap; ours Mosaic GPU and Triton beside
+    # cuDNN and XLA, each row checked against its own reference, TFLOP/s on kept pairs and on tiles)
+    mosaic-masks) timeout 200 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu tests/test_mosaic_masks.py 2>&1 \
+        | tee "$OUT/mosaic-masks.log" | tail -15
+      timeout 300 python3 bench/attention.py --masks --quick --head-dims 128 --out "$OUT/attention-masks-mosaic.md" 2>&1 \
+        | grep -v '^  ' | tail -40 ;;
     # issue 21: the compiled decode kernel's tests (tests/test_decode_kernel.py -m gpu), then the
     # decode rows (B32, caches 4096/32768: ours vs cuDNN and XLA through jax.nn.dot_product_attention)
     decode) timeout 150 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu tests/test_decode_kernel.py 2>&1 \

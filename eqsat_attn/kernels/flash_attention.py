@@ -501,7 +501,8 @@ def _forward(q, k, v, bias, cfg: _Config, descales: tuple[jax.Array, jax.Array] 
                                 blocks=cfg.mosaic_blocks, interpret=cfg.interpret,
                                 descales=descales if cfg.descaled else None,
                                 out_dtype=cfg.out_dtype or "bfloat16", q_layout=cfg.q_layout,
-                                k_layout=cfg.k_layout, o_layout=cfg.o_layout)
+                                k_layout=cfg.k_layout, o_layout=cfg.o_layout, bias=bias, mask=mask,
+                                softcap=cfg.softcap, kv_lengths=kv_lengths, window=cfg.window)
     ql, kl, vl, ol = cfg.q_layout, cfg.k_layout, cfg.v_layout, cfg.o_layout
     b, h, hkv, sq, sk, d, dv = check_shapes(q, k, v, vl, q_layout=ql, k_layout=kl)
     groups = h // hkv
@@ -1079,7 +1080,8 @@ def flash_attention(
     in its contract and `auto_takes_mosaic`, else Triton); the backward kernels are Triton's
     either way.
 
-    Score modifications (Triton backend): ``softcap`` (> 0: scores become
+    Score modifications (both forward backends; on Mosaic GPU see kernels/mosaic_scores.py,
+    16-bit operands): ``softcap`` (> 0: scores become
     softcap·tanh(s / softcap) before the bias, in every kernel), a boolean ``mask`` (True keeps,
     broadcastable to [B,H,Sq,Sk]; its per-tile map lets the kernels skip hidden tiles and mask
     only partial ones, kernels/masks.py) and the fill ``mask_fill`` hidden scores get. With a
