@@ -346,13 +346,21 @@ def test_contract_takes_score_mods_and_names_what_still_misses():
 
 
 def test_auto_sends_masked_calls_to_mosaic_on_hopper(monkeypatch):
-    """Where a Hopper GPU compiles the call, "auto" runs masked, biased and soft-capped forwards
-    on Mosaic GPU inside its contract, and on Triton outside it (here: Sq not a multiple of 128)."""
+    """Where a Hopper GPU compiles the call, "auto" keeps masked, biased and soft-capped forwards
+    on Triton until the compiled Mosaic kernel has run on a GPU (`AUTO_MOSAIC_SCORE_MODS`), and
+    with EQSAT_ATTN_AUTO_MOSAIC=1 runs them on Mosaic GPU inside its contract, on Triton outside
+    it (here: Sq not a multiple of 128); unmasked calls take Mosaic GPU as before."""
     monkeypatch.delenv("EQSAT_ATTN_AUTO_MOSAIC", raising=False)
     monkeypatch.setattr(fa, "hopper_gpu", lambda: True)
     q = jax.ShapeDtypeStruct((1, 2, 256, 128), jnp.bfloat16)
     bias = jax.ShapeDtypeStruct((256, 256), jnp.float32)
-    for kw in (dict(mask=True), dict(softcap=30.0), dict(bias=bias, causal=True, mask_fill=-1e4)):
+    mods = (dict(mask=True), dict(softcap=30.0), dict(bias=bias, causal=True, mask_fill=-1e4))
+    assert fa.pallas_backend(q, q, q, scale=0.1, interpret=False, causal=True) == "mosaic_gpu"
+    for kw in mods:
+        assert fa.pallas_backend(q, q, q, scale=0.1, interpret=False, **kw) == \
+            ("mosaic_gpu" if fa.AUTO_MOSAIC_SCORE_MODS else "triton"), kw
+    monkeypatch.setenv("EQSAT_ATTN_AUTO_MOSAIC", "1")
+    for kw in mods:
         assert fa.pallas_backend(q, q, q, scale=0.1, interpret=False, **kw) == "mosaic_gpu", kw
     odd = jax.ShapeDtypeStruct((1, 2, 200, 128), jnp.bfloat16)
     assert fa.pallas_backend(odd, q, q, scale=0.1, interpret=False, mask=True) == "triton"

@@ -120,14 +120,23 @@ BACKENDS = ("auto", "triton", "mosaic_gpu")
 #: "1" takes Mosaic GPU; backend="mosaic_gpu" or "triton" forces one per call.
 AUTO_MOSAIC = True
 AUTO_MOSAIC_FP8 = True
+#: Masks, key lengths, windows, bias and soft-cap on Mosaic GPU (kernels/mosaic_scores.py) pass
+#: in jax's Mosaic GPU interpreter and lower for Hopper, but the compiled kernel has not run on a
+#: GPU yet: "auto" keeps such calls on the Triton kernel (measured) until a lease runs
+#: `bash bench/gpu_session.sh mosaic-masks`; EQSAT_ATTN_AUTO_MOSAIC=1 (or backend="mosaic_gpu")
+#: takes them to Mosaic GPU now.
+AUTO_MOSAIC_SCORE_MODS = False
 AUTO_MOSAIC_ENV = "EQSAT_ATTN_AUTO_MOSAIC"
 
 
-def auto_takes_mosaic(fp8: bool) -> bool:
-    """Whether "auto" may pick the Mosaic GPU kernel (for a Hopper call inside its contract)."""
+def auto_takes_mosaic(fp8: bool, score_mods: bool = False) -> bool:
+    """Whether "auto" may pick the Mosaic GPU kernel (for a Hopper call inside its contract);
+    ``score_mods``: the call has a mask, key lengths, a window, a bias or a soft-cap."""
     override = os.environ.get(AUTO_MOSAIC_ENV)
     if override in ("0", "1"):
         return override == "1"
+    if score_mods and not AUTO_MOSAIC_SCORE_MODS:
+        return False
     return AUTO_MOSAIC_FP8 if fp8 else AUTO_MOSAIC
 
 
@@ -231,8 +240,10 @@ def pallas_backend(q, k, v, *, backend: str = "auto", interpret: bool | None = N
                              "use backend='triton' or 'auto'.")
         return "mosaic_gpu"
     fp8 = jnp.dtype(q.dtype).name in FP8_DTYPES
+    score_mods = any(call.get(name) is not None for name in ("mask", "bias", "kv_lengths", "window")) \
+        or bool(call.get("softcap"))
     auto = reason is None and not interpret and not tiles_given and hopper_gpu() and \
-        auto_takes_mosaic(fp8)
+        auto_takes_mosaic(fp8, score_mods)
     return "mosaic_gpu" if auto else "triton"
 
 
