@@ -824,6 +824,14 @@ def softmax_post_where(q, k, v):
     return _pv(jnp.where(m, p, 0.0), v)
 
 
+@case("softmax_post_where_causal_bias_extreme", with_extra(qkv(extreme=True), normal((1, H, S, S))), positive=True,
+      family="softmax", source=HAND + " where(causal, softmax(where(causal, s + bias, -inf)), 0), extreme inputs")
+def softmax_post_where_bias(q, k, v, bias):
+    m = causal()
+    p = softmax_last(jnp.where(m, _scores(q, k) + bias, -jnp.inf))
+    return _pv(jnp.where(m, p, 0.0), v)
+
+
 @case("p_times_per_head_mask", with_extra(qkv(), lambda rng: jnp.array([1.0, 0.0], F32)), positive=True,
       family="softmax", source="huggingface head_mask: P * m[h] = m[h] * attention")
 def p_head_mask(q, k, v, head_mask):
@@ -902,6 +910,21 @@ def neg_post_mask(q, k, v):
     return _pv(jnp.where(causal(), softmax_last(_scores(q, k)), 0.0), v)
 
 
+@case("neg_post_where_key_padding", with_extra(qkv(), lambda rng: jnp.array([[True] * S, [False] * S])),
+      positive=False, family="negative",
+      source=HAND + " where(pad, softmax(where(pad, s, -inf)), 0) with a fully padded sequence: its rows are 0, not NaN")
+def neg_post_where_padding(q, k, v, keep):
+    m = keep[:, None, None, :]
+    return _pv(jnp.where(m, softmax_last(jnp.where(m, _scores(q, k), -jnp.inf)), 0.0), v)
+
+
+@case("neg_post_where_causal_finite_fill", qkv(extreme=True), positive=False, family="negative",
+      source=HAND + " where(causal, softmax(where(causal, s, -1e9)), 0): a row at the fill's level weighs hidden keys")
+def neg_post_where_finite(q, k, v):
+    m = causal()
+    return _pv(jnp.where(m, softmax_last(jnp.where(m, _scores(q, k), -1e9)), 0.0), v)
+
+
 @case("neg_max_over_wrong_axis", qkv(), positive=False, family="negative",
       source=HAND + " exp(s - max over queries) normalised over keys: not shift-invariant per row")
 def neg_max_axis(q, k, v):
@@ -944,7 +967,6 @@ KNOWN_UNRAISED: dict[str, str] = {
     "sfdp19_causal_where_plus_mask": "the bias is added after the where-mask, so the fill becomes fill + bias (not one value)",
     "mask_gpt2_w_times_b_minus_1e10": "a multiplicative mask: s * 0 is NaN where s is inf, which a where-mask hides (not exact)",
     "softmax_no_max_subtraction": "exp(s) overflows above 88 where the op's stable softmax does not (not exact)",
-    "softmax_post_where_after_pre_mask": "zeroing P after the softmax turns a fully hidden row's NaN into 0 (not the op's value)",
     "p_times_per_head_mask": "P * m[h] before P·V is not m[h] * (P·V) in signed zeros and NaN (not exact)",
     "softmax_exp_s_minus_logsumexp": LSE,
 }
