@@ -177,6 +177,22 @@ def softmax():
 
 
 @attention_raise.family
+def causal_where_sum():
+    """The row sum of ``where(causal, exp(x - max(x)), 0)`` over scores x hidden by that causal mask
+    with -inf (``jax.nn.softmax(s, where=causal)``) is the row sum of exp(x - max(x)): causal keeps
+    key 0 in every row, so a hidden term is +0, or NaN only in a row whose kept terms hold a NaN
+    too (its max is -inf or NaN), and both sums are that NaN."""
+    keep_ = var("keep_", Term)
+    hidden = Term.select(keep_, scalar(float("-inf"), dt3, s3), y)
+    for rank in range(2, 9):
+        last = ivec([rank - 1])
+        for _, ex, _ in _shifted_exps(hidden, rank):
+            masked = Term.select(keep_, scalar(0.0, dt2, s2), ex)
+            yield rw(Term.reduce("reduce_sum", masked, last), Term.reduce("reduce_sum", ex, last),
+                     causal_mask(keep_), dtype(keep_) == String("bool"), shape(y).length() == i64(rank))
+
+
+@attention_raise.family
 def deferred_normalisation():
     """(exp(x - max) · V) / sum(exp(x - max)) is softmax(x) · V: normalising after the product
     (as flash attention does) reassociates the same sums."""

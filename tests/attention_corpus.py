@@ -832,6 +832,12 @@ def softmax_post_where_bias(q, k, v, bias):
     return _pv(jnp.where(m, p, 0.0), v)
 
 
+@case("softmax_where_argument_causal", qkv(extreme=True), positive=True, family="softmax",
+      source=HAND + " jax.nn.softmax(s, where=causal) · V, extreme inputs")
+def softmax_where_arg(q, k, v):
+    return _pv(jax.nn.softmax(_scores(q, k), axis=-1, where=causal()), v)
+
+
 @case("p_times_per_head_mask", with_extra(qkv(), lambda rng: jnp.array([1.0, 0.0], F32)), positive=True,
       family="softmax", source="huggingface head_mask: P * m[h] = m[h] * attention")
 def p_head_mask(q, k, v, head_mask):
@@ -923,6 +929,13 @@ def neg_post_where_padding(q, k, v, keep):
 def neg_post_where_finite(q, k, v):
     m = causal()
     return _pv(jnp.where(m, softmax_last(jnp.where(m, _scores(q, k), -1e9)), 0.0), v)
+
+
+@case("neg_softmax_where_argument_padding", with_extra(qkv(), lambda rng: jnp.array([[True] * S, [False] * S])),
+      positive=False, family="negative",
+      source=HAND + " jax.nn.softmax(s, where=pad) with a fully padded sequence: its rows are 0, not NaN")
+def neg_softmax_where_padding(q, k, v, keep):
+    return _pv(jax.nn.softmax(_scores(q, k), axis=-1, where=keep[:, None, None, :]), v)
 
 
 @case("neg_max_over_wrong_axis", qkv(), positive=False, family="negative",

@@ -397,3 +397,41 @@ def test_a_run_restarts_once_attention_is_raised_and_settled():
     (node,) = [chosen.nodes[i] for i in chosen.live_nodes() if chosen.nodes[i].op == "attention"]
     assert node["causal"] is True or node["causal"] == 1
     _values_equal(program, chosen)
+
+
+def _causal_rows_at_the_edges():
+    """q, k, v, bias [1, 2, 8, 4] where some rows' kept scores are all -inf (the bias hides
+    them), one row holds a NaN score, one a +inf score, and V holds ±0, denormals and an inf."""
+    rng = np.random.default_rng(7)
+    q, k, v = (rng.standard_normal((1, 2, 8, 4)).astype(np.float32) for _ in range(3))
+    bias = rng.standard_normal((1, 2, 8, 8)).astype(np.float32)
+    bias[0, 0, 3, :4] = -np.inf  # row 3 keeps keys 0..3: every kept score -inf
+    bias[0, 1, 0, 0] = -np.inf  # row 0 keeps key 0 only: -inf
+    q[0, 0, 5, 1] = np.nan
+    bias[0, 1, 6, 2] = np.inf
+    v[0, 0, :4, 0] = [0.0, -0.0, 1e-45, -1e-45]
+    v[0, 1, 7, 3] = np.inf
+    return q, k, v, bias
+
+
+@pytest.mark.parametrize("spelling", ["post_where", "softmax_where_argument"])
+def test_causal_zeroing_of_p_is_raised_with_the_programs_values(spelling):
+    """``where(causal, softmax(causal -inf-masked s + bias), 0) · V`` and ``jax.nn.softmax(s + bias,
+    where=causal) · V`` become attention with the program's values on rows whose kept scores are
+    all -inf, hold a NaN or a +inf (NaN where the program has NaN, equal elsewhere)."""
+    keep = jnp.tril(jnp.ones((8, 8), bool))
+
+    def fn(q, k, v, bias):
+        s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.5 + bias
+        if spelling == "post_where":
+            p = jnp.where(keep, jax.nn.softmax(jnp.where(keep, s, -jnp.inf), axis=-1), 0.0)
+        else:
+            p = jax.nn.softmax(s, axis=-1, where=keep)
+        return jnp.einsum("bhqk,bhkd->bhqd", p, v)
+
+    args = _causal_rows_at_the_edges()
+    optimized = ea.optimize(fn, cost_model=for_device("h100"))
+    assert len(optimized.explain(*args).attention) == 1
+    got, want = np.asarray(optimized(*args)), np.asarray(fn(*args))
+    assert np.isnan(want).any() and np.array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
