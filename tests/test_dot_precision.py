@@ -96,3 +96,24 @@ def test_attention_from_highest_matmuls_is_raised_with_equal_values():
     optimized = ea.optimize(attention, limits=LIMITS)
     assert len(optimized.explain(q, k, v).attention) == 1
     np.testing.assert_allclose(optimized(q, k, v), attention(q, k, v), rtol=2e-5, atol=2e-5)
+
+
+def test_highest_float32_matmuls_are_priced_without_tf32():
+    """On the Hopper table a float32 matmul at HIGHEST costs the non-tensor-core rate (TF32 is the
+    default's), alone and as a fused region's matmul; bfloat16 is unaffected."""
+    from eqsat_attn.cost import for_device
+    from eqsat_attn.cost.model import OpView
+    from eqsat_attn.ir import TensorType
+
+    model = for_device("h100")
+    dims = dict(lhs_contract=(1,), rhs_contract=(0,), lhs_batch=(), rhs_batch=(), preferred_element_type=None)
+
+    def dot_cost(dtype, **extra):
+        a, b, out = (TensorType(s, dtype) for s in ((4096, 4096), (4096, 4096), (4096, 4096)))
+        return model.node_cost(OpView("dot_general", {**dims, **extra}, (a, b), out))
+
+    assert dot_cost("float32", precision="highest") > 5 * dot_cost("float32")
+    assert dot_cost("bfloat16", precision="highest") == dot_cost("bfloat16")
+    t = TensorType((4096, 4096), "float32")
+    fused = [model.node_cost(OpView("fused", {"body": f"tanh(D[1;0;;;;{pr}]($0,$1))"}, (t, t), t)) for pr in ("", "highest")]
+    assert fused[1] > 5 * fused[0]

@@ -345,7 +345,8 @@ class RooflineModel:
         for op, a, b in dot_operand_types(body, node.inputs) if info.dots else ():
             f = dot_flops(op, a, b)
             flops += f
-            compute += f / (min(d.peak(a.dtype), d.peak(b.dtype)) * d.matmul_efficiency)
+            precision = op.params[5] if len(op.params) > 5 else ""
+            compute += f / (min(d.matmul_peak(a.dtype, precision), d.matmul_peak(b.dtype, precision)) * d.matmul_efficiency)
         launches = max(1, info.dots)
         extra = self._transpose_seconds(transposed_bytes(body, node.inputs)) if info.transposes else 0.0
         return Breakdown(flops, nbytes, compute, nbytes / d.bandwidth, d.launch_overhead * launches, extra)
