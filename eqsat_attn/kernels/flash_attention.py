@@ -35,7 +35,8 @@ that is dV^T = dO^T·P), one per query tile accumulating dQ. With a bias, or bac
 plain-JAX recomputation runs instead, one query chunk at a time (memory O(chunk * Sk)), which
 also gives the bias gradient. Opt-in, backward="mosaic_gpu" (or EQSAT_ATTN_MOSAIC_BWD=1 with the
 forward on Mosaic GPU) runs the same split as Hopper kernels (kernels/mosaic_backward.py, wgmma
-and TMA); calls outside their contract fall back to the Triton kernels with a warning saying why.
+and TMA; masks, key lengths, windows, soft-cap and a bias with its gradient included); calls
+outside their contract fall back to the Triton kernels with a warning saying why.
 """
 
 from __future__ import annotations
@@ -1063,8 +1064,8 @@ def flash_attention(
     Triton kernels), "mosaic_gpu" (the same split on Hopper, kernels/mosaic_backward.py; opt-in,
     as is EQSAT_ATTN_MOSAIC_BWD=1 with the forward on Mosaic GPU; a call outside its contract
     warns with the reason and runs "pallas", see `backward_kernels`) or "jax" (blockwise
-    recomputation in plain JAX); calls with a bias always use "jax", which also yields the bias
-    gradient. ``compute_dtype`` (a folded cast prologue): the
+    recomputation in plain JAX); calls with a bias use "jax", which also yields the bias
+    gradient, unless the Mosaic GPU backward runs them (it gives dbias too). ``compute_dtype`` (a folded cast prologue): the
     kernels read q, k, v in their own dtypes and cast every loaded tile to it before the matmuls
     (the values of ``flash_attention(q.astype(dt), ...)``, without the converted copies); the
     output is in it, the gradients in q's, k's and v's own dtypes. ``backend`` (`pallas_backend`):

@@ -19,12 +19,25 @@ the triangle; the element mask runs only on tiles crossing the diagonal. A warpg
 need fewer tiles than its CTA's stream observes and releases the others (every barrier phase is
 seen by every warpgroup, as the forward kernel does).
 
+Score modifications (what the forward takes; kernels/mosaic_backward_scores.py): soft-cap (dS
+scaled by 1 - tanh² of the capped score), an additive bias (its tile read from global memory per
+step, transposed copies for the dK/dV kernel) with dbias (the dQ kernel stores dS on every tile it
+visits; hidden positions zeroed and the bias's broadcast axes summed outside, in a fixed order),
+and hidden positions from a boolean mask, key lengths, a sliding window and the causal flag,
+walked as per-CTA tile lists in both kernels (dQ: the key tiles of its ``2 * block_q`` rows; dK/dV:
+the query tiles of its ``2 * block_kv`` keys, per head where the mask has heads): HIDDEN tiles are
+never loaded, VISIBLE ones run without masking code, PARTIAL ones apply the mask tile and the
+index conditions. Hidden scores get exactly zero weight, as in the forward; a row with no visible
+score gets no gradient (flash_attention's guard adds the uniform average's dV of a row that keeps
+no key under a finite fill, and runs the reference where a fill is not negligible).
+
 Contract (`mosaic_backward_unsupported` says which part a call misses; flash_attention then runs
 the Triton backward): q, k, v all bf16 or all f16 (f32 accumulation), D = Dv in (64, 128), Sq a
 multiple of ``2 * block_q`` and Sk of ``2 * block_kv`` (128 with the default tiles), q, k, o (and
 dO) with D minor and V with D or S minor (transposed V), in any axis order: read and written in
-place as strided TMA boxes. Not covered: bias, masks, soft-cap, cast prologues, fp8 (its
-straight-through backward stays on Triton).
+place as strided TMA boxes. Not covered: cast prologues, fp8 (its straight-through backward stays
+on Triton). dbias costs a float32 [B, H, Sq, Sk] array (the FlashAttention-2 way), whatever the
+bias's broadcast shape.
 
 Transposed V ([D, block_kv] tiles, dV written in that layout): dP = dO·Vᵀ reads the tile as
 stored; the dK/dV kernel reads it transposed as wgmma's A operand for dPᵀ = V·dOᵀ (16-bit wgmma
