@@ -420,3 +420,27 @@ def test_gpu_compiled_masked_backward_matches_reference(case):
     for first, again in zip(grads, vjp(do)):  # no atomics: the same bits every run
         if first is not None:
             np.testing.assert_array_equal(np.asarray(first, np.float32), np.asarray(again, np.float32))
+
+
+def test_bench_masked_backward_rows_count_kept_pairs_and_computed_tiles():
+    """bench/tune_backward.py --mosaic-masks: each variant's call and reference mask, and the tiles
+    the dQ kernel computes (128 rows x 64 keys) for its per-tile rate: key padding of half the keys
+    in half the batch halves those batches' tiles. (The script's rows run a check before timing:
+    `masked_errors`; its CPU smoke run is too slow for CI.)"""
+    from bench_scripts import load_bench
+
+    mod = load_bench("tune_backward", "bench_tune_backward_masks")
+    shape = mod.Shape(4, 2, 256, 64, False)
+    a = mod.add_mask_inputs(shape, mod.make_inputs(shape))
+    assert np.asarray(a["lengths"]).tolist() == [256, 256, 128, 128]
+    per_tile = 2.5 * 4.0 * 64 * 128 * 64
+    assert mod.backward_tile_flops(shape, "key padding", 1024, a) == per_tile * (2 * 8 + 2 * 4) * 2
+    assert mod.backward_tile_flops(shape, "soft-cap", 1024, a) == per_tile * 4 * 8 * 2
+    # causal: a CTA of 128 rows computes the key tiles up to its last row's diagonal (2 + 4), padded
+    # batches those below their 128 keys too (2 + 2)
+    assert mod.backward_tile_flops(shape, "causal key padding", 1024, a) == per_tile * (2 * 6 + 2 * 4) * 2
+    mods, keep, causal = mod.variant_call("sliding window", shape, 100, a)
+    assert mods == dict(window=100) and causal and keep.shape == (1, 1, 256, 256)
+    mods, keep, causal = mod.variant_call("key padding", shape, 100, a)
+    assert keep is a["pad"] and not causal and set(mods) == {"mask"}
+    assert mod.variant_call("bias", shape, 100, a)[:2] == ({}, None)
