@@ -322,6 +322,10 @@ def test_key_lists_and_bias_gradient_on_plain_arrays():
     assert got.dtype == jnp.bfloat16 and got.shape == (1, 2, 4, 8)
     np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=1e-2)
     assert bias_gradient(ds[:1], None, jnp.zeros((8,))).shape == (8,)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 2, 4, 8)), jnp.float32)
+    over_b = (x[0] + x[1]) + x[2]  # the batch slices in order, then the heads
+    np.testing.assert_array_equal(np.asarray(unbroadcast(x, (1, 1, 4, 8))), np.asarray(over_b[0] + over_b[1])[None, None])
+    np.testing.assert_array_equal(np.asarray(unbroadcast(x, (4, 8))), np.asarray(over_b[0] + over_b[1]))
 
 
 # --- contract and routing -------------------------------------------------------------------

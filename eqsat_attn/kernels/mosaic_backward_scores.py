@@ -15,7 +15,8 @@ The backward takes what the forward takes (kernels/mosaic_scores.py, the same `S
 Hidden positions get exactly zero weight (-inf before exp2), as in the forward; a row whose keys
 are all hidden (lse 0 from flash_attention's guard) contributes nothing: the guard adds its
 uniform average's dV. dbias = dS where kept, else 0 (the op's ``where(keep, s, fill)`` passes no
-gradient to hidden scores), summed over the bias's broadcast axes (`bias_gradient`).
+gradient to hidden scores), summed over the bias's broadcast axes one slice after another, in a
+fixed order (`bias_gradient`): no atomics, no reduction order left to the compiler.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from .masks import index_keep, tile_classes, tile_lists
 from .mosaic_scores import LOG2E, ScoreMods, bias_operand, prepare
 from .reference import causal_mask
 
-__all__ = ["BackwardOperands", "bias_gradient", "capped_scores", "key_tile_operands", "list_tile",
-           "prepare_backward", "unbroadcast"]
+__all__ = ["BackwardOperands", "bias_gradient", "capped_scores", "fixed_order_sum", "key_tile_operands",
+           "list_tile", "prepare_backward", "unbroadcast"]
 
 
 def capped_scores(s, mods: ScoreMods, *, scale: float, bias=None):
@@ -107,13 +108,23 @@ def prepare_backward(*, b: int, h: int, sq: int, sk: int, causal: bool, block_q:
     return BackwardOperands(mods, dq, dkv, keep)
 
 
+def fixed_order_sum(x: jax.Array, axis: int, keepdims: bool = False) -> jax.Array:
+    """x summed over ``axis`` one slice after another, in index order: the same bits on every run
+    and device (a reduction's order is the compiler's; this one is not)."""
+    x = jnp.moveaxis(x, axis, 0)
+    total = lax.fori_loop(1, x.shape[0], lambda i, acc: acc + x[i], x[0])
+    return jnp.expand_dims(total, axis) if keepdims else total
+
+
 def unbroadcast(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """x (rank 4) summed down to ``shape``, the shape it was broadcast from (as jax's VJP of a
-    broadcast sums): leading axes dropped, axes of size 1 kept."""
-    lead = x.ndim - len(shape)
-    x = x.sum(axis=tuple(range(lead))) if lead else x
-    axes = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
-    return x.sum(axis=axes, keepdims=True) if axes else x
+    broadcast sums): leading axes dropped, axes of size 1 kept; in a fixed order."""
+    for _ in range(x.ndim - len(shape)):
+        x = fixed_order_sum(x, 0)
+    for i, n in enumerate(shape):
+        if n == 1 and x.shape[i] != 1:
+            x = fixed_order_sum(x, i, keepdims=True)
+    return x
 
 
 def bias_gradient(ds: jax.Array, keep: jax.Array | None, bias) -> jax.Array:
