@@ -131,6 +131,8 @@ def mosaic_backward_unsupported(q, k, v, *, v_layout: str = "BHSD", q_layout: st
             return f"bias shape {tuple(bias.shape)} does not broadcast to [B, H, Sq, Sk] = {(b, h, sq, sk)}"
     if not mosaic_gpu_available():  # last: it imports the backend
         return "this jax has no Pallas Mosaic GPU backend"
+    if bias is not None and not hasattr(plgpu, "store"):
+        return "this jax's Pallas Mosaic GPU backend has no plgpu.store (the dS tiles of dbias)"
     return None
 
 
