@@ -165,29 +165,29 @@ class _Plan:
 
     def lists(self, counts_ref, index_ref, batch, head, tile):
         """A CTA's counts [4] and tile indices [2, n] (tiled plans); ``head`` a query head."""
-        full_b, full_h = self.mods.lists_bh
-        at = (batch if full_b else 0, head if full_h else 0, tile)
+        at = (*self.extra_at(self.mods.lists_bh, batch, head), tile)
         return counts_ref.at[at], index_ref.at[at]
 
     def extra_at(self, bh, batch, head):
         """(batch, head) indices of an operand whose B / H axes may broadcast (``bh``)."""
         return (batch if bh[0] else 0, head if bh[1] else 0)
 
-    def probabilities(self, s, lse, stat_axis: int, masked: bool, rows, cols, bias=None, mask=None,
+    def probabilities(self, s, lse, *, transposed: bool, masked: bool, row0, col0, bias=None, mask=None,
                       kv_len=None):
-        """P = exp2(scores - lse) of one tile (f32; ``lse`` in log2 units, broadcast along
-        ``stat_axis``) and d(capped score)/d(scaled score) (None without a soft-cap). ``rows``,
-        ``cols``: query and key indices of the tile (only read where ``masked``)."""
-        if not self.mods.any:
-            x, dcap = s * (self.scale * LOG2E), None
-            if masked:
-                x = jnp.where(rows >= cols, x, -jnp.inf)
-        else:
-            x, dcap = capped_scores(s, self.mods, scale=self.scale, bias=bias)
-            if masked:
+        """P = exp2(scores - lse) of one tile (f32, [rows, keys], or [keys, rows] ``transposed``;
+        ``lse`` in log2 units) and d(capped score)/d(scaled score) (None without a soft-cap).
+        ``row0``, ``col0``: the tile's first query and key (read only where ``masked``)."""
+        rows_axis = 1 if transposed else 0
+        x, dcap = capped_scores(s, self.mods, scale=self.scale, bias=bias)
+        if masked:
+            rows = _iota(s.shape, rows_axis) + row0
+            cols = _iota(s.shape, 1 - rows_axis) + col0
+            if self.mods.any:
                 keep = kept(rows, cols, self.mods, causal=self.causal, mask=mask, kv_len=kv_len)
-                x = jnp.where(keep, x, -jnp.inf)
-        return jnp.exp2(x - lax.broadcast_in_dim(lse, x.shape, [stat_axis])), dcap
+            else:  # causal only
+                keep = rows >= cols
+            x = jnp.where(keep, x, -jnp.inf)
+        return jnp.exp2(x - lax.broadcast_in_dim(lse, x.shape, [rows_axis])), dcap
 
     @property
     def v_transposed(self) -> bool:
@@ -357,9 +357,8 @@ def _dq_kernel(plan: _Plan, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *re
             k_tile, v_tile = k_smem.at[slot], v_smem.at[slot]
             vt = v_tile if plan.v_transposed else v_tile.transpose((1, 0))  # Vᵀ [D, block_kv]
             s, dp = _products([(q_smem, k_tile.transpose((1, 0))), (do_smem, vt)], (bq, bkv))
-            p, dcap = plan.probabilities(
-                s, lse, 0, masked, _iota((bq, bkv), 0) + q_base, _iota((bq, bkv), 1) + col0, bias, mask,
-                counts[2] if plan.mods.has_lengths else None)
+            p, dcap = plan.probabilities(s, lse, transposed=False, masked=masked, row0=q_base, col0=col0,
+                                         bias=bias, mask=mask, kv_len=counts[2] if plan.mods.has_lengths else None)
             ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [0]))  # d loss / d(capped score + bias)
             if plan.has_bias:
                 plgpu.store(ds_ref.at[batch, head, rows, cols], ds, optimized=False)
@@ -466,9 +465,8 @@ def _dkv_kernel(plan: _Plan, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *r
                                  (v_rows, do_tile.transpose((1, 0)))], (bkv, bq))
             lse = plgpu.load(lse_smem.at[slot], layout=col_stat)
             delta = plgpu.load(delta_smem.at[slot], layout=col_stat)
-            pt, dcap = plan.probabilities(
-                st, lse, 1, masked, _iota((bkv, bq), 1) + row0, _iota((bkv, bq), 0) + k_base, bias, mask,
-                counts[2] if plan.mods.has_lengths else None)
+            pt, dcap = plan.probabilities(st, lse, transposed=True, masked=masked, row0=row0, col0=k_base,
+                                          bias=bias, mask=mask, kv_len=counts[2] if plan.mods.has_lengths else None)
             if plan.v_transposed:  # dVᵀ += dOᵀ·P: Pᵀ through shared memory, read transposed
                 stage_smem[...] = pt.astype(plan.dtype)
                 plgpu.commit_smem()
