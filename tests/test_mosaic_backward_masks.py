@@ -18,7 +18,7 @@ import pytest
 from eqsat_attn.kernels import flash_attention
 from eqsat_attn.kernels.masks import mask_4d
 from eqsat_attn.kernels.mosaic_attention import hopper_gpu
-from eqsat_attn.kernels.mosaic_backward import MosaicBwdBlocks, mosaic_attention_backward, mosaic_backward_unsupported
+from eqsat_attn.kernels.mosaic_backward import mosaic_attention_backward, mosaic_backward_unsupported
 from eqsat_attn.kernels.mosaic_backward_scores import (bias_gradient, capped_scores, key_tile_operands,
                                                        list_tile, unbroadcast)
 from eqsat_attn.kernels.mosaic_scores import ScoreMods, log2_scores
@@ -263,6 +263,28 @@ def test_flash_attention_lengths_window_on_the_mosaic_backward(no_reference):  #
     _, vjp = jax.vjp(fn, q, k, v)
     want = f64_vjp(q, k, v, do, scale=D ** -0.5, causal=True, mask=lengths_mask([90], 128, 128, 48))
     for what, g, w in zip(("dq", "dk", "dv"), vjp(do), want[2:5]):
+        assert_close(g, w, TOL, what)
+
+
+def test_unguarded_bias_and_softcap_gradients_on_the_mosaic_backward(monkeypatch):
+    """No mask, no fill: flash_attention's plain custom VJP (no guard) with a differentiable bias
+    (one per key row, broadcast over the batch and heads) and a soft-cap runs the Mosaic GPU
+    backward under EQSAT_ATTN_MOSAIC_BWD=1, where the default would run the plain-JAX
+    recomputation: dq, dk, dv, dbias against float64."""
+    monkeypatch.setenv(fa.MOSAIC_BWD_ENV, "1")
+    calls = []
+    real = fa.mosaic_attention_backward
+    monkeypatch.setattr(fa, "mosaic_attention_backward", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    rng, q, k, v, do = inputs(8, 1, 2, 1, 128, 128)
+    bias = jnp.asarray(rng.normal(size=(128, 128)) * 4, jnp.bfloat16)
+    kw = dict(scale=D ** -0.5, causal=False, softcap=25.0)
+    fn = lambda q, k, v, bias: flash_attention(q, k, v, bias=bias, backend="mosaic_gpu", interpret=True, **kw)  # noqa: E731
+    _, vjp = jax.vjp(fn, q, k, v, bias)
+    got = vjp(do)
+    assert len(calls) == 1
+    want = f64_vjp(q, k, v, do, bias=bias, **kw)
+    assert got[3].shape == bias.shape and got[3].dtype == jnp.bfloat16
+    for what, g, w in zip(("dq", "dk", "dv", "dbias"), got, want[2:]):
         assert_close(g, w, TOL, what)
 
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .masks import index_keep, tile_classes, tile_lists
-from .mosaic_scores import LOG2E, ScoreMods, bias_operand, prepare
+from .mosaic_scores import LOG2E, ScoreMods, prepare
 from .reference import causal_mask
 
 __all__ = ["BackwardOperands", "bias_gradient", "capped_scores", "fixed_order_sum", "key_tile_operands",
