@@ -122,9 +122,8 @@ def tile_mask(rng, b, h, sq, sk):
 
 
 CASES = {  # name -> (b, h, hkv, sq, sk, causal, softcap, bias kind, mask kind, kv lengths, window, v layout)
-    "softcap": (1, 1, 1, 128, 256, False, 20.0, None, None, None, None, "BHSD"),
     "causal-bias": (1, 1, 1, 128, 128, True, 0.0, "full", None, None, None, "BHSD"),  # dS above the diagonal never written
-    "bias-minus-inf-keys": (1, 2, 1, 128, 128, False, 0.0, "keys", None, None, None, "BHSD"),
+    "bias-minus-inf-keys-softcap": (1, 2, 1, 128, 256, False, 20.0, "keys", None, None, None, "BHSD"),
     "random-mask-gqa": (1, 2, 1, 128, 256, False, 0.0, None, "random", None, None, "BHSD"),
     "causal-padding-softcap-bias": (2, 1, 1, 128, 128, True, 30.0, "heads", "padding", None, None, "BHSD"),
     "lengths-window": (2, 1, 1, 128, 128, False, 0.0, None, None, [128, 100], 64, "BHSD"),
