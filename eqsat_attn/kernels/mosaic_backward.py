@@ -46,7 +46,8 @@ staged in shared memory as B, read transposed), so dVᵀ [D, block_kv] is stored
 cost against [B,H,S,D]: one shared-memory store and fence of Pᵀ per query tile.
 
 Nothing here has been timed on a GPU yet: flash_attention's default backward stays Triton's
-until a GPU benchmark (bench/gpu_session.sh stage ``mosaic-bwd``) shows this one ahead.
+until a GPU benchmark (bench/gpu_session.sh stages ``mosaic-bwd``, ``mosaic-bwd-masks``) shows this
+one ahead.
 
 Interpret mode (``interpret=True``): jax's Mosaic GPU interpreter takes wgmma's A operand only from
 shared memory and runs no ``pl.run_state``, so there P and dS are staged through a shared-memory
