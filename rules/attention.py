@@ -564,6 +564,31 @@ def fold_operand_transpose():
 
 
 @attention_layout.family
+def fold_repeated_kv():
+    """K and V repeated along their head axis, as ``jnp.repeat(x, G, axis=head)`` and Llama's
+    ``repeat_kv`` write it (a broadcast to a new group axis right after the head axis, merged
+    into it by a reshape: head kv·G + g is kv head kv), are the unrepeated K and V read by G
+    query heads each: the op's query head i reads kv head i // (H / Hkv), the head the repeat put
+    there. Nothing is copied (the op's grouped-query read)."""
+    g_k, g_v = var("g_k", i64), var("g_v", i64)
+    sk0, sv0, sk5, sv5, sk4, sv4 = (var(n, IntVec) for n in ("sk0", "sv0", "sk5", "sv5", "sk4", "sv4"))
+
+    def repeated(t: Term, at: int, s5: IntVec, s4: IntVec) -> Term:
+        return Term.reshape(Term.broadcast(t, s5, ivec([*range(at + 1), *range(at + 2, 5)])), s4)
+
+    for hk in range(4):  # the head axis's position in K's layout
+        for hv in range(4):  # and in V's
+            yield rw(
+                Term.attention(q, repeated(k, hk, sk5, sk4), repeated(v, hv, sv5, sv4), m, qa, ka, va, oa, scale,
+                               causal, mk, cd, fl, cap),
+                Term.attention(q, k, v, m, qa, ka, va, oa, scale, causal, mk, cd, fl, cap),
+                ka[1] == i64(hk), va[1] == i64(hv), shape(k) == sk0, shape(v) == sv0,
+                sk5[hk + 1] == g_k, sv5[hv + 1] == g_v, g_k == g_v,
+                sk4 == sk0.set(hk, sk0[hk] * g_k), sv4 == sv0.set(hv, sv0[hv] * g_v),
+            )
+
+
+@attention_layout.family
 def fold_gradient_transpose():
     """A transposed Q, K, V or output cotangent of an attention's gradient is the same operand
     read in another layout (as for attention itself); the gradient of a transposed operand is

@@ -435,3 +435,36 @@ def test_causal_zeroing_of_p_is_raised_with_the_programs_values(spelling):
     got, want = np.asarray(optimized(*args)), np.asarray(fn(*args))
     assert np.isnan(want).any() and np.array_equal(np.isnan(got), np.isnan(want))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("repeat", ["jnp_repeat", "repeat_kv_broadcast", "tile"])
+def test_repeated_kv_heads_are_read_grouped(repeat):
+    """K and V repeated to the query heads (``jnp.repeat`` along heads, Llama's broadcast-and-merge
+    ``repeat_kv``, in [B, S, H, D]) become grouped-query attention over the unrepeated K and V;
+    ``jnp.tile`` (head h reads kv head h % Hkv, not the op's h // G) stays repeated. Values equal
+    on inputs with ±0, denormals, ±30 entries."""
+    b, s, h, hk, d = 2, 16, 4, 2, 8
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((b, s, n, d)).astype(np.float32) for n in (h, hk, hk))
+    q[0, 0, 0, :4] = [0.0, -0.0, 1e-45, 30.0]
+    k[1, 2, 1, :2] = [-30.0, 1e-40]
+
+    def rep(x):
+        if repeat == "jnp_repeat":
+            return jnp.repeat(x, h // hk, axis=2)
+        if repeat == "tile":
+            return jnp.tile(x, (1, 1, h // hk, 1))
+        return jnp.broadcast_to(x[:, :, :, None], (b, s, hk, h // hk, d)).reshape(b, s, h, d)
+
+    def fn(q, k, v):
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, rep(k)) / jnp.sqrt(jnp.float32(d))
+        scores = jnp.where(jnp.tril(jnp.ones((s, s), bool)), scores, jnp.finfo(jnp.float32).min)
+        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), rep(v))
+
+    optimized = ea.optimize(fn, cost_model=for_device("h100"))
+    after = optimized.explain(q, k, v).after
+    (node,) = [after.nodes[i] for i in after.live_nodes() if after.nodes[i].op == "attention"]
+    k_type = after.type_of(node.inputs[1])
+    heads = k_type.shape[node["k_layout"].index("H")]
+    assert heads == (h if repeat == "tile" else hk), (node, k_type)
+    np.testing.assert_allclose(optimized(q, k, v), fn(q, k, v), rtol=2e-6, atol=2e-6)
