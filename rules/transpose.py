@@ -84,10 +84,6 @@ def broadcast():
         Term.transpose(Term.broadcast(x, s, d), p), [], "broadcast_sink", (s, d, p, NONE), 3,
         lambda q2, s2, d2: Term.broadcast(Term.transpose(x, q2), s2, d2),
     )
-    yield from asking(
-        Term.broadcast(Term.transpose(x, q), s, d), [], "broadcast_bubble", (s, d, q, NONE), 2,
-        lambda s2, p2: Term.transpose(Term.broadcast(x, s2, d), p2),
-    )
 
 
 @transpose.family
