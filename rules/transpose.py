@@ -86,9 +86,11 @@ def broadcast():
     the transpose of the smaller operand; bubbling made every layout of a broadcast mask or
     constant a transpose of every other (5-D attention: 8,657 e-nodes, 3,396 without)."""
     yield from asking(
-        Term.transpose(Term.broadcast(x, s, d), p), [], "broadcast_sink", (s, d, p, NONE), 3,
+        Term.transpose(Term.broadcast(x, s, d), p), [d.length() >= i64(1)], "broadcast_sink", (s, d, p, NONE), 3,
         lambda q2, s2, d2: Term.broadcast(Term.transpose(x, q2), s2, d2),
     )
+    # a broadcast scalar (masks' fills, -inf, scales) takes the permuted shape: no index math asked
+    yield rw(Term.transpose(Term.broadcast(x, s, NONE), p), Term.broadcast(x, p.map(lambda i: s[i]), NONE))
 
 
 @transpose.family
