@@ -79,15 +79,18 @@ def select():
 
 @transpose.family
 def broadcast():
-    """A transpose of a broadcast is a broadcast of a (smaller) transpose, and back."""
+    """A transpose of a broadcast is a broadcast of a (smaller) transpose.
+
+    Only this way: a transpose inside a broadcast is not bubbled out of it. Where a transpose
+    of the broadcast is asked for, this rule relates the same classes, and the cheaper form is
+    the transpose of the smaller operand; bubbling made every layout of a broadcast mask or
+    constant a transpose of every other (5-D attention: 8,657 e-nodes, 3,396 without)."""
     yield from asking(
-        Term.transpose(Term.broadcast(x, s, d), p), [], "broadcast_sink", (s, d, p, NONE), 3,
+        Term.transpose(Term.broadcast(x, s, d), p), [d.length() >= i64(1)], "broadcast_sink", (s, d, p, NONE), 3,
         lambda q2, s2, d2: Term.broadcast(Term.transpose(x, q2), s2, d2),
     )
-    yield from asking(
-        Term.broadcast(Term.transpose(x, q), s, d), [], "broadcast_bubble", (s, d, q, NONE), 2,
-        lambda s2, p2: Term.transpose(Term.broadcast(x, s2, d), p2),
-    )
+    # a broadcast scalar (masks' fills, -inf, scales) takes the permuted shape: no index math asked
+    yield rw(Term.transpose(Term.broadcast(x, s, NONE), p), Term.broadcast(x, p.map(lambda i: s[i]), NONE))
 
 
 @transpose.family

@@ -357,31 +357,68 @@ def test_a_scaled_plain_matmul_keeps_its_values_at_the_edge_of_overflow(dtype, b
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
 
-def test_a_run_still_growing_restarts_from_its_best_program():
+def test_a_run_still_growing_restarts_from_its_best_program(monkeypatch):
     """jax.nn.dot_product_attention with a boolean mask (its 5-D einsum) grew past 100,000 e-nodes
-    in one run; at `RESTART_ENODES` it restarts from the program extracted there, where attention is
-    one op, and saturates: the result counts work only, so it is the same on any machine."""
-    from eqsat_attn.pipeline import RESTART_ENODES
+    in one run (today ~9,000: transposes no longer bubble out of broadcasts); a run still growing
+    at `RESTART_ENODES` (lowered here so this program reaches it) restarts from the program
+    extracted there, where attention is one op, and saturates: the result counts work only, so
+    it is the same on any machine."""
+    from eqsat_attn import pipeline
+
+    restart_enodes = 3_000
+    monkeypatch.setattr(pipeline, "RESTART_ENODES", restart_enodes)
 
     def fn(q, k, v):
         mask = (jnp.arange(S) < S - 2)[None, None, None, :]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
     program = _attention_program(fn, Q4, K4, V4)
+    model = for_device("h100")
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        result = optimize_program(program, OptimizeOptions(cost_model=for_device("h100")))
-    assert result.egraph_nodes >= RESTART_ENODES and result.saturated
+        chosen, run, _ = pipeline.optimize_part(program, OptimizeOptions(cost_model=model), model)
+    assert "after a restart" in run.stop_reason and "(e-node limit (3000))" in run.stop_reason
+    assert run.egraph_nodes >= restart_enodes and run.saturated
+    assert chosen.count("attention") == 1
+    result = optimize_program(program, OptimizeOptions(cost_model=model))  # the real threshold
+    assert result.saturated
     assert result.program.count("attention") == 1
     _values_equal(program, result.program)
 
 
-def test_a_run_restarts_once_attention_is_raised_and_settled():
+def test_a_gradient_run_restarts_once_its_backward_is_raised_and_settled(monkeypatch):
+    """A jax.grad program may raise attention only through its backward (`RAISED_GRADIENTS`, the
+    forward family never fires): once that has settled past `RAISED_SETTLED_ENODES` e-nodes
+    (lowered here so this small program reaches it) the run restarts as a forward one does, and
+    the program chosen keeps the raised gradient ops with equal values."""
+    from attention_corpus import BY_NAME
+
+    from eqsat_attn import pipeline
+
+    monkeypatch.setattr(pipeline, "RAISED_SETTLED_ENODES", 300)
+    case = BY_NAME["mask_key_padding_grad"]
+    program = _attention_program(case.fn, *case.args())
+    model = for_device("h100")
+    options = OptimizeOptions(cost_model=model, limits=Limits(iterations=30, seconds=SAFETY_NET_S))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        chosen, run, _ = pipeline.optimize_part(program, options, model)
+    assert "attention_gradients settled" in run.stop_reason and "after a restart" in run.stop_reason
+    assert run.saturated and not run.rules_fired.get(pipeline.RAISED)
+    assert run.rules_fired.get(pipeline.RAISED_GRADIENTS) and chosen.count("attention_vjp") >= 1
+    _values_equal(program, chosen)
+
+
+def test_a_run_restarts_once_attention_is_raised_and_settled(monkeypatch):
     """Causal jax.nn.dot_product_attention (its 5-D einsum) grew to 15,000 e-nodes before it
-    saturated; once attention is raised and the raise rule set raises no more past
-    `RAISED_SETTLED_ENODES` e-nodes, the run restarts from the program extracted there: a smaller
-    e-graph, the causal flag kept, equal values."""
+    saturated (today ~3,400: transposes no longer bubble out of broadcasts); once attention is
+    raised and the raise rule set raises no more past `RAISED_SETTLED_ENODES` e-nodes (lowered
+    here so this program reaches it), the run restarts from the program extracted there: a
+    smaller e-graph, the causal flag kept, equal values."""
+    from eqsat_attn import pipeline
     from eqsat_attn.pipeline import RAISED_RESTART_ENODES, optimize_part
+
+    monkeypatch.setattr(pipeline, "RAISED_SETTLED_ENODES", 1_500)
 
     def fn(q, k, v):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")

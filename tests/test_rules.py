@@ -204,6 +204,18 @@ def test_transpose_rules_remove_transposes():
     assert_same_values(program, result.program)
 
 
+def test_transpose_inside_a_broadcast_cancels_from_outside():
+    """Transposes only sink into a broadcast (none bubbles out of one): one applied to the
+    broadcast of a transposed input still meets that transpose and cancels it (bytes model)."""
+    b = B(); x = b.input(3, 4); y = b.input(2, 3, 4)
+    inner = b.broadcast(b.t(x, 1, 0), (2, 4, 3), (1, 2))
+    program = b.build(b.t(b.op("exp", inner), 0, 2, 1), b.op("add", y, b.t(inner, 0, 2, 1)))
+    result = optimize_program(program, OptimizeOptions(rules=["transpose"], limits=LIMITS))
+    assert result.program.count("transpose") == 0
+    assert result.cost_after < result.cost_before
+    assert_same_values(program, result.program)
+
+
 def test_captured_function_optimizes_to_same_values():
     import jax.numpy as jnp
 
