@@ -576,16 +576,26 @@ def fold_repeated_kv():
     def repeated(t: Term, at: int, s5: IntVec, s4: IntVec) -> Term:
         return Term.reshape(Term.broadcast(t, s5, ivec([*range(at + 1), *range(at + 2, 5)])), s4)
 
+    do_, wrt = var("do_", Term), var("wrt", i64)
+    params = (qa, ka, va, oa, scale, causal, mk, cd, fl, cap)
     for hk in range(4):  # the head axis's position in K's layout
         for hv in range(4):  # and in V's
-            yield rw(
-                Term.attention(q, repeated(k, hk, sk5, sk4), repeated(v, hv, sv5, sv4), m, qa, ka, va, oa, scale,
-                               causal, mk, cd, fl, cap),
-                Term.attention(q, k, v, m, qa, ka, va, oa, scale, causal, mk, cd, fl, cap),
-                ka[1] == i64(hk), va[1] == i64(hv), shape(k) == sk0, shape(v) == sv0,
-                sk5[hk + 1] == g_k, sv5[hv + 1] == g_v, g_k == g_v,
-                sk4 == sk0.set(hk, sk0[hk] * g_k), sv4 == sv0.set(hv, sv0[hv] * g_v),
-            )
+            rep_k, rep_v = repeated(k, hk, sk5, sk4), repeated(v, hv, sv5, sv4)
+            same = (ka[1] == i64(hk), va[1] == i64(hv), shape(k) == sk0, shape(v) == sv0,
+                    sk5[hk + 1] == g_k, sv5[hv + 1] == g_v, g_k == g_v,
+                    sk4 == sk0.set(hk, sk0[hk] * g_k), sv4 == sv0.set(hv, sv0[hv] * g_v))
+            yield rw(Term.attention(q, rep_k, rep_v, m, *params), Term.attention(q, k, v, m, *params), *same)
+            # gradients: Q's and the bias's are the grouped op's; K's and V's are the repeated
+            # operand's summed over its group (as jax.grad sums a broadcast's cotangent), which
+            # the grouped op's backward sums itself (in its own order: a reassociation)
+            yield rw(Term.attention_vjp(q, rep_k, rep_v, do_, m, *params, wrt),
+                     Term.attention_vjp(q, k, v, do_, m, *params, wrt), *same, wrt != i64(1), wrt != i64(2))
+            for index, at, s5 in ((1, hk, sk5), (2, hv, sv5)):
+                yield rw(
+                    Term.reduce("reduce_sum", Term.reshape(Term.attention_vjp(q, rep_k, rep_v, do_, m, *params, i64(index)),
+                                                           s5), ivec([at + 1])),
+                    Term.attention_vjp(q, k, v, do_, m, *params, i64(index)), *same,
+                )
 
 
 @attention_layout.family

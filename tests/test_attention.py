@@ -505,3 +505,36 @@ def test_repeated_kv_heads_are_read_grouped(repeat):
     heads = k_type.shape[node["k_layout"].index("H")]
     assert heads == (h if repeat == "tile" else hk), (node, k_type)
     np.testing.assert_allclose(optimized(q, k, v), fn(q, k, v), rtol=2e-6, atol=2e-6)
+
+
+def test_gradients_of_repeated_kv_attention_read_kv_unrepeated():
+    """jax.grad of attention over ``jnp.repeat``-ed K and V: the raised forward and its three
+    gradients all read the unrepeated K and V (K's and V's gradients summed over the group inside
+    the op, where jax.grad sums the repeat's cotangent), no repeat is left, and the gradients
+    equal jax.grad's on inputs with ±0, denormals and ±30 entries."""
+    b, s, h, hk, d = 2, 16, 4, 2, 8
+    rng = np.random.default_rng(4)
+    q, k, v = (rng.standard_normal((b, s, n, d)).astype(np.float32) for n in (h, hk, hk))
+    q[0, 1, 2, :4] = [0.0, -0.0, 1e-45, 30.0]
+    v[1, 3, 0, :2] = [-30.0, 1e-40]
+
+    def fn(q, k, v):
+        rep = lambda x: jnp.repeat(x, h // hk, axis=2)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, rep(k)) / jnp.sqrt(jnp.float32(d))
+        scores = jnp.where(jnp.tril(jnp.ones((s, s), bool)), scores, -jnp.inf)
+        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), rep(v))
+
+    def loss(q, k, v):
+        o = fn(q, k, v)
+        return jnp.sum(o * jnp.cos(o))
+
+    grad = jax.grad(loss, argnums=(0, 1, 2))
+    optimized = ea.optimize(grad, cost_model=for_device("h100"))
+    after = optimized.explain(q, k, v).after
+    ops = [after.nodes[i] for i in after.live_nodes() if after.nodes[i].op in ("attention", "attention_vjp")]
+    assert sorted(int(n.params.get("wrt", -1)) for n in ops) == [-1, 0, 1, 2]
+    for node in ops:
+        assert after.type_of(node.inputs[1]).shape == (b, s, hk, d), node
+    assert not any(after.type_of(i).rank == 5 for i in after.live_nodes()), "a repeat of K or V is left"
+    for got, want in zip(optimized(q, k, v), grad(q, k, v)):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
