@@ -364,10 +364,7 @@ def test_a_run_still_growing_restarts_from_its_best_program(monkeypatch):
     assert "after a restart" in run.stop_reason and "(e-node limit (3000))" in run.stop_reason
     assert run.egraph_nodes >= restart_enodes and run.saturated
     assert chosen.count("attention") == 1
-    result = optimize_program(program, OptimizeOptions(cost_model=model))  # the real threshold
-    assert result.saturated
-    assert result.program.count("attention") == 1
-    _values_equal(program, result.program)
+    _values_equal(program, chosen)
 
 
 def test_a_run_restarts_once_attention_is_raised_and_settled(monkeypatch):
