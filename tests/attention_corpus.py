@@ -991,10 +991,10 @@ KNOWN_RAISED_NEGATIVES: frozenset[str] = frozenset({
     "neg_weights_head_averaged_used",
 })
 
-#: cases whose e-graph stops at the corpus's e-node limit (5-D einsums with masks): raised all the same
+#: the longest cases (5-D gradients, two runs each), run first so that parallel workers balance
 SLOW: frozenset[str] = frozenset({
-    "flax_nnx_mha_causal_mask",
-    "jax_dpa_seq_lengths",
+    "jax_dpa_causal_grad",
+    "jax_dpa_gqa_grad",
 })
 
 BY_NAME: dict[str, Case] = {c.name: c for c in CASES}
