@@ -184,7 +184,7 @@ def causal_where_sum():
     too (its max is -inf or NaN), and both sums are that NaN."""
     keep_ = var("keep_", Term)
     hidden = Term.select(keep_, scalar(float("-inf"), dt3, s3), y)
-    for rank in range(2, 9):
+    for rank in range(2, 7):  # scores of every rank case
         last = ivec([rank - 1])
         for _, ex, _ in _shifted_exps(hidden, rank):
             masked = Term.select(keep_, scalar(0.0, dt2, s2), ex)
@@ -569,7 +569,8 @@ def fold_repeated_kv():
     ``repeat_kv`` write it (a broadcast to a new group axis right after the head axis, merged
     into it by a reshape: head kv·G + g is kv head kv), are the unrepeated K and V read by G
     query heads each: the op's query head i reads kv head i // (H / Hkv), the head the repeat put
-    there. Nothing is copied (the op's grouped-query read)."""
+    there. Nothing is copied (the op's grouped-query read). (Heads at axis 1 or 2 of K and V, as
+    [B, H, S, D] and [B, S, H, D] code repeats them.)"""
     g_k, g_v = var("g_k", i64), var("g_v", i64)
     sk0, sv0, sk5, sv5, sk4, sv4 = (var(n, IntVec) for n in ("sk0", "sv0", "sk5", "sv5", "sk4", "sv4"))
 
@@ -578,8 +579,8 @@ def fold_repeated_kv():
 
     do_, wrt = var("do_", Term), var("wrt", i64)
     params = (qa, ka, va, oa, scale, causal, mk, cd, fl, cap)
-    for hk in range(4):  # the head axis's position in K's layout
-        for hv in range(4):  # and in V's
+    for hk in (1, 2):  # the head axis's position in K's layout: [B, H, S, D] or [B, S, H, D]
+        for hv in (1, 2):  # and in V's
             rep_k, rep_v = repeated(k, hk, sk5, sk4), repeated(v, hv, sv5, sv4)
             same = (ka[1] == i64(hk), va[1] == i64(hv), shape(k) == sk0, shape(v) == sv0,
                     sk5[hk + 1] == g_k, sv5[hv + 1] == g_v, g_k == g_v,
