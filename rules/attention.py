@@ -494,20 +494,27 @@ def _attention_4d(n_batch: int, n_free: int, swapped: bool = False):
     )
 
 
-POST_MASK = var("post_mask", Term)
-
-
 def _probabilities(scores_: Term):
-    """(P, conditions, post-masked) as programs write P: softmax of the scores, or computed in
-    float32 and cast back to V's dtype; and either zeroed again where a causal mask hides it,
-    ``where(causal, P, 0)``, after a causal -inf mask before the softmax. That zeroing changes
-    nothing P·V computes: causal keeps key 0 in every row, so a hidden entry of P is +0 (what the
-    where writes), or NaN only in a row that also has a NaN where it keeps a key (its product
-    is NaN either way). The caller adds the -inf fill and the causal flag to the conditions."""
-    for probs, conds in ((Term.softmax(scores_), ()), (Term.convert(Term.softmax(scores_), dtp), (dtype(v) == dtp,))):
-        yield probs, conds, False
-        post = (causal_mask(POST_MASK), dtype(POST_MASK) == String("bool"))
-        yield Term.select(POST_MASK, scalar(0.0, dt2, s1), probs), (*conds, *post), True
+    """P as programs write it: softmax of the scores, or computed in float32 and cast back to V's dtype."""
+    yield Term.softmax(scores_), ()
+    yield Term.convert(Term.softmax(scores_), dtp), (dtype(v) == dtp,)
+
+
+@attention_raise.family
+def causal_zeroing():
+    """P zeroed again where a causal mask hides it, ``where(causal, P, 0)``, after a causal -inf mask
+    before the softmax (also what ``jax.nn.softmax(s, where=causal)`` ends with), changes nothing a
+    product over the keys computes: causal keeps key 0 in every row, so a hidden entry of P is +0
+    (what the where writes), or NaN only in a row that also has a NaN where it keeps a key (the
+    product is NaN either way)."""
+    post_mask, sx, lc, rc = var("post_mask", Term), var("sx", IntVec), var("lc", IntVec), var("rc", IntVec)
+    for kind in ("none", "bias"):  # a boolean mask might hide a whole row: that row would differ
+        facts = (_scores(x, q, k, sc0, cap, m, String(kind), f64(float("-inf")), i64(1), nb),
+                 causal_mask(post_mask), dtype(post_mask) == String("bool"), shape(x) == sx)
+        for probs, conds in _probabilities(x):
+            zeroed = Term.select(post_mask, scalar(0.0, dt2, s1), probs)
+            yield rw(Term.dot(zeroed, v, lc, rc, lb, rb, dt3, pr), Term.dot(probs, v, lc, rc, lb, rb, dt3, pr),
+                     *facts, *conds, lc == IntVec(sx.length() - 1))
 
 
 @attention_raise.family
@@ -523,13 +530,9 @@ def attention():
         q4, k4, v4, mask4, back = _attention_4d(n_batch, n_free, swapped)
         shapes = (shape(q) == ss, ss.length() == i64(rank), shape(k) == sk_, shape(v) == sv,
                   sv.length() == i64(n_batch + 2), dtype(e) == dte, dtype(q) == dtq)
-        for probs, p_conds, post_masked in _probabilities(x):
+        for probs, p_conds in _probabilities(x):
             out = Term.dot(probs, v, ivec([rank - 1]), ivec([n_batch]), batch, batch, dt3, pr)
-            if post_masked:
-                p_conds = (*p_conds, causal == i64(1), fl == f64(float("-inf")))
             for kind in ("none", "bias", "bool", "bias+bool"):
-                if post_masked and (swapped or kind not in ("none", "bias")):
-                    continue  # the zeroing is exact only where causal alone hides (every row keeps a key)
                 # swapped: the causal flag is over Q's last free axis (G there), so it is not the op's
                 flag = i64(0) if swapped else causal
                 mask_fact, mask_term = _mask_operand(kind, mask4)
