@@ -25,6 +25,7 @@ from eqsat_attn.kernels.mosaic_scores import ScoreMods, log2_scores
 from eqsat_attn.kernels.reference import MASK_VALUE, attention_reference
 from test_kernel_masks import key_padding, no_reference, np_attention  # noqa: F401
 from test_kernels import assert_close
+from test_mosaic_masks import f64, lengths_mask
 
 fa = importlib.import_module("eqsat_attn.kernels.flash_attention")  # the module, not the function
 pytestmark = pytest.mark.usefixtures("full_f32_matmuls_on_gpu")
@@ -44,10 +45,6 @@ def inputs(seed, b, h, hkv, sq, sk, *, logits=30.0):
     v[0, 0, 0, :3] = do[0, 0, 0, :3] = [0.0, -0.0, 1e-40]
     bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
     return rng, bf(q), bf(k), bf(v), bf(do)
-
-
-def f64(x):
-    return np.asarray(jnp.asarray(x, jnp.float32), np.float64)
 
 
 def f64_vjp(q, k, v, do, *, scale, causal=False, bias=None, mask=None, softcap=0.0, fill=MASK_VALUE):
@@ -95,17 +92,6 @@ def f64_vjp(q, k, v, do, *, scale, causal=False, bias=None, mask=None, softcap=0
 
 def _unbroadcast_np(x, shape):  # pragma: no cover - older jax only
     return np.asarray(unbroadcast(jnp.asarray(x), shape))
-
-
-def lengths_mask(lengths, sq, sk, window=None):
-    """The boolean mask key lengths and a sliding window stand for, [B or 1, 1, Sq, Sk]."""
-    i, j = np.arange(sq)[:, None], np.arange(sk)[None, :]
-    keep = np.ones((1, 1, sq, sk), bool)
-    if lengths is not None:
-        keep = keep & (j < np.asarray(lengths)[:, None, None, None])
-    if window is not None:
-        keep = keep & (j <= i) & (j > i - window)
-    return keep
 
 
 def tile_mask(rng, b, h, sq, sk):
