@@ -369,8 +369,10 @@ def optimize(
     ``limits`` bounds saturation; past it the best program found so far is used.
     ``extractor`` is "greedy-dag" (default), "tree" or "ilp" (exact, small graphs).
     ``precision="fp8"`` lets the optimizer run bf16/f16 attention in fp8 where the cost model
-    says it pays (values then change; README, "Precision policy"); the default "exact" never
-    introduces a lower precision. ``reuse_blocks`` (default) optimizes identical repeated blocks
+    says it pays (values then change; README, "Precision policy"); ``precision="fast_math"``
+    also raises softmax spellings that equal attention but where the program meets Inf or NaN,
+    signed zeros and exp's rounding (no max subtracted, exp(s - logsumexp), GPT-2's multiplicative
+    mask); the default "exact" changes values only by float reassociation. ``reuse_blocks`` (default) optimizes identical repeated blocks
     (a model's layers, cut at the residual stream; `eqsat_attn.blocks`) once. ``cache_size``
     optimized programs are kept per function (`DEFAULT_CACHE_SIZE`; None: unbounded).
     ``cache_dir`` keeps optimized programs on disk for other processes (`eqsat_attn.disk_cache`):

@@ -39,7 +39,7 @@ class OptimizeOptions:
     backend: str = "auto"  # "auto" | "pallas" | "reference": how Attention is lowered
     limits: Limits = field(default_factory=Limits)
     extractor: str = "greedy-dag"  # "greedy-dag" | "tree" (egglog's) | "ilp" (exact, small graphs)
-    precision: str = "exact"  # "exact" | "fp8": may the optimizer introduce fp8 attention?
+    precision: str = "exact"  # PRECISIONS: how far raising may change values
     reuse_blocks: bool = True  # optimize identical repeated parts (a model's layers) once: eqsat_attn.blocks
 
     def __post_init__(self) -> None:
@@ -57,13 +57,14 @@ class OptimizeOptions:
             check_cost_model(self.cost_model)
 
     def rule_names(self, program: Program | None = None) -> list[str] | None:
-        """The rule sets to run: the chosen ones, plus the fp8 policy when precision="fp8"; with
+        """The rule sets to run: the chosen ones, plus the precision's own (`PRECISION_RULES`); with
         the default sets, `GRADIENT_RULES` too when ``program`` writes out softmax's backward."""
         extra = [GRADIENT_RULES] if self.rules is None and program is not None and writes_softmax_backward(program) else []
         if self.precision == "exact":
             return None if self.rules is None and not extra else [*(self.rules or DEFAULT_RULESETS), *extra]
         names = [*(DEFAULT_RULESETS if self.rules is None else self.rules), *extra]
-        return names if "fp8_policy" in names else [*names, "fp8_policy"]
+        own = PRECISION_RULES[self.precision]
+        return names if own in names else [*names, own]
 
 
 #: the rule set raising a jax.grad program's attention backward (rules/attention.py): its rules
@@ -82,9 +83,13 @@ def writes_softmax_backward(program: Program) -> bool:
     )
 
 
-#: "exact": values change only by float reassociation; "fp8": attention may run in fp8 (README,
-#: "Precision policy").
-PRECISIONS = ("exact", "fp8")
+#: "exact": values change only by float reassociation; "fast_math": softmax spellings equal to
+#: attention but for Inf/NaN, signed zeros and exp's rounding are raised too; "fp8": attention may
+#: run in fp8 (README, "Precision policy").
+PRECISIONS = ("exact", "fast_math", "fp8")
+
+#: the rule set each precision but "exact" adds to the chosen ones
+PRECISION_RULES = {"fast_math": "attention_fast_math", "fp8": "fp8_policy"}
 
 
 @dataclass(frozen=True)

@@ -141,11 +141,20 @@ def _shifted_exps(xx: Term, rank: int):
         yield shifted, ex, Term.convert(Term.reduce("reduce_sum", Term.convert(ex, String("float32")), last), dt)
 
 
-def _stable_softmax_forms(xx: Term, rank: int):
+def _unshifted_exps(xx: Term, rank: int):
+    """(x, exp(x), its row sum): `_shifted_exps` without the max subtracted (`attention_fast_math`)."""
+    last = ivec([rank - 1])
+    ex = Term.unary("exp", xx)
+    yield xx, ex, Term.reduce("reduce_sum", ex, last)
+    yield xx, ex, Term.convert(Term.reduce("reduce_sum", Term.convert(ex, String("float32")), last), dt)
+
+
+def _stable_softmax_forms(xx: Term, rank: int, exps=_shifted_exps):
     """The stable softmax over the last axis of a rank-`rank` x, as libraries write it: divided by
-    the row sum, multiplied by its reciprocal, or as exp(log_softmax(x))."""
+    the row sum, multiplied by its reciprocal, or as exp(log_softmax(x)) (``exps``: the exponentials
+    and their sums, `_shifted_exps` or `_unshifted_exps`)."""
     keep = perm_range(rank - 1)
-    for shifted, ex, total in _shifted_exps(xx, rank):
+    for shifted, ex, total in exps(xx, rank):
         yield ex, Term.binary("div", ex, Term.broadcast(total, s2, keep))
         for inverse in (Term.binary("div", scalar(1.0, dt2, s3), total), Term.integer_pow(total, -1)):
             reciprocal = Term.broadcast(inverse, s2, keep)
@@ -192,19 +201,24 @@ def causal_where_sum():
                      causal_mask(keep_), dtype(keep_) == String("bool"), shape(y).length() == i64(rank))
 
 
-@attention_raise.family
-def deferred_normalisation():
-    """(exp(x - max) · V) / sum(exp(x - max)) is softmax(x) · V: normalising after the product
-    (as flash attention does) reassociates the same sums."""
+def _deferred_normalisations(exps):
+    """(exp(x - max) · V) / sum(exp(x - max)) is softmax(x) · V (``exps``: as `_stable_softmax_forms`)."""
     for rank in range(2, 7):
         keep = perm_range(rank - 1)
-        for _, ex, total in _shifted_exps(x, rank):
+        for _, ex, total in exps(x, rank):
             product = Term.dot(ex, v, ivec([rank - 1]), d1, lb, rb, dt3, pr)
             yield rw(
                 Term.binary("div", product, Term.broadcast(total, s2, keep)),
                 Term.dot(Term.softmax(x), v, ivec([rank - 1]), d1, lb, rb, dt3, pr),
                 shape(x).length() == i64(rank), s2.length() == i64(rank),
             )
+
+
+@attention_raise.family
+def deferred_normalisation():
+    """(exp(x - max) · V) / sum(exp(x - max)) is softmax(x) · V: normalising after the product
+    (as flash attention does) reassociates the same sums."""
+    yield from _deferred_normalisations(_shifted_exps)
 
 
 @attention_raise.family
@@ -687,6 +701,12 @@ def _softmax_vjp_forms(probs: Term, d_probs: Term, rank: int):
 
 
 @attention_grad.family
+def probabilities_first():
+    """``dP * P`` is ``P * dP`` (how the backward of exp writes softmax's VJP): the forms below read P first."""
+    yield rw(Term.binary("mul", x, Term.softmax(y)), Term.binary("mul", Term.softmax(y), x))
+
+
+@attention_grad.family
 def softmax_backward():
     """jax.grad's backward of softmax(s) · V at output cotangent do: P * dP - P * rowsum(P * dP)
     with dP = do · Vᵀ (cast to float32 when P was cast to V's dtype) is the cotangent of the
@@ -824,3 +844,96 @@ def attention_gradients():
                     union(e).with_(d_value))
                 yield rl(eq(e).to(Term.dot(w_, probs, rc_, pairs, rb_, batch, dt, pr)), *moved, *known)(
                     union(e).with_(d_value_t))
+
+
+# --- fast math (``ea.optimize(precision="fast_math")``): raisings equal to the program except where
+# it meets an Inf or a NaN (overflow included), a value beyond ±1e30, the sign of a zero, or the
+# rounding of exp (the op's stable softmax is the more accurate). Never run under "exact".
+
+attention_fast_math = RuleSet(
+    "attention_fast_math",
+    "Raise softmax spellings equal to attention up to Inf/NaN, signed zeros and exp's rounding (precision=\"fast_math\").",
+    phase="raise",
+)
+FAR_FILL = -1e38  # a fill at or below this absorbs any bias of magnitude below 1e30: fill + b rounds to fill
+
+
+@attention_fast_math.family
+def softmax_unshifted():
+    """exp(x) / sum(exp(x)) over the last axis (no max subtracted, in every spelling the stable
+    softmax has) is softmax(x), and normalising it after P·V too: equal in real numbers; the program
+    overflows to NaN where a score passes 88 and loses digits where a row's scores are all below
+    -87, where the op's stable softmax does neither."""
+    for rank in range(1, 9):
+        for _, form in _stable_softmax_forms(x, rank, _unshifted_exps):
+            yield rw(form, Term.softmax(x), shape(x).length() == i64(rank))
+    yield from _deferred_normalisations(_unshifted_exps)
+
+
+@attention_fast_math.family
+def log_sum_exp():
+    """``exp(x - logsumexp(x))`` as `jax.nn.logsumexp` writes it is exp(x - max) / sum(exp(x - max)):
+    its guard ``where(is_finite(max), max, 0)`` is max wherever max is finite (a row holding +inf
+    differs: NaN in softmax, zeros and a NaN here); |sum of exps| is the sum; and
+    exp(x - (log(t) + m)) is exp(x - m) / t up to exp's rounding."""
+    yield rw(Term.select(Term.unary("is_finite", y), scalar(0.0, dt, s1), y), y)
+    total = Term.reduce("reduce_sum", Term.unary("exp", t_), d1)
+    yield rw(Term.unary("abs", Term.broadcast(total, s1, d2)), Term.broadcast(total, s1, d2))
+    yield rw(Term.unary("abs", total), total)
+    for lse in (Term.binary("add", Term.unary("log", y), z), Term.binary("add", z, Term.unary("log", y))):
+        yield rw(
+            Term.unary("exp", Term.binary("sub", x, Term.broadcast(lse, s2, d2))),
+            Term.binary("div", Term.unary("exp", Term.binary("sub", x, Term.broadcast(z, s2, d2))), Term.broadcast(y, s2, d2)),
+        )
+
+
+@attention_fast_math.family
+def multiplicative_causal_mask():
+    """GPT-2's ``w * b - C * (1 - b)`` with b the 0/1 causal indicator is causal scores filled with -C:
+    ``w * b`` is ``where(causal, w, 0)`` unless w is Inf or NaN where b hides it (or for the sign of
+    a hidden zero), and subtracting ``C * (1 - b)`` (0 where b keeps, C where it hides) from scores
+    filled with 0 moves the fill to -C exactly. ``+ (1 - b) * C`` fills with C likewise."""
+    for kind in ("none", "bias"):
+        unmasked = _scores(x, q, k, sc0, cap, m, String(kind), fl, i64(0), nb)
+        for form in (Term.binary("mul", x, y), Term.binary("mul", y, x)):
+            yield rl(eq(e).to(form), causal_mask(y), dtype(y) != String("bool"), unmasked)(
+                _scores(e, q, k, sc0, cap, m, String(kind), f64(0.0), i64(1), nb)
+            )
+        zero_filled = _scores(x, q, k, sc0, cap, m, String(kind), f64(0.0), i64(1), nb)
+        hidden = Term.binary("sub", scalar(1.0, dt, s1), y)
+        for fill_term in (Term.binary("mul", scalar(c, dt2, s2), hidden), Term.binary("mul", hidden, scalar(c, dt2, s2))):
+            for spread in (fill_term, Term.broadcast(fill_term, s3, d2)):
+                for op, fill in (("sub", f64(0.0) - c), ("add", c)):
+                    yield rl(eq(e).to(Term.binary(op, x, spread)), causal_mask(y), zero_filled)(
+                        _scores(e, q, k, sc0, cap, m, String(kind), fill, i64(1), nb)
+                    )
+
+
+@attention_fast_math.family
+def bias_after_where():
+    """``where(m, s, fill) + b`` over scores with fill -inf (or at most `FAR_FILL`, as finfo.min) is
+    ``where(m, s + b, fill)``: fill + b is fill unless b is +inf or NaN where m hides it (or, for
+    finfo.min, |b| reaches 1e30)."""
+    masked = Term.select(m, scalar(fl, dt2, s1), x)
+    scores_fact = _scores(x, q, k, sc0, cap, y, mk, fl2, causal, nb)
+    for form in (Term.binary("add", masked, z), Term.binary("add", z, masked)):
+        yield rw(form, Term.select(m, scalar(fl, dt2, s1), Term.binary("add", x, z)), scores_fact, fl <= f64(FAR_FILL))
+
+
+@attention_fast_math.family
+def probabilities_times_row_factor():
+    """``(P * f) · V`` with f constant along the keys (a per-head mask, HF's head_mask) is
+    ``(P · V) * f``: equal but for rounding, the sign of zeros and Inf/NaN."""
+    factor, so = var("factor", Term), var("so", IntVec)
+    for rank in range(2, 7):
+        for n_batch in range(rank - 1):  # P's leading axes are the batch: its others keep their place in P · V
+            batch = perm_range(n_batch)
+            for probs, _ in _probabilities(x):
+                spread = Term.broadcast(factor, s1, d1)
+                for scaled in (Term.binary("mul", probs, spread), Term.binary("mul", spread, probs)):
+                    yield rl(
+                        eq(e).to(Term.dot(scaled, v, ivec([rank - 1]), d2, batch, lb, dt3, pr)),
+                        shape(x).length() == i64(rank), d1.not_contains(i64(rank - 1)), shape(e) == so,
+                        dtype(factor) == dtype(e),
+                    )(union(e).with_(Term.binary("mul", Term.dot(probs, v, ivec([rank - 1]), d2, batch, lb, dt3, pr),
+                                                 Term.broadcast(factor, so, d1))))

@@ -9,7 +9,9 @@ import pytest
 
 import numpy as np
 
-from attention_corpus import CASES, KNOWN_RAISED_NEGATIVES, KNOWN_UNRAISED, SLOW, Case, excess_error, evaluate
+from attention_corpus import (
+    CASES, FAST_MATH_RAISED_NEGATIVES, KNOWN_RAISED_NEGATIVES, KNOWN_UNRAISED, SLOW, Case, excess_error, evaluate,
+)
 
 
 PARAMS = [pytest.param(c, id=c.name, marks=[pytest.mark.slow] if c.name in SLOW else []) for c in CASES]
@@ -34,6 +36,16 @@ def test_attention_corpus(case: Case):
                 pytest.fail(f"{case.name} is left alone now: remove it from KNOWN_RAISED_NEGATIVES")
             pytest.xfail(f"{case.name}: raised with equal values, though P is computed anyway ({case.source})")
         assert outcome.raised == 0, f"{case.name} is not attention but was raised:\n{outcome.after}"
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if not c.positive], ids=lambda c: c.name)
+def test_fast_math_leaves_negatives_alone(case: Case):
+    """fast_math's rules raise nothing that is not attention: each negative keeps its values and,
+    but for the known ones (`KNOWN_RAISED_NEGATIVES`, `FAST_MATH_RAISED_NEGATIVES`), stays unraised."""
+    outcome = evaluate(case, precision="fast_math")
+    assert outcome.values_equal, f"{case.name}: worst excess error {outcome.max_error:.3g}"
+    known = KNOWN_RAISED_NEGATIVES | FAST_MATH_RAISED_NEGATIVES.keys()
+    assert case.name in known or outcome.raised == 0, f"{case.name} raised:\n{outcome.after}"
 
 
 def test_value_comparison_rejects_nan_inf_and_shape_mismatches():

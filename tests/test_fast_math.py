@@ -1,0 +1,81 @@
+"""``precision="fast_math"`` (rules/attention.py, `attention_fast_math`): the softmax spellings
+"exact" leaves are raised, with the program's values wherever it meets no Inf or NaN, and the
+op's stable values where it overflows (the documented difference, README "Precision policy")."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eqsat_attn as ea
+from attention_corpus import BY_NAME, FAST_MATH_RAISED, LIMITS, _extreme, excess_error, qkv
+from eqsat_attn.attention_misses import softmax_misses
+from eqsat_attn.cost import for_device
+
+
+def optimized(fn, precision: str):
+    return ea.optimize(fn, cost_model=for_device("h100"), limits=LIMITS, precision=precision)
+
+
+def raised(fn, args, precision: str) -> int:
+    return len(optimized(fn, precision).explain(*args).attention)
+
+
+@pytest.mark.parametrize("name", sorted(FAST_MATH_RAISED))
+def test_raised_with_the_programs_values(name: str):
+    """Each positive "exact" leaves (tests/attention_corpus.py, `KNOWN_UNRAISED`) is raised, no
+    softmax left, with the program's values on ±0, denormals and ±40 in Q, K and V (scores within
+    exp's range)."""
+    case = BY_NAME[name]
+    rng = np.random.default_rng(7)
+    q, k, v, *extra = case.args()
+    args = (*(_extreme(t, rng) for t in (q, k, v)), *extra)
+    fast = optimized(case.fn, "fast_math")
+    report = fast.explain(*args)
+    assert report.attention and not softmax_misses(report.after), str(report.after)
+    assert excess_error(fast(*args), case.fn(*args), 2e-5) <= 0
+
+
+def test_softmax_without_max_where_exp_overflows():
+    """Scores past 88 overflow the program's exp (inf / inf: NaN rows); "exact" keeps those NaNs,
+    fast_math gives the op's stable softmax there, and the program's values in every other row."""
+    fn = BY_NAME["softmax_no_max_subtraction"].fn
+    q, k, v = qkv()(np.random.default_rng(3))
+    q = q.at[0, 0, 2].multiply(400.0)  # one query row whose scores reach far past 88
+    want = fn(q, k, v)
+    overflowed = np.isnan(np.asarray(want)).any(-1)
+    assert overflowed[0, 0, 2] and overflowed.sum() == 1
+
+    exact = optimized(fn, "exact")
+    assert len(exact.explain(q, k, v).attention) == 0
+    np.testing.assert_array_equal(np.isnan(exact(q, k, v)), np.isnan(want))
+
+    got = np.asarray(optimized(fn, "fast_math")(q, k, v))
+    stable = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25, axis=-1)
+    np.testing.assert_allclose(got[0, 0, 2], np.asarray(jnp.einsum("bhqk,bhkd->bhqd", stable, v))[0, 0, 2],
+                               rtol=2e-5, atol=2e-5)
+    assert excess_error(got[~overflowed], np.asarray(want)[~overflowed], 2e-5) <= 0
+
+
+def test_gpt2_mask_where_a_hidden_score_is_infinite():
+    """GPT-2's ``w * b - 1e10 * (1 - b)`` is NaN wherever b hides an infinite score (inf * 0);
+    "exact" keeps that NaN, fast_math masks the score as a where would."""
+    fn = BY_NAME["mask_gpt2_w_times_b_minus_1e10"].fn
+    q, k, v = qkv()(np.random.default_rng(5))
+    k = k.at[0, 0, 6, 0].set(jnp.inf)  # key 6: hidden from queries 0-5, seen (inf score) by 6 and 7
+    want = np.asarray(fn(q, k, v))
+    assert np.isnan(want[0, 0, :6]).all()
+    np.testing.assert_array_equal(np.isnan(optimized(fn, "exact")(q, k, v)), np.isnan(want))
+    got = np.asarray(optimized(fn, "fast_math")(q, k, v))
+    assert np.isfinite(got[0, 0, :6]).all()
+    assert excess_error(got[1:], want[1:], 2e-5) <= 0
+
+
+def test_fast_math_is_an_option_and_checked():
+    fn = BY_NAME["softmax_no_max_subtraction"].fn
+    args = BY_NAME["softmax_no_max_subtraction"].args()
+    assert raised(fn, args, "exact") == 0 and raised(fn, args, "fast_math") == 1
+    with pytest.raises(ValueError, match="fast_math"):
+        ea.optimize(fn, precision="fast")
