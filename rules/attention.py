@@ -921,6 +921,21 @@ def bias_after_where():
 
 
 @attention_fast_math.family
+def additive_mask():
+    """Scores plus ``where(m, 0, fill)`` (an additive 0/-inf mask, or finfo.min: fill at most
+    `FAR_FILL`) are ``where(m, s, fill)``, so a causal one sets the causal flag and the kernel skips
+    the tiles it hides: ``s + fill`` is fill unless s is +inf or NaN there (or, for finfo.min,
+    |s| reaches 1e30), and ``s + 0`` is s but for the sign of a zero."""
+    additive = Term.select(m, scalar(fl, dt2, s1), scalar(0.0, dt2, s2))
+    unmasked = _scores(x, q, k, sc0, cap, NO_MASK, String("none"), fl2, i64(0), nb)
+    for bias in (additive, Term.broadcast(additive, s3, d2)):
+        spread = m if bias is additive else Term.broadcast(m, s3, d2)
+        for form in (Term.binary("add", x, bias), Term.binary("add", bias, x)):
+            yield rw(form, Term.select(spread, scalar(fl, dt2, s3 if bias is not additive else s1), x), unmasked,
+                     fl <= f64(FAR_FILL))
+
+
+@attention_fast_math.family
 def probabilities_times_row_factor():
     """``(P * f) · V`` with f constant along the keys (a per-head mask, HF's head_mask) is
     ``(P · V) * f``: equal but for rounding, the sign of zeros and Inf/NaN."""

@@ -79,3 +79,20 @@ def test_fast_math_is_an_option_and_checked():
     assert raised(fn, args, "exact") == 0 and raised(fn, args, "fast_math") == 1
     with pytest.raises(ValueError, match="fast_math"):
         ea.optimize(fn, precision="fast")
+
+
+def test_additive_causal_mask_becomes_the_causal_flag():
+    """``s + where(causal, 0, -inf)`` stays a bias under "exact" (NaN where a hidden score is +inf);
+    fast_math makes it the causal flag (tiles a kernel can skip), with the program's values on
+    extreme entries and the where's -inf where a hidden score is +inf."""
+    case = BY_NAME["mask_causal_as_additive_bias"]
+    q, k, v = (_extreme(t, np.random.default_rng(11)) for t in case.args())
+    exact, fast = (optimized(case.fn, p).explain(q, k, v).attention for p in ("exact", "fast_math"))
+    assert [(a.causal, a.mask_kind) for a in exact] == [(False, "bias")]
+    assert [(a.causal, a.mask_kind, a.mask_fill) for a in fast] == [(True, "none", -np.inf)]
+    assert excess_error(optimized(case.fn, "fast_math")(q, k, v), case.fn(q, k, v), 2e-5) <= 0
+
+    k = k.at[0, 0, 7, :].set(jnp.inf)  # key 7 (hidden from queries 0-6) scores +inf against positive q
+    q = q.at[0, 0, :, :].set(1.0)
+    assert np.isnan(np.asarray(case.fn(q, k, v))[0, 0, :7]).all()
+    assert np.isfinite(np.asarray(optimized(case.fn, "fast_math")(q, k, v))[0, 0, :7]).all()
