@@ -128,6 +128,17 @@ def causal_masks():
     yield rl(eq(e).to(Term.binary("gt", m, scalar(0.0, dt, s1))), causal_mask(m))(causal_mask(e))
 
 
+@attention_raise.family
+def thresholded_masks():
+    """``where(m, b, a) >= c`` with constants b >= c > a is m (``>``: b > c >= a), also over a
+    broadcast of the where: an additive 0/-big mask compared back to booleans (as MaxText does)."""
+    hi, lo, cut = var("hi", f64), var("lo", f64), var("cut", f64)
+    chosen = Term.select(m, scalar(lo, dt, s1), scalar(hi, dt, s2))
+    for op, separates in (("ge", (hi >= cut, lo < cut)), ("gt", (hi > cut, lo <= cut))):
+        yield rw(Term.binary(op, chosen, scalar(cut, dt, s3)), m, *separates)
+        yield rw(Term.binary(op, Term.broadcast(chosen, s3, d1), scalar(cut, dt, s3)), Term.broadcast(m, s3, d1), *separates)
+
+
 def _shifted_exps(xx: Term, rank: int):
     """(exp(x - max(x)), its row sum) as libraries write them (the max under stop_gradient or not;
     the sum in x's dtype, or accumulated in float32 and cast back as jax.nn.softmax does for half

@@ -856,6 +856,57 @@ grad_case("softmax_exp_s_minus_logsumexp_grad", softmax_lse, qkv(), family="soft
 
 
 # ---------------------------------------------------------------------------------------------
+# Model code of other JAX libraries (written again here from their published form)
+
+MAXTEXT_MASK_VALUE = -0.7 * float(jnp.finfo(F32).max)
+
+
+@case("maxtext_additive_mask_compared_back", qkv("bshd"), positive=True, family="models",
+      source="MaxText attentions.py: an additive 0/-0.7·max mask compared back to booleans (>= half of it)")
+def maxtext_mask(q, k, v):
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * 0.25
+    additive = jnp.where(causal(), 0.0, MAXTEXT_MASK_VALUE)[None, None]
+    s = jnp.where(additive >= MAXTEXT_MASK_VALUE * 0.5, s, MAXTEXT_MASK_VALUE)
+    return jnp.einsum("bhqk,bkhd->bqhd", softmax_last(s), v)
+
+
+@case("pallas_mha_reference_scale_after_mask", qkv("bshd", extreme=True), positive=True, family="models",
+      source="jax.experimental.pallas.ops.gpu.attention.mha_reference: -inf where-mask, then the scale")
+def pallas_reference(q, k, v):
+    logits = jnp.where(jnp.tril(jnp.ones((1, 1, S, S), bool)), jnp.einsum("bqhc,bkhc->bhqk", q, k), float("-inf"))
+    return jnp.einsum("bhqk,bkhc->bqhc", softmax_last(logits * 0.25), v)
+
+
+def segment_ids(rng: np.random.Generator) -> jax.Array:
+    """[B, S] int32 ids of sequences packed into one row."""
+    return jnp.asarray(np.sort(rng.integers(0, 3, (B, S)), axis=1).astype(np.int32))
+
+
+@case("packed_segments_causal", with_extra(qkv(), segment_ids), positive=True, family="models",
+      source="packed sequences (t5x, MaxText): same segment id and causal, filled with -1e9")
+def packed_segments(q, k, v, ids):
+    keep = (ids[:, :, None] == ids[:, None, :])[:, None] & causal()[None, None]
+    s = jnp.where(keep, jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25, -1e9)
+    return jnp.einsum("bhqk,bhkd->bhqd", softmax_last(s), v)
+
+
+@case("haiku_mha_fill_1e30", with_extra(qkv("bshd"), padding_keep), positive=True, family="models",
+      source="haiku MultiHeadAttention: logits / sqrt(key_size), where(mask, logits, -1e30), heads merged")
+def haiku_mha(q, k, v, keep):
+    logits = jnp.einsum("...thd,...Thd->...htT", q, k) / np.sqrt(D).astype(np.float32)
+    logits = jnp.where(keep[:, None, None, :], logits, -1e30)
+    return jnp.einsum("...htT,...Thd->...thd", softmax_last(logits), v).reshape(B, S, E)
+
+
+@case("t5_unscaled_position_bias_and_padding", with_extra(qkv(), normal((1, H, S, S)), padding_keep),
+      positive=True, family="models", source="HF FlaxT5Attention: no scale, position bias plus a finfo.min padding bias")
+def t5_attention(q, k, v, position_bias, keep):
+    bias = position_bias + jnp.where(keep[:, None, None, :], 0.0, jnp.finfo(F32).min)
+    weights = softmax_last((jnp.einsum("bhqd,bhkd->bhqk", q, k) + bias).astype(F32))
+    return jnp.einsum("bhqk,bhkd->bhqd", weights, v)
+
+
+# ---------------------------------------------------------------------------------------------
 # Negatives: near-misses whose values an attention op would change
 
 

@@ -512,3 +512,22 @@ def test_gradients_of_repeated_kv_attention_read_kv_unrepeated():
     assert not any(after.type_of(i).rank == 5 for i in after.live_nodes()), "a repeat of K or V is left"
     for got, want in zip(optimized(q, k, v), grad(q, k, v)):
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("op", [">=", ">"])
+def test_additive_mask_compared_back_to_booleans_is_the_causal_flag(op):
+    """``where(causal, 0, big_negative) >= big_negative / 2`` (MaxText's mask) is the causal mask
+    itself (rules/attention.py, `thresholded_masks`), so the op gets the causal flag, not a tensor."""
+    lo = -0.7 * float(jnp.finfo(jnp.float32).max)
+    cut = lo if op == ">" else lo * 0.5  # each separates 0 from lo in its own way
+
+    def fn(q, k, v):
+        s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25
+        additive = jnp.where(jnp.tril(jnp.ones((8, 8), bool)), 0.0, lo)
+        keep = additive >= cut if op == ">=" else additive > cut
+        return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(jnp.where(keep, s, lo), -1), v)
+
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 2, 8, 16)) for i in range(3))
+    optimized = ea.optimize(fn)
+    assert [(a.causal, a.mask_kind) for a in optimized.explain(q, k, v).attention] == [(True, "none")]
+    np.testing.assert_allclose(optimized(q, k, v), fn(q, k, v), rtol=2e-5, atol=2e-5)
