@@ -19,15 +19,20 @@ ATTENTION_OPS = ("attention", "attention_fp8", "packed_attention", "attention_vj
 STEER_FACTOR = 1e6  # how much dearer every other op is when steering extraction to attention
 
 
+FAST_MATH = 'raised under precision="fast_math"'
+
+
 @dataclass(frozen=True)
 class SoftmaxMiss:
-    """One softmax of the chosen program that is not inside attention, and why."""
+    """One softmax of the chosen program that is not inside attention (or an exponential that
+    spells one but for float edge cases), and why."""
 
     node: int
     reason: str
+    what: str = "softmax"
 
     def __str__(self) -> str:
-        return f"softmax %{self.node}: {self.reason}"
+        return f"{self.what} %{self.node}: {self.reason}"
 
 
 def _consumers(program: Program, live: set[int]) -> dict[int, list[int]]:
@@ -49,10 +54,13 @@ def _skip_views(program: Program, node_id: int, users: dict[int, list[int]]) -> 
     return out
 
 
-def _scores_source(program: Program, node: Node) -> Node:
-    """The op that produced a softmax's scores, seen through views, scales, biases and selects."""
+def _scores_source(program: Program, node: Node, path: list[Node] | None = None) -> Node:
+    """The op that produced a softmax's scores, seen through views, scales, biases and selects
+    (each op seen through is appended to ``path``)."""
     seen = program.nodes[node.inputs[0]]
+    path = [] if path is None else path
     for _ in range(16):
+        path.append(seen)
         if seen.op in ("reshape", "transpose", "convert_element_type", "mul", "div", "add", "sub", "tanh",
                        "select_n", "broadcast_in_dim"):
             operands = [program.nodes[i] for i in seen.inputs]
@@ -70,33 +78,94 @@ def _scores_source(program: Program, node: Node) -> Node:
     return seen
 
 
-def softmax_misses(program: Program) -> list[SoftmaxMiss]:
-    """A `SoftmaxMiss` for each live softmax of ``program`` (every one is outside attention)."""
+def softmax_misses(program: Program, precision: str = "exact") -> list[SoftmaxMiss]:
+    """A `SoftmaxMiss` for each live softmax of ``program`` (every one is outside attention), and,
+    under "exact", for each exponential normalised over its last axis and multiplied by V that
+    only fast math would read as a softmax (no max subtracted, exp(s - logsumexp(s)))."""
     live = set(program.live_nodes())
     users = _consumers(program, live)
     outputs = set(program.outputs)
     misses = []
     for i in sorted(live):
         node = program.nodes[i]
+        if node.op == "exp" and precision == "exact":
+            spelling = _unstable_softmax(program, i, users)
+            if spelling:
+                misses.append(SoftmaxMiss(i, f"{spelling} (not exact; {FAST_MATH})", "exp"))
         if node.op != "softmax":
             continue
         readers = _skip_views(program, i, users)
         dots = [u for u in readers if program.nodes[u].op == "dot_general"]
         others = [program.nodes[u].op for u in readers if program.nodes[u].op != "dot_general"]
-        source = _scores_source(program, node)
+        path: list[Node] = []
+        source = _scores_source(program, node, path)
         if i in outputs or (dots and others):
             reason = "the attention weights are also used elsewhere (attention does not return them)"
         elif not dots:
             reason = (f"its result is not multiplied by V: it feeds {', '.join(sorted(set(others)))}"
                       if others else "its result is not multiplied by V")
+            if others == ["mul"] and precision == "exact" and _feeds_dot(program, readers[0], users):
+                reason += f" (P times a factor, then by V: {FAST_MATH} where the factor is constant along the keys)"
         elif source.op != "dot_general":
             reason = (f"its scores are not a matmul Q·Kᵀ with a scale, soft-cap, bias or where-mask "
                       f"(nearest producer: {source.op})")
         else:
-            reason = ("Q·Kᵀ, softmax and P·V do not line up as attention (the softmax is not over the keys "
-                      "both matmuls contract, or P·V contracts another axis)")
+            reason = _score_spelling(program, path, precision) or (
+                "Q·Kᵀ, softmax and P·V do not line up as attention (the softmax is not over the keys "
+                "both matmuls contract, or P·V contracts another axis)")
         misses.append(SoftmaxMiss(i, reason))
     return misses
+
+
+def _feeds_dot(program: Program, node_id: int, users: dict[int, list[int]]) -> bool:
+    return any(program.nodes[u].op == "dot_general" for u in _skip_views(program, node_id, users))
+
+
+def _is_tensor(program: Program, node_id: int) -> bool:
+    """Whether an operand varies (not a broadcast scalar literal)."""
+    node = program.nodes[node_id]
+    return not (node.op == "broadcast_in_dim" and program.nodes[node.inputs[0]].type.rank == 0
+                and program.nodes[node.inputs[0]].op == "literal")
+
+
+def _score_spelling(program: Program, path: list[Node], precision: str) -> str | None:
+    """Why scores spelled with a multiplicative mask or a bias after the where-mask are not raised
+    (read off the ops between the softmax and Q·Kᵀ), or None."""
+    ops = [n.op for n in path]
+    if "mul" in ops and "select_n" not in ops and any(
+            n.op == "mul" and all(_is_tensor(program, j) for j in n.inputs) for n in path):
+        reason = ("its scores are multiplied by a mask (w·b - C·(1-b)): not a where-mask where a hidden score is "
+                  "Inf or NaN (not exact")
+        return reason + (f"; {FAST_MATH} for a 0/1 causal mask)" if precision == "exact" else ")")
+    if "select_n" in ops and any(op in ("add", "sub") for op in ops[:ops.index("select_n")]):
+        reason = "a bias is added after the where-mask, so the hidden scores are fill + bias, not one fill (not exact"
+        return reason + (f"; {FAST_MATH} for a -inf or finfo.min fill)" if precision == "exact" else ")")
+    return None
+
+
+def _unstable_softmax(program: Program, exp_id: int, users: dict[int, list[int]]) -> str | None:
+    """How an exponential left in the chosen program spells softmax but for float edge cases, or
+    None: divided by its own row sum (or its product with V divided by it) with no max subtracted,
+    or exp(s - logsumexp(s)) multiplied by V."""
+    nodes = program.nodes
+    exp = nodes[exp_id]
+    arg = nodes[exp.inputs[0]]
+    readers = _skip_views(program, exp_id, users)
+    if arg.op == "sub" and nodes[arg.inputs[1]].op == "broadcast_in_dim":
+        shift = nodes[nodes[arg.inputs[1]].inputs[0]]
+        if shift.op == "add" and any(nodes[j].op == "log" for j in shift.inputs) and _feeds_dot(program, exp_id, users):
+            return "exp(s - logsumexp(s)) multiplied by V: softmax but in a row holding +inf"
+        return None
+    last = exp.type.rank - 1
+    row_sums = [u for u in readers if nodes[u].op == "reduce_sum" and tuple(nodes[u]["axes"]) == (last,)]
+    if not row_sums:
+        return None
+    normalised = any(nodes[u].op == "div" and nodes[u].inputs[0] == exp_id and _feeds_dot(program, u, users)
+                     for u in readers)
+    if normalised or any(nodes[u].op == "dot_general" for u in readers):
+        return ("exp(s) normalised by its row sum with no max subtracted, then multiplied by V: softmax but where "
+                "exp overflows (a score past 88)")
+    return None
 
 
 class PreferAttention:

@@ -175,6 +175,7 @@ class OptimizedFunction:
             layout_explainer=result.layout_decision if program is result.program else None,
             repeated_blocks=result.repeated_blocks,
             unchosen_attention=result.attention_notes if program is result.program else (),
+            precision=self.options.precision,
         )
         return _Compiled(captured, call, report)
 

@@ -250,6 +250,7 @@ class Report:
     repeated_blocks: int = 0
     #: attention the e-graph found but the cost model did not choose, with both predicted costs
     unchosen_attention: tuple[str, ...] = ()
+    precision: str = "exact"  # the optimizer's precision policy (what `not_attention` can suggest)
 
     #: for one attention block whose Q/K/V are projections of one input: a callable returning its
     #: `qkv_layouts.LayoutDecision` (the predicted costs of the rejected layouts), computed on the
@@ -276,7 +277,7 @@ class Report:
     def not_attention(self) -> list[str]:
         """Why each softmax left in the chosen program is not attention: the nearest form it
         missed, or the price of the attention found for it but not chosen on this device."""
-        return list(self.unchosen_attention) + [str(miss) for miss in softmax_misses(self.after)]
+        return list(self.unchosen_attention) + [str(miss) for miss in softmax_misses(self.after, self.precision)]
 
     @property
     def speedup(self) -> float:

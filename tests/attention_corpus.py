@@ -1084,6 +1084,7 @@ class Outcome:
 
     raised: int  # attention ops in the chosen program
     softmax_left: int  # softmaxes of the chosen program outside attention (`softmax_misses`)
+    reasons: tuple[str, ...]  # the report's `not_attention`: why each softmax left is not attention
     max_error: float  # max |optimized - original| - tol * |original|, <= 0 when within tolerance
     seconds: float  # wall time of optimizing (explain: trace, e-graph, extraction, lowering)
     cpu_seconds: float  # this process's CPU time over the same span (less sensitive to machine load)
@@ -1140,6 +1141,7 @@ def evaluate(case: Case, limits: ea.Limits | None = None, precision: str = "exac
     return Outcome(
         raised=len(report.attention),
         softmax_left=len(softmax_misses(report.after)),
+        reasons=tuple(report.not_attention),
         max_error=excess_error(got, want, tolerance(args, want)),
         seconds=seconds,
         cpu_seconds=cpu_seconds,
