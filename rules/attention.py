@@ -10,6 +10,8 @@ transposes into the layouts and exposes the standard and transposed-V forms."""
 
 from __future__ import annotations
 
+import functools
+
 from egglog import String, eq, f64, i64, ne, union, var
 
 from eqsat_attn.egraph.language import (
@@ -139,13 +141,21 @@ def thresholded_masks():
         yield rw(Term.binary(op, Term.broadcast(chosen, s3, d1), scalar(cut, dt, s3)), Term.broadcast(m, s3, d1), *separates)
 
 
-def _shifted_exps(xx: Term, rank: int):
+def _finite_or_zero(t: Term) -> Term:
+    """``where(is_finite(t), t, 0)``: jax.nn.logsumexp's guard on its row max."""
+    return Term.select(Term.unary("is_finite", t), scalar(0.0, dt, s3), t)
+
+
+def _shifted_exps(xx: Term, rank: int, guarded: bool = False):
     """(exp(x - max(x)), its row sum) as libraries write them (the max under stop_gradient or not;
     the sum in x's dtype, or accumulated in float32 and cast back as jax.nn.softmax does for half
-    precision)."""
+    precision). ``guarded``: the max under logsumexp's `_finite_or_zero` instead."""
     last = ivec([rank - 1])
     keep = perm_range(rank - 1)
-    for row_max in (Term.reduce("reduce_max", xx, last), Term.unary("stop_gradient", Term.reduce("reduce_max", xx, last))):
+    row_max = Term.reduce("reduce_max", xx, last)
+    if guarded:
+        row_max = _finite_or_zero(row_max)
+    for row_max in (row_max, Term.unary("stop_gradient", row_max)):
         shifted = Term.binary("sub", xx, Term.broadcast(row_max, s1, keep))
         ex = Term.unary("exp", shifted)
         yield shifted, ex, Term.reduce("reduce_sum", ex, last)
@@ -886,16 +896,26 @@ def log_sum_exp():
     """``exp(x - logsumexp(x))`` as `jax.nn.logsumexp` writes it is exp(x - max) / sum(exp(x - max)):
     its guard ``where(is_finite(max), max, 0)`` is max wherever max is finite (a row holding +inf
     differs: NaN in softmax, zeros and a NaN here); |sum of exps| is the sum; and
-    exp(x - (log(t) + m)) is exp(x - m) / t up to exp's rounding."""
-    yield rw(Term.select(Term.unary("is_finite", y), scalar(0.0, dt, s1), y), y)
+    exp(x - (log(t) + m)) is exp(x - m) / t, for t a sum of exponentials, up to exp's rounding."""
+    # the guard is read only inside the softmax it guards, and only the log of a sum of exponentials
+    # is split: a program's own NaN guard or log elsewhere is left as written
+    d3, sy = var("d3", IntVec), var("sy", IntVec)
+    inner_guard = Term.select(Term.unary("is_finite", y), scalar(0.0, dt, sy), y)
+    yield rw(_finite_or_zero(Term.broadcast(y, s2, d2)), Term.broadcast(inner_guard, s2, d2), shape(y) == sy)
+    for rank in range(1, 9):
+        for _, form in _stable_softmax_forms(x, rank, functools.partial(_shifted_exps, guarded=True)):
+            yield rw(form, Term.softmax(x), shape(x).length() == i64(rank))
     total = Term.reduce("reduce_sum", Term.unary("exp", t_), d1)
-    yield rw(Term.unary("abs", Term.broadcast(total, s1, d2)), Term.broadcast(total, s1, d2))
+    spread_total = Term.broadcast(total, s1, d3)
+    yield rw(Term.unary("abs", spread_total), spread_total)
     yield rw(Term.unary("abs", total), total)
-    for lse in (Term.binary("add", Term.unary("log", y), z), Term.binary("add", z, Term.unary("log", y))):
-        yield rw(
-            Term.unary("exp", Term.binary("sub", x, Term.broadcast(lse, s2, d2))),
-            Term.binary("div", Term.unary("exp", Term.binary("sub", x, Term.broadcast(z, s2, d2))), Term.broadcast(y, s2, d2)),
-        )
+    for y_ in (total, spread_total):
+        for lse in (Term.binary("add", Term.unary("log", y_), z), Term.binary("add", z, Term.unary("log", y_))):
+            yield rw(
+                Term.unary("exp", Term.binary("sub", x, Term.broadcast(lse, s2, d2))),
+                Term.binary("div", Term.unary("exp", Term.binary("sub", x, Term.broadcast(z, s2, d2))),
+                            Term.broadcast(y_, s2, d2)),
+            )
 
 
 @attention_fast_math.family

@@ -96,3 +96,15 @@ def test_additive_causal_mask_becomes_the_causal_flag():
     q = q.at[0, 0, :, :].set(1.0)
     assert np.isnan(np.asarray(case.fn(q, k, v))[0, 0, :7]).all()
     assert np.isfinite(np.asarray(optimized(case.fn, "fast_math")(q, k, v))[0, 0, :7]).all()
+
+
+def test_a_users_own_nan_guard_is_kept():
+    """fast_math's rules only read float edge cases inside the softmax spellings they raise: a
+    program's own ``where(isfinite(x), x, 0)`` still zeroes an infinity."""
+
+    def sanitize(x):
+        row_max = x.max(-1, keepdims=True)
+        return jnp.where(jnp.isfinite(x), x, 0.0) + jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+
+    x = jnp.array([[1.0, jnp.inf, -2.0], [jnp.nan, 0.5, -jnp.inf]], jnp.float32)
+    np.testing.assert_array_equal(optimized(sanitize, "fast_math")(x), sanitize(x))
