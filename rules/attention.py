@@ -702,7 +702,8 @@ dt4 = var("dt4", String)
 def _softmax_vjp_forms(probs: Term, d_probs: Term, rank: int):
     """(form, conditions): softmax's VJP at cotangent d_probs as jax.grad writes jax.nn.softmax's,
     with y = P * dP, ``y + P * sum(-y)``; the row sum possibly reshaped and summed again over unit
-    axes only (jax.nn.dot_product_attention with one query head per K/V head sums two)."""
+    axes only (jax.nn.dot_product_attention with one query head per K/V head, or one K/V head,
+    sums two)."""
     last, keep = ivec([rank - 1]), perm_range(rank - 1)
     prod = Term.binary("mul", probs, d_probs)
     row = Term.reduce("reduce_sum", Term.unary("neg", prod), last)
@@ -715,10 +716,10 @@ def _softmax_vjp_forms(probs: Term, d_probs: Term, rank: int):
     # half precision: jax.nn.softmax sums in float32, so its VJP sums the unit axis there and casts back
     widened = Term.convert(Term.reduce("reduce_sum", Term.convert(Term.reshape(row, s3), String("float32")), last), dt4)
     yield corrected(widened, keep), (s3[rank - 1] == i64(1), dtype(row) == dt4)
-    if rank >= 3:  # [.., G=1] row -> [.., 1, 1] summed over both: the row without its unit axis
-        twice = Term.reduce("reduce_sum", Term.reshape(row, s3), ivec([rank - 2, rank - 1]))
-        units = (s3.length() == i64(rank), s3[rank - 2] == i64(1), s3[rank - 1] == i64(1))
-        yield corrected(twice, perm_range(rank - 2)), units
+    for unit in range(rank - 1) if rank >= 3 else ():  # a unit axis (G = 1, Hkv = 1) summed with the new one
+        twice = Term.reduce("reduce_sum", Term.reshape(row, s3), ivec([unit, rank - 1]))
+        units = (s3.length() == i64(rank), s3[unit] == i64(1), s3[rank - 1] == i64(1))
+        yield corrected(twice, ivec([i for i in range(rank - 1) if i != unit])), units
 
 
 @attention_grad.family

@@ -486,6 +486,7 @@ CASES += [
 ]
 grad_case("jax_dpa_causal_grad", dpa(is_causal=True), qkv("bshd"), family="jax.nn", source=JAX_DPA + " is_causal")
 grad_case("jax_dpa_gqa_grad", dpa(), qkv("bshd", heads=4, kv_heads=2), family="jax.nn", source=JAX_DPA + " GQA")
+grad_case("jax_dpa_mqa_grad", dpa(), qkv("bshd", heads=4, kv_heads=1), family="jax.nn", source=JAX_DPA + " MQA (1 KV head)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1057,6 +1058,7 @@ KNOWN_RAISED_NEGATIVES: frozenset[str] = frozenset({
 SLOW: frozenset[str] = frozenset({
     "jax_dpa_causal_grad",
     "jax_dpa_gqa_grad",
+    "jax_dpa_mqa_grad",
 })
 
 BY_NAME: dict[str, Case] = {c.name: c for c in CASES}
