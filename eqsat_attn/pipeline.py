@@ -74,13 +74,17 @@ GRADIENT_RULES = "attention_grad"
 
 def writes_softmax_backward(program: Program) -> bool:
     """Whether ``program`` holds ``sum(-(P * dP))`` over an axis, the row sum of softmax's VJP as
-    jax.grad writes it (every jax.grad of attention through jax.nn.softmax has one)."""
+    jax.grad writes it (every jax.grad of attention through jax.nn.softmax has one), or
+    ``sum(P * -w)``, as it writes the VJP of a softmax divided by its sum by hand."""
     nodes = program.nodes
-    return any(
-        node.op == "reduce_sum" and nodes[node.inputs[0]].op == "neg"
-        and nodes[nodes[node.inputs[0]].inputs[0]].op == "mul"
-        for node in nodes
-    )
+
+    def row_sum_of_backward(node) -> bool:
+        summed = nodes[node.inputs[0]]
+        if summed.op == "neg":
+            return nodes[summed.inputs[0]].op == "mul"
+        return summed.op == "mul" and any(nodes[i].op == "neg" for i in summed.inputs)
+
+    return any(node.op == "reduce_sum" and row_sum_of_backward(node) for node in nodes)
 
 
 #: "exact": values change only by float reassociation; "fast_math": softmax spellings equal to

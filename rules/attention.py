@@ -722,6 +722,23 @@ def _softmax_vjp_forms(probs: Term, d_probs: Term, rank: int):
         yield corrected(twice, ivec([i for i in range(rank - 1) if i != unit])), units
 
 
+def _quotient_vjp_forms(probs: Term, d_probs: Term, rank: int):
+    """(form, conditions): softmax's VJP as jax.grad writes a softmax spelled ``E / sum(E)`` by
+    hand (E the exponentials): with w = dP / sum(E), ``(w + sum(P * -w)) * E``, which is
+    ``P * dP - P * sum(P * dP)`` in real numbers (the op's backward computes that sum its own way);
+    the row sum as summed with keepdims (reshaped and summed over the unit axis) or not."""
+    last, keep = ivec([rank - 1]), perm_range(rank - 1)
+    ex_ = var("ex_", Term)
+    total = Term.broadcast(Term.reduce("reduce_sum", ex_, last), s2, keep)
+    w = Term.binary("div", d_probs, total)
+    row = Term.reduce("reduce_sum", Term.binary("mul", probs, Term.unary("neg", w)), last)
+    same_softmax = (eq(probs).to(Term.binary("div", ex_, total)),)
+    for total_row, conds in ((row, ()), (Term.reduce("reduce_sum", Term.reshape(row, s3), last), (s3[rank - 1] == i64(1),))):
+        cotangent = Term.binary("add", w, Term.broadcast(total_row, s1, keep))
+        for form in (Term.binary("mul", cotangent, ex_), Term.binary("mul", ex_, cotangent)):
+            yield form, (*same_softmax, *conds)
+
+
 @attention_grad.family
 def probabilities_first():
     """``dP * P`` is ``P * dP`` (how the backward of exp writes softmax's VJP): the forms below read P first."""
@@ -732,7 +749,8 @@ def probabilities_first():
 def softmax_backward():
     """jax.grad's backward of softmax(s) · V at output cotangent do: P * dP - P * rowsum(P * dP)
     with dP = do · Vᵀ (cast to float32 when P was cast to V's dtype) is the cotangent of the
-    scores s (`scores_cot`)."""
+    scores s (`scores_cot`), as jax.nn.softmax's VJP writes it or as the backward of a softmax
+    written by hand (`_quotient_vjp_forms`)."""
     for n_batch, n_free in RANK_CASES:
         rank = n_batch + n_free + 1
         batch = perm_range(n_batch)
@@ -741,6 +759,8 @@ def softmax_backward():
         for d_probs in (d_out, Term.convert(d_out, String("float32"))):
             for form, conditions in _softmax_vjp_forms(Term.softmax(sf_), d_probs, rank):
                 yield rl(eq(e).to(form), *conditions, *facts)(scores_cot(e, sf_, sf_, do_, v))
+        for form, conditions in _quotient_vjp_forms(Term.softmax(sf_), d_out, rank):
+            yield rl(eq(e).to(form), *conditions, *facts)(scores_cot(e, sf_, sf_, do_, v))
 
 
 @attention_grad.family

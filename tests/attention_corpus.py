@@ -802,6 +802,10 @@ def softmax_exp_log(q, k, v):
     return _pv(jnp.exp(jax.nn.log_softmax(_scores(q, k), axis=-1)), v)
 
 
+grad_case("softmax_max_sub_stop_gradient_grad", softmax_stop_grad, qkv(extreme=True), family="softmax",
+          source=HAND + " the backward of exp(s - sg(max)) / sum, as jax.grad writes a quotient")
+
+
 @case("softmax_exp_s_minus_logsumexp", qkv(), positive=True, family="softmax",
       source=HAND + " exp(s - logsumexp(s))")
 def softmax_lse(q, k, v):
