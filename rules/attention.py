@@ -152,10 +152,10 @@ def _shifted_exps(xx: Term, rank: int, guarded: bool = False):
     precision). ``guarded``: the max under logsumexp's `_finite_or_zero` instead."""
     last = ivec([rank - 1])
     keep = perm_range(rank - 1)
-    row_max = Term.reduce("reduce_max", xx, last)
+    plain = Term.reduce("reduce_max", xx, last)
     if guarded:
-        row_max = _finite_or_zero(row_max)
-    for row_max in (row_max, Term.unary("stop_gradient", row_max)):
+        plain = _finite_or_zero(plain)
+    for row_max in (plain, Term.unary("stop_gradient", plain)):
         shifted = Term.binary("sub", xx, Term.broadcast(row_max, s1, keep))
         ex = Term.unary("exp", shifted)
         yield shifted, ex, Term.reduce("reduce_sum", ex, last)
