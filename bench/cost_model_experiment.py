@@ -55,6 +55,21 @@ for p in (ROOT, ROOT / "bench"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+#: --cpu runs XLA:CPU on one thread (unless --multi-thread): on a shared machine a multi-threaded
+#: program waits for whichever of its threads was preempted, one thread only for itself; the CPU
+#: row of the cost model (eqsat_attn/cost/devices.py) is calibrated for this setting. XLA reads the
+#: flags when its CPU client starts, so they are set before jax is imported.
+SINGLE_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
+def single_threaded(argv: Sequence[str]) -> bool:
+    """Whether this run measures XLA:CPU single-threaded (``--cpu`` without ``--multi-thread``)."""
+    return "--cpu" in argv and "--multi-thread" not in argv
+
+
+if __name__ == "__main__" and single_threaded(sys.argv[1:]):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + SINGLE_THREAD_FLAGS).strip()
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -217,24 +232,39 @@ def cpu_programs(name: str, model: RooflineModel, want: int) -> tuple[list[tuple
     return named, np.asarray(jax.jit(fn)(*args), dtype=np.float32)
 
 
-def interleaved_seconds(calls: list[tuple[Any, tuple]], rounds: int, inner: int, seed: int = 0) -> list[list[float]]:
-    """Per call, its seconds per run in each round: every round times every call (``inner`` runs,
-    the mean) in a fresh random order, so load on the machine falls on all of them alike."""
+def interleaved_runs(calls: list[tuple[Any, tuple]], rounds: int, inner: int, seed: int = 0
+                     ) -> list[list[list[tuple[float, float]]]]:
+    """Per call, per round, its ``inner`` runs as (wall seconds, process CPU seconds): every round
+    times every call in a fresh random order, so load on the machine falls on all of them alike."""
     for fn, args in calls:  # warm-up: compile and run twice
         for _ in range(2):
             jax.block_until_ready(fn(*args))
     rng = random.Random(seed)
-    out: list[list[float]] = [[] for _ in calls]
+    out: list[list[list[tuple[float, float]]]] = [[] for _ in calls]
     order = list(range(len(calls)))
     for _ in range(rounds):
         rng.shuffle(order)
         for i in order:
             fn, args = calls[i]
-            start = time.perf_counter()
+            runs = []
             for _ in range(inner):
+                wall, cpu = time.perf_counter(), time.process_time()
                 jax.block_until_ready(fn(*args))
-            out[i].append((time.perf_counter() - start) / inner)
+                runs.append((time.perf_counter() - wall, time.process_time() - cpu))
+            out[i].append(runs)
     return out
+
+
+def round_seconds(runs: list[list[tuple[float, float]]]) -> list[float]:
+    """A program's time in each round: the fastest of the round's runs (wall clock). Load only
+    ever adds time (a preempted thread, an evicted cache), so the minimum of a few back-to-back
+    runs is the run least disturbed; the median over rounds of these is the program's time."""
+    return [min(wall for wall, _ in r) for r in runs]
+
+
+def interleaved_seconds(calls: list[tuple[Any, tuple]], rounds: int, inner: int, seed: int = 0) -> list[list[float]]:
+    """Per call, its seconds in each round (`round_seconds` of `interleaved_runs`)."""
+    return [round_seconds(r) for r in interleaved_runs(calls, rounds, inner, seed)]
 
 
 def quartiles(times: list[float]) -> tuple[float, float]:
@@ -268,10 +298,11 @@ def cpu_measure(ns: argparse.Namespace, model: RooflineModel) -> list[dict[str, 
     for name in CPU_WORKLOADS:
         named, reference = cpu_programs(name, model, ns.variants or 14)
         calls = [(jax.jit(lower(p, attention_kernel="reference")), flat) for _, p, flat in named]
-        times = interleaved_seconds(calls, ns.rounds, ns.inner)
-        for (label, prog, flat), (call, _), t in zip(named, calls, times):
+        runs = interleaved_runs(calls, ns.rounds, ns.inner)
+        for (label, prog, flat), (call, _), r in zip(named, calls, runs):
             out = np.asarray(call(*flat)[0], dtype=np.float32)
-            rows.append({"workload": name, "label": label, "measured": statistics.median(t), "times": t,
+            t = round_seconds(r)
+            rows.append({"workload": name, "label": label, "measured": statistics.median(t), "times": t, "runs": r,
                          "spread": spread(t), "iqr": quartiles(t), "err": float(np.max(np.abs(out - reference))),
                          "program": prog})
         sys.stderr.write(f"{name}: {len(named)} programs measured\n")
@@ -297,6 +328,13 @@ def cpu_name() -> str:
         return platform.processor() or "unknown"
 
 
+def measure_of(meta: dict[str, Any]) -> str:
+    """What a round's time is, as the page says it (dumps before 2026-12-07 kept the mean)."""
+    if meta.get("statistic") == "min":
+        return "the fastest of the round's runs"
+    return "the mean of the round's runs"
+
+
 def cpu_main(ns: argparse.Namespace, command: str) -> int:
     """--cpu: predicted vs measured on this CPU over the workloads of `CPU_WORKLOADS`; with
     --refit DUMP, the measurements of an earlier --dump priced again under today's model."""
@@ -308,11 +346,14 @@ def cpu_main(ns: argparse.Namespace, command: str) -> int:
         saved = pickle.loads(ns.refit.read_bytes())
         rows, meta = saved["rows"], saved["meta"]
     else:
+        load_begin = os.getloadavg()
         rows = cpu_measure(ns, model)
+        load_end = os.getloadavg()
         meta = {"device": f"{cpu_name()}, {os.cpu_count()} cores (`lscpu` model name; jax {jax.devices()[0].platform}), "
                           f"jax {jax.__version__}, Python {platform.python_version()}",
                 "date": time.strftime("%Y-%m-%d %H:%M"), "command": command.strip(), "rounds": ns.rounds,
-                "inner": ns.inner, "load": os.getloadavg()}
+                "inner": ns.inner, "load": load_begin, "load_end": load_end, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                "statistic": "min"}
         if ns.dump:  # the programs and their timings, to price them again without measuring (--refit)
             ns.dump.write_bytes(pickle.dumps({"rows": rows, "meta": meta}))
     price(rows, model)
@@ -323,8 +364,11 @@ def cpu_main(ns: argparse.Namespace, command: str) -> int:
         lines[3:4] = [f"- measured: {meta['date']}, `{meta['command']}`", f"- priced: {time.strftime('%Y-%m-%d %H:%M')}"]
     names = list(dict.fromkeys(r["workload"] for r in rows))
     lines += [f"model {model.name}; {len(rows)} programs over {len(names)} workloads (float32, reference "
-              f"attention); {meta['rounds']} interleaved rounds of {meta['inner']} runs each, median over rounds "
-              f"(load average when measuring began: {', '.join(f'{x:.2f}' for x in meta['load'])})", "",
+              f"attention); {meta['rounds']} interleaved rounds of {meta['inner']} runs each; a program's time is "
+              f"the median over rounds of {measure_of(meta)} (load average when measuring began: "
+              f"{', '.join(f'{x:.2f}' for x in meta['load'])}; when it ended: "
+              f"{', '.join(f'{x:.2f}' for x in meta.get('load_end', meta['load']))})",
+              f"- XLA_FLAGS: `{meta.get('xla_flags') or '(none: XLA:CPU multi-threaded)'}`", "",
               f"**Spearman (predicted vs measured), all programs: {rho:.3f}**", "",
               "Per workload (equivalent programs); *resolved pairs*: pairs whose interquartile ranges over the rounds "
               "do not overlap, and the share of them the prediction orders as measured; *predicted/measured*: the "
@@ -369,6 +413,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cpu", action="store_true", help="CPU fidelity: prefill and decode workloads (module doc)")
     parser.add_argument("--rounds", type=int, default=31, help="--cpu: interleaved timing rounds")
     parser.add_argument("--inner", type=int, default=5, help="--cpu: runs per program per round")
+    parser.add_argument("--multi-thread", action="store_true",
+                        help="--cpu: leave XLA:CPU multi-threaded (default: one thread, SINGLE_THREAD_FLAGS)")
     parser.add_argument("--dump", type=pathlib.Path, default=None, help="--cpu: pickle the programs and timings here")
     parser.add_argument("--refit", type=pathlib.Path, default=None,
                         help="--cpu: price the programs of an earlier --dump under today's model (no measuring)")
