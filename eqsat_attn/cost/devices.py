@@ -100,6 +100,14 @@ class DeviceSpec:
     # not one block at either end, is copied into that form first (a dot_general's, and K's and
     # V's in the reference attention's einsums). Priced as a materialised transpose plus a launch.
     relayouts_dot_operands: bool = False
+    # Broadcasts are fused into their consumers and never written (XLA:CPU: an explicit softmax
+    # with its two row broadcasts measured as the same softmax without them). Off: only a scalar
+    # splat is free, any other broadcast is priced as writing its output (the GPU rows as fitted).
+    broadcasts_fuse: bool = False
+    # A core's own cache (0: not modelled): memory-bound work on a tensor of at most ``cache_bytes``
+    # (a copy, an elementwise pass, a reduction) moves at ``cache_bandwidth`` instead of ``bandwidth``.
+    cache_bytes: int = 0
+    cache_bandwidth: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "peak_flops", _frozen(self.peak_flops))
@@ -121,6 +129,12 @@ class DeviceSpec:
         if variant == "transposed":
             return self.attention_eff(dtype, "standard", causal)
         raise KeyError(f"{self.name}: no attention efficiency for {dtype} {variant} causal={causal}")
+
+    def bandwidth_for(self, tensor_bytes: float) -> float:
+        """Bytes/s of memory-bound work on a tensor of ``tensor_bytes``: the cache's when it fits."""
+        if self.cache_bytes and self.cache_bandwidth > 0 and tensor_bytes <= self.cache_bytes:
+            return self.cache_bandwidth
+        return self.bandwidth
 
     # ------------------------------------------------------------------ edits
     def with_attention_efficiency(self, dtype: str, variant: str, causal: bool, value: float) -> DeviceSpec:
@@ -334,6 +348,9 @@ CPU = DeviceSpec(
     einsum_attention=True,  # no attention kernel: XLA runs the reference einsums
     split_heads_attention_efficiency=0.07025,  # fitted (above)
     relayouts_dot_operands=True,  # fitted (above)
+    broadcasts_fuse=True,  # measured (above)
+    cache_bytes=2 * 1024 * 1024,  # spec: a Sapphire Rapids core's L2 (lscpu: 2 MiB per core)
+    cache_bandwidth=1.354e10,  # fitted (above)
 )
 
 DEVICES: dict[str, DeviceSpec] = {"h100": H100, "h200": H200, "cpu": CPU}

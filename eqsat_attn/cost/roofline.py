@@ -224,14 +224,17 @@ class RooflineModel:
             if moves_only_unit_axes(node.inputs[0].shape, perm):  # a bitcast: only length-1 axes move
                 return Breakdown(0.0, 0.0, 0.0, 0.0, 0.0, BITCAST_TIE_BREAK)
             return Breakdown(0.0, 2.0 * out.nbytes, 0.0, self._transpose_seconds(out.nbytes, perm), d.launch_overhead)
-        if op == "broadcast_in_dim" and node.inputs and node.inputs[0].size == 1:
-            return _ZERO  # a scalar splat: recomputed inside each consumer, never written
+        if op == "broadcast_in_dim" and node.inputs and (node.inputs[0].size == 1 or d.broadcasts_fuse):
+            return _ZERO  # a scalar splat (or any broadcast, where they fuse): recomputed in each consumer
+        if op == "softmax" and d.einsum_attention:  # XLA runs jax.nn.softmax's passes (devices.py)
+            return Breakdown(0.0, 0.0, 0.0, 0.0, 0.0, self.softmax_passes_seconds(out))
         if op in FUSED_ELEMENTWISE:
             nbytes = float(out.nbytes)
-            return Breakdown(float(out.size), nbytes, 0.0, nbytes / d.bandwidth, 0.0)
+            return Breakdown(float(out.size), nbytes, 0.0, nbytes / d.bandwidth_for(out.nbytes), 0.0)
         if op in ir.REDUCE_OPS:
             nbytes = float(sum(t.nbytes for t in node.inputs) + out.nbytes)
-            return Breakdown(float(node.inputs[0].size), nbytes, 0.0, nbytes / d.bandwidth, d.launch_overhead)
+            return Breakdown(float(node.inputs[0].size), nbytes, 0.0, nbytes / d.bandwidth_for(node.inputs[0].nbytes),
+                             d.launch_overhead)
         if op == "dot_general":
             return self._dot(node)
         if op in ("attention", "attention_fp8"):  # fp8: q.dtype picks the fp8 efficiencies
@@ -244,21 +247,37 @@ class RooflineModel:
             nbytes = float(out.nbytes)
             if d.relayouts_dot_operands and not contiguous_slice(node.inputs[0].shape, out.shape):
                 return Breakdown(0.0, 2.0 * nbytes, 0.0, 0.0, 0.0, self._relayout_seconds(out))  # a strided copy
-            return Breakdown(0.0, nbytes, 0.0, nbytes / d.bandwidth, 0.0)
+            return Breakdown(0.0, nbytes, 0.0, nbytes / d.bandwidth_for(out.nbytes), 0.0)
         if op == "concatenate":
             nbytes = 2.0 * out.nbytes
-            return Breakdown(0.0, nbytes, 0.0, nbytes / d.bandwidth, d.launch_overhead)
+            return Breakdown(0.0, nbytes, 0.0, nbytes / d.bandwidth_for(out.nbytes), d.launch_overhead)
         if op == "fused":
             return self._fused(node)
         # anything else the model does not know: a kernel that reads its inputs and writes its output
         nbytes = float(sum(t.nbytes for t in node.inputs) + out.nbytes)
         return Breakdown(0.0, nbytes, 0.0, nbytes / d.bandwidth, d.launch_overhead)
 
+    def softmax_passes_seconds(self, scores: ir.TensorType, scaled: bool = False) -> float:
+        """What the nodes of ``jax.nn.softmax`` over the last axis of ``scores`` cost as this model
+        prices them one by one (reduce_max, sub, exp, reduce_sum, div; the row broadcasts as
+        broadcasts are priced), after a multiply by the scale when ``scaled``: a `softmax` node and
+        the reference attention's softmax cost what the same passes cost written out."""
+        rows = ir.TensorType(scores.shape[:-1], scores.dtype)
+        column = ir.TensorType(scores.shape[:-1] + (1,), scores.dtype)
+        views = [OpView("reduce_max", {"axes": (scores.rank - 1,)}, (scores,), rows),
+                 OpView("broadcast_in_dim", {}, (column,), scores),
+                 OpView("sub", {}, (scores, scores), scores), OpView("exp", {}, (scores,), scores),
+                 OpView("reduce_sum", {"axes": (scores.rank - 1,)}, (scores,), rows),
+                 OpView("broadcast_in_dim", {}, (column,), scores), OpView("div", {}, (scores, scores), scores)]
+        if scaled:
+            views.append(OpView("mul", {}, (scores, scores), scores))
+        return sum(self.breakdown(v).seconds for v in views)
+
     def _transpose_seconds(self, nbytes: float, perm: tuple[int, ...] | None = None) -> float:
         d = self.device
         keeps_minor = perm is not None and len(perm) > 0 and perm[-1] == len(perm) - 1
         fraction = d.copy_bandwidth_fraction if keeps_minor else d.transpose_bandwidth_fraction
-        return 2.0 * nbytes / (d.bandwidth * fraction)
+        return 2.0 * nbytes / (d.bandwidth_for(nbytes) * fraction)
 
     def _dot(self, node: OpView) -> Breakdown:
         d = self.device
@@ -285,7 +304,7 @@ class RooflineModel:
     def _relayout_seconds(self, t: ir.TensorType) -> float:
         """A copy of ``t`` into another axis order that keeps its minor axis, plus its launch."""
         d = self.device
-        return 2.0 * t.nbytes / (d.bandwidth * d.copy_bandwidth_fraction) + d.launch_overhead
+        return 2.0 * t.nbytes / (d.bandwidth_for(t.nbytes) * d.copy_bandwidth_fraction) + d.launch_overhead
 
     def tile_utilisation(self, batch: int, m: int, n: int, k: int) -> float:
         """Useful fraction of the tensor-core work a GEMM of this shape issues: M, N rounded up
@@ -396,8 +415,12 @@ class RooflineModel:
         if d.einsum_attention and not (_heads_before_seq(ql, q.shape) and _heads_before_seq(ol, out.shape)):
             eff = min(eff, d.split_heads_attention_efficiency)  # XLA einsums that loop (devices.py)
         peak = d.peak(cdt) * eff
-        return Breakdown(flops, nbytes, flops / peak, nbytes / d.bandwidth, d.launch_overhead,
-                         self._attention_relayouts(node), variant)
+        extra = self._attention_relayouts(node)
+        if d.einsum_attention:  # the reference's scale and softmax over the f32 scores, as XLA runs them
+            heads_k = k.shape[kl.index("H")]
+            scores = ir.TensorType((batch, heads_k, heads // max(1, heads_k), sq, sk), "float32")
+            extra += self.softmax_passes_seconds(scores, scaled=True)
+        return Breakdown(flops, nbytes, flops / peak, nbytes / d.bandwidth, d.launch_overhead, extra, variant)
 
     def _attention_relayouts(self, node: OpView) -> float:
         """Seconds of the transposes lowering puts around an attention kernel: operands it cannot
