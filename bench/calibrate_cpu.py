@@ -47,7 +47,6 @@ PARAMETERS = {
     "split_heads_attention_efficiency": (1e-3, 1.0),
     "transpose_bandwidth_fraction": (1e-3, 1.0),
     "copy_bandwidth_fraction": (1e-3, 1.0),
-    "cache_bandwidth": (1e9, 1e12),  # memory-bound work on a tensor that fits a core's L2 (cache_bytes)
 }
 
 

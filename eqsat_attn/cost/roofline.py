@@ -230,11 +230,10 @@ class RooflineModel:
             return Breakdown(0.0, 0.0, 0.0, 0.0, 0.0, self.softmax_passes_seconds(out))
         if op in FUSED_ELEMENTWISE:
             nbytes = float(out.nbytes)
-            return Breakdown(float(out.size), nbytes, 0.0, nbytes / d.bandwidth_for(out.nbytes), 0.0)
+            return Breakdown(float(out.size), nbytes, 0.0, nbytes / d.bandwidth, 0.0)
         if op in ir.REDUCE_OPS:
             nbytes = float(sum(t.nbytes for t in node.inputs) + out.nbytes)
-            return Breakdown(float(node.inputs[0].size), nbytes, 0.0, nbytes / d.bandwidth_for(node.inputs[0].nbytes),
-                             d.launch_overhead)
+            return Breakdown(float(node.inputs[0].size), nbytes, 0.0, nbytes / d.bandwidth, d.launch_overhead)
         if op == "dot_general":
             return self._dot(node)
         if op in ("attention", "attention_fp8"):  # fp8: q.dtype picks the fp8 efficiencies
@@ -247,10 +246,10 @@ class RooflineModel:
             nbytes = float(out.nbytes)
             if d.relayouts_dot_operands and not contiguous_slice(node.inputs[0].shape, out.shape):
                 return Breakdown(0.0, 2.0 * nbytes, 0.0, 0.0, 0.0, self._relayout_seconds(out))  # a strided copy
-            return Breakdown(0.0, nbytes, 0.0, nbytes / d.bandwidth_for(out.nbytes), 0.0)
+            return Breakdown(0.0, nbytes, 0.0, nbytes / d.bandwidth, 0.0)
         if op == "concatenate":
             nbytes = 2.0 * out.nbytes
-            return Breakdown(0.0, nbytes, 0.0, nbytes / d.bandwidth_for(out.nbytes), d.launch_overhead)
+            return Breakdown(0.0, nbytes, 0.0, nbytes / d.bandwidth, d.launch_overhead)
         if op == "fused":
             return self._fused(node)
         # anything else the model does not know: a kernel that reads its inputs and writes its output
@@ -277,7 +276,7 @@ class RooflineModel:
         d = self.device
         keeps_minor = perm is not None and len(perm) > 0 and perm[-1] == len(perm) - 1
         fraction = d.copy_bandwidth_fraction if keeps_minor else d.transpose_bandwidth_fraction
-        return 2.0 * nbytes / (d.bandwidth_for(nbytes) * fraction)
+        return 2.0 * nbytes / (d.bandwidth * fraction)
 
     def _dot(self, node: OpView) -> Breakdown:
         d = self.device
@@ -304,7 +303,7 @@ class RooflineModel:
     def _relayout_seconds(self, t: ir.TensorType) -> float:
         """A copy of ``t`` into another axis order that keeps its minor axis, plus its launch."""
         d = self.device
-        return 2.0 * t.nbytes / (d.bandwidth_for(t.nbytes) * d.copy_bandwidth_fraction) + d.launch_overhead
+        return 2.0 * t.nbytes / (d.bandwidth * d.copy_bandwidth_fraction) + d.launch_overhead
 
     def tile_utilisation(self, batch: int, m: int, n: int, k: int) -> float:
         """Useful fraction of the tensor-core work a GEMM of this shape issues: M, N rounded up
