@@ -20,11 +20,16 @@ block: prefill (S256), long prefill (S512) and decode (one new token's query aga
 cache); for each, the variants above, the captured (unfused) program, and the captured programs
 of hand-written equivalents that really differ in work and data movement
 (`cpu_formulations.py`). --dump keeps programs and timings; --refit DUMP prices them again under
-today's model without measuring (bench/calibrate_cpu.py fits the CPU row from such dumps). Programs are timed in
-interleaved rounds (every round visits every program of a workload in a fresh random order, each
-timed as the mean of --inner calls after warm-up), and a program's time is the median over
-rounds; the spread is the interquartile range over rounds relative to the median. Spearman is
-reported pooled and per workload (equivalent programs are only compared within one workload).
+today's model without measuring (bench/calibrate_cpu.py fits the CPU row from such dumps). XLA:CPU
+runs single-threaded (`SINGLE_THREAD_FLAGS`, set before jax is imported; --multi-thread leaves it
+alone), the setting the CPU row is calibrated for. Programs are timed in interleaved rounds (every
+round visits every program of a workload in a fresh random order, each run --inner times after
+warm-up); a round's time is its fastest run by the process's CPU time (--clock wall: by wall
+clock), and a program's time the median over rounds; the spread is the interquartile range over
+rounds relative to the median. On a shared machine CPU time does not count the waits for a core,
+and the minimum drops the runs that load disturbed (cache evictions): spreads of 4-20% at load 4,
+against 30-99% for the mean by wall clock of a multi-threaded XLA at load 8. Spearman is reported
+pooled and per workload (equivalent programs are only compared within one workload).
 
 --calibrate fits measured = sum over categories of coefficient x predicted seconds of the nodes
 in that category (matmul, attention per variant, memory-bound ops, transposes, launches),

@@ -264,12 +264,61 @@ def test_calibrate_cpu_recovers_constants_that_produced_the_times():
     assert cal.loss(rows, fitted) < 0.1 * cal.loss(rows, base)
 
 
+def _softmax_forms(b: int, h: int, s: int):
+    """A scaled softmax over [B, H, S, S] scores, captured as jax.nn.softmax writes it (its nodes
+    one by one) and as the rules raise it (one `softmax` node), and the attention that holds it."""
+    rng = np.random.default_rng(5)
+    scores = jnp.asarray(_extreme(rng, (b, h, s, s)))
+    explicit = capture(lambda x: jax.nn.softmax(x, axis=-1), scores).program
+    t = ir.TensorType((b, h, s, s), "float32")
+    return explicit, OpView("softmax", {}, (t,), t)
+
+
+def test_cpu_prices_a_softmax_node_as_its_passes_written_out():
+    """On the CPU a `softmax` node costs what jax.nn.softmax's own nodes cost (XLA runs the same
+    passes; their row broadcasts fuse), so neither form wins extraction by how it is written;
+    the H100 row keeps pricing broadcasts as writes (GPU rows unchanged)."""
+    explicit, node = _softmax_forms(2, 4, 64)
+    cpu, h100 = for_device("cpu"), for_device("h100")
+    assert program_cost(explicit, cpu) == pytest.approx(cpu.node_cost(node), rel=1e-9)
+    assert cpu.node_cost(node) > 0
+    assert any(n.op == "broadcast_in_dim" for n in explicit.nodes)
+    row = ir.TensorType((2, 4, 64, 1), "float32")
+    full = ir.TensorType((2, 4, 64, 64), "float32")
+    broadcast = OpView("broadcast_in_dim", {"shape": full.shape, "broadcast_dimensions": (0, 1, 2, 3)}, (row,), full)
+    assert cpu.node_cost(broadcast) == 0.0 and h100.node_cost(broadcast) > 0.0
+
+
+def test_cpu_reference_attention_pays_the_softmax_passes_over_its_scores():
+    """The CPU's attention (XLA's einsums) costs its GEMMs plus the scale and softmax passes over
+    the [B, H, Sq, Sk] scores: doubling the keys doubles the passes; a GPU kernel keeps them on chip."""
+    cpu = for_device("cpu")
+    short, long = (2, 4, 64, 32), (2, 4, 128, 32)
+    base = cpu.breakdown(_attention(short, short, "float32"))
+    longer = cpu.breakdown(_attention(short, long, "float32"))
+    passes = cpu.softmax_passes_seconds(ir.TensorType((2, 4, 1, 64, 64), "float32"), scaled=True)
+    assert passes > 0 and base.extra_s == pytest.approx(passes, rel=1e-9)
+    assert longer.extra_s == pytest.approx(
+        cpu.softmax_passes_seconds(ir.TensorType((2, 4, 1, 64, 128), "float32"), scaled=True), rel=1e-9)
+    assert longer.extra_s > 1.5 * passes
+    h100 = for_device("h100")
+    assert h100.breakdown(_attention(short, short, "float32")).extra_s == 0.0
+
+
 # ------------------------------------------------------------------ the CPU benchmark's helpers
 def test_interleaved_timing_helpers():
     bench = load_bench("cost_model_experiment", "cost_model_experiment_for_fidelity")
     calls = [(jax.jit(lambda x: x + 1), (jnp.ones(4),)), (jax.jit(lambda x: x * 2), (jnp.ones(4),))]
     times = bench.interleaved_seconds(calls, rounds=4, inner=2)
     assert [len(t) for t in times] == [4, 4] and all(x > 0 for t in times for x in t)
+    runs = bench.interleaved_runs(calls, rounds=3, inner=2)
+    assert [[len(r) for r in per_call] for per_call in runs] == [[2, 2, 2], [2, 2, 2]]
+    # a round's time is its fastest run, by CPU time (index 1) or wall clock (index 0)
+    made = [[(3.0, 2.0), (1.0, 5.0)], [(2.0, 4.0), (6.0, 1.0)]]
+    assert bench.round_seconds(made, "wall") == [1.0, 2.0] and bench.round_seconds(made, "cpu") == [2.0, 1.0]
+    assert bench.single_threaded(["--cpu", "--rounds", "3"]) and not bench.single_threaded(["--cpu", "--multi-thread"])
+    assert not bench.single_threaded(["--cpu-smoke"])
+    assert "--xla_cpu_multi_thread_eigen=false" in bench.SINGLE_THREAD_FLAGS
     assert bench.spread([1.0, 1.0, 1.0, 1.0]) == 0.0 and bench.spread([1.0, 2.0, 3.0, 4.0]) > 0
     fn, args = bench.decode_example(batch=1, heads=2, seq=8, head_dim=4)
     assert fn(*args).shape == (1, 2, 1, 4)

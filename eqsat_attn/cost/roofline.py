@@ -77,7 +77,13 @@ time = max(flops / (peak[dtype] x efficiency), bytes / bandwidth) + launch overh
   without B then H major (any minor axis: the kernels' D-minor rule does not apply), a split
   Q or output excepted (priced by its rate, above). A slice that is not one contiguous block
   (`contiguous_slice`: a weight's column block, a cache's head) is such a copy too. Fitted with
-  the rest of the CPU row (devices.py; bench/results/cost-model-cpu-2026-12-06-session9.md).
+  the rest of the CPU row (devices.py; bench/results/cost-model-cpu-2026-12-07.md).
+- softmax on a device without an attention kernel (``einsum_attention``, the CPU): a ``softmax``
+  node, and the softmax inside the reference attention (with its scale), cost what
+  jax.nn.softmax's nodes written out cost (`softmax_passes_seconds`: reduce_max, sub, exp,
+  reduce_sum, div over the f32 scores), so the three forms of one softmax are priced alike (XLA
+  runs the same passes for each). On devices with ``broadcasts_fuse`` (the CPU) every broadcast
+  is free, not only a scalar splat: XLA fuses it into each consumer.
 """
 
 from __future__ import annotations
@@ -258,12 +264,13 @@ class RooflineModel:
 
     def softmax_passes_seconds(self, scores: ir.TensorType, scaled: bool = False) -> float:
         """What the nodes of ``jax.nn.softmax`` over the last axis of ``scores`` cost as this model
-        prices them one by one (reduce_max, sub, exp, reduce_sum, div; the row broadcasts as
+        prices them one by one (reduce_max, max, sub, exp, reduce_sum, div; the row broadcasts as
         broadcasts are priced), after a multiply by the scale when ``scaled``: a `softmax` node and
         the reference attention's softmax cost what the same passes cost written out."""
         rows = ir.TensorType(scores.shape[:-1], scores.dtype)
         column = ir.TensorType(scores.shape[:-1] + (1,), scores.dtype)
         views = [OpView("reduce_max", {"axes": (scores.rank - 1,)}, (scores,), rows),
+                 OpView("max", {}, (rows, rows), rows),  # jnp.max's clamp of the row maxima at -inf
                  OpView("broadcast_in_dim", {}, (column,), scores),
                  OpView("sub", {}, (scores, scores), scores), OpView("exp", {}, (scores,), scores),
                  OpView("reduce_sum", {"axes": (scores.rank - 1,)}, (scores,), rows),
