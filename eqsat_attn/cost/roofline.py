@@ -147,6 +147,20 @@ def dot_ready(shape: tuple[int, ...], batch: tuple[int, ...], contract: tuple[in
     return kept[:len(kb)] == kb and (rest[:len(kc)] == kc or rest[len(rest) - len(kc):] == kc)
 
 
+def gemm_copy_keeps_minor(shape: tuple[int, ...], batch: tuple[int, ...], contract: tuple[int, ...], rhs: bool) -> bool:
+    """Whether XLA:CPU's copy of a dot operand it cannot take in place keeps the operand's minor
+    axis (ignoring length-1 axes). The copy goes to the GEMM's canonical form: the lhs as
+    [batch, free, contract], the rhs as [batch, contract, free] (HLO of a decode step: a K cache
+    [B, S, H, D] read by q.Kᵀ is copied to [B, H, D, S], D no longer minor)."""
+    kept = [i for i, n in enumerate(shape) if n != 1]
+    if not kept:
+        return True
+    contracting = [i for i in contract if shape[i] != 1]
+    free = [i for i in kept if i not in batch and i not in contract]
+    last = (free or contracting) if rhs else (contracting or free)
+    return not last or last[-1] == kept[-1]
+
+
 def contiguous_slice(shape: tuple[int, ...], out: tuple[int, ...]) -> bool:
     """Whether a slice of ``shape`` giving ``out`` is one contiguous block of the row-major input:
     at most one axis cut, every axis before it of length 1 in the output, every axis after it whole."""
@@ -160,6 +174,25 @@ def _batch_major(layout: str, shape: tuple[int, ...]) -> bool:
     kept = [c for c, n in zip(layout, shape) if n != 1]
     lead = [c for c in "BH" if c in kept]
     return kept[:len(lead)] == lead
+
+
+def _k_is_scores_rhs(q_layout: str) -> bool:
+    """Whether XLA:CPU runs the reference attention's q.Kᵀ einsum with K as the GEMM's rhs: when q's
+    layout puts H before S (the einsum's dimension order; HLO of the decode step: with q laid out
+    [B, S, H, D] XLA swaps the operands and K is the lhs, read with D minor)."""
+    return q_layout.index("H") < q_layout.index("S")
+
+
+def _k_in_gemm_form(layout: str, shape: tuple[int, ...]) -> bool:
+    """Whether K already is the rhs's canonical form [B, H, D, S] (ignoring length-1 axes)."""
+    kept = [c for c, n in zip(layout, shape) if n != 1]
+    return kept == [c for c in "BHDS" if c in kept]
+
+
+def _minor_axis(layout: str, shape: tuple[int, ...]) -> str:
+    """The minor axis of a layout, ignoring length-1 axes."""
+    kept = [c for c, n in zip(layout, shape) if n != 1]
+    return kept[-1] if kept else layout[-1]
 
 
 def _tiled(length: int) -> int:
@@ -302,15 +335,17 @@ class RooflineModel:
                      tuple(rb) == tuple(range(len(rb))) and tuple(rc) == tuple(range(len(rb), len(rb) + len(rc))))
         extra = ORIENTATION_TIE_BREAK * row_major.count(False)
         if d.relayouts_dot_operands:  # XLA:CPU copies an operand it cannot take in place (devices.py)
-            for t, batch, contract in ((a, lb, lc), (b, rb, rc)):
+            for t, batch, contract, rhs in ((a, lb, lc, False), (b, rb, rc, True)):
                 if not dot_ready(t.shape, batch, contract):
-                    extra += self._relayout_seconds(t)
+                    extra += self._relayout_seconds(t, gemm_copy_keeps_minor(t.shape, batch, contract, rhs))
         return Breakdown(flops, nbytes, compute, nbytes / d.bandwidth, d.launch_overhead, extra)
 
-    def _relayout_seconds(self, t: ir.TensorType) -> float:
-        """A copy of ``t`` into another axis order that keeps its minor axis, plus its launch."""
+    def _relayout_seconds(self, t: ir.TensorType, keeps_minor: bool = True) -> float:
+        """A copy of ``t`` into another axis order, plus its launch: at the copy rate when it keeps
+        the minor axis, else at the transpose rate."""
         d = self.device
-        return 2.0 * t.nbytes / (d.bandwidth * d.copy_bandwidth_fraction) + d.launch_overhead
+        fraction = d.copy_bandwidth_fraction if keeps_minor else d.transpose_bandwidth_fraction
+        return 2.0 * t.nbytes / (d.bandwidth * fraction) + d.launch_overhead
 
     def tile_utilisation(self, batch: int, m: int, n: int, k: int) -> float:
         """Useful fraction of the tensor-core work a GEMM of this shape issues: M, N rounded up
@@ -440,7 +475,10 @@ class RooflineModel:
             layout = str(p[f"{name}_layout"])
             if d.relayouts_dot_operands:  # XLA's einsums: any minor axis, B and H major (else copied)
                 split = name in "qo" and d.einsum_attention and not _heads_before_seq(layout, t.shape)
-                if not split and not _batch_major(layout, t.shape):  # (a split is priced by its rate)
+                if name == "k" and d.einsum_attention and _k_is_scores_rhs(str(p["q_layout"])):
+                    if not _k_in_gemm_form(layout, t.shape):  # copied to [B, H, D, S]: D leaves minor
+                        extra += self._relayout_seconds(t, _minor_axis(layout, t.shape) == "S")
+                elif not split and not _batch_major(layout, t.shape):  # (a split is priced by its rate)
                     extra += self._relayout_seconds(t)
             elif not _layout_is_view(t.shape, layout, minors):
                 extra += self._transpose_seconds(t.nbytes) + d.launch_overhead
