@@ -309,10 +309,10 @@ H200 = DeviceSpec(
 # `python bench/cost_model_experiment.py --cpu --rounds 61 --inner 5 --dump cpuX.pkl` (124 programs:
 # the projected attention block at prefill S256 and S512 and a decode step against a 1024-token
 # cache, each as the e-graph's variants and as hand-written equivalents that span 2.5-28x; least
-# squares of log(predicted / measured), workloads weighted alike), checked on a third run (cpuC:
-# Spearman 0.880 pooled) and on the run of bench/results/cost-model-cpu-2026-12-07.md.
-# - bandwidth 53.6 GB/s (the working sets, 0.25-34 MB, sit in the 480 MiB L3); matmul_efficiency 0.63
-#   (105 GFLOP/s); attention (the reference's two batched per-head GEMMs) 0.58 of peak; split heads
+# squares of log(predicted / measured), workloads weighted alike), checked on two other runs
+# (Spearman 0.949 and 0.953 pooled) and on the run of bench/results/cost-model-cpu-2026-12-07.md (0.919).
+# - bandwidth 53.6 GB/s (the working sets, 0.25-34 MB, sit in the 480 MiB L3); matmul_efficiency 0.64
+#   (106 GFLOP/s); attention (the reference's two batched per-head GEMMs) 0.59 of peak; split heads
 #   (Q or O without H directly before S: XLA:CPU loops over the split heads) 0.27 of peak.
 # - the reference attention and a `softmax` node also pay the softmax's passes over the f32 scores
 #   (max, subtract, exp, sum, divide; and the scale) as the same nodes written out are priced
@@ -321,10 +321,12 @@ H200 = DeviceSpec(
 # - broadcasts_fuse: XLA fuses a broadcast into each consumer (the softmax's two row broadcasts);
 #   priced as writes, they made the explicit softmax 2.6x the `softmax` node it equals.
 # - relayouts_dot_operands: XLA:CPU copies a dot operand that is not batch-major (a K/V cache kept
-#   [B, S, H, D]); measured: decode programs reading the cache as stored ran with those that
-#   transpose it explicitly (the copy is there either way). Copies that keep the minor axis reach
-#   0.25 of bandwidth (13 GB/s; a transpose that moves it 0.19): strided, short rows (D = 32).
-# - launch_overhead: 1.6 us per thunk that does not fuse (fit; its lower bound is 1 us).
+#   [B, S, H, D]) into the GEMM's canonical form (lhs [batch, free, contract], rhs [batch, contract,
+#   free]; roofline.gemm_copy_keeps_minor), and in the reference attention K, as q.Kᵀ's rhs when q
+#   has H before S, into [B, H, D, S] (HLO of the decode and prefill programs). Copies that keep the
+#   minor axis reach 0.28 of bandwidth (15 GB/s), transposes that move it 0.21: strided, short
+#   rows (D = 32). This split the decode programs into two clusters 11% apart, as measured.
+# - launch_overhead: 3.7 us per thunk that does not fuse (fit; its lower bound is 1 us).
 _CPU_F32 = 1 * (2 * 16 * 2) * 2.6e9
 _CPU_ATTENTION = 0.5869  # fitted (above)
 CPU = DeviceSpec(
