@@ -72,10 +72,14 @@ time = max(flops / (peak[dtype] x efficiency), bytes / bandwidth) + launch overh
   An ESTIMATE until `bench/attention.py --decode` measures the kernel on a GPU.
 - XLA:CPU's operand copies (``relayouts_dot_operands``, the CPU): its dot emitter takes an
   operand only batch-major with its contracting axes one block at either end (`dot_ready`), and
-  copies any other first; so a dot_general pays a copy (2 x bytes at ``copy_bandwidth_fraction``
-  of bandwidth, plus a launch) per such operand, and the reference attention one per operand
-  without B then H major (any minor axis: the kernels' D-minor rule does not apply), a split
-  Q or output excepted (priced by its rate, above). A slice that is not one contiguous block
+  copies any other first, into the GEMM's canonical form (lhs [batch, free, contract], rhs
+  [batch, contract, free]: `gemm_copy_keeps_minor`); so a dot_general pays a copy (2 x bytes at
+  ``copy_bandwidth_fraction`` of bandwidth when the copy keeps the operand's minor axis, at
+  ``transpose_bandwidth_fraction`` when it moves it, plus a launch) per such operand, and the
+  reference attention one per operand without B then H major (any minor axis: the kernels'
+  D-minor rule does not apply), a split Q or output excepted (priced by its rate, above), and K
+  excepted when q has H before S: K is then q·Kᵀ's rhs and goes to [B, H, D, S] unless it is
+  there already (HLO; with q [B, S, H, D] XLA swaps the operands). A slice that is not one contiguous block
   (`contiguous_slice`: a weight's column block, a cache's head) is such a copy too. Fitted with
   the rest of the CPU row (devices.py; bench/results/cost-model-cpu-2026-12-07.md).
 - softmax on a device without an attention kernel (``einsum_attention``, the CPU): a ``softmax``
