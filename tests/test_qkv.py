@@ -354,26 +354,24 @@ def test_default_choice_follows_the_cost_table(device, dtype, kind):
 def test_default_cpu_choice_follows_the_cost_table(kind):
     """CPU, float32 (XLA:CPU computes bf16 dots in f32 at the same peak, so f32 is the dtype a
     CPU user runs), B4 S4096 E4096 H32. What the CPU rows of the table imply:
-    - no attention op at all: the attention op's two GEMMs are priced at 59% of peak and plain
-      dots at 64% (both fitted), and the softmax passes cost the same in either form, so the
-      unfused Q Kᵀ / softmax / P V form is cheaper than any of (a), (b), (c);
+    - no attention op at all: attention as plain JAX is priced at 25% of peak and dots at 50%, so
+      the unfused Q Kᵀ / softmax / P V form (its scores written at 20 GB/s) is cheaper than any of
+      (a), (b), (c);
     - no merged projection for Llama: a compute-bound CPU gains only 1-us launches from a merged
       matmul, while a weight concatenation is a copy on every call (Llama keeps three projections);
       GPT-2's fused [E, 3E] projection stays one matmul, weight-first ([3E, B, S]), whose Q, K, V
       are slices along its major axis (contiguous: no copy), since XLA:CPU copies a column slice
       of the weight before a GEMM (a strided copy at the fitted copy bandwidth, devices.py); the
-      edge over weight slices is small (0.2% of the block), the table's call;
-    - among the variants, (b), by a hair (0.05%): steered to an attention op, the projections run
-      weight-first and write Q, K, V as [H, D, B, S], S minor. XLA:CPU reads K as q.Kᵀ's rhs in
-      [B, H, D, S] (HLO, bench/results/cost-model-cpu-2026-12-07.md), so K goes there in every
-      variant by a copy that keeps S minor; a V relaid [B, H, D, S] (b) is such a copy too, and
-      P.V reads it in place (its contracting S minor), while standard V (a) is a transpose that
-      moves the minor axis (the dearer rate); (c) adds a matmul."""
+      edge over weight slices is small (0.2% of the block), the table's call. Steered to (b),
+      Llama's extraction reads V as a slice of that weight-first fused matmul ([H, D, B, S]: Vᵀ
+      with no transpose, outside the taxonomy), since the reference attention reads K as
+      [B, H, D, S] in place on the CPU (a GEMM operand with its contracting axis first);
+    - among the variants, (a): every CPU attention row is 0.25 (no V-layout preference), so
+      transposed V only adds a transpose (b) or a matmul (c)."""
     program = abstract_block(kind, dtype=jnp.float32, **SHAPE)
     model = for_device("cpu")
-    costs, chosen, _ = variant_costs(program, model)
-    assert min(costs, key=costs.get) == "b", costs
-    assert costs["b"] < costs["a"] < costs["c"], costs
+    costs, chosen, _ = variant_costs(program, model, others=("b",) if kind == "llama" else ())
+    assert min(costs, key=costs.get) == "a", costs
     assert not [i for i in chosen.live_nodes() if chosen.nodes[i].op in ("attention", "packed_attention")], str(chosen)
     assert program_cost(chosen, model) < min(costs.values()), (costs, str(chosen))
     assert chosen.count("concatenate") == 0 and classify(chosen) == "other"
@@ -433,10 +431,11 @@ def test_bench_qkv_layouts_cpu_smoke(tmp_path):
     text = out.read_text()
     prefill, decode = text.split("## decode")  # both configurations, side by side in one run
     assert "## prefill" in prefill
-    # every variant is reached, on the CPU model too (there a relaid Vᵀ keeps the weight-first
-    # projection's S minor, as K does: see test_default_cpu_choice_follows_the_cost_table)
-    assert "| (b) | b |" in prefill and "| (b) | b |" in decode
-    assert "variant not reached" not in text
+    # On the CPU model, steering the prefill block to (b) reads Vᵀ from a weight-first fused matmul
+    # in place (outside the taxonomy: see test_default_cpu_choice_follows_the_cost_table), and the
+    # report says so rather than mislabel it
+    b_prefill = "| (b) | other (variant not reached) |" if jax.default_backend() == "cpu" else "| (b) | b |"
+    assert b_prefill in prefill and "| (b) | b |" in decode
     for section in (prefill, decode):
         assert "| (a) | a |" in section and "| pick |" in section
         assert "values agree across programs: ok" in section and "pick was the fastest program: " in section

@@ -77,9 +77,10 @@ time = max(flops / (peak[dtype] x efficiency), bytes / bandwidth) + launch overh
   ``copy_bandwidth_fraction`` of bandwidth when the copy keeps the operand's minor axis, at
   ``transpose_bandwidth_fraction`` when it moves it, plus a launch) per such operand, and the
   reference attention one per operand without B then H major (any minor axis: the kernels'
-  D-minor rule does not apply), a split Q or output excepted (priced by its rate, above), and K
-  excepted when q has H before S: K is then q·Kᵀ's rhs and goes to [B, H, D, S] unless it is
-  there already (HLO; with q [B, S, H, D] XLA swaps the operands). A slice that is not one contiguous block
+  D-minor rule does not apply), a split Q or output excepted (priced by its rate, above). Not
+  priced: XLA:CPU also transposes K into [B, H, D, S] for the reference's q·Kᵀ when q has H
+  before S (HLO; its (kv head, group) split), see bench/results/cost-model-cpu-2026-12-07.md.
+  A slice that is not one contiguous block
   (`contiguous_slice`: a weight's column block, a cache's head) is such a copy too. Fitted with
   the rest of the CPU row (devices.py; bench/results/cost-model-cpu-2026-12-07.md).
 - softmax on a device without an attention kernel (``einsum_attention``, the CPU): a ``softmax``
@@ -178,25 +179,6 @@ def _batch_major(layout: str, shape: tuple[int, ...]) -> bool:
     kept = [c for c, n in zip(layout, shape) if n != 1]
     lead = [c for c in "BH" if c in kept]
     return kept[:len(lead)] == lead
-
-
-def _k_is_scores_rhs(q_layout: str) -> bool:
-    """Whether XLA:CPU runs the reference attention's q.Kᵀ einsum with K as the GEMM's rhs: when q's
-    layout puts H before S (the einsum's dimension order; HLO of the decode step: with q laid out
-    [B, S, H, D] XLA swaps the operands and K is the lhs, read with D minor)."""
-    return q_layout.index("H") < q_layout.index("S")
-
-
-def _k_in_gemm_form(layout: str, shape: tuple[int, ...]) -> bool:
-    """Whether K already is the rhs's canonical form [B, H, D, S] (ignoring length-1 axes)."""
-    kept = [c for c, n in zip(layout, shape) if n != 1]
-    return kept == [c for c in "BHDS" if c in kept]
-
-
-def _minor_axis(layout: str, shape: tuple[int, ...]) -> str:
-    """The minor axis of a layout, ignoring length-1 axes."""
-    kept = [c for c, n in zip(layout, shape) if n != 1]
-    return kept[-1] if kept else layout[-1]
 
 
 def _tiled(length: int) -> int:
@@ -479,10 +461,7 @@ class RooflineModel:
             layout = str(p[f"{name}_layout"])
             if d.relayouts_dot_operands:  # XLA's einsums: any minor axis, B and H major (else copied)
                 split = name in "qo" and d.einsum_attention and not _heads_before_seq(layout, t.shape)
-                if name == "k" and d.einsum_attention and _k_is_scores_rhs(str(p["q_layout"])):
-                    if not _k_in_gemm_form(layout, t.shape):  # copied to [B, H, D, S]: D leaves minor
-                        extra += self._relayout_seconds(t, _minor_axis(layout, t.shape) == "S")
-                elif not split and not _batch_major(layout, t.shape):  # (a split is priced by its rate)
+                if not split and not _batch_major(layout, t.shape):  # (a split is priced by its rate)
                     extra += self._relayout_seconds(t)
             elif not _layout_is_view(t.shape, layout, minors):
                 extra += self._transpose_seconds(t.nbytes) + d.launch_overhead
