@@ -362,7 +362,8 @@ def cpu_main(ns: argparse.Namespace, command: str) -> int:
         meta = {"device": f"{cpu_name()}, {os.cpu_count()} cores (`lscpu` model name; jax {jax.devices()[0].platform}), "
                           f"jax {jax.__version__}, Python {platform.python_version()}",
                 "date": time.strftime("%Y-%m-%d %H:%M"), "command": command.strip(), "rounds": ns.rounds,
-                "inner": ns.inner, "load": load_begin, "load_end": load_end, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                "inner": ns.inner, "load": load_begin, "load_end": load_end,
+                "xla_flags": os.environ.get("XLA_FLAGS", ""),
                 "statistic": "min", "clock": ns.clock}
         if ns.dump:  # the programs and their timings, to price them again without measuring (--refit)
             ns.dump.write_bytes(pickle.dumps({"rows": rows, "meta": meta}))
