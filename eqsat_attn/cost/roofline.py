@@ -112,6 +112,10 @@ ORIENTATION_TIE_BREAK = 1e-9
 #: seconds of a transpose that moves only length-1 axes (a bitcast): a tie-break, so that a reshape
 #: saying the same is kept where the e-graph has both
 BITCAST_TIE_BREAK = 1e-9
+#: seconds an attention operand's relayout on XLA:CPU costs less than the same copy written as a
+#: transpose node before it: a tie-break (they cost the same), so that extraction does not choose
+#: between the two by float rounding (whole program and per-block reuse must agree)
+RELAYOUT_TIE_BREAK = 1e-9
 
 
 def _prod(values) -> int:
@@ -462,7 +466,7 @@ class RooflineModel:
             if d.relayouts_dot_operands:  # XLA's einsums: any minor axis, B and H major (else copied)
                 split = name in "qo" and d.einsum_attention and not _heads_before_seq(layout, t.shape)
                 if not split and not _batch_major(layout, t.shape):  # (a split is priced by its rate)
-                    extra += self._relayout_seconds(t)
+                    extra += self._relayout_seconds(t) - RELAYOUT_TIE_BREAK
             elif not _layout_is_view(t.shape, layout, minors):
                 extra += self._transpose_seconds(t.nbytes) + d.launch_overhead
         return extra
