@@ -310,7 +310,7 @@ H200 = DeviceSpec(
 # the projected attention block at prefill S256 and S512 and a decode step against a 1024-token
 # cache, each as the e-graph's variants and as hand-written equivalents that span 2.5-28x; least
 # squares of log(predicted / measured), workloads weighted alike), checked on two other runs
-# (Spearman 0.890 and 0.905 pooled) and on the run of bench/results/cost-model-cpu-2026-12-07.md.
+# and on the run of bench/results/cost-model-cpu-2026-12-07.md (Spearman 0.881-0.909 pooled).
 # - bandwidth 49 GB/s (the working sets, 0.25-34 MB, sit in the 480 MiB L3); matmul_efficiency 0.64
 #   (106 GFLOP/s); attention (the reference's two batched per-head GEMMs) 0.59 of peak; split heads
 #   (Q or O without H directly before S: XLA:CPU loops over the split heads) 0.27 of peak.
@@ -325,7 +325,7 @@ H200 = DeviceSpec(
 #   free]; roofline.gemm_copy_keeps_minor; HLO of the decode programs). Copies that keep the
 #   minor axis reach 0.28 of bandwidth (14 GB/s), transposes that move it 0.22: strided, short
 #   rows (D = 32). Not priced: the reference attention's K also goes to [B, H, D, S] when q has H
-#   before S (its (kv head, group) split; HLO), which splits decode programs 11% apart; pricing
+#   before S (its (kv head, group) split; HLO), which splits decode programs 13% apart; pricing
 #   it lifted Spearman to 0.92-0.95 but made this model keep the einsums on tiny blocks
 #   (bench/results/cost-model-cpu-2026-12-07.md).
 # - launch_overhead: 1.4 us per thunk that does not fuse (fit; its lower bound is 1 us).
