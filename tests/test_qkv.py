@@ -363,14 +363,15 @@ def test_default_cpu_choice_follows_the_cost_table(kind):
       are slices along its major axis (contiguous: no copy), since XLA:CPU copies a column slice
       of the weight before a GEMM (a strided copy at the fitted copy bandwidth, devices.py); the
       edge over weight slices is small (0.2% of the block), the table's call. Steered to (b),
-      Llama's extraction reads V as a slice of that weight-first fused matmul ([H, D, B, S]: Vᵀ
-      with no transpose, outside the taxonomy), since the reference attention reads K as
+      either block's extraction (Llama's; GPT-2's too since the 2026-12-07 CPU row) reads V as a
+      slice of that weight-first fused matmul ([H, D, B, S]: Vᵀ with no transpose, outside the
+      taxonomy), since the reference attention reads K as
       [B, H, D, S] in place on the CPU (a GEMM operand with its contracting axis first);
     - among the variants, (a): every CPU attention row is 0.25 (no V-layout preference), so
       transposed V only adds a transpose (b) or a matmul (c)."""
     program = abstract_block(kind, dtype=jnp.float32, **SHAPE)
     model = for_device("cpu")
-    costs, chosen, _ = variant_costs(program, model, others=("b",) if kind == "llama" else ())
+    costs, chosen, _ = variant_costs(program, model, others=("b",))
     assert min(costs, key=costs.get) == "a", costs
     assert not [i for i in chosen.live_nodes() if chosen.nodes[i].op in ("attention", "packed_attention")], str(chosen)
     assert program_cost(chosen, model) < min(costs.values()), (costs, str(chosen))
