@@ -112,10 +112,6 @@ ORIENTATION_TIE_BREAK = 1e-9
 #: seconds of a transpose that moves only length-1 axes (a bitcast): a tie-break, so that a reshape
 #: saying the same is kept where the e-graph has both
 BITCAST_TIE_BREAK = 1e-9
-#: seconds an attention operand's relayout on XLA:CPU costs less than the same copy written as a
-#: transpose node before it: a tie-break (they cost the same), so that extraction does not choose
-#: between the two by float rounding (whole program and per-block reuse must agree)
-RELAYOUT_TIE_BREAK = 1e-9
 
 
 def _prod(values) -> int:
@@ -183,6 +179,17 @@ def _batch_major(layout: str, shape: tuple[int, ...]) -> bool:
     kept = [c for c, n in zip(layout, shape) if n != 1]
     lead = [c for c in "BH" if c in kept]
     return kept[:len(lead)] == lead
+
+
+#: the layout K and V are produced in: a projection's [B, S, E] split into heads, a KV cache
+SOURCE_LAYOUT = "BSHD"
+
+
+def reference_gemm_form(name: str, q_layout: str) -> str:
+    """The layout XLA:CPU's reference attention GEMMs read K or V in (HLO): V as P.V's rhs
+    [B, H, S, D]; K as q.Kᵀ's rhs [B, H, D, S] when q's layout puts H before S, else (XLA swaps
+    the operands) as its lhs [B, H, S, D]."""
+    return "BHDS" if name == "k" and q_layout.index("H") < q_layout.index("S") else "BHSD"
 
 
 def _tiled(length: int) -> int:
@@ -463,13 +470,38 @@ class RooflineModel:
         d = self.device
         for name, t, minors in (("q", q, "D"), ("k", k, "D"), ("v", v, "DS"), ("o", out, "D")):
             layout = str(p[f"{name}_layout"])
-            if d.relayouts_dot_operands:  # XLA's einsums: any minor axis, B and H major (else copied)
+            if d.relayouts_dot_operands and d.einsum_attention and name in "kv":
+                extra += self._gemm_form_seconds(t, layout, reference_gemm_form(name, str(p["q_layout"])))
+            elif d.relayouts_dot_operands:  # XLA's einsums: any minor axis, B and H major (else copied)
                 split = name in "qo" and d.einsum_attention and not _heads_before_seq(layout, t.shape)
                 if not split and not _batch_major(layout, t.shape):  # (a split is priced by its rate)
-                    extra += self._relayout_seconds(t) - RELAYOUT_TIE_BREAK
+                    extra += self._relayout_seconds(t)
             elif not _layout_is_view(t.shape, layout, minors):
                 extra += self._transpose_seconds(t.nbytes) + d.launch_overhead
         return extra
+
+    def _gemm_form_seconds(self, t: ir.TensorType, layout: str, form: str) -> float:
+        """XLA:CPU's copy of the reference attention's K or V, laid out ``layout``, into its GEMM
+        ``form`` (`reference_gemm_form`). XLA merges that copy with the transpose that laid the
+        operand out (HLO: one copy; measured: decode steps reading K or V through a transpose run
+        with those reading the cache as stored), so an operand costs what one copy from the
+        layout it is produced in (`SOURCE_LAYOUT`) into ``form`` costs, less what the program
+        pays to lay it out: zero when it is in ``form``; negative when a transpose that moved D
+        from minor laid it out and ``form`` keeps D minor (the two copies are one that keeps it).
+        Assumes the operand was laid out by a transpose: one written transposed by its producer
+        (a weight-first projection's Vᵀ) is priced low by that difference (bench/results/
+        cost-model-cpu-2026-12-07.md)."""
+        length = dict(zip(layout, t.shape))
+        kept = lambda order: [c for c in order if length[c] != 1]  # noqa: E731
+
+        def from_source(target: str) -> float:
+            if kept(target) == kept(SOURCE_LAYOUT):
+                return 0.0
+            return self._relayout_seconds(t, kept(target)[-1:] == kept(SOURCE_LAYOUT)[-1:])
+
+        if kept(layout) == kept(form):
+            return 0.0
+        return from_source(form) - from_source(layout)
 
     def _decode_attention(self, node: OpView) -> Breakdown:
         """The decode kernel (module docstring): memory bound, KV cache read once. An estimate
