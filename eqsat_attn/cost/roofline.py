@@ -76,10 +76,12 @@ time = max(flops / (peak[dtype] x efficiency), bytes / bandwidth) + launch overh
   [batch, contract, free]: `gemm_copy_keeps_minor`); so a dot_general pays a copy (2 x bytes at
   ``copy_bandwidth_fraction`` of bandwidth when the copy keeps the operand's minor axis, at
   ``transpose_bandwidth_fraction`` when it moves it, plus a launch) per such operand, and the
-  reference attention one per operand without B then H major (any minor axis: the kernels'
-  D-minor rule does not apply), a split Q or output excepted (priced by its rate, above). Not
-  priced: XLA:CPU also transposes K into [B, H, D, S] for the reference's q·Kᵀ when q has H
-  before S (HLO; its (kv head, group) split), see bench/results/cost-model-cpu-2026-12-07.md.
+  reference attention one per Q or output without B then H major (any minor axis: the kernels'
+  D-minor rule does not apply), a split Q or output excepted (priced by its rate, above). The
+  reference attention's K and V go to its GEMMs' forms (`reference_gemm_form`: V [B, H, S, D];
+  K [B, H, D, S] when q has H before S, its (kv head, group) split making K q·Kᵀ's rhs, else
+  [B, H, S, D]; HLO), by one copy that XLA merges with the transpose that laid the operand out
+  (`RooflineModel._gemm_form_seconds`; bench/results/cost-model-cpu-2026-12-07.md).
   A slice that is not one contiguous block
   (`contiguous_slice`: a weight's column block, a cache's head) is such a copy too. Fitted with
   the rest of the CPU row (devices.py; bench/results/cost-model-cpu-2026-12-07.md).
@@ -464,7 +466,8 @@ class RooflineModel:
         """Seconds of the transposes lowering puts around an attention kernel: operands it cannot
         read in place (q, k, o without D minor, v with neither D nor S minor), exactly as
         lower_attention does; B and H may sit anywhere in every layout. On XLA:CPU
-        (``relayouts_dot_operands``) the reference's einsums copy operands without B, H major."""
+        (``relayouts_dot_operands``) the reference's einsums copy a Q or output without B, H major,
+        and K and V into their GEMM forms (`_gemm_form_seconds`)."""
         p, (q, k, v), out = node.params, node.inputs[:3], node.output
         extra = 0.0
         d = self.device
