@@ -336,10 +336,12 @@ def test_dot_orientation_only_breaks_ties(device):
 def test_built_in_block_keeps_its_matmuls_row_major():
     """Equal-cost orientations resolve to row-major GEMMs: the built-in block's MLP stays
     [B, S, hidden] (weight-first measured 0.88x of the original on CPU,
-    bench/results/rule-ablation-cpu-2026-11-26-before.md), and so do the Q, V and output
-    projections. K's projection is not an equal-cost case on the CPU: XLA:CPU reads K as q.Kᵀ's
-    rhs in [B, H, D, S] (HLO, bench/results/cost-model-cpu-2026-12-07.md), which a weight-first
-    projection writes without the transpose that moves D from minor; if it is chosen, it is for that."""
+    bench/results/rule-ablation-cpu-2026-11-26-before.md), and so do the Q and output
+    projections. K's and V's are not equal-cost cases on the CPU: XLA:CPU copies the reference
+    attention's K and V into its GEMMs' forms, merged with the transpose that laid them out
+    (roofline `_gemm_form_seconds`), and prices a K or V read with S minor as laid out by such a
+    transpose, which a weight-first projection writes without one (the model's assumption,
+    bench/results/cost-model-cpu-2026-12-07.md); if one is chosen, it is read so."""
     import eqsat_attn as ea
     from eqsat_attn import examples
 
@@ -356,7 +358,6 @@ def test_built_in_block_keeps_its_matmuls_row_major():
     mlp = [n for n in dots if 512 in after.type_of(n.inputs[1]).shape]
     assert len(mlp) == 2 and all(row_major(n) for n in mlp), mlp
     weight_first = [n for n in dots if not row_major(n)]
-    assert len(weight_first) <= 1, weight_first
-    if weight_first:
-        (attention,) = [after.nodes[i] for i in after.live_nodes() if after.nodes[i].op == "attention"]
-        assert attention["k_layout"] == "BHDS" and attention["q_layout"].index("H") < attention["q_layout"].index("S")
+    (attention,) = [after.nodes[i] for i in after.live_nodes() if after.nodes[i].op == "attention"]
+    s_minor = [name for name in "kv" if attention[f"{name}_layout"].endswith("S")]
+    assert len(weight_first) <= len(s_minor), (weight_first, attention)
