@@ -310,7 +310,7 @@ H200 = DeviceSpec(
 # the projected attention block at prefill S256 and S512 and a decode step against a 1024-token
 # cache, each as the e-graph's variants and as hand-written equivalents that span 2.5-28x; least
 # squares of log(predicted / measured), workloads weighted alike), and checked on runs not used in
-# the fit (bench/results/cost-model-cpu-2026-12-07.md: Spearman SPEARMAN_RANGE pooled).
+# the fit (bench/results/cost-model-cpu-2026-12-07.md: Spearman 0.888-0.954 pooled, ≥ 0.9 on 10 of 11).
 # - bandwidth 49 GB/s (the working sets, 0.25-34 MB, sit in the 480 MiB L3); matmul_efficiency 0.64
 #   (107 GFLOP/s); attention (the reference's two batched per-head GEMMs) 0.59 of peak; split heads
 #   (Q or O without H directly before S: XLA:CPU loops over the split heads) 0.27 of peak.
