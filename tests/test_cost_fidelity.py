@@ -228,12 +228,14 @@ def test_cpu_prices_the_relayout_of_a_cache_read_as_stored():
 
 @pytest.mark.parametrize("q_layout", ["BHSD", "BSHD"])
 @pytest.mark.parametrize("operand", ["k", "v"])
-@pytest.mark.parametrize("layout", ["BHSD", "BHDS", "BSHD", "BSDH"])
+@pytest.mark.parametrize("layout", ["BHSD", "BHDS", "BSHD", "HDBS"])
 def test_cpu_reference_attention_operand_copy_composes_with_its_transpose(q_layout, operand, layout):
     """XLA:CPU copies the reference attention's K and V into their GEMM forms (K [B, H, D, S] when
-    q has H before S, else [B, H, S, D]; V [B, H, S, D]) and merges that copy with the transpose
-    that laid the operand out: a transpose from the projection's [B, S, H, D] to any layout, then
-    the attention, costs what the attention reading [B, S, H, D] costs."""
+    q has H before S, else [B, H, S, D]; V [B, H, S, D]) and folds the transpose that laid the
+    operand out into that copy: a transpose from the projection's [B, S, H, D] to a layout with B
+    then H major, then the attention, costs what the attention reading [B, S, H, D] costs. A
+    layout without (a weight-first projection's [H, D, B, S]) is copied as it is: a transpose, as
+    its minor axis is S, into a form with D minor."""
     b, s, h, d = 2, 256, 4, 32
     length = dict(B=b, S=s, H=h, D=d)
     t = lambda lay: ir.TensorType(tuple(length[c] for c in lay), "float32")  # noqa: E731
@@ -246,6 +248,13 @@ def test_cpu_reference_attention_operand_copy_composes_with_its_transpose(q_layo
                                         **layouts), (q_type, kv["k"], kv["v"]), t("BHSD"))
 
     cpu = for_device("cpu")
+    if layout == "HDBS":
+        form = "BHDS" if operand == "k" and q_layout == "BHSD" else "BHSD"
+        moved = 2 * b * s * h * d * 4 / cpu.device.bandwidth
+        fraction = cpu.device.copy_bandwidth_fraction if form == "BHDS" else cpu.device.transpose_bandwidth_fraction
+        copied = cpu.node_cost(attention(layout)) - cpu.node_cost(attention(form))
+        assert copied == pytest.approx(moved / fraction + cpu.device.launch_overhead, rel=1e-9)
+        return
     perm = tuple("BSHD".index(c) for c in layout)
     transpose = OpView("transpose", {"perm": perm}, (t("BSHD"),), t(layout))
     laid_out = cpu.node_cost(transpose) if perm != (0, 1, 2, 3) else 0.0

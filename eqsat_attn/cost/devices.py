@@ -310,7 +310,7 @@ H200 = DeviceSpec(
 # the projected attention block at prefill S256 and S512 and a decode step against a 1024-token
 # cache, each as the e-graph's variants and as hand-written equivalents that span 2.5-28x; least
 # squares of log(predicted / measured), workloads weighted alike), and checked on runs not used in
-# the fit (bench/results/cost-model-cpu-2026-12-07.md: Spearman 0.888-0.954 pooled, ≥ 0.9 on 10 of 11).
+# the fit (bench/results/cost-model-cpu-2026-12-07.md: Spearman 0.889-0.955 pooled, ≥ 0.9 on 10 of 11).
 # - bandwidth 49 GB/s (the working sets, 0.25-34 MB, sit in the 480 MiB L3); matmul_efficiency 0.64
 #   (107 GFLOP/s); attention (the reference's two batched per-head GEMMs) 0.59 of peak; split heads
 #   (Q or O without H directly before S: XLA:CPU loops over the split heads) 0.27 of peak.
@@ -325,8 +325,8 @@ H200 = DeviceSpec(
 #   free]; roofline.gemm_copy_keeps_minor; HLO of the decode programs). Copies that keep the
 #   minor axis reach 0.29 of bandwidth (14 GB/s), transposes that move it 0.21: strided, short
 #   rows (D = 32). The reference attention's K goes to [B, H, D, S] when q has H before S (its
-#   (kv head, group) split; HLO), V to [B, H, S, D], by one copy that XLA merges with the
-#   transpose that laid the operand out (roofline.RooflineModel._gemm_form_seconds; measured: it
+#   (kv head, group) split; HLO), V to [B, H, S, D], by one copy that XLA folds the transpose
+#   that laid the operand out into (roofline.RooflineModel._gemm_form_seconds; measured: it
 #   splits decode programs into two clusters 10-15% apart).
 # - launch_overhead: 2.2 us per thunk that does not fuse (fit; its lower bound is 1 us).
 _CPU_F32 = 1 * (2 * 16 * 2) * 2.6e9

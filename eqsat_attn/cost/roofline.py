@@ -485,15 +485,17 @@ class RooflineModel:
 
     def _gemm_form_seconds(self, t: ir.TensorType, layout: str, form: str) -> float:
         """XLA:CPU's copy of the reference attention's K or V, laid out ``layout``, into its GEMM
-        ``form`` (`reference_gemm_form`). XLA merges that copy with the transpose that laid the
-        operand out (HLO: one copy; measured: decode steps reading K or V through a transpose run
-        with those reading the cache as stored), so an operand costs what one copy from the
-        layout it is produced in (`SOURCE_LAYOUT`) into ``form`` costs, less what the program
-        pays to lay it out: zero when it is in ``form``; negative when a transpose that moved D
-        from minor laid it out and ``form`` keeps D minor (the two copies are one that keeps it).
-        Assumes the operand was laid out by a transpose: one written transposed by its producer
-        (a weight-first projection's Vᵀ) is priced low by that difference (bench/results/
-        cost-model-cpu-2026-12-07.md)."""
+        ``form`` (`reference_gemm_form`). XLA folds a transpose that feeds the GEMM into that copy
+        (HLO: one copy; measured: decode steps reading K or V through a transpose to [B, H, S, D]
+        or [B, H, D, S] run with those reading the cache as stored). So an operand with B then H
+        major, the layouts the e-graph's transposes lay K and V out in, costs one copy from the
+        layout they are produced in (`SOURCE_LAYOUT`) into ``form``, less what the program paid
+        to lay it out: zero in ``form``; negative where a transpose that moved D from minor laid
+        it out and ``form`` keeps D minor (the two copies are one that keeps it). Any other
+        layout is taken as its producer wrote it (a weight-first projection's [H, D, B, S]) and
+        copied as it is. Assumes a batch-major operand was laid out by a transpose: one its
+        producer wrote so (Kᵀ from a weight-first projection, then a transpose that keeps S
+        minor) is priced low (bench/results/cost-model-cpu-2026-12-07.md)."""
         length = dict(zip(layout, t.shape))
         kept = lambda order: [c for c in order if length[c] != 1]  # noqa: E731
 
@@ -504,6 +506,8 @@ class RooflineModel:
 
         if kept(layout) == kept(form):
             return 0.0
+        if not _batch_major(layout, t.shape):  # as its producer wrote it: copied as it is
+            return self._relayout_seconds(t, kept(form)[-1:] == kept(layout)[-1:])
         return from_source(form) - from_source(layout)
 
     def _decode_attention(self, node: OpView) -> Breakdown:
