@@ -304,15 +304,16 @@ H200 = DeviceSpec(
 # and timed by the process's CPU time (the work done, whatever core and however loaded). Peak: one
 # core x two 512-bit FMA units = 1 x (2 x 16 lanes x 2 FLOP) x 2.6e9 = 166 GFLOP/s f32 (spec
 # arithmetic); XLA:CPU runs bf16/f16 dots by converting to f32 (same peak); f64 has half the lanes.
-# Everything else is FITTED, 2026-12-07 on this machine (jax 0.12.1, load average 3.4-4.2 from the
-# other engineers' test runs), by `python bench/calibrate_cpu.py cpuA.pkl cpuB.pkl` over two runs of
-# `python bench/cost_model_experiment.py --cpu --rounds 61 --inner 5 --dump cpuX.pkl` (124 programs:
-# the projected attention block at prefill S256 and S512 and a decode step against a 1024-token
-# cache, each as the e-graph's variants and as hand-written equivalents that span 2.5-28x; least
-# squares of log(predicted / measured), workloads weighted alike), and checked on runs not used in
-# the fit (bench/results/cost-model-cpu-2026-12-07.md: Spearman 0.889-0.955 pooled, ≥ 0.9 on 10 of 11).
+# Everything else is FITTED, 2026-12-07 on this machine (jax 0.12.1, load average 1.7-4.5 from the
+# other engineers' test runs), by `python bench/calibrate_cpu.py cpuA.pkl cpuB.pkl r1.pkl r7.pkl` over
+# four runs of `python bench/cost_model_experiment.py --cpu --rounds 61|81 --inner 5 --dump X.pkl`
+# (62 programs each: the projected attention block at prefill S256 and S512 and a decode step
+# against a 1024-token cache, each as the e-graph's variants and as hand-written equivalents that
+# span 24-40x; least squares of log(predicted / measured), workloads weighted alike), and checked
+# on 11 runs not used in the fit (bench/results/cost-model-cpu-2026-12-07.md: Spearman 0.901-0.960
+# pooled).
 # - bandwidth 49 GB/s (the working sets, 0.25-34 MB, sit in the 480 MiB L3); matmul_efficiency 0.64
-#   (107 GFLOP/s); attention (the reference's two batched per-head GEMMs) 0.59 of peak; split heads
+#   (107 GFLOP/s); attention (the reference's two batched per-head GEMMs) 0.60 of peak; split heads
 #   (Q or O without H directly before S: XLA:CPU loops over the split heads) 0.27 of peak.
 # - the reference attention and a `softmax` node also pay the softmax's passes over the f32 scores
 #   (max, subtract, exp, sum, divide; and the scale) as the same nodes written out are priced
@@ -323,12 +324,12 @@ H200 = DeviceSpec(
 # - relayouts_dot_operands: XLA:CPU copies a dot operand that is not batch-major (a K/V cache kept
 #   [B, S, H, D]) into the GEMM's canonical form (lhs [batch, free, contract], rhs [batch, contract,
 #   free]; roofline.gemm_copy_keeps_minor; HLO of the decode programs). Copies that keep the
-#   minor axis reach 0.29 of bandwidth (14 GB/s), transposes that move it 0.21: strided, short
+#   minor axis reach 0.27 of bandwidth (13 GB/s), transposes that move it 0.20: strided, short
 #   rows (D = 32). The reference attention's K goes to [B, H, D, S] when q has H before S (its
 #   (kv head, group) split; HLO), V to [B, H, S, D], by one copy that XLA folds the transpose
 #   that laid the operand out into (roofline.RooflineModel._gemm_form_seconds; measured: it
 #   splits decode programs into two clusters 10-15% apart).
-# - launch_overhead: 2.2 us per thunk that does not fuse (fit; its lower bound is 1 us).
+# - launch_overhead: 2.4 us per thunk that does not fuse (fit; its lower bound is 1 us).
 _CPU_F32 = 1 * (2 * 16 * 2) * 2.6e9
 _CPU_ATTENTION = 0.5998  # fitted (above)
 CPU = DeviceSpec(
