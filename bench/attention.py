@@ -7,6 +7,9 @@ the stock Pallas Triton kernel, cuDNN and XLA, side by side on one GPU.
                                                 # our bf16 kernel, cuDNN bf16 and fp8
     python bench/attention.py --decode [--quick]  # issue 21: decode steps (Sq 1/16, B32, caches of
                                                   # 4096 / 32768 keys): our decode kernel vs cuDNN, XLA
+    python bench/attention.py --masks [--quick]   # issue 21: key padding (half the keys in half the
+                                                  # batch), sliding window 1024, bias, soft-cap: ours
+                                                  # (Mosaic GPU, Triton) vs cuDNN and XLA
 
 TFLOP/s counts 4*B*H*Sq*Sk*D flops (halved when causal); time is the median of --reps timed calls
 after warm-up, the rows of a shape called in turn over --rounds interleaved rounds (one kernel's
@@ -45,7 +48,8 @@ from eqsat_attn.kernels import attention_reference, flash_attention  # noqa: E40
 from eqsat_attn.kernels.decode_attention import decode_attention  # noqa: E402
 from eqsat_attn.kernels.fp8_attention import (FP8_ATOL, FP8_RTOL, compute_scale,  # noqa: E402
                                               dequantize, flash_attention_fp8, quantize)
-from eqsat_attn.kernels.mosaic_attention import MosaicBlocks, default_blocks  # noqa: E402
+from eqsat_attn.kernels.masks import HIDDEN, tile_classes  # noqa: E402
+from eqsat_attn.kernels.mosaic_attention import COMPUTE_WARPGROUPS, MosaicBlocks, default_blocks  # noqa: E402
 from eqsat_attn.kernels.reference import causal_mask  # noqa: E402
 
 ERR_TOL = 2e-2  # bf16 outputs: max abs error allowed, relative to 1 + max |reference|
@@ -179,6 +183,124 @@ def decode_reference_subset(shape: DecodeShape, a: dict[str, jax.Array]) -> jax.
         q[:1, :2].astype(jnp.float32), k[:1, :kv_heads].astype(jnp.float32), v[:1, :kv_heads].astype(jnp.float32),
         scale=shape.d ** -0.5, causal=False))
     return reference(a["q"], a["k"], a["v"])
+
+
+# --- issue 21: masked, biased and soft-capped forwards (--masks) ------------------------------
+
+MASK_VARIANTS = ("key padding", "sliding window", "bias", "soft-cap")
+SOFTCAP = 50.0  # Gemma 2's attention soft-cap
+
+
+def mask_shapes(quick: bool) -> list[Shape]:
+    """Issue 21's masked rows: bf16 B4 H32 S4096 (and S8192) at D128 and D64, causal and not."""
+    return [Shape(4, 32, s, d, causal) for s in ((4096,) if quick else (4096, 8192)) for d in (128, 64)
+            for causal in (False, True)]
+
+
+MASK_SMOKE_SHAPES = [Shape(2, 2, 128, 64, True)]  # inside the Mosaic GPU contract; window 32 there
+
+
+def key_lengths(shape: Shape) -> jax.Array:
+    """int32 [B]: every key in the first half of the batch, half the keys in the second."""
+    return jnp.asarray([shape.s if b < shape.b // 2 else shape.s // 2 for b in range(shape.b)], jnp.int32)
+
+
+def add_mask_inputs(shape: Shape, a: dict[str, jax.Array]) -> dict:
+    """The variants' operands: key lengths and the same key padding as a [B, 1, 1, S] mask, and a
+    [1, H, S, S] bf16 bias (one per head, broadcast over the batch, as T5's relative bias)."""
+    lengths = key_lengths(shape)
+    pad = (jnp.arange(shape.s)[None, :] < lengths[:, None])[:, None, None, :]
+    bias = jax.random.normal(jax.random.key(7), (1, shape.h, shape.s, shape.s), jnp.bfloat16)
+    return jax.block_until_ready(dict(a, lengths=lengths, pad=pad, bias=bias))
+
+
+def variant_keep(shape: Shape, variant: str, window: int, a: dict) -> jax.Array | None:
+    """bool [B or 1, 1, S, S]: the positions a variant keeps besides the causal flag (None: all)."""
+    if variant == "key padding":
+        return jnp.broadcast_to(a["pad"], (shape.b, 1, shape.s, shape.s))
+    if variant == "sliding window":
+        i, j = jnp.arange(shape.s)[:, None], jnp.arange(shape.s)[None, :]
+        return ((j <= i) & (j > i - window))[None, None]
+    return None
+
+
+def kept_flops(shape: Shape, variant: str, window: int) -> float:
+    """4·D·H times the (query, key) pairs the variant keeps, summed over the batch: the work the op
+    needs (the plain rows' count, halved for causal, is 4·B·H·S²·D / 2)."""
+    s = shape.s
+    rows = jnp.arange(1, s + 1) if shape.causal else jnp.full((s,), s)
+    if variant == "key padding":
+        pairs = sum(int(jnp.minimum(rows, n).sum()) for n in key_lengths(shape).tolist())
+    elif variant == "sliding window":
+        pairs = shape.b * int(jnp.minimum(jnp.arange(1, s + 1), window).sum())
+    else:
+        return shape.flops
+    return 4.0 * shape.d * shape.h * pairs
+
+
+def computed_tile_flops(shape: Shape, variant: str, window: int) -> float | None:
+    """4·D times the (query, key) pairs of the tiles our Mosaic GPU kernel computes (its default
+    tiles, one row of tiles per CTA: the tiles its lists name, or the causal CTA triangle), for
+    the per-tile rate issue 21 asks of masked rows; None where the contract has no tiles."""
+    try:
+        blocks = default_blocks(jnp.bfloat16, shape.d, shape.s, causal=shape.causal)
+    except KeyError:
+        return None
+    rows = COMPUTE_WARPGROUPS * blocks.block_q
+    windowed = variant == "sliding window"
+    classes = tile_classes(shape.s, shape.s, rows, blocks.block_kv, shape.s, shape.s,
+                           causal=shape.causal or windowed, window=window if windowed else None,
+                           kv_lengths=key_lengths(shape) if variant == "key padding" else None)
+    computed = int((classes != HIDDEN).sum()) * (shape.b // classes.shape[0]) * shape.h
+    return 4.0 * shape.d * computed * rows * blocks.block_kv
+
+
+def masked_reference(shape: Shape, variant: str, window: int, a: dict) -> jax.Array:
+    """The variant's reference output on batches 0 and B-1 (a padded one), heads 0-1, float32."""
+    pick = lambda x: x[jnp.asarray([0, shape.b - 1])][:, :2].astype(jnp.float32)  # noqa: E731
+    keep = variant_keep(shape, variant, window, a)
+    return attention_reference(
+        pick(a["q"]), pick(a["k"]), pick(a["v"]), scale=shape.d ** -0.5,
+        causal=shape.causal or variant == "sliding window",
+        mask=None if keep is None else keep[jnp.asarray([0, shape.b - 1]) if keep.shape[0] > 1 else slice(None)],
+        bias=a["bias"][:, :2] if variant == "bias" else None, softcap=SOFTCAP if variant == "soft-cap" else 0.0)
+
+
+def masked_implementations(shape: Shape, variant: str, window: int, interpret: bool) -> dict:
+    """name -> (fn over the input dict, output layout) for one variant: ours on Mosaic GPU (its
+    measured tiles) and Triton, cuDNN and XLA through jax.nn.dot_product_attention (key lengths,
+    local_window_size, bias; it has no soft-cap argument: those rows read n/a)."""
+    scale = shape.d ** -0.5
+    causal = shape.causal or variant == "sliding window"
+    ours = functools.partial(flash_attention, scale=scale, causal=causal, interpret=interpret)
+    mods = {
+        "key padding": lambda a: dict(mask=a["pad"]),
+        "sliding window": lambda a: dict(window=window),
+        "bias": lambda a: dict(bias=a["bias"]),
+        "soft-cap": lambda a: dict(softcap=SOFTCAP),
+    }[variant]
+    impls: dict[str, tuple[Callable | None, str]] = {
+        f"ours Mosaic GPU {variant}": (lambda a: ours(a["q"], a["k"], a["v"], backend="mosaic_gpu", **mods(a)), "BHSD"),
+        f"ours Triton {variant}": (lambda a: ours(a["q"], a["k"], a["v"], backend="triton", **mods(a)), "BHSD"),
+    }
+    if variant == "key padding":
+        impls["ours Mosaic GPU key padding as kv_lengths"] = (
+            lambda a: ours(a["q"], a["k"], a["v"], backend="mosaic_gpu", kv_lengths=a["lengths"]), "BHSD")
+    for impl in ("cudnn", "xla"):
+        name = f"jax.nn.dot_product_attention {impl} {variant}"
+        if variant == "soft-cap":
+            impls[name] = (None, "BSHD")  # prepare_row: n/a
+            continue
+        extra = {
+            "key padding": lambda a: dict(key_value_seq_lengths=a["lengths"]),
+            "sliding window": lambda a: dict(local_window_size=(window - 1, 0)),
+            "bias": lambda a: dict(bias=a["bias"]),
+        }[variant]
+        impls[name] = (functools.partial(
+            lambda a, impl, extra: jax.nn.dot_product_attention(
+                a["q_bshd"], a["k_bshd"], a["v_bshd"], scale=scale, is_causal=causal, implementation=impl,
+                **extra(a)), impl=impl, extra=extra), "BSHD")
+    return impls
 
 
 def _stock_mha() -> Callable | None:
@@ -417,21 +539,22 @@ def time_fn(fn: Callable, args, warmup: int, reps: int) -> float:
 
 
 def prepare_row(name: str, fn: Callable | None, layout: str, shape: Shape, a, ref, warmup: int,
-                bound: float | None = None) -> tuple[dict, Callable | None]:
-    """Compile ``fn``, check its output on batch 0, heads 0-1 against ``ref`` (max abs error <=
+                bound: float | None = None, batches: tuple[int, ...] = (0,),
+                missing: str = "not exposed by this jax") -> tuple[dict, Callable | None]:
+    """Compile ``fn``, check its output on ``batches``, heads 0-1 against ``ref`` (max abs error <=
     ``bound``, default ERR_TOL·(1 + max|ref|)) and warm it up: (row, jitted fn, or None when it
-    is not available in this jax or failed, the row then saying why)."""
+    is not available (``fn`` None: ``missing`` says why) or failed, the row then saying why)."""
     row = {"shape": shape.label(), "causal": shape.causal, "kernel": name, "ms": None,
            "tflops": None, "err": None}
     if fn is None:
-        row["check"] = "n/a (not exposed by this jax)"
+        row["check"] = f"n/a ({missing})"
         return row, None
     try:
         jfn = jax.jit(fn)
         out = jax.block_until_ready(jfn(a))
         if layout == "BSHD":
             out = jnp.swapaxes(out, 1, 2)
-        err = float(jnp.abs(out[:1, :2].astype(jnp.float32) - ref).max())
+        err = float(jnp.abs(out[jnp.asarray(batches)][:, :2].astype(jnp.float32) - ref).max())
         if bound is None:
             bound = ERR_TOL * (1.0 + float(jnp.abs(ref).max()))
         row.update(err=err, check="ok" if err <= bound else "FAIL")
@@ -458,7 +581,10 @@ def time_rows(prepared: list[tuple[dict, Callable | None]], shape: Shape, a, rep
             times[i] += time_calls(prepared[i][1], a, calls)
     for i, calls in times.items():
         secs = statistics.median(calls)
-        prepared[i][0].update(ms=secs * 1e3, tflops=shape.flops / secs / 1e12)
+        row = prepared[i][0]
+        row.update(ms=secs * 1e3, tflops=row.get("flops", shape.flops) / secs / 1e12)
+        if row.get("tile_flops"):
+            row["tile_tflops"] = row["tile_flops"] / secs / 1e12
 
 
 def device_slug(kind: str) -> str:
@@ -485,6 +611,21 @@ def render(rows: list[dict], header: list[str]) -> str:
             hit = [r for r in rows if (r["shape"], r["causal"]) == key and r["kernel"] == kname]
             cells.append(f"{hit[0]['tflops']:.1f}" if hit and hit[0]["tflops"] else "–")
         lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_tile_rates(rows: list[dict]) -> str:
+    """Our Mosaic GPU rows' TFLOP/s on the tiles they compute, beside the unmodified kernel's on the
+    same shape (issue 21's target for masked rows: at least 90% of it)."""
+    lines = ["", "Ours Mosaic GPU on computed tiles (issue 21 target: masked rows ≥ 90% of the unmasked kernel):",
+             "", "| shape | causal | kernel | TFLOP/s on computed tiles | vs unmasked |", "|---|---|---|---:|---:|"]
+    for r in rows:
+        if not r.get("tile_tflops"):
+            continue
+        base = [b["tflops"] for b in rows if (b["shape"], b["causal"]) == (r["shape"], r["causal"])
+                and b["kernel"] == "ours Mosaic GPU, no modification" and b["tflops"]]
+        ratio = f"{r['tile_tflops'] / base[0]:.0%}" if base else "–"
+        lines.append(f"| {r['shape']} | {r['causal']} | {r['kernel']} | {r['tile_tflops']:.1f} | {ratio} |")
     return "\n".join(lines) + "\n"
 
 
@@ -544,6 +685,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="issue 10: fp8 kernels vs our bf16 kernel and cuDNN (B4 H32 D128 S4096/8192)")
     p.add_argument("--decode", action="store_true",
                    help="issue 21: decode steps (B32, caches 4096/32768) vs cuDNN and XLA; GB/s of the cache read")
+    p.add_argument("--masks", action="store_true",
+                   help="issue 21: key padding, sliding window, bias and soft-cap rows vs cuDNN and XLA")
+    p.add_argument("--window", type=int, default=1024, help="--masks: the sliding window's keys")
     return p.parse_args(argv)
 
 
@@ -556,24 +700,30 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
             f"bench/attention.py needs a GPU (jax default backend is {jax.default_backend()!r}); "
             "pass --cpu-smoke for a tiny interpret-mode run that only tests the script.")
     smoke = args.cpu_smoke and not on_gpu
-    if args.fp8 and args.decode:
-        raise SystemExit("--fp8 and --decode are separate runs; pass one")
-    smoke_shapes = FP8_SMOKE_SHAPES if args.fp8 else DECODE_SMOKE_SHAPES if args.decode else SMOKE_SHAPES
+    if args.masks and smoke:
+        args.window = min(args.window, 32)  # the smoke shape's keys are few
+    if args.fp8 + args.decode + args.masks > 1:
+        raise SystemExit("--fp8, --decode and --masks are separate runs; pass one")
+    smoke_shapes = FP8_SMOKE_SHAPES if args.fp8 else DECODE_SMOKE_SHAPES if args.decode else \
+        MASK_SMOKE_SHAPES if args.masks else SMOKE_SHAPES
     shapes = smoke_shapes if args.cpu_smoke else fp8_shapes(args.quick) if args.fp8 else \
-        decode_shapes(args.quick) if args.decode else gpu_shapes(args.quick)
+        decode_shapes(args.quick) if args.decode else mask_shapes(args.quick) if args.masks else gpu_shapes(args.quick)
     shapes = [sh for sh in shapes if (args.head_dims is None or sh.d in args.head_dims)
               and (args.dtypes is None or sh.dtype in args.dtypes)]
     reps = args.reps or (2 if args.cpu_smoke else 5 if args.quick else 20)
     warmup = 1 if args.cpu_smoke else args.warmup
     kind = jax.devices()[0].device_kind
     today = dt.date.today().isoformat()
-    stem = "attention-fp8" if args.fp8 else "attention-decode" if args.decode else "attention"
+    stem = "attention-fp8" if args.fp8 else "attention-decode" if args.decode else \
+        "attention-masks" if args.masks else "attention"
     out = args.out or ROOT / "bench" / "results" / f"{stem}-{device_slug(kind)}-{today}.md"
 
     rows = []
     blocks = (args.block_q, args.block_k)
     for shape in shapes:
         a = make_decode_inputs(shape) if args.decode else make_inputs(shape)
+        if args.masks:
+            a = add_mask_inputs(shape, a)
         ref = decode_reference_subset(shape, a) if args.decode else reference_subset(shape, a)
         if args.decode:
             todo = [(n, fn, lay, ref, None) for n, (fn, lay) in decode_implementations(shape, smoke).items()]
@@ -583,12 +733,15 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
             bound8 = FP8_ATOL * vmax + FP8_RTOL * float(jnp.abs(ref8).max())
             todo = [(n, fn, lay, ref8 if kind_ == "fp8" else ref, bound8 if kind_ == "fp8" else None)
                     for n, (fn, lay, kind_) in fp8_implementations(shape, smoke, blocks).items()]
-        else:
+        elif not args.masks:
             todo = [(n, fn, lay, ref, None) for n, (fn, lay) in implementations(shape, smoke, blocks).items()]
-        if args.match:
-            todo = [t for t in todo if re.search(args.match, t[0])]
-        prepared = [prepare_row(name, fn, layout, shape, a, want, warmup, bound)
-                    for name, fn, layout, want, bound in todo]
+        if args.masks:
+            prepared = prepare_masked_rows(shape, a, ref, args, warmup)
+        else:
+            if args.match:
+                todo = [t for t in todo if re.search(args.match, t[0])]
+            prepared = [prepare_row(name, fn, layout, shape, a, want, warmup, bound)
+                        for name, fn, layout, want, bound in todo]
         time_rows(prepared, shape, a, reps, args.rounds)
         for row, _ in prepared:
             if args.decode and row["ms"] is not None:  # memory bound: the cache's bytes per second
@@ -602,10 +755,48 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     return out
 
 
+def prepare_masked_rows(shape: Shape, a: dict, ref: jax.Array, args: argparse.Namespace,
+                        warmup: int) -> list[tuple[dict, Callable | None]]:
+    """--masks (``a`` from `add_mask_inputs`): the unmodified Mosaic GPU kernel (the baseline), then
+    each variant's rows, each checked against its own reference on batches 0 and B-1 (a padded
+    one), heads 0-1; TFLOP/s on the pairs the variant keeps, our Mosaic GPU rows also on the tiles
+    they compute."""
+    smoke, window = args.cpu_smoke and jax.default_backend() != "gpu", args.window
+    base = functools.partial(flash_attention, scale=shape.d ** -0.5, causal=shape.causal, interpret=smoke,
+                             backend="mosaic_gpu")
+    todo = [("ours Mosaic GPU, no modification", lambda a: base(a["q"], a["k"], a["v"]), ref, (0,), None, None)]
+    for variant in MASK_VARIANTS:
+        if variant == "sliding window" and not shape.causal:
+            continue  # a window hides the keys after the query: its rows are the causal shape's
+        impls = {name: fn for name, (fn, _) in masked_implementations(shape, variant, window, smoke).items()
+                 if not args.match or re.search(args.match, name)}
+        if not impls:
+            continue
+        want = masked_reference(shape, variant, window, a)
+        flops = kept_flops(shape, variant, window)
+        tiles = computed_tile_flops(shape, variant, window)
+        for name, fn in impls.items():
+            todo.append((name, fn, want, (0, shape.b - 1), flops, tiles if name.startswith("ours Mosaic") else None))
+    prepared = []
+    for name, fn, want, batches, flops, tiles in todo:
+        if args.match and not re.search(args.match, name):
+            continue
+        row, jfn = prepare_row(name, fn, "BSHD" if "dot_product_attention" in name else "BHSD", shape, a, want,
+                               warmup, batches=batches, missing="it has no soft-cap argument")
+        if flops is not None:
+            row["flops"] = flops
+        if tiles is not None:
+            row["tile_flops"] = tiles
+        prepared.append((row, jfn))
+    return prepared
+
+
 def write_page(out: pathlib.Path, rows: list[dict], args: argparse.Namespace, argv: list[str],
                kind: str, today: str, reps: int, warmup: int, smoke: bool) -> None:
     title = "# fp8 attention forward benchmark (issue 10)" if args.fp8 else \
-        "# Decode attention benchmark (issue 21)" if args.decode else "# Attention forward benchmark (issue 5)"
+        "# Decode attention benchmark (issue 21)" if args.decode else \
+        "# Masked, biased and soft-capped attention forward benchmark (issue 21)" if args.masks else \
+        "# Attention forward benchmark (issue 5)"
     header = [
         title + (" — CPU smoke run, not a measurement" if smoke else ""),
         "",
@@ -625,7 +816,14 @@ def write_page(out: pathlib.Path, rows: list[dict], args: argparse.Namespace, ar
     if args.decode:
         header.append("- decode rows: TFLOP/s = 4·B·H·Sq·Sk·D / time; GB/s = K and V bytes (read once) / time, "
                       "below; the reference checks batch 0, query heads 0-1")
+    if args.masks:
+        header.append(f"- masked rows: key padding = every key in the first half of the batch, half of them in the "
+                      f"second ([B,1,1,S] mask; also as kv_lengths); sliding window {args.window} (causal shapes); "
+                      f"bias [1,H,S,S] bf16; soft-cap {SOFTCAP}. TFLOP/s counts the (query, key) pairs each "
+                      "variant keeps; each row is checked against its own reference on batches 0 and B-1")
     text = render(rows, header)
+    if args.masks:
+        text += render_tile_rates(rows)
     if args.decode:
         text += render_decode_bandwidth(rows)
     if args.fp8:

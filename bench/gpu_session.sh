@@ -6,7 +6,8 @@
 #   bench/gpu_session.sh probe probe-fp8              # first call of a short lease: D128 rows only
 #   bash bench/gpu_session.sh mosaic attention-fp8-quick e2e-fp8 tune-mosaic-fp8   # next lease (see bench/results/README.md)
 #   stages: probe | probe-fp8 | attention-fp8 | attention-fp8-quick | check | final-check | mosaic | attention | attention-quick | e2e | e2e-fp8 | models | cost-model | tune |
-#           tune-mosaic | tune-mosaic-fp8 | tune-fp8 | tune-backward | mosaic-bwd | qkv | masks | decode
+#           tune-mosaic | tune-mosaic-fp8 | tune-fp8 | tune-backward | mosaic-bwd | mosaic-bwd-masks | qkv | masks |
+#           mosaic-masks | decode
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -54,6 +55,14 @@ for stage in "$@"; do
         | tee "$OUT/masks.log" | tail -25
       timeout 200 python3 bench/attention.py --quick --head-dims 128 --dtypes bfloat16 \
         --match 'Triton (standard|boolean mask|key lengths|soft-cap)' --out "$OUT/attention-masks.md" 2>&1 | grep -v '^  ' | tail -20 ;;
+    # issue 21: the Mosaic GPU forward with masks, bias and soft-cap: its compiled tests
+    # (tests/test_mosaic_masks.py -m gpu, both schedules), then the masked rows at D128 (key padding
+    # in half the batch, sliding window 1024, bias, soft-cap; ours Mosaic GPU and Triton beside
+    # cuDNN and XLA, each row checked against its own reference, TFLOP/s on kept pairs and on tiles)
+    mosaic-masks) timeout 200 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu tests/test_mosaic_masks.py 2>&1 \
+        | tee "$OUT/mosaic-masks.log" | tail -15
+      timeout 300 python3 bench/attention.py --masks --quick --head-dims 128 --out "$OUT/attention-masks-mosaic.md" 2>&1 \
+        | grep -v '^  ' | tail -40 ;;
     # issue 21: the compiled decode kernel's tests (tests/test_decode_kernel.py -m gpu), then the
     # decode rows (B32, caches 4096/32768: ours vs cuDNN and XLA through jax.nn.dot_product_attention)
     decode) timeout 150 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu tests/test_decode_kernel.py 2>&1 \
@@ -67,6 +76,14 @@ for stage in "$@"; do
     mosaic-bwd) timeout 240 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu tests/test_mosaic_backward.py 2>&1 \
         | tee "$OUT/mosaic-bwd.log" | tail -15
       timeout 300 python3 bench/tune_backward.py --mosaic --out "$OUT/tune-backward-mosaic.md" 2>&1 | tail -20 ;;
+    # issue 21: the Mosaic GPU backward with masks, key lengths, windows, bias (dbias) and soft-cap:
+    # its compiled tests (tests/test_mosaic_backward_masks.py -m gpu), then its rows beside the
+    # default backward (bench/tune_backward.py --mosaic-masks: key padding, causal key padding,
+    # sliding window 1024, bias, soft-cap at D128, S4096; each row checked on S1024 before timing)
+    mosaic-bwd-masks) timeout 200 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu \
+        tests/test_mosaic_backward_masks.py 2>&1 | tee "$OUT/mosaic-bwd-masks.log" | tail -15
+      timeout 360 python3 bench/tune_backward.py --mosaic-masks --quick --head-dims 128 \
+        --out "$OUT/tune-backward-mosaic-masks.md" 2>&1 | tail -25 ;;
     tune-backward) timeout 300 python3 bench/tune_backward.py --head-dims 128 --out "$OUT/tune-backward.md" 2>&1 | tail -40 ;;
     tune-fp8) timeout 330 python3 bench/tune_attention.py --fp8 --quick --out "$OUT/tune-fp8.md" 2>&1 | tail -40 ;;
     tune) timeout 330 python3 bench/tune_attention.py --quick --out "$OUT/tune.md" 2>&1 | tail -40 ;;

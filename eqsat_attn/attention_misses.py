@@ -59,7 +59,9 @@ def _scores_source(program: Program, node: Node) -> Node:
             dots = [o for o in operands if o.op == "dot_general"]
             if dots:
                 return dots[0]
-            big = max(operands, key=lambda o: o.type.rank, default=None)
+            # the scores are the widest operand that is not a predicate or a broadcast (a fill, a bias row)
+            big = max(operands, key=lambda o: (o.type.rank, o.type.dtype != "bool", o.op != "broadcast_in_dim"),
+                      default=None)
             if big is None or big is seen:
                 break
             seen = big
@@ -118,13 +120,17 @@ def has_attention(program: Program) -> bool:
 
 
 def unchosen_attention_note(chosen: Program, steered: Program, model: Any) -> str | None:
-    """The report line for attention found but not chosen: both programs' predicted costs."""
+    """The report line for attention found but not chosen: for how many of the chosen program's
+    softmaxes, and both programs' predicted costs."""
     if not has_attention(steered) or has_attention(chosen):
         return None
+    left = len(softmax_misses(chosen))
+    found = left - len(softmax_misses(steered))
     with_attention, without = program_cost(steered, model), program_cost(chosen, model)
     name = getattr(model, "name", "the cost model")
-    return (f"attention was found but not chosen: {_seconds(with_attention)} with it against "
-            f"{_seconds(without)} without it under {name} (e.g. tiles too large for these shapes)")
+    return (f"attention was found for {found} of the {left} softmax(es) here but not chosen: "
+            f"{_seconds(with_attention)} with it against {_seconds(without)} without it under {name} "
+            "(e.g. tiles too large for these shapes)")
 
 
 def _seconds(s: float) -> str:

@@ -226,19 +226,26 @@ def jaxpr_to_program(closed_jaxpr: Any) -> ir.Program:
 _HALF_ALGORITHMS = {"BF16_BF16_F32": "bfloat16", "F16_F16_F32": "float16"}
 
 
-def _default_precision(precision: Any, operand_dtypes: set[str]) -> bool:
-    """Whether a dot_general's ``precision`` computes what the default does: none given, DEFAULT,
-    or the algorithm preset that is the default for its operands (``BF16_BF16_F32`` over bfloat16:
-    half-precision products accumulated in float32, as jax.nn.dot_product_attention asks).
-    Anything else (HIGHEST, TF32 presets, ...) stays an opaque dot with its precision."""
+def dot_precision(precision: Any, operand_dtypes: set[str]) -> str | None:
+    """The modelled precision of a dot_general's ``precision`` parameter: "" for what the default
+    computes (none given, DEFAULT, or the algorithm preset that is the default for its operands:
+    ``BF16_BF16_F32`` over bfloat16, half-precision products accumulated in float32, as
+    jax.nn.dot_product_attention asks), "highest" for ``Precision.HIGHEST`` on both operands (or
+    ``F32_F32_F32`` over float32), None for anything else (HIGH, TF32 presets, a mixed pair): such
+    a dot stays opaque, with its precision."""
     if precision is None:
-        return True
+        return ""
     name = getattr(precision, "name", None)
     if name is not None:  # a DotAlgorithmPreset
-        return name == "DEFAULT" or operand_dtypes == {_HALF_ALGORITHMS.get(name)}
+        if name == "DEFAULT" or operand_dtypes == {_HALF_ALGORITHMS.get(name)}:
+            return ""
+        return "highest" if name == "F32_F32_F32" and operand_dtypes == {"float32"} else None
     if isinstance(precision, tuple):
-        return all(getattr(x, "name", x) in (None, "DEFAULT") for x in precision)
-    return False
+        names = {getattr(x, "name", x) for x in precision}
+        if names <= {None, "DEFAULT"}:
+            return ""
+        return "highest" if names == {"HIGHEST"} else None
+    return None
 
 
 def _type_of(aval: Any) -> TensorType:
@@ -442,7 +449,8 @@ class _Converter:
 
     def dot_general(self, p: dict[str, Any], ins: list[int], out: TensorType) -> int | None:
         operand_dtypes = {self.b.nodes[i].type.dtype for i in ins}
-        if not _default_precision(p.get("precision"), operand_dtypes) or not _unsharded(p.get("out_sharding")):
+        precision = dot_precision(p.get("precision"), operand_dtypes)
+        if precision is None or not _unsharded(p.get("out_sharding")):
             return None
         (lc, rc), (lb, rb) = p["dimension_numbers"]
         pet = p.get("preferred_element_type")
@@ -451,4 +459,5 @@ class _Converter:
             lhs_contract=tuple(map(int, lc)), rhs_contract=tuple(map(int, rc)),
             lhs_batch=tuple(map(int, lb)), rhs_batch=tuple(map(int, rb)),
             preferred_element_type=None if pet is None else str(np.dtype(pet)),
+            **({"precision": precision} if precision else {}),
         )

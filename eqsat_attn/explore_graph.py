@@ -342,6 +342,7 @@ def label(view: EGraphView, node: ENode, width: int = 56) -> str:
         text = f"{s[0]}" + (f" axes={_vec(s[1])}" if node.ctor == "reduce" and len(s) > 1 else "")
     elif node.ctor == "dot" and len(s) >= 4:
         text = f"dot c={_vec(s[0])}x{_vec(s[1])}" + (f" b={_vec(s[2])}x{_vec(s[3])}" if s[2] else "")
+        text += f" {s[5]}" if len(s) > 5 and s[5] else ""  # a non-default precision
     elif node.ctor in ("reshape", "broadcast") and s:
         text = f"{node.ctor} {'x'.join(map(str, s[0]))}"
     elif node.ctor == "input" and s:

@@ -205,8 +205,9 @@ def evaluate_region(body: str, inputs: Sequence[Any]) -> Any:
 def _dot_general(p: ir.Params, args: list[Any]) -> Any:
     dims = ((tuple(p["lhs_contract"]), tuple(p["rhs_contract"])), (tuple(p["lhs_batch"]), tuple(p["rhs_batch"])))
     pet = p.get("preferred_element_type")
+    precision = lax.Precision.HIGHEST if p.get("precision") == "highest" else None
     return lax.dot_general(
-        args[0], args[1], dims, preferred_element_type=None if pet is None else jnp.dtype(pet)
+        args[0], args[1], dims, precision=precision, preferred_element_type=None if pet is None else jnp.dtype(pet)
     )
 
 
@@ -280,14 +281,17 @@ def lower_attention(node: Node, args: Sequence[Any], attention_kernel: str = "au
             out_layout = ATTENTION_CANONICAL
     layouts = dict(q_layout=q_layout, k_layout=k_layout, v_layout=v_layout, o_layout=out_layout)
 
-    def kernel_call(q: Any, k: Any, v: Any) -> Any:
-        return attention(q, k, v, scale=float(p["scale"]), causal=bool(p["causal"]), kernel=kernel,
-                         compute_dtype=compute_dtype, **layouts, **mods, **extra)
+    mask_names = tuple(extra)  # "bias" and/or "mask"
 
-    if kernel == "pallas" and not extra:  # split over batch and heads under a device mesh
-        out = shard_attention(kernel_call, q, k, v, **layouts)
+    def kernel_call(q: Any, k: Any, v: Any, *masks: Any) -> Any:
+        return attention(q, k, v, scale=float(p["scale"]), causal=bool(p["causal"]), kernel=kernel,
+                         compute_dtype=compute_dtype, **layouts, **mods, **dict(zip(mask_names, masks)))
+
+    masks = [extra[name] for name in mask_names]
+    if kernel == "pallas":  # split over batch and heads under a device mesh
+        out = shard_attention(kernel_call, q, k, v, *masks, **layouts)
     else:
-        out = kernel_call(q, k, v)
+        out = kernel_call(q, k, v, *masks)
     return _to_layout(out, out_layout, o_layout)
 
 

@@ -138,6 +138,10 @@ program, raising settled or not (`optimize_part`)."""
 RAISED = "attention_raise.attention"
 """The rule family that raises attention (rules/attention.py)."""
 
+RAISED_GRADIENTS = "attention_grad.attention_gradients"
+"""The rule family that raises a gradient's attention backward (rules/attention.py): a restart
+watches it as it watches `RAISED` (a jax.grad program may raise only through it)."""
+
 
 def optimize_part(program: Program, options: OptimizeOptions, model,
                   notes: list[str] | None = None) -> tuple[Program, RunResult, Any]:
@@ -163,9 +167,9 @@ def optimize_part(program: Program, options: OptimizeOptions, model,
     Never returns something the model predicts slower than ``program``.
     """
     first = replace(options.limits, nodes=min(options.limits.nodes, RESTART_ENODES))
-    stop_when = StopWhenFired(RAISED, RAISED_SETTLED_ENODES, RAISED_RESTART_ENODES)
+    stop_when = StopWhenFired((RAISED, RAISED_GRADIENTS), RAISED_SETTLED_ENODES, RAISED_RESTART_ENODES)
     chosen, run, graph = _saturate_and_extract(program, options, first, model, notes, stop_when)
-    early = run.stop_reason.startswith(RAISED)  # settled, or fired past RAISED_RESTART_ENODES
+    early = run.stop_reason.startswith(RAISED)  # settled, or fired past RAISED_RESTART_ENODES (either family)
     if run.saturated or not (early or (options.limits.nodes > RESTART_ENODES and run.stop_reason.startswith("e-node"))):
         return chosen, run, graph
     second, rerun, second_graph = _saturate_and_extract(chosen, options, options.limits, model, notes)

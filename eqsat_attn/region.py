@@ -10,7 +10,8 @@ expression text, built by the `fusion` rule set with egglog string operations an
   writes its output in another layout (the same transpose, spelled W at a region's root)
 - ``B[2,3,4;0,2](x)``: broadcast_in_dim to shape (2,3,4) with dimensions (0,2)
 - ``L[0.5;float32]``: a rank-0 literal
-- ``D[lc;rc;lb;rb;dtype](a,b)``: a dot_general whose elementwise consumers are its epilogue
+- ``D[lc;rc;lb;rb;dtype;precision](a,b)``: a dot_general whose elementwise consumers are its epilogue
+  (precision "" or "highest", as `egraph.language.Term.dot`'s)
 
 Bodies are compiled once (cached) to a list of steps; typing and evaluation reuse
 `op_types.infer_type` and `lower.lower_node` per step (`lower.evaluate_region`), so a region computes
@@ -107,6 +108,7 @@ def _ir_op(op: BodyOp) -> tuple[str, dict[str, Any], TensorType | None]:
         return "dot_general", {
             "lhs_contract": _ints(p[0]), "rhs_contract": _ints(p[1]), "lhs_batch": _ints(p[2]),
             "rhs_batch": _ints(p[3]), "preferred_element_type": p[4] or None,
+            **({"precision": p[5]} if len(p) > 5 and p[5] else {}),
         }, None
     raise RegionSyntaxError(f"unknown op {n!r} in a region body")
 

@@ -276,7 +276,7 @@ class Report:
     def not_attention(self) -> list[str]:
         """Why each softmax left in the chosen program is not attention: the nearest form it
         missed, or the price of the attention found for it but not chosen on this device."""
-        return [str(miss) for miss in softmax_misses(self.after)] + list(self.unchosen_attention)
+        return list(self.unchosen_attention) + [str(miss) for miss in softmax_misses(self.after)]
 
     @property
     def speedup(self) -> float:

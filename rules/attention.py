@@ -37,6 +37,7 @@ p, d1, d2, s1, s2, s3, qa, ka, va, oa = (
     var(n, IntVec) for n in ("p", "d1", "d2", "s1", "s2", "s3", "qa", "ka", "va", "oa")
 )
 dt, dt2, dt3, mk, cd = (var(n, String) for n in ("dt", "dt2", "dt3", "mk", "cd"))
+pr = var("pr", String)  # a matmul's precision: the op computes at least as precisely (kernels/reference.py)
 c, scale, neg = var("c", f64), var("scale", f64), var("neg", f64)
 lb, rb = var("lb", IntVec), var("rb", IntVec)
 causal = var("causal", i64)
@@ -176,16 +177,32 @@ def softmax():
 
 
 @attention_raise.family
+def causal_where_sum():
+    """The row sum of ``where(causal, exp(x - max(x)), 0)`` over scores x hidden by that causal mask
+    with -inf (``jax.nn.softmax(s, where=causal)``) is the row sum of exp(x - max(x)): causal keeps
+    key 0 in every row, so a hidden term is +0, or NaN only in a row whose kept terms hold a NaN
+    too (its max is -inf or NaN), and both sums are that NaN."""
+    keep_ = var("keep_", Term)
+    hidden = Term.select(keep_, scalar(float("-inf"), dt3, s3), y)
+    for rank in range(2, 7):  # scores of every rank case
+        last = ivec([rank - 1])
+        for _, ex, _ in _shifted_exps(hidden, rank):
+            masked = Term.select(keep_, scalar(0.0, dt2, s2), ex)
+            yield rw(Term.reduce("reduce_sum", masked, last), Term.reduce("reduce_sum", ex, last),
+                     causal_mask(keep_), dtype(keep_) == String("bool"), shape(y).length() == i64(rank))
+
+
+@attention_raise.family
 def deferred_normalisation():
     """(exp(x - max) · V) / sum(exp(x - max)) is softmax(x) · V: normalising after the product
     (as flash attention does) reassociates the same sums."""
     for rank in range(2, 7):
         keep = perm_range(rank - 1)
         for _, ex, total in _shifted_exps(x, rank):
-            product = Term.dot(ex, v, ivec([rank - 1]), d1, lb, rb, dt3)
+            product = Term.dot(ex, v, ivec([rank - 1]), d1, lb, rb, dt3, pr)
             yield rw(
                 Term.binary("div", product, Term.broadcast(total, s2, keep)),
-                Term.dot(Term.softmax(x), v, ivec([rank - 1]), d1, lb, rb, dt3),
+                Term.dot(Term.softmax(x), v, ivec([rank - 1]), d1, lb, rb, dt3, pr),
                 shape(x).length() == i64(rank), s2.length() == i64(rank),
             )
 
@@ -206,10 +223,10 @@ cap, fl, fl2, sc0 = var("cap", f64), var("fl", f64), var("fl2", f64), var("sc0",
 nb, causal2 = var("nb", i64), var("causal2", i64)
 dtq, dtp, dte = var("dtq", String), var("dtp", String), var("dte", String)
 ss, sk_, sv = var("ss", IntVec), var("sk", IntVec), var("sv", IntVec)
-RANK_CASES = [(n_batch, n_free) for n_batch in (0, 1, 2) for n_free in (1, 2)]
+RANK_CASES = [(n_batch, n_free) for n_batch in (0, 1, 2) for n_free in (1, 2)] + [(3, 1)]
 """(batch axes, Q's free axes) of the canonical Q·Kᵀ forms raised: [S,D]; [H,S,D] or [B·H,S,D];
-[B,H,S,D]; and with a second free axis, heads sharing K/V (multi-query: K, V without a head axis;
-grouped: [B, Hkv, G, Sq, D])."""
+[B,H,S,D]; with a second free axis, heads sharing K/V (multi-query: K, V without a head axis;
+grouped: [B, Hkv, G, Sq, D]); and [X,B,H,S,D] (attention under a vmap: X·B is the op's batch)."""
 
 
 def _scores(e_: Term, q_, k_, scale_, cap_, mask_, kind_, fill_, causal_, nb_):
@@ -218,7 +235,7 @@ def _scores(e_: Term, q_, k_, scale_, cap_, mask_, kind_, fill_, causal_, nb_):
 
 def _canonical_qk(a: Term, b: Term, n_batch: int, rank: int) -> Term:
     batch = perm_range(n_batch)
-    return Term.dot(a, b, ivec([rank - 1]), ivec([n_batch]), batch, batch, dt)
+    return Term.dot(a, b, ivec([rank - 1]), ivec([n_batch]), batch, batch, dt, pr)
 
 
 def _scaled(t: Term):
@@ -420,7 +437,9 @@ def _op_dims(n_batch: int, n_free: int):
     """(B, Hkv, H, Sq, D, Sk, Dv) of the op over a rank case's canonical operands, read off the
     shapes ``ss`` (Q), ``sk_`` (Kᵀ) and ``sv`` (V); a second free axis of Q is its group of heads."""
     sq = ss
-    if n_batch == 2 and n_free == 1:
+    if n_batch == 3 and n_free == 1:
+        b, hkv, g, s_q, d = sq[0] * sq[1], sq[2], None, sq[3], sq[4]
+    elif n_batch == 2 and n_free == 1:
         b, hkv, g, s_q, d = sq[0], sq[1], None, sq[2], sq[3]
     elif n_batch == 2:
         b, hkv, g, s_q, d = sq[0], sq[1], sq[2], sq[3], sq[4]
@@ -482,6 +501,23 @@ def _probabilities(scores_: Term):
 
 
 @attention_raise.family
+def causal_zeroing():
+    """P zeroed again where a causal mask hides it, ``where(causal, P, 0)``, after a causal -inf mask
+    before the softmax (also what ``jax.nn.softmax(s, where=causal)`` ends with), changes nothing a
+    product over the keys computes: causal keeps key 0 in every row, so a hidden entry of P is +0
+    (what the where writes), or NaN only in a row that also has a NaN where it keeps a key (the
+    product is NaN either way)."""
+    post_mask, sx, lc, rc = var("post_mask", Term), var("sx", IntVec), var("lc", IntVec), var("rc", IntVec)
+    for kind in ("none", "bias"):  # a boolean mask might hide a whole row: that row would differ
+        facts = (_scores(x, q, k, sc0, cap, m, String(kind), f64(float("-inf")), i64(1), nb),
+                 causal_mask(post_mask), dtype(post_mask) == String("bool"), shape(x) == sx)
+        for probs, conds in _probabilities(x):
+            zeroed = Term.select(post_mask, scalar(0.0, dt2, s1), probs)
+            yield rw(Term.dot(zeroed, v, lc, rc, lb, rb, dt3, pr), Term.dot(probs, v, lc, rc, lb, rb, dt3, pr),
+                     *facts, *conds, lc == IntVec(sx.length() - 1))
+
+
+@attention_raise.family
 def attention():
     """softmax(scores) · V is Attention, for scores in any spelling (`attn_scores`) and every rank
     case (`RANK_CASES`); its result has the product's dtype (computed in that dtype when it is
@@ -495,7 +531,7 @@ def attention():
         shapes = (shape(q) == ss, ss.length() == i64(rank), shape(k) == sk_, shape(v) == sv,
                   sv.length() == i64(n_batch + 2), dtype(e) == dte, dtype(q) == dtq)
         for probs, p_conds in _probabilities(x):
-            out = Term.dot(probs, v, ivec([rank - 1]), ivec([n_batch]), batch, batch, dt3)
+            out = Term.dot(probs, v, ivec([rank - 1]), ivec([n_batch]), batch, batch, dt3, pr)
             for kind in ("none", "bias", "bool", "bias+bool"):
                 # swapped: the causal flag is over Q's last free axis (G there), so it is not the op's
                 flag = i64(0) if swapped else causal
@@ -528,6 +564,42 @@ def fold_operand_transpose():
                 Term.attention(q, k, v, m, new_axes["q"], new_axes["k"], new_axes["v"], oa, scale, causal, mk, cd, fl, cap),
                 p[axes[name][minor]] == i64(3),
             )
+
+
+@attention_layout.family
+def fold_repeated_kv():
+    """K and V repeated along their head axis, as ``jnp.repeat(x, G, axis=head)`` and Llama's
+    ``repeat_kv`` write it (a broadcast to a new group axis right after the head axis, merged
+    into it by a reshape: head kv·G + g is kv head kv), are the unrepeated K and V read by G
+    query heads each: the op's query head i reads kv head i // (H / Hkv), the head the repeat put
+    there. Nothing is copied (the op's grouped-query read). (Heads at axis 1 or 2 of K and V, as
+    [B, H, S, D] and [B, S, H, D] code repeats them.)"""
+    g_k, g_v = var("g_k", i64), var("g_v", i64)
+    sk0, sv0, sk5, sv5, sk4, sv4 = (var(n, IntVec) for n in ("sk0", "sv0", "sk5", "sv5", "sk4", "sv4"))
+
+    def repeated(t: Term, at: int, s5: IntVec, s4: IntVec) -> Term:
+        return Term.reshape(Term.broadcast(t, s5, ivec([*range(at + 1), *range(at + 2, 5)])), s4)
+
+    do_, wrt = var("do_", Term), var("wrt", i64)
+    params = (qa, ka, va, oa, scale, causal, mk, cd, fl, cap)
+    for hk in (1, 2):  # the head axis's position in K's layout: [B, H, S, D] or [B, S, H, D]
+        for hv in (1, 2):  # and in V's
+            rep_k, rep_v = repeated(k, hk, sk5, sk4), repeated(v, hv, sv5, sv4)
+            same = (ka[1] == i64(hk), va[1] == i64(hv), shape(k) == sk0, shape(v) == sv0,
+                    sk5[hk + 1] == g_k, sv5[hv + 1] == g_v, g_k == g_v,
+                    sk4 == sk0.set(hk, sk0[hk] * g_k), sv4 == sv0.set(hv, sv0[hv] * g_v))
+            yield rw(Term.attention(q, rep_k, rep_v, m, *params), Term.attention(q, k, v, m, *params), *same)
+            # gradients: Q's and the bias's are the grouped op's; K's and V's are the repeated
+            # operand's summed over its group (as jax.grad sums a broadcast's cotangent), which
+            # the grouped op's backward sums itself (in its own order: a reassociation)
+            yield rw(Term.attention_vjp(q, rep_k, rep_v, do_, m, *params, wrt),
+                     Term.attention_vjp(q, k, v, do_, m, *params, wrt), *same, wrt != i64(1), wrt != i64(2))
+            for index, at, s5 in ((1, hk, sk5), (2, hv, sv5)):
+                yield rw(
+                    Term.reduce("reduce_sum", Term.reshape(Term.attention_vjp(q, rep_k, rep_v, do_, m, *params, i64(index)),
+                                                           s5), ivec([at + 1])),
+                    Term.attention_vjp(q, k, v, do_, m, *params, i64(index)), *same,
+                )
 
 
 @attention_layout.family
@@ -623,7 +695,7 @@ def softmax_backward():
         rank = n_batch + n_free + 1
         batch = perm_range(n_batch)
         facts = (_scores(sf_, q, k, sc0, cap, m, mk, fl, causal, i64(n_batch)), shape(v).length() == i64(n_batch + 2))
-        d_out = Term.dot(do_, v, ivec([rank - 1]), ivec([n_batch + 1]), batch, batch, dt)
+        d_out = Term.dot(do_, v, ivec([rank - 1]), ivec([n_batch + 1]), batch, batch, dt, pr)
         for d_probs in (d_out, Term.convert(d_out, String("float32"))):
             for form, conditions in _softmax_vjp_forms(Term.softmax(sf_), d_probs, rank):
                 yield rl(eq(e).to(form), *conditions, *facts)(scores_cot(e, sf_, sf_, do_, v))
@@ -712,7 +784,7 @@ def attention_gradients():
                  shape(k) == sk_, shape(v) == sv, dtype(q) == dtq, dtype(e) == dtq)
 
         def d_query(form: Term) -> Term:
-            return Term.dot(g_, form, ivec([rank - 1]), ivec([n_batch]), batch, batch, dt)
+            return Term.dot(g_, form, ivec([rank - 1]), ivec([n_batch]), batch, batch, dt, pr)
 
         # Q as given, or multiplied or divided by a scalar before the product (the scale's factor)
         q_forms = [(q, lambda t: t)]
@@ -727,13 +799,13 @@ def attention_gradients():
             yield rl(eq(e).to(chain(d_query(kk_))), eq(k).to(Term.transpose(kk_, swap_k)), *at_product)(
                 union(e).with_(q_back(dq_))
             )
-            yield rl(eq(e).to(chain(Term.dot(g_, k, ivec([rank - 1]), ivec([n_batch + 1]), batch, batch, dt))),
+            yield rl(eq(e).to(chain(Term.dot(g_, k, ivec([rank - 1]), ivec([n_batch + 1]), batch, batch, dt, pr))),
                      *at_product)(union(e).with_(q_back(dq_)))
             # K's gradient: gᵀ · Q summed over Q's free axes, in K's layout or in Kᵀ's
-            yield rl(eq(e).to(Term.dot(g_, q_form, free, free, batch, batch, dt)), *at_product)(
+            yield rl(eq(e).to(Term.dot(g_, q_form, free, free, batch, batch, dt, pr)), *at_product)(
                 union(e).with_(Term.transpose(Term.reshape(dk_, sk_), swap_k))
             )
-            yield rl(eq(e).to(Term.dot(q_form, g_, free, free, batch, batch, dt)), *at_product)(
+            yield rl(eq(e).to(Term.dot(q_form, g_, free, free, batch, batch, dt, pr)), *at_product)(
                 union(e).with_(Term.reshape(dk_, sk_))
             )
         # V's gradient: Pᵀ · do (P possibly cast to V's dtype), as [batch.., Sk, Dv] or transposed,
@@ -745,10 +817,10 @@ def attention_gradients():
                 pairs = ivec(axes)
                 moved = (eq(do_).to(Term.transpose(w_, pv_)), rc_ == pairs.map(lambda i: pv_[i]),
                          rb_ == batch.map(lambda i: pv_[i]))
-                yield rl(eq(e).to(Term.dot(probs, do_, pairs, pairs, batch, batch, dt)), *known)(union(e).with_(d_value))
-                yield rl(eq(e).to(Term.dot(do_, probs, pairs, pairs, batch, batch, dt)), *known)(
+                yield rl(eq(e).to(Term.dot(probs, do_, pairs, pairs, batch, batch, dt, pr)), *known)(union(e).with_(d_value))
+                yield rl(eq(e).to(Term.dot(do_, probs, pairs, pairs, batch, batch, dt, pr)), *known)(
                     union(e).with_(d_value_t))
-                yield rl(eq(e).to(Term.dot(probs, w_, pairs, rc_, batch, rb_, dt)), *moved, *known)(
+                yield rl(eq(e).to(Term.dot(probs, w_, pairs, rc_, batch, rb_, dt, pr)), *moved, *known)(
                     union(e).with_(d_value))
-                yield rl(eq(e).to(Term.dot(w_, probs, rc_, pairs, rb_, batch, dt)), *moved, *known)(
+                yield rl(eq(e).to(Term.dot(w_, probs, rc_, pairs, rb_, batch, dt, pr)), *moved, *known)(
                     union(e).with_(d_value_t))

@@ -14,7 +14,7 @@ canonical = RuleSet("canonical", " ".join(__doc__.split("\n\n")[0].split()))
 
 x, a, b = (var(n, Term) for n in "xab")
 s, s1, lc, rc, lb, rb, sa, sb = (var(n, IntVec) for n in ("s", "s1", "lc", "rc", "lb", "rb", "sa", "sb"))
-dt = var("dt", String)
+dt, pr = var("dt", String), var("pr", String)
 NONE = IntVec.empty()
 
 
@@ -26,9 +26,9 @@ def _dims(contract, batch):
 def dot_canonical():
     """A dot_general equals the canonical batched dot_general of transposed operands."""
     yield from asking(
-        Term.dot(a, b, lc, rc, lb, rb, dt), [shape(a) == sa, shape(b) == sb], "dot_canonical",
+        Term.dot(a, b, lc, rc, lb, rb, dt, pr), [shape(a) == sa, shape(b) == sb], "dot_canonical",
         (IntVec(sa.length(), sb.length()), _dims(lc, lb), _dims(rc, rb), NONE), 6,
-        lambda qa, qb, lc2, rc2, lb2, rb2: Term.dot(Term.transpose(a, qa), Term.transpose(b, qb), lc2, rc2, lb2, rb2, dt),
+        lambda qa, qb, lc2, rc2, lb2, rb2: Term.dot(Term.transpose(a, qa), Term.transpose(b, qb), lc2, rc2, lb2, rb2, dt, pr),
     )
 
 
@@ -36,9 +36,9 @@ def dot_canonical():
 def dot_commute():
     """dot(a, b) is a transpose of dot(b, a)."""
     yield from asking(
-        Term.dot(a, b, lc, rc, lb, rb, dt), [shape(a) == sa, shape(b) == sb], "dot_commute",
+        Term.dot(a, b, lc, rc, lb, rb, dt, pr), [shape(a) == sa, shape(b) == sb], "dot_commute",
         (IntVec(lb.length(), sa.length() - lc.length() - lb.length(), sb.length() - rc.length() - rb.length()), NONE, NONE, NONE), 1,
-        lambda p: Term.transpose(Term.dot(b, a, rc, lc, rb, lb, dt), p),
+        lambda p: Term.transpose(Term.dot(b, a, rc, lc, rb, lb, dt, pr), p),
     )
 
 

@@ -39,6 +39,7 @@ p, s, d, lc, rc, lb, rb = (var(n, IntVec) for n in ("p", "s", "d", "lc", "rc", "
 qa, ka, va, oa, s2 = (var(n, IntVec) for n in ("qa", "ka", "va", "oa", "s2"))
 op, dt, dt2, mk, pt, st, dtx, cd = (var(n, String) for n in ("op", "dt", "dt2", "mk", "pt", "st", "dtx", "cd"))
 ba, bb = var("ba", String), var("bb", String)
+pr = var("pr", String)  # a matmul's precision
 n_pow, causal = var("n_pow", i64), var("causal", i64)
 val, scale, cval = var("val", f64), var("scale", f64), var("cval", f64)
 fl, cap = var("fl", f64), var("cap", f64)  # attention's mask fill and soft-cap, carried through
@@ -74,7 +75,7 @@ def region_inputs():
     parts = var("parts", TermList)
     q8s = [var(f"q8_{j}", Term) for j in range(3)]
     forms = [
-        Term.input(i), Term.constant(i), Term.iota(dt, s, i), Term.dot(a, b, lc, rc, lb, rb, dt),
+        Term.input(i), Term.constant(i), Term.iota(dt, s, i), Term.dot(a, b, lc, rc, lb, rb, dt, pr),
         Term.reduce(op, x, s), Term.reshape(x, s), Term.softmax(x), Term.select(a, b, c),
         Term.attention(a, b, c, m, qa, ka, va, oa, scale, causal, mk, cd, fl, cap), Term.output(x, i),
         Term.slice(x, s, s2), Term.concat(parts, i),
@@ -90,7 +91,7 @@ def vector_text():
     """Permutations, shapes, broadcast dimensions and matmul dimension numbers get their text."""
     yield rl(eq(e).to(Term.transpose(x, p)))(vec_seen(p))
     yield rl(eq(e).to(Term.broadcast(x, s, d)))(vec_seen(s), vec_seen(d))
-    yield rl(eq(e).to(Term.dot(a, b, lc, rc, lb, rb, dt)))(vec_seen(lc), vec_seen(rc), vec_seen(lb), vec_seen(rb))
+    yield rl(eq(e).to(Term.dot(a, b, lc, rc, lb, rb, dt, pr)))(vec_seen(lc), vec_seen(rc), vec_seen(lb), vec_seen(rb))
     for r in range(MAX_RANK + 1):
         parts: list = []
         for j in range(r):
@@ -190,8 +191,8 @@ def epilogue():
     join it as its epilogue."""
     facts = [eq(vec_text(t)).to(var(f"t{i}", String)) for i, t in enumerate((lc, rc, lb, rb))]
     texts = [var(f"t{i}", String) for i in range(4)]
-    yield rl(eq(e).to(Term.dot(a, b, lc, rc, lb, rb, dt)), *facts)(
-        union(e).with_(fused(_text("D[", texts[0], ";", texts[1], ";", texts[2], ";", texts[3], ";", dt, "]($0,$1)"), a, b))
+    yield rl(eq(e).to(Term.dot(a, b, lc, rc, lb, rb, dt, pr)), *facts)(
+        union(e).with_(fused(_text("D[", texts[0], ";", texts[1], ";", texts[2], ";", texts[3], ";", dt, ";", pr, "]($0,$1)"), a, b))
     )
 
 

@@ -32,14 +32,15 @@ lc, rc, sx, sw, st, li, s1, l1, s2, l2, p, s4, sp = (
     var(n, IntVec) for n in ("lc", "rc", "sx", "sw", "st", "li", "s1", "l1", "s2", "l2", "p", "s4", "sp")
 )
 qa, oa = var("qa", IntVec), var("oa", IntVec)
-dt, wdt = var("dt", String), var("wdt", String)
+dt, wdt, pr = var("dt", String), var("wdt", String), var("pr", String)
 scale, causal = var("scale", f64), var("causal", i64)
 NONE = IntVec.empty()
 
 
-projection = relation("projection", Term, Term, Term, IntVec, IntVec, String, i64)
-"""``projection(x, d, w, lc, rc, dt, order)``: d is x @ w, a program value x (contracting its last
-axis) by a program weight w of rank 2 at position ``order`` in the program. Sibling groups are
+projection = relation("projection", Term, Term, Term, IntVec, IntVec, String, String, i64)
+"""``projection(x, d, w, lc, rc, dt, pr, order)``: d is x @ w (preferred type dt, precision pr), a
+program value x (contracting its last axis) by a program weight w of rank 2 at position ``order``
+in the program. Sibling groups are
 joined over these facts, not over the dot terms: the join over every dot variant the other rules
 create took seconds per round on long matmul chains, for no match."""
 
@@ -50,10 +51,10 @@ def projection_facts():
     d, o = var("d", Term), var("o", i64)
     for rank in RANKS:
         yield rl(
-            eq(d).to(Term.dot(x, w, lc, rc, NONE, NONE, dt)), lc == ivec([rank - 1]), rc.length() == i64(1),
+            eq(d).to(Term.dot(x, w, lc, rc, NONE, NONE, dt, pr)), lc == ivec([rank - 1]), rc.length() == i64(1),
             shape(x) == sx, sx.length() == i64(rank), program_order(x) >= i64(0),
             eq(program_order(w)).to(o), shape(w) == sw, sw.length() == i64(2),
-        )(projection(x, d, w, lc, rc, dt, o))
+        )(projection(x, d, w, lc, rc, dt, pr, o))
 
 
 
@@ -67,14 +68,14 @@ def horizontal():
             ws = [var(f"w{i}", Term) for i in range(n)]
             sws = [var(f"sw{i}", IntVec) for i in range(n)]
             order = [var(f"o{i}", i64) for i in range(n)]
-            facts = [projection(x, ds[0], ws[0], lc, rc, dt, order[0])]
+            facts = [projection(x, ds[0], ws[0], lc, rc, dt, pr, order[0])]
             for i in range(1, n):
-                facts += [projection(x, ds[i], ws[i], lc, rc, dt, order[i]), order[i - 1] < order[i]]
+                facts += [projection(x, ds[i], ws[i], lc, rc, dt, pr, order[i]), order[i - 1] < order[i]]
             facts += [shape(x) == sx, sx.length() == i64(rank)]
             for i in range(n):
                 facts += [shape(ws[i]) == sws[i], dtype(ws[i]) == wdt]
             free = i64(1) - rc[0]  # the weight's output axis
-            fused = Term.dot(x, Term.concat(term_list(ws), free), lc, rc, NONE, NONE, dt)
+            fused = Term.dot(x, Term.concat(term_list(ws), free), lc, rc, NONE, NONE, dt, pr)
             actions, offset = [], i64(0)
             for i in range(n):
                 size = sws[i][free]
@@ -89,13 +90,13 @@ def split_projection():
     """A slice of a projection's output along the weight's output axis is the projection by the
     sliced weight (a fused QKV projection, as GPT-2 writes it, equals three projections)."""
     for rank in RANKS:
-        lhs = Term.slice(Term.dot(x, w, lc, rc, NONE, NONE, dt), st, li)
+        lhs = Term.slice(Term.dot(x, w, lc, rc, NONE, NONE, dt, pr), st, li)
         free = i64(1) - rc[0]
         conditions = [shape(x) == sx, sx.length() == i64(rank), lc == ivec([rank - 1]), rc.length() == i64(1),
                       shape(w) == sw, sw.length() == i64(2), program_order(w) >= i64(0)]
         conditions += [st[i] == i64(0) for i in range(rank - 1)] + [li[i] == sx[i] for i in range(rank - 1)]
         w_part = Term.slice(w, ivec([0, 0]).set(free, st[rank - 1]), sw.set(free, li[rank - 1]))
-        yield rw(lhs, Term.dot(x, w_part, lc, rc, NONE, NONE, dt), *conditions)
+        yield rw(lhs, Term.dot(x, w_part, lc, rc, NONE, NONE, dt, pr), *conditions)
 
 
 @projections.family

@@ -16,7 +16,7 @@ transpose = RuleSet("transpose", " ".join(__doc__.split("\n\n")[0].split()))
 x, a, b, c = (var(n, Term) for n in "xabc")
 p, q, s, s_in, s_out, d, axes = (var(n, IntVec) for n in ("p", "q", "s", "s_in", "s_out", "d", "axes"))
 lc, rc, lb, rb, sa, sb = (var(n, IntVec) for n in ("lc", "rc", "lb", "rb", "sa", "sb"))
-op, dt = var("op", String), var("dt", String)
+op, dt, pr = var("op", String), var("dt", String), var("pr", String)
 y, dim = var("y", i64), var("dim", i64)
 NONE = IntVec.empty()
 MAX_RANK = 8
@@ -79,15 +79,18 @@ def select():
 
 @transpose.family
 def broadcast():
-    """A transpose of a broadcast is a broadcast of a (smaller) transpose, and back."""
+    """A transpose of a broadcast is a broadcast of a (smaller) transpose.
+
+    Only this way: a transpose inside a broadcast is not bubbled out of it. Where a transpose
+    of the broadcast is asked for, this rule relates the same classes, and the cheaper form is
+    the transpose of the smaller operand; bubbling made every layout of a broadcast mask or
+    constant a transpose of every other (5-D attention: 8,657 e-nodes, 3,396 without)."""
     yield from asking(
-        Term.transpose(Term.broadcast(x, s, d), p), [], "broadcast_sink", (s, d, p, NONE), 3,
+        Term.transpose(Term.broadcast(x, s, d), p), [d.length() >= i64(1)], "broadcast_sink", (s, d, p, NONE), 3,
         lambda q2, s2, d2: Term.broadcast(Term.transpose(x, q2), s2, d2),
     )
-    yield from asking(
-        Term.broadcast(Term.transpose(x, q), s, d), [], "broadcast_bubble", (s, d, q, NONE), 2,
-        lambda s2, p2: Term.transpose(Term.broadcast(x, s2, d), p2),
-    )
+    # a broadcast scalar (masks' fills, -inf, scales) takes the permuted shape: no index math asked
+    yield rw(Term.transpose(Term.broadcast(x, s, NONE), p), Term.broadcast(x, p.map(lambda i: s[i]), NONE))
 
 
 @transpose.family
@@ -125,9 +128,9 @@ def _dims(contract, batch):
 def dot_output():
     """A transpose of a matmul's output is the same matmul writing another layout."""
     yield from asking(
-        Term.transpose(Term.dot(a, b, lc, rc, lb, rb, dt), p), [shape(a) == sa, shape(b) == sb], "dot_out_sink",
+        Term.transpose(Term.dot(a, b, lc, rc, lb, rb, dt, pr), p), [shape(a) == sa, shape(b) == sb], "dot_out_sink",
         (IntVec(sa.length(), sb.length()), _dims(lc, lb), _dims(rc, rb), p), 4,
-        lambda qa, qb, lb2, rb2: Term.dot(Term.transpose(a, qa), Term.transpose(b, qb), lc, rc, lb2, rb2, dt),
+        lambda qa, qb, lb2, rb2: Term.dot(Term.transpose(a, qa), Term.transpose(b, qb), lc, rc, lb2, rb2, dt, pr),
     )
 
 
@@ -135,14 +138,14 @@ def dot_output():
 def dot_operand():
     """A transposed matmul operand folds into the matmul's dimension numbers."""
     yield from asking(
-        Term.dot(Term.transpose(a, q), b, lc, rc, lb, rb, dt), [shape(b) == sb], "dot_operand_fold",
+        Term.dot(Term.transpose(a, q), b, lc, rc, lb, rb, dt, pr), [shape(b) == sb], "dot_operand_fold",
         (q, _dims(lc, lb), IntVec(0), IntVec(sb.length() - rc.length() - rb.length())), 1,
-        lambda r: Term.transpose(Term.dot(a, b, lc.map(lambda i: q[i]), rc, lb.map(lambda i: q[i]), rb, dt), r),
+        lambda r: Term.transpose(Term.dot(a, b, lc.map(lambda i: q[i]), rc, lb.map(lambda i: q[i]), rb, dt, pr), r),
     )
     yield from asking(
-        Term.dot(a, Term.transpose(b, q), lc, rc, lb, rb, dt), [shape(a) == sa], "dot_operand_fold",
+        Term.dot(a, Term.transpose(b, q), lc, rc, lb, rb, dt, pr), [shape(a) == sa], "dot_operand_fold",
         (q, _dims(rc, rb), IntVec(1), IntVec(sa.length() - lc.length() - lb.length())), 1,
-        lambda r: Term.transpose(Term.dot(a, b, lc, rc.map(lambda i: q[i]), lb, rb.map(lambda i: q[i]), dt), r),
+        lambda r: Term.transpose(Term.dot(a, b, lc, rc.map(lambda i: q[i]), lb, rb.map(lambda i: q[i]), dt, pr), r),
     )
 
 

@@ -576,6 +576,26 @@ def cross(q, k, v):
     return sdpa_bhsd(q, k, v)
 
 
+def _ensemble(rng):
+    return tuple(_normal(rng, (2, B, S, H, D)) for _ in range(3))
+
+
+def _causal_bshd(q, k, v):
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.float32(D))
+    s = jnp.where(jnp.tril(jnp.ones((S, S), bool)), s, -jnp.inf)
+    return jnp.einsum("bhqk,bkhd->bqhd", softmax_last(s), v)
+
+
+@case("rank5_vmapped_over_models", _ensemble, positive=True, family="rank",
+      source=HAND + " jax.vmap of causal [B,S,H,D] attention over an ensemble axis ([X,B,H,S,D] dots)")
+def rank5_vmapped(q, k, v):
+    return jax.vmap(_causal_bshd)(q, k, v)
+
+
+grad_case("rank5_vmapped_over_models_grad", rank5_vmapped, _ensemble, family="rank",
+          source=HAND + " jax.vmap over an ensemble axis")
+
+
 # ---------------------------------------------------------------------------------------------
 # Hand-written: mixed precision
 
@@ -610,6 +630,25 @@ def p_f32_v_bf16(q, k, v):
 
 grad_case("bf16_scores_f32_softmax_grad", bf16_f32_softmax, qkv("bhsd", BF16), family="precision",
           source=HAND + " bf16 scores, f32 softmax")
+grad_case("precision_highest_grad", precision_highest, qkv(), family="precision", source=HAND + " precision=HIGHEST")
+
+
+@case("precision_f32_algorithm_preset", qkv("bshd"), positive=True, family="precision",
+      source=HAND + " precision=DotAlgorithmPreset.F32_F32_F32, [B,S,H,D]")
+def precision_f32_preset(q, k, v):
+    full = jax.lax.DotAlgorithmPreset.F32_F32_F32
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=full) / jnp.sqrt(jnp.float32(D))
+    return jnp.einsum("bhqk,bkhd->bqhd", softmax_last(s), v, precision=full)
+
+
+@case("precision_highest_bf16_causal", qkv("bhsd", BF16), positive=True, family="precision",
+      source=HAND + " precision=HIGHEST over bfloat16, causal where-mask")
+def precision_highest_bf16(q, k, v):
+    hi = jax.lax.Precision.HIGHEST
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k, precision=hi, preferred_element_type=F32) * 0.25
+    keep = jnp.tril(jnp.ones((S, S), bool))
+    p_ = jax.nn.softmax(jnp.where(keep, s, -jnp.inf), axis=-1)
+    return jnp.einsum("bhqk,bhkd->bhqd", p_.astype(BF16), v, precision=hi)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -785,6 +824,20 @@ def softmax_post_where(q, k, v):
     return _pv(jnp.where(m, p, 0.0), v)
 
 
+@case("softmax_post_where_causal_bias_extreme", with_extra(qkv(extreme=True), normal((1, H, S, S))), positive=True,
+      family="softmax", source=HAND + " where(causal, softmax(where(causal, s + bias, -inf)), 0), extreme inputs")
+def softmax_post_where_bias(q, k, v, bias):
+    m = causal()
+    p = softmax_last(jnp.where(m, _scores(q, k) + bias, -jnp.inf))
+    return _pv(jnp.where(m, p, 0.0), v)
+
+
+@case("softmax_where_argument_causal", qkv(extreme=True), positive=True, family="softmax",
+      source=HAND + " jax.nn.softmax(s, where=causal) · V, extreme inputs")
+def softmax_where_arg(q, k, v):
+    return _pv(jax.nn.softmax(_scores(q, k), axis=-1, where=causal()), v)
+
+
 @case("p_times_per_head_mask", with_extra(qkv(), lambda rng: jnp.array([1.0, 0.0], F32)), positive=True,
       family="softmax", source="huggingface head_mask: P * m[h] = m[h] * attention")
 def p_head_mask(q, k, v, head_mask):
@@ -863,6 +916,28 @@ def neg_post_mask(q, k, v):
     return _pv(jnp.where(causal(), softmax_last(_scores(q, k)), 0.0), v)
 
 
+@case("neg_post_where_key_padding", with_extra(qkv(), lambda rng: jnp.array([[True] * S, [False] * S])),
+      positive=False, family="negative",
+      source=HAND + " where(pad, softmax(where(pad, s, -inf)), 0) with a fully padded sequence: its rows are 0, not NaN")
+def neg_post_where_padding(q, k, v, keep):
+    m = keep[:, None, None, :]
+    return _pv(jnp.where(m, softmax_last(jnp.where(m, _scores(q, k), -jnp.inf)), 0.0), v)
+
+
+@case("neg_post_where_causal_finite_fill", qkv(extreme=True), positive=False, family="negative",
+      source=HAND + " where(causal, softmax(where(causal, s, -1e9)), 0): a row at the fill's level weighs hidden keys")
+def neg_post_where_finite(q, k, v):
+    m = causal()
+    return _pv(jnp.where(m, softmax_last(jnp.where(m, _scores(q, k), -1e9)), 0.0), v)
+
+
+@case("neg_softmax_where_argument_padding", with_extra(qkv(), lambda rng: jnp.array([[True] * S, [False] * S])),
+      positive=False, family="negative",
+      source=HAND + " jax.nn.softmax(s, where=pad) with a fully padded sequence: its rows are 0, not NaN")
+def neg_softmax_where_padding(q, k, v, keep):
+    return _pv(jax.nn.softmax(_scores(q, k), axis=-1, where=keep[:, None, None, :]), v)
+
+
 @case("neg_max_over_wrong_axis", qkv(), positive=False, family="negative",
       source=HAND + " exp(s - max over queries) normalised over keys: not shift-invariant per row")
 def neg_max_axis(q, k, v):
@@ -905,9 +980,7 @@ KNOWN_UNRAISED: dict[str, str] = {
     "sfdp19_causal_where_plus_mask": "the bias is added after the where-mask, so the fill becomes fill + bias (not one value)",
     "mask_gpt2_w_times_b_minus_1e10": "a multiplicative mask: s * 0 is NaN where s is inf, which a where-mask hides (not exact)",
     "softmax_no_max_subtraction": "exp(s) overflows above 88 where the op's stable softmax does not (not exact)",
-    "softmax_post_where_after_pre_mask": "zeroing P after the softmax turns a fully hidden row's NaN into 0 (not the op's value)",
     "p_times_per_head_mask": "P * m[h] before P·V is not m[h] * (P·V) in signed zeros and NaN (not exact)",
-    "precision_highest": "precision=HIGHEST dots stay opaque: on a GPU the default float32 matmul is TF32",
     "softmax_exp_s_minus_logsumexp": LSE,
 }
 
@@ -918,10 +991,10 @@ KNOWN_RAISED_NEGATIVES: frozenset[str] = frozenset({
     "neg_weights_head_averaged_used",
 })
 
-#: cases whose e-graph stops at the corpus's e-node limit (5-D einsums with masks): raised all the same
+#: the longest cases (5-D gradients, two runs each), run first so that parallel workers balance
 SLOW: frozenset[str] = frozenset({
-    "flax_nnx_mha_causal_mask",
-    "jax_dpa_seq_lengths",
+    "jax_dpa_causal_grad",
+    "jax_dpa_gqa_grad",
 })
 
 BY_NAME: dict[str, Case] = {c.name: c for c in CASES}

@@ -19,6 +19,7 @@ PARAMS = [pytest.param(c, id=c.name, marks=[pytest.mark.slow] if c.name in SLOW 
 def test_attention_corpus(case: Case):
     outcome = evaluate(case)
     assert not outcome.fallbacks, f"{case.name}: optimization fell back to the original: {outcome.fallbacks}"
+    assert outcome.saturated, f"{case.name}: saturation stopped at a limit ({outcome.notes})"
     assert outcome.values_equal, (
         f"{case.name}: values changed (worst excess error {outcome.max_error:.3g})\n{outcome.after}")
     if case.positive:

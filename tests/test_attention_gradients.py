@@ -257,3 +257,22 @@ def test_bias_and_mask_gradients_raised():
     got, want = optimized(q, k, v, bias, KEEP, cot), fn(q, k, v, bias, KEEP, cot)
     assert excess_error(got, want, tolerance((q, k, v, bias), want)) <= 0
     assert np.all(np.asarray(got[3])[:, :, :, 5:][0] == 0)  # batch 0 hides keys 5.. : no bias gradient there
+
+
+def test_a_gradient_run_restarts_once_its_backward_is_raised_and_settled(monkeypatch):
+    """A jax.grad program may raise attention only through its backward (`RAISED_GRADIENTS`; the
+    forward family never fires): once that has settled past `RAISED_SETTLED_ENODES` e-nodes
+    (lowered here so this small program reaches it) the run restarts as a forward one does, and
+    the program chosen keeps the raised gradient ops with equal values."""
+    from eqsat_attn import pipeline
+    from eqsat_attn.pipeline import OptimizeOptions
+
+    monkeypatch.setattr(pipeline, "RAISED_SETTLED_ENODES", 300)
+    fn, args = _grad_fn(scaled), _args("scaled", seed=41)
+    program = ea.capture(fn, *args).program
+    model = for_device("h100")
+    chosen, run, _ = pipeline.optimize_part(program, OptimizeOptions(cost_model=model, limits=LIMITS), model)
+    assert "attention_gradients settled" in run.stop_reason and "after a restart" in run.stop_reason
+    assert run.saturated and not run.rules_fired.get(pipeline.RAISED)
+    assert run.rules_fired.get(pipeline.RAISED_GRADIENTS) and chosen.count("attention_vjp") >= 1
+    _assert_values(fn, args, lower_module.lower(chosen)(*args), fn(*args))

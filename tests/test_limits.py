@@ -182,3 +182,17 @@ def test_stop_when_fired_stops_once_raising_settles_or_the_egraph_is_large():
     assert "settled" in stop.reached(3, 0, raise_step, 101)
     assert "fired" in stop.reached(0, 1, raise_step, 1001)
     assert "fired" in stop.reached(2, 0, None, 1001)  # checked between iterations
+
+
+def test_stop_when_fired_counts_several_families_together():
+    """Several families (forward attention and a gradient's backward, each in its own raise rule
+    set) count together: a run of either family's rule set that fires none of them has settled."""
+    stop = driver.StopWhenFired(("attention_raise.attention", "attention_grad.attention_gradients"), 100, 1000)
+    assert stop.rulesets == {"attention_raise", "attention_grad"}
+    assert stop.reached(0, 0, "attention_grad", 5000) is None  # neither fired
+    assert stop.reached(2, 1, "attention_grad", 500) is None  # still raising
+    assert stop.reached(2, 0, "transpose", 500) is None
+    assert "attention_grad.attention_gradients settled" in stop.reached(2, 0, "attention_grad", 101)
+    assert "settled" in stop.reached(2, 0, "attention_raise", 101)
+    assert "fired" in stop.reached(0, 1, "attention_grad", 1001)
+    assert driver.StopWhenFired("attention_raise.attention", 1, 2).families == ("attention_raise.attention",)

@@ -204,6 +204,37 @@ def test_transpose_rules_remove_transposes():
     assert_same_values(program, result.program)
 
 
+def test_transpose_inside_a_broadcast_cancels_from_outside():
+    """Transposes only sink into a broadcast (none bubbles out of one): one applied to the
+    broadcast of a transposed input still meets that transpose and cancels it (bytes model)."""
+    b = B(); x = b.input(3, 4); y = b.input(2, 3, 4)
+    inner = b.broadcast(b.t(x, 1, 0), (2, 4, 3), (1, 2))
+    program = b.build(b.t(b.op("exp", inner), 0, 2, 1), b.op("add", y, b.t(inner, 0, 2, 1)))
+    result = optimize_program(program, OptimizeOptions(rules=["transpose"], limits=LIMITS))
+    assert result.program.count("transpose") == 0
+    assert result.cost_after < result.cost_before
+    assert_same_values(program, result.program)
+
+
+def test_transposed_broadcast_scalar_takes_the_permuted_shape_without_a_question():
+    """A transpose of a broadcast scalar is the scalar broadcast to the permuted shape, found in
+    egglog itself: no broadcast_sink question is asked for it, and no transpose is left."""
+    from eqsat_attn.egraph.driver import table_rows
+    from eqsat_attn.egraph.language import ask
+
+    b = B(); x = b.input(4, 2, 3)
+    fill = b.broadcast(b.literal(-3.5), (2, 3, 4), ())
+    program = b.build(b.t(b.op("max", b.t(x, 1, 2, 0), fill), 2, 0, 1))
+    egraph = EGraph()
+    encode(program, egraph)
+    run = run_rulesets(egraph, resolve(["transpose"]), LIMITS)
+    assert run.saturated and run.rules_fired.get("transpose.broadcast")
+    assert not [row for row in table_rows(egraph, ask) if row[0] == "broadcast_sink"]
+    result = optimize_program(program, OptimizeOptions(rules=["transpose"], limits=LIMITS))
+    assert result.program.count("transpose") == 0
+    assert_same_values(program, result.program)
+
+
 def test_captured_function_optimizes_to_same_values():
     import jax.numpy as jnp
 

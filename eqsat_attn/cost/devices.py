@@ -114,6 +114,15 @@ class DeviceSpec:
         table = dict(self.peak_flops)
         return table.get(dtype_family(dtype), table.get(str(dtype), table["default"]))
 
+    def matmul_peak(self, dtype: str, precision: str | None = None) -> float:
+        """A matmul's peak rate over operands of ``dtype`` at a dot's ``precision`` ("highest": the
+        table's "<dtype>:highest" row where it has one, e.g. float32 without TF32 on a GPU)."""
+        if precision:
+            row = dict(self.peak_flops).get(f"{dtype_family(dtype)}:{precision}")
+            if row is not None:
+                return row
+        return self.peak(dtype)
+
     def attention_eff(self, dtype: str, variant: str, causal: bool) -> float:
         table = dict(self.attention_efficiency)
         fam = dtype_family(dtype)
@@ -247,6 +256,7 @@ _HOPPER_PEAKS = {
     "int8": 1978.9 * TERA,  # spec: INT8 Tensor Core 1979 TOPS, dense
     # JAX's default matmul precision on Hopper runs f32 dots on TF32 tensor cores (spec: 494.7)
     "float32": 494.7 * TERA,
+    "float32:highest": 67.0 * TERA,  # spec: FP32 (non-tensor): Precision.HIGHEST runs no TF32
     "float64": 67.0 * TERA,  # spec: FP64 Tensor Core
     "default": 67.0 * TERA,  # spec: FP32 (non-tensor) for anything else
 }

@@ -327,7 +327,8 @@ class RooflineModel:
         m = _prod(a.shape[i] for i in range(a.rank) if i not in lc and i not in lb)
         n = _prod(b.shape[i] for i in range(b.rank) if i not in rc and i not in rb)
         flops = 2.0 * batch * m * n * k
-        peak = min(d.peak(a.dtype), d.peak(b.dtype)) * d.matmul_efficiency
+        peak = min(d.matmul_peak(a.dtype, p.get("precision")), d.matmul_peak(b.dtype, p.get("precision")))
+        peak *= d.matmul_efficiency
         nbytes = float(a.nbytes + b.nbytes + node.output.nbytes)
         compute = flops / peak / self.tile_utilisation(batch, m, n, k) if d.multiprocessors else flops / peak
         row_major = (tuple(lb) == tuple(range(len(lb))) and tuple(lc) == tuple(range(a.rank - len(lc), a.rank)),
@@ -403,7 +404,8 @@ class RooflineModel:
         for op, a, b in dot_operand_types(body, node.inputs) if info.dots else ():
             f = dot_flops(op, a, b)
             flops += f
-            compute += f / (min(d.peak(a.dtype), d.peak(b.dtype)) * d.matmul_efficiency)
+            precision = op.params[5] if len(op.params) > 5 else ""
+            compute += f / (min(d.matmul_peak(a.dtype, precision), d.matmul_peak(b.dtype, precision)) * d.matmul_efficiency)
         launches = max(1, info.dots)
         extra = self._transpose_seconds(transposed_bytes(body, node.inputs)) if info.transposes else 0.0
         return Breakdown(flops, nbytes, compute, nbytes / d.bandwidth, d.launch_overhead * launches, extra)

@@ -19,7 +19,7 @@ def _rules():
     x, a, b, c, e, m = (var(n, Term) for n in ("x", "a", "b", "c", "e", "m"))
     s, p, axes, lc, rc, lb, rb = (var(n, IntVec) for n in ("s", "p", "axes", "lc", "rc", "lb", "rb"))
     qa, ka, va, oa, out = (var(n, IntVec) for n in ("qa", "ka", "va", "oa", "out"))
-    op, dt, dt2, mk, cd = (var(n, String) for n in ("op", "dt", "dt2", "mk", "cd"))
+    op, dt, dt2, mk, cd, pr = (var(n, String) for n in ("op", "dt", "dt2", "mk", "cd", "pr"))
     y, dim, causal = (var(n, i64) for n in ("y", "dim", "causal"))
     val, scale = var("val", f64), var("scale", f64)
     fl, cap = var("fl", f64), var("cap", f64)
@@ -78,7 +78,7 @@ def _rules():
             name=f"analysis.reduce{k}",
         ).then(set_(shape(e)).to(expr), set_(dtype(e)).to(dt))
     # dot_general: [batch, lhs free, rhs free], computed by index math
-    dot = Term.dot(a, b, lc, rc, lb, rb, dt)
+    dot = Term.dot(a, b, lc, rc, lb, rb, dt, pr)
     dims_l = IntVec(lc.length()).append(lc).append(lb)
     dims_r = IntVec(rc.length()).append(rc).append(rb)
     yield rule(eq(e).to(dot), shape(a) == s, shape(b) == p, name="analysis.dot?").then(
@@ -89,7 +89,7 @@ def _rules():
         name="analysis.dot",
     ).then(set_(shape(e)).to(out))
     yield rule(eq(e).to(dot), dt != String(""), name="analysis.dot_dtype").then(set_(dtype(e)).to(dt))
-    yield rule(eq(e).to(Term.dot(a, b, lc, rc, lb, rb, String(""))), dtype(a) == dt2, name="analysis.dot_dtype_default").then(
+    yield rule(eq(e).to(Term.dot(a, b, lc, rc, lb, rb, String(""), pr)), dtype(a) == dt2, name="analysis.dot_dtype_default").then(
         set_(dtype(e)).to(dt2)
     )
     # slices and concatenations

@@ -18,7 +18,7 @@ ARG_KINDS: dict[str, tuple[str, ...]] = {
     "unary": ("str", "T"), "binary": ("str", "T", "T"), "integer_pow": ("T", "i64"), "convert": ("T", "str"),
     "select": ("T", "T", "T"), "softmax": ("T",), "transpose": ("T", "vec"), "reshape": ("T", "vec"),
     "broadcast": ("T", "vec", "vec"), "reduce": ("str", "T", "vec"),
-    "dot": ("T", "T", "vec", "vec", "vec", "vec", "str"),
+    "dot": ("T", "T", "vec", "vec", "vec", "vec", "str", "str"),
     "attention": ("T", "T", "T", "T", "vec", "vec", "vec", "vec", "f64", "i64", "str", "str", "f64", "f64"),
     "attention_vjp": ("T", "T", "T", "T", "T", "vec", "vec", "vec", "vec", "f64", "i64", "str", "str", "f64", "f64",
                       "i64"),
@@ -93,10 +93,10 @@ def op_params(ctor: str, statics: list[Any]) -> tuple[str, dict[str, Any]]:
     if ctor == "broadcast":
         return "broadcast_in_dim", {"broadcast_dimensions": tuple(statics[1])}
     if ctor == "dot":
-        lc, rc, lb, rb, out_dtype = statics
+        lc, rc, lb, rb, out_dtype, precision = statics
         return "dot_general", {
             "lhs_contract": tuple(lc), "rhs_contract": tuple(rc), "lhs_batch": tuple(lb), "rhs_batch": tuple(rb),
-            "preferred_element_type": out_dtype or None,
+            "preferred_element_type": out_dtype or None, **({"precision": precision} if precision else {}),
         }
     if ctor == "attention":
         params = {**_attention_params(*statics[:6]), "mask_kind": statics[6]}

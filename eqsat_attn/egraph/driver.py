@@ -292,26 +292,32 @@ def _limit_reached(egraph: EGraph, limits: Limits, start: float, stop_when: Stop
 
 @dataclass(frozen=True)
 class StopWhenFired:
-    """Stop a run once rule family ``family`` has fired and either its rule set's run has then
-    fired it no more (the family has settled) past ``settled_enodes`` e-nodes, or the e-graph
-    has passed ``enodes``. Both count work: a run stops at the same step on any machine. The
-    pipeline restarts from the program extracted there (`pipeline.optimize_part`)."""
+    """Stop a run once rule family ``family`` (or any of several) has fired and either a run of
+    its rule set has then fired none of them (raising has settled) past ``settled_enodes``
+    e-nodes, or the e-graph has passed ``enodes``. Both count work: a run stops at the same step
+    on any machine. The pipeline restarts from the program extracted there
+    (`pipeline.optimize_part`)."""
 
-    family: str  # "rule_set.family"
+    family: str | tuple[str, ...]  # "rule_set.family", or several counted together
     settled_enodes: int
     enodes: int
 
     @property
-    def ruleset(self) -> str:
-        return self.family.split(".", 1)[0]
+    def families(self) -> tuple[str, ...]:
+        return (self.family,) if isinstance(self.family, str) else tuple(self.family)
+
+    @property
+    def rulesets(self) -> frozenset[str]:
+        return frozenset(f.split(".", 1)[0] for f in self.families)
 
     def reached(self, fired_before: int, fired_now: int, step_name: str | None, size: int) -> str | None:
-        """``fired_before``: the family's matches before this step; ``fired_now``: in this step
+        """``fired_before``: the families' matches before this step; ``fired_now``: in this step
         (``step_name`` None: checked between iterations, not after a step)."""
-        if fired_before and step_name == self.ruleset and not fired_now and size > self.settled_enodes:
-            return f"{self.family} settled, at {size} e-nodes (over {self.settled_enodes})"
+        name = " or ".join(self.families)
+        if fired_before and step_name in self.rulesets and not fired_now and size > self.settled_enodes:
+            return f"{name} settled, at {size} e-nodes (over {self.settled_enodes})"
         if (fired_before or fired_now) and size > self.enodes:
-            return f"{self.family} fired, at {size} e-nodes (over {self.enodes})"
+            return f"{name} fired, at {size} e-nodes (over {self.enodes})"
         return None
 
 
@@ -339,7 +345,7 @@ def run_rulesets(
     result = RunResult()
     answerer = answerer if answerer is not None else QuestionAnswerer()
     fired: Counter[str] = Counter()
-    watched = stop_when.family if stop_when else ""  # the family stop_when counts ("": none)
+    watched = stop_when.families if stop_when else ()  # the families stop_when counts
     analysis_command = schedule_command(egraph, analysis.saturate())
     steps = [("analysis", analysis_command)]
     subsets = _relevant_subsets(egraph, rulesets, relevant_to)
@@ -351,7 +357,7 @@ def run_rulesets(
         stopped = None
         steps_run = 0
         for name, command in steps:
-            before = fired[watched] + step[watched]
+            before = sum(fired[f] + step[f] for f in watched)
             report = run_schedule(egraph, command)
             steps_run += 1
             updated = updated or report.updated
@@ -359,7 +365,7 @@ def run_rulesets(
                 family = family_of(key)
                 if family is not None and n:
                     step[family] += n
-            now = fired[watched] + step[watched] - before
+            now = sum(fired[f] + step[f] for f in watched) - before
             stopped = _limit_reached(egraph, limits, start, stop_when, before, now, name)
             if stopped:
                 break
@@ -373,7 +379,7 @@ def run_rulesets(
             result.saturated = True
             result.stop_reason = "saturated"
             break
-        stopped = stopped or _limit_reached(egraph, limits, start, stop_when, fired[watched])
+        stopped = stopped or _limit_reached(egraph, limits, start, stop_when, sum(fired[f] for f in watched))
         if stopped:
             result.stop_reason = stopped
             break

@@ -170,6 +170,7 @@ def _term(node: ir.Node, args: list[bindings.Var], enc: Encoding, egg: _Egg) -> 
         return c(
             "dot", args[0], args[1], vec(p["lhs_contract"]), vec(p["rhs_contract"]),
             vec(p["lhs_batch"]), vec(p["rhs_batch"]), egg.string(p.get("preferred_element_type") or ""),
+            egg.string(p.get("precision") or ""),
         )
     if op == "attention":
         return c(

@@ -79,9 +79,12 @@ class Term(Expr):
     @classmethod
     def dot(
         cls, a: Term, b: Term, lhs_contract: IntVec, rhs_contract: IntVec,
-        lhs_batch: IntVec, rhs_batch: IntVec, out_dtype: StringLike,
+        lhs_batch: IntVec, rhs_batch: IntVec, out_dtype: StringLike, precision: StringLike = String(""),
     ) -> Term:
-        """dot_general; ``out_dtype`` is the preferred element type ("" for the default)."""
+        """dot_general; ``out_dtype`` is the preferred element type ("" for the default);
+        ``precision`` "" is JAX's default and "highest" ``Precision.HIGHEST`` (float32 products in
+        full float32, where the default may run TF32 on a GPU). A pattern that leaves it out
+        matches default-precision matmuls only."""
 
     @classmethod
     def attention(

@@ -35,7 +35,8 @@ that is dV^T = dO^T·P), one per query tile accumulating dQ. With a bias, or bac
 plain-JAX recomputation runs instead, one query chunk at a time (memory O(chunk * Sk)), which
 also gives the bias gradient. Opt-in, backward="mosaic_gpu" (or EQSAT_ATTN_MOSAIC_BWD=1 with the
 forward on Mosaic GPU) runs the same split as Hopper kernels (kernels/mosaic_backward.py, wgmma
-and TMA); calls outside their contract fall back to the Triton kernels with a warning saying why.
+and TMA; masks, key lengths, windows, soft-cap and a bias with its gradient included); calls
+outside their contract fall back to the Triton kernels with a warning saying why.
 """
 
 from __future__ import annotations
@@ -120,14 +121,23 @@ BACKENDS = ("auto", "triton", "mosaic_gpu")
 #: "1" takes Mosaic GPU; backend="mosaic_gpu" or "triton" forces one per call.
 AUTO_MOSAIC = True
 AUTO_MOSAIC_FP8 = True
+#: Masks, key lengths, windows, bias and soft-cap on Mosaic GPU (kernels/mosaic_scores.py) pass
+#: in jax's Mosaic GPU interpreter and lower for Hopper, but the compiled kernel has not run on a
+#: GPU yet: "auto" keeps such calls on the Triton kernel (measured) until a lease runs
+#: `bash bench/gpu_session.sh mosaic-masks`; EQSAT_ATTN_AUTO_MOSAIC=1 (or backend="mosaic_gpu")
+#: takes them to Mosaic GPU now.
+AUTO_MOSAIC_SCORE_MODS = False
 AUTO_MOSAIC_ENV = "EQSAT_ATTN_AUTO_MOSAIC"
 
 
-def auto_takes_mosaic(fp8: bool) -> bool:
-    """Whether "auto" may pick the Mosaic GPU kernel (for a Hopper call inside its contract)."""
+def auto_takes_mosaic(fp8: bool, score_mods: bool = False) -> bool:
+    """Whether "auto" may pick the Mosaic GPU kernel (for a Hopper call inside its contract);
+    ``score_mods``: the call has a mask, key lengths, a window, a bias or a soft-cap."""
     override = os.environ.get(AUTO_MOSAIC_ENV)
     if override in ("0", "1"):
         return override == "1"
+    if score_mods and not AUTO_MOSAIC_SCORE_MODS:
+        return False
     return AUTO_MOSAIC_FP8 if fp8 else AUTO_MOSAIC
 
 
@@ -231,8 +241,10 @@ def pallas_backend(q, k, v, *, backend: str = "auto", interpret: bool | None = N
                              "use backend='triton' or 'auto'.")
         return "mosaic_gpu"
     fp8 = jnp.dtype(q.dtype).name in FP8_DTYPES
+    score_mods = any(call.get(name) is not None for name in ("mask", "bias", "kv_lengths", "window")) \
+        or bool(call.get("softcap"))
     auto = reason is None and not interpret and not tiles_given and hopper_gpu() and \
-        auto_takes_mosaic(fp8)
+        auto_takes_mosaic(fp8, score_mods)
     return "mosaic_gpu" if auto else "triton"
 
 
@@ -250,21 +262,13 @@ def backward_kernels(q, k, v, *, backward: str, forward_backend: str, bias=None,
         backward == "pallas" and forward_backend == "mosaic_gpu" and os.environ.get(MOSAIC_BWD_ENV) == "1")
     if not wanted:
         return backward, None
-    if bias is not None:
-        reason = "it takes no additive bias"
-    elif masked:
-        reason = "it takes no mask, key lengths or window"
-    elif softcap:
-        reason = "it has no soft-cap"
-    elif compute_dtype is not None:
-        reason = "it has no cast prologue (compute_dtype)"
-    elif guarded:
-        reason = "a causal fill above MASK_VALUE needs the guarded Triton kernels"
-    elif not interpret and not hopper_gpu():
+    del masked, guarded  # masks, key lengths, windows and the guard's fills are its inputs too
+    if not interpret and not hopper_gpu():
         reason = "it is compiled for Hopper GPUs only (wgmma, TMA) and none is the default device"
     else:
         reason = mosaic_backward_unsupported(q, k, v, v_layout=v_layout, q_layout=q_layout,
-                                             k_layout=k_layout, o_layout=o_layout)
+                                             k_layout=k_layout, o_layout=o_layout, bias=bias,
+                                             softcap=softcap, compute_dtype=compute_dtype)
     return ("pallas", reason) if reason is not None else ("mosaic_gpu", None)
 
 
@@ -501,7 +505,8 @@ def _forward(q, k, v, bias, cfg: _Config, descales: tuple[jax.Array, jax.Array] 
                                 blocks=cfg.mosaic_blocks, interpret=cfg.interpret,
                                 descales=descales if cfg.descaled else None,
                                 out_dtype=cfg.out_dtype or "bfloat16", q_layout=cfg.q_layout,
-                                k_layout=cfg.k_layout, o_layout=cfg.o_layout)
+                                k_layout=cfg.k_layout, o_layout=cfg.o_layout, bias=bias, mask=mask,
+                                softcap=cfg.softcap, kv_lengths=kv_lengths, window=cfg.window)
     ql, kl, vl, ol = cfg.q_layout, cfg.k_layout, cfg.v_layout, cfg.o_layout
     b, h, hkv, sq, sk, d, dv = check_shapes(q, k, v, vl, q_layout=ql, k_layout=kl)
     groups = h // hkv
@@ -908,10 +913,11 @@ def _reference_mask(cfg: _Config, mask, kv_lengths, sq: int, sk: int) -> jax.Arr
 def _kernel_grads(cfg: _Config, q, k, v, bias, mask, kv_lengths, o, lse, do):
     """dq, dk, dv, dbias of the kernels (dbias None without a bias)."""
     if cfg.backward == "mosaic_gpu":  # `backward_kernels` took it only inside its contract
-        return (*mosaic_attention_backward(
+        return mosaic_attention_backward(
             q, k, v, o, lse, do, scale=cfg.scale, causal=cfg.causal, v_layout=cfg.v_layout,
             q_layout=cfg.q_layout, k_layout=cfg.k_layout, o_layout=cfg.o_layout,
-            interpret=cfg.interpret), None)
+            interpret=cfg.interpret, bias=bias, mask=mask, kv_lengths=kv_lengths, window=cfg.window,
+            softcap=cfg.softcap)
     if cfg.backward == "pallas" and bias is None:
         return (*_backward_pallas(cfg, q, k, v, o, lse, do, mask=mask, kv_lengths=kv_lengths), None)
     keep = _reference_mask(cfg, mask, kv_lengths, lse.shape[2], k.shape[cfg.k_layout.index("S")])
@@ -1069,8 +1075,8 @@ def flash_attention(
     Triton kernels), "mosaic_gpu" (the same split on Hopper, kernels/mosaic_backward.py; opt-in,
     as is EQSAT_ATTN_MOSAIC_BWD=1 with the forward on Mosaic GPU; a call outside its contract
     warns with the reason and runs "pallas", see `backward_kernels`) or "jax" (blockwise
-    recomputation in plain JAX); calls with a bias always use "jax", which also yields the bias
-    gradient. ``compute_dtype`` (a folded cast prologue): the
+    recomputation in plain JAX); calls with a bias use "jax", which also yields the bias
+    gradient, unless the Mosaic GPU backward runs them (it gives dbias too). ``compute_dtype`` (a folded cast prologue): the
     kernels read q, k, v in their own dtypes and cast every loaded tile to it before the matmuls
     (the values of ``flash_attention(q.astype(dt), ...)``, without the converted copies); the
     output is in it, the gradients in q's, k's and v's own dtypes. ``backend`` (`pallas_backend`):
@@ -1079,7 +1085,8 @@ def flash_attention(
     in its contract and `auto_takes_mosaic`, else Triton); the backward kernels are Triton's
     either way.
 
-    Score modifications (Triton backend): ``softcap`` (> 0: scores become
+    Score modifications (both forward backends; on Mosaic GPU see kernels/mosaic_scores.py,
+    16-bit operands): ``softcap`` (> 0: scores become
     softcap·tanh(s / softcap) before the bias, in every kernel), a boolean ``mask`` (True keeps,
     broadcastable to [B,H,Sq,Sk]; its per-tile map lets the kernels skip hidden tiles and mask
     only partial ones, kernels/masks.py) and the fill ``mask_fill`` hidden scores get. With a

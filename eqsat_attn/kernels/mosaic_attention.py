@@ -31,9 +31,14 @@ place as strided TMA boxes (`_Plan.window`): D minor for q, k and o, D or S mino
 Contract (`mosaic_unsupported` says which part a call misses; callers then use the Triton
 kernel): q, k, v all bf16 or all f16 (or fp8 with transposed V, below), D = Dv in `BLOCK_TABLE`
 (64, 128, 256), Sq a multiple of ``2 * block_q`` (128), Sk of 64 (`default_blocks` fits the key
-tile to it; fp8: of 128), no bias, no cast prologue, positive scale.
+tile to it; fp8: of 128), no cast prologue, positive scale.
 Causal masking is top-left aligned (query i sees keys j <= i) and visits only the key tiles that
 intersect the triangle. GQA reads the kv head ``h // (H / Hkv)``; K and V are never repeated.
+Score modifications (16-bit operands; kernels/mosaic_scores.py): a soft-cap, an additive bias (its
+[block_q, block_kv] tile read from global memory per key tile), and hidden positions (a boolean
+mask, key lengths, a sliding window) walked as per-CTA tile lists: HIDDEN tiles are never loaded,
+VISIBLE ones run without masking code, PARTIAL ones apply the mask tile
+(`_Warpgroup.tile_extras`, `_Warpgroup.modified_softmax`).
 Returns o [B,H,Sq,D] (in ``o_layout``) in q's dtype and the natural-log log-sum-exp [B,H,Sq]
 float32: the residuals of the Triton forward, so jax.grad runs the shared backward kernels.
 
@@ -64,6 +69,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from .masks import mask_4d
+from .mosaic_scores import NONE, ScoreMods, kept, log2_scores, prepare, safe_max
 from .reference import MASK_VALUE, check_shapes, kernel_layout_error, layout_shape
 
 try:  # jaxlib's MLIR bindings (the Mosaic GPU backend needs them; absent from some minimal builds)
@@ -239,15 +246,13 @@ def mosaic_unsupported(
     layout_error = kernel_layout_error(q_layout, k_layout, v_layout, o_layout)
     if layout_error:
         return layout_error
-    if bias is not None:
-        return "it takes no additive bias"
-    if mask is not None:
-        return "it takes no boolean mask (the Triton kernels do)"
-    if softcap:
-        return "it has no soft-cap (the Triton kernels do)"
-    if causal and mask_fill > MASK_VALUE:
-        return f"a causal fill above MASK_VALUE ({mask_fill}) needs the Triton kernels' run-time guard"
+    if math.isnan(mask_fill) or mask_fill == math.inf:
+        return f"mask_fill={mask_fill} is no kernel fill (NaN / +inf hidden scores)"
+    if softcap and not softcap > 0:
+        return f"softcap={softcap} must be positive (0: none)"
     dtypes = {jnp.dtype(x.dtype).name for x in (q, k, v)}
+    if (bias is not None or mask is not None or softcap) and dtypes <= set(FP8_DTYPES):
+        return "fp8 operands take no bias, mask or soft-cap here (the Triton fp8 kernel does)"
     if compute_dtype is not None and {jnp.dtype(compute_dtype).name} != dtypes:
         return "it has no cast prologue (compute_dtype differs from the operands' dtype)"
     if len(dtypes) != 1 or not dtypes <= set(DTYPES + FP8_DTYPES):
@@ -291,6 +296,12 @@ class _Plan:
     blocks: MosaicBlocks
     interpret: bool
     out_dtype: jnp.dtype  # q's dtype, or bf16 for fp8 operands
+    mods: ScoreMods = NONE  # soft-cap, bias, mask / key lengths / window (kernels/mosaic_scores.py)
+
+    @property
+    def tiled(self) -> bool:
+        """Key tiles come from per-CTA lists (VISIBLE, then PARTIAL; HIDDEN ones never)."""
+        return self.mods.tiled
 
     @property
     def stage_p(self) -> bool:
@@ -338,6 +349,22 @@ class _Plan:
     def cta_rows(self) -> int:
         return COMPUTE_WARPGROUPS * self.blocks.block_q
 
+    def list_at(self, refs, batch, head, q_tile):
+        """This CTA's counts [4] and tile indices [2, n] (tiled plans)."""
+        full_b, full_h = self.mods.lists_bh
+        at = (batch if full_b else 0, head if full_h else 0, q_tile)
+        return refs.counts.at[at], refs.index.at[at]
+
+    def kv_tile(self, kv_step, counts, index):
+        """The key tile of a step: the step itself, or (tiled) its entry in the CTA's lists (the
+        VISIBLE tiles, then the PARTIAL ones), read by the producer and both consumers alike."""
+        if not self.tiled:
+            return kv_step
+        n, visible = index.shape[1], counts[0]
+        first = index[0, jnp.minimum(kv_step, n - 1)]
+        second = index[1, jnp.clip(kv_step - visible, 0, n - 1)]
+        return lax.select(kv_step < visible, first, second)
+
     def q_tile(self):
         """This CTA's query tile: its grid index, or (causal, ``blocks.heavy_first``) counted from
         the last tile, the one with the most key tiles."""
@@ -346,8 +373,11 @@ class _Plan:
             return self.sq // self.cta_rows - 1 - index
         return index
 
-    def cta_kv_steps(self, q_tile):
-        """Key tiles the CTA's rows need: all, or (causal) up to its last row's diagonal."""
+    def cta_kv_steps(self, q_tile, counts=None):
+        """Key tiles the CTA's rows need: all, (causal) up to its last row's diagonal, or (tiled)
+        its VISIBLE and PARTIAL ones."""
+        if self.tiled:
+            return counts[0] + counts[1]
         if not self.causal:
             return self.kv_steps
         return jnp.minimum(pl.cdiv((q_tile + 1) * self.cta_rows, self.blocks.block_kv),
@@ -467,7 +497,7 @@ class _Warpgroup:
 
     def __init__(self, plan: _Plan, refs, scratch, barriers, wg):
         self.plan, self.wg = plan, wg
-        q_ref, _, _, self.descale_ref, self.o_ref, self.lse_ref = refs
+        self.refs, self.descale_ref, self.o_ref, self.lse_ref = refs, refs.descale, refs.o, refs.lse
         q_smem2, o_smem2, self.k_smem, self.v_smem, lse_smem2, p_smem2 = scratch
         (self.k_ready, self.v_ready, self.q_ready, self.k_free, self.v_free,
          self.schedule) = barriers
@@ -477,14 +507,19 @@ class _Warpgroup:
         self.q_smem, self.o_smem, self.lse_smem = q_smem2.at[wg], o_smem2.at[wg], lse_smem2.at[wg]
         self.p_smem = None if p_smem2 is None else p_smem2.at[wg]
         self.q_base = q_tile * plan.cta_rows + wg * bq
-        self.cta_steps = plan.cta_kv_steps(q_tile)
-        self.steps = (jnp.minimum(pl.cdiv(self.q_base + bq, bkv), plan.kv_steps) if plan.causal
-                      else plan.kv_steps)
+        self.counts, self.index = plan.list_at(refs, self.batch, self.head, q_tile) if plan.tiled else (None, None)
+        self.cta_steps = plan.cta_kv_steps(q_tile, self.counts)
+        if plan.tiled:  # both warpgroups walk the CTA's lists
+            self.steps = self.cta_steps
+        elif plan.causal:
+            self.steps = jnp.minimum(pl.cdiv(self.q_base + bq, bkv), plan.kv_steps)
+        else:
+            self.steps = plan.kv_steps
         # scores are kept in log2 units (exp2 is one instruction): s · scale · log2(e), where fp8
         # operands also carry their descales (computed outside: scale·log2(e)·q_descale·k_descale)
         self.log2_scale = self.descale_ref[0] if plan.fp8 else plan.scale * LOG2E
         self.p_shift = math.log2(P_FP8_SCALE) if plan.fp8 else 0.0  # exp2 gives 2^shift · P
-        self.q_window = plan.window("q", q_ref, self.batch, self.head, pl.ds(self.q_base, bq))
+        self.q_window = plan.window("q", refs.q, self.batch, self.head, pl.ds(self.q_base, bq))
 
     def run(self):
         plan, bq, d = self.plan, self.plan.blocks.block_q, self.plan.head_dim
@@ -505,9 +540,12 @@ class _Warpgroup:
         tile = self.v_smem.at[slot]
         return tile.transpose((1, 0)) if self.plan.v_transposed else tile
 
-    def softmax(self, s, m, kv_step, masked: bool):
+    def softmax(self, s, m, kv_step, masked: bool, extras=None):
         """One key tile of the online softmax: (new row max, its rescale of the old sums, the
-        unnormalised probabilities 2^shift · exp(s - max), f32)."""
+        unnormalised probabilities 2^shift · exp(s - max), f32). ``extras``: this tile's
+        `tile_extras` (score modifications)."""
+        if self.plan.mods.any:
+            return self.modified_softmax(s, m, masked, extras)
         bq, bkv = self.plan.blocks.block_q, self.plan.blocks.block_kv
         if masked:
             rows = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 0, layout=plgpu.Layout.WGMMA)
@@ -517,6 +555,49 @@ class _Warpgroup:
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s * self.log2_scale - lax.broadcast_in_dim(m_new - self.p_shift, s.shape, [0]))
         return m_new, alpha, p
+
+    # --- score modifications (kernels/mosaic_scores.py) ---------------------------------------
+
+    def tile_extras(self, kv_step, masked: bool):
+        """What a key tile's score modifications read, loaded before its Q·Kᵀ is issued so the
+        loads overlap it: (first key index, bias tile or None, mask tile or None). The bias and
+        mask tiles come straight from global memory in wgmma's accumulator layout; the mask tile
+        only for PARTIAL tiles."""
+        plan, bq, bkv = self.plan, self.plan.blocks.block_q, self.plan.blocks.block_kv
+        col0 = plan.kv_tile(kv_step, self.counts, self.index) * bkv
+        cols = pl.ds(col0, bkv)
+        bias = mask = None
+        if plan.mods.bias_bh is not None:
+            full_b, full_h = plan.mods.bias_bh
+            at = (self.batch if full_b else 0, self.head if full_h else 0, pl.ds(self.q_base, bq), cols)
+            bias = plgpu.load(self.refs.bias.at[at], layout=plgpu.Layout.WGMMA, optimized=False)
+        if masked and plan.mods.mask_bh is not None:
+            full_b, full_h = plan.mods.mask_bh
+            rows = pl.ds(self.q_base, bq) if plan.mods.mask_rows else pl.ds(0, bq)
+            at = (self.batch if full_b else 0, self.head if full_h else 0, rows, cols)
+            mask = plgpu.load(self.refs.mask.at[at], layout=plgpu.Layout.WGMMA, optimized=False)
+        return col0, bias, mask
+
+    def modified_softmax(self, s, m, masked: bool, extras):
+        """`softmax` with the score modifications (`mosaic_scores.log2_scores`, then hidden
+        positions at -inf on masked tiles) and a safe running max, so hidden scores get exactly
+        zero weight and a row with no visible score ends with l = 0."""
+        plan, bq, bkv = self.plan, self.plan.blocks.block_q, self.plan.blocks.block_kv
+        col0, bias, mask = extras
+        x = log2_scores(s, plan.mods, scale=plan.scale, log2_scale=self.log2_scale, bias=bias)
+        if masked:
+            rows = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 0, layout=plgpu.Layout.WGMMA) + self.q_base
+            cols = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA) + col0
+            kv_len = self.counts[2] if plan.mods.has_lengths else None
+            x = jnp.where(kept(rows, cols, plan.mods, causal=plan.causal, mask=mask, kv_len=kv_len), x, -jnp.inf)
+        m_new = jnp.maximum(m, x.max(axis=1))
+        m_use = self.safe_max(m_new)
+        p = jnp.exp2(x - lax.broadcast_in_dim(m_use, x.shape, [0]))
+        return m_new, jnp.exp2(m - m_use), p
+
+    def safe_max(self, m_new):
+        """The max to subtract (`mosaic_scores.safe_max` with score modifications)."""
+        return safe_max(m_new) if self.plan.mods.any else m_new
 
     def release_unneeded(self, take_turns):
         """Causal: the tiles only the other warpgroup needs. Observe their arrival and release
@@ -532,7 +613,12 @@ class _Warpgroup:
 
     def masked_split(self, start, step, carry):
         """Run ``step`` over key tiles [start, steps): without the causal mask below the
-        diagonal, with it on the tiles that cross it."""
+        diagonal, with it on the tiles that cross it; tiled, the VISIBLE tiles unmasked, then
+        the PARTIAL ones masked."""
+        if self.plan.tiled:
+            visible = jnp.clip(self.counts[0], start, self.steps)
+            carry = lax.fori_loop(start, visible, functools.partial(step, masked=False), carry)
+            return lax.fori_loop(visible, self.steps, functools.partial(step, masked=True), carry)
         if not self.plan.causal:
             return lax.fori_loop(start, self.steps, functools.partial(step, masked=False), carry)
         below = jnp.clip(lax.div(self.q_base, self.plan.blocks.block_kv), start, self.steps)
@@ -555,6 +641,7 @@ class _Warpgroup:
         def step(kv_step, carry, masked: bool):
             acc, m, l = carry
             slot = lax.rem(kv_step, plan.stages)
+            extras = self.tile_extras(kv_step, masked) if plan.mods.any else None
 
             def scores(s_ref):
                 plgpu.wgmma(s_ref, self.q_smem, self.k_operand(slot))
@@ -562,7 +649,7 @@ class _Warpgroup:
                 return s_ref[...]
             s = pl.run_scoped(scores, plan.scores_acc())
             plgpu.barrier_arrive(self.k_free.at[slot])
-            m_new, alpha, p = self.softmax(s, m, kv_step, masked)
+            m_new, alpha, p = self.softmax(s, m, kv_step, masked, extras)
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             l = l * alpha + p.sum(axis=1)
             p_lo = p.astype(plan.dtype)
@@ -583,7 +670,7 @@ class _Warpgroup:
             return acc, m_new, l
 
         acc, m, l = self.masked_split(0, step, (acc, m, l))
-        if plan.causal:
+        if plan.causal and not plan.tiled:
             self.release_unneeded(lambda: (self.take_turn(), self.take_turn()))
         pl.when(self.wg == 0)(self.take_turn)
         return acc, m, l
@@ -605,6 +692,9 @@ class _Warpgroup:
         pl.when(self.wg == 1)(self.pass_turn)  # warpgroup 0 issues first
         plgpu.barrier_wait(self.k_ready.at[0])
         self.wait_turn()
+        # tiled: the first tile is masked whatever its class (its mask is exact either way)
+        first_masked = plan.causal or plan.tiled
+        first_extras = self.tile_extras(0, first_masked) if plan.mods.any else None
 
         def first_scores(s_ref):
             plgpu.wgmma(s_ref, self.q_smem, self.k_operand(0))
@@ -612,7 +702,7 @@ class _Warpgroup:
             return s_ref[...]
         s = pl.run_scoped(first_scores, plan.scores_acc())
         plgpu.barrier_arrive(self.k_free.at[0])
-        m, _, p = self.softmax(s, m, 0, masked=plan.causal)  # the sums start at zero
+        m, _, p = self.softmax(s, m, 0, first_masked, first_extras)  # the sums start at zero
         l = p.sum(axis=1)
 
         def step(kv_step, carry, masked: bool):
@@ -621,17 +711,18 @@ class _Warpgroup:
             plgpu.barrier_wait(self.k_ready.at[slot])
             plgpu.barrier_wait(self.v_ready.at[prev])
             self.wait_turn()
+            extras = self.tile_extras(kv_step, masked) if plan.mods.any else None
 
             def on_scores(s, carry):
                 m, l, _ = carry
                 plgpu.barrier_arrive(self.k_free.at[slot])
-                m_new, alpha, p = self.softmax(s, m, kv_step, masked)
+                m_new, alpha, p = self.softmax(s, m, kv_step, masked, extras)
                 return m_new, l * alpha + p.sum(axis=1), p.astype(plan.dtype)
             acc, (m_new, l, p_lo) = _scores_and_pv(
                 plan, acc, (m, l, p_lo), self.q_smem, self.k_operand(slot), self.v_operand(prev),
                 self.p_smem, self.pass_turn, on_scores)
             plgpu.barrier_arrive(self.v_free.at[prev])
-            acc = acc * lax.broadcast_in_dim(jnp.exp2(m - m_new), acc.shape, [0])
+            acc = acc * lax.broadcast_in_dim(jnp.exp2(m - self.safe_max(m_new)), acc.shape, [0])
             return acc, m_new, l, p_lo
 
         acc, m, l, p_lo = self.masked_split(1, step, (acc, m, l, p.astype(plan.dtype)))
@@ -640,7 +731,7 @@ class _Warpgroup:
         self.wait_turn()
         acc = _accumulate_pv(plan, acc, p_lo, self.v_operand(last), self.p_smem, self.pass_turn)
         plgpu.barrier_arrive(self.v_free.at[last])
-        if plan.causal:
+        if plan.causal and not plan.tiled:
             self.release_unneeded(lambda: (self.wait_turn(), self.pass_turn()))
         pl.when(self.wg == 0)(self.wait_turn)  # observe warpgroup 1's last pass
         return acc, m, l
@@ -663,17 +754,17 @@ class _Warpgroup:
 
 def _producer(plan: _Plan, refs, scratch, barriers):
     """The TMA warpgroup: K and V tiles into the ring of shared-memory slots."""
-    _, k_ref, v_ref, _, _, _ = refs
     _, _, k_smem, v_smem, _, _ = scratch
     k_ready, v_ready, _, k_free, v_free, _ = barriers
     bkv = plan.blocks.block_kv
     batch, head, q_tile = lax.axis_index("batch"), lax.axis_index("heads"), plan.q_tile()
     kv_head = lax.div(head, plan.groups)
-    cta_steps = plan.cta_kv_steps(q_tile)
+    counts, index = plan.list_at(refs, batch, head, q_tile) if plan.tiled else (None, None)
+    cta_steps = plan.cta_kv_steps(q_tile, counts)
 
     def load(operand: str, kv_step, slot):
-        ref, smem, ready = (k_ref, k_smem, k_ready) if operand == "k" else (v_ref, v_smem, v_ready)
-        tile = plan.window(operand, ref, batch, kv_head, pl.ds(kv_step * bkv, bkv))
+        ref, smem, ready = (refs.k, k_smem, k_ready) if operand == "k" else (refs.v, v_smem, v_ready)
+        tile = plan.window(operand, ref, batch, kv_head, pl.ds(plan.kv_tile(kv_step, counts, index) * bkv, bkv))
         plgpu.copy_gmem_to_smem(tile, smem.at[slot], ready.at[slot])
 
     plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
@@ -707,9 +798,35 @@ def _swizzled(dtype) -> tuple:
     return (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Refs:
+    """The kernel's operands in global memory (None where the plan has no such operand)."""
+
+    q: object
+    k: object
+    v: object
+    descale: object
+    bias: object
+    mask: object
+    counts: object
+    index: object
+    o: object
+    lse: object
+
+    @classmethod
+    def unpack(cls, plan: _Plan, refs) -> _Refs:
+        """From `_launch`'s operand order: q, k, v, [descales], [bias], [mask], [counts, index], o, lse."""
+        refs = list(refs)
+        take = lambda present: refs.pop(0) if present else None  # noqa: E731
+        q, k, v = refs.pop(0), refs.pop(0), refs.pop(0)
+        descale, bias = take(plan.fp8), take(plan.mods.bias_bh is not None)
+        mask, counts, index = take(plan.mods.mask_bh is not None), take(plan.tiled), take(plan.tiled)
+        o, lse = refs
+        return cls(q, k, v, descale, bias, mask, counts, index, o, lse)
+
+
 def _kernel(plan: _Plan, *refs):
-    if not plan.fp8:  # no descale operand
-        refs = (*refs[:3], None, *refs[3:])
+    refs = _Refs.unpack(plan, refs)
     bq, bkv, d = plan.blocks.block_q, plan.blocks.block_kv, plan.head_dim
     v_tile = (d, bkv) if plan.v_transposed else (bkv, d)
     tile = functools.partial(plgpu.SMEM, dtype=plan.dtype, transforms=_swizzled(plan.dtype))
@@ -750,6 +867,8 @@ def mosaic_attention(
     v_layout: str = "BHSD", blocks: MosaicBlocks | None = None, interpret: bool = False,
     descales: tuple[jax.Array, jax.Array] | None = None, out_dtype=jnp.bfloat16,
     q_layout: str = "BHSD", k_layout: str = "BHSD", o_layout: str = "BHSD",
+    bias: jax.Array | None = None, mask: jax.Array | None = None, softcap: float = 0.0,
+    kv_lengths: jax.Array | None = None, window: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Forward attention on Hopper: (o [B,H,Sq,D] in ``o_layout``, lse [B,H,Sq] float32).
 
@@ -761,10 +880,23 @@ def mosaic_attention(
     multiplier ``scale·log2(e)·q_descale·k_descale``, V's descale), float32 scalars that may be
     traced, as the Triton fp8 kernel's; ``scale`` is then only checked, and o is in ``out_dtype``.
     ``interpret``: run jax's Mosaic GPU interpreter instead of compiling (CPU tests).
+
+    Score modifications (16-bit operands; kernels/mosaic_scores.py): ``softcap`` (> 0: scores
+    become softcap·tanh(s / softcap), before the bias), an additive ``bias`` broadcastable to
+    [B,H,Sq,Sk], and hidden positions from a boolean ``mask`` (True keeps, broadcastable to
+    [B,H,Sq,Sk]), ``kv_lengths`` (int32 [B]: keys j < kv_lengths[b]) and ``window`` (keys
+    i - window < j <= i), walked as per-tile lists (HIDDEN tiles skipped, VISIBLE ones unmasked).
+    Hidden scores get exactly zero weight (the op with fill -inf); a row with no visible score
+    has lse -inf and o NaN: `flash_attention` (``backend="mosaic_gpu"``) guards the call and
+    gives the op's values for any fill.
     """
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be a positive int (keys i - window < j <= i), got {window!r}")
     layouts = dict(q_layout=q_layout, k_layout=k_layout, o_layout=o_layout)
+    hides = mask is not None or kv_lengths is not None or window is not None
     reason = mosaic_unsupported(q, k, v, v_layout=v_layout, causal=causal, scale=scale,
-                                blocks=blocks, interpret=interpret, **layouts)
+                                blocks=blocks, interpret=interpret, bias=bias,
+                                mask=True if hides else None, softcap=float(softcap), **layouts)
     if reason is not None:
         raise ValueError(f"the Mosaic GPU attention kernel cannot run this call: {reason}; "
                          "use the Triton kernel (flash_attention(..., backend='triton')).")
@@ -774,11 +906,21 @@ def mosaic_attention(
         raise ValueError("descales go with fp8 operands (and only with them)")
     out = jnp.dtype(out_dtype) if fp8 else jnp.dtype(q.dtype)
     blocks = blocks or default_blocks(q.dtype, d, sk, causal=causal)
+    if kv_lengths is not None:
+        if jnp.shape(kv_lengths) != (b,) or not jnp.issubdtype(jnp.result_type(kv_lengths), jnp.integer):
+            raise ValueError(f"kv_lengths must be an integer array of shape [B] = ({b},), got "
+                             f"{jnp.shape(kv_lengths)} {jnp.result_type(kv_lengths)}")
+        kv_lengths = jnp.asarray(kv_lengths, jnp.int32)
+    mods, extra = prepare(b=b, h=h, sq=sq, sk=sk, causal=bool(causal), cta_rows=COMPUTE_WARPGROUPS * blocks.block_q,
+                          block_q=blocks.block_q, block_kv=blocks.block_kv, bias=bias,
+                          mask4=None if mask is None else mask_4d(mask, (b, h, sq, sk)),
+                          kv_lengths=kv_lengths, window=window, softcap=float(softcap))
     plan = _Plan(b, h, h // hkv, sq, sk, d, jnp.dtype(q.dtype), float(scale), bool(causal),
-                 (q_layout, k_layout, v_layout, o_layout), blocks, bool(interpret), out)
+                 (q_layout, k_layout, v_layout, o_layout), blocks, bool(interpret), out, mods)
     operands = [q, k, v]
     if fp8:
         operands.append(jnp.stack([jnp.asarray(x, jnp.float32).reshape(()) for x in descales]))
+    operands += extra
     return _launch(plan, operands, layout_shape(o_layout, {"B": b, "H": h, "S": sq, "D": d}))
 
 

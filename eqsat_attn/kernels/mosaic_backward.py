@@ -19,12 +19,25 @@ the triangle; the element mask runs only on tiles crossing the diagonal. A warpg
 need fewer tiles than its CTA's stream observes and releases the others (every barrier phase is
 seen by every warpgroup, as the forward kernel does).
 
+Score modifications (what the forward takes; kernels/mosaic_backward_scores.py): soft-cap (dS
+scaled by 1 - tanh² of the capped score), an additive bias (its tile read from global memory per
+step, transposed copies for the dK/dV kernel) with dbias (the dQ kernel stores dS on every tile it
+visits; hidden positions zeroed and the bias's broadcast axes summed outside, in a fixed order),
+and hidden positions from a boolean mask, key lengths, a sliding window and the causal flag,
+walked as per-CTA tile lists in both kernels (dQ: the key tiles of its ``2 * block_q`` rows; dK/dV:
+the query tiles of its ``2 * block_kv`` keys, per head where the mask has heads): HIDDEN tiles are
+never loaded, VISIBLE ones run without masking code, PARTIAL ones apply the mask tile and the
+index conditions. Hidden scores get exactly zero weight, as in the forward; a row with no visible
+score gets no gradient (flash_attention's guard adds the uniform average's dV of a row that keeps
+no key under a finite fill, and runs the reference where a fill is not negligible).
+
 Contract (`mosaic_backward_unsupported` says which part a call misses; flash_attention then runs
 the Triton backward): q, k, v all bf16 or all f16 (f32 accumulation), D = Dv in (64, 128), Sq a
 multiple of ``2 * block_q`` and Sk of ``2 * block_kv`` (128 with the default tiles), q, k, o (and
 dO) with D minor and V with D or S minor (transposed V), in any axis order: read and written in
-place as strided TMA boxes. Not covered: bias, masks, soft-cap, cast prologues, fp8 (its
-straight-through backward stays on Triton).
+place as strided TMA boxes. Not covered: cast prologues, fp8 (its straight-through backward stays
+on Triton). dbias costs a float32 [B, H, Sq, Sk] array (the FlashAttention-2 way), whatever the
+bias's broadcast shape.
 
 Transposed V ([D, block_kv] tiles, dV written in that layout): dP = dO·Vᵀ reads the tile as
 stored; the dK/dV kernel reads it transposed as wgmma's A operand for dPᵀ = V·dOᵀ (16-bit wgmma
@@ -33,7 +46,8 @@ staged in shared memory as B, read transposed), so dVᵀ [D, block_kv] is stored
 cost against [B,H,S,D]: one shared-memory store and fence of Pᵀ per query tile.
 
 Nothing here has been timed on a GPU yet: flash_attention's default backward stays Triton's
-until a GPU benchmark (bench/gpu_session.sh stage ``mosaic-bwd``) shows this one ahead.
+until a GPU benchmark (bench/gpu_session.sh stages ``mosaic-bwd``, ``mosaic-bwd-masks``) shows this
+one ahead.
 
 Interpret mode (``interpret=True``): jax's Mosaic GPU interpreter takes wgmma's A operand only from
 shared memory and runs no ``pl.run_state``, so there P and dS are staged through a shared-memory
@@ -51,8 +65,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from .masks import mask_4d
 from .mosaic_attention import mosaic_gpu_available, plgpu
-from .reference import check_shapes, kernel_layout_error
+from .mosaic_backward_scores import bias_gradient, capped_scores, list_tile, prepare_backward
+from .mosaic_scores import NONE, ScoreMods, kept
+from .reference import MASK_VALUE, check_shapes, kernel_layout_error
 
 __all__ = ["HEAD_DIMS", "MosaicBwdBlocks", "mosaic_attention_backward", "mosaic_backward_unsupported"]
 
@@ -84,15 +101,24 @@ class MosaicBwdBlocks:
 
 def mosaic_backward_unsupported(q, k, v, *, v_layout: str = "BHSD", q_layout: str = "BHSD",
                                 k_layout: str = "BHSD", o_layout: str = "BHSD",
-                                blocks: MosaicBwdBlocks | None = None) -> str | None:
-    """Why the Mosaic GPU backward cannot run this call (arrays or ShapeDtypeStructs), or None."""
+                                blocks: MosaicBwdBlocks | None = None, bias=None, softcap: float = 0.0,
+                                mask_fill: float = MASK_VALUE, compute_dtype: str | None = None) -> str | None:
+    """Why the Mosaic GPU backward cannot run this call (arrays or ShapeDtypeStructs), or None.
+    Masks, key lengths and windows take any shape `masks.mask_4d` takes; ``bias`` is checked for
+    rank and broadcasting; ``mask_fill``: the op's fill (NaN and +inf are no kernel fill)."""
     layout_error = kernel_layout_error(q_layout, k_layout, v_layout, o_layout)
     if layout_error:
         return layout_error
+    if math.isnan(mask_fill) or mask_fill == math.inf:
+        return f"mask_fill={mask_fill} is no kernel fill (NaN / +inf hidden scores)"
+    if softcap and not softcap > 0:
+        return f"softcap={softcap} must be positive (0: none)"
     dtypes = {jnp.dtype(x.dtype).name for x in (q, k, v)}
+    if compute_dtype is not None and {jnp.dtype(compute_dtype).name} != dtypes:
+        return "it has no cast prologue (compute_dtype differs from the operands' dtype)"
     if len(dtypes) != 1 or not dtypes <= set(DTYPES):
         return f"q, k and v must share one dtype of {DTYPES}; got {sorted(dtypes)}"
-    _, _, _, sq, sk, d, dv = check_shapes(q, k, v, v_layout, q_layout=q_layout, k_layout=k_layout)
+    b, h, _, sq, sk, d, dv = check_shapes(q, k, v, v_layout, q_layout=q_layout, k_layout=k_layout)
     if d != dv or d not in HEAD_DIMS:
         return f"head dims must be equal and one of {HEAD_DIMS}; got D={d}, Dv={dv}"
     blk = blocks or MosaicBwdBlocks()
@@ -100,8 +126,14 @@ def mosaic_backward_unsupported(q, k, v, *, v_layout: str = "BHSD", q_layout: st
         return f"Sq={sq} must be a multiple of {COMPUTE_WARPGROUPS * blk.block_q} (2 * block_q)"
     if sk % (COMPUTE_WARPGROUPS * blk.block_kv):
         return f"Sk={sk} must be a multiple of {COMPUTE_WARPGROUPS * blk.block_kv} (2 * block_kv)"
+    if bias is not None:
+        shape = (1,) * max(0, 4 - len(bias.shape)) + tuple(bias.shape)
+        if len(shape) > 4 or any(n not in (1, want) for n, want in zip(shape, (b, h, sq, sk))):
+            return f"bias shape {tuple(bias.shape)} does not broadcast to [B, H, Sq, Sk] = {(b, h, sq, sk)}"
     if not mosaic_gpu_available():  # last: it imports the backend
         return "this jax has no Pallas Mosaic GPU backend"
+    if bias is not None and not hasattr(plgpu, "store"):
+        return "this jax's Pallas Mosaic GPU backend has no plgpu.store (the dS tiles of dbias)"
     return None
 
 
@@ -121,6 +153,42 @@ class _Plan:
     layouts: tuple[str, str, str, str]  # q (and dQ), k (dK), v (dV), o (dO): axis orders
     blocks: MosaicBwdBlocks
     interpret: bool
+    mods: ScoreMods = NONE  # soft-cap, bias, mask / key lengths / window (mosaic_backward_scores.py)
+
+    @property
+    def tiled(self) -> bool:
+        """Tiles come from per-CTA lists (VISIBLE, then PARTIAL; HIDDEN ones never)."""
+        return self.mods.tiled
+
+    @property
+    def has_bias(self) -> bool:
+        return self.mods.bias_bh is not None
+
+    def lists(self, counts_ref, index_ref, batch, head, tile):
+        """A CTA's counts [4] and tile indices [2, n] (tiled plans); ``head`` a query head."""
+        at = (*self.extra_at(self.mods.lists_bh, batch, head), tile)
+        return counts_ref.at[at], index_ref.at[at]
+
+    def extra_at(self, bh, batch, head):
+        """(batch, head) indices of an operand whose B / H axes may broadcast (``bh``)."""
+        return (batch if bh[0] else 0, head if bh[1] else 0)
+
+    def probabilities(self, s, lse, *, transposed: bool, masked: bool, row0, col0, bias=None, mask=None,
+                      kv_len=None):
+        """P = exp2(scores - lse) of one tile (f32, [rows, keys], or [keys, rows] ``transposed``;
+        ``lse`` in log2 units) and d(capped score)/d(scaled score) (None without a soft-cap).
+        ``row0``, ``col0``: the tile's first query and key (read only where ``masked``)."""
+        rows_axis = 1 if transposed else 0
+        x, dcap = capped_scores(s, self.mods, scale=self.scale, bias=bias)
+        if masked:
+            rows = _iota(s.shape, rows_axis) + row0
+            cols = _iota(s.shape, 1 - rows_axis) + col0
+            if self.mods.any:
+                keep = kept(rows, cols, self.mods, causal=self.causal, mask=mask, kv_len=kv_len)
+            else:  # causal only
+                keep = rows >= cols
+            x = jnp.where(keep, x, -jnp.inf)
+        return jnp.exp2(x - lax.broadcast_in_dim(lse, x.shape, [rows_axis])), dcap
 
     @property
     def v_transposed(self) -> bool:
@@ -218,7 +286,19 @@ def _wait_all(barriers, slot):
 
 # --- dQ: per query tile, the key tiles streamed --------------------------------------------------
 
-def _dq_kernel(plan: _Plan, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref):
+def _extras(plan: _Plan, refs):
+    """(bias, mask, counts, index) refs after the six shared operands (None where absent), and
+    the rest (the outputs)."""
+    refs = list(refs)
+    take = lambda present: refs.pop(0) if present else None  # noqa: E731
+    bias, mask = take(plan.has_bias), take(plan.mods.mask_bh is not None)
+    counts, index = take(plan.tiled), take(plan.tiled)
+    return (bias, mask, counts, index), refs
+
+
+def _dq_kernel(plan: _Plan, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
+    (bias_ref, mask_ref, counts_ref, index_ref), outs = _extras(plan, refs)
+    dq_ref, ds_ref = outs[0], (outs[1] if plan.has_bias else None)
     bq, bkv, d = plan.blocks.block_q, plan.blocks.block_kv, plan.head_dim
     v_tile = (d, bkv) if plan.v_transposed else (bkv, d)
     wgs = COMPUTE_WARPGROUPS
@@ -233,10 +313,16 @@ def _dq_kernel(plan: _Plan, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_
     kv_head = lax.div(head, plan.groups)
     cta_base = tile * wgs * bq
     nk = plan.sk // bkv
+    counts, index = plan.lists(counts_ref, index_ref, batch, head, tile) if plan.tiled else (None, None)
 
-    def needed(first_row, rows):  # key tiles up to the diagonal of the last row
+    def needed(first_row, rows):  # key tiles up to the diagonal of the last row; tiled: the lists
+        if plan.tiled:
+            return counts[0] + counts[1]
         return jnp.minimum(pl.cdiv(first_row + rows, bkv), nk) if plan.causal else nk
     cta_steps = needed(cta_base, wgs * bq)
+
+    def kv_tile(j):
+        return list_tile(j, counts, index) if plan.tiled else j
 
     def consumer(scratch, barriers, wg):
         q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, ds_smem = scratch
@@ -255,27 +341,42 @@ def _dq_kernel(plan: _Plan, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_
         lse = plgpu.load(lse_smem.at[wg], layout=row_stat)  # log2 units
         delta = plgpu.load(delta_smem.at[wg], layout=row_stat)
         steps = needed(q_base, bq)
-        c = plan.scale * LOG2E
 
         def step(j, dq, masked: bool):
             slot = lax.rem(j, plan.stages)
+            col0 = kv_tile(j) * bkv
+            cols = pl.ds(col0, bkv)
+            bias = mask = None  # read before the products are issued, so the loads overlap them
+            if plan.has_bias:
+                at = (*plan.extra_at(plan.mods.bias_bh, batch, head), rows, cols)
+                bias = plgpu.load(bias_ref.at[at], layout=plgpu.Layout.WGMMA, optimized=False)
+            if masked and mask_ref is not None:
+                mrows = rows if plan.mods.mask_rows else pl.ds(0, bq)
+                at = (*plan.extra_at(plan.mods.mask_bh, batch, head), mrows, cols)
+                mask = plgpu.load(mask_ref.at[at], layout=plgpu.Layout.WGMMA, optimized=False)
             _wait_all((k_ready, v_ready), slot)
             k_tile, v_tile = k_smem.at[slot], v_smem.at[slot]
             vt = v_tile if plan.v_transposed else v_tile.transpose((1, 0))  # Vᵀ [D, block_kv]
             s, dp = _products([(q_smem, k_tile.transpose((1, 0))), (do_smem, vt)], (bq, bkv))
-            s = s * c
-            if masked:
-                s = jnp.where(_iota((bq, bkv), 0) + q_base >= _iota((bq, bkv), 1) + j * bkv, s, -jnp.inf)
-            p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
-            ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [0]))
+            p, dcap = plan.probabilities(s, lse, transposed=False, masked=masked, row0=q_base, col0=col0,
+                                         bias=bias, mask=mask, kv_len=counts[2] if plan.mods.has_lengths else None)
+            ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [0]))  # d loss / d(capped score + bias)
+            if plan.has_bias:
+                plgpu.store(ds_ref.at[batch, head, rows, cols], ds, optimized=False)
+            if dcap is not None:
+                ds = ds * dcap
             dq = _accumulate(plan, dq, ds.astype(plan.dtype), k_tile, ds_smem)
             plgpu.barrier_arrive(free.at[slot])
             return dq
 
         dq = _zeros((bq, d))
-        below = jnp.minimum(lax.div(q_base, bkv), steps) if plan.causal else steps
+        if plan.tiled:  # both warpgroups walk the CTA's lists: VISIBLE tiles, then PARTIAL ones
+            below = jnp.minimum(counts[0], steps)
+        else:
+            below = jnp.minimum(lax.div(q_base, bkv), steps) if plan.causal else steps
         dq = lax.fori_loop(0, below, functools.partial(step, masked=False), dq)
-        dq = lax.fori_loop(below, steps, functools.partial(step, masked=True), dq)
+        if plan.tiled or plan.causal:
+            dq = lax.fori_loop(below, steps, functools.partial(step, masked=True), dq)
 
         def release(j, _):  # tiles only the other warpgroup needs
             slot = lax.rem(j, plan.stages)
@@ -292,7 +393,7 @@ def _dq_kernel(plan: _Plan, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_
         k_ready, v_ready, free = barriers[4:]
 
         def load(j, slot):
-            keys = pl.ds(j * bkv, bkv)
+            keys = pl.ds(kv_tile(j) * bkv, bkv)
             plgpu.copy_gmem_to_smem(plan.window("k", k_ref, batch, kv_head, keys), k_smem.at[slot],
                                     k_ready.at[slot])
             plgpu.copy_gmem_to_smem(plan.window("v", v_ref, batch, kv_head, keys), v_smem.at[slot],
@@ -304,7 +405,8 @@ def _dq_kernel(plan: _Plan, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_
 
 # --- dK, dV: per key tile, the query tiles of the group's heads streamed -------------------------
 
-def _dkv_kernel(plan: _Plan, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref):
+def _dkv_kernel(plan: _Plan, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
+    (bias_ref, mask_ref, counts_ref, index_ref), (dk_ref, dv_ref) = _extras(plan, refs)
     bq, bkv, d = plan.blocks.block_q, plan.blocks.block_kv, plan.head_dim
     wgs = COMPUTE_WARPGROUPS
     v_tile = (d, bkv) if plan.v_transposed else (bkv, d)
@@ -321,7 +423,15 @@ def _dkv_kernel(plan: _Plan, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk
     nq = plan.sq // bq
     # causal: query tiles below the CTA's first key hide every key of it
     cta_first = jnp.minimum(lax.div(cta_base, bq), nq) if plan.causal else 0
-    per_head = nq - cta_first  # streamed query tiles per head of the group
+    per_head = nq - cta_first  # streamed query tiles per head of the group (untiled)
+
+    def walk(g):
+        """Head g of the group: (its query tiles' count, the tile of its i-th step, its VISIBLE
+        count) for the stream; tiled, from the CTA's lists (per head where they have H)."""
+        if not plan.tiled:
+            return per_head, lambda i: cta_first + i, None
+        counts, index = plan.lists(counts_ref, index_ref, batch, kv_head * plan.groups + g, tile)
+        return counts[0] + counts[1], lambda i: list_tile(i, counts, index), counts
 
     def consumer(scratch, barriers, wg):
         k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, stage_smem = scratch
@@ -335,27 +445,29 @@ def _dkv_kernel(plan: _Plan, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk
         plgpu.copy_gmem_to_smem(plan.window("v", v_ref, batch, kv_head, keys), v_smem, v_ready.at[wg])
         _wait_all((k_ready, v_ready), wg)
         col_stat = plgpu.Layout.WGMMA.reduce(0)
-        c = plan.scale * LOG2E
-        if plan.causal:  # tiles hiding all of this warpgroup's keys, then those crossing the diagonal
-            first = jnp.clip(lax.div(k_base, bq), cta_first, nq)
-            full = jnp.clip(pl.cdiv(k_base + bkv - 1, bq), first, nq)
-        else:
-            first = full = 0
 
-        def step(i, carry, g: int, masked: bool):
+        def step(i, carry, g: int, base, q_tile, counts, masked: bool):
             dk, dv = carry
-            slot = lax.rem(g * per_head + i - cta_first, plan.stages)
+            slot = lax.rem(base + i, plan.stages)
+            head = kv_head * plan.groups + g
+            row0 = q_tile(i) * bq
+            bias = mask = None  # transposed tiles [block_kv, block_q], read before the products
+            if plan.has_bias:
+                at = (*plan.extra_at(plan.mods.bias_bh, batch, head), keys, pl.ds(row0, bq))
+                bias = plgpu.load(bias_ref.at[at], layout=plgpu.Layout.WGMMA, optimized=False)
+            if masked and mask_ref is not None:
+                mrows = pl.ds(row0, bq) if plan.mods.mask_rows else pl.ds(0, bq)
+                at = (*plan.extra_at(plan.mods.mask_bh, batch, head), keys, mrows)
+                mask = plgpu.load(mask_ref.at[at], layout=plgpu.Layout.WGMMA, optimized=False)
             _wait_all((q_ready, do_ready, lse_ready, delta_ready), slot)
-            q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]
+            q_tile_smem, do_tile = q_smem.at[slot], do_smem.at[slot]
             v_rows = v_smem.transpose((1, 0)) if plan.v_transposed else v_smem  # V [block_kv, D]
-            st, dpt = _products([(k_smem, q_tile.transpose((1, 0))),
+            st, dpt = _products([(k_smem, q_tile_smem.transpose((1, 0))),
                                  (v_rows, do_tile.transpose((1, 0)))], (bkv, bq))
             lse = plgpu.load(lse_smem.at[slot], layout=col_stat)
             delta = plgpu.load(delta_smem.at[slot], layout=col_stat)
-            st = st * c
-            if masked:
-                st = jnp.where(_iota((bkv, bq), 1) + i * bq >= _iota((bkv, bq), 0) + k_base, st, -jnp.inf)
-            pt = jnp.exp2(st - lax.broadcast_in_dim(lse, st.shape, [1]))
+            pt, dcap = plan.probabilities(st, lse, transposed=True, masked=masked, row0=row0, col0=k_base,
+                                          bias=bias, mask=mask, kv_len=counts[2] if plan.mods.has_lengths else None)
             if plan.v_transposed:  # dVᵀ += dOᵀ·P: Pᵀ through shared memory, read transposed
                 stage_smem[...] = pt.astype(plan.dtype)
                 plgpu.commit_smem()
@@ -363,21 +475,35 @@ def _dkv_kernel(plan: _Plan, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk
             else:
                 dv = _accumulate(plan, dv, pt.astype(plan.dtype), do_tile, stage_smem)
             dst = pt * (dpt - lax.broadcast_in_dim(delta, st.shape, [1]))
-            dk = _accumulate(plan, dk, dst.astype(plan.dtype), q_tile, stage_smem)
+            if dcap is not None:
+                dst = dst * dcap
+            dk = _accumulate(plan, dk, dst.astype(plan.dtype), q_tile_smem, stage_smem)
             plgpu.barrier_arrive(free.at[slot])
             return dk, dv
 
-        def skip(i, carry, g: int):  # a tile only the other warpgroup needs
-            slot = lax.rem(g * per_head + i - cta_first, plan.stages)
+        def skip(i, carry, base):  # a tile only the other warpgroup needs
+            slot = lax.rem(base + i, plan.stages)
             _wait_all((q_ready, do_ready, lse_ready, delta_ready), slot)
             plgpu.barrier_arrive(free.at[slot])
             return carry
 
         carry = (_zeros((bkv, d)), _zeros(v_tile))  # dK; dV, or dVᵀ for transposed V
+        base = 0  # steps streamed before head g's
         for g in range(plan.groups):  # the group's heads in a fixed order: a deterministic sum
-            carry = lax.fori_loop(cta_first, first, functools.partial(skip, g=g), carry)
-            carry = lax.fori_loop(first, full, functools.partial(step, g=g, masked=True), carry)
-            carry = lax.fori_loop(full, nq, functools.partial(step, g=g, masked=False), carry)
+            count, q_tile, counts = walk(g)
+            run = functools.partial(step, g=g, base=base, q_tile=q_tile, counts=counts)
+            if plan.tiled:  # both warpgroups walk the CTA's lists: VISIBLE tiles, then PARTIAL ones
+                carry = lax.fori_loop(0, counts[0], functools.partial(run, masked=False), carry)
+                carry = lax.fori_loop(counts[0], count, functools.partial(run, masked=True), carry)
+            elif plan.causal:  # tiles hiding all of this warpgroup's keys, those crossing the diagonal
+                first = jnp.clip(lax.div(k_base, bq), cta_first, nq) - cta_first
+                full = jnp.clip(pl.cdiv(k_base + bkv - 1, bq), cta_first + first, nq) - cta_first
+                carry = lax.fori_loop(0, first, functools.partial(skip, base=base), carry)
+                carry = lax.fori_loop(first, full, functools.partial(run, masked=True), carry)
+                carry = lax.fori_loop(full, count, functools.partial(run, masked=False), carry)
+            else:
+                carry = lax.fori_loop(0, count, functools.partial(run, masked=False), carry)
+            base = base + count
         dk, dv = carry
         k_smem[...] = (dk * plan.scale).astype(plan.dtype)
         v_smem[...] = dv.astype(plan.dtype)
@@ -389,11 +515,10 @@ def _dkv_kernel(plan: _Plan, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk
     def producer(scratch, barriers):
         q_smem, do_smem, lse_smem, delta_smem = scratch[2:6]
         q_ready, do_ready, lse_ready, delta_ready, free = barriers[2:]
+        plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
 
-        def load(step, slot):
-            g = lax.div(step, jnp.maximum(per_head, 1))
-            head = kv_head * plan.groups + g
-            rows = pl.ds((cta_first + step - g * per_head) * bq, bq)
+        def load(head, row0, slot):
+            rows = pl.ds(row0, bq)
             plgpu.copy_gmem_to_smem(plan.window("q", q_ref, batch, head, rows), q_smem.at[slot],
                                     q_ready.at[slot])
             plgpu.copy_gmem_to_smem(plan.window("o", do_ref, batch, head, rows), do_smem.at[slot],
@@ -401,7 +526,22 @@ def _dkv_kernel(plan: _Plan, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk
             plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem.at[slot], lse_ready.at[slot])
             plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem.at[slot],
                                     delta_ready.at[slot])
-        _stream(plan, plan.groups * per_head, load, free)
+
+        base = 0
+        for g in range(plan.groups):  # the consumers' order: head by head
+            count, q_tile, _ = walk(g)
+
+            @pl.loop(0, count)
+            def _(i, g=g, base=base, q_tile=q_tile):
+                slot = lax.rem(base + i, plan.stages)
+                # a slot is refilled once both consumers released its previous step
+                pl.when(base + i >= plan.stages)(lambda: plgpu.barrier_wait(free.at[slot]))
+                load(kv_head * plan.groups + g, q_tile(i) * bq, slot)
+            base = base + count
+
+        @pl.loop(jnp.maximum(base - plan.stages, 0), base)  # observe the last releases too
+        def _(step):
+            plgpu.barrier_wait(free.at[lax.rem(step, plan.stages)])
 
     _run_roles(scratch, barriers, consumer, producer)
 
@@ -434,33 +574,64 @@ def mosaic_attention_backward(
     q: jax.Array, k: jax.Array, v: jax.Array, o: jax.Array, lse: jax.Array, do: jax.Array, *,
     scale: float, causal: bool, v_layout: str = "BHSD", q_layout: str = "BHSD",
     k_layout: str = "BHSD", o_layout: str = "BHSD", blocks: MosaicBwdBlocks | None = None,
-    interpret: bool = False,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(dq, dk, dv) of `attention_reference` at (q, k, v) for the cotangent ``do``, from the
-    forward's residuals: o (``o_layout``, as is ``do``) and lse [B,H,Sq] float32 (natural log).
-    Gradients in their operands' layouts and dtypes; ValueError outside the contract (module
-    docstring). ``interpret``: run jax's Mosaic GPU interpreter instead of compiling."""
+    interpret: bool = False, bias: jax.Array | None = None, mask: jax.Array | None = None,
+    kv_lengths: jax.Array | None = None, window: int | None = None, softcap: float = 0.0,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+    """(dq, dk, dv, dbias) of `attention_reference` at (q, k, v, bias) for the cotangent ``do``,
+    from the forward's residuals: o (``o_layout``, as is ``do``) and lse [B,H,Sq] float32
+    (natural log). Gradients in their operands' layouts and dtypes; dbias (None without a bias)
+    in the bias's shape and dtype, summed over its broadcast axes. ValueError outside the
+    contract (module docstring). ``interpret``: run jax's Mosaic GPU interpreter instead of
+    compiling.
+
+    Score modifications as `mosaic_attention` takes them: ``softcap``, an additive ``bias``
+    (broadcastable to [B,H,Sq,Sk]), hidden positions from a boolean ``mask`` (True keeps),
+    ``kv_lengths`` (int32 [B]) and ``window`` (keys i - window < j <= i). Hidden positions get
+    no weight and no gradient; a row with no visible score (lse -inf, or the 0 flash_attention's
+    guard gives a row that keeps no key) gets none either."""
     layouts = dict(q_layout=q_layout, k_layout=k_layout, o_layout=o_layout)
-    reason = mosaic_backward_unsupported(q, k, v, v_layout=v_layout, blocks=blocks, **layouts)
+    reason = mosaic_backward_unsupported(q, k, v, v_layout=v_layout, blocks=blocks, bias=bias,
+                                         softcap=float(softcap), **layouts)
     if reason is not None:
         raise ValueError(f"the Mosaic GPU attention backward cannot run this call: {reason}; "
                          "use the Triton backward (flash_attention(..., backward='pallas')).")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be a positive int (keys i - window < j <= i), got {window!r}")
     b, h, hkv, sq, sk, d, _ = check_shapes(q, k, v, v_layout, q_layout=q_layout, k_layout=k_layout)
     if lse.shape != (b, h, sq) or o.shape != q.shape or do.shape != q.shape:
         raise ValueError(f"lse must be [B,H,Sq] = {(b, h, sq)} and o, dO shaped as q {q.shape}; got "
                          f"lse {lse.shape}, o {o.shape}, dO {do.shape}")
+    if kv_lengths is not None:
+        if jnp.shape(kv_lengths) != (b,) or not jnp.issubdtype(jnp.result_type(kv_lengths), jnp.integer):
+            raise ValueError(f"kv_lengths must be an integer array of shape [B] = ({b},), got "
+                             f"{jnp.shape(kv_lengths)} {jnp.result_type(kv_lengths)}")
+        kv_lengths = jnp.asarray(kv_lengths, jnp.int32)
+    blocks = blocks or MosaicBwdBlocks()
+    wgs = COMPUTE_WARPGROUPS
+    extra = prepare_backward(b=b, h=h, sq=sq, sk=sk, causal=bool(causal), block_q=blocks.block_q,
+                             block_kv=blocks.block_kv, cta_rows=wgs * blocks.block_q,
+                             cta_keys=wgs * blocks.block_kv, bias=bias,
+                             mask4=None if mask is None else mask_4d(mask, (b, h, sq, sk)),
+                             kv_lengths=kv_lengths, window=window, softcap=float(softcap))
     plan = _Plan(b, h, hkv, sq, sk, d, jnp.dtype(q.dtype), float(scale), bool(causal),
-                 (q_layout, k_layout, v_layout, o_layout), blocks or MosaicBwdBlocks(), bool(interpret))
-    # delta = rowsum(o ⊙ dO), [B,H,Sq] like lse whatever o's layout; lse in log2 units
+                 (q_layout, k_layout, v_layout, o_layout), blocks, bool(interpret), extra.mods)
+    # delta = rowsum(o ⊙ dO), [B,H,Sq] like lse whatever o's layout; lse in log2 units, a row
+    # with no visible score at 0 (its scores are all -inf: P = 0, not NaN)
     delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=o_layout.index("D"))
     rest = o_layout.replace("D", "")
     delta = jnp.transpose(delta, [rest.index(a) for a in "BHS"])
-    operands = (q, k, v, do.astype(q.dtype), lse.astype(jnp.float32) * LOG2E, delta)
-    wgs = COMPUTE_WARPGROUPS
-    dq = _launch(plan, _dq_kernel, (h, sq // (wgs * plan.blocks.block_q), b),
-                 ("heads", "q_tiles", "batch"), jax.ShapeDtypeStruct(q.shape, q.dtype), operands)
-    dk, dv = _launch(plan, _dkv_kernel, (hkv, sk // (wgs * plan.blocks.block_kv), b),
+    lse2 = lse.astype(jnp.float32) * LOG2E
+    if plan.mods.any:
+        lse2 = jnp.where(lse2 == -jnp.inf, 0.0, lse2)
+    operands = (q, k, v, do.astype(q.dtype), lse2, delta)
+    dq_out = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    if plan.has_bias:  # dS on every tile the dQ kernel visits: the bias gradient
+        dq_out.append(jax.ShapeDtypeStruct((b, h, sq, sk), jnp.float32))
+    dq_outs = _launch(plan, _dq_kernel, (h, sq // (wgs * blocks.block_q), b),
+                      ("heads", "q_tiles", "batch"), tuple(dq_out), (*operands, *extra.dq))
+    dk, dv = _launch(plan, _dkv_kernel, (hkv, sk // (wgs * blocks.block_kv), b),
                      ("heads", "kv_tiles", "batch"),
                      (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
-                     operands)
-    return dq, dk, dv
+                     (*operands, *extra.dkv))
+    dbias = bias_gradient(dq_outs[1], extra.keep, bias) if plan.has_bias else None
+    return dq_outs[0], dk, dv, dbias

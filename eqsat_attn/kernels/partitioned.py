@@ -176,16 +176,43 @@ def attention_factors(q_layout: str, k_layout: str, v_layout: str, o_layout: str
     return (q, k, v), o
 
 
-def shard_attention(kernel: Callable[[Any, Any, Any], Any], q: Any, k: Any, v: Any, *, q_layout: str,
-                    k_layout: str, v_layout: str, o_layout: str) -> Any:
-    """``kernel(q, k, v)`` split over batch and heads under a device mesh (this module's doc).
+def mask_factors(shape: Sequence[int], name: str) -> Factors:
+    """Factor names of a mask or bias operand broadcastable to [B, H, Sq, Sk] (numpy's rules:
+    its axes are the last ones): split with the batch and query heads where it has them, whole
+    along the sequences, and a unit (broadcast) axis its own factor, never split."""
+    if len(shape) > 4:
+        raise ValueError(f"a mask or bias broadcastable to [B, H, Sq, Sk] has at most 4 axes, got shape {tuple(shape)}")
+    logical = ("B", "H", "Sq", "Sk")[4 - len(shape):]
+    names = {"B": BATCH, "H": HEADS, "Sq": "sq", "Sk": "sk"}
+    return tuple(f"{name}{i}" if n == 1 else names[a] for i, (a, n) in enumerate(zip(logical, shape)))
 
-    On one device (``jax.device_count() == 1``) it is ``kernel(q, k, v)`` itself."""
+
+def _full_batch_and_heads(mask: Any, batch: int, heads: int) -> Any:
+    """A bias broadcast along the batch or heads made full along them (a boolean mask as it is):
+    each shard's gradient of a broadcast bias is a partial sum, so the broadcast stays outside the
+    partitioned call, where XLA sums its transpose across shards."""
+    if not jax.numpy.issubdtype(mask.dtype, jax.numpy.inexact):
+        return mask
+    shape = (1,) * (4 - mask.ndim) + tuple(mask.shape)
+    full = (batch, heads) + shape[2:]
+    return mask if shape == full and mask.ndim == 4 else jax.numpy.broadcast_to(mask.reshape(shape), full)
+
+
+def shard_attention(kernel: Callable[..., Any], q: Any, k: Any, v: Any, *masks: Any, q_layout: str,
+                    k_layout: str, v_layout: str, o_layout: str) -> Any:
+    """``kernel(q, k, v, *masks)`` split over batch and heads under a device mesh (this module's
+    doc); ``masks``: a bias and/or a boolean mask, each broadcastable to [B, H, Sq, Sk], split
+    with the batch and heads too (`mask_factors`).
+
+    On one device (``jax.device_count() == 1``) it is ``kernel(q, k, v, *masks)`` itself."""
     if jax.device_count() == 1:
-        return kernel(q, k, v)
+        return kernel(q, k, v, *masks)
     grouped = q.shape[q_layout.index("H")] != k.shape[k_layout.index("H")]
+    batch_heads = (q.shape[q_layout.index("B")], q.shape[q_layout.index("H")])
+    masks = tuple(_full_batch_and_heads(m, *batch_heads) for m in masks)
     operands, out = attention_factors(q_layout, k_layout, v_layout, o_layout, grouped)
-    return _with_partitioned_vjp(kernel, operands, out)(q, k, v)
+    operands += tuple(mask_factors(m.shape, f"m{i}_") for i, m in enumerate(masks))
+    return _with_partitioned_vjp(kernel, operands, out)(q, k, v, *masks)
 
 
 def shard_packed_attention(kernel: Callable[[Any], Any], qkv: Any, *, packed_layout: str, o_layout: str) -> Any:
@@ -200,15 +227,11 @@ def shard_packed_attention(kernel: Callable[[Any], Any], qkv: Any, *, packed_lay
 
 def _with_partitioned_vjp(kernel: Callable[..., Any], operands: tuple[Factors, ...], out: Factors) -> Callable:
     """``kernel`` as a custom_vjp whose forward and backward both run through `partitioned_call`
-    (the backward recomputes the forward per shard and takes the kernel's own vjp there)."""
+    (the backward recomputes the forward per shard and takes the kernel's own vjp there, with
+    respect to its floating operands: a boolean mask has no cotangent)."""
 
     def forward(*xs):
         return partitioned_call(lambda *a: (kernel(*a),), xs, operands, (out,))[0]
-
-    def backward_shard(*a):
-        *xs, g = a
-        _, vjp = jax.vjp(kernel, *xs)
-        return tuple(vjp(g))
 
     @jax.custom_vjp
     def run(*xs):
@@ -218,7 +241,23 @@ def _with_partitioned_vjp(kernel: Callable[..., Any], operands: tuple[Factors, .
         return forward(*xs), xs
 
     def run_bwd(xs, g):
-        return tuple(partitioned_call(backward_shard, (*xs, g), (*operands, out), operands))
+        floating = [i for i, x in enumerate(xs) if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)]
+
+        def backward_shard(*a):
+            *ys, g = a
+
+            def of_floating(*zs):
+                full = list(ys)
+                for i, z in zip(floating, zs):
+                    full[i] = z
+                return kernel(*full)
+
+            _, vjp = jax.vjp(of_floating, *(ys[i] for i in floating))
+            return tuple(vjp(g))
+
+        cotangents = partitioned_call(backward_shard, (*xs, g), (*operands, out), [operands[i] for i in floating])
+        by_index = dict(zip(floating, cotangents))
+        return tuple(by_index.get(i) for i in range(len(xs)))
 
     run.defvjp(run_fwd, run_bwd)
     return run

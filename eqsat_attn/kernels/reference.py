@@ -9,6 +9,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 #: Score given to masked-out (mask=False or causal) positions. Finite, so a fully masked row
@@ -135,6 +136,9 @@ def attention_reference(
     Query head h reads kv head h // (H // Hkv). Scores and softmax are float32; `bias` is
     additive and `mask` boolean (True = keep), both broadcastable to [B,H,Sq,Sk] (logical order,
     whatever the operand layouts). Plain JAX: layouts are einsum subscripts, no explicit copies.
+    float32 operands are multiplied at ``Precision.HIGHEST`` (as the Pallas kernels do): at least
+    as precise as the program raised, whatever precision its matmuls asked for (a GPU's default
+    float32 matmul is TF32).
     """
     check_layout("o_layout", o_layout)
     if compute_dtype is not None:
@@ -145,7 +149,8 @@ def attention_reference(
     qg = q.reshape(q.shape[:hq] + (hkv, g) + q.shape[hq + 1:])
     q_sub = _subscripts(q_layout, {"B": "b", "H": "kg", "S": "q", "D": "d"})
     k_sub = _subscripts(k_layout, {"B": "b", "H": "k", "S": "s", "D": "d"})
-    s = jnp.einsum(f"{q_sub},{k_sub}->bkgqs", qg, k, preferred_element_type=jnp.float32)
+    precision = lax.Precision.HIGHEST if jnp.float32 in (q.dtype, k.dtype, v.dtype) else None
+    s = jnp.einsum(f"{q_sub},{k_sub}->bkgqs", qg, k, precision=precision, preferred_element_type=jnp.float32)
     s = s.reshape(b, h, sq, sk) * jnp.float32(scale)
     if softcap:
         s = jnp.float32(softcap) * jnp.tanh(s / jnp.float32(softcap))
@@ -162,5 +167,6 @@ def attention_reference(
     p = jax.nn.softmax(s, axis=-1).reshape(b, hkv, g, sq, sk)
     v_sub = _subscripts(v_layout, {"B": "b", "H": "k", "S": "s", "D": "e"})
     o_sub = _subscripts(o_layout, {"B": "b", "H": "kg", "S": "q", "D": "e"})
-    o = jnp.einsum(f"bkgqs,{v_sub}->{o_sub}", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    o = jnp.einsum(f"bkgqs,{v_sub}->{o_sub}", p.astype(v.dtype), v, precision=precision,
+                   preferred_element_type=jnp.float32)
     return o.reshape(layout_shape(o_layout, {"B": b, "H": h, "S": sq, "D": dv})).astype(q.dtype)
