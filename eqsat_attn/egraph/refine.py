@@ -16,14 +16,15 @@ cheaper by itself than greedy's pick, by at least `MIN_GAP` of the program's cos
 neighbourhood (each such class, and the classes of the DAGs of its pick and of those cheaper
 members, examined the same way in turn, plus the DAGs of members tied with a free class's
 pick: `contested_neighbourhood`) is solved exactly (`ilp.solve`) with every other class fixed
-to greedy's pick; the
+to greedy's pick, and the solution then improved one class at a time (`swap_improve`); the
 cheaper program of the two under the model is kept (greedy's on a tie). Without a contested
 class the result is greedy's program, for the cost of reading and pricing the e-graph.
 
 Bounded by work, not time: no refinement past `ilp.MAX_ENODES` candidate e-nodes (or an e-graph
 of more than `MAX_SERIALIZED` rows, never serialized), and at most `MAX_MIP_NODES`
-branch-and-bound nodes (HiGHS single-threaded, fixed seed: the same program on any machine); the
-ILP's clock (`ilp.TIME_LIMIT_S`) is only a safety net, which warns.
+branch-and-bound nodes (HiGHS single-threaded, fixed seed: the same program on any machine) and
+`MAX_SWAP_SWEEPS` passes of swaps; the ILP's clock (`ilp.TIME_LIMIT_S`) is only a safety net,
+which warns.
 """
 
 from __future__ import annotations
