@@ -320,7 +320,7 @@ H200 = DeviceSpec(
 # (62 programs each: the projected attention block at prefill S256 and S512 and a decode step
 # against a 1024-token cache, each as the e-graph's variants and as hand-written equivalents that
 # span 24-40x; least squares of log(predicted / measured), workloads weighted alike), and checked
-# on 11 runs not used in the fit (bench/results/cost-model-cpu-2026-12-07.md: Spearman 0.901-0.960
+# on 13 runs not used in the fit (bench/results/cost-model-cpu-2026-12-07.md: Spearman 0.901-0.960
 # pooled).
 # - bandwidth 49 GB/s (the working sets, 0.25-34 MB, sit in the 480 MiB L3); matmul_efficiency 0.64
 #   (107 GFLOP/s); attention (the reference's two batched per-head GEMMs) 0.60 of peak; split heads
