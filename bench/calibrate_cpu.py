@@ -1,7 +1,10 @@
 """Fit the CPU roofline's constants to measured programs (the procedure behind devices.CPU).
 
-    python bench/cost_model_experiment.py --cpu --rounds 61 --inner 3 --dump runA.pkl   # measure
+    python bench/cost_model_experiment.py --cpu --rounds 61 --inner 5 --dump runA.pkl   # measure
     python bench/calibrate_cpu.py runA.pkl [runB.pkl ...] [--check runC.pkl]           # fit, then check
+
+The dumps must be measured as the CPU row is meant: XLA:CPU single-threaded, timed by process CPU
+time (the experiment's defaults; `--multi-thread` or `--clock wall` measure something else).
 
 Reads the programs and median times of one or more ``--dump`` files and fits the free constants
 of the CPU `DeviceSpec` (bandwidth, launch overhead, matmul and attention efficiency, the
@@ -43,7 +46,7 @@ PARAMETERS = {
     # launch cost (anything from 0 to 10 us fitted alike on 2026-12-06) and would drift to 0
     "launch_overhead": (1e-6, 1e-3),
     "matmul_efficiency": (1e-3, 1.0),
-    "attention": (1e-3, 1.0),  # every attention_efficiency entry (the CPU runs one attention: XLA's einsums)
+    "attention": (1e-3, 1.0),  # every attention_efficiency entry: the reference's two batched per-head GEMMs
     "split_heads_attention_efficiency": (1e-3, 1.0),
     "transpose_bandwidth_fraction": (1e-3, 1.0),
     "copy_bandwidth_fraction": (1e-3, 1.0),

@@ -20,11 +20,16 @@ block: prefill (S256), long prefill (S512) and decode (one new token's query aga
 cache); for each, the variants above, the captured (unfused) program, and the captured programs
 of hand-written equivalents that really differ in work and data movement
 (`cpu_formulations.py`). --dump keeps programs and timings; --refit DUMP prices them again under
-today's model without measuring (bench/calibrate_cpu.py fits the CPU row from such dumps). Programs are timed in
-interleaved rounds (every round visits every program of a workload in a fresh random order, each
-timed as the mean of --inner calls after warm-up), and a program's time is the median over
-rounds; the spread is the interquartile range over rounds relative to the median. Spearman is
-reported pooled and per workload (equivalent programs are only compared within one workload).
+today's model without measuring (bench/calibrate_cpu.py fits the CPU row from such dumps). XLA:CPU
+runs single-threaded (`SINGLE_THREAD_FLAGS`, set before jax is imported; --multi-thread leaves it
+alone), the setting the CPU row is calibrated for. Programs are timed in interleaved rounds (every
+round visits every program of a workload in a fresh random order, each run --inner times after
+warm-up); a round's time is its fastest run by the process's CPU time (--clock wall: by wall
+clock), and a program's time the median over rounds; the spread is the interquartile range over
+rounds relative to the median. On a shared machine CPU time does not count the waits for a core,
+and the minimum drops the runs that load disturbed (cache evictions): spreads of 4-20% at load 4,
+against 30-99% for the mean by wall clock of a multi-threaded XLA at load 8. Spearman is reported
+pooled and per workload (equivalent programs are only compared within one workload).
 
 --calibrate fits measured = sum over categories of coefficient x predicted seconds of the nodes
 in that category (matmul, attention per variant, memory-bound ops, transposes, launches),
@@ -255,11 +260,15 @@ def interleaved_runs(calls: list[tuple[Any, tuple]], rounds: int, inner: int, se
     return out
 
 
-def round_seconds(runs: list[list[tuple[float, float]]]) -> list[float]:
-    """A program's time in each round: the fastest of the round's runs (wall clock). Load only
-    ever adds time (a preempted thread, an evicted cache), so the minimum of a few back-to-back
-    runs is the run least disturbed; the median over rounds of these is the program's time."""
-    return [min(wall for wall, _ in r) for r in runs]
+def round_seconds(runs: list[list[tuple[float, float]]], clock: str = "cpu") -> list[float]:
+    """A program's time in each round: the fastest of the round's runs, by the process's CPU time
+    (``clock="cpu"``, every thread's; XLA:CPU runs independent thunks on a small thread pool, so
+    this is the work done, what a sum of node costs predicts) or by wall clock (``"wall"``).
+    CPU time does not count the time the process waits for a core another process holds; and load
+    only ever adds time (a preempted thread, an evicted cache), so the minimum of a few
+    back-to-back runs is the run least disturbed. The median over rounds is the program's time."""
+    k = {"wall": 0, "cpu": 1}[clock]
+    return [min(run[k] for run in r) for r in runs]
 
 
 def interleaved_seconds(calls: list[tuple[Any, tuple]], rounds: int, inner: int, seed: int = 0) -> list[list[float]]:
@@ -301,7 +310,7 @@ def cpu_measure(ns: argparse.Namespace, model: RooflineModel) -> list[dict[str, 
         runs = interleaved_runs(calls, ns.rounds, ns.inner)
         for (label, prog, flat), (call, _), r in zip(named, calls, runs):
             out = np.asarray(call(*flat)[0], dtype=np.float32)
-            t = round_seconds(r)
+            t = round_seconds(r, ns.clock)
             rows.append({"workload": name, "label": label, "measured": statistics.median(t), "times": t, "runs": r,
                          "spread": spread(t), "iqr": quartiles(t), "err": float(np.max(np.abs(out - reference))),
                          "program": prog})
@@ -331,7 +340,8 @@ def cpu_name() -> str:
 def measure_of(meta: dict[str, Any]) -> str:
     """What a round's time is, as the page says it (dumps before 2026-12-07 kept the mean)."""
     if meta.get("statistic") == "min":
-        return "the fastest of the round's runs"
+        clock = "process CPU time" if meta.get("clock") == "cpu" else "wall clock"
+        return f"the fastest of the round's runs by {clock}"
     return "the mean of the round's runs"
 
 
@@ -352,8 +362,9 @@ def cpu_main(ns: argparse.Namespace, command: str) -> int:
         meta = {"device": f"{cpu_name()}, {os.cpu_count()} cores (`lscpu` model name; jax {jax.devices()[0].platform}), "
                           f"jax {jax.__version__}, Python {platform.python_version()}",
                 "date": time.strftime("%Y-%m-%d %H:%M"), "command": command.strip(), "rounds": ns.rounds,
-                "inner": ns.inner, "load": load_begin, "load_end": load_end, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                "statistic": "min"}
+                "inner": ns.inner, "load": load_begin, "load_end": load_end,
+                "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                "statistic": "min", "clock": ns.clock}
         if ns.dump:  # the programs and their timings, to price them again without measuring (--refit)
             ns.dump.write_bytes(pickle.dumps({"rows": rows, "meta": meta}))
     price(rows, model)
@@ -415,6 +426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--inner", type=int, default=5, help="--cpu: runs per program per round")
     parser.add_argument("--multi-thread", action="store_true",
                         help="--cpu: leave XLA:CPU multi-threaded (default: one thread, SINGLE_THREAD_FLAGS)")
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                        help="--cpu: time runs by the process's CPU time (default) or by wall clock")
     parser.add_argument("--dump", type=pathlib.Path, default=None, help="--cpu: pickle the programs and timings here")
     parser.add_argument("--refit", type=pathlib.Path, default=None,
                         help="--cpu: price the programs of an earlier --dump under today's model (no measuring)")

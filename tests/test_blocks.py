@@ -230,7 +230,10 @@ def test_prepared_egraphs_are_reverted_between_runs() -> None:
     again = optimize_program(program)
     assert canonical(again.program) == canonical(first.program)
     assert again.egraph_nodes == first.egraph_nodes and again.rules_fired == first.rules_fired
-    assert again.program.count("attention") == 1
+    # attention raised once (the CPU row takes the merged Q/K/V projection with packed attention:
+    # one GEMM, two launches fewer; the unmerged pick measured alike at this size)
+    assert again.program.count("attention") + again.program.count("packed_attention") == 1
+    assert again.cost_after < again.cost_before
 
 
 def test_flax_layers_are_reused_with_the_whole_program_choice() -> None:

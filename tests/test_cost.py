@@ -336,7 +336,12 @@ def test_dot_orientation_only_breaks_ties(device):
 def test_built_in_block_keeps_its_matmuls_row_major():
     """Equal-cost orientations resolve to row-major GEMMs: the built-in block's MLP stays
     [B, S, hidden] (weight-first measured 0.88x of the original on CPU,
-    bench/results/rule-ablation-cpu-2026-11-26-before.md)."""
+    bench/results/rule-ablation-cpu-2026-11-26-before.md), and so do the Q and output
+    projections. K's and V's are not equal-cost cases on the CPU: XLA:CPU copies the reference
+    attention's K and V into its GEMMs' forms, merged with the transpose that laid them out
+    (roofline `_gemm_form_seconds`), and prices a K or V read with S minor as laid out by such a
+    transpose, which a weight-first projection writes without one (the model's assumption,
+    bench/results/cost-model-cpu-2026-12-07.md); if one is chosen, it is read so."""
     import eqsat_attn as ea
     from eqsat_attn import examples
 
@@ -344,7 +349,15 @@ def test_built_in_block_keeps_its_matmuls_row_major():
     after = ea.optimize(fn, cost_model=for_device("cpu")).explain(*args).after
     dots = [after.nodes[i] for i in after.live_nodes() if after.nodes[i].op == "dot_general"]
     assert len(dots) == 6  # Q, K, V and output projections, two MLP matmuls
-    for node in dots:
+
+    def row_major(node) -> bool:
         a = after.type_of(node.inputs[0])
-        assert tuple(node["lhs_contract"]) == tuple(range(a.rank - len(node["lhs_contract"]), a.rank)), node
-        assert tuple(node["rhs_contract"]) == (0,), node
+        return (tuple(node["lhs_contract"]) == tuple(range(a.rank - len(node["lhs_contract"]), a.rank))
+                and tuple(node["rhs_contract"]) == (0,))
+
+    mlp = [n for n in dots if 512 in after.type_of(n.inputs[1]).shape]
+    assert len(mlp) == 2 and all(row_major(n) for n in mlp), mlp
+    weight_first = [n for n in dots if not row_major(n)]
+    (attention,) = [after.nodes[i] for i in after.live_nodes() if after.nodes[i].op == "attention"]
+    s_minor = [name for name in "kv" if attention[f"{name}_layout"].endswith("S")]
+    assert len(weight_first) <= len(s_minor), (weight_first, attention)

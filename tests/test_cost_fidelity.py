@@ -16,7 +16,7 @@ from eqsat_attn import examples, ir
 from eqsat_attn.capture import capture
 from eqsat_attn.cost import RooflineModel, for_device, program_cost
 from eqsat_attn.cost.model import OpView
-from eqsat_attn.cost.roofline import BITCAST_TIE_BREAK, dot_ready, moves_only_unit_axes
+from eqsat_attn.cost.roofline import BITCAST_TIE_BREAK, dot_ready, gemm_copy_keeps_minor, moves_only_unit_axes
 from eqsat_attn.kernels.decode_attention import DECODE_MIN_KEYS
 from eqsat_attn.lower import lower
 
@@ -193,26 +193,82 @@ def test_dot_ready_takes_batch_major_operands_with_one_contracting_block_at_eith
 
 
 def test_cpu_prices_the_relayout_of_a_cache_read_as_stored():
-    """A decode step's scores from a K cache stored [B, S, H, D]: XLA:CPU copies the cache into
-    [B, H, S, D] before its GEMM (measured: such programs run with the explicitly transposed ones),
-    so the CPU model charges that copy; the GPU models do not (cuBLAS takes strided batches)."""
+    """A decode step's scores from a K cache stored [B, S, H, D] as a dot's rhs: XLA:CPU copies the
+    cache into the GEMM's rhs form [B, H, D, S] (HLO; D leaves minor: a transpose), so the CPU
+    model charges that transpose; the GPU models do not (cuBLAS takes strided batches). The same
+    cache as P.V's rhs ([B, H, S, D], D stays minor) is a copy at the copy rate."""
     t = lambda shape: ir.TensorType(shape, "float32")  # noqa: E731
     dims = dict(lhs_contract=(3,), rhs_contract=(3,), lhs_batch=(0, 1), preferred_element_type=None)
     q = t((4, 8, 1, 32))
     stored = OpView("dot_general", {**dims, "rhs_batch": (0, 2)}, (q, t((4, 1024, 8, 32))), t((4, 8, 1, 1024)))
     moved = OpView("dot_general", {**dims, "rhs_batch": (0, 1)}, (q, t((4, 8, 1024, 32))), t((4, 8, 1, 1024)))
     cpu = for_device("cpu")
-    copy = 2 * 4 * 1024 * 8 * 32 * 4 / (cpu.device.bandwidth * cpu.device.copy_bandwidth_fraction)
-    assert cpu.breakdown(stored).seconds - cpu.breakdown(moved).seconds == pytest.approx(
-        copy + cpu.device.launch_overhead, rel=1e-6)
+    cache = 2 * 4 * 1024 * 8 * 32 * 4 / cpu.device.bandwidth
+    transpose = cache / cpu.device.transpose_bandwidth_fraction + cpu.device.launch_overhead
+    copy = cache / cpu.device.copy_bandwidth_fraction + cpu.device.launch_overhead
+    assert transpose > copy
+    assert cpu.breakdown(stored).seconds - cpu.breakdown(moved).seconds == pytest.approx(transpose, rel=1e-6)
+    p = t((4, 8, 1, 1024))
+    pv = dict(lhs_contract=(3,), rhs_contract=(1,), lhs_batch=(0, 1), rhs_batch=(0, 2), preferred_element_type=None)
+    pv_moved = {**pv, "rhs_contract": (2,), "rhs_batch": (0, 1)}
+    pv_stored = cpu.breakdown(OpView("dot_general", pv, (p, t((4, 1024, 8, 32))), q)).seconds
+    pv_in_place = cpu.breakdown(OpView("dot_general", pv_moved, (p, t((4, 8, 1024, 32))), q)).seconds
+    assert pv_stored - pv_in_place == pytest.approx(copy, abs=2e-9)  # 1 ns: the orientation tie-break
     h100 = for_device("h100")
     assert h100.breakdown(stored).seconds == pytest.approx(h100.breakdown(moved).seconds, rel=1e-6)
-    # the reference attention reading the same cache as K [B, S, H, D] pays the same copy
+    # the reference attention reading the same cache as K [B, S, H, D] pays one copy more than
+    # reading it [B, H, S, D] (either way XLA:CPU copies K into [B, H, D, S], q.Kᵀ's rhs: HLO; the
+    # transpose that laid K out [B, H, S, D] is that copy, so that layout pays only the difference)
     att = lambda kl: OpView("attention", dict(q_layout="BHSD", k_layout=kl, v_layout="BHSD", o_layout="BHSD",  # noqa: E731
                                               scale=0.2, causal=False, mask_kind="none"),
                             (q, t((4, 1024, 8, 32)) if kl == "BSHD" else t((4, 8, 1024, 32)), t((4, 8, 1024, 32))), q)
-    assert cpu.breakdown(att("BSHD")).extra_s - cpu.breakdown(att("BHSD")).extra_s == pytest.approx(
-        copy + cpu.device.launch_overhead, rel=1e-6)
+    relaid = cpu.breakdown(att("BSHD")).extra_s - cpu.breakdown(att("BHSD")).extra_s
+    assert relaid == pytest.approx(copy, rel=1e-9)
+
+
+@pytest.mark.parametrize("q_layout", ["BHSD", "BSHD"])
+@pytest.mark.parametrize("operand", ["k", "v"])
+@pytest.mark.parametrize("layout", ["BHSD", "BHDS", "BSHD", "HDBS"])
+def test_cpu_reference_attention_operand_copy_composes_with_its_transpose(q_layout, operand, layout):
+    """XLA:CPU copies the reference attention's K and V into their GEMM forms (K [B, H, D, S] when
+    q has H before S, else [B, H, S, D]; V [B, H, S, D]) and folds the transpose that laid the
+    operand out into that copy: a transpose from the projection's [B, S, H, D] to a layout with B
+    then H major, then the attention, costs what the attention reading [B, S, H, D] costs. A
+    layout without (a weight-first projection's [H, D, B, S]) is copied as it is: a transpose, as
+    its minor axis is S, into a form with D minor."""
+    b, s, h, d = 2, 256, 4, 32
+    length = dict(B=b, S=s, H=h, D=d)
+    t = lambda lay: ir.TensorType(tuple(length[c] for c in lay), "float32")  # noqa: E731
+    q_type = t(q_layout)
+
+    def attention(lay: str) -> OpView:
+        layouts = {"k_layout": "BHSD", "v_layout": "BHSD", f"{operand}_layout": lay}
+        kv = {name: t(layouts[f"{name}_layout"]) for name in "kv"}
+        return OpView("attention", dict(q_layout=q_layout, o_layout="BHSD", scale=0.2, causal=False, mask_kind="none",
+                                        **layouts), (q_type, kv["k"], kv["v"]), t("BHSD"))
+
+    cpu = for_device("cpu")
+    if layout == "HDBS":
+        form = "BHDS" if operand == "k" and q_layout == "BHSD" else "BHSD"
+        moved = 2 * b * s * h * d * 4 / cpu.device.bandwidth
+        fraction = cpu.device.copy_bandwidth_fraction if form == "BHDS" else cpu.device.transpose_bandwidth_fraction
+        copied = cpu.node_cost(attention(layout)) - cpu.node_cost(attention(form))
+        assert copied == pytest.approx(moved / fraction + cpu.device.launch_overhead, rel=1e-9)
+        return
+    perm = tuple("BSHD".index(c) for c in layout)
+    transpose = OpView("transpose", {"perm": perm}, (t("BSHD"),), t(layout))
+    laid_out = cpu.node_cost(transpose) if perm != (0, 1, 2, 3) else 0.0
+    assert laid_out + cpu.node_cost(attention(layout)) == pytest.approx(cpu.node_cost(attention("BSHD")), rel=1e-9)
+    h100 = for_device("h100")  # a GPU kernel reads its operands through strides: no such copies
+    assert h100.breakdown(attention("BHSD")).extra_s == 0.0
+
+
+def test_gemm_copy_keeps_minor_follows_the_canonical_gemm_forms():
+    assert not gemm_copy_keeps_minor((4, 1024, 8, 32), (0, 2), (3,), rhs=True)  # K as rhs -> [B, H, D, S]
+    assert gemm_copy_keeps_minor((4, 1024, 8, 32), (0, 2), (3,), rhs=False)  # K as lhs -> [B, H, S, D]
+    assert gemm_copy_keeps_minor((4, 1024, 8, 32), (0, 2), (1,), rhs=True)  # V as rhs -> [B, H, S, D]
+    assert not gemm_copy_keeps_minor((4, 1024, 8, 32), (0, 2), (1,), rhs=False)  # V as lhs -> [B, H, D, S]
+    assert gemm_copy_keeps_minor((1, 1, 1), (), (0,), rhs=True)  # all length 1: nothing moves
 
 
 @pytest.mark.parametrize("kind", ["prefill", "decode"])
@@ -264,12 +320,67 @@ def test_calibrate_cpu_recovers_constants_that_produced_the_times():
     assert cal.loss(rows, fitted) < 0.1 * cal.loss(rows, base)
 
 
+def _softmax_forms(b: int, h: int, s: int):
+    """A scaled softmax over [B, H, S, S] scores, captured as jax.nn.softmax writes it (its nodes
+    one by one) and as the rules raise it (one `softmax` node), and the attention that holds it."""
+    rng = np.random.default_rng(5)
+    scores = jnp.asarray(_extreme(rng, (b, h, s, s)))
+    explicit = capture(lambda x: jax.nn.softmax(x, axis=-1), scores).program
+    t = ir.TensorType((b, h, s, s), "float32")
+    return explicit, OpView("softmax", {}, (t,), t)
+
+
+def test_cpu_prices_a_softmax_node_as_its_passes_written_out():
+    """On the CPU a `softmax` node costs what jax.nn.softmax's own nodes cost (XLA runs the same
+    passes; their row broadcasts fuse), so neither form wins extraction by how it is written;
+    the H100 row keeps pricing broadcasts as writes (GPU rows unchanged)."""
+    explicit, node = _softmax_forms(2, 4, 64)
+    cpu, h100 = for_device("cpu"), for_device("h100")
+    assert program_cost(explicit, cpu) == pytest.approx(cpu.node_cost(node), rel=1e-9)
+    assert cpu.node_cost(node) > 0
+    assert any(n.op == "broadcast_in_dim" for n in explicit.nodes)
+    row = ir.TensorType((2, 4, 64, 1), "float32")
+    full = ir.TensorType((2, 4, 64, 64), "float32")
+    broadcast = OpView("broadcast_in_dim", {"shape": full.shape, "broadcast_dimensions": (0, 1, 2, 3)}, (row,), full)
+    assert cpu.node_cost(broadcast) == 0.0 and h100.node_cost(broadcast) > 0.0
+
+
+def test_cpu_reference_attention_pays_the_softmax_passes_over_its_scores():
+    """The CPU's attention (XLA's einsums) costs its GEMMs plus the scale and softmax passes over
+    the [B, H, Sq, Sk] scores (and, q having H before S, K's copy on to [B, H, D, S]): doubling the
+    keys doubles the passes; a GPU kernel keeps them on chip."""
+    cpu = for_device("cpu")
+    short, long = (2, 4, 64, 32), (2, 4, 128, 32)
+    base = cpu.breakdown(_attention(short, short, "float32"))
+    longer = cpu.breakdown(_attention(short, long, "float32"))
+    passes = cpu.softmax_passes_seconds(ir.TensorType((2, 4, 1, 64, 64), "float32"), scaled=True)
+
+    def k_relaid(kv: tuple) -> float:  # K [B, H, S, D] goes on to [B, H, D, S]: a transpose, not a copy
+        moved = 2 * math.prod(kv) * 4 / cpu.device.bandwidth
+        return moved / cpu.device.transpose_bandwidth_fraction - moved / cpu.device.copy_bandwidth_fraction
+
+    assert passes > 0 and base.extra_s == pytest.approx(passes + k_relaid(short), rel=1e-9)
+    long_passes = cpu.softmax_passes_seconds(ir.TensorType((2, 4, 1, 64, 128), "float32"), scaled=True)
+    assert longer.extra_s == pytest.approx(long_passes + k_relaid(long), rel=1e-9)
+    assert longer.extra_s > 1.5 * passes
+    h100 = for_device("h100")
+    assert h100.breakdown(_attention(short, short, "float32")).extra_s == 0.0
+
+
 # ------------------------------------------------------------------ the CPU benchmark's helpers
 def test_interleaved_timing_helpers():
     bench = load_bench("cost_model_experiment", "cost_model_experiment_for_fidelity")
     calls = [(jax.jit(lambda x: x + 1), (jnp.ones(4),)), (jax.jit(lambda x: x * 2), (jnp.ones(4),))]
     times = bench.interleaved_seconds(calls, rounds=4, inner=2)
     assert [len(t) for t in times] == [4, 4] and all(x > 0 for t in times for x in t)
+    runs = bench.interleaved_runs(calls, rounds=3, inner=2)
+    assert [[len(r) for r in per_call] for per_call in runs] == [[2, 2, 2], [2, 2, 2]]
+    # a round's time is its fastest run, by CPU time (index 1) or wall clock (index 0)
+    made = [[(3.0, 2.0), (1.0, 5.0)], [(2.0, 4.0), (6.0, 1.0)]]
+    assert bench.round_seconds(made, "wall") == [1.0, 2.0] and bench.round_seconds(made, "cpu") == [2.0, 1.0]
+    assert bench.single_threaded(["--cpu", "--rounds", "3"]) and not bench.single_threaded(["--cpu", "--multi-thread"])
+    assert not bench.single_threaded(["--cpu-smoke"])
+    assert "--xla_cpu_multi_thread_eigen=false" in bench.SINGLE_THREAD_FLAGS
     assert bench.spread([1.0, 1.0, 1.0, 1.0]) == 0.0 and bench.spread([1.0, 2.0, 3.0, 4.0]) > 0
     fn, args = bench.decode_example(batch=1, heads=2, seq=8, head_dim=4)
     assert fn(*args).shape == (1, 2, 1, 4)

@@ -362,16 +362,15 @@ def test_default_cpu_choice_follows_the_cost_table(kind):
       GPT-2's fused [E, 3E] projection stays one matmul, weight-first ([3E, B, S]), whose Q, K, V
       are slices along its major axis (contiguous: no copy), since XLA:CPU copies a column slice
       of the weight before a GEMM (a strided copy at the fitted copy bandwidth, devices.py); the
-      edge over weight slices is small (0.2% of the block), the table's call. Steered to (b),
-      Llama's extraction reads V as a slice of that weight-first fused matmul ([H, D, B, S]: Vᵀ
-      with no transpose, outside the taxonomy), since the reference attention reads K as
-      [B, H, D, S] in place on the CPU (a GEMM operand with its contracting axis first);
-    - among the variants, (a): every CPU attention row is 0.25 (no V-layout preference), so
-      transposed V only adds a transpose (b) or a matmul (c)."""
+      edge over weight slices is small (0.2% of the block), the table's call;
+    - among the variants, (a), by 0.01% over (b): the reference attention reads K as q·Kᵀ's rhs
+      [B, H, D, S] (HLO), which (b)'s extraction writes from a weight-first fused matmul with a
+      copy that keeps S minor, but XLA:CPU copies (b)'s Vᵀ back into [B, H, S, D], a transpose
+      (roofline `_gemm_form_seconds`); (c) pays a matmul more."""
     program = abstract_block(kind, dtype=jnp.float32, **SHAPE)
     model = for_device("cpu")
-    costs, chosen, _ = variant_costs(program, model, others=("b",) if kind == "llama" else ())
-    assert min(costs, key=costs.get) == "a", costs
+    costs, chosen, _ = variant_costs(program, model)
+    assert min(costs, key=costs.get) == "a" and costs["c"] > costs["b"], costs
     assert not [i for i in chosen.live_nodes() if chosen.nodes[i].op in ("attention", "packed_attention")], str(chosen)
     assert program_cost(chosen, model) < min(costs.values()), (costs, str(chosen))
     assert chosen.count("concatenate") == 0 and classify(chosen) == "other"
@@ -431,11 +430,9 @@ def test_bench_qkv_layouts_cpu_smoke(tmp_path):
     text = out.read_text()
     prefill, decode = text.split("## decode")  # both configurations, side by side in one run
     assert "## prefill" in prefill
-    # On the CPU model, steering the prefill block to (b) reads Vᵀ from a weight-first fused matmul
-    # in place (outside the taxonomy: see test_default_cpu_choice_follows_the_cost_table), and the
-    # report says so rather than mislabel it
-    b_prefill = "| (b) | other (variant not reached) |" if jax.default_backend() == "cpu" else "| (b) | b |"
-    assert b_prefill in prefill and "| (b) | b |" in decode
+    # every variant is reached (on the CPU model too: a Vᵀ slice of a weight-first fused matmul is
+    # copied into the reference attention's [B, H, S, D], not read in place, so (b) is (b))
+    assert "| (b) | b |" in prefill and "| (b) | b |" in decode
     for section in (prefill, decode):
         assert "| (a) | a |" in section and "| pick |" in section
         assert "values agree across programs: ok" in section and "pick was the fastest program: " in section

@@ -96,6 +96,33 @@ def test_fp8_block_is_improved_where_greedy_ties():
     assert found.graph is not None  # kept for explanations
 
 
+def test_swap_improve_trades_a_pick_for_one_that_spares_work_and_skips_cycles():
+    """`swap_improve` on a small extraction problem shaped like the CPU table's fp8 block: the
+    exact solve's program reads a dequantized operand (plain attention 10 + dequantize 3 +
+    quantize 5); fp8 attention (11, dearer by itself) reads a transpose of the quantized operand
+    (0.001), which the program does not compute yet: the swap takes it with the cheapest way to
+    add that transpose (not a second quantize), dropping the dequantize: 18 -> 16.001. A member
+    that would read its own reader back (a cycle, cost 0) is never taken."""
+    from types import SimpleNamespace
+
+    from eqsat_attn.egraph.ilp import Problem
+    from eqsat_attn.egraph.refine import cheapest_additions, swap_improve
+
+    cost = {"plain": 10.0, "fp8": 11.0, "deq": 3.0, "quant": 5.0, "back": 0.0, "tq": 0.001, "requant": 6.0,
+            "in": 0.0}
+    children = {"plain": ["d"], "fp8": ["t"], "deq": ["q"], "quant": ["x"], "back": ["d"], "tq": ["q"],
+                "requant": ["x"], "in": []}
+    alive = {"r": ["plain", "fp8"], "d": ["deq"], "q": ["quant", "back"], "t": ["requant", "tq"], "x": ["in"]}
+    problem = Problem(SimpleNamespace(root="r"), cost, children, alive)
+    start = {"r": "plain", "d": "deq", "q": "quant", "x": "in"}
+    assert problem.dag_cost(start) == 18.0
+    assert cheapest_additions(problem, set(start)) == {"t": "tq"}
+    better = swap_improve(problem, start)
+    assert better == {"r": "fp8", "t": "tq", "q": "quant", "x": "in"}
+    assert problem.dag_cost(better) == pytest.approx(16.001, rel=1e-12)
+    assert swap_improve(problem, better) == better  # nothing left to improve; deterministic
+
+
 def test_layout_explanation_reads_the_optimizers_egraph(monkeypatch):
     """The report's V-layout explanation runs after optimizing without saturating again."""
     import eqsat_attn.pipeline as pipeline

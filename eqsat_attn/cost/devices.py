@@ -100,6 +100,10 @@ class DeviceSpec:
     # not one block at either end, is copied into that form first (a dot_general's, and K's and
     # V's in the reference attention's einsums). Priced as a materialised transpose plus a launch.
     relayouts_dot_operands: bool = False
+    # Broadcasts are fused into their consumers and never written (XLA:CPU: an explicit softmax
+    # with its two row broadcasts measured as the same softmax without them). Off: only a scalar
+    # splat is free, any other broadcast is priced as writing its output (the GPU rows as fitted).
+    broadcasts_fuse: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "peak_flops", _frozen(self.peak_flops))
@@ -304,46 +308,57 @@ H200 = DeviceSpec(
     decode_bandwidth_fraction=_HOPPER_DECODE_FRACTION,
 )
 
-# CPU (the CI/dev machine: 2 cores). Peak: 2 cores x AVX2 with two 256-bit FMA units at ~3 GHz =
-# 2 x (2 x 8 lanes x 2 FLOP) x 3e9 = 192 GFLOP/s f32 (spec arithmetic); XLA:CPU runs bf16/f16
-# dots by converting to f32 (same peak; measured: a 512^3 GEMM ran at 118 GFLOP/s in f32 and 115
-# in bf16, unloaded); f64 has half the lanes. Everything else is FITTED, 2026-12-06 on this machine
-# (Intel Xeon, 2 vCPUs, jax 0.12.1, loaded by four other engineers' test runs, load average 6-8),
-# by `python bench/calibrate_cpu.py runA.pkl runB.pkl` over two runs of `python
-# bench/cost_model_experiment.py --cpu --rounds 61 --inner 3 --dump runX.pkl` (121 programs: the
-# projected attention block at prefill S256 and S512 and a decode step against a 1024-token cache,
-# each as the e-graph's variants and as hand-written equivalents that span 4-25x; bench/
-# calibrate_cpu.py says how: least squares of log(predicted / measured), workloads weighted alike),
-# and checked on a third run (bench/results/cost-model-cpu-2026-12-06-session9.md). Because the
-# machine was loaded, the constants are those of a shared CPU (about half the unloaded rates);
-# what the optimizer uses is their ratios, which the rankings test.
-# - bandwidth 13.5 GB/s; matmul_efficiency 0.27 (52 GFLOP/s); attention 0.17 of peak (XLA's two
-#   einsums and softmax passes, 33 GFLOP/s); split heads (Q or O without H directly before S:
-#   XLA:CPU loops over the split heads) 0.07 of peak.
+# CPU (the CI/dev machine: Intel Xeon, Sapphire Rapids: AVX-512 and AMX flags, 2 vCPUs at 2.6 GHz,
+# 2 MiB L2 per core), as XLA:CPU runs it SINGLE-THREADED: XLA_FLAGS="--xla_cpu_multi_thread_eigen=false
+# intra_op_parallelism_threads=1", set by bench/cost_model_experiment.py --cpu before jax is imported,
+# and timed by the process's CPU time (the work done, whatever core and however loaded). Peak: one
+# core x two 512-bit FMA units = 1 x (2 x 16 lanes x 2 FLOP) x 2.6e9 = 166 GFLOP/s f32 (spec
+# arithmetic); XLA:CPU runs bf16/f16 dots by converting to f32 (same peak); f64 has half the lanes.
+# Everything else is FITTED, 2026-12-07 on this machine (jax 0.12.1, load average 1.7-4.5 from the
+# other engineers' test runs), by `python bench/calibrate_cpu.py cpuA.pkl cpuB.pkl r1.pkl r7.pkl` over
+# four runs of `python bench/cost_model_experiment.py --cpu --rounds 61|81 --inner 5 --dump X.pkl`
+# (62 programs each: the projected attention block at prefill S256 and S512 and a decode step
+# against a 1024-token cache, each as the e-graph's variants and as hand-written equivalents that
+# span 24-40x; least squares of log(predicted / measured), workloads weighted alike), and checked
+# on 13 runs not used in the fit (bench/results/cost-model-cpu-2026-12-07.md: Spearman 0.901-0.960
+# pooled).
+# - bandwidth 49 GB/s (the working sets, 0.25-34 MB, sit in the 480 MiB L3); matmul_efficiency 0.64
+#   (107 GFLOP/s); attention (the reference's two batched per-head GEMMs) 0.60 of peak; split heads
+#   (Q or O without H directly before S: XLA:CPU loops over the split heads) 0.27 of peak.
+# - the reference attention and a `softmax` node also pay the softmax's passes over the f32 scores
+#   (max, subtract, exp, sum, divide; and the scale) as the same nodes written out are priced
+#   (roofline.softmax_passes_seconds): measured, the block as written (explicit softmax) runs with
+#   the e-graph's attention variants (within 5% at S512).
+# - broadcasts_fuse: XLA fuses a broadcast into each consumer (the softmax's two row broadcasts);
+#   priced as writes, they made the explicit softmax 2.6x the `softmax` node it equals.
 # - relayouts_dot_operands: XLA:CPU copies a dot operand that is not batch-major (a K/V cache kept
-#   [B, S, H, D]); measured: decode programs reading the cache as stored ran with those that
-#   transpose it explicitly (the copy is there either way). Copies that keep the minor axis reach
-#   0.175 of bandwidth (2.4 GB/s; a transpose that moves it 0.15): strided, short rows (D = 32).
-# - launch_overhead: 1 us, the fit's lower bound (assumption: any value from 0 to 10 us fitted
-#   alike, so the measurements cannot resolve it).
-_CPU_F32 = 2 * (2 * 8 * 2) * 3e9
-_CPU_ATTENTION = 0.1726  # fitted (above)
+#   [B, S, H, D]) into the GEMM's canonical form (lhs [batch, free, contract], rhs [batch, contract,
+#   free]; roofline.gemm_copy_keeps_minor; HLO of the decode programs). Copies that keep the
+#   minor axis reach 0.27 of bandwidth (13 GB/s), transposes that move it 0.20: strided, short
+#   rows (D = 32). The reference attention's K goes to [B, H, D, S] when q has H before S (its
+#   (kv head, group) split; HLO), V to [B, H, S, D], by one copy that XLA folds the transpose
+#   that laid the operand out into (roofline.RooflineModel._gemm_form_seconds; measured: it
+#   splits decode programs into two clusters 10-15% apart).
+# - launch_overhead: 2.4 us per thunk that does not fuse (fit; its lower bound is 1 us).
+_CPU_F32 = 1 * (2 * 16 * 2) * 2.6e9
+_CPU_ATTENTION = 0.5998  # fitted (above)
 CPU = DeviceSpec(
     name="cpu",
     peak_flops={"float32": _CPU_F32, "bfloat16": _CPU_F32, "float16": _CPU_F32, "float64": _CPU_F32 / 2,
                 "default": _CPU_F32},
-    bandwidth=1.354e10,  # fitted (above)
-    launch_overhead=1e-6,  # the fit's lower bound (above)
+    bandwidth=4.913e10,  # fitted (above)
+    launch_overhead=2.353e-6,  # fitted (above)
     attention_efficiency={
         _eff_key("default", variant, causal): _CPU_ATTENTION
         for variant in VARIANTS for causal in (False, True)
     },
-    matmul_efficiency=0.2679,  # fitted (above)
-    transpose_bandwidth_fraction=0.1487,  # fitted (above)
-    copy_bandwidth_fraction=0.1749,  # fitted (above)
+    matmul_efficiency=0.6441,  # fitted (above)
+    transpose_bandwidth_fraction=0.195,  # fitted (above)
+    copy_bandwidth_fraction=0.2668,  # fitted (above)
     einsum_attention=True,  # no attention kernel: XLA runs the reference einsums
-    split_heads_attention_efficiency=0.07025,  # fitted (above)
-    relayouts_dot_operands=True,  # fitted (above)
+    split_heads_attention_efficiency=0.2691,  # fitted (above)
+    relayouts_dot_operands=True,  # measured (above)
+    broadcasts_fuse=True,  # measured (above)
 )
 
 DEVICES: dict[str, DeviceSpec] = {"h100": H100, "h200": H200, "cpu": CPU}

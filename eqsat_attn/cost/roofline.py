@@ -72,12 +72,25 @@ time = max(flops / (peak[dtype] x efficiency), bytes / bandwidth) + launch overh
   An ESTIMATE until `bench/attention.py --decode` measures the kernel on a GPU.
 - XLA:CPU's operand copies (``relayouts_dot_operands``, the CPU): its dot emitter takes an
   operand only batch-major with its contracting axes one block at either end (`dot_ready`), and
-  copies any other first; so a dot_general pays a copy (2 x bytes at ``copy_bandwidth_fraction``
-  of bandwidth, plus a launch) per such operand, and the reference attention one per operand
-  without B then H major (any minor axis: the kernels' D-minor rule does not apply), a split
-  Q or output excepted (priced by its rate, above). A slice that is not one contiguous block
+  copies any other first, into the GEMM's canonical form (lhs [batch, free, contract], rhs
+  [batch, contract, free]: `gemm_copy_keeps_minor`); so a dot_general pays a copy (2 x bytes at
+  ``copy_bandwidth_fraction`` of bandwidth when the copy keeps the operand's minor axis, at
+  ``transpose_bandwidth_fraction`` when it moves it, plus a launch) per such operand, and the
+  reference attention one per Q or output without B then H major (any minor axis: the kernels'
+  D-minor rule does not apply), a split Q or output excepted (priced by its rate, above). The
+  reference attention's K and V go to its GEMMs' forms (`reference_gemm_form`: V [B, H, S, D];
+  K [B, H, D, S] when q has H before S, its (kv head, group) split making K q·Kᵀ's rhs, else
+  [B, H, S, D]; HLO), by one copy that XLA merges with the transpose that laid the operand out
+  (`RooflineModel._gemm_form_seconds`; bench/results/cost-model-cpu-2026-12-07.md).
+  A slice that is not one contiguous block
   (`contiguous_slice`: a weight's column block, a cache's head) is such a copy too. Fitted with
-  the rest of the CPU row (devices.py; bench/results/cost-model-cpu-2026-12-06-session9.md).
+  the rest of the CPU row (devices.py; bench/results/cost-model-cpu-2026-12-07.md).
+- softmax on a device without an attention kernel (``einsum_attention``, the CPU): a ``softmax``
+  node, and the softmax inside the reference attention (with its scale), cost what
+  jax.nn.softmax's nodes written out cost (`softmax_passes_seconds`: reduce_max, sub, exp,
+  reduce_sum, div over the f32 scores), so the three forms of one softmax are priced alike (XLA
+  runs the same passes for each). On devices with ``broadcasts_fuse`` (the CPU) every broadcast
+  is free, not only a scalar splat: XLA fuses it into each consumer.
 """
 
 from __future__ import annotations
@@ -141,6 +154,20 @@ def dot_ready(shape: tuple[int, ...], batch: tuple[int, ...], contract: tuple[in
     return kept[:len(kb)] == kb and (rest[:len(kc)] == kc or rest[len(rest) - len(kc):] == kc)
 
 
+def gemm_copy_keeps_minor(shape: tuple[int, ...], batch: tuple[int, ...], contract: tuple[int, ...], rhs: bool) -> bool:
+    """Whether XLA:CPU's copy of a dot operand it cannot take in place keeps the operand's minor
+    axis (ignoring length-1 axes). The copy goes to the GEMM's canonical form: the lhs as
+    [batch, free, contract], the rhs as [batch, contract, free] (HLO of a decode step: a K cache
+    [B, S, H, D] read by q.Kᵀ is copied to [B, H, D, S], D no longer minor)."""
+    kept = [i for i, n in enumerate(shape) if n != 1]
+    if not kept:
+        return True
+    contracting = [i for i in contract if shape[i] != 1]
+    free = [i for i in kept if i not in batch and i not in contract]
+    last = (free or contracting) if rhs else (contracting or free)
+    return not last or last[-1] == kept[-1]
+
+
 def contiguous_slice(shape: tuple[int, ...], out: tuple[int, ...]) -> bool:
     """Whether a slice of ``shape`` giving ``out`` is one contiguous block of the row-major input:
     at most one axis cut, every axis before it of length 1 in the output, every axis after it whole."""
@@ -154,6 +181,17 @@ def _batch_major(layout: str, shape: tuple[int, ...]) -> bool:
     kept = [c for c, n in zip(layout, shape) if n != 1]
     lead = [c for c in "BH" if c in kept]
     return kept[:len(lead)] == lead
+
+
+#: the layout K and V are produced in: a projection's [B, S, E] split into heads, a KV cache
+SOURCE_LAYOUT = "BSHD"
+
+
+def reference_gemm_form(name: str, q_layout: str) -> str:
+    """The layout XLA:CPU's reference attention GEMMs read K or V in (HLO): V as P.V's rhs
+    [B, H, S, D]; K as q.Kᵀ's rhs [B, H, D, S] when q's layout puts H before S, else (XLA swaps
+    the operands) as its lhs [B, H, S, D]."""
+    return "BHDS" if name == "k" and q_layout.index("H") < q_layout.index("S") else "BHSD"
 
 
 def _tiled(length: int) -> int:
@@ -224,8 +262,10 @@ class RooflineModel:
             if moves_only_unit_axes(node.inputs[0].shape, perm):  # a bitcast: only length-1 axes move
                 return Breakdown(0.0, 0.0, 0.0, 0.0, 0.0, BITCAST_TIE_BREAK)
             return Breakdown(0.0, 2.0 * out.nbytes, 0.0, self._transpose_seconds(out.nbytes, perm), d.launch_overhead)
-        if op == "broadcast_in_dim" and node.inputs and node.inputs[0].size == 1:
-            return _ZERO  # a scalar splat: recomputed inside each consumer, never written
+        if op == "broadcast_in_dim" and node.inputs and (node.inputs[0].size == 1 or d.broadcasts_fuse):
+            return _ZERO  # a scalar splat (or any broadcast, where they fuse): recomputed in each consumer
+        if op == "softmax" and d.einsum_attention:  # XLA runs jax.nn.softmax's passes (devices.py)
+            return Breakdown(0.0, 0.0, 0.0, 0.0, 0.0, self.softmax_passes_seconds(out))
         if op in FUSED_ELEMENTWISE:
             nbytes = float(out.nbytes)
             return Breakdown(float(out.size), nbytes, 0.0, nbytes / d.bandwidth, 0.0)
@@ -254,6 +294,23 @@ class RooflineModel:
         nbytes = float(sum(t.nbytes for t in node.inputs) + out.nbytes)
         return Breakdown(0.0, nbytes, 0.0, nbytes / d.bandwidth, d.launch_overhead)
 
+    def softmax_passes_seconds(self, scores: ir.TensorType, scaled: bool = False) -> float:
+        """What the nodes of ``jax.nn.softmax`` over the last axis of ``scores`` cost as this model
+        prices them one by one (reduce_max, max, sub, exp, reduce_sum, div; the row broadcasts as
+        broadcasts are priced), after a multiply by the scale when ``scaled``: a `softmax` node and
+        the reference attention's softmax cost what the same passes cost written out."""
+        rows = ir.TensorType(scores.shape[:-1], scores.dtype)
+        column = ir.TensorType(scores.shape[:-1] + (1,), scores.dtype)
+        views = [OpView("reduce_max", {"axes": (scores.rank - 1,)}, (scores,), rows),
+                 OpView("max", {}, (rows, rows), rows),  # jnp.max's clamp of the row maxima at -inf
+                 OpView("broadcast_in_dim", {}, (column,), scores),
+                 OpView("sub", {}, (scores, scores), scores), OpView("exp", {}, (scores,), scores),
+                 OpView("reduce_sum", {"axes": (scores.rank - 1,)}, (scores,), rows),
+                 OpView("broadcast_in_dim", {}, (column,), scores), OpView("div", {}, (scores, scores), scores)]
+        if scaled:
+            views.append(OpView("mul", {}, (scores, scores), scores))
+        return sum(self.breakdown(v).seconds for v in views)
+
     def _transpose_seconds(self, nbytes: float, perm: tuple[int, ...] | None = None) -> float:
         d = self.device
         keeps_minor = perm is not None and len(perm) > 0 and perm[-1] == len(perm) - 1
@@ -278,15 +335,17 @@ class RooflineModel:
                      tuple(rb) == tuple(range(len(rb))) and tuple(rc) == tuple(range(len(rb), len(rb) + len(rc))))
         extra = ORIENTATION_TIE_BREAK * row_major.count(False)
         if d.relayouts_dot_operands:  # XLA:CPU copies an operand it cannot take in place (devices.py)
-            for t, batch, contract in ((a, lb, lc), (b, rb, rc)):
+            for t, batch, contract, rhs in ((a, lb, lc, False), (b, rb, rc, True)):
                 if not dot_ready(t.shape, batch, contract):
-                    extra += self._relayout_seconds(t)
+                    extra += self._relayout_seconds(t, gemm_copy_keeps_minor(t.shape, batch, contract, rhs))
         return Breakdown(flops, nbytes, compute, nbytes / d.bandwidth, d.launch_overhead, extra)
 
-    def _relayout_seconds(self, t: ir.TensorType) -> float:
-        """A copy of ``t`` into another axis order that keeps its minor axis, plus its launch."""
+    def _relayout_seconds(self, t: ir.TensorType, keeps_minor: bool = True) -> float:
+        """A copy of ``t`` into another axis order, plus its launch: at the copy rate when it keeps
+        the minor axis, else at the transpose rate."""
         d = self.device
-        return 2.0 * t.nbytes / (d.bandwidth * d.copy_bandwidth_fraction) + d.launch_overhead
+        fraction = d.copy_bandwidth_fraction if keeps_minor else d.transpose_bandwidth_fraction
+        return 2.0 * t.nbytes / (d.bandwidth * fraction) + d.launch_overhead
 
     def tile_utilisation(self, batch: int, m: int, n: int, k: int) -> float:
         """Useful fraction of the tensor-core work a GEMM of this shape issues: M, N rounded up
@@ -398,26 +457,60 @@ class RooflineModel:
         if d.einsum_attention and not (_heads_before_seq(ql, q.shape) and _heads_before_seq(ol, out.shape)):
             eff = min(eff, d.split_heads_attention_efficiency)  # XLA einsums that loop (devices.py)
         peak = d.peak(cdt) * eff
-        return Breakdown(flops, nbytes, flops / peak, nbytes / d.bandwidth, d.launch_overhead,
-                         self._attention_relayouts(node), variant)
+        extra = self._attention_relayouts(node)
+        if d.einsum_attention:  # the reference's scale and softmax over the f32 scores, as XLA runs them
+            heads_k = k.shape[kl.index("H")]
+            scores = ir.TensorType((batch, heads_k, heads // max(1, heads_k), sq, sk), "float32")
+            extra += self.softmax_passes_seconds(scores, scaled=True)
+        return Breakdown(flops, nbytes, flops / peak, nbytes / d.bandwidth, d.launch_overhead, extra, variant)
 
     def _attention_relayouts(self, node: OpView) -> float:
         """Seconds of the transposes lowering puts around an attention kernel: operands it cannot
         read in place (q, k, o without D minor, v with neither D nor S minor), exactly as
         lower_attention does; B and H may sit anywhere in every layout. On XLA:CPU
-        (``relayouts_dot_operands``) the reference's einsums copy operands without B, H major."""
+        (``relayouts_dot_operands``) the reference's einsums copy a Q or output without B, H major,
+        and K and V into their GEMM forms (`_gemm_form_seconds`)."""
         p, (q, k, v), out = node.params, node.inputs[:3], node.output
         extra = 0.0
         d = self.device
         for name, t, minors in (("q", q, "D"), ("k", k, "D"), ("v", v, "DS"), ("o", out, "D")):
             layout = str(p[f"{name}_layout"])
-            if d.relayouts_dot_operands:  # XLA's einsums: any minor axis, B and H major (else copied)
+            if d.relayouts_dot_operands and d.einsum_attention and name in "kv":
+                extra += self._gemm_form_seconds(t, layout, reference_gemm_form(name, str(p["q_layout"])))
+            elif d.relayouts_dot_operands:  # XLA's einsums: any minor axis, B and H major (else copied)
                 split = name in "qo" and d.einsum_attention and not _heads_before_seq(layout, t.shape)
                 if not split and not _batch_major(layout, t.shape):  # (a split is priced by its rate)
                     extra += self._relayout_seconds(t)
             elif not _layout_is_view(t.shape, layout, minors):
                 extra += self._transpose_seconds(t.nbytes) + d.launch_overhead
         return extra
+
+    def _gemm_form_seconds(self, t: ir.TensorType, layout: str, form: str) -> float:
+        """XLA:CPU's copy of the reference attention's K or V, laid out ``layout``, into its GEMM
+        ``form`` (`reference_gemm_form`). XLA folds a transpose that feeds the GEMM into that copy
+        (HLO: one copy; measured: decode steps reading K or V through a transpose to [B, H, S, D]
+        or [B, H, D, S] run with those reading the cache as stored). So an operand with B then H
+        major, the layouts the e-graph's transposes lay K and V out in, costs one copy from the
+        layout they are produced in (`SOURCE_LAYOUT`) into ``form``, less what the program paid
+        to lay it out: zero in ``form``; negative where a transpose that moved D from minor laid
+        it out and ``form`` keeps D minor (the two copies are one that keeps it). Any other
+        layout is taken as its producer wrote it (a weight-first projection's [H, D, B, S]) and
+        copied as it is. Assumes a batch-major operand was laid out by a transpose: one its
+        producer wrote so (Kᵀ from a weight-first projection, then a transpose that keeps S
+        minor) is priced low (bench/results/cost-model-cpu-2026-12-07.md)."""
+        length = dict(zip(layout, t.shape))
+        kept = lambda order: [c for c in order if length[c] != 1]  # noqa: E731
+
+        def from_source(target: str) -> float:
+            if kept(target) == kept(SOURCE_LAYOUT):
+                return 0.0
+            return self._relayout_seconds(t, kept(target)[-1:] == kept(SOURCE_LAYOUT)[-1:])
+
+        if kept(layout) == kept(form):
+            return 0.0
+        if not _batch_major(layout, t.shape):  # as its producer wrote it: copied as it is
+            return self._relayout_seconds(t, kept(form)[-1:] == kept(layout)[-1:])
+        return from_source(form) - from_source(layout)
 
     def _decode_attention(self, node: OpView) -> Breakdown:
         """The decode kernel (module docstring): memory bound, KV cache read once. An estimate

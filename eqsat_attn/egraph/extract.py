@@ -23,6 +23,12 @@ from .encode import Encoding
 from .language import Term, concat_shape, dtype, list_dtype, shape
 
 UNKNOWN_TYPE_COST = 1e30  # an e-node whose types the analysis never reached is never chosen
+#: seconds extraction adds to each e-node that runs (priced above zero): between forms the model
+#: prices alike, the one with fewer operations is chosen, whatever order the e-graph holds them in
+#: (without it, float rounding in summing a DAG's costs decided, and a block extracted alone could
+#: differ from the same block extracted inside its program). Far below any priced difference (the
+#: model's own tie-breaks are 1 ns), far above the rounding of a sum of seconds.
+OPERATION_TIE_BREAK = 1e-12
 
 
 def _py(expr: Any) -> Any:
@@ -206,7 +212,8 @@ class RawCostModel:
         key = (name, tuple(self._type(a) if kind == "T" else a for kind, a in zip(kinds, args)))
         cost = self.costs.get(key)
         if cost is None:
-            cost = self.costs[key] = self._price(ctor, kinds, args)
+            cost = self._price(ctor, kinds, args)
+            cost = self.costs[key] = cost + OPERATION_TIE_BREAK if cost > 0 else cost
         return cost
 
     def _price(self, ctor: str, kinds: tuple[str, ...], args: list[Any]) -> float:

@@ -583,7 +583,7 @@ def solve(problem: Problem, enc: Encoding, time_limit: float | None = None, acyc
             best = max(alive[c], key=lambda n: x[col[n]])
             if x[col[best]] > 0.5:
                 pick[c] = best
-        cycle = _find_cycle(g.root, pick, children)
+        cycle = find_cycle(g.root, pick, children)
         if cycle is None:
             chosen = pick
             optimal = status == highspy.HighsModelStatus.kOptimal
@@ -628,7 +628,7 @@ def _dag_cost(root: str, chosen: dict[str, str], children: dict[str, list[str]],
     return math.inf if used is None else sum(cost[chosen[c]] for c in used)
 
 
-def _find_cycle(root: str, chosen: dict[str, str], children: dict[str, list[str]]) -> list[str] | None:
+def find_cycle(root: str, chosen: dict[str, str], children: dict[str, list[str]]) -> list[str] | None:
     """The chosen nodes of one cycle reachable from the root, or None if they form a DAG."""
     state: dict[str, int] = {}  # 1 on the DFS path, 2 done
     path: list[str] = []
@@ -746,7 +746,7 @@ def _warm_start(
     """A valid (acyclic) extraction: the cheaper of a greedy-DAG and a tree-cost fixpoint."""
     candidates = []
     for pick in (greedy_dag_picks(classes, alive, children, cost)[0], _tree_picks(classes, alive, children, cost)):
-        if root in pick and _reachable(root, pick, children) is not None and _find_cycle(root, pick, children) is None:
+        if root in pick and _reachable(root, pick, children) is not None and find_cycle(root, pick, children) is None:
             candidates.append((_dag_cost(root, pick, children, cost), dict(pick)))
     if not candidates:
         return None

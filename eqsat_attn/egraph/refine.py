@@ -16,18 +16,20 @@ cheaper by itself than greedy's pick, by at least `MIN_GAP` of the program's cos
 neighbourhood (each such class, and the classes of the DAGs of its pick and of those cheaper
 members, examined the same way in turn, plus the DAGs of members tied with a free class's
 pick: `contested_neighbourhood`) is solved exactly (`ilp.solve`) with every other class fixed
-to greedy's pick; the
+to greedy's pick, and the solution then improved one class at a time (`swap_improve`); the
 cheaper program of the two under the model is kept (greedy's on a tie). Without a contested
 class the result is greedy's program, for the cost of reading and pricing the e-graph.
 
 Bounded by work, not time: no refinement past `ilp.MAX_ENODES` candidate e-nodes (or an e-graph
 of more than `MAX_SERIALIZED` rows, never serialized), and at most `MAX_MIP_NODES`
-branch-and-bound nodes (HiGHS single-threaded, fixed seed: the same program on any machine); the
-ILP's clock (`ilp.TIME_LIMIT_S`) is only a safety net, which warns.
+branch-and-bound nodes (HiGHS single-threaded, fixed seed: the same program on any machine) and
+`MAX_SWAP_SWEEPS` passes of swaps; the ILP's clock (`ilp.TIME_LIMIT_S`) is only a safety net,
+which warns.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +40,7 @@ from ..cost.model import CostModel, program_cost
 from .driver import egraph_size
 from .encode import Encoding
 from .extract import extract_program
-from .ilp import MAX_ENODES, ILPExtractionError, Problem, greedy_dag_picks, read_graph, solve
+from .ilp import MAX_ENODES, ILPExtractionError, Problem, find_cycle, greedy_dag_picks, read_graph, solve
 
 #: a member counts as contested when it is cheaper by itself than greedy's pick by at least this
 #: fraction of the greedy program's cost (smaller savings are not worth an exact solve)
@@ -56,6 +58,8 @@ TIE = 1e-9
 #: e-graphs with more rows than this (terms and analyses together) are not serialized: their
 #: candidate e-nodes would exceed `ilp.MAX_ENODES` anyway
 MAX_SERIALIZED = 4 * MAX_ENODES
+#: passes of `swap_improve` over the program's classes at most (work, not time)
+MAX_SWAP_SWEEPS = 8
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,70 @@ def refine(graph: Any, enc: Encoding, model: CostModel, max_nodes: int = MAX_MIP
         return None
     found = solve(problem.fixed({c: n for c, n in pick.items() if c not in free}), enc, max_nodes=max_nodes,
                   highs_options=HIGHS_OPTIONS)
+    if found.picks:
+        swapped = swap_improve(problem, found.picks)
+        if swapped != found.picks:
+            found = found._replace(program=problem.decode(swapped, enc), cost=problem.dag_cost(swapped),
+                                   optimal=False, picks=swapped)
     return found, len(free)
+
+
+def swap_improve(problem: Problem, picks: dict[str, str]) -> dict[str, str]:
+    """``picks`` (e-class -> e-node, the classes a program computes) improved one class at a time:
+    a class's pick gives way to another member of its class where that lowers the program's DAG
+    cost; the classes the member reads that the program does not compute yet take the members
+    cheapest to add to it (`cheapest_additions`), and what only the old pick read is dropped.
+    The exact solve's branch-and-bound stops at `MAX_MIP_NODES`, short of such a swap where the
+    LP relaxation is weak: on the CPU table, fp8 attention reading quantized operands (a
+    transpose of those the program quantizes) in place of a plain attention reading their
+    dequantizations (dearer by itself; the dequantizations it spares make up the difference).
+    Deterministic: classes and members in sorted order, first improvement taken, at most
+    `MAX_SWAP_SWEEPS` passes."""
+    picks = dict(picks)
+    root, children = problem.g.root, problem.children
+    best = problem.dag_cost(picks)
+    for _ in range(MAX_SWAP_SWEEPS):
+        improved = False
+        additions = cheapest_additions(problem, set(picks))
+        for c in sorted(picks):
+            if c not in picks:
+                continue
+            for m in sorted(problem.alive.get(c, ())):
+                if m == picks[c]:
+                    continue
+                trial = {**additions, **picks, c: m}
+                reached = problem.used(trial)
+                if reached is None or find_cycle(root, trial, children) is not None:
+                    continue
+                cost = sum(problem.cost[trial[k]] for k in reached)
+                if cost < best:
+                    picks, best, improved = {k: trial[k] for k in reached}, cost, True
+                    additions = cheapest_additions(problem, set(picks))
+                    if c not in picks:
+                        break
+        if not improved:
+            break
+    return picks
+
+
+def cheapest_additions(problem: Problem, computed: set[str]) -> dict[str, str]:
+    """For each class outside ``computed``, the member cheapest to add to a program that computes
+    ``computed`` already: its own cost plus its child classes' (free when computed; a shared
+    child counted per reader, as tree extraction counts it). Bellman-Ford over the classes."""
+    cost = {c: 0.0 if c in computed else math.inf for c in problem.alive}
+    choice: dict[str, str] = {}
+    for _ in range(len(cost)):
+        changed = False
+        for c, members in problem.alive.items():
+            if c in computed:
+                continue
+            for m in members:
+                price = problem.cost[m] + sum(cost.get(k, math.inf) for k in problem.children[m])
+                if price < cost[c]:
+                    cost[c], choice[c], changed = price, m, True
+        if not changed:
+            break
+    return choice
 
 
 def extract_best(egraph: EGraph, enc: Encoding, model: CostModel, extractor: str = "greedy-dag",
