@@ -54,10 +54,10 @@ def _skip_views(program: Program, node_id: int, users: dict[int, list[int]]) -> 
     return out
 
 
-def _scores_source(program: Program, node: Node, path: list[Node] | None = None) -> Node:
-    """The op that produced a softmax's scores, seen through views, scales, biases and selects
+def _scores_source(program: Program, scores: int, path: list[Node] | None = None) -> Node:
+    """The op that produced a softmax's ``scores``, seen through views, scales, biases and selects
     (each op seen through is appended to ``path``)."""
-    seen = program.nodes[node.inputs[0]]
+    seen = program.nodes[scores]
     path = [] if path is None else path
     for _ in range(16):
         path.append(seen)
@@ -92,13 +92,14 @@ def softmax_misses(program: Program, precision: str = "exact") -> list[SoftmaxMi
             spelling = _unstable_softmax(program, i, users)
             if spelling:
                 misses.append(SoftmaxMiss(i, f"{spelling} (not exact; {FAST_MATH})", "exp"))
-        if node.op != "softmax":
+        scores = _softmax_scores(program, i)
+        if scores is None:
             continue
         readers = _skip_views(program, i, users)
         dots = [u for u in readers if program.nodes[u].op == "dot_general"]
         others = [program.nodes[u].op for u in readers if program.nodes[u].op != "dot_general"]
         path: list[Node] = []
-        source = _scores_source(program, node, path)
+        source = _scores_source(program, scores, path)
         if i in outputs or (dots and others):
             reason = "the attention weights are also used elsewhere (attention does not return them)"
         elif not dots:
@@ -115,6 +116,31 @@ def softmax_misses(program: Program, precision: str = "exact") -> list[SoftmaxMi
                 "both matmuls contract, or P·V contracts another axis)")
         misses.append(SoftmaxMiss(i, reason))
     return misses
+
+
+def _softmax_scores(program: Program, node_id: int) -> int | None:
+    """The scores of a softmax: a `softmax` node's operand, or x where the node is the stable
+    softmax written out, ``exp(x - max(x)) / sum(exp(x - max(x)))`` over the last axis (the cost
+    model may price that form as cheap as the node); else None."""
+    nodes = program.nodes
+    node = nodes[node_id]
+    if node.op == "softmax":
+        return node.inputs[0]
+    if node.op != "div":
+        return None
+    exp_id, total = node.inputs[0], nodes[node.inputs[1]]
+    exp = nodes[exp_id]
+    while total.op in ("broadcast_in_dim", "reshape", "convert_element_type"):
+        total = nodes[total.inputs[0]]
+    if exp.op != "exp" or total.op != "reduce_sum" or total.inputs[0] != exp_id:
+        return None
+    shifted = nodes[exp.inputs[0]]
+    if shifted.op != "sub":
+        return None
+    row_max = nodes[shifted.inputs[1]]
+    while row_max.op in ("broadcast_in_dim", "reshape", "stop_gradient", "max"):
+        row_max = nodes[row_max.inputs[-1]]
+    return shifted.inputs[0] if row_max.op == "reduce_max" and row_max.inputs[0] == shifted.inputs[0] else None
 
 
 def _feeds_dot(program: Program, node_id: int, users: dict[int, list[int]]) -> bool:
