@@ -19,7 +19,6 @@ import numpy as np
 from . import disk_cache
 from .capture import Captured, capture, normalize_static_argnums, split_args
 from .choices import check_rules
-from .egraph.driver import prepare_in_background
 from .ir import Program
 from .lower import lower, resolve_attention_kernel
 from .pipeline import Limits, OptimizeOptions, PipelineResult, optimize_program
@@ -143,8 +142,6 @@ class OptimizedFunction:
     def _compile(self, args: tuple[Any, ...], kwargs: dict[str, Any], static_nums: tuple[int, ...]) -> _Compiled:
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        if disk_cache.resolve_cache_dir(self.cache_dir) is None:  # (a cached program needs no e-graph)
-            prepare_in_background(self.options.rule_names())  # a first call registers rules while tracing
         captured = capture(self.fn, *args, static_argnums=static_nums, **kwargs)
         timings["trace"] = time.perf_counter() - start
 

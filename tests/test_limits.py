@@ -148,7 +148,7 @@ def test_pool_reverts_on_a_thread_and_drops_an_egraph_it_cannot_revert(monkeypat
     with driver.prepared_egraph(rulesets) as again:
         assert again is egraph and driver.egraph_size(again) == pristine
         encode(chain_program(2), again)
-    reverting = driver._PREPARED[tuple(id(r.ruleset) for r in rulesets)].pending
+    reverting = driver._PREPARED[tuple(id(r.ruleset) for r in rulesets)].reverting
     with driver.prepared_egraph(rulesets) as again:  # waits for the revert in flight, if any
         assert again is egraph and driver.egraph_size(again) == pristine and not reverting
 
@@ -161,26 +161,6 @@ def test_pool_reverts_on_a_thread_and_drops_an_egraph_it_cannot_revert(monkeypat
     assert not any(e is broken for e in driver.pooled_egraphs(rulesets))
     with driver.prepared_egraph(rulesets) as fresh:
         assert fresh is not broken and driver.egraph_size(fresh) == pristine
-
-
-def test_pool_prepares_in_the_background_once(monkeypatch):
-    """`prepare_in_background` leaves one ready e-graph of the pristine size in the rule sets'
-    pool (none more while it holds one), which the next block takes; unknown rule sets add
-    nothing and raise nothing (the optimization reports them itself)."""
-    monkeypatch.setattr(driver, "_PREPARED", {})
-    names = ["transpose", "canonical"]
-    rulesets = resolve(names)
-    driver.prepare_in_background(names)
-    driver.prepare_in_background(names)
-    (egraph,) = driver.pooled_egraphs(rulesets)
-    with driver.prepared_egraph(rulesets) as taken:
-        assert taken is egraph
-        pristine = driver.egraph_size(taken)
-    fresh = driver.EGraph()
-    driver.prepare_rulesets(fresh, rulesets)
-    assert driver.egraph_size(fresh) == pristine
-    driver.prepare_in_background(["no_such_rule_set"])
-    assert driver.pooled_egraphs(rulesets) == [egraph] and len(driver._PREPARED) == 1
 
 
 def test_pool_serves_concurrent_threads_empty_egraphs():

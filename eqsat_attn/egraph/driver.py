@@ -29,7 +29,7 @@ from .analysis import ANALYSIS_RULES, analysis
 from .egglog_batch import commands_in_one_call
 from .language import answer, ask
 from .relevance import RuleSymbols, Symbol, SymbolNames, relevant_rules, rule_symbols
-from .rulesets import RuleSet, resolve
+from .rulesets import RuleSet
 
 
 @dataclass
@@ -233,17 +233,12 @@ class _Pool:
 
     rulesets: list[Any]  # held, so the rule sets' ids (the pool's key) are not reused
     ready: list[EGraph] = field(default_factory=list)  # pushed and empty: handed out as they are
-    #: threads making an e-graph ready: reverting a returned one (pop, then push again), or
-    #: preparing one (`prepare_in_background`)
-    pending: list[threading.Thread] = field(default_factory=list)
+    #: threads reverting a returned e-graph (pop, then push again) before it is ready again
+    reverting: list[threading.Thread] = field(default_factory=list)
 
 
 _PREPARED: dict[tuple[int, ...], _Pool] = {}
 _PREPARED_LOCK = threading.Lock()
-#: notified whenever a pool's ready or pending e-graphs, or `_WARMING`, change
-_POOL_CHANGED = threading.Condition(_PREPARED_LOCK)
-#: `prepare_in_background` threads still resolving their rule sets (their pool not known yet)
-_WARMING: list[threading.Thread] = []
 #: a pooled e-graph that grew past this many e-nodes in one use is dropped, not pooled again:
 #: egglog's ``pop`` restores the e-nodes but not the capacity a run grew, and later runs in that
 #: e-graph are slower (one-layer block, 2,855 e-nodes: 20% slower after a 9,270-e-node run in
@@ -254,95 +249,42 @@ POOL_MAX_ENODES = 10_000
 def _revert(pool: _Pool, egraph: EGraph, reuse: bool, on_thread: bool = True) -> None:
     """Revert a returned e-graph (egglog's ``pop``) and, with ``reuse``, push it again and make
     it ready; one egglog cannot revert is dropped. ``on_thread``: running on a thread of its own,
-    listed in ``pool.pending`` until it is done (egglog releases the GIL, so the ~0.1 s of
+    listed in ``pool.reverting`` until it is done (egglog releases the GIL, so the ~0.1 s of
     ``pop`` and ``push`` overlaps what the caller does next)."""
-    ready = False
     try:
         egraph.pop()
         if reuse:
             egraph.push()
-            ready = True
     except Exception:  # noqa: BLE001 - an e-graph egglog cannot revert is not reused
-        pass
-    finally:
-        with _POOL_CHANGED:
-            if on_thread:
-                pool.pending.remove(threading.current_thread())
-            if ready:
-                pool.ready.append(egraph)
-            _POOL_CHANGED.notify_all()
+        reuse = False
+    with _PREPARED_LOCK:
+        if on_thread:
+            pool.reverting.remove(threading.current_thread())
+        if reuse:
+            pool.ready.append(egraph)
 
 
 def _take_ready(pool: _Pool) -> EGraph | None:
-    """A ready e-graph of ``pool``, waiting for one being reverted or prepared (and for
-    background preparations whose pool is not known yet); None when there is none."""
-    with _POOL_CHANGED:
-        while True:
+    """A ready e-graph of ``pool``, waiting for one being reverted; None when there is none."""
+    while True:
+        with _PREPARED_LOCK:
             if pool.ready:
                 return pool.ready.pop()
-            if not pool.pending and not _WARMING:
-                return None
-            _POOL_CHANGED.wait()
-
-
-def prepare_in_background(names: list[str] | None) -> None:
-    """Prepare a pooled e-graph for the rule sets ``names`` (`rulesets.resolve`) on a thread,
-    unless their pool holds one already or is making one ready: the first optimization of a
-    process registers its rules (~0.5-1 s, egglog releasing the GIL for most of it) while its
-    program is traced. Its e-graph is the one `prepared_egraph` would prepare."""
-    thread = threading.Thread(target=_prepare, args=(names,), name="eqsat_attn e-graph preparation", daemon=True)
-    with _PREPARED_LOCK:  # listed and started together: a waiter never joins an unstarted thread
-        _WARMING.append(thread)
-        try:
-            thread.start()
-        except RuntimeError:  # no thread can start (the interpreter is shutting down): nothing to do
-            _WARMING.remove(thread)
-
-
-def _prepare(names: list[str] | None) -> None:
-    """`prepare_in_background`'s thread."""
-    me = threading.current_thread()
-    rulesets = None
-    try:
-        rulesets = resolve(names)
-    except Exception:  # noqa: BLE001 - the optimization resolves them again itself, and reports
-        pass
-    finally:
-        with _POOL_CHANGED:
-            _WARMING.remove(me)
-            _POOL_CHANGED.notify_all()
-            pool = None
-            if rulesets is not None:
-                egglog_rulesets = [r.ruleset for r in rulesets]
-                pool = _PREPARED.setdefault(tuple(map(id, egglog_rulesets)), _Pool(egglog_rulesets))
-                if pool.ready or pool.pending:
-                    pool = None
-                else:
-                    pool.pending.append(me)
-    if pool is None:
-        return
-    egraph = None
-    try:
-        fresh = EGraph()
-        prepare_rulesets(fresh, rulesets)
-        fresh.push()
-        egraph = fresh
-    except Exception:  # noqa: BLE001 - the optimization prepares its own, and reports
-        pass
-    finally:
-        with _POOL_CHANGED:
-            pool.pending.remove(me)
-            if egraph is not None:
-                pool.ready.append(egraph)
-            _POOL_CHANGED.notify_all()
+            pending = pool.reverting[0] if pool.reverting else None
+        if pending is None:
+            return None
+        pending.join()
 
 
 def _wait_for_reverts() -> None:
-    """Wait for every revert and preparation in flight (at exit, before egglog's e-graphs are
-    torn down)."""
-    with _POOL_CHANGED:
-        while _WARMING or any(pool.pending for pool in _PREPARED.values()):
-            _POOL_CHANGED.wait()
+    """Join every revert in flight (at exit, before egglog's e-graphs are torn down)."""
+    while True:
+        with _PREPARED_LOCK:
+            pending = [t for pool in _PREPARED.values() for t in pool.reverting]
+        if not pending:
+            return
+        for thread in pending:
+            thread.join()
 
 
 atexit.register(_wait_for_reverts)
@@ -384,12 +326,12 @@ def prepared_egraph(rulesets: list[RuleSet]) -> Iterator[EGraph]:
         thread = threading.Thread(target=_revert, args=(pool, egraph, reuse), name="eqsat_attn e-graph revert",
                                   daemon=True)
         with _PREPARED_LOCK:  # listed and started together: a waiter never joins an unstarted thread
-            pool.pending.append(thread)
+            pool.reverting.append(thread)
             try:
                 thread.start()
                 started = True
             except RuntimeError:  # no thread can start (the interpreter is shutting down)
-                pool.pending.remove(thread)
+                pool.reverting.remove(thread)
                 started = False
         if not started:
             _revert(pool, egraph, reuse, on_thread=False)
