@@ -138,63 +138,6 @@ def test_pool_drops_an_egraph_that_grew_past_its_limit(monkeypatch):
         assert egraph is not grown and driver.egraph_size(egraph) == pristine
 
 
-def test_pool_reverts_on_a_thread_and_drops_an_egraph_it_cannot_revert(monkeypatch):
-    """A returned e-graph is reverted (egglog pop, then push) on a thread: the next block gets
-    the same e-graph, empty again. One whose revert fails is dropped without an error reaching
-    the caller, and the next block gets a freshly prepared e-graph of the pristine size."""
-    rulesets = resolve(["transpose", "canonical"])
-    with driver.prepared_egraph(rulesets) as egraph:
-        pristine = driver.egraph_size(egraph)
-    with driver.prepared_egraph(rulesets) as again:
-        assert again is egraph and driver.egraph_size(again) == pristine
-        encode(chain_program(2), again)
-    reverting = driver._PREPARED[tuple(id(r.ruleset) for r in rulesets)].reverting
-    with driver.prepared_egraph(rulesets) as again:  # waits for the revert in flight, if any
-        assert again is egraph and driver.egraph_size(again) == pristine and not reverting
-
-    def failing_pop() -> None:
-        raise RuntimeError("egglog could not pop")
-
-    with driver.prepared_egraph(rulesets) as broken:
-        encode(chain_program(2), broken)
-        monkeypatch.setattr(broken, "pop", failing_pop)
-    assert not any(e is broken for e in driver.pooled_egraphs(rulesets))
-    with driver.prepared_egraph(rulesets) as fresh:
-        assert fresh is not broken and driver.egraph_size(fresh) == pristine
-
-
-def test_pool_serves_concurrent_threads_empty_egraphs():
-    """Threads taking e-graphs of one pool at once each get an empty one (never one another
-    thread holds or is reverting), and their runs are those of a run alone."""
-    import threading
-
-    rulesets = resolve(["transpose", "canonical"])
-    program = chain_program(3)
-    with driver.prepared_egraph(rulesets) as egraph:
-        pristine = driver.egraph_size(egraph)
-        encode(program, egraph)
-        alone = run_rulesets(egraph, rulesets, Limits(iterations=30)).egraph_nodes
-    seen, errors = [], []
-
-    def work() -> None:
-        try:
-            for _ in range(3):
-                with driver.prepared_egraph(rulesets) as egraph:
-                    empty = driver.egraph_size(egraph)
-                    encode(program, egraph)
-                    seen.append((empty, run_rulesets(egraph, rulesets, Limits(iterations=30)).egraph_nodes))
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors
-    assert seen == [(pristine, alone)] * 9
-
-
 # ----------------------------------------------------------------------------- exact extraction
 
 

@@ -8,7 +8,6 @@ stops when nothing changed and no question is open (saturated), or at a limit.""
 
 from __future__ import annotations
 
-import atexit
 import threading
 import time
 import warnings
@@ -227,17 +226,7 @@ def prepare_rulesets(egraph: EGraph, rulesets: list[RuleSet]) -> None:
         schedule_command(egraph, analysis.saturate())
 
 
-@dataclass
-class _Pool:
-    """The prepared e-graphs of one list of rule sets."""
-
-    rulesets: list[Any]  # held, so the rule sets' ids (the pool's key) are not reused
-    ready: list[EGraph] = field(default_factory=list)  # pushed and empty: handed out as they are
-    #: threads reverting a returned e-graph (pop, then push again) before it is ready again
-    reverting: list[threading.Thread] = field(default_factory=list)
-
-
-_PREPARED: dict[tuple[int, ...], _Pool] = {}
+_PREPARED: dict[tuple[int, ...], tuple[list[Any], list[EGraph]]] = {}
 _PREPARED_LOCK = threading.Lock()
 #: a pooled e-graph that grew past this many e-nodes in one use is dropped, not pooled again:
 #: egglog's ``pop`` restores the e-nodes but not the capacity a run grew, and later runs in that
@@ -246,57 +235,11 @@ _PREPARED_LOCK = threading.Lock()
 POOL_MAX_ENODES = 10_000
 
 
-def _revert(pool: _Pool, egraph: EGraph, reuse: bool, on_thread: bool = True) -> None:
-    """Revert a returned e-graph (egglog's ``pop``) and, with ``reuse``, push it again and make
-    it ready; one egglog cannot revert is dropped. ``on_thread``: running on a thread of its own,
-    listed in ``pool.reverting`` until it is done (egglog releases the GIL, so the ~0.1 s of
-    ``pop`` and ``push`` overlaps what the caller does next)."""
-    try:
-        egraph.pop()
-        if reuse:
-            egraph.push()
-    except Exception:  # noqa: BLE001 - an e-graph egglog cannot revert is not reused
-        reuse = False
-    with _PREPARED_LOCK:
-        if on_thread:
-            pool.reverting.remove(threading.current_thread())
-        if reuse:
-            pool.ready.append(egraph)
-
-
-def _take_ready(pool: _Pool) -> EGraph | None:
-    """A ready e-graph of ``pool``, waiting for one being reverted; None when there is none."""
-    while True:
-        with _PREPARED_LOCK:
-            if pool.ready:
-                return pool.ready.pop()
-            pending = pool.reverting[0] if pool.reverting else None
-        if pending is None:
-            return None
-        pending.join()
-
-
-def _wait_for_reverts() -> None:
-    """Join every revert in flight (at exit, before egglog's e-graphs are torn down)."""
-    while True:
-        with _PREPARED_LOCK:
-            pending = [t for pool in _PREPARED.values() for t in pool.reverting]
-        if not pending:
-            return
-        for thread in pending:
-            thread.join()
-
-
-atexit.register(_wait_for_reverts)
-
-
 def pooled_egraphs(rulesets: list[RuleSet]) -> list[EGraph]:
-    """The prepared e-graphs the pool holds for ``rulesets`` (a copy of the list), once the
-    reverts in flight have finished."""
-    _wait_for_reverts()
+    """The idle prepared e-graphs the pool holds for ``rulesets`` (a copy of the list)."""
     with _PREPARED_LOCK:
-        pool = _PREPARED.get(tuple(id(r.ruleset) for r in rulesets))
-        return list(pool.ready) if pool else []
+        entry = _PREPARED.get(tuple(id(r.ruleset) for r in rulesets))
+        return list(entry[1]) if entry else []
 
 
 @contextmanager
@@ -305,36 +248,26 @@ def prepared_egraph(rulesets: list[RuleSet]) -> Iterator[EGraph]:
 
     Registering the default rule sets costs ~0.3 s per e-graph; a process keeps prepared
     e-graphs (one per combination of rule sets, per concurrent user) and hands one out between
-    egglog's ``push`` and ``pop``, so only its first optimization pays. The ``pop`` and the next
-    ``push`` (~0.05 s each) run on a thread once the block ends (`_revert`): the next block of
-    the same rule sets takes the e-graph when they are done, waiting for them if need be. One
-    that grew past `POOL_MAX_ENODES` is dropped instead: a later run gets a freshly prepared one.
+    egglog's ``push`` and ``pop`` (~0.03 s), so only its first optimization pays. One that grew
+    past `POOL_MAX_ENODES` is dropped instead: a later run gets a freshly prepared one.
     """
     egglog_rulesets = [r.ruleset for r in rulesets]
     key = tuple(map(id, egglog_rulesets))
-    with _PREPARED_LOCK:
-        pool = _PREPARED.setdefault(key, _Pool(egglog_rulesets))
-    egraph = _take_ready(pool)
+    with _PREPARED_LOCK:  # the entry keeps the rulesets alive, so their ids are not reused
+        _, idle = _PREPARED.setdefault(key, (egglog_rulesets, []))
+        egraph = idle.pop() if idle else None
     if egraph is None:
         egraph = EGraph()
         prepare_rulesets(egraph, rulesets)
-        egraph.push()
+    egraph.push()
     try:
         yield egraph
     finally:
-        reuse = egraph_size(egraph) <= POOL_MAX_ENODES
-        thread = threading.Thread(target=_revert, args=(pool, egraph, reuse), name="eqsat_attn e-graph revert",
-                                  daemon=True)
-        with _PREPARED_LOCK:  # listed and started together: a waiter never joins an unstarted thread
-            pool.reverting.append(thread)
-            try:
-                thread.start()
-                started = True
-            except RuntimeError:  # no thread can start (the interpreter is shutting down)
-                pool.reverting.remove(thread)
-                started = False
-        if not started:
-            _revert(pool, egraph, reuse, on_thread=False)
+        grown = egraph_size(egraph)
+        egraph.pop()  # raises if egglog cannot revert: the e-graph is then not reused
+        if grown <= POOL_MAX_ENODES:
+            with _PREPARED_LOCK:
+                idle.append(egraph)
 
 
 _clock = time.perf_counter  # the safety net's clock (tests replace it)
