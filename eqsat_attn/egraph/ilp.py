@@ -30,6 +30,7 @@ The chosen nodes are decoded into an `ir.Program` with the same node constructio
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -96,8 +97,10 @@ class ILPExtractionError(RuntimeError):
     """The ILP extractor could not run (graph too large, infeasible, solver failure)."""
 
 
+@functools.lru_cache(maxsize=4096)
 def _ctor(op: str) -> tuple[str, str] | None:
-    """("Term" | "TermList", constructor) of a serialized op name, None for other functions."""
+    """("Term" | "TermList", constructor) of a serialized op name, None for other functions
+    (remembered: an e-graph spells a few dozen op names over thousands of e-nodes)."""
     for sort in ("TermList_", "Term_"):
         k = op.rfind(sort)
         if k >= 0 and (k == 0 or op[k - 1] in "_."):
@@ -113,6 +116,10 @@ class _Graph:
     class_type: dict[str, str]
     class_nodes: dict[str, list[str]] = field(default_factory=dict)
     root: str | None = None
+    #: `sort` and `primitive` answers, remembered (the snapshot never changes; pricing asks the
+    #: same e-classes and literals once per e-node that reads them)
+    _sorts: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    _primitives: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def read(cls, egraph: EGraph) -> _Graph:
@@ -135,15 +142,27 @@ class _Graph:
         return g
 
     def sort(self, eclass: str) -> str:
-        t = self.class_type.get(eclass, "")
-        if t.endswith(".TermList") or t == "TermList":
-            return "TermList"
-        if t.endswith(".Term") or t == "Term":
-            return "Term"
-        return t
+        found = self._sorts.get(eclass)
+        if found is None:
+            t = self.class_type.get(eclass, "")
+            if t.endswith(".TermList") or t == "TermList":
+                found = "TermList"
+            elif t.endswith(".Term") or t == "Term":
+                found = "Term"
+            else:
+                found = t
+            self._sorts[eclass] = found
+        return found
 
     def primitive(self, nid: str) -> Any:
         """The Python value of a primitive child (i64, f64, String, Vec[i64])."""
+        if nid in self._primitives:
+            return self._primitives[nid]
+        value = self._primitive(nid)
+        self._primitives[nid] = value
+        return value
+
+    def _primitive(self, nid: str) -> Any:
         node = self.nodes[nid]
         if not nid.startswith("primitive-"):  # a function node whose value is a primitive class
             prims = [m for m in self.class_nodes[node["eclass"]] if m.startswith("primitive-")]
@@ -361,21 +380,27 @@ class Problem:
         types = _class_types(g)
 
         # candidate nodes: Term/TermList nodes of the classes reachable from the root
+        known: dict[str, list[str]] = {}  # each e-node's child classes, read once
+
         def child_classes(nid: str) -> list[str]:
-            seen: list[str] = []
-            for c in g.nodes[nid]["children"]:
-                eclass = g.nodes[c]["eclass"]
-                if g.sort(eclass) in ("Term", "TermList") and eclass not in seen:
-                    seen.append(eclass)
+            seen = known.get(nid)
+            if seen is None:
+                seen = known[nid] = []
+                for c in g.nodes[nid]["children"]:
+                    eclass = g.nodes[c]["eclass"]
+                    if g.sort(eclass) in ("Term", "TermList") and eclass not in seen:
+                        seen.append(eclass)
             return seen
 
         reach: list[str] = [g.root]
         seen_classes = {g.root}
         cand: dict[str, list[str]] = {}
+        count = 0  # candidate e-nodes so far
         for klass in reach:
             members = [n for n in g.class_nodes.get(klass, []) if _ctor(g.nodes[n]["op"]) is not None]
             cand[klass] = members
-            if sum(len(v) for v in cand.values()) > max_enodes:
+            count += len(members)
+            if count > max_enodes:
                 raise ILPExtractionError(
                     f"ILP extraction is for e-graphs up to {max_enodes} e-nodes reachable from the root; "
                     "this one has more: use the greedy-dag extractor"
@@ -672,30 +697,39 @@ def _levels(root: str, chosen: dict[str, str], children: dict[str, list[str]]) -
     return level
 
 
+def _parents(classes: list[str], alive: dict[str, list[str]], children: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Child class -> the candidate e-nodes (of ``classes``) that read it."""
+    parents: dict[str, list[str]] = {}
+    for c in classes:
+        for n in alive[c]:
+            for k in children[n]:
+                parents.setdefault(k, []).append(n)
+    return parents
+
+
 def greedy_dag_picks(classes: list[str], alive: dict[str, list[str]], children: dict[str, list[str]],
                      cost: dict[str, float]) -> tuple[dict[str, str], dict[str, tuple[float, frozenset[str]]]]:
     """Greedy-DAG extraction (egglog's algorithm): each class's pick, and for each e-node that
     could be priced, the cost of its DAG (its own cost and each class below it once) and the
     classes in it. Passes over the classes repeat until no pick changes; an e-node priced before
     on the same children's DAGs is skipped (a class's DAG only ever gets cheaper, so its outcome
-    is the same)."""
+    is the same): it is priced again only once a child class's DAG has changed (``stale``)."""
     dag: dict[str, dict[str, float]] = {}
     dag_total: dict[str, float] = {}  # sum(dag[c].values()), kept with it
-    version: dict[str, int] = {}  # how often dag[c] changed
-    seen: dict[str, tuple[int, ...]] = {}  # e-node -> its classes' versions when last priced
+    stale = {n for c in classes for n in alive[c]}  # e-nodes not priced on their children's current DAGs
+    parents = _parents(classes, alive, children)
     pick: dict[str, str] = {}
     member: dict[str, tuple[float, frozenset[str]]] = {}
     for _ in range(len(classes) + 1):
         changed = False
         for c in classes:
             for n in alive[c]:
+                if n not in stale:
+                    continue
                 kids = children[n]
                 if not all(k in dag for k in kids):
                     continue
-                versions = tuple(version[k] for k in kids)
-                if seen.get(n) == versions:
-                    continue
-                seen[n] = versions
+                stale.discard(n)
                 merged: dict[str, float] = {}
                 for k in kids:
                     merged.update(dag[k])
@@ -706,7 +740,7 @@ def greedy_dag_picks(classes: list[str], alive: dict[str, list[str]], children: 
                 member[n] = (total, frozenset(merged))
                 if c not in dag or total < dag_total[c] - 1e-15 * max(1.0, abs(total)):
                     dag[c], dag_total[c], pick[c] = merged, total, n
-                    version[c] = version.get(c, 0) + 1
+                    stale.update(parents.get(c, ()))
                     changed = True
         if not changed:
             break
@@ -719,20 +753,22 @@ def _tree_picks(classes: list[str], alive: dict[str, list[str]], children: dict[
     costs, to a fixed point (an e-node priced before on the same children's costs is skipped)."""
     tree: dict[str, float] = {}
     tree_pick: dict[str, str] = {}
-    version: dict[str, int] = {}
-    seen: dict[str, tuple[int, ...]] = {}
+    stale = {n for c in classes for n in alive[c]}  # e-nodes not priced on their children's current costs
+    parents = _parents(classes, alive, children)
     for _ in range(len(classes) + 1):
         changed = False
         for c in classes:
             for n in alive[c]:
-                kids = children[n]
-                if not all(k in tree for k in kids) or seen.get(n) == (v := tuple(version[k] for k in kids)):
+                if n not in stale:
                     continue
-                seen[n] = v
+                kids = children[n]
+                if not all(k in tree for k in kids):
+                    continue
+                stale.discard(n)
                 t = cost[n] + sum(tree[k] for k in kids)
                 if t < tree.get(c, math.inf) - 1e-15 * max(1.0, abs(t)):
                     tree[c], tree_pick[c] = t, n
-                    version[c] = version.get(c, 0) + 1
+                    stale.update(parents.get(c, ()))
                     changed = True
         if not changed:
             break

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from egglog import bindings
-from egglog.declarations import CallDecl, LitDecl, RuleDecl, UnboundVarDecl
+from egglog.declarations import CallDecl, Ident, JustTypeRef, LitDecl, RuleDecl, TypedExprDecl, UnboundVarDecl
 
 #: a table's egglog name and its literal op (None: any op, or a table without one)
 Symbol = tuple[str, str | None]
@@ -85,18 +85,40 @@ def rule_symbols(decl: Any) -> RuleSymbols:
     return RuleSymbols(frozenset(_decl_calls(decl.body)), frozenset(_decl_calls(decl.head)))
 
 
+#: declaration types that never hold a call (type references and names): not walked
+_CALL_FREE = frozenset({str, int, float, bool, type(None), Ident, JustTypeRef})
+#: each walked dataclass type's field names (``dataclasses.fields`` per item was most of the walk),
+#: without the fields of a typed expression's type (``TypedExprDecl.tp``: a `JustTypeRef`)
+_FIELDS: dict[type, tuple[str, ...]] = {TypedExprDecl: ("expr",)}
+
+
+def _fields(kind: type) -> tuple[str, ...]:
+    names = _FIELDS.get(kind)
+    if names is None:
+        names = _FIELDS[kind] = tuple(f.name for f in dataclasses.fields(kind))
+    return names
+
+
 def _decl_calls(node: Any) -> Iterator[tuple[Any, Op]]:
     """Every call in a declaration tree, with its first argument as an `Op`."""
     stack = [node]
     while stack:
         item = stack.pop()
-        if isinstance(item, CallDecl):
+        kind = type(item)
+        if kind in _CALL_FREE:
+            continue
+        if kind is CallDecl:
+            yield item.callable, _op(item.args[0].expr) if item.args else None
+            stack.extend(arg.expr for arg in item.args)
+        elif kind is tuple or kind is list:
+            stack.extend(item)
+        elif isinstance(item, CallDecl):
             yield item.callable, _op(item.args[0].expr) if item.args else None
             stack.extend(arg.expr for arg in item.args)
         elif isinstance(item, (tuple, list)):
             stack.extend(item)
         elif dataclasses.is_dataclass(item) and not isinstance(item, type):
-            stack.extend(getattr(item, f.name) for f in dataclasses.fields(item))
+            stack.extend(getattr(item, name) for name in _fields(kind))
 
 
 def _op(expr: Any) -> Op:
