@@ -64,7 +64,9 @@ def test_optimized_attention_under_a_mesh_needs_no_all_gather():
         want = jax.jit(mha)(q, k, v)
         assert gathers(mha, q, k, v) == []
         for backend in ("reference", "pallas"):
-            f = ea.optimize(mha, backend=backend)
+            # priced for an H100, which takes attention at these shapes (the CPU row's reference
+            # attention is within 0.3% of the einsums here): this test is about the mesh
+            f = ea.optimize(mha, backend=backend, cost_model="roofline-h100")
             assert f.explain(q, k, v).after.count("attention") == 1
             got = jax.jit(f)(q, k, v)
             close(got, want)
