@@ -10,8 +10,6 @@ transposes into the layouts and exposes the standard and transposed-V forms."""
 
 from __future__ import annotations
 
-import functools
-
 from egglog import String, eq, f64, i64, ne, union, var
 
 from eqsat_attn.egraph.language import (
@@ -898,6 +896,7 @@ attention_fast_math = RuleSet(
     phase="raise",
 )
 FAR_FILL = -1e38  # a fill at or below this absorbs any bias of magnitude below 1e30: fill + b rounds to fill
+FAST_MATH_RANKS = range(2, 7)  # the ranks of attention's scores (`RANK_CASES`; [X,B,H,S,D] scores are rank 5)
 
 
 @attention_fast_math.family
@@ -906,7 +905,7 @@ def softmax_unshifted():
     softmax has) is softmax(x), and normalising it after P·V too: equal in real numbers; the program
     overflows to NaN where a score passes 88 and loses digits where a row's scores are all below
     -87, where the op's stable softmax does neither."""
-    for rank in range(1, 9):
+    for rank in FAST_MATH_RANKS:
         for _, form in _stable_softmax_forms(x, rank, _unshifted_exps):
             yield rw(form, Term.softmax(x), shape(x).length() == i64(rank))
     yield from _deferred_normalisations(_unshifted_exps)
@@ -923,8 +922,9 @@ def log_sum_exp():
     d3, sy = var("d3", IntVec), var("sy", IntVec)
     inner_guard = Term.select(Term.unary("is_finite", y), scalar(0.0, dt, sy), y)
     yield rw(_finite_or_zero(Term.broadcast(y, s2, d2)), Term.broadcast(inner_guard, s2, d2), shape(y) == sy)
-    for rank in range(1, 9):
-        for _, form in _stable_softmax_forms(x, rank, functools.partial(_shifted_exps, guarded=True)):
+    for rank in FAST_MATH_RANKS:  # the split below writes the quotient: only that form is needed
+        for _, ex, total in _shifted_exps(x, rank, guarded=True):
+            form = Term.binary("div", ex, Term.broadcast(total, s2, perm_range(rank - 1)))
             yield rw(form, Term.softmax(x), shape(x).length() == i64(rank))
     total = Term.reduce("reduce_sum", Term.unary("exp", t_), d1)
     spread_total = Term.broadcast(total, s1, d3)
@@ -992,7 +992,7 @@ def probabilities_times_row_factor():
     """``(P * f) · V`` with f constant along the keys (a per-head mask, HF's head_mask) is
     ``(P · V) * f``: equal but for rounding, the sign of zeros and Inf/NaN."""
     factor, so = var("factor", Term), var("so", IntVec)
-    for rank in range(2, 7):
+    for rank in range(2, 6):  # P of every rank case
         for n_batch in range(rank - 1):  # P's leading axes are the batch: its others keep their place in P · V
             batch = perm_range(n_batch)
             for probs, _ in _probabilities(x):
