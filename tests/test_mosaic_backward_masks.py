@@ -25,7 +25,7 @@ from eqsat_attn.kernels.mosaic_scores import ScoreMods, log2_scores
 from eqsat_attn.kernels.reference import MASK_VALUE, attention_reference
 from test_kernel_masks import key_padding, no_reference, np_attention  # noqa: F401
 from test_kernels import assert_close
-from test_mosaic_masks import f64, lengths_mask
+from test_mosaic_masks import compiled_case_mods, f64, lengths_mask
 
 fa = importlib.import_module("eqsat_attn.kernels.flash_attention")  # the module, not the function
 pytestmark = pytest.mark.usefixtures("full_f32_matmuls_on_gpu")
@@ -400,16 +400,10 @@ def test_gpu_compiled_masked_backward_matches_reference(case):
                    ((b, h, s, d), (b, hkv, s, d), (b, hkv, s, d), (b, h, s, d)))
     kw = dict(causal=False, mask=None, softcap=0.0, kv_lengths=None, window=None, v_layout="BHSD")
     bias = None
-    if case == "padding":
-        kw["mask"] = key_padding([1024, 512], s)
-    elif case == "random":
-        m = rng.random((b, h, s, s)) > 0.5
-        m[:, :, 256:640, 256:896] = False
-        m[:, :, np.arange(s), np.arange(s)] = True
-        kw["mask"] = jnp.asarray(m)
-    elif case == "causal-softcap-bias":
-        kw.update(mask=key_padding([1024, 600], s), causal=True, softcap=30.0)
-        bias = jnp.asarray(rng.normal(size=(h, s, s)), jnp.bfloat16)
+    shared = compiled_case_mods(rng, case, b, h, s)
+    if shared is not None:
+        bias = shared.pop("bias", None)
+        kw.update(shared)
     elif case == "lengths-window":
         kw.update(kv_lengths=jnp.asarray([1024, 377], jnp.int32), window=256, causal=True)
     else:

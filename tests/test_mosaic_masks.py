@@ -391,6 +391,23 @@ def test_masked_kernels_lower_for_hopper(d, overlap, case):
     assert text.count("custom_call @mosaic_gpu") == 1
 
 
+def compiled_case_mods(rng: np.random.Generator, case: str, b: int, h: int, s: int) -> dict | None:
+    """The score modifications of the compiled GPU tests' shared cases (forward here, backward in
+    test_mosaic_backward_masks.py): a [B, Sk] key padding, a random mask with a hidden block and
+    its diagonal kept, or causal plus padding, soft-cap and a bias; None for any other case."""
+    if case == "padding":
+        return dict(mask=key_padding([1024, 512], s))
+    if case == "random":
+        m = rng.random((b, h, s, s)) > 0.5
+        m[:, :, 256:640, 256:896] = False
+        m[:, :, np.arange(s), np.arange(s)] = True
+        return dict(mask=jnp.asarray(m))
+    if case == "causal-softcap-bias":
+        return dict(mask=key_padding([1024, 600], s), causal=True, softcap=30.0,
+                    bias=jnp.asarray(rng.normal(size=(h, s, s)), jnp.bfloat16))
+    return None
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not hopper_gpu(), reason="needs a Hopper GPU (sm_90)")
 @pytest.mark.parametrize("overlap", [False, True])
@@ -401,16 +418,9 @@ def test_gpu_compiled_masked_mosaic_matches_reference(case, overlap):
     q, k, v, do = (jnp.asarray(rng.normal(size=shape), jnp.bfloat16) for shape in
                    ((b, h, s, d), (b, hkv, s, d), (b, hkv, s, d), (b, h, s, d)))
     kw = dict(causal=False, mask=None, softcap=0.0, mask_fill=MASK_VALUE, bias=None, kv_lengths=None, window=None)
-    if case == "padding":
-        kw["mask"] = key_padding([1024, 512], s)
-    elif case == "random":
-        m = rng.random((b, h, s, s)) > 0.5
-        m[:, :, 256:640, 256:896] = False
-        m[:, :, np.arange(s), np.arange(s)] = True
-        kw["mask"] = jnp.asarray(m)
-    elif case == "causal-softcap-bias":
-        kw.update(mask=key_padding([1024, 600], s), causal=True, softcap=30.0,
-                  bias=jnp.asarray(rng.normal(size=(h, s, s)), jnp.bfloat16))
+    shared = compiled_case_mods(rng, case, b, h, s)
+    if shared is not None:
+        kw.update(shared)
     elif case == "fill-guard":
         kw.update(causal=True, mask_fill=-1e4, bias=jnp.full((s, s), -1e6, jnp.float32))
     else:
