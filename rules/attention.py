@@ -60,6 +60,12 @@ def broadcast_compose():
 
 
 @attention_raise.family
+def reshape_scalar_broadcast():
+    """A reshape of a broadcast scalar is the scalar broadcast to the new shape."""
+    yield rw(Term.reshape(Term.broadcast(x, s1, NONE), s2), Term.broadcast(x, s2, NONE))
+
+
+@attention_raise.family
 def stop_gradient_broadcast():
     """stop_gradient commutes with broadcast (it is the identity on values)."""
     yield rw(
@@ -118,6 +124,8 @@ def causal_masks():
         d2[d2.length() - 2] == s2.length() - 2,
     )(causal_mask(e))
     yield rl(eq(e).to(Term.convert(m, dt)), causal_mask(m))(causal_mask(e))
+    yield rl(eq(e).to(Term.reshape(m, s2)), causal_mask(m), shape(m) == s1, s2.length() >= i64(2),  # each matrix whole
+             s1[s1.length() - 1] == s2[s2.length() - 1], s1[s1.length() - 2] == s2[s2.length() - 2])(causal_mask(e))
     yield rl(
         eq(e).to(Term.transpose(m, p)), causal_mask(m),
         p[p.length() - 1] == p.length() - 1, p[p.length() - 2] == p.length() - 2,
@@ -248,6 +256,15 @@ def softmax_transpose():
     yield rw(Term.softmax(Term.transpose(x, p)), Term.transpose(Term.softmax(x), p), *last_fixed)
 
 
+@attention_raise.family
+def softmax_reshape():
+    """A reshape that keeps the last axis's length keeps every row whole (rows are contiguous), so
+    the softmax of the reshape is the reshape of the softmax (grouped-query code merges the group
+    axis into the heads for the softmax and splits it again for P·V)."""
+    yield rw(Term.softmax(Term.reshape(x, s1)), Term.reshape(Term.softmax(x), s1),
+             shape(x) == s2, s2[s2.length() - 1] == s1[s1.length() - 1])
+
+
 # --- attention's scores: every spelling of scale, soft-cap, bias and mask becomes one `attn_scores`
 # fact (language.attn_scores), so the raising rule below matches one form whatever composed it.
 
@@ -328,6 +345,26 @@ def scores_softcap():
         yield rl(eq(e).to(form), _scores(x, q, k, sc0, f64(0.0), NO_MASK, String("none"), fl, i64(0), nb), c > f64(0.0))(
             _scores(e, q, k, sc0, c, NO_MASK, String("none"), fl, i64(0), nb)
         )
+
+
+@attention_raise.family
+def scores_reshape():
+    """Scores reshaped with rows kept whole, then scaled, cast, soft-capped, biased or masked, are
+    those scores modified before the reshape, with the other operand reshaped the other way
+    (elementwise operations commute with a reshape): grouped-query code merges the group axis into
+    the heads before it adds a [B, H, Sq, Sk] bias or mask."""
+    reshaped = Term.reshape(x, s1)
+    scores = (_scores(x, q, k, sc0, cap, m, mk, fl, causal, nb), shape(x) == s2,
+              s2[s2.length() - 1] == s1[s1.length() - 1])
+    for op in ("add", "sub", "mul", "div"):
+        yield rw(Term.binary(op, reshaped, y), Term.reshape(Term.binary(op, x, Term.reshape(y, s2)), s1), *scores)
+        yield rw(Term.binary(op, y, reshaped), Term.reshape(Term.binary(op, Term.reshape(y, s2), x), s1), *scores)
+    yield rw(Term.select(t_, y, reshaped), Term.reshape(Term.select(Term.reshape(t_, s2), Term.reshape(y, s2), x), s1),
+             *scores)
+    yield rw(Term.select(t_, reshaped, y), Term.reshape(Term.select(Term.reshape(t_, s2), x, Term.reshape(y, s2)), s1),
+             *scores)
+    yield rw(Term.unary("tanh", reshaped), Term.reshape(Term.unary("tanh", x), s1), *scores)
+    yield rw(Term.convert(reshaped, dt), Term.reshape(Term.convert(x, dt), s1), *scores)
 
 
 @attention_raise.family
@@ -762,6 +799,26 @@ def softmax_backward():
 
 
 @attention_grad.family
+def reshaped_softmax_backward():
+    """Softmax's backward taken on a reshape of the scores that keeps rows whole (`softmax_reshape`:
+    grouped-query code merges the group axis into the heads for the softmax), at the reshaped
+    dP = do · Vᵀ: reshaped back, it is the cotangent of the scores themselves."""
+    soft_shape, scores_shape = var("soft_shape", IntVec), var("scores_shape", IntVec)
+    for n_batch, n_free in RANK_CASES:
+        rank = n_batch + n_free + 1
+        batch = perm_range(n_batch)
+        facts = (_scores(sf_, q, k, sc0, cap, m, mk, fl, causal, i64(n_batch)), shape(v).length() == i64(n_batch + 2),
+                 shape(sf_) == scores_shape)
+        d_out = Term.dot(do_, v, ivec([rank - 1]), ivec([n_batch + 1]), batch, batch, dt, pr)
+        for soft_rank in range(2, rank):
+            probs = Term.softmax(Term.reshape(sf_, soft_shape))
+            for d_probs in (Term.reshape(d_out, soft_shape), Term.convert(Term.reshape(d_out, soft_shape), String("float32"))):
+                for form, conditions in _softmax_vjp_forms(probs, d_probs, soft_rank):
+                    yield rl(eq(e).to(form), soft_shape.length() == i64(soft_rank), *conditions, *facts)(
+                        scores_cot(Term.reshape(e, scores_shape), sf_, sf_, do_, v))
+
+
+@attention_grad.family
 def scores_backward():
     """The cotangent of scores carries back through their modifications as jax.grad transposes
     them: a scalar factor multiplies it again, a float32 widening is undone, an additive bias
@@ -785,27 +842,31 @@ def scores_backward():
 
 
 def _gradient_views(n_batch: int, n_free: int, swapped: bool):
-    """(do4, q_back): the output cotangent viewed as the op's [B, H, Sq, Dv], and the op's
-    [B, H, Sq, D] gradient of Q viewed back as canonical Q (``swapped``: Q's free axes are (Sq, G))."""
+    """(do4, q_back, scores_back): the output cotangent viewed as the op's [B, H, Sq, Dv], and the
+    op's [B, H, Sq, D] gradient of Q and [B, H, Sq, Sk] gradient of a bias viewed back as
+    canonical Q and as the product Q·Kᵀ (``swapped``: Q's free axes are (Sq, G))."""
     b, _, heads, s_q, _, _, d_v = _op_dims(n_batch, n_free)
     if not swapped:
-        return (lambda t: Term.reshape(t, IntVec(b, heads, s_q, d_v))), (lambda t: Term.reshape(t, ss))
+        product = IntVec(*[ss[i] for i in range(n_batch + n_free)], sk_[n_batch + 1])
+        return ((lambda t: Term.reshape(t, IntVec(b, heads, s_q, d_v))), (lambda t: Term.reshape(t, ss)),
+                (lambda t: Term.reshape(t, product)))
     into, back = _swapped_views(n_batch)
-    return into(sv[n_batch + 1]), back(ss[n_batch + 2])
+    return into(sv[n_batch + 1]), back(ss[n_batch + 2]), back(sk_[n_batch + 1])
 
 
 @attention_grad.family
 def gradient_ops():
     """The cotangent of scores s at output cotangent do (`scores_cot`) names the op's gradients
     of the attention s defines (`grad_op`: `Term.attention_vjp` for Q, K, V and an additive bias,
-    over every rank case's operands viewed as the op's, as the forward raising views them); and
+    over every rank case's operands viewed as the op's, as the forward raising views them; Q's
+    and the bias's viewed back as the program's, since one product may be read in two views); and
     the cotangent where a bias was added is the bias's gradient."""
     cases = [(n_batch, n_free, False) for n_batch, n_free in RANK_CASES]
     cases += [(n_batch, n_free, True) for n_batch, n_free in RANK_CASES if n_free == 2]
     for n_batch, n_free, swapped in cases:
         rank = n_batch + n_free + 1
         q4, k4, v4, mask4, _ = _attention_4d(n_batch, n_free, swapped)
-        do4, _ = _gradient_views(n_batch, n_free, swapped)
+        do4, q_back, scores_back = _gradient_views(n_batch, n_free, swapped)
         shapes = (shape(q) == ss, ss.length() == i64(rank), shape(k) == sk_, shape(v) == sv,
                   dtype(q) == dtq, dtype(k) == dtq, dtype(v) == dtq, dtype(do_) == dtq)
         flag = i64(0) if swapped else causal  # as in `attention`: no causal flag over (Sq, G)
@@ -819,27 +880,24 @@ def gradient_ops():
 
             with_bias = kind in ("bias", "bias+bool")
             yield rl(scores_cot(g_, sf_, sf_, do_, v), *facts)(
-                grad_op(sf_, q, k, v, do_, grad(0), grad(1), grad(2), grad(3) if with_bias else grad(0))
+                grad_op(sf_, q, k, v, do_, q_back(grad(0)), grad(1), grad(2), scores_back(grad(3 if with_bias else 0)))
             )
             if with_bias:  # the cotangent where the bias was added (full-shaped there) is its gradient
                 bias = m if kind == "bias" else bias_
                 for form in (Term.binary("add", x, bias), Term.binary("add", bias, x)):
                     yield rl(eq(s_).to(form), scores_cot(g_, s_, sf_, do_, v), shape(bias) == s3, dtype(bias) == dtq,
-                             *facts)(union(g_).with_(Term.reshape(grad(3), s3)))
+                             *facts)(union(g_).with_(Term.reshape(scores_back(grad(3)), s3)))
 
 
 @attention_grad.family
 def attention_gradients():
     """Where the cotangent reaches Q·Kᵀ itself: g · K is Q's gradient (times the factor when Q was
     scaled before the product), gᵀ · Q is K's, and Pᵀ · do is V's: the op's (`grad_op`)."""
-    cases = [(n_batch, n_free, False) for n_batch, n_free in RANK_CASES]
-    cases += [(n_batch, n_free, True) for n_batch, n_free in RANK_CASES if n_free == 2]
     dq_, dk_, dv_, db_ = (var(n, Term) for n in ("dq_", "dk_", "dv_", "db_"))
-    for n_batch, n_free, swapped in cases:
+    for n_batch, n_free in RANK_CASES:
         rank = n_batch + n_free + 1
         batch, free = perm_range(n_batch), ivec(range(n_batch, n_batch + n_free))
         swap_k = ivec([*range(n_batch), n_batch + 1, n_batch])  # Kᵀ [batch.., D, Sk] <-> K [batch.., Sk, D]
-        _, q_back = _gradient_views(n_batch, n_free, swapped)
         known = (grad_op(sf_, q, k, v, do_, dq_, dk_, dv_, db_), shape(q) == ss, ss.length() == i64(rank),
                  shape(k) == sk_, shape(v) == sv, dtype(q) == dtq, dtype(e) == dtq)
 
@@ -857,10 +915,10 @@ def attention_gradients():
             at_product = (scores_cot(g_, x, sf_, do_, v), eq(x).to(_canonical_qk(q_form, k, n_batch, rank)), *known)
             # Q's gradient: g · K (K as given, or Kᵀ contracted over its last axis)
             yield rl(eq(e).to(chain(d_query(kk_))), eq(k).to(Term.transpose(kk_, swap_k)), *at_product)(
-                union(e).with_(q_back(dq_))
+                union(e).with_(dq_)
             )
             yield rl(eq(e).to(chain(Term.dot(g_, k, ivec([rank - 1]), ivec([n_batch + 1]), batch, batch, dt, pr))),
-                     *at_product)(union(e).with_(q_back(dq_)))
+                     *at_product)(union(e).with_(dq_))
             # K's gradient: gᵀ · Q summed over Q's free axes, in K's layout or in Kᵀ's
             yield rl(eq(e).to(Term.dot(g_, q_form, free, free, batch, batch, dt, pr)), *at_product)(
                 union(e).with_(Term.transpose(Term.reshape(dk_, sk_), swap_k))
