@@ -176,9 +176,13 @@ def optimize_part(program: Program, options: OptimizeOptions, model,
     Never returns something the model predicts slower than ``program``.
     """
     first = replace(options.limits, nodes=min(options.limits.nodes, RESTART_ENODES))
-    stop_when = StopWhenFired((RAISED, RAISED_GRADIENTS), RAISED_SETTLED_ENODES, RAISED_RESTART_ENODES)
+    # a program writing out softmax's backward restarts only once its backward has raised: its
+    # forward raises first, and a restart from there would no longer hold what the backward needs
+    gradient = GRADIENT_RULES in (options.rule_names(program) or ())
+    stop_when = StopWhenFired((RAISED, RAISED_GRADIENTS), RAISED_SETTLED_ENODES, RAISED_RESTART_ENODES,
+                              required=RAISED_GRADIENTS if gradient else None)
     chosen, run, graph = _saturate_and_extract(program, options, first, model, notes, stop_when)
-    early = run.stop_reason.startswith(RAISED)  # settled, or fired past RAISED_RESTART_ENODES (either family)
+    early = run.stop_reason.startswith(stop_when.families)  # settled, or fired past RAISED_RESTART_ENODES
     if run.saturated or not (early or (options.limits.nodes > RESTART_ENODES and run.stop_reason.startswith("e-node"))):
         return chosen, run, graph
     second, rerun, second_graph = _saturate_and_extract(chosen, options, options.limits, model, notes)

@@ -429,6 +429,24 @@ if NNX_GQA is not None:
         return nnx.merge(NNX_GQA[0], state)(x)
 
 
+    grad_case("flax_nnx_mha_gqa_grad", flax_nnx_gqa, nnx_args(NNX_GQA), family="flax",
+              source="flax.nnx MultiHeadAttention num_kv_heads=1, weights and input", argnums=(0, 1))
+
+    NNX_GQA_4_2 = nnx.split(nnx.MultiHeadAttention(num_heads=4, in_features=E, decode=False, rngs=nnx.Rngs(0),
+                                                   num_kv_heads=2))
+
+    @case("flax_nnx_gqa_causal_mask", nnx_args(NNX_GQA_4_2), positive=True, family="flax",
+          source="flax.nnx MultiHeadAttention 4 heads, num_kv_heads=2, nnx.make_causal_mask (mask on the merged heads)")
+    def flax_nnx_gqa_causal(state, x):
+        return nnx.merge(NNX_GQA_4_2[0], state)(x, mask=nnx.make_causal_mask(x[..., 0]))
+
+    def flax_nnx_gqa_4_2(state, x):
+        return nnx.merge(NNX_GQA_4_2[0], state)(x)
+
+    grad_case("flax_nnx_gqa_grad", flax_nnx_gqa_4_2, nnx_args(NNX_GQA_4_2), family="flax",
+              source="flax.nnx MultiHeadAttention 4 heads, num_kv_heads=2, weights and input", argnums=(0, 1))
+
+
 EQX_PARAMS, EQX_STATIC = eqx.partition(
     eqx.nn.MultiheadAttention(num_heads=H, query_size=E, key=jax.random.PRNGKey(0)), eqx.is_array)
 

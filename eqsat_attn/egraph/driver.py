@@ -301,6 +301,11 @@ class StopWhenFired:
     family: str | tuple[str, ...]  # "rule_set.family", or several counted together
     settled_enodes: int
     enodes: int
+    required: str | None = None  # a family that must have fired before the run stops (None: any)
+
+    def armed(self, fired: Counter[str]) -> bool:
+        """Whether the run may stop, given each family's matches so far."""
+        return self.required is None or fired[self.required] > 0
 
     @property
     def families(self) -> tuple[str, ...]:
@@ -366,7 +371,8 @@ def run_rulesets(
                 if family is not None and n:
                     step[family] += n
             now = sum(fired[f] + step[f] for f in watched) - before
-            stopped = _limit_reached(egraph, limits, start, stop_when, before, now, name)
+            armed = stop_when if stop_when and stop_when.armed(fired + step) else None
+            stopped = _limit_reached(egraph, limits, start, armed, before, now, name)
             if stopped:
                 break
         fired.update(step)
@@ -379,7 +385,8 @@ def run_rulesets(
             result.saturated = True
             result.stop_reason = "saturated"
             break
-        stopped = stopped or _limit_reached(egraph, limits, start, stop_when, sum(fired[f] for f in watched))
+        armed = stop_when if stop_when and stop_when.armed(fired) else None
+        stopped = stopped or _limit_reached(egraph, limits, start, armed, sum(fired[f] for f in watched))
         if stopped:
             result.stop_reason = stopped
             break
