@@ -231,14 +231,18 @@ def dot_precision(precision: Any, operand_dtypes: set[str]) -> str | None:
     computes (none given, DEFAULT, or the algorithm preset that is the default for its operands:
     ``BF16_BF16_F32`` over bfloat16, half-precision products accumulated in float32, as
     jax.nn.dot_product_attention asks), "highest" for ``Precision.HIGHEST`` on both operands (or
-    ``F32_F32_F32`` over float32), None for anything else (HIGH, TF32 presets, a mixed pair): such
-    a dot stays opaque, with its precision."""
+    ``F32_F32_F32`` over float32), the preset's name in lower case for a half-precision preset over
+    a float32 and a half-precision operand (jax.grad's transpose of a dot that asked for that
+    preset: the backend may round the float32 operand to the half type), None for anything else
+    (HIGH, TF32 presets): such a dot stays opaque, with its precision."""
     if precision is None:
         return ""
     name = getattr(precision, "name", None)
     if name is not None:  # a DotAlgorithmPreset
         if name == "DEFAULT" or operand_dtypes == {_HALF_ALGORITHMS.get(name)}:
             return ""
+        if name in _HALF_ALGORITHMS and operand_dtypes == {_HALF_ALGORITHMS[name], "float32"}:
+            return name.lower()
         return "highest" if name == "F32_F32_F32" and operand_dtypes == {"float32"} else None
     if isinstance(precision, tuple):
         names = {getattr(x, "name", x) for x in precision}

@@ -16,7 +16,8 @@ Op vocabulary (params in brackets; output shape and dtype always come from `Node
 - ``transpose[perm]``, ``reshape`` (to ``type.shape``), ``broadcast_in_dim[broadcast_dimensions]``,
   ``reduce_sum|reduce_max|reduce_min[axes]``, ``iota[dimension]``,
   ``dot_general[lhs_contract, rhs_contract, lhs_batch, rhs_batch, preferred_element_type, precision?]``
-  (precision absent for JAX's default, "highest" for ``Precision.HIGHEST``).
+  (precision absent for JAX's default, "highest" for ``Precision.HIGHEST``, "bf16_bf16_f32" or
+  "f16_f16_f32" for that algorithm preset over a float32 and a half-precision operand).
 - ``slice[start_indices, limit_indices]`` (stride 1) and ``concatenate[dimension]`` (any
   number of operands of one dtype, equal except along ``dimension``).
 - ``packed_attention[packed_layout, o_layout, scale, causal, mask_kind]``: attention whose Q, K

@@ -202,12 +202,20 @@ def evaluate_region(body: str, inputs: Sequence[Any]) -> Any:
     return values[-1]
 
 
+def dot_precision_arg(precision: str | None) -> Any:
+    """``lax.dot_general``'s precision for an IR dot's: None (JAX's default), ``Precision.HIGHEST``
+    for "highest", the algorithm preset a half-precision preset's lower-case name names."""
+    if not precision:
+        return None
+    return lax.Precision.HIGHEST if precision == "highest" else lax.DotAlgorithmPreset[precision.upper()]
+
+
 def _dot_general(p: ir.Params, args: list[Any]) -> Any:
     dims = ((tuple(p["lhs_contract"]), tuple(p["rhs_contract"])), (tuple(p["lhs_batch"]), tuple(p["rhs_batch"])))
     pet = p.get("preferred_element_type")
-    precision = lax.Precision.HIGHEST if p.get("precision") == "highest" else None
     return lax.dot_general(
-        args[0], args[1], dims, precision=precision, preferred_element_type=None if pet is None else jnp.dtype(pet)
+        args[0], args[1], dims, precision=dot_precision_arg(p.get("precision")),
+        preferred_element_type=None if pet is None else jnp.dtype(pet),
     )
 
 

@@ -11,7 +11,7 @@ expression text, built by the `fusion` rule set with egglog string operations an
 - ``B[2,3,4;0,2](x)``: broadcast_in_dim to shape (2,3,4) with dimensions (0,2)
 - ``L[0.5;float32]``: a rank-0 literal
 - ``D[lc;rc;lb;rb;dtype;precision](a,b)``: a dot_general whose elementwise consumers are its epilogue
-  (precision "" or "highest", as `egraph.language.Term.dot`'s)
+  (precision as `egraph.language.Term.dot`'s)
 
 Bodies are compiled once (cached) to a list of steps; typing and evaluation reuse
 `op_types.infer_type` and `lower.lower_node` per step (`lower.evaluate_region`), so a region computes

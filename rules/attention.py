@@ -889,11 +889,24 @@ def gradient_ops():
                              *facts)(union(g_).with_(Term.reshape(scores_back(grad(3)), s3)))
 
 
+def _rounded(chain, product: Term):
+    """(form, conditions): a gradient ``chain(product)`` as a program writes it, or with the product
+    accumulated in float32 and rounded to Q's dtype (``dtq``) before or after the chain, as jax.grad
+    writes the transpose of a half-precision dot with float32 results (the op's backward
+    accumulates in float32 and rounds once)."""
+    yield chain(product), ()
+    wide = (dtype(product) == String("float32"),)
+    yield chain(Term.convert(product, dtq)), wide
+    if chain(x) is not x:  # a scale's factor: rounded after it as well
+        yield Term.convert(chain(product), dtq), wide
+
+
 @attention_grad.family
 def attention_gradients():
     """Where the cotangent reaches Q·Kᵀ itself: g · K is Q's gradient (times the factor when Q was
     scaled before the product), gᵀ · Q is K's, and Pᵀ · do is V's: the op's (`grad_op`)."""
     dq_, dk_, dv_, db_ = (var(n, Term) for n in ("dq_", "dk_", "dv_", "db_"))
+    gdt, gpr = var("gdt", String), var("gpr", String)  # a gradient product's own dtype and precision
     for n_batch, n_free in RANK_CASES:
         rank = n_batch + n_free + 1
         batch, free = perm_range(n_batch), ivec(range(n_batch, n_batch + n_free))
@@ -902,7 +915,7 @@ def attention_gradients():
                  shape(k) == sk_, shape(v) == sv, dtype(q) == dtq, dtype(e) == dtq)
 
         def d_query(form: Term) -> Term:
-            return Term.dot(g_, form, ivec([rank - 1]), ivec([n_batch]), batch, batch, dt, pr)
+            return Term.dot(g_, form, ivec([rank - 1]), ivec([n_batch]), batch, batch, gdt, gpr)
 
         # Q as given, or multiplied or divided by a scalar before the product (the scale's factor)
         q_forms = [(q, lambda t: t)]
@@ -914,18 +927,15 @@ def attention_gradients():
         for q_form, chain in q_forms:
             at_product = (scores_cot(g_, x, sf_, do_, v), eq(x).to(_canonical_qk(q_form, k, n_batch, rank)), *known)
             # Q's gradient: g · K (K as given, or Kᵀ contracted over its last axis)
-            yield rl(eq(e).to(chain(d_query(kk_))), eq(k).to(Term.transpose(kk_, swap_k)), *at_product)(
-                union(e).with_(dq_)
-            )
-            yield rl(eq(e).to(chain(Term.dot(g_, k, ivec([rank - 1]), ivec([n_batch + 1]), batch, batch, dt, pr))),
-                     *at_product)(union(e).with_(dq_))
+            for form, conds in _rounded(chain, d_query(kk_)):
+                yield rl(eq(e).to(form), *conds, eq(k).to(Term.transpose(kk_, swap_k)), *at_product)(union(e).with_(dq_))
+            for form, conds in _rounded(chain, Term.dot(g_, k, ivec([rank - 1]), ivec([n_batch + 1]), batch, batch, gdt, gpr)):
+                yield rl(eq(e).to(form), *conds, *at_product)(union(e).with_(dq_))
             # K's gradient: gᵀ · Q summed over Q's free axes, in K's layout or in Kᵀ's
-            yield rl(eq(e).to(Term.dot(g_, q_form, free, free, batch, batch, dt, pr)), *at_product)(
-                union(e).with_(Term.transpose(Term.reshape(dk_, sk_), swap_k))
-            )
-            yield rl(eq(e).to(Term.dot(q_form, g_, free, free, batch, batch, dt, pr)), *at_product)(
-                union(e).with_(Term.reshape(dk_, sk_))
-            )
+            for form, conds in _rounded(lambda t: t, Term.dot(g_, q_form, free, free, batch, batch, gdt, gpr)):
+                yield rl(eq(e).to(form), *conds, *at_product)(union(e).with_(Term.transpose(Term.reshape(dk_, sk_), swap_k)))
+            for form, conds in _rounded(lambda t: t, Term.dot(q_form, g_, free, free, batch, batch, gdt, gpr)):
+                yield rl(eq(e).to(form), *conds, *at_product)(union(e).with_(Term.reshape(dk_, sk_)))
         # V's gradient: Pᵀ · do (P possibly cast to V's dtype), as [batch.., Sk, Dv] or transposed,
         # with do as the scores' cotangent read it or in another layout (do = transpose(w, perm))
         # (the free axes contracted in either order when there are two)

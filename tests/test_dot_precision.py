@@ -47,6 +47,35 @@ def test_capture_models_default_and_highest_only(precision, dtype, modelled):
         assert dot.params.get("precision", "") == modelled
 
 
+@pytest.mark.parametrize("preset, half, modelled", [
+    (lax.DotAlgorithmPreset.BF16_BF16_F32, jnp.bfloat16, "bf16_bf16_f32"),
+    (lax.DotAlgorithmPreset.F16_F16_F32, jnp.float16, "f16_f16_f32"),
+    (lax.DotAlgorithmPreset.BF16_BF16_F32, jnp.float16, None),  # another half type: opaque
+])
+def test_half_preset_over_a_mixed_pair_is_modelled_and_lowered_back(preset, half, modelled):
+    """jax.grad transposes a half-precision dot that asked for a preset into a dot of a float32
+    cotangent and a half operand with that preset: it is modelled with the preset's name, and
+    lowering asks for the same preset (the lowered StableHLO names its algorithm)."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((4, 8)) * np.exp(rng.uniform(-20, 20, (4, 8))), jnp.float32)
+    x = x.at[0, :3].set(jnp.array([-0.0, 1e-40, 3e38], jnp.float32))
+    w = jnp.asarray(rng.standard_normal((8, 3)), half)
+
+    def fn(x, w):
+        return lax.dot(x, w, precision=preset, preferred_element_type=jnp.float32)
+
+    program = capture(fn, x, w).program
+    if modelled is None:
+        assert not _dots(program) and any(n.op == "opaque" for n in program.nodes), program
+        return
+    (dot,) = _dots(program)
+    assert dot.params["precision"] == modelled
+    lowered = ea.lower(program)
+    np.testing.assert_array_equal(np.asarray(lowered(x, w)[0]), np.asarray(fn(x, w)))
+    text = jax.jit(lambda x, w: lowered(x, w)[0]).lower(x, w).as_text()
+    assert any("dot_general" in line and "lhs_precision_type" in line for line in text.splitlines()), text
+
+
 def _matmul_chain(x, w1, w2, b):
     h = jnp.tanh(jnp.matmul(x, w1, precision=HI) + b)
     return jnp.matmul(h, w2, precision=HI).T * 2.0

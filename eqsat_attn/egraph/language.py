@@ -83,7 +83,8 @@ class Term(Expr):
     ) -> Term:
         """dot_general; ``out_dtype`` is the preferred element type ("" for the default);
         ``precision`` "" is JAX's default and "highest" ``Precision.HIGHEST`` (float32 products in
-        full float32, where the default may run TF32 on a GPU). A pattern that leaves it out
+        full float32, where the default may run TF32 on a GPU); "bf16_bf16_f32" and "f16_f16_f32"
+        are those presets over a mixed pair (`ir`). A pattern that leaves it out
         matches default-precision matmuls only."""
 
     @classmethod
