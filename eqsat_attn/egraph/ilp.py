@@ -9,11 +9,14 @@ operands) are free structure and primitives are parameters, not choices.
 The ILP is the standard one for e-graph extraction:
 
 - a binary ``x_n`` per candidate e-node; exactly one node of the root class; at most one per class;
-- a chosen node needs one chosen node in each of its child classes: ``x_n <= sum_{m in c} x_m``,
-  summed only over the nodes of ``c`` that do not use n's class back (two classes cannot support
-  each other: x = transpose(transpose(x)) is no way to compute x). Valid for every acyclic
-  choice, and it lifts the LP relaxation, which otherwise prices a block's matmuls at almost
-  nothing by letting x and transpose(x) hold each other up fractionally;
+- a chosen node needs one chosen node in each of its child classes, one row per class and child
+  class ``c`` for all the class's nodes that read ``c`` (at most one of them is chosen):
+  ``sum_{n reads c} x_n <= sum_{m in c} x_m``, summed only over the nodes of ``c`` that do not
+  use n's class back (two classes cannot support each other: x = transpose(transpose(x)) is no
+  way to compute x). Valid for every acyclic choice, and both lift the LP relaxation, which
+  otherwise prices a block's matmuls at almost nothing by letting x and transpose(x) hold each
+  other up fractionally, or by spreading a class over its nodes' operand layouts so that each
+  layout is paid in part (a row per node asks each child class only for the largest part);
 - acyclicity, only inside strongly connected components of the class graph (edges between
   components cannot close a cycle): for two classes that use each other (x and transpose(x)),
   one clique row ``sum x <= 1`` over the nodes of either that use the other; for components of
@@ -547,13 +550,22 @@ def solve(problem: Problem, enc: Encoding, time_limit: float | None = None, acyc
     for c in classes:
         if c != g.root and len(alive[c]) > 1:
             row(-inf, 1.0, ((col[n], 1.0) for n in alive[c]))
+    readers: dict[tuple[str, str], list[str]] = {}  # (class, child class) -> the class's nodes reading it
     for n in nodes:
         cls = g.nodes[n]["eclass"]
         for cc in children[n]:
-            # a chosen node needs a chosen node in each child class, and (2-cycles) one that does
-            # not use this node's class back: x and transpose(x) cannot support each other
-            support = [m for m in alive[cc] if cls not in children[m]]
-            row(0.0, inf, [(col[n], -1.0)] + [(col[m], 1.0) for m in support])
+            readers.setdefault((cls, cc), []).append(n)
+    for (cls, cc), reading in readers.items():
+        # a chosen node needs a chosen node in each child class, and (2-cycles) one that does
+        # not use this node's class back: x and transpose(x) cannot support each other. At most
+        # one node of a class is chosen, so its nodes reading cc share one row (the same integer
+        # solutions as a row per node; a tighter LP relaxation, which no longer pays for a child
+        # class once per layout of its readers)
+        support = [m for m in alive[cc] if cls not in children[m]]
+        row(0.0, inf, [(col[n], -1.0) for n in reading] + [(col[m], 1.0) for m in support])
+    for n in nodes:
+        cls = g.nodes[n]["eclass"]
+        for cc in children[n]:
             if cls in tcol and comp[cc] == comp[cls]:
                 big = float(comp_size[comp[cls]])
                 # t_cls - t_cc - M x_n >= 1 - M
