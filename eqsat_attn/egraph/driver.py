@@ -262,8 +262,10 @@ def registered_egraph(rulesets: list[RuleSet]) -> EGraph:
         return egraph
     commands = prepare_rulesets(egraph, rulesets)
     if commands is not None:
+        state = egraph._state.copy()
+        state.egraph = None  # set for each e-graph made from it: this one is not kept alive
         with _PREPARED_LOCK:  # the entry keeps the rulesets alive, so their ids are not reused
-            _REGISTERED.setdefault(key, (egglog_rulesets, egraph._state.copy(), commands))
+            _REGISTERED.setdefault(key, (egglog_rulesets, state, commands))
     return egraph
 
 
