@@ -236,10 +236,10 @@ def _brute_force(problem):
 def test_ilp_finds_the_brute_force_optimum_of_small_problems(monkeypatch, seed):
     """`ilp.solve`'s model (one support row per class and child class, the acyclicity rows) keeps
     every acyclic extraction and finds the cheapest, with HiGHS's defaults and with the
-    neighbourhood solve's options (`refine.HIGHS_OPTIONS`): checked against brute force on random
-    small problems with cycles and ties."""
+    neighbourhood solve's options (`refine.HIGHS_OPTIONS`, `HIGHS_HEURISTICS_OFF`): checked
+    against brute force on random small problems with cycles and ties."""
     from eqsat_attn.egraph import ilp
-    from eqsat_attn.egraph.refine import HIGHS_OPTIONS
+    from eqsat_attn.egraph.refine import HIGHS_HEURISTICS_OFF, HIGHS_OPTIONS
 
     monkeypatch.setattr(ilp, "_decode", lambda g, chosen, enc: None)  # synthetic graphs have no terms
     rng = np.random.default_rng(seed)
@@ -251,9 +251,25 @@ def test_ilp_finds_the_brute_force_optimum_of_small_problems(monkeypatch, seed):
         best = _brute_force(problem)
         if best == float("inf"):  # every extraction of the root is cyclic: draw another
             continue
-        for options in (None, HIGHS_OPTIONS):
-            found = ilp.solve(problem, None, highs_options=options)
+        for options, optional in ((None, None), (HIGHS_OPTIONS, HIGHS_HEURISTICS_OFF)):
+            found = ilp.solve(problem, None, highs_options=options, optional_highs_options=optional)
             assert found.optimal and found.cost == pytest.approx(best, abs=1e-9), (seed, solved, options)
             assert problem.dag_cost(found.picks) == pytest.approx(found.cost, abs=1e-9)
             assert ilp.find_cycle(problem.g.root, found.picks, problem.children) is None
         solved += 1
+
+
+def test_optional_highs_options_unknown_to_highs_are_skipped(monkeypatch):
+    """An option this HiGHS does not have (older versions lack some heuristics' switches) is
+    skipped among ``optional_highs_options`` and refused among ``highs_options``."""
+    from eqsat_attn.egraph import ilp
+
+    monkeypatch.setattr(ilp, "_decode", lambda g, chosen, enc: None)
+    rng = np.random.default_rng(7)
+    problem = None
+    while problem is None or _brute_force(problem) == float("inf"):
+        problem = _random_problem(rng)
+    found = ilp.solve(problem, None, optional_highs_options={"mip_no_such_switch": False})
+    assert found.optimal and found.cost == pytest.approx(_brute_force(problem), abs=1e-9)
+    with pytest.raises(ValueError, match="mip_no_such_switch"):
+        ilp.solve(problem, None, highs_options={"mip_no_such_switch": False})

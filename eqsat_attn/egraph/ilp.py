@@ -485,9 +485,12 @@ def _prune(alive: dict[str, list[str]], children: dict[str, list[str]], root: st
 
 def solve(problem: Problem, enc: Encoding, time_limit: float | None = None, acyclicity: str = "order",
           max_rounds: int = 200, max_nodes: int = MAX_MIP_NODES,
-          highs_options: dict[str, Any] | None = None) -> ILPExtraction:
+          highs_options: dict[str, Any] | None = None,
+          optional_highs_options: dict[str, Any] | None = None) -> ILPExtraction:
     """`extract_ilp` on a built `Problem` (its arguments as there); ``highs_options``: more
-    HiGHS options (name -> value) for this solve."""
+    HiGHS options (name -> value) for this solve (ValueError if HiGHS rejects one);
+    ``optional_highs_options``: options set where the installed HiGHS has them (older versions
+    lack some switches)."""
     import highspy
     import numpy as np
 
@@ -520,6 +523,8 @@ def solve(problem: Problem, enc: Encoding, time_limit: float | None = None, acyc
     for name, value in (highs_options or {}).items():
         if h.setOptionValue(name, value) != highspy.HighsStatus.kOk:
             raise ValueError(f"HiGHS rejected the option {name}={value!r}")
+    for name, value in (optional_highs_options or {}).items():
+        h.setOptionValue(name, value)  # an unknown option leaves HiGHS's default
     inf = highspy.kHighsInf
     ncols = len(nodes) + len(cyclic)
     lower = np.zeros(ncols)

@@ -57,9 +57,10 @@ MAX_MIP_NODES = 10
 #: bounds the root's separation work: Llama's block is then proved optimal in 7 nodes. (A pool of
 #: 1 took BERT's block from 0.85 to 0.45 s and Llama's from 0.90 to 1.32 s; strong branching off
 #: left the Flax nnx blocks unproved.)
-HIGHS_OPTIONS = {
-    "mip_allow_restart": False,
-    "mip_pool_soft_limit": 100,
+#: (The heuristics' switches are `HIGHS_HEURISTICS_OFF`, set where the installed HiGHS has them:
+#: highspy 1.16 does, older ones may not, and run their heuristics.)
+HIGHS_OPTIONS = {"mip_allow_restart": False, "mip_pool_soft_limit": 100}
+HIGHS_HEURISTICS_OFF = {
     "mip_heuristic_run_rins": False,
     "mip_heuristic_run_rens": False,
     "mip_heuristic_run_feasibility_jump": False,
@@ -135,7 +136,7 @@ def refine(graph: Any, enc: Encoding, model: CostModel, max_nodes: int = MAX_MIP
     if not free:
         return None
     found = solve(problem.fixed({c: n for c, n in pick.items() if c not in free}), enc, max_nodes=max_nodes,
-                  highs_options=HIGHS_OPTIONS)
+                  highs_options=HIGHS_OPTIONS, optional_highs_options=HIGHS_HEURISTICS_OFF)
     if found.picks:
         swapped = swap_improve(problem, found.picks)
         if swapped != found.picks:
