@@ -68,9 +68,33 @@ def test_an_optimization_is_the_same_with_commands_sent_one_by_one(monkeypatch: 
     for batch in (commands_in_one_call, lambda _: contextlib.nullcontext()):
         monkeypatch.setattr(driver, "commands_in_one_call", batch)
         monkeypatch.setattr(driver, "_PREPARED", {})  # a freshly prepared e-graph each time
+        monkeypatch.setattr(driver, "_REGISTERED", {})  # its rule sets converted again
         results.append(optimize_program(program, options))
     one, each = results
     assert one.saturated and one.program.count("attention") == 1
     assert program_digest(one.program) == program_digest(each.program)
     assert one.rules_fired == each.rules_fired and one.egraph_nodes == each.egraph_nodes
     assert one.cost_after == each.cost_after
+
+
+def test_a_registration_sent_again_optimizes_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new e-graph for rule sets registered before in the process gets the commands kept from
+    that registration (`driver.registered_egraph`: they are not converted again) and optimizes
+    exactly as a freshly registered one: the same program, rules fired, e-nodes and cost."""
+    fn, args = attention_vt_example(batch=1, heads=2, seq=8, head_dim=4)
+    program = capture(fn, *args).program
+    options = OptimizeOptions(extractor="tree")
+    monkeypatch.setattr(driver, "_REGISTERED", {})
+    conversions = []
+    prepare = driver.prepare_rulesets
+    monkeypatch.setattr(driver, "prepare_rulesets", lambda *a: conversions.append(1) or prepare(*a))
+    results = []
+    for _ in range(2):
+        monkeypatch.setattr(driver, "_PREPARED", {})  # no pooled e-graph: a new one each time
+        results.append(optimize_program(program, options))
+    assert len(conversions) == 1 and len(driver._REGISTERED) == 1
+    fresh, replayed = results
+    assert fresh.saturated and fresh.program.count("attention") == 1
+    assert program_digest(fresh.program) == program_digest(replayed.program)
+    assert fresh.rules_fired == replayed.rules_fired and fresh.egraph_nodes == replayed.egraph_nodes
+    assert fresh.cost_after == replayed.cost_after

@@ -189,3 +189,87 @@ def test_ilp_extraction_prints_nothing():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "HiGHS" not in out.stdout and out.stdout == "", out.stdout
+
+
+def _random_problem(rng):
+    """A small extraction problem (e-classes c0..c5, root c0; 1-3 e-nodes each reading 0-2 other
+    classes, so cycles such as x = transpose(transpose(x)) occur; integer costs, so ties occur)
+    with the graph fields `ilp.solve` reads, or None when the root cannot be extracted."""
+    from types import SimpleNamespace
+
+    from eqsat_attn.egraph.ilp import Problem, _prune
+
+    classes = [f"c{i}" for i in range(6)]
+    cost, children, alive, nodes = {}, {}, {}, {}
+    for c in classes:
+        alive[c] = []
+        for j in range(int(rng.integers(1, 4))):
+            n = f"{c}.{j}"
+            others = [k for k in classes if k != c]
+            children[n] = list(rng.choice(others, size=int(rng.integers(0, 3)), replace=False))
+            cost[n] = float(rng.integers(0, 6))
+            alive[c].append(n)
+            nodes[n] = {"eclass": c}
+    try:
+        alive = _prune(alive, children, "c0")
+    except ILPExtractionError:
+        return None
+    return Problem(SimpleNamespace(root="c0", nodes=nodes), cost, children, alive)
+
+
+def _brute_force(problem):
+    """The cheapest acyclic extraction's DAG cost, by trying every choice of one e-node per class."""
+    import itertools
+
+    from eqsat_attn.egraph.ilp import find_cycle
+
+    classes = [c for c in problem.alive if problem.alive[c]]
+    best = float("inf")
+    for choice in itertools.product(*(problem.alive[c] for c in classes)):
+        picks = dict(zip(classes, choice))
+        if find_cycle(problem.g.root, picks, problem.children) is None:
+            best = min(best, problem.dag_cost(picks))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ilp_finds_the_brute_force_optimum_of_small_problems(monkeypatch, seed):
+    """`ilp.solve`'s model (one support row per class and child class, the acyclicity rows) keeps
+    every acyclic extraction and finds the cheapest, with HiGHS's defaults and with the
+    neighbourhood solve's options (`refine.HIGHS_OPTIONS`, `HIGHS_HEURISTICS_OFF`): checked
+    against brute force on random small problems with cycles and ties."""
+    from eqsat_attn.egraph import ilp
+    from eqsat_attn.egraph.refine import HIGHS_HEURISTICS_OFF, HIGHS_OPTIONS
+
+    monkeypatch.setattr(ilp, "_decode", lambda g, chosen, enc: None)  # synthetic graphs have no terms
+    rng = np.random.default_rng(seed)
+    solved = 0
+    while solved < 25:
+        problem = _random_problem(rng)
+        if problem is None:
+            continue
+        best = _brute_force(problem)
+        if best == float("inf"):  # every extraction of the root is cyclic: draw another
+            continue
+        for options, optional in ((None, None), (HIGHS_OPTIONS, HIGHS_HEURISTICS_OFF)):
+            found = ilp.solve(problem, None, highs_options=options, optional_highs_options=optional)
+            assert found.optimal and found.cost == pytest.approx(best, abs=1e-9), (seed, solved, options)
+            assert problem.dag_cost(found.picks) == pytest.approx(found.cost, abs=1e-9)
+            assert ilp.find_cycle(problem.g.root, found.picks, problem.children) is None
+        solved += 1
+
+
+def test_optional_highs_options_unknown_to_highs_are_skipped(monkeypatch):
+    """An option this HiGHS does not have (older versions lack some heuristics' switches) is
+    skipped among ``optional_highs_options`` and refused among ``highs_options``."""
+    from eqsat_attn.egraph import ilp
+
+    monkeypatch.setattr(ilp, "_decode", lambda g, chosen, enc: None)
+    rng = np.random.default_rng(7)
+    problem = None
+    while problem is None or _brute_force(problem) == float("inf"):
+        problem = _random_problem(rng)
+    found = ilp.solve(problem, None, optional_highs_options={"mip_no_such_switch": False})
+    assert found.optimal and found.cost == pytest.approx(_brute_force(problem), abs=1e-9)
+    with pytest.raises(ValueError, match="mip_no_such_switch"):
+        ilp.solve(problem, None, highs_options={"mip_no_such_switch": False})

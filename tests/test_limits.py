@@ -143,22 +143,44 @@ def test_pool_drops_an_egraph_that_grew_past_its_limit(monkeypatch):
 
 @pytest.fixture(scope="module")
 def packed_graph():
-    """The packed-QKV e-graph whose SPLIT extraction needs ~1,300 branch-and-bound nodes."""
+    """The packed-QKV e-graph (its SPLIT extraction is proved optimal at the root)."""
     program = p_packed()
     egraph, encoding, _ = saturate(program, OptimizeOptions(limits=Limits(iterations=20, nodes=100_000)))
     return egraph, encoding
 
 
-def test_ilp_stops_at_its_node_limit_with_one_answer(packed_graph):
+@pytest.fixture(scope="module")
+def block_graph():
+    """The transformer block example's e-graph, whose exact extraction for an H100 needs ~180
+    branch-and-bound nodes."""
+    import eqsat_attn as ea
+    from eqsat_attn.examples import EXAMPLES
+
+    fn, args = EXAMPLES["block"]()
+    explorer = ea.explore(fn, *args)
+    explorer.saturate()
+    return explorer.egraph, explorer.encoding
+
+
+def test_ilp_stops_at_its_node_limit_with_one_answer(block_graph):
     """A node limit below what the proof needs: not optimal, the limit named, no warning, and
     the same program and cost on every solve (HiGHS single-threaded, fixed seed)."""
+    model = for_device("h100")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        runs = [extract_ilp(*packed_graph, SPLIT, max_nodes=40) for _ in range(2)]
+        runs = [extract_ilp(*block_graph, model, max_nodes=40) for _ in range(2)]
     assert all(not r.optimal and r.limit == "node limit (40)" for r in runs)
     assert runs[0].cost == runs[1].cost and str(runs[0].program) == str(runs[1].program)
-    proved = extract_ilp(*packed_graph, SPLIT)
+    proved = extract_ilp(*block_graph, model)
     assert proved.optimal and proved.limit == "" and proved.cost <= runs[0].cost
+
+
+def test_ilp_proves_the_packed_qkv_extraction_within_a_few_nodes(packed_graph):
+    """The support rows are one per class and child class (`ilp.solve`): the LP relaxation no
+    longer pays for each layout of an operand in part, and the packed-QKV SPLIT extraction is
+    proved optimal within 5 branch-and-bound nodes (a row per e-node needed 1,268)."""
+    found = extract_ilp(*packed_graph, SPLIT, max_nodes=5)
+    assert found.optimal and found.limit == ""
 
 
 def test_ilp_time_limit_is_a_safety_net_that_warns(packed_graph):

@@ -15,9 +15,10 @@ from egglog import EGraph, bindings
 
 
 @contextmanager
-def commands_in_one_call(egraph: EGraph) -> Iterator[None]:
+def commands_in_one_call(egraph: EGraph) -> Iterator[list[bindings._Command]]:
     """Inside the block, the commands egglog-python sends to ``egraph`` are kept, then sent in one
-    call, in order, when the block ends without an error (nothing is sent after an error).
+    call, in order, when the block ends without an error (nothing is sent after an error). The
+    block gets the list they are kept in (complete once the block has ended).
 
     Only for code that never reads a command's output (registering declarations and rule sets:
     egglog-python discards those outputs); a read inside the block would see none.
@@ -31,7 +32,7 @@ def commands_in_one_call(egraph: EGraph) -> Iterator[None]:
 
     state.run_program = keep  # this e-graph only: an attribute of the instance shadows the method
     try:
-        yield
+        yield pending
     finally:
         del state.run_program
     state.run_program(*pending)

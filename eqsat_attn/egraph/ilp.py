@@ -9,11 +9,14 @@ operands) are free structure and primitives are parameters, not choices.
 The ILP is the standard one for e-graph extraction:
 
 - a binary ``x_n`` per candidate e-node; exactly one node of the root class; at most one per class;
-- a chosen node needs one chosen node in each of its child classes: ``x_n <= sum_{m in c} x_m``,
-  summed only over the nodes of ``c`` that do not use n's class back (two classes cannot support
-  each other: x = transpose(transpose(x)) is no way to compute x). Valid for every acyclic
-  choice, and it lifts the LP relaxation, which otherwise prices a block's matmuls at almost
-  nothing by letting x and transpose(x) hold each other up fractionally;
+- a chosen node needs one chosen node in each of its child classes, one row per class and child
+  class ``c`` for all the class's nodes that read ``c`` (at most one of them is chosen):
+  ``sum_{n reads c} x_n <= sum_{m in c} x_m``, summed only over the nodes of ``c`` that do not
+  use n's class back (two classes cannot support each other: x = transpose(transpose(x)) is no
+  way to compute x). Valid for every acyclic choice, and both lift the LP relaxation, which
+  otherwise prices a block's matmuls at almost nothing by letting x and transpose(x) hold each
+  other up fractionally, or by spreading a class over its nodes' operand layouts so that each
+  layout is paid in part (a row per node asks each child class only for the largest part);
 - acyclicity, only inside strongly connected components of the class graph (edges between
   components cannot close a cycle): for two classes that use each other (x and transpose(x)),
   one clique row ``sum x <= 1`` over the nodes of either that use the other; for components of
@@ -58,7 +61,9 @@ MAX_ENODES = 5000  # candidate Term/TermList e-nodes reachable from the root
 #: tests' ILPs (measured over tests/test_ilp.py, test_qkv.py and the fp8 layout decision) prove
 #: optimality within 4,969 nodes (bench qkv_layouts' CPU smoke block, 466 candidate e-nodes,
 #: 12.6 s on a loaded 2-core machine; the fp8 smoke block's steered variants need up to 1,609,
-#: at ~4 ms a node); this allows 4x the most.
+#: at ~4 ms a node); this allows 4x the most. (Measured with a support row per e-node: the row per
+#: class and child class proves tests/test_limits.py's packed-QKV extraction at the root instead
+#: of after 1,268 nodes, the transformer block example's for an H100 within ~180.)
 MAX_MIP_NODES = 20_000
 #: seconds one exact extraction may take: a safety net, above what `MAX_MIP_NODES` nodes take
 #: (50-90 s at the rates above); an extraction it stops warns (RuntimeWarning), as its result
@@ -480,9 +485,12 @@ def _prune(alive: dict[str, list[str]], children: dict[str, list[str]], root: st
 
 def solve(problem: Problem, enc: Encoding, time_limit: float | None = None, acyclicity: str = "order",
           max_rounds: int = 200, max_nodes: int = MAX_MIP_NODES,
-          highs_options: dict[str, Any] | None = None) -> ILPExtraction:
+          highs_options: dict[str, Any] | None = None,
+          optional_highs_options: dict[str, Any] | None = None) -> ILPExtraction:
     """`extract_ilp` on a built `Problem` (its arguments as there); ``highs_options``: more
-    HiGHS options (name -> value) for this solve."""
+    HiGHS options (name -> value) for this solve (ValueError if HiGHS rejects one);
+    ``optional_highs_options``: options set where the installed HiGHS has them (older versions
+    lack some switches)."""
     import highspy
     import numpy as np
 
@@ -515,6 +523,8 @@ def solve(problem: Problem, enc: Encoding, time_limit: float | None = None, acyc
     for name, value in (highs_options or {}).items():
         if h.setOptionValue(name, value) != highspy.HighsStatus.kOk:
             raise ValueError(f"HiGHS rejected the option {name}={value!r}")
+    for name, value in (optional_highs_options or {}).items():
+        h.setOptionValue(name, value)  # an unknown option leaves HiGHS's default
     inf = highspy.kHighsInf
     ncols = len(nodes) + len(cyclic)
     lower = np.zeros(ncols)
@@ -547,13 +557,22 @@ def solve(problem: Problem, enc: Encoding, time_limit: float | None = None, acyc
     for c in classes:
         if c != g.root and len(alive[c]) > 1:
             row(-inf, 1.0, ((col[n], 1.0) for n in alive[c]))
+    readers: dict[tuple[str, str], list[str]] = {}  # (class, child class) -> the class's nodes reading it
     for n in nodes:
         cls = g.nodes[n]["eclass"]
         for cc in children[n]:
-            # a chosen node needs a chosen node in each child class, and (2-cycles) one that does
-            # not use this node's class back: x and transpose(x) cannot support each other
-            support = [m for m in alive[cc] if cls not in children[m]]
-            row(0.0, inf, [(col[n], -1.0)] + [(col[m], 1.0) for m in support])
+            readers.setdefault((cls, cc), []).append(n)
+    for (cls, cc), reading in readers.items():
+        # a chosen node needs a chosen node in each child class, and (2-cycles) one that does
+        # not use this node's class back: x and transpose(x) cannot support each other. At most
+        # one node of a class is chosen, so its nodes reading cc share one row (the same integer
+        # solutions as a row per node; a tighter LP relaxation, which no longer pays for a child
+        # class once per layout of its readers)
+        support = [m for m in alive[cc] if cls not in children[m]]
+        row(0.0, inf, [(col[n], -1.0) for n in reading] + [(col[m], 1.0) for m in support])
+    for n in nodes:
+        cls = g.nodes[n]["eclass"]
+        for cc in children[n]:
             if cls in tcol and comp[cc] == comp[cls]:
                 big = float(comp_size[comp[cls]])
                 # t_cls - t_cc - M x_n >= 1 - M

@@ -48,11 +48,24 @@ MIN_GAP = 0.01
 #: branch-and-bound nodes for the neighbourhood's exact solve: the improvements the tests pin down
 #: are found and proved optimal within them; past this the best solution found is used
 MAX_MIP_NODES = 10
-#: HiGHS settings for that solve: where the LP relaxation is weak (the CPU table's blocks: a 47%
-#: gap at the root) a restart after presolve cost over a second without improving on greedy. (A
-#: smaller cut pool is no better overall: `mip_pool_soft_limit` 1 took BERT's block from 0.85 to
-#: 0.45 s and Llama's from 0.90 to 1.32 s.)
-HIGHS_OPTIONS = {"mip_allow_restart": False}
+#: HiGHS settings for that solve. Where the LP relaxation is weak (the CPU table's blocks: a 47%
+#: gap at the root) a restart after presolve cost over a second without improving on greedy. The
+#: primal heuristics are off: the solve starts from the better of greedy-DAG and tree extraction
+#: and `swap_improve` follows it, and on the models' and the corpus's 56 neighbourhoods HiGHS's
+#: own (RINS, RENS, feasibility jump, root reduced cost) found nothing cheaper while taking most
+#: of the root node's time (BERT's block 1.2 -> 0.4 s). A cut pool of 100 rows (default 10,000)
+#: bounds the root's separation work: Llama's block is then proved optimal in 7 nodes. (A pool of
+#: 1 took BERT's block from 0.85 to 0.45 s and Llama's from 0.90 to 1.32 s; strong branching off
+#: left the Flax nnx blocks unproved.)
+#: (The heuristics' switches are `HIGHS_HEURISTICS_OFF`, set where the installed HiGHS has them:
+#: highspy 1.16 does, older ones may not, and run their heuristics.)
+HIGHS_OPTIONS = {"mip_allow_restart": False, "mip_pool_soft_limit": 100}
+HIGHS_HEURISTICS_OFF = {
+    "mip_heuristic_run_rins": False,
+    "mip_heuristic_run_rens": False,
+    "mip_heuristic_run_feasibility_jump": False,
+    "mip_heuristic_run_root_reduced_cost": False,
+}
 #: members of a free class whose DAG costs at most this fraction more than the pick's tie with it
 TIE = 1e-9
 #: e-graphs with more rows than this (terms and analyses together) are not serialized: their
@@ -123,7 +136,7 @@ def refine(graph: Any, enc: Encoding, model: CostModel, max_nodes: int = MAX_MIP
     if not free:
         return None
     found = solve(problem.fixed({c: n for c, n in pick.items() if c not in free}), enc, max_nodes=max_nodes,
-                  highs_options=HIGHS_OPTIONS)
+                  highs_options=HIGHS_OPTIONS, optional_highs_options=HIGHS_HEURISTICS_OFF)
     if found.picks:
         swapped = swap_improve(problem, found.picks)
         if swapped != found.picks:
