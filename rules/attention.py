@@ -10,6 +10,8 @@ transposes into the layouts and exposes the standard and transposed-V forms."""
 
 from __future__ import annotations
 
+import itertools
+
 from egglog import String, eq, f64, i64, ne, union, var
 
 from eqsat_attn.egraph.language import (
@@ -738,7 +740,7 @@ def _softmax_vjp_forms(probs: Term, d_probs: Term, rank: int):
     """(form, conditions): softmax's VJP at cotangent d_probs as jax.grad writes jax.nn.softmax's,
     with y = P * dP, ``y + P * sum(-y)``; the row sum possibly reshaped and summed again over unit
     axes only (jax.nn.dot_product_attention with one query head per K/V head, or one K/V head,
-    sums two)."""
+    sums two, and unbatched [T, N, H] inputs three)."""
     last, keep = ivec([rank - 1]), perm_range(rank - 1)
     prod = Term.binary("mul", probs, d_probs)
     row = Term.reduce("reduce_sum", Term.unary("neg", prod), last)
@@ -751,10 +753,12 @@ def _softmax_vjp_forms(probs: Term, d_probs: Term, rank: int):
     # half precision: jax.nn.softmax sums in float32, so its VJP sums the unit axis there and casts back
     widened = Term.convert(Term.reduce("reduce_sum", Term.convert(Term.reshape(row, s3), String("float32")), last), dt4)
     yield corrected(widened, keep), (s3[rank - 1] == i64(1), dtype(row) == dt4)
-    for unit in range(rank - 1) if rank >= 3 else ():  # a unit axis (G = 1, Hkv = 1) summed with the new one
-        twice = Term.reduce("reduce_sum", Term.reshape(row, s3), ivec([unit, rank - 1]))
-        units = (s3.length() == i64(rank), s3[unit] == i64(1), s3[rank - 1] == i64(1))
-        yield corrected(twice, ivec([i for i in range(rank - 1) if i != unit])), units
+    # unit axes (G = 1, Hkv = 1, a batch of 1 for unbatched inputs) summed with the new one
+    for n_units in (1, 2):
+        for units in itertools.combinations(range(rank - 1), n_units) if rank - 1 > n_units else ():
+            summed = Term.reduce("reduce_sum", Term.reshape(row, s3), ivec([*units, rank - 1]))
+            conds = (s3.length() == i64(rank), s3[rank - 1] == i64(1), *(s3[u] == i64(1) for u in units))
+            yield corrected(summed, ivec([i for i in range(rank - 1) if i not in units])), conds
 
 
 def _quotient_vjp_forms(probs: Term, d_probs: Term, rank: int):

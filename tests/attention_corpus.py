@@ -504,6 +504,8 @@ CASES += [
 ]
 grad_case("jax_dpa_causal_grad", dpa(is_causal=True), qkv("bshd"), family="jax.nn", source=JAX_DPA + " is_causal")
 grad_case("jax_dpa_gqa_grad", dpa(), qkv("bshd", heads=4, kv_heads=2), family="jax.nn", source=JAX_DPA + " GQA")
+grad_case("jax_dpa_unbatched_tnh_grad", dpa(), qkv("tnh"), family="jax.nn", source=JAX_DPA + " 3-D [T,N,H] inputs")
+grad_case("jax_dpa_bf16_causal_grad", dpa(is_causal=True), qkv("bshd", BF16), family="jax.nn", source=JAX_DPA + " bf16 causal")
 grad_case("jax_dpa_mqa_grad", dpa(), qkv("bshd", heads=4, kv_heads=1), family="jax.nn", source=JAX_DPA + " MQA (1 KV head)")
 
 
