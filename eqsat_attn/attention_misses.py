@@ -110,6 +110,11 @@ def softmax_misses(program: Program, precision: str = "exact") -> list[SoftmaxMi
         elif source.op != "dot_general":
             reason = (f"its scores are not a matmul Q·Kᵀ with a scale, soft-cap, bias or where-mask "
                       f"(nearest producer: {source.op})")
+        elif source.type.dtype == "float64":
+            reason = "its scores are float64: the op computes in float32 (not exact)"
+        elif source.type.dtype == "float16" and precision == "exact":
+            reason = (f"its scores are float16, which overflow past 65504 where the op's float32 scores do not "
+                      f"(not exact; {FAST_MATH}; a product with preferred_element_type=float32 is raised)")
         else:
             reason = _score_spelling(program, path, precision) or (
                 "Q·Kᵀ, softmax and P·V do not line up as attention (the softmax is not over the keys "

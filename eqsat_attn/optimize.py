@@ -218,13 +218,14 @@ class OptimizedFunction:
     def _lower_checked(
         self, captured: Captured, program: Program, kernel: str, problems: list[str]
     ) -> tuple[Program, Callable[..., list[Any]]]:
-        """Lower ``program``; if it fails to trace, lower the captured program instead."""
+        """Lower ``program``; if it fails to lower, lower the captured program instead."""
         flat_avals = [*captured.in_avals, *(jax.ShapeDtypeStruct(c.shape, c.dtype) for c in captured.hoisted_consts)]
         call = jax.jit(lower(program, attention_kernel=kernel))
         if program is captured.program:
             return program, call
-        try:
-            jax.eval_shape(call, *flat_avals)
+        try:  # lowered, not only traced: MLIR's verifier checks every op (a wrong reshape fails here)
+            platform = {"gpu": "cuda"}.get(jax.default_backend(), jax.default_backend())
+            call.trace(*flat_avals).lower(lowering_platforms=(platform,))
         except Exception as exc:
             problems.append(f"lowering the optimized program failed ({type(exc).__name__}: {exc}); running the original program")
             return captured.program, jax.jit(lower(captured.program, attention_kernel=kernel))

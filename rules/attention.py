@@ -297,26 +297,32 @@ def _scaled(t: Term):
     yield Term.binary("div", t, scalar(c, dt2, s1)), f64(1.0) / c
 
 
-@attention_raise.family
-def scores_of_matmul():
-    """Q·Kᵀ in the canonical batched form (batch axes, then Q's free axes; Kᵀ as [batch.., D, Sk])
-    is attention's scores, also when Q or K is multiplied or divided by a scalar: the factor becomes
-    the scale, applied to the float32 scores inside the op (no standalone matmul is rewritten)."""
+def _matmul_scores(*dtype_conds):
+    """`scores_of_matmul`'s rules, for products whose dtype meets ``dtype_conds``."""
     for n_batch, n_free in RANK_CASES:
         rank = n_batch + n_free + 1
         k_rank = shape(k).length() == i64(n_batch + 2)
         plain = (1.0, 0.0, NO_MASK, String("none"), f64(KERNEL_FILL), i64(0), i64(n_batch))
-        yield rl(eq(e).to(_canonical_qk(q, k, n_batch, rank)), shape(q).length() == i64(rank), k_rank)(
+        yield rl(eq(e).to(_canonical_qk(q, k, n_batch, rank)), shape(q).length() == i64(rank), k_rank, *dtype_conds)(
             _scores(e, q, k, f64(1.0), *plain[1:])
         )
         for form, factor in _scaled(x):
-            yield rl(eq(e).to(_canonical_qk(form, k, n_batch, rank)), shape(x).length() == i64(rank), k_rank)(
-                _scores(e, x, k, factor, *plain[1:])
-            )
+            yield rl(eq(e).to(_canonical_qk(form, k, n_batch, rank)), shape(x).length() == i64(rank), k_rank,
+                     *dtype_conds)(_scores(e, x, k, factor, *plain[1:]))
             yield rl(
                 eq(e).to(_canonical_qk(q, form, n_batch, rank)), shape(q).length() == i64(rank),
-                shape(x).length() == i64(n_batch + 2),
+                shape(x).length() == i64(n_batch + 2), *dtype_conds,
             )(_scores(e, q, x, factor, *plain[1:]))
+
+
+@attention_raise.family
+def scores_of_matmul():
+    """Q·Kᵀ in the canonical batched form (batch axes, then Q's free axes; Kᵀ as [batch.., D, Sk])
+    is attention's scores, also when Q or K is multiplied or divided by a scalar: the factor becomes
+    the scale, applied to the float32 scores inside the op (no standalone matmul is rewritten).
+    Not a float16 product (its scores overflow past 65504 where the op's float32 scores do not:
+    `half_scores` under fast_math) nor a float64 one (the op computes in float32)."""
+    yield from _matmul_scores(dtype(e) != String("float16"), dtype(e) != String("float64"))
 
 
 @attention_raise.family
@@ -872,7 +878,7 @@ def gradient_ops():
         q4, k4, v4, mask4, _ = _attention_4d(n_batch, n_free, swapped)
         do4, q_back, scores_back = _gradient_views(n_batch, n_free, swapped)
         shapes = (shape(q) == ss, ss.length() == i64(rank), shape(k) == sk_, shape(v) == sv,
-                  dtype(q) == dtq, dtype(k) == dtq, dtype(v) == dtq, dtype(do_) == dtq)
+                  sv.length() == i64(n_batch + 2), dtype(q) == dtq, dtype(k) == dtq, dtype(v) == dtq, dtype(do_) == dtq)
         flag = i64(0) if swapped else causal  # as in `attention`: no causal flag over (Sq, G)
         for kind in ("none", "bias", "bool", "bias+bool"):
             mask_fact, mask_term = _mask_operand(kind, mask4)
@@ -916,7 +922,7 @@ def attention_gradients():
         batch, free = perm_range(n_batch), ivec(range(n_batch, n_batch + n_free))
         swap_k = ivec([*range(n_batch), n_batch + 1, n_batch])  # Kᵀ [batch.., D, Sk] <-> K [batch.., Sk, D]
         known = (grad_op(sf_, q, k, v, do_, dq_, dk_, dv_, db_), shape(q) == ss, ss.length() == i64(rank),
-                 shape(k) == sk_, shape(v) == sv, dtype(q) == dtq, dtype(e) == dtq)
+                 shape(k) == sk_, shape(v) == sv, sv.length() == i64(n_batch + 2), dtype(q) == dtq, dtype(e) == dtq)
 
         def d_query(form: Term) -> Term:
             return Term.dot(g_, form, ivec([rank - 1]), ivec([n_batch]), batch, batch, gdt, gpr)
@@ -969,6 +975,13 @@ attention_fast_math = RuleSet(
 )
 FAR_FILL = -1e38  # a fill at or below this absorbs any bias of magnitude below 1e30: fill + b rounds to fill
 FAST_MATH_RANKS = range(2, 7)  # the ranks of attention's scores (`RANK_CASES`; [X,B,H,S,D] scores are rank 5)
+
+
+@attention_fast_math.family
+def half_scores():
+    """A float16 Q·Kᵀ is attention's scores, computed in float32 by the op: equal but where the
+    program's float16 scores (or a bias added to them) overflow to ±inf past 65504."""
+    yield from _matmul_scores(dtype(e) == String("float16"))
 
 
 @attention_fast_math.family

@@ -5,6 +5,7 @@ attention, run as one call) with the original gradients' values, over random inp
 from __future__ import annotations
 
 import importlib
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -303,3 +304,22 @@ def test_grouped_query_gradients_in_either_view(kv_heads, device):
     report = optimized.explain(q, k, v, bias)
     assert report.attention or device == "cpu"  # the CPU row prices the written-out backward lower
     assert excess_error(optimized(q, k, v, bias), fn(q, k, v, bias), tolerance(q)) <= 0
+
+
+def two_score_products(q1, q2, k1, k2, v):
+    """DeepSeek MLA's scores: two products added, the second's K shared by every head (no head axis)."""
+    s = jnp.einsum("bhqd,bhkd->bhqk", q1, k1) + jnp.einsum("bhqd,bkd->bhqk", q2, k2)
+    return jnp.einsum("bhqk,bhkd->bhqd", _softmax(s), v)
+
+
+def test_scores_of_two_products_keep_their_gradients():
+    """Only a V with the product's batch axes is attention's V (the second product's head-less K
+    once passed for one, and the optimized gradient failed MLIR's verifier): the gradients keep
+    their values, raised or not."""
+    q1, q2, k1, k2, v, cot = _inputs(5, [(B, H, S, D), (B, H, S, D), (B, H, S, D), (B, S, D), (B, H, S, D), (B, H, S, D)])
+    fn = jax.grad(lambda q1, q2, k1, k2, v: jnp.sum(two_score_products(q1, q2, k1, k2, v) * cot), argnums=(0, 1, 2))
+    optimized = ea.optimize(fn, cost_model=for_device("h100"), limits=LIMITS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback to the original program
+        got = optimized(q1, q2, k1, k2, v)
+    assert excess_error(got, fn(q1, q2, k1, k2, v), 1e-4) <= 0  # the ±40 entries: reassociated row sums

@@ -108,3 +108,50 @@ def test_a_users_own_nan_guard_is_kept():
 
     x = jnp.array([[1.0, jnp.inf, -2.0], [jnp.nan, 0.5, -jnp.inf]], jnp.float32)
     np.testing.assert_array_equal(optimized(sanitize, "fast_math")(x), sanitize(x))
+
+
+def _half_attention(q, k, v, bias):
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k) + bias, -1), v)
+
+
+def test_float16_scores_are_raised_only_under_fast_math():
+    """float16 scores past 65504 are ±inf in the program (a NaN row) and finite in the op's
+    float32 scores, and so is a float16 ``finfo.min`` padding bias added to them: "exact" leaves
+    such attention alone, with its values, and says why; fast_math raises it. A float32 product
+    of float16 operands (preferred_element_type) is raised under "exact"."""
+    rng = np.random.default_rng(3)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 2, 8, 8)), jnp.float16) for _ in range(3))
+    q, k = q.at[0, 0, 3].set(300.0), k.at[0, 0, 2].set(300.0)  # one score 720000 > 65504
+    keep = jnp.asarray(np.arange(8)[None, :] < np.array([8, 0])[:, None])  # batch 1: every key padded
+    bias = jnp.where(keep, 0.0, jnp.finfo(jnp.float16).min).astype(jnp.float16)[:, None, None, :]
+    args = (q, k, v, bias)
+    want = np.asarray(_half_attention(*args), np.float32)
+    assert np.isnan(want).any()
+    exact = optimized(_half_attention, "exact")
+    report = exact.explain(*args)
+    assert not report.attention and any("float16" in r for r in report.not_attention), report.not_attention
+    np.testing.assert_array_equal(np.asarray(exact(*args), np.float32), want)
+    assert raised(_half_attention, args, "fast_math") == 1
+
+    def widened(q, k, v):
+        s = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+        return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1).astype(jnp.float16), v)
+
+    assert raised(widened, (q, k, v), "exact") == 1
+    assert excess_error(optimized(widened, "exact")(q, k, v), widened(q, k, v), 2e-3) <= 0
+
+
+def test_float64_attention_is_left_in_float64():
+    """The op computes in float32: float64 attention is not raised, under either precision."""
+    previous = jax.config.jax_enable_x64  # jax 0.11 has no jax.enable_x64 context
+    jax.config.update("jax_enable_x64", True)
+    try:
+        rng = np.random.default_rng(4)
+        q, k, v = (jnp.asarray(rng.standard_normal((2, 2, 8, 8)), jnp.float64) for _ in range(3))
+        bias = jnp.zeros((1, 1, 1, 8), jnp.float64)
+        for precision in ("exact", "fast_math"):
+            fn = optimized(_half_attention, precision)
+            assert not fn.explain(q, k, v, bias).attention
+            np.testing.assert_array_equal(np.asarray(fn(q, k, v, bias)), np.asarray(_half_attention(q, k, v, bias)))
+    finally:
+        jax.config.update("jax_enable_x64", previous)
