@@ -1,0 +1,759 @@
+"""Probe the attention raising with spellings the corpus does not hold (issue 19's held-out set).
+
+    python bench/probe_attention_spellings.py [--only SUBSTR ...] [--no-grad] [--json out.json]
+
+Each probe is an attention program written the way a library or model file writes it (Llama,
+Gemma, Mistral, T5, ViT, Whisper, nanoGPT, BLOOM/ALiBi, BERT, DistilBERT, Equinox, Penzai- and
+Haliax-style named axes, `jax.nn.dot_product_attention` options, nested scan/checkpoint, ...),
+run forward and as ``jax.grad`` of ``sum(out * cotangent)`` with respect to its inputs through
+``tests/attention_corpus.py``'s ``evaluate`` (exact; a probe exact leaves unraised is also run
+under ``precision="fast_math"``). One line per run: name, raised fully/partly/not, values equal,
+seconds, and the report's reasons. This is a probe, not a test: it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "tests"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import equinox as eqx  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from attention_corpus import Case, Outcome, _extreme, _normal, evaluate  # noqa: E402
+
+B, H, S, D = 2, 4, 16, 8
+E = H * D
+F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
+
+
+@dataclass(frozen=True)
+class Probe:
+    name: str
+    style: str
+    fn: Callable
+    make_args: Callable[[np.random.Generator], tuple]
+    grad_argnums: tuple[int, ...] | None  # None: no gradient probe (e.g. integer-only inputs)
+
+
+PROBES: list[Probe] = []
+
+
+def probe(name: str, style: str, make_args: Callable, grad_argnums: tuple[int, ...] | None = (0, 1, 2)):
+    def register(fn: Callable) -> Callable:
+        PROBES.append(Probe(name, style, fn, make_args, grad_argnums))
+        return fn
+
+    return register
+
+
+# ---------------------------------------------------------------------------------------------
+# argument builders
+
+
+def tensors(*shapes, dtype=F32, extreme: bool = False, extra: tuple[Callable, ...] = ()):
+    """Normal tensors of ``shapes`` (a few extreme entries each when ``extreme``), then ``extra``."""
+
+    def make(rng: np.random.Generator) -> tuple:
+        out = tuple(_normal(rng, s, dtype) for s in shapes)
+        if extreme:
+            out = tuple(_extreme(t, rng) for t in out)
+        return out + tuple(e(rng) for e in extra)
+
+    return make
+
+
+BHSD = (B, H, S, D)
+BSHD = (B, S, H, D)
+
+
+def lengths(*values):
+    return lambda rng: jnp.asarray(values, jnp.int32)
+
+
+def pad_mask_int(rng):
+    """[B, S] int32 attention_mask as tokenizers give it: 1 real, 0 padding (batch 0 keeps 11)."""
+    return jnp.asarray((np.arange(S)[None, :] < np.array([11, S])[:, None]).astype(np.int32))
+
+
+def rope(x, positions, base=10000.0):
+    """Rotary embedding on the last axis of x [B, S, H, D] (half-split form, as Llama in JAX)."""
+    half = x.shape[-1] // 2
+    freq = 1.0 / (base ** (jnp.arange(half, dtype=F32) / half))
+    angle = positions[..., None].astype(F32) * freq  # [B, S, half]
+    cos, sin = jnp.cos(angle)[:, :, None, :], jnp.sin(angle)[:, :, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def tri(sq=S, sk=S):
+    return jnp.tril(jnp.ones((sq, sk), dtype=bool))
+
+
+# ---------------------------------------------------------------------------------------------
+# Llama / EasyLM / HF Flax Llama
+
+
+@probe("llama_rope_gqa_repeat_finfo_min", "EasyLM/HF FlaxLlama", tensors((B, S, H, D), (B, S, 2, D), (B, S, 2, D)))
+def llama(xq, xk, xv):
+    pos = jnp.broadcast_to(jnp.arange(S), (B, S))
+    xq, xk = rope(xq, pos), rope(xk, pos)
+    xk, xv = jnp.repeat(xk, H // 2, axis=2), jnp.repeat(xv, H // 2, axis=2)
+    mask = jnp.tril(jnp.ones((S, S), dtype="bool"))[None, None]
+    bias = jax.lax.select(mask, jnp.full(mask.shape, 0.0, F32), jnp.full(mask.shape, jnp.finfo(F32).min))
+    w = jnp.einsum("...qhd,...khd->...hqk", xq / jnp.sqrt(D).astype(F32), xk) + bias
+    w = jax.nn.softmax(w.astype(F32), axis=-1).astype(xv.dtype)
+    return jnp.einsum("...hqk,...khd->...qhd", w, xv).reshape(B, S, E)
+
+
+@probe("llama_official_triu_full_neginf", "meta llama model.py", tensors(BSHD, BSHD, BSHD))
+def llama_official(xq, xk, xv):
+    q, k, v = (jnp.swapaxes(t, 1, 2) for t in (xq, xk, xv))
+    mask = jnp.triu(jnp.full((S, S), -jnp.inf), k=1)
+    scores = jnp.matmul(q, jnp.swapaxes(k, 2, 3)) / math.sqrt(D)
+    scores = scores + mask
+    scores = jax.nn.softmax(scores.astype(F32), axis=-1).astype(q.dtype)
+    return jnp.swapaxes(jnp.matmul(scores, v), 1, 2).reshape(B, S, -1)
+
+
+@probe("llama_gqa_broadcast_reshape_repeat_kv", "HF repeat_kv (expand+reshape)",
+       tensors((B, 2, S, D), (B, 2, S, D), (B, 2, S, D)), grad_argnums=(0, 1, 2))
+def gqa_expand(q2, k, v):
+    q = jnp.concatenate([q2, q2 * 0.5], axis=1)  # 4 query heads
+
+    def repeat_kv(x, n):
+        b, h, s, d = x.shape
+        return jnp.broadcast_to(x[:, :, None], (b, h, n, s, d)).reshape(b, h * n, s, d)
+
+    k, v = repeat_kv(k, 2), repeat_kv(v, 2)
+    w = jnp.matmul(q, jnp.swapaxes(k, 2, 3)) / math.sqrt(D) + jnp.where(tri(), 0.0, jnp.finfo(F32).min)[None, None]
+    return jnp.matmul(jax.nn.softmax(w, axis=-1), v)
+
+
+@probe("llama_kv_cache_hstack_zeros_mask", "meta llama model.py decode with start_pos",
+       tensors((B, H, 4, D), (B, H, S, D), (B, H, S, D)))
+def llama_cache(q, k, v):
+    start = S - 4
+    mask = jnp.triu(jnp.full((4, 4), -jnp.inf), k=1)
+    mask = jnp.hstack([jnp.zeros((4, start)), mask])
+    scores = jnp.matmul(q, jnp.swapaxes(k, 2, 3)) / math.sqrt(D) + mask
+    return jnp.matmul(jax.nn.softmax(scores, axis=-1), v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gemma
+
+
+GEMMA_K_MASK = -2.3819763e38
+
+
+@probe("gemma_prescale_softcap_window_kmask", "gemma (google-deepmind/gemma) Attention", tensors(BSHD, BSHD, BSHD))
+def gemma(q, k, v):
+    q = q * 16.0 ** -0.5  # query_pre_attn_scalar
+    logits = jnp.einsum("BTNH,BSNH->BTNS", q, k)
+    logits = jnp.tanh(logits / 50.0) * 50.0
+    i, j = jnp.arange(S)[:, None], jnp.arange(S)[None, :]
+    window = (j > i - 4) & (j < i + 4)
+    mask = (j <= i)[None, :, None, :] & window[None, :, None, :]
+    logits = jnp.where(mask, logits, GEMMA_K_MASK)
+    p = jax.nn.softmax(logits, axis=-1).astype(k.dtype)
+    return jnp.einsum("BTNS,BSNH->BTNH", p, v)
+
+
+@probe("gemma_gqa_kgh_einsum", "gemma GQA einsum BTKGH,BSKH", tensors((B, S, H, D), (B, S, 2, D), (B, S, 2, D)))
+def gemma_gqa(q, k, v):
+    q = q * D ** -0.5
+    qg = q.reshape(B, S, 2, H // 2, D)
+    logits = jnp.einsum("BTKGH,BSKH->BTKGS", qg, k).reshape(B, S, H, S)
+    logits = jnp.where(tri()[None, :, None, :], logits, GEMMA_K_MASK)
+    p = jax.nn.softmax(logits.astype(F32), axis=-1)
+    pg = p.reshape(B, S, 2, H // 2, S)
+    return jnp.einsum("BTKGS,BSKH->BTKGH", pg, v).reshape(B, S, H, D)
+
+
+@probe("gemma_bf16_softcap_causal", "gemma bf16 with soft-cap", tensors(BSHD, BSHD, BSHD, dtype=BF16))
+def gemma_bf16(q, k, v):
+    logits = jnp.einsum("BTNH,BSNH->BTNS", q * jnp.asarray(D ** -0.5, BF16), k)
+    logits = (jnp.tanh(logits.astype(F32) / 50.0) * 50.0)
+    logits = jnp.where(tri()[None, :, None, :], logits, GEMMA_K_MASK)
+    p = jax.nn.softmax(logits, axis=-1).astype(BF16)
+    return jnp.einsum("BTNS,BSNH->BTNH", p, v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mistral sliding window, decode against a cache
+
+
+@probe("mistral_sliding_window_causal", "mistral sliding window", tensors(BHSD, BHSD, BHSD))
+def mistral_window(q, k, v):
+    i, j = jnp.arange(S)[:, None], jnp.arange(S)[None, :]
+    keep = (j <= i) & (j > i - 5)
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(D)
+    s = jnp.where(keep, s, -jnp.inf)
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, axis=-1), v)
+
+
+@probe("decode_per_batch_positions_window", "mistral decode, per-batch cache positions",
+       tensors((B, H, 1, D), BHSD, BHSD, extra=(lengths(9, 14),)), grad_argnums=(0, 1, 2))
+def decode_window(q, kc, vc, pos):
+    j = jnp.arange(S)[None, :]
+    keep = (j <= pos[:, None]) & (j > pos[:, None] - 6)  # [B, S]
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, kc) * D ** -0.5
+    s = jnp.where(keep[:, None, None, :], s, jnp.finfo(F32).min)
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, axis=-1), vc)
+
+
+@probe("decode_sq1_length_mask", "decode step, cache lengths",
+       tensors((B, 1, H, D), BSHD, BSHD, extra=(lengths(5, 16),)))
+def decode_lengths(q, kc, vc, length):
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, kc) / jnp.sqrt(jnp.float32(D))
+    valid = jnp.arange(S)[None, :] < length[:, None]
+    s = jnp.where(valid[:, None, None, :], s, -1e10)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), vc)
+
+
+@probe("decode_sq1_squeezed_query", "decode step, query [B,H,D] without a seq axis",
+       tensors((B, H, D), BHSD, BHSD, extra=(lengths(7, 12),)))
+def decode_squeezed(q, kc, vc, length):
+    s = jnp.einsum("bhd,bhkd->bhk", q, kc) * D ** -0.5
+    s = jnp.where(jnp.arange(S)[None, None, :] < length[:, None, None], s, -jnp.inf)
+    return jnp.einsum("bhk,bhkd->bhd", jax.nn.softmax(s, axis=-1), vc)
+
+
+# ---------------------------------------------------------------------------------------------
+# T5, BERT, DistilBERT, ALiBi
+
+
+def t5_bucket(relative, num_buckets=32, max_distance=128):
+    """Bidirectional T5 relative position buckets."""
+    num_buckets //= 2
+    ret = (relative > 0).astype(jnp.int32) * num_buckets
+    n = jnp.abs(relative)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    large = max_exact + (jnp.log(jnp.maximum(n, 1).astype(F32) / max_exact)
+                         / math.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(jnp.int32)
+    large = jnp.minimum(large, num_buckets - 1)
+    return ret + jnp.where(is_small, n, large)
+
+
+@probe("t5_bucket_bias_from_table", "HF FlaxT5 relative attention bias",
+       tensors(BHSD, BHSD, BHSD, (32, H)))
+def t5_buckets(q, k, v, table):
+    rel = jnp.arange(S)[None, :] - jnp.arange(S)[:, None]
+    bias = jnp.transpose(table[t5_bucket(rel)], (2, 0, 1))[None]  # [1, H, S, S]
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) + bias
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s.astype(F32), axis=-1), v)
+
+
+@probe("bert_extended_mask_minus_10000", "HF BERT extended attention mask",
+       tensors(BHSD, BHSD, BHSD, extra=(pad_mask_int,)), grad_argnums=(0, 1, 2))
+def bert(q, k, v, attention_mask):
+    ext = (1.0 - attention_mask[:, None, None, :].astype(F32)) * -10000.0
+    s = jnp.matmul(q, jnp.swapaxes(k, -1, -2)) / math.sqrt(D) + ext
+    return jnp.matmul(jax.nn.softmax(s, axis=-1), v)
+
+
+@probe("distilbert_q_prescaled_masked_fill", "HF DistilBERT", tensors(BHSD, BHSD, BHSD, extra=(pad_mask_int,)))
+def distilbert(q, k, v, attention_mask):
+    q = q / math.sqrt(D)
+    scores = jnp.matmul(q, jnp.swapaxes(k, 2, 3))
+    hide = (attention_mask == 0).reshape(B, 1, 1, S)
+    scores = jnp.where(hide, jnp.finfo(scores.dtype).min, scores)
+    return jnp.matmul(jax.nn.softmax(scores, axis=-1), v)
+
+
+@probe("distilbert_masked_fill_neg_inf_extreme", "HF DistilBERT (old, -inf), extreme inputs",
+       tensors(BHSD, BHSD, BHSD, extreme=True, extra=(pad_mask_int,)))
+def distilbert_inf(q, k, v, attention_mask):
+    scores = jnp.matmul(q / math.sqrt(D), jnp.swapaxes(k, 2, 3))
+    scores = jnp.where((attention_mask == 0)[:, None, None, :], -jnp.inf, scores)
+    return jnp.matmul(jax.nn.softmax(scores, axis=-1), v)
+
+
+def alibi_slopes(n):
+    start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+    return jnp.asarray([start * start ** i for i in range(n)], F32)
+
+
+@probe("bloom_alibi_folded_baddbmm", "HF BLOOM: [B*H,S,D], alibi + q·kᵀ/√D, finfo.min causal",
+       tensors((B * H, S, D), (B * H, S, D), (B * H, S, D)))
+def bloom(q, k, v):
+    alibi = (alibi_slopes(H)[:, None] * jnp.arange(S, dtype=F32)[None, :])  # [H, S]
+    alibi = jnp.tile(alibi, (B, 1))[:, None, :]  # [B*H, 1, S]
+    scores = alibi + jnp.matmul(q, jnp.swapaxes(k, 1, 2)) * (1.0 / math.sqrt(D))
+    scores = scores.reshape(B, H, S, S)
+    scores = jnp.where(tri()[None, None], scores, jnp.finfo(F32).min)
+    p = jax.nn.softmax(scores.astype(F32), axis=-1).reshape(B * H, S, S)
+    return jnp.matmul(p, v)
+
+
+@probe("alibi_relative_distance_causal", "MusicGen/MPT ALiBi -slope*(i-j)", tensors(BHSD, BHSD, BHSD))
+def alibi_rel(q, k, v):
+    dist = (jnp.arange(S)[None, :] - jnp.arange(S)[:, None]).astype(F32)  # j - i <= 0 where kept
+    bias = alibi_slopes(H)[:, None, None] * dist[None]
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * D ** -0.5 + bias[None]
+    s = jnp.where(tri(), s, -jnp.inf)
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1), v)
+
+
+# ---------------------------------------------------------------------------------------------
+# ViT / big_vision, Whisper, nanoGPT
+
+
+@probe("vit_bqhd_einsum_no_mask", "ViT / big_vision", tensors(BSHD, BSHD, BSHD))
+def vit(q, k, v):
+    w = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(w), v).reshape(B, S, E)
+
+
+@probe("big_vision_map_head_learned_query", "big_vision MAP head: one learned query, no batch axis",
+       tensors((1, H, D), BSHD, BSHD))
+def map_head(probe_q, k, v):
+    w = jnp.einsum("qhd,bkhd->bhqk", probe_q, k) * D ** -0.5
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(w, -1), v)
+
+
+@probe("whisper_split_scale_cross", "openai whisper: q*s, kᵀ*s with s = D**-0.25, Sq != Sk",
+       tensors((B, 6, E), (B, S, E), (B, S, E)))
+def whisper(xq, xk, xv):
+    scale = D ** -0.25
+    q = xq.reshape(B, 6, H, D).transpose(0, 2, 1, 3) * scale
+    k = xk.reshape(B, S, H, D).transpose(0, 2, 3, 1) * scale
+    v = xv.reshape(B, S, H, D).transpose(0, 2, 1, 3)
+    w = jax.nn.softmax((q @ k).astype(F32), axis=-1).astype(q.dtype)
+    return (w @ v).transpose(0, 2, 1, 3).reshape(B, 6, E)
+
+
+@probe("whisper_decoder_causal_additive_bf16", "openai whisper decoder: qk + mask[:n,:n] (triu -inf), f16",
+       tensors((B, S, E), (B, S, E), (B, S, E), dtype=F16))
+def whisper_causal(xq, xk, xv):
+    scale = D ** -0.25
+    mask = jnp.triu(jnp.full((32, 32), -jnp.inf), 1)
+    q = xq.reshape(B, S, H, D).transpose(0, 2, 1, 3) * scale
+    k = xk.reshape(B, S, H, D).transpose(0, 2, 3, 1) * scale
+    v = xv.reshape(B, S, H, D).transpose(0, 2, 1, 3)
+    qk = q @ k + mask[:S, :S].astype(F16)
+    w = jax.nn.softmax(qk.astype(F32), axis=-1).astype(F16)
+    return (w @ v).transpose(0, 2, 1, 3).reshape(B, S, E)
+
+
+BLOCK = 32
+NANOGPT_BIAS = jnp.tril(jnp.ones((BLOCK, BLOCK))).reshape(1, 1, BLOCK, BLOCK)
+
+
+@probe("nanogpt_buffer_tril_masked_fill", "karpathy nanoGPT CausalSelfAttention (slow path)",
+       tensors((B, S, E), (3 * E, E)), grad_argnums=(0, 1))
+def nanogpt(x, w_attn):
+    q, k, v = jnp.split(x @ w_attn.T, 3, axis=2)
+    q, k, v = (t.reshape(B, S, H, D).transpose(0, 2, 1, 3) for t in (q, k, v))
+    att = (q @ jnp.swapaxes(k, -2, -1)) * (1.0 / math.sqrt(k.shape[-1]))
+    att = jnp.where(NANOGPT_BIAS[:, :, :S, :S] == 0, float("-inf"), att)
+    att = jax.nn.softmax(att, axis=-1)
+    return (att @ v).transpose(0, 2, 1, 3).reshape(B, S, E)
+
+
+@probe("mingpt_fixed_qkv_linear_bias", "minGPT: three Linear layers with bias",
+       tensors((B, S, E), (E, E), (E,), (E, E)), grad_argnums=(0, 1))
+def mingpt(x, wq, bq, wk):
+    q = (x @ wq + bq).reshape(B, S, H, D).transpose(0, 2, 1, 3)
+    k = (x @ wk).reshape(B, S, H, D).transpose(0, 2, 1, 3)
+    v = x.reshape(B, S, H, D).transpose(0, 2, 1, 3)
+    att = q @ k.transpose(0, 1, 3, 2) * (1.0 / math.sqrt(D))
+    att = jnp.where(jnp.tril(jnp.ones((S, S))) == 0, -jnp.inf, att)
+    return (jax.nn.softmax(att, axis=-1) @ v).transpose(0, 2, 1, 3).reshape(B, S, E)
+
+
+# ---------------------------------------------------------------------------------------------
+# Equinox, Penzai-like, Haliax-like
+
+
+EQX4 = eqx.nn.MultiheadAttention(num_heads=H, query_size=E, use_query_bias=True, use_output_bias=True,
+                                 key=jax.random.PRNGKey(1))
+EQX4_PARAMS, EQX4_STATIC = eqx.partition(EQX4, eqx.is_array)
+
+
+@probe("equinox_mha_padding_mask_vmap", "equinox MultiheadAttention, per-example [S,S] padding mask",
+       lambda rng: (EQX4_PARAMS, _normal(rng, (B, S, E)), pad_mask_int(rng)), grad_argnums=(1,))
+def eqx_padding(params, x, attention_mask):
+    mha = eqx.combine(params, EQX4_STATIC)
+
+    def one(t, m):
+        keep = (m[:, None] * m[None, :]).astype(bool) | jnp.eye(S, dtype=bool)
+        return mha(t, t, t, mask=keep)
+
+    return jax.vmap(one)(x, attention_mask)
+
+
+@probe("penzai_named_axes_vmapped_2d", "penzai-style: named axes as vmap, 2-D dots inside",
+       tensors(BSHD, BSHD, BSHD))
+def penzai(q, k, v):
+    def one(qs, ks, vs):  # [S, D] each
+        logits = jnp.einsum("sd,td->st", qs, ks) * D ** -0.5
+        logits = jnp.where(jnp.arange(S)[:, None] >= jnp.arange(S)[None, :], logits, -1e9)
+        return jnp.einsum("st,td->sd", jax.nn.softmax(logits, axis=-1), vs)
+
+    per_head = jax.vmap(one, in_axes=(1, 1, 1), out_axes=1)  # over heads
+    return jax.vmap(per_head)(q, k, v)  # over batch
+
+
+@probe("haliax_gqa_named_dims", "levanter/haliax: [B,S,KVH,G,D] heads as separate dims",
+       tensors((B, S, 2, 2, D), (B, S, 2, D), (B, S, 2, D)))
+def haliax(q, k, v):
+    w = jnp.einsum("bskgd,btkd->bkgst", q, k) / jnp.sqrt(D)
+    w = jnp.where(tri()[None, None, None], w, -1e9)
+    w = jax.nn.softmax(w, axis=-1)
+    return jnp.einsum("bkgst,btkd->bskgd", w, v)
+
+
+@probe("haliax_axis_order_kv_first", "haliax: scores laid out [B,KPos,H,QPos], softmax over axis 1",
+       tensors(BSHD, BSHD, BSHD))
+def haliax_order(q, k, v):
+    w = jnp.einsum("bqhd,bkhd->bkhq", q, k) * D ** -0.5
+    w = jax.nn.softmax(w, axis=1)
+    return jnp.einsum("bkhq,bkhd->bqhd", w, v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts, ranks, vmaps
+
+
+@probe("seq_first_sbhd", "Megatron/fairseq seq-first [S,B,H,D]", tensors((S, B, H, D), (S, B, H, D), (S, B, H, D)))
+def seq_first(q, k, v):
+    w = jnp.einsum("sbhd,tbhd->bhst", q, k) * D ** -0.5
+    w = jnp.where(tri(), w, -jnp.inf)
+    return jnp.einsum("bhst,tbhd->sbhd", jax.nn.softmax(w, -1), v)
+
+
+@probe("vmap_single_head_over_heads", "jax.vmap of single-head [S,D] attention over heads and batch",
+       tensors(BHSD, BHSD, BHSD))
+def vmap_heads(q, k, v):
+    def head(qh, kh, vh):
+        return jax.nn.softmax(qh @ kh.T / math.sqrt(D), axis=-1) @ vh
+
+    return jax.vmap(jax.vmap(head))(q, k, v)
+
+
+@probe("single_head_2d_causal_jnp_dot", "[S,D] single head, jnp.dot, causal", tensors((S, D), (S, D), (S, D)))
+def single_head(q, k, v):
+    s = jnp.dot(q, k.T) * D ** -0.5
+    s = jnp.where(jnp.tril(jnp.ones((S, S))) > 0, s, -jnp.inf)
+    return jnp.dot(jax.nn.softmax(s, axis=-1), v)
+
+
+@probe("transposed_scores_k_q", "scores as K·Qᵀ [B,H,Sk,Sq], softmax over axis -2",
+       tensors(BHSD, BHSD, BHSD))
+def transposed_scores(q, k, v):
+    st = jnp.einsum("bhkd,bhqd->bhkq", k, q) * D ** -0.5
+    p = jax.nn.softmax(st, axis=-2)
+    return jnp.einsum("bhkq,bhkd->bhqd", p, v)
+
+
+@probe("perceiver_latent_query_no_batch", "Perceiver cross-attention: latents [N,H,D] shared over batch",
+       tensors((6, H, D), BSHD, BSHD))
+def perceiver(latents, k, v):
+    w = jnp.einsum("nhd,bshd->bhns", latents, k) / math.sqrt(D)
+    return jnp.einsum("bhns,bshd->bnhd", jax.nn.softmax(w, axis=-1), v)
+
+
+@probe("self_attention_q_eq_k_eq_v", "softmax(x xᵀ/√D) x with one input", tensors(BHSD))
+def same_input(x):
+    return jnp.matmul(jax.nn.softmax(jnp.matmul(x, jnp.swapaxes(x, -1, -2)) / math.sqrt(D), -1), x)
+
+
+@probe("scores_by_broadcast_multiply_sum", "scores as (q[:,:,:,None]*k[:,:,None]).sum(-1)",
+       tensors(BHSD, BHSD, BHSD))
+def mul_sum(q, k, v):
+    s = (q[:, :, :, None, :] * k[:, :, None, :, :]).sum(-1) * D ** -0.5
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1), v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision
+
+
+@probe("lax_dot_general_highest", "lax.dot_general with dimension numbers and precision=HIGHEST",
+       tensors(BHSD, BHSD, BHSD))
+def dot_general_highest(q, k, v):
+    hi = jax.lax.Precision.HIGHEST
+    s = jax.lax.dot_general(q, k, (((3,), (3,)), ((0, 1), (0, 1))), precision=hi) * D ** -0.5
+    p = jax.nn.softmax(s, axis=-1)
+    return jax.lax.dot_general(p, v, (((3,), (2,)), ((0, 1), (0, 1))), precision=hi)
+
+
+@probe("lax_dot_general_v_first_transposed_out", "P·V as dot_general(v, p) then transpose",
+       tensors(BHSD, BHSD, BHSD))
+def dot_general_v_first(q, k, v):
+    s = jax.lax.dot_general(q, k, (((3,), (3,)), ((0, 1), (0, 1)))) * D ** -0.5
+    p = jax.nn.softmax(s, axis=-1)
+    o = jax.lax.dot_general(v, p, (((2,), (3,)), ((0, 1), (0, 1))))  # [B, H, D, Sq]
+    return jnp.swapaxes(o, -1, -2)
+
+
+@probe("bf16_all_the_way_no_f32", "bf16 scores, softmax in bf16, no casts", tensors(BHSD, BHSD, BHSD, dtype=BF16))
+def bf16_plain(q, k, v):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * jnp.asarray(D ** -0.5, BF16)
+    s = jnp.where(tri(), s, jnp.finfo(BF16).min)
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1), v)
+
+
+@probe("bf16_dot_general_pet_f32_out_cast", "bf16 dot_general preferred f32, output cast back to bf16",
+       tensors(BSHD, BSHD, BSHD, dtype=BF16))
+def bf16_pet_out(q, k, v):
+    s = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(D ** -0.5, BF16), k, preferred_element_type=F32)
+    s = jnp.where(tri(), s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", p.astype(BF16), v, preferred_element_type=F32).astype(BF16)
+
+
+@probe("f16_scores_f32_softmax", "f16 model, scores upcast for softmax", tensors(BHSD, BHSD, BHSD, dtype=F16))
+def f16(q, k, v):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(F32) * D ** -0.5
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1).astype(F16), v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Softmax spellings, masks
+
+
+@probe("softmax_positive_axis_3", "jax.nn.softmax(s, axis=3)", tensors(BHSD, BHSD, BHSD))
+def softmax_axis3(q, k, v):
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.3, axis=3), v)
+
+
+@probe("softmax_hand_f32_sum_expand_dims", "by hand: max/sum without keepdims, expand_dims, masked",
+       tensors(BHSD, BHSD, BHSD, extreme=True))
+def softmax_hand(q, k, v):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * D ** -0.5
+    s = jnp.where(tri(), s, -1e30)
+    e = jnp.exp(s - jnp.max(s, axis=-1)[..., None])
+    p = e / jnp.expand_dims(jnp.sum(e, axis=-1), -1)
+    return jnp.einsum("bhqk,bhkd->bhqd", p, v)
+
+
+@probe("softmax_where_arg_sliding_window", "jax.nn.softmax(s, where=window) (diagonal always kept)",
+       tensors(BHSD, BHSD, BHSD))
+def softmax_where_window(q, k, v):
+    i, j = jnp.arange(S)[:, None], jnp.arange(S)[None, :]
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * D ** -0.5
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, axis=-1, where=(j <= i) & (i - j < 4)), v)
+
+
+@probe("temperature_divide_traced", "s / temperature, a traced scalar argument",
+       tensors(BHSD, BHSD, BHSD, extra=(lambda rng: jnp.float32(0.7),)))
+def temperature(q, k, v, tau):
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k) / tau, -1), v)
+
+
+@probe("per_head_logit_scale_cosine", "Swin v2 cosine attention: normalized q,k times exp(per-head scale)",
+       tensors(BHSD, BHSD, BHSD, (H, 1, 1)))
+def cosine(q, k, v, logit_scale):
+    qn = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
+    kn = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    scale = jnp.exp(jnp.minimum(logit_scale, math.log(100.0)))
+    s = jnp.einsum("bhqd,bhkd->bhqk", qn, kn) * scale
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1), v)
+
+
+@probe("bidirectional_local_abs_window", "local attention |i-j| < W (not causal)", tensors(BHSD, BHSD, BHSD))
+def local_abs(q, k, v):
+    i, j = jnp.arange(S)[:, None], jnp.arange(S)[None, :]
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * D ** -0.5
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(jnp.where(jnp.abs(i - j) < 3, s, -jnp.inf), -1), v)
+
+
+@probe("prefix_lm_mask", "prefix-LM: causal or key in prefix", tensors(BHSD, BHSD, BHSD))
+def prefix_lm(q, k, v):
+    i, j = jnp.arange(S)[:, None], jnp.arange(S)[None, :]
+    keep = (j <= i) | (j < 5)
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * D ** -0.5
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(jnp.where(keep, s, -1e9), -1), v)
+
+
+@probe("chunked_prefill_offset_causal", "chunked prefill: query chunk at offset 8 over all keys",
+       tensors((B, H, 8, D), BHSD, BHSD))
+def chunked_prefill(q, k, v):
+    qpos = 8 + jnp.arange(8)[:, None]
+    keep = jnp.arange(S)[None, :] <= qpos
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * D ** -0.5
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(jnp.where(keep, s, -jnp.inf), -1), v)
+
+
+@probe("block_causal_chunks_of_4", "blockwise causal (i//4 >= j//4)", tensors(BHSD, BHSD, BHSD))
+def block_causal(q, k, v):
+    i, j = jnp.arange(S)[:, None] // 4, jnp.arange(S)[None, :] // 4
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * D ** -0.5
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(jnp.where(i >= j, s, -jnp.inf), -1), v)
+
+
+@probe("int_mask_where_eq_zero_1e9", "int32 [B,1,1,S] mask, where(mask == 0, -1e9, s)",
+       tensors(BHSD, BHSD, BHSD, extra=(pad_mask_int,)))
+def int_mask(q, k, v, m):
+    s = jnp.matmul(q, jnp.swapaxes(k, -1, -2)) / math.sqrt(D)
+    s = jnp.where(m[:, None, None, :] == 0, -1e9, s)
+    return jnp.matmul(jax.nn.softmax(s, -1), v)
+
+
+@probe("mask_bool_astype_then_select", "mask.astype(bool) from float, lax.select", tensors(BHSD, BHSD, BHSD))
+def float_mask_astype(q, k, v):
+    m = jnp.broadcast_to(jnp.tril(jnp.ones((S, S), F32)).astype(bool), (B, H, S, S))
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * D ** -0.5
+    s = jax.lax.select(m, s, jnp.full_like(s, -jnp.inf))
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1), v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Nested: scan over layers, checkpoint
+
+
+def _sdpa_causal(q, k, v):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * D ** -0.5
+    s = jnp.where(tri(), s, -jnp.inf)
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1), v)
+
+
+@probe("checkpoint_wrapped_attention", "jax.checkpoint(attention) (remat)", tensors(BHSD, BHSD, BHSD))
+def checkpointed(q, k, v):
+    return jax.checkpoint(_sdpa_causal)(q, k, v)
+
+
+@probe("checkpoint_policy_dots_saveable", "jax.checkpoint with policy=dots_with_no_batch_dims_saveable",
+       tensors(BHSD, BHSD, BHSD))
+def checkpoint_policy(q, k, v):
+    return jax.checkpoint(_sdpa_causal, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)(q, k, v)
+
+
+@probe("scan_over_layers_stacked_weights", "lax.scan over 2 layers of projections + attention",
+       tensors((B, S, E), (2, E, 3 * E)), grad_argnums=(0, 1))
+def scan_layers(x, ws):
+    def layer(h, w):
+        q, k, v = jnp.split(h @ w, 3, axis=-1)
+        q, k, v = (t.reshape(B, S, H, D).transpose(0, 2, 1, 3) for t in (q, k, v))
+        o = _sdpa_causal(q, k, v).transpose(0, 2, 1, 3).reshape(B, S, E)
+        return h + o, None
+
+    return jax.lax.scan(layer, x, ws)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# jax.nn.dot_product_attention options, forward and gradient
+
+
+def dpa(**kw):
+    return lambda q, k, v, *rest: jax.nn.dot_product_attention(q, k, v, *rest, **kw)
+
+
+PROBES += [
+    Probe("jax_dpa_default_implementation", "jax.nn.dot_product_attention implementation=None",
+          dpa(is_causal=True), tensors(BSHD, BSHD, BSHD), (0, 1, 2)),
+    Probe("jax_dpa_bias_grad", "jax.nn.dot_product_attention bias=", dpa(implementation="xla"),
+          tensors(BSHD, BSHD, BSHD, (1, H, S, S)), (0, 1, 2)),
+    Probe("jax_dpa_mask_and_causal", "jax.nn.dot_product_attention mask= and is_causal",
+          lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m, is_causal=True, implementation="xla"),
+          tensors(BSHD, BSHD, BSHD, extra=(lambda rng: (jnp.asarray(pad_mask_int(rng)) > 0)[:, None, None, :],)),
+          (0, 1, 2)),
+    Probe("jax_dpa_bias_mask_causal_scale", "jax.nn.dot_product_attention bias, mask, is_causal, scale",
+          lambda q, k, v, b, m: jax.nn.dot_product_attention(q, k, v, bias=b, mask=m, is_causal=True, scale=0.2,
+                                                             implementation="xla"),
+          tensors(BSHD, BSHD, BSHD, (B, 1, S, S),
+                  extra=(lambda rng: (jnp.asarray(pad_mask_int(rng)) > 0)[:, None, None, :],)), (0, 1, 2)),
+    Probe("jax_dpa_kv_seq_lengths_grad", "jax.nn.dot_product_attention key_value_seq_lengths",
+          lambda q, k, v, kl: jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kl, implementation="xla"),
+          tensors(BSHD, BSHD, BSHD, extra=(lengths(5, 16),)), (0, 1, 2)),
+    Probe("jax_dpa_local_window_grad", "jax.nn.dot_product_attention local_window_size=(3, 0) causal",
+          dpa(is_causal=True, local_window_size=(3, 0), implementation="xla"), tensors(BSHD, BSHD, BSHD), (0, 1, 2)),
+    Probe("jax_dpa_bf16_gqa_grad", "jax.nn.dot_product_attention bf16 GQA causal",
+          dpa(is_causal=True, implementation="xla"),
+          tensors((B, S, H, D), (B, S, 2, D), (B, S, 2, D), dtype=BF16), (0, 1, 2)),
+    Probe("jax_dpa_cross_sq_ne_sk", "jax.nn.dot_product_attention Sq=6 Sk=16 with scale",
+          dpa(scale=0.5, implementation="xla"), tensors((B, 6, H, D), BSHD, BSHD), (0, 1, 2)),
+    Probe("jax_dpa_extreme_mask", "jax.nn.dot_product_attention random mask, extreme inputs",
+          lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m, implementation="xla"),
+          tensors(BSHD, BSHD, BSHD, extreme=True,
+                  extra=(lambda rng: jnp.asarray(rng.random((B, H, S, S)) < 0.6) | jnp.eye(S, dtype=bool),)),
+          (0, 1, 2)),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+
+
+def grad_fn(fn: Callable, argnums: tuple[int, ...]) -> Callable:
+    def loss(*args):
+        *inputs, cot = args
+        return jnp.sum(fn(*inputs).astype(F32) * cot)
+
+    return jax.grad(loss, argnums=argnums)
+
+
+def grad_args(fn: Callable, make_args: Callable) -> Callable:
+    def make(rng):
+        args = make_args(rng)
+        out = jax.eval_shape(fn, *args)
+        return args + (_normal(rng, out.shape),)
+
+    return make
+
+
+def cases(p: Probe, with_grad: bool) -> list[Case]:
+    out = [Case(p.name, p.fn, p.make_args, True, "probe", p.style)]
+    if with_grad and p.grad_argnums is not None:
+        out.append(Case(p.name + "_grad", grad_fn(p.fn, p.grad_argnums), grad_args(p.fn, p.make_args), True,
+                        "probe", p.style + " (jax.grad)"))
+    return out
+
+
+def raised_word(o: Outcome) -> str:
+    return "fully" if o.fully_raised else ("partly" if o.raised else "not")
+
+
+def line(name: str, precision: str, o: Outcome) -> str:
+    why = "; ".join(o.reasons + o.fallbacks) or "-"
+    return (f"{name:48s} {precision:9s} raised={raised_word(o):6s} ops={o.raised} left={o.softmax_left} "
+            f"equal={'yes' if o.values_equal else 'NO (' + f'{o.max_error:.3g}' + ')'} "
+            f"{o.seconds:6.2f}s nodes={o.egraph_nodes} | {why}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", default=[], help="run probes whose name holds one of these")
+    parser.add_argument("--no-grad", action="store_true", help="forward probes only")
+    parser.add_argument("--json", help="write every outcome here")
+    args = parser.parse_args()
+    rows = []
+    for p in PROBES:
+        if args.only and not any(s in p.name for s in args.only):
+            continue
+        for c in cases(p, not args.no_grad):
+            for precision in ("exact", "fast_math"):
+                try:
+                    o = evaluate(c, precision=precision)
+                except Exception as exc:  # noqa: BLE001 - a probe reports, it does not stop
+                    print(f"{c.name:48s} {precision:9s} ERROR {type(exc).__name__}: {exc}"[:400], flush=True)
+                    rows.append({"name": c.name, "style": c.source, "precision": precision, "error": repr(exc)})
+                    break
+                print(line(c.name, precision, o), flush=True)
+                rows.append({"name": c.name, "style": c.source, "precision": precision,
+                             "raised": raised_word(o), "ops": o.raised, "left": o.softmax_left,
+                             "equal": o.values_equal, "max_error": o.max_error, "seconds": o.seconds,
+                             "nodes": o.egraph_nodes, "reasons": list(o.reasons), "fallbacks": list(o.fallbacks)})
+                if o.fully_raised and o.values_equal:
+                    break
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
