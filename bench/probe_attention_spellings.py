@@ -467,7 +467,7 @@ def perceiver(latents, k, v):
     return jnp.einsum("bhns,bshd->bnhd", jax.nn.softmax(w, axis=-1), v)
 
 
-@probe("self_attention_q_eq_k_eq_v", "softmax(x xᵀ/√D) x with one input", tensors(BHSD))
+@probe("self_attention_q_eq_k_eq_v", "softmax(x xᵀ/√D) x with one input", tensors(BHSD), grad_argnums=(0,))
 def same_input(x):
     return jnp.matmul(jax.nn.softmax(jnp.matmul(x, jnp.swapaxes(x, -1, -2)) / math.sqrt(D), -1), x)
 
@@ -683,6 +683,88 @@ PROBES += [
           tensors(BSHD, BSHD, BSHD, extreme=True,
                   extra=(lambda rng: jnp.asarray(rng.random((B, H, S, S)) < 0.6) | jnp.eye(S, dtype=bool),)),
           (0, 1, 2)),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# More model forms: MLA, sinks, faithful Gemma masks, scan with remat, bf16 gradients
+
+
+@probe("scan_remat_layers_grad_maxtext", "MaxText/Flax: lax.scan over jax.checkpoint(layer)",
+       tensors((B, S, E), (2, E, 3 * E)), grad_argnums=(0, 1))
+def scan_remat(x, ws):
+    def layer(h, w):
+        q, k, v = jnp.split(h @ w, 3, axis=-1)
+        q, k, v = (t.reshape(B, S, H, D).transpose(0, 2, 1, 3) for t in (q, k, v))
+        o = _sdpa_causal(q, k, v).transpose(0, 2, 1, 3).reshape(B, S, E)
+        return h + o, None
+
+    return jax.lax.scan(jax.checkpoint(layer), x, ws)[0]
+
+
+@probe("gemma_sliding_mask_triu_tril_times_input_mask", "gemma: sliding = triu(ones,-W+1) * tril(ones,W-1) on an input mask",
+       tensors(BSHD, BSHD, BSHD, extra=(lambda rng: jnp.broadcast_to(tri(), (B, S, S)),)))
+def gemma_sliding(q, k, v, attn_mask):
+    logits = jnp.einsum("BTNH,BSNH->BTNS", q * D ** -0.5, k)
+    ones = jnp.ones_like(attn_mask)
+    sliding = jnp.triu(ones, -4 + 1) * jnp.tril(ones, 4 - 1)
+    attn_mask = sliding * attn_mask
+    logits = jnp.where(jnp.expand_dims(attn_mask, -2), logits, GEMMA_K_MASK)
+    return jnp.einsum("BTNS,BSNH->BTNH", jax.nn.softmax(logits, axis=-1).astype(k.dtype), v)
+
+
+@probe("mla_concat_nope_rope_dv_ne_dqk", "DeepSeek MLA: q=[q_nope,q_pe], k=[k_nope, shared k_pe], Dv != Dqk",
+       tensors(BHSD, (B, H, S, 4), BHSD, (B, 1, S, 4), (B, H, S, 12)))
+def mla_concat(q_nope, q_pe, k_nope, k_pe, v):
+    q = jnp.concatenate([q_nope, q_pe], axis=-1)
+    k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe, (B, H, S, 4))], axis=-1)
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * 12 ** -0.5
+    s = jnp.where(tri(), s, -jnp.inf)
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1), v)
+
+
+@probe("mla_sum_of_two_score_einsums", "DeepSeek MLA: scores = q_nope·k_noneᵀ + q_pe·k_peᵀ (two einsums added)",
+       tensors(BHSD, (B, H, S, 4), BHSD, (B, S, 4), BHSD))
+def mla_sum(q_nope, q_pe, k_nope, k_pe, v):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q_nope, k_nope) + jnp.einsum("bhqr,bkr->bhqk", q_pe, k_pe)
+    s = jnp.where(tri(), s * 12 ** -0.5, -jnp.inf)
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1), v)
+
+
+@probe("value_dim_ne_qk_dim", "V head dim 12 with Q/K head dim 8", tensors(BHSD, BHSD, (B, H, S, 12)))
+def dv_ne(q, k, v):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * D ** -0.5
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1), v)
+
+
+@probe("attention_sinks_gpt_oss", "gpt-oss sinks: a per-head logit column concatenated, then dropped (not plain attention)",
+       tensors(BHSD, BHSD, BHSD, (H,)))
+def sinks(q, k, v, sink):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * D ** -0.5
+    s = jnp.where(tri(), s, -jnp.inf)
+    col = jnp.broadcast_to(sink[None, :, None, None], (B, H, S, 1))
+    p = jax.nn.softmax(jnp.concatenate([s, col], axis=-1), axis=-1)[..., :-1]
+    return jnp.einsum("bhqk,bhkd->bhqd", p, v)
+
+
+@probe("cross_attention_encoder_padding", "encoder-decoder cross-attention, Sq=6, key padding from [B,Sk] ints",
+       tensors((B, H, 6, D), BHSD, BHSD, extra=(pad_mask_int,)))
+def cross_pad(q, k, v, enc_mask):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * D ** -0.5
+    s = jnp.where(enc_mask[:, None, None, :].astype(bool), s, jnp.finfo(F32).min)
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1), v)
+
+
+PROBES += [
+    Probe("jax_dpa_bf16_causal_grad", "jax.nn.dot_product_attention bf16 causal (no GQA)",
+          dpa(is_causal=True, implementation="xla"), tensors(BSHD, BSHD, BSHD, dtype=BF16), (0, 1, 2)),
+    Probe("jax_dpa_bias_and_mask_grad", "jax.nn.dot_product_attention bias= and mask= (no causal, no scale)",
+          lambda q, k, v, b, m: jax.nn.dot_product_attention(q, k, v, bias=b, mask=m, implementation="xla"),
+          tensors(BSHD, BSHD, BSHD, (B, 1, S, S),
+                  extra=(lambda rng: (jnp.asarray(pad_mask_int(rng)) > 0)[:, None, None, :],)), (0, 1, 2)),
+    Probe("jax_dpa_bias_causal_grad", "jax.nn.dot_product_attention bias= and is_causal",
+          lambda q, k, v, b: jax.nn.dot_product_attention(q, k, v, bias=b, is_causal=True, implementation="xla"),
+          tensors(BSHD, BSHD, BSHD, (B, 1, S, S)), (0, 1, 2)),
 ]
 
 
