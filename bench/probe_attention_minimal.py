@@ -141,5 +141,22 @@ def mul_sum(q, k, v):
     return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1), v)
 
 
+@probe("min_grad_crash_second_score_dot_kv_shared", tensors(BHSD, BHSD, BHSD, (B, S, D), BHSD))
+def crash(q1, q2, k1, k2, v):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q1, k1) + jnp.einsum("bhqd,bkd->bhqk", q2, k2)
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1), v)
+
+
+@probe("min_jax_dpa_batch_bias_causal_grad_lowering", tensors(BSHD, BSHD, BSHD, (B, 1, S, S)))
+def dpa_bias_causal(q, k, v, bias):
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=True, implementation="xla")
+
+
+@probe("min_scale_after_bias", tensors(BHSD, BHSD, BHSD, (B, H, S, S)))
+def scale_after_bias(q, k, v, bias):
+    s = (jnp.einsum("bhqd,bhkd->bhqk", q, k) + bias) * 0.3
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1), v)
+
+
 if __name__ == "__main__":
     main()

@@ -769,6 +769,83 @@ PROBES += [
 
 
 # ---------------------------------------------------------------------------------------------
+# Vision windows, relative positions, blockwise, broadcasting matmuls
+
+
+@probe("mla_sum_shared_k_pe_no_scale", "DeepSeek MLA unscaled: q_nope·k_nopeᵀ + q_pe·k_peᵀ, k_pe shared by heads",
+       tensors(BHSD, BHSD, BHSD, (B, S, D), BHSD))
+def mla_shared(q_nope, q_pe, k_nope, k_pe, v):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q_nope, k_nope) + jnp.einsum("bhqd,bkd->bhqk", q_pe, k_pe)
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1), v)
+
+
+@probe("mqa_unit_head_matmul_broadcast", "MQA by matmul broadcasting: K, V [B,1,S,D] (torch unsqueeze(1) ports)",
+       tensors(BHSD, (B, 1, S, D), (B, 1, S, D)))
+def mqa_unit(q, k, v):
+    s = q @ jnp.swapaxes(k, -1, -2) / math.sqrt(D)
+    s = jnp.where(tri(), s, -jnp.inf)
+    return jax.nn.softmax(s, axis=-1) @ v
+
+
+@probe("max_subtracted_then_jax_softmax", "s - max(s) by hand, then jax.nn.softmax", tensors(BHSD, BHSD, BHSD, extreme=True))
+def pre_max(q, k, v):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * D ** -0.5
+    s = s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1), v)
+
+
+NW, NT = 2, 8  # Swin: 2 windows of 8 tokens each per image
+
+
+@probe("swin_window_attention_view_mask", "Swin: [B*nW,H,N,D], rel. bias [H,N,N], view to [B,nW,H,N,N] + 0/-100 mask",
+       tensors((B * NW, H, NT, D), (B * NW, H, NT, D), (B * NW, H, NT, D), (H, NT, NT),
+               extra=(lambda rng: jnp.asarray(np.where(rng.random((NW, NT, NT)) < 0.3, -100.0, 0.0), F32),)))
+def swin(q, k, v, rel_bias, mask):
+    attn = (q * D ** -0.5) @ jnp.swapaxes(k, -2, -1)
+    attn = attn + rel_bias[None]
+    attn = attn.reshape(B, NW, H, NT, NT) + mask[None, :, None]
+    attn = jax.nn.softmax(attn.reshape(-1, H, NT, NT), axis=-1)
+    return attn @ v
+
+
+@probe("shaw_relative_position_scores", "Shaw/Transformer-XL: q·kᵀ + q·R[q,k]ᵀ (a bias computed from q)",
+       tensors(BHSD, BHSD, BHSD, (S, S, D)))
+def shaw(q, k, v, rel):
+    s = (jnp.einsum("bhqd,bhkd->bhqk", q, k) + jnp.einsum("bhqd,qkd->bhqk", q, rel)) * D ** -0.5
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1), v)
+
+
+@probe("blockwise_two_key_chunks_online_softmax", "memory-efficient attention by hand: two key chunks, online softmax",
+       tensors(BHSD, BHSD, BHSD))
+def blockwise(q, k, v):
+    half = S // 2
+    outs, maxes, sums = [], [], []
+    for c in range(2):
+        kc, vc = k[:, :, c * half:(c + 1) * half], v[:, :, c * half:(c + 1) * half]
+        s = jnp.einsum("bhqd,bhkd->bhqk", q, kc) * D ** -0.5
+        m = jax.lax.stop_gradient(s.max(-1, keepdims=True))
+        e = jnp.exp(s - m)
+        outs.append(jnp.einsum("bhqk,bhkd->bhqd", e, vc))
+        maxes.append(m)
+        sums.append(e.sum(-1, keepdims=True))
+    m = jnp.maximum(maxes[0], maxes[1])
+    w0, w1 = jnp.exp(maxes[0] - m), jnp.exp(maxes[1] - m)
+    return (outs[0] * w0 + outs[1] * w1) / (sums[0] * w0 + sums[1] * w1)
+
+
+@probe("einsum_precision_string_highest", "jnp.einsum(..., precision='highest') (a string)", tensors(BSHD, BSHD, BSHD))
+def precision_string(q, k, v):
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision="highest") / math.sqrt(D)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v, precision="highest")
+
+
+PROBES += [
+    Probe("jax_dpa_unbatched_causal_grad", "jax.nn.dot_product_attention 3-D [T,N,H] is_causal",
+          dpa(is_causal=True, implementation="xla"), tensors((S, H, D), (S, H, D), (S, H, D)), (0, 1, 2)),
+]
+
+
+# ---------------------------------------------------------------------------------------------
 # running
 
 
@@ -808,12 +885,43 @@ def line(name: str, precision: str, o: Outcome) -> str:
             f"{o.seconds:6.2f}s nodes={o.egraph_nodes} | {why}")
 
 
+def verdict(row: dict | None) -> str:
+    if row is None:
+        return "-"
+    if "error" in row:
+        return "ERROR"
+    word = {"fully": "yes", "partly": "partly", "not": "no"}[row["raised"]]
+    if row["fallbacks"]:
+        word += " (fell back)"
+    return word if row["equal"] else word + ", VALUES CHANGED"
+
+
+def markdown_table(rows: list[dict]) -> list[str]:
+    """One line per probe: forward and gradient under exact (and fast_math where exact left it)."""
+    by = {(r["name"], r["precision"]): r for r in rows}
+    names = list(dict.fromkeys(r["name"].removesuffix("_grad") if (r["name"].removesuffix("_grad"), "exact") in by
+                               else r["name"] for r in rows))
+    lines = ["| probe | style | forward (exact) | grad (exact) | fast_math (fwd / grad) | seconds (fwd / grad) |",
+             "|---|---|---|---|---|---|"]
+    for n in names:
+        fwd, grad = by.get((n, "exact")), by.get((n + "_grad", "exact"))
+        fast = [by.get((n, "fast_math")), by.get((n + "_grad", "fast_math"))]
+        secs = " / ".join(f"{r['seconds']:.2f}" if r and "seconds" in r else "-" for r in (fwd, grad))
+        fm = " / ".join(verdict(r) for r in fast) if any(fast) else "-"
+        lines.append(f"| {n} | {fwd['style'] if fwd else ''} | {verdict(fwd)} | {verdict(grad)} | {fm} | {secs} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--table", nargs="*", help="print the markdown table of these --json files and stop")
     parser.add_argument("--only", nargs="*", default=[], help="run probes whose name holds one of these")
     parser.add_argument("--no-grad", action="store_true", help="forward probes only")
     parser.add_argument("--json", help="write every outcome here")
     args = parser.parse_args()
+    if args.table:
+        print("\n".join(markdown_table([r for f in args.table for r in json.loads(pathlib.Path(f).read_text())])))
+        return
     rows = []
     for p in PROBES:
         if args.only and not any(s in p.name for s in args.only):
