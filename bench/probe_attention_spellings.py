@@ -846,6 +846,108 @@ PROBES += [
 
 
 # ---------------------------------------------------------------------------------------------
+# Soundness hazards: forms near attention where a loose rule would change values
+
+
+def _sdpa_mask(q, k, v, keep, fill=-jnp.inf):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * D ** -0.5
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(jnp.where(keep, s, fill), -1), v)
+
+
+SQ6 = tensors((B, H, 6, D), BHSD, BHSD)
+
+
+@probe("causal_top_left_sq6_sk16", "tril(ones(6, 16)): top-left aligned causal, Sq != Sk", SQ6)
+def causal_top_left(q, k, v):
+    return _sdpa_mask(q, k, v, jnp.tril(jnp.ones((6, S), bool)))
+
+
+@probe("causal_bottom_right_sq6_sk16", "tril(ones(6, 16), k=10): bottom-right aligned causal (decode chunk)", SQ6)
+def causal_bottom_right(q, k, v):
+    return _sdpa_mask(q, k, v, jnp.tril(jnp.ones((6, S), bool), k=S - 6))
+
+
+@probe("jax_dpa_causal_sq6_sk16", "jax.nn.dot_product_attention is_causal with Sq=6, Sk=16",
+       tensors((B, 6, H, D), BSHD, BSHD))
+def dpa_causal_cross(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+
+
+@probe("strict_causal_first_row_empty_finite", "iota_q > iota_k (diagonal hidden: row 0 has no key), fill -1e9",
+       tensors(BHSD, BHSD, BHSD))
+def strict_causal(q, k, v):
+    return _sdpa_mask(q, k, v, jnp.arange(S)[:, None] > jnp.arange(S)[None, :], -1e9)
+
+
+@probe("strict_causal_first_row_empty_neginf", "iota_q > iota_k with -inf: row 0 is NaN", tensors(BHSD, BHSD, BHSD))
+def strict_causal_inf(q, k, v):
+    return _sdpa_mask(q, k, v, jnp.arange(S)[:, None] > jnp.arange(S)[None, :])
+
+
+@probe("post_zero_strict_after_causal", "where(i > j, softmax(where(causal, s, -inf)), 0): post-mask hides the diagonal too",
+       tensors(BHSD, BHSD, BHSD))
+def post_strict(q, k, v):
+    i, j = jnp.arange(S)[:, None], jnp.arange(S)[None, :]
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * D ** -0.5
+    p = jax.nn.softmax(jnp.where(j <= i, s, -jnp.inf), -1)
+    return jnp.einsum("bhqk,bhkd->bhqd", jnp.where(i > j, p, 0.0), v)
+
+
+@probe("softcap_after_mask", "c·tanh(where(causal, s, -inf)/c): masked logits become -c, not -inf",
+       tensors(BHSD, BHSD, BHSD, extreme=True))
+def softcap_after_mask(q, k, v):
+    s = jnp.where(tri(), jnp.einsum("bhqd,bhkd->bhqk", q, k), -jnp.inf)
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(5.0 * jnp.tanh(s / 5.0), -1), v)
+
+
+@probe("per_head_bool_mask", "a boolean mask that differs per head [1,H,S,S]",
+       tensors(BHSD, BHSD, BHSD, extra=(lambda rng: jnp.asarray(rng.random((1, H, S, S)) < 0.5) | jnp.eye(S, dtype=bool),)))
+def per_head_mask(q, k, v, keep):
+    return _sdpa_mask(q, k, v, keep, -1e9)
+
+
+@probe("window_without_diagonal_neginf", "past-only window (0 < i-j <= 3), -inf: row 0 NaN", tensors(BHSD, BHSD, BHSD))
+def window_past_only(q, k, v):
+    d = jnp.arange(S)[:, None] - jnp.arange(S)[None, :]
+    return _sdpa_mask(q, k, v, (d > 0) & (d <= 3))
+
+
+@probe("negative_scale", "s * -0.5 (a negative scale)", tensors(BHSD, BHSD, BHSD, extreme=True))
+def negative_scale(q, k, v):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * -0.5
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(jnp.where(tri(), s, -jnp.inf), -1), v)
+
+
+@probe("mask_then_negative_scale", "where(causal, s, -1e9) * -0.5: the fill becomes +5e8", tensors(BHSD, BHSD, BHSD))
+def mask_neg_scale(q, k, v):
+    s = jnp.where(tri(), jnp.einsum("bhqd,bhkd->bhqk", q, k), -1e9) * -0.5
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1), v)
+
+
+@probe("bf16_fill_1e9_all_masked_rows", "bf16 scores, where(pad, s, -1e9) with a fully padded sequence",
+       tensors(BHSD, BHSD, BHSD, dtype=BF16, extra=(lambda rng: jnp.array([[True] * S, [False] * S]),)))
+def bf16_fill(q, k, v, keep):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k)
+    s = jnp.where(keep[:, None, None, :], s, -1e9)
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1), v)
+
+
+@probe("bias_with_neg_inf_then_where", "bias holding -inf entries, then a causal where with a finite fill",
+       tensors(BHSD, BHSD, BHSD, extra=(lambda rng: jnp.where(jnp.asarray(rng.random((1, H, S, S)) < 0.2), -jnp.inf, 0.0),)))
+def bias_inf(q, k, v, bias):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * D ** -0.5 + bias
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(jnp.where(tri(), s, -1e4), -1), v)
+
+
+@probe("two_wheres_different_fills", "where(pad, where(causal, s, -inf), -1e9): two fills", 
+       tensors(BHSD, BHSD, BHSD, extra=(lambda rng: jnp.array([[True] * S, [False] * S]),)))
+def two_fills(q, k, v, keep):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * D ** -0.5
+    s = jnp.where(keep[:, None, None, :], jnp.where(tri(), s, -jnp.inf), -1e9)
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1), v)
+
+
+# ---------------------------------------------------------------------------------------------
 # running
 
 
