@@ -948,6 +948,23 @@ def two_fills(q, k, v, keep):
 
 
 # ---------------------------------------------------------------------------------------------
+# Library modules' gradients (the corpus has their forwards)
+
+from attention_corpus import LINEN_MHA_BF16, NNX_MHA, linen_args  # noqa: E402
+from flax import nnx  # noqa: E402
+import flax.linen as linen  # noqa: E402
+
+PROBES += [
+    Probe("flax_linen_mha_bf16_causal", "flax.linen MultiHeadDotProductAttention dtype=bf16, causal",
+          lambda params, x: LINEN_MHA_BF16.apply(params, x, mask=linen.make_causal_mask(x[..., 0])),
+          lambda rng: linen_args(LINEN_MHA_BF16)(rng), (1,)),
+    Probe("flax_nnx_mha_causal_grad_x", "flax.nnx MultiHeadAttention causal",
+          lambda state, x: nnx.merge(NNX_MHA[0], state)(x, mask=nnx.make_causal_mask(x[..., 0])),
+          lambda rng: (NNX_MHA[1], _normal(rng, (2, 8, 32))), (1,)),
+]
+
+
+# ---------------------------------------------------------------------------------------------
 # running
 
 
