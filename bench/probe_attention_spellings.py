@@ -965,6 +965,36 @@ PROBES += [
 
 
 # ---------------------------------------------------------------------------------------------
+# Reference implementations inside JAX libraries (their attention written out)
+
+MASK_07 = -0.7 * float(jnp.finfo(F32).max)
+
+
+@probe("pallas_tpu_reference_bias_then_scale", "Pallas TPU flash-attention reference: logits += ab; logits *= sm_scale; causal where",
+       tensors(BHSD, BHSD, BHSD, (B, H, S, S)))
+def pallas_tpu_ref(q, k, v, ab):
+    logits = jnp.einsum("bhqc,bhkc->bhqk", q, k)
+    logits = logits + ab
+    logits = logits * 0.3
+    logits = jnp.where(tri(), logits, MASK_07)
+    return jnp.einsum("bhqk,bhkc->bhqc", jax.nn.softmax(logits, axis=-1), v)
+
+
+@probe("maxtext_local_attention_gqa_deferred", "MaxText apply_attention_dot: 5-D GQA, exp(s - max) · V / sum (max not stopped)",
+       tensors((B, S, H, D), (B, S, 2, D), (B, S, 2, D)))
+def maxtext_local(q, k, v):
+    qg = (q * D ** -0.5).reshape(B, S, 2, H // 2, D)
+    w = jnp.einsum("btkgd,bskd->bkgts", qg, k)
+    additive = jnp.where(tri(), 0.0, MASK_07)[None, None, None]
+    w = jnp.where(additive >= MASK_07 * 0.5, w, MASK_07)
+    local_max = jnp.max(w, axis=-1, keepdims=True)
+    local_exps = jnp.exp(w - local_max)
+    local_sum = jnp.sum(local_exps, axis=-1, keepdims=True)
+    out = jnp.einsum("bkgts,bskd->bkgtd", local_exps, v) / local_sum
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, S, H, D)
+
+
+# ---------------------------------------------------------------------------------------------
 # running
 
 
