@@ -994,6 +994,20 @@ def maxtext_local(q, k, v):
     return out.transpose(0, 3, 1, 2, 4).reshape(B, S, H, D)
 
 
+@probe("maxtext_normalize_after_moveaxis", "MaxText: local sums moved to [B,T,N,1] by moveaxis+reshape, output normalised after its reshape",
+       tensors((B, S, H, D), (B, S, 2, D), (B, S, 2, D)))
+def maxtext_normalize(q, k, v):
+    qg = (q * D ** -0.5).reshape(B, S, 2, H // 2, D)
+    w = jnp.einsum("btkgd,bskd->bkgts", qg, k)
+    w = jnp.where(tri()[None, None, None], w, MASK_07)
+    local_max = jnp.max(w, axis=-1, keepdims=True)
+    local_exps = jnp.exp(w - local_max)
+    local_sum = jnp.moveaxis(jnp.sum(local_exps, axis=-1, keepdims=True), -2, 1)  # [B,T,K,G,1]
+    local_sum = local_sum.reshape(B, S, H, 1)
+    out = jnp.einsum("bkgts,bskd->btkgd", local_exps, v).reshape(B, S, H, D)
+    return out / local_sum
+
+
 # ---------------------------------------------------------------------------------------------
 # running
 
