@@ -1009,6 +1009,65 @@ def maxtext_normalize(q, k, v):
 
 
 # ---------------------------------------------------------------------------------------------
+# More library and user spellings: Flax decode cache, Equinox RoPE, tensordot, 3-operand einsums
+
+LINEN_DEC = linen.MultiHeadDotProductAttention(num_heads=H, qkv_features=E, decode=True)
+_DEC_VARS = LINEN_DEC.init(jax.random.PRNGKey(2), jnp.zeros((B, S, E)))
+
+
+def _decode_args(rng):
+    """Params and a cache filled with 5 earlier steps, then one new token."""
+    variables = {"params": _DEC_VARS["params"], "cache": _DEC_VARS["cache"]}
+    for _ in range(5):
+        _, upd = LINEN_DEC.apply(variables, _normal(rng, (B, 1, E)), mutable=["cache"])
+        variables = {"params": variables["params"], "cache": upd["cache"]}
+    return variables, _normal(rng, (B, 1, E))
+
+
+@probe("flax_linen_decode_cache_step", "flax.linen MHA decode=True: one step against the cache", _decode_args,
+       grad_argnums=None)
+def flax_decode(variables, x):
+    out, _ = LINEN_DEC.apply(variables, x, mutable=["cache"])
+    return out
+
+
+EQX_ROPE = eqx.nn.RotaryPositionalEmbedding(embedding_size=E // H)
+
+
+def _rope_heads(q, k, v):
+    rot = jax.vmap(EQX_ROPE, in_axes=1, out_axes=1)
+    return rot(q), rot(k), v
+
+
+@probe("equinox_mha_process_heads_rope", "equinox MultiheadAttention with process_heads=RoPE, causal",
+       lambda rng: (EQX4_PARAMS, _normal(rng, (B, S, E))), grad_argnums=(1,))
+def eqx_rope(params, x):
+    mha = eqx.combine(params, EQX4_STATIC)
+    return jax.vmap(lambda t: mha(t, t, t, mask=tri(), process_heads=_rope_heads))(x)
+
+
+@probe("tensordot_single_head", "jnp.tensordot for Q·Kᵀ and P·V, [S,D]", tensors((S, D), (S, D), (S, D)))
+def tensordot(q, k, v):
+    p = jax.nn.softmax(jnp.tensordot(q, k, axes=[[1], [1]]) * D ** -0.5, axis=-1)
+    return jnp.tensordot(p, v, axes=1)
+
+
+@probe("einsum_three_operands_pv_out_proj", "one einsum for P·V and the output projection (bhqk,bkhd,hde->bqe)",
+       tensors(BSHD, BSHD, BSHD, (H, D, E)))
+def einsum_three(q, k, v, wo):
+    p = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) * D ** -0.5, -1)
+    return jnp.einsum("bhqk,bkhd,hde->bqe", p, v, wo)
+
+
+@probe("nan_to_zero_after_softmax", "p = where(isnan(p), 0, p) after a -inf padding mask (rows fully padded)",
+       tensors(BHSD, BHSD, BHSD, extra=(lambda rng: jnp.array([[True] * S, [False] * S]),)))
+def nan_to_zero(q, k, v, keep):
+    s = jnp.where(keep[:, None, None, :], jnp.einsum("bhqd,bhkd->bhqk", q, k) * D ** -0.5, -jnp.inf)
+    p = jax.nn.softmax(s, -1)
+    return jnp.einsum("bhqk,bhkd->bhqd", jnp.where(jnp.isnan(p), 0.0, p), v)
+
+
+# ---------------------------------------------------------------------------------------------
 # running
 
 
