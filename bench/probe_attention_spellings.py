@@ -1130,7 +1130,8 @@ def markdown_table(rows: list[dict]) -> list[str]:
         fast = [by.get((n, "fast_math")), by.get((n + "_grad", "fast_math"))]
         secs = " / ".join(f"{r['seconds']:.2f}" if r and "seconds" in r else "-" for r in (fwd, grad))
         fm = " / ".join(verdict(r) for r in fast) if any(fast) else "-"
-        lines.append(f"| {n} | {fwd['style'] if fwd else ''} | {verdict(fwd)} | {verdict(grad)} | {fm} | {secs} |")
+        style = (fwd["style"] if fwd else "").replace("|", "\\|")
+        lines.append(f"| {n} | {style} | {verdict(fwd)} | {verdict(grad)} | {fm} | {secs} |")
     return lines
 
 
