@@ -17,7 +17,7 @@ if str(ROOT / "bench") not in sys.path:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from probe_attention_spellings import BF16, BHSD, BSHD, D, F32, H, PROBES, S, B, Probe, lengths, tensors, main  # noqa: E402
+from probe_attention_spellings import BF16, BHSD, BSHD, D, F32, H, PROBES, S, B, Probe, tensors, main  # noqa: E402
 
 PROBES.clear()
 

@@ -1,6 +1,7 @@
 """Probe the attention raising with spellings the corpus does not hold (issue 19's held-out set).
 
     python bench/probe_attention_spellings.py [--only SUBSTR ...] [--no-grad] [--json out.json]
+    python bench/probe_attention_spellings.py --table out.json [more.json ...]   # markdown table
 
 Each probe is an attention program written the way a library or model file writes it (Llama,
 Gemma, Mistral, T5, ViT, Whisper, nanoGPT, BLOOM/ALiBi, BERT, DistilBERT, Equinox, Penzai- and
@@ -702,7 +703,8 @@ def scan_remat(x, ws):
     return jax.lax.scan(jax.checkpoint(layer), x, ws)[0]
 
 
-@probe("gemma_sliding_mask_triu_tril_times_input_mask", "gemma: sliding = triu(ones,-W+1) * tril(ones,W-1) on an input mask",
+@probe("gemma_sliding_mask_triu_tril_times_input_mask",
+       "gemma: sliding = triu(ones,-W+1) * tril(ones,W-1) on an input mask",
        tensors(BSHD, BSHD, BSHD, extra=(lambda rng: jnp.broadcast_to(tri(), (B, S, S)),)))
 def gemma_sliding(q, k, v, attn_mask):
     logits = jnp.einsum("BTNH,BSNH->BTNS", q * D ** -0.5, k)
@@ -737,7 +739,8 @@ def dv_ne(q, k, v):
     return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1), v)
 
 
-@probe("attention_sinks_gpt_oss", "gpt-oss sinks: a per-head logit column concatenated, then dropped (not plain attention)",
+@probe("attention_sinks_gpt_oss",
+       "gpt-oss sinks: a per-head logit column concatenated, then dropped (not plain attention)",
        tensors(BHSD, BHSD, BHSD, (H,)))
 def sinks(q, k, v, sink):
     s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * D ** -0.5
@@ -787,7 +790,8 @@ def mqa_unit(q, k, v):
     return jax.nn.softmax(s, axis=-1) @ v
 
 
-@probe("max_subtracted_then_jax_softmax", "s - max(s) by hand, then jax.nn.softmax", tensors(BHSD, BHSD, BHSD, extreme=True))
+@probe("max_subtracted_then_jax_softmax",
+       "s - max(s) by hand, then jax.nn.softmax", tensors(BHSD, BHSD, BHSD, extreme=True))
 def pre_max(q, k, v):
     s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * D ** -0.5
     s = s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
@@ -884,7 +888,8 @@ def strict_causal_inf(q, k, v):
     return _sdpa_mask(q, k, v, jnp.arange(S)[:, None] > jnp.arange(S)[None, :])
 
 
-@probe("post_zero_strict_after_causal", "where(i > j, softmax(where(causal, s, -inf)), 0): post-mask hides the diagonal too",
+@probe("post_zero_strict_after_causal",
+       "where(i > j, softmax(where(causal, s, -inf)), 0): post-mask hides the diagonal too",
        tensors(BHSD, BHSD, BHSD))
 def post_strict(q, k, v):
     i, j = jnp.arange(S)[:, None], jnp.arange(S)[None, :]
@@ -901,7 +906,8 @@ def softcap_after_mask(q, k, v):
 
 
 @probe("per_head_bool_mask", "a boolean mask that differs per head [1,H,S,S]",
-       tensors(BHSD, BHSD, BHSD, extra=(lambda rng: jnp.asarray(rng.random((1, H, S, S)) < 0.5) | jnp.eye(S, dtype=bool),)))
+       tensors(BHSD, BHSD, BHSD,
+               extra=(lambda rng: jnp.asarray(rng.random((1, H, S, S)) < 0.5) | jnp.eye(S, dtype=bool),)))
 def per_head_mask(q, k, v, keep):
     return _sdpa_mask(q, k, v, keep, -1e9)
 
@@ -933,7 +939,8 @@ def bf16_fill(q, k, v, keep):
 
 
 @probe("bias_with_neg_inf_then_where", "bias holding -inf entries, then a causal where with a finite fill",
-       tensors(BHSD, BHSD, BHSD, extra=(lambda rng: jnp.where(jnp.asarray(rng.random((1, H, S, S)) < 0.2), -jnp.inf, 0.0),)))
+       tensors(BHSD, BHSD, BHSD,
+               extra=(lambda rng: jnp.where(jnp.asarray(rng.random((1, H, S, S)) < 0.2), -jnp.inf, 0.0),)))
 def bias_inf(q, k, v, bias):
     s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * D ** -0.5 + bias
     return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(jnp.where(tri(), s, -1e4), -1), v)
@@ -970,7 +977,8 @@ PROBES += [
 MASK_07 = -0.7 * float(jnp.finfo(F32).max)
 
 
-@probe("pallas_tpu_reference_bias_then_scale", "Pallas TPU flash-attention reference: logits += ab; logits *= sm_scale; causal where",
+@probe("pallas_tpu_reference_bias_then_scale",
+       "Pallas TPU flash-attention reference: logits += ab; logits *= sm_scale; causal where",
        tensors(BHSD, BHSD, BHSD, (B, H, S, S)))
 def pallas_tpu_ref(q, k, v, ab):
     logits = jnp.einsum("bhqc,bhkc->bhqk", q, k)
@@ -980,7 +988,8 @@ def pallas_tpu_ref(q, k, v, ab):
     return jnp.einsum("bhqk,bhkc->bhqc", jax.nn.softmax(logits, axis=-1), v)
 
 
-@probe("maxtext_local_attention_gqa_deferred", "MaxText apply_attention_dot: 5-D GQA, exp(s - max) · V / sum (max not stopped)",
+@probe("maxtext_local_attention_gqa_deferred",
+       "MaxText apply_attention_dot: 5-D GQA, exp(s - max) · V / sum (max not stopped)",
        tensors((B, S, H, D), (B, S, 2, D), (B, S, 2, D)))
 def maxtext_local(q, k, v):
     qg = (q * D ** -0.5).reshape(B, S, 2, H // 2, D)
@@ -994,7 +1003,8 @@ def maxtext_local(q, k, v):
     return out.transpose(0, 3, 1, 2, 4).reshape(B, S, H, D)
 
 
-@probe("maxtext_normalize_after_moveaxis", "MaxText: local sums moved to [B,T,N,1] by moveaxis+reshape, output normalised after its reshape",
+@probe("maxtext_normalize_after_moveaxis",
+       "MaxText: local sums moved to [B,T,N,1] by moveaxis+reshape, output normalised after its reshape",
        tensors((B, S, H, D), (B, S, 2, D), (B, S, 2, D)))
 def maxtext_normalize(q, k, v):
     qg = (q * D ** -0.5).reshape(B, S, 2, H // 2, D)
