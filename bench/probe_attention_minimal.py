@@ -3,6 +3,9 @@
     python bench/probe_attention_minimal.py [--only SUBSTR ...]
 
 Each program is the smallest one that shows its gap; printed the same way as the probe script.
+A few are controls, near spellings that *are* raised, which narrow a gap down:
+``min_bias_plus_bool_mask_grad``, ``min_bias_plus_causal_grad``, ``min_bf16_scores_cast_f32_grad``
+and ``min_scores_sum_of_two_dots``. Findings: bench/results/attention-probe-2026-12-07.md.
 """
 
 from __future__ import annotations
