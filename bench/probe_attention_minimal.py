@@ -161,5 +161,10 @@ def scale_after_bias(q, k, v, bias):
     return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1), v)
 
 
+@probe("min_grad_wrt_v_only", tensors(BHSD, BHSD, BHSD), grad_argnums=(2,))
+def grad_v_only(q, k, v):
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k), -1), v)
+
+
 if __name__ == "__main__":
     main()

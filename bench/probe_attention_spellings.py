@@ -1077,6 +1077,35 @@ def nan_to_zero(q, k, v, keep):
     return jnp.einsum("bhqk,bhkd->bhqd", jnp.where(jnp.isnan(p), 0.0, p), v)
 
 
+@probe("post_zero_strict_both_sides", "where(i > j, softmax(where(i > j, s, -inf)), 0): row 0 NaN in softmax, 0 after",
+       tensors(BHSD, BHSD, BHSD))
+def post_zero_strict_both(q, k, v):
+    i, j = jnp.arange(S)[:, None], jnp.arange(S)[None, :]
+    p = jax.nn.softmax(jnp.where(i > j, jnp.einsum("bhqd,bhkd->bhqk", q, k) * D ** -0.5, -jnp.inf), -1)
+    return jnp.einsum("bhqk,bhkd->bhqd", jnp.where(i > j, p, 0.0), v)
+
+
+@probe("softmax_where_strict_causal", "jax.nn.softmax(s, where=i > j): row 0 has no key (0 in the program)",
+       tensors(BHSD, BHSD, BHSD))
+def softmax_where_strict(q, k, v):
+    i, j = jnp.arange(S)[:, None], jnp.arange(S)[None, :]
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * D ** -0.5
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1, where=i > j), v)
+
+
+def _int8_qk(rng):
+    q, k = (jnp.asarray(rng.integers(-127, 128, BHSD).astype(np.int8)) for _ in range(2))
+    return q, k, _normal(rng, BHSD)
+
+
+@probe("int8_qk_int32_scores_aqt", "AQT-style int8 Q·Kᵀ with int32 accumulation, widened and scaled",
+       _int8_qk, grad_argnums=(2,))
+def int8_qk(q, k, v):
+    s = jax.lax.dot_general(q, k, (((3,), (3,)), ((0, 1), (0, 1))), preferred_element_type=jnp.int32)
+    s = jnp.where(tri(), s.astype(F32) * 1e-3, -jnp.inf)
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1), v)
+
+
 # ---------------------------------------------------------------------------------------------
 # running
 
