@@ -21,6 +21,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from probe_attention_spellings import BF16, BHSD, BSHD, D, F32, H, PROBES, S, B, Probe, tensors, main  # noqa: E402
+from attention_corpus import _normal  # noqa: E402  (tests/ is on the path now)
 
 PROBES.clear()
 
@@ -163,6 +164,16 @@ def scale_after_bias(q, k, v, bias):
 
 @probe("min_grad_wrt_v_only", tensors(BHSD, BHSD, BHSD), grad_argnums=(2,))
 def grad_v_only(q, k, v):
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k), -1), v)
+
+
+def _f16_overflowing(rng):
+    q, k, v = (_normal(rng, BHSD, jnp.float16) for _ in range(3))
+    return q.at[0, 0, 3].set(300.0), k.at[0, 0, 2].set(300.0), v  # score 8·300² > 65504
+
+
+@probe("min_f16_score_overflow_values_change", _f16_overflowing)
+def f16_overflow(q, k, v):
     return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k), -1), v)
 
 

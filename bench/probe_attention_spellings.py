@@ -1106,6 +1106,26 @@ def int8_qk(q, k, v):
     return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1), v)
 
 
+def _f16_overflowing(rng):
+    """f16 Q, K, V where one query and one key have entries 300: their score 8·300² = 720000
+    overflows f16 (max 65504) in the program's f16 Q·Kᵀ."""
+    q, k, v = (_normal(rng, BHSD, F16) for _ in range(3))
+    return q.at[0, 0, 3].set(300.0), k.at[0, 0, 2].set(300.0), v
+
+
+@probe("f16_scores_overflow", "f16 attention whose f16 scores overflow to inf (NaN row in the program)", _f16_overflowing)
+def f16_overflow(q, k, v):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * D ** -0.5
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1), v)
+
+
+@probe("f16_scores_overflow_then_f32_softmax", "f16 scores (overflowed) widened to f32 for the softmax, P cast back",
+       _f16_overflowing)
+def f16_overflow_f32(q, k, v):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(F32) * D ** -0.5
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1).astype(F16), v)
+
+
 # ---------------------------------------------------------------------------------------------
 # running
 
