@@ -177,5 +177,16 @@ def f16_overflow(q, k, v):
     return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k), -1), v)
 
 
+def _f16_padded(rng):
+    q, k, v = (_normal(rng, BHSD, jnp.float16) * 4 for _ in range(3))
+    return q, k, v, jnp.array([[True] * S, [False] * S])  # batch 1 fully padded
+
+
+@probe("min_f16_finfo_min_bias_values_change", _f16_padded)
+def f16_bias(q, k, v, keep):
+    bias = jnp.where(keep, 0.0, jnp.finfo(jnp.float16).min).astype(jnp.float16)[:, None, None, :]
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k) + bias, -1), v)
+
+
 if __name__ == "__main__":
     main()

@@ -1113,7 +1113,8 @@ def _f16_overflowing(rng):
     return q.at[0, 0, 3].set(300.0), k.at[0, 0, 2].set(300.0), v
 
 
-@probe("f16_scores_overflow", "f16 attention whose f16 scores overflow to inf (NaN row in the program)", _f16_overflowing)
+@probe("f16_scores_overflow",
+       "f16 attention whose f16 scores overflow to inf (NaN row in the program)", _f16_overflowing)
 def f16_overflow(q, k, v):
     s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * D ** -0.5
     return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1), v)
@@ -1124,6 +1125,20 @@ def f16_overflow(q, k, v):
 def f16_overflow_f32(q, k, v):
     s = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(F32) * D ** -0.5
     return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1).astype(F16), v)
+
+
+def _f16_padded(rng):
+    q, k, v = (_normal(rng, BHSD, F16) * 4 for _ in range(3))
+    return q, k, v, jnp.array([[True] * S, [False] * S])  # batch 1 fully padded
+
+
+@probe("f16_finfo_min_padding_bias_fully_padded",
+       "f16 HF-style additive padding bias finfo(f16).min, one sequence all padding",
+       _f16_padded)
+def f16_padding_bias(q, k, v, keep):
+    bias = jnp.where(keep, 0.0, jnp.finfo(F16).min).astype(F16)[:, None, None, :]
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * jnp.asarray(D ** -0.5, F16) + bias
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s.astype(F32), -1).astype(F16), v)
 
 
 # ---------------------------------------------------------------------------------------------
