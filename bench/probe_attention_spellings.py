@@ -1141,6 +1141,35 @@ def f16_padding_bias(q, k, v, keep):
     return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s.astype(F32), -1).astype(F16), v)
 
 
+def _iota_qk():
+    return jnp.arange(S)[:, None], jnp.arange(S)[None, :]
+
+
+def _masked_by(keep_fn, fill=-jnp.inf):
+    def f(q, k, v):
+        return _sdpa_mask(q, k, v, keep_fn(), fill)
+
+    return f
+
+
+TRICKY_MASKS = {  # name: (keep builder, fill, what it is)
+    "mask_causal_or_batch1": (lambda: (_iota_qk()[0] >= _iota_qk()[1])[None, None]
+                              | (jnp.arange(B) == 1)[:, None, None, None], -jnp.inf,
+                              "causal for batch 0 only (or with an iota over the batch): not the causal flag"),
+    "mask_offset_causal_plus3": (lambda: _iota_qk()[0] + 3 >= _iota_qk()[1], -jnp.inf, "i + 3 >= j: not causal"),
+    "mask_offset_causal_minus2": (lambda: _iota_qk()[0] - 2 >= _iota_qk()[1], -1e9,
+                                  "i - 2 >= j (rows 0-1 empty), fill -1e9"),
+    "mask_anti_diagonal": (lambda: _iota_qk()[0] + _iota_qk()[1] >= S - 1, -jnp.inf, "i + j >= S-1"),
+    "mask_per_head_offset_causal": (lambda: (_iota_qk()[0][None] + jnp.arange(H)[:, None, None]
+                                             >= _iota_qk()[1][None])[None],
+                                    -jnp.inf, "i + h >= j: a different offset per head"),
+    "mask_causal_lt_plus1": (lambda: _iota_qk()[1] < _iota_qk()[0] + 1, -jnp.inf,
+                             "j < i + 1: causal, spelled with lt and an offset"),
+}
+PROBES += [Probe(name, what, _masked_by(keep, fill), tensors(BHSD, BHSD, BHSD), (0, 1, 2))
+           for name, (keep, fill, what) in TRICKY_MASKS.items()]
+
+
 # ---------------------------------------------------------------------------------------------
 # running
 
