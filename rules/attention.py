@@ -328,7 +328,8 @@ def scores_of_matmul():
 @attention_raise.family
 def scores_scale():
     """A scalar multiple or quotient of scores multiplies the scale (and the fill of scores already
-    masked: ``where(m, s, f) * c`` is ``where(m, s * c, f * c)``); widening scores to float32 keeps
+    masked: ``where(m, s, f) * c`` is ``where(m, s * c, f * c)``; a bias: ``(s + b) * c`` is scores
+    ``s * c`` with bias ``b * c``, the factor distributed as a scale on Q is); widening scores to float32 keeps
     them scores (the op computes them in float32)."""
     for form, factor in _scaled(x):
         yield rl(eq(e).to(form), _scores(x, q, k, sc0, f64(0.0), NO_MASK, String("none"), fl, i64(0), nb))(
@@ -339,6 +340,11 @@ def scores_scale():
         )
         yield rl(eq(e).to(form), _scores(x, q, k, sc0, f64(0.0), NO_MASK, String("none"), fl, i64(1), nb))(
             _scores(e, q, k, sc0 * factor, f64(0.0), NO_MASK, String("none"), fl * factor, i64(1), nb)
+        )
+    # (s + b) * c is s * c + b * c: the factor distributes over the bias as over Q·Kᵀ's terms
+    for (form, factor), (scaled_bias, _) in zip(_scaled(x), _scaled(z)):
+        yield rl(eq(e).to(form), _scores(x, q, k, sc0, f64(0.0), z, String("bias"), fl, i64(0), nb))(
+            _scores(e, q, k, sc0 * factor, f64(0.0), scaled_bias, String("bias"), fl, i64(0), nb)
         )
     yield rl(eq(e).to(Term.convert(x, String("float32"))), _scores(x, q, k, sc0, cap, m, mk, fl, causal, nb))(
         _scores(e, q, k, sc0, cap, m, mk, fl, causal, nb)

@@ -628,6 +628,12 @@ def bf16_f32_softmax(q, k, v):
     return jnp.einsum("bhqk,bhkd->bhqd", softmax_last(s).astype(BF16), v)
 
 
+@case("scale_after_bias", with_extra(qkv(), normal((1, H, S, S))), positive=True, family="scale",
+      source="pallas TPU flash_attention reference: (q·kᵀ + bias) * scale")
+def scale_after_bias(q, k, v, bias):
+    return _pv(softmax_last((_scores(q, k) + bias) * 0.3), v)
+
+
 @case("bf16_preferred_element_type_f32", qkv("bhsd", BF16), positive=True, family="precision",
       source=HAND + " bf16 operands, preferred_element_type=f32")
 def bf16_pet(q, k, v):
