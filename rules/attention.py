@@ -279,6 +279,9 @@ RANK_CASES = [(n_batch, n_free) for n_batch in (0, 1, 2) for n_free in (1, 2)] +
 """(batch axes, Q's free axes) of the canonical Q·Kᵀ forms raised: [S,D]; [H,S,D] or [B·H,S,D];
 [B,H,S,D]; with a second free axis, heads sharing K/V (multi-query: K, V without a head axis;
 grouped: [B, Hkv, G, Sq, D]); and [X,B,H,S,D] (attention under a vmap: X·B is the op's batch)."""
+DECODE_CASES = [(2, 0), (1, 0)]
+"""Rank cases of a query with no free axis (a decode step's single query, squeezed: [B, H, D] or
+[H, D]): raised forward (as one query row), not as gradients."""
 
 
 def _scores(e_: Term, q_, k_, scale_, cap_, mask_, kind_, fill_, causal_, nb_):
@@ -299,7 +302,7 @@ def _scaled(t: Term):
 
 def _matmul_scores(*dtype_conds):
     """`scores_of_matmul`'s rules, for products whose dtype meets ``dtype_conds``."""
-    for n_batch, n_free in RANK_CASES:
+    for n_batch, n_free in RANK_CASES + DECODE_CASES:
         rank = n_batch + n_free + 1
         k_rank = shape(k).length() == i64(n_batch + 2)
         plain = (1.0, 0.0, NO_MASK, String("none"), f64(KERNEL_FILL), i64(0), i64(n_batch))
@@ -521,7 +524,9 @@ def _op_dims(n_batch: int, n_free: int):
     """(B, Hkv, H, Sq, D, Sk, Dv) of the op over a rank case's canonical operands, read off the
     shapes ``ss`` (Q), ``sk_`` (Kᵀ) and ``sv`` (V); a second free axis of Q is its group of heads."""
     sq = ss
-    if n_batch == 3 and n_free == 1:
+    if n_free == 0:  # a squeezed single query
+        b, hkv, g, s_q, d = sq[0] if n_batch == 2 else i64(1), sq[n_batch - 1], None, i64(1), sq[n_batch]
+    elif n_batch == 3 and n_free == 1:
         b, hkv, g, s_q, d = sq[0] * sq[1], sq[2], None, sq[3], sq[4]
     elif n_batch == 2 and n_free == 1:
         b, hkv, g, s_q, d = sq[0], sq[1], None, sq[2], sq[3]
@@ -604,9 +609,9 @@ def causal_zeroing():
 @attention_raise.family
 def attention():
     """softmax(scores) · V is Attention, for scores in any spelling (`attn_scores`) and every rank
-    case (`RANK_CASES`); its result has the product's dtype (computed in that dtype when it is
+    case (`RANK_CASES`, `DECODE_CASES`); its result has the product's dtype (computed in that dtype when it is
     wider than Q's, e.g. a float32 product of bfloat16 operands)."""
-    cases = [(n_batch, n_free, False) for n_batch, n_free in RANK_CASES]
+    cases = [(n_batch, n_free, False) for n_batch, n_free in RANK_CASES + DECODE_CASES]
     cases += [(n_batch, n_free, True) for n_batch, n_free in RANK_CASES if n_free == 2]
     for n_batch, n_free, swapped in cases:
         rank = n_batch + n_free + 1
@@ -618,7 +623,7 @@ def attention():
             out = Term.dot(probs, v, ivec([rank - 1]), ivec([n_batch]), batch, batch, dt3, pr)
             for kind in ("none", "bias", "bool", "bias+bool"):
                 # swapped: the causal flag is over Q's last free axis (G there), so it is not the op's
-                flag = i64(0) if swapped else causal
+                flag = i64(0) if swapped or n_free == 0 else causal
                 mask_fact, mask_term = _mask_operand(kind, mask4)
                 facts = _scores(x, q, k, sc0, cap, mask_fact, String(kind), fl, flag, i64(n_batch))
                 for same_dtype in (True, False):

@@ -585,6 +585,25 @@ def mqa(q, k, v):
     return jnp.einsum("bhqk,bkd->bhqd", softmax_last(jnp.einsum("bhqd,bkd->bhqk", q, k) * 0.25), v)
 
 
+def decode_args(rng: np.random.Generator) -> tuple:
+    """A decode step: one query per head (squeezed), a KV cache of S entries, per-batch lengths."""
+    return (_normal(rng, (B, H, D)), _normal(rng, (B, H, S, D)), _normal(rng, (B, H, S, D)), jnp.array([5, S]))
+
+
+@case("decode_squeezed_query_cache_lengths", decode_args, positive=True, family="rank",
+      source=HAND + " decode step: q [B,H,D] against a KV cache, positions past each length hidden")
+def decode_squeezed(q, k_cache, v_cache, lengths):
+    s = jnp.einsum("bhd,bhkd->bhk", q, k_cache) * D**-0.5
+    s = jnp.where(jnp.arange(S)[None, None, :] < lengths[:, None, None], s, jnp.finfo(F32).min)
+    return jnp.einsum("bhk,bhkd->bhd", jax.nn.softmax(s, -1), v_cache)
+
+
+@case("decode_single_head_query", decode_args, positive=True, family="rank",
+      source=HAND + " decode step of one head: q [H,D] per head, no batch")
+def decode_single_head(q, k_cache, v_cache, lengths):
+    return jnp.einsum("hk,hkd->hd", jax.nn.softmax(jnp.einsum("hd,hkd->hk", q[0], k_cache[0]), -1), v_cache[0])
+
+
 @case("gqa_repeat_kv", qkv(heads=4, kv_heads=2), positive=True, family="rank",
       source=HAND + " GQA by jnp.repeat of K/V heads (Llama repeat_kv)")
 def gqa_repeat(q, k, v):
