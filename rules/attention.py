@@ -964,10 +964,11 @@ def softcap_backward():
     """The cotangent through Gemma's soft-cap ``c * tanh(x / c)`` of unmodified scores x (the op's
     cap c), as jax.grad writes it: ``((c * g) * (1 + t)(1 - t)) / c`` with t the tanh (tanh's
     derivative 1 - t², jax 0.12's ``one_minus_square``, which capture writes as the ops its lowering
-    emits) is the cotangent of x. It is the chain rule the program computes; the op's backward
-    applies the same cap (tanh of the same float32 scores) to the same cotangent, so they differ
-    only by the order of the products (a reassociation); a score at ±inf has t = ±1 and
-    derivative 0 in both."""
+    emits), or with h = (c * g) * (1 - t), ``(h + h * t) / c`` (the transpose of the derivative
+    ``(g + g * t) * (1 - t)`` earlier jax writes), is the cotangent of x. It is the chain rule the
+    program computes; the op's backward applies the same cap (tanh of the same float32 scores) to
+    the same cotangent, so they differ only by the order of the products (a reassociation); a
+    score at ±inf has t = ±1 and derivative 0 in both."""
     tanh_term = Term.unary("tanh", Term.binary("div", x, scalar(c, dt2, s1)))
     staged = _scores(x, q, k, sc0, f64(0.0), NO_MASK, String("none"), fl, i64(0), nb)
     derivative = Term.binary("mul", Term.binary("add", scalar(1.0, dt, s2), tanh_term),
@@ -976,7 +977,12 @@ def softcap_backward():
         (Term.binary("mul", scalar(c, dt3, s3), tanh_term), Term.binary("mul", scalar(c, dt3, s3), g_)),
         (Term.binary("mul", tanh_term, scalar(c, dt3, s3)), Term.binary("mul", g_, scalar(c, dt3, s3))),
     ):
-        for through in (Term.binary("mul", cap_cot, derivative), Term.binary("mul", derivative, cap_cot)):
+        throughs = [Term.binary("mul", cap_cot, derivative), Term.binary("mul", derivative, cap_cot)]
+        for h in (Term.binary("mul", cap_cot, Term.binary("sub", scalar(1.0, dt, s2), tanh_term)),
+                  Term.binary("mul", Term.binary("sub", scalar(1.0, dt, s2), tanh_term), cap_cot)):
+            for h_t in (Term.binary("mul", h, tanh_term), Term.binary("mul", tanh_term, h)):
+                throughs += [Term.binary("add", h, h_t), Term.binary("add", h_t, h)]
+        for through in throughs:
             yield rl(eq(s_).to(capped), eq(e).to(Term.binary("div", through, scalar(c, dt2, s1))),
                      scores_cot(g_, s_, sf_, do_, v), staged, c > f64(0.0))(scores_cot(e, x, sf_, do_, v))
 

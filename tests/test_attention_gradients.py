@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 import eqsat_attn as ea
 from eqsat_attn.cost import for_device
@@ -83,6 +84,24 @@ def soft_capped(q, k, v):
     return jnp.einsum("bhqk,bhkd->bhqd", _softmax(50.0 * jnp.tanh(s / 50.0)), v)
 
 
+@jax.custom_jvp
+def _tanh_earlier_jax(x):
+    return jnp.tanh(x)
+
+
+@_tanh_earlier_jax.defjvp
+def _tanh_earlier_jax_jvp(primals, tangents):
+    """tanh's derivative as jax before ``one_minus_square`` writes it: ``(g + g * t) * (1 - t)``."""
+    (x,), (g,) = primals, tangents
+    t = jnp.tanh(x)
+    return t, lax.mul(lax.add(g, lax.mul(g, t)), lax.sub(jnp.ones_like(x), t))
+
+
+def soft_capped_earlier_jax(q, k, v):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25
+    return jnp.einsum("bhqk,bhkd->bhqd", _softmax(50.0 * _tanh_earlier_jax(s / 50.0)), v)
+
+
 def traced_scale(q, k, v, scale):
     return jnp.einsum("bhqk,bhkd->bhqd", _softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k) * scale), v)
 
@@ -111,11 +130,12 @@ CASES = {
     "bf16_f32_softmax": (bf16_f32_softmax, BHSD, (), BF16),
     "bf16_softmax_causal": (bf16_softmax_causal, BHSD, (), BF16),
     "soft_capped": (soft_capped, BHSD, (), F32),
+    "soft_capped_earlier_jax": (soft_capped_earlier_jax, BHSD, (), F32),
     "traced_scale": (traced_scale, BHSD, ("scale",), F32),
     "exp_log_softmax": (exp_log_softmax, BHSD, (), F32),
     "reciprocal_unstopped_max": (reciprocal_unstopped_max, BHSD, (), F32),
 }
-SPELLED_BACKWARDS = ("soft_capped", "traced_scale", "exp_log_softmax", "reciprocal_unstopped_max")
+SPELLED_BACKWARDS = ("soft_capped", "soft_capped_earlier_jax", "traced_scale", "exp_log_softmax", "reciprocal_unstopped_max")
 
 
 def _grad_fn(fn):
