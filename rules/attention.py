@@ -1086,7 +1086,7 @@ def max_backward():
     scores' cotangent, different only by the rounding of a sum whose exact value is 0; a row whose
     max is NaN or ±inf is NaN in P, in g and in the op's backward alike."""
     sx_ = var("sx_", IntVec)
-    for rank in range(2, 7):  # scores of every rank case
+    for rank in sorted({n_batch + n_free + 1 for n_batch, n_free in RANK_CASES}):  # scores of every rank case
         last, keep = ivec([rank - 1]), perm_range(rank - 1)
         row_max = Term.reduce("reduce_max", sf_, last)
         spread_maxes = (Term.broadcast(Term.reshape(row_max, s3), s2, perm_range(rank)), Term.broadcast(row_max, s2, keep))
@@ -1095,12 +1095,12 @@ def max_backward():
             count = Term.reduce("reduce_sum", at_max, last)
             negated = Term.reduce("reduce_sum", Term.unary("neg", g_), last)
             for max_cot in (negated, Term.reduce("reduce_sum", Term.reshape(negated, s3), last)):
-                share = Term.broadcast(Term.binary("div", max_cot, count), s1, keep)
-                for term in (Term.binary("mul", share, at_max), Term.binary("mul", at_max, share)):
-                    for form in (Term.binary("add", g_, term), Term.binary("add", term, g_)):
-                        yield rl(eq(e).to(form), scores_cot(g_, sf_, sf_, do_, v), shape(sf_) == sx_,
-                                 sx_.length() == i64(rank), s3 == sx_.set(rank - 1, i64(1)))(
-                            scores_cot(e, sf_, sf_, do_, v))
+                # reduce_max's transpose as jax writes it: the share times the indicator
+                term = Term.binary("mul", Term.broadcast(Term.binary("div", max_cot, count), s1, keep), at_max)
+                for form in (Term.binary("add", g_, term), Term.binary("add", term, g_)):
+                    yield rl(eq(e).to(form), scores_cot(g_, sf_, sf_, do_, v), shape(sf_) == sx_,
+                             sx_.length() == i64(rank), s3 == sx_.set(rank - 1, i64(1)))(
+                        scores_cot(e, sf_, sf_, do_, v))
 
 
 # --- fast math (``ea.optimize(precision="fast_math")``): raisings equal to the program except where
