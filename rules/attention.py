@@ -996,8 +996,9 @@ def traced_scale_backward():
     t is multiplied in, a reassociation; at t = 0 the sign of a zero gradient may differ)."""
     traced_at = (shape(t_) == NONE, dtype(t_) == dtq)
     scores_fact = _scores(x, q, k, sc0, f64(0.0), NO_MASK, String("none"), fl, i64(0), nb)
-    for form in (Term.binary("mul", x, Term.broadcast(t_, s1, NONE)), Term.binary("mul", Term.broadcast(t_, s1, NONE), x)):
-        for cot in (Term.binary("mul", g_, Term.broadcast(t_, s2, NONE)), Term.binary("mul", Term.broadcast(t_, s2, NONE), g_)):
+    spread, spread_cot = Term.broadcast(t_, s1, NONE), Term.broadcast(t_, s2, NONE)
+    for form in (Term.binary("mul", x, spread), Term.binary("mul", spread, x)):
+        for cot in (Term.binary("mul", g_, spread_cot), Term.binary("mul", spread_cot, g_)):
             yield rl(eq(s_).to(form), eq(e).to(cot), scores_cot(g_, s_, sf_, do_, v), scores_fact, dtype(x) == dtq,
                      *traced_at)(scores_cot(e, x, sf_, do_, v))
     dq_, dk_, dv_, db_, qt_ = (var(n, Term) for n in ("dq_", "dk_", "dv_", "db_", "qt_"))
@@ -1006,14 +1007,15 @@ def traced_scale_backward():
         rank = n_batch + n_free + 1
         batch, free = perm_range(n_batch), ivec(range(n_batch, n_batch + n_free))
         swap_k = ivec([*range(n_batch), n_batch + 1, n_batch])
+        spread_q = Term.broadcast(t_, ss, NONE)
         at_product = (
             scores_cot(g_, x, sf_, do_, v), eq(x).to(_canonical_qk(q, k, n_batch, rank)),
-            grad_op(sf_, qt_, k, v, do_, dq_, dk_, dv_, db_), eq(qt_).to(Term.binary("mul", q, Term.broadcast(t_, ss, NONE))),
-            shape(q) == ss, ss.length() == i64(rank), shape(k) == sk_, dtype(q) == dtq, *traced_at,
-        )
-        d_query = Term.binary("mul", dq_, Term.broadcast(t_, ss, NONE))
-        for form in (Term.dot(g_, k, ivec([rank - 1]), ivec([n_batch + 1]), batch, batch, gdt, gpr),):
-            yield rl(eq(e).to(form), *at_product)(union(e).with_(d_query))
+            grad_op(sf_, qt_, k, v, do_, dq_, dk_, dv_, db_), eq(qt_).to(Term.binary("mul", q, spread_q)),
+            shape(q) == ss, ss.length() == i64(rank), shape(k) == sk_, dtype(q) == dtq, dtype(e) == dtq, *traced_at,
+        )  # (a gradient product in another dtype than Q's, a widened one, is not matched)
+        d_query = Term.binary("mul", dq_, spread_q)  # the op's gradient for Q·t, times t
+        yield rl(eq(e).to(Term.dot(g_, k, ivec([rank - 1]), ivec([n_batch + 1]), batch, batch, gdt, gpr)), *at_product)(
+            union(e).with_(d_query))
         yield rl(eq(e).to(Term.dot(g_, kk_, ivec([rank - 1]), ivec([n_batch]), batch, batch, gdt, gpr)),
                  eq(k).to(Term.transpose(kk_, swap_k)), *at_product)(union(e).with_(d_query))
         yield rl(eq(e).to(Term.dot(g_, q, free, free, batch, batch, gdt, gpr)), *at_product)(
@@ -1033,8 +1035,9 @@ def _log_softmax_vjp_forms(probs: Term, d_probs: Term, rank: int):
     prod = Term.binary("mul", probs, d_probs)
     kept = Term.reshape(Term.reduce("reduce_sum", Term.unary("neg", prod), last), s3)
     row = Term.reduce("reduce_sum", Term.binary("div", kept, Term.broadcast(total, s3, keep)), last)
-    same_softmax = (eq(probs).to(Term.unary("exp", Term.binary("sub", sh_, Term.broadcast(Term.unary("log", total), s2, keep)))),
-                    eq(ex_).to(Term.unary("exp", sh_)), s3[rank - 1] == i64(1), s3.length() == i64(rank))
+    log_probs = Term.binary("sub", sh_, Term.broadcast(Term.unary("log", total), s2, keep))
+    same_softmax = (eq(probs).to(Term.unary("exp", log_probs)), eq(ex_).to(Term.unary("exp", sh_)),
+                    s3[rank - 1] == i64(1), s3.length() == i64(rank))
     spread = Term.broadcast(row, s1, keep)
     for correction in (Term.binary("mul", spread, ex_), Term.binary("mul", ex_, spread)):
         for form in (Term.binary("add", prod, correction), Term.binary("add", correction, prod)):
