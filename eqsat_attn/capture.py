@@ -407,6 +407,8 @@ class _Converter:
             return self.elementwise("add", ins, out)
         if name == "integer_pow" and len(ins) == 1:
             return self.elementwise(name, ins, out, y=int(p["y"]))
+        if name == "one_minus_square" and len(ins) == 1 and jnp.issubdtype(out.dtype, jnp.floating):
+            return self.one_minus_square(ins[0], out)
         if name == "select_n" and len(ins) >= 2:
             return self.elementwise(name, ins, out)
         if name == "convert_element_type" and len(ins) == 1 and _unsharded(p.get("sharding")):
@@ -439,6 +441,14 @@ class _Converter:
         if name == "concatenate" and ins and set(p) == {"dimension"}:
             return b.add(name, ins, out, dimension=int(p["dimension"]))
         return None
+
+    def one_minus_square(self, x: int, out: TensorType) -> int:
+        """jax 0.12's ``one_minus_square`` (what it writes for tanh's derivative) as the ops its lowering
+        emits, ``(1 + x) * (1 - x)``: the same HLO, so the same values bit for bit (±0, Inf and NaN
+        included), and the rules see the arithmetic."""
+        one = self.b.add("literal", (), TensorType((), out.dtype), value=1.0)
+        plus, minus = self.elementwise("add", [one, x], out), self.elementwise("sub", [one, x], out)
+        return self.elementwise("mul", [plus, minus], out)
 
     def split(self, axis: int, x: int, out_types: list[TensorType]) -> list[int]:
         """``split`` (what `jnp.split` emits) as one static slice per piece."""

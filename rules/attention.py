@@ -975,6 +975,158 @@ def attention_gradients():
                     union(e).with_(d_value_t))
 
 
+# --- gradients of more forward spellings: a soft-cap, a traced scale, exp(log_softmax) and E times
+# the reciprocal of its sum (with the max not under stop_gradient). Each family's docstring states
+# why its cotangent is the program's.
+
+
+@attention_grad.family
+def softcap_backward():
+    """The cotangent through Gemma's soft-cap ``c * tanh(x / c)`` of unmodified scores x (the op's
+    cap c), as jax.grad writes it: ``((c * g) * (1 + t)(1 - t)) / c`` with t the tanh (tanh's
+    derivative 1 - t², jax 0.12's ``one_minus_square``, which capture writes as the ops its lowering
+    emits), or with h = (c * g) * (1 - t), ``(h + h * t) / c`` (the transpose of the derivative
+    ``(g + g * t) * (1 - t)`` earlier jax writes), is the cotangent of x. It is the chain rule the
+    program computes; the op's backward applies the same cap (tanh of the same float32 scores) to
+    the same cotangent, so they differ only by the order of the products (a reassociation); a
+    score at ±inf has t = ±1 and derivative 0 in both."""
+    tanh_term = Term.unary("tanh", Term.binary("div", x, scalar(c, dt2, s1)))
+    staged = _scores(x, q, k, sc0, f64(0.0), NO_MASK, String("none"), fl, i64(0), nb)
+    derivative = Term.binary("mul", Term.binary("add", scalar(1.0, dt, s2), tanh_term),
+                             Term.binary("sub", scalar(1.0, dt, s2), tanh_term))
+    for capped, cap_cot in (
+        (Term.binary("mul", scalar(c, dt3, s3), tanh_term), Term.binary("mul", scalar(c, dt3, s3), g_)),
+        (Term.binary("mul", tanh_term, scalar(c, dt3, s3)), Term.binary("mul", g_, scalar(c, dt3, s3))),
+    ):
+        throughs = [Term.binary("mul", cap_cot, derivative), Term.binary("mul", derivative, cap_cot)]
+        for h in (Term.binary("mul", cap_cot, Term.binary("sub", scalar(1.0, dt, s2), tanh_term)),
+                  Term.binary("mul", Term.binary("sub", scalar(1.0, dt, s2), tanh_term), cap_cot)):
+            for h_t in (Term.binary("mul", h, tanh_term), Term.binary("mul", tanh_term, h)):
+                throughs += [Term.binary("add", h, h_t), Term.binary("add", h_t, h)]
+        for through in throughs:
+            yield rl(eq(s_).to(capped), eq(e).to(Term.binary("div", through, scalar(c, dt2, s1))),
+                     scores_cot(g_, s_, sf_, do_, v), staged, c > f64(0.0))(scores_cot(e, x, sf_, do_, v))
+
+
+@attention_grad.family
+def traced_scale_backward():
+    """A traced scalar factor t of the scores (`scores_traced_scale`: the op reads Q·t) multiplies
+    their cotangent again (g·t, the chain rule, as for a constant scale); where that cotangent
+    reaches Q·Kᵀ (Q unscaled), Q's gradient (g·t)·K is t times the op's gradient for its operand
+    Q·t, and K's, (g·t)ᵀ·Q, is the op's (both products equal in real numbers: they differ by where
+    t is multiplied in, a reassociation; at t = 0 the sign of a zero gradient may differ)."""
+    traced_at = (shape(t_) == NONE, dtype(t_) == dtq)
+    scores_fact = _scores(x, q, k, sc0, f64(0.0), NO_MASK, String("none"), fl, i64(0), nb)
+    spread, spread_cot = Term.broadcast(t_, s1, NONE), Term.broadcast(t_, s2, NONE)
+    for form in (Term.binary("mul", x, spread), Term.binary("mul", spread, x)):
+        for cot in (Term.binary("mul", g_, spread_cot), Term.binary("mul", spread_cot, g_)):
+            yield rl(eq(s_).to(form), eq(e).to(cot), scores_cot(g_, s_, sf_, do_, v), scores_fact, dtype(x) == dtq,
+                     *traced_at)(scores_cot(e, x, sf_, do_, v))
+    dq_, dk_, dv_, db_, qt_ = (var(n, Term) for n in ("dq_", "dk_", "dv_", "db_", "qt_"))
+    gdt, gpr = var("gdt", String), var("gpr", String)
+    for n_batch, n_free in RANK_CASES:
+        rank = n_batch + n_free + 1
+        batch, free = perm_range(n_batch), ivec(range(n_batch, n_batch + n_free))
+        swap_k = ivec([*range(n_batch), n_batch + 1, n_batch])
+        spread_q = Term.broadcast(t_, ss, NONE)
+        at_product = (
+            scores_cot(g_, x, sf_, do_, v), eq(x).to(_canonical_qk(q, k, n_batch, rank)),
+            grad_op(sf_, qt_, k, v, do_, dq_, dk_, dv_, db_), eq(qt_).to(Term.binary("mul", q, spread_q)),
+            shape(q) == ss, ss.length() == i64(rank), shape(k) == sk_, dtype(q) == dtq, dtype(e) == dtq, *traced_at,
+        )  # (a gradient product in another dtype than Q's, a widened one, is not matched)
+        d_query = Term.binary("mul", dq_, spread_q)  # the op's gradient for Q·t, times t
+        yield rl(eq(e).to(Term.dot(g_, k, ivec([rank - 1]), ivec([n_batch + 1]), batch, batch, gdt, gpr)), *at_product)(
+            union(e).with_(d_query))
+        yield rl(eq(e).to(Term.dot(g_, kk_, ivec([rank - 1]), ivec([n_batch]), batch, batch, gdt, gpr)),
+                 eq(k).to(Term.transpose(kk_, swap_k)), *at_product)(union(e).with_(d_query))
+        yield rl(eq(e).to(Term.dot(g_, q, free, free, batch, batch, gdt, gpr)), *at_product)(
+            union(e).with_(Term.transpose(Term.reshape(dk_, sk_), swap_k)))
+        yield rl(eq(e).to(Term.dot(q, g_, free, free, batch, batch, gdt, gpr)), *at_product)(
+            union(e).with_(Term.reshape(dk_, sk_)))
+
+
+def _log_softmax_vjp_forms(probs: Term, d_probs: Term, rank: int):
+    """(form, conditions): softmax's VJP as jax.grad writes ``exp(log_softmax(x))`` (P = exp(z) with
+    z = sh - log(T), E = exp(sh), T = sum(E)): ``P * dP + E * sum(-(P * dP)) / T`` (the row sum kept
+    as [.., 1], divided by T there and summed over the unit axis), which is ``P * dP - P * sum(P * dP)``
+    in real numbers since E / T is P."""
+    last, keep = ivec([rank - 1]), perm_range(rank - 1)
+    ex_, sh_ = var("ex_", Term), var("sh_", Term)
+    total = Term.reduce("reduce_sum", ex_, last)
+    prod = Term.binary("mul", probs, d_probs)
+    kept = Term.reshape(Term.reduce("reduce_sum", Term.unary("neg", prod), last), s3)
+    row = Term.reduce("reduce_sum", Term.binary("div", kept, Term.broadcast(total, s3, keep)), last)
+    log_probs = Term.binary("sub", sh_, Term.broadcast(Term.unary("log", total), s2, keep))
+    same_softmax = (eq(probs).to(Term.unary("exp", log_probs)), eq(ex_).to(Term.unary("exp", sh_)),
+                    s3[rank - 1] == i64(1), s3.length() == i64(rank))
+    spread = Term.broadcast(row, s1, keep)
+    for correction in (Term.binary("mul", spread, ex_), Term.binary("mul", ex_, spread)):
+        for form in (Term.binary("add", prod, correction), Term.binary("add", correction, prod)):
+            yield form, same_softmax
+
+
+def _reciprocal_vjp_forms(probs: Term, d_probs: Term, rank: int):
+    """(form, conditions): softmax's VJP as jax.grad writes ``E * (1 / T)`` (T = sum(E), the
+    reciprocal as ``integer_pow(T, -1)``, what ``jnp.reciprocal`` writes): with r = 1 / T,
+    ``(dP * r + sum(E * dP) * (-1 * T^-2)) * E``, which is ``P * dP - P * sum(P * dP)`` in real
+    numbers since E * r is P (the row sum kept as [.., 1] and summed over the unit axis)."""
+    last, keep = ivec([rank - 1]), perm_range(rank - 1)
+    ex_ = var("ex_", Term)
+    total = Term.reduce("reduce_sum", ex_, last)
+    recip = Term.broadcast(Term.integer_pow(total, -1), s2, keep)
+    kept = Term.reshape(Term.reduce("reduce_sum", Term.binary("mul", ex_, d_probs), last), s3)
+    slope = Term.binary("mul", scalar(-1.0, dt2, s3), Term.integer_pow(Term.broadcast(total, s3, keep), -2))
+    row = Term.reduce("reduce_sum", Term.binary("mul", kept, slope), last)
+    same_softmax = (s3[rank - 1] == i64(1), s3.length() == i64(rank))
+    cotangent = Term.binary("add", Term.binary("mul", d_probs, recip), Term.broadcast(row, s1, keep))
+    for p_form in (Term.binary("mul", ex_, recip), Term.binary("mul", recip, ex_)):
+        for form in (Term.binary("mul", cotangent, ex_), Term.binary("mul", ex_, cotangent)):
+            yield form, (eq(probs).to(p_form), *same_softmax)
+
+
+@attention_grad.family
+def more_softmax_backward():
+    """Softmax's backward as jax.grad writes ``exp(log_softmax(s))`` (`_log_softmax_vjp_forms`) and
+    ``E * (1 / sum(E))`` (`_reciprocal_vjp_forms`) at dP = do · Vᵀ is the cotangent of the scores s:
+    equal to the op's backward in real numbers (as `_quotient_vjp_forms`), differing by the rounding
+    of E / T against P and of the order of the sums, with the same NaN rows (a NaN or +inf score
+    makes its row's P and E NaN in both)."""
+    for n_batch, n_free in RANK_CASES:
+        rank = n_batch + n_free + 1
+        batch = perm_range(n_batch)
+        facts = (_scores(sf_, q, k, sc0, cap, m, mk, fl, causal, i64(n_batch)), shape(v).length() == i64(n_batch + 2))
+        d_out = Term.dot(do_, v, ivec([rank - 1]), ivec([n_batch + 1]), batch, batch, dt, pr)
+        for forms in (_log_softmax_vjp_forms, _reciprocal_vjp_forms):
+            for form, conditions in forms(Term.softmax(sf_), d_out, rank):
+                yield rl(eq(e).to(form), *conditions, *facts)(scores_cot(e, sf_, sf_, do_, v))
+
+
+@attention_grad.family
+def max_backward():
+    """jax.grad of ``exp(s - max(s))`` with the max not under stop_gradient adds the max's cotangent,
+    ``sum(-g) / count`` at each row's maxima (count of them), to the cotangent g of the shifted
+    scores. For g softmax's backward (`scores_cot` of the softmax's own input) that row sum is zero
+    in real numbers (softmax does not change when its input is shifted), so g plus it is still the
+    scores' cotangent, different only by the rounding of a sum whose exact value is 0; a row whose
+    max is NaN or ±inf is NaN in P, in g and in the op's backward alike."""
+    sx_ = var("sx_", IntVec)
+    for rank in sorted({n_batch + n_free + 1 for n_batch, n_free in RANK_CASES}):  # scores of every rank case
+        last, keep = ivec([rank - 1]), perm_range(rank - 1)
+        row_max = Term.reduce("reduce_max", sf_, last)
+        spread_maxes = (Term.broadcast(Term.reshape(row_max, s3), s2, perm_range(rank)), Term.broadcast(row_max, s2, keep))
+        for spread_max in spread_maxes:
+            at_max = Term.convert(Term.binary("eq", sf_, spread_max), dt)
+            count = Term.reduce("reduce_sum", at_max, last)
+            negated = Term.reduce("reduce_sum", Term.unary("neg", g_), last)
+            for max_cot in (negated, Term.reduce("reduce_sum", Term.reshape(negated, s3), last)):
+                # reduce_max's transpose as jax writes it: the share times the indicator
+                term = Term.binary("mul", Term.broadcast(Term.binary("div", max_cot, count), s1, keep), at_max)
+                for form in (Term.binary("add", g_, term), Term.binary("add", term, g_)):
+                    yield rl(eq(e).to(form), scores_cot(g_, sf_, sf_, do_, v), shape(sf_) == sx_,
+                             sx_.length() == i64(rank), s3 == sx_.set(rank - 1, i64(1)))(
+                        scores_cot(e, sf_, sf_, do_, v))
+
+
 # --- fast math (``ea.optimize(precision="fast_math")``): raisings equal to the program except where
 # it meets an Inf or a NaN (overflow included), a value beyond ±1e30, the sign of a zero, or the
 # rounding of exp (the op's stable softmax is the more accurate). Never run under "exact".

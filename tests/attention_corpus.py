@@ -1073,6 +1073,21 @@ def neg_sigmoid(q, k, v):
 
 # ---------------------------------------------------------------------------------------------
 
+# jax.grad of forward spellings whose backward needed its own rules (rules/attention.py: softcap_backward,
+# traced_scale_backward, more_softmax_backward, max_backward)
+
+grad_case("logit_soft_cap_tanh_grad", soft_cap, qkv(extreme=True), family="softmax",
+          source="gemma-2 logit soft-capping: tanh's derivative (jax 0.12's one_minus_square) in the backward")
+grad_case("scale_runtime_scalar_arg_grad", scale_runtime, with_extra(qkv(), lambda rng: jnp.float32(0.3)), family="scale",
+          source=HAND + " a traced scalar scale multiplies the scores' cotangent")
+grad_case("softmax_exp_log_softmax_grad", softmax_exp_log, qkv(), family="softmax",
+          source=HAND + " the backward of exp(log_softmax(s)): log_softmax's VJP")
+grad_case("softmax_reciprocal_multiply_grad", softmax_recip, qkv(extreme=True), family="softmax",
+          source=HAND + " the backward of E * (1 / sum(E)) with the max not under stop_gradient")
+
+
+# ---------------------------------------------------------------------------------------------
+
 LSE = "logsumexp's is_finite guard makes a row holding +inf [NaN, 0, ...] where softmax is all NaN (not exact)"
 
 #: positives the rules do not raise, with the reason (tests xfail them strictly)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 import eqsat_attn as ea
 from eqsat_attn.cost import for_device
@@ -78,6 +79,46 @@ def bf16_softmax_causal(q, k, v):
     return jnp.einsum("bhqk,bhkd->bhqd", _softmax(jnp.where(keep, s, jnp.asarray(-jnp.inf, BF16))), v)
 
 
+def soft_capped(q, k, v):
+    """Gemma's logit soft-cap: tanh's derivative in the backward (jax 0.12's one_minus_square)."""
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25
+    return jnp.einsum("bhqk,bhkd->bhqd", _softmax(50.0 * jnp.tanh(s / 50.0)), v)
+
+
+@jax.custom_jvp
+def _tanh_earlier_jax(x):
+    return jnp.tanh(x)
+
+
+@_tanh_earlier_jax.defjvp
+def _tanh_earlier_jax_jvp(primals, tangents):
+    """tanh's derivative as jax before ``one_minus_square`` writes it: ``(g + g * t) * (1 - t)``."""
+    (x,), (g,) = primals, tangents
+    t = jnp.tanh(x)
+    return t, lax.mul(lax.add(g, lax.mul(g, t)), lax.sub(jnp.ones_like(x), t))
+
+
+def soft_capped_earlier_jax(q, k, v):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25
+    return jnp.einsum("bhqk,bhkd->bhqd", _softmax(50.0 * _tanh_earlier_jax(s / 50.0)), v)
+
+
+def traced_scale(q, k, v, scale):
+    return jnp.einsum("bhqk,bhkd->bhqd", _softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k) * scale), v)
+
+
+def exp_log_softmax(q, k, v):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25
+    return jnp.einsum("bhqk,bhkd->bhqd", jnp.exp(jax.nn.log_softmax(s, axis=-1)), v)
+
+
+def reciprocal_unstopped_max(q, k, v):
+    """E * (1 / sum(E)) with the max not under stop_gradient: its backward adds the max's cotangent."""
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25
+    e = jnp.exp(s - s.max(-1, keepdims=True))
+    return jnp.einsum("bhqk,bhkd->bhqd", e * jnp.reciprocal(e.sum(-1, keepdims=True)), v)
+
+
 BHSD = ((B, H, S, D),) * 3
 KEEP = jnp.asarray(np.arange(S)[None, :] < np.array([5, S])[:, None])
 CASES = {
@@ -89,7 +130,13 @@ CASES = {
     "key_padding": (key_padding, BHSD, ("keep",), F32),
     "bf16_f32_softmax": (bf16_f32_softmax, BHSD, (), BF16),
     "bf16_softmax_causal": (bf16_softmax_causal, BHSD, (), BF16),
+    "soft_capped": (soft_capped, BHSD, (), F32),
+    "soft_capped_earlier_jax": (soft_capped_earlier_jax, BHSD, (), F32),
+    "traced_scale": (traced_scale, BHSD, ("scale",), F32),
+    "exp_log_softmax": (exp_log_softmax, BHSD, (), F32),
+    "reciprocal_unstopped_max": (reciprocal_unstopped_max, BHSD, (), F32),
 }
+SPELLED_BACKWARDS = ("soft_capped", "soft_capped_earlier_jax", "traced_scale", "exp_log_softmax", "reciprocal_unstopped_max")
 
 
 def _grad_fn(fn):
@@ -104,7 +151,8 @@ def _grad_fn(fn):
 def _args(name: str, seed: int, specials: tuple[float, ...] = ()) -> tuple:
     fn, shapes, extra, dtype = CASES[name]
     q, k, v = _inputs(seed, shapes, dtype, specials)
-    more = tuple(KEEP if e == "keep" else _inputs(seed + 1, (e,))[0] for e in extra)
+    special_extras = {"keep": KEEP, "scale": jnp.float32(np.random.default_rng(seed).uniform(0.1, 0.5))}
+    more = tuple(special_extras[e] if isinstance(e, str) else _inputs(seed + 1, (e,))[0] for e in extra)
     out = jax.eval_shape(fn, q, k, v, *more)
     (cot,) = _inputs(seed + 2, (out.shape,))
     return (q, k, v, *more, cot)
@@ -152,6 +200,39 @@ def test_gradients_keep_nonfinite_positions(special):
     got, want = optimized(*args), fn(*args)
     assert any(not np.all(np.isfinite(np.asarray(w))) for w in want)  # the check is not vacuous
     assert excess_error(got, want, tolerance(args, want)) <= 0
+
+
+@pytest.mark.parametrize("special", [np.inf, -np.inf, np.nan])
+@pytest.mark.parametrize("name", SPELLED_BACKWARDS)
+def test_spelled_backwards_keep_nonfinite_positions(name, special):
+    """The backwards of a soft-cap, a traced scale, exp(log_softmax) and E * (1 / sum(E)) (max not
+    under stop_gradient) raised, with the written-out gradients' NaN and Inf positions and values."""
+    fn = _grad_fn(CASES[name][0])
+    optimized = _optimized(name)
+    args = _args(name, seed=23, specials=(special,))
+    report = optimized.explain(*args)
+    assert sorted(info.gradient for info in report.attention) == ["dk", "dq", "dv"], str(report.after)
+    got, want = optimized(*args), fn(*args)
+    assert any(not np.all(np.isfinite(np.asarray(w))) for w in want)  # the check is not vacuous
+    assert excess_error(got, want, tolerance(args, want)) <= 0
+
+
+def test_soft_capped_gradients_match_float64():
+    """The op's gradients with a soft-cap (the reference's backward) against jax.grad of the
+    written-out ``c * tanh(s / c)`` attention in float64, on inputs with ±0, denormals and ±40."""
+    from test_exactness import x64
+
+    from eqsat_attn.kernels.reference import attention_reference
+
+    q, k, v, do = _inputs(29, ((B, H, S, D),) * 4)
+    _, pullback = jax.vjp(lambda q, k, v: attention_reference(q, k, v, scale=0.25, causal=False, softcap=50.0), q, k, v)
+    got = pullback(do)
+    with x64():
+        wide = [jnp.asarray(np.asarray(t, np.float64)) for t in (q, k, v, do)]
+        want = jax.grad(lambda q, k, v: jnp.sum(soft_capped(q, k, v) * wide[3]), argnums=(0, 1, 2))(*wide[:3])
+        want = [np.asarray(w, np.float64) for w in want]
+    for g, w in zip(got, want, strict=True):
+        assert np.abs(np.asarray(g, np.float64) - w).max() <= 1e-4 * (1.0 + np.abs(w).max())
 
 
 def test_three_gradients_run_as_one_call(monkeypatch):

@@ -121,6 +121,23 @@ def test_scan_and_cond_become_opaque_nodes() -> None:
     assert program.count("opaque_output") == 3
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_tanh_derivative_is_modelled_bit_for_bit(dtype) -> None:
+    """tanh's derivative (jax 0.12's ``one_minus_square``, or how an older jax writes it) is captured
+    as modelled ops, not opaque, with the program's values bit for bit: ±0, denormals, ±1 and
+    their neighbours, huge values, infinities and NaN."""
+    special = np.array([0.0, -0.0, 1e-40, -1e-40, 1.0, -1.0, 0.9999999, 1.0000001, 0.5, 3e19, -3e19, 1e38,
+                        np.inf, -np.inf, np.nan], np.float32)
+    x = jnp.asarray(special).astype(dtype)
+    fn = jax.vmap(jax.grad(jnp.tanh))
+    optimized = ea.optimize(fn, limits=FAST)
+    program = optimized.explain(x).before
+    assert program.count("opaque") == 0, str(program)
+    got, want = np.asarray(optimized(x)), np.asarray(jax.jit(fn)(x))
+    bits = np.uint32 if dtype == jnp.float32 else np.uint16
+    assert np.array_equal(got.view(bits), want.view(bits)), (got, want)
+
+
 def test_dict_of_outputs_with_duplicates_inputs_and_literals() -> None:
     fn = lambda x, y: {"sum": x + y, "x": x, "again": (x, x + y), "two": jnp.float32(2.0)}
     program = round_trip(fn, _normal(0, (3,)), _normal(1, (3,)))
