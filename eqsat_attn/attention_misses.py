@@ -100,7 +100,10 @@ def softmax_misses(program: Program, precision: str = "exact") -> list[SoftmaxMi
         others = [program.nodes[u].op for u in readers if program.nodes[u].op != "dot_general"]
         path: list[Node] = []
         source = _scores_source(program, scores, path)
-        if i in outputs or (dots and others):
+        if source.op == "dot_general" and (source.type.dtype == "float64" or (
+                source.type.dtype == "float16" and precision == "exact")):
+            reason = _unraised_dtype(source.type.dtype)
+        elif i in outputs or (dots and others):
             reason = "the attention weights are also used elsewhere (attention does not return them)"
         elif not dots:
             reason = (f"its result is not multiplied by V: it feeds {', '.join(sorted(set(others)))}"
@@ -110,17 +113,20 @@ def softmax_misses(program: Program, precision: str = "exact") -> list[SoftmaxMi
         elif source.op != "dot_general":
             reason = (f"its scores are not a matmul Q·Kᵀ with a scale, soft-cap, bias or where-mask "
                       f"(nearest producer: {source.op})")
-        elif source.type.dtype == "float64":
-            reason = "its scores are float64: the op computes in float32 (not exact)"
-        elif source.type.dtype == "float16" and precision == "exact":
-            reason = (f"its scores are float16, which overflow past 65504 where the op's float32 scores do not "
-                      f"(not exact; {FAST_MATH}; a product with preferred_element_type=float32 is raised)")
         else:
             reason = _score_spelling(program, path, precision) or (
                 "Q·Kᵀ, softmax and P·V do not line up as attention (the softmax is not over the keys "
                 "both matmuls contract, or P·V contracts another axis)")
         misses.append(SoftmaxMiss(i, reason))
     return misses
+
+
+def _unraised_dtype(dtype: str) -> str:
+    """Why scores of this dtype are not raised (rules/attention.py, `scores_of_matmul`)."""
+    if dtype == "float64":
+        return "its scores are float64: the op computes in float32 (not exact)"
+    return (f"its scores are float16, which overflow past 65504 where the op's float32 scores do not "
+            f"(not exact; {FAST_MATH}; a product with preferred_element_type=float32 is raised)")
 
 
 def _softmax_scores(program: Program, node_id: int) -> int | None:
