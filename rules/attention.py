@@ -373,13 +373,15 @@ def scores_reshape():
     reshaped = Term.reshape(x, s1)
     scores = (_scores(x, q, k, sc0, cap, m, mk, fl, causal, nb), shape(x) == s2,
               s2[s2.length() - 1] == s1[s1.length() - 1])
+    full = (shape(y) == s1,)  # the other operand has the reshaped scores' shape (a select's predicate too)
     for op in ("add", "sub", "mul", "div"):
-        yield rw(Term.binary(op, reshaped, y), Term.reshape(Term.binary(op, x, Term.reshape(y, s2)), s1), *scores)
-        yield rw(Term.binary(op, y, reshaped), Term.reshape(Term.binary(op, Term.reshape(y, s2), x), s1), *scores)
+        yield rw(Term.binary(op, reshaped, y), Term.reshape(Term.binary(op, x, Term.reshape(y, s2)), s1), *scores, *full)
+        yield rw(Term.binary(op, y, reshaped), Term.reshape(Term.binary(op, Term.reshape(y, s2), x), s1), *scores, *full)
+    pred = (*full, shape(t_) == s1)
     yield rw(Term.select(t_, y, reshaped), Term.reshape(Term.select(Term.reshape(t_, s2), Term.reshape(y, s2), x), s1),
-             *scores)
+             *scores, *pred)
     yield rw(Term.select(t_, reshaped, y), Term.reshape(Term.select(Term.reshape(t_, s2), x, Term.reshape(y, s2)), s1),
-             *scores)
+             *scores, *pred)
     yield rw(Term.unary("tanh", reshaped), Term.reshape(Term.unary("tanh", x), s1), *scores)
     yield rw(Term.convert(reshaped, dt), Term.reshape(Term.convert(x, dt), s1), *scores)
 
