@@ -542,12 +542,6 @@ def scale_runtime(q, k, v, scale):
     return jnp.einsum("bhqk,bhkd->bhqd", softmax_last(jnp.einsum("bhqd,bhkd->bhqk", q, k) * scale), v)
 
 
-@case("temperature_traced_divide", with_extra(qkv(), lambda rng: jnp.float32(0.7)), positive=True,
-      family="scale", source=HAND + " scores divided by a traced temperature argument")
-def temperature_divide(q, k, v, tau):
-    return jnp.einsum("bhqk,bhkd->bhqd", softmax_last(jnp.einsum("bhqd,bhkd->bhqk", q, k) / tau), v)
-
-
 # ---------------------------------------------------------------------------------------------
 # Hand-written: ranks and head layouts
 
