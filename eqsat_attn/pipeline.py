@@ -164,7 +164,8 @@ def optimize_part(program: Program, options: OptimizeOptions, model,
     stages count work, so the program chosen is the same on any machine; the cheaper is kept.
     (A restart can miss what one longer run finds, so the threshold sits above the e-graphs of
     ordinary blocks: a 3-layer Flax stack saturates at 6,700 e-nodes.) A run restarts as well
-    once attention has been raised (`RAISED` fired) and then either the raise rule set's next run
+    once attention has been raised (`RAISED` fired; in a program writing out softmax's backward,
+    `RAISED_GRADIENTS` too) and then either the raise rule set's next run
     raises no more past `RAISED_SETTLED_ENODES` e-nodes (the variants found later, a causal flag
     among them, are in the e-graph by then) or the e-graph is past `RAISED_RESTART_ENODES`: what
     grows after that is mostly transposes of the scores and masks attention replaces
@@ -176,8 +177,8 @@ def optimize_part(program: Program, options: OptimizeOptions, model,
     Never returns something the model predicts slower than ``program``.
     """
     first = replace(options.limits, nodes=min(options.limits.nodes, RESTART_ENODES))
-    # a program writing out softmax's backward restarts only once its backward has raised: its
-    # forward raises first, and a restart from there would no longer hold what the backward needs
+    # a program writing out softmax's backward restarts only once its backward has raised too: its
+    # forward raises first, and restarting there left Flax nnx MHA's backward written out
     gradient = GRADIENT_RULES in (options.rule_names(program) or ())
     stop_when = StopWhenFired((RAISED, RAISED_GRADIENTS), RAISED_SETTLED_ENODES, RAISED_RESTART_ENODES,
                               required=RAISED_GRADIENTS if gradient else None)
