@@ -218,3 +218,16 @@ def test_stop_when_fired_counts_several_families_together():
     assert "settled" in stop.reached(2, 0, "attention_raise", 101)
     assert "fired" in stop.reached(0, 1, "attention_grad", 1001)
     assert driver.StopWhenFired("attention_raise.attention", 1, 2).families == ("attention_raise.attention",)
+
+
+def test_a_required_family_holds_the_stop_until_it_has_fired():
+    """`StopWhenFired.required`: a jax.grad program's run may restart only once its backward has
+    raised (its forward raises first); without it, any watched family's firing arms the stop."""
+    from collections import Counter
+
+    watch = driver.StopWhenFired(("raise.attention", "grad.gradients"), 10, 20, required="grad.gradients")
+    assert not watch.armed(Counter({"raise.attention": 4}))
+    assert watch.armed(Counter({"raise.attention": 4, "grad.gradients": 1}))
+    assert driver.StopWhenFired(("raise.attention", "grad.gradients"), 10, 20).armed(Counter({"raise.attention": 4}))
+    # once armed, the stop is reached as before: settled past 10 e-nodes, or fired past 20
+    assert watch.reached(5, 0, "grad", 11) and watch.reached(5, 1, None, 21) and not watch.reached(0, 0, "grad", 11)
