@@ -638,13 +638,15 @@ def checkpoint_policy(q, k, v):
 @probe("scan_over_layers_stacked_weights", "lax.scan over 2 layers of projections + attention",
        tensors((B, S, E), (2, E, 3 * E)), grad_argnums=(0, 1))
 def scan_layers(x, ws):
-    def layer(h, w):
-        q, k, v = jnp.split(h @ w, 3, axis=-1)
-        q, k, v = (t.reshape(B, S, H, D).transpose(0, 2, 1, 3) for t in (q, k, v))
-        o = _sdpa_causal(q, k, v).transpose(0, 2, 1, 3).reshape(B, S, E)
-        return h + o, None
+    return jax.lax.scan(_projected_attention_layer, x, ws)[0]
 
-    return jax.lax.scan(layer, x, ws)[0]
+
+def _projected_attention_layer(h, w):
+    """One residual layer for `lax.scan`: merged Q/K/V projection, causal attention, carry h + o."""
+    q, k, v = jnp.split(h @ w, 3, axis=-1)
+    q, k, v = (t.reshape(B, S, H, D).transpose(0, 2, 1, 3) for t in (q, k, v))
+    o = _sdpa_causal(q, k, v).transpose(0, 2, 1, 3).reshape(B, S, E)
+    return h + o, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -694,13 +696,7 @@ PROBES += [
 @probe("scan_remat_layers_grad_maxtext", "MaxText/Flax: lax.scan over jax.checkpoint(layer)",
        tensors((B, S, E), (2, E, 3 * E)), grad_argnums=(0, 1))
 def scan_remat(x, ws):
-    def layer(h, w):
-        q, k, v = jnp.split(h @ w, 3, axis=-1)
-        q, k, v = (t.reshape(B, S, H, D).transpose(0, 2, 1, 3) for t in (q, k, v))
-        o = _sdpa_causal(q, k, v).transpose(0, 2, 1, 3).reshape(B, S, E)
-        return h + o, None
-
-    return jax.lax.scan(jax.checkpoint(layer), x, ws)[0]
+    return jax.lax.scan(jax.checkpoint(_projected_attention_layer), x, ws)[0]
 
 
 @probe("gemma_sliding_mask_triu_tril_times_input_mask",

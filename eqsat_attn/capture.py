@@ -223,7 +223,6 @@ def jaxpr_to_program(closed_jaxpr: Any) -> ir.Program:
     return builder.build(outputs, converter.effects)
 
 
-_HALF_ALGORITHMS = {"BF16_BF16_F32": "bfloat16", "F16_F16_F32": "float16"}
 
 
 def dot_precision(precision: Any, operand_dtypes: set[str]) -> str | None:
@@ -239,9 +238,10 @@ def dot_precision(precision: Any, operand_dtypes: set[str]) -> str | None:
         return ""
     name = getattr(precision, "name", None)
     if name is not None:  # a DotAlgorithmPreset
-        if name == "DEFAULT" or operand_dtypes == {_HALF_ALGORITHMS.get(name)}:
+        half = ir.HALF_PRESETS.get(name.lower())
+        if name == "DEFAULT" or operand_dtypes == {half}:
             return ""
-        if name in _HALF_ALGORITHMS and operand_dtypes == {_HALF_ALGORITHMS[name], "float32"}:
+        if half is not None and operand_dtypes == {half, "float32"}:
             return name.lower()
         return "highest" if name == "F32_F32_F32" and operand_dtypes == {"float32"} else None
     if isinstance(precision, tuple):

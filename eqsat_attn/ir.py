@@ -61,6 +61,10 @@ from .op_types import (  # the op vocabulary and TensorType, re-exported: they a
 from .op_types import infer_type as infer_op_type
 from .region import region_type
 
+#: a dot's half-precision algorithm presets (``precision`` over a float32 and a half operand), by the
+#: operand type they multiply in (``BF16_BF16_F32`` as jax names it is "bf16_bf16_f32" here)
+HALF_PRESETS = {"bf16_bf16_f32": "bfloat16", "f16_f16_f32": "float16"}
+
 
 def _float_bits(value: float) -> tuple[str, int]:
     """A float's identity by its IEEE bits: -0.0 differs from 0.0, a NaN equals only itself."""

@@ -332,7 +332,8 @@ def scores_of_matmul():
 def scores_scale():
     """A scalar multiple or quotient of scores multiplies the scale (and the fill of scores already
     masked: ``where(m, s, f) * c`` is ``where(m, s * c, f * c)``; a bias: ``(s + b) * c`` is scores
-    ``s * c`` with bias ``b * c``, the factor distributed as a scale on Q is); widening scores to float32 keeps
+    ``s * c`` with bias ``b * c``, the factor distributed as a scale on Q is, so equal but where one
+    side overflows and the other does not, as there); widening scores to float32 keeps
     them scores (the op computes them in float32)."""
     for form, factor in _scaled(x):
         yield rl(eq(e).to(form), _scores(x, q, k, sc0, f64(0.0), NO_MASK, String("none"), fl, i64(0), nb))(

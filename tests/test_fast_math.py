@@ -132,6 +132,8 @@ def test_float16_scores_are_raised_only_under_fast_math():
     assert not report.attention and any("float16" in r for r in report.not_attention), report.not_attention
     np.testing.assert_array_equal(np.asarray(exact(*args), np.float32), want)
     assert raised(_half_attention, args, "fast_math") == 1
+    within = (q.at[0, 0, 3].set(1.0), k.at[0, 0, 2].set(1.0), v, jnp.zeros_like(bias))  # no float16 overflow
+    assert excess_error(optimized(_half_attention, "fast_math")(*within), _half_attention(*within), 2e-3) <= 0
 
     def widened(q, k, v):
         s = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)

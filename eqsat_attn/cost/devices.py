@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import ir
+
 TERA = 1e12
 
 VARIANTS = ("standard", "transposed", "reference")
@@ -45,10 +47,6 @@ _DTYPE_FAMILY = {
     "float8_e5m2fnuz": "float8_e4m3fn",
     "int8": "int8",
 }
-
-#: the half-precision algorithm presets a dot may carry over a mixed pair (`eqsat_attn.ir`), by the
-#: operand type they multiply in
-HALF_PRESETS = {"bf16_bf16_f32": "bfloat16", "f16_f16_f32": "float16"}
 
 
 def dtype_family(dtype: str) -> str:
@@ -122,8 +120,8 @@ class DeviceSpec:
         """A matmul's peak rate over operands of ``dtype`` at a dot's ``precision`` ("highest": the
         table's "<dtype>:highest" row where it has one, e.g. float32 without TF32 on a GPU; a
         half-precision preset, "bf16_bf16_f32": that half type's rate)."""
-        if precision in HALF_PRESETS:
-            return self.peak(HALF_PRESETS[precision])
+        if precision in ir.HALF_PRESETS:
+            return self.peak(ir.HALF_PRESETS[precision])
         if precision:
             row = dict(self.peak_flops).get(f"{dtype_family(dtype)}:{precision}")
             if row is not None:
