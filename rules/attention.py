@@ -15,7 +15,7 @@ import itertools
 from egglog import String, eq, f64, i64, ne, union, var
 
 from eqsat_attn.egraph.language import (
-    KERNEL_FILL, IntVec, Term, attn_scores, causal_mask, dtype, grad_op, ivec, perm_range, scores_cot, shape,
+    KERNEL_FILL, IntVec, Term, answer, ask, attn_scores, causal_mask, dtype, grad_op, ivec, perm_range, scores_cot, shape,
 )
 from eqsat_attn.egraph.rulesets import RuleSet, asking, rl, rw
 
@@ -372,19 +372,39 @@ def scores_reshape():
     (elementwise operations commute with a reshape): grouped-query code merges the group axis into
     the heads before it adds a [B, H, Sq, Sk] bias or mask."""
     reshaped = Term.reshape(x, s1)
-    scores = (_scores(x, q, k, sc0, cap, m, mk, fl, causal, nb), shape(x) == s2,
-              s2[s2.length() - 1] == s1[s1.length() - 1])
+    rows_whole = (shape(x) == s2, s2[s2.length() - 1] == s1[s1.length() - 1])
+    scores_x = _scores(x, q, k, sc0, cap, m, mk, fl, causal, nb)
+    # x the scores, or scores transposed with the keys kept last (`scores_transpose` carries on)
+    unmoved = var("unmoved", Term)
+    transposed_x = (eq(x).to(Term.transpose(unmoved, p)), _scores(unmoved, q, k, sc0, cap, m, mk, fl, causal, nb),
+                    p[p.length() - 1] == p.length() - 1)
     full = (shape(y) == s1,)  # the other operand has the reshaped scores' shape (a select's predicate too)
-    for op in ("add", "sub", "mul", "div"):
-        yield rw(Term.binary(op, reshaped, y), Term.reshape(Term.binary(op, x, Term.reshape(y, s2)), s1), *scores, *full)
-        yield rw(Term.binary(op, y, reshaped), Term.reshape(Term.binary(op, Term.reshape(y, s2), x), s1), *scores, *full)
-    pred = (*full, shape(t_) == s1)
-    yield rw(Term.select(t_, y, reshaped), Term.reshape(Term.select(Term.reshape(t_, s2), Term.reshape(y, s2), x), s1),
-             *scores, *pred)
-    yield rw(Term.select(t_, reshaped, y), Term.reshape(Term.select(Term.reshape(t_, s2), x, Term.reshape(y, s2)), s1),
-             *scores, *pred)
-    yield rw(Term.unary("tanh", reshaped), Term.reshape(Term.unary("tanh", x), s1), *scores)
-    yield rw(Term.convert(reshaped, dt), Term.reshape(Term.convert(x, dt), s1), *scores)
+    for scores in ((scores_x, *rows_whole), (*transposed_x, *rows_whole)):
+        for op in ("add", "sub", "mul", "div"):
+            yield rw(Term.binary(op, reshaped, y), Term.reshape(Term.binary(op, x, Term.reshape(y, s2)), s1), *scores, *full)
+            yield rw(Term.binary(op, y, reshaped), Term.reshape(Term.binary(op, Term.reshape(y, s2), x), s1), *scores, *full)
+        pred = (*full, shape(t_) == s1)
+        yield rw(Term.select(t_, y, reshaped), Term.reshape(Term.select(Term.reshape(t_, s2), Term.reshape(y, s2), x), s1),
+                 *scores, *pred)
+        yield rw(Term.select(t_, reshaped, y), Term.reshape(Term.select(Term.reshape(t_, s2), x, Term.reshape(y, s2)), s1),
+                 *scores, *pred)
+        yield rw(Term.unary("tanh", reshaped), Term.reshape(Term.unary("tanh", x), s1), *scores)
+        yield rw(Term.convert(reshaped, dt), Term.reshape(Term.convert(x, dt), s1), *scores)
+
+
+@attention_raise.family
+def scores_transpose():
+    """Scores transposed with the keys' axis kept last (an einsum writing them in another layout:
+    Gemma's [B, T, K, G, S]), then masked or biased, are the scores masked or biased before the
+    transpose, the other operands transposed back (elementwise operations commute with a
+    transpose; the transpose of a broadcast folds into it)."""
+    transposed = Term.transpose(x, p)
+    facts = [_scores(x, q, k, sc0, cap, m, mk, fl, causal, nb), p[p.length() - 1] == p.length() - 1]
+    inverse = ("inverse", (p, NONE, NONE, NONE), 1)
+    yield from asking(Term.select(t_, y, transposed), facts, *inverse,
+                      lambda inv: Term.transpose(Term.select(Term.transpose(t_, inv), Term.transpose(y, inv), x), p))
+    yield from asking(Term.select(t_, transposed, y), facts, *inverse,
+                      lambda inv: Term.transpose(Term.select(Term.transpose(t_, inv), x, Term.transpose(y, inv)), p))
 
 
 @attention_raise.family
@@ -828,20 +848,34 @@ def softmax_backward():
 def reshaped_softmax_backward():
     """Softmax's backward taken on a reshape of the scores that keeps rows whole (`softmax_reshape`:
     grouped-query code merges the group axis into the heads for the softmax), at the reshaped
-    dP = do · Vᵀ: reshaped back, it is the cotangent of the scores themselves."""
-    soft_shape, scores_shape = var("soft_shape", IntVec), var("scores_shape", IntVec)
+    dP = do · Vᵀ: reshaped back, it is the cotangent of the scores themselves. So also for scores
+    transposed with the keys kept last before the reshape (`scores_transpose`: Gemma's GQA),
+    reshaped and transposed back."""
+    soft_shape, scores_shape, inv = var("soft_shape", IntVec), var("scores_shape", IntVec), var("inv", IntVec)
+    keys_last = (p[p.length() - 1] == p.length() - 1,)
+    inverse = eq(answer("inverse", p, NONE, NONE, NONE, i64(0))).to(inv)
     for n_batch, n_free in RANK_CASES:
         rank = n_batch + n_free + 1
         batch = perm_range(n_batch)
-        facts = (_scores(sf_, q, k, sc0, cap, m, mk, fl, causal, i64(n_batch)), shape(v).length() == i64(n_batch + 2),
-                 shape(sf_) == scores_shape)
+        facts = (_scores(sf_, q, k, sc0, cap, m, mk, fl, causal, i64(n_batch)), shape(v).length() == i64(n_batch + 2))
         d_out = Term.dot(do_, v, ivec([rank - 1]), ivec([n_batch + 1]), batch, batch, dt, pr)
-        for soft_rank in range(2, rank):
-            probs = Term.softmax(Term.reshape(sf_, soft_shape))
-            for d_probs in (Term.reshape(d_out, soft_shape), Term.convert(Term.reshape(d_out, soft_shape), String("float32"))):
-                for form, conditions in _softmax_vjp_forms(probs, d_probs, soft_rank):
-                    yield rl(eq(e).to(form), soft_shape.length() == i64(soft_rank), *conditions, *facts)(
-                        scores_cot(Term.reshape(e, scores_shape), sf_, sf_, do_, v))
+        views = (  # (the scores as the softmax reads them, dP read alike, the cotangent viewed back, conditions)
+            (sf_, d_out, lambda t: Term.reshape(t, scores_shape), (shape(sf_) == scores_shape,)),
+            (Term.transpose(sf_, p), Term.transpose(d_out, p),
+             lambda t: Term.transpose(Term.reshape(t, scores_shape), inv), (*keys_last, inverse,
+                                                                             shape(Term.transpose(sf_, p)) == scores_shape)),
+        )
+        for scores_view, d_view, back, view_conds in views:
+            for soft_rank in range(2, rank):
+                probs = Term.softmax(Term.reshape(scores_view, soft_shape))
+                d_reshaped = Term.reshape(d_view, soft_shape)
+                for d_probs in (d_reshaped, Term.convert(d_reshaped, String("float32"))):
+                    for form, conditions in _softmax_vjp_forms(probs, d_probs, soft_rank):
+                        yield rl(eq(e).to(form), soft_shape.length() == i64(soft_rank), *conditions, *facts, *view_conds)(
+                            scores_cot(back(e), sf_, sf_, do_, v))
+            if view_conds is not views[0][3]:  # the inverse permutation, asked where such a softmax is
+                yield rl(eq(e).to(Term.softmax(Term.reshape(scores_view, soft_shape))), *facts, *keys_last)(
+                    ask("inverse", p, NONE, NONE, NONE))
 
 
 @attention_grad.family
@@ -865,6 +899,15 @@ def scores_backward():
              *staged)(scores_cot(e, x, sf_, do_, v))
     yield rl(eq(s_).to(Term.select(y, x, scalar(fl2, dt2, s1))), eq(e).to(Term.select(y, g_, scalar(0.0, dt3, s2))),
              *staged)(scores_cot(e, x, sf_, do_, v))
+    # the same where applied to a view of the scores (reshaped, or transposed and reshaped:
+    # `scores_reshape`, `scores_transpose`), the mask and the cotangent viewed back alike
+    view_shape, inv, mask_view, cot_view = var("view_shape", IntVec), var("inv", IntVec), var("mask_view", Term), var("cot_view", Term)
+    for back in (lambda t: Term.reshape(t, view_shape), lambda t: Term.transpose(Term.reshape(t, view_shape), inv)):
+        viewed = (eq(g_).to(back(cot_view)), *staged)
+        yield rl(eq(s_).to(Term.select(back(mask_view), scalar(fl2, dt2, s1), x)),
+                 eq(e).to(Term.select(mask_view, scalar(0.0, dt3, s2), cot_view)), *viewed)(scores_cot(back(e), x, sf_, do_, v))
+        yield rl(eq(s_).to(Term.select(back(mask_view), x, scalar(fl2, dt2, s1))),
+                 eq(e).to(Term.select(mask_view, cot_view, scalar(0.0, dt3, s2))), *viewed)(scores_cot(back(e), x, sf_, do_, v))
 
 
 def _gradient_views(n_batch: int, n_free: int, swapped: bool):

@@ -956,6 +956,24 @@ def t5_attention(q, k, v, position_bias, keep):
     return jnp.einsum("bhqk,bhkd->bhqd", weights, v)
 
 
+GEMMA_K_MASK = -2.3819763e38  # gemma's finite mask fill
+
+
+@case("gemma_gqa_btkgs_causal", qkv("bshd", extreme=True, heads=4, kv_heads=2), positive=True, family="models",
+      source="gemma (google-deepmind/gemma) GQA: logits einsum BTKGH,BSKH->BTKGS merged to [B,T,N,S] for the mask")
+def gemma_gqa(q, k, v):
+    n_kv = k.shape[2]
+    groups = q.reshape(B, S, n_kv, q.shape[2] // n_kv, D) * D ** -0.5
+    logits = jnp.einsum("BTKGH,BSKH->BTKGS", groups, k).reshape(B, S, q.shape[2], S)
+    logits = jnp.where(causal()[None, :, None, :], logits, GEMMA_K_MASK)
+    probs = jax.nn.softmax(logits.astype(F32), axis=-1).reshape(B, S, n_kv, q.shape[2] // n_kv, S)
+    return jnp.einsum("BTKGS,BSKH->BTKGH", probs, v).reshape(q.shape)
+
+
+grad_case("gemma_gqa_btkgs_causal_grad", gemma_gqa, qkv("bshd", heads=4, kv_heads=2), family="models",
+          source="gemma GQA, logits merged to [B,T,N,S] for the mask")
+
+
 # ---------------------------------------------------------------------------------------------
 # Negatives: near-misses whose values an attention op would change
 
