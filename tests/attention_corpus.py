@@ -507,6 +507,9 @@ grad_case("jax_dpa_gqa_grad", dpa(), qkv("bshd", heads=4, kv_heads=2), family="j
 grad_case("jax_dpa_unbatched_tnh_grad", dpa(), qkv("tnh"), family="jax.nn", source=JAX_DPA + " 3-D [T,N,H] inputs")
 grad_case("jax_dpa_bf16_causal_grad", dpa(is_causal=True), qkv("bshd", BF16), family="jax.nn", source=JAX_DPA + " bf16 causal")
 grad_case("jax_dpa_mqa_grad", dpa(), qkv("bshd", heads=4, kv_heads=1), family="jax.nn", source=JAX_DPA + " MQA (1 KV head)")
+grad_case("jax_dpa_bias_and_mask_grad", dpa(),
+          with_extra(qkv("bshd"), normal((B, 1, S, S)), lambda rng: jnp.asarray(rng.random((B, 1, 1, S)) < 0.7)),
+          family="jax.nn", source=JAX_DPA + " bias= and a key-padding mask=")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -237,6 +237,31 @@ def test_ir_attention_with_a_bias_and_a_mask_of_other_shapes_round_trips():
     assert_same(lower(result.program)(*args)[0], want)
 
 
+def test_ir_attention_gradients_with_a_bias_and_a_mask_round_trips():
+    """attention_vjp nodes with a bias and a mask (inputs q, k, v, do, bias, keep) keep both mask
+    operands when encoded (as a gradient program's restart re-encodes its raised gradients), and
+    their values."""
+    b = ir.ProgramBuilder()
+    t = ir.TensorType((B, H, S, D), "float32")
+    q, k, v, do = (b.input(t) for _ in range(4))
+    bias_type = ir.TensorType((B, H, S, S), "float32")
+    bias, keep = b.input(bias_type), b.input(ir.TensorType((B, 1, S, S), "bool"))
+    params = dict(q_layout="BHSD", k_layout="BHSD", v_layout="BHSD", o_layout="BHSD", scale=0.25, causal=False,
+                  mask_kind="bias+bool", mask_fill=-1e9)
+    outs = [b.add("attention_vjp", (q, k, v, do, bias, keep), bias_type if wrt == 3 else t, wrt=wrt, **params)
+            for wrt in range(4)]
+    result = optimize_program(b.build(outs), OptimizeOptions(cost_model=H100))
+    assert [len(n.inputs) for n in result.program.nodes if n.op == "attention_vjp"] == [6] * 4
+    rng = np.random.default_rng(15)
+    (q_, k_, v_), do_ = qkv(rng), jnp.asarray(rng.standard_normal((B, H, S, D)).astype(np.float32))
+    keep_ = make_keep(rng)
+    bias_ = jnp.asarray(make_bias(rng, keep_))
+    _, pullback = jax.vjp(lambda q, k, v, bias: attention_reference(q, k, v, scale=0.25, causal=False, bias=bias, mask=keep_,
+                                                                    mask_fill=-1e9), q_, k_, v_, bias_)
+    for got, want in zip(lower(result.program)(q_, k_, v_, do_, bias_, jnp.asarray(keep_)), pullback(do_)):
+        assert_same(got, want)
+
+
 def test_mask_operands_are_checked():
     with pytest.raises(ValueError, match="bias\\+bool.*got 4"):
         attention_mask_args("bias+bool", [0, 1, 2, 3])

@@ -174,16 +174,15 @@ def _term(node: ir.Node, args: list[bindings.Var], enc: Encoding, egg: _Egg) -> 
         )
     if op == "attention":
         return c(
-            "attention", args[0], args[1], args[2], _attention_mask(node, args, enc, egg),
+            "attention", args[0], args[1], args[2], _attention_mask(node, args[3:], enc, egg),
             *(vec(layout_to_axes(p[f"{n}_layout"])) for n in "qkvo"),
             egg.f64(float(p["scale"])), egg.i64(int(bool(p["causal"]))), egg.string(p["mask_kind"]),
             egg.string(str(p.get("compute_dtype") or "")),
             egg.f64(float(p.get("mask_fill", KERNEL_FILL))), egg.f64(float(p.get("softcap", 0.0))),
         )
     if op == "attention_vjp":
-        mask = args[4] if len(args) > 4 else c("no_mask")
         return c(
-            "attention_vjp", *args[:4], mask, *(vec(layout_to_axes(p[f"{n}_layout"])) for n in "qkvo"),
+            "attention_vjp", *args[:4], _attention_mask(node, args[4:], enc, egg), *(vec(layout_to_axes(p[f"{n}_layout"])) for n in "qkvo"),
             egg.f64(float(p["scale"])), egg.i64(int(bool(p["causal"]))), egg.string(p["mask_kind"]),
             egg.string(str(p.get("compute_dtype") or "")),
             egg.f64(float(p.get("mask_fill", KERNEL_FILL))), egg.f64(float(p.get("softcap", 0.0))),
@@ -220,25 +219,26 @@ def _term(node: ir.Node, args: list[bindings.Var], enc: Encoding, egg: _Egg) -> 
     return c("opaque", egg.i64(len(enc.uninterpreted) - 1), operands)
 
 
-def _attention_mask(node: ir.Node, args: list[bindings.Var], enc: Encoding, egg: _Egg) -> bindings.Call:
-    """An attention node's mask operand: `Term.no_mask`, its mask tensor, or ("bias+bool", inputs
-    q, k, v, bias, keep) the `Term.mask_pair` of its bias and boolean mask, each broadcast to their
-    common shape where they differ (the op broadcasts both to [B, H, Sq, Sk] anyway)."""
+def _attention_mask(node: ir.Node, masks: list[bindings.Var], enc: Encoding, egg: _Egg) -> bindings.Call:
+    """The mask operand of an attention or attention_vjp node whose mask inputs are ``masks`` (those
+    after q, k, v and, for the vjp, do): `Term.no_mask`, its mask tensor, or for "bias+bool" the
+    `Term.mask_pair` of its bias and boolean mask, each broadcast to their common shape where they
+    differ (the op broadcasts both to [B, H, Sq, Sk] anyway)."""
     kind = str(node.params.get("mask_kind", "none"))
     operands = ir.ATTENTION_MASK_OPERANDS.get(kind)
-    if operands is None or len(args) != 3 + len(operands):
-        raise ValueError(f"an attention with mask_kind {kind!r} has inputs q, k, v and "
-                         f"{operands if operands is not None else 'no known mask operands'}, got {len(args)} inputs")
+    if operands is None or len(masks) != len(operands):
+        raise ValueError(f"an {node.op} with mask_kind {kind!r} has the mask inputs "
+                         f"{operands if operands is not None else 'of no known kind'}, got {len(masks)}")
     if kind == "none":
         return egg.ctor("no_mask")
     if kind != "bias+bool":
-        return args[3]
-    types = [enc.program.type_of(i) for i in node.inputs[3:5]]
+        return masks[0]
+    types = [enc.program.type_of(i) for i in node.inputs[-2:]]
     common = tuple(np.broadcast_shapes(*(t.shape for t in types)))
     pair = [
         arg if t.shape == common else
         egg.ctor("broadcast", arg, egg.vec(common), egg.vec(range(len(common) - t.rank, len(common))))
-        for arg, t in zip(args[3:5], types)
+        for arg, t in zip(masks, types)
     ]
     return egg.ctor("mask_pair", *pair)
 
