@@ -103,8 +103,8 @@ def softmax_misses(program: Program, precision: str = "exact") -> list[SoftmaxMi
         if source.op == "dot_general" and (source.type.dtype == "float64" or (
                 source.type.dtype == "float16" and precision == "exact")):
             reason = _unraised_dtype(source.type.dtype)
-        elif i in outputs or (dots and others):
-            reason = "the attention weights are also used elsewhere (attention does not return them)"
+        elif i in outputs:
+            reason = "the attention weights are also an output (attention does not return them)"
         elif not dots:
             reason = (f"its result is not multiplied by V: it feeds {', '.join(sorted(set(others)))}"
                       if others else "its result is not multiplied by V")
@@ -113,12 +113,32 @@ def softmax_misses(program: Program, precision: str = "exact") -> list[SoftmaxMi
         elif source.op != "dot_general":
             reason = (f"its scores are not a matmul Q·Kᵀ with a scale, soft-cap, bias or where-mask "
                       f"(nearest producer: {source.op})")
-        else:
-            reason = _score_spelling(program, path, precision) or (
+        else:  # the forward's own spelling first: a gradient program's backward reads P as well
+            reason = _score_spelling(program, path, precision) or (_read_elsewhere(others, program, i, users) if others else (
                 "Q·Kᵀ, softmax and P·V do not line up as attention (the softmax is not over the keys "
-                "both matmuls contract, or P·V contracts another axis)")
+                "both matmuls contract, or P·V contracts another axis)"))
         misses.append(SoftmaxMiss(i, reason))
     return misses
+
+
+def _read_elsewhere(others: list[str], program: Program, node_id: int, users: dict[int, list[int]]) -> str:
+    """Why attention weights read by more than P·V stay: a jax.grad program's written-out softmax
+    backward (``P * dP``, summed over the keys) that no gradient rule matched, or another use."""
+    if _feeds_row_sum_of_product(program, node_id, users):
+        return ("the attention weights are also read by the gradient's written-out softmax backward, "
+                "which no rule raised to the op's gradients (attention does not return the weights)")
+    return f"the attention weights are also used elsewhere, by {', '.join(sorted(set(others)))} (attention does not return them)"
+
+
+def _feeds_row_sum_of_product(program: Program, node_id: int, users: dict[int, list[int]]) -> bool:
+    """Whether the weights (through views and casts) are multiplied by something that is then
+    summed: the ``sum(P * dP)`` of softmax's backward."""
+    for reader in _skip_views(program, node_id, users):
+        if program.nodes[reader].op == "mul":
+            for user in _skip_views(program, reader, users):
+                if program.nodes[user].op in ("reduce_sum", "neg"):
+                    return True
+    return False
 
 
 def _unraised_dtype(dtype: str) -> str:

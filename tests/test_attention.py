@@ -204,6 +204,25 @@ def test_the_report_says_why_a_softmax_is_not_attention():
     assert len(chosen.attention) == 1 and chosen.not_attention == []
 
 
+def test_the_report_says_where_the_weights_are_read_besides_p_v():
+    """Weights returned, or read by a gradient's written-out softmax backward no rule raised (scores
+    divided by a traced temperature: not raised, see `scores_traced_scale`), are named as such."""
+    def weights_too(q, k, v):
+        p = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25, axis=-1)
+        return jnp.einsum("bhqk,bhkd->bhqd", p, v), p
+
+    def temperature(q, k, v, tau):
+        p = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k) / tau, axis=-1)
+        return jnp.einsum("bhqk,bhkd->bhqd", p, v)
+
+    args = BHSD_ARGS
+    (returned,) = ea.optimize(weights_too, cost_model=AttentionPricedOut()).explain(*args).not_attention[-1:]
+    assert "also an output" in returned, returned
+    grad = jax.grad(lambda q, k, v, tau: jnp.sum(temperature(q, k, v, tau) ** 2), argnums=(0, 1, 2))
+    (backward,) = ea.optimize(grad, cost_model=for_device("h100")).explain(*args, jnp.float32(2.0)).not_attention
+    assert "written-out softmax backward" in backward, backward
+
+
 @dataclasses.dataclass
 class VariantModel:
     """Bytes moved, with attention priced per V layout: ``transposed`` scales the cost of
