@@ -409,7 +409,10 @@ def scores_transpose():
 
 @attention_raise.family
 def scores_bias():
-    """Unmasked scores plus (or minus) a tensor are scores with an additive bias. (An additive
+    """Unmasked scores plus (or minus) a tensor are scores with an additive bias, and biased scores
+    plus (or minus) another tensor are scores with the sum of both biases (a relative-position bias
+    and a padding mask added one after the other, as Swin does: the additions reassociated, so
+    equal up to the rounding of their order, or where one order overflows and the other does not). (An additive
     0/-inf mask stays a bias, not a where-mask: ``s + -inf`` is NaN where s is +inf, so only
     its pattern is reported, by eqsat_attn.mask_kinds.)"""
     unmasked = _scores(x, q, k, sc0, cap, NO_MASK, String("none"), fl, i64(0), nb)
@@ -418,6 +421,13 @@ def scores_bias():
     yield rl(eq(e).to(Term.binary("sub", x, z)), unmasked, ne(z).to(x))(  # s - z is s + (-z) exactly
         _scores(e, q, k, sc0, cap, Term.unary("neg", z), String("bias"), fl, i64(0), nb)
     )
+    # a second bias on biased scores: one bias, their sum ((s + b) + z as s + (b + z): the sums reassociated)
+    biased = _scores(x, q, k, sc0, cap, m, String("bias"), fl, i64(0), nb)
+    for form in (Term.binary("add", x, z), Term.binary("add", z, x)):
+        yield rl(eq(e).to(form), biased, ne(z).to(x))(_scores(e, q, k, sc0, cap, Term.binary("add", m, z), String("bias"),
+                                                               fl, i64(0), nb))
+    yield rl(eq(e).to(Term.binary("sub", x, z)), biased, ne(z).to(x))(
+        _scores(e, q, k, sc0, cap, Term.binary("sub", m, z), String("bias"), fl, i64(0), nb))
 
 
 @attention_raise.family

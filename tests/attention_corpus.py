@@ -977,6 +977,31 @@ grad_case("gemma_gqa_btkgs_causal_grad", gemma_gqa, qkv("bshd", heads=4, kv_head
           source="gemma GQA, logits merged to [B,T,N,S] for the mask")
 
 
+N_WINDOWS = 2
+
+
+def swin_window_args(rng: np.random.Generator) -> tuple:
+    """Q, K, V [B·nW, H, S, D] (extreme entries), a relative-position bias [H, S, S] and a 0/-100
+    window mask [nW, S, S]."""
+    q, k, v = (_extreme(_normal(rng, (B * N_WINDOWS, H, S, D)), rng) for _ in range(3))
+    relative = _normal(rng, (H, S, S))
+    window = jnp.asarray(np.where(rng.random((N_WINDOWS, S, S)) < 0.3, -100.0, 0.0).astype(np.float32))
+    return q, k, v, relative, window
+
+
+@case("swin_window_bias_then_mask", swin_window_args, positive=True, family="models",
+      source="Swin window attention: a relative-position bias, then a window mask added on a [B, nW, H, S, S] view")
+def swin_window(q, k, v, relative, window):
+    heads = q.shape[1]
+    scores = (q * D ** -0.5) @ jnp.swapaxes(k, -2, -1) + relative[None]
+    scores = scores.reshape(B, N_WINDOWS, heads, S, S) + window[None, :, None]
+    return jax.nn.softmax(scores.reshape(-1, heads, S, S), axis=-1) @ v
+
+
+grad_case("swin_window_bias_then_mask_grad", swin_window, swin_window_args, family="models",
+          source="Swin window attention, relative bias then window mask")
+
+
 # ---------------------------------------------------------------------------------------------
 # Negatives: near-misses whose values an attention op would change
 
