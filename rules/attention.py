@@ -329,6 +329,30 @@ def scores_of_matmul():
 
 
 @attention_raise.family
+def shared_query():
+    """Q·Kᵀ whose K has one free axis more than Q's batch axes before its keys (a query shared by
+    every batch element: learned latents or a MAP head's probe, ``einsum("nhd,bshd->bhns")``) is
+    Q broadcast over that axis times K, with the axis leading both as a batch axis, transposed
+    back: the same dot products, so the same values; the broadcast product is then canonical.
+    Only where the program moves that axis to the front of the product (it is the batch there)."""
+    sq, sk = var("sq", IntVec), var("sk", IntVec)
+    for n_batch in (0, 1):  # a query [N, D] or [N, H, D] (with more, 5-D jax.nn attention's e-graph grew threefold)
+        for n_free in (1,):
+            rank = n_batch + n_free + 1  # Q's
+            batch = perm_range(n_batch)
+            product = Term.dot(q, k, ivec([rank - 1]), ivec([n_batch + 2]), batch, batch, dt, pr)
+            shared = Term.broadcast(q, IntVec(sk[n_batch], *[sq[i] for i in range(rank)]), ivec(range(1, rank + 1)))
+            keys = Term.transpose(k, ivec([n_batch, *range(n_batch), n_batch + 1, n_batch + 2]))
+            batched = Term.dot(shared, keys, ivec([rank]), ivec([n_batch + 2]), perm_range(n_batch + 1),
+                               perm_range(n_batch + 1), dt, pr)
+            back = ivec([*range(1, n_batch + n_free + 1), 0, n_batch + n_free + 1])
+            moved_first = Term.transpose(e, p)  # the program makes that axis its result's first: the batch
+            yield rl(eq(e).to(product), eq(t_).to(moved_first), p[0] == i64(n_batch + n_free), shape(q) == sq,
+                     sq.length() == i64(rank), shape(k) == sk, sk.length() == i64(n_batch + 3))(
+                union(e).with_(Term.transpose(batched, back)))
+
+
+@attention_raise.family
 def scores_scale():
     """A scalar multiple or quotient of scores multiplies the scale (and the fill of scores already
     masked: ``where(m, s, f) * c`` is ``where(m, s * c, f * c)``; a bias: ``(s + b) * c`` is scores

@@ -581,6 +581,14 @@ def rank5(q, k, v, bias):
     return jnp.einsum("bhgqk,bhkd->bhgqd", softmax_last(s), v)
 
 
+@case("query_shared_over_batch", lambda rng: (
+        _extreme(_normal(rng, (4, H, D)), rng), _extreme(_normal(rng, (B, S, H, D)), rng), _normal(rng, (B, S, H, D))),
+      positive=True, family="rank", source=HAND + " learned latents [N,H,D] without a batch axis (Perceiver, MAP head)")
+def shared_query(latents, k, v):
+    w = jnp.einsum("nhd,bshd->bhns", latents, k) / np.sqrt(D)
+    return jnp.einsum("bhns,bshd->bnhd", softmax_last(w), v)
+
+
 @case("mqa_kv_without_head_axis", lambda rng: (
         _normal(rng, (B, H, S, D)), _normal(rng, (B, S, D)), _normal(rng, (B, S, D))),
       positive=True, family="rank", source=HAND + " MQA, K/V [B,S,D]")
