@@ -334,9 +334,12 @@ def shared_query():
     every batch element: learned latents or a MAP head's probe, ``einsum("nhd,bshd->bhns")``) is
     Q broadcast over that axis times K, with the axis leading both as a batch axis, transposed
     back: the same dot products, so the same values; the broadcast product is then canonical.
-    Only where the program moves that axis to the front of the product (it is the batch there)."""
+    Only where the program moves that axis (longer than 1: a unit axis moves anywhere) to the front
+    of the product, where it is the batch."""
     sq, sk = var("sq", IntVec), var("sk", IntVec)
-    for n_batch in (0, 1):  # a query [N, D] or [N, H, D] (with more, 5-D jax.nn attention's e-graph grew threefold)
+    # a query [N, H, D] (heads its batch): a product without batch axes is also how a projection
+    # x·Wᵀ reads commuted (W "shared" over x's batch), and more batch axes are 5-D jax.nn attention's
+    for n_batch in (1,):
         for n_free in (1,):
             rank = n_batch + n_free + 1  # Q's
             batch = perm_range(n_batch)
@@ -348,7 +351,7 @@ def shared_query():
             back = ivec([*range(1, n_batch + n_free + 1), 0, n_batch + n_free + 1])
             moved_first = Term.transpose(e, p)  # the program makes that axis its result's first: the batch
             yield rl(eq(e).to(product), eq(t_).to(moved_first), p[0] == i64(n_batch + n_free), shape(q) == sq,
-                     sq.length() == i64(rank), shape(k) == sk, sk.length() == i64(n_batch + 3))(
+                     sq.length() == i64(rank), shape(k) == sk, sk.length() == i64(n_batch + 3), sk[n_batch] > i64(1))(
                 union(e).with_(Term.transpose(batched, back)))
 
 
