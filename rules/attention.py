@@ -15,7 +15,8 @@ import itertools
 from egglog import String, eq, f64, i64, ne, union, var
 
 from eqsat_attn.egraph.language import (
-    KERNEL_FILL, IntVec, Term, attn_scores, causal_mask, dtype, grad_op, ivec, perm_range, scores_cot, shape,
+    KERNEL_FILL, IntVec, Term, attn_scores, causal_mask, dtype, grad_op, ivec, perm_range, rows_kept, scores_cot,
+    shape,
 )
 from eqsat_attn.egraph.rulesets import RuleSet, asking, rl, rw
 
@@ -139,6 +140,23 @@ def causal_masks():
 
 
 @attention_raise.family
+def kept_rows():
+    """A boolean mask keeps a key in every row (`rows_kept`) when it is causal, and so do its
+    broadcasts, reshapes and transposes that keep the last axis (each row of theirs is one of its
+    rows, or repeats a kept value), its `or` with anything, and its cast to bool (static masks are
+    evaluated when encoded: a sliding window, `j < i + 1`, any pattern that keeps the diagonal)."""
+    yield rl(causal_mask(m), dtype(m) == String("bool"))(rows_kept(m))
+    yield rl(eq(e).to(Term.broadcast(m, s2, d2)), rows_kept(m), d2.length() >= i64(1),
+             d2[d2.length() - 1] == s2.length() - 1)(rows_kept(e))
+    yield rl(eq(e).to(Term.reshape(m, s2)), rows_kept(m), shape(m) == s1, s1.length() >= i64(1), s2.length() >= i64(1),
+             s1[s1.length() - 1] == s2[s2.length() - 1])(rows_kept(e))
+    yield rl(eq(e).to(Term.transpose(m, p)), rows_kept(m), p[p.length() - 1] == p.length() - 1)(rows_kept(e))
+    yield rl(eq(e).to(Term.convert(m, String("bool"))), rows_kept(m))(rows_kept(e))
+    for either in (Term.binary("or", m, y), Term.binary("or", y, m)):
+        yield rl(eq(e).to(either), rows_kept(m))(rows_kept(e))
+
+
+@attention_raise.family
 def thresholded_masks():
     """``where(m, b, a) >= c`` with constants b >= c > a is m (``>``: b > c >= a), also over a
     broadcast of the where: an additive 0/-big mask compared back to booleans (as MaxText does)."""
@@ -215,11 +233,13 @@ def softmax():
 
 
 @attention_raise.family
-def causal_where_sum():
-    """The row sum of ``where(causal, exp(x - max(x)), 0)`` over scores x hidden by that causal mask
-    with -inf (``jax.nn.softmax(s, where=causal)``) is the row sum of exp(x - max(x)): causal keeps
-    key 0 in every row, so a hidden term is +0, or NaN only in a row whose kept terms hold a NaN
-    too (its max is -inf or NaN), and both sums are that NaN."""
+def kept_rows_where_sum():
+    """The row sum of ``where(keep, exp(x - max(x)), 0)`` over scores x hidden by that very mask
+    with -inf (``jax.nn.softmax(s, where=keep)``) is the row sum of exp(x - max(x)) when keep keeps
+    a key in every row (`rows_kept`: causal, a sliding window): a hidden term is +0, or NaN only in
+    a row whose kept terms hold a NaN too (its max is -inf or NaN), and both sums are that NaN. (A
+    mask that may hide a whole row, as key padding may, is not rewritten: there the where's sum is
+    0 and the softmax 0/0.)"""
     keep_ = var("keep_", Term)
     hidden = Term.select(keep_, scalar(float("-inf"), dt3, s3), y)
     for rank in range(2, 7):  # scores of every rank case
@@ -227,7 +247,7 @@ def causal_where_sum():
         for _, ex, _ in _shifted_exps(hidden, rank):
             masked = Term.select(keep_, scalar(0.0, dt2, s2), ex)
             yield rw(Term.reduce("reduce_sum", masked, last), Term.reduce("reduce_sum", ex, last),
-                     causal_mask(keep_), dtype(keep_) == String("bool"), shape(y).length() == i64(rank))
+                     rows_kept(keep_), dtype(keep_) == String("bool"), shape(y).length() == i64(rank))
 
 
 def _deferred_normalisations(exps):
@@ -595,20 +615,27 @@ def _probabilities(scores_: Term):
 
 
 @attention_raise.family
-def causal_zeroing():
-    """P zeroed again where a causal mask hides it, ``where(causal, P, 0)``, after a causal -inf mask
-    before the softmax (also what ``jax.nn.softmax(s, where=causal)`` ends with), changes nothing a
-    product over the keys computes: causal keeps key 0 in every row, so a hidden entry of P is +0
-    (what the where writes), or NaN only in a row that also has a NaN where it keeps a key (the
-    product is NaN either way)."""
+def kept_rows_zeroing():
+    """P zeroed again where a mask hides it, ``where(keep, P, 0)``, changes nothing a product over
+    the keys computes when the scores were hidden with -inf wherever keep hides them and keep keeps
+    a key in every row: a hidden entry of P is then +0 (what the where writes), or NaN only in a row
+    that also has a NaN where it keeps a key (the product is NaN either way). Two ways to know the
+    hidden scores are -inf: a causal keep over scores with the causal flag (a causal -inf mask
+    before the softmax), or scores that are ``where(keep, s, -inf)`` with that very keep
+    (``jax.nn.softmax(s, where=keep)``), whatever else masks them. (Without a kept key a whole row
+    of P is 0/0 = NaN where the where writes zeros: key padding is not rewritten.)"""
     post_mask, sx, lc, rc = var("post_mask", Term), var("sx", IntVec), var("lc", IntVec), var("rc", IntVec)
-    for kind in ("none", "bias"):  # a boolean mask might hide a whole row: that row would differ
-        facts = (_scores(x, q, k, sc0, cap, m, String(kind), f64(float("-inf")), i64(1), nb),
-                 causal_mask(post_mask), dtype(post_mask) == String("bool"), shape(x) == sx)
+    dt4, s4 = var("dt4", String), var("s4", IntVec)
+    neg_inf = f64(float("-inf"))
+    causal_facts = [(_scores(x, q, k, sc0, cap, m, String(kind), neg_inf, i64(1), nb), causal_mask(post_mask))
+                    for kind in ("none", "bias")]  # a boolean mask might hide a whole row: that row would differ
+    where_facts = (_scores(x, q, k, sc0, cap, m, mk, neg_inf, causal, nb),
+                   eq(x).to(Term.select(post_mask, scalar(neg_inf, dt4, s4), y)), rows_kept(post_mask))
+    for facts in (*causal_facts, where_facts):
         for probs, conds in _probabilities(x):
             zeroed = Term.select(post_mask, scalar(0.0, dt2, s1), probs)
             yield rw(Term.dot(zeroed, v, lc, rc, lb, rb, dt3, pr), Term.dot(probs, v, lc, rc, lb, rb, dt3, pr),
-                     *facts, *conds, lc == IntVec(sx.length() - 1))
+                     *facts, dtype(post_mask) == String("bool"), shape(x) == sx, *conds, lc == IntVec(sx.length() - 1))
 
 
 @attention_raise.family
@@ -758,17 +785,18 @@ pv_, rc_, rb_ = (var(n, IntVec) for n in ("pv_", "rc_", "rb_"))
 dt4 = var("dt4", String)
 
 
-def _softmax_vjp_forms(probs: Term, d_probs: Term, rank: int):
+def _softmax_vjp_forms(probs: Term, d_probs: Term, rank: int, masked=lambda t: t):
     """(form, conditions): softmax's VJP at cotangent d_probs as jax.grad writes jax.nn.softmax's,
     with y = P * dP, ``y + P * sum(-y)``; the row sum possibly reshaped and summed again over unit
     axes only (jax.nn.dot_product_attention with one query head per K/V head, or one K/V head,
-    sums two, and unbatched [T, N, H] inputs three)."""
+    sums two, and unbatched [T, N, H] inputs three). ``masked``: what the broadcast row sum passes
+    through first (``jax.nn.softmax(s, where=keep)``'s VJP zeroes it where keep hides)."""
     last, keep = ivec([rank - 1]), perm_range(rank - 1)
     prod = Term.binary("mul", probs, d_probs)
     row = Term.reduce("reduce_sum", Term.unary("neg", prod), last)
 
     def corrected(total: Term, dims: IntVec) -> Term:
-        return Term.binary("add", prod, Term.binary("mul", probs, Term.broadcast(total, s1, dims)))
+        return Term.binary("add", prod, Term.binary("mul", probs, masked(Term.broadcast(total, s1, dims))))
 
     yield corrected(row, keep), ()
     yield corrected(Term.reduce("reduce_sum", Term.reshape(row, s3), last), keep), (s3[rank - 1] == i64(1),)
@@ -800,6 +828,23 @@ def _quotient_vjp_forms(probs: Term, d_probs: Term, rank: int):
             yield form, (*same_softmax, *conds)
 
 
+def _where_softmax_backward(n_batch: int, rank: int, facts, d_out: Term):
+    """jax.nn.softmax(s, where=keep)'s VJP: its P is ``where(keep, softmax(s'), 0)`` over
+    s' = ``where(keep, s, -inf)``, and it zeroes dP and the broadcast row sum where keep hides. Where
+    keep keeps a key in every row (`rows_kept`) that P equals the op's wherever keep keeps (a hidden
+    entry of softmax(s') is +0, or its row is NaN throughout), so the form is the cotangent of s'
+    wherever keep keeps (hidden entries are 0 here; the where's own backward, `scores_backward`,
+    zeroes them on the way to s)."""
+    keep_, dt5, s5, s6 = var("keep_", Term), var("dt5", String), var("s5", IntVec), var("s6", IntVec)
+    zero = scalar(0.0, dt5, s5)
+    probs = Term.select(keep_, zero, Term.softmax(sf_))
+    kept = (rows_kept(keep_), eq(sf_).to(Term.select(keep_, scalar(float("-inf"), dt5, s6), w_)))
+    for d_probs in (d_out, Term.convert(d_out, String("float32"))):
+        for form, conditions in _softmax_vjp_forms(probs, Term.select(keep_, zero, d_probs), rank,
+                                                   lambda t: Term.select(keep_, zero, t)):
+            yield rl(eq(e).to(form), *conditions, *facts, *kept)(scores_cot(e, sf_, sf_, do_, v))
+
+
 @attention_grad.family
 def probabilities_first():
     """``dP * P`` is ``P * dP`` (how the backward of exp writes softmax's VJP): the forms below read P first."""
@@ -822,6 +867,8 @@ def softmax_backward():
                 yield rl(eq(e).to(form), *conditions, *facts)(scores_cot(e, sf_, sf_, do_, v))
         for form, conditions in _quotient_vjp_forms(Term.softmax(sf_), d_out, rank):
             yield rl(eq(e).to(form), *conditions, *facts)(scores_cot(e, sf_, sf_, do_, v))
+        yield from _where_softmax_backward(n_batch, rank, facts, d_out)
+
 
 
 @attention_grad.family
