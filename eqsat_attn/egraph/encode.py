@@ -21,7 +21,7 @@ from egglog.egraph_state import span
 from egglog.runtime import RuntimeExpr
 
 from .. import ir
-from ..static_values import StaticValues, is_causal_value, keeps_every_row
+from ..static_values import MAX_ELEMENTS, StaticValues, is_causal_value, keeps_every_row
 from .language import KERNEL_FILL, MAX_REGION_INPUTS, Term, TermList, causal_mask, dtype, program_order, rows_kept, shape
 from .relevance import Symbol, program_symbols
 
@@ -297,9 +297,13 @@ def _is_leaf_typed(node: ir.Node) -> bool:
     ) or node.op == "select_n" and len(node.inputs) != 3
 
 
-def encode(program: ir.Program, egraph: EGraph) -> Encoding:
+def encode(program: ir.Program, egraph: EGraph, static_elements: int = MAX_ELEMENTS) -> Encoding:
     """Register ``program`` in ``egraph``; returns the encoding with a root over its outputs
     and then its effects (decoding a root list puts its opaque nodes back among the effects).
+
+    Static masks (computed from no input, at most ``static_elements`` elements) are evaluated once
+    each and their facts asserted (`causal_mask`, `rows_kept`); rules carry the facts on through
+    larger broadcasts.
 
     Node i is the let-bound global ``$n{i}`` (one let per node keeps every expression shallow),
     the outputs the ``$root`` list; all of it goes to egglog in one ``run_program`` call.
@@ -307,7 +311,7 @@ def encode(program: ir.Program, egraph: EGraph) -> Encoding:
     enc = Encoding(program)
     egg = _Egg(egraph)
     commands: list[Any] = []
-    static = StaticValues(program)
+    static = StaticValues(program, static_elements)
     for i in program.live_nodes():
         node = program.nodes[i]
         commands.append(egg.let(f"n{i}", _term(node, [egg.var(f"n{j}") for j in node.inputs], enc, egg)))
