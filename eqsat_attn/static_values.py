@@ -118,11 +118,23 @@ class StaticValues:
         self.program = program
         self.max_elements = max_elements
         self._values: dict[int, np.ndarray | None] = {}
+        self._static: set[int] | None = None
+
+    def is_static(self, node_id: int) -> bool:
+        """Whether the node depends on no input (one pass over the program, on the first call)."""
+        if self._static is None:
+            self._static = set()
+            for i, node in enumerate(self.program.nodes):
+                if node.op not in NOT_STATIC_OPS and all(j in self._static for j in node.inputs):
+                    self._static.add(i)
+        return node_id in self._static
 
     def value(self, node_id: int) -> np.ndarray | None:
         """The node's value when it depends on no input and every step is evaluated, else None."""
         if node_id in self._values:
             return self._values[node_id]
+        if not self.is_static(node_id):
+            return None
         stack = [node_id]
         while stack:  # iterative post-order: mask sub-programs may be deep
             i = stack[-1]
