@@ -164,3 +164,17 @@ def test_the_report_names_an_unraised_where_softmax_and_a_per_head_scale():
 
     (line,) = ea.optimize(per_head).explain(q, k, v, jnp.ones((2, 1, 1), jnp.float32)).not_attention
     assert "per-head scale" in line and "multiplied by a mask" not in line, line
+
+
+def test_a_where_softmax_window_is_raised_and_reported_as_a_window():
+    """jax.nn.softmax(s, where=window) · V becomes one attention, its mask read as a window."""
+    rng = np.random.default_rng(2)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 2, S, 4)), jnp.float32) for _ in range(3))
+
+    def fn(q, k, v):
+        s = jnp.einsum("bhqd,bhkd->bhqk", q, k)
+        return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1, where=_window(3)), v)
+
+    report = ea.optimize(fn).explain(q, k, v)
+    assert [a.mask_pattern for a in report.attention] == ["sliding window 3"], str(report.after)
+    assert not report.not_attention
