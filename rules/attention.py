@@ -437,6 +437,24 @@ def scores_traced_scale():
 
 
 @attention_raise.family
+def scores_per_head_scale():
+    """Unmodified scores times a traced tensor factor constant along the keys (Swin-v2's per-head
+    logit scale, [H, 1, 1] or [1, H, 1, 1] broadcast over [B, H, Sq, Sk]) are the scores of Q times
+    that factor, broadcast over Q instead ([batch.., free.., D] has the scores' rank and leading
+    axes, and the factor's key axis, of size 1, spreads over D): each score (q_i · k_j) f_i is
+    (q_i f_i) · k_j in real numbers, the factor applied before the dot's sum rather than after it
+    (the products rounded once more: a reassociation, as for a traced scalar). Forward only."""
+    factor = Term.broadcast(t_, s1, d1)
+    last = (d1.length() >= i64(1), d1[d1.length() - 1] == s1.length() - 1, s3[s3.length() - 1] == i64(1))
+    for form in (Term.binary("mul", x, factor), Term.binary("mul", factor, x)):
+        yield rl(
+            eq(e).to(form), _scores(x, q, k, sc0, f64(0.0), NO_MASK, String("none"), fl, i64(0), nb),
+            shape(q) == s2, dtype(t_) == dtq, dtype(q) == dtq, shape(t_) == s3, *last,
+        )(_scores(e, Term.binary("mul", q, Term.broadcast(t_, s2, d1)), k, sc0, f64(0.0), NO_MASK, String("none"),
+                  fl, i64(0), nb))
+
+
+@attention_raise.family
 def scores_mask():
     """``where(m, s, fill)`` of scores is masked scores: a causal m sets the causal flag (beside an
     additive bias), any other boolean m is the op's boolean mask; a second where with the same fill

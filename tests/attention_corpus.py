@@ -542,6 +542,12 @@ def scale_runtime(q, k, v, scale):
     return jnp.einsum("bhqk,bhkd->bhqd", softmax_last(jnp.einsum("bhqd,bhkd->bhqk", q, k) * scale), v)
 
 
+@case("scale_per_head_traced", with_extra(qkv(), normal((H, 1, 1))), positive=True, family="scale",
+      source="Swin v2: scores times a traced per-head scale [H, 1, 1]")
+def scale_per_head(q, k, v, scale):
+    return jnp.einsum("bhqk,bhkd->bhqd", softmax_last(jnp.einsum("bhqd,bhkd->bhqk", q, k) * jnp.exp(scale)), v)
+
+
 # ---------------------------------------------------------------------------------------------
 # Hand-written: ranks and head layouts
 
