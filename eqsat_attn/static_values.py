@@ -9,6 +9,7 @@ float result might round differently on a device) is "not static" (None), never 
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
 from .ir import Program
@@ -28,8 +29,9 @@ _UNARY = {"neg": np.negative, "abs": np.abs, "sign": np.sign}
 
 
 def _numpy_dtype(name: str) -> np.dtype | None:
+    """numpy's dtype of a type name (bfloat16 and the fp8 types as jax registers them); None if unknown."""
     try:
-        return np.dtype(name)
+        return np.dtype(jnp.dtype(name))
     except TypeError:
         return None
 

@@ -178,3 +178,18 @@ def test_a_where_softmax_window_is_raised_and_reported_as_a_window():
     report = ea.optimize(fn).explain(q, k, v)
     assert [a.mask_pattern for a in report.attention] == ["sliding window 3"], str(report.after)
     assert not report.not_attention
+
+
+def test_a_bfloat16_additive_mask_is_evaluated():
+    """Casts and selects in bfloat16 are evaluated (arithmetic in it is not: numpy rounds it otherwise)."""
+    def fn(x):
+        i, j = _iotas()
+        bias = jnp.where(j <= i, 0.0, -1e9).astype(jnp.bfloat16)
+        return x + bias
+
+    program = capture(fn, jnp.zeros((S, S), jnp.bfloat16)).program
+    (cast,) = [i for i in program.live_nodes() if program.nodes[i].op == "convert_element_type"
+               and program.nodes[i].type.dtype == "bfloat16" and program.nodes[i].type.rank == 2]
+    value = StaticValues(program).value(cast)
+    i, j = np.arange(S)[:, None], np.arange(S)[None, :]
+    np.testing.assert_array_equal(value.astype(np.float32), np.where(j <= i, 0.0, np.float32(jnp.bfloat16(-1e9))))
