@@ -10,6 +10,7 @@ import numpy as np
 from egglog import EGraph
 
 import eqsat_attn as ea
+from eqsat_attn.attention_misses import softmax_misses
 from eqsat_attn.capture import capture
 from eqsat_attn.egraph import encode, resolve, run_rulesets
 from eqsat_attn.egraph.language import causal_mask, rows_kept
@@ -162,8 +163,17 @@ def test_the_report_names_an_unraised_where_softmax_and_a_per_head_scale():
         s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * scale
         return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1), v)
 
-    (line,) = ea.optimize(per_head).explain(q, k, v, jnp.ones((2, 1, 1), jnp.float32)).not_attention
-    assert "per-head scale" in line and "multiplied by a mask" not in line, line
+    # read off the written-out program (the optimized one raises it: `scores_per_head_scale`)
+    (miss,) = softmax_misses(capture(per_head, q, k, v, jnp.ones((2, 1, 1), jnp.float32)).program)
+    assert "per-head scale" in miss.reason and "multiplied by a mask" not in miss.reason, miss
+
+    def gpt2(q, k, v):  # w·b - 1e10·(1 - b) with b a 0/1 lower triangle
+        b = jnp.tril(jnp.ones((S, S), jnp.float32))
+        s = jnp.einsum("bhqd,bhkd->bhqk", q, k)
+        return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s * b - 1e10 * (1 - b), -1), v)
+
+    (miss,) = softmax_misses(capture(gpt2, q, k, v).program)
+    assert "multiplied by a mask" in miss.reason, miss
 
 
 def test_a_where_softmax_window_is_raised_and_reported_as_a_window():
