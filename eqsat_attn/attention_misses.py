@@ -200,7 +200,7 @@ def _where_reason(program: Program, mask: int, readers: list[int]) -> str:
         return ("jax.nn.softmax(s, where=mask): the mask hides a whole row, where the where-softmax gives 0 and "
                 "attention NaN (not exact)")
     return ("jax.nn.softmax(s, where=mask): its P, zeroed where the mask hides, is read beside the product with V "
-            "(V's gradient Pᵀ·dO differs from the op's in a row of NaN scores)")
+            f"(V's gradient Pᵀ·dO differs from the op's in a row of NaN scores: not exact; {FAST_MATH})")
 
 
 def _feeds_dot(program: Program, node_id: int, users: dict[int, list[int]]) -> bool:

@@ -1322,3 +1322,15 @@ def probabilities_times_row_factor():
                         dtype(factor) == dtype(e),
                     )(union(e).with_(Term.binary("mul", Term.dot(probs, v, ivec([rank - 1]), d2, batch, lb, dt3, pr),
                                                  Term.broadcast(factor, so, d1))))
+
+
+@attention_fast_math.family
+def zeroed_where_probabilities():
+    """``where(keep, softmax(where(keep, s, -inf)), 0)`` (jax.nn.softmax(s, where=keep)'s P) is the
+    softmax itself when keep keeps a key in every row (`rows_kept`): a hidden entry of the softmax
+    is +0 unless its row is NaN (a NaN or an infinite score meeting another), so V's gradient
+    Pᵀ·dO reads the op's P (equal but for Inf/NaN; a mask that can hide a whole row is not
+    rewritten: that row is 0 in the program and NaN in the op)."""
+    keep_, dt5, s5, s6 = var("keep_", Term), var("dt5", String), var("s5", IntVec), var("s6", IntVec)
+    yield rw(Term.select(keep_, scalar(0.0, dt5, s5), Term.softmax(x)), Term.softmax(x),
+             rows_kept(keep_), eq(x).to(Term.select(keep_, scalar(float("-inf"), dt5, s6), y)))

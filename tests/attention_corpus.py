@@ -1134,7 +1134,7 @@ KNOWN_UNRAISED: dict[str, str] = {
 #: the positives above that ``precision="fast_math"`` raises (README, "Precision policy"): equal but
 #: where the program meets Inf or NaN, signed zeros and exp's rounding (rules/attention.py,
 #: `attention_fast_math`)
-FAST_MATH_RAISED: frozenset[str] = frozenset(KNOWN_UNRAISED) - {"softmax_where_argument_window_grad"}
+FAST_MATH_RAISED: frozenset[str] = frozenset(KNOWN_UNRAISED)
 
 #: negatives fast_math raises with equal values, and why that is right
 FAST_MATH_RAISED_NEGATIVES: dict[str, str] = {
