@@ -261,11 +261,6 @@ def f64_holds_exactly(value: Any) -> bool:
     return not math.isnan(v) and not (v == 0.0 and math.copysign(1.0, v) < 0)
 
 
-def is_causal_constant(array: np.ndarray) -> bool:
-    """A closed-over mask equal to tril(ones) over its last two axes (bool or 0/1 values)."""
-    return is_causal_value(array)
-
-
 #: ops whose static result may be a 0/1 mask (an indicator cast or selected from booleans)
 _INDICATOR_OPS = frozenset({"constant", "convert_element_type", "select_n"})
 
