@@ -120,11 +120,12 @@ def causal_masks():
     last_two = (var("i", i64) == s1.length() - 2, var("j", i64) == s1.length() - 1)
     yield rl(eq(e).to(Term.binary("ge", row, col)), *last_two)(causal_mask(e))
     yield rl(eq(e).to(Term.binary("le", col, row)), *last_two)(causal_mask(e))
-    yield rl(
-        eq(e).to(Term.broadcast(m, s2, d2)), causal_mask(m),
+    yield rl(  # the last two axes kept whole (a [1, 1] or [1, Sk] "causal" mask spread over them is not)
+        eq(e).to(Term.broadcast(m, s2, d2)), causal_mask(m), shape(m) == s1,
         d2.length() >= i64(2),
         d2[d2.length() - 1] == s2.length() - 1,
         d2[d2.length() - 2] == s2.length() - 2,
+        s1[s1.length() - 1] == s2[s2.length() - 1], s1[s1.length() - 2] == s2[s2.length() - 2],
     )(causal_mask(e))
     yield rl(eq(e).to(Term.convert(m, dt)), causal_mask(m))(causal_mask(e))
     yield rl(eq(e).to(Term.reshape(m, s2)), causal_mask(m), shape(m) == s1, s2.length() >= i64(2),  # each matrix whole

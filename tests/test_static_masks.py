@@ -203,3 +203,14 @@ def test_a_bfloat16_additive_mask_is_evaluated():
     value = StaticValues(program).value(cast)
     i, j = np.arange(S)[:, None], np.arange(S)[None, :]
     np.testing.assert_array_equal(value.astype(np.float32), np.where(j <= i, 0.0, np.float32(jnp.bfloat16(-1e9))))
+
+
+def test_a_one_by_one_true_mask_spread_over_the_scores_is_not_causal():
+    """tril of a [1, 1] mask is [[True]]: broadcast to [S, S] it keeps everything, so neither the
+    evaluated broadcast nor the rules may call it causal."""
+    program = _program_of(lambda: jnp.broadcast_to(jnp.arange(1)[:, None] >= jnp.arange(1)[None, :], (2, S, S)))
+    egraph, enc, before = _facts(program, static_elements=2)
+    wide = [i for i in before if program.nodes[i].type.shape == (2, S, S)]
+    run_rulesets(egraph, resolve(["attention_raise"]), LIMITS)
+    after = _read(egraph, enc, program)
+    assert wide and all(after[i] == (False, True) for i in wide), after

@@ -261,10 +261,6 @@ def f64_holds_exactly(value: Any) -> bool:
     return not math.isnan(v) and not (v == 0.0 and math.copysign(1.0, v) < 0)
 
 
-#: ops whose static result may be a 0/1 mask (an indicator cast or selected from booleans)
-_INDICATOR_OPS = frozenset({"constant", "convert_element_type", "select_n"})
-
-
 def static_mask_facts(node: ir.Node, value: np.ndarray | None) -> tuple[str, ...]:
     """The mask relations (``"causal_mask"``, ``"rows_kept"``) a static node's value proves."""
     if value is None:
@@ -273,12 +269,30 @@ def static_mask_facts(node: ir.Node, value: np.ndarray | None) -> tuple[str, ...
     return facts + (("rows_kept",) if keeps_every_row(value) else ())
 
 
-def _is_mask_candidate(node: ir.Node) -> bool:
-    """Nodes worth evaluating for mask facts: booleans, and 0/1 indicators of rank 2 or more."""
+def _is_literal_fill(program: ir.Program, node_id: int) -> bool:
+    node = program.nodes[node_id]
+    while node.op == "broadcast_in_dim":
+        node = program.nodes[node.inputs[0]]
+    return node.op == "literal"
+
+
+def _is_mask_candidate(program: ir.Program, node: ir.Node) -> bool:
+    """Nodes worth evaluating for mask facts: booleans, and 0/1 indicators of rank 2 or more (a
+    closed-over constant, a cast of booleans, a select between two literals), not arithmetic on
+    closed-over weights."""
     t = node.type
     if t is None or t.rank < 1:
         return False
-    return t.dtype == "bool" or (t.rank >= 2 and node.op in _INDICATOR_OPS)
+    if t.dtype == "bool":
+        return True
+    if t.rank < 2:
+        return False
+    operands = [program.nodes[j] for j in node.inputs]
+    if node.op == "convert_element_type":
+        return operands[0].type is not None and operands[0].type.dtype == "bool"
+    if node.op == "select_n":
+        return len(operands) == 3 and all(_is_literal_fill(program, j) for j in node.inputs[1:])
+    return node.op == "constant"
 
 
 def _is_leaf_typed(node: ir.Node) -> bool:
@@ -312,7 +326,7 @@ def encode(program: ir.Program, egraph: EGraph, static_elements: int = MAX_ELEME
         commands.append(egg.let(f"n{i}", _term(node, [egg.var(f"n{j}") for j in node.inputs], enc, egg)))
         ref = egg.var(f"n{i}")
         commands.append(egg.set(egg.order, ref, egg.i64(i)))
-        if _is_mask_candidate(node):  # a static mask: its facts by evaluation (broadcasts via rules)
+        if _is_mask_candidate(program, node):  # a static mask: its facts by evaluation (broadcasts via rules)
             for fact in static_mask_facts(node, static.value(i)):
                 relation = egg.causal if fact == "causal_mask" else egg.rows_kept
                 commands.append(bindings.ActionCommand(bindings.Expr_(egg.span, egg.call(relation, ref))))
