@@ -114,6 +114,8 @@ def softmax_misses(program: Program, precision: str = "exact") -> list[SoftmaxMi
                       if others else "its result is not multiplied by V")
             if others == ["mul"] and precision == "exact" and _feeds_dot(program, readers[0], users):
                 reason += f" (P times a factor, then by V: {FAST_MATH} where the factor is constant along the keys)"
+            elif "mul" in others and has_attention(program):  # a jax.grad program whose forward became attention
+                reason += " (its gradient's P·dP: the forward is attention, this spelling's backward is not raised)"
         elif source.op != "dot_general":
             reason = (f"its scores are not a matmul Q·Kᵀ with a scale, soft-cap, bias or where-mask "
                       f"(nearest producer: {source.op})")

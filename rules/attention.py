@@ -1079,16 +1079,12 @@ def softcap_backward():
                      scores_cot(g_, s_, sf_, do_, v), staged, c > f64(0.0))(scores_cot(e, x, sf_, do_, v))
 
 
-@attention_grad.family
-def traced_scale_backward():
-    """A traced scalar factor t of the scores (`scores_traced_scale`: the op reads Q·t) multiplies
-    their cotangent again (g·t, the chain rule, as for a constant scale); where that cotangent
-    reaches Q·Kᵀ (Q unscaled), Q's gradient (g·t)·K is t times the op's gradient for its operand
-    Q·t, and K's, (g·t)ᵀ·Q, is the op's (both products equal in real numbers: they differ by where
-    t is multiplied in, a reassociation; at t = 0 the sign of a zero gradient may differ)."""
-    traced_at = (shape(t_) == NONE, dtype(t_) == dtq)
+def _traced_factor_backward(dims: IntVec, factor_facts):
+    """`traced_scale_backward`'s rules for a factor t_ broadcast along ``dims`` (``factor_facts(shape)``:
+    what t_ and its broadcast to that shape must satisfy: the scores' s1, or Q's ss)."""
+    traced_at = (*factor_facts(s1), dtype(t_) == dtq)
     scores_fact = _scores(x, q, k, sc0, f64(0.0), NO_MASK, String("none"), fl, i64(0), nb)
-    spread, spread_cot = Term.broadcast(t_, s1, NONE), Term.broadcast(t_, s2, NONE)
+    spread, spread_cot = Term.broadcast(t_, s1, dims), Term.broadcast(t_, s2, dims)
     for form in (Term.binary("mul", x, spread), Term.binary("mul", spread, x)):
         for cot in (Term.binary("mul", g_, spread_cot), Term.binary("mul", spread_cot, g_)):
             yield rl(eq(s_).to(form), eq(e).to(cot), scores_cot(g_, s_, sf_, do_, v), scores_fact, dtype(x) == dtq,
@@ -1099,11 +1095,12 @@ def traced_scale_backward():
         rank = n_batch + n_free + 1
         batch, free = perm_range(n_batch), ivec(range(n_batch, n_batch + n_free))
         swap_k = ivec([*range(n_batch), n_batch + 1, n_batch])
-        spread_q = Term.broadcast(t_, ss, NONE)
+        spread_q = Term.broadcast(t_, ss, dims)
         at_product = (
             scores_cot(g_, x, sf_, do_, v), eq(x).to(_canonical_qk(q, k, n_batch, rank)),
             grad_op(sf_, qt_, k, v, do_, dq_, dk_, dv_, db_), eq(qt_).to(Term.binary("mul", q, spread_q)),
-            shape(q) == ss, ss.length() == i64(rank), shape(k) == sk_, dtype(q) == dtq, dtype(e) == dtq, *traced_at,
+            shape(q) == ss, ss.length() == i64(rank), shape(k) == sk_, dtype(q) == dtq, dtype(e) == dtq,
+            *factor_facts(ss), dtype(t_) == dtq,
         )  # (a gradient product in another dtype than Q's, a widened one, is not matched)
         d_query = Term.binary("mul", dq_, spread_q)  # the op's gradient for Q·t, times t
         yield rl(eq(e).to(Term.dot(g_, k, ivec([rank - 1]), ivec([n_batch + 1]), batch, batch, gdt, gpr)), *at_product)(
@@ -1114,6 +1111,21 @@ def traced_scale_backward():
             union(e).with_(Term.transpose(Term.reshape(dk_, sk_), swap_k)))
         yield rl(eq(e).to(Term.dot(q, g_, free, free, batch, batch, gdt, gpr)), *at_product)(
             union(e).with_(Term.reshape(dk_, sk_)))
+
+
+@attention_grad.family
+def traced_scale_backward():
+    """A traced scalar factor t of the scores (`scores_traced_scale`: the op reads Q·t) multiplies
+    their cotangent again (g·t, the chain rule, as for a constant scale); where that cotangent
+    reaches Q·Kᵀ (Q unscaled), Q's gradient (g·t)·K is t times the op's gradient for its operand
+    Q·t, and K's, (g·t)ᵀ·Q, is the op's (both products equal in real numbers: they differ by where
+    t is multiplied in, a reassociation; at t = 0 the sign of a zero gradient may differ). The same
+    for a traced per-head factor (`scores_per_head_scale`: constant along the keys, spread over Q
+    along the same axes), elementwise."""
+    yield from _traced_factor_backward(NONE, lambda _: (shape(t_) == NONE,))
+    yield from _traced_factor_backward(d1, lambda spread_shape: (
+        d1.length() >= i64(1), d1[d1.length() - 1] == spread_shape.length() - 1, shape(t_) == s3,
+        s3[s3.length() - 1] == i64(1)))
 
 
 def _log_softmax_vjp_forms(probs: Term, d_probs: Term, rank: int):

@@ -1107,6 +1107,8 @@ def neg_sigmoid(q, k, v):
 
 grad_case("logit_soft_cap_tanh_grad", soft_cap, qkv(extreme=True), family="softmax",
           source="gemma-2 logit soft-capping: tanh's derivative (jax 0.12's one_minus_square) in the backward")
+grad_case("scale_per_head_traced_grad", scale_per_head, with_extra(qkv(), normal((H, 1, 1))), family="scale",
+          source="Swin v2: a traced per-head scale multiplies the scores' cotangent per head")
 grad_case("scale_runtime_scalar_arg_grad", scale_runtime, with_extra(qkv(), lambda rng: jnp.float32(0.3)), family="scale",
           source=HAND + " a traced scalar scale multiplies the scores' cotangent")
 grad_case("softmax_exp_log_softmax_grad", softmax_exp_log, qkv(), family="softmax",
