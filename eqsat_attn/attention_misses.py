@@ -254,7 +254,7 @@ def _score_spelling(program: Program, path: list[Node], precision: str) -> str |
         return reason + (f"; {FAST_MATH} for a 0/1 causal mask)" if precision == "exact" else ")")
     if any(any(_is_row_constant(program, j) for j in n.inputs) for n in products):
         return ("its scores are multiplied by a tensor factor constant along the queries and keys (a per-head "
-                "scale, as Swin-v2's logit scale), which the op's scalar scale cannot hold")
+                "scale, as Swin-v2's logit scale): raised only where it multiplies the bare Q·Kᵀ, whose Q it moves onto")
     if "select_n" in ops and any(op in ("add", "sub") for op in ops[:ops.index("select_n")]):
         reason = "a bias is added after the where-mask, so the hidden scores are fill + bias, not one fill (not exact"
         return reason + (f"; {FAST_MATH} for a -inf or finfo.min fill)" if precision == "exact" else ")")
