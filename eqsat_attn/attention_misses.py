@@ -14,6 +14,7 @@ from typing import Any
 
 from .cost import program_cost
 from .ir import Node, Program
+from .static_values import StaticValues, keeps_every_row
 
 ATTENTION_OPS = ("attention", "attention_fp8", "packed_attention", "attention_vjp")
 STEER_FACTOR = 1e6  # how much dearer every other op is when steering extraction to attention
@@ -100,7 +101,10 @@ def softmax_misses(program: Program, precision: str = "exact") -> list[SoftmaxMi
         others = [program.nodes[u].op for u in readers if program.nodes[u].op != "dot_general"]
         path: list[Node] = []
         source = _scores_source(program, scores, path)
-        if source.op == "dot_general" and (source.type.dtype == "float64" or (
+        where_mask = _softmax_where_mask(program, i, scores, users)
+        if where_mask is not None:
+            reason = _where_reason(program, where_mask, readers)
+        elif source.op == "dot_general" and (source.type.dtype == "float64" or (
                 source.type.dtype == "float16" and precision == "exact")):
             reason = _unraised_dtype(source.type.dtype)
         elif i in outputs:
@@ -110,6 +114,8 @@ def softmax_misses(program: Program, precision: str = "exact") -> list[SoftmaxMi
                       if others else "its result is not multiplied by V")
             if others == ["mul"] and precision == "exact" and _feeds_dot(program, readers[0], users):
                 reason += f" (P times a factor, then by V: {FAST_MATH} where the factor is constant along the keys)"
+            elif "mul" in others and has_attention(program):  # a jax.grad program whose forward became attention
+                reason += " (its gradient's P·dP: the forward is attention, this spelling's backward is not raised)"
         elif source.op != "dot_general":
             reason = (f"its scores are not a matmul Q·Kᵀ with a scale, soft-cap, bias or where-mask "
                       f"(nearest producer: {source.op})")
@@ -163,7 +169,7 @@ def _softmax_scores(program: Program, node_id: int) -> int | None:
     exp = nodes[exp_id]
     while total.op in ("broadcast_in_dim", "reshape", "convert_element_type"):
         total = nodes[total.inputs[0]]
-    if exp.op != "exp" or total.op != "reduce_sum" or total.inputs[0] != exp_id:
+    if exp.op != "exp" or total.op != "reduce_sum" or total.inputs[0] not in (exp_id, *_where_kept(program, total.inputs[0], exp_id)):
         return None
     shifted = nodes[exp.inputs[0]]
     if shifted.op != "sub":
@@ -172,6 +178,51 @@ def _softmax_scores(program: Program, node_id: int) -> int | None:
     while row_max.op in ("broadcast_in_dim", "reshape", "stop_gradient", "max"):
         row_max = nodes[row_max.inputs[-1]]
     return shifted.inputs[0] if row_max.op == "reduce_max" and row_max.inputs[0] == shifted.inputs[0] else None
+
+
+def _where_kept(program: Program, node_id: int, value: int) -> tuple[int, ...]:
+    """(node_id,) when it is ``where(mask, value, 0)`` (jax.nn.softmax's masked row sum), else ()."""
+    node = program.nodes[node_id]
+    if node.op == "select_n" and len(node.inputs) == 3 and node.inputs[2] == value and _is_fill(program, node.inputs[1], 0.0):
+        return (node_id,)
+    return ()
+
+
+def _is_fill(program: Program, node_id: int, value: float) -> bool:
+    """Whether the node is the literal ``value`` broadcast (through casts)."""
+    node = program.nodes[node_id]
+    while node.op in ("broadcast_in_dim", "convert_element_type"):
+        node = program.nodes[node.inputs[0]]
+    return node.op == "literal" and float(node["value"]) == value
+
+
+def _softmax_where_mask(program: Program, softmax_id: int, scores: int, users: dict[int, list[int]]) -> int | None:
+    """The mask of ``jax.nn.softmax(s, where=mask)`` when the softmax is one: its scores are
+    ``where(mask, s, -inf)`` and a reader zeroes it again, ``where(mask, P, 0)``; else None."""
+    hidden = program.nodes[scores]
+    if hidden.op != "select_n" or len(hidden.inputs) != 3 or not _is_fill(program, hidden.inputs[1], float("-inf")):
+        return None
+    mask = hidden.inputs[0]
+    for u in _skip_views(program, softmax_id, users):
+        reader = program.nodes[u]
+        if reader.op == "select_n" and reader.inputs[0] == mask and _is_fill(program, reader.inputs[1], 0.0):
+            return mask
+    return None
+
+
+def _where_reason(program: Program, mask: int, readers: list[int]) -> str:
+    """Why ``jax.nn.softmax(s, where=mask)`` · V is not raised: the mask may hide a whole row (there
+    the where-softmax is 0 and attention NaN), or, where it keeps every row, its zeroed P is what a
+    gradient program reads for V's gradient (the op's differs in a NaN row)."""
+    value = StaticValues(program).value(mask)
+    if value is None:
+        return ("jax.nn.softmax(s, where=mask): the mask depends on the inputs and may hide a whole row (key "
+                "padding), where the where-softmax gives 0 and attention NaN (not exact)")
+    if not keeps_every_row(value):
+        return ("jax.nn.softmax(s, where=mask): the mask hides a whole row, where the where-softmax gives 0 and "
+                "attention NaN (not exact)")
+    return ("jax.nn.softmax(s, where=mask): its P, zeroed where the mask hides, is read beside the product with V "
+            f"(V's gradient Pᵀ·dO differs from the op's in a row of NaN scores: not exact; {FAST_MATH})")
 
 
 def _feeds_dot(program: Program, node_id: int, users: dict[int, list[int]]) -> bool:
@@ -185,15 +236,45 @@ def _is_tensor(program: Program, node_id: int) -> bool:
                 and program.nodes[node.inputs[0]].op == "literal")
 
 
+def _is_indicator(program: Program, node_id: int) -> bool:
+    """Whether a factor is a 0/1 mask: a cast of booleans, a select of 0 and 1, or a static 0/1 value."""
+    node = program.nodes[node_id]
+    while node.op in ("broadcast_in_dim", "reshape", "transpose"):
+        node = program.nodes[node.inputs[0]]
+    if node.op == "convert_element_type" and program.nodes[node.inputs[0]].type.dtype == "bool":
+        return True
+    if node.op == "select_n" and len(node.inputs) == 3:
+        low, high = node.inputs[1:]
+        if (_is_fill(program, low, 0.0) and _is_fill(program, high, 1.0)) or (
+                _is_fill(program, low, 1.0) and _is_fill(program, high, 0.0)):
+            return True
+    value = StaticValues(program).value(node_id)
+    return value is not None and bool(((value == 0) | (value == 1)).all())
+
+
+def _is_row_constant(program: Program, node_id: int) -> bool:
+    """Whether a factor is a broadcast constant along the last two axes (the queries and keys)."""
+    node = program.nodes[node_id]
+    if node.op != "broadcast_in_dim" or node.type.rank < 2:
+        return False
+    source = program.nodes[node.inputs[0]].type.shape
+    dims = tuple(node["broadcast_dimensions"])
+    rank = node.type.rank
+    return all(source[k] == 1 for k, d in enumerate(dims) if d >= rank - 2)
+
+
 def _score_spelling(program: Program, path: list[Node], precision: str) -> str | None:
     """Why scores spelled with a multiplicative mask or a bias after the where-mask are not raised
     (read off the ops between the softmax and Q·Kᵀ), or None."""
     ops = [n.op for n in path]
-    if "mul" in ops and "select_n" not in ops and any(
-            n.op == "mul" and all(_is_tensor(program, j) for j in n.inputs) for n in path):
+    products = [n for n in path if n.op == "mul" and all(_is_tensor(program, j) for j in n.inputs)]
+    if "select_n" not in ops and any(any(_is_indicator(program, j) for j in n.inputs) for n in products):
         reason = ("its scores are multiplied by a mask (w·b - C·(1-b)): not a where-mask where a hidden score is "
                   "Inf or NaN (not exact")
         return reason + (f"; {FAST_MATH} for a 0/1 causal mask)" if precision == "exact" else ")")
+    if any(any(_is_row_constant(program, j) for j in n.inputs) for n in products):
+        return ("its scores are multiplied by a tensor factor constant along the queries and keys (a per-head "
+                "scale, as Swin-v2's logit scale): raised only where it multiplies the bare Q·Kᵀ, whose Q it moves onto")
     if "select_n" in ops and any(op in ("add", "sub") for op in ops[:ops.index("select_n")]):
         reason = "a bias is added after the where-mask, so the hidden scores are fill + bias, not one fill (not exact"
         return reason + (f"; {FAST_MATH} for a -inf or finfo.min fill)" if precision == "exact" else ")")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .ir import Program
-from .lower import lower_node
+from .static_values import StaticValues
 
 STATIC_OPS_LIMIT = 64  # a static mask sub-program larger than this is not evaluated
 
@@ -29,18 +29,9 @@ def _ancestors(program: Program, node_id: int) -> list[int]:
 
 def _static_value(program: Program, node_id: int) -> np.ndarray | None:
     """The mask's value when it depends on no input (iotas, literals, constants), else None."""
-    nodes = _ancestors(program, node_id)
-    if len(nodes) > STATIC_OPS_LIMIT or any(program.nodes[i].op in ("input", "opaque", "opaque_output")
-                                            for i in nodes):
+    if len(_ancestors(program, node_id)) > STATIC_OPS_LIMIT:
         return None
-    values: dict[int, object] = {}
-    try:
-        for i in nodes:
-            node = program.nodes[i]
-            values[i] = lower_node(node, [values[j] for j in node.inputs], "reference")
-        return np.asarray(values[node_id])
-    except Exception:  # noqa: BLE001 - an unusual static mask is simply "arbitrary"
-        return None
+    return StaticValues(program).value(node_id)
 
 
 def _varying_axes(program: Program, node_id: int) -> set[int] | None:

@@ -15,7 +15,8 @@ import itertools
 from egglog import String, eq, f64, i64, ne, union, var
 
 from eqsat_attn.egraph.language import (
-    KERNEL_FILL, IntVec, Term, answer, ask, attn_scores, causal_mask, dtype, grad_op, ivec, perm_range, scores_cot, shape,
+    KERNEL_FILL, IntVec, Term, answer, ask, attn_scores, causal_mask, dtype, grad_op, ivec, perm_range, rows_kept,
+    scores_cot, shape,
 )
 from eqsat_attn.egraph.rulesets import RuleSet, asking, rl, rw
 
@@ -119,11 +120,12 @@ def causal_masks():
     last_two = (var("i", i64) == s1.length() - 2, var("j", i64) == s1.length() - 1)
     yield rl(eq(e).to(Term.binary("ge", row, col)), *last_two)(causal_mask(e))
     yield rl(eq(e).to(Term.binary("le", col, row)), *last_two)(causal_mask(e))
-    yield rl(
-        eq(e).to(Term.broadcast(m, s2, d2)), causal_mask(m),
+    yield rl(  # the last two axes kept whole (a [1, 1] or [1, Sk] "causal" mask spread over them is not)
+        eq(e).to(Term.broadcast(m, s2, d2)), causal_mask(m), shape(m) == s1,
         d2.length() >= i64(2),
         d2[d2.length() - 1] == s2.length() - 1,
         d2[d2.length() - 2] == s2.length() - 2,
+        s1[s1.length() - 1] == s2[s2.length() - 1], s1[s1.length() - 2] == s2[s2.length() - 2],
     )(causal_mask(e))
     yield rl(eq(e).to(Term.convert(m, dt)), causal_mask(m))(causal_mask(e))
     yield rl(eq(e).to(Term.reshape(m, s2)), causal_mask(m), shape(m) == s1, s2.length() >= i64(2),  # each matrix whole
@@ -136,6 +138,23 @@ def causal_masks():
     yield rl(eq(e).to(Term.binary("eq", m, scalar(1.0, dt, s1))), causal_mask(m))(causal_mask(e))
     yield rl(eq(e).to(Term.select(m, scalar(0.0, dt, s1), scalar(1.0, dt, s2))), causal_mask(m))(causal_mask(e))
     yield rl(eq(e).to(Term.binary("gt", m, scalar(0.0, dt, s1))), causal_mask(m))(causal_mask(e))
+
+
+@attention_raise.family
+def kept_rows():
+    """A boolean mask keeps a key in every row (`rows_kept`) when it is causal, and so do its
+    broadcasts, reshapes and transposes that keep the last axis (each row of theirs is one of its
+    rows, or repeats a kept value), its `or` with anything, and its cast to bool (static masks are
+    evaluated when encoded: a sliding window, `j < i + 1`, any pattern that keeps the diagonal)."""
+    yield rl(causal_mask(m), dtype(m) == String("bool"))(rows_kept(m))
+    yield rl(eq(e).to(Term.broadcast(m, s2, d2)), rows_kept(m), d2.length() >= i64(1),
+             d2[d2.length() - 1] == s2.length() - 1)(rows_kept(e))
+    yield rl(eq(e).to(Term.reshape(m, s2)), rows_kept(m), shape(m) == s1, s1.length() >= i64(1), s2.length() >= i64(1),
+             s1[s1.length() - 1] == s2[s2.length() - 1])(rows_kept(e))
+    yield rl(eq(e).to(Term.transpose(m, p)), rows_kept(m), p[p.length() - 1] == p.length() - 1)(rows_kept(e))
+    yield rl(eq(e).to(Term.convert(m, String("bool"))), rows_kept(m))(rows_kept(e))
+    for either in (Term.binary("or", m, y), Term.binary("or", y, m)):
+        yield rl(eq(e).to(either), rows_kept(m))(rows_kept(e))
 
 
 @attention_raise.family
@@ -215,11 +234,13 @@ def softmax():
 
 
 @attention_raise.family
-def causal_where_sum():
-    """The row sum of ``where(causal, exp(x - max(x)), 0)`` over scores x hidden by that causal mask
-    with -inf (``jax.nn.softmax(s, where=causal)``) is the row sum of exp(x - max(x)): causal keeps
-    key 0 in every row, so a hidden term is +0, or NaN only in a row whose kept terms hold a NaN
-    too (its max is -inf or NaN), and both sums are that NaN."""
+def kept_rows_where_sum():
+    """The row sum of ``where(keep, exp(x - max(x)), 0)`` over scores x hidden by that very mask
+    with -inf (``jax.nn.softmax(s, where=keep)``) is the row sum of exp(x - max(x)) when keep keeps
+    a key in every row (`rows_kept`: causal, a sliding window): a hidden term is +0, or NaN only in
+    a row whose kept terms hold a NaN too (its max is -inf or NaN), and both sums are that NaN. (A
+    mask that may hide a whole row, as key padding may, is not rewritten: there the where's sum is
+    0 and the softmax 0/0.)"""
     keep_ = var("keep_", Term)
     hidden = Term.select(keep_, scalar(float("-inf"), dt3, s3), y)
     for rank in range(2, 7):  # scores of every rank case
@@ -227,7 +248,7 @@ def causal_where_sum():
         for _, ex, _ in _shifted_exps(hidden, rank):
             masked = Term.select(keep_, scalar(0.0, dt2, s2), ex)
             yield rw(Term.reduce("reduce_sum", masked, last), Term.reduce("reduce_sum", ex, last),
-                     causal_mask(keep_), dtype(keep_) == String("bool"), shape(y).length() == i64(rank))
+                     rows_kept(keep_), dtype(keep_) == String("bool"), shape(y).length() == i64(rank))
 
 
 def _deferred_normalisations(exps):
@@ -474,6 +495,24 @@ def scores_traced_scale():
 
 
 @attention_raise.family
+def scores_per_head_scale():
+    """Unmodified scores times a traced tensor factor constant along the keys (Swin-v2's per-head
+    logit scale, [H, 1, 1] or [1, H, 1, 1] broadcast over [B, H, Sq, Sk]) are the scores of Q times
+    that factor, broadcast over Q instead ([batch.., free.., D] has the scores' rank and leading
+    axes, and the factor's key axis, of size 1, spreads over D): each score (q_i · k_j) f_i is
+    (q_i f_i) · k_j in real numbers, the factor applied before the dot's sum rather than after it
+    (the products rounded once more: a reassociation, as for a traced scalar). Forward only."""
+    factor = Term.broadcast(t_, s1, d1)
+    last = (d1.length() >= i64(1), d1[d1.length() - 1] == s1.length() - 1, s3[s3.length() - 1] == i64(1))
+    for form in (Term.binary("mul", x, factor), Term.binary("mul", factor, x)):
+        yield rl(
+            eq(e).to(form), _scores(x, q, k, sc0, f64(0.0), NO_MASK, String("none"), fl, i64(0), nb),
+            shape(q) == s2, dtype(t_) == dtq, dtype(q) == dtq, shape(t_) == s3, *last,
+        )(_scores(e, Term.binary("mul", q, Term.broadcast(t_, s2, d1)), k, sc0, f64(0.0), NO_MASK, String("none"),
+                  fl, i64(0), nb))
+
+
+@attention_raise.family
 def scores_mask():
     """``where(m, s, fill)`` of scores is masked scores: a causal m sets the causal flag (beside an
     additive bias), any other boolean m is the op's boolean mask; a second where with the same fill
@@ -652,20 +691,27 @@ def _probabilities(scores_: Term):
 
 
 @attention_raise.family
-def causal_zeroing():
-    """P zeroed again where a causal mask hides it, ``where(causal, P, 0)``, after a causal -inf mask
-    before the softmax (also what ``jax.nn.softmax(s, where=causal)`` ends with), changes nothing a
-    product over the keys computes: causal keeps key 0 in every row, so a hidden entry of P is +0
-    (what the where writes), or NaN only in a row that also has a NaN where it keeps a key (the
-    product is NaN either way)."""
+def kept_rows_zeroing():
+    """P zeroed again where a mask hides it, ``where(keep, P, 0)``, changes nothing a product over
+    the keys computes when the scores were hidden with -inf wherever keep hides them and keep keeps
+    a key in every row: a hidden entry of P is then +0 (what the where writes), or NaN only in a row
+    that also has a NaN where it keeps a key (the product is NaN either way). Two ways to know the
+    hidden scores are -inf: a causal keep over scores with the causal flag (a causal -inf mask
+    before the softmax), or scores that are ``where(keep, s, -inf)`` with that very keep
+    (``jax.nn.softmax(s, where=keep)``), whatever else masks them. (Without a kept key a whole row
+    of P is 0/0 = NaN where the where writes zeros: key padding is not rewritten.)"""
     post_mask, sx, lc, rc = var("post_mask", Term), var("sx", IntVec), var("lc", IntVec), var("rc", IntVec)
-    for kind in ("none", "bias"):  # a boolean mask might hide a whole row: that row would differ
-        facts = (_scores(x, q, k, sc0, cap, m, String(kind), f64(float("-inf")), i64(1), nb),
-                 causal_mask(post_mask), dtype(post_mask) == String("bool"), shape(x) == sx)
+    dt4, s4 = var("dt4", String), var("s4", IntVec)
+    neg_inf = f64(float("-inf"))
+    causal_facts = [(_scores(x, q, k, sc0, cap, m, String(kind), neg_inf, i64(1), nb), causal_mask(post_mask))
+                    for kind in ("none", "bias")]  # a boolean mask might hide a whole row: that row would differ
+    where_facts = (_scores(x, q, k, sc0, cap, m, mk, neg_inf, causal, nb),
+                   eq(x).to(Term.select(post_mask, scalar(neg_inf, dt4, s4), y)), rows_kept(post_mask))
+    for facts in (*causal_facts, where_facts):
         for probs, conds in _probabilities(x):
             zeroed = Term.select(post_mask, scalar(0.0, dt2, s1), probs)
             yield rw(Term.dot(zeroed, v, lc, rc, lb, rb, dt3, pr), Term.dot(probs, v, lc, rc, lb, rb, dt3, pr),
-                     *facts, *conds, lc == IntVec(sx.length() - 1))
+                     *facts, dtype(post_mask) == String("bool"), shape(x) == sx, *conds, lc == IntVec(sx.length() - 1))
 
 
 @attention_raise.family
@@ -815,17 +861,18 @@ pv_, rc_, rb_ = (var(n, IntVec) for n in ("pv_", "rc_", "rb_"))
 dt4 = var("dt4", String)
 
 
-def _softmax_vjp_forms(probs: Term, d_probs: Term, rank: int):
+def _softmax_vjp_forms(probs: Term, d_probs: Term, rank: int, masked=lambda t: t):
     """(form, conditions): softmax's VJP at cotangent d_probs as jax.grad writes jax.nn.softmax's,
     with y = P * dP, ``y + P * sum(-y)``; the row sum possibly reshaped and summed again over unit
     axes only (jax.nn.dot_product_attention with one query head per K/V head, or one K/V head,
-    sums two, and unbatched [T, N, H] inputs three)."""
+    sums two, and unbatched [T, N, H] inputs three). ``masked``: what the broadcast row sum passes
+    through first (``jax.nn.softmax(s, where=keep)``'s VJP zeroes it where keep hides)."""
     last, keep = ivec([rank - 1]), perm_range(rank - 1)
     prod = Term.binary("mul", probs, d_probs)
     row = Term.reduce("reduce_sum", Term.unary("neg", prod), last)
 
     def corrected(total: Term, dims: IntVec) -> Term:
-        return Term.binary("add", prod, Term.binary("mul", probs, Term.broadcast(total, s1, dims)))
+        return Term.binary("add", prod, Term.binary("mul", probs, masked(Term.broadcast(total, s1, dims))))
 
     yield corrected(row, keep), ()
     yield corrected(Term.reduce("reduce_sum", Term.reshape(row, s3), last), keep), (s3[rank - 1] == i64(1),)
@@ -857,6 +904,23 @@ def _quotient_vjp_forms(probs: Term, d_probs: Term, rank: int):
             yield form, (*same_softmax, *conds)
 
 
+def _where_softmax_backward(n_batch: int, rank: int, facts, d_out: Term):
+    """jax.nn.softmax(s, where=keep)'s VJP: its P is ``where(keep, softmax(s'), 0)`` over
+    s' = ``where(keep, s, -inf)``, and it zeroes dP and the broadcast row sum where keep hides. Where
+    keep keeps a key in every row (`rows_kept`) that P equals the op's wherever keep keeps (a hidden
+    entry of softmax(s') is +0, or its row is NaN throughout), so the form is the cotangent of s'
+    wherever keep keeps (hidden entries are 0 here; the where's own backward, `scores_backward`,
+    zeroes them on the way to s)."""
+    keep_, dt5, s5, s6 = var("keep_", Term), var("dt5", String), var("s5", IntVec), var("s6", IntVec)
+    zero = scalar(0.0, dt5, s5)
+    probs = Term.select(keep_, zero, Term.softmax(sf_))
+    kept = (rows_kept(keep_), eq(sf_).to(Term.select(keep_, scalar(float("-inf"), dt5, s6), w_)))
+    for d_probs in (d_out, Term.convert(d_out, String("float32"))):
+        for form, conditions in _softmax_vjp_forms(probs, Term.select(keep_, zero, d_probs), rank,
+                                                   lambda t: Term.select(keep_, zero, t)):
+            yield rl(eq(e).to(form), *conditions, *facts, *kept)(scores_cot(e, sf_, sf_, do_, v))
+
+
 @attention_grad.family
 def probabilities_first():
     """``dP * P`` is ``P * dP`` (how the backward of exp writes softmax's VJP): the forms below read P first."""
@@ -879,6 +943,8 @@ def softmax_backward():
                 yield rl(eq(e).to(form), *conditions, *facts)(scores_cot(e, sf_, sf_, do_, v))
         for form, conditions in _quotient_vjp_forms(Term.softmax(sf_), d_out, rank):
             yield rl(eq(e).to(form), *conditions, *facts)(scores_cot(e, sf_, sf_, do_, v))
+        yield from _where_softmax_backward(n_batch, rank, facts, d_out)
+
 
 
 @attention_grad.family
@@ -1093,16 +1159,12 @@ def softcap_backward():
                      scores_cot(g_, s_, sf_, do_, v), staged, c > f64(0.0))(scores_cot(e, x, sf_, do_, v))
 
 
-@attention_grad.family
-def traced_scale_backward():
-    """A traced scalar factor t of the scores (`scores_traced_scale`: the op reads Q·t) multiplies
-    their cotangent again (g·t, the chain rule, as for a constant scale); where that cotangent
-    reaches Q·Kᵀ (Q unscaled), Q's gradient (g·t)·K is t times the op's gradient for its operand
-    Q·t, and K's, (g·t)ᵀ·Q, is the op's (both products equal in real numbers: they differ by where
-    t is multiplied in, a reassociation; at t = 0 the sign of a zero gradient may differ)."""
-    traced_at = (shape(t_) == NONE, dtype(t_) == dtq)
+def _traced_factor_backward(dims: IntVec, factor_facts):
+    """`traced_scale_backward`'s rules for a factor t_ broadcast along ``dims`` (``factor_facts(shape)``:
+    what t_ and its broadcast to that shape must satisfy: the scores' s1, or Q's ss)."""
+    traced_at = (*factor_facts(s1), dtype(t_) == dtq)
     scores_fact = _scores(x, q, k, sc0, f64(0.0), NO_MASK, String("none"), fl, i64(0), nb)
-    spread, spread_cot = Term.broadcast(t_, s1, NONE), Term.broadcast(t_, s2, NONE)
+    spread, spread_cot = Term.broadcast(t_, s1, dims), Term.broadcast(t_, s2, dims)
     for form in (Term.binary("mul", x, spread), Term.binary("mul", spread, x)):
         for cot in (Term.binary("mul", g_, spread_cot), Term.binary("mul", spread_cot, g_)):
             yield rl(eq(s_).to(form), eq(e).to(cot), scores_cot(g_, s_, sf_, do_, v), scores_fact, dtype(x) == dtq,
@@ -1113,11 +1175,12 @@ def traced_scale_backward():
         rank = n_batch + n_free + 1
         batch, free = perm_range(n_batch), ivec(range(n_batch, n_batch + n_free))
         swap_k = ivec([*range(n_batch), n_batch + 1, n_batch])
-        spread_q = Term.broadcast(t_, ss, NONE)
+        spread_q = Term.broadcast(t_, ss, dims)
         at_product = (
             scores_cot(g_, x, sf_, do_, v), eq(x).to(_canonical_qk(q, k, n_batch, rank)),
             grad_op(sf_, qt_, k, v, do_, dq_, dk_, dv_, db_), eq(qt_).to(Term.binary("mul", q, spread_q)),
-            shape(q) == ss, ss.length() == i64(rank), shape(k) == sk_, dtype(q) == dtq, dtype(e) == dtq, *traced_at,
+            shape(q) == ss, ss.length() == i64(rank), shape(k) == sk_, dtype(q) == dtq, dtype(e) == dtq,
+            *factor_facts(ss), dtype(t_) == dtq,
         )  # (a gradient product in another dtype than Q's, a widened one, is not matched)
         d_query = Term.binary("mul", dq_, spread_q)  # the op's gradient for Q·t, times t
         yield rl(eq(e).to(Term.dot(g_, k, ivec([rank - 1]), ivec([n_batch + 1]), batch, batch, gdt, gpr)), *at_product)(
@@ -1128,6 +1191,21 @@ def traced_scale_backward():
             union(e).with_(Term.transpose(Term.reshape(dk_, sk_), swap_k)))
         yield rl(eq(e).to(Term.dot(q, g_, free, free, batch, batch, gdt, gpr)), *at_product)(
             union(e).with_(Term.reshape(dk_, sk_)))
+
+
+@attention_grad.family
+def traced_scale_backward():
+    """A traced scalar factor t of the scores (`scores_traced_scale`: the op reads Q·t) multiplies
+    their cotangent again (g·t, the chain rule, as for a constant scale); where that cotangent
+    reaches Q·Kᵀ (Q unscaled), Q's gradient (g·t)·K is t times the op's gradient for its operand
+    Q·t, and K's, (g·t)ᵀ·Q, is the op's (both products equal in real numbers: they differ by where
+    t is multiplied in, a reassociation; at t = 0 the sign of a zero gradient may differ). The same
+    for a traced per-head factor (`scores_per_head_scale`: constant along the keys, spread over Q
+    along the same axes), elementwise."""
+    yield from _traced_factor_backward(NONE, lambda _: (shape(t_) == NONE,))
+    yield from _traced_factor_backward(d1, lambda spread_shape: (
+        d1.length() >= i64(1), d1[d1.length() - 1] == spread_shape.length() - 1, shape(t_) == s3,
+        s3[s3.length() - 1] == i64(1)))
 
 
 def _log_softmax_vjp_forms(probs: Term, d_probs: Term, rank: int):
@@ -1337,3 +1415,15 @@ def probabilities_times_row_factor():
                         dtype(factor) == dtype(e),
                     )(union(e).with_(Term.binary("mul", Term.dot(probs, v, ivec([rank - 1]), d2, batch, lb, dt3, pr),
                                                  Term.broadcast(factor, so, d1))))
+
+
+@attention_fast_math.family
+def zeroed_where_probabilities():
+    """``where(keep, softmax(where(keep, s, -inf)), 0)`` (jax.nn.softmax(s, where=keep)'s P) is the
+    softmax itself when keep keeps a key in every row (`rows_kept`): a hidden entry of the softmax
+    is +0 unless its row is NaN (a NaN or an infinite score meeting another), so V's gradient
+    Pᵀ·dO reads the op's P (equal but for Inf/NaN; a mask that can hide a whole row is not
+    rewritten: that row is 0 in the program and NaN in the op)."""
+    keep_, dt5, s5, s6 = var("keep_", Term), var("dt5", String), var("s5", IntVec), var("s6", IntVec)
+    yield rw(Term.select(keep_, scalar(0.0, dt5, s5), Term.softmax(x)), Term.softmax(x),
+             rows_kept(keep_), eq(x).to(Term.select(keep_, scalar(float("-inf"), dt5, s6), y)))

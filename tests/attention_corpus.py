@@ -545,6 +545,12 @@ def scale_runtime(q, k, v, scale):
     return jnp.einsum("bhqk,bhkd->bhqd", softmax_last(jnp.einsum("bhqd,bhkd->bhqk", q, k) * scale), v)
 
 
+@case("scale_per_head_traced", with_extra(qkv(), normal((H, 1, 1))), positive=True, family="scale",
+      source="Swin v2: scores times a traced per-head scale [H, 1, 1]")
+def scale_per_head(q, k, v, scale):
+    return jnp.einsum("bhqk,bhkd->bhqd", softmax_last(jnp.einsum("bhqd,bhkd->bhqk", q, k) * jnp.exp(scale)), v)
+
+
 # ---------------------------------------------------------------------------------------------
 # Hand-written: ranks and head layouts
 
@@ -899,6 +905,29 @@ def softmax_where_arg(q, k, v):
     return _pv(jax.nn.softmax(_scores(q, k), axis=-1, where=causal()), v)
 
 
+def window(width: int = 4) -> jax.Array:
+    """[S, S] bool sliding window from iota: query i sees keys i - width < j <= i (the diagonal always)."""
+    i, j = jnp.arange(S)[:, None], jnp.arange(S)[None, :]
+    return (j <= i) & (i - j < width)
+
+
+@case("softmax_where_argument_window", qkv(extreme=True), positive=True, family="softmax",
+      source=HAND + " jax.nn.softmax(s, where=sliding window) · V, extreme inputs: every row keeps its diagonal")
+def softmax_where_window(q, k, v):
+    return _pv(jax.nn.softmax(_scores(q, k), axis=-1, where=window()), v)
+
+
+grad_case("softmax_where_argument_window_grad", softmax_where_window, qkv(extreme=True), family="softmax",
+          source=HAND + " the backward of jax.nn.softmax(s, where=sliding window) · V, extreme inputs")
+
+
+@case("mask_static_causal_lt_plus1", qkv(extreme=True), positive=True, family="mask",
+      source=HAND + " where(j < i + 1, s, -inf): causal spelled with lt and an offset (the causal flag by evaluation)")
+def mask_causal_lt_plus1(q, k, v):
+    i, j = jnp.arange(S)[:, None], jnp.arange(S)[None, :]
+    return _pv(softmax_last(jnp.where(j < i + 1, _scores(q, k), -jnp.inf)), v)
+
+
 @case("p_times_per_head_mask", with_extra(qkv(), lambda rng: jnp.array([1.0, 0.0], F32)), positive=True,
       family="softmax", source="huggingface head_mask: P * m[h] = m[h] * attention")
 def p_head_mask(q, k, v, head_mask):
@@ -1132,6 +1161,8 @@ def neg_sigmoid(q, k, v):
 
 grad_case("logit_soft_cap_tanh_grad", soft_cap, qkv(extreme=True), family="softmax",
           source="gemma-2 logit soft-capping: tanh's derivative (jax 0.12's one_minus_square) in the backward")
+grad_case("scale_per_head_traced_grad", scale_per_head, with_extra(qkv(), normal((H, 1, 1))), family="scale",
+          source="Swin v2: a traced per-head scale multiplies the scores' cotangent per head")
 grad_case("scale_runtime_scalar_arg_grad", scale_runtime, with_extra(qkv(), lambda rng: jnp.float32(0.3)), family="scale",
           source=HAND + " a traced scalar scale multiplies the scores' cotangent")
 grad_case("softmax_exp_log_softmax_grad", softmax_exp_log, qkv(), family="softmax",
@@ -1152,6 +1183,8 @@ KNOWN_UNRAISED: dict[str, str] = {
     "softmax_no_max_subtraction": "exp(s) overflows above 88 where the op's stable softmax does not (not exact)",
     "p_times_per_head_mask": "P * m[h] before P·V is not m[h] * (P·V) in signed zeros and NaN (not exact)",
     "softmax_exp_s_minus_logsumexp": LSE,
+    "softmax_where_argument_window_grad": "dQ and dK are raised; V's gradient reads P zeroed where the mask hides, "
+                                          "the op's P is NaN there in a row of NaN scores (not exact)",
 }
 
 #: the positives above that ``precision="fast_math"`` raises (README, "Precision policy"): equal but

@@ -21,7 +21,7 @@ SOURCES = {PACKAGE: ROOT / "eqsat_attn", f"{PACKAGE}.rules": ROOT / "rules"}
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kernels", ("eqsat_attn.kernels", "eqsat_attn.kernels.")),
     ("ir", ("eqsat_attn.op_types", "eqsat_attn.region", "eqsat_attn.ir", "eqsat_attn.fold", "eqsat_attn.capture",
-            "eqsat_attn.blocks")),
+            "eqsat_attn.blocks", "eqsat_attn.static_values")),
     ("e-graph", ("eqsat_attn.limits", "eqsat_attn.egraph.language", "eqsat_attn.egraph.analysis",
                  "eqsat_attn.egraph.index_math", "eqsat_attn.egraph.qkv_math", "eqsat_attn.egraph.rule_cache",
                  "eqsat_attn.egraph.egglog_batch", "eqsat_attn.egraph.rulesets", "eqsat_attn.egraph.relevance",

@@ -21,7 +21,8 @@ from egglog.egraph_state import span
 from egglog.runtime import RuntimeExpr
 
 from .. import ir
-from .language import KERNEL_FILL, MAX_REGION_INPUTS, Term, TermList, causal_mask, dtype, program_order, shape
+from ..static_values import MAX_ELEMENTS, StaticValues, is_causal_value, keeps_every_row
+from .language import KERNEL_FILL, MAX_REGION_INPUTS, Term, TermList, causal_mask, dtype, program_order, rows_kept, shape
 from .relevance import Symbol, program_symbols
 
 AXES = ir.ATTENTION_AXES  # logical axes of an attention operand
@@ -94,6 +95,7 @@ class _Egg:
         self.shape = egraph._callable_to_egg(shape)[1]
         self.dtype = egraph._callable_to_egg(dtype)[1]
         self.causal = egraph._callable_to_egg(causal_mask)[1]
+        self.rows_kept = egraph._callable_to_egg(rows_kept)[1]
         self.order = egraph._callable_to_egg(program_order)[1]
         self.term_type = to_runtime_expr(Term.input(0)).__egg_typed_expr__.tp
         self.list_type = to_runtime_expr(TermList.nil()).__egg_typed_expr__.tp
@@ -259,12 +261,38 @@ def f64_holds_exactly(value: Any) -> bool:
     return not math.isnan(v) and not (v == 0.0 and math.copysign(1.0, v) < 0)
 
 
-def is_causal_constant(array: np.ndarray) -> bool:
-    """A closed-over mask equal to tril(ones) over its last two axes (bool or 0/1 values)."""
-    if array.ndim < 2 or array.dtype.kind not in "biuf":
+def static_mask_facts(node: ir.Node, value: np.ndarray | None) -> tuple[str, ...]:
+    """The mask relations (``"causal_mask"``, ``"rows_kept"``) a static node's value proves."""
+    if value is None:
+        return ()
+    facts = ("causal_mask",) if is_causal_value(value) else ()
+    return facts + (("rows_kept",) if keeps_every_row(value) else ())
+
+
+def _is_literal_fill(program: ir.Program, node_id: int) -> bool:
+    node = program.nodes[node_id]
+    while node.op == "broadcast_in_dim":
+        node = program.nodes[node.inputs[0]]
+    return node.op == "literal"
+
+
+def _is_mask_candidate(program: ir.Program, node: ir.Node) -> bool:
+    """Nodes worth evaluating for mask facts: booleans, and 0/1 indicators of rank 2 or more (a
+    closed-over constant, a cast of booleans, a select between two literals), not arithmetic on
+    closed-over weights."""
+    t = node.type
+    if t is None or t.rank < 1:
         return False
-    tril = np.tril(np.ones(array.shape[-2:], dtype=bool))
-    return bool(np.all(np.where(tril, array == 1, array == 0)))
+    if t.dtype == "bool":
+        return True
+    if t.rank < 2:
+        return False
+    operands = [program.nodes[j] for j in node.inputs]
+    if node.op == "convert_element_type":
+        return operands[0].type is not None and operands[0].type.dtype == "bool"
+    if node.op == "select_n":
+        return len(operands) == 3 and all(_is_literal_fill(program, j) for j in node.inputs[1:])
+    return node.op == "constant"
 
 
 def _is_leaf_typed(node: ir.Node) -> bool:
@@ -278,9 +306,13 @@ def _is_leaf_typed(node: ir.Node) -> bool:
     ) or node.op == "select_n" and len(node.inputs) != 3
 
 
-def encode(program: ir.Program, egraph: EGraph) -> Encoding:
+def encode(program: ir.Program, egraph: EGraph, static_elements: int = MAX_ELEMENTS) -> Encoding:
     """Register ``program`` in ``egraph``; returns the encoding with a root over its outputs
     and then its effects (decoding a root list puts its opaque nodes back among the effects).
+
+    Static masks (computed from no input, at most ``static_elements`` elements) are evaluated once
+    each and their facts asserted (`causal_mask`, `rows_kept`); rules carry the facts on through
+    larger broadcasts.
 
     Node i is the let-bound global ``$n{i}`` (one let per node keeps every expression shallow),
     the outputs the ``$root`` list; all of it goes to egglog in one ``run_program`` call.
@@ -288,13 +320,16 @@ def encode(program: ir.Program, egraph: EGraph) -> Encoding:
     enc = Encoding(program)
     egg = _Egg(egraph)
     commands: list[Any] = []
+    static = StaticValues(program, static_elements)
     for i in program.live_nodes():
         node = program.nodes[i]
         commands.append(egg.let(f"n{i}", _term(node, [egg.var(f"n{j}") for j in node.inputs], enc, egg)))
         ref = egg.var(f"n{i}")
         commands.append(egg.set(egg.order, ref, egg.i64(i)))
-        if node.op == "constant" and is_causal_constant(node["value"].array):
-            commands.append(bindings.ActionCommand(bindings.Expr_(egg.span, egg.call(egg.causal, ref))))
+        if _is_mask_candidate(program, node):  # a static mask: its facts by evaluation (broadcasts via rules)
+            for fact in static_mask_facts(node, static.value(i)):
+                relation = egg.causal if fact == "causal_mask" else egg.rows_kept
+                commands.append(bindings.ActionCommand(bindings.Expr_(egg.span, egg.call(relation, ref))))
         if _is_leaf_typed(node):
             commands.append(egg.set(egg.shape, ref, egg.vec(node.type.shape)))
             commands.append(egg.set(egg.dtype, ref, egg.string(node.type.dtype)))

@@ -260,6 +260,12 @@ causal_mask = relation("causal_mask", Term)
 """Mask analysis: the term is a causal mask over its last two axes (query i keeps keys j <= i),
 as booleans or as a 0/1 indicator, broadcast over any leading axes."""
 
+rows_kept = relation("rows_kept", Term)
+"""Mask analysis: the term is a boolean mask that keeps at least one key (True) in every row along
+its last axis, so a softmax masked by it to -inf has a finite-or-NaN row sum, never 0/0 from the
+mask alone (a causal mask keeps key 0; a window keeps the diagonal; a key-padding mask may hide
+a whole row and holds no such fact)."""
+
 ask = relation("ask", String, IntVec, IntVec, IntVec, IntVec)
 
 
@@ -289,6 +295,6 @@ def fused(body, *inputs) -> Term:
 
 
 __all__ = [
-    "IntVec", "KERNEL_FILL", "MAX_REGION_INPUTS", "Term", "TermList", "answer", "ask", "attn_scores", "causal_mask", "grad_op", "scores_cot", "concat_extent", "concat_need",
+    "IntVec", "KERNEL_FILL", "MAX_REGION_INPUTS", "Term", "TermList", "answer", "ask", "attn_scores", "causal_mask", "grad_op", "rows_kept", "scores_cot", "concat_extent", "concat_need",
     "concat_shape", "dtype", "f64", "fused", "ivec", "list_dtype", "perm_range", "program_order", "shape",
 ]
