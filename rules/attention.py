@@ -801,6 +801,23 @@ def _quotient_vjp_forms(probs: Term, d_probs: Term, rank: int):
 
 
 @attention_grad.family
+def unit_axis_last():
+    """A sum over a unit axis that a reshape inserted before the last axis (softmax's VJP over axis
+    -2 or 1 keeps its row sum as [.., 1, Sq]: the program's rows run along a non-last axis, and the
+    transpose rules carry the rest of the backward to the canonical layout) is the sum over that
+    unit axis inserted last instead: the same one element of the same linear order is summed
+    either way (exactly equal), so `_softmax_vjp_forms` reads the row sum in one form."""
+    u = d1[0]
+    unit_first = (d1.length() == i64(1), s3[u] == i64(1), u != s3.length() - 1)
+    last_unit = s3.remove(u).push(i64(1))
+    yield rw(Term.reduce("reduce_sum", Term.reshape(y, s3), d1),
+             Term.reduce("reduce_sum", Term.reshape(y, last_unit), IntVec(s3.length() - 1)), *unit_first)
+    yield rw(Term.reduce("reduce_sum", Term.convert(Term.reshape(y, s3), dt), d1),
+             Term.reduce("reduce_sum", Term.convert(Term.reshape(y, last_unit), dt), IntVec(s3.length() - 1)),
+             *unit_first)
+
+
+@attention_grad.family
 def probabilities_first():
     """``dP * P`` is ``P * dP`` (how the backward of exp writes softmax's VJP): the forms below read P first."""
     yield rw(Term.binary("mul", x, Term.softmax(y)), Term.binary("mul", Term.softmax(y), x))
