@@ -281,7 +281,9 @@ RANK_CASES = [(n_batch, n_free) for n_batch in (0, 1, 2) for n_free in (1, 2)] +
 grouped: [B, Hkv, G, Sq, D]); and [X,B,H,S,D] (attention under a vmap: X·B is the op's batch)."""
 DECODE_CASES = [(2, 0), (1, 0)]
 """Rank cases of a query with no free axis (a decode step's single query, squeezed: [B, H, D] or
-[H, D]): raised forward (as one query row), not as gradients."""
+[H, D]): raised as one query row, forward and as gradients (no causal flag: one row has none)."""
+GRAD_CASES = RANK_CASES + DECODE_CASES
+"""The rank cases whose written-out backward the gradient rules raise."""
 
 
 def _scores(e_: Term, q_, k_, scale_, cap_, mask_, kind_, fill_, causal_, nb_):
@@ -828,8 +830,8 @@ def softmax_backward():
     """jax.grad's backward of softmax(s) · V at output cotangent do: P * dP - P * rowsum(P * dP)
     with dP = do · Vᵀ (cast to float32 when P was cast to V's dtype) is the cotangent of the
     scores s (`scores_cot`), as jax.nn.softmax's VJP writes it or as the backward of a softmax
-    written by hand (`_quotient_vjp_forms`)."""
-    for n_batch, n_free in RANK_CASES:
+    written by hand (`_quotient_vjp_forms`); over every rank case, a decode step's squeezed query too."""
+    for n_batch, n_free in GRAD_CASES:
         rank = n_batch + n_free + 1
         batch = perm_range(n_batch)
         facts = (_scores(sf_, q, k, sc0, cap, m, mk, fl, causal, i64(n_batch)), shape(v).length() == i64(n_batch + 2))
@@ -904,7 +906,7 @@ def gradient_ops():
     over every rank case's operands viewed as the op's, as the forward raising views them; Q's
     and the bias's viewed back as the program's, since one product may be read in two views); and
     the cotangent where a bias was added is the bias's gradient."""
-    cases = [(n_batch, n_free, False) for n_batch, n_free in RANK_CASES]
+    cases = [(n_batch, n_free, False) for n_batch, n_free in GRAD_CASES]
     cases += [(n_batch, n_free, True) for n_batch, n_free in RANK_CASES if n_free == 2]
     for n_batch, n_free, swapped in cases:
         rank = n_batch + n_free + 1
@@ -912,7 +914,7 @@ def gradient_ops():
         do4, q_back, scores_back = _gradient_views(n_batch, n_free, swapped)
         shapes = (shape(q) == ss, ss.length() == i64(rank), shape(k) == sk_, shape(v) == sv,
                   sv.length() == i64(n_batch + 2), dtype(q) == dtq, dtype(k) == dtq, dtype(v) == dtq, dtype(do_) == dtq)
-        flag = i64(0) if swapped else causal  # as in `attention`: no causal flag over (Sq, G)
+        flag = i64(0) if swapped or n_free == 0 else causal  # as in `attention`: none over (Sq, G) or one row
         for kind in ("none", "bias", "bool", "bias+bool"):
             mask_fact, mask_term = _mask_operand(kind, mask4)
             facts = (_scores(sf_, q, k, sc0, cap, mask_fact, String(kind), fl, flag, i64(n_batch)), *shapes)
@@ -947,10 +949,11 @@ def _rounded(chain, product: Term):
 @attention_grad.family
 def attention_gradients():
     """Where the cotangent reaches Q·Kᵀ itself: g · K is Q's gradient (times the factor when Q was
-    scaled before the product), gᵀ · Q is K's, and Pᵀ · do is V's: the op's (`grad_op`)."""
+    scaled before the product), gᵀ · Q is K's, and Pᵀ · do is V's: the op's (`grad_op`). (A decode
+    step's squeezed query has no free axis: gᵀ · Q and Pᵀ · do are outer products.)"""
     dq_, dk_, dv_, db_ = (var(n, Term) for n in ("dq_", "dk_", "dv_", "db_"))
     gdt, gpr = var("gdt", String), var("gpr", String)  # a gradient product's own dtype and precision
-    for n_batch, n_free in RANK_CASES:
+    for n_batch, n_free in GRAD_CASES:
         rank = n_batch + n_free + 1
         batch, free = perm_range(n_batch), ivec(range(n_batch, n_batch + n_free))
         swap_k = ivec([*range(n_batch), n_batch + 1, n_batch])  # Kᵀ [batch.., D, Sk] <-> K [batch.., Sk, D]
