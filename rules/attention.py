@@ -760,11 +760,11 @@ pv_, rc_, rb_ = (var(n, IntVec) for n in ("pv_", "rc_", "rb_"))
 dt4 = var("dt4", String)
 
 
-def _softmax_vjp_forms(probs: Term, d_probs: Term, rank: int):
+def _softmax_vjp_forms(probs: Term, d_probs: Term, rank: int, unit_sums: bool = True):
     """(form, conditions): softmax's VJP at cotangent d_probs as jax.grad writes jax.nn.softmax's,
     with y = P * dP, ``y + P * sum(-y)``; the row sum possibly reshaped and summed again over unit
     axes only (jax.nn.dot_product_attention with one query head per K/V head, or one K/V head,
-    sums two, and unbatched [T, N, H] inputs three)."""
+    sums two, and unbatched [T, N, H] inputs three; ``unit_sums``: those too)."""
     last, keep = ivec([rank - 1]), perm_range(rank - 1)
     prod = Term.binary("mul", probs, d_probs)
     row = Term.reduce("reduce_sum", Term.unary("neg", prod), last)
@@ -777,6 +777,8 @@ def _softmax_vjp_forms(probs: Term, d_probs: Term, rank: int):
     # half precision: jax.nn.softmax sums in float32, so its VJP sums the unit axis there and casts back
     widened = Term.convert(Term.reduce("reduce_sum", Term.convert(Term.reshape(row, s3), String("float32")), last), dt4)
     yield corrected(widened, keep), (s3[rank - 1] == i64(1), dtype(row) == dt4)
+    if not unit_sums:
+        return
     # unit axes (G = 1, Hkv = 1, a batch of 1 for unbatched inputs) summed with the new one
     for n_units in (1, 2):
         for units in itertools.combinations(range(rank - 1), n_units) if rank - 1 > n_units else ():
@@ -846,8 +848,9 @@ def softmax_backward():
 @attention_grad.family
 def reshaped_softmax_backward():
     """Softmax's backward taken on a reshape of the scores that keeps rows whole (`softmax_reshape`:
-    grouped-query code merges the group axis into the heads for the softmax), at the reshaped
-    dP = do · Vᵀ: reshaped back, it is the cotangent of the scores themselves."""
+    grouped-query code merges the group axis into the heads for the softmax; HF BLOOM splits its
+    [B·H] batch into [B, H] for the mask and the softmax), at the reshaped dP = do · Vᵀ: reshaped
+    back, it is the cotangent of the scores themselves (a reshape moves no value)."""
     soft_shape, scores_shape = var("soft_shape", IntVec), var("scores_shape", IntVec)
     for n_batch, n_free in RANK_CASES:
         rank = n_batch + n_free + 1
@@ -855,10 +858,10 @@ def reshaped_softmax_backward():
         facts = (_scores(sf_, q, k, sc0, cap, m, mk, fl, causal, i64(n_batch)), shape(v).length() == i64(n_batch + 2),
                  shape(sf_) == scores_shape)
         d_out = Term.dot(do_, v, ivec([rank - 1]), ivec([n_batch + 1]), batch, batch, dt, pr)
-        for soft_rank in range(2, rank):
+        for soft_rank in [*range(2, rank), rank + 1]:  # merged axes, or one batch axis split in two
             probs = Term.softmax(Term.reshape(sf_, soft_shape))
             for d_probs in (Term.reshape(d_out, soft_shape), Term.convert(Term.reshape(d_out, soft_shape), String("float32"))):
-                for form, conditions in _softmax_vjp_forms(probs, d_probs, soft_rank):
+                for form, conditions in _softmax_vjp_forms(probs, d_probs, soft_rank, unit_sums=soft_rank < rank):
                     yield rl(eq(e).to(form), soft_shape.length() == i64(soft_rank), *conditions, *facts)(
                         scores_cot(Term.reshape(e, scores_shape), sf_, sf_, do_, v))
 
@@ -884,6 +887,11 @@ def scores_backward():
              *staged)(scores_cot(e, x, sf_, do_, v))
     yield rl(eq(s_).to(Term.select(y, x, scalar(fl2, dt2, s1))), eq(e).to(Term.select(y, g_, scalar(0.0, dt3, s2))),
              *staged)(scores_cot(e, x, sf_, do_, v))
+    # the where taken on a reshape of the scores (`scores_reshape`: BLOOM masks [B, H, S, S] scores
+    # of a [B·H] product), its cotangent reshaped back: the same selection (a reshape moves no value)
+    g4 = var("g4", Term)
+    yield rl(eq(s_).to(Term.select(Term.reshape(y, s3), scalar(fl2, dt2, s1), x)), eq(g_).to(Term.reshape(g4, s3)),
+             eq(e).to(Term.reshape(Term.select(y, scalar(0.0, dt3, s2), g4), s3)), *staged)(scores_cot(e, x, sf_, do_, v))
 
 
 def _gradient_views(n_batch: int, n_free: int, swapped: bool):
