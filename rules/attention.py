@@ -822,6 +822,21 @@ def unit_axis_last():
 
 
 @attention_grad.family
+def widened_dot_operand():
+    """A float32 product of a half-precision operand widened to float32 and one still half (the
+    backward of P · V accumulated in float32 whose output was cast back to half precision: its
+    cotangent is widened before dP = do · Vᵀ) is the float32 product of the two half operands:
+    each product of two bfloat16 or float16 values is exact in float32 (8- or 11-bit significands,
+    float32's exponent range for bfloat16), and both accumulate in float32 (a reassociation)."""
+    f32 = String("float32")
+    half = (dtype(y) == dt, dtype(x) == dt, dt != f32, dt != String("float64"))
+    for half_dtype in ("bfloat16", "float16"):
+        cond = (*half, dt == String(half_dtype))
+        yield rw(Term.dot(Term.convert(x, f32), y, d1, d2, lb, rb, f32, pr), Term.dot(x, y, d1, d2, lb, rb, f32, pr), *cond)
+        yield rw(Term.dot(y, Term.convert(x, f32), d1, d2, lb, rb, f32, pr), Term.dot(y, x, d1, d2, lb, rb, f32, pr), *cond)
+
+
+@attention_grad.family
 def probabilities_first():
     """``dP * P`` is ``P * dP`` (how the backward of exp writes softmax's VJP): the forms below read P first."""
     yield rw(Term.binary("mul", x, Term.softmax(y)), Term.binary("mul", Term.softmax(y), x))
@@ -832,15 +847,23 @@ def softmax_backward():
     """jax.grad's backward of softmax(s) · V at output cotangent do: P * dP - P * rowsum(P * dP)
     with dP = do · Vᵀ (cast to float32 when P was cast to V's dtype) is the cotangent of the
     scores s (`scores_cot`), as jax.nn.softmax's VJP writes it or as the backward of a softmax
-    written by hand (`_quotient_vjp_forms`); over every rank case, a decode step's squeezed query too."""
+    written by hand (`_quotient_vjp_forms`); over every rank case, a decode step's squeezed query too.
+    A float32 dP rounded to V's half dtype and widened again (P cast to V's dtype, P · V accumulated in
+    float32: jax.grad rounds P's cotangent to P's dtype) is dP less precise: the op's backward keeps
+    dP in float32, as for the widened bfloat16 dP."""
+    f32 = String("float32")
     for n_batch, n_free in GRAD_CASES:
         rank = n_batch + n_free + 1
         batch = perm_range(n_batch)
         facts = (_scores(sf_, q, k, sc0, cap, m, mk, fl, causal, i64(n_batch)), shape(v).length() == i64(n_batch + 2))
         d_out = Term.dot(do_, v, ivec([rank - 1]), ivec([n_batch + 1]), batch, batch, dt, pr)
-        for d_probs in (d_out, Term.convert(d_out, String("float32"))):
+        for d_probs in (d_out, Term.convert(d_out, f32)):
             for form, conditions in _softmax_vjp_forms(Term.softmax(sf_), d_probs, rank):
                 yield rl(eq(e).to(form), *conditions, *facts)(scores_cot(e, sf_, sf_, do_, v))
+        rounded = Term.convert(Term.convert(d_out, dtp), f32)
+        half_v = (dtype(v) == dtp, dt == f32, dtp != f32)
+        for form, conditions in _softmax_vjp_forms(Term.softmax(sf_), rounded, rank, unit_sums=False):
+            yield rl(eq(e).to(form), *conditions, *half_v, *facts)(scores_cot(e, sf_, sf_, do_, v))
         for form, conditions in _quotient_vjp_forms(Term.softmax(sf_), d_out, rank):
             yield rl(eq(e).to(form), *conditions, *facts)(scores_cot(e, sf_, sf_, do_, v))
 
@@ -993,19 +1016,22 @@ def attention_gradients():
         # V's gradient: Pᵀ · do (P possibly cast to V's dtype), as [batch.., Sk, Dv] or transposed,
         # with do as the scores' cotangent read it or in another layout (do = transpose(w, perm))
         # (the free axes contracted in either order when there are two)
+        # (with P cast to V's dtype, the product may be accumulated in float32 and rounded to it)
         d_value, d_value_t = Term.reshape(dv_, sv), Term.transpose(Term.reshape(dv_, sv), swap_k)
-        for probs in (Term.softmax(sf_), Term.convert(Term.softmax(sf_), dtq)):
+        for cast, probs in enumerate((Term.softmax(sf_), Term.convert(Term.softmax(sf_), dtq))):
             for axes in {tuple(range(n_batch, n_batch + n_free)), tuple(reversed(range(n_batch, n_batch + n_free)))}:
                 pairs = ivec(axes)
                 moved = (eq(do_).to(Term.transpose(w_, pv_)), rc_ == pairs.map(lambda i: pv_[i]),
                          rb_ == batch.map(lambda i: pv_[i]))
-                yield rl(eq(e).to(Term.dot(probs, do_, pairs, pairs, batch, batch, dt, pr)), *known)(union(e).with_(d_value))
-                yield rl(eq(e).to(Term.dot(do_, probs, pairs, pairs, batch, batch, dt, pr)), *known)(
-                    union(e).with_(d_value_t))
-                yield rl(eq(e).to(Term.dot(probs, w_, pairs, rc_, batch, rb_, dt, pr)), *moved, *known)(
-                    union(e).with_(d_value))
-                yield rl(eq(e).to(Term.dot(w_, probs, rc_, pairs, rb_, batch, dt, pr)), *moved, *known)(
-                    union(e).with_(d_value_t))
+                for product, conds, result in (
+                    (Term.dot(probs, do_, pairs, pairs, batch, batch, dt, pr), (), d_value),
+                    (Term.dot(do_, probs, pairs, pairs, batch, batch, dt, pr), (), d_value_t),
+                    (Term.dot(probs, w_, pairs, rc_, batch, rb_, dt, pr), moved, d_value),
+                    (Term.dot(w_, probs, rc_, pairs, rb_, batch, dt, pr), moved, d_value_t),
+                ):
+                    forms = _rounded(lambda t: t, product) if cast else [(product, ())]
+                    for form, rounding in forms:
+                        yield rl(eq(e).to(form), *rounding, *conds, *known)(union(e).with_(result))
 
 
 # --- gradients of more forward spellings: a soft-cap, a traced scale, exp(log_softmax) and E times
