@@ -59,7 +59,7 @@ class OptimizeOptions:
     def rule_names(self, program: Program | None = None) -> list[str] | None:
         """The rule sets to run: the chosen ones, plus the precision's own (`PRECISION_RULES`); with
         the default sets, `GRADIENT_RULES` too when ``program`` writes out softmax's backward."""
-        extra = [GRADIENT_RULES] if self.rules is None and program is not None and writes_softmax_backward(program) else []
+        extra = [GRADIENT_RULES] if self.rules is None and program is not None and writes_attention_backward(program) else []
         if self.precision == "exact":
             return None if self.rules is None and not extra else [*(self.rules or DEFAULT_RULESETS), *extra]
         names = [*(DEFAULT_RULESETS if self.rules is None else self.rules), *extra]
@@ -85,6 +85,40 @@ def writes_softmax_backward(program: Program) -> bool:
         return summed.op == "mul" and any(nodes[i].op == "neg" for i in summed.inputs)
 
     return any(node.op == "reduce_sum" and row_sum_of_backward(node) for node in nodes)
+
+
+def contracts_softmax_across_rows(program: Program) -> bool:
+    """Whether ``program`` contracts a written-out softmax ``exp(x) / sum(exp(x))`` (possibly cast)
+    in a dot_general over none of the axes its rows sum: Pᵀ · do, V's gradient, as jax.grad writes
+    it when Q and K are not differentiated (then no softmax backward is written out)."""
+    nodes = program.nodes
+
+    def row_axes(node) -> frozenset[int]:
+        if node.op == "convert_element_type":
+            node = nodes[node.inputs[0]]
+        if node.op != "div" or nodes[node.inputs[0]].op != "exp":
+            return frozenset()
+        total = nodes[node.inputs[1]]
+        while total.op in ("broadcast_in_dim", "reshape"):
+            total = nodes[total.inputs[0]]
+        if total.op == "reduce_sum" and total.inputs[0] == node.inputs[0]:
+            return frozenset(total["axes"])
+        return frozenset()
+
+    for node in nodes:
+        if node.op != "dot_general":
+            continue
+        for operand, contract in zip(node.inputs, (node["lhs_contract"], node["rhs_contract"])):
+            rows = row_axes(nodes[operand])
+            if rows and not rows & set(contract):
+                return True
+    return False
+
+
+def writes_attention_backward(program: Program) -> bool:
+    """Whether ``program`` writes out part of attention's backward: softmax's
+    (`writes_softmax_backward`) or V's gradient alone (`contracts_softmax_across_rows`)."""
+    return writes_softmax_backward(program) or contracts_softmax_across_rows(program)
 
 
 #: "exact": values change only by float reassociation; "fast_math": softmax spellings equal to

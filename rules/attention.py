@@ -1034,6 +1034,35 @@ def attention_gradients():
                         yield rl(eq(e).to(form), *rounding, *conds, *known)(union(e).with_(result))
 
 
+@attention_grad.family
+def value_gradient_only():
+    """Pᵀ · do over P = softmax(scores) (`attn_scores`), where Q and K are not differentiated (frozen
+    or quantized: no softmax backward, so no `grad_op`), is V's gradient of that attention: the op's
+    dV at do, with V's place taken by zeros of V's shape (the shape of Pᵀ · do): dV = Pᵀ · do reads P
+    and do only, never V (the flash backward reads V for dQ and dK alone), so V's values cannot
+    change it. Equal to the program's product but for the order of its sums (and P's rounding to
+    V's dtype where the program casts P, as in `attention_gradients`)."""
+    for n_batch, n_free in GRAD_CASES:
+        rank = n_batch + n_free + 1
+        batch, pairs = perm_range(n_batch), ivec(range(n_batch, n_batch + n_free))
+        q4, k4, v4, mask4, _ = _attention_4d(n_batch, n_free)
+        do4, _, _ = _gradient_views(n_batch, n_free, False)
+        flag = i64(0) if n_free == 0 else causal
+        zeros = Term.broadcast(Term.literal(0.0, dte), sv, NONE)
+        shapes = (shape(q) == ss, ss.length() == i64(rank), shape(k) == sk_, shape(e) == sv, dtype(q) == dtq,
+                  dtype(k) == dtq, dtype(do_) == dte, dtype(e) == dte)
+        for probs in (Term.softmax(sf_), Term.convert(Term.softmax(sf_), dte)):
+            for kind in ("none", "bias", "bool", "bias+bool"):
+                mask_fact, mask_term = _mask_operand(kind, mask4)
+                facts = (_scores(sf_, q, k, sc0, cap, mask_fact, String(kind), fl, flag, i64(n_batch)), *shapes)
+                for same_dtype in (True, False):  # as `attention`: computed in V's dtype where Q's differs (int8 Q, K)
+                    compute, dtype_cond = (String(""), dte == dtq) if same_dtype else (dte, dte != dtq)
+                    d_value = Term.attention_vjp(q4(q), k4(k), v4(zeros), do4(do_), mask_term, BHSD, K_TRANSPOSED, BHSD,
+                                                 BHSD, sc0, flag, String(kind), compute, fl, cap, i64(2))
+                    yield rl(eq(e).to(Term.dot(probs, do_, pairs, pairs, batch, batch, dt, pr)), dtype_cond, *facts)(
+                        union(e).with_(Term.reshape(d_value, sv)))
+
+
 # --- gradients of more forward spellings: a soft-cap, a traced scale, exp(log_softmax) and E times
 # the reciprocal of its sum (with the max not under stop_gradient). Each family's docstring states
 # why its cotangent is the program's.
