@@ -119,6 +119,40 @@ def reciprocal_unstopped_max(q, k, v):
     return jnp.einsum("bhqk,bhkd->bhqd", e * jnp.reciprocal(e.sum(-1, keepdims=True)), v)
 
 
+def keys_first_scores(q, k, v):
+    """Scores as K·Qᵀ [B, H, Sk, Sq], softmax over axis -2."""
+    p = jax.nn.softmax(jnp.einsum("bhkd,bhqd->bhkq", k, q) * 0.25, axis=-2)
+    return jnp.einsum("bhkq,bhkd->bhqd", p, v)
+
+
+def haliax_kv_first(q, k, v):
+    """Haliax-style scores [B, KPos, H, QPos] of [B, S, H, D] operands, softmax over axis 1."""
+    w = jnp.einsum("bqhd,bkhd->bkhq", q, k) * 0.25
+    return jnp.einsum("bkhq,bkhd->bqhd", jax.nn.softmax(w, axis=1), v)
+
+
+def decode_squeezed(q, k, v, keep):
+    """A decode step: q [B, H, D] without a query axis against [B, H, S, D] caches, a length mask."""
+    s = jnp.einsum("bhd,bhkd->bhk", q, k) * 0.25
+    return jnp.einsum("bhk,bhkd->bhd", _softmax(jnp.where(keep[:, None, :], s, -jnp.inf)), v)
+
+
+def bloom_folded(q, k, v):
+    """HF BLOOM: [B*H, S, D] operands, ALiBi, scores reshaped to [B, H, S, S] for the causal mask."""
+    alibi = jnp.tile(jnp.asarray([0.5, 0.25], F32)[:, None] * jnp.arange(S, dtype=F32)[None, :], (B, 1))[:, None, :]
+    scores = (alibi + jnp.matmul(q, jnp.swapaxes(k, 1, 2)) * 0.25).reshape(B, H, S, S)
+    keep = jnp.arange(S)[:, None] >= jnp.arange(S)[None, :]
+    p = _softmax(jnp.where(keep, scores, jnp.finfo(F32).min)).reshape(B * H, S, S)
+    return jnp.matmul(p, v)
+
+
+def bf16_pet_output_cast(q, k, v):
+    """bf16 operands, f32 accumulation (preferred_element_type), the output cast back to bf16."""
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=F32) * 0.25
+    p = _softmax(s).astype(BF16)
+    return jnp.einsum("bhqk,bhkd->bhqd", p, v, preferred_element_type=F32).astype(BF16)
+
+
 BHSD = ((B, H, S, D),) * 3
 KEEP = jnp.asarray(np.arange(S)[None, :] < np.array([5, S])[:, None])
 CASES = {
@@ -135,8 +169,16 @@ CASES = {
     "traced_scale": (traced_scale, BHSD, ("scale",), F32),
     "exp_log_softmax": (exp_log_softmax, BHSD, (), F32),
     "reciprocal_unstopped_max": (reciprocal_unstopped_max, BHSD, (), F32),
+    "keys_first_scores": (keys_first_scores, BHSD, (), F32),
+    "haliax_kv_first": (haliax_kv_first, ((B, S, H, D),) * 3, (), F32),
+    "decode_squeezed": (decode_squeezed, ((B, H, D), (B, H, S, D), (B, H, S, D)), ("keep",), F32),
+    "bloom_folded": (bloom_folded, ((B * H, S, D),) * 3, (), F32),
+    "bf16_pet_output_cast": (bf16_pet_output_cast, BHSD, (), BF16),
 }
 SPELLED_BACKWARDS = ("soft_capped", "soft_capped_earlier_jax", "traced_scale", "exp_log_softmax", "reciprocal_unstopped_max")
+LAYOUTS = ("keys_first_scores", "haliax_kv_first", "decode_squeezed", "bloom_folded")
+"""Layouts of scores whose backward is raised (issue 19): softmax over a non-last axis, a query
+without a sequence axis, heads folded into the batch and reshaped for the mask."""
 
 
 def _grad_fn(fn):
@@ -215,6 +257,41 @@ def test_spelled_backwards_keep_nonfinite_positions(name, special):
     got, want = optimized(*args), fn(*args)
     assert any(not np.all(np.isfinite(np.asarray(w))) for w in want)  # the check is not vacuous
     assert excess_error(got, want, tolerance(args, want)) <= 0
+
+
+@pytest.mark.parametrize("special", [np.inf, np.nan])
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_layout_backwards_keep_nonfinite_positions(name, special):
+    """The backwards over K·Qᵀ scores, Haliax's [B, K, H, Q] scores, a decode step's squeezed query
+    and BLOOM's folded heads, raised, keep the written-out gradients' NaN and Inf positions."""
+    fn = _grad_fn(CASES[name][0])
+    optimized = _optimized(name)
+    args = _args(name, seed=29, specials=(special,))
+    report = optimized.explain(*args)
+    assert sorted(info.gradient for info in report.attention) == ["dk", "dq", "dv"], str(report.after)
+    got, want = optimized(*args), fn(*args)
+    assert any(not np.all(np.isfinite(np.asarray(w))) for w in want)  # the check is not vacuous
+    assert excess_error(got, want, tolerance(args, want)) <= 0
+
+
+@pytest.mark.parametrize("special", [None, np.inf, np.nan])
+def test_value_gradient_alone_raised(special):
+    """jax.grad with respect to V alone (Q and K frozen: no softmax backward) is the op's dV: one
+    gradient, no P left, the written-out values (±0, denormals, ±40 planted; Inf or NaN too)."""
+    def loss(q, k, v, cot):
+        return jnp.sum(scaled(q, k, v) * cot)
+
+    fn = jax.grad(loss, argnums=2)
+    optimized = ea.optimize(fn, cost_model=for_device("h100"), limits=LIMITS)
+    q, k, v = _inputs(31, BHSD, specials=() if special is None else (special,))
+    (cot,) = _inputs(32, (BHSD[0],))
+    report = optimized.explain(q, k, v, cot)
+    assert [info.gradient for info in report.attention] == ["dv"], str(report.after)
+    assert "softmax" not in {n.op for n in report.after.nodes}, "dV still reads P"
+    got, want = optimized(q, k, v, cot), fn(q, k, v, cot)
+    if special is not None:
+        assert not np.all(np.isfinite(np.asarray(want)))  # the check is not vacuous
+    assert excess_error(got, want, tolerance((q, k, v, cot), want)) <= 0
 
 
 def test_soft_capped_gradients_match_float64():
