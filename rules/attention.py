@@ -872,7 +872,7 @@ def softmax_backward():
 def reshaped_softmax_backward():
     """Softmax's backward taken on a reshape of the scores that keeps rows whole (`softmax_reshape`:
     grouped-query code merges the group axis into the heads for the softmax; HF BLOOM splits its
-    [B·H] batch into [B, H] for the mask and the softmax), at the reshaped dP = do · Vᵀ: reshaped
+    one [B·H] batch axis into [B, H] for the mask and the softmax), at the reshaped dP = do · Vᵀ: reshaped
     back, it is the cotangent of the scores themselves (a reshape moves no value)."""
     soft_shape, scores_shape = var("soft_shape", IntVec), var("scores_shape", IntVec)
     for n_batch, n_free in RANK_CASES:
@@ -881,7 +881,8 @@ def reshaped_softmax_backward():
         facts = (_scores(sf_, q, k, sc0, cap, m, mk, fl, causal, i64(n_batch)), shape(v).length() == i64(n_batch + 2),
                  shape(sf_) == scores_shape)
         d_out = Term.dot(do_, v, ivec([rank - 1]), ivec([n_batch + 1]), batch, batch, dt, pr)
-        for soft_rank in [*range(2, rank), rank + 1]:  # merged axes, or one batch axis split in two
+        split = [rank + 1] if n_batch == 1 else []  # a [B·H] batch split into [B, H] (BLOOM)
+        for soft_rank in [*range(2, rank), *split]:  # merged axes, or the batch split
             probs = Term.softmax(Term.reshape(sf_, soft_shape))
             for d_probs in (Term.reshape(d_out, soft_shape), Term.convert(Term.reshape(d_out, soft_shape), String("float32"))):
                 for form, conditions in _softmax_vjp_forms(probs, d_probs, soft_rank, unit_sums=soft_rank < rank):
@@ -1055,12 +1056,11 @@ def value_gradient_only():
             for kind in ("none", "bias", "bool", "bias+bool"):
                 mask_fact, mask_term = _mask_operand(kind, mask4)
                 facts = (_scores(sf_, q, k, sc0, cap, mask_fact, String(kind), fl, flag, i64(n_batch)), *shapes)
-                for same_dtype in (True, False):  # as `attention`: computed in V's dtype where Q's differs (int8 Q, K)
-                    compute, dtype_cond = (String(""), dte == dtq) if same_dtype else (dte, dte != dtq)
-                    d_value = Term.attention_vjp(q4(q), k4(k), v4(zeros), do4(do_), mask_term, BHSD, K_TRANSPOSED, BHSD,
-                                                 BHSD, sc0, flag, String(kind), compute, fl, cap, i64(2))
-                    yield rl(eq(e).to(Term.dot(probs, do_, pairs, pairs, batch, batch, dt, pr)), dtype_cond, *facts)(
-                        union(e).with_(Term.reshape(d_value, sv)))
+                # computed in V's dtype (the kernel casts Q and K to it: int8 Q and K; a no-op where they share it)
+                d_value = Term.attention_vjp(q4(q), k4(k), v4(zeros), do4(do_), mask_term, BHSD, K_TRANSPOSED, BHSD,
+                                             BHSD, sc0, flag, String(kind), dte, fl, cap, i64(2))
+                yield rl(eq(e).to(Term.dot(probs, do_, pairs, pairs, batch, batch, dt, pr)), *facts)(
+                    union(e).with_(Term.reshape(d_value, sv)))
 
 
 # --- gradients of more forward spellings: a soft-cap, a traced scale, exp(log_softmax) and E times
