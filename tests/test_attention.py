@@ -136,9 +136,13 @@ def mask_small_negative(q, k, v):
 
 @pytest.mark.parametrize("fn", [softmax_wrong_axis, op_between_matmuls])
 def test_near_misses_are_left_alone(fn):
+    """Neither is attention. A softmax over the queries contracted over the keys is Pᵀ · V for P the
+    softmax of K·Qᵀ over its last axis: exactly V's gradient of attention(K, Q) at cotangent V, which
+    it may become (`attention_grad.value_gradient_only`), never forward attention."""
     optimized = ea.optimize(fn, limits=Limits(iterations=20, seconds=SAFETY_NET_S))
     report = optimized.explain(Q4, K4, V4)
-    assert report.attention == []
+    allowed = {"dv"} if fn is softmax_wrong_axis else set()
+    assert {info.gradient for info in report.attention} <= allowed, report.after
     _close(optimized(Q4, K4, V4), fn(Q4, K4, V4))
 
 
