@@ -827,11 +827,12 @@ def widened_dot_operand():
     backward of P · V accumulated in float32 whose output was cast back to half precision: its
     cotangent is widened before dP = do · Vᵀ) is the float32 product of the two half operands:
     each product of two bfloat16 or float16 values is exact in float32 (8- or 11-bit significands,
-    float32's exponent range for bfloat16), and both accumulate in float32 (a reassociation)."""
+    float32's exponent range for bfloat16), and both accumulate in float32 (a reassociation). Where
+    a default precision rounds float32 operands (TF32 keeps 11 bits: both exact; a TPU's bfloat16
+    pass rounds a float16 operand), the half product is the more precise."""
     f32 = String("float32")
-    half = (dtype(y) == dt, dtype(x) == dt, dt != f32, dt != String("float64"))
     for half_dtype in ("bfloat16", "float16"):
-        cond = (*half, dt == String(half_dtype))
+        cond = (dtype(x) == dt, dtype(y) == dt, dt == String(half_dtype))
         yield rw(Term.dot(Term.convert(x, f32), y, d1, d2, lb, rb, f32, pr), Term.dot(x, y, d1, d2, lb, rb, f32, pr), *cond)
         yield rw(Term.dot(y, Term.convert(x, f32), d1, d2, lb, rb, f32, pr), Term.dot(y, x, d1, d2, lb, rb, f32, pr), *cond)
 
