@@ -58,8 +58,8 @@ class OptimizeOptions:
 
     def rule_names(self, program: Program | None = None) -> list[str] | None:
         """The rule sets to run: the chosen ones, plus the precision's own (`PRECISION_RULES`); with
-        the default sets, `GRADIENT_RULES` too when ``program`` writes out softmax's backward."""
-        extra = [GRADIENT_RULES] if self.rules is None and program is not None and writes_attention_backward(program) else []
+        the default sets, a gradient's too (`gradient_rules`)."""
+        extra = gradient_rules(program) if self.rules is None and program is not None else []
         if self.precision == "exact":
             return None if self.rules is None and not extra else [*(self.rules or DEFAULT_RULESETS), *extra]
         names = [*(DEFAULT_RULESETS if self.rules is None else self.rules), *extra]
@@ -70,6 +70,9 @@ class OptimizeOptions:
 #: the rule set raising a jax.grad program's attention backward (rules/attention.py): its rules
 #: match only where softmax's backward is written out, so the default sets add it only then
 GRADIENT_RULES = "attention_grad"
+
+#: the rule set raising V's gradient alone (Pᵀ · do where Q and K are not differentiated)
+VALUE_GRADIENT_RULES = "attention_value_grad"
 
 
 def writes_softmax_backward(program: Program) -> bool:
@@ -115,10 +118,14 @@ def contracts_softmax_across_rows(program: Program) -> bool:
     return False
 
 
-def writes_attention_backward(program: Program) -> bool:
-    """Whether ``program`` writes out part of attention's backward: softmax's
-    (`writes_softmax_backward`) or V's gradient alone (`contracts_softmax_across_rows`)."""
-    return writes_softmax_backward(program) or contracts_softmax_across_rows(program)
+def gradient_rules(program: Program) -> list[str]:
+    """The gradient rule set ``program`` needs: `GRADIENT_RULES` where it writes out softmax's
+    backward; else `VALUE_GRADIENT_RULES` where it contracts a written-out softmax across its rows
+    (V's gradient alone). Not both: beside dQ and dK, the op's dV comes from their one backward
+    call, and a dV op of its own (with zeros for V) would run the backward a second time."""
+    if writes_softmax_backward(program):
+        return [GRADIENT_RULES]
+    return [VALUE_GRADIENT_RULES] if contracts_softmax_across_rows(program) else []
 
 
 #: "exact": values change only by float reassociation; "fast_math": softmax spellings equal to

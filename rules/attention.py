@@ -6,7 +6,8 @@ transpose into attention and bubbling it into the operand's producer (IREE PR 19
 stop_gradient of a stable softmax, where-masks built from iota comparisons), raises the
 stable softmax over the last axis to `softmax`, and matches attention in the canonical
 batched matmul form the `canonical` rule set provides. `attention_layout` folds operand
-transposes into the layouts and exposes the standard and transposed-V forms."""
+transposes into the layouts and exposes the standard and transposed-V forms. `attention_grad` and
+`attention_value_grad` raise a jax.grad program's written-out backward to the op's gradients."""
 
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ attention_raise = RuleSet(
 attention_grad = RuleSet(
     "attention_grad",
     "Raise a jax.grad program's written-out attention backward to the op's gradients (attention_vjp).",
+    phase="raise",
+)
+attention_value_grad = RuleSet(
+    "attention_value_grad",
+    "Raise V's gradient alone (Pᵀ · do, Q and K not differentiated) to the op's dV (attention_vjp).",
     phase="raise",
 )
 attention_layout = RuleSet(
@@ -1036,14 +1042,15 @@ def attention_gradients():
                         yield rl(eq(e).to(form), *rounding, *conds, *known)(union(e).with_(result))
 
 
-@attention_grad.family
+@attention_value_grad.family
 def value_gradient_only():
     """Pᵀ · do over P = softmax(scores) (`attn_scores`), where Q and K are not differentiated (frozen
-    or quantized: no softmax backward, so no `grad_op`), is V's gradient of that attention: the op's
-    dV at do, with V's place taken by zeros of V's shape (the shape of Pᵀ · do): dV = Pᵀ · do reads P
-    and do only, never V (the flash backward reads V for dQ and dK alone), so V's values cannot
-    change it. Equal to the program's product but for the order of its sums (and P's rounding to
-    V's dtype where the program casts P, as in `attention_gradients`)."""
+    or quantized: no softmax backward, so no `grad_op`; the pipeline runs this rule set only then,
+    since beside dQ and dK the op's dV comes from their one backward call), is V's gradient of that
+    attention: the op's dV at do, with V's place taken by zeros of V's shape (the shape of Pᵀ · do):
+    dV = Pᵀ · do reads P and do only, never V (the flash backward reads V for dQ and dK alone), so
+    V's values cannot change it. Equal to the program's product but for the order of its sums (and
+    P's rounding to V's dtype where the program casts P, as in `attention_gradients`)."""
     for n_batch, n_free in GRAD_CASES:
         rank = n_batch + n_free + 1
         batch, pairs = perm_range(n_batch), ivec(range(n_batch, n_batch + n_free))
