@@ -312,7 +312,10 @@ def test_soft_capped_gradients_match_float64():
         assert np.abs(np.asarray(g, np.float64) - w).max() <= 1e-4 * (1.0 + np.abs(w).max())
 
 
-def test_three_gradients_run_as_one_call(monkeypatch):
+@pytest.mark.parametrize("name", ["scaled", "key_padding", "decode_squeezed"])
+def test_three_gradients_run_as_one_call(monkeypatch, name):
+    """dQ, dK and dV of one attention are one backward call (dV is not a second op of its own,
+    such as `value_gradient_only`'s with zeros for V, which would run the backward again)."""
     calls = []
     original = lower_module.attention_gradients
 
@@ -321,8 +324,8 @@ def test_three_gradients_run_as_one_call(monkeypatch):
         return original(node, args, kernel)
 
     monkeypatch.setattr(lower_module, "attention_gradients", counting)
-    optimized = _optimized("scaled")
-    optimized(*_args("scaled", seed=3))
+    optimized = _optimized(name)
+    optimized(*_args(name, seed=3))
     assert len(calls) == 1
 
 
