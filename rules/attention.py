@@ -839,8 +839,9 @@ def widened_dot_operand():
     f32 = String("float32")
     for half_dtype in ("bfloat16", "float16"):
         cond = (dtype(x) == dt, dtype(y) == dt, dt == String(half_dtype))
-        yield rw(Term.dot(Term.convert(x, f32), y, d1, d2, lb, rb, f32, pr), Term.dot(x, y, d1, d2, lb, rb, f32, pr), *cond)
-        yield rw(Term.dot(y, Term.convert(x, f32), d1, d2, lb, rb, f32, pr), Term.dot(y, x, d1, d2, lb, rb, f32, pr), *cond)
+        dims = (d1, d2, lb, rb, f32, pr)
+        yield rw(Term.dot(Term.convert(x, f32), y, *dims), Term.dot(x, y, *dims), *cond)
+        yield rw(Term.dot(y, Term.convert(x, f32), *dims), Term.dot(y, x, *dims), *cond)
 
 
 @attention_grad.family
@@ -879,8 +880,8 @@ def softmax_backward():
 def reshaped_softmax_backward():
     """Softmax's backward taken on a reshape of the scores that keeps rows whole (`softmax_reshape`:
     grouped-query code merges the group axis into the heads for the softmax; HF BLOOM splits its
-    one [B·H] batch axis into [B, H] for the mask and the softmax), at the reshaped dP = do · Vᵀ: reshaped
-    back, it is the cotangent of the scores themselves (a reshape moves no value)."""
+    one [B·H] batch axis into [B, H] for the mask and the softmax), at the reshaped dP = do · Vᵀ:
+    reshaped back, it is the cotangent of the scores themselves (a reshape moves no value)."""
     soft_shape, scores_shape = var("soft_shape", IntVec), var("scores_shape", IntVec)
     for n_batch, n_free in RANK_CASES:
         rank = n_batch + n_free + 1
@@ -922,7 +923,8 @@ def scores_backward():
     # of a [B·H] product), its cotangent reshaped back: the same selection (a reshape moves no value)
     g4 = var("g4", Term)
     yield rl(eq(s_).to(Term.select(Term.reshape(y, s3), scalar(fl2, dt2, s1), x)), eq(g_).to(Term.reshape(g4, s3)),
-             eq(e).to(Term.reshape(Term.select(y, scalar(0.0, dt3, s2), g4), s3)), *staged)(scores_cot(e, x, sf_, do_, v))
+             eq(e).to(Term.reshape(Term.select(y, scalar(0.0, dt3, s2), g4), s3)), *staged)(
+        scores_cot(e, x, sf_, do_, v))
 
 
 def _gradient_views(n_batch: int, n_free: int, swapped: bool):

@@ -1191,11 +1191,11 @@ WEIGHTS_NEEDED = ("their output O is attention, but the weights P are needed too
 KNOWN_RAISED_NEGATIVES: dict[str, str] = {
     "neg_weights_also_returned": WEIGHTS_NEEDED,
     "neg_weights_head_averaged_used": WEIGHTS_NEEDED,
-    "neg_softmax_over_query_axis": "softmax over the queries, contracted over the keys, is Pᵀ · V for P = softmax of "
-                                   "K·Qᵀ over its last axis: the op's dV of attention(K, Q) at cotangent V, exactly "
-                                   "(rules/attention.py, value_gradient_only)",
-    "neg_pv_contracts_query_axis": "P contracted with V over the queries is Pᵀ · V: the op's dV of that attention at "
-                                   "cotangent V, exactly (rules/attention.py, value_gradient_only)",
+    "neg_softmax_over_query_axis": "softmax over the queries, contracted over the keys, is Pᵀ · V for P = softmax "
+                                   "of K·Qᵀ over its last axis: the op's dV of attention(K, Q) at cotangent V, "
+                                   "exactly (rules/attention.py, value_gradient_only)",
+    "neg_pv_contracts_query_axis": "P contracted with V over the queries is Pᵀ · V: the op's dV of that attention "
+                                   "at cotangent V, exactly (rules/attention.py, value_gradient_only)",
 }
 
 #: the longest cases (5-D gradients, two runs each), run first so that parallel workers balance
