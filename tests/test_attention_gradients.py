@@ -14,7 +14,9 @@ import pytest
 from jax import lax
 
 import eqsat_attn as ea
+from eqsat_attn.capture import capture
 from eqsat_attn.cost import for_device
+from eqsat_attn.pipeline import gradient_rules
 
 from attention_corpus import LIMITS, excess_error, tolerance
 
@@ -292,6 +294,16 @@ def test_value_gradient_alone_raised(special):
     if special is not None:
         assert not np.all(np.isfinite(np.asarray(want)))  # the check is not vacuous
     assert excess_error(got, want, tolerance((q, k, v, cot), want)) <= 0
+
+
+def test_gradient_rule_sets_follow_what_the_program_writes_out():
+    """A full backward gets `attention_grad`, V's gradient alone `attention_value_grad` (never both:
+    their two dV ops would run the backward twice), a forward program neither."""
+    args = _args("scaled", seed=1)
+    value_only = jax.grad(lambda q, k, v, cot: jnp.sum(scaled(q, k, v) * cot), argnums=2)
+    assert gradient_rules(capture(_grad_fn(scaled), *args).program) == ["attention_grad"]
+    assert gradient_rules(capture(value_only, *args).program) == ["attention_value_grad"]
+    assert gradient_rules(capture(scaled, *args[:3]).program) == []
 
 
 def test_soft_capped_gradients_match_float64():
