@@ -91,10 +91,15 @@ def writes_softmax_backward(program: Program) -> bool:
 
 
 def contracts_softmax_across_rows(program: Program) -> bool:
-    """Whether ``program`` contracts a written-out softmax ``exp(x) / sum(exp(x))`` (possibly cast)
-    in a dot_general over none of the axes its rows sum: Pᵀ · do, V's gradient, as jax.grad writes
-    it when Q and K are not differentiated (then no softmax backward is written out)."""
+    """Whether ``program`` contracts a written-out softmax ``exp(x) / sum(exp(x))`` (possibly cast,
+    the sum possibly in float32) in a dot_general over none of the axes its rows sum: Pᵀ · do, V's
+    gradient, as jax.grad writes it when Q and K are not differentiated (then no softmax backward
+    is written out)."""
     nodes = program.nodes
+    passing = ("broadcast_in_dim", "reshape", "convert_element_type")
+
+    def uncast(node_id: int) -> int:
+        return nodes[node_id].inputs[0] if nodes[node_id].op == "convert_element_type" else node_id
 
     def row_axes(node) -> frozenset[int]:
         if node.op == "convert_element_type":
@@ -102,9 +107,9 @@ def contracts_softmax_across_rows(program: Program) -> bool:
         if node.op != "div" or nodes[node.inputs[0]].op != "exp":
             return frozenset()
         total = nodes[node.inputs[1]]
-        while total.op in ("broadcast_in_dim", "reshape"):
+        while total.op in passing:
             total = nodes[total.inputs[0]]
-        if total.op == "reduce_sum" and total.inputs[0] == node.inputs[0]:
+        if total.op == "reduce_sum" and uncast(total.inputs[0]) == node.inputs[0]:
             return frozenset(total["axes"])
         return frozenset()
 

@@ -296,6 +296,27 @@ def test_value_gradient_alone_raised(special):
     assert excess_error(got, want, tolerance((q, k, v, cot), want)) <= 0
 
 
+def test_value_gradient_alone_raised_in_bfloat16():
+    """bf16 (jax.nn.softmax sums in float32): dV alone raised with the written-out one's non-finite
+    positions, on average no further from the float32 gradient (the op's P comes from float32
+    scores, the program's from bf16 ones), and nowhere further by more than one bf16 rounding (dV
+    is one bf16 output: where the two round to neighbours, either may be the nearer)."""
+    def loss(q, k, v, cot):
+        return jnp.sum(scaled(q, k, v).astype(F32) * cot)
+
+    fn = jax.grad(loss, argnums=2)
+    optimized = ea.optimize(fn, cost_model=for_device("h100"), limits=LIMITS)
+    args = (*_inputs(33, BHSD, BF16), *_inputs(34, (BHSD[0],)))
+    assert [info.gradient for info in optimized.explain(*args).attention] == ["dv"]
+    got, want = (np.asarray(x, np.float64) for x in (optimized(*args), fn(*args)))
+    truth = np.asarray(fn(*[a.astype(F32) for a in args]), np.float64)
+    assert np.array_equal(np.isfinite(got), np.isfinite(want))
+    finite = np.isfinite(truth)
+    got_error, want_error = (np.abs(x - truth)[finite] / (1.0 + np.abs(truth[finite])) for x in (got, want))
+    assert got_error.mean() <= want_error.mean()
+    assert got_error.max() <= want_error.max() + 2.0 ** -8
+
+
 def test_gradient_rule_sets_follow_what_the_program_writes_out():
     """A full backward gets `attention_grad`, V's gradient alone `attention_value_grad` (never both:
     their two dV ops would run the backward twice), a forward program neither."""
@@ -303,6 +324,8 @@ def test_gradient_rule_sets_follow_what_the_program_writes_out():
     value_only = jax.grad(lambda q, k, v, cot: jnp.sum(scaled(q, k, v) * cot), argnums=2)
     assert gradient_rules(capture(_grad_fn(scaled), *args).program) == ["attention_grad"]
     assert gradient_rules(capture(value_only, *args).program) == ["attention_value_grad"]
+    half = [a.astype(BF16) for a in args[:3]] + [args[3]]  # jax.nn.softmax sums bf16 in float32
+    assert gradient_rules(capture(value_only, *half).program) == ["attention_value_grad"]
     assert gradient_rules(capture(scaled, *args[:3]).program) == []
 
 
