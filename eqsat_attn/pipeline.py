@@ -58,8 +58,8 @@ class OptimizeOptions:
 
     def rule_names(self, program: Program | None = None) -> list[str] | None:
         """The rule sets to run: the chosen ones, plus the precision's own (`PRECISION_RULES`); with
-        the default sets, `GRADIENT_RULES` too when ``program`` writes out softmax's backward."""
-        extra = [GRADIENT_RULES] if self.rules is None and program is not None and writes_softmax_backward(program) else []
+        the default sets, a gradient's too (`gradient_rules`)."""
+        extra = gradient_rules(program) if self.rules is None and program is not None else []
         if self.precision == "exact":
             return None if self.rules is None and not extra else [*(self.rules or DEFAULT_RULESETS), *extra]
         names = [*(DEFAULT_RULESETS if self.rules is None else self.rules), *extra]
@@ -70,6 +70,10 @@ class OptimizeOptions:
 #: the rule set raising a jax.grad program's attention backward (rules/attention.py): its rules
 #: match only where softmax's backward is written out, so the default sets add it only then
 GRADIENT_RULES = "attention_grad"
+
+#: the rule set raising V's gradient alone (Pᵀ · do where Q and K are not differentiated): opt in,
+#: ``ea.optimize(fn, rules=[*DEFAULT_RULESETS, VALUE_GRADIENT_RULES])`` (see `gradient_rules`)
+VALUE_GRADIENT_RULES = "attention_value_grad"
 
 
 def writes_softmax_backward(program: Program) -> bool:
@@ -85,6 +89,14 @@ def writes_softmax_backward(program: Program) -> bool:
         return summed.op == "mul" and any(nodes[i].op == "neg" for i in summed.inputs)
 
     return any(node.op == "reduce_sum" and row_sum_of_backward(node) for node in nodes)
+
+
+def gradient_rules(program: Program) -> list[str]:
+    """The gradient rule set ``program`` needs: `GRADIENT_RULES` where it writes out softmax's
+    backward. (`VALUE_GRADIENT_RULES` is never added by default: V's gradient alone, Pᵀ · do, is
+    also a softmax over the queries contracted with V over the keys, a form that is not attention;
+    and beside dQ and dK a dV op of its own would run the backward a second time.)"""
+    return [GRADIENT_RULES] if writes_softmax_backward(program) else []
 
 
 #: "exact": values change only by float reassociation; "fast_math": softmax spellings equal to

@@ -6,7 +6,8 @@ transpose into attention and bubbling it into the operand's producer (IREE PR 19
 stop_gradient of a stable softmax, where-masks built from iota comparisons), raises the
 stable softmax over the last axis to `softmax`, and matches attention in the canonical
 batched matmul form the `canonical` rule set provides. `attention_layout` folds operand
-transposes into the layouts and exposes the standard and transposed-V forms."""
+transposes into the layouts and exposes the standard and transposed-V forms. `attention_grad` and
+`attention_value_grad` raise a jax.grad program's written-out backward to the op's gradients."""
 
 from __future__ import annotations
 
@@ -28,6 +29,11 @@ attention_raise = RuleSet(
 attention_grad = RuleSet(
     "attention_grad",
     "Raise a jax.grad program's written-out attention backward to the op's gradients (attention_vjp).",
+    phase="raise",
+)
+attention_value_grad = RuleSet(
+    "attention_value_grad",
+    "Raise V's gradient alone (Pᵀ · do, Q and K not differentiated) to the op's dV (attention_vjp).",
     phase="raise",
 )
 attention_layout = RuleSet(
@@ -302,7 +308,9 @@ RANK_CASES = [(n_batch, n_free) for n_batch in (0, 1, 2) for n_free in (1, 2)] +
 grouped: [B, Hkv, G, Sq, D]); and [X,B,H,S,D] (attention under a vmap: X·B is the op's batch)."""
 DECODE_CASES = [(2, 0), (1, 0)]
 """Rank cases of a query with no free axis (a decode step's single query, squeezed: [B, H, D] or
-[H, D]): raised forward (as one query row), not as gradients."""
+[H, D]): raised as one query row, forward and as gradients (no causal flag: one row has none)."""
+GRAD_CASES = RANK_CASES + DECODE_CASES
+"""The rank cases whose written-out backward the gradient rules raise."""
 
 
 def _scores(e_: Term, q_, k_, scale_, cap_, mask_, kind_, fill_, causal_, nb_):
@@ -861,12 +869,13 @@ pv_, rc_, rb_ = (var(n, IntVec) for n in ("pv_", "rc_", "rb_"))
 dt4 = var("dt4", String)
 
 
-def _softmax_vjp_forms(probs: Term, d_probs: Term, rank: int, masked=lambda t: t):
+def _softmax_vjp_forms(probs: Term, d_probs: Term, rank: int, masked=lambda t: t, unit_sums: bool = True):
     """(form, conditions): softmax's VJP at cotangent d_probs as jax.grad writes jax.nn.softmax's,
     with y = P * dP, ``y + P * sum(-y)``; the row sum possibly reshaped and summed again over unit
     axes only (jax.nn.dot_product_attention with one query head per K/V head, or one K/V head,
-    sums two, and unbatched [T, N, H] inputs three). ``masked``: what the broadcast row sum passes
-    through first (``jax.nn.softmax(s, where=keep)``'s VJP zeroes it where keep hides)."""
+    sums two, and unbatched [T, N, H] inputs three; ``unit_sums``: those too). ``masked``: what the
+    broadcast row sum passes through first (``jax.nn.softmax(s, where=keep)``'s VJP zeroes it where
+    keep hides)."""
     last, keep = ivec([rank - 1]), perm_range(rank - 1)
     prod = Term.binary("mul", probs, d_probs)
     row = Term.reduce("reduce_sum", Term.unary("neg", prod), last)
@@ -879,6 +888,8 @@ def _softmax_vjp_forms(probs: Term, d_probs: Term, rank: int, masked=lambda t: t
     # half precision: jax.nn.softmax sums in float32, so its VJP sums the unit axis there and casts back
     widened = Term.convert(Term.reduce("reduce_sum", Term.convert(Term.reshape(row, s3), String("float32")), last), dt4)
     yield corrected(widened, keep), (s3[rank - 1] == i64(1), dtype(row) == dt4)
+    if not unit_sums:
+        return
     # unit axes (G = 1, Hkv = 1, a batch of 1 for unbatched inputs) summed with the new one
     for n_units in (1, 2):
         for units in itertools.combinations(range(rank - 1), n_units) if rank - 1 > n_units else ():
@@ -922,6 +933,40 @@ def _where_softmax_backward(n_batch: int, rank: int, facts, d_out: Term):
 
 
 @attention_grad.family
+def unit_axis_last():
+    """A sum over a unit axis that a reshape inserted before the last axis (softmax's VJP over axis
+    -2 or 1 keeps its row sum as [.., 1, Sq]: the program's rows run along a non-last axis, and the
+    transpose rules carry the rest of the backward to the canonical layout) is the sum over that
+    unit axis inserted last instead: the same one element of the same linear order is summed
+    either way (exactly equal), so `_softmax_vjp_forms` reads the row sum in one form."""
+    u = d1[0]
+    unit_first = (d1.length() == i64(1), s3[u] == i64(1), u != s3.length() - 1)
+    last_unit = s3.remove(u).push(i64(1))
+    yield rw(Term.reduce("reduce_sum", Term.reshape(y, s3), d1),
+             Term.reduce("reduce_sum", Term.reshape(y, last_unit), IntVec(s3.length() - 1)), *unit_first)
+    yield rw(Term.reduce("reduce_sum", Term.convert(Term.reshape(y, s3), dt), d1),
+             Term.reduce("reduce_sum", Term.convert(Term.reshape(y, last_unit), dt), IntVec(s3.length() - 1)),
+             *unit_first)
+
+
+@attention_grad.family
+def widened_dot_operand():
+    """A float32 product of a half-precision operand widened to float32 and one still half (the
+    backward of P · V accumulated in float32 whose output was cast back to half precision: its
+    cotangent is widened before dP = do · Vᵀ) is the float32 product of the two half operands:
+    each product of two bfloat16 or float16 values is exact in float32 (8- or 11-bit significands,
+    float32's exponent range for bfloat16), and both accumulate in float32 (a reassociation). Where
+    a default precision rounds float32 operands (TF32 keeps 11 bits: both exact; a TPU's bfloat16
+    pass rounds a float16 operand), the half product is the more precise."""
+    f32 = String("float32")
+    for half_dtype in ("bfloat16", "float16"):
+        cond = (dtype(x) == dt, dtype(y) == dt, dt == String(half_dtype))
+        dims = (d1, d2, lb, rb, f32, pr)
+        yield rw(Term.dot(Term.convert(x, f32), y, *dims), Term.dot(x, y, *dims), *cond)
+        yield rw(Term.dot(y, Term.convert(x, f32), *dims), Term.dot(y, x, *dims), *cond)
+
+
+@attention_grad.family
 def probabilities_first():
     """``dP * P`` is ``P * dP`` (how the backward of exp writes softmax's VJP): the forms below read P first."""
     yield rw(Term.binary("mul", x, Term.softmax(y)), Term.binary("mul", Term.softmax(y), x))
@@ -932,15 +977,23 @@ def softmax_backward():
     """jax.grad's backward of softmax(s) · V at output cotangent do: P * dP - P * rowsum(P * dP)
     with dP = do · Vᵀ (cast to float32 when P was cast to V's dtype) is the cotangent of the
     scores s (`scores_cot`), as jax.nn.softmax's VJP writes it or as the backward of a softmax
-    written by hand (`_quotient_vjp_forms`)."""
-    for n_batch, n_free in RANK_CASES:
+    written by hand (`_quotient_vjp_forms`); over every rank case, a decode step's squeezed query too.
+    A float32 dP rounded to V's half dtype and widened again (P cast to V's dtype, P · V accumulated in
+    float32: jax.grad rounds P's cotangent to P's dtype) is dP less precise: the op's backward keeps
+    dP in float32, as for the widened bfloat16 dP."""
+    f32 = String("float32")
+    for n_batch, n_free in GRAD_CASES:
         rank = n_batch + n_free + 1
         batch = perm_range(n_batch)
         facts = (_scores(sf_, q, k, sc0, cap, m, mk, fl, causal, i64(n_batch)), shape(v).length() == i64(n_batch + 2))
         d_out = Term.dot(do_, v, ivec([rank - 1]), ivec([n_batch + 1]), batch, batch, dt, pr)
-        for d_probs in (d_out, Term.convert(d_out, String("float32"))):
+        for d_probs in (d_out, Term.convert(d_out, f32)):
             for form, conditions in _softmax_vjp_forms(Term.softmax(sf_), d_probs, rank):
                 yield rl(eq(e).to(form), *conditions, *facts)(scores_cot(e, sf_, sf_, do_, v))
+        rounded = Term.convert(Term.convert(d_out, dtp), f32)
+        half_v = (dtype(v) == dtp, dt == f32, dtp != f32)
+        for form, conditions in _softmax_vjp_forms(Term.softmax(sf_), rounded, rank, unit_sums=False):
+            yield rl(eq(e).to(form), *conditions, *half_v, *facts)(scores_cot(e, sf_, sf_, do_, v))
         for form, conditions in _quotient_vjp_forms(Term.softmax(sf_), d_out, rank):
             yield rl(eq(e).to(form), *conditions, *facts)(scores_cot(e, sf_, sf_, do_, v))
         yield from _where_softmax_backward(n_batch, rank, facts, d_out)
@@ -950,10 +1003,11 @@ def softmax_backward():
 @attention_grad.family
 def reshaped_softmax_backward():
     """Softmax's backward taken on a reshape of the scores that keeps rows whole (`softmax_reshape`:
-    grouped-query code merges the group axis into the heads for the softmax), at the reshaped
-    dP = do · Vᵀ: reshaped back, it is the cotangent of the scores themselves. So also for scores
-    transposed with the keys kept last before the reshape (`scores_transpose`: Gemma's GQA),
-    reshaped and transposed back."""
+    grouped-query code merges the group axis into the heads for the softmax; HF BLOOM splits its
+    one [B·H] batch axis into [B, H] for the mask and the softmax), at the reshaped dP = do · Vᵀ:
+    reshaped back, it is the cotangent of the scores themselves (a reshape moves no value). So also
+    for scores transposed with the keys kept last before the reshape (`scores_transpose`: Gemma's
+    GQA), reshaped and transposed back."""
     soft_shape, scores_shape, inv = var("soft_shape", IntVec), var("scores_shape", IntVec), var("inv", IntVec)
     keys_last = (p[p.length() - 1] == p.length() - 1,)
     inverse = eq(answer("inverse", p, NONE, NONE, NONE, i64(0))).to(inv)
@@ -962,6 +1016,7 @@ def reshaped_softmax_backward():
         batch = perm_range(n_batch)
         facts = (_scores(sf_, q, k, sc0, cap, m, mk, fl, causal, i64(n_batch)), shape(v).length() == i64(n_batch + 2))
         d_out = Term.dot(do_, v, ivec([rank - 1]), ivec([n_batch + 1]), batch, batch, dt, pr)
+        split = [rank + 1] if n_batch == 1 else []  # a [B·H] batch split into [B, H] (BLOOM)
         views = (  # (the scores as the softmax reads them, dP read alike, the cotangent viewed back, conditions)
             (sf_, d_out, lambda t: Term.reshape(t, scores_shape), (shape(sf_) == scores_shape,)),
             (Term.transpose(sf_, p), Term.transpose(d_out, p),
@@ -969,14 +1024,16 @@ def reshaped_softmax_backward():
                                                                              shape(Term.transpose(sf_, p)) == scores_shape)),
         )
         for scores_view, d_view, back, view_conds in views:
-            for soft_rank in range(2, rank):
+            # merged axes or the batch split; transposed, grouped heads merged (Gemma: G into the heads)
+            soft_ranks = [*range(2, rank), *split] if scores_view is sf_ else [rank - 1] if n_free == 2 else []
+            for soft_rank in soft_ranks:
                 probs = Term.softmax(Term.reshape(scores_view, soft_shape))
                 d_reshaped = Term.reshape(d_view, soft_shape)
                 for d_probs in (d_reshaped, Term.convert(d_reshaped, String("float32"))):
-                    for form, conditions in _softmax_vjp_forms(probs, d_probs, soft_rank):
+                    for form, conditions in _softmax_vjp_forms(probs, d_probs, soft_rank, unit_sums=soft_rank < rank):
                         yield rl(eq(e).to(form), soft_shape.length() == i64(soft_rank), *conditions, *facts, *view_conds)(
                             scores_cot(back(e), sf_, sf_, do_, v))
-            if view_conds is not views[0][3]:  # the inverse permutation, asked where such a softmax is
+            if soft_ranks and scores_view is not sf_:  # the inverse permutation, asked where such a softmax is
                 yield rl(eq(e).to(Term.softmax(Term.reshape(scores_view, soft_shape))), *facts, *keys_last)(
                     ask("inverse", p, NONE, NONE, NONE))
 
@@ -1003,7 +1060,8 @@ def scores_backward():
     yield rl(eq(s_).to(Term.select(y, x, scalar(fl2, dt2, s1))), eq(e).to(Term.select(y, g_, scalar(0.0, dt3, s2))),
              *staged)(scores_cot(e, x, sf_, do_, v))
     # the same where applied to a view of the scores (reshaped, or transposed and reshaped:
-    # `scores_reshape`, `scores_transpose`), the mask and the cotangent viewed back alike
+    # `scores_reshape`, `scores_transpose`: grouped heads merged, BLOOM's [B·H] product viewed as
+    # [B, H, S, S]), the mask and the cotangent viewed back alike (a view moves no value)
     view_shape, inv, mask_view, cot_view = var("view_shape", IntVec), var("inv", IntVec), var("mask_view", Term), var("cot_view", Term)
     for back in (lambda t: Term.reshape(t, view_shape), lambda t: Term.transpose(Term.reshape(t, view_shape), inv)):
         viewed = (eq(g_).to(back(cot_view)), *staged)
@@ -1033,7 +1091,7 @@ def gradient_ops():
     over every rank case's operands viewed as the op's, as the forward raising views them; Q's
     and the bias's viewed back as the program's, since one product may be read in two views); and
     the cotangent where a bias was added is the bias's gradient."""
-    cases = [(n_batch, n_free, False) for n_batch, n_free in RANK_CASES]
+    cases = [(n_batch, n_free, False) for n_batch, n_free in GRAD_CASES]
     cases += [(n_batch, n_free, True) for n_batch, n_free in RANK_CASES if n_free == 2]
     for n_batch, n_free, swapped in cases:
         rank = n_batch + n_free + 1
@@ -1041,7 +1099,7 @@ def gradient_ops():
         do4, q_back, scores_back = _gradient_views(n_batch, n_free, swapped)
         shapes = (shape(q) == ss, ss.length() == i64(rank), shape(k) == sk_, shape(v) == sv,
                   sv.length() == i64(n_batch + 2), dtype(q) == dtq, dtype(k) == dtq, dtype(v) == dtq, dtype(do_) == dtq)
-        flag = i64(0) if swapped else causal  # as in `attention`: no causal flag over (Sq, G)
+        flag = i64(0) if swapped or n_free == 0 else causal  # as in `attention`: none over (Sq, G) or one row
         for kind in ("none", "bias", "bool", "bias+bool"):
             mask_fact, mask_term = _mask_operand(kind, mask4)
             facts = (_scores(sf_, q, k, sc0, cap, mask_fact, String(kind), fl, flag, i64(n_batch)), *shapes)
@@ -1076,10 +1134,11 @@ def _rounded(chain, product: Term):
 @attention_grad.family
 def attention_gradients():
     """Where the cotangent reaches Q·Kᵀ itself: g · K is Q's gradient (times the factor when Q was
-    scaled before the product), gᵀ · Q is K's, and Pᵀ · do is V's: the op's (`grad_op`)."""
+    scaled before the product), gᵀ · Q is K's, and Pᵀ · do is V's: the op's (`grad_op`). (A decode
+    step's squeezed query has no free axis: gᵀ · Q and Pᵀ · do are outer products.)"""
     dq_, dk_, dv_, db_ = (var(n, Term) for n in ("dq_", "dk_", "dv_", "db_"))
     gdt, gpr = var("gdt", String), var("gpr", String)  # a gradient product's own dtype and precision
-    for n_batch, n_free in RANK_CASES:
+    for n_batch, n_free in GRAD_CASES:
         rank = n_batch + n_free + 1
         batch, free = perm_range(n_batch), ivec(range(n_batch, n_batch + n_free))
         swap_k = ivec([*range(n_batch), n_batch + 1, n_batch])  # Kᵀ [batch.., D, Sk] <-> K [batch.., Sk, D]
@@ -1111,19 +1170,51 @@ def attention_gradients():
         # V's gradient: Pᵀ · do (P possibly cast to V's dtype), as [batch.., Sk, Dv] or transposed,
         # with do as the scores' cotangent read it or in another layout (do = transpose(w, perm))
         # (the free axes contracted in either order when there are two)
+        # (with P cast to V's dtype, the product may be accumulated in float32 and rounded to it)
         d_value, d_value_t = Term.reshape(dv_, sv), Term.transpose(Term.reshape(dv_, sv), swap_k)
-        for probs in (Term.softmax(sf_), Term.convert(Term.softmax(sf_), dtq)):
+        for cast, probs in enumerate((Term.softmax(sf_), Term.convert(Term.softmax(sf_), dtq))):
             for axes in {tuple(range(n_batch, n_batch + n_free)), tuple(reversed(range(n_batch, n_batch + n_free)))}:
                 pairs = ivec(axes)
                 moved = (eq(do_).to(Term.transpose(w_, pv_)), rc_ == pairs.map(lambda i: pv_[i]),
                          rb_ == batch.map(lambda i: pv_[i]))
-                yield rl(eq(e).to(Term.dot(probs, do_, pairs, pairs, batch, batch, dt, pr)), *known)(union(e).with_(d_value))
-                yield rl(eq(e).to(Term.dot(do_, probs, pairs, pairs, batch, batch, dt, pr)), *known)(
-                    union(e).with_(d_value_t))
-                yield rl(eq(e).to(Term.dot(probs, w_, pairs, rc_, batch, rb_, dt, pr)), *moved, *known)(
-                    union(e).with_(d_value))
-                yield rl(eq(e).to(Term.dot(w_, probs, rc_, pairs, rb_, batch, dt, pr)), *moved, *known)(
-                    union(e).with_(d_value_t))
+                for product, conds, result in (
+                    (Term.dot(probs, do_, pairs, pairs, batch, batch, dt, pr), (), d_value),
+                    (Term.dot(do_, probs, pairs, pairs, batch, batch, dt, pr), (), d_value_t),
+                    (Term.dot(probs, w_, pairs, rc_, batch, rb_, dt, pr), moved, d_value),
+                    (Term.dot(w_, probs, rc_, pairs, rb_, batch, dt, pr), moved, d_value_t),
+                ):
+                    forms = _rounded(lambda t: t, product) if cast else [(product, ())]
+                    for form, rounding in forms:
+                        yield rl(eq(e).to(form), *rounding, *conds, *known)(union(e).with_(result))
+
+
+@attention_value_grad.family
+def value_gradient_only():
+    """Pᵀ · do over P = softmax(scores) (`attn_scores`), where Q and K are not differentiated (frozen
+    or quantized: no softmax backward, so no `grad_op`; the pipeline runs this rule set only then,
+    since beside dQ and dK the op's dV comes from their one backward call), is V's gradient of that
+    attention: the op's dV at do, with V's place taken by zeros of V's shape (the shape of Pᵀ · do):
+    dV = Pᵀ · do reads P and do only, never V (the flash backward reads V for dQ and dK alone), so
+    V's values cannot change it. Equal to the program's product but for the order of its sums (and
+    P's rounding to V's dtype where the program casts P, as in `attention_gradients`)."""
+    for n_batch, n_free in GRAD_CASES:
+        rank = n_batch + n_free + 1
+        batch, pairs = perm_range(n_batch), ivec(range(n_batch, n_batch + n_free))
+        q4, k4, v4, mask4, _ = _attention_4d(n_batch, n_free)
+        do4, _, _ = _gradient_views(n_batch, n_free, False)
+        flag = i64(0) if n_free == 0 else causal
+        zeros = Term.broadcast(Term.literal(0.0, dte), sv, NONE)
+        shapes = (shape(q) == ss, ss.length() == i64(rank), shape(k) == sk_, shape(e) == sv, dtype(q) == dtq,
+                  dtype(k) == dtq, dtype(do_) == dte, dtype(e) == dte)
+        for probs in (Term.softmax(sf_), Term.convert(Term.softmax(sf_), dte)):
+            for kind in ("none", "bias", "bool", "bias+bool"):
+                mask_fact, mask_term = _mask_operand(kind, mask4)
+                facts = (_scores(sf_, q, k, sc0, cap, mask_fact, String(kind), fl, flag, i64(n_batch)), *shapes)
+                # computed in V's dtype (the kernel casts Q and K to it: int8 Q and K; a no-op where they share it)
+                d_value = Term.attention_vjp(q4(q), k4(k), v4(zeros), do4(do_), mask_term, BHSD, K_TRANSPOSED, BHSD,
+                                             BHSD, sc0, flag, String(kind), dte, fl, cap, i64(2))
+                yield rl(eq(e).to(Term.dot(probs, do_, pairs, pairs, batch, batch, dt, pr)), *facts)(
+                    union(e).with_(Term.reshape(d_value, sv)))
 
 
 # --- gradients of more forward spellings: a soft-cap, a traced scale, exp(log_softmax) and E times

@@ -14,9 +14,14 @@ import pytest
 from jax import lax
 
 import eqsat_attn as ea
+from eqsat_attn.capture import capture
 from eqsat_attn.cost import for_device
+from eqsat_attn.egraph.rulesets import DEFAULT_RULESETS
+from eqsat_attn.pipeline import VALUE_GRADIENT_RULES, gradient_rules
 
 from attention_corpus import LIMITS, excess_error, tolerance
+
+VALUE_GRADIENT = [*DEFAULT_RULESETS, VALUE_GRADIENT_RULES]  # V's gradient alone: opt in (pipeline.gradient_rules)
 
 lower_module = importlib.import_module("eqsat_attn.lower")  # the package exports a function `lower`
 F32, BF16 = jnp.float32, jnp.bfloat16
@@ -119,6 +124,40 @@ def reciprocal_unstopped_max(q, k, v):
     return jnp.einsum("bhqk,bhkd->bhqd", e * jnp.reciprocal(e.sum(-1, keepdims=True)), v)
 
 
+def keys_first_scores(q, k, v):
+    """Scores as K·Qᵀ [B, H, Sk, Sq], softmax over axis -2."""
+    p = jax.nn.softmax(jnp.einsum("bhkd,bhqd->bhkq", k, q) * 0.25, axis=-2)
+    return jnp.einsum("bhkq,bhkd->bhqd", p, v)
+
+
+def haliax_kv_first(q, k, v):
+    """Haliax-style scores [B, KPos, H, QPos] of [B, S, H, D] operands, softmax over axis 1."""
+    w = jnp.einsum("bqhd,bkhd->bkhq", q, k) * 0.25
+    return jnp.einsum("bkhq,bkhd->bqhd", jax.nn.softmax(w, axis=1), v)
+
+
+def decode_squeezed(q, k, v, keep):
+    """A decode step: q [B, H, D] without a query axis against [B, H, S, D] caches, a length mask."""
+    s = jnp.einsum("bhd,bhkd->bhk", q, k) * 0.25
+    return jnp.einsum("bhk,bhkd->bhd", _softmax(jnp.where(keep[:, None, :], s, -jnp.inf)), v)
+
+
+def bloom_folded(q, k, v):
+    """HF BLOOM: [B*H, S, D] operands, ALiBi, scores reshaped to [B, H, S, S] for the causal mask."""
+    alibi = jnp.tile(jnp.asarray([0.5, 0.25], F32)[:, None] * jnp.arange(S, dtype=F32)[None, :], (B, 1))[:, None, :]
+    scores = (alibi + jnp.matmul(q, jnp.swapaxes(k, 1, 2)) * 0.25).reshape(B, H, S, S)
+    keep = jnp.arange(S)[:, None] >= jnp.arange(S)[None, :]
+    p = _softmax(jnp.where(keep, scores, jnp.finfo(F32).min)).reshape(B * H, S, S)
+    return jnp.matmul(p, v)
+
+
+def bf16_pet_output_cast(q, k, v):
+    """bf16 operands, f32 accumulation (preferred_element_type), the output cast back to bf16."""
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=F32) * 0.25
+    p = _softmax(s).astype(BF16)
+    return jnp.einsum("bhqk,bhkd->bhqd", p, v, preferred_element_type=F32).astype(BF16)
+
+
 BHSD = ((B, H, S, D),) * 3
 KEEP = jnp.asarray(np.arange(S)[None, :] < np.array([5, S])[:, None])
 CASES = {
@@ -135,8 +174,16 @@ CASES = {
     "traced_scale": (traced_scale, BHSD, ("scale",), F32),
     "exp_log_softmax": (exp_log_softmax, BHSD, (), F32),
     "reciprocal_unstopped_max": (reciprocal_unstopped_max, BHSD, (), F32),
+    "keys_first_scores": (keys_first_scores, BHSD, (), F32),
+    "haliax_kv_first": (haliax_kv_first, ((B, S, H, D),) * 3, (), F32),
+    "decode_squeezed": (decode_squeezed, ((B, H, D), (B, H, S, D), (B, H, S, D)), ("keep",), F32),
+    "bloom_folded": (bloom_folded, ((B * H, S, D),) * 3, (), F32),
+    "bf16_pet_output_cast": (bf16_pet_output_cast, BHSD, (), BF16),
 }
 SPELLED_BACKWARDS = ("soft_capped", "soft_capped_earlier_jax", "traced_scale", "exp_log_softmax", "reciprocal_unstopped_max")
+LAYOUTS = ("keys_first_scores", "haliax_kv_first", "decode_squeezed", "bloom_folded")
+"""Layouts of scores whose backward is raised (issue 19): softmax over a non-last axis, a query
+without a sequence axis, heads folded into the batch and reshaped for the mask."""
 
 
 def _grad_fn(fn):
@@ -217,6 +264,75 @@ def test_spelled_backwards_keep_nonfinite_positions(name, special):
     assert excess_error(got, want, tolerance(args, want)) <= 0
 
 
+@pytest.mark.parametrize("special", [np.inf, np.nan])
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_layout_backwards_keep_nonfinite_positions(name, special):
+    """The backwards over K·Qᵀ scores, Haliax's [B, K, H, Q] scores, a decode step's squeezed query
+    and BLOOM's folded heads, raised, keep the written-out gradients' NaN and Inf positions."""
+    fn = _grad_fn(CASES[name][0])
+    optimized = _optimized(name)
+    args = _args(name, seed=29, specials=(special,))
+    report = optimized.explain(*args)
+    assert sorted(info.gradient for info in report.attention) == ["dk", "dq", "dv"], str(report.after)
+    got, want = optimized(*args), fn(*args)
+    assert any(not np.all(np.isfinite(np.asarray(w))) for w in want)  # the check is not vacuous
+    assert excess_error(got, want, tolerance(args, want)) <= 0
+
+
+@pytest.mark.parametrize("special", [None, np.inf, np.nan])
+def test_value_gradient_alone_raised(special):
+    """jax.grad with respect to V alone (Q and K frozen: no softmax backward) is the op's dV: one
+    gradient, no P left, the written-out values (±0, denormals, ±40 planted; Inf or NaN too)."""
+    def loss(q, k, v, cot):
+        return jnp.sum(scaled(q, k, v) * cot)
+
+    fn = jax.grad(loss, argnums=2)
+    optimized = ea.optimize(fn, cost_model=for_device("h100"), limits=LIMITS, rules=VALUE_GRADIENT)
+    q, k, v = _inputs(31, BHSD, specials=() if special is None else (special,))
+    (cot,) = _inputs(32, (BHSD[0],))
+    report = optimized.explain(q, k, v, cot)
+    assert [info.gradient for info in report.attention] == ["dv"], str(report.after)
+    assert "softmax" not in {n.op for n in report.after.nodes}, "dV still reads P"
+    got, want = optimized(q, k, v, cot), fn(q, k, v, cot)
+    if special is not None:
+        assert not np.all(np.isfinite(np.asarray(want)))  # the check is not vacuous
+    assert excess_error(got, want, tolerance((q, k, v, cot), want)) <= 0
+
+
+def test_value_gradient_alone_raised_in_bfloat16():
+    """bf16 (jax.nn.softmax sums in float32): dV alone raised with the written-out one's non-finite
+    positions, on average no further from the float32 gradient (the op's P comes from float32
+    scores, the program's from bf16 ones), and nowhere further by more than one bf16 rounding (dV
+    is one bf16 output: where the two round to neighbours, either may be the nearer)."""
+    def loss(q, k, v, cot):
+        return jnp.sum(scaled(q, k, v).astype(F32) * cot)
+
+    fn = jax.grad(loss, argnums=2)
+    optimized = ea.optimize(fn, cost_model=for_device("h100"), limits=LIMITS, rules=VALUE_GRADIENT)
+    args = (*_inputs(33, BHSD, BF16), *_inputs(34, (BHSD[0],)))
+    assert [info.gradient for info in optimized.explain(*args).attention] == ["dv"]
+    got, want = (np.asarray(x, np.float64) for x in (optimized(*args), fn(*args)))
+    truth = np.asarray(fn(*[a.astype(F32) for a in args]), np.float64)
+    assert np.array_equal(np.isfinite(got), np.isfinite(want))
+    finite = np.isfinite(truth)
+    got_error, want_error = (np.abs(x - truth)[finite] / (1.0 + np.abs(truth[finite])) for x in (got, want))
+    assert got_error.mean() <= want_error.mean()
+    assert got_error.max() <= want_error.max() + 2.0 ** -8
+
+
+def test_gradient_rule_sets_follow_what_the_program_writes_out():
+    """A full backward gets `attention_grad`; V's gradient alone and a forward program nothing (V's
+    gradient alone, Pᵀ · do, is raised only where `attention_value_grad` is asked for: by default
+    it stays as written, as a softmax over the queries contracted over the keys does)."""
+    args = _args("scaled", seed=1)
+    value_only = jax.grad(lambda q, k, v, cot: jnp.sum(scaled(q, k, v) * cot), argnums=2)
+    assert gradient_rules(capture(_grad_fn(scaled), *args).program) == ["attention_grad"]
+    assert gradient_rules(capture(value_only, *args).program) == []
+    assert gradient_rules(capture(scaled, *args[:3]).program) == []
+    report = ea.optimize(value_only, cost_model=for_device("h100"), limits=LIMITS).explain(*args)
+    assert report.attention == []
+
+
 def test_soft_capped_gradients_match_float64():
     """The op's gradients with a soft-cap (the reference's backward) against jax.grad of the
     written-out ``c * tanh(s / c)`` attention in float64, on inputs with ±0, denormals and ±40."""
@@ -235,7 +351,10 @@ def test_soft_capped_gradients_match_float64():
         assert np.abs(np.asarray(g, np.float64) - w).max() <= 1e-4 * (1.0 + np.abs(w).max())
 
 
-def test_three_gradients_run_as_one_call(monkeypatch):
+@pytest.mark.parametrize("name", ["scaled", "key_padding", "decode_squeezed"])
+def test_three_gradients_run_as_one_call(monkeypatch, name):
+    """dQ, dK and dV of one attention are one backward call (dV is not a second op of its own,
+    such as `value_gradient_only`'s with zeros for V, which would run the backward again)."""
     calls = []
     original = lower_module.attention_gradients
 
@@ -244,8 +363,8 @@ def test_three_gradients_run_as_one_call(monkeypatch):
         return original(node, args, kernel)
 
     monkeypatch.setattr(lower_module, "attention_gradients", counting)
-    optimized = _optimized("scaled")
-    optimized(*_args("scaled", seed=3))
+    optimized = _optimized(name)
+    optimized(*_args(name, seed=3))
     assert len(calls) == 1
 
 

@@ -321,7 +321,7 @@ def resolve(names: str | os.PathLike | Sequence[str | os.PathLike] | None) -> li
 #: the shipped rule file (in `SHIPPED_FILES`) that declares each shipped rule set
 SHIPPED_SETS = {
     "canonical": "canonical", "transpose": "transpose", "attention_raise": "attention", "attention_grad": "attention",
-    "attention_fast_math": "attention",
+    "attention_value_grad": "attention", "attention_fast_math": "attention",
     "attention_layout": "attention", "fp8_attention": "fp8", "fp8_policy": "fp8", "projections": "qkv",
     "packed_qkv": "qkv", "fusion": "fusion",
 }
