@@ -379,8 +379,10 @@ def shared_query():
                                perm_range(n_batch + 1), dt, pr)
             back = ivec([*range(1, n_batch + n_free + 1), 0, n_batch + n_free + 1])
             moved_first = Term.transpose(e, p)  # the program makes that axis its result's first: the batch
-            yield rl(eq(e).to(product), eq(t_).to(moved_first), p[0] == i64(n_batch + n_free), shape(q) == sq,
-                     sq.length() == i64(rank), shape(k) == sk, sk.length() == i64(n_batch + 3), sk[n_batch] > i64(1))(
+            # (and it has a softmax: so a program without one, an MLP, runs none of the rules this feeds)
+            yield rl(eq(e).to(product), eq(t_).to(moved_first), eq(y).to(Term.softmax(z)), p[0] == i64(n_batch + n_free),
+                     shape(q) == sq, sq.length() == i64(rank), shape(k) == sk, sk.length() == i64(n_batch + 3),
+                     sk[n_batch] > i64(1))(
                 union(e).with_(Term.transpose(batched, back)))
 
 
