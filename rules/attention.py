@@ -453,16 +453,19 @@ def scores_reshape():
 @attention_raise.family
 def scores_transpose():
     """Scores transposed with the keys' axis kept last (an einsum writing them in another layout:
-    Gemma's [B, T, K, G, S]), then masked or biased, are the scores masked or biased before the
-    transpose, the other operands transposed back (elementwise operations commute with a
-    transpose; the transpose of a broadcast folds into it)."""
+    Gemma's [B, T, K, G, S]), then masked (through a reshape: `scores_reshape`), are the scores
+    masked before the transpose, the other operands transposed back (elementwise operations
+    commute with a transpose; the transpose of a broadcast folds into it)."""
     transposed = Term.transpose(x, p)
     facts = [_scores(x, q, k, sc0, cap, m, mk, fl, causal, nb), p[p.length() - 1] == p.length() - 1]
     inverse = ("inverse", (p, NONE, NONE, NONE), 1)
-    yield from asking(Term.select(t_, y, transposed), facts, *inverse,
-                      lambda inv: Term.transpose(Term.select(Term.transpose(t_, inv), Term.transpose(y, inv), x), p))
-    yield from asking(Term.select(t_, transposed, y), facts, *inverse,
-                      lambda inv: Term.transpose(Term.select(Term.transpose(t_, inv), x, Term.transpose(y, inv)), p))
+    # only a mask reshaped back by `scores_reshape` (where masks on transposed scores directly, as
+    # 5-D jax.nn attention's, this doubled their e-graphs; the transpose rules relate those)
+    keep = Term.reshape(t_, s2)
+    yield from asking(Term.select(keep, y, transposed), facts, *inverse,
+                      lambda inv: Term.transpose(Term.select(Term.transpose(keep, inv), Term.transpose(y, inv), x), p))
+    yield from asking(Term.select(keep, transposed, y), facts, *inverse,
+                      lambda inv: Term.transpose(Term.select(Term.transpose(keep, inv), x, Term.transpose(y, inv)), p))
 
 
 @attention_raise.family
