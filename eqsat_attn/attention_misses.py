@@ -120,9 +120,10 @@ def softmax_misses(program: Program, precision: str = "exact") -> list[SoftmaxMi
             reason = (f"its scores are not a matmul Q·Kᵀ with a scale, soft-cap, bias or where-mask "
                       f"(nearest producer: {source.op})")
         else:  # the forward's own spelling first: a gradient program's backward reads P as well
-            reason = _score_spelling(program, path, precision) or (_read_elsewhere(others, program, i, users) if others else (
+            reason = _score_spelling(program, path, precision) or (
+                _read_elsewhere(others, program, i, users) if others else
                 "Q·Kᵀ, softmax and P·V do not line up as attention (the softmax is not over the keys "
-                "both matmuls contract, or P·V contracts another axis)"))
+                "both matmuls contract, or P·V contracts another axis)")
         misses.append(SoftmaxMiss(i, reason))
     return misses
 
@@ -133,7 +134,8 @@ def _read_elsewhere(others: list[str], program: Program, node_id: int, users: di
     if _feeds_row_sum_of_product(program, node_id, users):
         return ("the attention weights are also read by the gradient's written-out softmax backward, "
                 "which no rule raised to the op's gradients (attention does not return the weights)")
-    return f"the attention weights are also used elsewhere, by {', '.join(sorted(set(others)))} (attention does not return them)"
+    readers = ", ".join(sorted(set(others)))
+    return f"the attention weights are also used elsewhere, by {readers} (attention does not return them)"
 
 
 def _feeds_row_sum_of_product(program: Program, node_id: int, users: dict[int, list[int]]) -> bool:
