@@ -249,19 +249,25 @@ def test_gradients_keep_nonfinite_positions(special):
     assert excess_error(got, want, tolerance(args, want)) <= 0
 
 
-@pytest.mark.parametrize("special", [np.inf, -np.inf, np.nan])
-@pytest.mark.parametrize("name", SPELLED_BACKWARDS)
-def test_spelled_backwards_keep_nonfinite_positions(name, special):
-    """The backwards of a soft-cap, a traced scale, exp(log_softmax) and E * (1 / sum(E)) (max not
-    under stop_gradient) raised, with the written-out gradients' NaN and Inf positions and values."""
+def _assert_nonfinite_positions_kept(name: str, special: float, seed: int) -> None:
+    """``name``'s gradient raised to dQ, dK and dV with the written-out gradients' values, on inputs
+    holding ``special`` (whose NaN or Inf reaches the gradients: the check is not vacuous)."""
     fn = _grad_fn(CASES[name][0])
     optimized = _optimized(name)
-    args = _args(name, seed=23, specials=(special,))
+    args = _args(name, seed=seed, specials=(special,))
     report = optimized.explain(*args)
     assert sorted(info.gradient for info in report.attention) == ["dk", "dq", "dv"], str(report.after)
     got, want = optimized(*args), fn(*args)
     assert any(not np.all(np.isfinite(np.asarray(w))) for w in want)  # the check is not vacuous
     assert excess_error(got, want, tolerance(args, want)) <= 0
+
+
+@pytest.mark.parametrize("special", [np.inf, -np.inf, np.nan])
+@pytest.mark.parametrize("name", SPELLED_BACKWARDS)
+def test_spelled_backwards_keep_nonfinite_positions(name, special):
+    """The backwards of a soft-cap, a traced scale, exp(log_softmax) and E * (1 / sum(E)) (max not
+    under stop_gradient) raised, with the written-out gradients' NaN and Inf positions and values."""
+    _assert_nonfinite_positions_kept(name, special, seed=23)
 
 
 @pytest.mark.parametrize("special", [np.inf, np.nan])
@@ -269,14 +275,7 @@ def test_spelled_backwards_keep_nonfinite_positions(name, special):
 def test_layout_backwards_keep_nonfinite_positions(name, special):
     """The backwards over K·Qᵀ scores, Haliax's [B, K, H, Q] scores, a decode step's squeezed query
     and BLOOM's folded heads, raised, keep the written-out gradients' NaN and Inf positions."""
-    fn = _grad_fn(CASES[name][0])
-    optimized = _optimized(name)
-    args = _args(name, seed=29, specials=(special,))
-    report = optimized.explain(*args)
-    assert sorted(info.gradient for info in report.attention) == ["dk", "dq", "dv"], str(report.after)
-    got, want = optimized(*args), fn(*args)
-    assert any(not np.all(np.isfinite(np.asarray(w))) for w in want)  # the check is not vacuous
-    assert excess_error(got, want, tolerance(args, want)) <= 0
+    _assert_nonfinite_positions_kept(name, special, seed=29)
 
 
 @pytest.mark.parametrize("special", [None, np.inf, np.nan])
