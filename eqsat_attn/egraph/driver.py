@@ -233,10 +233,9 @@ _PREPARED_LOCK = threading.Lock()
 #: a pooled e-graph that grew past this many e-nodes in one use is dropped, not pooled again:
 #: egglog's ``pop`` restores the e-nodes but not the capacity a run grew, and later runs in that
 #: e-graph are slower (one-layer block, 2,855 e-nodes: 20% slower after a 9,270-e-node run in
-#: the same e-graph, 5-10x after 200,000), while preparing a fresh one costs 0.8-1.8 s with the
-#: gradient rule sets (2-core CPU, 2026-12-07): a jax.grad of jax.nn attention (11,184 e-nodes)
-#: took 6.2 s of CPU per call with the limit at 10,000 and 4.2 s at 100,000, and a small
-#: gradient run after it 1.02 s against 1.00 s
+#: the same e-graph, 5-10x after 200,000), while preparing a fresh one re-registers the rule sets
+#: (the default and gradient sets: 0.8-1.8 s in a profile of a jax.grad of jax.nn attention,
+#: 11,184 e-nodes, which the former limit of 10,000 made pay it on every call)
 POOL_MAX_ENODES = 30_000
 
 
