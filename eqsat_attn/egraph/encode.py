@@ -184,7 +184,8 @@ def _term(node: ir.Node, args: list[bindings.Var], enc: Encoding, egg: _Egg) -> 
         )
     if op == "attention_vjp":
         return c(
-            "attention_vjp", *args[:4], _attention_mask(node, args[4:], enc, egg), *(vec(layout_to_axes(p[f"{n}_layout"])) for n in "qkvo"),
+            "attention_vjp", *args[:4], _attention_mask(node, args[4:], enc, egg),
+            *(vec(layout_to_axes(p[f"{n}_layout"])) for n in "qkvo"),
             egg.f64(float(p["scale"])), egg.i64(int(bool(p["causal"]))), egg.string(p["mask_kind"]),
             egg.string(str(p.get("compute_dtype") or "")),
             egg.f64(float(p.get("mask_fill", KERNEL_FILL))), egg.f64(float(p.get("softcap", 0.0))),
