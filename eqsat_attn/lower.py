@@ -276,18 +276,10 @@ def lower_attention(node: Node, args: Sequence[Any], attention_kernel: str = "au
     exact = pallas_takes_scores(has_mask="mask" in extra, causal=bool(p["causal"]), **mods)
     kernel = chosen_kernel(attention_kernel, exact_on_pallas=exact)
     compute_dtype = p.get("compute_dtype") or None  # a folded cast: the kernel casts q, k, v to it
-    out_layout = o_layout
-    if kernel == "pallas" and not kernel_supports_layouts(q_layout, k_layout, v_layout, o_layout):
-        if q_layout[-1] != "D":
-            q, q_layout = _to_layout(q, q_layout, ATTENTION_CANONICAL), ATTENTION_CANONICAL
-        if k_layout[-1] != "D":
-            k, k_layout = _to_layout(k, k_layout, ATTENTION_CANONICAL), ATTENTION_CANONICAL
-        if v_layout[-1] not in "DS":
-            target = _relaid_v_layout(compute_dtype or q.dtype, bool(p["causal"]))
-            v, v_layout = _to_layout(v, v_layout, target), target
-        if o_layout[-1] != "D":
-            out_layout = ATTENTION_CANONICAL
-    layouts = dict(q_layout=q_layout, k_layout=k_layout, v_layout=v_layout, o_layout=out_layout)
+    layouts = dict(q_layout=q_layout, k_layout=k_layout, v_layout=v_layout, o_layout=o_layout)
+    if kernel == "pallas":
+        (q, k, v), layouts = _kernel_readable((q, k, v), layouts, compute_dtype or q.dtype, bool(p["causal"]))
+    out_layout = layouts["o_layout"]
 
     mask_names = tuple(extra)  # "bias" and/or "mask"
 
@@ -301,6 +293,25 @@ def lower_attention(node: Node, args: Sequence[Any], attention_kernel: str = "au
     else:
         out = kernel_call(q, k, v, *masks)
     return _to_layout(out, out_layout, o_layout)
+
+
+def _kernel_readable(qkv: Sequence[Any], layouts: dict[str, str], dtype: Any,
+                     causal: bool) -> tuple[tuple[Any, Any, Any], dict[str, str]]:
+    """q, k, v and the four layouts for a Pallas kernel call: an operand the kernels cannot read
+    in place is transposed, q and k to BHSD, v to BHSD or BHDS (the faster kernel on this device
+    for ``dtype``), and o is written in BHSD (the caller transposes it back to its own layout)."""
+    if kernel_supports_layouts(*(layouts[f"{n}_layout"] for n in "qkvo")):
+        return tuple(qkv), layouts
+    out, new = [], dict(layouts)
+    for name, x in zip("qkv", qkv):
+        layout = layouts[f"{name}_layout"]
+        if layout[-1] not in ("DS" if name == "v" else "D"):
+            target = _relaid_v_layout(dtype, causal) if name == "v" else ATTENTION_CANONICAL
+            x, new[f"{name}_layout"] = _to_layout(x, layout, target), target
+        out.append(x)
+    if layouts["o_layout"][-1] != "D":
+        new["o_layout"] = ATTENTION_CANONICAL
+    return tuple(out), new
 
 
 def attention_of_vjp(node: Node) -> Node:
@@ -326,15 +337,22 @@ def attention_gradients(node: Node, args: Sequence[Any], attention_kernel: str =
 
 def lower_attention_fp8(node: Node, args: Sequence[Any], attention_kernel: str = "auto",
                         unrounded: Sequence[Any] | None = None) -> Any:
-    """fp8 attention: the Pallas fp8 kernel where it runs and reads the layouts in place,
-    else the reference (dequantize, attention) in any layouts. ``unrounded``: the float values
+    """fp8 attention: the Pallas fp8 kernel on e4m3 operands where Pallas runs (an operand it
+    cannot read in place transposed first, as `lower_attention` does, so the kernel's values do
+    not depend on the layouts extraction chose), else the reference (dequantize, attention) in
+    any layouts. ``unrounded``: the float values
     ``args[:3]`` were rounded from, to differentiate straight through that rounding (same values)."""
     p = node.params
+    o_layout = str(p["o_layout"])
     layouts = {f"{n}_layout": str(p[f"{n}_layout"]) for n in "qkvo"}
+    pallas = chosen_kernel(attention_kernel) == "pallas" and str(jnp.dtype(args[0].dtype)) == "float8_e4m3fn"
+    fp8_dtypes = [str(jnp.dtype(a.dtype)) for a in args[:3]]
+    qkv = args[:3] if unrounded is None else unrounded
+    if pallas:  # the kernel in any layouts, as `lower_attention` (rounding commutes with a transpose)
+        qkv, layouts = _kernel_readable(qkv, layouts, args[2].dtype, bool(p["causal"]))
     kw = dict(scale=float(p["scale"]), causal=bool(p["causal"]), out_dtype=str(p["out_dtype"]), **layouts)
-    pallas = chosen_kernel(attention_kernel) == "pallas" and kernel_supports_layouts(*layouts.values()) \
-        and str(jnp.dtype(args[0].dtype)) == "float8_e4m3fn"
     if unrounded is not None:
-        return attention_fp8_straight_through(unrounded, args[3:6], [str(jnp.dtype(a.dtype)) for a in args[:3]],
-                                              pallas=pallas, **kw)
-    return (flash_attention_fp8 if pallas else attention_reference_fp8)(*args[:6], **kw)
+        out = attention_fp8_straight_through(qkv, args[3:6], fp8_dtypes, pallas=pallas, **kw)
+    else:
+        out = (flash_attention_fp8 if pallas else attention_reference_fp8)(*qkv, *args[3:6], **kw)
+    return _to_layout(out, layouts["o_layout"], o_layout)

@@ -332,3 +332,25 @@ def test_straight_through_gradients_reach_the_unrounded_operands(pallas):
     assert all(np.abs(w).max() < 2.0 ** -9 for w in want)  # all of them would round to zero in e4m3
     assert all(g.dtype == jnp.float32 for g in got)
     check_grads(got, want)
+
+
+@pytest.mark.parametrize("straight_through", [False, True])
+def test_fp8_op_in_layouts_the_kernel_cannot_read_still_runs_the_kernel(straight_through):
+    """An ``attention_fp8`` node whose K (and o) extraction laid out with S minor runs the Pallas
+    kernel on transposed operands: the same values as the kernel on the standard layouts (P's
+    e4m3 rounding included), whichever of equally priced layouts extraction picked."""
+    from eqsat_attn import ir
+    from eqsat_attn.lower import lower_attention_fp8
+
+    x8, scales, _ = fp8_inputs(5, 1, 2, 2, 64, 64, 32, "BHSD")
+    kw = dict(scale=32 ** -0.5, causal=True)
+    want = flash_attention_fp8(*x8, *scales, **kw)
+    params = ir.Params(dict(kw, q_layout="BHSD", k_layout="BHDS", v_layout="BHSD", o_layout="BHDS",
+                            out_dtype=str(want.dtype)).items())
+    node = ir.Node("attention_fp8", (0, 1, 2, 3, 4, 5), params, None)
+    args = [x8[0], jnp.swapaxes(x8[1], 2, 3), x8[2], *scales]
+    unrounded = [x.astype(jnp.float32) for x in args[:3]] if straight_through else None
+    got = lower_attention_fp8(node, args, "pallas", unrounded=unrounded)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(jnp.swapaxes(want, 2, 3), np.float32))
+    ref = attention_reference_fp8(*x8, *scales, **kw)
+    assert not np.array_equal(np.asarray(ref, np.float32), np.asarray(want, np.float32))  # the kernel's own values
