@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -20,7 +21,7 @@ from .choices import (
 )
 from .cost import current_device_model, program_cost
 from .egraph import encode, extract_program, resolve, run_rulesets
-from .egraph.driver import RunResult, StopWhenFired, prepare_rulesets, prepared_egraph
+from .egraph.driver import RunResult, StopWhenFired, prepared_egraph, registered_egraph
 from .egraph.ilp import extract_ilp, read_graph
 from .egraph.refine import extract_best
 from .egraph.rulesets import DEFAULT_RULESETS
@@ -133,14 +134,25 @@ def default_cost_model(backend: str = "auto"):
     return current_device_model("reference" if backend == "reference" else "pallas")
 
 
-def saturate(program: Program, options: OptimizeOptions):
-    """Encode ``program``, run the rule sets; returns (egraph, encoding, run result)."""
-    egraph = EGraph()
+def saturate(program: Program, options: OptimizeOptions) -> tuple[EGraph, Any, RunResult]:
+    """Encode ``program`` in a new e-graph, run the rule sets; returns (egraph, encoding, run
+    result), the e-graph the caller's to keep. Use `saturated` where it is read only in a block:
+    that e-graph comes from the process's pool, with no rule registration to pay."""
     rulesets = resolve(options.rule_names(program))
-    prepare_rulesets(egraph, rulesets)  # rules first: egglog registers them faster in an empty e-graph
+    egraph = registered_egraph(rulesets)  # rules first: egglog registers them faster in an empty e-graph
     encoding = encode(program, egraph)
     run = run_rulesets(egraph, rulesets, options.limits, relevant_to=encoding.symbols)
     return egraph, encoding, run
+
+
+@contextmanager
+def saturated(program: Program, options: OptimizeOptions) -> Iterator[tuple[EGraph, Any, RunResult]]:
+    """`saturate` in a pooled e-graph (`driver.prepared_egraph`), reverted when the block ends:
+    read, extract from it only inside the block."""
+    rulesets = resolve(options.rule_names(program))
+    with prepared_egraph(rulesets) as egraph:
+        encoding = encode(program, egraph)
+        yield egraph, encoding, run_rulesets(egraph, rulesets, options.limits, relevant_to=encoding.symbols)
 
 
 RESTART_ENODES = 30_000

@@ -17,7 +17,7 @@ from eqsat_attn.cost import for_device, program_cost
 from eqsat_attn.cost.roofline import contiguous_slice
 from eqsat_attn.egraph.ilp import extract_program_ilp
 from eqsat_attn.lower import lower
-from eqsat_attn.pipeline import Limits, OptimizeOptions, optimize_program, saturate
+from eqsat_attn.pipeline import Limits, OptimizeOptions, optimize_program, saturate, saturated
 from eqsat_attn.qkv_layouts import VARIANTS, VariantModel, classify, extract_variant, layout_decision, projections
 from bench_scripts import load_bench
 from test_rules import B, assert_same_values
@@ -163,13 +163,14 @@ SPLIT = Prefer("split", dot_general=1.0, concatenate=100.0, slice=100.0, transpo
 def test_qkv_family_fires_and_keeps_values(family):
     make, rules = FAMILY_PROGRAMS[family]
     program = make()
-    egraph, enc, run = saturate(program, OptimizeOptions(rules=rules, limits=LIMITS))
-    assert run.rules_fired.get(family, 0) > 0, run.rules_fired
+    with saturated(program, OptimizeOptions(rules=rules, limits=LIMITS)) as (egraph, enc, run):
+        assert run.rules_fired.get(family, 0) > 0, run.rules_fired
+        # both directions, the rewritten and the original forms; exact (ILP) extraction: greedy
+        # extraction prices each sibling's e-class on its own and so never sees a shared fused
+        # matmul unless one consumer reads all siblings' source
+        extracted = [extract_program_ilp(egraph, enc, model)[0] for model in (FUSE, SPLIT)]
     seen = set()
-    for model in (FUSE, SPLIT):  # both directions: the rewritten and the original forms
-        # exact (ILP) extraction: greedy extraction prices each sibling's e-class on its own and
-        # so never sees a shared fused matmul unless one consumer reads all siblings' source
-        chosen, _ = extract_program_ilp(egraph, enc, model)
+    for chosen in extracted:
         assert_same_values(program, chosen, rtol=1e-4, atol=1e-5)
         seen.add(str(chosen))
     # adjacent_slices and slice_transpose show their effect through other families (a QK

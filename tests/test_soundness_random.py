@@ -44,7 +44,7 @@ from eqsat_attn import ir
 from eqsat_attn.egraph import extract_program
 from eqsat_attn.egraph.rulesets import DEFAULT_RULESETS
 from eqsat_attn.lower import lower
-from eqsat_attn.pipeline import Limits, OptimizeOptions, default_cost_model, optimize_program, saturate
+from eqsat_attn.pipeline import Limits, OptimizeOptions, default_cost_model, optimize_program, saturated
 from work_limits import SAFETY_NET_S
 
 F32 = "float32"
@@ -471,12 +471,12 @@ def check_program(program: ir.Program, fired: set[str] | None = None) -> None:
         warnings.simplefilter("error", RuntimeWarning)  # a fallback to the original is a failure here
         result = optimize_program(program, options)
     check_same_values(program, result.program, "optimize_program (default rules, default cost model)")
-    egraph, enc, run = saturate(program, OptimizeOptions(rules=SWEEP_RULES, limits=SWEEP_LIMITS))
-    if fired is not None:
-        fired.update(name for name, n in run.rules_fired.items() if n)
-    for model in EXTRA_MODELS:
-        chosen, _ = extract_program(egraph, enc, model)
-        check_same_values(program, chosen, f"extraction under {model.name}")
+    with saturated(program, OptimizeOptions(rules=SWEEP_RULES, limits=SWEEP_LIMITS)) as (egraph, enc, run):
+        if fired is not None:
+            fired.update(name for name, n in run.rules_fired.items() if n)
+        chosen = [extract_program(egraph, enc, model)[0] for model in EXTRA_MODELS]
+    for model, program_chosen in zip(EXTRA_MODELS, chosen):
+        check_same_values(program, program_chosen, f"extraction under {model.name}")
 
 
 def _extreme_literals() -> ir.Program:
@@ -581,14 +581,15 @@ def test_random_projection_programs_keep_their_values(soundness_examples):
     @example(_fused_qkv_into_heads())  # GPT-2's QKV split, so packed_qkv fires whatever is drawn
     def sweep(program):
         note(str(program))
-        egraph, enc, run = saturate(program, OptimizeOptions(limits=SWEEP_LIMITS))  # the default rule sets
-        fired.update(name for name, n in run.rules_fired.items() if n)
-        chosen, _ = extract_program(egraph, enc, default_cost_model())
-        check_same_values(program, chosen, "extraction under the default cost model")
-        for model in (_MergeMatmuls(), _SplitMatmuls()):
-            chosen, _ = extract_program_ilp(egraph, enc, model, time_limit=1.0)  # past it: HiGHS's best
-            check_same_values(program, chosen, f"exact extraction under {model.name}")
-            merged[model.name] += chosen.count("dot_general") < program.count("dot_general")
+        with saturated(program, OptimizeOptions(limits=SWEEP_LIMITS)) as (egraph, enc, run):  # the default rule sets
+            fired.update(name for name, n in run.rules_fired.items() if n)
+            default = extract_program(egraph, enc, default_cost_model())[0]
+            exact = {model.name: extract_program_ilp(egraph, enc, model, time_limit=1.0)[0]  # past it: HiGHS's best
+                     for model in (_MergeMatmuls(), _SplitMatmuls())}
+        check_same_values(program, default, "extraction under the default cost model")
+        for name, chosen in exact.items():
+            check_same_values(program, chosen, f"exact extraction under {name}")
+            merged[name] += chosen.count("dot_general") < program.count("dot_general")
 
     fired: set[str] = set()
     merged = {"merge-matmuls": 0, "split-matmuls": 0}
