@@ -36,8 +36,8 @@ from .capture import Captured, capture
 from .cost import program_cost
 from .cost.model import CostModel
 from .choices import EXTRACTORS, check_choice, check_limits, cost_model_from_name, rule_names
-from .egraph import encode, extract_program, resolve, run_rulesets
-from .egraph.driver import QuestionAnswerer, egraph_size
+from .egraph import encode, resolve, run_rulesets
+from .egraph.driver import QuestionAnswerer, egraph_size, registered_egraph
 from .egraph.extract import RawCostModel
 from .egraph.ilp import extract_program_ilp
 from .egraph.refine import extract_best
@@ -289,7 +289,9 @@ class Exploration:
         self.captured = captured
         self.program = captured.program
         self.fn = fn
-        self.egraph = EGraph()
+        # the rule sets `run()` runs by default, registered first: egglog adds rules to an empty
+        # e-graph faster, and a process registers a combination once (`driver.registered_egraph`)
+        self.egraph = registered_egraph(resolve(OptimizeOptions().rule_names(self.program)))
         start = time.perf_counter()
         self.encoding = encode(self.program, self.egraph)
         self.encode_seconds = time.perf_counter() - start
