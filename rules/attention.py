@@ -69,6 +69,16 @@ def broadcast_compose():
 
 
 @attention_raise.family
+def unit_axis_broadcast():
+    """A product broadcast only to insert unit axes is its reshape (the same elements in the same
+    order): jnp.matmul squeezes a batch axis of length 1 (a batch of one, a single head) for its
+    product and broadcasts the result back, so scores and P·V read as the reshape rules expect."""
+    product = Term.dot(y, z, p, d2, lb, rb, dt, pr)
+    yield from asking(Term.broadcast(product, s1, d1), [shape(product) == s2, s1.length() > d1.length()],
+                      "unit_broadcast", (s2, s1, d1, NONE), 1, lambda target: Term.reshape(product, target))
+
+
+@attention_raise.family
 def reshape_scalar_broadcast():
     """A reshape of a broadcast scalar is the scalar broadcast to the new shape."""
     yield rw(Term.reshape(Term.broadcast(x, s1, NONE), s2), Term.broadcast(x, s2, NONE))
