@@ -972,13 +972,21 @@ def widened_dot_operand():
     each product of two bfloat16 or float16 values is exact in float32 (8- or 11-bit significands,
     float32's exponent range for bfloat16), and both accumulate in float32 (a reassociation). Where
     a default precision rounds float32 operands (TF32 keeps 11 bits: both exact; a TPU's bfloat16
-    pass rounds a float16 operand), the half product is the more precise."""
+    pass rounds a float16 operand), the half product is the more precise. The same with both
+    operands widened (Q and K cast to float32 for the scores, as GPT-J and MaxText's
+    float32_qk_product write it), and with the other operand float32 already (dS · K): a mixed
+    product widens its half operand to float32 itself."""
     f32 = String("float32")
     for half_dtype in ("bfloat16", "float16"):
         cond = (dtype(x) == dt, dtype(y) == dt, dt == String(half_dtype))
         dims = (d1, d2, lb, rb, f32, pr)
         yield rw(Term.dot(Term.convert(x, f32), y, *dims), Term.dot(x, y, *dims), *cond)
         yield rw(Term.dot(y, Term.convert(x, f32), *dims), Term.dot(y, x, *dims), *cond)
+        yield rw(Term.dot(Term.convert(x, f32), Term.convert(y, f32), *dims), Term.dot(x, y, *dims), *cond)
+        # one operand float32 already: a mixed product widens the half operand to float32 itself
+        mixed = (dtype(x) == String(half_dtype), dtype(y) == f32)
+        yield rw(Term.dot(Term.convert(x, f32), y, *dims), Term.dot(x, y, *dims), *mixed)
+        yield rw(Term.dot(y, Term.convert(x, f32), *dims), Term.dot(y, x, *dims), *mixed)
 
 
 @attention_grad.family
