@@ -965,6 +965,19 @@ def unit_axis_last():
 
 
 @attention_grad.family
+def unit_axis_sum():
+    """A sum over axes of length 1 only is a reshape: XLA's algebraic simplifier replaces it by one
+    (the init 0 is the sum's identity: a -0 stays -0, bit for bit), so the backward of
+    `unit_axis_broadcast`'s broadcast, jax.grad's sum over the inserted unit axis, reads as a view.
+    Only a sum a product reads (dO and the scores' cotangent): a row sum kept as [.., 1] and summed
+    again would become its own operand's view, a cycle that misled extraction (jax.nn's 5-D grads)."""
+    summed = Term.reduce("reduce_sum", x, d1)
+    for product in (Term.dot(summed, y, p, d2, lb, rb, dt, pr), Term.dot(y, summed, p, d2, lb, rb, dt, pr)):
+        yield from asking(summed, [eq(z).to(product), shape(x) == s2], "unit_reduce", (s2, d1, NONE, NONE), 1,
+                          lambda target: Term.reshape(x, target))
+
+
+@attention_grad.family
 def widened_dot_operand():
     """A float32 product of a half-precision operand widened to float32 and one still half (the
     backward of P · V accumulated in float32 whose output was cast back to half precision: its
@@ -1053,7 +1066,7 @@ def reshaped_softmax_backward():
                 probs = Term.softmax(Term.reshape(scores_view, soft_shape))
                 d_reshaped = Term.reshape(d_view, soft_shape)
                 for d_probs in (d_reshaped, Term.convert(d_reshaped, String("float32"))):
-                    for form, conditions in _softmax_vjp_forms(probs, d_probs, soft_rank, unit_sums=soft_rank < rank):
+                    for form, conditions in _softmax_vjp_forms(probs, d_probs, soft_rank):
                         yield rl(eq(e).to(form), soft_shape.length() == i64(soft_rank), *conditions, *facts, *view_conds)(
                             scores_cot(back(e), sf_, sf_, do_, v))
             if soft_ranks and scores_view is not sf_:  # the inverse permutation, asked where such a softmax is
@@ -1067,11 +1080,14 @@ def scores_backward():
     them: a scalar factor multiplies it again, a float32 widening is undone, an additive bias
     passes it unchanged, and a where-mask zeroes it where the fill was taken."""
     staged = (scores_cot(g_, s_, sf_, do_, v), _scores(x, q, k, sc0, cap, m, mk, fl, causal, nb))
-    for (form, _), cot in zip(_scaled(x), (
-        Term.binary("mul", g_, scalar(c, dt2, s1)), Term.binary("mul", scalar(c, dt2, s1), g_),
-        Term.binary("div", g_, scalar(c, dt2, s1)),
-    )):
-        yield rl(eq(s_).to(form), eq(e).to(cot), *staged)(scores_cot(e, x, sf_, do_, v))
+    view_shape, inv, mask_view, cot_view = var("view_shape", IntVec), var("inv", IntVec), var("mask_view", Term), var("cot_view", Term)
+    scalings = (lambda t, n: Term.binary("mul", t, scalar(c, dt2, n)), lambda t, n: Term.binary("mul", scalar(c, dt2, n), t),
+                lambda t, n: Term.binary("div", t, scalar(c, dt2, n)))
+    for (form, _), scaled in zip(_scaled(x), scalings):
+        yield rl(eq(s_).to(form), eq(e).to(scaled(g_, s1)), *staged)(scores_cot(e, x, sf_, do_, v))
+        # the cotangent a view of one scaled before the view (jnp.matmul's unit axis: `unit_axis_sum`)
+        yield rl(eq(s_).to(form), eq(g_).to(Term.reshape(cot_view, view_shape)),
+                 eq(e).to(Term.reshape(scaled(cot_view, s2), view_shape)), *staged)(scores_cot(e, x, sf_, do_, v))
     yield rl(eq(s_).to(Term.convert(x, String("float32"))), eq(e).to(Term.convert(g_, dt)), dtype(x) == dt, *staged)(
         scores_cot(e, x, sf_, do_, v)
     )
@@ -1085,7 +1101,6 @@ def scores_backward():
     # the same where applied to a view of the scores (reshaped, or transposed and reshaped:
     # `scores_reshape`, `scores_transpose`: grouped heads merged, BLOOM's [B·H] product viewed as
     # [B, H, S, S]), the mask and the cotangent viewed back alike (a view moves no value)
-    view_shape, inv, mask_view, cot_view = var("view_shape", IntVec), var("inv", IntVec), var("mask_view", Term), var("cot_view", Term)
     for back in (lambda t: Term.reshape(t, view_shape), lambda t: Term.transpose(Term.reshape(t, view_shape), inv)):
         viewed = (eq(g_).to(back(cot_view)), *staged)
         yield rl(eq(s_).to(Term.select(back(mask_view), scalar(fl2, dt2, s1), x)),

@@ -585,6 +585,11 @@ def matmul_batch_of_one(q, k, v):
     return softmax_last(s) @ v
 
 
+grad_case("matmul_batch_of_one_causal_grad", matmul_batch_of_one,
+          lambda rng: tuple(_normal(rng, (1, H, S, D)) for _ in range(3)), family="rank",
+          source=HAND + " [1,H,S,D] through jnp.matmul: jax.grad sums the cotangent over the unit axis")
+
+
 @case("rank5_grouped_with_bias", lambda rng: (
         _normal(rng, (B, 2, 2, S, D)), _normal(rng, (B, 2, S, D)), _normal(rng, (B, 2, S, D)),
         _normal(rng, (1, 2, 2, S, S))),

@@ -236,6 +236,13 @@ def _unit_broadcast(src: Ints, shape: Ints, dims: Ints, _d: Ints) -> Answer:
     return (shape,)
 
 
+def _unit_reduce(src: Ints, axes: Ints, _c: Ints, _d: Ints) -> Answer:
+    """reduce(x, axes) == reshape(x, shape2) where every reduced axis has length 1: returns (shape2,)."""
+    if not axes or any(src[a] != 1 for a in axes):
+        return None
+    return (tuple(n for i, n in enumerate(src) if i not in axes),)
+
+
 QUESTIONS: dict[str, Callable[[Ints, Ints, Ints, Ints], Answer]] = {
     "inverse": _inverse,
     "reduce_bubble": _reduce_bubble,
@@ -251,6 +258,7 @@ QUESTIONS: dict[str, Callable[[Ints, Ints, Ints, Ints], Answer]] = {
     "dot_canonical": _dot_canonical,
     "attention_out_fold": _attention_out_fold,
     "unit_broadcast": _unit_broadcast,
+    "unit_reduce": _unit_reduce,
 }
 
 
