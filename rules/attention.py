@@ -1226,6 +1226,24 @@ def attention_gradients():
                         yield rl(eq(e).to(form), *rounding, *conds, *known)(union(e).with_(result))
 
 
+@attention_grad.family
+def shared_query_gradient():
+    """The gradient of a query shared by every batch element (`shared_query`: Q [H, Sq, D]
+    broadcast over the batch) is g · K contracted over the batch and the keys together: the op's
+    gradient of the broadcast Q summed over the batch, the same products summed in another order."""
+    dq_, dk_, dv_, db_ = (var(n, Term) for n in ("dq_", "dk_", "dv_", "db_"))
+    gdt, gpr = var("gdt", String), var("gpr", String)
+    n_batch, rank = 2, 4
+    known = (grad_op(sf_, q, k, v, do_, dq_, dk_, dv_, db_), eq(q).to(Term.broadcast(y, ss, ivec([1, 2, 3]))),
+             scores_cot(g_, x, sf_, do_, v), eq(x).to(_canonical_qk(q, k, n_batch, rank)), dtype(q) == dtq, dtype(e) == dtq)
+    # K as given [B, H, Sk, D] (the canonical product reads Kᵀ), or Kᵀ contracted over its last axis
+    for product, conds_k in ((Term.dot(g_, kk_, ivec([0, rank - 1]), ivec([0, n_batch]), ivec([1]), ivec([1]), gdt, gpr),
+                              (eq(k).to(Term.transpose(kk_, ivec([0, 1, 3, 2]))),)),
+                             (Term.dot(g_, k, ivec([0, rank - 1]), ivec([0, rank - 1]), ivec([1]), ivec([1]), gdt, gpr), ())):
+        for form, conds in _rounded(lambda t: t, product):
+            yield rl(eq(e).to(form), *conds, *conds_k, *known)(union(e).with_(Term.reduce("reduce_sum", dq_, ivec([0]))))
+
+
 @attention_value_grad.family
 def value_gradient_only():
     """Pᵀ · do over P = softmax(scores) (`attn_scores`), where Q and K are not differentiated (frozen
