@@ -69,6 +69,16 @@ def broadcast_compose():
 
 
 @attention_raise.family
+def unit_axis_broadcast():
+    """A product broadcast only to insert unit axes is its reshape (the same elements in the same
+    order): jnp.matmul squeezes a batch axis of length 1 (a batch of one, a single head) for its
+    product and broadcasts the result back, so scores and P·V read as the reshape rules expect."""
+    product = Term.dot(y, z, p, d2, lb, rb, dt, pr)
+    yield from asking(Term.broadcast(product, s1, d1), [shape(product) == s2, s1.length() > d1.length()],
+                      "unit_broadcast", (s2, s1, d1, NONE), 1, lambda target: Term.reshape(product, target))
+
+
+@attention_raise.family
 def reshape_scalar_broadcast():
     """A reshape of a broadcast scalar is the scalar broadcast to the new shape."""
     yield rw(Term.reshape(Term.broadcast(x, s1, NONE), s2), Term.broadcast(x, s2, NONE))
@@ -955,6 +965,19 @@ def unit_axis_last():
 
 
 @attention_grad.family
+def unit_axis_sum():
+    """A sum over axes of length 1 only is a reshape: XLA's algebraic simplifier replaces it by one
+    (the init 0 is the sum's identity: a -0 stays -0, bit for bit), so the backward of
+    `unit_axis_broadcast`'s broadcast, jax.grad's sum over the inserted unit axis, reads as a view.
+    Only a sum a product reads (dO and the scores' cotangent): a row sum kept as [.., 1] and summed
+    again would become its own operand's view, a cycle that misled extraction (jax.nn's 5-D grads)."""
+    summed = Term.reduce("reduce_sum", x, d1)
+    for product in (Term.dot(summed, y, p, d2, lb, rb, dt, pr), Term.dot(y, summed, p, d2, lb, rb, dt, pr)):
+        yield from asking(summed, [eq(z).to(product), shape(x) == s2], "unit_reduce", (s2, d1, NONE, NONE), 1,
+                          lambda target: Term.reshape(x, target))
+
+
+@attention_grad.family
 def widened_dot_operand():
     """A float32 product of a half-precision operand widened to float32 and one still half (the
     backward of P · V accumulated in float32 whose output was cast back to half precision: its
@@ -962,13 +985,21 @@ def widened_dot_operand():
     each product of two bfloat16 or float16 values is exact in float32 (8- or 11-bit significands,
     float32's exponent range for bfloat16), and both accumulate in float32 (a reassociation). Where
     a default precision rounds float32 operands (TF32 keeps 11 bits: both exact; a TPU's bfloat16
-    pass rounds a float16 operand), the half product is the more precise."""
+    pass rounds a float16 operand), the half product is the more precise. The same with both
+    operands widened (Q and K cast to float32 for the scores, as GPT-J and MaxText's
+    float32_qk_product write it), and with the other operand float32 already (dS · K): a mixed
+    product widens its half operand to float32 itself."""
     f32 = String("float32")
     for half_dtype in ("bfloat16", "float16"):
         cond = (dtype(x) == dt, dtype(y) == dt, dt == String(half_dtype))
         dims = (d1, d2, lb, rb, f32, pr)
         yield rw(Term.dot(Term.convert(x, f32), y, *dims), Term.dot(x, y, *dims), *cond)
         yield rw(Term.dot(y, Term.convert(x, f32), *dims), Term.dot(y, x, *dims), *cond)
+        yield rw(Term.dot(Term.convert(x, f32), Term.convert(y, f32), *dims), Term.dot(x, y, *dims), *cond)
+        # one operand float32 already: a mixed product widens the half operand to float32 itself
+        mixed = (dtype(x) == String(half_dtype), dtype(y) == f32)
+        yield rw(Term.dot(Term.convert(x, f32), y, *dims), Term.dot(x, y, *dims), *mixed)
+        yield rw(Term.dot(y, Term.convert(x, f32), *dims), Term.dot(y, x, *dims), *mixed)
 
 
 @attention_grad.family
@@ -1035,7 +1066,7 @@ def reshaped_softmax_backward():
                 probs = Term.softmax(Term.reshape(scores_view, soft_shape))
                 d_reshaped = Term.reshape(d_view, soft_shape)
                 for d_probs in (d_reshaped, Term.convert(d_reshaped, String("float32"))):
-                    for form, conditions in _softmax_vjp_forms(probs, d_probs, soft_rank, unit_sums=soft_rank < rank):
+                    for form, conditions in _softmax_vjp_forms(probs, d_probs, soft_rank):
                         yield rl(eq(e).to(form), soft_shape.length() == i64(soft_rank), *conditions, *facts, *view_conds)(
                             scores_cot(back(e), sf_, sf_, do_, v))
             if soft_ranks and scores_view is not sf_:  # the inverse permutation, asked where such a softmax is
@@ -1049,11 +1080,14 @@ def scores_backward():
     them: a scalar factor multiplies it again, a float32 widening is undone, an additive bias
     passes it unchanged, and a where-mask zeroes it where the fill was taken."""
     staged = (scores_cot(g_, s_, sf_, do_, v), _scores(x, q, k, sc0, cap, m, mk, fl, causal, nb))
-    for (form, _), cot in zip(_scaled(x), (
-        Term.binary("mul", g_, scalar(c, dt2, s1)), Term.binary("mul", scalar(c, dt2, s1), g_),
-        Term.binary("div", g_, scalar(c, dt2, s1)),
-    )):
-        yield rl(eq(s_).to(form), eq(e).to(cot), *staged)(scores_cot(e, x, sf_, do_, v))
+    view_shape, inv, mask_view, cot_view = var("view_shape", IntVec), var("inv", IntVec), var("mask_view", Term), var("cot_view", Term)
+    scalings = (lambda t, n: Term.binary("mul", t, scalar(c, dt2, n)), lambda t, n: Term.binary("mul", scalar(c, dt2, n), t),
+                lambda t, n: Term.binary("div", t, scalar(c, dt2, n)))
+    for (form, _), scaled in zip(_scaled(x), scalings):
+        yield rl(eq(s_).to(form), eq(e).to(scaled(g_, s1)), *staged)(scores_cot(e, x, sf_, do_, v))
+        # the cotangent a view of one scaled before the view (jnp.matmul's unit axis: `unit_axis_sum`)
+        yield rl(eq(s_).to(form), eq(g_).to(Term.reshape(cot_view, view_shape)),
+                 eq(e).to(Term.reshape(scaled(cot_view, s2), view_shape)), *staged)(scores_cot(e, x, sf_, do_, v))
     yield rl(eq(s_).to(Term.convert(x, String("float32"))), eq(e).to(Term.convert(g_, dt)), dtype(x) == dt, *staged)(
         scores_cot(e, x, sf_, do_, v)
     )
@@ -1067,7 +1101,6 @@ def scores_backward():
     # the same where applied to a view of the scores (reshaped, or transposed and reshaped:
     # `scores_reshape`, `scores_transpose`: grouped heads merged, BLOOM's [B·H] product viewed as
     # [B, H, S, S]), the mask and the cotangent viewed back alike (a view moves no value)
-    view_shape, inv, mask_view, cot_view = var("view_shape", IntVec), var("inv", IntVec), var("mask_view", Term), var("cot_view", Term)
     for back in (lambda t: Term.reshape(t, view_shape), lambda t: Term.transpose(Term.reshape(t, view_shape), inv)):
         viewed = (eq(g_).to(back(cot_view)), *staged)
         yield rl(eq(s_).to(Term.select(back(mask_view), scalar(fl2, dt2, s1), x)),
@@ -1191,6 +1224,24 @@ def attention_gradients():
                     forms = _rounded(lambda t: t, product) if cast else [(product, ())]
                     for form, rounding in forms:
                         yield rl(eq(e).to(form), *rounding, *conds, *known)(union(e).with_(result))
+
+
+@attention_grad.family
+def shared_query_gradient():
+    """The gradient of a query shared by every batch element (`shared_query`: Q [H, Sq, D]
+    broadcast over the batch) is g · K contracted over the batch and the keys together: the op's
+    gradient of the broadcast Q summed over the batch, the same products summed in another order."""
+    dq_, dk_, dv_, db_ = (var(n, Term) for n in ("dq_", "dk_", "dv_", "db_"))
+    gdt, gpr = var("gdt", String), var("gpr", String)
+    n_batch, rank = 2, 4
+    known = (grad_op(sf_, q, k, v, do_, dq_, dk_, dv_, db_), eq(q).to(Term.broadcast(y, ss, ivec([1, 2, 3]))),
+             scores_cot(g_, x, sf_, do_, v), eq(x).to(_canonical_qk(q, k, n_batch, rank)), dtype(q) == dtq, dtype(e) == dtq)
+    # K as given [B, H, Sk, D] (the canonical product reads Kᵀ), or Kᵀ contracted over its last axis
+    for product, conds_k in ((Term.dot(g_, kk_, ivec([0, rank - 1]), ivec([0, n_batch]), ivec([1]), ivec([1]), gdt, gpr),
+                              (eq(k).to(Term.transpose(kk_, ivec([0, 1, 3, 2]))),)),
+                             (Term.dot(g_, k, ivec([0, rank - 1]), ivec([0, rank - 1]), ivec([1]), ivec([1]), gdt, gpr), ())):
+        for form, conds in _rounded(lambda t: t, product):
+            yield rl(eq(e).to(form), *conds, *conds_k, *known)(union(e).with_(Term.reduce("reduce_sum", dq_, ivec([0]))))
 
 
 @attention_value_grad.family

@@ -578,6 +578,18 @@ def rank3_folded(q, k, v):
     return o.reshape(B, H, S, D).transpose(0, 2, 1, 3)
 
 
+@case("matmul_batch_of_one_causal", lambda rng: tuple(_normal(rng, (1, H, S, D)) for _ in range(3)), positive=True,
+      family="rank", source=HAND + " [1,H,S,D] through jnp.matmul (it squeezes the unit batch axis), causal")
+def matmul_batch_of_one(q, k, v):
+    s = jnp.where(causal(), q @ kt(k) / np.sqrt(D), -jnp.inf)
+    return softmax_last(s) @ v
+
+
+grad_case("matmul_batch_of_one_causal_grad", matmul_batch_of_one,
+          lambda rng: tuple(_normal(rng, (1, H, S, D)) for _ in range(3)), family="rank",
+          source=HAND + " [1,H,S,D] through jnp.matmul: jax.grad sums the cotangent over the unit axis")
+
+
 @case("rank5_grouped_with_bias", lambda rng: (
         _normal(rng, (B, 2, 2, S, D)), _normal(rng, (B, 2, S, D)), _normal(rng, (B, 2, S, D)),
         _normal(rng, (1, 2, 2, S, S))),
@@ -735,6 +747,17 @@ def p_f32_v_bf16(q, k, v):
 
 grad_case("bf16_scores_f32_softmax_grad", bf16_f32_softmax, qkv("bhsd", BF16), family="precision",
           source=HAND + " bf16 scores, f32 softmax")
+
+
+@case("bf16_q_k_widened_to_f32", qkv("bhsd", BF16), positive=True, family="precision",
+      source="MaxText float32_qk_product / GPT-J: bf16 Q and K cast to f32 for the scores, P cast back")
+def bf16_qk_widened(q, k, v):
+    s = jnp.where(causal(), jnp.matmul(q.astype(F32), kt(k.astype(F32))), jnp.finfo(F32).min) / np.sqrt(D)
+    return jnp.matmul(softmax_last(s).astype(BF16), v)
+
+
+grad_case("bf16_q_k_widened_to_f32_grad", bf16_qk_widened, qkv("bhsd", BF16), family="precision",
+          source="MaxText float32_qk_product / GPT-J (bf16 Q, K cast to f32)")
 
 
 @case("bf16_pet_f32_output_cast_back", qkv("bshd", BF16, extreme=True), positive=True, family="precision",

@@ -65,7 +65,7 @@ def test_every_question_is_tested():
     tested = {
         "inverse", "reduce_bubble", "reduce_sink", "reshape_sink", "reshape_bubble", "broadcast_sink",
         "broadcast_bubble", "dot_shape", "dot_commute", "dot_out_sink", "dot_operand_fold", "dot_canonical",
-        "attention_out_fold",
+        "attention_out_fold", "unit_broadcast", "unit_reduce",
     }
     from eqsat_attn.egraph import qkv_math  # tested in tests/test_qkv.py::test_packed_index_math
 
@@ -291,6 +291,45 @@ def test_broadcast_sink(prob, data):
     lhs = np.transpose(broadcast_in_dim(x, out, dims_), p)
     rhs = broadcast_in_dim(np.transpose(x, q), s2, d2)
     np.testing.assert_array_equal(lhs, rhs)
+
+
+@pytest.mark.parametrize("x_shape, out, dims_, reshapes", [
+    ((2, 8, 8), (2, 1, 8, 8), (0, 2, 3), True),  # jnp.matmul's single head
+    ((2, 8, 8), (1, 2, 8, 8), (1, 2, 3), True),  # a batch of one
+    ((8, 8), (1, 8, 1, 8), (1, 3), True),
+    ((2, 8, 8), (2, 3, 8, 8), (0, 2, 3), False),  # a real broadcast
+    ((2, 1, 8), (2, 1, 8, 8), (0, 1, 2), False),  # x's unit axis broadcast to 8
+    ((8, 2), (1, 2, 8), (2, 1), False),  # dims out of order: a transpose
+])
+def test_unit_broadcast(x_shape, out, dims_, reshapes):
+    """broadcast(x, shape, dims) == reshape(x, shape) exactly where it is answered."""
+    got = solve("unit_broadcast", x_shape, out, dims_, ())
+    assert (got is not None) == reshapes
+    if reshapes and list(dims_) == sorted(dims_):
+        x = rand(x_shape)
+        np.testing.assert_array_equal(broadcast_in_dim(x, out, dims_), x.reshape(got[0]))
+
+
+@pytest.mark.parametrize("x_shape, axes, reshapes", [
+    ((2, 1, 8, 8), (1,), True),  # jax.grad's sum over jnp.matmul's inserted unit axis
+    ((1, 2, 8, 1), (0, 3), True),
+    ((2, 3, 8), (1,), False),
+    ((2, 1, 8), (1, 2), False),  # one reduced axis is not a unit
+    ((2, 8), (), False),
+])
+def test_unit_reduce(x_shape, axes, reshapes):
+    """reduce_sum(x, axes) == reshape(x, shape2) where it is answered, bit for bit as XLA sums (a -0 stays -0)."""
+    import jax
+    import jax.numpy as jnp
+
+    got = solve("unit_reduce", x_shape, axes, (), ())
+    assert (got is not None) == reshapes
+    if reshapes:
+        x = rand(x_shape).astype(np.float32)
+        x.reshape(-1)[0] = -0.0
+        summed = np.asarray(jax.jit(lambda t: jnp.sum(t, axis=axes))(x))
+        np.testing.assert_array_equal(summed, x.reshape(got[0]))
+        assert np.array_equal(np.signbit(summed), np.signbit(x.reshape(got[0])))
 
 
 @SETTINGS

@@ -226,6 +226,23 @@ def _attention_out_fold(o_axes: Ints, p: Ints, _c: Ints, _d: Ints) -> Answer:
     return (tuple(pinv[a] for a in o_axes),)
 
 
+def _unit_broadcast(src: Ints, shape: Ints, dims: Ints, _d: Ints) -> Answer:
+    """broadcast(x, shape, dims) == reshape(x, shape) where the broadcast only inserts unit axes
+    (x's axes kept in order and length, every other axis 1): returns (shape,)."""
+    if list(dims) != sorted(set(dims)) or len(dims) != len(src):
+        return None
+    if any(shape[d] != n for d, n in zip(dims, src)) or any(shape[i] != 1 for i in range(len(shape)) if i not in dims):
+        return None
+    return (shape,)
+
+
+def _unit_reduce(src: Ints, axes: Ints, _c: Ints, _d: Ints) -> Answer:
+    """reduce(x, axes) == reshape(x, shape2) where every reduced axis has length 1: returns (shape2,)."""
+    if not axes or any(src[a] != 1 for a in axes):
+        return None
+    return (tuple(n for i, n in enumerate(src) if i not in axes),)
+
+
 QUESTIONS: dict[str, Callable[[Ints, Ints, Ints, Ints], Answer]] = {
     "inverse": _inverse,
     "reduce_bubble": _reduce_bubble,
@@ -240,6 +257,8 @@ QUESTIONS: dict[str, Callable[[Ints, Ints, Ints, Ints], Answer]] = {
     "dot_operand_fold": _dot_operand_fold,
     "dot_canonical": _dot_canonical,
     "attention_out_fold": _attention_out_fold,
+    "unit_broadcast": _unit_broadcast,
+    "unit_reduce": _unit_reduce,
 }
 
 
