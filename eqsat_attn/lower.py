@@ -210,11 +210,22 @@ def dot_precision_arg(precision: str | None) -> Any:
     return lax.Precision.HIGHEST if precision == "highest" else lax.DotAlgorithmPreset[precision.upper()]
 
 
+#: jaxlib before 0.12 runs some 16-bit dots accumulating in float32 on no CPU path ("Unsupported
+#: element type for DotThunk::Execute: BF16 x BF16 = F32", e.g. batch axes (0, 1) against (0, 2),
+#: which the transpose rules write): there such a dot widens its operands first, the same products
+#: (exact in float32) summed in float32 in XLA's own order
+_WIDEN_HALF_DOTS_ON_CPU = jax.__version_info__ < (0, 12)
+
+
 def _dot_general(p: ir.Params, args: list[Any]) -> Any:
     dims = ((tuple(p["lhs_contract"]), tuple(p["rhs_contract"])), (tuple(p["lhs_batch"]), tuple(p["rhs_batch"])))
     pet = p.get("preferred_element_type")
+    a, b = args[0], args[1]
+    if (_WIDEN_HALF_DOTS_ON_CPU and pet == "float32" and jax.default_backend() == "cpu"
+            and {jnp.dtype(a.dtype).name, jnp.dtype(b.dtype).name} <= {"bfloat16", "float16"}):
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
     return lax.dot_general(
-        args[0], args[1], dims, precision=dot_precision_arg(p.get("precision")),
+        a, b, dims, precision=dot_precision_arg(p.get("precision")),
         preferred_element_type=None if pet is None else jnp.dtype(pet),
     )
 

@@ -79,14 +79,18 @@ VALUE_GRADIENT_RULES = "attention_value_grad"
 
 def writes_softmax_backward(program: Program) -> bool:
     """Whether ``program`` holds ``sum(-(P * dP))`` over an axis, the row sum of softmax's VJP as
-    jax.grad writes it (every jax.grad of attention through jax.nn.softmax has one), or
-    ``sum(P * -w)``, as it writes the VJP of a softmax divided by its sum by hand."""
+    jax.grad writes it (every jax.grad of attention through jax.nn.softmax has one), ``sum(P * -w)``,
+    as it writes the VJP of a softmax divided by its sum by hand, or ``sum(-kept)`` with ``kept``
+    a product's row sum reshaped to [.., 1], as it writes jax.nn.softmax's before jax 0.12."""
     nodes = program.nodes
 
     def row_sum_of_backward(node) -> bool:
         summed = nodes[node.inputs[0]]
         if summed.op == "neg":
-            return nodes[summed.inputs[0]].op == "mul"
+            negated = nodes[summed.inputs[0]]
+            if negated.op == "reshape" and nodes[negated.inputs[0]].op == "reduce_sum":
+                negated = nodes[nodes[negated.inputs[0]].inputs[0]]
+            return negated.op == "mul"
         return summed.op == "mul" and any(nodes[i].op == "neg" for i in summed.inputs)
 
     return any(node.op == "reduce_sum" and row_sum_of_backward(node) for node in nodes)

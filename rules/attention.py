@@ -930,6 +930,36 @@ def _quotient_vjp_forms(probs: Term, d_probs: Term, rank: int):
             yield form, (*same_softmax, *conds)
 
 
+def _power_quotient_vjp_forms(probs: Term, d_probs: Term, rank: int):
+    """(form, conditions): softmax's VJP as jax.grad writes ``E / T`` with T = sum(E) kept as
+    [.., 1] (jax.nn.softmax before jax 0.12, ``jax_softmax_custom_jvp`` off): the quotient's
+    transpose squares the kept T, ``(dP / T + sum(-(dP * T^-2 * E))) * E``, which is
+    ``P * dP - P * sum(P * dP)`` in real numbers since E / T is P (the row sum kept as [.., 1] and
+    summed over the unit axis, with unit batch axes too where the quotient broadcast over them)."""
+    last, keep = ivec([rank - 1]), perm_range(rank - 1)
+    ex_ = var("ex_", Term)
+    total = Term.reduce("reduce_sum", ex_, last)
+    spread_total = Term.broadcast(total, s2, keep)
+    inverse_square = Term.broadcast(Term.integer_pow(Term.broadcast(total, s3, keep), -2), s2, perm_range(rank))
+    kept = Term.reshape(Term.reduce("reduce_sum", Term.binary("mul", Term.binary("mul", d_probs, inverse_square), ex_),
+                                    last), s3)
+    same_softmax = (eq(probs).to(Term.binary("div", ex_, spread_total)), s3[rank - 1] == i64(1), s3.length() == i64(rank))
+    rows = [(ivec([rank - 1]), keep, ())]
+    rows += [(ivec([u, rank - 1]), ivec([i for i in range(rank - 1) if i != u]), (s3[u] == i64(1),)) for u in range(rank - 1)]
+    for summed, spread, units in rows:
+        row = Term.reduce("reduce_sum", Term.unary("neg", kept), summed)
+        cotangent = Term.binary("add", Term.binary("div", d_probs, spread_total), Term.broadcast(row, s1, spread))
+        for form in (Term.binary("mul", cotangent, ex_), Term.binary("mul", ex_, cotangent)):
+            yield form, (*same_softmax, *units)
+
+
+def _vjp_forms(probs: Term, d_probs: Term, rank: int, unit_sums: bool = True):
+    """softmax's VJP as jax.nn.softmax's is written by jax.grad: its custom JVP's
+    (`_softmax_vjp_forms`) and, before jax 0.12, the quotient's (`_power_quotient_vjp_forms`)."""
+    yield from _softmax_vjp_forms(probs, d_probs, rank, unit_sums=unit_sums)
+    yield from _power_quotient_vjp_forms(probs, d_probs, rank)
+
+
 def _where_softmax_backward(n_batch: int, rank: int, facts, d_out: Term):
     """jax.nn.softmax(s, where=keep)'s VJP: its P is ``where(keep, softmax(s'), 0)`` over
     s' = ``where(keep, s, -inf)``, and it zeroes dP and the broadcast row sum where keep hides. Where
@@ -1024,7 +1054,7 @@ def softmax_backward():
         facts = (_scores(sf_, q, k, sc0, cap, m, mk, fl, causal, i64(n_batch)), shape(v).length() == i64(n_batch + 2))
         d_out = Term.dot(do_, v, ivec([rank - 1]), ivec([n_batch + 1]), batch, batch, dt, pr)
         for d_probs in (d_out, Term.convert(d_out, f32)):
-            for form, conditions in _softmax_vjp_forms(Term.softmax(sf_), d_probs, rank):
+            for form, conditions in _vjp_forms(Term.softmax(sf_), d_probs, rank):
                 yield rl(eq(e).to(form), *conditions, *facts)(scores_cot(e, sf_, sf_, do_, v))
         rounded = Term.convert(Term.convert(d_out, dtp), f32)
         half_v = (dtype(v) == dtp, dt == f32, dtp != f32)
@@ -1066,7 +1096,7 @@ def reshaped_softmax_backward():
                 probs = Term.softmax(Term.reshape(scores_view, soft_shape))
                 d_reshaped = Term.reshape(d_view, soft_shape)
                 for d_probs in (d_reshaped, Term.convert(d_reshaped, String("float32"))):
-                    for form, conditions in _softmax_vjp_forms(probs, d_probs, soft_rank):
+                    for form, conditions in _vjp_forms(probs, d_probs, soft_rank):
                         yield rl(eq(e).to(form), soft_shape.length() == i64(soft_rank), *conditions, *facts, *view_conds)(
                             scores_cot(back(e), sf_, sf_, do_, v))
             if soft_ranks and scores_view is not sf_:  # the inverse permutation, asked where such a softmax is

@@ -108,6 +108,36 @@ def soft_capped_earlier_jax(q, k, v):
     return jnp.einsum("bhqk,bhkd->bhqd", _softmax(50.0 * _tanh_earlier_jax(s / 50.0)), v)
 
 
+@jax.custom_vjp
+def _softmax_earlier_jax(s):
+    e = jnp.exp(s - lax.stop_gradient(s.max(-1, keepdims=True)))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _softmax_earlier_jax_fwd(s):
+    e = jnp.exp(s - lax.stop_gradient(s.max(-1, keepdims=True)))
+    t = e.sum(-1, keepdims=True)
+    return e / t, (e, t)
+
+
+def _softmax_earlier_jax_bwd(res, g):
+    """jax.nn.softmax's backward as jax.grad wrote it before jax 0.12 (no custom JVP; the
+    quotient's transpose squares the kept row sum): ``(g / T + sum(-(g * T^-2 * E))) * E``."""
+    e, t = res
+    spread = lambda x: lax.broadcast_in_dim(x, g.shape, tuple(range(g.ndim)))  # noqa: E731
+    kept = jnp.sum(g * spread(lax.integer_pow(t, -2)) * e, axis=-1).reshape(t.shape)
+    row = jnp.sum(-kept, axis=-1)
+    return ((g / spread(t) + lax.broadcast_in_dim(row, g.shape, tuple(range(g.ndim - 1)))) * e,)
+
+
+_softmax_earlier_jax.defvjp(_softmax_earlier_jax_fwd, _softmax_earlier_jax_bwd)
+
+
+def softmax_earlier_jax(q, k, v):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25
+    return jnp.einsum("bhqk,bhkd->bhqd", _softmax_earlier_jax(s), v)
+
+
 def traced_scale(q, k, v, scale):
     return jnp.einsum("bhqk,bhkd->bhqd", _softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k) * scale), v)
 
@@ -171,6 +201,7 @@ CASES = {
     "bf16_softmax_causal": (bf16_softmax_causal, BHSD, (), BF16),
     "soft_capped": (soft_capped, BHSD, (), F32),
     "soft_capped_earlier_jax": (soft_capped_earlier_jax, BHSD, (), F32),
+    "softmax_earlier_jax": (softmax_earlier_jax, BHSD, (), F32),
     "traced_scale": (traced_scale, BHSD, ("scale",), F32),
     "exp_log_softmax": (exp_log_softmax, BHSD, (), F32),
     "reciprocal_unstopped_max": (reciprocal_unstopped_max, BHSD, (), F32),
