@@ -949,8 +949,7 @@ def _power_quotient_vjp_forms(probs: Term, d_probs: Term, rank: int):
     for summed, spread, units in rows:
         row = Term.reduce("reduce_sum", Term.unary("neg", kept), summed)
         cotangent = Term.binary("add", Term.binary("div", d_probs, spread_total), Term.broadcast(row, s1, spread))
-        for form in (Term.binary("mul", cotangent, ex_), Term.binary("mul", ex_, cotangent)):
-            yield form, (*same_softmax, *units)
+        yield Term.binary("mul", cotangent, ex_), (*same_softmax, *units)  # exp's transpose: g * E
 
 
 def _vjp_forms(probs: Term, d_probs: Term, rank: int, unit_sums: bool = True):
