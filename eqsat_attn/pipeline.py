@@ -150,13 +150,15 @@ def saturate(program: Program, options: OptimizeOptions) -> tuple[EGraph, Any, R
 
 
 @contextmanager
-def saturated(program: Program, options: OptimizeOptions) -> Iterator[tuple[EGraph, Any, RunResult]]:
+def saturated(program: Program, options: OptimizeOptions, limits: Limits | None = None,
+              stop_when: StopWhenFired | None = None) -> Iterator[tuple[EGraph, Any, RunResult]]:
     """`saturate` in a pooled e-graph (`driver.prepared_egraph`), reverted when the block ends:
-    read, extract from it only inside the block."""
+    read, extract from it only inside the block. ``limits``: instead of ``options.limits``."""
     rulesets = resolve(options.rule_names(program))
     with prepared_egraph(rulesets) as egraph:
         encoding = encode(program, egraph)
-        yield egraph, encoding, run_rulesets(egraph, rulesets, options.limits, relevant_to=encoding.symbols)
+        yield egraph, encoding, run_rulesets(egraph, rulesets, limits or options.limits, stop_when=stop_when,
+                                             relevant_to=encoding.symbols)
 
 
 RESTART_ENODES = 30_000
@@ -232,11 +234,8 @@ def _saturate_and_extract(program: Program, options: OptimizeOptions, limits: Li
     """One e-graph run of ``program`` under ``limits`` (and ``stop_when``), the extraction of its
     best program (`egraph.refine.extract_best`, or the exact extractor), and the (encoding,
     serialized e-graph) pair a layout explanation reads, or None."""
-    rulesets = resolve(options.rule_names(program))
     graph = None
-    with prepared_egraph(rulesets) as egraph:  # as `saturate`, with the rules registered once per process
-        encoding = encode(program, egraph)
-        run = run_rulesets(egraph, rulesets, limits, stop_when=stop_when, relevant_to=encoding.symbols)
+    with saturated(program, options, limits, stop_when) as (egraph, encoding, run):
         if options.extractor == "ilp":
             graph = read_graph(egraph)
             chosen = extract_ilp(egraph, encoding, model, graph=graph).program

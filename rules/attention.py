@@ -952,10 +952,10 @@ def _power_quotient_vjp_forms(probs: Term, d_probs: Term, rank: int):
         yield Term.binary("mul", cotangent, ex_), (*same_softmax, *units)  # exp's transpose: g * E
 
 
-def _vjp_forms(probs: Term, d_probs: Term, rank: int, unit_sums: bool = True):
+def _vjp_forms(probs: Term, d_probs: Term, rank: int):
     """softmax's VJP as jax.nn.softmax's is written by jax.grad: its custom JVP's
     (`_softmax_vjp_forms`) and, before jax 0.12, the quotient's (`_power_quotient_vjp_forms`)."""
-    yield from _softmax_vjp_forms(probs, d_probs, rank, unit_sums=unit_sums)
+    yield from _softmax_vjp_forms(probs, d_probs, rank)
     yield from _power_quotient_vjp_forms(probs, d_probs, rank)
 
 
