@@ -553,3 +553,20 @@ def test_scores_of_two_products_keep_their_gradients():
         warnings.simplefilter("error", RuntimeWarning)  # no fallback to the original program
         got = optimized(q1, q2, k1, k2, v)
     assert excess_error(got, fn(q1, q2, k1, k2, v), 1e-4) <= 0  # the ±40 entries: reassociated row sums
+
+
+def test_shared_query_gradient_is_the_ops_summed_over_the_batch():
+    """A query without a batch axis (learned latents) broadcast over K's batch: its gradient is
+    the op's dQ summed over the batch (`shared_query_gradient`), with the written-out values."""
+    from attention_corpus import BY_NAME
+
+    case = BY_NAME["query_shared_over_batch"]
+    latents, k, v = case.args()
+    (cot,) = _inputs(41, (jax.eval_shape(case.fn, latents, k, v).shape,))
+    fn = jax.grad(lambda *a: jnp.sum(case.fn(*a[:3]) * a[3]), argnums=(0, 1, 2))
+    optimized = ea.optimize(fn, cost_model=for_device("h100"), limits=LIMITS)
+    report = optimized.explain(latents, k, v, cot)
+    assert sorted(info.gradient for info in report.attention) == ["dk", "dq", "dv"], str(report.after)
+    assert "softmax" not in {n.op for n in report.after.nodes}, "the backward still reads P"
+    args = (latents, k, v, cot)
+    assert excess_error(optimized(*args), fn(*args), tolerance(args, fn(*args))) <= 0
