@@ -174,6 +174,13 @@ RAISED_RESTART_ENODES = 12_000
 """A run that has raised attention and is past this many e-nodes restarts once from its best
 program, raising settled or not (`optimize_part`)."""
 
+GRADIENT_GRACE_ROUNDS = 2
+"""Whole rounds a gradient program's run goes on after its backward first raised before it may
+restart: V's gradient is raised at once, Q's and K's once the scores' cotangent has passed back
+through their modifications (a where-mask, a scale: a round each). Restarting at once kept
+jax.nn.dot_product_attention's causal gradient written out under jax 0.11, whose e-graph passes
+`RAISED_RESTART_ENODES` as its backward first raises."""
+
 RAISED = "attention_raise.attention"
 """The rule family that raises attention (rules/attention.py)."""
 
@@ -211,7 +218,8 @@ def optimize_part(program: Program, options: OptimizeOptions, model,
     # forward raises first, and restarting there left Flax nnx MHA's backward written out
     gradient = GRADIENT_RULES in (options.rule_names(program) or ())
     stop_when = StopWhenFired((RAISED, RAISED_GRADIENTS), RAISED_SETTLED_ENODES, RAISED_RESTART_ENODES,
-                              required=RAISED_GRADIENTS if gradient else None)
+                              required=RAISED_GRADIENTS if gradient else None,
+                              grace_rounds=GRADIENT_GRACE_ROUNDS if gradient else 0)
     chosen, run, graph = _saturate_and_extract(program, options, first, model, notes, stop_when)
     early = run.stop_reason.startswith(stop_when.families)  # settled, or fired past RAISED_RESTART_ENODES
     if run.saturated or not (early or (options.limits.nodes > RESTART_ENODES and run.stop_reason.startswith("e-node"))):

@@ -231,3 +231,22 @@ def test_a_required_family_holds_the_stop_until_it_has_fired():
     assert driver.StopWhenFired(("raise.attention", "grad.gradients"), 10, 20).armed(Counter({"raise.attention": 4}))
     # once armed, the stop is reached as before: settled past 10 e-nodes, or fired past 20
     assert watch.reached(5, 0, "grad", 11) and watch.reached(5, 1, None, 21) and not watch.reached(0, 0, "grad", 11)
+
+
+def test_grace_rounds_hold_the_stop_for_whole_rounds_after_the_first_firing():
+    """`StopWhenFired.grace_rounds`: the run goes on for that many whole rounds after the one where
+    the family first fired (a gradient's dQ and dK raise rounds after its dV), then stops as before."""
+    assert driver.StopWhenFired("r.f", 1, 1, grace_rounds=2).reached(3, 1, "r", 10, rounds_after=1) is None
+    assert "fired" in driver.StopWhenFired("r.f", 1, 1, grace_rounds=2).reached(3, 1, "r", 10, rounds_after=2)
+    rulesets = resolve(None)
+    runs = {}
+    for grace in (0, 2):
+        with driver.prepared_egraph(rulesets) as egraph:
+            encode(chain_program(), egraph)
+            stop = driver.StopWhenFired("transpose.dot_output", 1, 1, grace_rounds=grace)
+            runs[grace] = run_rulesets(egraph, rulesets, Limits(iterations=30, seconds=math.inf), stop_when=stop)
+    first = runs[0].iterations  # the round where transpose.dot_output first fired: stopped there
+    assert runs[0].steps[-1]["rules_fired"].get("transpose.dot_output")
+    assert not any(s["rules_fired"].get("transpose.dot_output") for s in runs[0].steps[:-1])
+    assert runs[2].iterations == first + 2 and runs[2].stop_reason.startswith("transpose.dot_output fired")
+    assert runs[2].steps[-1]["steps_run"] == runs[2].steps[0]["steps_run"]  # stopped at a round's end

@@ -309,15 +309,16 @@ _clock = time.perf_counter  # the safety net's clock (tests replace it)
 
 
 def _limit_reached(egraph: EGraph, limits: Limits, start: float, stop_when: StopWhenFired | None = None,
-                   fired_before: int = 0, fired_now: int = 0, step_name: str | None = None) -> str | None:
+                   fired_before: int = 0, fired_now: int = 0, step_name: str | None = None,
+                   rounds_after: int = 0) -> str | None:
     """Which limit a run has passed, checked between steps: e-nodes first (deterministic), then
-    ``stop_when`` (deterministic; the counts and step name as `StopWhenFired.reached` takes them),
-    then the clock (a safety net); None while within all."""
+    ``stop_when`` (deterministic; the counts, step name and rounds as `StopWhenFired.reached` takes
+    them), then the clock (a safety net); None while within all."""
     size = egraph_size(egraph)
     if size > limits.nodes:
         return f"e-node limit ({limits.nodes})"
     if stop_when is not None:
-        reason = stop_when.reached(fired_before, fired_now, step_name, size)
+        reason = stop_when.reached(fired_before, fired_now, step_name, size, rounds_after)
         if reason:
             return reason
     if _clock() - start > limits.seconds:
@@ -337,6 +338,9 @@ class StopWhenFired:
     settled_enodes: int
     enodes: int
     required: str | None = None  # a family that must have fired before the run stops (None: any)
+    #: whole rounds the run goes on after the one where the families first fired before either
+    #: criterion may stop it (a gradient's backward reaches dQ and dK rounds after dV)
+    grace_rounds: int = 0
 
     def armed(self, fired: Counter[str]) -> bool:
         """Whether the run may stop, given each family's matches so far."""
@@ -350,9 +354,13 @@ class StopWhenFired:
     def rulesets(self) -> frozenset[str]:
         return frozenset(f.split(".", 1)[0] for f in self.families)
 
-    def reached(self, fired_before: int, fired_now: int, step_name: str | None, size: int) -> str | None:
+    def reached(self, fired_before: int, fired_now: int, step_name: str | None, size: int,
+                rounds_after: int = 0) -> str | None:
         """``fired_before``: the families' matches before this step; ``fired_now``: in this step
-        (``step_name`` None: checked between iterations, not after a step)."""
+        (``step_name`` None: checked between iterations, not after a step); ``rounds_after``: whole
+        rounds run since the one where they first fired."""
+        if rounds_after < self.grace_rounds:
+            return None
         name = " or ".join(self.families)
         if fired_before and step_name in self.rulesets and not fired_now and size > self.settled_enodes:
             return f"{name} settled, at {size} e-nodes (over {self.settled_enodes})"
@@ -386,6 +394,7 @@ def run_rulesets(
     answerer = answerer if answerer is not None else QuestionAnswerer()
     fired: Counter[str] = Counter()
     watched = stop_when.families if stop_when else ()  # the families stop_when counts
+    first_fired: int | None = None  # the iteration where they had first fired, stop_when armed
     analysis_command = schedule_command(egraph, analysis.saturate())
     steps = [("analysis", analysis_command)]
     subsets = _relevant_subsets(egraph, rulesets, relevant_to)
@@ -407,7 +416,10 @@ def run_rulesets(
                     step[family] += n
             now = sum(fired[f] + step[f] for f in watched) - before
             armed = stop_when if stop_when and stop_when.armed(fired + step) else None
-            stopped = _limit_reached(egraph, limits, start, armed, before, now, name)
+            if armed and first_fired is None and before + now:
+                first_fired = iteration
+            rounds_after = 0 if first_fired is None else iteration - first_fired - 1  # whole ones
+            stopped = _limit_reached(egraph, limits, start, armed, before, now, name, rounds_after)
             if stopped:
                 break
         fired.update(step)
@@ -421,7 +433,9 @@ def run_rulesets(
             result.stop_reason = "saturated"
             break
         armed = stop_when if stop_when and stop_when.armed(fired) else None
-        stopped = stopped or _limit_reached(egraph, limits, start, armed, sum(fired[f] for f in watched))
+        rounds_after = 0 if first_fired is None else iteration - first_fired
+        stopped = stopped or _limit_reached(egraph, limits, start, armed, sum(fired[f] for f in watched),
+                                            rounds_after=rounds_after)
         if stopped:
             result.stop_reason = stopped
             break
