@@ -34,7 +34,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("pipeline", ("eqsat_attn.nested", "eqsat_attn.choices", "eqsat_attn.pipeline", "eqsat_attn.disk_cache")),
     ("front", ("eqsat_attn", "eqsat_attn.optimize", "eqsat_attn.report", "eqsat_attn.explore",
                "eqsat_attn.explore_graph", "eqsat_attn.explore_draw", "eqsat_attn.explore_charts",
-               "eqsat_attn.examples", "eqsat_attn.cli")),
+               "eqsat_attn.examples", "eqsat_attn.cli", "eqsat_attn.collector")),
 )
 
 # (importing module, imported module) -> why that import sits inside a function. Only a heavy
