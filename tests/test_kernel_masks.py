@@ -165,6 +165,32 @@ def test_key_padding_fast_path(no_reference):
     check(1, 32, sk, mask=mask)
 
 
+def test_bias_with_one_row_for_all_queries_is_read_as_that_row(no_reference):
+    """An additive key-padding bias [B, 1, 1, Sk] (finfo.min on padded keys): values and gradients,
+    and the forward kernel reads it as one [1, Sk] row, never materialised over the queries."""
+    sk = 40
+    rows = np.where(np.arange(sk)[None, :] < np.array([[sk], [13]]), 0.0, np.finfo(np.float32).min)
+    bias = jnp.asarray(rows + np.random.default_rng(4).normal(size=(B, sk)), jnp.float32)[:, None, None, :]
+    check(3, 32, sk, bias=bias)
+    q = jnp.zeros((B, H, 32, D), jnp.float32)
+    k = jnp.zeros((B, HKV, sk, D), jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda q, k, bias: flash_attention(q, k, k, scale=0.25, causal=False, bias=bias, block_q=16,
+                                                            block_k=16, interpret=True))(q, k, bias)
+    shapes = [tuple(v.aval.shape) for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "pallas_call" for v in e.invars]
+    assert (B, 1, 1, 48) in shapes and not any(s[-2:] == (32, 48) for s in shapes), shapes
+
+
+def _eqns(jaxpr):
+    """Every equation of ``jaxpr`` and of the jaxprs nested in its equations' parameters."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _eqns(inner)
+
+
 def test_key_padding_with_bias_grad(no_reference):
     rng = np.random.default_rng(2)
     bias = jnp.asarray(rng.normal(size=(1, H, 32, 40)) * 3, jnp.float32)

@@ -115,6 +115,7 @@ CASES = {  # name -> (b, h, hkv, sq, sk, causal, softcap, bias kind, mask kind, 
     "lengths-window": (2, 1, 1, 128, 128, False, 0.0, None, None, [128, 100], 64, "BHSD"),
     "window-causal-transposed-v": (1, 1, 1, 256, 256, True, 0.0, "full", None, None, 100, "BHDS"),
     "padding-mask-transposed-v-softcap": (2, 2, 1, 128, 128, False, 10.0, None, "padding", None, None, "BHDS"),
+    "causal-key-row-bias-transposed-v": (2, 2, 1, 128, 128, True, 0.0, "key-rows", None, None, None, "BHDS"),
 }
 
 
@@ -132,6 +133,8 @@ def case_operands(name, rng):
         x[:, 3] = 1e4 - np.arange(sq) * 1e-3  # some rows nearly one-hot on key 3
         x[7, :64] = -np.inf
         bias = jnp.asarray(x, jnp.float32)
+    elif bias_kind == "key-rows":  # [B, 1, 1, Sk]: one row for all queries (an additive key mask)
+        bias = jnp.asarray(rng.normal(size=(b, 1, 1, sk)) * 5, jnp.float32)
     if mask_kind == "random":
         mask = jnp.asarray(tile_mask(rng, b, h, sq, sk))
     elif mask_kind == "padding":  # a [B, Sk] key-padding mask: half the keys padded in the last batch
@@ -364,7 +367,8 @@ def test_masked_bias_softcap_calls_take_the_mosaic_backward(monkeypatch):
 # --- the compiled kernels -------------------------------------------------------------------
 
 @pytest.mark.parametrize("d,v_layout,case", [(128, "BHSD", "all"), (64, "BHDS", "all"), (64, "BHSD", "padding"),
-                                             (128, "BHDS", "lengths-window"), (64, "BHSD", "bias-softcap")])
+                                             (128, "BHDS", "lengths-window"), (64, "BHSD", "bias-softcap"),
+                                             (128, "BHDS", "key-row-bias")])
 def test_masked_backward_lowers_for_hopper(d, v_layout, case):
     """Bias and mask tiles read from global memory in wgmma's accumulator layout (transposed copies
     for the dK/dV kernel), dS stored for dbias, the tile lists read by the producers and both
@@ -378,9 +382,10 @@ def test_masked_backward_lowers_for_hopper(d, v_layout, case):
     pad = jax.ShapeDtypeStruct((2, 1, 1, 512), jnp.bool_)
     lengths = jax.ShapeDtypeStruct((2,), jnp.int32)
     extra = {"all": dict(bias=bias, mask=mask), "padding": dict(mask=pad), "lengths-window": dict(kv_lengths=lengths),
-             "bias-softcap": dict(bias=bias)}[case]
+             "bias-softcap": dict(bias=bias), "key-row-bias": dict(bias=jax.ShapeDtypeStruct((2, 1, 1, 512), jnp.float32))}[case]
     static = {"all": dict(softcap=30.0, causal=True), "padding": dict(causal=False),
-              "lengths-window": dict(window=128, causal=True), "bias-softcap": dict(softcap=10.0, causal=False)}[case]
+              "lengths-window": dict(window=128, causal=True), "bias-softcap": dict(softcap=10.0, causal=False),
+              "key-row-bias": dict(causal=True)}[case]
 
     def fn(q, k, v, lse, extra):
         return mosaic_attention_backward(q, k, v, q, lse, q, scale=0.1, v_layout=v_layout, **static, **extra)

@@ -19,7 +19,8 @@ from eqsat_attn.kernels import flash_attention
 from eqsat_attn.kernels.masks import HIDDEN, PARTIAL, VISIBLE, mask_4d, tile_classes
 from eqsat_attn.kernels.mosaic_attention import (MosaicBlocks, default_blocks, hopper_gpu, mosaic_attention,
                                                  mosaic_unsupported)
-from eqsat_attn.kernels.mosaic_scores import ScoreMods, bias_operand, kept, log2_scores, safe_max, tile_operands
+from eqsat_attn.kernels.mosaic_scores import (ScoreMods, bias_operand, kept, log2_scores, prepare, safe_max,
+                                             tile_operands)
 from eqsat_attn.kernels.reference import MASK_VALUE
 from test_kernel_masks import assert_close, key_padding, no_reference, np_attention, sentinel_reference  # noqa: F401
 
@@ -91,6 +92,8 @@ CASES = {  # name -> (causal, softcap, bias?, mask kind, kv lengths, window)
     "softcap": (False, 20.0, None, None, None, None),
     "bias": (False, 0.0, "full", None, None, None),
     "key-bias-minus-inf": (False, 0.0, "keys", None, None, None),
+    "key-padding-as-bias": (False, 0.0, "key-rows", None, None, None),
+    "alibi-key-rows-causal": (True, 0.0, "alibi", None, None, None),
     "random-mask": (False, 0.0, None, "random", None, None),
     "key-padding": (False, 0.0, None, "padding", None, None),
     "causal-padding-softcap-bias": (True, 30.0, "heads", "padding", None, None),
@@ -111,6 +114,12 @@ def case_operands(name, rng, sq, sk):
         b[7, :64] = -np.inf  # the row's first tile is all -inf (the running max stays -inf)
         b[9, :] = -np.inf  # no finite score: NaN in the op
         bias = jnp.asarray(b, jnp.float32)
+    elif bias_kind == "key-rows":  # BERT's additive padding mask [B, 1, 1, Sk]: finfo.min on padded keys
+        b = np.where(np.arange(sk)[None, :] < np.array([[sk], [sk // 2]]), 0.0, np.finfo(np.float32).min)
+        bias = jnp.asarray((b + rng.normal(size=(B, sk)))[:, None, None, :], jnp.float32)
+    elif bias_kind == "alibi":  # BLOOM's ALiBi: slope·j per head, one row for all queries, bf16
+        slopes = 2.0 ** -np.arange(1, H + 1)
+        bias = jnp.asarray((slopes[:, None] * np.arange(sk))[None, :, None, :], jnp.bfloat16)
     if mask_kind == "random":
         mask = jnp.asarray(tile_mask(rng, sq, sk))
     elif mask_kind == "padding":  # a [B, Sk] key-padding mask, half the keys padded in one batch
@@ -123,6 +132,7 @@ def case_operands(name, rng, sq, sk):
     ("softcap", 128, 256, SMALL), ("softcap", 128, 256, OVERLAP),
     ("bias", 128, 128, SMALL),
     ("key-bias-minus-inf", 128, 256, SMALL), ("key-bias-minus-inf", 128, 256, OVERLAP),
+    ("key-padding-as-bias", 128, 256, SMALL), ("alibi-key-rows-causal", 256, 256, OVERLAP),
     ("random-mask", 256, 256, SMALL), ("random-mask", 256, 256, OVERLAP),
     ("key-padding", 128, 256, SMALL),
     ("causal-padding-softcap-bias", 256, 256, SMALL), ("causal-padding-softcap-bias", 256, 256, OVERLAP),
@@ -321,6 +331,16 @@ def test_bias_keeps_broadcast_axes_and_rejects_bad_shapes():
     assert bias_operand(jnp.zeros((128, 256), jnp.bfloat16), (2, 4, 128, 256)).shape == (1, 1, 128, 256)
     assert bias_operand(jnp.zeros((4, 1, 256), jnp.float16), (2, 4, 128, 256)).shape == (1, 4, 128, 256)
     assert bias_operand(jnp.zeros((2, 1, 1, 256), jnp.int32), (2, 4, 128, 256)).dtype == jnp.float32
+    # one row for all queries: that row repeated for a warpgroup's tile, never over Sq
+    assert bias_operand(jnp.zeros((2, 1, 1, 256)), (2, 4, 1024, 256), block_q=64).shape == (2, 1, 64, 256)
+    assert bias_operand(jnp.zeros((4, 1024, 256)), (2, 4, 1024, 256), block_q=64).shape == (1, 4, 1024, 256)
+    rows = jnp.asarray(np.random.default_rng(0).normal(size=(2, 1, 1, 256)), jnp.float32)
+    mods, (kernel_bias,) = prepare(b=2, h=4, sq=1024, sk=256, causal=False, cta_rows=128, block_q=64, block_kv=64,
+                                   bias=rows)
+    assert not mods.bias_rows and kernel_bias.shape == (2, 1, 64, 256)
+    assert np.array_equal(np.asarray(kernel_bias[:, :, 37]), np.asarray(rows[:, :, 0]))
+    assert prepare(b=2, h=4, sq=1024, sk=256, causal=False, cta_rows=128, block_q=64, block_kv=64,
+                   bias=jnp.zeros((4, 1024, 256)))[0].bias_rows
     with pytest.raises(ValueError, match="does not broadcast"):
         bias_operand(jnp.zeros((3, 1, 1, 256)), (2, 4, 128, 256))
     with pytest.raises(ValueError, match="softcap"):
@@ -370,6 +390,7 @@ def test_auto_sends_masked_calls_to_mosaic_on_hopper(monkeypatch):
 
 @pytest.mark.parametrize("d,overlap,case", [
     (128, False, "all"), (128, True, "all"), (64, False, "padding"), (64, True, "window"), (256, False, "bias"),
+    (128, True, "key-row-bias"),
 ])
 def test_masked_kernels_lower_for_hopper(d, overlap, case):
     """Soft-cap, bias tiles and mask tiles read from global memory in wgmma's accumulator layout,
@@ -381,9 +402,11 @@ def test_masked_kernels_lower_for_hopper(d, overlap, case):
     mask = jax.ShapeDtypeStruct((2, 1, 512, 512), jnp.bool_)
     pad = jax.ShapeDtypeStruct((2, 1, 1, 512), jnp.bool_)
     blocks = default_blocks(jnp.bfloat16, d, 512, overlap=overlap)
-    extra = {"all": dict(bias=bias, mask=mask), "padding": dict(mask=pad), "window": {}, "bias": dict(bias=bias)}[case]
+    rows = jax.ShapeDtypeStruct((2, 1, 1, 512), jnp.float32)
+    extra = {"all": dict(bias=bias, mask=mask), "padding": dict(mask=pad), "window": {}, "bias": dict(bias=bias),
+             "key-row-bias": dict(bias=rows)}[case]
     static = {"all": dict(softcap=30.0, causal=True), "padding": dict(causal=False), "bias": dict(causal=False),
-              "window": dict(window=128, causal=True)}[case]
+              "window": dict(window=128, causal=True), "key-row-bias": dict(causal=True)}[case]
 
     def fn(q, k, v, extra):
         return mosaic_attention(q, k, v, scale=0.1, blocks=blocks, **static, **extra)

@@ -348,8 +348,9 @@ def _pad_axis(x: jax.Array, axis: int, size: int, value: float = 0.0) -> jax.Arr
     return jnp.pad(x, widths, constant_values=value)
 
 
-def _bias_4d(bias: jax.Array, shape: tuple[int, int, int, int]) -> jax.Array:
-    """Bias as rank 4 with full [Sq, Sk] and B/H dims kept at 1 where they broadcast."""
+def _bias_4d(bias: jax.Array, shape: tuple[int, int, int, int], one_row: bool = False) -> jax.Array:
+    """Bias as rank 4 with full [Sq, Sk] and B/H dims kept at 1 where they broadcast; with
+    ``one_row``, a bias with one row for all queries keeps that one row ([.., 1, Sk])."""
     if bias.ndim > 4:
         raise ValueError(f"bias rank {bias.ndim} > 4")
     bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
@@ -357,7 +358,8 @@ def _bias_4d(bias: jax.Array, shape: tuple[int, int, int, int]) -> jax.Array:
     for got, want in zip(bias.shape, shape):
         if got not in (1, want):
             raise ValueError(f"bias shape {bias.shape} does not broadcast to {shape}")
-    return jnp.broadcast_to(bias, (bias.shape[0], bias.shape[1], sq, sk))
+    rows = 1 if one_row and bias.shape[2] == 1 else sq
+    return jnp.broadcast_to(bias, (bias.shape[0], bias.shape[1], rows, sk))
 
 
 def _unbroadcast(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -527,12 +529,14 @@ def _forward(q, k, v, bias, cfg: _Config, descales: tuple[jax.Array, jax.Array] 
         _spec(vl, {"S": sk_p, "D": dv_p}, kv_idx),
     ]
     args = [qp, kp, vp]
-    if bias is not None:
-        bias4 = _pad_axis(_pad_axis(_bias_4d(bias, (b, h, sq, sk)), 2, sq_p), 3, sk_p)
+    if bias is not None:  # one row for all queries (key padding, ALiBi's slope·j): read as that row
+        bias4 = _bias_4d(bias, (b, h, sq, sk), one_row=True)
+        rows = bias4.shape[2] > 1
+        bias4 = _pad_axis(_pad_axis(bias4, 2, sq_p), 3, sk_p) if rows else _pad_axis(bias4, 3, sk_p)
         full_b, full_h = bias4.shape[0] > 1, bias4.shape[1] > 1
         in_specs.append(pl.BlockSpec(
-            (None, None, bq, sk_p),
-            lambda i, bi, hi: (bi if full_b else 0, hi if full_h else 0, qblk(i), 0)))
+            (None, None, bq if rows else 1, sk_p),
+            lambda i, bi, hi: (bi if full_b else 0, hi if full_h else 0, qblk(i) if rows else 0, 0)))
         args.append(bias4)
     if cfg.tiled:
         kmask, counts, index = _tile_operands(cfg, mask, kv_lengths, sq, sk, bq, bk, sq_p, sk_p, by_key=False)

@@ -569,7 +569,8 @@ class _Warpgroup:
         bias = mask = None
         if plan.mods.bias_bh is not None:
             full_b, full_h = plan.mods.bias_bh
-            at = (self.batch if full_b else 0, self.head if full_h else 0, pl.ds(self.q_base, bq), cols)
+            rows = pl.ds(self.q_base, bq) if plan.mods.bias_rows else pl.ds(0, bq)
+            at = (self.batch if full_b else 0, self.head if full_h else 0, rows, cols)
             bias = plgpu.load(self.refs.bias.at[at], layout=plgpu.Layout.WGMMA, optimized=False)
         if masked and plan.mods.mask_bh is not None:
             full_b, full_h = plan.mods.mask_bh

@@ -348,7 +348,8 @@ def _dq_kernel(plan: _Plan, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *re
             cols = pl.ds(col0, bkv)
             bias = mask = None  # read before the products are issued, so the loads overlap them
             if plan.has_bias:
-                at = (*plan.extra_at(plan.mods.bias_bh, batch, head), rows, cols)
+                brows = rows if plan.mods.bias_rows else pl.ds(0, bq)
+                at = (*plan.extra_at(plan.mods.bias_bh, batch, head), brows, cols)
                 bias = plgpu.load(bias_ref.at[at], layout=plgpu.Layout.WGMMA, optimized=False)
             if masked and mask_ref is not None:
                 mrows = rows if plan.mods.mask_rows else pl.ds(0, bq)
@@ -453,7 +454,8 @@ def _dkv_kernel(plan: _Plan, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *r
             row0 = q_tile(i) * bq
             bias = mask = None  # transposed tiles [block_kv, block_q], read before the products
             if plan.has_bias:
-                at = (*plan.extra_at(plan.mods.bias_bh, batch, head), keys, pl.ds(row0, bq))
+                brows = pl.ds(row0, bq) if plan.mods.bias_rows else pl.ds(0, bq)
+                at = (*plan.extra_at(plan.mods.bias_bh, batch, head), keys, brows)
                 bias = plgpu.load(bias_ref.at[at], layout=plgpu.Layout.WGMMA, optimized=False)
             if masked and mask_ref is not None:
                 mrows = pl.ds(row0, bq) if plan.mods.mask_rows else pl.ds(0, bq)

@@ -3,7 +3,10 @@ computes outside the kernel, and the static facts the kernel is specialised on.
 
 * Soft-cap: scores become ``softcap·tanh(s / softcap)`` before the bias (as `attention_reference`).
 * Additive bias, broadcastable to [B, H, Sq, Sk]: its B and H axes stay 1 where they broadcast
-  (never materialised); each warpgroup reads its [block_q, block_kv] tile from global memory.
+  (never materialised); each warpgroup reads its [block_q, block_kv] tile from global memory. A
+  bias with one row for every query (key padding as an additive bias [B, 1, 1, Sk], ALiBi's
+  ``slope·j``) is kept as that row repeated for one warpgroup's tile, [.., block_q, Sk], as a mask
+  with one row is: never materialised over the queries.
 * Hidden positions, from a boolean mask (True keeps), per-batch key lengths, a sliding window and
   the causal flag: FlexAttention's block mask (kernels/masks.py) at the kernel's tiling, one row
   of tiles per CTA (``2·block_q`` query rows by ``block_kv`` keys). HIDDEN tiles are never loaded
@@ -36,8 +39,9 @@ class ScoreMods:
     """Static facts of a call's score modifications (part of the kernel's plan).
 
     ``*_bh``: whether that operand has a full B axis and a full H axis (else it broadcasts, and
-    the kernel reads index 0); None when the call has no such operand. ``mask_rows``: the mask
-    has one row per query (else one row for all queries, e.g. key padding [B, 1, 1, Sk]).
+    the kernel reads index 0); None when the call has no such operand. ``mask_rows``,
+    ``bias_rows``: the mask or bias has one row per query (else one row for all queries, e.g.
+    key padding [B, 1, 1, Sk], held repeated for a warpgroup's tile).
     """
 
     softcap: float = 0.0
@@ -47,6 +51,7 @@ class ScoreMods:
     lists_bh: tuple[bool, bool] | None = None
     has_lengths: bool = False
     window: int | None = None
+    bias_rows: bool = False
 
     def __post_init__(self):
         if not self.softcap >= 0:
@@ -116,9 +121,10 @@ def _bh(x: jax.Array) -> tuple[bool, bool]:
     return x.shape[0] > 1, x.shape[1] > 1
 
 
-def bias_operand(bias: jax.Array, shape: tuple[int, int, int, int]) -> jax.Array:
+def bias_operand(bias: jax.Array, shape: tuple[int, int, int, int], block_q: int | None = None) -> jax.Array:
     """The bias as the kernel reads it: rank 4, [B or 1, H or 1, Sq, Sk] (B and H kept at 1 where
-    they broadcast), in bf16, f16 or f32 (other dtypes converted to f32)."""
+    they broadcast), in bf16, f16 or f32 (other dtypes converted to f32). With ``block_q``, a bias
+    with one row for all queries is that row repeated ``block_q`` times instead of Sq."""
     if bias.ndim > 4:
         raise ValueError(f"bias rank {bias.ndim} > 4: it must broadcast to [B, H, Sq, Sk] = {shape}")
     bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
@@ -127,7 +133,8 @@ def bias_operand(bias: jax.Array, shape: tuple[int, int, int, int]) -> jax.Array
             raise ValueError(f"bias shape {bias.shape} does not broadcast to [B, H, Sq, Sk] = {shape}")
     if jnp.dtype(bias.dtype).name not in BIAS_DTYPES:
         bias = bias.astype(jnp.float32)
-    return jnp.broadcast_to(bias, bias.shape[:2] + shape[2:])
+    rows = block_q if block_q is not None and bias.shape[2] == 1 else shape[2]
+    return jnp.broadcast_to(bias, bias.shape[:2] + (rows, shape[3]))
 
 
 def tile_operands(mask4: jax.Array | None, kv_lengths: jax.Array | None, *, sq: int, sk: int, causal: bool,
@@ -166,9 +173,10 @@ def prepare(*, b: int, h: int, sq: int, sk: int, causal: bool, cta_rows: int, bl
             softcap: float = 0.0) -> tuple[ScoreMods, list[jax.Array]]:
     """(the plan's `ScoreMods`, the extra kernel operands in order: bias, mask, counts, index,
     each only when the call has it). ``mask4``: bool from `masks.mask_4d`."""
-    operands, bias_bh, mask_bh, lists_bh, mask_rows = [], None, None, None, False
+    operands, bias_bh, mask_bh, lists_bh, mask_rows, bias_rows = [], None, None, None, False, False
     if bias is not None:
-        bias = bias_operand(bias, (b, h, sq, sk))
+        bias_rows = bias.ndim >= 2 and bias.shape[-2] > 1  # else one row for all queries
+        bias = bias_operand(bias, (b, h, sq, sk), block_q)
         operands.append(bias)
         bias_bh = _bh(bias)
     if mask4 is not None or kv_lengths is not None or window is not None:
@@ -179,5 +187,6 @@ def prepare(*, b: int, h: int, sq: int, sk: int, causal: bool, cta_rows: int, bl
             mask_bh, mask_rows = _bh(kmask), mask4.shape[2] > 1
         operands += [counts, index]
         lists_bh = _bh(counts)
-    mods = ScoreMods(float(softcap), bias_bh, mask_bh, mask_rows, lists_bh, kv_lengths is not None, window)
+    mods = ScoreMods(float(softcap), bias_bh, mask_bh, mask_rows, lists_bh, kv_lengths is not None, window,
+                     bias_rows)
     return mods, operands
