@@ -51,6 +51,7 @@ def lower(program: Program, *, attention_kernel: str = "auto") -> Callable[..., 
     order = _nodes_to_evaluate(program)
     n_inputs = len(program.inputs)
     unrounded = _fp8_attention_sources(program)
+    unbroadcast = _unbroadcast_masks(program)
 
     def run(*flat_inputs: Any) -> list[Any]:
         if len(flat_inputs) != n_inputs:
@@ -64,6 +65,8 @@ def lower(program: Program, *, attention_kernel: str = "auto") -> Callable[..., 
             if node.op == "input":
                 continue
             args = [values[i] for i in node.inputs]
+            for position, (source, shape) in unbroadcast.get(node_id, {}).items():
+                args[position] = jnp.reshape(values[source], shape)
             if node.op == "attention_vjp":  # q's, k's and v's gradients of one attention: one call
                 key = (node.inputs, attention_of_vjp(node).params)
                 if key not in gradients:
@@ -100,6 +103,31 @@ def _nodes_to_evaluate(program: Program) -> list[int]:
             seen.add(i)
             order.append(i)
     return order
+
+
+def _unbroadcast_masks(program: Program) -> dict[int, dict[int, tuple[int, tuple[int, ...]]]]:
+    """For each forward attention whose bias or mask is a broadcast that only expands axes (an
+    additive key-padding mask [B, 1, 1, Sk] spread over heads and queries, a per-head bias over the
+    batch): {input position: (the broadcast's operand, that operand's shape as rank 4 with 1 where
+    it broadcast)}. The kernels take a bias or mask broadcastable to [B, H, Sq, Sk] and read such
+    one without it being materialised (the same values: a broadcast moves none)."""
+    out: dict[int, dict[int, tuple[int, tuple[int, ...]]]] = {}
+    for i, node in enumerate(program.nodes):
+        if node.op not in ("attention", "attention_fp8"):
+            continue
+        for position in range(3, len(node.inputs)):
+            source = program.nodes[node.inputs[position]]
+            if source.op != "broadcast_in_dim":
+                continue
+            dims, small = tuple(source.params["broadcast_dimensions"]), program.type_of(source.inputs[0]).shape
+            full = program.type_of(node.inputs[position]).shape
+            if list(dims) != sorted(dims) or any(n not in (1, full[d]) for n, d in zip(small, dims)):
+                continue  # a broadcast that also reorders axes (not a view of its operand)
+            shape = [1] * len(full)
+            for n, d in zip(small, dims):
+                shape[d] = n
+            out.setdefault(i, {})[position] = (source.inputs[0], tuple(shape))
+    return out
 
 
 def _fp8_attention_sources(program: Program) -> dict[int, tuple[int, int, int]]:

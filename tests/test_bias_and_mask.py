@@ -361,3 +361,33 @@ def test_explorer_prices_and_draws_the_pair(tmp_path):
     assert [n["mask_kind"] for n in best.program.nodes if n.op == "attention"] == ["bias+bool"]
     svg = ex.svg(tmp_path / "pair.svg", focus="attention", fold=True)
     assert "bias+bool" in svg
+
+
+def test_a_broadcast_bias_and_mask_reach_the_kernel_unbroadcast(monkeypatch):
+    """A key-padding bias [B, 1, 1, Sk] and a key mask [B, Sk], spread over heads and queries by
+    the program's broadcasts, reach the attention kernel as [B, 1, 1, Sk] (the kernels read them
+    without materialising [B, H, Sq, Sk]), with the program's values: extreme bias entries."""
+    lowering = importlib.import_module("eqsat_attn.lower")
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append({name: kwargs[name].shape for name in ("bias", "mask") if name in kwargs})
+        return attention(*args, **kwargs)
+
+    attention = lowering.attention
+    monkeypatch.setattr(lowering, "attention", recording)
+
+    def fn(q, k, v, key_bias, keys):
+        s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25 + key_bias[:, None, None, :]
+        s = jnp.where(keys[:, None, None, :], s, MIN32)
+        return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, axis=-1), v)
+
+    rng = np.random.default_rng(7)
+    q, k, v = qkv(rng)
+    keys = make_keep(rng, (B, 1, 1, S))[:, 0, 0, :]
+    key_bias = make_bias(rng, keys[:, None, None, :], shape=(B, 1, 1, S))[:, 0, 0, :]
+    optimized = ea.optimize(fn, cost_model=H100)
+    args = (q, k, v, jnp.asarray(key_bias), jnp.asarray(keys))
+    assert raised_kinds(optimized, *args) == ["bias+bool"]
+    assert_same(optimized(*args), fn(*args), what="key padding")
+    assert seen and all(shapes == {"bias": (B, 1, 1, S), "mask": (B, 1, 1, S)} for shapes in seen), seen
