@@ -106,16 +106,24 @@ def _nodes_to_evaluate(program: Program) -> list[int]:
 
 
 def _unbroadcast_masks(program: Program) -> dict[int, dict[int, tuple[int, tuple[int, ...]]]]:
-    """For each forward attention whose bias or mask is a broadcast that only expands axes (an
-    additive key-padding mask [B, 1, 1, Sk] spread over heads and queries, a per-head bias over the
-    batch): {input position: (the broadcast's operand, that operand's shape as rank 4 with 1 where
-    it broadcast)}. The kernels take a bias or mask broadcastable to [B, H, Sq, Sk] and read such
-    one without it being materialised (the same values: a broadcast moves none)."""
+    """For each attention whose bias or mask is a broadcast that only expands axes (an additive
+    key-padding mask [B, 1, 1, Sk] spread over heads and queries, a per-head bias over the batch):
+    {input position: (the broadcast's operand, that operand's shape as rank 4 with 1 where it
+    broadcast)}. The kernels take a bias or mask broadcastable to [B, H, Sq, Sk] and read such one
+    without it being materialised (the same values: a broadcast moves none). A gradient's bias
+    only where the program does not ask for the bias's own gradient (that has the full shape)."""
+    differentiated_bias = {(n.inputs, attention_of_vjp(n).params) for n in program.nodes
+                           if n.op == "attention_vjp" and int(n.params["wrt"]) == 3}
     out: dict[int, dict[int, tuple[int, tuple[int, ...]]]] = {}
     for i, node in enumerate(program.nodes):
-        if node.op not in ("attention", "attention_fp8"):
+        if node.op in ("attention", "attention_fp8"):
+            first = 3
+        elif node.op == "attention_vjp":  # q, k, v, do, then the bias and mask
+            has_bias = str(node.params.get("mask_kind")) in ("bias", "bias+bool")
+            first = 5 if has_bias and (node.inputs, attention_of_vjp(node).params) in differentiated_bias else 4
+        else:
             continue
-        for position in range(3, len(node.inputs)):
+        for position in range(first, len(node.inputs)):
             source = program.nodes[node.inputs[position]]
             if source.op != "broadcast_in_dim":
                 continue

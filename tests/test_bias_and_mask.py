@@ -391,3 +391,13 @@ def test_a_broadcast_bias_and_mask_reach_the_kernel_unbroadcast(monkeypatch):
     assert raised_kinds(optimized, *args) == ["bias+bool"]
     assert_same(optimized(*args), fn(*args), what="key padding")
     assert seen and all(shapes == {"bias": (B, 1, 1, S), "mask": (B, 1, 1, S)} for shapes in seen), seen
+    # gradients: with respect to q, k, v the backward reads both unbroadcast too; with respect to
+    # the bias as well, the bias keeps its full shape (its gradient has that shape)
+    for argnums in ((0, 1, 2), (0, 1, 2, 3)):
+        grad = jax.grad(lambda *a: jnp.sum(fn(*a) * v), argnums=argnums)
+        seen.clear()
+        optimized_grad = ea.optimize(grad, cost_model=H100)
+        assert_same(optimized_grad(*args), grad(*args), what=f"grad {argnums}")
+        assert seen, optimized_grad.explain(*args).after
+        want = (B, 1, 1, S) if len(argnums) == 3 else (B, H, S, S)
+        assert all(shapes.get("bias") == want and shapes.get("mask") == (B, 1, 1, S) for shapes in seen), seen
