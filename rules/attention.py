@@ -7,7 +7,8 @@ stop_gradient of a stable softmax, where-masks built from iota comparisons), rai
 stable softmax over the last axis to `softmax`, and matches attention in the canonical
 batched matmul form the `canonical` rule set provides. `attention_layout` folds operand
 transposes into the layouts and exposes the standard and transposed-V forms. `attention_grad` and
-`attention_value_grad` raise a jax.grad program's written-out backward to the op's gradients."""
+`attention_value_grad` raise a jax.grad program's written-out backward to the op's gradients,
+reading softmax's VJP from `attention_grad_vjp`."""
 
 from __future__ import annotations
 
@@ -29,6 +30,11 @@ attention_raise = RuleSet(
 attention_grad = RuleSet(
     "attention_grad",
     "Raise a jax.grad program's written-out attention backward to the op's gradients (attention_vjp).",
+    phase="raise",
+)
+attention_grad_vjp = RuleSet(
+    "attention_grad_vjp",
+    "Find softmax's VJP in jax.grad's spellings (softmax_vjp, where_softmax_vjp), which attention_grad reads.",
     phase="raise",
 )
 attention_value_grad = RuleSet(
@@ -1029,11 +1035,12 @@ VJP_RANKS = sorted({n_batch + n_free + 1 for n_batch, n_free in GRAD_CASES}
 """The ranks of the softmaxes whose VJP the gradient rules read (`softmax_vjp`)."""
 
 
-@attention_grad.family
+@attention_grad_vjp.family
 def softmax_vjps():
     """Softmax's VJP in each of jax.grad's spellings (`VJP_SPELLINGS`), and that of
     ``jax.nn.softmax(x, where=keep)``, at every rank the gradient rules read (`VJP_RANKS`):
-    `softmax_vjp` and `where_softmax_vjp`, matched on the VJP alone (any x, any cotangent)."""
+    `softmax_vjp` and `where_softmax_vjp`, matched on the VJP alone (any x, any cotangent). Its own rule set, run just
+    before `attention_grad` in each round (`rulesets.READS_FROM`), so that reads them in the same round."""
     keep_, dt5, s5 = var("keep_", Term), var("dt5", String), var("s5", IntVec)
 
     def hidden(t: Term) -> Term:
