@@ -891,15 +891,15 @@ dt4 = var("dt4", String)
 
 
 def _custom_jvp_vjp(probs: Term, d_probs: Term, rank: int, masked):
-    """(y, row, corrected): jax.nn.softmax's VJP as its custom JVP is transposed, with y = P * dP,
-    the row sum ``sum(-y)`` and ``corrected(total, dims)`` = ``y + P * masked(broadcast(total))``."""
+    """(row, corrected): jax.nn.softmax's VJP as its custom JVP is transposed, with y = P * dP: the
+    row sum ``sum(-y)`` and ``corrected(total, dims)`` = ``y + P * masked(broadcast(total))``."""
     prod = Term.binary("mul", probs, d_probs)
     row = Term.reduce("reduce_sum", Term.unary("neg", prod), ivec([rank - 1]))
 
     def corrected(total: Term, dims: IntVec) -> Term:
         return Term.binary("add", prod, Term.binary("mul", probs, masked(Term.broadcast(total, s1, dims))))
 
-    return prod, row, corrected
+    return row, corrected
 
 
 def _softmax_vjp_forms(probs: Term, d_probs: Term, rank: int, masked=lambda t: t):
@@ -908,7 +908,7 @@ def _softmax_vjp_forms(probs: Term, d_probs: Term, rank: int, masked=lambda t: t
     unit axis. ``masked``: what the broadcast row sum passes through first
     (``jax.nn.softmax(s, where=keep)``'s VJP zeroes it where keep hides)."""
     last, keep = ivec([rank - 1]), perm_range(rank - 1)
-    _, row, corrected = _custom_jvp_vjp(probs, d_probs, rank, masked)
+    row, corrected = _custom_jvp_vjp(probs, d_probs, rank, masked)
     yield corrected(row, keep), ()
     yield corrected(Term.reduce("reduce_sum", Term.reshape(row, s3), last), keep), (s3[rank - 1] == i64(1),)
     # half precision: jax.nn.softmax sums in float32, so its VJP sums the unit axis there and casts back
@@ -920,7 +920,7 @@ def _unit_sum_vjp_forms(probs: Term, d_probs: Term, rank: int, masked=lambda t: 
     """(form, conditions): `_softmax_vjp_forms`' with the row sum reshaped and summed over unit axes
     (G = 1, Hkv = 1, a batch of 1 for unbatched inputs) with the new one: jax.nn.dot_product_attention
     with one query head per K/V head, or one K/V head, sums two, and unbatched [T, N, H] inputs three."""
-    _, row, corrected = _custom_jvp_vjp(probs, d_probs, rank, masked)
+    row, corrected = _custom_jvp_vjp(probs, d_probs, rank, masked)
     for n_units in (1, 2):
         for units in itertools.combinations(range(rank - 1), n_units) if rank - 1 > n_units else ():
             summed = Term.reduce("reduce_sum", Term.reshape(row, s3), ivec([*units, rank - 1]))
