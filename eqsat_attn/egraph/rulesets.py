@@ -320,6 +320,7 @@ def _with_sources(sets: list[RuleSet]) -> list[RuleSet]:
 
 
 def _named_sets(names: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[RuleSet]:
+    """The rule sets ``names`` names (loaded), in their order."""
     out: list[RuleSet] = []
     if names is None:
         names = [n for n in DEFAULT_RULESETS if n in REGISTRY]
@@ -334,8 +335,8 @@ def _named_sets(names: str | os.PathLike | Sequence[str | os.PathLike] | None) -
     return out
 
 
-#: shipped rule sets whose rules read facts another set writes (its relations): that one runs just
-#: before it in each round, so they are found in the round they could have been found in one rule set
+#: shipped rule sets whose rules read facts another set of the same rule file writes (its relations):
+#: that one runs just before it in each round, so the facts are read in the round they are found
 READS_FROM = {"attention_grad": ("attention_grad_vjp",)}
 
 #: the shipped rule file (in `SHIPPED_FILES`) that declares each shipped rule set
