@@ -7,7 +7,8 @@ stop_gradient of a stable softmax, where-masks built from iota comparisons), rai
 stable softmax over the last axis to `softmax`, and matches attention in the canonical
 batched matmul form the `canonical` rule set provides. `attention_layout` folds operand
 transposes into the layouts and exposes the standard and transposed-V forms. `attention_grad` and
-`attention_value_grad` raise a jax.grad program's written-out backward to the op's gradients."""
+`attention_value_grad` raise a jax.grad program's written-out backward to the op's gradients,
+reading softmax's VJP from `attention_grad_vjp`."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from egglog import String, eq, f64, i64, ne, union, var
 
 from eqsat_attn.egraph.language import (
     KERNEL_FILL, IntVec, Term, answer, ask, attn_scores, causal_mask, dtype, grad_op, ivec, perm_range, rows_kept,
-    scores_cot, shape,
+    scores_cot, shape, softmax_vjp, where_softmax_vjp,
 )
 from eqsat_attn.egraph.rulesets import RuleSet, asking, rl, rw
 
@@ -29,6 +30,11 @@ attention_raise = RuleSet(
 attention_grad = RuleSet(
     "attention_grad",
     "Raise a jax.grad program's written-out attention backward to the op's gradients (attention_vjp).",
+    phase="raise",
+)
+attention_grad_vjp = RuleSet(
+    "attention_grad_vjp",
+    "Find softmax's VJP in jax.grad's spellings (softmax_vjp, where_softmax_vjp), which attention_grad reads.",
     phase="raise",
 )
 attention_value_grad = RuleSet(
@@ -879,33 +885,42 @@ def expose_layouts():
 # and P is no longer needed. The spellings are those jax.grad emits (jax.nn.softmax's VJP; the
 # transposes of mul, div, convert, add and select_n).
 
-g_, do_, sf_, kk_, w_ = (var(n, Term) for n in ("g_", "do_", "sf_", "kk_", "w_"))
+g_, do_, sf_, kk_, w_, dp_ = (var(n, Term) for n in ("g_", "do_", "sf_", "kk_", "w_", "dp_"))
 pv_, rc_, rb_ = (var(n, IntVec) for n in ("pv_", "rc_", "rb_"))
 dt4 = var("dt4", String)
 
 
-def _softmax_vjp_forms(probs: Term, d_probs: Term, rank: int, masked=lambda t: t, unit_sums: bool = True):
-    """(form, conditions): softmax's VJP at cotangent d_probs as jax.grad writes jax.nn.softmax's,
-    with y = P * dP, ``y + P * sum(-y)``; the row sum possibly reshaped and summed again over unit
-    axes only (jax.nn.dot_product_attention with one query head per K/V head, or one K/V head,
-    sums two, and unbatched [T, N, H] inputs three; ``unit_sums``: those too). ``masked``: what the
-    broadcast row sum passes through first (``jax.nn.softmax(s, where=keep)``'s VJP zeroes it where
-    keep hides)."""
-    last, keep = ivec([rank - 1]), perm_range(rank - 1)
+def _custom_jvp_vjp(probs: Term, d_probs: Term, rank: int, masked):
+    """(row, corrected): jax.nn.softmax's VJP as its custom JVP is transposed, with y = P * dP: the
+    row sum ``sum(-y)`` and ``corrected(total, dims)`` = ``y + P * masked(broadcast(total))``."""
     prod = Term.binary("mul", probs, d_probs)
-    row = Term.reduce("reduce_sum", Term.unary("neg", prod), last)
+    row = Term.reduce("reduce_sum", Term.unary("neg", prod), ivec([rank - 1]))
 
     def corrected(total: Term, dims: IntVec) -> Term:
         return Term.binary("add", prod, Term.binary("mul", probs, masked(Term.broadcast(total, s1, dims))))
 
+    return row, corrected
+
+
+def _softmax_vjp_forms(probs: Term, d_probs: Term, rank: int, masked=lambda t: t):
+    """(form, conditions): softmax's VJP at cotangent d_probs as jax.grad writes jax.nn.softmax's,
+    with y = P * dP, ``y + P * sum(-y)``; the row sum possibly reshaped and summed again over the
+    unit axis. ``masked``: what the broadcast row sum passes through first
+    (``jax.nn.softmax(s, where=keep)``'s VJP zeroes it where keep hides)."""
+    last, keep = ivec([rank - 1]), perm_range(rank - 1)
+    row, corrected = _custom_jvp_vjp(probs, d_probs, rank, masked)
     yield corrected(row, keep), ()
     yield corrected(Term.reduce("reduce_sum", Term.reshape(row, s3), last), keep), (s3[rank - 1] == i64(1),)
     # half precision: jax.nn.softmax sums in float32, so its VJP sums the unit axis there and casts back
     widened = Term.convert(Term.reduce("reduce_sum", Term.convert(Term.reshape(row, s3), String("float32")), last), dt4)
     yield corrected(widened, keep), (s3[rank - 1] == i64(1), dtype(row) == dt4)
-    if not unit_sums:
-        return
-    # unit axes (G = 1, Hkv = 1, a batch of 1 for unbatched inputs) summed with the new one
+
+
+def _unit_sum_vjp_forms(probs: Term, d_probs: Term, rank: int, masked=lambda t: t):
+    """(form, conditions): `_softmax_vjp_forms`' with the row sum reshaped and summed over unit axes
+    (G = 1, Hkv = 1, a batch of 1 for unbatched inputs) with the new one: jax.nn.dot_product_attention
+    with one query head per K/V head, or one K/V head, sums two, and unbatched [T, N, H] inputs three."""
+    row, corrected = _custom_jvp_vjp(probs, d_probs, rank, masked)
     for n_units in (1, 2):
         for units in itertools.combinations(range(rank - 1), n_units) if rank - 1 > n_units else ():
             summed = Term.reduce("reduce_sum", Term.reshape(row, s3), ivec([*units, rank - 1]))
@@ -952,28 +967,107 @@ def _power_quotient_vjp_forms(probs: Term, d_probs: Term, rank: int):
         yield Term.binary("mul", cotangent, ex_), (*same_softmax, *units)  # exp's transpose: g * E
 
 
-def _vjp_forms(probs: Term, d_probs: Term, rank: int):
-    """softmax's VJP as jax.nn.softmax's is written by jax.grad: its custom JVP's
-    (`_softmax_vjp_forms`) and, before jax 0.12, the quotient's (`_power_quotient_vjp_forms`)."""
-    yield from _softmax_vjp_forms(probs, d_probs, rank)
-    yield from _power_quotient_vjp_forms(probs, d_probs, rank)
+def _log_softmax_vjp_forms(probs: Term, d_probs: Term, rank: int):
+    """(form, conditions): softmax's VJP as jax.grad writes ``exp(log_softmax(x))`` (P = exp(z) with
+    z = sh - log(T), E = exp(sh), T = sum(E)): ``P * dP + E * sum(-(P * dP)) / T`` (the row sum kept
+    as [.., 1], divided by T there and summed over the unit axis), which is ``P * dP - P * sum(P * dP)``
+    in real numbers since E / T is P."""
+    last, keep = ivec([rank - 1]), perm_range(rank - 1)
+    ex_, sh_ = var("ex_", Term), var("sh_", Term)
+    total = Term.reduce("reduce_sum", ex_, last)
+    prod = Term.binary("mul", probs, d_probs)
+    kept = Term.reshape(Term.reduce("reduce_sum", Term.unary("neg", prod), last), s3)
+    row = Term.reduce("reduce_sum", Term.binary("div", kept, Term.broadcast(total, s3, keep)), last)
+    log_probs = Term.binary("sub", sh_, Term.broadcast(Term.unary("log", total), s2, keep))
+    same_softmax = (eq(probs).to(Term.unary("exp", log_probs)), eq(ex_).to(Term.unary("exp", sh_)),
+                    s3[rank - 1] == i64(1), s3.length() == i64(rank))
+    spread = Term.broadcast(row, s1, keep)
+    for correction in (Term.binary("mul", spread, ex_), Term.binary("mul", ex_, spread)):
+        for form in (Term.binary("add", prod, correction), Term.binary("add", correction, prod)):
+            yield form, same_softmax
 
 
-def _where_softmax_backward(n_batch: int, rank: int, facts, d_out: Term):
-    """jax.nn.softmax(s, where=keep)'s VJP: its P is ``where(keep, softmax(s'), 0)`` over
-    s' = ``where(keep, s, -inf)``, and it zeroes dP and the broadcast row sum where keep hides. Where
-    keep keeps a key in every row (`rows_kept`) that P equals the op's wherever keep keeps (a hidden
-    entry of softmax(s') is +0, or its row is NaN throughout), so the form is the cotangent of s'
-    wherever keep keeps (hidden entries are 0 here; the where's own backward, `scores_backward`,
+def _reciprocal_vjp_forms(probs: Term, d_probs: Term, rank: int):
+    """(form, conditions): softmax's VJP as jax.grad writes ``E * (1 / T)`` (T = sum(E), the
+    reciprocal as ``integer_pow(T, -1)``, what ``jnp.reciprocal`` writes): with r = 1 / T,
+    ``(dP * r + sum(E * dP) * (-1 * T^-2)) * E``, which is ``P * dP - P * sum(P * dP)`` in real
+    numbers since E * r is P (the row sum kept as [.., 1] and summed over the unit axis)."""
+    last, keep = ivec([rank - 1]), perm_range(rank - 1)
+    ex_ = var("ex_", Term)
+    total = Term.reduce("reduce_sum", ex_, last)
+    recip = Term.broadcast(Term.integer_pow(total, -1), s2, keep)
+    kept = Term.reshape(Term.reduce("reduce_sum", Term.binary("mul", ex_, d_probs), last), s3)
+    slope = Term.binary("mul", scalar(-1.0, dt2, s3), Term.integer_pow(Term.broadcast(total, s3, keep), -2))
+    row = Term.reduce("reduce_sum", Term.binary("mul", kept, slope), last)
+    same_softmax = (s3[rank - 1] == i64(1), s3.length() == i64(rank))
+    cotangent = Term.binary("add", Term.binary("mul", d_probs, recip), Term.broadcast(row, s1, keep))
+    for p_form in (Term.binary("mul", ex_, recip), Term.binary("mul", recip, ex_)):
+        for form in (Term.binary("mul", cotangent, ex_), Term.binary("mul", ex_, cotangent)):
+            yield form, (eq(probs).to(p_form), *same_softmax)
+
+
+VJP_CUSTOM, VJP_UNIT_SUMS, VJP_POWER_QUOTIENT, VJP_QUOTIENT, VJP_BY_HAND = range(5)
+VJP_SPELLINGS = (
+    (VJP_CUSTOM, _softmax_vjp_forms), (VJP_UNIT_SUMS, _unit_sum_vjp_forms),
+    (VJP_POWER_QUOTIENT, _power_quotient_vjp_forms), (VJP_QUOTIENT, _quotient_vjp_forms),
+    (VJP_BY_HAND, _log_softmax_vjp_forms), (VJP_BY_HAND, _reciprocal_vjp_forms),
+)
+"""`softmax_vjp`'s spellings, numbered in the order the gradient rules accept them: a dP read as
+one kind of value reads the spellings up to a number (`softmax_backward`): jax.nn.softmax's custom
+JVP (row sum over the last axis; then summed over unit axes), the quotient's before jax 0.12, then
+softmaxes written by hand (E / sum(E); exp(log_softmax) and E * (1 / sum(E))): these differ from
+the op's backward by the rounding of E / T against P and the order of the sums, with the same NaN
+rows (a NaN or +inf score makes its row's P and E NaN in both)."""
+
+
+def _reshaped_softmax_ranks(n_batch: int, n_free: int, transposed: bool) -> list[int]:
+    """The ranks of the reshaped softmax `reshaped_softmax_backward` reads for a rank case: merged
+    axes, or a [B·H] batch split into [B, H] (BLOOM); of the scores transposed, grouped heads merged
+    (Gemma: G into the heads)."""
+    rank = n_batch + n_free + 1
+    if transposed:
+        return [rank - 1] if n_free == 2 else []
+    return [*range(2, rank), *([rank + 1] if n_batch == 1 else [])]
+
+
+VJP_RANKS = sorted({n_batch + n_free + 1 for n_batch, n_free in GRAD_CASES}
+                   | {r for n_batch, n_free in RANK_CASES for t in (False, True) for r in _reshaped_softmax_ranks(n_batch, n_free, t)})
+"""The ranks of the softmaxes whose VJP the gradient rules read (`softmax_vjp`)."""
+
+
+@attention_grad_vjp.family
+def softmax_vjps():
+    """Softmax's VJP in each of jax.grad's spellings (`VJP_SPELLINGS`), and that of
+    ``jax.nn.softmax(x, where=keep)``, at every rank the gradient rules read (`VJP_RANKS`):
+    `softmax_vjp` and `where_softmax_vjp`, matched on the VJP alone (any x, any cotangent). Its own rule set, run just
+    before `attention_grad` in each round (`rulesets.READS_FROM`), so that reads them in the same round."""
+    keep_, dt5, s5 = var("keep_", Term), var("dt5", String), var("s5", IntVec)
+
+    def hidden(t: Term) -> Term:
+        return Term.select(keep_, scalar(0.0, dt5, s5), t)
+
+    probs = Term.softmax(sf_)
+    for rank in VJP_RANKS:
+        for spelling, forms in VJP_SPELLINGS:
+            for form, conditions in forms(probs, dp_, rank):
+                yield rl(eq(e).to(form), *conditions)(softmax_vjp(e, sf_, dp_, i64(rank), i64(spelling)))
+        for forms in (_softmax_vjp_forms, _unit_sum_vjp_forms):
+            for form, conditions in forms(hidden(probs), hidden(dp_), rank, hidden):
+                yield rl(eq(e).to(form), *conditions)(where_softmax_vjp(e, keep_, sf_, dp_, i64(rank)))
+
+
+def _where_softmax_backward(rank: int, facts, d_out: Term):
+    """jax.nn.softmax(s, where=keep)'s VJP (`where_softmax_vjp`): its P is ``where(keep, softmax(s'), 0)``
+    over s' = ``where(keep, s, -inf)``, and it zeroes dP and the broadcast row sum where keep hides.
+    Where keep keeps a key in every row (`rows_kept`) that P equals the op's wherever keep keeps (a
+    hidden entry of softmax(s') is +0, or its row is NaN throughout), so the VJP is the cotangent of
+    s' wherever keep keeps (hidden entries are 0 here; the where's own backward, `scores_backward`,
     zeroes them on the way to s)."""
-    keep_, dt5, s5, s6 = var("keep_", Term), var("dt5", String), var("s5", IntVec), var("s6", IntVec)
-    zero = scalar(0.0, dt5, s5)
-    probs = Term.select(keep_, zero, Term.softmax(sf_))
+    keep_, dt5, s6 = var("keep_", Term), var("dt5", String), var("s6", IntVec)
     kept = (rows_kept(keep_), eq(sf_).to(Term.select(keep_, scalar(float("-inf"), dt5, s6), w_)))
     for d_probs in (d_out, Term.convert(d_out, String("float32"))):
-        for form, conditions in _softmax_vjp_forms(probs, Term.select(keep_, zero, d_probs), rank,
-                                                   lambda t: Term.select(keep_, zero, t)):
-            yield rl(eq(e).to(form), *conditions, *facts, *kept)(scores_cot(e, sf_, sf_, do_, v))
+        yield rl(where_softmax_vjp(e, keep_, sf_, dp_, i64(rank)), eq(dp_).to(d_probs), *facts, *kept)(
+            scores_cot(e, sf_, sf_, do_, v))
 
 
 @attention_grad.family
@@ -1039,41 +1133,48 @@ def probabilities_first():
 
 @attention_grad.family
 def softmax_backward():
-    """jax.grad's backward of softmax(s) · V at output cotangent do: P * dP - P * rowsum(P * dP)
-    with dP = do · Vᵀ (cast to float32 when P was cast to V's dtype) is the cotangent of the
-    scores s (`scores_cot`), as jax.nn.softmax's VJP writes it or as the backward of a softmax
-    written by hand (`_quotient_vjp_forms`); over every rank case, a decode step's squeezed query too.
-    A float32 dP rounded to V's half dtype and widened again (P cast to V's dtype, P · V accumulated in
-    float32: jax.grad rounds P's cotangent to P's dtype) is dP less precise: the op's backward keeps
-    dP in float32, as for the widened bfloat16 dP."""
+    """jax.grad's backward of softmax(s) · V at output cotangent do: softmax's VJP (`softmax_vjp`,
+    `where_softmax_vjp`) at dP = do · Vᵀ (cast to float32 when P was cast to V's dtype) is the
+    cotangent of the scores s (`scores_cot`), over every rank case, a decode step's squeezed query
+    too: jax.nn.softmax's spellings, and at the plain dP those of a softmax written by hand (exp(log_softmax)
+    and E * (1 / sum(E)) over `RANK_CASES` only). A float32 dP rounded to V's half dtype and widened
+    again (P cast to V's dtype, P · V accumulated in float32: jax.grad rounds P's cotangent to P's
+    dtype) is dP less precise: the op's backward keeps dP in float32, as for the widened bfloat16 dP."""
     f32 = String("float32")
+    spelling = var("spelling", i64)
     for n_batch, n_free in GRAD_CASES:
         rank = n_batch + n_free + 1
         batch = perm_range(n_batch)
         facts = (_scores(sf_, q, k, sc0, cap, m, mk, fl, causal, i64(n_batch)), shape(v).length() == i64(n_batch + 2))
         d_out = Term.dot(do_, v, ivec([rank - 1]), ivec([n_batch + 1]), batch, batch, dt, pr)
-        for d_probs in (d_out, Term.convert(d_out, f32)):
-            for form, conditions in _vjp_forms(Term.softmax(sf_), d_probs, rank):
-                yield rl(eq(e).to(form), *conditions, *facts)(scores_cot(e, sf_, sf_, do_, v))
-        rounded = Term.convert(Term.convert(d_out, dtp), f32)
-        half_v = (dtype(v) == dtp, dt == f32, dtp != f32)
-        for form, conditions in _softmax_vjp_forms(Term.softmax(sf_), rounded, rank, unit_sums=False):
-            yield rl(eq(e).to(form), *conditions, *half_v, *facts)(scores_cot(e, sf_, sf_, do_, v))
-        for form, conditions in _quotient_vjp_forms(Term.softmax(sf_), d_out, rank):
-            yield rl(eq(e).to(form), *conditions, *facts)(scores_cot(e, sf_, sf_, do_, v))
-        yield from _where_softmax_backward(n_batch, rank, facts, d_out)
+        by_hand = VJP_BY_HAND if (n_batch, n_free) in RANK_CASES else VJP_QUOTIENT
+        rounded = (dtype(v) == dtp, dt == f32, dtp != f32)
+        d_probs_kinds = ((d_out, by_hand, ()), (Term.convert(d_out, f32), VJP_POWER_QUOTIENT, ()),
+                         (Term.convert(Term.convert(d_out, dtp), f32), VJP_CUSTOM, rounded))
+        for d_probs, last_spelling, conditions in d_probs_kinds:
+            yield rl(softmax_vjp(e, sf_, dp_, i64(rank), spelling), spelling <= i64(last_spelling), eq(dp_).to(d_probs),
+                     *conditions, *facts)(scores_cot(e, sf_, sf_, do_, v))
+        yield from _where_softmax_backward(rank, facts, d_out)
 
+
+def _rank_in(rank: i64, ranks: list[int]) -> tuple:
+    """Conditions that ``rank`` is one of ``ranks``."""
+    low, high = min(ranks), max(ranks)
+    if low == high:
+        return (rank == i64(low),)
+    return (rank >= i64(low), rank <= i64(high), *(ne(rank).to(i64(r)) for r in range(low, high) if r not in ranks))
 
 
 @attention_grad.family
 def reshaped_softmax_backward():
     """Softmax's backward taken on a reshape of the scores that keeps rows whole (`softmax_reshape`:
     grouped-query code merges the group axis into the heads for the softmax; HF BLOOM splits its
-    one [B·H] batch axis into [B, H] for the mask and the softmax), at the reshaped dP = do · Vᵀ:
-    reshaped back, it is the cotangent of the scores themselves (a reshape moves no value). So also
-    for scores transposed with the keys kept last before the reshape (`scores_transpose`: Gemma's
-    GQA), reshaped and transposed back."""
+    one [B·H] batch axis into [B, H] for the mask and the softmax), at the reshaped dP = do · Vᵀ
+    (jax.nn.softmax's VJP, `softmax_vjp`): reshaped back, it is the cotangent of the scores themselves
+    (a reshape moves no value). So also for scores transposed with the keys kept last before the
+    reshape (`scores_transpose`: Gemma's GQA), reshaped and transposed back."""
     soft_shape, scores_shape, inv = var("soft_shape", IntVec), var("scores_shape", IntVec), var("inv", IntVec)
+    soft_in, soft_rank, spelling = var("soft_in", Term), var("soft_rank", i64), var("spelling", i64)
     keys_last = (p[p.length() - 1] == p.length() - 1,)
     inverse = eq(answer("inverse", p, NONE, NONE, NONE, i64(0))).to(inv)
     for n_batch, n_free in RANK_CASES:
@@ -1081,24 +1182,23 @@ def reshaped_softmax_backward():
         batch = perm_range(n_batch)
         facts = (_scores(sf_, q, k, sc0, cap, m, mk, fl, causal, i64(n_batch)), shape(v).length() == i64(n_batch + 2))
         d_out = Term.dot(do_, v, ivec([rank - 1]), ivec([n_batch + 1]), batch, batch, dt, pr)
-        split = [rank + 1] if n_batch == 1 else []  # a [B·H] batch split into [B, H] (BLOOM)
-        views = (  # (the scores as the softmax reads them, dP read alike, the cotangent viewed back, conditions)
-            (sf_, d_out, lambda t: Term.reshape(t, scores_shape), (shape(sf_) == scores_shape,)),
-            (Term.transpose(sf_, p), Term.transpose(d_out, p),
+        views = (  # (transposed, the scores as the softmax reads them, dP read alike, the cotangent viewed back, conditions)
+            (False, sf_, d_out, lambda t: Term.reshape(t, scores_shape), (shape(sf_) == scores_shape,)),
+            (True, Term.transpose(sf_, p), Term.transpose(d_out, p),
              lambda t: Term.transpose(Term.reshape(t, scores_shape), inv), (*keys_last, inverse,
                                                                              shape(Term.transpose(sf_, p)) == scores_shape)),
         )
-        for scores_view, d_view, back, view_conds in views:
-            # merged axes or the batch split; transposed, grouped heads merged (Gemma: G into the heads)
-            soft_ranks = [*range(2, rank), *split] if scores_view is sf_ else [rank - 1] if n_free == 2 else []
-            for soft_rank in soft_ranks:
-                probs = Term.softmax(Term.reshape(scores_view, soft_shape))
-                d_reshaped = Term.reshape(d_view, soft_shape)
-                for d_probs in (d_reshaped, Term.convert(d_reshaped, String("float32"))):
-                    for form, conditions in _vjp_forms(probs, d_probs, soft_rank):
-                        yield rl(eq(e).to(form), soft_shape.length() == i64(soft_rank), *conditions, *facts, *view_conds)(
-                            scores_cot(back(e), sf_, sf_, do_, v))
-            if soft_ranks and scores_view is not sf_:  # the inverse permutation, asked where such a softmax is
+        for transposed, scores_view, d_view, back, view_conds in views:
+            soft_ranks = _reshaped_softmax_ranks(n_batch, n_free, transposed)
+            if not soft_ranks:
+                continue
+            vjp = (softmax_vjp(e, soft_in, dp_, soft_rank, spelling), spelling <= i64(VJP_POWER_QUOTIENT),
+                   *_rank_in(soft_rank, soft_ranks), soft_shape.length() == soft_rank,
+                   eq(soft_in).to(Term.reshape(scores_view, soft_shape)))
+            d_reshaped = Term.reshape(d_view, soft_shape)
+            for d_probs in (d_reshaped, Term.convert(d_reshaped, String("float32"))):
+                yield rl(*vjp, eq(dp_).to(d_probs), *facts, *view_conds)(scores_cot(back(e), sf_, sf_, do_, v))
+            if transposed:  # the inverse permutation, asked where such a softmax is
                 yield rl(eq(e).to(Term.softmax(Term.reshape(scores_view, soft_shape))), *facts, *keys_last)(
                     ask("inverse", p, NONE, NONE, NONE))
 
@@ -1382,62 +1482,6 @@ def traced_scale_backward():
     yield from _traced_factor_backward(d1, lambda spread_shape: (
         d1.length() >= i64(1), d1[d1.length() - 1] == spread_shape.length() - 1, shape(t_) == s3,
         s3[s3.length() - 1] == i64(1)))
-
-
-def _log_softmax_vjp_forms(probs: Term, d_probs: Term, rank: int):
-    """(form, conditions): softmax's VJP as jax.grad writes ``exp(log_softmax(x))`` (P = exp(z) with
-    z = sh - log(T), E = exp(sh), T = sum(E)): ``P * dP + E * sum(-(P * dP)) / T`` (the row sum kept
-    as [.., 1], divided by T there and summed over the unit axis), which is ``P * dP - P * sum(P * dP)``
-    in real numbers since E / T is P."""
-    last, keep = ivec([rank - 1]), perm_range(rank - 1)
-    ex_, sh_ = var("ex_", Term), var("sh_", Term)
-    total = Term.reduce("reduce_sum", ex_, last)
-    prod = Term.binary("mul", probs, d_probs)
-    kept = Term.reshape(Term.reduce("reduce_sum", Term.unary("neg", prod), last), s3)
-    row = Term.reduce("reduce_sum", Term.binary("div", kept, Term.broadcast(total, s3, keep)), last)
-    log_probs = Term.binary("sub", sh_, Term.broadcast(Term.unary("log", total), s2, keep))
-    same_softmax = (eq(probs).to(Term.unary("exp", log_probs)), eq(ex_).to(Term.unary("exp", sh_)),
-                    s3[rank - 1] == i64(1), s3.length() == i64(rank))
-    spread = Term.broadcast(row, s1, keep)
-    for correction in (Term.binary("mul", spread, ex_), Term.binary("mul", ex_, spread)):
-        for form in (Term.binary("add", prod, correction), Term.binary("add", correction, prod)):
-            yield form, same_softmax
-
-
-def _reciprocal_vjp_forms(probs: Term, d_probs: Term, rank: int):
-    """(form, conditions): softmax's VJP as jax.grad writes ``E * (1 / T)`` (T = sum(E), the
-    reciprocal as ``integer_pow(T, -1)``, what ``jnp.reciprocal`` writes): with r = 1 / T,
-    ``(dP * r + sum(E * dP) * (-1 * T^-2)) * E``, which is ``P * dP - P * sum(P * dP)`` in real
-    numbers since E * r is P (the row sum kept as [.., 1] and summed over the unit axis)."""
-    last, keep = ivec([rank - 1]), perm_range(rank - 1)
-    ex_ = var("ex_", Term)
-    total = Term.reduce("reduce_sum", ex_, last)
-    recip = Term.broadcast(Term.integer_pow(total, -1), s2, keep)
-    kept = Term.reshape(Term.reduce("reduce_sum", Term.binary("mul", ex_, d_probs), last), s3)
-    slope = Term.binary("mul", scalar(-1.0, dt2, s3), Term.integer_pow(Term.broadcast(total, s3, keep), -2))
-    row = Term.reduce("reduce_sum", Term.binary("mul", kept, slope), last)
-    same_softmax = (s3[rank - 1] == i64(1), s3.length() == i64(rank))
-    cotangent = Term.binary("add", Term.binary("mul", d_probs, recip), Term.broadcast(row, s1, keep))
-    for p_form in (Term.binary("mul", ex_, recip), Term.binary("mul", recip, ex_)):
-        for form in (Term.binary("mul", cotangent, ex_), Term.binary("mul", ex_, cotangent)):
-            yield form, (eq(probs).to(p_form), *same_softmax)
-
-
-@attention_grad.family
-def more_softmax_backward():
-    """Softmax's backward as jax.grad writes ``exp(log_softmax(s))`` (`_log_softmax_vjp_forms`) and
-    ``E * (1 / sum(E))`` (`_reciprocal_vjp_forms`) at dP = do · Vᵀ is the cotangent of the scores s:
-    equal to the op's backward in real numbers (as `_quotient_vjp_forms`), differing by the rounding
-    of E / T against P and of the order of the sums, with the same NaN rows (a NaN or +inf score
-    makes its row's P and E NaN in both)."""
-    for n_batch, n_free in RANK_CASES:
-        rank = n_batch + n_free + 1
-        batch = perm_range(n_batch)
-        facts = (_scores(sf_, q, k, sc0, cap, m, mk, fl, causal, i64(n_batch)), shape(v).length() == i64(n_batch + 2))
-        d_out = Term.dot(do_, v, ivec([rank - 1]), ivec([n_batch + 1]), batch, batch, dt, pr)
-        for forms in (_log_softmax_vjp_forms, _reciprocal_vjp_forms):
-            for form, conditions in forms(Term.softmax(sf_), d_out, rank):
-                yield rl(eq(e).to(form), *conditions, *facts)(scores_cot(e, sf_, sf_, do_, v))
 
 
 @attention_grad.family

@@ -1247,7 +1247,7 @@ def neg_sigmoid(q, k, v):
 # ---------------------------------------------------------------------------------------------
 
 # jax.grad of forward spellings whose backward needed its own rules (rules/attention.py: softcap_backward,
-# traced_scale_backward, more_softmax_backward, max_backward)
+# traced_scale_backward, the hand-written spellings of softmax_vjps, max_backward)
 
 grad_case("logit_soft_cap_tanh_grad", soft_cap, qkv(extreme=True), family="softmax",
           source="gemma-2 logit soft-capping: tanh's derivative (jax 0.12's one_minus_square) in the backward")

@@ -337,3 +337,11 @@ def test_missing_rule_file():
 def test_default_rules_include_shipped_sets():
     names = [r.name for r in resolve(None)]
     assert "transpose" in names and "canonical" in names
+
+
+def test_a_rule_set_comes_after_the_set_whose_facts_it_reads():
+    """`READS_FROM`: attention_grad reads softmax's VJP from attention_grad_vjp, which must run just
+    before it in each round, named or not, and only once."""
+    assert [r.name for r in resolve(["attention_grad"])] == ["attention_grad_vjp", "attention_grad"]
+    names = [r.name for r in resolve(["transpose", "attention_grad_vjp", "attention_grad"])]
+    assert names == ["transpose", "attention_grad_vjp", "attention_grad"]

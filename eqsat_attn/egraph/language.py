@@ -250,6 +250,20 @@ cotangent is do. The gradient rules (rules/attention.py) derive it from the soft
 carry it back through the score modifications to Q·Kᵀ, where Q's and K's gradients become
 `Term.attention_vjp`."""
 
+softmax_vjp = relation("softmax_vjp", Term, Term, Term, i64, i64)
+"""Softmax's backward: ``softmax_vjp(e, x, dp, rank, spelling)`` says e is the vector-Jacobian
+product of softmax(x) (x of rank ``rank``, the softmax over its last axis) at the cotangent dp,
+``P * dP - P * rowsum(P * dP)`` for P = softmax(x), as jax.grad writes it in the spelling
+numbered ``spelling`` (rules/attention.py, `VJP_SPELLINGS`: each equal to that in real numbers,
+rounded its own way). Matched on the VJP alone; the gradient rules read it with what x and dp
+are (the scores, dO·Vᵀ) to find `scores_cot`."""
+
+where_softmax_vjp = relation("where_softmax_vjp", Term, Term, Term, Term, i64)
+"""``where_softmax_vjp(e, keep, x, dp, rank)``: e is ``jax.nn.softmax(x, where=keep)``'s VJP as
+jax.grad writes it (x of rank ``rank``): `softmax_vjp`'s custom-JVP spellings at
+P = ``where(keep, softmax(x), 0)`` and dP = ``where(keep, dp, 0)``, the broadcast row sum zeroed
+where keep hides too."""
+
 grad_op = relation("grad_op", Term, Term, Term, Term, Term, Term, Term, Term, Term)
 """``grad_op(s, q, k, v, do, dq, dk, dv, dbias)``: the op's gradients (`Term.attention_vjp`, wrt
 0..3) of the attention the scores s define over canonical q, kᵀ and v, at the output cotangent
@@ -295,6 +309,6 @@ def fused(body, *inputs) -> Term:
 
 
 __all__ = [
-    "IntVec", "KERNEL_FILL", "MAX_REGION_INPUTS", "Term", "TermList", "answer", "ask", "attn_scores", "causal_mask", "grad_op", "rows_kept", "scores_cot", "concat_extent", "concat_need",
+    "IntVec", "KERNEL_FILL", "MAX_REGION_INPUTS", "Term", "TermList", "answer", "ask", "attn_scores", "causal_mask", "grad_op", "rows_kept", "scores_cot", "softmax_vjp", "where_softmax_vjp", "concat_extent", "concat_need",
     "concat_shape", "dtype", "f64", "fused", "ivec", "list_dtype", "perm_range", "program_order", "shape",
 ]

@@ -300,10 +300,27 @@ def resolve(names: str | os.PathLike | Sequence[str | os.PathLike] | None) -> li
     A single name or path counts as a list of one (``"transpose"`` is ``["transpose"]``).
     Only the shipped files that declare the named sets are loaded (`SHIPPED_SETS`; building a
     file's rules costs up to 0.9 s on the first call, unless `rule_cache` has them); a name not
-    found there loads them all.
+    found there loads them all. A set listed without what it reads (`READS_FROM`) gets those
+    just before it.
     """
     wanted = list(DEFAULT_RULESETS) if names is None else rule_names(names)
     _load_shipped(name for name in wanted if not _is_path(name))
+    return _with_sources(_named_sets(names))
+
+
+def _with_sources(sets: list[RuleSet]) -> list[RuleSet]:
+    """``sets`` with each one's `READS_FROM` sets placed before it where not there already."""
+    out: list[RuleSet] = []
+    for rs in sets:
+        for source in (REGISTRY[name] for name in READS_FROM.get(rs.name, ())):
+            if all(source is not other for other in (*sets, *out)):
+                out.append(source)
+        out.append(rs)
+    return out
+
+
+def _named_sets(names: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[RuleSet]:
+    """The rule sets ``names`` names (loaded), in their order."""
     out: list[RuleSet] = []
     if names is None:
         names = [n for n in DEFAULT_RULESETS if n in REGISTRY]
@@ -318,9 +335,14 @@ def resolve(names: str | os.PathLike | Sequence[str | os.PathLike] | None) -> li
     return out
 
 
+#: shipped rule sets whose rules read facts another set of the same rule file writes (its relations):
+#: that one runs just before it in each round, so the facts are read in the round they are found
+READS_FROM = {"attention_grad": ("attention_grad_vjp",)}
+
 #: the shipped rule file (in `SHIPPED_FILES`) that declares each shipped rule set
 SHIPPED_SETS = {
     "canonical": "canonical", "transpose": "transpose", "attention_raise": "attention", "attention_grad": "attention",
+    "attention_grad_vjp": "attention",
     "attention_value_grad": "attention", "attention_fast_math": "attention",
     "attention_layout": "attention", "fp8_attention": "fp8", "fp8_policy": "fp8", "projections": "qkv",
     "packed_qkv": "qkv", "fusion": "fusion",
