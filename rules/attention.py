@@ -950,7 +950,8 @@ def _power_quotient_vjp_forms(probs: Term, d_probs: Term, rank: int):
     [.., 1] (jax.nn.softmax before jax 0.12, ``jax_softmax_custom_jvp`` off): the quotient's
     transpose squares the kept T, ``(dP / T + sum(-(dP * T^-2 * E))) * E``, which is
     ``P * dP - P * sum(P * dP)`` in real numbers since E / T is P (the row sum kept as [.., 1] and
-    summed over the unit axis, with unit batch axes too where the quotient broadcast over them)."""
+    summed over the unit axis, with one or two unit batch axes too where the quotient broadcast over
+    them)."""
     last, keep = ivec([rank - 1]), perm_range(rank - 1)
     ex_ = var("ex_", Term)
     total = Term.reduce("reduce_sum", ex_, last)
@@ -960,7 +961,10 @@ def _power_quotient_vjp_forms(probs: Term, d_probs: Term, rank: int):
                                     last), s3)
     same_softmax = (eq(probs).to(Term.binary("div", ex_, spread_total)), s3[rank - 1] == i64(1), s3.length() == i64(rank))
     rows = [(ivec([rank - 1]), keep, ())]
-    rows += [(ivec([u, rank - 1]), ivec([i for i in range(rank - 1) if i != u]), (s3[u] == i64(1),)) for u in range(rank - 1)]
+    for n_units in (1, 2):  # unit batch axes the quotient broadcast over (unbatched inputs: two)
+        for units in itertools.combinations(range(rank - 1), n_units):
+            rows.append((ivec([*units, rank - 1]), ivec([i for i in range(rank - 1) if i not in units]),
+                         tuple(s3[u] == i64(1) for u in units)))
     for summed, spread, units in rows:
         row = Term.reduce("reduce_sum", Term.unary("neg", kept), summed)
         cotangent = Term.binary("add", Term.binary("div", d_probs, spread_total), Term.broadcast(row, s1, spread))
@@ -1150,7 +1154,7 @@ def softmax_backward():
         by_hand = VJP_BY_HAND if (n_batch, n_free) in RANK_CASES else VJP_QUOTIENT
         rounded = (dtype(v) == dtp, dt == f32, dtp != f32)
         d_probs_kinds = ((d_out, by_hand, ()), (Term.convert(d_out, f32), VJP_POWER_QUOTIENT, ()),
-                         (Term.convert(Term.convert(d_out, dtp), f32), VJP_CUSTOM, rounded))
+                         (Term.convert(Term.convert(d_out, dtp), f32), VJP_POWER_QUOTIENT, rounded))
         for d_probs, last_spelling, conditions in d_probs_kinds:
             yield rl(softmax_vjp(e, sf_, dp_, i64(rank), spelling), spelling <= i64(last_spelling), eq(dp_).to(d_probs),
                      *conditions, *facts)(scores_cot(e, sf_, sf_, do_, v))

@@ -133,6 +133,37 @@ def _softmax_earlier_jax_bwd(res, g):
 _softmax_earlier_jax.defvjp(_softmax_earlier_jax_fwd, _softmax_earlier_jax_bwd)
 
 
+@jax.custom_vjp
+def _softmax_earlier_jax_units(s):
+    return _softmax_earlier_jax(s)
+
+
+def _softmax_earlier_jax_units_bwd(res, g):
+    """The same on scores whose batch and head axes are 1 (unbatched inputs): the kept row sum is
+    summed over those two unit axes with the last, as the quotient's transpose writes it there."""
+    e, t = res
+    spread = lambda x: lax.broadcast_in_dim(x, g.shape, tuple(range(g.ndim)))  # noqa: E731
+    kept = jnp.sum(g * spread(lax.integer_pow(t, -2)) * e, axis=-1).reshape(t.shape)
+    row = jnp.sum(-kept, axis=(0, 1, 3))
+    return ((g / spread(t) + lax.broadcast_in_dim(row, g.shape, (2,))) * e,)
+
+
+_softmax_earlier_jax_units.defvjp(_softmax_earlier_jax_fwd, _softmax_earlier_jax_units_bwd)
+
+
+def softmax_earlier_jax_one_sequence(q, k, v):
+    """One sequence, one head ([1, 1, S, D]): the earlier spelling's row sum over two unit axes."""
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25
+    return jnp.einsum("bhqk,bhkd->bhqd", _softmax_earlier_jax_units(s), v)
+
+
+def bf16_pet_output_cast_earlier_jax(q, k, v):
+    """`bf16_pet_output_cast` through the earlier spelling: its dP rounded to bf16 and widened."""
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=F32) * 0.25
+    p = _softmax_earlier_jax(s).astype(BF16)
+    return jnp.einsum("bhqk,bhkd->bhqd", p, v, preferred_element_type=F32).astype(BF16)
+
+
 def softmax_earlier_jax(q, k, v):
     s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25
     return jnp.einsum("bhqk,bhkd->bhqd", _softmax_earlier_jax(s), v)
@@ -202,6 +233,8 @@ CASES = {
     "soft_capped": (soft_capped, BHSD, (), F32),
     "soft_capped_earlier_jax": (soft_capped_earlier_jax, BHSD, (), F32),
     "softmax_earlier_jax": (softmax_earlier_jax, BHSD, (), F32),
+    "softmax_earlier_jax_one_sequence": (softmax_earlier_jax_one_sequence, ((1, 1, S, D),) * 3, (), F32),
+    "bf16_pet_output_cast_earlier_jax": (bf16_pet_output_cast_earlier_jax, BHSD, (), BF16),
     "traced_scale": (traced_scale, BHSD, ("scale",), F32),
     "exp_log_softmax": (exp_log_softmax, BHSD, (), F32),
     "reciprocal_unstopped_max": (reciprocal_unstopped_max, BHSD, (), F32),
