@@ -1080,7 +1080,8 @@ def unit_axis_last():
     -2 or 1 keeps its row sum as [.., 1, Sq]: the program's rows run along a non-last axis, and the
     transpose rules carry the rest of the backward to the canonical layout) is the sum over that
     unit axis inserted last instead: the same one element of the same linear order is summed
-    either way (exactly equal), so `_softmax_vjp_forms` reads the row sum in one form."""
+    either way (exactly equal), so `_softmax_vjp_forms` reads the row sum in one form; so also through
+    a widening or a negation (the quotient's spelling before jax 0.12 sums ``-kept``)."""
     u = d1[0]
     unit_first = (d1.length() == i64(1), s3[u] == i64(1), u != s3.length() - 1)
     last_unit = s3.remove(u).push(i64(1))
@@ -1088,6 +1089,9 @@ def unit_axis_last():
              Term.reduce("reduce_sum", Term.reshape(y, last_unit), IntVec(s3.length() - 1)), *unit_first)
     yield rw(Term.reduce("reduce_sum", Term.convert(Term.reshape(y, s3), dt), d1),
              Term.reduce("reduce_sum", Term.convert(Term.reshape(y, last_unit), dt), IntVec(s3.length() - 1)),
+             *unit_first)
+    yield rw(Term.reduce("reduce_sum", Term.unary("neg", Term.reshape(y, s3)), d1),
+             Term.reduce("reduce_sum", Term.unary("neg", Term.reshape(y, last_unit)), IntVec(s3.length() - 1)),
              *unit_first)
 
 

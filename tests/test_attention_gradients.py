@@ -151,6 +151,36 @@ def _softmax_earlier_jax_units_bwd(res, g):
 _softmax_earlier_jax_units.defvjp(_softmax_earlier_jax_fwd, _softmax_earlier_jax_units_bwd)
 
 
+@jax.custom_vjp
+def _softmax_earlier_jax_keys_first(s):
+    """`_softmax_earlier_jax` over axis -2 (scores as K·Qᵀ)."""
+    e = jnp.exp(s - lax.stop_gradient(s.max(-2, keepdims=True)))
+    return e / e.sum(-2, keepdims=True)
+
+
+def _keys_first_fwd(s):
+    e = jnp.exp(s - lax.stop_gradient(s.max(-2, keepdims=True)))
+    t = e.sum(-2, keepdims=True)
+    return e / t, (e, t)
+
+
+def _keys_first_bwd(res, g):
+    e, t = res
+    spread = lambda x: lax.broadcast_in_dim(x, g.shape, tuple(range(g.ndim)))  # noqa: E731
+    kept = jnp.sum(g * spread(lax.integer_pow(t, -2)) * e, axis=-2).reshape(t.shape)
+    row = jnp.sum(-kept, axis=-2)
+    return ((g / spread(t) + lax.broadcast_in_dim(row, g.shape, (0, 1, 3))) * e,)
+
+
+_softmax_earlier_jax_keys_first.defvjp(_keys_first_fwd, _keys_first_bwd)
+
+
+def keys_first_earlier_jax(q, k, v):
+    """`keys_first_scores` through the earlier spelling: the kept row sum summed over axis -2."""
+    p = _softmax_earlier_jax_keys_first(jnp.einsum("bhkd,bhqd->bhkq", k, q) * 0.25)
+    return jnp.einsum("bhkq,bhkd->bhqd", p, v)
+
+
 def softmax_earlier_jax_one_sequence(q, k, v):
     """One sequence, one head ([1, 1, S, D]): the earlier spelling's row sum over two unit axes."""
     s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25
@@ -235,6 +265,7 @@ CASES = {
     "softmax_earlier_jax": (softmax_earlier_jax, BHSD, (), F32),
     "softmax_earlier_jax_one_sequence": (softmax_earlier_jax_one_sequence, ((1, 1, S, D),) * 3, (), F32),
     "bf16_pet_output_cast_earlier_jax": (bf16_pet_output_cast_earlier_jax, BHSD, (), BF16),
+    "keys_first_earlier_jax": (keys_first_earlier_jax, BHSD, (), F32),
     "traced_scale": (traced_scale, BHSD, ("scale",), F32),
     "exp_log_softmax": (exp_log_softmax, BHSD, (), F32),
     "reciprocal_unstopped_max": (reciprocal_unstopped_max, BHSD, (), F32),
