@@ -945,13 +945,13 @@ def _quotient_vjp_forms(probs: Term, d_probs: Term, rank: int):
             yield form, (*same_softmax, *conds)
 
 
-def _power_quotient_vjp_forms(probs: Term, d_probs: Term, rank: int):
+def _power_quotient_vjp_forms(probs: Term, d_probs: Term, rank: int, masked=lambda t: t):
     """(form, conditions): softmax's VJP as jax.grad writes ``E / T`` with T = sum(E) kept as
     [.., 1] (jax.nn.softmax before jax 0.12, ``jax_softmax_custom_jvp`` off): the quotient's
     transpose squares the kept T, ``(dP / T + sum(-(dP * T^-2 * E))) * E``, which is
     ``P * dP - P * sum(P * dP)`` in real numbers since E / T is P (the row sum kept as [.., 1] and
     summed over the unit axis, with one or two unit batch axes too where the quotient broadcast over
-    them)."""
+    them). ``masked``: what the broadcast row sum passes through (`_softmax_vjp_forms`'s)."""
     last, keep = ivec([rank - 1]), perm_range(rank - 1)
     ex_ = var("ex_", Term)
     total = Term.reduce("reduce_sum", ex_, last)
@@ -967,7 +967,7 @@ def _power_quotient_vjp_forms(probs: Term, d_probs: Term, rank: int):
                          tuple(s3[u] == i64(1) for u in units)))
     for summed, spread, units in rows:
         row = Term.reduce("reduce_sum", Term.unary("neg", kept), summed)
-        cotangent = Term.binary("add", Term.binary("div", d_probs, spread_total), Term.broadcast(row, s1, spread))
+        cotangent = Term.binary("add", Term.binary("div", d_probs, spread_total), masked(Term.broadcast(row, s1, spread)))
         yield Term.binary("mul", cotangent, ex_), (*same_softmax, *units)  # exp's transpose: g * E
 
 
@@ -1058,6 +1058,10 @@ def softmax_vjps():
         for forms in (_softmax_vjp_forms, _unit_sum_vjp_forms):
             for form, conditions in forms(hidden(probs), hidden(dp_), rank, hidden):
                 yield rl(eq(e).to(form), *conditions)(where_softmax_vjp(e, keep_, sf_, dp_, i64(rank)))
+        # before jax 0.12: the quotient's, its P the unhidden E / sum(where(keep, E, 0)) (that sum is
+        # sum(E) where keep keeps a key in every row, `kept_rows_where_sum`, as the gradient rules require)
+        for form, conditions in _power_quotient_vjp_forms(probs, hidden(dp_), rank, hidden):
+            yield rl(eq(e).to(form), *conditions)(where_softmax_vjp(e, keep_, sf_, dp_, i64(rank)))
 
 
 def _where_softmax_backward(rank: int, facts, d_out: Term):

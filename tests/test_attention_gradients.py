@@ -634,3 +634,49 @@ def test_shared_query_gradient_is_the_ops_summed_over_the_batch():
     assert "softmax" not in {n.op for n in report.after.nodes}, "the backward still reads P"
     args = (latents, k, v, cot)
     assert excess_error(optimized(*args), fn(*args), tolerance(args, fn(*args))) <= 0
+
+
+WINDOW = jnp.asarray((np.arange(S)[None, :] <= np.arange(S)[:, None]) & (np.arange(S)[:, None] - np.arange(S)[None, :] < 3))
+
+
+@jax.custom_vjp
+def _where_softmax_earlier_jax(s):
+    """``jax.nn.softmax(s, where=WINDOW)`` as it was before jax 0.12 (no custom JVP)."""
+    return _where_softmax_earlier_jax_fwd(s)[0]
+
+
+def _where_softmax_earlier_jax_fwd(s):
+    hidden = jnp.where(WINDOW, s, -jnp.inf)
+    e = jnp.exp(hidden - lax.stop_gradient(hidden.max(-1, keepdims=True)))
+    t = jnp.where(WINDOW, e, 0.0).sum(-1, keepdims=True)
+    return jnp.where(WINDOW, e / t, 0.0), (e, t)
+
+
+def _where_softmax_earlier_jax_bwd(res, g):
+    """The quotient's transpose with dP and the broadcast row sum zeroed where the window hides,
+    then the where's own backward (zero where it hides), as jax.grad wrote it."""
+    e, t = res
+    spread = lambda x: lax.broadcast_in_dim(x, g.shape, tuple(range(g.ndim)))  # noqa: E731
+    g = jnp.where(WINDOW, g, 0.0)
+    kept = jnp.sum(g * spread(lax.integer_pow(t, -2)) * e, axis=-1).reshape(t.shape)
+    row = jnp.where(WINDOW, lax.broadcast_in_dim(jnp.sum(-kept, axis=-1), g.shape, (0, 1, 2)), 0.0)
+    return (jnp.where(WINDOW, (g / spread(t) + row) * e, 0.0),)
+
+
+_where_softmax_earlier_jax.defvjp(_where_softmax_earlier_jax_fwd, _where_softmax_earlier_jax_bwd)
+
+
+def test_where_softmax_earlier_jax_gradients_of_q_and_k_raised():
+    """jax.nn.softmax(s, where=window)'s backward as jax.grad wrote it before jax 0.12 (the quotient's,
+    zeroed where the window hides): Q's and K's gradients raised with the written-out values
+    (V's gradient reads P zeroed where the op's P is NaN: not raised, as under 0.12's spelling)."""
+    def loss(q, k, v, cot):
+        s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25
+        return jnp.sum(jnp.einsum("bhqk,bhkd->bhqd", _where_softmax_earlier_jax(s), v) * cot)
+
+    grad = jax.grad(loss, argnums=(0, 1, 2))
+    args = (*_inputs(3, BHSD), *_inputs(4, ((B, H, S, D),)))
+    optimized = ea.optimize(grad, cost_model=for_device("h100"), limits=LIMITS)
+    report = optimized.explain(*args)
+    assert sorted(info.gradient for info in report.attention) == ["dk", "dq"], str(report.after)
+    assert excess_error(optimized(*args), grad(*args), tolerance(args, grad(*args))) <= 0
