@@ -1017,7 +1017,8 @@ def widened_dot_operand():
     pass rounds a float16 operand), the half product is the more precise. The same with both
     operands widened (Q and K cast to float32 for the scores, as GPT-J and MaxText's
     float32_qk_product write it), and with the other operand float32 already (dS · K): a mixed
-    product widens its half operand to float32 itself."""
+    product widens its half operand to float32 itself (both ways: a mixed product is also the
+    product of the widened operand)."""
     f32 = String("float32")
     for half_dtype in ("bfloat16", "float16"):
         cond = (dtype(x) == dt, dtype(y) == dt, dt == String(half_dtype))
@@ -1029,6 +1030,10 @@ def widened_dot_operand():
         mixed = (dtype(x) == String(half_dtype), dtype(y) == f32)
         yield rw(Term.dot(Term.convert(x, f32), y, *dims), Term.dot(x, y, *dims), *mixed)
         yield rw(Term.dot(y, Term.convert(x, f32), *dims), Term.dot(y, x, *dims), *mixed)
+        # and back: jnp.einsum of a float32 Q and a half K writes the mixed product itself; its
+        # half operand widened (exact) gives the float32 K the op's gradients read
+        yield rw(Term.dot(x, y, *dims), Term.dot(Term.convert(x, f32), y, *dims), *mixed)
+        yield rw(Term.dot(y, x, *dims), Term.dot(y, Term.convert(x, f32), *dims), *mixed)
 
 
 @attention_grad.family
