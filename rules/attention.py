@@ -1191,6 +1191,18 @@ def gradient_ops():
                              *facts)(union(g_).with_(Term.reshape(scores_back(grad(3)), s3)))
 
 
+@attention_grad.family
+def viewed_cotangent():
+    """A scores cotangent known only on a view (`reshaped_softmax_backward` records the program's
+    cotangent g reshaped to the scores' shape) is that view reshaped back: a reshape is a bijection
+    between the two shapes, so g is ``reshape(reshape(g, view), shape(g))`` (the `canonical`
+    reshape rules fold that to g and to the op's gradient viewed alike). Swin with one head sums
+    its relative bias's cotangent on the [B·nW, 1, N, N] view the softmax read."""
+    cot_view, view_shape = var("cot_view", Term), var("view_shape", IntVec)
+    yield rl(scores_cot(g_, x, sf_, do_, v), eq(g_).to(Term.reshape(cot_view, view_shape)), shape(cot_view) == s3)(
+        union(cot_view).with_(Term.reshape(g_, s3)))
+
+
 def _rounded(chain, product: Term):
     """(form, conditions): a gradient ``chain(product)`` as a program writes it, or with the product
     accumulated in float32 and rounded to Q's dtype (``dtq``) before or after the chain, as jax.grad
