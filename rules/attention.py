@@ -79,6 +79,32 @@ def unit_axis_broadcast():
 
 
 @attention_raise.family
+def folded_heads_dot():
+    """A [B·H]-batched product of operands folded from [B, H, ..] (reshapes merging their two
+    leading axes), viewed back as [B, H, ..], is the [B, H]-batched product of the unfolded operands:
+    each output element is the same dot product of the same two vectors, summed in the same order.
+    GPT-NeoX and other torch ports fold the heads for the bmm and split them again for the mask and
+    P · V; only a product that is viewed back, so other folded matmuls keep their one form."""
+    sa, sb, lc, rc = (var(n, IntVec) for n in ("sa", "sb", "lc", "rc"))
+    a, b = var("a", Term), var("b", Term)
+    folded = Term.dot(Term.reshape(a, s1), Term.reshape(b, s2), lc, rc, ivec([0]), ivec([0]), dt, pr)
+    yield rw(Term.reshape(folded, s3), Term.dot(a, b, IntVec(lc[0] + 1), IntVec(rc[0] + 1), ivec([0, 1]), ivec([0, 1]), dt, pr),
+             shape(a) == sa, shape(b) == sb, sa.length() == i64(4), sb.length() == i64(4), lc.length() == i64(1),
+             rc.length() == i64(1), sa[0] == sb[0], sa[1] == sb[1], s1 == IntVec(sa[0] * sa[1], sa[2], sa[3]),
+             s2 == IntVec(sb[0] * sb[1], sb[2], sb[3]), s3.length() == i64(4), s3[0] == sa[0], s3[1] == sa[1])
+    # a scalar applied before the view (`1/√D · bmm(q, kᵀ)`; torch's baddbmm(zeros, q, kᵀ, alpha)
+    # adds the product to zeros): the view of the product, then the scalar (elementwise, exact)
+    product, factor_shape, c2 = Term.dot(y, z, p, d2, lb, rb, dt2, pr), var("factor_shape", IntVec), var("c2", f64)
+    scaled = Term.binary("mul", Term.broadcast(Term.literal(c, dt3), factor_shape, NONE), product)
+    for op in ("mul", "div", "add", "sub"):
+        for operand in (product, scaled):
+            factor = Term.broadcast(Term.literal(c2, dt3), factor_shape, NONE)
+            scalar_view = Term.broadcast(Term.literal(c2, dt3), s3, NONE)
+            yield rw(Term.reshape(Term.binary(op, operand, factor), s3), Term.binary(op, Term.reshape(operand, s3), scalar_view))
+            yield rw(Term.reshape(Term.binary(op, factor, operand), s3), Term.binary(op, scalar_view, Term.reshape(operand, s3)))
+
+
+@attention_raise.family
 def reshape_scalar_broadcast():
     """A reshape of a broadcast scalar is the scalar broadcast to the new shape."""
     yield rw(Term.reshape(Term.broadcast(x, s1, NONE), s2), Term.broadcast(x, s2, NONE))
