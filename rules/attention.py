@@ -85,13 +85,14 @@ def folded_heads_dot():
     each output element is the same dot product of the same two vectors, summed in the same order.
     GPT-NeoX and other torch ports fold the heads for the bmm and split them again for the mask and
     P · V; only a product that is viewed back, so other folded matmuls keep their one form."""
-    sa, sb, lc, rc = (var(n, IntVec) for n in ("sa", "sb", "lc", "rc"))
+    sa, sb, lc, rc, s_folded = (var(n, IntVec) for n in ("sa", "sb", "lc", "rc", "s_folded"))
     a, b = var("a", Term), var("b", Term)
     folded = Term.dot(Term.reshape(a, s1), Term.reshape(b, s2), lc, rc, ivec([0]), ivec([0]), dt, pr)
     yield rw(Term.reshape(folded, s3), Term.dot(a, b, IntVec(lc[0] + 1), IntVec(rc[0] + 1), ivec([0, 1]), ivec([0, 1]), dt, pr),
              shape(a) == sa, shape(b) == sb, sa.length() == i64(4), sb.length() == i64(4), lc.length() == i64(1),
              rc.length() == i64(1), sa[0] == sb[0], sa[1] == sb[1], s1 == IntVec(sa[0] * sa[1], sa[2], sa[3]),
-             s2 == IntVec(sb[0] * sb[1], sb[2], sb[3]), s3.length() == i64(4), s3[0] == sa[0], s3[1] == sa[1])
+             s2 == IntVec(sb[0] * sb[1], sb[2], sb[3]), shape(folded) == s_folded,
+             s3 == IntVec(sa[0], sa[1], s_folded[1], s_folded[2]))
     # a scalar applied before the view (`1/√D · bmm(q, kᵀ)`; torch's baddbmm(zeros, q, kᵀ, alpha)
     # adds the product to zeros): the view of the product, then the scalar (elementwise, exact)
     product, factor_shape, c2 = Term.dot(y, z, p, d2, lb, rb, dt2, pr), var("factor_shape", IntVec), var("c2", f64)
@@ -102,6 +103,13 @@ def folded_heads_dot():
             scalar_view = Term.broadcast(Term.literal(c2, dt3), s3, NONE)
             yield rw(Term.reshape(Term.binary(op, operand, factor), s3), Term.binary(op, Term.reshape(operand, s3), scalar_view))
             yield rw(Term.reshape(Term.binary(op, factor, operand), s3), Term.binary(op, scalar_view, Term.reshape(operand, s3)))
+    # jax.grad's backward of that: a folded product's operand scaled after the fold (c · fold(g)) is
+    # the fold of the scaled operand, so the product reads as the first rule's
+    folded_operand = (Term.binary("mul", Term.broadcast(Term.literal(c2, dt3), factor_shape, NONE), Term.reshape(a, s1)),
+                      Term.binary("mul", Term.reshape(a, s1), Term.broadcast(Term.literal(c2, dt3), factor_shape, NONE)))
+    for form in folded_operand:
+        yield rl(eq(e).to(Term.dot(form, y, lc, rc, ivec([0]), ivec([0]), dt2, pr)), shape(a) == sa, sa.length() == i64(4))(
+            union(form).with_(Term.reshape(Term.binary("mul", Term.broadcast(Term.literal(c2, dt3), sa, NONE), a), s1)))
 
 
 @attention_raise.family
