@@ -84,7 +84,8 @@ def folded_heads_dot():
     leading axes), viewed back as [B, H, ..], is the [B, H]-batched product of the unfolded operands:
     each output element is the same dot product of the same two vectors, summed in the same order.
     GPT-NeoX and other torch ports fold the heads for the bmm and split them again for the mask and
-    P · V; only a product that is viewed back, so other folded matmuls keep their one form."""
+    P · V; only a product that is viewed back, so other folded matmuls keep their one form, and not
+    a unit axis merged (jnp.matmul's squeezed batch of one or single head: `unit_axis_broadcast`)."""
     sa, sb, lc, rc, s_folded = (var(n, IntVec) for n in ("sa", "sb", "lc", "rc", "s_folded"))
     a, b = var("a", Term), var("b", Term)
     folded = Term.dot(Term.reshape(a, s1), Term.reshape(b, s2), lc, rc, ivec([0]), ivec([0]), dt, pr)
@@ -92,7 +93,7 @@ def folded_heads_dot():
              shape(a) == sa, shape(b) == sb, sa.length() == i64(4), sb.length() == i64(4), lc.length() == i64(1),
              rc.length() == i64(1), sa[0] == sb[0], sa[1] == sb[1], s1 == IntVec(sa[0] * sa[1], sa[2], sa[3]),
              s2 == IntVec(sb[0] * sb[1], sb[2], sb[3]), shape(folded) == s_folded,
-             s3 == IntVec(sa[0], sa[1], s_folded[1], s_folded[2]))
+             s3 == IntVec(sa[0], sa[1], s_folded[1], s_folded[2]), ne(sa[0]).to(i64(1)), ne(sa[1]).to(i64(1)))
     # a scalar applied before the view (`1/√D · bmm(q, kᵀ)`; torch's baddbmm(zeros, q, kᵀ, alpha)
     # adds the product to zeros): the view of the product, then the scalar (elementwise, exact)
     product, factor_shape, c2 = Term.dot(y, z, p, d2, lb, rb, dt2, pr), var("factor_shape", IntVec), var("c2", f64)
