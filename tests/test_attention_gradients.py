@@ -570,3 +570,17 @@ def test_shared_query_gradient_is_the_ops_summed_over_the_batch():
     assert "softmax" not in {n.op for n in report.after.nodes}, "the backward still reads P"
     args = (latents, k, v, cot)
     assert excess_error(optimized(*args), fn(*args), tolerance(args, fn(*args))) <= 0
+
+
+def test_folded_heads_gradients_are_the_ops():
+    """GPT-NeoX folds the heads for Q·Kᵀ and splits them for the mask and P·V: its dQ and dK are
+    the op's (`folded_heads_dot` reads the folded dS · K as the [B, H] product of the scaled
+    cotangent), not products of the op's bias gradient dS, with the written-out values."""
+    from attention_corpus import BY_NAME
+
+    case = BY_NAME["neox_folded_heads_split_for_mask_grad"]
+    args = case.args()
+    optimized = ea.optimize(case.fn, cost_model=for_device("h100"), limits=LIMITS)
+    report = optimized.explain(*args)
+    assert sorted(info.gradient for info in report.attention) == ["dk", "dq", "dv"], str(report.after)
+    assert excess_error(optimized(*args), case.fn(*args), tolerance(args, case.fn(*args))) <= 0
