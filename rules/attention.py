@@ -82,7 +82,7 @@ def unit_axis_broadcast():
 def folded_heads_dot():
     """A [B·H]-batched product of operands folded from [B, H, ..] (reshapes merging their two
     leading axes), viewed back as [B, H, ..], is the [B, H]-batched product of the unfolded operands:
-    each output element is the same dot product of the same two vectors, summed in the same order.
+    each output element is the same dot product of the same two vectors (the same products summed).
     GPT-NeoX and other torch ports fold the heads for the bmm and split them again for the mask and
     P · V; only a product that is viewed back, so other folded matmuls keep their one form, and not
     a unit axis merged (jnp.matmul's squeezed batch of one or single head: `unit_axis_broadcast`)."""
