@@ -1167,6 +1167,268 @@ PROBES += [Probe(name, what, _masked_by(keep, fill), tensors(BHSD, BHSD, BHSD), 
 
 
 # ---------------------------------------------------------------------------------------------
+# Session 16 (issue 19): more model files' spellings (bench/results/attention-probe-2026-12-07-session16.md)
+
+FMIN = float(jnp.finfo(F32).min)
+
+
+def alibi_slope_vector(n=H):
+    return 1.0 / 2 ** (jnp.arange(1, n + 1, dtype=F32) * 8 / n)
+
+
+@probe("bart_scaled_q_folded_heads_mask_view",
+       "HF Bart/Whisper: q_proj(x)·scaling, [B·H,S,D] bmm, weights viewed [B,H,S,S] + 4-D finfo.min mask",
+       tensors(BSHD, BSHD, BSHD, extra=(pad_mask_int,)))
+def bart_folded(q, k, v, attention_mask):
+    def heads_folded(t):
+        return t.transpose(0, 2, 1, 3).reshape(B * H, S, D)
+
+    q, k, v = heads_folded(q * D ** -0.5), heads_folded(k), heads_folded(v)
+    w = jnp.matmul(q, k.transpose(0, 2, 1))
+    keep = tri()[None, None] & (attention_mask[:, None, None, :] > 0)
+    w = (w.reshape(B, H, S, S) + jnp.where(keep, 0.0, FMIN)).reshape(B * H, S, S)
+    out = jnp.matmul(jax.nn.softmax(w, axis=-1), v)
+    return out.reshape(B, H, S, D).transpose(0, 2, 1, 3).reshape(B, S, E)
+
+
+@probe("clip_text_causal_then_padding_two_adds",
+       "HF CLIP text: + causal (triu finfo.min) then + (1-mask)·finfo.min: -inf where both hide",
+       tensors(BHSD, BHSD, BHSD, extra=(pad_mask_int,)))
+def clip_text(q, k, v, attention_mask):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q * D ** -0.5, k)
+    s = s + jnp.triu(jnp.full((S, S), FMIN), 1)[None, None]
+    s = s + (1.0 - attention_mask[:, None, None, :].astype(F32)) * FMIN
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1), v)
+
+
+@probe("neox_partial_rotary_baddbmm_alpha",
+       "GPT-NeoX/Pythia: rotary on half the head dim, [B·H] folded, baddbmm(zeros, q, kᵀ, alpha=1/√D)",
+       tensors(BSHD, BSHD, BSHD))
+def neox(q, k, v):
+    rot = D // 2
+    pos = jnp.broadcast_to(jnp.arange(S), (B, S))
+    q = jnp.concatenate([rope(q[..., :rot], pos), q[..., rot:]], -1)
+    k = jnp.concatenate([rope(k[..., :rot], pos), k[..., rot:]], -1)
+    qf, kf = (t.transpose(0, 2, 1, 3).reshape(B * H, S, D) for t in (q, k))
+    scores = jnp.zeros((B * H, S, S), F32) + (1.0 / math.sqrt(D)) * jnp.matmul(qf, kf.transpose(0, 2, 1))
+    scores = jnp.where(tri()[None, None], scores.reshape(B, H, S, S), jnp.finfo(scores.dtype).min)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, -1), v)
+
+
+@probe("mistral_window_gqa_repeat_additive", "Mistral: GQA repeat_kv, (j <= i) & (j > i - W) as a finfo.min bias",
+       tensors(BHSD, (B, 2, S, D), (B, 2, S, D)))
+def mistral_swa_gqa(q, k, v):
+    k, v = jnp.repeat(k, H // 2, axis=1), jnp.repeat(v, H // 2, axis=1)
+    i, j = jnp.arange(S)[:, None], jnp.arange(S)[None, :]
+    mask = jnp.where((j <= i) & (j > i - 4), 0.0, FMIN)[None, None]
+    s = q @ k.swapaxes(-1, -2) / math.sqrt(D) + mask
+    return jax.nn.softmax(s.astype(F32), -1).astype(q.dtype) @ v
+
+
+@probe("falcon40b_grouped_fused_qkv", "Falcon-40B: fused QKV [B,S,KV,G+2,D], K/V broadcast over the group, causal",
+       tensors((B, S, E + 2 * 2 * D)), grad_argnums=(0,))
+def falcon40b(fused):
+    x = fused.reshape(B, S, 2, H // 2 + 2, D)
+    q = x[:, :, :, :-2].reshape(B, S, H, D)
+    k = jnp.broadcast_to(x[:, :, :, -2:-1], (B, S, 2, H // 2, D)).reshape(B, S, H, D)
+    v = jnp.broadcast_to(x[:, :, :, -1:], (B, S, 2, H // 2, D)).reshape(B, S, H, D)
+    q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+    s = jnp.where(tri(), q @ k.swapaxes(-1, -2) / math.sqrt(D), -jnp.inf)
+    return (jax.nn.softmax(s, -1) @ v).transpose(0, 2, 1, 3).reshape(B, S, E)
+
+
+@probe("mpt_alibi_from_arange_key_only", "MPT build_alibi_bias: arange(1-S, 1)·slopes [1,H,1,S], masked_fill(~causal)",
+       tensors(BHSD, BHSD, BHSD))
+def mpt_alibi(q, k, v):
+    alibi = jnp.arange(1 - S, 1, dtype=F32)[None, None, None, :] * alibi_slope_vector()[None, :, None, None]
+    s = (q @ k.swapaxes(-1, -2)) * (1 / math.sqrt(D)) + alibi
+    s = jnp.where(~tri()[None, None], jnp.finfo(s.dtype).min, s)
+    return jax.nn.softmax(s, -1) @ v
+
+
+@probe("falcon_alibi_added_then_scaled", "Falcon with ALiBi: (q·kᵀ + alibi) · 1/√D + float causal mask",
+       tensors(BHSD, BHSD, BHSD))
+def falcon_alibi(q, k, v):
+    alibi = alibi_slope_vector()[:, None, None] * jnp.arange(S, dtype=F32)[None, None, :]
+    logits = (q @ k.swapaxes(-1, -2) + alibi[None]) * (1 / math.sqrt(D))
+    p = jax.nn.softmax(logits + jnp.where(tri(), 0.0, FMIN)[None, None], -1)
+    return p @ v
+
+
+@probe("gemma2_hf_softcap_div_tanh_mul_window_bias",
+       "HF Gemma2: scaling by query_pre_attn_scalar, s/cap, tanh, ·cap, + sliding-window finfo.min bias, f32 softmax",
+       tensors(BHSD, BHSD, BHSD))
+def gemma2_hf(q, k, v):
+    s = (q @ k.swapaxes(2, 3)) * 256 ** -0.5
+    s = jnp.tanh(s / 50.0) * 50.0
+    i, j = jnp.arange(S)[:, None], jnp.arange(S)[None, :]
+    causal = jnp.where(j > i, FMIN, 0.0)
+    mask = jnp.where(jnp.tril(jnp.ones((S, S), bool), -6), FMIN, causal)
+    p = jax.nn.softmax((s + mask[None, None]).astype(F32), -1).astype(q.dtype)
+    return p @ v
+
+
+def _nnx_decode():
+    m = nnx.MultiHeadAttention(num_heads=H, in_features=E, qkv_features=E, decode=True, rngs=nnx.Rngs(3))
+    m.init_cache((B, S, E))
+    rng = np.random.default_rng(5)
+    m.cached_key.value = _normal(rng, (B, S, H, D))
+    m.cached_value.value = _normal(rng, (B, S, H, D))
+    m.cache_index.value = jnp.asarray(6, jnp.int32)
+    return nnx.split(m)
+
+
+NNX_DECODE = _nnx_decode()
+
+
+@probe("flax_nnx_mha_decode_step_cache", "flax.nnx MultiHeadAttention(decode=True): one step against a filled cache",
+       lambda rng: (NNX_DECODE[1], _normal(rng, (B, 1, E))), grad_argnums=(1,))
+def nnx_decode(state, x):
+    return nnx.merge(NNX_DECODE[0], state, copy=True)(x)  # copy: the step writes the cache (a jax.grad trace too)
+
+
+@probe("einsum_k_pretransposed_bhdk", "einsum bhqd,bhdk->bhqk with K given as [B,H,D,S]",
+       tensors(BHSD, (B, H, D, S), BHSD))
+def einsum_kt(q, kt, v):
+    s = jnp.einsum("bhqd,bhdk->bhqk", q, kt) / jnp.sqrt(jnp.float32(D))
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1), v)
+
+
+@probe("einsum_operands_k_first", "einsum bkhd,bqhd->bhqk and bkhd,bhqk->bqhd (K and V written first)",
+       tensors(BSHD, BSHD, BSHD))
+def einsum_k_first(q, k, v):
+    s = jnp.einsum("bkhd,bqhd->bhqk", k, q) * D ** -0.5
+    return jnp.einsum("bkhd,bhqk->bqhd", v, jax.nn.softmax(s, -1))
+
+
+@probe("softmax_by_hand_none_index_max_grad", "exp(s - s.max(-1)[..., None]) / sum(-1)[..., None], max not stopped",
+       tensors(BHSD, BHSD, BHSD))
+def softmax_none_index(q, k, v):
+    s = q @ k.swapaxes(-1, -2) * D ** -0.5
+    ex = jnp.exp(s - s.max(-1)[..., None])
+    return (ex / ex.sum(-1)[..., None]) @ v
+
+
+@probe("bf16_where_finfo_bf16_min_f32_softmax",
+       "bf16 Q/K/V: where(causal, s, finfo(s.dtype).min) in bf16, softmax(s.astype(f32)).astype(bf16)",
+       tensors(BHSD, BHSD, BHSD, dtype=BF16))
+def bf16_finfo(q, k, v):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * jnp.asarray(D ** -0.5, BF16)
+    s = jnp.where(tri(), s, jnp.finfo(s.dtype).min)
+    return jax.nn.softmax(s.astype(F32), -1).astype(BF16) @ v
+
+
+@probe("dot_general_seq_first_batch_dims_1_2", "lax.dot_general on [S,B,H,D] with batch dims (1, 2) both ways",
+       tensors((S, B, H, D), (S, B, H, D), (S, B, H, D)))
+def dg_seq_first(q, k, v):
+    s = jax.lax.dot_general(q, k, (((3,), (3,)), ((1, 2), (1, 2)))) * D ** -0.5  # [B,H,Sq,Sk]
+    p = jax.nn.softmax(s, -1)
+    return jax.lax.dot_general(p, v, (((3,), (0,)), ((0, 1), (1, 2))))  # [B,H,Sq,D]
+
+
+def _vmapped_one_head(q, k, v, keep):
+    s = q @ k.T / math.sqrt(D)
+    return jax.nn.softmax(jnp.where(keep[None, :], s, -1e9), -1) @ v
+
+
+@probe("vmap_batch_single_head_padding", "jax.vmap over the batch of single-head [S,D] attention, per-example padding",
+       tensors((B, S, D), (B, S, D), (B, S, D), extra=(lambda rng: pad_mask_int(rng) > 0,)))
+def vmap_batch_padding(q, k, v, keep):
+    return jax.vmap(_vmapped_one_head)(q, k, v, keep)
+
+
+def _swin_index(wh=4, ww=4):
+    coords = np.stack(np.meshgrid(np.arange(wh), np.arange(ww), indexing="ij")).reshape(2, -1)
+    rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0) + np.array([wh - 1, ww - 1])
+    return jnp.asarray(rel[..., 0] * (2 * ww - 1) + rel[..., 1], jnp.int32).reshape(-1)
+
+
+SWIN_INDEX = _swin_index()
+
+
+@probe("swin_bias_table_gather", "Swin: bias_table[index].reshape(N,N,H).transpose(2,0,1) added; grad w.r.t. the table",
+       tensors(BHSD, BHSD, BHSD, (49, H)), grad_argnums=(0, 1, 2, 3))
+def swin_table(q, k, v, table):
+    bias = table[SWIN_INDEX].reshape(S, S, H).transpose(2, 0, 1)
+    s = (q * D ** -0.5) @ k.swapaxes(-2, -1) + bias[None]
+    return jax.nn.softmax(s, -1) @ v
+
+
+@probe("timm_vit_qkv_reshape_permute_index", "timm ViT: qkv(x).reshape(B,N,3,H,D).permute(2,0,3,1,4), q,k,v = qkv[0..2]",
+       tensors((B, S, E), (E, 3 * E)), grad_argnums=(0, 1))
+def timm_vit(x, w_qkv):
+    qkv = (x @ w_qkv).reshape(B, S, 3, H, D).transpose(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    attn = jax.nn.softmax((q * D ** -0.5) @ k.swapaxes(-2, -1), axis=-1)
+    return (attn @ v).swapaxes(1, 2).reshape(B, S, E)
+
+
+@probe("flax_attention_weights_bias_then_einsum", "flax nn.dot_product_attention_weights(q, k, bias) then einsum with V",
+       tensors(BSHD, BSHD, BSHD, (1, H, S, S)), grad_argnums=(0, 1, 2, 3))
+def flax_weights_bias(q, k, v, bias):
+    w = linen.dot_product_attention_weights(q, k, bias=bias)
+    return jnp.einsum("...hqk,...khd->...qhd", w, v)
+
+
+@probe("jax_dpa_bias_and_local_window", "jax.nn.dot_product_attention(bias=..., local_window_size=(3, 0))",
+       tensors(BSHD, BSHD, BSHD, (1, H, S, S)), grad_argnums=(0, 1, 2, 3))
+def dpa_bias_window(q, k, v, bias):
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, local_window_size=(3, 0), implementation="xla")
+
+
+def _bos_tokens(rng):
+    t = rng.integers(2, 50, (B, S)).astype(np.int32)
+    t[0, [0, 5, 11]] = 1
+    t[1, [0, 9]] = 1
+    return jnp.asarray(t)
+
+
+@probe("packed_docs_cumsum_bos_causal", "packed documents: seg = cumsum(tokens == BOS), causal within a document",
+       tensors(BHSD, BHSD, BHSD, extra=(_bos_tokens,)))
+def packed_bos(q, k, v, tokens):
+    seg = jnp.cumsum(tokens == 1, axis=-1)
+    keep = (seg[:, None, :, None] == seg[:, None, None, :]) & tri()[None, None]
+    s = jnp.where(keep, q @ k.swapaxes(-1, -2) * D ** -0.5, -jnp.inf)
+    return jax.nn.softmax(s, -1) @ v
+
+
+@probe("hf_opt_mask_add_then_clamp_finfo_min",
+       "HF OPT / early Llama: s + causal·padding finfo.min mask, then max(s, finfo.min) (no -inf left)",
+       tensors(BHSD, BHSD, BHSD, extra=(pad_mask_int,)))
+def opt_clamp(q, k, v, attention_mask):
+    keep = tri()[None, None] & (attention_mask[:, None, None, :] > 0)
+    s = (q * D ** -0.5) @ k.swapaxes(-1, -2) + jnp.where(keep, 0.0, FMIN)
+    s = jnp.maximum(s, jnp.finfo(F32).min)
+    return jax.nn.softmax(s.astype(F32), -1).astype(q.dtype) @ v
+
+
+@probe("lax_batch_matmul_folded_heads", "jax.lax.batch_matmul on [B·H,S,D] for both products, causal",
+       tensors((B * H, S, D), (B * H, S, D), (B * H, S, D)))
+def lax_batch_matmul(q, k, v):
+    s = jax.lax.batch_matmul(q, jnp.swapaxes(k, 1, 2)) * D ** -0.5
+    return jax.lax.batch_matmul(jax.nn.softmax(jnp.where(tri()[None], s, -jnp.inf), -1), v)
+
+
+def _prefix_lm_inputs(rng):
+    mask_ar = np.zeros((B, S), np.int32)
+    mask_ar[0, 6:] = 1  # batch 0: a 6-token prefix, then causal
+    mask_ar[1, 10:] = 1
+    input_mask = np.arange(S)[None, :] < np.array([14, S])[:, None]
+    return jnp.asarray(input_mask), jnp.asarray(mask_ar)
+
+
+@probe("big_vision_make_attn_mask_prefix_lm",
+       "big_vision/PaliGemma make_attn_mask: cumsum(mask_ar) comparison & input_mask, [B,1,S,S] where",
+       lambda rng: tensors(BSHD, BSHD, BSHD)(rng) + _prefix_lm_inputs(rng))
+def prefix_lm_cumsum(q, k, v, input_mask, mask_ar):
+    cumsum = jnp.cumsum(mask_ar, axis=1)
+    attn_mask = (cumsum[:, None, :] <= cumsum[:, :, None]) & (input_mask[:, None, :] & input_mask[:, :, None])
+    logits = jnp.einsum("BTNH,BSNH->BNTS", q * D ** -0.5, k)
+    logits = jnp.where(attn_mask[:, None, :, :], logits, -2.3819763e38)
+    return jnp.einsum("BNTS,BSNH->BTNH", jax.nn.softmax(logits, axis=-1), v)
+
+
+# ---------------------------------------------------------------------------------------------
 # running
 
 

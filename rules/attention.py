@@ -85,6 +85,41 @@ def unit_axis_broadcast():
 
 
 @attention_raise.family
+def folded_heads_dot():
+    """A [B·H]-batched product of operands folded from [B, H, ..] (reshapes merging their two
+    leading axes), viewed back as [B, H, ..], is the [B, H]-batched product of the unfolded operands:
+    each output element is the same dot product of the same two vectors (the same products summed).
+    GPT-NeoX and other torch ports fold the heads for the bmm and split them again for the mask and
+    P · V; only a product that is viewed back, so other folded matmuls keep their one form, and not
+    a unit axis merged (jnp.matmul's squeezed batch of one or single head: `unit_axis_broadcast`)."""
+    sa, sb, lc, rc, s_folded = (var(n, IntVec) for n in ("sa", "sb", "lc", "rc", "s_folded"))
+    a, b = var("a", Term), var("b", Term)
+    folded = Term.dot(Term.reshape(a, s1), Term.reshape(b, s2), lc, rc, ivec([0]), ivec([0]), dt, pr)
+    yield rw(Term.reshape(folded, s3), Term.dot(a, b, IntVec(lc[0] + 1), IntVec(rc[0] + 1), ivec([0, 1]), ivec([0, 1]), dt, pr),
+             shape(a) == sa, shape(b) == sb, sa.length() == i64(4), sb.length() == i64(4), lc.length() == i64(1),
+             rc.length() == i64(1), sa[0] == sb[0], sa[1] == sb[1], s1 == IntVec(sa[0] * sa[1], sa[2], sa[3]),
+             s2 == IntVec(sb[0] * sb[1], sb[2], sb[3]), shape(folded) == s_folded,
+             s3 == IntVec(sa[0], sa[1], s_folded[1], s_folded[2]), ne(sa[0]).to(i64(1)), ne(sa[1]).to(i64(1)))
+    # a scalar applied before the view (`1/√D · bmm(q, kᵀ)`; torch's baddbmm(zeros, q, kᵀ, alpha)
+    # adds the product to zeros): the view of the product, then the scalar (elementwise, exact)
+    product, factor_shape, c2 = Term.dot(y, z, p, d2, lb, rb, dt2, pr), var("factor_shape", IntVec), var("c2", f64)
+    scaled = Term.binary("mul", Term.broadcast(Term.literal(c, dt3), factor_shape, NONE), product)
+    for op in ("mul", "div", "add", "sub"):
+        for operand in (product, scaled):
+            factor = Term.broadcast(Term.literal(c2, dt3), factor_shape, NONE)
+            scalar_view = Term.broadcast(Term.literal(c2, dt3), s3, NONE)
+            yield rw(Term.reshape(Term.binary(op, operand, factor), s3), Term.binary(op, Term.reshape(operand, s3), scalar_view))
+            yield rw(Term.reshape(Term.binary(op, factor, operand), s3), Term.binary(op, scalar_view, Term.reshape(operand, s3)))
+    # jax.grad's backward of that: a folded product's operand scaled after the fold (c · fold(g)) is
+    # the fold of the scaled operand, so the product reads as the first rule's
+    folded_operand = (Term.binary("mul", Term.broadcast(Term.literal(c2, dt3), factor_shape, NONE), Term.reshape(a, s1)),
+                      Term.binary("mul", Term.reshape(a, s1), Term.broadcast(Term.literal(c2, dt3), factor_shape, NONE)))
+    for form in folded_operand:
+        yield rl(eq(e).to(Term.dot(form, y, lc, rc, ivec([0]), ivec([0]), dt2, pr)), shape(a) == sa, sa.length() == i64(4))(
+            union(form).with_(Term.reshape(Term.binary("mul", Term.broadcast(Term.literal(c2, dt3), sa, NONE), a), s1)))
+
+
+@attention_raise.family
 def reshape_scalar_broadcast():
     """A reshape of a broadcast scalar is the scalar broadcast to the new shape."""
     yield rw(Term.reshape(Term.broadcast(x, s1, NONE), s2), Term.broadcast(x, s2, NONE))
@@ -1123,7 +1158,8 @@ def widened_dot_operand():
     pass rounds a float16 operand), the half product is the more precise. The same with both
     operands widened (Q and K cast to float32 for the scores, as GPT-J and MaxText's
     float32_qk_product write it), and with the other operand float32 already (dS · K): a mixed
-    product widens its half operand to float32 itself."""
+    product widens its half operand to float32 itself (both ways: a mixed product is also the
+    product of the widened operand)."""
     f32 = String("float32")
     for half_dtype in ("bfloat16", "float16"):
         cond = (dtype(x) == dt, dtype(y) == dt, dt == String(half_dtype))
@@ -1135,6 +1171,10 @@ def widened_dot_operand():
         mixed = (dtype(x) == String(half_dtype), dtype(y) == f32)
         yield rw(Term.dot(Term.convert(x, f32), y, *dims), Term.dot(x, y, *dims), *mixed)
         yield rw(Term.dot(y, Term.convert(x, f32), *dims), Term.dot(y, x, *dims), *mixed)
+        # and back: jnp.einsum of a float32 Q and a half K writes the mixed product itself; its
+        # half operand widened (exact) gives the float32 K the op's gradients read
+        yield rw(Term.dot(x, y, *dims), Term.dot(Term.convert(x, f32), y, *dims), *mixed)
+        yield rw(Term.dot(y, x, *dims), Term.dot(y, Term.convert(x, f32), *dims), *mixed)
 
 
 @attention_grad.family
@@ -1296,6 +1336,18 @@ def gradient_ops():
                 for form in (Term.binary("add", x, bias), Term.binary("add", bias, x)):
                     yield rl(eq(s_).to(form), scores_cot(g_, s_, sf_, do_, v), shape(bias) == s3, dtype(bias) == dtq,
                              *facts)(union(g_).with_(Term.reshape(scores_back(grad(3)), s3)))
+
+
+@attention_grad.family
+def viewed_cotangent():
+    """A scores cotangent known only on a view (`reshaped_softmax_backward` records the program's
+    cotangent g reshaped to the scores' shape) is that view reshaped back: a reshape is a bijection
+    between the two shapes, so g is ``reshape(reshape(g, view), shape(g))`` (the `canonical`
+    reshape rules fold that to g and to the op's gradient viewed alike). Swin with one head sums
+    its relative bias's cotangent on the [B·nW, 1, N, N] view the softmax read."""
+    cot_view, view_shape = var("cot_view", Term), var("view_shape", IntVec)
+    yield rl(scores_cot(g_, x, sf_, do_, v), eq(g_).to(Term.reshape(cot_view, view_shape)), shape(cot_view) == s3)(
+        union(cot_view).with_(Term.reshape(g_, s3)))
 
 
 def _rounded(chain, product: Term):

@@ -707,6 +707,29 @@ grad_case("bloom_folded_heads_alibi_causal_grad", bloom_folded, qkv("(bh)sd", ex
           source="HF BLOOM: [B*H,S,D], ALiBi, scores reshaped for the mask")
 
 
+@case("neox_folded_heads_split_for_mask", qkv("bshd"), positive=True, family="models",
+      source="GPT-NeoX/Pythia: [B*H,S,D] baddbmm(zeros, q, kᵀ, alpha), viewed [B,H,S,S] for the mask and P·V")
+def neox_folded(q, k, v):
+    fold = lambda t: t.transpose(0, 2, 1, 3).reshape(B * H, S, D)  # noqa: E731
+    scores = jnp.zeros((B * H, S, S), F32) + D**-0.5 * jnp.matmul(fold(q), kt(fold(k)))
+    scores = jnp.where(causal()[None, None], scores.reshape(B, H, S, S), jnp.finfo(F32).min)
+    return jnp.einsum("bhqk,bkhd->bqhd", softmax_last(scores), v)
+
+
+grad_case("neox_folded_heads_split_for_mask_grad", neox_folded, qkv("bshd"), family="models",
+          source="GPT-NeoX/Pythia: heads folded for the product, split for the mask")
+
+
+def swin_one_head(q, k, v, rel):
+    return softmax_last((q * D**-0.5) @ kt(k) + rel[None]) @ v
+
+
+grad_case("swin_one_head_relative_bias_grad", swin_one_head,
+          lambda rng: tuple(_normal(rng, (4, 1, S, D)) for _ in range(3)) + (_normal(rng, (1, S, S)),),
+          family="models", argnums=(0, 1, 2, 3),
+          source="Swin with one head: [B*nW,1,N,D] through jnp.matmul, relative bias [1,N,N] (its gradient too)")
+
+
 # ---------------------------------------------------------------------------------------------
 # Hand-written: mixed precision
 
@@ -758,6 +781,16 @@ def bf16_qk_widened(q, k, v):
 
 grad_case("bf16_q_k_widened_to_f32_grad", bf16_qk_widened, qkv("bhsd", BF16), family="precision",
           source="MaxText float32_qk_product / GPT-J (bf16 Q, K cast to f32)")
+
+
+def q_f32_kv_bf16(q, k, v):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * D**-0.5
+    return jnp.einsum("bhqk,bhkd->bhqd", softmax_last(s), v.astype(F32))
+
+
+grad_case("q_f32_kv_bf16_mixed_einsum_grad", q_f32_kv_bf16,
+          lambda rng: (_normal(rng, (B, H, S, D)), _normal(rng, (B, H, S, D), BF16), _normal(rng, (B, H, S, D), BF16)),
+          family="precision", source=HAND + " f32 Q, bf16 K and V: einsum writes the mixed product Q·Kᵀ itself")
 
 
 @case("bf16_pet_f32_output_cast_back", qkv("bshd", BF16, extreme=True), positive=True, family="precision",

@@ -680,3 +680,17 @@ def test_where_softmax_earlier_jax_gradients_of_q_and_k_raised():
     report = optimized.explain(*args)
     assert sorted(info.gradient for info in report.attention) == ["dk", "dq"], str(report.after)
     assert excess_error(optimized(*args), grad(*args), tolerance(args, grad(*args))) <= 0
+
+
+def test_folded_heads_gradients_are_the_ops():
+    """GPT-NeoX folds the heads for Q·Kᵀ and splits them for the mask and P·V: its dQ and dK are
+    the op's (`folded_heads_dot` reads the folded dS · K as the [B, H] product of the scaled
+    cotangent), not products of the op's bias gradient dS, with the written-out values."""
+    from attention_corpus import BY_NAME
+
+    case = BY_NAME["neox_folded_heads_split_for_mask_grad"]
+    args = case.args()
+    optimized = ea.optimize(case.fn, cost_model=for_device("h100"), limits=LIMITS)
+    report = optimized.explain(*args)
+    assert sorted(info.gradient for info in report.attention) == ["dk", "dq", "dv"], str(report.after)
+    assert excess_error(optimized(*args), case.fn(*args), tolerance(args, case.fn(*args))) <= 0
