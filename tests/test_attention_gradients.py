@@ -557,12 +557,14 @@ def test_bias_and_mask_gradients_raised():
 def test_a_gradient_run_restarts_once_its_backward_is_raised_and_settled(monkeypatch):
     """A jax.grad program may raise attention only through its backward (`RAISED_GRADIENTS`; the
     forward family never fires): once that has settled past `RAISED_SETTLED_ENODES` e-nodes
-    (lowered here so this small program reaches it) the run restarts as a forward one does, and
-    the program chosen keeps the raised gradient ops with equal values."""
+    (lowered here so this small program reaches it, and with no grace rounds: it saturates within
+    two rounds of its backward's first raise) the run restarts as a forward one does, and the
+    program chosen keeps the raised gradient ops with equal values."""
     from eqsat_attn import pipeline
     from eqsat_attn.pipeline import OptimizeOptions
 
     monkeypatch.setattr(pipeline, "RAISED_SETTLED_ENODES", 300)
+    monkeypatch.setattr(pipeline, "GRADIENT_GRACE_ROUNDS", 0)
     fn, args = _grad_fn(scaled), _args("scaled", seed=41)
     program = ea.capture(fn, *args).program
     model = for_device("h100")

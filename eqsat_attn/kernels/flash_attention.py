@@ -531,12 +531,12 @@ def _forward(q, k, v, bias, cfg: _Config, descales: tuple[jax.Array, jax.Array] 
     args = [qp, kp, vp]
     if bias is not None:  # one row for all queries (key padding, ALiBi's slope·j): read as that row
         bias4 = _bias_4d(bias, (b, h, sq, sk), one_row=True)
-        rows = bias4.shape[2] > 1
-        bias4 = _pad_axis(_pad_axis(bias4, 2, sq_p), 3, sk_p) if rows else _pad_axis(bias4, 3, sk_p)
+        bias_rows = bias4.shape[2] > 1
+        bias4 = _pad_axis(_pad_axis(bias4, 2, sq_p), 3, sk_p) if bias_rows else _pad_axis(bias4, 3, sk_p)
         full_b, full_h = bias4.shape[0] > 1, bias4.shape[1] > 1
         in_specs.append(pl.BlockSpec(
-            (None, None, bq if rows else 1, sk_p),
-            lambda i, bi, hi: (bi if full_b else 0, hi if full_h else 0, qblk(i) if rows else 0, 0)))
+            (None, None, bq if bias_rows else 1, sk_p),
+            lambda i, bi, hi: (bi if full_b else 0, hi if full_h else 0, qblk(i) if bias_rows else 0, 0)))
         args.append(bias4)
     if cfg.tiled:
         kmask, counts, index = _tile_operands(cfg, mask, kv_lengths, sq, sk, bq, bk, sq_p, sk_p, by_key=False)
