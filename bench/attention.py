@@ -206,12 +206,14 @@ def key_lengths(shape: Shape) -> jax.Array:
 
 
 def add_mask_inputs(shape: Shape, a: dict[str, jax.Array]) -> dict:
-    """The variants' operands: key lengths and the same key padding as a [B, 1, 1, S] mask, and a
-    [1, H, S, S] bf16 bias (one per head, broadcast over the batch, as T5's relative bias)."""
+    """The variants' operands: key lengths and the same key padding as a [B, 1, 1, S] mask and as
+    an additive bf16 bias (finfo.min on padded keys, BERT's extended mask), and a [1, H, S, S] bf16
+    bias (one per head, broadcast over the batch, as T5's relative bias)."""
     lengths = key_lengths(shape)
     pad = (jnp.arange(shape.s)[None, :] < lengths[:, None])[:, None, None, :]
+    pad_bias = jnp.where(pad, 0.0, jnp.finfo(jnp.bfloat16).min).astype(jnp.bfloat16)
     bias = jax.random.normal(jax.random.key(7), (1, shape.h, shape.s, shape.s), jnp.bfloat16)
-    return jax.block_until_ready(dict(a, lengths=lengths, pad=pad, bias=bias))
+    return jax.block_until_ready(dict(a, lengths=lengths, pad=pad, pad_bias=pad_bias, bias=bias))
 
 
 def variant_keep(shape: Shape, variant: str, window: int, a: dict) -> jax.Array | None:
@@ -286,6 +288,9 @@ def masked_implementations(shape: Shape, variant: str, window: int, interpret: b
     if variant == "key padding":
         impls["ours Mosaic GPU key padding as kv_lengths"] = (
             lambda a: ours(a["q"], a["k"], a["v"], backend="mosaic_gpu", kv_lengths=a["lengths"]), "BHSD")
+        # the additive form (its one row per batch read in place: no [S, S] bias in memory, no tiles skipped)
+        impls["ours Mosaic GPU key padding as a [B, 1, 1, S] bias"] = (
+            lambda a: ours(a["q"], a["k"], a["v"], backend="mosaic_gpu", bias=a["pad_bias"]), "BHSD")
     for impl in ("cudnn", "xla"):
         name = f"jax.nn.dot_product_attention {impl} {variant}"
         if variant == "soft-cap":
