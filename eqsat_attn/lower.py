@@ -116,7 +116,7 @@ def _unbroadcast_masks(program: Program) -> dict[int, dict[int, tuple[int, tuple
                            if n.op == "attention_vjp" and int(n.params["wrt"]) == 3}
     out: dict[int, dict[int, tuple[int, tuple[int, ...]]]] = {}
     for i, node in enumerate(program.nodes):
-        if node.op in ("attention", "attention_fp8"):
+        if node.op == "attention":  # (attention_fp8's inputs after v are its scales, not masks)
             first = 3
         elif node.op == "attention_vjp":  # q, k, v, do, then the bias and mask
             has_bias = str(node.params.get("mask_kind")) in ("bias", "bias+bool")
