@@ -108,71 +108,33 @@ def soft_capped_earlier_jax(q, k, v):
     return jnp.einsum("bhqk,bhkd->bhqd", _softmax(50.0 * _tanh_earlier_jax(s / 50.0)), v)
 
 
-@jax.custom_vjp
-def _softmax_earlier_jax(s):
-    e = jnp.exp(s - lax.stop_gradient(s.max(-1, keepdims=True)))
-    return e / e.sum(-1, keepdims=True)
+def _earlier_jax_softmax(axis: int, summed: tuple[int, ...] | None = None):
+    """jax.nn.softmax over ``axis`` with its backward as jax.grad wrote it before jax 0.12 (no custom
+    JVP; the quotient's transpose squares the kept row sum): ``(g / T + sum(-(g * T^-2 * E))) * E``,
+    the kept row sum summed over ``summed`` (default: ``axis``; with unit batch and head axes too
+    where unbatched inputs broadcast the quotient over them)."""
+    def forward(s):
+        e = jnp.exp(s - lax.stop_gradient(s.max(axis, keepdims=True)))
+        t = e.sum(axis, keepdims=True)
+        return e / t, (e, t)
+
+    def backward(res, g):
+        e, t = res
+        spread = lambda x: lax.broadcast_in_dim(x, g.shape, tuple(range(g.ndim)))  # noqa: E731
+        kept = jnp.sum(g * spread(lax.integer_pow(t, -2)) * e, axis=axis).reshape(t.shape)
+        axes = summed or (axis % g.ndim,)
+        row = jnp.sum(-kept, axis=axes)
+        others = tuple(i for i in range(g.ndim) if i not in axes)
+        return ((g / spread(t) + lax.broadcast_in_dim(row, g.shape, others)) * e,)
+
+    softmax = jax.custom_vjp(lambda s: forward(s)[0])
+    softmax.defvjp(forward, backward)
+    return softmax
 
 
-def _softmax_earlier_jax_fwd(s):
-    e = jnp.exp(s - lax.stop_gradient(s.max(-1, keepdims=True)))
-    t = e.sum(-1, keepdims=True)
-    return e / t, (e, t)
-
-
-def _softmax_earlier_jax_bwd(res, g):
-    """jax.nn.softmax's backward as jax.grad wrote it before jax 0.12 (no custom JVP; the
-    quotient's transpose squares the kept row sum): ``(g / T + sum(-(g * T^-2 * E))) * E``."""
-    e, t = res
-    spread = lambda x: lax.broadcast_in_dim(x, g.shape, tuple(range(g.ndim)))  # noqa: E731
-    kept = jnp.sum(g * spread(lax.integer_pow(t, -2)) * e, axis=-1).reshape(t.shape)
-    row = jnp.sum(-kept, axis=-1)
-    return ((g / spread(t) + lax.broadcast_in_dim(row, g.shape, tuple(range(g.ndim - 1)))) * e,)
-
-
-_softmax_earlier_jax.defvjp(_softmax_earlier_jax_fwd, _softmax_earlier_jax_bwd)
-
-
-@jax.custom_vjp
-def _softmax_earlier_jax_units(s):
-    return _softmax_earlier_jax(s)
-
-
-def _softmax_earlier_jax_units_bwd(res, g):
-    """The same on scores whose batch and head axes are 1 (unbatched inputs): the kept row sum is
-    summed over those two unit axes with the last, as the quotient's transpose writes it there."""
-    e, t = res
-    spread = lambda x: lax.broadcast_in_dim(x, g.shape, tuple(range(g.ndim)))  # noqa: E731
-    kept = jnp.sum(g * spread(lax.integer_pow(t, -2)) * e, axis=-1).reshape(t.shape)
-    row = jnp.sum(-kept, axis=(0, 1, 3))
-    return ((g / spread(t) + lax.broadcast_in_dim(row, g.shape, (2,))) * e,)
-
-
-_softmax_earlier_jax_units.defvjp(_softmax_earlier_jax_fwd, _softmax_earlier_jax_units_bwd)
-
-
-@jax.custom_vjp
-def _softmax_earlier_jax_keys_first(s):
-    """`_softmax_earlier_jax` over axis -2 (scores as K·Qᵀ)."""
-    e = jnp.exp(s - lax.stop_gradient(s.max(-2, keepdims=True)))
-    return e / e.sum(-2, keepdims=True)
-
-
-def _keys_first_fwd(s):
-    e = jnp.exp(s - lax.stop_gradient(s.max(-2, keepdims=True)))
-    t = e.sum(-2, keepdims=True)
-    return e / t, (e, t)
-
-
-def _keys_first_bwd(res, g):
-    e, t = res
-    spread = lambda x: lax.broadcast_in_dim(x, g.shape, tuple(range(g.ndim)))  # noqa: E731
-    kept = jnp.sum(g * spread(lax.integer_pow(t, -2)) * e, axis=-2).reshape(t.shape)
-    row = jnp.sum(-kept, axis=-2)
-    return ((g / spread(t) + lax.broadcast_in_dim(row, g.shape, (0, 1, 3))) * e,)
-
-
-_softmax_earlier_jax_keys_first.defvjp(_keys_first_fwd, _keys_first_bwd)
+_softmax_earlier_jax = _earlier_jax_softmax(-1)
+_softmax_earlier_jax_units = _earlier_jax_softmax(-1, summed=(0, 1, 3))  # one sequence, one head
+_softmax_earlier_jax_keys_first = _earlier_jax_softmax(-2)  # scores as K·Qᵀ
 
 
 def keys_first_earlier_jax(q, k, v):
