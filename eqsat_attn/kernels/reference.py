@@ -5,6 +5,7 @@ Every kernel in this package is tested against `attention_reference`.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -103,6 +104,12 @@ def _subscripts(layout: str, letters: dict[str, str]) -> str:
     return "".join(letters[a] for a in layout)
 
 
+#: the op's static attributes: one trace per combination of them and of the operands' shapes
+#: (a model's layers lower the same attention once, not once per layer)
+_STATIC = ("scale", "causal", "v_layout", "q_layout", "k_layout", "o_layout", "compute_dtype", "mask_fill", "softcap")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def attention_reference(
     q: jax.Array,
     k: jax.Array,
