@@ -197,6 +197,12 @@ def _relevance_entries(egraph: EGraph, rulesets: list[RuleSet]) -> tuple[list[An
     return found[1]
 
 
+#: `relevance.relevant_rules`' answer per (rule sets, program symbols): a model's repeated parts
+#: and a function optimized again write the same symbols (a pure function of both; bounded)
+_KEPT: dict[tuple, list[bool]] = {}
+_KEPT_MAX = 256
+
+
 def _relevant_subsets(egraph: EGraph, rulesets: list[RuleSet],
                       relevant_to: frozenset[Symbol] | None) -> dict[str, Schedule | None]:
     """Each rule set's rules that can match a program that wrote ``relevant_to`` (`relevance`),
@@ -204,8 +210,14 @@ def _relevant_subsets(egraph: EGraph, rulesets: list[RuleSet],
     ``relevant_to`` None: every whole ruleset."""
     if relevant_to is None:
         return {r.name: r.ruleset for r in rulesets}
-    entries, analysis_writes, answered = _relevance_entries(egraph, rulesets)
-    kept = relevant_rules(entries, relevant_to | analysis_writes, answered)
+    key = (tuple(id(r.ruleset) for r in rulesets), relevant_to)  # `_relevance_entries` keeps the ids alive
+    kept = _KEPT.get(key)
+    if kept is None:
+        entries, analysis_writes, answered = _relevance_entries(egraph, rulesets)
+        kept = relevant_rules(entries, relevant_to | analysis_writes, answered)
+        if len(_KEPT) >= _KEPT_MAX:
+            _KEPT.pop(next(iter(_KEPT)))  # the oldest
+        _KEPT[key] = kept
     out, start = {}, 0
     for r in rulesets:
         n = len(r.rules)

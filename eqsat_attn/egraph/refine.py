@@ -170,10 +170,10 @@ def swap_improve(problem: Problem, picks: dict[str, str]) -> dict[str, str]:
                     continue
                 trial = {**additions, **picks, c: m}
                 reached = problem.used(trial)
-                if reached is None or find_cycle(root, trial, children) is not None:
+                if reached is None:
                     continue
                 cost = sum(problem.cost[trial[k]] for k in reached)
-                if cost < best:
+                if cost < best and find_cycle(root, trial, children) is None:  # the cycle check only where it pays
                     picks, best, improved = {k: trial[k] for k in reached}, cost, True
                     additions = cheapest_additions(problem, set(picks))
                     if c not in picks:
