@@ -10,6 +10,7 @@ import pytest
 from attention_corpus import CASES
 from eqsat_attn.capture import capture
 from eqsat_attn.egraph import driver, encode, resolve, run_rulesets
+from eqsat_attn.egraph.encode import encoding_commands
 from eqsat_attn.egraph.relevance import OpVar, relevant_rules
 from eqsat_attn.limits import Limits
 from eqsat_attn.pipeline import GRADIENT_RULES
@@ -55,9 +56,15 @@ def _mlp(x, w1, w2):
     return jnp.tanh(x @ w1) @ w2
 
 
-def _run(program, rulesets, limits, relevant: bool):
-    with driver.prepared_egraph(rulesets) as egraph:
-        enc = encode(program, egraph)
+def _run(program, rulesets, limits, relevant: bool, registered_kept: bool = False):
+    """One run; ``registered_kept``: in an e-graph with only the kept rules registered, the
+    program encoded from commands built with the naming e-graph's names (as the pipeline does)."""
+    built = encoding_commands(program, driver.naming_egraph(rulesets)) if registered_kept else None
+    kept = driver.relevant_mask(rulesets, built.encoding.symbols) if registered_kept else None
+    with driver.prepared_egraph(rulesets, kept) as egraph:
+        enc = encode(program, egraph, built=built)
+        if registered_kept:
+            assert enc is built.encoding  # the commands were valid here: not rebuilt
         return run_rulesets(egraph, rulesets, limits, relevant_to=enc.symbols if relevant else None)
 
 
@@ -75,12 +82,13 @@ def test_runs_are_those_of_the_full_rule_sets(name):
     names = [*resolve(None)] + ([*resolve([GRADIENT_RULES])] if name.endswith("_grad") else [])
     limits = Limits(iterations=6, nodes=20_000)
     full, only_relevant = _run(program, names, limits, False), _run(program, names, limits, True)
+    only_registered = _run(program, names, limits, True, registered_kept=True)
     def drop_steps_run(steps):  # a rule set none of whose rules can match is not run at all
         return [{k: v for k, v in step.items() if k != "steps_run"} for step in steps]
 
-    assert drop_steps_run(only_relevant.steps) == drop_steps_run(full.steps)
-    assert (only_relevant.rules_fired, only_relevant.egraph_nodes, only_relevant.stop_reason) == (
-        full.rules_fired, full.egraph_nodes, full.stop_reason)
+    for run in (only_relevant, only_registered):
+        assert drop_steps_run(run.steps) == drop_steps_run(full.steps)
+        assert (run.rules_fired, run.egraph_nodes, run.stop_reason) == (full.rules_fired, full.egraph_nodes, full.stop_reason)
 
 
 def test_a_program_without_softmax_runs_no_attention_raising():
@@ -88,7 +96,53 @@ def test_a_program_without_softmax_runs_no_attention_raising():
     program = capture(_mlp, x, jax.ShapeDtypeStruct((8, 16), jnp.float32), jax.ShapeDtypeStruct((16, 8), jnp.float32)).program
     rulesets = resolve(None)
     with driver.prepared_egraph(rulesets) as egraph:
-        subsets = driver._relevant_subsets(egraph, rulesets, encode(program, egraph).symbols)
+        subsets = driver._relevant_subsets(rulesets, encode(program, egraph).symbols)
     raise_ = next(r for r in rulesets if r.name == "attention_raise")
     assert subsets["attention_raise"] is not raise_.ruleset  # a part of it at most
     assert subsets["fp8_attention"] is None  # nothing there reads what an MLP has
+
+
+def test_tables_are_named_alike_with_declarations_only():
+    """The naming e-graph (the rule sets' declarations, no rule registered) names each table a
+    rule reads or writes as an e-graph with every rule registered does, and calls the rest
+    primitives: relevance and encodings built with it hold in the e-graph a program runs in."""
+    from egglog import bindings
+    from egglog.egraph_state import span
+
+    from eqsat_attn.egraph.relevance import SymbolNames
+
+    rulesets = [*resolve(None), *resolve([GRADIENT_RULES])]
+    full = driver.registered_egraph(rulesets)
+    (output,) = full._state.run_program(bindings.PrintSize(span(1), None))
+    tables = {name for name, _ in output.sizes}
+    names = SymbolNames(driver.naming_egraph(rulesets)._state)
+    refs = {ref for r in rulesets for rule in r.rules
+            for ref, _ in {*(driver._symbols_of(rule).reads or ()), *driver._symbols_of(rule).writes}}
+    assert len(refs) > 50
+    for ref in refs:
+        try:
+            name = full._state.callable_ref_to_egg(ref)[0]
+        except Exception:  # noqa: BLE001 - a primitive
+            name = None
+        assert names.table(ref) == (name if name in tables else None), ref
+
+
+def test_the_pipeline_registers_only_the_rules_a_program_needs():
+    """An MLP's pooled e-graph is registered with the kept rules (no attention raising), and a
+    second optimization reuses it."""
+    from eqsat_attn.pipeline import OptimizeOptions, optimize_program
+
+    x = jax.ShapeDtypeStruct((4, 8), jnp.float32)
+    program = capture(_mlp, x, jax.ShapeDtypeStruct((8, 16), jnp.float32), jax.ShapeDtypeStruct((16, 8), jnp.float32)).program
+    first = optimize_program(program, OptimizeOptions(reuse_blocks=False))
+    rulesets = resolve(None)
+    kept = driver.relevant_mask(rulesets, encoding_commands(program, driver.naming_egraph(rulesets)).encoding.symbols)
+    assert not all(kept) and any(kept)
+    raise_ = next(r for r in rulesets if r.name == "attention_raise")
+    start = sum(len(r.rules) for r in rulesets[:rulesets.index(raise_)])
+    assert sum(kept[start:start + len(raise_.rules)]) < len(raise_.rules) / 2  # the few that read products alone
+    pooled = driver.pooled_egraphs(rulesets, kept)
+    assert pooled
+    again = optimize_program(program, OptimizeOptions(reuse_blocks=False))
+    assert driver.pooled_egraphs(rulesets, kept) == pooled  # the same e-graph, taken and given back
+    assert (again.program, again.egraph_nodes, again.rules_fired) == (first.program, first.egraph_nodes, first.rules_fired)

@@ -157,9 +157,11 @@ def _round_steps(rulesets: list[RuleSet]) -> list[RuleSet]:
     return [*raise_, *rewrite, *rewrite]
 
 
-def _round_schedule(rulesets: list[RuleSet]) -> Schedule:
-    """One round as one schedule: the analysis to saturation, then `_round_steps` in order."""
-    return seq(analysis.saturate(), *(r.ruleset for r in _round_steps(rulesets)))
+def _round_schedule(rulesets: list[RuleSet], kept: tuple[bool, ...] | None = None) -> Schedule:
+    """One round as one schedule: the analysis to saturation, then `_round_steps` in order
+    (``kept``: only the rules `relevant_mask` kept, rule sets with none left out)."""
+    subsets = _subsets(rulesets, kept)
+    return seq(analysis.saturate(), *(subsets[r.name] for r in _round_steps(rulesets) if subsets[r.name] is not None))
 
 
 _RELEVANCE: dict[tuple[int, ...], tuple[list[RuleSet], Any]] = {}  # see `_relevance_entries`
@@ -175,16 +177,32 @@ def _symbols_of(rule: Any) -> RuleSymbols:
     return found[1]
 
 
-def _relevance_entries(egraph: EGraph, rulesets: list[RuleSet]) -> tuple[list[Any], frozenset[Symbol], dict[str, str]]:
+_NAMING: dict[tuple[int, ...], tuple[list[Any], EGraph]] = {}
+_NAMING_LOCK = threading.Lock()
+
+
+def naming_egraph(rulesets: list[RuleSet]) -> EGraph:
+    """An e-graph with the declarations of ``rulesets`` and no rule registered, one per process
+    for each list of rule sets: it names tables for relevance and builds encodings
+    (`encode.encoding_commands`) before an e-graph with only the rules a program needs is picked.
+    egglog-python names a table after its declaration, so the names are every e-graph's."""
+    key = tuple(id(r.ruleset) for r in rulesets)
+    with _NAMING_LOCK:
+        found = _NAMING.get(key)
+        if found is None:  # the entry holds the rule sets, so their ids are not reused
+            egraph = EGraph()
+            egraph._add_decls(_round_schedule(rulesets))
+            found = _NAMING[key] = ([r.ruleset for r in rulesets], egraph)
+    return found[1]
+
+
+def _relevance_entries(rulesets: list[RuleSet]) -> tuple[list[Any], frozenset[Symbol], dict[str, str]]:
     """For `relevance.relevant_rules`: each rule's (reads, writes) over table names, what the
-    analysis rules write, and {ask: answer}; once per process for each list of rule sets (the
-    declarations, and so the tables' names, are those of the rule sets' e-graphs)."""
+    analysis rules write, and {ask: answer}; once per process for each list of rule sets."""
     key = tuple(id(r.ruleset) for r in rulesets)
     found = _RELEVANCE.get(key)
     if found is None:  # the entry holds the rule sets, so their ids are not reused
-        state = egraph._state
-        (output,) = state.run_program(bindings.PrintSize(span(1), None))
-        names = SymbolNames(state, {name for name, _ in output.sizes})
+        names = SymbolNames(naming_egraph(rulesets)._state)
         analysis_writes = frozenset().union(*(names.symbols(_symbols_of(r).writes) for r in ANALYSIS_RULES))
         entries = []
         for r in rulesets:
@@ -199,25 +217,29 @@ def _relevance_entries(egraph: EGraph, rulesets: list[RuleSet]) -> tuple[list[An
 
 #: `relevance.relevant_rules`' answer per (rule sets, program symbols): a model's repeated parts
 #: and a function optimized again write the same symbols (a pure function of both; bounded)
-_KEPT: dict[tuple, list[bool]] = {}
+_KEPT: dict[tuple, tuple[bool, ...]] = {}
 _KEPT_MAX = 256
 
 
-def _relevant_subsets(egraph: EGraph, rulesets: list[RuleSet],
-                      relevant_to: frozenset[Symbol] | None) -> dict[str, Schedule | None]:
-    """Each rule set's rules that can match a program that wrote ``relevant_to`` (`relevance`),
-    by name: its whole ruleset, a combination of some of its rules, or None (none can match).
-    ``relevant_to`` None: every whole ruleset."""
-    if relevant_to is None:
-        return {r.name: r.ruleset for r in rulesets}
-    key = (tuple(id(r.ruleset) for r in rulesets), relevant_to)  # `_relevance_entries` keeps the ids alive
+def relevant_mask(rulesets: list[RuleSet], symbols: frozenset[Symbol]) -> tuple[bool, ...]:
+    """For each rule of ``rulesets`` in order, whether it can match a program whose encoding
+    wrote ``symbols`` (`encode.Encoding.symbols`; `relevance`)."""
+    key = (tuple(id(r.ruleset) for r in rulesets), symbols)  # `_relevance_entries` keeps the ids alive
     kept = _KEPT.get(key)
     if kept is None:
-        entries, analysis_writes, answered = _relevance_entries(egraph, rulesets)
-        kept = relevant_rules(entries, relevant_to | analysis_writes, answered)
+        entries, analysis_writes, answered = _relevance_entries(rulesets)
+        kept = tuple(relevant_rules(entries, symbols | analysis_writes, answered))
         if len(_KEPT) >= _KEPT_MAX:
-            _KEPT.pop(next(iter(_KEPT)))  # the oldest
+            _KEPT.pop(next(iter(_KEPT)), None)  # the oldest
         _KEPT[key] = kept
+    return kept
+
+
+def _subsets(rulesets: list[RuleSet], kept: tuple[bool, ...] | None) -> dict[str, Schedule | None]:
+    """Each rule set's rules where ``kept`` (one flag per rule, `relevant_mask`), by name: its
+    whole ruleset, a combination of some of its rules, or None; ``kept`` None: every ruleset."""
+    if kept is None:
+        return {r.name: r.ruleset for r in rulesets}
     out, start = {}, 0
     for r in rulesets:
         n = len(r.rules)
@@ -226,21 +248,32 @@ def _relevant_subsets(egraph: EGraph, rulesets: list[RuleSet],
     return out
 
 
-def prepare_rulesets(egraph: EGraph, rulesets: list[RuleSet]) -> list[bindings._Command] | None:
+def _relevant_subsets(rulesets: list[RuleSet], relevant_to: frozenset[Symbol] | None) -> dict[str, Schedule | None]:
+    """Each rule set's rules that can match a program that wrote ``relevant_to`` (`relevance`),
+    by name (`_subsets`); ``relevant_to`` None: every whole ruleset."""
+    return _subsets(rulesets, None if relevant_to is None else relevant_mask(rulesets, relevant_to))
+
+
+def prepare_rulesets(egraph: EGraph, rulesets: list[RuleSet],
+                     kept: tuple[bool, ...] | None = None) -> list[bindings._Command] | None:
     """Register ``rulesets`` (and the analysis) in an e-graph before a program is encoded; returns
     the egglog commands that did it (None where `commands_in_one_call` does not keep them).
+    ``kept``: only the rules `relevant_mask` kept for the program (None: all of them).
 
     egglog adds a rule to a filled e-graph several times more slowly than to an empty one
     (48 layers: 0.9 s against 0.13 s for the default rule sets); `run_rulesets` then finds
     them registered. Their commands go to egglog in one call (`commands_in_one_call`: ~0.1 s less).
     """
     with commands_in_one_call(egraph) as sent:
-        schedule_command(egraph, _round_schedule(rulesets))
+        schedule_command(egraph, _round_schedule(rulesets, kept))
         schedule_command(egraph, analysis.saturate())
     return None if sent is None else list(sent)
 
 
-_PREPARED: dict[tuple[int, ...], tuple[list[Any], list[EGraph]]] = {}
+#: an e-graph's registered rules: the rule sets' ids, and the `relevant_mask` kept (None: all)
+PoolKey = tuple[tuple[int, ...], tuple[bool, ...] | None]
+
+_PREPARED: dict[PoolKey, tuple[list[Any], list[EGraph]]] = {}
 _PREPARED_LOCK = threading.Lock()
 #: a pooled e-graph that grew past this many e-nodes in one use is dropped, not pooled again:
 #: egglog's ``pop`` restores the e-nodes but not the capacity a run grew, and later runs in that
@@ -250,20 +283,33 @@ _PREPARED_LOCK = threading.Lock()
 #: 11,184 e-nodes, which the former limit of 10,000 made pay it on every call)
 POOL_MAX_ENODES = 30_000
 
+#: registrations (and pools) a process keeps, the oldest dropped first: one per combination of
+#: rule sets and the rules a program needs (a model has a few: its layer, its embedding and head)
+POOL_MAX_KEYS = 32
+
 
 #: per combination of rule sets (as `_PREPARED`'s keys): the rule sets, the egglog-python state a
 #: registration left and the commands it sent egglog (`registered_egraph`)
-_REGISTERED: dict[tuple[int, ...], tuple[list[Any], Any, list[bindings._Command]]] = {}
+_REGISTERED: dict[PoolKey, tuple[list[Any], Any, list[bindings._Command]]] = {}
 
 
-def registered_egraph(rulesets: list[RuleSet]) -> EGraph:
+def _bounded(table: dict, key: Any, entry: Any) -> Any:
+    """``table[key]``, set to ``entry`` if absent, the oldest key dropped past `POOL_MAX_KEYS`
+    (call holding `_PREPARED_LOCK`)."""
+    if key not in table and len(table) >= POOL_MAX_KEYS:
+        table.pop(next(iter(table)))
+    return table.setdefault(key, entry)
+
+
+def registered_egraph(rulesets: list[RuleSet], kept: tuple[bool, ...] | None = None) -> EGraph:
     """A new e-graph with ``rulesets`` registered (`prepare_rulesets`). egglog-python converts the
     rule sets to egglog commands for each e-graph; the process's first registration keeps them and
     the state it left, and later ones send egglog the same commands with a copy of that state (the
     same e-graph: same commands, same order): default and gradient rule sets 1.2 -> 0.8 s. A
-    pooled e-graph that grew too large is replaced this way (`prepared_egraph`)."""
+    pooled e-graph that grew too large is replaced this way (`prepared_egraph`). ``kept``: only
+    those rules (`relevant_mask`), a registration of its own."""
     egglog_rulesets = [r.ruleset for r in rulesets]
-    key = tuple(map(id, egglog_rulesets))
+    key = (tuple(map(id, egglog_rulesets)), kept)
     egraph = EGraph()
     with _PREPARED_LOCK:
         found = _REGISTERED.get(key)
@@ -274,38 +320,42 @@ def registered_egraph(rulesets: list[RuleSet]) -> EGraph:
         egraph._state = replayed
         replayed.run_program(*commands)
         return egraph
-    commands = prepare_rulesets(egraph, rulesets)
+    commands = prepare_rulesets(egraph, rulesets, kept)
     if commands is not None:
         state = egraph._state.copy()
         state.egraph = None  # set for each e-graph made from it: this one is not kept alive
         with _PREPARED_LOCK:  # the entry keeps the rulesets alive, so their ids are not reused
-            _REGISTERED.setdefault(key, (egglog_rulesets, state, commands))
+            _bounded(_REGISTERED, key, (egglog_rulesets, state, commands))
     return egraph
 
 
-def pooled_egraphs(rulesets: list[RuleSet]) -> list[EGraph]:
-    """The idle prepared e-graphs the pool holds for ``rulesets`` (a copy of the list)."""
+def pooled_egraphs(rulesets: list[RuleSet], kept: tuple[bool, ...] | None = None) -> list[EGraph]:
+    """The idle prepared e-graphs the pool holds for ``rulesets`` (``kept``: registered with only
+    those rules), a copy of the list."""
     with _PREPARED_LOCK:
-        entry = _PREPARED.get(tuple(id(r.ruleset) for r in rulesets))
+        entry = _PREPARED.get((tuple(id(r.ruleset) for r in rulesets), kept))
         return list(entry[1]) if entry else []
 
 
 @contextmanager
-def prepared_egraph(rulesets: list[RuleSet]) -> Iterator[EGraph]:
-    """An e-graph with ``rulesets`` registered and nothing else, reverted when the block ends.
+def prepared_egraph(rulesets: list[RuleSet], kept: tuple[bool, ...] | None = None) -> Iterator[EGraph]:
+    """An e-graph with ``rulesets`` registered and nothing else, reverted when the block ends;
+    ``kept``: only the rules `relevant_mask` kept for the program about to be encoded in it.
 
     Registering the default rule sets costs ~0.3 s per e-graph; a process keeps prepared
-    e-graphs (one per combination of rule sets, per concurrent user) and hands one out between
-    egglog's ``push`` and ``pop`` (~0.03 s), so only its first optimization pays. One that grew
-    past `POOL_MAX_ENODES` is dropped instead: a later run gets a freshly prepared one.
+    e-graphs (one per combination of rule sets and kept rules, per concurrent user) and hands
+    one out between egglog's ``push`` and ``pop``, so only its first optimization pays. egglog's
+    push copies every registered rule and pop drops them (default rule sets: ~0.1 s; a GPT-2
+    layer's kept rules: a quarter of that), hence registering only the rules a program needs.
+    One that grew past `POOL_MAX_ENODES` is dropped instead: a later run gets a freshly prepared one.
     """
     egglog_rulesets = [r.ruleset for r in rulesets]
-    key = tuple(map(id, egglog_rulesets))
+    key = (tuple(map(id, egglog_rulesets)), kept)
     with _PREPARED_LOCK:  # the entry keeps the rulesets alive, so their ids are not reused
-        _, idle = _PREPARED.setdefault(key, (egglog_rulesets, []))
+        _, idle = _bounded(_PREPARED, key, (egglog_rulesets, []))
         egraph = idle.pop() if idle else None
     if egraph is None:
-        egraph = registered_egraph(rulesets)
+        egraph = registered_egraph(rulesets, kept)
     egraph.push()
     try:
         yield egraph
@@ -409,7 +459,7 @@ def run_rulesets(
     first_fired: int | None = None  # the iteration where they had first fired, stop_when armed
     analysis_command = schedule_command(egraph, analysis.saturate())
     steps = [("analysis", analysis_command)]
-    subsets = _relevant_subsets(egraph, rulesets, relevant_to)
+    subsets = _relevant_subsets(rulesets, relevant_to)
     steps += [(r.name, schedule_command(egraph, subsets[r.name])) for r in _round_steps(rulesets)
               if subsets[r.name] is not None]  # a rule set none of whose rules can match is not run
     for iteration in range(limits.iterations):

@@ -101,6 +101,10 @@ class _Egg:
         self.list_type = to_runtime_expr(TermList.nil()).__egg_typed_expr__.tp
         self.vecs: dict[tuple[int, ...], bindings.Call] = {}
 
+    def names(self) -> tuple[str, ...]:
+        """The egglog names of the tables this builder calls."""
+        return (*self.fn.values(), self.nil, self.cons, self.shape, self.dtype, self.causal, self.rows_kept, self.order)
+
     def call(self, fn: str, *args: Any) -> bindings.Call:
         return bindings.Call(self.span, fn, list(args))
 
@@ -307,16 +311,24 @@ def _is_leaf_typed(node: ir.Node) -> bool:
     ) or node.op == "select_n" and len(node.inputs) != 3
 
 
-def encode(program: ir.Program, egraph: EGraph, static_elements: int = MAX_ELEMENTS) -> Encoding:
-    """Register ``program`` in ``egraph``; returns the encoding with a root over its outputs
-    and then its effects (decoding a root list puts its opaque nodes back among the effects).
+@dataclass(frozen=True)
+class EncodingCommands:
+    """A program's encoding built but not yet submitted (`encoding_commands`): its egglog
+    commands, valid in any e-graph with the language declared (egglog-python names a table after
+    its declaration: ``names`` checks that), and what they write (``encoding.symbols``)."""
+
+    encoding: Encoding
+    commands: list[Any]
+    names: tuple[str, ...]  # the tables the commands call, as the e-graph they were built for names them
+
+
+def encoding_commands(program: ir.Program, egraph: EGraph, static_elements: int = MAX_ELEMENTS) -> EncodingCommands:
+    """The commands `encode` submits, built with ``egraph``'s names, and their symbols.
 
     Static masks (computed from no input, at most ``static_elements`` elements) are evaluated once
     each and their facts asserted (`causal_mask`, `rows_kept`); rules carry the facts on through
-    larger broadcasts.
-
-    Node i is the let-bound global ``$n{i}`` (one let per node keeps every expression shallow),
-    the outputs the ``$root`` list; all of it goes to egglog in one ``run_program`` call.
+    larger broadcasts. Node i is the let-bound global ``$n{i}`` (one let per node keeps every
+    expression shallow), the outputs the ``$root`` list.
     """
     enc = Encoding(program)
     egg = _Egg(egraph)
@@ -338,8 +350,25 @@ def encode(program: ir.Program, egraph: EGraph, static_elements: int = MAX_ELEME
     for out in reversed(program.roots):
         root = egg.call(egg.cons, egg.var(f"n{out}"), root)
     commands.append(egg.let("root", root))
-    egraph._state.run_program(*commands)
     enc.symbols = frozenset(program_symbols(commands))
+    return EncodingCommands(enc, commands, egg.names())
+
+
+def encode(program: ir.Program, egraph: EGraph, static_elements: int = MAX_ELEMENTS,
+           built: EncodingCommands | None = None) -> Encoding:
+    """Register ``program`` in ``egraph``; returns the encoding with a root over its outputs
+    and then its effects (decoding a root list puts its opaque nodes back among the effects).
+    All of it goes to egglog in one ``run_program`` call (`encoding_commands` says what).
+
+    ``built``: the commands `encoding_commands` made for this program with another e-graph's
+    names (the driver reads their symbols before it picks an e-graph); rebuilt here if this
+    e-graph names a table otherwise.
+    """
+    egg = _Egg(egraph)
+    if built is None or built.encoding.program is not program or built.names != egg.names():
+        built = encoding_commands(program, egraph, static_elements)
+    enc = built.encoding
+    egraph._state.run_program(*built.commands)
     enc.terms = {i: egg.ref(f"n{i}", egg.term_type) for i in program.live_nodes()}
     enc.root = egg.ref("root", egg.list_type)
     return enc

@@ -130,21 +130,21 @@ def _op(expr: Any) -> Op:
 
 
 class SymbolNames:
-    """Callable references to egglog table names, for one e-graph's declarations."""
+    """Callable references to egglog table names, read from declarations (no rule need be
+    registered: an e-graph with the rule sets' declarations added names every table)."""
 
-    def __init__(self, state: Any, tables: set[str]) -> None:
+    def __init__(self, state: Any) -> None:
         self.state = state
-        self.tables = tables
         self._names: dict[Any, str | None] = {}
 
     def table(self, ref: Any) -> str | None:
         """The egglog table of ``ref``, None for a primitive (vec-of, +, !=: always available)."""
         if ref not in self._names:
             try:
-                name = self.state.callable_ref_to_egg(ref)[0]
-            except Exception:  # noqa: BLE001 - not a declared function: a primitive or a lambda
-                name = None
-            self._names[ref] = name if name in self.tables else None
+                backed = self.state._callable_is_table_backed(ref)
+            except Exception:  # noqa: BLE001 - not a declared callable: a primitive
+                backed = False
+            self._names[ref] = self.state.callable_ref_to_egg(ref)[0] if backed else None
         return self._names[ref]
 
     def symbols(self, pairs: Iterable[tuple[Any, Op]]) -> frozenset[tuple[str, Op]]:
