@@ -26,6 +26,7 @@ from ..limits import Limits
 from . import index_math
 from .analysis import ANALYSIS_RULES, analysis
 from .egglog_batch import commands_in_one_call
+from .encode import declare_language
 from .language import answer, ask
 from .relevance import RuleSymbols, Symbol, SymbolNames, relevant_rules, rule_symbols
 from .rulesets import RuleSet
@@ -267,6 +268,7 @@ def prepare_rulesets(egraph: EGraph, rulesets: list[RuleSet],
     with commands_in_one_call(egraph) as sent:
         schedule_command(egraph, _round_schedule(rulesets, kept))
         schedule_command(egraph, analysis.saturate())
+        declare_language(egraph)  # the tables an encoding calls, whichever rules are kept
     return None if sent is None else list(sent)
 
 

@@ -89,21 +89,23 @@ class _Egg:
     def __init__(self, egraph: EGraph) -> None:
         self.egraph = egraph
         self.span = span()
-        self.fn = {name: egraph._callable_to_egg(getattr(Term, name))[1] for name in self.CTORS}
-        self.nil = egraph._callable_to_egg(TermList.nil)[1]
-        self.cons = egraph._callable_to_egg(TermList.cons)[1]
-        self.shape = egraph._callable_to_egg(shape)[1]
-        self.dtype = egraph._callable_to_egg(dtype)[1]
-        self.causal = egraph._callable_to_egg(causal_mask)[1]
-        self.rows_kept = egraph._callable_to_egg(rows_kept)[1]
-        self.order = egraph._callable_to_egg(program_order)[1]
-        self.term_type = to_runtime_expr(Term.input(0)).__egg_typed_expr__.tp
-        self.list_type = to_runtime_expr(TermList.nil()).__egg_typed_expr__.tp
+        self.declared: dict[Any, str] = {}  # callable reference -> its egglog name in this e-graph
+        self.fn = {name: self._name(getattr(Term, name)) for name in self.CTORS}
+        self.nil = self._name(TermList.nil)
+        self.cons = self._name(TermList.cons)
+        self.shape = self._name(shape)
+        self.dtype = self._name(dtype)
+        self.causal = self._name(causal_mask)
+        self.rows_kept = self._name(rows_kept)
+        self.order = self._name(program_order)
+        self.term_type = TERM_TYPE
+        self.list_type = LIST_TYPE
         self.vecs: dict[tuple[int, ...], bindings.Call] = {}
 
-    def names(self) -> tuple[str, ...]:
-        """The egglog names of the tables this builder calls."""
-        return (*self.fn.values(), self.nil, self.cons, self.shape, self.dtype, self.causal, self.rows_kept, self.order)
+    def _name(self, fn: Any) -> str:
+        ref, name = self.egraph._callable_to_egg(fn)
+        self.declared[ref] = name
+        return name
 
     def call(self, fn: str, *args: Any) -> bindings.Call:
         return bindings.Call(self.span, fn, list(args))
@@ -135,9 +137,27 @@ class _Egg:
     def set(self, fn: str, arg: bindings.Var, value: Any) -> bindings.ActionCommand:
         return bindings.ActionCommand(bindings.Set(self.span, fn, [arg], value))
 
-    def ref(self, name: str, tp: Any) -> Any:
-        """The Python handle of a let-bound name (what ``egraph.let`` returns)."""
-        return RuntimeExpr.__from_values__(self.egraph.__egg_decls__, TypedExprDecl(tp, LetRefDecl(name)))
+
+
+TERM_TYPE = to_runtime_expr(Term.input(0)).__egg_typed_expr__.tp
+LIST_TYPE = to_runtime_expr(TermList.nil()).__egg_typed_expr__.tp
+
+
+def _let_ref(egraph: EGraph, name: str, tp: Any) -> Any:
+    """The Python handle of a let-bound name (what ``egraph.let`` returns)."""
+    return RuntimeExpr.__from_values__(egraph.__egg_decls__, TypedExprDecl(tp, LetRefDecl(name)))
+
+
+def declare_language(egraph: EGraph) -> None:
+    """Declare in ``egraph`` every table an encoding calls (a pooled e-graph does it once, before
+    it is pushed: `encode` then finds them, whichever rules the e-graph holds)."""
+    _Egg(egraph)
+
+
+def _names_hold(egraph: EGraph, names: tuple[tuple[Any, str], ...]) -> bool:
+    """Whether ``egraph`` has declared each reference under the name the commands call."""
+    known = egraph._state.callable_ref_to_egg_fn
+    return all(known.get(ref, (None,))[0] == name for ref, name in names)
 
 
 def _term(node: ir.Node, args: list[bindings.Var], enc: Encoding, egg: _Egg) -> bindings.Call:
@@ -319,7 +339,7 @@ class EncodingCommands:
 
     encoding: Encoding
     commands: list[Any]
-    names: tuple[str, ...]  # the tables the commands call, as the e-graph they were built for names them
+    names: tuple[tuple[Any, str], ...]  # (callable reference, egglog name) of each table the commands call
 
 
 def encoding_commands(program: ir.Program, egraph: EGraph, static_elements: int = MAX_ELEMENTS) -> EncodingCommands:
@@ -351,7 +371,7 @@ def encoding_commands(program: ir.Program, egraph: EGraph, static_elements: int 
         root = egg.call(egg.cons, egg.var(f"n{out}"), root)
     commands.append(egg.let("root", root))
     enc.symbols = frozenset(program_symbols(commands))
-    return EncodingCommands(enc, commands, egg.names())
+    return EncodingCommands(enc, commands, tuple(egg.declared.items()))
 
 
 def encode(program: ir.Program, egraph: EGraph, static_elements: int = MAX_ELEMENTS,
@@ -361,14 +381,13 @@ def encode(program: ir.Program, egraph: EGraph, static_elements: int = MAX_ELEME
     All of it goes to egglog in one ``run_program`` call (`encoding_commands` says what).
 
     ``built``: the commands `encoding_commands` made for this program with another e-graph's
-    names (the driver reads their symbols before it picks an e-graph); rebuilt here if this
-    e-graph names a table otherwise.
+    names (the driver reads their symbols before it picks an e-graph); rebuilt here unless this
+    e-graph has declared each table they call under the same name (`declare_language`).
     """
-    egg = _Egg(egraph)
-    if built is None or built.encoding.program is not program or built.names != egg.names():
+    if built is None or built.encoding.program is not program or not _names_hold(egraph, built.names):
         built = encoding_commands(program, egraph, static_elements)
     enc = built.encoding
     egraph._state.run_program(*built.commands)
-    enc.terms = {i: egg.ref(f"n{i}", egg.term_type) for i in program.live_nodes()}
-    enc.root = egg.ref("root", egg.list_type)
+    enc.terms = {i: _let_ref(egraph, f"n{i}", TERM_TYPE) for i in program.live_nodes()}
+    enc.root = _let_ref(egraph, "root", LIST_TYPE)
     return enc
