@@ -14,8 +14,11 @@ or truncated file, another format) is ignored and recomputed, then overwritten. 
 written to a temporary file in the same directory and moved into place with ``os.replace``,
 so concurrent processes never read a partial file.
 
-The format is JSON (constants as base64 bytes), never pickle. Programs holding an opaque node
-(a JAX primitive the rules do not model, kept as live Python objects) are not cached on disk.
+The format is JSON (constants as base64 bytes), never pickle. An opaque node (a JAX primitive
+the rules do not model, kept as a live Python object: an embedding's gather, a cumsum) is keyed
+by its primitive, parameters and result types and stored as its position among the captured
+program's opaque calls, which the loading process supplies from its own trace; one whose
+parameters cannot be named exactly (a function, a jaxpr) keeps its program off the disk.
 
 Off by default (tests and runs stay hermetic). `set_cache_dir`, ``ea.optimize(cache_dir=...)``
 or the ``EQSAT_ATTN_CACHE_DIR`` environment variable turn it on (`resolve_cache_dir`).
@@ -24,6 +27,8 @@ or the ``EQSAT_ATTN_CACHE_DIR`` environment variable turn it on (`resolve_cache_
 from __future__ import annotations
 
 import base64
+import dataclasses
+import enum
 import hashlib
 import inspect
 import json
@@ -32,15 +37,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from .egraph import rulesets
-from .egraph.rule_cache import package_source_digest
-from .ir import ConstValue, Node, Params, Program, TensorType
+from .egraph.rule_cache import library_versions, package_source_digest
+from .lower import resolve_attention_kernel
+from .ir import ConstValue, Node, OpaqueCall, Params, Program, TensorType
 from .pipeline import OptimizeOptions, PipelineResult, default_cost_model
 
 #: Bumped whenever the file layout or the meaning of a field changes.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: opaque calls by position, effects
 ENV_VAR = "EQSAT_ATTN_CACHE_DIR"
 
 _UNSET: Any = object()
@@ -123,26 +130,83 @@ def _decode_value(data: Any) -> Any:
     raise ValueError(f"not an encoded parameter: {data!r}")
 
 
-def program_to_json(program: Program, digest_only: bool = False) -> dict[str, Any]:
+def opaque_calls(program: Program) -> list[OpaqueCall]:
+    """The opaque calls of ``program`` in node order: an entry names each by its position here."""
+    return [node.params["call"] for node in program.nodes if node.op == "opaque"]
+
+
+def _plain(value: Any) -> Any:
+    """A parameter of an opaque call as JSON that names it exactly (its primitive's parameters:
+    numbers, strings, tuples, enums, dtypes, named tuples and frozen dataclasses of those).
+    Anything else (a function, a jaxpr, a sharding) raises `Unserializable`: a digest that could
+    miss a difference is never made."""
+    if value is None or isinstance(value, (bool, str, int)):
+        return value
+    if isinstance(value, float):
+        return {"f": value.hex()}
+    if isinstance(value, enum.Enum):
+        return {"enum": f"{type(value).__module__}.{type(value).__qualname__}.{value.name}"}
+    if isinstance(value, np.dtype):
+        return {"dtype": str(value)}
+    if isinstance(value, np.generic):
+        return {"np": [str(value.dtype), value.tobytes().hex()]}
+    kind = f"{type(value).__module__}.{type(value).__qualname__}"
+    if isinstance(value, tuple):
+        if hasattr(type(value), "_fields"):
+            return {"named": kind, "fields": {f: _plain(getattr(value, f)) for f in value._fields}}
+        items = [_plain(v) for v in value]
+        return {"t": items} if type(value) is tuple else {"tuple": kind, "items": items}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type) and type(value).__dataclass_params__.frozen:
+        return {"dataclass": kind, "fields": {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+    raise Unserializable(f"an opaque call's parameter of type {kind}")
+
+
+def opaque_digest(call: OpaqueCall) -> dict[str, Any]:
+    """What an opaque call computes, as JSON: its primitive, parameters and result types."""
+    kind = f"{type(call.primitive).__module__}.{type(call.primitive).__qualname__}"
+    return {"primitive": [call.name, kind], "params": {k: _plain(v) for k, v in sorted(call.params.items())},
+            "out": [[list(t.shape), t.dtype] for t in call.out_types]}
+
+
+def program_to_json(program: Program, digest_only: bool = False,
+                    calls: list[OpaqueCall] | None = None) -> dict[str, Any]:
     """``program`` as JSON data (constants' bytes as base64, or their sha256 with ``digest_only``).
 
-    Raises `Unserializable` for a program with an opaque node."""
+    An opaque node (a JAX primitive the rules do not model) is written as its `opaque_digest`
+    with ``digest_only``, else as its position among ``calls`` (the captured program's
+    `opaque_calls`, which the optimized program carries unchanged). Raises `Unserializable`
+    for an opaque call outside ``calls`` or whose parameters `_plain` cannot name."""
     nodes = []
     for node in program.nodes:
-        if node.op == "opaque" or node.type is None:
-            raise Unserializable(f"op {node.op!r} (opaque JAX calls are not stored on disk)")
+        if node.op == "opaque":
+            call = node.params["call"]
+            if digest_only:
+                params = {"call": opaque_digest(call)}
+            else:
+                opaque_digest(call)  # stored only where its digest (the key) names it exactly
+                index = next((k for k, c in enumerate(calls or ()) if c is call), None)
+                if index is None:
+                    raise Unserializable("an opaque call the captured program does not make")
+                params = {"call": {"opaque": index}}
+            nodes.append([node.op, list(node.inputs), params, None])
+            continue
         params = {k: _encode_value(v, digest_only) for k, v in node.params.items()}
         nodes.append([node.op, list(node.inputs), params, [list(node.type.shape), node.type.dtype]])
-    return {"nodes": nodes, "inputs": list(program.inputs), "outputs": list(program.outputs)}
+    return {"nodes": nodes, "inputs": list(program.inputs), "outputs": list(program.outputs),
+            "effects": list(program.effects)}
 
 
-def program_from_json(data: dict[str, Any]) -> Program:
-    nodes = tuple(
-        Node(op, tuple(inputs), Params({k: _decode_value(v) for k, v in params.items()}),
-             TensorType(tuple(shape), dtype))
-        for op, inputs, params, (shape, dtype) in data["nodes"]
-    )
-    return Program(nodes, tuple(data["inputs"]), tuple(data["outputs"]))
+def program_from_json(data: dict[str, Any], calls: list[OpaqueCall] | None = None) -> Program:
+    """The program `program_to_json` wrote; its opaque nodes make ``calls``' calls (by position)."""
+    nodes = []
+    for op, inputs, params, typ in data["nodes"]:
+        if op == "opaque":
+            nodes.append(Node(op, tuple(inputs), Params({"call": (calls or [])[params["call"]["opaque"]]})))
+            continue
+        shape, dtype = typ
+        nodes.append(Node(op, tuple(inputs), Params({k: _decode_value(v) for k, v in params.items()}),
+                          TensorType(tuple(shape), dtype)))
+    return Program(tuple(nodes), tuple(data["inputs"]), tuple(data["outputs"]), tuple(data.get("effects", ())))
 
 
 def _canonical(data: Any) -> str:
@@ -161,15 +225,23 @@ def program_digest(program: Program) -> str:
 # ---------------------------------------------------------------------------- the key
 def rules_digest(options: OptimizeOptions) -> str | None:
     """sha256 over the names and source text of the rule files the options' rule sets come from;
-    None when a rule set was not declared in a rule file (its version is unknown)."""
-    chosen = rulesets.resolve(options.rule_names())
-    files = {id(rs): path for path, declared in list(rulesets._LOADED.items()) for rs in declared}
+    None when a rule set was not declared in a rule file (its version is unknown).
+
+    A shipped set's file is found by its name (`rulesets.SHIPPED_SETS`) and a path read as it
+    is, without building their rules: a process that finds its program on disk never does."""
+    names = options.rule_names() or list(rulesets.DEFAULT_RULESETS)
+    loaded = {rs.name: path for path, declared in list(rulesets._LOADED.items()) for rs in declared}
     h = hashlib.sha256()
-    for rs in chosen:
-        path = files.get(id(rs))
-        if path is None:
-            return None
-        h.update(rs.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for name in names:
+        if rulesets._is_path(name):
+            path = Path(name)
+        elif name in rulesets.SHIPPED_SETS and name not in loaded:
+            path = rulesets.rule_file_path(rulesets.SHIPPED_SETS[name])
+        else:
+            path = loaded.get(name)
+            if path is None:
+                return None
+        h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
 
 
@@ -207,6 +279,8 @@ def entry_key(program: Program, options: OptimizeOptions) -> str | None:
         "cost_model": model_key,
         "options": [options.precision, options.extractor, repr(options.limits), options.backend,
                     bool(options.reuse_blocks)],
+        # where the stored program was lowered and checked (a loaded one is not lowered twice)
+        "platform": [jax.default_backend(), resolve_attention_kernel(options.backend), library_versions()],
     }
     return _sha256(_canonical(material))
 
@@ -227,7 +301,7 @@ def load(directory: Path, key: str, captured: Program) -> PipelineResult | None:
         if _sha256(payload_text) != entry["checksum"]:
             return None
         payload = json.loads(payload_text)
-        program = program_from_json(payload["program"])
+        program = program_from_json(payload["program"], opaque_calls(captured))
         if program.input_types != captured.input_types or program.output_types != captured.output_types:
             return None
         return PipelineResult(
@@ -245,11 +319,12 @@ def load(directory: Path, key: str, captured: Program) -> PipelineResult | None:
         return None
 
 
-def store(directory: Path, key: str, result: PipelineResult) -> None:
-    """Write ``result`` under ``key`` atomically (temp file, then os.replace). Raises
-    `Unserializable` for a program with an opaque node, OSError when the directory is unusable."""
+def store(directory: Path, key: str, result: PipelineResult, captured: Program) -> None:
+    """Write ``result`` (of optimizing ``captured``) under ``key`` atomically (temp file, then
+    os.replace). Raises `Unserializable` for a program `program_to_json` cannot write, OSError
+    when the directory is unusable."""
     payload = {
-        "program": program_to_json(result.program),
+        "program": program_to_json(result.program, calls=opaque_calls(captured)),
         "rules_fired": dict(result.rules_fired),
         "egraph_nodes": int(result.egraph_nodes),
         "saturated": bool(result.saturated),

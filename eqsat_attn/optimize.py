@@ -151,16 +151,24 @@ class OptimizedFunction:
         timings["trace"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        result, problems, from_disk = self._optimize_cached(captured)
-        timings["disk_cache" if from_disk else "optimize"] = time.perf_counter() - start  # disk: a stored program
+        directory = disk_cache.resolve_cache_dir(self.cache_dir)
+        key = disk_cache.entry_key(captured.program, self.options) if directory is not None else None
+        stored = disk_cache.load(directory, key, captured.program) if key is not None else None
+        result, problems = (stored, []) if stored is not None else self._optimize(captured)
+        timings["disk_cache" if stored is not None else "optimize"] = time.perf_counter() - start
 
         start = time.perf_counter()
         kernel = resolve_attention_kernel(self.options.backend)
-        program, call = self._lower_checked(captured, result.program, kernel, problems)
+        # a stored program lowered when it was stored (the key holds the platform and versions)
+        program, call = self._lower_checked(captured, result.program, kernel, problems, verified=stored is not None)
         if captured.custom_jvp_inlined and program is not captured.program:
             # jitted: an eager call then takes jit's fast path, not custom_jvp's Python dispatch
             call = jax.jit(with_original_derivatives(call, captured))
         timings["lower"] = time.perf_counter() - start
+        if key is not None and stored is None and not problems and program is result.program:
+            start = time.perf_counter()
+            self._store(directory, key, result, captured, problems)
+            timings["optimize"] += time.perf_counter() - start
 
         for problem in problems:
             self._warn_once(problem)
@@ -184,25 +192,15 @@ class OptimizedFunction:
         )
         return _Compiled(captured, call, report)
 
-    def _optimize_cached(self, captured: Captured) -> tuple[PipelineResult, list[str], bool]:
-        """`_optimize` through the disk cache when one is on (`eqsat_attn.disk_cache`); the flag
-        says the program was loaded from disk."""
-        directory = disk_cache.resolve_cache_dir(self.cache_dir)
-        key = disk_cache.entry_key(captured.program, self.options) if directory is not None else None
-        if key is not None:
-            stored = disk_cache.load(directory, key, captured.program)
-            if stored is not None:
-                return stored, [], True
-        result, problems = self._optimize(captured)
-        if key is not None and not problems:
-            try:
-                disk_cache.store(directory, key, result)
-            except disk_cache.Unserializable:
-                pass  # an optimized scan/checkpoint body is an opaque node: kept in memory only
-            except OSError as exc:
-                problems.append(f"could not write the disk cache {directory} ({exc}); optimized programs "
-                                "are kept in memory only")
-        return result, problems, False
+    def _store(self, directory: Any, key: str, result: PipelineResult, captured: Captured, problems: list[str]) -> None:
+        """Write an optimized program that lowered to the disk cache (`eqsat_attn.disk_cache`)."""
+        try:
+            disk_cache.store(directory, key, result, captured.program)
+        except disk_cache.Unserializable:
+            pass  # an optimized scan/checkpoint body (a new opaque call), a call with a function parameter: in memory only
+        except OSError as exc:
+            problems.append(f"could not write the disk cache {directory} ({exc}); optimized programs "
+                            "are kept in memory only")
 
     def _optimize(self, captured: Captured) -> tuple[PipelineResult, list[str]]:
         original = captured.program
@@ -221,12 +219,13 @@ class OptimizedFunction:
         return result, []
 
     def _lower_checked(
-        self, captured: Captured, program: Program, kernel: str, problems: list[str]
+        self, captured: Captured, program: Program, kernel: str, problems: list[str], verified: bool = False,
     ) -> tuple[Program, Callable[..., list[Any]]]:
-        """Lower ``program``; if it fails to lower, lower the captured program instead."""
+        """Lower ``program``; if it fails to lower, lower the captured program instead.
+        ``verified``: it lowered before (a disk cache entry), so it is not lowered twice."""
         flat_avals = [*captured.in_avals, *(jax.ShapeDtypeStruct(c.shape, c.dtype) for c in captured.hoisted_consts)]
         call = jax.jit(lower(program, attention_kernel=kernel))
-        if program is captured.program:
+        if program is captured.program or verified:
             return program, call
         try:  # lowered, not only traced: MLIR's verifier checks every op (a wrong reshape fails here)
             platform = {"gpu": "cuda"}.get(jax.default_backend(), jax.default_backend())

@@ -109,9 +109,9 @@ def test_entry_with_other_types_is_rejected(tmp_path):
     b = ProgramBuilder()
     i = b.input(TensorType((3,), "float32"))
     other = b.build([b.add("convert_element_type", (i,), TensorType((3,), "float16"), new_dtype="float16")])
-    disk_cache.store(tmp_path, "k" * 64, PipelineResult(other, {}, 0, True, 1.0, 1.0))
+    disk_cache.store(tmp_path, "k" * 64, PipelineResult(other, {}, 0, True, 1.0, 1.0), captured)
     assert disk_cache.load(tmp_path, "k" * 64, captured) is None
-    disk_cache.store(tmp_path, "k" * 64, PipelineResult(captured, {"a": 2}, 5, True, 1.0, 0.5))
+    disk_cache.store(tmp_path, "k" * 64, PipelineResult(captured, {"a": 2}, 5, True, 1.0, 0.5), captured)
     loaded = disk_cache.load(tmp_path, "k" * 64, captured)
     assert loaded is not None and loaded.program == captured and loaded.rules_fired == {"a": 2}
 
@@ -240,3 +240,35 @@ def test_second_process_hits_the_cache(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["FROM_DISK", want]
     assert len(entries(tmp_path)) == 1
+
+
+def embed_then_attend(table, ids, w):
+    """An embedding lookup (a gather: an opaque call) feeding plain layers."""
+    x = table[ids]
+    return jnp.tanh(x @ w).T.T
+
+
+def test_programs_with_plain_opaque_calls_are_stored(tmp_path, optimizer_runs):
+    """A gather (an embedding) is keyed by its primitive and parameters and stored by position:
+    a second decorator loads the program, makes the same call and computes the same values."""
+    table, w = extreme((10, 6), seed=3), extreme((6, 4), seed=4)
+    ids = jnp.asarray([3, 0, 9, 3], jnp.int32)
+    first = ea.optimize(embed_then_attend, cache_dir=tmp_path, **OPTS)
+    want = np.asarray(first(table, ids, w))
+    assert len(entries(tmp_path)) == 1 and len(optimizer_runs) == 1
+    second = ea.optimize(embed_then_attend, cache_dir=tmp_path, **OPTS)
+    report = second.explain(table, ids, w)
+    assert "disk_cache" in report.timings and len(optimizer_runs) == 1
+    assert [n.params["call"].name for n in report.after.nodes if n.op == "opaque"] == ["gather"]
+    np.testing.assert_array_equal(np.asarray(second(table, ids, w)), want)
+    np.testing.assert_array_equal(want, np.asarray(embed_then_attend(table, ids, w)))
+
+
+def test_an_opaque_call_is_in_the_key():
+    """Two gathers that differ only in a parameter (the clip mode) have different keys."""
+    table, ids = extreme((10, 6), seed=3), jnp.asarray([3, 0, 12], jnp.int32)
+    clip = ea.capture(lambda t, i: jnp.take(t, i, axis=0, mode="clip"), table, ids).program
+    fill = ea.capture(lambda t, i: jnp.take(t, i, axis=0, mode="fill"), table, ids).program
+    options = OptimizeOptions(**OPTS)
+    keys = {disk_cache.entry_key(clip, options), disk_cache.entry_key(fill, options)}
+    assert None not in keys and len(keys) == 2
