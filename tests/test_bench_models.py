@@ -25,6 +25,9 @@ def test_cpu_smoke_writes_the_page_with_checked_values(tmp_path) -> None:
     text = out.read_text()
     assert code == 0 and "- device:" in text and "- date:" in text and "--cpu-smoke" in text
     assert "## Optimize time vs XLA compile time" in text and "| llama | L1 E32 H4 KV2" in text
+    section = text.split("A second process with the disk cache")[1].split("\n\n")[1]  # its table
+    cached = [line for line in section.splitlines() if line.startswith("| llama |")]
+    assert len(cached) == 1 and cached[0].endswith("| yes |")  # the embedding's gather did not keep it off the disk
     rows = [line for line in text.splitlines() if line.startswith("| llama | forward") or
             line.startswith("| llama | train step")]
     assert len(rows) == 7 and all("| ok |" in row for row in rows)  # 3 forward, 4 train-step rows
