@@ -21,8 +21,7 @@ from .choices import (
 )
 from .cost import current_device_model, program_cost
 from .egraph import encode, extract_program, resolve, run_rulesets
-from .egraph.encode import encoding_commands
-from .egraph.driver import RunResult, StopWhenFired, naming_egraph, prepared_egraph, registered_egraph, relevant_mask
+from .egraph.driver import RunResult, StopWhenFired, prepared_egraph, program_encoding, registered_egraph, relevant_mask
 from .egraph.ilp import extract_ilp, read_graph
 from .egraph.refine import extract_best
 from .egraph.rulesets import DEFAULT_RULESETS
@@ -157,7 +156,7 @@ def saturated(program: Program, options: OptimizeOptions, limits: Limits | None 
     match ``program`` registered (`driver.relevant_mask`), reverted when the block ends: read,
     extract from it only inside the block. ``limits``: instead of ``options.limits``."""
     rulesets = resolve(options.rule_names(program))
-    built = encoding_commands(program, naming_egraph(rulesets))  # its symbols say which rules it needs
+    built = program_encoding(program, rulesets)  # its symbols say which rules it needs
     with prepared_egraph(rulesets, relevant_mask(rulesets, built.encoding.symbols)) as egraph:
         encoding = encode(program, egraph, built=built)
         yield egraph, encoding, run_rulesets(egraph, rulesets, limits or options.limits, stop_when=stop_when,

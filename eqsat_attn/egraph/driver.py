@@ -26,7 +26,7 @@ from ..limits import Limits
 from . import index_math
 from .analysis import ANALYSIS_RULES, analysis
 from .egglog_batch import commands_in_one_call
-from .encode import declare_language
+from .encode import EncodingCommands, declare_language, encoding_commands
 from .language import answer, ask
 from .relevance import RuleSymbols, Symbol, SymbolNames, relevant_rules, rule_symbols
 from .rulesets import RuleSet
@@ -179,7 +179,7 @@ def _symbols_of(rule: Any) -> RuleSymbols:
 
 
 _NAMING: dict[tuple[int, ...], tuple[list[Any], EGraph]] = {}
-_NAMING_LOCK = threading.Lock()
+_NAMING_LOCK = threading.RLock()  # a naming e-graph declares tables as they are first named: one thread at a time
 
 
 def naming_egraph(rulesets: list[RuleSet]) -> EGraph:
@@ -197,12 +197,24 @@ def naming_egraph(rulesets: list[RuleSet]) -> EGraph:
     return found[1]
 
 
+def program_encoding(program: Any, rulesets: list[RuleSet]) -> EncodingCommands:
+    """`encode.encoding_commands` of ``program`` built with the naming e-graph of ``rulesets``
+    (its ``encoding.symbols`` give `relevant_mask`); valid in any e-graph of those rule sets."""
+    with _NAMING_LOCK:
+        return encoding_commands(program, naming_egraph(rulesets))
+
+
 def _relevance_entries(rulesets: list[RuleSet]) -> tuple[list[Any], frozenset[Symbol], dict[str, str]]:
     """For `relevance.relevant_rules`: each rule's (reads, writes) over table names, what the
     analysis rules write, and {ask: answer}; once per process for each list of rule sets."""
     key = tuple(id(r.ruleset) for r in rulesets)
     found = _RELEVANCE.get(key)
-    if found is None:  # the entry holds the rule sets, so their ids are not reused
+    if found is not None:
+        return found[1]
+    with _NAMING_LOCK:  # the entry holds the rule sets, so their ids are not reused
+        found = _RELEVANCE.get(key)
+        if found is not None:
+            return found[1]
         names = SymbolNames(naming_egraph(rulesets)._state)
         analysis_writes = frozenset().union(*(names.symbols(_symbols_of(r).writes) for r in ANALYSIS_RULES))
         entries = []
