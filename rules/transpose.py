@@ -21,10 +21,6 @@ y, dim = var("y", i64), var("dim", i64)
 NONE = IntVec.empty()
 MAX_RANK = 8
 MAX_CONCAT = 4  # concatenations of 2 to 4 operands (a cache and a new entry; Q/K/V weights)
-#: concatenations of up to this many transposed operands become one transpose: egglog's join for the
-#: four-operand pattern (four transposes sharing a permutation) took 0.22-0.41 s a run on a Llama
-#: layer's e-graph with nothing to match, the two- and three-operand ones ~2 ms
-MAX_CONCAT_BUBBLED = 3
 
 
 @transpose.family
@@ -157,9 +153,8 @@ def dot_operand():
 @transpose.family
 def concatenate():
     """A transpose of a concatenation (2 to 4 operands) is the concatenation of the transposed
-    operands along the axis the permutation moves the concatenated axis to, and back (2 or 3
-    operands: `MAX_CONCAT_BUBBLED`), also from two operands of which one is transposed (the other
-    is transposed back): so a transpose of a
+    operands along the axis the permutation moves the concatenated axis to, and back, also from
+    two operands of which one is transposed (the other is transposed back): so a transpose of a
     decode step's [cache; new entry] reaches the new entry's producer, and a projection writing
     the new entry in another layout can be concatenated to the cache in that layout."""
     for n in range(2, MAX_CONCAT + 1):
@@ -168,9 +163,8 @@ def concatenate():
             Term.transpose(Term.concat(term_list(parts), dim), p), [], "inverse", (p, NONE, NONE, NONE), 1,
             lambda inv, parts=parts: Term.concat(term_list([Term.transpose(t, p) for t in parts]), inv[dim]),
         )
-        if n <= MAX_CONCAT_BUBBLED:
-            yield rw(Term.concat(term_list([Term.transpose(t, p) for t in parts]), dim),
-                     Term.transpose(Term.concat(term_list(parts), p[dim]), p))
+        yield rw(Term.concat(term_list([Term.transpose(t, p) for t in parts]), dim),
+                 Term.transpose(Term.concat(term_list(parts), p[dim]), p))
     for transposed_first in (True, False):
         lhs = [Term.transpose(a, p), b] if transposed_first else [a, Term.transpose(b, p)]
         yield from asking(
