@@ -146,3 +146,19 @@ def test_the_pipeline_registers_only_the_rules_a_program_needs():
     again = optimize_program(program, OptimizeOptions(reuse_blocks=False))
     assert driver.pooled_egraphs(rulesets, kept) == pooled  # the same e-graph, taken and given back
     assert (again.program, again.egraph_nodes, again.rules_fired) == (first.program, first.egraph_nodes, first.rules_fired)
+
+
+def test_a_replayed_registration_takes_encodings_built_elsewhere():
+    """A second e-graph registered with the same kept rules replays the first one's commands (the
+    language's tables among them): an encoding built with the naming e-graph runs in both alike."""
+    program = _program("mask_key_padding_bool")
+    rulesets = resolve(None)
+    kept = driver.relevant_mask(rulesets, driver.program_encoding(program, rulesets).encoding.symbols)
+    runs = []
+    for egraph in (driver.registered_egraph(rulesets, kept), driver.registered_egraph(rulesets, kept)):
+        built = driver.program_encoding(program, rulesets)
+        enc = encode(program, egraph, built=built)
+        assert enc is built.encoding
+        run = run_rulesets(egraph, rulesets, Limits(iterations=3), relevant_to=enc.symbols)
+        runs.append((run.egraph_nodes, run.rules_fired))
+    assert runs[0] == runs[1] and runs[0][0] > 0
