@@ -1576,6 +1576,18 @@ def clip_cosine(q, k, v, logit_scale):
     return jax.nn.softmax(attn, axis=-1) @ v
 
 
+@probe("swin_v2_per_head_logit_scale_wrt_scale", "Swin-v2 cosine attention, per-head logit_scale [H,1,1] "
+       "clamped at log(1/0.01) and exponentiated; grad w.r.t. the scale too",
+       tensors(BHSD, BHSD, BHSD, (H, 1, 1)), grad_argnums=(0, 1, 2, 3))
+def swin_v2_scale(q, k, v, logit_scale):
+    def normalize(t):
+        return t / jnp.maximum(jnp.linalg.norm(t, axis=-1, keepdims=True), 1e-12)
+
+    attn = normalize(q) @ normalize(k).swapaxes(-2, -1)
+    attn = attn * jnp.exp(jnp.minimum(logit_scale, jnp.log(jnp.asarray(1.0 / 0.01, F32))))
+    return jax.nn.softmax(attn, axis=-1) @ v
+
+
 @probe("f16_softmax_in_f16_no_casts", "f16 Q/K/V, scores and softmax in f16 (no f32 anywhere)",
        tensors(BHSD, BHSD, BHSD, dtype=F16))
 def f16_all(q, k, v):

@@ -1533,6 +1533,32 @@ def _traced_factor_backward(dims: IntVec, factor_facts):
             union(e).with_(Term.reshape(dk_, sk_)))
 
 
+def _traced_factor_gradient(dims: IntVec, factor_facts):
+    """The gradient of a traced factor t that multiplies the scores x (= Q·Kᵀ times the op's constant
+    scale c) along ``dims`` (``factor_facts`` as in `_traced_factor_backward`), which jax.grad writes
+    as ``sum(g ⊙ x)`` over the axes t was spread along (the keys' among them; g the cotangent of the
+    scaled scores), is that sum of ``Q ⊙ dQ'`` over the same axes (the keys' axis is Q's D), dQ' the
+    op's gradient for its operand Q' = Q·t: dQ' = c·g·K, so both sum g_ij · c · q_id · k_jd over j
+    and d (in real numbers: the products and sums are taken in another order). Float32 only: in
+    half precision the program rounds each product, and the reordered sum is not compared to it."""
+    dq_, dk_, dv_, db_, qt_ = (var(n, Term) for n in ("dq_", "dk_", "dv_", "db_", "qt_"))
+    f32, summed = String("float32"), var("summed", IntVec)
+    for n_batch, n_free in RANK_CASES:
+        rank = n_batch + n_free + 1  # x a product [batch.., free.., Sk] of Q-shaped [batch.., free.., D]
+        facts = (
+            scores_cot(g_, s_, sf_, do_, v), _scores(x, q, k, sc0, f64(0.0), NO_MASK, String("none"), fl, i64(0), nb),
+            eq(x).to(_canonical_qk(y, z, n_batch, rank)),
+            grad_op(sf_, qt_, k, v, do_, dq_, dk_, dv_, db_), eq(qt_).to(Term.binary("mul", q, Term.broadcast(t_, ss, dims))),
+            shape(q) == ss, ss.length() == i64(rank), summed[summed.length() - 1] == i64(rank - 1),
+            *factor_facts(s1), dtype(t_) == f32, dtype(q) == f32, dtype(x) == f32,
+        )
+        spread = Term.broadcast(t_, s1, dims)
+        for scaled in (Term.binary("mul", x, spread), Term.binary("mul", spread, x)):
+            for product in (Term.binary("mul", x, g_), Term.binary("mul", g_, x)):
+                yield rl(eq(s_).to(scaled), eq(e).to(Term.reduce("reduce_sum", product, summed)), *facts)(
+                    union(e).with_(Term.reduce("reduce_sum", Term.binary("mul", q, dq_), summed)))
+
+
 @attention_grad.family
 def traced_scale_backward():
     """A traced scalar factor t of the scores (`scores_traced_scale`: the op reads Q·t) multiplies
@@ -1541,11 +1567,15 @@ def traced_scale_backward():
     Q·t, and K's, (g·t)ᵀ·Q, is the op's (both products equal in real numbers: they differ by where
     t is multiplied in, a reassociation; at t = 0 the sign of a zero gradient may differ). The same
     for a traced per-head factor (`scores_per_head_scale`: constant along the keys, spread over Q
-    along the same axes), elementwise."""
-    yield from _traced_factor_backward(NONE, lambda _: (shape(t_) == NONE,))
-    yield from _traced_factor_backward(d1, lambda spread_shape: (
+    along the same axes), elementwise. The factor's own gradient (CLIP's scalar and Swin-v2's
+    per-head learned `logit_scale`): `_traced_factor_gradient`."""
+    scalar_facts = lambda _: (shape(t_) == NONE,)  # noqa: E731
+    per_head_facts = lambda spread_shape: (  # noqa: E731
         d1.length() >= i64(1), d1[d1.length() - 1] == spread_shape.length() - 1, shape(t_) == s3,
-        s3[s3.length() - 1] == i64(1)))
+        s3[s3.length() - 1] == i64(1))
+    for dims, factor_facts in ((NONE, scalar_facts), (d1, per_head_facts)):
+        yield from _traced_factor_backward(dims, factor_facts)
+        yield from _traced_factor_gradient(dims, factor_facts)
 
 
 @attention_grad.family

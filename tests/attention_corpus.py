@@ -1288,6 +1288,12 @@ grad_case("scale_per_head_traced_grad", scale_per_head, with_extra(qkv(), normal
           source="Swin v2: a traced per-head scale multiplies the scores' cotangent per head")
 grad_case("scale_runtime_scalar_arg_grad", scale_runtime, with_extra(qkv(), lambda rng: jnp.float32(0.3)), family="scale",
           source=HAND + " a traced scalar scale multiplies the scores' cotangent")
+grad_case("scale_runtime_scalar_wrt_scale_grad", scale_runtime, with_extra(qkv(extreme=True), lambda rng: jnp.float32(0.3)),
+          family="scale", argnums=(0, 1, 2, 3),
+          source="CLIP's learned logit_scale: the traced scalar's own gradient, sum(g ⊙ Q·Kᵀ), from the op's dQ")
+grad_case("scale_per_head_wrt_scale_grad", scale_per_head, with_extra(qkv(), normal((H, 1, 1))),
+          family="scale", argnums=(0, 1, 2, 3),
+          source="Swin v2's per-head logit_scale: its own gradient, summed per head, from the op's dQ")
 grad_case("softmax_exp_log_softmax_grad", softmax_exp_log, qkv(), family="softmax",
           source=HAND + " the backward of exp(log_softmax(s)): log_softmax's VJP")
 grad_case("softmax_reciprocal_multiply_grad", softmax_recip, qkv(extreme=True), family="softmax",
