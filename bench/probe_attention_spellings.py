@@ -1670,6 +1670,63 @@ def single_slot(q, k, v):
     return jax.nn.softmax(q @ k.swapaxes(-1, -2) * D ** -0.5, -1) @ v
 
 
+@probe("einsum_three_operands_query_projection", "scores with the query projection in one einsum: "
+       "einsum('bse,ehd,bthd->bhst', x, Wq, k)", tensors((B, S, E), (E, H, D), BSHD, BSHD), grad_argnums=(0, 1, 2, 3))
+def einsum_wq(x, wq, k, v):
+    s = jnp.einsum("bse,ehd,bthd->bhst", x, wq, k) * D ** -0.5
+    return jnp.einsum("bhst,bthd->bshd", jax.nn.softmax(s, -1), v)
+
+
+@jax.jit
+def _jitted_sdpa(q, k, v):
+    return jax.nn.softmax(jnp.where(tri(), q @ k.swapaxes(-1, -2) / math.sqrt(D), -jnp.inf), -1) @ v
+
+
+@probe("nested_jit_attention_function", "a library's @jax.jit attention function called inside the program",
+       tensors(BHSD, BHSD, BHSD))
+def nested_jit(q, k, v):
+    return _jitted_sdpa(jnp.tanh(q), k, v) * 2.0
+
+
+@jax.custom_vjp
+def _custom_vjp_sdpa(q, k, v):
+    return jax.nn.softmax(q @ k.swapaxes(-1, -2) * D ** -0.5, -1) @ v
+
+
+def _custom_fwd(q, k, v):
+    p = jax.nn.softmax(q @ k.swapaxes(-1, -2) * D ** -0.5, -1)
+    return p @ v, (q, k, v, p)
+
+
+def _custom_bwd(res, do):
+    q, k, v, p = res
+    dp = do @ v.swapaxes(-1, -2)
+    ds = p * (dp - jnp.sum(p * dp, -1, keepdims=True)) * D ** -0.5
+    return ds @ k, ds.swapaxes(-1, -2) @ q, p.swapaxes(-1, -2) @ do
+
+
+_custom_vjp_sdpa.defvjp(_custom_fwd, _custom_bwd)
+
+
+@probe("custom_vjp_reference_attention", "a jax.custom_vjp attention (reference forward, hand-written backward "
+       "saving P), as kernels' fallbacks write it", tensors(BHSD, BHSD, BHSD))
+def custom_vjp_attn(q, k, v):
+    return _custom_vjp_sdpa(q, k, v)
+
+
+@probe("pv_by_broadcast_multiply_sum", "P·V as (p[..., None] * v[:, :, None]).sum(-2)", tensors(BHSD, BHSD, BHSD))
+def pv_mul_sum(q, k, v):
+    p = jax.nn.softmax(q @ k.swapaxes(-1, -2) * D ** -0.5, -1)
+    return (p[..., None] * v[:, :, None, :, :]).sum(-2)
+
+
+@probe("shared_weights_two_values", "one softmax read by two P·V products (two value streams)",
+       tensors(BHSD, BHSD, BHSD, BHSD), grad_argnums=(0, 1, 2, 3))
+def two_values(q, k, v1, v2):
+    p = jax.nn.softmax(jnp.where(tri(), q @ k.swapaxes(-1, -2) * D ** -0.5, -jnp.inf), -1)
+    return jnp.concatenate([p @ v1, p @ v2], axis=-1)
+
+
 @probe("neg_talking_heads_mixed_after_softmax", "NEGATIVE talking-heads: weights mixed across heads "
        "(einsum with [H,H]) between softmax and P·V", tensors(BHSD, BHSD, BHSD, (H, H)), grad_argnums=(0, 1, 2, 3))
 def talking_heads(q, k, v, mix):

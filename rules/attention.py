@@ -1045,16 +1045,32 @@ def _reciprocal_vjp_forms(probs: Term, d_probs: Term, rank: int):
             yield form, (eq(probs).to(p_form), *same_softmax)
 
 
+def _textbook_vjp_forms(probs: Term, d_probs: Term, rank: int):
+    """(form, conditions): softmax's VJP written out by hand, as a custom_vjp attention's backward
+    writes it (saving P): ``P * (dP - sum(P * dP))`` or ``P * dP - P * sum(P * dP)``, the row sum
+    broadcast back along the keys (products in either order). That is the op's backward up to the
+    order of its row sum (the op's flash backward sums ``dO * O``, `VJP_SPELLINGS`' note)."""
+    last, keep = ivec([rank - 1]), perm_range(rank - 1)
+    for prod in (Term.binary("mul", probs, d_probs), Term.binary("mul", d_probs, probs)):
+        row = Term.broadcast(Term.reduce("reduce_sum", prod, last), s1, keep)
+        centred = Term.binary("sub", d_probs, row)
+        yield Term.binary("mul", probs, centred), ()
+        yield Term.binary("mul", centred, probs), ()
+        for correction in (Term.binary("mul", probs, row), Term.binary("mul", row, probs)):
+            yield Term.binary("sub", prod, correction), ()
+
+
 VJP_CUSTOM, VJP_UNIT_SUMS, VJP_POWER_QUOTIENT, VJP_QUOTIENT, VJP_BY_HAND = range(5)
 VJP_SPELLINGS = (
     (VJP_CUSTOM, _softmax_vjp_forms), (VJP_UNIT_SUMS, _unit_sum_vjp_forms),
     (VJP_POWER_QUOTIENT, _power_quotient_vjp_forms), (VJP_QUOTIENT, _quotient_vjp_forms),
-    (VJP_BY_HAND, _log_softmax_vjp_forms), (VJP_BY_HAND, _reciprocal_vjp_forms),
+    (VJP_BY_HAND, _log_softmax_vjp_forms), (VJP_BY_HAND, _reciprocal_vjp_forms), (VJP_BY_HAND, _textbook_vjp_forms),
 )
 """`softmax_vjp`'s spellings, numbered in the order the gradient rules accept them: a dP read as
 one kind of value reads the spellings up to a number (`softmax_backward`): jax.nn.softmax's custom
 JVP (row sum over the last axis; then summed over unit axes), the quotient's before jax 0.12, then
-softmaxes written by hand (E / sum(E); exp(log_softmax) and E * (1 / sum(E))): these differ from
+softmaxes written by hand (E / sum(E); exp(log_softmax) and E * (1 / sum(E))) and softmax's VJP written by
+hand (`_textbook_vjp_forms`): these differ from
 the op's backward by the rounding of E / T against P and the order of the sums, with the same NaN
 rows (a NaN or +inf score makes its row's P and E NaN in both)."""
 

@@ -1300,6 +1300,36 @@ grad_case("softmax_reciprocal_multiply_grad", softmax_recip, qkv(extreme=True), 
           source=HAND + " the backward of E * (1 / sum(E)) with the max not under stop_gradient")
 
 
+
+def _custom_vjp_attention(distributed: bool) -> Callable:
+    """Attention under jax.custom_vjp whose backward writes softmax's VJP by hand (saving P), as a
+    kernel's pure-JAX fallback does: ``P * (dP - sum(P * dP))``, or ``P * dP - P * sum(P * dP)``."""
+
+    @jax.custom_vjp
+    def attention(q, k, v):
+        return _pv(softmax_last(_scores(q, k)), v)
+
+    def forward(q, k, v):
+        p = softmax_last(_scores(q, k))
+        return _pv(p, v), (q, k, v, p)
+
+    def backward(saved, do):
+        q, k, v, p = saved
+        dp = jnp.einsum("bhqd,bhkd->bhqk", do, v)
+        row = jnp.sum(p * dp, axis=-1, keepdims=True)
+        ds = (p * dp - p * row) if distributed else p * (dp - row)
+        ds = ds * 0.25  # _scores' scale
+        return jnp.einsum("bhqk,bhkd->bhqd", ds, k), jnp.einsum("bhqk,bhqd->bhkd", ds, q), jnp.einsum("bhqk,bhqd->bhkd", p, do)
+
+    attention.defvjp(forward, backward)
+    return attention
+
+
+grad_case("custom_vjp_textbook_softmax_backward_grad", _custom_vjp_attention(False), qkv(extreme=True),
+          family="softmax", source=HAND + " custom_vjp attention, backward P * (dP - sum(P * dP)) written out")
+grad_case("custom_vjp_textbook_distributed_backward_grad", _custom_vjp_attention(True), qkv(),
+          family="softmax", source=HAND + " custom_vjp attention, backward P * dP - P * sum(P * dP) written out")
+
 # ---------------------------------------------------------------------------------------------
 
 LSE = "logsumexp's is_finite guard makes a row holding +inf [NaN, 0, ...] where softmax is all NaN (not exact)"
