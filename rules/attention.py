@@ -409,6 +409,35 @@ def scores_of_matmul():
 
 
 @attention_raise.family
+def broadcast_product_sums():
+    """Float32 products written as a broadcast multiply and a sum over the shared axis, as
+    ``(q[..., :, None, :] * k[..., None, :, :]).sum(-1)`` and ``(p[..., None] * v[..., None, :, :]).sum(-2)``
+    write Q·Kᵀ and P·V. The scores are the canonical product's (`attn_scores` of Q and Kᵀ, a fact: the
+    sum itself is not rewritten, so it stays where attention is not raised); P·V, for P a softmax of
+    such scores, is their product at `highest` precision (float32 products, as the program's; only
+    the order of the sum may differ, and inside the raised op)."""
+    f32, highest = String("float32"), String("highest")
+    for n_batch, n_free in RANK_CASES:
+        rank = n_batch + n_free + 1  # the scores'; the broadcast product has one axis more
+        batch, lead = perm_range(n_batch), list(range(n_batch + n_free))
+        spread_other = ivec([*range(n_batch), rank - 1, rank])  # K [batch.., Sk, D], V [batch.., Sk, Dv]
+        swap = ivec([*range(n_batch), n_batch + 1, n_batch])
+        plain = (f64(1.0), f64(0.0), NO_MASK, String("none"), f64(KERNEL_FILL), i64(0), i64(n_batch))
+        operands = (Term.broadcast(q, s1, ivec([*lead, rank])), Term.broadcast(k, s1, spread_other))
+        for product in (Term.binary("mul", *operands), Term.binary("mul", *operands[::-1])):
+            yield rl(eq(e).to(Term.reduce("reduce_sum", product, ivec([rank]))), shape(q).length() == i64(rank),
+                     shape(k).length() == i64(n_batch + 2), dtype(q) == f32, dtype(k) == f32)(
+                _scores(e, q, Term.transpose(k, swap), *plain))
+        probs = Term.softmax(x)
+        operands = (Term.broadcast(probs, s1, perm_range(rank)), Term.broadcast(v, s1, spread_other))
+        for product in (Term.binary("mul", *operands), Term.binary("mul", *operands[::-1])):
+            yield rl(eq(e).to(Term.reduce("reduce_sum", product, ivec([rank - 1]))),
+                     _scores(x, q, k, sc0, cap, m, mk, fl, causal, nb), shape(v).length() == i64(n_batch + 2),
+                     dtype(x) == f32, dtype(v) == f32)(
+                union(e).with_(Term.dot(probs, v, ivec([rank - 1]), ivec([n_batch]), batch, batch, f32, highest)))
+
+
+@attention_raise.family
 def shared_query():
     """Q·Kᵀ whose K has one free axis more than Q's batch axes before its keys (a query shared by
     every batch element: learned latents or a MAP head's probe, ``einsum("nhd,bshd->bhns")``) is

@@ -982,6 +982,13 @@ def softmax_recip(q, k, v):
     return _pv(e * jnp.reciprocal(e.sum(-1, keepdims=True)), v)
 
 
+@case("scores_and_pv_by_broadcast_multiply_sum", qkv(extreme=True), positive=True, family="softmax",
+      source=HAND + " (q[..., :, None, :] * k[..., None, :, :]).sum(-1), causal, (p[..., None] * v[..., None, :, :]).sum(-2)")
+def broadcast_multiply_sums(q, k, v):
+    s = jnp.where(causal(), (q[..., :, None, :] * k[..., None, :, :]).sum(-1) * 0.25, -jnp.inf)
+    return (jax.nn.softmax(s, axis=-1)[..., None] * v[..., None, :, :]).sum(-2)
+
+
 @case("softmax_exp_log_softmax", qkv(), positive=True, family="softmax", source=HAND + " exp(log_softmax(s))")
 def softmax_exp_log(q, k, v):
     return _pv(jnp.exp(jax.nn.log_softmax(_scores(q, k), axis=-1)), v)
