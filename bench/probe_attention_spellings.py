@@ -1727,6 +1727,30 @@ def two_values(q, k, v1, v2):
     return jnp.concatenate([p @ v1, p @ v2], axis=-1)
 
 
+MAX_LEN = 24
+FLAX_CAUSAL_BUFFER = linen.make_causal_mask(jnp.ones((1, MAX_LEN), dtype="bool"), dtype="bool")  # [1,1,24,24]
+
+
+@probe("hf_flax_llama_dynamic_slice_causal_buffer", "HF FlaxLlama: lax.dynamic_slice of a [1,1,L,L] causal buffer at "
+       "a traced mask_shift, & padding, then lax.select to a finfo.min bias",
+       tensors(BSHD, BSHD, BSHD, extra=(lambda rng: jnp.asarray(0, jnp.int32), pad_mask_int)))
+def flax_llama_buffer(q, k, v, mask_shift, attention_mask):
+    causal = jax.lax.dynamic_slice(FLAX_CAUSAL_BUFFER, (0, 0, mask_shift, 0), (1, 1, S, MAX_LEN))[..., :S]
+    mask = jnp.broadcast_to(causal, (B, 1, S, S)) & (attention_mask[:, None, None, :] > 0)
+    bias = jax.lax.select(mask, jnp.full(mask.shape, 0.0, F32), jnp.full(mask.shape, FMIN))
+    w = linen.dot_product_attention_weights(q, k, bias=bias)
+    return jnp.einsum("...hqk,...khd->...qhd", w, v)
+
+
+@probe("praxis_per_dim_scale_query", "praxis PerDimScale: q · softplus(per_dim_scale) · 1.442695/√D "
+       "(grad w.r.t. per_dim_scale too)", tensors(BSHD, BSHD, BSHD, (D,)), grad_argnums=(0, 1, 2, 3))
+def praxis_per_dim(q, k, v, per_dim_scale):
+    q = q * (jax.nn.softplus(per_dim_scale) * (1.442695041 / math.sqrt(D)))
+    logits = jnp.einsum("BTNH,BSNH->BNTS", q, k)
+    logits = jnp.where(tri()[None, None], logits, MASK_LARGE_NEG)
+    return jnp.einsum("BNTS,BSNH->BTNH", jax.nn.softmax(logits, axis=-1), v)
+
+
 @probe("neg_talking_heads_mixed_after_softmax", "NEGATIVE talking-heads: weights mixed across heads "
        "(einsum with [H,H]) between softmax and P·V", tensors(BHSD, BHSD, BHSD, (H, H)), grad_argnums=(0, 1, 2, 3))
 def talking_heads(q, k, v, mix):
