@@ -423,17 +423,24 @@ def broadcast_product_sums():
         spread_other = ivec([*range(n_batch), rank - 1, rank])  # K [batch.., Sk, D], V [batch.., Sk, Dv]
         swap = ivec([*range(n_batch), n_batch + 1, n_batch])
         plain = (f64(1.0), f64(0.0), NO_MASK, String("none"), f64(KERNEL_FILL), i64(0), i64(n_batch))
+        # the broadcast product's shape, [batch.., free.., Sk, D] (or Dv), with no axis stretched:
+        # the other operand's batch axes and Sk (Q's D, P's Sk) are the same sizes
+        def product_shape(first: IntVec, other: IntVec) -> tuple:
+            return (s1 == IntVec(*[first[i] for i in lead], other[n_batch], other[n_batch + 1]),
+                    first.length() == i64(len(lead) + 1), other.length() == i64(n_batch + 2),
+                    *(other[i] == first[i] for i in range(n_batch)))
+
         operands = (Term.broadcast(q, s1, ivec([*lead, rank])), Term.broadcast(k, s1, spread_other))
         for product in (Term.binary("mul", *operands), Term.binary("mul", *operands[::-1])):
-            yield rl(eq(e).to(Term.reduce("reduce_sum", product, ivec([rank]))), shape(q).length() == i64(rank),
-                     shape(k).length() == i64(n_batch + 2), dtype(q) == f32, dtype(k) == f32)(
+            yield rl(eq(e).to(Term.reduce("reduce_sum", product, ivec([rank]))), shape(q) == ss, shape(k) == sk_,
+                     *product_shape(ss, sk_), sk_[n_batch + 1] == ss[rank - 1], dtype(q) == f32, dtype(k) == f32)(
                 _scores(e, q, Term.transpose(k, swap), *plain))
         probs = Term.softmax(x)
         operands = (Term.broadcast(probs, s1, perm_range(rank)), Term.broadcast(v, s1, spread_other))
         for product in (Term.binary("mul", *operands), Term.binary("mul", *operands[::-1])):
             yield rl(eq(e).to(Term.reduce("reduce_sum", product, ivec([rank - 1]))),
-                     _scores(x, q, k, sc0, cap, m, mk, fl, causal, nb), shape(v).length() == i64(n_batch + 2),
-                     dtype(x) == f32, dtype(v) == f32)(
+                     _scores(x, q, k, sc0, cap, m, mk, fl, causal, nb), shape(x) == s2, shape(v) == sv,
+                     *product_shape(s2, sv), sv[n_batch] == s2[rank - 1], dtype(x) == f32, dtype(v) == f32)(
                 union(e).with_(Term.dot(probs, v, ivec([rank - 1]), ivec([n_batch]), batch, batch, f32, highest)))
 
 
