@@ -423,9 +423,10 @@ def broadcast_product_sums():
         spread_other = ivec([*range(n_batch), rank - 1, rank])  # K [batch.., Sk, D], V [batch.., Sk, Dv]
         swap = ivec([*range(n_batch), n_batch + 1, n_batch])
         plain = (f64(1.0), f64(0.0), NO_MASK, String("none"), f64(KERNEL_FILL), i64(0), i64(n_batch))
-        # the broadcast product's shape, [batch.., free.., Sk, D] (or Dv), with no axis stretched:
-        # the other operand's batch axes and Sk (Q's D, P's Sk) are the same sizes
+
         def product_shape(first: IntVec, other: IntVec) -> tuple:
+            """The broadcast product is [batch.., free.., Sk, D] (or Dv) of the two operands' own
+            sizes, no axis stretched: their batch axes are the same sizes."""
             return (s1 == IntVec(*[first[i] for i in lead], other[n_batch], other[n_batch + 1]),
                     first.length() == i64(len(lead) + 1), other.length() == i64(n_batch + 2),
                     *(other[i] == first[i] for i in range(n_batch)))
@@ -1105,10 +1106,10 @@ VJP_SPELLINGS = (
 """`softmax_vjp`'s spellings, numbered in the order the gradient rules accept them: a dP read as
 one kind of value reads the spellings up to a number (`softmax_backward`): jax.nn.softmax's custom
 JVP (row sum over the last axis; then summed over unit axes), the quotient's before jax 0.12, then
-softmaxes written by hand (E / sum(E); exp(log_softmax) and E * (1 / sum(E))) and softmax's VJP written by
-hand (`_textbook_vjp_forms`): these differ from
-the op's backward by the rounding of E / T against P and the order of the sums, with the same NaN
-rows (a NaN or +inf score makes its row's P and E NaN in both)."""
+softmaxes written by hand (E / sum(E); exp(log_softmax) and E * (1 / sum(E))) and softmax's VJP
+written by hand (`_textbook_vjp_forms`): these differ from the op's backward by the rounding of
+E / T against P and the order of the sums, with the same NaN rows (a NaN or +inf score makes its
+row's P and E NaN in both)."""
 
 
 def _reshaped_softmax_ranks(n_batch: int, n_free: int, transposed: bool) -> list[int]:
