@@ -953,7 +953,7 @@ def two_fills(q, k, v, keep):
 # ---------------------------------------------------------------------------------------------
 # Library modules' gradients (the corpus has their forwards)
 
-from attention_corpus import LINEN_MHA_BF16, NNX_MHA, linen_args  # noqa: E402
+from attention_corpus import LINEN_MHA_BF16, LINEN_MHA_QK_NORM, NNX_MHA, linen_args, padding_keep  # noqa: E402
 from flax import nnx  # noqa: E402
 import flax.linen as linen  # noqa: E402
 
@@ -1426,6 +1426,369 @@ def prefix_lm_cumsum(q, k, v, input_mask, mask_ar):
     logits = jnp.einsum("BTNH,BSNH->BNTS", q * D ** -0.5, k)
     logits = jnp.where(attn_mask[:, None, :, :], logits, -2.3819763e38)
     return jnp.einsum("BNTS,BSNH->BTNH", jax.nn.softmax(logits, axis=-1), v)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Session 17 (issue 19): libraries' and model files' spellings not probed before, and negatives
+# (bench/results/attention-probe-2026-12-07-session17.md). Negatives say so in their style: their
+# values must stay, raised or not.
+
+MASK_LARGE_NEG = -0.7 * float(jnp.finfo(F32).max)  # praxis get_large_negative_number, MaxText DEFAULT_MASK_VALUE
+
+
+def causal_padding_bts(rng):
+    """[B, T, S] boolean attention mask as gemma's transformer builds it: causal & key padding."""
+    return tri()[None] & (pad_mask_int(rng) > 0)[:, None, :]
+
+
+def additive_padding_b11s(rng):
+    """[B, 1, 1, S] float padding mask, 0 kept and a large negative number hidden (praxis's atten_mask)."""
+    return jnp.where(pad_mask_int(rng) > 0, 0.0, MASK_LARGE_NEG)[:, None, None, :].astype(F32)
+
+
+@probe("gemma_attn_mask_bts_input_expanded", "gemma: logits BTNS, where(attn_mask[..., None, :], logits, K_MASK), "
+       "attn_mask a [B,T,S] input", tensors(BSHD, BSHD, BSHD, extra=(causal_padding_bts,)))
+def gemma_bts_mask(q, k, v, attn_mask):
+    logits = jnp.einsum("BTNH,BSNH->BTNS", q * 16.0 ** -0.5, k)
+    padded = jnp.where(attn_mask[..., None, :], logits, GEMMA_K_MASK)
+    probs = jax.nn.softmax(padded, axis=-1).astype(k.dtype)
+    return jnp.einsum("BTNS,BSNH->BTNH", probs, v)
+
+
+@probe("gemma_gqa_query_btkgh_mask_input", "gemma GQA: q reshaped [B,T,K,G,H], BTKGH,BSKH->BTKGS, reshaped to BTNS "
+       "for a [B,T,S] input mask, probs reshaped back", tensors(BSHD, (B, S, 2, D), (B, S, 2, D),
+                                                               extra=(causal_padding_bts,)))
+def gemma_gqa_input_mask(q, k, v, attn_mask):
+    qg = (q * D ** -0.5).reshape(B, S, 2, H // 2, D)
+    logits = jnp.einsum("BTKGH,BSKH->BTKGS", qg, k).reshape(B, S, H, S)
+    logits = jnp.where(attn_mask[:, :, None, :], logits, GEMMA_K_MASK)
+    probs = jax.nn.softmax(logits, axis=-1).reshape(B, S, 2, H // 2, S)
+    return jnp.einsum("BTKGS,BSKH->BTKGH", probs, v).reshape(B, S, H, D)
+
+
+@probe("praxis_softcap_then_additive_mask_input", "praxis: cap·tanh(logits/cap), then apply_mask_to_logits with an "
+       "additive [B,1,1,S] float input: where(mask >= min·0.5, logits, min)",
+       tensors(BSHD, BSHD, BSHD, extra=(additive_padding_b11s,)))
+def praxis_softcap_mask(q, k, v, atten_mask):
+    logits = jnp.einsum("BTNH,BSNH->BNTS", q * jax.lax.rsqrt(jnp.float32(D)), k)
+    logits = 20.0 * jnp.tanh(logits / 20.0)
+    logits = jnp.where(atten_mask >= MASK_LARGE_NEG * 0.5, logits, MASK_LARGE_NEG)
+    probs = jax.nn.softmax(logits.astype(F32), axis=-1).astype(q.dtype)
+    return jnp.einsum("BNTS,BSNH->BTNH", probs, v)
+
+
+@probe("maxtext_additive_mask_deferred_mha", "MaxText MHA (no GQA): where(causal, 0, DEFAULT_MASK_VALUE) added, "
+       "local max/exps/sums, (exps·V)/sums", tensors(BSHD, BSHD, BSHD))
+def maxtext_deferred_mha(q, k, v):
+    attn = jnp.einsum("btnd,bsnd->bnts", q, k) * D ** -0.5
+    attn = attn + jnp.where(tri(), 0.0, MASK_LARGE_NEG)[None, None]
+    local_max = jnp.max(attn, axis=-1, keepdims=True)
+    local_exps = jnp.exp(attn - local_max)
+    local_sums = jnp.sum(local_exps, axis=-1, keepdims=True)
+    out = jnp.einsum("bnts,bsnd->bntd", local_exps, v) / local_sums
+    return out.transpose(0, 2, 1, 3)
+
+
+@probe("haiku_mha_bf16_sqrt_astype_1e30", "Haiku MHA in bf16: logits / np.sqrt(key_size).astype(bf16), "
+       "where(mask, logits, -1e30) in bf16, softmax in bf16",
+       tensors(BSHD, BSHD, BSHD, dtype=BF16, extra=(lambda rng: (pad_mask_int(rng) > 0)[:, None, None, :],)))
+def haiku_bf16(q, k, v, mask):
+    logits = jnp.einsum("...thd,...Thd->...htT", q, k)
+    logits = logits / np.sqrt(D).astype(k.dtype)
+    logits = jnp.where(mask, logits, -1e30)
+    w = jax.nn.softmax(logits)
+    return jnp.einsum("...htT,...Thd->...thd", w, v)
+
+
+LINEN_MHA_DROPOUT = linen.MultiHeadDotProductAttention(num_heads=H, qkv_features=E, dropout_rate=0.1)
+
+
+def _linen_dropout_args(rng):
+    x = _normal(rng, (B, S, E))
+    return LINEN_MHA_DROPOUT.init(jax.random.PRNGKey(7), x, deterministic=True), x
+
+
+@probe("flax_linen_mha_dropout_rate_deterministic", "flax.linen MHA(dropout_rate=0.1) at deterministic=True, causal",
+       _linen_dropout_args, grad_argnums=(0, 1))
+def linen_dropout_eval(params, x):
+    return LINEN_MHA_DROPOUT.apply(params, x, mask=linen.make_causal_mask(x[..., 0]), deterministic=True)
+
+
+@probe("neg_flax_linen_mha_dropout_training", "NEGATIVE flax.linen MHA(dropout_rate=0.1), deterministic=False: "
+       "dropout on the weights", lambda rng: _linen_dropout_args(rng) + (jax.random.PRNGKey(11),), grad_argnums=(1,))
+def linen_dropout_train(params, x, key):
+    return LINEN_MHA_DROPOUT.apply(params, x, deterministic=False, rngs={"dropout": key})
+
+
+@probe("flax_linen_mha_normalize_qk_padding", "flax.linen MHA(normalize_qk=True) with a padding mask (the corpus's "
+       "B2 S8 E16), gradient w.r.t. params and x", linen_args(LINEN_MHA_QK_NORM, padding_keep),
+       grad_argnums=(0, 1))
+def linen_qk_norm_pad(params, x, keep):
+    return LINEN_MHA_QK_NORM.apply(params, x, mask=linen.make_attention_mask(keep, keep))
+
+
+@probe("t5_cross_attention_zero_bias_padding", "HF FlaxT5 cross-attention: no scale, position_bias = zeros "
+       "[1,H,Sq,Sk] + (1-mask)·finfo.min, Sq=6", tensors((B, 6, H, D), BSHD, BSHD, extra=(pad_mask_int,)))
+def t5_cross(q, k, v, encoder_mask):
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+    position_bias = jnp.zeros((1, H, 6, S), F32)
+    position_bias = position_bias + (1.0 - encoder_mask[:, None, None, :].astype(F32)) * FMIN
+    w = jax.nn.softmax((scores + position_bias).astype(F32), axis=-1).astype(scores.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", w, v)
+
+
+@probe("hf_eager_mask_sliced_to_key_len", "HF eager_attention_forward: attention_mask[:, :, :, :Sk] sliced from a "
+       "longer [B,1,S,S+4] float mask, added", tensors(BHSD, BHSD, BHSD, extra=(
+           lambda rng: jnp.where(jnp.tril(jnp.ones((S, S + 4), bool)) & (np.arange(S + 4) < 11)[None]
+                                 | (np.arange(B) == 1)[:, None, None] & jnp.tril(jnp.ones((S, S + 4), bool)),
+                                 0.0, FMIN)[:, None].astype(F32),)))
+def hf_eager(q, k, v, attention_mask):
+    w = jnp.matmul(q, k.swapaxes(2, 3)) * D ** -0.5
+    w = w + attention_mask[:, :, :, : k.shape[-2]]
+    w = jax.nn.softmax(w.astype(F32), axis=-1).astype(q.dtype)
+    return jnp.matmul(w, v).swapaxes(1, 2)
+
+
+PROBES += [
+    Probe("jax_dpa_query_and_kv_seq_lengths_causal", "jax.nn.dot_product_attention query_seq_lengths, "
+          "key_value_seq_lengths and is_causal together",
+          lambda q, k, v, ql, kl: jax.nn.dot_product_attention(q, k, v, query_seq_lengths=ql, key_value_seq_lengths=kl,
+                                                               is_causal=True, implementation="xla"),
+          tensors(BSHD, BSHD, BSHD, extra=(lengths(9, 16), lengths(12, 16))), (0, 1, 2)),
+    Probe("jax_dpa_bf16_gqa_scale_kv_lengths", "jax.nn.dot_product_attention bf16 GQA with scale=0.3 and "
+          "key_value_seq_lengths",
+          lambda q, k, v, kl: jax.nn.dot_product_attention(q, k, v, scale=0.3, key_value_seq_lengths=kl,
+                                                           implementation="xla"),
+          tensors(BSHD, (B, S, 2, D), (B, S, 2, D), dtype=BF16, extra=(lengths(7, 16),)), (0, 1, 2)),
+]
+
+
+@probe("clip_cosine_scalar_logit_scale", "CLIP/Swin-v2 cosine attention: normalize(q)·normalize(k)ᵀ · "
+       "exp(min(logit_scale, log 100)), logit_scale a scalar input (grad too)",
+       tensors(BHSD, BHSD, BHSD, extra=(lambda rng: jnp.float32(math.log(1 / 0.07)),)), grad_argnums=(0, 1, 2, 3))
+def clip_cosine(q, k, v, logit_scale):
+    def normalize(t):
+        return t / jnp.maximum(jnp.linalg.norm(t, axis=-1, keepdims=True), 1e-12)
+
+    scale = jnp.exp(jnp.minimum(logit_scale, math.log(100.0)))
+    attn = (normalize(q) @ normalize(k).swapaxes(-2, -1)) * scale
+    return jax.nn.softmax(attn, axis=-1) @ v
+
+
+@probe("swin_v2_per_head_logit_scale_wrt_scale", "Swin-v2 cosine attention, per-head logit_scale [H,1,1] "
+       "clamped at log(1/0.01) and exponentiated; grad w.r.t. the scale too",
+       tensors(BHSD, BHSD, BHSD, (H, 1, 1)), grad_argnums=(0, 1, 2, 3))
+def swin_v2_scale(q, k, v, logit_scale):
+    def normalize(t):
+        return t / jnp.maximum(jnp.linalg.norm(t, axis=-1, keepdims=True), 1e-12)
+
+    attn = normalize(q) @ normalize(k).swapaxes(-2, -1)
+    attn = attn * jnp.exp(jnp.minimum(logit_scale, jnp.log(jnp.asarray(1.0 / 0.01, F32))))
+    return jax.nn.softmax(attn, axis=-1) @ v
+
+
+@probe("f16_softmax_in_f16_no_casts", "f16 Q/K/V, scores and softmax in f16 (no f32 anywhere)",
+       tensors(BHSD, BHSD, BHSD, dtype=F16))
+def f16_all(q, k, v):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * jnp.float16(D ** -0.5)
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(jnp.where(tri(), s, -jnp.inf), -1), v)
+
+
+@probe("einsum_v_transposed_bhdk", "V given as [B,H,D,S]: einsum bhqk,bhdk->bhqd", tensors(BHSD, BHSD, (B, H, D, S)))
+def einsum_vt(q, k, vt):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * D ** -0.5
+    return jnp.einsum("bhqk,bhdk->bhqd", jax.nn.softmax(s, -1), vt)
+
+
+@probe("sparse_transformer_strided_causal", "Sparse Transformer fixed/strided pattern: causal & (i-j < 4 | "
+       "(i-j) % 4 == 0), -inf", tensors(BHSD, BHSD, BHSD))
+def strided(q, k, v):
+    i, j = jnp.arange(S)[:, None], jnp.arange(S)[None, :]
+    keep = (j <= i) & (((i - j) < 4) | ((i - j) % 4 == 0))
+    s = jnp.where(keep, q @ k.swapaxes(-1, -2) * D ** -0.5, -jnp.inf)
+    return jax.nn.softmax(s, -1) @ v
+
+
+@probe("longformer_window_or_global_tokens", "Longformer/BigBird-style: |i-j| <= 2 or a global token "
+       "(an input [B,S] flag) on either side, finfo.min",
+       tensors(BHSD, BHSD, BHSD, extra=(lambda rng: jnp.asarray(np.arange(S)[None, :] == np.array([[0], [3]])),)))
+def longformer(q, k, v, is_global):
+    i, j = jnp.arange(S)[:, None], jnp.arange(S)[None, :]
+    keep = (jnp.abs(i - j) <= 2)[None] | is_global[:, None, :] | is_global[:, :, None]
+    s = jnp.where(keep[:, None], q @ k.swapaxes(-1, -2) * D ** -0.5, FMIN)
+    return jax.nn.softmax(s, -1) @ v
+
+
+def _sdpa_one_example(q, k, v):
+    s = jnp.where(tri(), q @ k.swapaxes(-1, -2) * D ** -0.5, -jnp.inf)
+    return jax.nn.softmax(s, -1) @ v
+
+
+@probe("lax_map_over_batch", "jax.lax.map of [H,S,D] causal attention over the batch (a scan)",
+       tensors(BHSD, BHSD, BHSD))
+def lax_map_batch(q, k, v):
+    return jax.lax.map(lambda a: _sdpa_one_example(*a), (q, k, v))
+
+
+@probe("qwen_logn_per_query_scores_scale", "Qwen-style log-n scaling as a per-query factor on the scores "
+       "(constant along keys), causal", tensors(BHSD, BHSD, BHSD))
+def qwen_logn(q, k, v):
+    logn = jnp.maximum(jnp.log(jnp.arange(1, S + 1, dtype=F32)) / math.log(4.0), 1.0)
+    s = (q @ k.swapaxes(-1, -2)) * D ** -0.5 * logn[None, None, :, None]
+    return jax.nn.softmax(jnp.where(tri(), s, -jnp.inf), -1) @ v
+
+
+@probe("mosaicbert_symmetric_alibi_abs", "MosaicBERT bidirectional ALiBi: -slope·|i-j| added, key padding",
+       tensors(BHSD, BHSD, BHSD, extra=(pad_mask_int,)))
+def symmetric_alibi(q, k, v, attention_mask):
+    dist = jnp.abs(jnp.arange(S)[None, :] - jnp.arange(S)[:, None]).astype(F32)
+    alibi = -alibi_slope_vector()[:, None, None] * dist[None]
+    s = q @ k.swapaxes(-1, -2) / math.sqrt(D) + alibi[None]
+    s = s + (1.0 - attention_mask[:, None, None, :].astype(F32)) * -10000.0
+    return jax.nn.softmax(s, -1) @ v
+
+
+@probe("topk_attention_mask_from_scores", "top-k attention: keep scores >= the 4th largest of their row "
+       "(a mask computed from the scores)", tensors(BHSD, BHSD, BHSD))
+def topk(q, k, v):
+    s = q @ k.swapaxes(-1, -2) * D ** -0.5
+    kth = jax.lax.top_k(s, 4)[0][..., -1:]
+    return jax.nn.softmax(jnp.where(s >= kth, s, -jnp.inf), -1) @ v
+
+
+@probe("linalg_vecdot_broadcast_scores", "array-API scores: jnp.linalg.vecdot(q[..., :, None, :], "
+       "k[..., None, :, :])", tensors(BHSD, BHSD, BHSD))
+def vecdot_scores(q, k, v):
+    s = jnp.linalg.vecdot(q[..., :, None, :], k[..., None, :, :]) * D ** -0.5
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1), v)
+
+
+@probe("cross_attention_single_memory_slot", "cross-attention to one key (Sk=1): softmax over one entry",
+       tensors(BHSD, (B, H, 1, D), (B, H, 1, D)))
+def single_slot(q, k, v):
+    return jax.nn.softmax(q @ k.swapaxes(-1, -2) * D ** -0.5, -1) @ v
+
+
+@probe("einsum_three_operands_query_projection", "scores with the query projection in one einsum: "
+       "einsum('bse,ehd,bthd->bhst', x, Wq, k)", tensors((B, S, E), (E, H, D), BSHD, BSHD), grad_argnums=(0, 1, 2, 3))
+def einsum_wq(x, wq, k, v):
+    s = jnp.einsum("bse,ehd,bthd->bhst", x, wq, k) * D ** -0.5
+    return jnp.einsum("bhst,bthd->bshd", jax.nn.softmax(s, -1), v)
+
+
+@jax.jit
+def _jitted_sdpa(q, k, v):
+    return jax.nn.softmax(jnp.where(tri(), q @ k.swapaxes(-1, -2) / math.sqrt(D), -jnp.inf), -1) @ v
+
+
+@probe("nested_jit_attention_function", "a library's @jax.jit attention function called inside the program",
+       tensors(BHSD, BHSD, BHSD))
+def nested_jit(q, k, v):
+    return _jitted_sdpa(jnp.tanh(q), k, v) * 2.0
+
+
+@jax.custom_vjp
+def _custom_vjp_sdpa(q, k, v):
+    return jax.nn.softmax(q @ k.swapaxes(-1, -2) * D ** -0.5, -1) @ v
+
+
+def _custom_fwd(q, k, v):
+    p = jax.nn.softmax(q @ k.swapaxes(-1, -2) * D ** -0.5, -1)
+    return p @ v, (q, k, v, p)
+
+
+def _custom_bwd(res, do):
+    q, k, v, p = res
+    dp = do @ v.swapaxes(-1, -2)
+    ds = p * (dp - jnp.sum(p * dp, -1, keepdims=True)) * D ** -0.5
+    return ds @ k, ds.swapaxes(-1, -2) @ q, p.swapaxes(-1, -2) @ do
+
+
+_custom_vjp_sdpa.defvjp(_custom_fwd, _custom_bwd)
+
+
+@probe("custom_vjp_reference_attention", "a jax.custom_vjp attention (reference forward, hand-written backward "
+       "saving P), as kernels' fallbacks write it", tensors(BHSD, BHSD, BHSD))
+def custom_vjp_attn(q, k, v):
+    return _custom_vjp_sdpa(q, k, v)
+
+
+@probe("pv_by_broadcast_multiply_sum", "P·V as (p[..., None] * v[:, :, None]).sum(-2)", tensors(BHSD, BHSD, BHSD))
+def pv_mul_sum(q, k, v):
+    p = jax.nn.softmax(q @ k.swapaxes(-1, -2) * D ** -0.5, -1)
+    return (p[..., None] * v[:, :, None, :, :]).sum(-2)
+
+
+@probe("shared_weights_two_values", "one softmax read by two P·V products (two value streams)",
+       tensors(BHSD, BHSD, BHSD, BHSD), grad_argnums=(0, 1, 2, 3))
+def two_values(q, k, v1, v2):
+    p = jax.nn.softmax(jnp.where(tri(), q @ k.swapaxes(-1, -2) * D ** -0.5, -jnp.inf), -1)
+    return jnp.concatenate([p @ v1, p @ v2], axis=-1)
+
+
+MAX_LEN = 24
+FLAX_CAUSAL_BUFFER = linen.make_causal_mask(jnp.ones((1, MAX_LEN), dtype="bool"), dtype="bool")  # [1,1,24,24]
+
+
+@probe("hf_flax_llama_dynamic_slice_causal_buffer", "HF FlaxLlama: lax.dynamic_slice of a [1,1,L,L] causal buffer at "
+       "a traced mask_shift, & padding, then lax.select to a finfo.min bias",
+       tensors(BSHD, BSHD, BSHD, extra=(lambda rng: jnp.asarray(0, jnp.int32), pad_mask_int)))
+def flax_llama_buffer(q, k, v, mask_shift, attention_mask):
+    causal = jax.lax.dynamic_slice(FLAX_CAUSAL_BUFFER, (0, 0, mask_shift, 0), (1, 1, S, MAX_LEN))[..., :S]
+    mask = jnp.broadcast_to(causal, (B, 1, S, S)) & (attention_mask[:, None, None, :] > 0)
+    bias = jax.lax.select(mask, jnp.full(mask.shape, 0.0, F32), jnp.full(mask.shape, FMIN))
+    w = linen.dot_product_attention_weights(q, k, bias=bias)
+    return jnp.einsum("...hqk,...khd->...qhd", w, v)
+
+
+@probe("praxis_per_dim_scale_query", "praxis PerDimScale: q · softplus(per_dim_scale) · 1.442695/√D "
+       "(grad w.r.t. per_dim_scale too)", tensors(BSHD, BSHD, BSHD, (D,)), grad_argnums=(0, 1, 2, 3))
+def praxis_per_dim(q, k, v, per_dim_scale):
+    q = q * (jax.nn.softplus(per_dim_scale) * (1.442695041 / math.sqrt(D)))
+    logits = jnp.einsum("BTNH,BSNH->BNTS", q, k)
+    logits = jnp.where(tri()[None, None], logits, MASK_LARGE_NEG)
+    return jnp.einsum("BNTS,BSNH->BTNH", jax.nn.softmax(logits, axis=-1), v)
+
+
+@probe("neg_talking_heads_mixed_after_softmax", "NEGATIVE talking-heads: weights mixed across heads "
+       "(einsum with [H,H]) between softmax and P·V", tensors(BHSD, BHSD, BHSD, (H, H)), grad_argnums=(0, 1, 2, 3))
+def talking_heads(q, k, v, mix):
+    p = jax.nn.softmax(q @ k.swapaxes(-1, -2) * D ** -0.5, -1)
+    return jnp.einsum("bhqk,hg->bgqk", p, mix) @ v
+
+
+@probe("neg_softmax_over_heads_axis", "NEGATIVE softmax over the heads axis of [B,H,S,S]", tensors(BHSD, BHSD, BHSD))
+def softmax_heads(q, k, v):
+    return jax.nn.softmax(q @ k.swapaxes(-1, -2) * D ** -0.5, axis=1) @ v
+
+
+@probe("neg_scores_times_float_keep", "NEGATIVE s · keep (a 0/1 float 'mask' multiplied: masked logits become 0)",
+       tensors(BHSD, BHSD, BHSD, extra=(lambda rng: (pad_mask_int(rng) > 0).astype(F32)[:, None, None, :],)))
+def scores_times_keep(q, k, v, keep):
+    return jax.nn.softmax(q @ k.swapaxes(-1, -2) * D ** -0.5 * keep, -1) @ v
+
+
+@probe("neg_relu_squared_attention", "NEGATIVE ReLU² attention (Primer-style weights, no softmax): relu(s)²/S · V",
+       tensors(BHSD, BHSD, BHSD))
+def relu_sq(q, k, v):
+    return (jax.nn.relu(q @ k.swapaxes(-1, -2) * D ** -0.5) ** 2 / S) @ v
+
+
+@probe("neg_softmax_plus_one_denominator", "NEGATIVE 'softmax1' (off by one): exp(s-m) / (exp(-m) + Σ exp(s-m))",
+       tensors(BHSD, BHSD, BHSD))
+def softmax1(q, k, v):
+    s = q @ k.swapaxes(-1, -2) * D ** -0.5
+    m = jax.lax.stop_gradient(jnp.maximum(s.max(-1, keepdims=True), 0.0))
+    e = jnp.exp(s - m)
+    return (e / (jnp.exp(-m) + e.sum(-1, keepdims=True))) @ v
+
+
+@probe("where_fill_is_the_scores_minus_10", "where(keep, s, s - 10): a penalty, not a fill (values must stay)",
+       tensors(BHSD, BHSD, BHSD, extra=(lambda rng: (pad_mask_int(rng) > 0)[:, None, None, :],)))
+def soft_penalty(q, k, v, keep):
+    s = q @ k.swapaxes(-1, -2) * D ** -0.5
+    return jax.nn.softmax(jnp.where(keep, s, s - 10.0), -1) @ v
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Call-like equations (``jit``/``pjit``, ``closed_call``, ``core_call``, and the primal of
 ``custom_jvp_call``) are inlined; ``custom_vjp_call`` stays opaque unless its primal casts to
-float8 (an fp8 quantize-dequantize, e.g. flax's ``fp8_ops.in_qdq``). The ops named in `ir` become
+float8 (an fp8 quantize-dequantize, e.g. flax's ``fp8_ops.in_qdq``) or computes attention (two
+products and an exponential: a kernel's reference forward). The ops named in `ir` become
 first-class nodes, with implicit broadcasts (rank-0 operands, size-1 dimensions) made
 explicit as ``broadcast_in_dim``. Everything else becomes one ``opaque`` node, re-bound
 unchanged by lowering, with one ``opaque_output`` node per result.
@@ -38,7 +39,8 @@ _CALL_PRIMITIVES: dict[str, tuple[str, ...]] = {
 # derivatives from the original function (`Captured.custom_jvp_inlined`). The one exception
 # is a custom_vjp whose primal casts to float8: fp8 libraries (flax's fp8_ops) wrap their
 # quantize-dequantize in one (straight-through backward, scale updates), and the fp8 rules
-# must see it; its derivatives then come from the original function in the same way.
+# must see it; its derivatives then come from the original function in the same way. So is
+# one whose primal computes attention (`_computes_attention`: a kernel's pure-JAX fallback).
 _CUSTOM_VJP_PRIMITIVES: dict[str, tuple[str, ...]] = {
     "custom_vjp_call": ("call_jaxpr", "fun_jaxpr"),
     "custom_vjp_call_jaxpr": ("fun_jaxpr", "call_jaxpr"),
@@ -65,7 +67,7 @@ class Captured:
     static_argnums: tuple[int, ...] = ()
     hoisted_consts: tuple[Any, ...] = ()
     closed_jaxpr: Any = None  # the traced function itself (its custom derivative rules intact)
-    custom_jvp_inlined: bool = False  # a custom_jvp (or an fp8 custom_vjp) was inlined
+    custom_jvp_inlined: bool = False  # a custom_jvp (or an fp8 or attention custom_vjp) was inlined
     out_weak_types: tuple[bool, ...] = ()  # which flat results the traced function gives weakly typed
 
     def flat_args(self, *args: Any, **kwargs: Any) -> list[Any]:
@@ -179,10 +181,10 @@ def capture(fn: Callable[..., Any], *args: Any, static_argnums: int | Sequence[i
 
 
 def _uses_custom_jvp(jaxpr: Any) -> bool:
-    """Whether a custom_jvp call (or an fp8 custom_vjp) is inlined anywhere in ``jaxpr``
+    """Whether a custom_jvp call (or an fp8 or attention custom_vjp) is inlined anywhere in ``jaxpr``
     (nested calls included)."""
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "custom_jvp_call" or _fp8_custom_vjp_body(eqn) is not None:
+        if eqn.primitive.name == "custom_jvp_call" or _inlined_custom_vjp_body(eqn) is not None:
             return True
         if eqn.primitive.name in _CALL_PRIMITIVES:
             for name in _CALL_PRIMITIVES[eqn.primitive.name]:
@@ -272,13 +274,33 @@ def _read(builder: ProgramBuilder, env: dict[Any, int], atom: Any) -> int:
     return env[atom]
 
 
-def _fp8_custom_vjp_body(eqn: Any) -> tuple[Any, list[Any]] | None:
-    """(jaxpr, consts) of a custom_vjp call whose primal casts to float8, else None."""
+def _inlined_custom_vjp_body(eqn: Any) -> tuple[Any, list[Any]] | None:
+    """(jaxpr, consts) of a custom_vjp call whose primal casts to float8 or computes attention
+    (`_computes_attention`), else None."""
     names = _CUSTOM_VJP_PRIMITIVES.get(eqn.primitive.name)
     if names is None:
         return None
     body = _call_body(eqn, names)
-    return body if body is not None and _casts_to_fp8(body[0]) else None
+    return body if body is not None and (_casts_to_fp8(body[0]) or _computes_attention(body[0])) else None
+
+
+def _computes_attention(jaxpr: Any) -> bool:
+    """Whether ``jaxpr`` (calls inside it included) holds two products and an exponential: an
+    attention (or attention-like) primal, as a kernel's custom_vjp wraps its reference forward
+    beside a hand-written backward. The rules must see it to raise it; its derivatives then come
+    from the original function, as for fp8's quantize-dequantize."""
+    counts = {"dot_general": 0, "exp": 0}
+
+    def walk(inner: Any) -> None:
+        for eqn in inner.eqns:
+            if eqn.primitive.name in counts:
+                counts[eqn.primitive.name] += 1
+            body = _call_body(eqn, _CALL_PRIMITIVES.get(eqn.primitive.name, ()))
+            if body is not None:
+                walk(body[0])
+
+    walk(jaxpr)
+    return counts["dot_general"] >= 2 and counts["exp"] >= 1
 
 
 def _casts_to_fp8(jaxpr: Any) -> bool:
@@ -294,7 +316,7 @@ def _casts_to_fp8(jaxpr: Any) -> bool:
 
 def _inner_jaxpr(eqn: Any) -> tuple[Any, list[Any]] | None:
     """(jaxpr, consts) of an inlinable call equation, or None if it cannot be inlined."""
-    return _call_body(eqn, _CALL_PRIMITIVES.get(eqn.primitive.name, ())) or _fp8_custom_vjp_body(eqn)
+    return _call_body(eqn, _CALL_PRIMITIVES.get(eqn.primitive.name, ())) or _inlined_custom_vjp_body(eqn)
 
 
 def _call_body(eqn: Any, names: Sequence[str]) -> tuple[Any, list[Any]] | None:

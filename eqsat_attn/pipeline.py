@@ -81,7 +81,9 @@ def writes_softmax_backward(program: Program) -> bool:
     """Whether ``program`` holds ``sum(-(P * dP))`` over an axis, the row sum of softmax's VJP as
     jax.grad writes it (every jax.grad of attention through jax.nn.softmax has one), ``sum(P * -w)``,
     as it writes the VJP of a softmax divided by its sum by hand, or ``sum(-kept)`` with ``kept``
-    a product's row sum reshaped to [.., 1], as it writes jax.nn.softmax's before jax 0.12."""
+    a product's row sum reshaped to [.., 1], as it writes jax.nn.softmax's before jax 0.12; or the
+    VJP written by hand (a custom_vjp's backward): ``dP - sum(P * dP)`` or ``P * dP - P * sum(P * dP)``
+    (`textbook_softmax_backward`)."""
     nodes = program.nodes
 
     def row_sum_of_backward(node) -> bool:
@@ -93,7 +95,30 @@ def writes_softmax_backward(program: Program) -> bool:
             return negated.op == "mul"
         return summed.op == "mul" and any(nodes[i].op == "neg" for i in summed.inputs)
 
-    return any(node.op == "reduce_sum" and row_sum_of_backward(node) for node in nodes)
+    return (any(node.op == "reduce_sum" and row_sum_of_backward(node) for node in nodes)
+            or textbook_softmax_backward(program))
+
+
+def textbook_softmax_backward(program: Program) -> bool:
+    """Whether ``program`` subtracts a broadcast row sum ``r = sum(a * b)`` (or a product with it)
+    from a, b or a * b: softmax's VJP written by hand, ``P * (dP - r)`` or ``P * dP - P * r``."""
+    nodes = program.nodes
+    row_sums = {i: set(nodes[node.inputs[0]].inputs) | {node.inputs[0]} for i, node in enumerate(nodes)
+                if node.op == "reduce_sum" and nodes[node.inputs[0]].op == "mul"}
+    spread: dict[int, set[int]] = {}  # a row sum broadcast back (through [.., 1] or not)
+    for i, node in enumerate(nodes):
+        if node.op in ("broadcast_in_dim", "reshape") and node.inputs[0] in (row_sums.keys() | spread.keys()):
+            spread[i] = row_sums.get(node.inputs[0]) or spread[node.inputs[0]]
+
+    def subtracted(node) -> set[int]:
+        """What the row sum behind ``node`` (its broadcast, or a product with it) was computed from."""
+        if node in spread:
+            return spread[node]
+        if nodes[node].op == "mul":
+            return set().union(*(spread.get(i, set()) for i in nodes[node].inputs))
+        return set()
+
+    return any(node.op == "sub" and node.inputs[0] in subtracted(node.inputs[1]) for node in nodes)
 
 
 def gradient_rules(program: Program) -> list[str]:

@@ -409,6 +409,43 @@ def scores_of_matmul():
 
 
 @attention_raise.family
+def broadcast_product_sums():
+    """Float32 products written as a broadcast multiply and a sum over the shared axis, as
+    ``(q[..., :, None, :] * k[..., None, :, :]).sum(-1)`` and ``(p[..., None] * v[..., None, :, :]).sum(-2)``
+    write Q·Kᵀ and P·V. The scores are the canonical product's (`attn_scores` of Q and Kᵀ, a fact: the
+    sum itself is not rewritten, so it stays where attention is not raised); P·V, for P a softmax of
+    such scores, is their product at `highest` precision (float32 products, as the program's; only
+    the order of the sum may differ, and inside the raised op)."""
+    f32, highest = String("float32"), String("highest")
+    for n_batch, n_free in RANK_CASES:
+        rank = n_batch + n_free + 1  # the scores'; the broadcast product has one axis more
+        batch, lead = perm_range(n_batch), list(range(n_batch + n_free))
+        spread_other = ivec([*range(n_batch), rank - 1, rank])  # K [batch.., Sk, D], V [batch.., Sk, Dv]
+        swap = ivec([*range(n_batch), n_batch + 1, n_batch])
+        plain = (f64(1.0), f64(0.0), NO_MASK, String("none"), f64(KERNEL_FILL), i64(0), i64(n_batch))
+
+        def product_shape(first: IntVec, other: IntVec) -> tuple:
+            """The broadcast product is [batch.., free.., Sk, D] (or Dv) of the two operands' own
+            sizes, no axis stretched: their batch axes are the same sizes."""
+            return (s1 == IntVec(*[first[i] for i in lead], other[n_batch], other[n_batch + 1]),
+                    first.length() == i64(len(lead) + 1), other.length() == i64(n_batch + 2),
+                    *(other[i] == first[i] for i in range(n_batch)))
+
+        operands = (Term.broadcast(q, s1, ivec([*lead, rank])), Term.broadcast(k, s1, spread_other))
+        for product in (Term.binary("mul", *operands), Term.binary("mul", *operands[::-1])):
+            yield rl(eq(e).to(Term.reduce("reduce_sum", product, ivec([rank]))), shape(q) == ss, shape(k) == sk_,
+                     *product_shape(ss, sk_), sk_[n_batch + 1] == ss[rank - 1], dtype(q) == f32, dtype(k) == f32)(
+                _scores(e, q, Term.transpose(k, swap), *plain))
+        probs = Term.softmax(x)
+        operands = (Term.broadcast(probs, s1, perm_range(rank)), Term.broadcast(v, s1, spread_other))
+        for product in (Term.binary("mul", *operands), Term.binary("mul", *operands[::-1])):
+            yield rl(eq(e).to(Term.reduce("reduce_sum", product, ivec([rank - 1]))),
+                     _scores(x, q, k, sc0, cap, m, mk, fl, causal, nb), shape(x) == s2, shape(v) == sv,
+                     *product_shape(s2, sv), sv[n_batch] == s2[rank - 1], dtype(x) == f32, dtype(v) == f32)(
+                union(e).with_(Term.dot(probs, v, ivec([rank - 1]), ivec([n_batch]), batch, batch, f32, highest)))
+
+
+@attention_raise.family
 def shared_query():
     """Q·Kᵀ whose K has one free axis more than Q's batch axes before its keys (a query shared by
     every batch element: learned latents or a MAP head's probe, ``einsum("nhd,bshd->bhns")``) is
@@ -1045,18 +1082,34 @@ def _reciprocal_vjp_forms(probs: Term, d_probs: Term, rank: int):
             yield form, (eq(probs).to(p_form), *same_softmax)
 
 
+def _textbook_vjp_forms(probs: Term, d_probs: Term, rank: int):
+    """(form, conditions): softmax's VJP written out by hand, as a custom_vjp attention's backward
+    writes it (saving P): ``P * (dP - sum(P * dP))`` or ``P * dP - P * sum(P * dP)``, the row sum
+    broadcast back along the keys (products in either order). That is the op's backward up to the
+    order of its row sum (the op's flash backward sums ``dO * O``, `VJP_SPELLINGS`' note)."""
+    last, keep = ivec([rank - 1]), perm_range(rank - 1)
+    for prod in (Term.binary("mul", probs, d_probs), Term.binary("mul", d_probs, probs)):
+        row = Term.broadcast(Term.reduce("reduce_sum", prod, last), s1, keep)
+        centred = Term.binary("sub", d_probs, row)
+        yield Term.binary("mul", probs, centred), ()
+        yield Term.binary("mul", centred, probs), ()
+        for correction in (Term.binary("mul", probs, row), Term.binary("mul", row, probs)):
+            yield Term.binary("sub", prod, correction), ()
+
+
 VJP_CUSTOM, VJP_UNIT_SUMS, VJP_POWER_QUOTIENT, VJP_QUOTIENT, VJP_BY_HAND = range(5)
 VJP_SPELLINGS = (
     (VJP_CUSTOM, _softmax_vjp_forms), (VJP_UNIT_SUMS, _unit_sum_vjp_forms),
     (VJP_POWER_QUOTIENT, _power_quotient_vjp_forms), (VJP_QUOTIENT, _quotient_vjp_forms),
-    (VJP_BY_HAND, _log_softmax_vjp_forms), (VJP_BY_HAND, _reciprocal_vjp_forms),
+    (VJP_BY_HAND, _log_softmax_vjp_forms), (VJP_BY_HAND, _reciprocal_vjp_forms), (VJP_BY_HAND, _textbook_vjp_forms),
 )
 """`softmax_vjp`'s spellings, numbered in the order the gradient rules accept them: a dP read as
 one kind of value reads the spellings up to a number (`softmax_backward`): jax.nn.softmax's custom
 JVP (row sum over the last axis; then summed over unit axes), the quotient's before jax 0.12, then
-softmaxes written by hand (E / sum(E); exp(log_softmax) and E * (1 / sum(E))): these differ from
-the op's backward by the rounding of E / T against P and the order of the sums, with the same NaN
-rows (a NaN or +inf score makes its row's P and E NaN in both)."""
+softmaxes written by hand (E / sum(E); exp(log_softmax) and E * (1 / sum(E))) and softmax's VJP
+written by hand (`_textbook_vjp_forms`): these differ from the op's backward by the rounding of
+E / T against P and the order of the sums, with the same NaN rows (a NaN or +inf score makes its
+row's P and E NaN in both)."""
 
 
 def _reshaped_softmax_ranks(n_batch: int, n_free: int, transposed: bool) -> list[int]:
@@ -1533,6 +1586,32 @@ def _traced_factor_backward(dims: IntVec, factor_facts):
             union(e).with_(Term.reshape(dk_, sk_)))
 
 
+def _traced_factor_gradient(dims: IntVec, factor_facts):
+    """The gradient of a traced factor t that multiplies the scores x (= Q·Kᵀ times the op's constant
+    scale c) along ``dims`` (``factor_facts`` as in `_traced_factor_backward`), which jax.grad writes
+    as ``sum(g ⊙ x)`` over the axes t was spread along (the keys' among them; g the cotangent of the
+    scaled scores), is that sum of ``Q ⊙ dQ'`` over the same axes (the keys' axis is Q's D), dQ' the
+    op's gradient for its operand Q' = Q·t: dQ' = c·g·K, so both sum g_ij · c · q_id · k_jd over j
+    and d (in real numbers: the products and sums are taken in another order). Float32 only: in
+    half precision the program rounds each product, and the reordered sum is not compared to it."""
+    dq_, dk_, dv_, db_, qt_ = (var(n, Term) for n in ("dq_", "dk_", "dv_", "db_", "qt_"))
+    f32, summed = String("float32"), var("summed", IntVec)
+    for n_batch, n_free in RANK_CASES:
+        rank = n_batch + n_free + 1  # x a product [batch.., free.., Sk] of Q-shaped [batch.., free.., D]
+        facts = (
+            scores_cot(g_, s_, sf_, do_, v), _scores(x, q, k, sc0, f64(0.0), NO_MASK, String("none"), fl, i64(0), nb),
+            eq(x).to(_canonical_qk(y, z, n_batch, rank)),
+            grad_op(sf_, qt_, k, v, do_, dq_, dk_, dv_, db_), eq(qt_).to(Term.binary("mul", q, Term.broadcast(t_, ss, dims))),
+            shape(q) == ss, ss.length() == i64(rank), summed[summed.length() - 1] == i64(rank - 1),
+            *factor_facts(s1), dtype(t_) == f32, dtype(q) == f32, dtype(x) == f32,
+        )
+        spread = Term.broadcast(t_, s1, dims)
+        for scaled in (Term.binary("mul", x, spread), Term.binary("mul", spread, x)):
+            for product in (Term.binary("mul", x, g_), Term.binary("mul", g_, x)):
+                yield rl(eq(s_).to(scaled), eq(e).to(Term.reduce("reduce_sum", product, summed)), *facts)(
+                    union(e).with_(Term.reduce("reduce_sum", Term.binary("mul", q, dq_), summed)))
+
+
 @attention_grad.family
 def traced_scale_backward():
     """A traced scalar factor t of the scores (`scores_traced_scale`: the op reads Q·t) multiplies
@@ -1541,11 +1620,15 @@ def traced_scale_backward():
     Q·t, and K's, (g·t)ᵀ·Q, is the op's (both products equal in real numbers: they differ by where
     t is multiplied in, a reassociation; at t = 0 the sign of a zero gradient may differ). The same
     for a traced per-head factor (`scores_per_head_scale`: constant along the keys, spread over Q
-    along the same axes), elementwise."""
-    yield from _traced_factor_backward(NONE, lambda _: (shape(t_) == NONE,))
-    yield from _traced_factor_backward(d1, lambda spread_shape: (
+    along the same axes), elementwise. The factor's own gradient (CLIP's scalar and Swin-v2's
+    per-head learned `logit_scale`): `_traced_factor_gradient`."""
+    scalar_facts = lambda _: (shape(t_) == NONE,)  # noqa: E731
+    per_head_facts = lambda spread_shape: (  # noqa: E731
         d1.length() >= i64(1), d1[d1.length() - 1] == spread_shape.length() - 1, shape(t_) == s3,
-        s3[s3.length() - 1] == i64(1)))
+        s3[s3.length() - 1] == i64(1))
+    for dims, factor_facts in ((NONE, scalar_facts), (d1, per_head_facts)):
+        yield from _traced_factor_backward(dims, factor_facts)
+        yield from _traced_factor_gradient(dims, factor_facts)
 
 
 @attention_grad.family

@@ -982,6 +982,13 @@ def softmax_recip(q, k, v):
     return _pv(e * jnp.reciprocal(e.sum(-1, keepdims=True)), v)
 
 
+@case("scores_and_pv_by_broadcast_multiply_sum", qkv(extreme=True), positive=True, family="softmax",
+      source=HAND + " (q[..., :, None, :] * k[..., None, :, :]).sum(-1), causal, (p[..., None] * v[..., None, :, :]).sum(-2)")
+def broadcast_multiply_sums(q, k, v):
+    s = jnp.where(causal(), (q[..., :, None, :] * k[..., None, :, :]).sum(-1) * 0.25, -jnp.inf)
+    return (jax.nn.softmax(s, axis=-1)[..., None] * v[..., None, :, :]).sum(-2)
+
+
 @case("softmax_exp_log_softmax", qkv(), positive=True, family="softmax", source=HAND + " exp(log_softmax(s))")
 def softmax_exp_log(q, k, v):
     return _pv(jnp.exp(jax.nn.log_softmax(_scores(q, k), axis=-1)), v)
@@ -1288,11 +1295,47 @@ grad_case("scale_per_head_traced_grad", scale_per_head, with_extra(qkv(), normal
           source="Swin v2: a traced per-head scale multiplies the scores' cotangent per head")
 grad_case("scale_runtime_scalar_arg_grad", scale_runtime, with_extra(qkv(), lambda rng: jnp.float32(0.3)), family="scale",
           source=HAND + " a traced scalar scale multiplies the scores' cotangent")
+grad_case("scale_runtime_scalar_wrt_scale_grad", scale_runtime, with_extra(qkv(extreme=True), lambda rng: jnp.float32(0.3)),
+          family="scale", argnums=(0, 1, 2, 3),
+          source="CLIP's learned logit_scale: the traced scalar's own gradient, sum(g ⊙ Q·Kᵀ), from the op's dQ")
+grad_case("scale_per_head_wrt_scale_grad", scale_per_head, with_extra(qkv(), normal((H, 1, 1))),
+          family="scale", argnums=(0, 1, 2, 3),
+          source="Swin v2's per-head logit_scale: its own gradient, summed per head, from the op's dQ")
 grad_case("softmax_exp_log_softmax_grad", softmax_exp_log, qkv(), family="softmax",
           source=HAND + " the backward of exp(log_softmax(s)): log_softmax's VJP")
 grad_case("softmax_reciprocal_multiply_grad", softmax_recip, qkv(extreme=True), family="softmax",
           source=HAND + " the backward of E * (1 / sum(E)) with the max not under stop_gradient")
 
+
+
+def _custom_vjp_attention(distributed: bool) -> Callable:
+    """Attention under jax.custom_vjp whose backward writes softmax's VJP by hand (saving P), as a
+    kernel's pure-JAX fallback does: ``P * (dP - sum(P * dP))``, or ``P * dP - P * sum(P * dP)``."""
+
+    @jax.custom_vjp
+    def attention(q, k, v):
+        return _pv(softmax_last(_scores(q, k)), v)
+
+    def forward(q, k, v):
+        p = softmax_last(_scores(q, k))
+        return _pv(p, v), (q, k, v, p)
+
+    def backward(saved, do):
+        q, k, v, p = saved
+        dp = jnp.einsum("bhqd,bhkd->bhqk", do, v)
+        row = jnp.sum(p * dp, axis=-1, keepdims=True)
+        ds = (p * dp - p * row) if distributed else p * (dp - row)
+        ds = ds * 0.25  # _scores' scale
+        return jnp.einsum("bhqk,bhkd->bhqd", ds, k), jnp.einsum("bhqk,bhqd->bhkd", ds, q), jnp.einsum("bhqk,bhqd->bhkd", p, do)
+
+    attention.defvjp(forward, backward)
+    return attention
+
+
+grad_case("custom_vjp_textbook_softmax_backward_grad", _custom_vjp_attention(False), qkv(extreme=True),
+          family="softmax", source=HAND + " custom_vjp attention, backward P * (dP - sum(P * dP)) written out")
+grad_case("custom_vjp_textbook_distributed_backward_grad", _custom_vjp_attention(True), qkv(),
+          family="softmax", source=HAND + " custom_vjp attention, backward P * dP - P * sum(P * dP) written out")
 
 # ---------------------------------------------------------------------------------------------
 

@@ -375,6 +375,37 @@ def test_custom_vjp_backward_is_kept():
     assert any(optimized.explain(x).before.nodes[i].op == "opaque" for i in range(len(optimized.explain(x).before)))
 
 
+def test_custom_vjp_attention_is_raised_and_its_backward_kept():
+    """A custom_vjp whose primal computes attention (a kernel's reference forward) is inlined for
+    the rules and raised; its hand-written backward (here clipped) still gives jax.grad."""
+
+    def attention(q, k, v):
+        return jax.nn.softmax(q @ k.swapaxes(-1, -2) * 0.5, axis=-1) @ v
+
+    @jax.custom_vjp
+    def clipped_attention(q, k, v):
+        return attention(q, k, v)
+
+    def backward(saved, g):
+        grads = jax.vjp(attention, *saved)[1](g)
+        return tuple(jnp.clip(d, -0.05, 0.05) for d in grads)
+
+    clipped_attention.defvjp(lambda q, k, v: (attention(q, k, v), (q, k, v)), backward)
+
+    def f(q, k, v):
+        return clipped_attention(q, k, v) * 2.0
+
+    q, k, v = (_normal(seed, (2, 2, 8, 4)) for seed in (1, 2, 3))
+    optimized = ea.optimize(f, limits=ea.Limits(iterations=20, seconds=SAFETY_NET_S))
+    report = optimized.explain(q, k, v)
+    assert len(report.attention) == 1 and report.before.count("opaque") == 0
+    np.testing.assert_allclose(optimized(q, k, v), f(q, k, v), rtol=1e-5, atol=1e-6)
+    loss = lambda fn: jax.grad(lambda *a: (fn(*a) ** 2).sum(), argnums=(0, 1, 2))  # noqa: E731
+    for got, want in zip(loss(optimized)(q, k, v), loss(f)(q, k, v), strict=True):
+        assert float(jnp.abs(want).max()) == pytest.approx(0.05)  # the clip decided it
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_custom_jvp_rules_still_give_the_derivatives():
     """A custom_jvp is inlined for the rules; its derivative rule (a straight-through
     estimator here) still decides jax.grad and jax.jvp of the optimized function."""
