@@ -409,43 +409,6 @@ def scores_of_matmul():
 
 
 @attention_raise.family
-def broadcast_product_sums():
-    """Float32 products written as a broadcast multiply and a sum over the shared axis, as
-    ``(q[..., :, None, :] * k[..., None, :, :]).sum(-1)`` and ``(p[..., None] * v[..., None, :, :]).sum(-2)``
-    write Q·Kᵀ and P·V. The scores are the canonical product's (`attn_scores` of Q and Kᵀ, a fact: the
-    sum itself is not rewritten, so it stays where attention is not raised); P·V, for P a softmax of
-    such scores, is their product at `highest` precision (float32 products, as the program's; only
-    the order of the sum may differ, and inside the raised op)."""
-    f32, highest = String("float32"), String("highest")
-    for n_batch, n_free in RANK_CASES:
-        rank = n_batch + n_free + 1  # the scores'; the broadcast product has one axis more
-        batch, lead = perm_range(n_batch), list(range(n_batch + n_free))
-        spread_other = ivec([*range(n_batch), rank - 1, rank])  # K [batch.., Sk, D], V [batch.., Sk, Dv]
-        swap = ivec([*range(n_batch), n_batch + 1, n_batch])
-        plain = (f64(1.0), f64(0.0), NO_MASK, String("none"), f64(KERNEL_FILL), i64(0), i64(n_batch))
-
-        def product_shape(first: IntVec, other: IntVec) -> tuple:
-            """The broadcast product is [batch.., free.., Sk, D] (or Dv) of the two operands' own
-            sizes, no axis stretched: their batch axes are the same sizes."""
-            return (s1 == IntVec(*[first[i] for i in lead], other[n_batch], other[n_batch + 1]),
-                    first.length() == i64(len(lead) + 1), other.length() == i64(n_batch + 2),
-                    *(other[i] == first[i] for i in range(n_batch)))
-
-        operands = (Term.broadcast(q, s1, ivec([*lead, rank])), Term.broadcast(k, s1, spread_other))
-        for product in (Term.binary("mul", *operands), Term.binary("mul", *operands[::-1])):
-            yield rl(eq(e).to(Term.reduce("reduce_sum", product, ivec([rank]))), shape(q) == ss, shape(k) == sk_,
-                     *product_shape(ss, sk_), sk_[n_batch + 1] == ss[rank - 1], dtype(q) == f32, dtype(k) == f32)(
-                _scores(e, q, Term.transpose(k, swap), *plain))
-        probs = Term.softmax(x)
-        operands = (Term.broadcast(probs, s1, perm_range(rank)), Term.broadcast(v, s1, spread_other))
-        for product in (Term.binary("mul", *operands), Term.binary("mul", *operands[::-1])):
-            yield rl(eq(e).to(Term.reduce("reduce_sum", product, ivec([rank - 1]))),
-                     _scores(x, q, k, sc0, cap, m, mk, fl, causal, nb), shape(x) == s2, shape(v) == sv,
-                     *product_shape(s2, sv), sv[n_batch] == s2[rank - 1], dtype(x) == f32, dtype(v) == f32)(
-                union(e).with_(Term.dot(probs, v, ivec([rank - 1]), ivec([n_batch]), batch, batch, f32, highest)))
-
-
-@attention_raise.family
 def shared_query():
     """Q·Kᵀ whose K has one free axis more than Q's batch axes before its keys (a query shared by
     every batch element: learned latents or a MAP head's probe, ``einsum("nhd,bshd->bhns")``) is
@@ -843,6 +806,51 @@ def attention():
                         compute, fl, cap,
                     )
                     yield rl(eq(e).to(out), facts, *shapes, *p_conds, *dtype_cond)(union(e).with_(back(att)))
+
+
+@attention_raise.family
+def broadcast_product_sums():
+    """Float32 products written as a broadcast multiply and a sum over the shared axis, as
+    ``(q[..., :, None, :] * k[..., None, :, :]).sum(-1)`` and ``(p[..., None] * v[..., None, :, :]).sum(-2)``
+    write Q·Kᵀ and P·V. The scores are the canonical product's (`attn_scores` of Q and Kᵀ, a fact: the
+    sum itself is not rewritten, so it stays where attention is not raised); P·V, for P a softmax of
+    such scores, is the attention op (float32 products, as the program's; only the order of the sum
+    differs, inside the op: it is never rewritten to a standalone matmul)."""
+    f32 = String("float32")
+    for n_batch, n_free in RANK_CASES:
+        rank = n_batch + n_free + 1  # the scores'; the broadcast product has one axis more
+        lead = list(range(n_batch + n_free))
+        spread_other = ivec([*range(n_batch), rank - 1, rank])  # K [batch.., Sk, D], V [batch.., Sk, Dv]
+        swap = ivec([*range(n_batch), n_batch + 1, n_batch])
+        plain = (f64(1.0), f64(0.0), NO_MASK, String("none"), f64(KERNEL_FILL), i64(0), i64(n_batch))
+
+        def product_shape(first: IntVec, other: IntVec) -> tuple:
+            """The broadcast product is [batch.., free.., Sk, D] (or Dv) of the two operands' own
+            sizes, no axis stretched: their batch axes are the same sizes."""
+            return (s1 == IntVec(*[first[i] for i in lead], other[n_batch], other[n_batch + 1]),
+                    first.length() == i64(len(lead) + 1), other.length() == i64(n_batch + 2),
+                    *(other[i] == first[i] for i in range(n_batch)))
+
+        operands = (Term.broadcast(q, s1, ivec([*lead, rank])), Term.broadcast(k, s1, spread_other))
+        for product in (Term.binary("mul", *operands), Term.binary("mul", *operands[::-1])):
+            yield rl(eq(e).to(Term.reduce("reduce_sum", product, ivec([rank]))), shape(q) == ss, shape(k) == sk_,
+                     *product_shape(ss, sk_), sk_[n_batch + 1] == ss[rank - 1], dtype(q) == f32, dtype(k) == f32)(
+                _scores(e, q, Term.transpose(k, swap), *plain))
+        # P·V is the attention itself (as `attention` raises a product), never a standalone matmul:
+        # a matmul's sum order differs from the written sum's, which "exact" allows only in the op
+        q4, k4, v4, mask4, back = _attention_4d(n_batch, n_free)
+        flag = i64(0) if n_free == 0 else causal
+        operands = (Term.broadcast(Term.softmax(x), s1, perm_range(rank)), Term.broadcast(v, s1, spread_other))
+        for product in (Term.binary("mul", *operands), Term.binary("mul", *operands[::-1])):
+            for kind in ("none", "bias", "bool", "bias+bool"):
+                mask_fact, mask_term = _mask_operand(kind, mask4)
+                att = Term.attention(q4(q), k4(k), v4(v), mask_term, BHSD, K_TRANSPOSED, BHSD, BHSD, sc0, flag,
+                                     String(kind), String(""), fl, cap)
+                yield rl(eq(e).to(Term.reduce("reduce_sum", product, ivec([rank - 1]))),
+                         _scores(x, q, k, sc0, cap, mask_fact, String(kind), fl, flag, i64(n_batch)),
+                         shape(x) == s2, shape(v) == sv, shape(q) == ss, ss.length() == i64(rank), shape(k) == sk_,
+                         *product_shape(s2, sv), sv[n_batch] == s2[rank - 1],
+                         dtype(x) == f32, dtype(v) == f32, dtype(q) == f32)(union(e).with_(back(att)))
 
 
 @attention_layout.family
