@@ -2,6 +2,11 @@
 
     python bench/optimize_times.py --json out.json [--only SUBSTR ...] [--repeats 3] [--no-probes]
     python bench/optimize_times.py --compare before.json after.json     # programs and costs
+    python bench/optimize_times.py --only CASE ... --repeats 3 --baseline eqsat_attn.egraph.driver.X=VALUE
+
+``--baseline MODULE.ATTR=VALUE`` (repeatable) also times each case with those module attributes
+set (a Python literal each), alternating with the code as it is in every round: a before/after
+pair from one process on the same load (rows get ``base_*`` fields).
 
 Each case (``tests/attention_corpus.py``'s CASES, then ``bench/probe_attention_spellings.py``'s
 probes forward and as ``jax.grad``) is captured once; then ``--repeats`` rounds each optimize
@@ -19,12 +24,16 @@ and the chosen program's text. Options are the corpus's (H100 model, ``LIMITS``,
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib
 import json
 import pathlib
 import statistics
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 for p in (ROOT, ROOT / "tests", ROOT / "bench"):
@@ -107,6 +116,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--no-probes", action="store_true")
     parser.add_argument("--compare", nargs=2)
+    parser.add_argument("--baseline", action="append", default=[], help="MODULE.ATTR=VALUE, set for the baseline runs")
     args = parser.parse_args()
     if args.compare:
         compare(*args.compare)
@@ -114,25 +124,49 @@ def main() -> None:
     options = OptimizeOptions(cost_model=for_device("h100"), limits=LIMITS)
     cases = [c for c in all_cases(not args.no_probes) if not args.only or any(s == c.name for s in args.only)]
     programs = {c.name: capture(c.fn, *c.args()).program for c in cases}
-    rows = {c.name: {"name": c.name, "wall": [], "cpu": []} for c in cases}
+    rows: dict[str, dict] = {c.name: {"name": c.name} for c in cases}
+    baseline = [_setting(text) for text in args.baseline]
     for rnd in range(args.repeats + 1):
         for c in cases:
-            info, wall, cpu = optimize_once(programs[c.name], options)
             row = rows[c.name]
-            if rnd == 0:
-                row.update(info)
-                if args.repeats:
-                    continue
-            row["wall"].append(wall)
-            row["cpu"].append(cpu)
-            if rnd == args.repeats:
-                row["wall_median"] = statistics.median(row["wall"])
-                row["cpu_median"] = statistics.median(row["cpu"])
-                print(f"{c.name:50s} cpu {row['cpu_median']:6.2f}s wall {row['wall_median']:6.2f}s "
-                      f"nodes {row['egraph_nodes']:6d} runs {[(r['egraph_nodes'], r['iterations']) for r in row['runs']]}",
-                      flush=True)
+            for prefix in ("base_", "") if baseline else ("",):
+                with _patched(baseline if prefix else []):
+                    info, wall, cpu = optimize_once(programs[c.name], options)
+                if rnd == 0:
+                    row.update({prefix + k: v for k, v in info.items()})
+                    if args.repeats:
+                        continue
+                row.setdefault(prefix + "wall", []).append(wall)
+                row.setdefault(prefix + "cpu", []).append(cpu)
+                if rnd == args.repeats:
+                    row[prefix + "wall_median"] = statistics.median(row[prefix + "wall"])
+                    row[prefix + "cpu_median"] = statistics.median(row[prefix + "cpu"])
+                    print(f"{prefix + c.name:55s} cpu {row[prefix + 'cpu_median']:6.2f}s wall "
+                          f"{row[prefix + 'wall_median']:6.2f}s nodes {row[prefix + 'egraph_nodes']:6d} runs "
+                          f"{[(r['egraph_nodes'], r['iterations']) for r in row[prefix + 'runs']]}", flush=True)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(list(rows.values()), indent=1))
+
+
+def _setting(text: str) -> tuple[object, str, object]:
+    """``package.module.ATTR=VALUE`` -> (module, attribute, value)."""
+    path, value = text.split("=", 1)
+    module_name, attr = path.rsplit(".", 1)
+    module = importlib.import_module(module_name)
+    getattr(module, attr)  # a misspelt name fails here, not silently
+    return module, attr, ast.literal_eval(value)
+
+
+@contextmanager
+def _patched(settings: list[tuple[object, str, object]]) -> Iterator[None]:
+    old = [getattr(m, a) for m, a, _ in settings]
+    for m, a, v in settings:
+        setattr(m, a, v)
+    try:
+        yield
+    finally:
+        for (m, a, _), v in zip(settings, old):
+            setattr(m, a, v)
 
 
 def compare(before_path: str, after_path: str) -> None:
