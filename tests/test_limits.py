@@ -10,13 +10,16 @@ import itertools
 import math
 import warnings
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from eqsat_attn.cost import for_device
 from eqsat_attn.egraph import driver, encode, extract_program, resolve, run_rulesets
 from eqsat_attn.egraph.ilp import extract_ilp
-from eqsat_attn.pipeline import Limits, OptimizeOptions, saturate
+from eqsat_attn.capture import capture
+from eqsat_attn.pipeline import Limits, OptimizeOptions, saturate, saturated
 from test_qkv import SPLIT, p_packed
 from test_rules import B
 
@@ -82,6 +85,30 @@ def test_stepped_rounds_give_the_one_schedule_result_when_no_limit_is_hit():
         whole_program, whole_cost = extract_program(egraph, encoding, model)
     assert [s["egraph_nodes"] for s in stepped.steps] == sizes
     assert stepped_cost == whole_cost and str(stepped_program) == str(whole_program)
+
+
+def test_raise_passes_finish_the_raising_chain_in_fewer_rounds(monkeypatch):
+    """Past `RAISE_PASSES_FROM_ENODES` (here from the start) a raise set runs up to `RAISE_PASSES`
+    passes per round: GPT-2's where-masked attention is raised rounds earlier, and the run still
+    saturates at the same e-graph, from which the same program is extracted."""
+    def gpt2(q, k, v):  # [B, S, H, D] each, as tests/attention_corpus.py's sfdp18 writes it
+        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+        s = jnp.matmul(q, k.transpose(0, 1, 3, 2)) / jnp.full((), v.shape[-1] ** 0.5, jnp.float32)
+        s = jnp.where(jnp.tril(jnp.ones((8, 8), bool))[None, None], s, jnp.finfo(jnp.float32).min)
+        return jnp.matmul(jax.nn.softmax(s, axis=-1), v)
+
+    program = capture(gpt2, *[jax.ShapeDtypeStruct((2, 8, 2, 16), jnp.float32)] * 3).program
+    options = OptimizeOptions(cost_model=for_device("h100"))
+    monkeypatch.setattr(driver, "RAISE_PASSES_FROM_ENODES", 0)
+    runs = []
+    for passes in (1, driver.RAISE_PASSES):
+        monkeypatch.setattr(driver, "RAISE_PASSES", passes)
+        with saturated(program, options) as (egraph, encoding, run):
+            chosen, cost = extract_program(egraph, encoding, options.cost_model)
+        raised = [s["iteration"] for s in run.steps if s["rules_fired"].get("attention_raise.attention")]
+        runs.append((raised[0], run.saturated, run.egraph_nodes, str(chosen), cost))
+    (one_pass, *single), (passes, *multi) = runs
+    assert passes < one_pass and single == multi and single[0]
 
 
 def test_seconds_limit_stops_within_an_iteration_and_warns(monkeypatch):

@@ -1,7 +1,7 @@
 """Run named rule sets on an e-graph under limits, answering index-math questions between rounds.
 
 Each iteration runs the shape/dtype analysis to saturation, then every "raise" rule set
-once, then every "rewrite" rule set twice (EGGLOG_NOTES: raising before analyses before
+once (on a large e-graph up to `RAISE_PASSES` times), then every "rewrite" rule set twice (EGGLOG_NOTES: raising before analyses before
 layout rules; see `_round_schedule`), one rule set at a time, with the e-node and time limits
 checked after each. After it, questions the rules asked (`ask`) are answered in Python. The run
 stops when nothing changed and no question is open (saturated), or at a limit."""
@@ -156,6 +156,27 @@ def _round_steps(rulesets: list[RuleSet]) -> list[RuleSet]:
     raise_ = [r for r in rulesets if r.phase == "raise"]
     rewrite = [r for r in rulesets if r.phase == "rewrite"]
     return [*raise_, *rewrite, *rewrite]
+
+
+#: passes of a raise rule set (each after the analysis) in one step of a round once the e-graph is
+#: past `RAISE_PASSES_FROM_ENODES` e-nodes; they stop early once a pass changes nothing. Raising is
+#: a chain of recognitions that read each other's facts (masks, then scores, softmax, attention
+#: and its gradients): one pass per round spreads that chain over as many rounds, each of which
+#: also runs the transpose rules over the whole e-graph (a jax.grad of jax.nn.dot_product_attention
+#: with a bias and a local window raised its backward in round 14, at 26,601 e-nodes).
+RAISE_PASSES = 3
+#: below this many e-nodes a raise set runs once per round: a round is cheap there, and the
+#: extra passes cost small programs 7-20% more time for the same rounds and e-graph
+RAISE_PASSES_FROM_ENODES = 4_000
+
+
+def _step_schedule(rs: RuleSet, rules: Schedule, passes: int = 1) -> Schedule:
+    """What one step of a round runs of rule set ``rs`` (its ``rules``: all or a subset): a raise
+    set ``passes`` times, each pass but the first after the analysis (its new terms get their
+    shapes and dtypes, which its rules read); a rewrite set once."""
+    if rs.phase != "raise" or passes == 1:
+        return rules
+    return seq(rules, seq(analysis.saturate(), rules) * (passes - 1))
 
 
 def _round_schedule(rulesets: list[RuleSet], kept: tuple[bool, ...] | None = None) -> Schedule:
@@ -474,14 +495,19 @@ def run_rulesets(
     analysis_command = schedule_command(egraph, analysis.saturate())
     steps = [("analysis", analysis_command)]
     subsets = _relevant_subsets(rulesets, relevant_to)
-    steps += [(r.name, schedule_command(egraph, subsets[r.name])) for r in _round_steps(rulesets)
-              if subsets[r.name] is not None]  # a rule set none of whose rules can match is not run
+    kept = [r for r in _round_steps(rulesets) if subsets[r.name] is not None]  # others cannot match
+    steps += [(r.name, schedule_command(egraph, subsets[r.name])) for r in kept]
+    large_steps: list[tuple[str, bindings._Command]] = []  # made once the e-graph is past RAISE_PASSES_FROM_ENODES
+    size = egraph_size(egraph)
     for iteration in range(limits.iterations):
         step: Counter[str] = Counter()
         updated = False
         stopped = None
         steps_run = 0
-        for name, command in steps:
+        if size > RAISE_PASSES_FROM_ENODES and not large_steps:
+            large_steps = [steps[0]] + [(r.name, schedule_command(egraph, _step_schedule(r, subsets[r.name], RAISE_PASSES)))
+                                        for r in kept]
+        for name, command in (large_steps if size > RAISE_PASSES_FROM_ENODES else steps):
             before = sum(fired[f] + step[f] for f in watched)
             report = run_schedule(egraph, command)
             steps_run += 1
