@@ -98,8 +98,6 @@ class _Egg:
         self.causal = self._name(causal_mask)
         self.rows_kept = self._name(rows_kept)
         self.order = self._name(program_order)
-        self.term_type = TERM_TYPE
-        self.list_type = LIST_TYPE
         self.vecs: dict[tuple[int, ...], bindings.Call] = {}
 
     def _name(self, fn: Any) -> str:
@@ -138,7 +136,7 @@ class _Egg:
         return bindings.ActionCommand(bindings.Set(self.span, fn, [arg], value))
 
 
-
+#: the egglog types of a term and of a term list (for the handles of let-bound names)
 TERM_TYPE = to_runtime_expr(Term.input(0)).__egg_typed_expr__.tp
 LIST_TYPE = to_runtime_expr(TermList.nil()).__egg_typed_expr__.tp
 
