@@ -107,7 +107,7 @@ def textbook_softmax_backward(program: Program) -> bool:
                 if node.op == "reduce_sum" and nodes[node.inputs[0]].op == "mul"}
     spread: dict[int, set[int]] = {}  # a row sum broadcast back (through [.., 1] or not)
     for i, node in enumerate(nodes):
-        if node.op in ("broadcast_in_dim", "reshape") and node.inputs[0] in (row_sums.keys() | spread.keys()):
+        if node.op in ("broadcast_in_dim", "reshape") and (node.inputs[0] in row_sums or node.inputs[0] in spread):
             spread[i] = row_sums.get(node.inputs[0]) or spread[node.inputs[0]]
 
     def subtracted(node) -> set[int]:
