@@ -115,7 +115,12 @@ def softmax_misses(program: Program, precision: str = "exact") -> list[SoftmaxMi
             if others == ["mul"] and precision == "exact" and _feeds_dot(program, readers[0], users):
                 reason += f" (P times a factor, then by V: {FAST_MATH} where the factor is constant along the keys)"
             elif "mul" in others and has_attention(program):  # a jax.grad program whose forward became attention
-                reason += " (its gradient's P·dP: the forward is attention, this spelling's backward is not raised)"
+                if _scores_summed_with_a_cotangent(program, path, users):
+                    reason += (" (a traced scale's own gradient, sum(g ⊙ Q·Kᵀ), reads the scores' cotangent g: "
+                               "from the op's dQ it would sum across the op's boundary, where one grouping can "
+                               f"overflow and the other not: not exact; {FAST_MATH})")
+                else:
+                    reason += " (its gradient's P·dP: the forward is attention, this spelling's backward is not raised)"
         elif source.op != "dot_general":
             reason = (f"its scores are not a matmul Q·Kᵀ with a scale, soft-cap, bias or where-mask "
                       f"(nearest producer: {source.op})")
@@ -225,6 +230,22 @@ def _where_reason(program: Program, mask: int, readers: list[int]) -> str:
                 "attention NaN (not exact)")
     return ("jax.nn.softmax(s, where=mask): its P, zeroed where the mask hides, is read beside the product with V "
             f"(V's gradient Pᵀ·dO differs from the op's in a row of NaN scores: not exact; {FAST_MATH})")
+
+
+def _scores_summed_with_a_cotangent(program: Program, path: list[Node], users: dict[int, list[int]]) -> bool:
+    """Whether the Q·Kᵀ under a softmax's scores (``path``, from `_scores_source`) is multiplied by a
+    traced factor and also by another tensor that is then summed: the factor's gradient ``sum(g ⊙ x)``
+    as jax.grad writes it (CLIP's and Swin-v2's learned logit scale)."""
+    if not path or not any(n.op == "mul" for n in path):
+        return False
+    on_path = {id(n) for n in path}
+    for dot in (i for i in path[-1].inputs if program.nodes[i].op == "dot_general"):
+        for product in users.get(dot, ()):
+            node = program.nodes[product]
+            if node.op == "mul" and id(node) not in on_path and any(
+                    program.nodes[u].op == "reduce_sum" for u in users.get(product, ())):
+                return True
+    return False
 
 
 def _feeds_dot(program: Program, node_id: int, users: dict[int, list[int]]) -> bool:

@@ -1560,6 +1560,18 @@ def softcap_backward():
                      scores_cot(g_, s_, sf_, do_, v), staged, c > f64(0.0))(scores_cot(e, x, sf_, do_, v))
 
 
+def _traced_factors():
+    """(the axes t_ is spread along, what t_ and its spread to a shape must satisfy) for a traced
+    factor of the scores: a scalar, and one per head (constant along the keys)."""
+    def scalar_facts(_spread_shape):
+        return (shape(t_) == NONE,)
+
+    def per_head_facts(spread_shape):
+        return (d1.length() >= i64(1), d1[d1.length() - 1] == spread_shape.length() - 1, shape(t_) == s3,
+                s3[s3.length() - 1] == i64(1))
+    return ((NONE, scalar_facts), (d1, per_head_facts))
+
+
 def _traced_factor_backward(dims: IntVec, factor_facts):
     """`traced_scale_backward`'s rules for a factor t_ broadcast along ``dims`` (``factor_facts(shape)``:
     what t_ and its broadcast to that shape must satisfy: the scores' s1, or Q's ss)."""
@@ -1600,8 +1612,11 @@ def _traced_factor_gradient(dims: IntVec, factor_facts):
     as ``sum(g ⊙ x)`` over the axes t was spread along (the keys' among them; g the cotangent of the
     scaled scores), is that sum of ``Q ⊙ dQ'`` over the same axes (the keys' axis is Q's D), dQ' the
     op's gradient for its operand Q' = Q·t: dQ' = c·g·K, so both sum g_ij · c · q_id · k_jd over j
-    and d (in real numbers: the products and sums are taken in another order). Float32 only: in
-    half precision the program rounds each product, and the reordered sum is not compared to it."""
+    and d in real numbers. The sums are grouped the other way round, across the op's boundary (over
+    d inside x, over j inside dQ'), so either intermediate can overflow or cancel where the other
+    does not: q = (1, 1), k_j = (1e30, -1e30) gives x_ij = 0 and dQ' = ±inf for a large g. Fast math
+    only (`traced_factor_gradient`). Float32 only: in half precision the program rounds each
+    product, and the reordered sum is not compared to it."""
     dq_, dk_, dv_, db_, qt_ = (var(n, Term) for n in ("dq_", "dk_", "dv_", "db_", "qt_"))
     f32, summed = String("float32"), var("summed", IntVec)
     for n_batch, n_free in RANK_CASES:
@@ -1629,14 +1644,9 @@ def traced_scale_backward():
     t is multiplied in, a reassociation; at t = 0 the sign of a zero gradient may differ). The same
     for a traced per-head factor (`scores_per_head_scale`: constant along the keys, spread over Q
     along the same axes), elementwise. The factor's own gradient (CLIP's scalar and Swin-v2's
-    per-head learned `logit_scale`): `_traced_factor_gradient`."""
-    scalar_facts = lambda _: (shape(t_) == NONE,)  # noqa: E731
-    per_head_facts = lambda spread_shape: (  # noqa: E731
-        d1.length() >= i64(1), d1[d1.length() - 1] == spread_shape.length() - 1, shape(t_) == s3,
-        s3[s3.length() - 1] == i64(1))
-    for dims, factor_facts in ((NONE, scalar_facts), (d1, per_head_facts)):
+    per-head learned `logit_scale`) is raised only under fast math (`traced_factor_gradient`)."""
+    for dims, factor_facts in _traced_factors():
         yield from _traced_factor_backward(dims, factor_facts)
-        yield from _traced_factor_gradient(dims, factor_facts)
 
 
 @attention_grad.family
@@ -1745,6 +1755,16 @@ def multiplicative_causal_mask():
                     yield rl(eq(e).to(Term.binary(op, x, spread)), causal_mask(y), zero_filled)(
                         _scores(e, q, k, sc0, cap, m, String(kind), fill, i64(1), nb)
                     )
+
+
+@attention_fast_math.family
+def traced_factor_gradient():
+    """A learned scale's gradient (CLIP's scalar and Swin-v2's per-head `logit_scale`),
+    ``sum(g ⊙ x)``, read from the op's dQ as ``sum(Q ⊙ dQ')``: equal in real numbers, but its
+    products are summed in another grouping, across the op's boundary, so one side can overflow
+    (or cancel to a finite value) where the other does not (`_traced_factor_gradient`)."""
+    for dims, factor_facts in _traced_factors():
+        yield from _traced_factor_gradient(dims, factor_facts)
 
 
 @attention_fast_math.family

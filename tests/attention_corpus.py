@@ -1349,6 +1349,10 @@ KNOWN_UNRAISED: dict[str, str] = {
     "softmax_no_max_subtraction": "exp(s) overflows above 88 where the op's stable softmax does not (not exact)",
     "p_times_per_head_mask": "P * m[h] before P·V is not m[h] * (P·V) in signed zeros and NaN (not exact)",
     "softmax_exp_s_minus_logsumexp": LSE,
+    "scale_runtime_scalar_wrt_scale_grad": "dQ, dK and dV are raised; the scale's own gradient sum(g ⊙ Q·Kᵀ) read from "
+                                           "the op's dQ sums across the op's boundary (not exact)",
+    "scale_per_head_wrt_scale_grad": "dQ, dK and dV are raised; the per-head scale's gradient read from the op's dQ "
+                                     "sums across the op's boundary (not exact)",
     "softmax_where_argument_window_grad": "dQ and dK are raised; V's gradient reads P zeroed where the mask hides, "
                                           "the op's P is NaN there in a row of NaN scores (not exact)",
 }

@@ -157,3 +157,21 @@ def test_float64_attention_is_left_in_float64():
             np.testing.assert_array_equal(np.asarray(fn(q, k, v, bias)), np.asarray(_half_attention(q, k, v, bias)))
     finally:
         jax.config.update("jax_enable_x64", previous)
+
+
+def test_a_learned_scales_gradient_keeps_the_programs_grouping_under_exact():
+    """CLIP's learned scale t: jax.grad writes t's gradient as sum(g ⊙ x), x = Q·Kᵀ; read from the
+    op's dQ it is sum(Q ⊙ dQ'), dQ' = g·K, the same products summed the other way round. Where x
+    cancels to 0 (q = (1, 1, 0..), k_j = (1e30, -1e30, ..)) and g is large, g·K overflows: the
+    program's gradient is finite, "exact" keeps it, fast_math's is not finite."""
+    case = BY_NAME["scale_runtime_scalar_wrt_scale_grad"]
+    q, k, v, scale, cot = case.args()
+    q = q.at[0, 0].set(0.0).at[0, 0, 0, :2].set(1.0)
+    k = k.at[0, 0, :, 0].set(1e30).at[0, 0, :, 1].set(-1e30)
+    v = v.at[0, 0].multiply(1e12)
+    args = (q, k, v, scale, cot)
+    want = case.fn(*args)
+    assert np.isfinite(np.asarray(want[3]))
+    exact = optimized(case.fn, "exact")
+    np.testing.assert_allclose(np.asarray(exact(*args)[3]), np.asarray(want[3]), rtol=2e-5)
+    assert not np.isfinite(np.asarray(optimized(case.fn, "fast_math")(*args)[3]))
