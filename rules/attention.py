@@ -337,6 +337,28 @@ def softmax_transpose():
 
 
 @attention_raise.family
+def sums_times_ones():
+    """P, or a matmul such as dP = dO · Vᵀ, times ones is itself (x · 1 = x in IEEE arithmetic, ±0,
+    Inf and NaN included): elementwise, and as a product with nothing contracted whose all-ones
+    operand has only batch axes, the canonical form of HF Flax's default head mask
+    (``einsum("...hqk,h->...hqk", P, ones)``; jax.grad's transpose of it multiplies dP so). Only
+    for such sums, whose values are compared up to reassociation: a CPU flushing denormals to zero
+    flushes their denormal entries in the program's product, not without it."""
+    ones = scalar(1.0, dt2, s1)
+    lc_, rc_, lb_, rb_ = (var(n, IntVec) for n in ("lc_", "rc_", "lb_", "rb_"))
+    c_pr = var("c_pr", String)  # the product by ones: its precision is immaterial
+    for summed in (Term.softmax(x), Term.dot(y, z, lc_, rc_, lb_, rb_, dt3, pr)):
+        for form in (Term.binary("mul", summed, ones), Term.binary("mul", ones, summed)):
+            yield rw(form, summed)
+        for n_batch in range(1, 7):
+            batch = perm_range(n_batch)
+            for product in (Term.dot(ones, t_, NONE, NONE, batch, batch, dt, c_pr),
+                            Term.dot(t_, ones, NONE, NONE, batch, batch, dt, c_pr)):
+                yield rl(eq(e).to(product), eq(t_).to(summed), s1.length() == i64(n_batch), dtype(e) == dtype(t_))(
+                    union(e).with_(t_))
+
+
+@attention_raise.family
 def softmax_reshape():
     """A reshape that keeps the last axis's length keeps every row whole (rows are contiguous), so
     the softmax of the reshape is the reshape of the softmax (grouped-query code merges the group

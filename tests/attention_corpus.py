@@ -1126,6 +1126,23 @@ def t5_attention(q, k, v, position_bias, keep):
     return jnp.einsum("bhqk,bhkd->bhqd", weights, v)
 
 
+@case("hf_flax_bert_head_mask_of_ones", with_extra(qkv("bshd", extreme=True), padding_keep), positive=True,
+      family="models", source="HF FlaxBertSelfAttention: a select-built finfo.min padding bias, linen's "
+      "dot_product_attention_weights, then P times the default head_mask (ones cast to int32) by einsum")
+def hf_flax_bert(q, k, v, keep):
+    shape = (B, 1, 1, S)
+    bias = jax.lax.select(jnp.broadcast_to(keep[:, None, None, :], shape), jnp.full(shape, 0.0, F32),
+                          jnp.full(shape, jnp.finfo(F32).min, F32))
+    weights = linen.dot_product_attention_weights(q, k, bias=bias, deterministic=True, dtype=F32)
+    head_mask = jnp.array(jnp.ones((1, H))[0], dtype="i4")  # FlaxBertModel's default: ones((layers, heads))
+    weights = jnp.einsum("...hqk,h->...hqk", weights, head_mask)
+    return jnp.einsum("...hqk,...khd->...qhd", weights, v)
+
+
+grad_case("hf_flax_bert_head_mask_of_ones_grad", hf_flax_bert, with_extra(qkv("bshd"), padding_keep), family="models",
+          source="HF FlaxBertSelfAttention with its default head mask of ones")
+
+
 GEMMA_K_MASK = -2.3819763e38  # gemma's finite mask fill
 
 

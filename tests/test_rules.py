@@ -154,6 +154,13 @@ def p_convert():
     return b.build(b.op("exp", b.op("convert_element_type", x, new_dtype=F32)))
 
 
+def p_scalar_broadcast_views():
+    """A reshaped broadcast literal, and HF Flax's head mask of ones: a float 1 cast to int32."""
+    b = B(); x = b.input(6)
+    shift = b.reshape(b.broadcast(b.literal(2.5), (2, 3), ()), 6)
+    ones = b.reshape(b.op("convert_element_type", b.broadcast(b.literal(1.0), (1, 4), ()), new_dtype="int32"), 4)
+    return b.build(b.op("add", x, shift), ones)
+
 FAMILY_PROGRAMS = {
     "transpose.compose": p_compose,
     "transpose.identity": p_identity,
@@ -170,6 +177,7 @@ FAMILY_PROGRAMS = {
     "canonical.dot_commute": p_batched_dot,
     "canonical.reshape": p_reshape_reshape,
     "canonical.convert": p_convert,
+    "canonical.scalar_broadcast_views": p_scalar_broadcast_views,
 }
 
 
@@ -345,3 +353,4 @@ def test_a_rule_set_comes_after_the_set_whose_facts_it_reads():
     assert [r.name for r in resolve(["attention_grad"])] == ["attention_grad_vjp", "attention_grad"]
     names = [r.name for r in resolve(["transpose", "attention_grad_vjp", "attention_grad"])]
     assert names == ["transpose", "attention_grad_vjp", "attention_grad"]
+
