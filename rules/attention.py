@@ -343,7 +343,10 @@ def sums_times_ones():
     operand has only batch axes, the canonical form of HF Flax's default head mask
     (``einsum("...hqk,h->...hqk", P, ones)``; jax.grad's transpose of it multiplies dP so). Only
     for such sums, whose values are compared up to reassociation: a CPU flushing denormals to zero
-    flushes their denormal entries in the program's product, not without it."""
+    flushes their denormal entries in the program's product, not without it. The ones may be a cast
+    of 1 (HF casts its head mask to int32): 1 is exact in every numeric dtype."""
+    yield rw(Term.convert(Term.literal(f64(1.0), dt2), dt), Term.literal(f64(1.0), dt),
+             dt != String("bool"), dt2 != String("bool"))
     ones = scalar(1.0, dt2, s1)
     lc_, rc_, lb_, rb_ = (var(n, IntVec) for n in ("lc_", "rc_", "lb_", "rb_"))
     c_pr = var("c_pr", String)  # the product by ones: its precision is immaterial

@@ -5,7 +5,7 @@ wrote it."""
 
 from __future__ import annotations
 
-from egglog import String, f64, var
+from egglog import String, var
 
 from eqsat_attn.egraph.language import IntVec, Term, dtype, shape
 from eqsat_attn.egraph.rulesets import RuleSet, asking, rw
@@ -14,8 +14,7 @@ canonical = RuleSet("canonical", " ".join(__doc__.split("\n\n")[0].split()))
 
 x, a, b = (var(n, Term) for n in "xab")
 s, s1, lc, rc, lb, rb, sa, sb = (var(n, IntVec) for n in ("s", "s1", "lc", "rc", "lb", "rb", "sa", "sb"))
-dt, dt2, pr = var("dt", String), var("dt2", String), var("pr", String)
-c = var("c", f64)
+dt, pr = var("dt", String), var("pr", String)
 NONE = IntVec.empty()
 
 
@@ -54,16 +53,3 @@ def reshape():
     """Consecutive reshapes are one reshape; a reshape to the operand's own shape is the operand."""
     yield rw(Term.reshape(Term.reshape(x, s1), s), Term.reshape(x, s))
     yield rw(Term.reshape(x, s), x, shape(x) == s)
-
-
-def _ones(dtype_: String, shape_: IntVec) -> Term:
-    return Term.broadcast(Term.literal(f64(1.0), dtype_), shape_, NONE)
-
-
-@canonical.family
-def scalar_broadcast_views():
-    """A reshape of a broadcast scalar literal is that literal broadcast to the new shape; a cast of
-    a broadcast 1 is a broadcast 1 (1 is exact in every numeric dtype)."""
-    yield rw(Term.reshape(Term.broadcast(Term.literal(c, dt), s1, NONE), s), Term.broadcast(Term.literal(c, dt), s, NONE))
-    yield rw(Term.convert(_ones(dt2, s), dt), _ones(dt, s), dt != String("bool"), dt2 != String("bool"))
-

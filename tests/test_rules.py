@@ -154,13 +154,6 @@ def p_convert():
     return b.build(b.op("exp", b.op("convert_element_type", x, new_dtype=F32)))
 
 
-def p_scalar_broadcast_views():
-    """A reshaped broadcast literal, and HF Flax's head mask of ones: a float 1 cast to int32."""
-    b = B(); x = b.input(6)
-    shift = b.reshape(b.broadcast(b.literal(2.5), (2, 3), ()), 6)
-    ones = b.reshape(b.op("convert_element_type", b.broadcast(b.literal(1.0), (1, 4), ()), new_dtype="int32"), 4)
-    return b.build(b.op("add", x, shift), ones)
-
 FAMILY_PROGRAMS = {
     "transpose.compose": p_compose,
     "transpose.identity": p_identity,
@@ -177,7 +170,6 @@ FAMILY_PROGRAMS = {
     "canonical.dot_commute": p_batched_dot,
     "canonical.reshape": p_reshape_reshape,
     "canonical.convert": p_convert,
-    "canonical.scalar_broadcast_views": p_scalar_broadcast_views,
 }
 
 
