@@ -345,4 +345,3 @@ def test_a_rule_set_comes_after_the_set_whose_facts_it_reads():
     assert [r.name for r in resolve(["attention_grad"])] == ["attention_grad_vjp", "attention_grad"]
     names = [r.name for r in resolve(["transpose", "attention_grad_vjp", "attention_grad"])]
     assert names == ["transpose", "attention_grad_vjp", "attention_grad"]
-
