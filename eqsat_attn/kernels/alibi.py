@@ -113,5 +113,6 @@ class Alibi:
         """The bias in float64 NumPy from its definition (tests' reference), [Bs, Hs, Sq, Sk]."""
         i, j = np.arange(sq)[:, None], np.arange(sk)[None, :]
         pos = (self.row_coef * i + self.col_coef * j + self.offset).astype(np.float32)
-        value = np.asarray(self.slopes, np.float32)[:, :, None, None] * pos  # float32 product
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow to ±inf as in float32 (0·inf NaN)
+            value = np.asarray(self.slopes, np.float32)[:, :, None, None] * pos  # float32 product
         return np.asarray(value.astype(jnp.dtype(self.dtype)), np.float64)
