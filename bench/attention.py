@@ -140,7 +140,8 @@ def decode_implementations(shape: DecodeShape, interpret: bool) -> dict[str, tup
     """name -> (fn over the decode inputs, the layout of its output). Ours: the decode kernel in
     both V layouts and with per-batch cache lengths (all full, so every row has the same values),
     the flash kernel on the same call (no split, K/V read per query head); cuDNN and XLA through
-    jax.nn.dot_product_attention ([B,S,H,D], GQA by fewer K/V heads; cuDNN also with key lengths)."""
+    jax.nn.dot_product_attention ([B,S,H,D], GQA by fewer K/V heads; cuDNN also with key lengths).
+    The "ours Mosaic GPU decode" rows run the decode kernel's Mosaic GPU path (backend="mosaic_gpu")."""
     scale = shape.d ** -0.5
     ours = functools.partial(decode_attention, scale=scale, causal=False, interpret=interpret)
     full = jnp.full((shape.b,), shape.sk, jnp.int32)
@@ -148,6 +149,12 @@ def decode_implementations(shape: DecodeShape, interpret: bool) -> dict[str, tup
         "ours decode (V [B,H,S,D])": (lambda a: ours(a["q"], a["k"], a["v"]), "BHSD"),
         "ours decode transposed-V (V [B,H,D,S])": (lambda a: ours(a["q"], a["k"], a["vt"], v_layout="BHDS"), "BHSD"),
         "ours decode, cache lengths": (lambda a: ours(a["q"], a["k"], a["v"], kv_lengths=full), "BHSD"),
+        # the Mosaic GPU path (kernels/mosaic_decode.py): the same rows and key splits on the Mosaic forward
+        "ours Mosaic GPU decode (V [B,H,S,D])": (lambda a: ours(a["q"], a["k"], a["v"], backend="mosaic_gpu"), "BHSD"),
+        "ours Mosaic GPU decode transposed-V (V [B,H,D,S])":
+            (lambda a: ours(a["q"], a["k"], a["vt"], v_layout="BHDS", backend="mosaic_gpu"), "BHSD"),
+        "ours Mosaic GPU decode, cache lengths":
+            (lambda a: ours(a["q"], a["k"], a["v"], kv_lengths=full, backend="mosaic_gpu"), "BHSD"),
         "ours Triton flash (no key split)":
             (lambda a: flash_attention(a["q"], a["k"], a["v"], scale=scale, causal=False, backend="triton",
                                        interpret=interpret), "BHSD"),

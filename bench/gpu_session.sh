@@ -7,7 +7,7 @@
 #   bash bench/gpu_session.sh mosaic attention-fp8-quick e2e-fp8 tune-mosaic-fp8   # next lease (see bench/results/README.md)
 #   stages: probe | probe-fp8 | attention-fp8 | attention-fp8-quick | check | final-check | mosaic | attention | attention-quick | e2e | e2e-fp8 | models | cost-model | tune |
 #           tune-mosaic | tune-mosaic-fp8 | tune-fp8 | tune-backward | mosaic-bwd | mosaic-bwd-masks | qkv | masks |
-#           mosaic-masks | decode | alibi
+#           mosaic-masks | decode | alibi | mosaic-decode
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -89,6 +89,13 @@ for stage in "$@"; do
         --out "$OUT/attention-alibi.md" 2>&1 | grep -v '^  ' | tail -20
       timeout 200 python3 bench/tune_backward.py --mosaic-masks --quick --head-dims 128 --match alibi \
         --out "$OUT/tune-backward-alibi.md" 2>&1 | tail -12 ;;
+    # issue 21: the Mosaic GPU decode path (kernels/mosaic_decode.py): its compiled tests
+    # (tests/test_mosaic_decode.py -m gpu), then the decode rows with it beside the Triton decode
+    # kernel, cuDNN and XLA (B32, caches 4096/32768)
+    mosaic-decode) timeout 150 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu \
+        tests/test_mosaic_decode.py 2>&1 | tee "$OUT/mosaic-decode.log" | tail -15
+      timeout 240 python3 bench/attention.py --decode --out "$OUT/attention-decode-mosaic.md" 2>&1 \
+        | grep -v '^  ' | tail -40 ;;
     mosaic-bwd-masks) timeout 200 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu \
         tests/test_mosaic_backward_masks.py 2>&1 | tee "$OUT/mosaic-bwd-masks.log" | tail -15
       timeout 360 python3 bench/tune_backward.py --mosaic-masks --quick --head-dims 128 \
