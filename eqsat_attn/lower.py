@@ -348,6 +348,9 @@ def lower_attention(node: Node, args: Sequence[Any], attention_kernel: str = "au
     """
     p = node.params
     extra = attention_mask_args(str(p.get("mask_kind", "none")), args)
+    if alibi is not None and jax.device_count() > 1:  # shards hold head subsets: slopes are per head
+        sq, sk = args[0].shape[str(p["q_layout"]).index("S")], args[1].shape[str(p["k_layout"]).index("S")]
+        extra["bias"], alibi = alibi.bias(sq, sk), None
     if alibi is not None:
         del extra["bias"]
     q, k, v = args[0], args[1], args[2]
