@@ -174,9 +174,10 @@ class _Positions:
         for a, n in enumerate(shape):
             step = tuple(1 if b == a else 0 for b in range(len(shape)))
             coefs.append(int(v[step]) - constant if n > 1 else 0)
-        grid = np.indices(shape, dtype=np.int64) if shape else np.zeros((0,), np.int64)
-        fitted = constant + sum(c * grid[a] for a, c in enumerate(coefs)) if shape else np.int64(constant)
-        return (tuple(coefs), constant) if np.array_equal(v, fitted) else None
+        fitted = np.int64(constant)
+        for a, (c, n) in enumerate(zip(coefs, shape)):  # broadcast index vectors: no index grid
+            fitted = fitted + c * np.arange(n, dtype=np.int64).reshape([n if b == a else 1 for b in range(len(shape))])
+        return (tuple(coefs), constant) if np.array_equal(v, np.broadcast_to(fitted, shape)) else None
 
 
 def _peel_views(program: Program, node_id: int, axes: list[int | None]) -> tuple[int, list[int | None]]:

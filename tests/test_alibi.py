@@ -125,8 +125,14 @@ def wrapping_int8(x):  # int8 positions wrap past 127 in the program
     return jnp.asarray(SLOPES)[:, None] * jnp.arange(200, dtype=jnp.int32).astype(jnp.int8).astype(F32)[None, :]
 
 
+def almost_affine_constant(x):  # a NumPy position table with one entry off the affine form
+    pos = np.arange(128)[None, :] - np.arange(128)[:, None]
+    pos[3, 5] += 1
+    return jnp.asarray(SLOPES)[:, None, None] * jnp.asarray(pos, F32)
+
+
 @pytest.mark.parametrize("fn", [bf16_product, two_products, input_positions, slopes_over_queries, past_2_24,
-                                wrapping_int8])
+                                wrapping_int8, almost_affine_constant])
 def test_spellings_that_may_round_differently_are_not_alibi(fn):
     program, bias = _bias_program(fn)
     assert alibi_of(program, bias) is None
