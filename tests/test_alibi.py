@@ -25,6 +25,7 @@ from eqsat_attn.kernels import flash_attention
 from eqsat_attn.kernels.alibi import Alibi
 from eqsat_attn.kernels.mosaic_attention import MosaicBlocks, default_blocks, hopper_gpu, mosaic_attention
 from eqsat_attn.kernels.mosaic_backward import mosaic_attention_backward
+from eqsat_attn.mask_kinds import mask_kind
 from test_kernel_masks import assert_close, no_reference, np_attention  # noqa: F401
 from test_mosaic_backward_masks import TOL, f64_vjp, inputs
 from test_mosaic_masks import f64, np_lse
@@ -98,6 +99,7 @@ def test_recognised_alibi_has_the_programs_bits(fn, form):
     assert (alibi.row_coef, alibi.col_coef, alibi.offset, alibi.dtype) == form
     want = jax.jit(fn)(jnp.zeros((128,), F32))
     _same_bits(alibi, want, 128, 128)
+    assert mask_kind(program, bias, additive=True) == f"ALiBi {alibi.describe()}"  # what the report says
 
 
 def bf16_product(x):  # rounded per multiply in bf16: positions above 256 are already inexact
@@ -139,6 +141,8 @@ def test_spellings_that_may_round_differently_are_not_alibi(fn):
 
 
 def test_alibi_form_checks():
+    assert Alibi.from_array([1.0], row_coef=-1).describe() == "slope·(j - i)"
+    assert Alibi.from_array([1.0], offset=-127, dtype="bfloat16").describe() == "slope·(j - 127) bfloat16"
     with pytest.raises(ValueError, match="2\\^24"):
         Alibi.from_array([1.0], offset=2 ** 24).check(1, 1, 1, 1)
     with pytest.raises(ValueError, match="broadcast"):

@@ -73,6 +73,20 @@ class Alibi:
         """The bias is the same for every query (no ``i`` term): one row, e.g. ``slope·j``."""
         return self.row_coef == 0
 
+    def describe(self) -> str:
+        """The form as text, e.g. "slope·(j - i)" or "slope·(j - 127) bf16"."""
+        terms = []
+        for coef, name in ((self.col_coef, "j"), (self.row_coef, "i")):
+            if coef:
+                sign = "-" if coef < 0 else "+"
+                term = name if abs(coef) == 1 else f"{abs(coef)}{name}"
+                terms.append(f"{sign} {term}" if terms or coef < 0 else term)
+        if self.offset or not terms:
+            terms.append(f"{'-' if self.offset < 0 else '+'} {abs(self.offset)}" if terms else str(self.offset))
+        text = " ".join(terms)
+        form = f"slope·({text})" if len(terms) > 1 or text.startswith("-") else f"slope·{text}"
+        return form if self.dtype == "float32" else f"{form} {jnp.dtype(self.dtype).name}"
+
     def slopes_array(self) -> jax.Array:
         """float32 [1 or B, 1 or H]: the kernels' operand."""
         return jnp.asarray(np.asarray(self.slopes, np.float32))
