@@ -21,6 +21,7 @@ import pytest
 
 from eqsat_attn.alibi_bias import alibi_of
 from eqsat_attn.capture import capture
+from eqsat_attn.ir import Node, Params
 from eqsat_attn.kernels import flash_attention
 from eqsat_attn.kernels.alibi import Alibi
 from eqsat_attn.kernels.mosaic_attention import MosaicBlocks, default_blocks, hopper_gpu, mosaic_attention
@@ -299,3 +300,26 @@ def test_optimized_alibi_attention_passes_slopes(monkeypatch):
     do = jnp.asarray(rng.normal(size=want.shape), want.dtype)
     for g, w in zip(pullback(do), want_pullback(do)):
         np.testing.assert_allclose(np.asarray(g, F32), np.asarray(w, F32), atol=5e-2, rtol=2e-2)
+
+
+def test_several_devices_get_the_bias_materialised(monkeypatch):
+    """Under a device mesh the kernel runs per shard of the heads, so lowering passes ALiBi as
+    its materialised bias (sliced with the heads), never slopes for all heads to one shard."""
+    seen = []
+    real = lower_module.attention
+
+    def spy(*args, **kw):
+        seen.append((kw.get("alibi"), kw.get("bias")))
+        return real(*args, **kw)
+    monkeypatch.setattr(lower_module, "attention", spy)
+    monkeypatch.setattr(jax, "device_count", lambda: 2)
+    alibi = Alibi.from_array([0.5, -0.25], row_coef=-1)
+    params = Params(dict(q_layout="BHSD", k_layout="BHSD", v_layout="BHSD", o_layout="BHSD", scale=0.125,
+                         causal=True, mask_kind="bias"))
+    q = jnp.ones((1, 2, 16, 8), F32)
+    out = lower_module.lower_attention(Node("attention", (0, 1, 2, 3), params, None), [q, q, q, None],
+                                       "reference", alibi)
+    (got_alibi, bias), = seen
+    assert got_alibi is None and bias is not None
+    np.testing.assert_array_equal(np.asarray(bias), alibi.bias_f64(16, 16).astype(np.float32))
+    assert out.shape == q.shape
