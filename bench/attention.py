@@ -8,8 +8,9 @@ the stock Pallas Triton kernel, cuDNN and XLA, side by side on one GPU.
     python bench/attention.py --decode [--quick]  # issue 21: decode steps (Sq 1/16, B32, caches of
                                                   # 4096 / 32768 keys): our decode kernel vs cuDNN, XLA
     python bench/attention.py --masks [--quick]   # issue 21: key padding (half the keys in half the
-                                                  # batch), sliding window 1024, bias, soft-cap: ours
-                                                  # (Mosaic GPU, Triton) vs cuDNN and XLA
+                                                  # batch), sliding window 1024, bias, soft-cap, ALiBi
+                                                  # (slopes computed in the Mosaic GPU kernel, or read
+                                                  # as a bias): ours (Mosaic GPU, Triton) vs cuDNN, XLA
 
 TFLOP/s counts 4*B*H*Sq*Sk*D flops (halved when causal); time is the median of --reps timed calls
 after warm-up, the rows of a shape called in turn over --rounds interleaved rounds (one kernel's
@@ -45,6 +46,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from eqsat_attn.kernels import attention_reference, flash_attention  # noqa: E402
+from eqsat_attn.kernels.alibi import Alibi  # noqa: E402
 from eqsat_attn.kernels.decode_attention import decode_attention  # noqa: E402
 from eqsat_attn.kernels.fp8_attention import (FP8_ATOL, FP8_RTOL, compute_scale,  # noqa: E402
                                               dequantize, flash_attention_fp8, quantize)
@@ -138,7 +140,8 @@ def decode_implementations(shape: DecodeShape, interpret: bool) -> dict[str, tup
     """name -> (fn over the decode inputs, the layout of its output). Ours: the decode kernel in
     both V layouts and with per-batch cache lengths (all full, so every row has the same values),
     the flash kernel on the same call (no split, K/V read per query head); cuDNN and XLA through
-    jax.nn.dot_product_attention ([B,S,H,D], GQA by fewer K/V heads; cuDNN also with key lengths)."""
+    jax.nn.dot_product_attention ([B,S,H,D], GQA by fewer K/V heads; cuDNN also with key lengths).
+    The "ours Mosaic GPU decode" rows run the decode kernel's Mosaic GPU path (backend="mosaic_gpu")."""
     scale = shape.d ** -0.5
     ours = functools.partial(decode_attention, scale=scale, causal=False, interpret=interpret)
     full = jnp.full((shape.b,), shape.sk, jnp.int32)
@@ -146,6 +149,12 @@ def decode_implementations(shape: DecodeShape, interpret: bool) -> dict[str, tup
         "ours decode (V [B,H,S,D])": (lambda a: ours(a["q"], a["k"], a["v"]), "BHSD"),
         "ours decode transposed-V (V [B,H,D,S])": (lambda a: ours(a["q"], a["k"], a["vt"], v_layout="BHDS"), "BHSD"),
         "ours decode, cache lengths": (lambda a: ours(a["q"], a["k"], a["v"], kv_lengths=full), "BHSD"),
+        # the Mosaic GPU path (kernels/mosaic_decode.py): the same rows and key splits on the Mosaic forward
+        "ours Mosaic GPU decode (V [B,H,S,D])": (lambda a: ours(a["q"], a["k"], a["v"], backend="mosaic_gpu"), "BHSD"),
+        "ours Mosaic GPU decode transposed-V (V [B,H,D,S])":
+            (lambda a: ours(a["q"], a["k"], a["vt"], v_layout="BHDS", backend="mosaic_gpu"), "BHSD"),
+        "ours Mosaic GPU decode, cache lengths":
+            (lambda a: ours(a["q"], a["k"], a["v"], kv_lengths=full, backend="mosaic_gpu"), "BHSD"),
         "ours Triton flash (no key split)":
             (lambda a: flash_attention(a["q"], a["k"], a["v"], scale=scale, causal=False, backend="triton",
                                        interpret=interpret), "BHSD"),
@@ -187,7 +196,7 @@ def decode_reference_subset(shape: DecodeShape, a: dict[str, jax.Array]) -> jax.
 
 # --- issue 21: masked, biased and soft-capped forwards (--masks) ------------------------------
 
-MASK_VARIANTS = ("key padding", "sliding window", "bias", "soft-cap")
+MASK_VARIANTS = ("key padding", "sliding window", "bias", "soft-cap", "alibi")
 SOFTCAP = 50.0  # Gemma 2's attention soft-cap
 
 
@@ -198,6 +207,13 @@ def mask_shapes(quick: bool) -> list[Shape]:
 
 
 MASK_SMOKE_SHAPES = [Shape(2, 2, 128, 64, True)]  # inside the Mosaic GPU contract; window 32 there
+
+
+def alibi_of_shape(shape: Shape) -> Alibi:
+    """The paper's ALiBi for the shape's heads: slopes 2^(-8(h+1)/H), bias slope·(j - i), rounded
+    to bf16 (kernels/alibi.py)."""
+    return Alibi.from_array([2.0 ** (-8.0 * (h + 1) / shape.h) for h in range(shape.h)], row_coef=-1,
+                            dtype="bfloat16")
 
 
 def key_lengths(shape: Shape) -> jax.Array:
@@ -213,7 +229,9 @@ def add_mask_inputs(shape: Shape, a: dict[str, jax.Array]) -> dict:
     pad = (jnp.arange(shape.s)[None, :] < lengths[:, None])[:, None, None, :]
     pad_bias = jnp.where(pad, 0.0, jnp.finfo(jnp.bfloat16).min).astype(jnp.bfloat16)
     bias = jax.random.normal(jax.random.key(7), (1, shape.h, shape.s, shape.s), jnp.bfloat16)
-    return jax.block_until_ready(dict(a, lengths=lengths, pad=pad, pad_bias=pad_bias, bias=bias))
+    alibi_bias = alibi_of_shape(shape).bias(shape.s, shape.s)  # [1, H, S, S] bf16: ALiBi read from memory
+    return jax.block_until_ready(dict(a, lengths=lengths, pad=pad, pad_bias=pad_bias, bias=bias,
+                                      alibi_bias=alibi_bias))
 
 
 def variant_keep(shape: Shape, variant: str, window: int, a: dict) -> jax.Array | None:
@@ -265,7 +283,8 @@ def masked_reference(shape: Shape, variant: str, window: int, a: dict) -> jax.Ar
         pick(a["q"]), pick(a["k"]), pick(a["v"]), scale=shape.d ** -0.5,
         causal=shape.causal or variant == "sliding window",
         mask=None if keep is None else keep[jnp.asarray([0, shape.b - 1]) if keep.shape[0] > 1 else slice(None)],
-        bias=a["bias"][:, :2] if variant == "bias" else None, softcap=SOFTCAP if variant == "soft-cap" else 0.0)
+        bias=a["bias"][:, :2] if variant == "bias" else a["alibi_bias"][:, :2] if variant == "alibi" else None,
+        softcap=SOFTCAP if variant == "soft-cap" else 0.0)
 
 
 def masked_implementations(shape: Shape, variant: str, window: int, interpret: bool) -> dict:
@@ -280,6 +299,7 @@ def masked_implementations(shape: Shape, variant: str, window: int, interpret: b
         "sliding window": lambda a: dict(window=window),
         "bias": lambda a: dict(bias=a["bias"]),
         "soft-cap": lambda a: dict(softcap=SOFTCAP),
+        "alibi": lambda a: dict(alibi=alibi_of_shape(shape)),  # Mosaic GPU computes it; Triton reads it
     }[variant]
     impls: dict[str, tuple[Callable | None, str]] = {
         f"ours Mosaic GPU {variant}": (lambda a: ours(a["q"], a["k"], a["v"], backend="mosaic_gpu", **mods(a)), "BHSD"),
@@ -291,6 +311,9 @@ def masked_implementations(shape: Shape, variant: str, window: int, interpret: b
         # the additive form (its one row per batch read in place: no [S, S] bias in memory, no tiles skipped)
         impls["ours Mosaic GPU key padding as a [B, 1, 1, S] bias"] = (
             lambda a: ours(a["q"], a["k"], a["v"], backend="mosaic_gpu", bias=a["pad_bias"]), "BHSD")
+    if variant == "alibi":  # the same values read from memory ([1, H, S, S] bf16), as before ALiBi slopes
+        impls["ours Mosaic GPU alibi as a [1, H, S, S] bias"] = (
+            lambda a: ours(a["q"], a["k"], a["v"], backend="mosaic_gpu", bias=a["alibi_bias"]), "BHSD")
     for impl in ("cudnn", "xla"):
         name = f"jax.nn.dot_product_attention {impl} {variant}"
         if variant == "soft-cap":
@@ -300,6 +323,7 @@ def masked_implementations(shape: Shape, variant: str, window: int, interpret: b
             "key padding": lambda a: dict(key_value_seq_lengths=a["lengths"]),
             "sliding window": lambda a: dict(local_window_size=(window - 1, 0)),
             "bias": lambda a: dict(bias=a["bias"]),
+            "alibi": lambda a: dict(bias=a["alibi_bias"]),
         }[variant]
         impls[name] = (functools.partial(
             lambda a, impl, extra: jax.nn.dot_product_attention(

@@ -7,7 +7,7 @@
 #   bash bench/gpu_session.sh mosaic attention-fp8-quick e2e-fp8 tune-mosaic-fp8   # next lease (see bench/results/README.md)
 #   stages: probe | probe-fp8 | attention-fp8 | attention-fp8-quick | check | final-check | mosaic | attention | attention-quick | e2e | e2e-fp8 | models | cost-model | tune |
 #           tune-mosaic | tune-mosaic-fp8 | tune-fp8 | tune-backward | mosaic-bwd | mosaic-bwd-masks | qkv | masks |
-#           mosaic-masks | decode
+#           mosaic-masks | decode | alibi | mosaic-decode
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -80,6 +80,22 @@ for stage in "$@"; do
     # its compiled tests (tests/test_mosaic_backward_masks.py -m gpu), then its rows beside the
     # default backward (bench/tune_backward.py --mosaic-masks: key padding, causal key padding,
     # sliding window 1024, bias, soft-cap at D128, S4096; each row checked on S1024 before timing)
+    # issue 21: ALiBi computed from its slopes in the Mosaic GPU forward and backward: the compiled
+    # tests (tests/test_alibi.py -m gpu), then the ALiBi rows forward (in-kernel vs the same bias read
+    # as [1, H, S, S], Triton, cuDNN, XLA) and backward (Mosaic GPU vs the default), D128
+    alibi) timeout 150 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu tests/test_alibi.py 2>&1 \
+        | tee "$OUT/alibi.log" | tail -15
+      timeout 200 python3 bench/attention.py --masks --quick --head-dims 128 --match alibi \
+        --out "$OUT/attention-alibi.md" 2>&1 | grep -v '^  ' | tail -20
+      timeout 200 python3 bench/tune_backward.py --mosaic-masks --quick --head-dims 128 --match alibi \
+        --out "$OUT/tune-backward-alibi.md" 2>&1 | tail -12 ;;
+    # issue 21: the Mosaic GPU decode path (kernels/mosaic_decode.py): its compiled tests
+    # (tests/test_mosaic_decode.py -m gpu), then the decode rows with it beside the Triton decode
+    # kernel, cuDNN and XLA (B32, caches 4096/32768)
+    mosaic-decode) timeout 150 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu \
+        tests/test_mosaic_decode.py 2>&1 | tee "$OUT/mosaic-decode.log" | tail -15
+      timeout 240 python3 bench/attention.py --decode --out "$OUT/attention-decode-mosaic.md" 2>&1 \
+        | grep -v '^  ' | tail -40 ;;
     mosaic-bwd-masks) timeout 200 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu \
         tests/test_mosaic_backward_masks.py 2>&1 | tee "$OUT/mosaic-bwd-masks.log" | tail -15
       timeout 360 python3 bench/tune_backward.py --mosaic-masks --quick --head-dims 128 \

@@ -20,7 +20,8 @@ as above. The measurement that decides whether flash_attention's default backwar
 
 ``--mosaic-masks`` (Hopper): the variants of bench/attention.py --masks (key padding: half the keys
 in half the batch; sliding window 1024, causal rows only; a [1, H, S, S] bf16 bias, its gradient
-taken; soft-cap 50) plus causal key padding, per head dim: the default backward (Triton, or with
+taken; soft-cap 50; ALiBi slope·(j - i) from its slopes, which the Mosaic GPU kernels compute and
+the default backward reads materialised) plus causal key padding, per head dim: the default backward (Triton, or with
 a bias the plain-JAX recomputation, which gives dbias) and the Mosaic GPU backward, both on the
 Mosaic GPU forward's residuals. Each row is checked first (relative L2 error of dq, dk, dv, and
 dbias, against float32 autodiff of the reference given the equivalent boolean mask, on B2 H8
@@ -49,7 +50,7 @@ for p in (ROOT, ROOT / "bench"):
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from attention import SOFTCAP, Shape, add_mask_inputs, kept_flops, make_inputs, time_fn  # noqa: E402
+from attention import SOFTCAP, Shape, add_mask_inputs, alibi_of_shape, kept_flops, make_inputs, time_fn  # noqa: E402
 from common import RESULTS, device_tag, header, require_gpu, write_results  # noqa: E402
 
 from eqsat_attn.kernels import attention_reference, flash_attention  # noqa: E402
@@ -191,7 +192,7 @@ def mosaic_rows(args, argv: list[str]) -> pathlib.Path:
 
 # --- issue 21: the masked, biased and soft-capped Mosaic GPU backward (--mosaic-masks) ---------
 
-MASKED_VARIANTS = ("key padding", "causal key padding", "sliding window", "bias", "soft-cap")
+MASKED_VARIANTS = ("key padding", "causal key padding", "sliding window", "bias", "soft-cap", "alibi")
 
 
 def variant_call(variant: str, shape: Shape, window: int, a: dict) -> tuple[dict, jax.Array | None, bool]:
@@ -203,6 +204,8 @@ def variant_call(variant: str, shape: Shape, window: int, a: dict) -> tuple[dict
         return dict(window=window), index_keep(shape.s, shape.s, window=window), True
     if variant == "soft-cap":
         return dict(softcap=SOFTCAP), None, shape.causal
+    if variant == "alibi":  # computed from its slopes in both Mosaic GPU kernels (no dbias)
+        return dict(alibi=alibi_of_shape(shape)), None, shape.causal
     return {}, None, shape.causal  # bias: a differentiable operand
 
 
@@ -230,7 +233,8 @@ def masked_errors(shape: Shape, variant: str, window: int, a: dict, pull, do) ->
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
     with jax.default_matmul_precision("float32"):
         operands = [f32(a[n]) for n in ("q", "k", "v")] + ([f32(a["bias"])] if variant == "bias" else [])
-        fn = lambda q, k, v, *bias: attention_reference(q, k, v, bias=bias[0] if bias else None, **kw)  # noqa: E731
+        fixed = f32(a["alibi_bias"]) if variant == "alibi" else None  # ALiBi: the same values, a constant
+        fn = lambda q, k, v, *bias: attention_reference(q, k, v, bias=bias[0] if bias else fixed, **kw)  # noqa: E731
         want = jax.jit(lambda *x: jax.vjp(fn, *x)[1](f32(do)))(*operands)
     return {name: float(jnp.linalg.norm(g.astype(jnp.float32) - w) / jnp.linalg.norm(w))
             for name, g, w in zip(("dq", "dk", "dv", "dbias"), got, want)}

@@ -16,14 +16,17 @@ import numpy as np
 from jax import lax
 
 from . import ir, region
+from .alibi_bias import alibi_of
 from .cost.roofline import current_device_model
 from .ir import Node, Program
 from .kernels import attention, chosen_kernel, kernel_supports_layouts, pallas_takes_scores
+from .kernels.alibi import Alibi
 from .kernels.fp8_attention import FP8_DTYPES, attention_reference_fp8, flash_attention_fp8
 from .kernels.fp8_straight_through import attention_fp8_straight_through
 from .kernels.packed import lower_packed_attention
 from .kernels.partitioned import shard_attention
 from .kernels.reference import MASK_VALUE
+from .static_values import StaticValues
 
 UNARY_LOWERINGS: dict[str, Callable[[Any], Any]] = {
     "neg": lax.neg, "exp": lax.exp, "exp2": lax.exp2, "log": lax.log, "log1p": lax.log1p,
@@ -52,6 +55,7 @@ def lower(program: Program, *, attention_kernel: str = "auto") -> Callable[..., 
     n_inputs = len(program.inputs)
     unrounded = _fp8_attention_sources(program)
     unbroadcast = _unbroadcast_masks(program)
+    alibis = _alibi_biases(program)
 
     def run(*flat_inputs: Any) -> list[Any]:
         if len(flat_inputs) != n_inputs:
@@ -70,11 +74,13 @@ def lower(program: Program, *, attention_kernel: str = "auto") -> Callable[..., 
             if node.op == "attention_vjp":  # q's, k's and v's gradients of one attention: one call
                 key = (node.inputs, attention_of_vjp(node).params)
                 if key not in gradients:
-                    gradients[key] = attention_gradients(node, args, attention_kernel)
+                    gradients[key] = attention_gradients(node, args, attention_kernel, alibis.get(node_id))
                 values[node_id] = gradients[key][int(node.params["wrt"])]
             elif node.op == "attention_fp8" and node_id in unrounded:
                 values[node_id] = lower_attention_fp8(node, args, attention_kernel,
                                                       unrounded=[values[i] for i in unrounded[node_id]])
+            elif node_id in alibis:
+                values[node_id] = lower_attention(node, args, attention_kernel, alibis[node_id])
             else:
                 values[node_id] = lower_node(node, args, attention_kernel)
         return [values[i] for i in program.outputs]
@@ -103,6 +109,29 @@ def _nodes_to_evaluate(program: Program) -> list[int]:
             seen.add(i)
             order.append(i)
     return order
+
+
+def _alibi_biases(program: Program) -> dict[int, Alibi]:
+    """{attention or attention_vjp node: its bias as `Alibi`} for the biases the program
+    provably computes as ALiBi (`alibi_bias.alibi_of`), which the kernels then compute from the
+    slopes instead of reading; never where the program asks for the bias's own gradient."""
+    differentiated_bias = {(n.inputs, attention_of_vjp(n).params) for n in program.nodes
+                           if n.op == "attention_vjp" and int(n.params["wrt"]) == 3}
+    static = StaticValues(program)
+    found: dict[int, Alibi | None] = {}
+    out: dict[int, Alibi] = {}
+    for i, node in enumerate(program.nodes):
+        if node.op not in ("attention", "attention_vjp") or \
+                str(node.params.get("mask_kind")) not in ("bias", "bias+bool"):
+            continue
+        if node.op == "attention_vjp" and (node.inputs, attention_of_vjp(node).params) in differentiated_bias:
+            continue
+        bias = node.inputs[3 if node.op == "attention" else 4]
+        if bias not in found:
+            found[bias] = alibi_of(program, bias, static)
+        if found[bias] is not None:
+            out[i] = found[bias]
+    return out
 
 
 def _unbroadcast_masks(program: Program) -> dict[int, dict[int, tuple[int, tuple[int, ...]]]]:
@@ -304,7 +333,8 @@ def attention_mask_args(mask_kind: str, args: Sequence[Any]) -> dict[str, Any]:
     return dict(zip(names, args[3:]))
 
 
-def lower_attention(node: Node, args: Sequence[Any], attention_kernel: str = "auto") -> Any:
+def lower_attention(node: Node, args: Sequence[Any], attention_kernel: str = "auto",
+                    alibi: Alibi | None = None) -> Any:
     """Call the attention kernel on q, k, v in their own layouts, writing o in its layout.
 
     The Pallas kernels read every layout `kernel_supports_layouts` accepts in place (D minor in
@@ -314,9 +344,15 @@ def lower_attention(node: Node, args: Sequence[Any], attention_kernel: str = "au
     transposed to its layout. The roofline cost model charges exactly those transposes. On the
     Pallas backend a decode-shaped call (Sq <= 16, Sk >= 1024, no bias: `kernels.decode_attention.
     takes_decode`, from static shapes) runs the decode kernel (`kernels.attention` picks it).
+    ``alibi``: the bias operand is that ALiBi (`_alibi_biases`): the kernels get the slopes instead.
     """
     p = node.params
     extra = attention_mask_args(str(p.get("mask_kind", "none")), args)
+    if alibi is not None and jax.device_count() > 1:  # shards hold head subsets: slopes are per head
+        sq, sk = args[0].shape[str(p["q_layout"]).index("S")], args[1].shape[str(p["k_layout"]).index("S")]
+        extra["bias"], alibi = alibi.bias(sq, sk), None
+    if alibi is not None:
+        del extra["bias"]
     q, k, v = args[0], args[1], args[2]
     q_layout, k_layout, v_layout, o_layout = (str(p[n]) for n in ("q_layout", "k_layout", "v_layout", "o_layout"))
     mods = {"mask_fill": float(p.get("mask_fill", MASK_VALUE)), "softcap": float(p.get("softcap", 0.0))}
@@ -332,7 +368,8 @@ def lower_attention(node: Node, args: Sequence[Any], attention_kernel: str = "au
 
     def kernel_call(q: Any, k: Any, v: Any, *masks: Any) -> Any:
         return attention(q, k, v, scale=float(p["scale"]), causal=bool(p["causal"]), kernel=kernel,
-                         compute_dtype=compute_dtype, **layouts, **mods, **dict(zip(mask_names, masks)))
+                         compute_dtype=compute_dtype, alibi=alibi, **layouts, **mods,
+                         **dict(zip(mask_names, masks)))
 
     masks = [extra[name] for name in mask_names]
     if kernel == "pallas":  # split over batch and heads under a device mesh
@@ -367,13 +404,18 @@ def attention_of_vjp(node: Node) -> Node:
     return Node("attention", node.inputs[:3] + node.inputs[4:], params, None)
 
 
-def attention_gradients(node: Node, args: Sequence[Any], attention_kernel: str = "auto") -> tuple[Any, ...]:
+def attention_gradients(node: Node, args: Sequence[Any], attention_kernel: str = "auto",
+                        alibi: Alibi | None = None) -> tuple[Any, ...]:
     """(dq, dk, dv[, dbias]) of an ``attention_vjp`` node's attention at its cotangent ``do``: the
     attention lowered as `lower_attention` lowers it (the Pallas kernels' custom VJP runs the
-    flash backward, which also gives the bias gradient), differentiated with `jax.vjp`."""
+    flash backward, which also gives the bias gradient), differentiated with `jax.vjp`. With
+    ``alibi`` (the bias is that ALiBi, not differentiated) only dq, dk, dv."""
     q, k, v, do, *mask = args
     forward = attention_of_vjp(node)
-    if node.params.get("mask_kind") in ("bias", "bias+bool"):  # an additive bias is differentiable: wrt 3
+    if alibi is not None:
+        out, pullback = jax.vjp(lambda q, k, v: lower_attention(forward, [q, k, v, *mask], attention_kernel, alibi),
+                                q, k, v)
+    elif node.params.get("mask_kind") in ("bias", "bias+bool"):  # an additive bias is differentiable: wrt 3
         bias, *keep = mask
         out, pullback = jax.vjp(lambda q, k, v, b: lower_attention(forward, [q, k, v, b, *keep], attention_kernel),
                                 q, k, v, bias)

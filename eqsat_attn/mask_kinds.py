@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .alibi_bias import alibi_of
 from .ir import Program
 from .static_values import StaticValues
 
@@ -82,7 +83,12 @@ def _pattern(keep: np.ndarray) -> str:
 
 def mask_kind(program: Program, mask_id: int, additive: bool = False) -> str:
     """"causal", "sliding window W", "key padding" or "arbitrary" for a boolean mask (True keeps),
-    or for an additive bias whose hidden entries are -inf or very negative (``additive``)."""
+    or for an additive bias whose hidden entries are -inf or very negative (``additive``); an
+    additive bias the kernels compute from slopes (`alibi_bias.alibi_of`) is "ALiBi <form>"."""
+    if additive:
+        alibi = alibi_of(program, mask_id)
+        if alibi is not None:
+            return f"ALiBi {alibi.describe()}"
     value = _static_value(program, mask_id)
     if value is not None:
         keep = value > -1e4 if additive else value.astype(bool)

@@ -30,7 +30,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("cost", ("eqsat_attn.cost", "eqsat_attn.cost.")),
     ("extraction", ("eqsat_attn.egraph", "eqsat_attn.egraph.extract", "eqsat_attn.egraph.ilp",
                     "eqsat_attn.egraph.refine", "eqsat_attn.qkv_layouts", "eqsat_attn.attention_misses")),
-    ("lowering", ("eqsat_attn.lower", "eqsat_attn.mask_kinds")),
+    ("lowering", ("eqsat_attn.lower", "eqsat_attn.mask_kinds", "eqsat_attn.alibi_bias")),
     ("pipeline", ("eqsat_attn.nested", "eqsat_attn.choices", "eqsat_attn.pipeline", "eqsat_attn.disk_cache")),
     ("front", ("eqsat_attn", "eqsat_attn.optimize", "eqsat_attn.report", "eqsat_attn.explore",
                "eqsat_attn.explore_graph", "eqsat_attn.explore_draw", "eqsat_attn.explore_charts",

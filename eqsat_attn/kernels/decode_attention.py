@@ -23,7 +23,8 @@ finite fill); and where some other row's log-sum-exp is not `GUARD_MARGIN` above
 or any result is not finite (NaN / Inf inputs, scores overflowing), `lax.cond` runs
 `attention_reference` on the whole call instead. So the result is the op's up to float
 reassociation. Gradients (decode is inference) are `flash_attention`'s: the backward recomputes
-through it. No Mosaic GPU variant yet (not built; the Triton kernel is memory bound).
+through it. ``backend="mosaic_gpu"`` runs the forward's partial results on the Mosaic GPU kernel
+instead (kernels/mosaic_decode.py: the same rows and key splits, inside the same guard and combine).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from jax.experimental import pallas as pl
 
 from .flash_attention import GUARD_MARGIN, MIN_BLOCK, flash_attention
 from .masks import index_keep, mask_4d
+from .mosaic_attention import MosaicBlocks, hopper_gpu
+from .mosaic_decode import mosaic_decode_parts, mosaic_decode_unsupported
 from .reference import CANONICAL, MASK_VALUE, attention_reference, check_shapes, kernel_layout_error
 
 #: Lowering sends an attention to this kernel (on the Pallas backend) when it has at most
@@ -58,6 +61,10 @@ MAX_BLOCK_ROWS = 64  # rows (group heads x queries) per program; more rows make 
 #: "0" keeps every call on the flash kernel (lowering and pricing alike): the compiled decode
 #: kernel has not run on a GPU yet, so its first lease can compare it with routing off.
 DECODE_ENV = "EQSAT_ATTN_DECODE"
+#: "1": backend="auto" runs decode steps inside its contract on the Mosaic GPU path on a Hopper
+#: GPU (off by default: that path has not run compiled on a GPU yet)
+MOSAIC_DECODE_ENV = "EQSAT_ATTN_MOSAIC_DECODE"
+DECODE_BACKENDS = ("auto", "triton", "mosaic_gpu")
 
 
 def _next_pow2(n: int) -> int:
@@ -145,6 +152,9 @@ class _Config:
     has_mask: bool
     compute_dtype: str | None
     interpret: bool
+    backend: str = "triton"  # "triton" or "mosaic_gpu" (kernels/mosaic_decode.py)
+    mosaic_blocks: MosaicBlocks | None = None
+    mosaic_splits: int | None = None
 
     def cast(self, x):
         return x if self.compute_dtype is None else x.astype(self.compute_dtype)
@@ -240,6 +250,8 @@ def _forward(q, k, v, mask4, kv_lengths, cfg: _Config, layouts: dict) -> tuple[j
     """(o [B,H,Sq,Dv] float32, lse [B,H,Sq]) of the kernel and the combine; hidden keys weigh 0."""
     ql, kl, vl = layouts["q_layout"], layouts["k_layout"], layouts["v_layout"]
     b, h, hkv, sq, sk, d, dv = check_shapes(q, k, v, vl, q_layout=ql, k_layout=kl)
+    if cfg.backend == "mosaic_gpu":
+        return _mosaic_forward(q, k, v, mask4, kv_lengths, cfg, layouts)
     t = cfg.tiles
     rows = (h // hkv) * sq
     n_rows = _round_up(rows, t.block_rows)
@@ -288,6 +300,53 @@ def _forward(q, k, v, mask4, kv_lengths, cfg: _Config, layouts: dict) -> tuple[j
     o, lse = combine_splits(o_parts, lse_parts)
     o = o[:, :, :rows, :dv].reshape(b, h, sq, dv)
     return o, lse[:, :, :rows].reshape(b, h, sq)
+
+
+def _canonical_operands(q, k, v, layouts: dict) -> tuple[jax.Array, jax.Array, jax.Array, str]:
+    """q, k in BHSD and v in BHSD or BHDS (whichever keeps its minor axis): views where the
+    layouts already are, copies otherwise."""
+    vl = layouts["v_layout"]
+    v_target = "BHDS" if vl[-1] == "S" else CANONICAL
+    return (_relayout(q, layouts["q_layout"], CANONICAL), _relayout(k, layouts["k_layout"], CANONICAL),
+            _relayout(v, vl, v_target), v_target)
+
+
+def _mosaic_forward(q, k, v, mask4, kv_lengths, cfg: _Config, layouts: dict) -> tuple[jax.Array, jax.Array]:
+    """`_forward` on the Mosaic GPU path (kernels/mosaic_decode.py), then the same combine."""
+    q, k, v, v_layout = _canonical_operands(q, k, v, layouts)
+    b, h, sq, _ = q.shape
+    o_parts, lse_parts, rows = mosaic_decode_parts(
+        q, k, v, scale=cfg.scale, v_layout=v_layout, mask4=mask4, kv_lengths=kv_lengths, softcap=cfg.softcap,
+        interpret=cfg.interpret, blocks=cfg.mosaic_blocks, splits=cfg.mosaic_splits)
+    o, lse = combine_splits(o_parts, lse_parts)
+    dv = o.shape[-1]
+    return o[:, :, :rows].reshape(b, h, sq, dv), lse[:, :, :rows].reshape(b, h, sq)
+
+
+def decode_backend(q, k, v, *, backend: str, layouts: dict, causal: bool, mask4, compute_dtype, softcap: float,
+                   interpret: bool, blocks: MosaicBlocks | None = None) -> str:
+    """"triton" or "mosaic_gpu" for this call: "auto" takes Mosaic GPU only with
+    `MOSAIC_DECODE_ENV` = 1, compiling for a Hopper GPU, inside its contract; forcing
+    "mosaic_gpu" outside it raises ValueError saying why."""
+    if backend not in DECODE_BACKENDS:
+        raise ValueError(f"backend must be one of {DECODE_BACKENDS}, got {backend!r}")
+    if backend == "triton":
+        return "triton"
+    if backend == "auto" and (interpret or os.environ.get(MOSAIC_DECODE_ENV) != "1" or not hopper_gpu()):
+        return "triton"
+    view = lambda x, layout, target: jax.ShapeDtypeStruct(  # noqa: E731
+        tuple(x.shape[layout.index(a)] for a in target), x.dtype)
+    vl = layouts["v_layout"]
+    v_target = "BHDS" if vl[-1] == "S" else CANONICAL
+    reason = mosaic_decode_unsupported(
+        view(q, layouts["q_layout"], CANONICAL), view(k, layouts["k_layout"], CANONICAL), view(v, vl, v_target),
+        v_layout=v_target, causal=causal, mask4=mask4, compute_dtype=compute_dtype, softcap=softcap,
+        interpret=interpret, blocks=blocks)
+    if reason is None:
+        return "mosaic_gpu"
+    if backend == "mosaic_gpu":
+        raise ValueError(f"backend='mosaic_gpu' cannot run this decode call: {reason}; use 'triton' or 'auto'")
+    return "triton"
 
 
 def _triton_params():
@@ -391,6 +450,8 @@ def decode_attention(
     block_k: int | None = None,
     splits: int | None = None,
     interpret: bool | None = None,
+    backend: str = "auto",
+    mosaic_blocks: MosaicBlocks | None = None,
 ) -> jax.Array:
     """Decode attention with the semantics of `attention_reference` (see the module docstring).
 
@@ -399,7 +460,11 @@ def decode_attention(
     and V are read in place). Made for Sq <= 16 and long Sk, correct for any. ``kv_lengths``:
     int [B], keys j < kv_lengths[b] kept in batch b (clamped to [0, Sk]). ``block_k`` (keys per
     tile) and ``splits`` (key chunks run in parallel) override `decode_tiles`. Returns
-    [B,H,Sq,Dv] in ``o_layout``, in q.dtype (``compute_dtype`` when given).
+    [B,H,Sq,Dv] in ``o_layout``, in q.dtype (``compute_dtype`` when given). ``backend``
+    (`decode_backend`): "triton", "mosaic_gpu" (kernels/mosaic_decode.py: no causal flag, masks
+    of one key row, Sk a multiple of 128; ``splits`` then counts its key chunks and must divide
+    the key tiles; ``mosaic_blocks`` its tiles) or "auto" (Triton unless
+    EQSAT_ATTN_MOSAIC_DECODE=1 on a Hopper GPU).
     """
     if math.isnan(mask_fill) or mask_fill == math.inf:
         raise ValueError(f"mask_fill={mask_fill} is not a kernel fill (NaN / +inf hidden scores); "
@@ -418,11 +483,17 @@ def decode_attention(
         kv_lengths = jnp.asarray(kv_lengths, jnp.int32)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    tiles = decode_tiles(b, hkv, (h // hkv) * sq, sk, max(d, dv), block_k=block_k, splits=splits)
+    mask4 = None if mask is None else mask_4d(mask, (b, h, sq, sk))
+    layouts = dict(q_layout=q_layout, k_layout=k_layout, v_layout=v_layout)
+    chosen = decode_backend(q, k, v, backend=backend, layouts=layouts, causal=bool(causal), mask4=mask4,
+                            compute_dtype=compute_dtype, softcap=float(softcap), interpret=bool(interpret),
+                            blocks=mosaic_blocks)
+    mosaic = chosen == "mosaic_gpu"
+    tiles = decode_tiles(b, hkv, (h // hkv) * sq, sk, max(d, dv), block_k=block_k,
+                         splits=None if mosaic else splits)
     cfg = _Config(float(scale), bool(causal), sq, sk, tiles, v_layout[-1] == "S", float(softcap),
                   mask is not None, None if compute_dtype is None else jnp.dtype(compute_dtype).name,
-                  bool(interpret))
-    mask4 = None if mask is None else mask_4d(mask, (b, h, sq, sk))
+                  bool(interpret), chosen, mosaic_blocks if mosaic else None, splits if mosaic else None)
     call = (("q_layout", q_layout), ("k_layout", k_layout), ("v_layout", v_layout), ("o_layout", o_layout),
             ("mask_fill", float(mask_fill)))
     return _decode(q, k, v, mask4, kv_lengths, cfg, call)

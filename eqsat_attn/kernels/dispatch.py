@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 
+from .alibi import Alibi
 from .decode_attention import decode_attention, takes_decode
 from .flash_attention import flash_attention
 from .reference import MASK_VALUE, attention_reference, kernel_layout_error, kernel_supports_layouts, pallas_takes_scores
@@ -51,6 +52,7 @@ def attention(
     compute_dtype: str | None = None,
     mask_fill: float = MASK_VALUE,
     softcap: float = 0.0,
+    alibi: Alibi | None = None,
 ) -> jax.Array:
     """The Attention op (semantics: `attention_reference`) on the chosen kernel.
 
@@ -62,17 +64,26 @@ def attention(
     reference. ``compute_dtype``: q, k and v are cast to it inside the kernel (the Pallas kernel
     casts each loaded tile), result in that dtype. On "pallas", a decode-shaped call without a
     bias (`decode_attention.takes_decode`: Sq <= 16, Sk >= 1024, read off the static shapes) runs
-    the decode kernel, the rest the flash kernel; both compute the op's values.
+    the decode kernel, the rest the flash kernel; both compute the op's values. ``alibi``
+    (`alibi.Alibi`, instead of ``bias``): an additive bias given by static per-head slopes, which
+    the flash kernel computes on Mosaic GPU; the other kernels get it materialised (the same values).
     """
     layouts = dict(q_layout=q_layout, k_layout=k_layout, v_layout=v_layout, o_layout=o_layout,
                    compute_dtype=compute_dtype)
     exact = pallas_takes_scores(has_mask=mask is not None, causal=causal, mask_fill=mask_fill, softcap=softcap)
     if chosen_kernel(kernel, exact_on_pallas=exact) == "pallas":
         sq, sk = q.shape[q_layout.index("S")], k.shape[k_layout.index("S")]
+        if alibi is not None:
+            return flash_attention(q, k, v, scale=scale, causal=causal, alibi=alibi, mask=mask,
+                                   mask_fill=mask_fill, softcap=softcap, **layouts)
         if takes_decode(sq, sk, has_bias=bias is not None):
             return decode_attention(q, k, v, scale=scale, causal=causal, mask=mask, mask_fill=mask_fill,
                                     softcap=softcap, **layouts)
         return flash_attention(q, k, v, scale=scale, causal=causal, bias=bias, mask=mask, mask_fill=mask_fill,
                                softcap=softcap, **layouts)
+    if alibi is not None:
+        if bias is not None:
+            raise ValueError("pass a bias or ALiBi slopes (alibi=), not both")
+        bias = alibi.bias(q.shape[q_layout.index("S")], k.shape[k_layout.index("S")])
     return attention_reference(q, k, v, scale=scale, causal=causal, bias=bias, mask=mask, mask_fill=mask_fill,
                                softcap=softcap, **layouts)

@@ -56,6 +56,7 @@ from jax.experimental import pallas as pl
 from .mosaic_attention import (FP8_DTYPES, MosaicBlocks, hopper_gpu, mosaic_attention,
                                mosaic_unsupported)
 from .mosaic_backward import mosaic_attention_backward, mosaic_backward_unsupported
+from .alibi import Alibi
 from .masks import index_keep, kernel_mask, mask_4d, tile_classes, tile_lists
 from .reference import (CANONICAL, MASK_VALUE, attention_reference, causal_mask, check_shapes, kernel_layout_error,
                         layout_shape)
@@ -178,6 +179,9 @@ class _Config:
     # arithmetic, in the kernels' tile lists and partial-tile masks like a boolean mask's
     has_lengths: bool = False
     window: int | None = None
+    # ALiBi computed in the Mosaic GPU kernels from static slopes (kernels/alibi.py); the other
+    # kernels get it materialised (`flash_attention`), so only a Mosaic GPU forward carries it
+    alibi: Alibi | None = None
 
     @property
     def tiled(self) -> bool:
@@ -508,7 +512,8 @@ def _forward(q, k, v, bias, cfg: _Config, descales: tuple[jax.Array, jax.Array] 
                                 descales=descales if cfg.descaled else None,
                                 out_dtype=cfg.out_dtype or "bfloat16", q_layout=cfg.q_layout,
                                 k_layout=cfg.k_layout, o_layout=cfg.o_layout, bias=bias, mask=mask,
-                                softcap=cfg.softcap, kv_lengths=kv_lengths, window=cfg.window)
+                                softcap=cfg.softcap, kv_lengths=kv_lengths, window=cfg.window,
+                                alibi=cfg.alibi)
     ql, kl, vl, ol = cfg.q_layout, cfg.k_layout, cfg.v_layout, cfg.o_layout
     b, h, hkv, sq, sk, d, dv = check_shapes(q, k, v, vl, q_layout=ql, k_layout=kl)
     groups = h // hkv
@@ -914,14 +919,22 @@ def _reference_mask(cfg: _Config, mask, kv_lengths, sq: int, sk: int) -> jax.Arr
     return mask & keep
 
 
+def _alibi_bias(cfg: _Config, lse: jax.Array, k: jax.Array) -> jax.Array:
+    """The call's ALiBi materialised (for the kernels and the reference that read a bias)."""
+    return cfg.alibi.bias(lse.shape[2], k.shape[cfg.k_layout.index("S")])
+
+
 def _kernel_grads(cfg: _Config, q, k, v, bias, mask, kv_lengths, o, lse, do):
-    """dq, dk, dv, dbias of the kernels (dbias None without a bias)."""
+    """dq, dk, dv, dbias of the kernels (dbias None without a bias; ALiBi slopes are constants)."""
     if cfg.backward == "mosaic_gpu":  # `backward_kernels` took it only inside its contract
         return mosaic_attention_backward(
             q, k, v, o, lse, do, scale=cfg.scale, causal=cfg.causal, v_layout=cfg.v_layout,
             q_layout=cfg.q_layout, k_layout=cfg.k_layout, o_layout=cfg.o_layout,
             interpret=cfg.interpret, bias=bias, mask=mask, kv_lengths=kv_lengths, window=cfg.window,
-            softcap=cfg.softcap)
+            softcap=cfg.softcap, alibi=cfg.alibi)
+    if cfg.alibi is not None:  # the other backwards read the bias: the plain-JAX recomputation
+        plain = dataclasses.replace(cfg, alibi=None, backward="jax")
+        return (*_kernel_grads(plain, q, k, v, _alibi_bias(cfg, lse, k), mask, kv_lengths, o, lse, do)[:3], None)
     if cfg.backward == "pallas" and bias is None:
         return (*_backward_pallas(cfg, q, k, v, o, lse, do, mask=mask, kv_lengths=kv_lengths), None)
     keep = _reference_mask(cfg, mask, kv_lengths, lse.shape[2], k.shape[cfg.k_layout.index("S")])
@@ -990,6 +1003,8 @@ def _uniform_rows_dv(cfg: _Config, do: jax.Array, empty: jax.Array, hkv: int, sk
 
 
 def _reference(cfg: _Config, mask, q, k, v, bias):
+    if cfg.alibi is not None:
+        bias = cfg.alibi.bias(q.shape[cfg.q_layout.index("S")], k.shape[cfg.k_layout.index("S")])
     return attention_reference(q, k, v, scale=cfg.scale, causal=cfg.causal, v_layout=cfg.v_layout,
                                bias=bias, mask=mask, q_layout=cfg.q_layout, k_layout=cfg.k_layout,
                                o_layout=cfg.o_layout, compute_dtype=cfg.compute_dtype,
@@ -1064,6 +1079,7 @@ def flash_attention(
     softcap: float = 0.0,
     kv_lengths: jax.Array | None = None,
     window: int | None = None,
+    alibi: Alibi | None = None,
 ) -> jax.Array:
     """Pallas flash attention with the semantics of `attention_reference`.
 
@@ -1107,6 +1123,10 @@ def flash_attention(
     the semantics of `attention_reference` given the equivalent boolean mask (`masks.index_keep`):
     ``kv_lengths`` (int32 [B]: query rows of batch b see keys j < kv_lengths[b]) and ``window``
     (a sliding window: row i sees keys i - window < j <= i). Both are guarded like a mask.
+    ``alibi`` (`alibi.Alibi`, static slopes; not with ``bias``): the bias
+    slope·(row_coef·i + col_coef·j + offset), computed in the kernels on Mosaic GPU (forward and
+    backward; no bias read), materialised for Triton (one row [.., 1, Sk] when it has no query
+    term) and the reference; the slopes get no gradient.
     """
     if backward not in FLASH_BACKWARDS:
         raise ValueError(f"backward must be one of {FLASH_BACKWARDS}, got {backward!r}")
@@ -1124,6 +1144,12 @@ def flash_attention(
             raise ValueError(f"kv_lengths must be an integer array of shape [B] = ({b},), got "
                              f"{jnp.shape(kv_lengths)} {jnp.result_type(kv_lengths)}")
         kv_lengths = jnp.asarray(kv_lengths, jnp.int32)
+    if alibi is not None:
+        if bias is not None:
+            raise ValueError("pass a bias or ALiBi slopes (alibi=), not both")
+        alibi.check(b, h, sq, sk)
+    # what the backends' contracts see of ALiBi: a bias with one row (Mosaic GPU computes it)
+    bias_like = bias if alibi is None else jax.ShapeDtypeStruct((1, 1, 1, sk), jnp.float32)
     tq, tk, warps, stages = block_sizes(sq, sk, max(d, dv), bool(causal), v_layout[-1] == "S")
     bq, bk = block_q or tq, block_k or tk
     for name, blk in (("block_q", bq), ("block_k", bk)):
@@ -1137,13 +1163,16 @@ def flash_attention(
     chosen = pallas_backend(
         q, k, v, backend=backend, interpret=bool(interpret),
         tiles_given=any(x is not None for x in (block_q, block_k, num_warps, num_stages)),
-        v_layout=v_layout, causal=bool(causal), scale=float(scale), bias=bias,
+        v_layout=v_layout, causal=bool(causal), scale=float(scale), bias=bias_like,
         compute_dtype=compute_dtype, q_layout=q_layout, k_layout=k_layout, o_layout=o_layout,
         blocks=mosaic_blocks, mask=True if mask is not None or kv_lengths is not None or window else None,
         mask_fill=float(mask_fill), softcap=float(softcap))
     masked = mask is not None or kv_lengths is not None or window is not None
+    if alibi is not None and chosen != "mosaic_gpu":  # the other kernels read a bias
+        bias = bias_like = alibi.bias(sq, sk)
+        alibi = None
     backward, refused = backward_kernels(
-        q, k, v, backward=backward, forward_backend=chosen, bias=bias, masked=masked,
+        q, k, v, backward=backward, forward_backend=chosen, bias=bias_like, masked=masked,
         softcap=float(softcap), compute_dtype=compute_dtype,
         guarded=bool(causal) and float(mask_fill) > MASK_VALUE, v_layout=v_layout,
         q_layout=q_layout, k_layout=k_layout, o_layout=o_layout, interpret=bool(interpret))
@@ -1156,6 +1185,6 @@ def flash_attention(
                   compute_dtype=None if compute_dtype is None else jnp.dtype(compute_dtype).name,
                   backend=chosen, mosaic_blocks=mosaic_blocks, softcap=float(softcap),
                   mask_fill=float(mask_fill), has_mask=mask is not None, has_lengths=kv_lengths is not None,
-                  window=window)
+                  window=window, alibi=alibi)
     mask4 = None if mask is None else mask_4d(mask, (b, h, sq, sk))
     return (_guarded if cfg.guarded else _flash)(q, k, v, bias, mask4, kv_lengths, cfg)

@@ -69,6 +69,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from .alibi import Alibi
 from .masks import mask_4d
 from .mosaic_scores import NONE, ScoreMods, kept, log2_scores, prepare, safe_max
 from .reference import MASK_VALUE, check_shapes, kernel_layout_error, layout_shape
@@ -562,11 +563,17 @@ class _Warpgroup:
         """What a key tile's score modifications read, loaded before its Q·Kᵀ is issued so the
         loads overlap it: (first key index, bias tile or None, mask tile or None). The bias and
         mask tiles come straight from global memory in wgmma's accumulator layout; the mask tile
-        only for PARTIAL tiles."""
+        only for PARTIAL tiles. ALiBi's bias tile is computed from the slope and the indices."""
         plan, bq, bkv = self.plan, self.plan.blocks.block_q, self.plan.blocks.block_kv
         col0 = plan.kv_tile(kv_step, self.counts, self.index) * bkv
         cols = pl.ds(col0, bkv)
         bias = mask = None
+        if plan.mods.alibi is not None:
+            full_b, full_h = plan.mods.alibi_bh
+            slope = self.refs.alibi[self.batch if full_b else 0, self.head if full_h else 0]
+            rows = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 0, layout=plgpu.Layout.WGMMA) + self.q_base
+            keys = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA) + col0
+            bias = plan.mods.alibi.tile(slope, rows, keys)
         if plan.mods.bias_bh is not None:
             full_b, full_h = plan.mods.bias_bh
             rows = pl.ds(self.q_base, bq) if plan.mods.bias_rows else pl.ds(0, bq)
@@ -808,6 +815,7 @@ class _Refs:
     v: object
     descale: object
     bias: object
+    alibi: object
     mask: object
     counts: object
     index: object
@@ -816,14 +824,16 @@ class _Refs:
 
     @classmethod
     def unpack(cls, plan: _Plan, refs) -> _Refs:
-        """From `_launch`'s operand order: q, k, v, [descales], [bias], [mask], [counts, index], o, lse."""
+        """From `_launch`'s operand order: q, k, v, [descales], [bias], [ALiBi slopes], [mask],
+        [counts, index], o, lse."""
         refs = list(refs)
         take = lambda present: refs.pop(0) if present else None  # noqa: E731
         q, k, v = refs.pop(0), refs.pop(0), refs.pop(0)
         descale, bias = take(plan.fp8), take(plan.mods.bias_bh is not None)
+        alibi = take(plan.mods.alibi is not None)
         mask, counts, index = take(plan.mods.mask_bh is not None), take(plan.tiled), take(plan.tiled)
         o, lse = refs
-        return cls(q, k, v, descale, bias, mask, counts, index, o, lse)
+        return cls(q, k, v, descale, bias, alibi, mask, counts, index, o, lse)
 
 
 def _kernel(plan: _Plan, *refs):
@@ -869,7 +879,7 @@ def mosaic_attention(
     descales: tuple[jax.Array, jax.Array] | None = None, out_dtype=jnp.bfloat16,
     q_layout: str = "BHSD", k_layout: str = "BHSD", o_layout: str = "BHSD",
     bias: jax.Array | None = None, mask: jax.Array | None = None, softcap: float = 0.0,
-    kv_lengths: jax.Array | None = None, window: int | None = None,
+    kv_lengths: jax.Array | None = None, window: int | None = None, alibi: Alibi | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Forward attention on Hopper: (o [B,H,Sq,D] in ``o_layout``, lse [B,H,Sq] float32).
 
@@ -884,7 +894,8 @@ def mosaic_attention(
 
     Score modifications (16-bit operands; kernels/mosaic_scores.py): ``softcap`` (> 0: scores
     become softcap·tanh(s / softcap), before the bias), an additive ``bias`` broadcastable to
-    [B,H,Sq,Sk], and hidden positions from a boolean ``mask`` (True keeps, broadcastable to
+    [B,H,Sq,Sk] or ``alibi`` (`alibi.Alibi`: that bias computed in the kernel from per-head
+    slopes, no bias read), and hidden positions from a boolean ``mask`` (True keeps, broadcastable to
     [B,H,Sq,Sk]), ``kv_lengths`` (int32 [B]: keys j < kv_lengths[b]) and ``window`` (keys
     i - window < j <= i), walked as per-tile lists (HIDDEN tiles skipped, VISIBLE ones unmasked).
     Hidden scores get exactly zero weight (the op with fill -inf); a row with no visible score
@@ -896,7 +907,7 @@ def mosaic_attention(
     layouts = dict(q_layout=q_layout, k_layout=k_layout, o_layout=o_layout)
     hides = mask is not None or kv_lengths is not None or window is not None
     reason = mosaic_unsupported(q, k, v, v_layout=v_layout, causal=causal, scale=scale,
-                                blocks=blocks, interpret=interpret, bias=bias,
+                                blocks=blocks, interpret=interpret, bias=True if alibi is not None else bias,
                                 mask=True if hides else None, softcap=float(softcap), **layouts)
     if reason is not None:
         raise ValueError(f"the Mosaic GPU attention kernel cannot run this call: {reason}; "
@@ -915,7 +926,7 @@ def mosaic_attention(
     mods, extra = prepare(b=b, h=h, sq=sq, sk=sk, causal=bool(causal), cta_rows=COMPUTE_WARPGROUPS * blocks.block_q,
                           block_q=blocks.block_q, block_kv=blocks.block_kv, bias=bias,
                           mask4=None if mask is None else mask_4d(mask, (b, h, sq, sk)),
-                          kv_lengths=kv_lengths, window=window, softcap=float(softcap))
+                          kv_lengths=kv_lengths, window=window, softcap=float(softcap), alibi=alibi)
     plan = _Plan(b, h, h // hkv, sq, sk, d, jnp.dtype(q.dtype), float(scale), bool(causal),
                  (q_layout, k_layout, v_layout, o_layout), blocks, bool(interpret), out, mods)
     operands = [q, k, v]

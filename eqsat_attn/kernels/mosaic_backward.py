@@ -65,6 +65,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from .alibi import Alibi
 from .masks import mask_4d
 from .mosaic_attention import mosaic_gpu_available, plgpu
 from .mosaic_backward_scores import bias_gradient, capped_scores, list_tile, prepare_backward
@@ -287,13 +288,20 @@ def _wait_all(barriers, slot):
 # --- dQ: per query tile, the key tiles streamed --------------------------------------------------
 
 def _extras(plan: _Plan, refs):
-    """(bias, mask, counts, index) refs after the six shared operands (None where absent), and
-    the rest (the outputs)."""
+    """(bias, mask, counts, index) refs after the six shared operands (None where absent; a
+    bias computed from ALiBi slopes gives the slopes' ref as ``bias``), and the rest (the outputs)."""
     refs = list(refs)
     take = lambda present: refs.pop(0) if present else None  # noqa: E731
-    bias, mask = take(plan.has_bias), take(plan.mods.mask_bh is not None)
+    bias, mask = take(plan.has_bias or plan.mods.alibi is not None), take(plan.mods.mask_bh is not None)
     counts, index = take(plan.tiled), take(plan.tiled)
     return (bias, mask, counts, index), refs
+
+
+def _alibi_tile(plan: _Plan, slopes_ref, batch, head, row_axis: int, row0, col0, shape):
+    """ALiBi's bias tile (`alibi.Alibi.tile`) of (batch, head) in wgmma's layout: query indices
+    from ``row0`` along ``row_axis``, key indices from ``col0`` along the other axis."""
+    slope = slopes_ref[plan.extra_at(plan.mods.alibi_bh, batch, head)]
+    return plan.mods.alibi.tile(slope, _iota(shape, row_axis) + row0, _iota(shape, 1 - row_axis) + col0)
 
 
 def _dq_kernel(plan: _Plan, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
@@ -351,6 +359,8 @@ def _dq_kernel(plan: _Plan, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *re
                 brows = rows if plan.mods.bias_rows else pl.ds(0, bq)
                 at = (*plan.extra_at(plan.mods.bias_bh, batch, head), brows, cols)
                 bias = plgpu.load(bias_ref.at[at], layout=plgpu.Layout.WGMMA, optimized=False)
+            elif plan.mods.alibi is not None:
+                bias = _alibi_tile(plan, bias_ref, batch, head, 0, q_base, col0, (bq, bkv))
             if masked and mask_ref is not None:
                 mrows = rows if plan.mods.mask_rows else pl.ds(0, bq)
                 at = (*plan.extra_at(plan.mods.mask_bh, batch, head), mrows, cols)
@@ -457,6 +467,8 @@ def _dkv_kernel(plan: _Plan, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *r
                 brows = pl.ds(row0, bq) if plan.mods.bias_rows else pl.ds(0, bq)
                 at = (*plan.extra_at(plan.mods.bias_bh, batch, head), keys, brows)
                 bias = plgpu.load(bias_ref.at[at], layout=plgpu.Layout.WGMMA, optimized=False)
+            elif plan.mods.alibi is not None:
+                bias = _alibi_tile(plan, bias_ref, batch, head, 1, row0, k_base, (bkv, bq))
             if masked and mask_ref is not None:
                 mrows = pl.ds(row0, bq) if plan.mods.mask_rows else pl.ds(0, bq)
                 at = (*plan.extra_at(plan.mods.mask_bh, batch, head), keys, mrows)
@@ -578,6 +590,7 @@ def mosaic_attention_backward(
     k_layout: str = "BHSD", o_layout: str = "BHSD", blocks: MosaicBwdBlocks | None = None,
     interpret: bool = False, bias: jax.Array | None = None, mask: jax.Array | None = None,
     kv_lengths: jax.Array | None = None, window: int | None = None, softcap: float = 0.0,
+    alibi: Alibi | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
     """(dq, dk, dv, dbias) of `attention_reference` at (q, k, v, bias) for the cotangent ``do``,
     from the forward's residuals: o (``o_layout``, as is ``do``) and lse [B,H,Sq] float32
@@ -588,12 +601,15 @@ def mosaic_attention_backward(
 
     Score modifications as `mosaic_attention` takes them: ``softcap``, an additive ``bias``
     (broadcastable to [B,H,Sq,Sk]), hidden positions from a boolean ``mask`` (True keeps),
-    ``kv_lengths`` (int32 [B]) and ``window`` (keys i - window < j <= i). Hidden positions get
+    ``kv_lengths`` (int32 [B]) and ``window`` (keys i - window < j <= i); ``alibi`` (a bias
+    computed in the kernels from static slopes: no dbias, the slopes are constants). Hidden positions get
     no weight and no gradient; a row with no visible score (lse -inf, or the 0 flash_attention's
     guard gives a row that keeps no key) gets none either."""
     layouts = dict(q_layout=q_layout, k_layout=k_layout, o_layout=o_layout)
     reason = mosaic_backward_unsupported(q, k, v, v_layout=v_layout, blocks=blocks, bias=bias,
                                          softcap=float(softcap), **layouts)
+    if reason is None and alibi is not None and bias is not None:
+        reason = "a call takes a bias or ALiBi slopes, not both"
     if reason is not None:
         raise ValueError(f"the Mosaic GPU attention backward cannot run this call: {reason}; "
                          "use the Triton backward (flash_attention(..., backward='pallas')).")
@@ -614,7 +630,7 @@ def mosaic_attention_backward(
                              block_kv=blocks.block_kv, cta_rows=wgs * blocks.block_q,
                              cta_keys=wgs * blocks.block_kv, bias=bias,
                              mask4=None if mask is None else mask_4d(mask, (b, h, sq, sk)),
-                             kv_lengths=kv_lengths, window=window, softcap=float(softcap))
+                             kv_lengths=kv_lengths, window=window, softcap=float(softcap), alibi=alibi)
     plan = _Plan(b, h, hkv, sq, sk, d, jnp.dtype(q.dtype), float(scale), bool(causal),
                  (q_layout, k_layout, v_layout, o_layout), blocks, bool(interpret), extra.mods)
     # delta = rowsum(o ⊙ dO), [B,H,Sq] like lse whatever o's layout; lse in log2 units, a row

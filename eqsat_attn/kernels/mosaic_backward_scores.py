@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .alibi import Alibi
 from .masks import index_keep, tile_classes, tile_lists
 from .mosaic_scores import LOG2E, ScoreMods, prepare
 from .reference import causal_mask
@@ -84,15 +85,18 @@ class BackwardOperands:
 
 def prepare_backward(*, b: int, h: int, sq: int, sk: int, causal: bool, block_q: int, block_kv: int,
                      cta_rows: int, cta_keys: int, bias=None, mask4=None, kv_lengths=None,
-                     window: int | None = None, softcap: float = 0.0) -> BackwardOperands:
-    """Both kernels' extra operands (module docstring). ``mask4``: bool from `masks.mask_4d`."""
+                     window: int | None = None, softcap: float = 0.0, alibi: Alibi | None = None) -> BackwardOperands:
+    """Both kernels' extra operands (module docstring). ``mask4``: bool from `masks.mask_4d`;
+    ``alibi``: the slopes [1 or B, 1 or H] are both kernels' operand (in the bias's place)."""
     mods, dq = prepare(b=b, h=h, sq=sq, sk=sk, causal=causal, cta_rows=cta_rows, block_q=block_q,
                        block_kv=block_kv, bias=bias, mask4=mask4, kv_lengths=kv_lengths, window=window,
-                       softcap=softcap)
+                       softcap=softcap, alibi=alibi)
     rest = list(dq)
     dkv = []
     if mods.bias_bh is not None:
         dkv.append(jnp.swapaxes(rest.pop(0), 2, 3))
+    if mods.alibi is not None:
+        dkv.append(rest.pop(0))
     if mods.mask_bh is not None:
         dkv.append(jnp.swapaxes(rest.pop(0), 2, 3))
     if mods.tiled:

@@ -7,6 +7,9 @@ computes outside the kernel, and the static facts the kernel is specialised on.
   bias with one row for every query (key padding as an additive bias [B, 1, 1, Sk], ALiBi's
   ``slope·j``) is kept as that row repeated for one warpgroup's tile, [.., block_q, Sk], as a mask
   with one row is: never materialised over the queries.
+* ALiBi from per-head slopes (`alibi.Alibi`): no bias in memory; the kernel reads its (batch,
+  head)'s float32 slope and computes each tile's bias from the query and key indices, with the
+  same float32 operations as the program (`Alibi.tile`).
 * Hidden positions, from a boolean mask (True keeps), per-batch key lengths, a sliding window and
   the causal flag: FlexAttention's block mask (kernels/masks.py) at the kernel's tiling, one row
   of tiles per CTA (``2·block_q`` query rows by ``block_kv`` keys). HIDDEN tiles are never loaded
@@ -27,6 +30,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from .alibi import Alibi
 from .masks import kernel_mask, tile_classes, tile_lists
 
 LOG2E: float = math.log2(math.e)
@@ -41,7 +45,8 @@ class ScoreMods:
     ``*_bh``: whether that operand has a full B axis and a full H axis (else it broadcasts, and
     the kernel reads index 0); None when the call has no such operand. ``mask_rows``,
     ``bias_rows``: the mask or bias has one row per query (else one row for all queries, e.g.
-    key padding [B, 1, 1, Sk], held repeated for a warpgroup's tile).
+    key padding [B, 1, 1, Sk], held repeated for a warpgroup's tile). ``alibi``: the bias
+    computed in the kernel from slopes (an operand [1 or B, 1 or H]; no bias operand then).
     """
 
     softcap: float = 0.0
@@ -52,12 +57,15 @@ class ScoreMods:
     has_lengths: bool = False
     window: int | None = None
     bias_rows: bool = False
+    alibi: Alibi | None = None
 
     def __post_init__(self):
         if not self.softcap >= 0:
             raise ValueError(f"softcap={self.softcap} must be >= 0 (0: none)")
         if self.window is not None and self.window < 1:
             raise ValueError(f"window={self.window} must be a positive number of keys")
+        if self.alibi is not None and self.bias_bh is not None:
+            raise ValueError("a call takes a bias or ALiBi slopes, not both")
 
     @property
     def tiled(self) -> bool:
@@ -67,7 +75,12 @@ class ScoreMods:
     @property
     def any(self) -> bool:
         """Some score modification: scores go through `log2 units, cap, bias, mask` per tile."""
-        return bool(self.softcap) or self.bias_bh is not None or self.tiled
+        return bool(self.softcap) or self.bias_bh is not None or self.tiled or self.alibi is not None
+
+    @property
+    def alibi_bh(self) -> tuple[bool, bool] | None:
+        """Whether the slopes have a full B axis and a full H axis (None without ALiBi)."""
+        return None if self.alibi is None else (self.alibi.shape[0] > 1, self.alibi.shape[1] > 1)
 
 
 NONE = ScoreMods()
@@ -170,15 +183,21 @@ def tile_operands(mask4: jax.Array | None, kv_lengths: jax.Array | None, *, sq: 
 def prepare(*, b: int, h: int, sq: int, sk: int, causal: bool, cta_rows: int, block_q: int,
             block_kv: int, bias: jax.Array | None = None, mask4: jax.Array | None = None,
             kv_lengths: jax.Array | None = None, window: int | None = None,
-            softcap: float = 0.0) -> tuple[ScoreMods, list[jax.Array]]:
-    """(the plan's `ScoreMods`, the extra kernel operands in order: bias, mask, counts, index,
-    each only when the call has it). ``mask4``: bool from `masks.mask_4d`."""
+            softcap: float = 0.0, alibi: Alibi | None = None) -> tuple[ScoreMods, list[jax.Array]]:
+    """(the plan's `ScoreMods`, the extra kernel operands in order: bias, ALiBi slopes, mask,
+    counts, index, each only when the call has it). ``mask4``: bool from `masks.mask_4d`."""
     operands, bias_bh, mask_bh, lists_bh, mask_rows, bias_rows = [], None, None, None, False, False
+    if alibi is not None:
+        if bias is not None:
+            raise ValueError("a call takes a bias or ALiBi slopes, not both")
+        alibi.check(b, h, sq, sk)
     if bias is not None:
         bias_rows = bias.ndim >= 2 and bias.shape[-2] > 1  # else one row for all queries
         bias = bias_operand(bias, (b, h, sq, sk), block_q)
         operands.append(bias)
         bias_bh = _bh(bias)
+    if alibi is not None:
+        operands.append(alibi.slopes_array())
     if mask4 is not None or kv_lengths is not None or window is not None:
         kmask, counts, index = tile_operands(mask4, kv_lengths, sq=sq, sk=sk, causal=causal, window=window,
                                              cta_rows=cta_rows, block_kv=block_kv, block_q=block_q)
@@ -188,5 +207,5 @@ def prepare(*, b: int, h: int, sq: int, sk: int, causal: bool, cta_rows: int, bl
         operands += [counts, index]
         lists_bh = _bh(counts)
     mods = ScoreMods(float(softcap), bias_bh, mask_bh, mask_rows, lists_bh, kv_lengths is not None, window,
-                     bias_rows)
+                     bias_rows, alibi)
     return mods, operands
