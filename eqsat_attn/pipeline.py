@@ -190,7 +190,7 @@ def saturated(program: Program, options: OptimizeOptions, limits: Limits | None 
     built = program_encoding(program, rulesets)  # its symbols say which rules it needs
     kept = relevant_mask(rulesets, built.encoding.symbols)
     own = kept if sum(kept) <= OWN_REGISTRATION_SHARE * len(kept) else None
-    with prepared_egraph(rulesets, own) as egraph:
+    with prepared_egraph(rulesets, own, steps_for=kept) as egraph:
         encoding = encode(program, egraph, built=built)
         yield egraph, encoding, run_rulesets(egraph, rulesets, limits or options.limits, stop_when=stop_when,
                                              relevant_to=encoding.symbols)

@@ -373,7 +373,8 @@ def pooled_egraphs(rulesets: list[RuleSet], kept: tuple[bool, ...] | None = None
 
 
 @contextmanager
-def prepared_egraph(rulesets: list[RuleSet], kept: tuple[bool, ...] | None = None) -> Iterator[EGraph]:
+def prepared_egraph(rulesets: list[RuleSet], kept: tuple[bool, ...] | None = None,
+                    steps_for: tuple[bool, ...] | None = None) -> Iterator[EGraph]:
     """An e-graph with ``rulesets`` registered and nothing else, reverted when the block ends;
     ``kept``: only the rules `relevant_mask` kept for the program about to be encoded in it.
 
@@ -383,6 +384,9 @@ def prepared_egraph(rulesets: list[RuleSet], kept: tuple[bool, ...] | None = Non
     push copies every registered rule and pop drops them (default rule sets: ~0.1 s; a GPT-2
     layer's kept rules: a quarter of that), hence registering only the rules a program needs.
     One that grew past `POOL_MAX_ENODES` is dropped instead: a later run gets a freshly prepared one.
+    ``steps_for``: the `relevant_mask` of the program about to run (``kept`` or more): its steps'
+    commands are made before the push and kept with the e-graph (`StepCommands`), so a later
+    run of a program that keeps the same rules converts and registers nothing.
     """
     egglog_rulesets = [r.ruleset for r in rulesets]
     key = (tuple(map(id, egglog_rulesets)), kept)
@@ -391,6 +395,8 @@ def prepared_egraph(rulesets: list[RuleSet], kept: tuple[bool, ...] | None = Non
         egraph = idle.pop() if idle else None
     if egraph is None:
         egraph = registered_egraph(rulesets, kept)
+    if steps_for is not None:
+        _prepare_step_commands(egraph, rulesets, steps_for)
     egraph.push()
     try:
         yield egraph
@@ -400,6 +406,71 @@ def prepared_egraph(rulesets: list[RuleSet], kept: tuple[bool, ...] | None = Non
         if grown <= POOL_MAX_ENODES:
             with _PREPARED_LOCK:
                 idle.append(egraph)
+
+
+class StepCommands:
+    """The egglog commands of `run_rulesets`' steps for the rules ``mask`` kept (None: all): the
+    analysis, each step of a round (`_round_steps`, rule sets with no kept rule left out) and,
+    the steps of a round past `RAISE_PASSES_FROM_ENODES` e-nodes.
+
+    Making them converts each step's schedule (`schedule_command`), which registers the
+    combination of the rules kept (an egglog ruleset per mask) and hashes every rule of it: in
+    the shared e-graph, after a push, again on every optimization (a jax.grad of attention:
+    0.14-0.17 s). A pooled e-graph keeps them (`_prepare_step_commands`, before its push: what
+    they register survives the pop)."""
+
+    def __init__(self, egraph: EGraph, rulesets: list[RuleSet], mask: tuple[bool, ...] | None) -> None:
+        self._subsets = _subsets(rulesets, mask)
+        self._kept = [r for r in _round_steps(rulesets) if self._subsets[r.name] is not None]  # others cannot match
+        self.analysis = schedule_command(egraph, analysis.saturate())
+        self.steps = [("analysis", self.analysis)] + [(r.name, schedule_command(egraph, self._subsets[r.name]))
+                                                     for r in self._kept]
+        self._large: dict[int, list[tuple[str, bindings._Command]]] = {}  # by RAISE_PASSES
+
+    def large_steps(self, egraph: EGraph) -> list[tuple[str, bindings._Command]]:
+        """The steps of a round past `RAISE_PASSES_FROM_ENODES` e-nodes (`_step_schedule` with
+        `RAISE_PASSES`), in ``egraph`` (the one the steps were made in): those `keep_large_steps`
+        made, else made now (they register nothing new: the kept combinations are the steps')."""
+        kept = self._large.get(RAISE_PASSES)
+        if kept is not None:
+            return kept
+        return [self.steps[0]] + [
+            (r.name, schedule_command(egraph, _step_schedule(r, self._subsets[r.name], RAISE_PASSES)))
+            for r in self._kept]
+
+    def keep_large_steps(self, egraph: EGraph) -> None:
+        """Make `large_steps` now and keep them."""
+        self._large[RAISE_PASSES] = self.large_steps(egraph)
+
+
+#: masks whose `StepCommands` one pooled e-graph keeps (the oldest dropped first; what they
+#: registered stays: an egglog ruleset naming the kept rules, no table and no e-node)
+STEP_COMMANDS_PER_EGRAPH = 64
+_STEP_COMMANDS_ATTR = "_eqsat_attn_step_commands"
+
+
+def _step_key(rulesets: list[RuleSet], mask: tuple[bool, ...] | None) -> tuple:
+    return tuple(id(r.ruleset) for r in rulesets), mask
+
+
+def _prepare_step_commands(egraph: EGraph, rulesets: list[RuleSet], mask: tuple[bool, ...] | None) -> None:
+    """Make and keep with ``egraph`` the `StepCommands` of ``mask``, with nothing pushed: what
+    their conversion registers is part of the e-graph every later pop restores."""
+    kept: dict = egraph.__dict__.setdefault(_STEP_COMMANDS_ATTR, {})
+    key = _step_key(rulesets, mask)
+    if key in kept:
+        kept[key] = kept.pop(key)  # the most recent last
+        return
+    commands = StepCommands(egraph, rulesets, mask)
+    commands.keep_large_steps(egraph)  # made now, with nothing pushed
+    if len(kept) >= STEP_COMMANDS_PER_EGRAPH:
+        kept.pop(next(iter(kept)))
+    kept[key] = commands
+
+
+def _pooled_step_commands(egraph: EGraph, rulesets: list[RuleSet], mask: tuple[bool, ...] | None) -> StepCommands | None:
+    """The `StepCommands` `_prepare_step_commands` kept with ``egraph`` for ``mask``, or None."""
+    return egraph.__dict__.get(_STEP_COMMANDS_ATTR, {}).get(_step_key(rulesets, mask))
 
 
 _clock = time.perf_counter  # the safety net's clock (tests replace it)
@@ -492,21 +563,18 @@ def run_rulesets(
     fired: Counter[str] = Counter()
     watched = stop_when.families if stop_when else ()  # the families stop_when counts
     first_fired: int | None = None  # the iteration where they had first fired, stop_when armed
-    analysis_command = schedule_command(egraph, analysis.saturate())
-    steps = [("analysis", analysis_command)]
-    subsets = _relevant_subsets(rulesets, relevant_to)
-    kept = [r for r in _round_steps(rulesets) if subsets[r.name] is not None]  # others cannot match
-    steps += [(r.name, schedule_command(egraph, subsets[r.name])) for r in kept]
-    large_steps: list[tuple[str, bindings._Command]] = []  # made once the e-graph is past RAISE_PASSES_FROM_ENODES
+    mask = None if relevant_to is None else relevant_mask(rulesets, relevant_to)
+    commands = _pooled_step_commands(egraph, rulesets, mask) or StepCommands(egraph, rulesets, mask)
+    analysis_command, steps = commands.analysis, commands.steps
+    large_steps: list[tuple[str, bindings._Command]] | None = None  # once past RAISE_PASSES_FROM_ENODES
     size = egraph_size(egraph)
     for iteration in range(limits.iterations):
         step: Counter[str] = Counter()
         updated = False
         stopped = None
         steps_run = 0
-        if size > RAISE_PASSES_FROM_ENODES and not large_steps:
-            large_steps = [steps[0]] + [(r.name, schedule_command(egraph, _step_schedule(r, subsets[r.name], RAISE_PASSES)))
-                                        for r in kept]
+        if size > RAISE_PASSES_FROM_ENODES and large_steps is None:
+            large_steps = commands.large_steps(egraph)
         for name, command in (large_steps if size > RAISE_PASSES_FROM_ENODES else steps):
             before = sum(fired[f] + step[f] for f in watched)
             report = run_schedule(egraph, command)
