@@ -64,10 +64,13 @@ def _varying_axes(program: Program, node_id: int) -> set[int] | None:
 
 
 def _pattern(keep: np.ndarray) -> str:
-    """Name the [.., Sq, Sk] pattern of a static boolean mask (the same for every batch and head)."""
+    """Name the [.., Sq, Sk] pattern of a static boolean mask: one shared by every batch and head,
+    or key padding (a mask that varies only along the batch and the keys, as `_varying_axes`
+    names a computed one)."""
     rows = keep.reshape(-1, *keep.shape[-2:])
     if not all(np.array_equal(rows[0], r) for r in rows[1:]):
-        return "arbitrary"
+        first = keep[(slice(None), *(slice(0, 1),) * (keep.ndim - 2), slice(None))]
+        return "key padding" if np.array_equal(keep, np.broadcast_to(first, keep.shape)) else "arbitrary"
     m = rows[0]
     sq, sk = m.shape
     i, j = np.arange(sq)[:, None], np.arange(sk)[None, :]

@@ -214,3 +214,25 @@ def test_a_one_by_one_true_mask_spread_over_the_scores_is_not_causal():
     run_rulesets(egraph, resolve(["attention_raise"]), LIMITS)
     after = _read(egraph, enc, program)
     assert wide and all(after[i] == (False, True) for i in wide), after
+
+
+def test_a_constant_padding_mask_is_named_key_padding():
+    """A key-padding mask closed over as a constant (Haiku's mask [B, 1, 1, Sk], spread to the
+    scores) is evaluated and named key padding; one that also varies along the queries is not."""
+
+    def padded(keep):
+        def fn(q, k, v):
+            s = jnp.where(keep, jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.25, -1e30)
+            return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1), v)
+        return fn
+
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 2, 8, 4)), jnp.float32) for _ in range(3))
+    keys = jnp.asarray(np.arange(8)[None, :] < np.array([8, 5])[:, None])
+    kinds = {}
+    for name, keep in (("keys", keys[:, None, None, :]), ("rows", keys[:, None, :, None] & keys[:, None, None, :])):
+        optimized = ea.optimize(padded(keep))
+        report = optimized.explain(q, k, v)
+        kinds[name] = [a.mask_pattern for a in report.attention]
+        np.testing.assert_allclose(optimized(q, k, v), padded(keep)(q, k, v), rtol=2e-5, atol=2e-6)
+    assert kinds == {"keys": ["key padding"], "rows": ["arbitrary"]}, kinds
