@@ -277,9 +277,26 @@ def _score_spelling(program: Program, path: list[Node], precision: str) -> str |
     if any(any(_is_row_constant(program, j) for j in n.inputs) for n in products):
         return ("its scores are multiplied by a tensor factor constant along the queries and keys (a per-head "
                 "scale, as Swin-v2's logit scale): raised only where it multiplies the bare Q·Kᵀ, whose Q it moves onto")
+    rounded = _rounded_after_bias(program, path)
+    if rounded:
+        return (f"its scores are rounded to {rounded} after a bias is added (T5 in torch: (s + mask).type_as(q)); "
+                "the op adds the bias to float32 scores and never rounds them (not exact)")
     if "select_n" in ops and any(op in ("add", "sub") for op in ops[:ops.index("select_n")]):
         reason = "a bias is added after the where-mask, so the hidden scores are fill + bias, not one fill (not exact"
         return reason + (f"; {FAST_MATH} for a -inf or finfo.min fill)" if precision == "exact" else ")")
+    return None
+
+
+def _rounded_after_bias(program: Program, path: list[Node]) -> str | None:
+    """The narrower float dtype the scores are cast to between an addition (a bias) and the
+    softmax, seen from the softmax (``path``'s order), or None."""
+    for n in path:
+        if n.op in ("add", "sub"):
+            return None
+        if n.op == "convert_element_type" and n.type.dtype in ("bfloat16", "float16"):
+            source = program.nodes[n.inputs[0]].type.dtype
+            if source in ("float32", "float64") and any(m.op in ("add", "sub") for m in path[path.index(n):]):
+                return n.type.dtype
     return None
 
 
