@@ -2066,6 +2066,29 @@ def neg_query_axis(q, k, v, bias):
 
 
 
+@probe("flax_linen_dpa_bf16_force_fp32_softmax", "flax.linen.dot_product_attention bf16, force_fp32_for_softmax=True, "
+       "causal mask", tensors(BSHD, BSHD, BSHD, dtype=BF16))
+def linen_fp32_softmax(q, k, v):
+    return linen.dot_product_attention(q, k, v, mask=tri()[None, None], force_fp32_for_softmax=True, deterministic=True)
+
+
+@probe("flax_linen_dpa_precision_highest_bias", "flax.linen.dot_product_attention(precision=HIGHEST) with a bias",
+       tensors(BSHD, BSHD, BSHD, (B, H, S, S)), grad_argnums=(0, 1, 2, 3))
+def linen_highest(q, k, v, bias):
+    return linen.dot_product_attention(q, k, v, bias=bias, precision=jax.lax.Precision.HIGHEST, deterministic=True)
+
+
+@probe("jax_dpa_f16_causal", "jax.nn.dot_product_attention on float16 inputs, is_causal", tensors(BSHD, BSHD, BSHD, dtype=F16))
+def jax_dpa_f16(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+
+
+@probe("flax_linen_dpa_dtype_f32_from_bf16", "flax.linen.dot_product_attention(dtype=float32) on bf16 inputs",
+       tensors(BSHD, BSHD, BSHD, dtype=BF16))
+def linen_dtype(q, k, v):
+    return linen.dot_product_attention(q, k, v, dtype=F32, deterministic=True)
+
+
 def grad_fn(fn: Callable, argnums: tuple[int, ...]) -> Callable:
     def loss(*args):
         *inputs, cot = args

@@ -625,6 +625,17 @@ CASES += [
          JAX_DPA + " is_causal, local_window_size=(3, 0), key_value_seq_lengths"),
 ]
 
+def linen_fp32_softmax(q, k, v):
+    return linen.dot_product_attention(q, k, v, mask=causal()[None, None], force_fp32_for_softmax=True,
+                                       deterministic=True)
+
+
+case("flax_linen_dpa_bf16_force_fp32_softmax", qkv("bshd", BF16, extreme=True), positive=True, family="flax",
+     source="flax.linen.dot_product_attention bf16, force_fp32_for_softmax=True (float32 P times bf16 V), causal, "
+            "extreme inputs")(linen_fp32_softmax)
+grad_case("flax_linen_dpa_bf16_force_fp32_softmax_grad", linen_fp32_softmax, qkv("bshd", BF16), family="flax",
+          source="flax.linen.dot_product_attention bf16, force_fp32_for_softmax=True, causal")
+
 NNX_MHA_DROPOUT = nnx.split(nnx.MultiHeadAttention(num_heads=H, in_features=E, dropout_rate=0.1, deterministic=True,
                                                    decode=False, rngs=nnx.Rngs(0)))
 
