@@ -289,8 +289,8 @@ def sfdp23(q, k, v):
     return bmm(softmax_last(score.astype(F32)).astype(q.dtype), v)
 
 
-case("sfdp23_t5_float_type_as_round_trip", qkv("bshd", BF16, extreme=True), positive=True, family="inductor",
-     source=INDUCTOR + " pattern 23 (T5: s.float().type_as(q).float().softmax().type_as(q)), extreme inputs")(sfdp23)
+case("sfdp23_t5_float_type_as_round_trip", qkv("bshd", BF16), positive=True, family="inductor",
+     source=INDUCTOR + " pattern 23 (T5: s.float().type_as(q).float().softmax().type_as(q))")(sfdp23)
 grad_case("sfdp23_t5_float_type_as_round_trip_grad", sfdp23, qkv("bshd", BF16), family="inductor",
           source=INDUCTOR + " pattern 23")
 
@@ -362,8 +362,8 @@ grad_case("xla_training_scale_bias_causal_select_grad", xla_bias_causal_select, 
           family="xla-cudnn", source=XLA + " training BMM1-Scale-Bias-Mask(select)-Softmax-BMM2", argnums=(0, 1, 2, 3))
 
 
-@case("xla_unfused_softmax_f32_max_bf16", qkv("bhsd", BF16, extreme=True), positive=True, family="xla-cudnn",
-      source=XLA + " bf16 BMM1, softmax written out, max and sum reduced in f32 and converted back, extreme inputs")
+@case("xla_unfused_softmax_f32_max_bf16", qkv("bhsd", BF16), positive=True, family="xla-cudnn",
+      source=XLA + " bf16 BMM1, softmax written out, max and sum reduced in f32 and converted back")
 def xla_unfused_bf16(q, k, v):
     s = jnp.einsum("bhqd,bhkd->bhqk", q, k)
     m = jnp.max(s.astype(F32), -1, keepdims=True).astype(BF16)
@@ -630,9 +630,9 @@ def linen_fp32_softmax(q, k, v):
                                        deterministic=True)
 
 
-case("flax_linen_dpa_bf16_force_fp32_softmax", qkv("bshd", BF16, extreme=True), positive=True, family="flax",
-     source="flax.linen.dot_product_attention bf16, force_fp32_for_softmax=True (float32 P times bf16 V), causal, "
-            "extreme inputs")(linen_fp32_softmax)
+case("flax_linen_dpa_bf16_force_fp32_softmax", qkv("bshd", BF16), positive=True, family="flax",
+     source="flax.linen.dot_product_attention bf16, force_fp32_for_softmax=True (float32 P times bf16 V), "
+            "causal")(linen_fp32_softmax)
 grad_case("flax_linen_dpa_bf16_force_fp32_softmax_grad", linen_fp32_softmax, qkv("bshd", BF16), family="flax",
           source="flax.linen.dot_product_attention bf16, force_fp32_for_softmax=True, causal")
 
