@@ -1795,6 +1795,300 @@ def soft_penalty(q, k, v, keep):
 # running
 
 
+# ---------------------------------------------------------------------------------------------
+# Session 18: the peers' own lists, written as JAX users write them (Inductor's SFDP forms not
+# yet probed, XLA cuDNN rewriter test forms, onnxscript's eight SDPA rules, library options)
+
+
+def _bshd(*ts):
+    return tuple(t.transpose(0, 2, 1, 3) for t in ts)
+
+
+@probe("sfdp04_mul_scale_dropout_rate_0", "Inductor 4: softmax(QKᵀ·c) through eqx.nn.Dropout(p=0.0, inference=True)",
+       tensors(BHSD, BHSD, BHSD))
+def sfdp04(q, k, v):
+    p = jax.nn.softmax(jnp.matmul(q, k.swapaxes(-2, -1)) * 0.35, axis=-1)
+    return jnp.matmul(eqx.nn.Dropout(0.0, inference=True)(p), v)
+
+
+@probe("sfdp06_additive_mask_dropout_deterministic", "Inductor 6: (QKᵀ/√D + mask), linen.Dropout(0.1, deterministic)",
+       tensors(BHSD, BHSD, BHSD, (B, 1, S, S)), grad_argnums=(0, 1, 2, 3))
+def sfdp06(q, k, v, mask):
+    p = jax.nn.softmax(q @ k.swapaxes(-2, -1) / math.sqrt(q.shape[-1]) + mask, axis=-1)
+    return linen.Dropout(0.1, deterministic=True).apply({}, p) @ v
+
+
+@probe("sfdp16_bf16_scores_f32_mask_cast_back", "Inductor 16 (BERT): bf16 QKᵀ/c + an f32 mask (promoted to f32), "
+       "softmax, P .astype(q.dtype)", lambda rng: tensors(BSHD, BSHD, BSHD, dtype=BF16)(rng) + (_normal(rng, (B, 1, 1, S)),),
+       grad_argnums=(0, 1, 2))
+def sfdp16(q, k, v, mask):
+    q, k, v = _bshd(q, k, v)
+    p = jax.nn.softmax(jnp.matmul(q, k.swapaxes(-2, -1)) / 2.8 + mask, axis=-1)
+    return jnp.matmul(p.astype(q.dtype), v)
+
+
+@probe("sfdp21_t5_bf16_add_mask_type_as_float_softmax", "Inductor 21 (T5): bf16 QKᵀ + bf16 mask, type_as(q), "
+       ".float().softmax().type_as(q)", tensors(BSHD, BSHD, BSHD, (B, H, S, S), dtype=BF16), grad_argnums=(0, 1, 2, 3))
+def sfdp21(q, k, v, mask):
+    q, k, v = _bshd(q, k, v)
+    score = (jnp.matmul(q, k.transpose(0, 1, 3, 2)) + mask).astype(q.dtype)
+    return jnp.matmul(jax.nn.softmax(score.astype(F32), axis=-1).astype(q.dtype), v)
+
+
+@probe("sfdp21_t5_bf16_scores_f32_mask_rounded_back", "Inductor 21 (T5): bf16 QKᵀ + f32 mask (f32), type_as(q) "
+       "rounds it to bf16, .float().softmax().type_as(q)",
+       lambda rng: tensors(BSHD, BSHD, BSHD, dtype=BF16)(rng) + (_normal(rng, (B, H, S, S)),), grad_argnums=(0, 1, 2))
+def sfdp21_f32_mask(q, k, v, mask):
+    q, k, v = _bshd(q, k, v)
+    score = (jnp.matmul(q, k.transpose(0, 1, 3, 2)) + mask).astype(q.dtype)
+    return jnp.matmul(jax.nn.softmax(score.astype(F32), axis=-1).astype(q.dtype), v)
+
+
+@probe("sfdp23_t5_bf16_float_type_as_float_round_trip", "Inductor 23 (T5, zero mask folded): bf16 scores .float()"
+       ".type_as(q).float().softmax().type_as(q)", tensors(BSHD, BSHD, BSHD, dtype=BF16))
+def sfdp23(q, k, v):
+    q, k, v = _bshd(q, k, v)
+    score = jnp.matmul(q, k.transpose(0, 1, 3, 2)).astype(F32).astype(q.dtype)
+    return jnp.matmul(jax.nn.softmax(score.astype(F32), axis=-1).astype(q.dtype), v)
+
+
+@probe("sfdp24_mbart_folded_views_mask_between", "Inductor 24 (MBart): Q/K/V viewed [B·H,S,D], bmm, viewed [B,H,S,S] "
+       "+ mask, viewed back, softmax, bmm, view", tensors(BHSD, BHSD, BHSD, (B, 1, S, S)), grad_argnums=(0, 1, 2, 3))
+def sfdp24(q, k, v, mask):
+    b, h, s, d = q.shape
+    qf, kf, vf = q.reshape(b * h, -1, d), k.reshape(b * h, -1, d), v.reshape(b * h, -1, d)
+    w = jnp.matmul(qf, kf.transpose(0, 2, 1))
+    w = (w.reshape(b, h, s, -1) + mask).reshape(b * h, s, -1)
+    return jnp.matmul(jax.nn.softmax(w, axis=-1), vf).reshape(b, h, s, d)
+
+
+@probe("sfdp24_mbart_f16_inputs_f32_mask", "Inductor 24 (MBart, half): f16 bmm, + f32 mask (f32), softmax, "
+       "cast to f16, bmm", lambda rng: tensors(BHSD, BHSD, BHSD, dtype=F16)(rng) + (_normal(rng, (B, 1, S, S)),),
+       grad_argnums=(0, 1, 2))
+def sfdp24_f16(q, k, v, mask):
+    b, h, s, d = q.shape
+    qf, kf, vf = q.reshape(b * h, -1, d), k.reshape(b * h, -1, d), v.reshape(b * h, -1, d)
+    w = (jnp.matmul(qf, kf.transpose(0, 2, 1)).reshape(b, h, s, -1) + mask).reshape(b * h, s, -1)
+    return jnp.matmul(jax.nn.softmax(w, axis=-1).astype(F16), vf).reshape(b, h, s, d)
+
+
+@probe("sfdp19_gpt2_where_finfo_min_then_bias_extreme", "Inductor 19 (GPT-2 with a padding bias): where(causal, s/c, "
+       "finfo.min) + mask, softmax .type(v.dtype), extreme inputs",
+       tensors(BHSD, BHSD, BHSD, (B, 1, 1, S), extreme=True), grad_argnums=(0, 1, 2, 3))
+def sfdp19_gpt2(q, k, v, mask):
+    w = q @ k.transpose(0, 1, 3, 2) / jnp.full((), math.sqrt(D), F32)
+    w = jnp.where(tri()[None, None], w, jnp.finfo(F32).min) + mask
+    return jax.nn.softmax(w, axis=-1).astype(v.dtype) @ v
+
+
+@probe("sfdp19_where_neg_inf_then_padding_bias", "GPT-2 style: where(causal, s, -inf) + a finite padding bias "
+       "(-1e9 where padded)", tensors(BHSD, BHSD, BHSD, extra=(pad_mask_int,)), grad_argnums=(0, 1, 2))
+def sfdp19_neginf(q, k, v, attention_mask):
+    w = jnp.where(tri()[None, None], q @ k.transpose(0, 1, 3, 2) * D ** -0.5, -jnp.inf)
+    w = w + ((1.0 - attention_mask[:, None, None, :]) * -1e9)
+    return jax.nn.softmax(w, axis=-1) @ v
+
+
+@probe("xla_training_scale_bias_causal_select_grad", "XLA rewriter: training BMM1-Scale-Bias-Mask(select)-Softmax-BMM2 "
+       "(bias [H,S,S] broadcast, causal select)", tensors(BHSD, BHSD, BHSD, (H, S, S)), grad_argnums=(0, 1, 2, 3))
+def xla_bias_causal(q, k, v, bias):
+    s = jax.lax.dot_general(q, k, (((3,), (3,)), ((0, 1), (0, 1)))) * 0.125 + bias[None]
+    s = jax.lax.select(jnp.broadcast_to(tri()[None, None], s.shape), s, jnp.full(s.shape, -jnp.inf))
+    return jax.lax.dot_general(jax.nn.softmax(s, -1), v, (((3,), (2,)), ((0, 1), (0, 1))))
+
+
+@probe("xla_unfused_softmax_f32_reduce_bf16", "XLA rewriter: bf16 BMM1, softmax written out with the max and the sum "
+       "reduced in f32 and converted back, BMM2", tensors(BHSD, BHSD, BHSD, dtype=BF16))
+def xla_unfused_bf16(q, k, v):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k)
+    m = jnp.max(s.astype(F32), -1, keepdims=True).astype(BF16)
+    e = jnp.exp(s - m)
+    return jnp.einsum("bhqk,bhkd->bhqd", e / jnp.sum(e.astype(F32), -1, keepdims=True).astype(BF16), v)
+
+
+@probe("xla_bmm1_lhs_contracting_not_minor", "XLA rewriter: BMM1 with Q given [B,H,D,S] (contracting dim 2)",
+       tensors((B, H, D, S), BHSD, BHSD))
+def xla_qt(qT, k, v):
+    s = jax.lax.dot_general(qT, k, (((2,), (3,)), ((0, 1), (0, 1))))
+    return jax.lax.dot_general(jax.nn.softmax(s * 0.3, -1), v, (((3,), (2,)), ((0, 1), (0, 1))))
+
+
+@probe("xla_mask_converted_pred_added", "XLA rewriter: a pred mask converted to bf16 (-1e9·(1-m)) added after BMM1",
+       tensors(BHSD, BHSD, BHSD, dtype=BF16, extra=(lambda rng: jnp.asarray(rng.random((B, 1, S, S)) < 0.8),)),
+       grad_argnums=(0, 1, 2))
+def xla_pred_bias(q, k, v, keep):
+    bias = (1.0 - keep.astype(BF16)) * jnp.asarray(-1e9, BF16)
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * jnp.asarray(0.35, BF16) + bias
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1), v)
+
+
+def _onnx_mask(rng):
+    return _normal(rng, (B, H, S, S))
+
+
+@probe("onnx_masked_pre_mul_kt_given", "onnxscript masked_pre_mul_sdpa: Q·c and Kᵀ·c (K given transposed), + mask",
+       tensors(BHSD, (B, H, D, S), BHSD, (B, H, S, S)), grad_argnums=(0, 1, 2, 3))
+def onnx_masked_pre_mul(q, kT, v, mask):
+    c = math.sqrt(1 / math.sqrt(D))
+    return jnp.matmul(jax.nn.softmax(jnp.matmul(q * c, kT * c) + mask, -1), v)
+
+
+@probe("onnx_masked_pre_div", "onnxscript masked_pre_div_sdpa: Q/c and Kᵀ/c, + mask",
+       tensors(BHSD, BHSD, BHSD, (B, H, S, S)), grad_argnums=(0, 1, 2, 3))
+def onnx_masked_pre_div(q, k, v, mask):
+    c = math.sqrt(math.sqrt(D))
+    return jnp.matmul(jax.nn.softmax(jnp.matmul(q / c, k.swapaxes(-1, -2) / c) + mask, -1), v)
+
+
+@probe("onnx_masked_post_mul_custom_scale", "onnxscript masked_post_mul_sdpa with a custom scale (0.1)",
+       tensors(BHSD, BHSD, BHSD, (B, H, S, S)), grad_argnums=(0, 1, 2, 3))
+def onnx_masked_post_mul(q, k, v, mask):
+    return jnp.matmul(jax.nn.softmax(jnp.matmul(q, k.swapaxes(-1, -2)) * np.float32(0.1) + mask, -1), v)
+
+
+@probe("onnx_unmasked_pre_mul_unequal_scales", "pre-scaled Q·a and K·b with a ≠ b", tensors(BHSD, BHSD, BHSD))
+def onnx_unequal(q, k, v):
+    return jnp.matmul(jax.nn.softmax(jnp.matmul(q * 0.5, k.swapaxes(-1, -2) * 0.25), -1), v)
+
+
+def _seq_lengths(rng):
+    return jnp.asarray([11, S], jnp.int32)
+
+
+@probe("jax_dpa_local_window_int_bshd", "jax.nn.dot_product_attention(local_window_size=3) (symmetric int window)",
+       tensors(BSHD, BSHD, BSHD))
+def jax_dpa_window_int(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, local_window_size=3)
+
+
+@probe("jax_dpa_window_causal_kv_lengths", "jax.nn.dot_product_attention(is_causal, local_window_size=(4, 0), "
+       "key_value_seq_lengths)", tensors(BSHD, BSHD, BSHD, extra=(_seq_lengths,)), grad_argnums=(0, 1, 2))
+def jax_dpa_window_causal_len(q, k, v, lengths):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=(4, 0),
+                                        key_value_seq_lengths=lengths)
+
+
+@probe("jax_dpa_bias_bool_mask_scale_unbatched", "jax.nn.dot_product_attention unbatched [T,N,H] with bias [N,T,S], "
+       "bool mask [T,S] and scale", tensors((S, H, D), (S, H, D), (S, H, D), (H, S, S),
+                                         extra=(lambda rng: jnp.asarray(rng.random((S, S)) < 0.8).at[:, 0].set(True),)),
+       grad_argnums=(0, 1, 2, 3))
+def jax_dpa_unbatched_bias_mask(q, k, v, bias, mask):
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=0.2)
+
+
+@probe("jax_dpa_return_residual", "jax.nn.dot_product_attention(return_residual=True): the output only used",
+       tensors(BSHD, BSHD, BSHD))
+def jax_dpa_residual(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, return_residual=True)[0]
+
+
+NNX_MHA_DROPOUT = nnx.split(nnx.MultiHeadAttention(num_heads=H, in_features=E, dropout_rate=0.1, deterministic=True,
+                                                   decode=False, rngs=nnx.Rngs(0)))
+
+
+@probe("flax_nnx_mha_dropout_deterministic", "nnx.MultiHeadAttention(dropout_rate=0.1, deterministic=True), causal",
+       lambda rng: (NNX_MHA_DROPOUT[1], _normal(rng, (B, S, E))), grad_argnums=(0, 1))
+def nnx_dropout(state, x):
+    return nnx.merge(NNX_MHA_DROPOUT[0], state)(x, mask=nnx.make_causal_mask(x[..., 0]))
+
+
+EQX_MHA_DROPOUT = eqx.nn.MultiheadAttention(H, E, dropout_p=0.1, inference=True, key=jax.random.PRNGKey(1))
+
+
+@probe("equinox_mha_dropout_inference", "eqx.nn.MultiheadAttention(dropout_p=0.1, inference=True), vmapped, "
+       "causal mask", lambda rng: (_normal(rng, (B, S, E)),), grad_argnums=(0,))
+def eqx_dropout(x):
+    mask = jnp.tril(jnp.ones((S, S), bool))
+    return jax.vmap(lambda t: EQX_MHA_DROPOUT(t, t, t, mask=mask))(x)
+
+
+@probe("flash_custom_vjp_lse_backward", "a jax.custom_vjp attention whose backward recomputes P = exp(s - lse) from a "
+       "saved log-sum-exp (the flash form)", tensors(BHSD, BHSD, BHSD))
+def flash_custom_vjp(q, k, v):
+    return _flash_sdpa(q, k, v)
+
+
+@jax.custom_vjp
+def _flash_sdpa(q, k, v):
+    s = q @ k.swapaxes(-1, -2) * D ** -0.5
+    return jax.nn.softmax(s, -1) @ v
+
+
+def _flash_fwd(q, k, v):
+    s = q @ k.swapaxes(-1, -2) * D ** -0.5
+    lse = jax.nn.logsumexp(s, -1, keepdims=True)
+    o = jnp.exp(s - lse) @ v
+    return o, (q, k, v, o, lse)
+
+
+def _flash_bwd(res, do):
+    q, k, v, o, lse = res
+    p = jnp.exp(q @ k.swapaxes(-1, -2) * D ** -0.5 - lse)
+    dp = do @ v.swapaxes(-1, -2)
+    ds = p * (dp - jnp.sum(do * o, -1, keepdims=True)) * D ** -0.5
+    return ds @ k, ds.swapaxes(-1, -2) @ q, p.swapaxes(-1, -2) @ do
+
+
+_flash_sdpa.defvjp(_flash_fwd, _flash_bwd)
+
+
+@probe("scan_over_layers_no_checkpoint", "lax.scan over 2 layers of causal attention with stacked projections "
+       "(grad without jax.checkpoint: P saved across the scans)",
+       tensors((B, S, E), (2, E, 3 * E)), grad_argnums=(0, 1))
+def scan_layers(x, w):
+    def layer(h, wl):
+        q, k, v = jnp.split((h @ wl).reshape(B, S, 3 * H, D).transpose(0, 2, 1, 3), 3, axis=1)
+        s = jnp.where(tri(), q @ k.swapaxes(-1, -2) * D ** -0.5, -jnp.inf)
+        return h + (jax.nn.softmax(s, -1) @ v).transpose(0, 2, 1, 3).reshape(B, S, E), None
+
+    return jax.lax.scan(layer, x, w)[0]
+
+
+@probe("neg_p_used_by_pv_and_returned_bf16", "NEGATIVE (XLA: activation with more than one user): P also returned",
+       tensors(BHSD, BHSD, BHSD, dtype=BF16), grad_argnums=None)
+def neg_two_users(q, k, v):
+    p = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.35, -1)
+    return jnp.einsum("bhqk,bhkd->bhqd", p, v), p
+
+
+@probe("neg_dropout_random_mask_p", "NEGATIVE Inductor 3 with real dropout: where(bernoulli, P/(1-r), 0)",
+       tensors(BHSD, BHSD, BHSD), grad_argnums=None)
+def neg_dropout(q, k, v):
+    p = jax.nn.softmax(q @ k.swapaxes(-1, -2) * 0.35, -1)
+    keep = jax.random.bernoulli(jax.random.PRNGKey(0), 0.9, p.shape)
+    return jnp.where(keep, p / 0.9, 0.0) @ v
+
+
+@probe("neg_bias_mask_then_softmax_over_queries", "NEGATIVE: scores + bias, softmax over the query axis",
+       tensors(BHSD, BHSD, BHSD, (B, H, S, S)), grad_argnums=None)
+def neg_query_axis(q, k, v, bias):
+    return jax.nn.softmax(q @ k.swapaxes(-1, -2) + bias, axis=-2) @ v
+
+
+
+@probe("flax_linen_dpa_bf16_force_fp32_softmax", "flax.linen.dot_product_attention bf16, force_fp32_for_softmax=True, "
+       "causal mask", tensors(BSHD, BSHD, BSHD, dtype=BF16))
+def linen_fp32_softmax(q, k, v):
+    return linen.dot_product_attention(q, k, v, mask=tri()[None, None], force_fp32_for_softmax=True, deterministic=True)
+
+
+@probe("flax_linen_dpa_precision_highest_bias", "flax.linen.dot_product_attention(precision=HIGHEST) with a bias",
+       tensors(BSHD, BSHD, BSHD, (B, H, S, S)), grad_argnums=(0, 1, 2, 3))
+def linen_highest(q, k, v, bias):
+    return linen.dot_product_attention(q, k, v, bias=bias, precision=jax.lax.Precision.HIGHEST, deterministic=True)
+
+
+@probe("jax_dpa_f16_causal", "jax.nn.dot_product_attention on float16 inputs, is_causal", tensors(BSHD, BSHD, BSHD, dtype=F16))
+def jax_dpa_f16(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+
+
+@probe("flax_linen_dpa_dtype_f32_from_bf16", "flax.linen.dot_product_attention(dtype=float32) on bf16 inputs",
+       tensors(BSHD, BSHD, BSHD, dtype=BF16))
+def linen_dtype(q, k, v):
+    return linen.dot_product_attention(q, k, v, dtype=F32, deterministic=True)
+
+
 def grad_fn(fn: Callable, argnums: tuple[int, ...]) -> Callable:
     def loss(*args):
         *inputs, cot = args

@@ -93,6 +93,10 @@ def softmax_misses(program: Program, precision: str = "exact") -> list[SoftmaxMi
             spelling = _unstable_softmax(program, i, users)
             if spelling:
                 misses.append(SoftmaxMiss(i, f"{spelling} (not exact; {FAST_MATH})", "exp"))
+        if node.op == "exp":
+            shared = _written_out_softmax(program, i, users)
+            if shared:
+                misses.append(SoftmaxMiss(i, shared, "exp"))
         scores = _softmax_scores(program, i)
         if scores is None:
             continue
@@ -298,10 +302,67 @@ def _score_spelling(program: Program, path: list[Node], precision: str) -> str |
     if any(any(_is_row_constant(program, j) for j in n.inputs) for n in products):
         return ("its scores are multiplied by a tensor factor constant along the queries and keys (a per-head "
                 "scale, as Swin-v2's logit scale): raised only where it multiplies the bare Q·Kᵀ, whose Q it moves onto")
+    rounded = _rounded_after_bias(program, path)
+    if rounded:
+        return (f"its scores are rounded to {rounded} after a bias is added (T5 in torch: (s + mask).type_as(q)); "
+                "the op adds the bias to float32 scores and never rounds them (not exact)")
     if "select_n" in ops and any(op in ("add", "sub") for op in ops[:ops.index("select_n")]):
         reason = "a bias is added after the where-mask, so the hidden scores are fill + bias, not one fill (not exact"
         return reason + (f"; {FAST_MATH} for a -inf or finfo.min fill)" if precision == "exact" else ")")
     return None
+
+
+def _rounded_after_bias(program: Program, path: list[Node]) -> str | None:
+    """The narrower float dtype the scores are cast to between an addition (a bias) and the
+    softmax, seen from the softmax (``path``'s order), or None."""
+    for n in path:
+        if n.op in ("add", "sub"):
+            return None
+        if n.op == "convert_element_type" and n.type.dtype in ("bfloat16", "float16"):
+            source = program.nodes[n.inputs[0]].type.dtype
+            if source in ("float32", "float64") and any(m.op in ("add", "sub") for m in path[path.index(n):]):
+                return n.type.dtype
+    return None
+
+
+def _through(program: Program, node_id: int, ops: tuple[str, ...]) -> Node:
+    """The node under ``node_id`` seen through ``ops`` (single-operand views and casts)."""
+    node = program.nodes[node_id]
+    for _ in range(8):
+        if node.op not in ops:
+            break
+        node = program.nodes[node.inputs[0]]
+    return node
+
+
+def _written_out_softmax(program: Program, exp_id: int, users: dict[int, list[int]]) -> str | None:
+    """Why a stable softmax written out by hand (``exp(s - max(s))`` divided by its row sum, then
+    multiplied by V) stayed expanded in the chosen program, or None: the rules raise that spelling to
+    softmax, so it stays only where its pieces are read by more than the softmax (a jax.grad
+    program's written-out backward: max's VJP reads the max, the backward reads the exponentials)."""
+    nodes = program.nodes
+    arg = nodes[program.nodes[exp_id].inputs[0]]
+    if arg.op != "sub":
+        return None
+    shift = _through(program, arg.inputs[1], ("broadcast_in_dim", "reshape", "convert_element_type", "stop_gradient"))
+    last = program.nodes[exp_id].type.rank - 1
+    if shift.op == "max":  # max(-inf, m), as jax.nn.softmax writes it
+        shift = max((_through(program, j, ("broadcast_in_dim", "convert_element_type")) for j in shift.inputs),
+                    key=lambda n: n.op == "reduce_max")
+    if shift.op != "reduce_max" or tuple(shift["axes"]) != (last,):
+        return None
+    readers = _skip_views(program, exp_id, users)
+    normalised = [u for u in readers if nodes[u].op == "div" and nodes[u].inputs[0] == exp_id]
+    if not any(_feeds_dot(program, u, users) for u in normalised):
+        return None
+    others = sorted({nodes[u].op for u in readers if nodes[u].op not in ("div", "reduce_sum")}
+                    | {nodes[u].op for d in normalised for u in _skip_views(program, d, users)
+                       if nodes[u].op != "dot_general"})
+    if not others:
+        return None
+    return ("a stable softmax written out (exp(s - max) / sum) and multiplied by V, left expanded: its "
+            f"exponentials or weights are also read by {', '.join(others)} (a jax.grad program's written-out "
+            "backward that no rule raised to the op's gradients)")
 
 
 def _unstable_softmax(program: Program, exp_id: int, users: dict[int, list[int]]) -> str | None:

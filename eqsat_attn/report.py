@@ -86,6 +86,14 @@ def optimized_bodies(program: Program, outer: str = "") -> list[tuple[str, Progr
     return out
 
 
+def _body_hint(where: str, reason: str) -> str:
+    """What a body's weights returned as an output are, under jax.grad: a scan's residual."""
+    if "scan" in where and reason.startswith("the attention weights are also an output"):
+        return (" (a residual the forward scan saves for jax.grad's backward scan: wrap the layer in "
+                "jax.checkpoint to have the backward recompute it)")
+    return ""
+
+
 def attention_infos(program: Program, kernel: str) -> list[AttentionInfo]:
     """One `AttentionInfo` per live attention node of ``program``, in program order, including
     those in the optimized bodies of its scan and checkpoint nodes (`AttentionInfo.inside`)."""
@@ -276,8 +284,13 @@ class Report:
     @property
     def not_attention(self) -> list[str]:
         """Why each softmax left in the chosen program is not attention: the nearest form it
-        missed, or the price of the attention found for it but not chosen on this device."""
-        return list(self.unchosen_attention) + [str(miss) for miss in softmax_misses(self.after, self.precision)]
+        missed, or the price of the attention found for it but not chosen on this device; those
+        in the optimized bodies of scans and checkpoints too ("in scan body: ...")."""
+        misses = [str(miss) for miss in softmax_misses(self.after, self.precision)]
+        for where, body in optimized_bodies(self.after):
+            misses.extend(f"in {where}: {miss}" + _body_hint(where, miss.reason)
+                          for miss in softmax_misses(body, self.precision))
+        return list(self.unchosen_attention) + misses
 
     @property
     def speedup(self) -> float:

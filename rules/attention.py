@@ -1389,6 +1389,28 @@ def _gradient_views(n_batch: int, n_free: int, swapped: bool):
     return into(sv[n_batch + 1]), back(ss[n_batch + 2]), back(sk_[n_batch + 1])
 
 
+def _gradient_ops_case(n_batch, n_free, swapped, q4, k4, v4, mask4, do4, q_back, scores_back, shapes, compute: str):
+    """`gradient_ops`' rules for one rank case and the op's compute dtype ("" or "float32")."""
+    flag = i64(0) if swapped or n_free == 0 else causal  # as in `attention`: none over (Sq, G) or one row
+    for kind in ("none", "bias", "bool", "bias+bool"):
+        mask_fact, mask_term = _mask_operand(kind, mask4)
+        facts = (_scores(sf_, q, k, sc0, cap, mask_fact, String(kind), fl, flag, i64(n_batch)), *shapes)
+
+        def grad(wrt: int, kind=kind, mask_term=mask_term) -> Term:
+            return Term.attention_vjp(q4(q), k4(k), v4(v), do4(do_), mask_term, BHSD, K_TRANSPOSED, BHSD, BHSD,
+                                      sc0, flag, String(kind), String(compute), fl, cap, i64(wrt))
+
+        with_bias = kind in ("bias", "bias+bool")
+        yield rl(scores_cot(g_, sf_, sf_, do_, v), *facts)(
+            grad_op(sf_, q, k, v, do_, q_back(grad(0)), grad(1), grad(2), scores_back(grad(3 if with_bias else 0)))
+        )
+        if with_bias:  # the cotangent where the bias was added (full-shaped there) is its gradient
+            bias = m if kind == "bias" else bias_
+            for form in (Term.binary("add", x, bias), Term.binary("add", bias, x)):
+                yield rl(eq(s_).to(form), scores_cot(g_, s_, sf_, do_, v), shape(bias) == s3, dtype(bias) == dtq,
+                         *facts)(union(g_).with_(Term.reshape(scores_back(grad(3)), s3)))
+
+
 @attention_grad.family
 def gradient_ops():
     """The cotangent of scores s at output cotangent do (`scores_cot`) names the op's gradients
@@ -1402,26 +1424,16 @@ def gradient_ops():
         rank = n_batch + n_free + 1
         q4, k4, v4, mask4, _ = _attention_4d(n_batch, n_free, swapped)
         do4, q_back, scores_back = _gradient_views(n_batch, n_free, swapped)
-        shapes = (shape(q) == ss, ss.length() == i64(rank), shape(k) == sk_, shape(v) == sv,
-                  sv.length() == i64(n_batch + 2), dtype(q) == dtq, dtype(k) == dtq, dtype(v) == dtq, dtype(do_) == dtq)
-        flag = i64(0) if swapped or n_free == 0 else causal  # as in `attention`: none over (Sq, G) or one row
-        for kind in ("none", "bias", "bool", "bias+bool"):
-            mask_fact, mask_term = _mask_operand(kind, mask4)
-            facts = (_scores(sf_, q, k, sc0, cap, mask_fact, String(kind), fl, flag, i64(n_batch)), *shapes)
-
-            def grad(wrt: int) -> Term:
-                return Term.attention_vjp(q4(q), k4(k), v4(v), do4(do_), mask_term, BHSD, K_TRANSPOSED, BHSD, BHSD,
-                                          sc0, flag, String(kind), String(""), fl, cap, i64(wrt))
-
-            with_bias = kind in ("bias", "bias+bool")
-            yield rl(scores_cot(g_, sf_, sf_, do_, v), *facts)(
-                grad_op(sf_, q, k, v, do_, q_back(grad(0)), grad(1), grad(2), scores_back(grad(3 if with_bias else 0)))
-            )
-            if with_bias:  # the cotangent where the bias was added (full-shaped there) is its gradient
-                bias = m if kind == "bias" else bias_
-                for form in (Term.binary("add", x, bias), Term.binary("add", bias, x)):
-                    yield rl(eq(s_).to(form), scores_cot(g_, s_, sf_, do_, v), shape(bias) == s3, dtype(bias) == dtq,
-                             *facts)(union(g_).with_(Term.reshape(scores_back(grad(3)), s3)))
+        operands = (shape(q) == ss, ss.length() == i64(rank), shape(k) == sk_, shape(v) == sv,
+                    sv.length() == i64(n_batch + 2), dtype(q) == dtq, dtype(k) == dtq, dtype(v) == dtq)
+        # the cotangent in the operands' dtype; or half-precision operands whose output was float32
+        # (P left float32 and multiplied by a half V, as flax's force_fp32_for_softmax writes it; the
+        # forward raises it computing in float32): the op computing in float32, its gradients
+        # rounded once to the operands' dtype (lower.attention_gradients differentiates that cast)
+        for compute, do_dtype in (("", (dtype(do_) == dtq,)),
+                                  ("float32", (dtype(do_) == String("float32"), ne(dtq).to(String("float32"))))):
+            yield from _gradient_ops_case(n_batch, n_free, swapped, q4, k4, v4, mask4, do4, q_back, scores_back,
+                                          (*operands, *do_dtype), compute)
 
 
 @attention_grad.family
@@ -1500,7 +1512,7 @@ def attention_gradients():
                     (Term.dot(probs, w_, pairs, rc_, batch, rb_, dt, pr), moved, d_value),
                     (Term.dot(w_, probs, rc_, pairs, rb_, batch, dt, pr), moved, d_value_t),
                 ):
-                    forms = _rounded(lambda t: t, product) if cast else [(product, ())]
+                    forms = _rounded(lambda t: t, product)
                     for form, rounding in forms:
                         yield rl(eq(e).to(form), *rounding, *conds, *known)(union(e).with_(result))
 

@@ -42,10 +42,24 @@ def dot_commute():
     )
 
 
+#: (narrow, wide) float pairs where every value of ``narrow`` (±0, denormals, ±inf, NaN included) is
+#: a value of ``wide``: widening is exact, and narrowing such a value back returns it unchanged
+EXACT_WIDENINGS = (("bfloat16", "float32"), ("float16", "float32"), ("bfloat16", "float64"),
+                   ("float16", "float64"), ("float32", "float64"))
+
+
 @canonical.family
 def convert():
-    """A cast to the operand's own dtype is the operand."""
+    """A cast to the operand's own dtype is the operand; a value widened and cast back to its own
+    dtype is the value (T5 in torch writes ``score.float().type_as(query)``); the max or min of
+    widened values cast back is the max or min of the values (it is one of them, or NaN: XLA's
+    and jax's bf16/f16 softmax reduce the max in float32)."""
     yield rw(Term.convert(x, dt), x, dtype(x) == dt)
+    for narrow, wide in EXACT_WIDENINGS:
+        yield rw(Term.convert(Term.convert(x, String(wide)), String(narrow)), x, dtype(x) == String(narrow))
+        for op in ("reduce_max", "reduce_min"):
+            yield rw(Term.convert(Term.reduce(op, Term.convert(x, String(wide)), s), String(narrow)),
+                     Term.reduce(op, x, s), dtype(x) == String(narrow))
 
 
 @canonical.family

@@ -257,6 +257,57 @@ def sfdp19(q, k, v, attn_mask):
     return bmm(softmax_last(s), v)
 
 
+def _to_bhsd(*ts):
+    return tuple(t.transpose(0, 2, 1, 3) for t in ts)
+
+
+@case("sfdp06_mask_dropout_deterministic", with_extra(qkv(), normal((B, 1, S, S))), positive=True, family="inductor",
+      source=INDUCTOR + " pattern 6 (dropout as flax.linen.Dropout at deterministic=True)")
+def sfdp06(q, k, v, mask):
+    p = softmax_last(bmm(q, kt(k)) / np.sqrt(q.shape[-1]) + mask)
+    return bmm(linen.Dropout(0.1, deterministic=True).apply({}, p), v)
+
+
+@case("sfdp16_bf16_scores_f32_mask_cast_back", with_extra(qkv("bshd", BF16), normal((B, 1, 1, S))), positive=True,
+      family="inductor", source=INDUCTOR + " pattern 16 (bf16 scores + an f32 mask promote to f32; P cast to q's dtype)")
+def sfdp16(q, k, v, mask):
+    q, k, v = _to_bhsd(q, k, v)
+    return bmm(softmax_last(bmm(q, kt(k)) / 4.0 + mask).astype(q.dtype), v)
+
+
+@case("sfdp21_t5_add_mask_type_as_float_softmax", with_extra(qkv("bshd", BF16), normal((B, H, S, S), BF16)),
+      positive=True, family="inductor", source=INDUCTOR + " pattern 21 (T5: (s + mask).type_as(q).float().softmax())")
+def sfdp21(q, k, v, mask):
+    q, k, v = _to_bhsd(q, k, v)
+    score = (bmm(q, k.transpose(0, 1, 3, 2)) + mask).astype(q.dtype)
+    return bmm(softmax_last(score.astype(F32)).astype(q.dtype), v)
+
+
+def sfdp23(q, k, v):
+    q, k, v = _to_bhsd(q, k, v)
+    score = bmm(q, k.transpose(0, 1, 3, 2)).astype(F32).astype(q.dtype)  # a round trip: the bf16 scores again
+    return bmm(softmax_last(score.astype(F32)).astype(q.dtype), v)
+
+
+case("sfdp23_t5_float_type_as_round_trip", qkv("bshd", BF16), positive=True, family="inductor",
+     source=INDUCTOR + " pattern 23 (T5: s.float().type_as(q).float().softmax().type_as(q))")(sfdp23)
+grad_case("sfdp23_t5_float_type_as_round_trip_grad", sfdp23, qkv("bshd", BF16), family="inductor",
+          source=INDUCTOR + " pattern 23")
+
+
+def sfdp24(q, k, v, mask):
+    b, h, s, d = q.shape
+    qf, kf, vf = (t.reshape(b * h, -1, d) for t in (q, k, v))
+    w = (jnp.matmul(qf, kf.transpose(0, 2, 1)).reshape(b, h, s, -1) + mask).reshape(b * h, s, -1)
+    return jnp.matmul(softmax_last(w), vf).reshape(b, h, s, d)
+
+
+case("sfdp24_mbart_folded_views_mask_between", with_extra(qkv(), normal((B, 1, S, S))), positive=True,
+     family="inductor", source=INDUCTOR + " pattern 24 (MBart: folded bmm, viewed back for the mask, folded again)")(sfdp24)
+grad_case("sfdp24_mbart_folded_views_mask_between_grad", sfdp24, with_extra(qkv(), normal((B, 1, S, S))),
+          family="inductor", source=INDUCTOR + " pattern 24", argnums=(0, 1, 2, 3))
+
+
 # ---------------------------------------------------------------------------------------------
 # XLA cuDNN fused-MHA rewriter forms (dot_general layouts, bias, masks, training graphs)
 
@@ -301,6 +352,42 @@ grad_case("xla_training_scale_bias_grad", sdpa_bhsd_bias, with_extra(qkv(), norm
           family="xla-cudnn", source=XLA + " training graph with bias")
 
 
+def xla_bias_causal_select(q, k, v, bias):
+    s = jax.lax.dot_general(q, k, (((3,), (3,)), ((0, 1), (0, 1)))) * 0.25 + bias[None]
+    s = jax.lax.select(jnp.broadcast_to(causal()[None, None], s.shape), s, jnp.full(s.shape, -jnp.inf))
+    return jax.lax.dot_general(softmax_last(s), v, (((3,), (2,)), ((0, 1), (0, 1))))
+
+
+grad_case("xla_training_scale_bias_causal_select_grad", xla_bias_causal_select, with_extra(qkv(), normal((H, S, S))),
+          family="xla-cudnn", source=XLA + " training BMM1-Scale-Bias-Mask(select)-Softmax-BMM2", argnums=(0, 1, 2, 3))
+
+
+@case("xla_unfused_softmax_f32_max_bf16", qkv("bhsd", BF16), positive=True, family="xla-cudnn",
+      source=XLA + " bf16 BMM1, softmax written out, max and sum reduced in f32 and converted back")
+def xla_unfused_bf16(q, k, v):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k)
+    m = jnp.max(s.astype(F32), -1, keepdims=True).astype(BF16)
+    e = jnp.exp(s - m)
+    return jnp.einsum("bhqk,bhkd->bhqd", e / jnp.sum(e.astype(F32), -1, keepdims=True).astype(BF16), v)
+
+
+@case("xla_bmm1_q_contracting_dim_not_minor", lambda rng: (
+        _normal(rng, (B, H, D, S)), _normal(rng, (B, H, S, D)), _normal(rng, (B, H, S, D))),
+      positive=True, family="xla-cudnn", source=XLA + " BMM1 with Q given [B,H,D,S] (lhs contracting dim 2)")
+def xla_qt(qT, k, v):
+    s = jax.lax.dot_general(qT, k, (((2,), (3,)), ((0, 1), (0, 1))))
+    return jax.lax.dot_general(softmax_last(s * 0.3), v, (((3,), (2,)), ((0, 1), (0, 1))))
+
+
+@case("xla_pred_mask_converted_and_added_bf16",
+      with_extra(qkv("bhsd", BF16), lambda rng: jnp.asarray(rng.random((B, 1, S, S)) < 0.8)), positive=True,
+      family="xla-cudnn", source=XLA + " a pred mask converted to bf16 and added after BMM1")
+def xla_pred_bias(q, k, v, keep):
+    bias = (1.0 - keep.astype(BF16)) * jnp.asarray(-1e9, BF16)
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * jnp.asarray(0.25, BF16) + bias
+    return jnp.einsum("bhqk,bhkd->bhqd", softmax_last(s), v)
+
+
 # ---------------------------------------------------------------------------------------------
 # onnxscript SDPA rewrite rules
 
@@ -331,6 +418,31 @@ def onnx_kt_perm(q, k, v):
     kh_t = k.transpose(0, 2, 3, 1)
     vh = v.transpose(0, 2, 1, 3)
     return jnp.matmul(softmax_last(jnp.matmul(qh, kh_t) * 0.25), vh).transpose(0, 2, 1, 3).reshape(B, S, E)
+
+
+@case("onnx_masked_pre_mul_kt_given", lambda rng: (
+        _normal(rng, (B, H, S, D)), _normal(rng, (B, H, D, S)), _normal(rng, (B, H, S, D)), _normal(rng, (B, H, S, S))),
+      positive=True, family="onnxscript", source=ONNX + " masked_pre_mul_sdpa (Kᵀ given, both scaled by D^-1/4)")
+def onnx_masked_pre_mul(q, kT, v, mask):
+    r = np.float32(D ** -0.25)
+    return jnp.matmul(softmax_last(jnp.matmul(q * r, kT * r) + mask), v)
+
+
+def onnx_masked_pre_div(q, k, v, mask):
+    r = np.float32(np.sqrt(np.sqrt(D)))
+    return jnp.matmul(softmax_last(jnp.matmul(q / r, kt(k) / r) + mask), v)
+
+
+case("onnx_masked_pre_div", with_extra(qkv(extreme=True), normal((B, H, S, S))), positive=True, family="onnxscript",
+     source=ONNX + " masked_pre_div_sdpa, extreme inputs")(onnx_masked_pre_div)
+grad_case("onnx_masked_pre_div_grad", onnx_masked_pre_div, with_extra(qkv(), normal((B, H, S, S))),
+          family="onnxscript", source=ONNX + " masked_pre_div_sdpa", argnums=(0, 1, 2, 3))
+
+
+@case("onnx_unmasked_pre_mul_unequal_scales", qkv(), positive=True, family="onnxscript",
+      source=ONNX + " pre-mul with Q and K scales unequal (a custom scale)")
+def onnx_unequal(q, k, v):
+    return jnp.matmul(softmax_last(jnp.matmul(q * 0.5, kt(k) * 0.25)), v)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,7 +613,49 @@ CASES += [
     Case("jax_dpa_mqa", dpa(), qkv("bshd", heads=4, kv_heads=1), True, "jax.nn", JAX_DPA + " MQA (1 KV head)"),
     Case("jax_dpa_unbatched_tnh", dpa(), qkv("tnh"), True, "jax.nn", JAX_DPA + " 3-D [T,N,H] inputs"),
     Case("jax_dpa_bf16_causal", dpa(is_causal=True), qkv("bshd", BF16), True, "jax.nn", JAX_DPA + " bf16 causal"),
+    Case("jax_dpa_return_residual", lambda q, k, v: dpa(is_causal=True, return_residual=True)(q, k, v)[0],
+         qkv("bshd"), True, "jax.nn", JAX_DPA + " return_residual=True (the output used)"),
+    Case("jax_dpa_unbatched_bias_mask_scale", dpa(scale=0.2),
+         with_extra(qkv("tnh"), normal((H, S, S)), lambda rng: jnp.asarray(rng.random((S, S)) < 0.8) | jnp.eye(S, dtype=bool)),
+         True, "jax.nn", JAX_DPA + " unbatched [T,N,H] with bias [N,T,S], mask [T,S] and scale"),
+    Case("jax_dpa_window_causal_kv_lengths",
+         lambda q, k, v, kl: jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=(3, 0),
+                                                          key_value_seq_lengths=kl, implementation="xla"),
+         with_extra(qkv("bshd"), lambda rng: jnp.array([5, S], jnp.int32)), True, "jax.nn",
+         JAX_DPA + " is_causal, local_window_size=(3, 0), key_value_seq_lengths"),
 ]
+
+def linen_fp32_softmax(q, k, v):
+    return linen.dot_product_attention(q, k, v, mask=causal()[None, None], force_fp32_for_softmax=True,
+                                       deterministic=True)
+
+
+case("flax_linen_dpa_bf16_force_fp32_softmax", qkv("bshd", BF16), positive=True, family="flax",
+     source="flax.linen.dot_product_attention bf16, force_fp32_for_softmax=True (float32 P times bf16 V), "
+            "causal")(linen_fp32_softmax)
+grad_case("flax_linen_dpa_bf16_force_fp32_softmax_grad", linen_fp32_softmax, qkv("bshd", BF16), family="flax",
+          source="flax.linen.dot_product_attention bf16, force_fp32_for_softmax=True, causal")
+
+NNX_MHA_DROPOUT = nnx.split(nnx.MultiHeadAttention(num_heads=H, in_features=E, dropout_rate=0.1, deterministic=True,
+                                                   decode=False, rngs=nnx.Rngs(0)))
+
+
+@case("flax_nnx_mha_dropout_deterministic", nnx_args(NNX_MHA_DROPOUT), positive=True, family="flax",
+      source="flax.nnx MultiHeadAttention(dropout_rate=0.1, deterministic=True), causal")
+def flax_nnx_dropout(state, x):
+    return nnx.merge(NNX_MHA_DROPOUT[0], state)(x, mask=nnx.make_causal_mask(x[..., 0]))
+
+
+EQX_DROPOUT_PARAMS, EQX_DROPOUT_STATIC = eqx.partition(
+    eqx.nn.MultiheadAttention(num_heads=H, query_size=E, dropout_p=0.1, inference=True, key=jax.random.PRNGKey(1)),
+    eqx.is_array)
+
+
+@case("equinox_mha_dropout_inference", lambda rng: (EQX_DROPOUT_PARAMS, _normal(rng, (B, S, E))), positive=True,
+      family="equinox", source="equinox.nn.MultiheadAttention(dropout_p=0.1, inference=True), causal")
+def equinox_mha_dropout(params, x):
+    mha = eqx.combine(params, EQX_DROPOUT_STATIC)
+    return jax.vmap(lambda t: mha(t, t, t, mask=causal()))(x)
 grad_case("jax_dpa_causal_grad", dpa(is_causal=True), qkv("bshd"), family="jax.nn", source=JAX_DPA + " is_causal")
 grad_case("jax_dpa_gqa_grad", dpa(), qkv("bshd", heads=4, kv_heads=2), family="jax.nn", source=JAX_DPA + " GQA")
 grad_case("jax_dpa_unbatched_tnh_grad", dpa(), qkv("tnh"), family="jax.nn", source=JAX_DPA + " 3-D [T,N,H] inputs")

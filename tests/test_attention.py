@@ -206,6 +206,23 @@ def test_the_report_says_why_a_softmax_is_not_attention():
     assert len(chosen.attention) == 1 and chosen.not_attention == []
 
 
+def test_the_report_names_a_written_out_softmax_left_expanded():
+    """A stable softmax written out by hand whose pieces a jax.grad program's backward also reads
+    (XLA's bf16 softmax with max and sum reduced in float32: max's VJP reads the max) stays
+    expanded, with no softmax op in the chosen program; the report still names it and why."""
+    def unfused(q, k, v):
+        s = jnp.einsum("bhqd,bhkd->bhqk", q, k)
+        m = jnp.max(s.astype(jnp.float32), -1, keepdims=True).astype(s.dtype)
+        e = jnp.exp(s - m)
+        return jnp.einsum("bhqk,bhkd->bhqd", e / jnp.sum(e.astype(jnp.float32), -1, keepdims=True).astype(s.dtype), v)
+
+    args = tuple(a.astype(jnp.bfloat16) for a in BHSD_ARGS)
+    grad = jax.grad(lambda q, k, v: jnp.sum(unfused(q, k, v).astype(jnp.float32) ** 2), argnums=(0, 1, 2))
+    report = ea.optimize(grad, cost_model=for_device("h100")).explain(*args)
+    lines = [n for n in report.not_attention if "stable softmax written out" in n]
+    assert lines and lines[0].startswith("exp %"), report.not_attention
+
+
 def test_the_report_says_where_the_weights_are_read_besides_p_v():
     """Weights returned, or read by a gradient's written-out softmax backward no rule raised (scores
     divided by a traced temperature: not raised, see `scores_traced_scale`), are named as such."""

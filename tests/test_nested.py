@@ -126,6 +126,16 @@ def test_gradients_through_an_optimized_scan_body_are_the_originals() -> None:
     assert_close(jax.jit(jax.grad(loss(fn)))(ws, x), want[0])
 
 
+def test_the_report_says_why_a_softmax_in_a_scan_body_stays() -> None:
+    """jax.grad of a scan without jax.checkpoint: the forward scan's body returns P as a residual
+    for the backward scan, so it stays a softmax there, and the report says so for that body."""
+    ws, x = weights(6), activations(7)[:1].repeat(B, axis=0)
+    grad = jax.grad(lambda ws, x: jnp.sum(scan_stack(ws, x) ** 2))
+    report = fresh(grad).explain(ws, x)
+    in_body = [why for why in report.not_attention if why.startswith("in scan body: softmax")]
+    assert in_body and all("residual the forward scan saves" in why for why in in_body), report.not_attention
+
+
 def test_attention_under_checkpoint_is_raised_and_policy_kept() -> None:
     w, x = weights(4)[0], activations(5)
     fn = optimized(checkpointed)

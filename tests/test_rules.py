@@ -253,6 +253,32 @@ def test_captured_function_optimizes_to_same_values():
     np.testing.assert_allclose(np.asarray(lower(result.program)(*args)[0]), np.asarray(f(*args)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("narrow", ["bfloat16", "float16"])
+def test_widened_and_cast_back_is_the_value_bit_for_bit(narrow):
+    """``x.astype(f32).astype(narrow)`` is x and ``max(x.astype(f32)).astype(narrow)`` is max(x)
+    (`canonical.convert`): the optimized program drops the casts and keeps every bit, ±0,
+    denormals, ±inf, the largest finite values and NaN included."""
+    import jax
+    import jax.numpy as jnp
+
+    import eqsat_attn as ea
+
+    def round_trip(x):
+        return x.astype(jnp.float32).astype(x.dtype) * 2, jnp.max(x.astype(jnp.float32), -1).astype(x.dtype)
+
+    info = jnp.finfo(narrow)
+    special = [0.0, -0.0, float(info.smallest_subnormal), -float(info.smallest_subnormal), float(info.max),
+               -float(info.max), np.inf, -np.inf, np.nan, 1.5]
+    x = jnp.asarray(np.array(special * 3, np.float32).reshape(3, 10)).astype(narrow).at[2, 8].set(1.0)
+    optimized = ea.optimize(round_trip, rules=["canonical"])
+    after = optimized.explain(x).after
+    assert after.count("convert_element_type") == 0, after
+    for got, want in zip(optimized(x), round_trip(x)):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(np.asarray(jax.lax.bitcast_convert_type(got, jnp.uint16)),
+                                      np.asarray(jax.lax.bitcast_convert_type(want, jnp.uint16)))
+
+
 # ----------------------------------------------------------------------------- extraction under several models
 
 
