@@ -410,8 +410,8 @@ def prepared_egraph(rulesets: list[RuleSet], kept: tuple[bool, ...] | None = Non
 
 class StepCommands:
     """The egglog commands of `run_rulesets`' steps for the rules ``mask`` kept (None: all): the
-    analysis, each step of a round (`_round_steps`, rule sets with no kept rule left out) and,
-    the steps of a round past `RAISE_PASSES_FROM_ENODES` e-nodes.
+    analysis, each step of a round (`_round_steps`, rule sets with no kept rule left out) and
+    the steps of a round past `RAISE_PASSES_FROM_ENODES` e-nodes (`large_steps`).
 
     Making them converts each step's schedule (`schedule_command`), which registers the
     combination of the rules kept (an egglog ruleset per mask) and hashes every rule of it: in
